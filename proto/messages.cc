@@ -1,0 +1,143 @@
+#include "proto/messages.h"
+
+#include <cstring>
+#include <string>
+#include <type_traits>
+
+#include "proto/wire.h"
+
+namespace dsvm::proto {
+namespace {
+
+uint32_t MaxPayloadFor(MessageType t) {
+  return t == MessageType::kPageData ? kMaxDataPayload : kMaxControlPayload;
+}
+
+// Builds the variant alternative whose kType matches `t`, or returns false.
+template <size_t I = 0>
+bool MakeOfType(MessageType t, Message* m) {
+  if constexpr (I == std::variant_size_v<Message>) {
+    return false;
+  } else {
+    using Alt = std::variant_alternative_t<I, Message>;
+    if (Alt::kType == t) {
+      m->template emplace<I>();
+      return true;
+    }
+    return MakeOfType<I + 1>(t, m);
+  }
+}
+
+void PutLe(std::vector<uint8_t>* out, size_t at, uint64_t v, int n) {
+  for (int i = 0; i < n; ++i) (*out)[at + i] = static_cast<uint8_t>(v >> (8 * i));
+}
+
+}  // namespace
+
+MessageType TypeOf(const Message& m) {
+  return std::visit([](const auto& x) { return std::decay_t<decltype(x)>::kType; }, m);
+}
+
+const char* TypeName(MessageType t) {
+  switch (t) {
+    case MessageType::kInvalid: return "Invalid";
+    case MessageType::kStatusReply: return "StatusReply";
+    case MessageType::kJoinRequest: return "JoinRequest";
+    case MessageType::kJoinReply: return "JoinReply";
+    case MessageType::kHeartbeat: return "Heartbeat";
+    case MessageType::kLeaveRequest: return "LeaveRequest";
+    case MessageType::kRegionCreate: return "RegionCreate";
+    case MessageType::kRegionOpen: return "RegionOpen";
+    case MessageType::kRegionDelete: return "RegionDelete";
+    case MessageType::kRegionReply: return "RegionReply";
+    case MessageType::kPageQuery: return "PageQuery";
+    case MessageType::kPageQueryReply: return "PageQueryReply";
+    case MessageType::kAcquire: return "Acquire";
+    case MessageType::kGrant: return "Grant";
+    case MessageType::kFetch: return "Fetch";
+    case MessageType::kInvalidate: return "Invalidate";
+    case MessageType::kInvalidateAck: return "InvalidateAck";
+    case MessageType::kDone: return "Done";
+    case MessageType::kRelease: return "Release";
+    case MessageType::kEvictReply: return "EvictReply";
+    case MessageType::kPageData: return "PageData";
+  }
+  return "Unknown";
+}
+
+void EncodeTo(const Message& m, uint64_t request_id, std::vector<uint8_t>* out) {
+  size_t start = out->size();
+  out->resize(start + kHeaderSize);
+  Writer w(out);
+  std::visit([&w](const auto& x) { const_cast<std::decay_t<decltype(x)>&>(x).Visit(w); }, m);
+  size_t payload = out->size() - start - kHeaderSize;
+  DSVM_CHECK(payload <= MaxPayloadFor(TypeOf(m)));
+  PutLe(out, start + 0, kMagic, 4);
+  PutLe(out, start + 4, kWireVersion, 2);
+  PutLe(out, start + 6, static_cast<uint16_t>(TypeOf(m)), 2);
+  PutLe(out, start + 8, payload, 4);
+  PutLe(out, start + 12, 0, 4);
+  PutLe(out, start + 16, request_id, 8);
+}
+
+std::vector<uint8_t> Encode(const Message& m, uint64_t request_id) {
+  std::vector<uint8_t> out;
+  EncodeTo(m, request_id, &out);
+  return out;
+}
+
+Result<Header> DecodeHeader(std::span<const uint8_t> bytes) {
+  if (bytes.size() != kHeaderSize) return Corruption("header must be 24 bytes");
+  auto le = [&](size_t at, int n) {
+    uint64_t v = 0;
+    for (int i = 0; i < n; ++i) v |= uint64_t{bytes[at + i]} << (8 * i);
+    return v;
+  };
+  Header h;
+  h.magic = static_cast<uint32_t>(le(0, 4));
+  h.version = static_cast<uint16_t>(le(4, 2));
+  h.type = static_cast<MessageType>(le(6, 2));
+  h.payload_length = static_cast<uint32_t>(le(8, 4));
+  uint32_t reserved = static_cast<uint32_t>(le(12, 4));
+  h.request_id = le(16, 8);
+  if (h.magic != kMagic) return Corruption("bad magic: not a dsvm message");
+  if (h.version != kWireVersion) {
+    return InvalidArgument("wire version " + std::to_string(h.version) + " not supported (want " +
+                           std::to_string(kWireVersion) + ")");
+  }
+  Message probe;
+  if (!MakeOfType(h.type, &probe)) {
+    return InvalidArgument("unknown message type " + std::to_string(static_cast<int>(h.type)));
+  }
+  if (reserved != 0) return Corruption("reserved header bits set");
+  if (h.payload_length > MaxPayloadFor(h.type)) {
+    return Corruption(std::string(TypeName(h.type)) + " payload of " +
+                      std::to_string(h.payload_length) + " bytes over its bound");
+  }
+  return h;
+}
+
+Result<Message> DecodePayload(const Header& header, std::span<const uint8_t> payload) {
+  if (payload.size() != header.payload_length) return Corruption("payload length mismatch");
+  Message m;
+  if (!MakeOfType(header.type, &m)) return InvalidArgument("unknown message type");
+  Reader r(payload);
+  std::visit([&r](auto& x) { x.Visit(r); }, m);
+  if (!r.ok()) return Corruption(std::string(TypeName(header.type)) + ": " + r.error());
+  if (!r.at_end()) return Corruption(std::string(TypeName(header.type)) + ": trailing bytes");
+  return m;
+}
+
+Result<Frame> Decode(std::span<const uint8_t> bytes) {
+  if (bytes.size() < kHeaderSize) return Corruption("frame shorter than a header");
+  DSVM_ASSIGN_OR_RETURN(Header h, DecodeHeader(bytes.subspan(0, kHeaderSize)));
+  auto payload = bytes.subspan(kHeaderSize);
+  if (payload.size() != h.payload_length) {
+    return Corruption("frame of " + std::to_string(bytes.size()) + " bytes, header says " +
+                      std::to_string(kHeaderSize + h.payload_length));
+  }
+  DSVM_ASSIGN_OR_RETURN(Message m, DecodePayload(h, payload));
+  return Frame{h, std::move(m)};
+}
+
+}  // namespace dsvm::proto

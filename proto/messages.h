@@ -1,0 +1,367 @@
+// Every message that crosses a process boundary in dsvm.
+//
+// Wire format (all integers little-endian, fixed width):
+//   header (24 bytes): magic u32 "DSVM", version u16, type u16,
+//                      payload_length u32, reserved u32 (must be 0),
+//                      request_id u64
+//   payload: the fields of the message type, in the order its Visit() lists.
+// Strings and byte blobs are a u32 length followed by the bytes, each with a
+// per-field bound. Decode refuses anything malformed with a Status: wrong
+// magic or version, unknown type, enum out of range, lengths that overrun or
+// exceed their bound, trailing bytes. It never allocates more than the bound.
+//
+// The message table (sender, receiver, state change) is in proto/PROTOCOL.md.
+#ifndef DSVM_PROTO_MESSAGES_H_
+#define DSVM_PROTO_MESSAGES_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <variant>
+#include <vector>
+
+#include "proto/status.h"
+
+namespace dsvm::proto {
+
+using NodeId = uint32_t;    // 0 is never a node
+using RegionId = uint64_t;  // 0 is never a region
+using PageAddr = uint64_t;  // cluster-wide virtual address of a page's first byte
+using TxnId = uint64_t;     // per-page directory transaction number; 0 = none yet
+
+inline constexpr NodeId kNoNode = 0;
+inline constexpr uint32_t kMagic = 0x4D565344;  // "DSVM" read as little-endian u32
+inline constexpr uint16_t kWireVersion = 1;
+inline constexpr size_t kHeaderSize = 24;
+inline constexpr uint32_t kMaxPageSize = 2u << 20;            // 2 MiB
+inline constexpr uint32_t kMaxControlPayload = 64u << 10;     // every type but PageData
+inline constexpr uint32_t kMaxDataPayload = kMaxPageSize + 64;
+inline constexpr uint32_t kMaxNameLength = 255;               // region names
+inline constexpr uint32_t kMaxAddressLength = 255;            // "host:port"
+inline constexpr uint32_t kMaxTextLength = 1024;              // status messages
+inline constexpr uint32_t kMaxBlobLength = 4096;              // opaque transport addresses
+inline constexpr uint32_t kMaxSharersInReply = 1024;
+
+enum class MessageType : uint16_t {
+  kInvalid = 0,
+  // Control plane: node or tool <-> coordinator.
+  kStatusReply = 1,
+  kJoinRequest = 2,
+  kJoinReply = 3,
+  kHeartbeat = 4,
+  kLeaveRequest = 5,
+  kRegionCreate = 6,
+  kRegionOpen = 7,
+  kRegionDelete = 8,
+  kRegionReply = 9,
+  kPageQuery = 10,
+  kPageQueryReply = 11,
+  // Coherence plane: node <-> directory shard.
+  kAcquire = 20,
+  kGrant = 21,
+  kFetch = 22,
+  kInvalidate = 23,
+  kInvalidateAck = 24,
+  kDone = 25,
+  kRelease = 26,
+  kEvictReply = 27,
+  // Data plane: node <-> node.
+  kPageData = 30,
+};
+
+// What a node asks of the directory for one page.
+enum class AccessKind : uint8_t {
+  kInvalid = 0,
+  kRead = 1,       // wants a Shared copy
+  kWrite = 2,      // wants Modified, holding nothing
+  kUpgrade = 3,    // wants Modified, holding a Shared copy (no data needed)
+  kEvict = 4,      // drops a clean Shared copy
+  kWriteback = 5,  // gives up the last copy (Modified or sole Shared): data moves elsewhere
+};
+inline constexpr uint8_t kMaxAccessKind = 5;
+
+// MSI state of a page, as a node holds it or as the directory records it.
+enum class PageState : uint8_t {
+  kReserved = 0,
+  kInvalid = 1,   // no copy (directory: no node holds one)
+  kShared = 2,    // read-only copy; the directory names one sharer as owner (supplier)
+  kModified = 3,  // the only copy, writable
+};
+inline constexpr uint8_t kMaxPageState = 3;
+
+// Where a granted page's data comes from.
+enum class DataSource : uint8_t {
+  kReserved = 0,
+  kZero = 1,   // never written: fill with zeros, no transfer
+  kSelf = 2,   // the requester already holds the current data
+  kOwner = 3,  // a PageData message from the owner, same txn
+  kStash = 4,  // the requester's own stash of stash_txn (restored after an aborted move)
+};
+inline constexpr uint8_t kMaxDataSource = 4;
+
+struct StatusReply {
+  static constexpr MessageType kType = MessageType::kStatusReply;
+  uint16_t code = 0;  // StatusCode
+  std::string message;
+  template <typename A> void Visit(A& a) { a.Code(code); a.Str(message, kMaxTextLength); }
+};
+
+// Node -> coordinator: join the cluster (or rejoin with the id it had).
+struct JoinRequest {
+  static constexpr MessageType kType = MessageType::kJoinRequest;
+  NodeId node = kNoNode;  // kNoNode asks the coordinator to assign one
+  std::string address;    // where peers reach this node, "host:port"
+  uint64_t host_memory_bytes = 0;
+  uint32_t gpu_count = 0;
+  std::vector<uint8_t> transport_address;  // opaque (UCX worker address)
+  template <typename A> void Visit(A& a) {
+    a.U32(node); a.Str(address, kMaxAddressLength); a.U64(host_memory_bytes);
+    a.U32(gpu_count); a.Blob(transport_address, kMaxBlobLength);
+  }
+};
+
+struct JoinReply {
+  static constexpr MessageType kType = MessageType::kJoinReply;
+  NodeId node = kNoNode;
+  uint32_t heartbeat_interval_ms = 0;
+  uint32_t dead_after_ms = 0;
+  uint32_t shard = 0;        // this coordinator's shard index
+  uint32_t shard_count = 0;  // shards in the cluster's shard map
+  uint64_t window_base = 0;  // the cluster-wide virtual address window
+  uint64_t window_size = 0;
+  template <typename A> void Visit(A& a) {
+    a.U32(node); a.U32(heartbeat_interval_ms); a.U32(dead_after_ms); a.U32(shard);
+    a.U32(shard_count); a.U64(window_base); a.U64(window_size);
+  }
+};
+
+// Node -> coordinator, every heartbeat interval. Reply: StatusReply.
+struct Heartbeat {
+  static constexpr MessageType kType = MessageType::kHeartbeat;
+  NodeId node = kNoNode;
+  template <typename A> void Visit(A& a) { a.U32(node); }
+};
+
+// Node -> coordinator: leaves cleanly. Reply: StatusReply.
+struct LeaveRequest {
+  static constexpr MessageType kType = MessageType::kLeaveRequest;
+  NodeId node = kNoNode;
+  template <typename A> void Visit(A& a) { a.U32(node); }
+};
+
+// Any client -> coordinator. Reply: RegionReply or StatusReply.
+struct RegionCreate {
+  static constexpr MessageType kType = MessageType::kRegionCreate;
+  std::string name;
+  uint64_t size = 0;        // bytes; rounded up to page_size
+  uint32_t page_size = 0;   // 4096, 65536 or 2097152
+  template <typename A> void Visit(A& a) {
+    a.Str(name, kMaxNameLength); a.U64(size); a.U32(page_size);
+  }
+};
+
+struct RegionOpen {
+  static constexpr MessageType kType = MessageType::kRegionOpen;
+  std::string name;
+  template <typename A> void Visit(A& a) { a.Str(name, kMaxNameLength); }
+};
+
+// Reply: StatusReply.
+struct RegionDelete {
+  static constexpr MessageType kType = MessageType::kRegionDelete;
+  std::string name;
+  template <typename A> void Visit(A& a) { a.Str(name, kMaxNameLength); }
+};
+
+struct RegionReply {
+  static constexpr MessageType kType = MessageType::kRegionReply;
+  RegionId region = 0;
+  uint64_t base = 0;  // same address on every node
+  uint64_t size = 0;
+  uint32_t page_size = 0;
+  std::string name;
+  template <typename A> void Visit(A& a) {
+    a.U64(region); a.U64(base); a.U64(size); a.U32(page_size); a.Str(name, kMaxNameLength);
+  }
+};
+
+// Tool -> coordinator: the directory's record of one page. Reply: PageQueryReply.
+struct PageQuery {
+  static constexpr MessageType kType = MessageType::kPageQuery;
+  PageAddr page = 0;
+  template <typename A> void Visit(A& a) { a.U64(page); }
+};
+
+struct PageQueryReply {
+  static constexpr MessageType kType = MessageType::kPageQueryReply;
+  PageAddr page = 0;
+  PageState state = PageState::kInvalid;
+  NodeId owner = kNoNode;
+  uint64_t version = 0;
+  TxnId txn = 0;
+  uint8_t lost = 0;  // 1: the only copy died with its node
+  uint8_t busy = 0;  // 1: a transaction is in flight
+  std::vector<NodeId> sharers;
+  template <typename A> void Visit(A& a) {
+    a.U64(page); a.Enum(state, kMaxPageState); a.U32(owner); a.U64(version); a.U64(txn);
+    a.Flag(lost); a.Flag(busy); a.U32List(sharers, kMaxSharersInReply);
+  }
+};
+
+// Node -> directory: a request for one page. A node has at most one request
+// outstanding per page; request_seq grows per node, so replies can be matched
+// and duplicates recognised. last_txn is the newest txn of this page that the
+// node has processed: the directory uses it to tell a stale duplicate from a
+// new request (PROTOCOL.md, "Duplicates").
+struct Acquire {
+  static constexpr MessageType kType = MessageType::kAcquire;
+  PageAddr page = 0;
+  NodeId node = kNoNode;
+  AccessKind kind = AccessKind::kRead;
+  uint64_t request_seq = 0;
+  TxnId last_txn = 0;
+  template <typename A> void Visit(A& a) {
+    a.U64(page); a.U32(node); a.Enum(kind, kMaxAccessKind); a.U64(request_seq); a.U64(last_txn);
+  }
+};
+
+// Directory -> node: the node now holds the page in `state` at `version`.
+// Sent to the requester, or unsolicited (writeback target, restore).
+struct Grant {
+  static constexpr MessageType kType = MessageType::kGrant;
+  PageAddr page = 0;
+  TxnId txn = 0;
+  uint64_t request_seq = 0;  // echo of the Acquire's; 0 when unsolicited
+  PageState state = PageState::kShared;
+  DataSource source = DataSource::kZero;
+  uint16_t status = 0;       // StatusCode: kOk, or kDataLoss (page lost; no state change)
+  uint64_t version = 0;
+  TxnId stash_txn = 0;       // with kStash: the txn whose stash to restore
+  template <typename A> void Visit(A& a) {
+    a.U64(page); a.U64(txn); a.U64(request_seq); a.Enum(state, kMaxPageState);
+    a.Enum(source, kMaxDataSource); a.Code(status); a.U64(version); a.U64(stash_txn);
+  }
+};
+
+// Directory -> owner: send your copy to `requester` (if send_data), then
+// keep a Shared copy (state kShared) or drop it into a stash (kInvalid).
+struct Fetch {
+  static constexpr MessageType kType = MessageType::kFetch;
+  PageAddr page = 0;
+  TxnId txn = 0;
+  NodeId requester = kNoNode;
+  PageState next_state = PageState::kShared;  // kShared or kInvalid
+  uint8_t send_data = 1;
+  template <typename A> void Visit(A& a) {
+    a.U64(page); a.U64(txn); a.U32(requester); a.Enum(next_state, kMaxPageState);
+    a.Flag(send_data);
+  }
+};
+
+// Directory -> sharer: drop your Shared copy and acknowledge.
+struct Invalidate {
+  static constexpr MessageType kType = MessageType::kInvalidate;
+  PageAddr page = 0;
+  TxnId txn = 0;
+  template <typename A> void Visit(A& a) { a.U64(page); a.U64(txn); }
+};
+
+struct InvalidateAck {
+  static constexpr MessageType kType = MessageType::kInvalidateAck;
+  PageAddr page = 0;
+  TxnId txn = 0;
+  NodeId node = kNoNode;
+  template <typename A> void Visit(A& a) { a.U64(page); a.U64(txn); a.U32(node); }
+};
+
+// Requester -> directory: it installed the grant of txn; the page is free for
+// the next transaction.
+struct Done {
+  static constexpr MessageType kType = MessageType::kDone;
+  PageAddr page = 0;
+  TxnId txn = 0;
+  NodeId node = kNoNode;
+  template <typename A> void Visit(A& a) { a.U64(page); a.U64(txn); a.U32(node); }
+};
+
+// Directory -> former owner: the move of txn is complete; free its stash.
+struct Release {
+  static constexpr MessageType kType = MessageType::kRelease;
+  PageAddr page = 0;
+  TxnId txn = 0;
+  template <typename A> void Visit(A& a) { a.U64(page); a.U64(txn); }
+};
+
+// Directory -> node: answer to an Evict or Writeback that needed no data move
+// (kOk), or that cannot be done (kFailedPrecondition: no other live node to
+// take the last copy; the node keeps it).
+struct EvictReply {
+  static constexpr MessageType kType = MessageType::kEvictReply;
+  PageAddr page = 0;
+  uint64_t request_seq = 0;
+  uint16_t status = 0;
+  template <typename A> void Visit(A& a) { a.U64(page); a.U64(request_seq); a.Code(status); }
+};
+
+// Owner -> requester (over UCX between node daemons): the page's bytes for txn.
+struct PageData {
+  static constexpr MessageType kType = MessageType::kPageData;
+  PageAddr page = 0;
+  TxnId txn = 0;
+  NodeId sender = kNoNode;
+  uint64_t version = 0;
+  std::vector<uint8_t> data;
+  template <typename A> void Visit(A& a) {
+    a.U64(page); a.U64(txn); a.U32(sender); a.U64(version); a.Blob(data, kMaxPageSize);
+  }
+};
+
+using Message = std::variant<StatusReply, JoinRequest, JoinReply, Heartbeat, LeaveRequest,
+                             RegionCreate, RegionOpen, RegionDelete, RegionReply, PageQuery,
+                             PageQueryReply, Acquire, Grant, Fetch, Invalidate, InvalidateAck,
+                             Done, Release, EvictReply, PageData>;
+
+struct Header {
+  uint32_t magic = kMagic;
+  uint16_t version = kWireVersion;
+  MessageType type = MessageType::kInvalid;
+  uint32_t payload_length = 0;
+  uint64_t request_id = 0;
+};
+
+struct Frame {
+  Header header;
+  Message message;
+};
+
+MessageType TypeOf(const Message& m);
+const char* TypeName(MessageType t);
+
+// Appends header + payload of `m` to `out`.
+void EncodeTo(const Message& m, uint64_t request_id, std::vector<uint8_t>* out);
+std::vector<uint8_t> Encode(const Message& m, uint64_t request_id);
+
+// Decodes and validates a header (exactly kHeaderSize bytes). Errors:
+// kCorruption for bad magic, reserved bits or a payload length over the
+// type's bound; kInvalidArgument for an unknown type or version.
+Result<Header> DecodeHeader(std::span<const uint8_t> bytes);
+
+// Decodes the payload that follows a validated header. Errors: kCorruption.
+Result<Message> DecodePayload(const Header& header, std::span<const uint8_t> payload);
+
+// Decodes exactly one whole frame: header, payload, nothing after.
+Result<Frame> Decode(std::span<const uint8_t> bytes);
+
+// Convenience for replies: StatusReply from a Status.
+inline StatusReply ToReply(const Status& s) {
+  return StatusReply{static_cast<uint16_t>(s.code()), s.message()};
+}
+inline Status FromReply(const StatusReply& r) {
+  if (r.code == 0) return Status::Ok();
+  return Status(static_cast<StatusCode>(r.code), r.message);
+}
+
+}  // namespace dsvm::proto
+
+#endif  // DSVM_PROTO_MESSAGES_H_

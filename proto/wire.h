@@ -1,0 +1,177 @@
+// Field writer and reader shared by the wire codec (messages.cc) and the
+// coordinator's stored records: one Visit() per struct lists its fields once,
+// and the same list encodes and decodes, so the two cannot drift apart.
+#ifndef DSVM_PROTO_WIRE_H_
+#define DSVM_PROTO_WIRE_H_
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "proto/status.h"
+
+namespace dsvm::proto {
+
+// Writes fields little-endian. Bounds are the encoder's promise to the
+// decoder: exceeding one is a programmer error, not bad input.
+class Writer {
+ public:
+  explicit Writer(std::vector<uint8_t>* out) : out_(out) {}
+  void U8(uint8_t v) { out_->push_back(v); }
+  void U16(uint16_t v) { Put(v, 2); }
+  void U32(uint32_t v) { Put(v, 4); }
+  void U64(uint64_t v) { Put(v, 8); }
+  void Flag(uint8_t v) { U8(v); }
+  void Code(uint16_t v) { U16(v); }
+  template <typename E> void Enum(E v, uint8_t) { U8(static_cast<uint8_t>(v)); }
+  void Str(const std::string& s, uint32_t bound) {
+    DSVM_CHECK_MSG(s.size() <= bound, "string field over its bound");
+    U32(static_cast<uint32_t>(s.size()));
+    out_->insert(out_->end(), s.begin(), s.end());
+  }
+  void Blob(const std::vector<uint8_t>& b, uint32_t bound) {
+    DSVM_CHECK_MSG(b.size() <= bound, "blob field over its bound");
+    U32(static_cast<uint32_t>(b.size()));
+    out_->insert(out_->end(), b.begin(), b.end());
+  }
+  void U32List(const std::vector<uint32_t>& l, uint32_t bound) {
+    DSVM_CHECK_MSG(l.size() <= bound, "list field over its bound");
+    U32(static_cast<uint32_t>(l.size()));
+    for (uint32_t v : l) U32(v);
+  }
+  template <typename T> void List(const std::vector<T>& l, uint32_t bound) {
+    DSVM_CHECK_MSG(l.size() <= bound, "list field over its bound");
+    U32(static_cast<uint32_t>(l.size()));
+    for (const T& e : l) const_cast<T&>(e).Visit(*this);
+  }
+
+ private:
+  void Put(uint64_t v, int n) {
+    for (int i = 0; i < n; ++i) out_->push_back(static_cast<uint8_t>(v >> (8 * i)));
+  }
+  std::vector<uint8_t>* out_;
+};
+
+// Reads fields little-endian. The first failure sticks: later reads return
+// zeros, and status() reports the first problem.
+class Reader {
+ public:
+  explicit Reader(std::span<const uint8_t> in) : in_(in) {}
+  void U8(uint8_t& v) { v = static_cast<uint8_t>(Get(1)); }
+  void U16(uint16_t& v) { v = static_cast<uint16_t>(Get(2)); }
+  void U32(uint32_t& v) { v = static_cast<uint32_t>(Get(4)); }
+  void U64(uint64_t& v) { v = Get(8); }
+  void Flag(uint8_t& v) {
+    U8(v);
+    if (v > 1) Fail("flag is not 0 or 1");
+  }
+  void Code(uint16_t& v) {
+    U16(v);
+    if (v > kMaxStatusCode) Fail("status code out of range");
+  }
+  template <typename E> void Enum(E& v, uint8_t max) {
+    uint8_t raw = 0;
+    U8(raw);
+    if (raw == 0 || raw > max) Fail("enum value " + std::to_string(raw) + " out of range");
+    v = static_cast<E>(raw);
+  }
+  void Str(std::string& s, uint32_t bound) {
+    uint32_t n = Length(bound);
+    if (!ok_) return;
+    s.assign(reinterpret_cast<const char*>(in_.data() + pos_), n);
+    pos_ += n;
+  }
+  void Blob(std::vector<uint8_t>& b, uint32_t bound) {
+    uint32_t n = Length(bound);
+    if (!ok_) return;
+    b.assign(in_.begin() + pos_, in_.begin() + pos_ + n);
+    pos_ += n;
+  }
+  void U32List(std::vector<uint32_t>& l, uint32_t bound) {
+    uint32_t n = 0;
+    U32(n);
+    if (!ok_) return;
+    if (n > bound) return Fail("list of " + std::to_string(n) + " over bound");
+    if (uint64_t{n} * 4 > in_.size() - pos_) return Fail("list overruns the payload");
+    l.resize(n);
+    for (auto& v : l) U32(v);
+  }
+  // Each element takes at least one byte, so a count larger than the bytes
+  // left is refused before anything is allocated.
+  template <typename T> void List(std::vector<T>& l, uint32_t bound) {
+    uint32_t n = 0;
+    U32(n);
+    if (!ok_) return;
+    if (n > bound) return Fail("list of " + std::to_string(n) + " over bound");
+    if (n > in_.size() - pos_) return Fail("list overruns the payload");
+    l.resize(n);
+    for (auto& e : l) {
+      e.Visit(*this);
+      if (!ok_) return;
+    }
+  }
+
+  bool ok() const { return ok_; }
+  bool at_end() const { return pos_ == in_.size(); }
+  const std::string& error() const { return error_; }
+
+ private:
+  uint32_t Length(uint32_t bound) {
+    uint32_t n = 0;
+    U32(n);
+    if (!ok_) return 0;
+    if (n > bound) {
+      Fail("length " + std::to_string(n) + " over bound " + std::to_string(bound));
+      return 0;
+    }
+    if (n > in_.size() - pos_) {
+      Fail("length " + std::to_string(n) + " overruns the payload");
+      return 0;
+    }
+    return n;
+  }
+  uint64_t Get(int n) {
+    if (!ok_) return 0;
+    if (in_.size() - pos_ < static_cast<size_t>(n)) {
+      Fail("payload too short");
+      return 0;
+    }
+    uint64_t v = 0;
+    for (int i = 0; i < n; ++i) v |= uint64_t{in_[pos_ + i]} << (8 * i);
+    pos_ += n;
+    return v;
+  }
+  void Fail(std::string why) {
+    if (ok_) error_ = std::move(why);
+    ok_ = false;
+  }
+
+  std::span<const uint8_t> in_;
+  size_t pos_ = 0;
+  bool ok_ = true;
+  std::string error_;
+};
+
+// Encodes a struct with a Visit() method (no header).
+template <typename T>
+std::vector<uint8_t> EncodeFields(const T& value) {
+  std::vector<uint8_t> out;
+  Writer w(&out);
+  const_cast<T&>(value).Visit(w);
+  return out;
+}
+
+// Decodes a struct with a Visit() method; the bytes must be consumed exactly.
+template <typename T>
+Status DecodeFields(std::span<const uint8_t> bytes, T* value) {
+  Reader r(bytes);
+  value->Visit(r);
+  if (!r.ok()) return Corruption(r.error());
+  if (!r.at_end()) return Corruption("trailing bytes");
+  return Status::Ok();
+}
+
+}  // namespace dsvm::proto
+
+#endif  // DSVM_PROTO_WIRE_H_
