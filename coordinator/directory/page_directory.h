@@ -1,0 +1,183 @@
+// PageDirectory: the directory side of dsvm's MSI coherence protocol, for the
+// pages of one shard. A pure state machine: no sockets, threads, clocks,
+// storage or syscalls. Inputs are messages from nodes, membership changes and
+// Tick(now); outputs are messages (Outbox) and the set of page records that
+// changed (TakeDirty). The caller must persist the dirty records before it
+// sends the outbox: what a node has been told is always on disk first
+// (write-ahead), so a restarted directory resumes every transaction in flight.
+//
+// One transaction per page at a time: requests for a busy page wait in that
+// page's queue (at most one per node) and run in arrival order. The protocol,
+// its state tables and the rules for duplicates are in proto/PROTOCOL.md.
+#ifndef DSVM_COORDINATOR_DIRECTORY_PAGE_DIRECTORY_H_
+#define DSVM_COORDINATOR_DIRECTORY_PAGE_DIRECTORY_H_
+
+#include <cstdint>
+#include <deque>
+#include <optional>
+#include <set>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+#include "proto/messages.h"
+
+namespace dsvm::coordinator {
+
+using proto::AccessKind;
+using proto::DataSource;
+using proto::NodeId;
+using proto::PageAddr;
+using proto::PageState;
+using proto::TxnId;
+
+// The largest cluster one directory serves; bounds every per-page queue.
+inline constexpr size_t kMaxNodes = 4096;
+
+struct Outgoing {
+  NodeId to = proto::kNoNode;
+  proto::Message message;
+};
+using Outbox = std::vector<Outgoing>;
+
+// A node holding a copy, and the txn in which it got its current role.
+struct Sharer {
+  NodeId node = proto::kNoNode;
+  TxnId since = 0;
+  template <typename A> void Visit(A& a) { a.U32(node); a.U64(since); }
+};
+
+// The transaction in flight on a page. The page record already shows the
+// state after it; this holds what must still be delivered.
+struct Transaction {
+  TxnId txn = 0;
+  NodeId requester = proto::kNoNode;  // receives the Grant and answers Done
+  uint64_t request_seq = 0;           // echoed in the Grant; 0 if unsolicited
+  PageState grant_state = PageState::kShared;
+  DataSource source = DataSource::kZero;
+  TxnId stash_txn = 0;                // with DataSource::kStash
+  NodeId fetch_from = proto::kNoNode; // the node sending data or stashing
+  PageState fetch_next = PageState::kShared;
+  uint8_t fetch_send_data = 0;
+  PageState prev_state = PageState::kInvalid;  // to revert an aborted read
+  std::vector<NodeId> pending_acks;   // Invalidate (or no-data Fetch) not yet acked
+  uint8_t grant_sent = 0;
+  uint64_t last_send_ms = 0;          // not persisted meaningfully: 0 after restart
+  template <typename A> void Visit(A& a) {
+    a.U64(txn); a.U32(requester); a.U64(request_seq); a.Enum(grant_state, proto::kMaxPageState);
+    a.Enum(source, proto::kMaxDataSource); a.U64(stash_txn); a.U32(fetch_from);
+    a.Enum(fetch_next, proto::kMaxPageState); a.Flag(fetch_send_data);
+    a.Enum(prev_state, proto::kMaxPageState); a.U32List(pending_acks, kMaxNodes);
+    a.Flag(grant_sent); a.U64(last_send_ms);
+  }
+};
+
+// What the directory knows of one page. This is what storage persists.
+struct PageRecord {
+  PageAddr page = 0;
+  PageState state = PageState::kInvalid;  // kInvalid: no node holds a copy
+  NodeId owner = proto::kNoNode;          // kModified: the writer; kShared: the supplier
+  std::vector<Sharer> sharers;            // every holder, the owner included
+  uint64_t version = 0;                   // bumped on every write grant
+  TxnId txn = 0;                          // last txn number issued
+  uint8_t lost = 0;                       // the only copy died with its node
+  uint8_t busy = 0;
+  Transaction tx;                         // valid when busy
+  template <typename A> void Visit(A& a) {
+    a.U64(page); a.Enum(state, proto::kMaxPageState); a.U32(owner);
+    a.List(sharers, kMaxNodes); a.U64(version); a.U64(txn); a.Flag(lost); a.Flag(busy);
+    tx.Visit(a);
+  }
+  const Sharer* FindSharer(NodeId n) const;
+};
+
+struct DirectoryOptions {
+  uint64_t retransmit_after_ms = 200;  // resend a transaction's messages after this
+  uint32_t page_size = 4096;           // for the writeback target choice only
+};
+
+struct DirectoryStats {
+  uint64_t transactions = 0;  // transactions started
+  uint64_t grants = 0;
+  uint64_t fetches = 0;
+  uint64_t invalidations = 0;
+  uint64_t retransmits = 0;
+  uint64_t queued = 0;
+  uint64_t stale_ignored = 0;
+  uint64_t pages_lost = 0;
+};
+
+class PageDirectory {
+ public:
+  explicit PageDirectory(DirectoryOptions options = {});
+
+  // Membership. A request from a node that is not live is ignored.
+  void NodeUp(NodeId node);
+  // Handles every page the node held or was part of a transaction on:
+  // sole copies are lost; aborted moves are restored from the sender's stash.
+  void NodeDown(NodeId node, Outbox* out);
+  bool IsLive(NodeId node) const { return live_.count(node) != 0; }
+
+  // Messages from nodes. Each validates what it can: a message that makes no
+  // sense for the page's state is counted and ignored, never trusted.
+  void HandleAcquire(const proto::Acquire& m, uint64_t now_ms, Outbox* out);
+  void HandleInvalidateAck(const proto::InvalidateAck& m, uint64_t now_ms, Outbox* out);
+  void HandleDone(const proto::Done& m, uint64_t now_ms, Outbox* out);
+
+  // Resends the messages of transactions idle for retransmit_after_ms.
+  void Tick(uint64_t now_ms, Outbox* out);
+
+  // Persistence: records changed since the last call, each once.
+  void TakeDirty(std::vector<PageRecord>* records);
+  // Loads a persisted record at startup (before any message).
+  void Restore(const PageRecord& record);
+
+  const PageRecord* Find(PageAddr page) const;
+  proto::PageQueryReply Query(PageAddr page) const;
+  size_t page_count() const { return pages_.size(); }
+  size_t busy_count() const { return busy_.size(); }
+  const DirectoryStats& stats() const { return stats_; }
+
+  // Checks the invariants of every record (sim and tests): sharers distinct
+  // and live; owner among the sharers; Modified has exactly one holder; a busy
+  // page's transaction is consistent. Returns the first violation.
+  Status CheckInvariants() const;
+
+ private:
+  struct Waiting {
+    proto::Acquire request;
+  };
+  struct Page {
+    PageRecord rec;
+    std::deque<Waiting> queue;  // bounded by kMaxNodes: one per node
+  };
+
+  Page& GetPage(PageAddr page);
+  void MarkDirty(PageAddr page) { dirty_.insert(page); }
+
+  // Runs queued requests until one starts a transaction or the queue is empty.
+  void Drain(Page& p, uint64_t now_ms, Outbox* out);
+  // Serves one request on an idle page; may start a transaction.
+  void Serve(Page& p, const proto::Acquire& m, uint64_t now_ms, Outbox* out);
+  void ServeAcquire(Page& p, const proto::Acquire& m, uint64_t now_ms, Outbox* out);
+  void ServeGiveUp(Page& p, const proto::Acquire& m, uint64_t now_ms, Outbox* out);
+  Transaction& Begin(Page& p, NodeId requester, uint64_t request_seq, uint64_t now_ms);
+  void SendTxn(Page& p, uint64_t now_ms, bool resend, Outbox* out);
+  void MaybeGrant(Page& p, Outbox* out);
+  void Finish(Page& p, uint64_t now_ms, Outbox* out);
+  void MarkLost(Page& p, Outbox* out);
+  void ReplyLost(const proto::Acquire& m, const PageRecord& rec, Outbox* out);
+  void RemoveSharer(PageRecord& rec, NodeId n);
+  NodeId PickTarget(const PageRecord& rec, NodeId not_this) const;
+
+  DirectoryOptions options_;
+  std::unordered_map<PageAddr, Page> pages_;
+  std::unordered_set<PageAddr> busy_;
+  std::unordered_set<PageAddr> dirty_;
+  std::set<NodeId> live_;
+  DirectoryStats stats_;
+};
+
+}  // namespace dsvm::coordinator
+
+#endif  // DSVM_COORDINATOR_DIRECTORY_PAGE_DIRECTORY_H_
