@@ -1,0 +1,389 @@
+#include "node/coherence/node_agent.h"
+
+#include <algorithm>
+
+namespace dsvm::node {
+namespace {
+
+bool Satisfies(PageState state, bool write) {
+  return write ? state == PageState::kModified
+               : (state == PageState::kShared || state == PageState::kModified);
+}
+
+bool IsGiveUp(AccessKind k) { return k == AccessKind::kEvict || k == AccessKind::kWriteback; }
+
+Action Make(ActionKind kind, PageAddr page) {
+  Action a;
+  a.kind = kind;
+  a.page = page;
+  return a;
+}
+
+}  // namespace
+
+NodeAgent::NodeAgent(NodeId self, NodeOptions options) : self_(self), options_(options) {
+  DSVM_CHECK(self != proto::kNoNode);
+}
+
+PageState NodeAgent::StateOf(PageAddr page) const {
+  auto it = pages_.find(page);
+  return it == pages_.end() ? PageState::kInvalid : it->second.state;
+}
+
+uint64_t NodeAgent::VersionOf(PageAddr page) const {
+  auto it = pages_.find(page);
+  return it == pages_.end() ? 0 : it->second.version;
+}
+
+bool NodeAgent::HasPending(PageAddr page) const { return pending_pages_.count(page) != 0; }
+
+size_t NodeAgent::stash_count() const {
+  size_t n = 0;
+  for (const auto& [page, lp] : pages_) n += lp.stash_txn != 0;
+  return n;
+}
+
+// ---------------------------------------------------------------------------
+// Local events
+
+FaultResult NodeAgent::Fault(PageAddr page, bool write, WaiterId waiter, uint64_t now_ms,
+                             Actions* out) {
+  LocalPage& lp = Get(page);
+  if (Satisfies(lp.state, write)) {
+    ++stats_.hits;
+    return FaultResult::kHit;
+  }
+  ++stats_.faults;
+  lp.waiters.push_back(Waiter{waiter, write});
+  if (lp.pending == AccessKind::kInvalid) Progress(page, lp, now_ms, out);
+  return FaultResult::kWait;
+}
+
+bool NodeAgent::Evict(PageAddr page, uint64_t now_ms, Actions* out) {
+  auto it = pages_.find(page);
+  if (it == pages_.end()) return false;
+  LocalPage& lp = it->second;
+  if (lp.pending != AccessKind::kInvalid || lp.state == PageState::kInvalid) return false;
+  lp.retained_from = lp.state;
+  lp.retained = true;
+  const AccessKind kind =
+      lp.state == PageState::kModified ? AccessKind::kWriteback : AccessKind::kEvict;
+  lp.state = PageState::kInvalid;
+  out->push_back(Make(ActionKind::kUnmap, page));
+  SendRequest(page, lp, kind, now_ms, out);
+  return true;
+}
+
+void NodeAgent::SendRequest(PageAddr page, LocalPage& lp, AccessKind kind, uint64_t now_ms,
+                            Actions* out) {
+  DSVM_CHECK(lp.pending == AccessKind::kInvalid);
+  lp.pending = kind;
+  lp.pending_seq = ++next_seq_;
+  lp.sent_ms = now_ms;
+  pending_pages_.insert(page);
+  ++stats_.requests;
+  SendAcquire(page, lp, out);
+}
+
+void NodeAgent::SendAcquire(PageAddr page, const LocalPage& lp, Actions* out) {
+  proto::Acquire m;
+  m.page = page;
+  m.node = self_;
+  m.kind = lp.pending;
+  // The kind tells the directory what this node holds now, not when it first
+  // asked: a copy may have come (a writeback pushed here) or gone since. The
+  // directory takes "holds nothing" from a node that it records as a holder
+  // as a lost copy, so this must be current on every resend.
+  if (m.kind == AccessKind::kUpgrade || m.kind == AccessKind::kWrite) {
+    m.kind = lp.state == PageState::kShared ? AccessKind::kUpgrade : AccessKind::kWrite;
+  }
+  m.request_seq = lp.pending_seq;
+  m.last_txn = lp.last_txn;
+  ToDirectory(page, m, out);
+}
+
+void NodeAgent::ClearPending(PageAddr page, LocalPage& lp) {
+  lp.pending = AccessKind::kInvalid;
+  lp.pending_seq = 0;
+  pending_pages_.erase(page);
+}
+
+void NodeAgent::Progress(PageAddr page, LocalPage& lp, uint64_t now_ms, Actions* out) {
+  const bool read_done = lp.pending == AccessKind::kRead && Satisfies(lp.state, false);
+  const bool write_done = (lp.pending == AccessKind::kWrite || lp.pending == AccessKind::kUpgrade) &&
+                          Satisfies(lp.state, true);
+  if (read_done || write_done) ClearPending(page, lp);
+
+  bool want_write = false;
+  auto keep = lp.waiters.begin();
+  for (const Waiter& w : lp.waiters) {
+    if (Satisfies(lp.state, w.write)) {
+      Action a = Make(ActionKind::kWake, page);
+      a.waiter = w.id;
+      out->push_back(std::move(a));
+    } else {
+      want_write |= w.write;
+      *keep++ = w;
+    }
+  }
+  lp.waiters.erase(keep, lp.waiters.end());
+
+  if (lp.waiters.empty() || lp.pending != AccessKind::kInvalid) return;
+  AccessKind kind = AccessKind::kRead;
+  if (want_write) kind = lp.state == PageState::kShared ? AccessKind::kUpgrade : AccessKind::kWrite;
+  SendRequest(page, lp, kind, now_ms, out);
+}
+
+// ---------------------------------------------------------------------------
+// Directory messages
+
+void NodeAgent::HandleGrant(const proto::Grant& m, uint64_t now_ms, Actions* out) {
+  LocalPage& lp = Get(m.page);
+  if (m.status != 0) {
+    // A refusal (the page is lost): it answers one request and changes no state.
+    if (lp.pending != AccessKind::kInvalid && !IsGiveUp(lp.pending) &&
+        lp.pending_seq == m.request_seq) {
+      ClearPending(m.page, lp);
+      for (const Waiter& w : lp.waiters) {
+        Action a = Make(ActionKind::kWake, m.page);
+        a.waiter = w.id;
+        a.status = static_cast<StatusCode>(m.status);
+        out->push_back(std::move(a));
+      }
+      lp.waiters.clear();
+    }
+    return;
+  }
+  if (m.txn < lp.last_txn) return;  // stale
+  if (m.txn == lp.last_txn) {
+    // Installed already; our Done may have been lost.
+    ToDirectory(m.page, proto::Done{m.page, m.txn, self_}, out);
+    return;
+  }
+  lp.has_grant = true;
+  lp.grant = m;
+  TryInstall(m.page, lp, now_ms, out);
+}
+
+void NodeAgent::TryInstall(PageAddr page, LocalPage& lp, uint64_t now_ms, Actions* out) {
+  const proto::Grant g = lp.grant;
+  const bool have_bytes = lp.state != PageState::kInvalid || lp.retained;
+  switch (g.source) {
+    case proto::DataSource::kOwner: {
+      if (!lp.has_data || lp.data_txn != g.txn) return;  // the data is still on its way
+      Action a = Make(ActionKind::kInstallData, page);
+      a.handle = lp.data;
+      out->push_back(std::move(a));
+      lp.has_data = false;
+      ++stats_.pages_received;
+      break;
+    }
+    case proto::DataSource::kZero:
+      out->push_back(Make(ActionKind::kInstallZero, page));
+      break;
+    case proto::DataSource::kSelf:
+      if (!have_bytes) {
+        lp.has_grant = false;
+        return ProtocolError(page, "grant from self, but this node holds no copy", out);
+      }
+      break;
+    case proto::DataSource::kStash:
+      if (lp.stash_txn != 0 && lp.stash_txn == g.stash_txn) {
+        Action a = Make(ActionKind::kInstallStash, page);
+        a.txn = lp.stash_txn;
+        out->push_back(std::move(a));
+        lp.stash_txn = 0;
+      } else if (!have_bytes) {
+        lp.has_grant = false;
+        return ProtocolError(page, "restore from a stash this node does not have", out);
+      }
+      break;
+    case proto::DataSource::kReserved:
+      lp.has_grant = false;
+      return ProtocolError(page, "grant with reserved data source", out);
+  }
+  lp.has_grant = false;
+  lp.retained = false;
+  if (IsGiveUp(lp.pending)) ClearPending(page, lp);  // a newer grant makes it moot
+  lp.state = g.state;
+  lp.version = g.version;
+  lp.last_txn = g.txn;
+  Map(page, g.state, out);
+  DropStashBefore(page, lp, g.txn, out);
+  if (lp.has_data && lp.data_txn <= g.txn) {
+    Action a = Make(ActionKind::kDropData, page);
+    a.handle = lp.data;
+    out->push_back(std::move(a));
+    lp.has_data = false;
+  }
+  ToDirectory(page, proto::Done{page, g.txn, self_}, out);
+  Progress(page, lp, now_ms, out);
+}
+
+void NodeAgent::HandleFetch(const proto::Fetch& m, uint64_t now_ms, Actions* out) {
+  LocalPage& lp = Get(m.page);
+  if (m.txn < lp.last_txn) return;  // stale
+  const bool have_bytes = lp.state != PageState::kInvalid || lp.retained;
+  if (m.txn == lp.last_txn) {
+    // A duplicate: our answer may have been lost.
+    if (m.send_data) {
+      Action a = Make(have_bytes ? ActionKind::kSendPage : ActionKind::kSendStash, m.page);
+      a.node = m.requester;
+      a.txn = m.txn;
+      a.version = lp.version;
+      if (have_bytes || lp.stash_txn == m.txn) out->push_back(std::move(a));
+    } else {
+      ToDirectory(m.page, proto::InvalidateAck{m.page, m.txn, self_}, out);
+    }
+    return;
+  }
+  if (!have_bytes) return ProtocolError(m.page, "fetch of a page this node does not hold", out);
+  if (m.next_state != PageState::kShared && m.next_state != PageState::kInvalid) {
+    return ProtocolError(m.page, "fetch with a next state other than Shared or Invalid", out);
+  }
+  lp.last_txn = m.txn;
+  if (m.send_data) {
+    Action a = Make(ActionKind::kSendPage, m.page);
+    a.node = m.requester;
+    a.txn = m.txn;
+    a.version = lp.version;
+    out->push_back(std::move(a));
+    ++stats_.pages_sent;
+  }
+  if (m.next_state == PageState::kShared) {
+    if (lp.retained_from == PageState::kModified) lp.retained_from = PageState::kShared;
+    if (lp.state == PageState::kModified) {
+      lp.state = PageState::kShared;
+      Map(m.page, PageState::kShared, out);
+    }
+    DropStashBefore(m.page, lp, m.txn, out);
+  } else {
+    DropStashBefore(m.page, lp, m.txn + 1, out);
+    Action a = Make(ActionKind::kStash, m.page);
+    a.txn = m.txn;
+    out->push_back(std::move(a));
+    lp.stash_txn = m.txn;
+    lp.state = PageState::kInvalid;
+    lp.retained = false;
+    if (IsGiveUp(lp.pending)) ClearPending(m.page, lp);  // the move is the give-up
+    if (!m.send_data) ToDirectory(m.page, proto::InvalidateAck{m.page, m.txn, self_}, out);
+  }
+  Progress(m.page, lp, now_ms, out);
+}
+
+void NodeAgent::HandleInvalidate(const proto::Invalidate& m, uint64_t now_ms, Actions* out) {
+  LocalPage& lp = Get(m.page);
+  if (m.txn < lp.last_txn) return;  // stale
+  if (m.txn > lp.last_txn) {
+    if (lp.state == PageState::kModified) {
+      return ProtocolError(m.page, "invalidate of a Modified page (needs a fetch)", out);
+    }
+    lp.last_txn = m.txn;
+    if (lp.state != PageState::kInvalid || lp.retained) out->push_back(Make(ActionKind::kDiscard, m.page));
+    lp.state = PageState::kInvalid;
+    lp.retained = false;
+    if (IsGiveUp(lp.pending)) ClearPending(m.page, lp);
+    DropStashBefore(m.page, lp, m.txn, out);
+    ++stats_.invalidations;
+  }
+  ToDirectory(m.page, proto::InvalidateAck{m.page, m.txn, self_}, out);
+  Progress(m.page, lp, now_ms, out);
+}
+
+void NodeAgent::HandleRelease(const proto::Release& m, Actions* out) {
+  auto it = pages_.find(m.page);
+  if (it == pages_.end() || it->second.stash_txn != m.txn) return;
+  DropStashBefore(m.page, it->second, m.txn + 1, out);
+}
+
+void NodeAgent::HandleEvictReply(const proto::EvictReply& m, uint64_t now_ms, Actions* out) {
+  auto it = pages_.find(m.page);
+  if (it == pages_.end()) return;
+  LocalPage& lp = it->second;
+  if (!IsGiveUp(lp.pending) || lp.pending_seq != m.request_seq) return;  // stale
+  ClearPending(m.page, lp);
+  if (lp.retained) {
+    if (m.status == 0) {
+      out->push_back(Make(ActionKind::kDiscard, m.page));
+    } else {
+      // Refused (no node can take the last copy): keep serving it.
+      lp.state = lp.retained_from;
+      Map(m.page, lp.state, out);
+    }
+    lp.retained = false;
+  }
+  Progress(m.page, lp, now_ms, out);
+}
+
+void NodeAgent::HandlePageData(const proto::PageData& m, DataHandle handle, uint64_t now_ms,
+                               Actions* out) {
+  LocalPage& lp = Get(m.page);
+  auto drop = [&](DataHandle h) {
+    Action a = Make(ActionKind::kDropData, m.page);
+    a.handle = h;
+    out->push_back(std::move(a));
+  };
+  if (m.txn <= lp.last_txn || (lp.has_data && lp.data_txn >= m.txn)) {
+    drop(handle);  // stale or duplicate
+    return;
+  }
+  if (lp.has_data) drop(lp.data);
+  lp.has_data = true;
+  lp.data_txn = m.txn;
+  lp.data = handle;
+  if (lp.has_grant && lp.grant.txn == m.txn) TryInstall(m.page, lp, now_ms, out);
+}
+
+// ---------------------------------------------------------------------------
+// Timers
+
+void NodeAgent::Tick(uint64_t now_ms, Actions* out) {
+  for (PageAddr page : pending_pages_) {
+    LocalPage& lp = pages_.at(page);
+    if (lp.sent_ms + options_.retransmit_after_ms <= now_ms) {
+      lp.sent_ms = now_ms;
+      ++stats_.retransmits;
+      SendAcquire(page, lp, out);
+    }
+  }
+}
+
+void NodeAgent::ResendAll(uint64_t now_ms, Actions* out) {
+  for (PageAddr page : pending_pages_) {
+    LocalPage& lp = pages_.at(page);
+    lp.sent_ms = now_ms;
+    ++stats_.retransmits;
+    SendAcquire(page, lp, out);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Helpers
+
+void NodeAgent::DropStashBefore(PageAddr page, LocalPage& lp, TxnId txn, Actions* out) {
+  // Any txn newer than the stash's means its move completed.
+  if (lp.stash_txn == 0 || lp.stash_txn >= txn) return;
+  Action a = Make(ActionKind::kDropStash, page);
+  a.txn = lp.stash_txn;
+  out->push_back(std::move(a));
+  lp.stash_txn = 0;
+}
+
+void NodeAgent::Map(PageAddr page, PageState state, Actions* out) {
+  out->push_back(Make(state == PageState::kModified ? ActionKind::kMapWrite : ActionKind::kMapRead, page));
+}
+
+void NodeAgent::ToDirectory(PageAddr page, proto::Message m, Actions* out) {
+  Action a = Make(ActionKind::kSendToDirectory, page);
+  a.message = std::move(m);
+  out->push_back(std::move(a));
+}
+
+void NodeAgent::ProtocolError(PageAddr page, std::string why, Actions* out) {
+  ++stats_.protocol_errors;
+  Action a = Make(ActionKind::kProtocolError, page);
+  a.text = std::move(why);
+  out->push_back(std::move(a));
+}
+
+}  // namespace dsvm::node

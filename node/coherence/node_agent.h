@@ -1,0 +1,165 @@
+// NodeAgent: the node side of dsvm's MSI coherence protocol. A pure state
+// machine: it holds no page bytes and does no I/O. Faults of local processes
+// and messages from the directory and peers go in; Actions come out, which
+// the caller carries out in order (the daemon on its memfd and UCX, the
+// simulator on its model). Page bytes live with the caller: the agent names
+// them by page, by stash txn, or by a DataHandle the caller gave it.
+//
+// Rules (proto/PROTOCOL.md): at most one request per page outstanding; every
+// directory message carries the page's txn, and a message older than the
+// newest txn processed (last_txn) is stale and ignored, an equal one is a
+// duplicate and re-acknowledged. Bytes handed away by a move stay in a stash
+// until the directory's Release (or any newer txn) says the move completed.
+#ifndef DSVM_NODE_COHERENCE_NODE_AGENT_H_
+#define DSVM_NODE_COHERENCE_NODE_AGENT_H_
+
+#include <cstdint>
+#include <string>
+#include <unordered_map>
+#include <unordered_set>
+#include <utility>
+#include <vector>
+
+#include "proto/messages.h"
+
+namespace dsvm::node {
+
+using proto::AccessKind;
+using proto::NodeId;
+using proto::PageAddr;
+using proto::PageState;
+using proto::TxnId;
+
+using WaiterId = uint64_t;    // a faulting thread, named by the caller
+using DataHandle = uint64_t;  // received page bytes, held by the caller
+
+enum class ActionKind : uint8_t {
+  kInvalid = 0,
+  kSendToDirectory,  // `message` to the directory shard of `page`
+  kSendPage,         // PageData{page, txn, version} of the current bytes to `node`
+  kSendStash,        // PageData{page, txn, version} of stash `txn` to `node`
+  kMapRead,          // local processes may read `page`
+  kMapWrite,         // local processes may read and write `page`
+  kUnmap,            // revoke local access, keep the bytes (a pending give-up)
+  kDiscard,          // revoke access and drop the bytes
+  kStash,            // move the bytes into stash `txn`; the page itself is dropped
+  kInstallZero,      // the page's bytes become zeros
+  kInstallData,      // the page's bytes become those of `handle`; the handle is consumed
+  kInstallStash,     // the page's bytes come back from stash `txn`; the stash is consumed
+  kDropStash,        // free stash `txn`
+  kDropData,         // free `handle` unused
+  kWake,             // resume `waiter` with `status`
+  kProtocolError,    // a message made no sense here; `text` says why (logged, ignored)
+};
+
+struct Action {
+  ActionKind kind = ActionKind::kInvalid;
+  PageAddr page = 0;
+  NodeId node = proto::kNoNode;
+  TxnId txn = 0;
+  uint64_t version = 0;
+  DataHandle handle = 0;
+  WaiterId waiter = 0;
+  StatusCode status = StatusCode::kOk;
+  proto::Message message;
+  std::string text;
+};
+using Actions = std::vector<Action>;
+
+struct NodeOptions {
+  uint64_t retransmit_after_ms = 200;
+};
+
+struct NodeStats {
+  uint64_t faults = 0;        // faults that had to wait for the directory
+  uint64_t hits = 0;          // faults satisfied locally
+  uint64_t requests = 0;
+  uint64_t retransmits = 0;
+  uint64_t pages_sent = 0;
+  uint64_t pages_received = 0;
+  uint64_t invalidations = 0;
+  uint64_t protocol_errors = 0;
+};
+
+enum class FaultResult : uint8_t { kHit = 1, kWait = 2 };
+
+class NodeAgent {
+ public:
+  explicit NodeAgent(NodeId self, NodeOptions options = {});
+
+  // A local access to `page`. kHit: the node's copy allows it now. kWait:
+  // `waiter` is resumed by a kWake action.
+  FaultResult Fault(PageAddr page, bool write, WaiterId waiter, uint64_t now_ms, Actions* out);
+
+  // Gives up the node's copy (memory pressure). Local access is revoked at
+  // once; the bytes stay until the directory answers. Returns false when the
+  // node holds no copy or a request is outstanding for the page.
+  bool Evict(PageAddr page, uint64_t now_ms, Actions* out);
+
+  void HandleGrant(const proto::Grant& m, uint64_t now_ms, Actions* out);
+  void HandleFetch(const proto::Fetch& m, uint64_t now_ms, Actions* out);
+  void HandleInvalidate(const proto::Invalidate& m, uint64_t now_ms, Actions* out);
+  void HandleRelease(const proto::Release& m, Actions* out);
+  void HandleEvictReply(const proto::EvictReply& m, uint64_t now_ms, Actions* out);
+  // `m.data` is ignored: the caller keeps the bytes under `handle`.
+  void HandlePageData(const proto::PageData& m, DataHandle handle, uint64_t now_ms, Actions* out);
+
+  // Resends requests outstanding for retransmit_after_ms.
+  void Tick(uint64_t now_ms, Actions* out);
+  // Resends every outstanding request now (after a directory reconnect).
+  void ResendAll(uint64_t now_ms, Actions* out);
+
+  NodeId self() const { return self_; }
+  PageState StateOf(PageAddr page) const;
+  uint64_t VersionOf(PageAddr page) const;
+  bool HasPending(PageAddr page) const;
+  size_t stash_count() const;
+  const NodeStats& stats() const { return stats_; }
+
+ private:
+  struct Waiter {
+    WaiterId id;
+    bool write;
+  };
+  struct LocalPage {
+    PageState state = PageState::kInvalid;  // what local processes may do
+    bool retained = false;            // bytes kept, unmapped, for a pending give-up
+    PageState retained_from = PageState::kInvalid;
+    uint64_t version = 0;
+    TxnId last_txn = 0;
+    AccessKind pending = AccessKind::kInvalid;  // kInvalid: nothing outstanding
+    uint64_t pending_seq = 0;
+    uint64_t sent_ms = 0;
+    bool has_grant = false;           // a Grant waiting for its PageData
+    proto::Grant grant;
+    bool has_data = false;            // PageData received, newest txn kept
+    TxnId data_txn = 0;
+    DataHandle data = 0;
+    TxnId stash_txn = 0;              // 0: no stash
+    std::vector<Waiter> waiters;
+  };
+
+  LocalPage& Get(PageAddr page) { return pages_[page]; }
+  void SendRequest(PageAddr page, LocalPage& lp, AccessKind kind, uint64_t now_ms, Actions* out);
+  void SendAcquire(PageAddr page, const LocalPage& lp, Actions* out);
+  void TryInstall(PageAddr page, LocalPage& lp, uint64_t now_ms, Actions* out);
+  // Clears a satisfied request, wakes satisfied waiters, asks for what the
+  // remaining waiters need.
+  void Progress(PageAddr page, LocalPage& lp, uint64_t now_ms, Actions* out);
+  void ClearPending(PageAddr page, LocalPage& lp);
+  void DropStashBefore(PageAddr page, LocalPage& lp, TxnId txn, Actions* out);
+  void Map(PageAddr page, PageState state, Actions* out);
+  void ToDirectory(PageAddr page, proto::Message m, Actions* out);
+  void ProtocolError(PageAddr page, std::string why, Actions* out);
+
+  NodeId self_;
+  NodeOptions options_;
+  uint64_t next_seq_ = 0;
+  std::unordered_map<PageAddr, LocalPage> pages_;
+  std::unordered_set<PageAddr> pending_pages_;
+  NodeStats stats_;
+};
+
+}  // namespace dsvm::node
+
+#endif  // DSVM_NODE_COHERENCE_NODE_AGENT_H_
