@@ -1,0 +1,210 @@
+// Store: the coordinator's durable state, kept in RocksDB. This is the only
+// file set in dsvm that includes RocksDB; everything above it sees Status,
+// Result<T> and plain record structs.
+//
+// What is kept, all in RocksDB's default column family, told apart by a
+// one-byte key prefix (one column family means one memtable, one WAL and one
+// flush path, and Open never fails on an unexpected column family set before
+// it has read the format version and can say what is wrong):
+//
+//   "m"                        Meta: format version, epoch, id counters
+//   "r" + region id  (u64 BE)  RegionRecord
+//   "n" + node id    (u32 BE)  NodeRecord
+//   "p" + page addr  (u64 BE)  coordinator::PageRecord (the directory)
+//
+// Big-endian ids make RocksDB's bytewise order the numeric order, so
+// LoadDirectory streams pages in address order and a region's pages form one
+// contiguous key range (DeleteDirectoryRange is a single range tombstone).
+// Values are proto::EncodeFields of the struct's Visit(), little-endian. The
+// id inside a value must match its key; a value that does not decode exactly,
+// or disagrees with its key, is reported as kCorruption naming the key.
+//
+// Format version: Meta.format is the first field of the "m" value, and Open
+// reads it (the first 8 bytes, little-endian) before decoding anything else,
+// so a store written by a newer build with a different layout is refused with
+// kCorruption and a message naming both versions instead of a decode error.
+// Change the layout of any record => bump kStoreFormatVersion.
+//
+// Durability rules:
+//   * Meta, region and node writes are synchronous (fsync of RocksDB's WAL
+//     before the call returns): they survive a machine crash or power loss.
+//   * Directory writes (WriteDirectory, DeleteDirectoryRange) follow
+//     StoreOptions::sync_directory. With the default (false) a batch is
+//     written to the WAL with write(2) but not fsynced: once the call returns
+//     it survives the coordinator process being killed (kill -9, crash,
+//     OOM kill), because the bytes are in the kernel's page cache, but NOT a
+//     machine crash or power loss, which may lose the most recent batches.
+//     With true, every batch is fsynced and survives both.
+//   * Any synchronous write also makes every earlier write durable, since the
+//     WAL is appended in order.
+//   * Each call is atomic: after any crash a batch is there in full or not
+//     at all. After a machine crash RocksDB recovers the WAL to the last
+//     consistent point (kPointInTimeRecovery), so what survives is a prefix
+//     of the acknowledged writes.
+//
+// Thread safety: every method may be called from any thread (RocksDB's DB is
+// thread-safe and Store has no other mutable state). Only one process may
+// have a store open: a second Open of the same directory fails with kIoError
+// (RocksDB's LOCK file).
+#ifndef DSVM_COORDINATOR_STORAGE_STORE_H_
+#define DSVM_COORDINATOR_STORAGE_STORE_H_
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "coordinator/directory/page_directory.h"
+#include "proto/messages.h"
+#include "proto/status.h"
+
+namespace rocksdb {
+class DB;
+}  // namespace rocksdb
+
+namespace dsvm::coordinator {
+
+// The layout version this build reads and writes (see the file comment).
+inline constexpr uint64_t kStoreFormatVersion = 1;
+
+// Bound on RegionRecord::token_hash (an encoded hash of the region's secret).
+inline constexpr uint32_t kMaxTokenHashLength = 255;
+
+struct StoreOptions {
+  // Fsync the WAL for every directory batch. false: a directory batch
+  // survives a process kill but not a machine crash (see the file comment).
+  bool sync_directory = false;
+  // Create an empty store when `dir` holds none. false: Open of a missing
+  // store fails with kNotFound.
+  bool create_if_missing = true;
+};
+
+// Cluster-wide metadata, one per store.
+struct Meta {
+  uint64_t format = kStoreFormatVersion;  // must stay the first field
+  uint64_t epoch = 0;           // bumped (and synced) by every Open
+  uint64_t next_region_id = 1;  // 0 is never a region
+  uint64_t next_node_id = 1;    // 0 is never a node
+  template <typename A> void Visit(A& a) {
+    a.U64(format); a.U64(epoch); a.U64(next_region_id); a.U64(next_node_id);
+  }
+};
+
+struct RegionRecord {
+  uint64_t id = 0;
+  std::string name;             // at most proto::kMaxNameLength bytes
+  uint64_t base = 0;            // cluster-wide virtual address of the first page
+  uint64_t size = 0;            // bytes, a multiple of page_size
+  uint32_t page_size = 0;
+  uint32_t owner_uid = 0;
+  uint32_t owner_gid = 0;
+  uint32_t mode = 0;            // permission bits, as for a file
+  std::string token_hash;       // at most kMaxTokenHashLength bytes
+  uint64_t created_epoch = 0;   // the coordinator epoch that created it
+  template <typename A> void Visit(A& a) {
+    a.U64(id); a.Str(name, proto::kMaxNameLength); a.U64(base); a.U64(size);
+    a.U32(page_size); a.U32(owner_uid); a.U32(owner_gid); a.U32(mode);
+    a.Str(token_hash, kMaxTokenHashLength); a.U64(created_epoch);
+  }
+};
+
+struct NodeRecord {
+  uint32_t id = 0;
+  std::string address;                     // at most proto::kMaxAddressLength
+  uint64_t host_memory_bytes = 0;
+  uint32_t gpu_count = 0;
+  std::vector<uint8_t> transport_address;  // at most proto::kMaxBlobLength
+  uint8_t live = 0;                        // 0 or 1
+  template <typename A> void Visit(A& a) {
+    a.U32(id); a.Str(address, proto::kMaxAddressLength); a.U64(host_memory_bytes);
+    a.U32(gpu_count); a.Blob(transport_address, proto::kMaxBlobLength); a.Flag(live);
+  }
+};
+
+class Store {
+ public:
+  // Opens (or creates, per options) the store in directory `dir`, checks its
+  // format version, bumps Meta.epoch and syncs it before returning.
+  // Errors: kInvalidArgument (`dir` exists and is not a directory),
+  // kNotFound (no store there and !create_if_missing), kCorruption (unknown
+  // format version, undecodable metadata, records without metadata, or
+  // RocksDB found corruption), kIoError (the OS refused; the store is locked
+  // by another process), kInternal (any other RocksDB failure).
+  static Result<std::unique_ptr<Store>> Open(const std::string& dir,
+                                             const StoreOptions& options);
+
+  ~Store();
+  Store(const Store&) = delete;
+  Store& operator=(const Store&) = delete;
+
+  // Closes the database and releases its lock (every acknowledged write is
+  // already in the WAL). Any later call on this Store is a programmer error
+  // (DSVM_CHECK). The destructor closes too, dropping the Status. Errors:
+  // kIoError, kInternal.
+  Status Close();
+
+  // The epoch this Open wrote.
+  uint64_t epoch() const { return epoch_; }
+  const std::string& dir() const { return dir_; }
+
+  // Errors: kCorruption (missing or undecodable), kIoError, kInternal.
+  Result<Meta> LoadMeta() const;
+  // Synchronous. Errors: kInvalidArgument (meta.format is not
+  // kStoreFormatVersion), kIoError, kInternal.
+  Status PutMeta(const Meta& meta);
+
+  // Synchronous; replaces the region with the same id. Errors:
+  // kInvalidArgument (id 0, a string over its bound), kIoError, kInternal.
+  Status PutRegion(const RegionRecord& region);
+  // Synchronous; deleting an absent id succeeds. Errors: kIoError, kInternal.
+  // Deleting a region and its pages (DeleteDirectoryRange) are two writes: a
+  // crash between them leaves directory records outside any region, or a
+  // region missing some records, depending on the caller's order. The caller
+  // must repair whichever it allows at load, e.g. by dropping records that
+  // lie in no region before a later region can reuse their addresses.
+  Status DeleteRegion(uint64_t id);
+  // In id order. Errors: kCorruption (naming the key), kIoError, kInternal.
+  Result<std::vector<RegionRecord>> LoadRegions() const;
+
+  // Synchronous; replaces the node with the same id. Errors:
+  // kInvalidArgument (id 0, a field over its bound, live not 0 or 1),
+  // kIoError, kInternal.
+  Status PutNode(const NodeRecord& node);
+  // Synchronous; deleting an absent id succeeds. Errors: kIoError, kInternal.
+  Status DeleteNode(uint32_t id);
+  // In id order. Errors: kCorruption (naming the key), kIoError, kInternal.
+  Result<std::vector<NodeRecord>> LoadNodes() const;
+
+  // Writes all records in one atomic batch, each replacing the record of its
+  // page; synced per StoreOptions::sync_directory. Each record is checked to
+  // decode back before anything is written, so the store never holds a page
+  // the coordinator could not load at its next start. Errors:
+  // kInvalidArgument (a record that would not decode; nothing written),
+  // kIoError, kInternal.
+  Status WriteDirectory(const std::vector<PageRecord>& records);
+  // Removes the records of pages in [begin, end) in one atomic write; synced
+  // per sync_directory. begin == end is a no-op. Errors: kInvalidArgument
+  // (begin > end), kIoError, kInternal.
+  Status DeleteDirectoryRange(uint64_t begin, uint64_t end);
+  // Calls `each` for every record, in page-address order. A non-OK Status
+  // from `each` stops the scan and is returned as is. Errors: kCorruption
+  // (a record that does not decode or disagrees with its key; the message
+  // names the key), kIoError, kInternal.
+  Status LoadDirectory(const std::function<Status(const PageRecord&)>& each) const;
+
+ private:
+  Store(std::string dir, StoreOptions options, std::unique_ptr<rocksdb::DB> db);
+
+  // Reads, validates and bumps Meta; part of Open.
+  Status BumpEpoch();
+
+  std::string dir_;
+  StoreOptions options_;
+  std::unique_ptr<rocksdb::DB> db_;
+  uint64_t epoch_ = 0;
+};
+
+}  // namespace dsvm::coordinator
+
+#endif  // DSVM_COORDINATOR_STORAGE_STORE_H_
