@@ -516,6 +516,18 @@ void PageDirectory::Restore(const PageRecord& record) {
   }
 }
 
+void PageDirectory::DropRange(PageAddr begin, PageAddr end) {
+  for (auto it = pages_.begin(); it != pages_.end();) {
+    if (it->first >= begin && it->first < end) {
+      busy_.erase(it->first);
+      dirty_.erase(it->first);
+      it = pages_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
 proto::PageQueryReply PageDirectory::Query(PageAddr page) const {
   proto::PageQueryReply q;
   q.page = page;

@@ -131,6 +131,10 @@ class PageDirectory {
   void TakeDirty(std::vector<PageRecord>* records);
   // Loads a persisted record at startup (before any message).
   void Restore(const PageRecord& record);
+  // Forgets every page in [begin, end) (a deleted region), transactions in
+  // flight included; late messages about them are then ignored as stale.
+  // The caller deletes the range from storage itself.
+  void DropRange(PageAddr begin, PageAddr end);
 
   const PageRecord* Find(PageAddr page) const;
   proto::PageQueryReply Query(PageAddr page) const;

@@ -1,0 +1,134 @@
+// dsvm-coordinator: membership, regions and one shard of the page directory.
+//
+//   dsvm-coordinator --data-dir DIR [--listen HOST:PORT] [--port-file FILE]
+//                    [--shard I --shard-count N] [--heartbeat-ms MS]
+//                    [--dead-after-ms MS] [--directory-sync] [--verbose]
+//
+// Exits 1 with a clear message when it cannot start (bad flag, unusable or
+// corrupt data directory, address in use). SIGINT/SIGTERM stop it cleanly.
+#include <utility>  // before Asio: Boost 1.74 awaitable.hpp needs std::exchange under C++20
+#include <boost/asio.hpp>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <string>
+
+#include "coordinator/net/server.h"
+#include "coordinator/service/coordinator_service.h"
+#include "coordinator/storage/store.h"
+#include "proto/log.h"
+
+namespace {
+
+using namespace dsvm;
+using namespace dsvm::coordinator;
+
+int Usage(const std::string& why) {
+  std::fprintf(stderr,
+               "dsvm-coordinator: %s\n"
+               "usage: dsvm-coordinator --data-dir DIR [--listen HOST:PORT] [--port-file FILE]\n"
+               "       [--shard I --shard-count N] [--heartbeat-ms MS] [--dead-after-ms MS]\n"
+               "       [--directory-sync] [--verbose]\n",
+               why.c_str());
+  return 2;
+}
+
+bool ParseU32(const std::string& s, uint32_t* out) {
+  if (s.empty() || s.size() > 10) return false;
+  uint64_t v = 0;
+  for (char c : s) {
+    if (c < '0' || c > '9') return false;
+    v = v * 10 + static_cast<uint64_t>(c - '0');
+  }
+  if (v > UINT32_MAX) return false;
+  *out = static_cast<uint32_t>(v);
+  return true;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  SetLogIdentity("dsvm-coordinator");
+  std::string data_dir, port_file;
+  ServerOptions server_options;
+  ServiceOptions service_options;
+  StoreOptions store_options;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    auto value = [&](std::string* out) {
+      if (i + 1 >= argc) return false;
+      *out = argv[++i];
+      return true;
+    };
+    auto number = [&](uint32_t* out) {
+      std::string v;
+      return value(&v) && ParseU32(v, out);
+    };
+    bool ok = true;
+    if (a == "--data-dir") ok = value(&data_dir);
+    else if (a == "--listen") ok = value(&server_options.listen);
+    else if (a == "--port-file") ok = value(&port_file);
+    else if (a == "--shard") ok = number(&service_options.shard);
+    else if (a == "--shard-count") ok = number(&service_options.shard_count);
+    else if (a == "--heartbeat-ms") ok = number(&service_options.heartbeat_interval_ms);
+    else if (a == "--dead-after-ms") ok = number(&service_options.dead_after_ms);
+    else if (a == "--directory-sync") store_options.sync_directory = true;
+    else if (a == "--verbose") SetLogLevel(LogLevel::kDebug);
+    else return Usage("unknown flag '" + a + "'");
+    if (!ok) return Usage("flag '" + a + "' needs a valid value");
+  }
+  if (data_dir.empty()) return Usage("--data-dir is required");
+  if (service_options.heartbeat_interval_ms == 0 ||
+      service_options.dead_after_ms <= service_options.heartbeat_interval_ms) {
+    return Usage("--dead-after-ms must exceed --heartbeat-ms, and both be positive");
+  }
+
+  auto store = Store::Open(data_dir, store_options);
+  if (!store.ok()) {
+    LogError("refusing to start: " + store.status().ToString());
+    return 1;
+  }
+  auto service = CoordinatorService::Create(std::move(*store), service_options, MonotonicMs());
+  if (!service.ok()) {
+    LogError("refusing to start: " + service.status().ToString());
+    return 1;
+  }
+
+  boost::asio::io_context io;
+  Server server(io, **service, server_options);
+  auto port = server.Start();
+  if (!port.ok()) {
+    LogError("refusing to start: " + port.status().ToString());
+    return 1;
+  }
+  if (!port_file.empty()) {
+    const std::string tmp = port_file + ".tmp";
+    {
+      std::ofstream f(tmp);
+      f << *port << "\n";
+    }
+    if (std::rename(tmp.c_str(), port_file.c_str()) != 0) {
+      LogError("cannot write --port-file " + port_file);
+      return 1;
+    }
+  }
+  LogInfo("listening on port " + std::to_string(*port) + ", shard " +
+          std::to_string(service_options.shard) + " of " +
+          std::to_string(service_options.shard_count) + ", data in " + data_dir);
+
+  boost::asio::signal_set signals(io, SIGINT, SIGTERM);
+  signals.async_wait([&](const boost::system::error_code& ec, int sig) {
+    if (ec) return;
+    LogInfo("signal " + std::to_string(sig) + ": stopping");
+    server.Stop();
+    io.stop();
+  });
+  std::signal(SIGPIPE, SIG_IGN);
+  io.run();
+
+  std::vector<Send> unsent;
+  Status st = (*service)->Flush(&unsent);
+  if (!st.ok()) LogError("final directory write failed: " + st.ToString());
+  return 0;
+}

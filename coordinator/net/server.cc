@@ -1,0 +1,226 @@
+#include "coordinator/net/server.h"
+
+#include <array>
+#include <unordered_set>
+
+#include "proto/framed_socket.h"
+#include "proto/log.h"
+
+namespace dsvm::coordinator {
+
+namespace asio = boost::asio;
+using asio::ip::tcp;
+
+struct Server::Connection {
+  Connection(tcp::socket s, ConnId id) : socket(std::move(s)), id(id) {}
+  tcp::socket socket;
+  ConnId id;
+  std::string peer;
+  std::array<uint8_t, 64 << 10> buf{};
+  std::vector<uint8_t> in;
+  std::vector<uint8_t> out_pending;  // encoded, waiting for the write in progress
+  std::vector<uint8_t> out_writing;  // owned by the async_write in progress
+  bool writing = false;
+  bool closing = false;  // refused: write what is queued (the error reply), then close
+  bool closed = false;
+};
+
+Server::Server(asio::io_context& io, CoordinatorService& service, ServerOptions options)
+    : io_(io),
+      service_(service),
+      options_(std::move(options)),
+      acceptor_(io),
+      tick_timer_(io),
+      retry_timer_(io) {}
+
+Server::~Server() { Stop(); }
+
+uint64_t MonotonicMs() {
+  return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                   std::chrono::steady_clock::now().time_since_epoch())
+                                   .count());
+}
+
+Result<uint16_t> Server::Start() {
+  std::string host;
+  uint16_t port = 0;
+  if (options_.listen.size() > 2 && options_.listen.substr(options_.listen.size() - 2) == ":0") {
+    host = options_.listen.substr(0, options_.listen.size() - 2);
+  } else {
+    DSVM_RETURN_IF_ERROR(proto::ParseHostPort(options_.listen, &host, &port));
+  }
+  if (host == "localhost") host = "127.0.0.1";
+  boost::system::error_code ec;
+  auto addr = asio::ip::make_address(host, ec);
+  if (ec) return InvalidArgument("listen address '" + host + "': " + ec.message());
+  tcp::endpoint ep(addr, port);
+  acceptor_.open(ep.protocol(), ec);
+  if (!ec) acceptor_.set_option(tcp::acceptor::reuse_address(true), ec);
+  if (!ec) acceptor_.bind(ep, ec);
+  if (!ec) acceptor_.listen(asio::socket_base::max_listen_connections, ec);
+  if (ec) return Unavailable("listen on " + options_.listen + ": " + ec.message());
+  Accept();
+  ScheduleTick();
+  return acceptor_.local_endpoint().port();
+}
+
+void Server::Stop() {
+  if (stopped_) return;
+  stopped_ = true;
+  boost::system::error_code ec;
+  acceptor_.close(ec);
+  tick_timer_.cancel();
+  retry_timer_.cancel();
+  auto conns = conns_;
+  for (auto& [id, c] : conns) Close(c, "coordinator stopping");
+}
+
+void Server::Accept() {
+  acceptor_.async_accept([this](boost::system::error_code ec, tcp::socket socket) {
+    if (stopped_) return;
+    if (!ec) {
+      boost::system::error_code opt_ec;
+      socket.set_option(tcp::no_delay(true), opt_ec);
+      auto c = std::make_shared<Connection>(std::move(socket), next_conn_++);
+      auto remote = c->socket.remote_endpoint(opt_ec);
+      c->peer = opt_ec ? "?" : remote.address().to_string() + ":" + std::to_string(remote.port());
+      conns_[c->id] = c;
+      Read(c);
+    } else {
+      LogWarning("accept: " + ec.message());
+    }
+    Accept();
+  });
+}
+
+void Server::Read(std::shared_ptr<Connection> c) {
+  c->socket.async_read_some(asio::buffer(c->buf), [this, c](boost::system::error_code ec, size_t n) {
+    if (c->closed) return;
+    if (ec) {
+      Close(c, ec == asio::error::eof ? "" : ec.message());
+      return;
+    }
+    c->in.insert(c->in.end(), c->buf.begin(), c->buf.begin() + n);
+    Consume(c);
+    if (!c->closed && !c->closing) Read(c);
+  });
+}
+
+void Server::Consume(const std::shared_ptr<Connection>& c) {
+  size_t pos = 0;
+  const uint64_t now = MonotonicMs();
+  while (c->in.size() - pos >= proto::kHeaderSize) {
+    auto header = proto::DecodeHeader(std::span<const uint8_t>(c->in.data() + pos, proto::kHeaderSize));
+    if (!header.ok()) {
+      Close(c, "malformed frame header: " + header.status().ToString());
+      return;
+    }
+    if (c->in.size() - pos - proto::kHeaderSize < header->payload_length) break;
+    auto message = proto::DecodePayload(
+        *header, std::span<const uint8_t>(c->in.data() + pos + proto::kHeaderSize,
+                                          header->payload_length));
+    pos += proto::kHeaderSize + header->payload_length;
+    if (!message.ok()) {
+      Close(c, "malformed frame: " + message.status().ToString());
+      return;
+    }
+    proto::Frame frame{*header, std::move(*message)};
+    Status st = service_.OnFrame(c->id, frame, now);
+    if (!st.ok()) {
+      LogWarning("closing connection " + c->peer + ": " + st.ToString());
+      c->closing = true;  // the service queued an error reply; send it, then close
+      break;
+    }
+  }
+  c->in.erase(c->in.begin(), c->in.begin() + static_cast<std::ptrdiff_t>(pos));
+  ScheduleFlush();
+}
+
+void Server::Close(const std::shared_ptr<Connection>& c, const std::string& why) {
+  if (c->closed) return;
+  c->closed = true;
+  if (!why.empty()) LogWarning("connection " + c->peer + " closed: " + why);
+  boost::system::error_code ec;
+  c->socket.shutdown(tcp::socket::shutdown_both, ec);
+  c->socket.close(ec);
+  service_.OnDisconnect(c->id);
+  conns_.erase(c->id);
+}
+
+void Server::ScheduleFlush() {
+  if (flush_scheduled_ || stopped_) return;
+  flush_scheduled_ = true;
+  // Posted, so every frame already read in this turn of the loop shares one
+  // durable write (group commit).
+  asio::post(io_, [this] { DoFlush(); });
+}
+
+void Server::DoFlush() {
+  flush_scheduled_ = false;
+  if (stopped_) return;
+  std::vector<Send> sends;
+  Status st = service_.Flush(&sends);
+  if (!st.ok()) {
+    LogError("directory write failed; replies held until it succeeds: " + st.ToString());
+    retry_timer_.expires_after(std::chrono::milliseconds(200));
+    retry_timer_.async_wait([this](boost::system::error_code ec) {
+      if (!ec) ScheduleFlush();
+    });
+    return;
+  }
+  std::unordered_set<ConnId> touched;
+  for (Send& s : sends) {
+    auto it = conns_.find(s.conn);
+    if (it == conns_.end()) continue;
+    proto::EncodeTo(s.message, s.request_id, &it->second->out_pending);
+    touched.insert(s.conn);
+  }
+  for (ConnId id : touched) {
+    auto it = conns_.find(id);
+    if (it != conns_.end()) Write(it->second);
+  }
+  // A refused connection with nothing left to send closes now.
+  std::vector<std::shared_ptr<Connection>> done;
+  for (auto& [id, c] : conns_) {
+    if (c->closing && !c->writing && c->out_pending.empty()) done.push_back(c);
+  }
+  for (auto& c : done) Close(c, "");
+}
+
+void Server::Write(const std::shared_ptr<Connection>& c) {
+  if (c->closed || c->writing) return;
+  if (c->out_pending.empty()) {
+    if (c->closing) Close(c, "");
+    return;
+  }
+  if (c->out_pending.size() > options_.max_output_bytes) {
+    Close(c, "peer is not reading its replies");
+    return;
+  }
+  std::swap(c->out_writing, c->out_pending);
+  c->out_pending.clear();
+  c->writing = true;
+  asio::async_write(c->socket, asio::buffer(c->out_writing),
+                    [this, c](boost::system::error_code ec, size_t) {
+                      c->writing = false;
+                      c->out_writing.clear();
+                      if (c->closed) return;
+                      if (ec) {
+                        Close(c, ec.message());
+                        return;
+                      }
+                      Write(c);
+                    });
+}
+
+void Server::ScheduleTick() {
+  tick_timer_.expires_after(std::chrono::milliseconds(options_.tick_ms));
+  tick_timer_.async_wait([this](boost::system::error_code ec) {
+    if (ec || stopped_) return;
+    service_.OnTick(MonotonicMs());
+    ScheduleFlush();
+    ScheduleTick();
+  });
+}
+
+}  // namespace dsvm::coordinator

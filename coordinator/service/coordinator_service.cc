@@ -1,0 +1,344 @@
+#include "coordinator/service/coordinator_service.h"
+
+#include <utility>
+
+#include "proto/log.h"
+
+namespace dsvm::coordinator {
+
+CoordinatorService::CoordinatorService(std::unique_ptr<Store> store, const ServiceOptions& options)
+    : store_(std::move(store)),
+      options_(options),
+      shard_map_(options.shard_count),
+      regions_(options.window),
+      directory_(DirectoryOptions{options.retransmit_after_ms, 4096}) {}
+
+Result<std::unique_ptr<CoordinatorService>> CoordinatorService::Create(
+    std::unique_ptr<Store> store, const ServiceOptions& options, uint64_t now_ms) {
+  if (options.shard_count == 0 || options.shard >= options.shard_count) {
+    return InvalidArgument("shard " + std::to_string(options.shard) + " not below shard count " +
+                           std::to_string(options.shard_count));
+  }
+  std::unique_ptr<CoordinatorService> s(new CoordinatorService(std::move(store), options));
+  DSVM_RETURN_IF_ERROR(s->Load(now_ms));
+  return s;
+}
+
+Status CoordinatorService::Load(uint64_t now_ms) {
+  DSVM_ASSIGN_OR_RETURN(meta_, store_->LoadMeta());
+  DSVM_ASSIGN_OR_RETURN(std::vector<RegionRecord> regions, store_->LoadRegions());
+  for (const RegionRecord& r : regions) {
+    Status st = regions_.Insert(r);
+    if (!st.ok()) return Corruption("stored region table: " + st.message());
+  }
+  DSVM_ASSIGN_OR_RETURN(std::vector<NodeRecord> nodes, store_->LoadNodes());
+  for (const NodeRecord& n : nodes) {
+    if (n.id == proto::kNoNode) return Corruption("stored node with id 0");
+    // Nodes live at the crash get a full heartbeat period to reconnect.
+    members_[n.id] = Member{n, now_ms + options_.dead_after_ms};
+    if (n.live) directory_.NodeUp(n.id);
+  }
+  uint64_t pages = 0;
+  std::vector<proto::PageAddr> orphans;
+  DSVM_RETURN_IF_ERROR(store_->LoadDirectory([&](const PageRecord& r) {
+    if (regions_.FindByAddress(r.page) == nullptr) {
+      orphans.push_back(r.page);  // left by a crash inside a region delete
+      return Status::Ok();
+    }
+    directory_.Restore(r);
+    ++pages;
+    return Status::Ok();
+  }));
+  for (proto::PageAddr page : orphans) {
+    DSVM_RETURN_IF_ERROR(store_->DeleteDirectoryRange(page, page + 1));
+  }
+  if (!orphans.empty()) {
+    LogInfo("dropped " + std::to_string(orphans.size()) + " directory records of deleted regions");
+  }
+  Status inv = directory_.CheckInvariants();
+  if (!inv.ok()) return Corruption("stored directory is inconsistent: " + inv.message());
+  LogInfo("loaded epoch " + std::to_string(store_->epoch()) + ": " + std::to_string(regions.size()) +
+          " regions, " + std::to_string(nodes.size()) + " nodes, " + std::to_string(pages) +
+          " directory pages (" + std::to_string(directory_.busy_count()) + " in flight)");
+  return Status::Ok();
+}
+
+// ---------------------------------------------------------------------------
+// Dispatch
+
+Status CoordinatorService::OnFrame(ConnId conn, const proto::Frame& frame, uint64_t now_ms) {
+  ++stats_.frames;
+  const uint64_t rid = frame.header.request_id;
+  Status st = std::visit(
+      [&](const auto& m) -> Status {
+        using T = std::decay_t<decltype(m)>;
+        if constexpr (std::is_same_v<T, proto::JoinRequest>) {
+          return HandleJoin(conn, rid, m, now_ms);
+        } else if constexpr (std::is_same_v<T, proto::Heartbeat>) {
+          return HandleHeartbeat(conn, rid, m, now_ms);
+        } else if constexpr (std::is_same_v<T, proto::LeaveRequest>) {
+          return HandleLeave(conn, rid, m);
+        } else if constexpr (std::is_same_v<T, proto::RegionCreate>) {
+          HandleRegionCreate(conn, rid, m);
+          return Status::Ok();
+        } else if constexpr (std::is_same_v<T, proto::RegionOpen>) {
+          HandleRegionOpen(conn, rid, m);
+          return Status::Ok();
+        } else if constexpr (std::is_same_v<T, proto::RegionDelete>) {
+          HandleRegionDelete(conn, rid, m);
+          return Status::Ok();
+        } else if constexpr (std::is_same_v<T, proto::PageQuery>) {
+          Status valid = CheckPage(m.page);  // a tool's mistake: answer, keep the connection
+          if (!valid.ok()) {
+            ReplyStatus(conn, rid, valid);
+          } else {
+            Reply(conn, rid, directory_.Query(m.page));
+          }
+          return Status::Ok();
+        } else if constexpr (std::is_same_v<T, proto::Acquire>) {
+          DSVM_RETURN_IF_ERROR(CheckSender(conn, m.node));
+          DSVM_RETURN_IF_ERROR(CheckPage(m.page));
+          directory_.HandleAcquire(m, now_ms, &outbox_);
+          Route(outbox_);
+          return Status::Ok();
+        } else if constexpr (std::is_same_v<T, proto::InvalidateAck>) {
+          DSVM_RETURN_IF_ERROR(CheckSender(conn, m.node));
+          DSVM_RETURN_IF_ERROR(CheckPage(m.page));
+          directory_.HandleInvalidateAck(m, now_ms, &outbox_);
+          Route(outbox_);
+          return Status::Ok();
+        } else if constexpr (std::is_same_v<T, proto::Done>) {
+          DSVM_RETURN_IF_ERROR(CheckSender(conn, m.node));
+          DSVM_RETURN_IF_ERROR(CheckPage(m.page));
+          directory_.HandleDone(m, now_ms, &outbox_);
+          Route(outbox_);
+          return Status::Ok();
+        } else {
+          return InvalidArgument(std::string(proto::TypeName(T::kType)) +
+                                 " is not a message a coordinator accepts");
+        }
+      },
+      frame.message);
+  if (!st.ok()) {
+    ++stats_.refused;
+    ReplyStatus(conn, rid, st);
+  }
+  return st;
+}
+
+void CoordinatorService::OnDisconnect(ConnId conn) {
+  auto it = conn_node_.find(conn);
+  if (it == conn_node_.end()) return;
+  // The node stays a member until its heartbeats stop: it may reconnect.
+  auto nc = node_conn_.find(it->second);
+  if (nc != node_conn_.end() && nc->second == conn) node_conn_.erase(nc);
+  conn_node_.erase(it);
+}
+
+void CoordinatorService::OnTick(uint64_t now_ms) {
+  std::vector<proto::NodeId> dead;
+  for (const auto& [id, m] : members_) {
+    if (m.record.live && m.deadline_ms < now_ms) dead.push_back(id);
+  }
+  for (proto::NodeId id : dead) DeclareDead(id);
+  directory_.Tick(now_ms, &outbox_);
+  Route(outbox_);
+}
+
+Status CoordinatorService::Flush(std::vector<Send>* sends) {
+  directory_.TakeDirty(&unpersisted_);
+  if (!unpersisted_.empty()) {
+    Status st = store_->WriteDirectory(unpersisted_);
+    if (!st.ok()) return st;  // hold everything; the next Flush retries
+    stats_.records_written += unpersisted_.size();
+    unpersisted_.clear();
+  }
+  ++stats_.flushes;
+  for (Send& s : held_) sends->push_back(std::move(s));
+  held_.clear();
+  return Status::Ok();
+}
+
+// ---------------------------------------------------------------------------
+// Helpers
+
+void CoordinatorService::Reply(ConnId conn, uint64_t request_id, proto::Message m) {
+  held_.push_back(Send{conn, request_id, std::move(m)});
+}
+
+void CoordinatorService::ReplyStatus(ConnId conn, uint64_t request_id, const Status& s) {
+  Reply(conn, request_id, proto::ToReply(s));
+}
+
+void CoordinatorService::Route(Outbox& out) {
+  for (Outgoing& o : out) {
+    auto it = node_conn_.find(o.to);
+    // A node without a connection gets the message by retransmission once
+    // it is back (or by its own resend after reconnecting).
+    if (it != node_conn_.end()) held_.push_back(Send{it->second, 0, std::move(o.message)});
+  }
+  out.clear();
+}
+
+Status CoordinatorService::CheckSender(ConnId conn, proto::NodeId claimed) const {
+  auto it = conn_node_.find(conn);
+  if (it == conn_node_.end()) return PermissionDenied("directory request before JoinRequest");
+  if (it->second != claimed) {
+    return PermissionDenied("connection of node " + std::to_string(it->second) +
+                            " sent a message as node " + std::to_string(claimed));
+  }
+  return Status::Ok();
+}
+
+Status CoordinatorService::CheckPage(proto::PageAddr page) const {
+  const RegionRecord* r = regions_.FindByAddress(page);
+  if (r == nullptr) return NotFound("page address in no region");
+  if ((page - r->base) % r->page_size != 0) {
+    return InvalidArgument("page address not aligned to region '" + r->name + "' page size");
+  }
+  if (shard_map_.ShardOf(page) != options_.shard) {
+    return InvalidArgument("page belongs to shard " + std::to_string(shard_map_.ShardOf(page)) +
+                           ", not this one (" + std::to_string(options_.shard) + ")");
+  }
+  // TODO(#3): refuse pages of regions this node may not open.
+  return Status::Ok();
+}
+
+void CoordinatorService::DeclareDead(proto::NodeId node) {
+  auto it = members_.find(node);
+  if (it == members_.end() || !it->second.record.live) return;
+  ++stats_.nodes_declared_dead;
+  it->second.record.live = 0;
+  Status st = store_->PutNode(it->second.record);
+  if (!st.ok()) LogError("persisting node " + std::to_string(node) + " as dead: " + st.ToString());
+  LogWarning("node " + std::to_string(node) + " missed its heartbeats: declared dead");
+  directory_.NodeDown(node, &outbox_);
+  Route(outbox_);
+  auto nc = node_conn_.find(node);
+  if (nc != node_conn_.end()) {
+    conn_node_.erase(nc->second);
+    node_conn_.erase(nc);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Membership
+
+Status CoordinatorService::HandleJoin(ConnId conn, uint64_t rid, const proto::JoinRequest& m,
+                                      uint64_t now_ms) {
+  if (m.address.empty()) return InvalidArgument("JoinRequest without an address");
+  auto bound = conn_node_.find(conn);
+  if (bound != conn_node_.end() && bound->second != m.node) {
+    return PermissionDenied("connection already joined as node " + std::to_string(bound->second));
+  }
+  proto::NodeId id = m.node;
+  if (id == proto::kNoNode) {
+    Meta next = meta_;
+    id = static_cast<proto::NodeId>(next.next_node_id++);
+    if (next.next_node_id > UINT32_MAX) {
+      ReplyStatus(conn, rid, ResourceExhausted("node ids exhausted"));
+      return Status::Ok();
+    }
+    Status st = store_->PutMeta(next);
+    if (!st.ok()) {
+      ReplyStatus(conn, rid, st);
+      return Status::Ok();
+    }
+    meta_ = next;
+  } else if (!members_.count(id)) {
+    ReplyStatus(conn, rid, NotFound("node " + std::to_string(id) + " was never a member"));
+    return Status::Ok();
+  }
+  NodeRecord rec;
+  rec.id = id;
+  rec.address = m.address;
+  rec.host_memory_bytes = m.host_memory_bytes;
+  rec.gpu_count = m.gpu_count;
+  rec.transport_address = m.transport_address;
+  rec.live = 1;
+  Status st = store_->PutNode(rec);
+  if (!st.ok()) {
+    ReplyStatus(conn, rid, st);
+    return Status::Ok();
+  }
+  members_[id] = Member{rec, now_ms + options_.dead_after_ms};
+  auto old = node_conn_.find(id);
+  if (old != node_conn_.end() && old->second != conn) conn_node_.erase(old->second);
+  node_conn_[id] = conn;
+  conn_node_[conn] = id;
+  directory_.NodeUp(id);
+  LogInfo("node " + std::to_string(id) + " joined from " + m.address);
+
+  proto::JoinReply r;
+  r.node = id;
+  r.heartbeat_interval_ms = options_.heartbeat_interval_ms;
+  r.dead_after_ms = options_.dead_after_ms;
+  r.shard = options_.shard;
+  r.shard_count = options_.shard_count;
+  r.window_base = options_.window.base;
+  r.window_size = options_.window.size;
+  Reply(conn, rid, r);
+  return Status::Ok();
+}
+
+Status CoordinatorService::HandleHeartbeat(ConnId conn, uint64_t rid, const proto::Heartbeat& m,
+                                           uint64_t now_ms) {
+  DSVM_RETURN_IF_ERROR(CheckSender(conn, m.node));
+  auto it = members_.find(m.node);
+  if (it == members_.end() || !it->second.record.live) {
+    // Declared dead meanwhile: it must join again and learn what it lost.
+    ReplyStatus(conn, rid, FailedPrecondition("node " + std::to_string(m.node) + " is not live"));
+    return Status::Ok();
+  }
+  it->second.deadline_ms = now_ms + options_.dead_after_ms;
+  ReplyStatus(conn, rid, Status::Ok());
+  return Status::Ok();
+}
+
+Status CoordinatorService::HandleLeave(ConnId conn, uint64_t rid, const proto::LeaveRequest& m) {
+  DSVM_RETURN_IF_ERROR(CheckSender(conn, m.node));
+  DeclareDead(m.node);
+  ReplyStatus(conn, rid, Status::Ok());
+  return Status::Ok();
+}
+
+// ---------------------------------------------------------------------------
+// Regions
+
+void CoordinatorService::HandleRegionCreate(ConnId conn, uint64_t rid, const proto::RegionCreate& m) {
+  Result<RegionRecord> plan = regions_.Plan(m.name, m.size, m.page_size);
+  if (!plan.ok()) return ReplyStatus(conn, rid, plan.status());
+  RegionRecord r = std::move(*plan);
+  Meta next = meta_;
+  r.id = next.next_region_id++;
+  r.created_epoch = store_->epoch();
+  Status st = store_->PutMeta(next);
+  if (st.ok()) st = store_->PutRegion(r);
+  if (!st.ok()) return ReplyStatus(conn, rid, st);
+  meta_ = next;
+  Status ins = regions_.Insert(r);
+  DSVM_CHECK_MSG(ins.ok(), ins.ToString());
+  Reply(conn, rid, proto::RegionReply{r.id, r.base, r.size, r.page_size, r.name});
+}
+
+void CoordinatorService::HandleRegionOpen(ConnId conn, uint64_t rid, const proto::RegionOpen& m) {
+  const RegionRecord* r = regions_.FindByName(m.name);
+  if (r == nullptr) return ReplyStatus(conn, rid, NotFound("no region '" + m.name + "'"));
+  Reply(conn, rid, proto::RegionReply{r->id, r->base, r->size, r->page_size, r->name});
+}
+
+void CoordinatorService::HandleRegionDelete(ConnId conn, uint64_t rid, const proto::RegionDelete& m) {
+  const RegionRecord* found = regions_.FindByName(m.name);
+  if (found == nullptr) return ReplyStatus(conn, rid, NotFound("no region '" + m.name + "'"));
+  const RegionRecord r = *found;
+  // The region record goes first: a crash in between leaves directory
+  // records of no region, which are dropped, never a region without them.
+  Status st = store_->DeleteRegion(r.id);
+  if (st.ok()) st = store_->DeleteDirectoryRange(r.base, r.base + r.size);
+  if (!st.ok()) return ReplyStatus(conn, rid, st);
+  regions_.Remove(m.name).status().IgnoreError();
+  directory_.DropRange(r.base, r.base + r.size);
+  ReplyStatus(conn, rid, Status::Ok());
+}
+
+}  // namespace dsvm::coordinator

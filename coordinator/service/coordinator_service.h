@@ -1,0 +1,120 @@
+// CoordinatorService: what dsvm-coordinator does, without its sockets.
+//
+// It owns the store, the region table, the membership and one directory
+// shard. The network layer (coordinator/net) feeds it validated frames per
+// connection and ticks; it answers with sends. Nothing leaves before it is
+// durable: region and membership changes are written synchronously before
+// their reply is queued, and directory changes are written in one batch per
+// Flush() before that batch's messages are released (group commit, RocksDB
+// WAL without fsync unless --directory-sync: survives kill -9).
+//
+// Single owner: every method runs on the coordinator's one event-loop thread.
+#ifndef DSVM_COORDINATOR_SERVICE_COORDINATOR_SERVICE_H_
+#define DSVM_COORDINATOR_SERVICE_COORDINATOR_SERVICE_H_
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "coordinator/cluster/region_table.h"
+#include "coordinator/directory/page_directory.h"
+#include "coordinator/storage/store.h"
+#include "proto/messages.h"
+#include "proto/shard_map.h"
+
+namespace dsvm::coordinator {
+
+using ConnId = uint64_t;
+
+struct ServiceOptions {
+  uint32_t shard = 0;
+  uint32_t shard_count = 1;
+  uint32_t heartbeat_interval_ms = 500;
+  uint32_t dead_after_ms = 3000;  // a node silent this long is declared dead
+  uint64_t retransmit_after_ms = 200;
+  WindowOptions window;
+};
+
+struct Send {
+  ConnId conn = 0;
+  uint64_t request_id = 0;  // the request answered; 0 for directory messages
+  proto::Message message;
+};
+
+struct ServiceStats {
+  uint64_t frames = 0;
+  uint64_t refused = 0;          // frames that closed their connection
+  uint64_t flushes = 0;
+  uint64_t records_written = 0;
+  uint64_t nodes_declared_dead = 0;
+};
+
+class CoordinatorService {
+ public:
+  // Loads everything from `store`. Errors: kCorruption (a stored record is
+  // damaged: the coordinator refuses to start), kIoError.
+  static Result<std::unique_ptr<CoordinatorService>> Create(std::unique_ptr<Store> store,
+                                                            const ServiceOptions& options,
+                                                            uint64_t now_ms);
+
+  // A frame from `conn`. A non-OK Status means the peer broke the protocol
+  // (impersonation, a message only a coordinator sends, a page of another
+  // shard...): the caller logs it and closes that connection only.
+  Status OnFrame(ConnId conn, const proto::Frame& frame, uint64_t now_ms);
+  void OnDisconnect(ConnId conn);
+  // Retransmits, and declares nodes dead that missed their heartbeats.
+  void OnTick(uint64_t now_ms);
+
+  // Persists pending directory changes, then hands over every send that may
+  // leave. On a storage error nothing is handed over; the next Flush retries.
+  Status Flush(std::vector<Send>* sends);
+  bool has_unflushed() const { return !held_.empty() || !unpersisted_.empty(); }
+
+  const ServiceStats& stats() const { return stats_; }
+  const PageDirectory& directory() const { return directory_; }
+
+ private:
+  struct Member {
+    NodeRecord record;
+    uint64_t deadline_ms = 0;
+  };
+
+  CoordinatorService(std::unique_ptr<Store> store, const ServiceOptions& options);
+  Status Load(uint64_t now_ms);
+
+  void Reply(ConnId conn, uint64_t request_id, proto::Message m);
+  void ReplyStatus(ConnId conn, uint64_t request_id, const Status& s);
+  void Route(Outbox& out);
+  // The node bound to `conn`, after checking it is the node the message names.
+  Status CheckSender(ConnId conn, proto::NodeId claimed) const;
+  Status CheckPage(proto::PageAddr page) const;
+  void DeclareDead(proto::NodeId node);
+
+  Status HandleJoin(ConnId conn, uint64_t rid, const proto::JoinRequest& m, uint64_t now_ms);
+  Status HandleHeartbeat(ConnId conn, uint64_t rid, const proto::Heartbeat& m, uint64_t now_ms);
+  Status HandleLeave(ConnId conn, uint64_t rid, const proto::LeaveRequest& m);
+  void HandleRegionCreate(ConnId conn, uint64_t rid, const proto::RegionCreate& m);
+  void HandleRegionOpen(ConnId conn, uint64_t rid, const proto::RegionOpen& m);
+  void HandleRegionDelete(ConnId conn, uint64_t rid, const proto::RegionDelete& m);
+
+  std::unique_ptr<Store> store_;
+  ServiceOptions options_;
+  proto::ShardMap shard_map_;
+  RegionTable regions_;
+  PageDirectory directory_;
+  Meta meta_;
+  std::map<proto::NodeId, Member> members_;
+  std::unordered_map<proto::NodeId, ConnId> node_conn_;
+  std::unordered_map<ConnId, proto::NodeId> conn_node_;
+  Outbox outbox_;
+  std::vector<Send> held_;                 // waiting for their records to be durable
+  std::vector<PageRecord> unpersisted_;    // taken from the directory, not yet written
+  ServiceStats stats_;
+};
+
+}  // namespace dsvm::coordinator
+
+#endif  // DSVM_COORDINATOR_SERVICE_COORDINATOR_SERVICE_H_

@@ -1,0 +1,73 @@
+// FramedSocket: a blocking TCP connection that carries proto frames.
+//
+// For tools, tests and benchmarks that talk to a coordinator (dsvmctl,
+// dsvm-bench, integration tests). Servers use their own asynchronous loop;
+// this is the simple client side. Every received frame is fully validated
+// (proto::Decode) before it is returned.
+#ifndef DSVM_PROTO_FRAMED_SOCKET_H_
+#define DSVM_PROTO_FRAMED_SOCKET_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "proto/messages.h"
+
+namespace dsvm::proto {
+
+class FramedSocket {
+ public:
+  FramedSocket() = default;
+  ~FramedSocket();
+  FramedSocket(FramedSocket&& other) noexcept;
+  FramedSocket& operator=(FramedSocket&& other) noexcept;
+  FramedSocket(const FramedSocket&) = delete;
+  FramedSocket& operator=(const FramedSocket&) = delete;
+
+  // "host:port" with a numeric IPv4 host or "localhost". Errors:
+  // kInvalidArgument (bad address), kUnavailable (refused, unreachable).
+  static Result<FramedSocket> Connect(const std::string& address);
+
+  // Buffers a frame; Flush() writes everything buffered.
+  void Queue(const Message& m, uint64_t request_id);
+  Status Flush();
+  Status Send(const Message& m, uint64_t request_id) {
+    Queue(m, request_id);
+    return Flush();
+  }
+
+  // Writes bytes as they are, unframed: for tests that probe a peer's
+  // validation with malformed input.
+  Status SendRaw(const std::vector<uint8_t>& bytes) {
+    out_.insert(out_.end(), bytes.begin(), bytes.end());
+    return Flush();
+  }
+
+  // Blocks for the next frame. Errors: kUnavailable (closed by the peer),
+  // kCorruption / kInvalidArgument (the peer sent a malformed frame),
+  // kIoError. timeout_ms < 0 waits forever; on timeout: kUnavailable.
+  Result<Frame> Receive(int timeout_ms = -1);
+
+  // Sends a request and waits for the reply with the same request_id.
+  Result<Message> Call(const Message& m, int timeout_ms = 5000);
+
+  bool is_open() const { return fd_ >= 0; }
+  void Close();
+
+ private:
+  explicit FramedSocket(int fd) : fd_(fd) {}
+  Status FillAtLeast(size_t n, int timeout_ms);
+
+  int fd_ = -1;
+  uint64_t next_request_id_ = 1;
+  std::vector<uint8_t> out_;
+  std::vector<uint8_t> in_;
+  size_t in_pos_ = 0;
+};
+
+// Splits "host:port"; the port must be 1..65535.
+Status ParseHostPort(const std::string& address, std::string* host, uint16_t* port);
+
+}  // namespace dsvm::proto
+
+#endif  // DSVM_PROTO_FRAMED_SOCKET_H_
