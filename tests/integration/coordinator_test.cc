@@ -1,0 +1,264 @@
+// Integration tests of dsvm-coordinator as a real process on 127.0.0.1.
+#include <signal.h>
+
+#include <atomic>
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <random>
+#include <thread>
+
+#include <gtest/gtest.h>
+
+#include "proto/framed_socket.h"
+#include "tests/integration/coordinator_process.h"
+
+namespace dsvm::testing {
+namespace {
+
+using proto::AccessKind;
+
+constexpr uint32_t kPage = 4096;
+
+proto::RegionReply CreateRegion(proto::FramedSocket& s, const std::string& name, uint64_t size) {
+  auto reply = s.Call(proto::RegionCreate{name, size, kPage});
+  EXPECT_TRUE(reply.ok()) << reply.status().ToString();
+  auto* r = reply.ok() ? std::get_if<proto::RegionReply>(&*reply) : nullptr;
+  EXPECT_NE(r, nullptr);
+  return r ? *r : proto::RegionReply{};
+}
+
+proto::PageQueryReply Query(proto::FramedSocket& s, proto::PageAddr page) {
+  auto reply = s.Call(proto::PageQuery{page});
+  EXPECT_TRUE(reply.ok()) << reply.status().ToString();
+  auto* q = reply.ok() ? std::get_if<proto::PageQueryReply>(&*reply) : nullptr;
+  EXPECT_NE(q, nullptr);
+  return q ? *q : proto::PageQueryReply{};
+}
+
+// SIGKILL during a stream of region creates and directory updates; after a
+// restart on the same data directory nothing acknowledged is lost.
+TEST(CoordinatorCrash, KillNineLosesNothingAcknowledged) {
+  TempDir dir;
+  const std::string data = dir.path() + "/data";
+  std::mt19937_64 rng(std::random_device{}());
+  for (int round = 0; round < 3; ++round) {
+    CoordinatorProcess coord;
+    ASSERT_TRUE(coord.Start(data).ok()) << coord.stderr_text();
+    auto tool = proto::FramedSocket::Connect(coord.address());
+    ASSERT_TRUE(tool.ok());
+    const std::string base_name = "base" + std::to_string(round);
+    proto::RegionReply base = CreateRegion(*tool, base_name, 256 * kPage);
+    ScriptedNode a, b;
+    ASSERT_TRUE(a.Connect(coord.address()).ok());
+    ASSERT_TRUE(b.Connect(coord.address()).ok());
+
+    // The acknowledged state: regions whose create was answered, and per page
+    // the last grant received (owner and version).
+    std::map<std::string, proto::RegionReply> regions{{base_name, base}};
+    struct Acked {
+      proto::NodeId owner;
+      uint64_t version;
+    };
+    std::map<proto::PageAddr, Acked> pages;
+    std::atomic<bool> killed{false};
+    std::thread killer([&] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(150 + rng() % 400));
+      killed = true;
+      coord.Kill(SIGKILL);
+    });
+    for (uint64_t i = 0; !killed; ++i) {
+      if (i % 5 == 0) {
+        const std::string name = "r" + std::to_string(round) + "-" + std::to_string(i);
+        auto reply = tool->Call(proto::RegionCreate{name, (1 + i % 7) * kPage, kPage}, 2000);
+        if (!reply.ok()) break;
+        if (auto* r = std::get_if<proto::RegionReply>(&*reply)) regions[name] = *r;
+        continue;
+      }
+      ScriptedNode& n = (i % 2) ? a : b;
+      const proto::PageAddr page = base.base + (i * 7 % 256) * kPage;
+      const AccessKind kind = (i % 3) ? AccessKind::kWrite : AccessKind::kRead;
+      if (n.Holds(page, kind != AccessKind::kRead)) continue;  // a local hit: no request
+      auto g = n.Acquire(page, kind, 2000);
+      if (!g.ok()) break;
+      if (g->state == proto::PageState::kModified) pages[page] = Acked{n.id(), g->version};
+    }
+    killer.join();
+    ASSERT_GT(regions.size(), 1u) << "the stream made no progress before the kill";
+    ASSERT_FALSE(pages.empty());
+
+    CoordinatorProcess again;
+    ASSERT_TRUE(again.Start(data).ok()) << again.stderr_text();
+    auto check = proto::FramedSocket::Connect(again.address());
+    ASSERT_TRUE(check.ok());
+    for (const auto& [name, r] : regions) {
+      auto reply = check->Call(proto::RegionOpen{name});
+      ASSERT_TRUE(reply.ok());
+      auto* got = std::get_if<proto::RegionReply>(&*reply);
+      ASSERT_NE(got, nullptr) << "acknowledged region " << name << " lost";
+      EXPECT_EQ(got->base, r.base);
+      EXPECT_EQ(got->size, r.size);
+      EXPECT_EQ(got->region, r.region);
+    }
+    for (const auto& [page, acked] : pages) {
+      proto::PageQueryReply q = Query(*check, page);
+      // Versions only grow; a later (unacknowledged) write may have been
+      // persisted, but never may the directory be behind what was granted.
+      ASSERT_GE(q.version, acked.version) << "page " << page << " went back in time";
+      if (q.version == acked.version) {
+        EXPECT_EQ(q.owner, acked.owner) << "page " << page;
+        EXPECT_EQ(q.state, proto::PageState::kModified) << "page " << page;
+      }
+    }
+    again.Kill(SIGTERM);
+  }
+}
+
+TEST(CoordinatorInput, MalformedFrameClosesOnlyThatConnection) {
+  TempDir dir;
+  CoordinatorProcess coord;
+  ASSERT_TRUE(coord.Start(dir.path() + "/data").ok()) << coord.stderr_text();
+  auto good = proto::FramedSocket::Connect(coord.address());
+  ASSERT_TRUE(good.ok());
+  CreateRegion(*good, "keep", 16 * kPage);
+
+  // Bad magic, a wrong version, an oversized length, a bad enum: each closes
+  // its own connection.
+  std::vector<std::vector<uint8_t>> bad;
+  bad.push_back(std::vector<uint8_t>(24, 0xAB));
+  auto frame = proto::Encode(proto::RegionOpen{"keep"}, 1);
+  auto wrong_version = frame;
+  wrong_version[4] = 9;
+  bad.push_back(wrong_version);
+  auto huge = frame;
+  huge[8] = 0xFF, huge[9] = 0xFF, huge[10] = 0xFF, huge[11] = 0x7F;
+  bad.push_back(huge);
+  for (size_t i = 0; i < bad.size(); ++i) {
+    auto s = proto::FramedSocket::Connect(coord.address());
+    ASSERT_TRUE(s.ok());
+    proto::FramedSocket& fs = *s;
+    ASSERT_TRUE(fs.SendRaw(bad[i]).ok());
+    auto r = fs.Receive(3000);
+    EXPECT_FALSE(r.ok()) << "bad frame " << i << " was answered";
+    if (!r.ok()) EXPECT_EQ(r.status().code(), StatusCode::kUnavailable) << r.status().ToString();
+  }
+  // A valid but unacceptable request gets an error reply, connection kept.
+  auto reply = good->Call(proto::RegionCreate{"bad name!", 4096, 4096});
+  ASSERT_TRUE(reply.ok());
+  auto* st = std::get_if<proto::StatusReply>(&*reply);
+  ASSERT_NE(st, nullptr);
+  EXPECT_EQ(st->code, static_cast<uint16_t>(StatusCode::kInvalidArgument));
+  // The well-behaved connection is still served.
+  auto open = good->Call(proto::RegionOpen{"keep"});
+  ASSERT_TRUE(open.ok()) << open.status().ToString();
+  EXPECT_NE(std::get_if<proto::RegionReply>(&*open), nullptr);
+  EXPECT_NE(coord.stderr_text().find("malformed frame"), std::string::npos);
+}
+
+TEST(CoordinatorInput, NodeCannotSpeakForAnotherNode) {
+  TempDir dir;
+  CoordinatorProcess coord;
+  ASSERT_TRUE(coord.Start(dir.path() + "/data").ok()) << coord.stderr_text();
+  auto tool = proto::FramedSocket::Connect(coord.address());
+  ASSERT_TRUE(tool.ok());
+  proto::RegionReply r = CreateRegion(*tool, "r", 16 * kPage);
+  ScriptedNode a, b;
+  ASSERT_TRUE(a.Connect(coord.address()).ok());
+  ASSERT_TRUE(b.Connect(coord.address()).ok());
+  proto::Acquire forged;
+  forged.page = r.base;
+  forged.node = b.id();  // sent on a's connection
+  forged.kind = AccessKind::kWrite;
+  forged.request_seq = 1;
+  ASSERT_TRUE(a.socket().Send(forged, 7).ok());
+  auto f = a.socket().Receive(3000);
+  ASSERT_TRUE(f.ok());
+  auto* st = std::get_if<proto::StatusReply>(&f->message);
+  ASSERT_NE(st, nullptr);
+  EXPECT_EQ(st->code, static_cast<uint16_t>(StatusCode::kPermissionDenied));
+  EXPECT_FALSE(a.socket().Receive(3000).ok()) << "impersonating connection left open";
+  // A request before joining is refused too, and a page outside every region.
+  ScriptedNode c;
+  ASSERT_TRUE(c.Connect(coord.address()).ok());
+  auto outside = c.Acquire(r.base + (64u << 20), AccessKind::kRead, 2000);
+  EXPECT_FALSE(outside.ok());
+  // b still works.
+  auto g = b.Acquire(r.base, AccessKind::kWrite);
+  ASSERT_TRUE(g.ok()) << g.status().ToString();
+  EXPECT_EQ(g->state, proto::PageState::kModified);
+}
+
+TEST(CoordinatorStart, RefusesCorruptOrUnusableDataDirectory) {
+  TempDir dir;
+  // A regular file where the data directory should be.
+  const std::string file = dir.path() + "/file";
+  std::ofstream(file) << "not a database";
+  CoordinatorProcess c1;
+  Status st = c1.Start(file);
+  EXPECT_FALSE(st.ok());
+  EXPECT_NE(st.message().find("refusing to start"), std::string::npos) << st.message();
+
+  // A store whose files were damaged.
+  const std::string data = dir.path() + "/data";
+  {
+    CoordinatorProcess c2;
+    ASSERT_TRUE(c2.Start(data).ok()) << c2.stderr_text();
+    auto tool = proto::FramedSocket::Connect(c2.address());
+    ASSERT_TRUE(tool.ok());
+    CreateRegion(*tool, "r", 4096);
+    c2.Kill(SIGTERM);
+  }
+  for (const auto& e : std::filesystem::directory_iterator(data)) {
+    const std::string name = e.path().filename();
+    if (name.rfind("MANIFEST", 0) == 0 || name == "CURRENT") {
+      std::ofstream(e.path(), std::ios::trunc) << "garbage garbage garbage";
+    }
+  }
+  CoordinatorProcess c3;
+  st = c3.Start(data);
+  EXPECT_FALSE(st.ok());
+  EXPECT_NE(st.message().find("refusing to start"), std::string::npos) << st.message();
+}
+
+// A node that stops heartbeating is declared dead: its sole copies are lost
+// (reported, never silently zero), its shared copies live on elsewhere.
+TEST(CoordinatorMembership, DeadNodeLosesSoleCopiesKeepsShared) {
+  TempDir dir;
+  CoordinatorProcess coord;
+  ASSERT_TRUE(coord.Start(dir.path() + "/data", {"--heartbeat-ms", "100", "--dead-after-ms", "500"}).ok())
+      << coord.stderr_text();
+  auto tool = proto::FramedSocket::Connect(coord.address());
+  ASSERT_TRUE(tool.ok());
+  proto::RegionReply r = CreateRegion(*tool, "r", 16 * kPage);
+  const proto::PageAddr sole = r.base, shared = r.base + kPage;
+  ScriptedNode a, b;
+  ASSERT_TRUE(a.Connect(coord.address()).ok());
+  ASSERT_TRUE(b.Connect(coord.address()).ok());
+  ASSERT_TRUE(a.Acquire(sole, AccessKind::kWrite).ok());
+  ASSERT_TRUE(a.Acquire(shared, AccessKind::kWrite).ok());
+  ASSERT_TRUE(b.Acquire(shared, AccessKind::kRead).ok());
+  EXPECT_EQ(Query(*tool, shared).sharers.size(), 2u);
+
+  // a goes silent; b keeps heartbeating.
+  for (int i = 0; i < 15; ++i) {
+    ASSERT_TRUE(b.Heartbeat().ok());
+    std::this_thread::sleep_for(std::chrono::milliseconds(80));
+  }
+  proto::PageQueryReply q = Query(*tool, sole);
+  EXPECT_EQ(q.lost, 1);
+  auto g = b.Acquire(sole, AccessKind::kRead);
+  ASSERT_TRUE(g.ok());
+  EXPECT_EQ(g->status, static_cast<uint16_t>(StatusCode::kDataLoss));
+  q = Query(*tool, shared);
+  EXPECT_EQ(q.lost, 0);
+  EXPECT_EQ(q.owner, b.id());
+  ASSERT_EQ(q.sharers.size(), 1u);
+  EXPECT_EQ(q.sharers[0], b.id());
+  // The dead node's heartbeat is refused until it joins again.
+  EXPECT_FALSE(a.Heartbeat().ok());
+  EXPECT_NE(coord.stderr_text().find("declared dead"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace dsvm::testing
