@@ -1,0 +1,135 @@
+// dsvmctl: looks at and changes a dsvm cluster through its coordinator.
+//
+//   dsvmctl [--coordinator HOST:PORT] region create NAME SIZE [PAGE_SIZE]
+//   dsvmctl [--coordinator HOST:PORT] region show NAME
+//   dsvmctl [--coordinator HOST:PORT] region delete NAME
+//   dsvmctl [--coordinator HOST:PORT] page ADDRESS
+//
+// SIZE takes a K, M or G suffix; ADDRESS is decimal or 0x hex. The
+// coordinator defaults to $DSVM_COORDINATOR, then 127.0.0.1:7700.
+// Exit status: 0 done, 1 refused by the coordinator or unreachable, 2 usage.
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "proto/framed_socket.h"
+
+namespace {
+
+using namespace dsvm;
+
+int Usage(const char* why) {
+  std::fprintf(stderr,
+               "dsvmctl: %s\n"
+               "usage: dsvmctl [--coordinator HOST:PORT] region create NAME SIZE [PAGE_SIZE]\n"
+               "       dsvmctl [--coordinator HOST:PORT] region show|delete NAME\n"
+               "       dsvmctl [--coordinator HOST:PORT] page ADDRESS\n",
+               why);
+  return 2;
+}
+
+bool ParseSize(const std::string& s, uint64_t* out) {
+  if (s.empty()) return false;
+  char* end = nullptr;
+  errno = 0;
+  unsigned long long v = std::strtoull(s.c_str(), &end, 0);
+  if (errno != 0 || end == s.c_str()) return false;
+  std::string suffix(end);
+  uint64_t mult = 1;
+  if (suffix == "K" || suffix == "k") mult = 1ull << 10;
+  else if (suffix == "M" || suffix == "m") mult = 1ull << 20;
+  else if (suffix == "G" || suffix == "g") mult = 1ull << 30;
+  else if (!suffix.empty()) return false;
+  if (v > UINT64_MAX / mult) return false;
+  *out = v * mult;
+  return true;
+}
+
+const char* StateName(proto::PageState s) {
+  switch (s) {
+    case proto::PageState::kInvalid: return "invalid";
+    case proto::PageState::kShared: return "shared";
+    case proto::PageState::kModified: return "modified";
+    default: return "?";
+  }
+}
+
+int Report(const Result<proto::Message>& reply) {
+  if (!reply.ok()) {
+    std::fprintf(stderr, "dsvmctl: %s\n", reply.status().ToString().c_str());
+    return 1;
+  }
+  if (auto* s = std::get_if<proto::StatusReply>(&*reply)) {
+    Status st = proto::FromReply(*s);
+    if (!st.ok()) {
+      std::fprintf(stderr, "dsvmctl: refused: %s\n", st.ToString().c_str());
+      return 1;
+    }
+    std::printf("ok\n");
+  } else if (auto* r = std::get_if<proto::RegionReply>(&*reply)) {
+    std::printf("region %s id=%llu base=0x%llx size=%llu page_size=%u\n", r->name.c_str(),
+                (unsigned long long)r->region, (unsigned long long)r->base,
+                (unsigned long long)r->size, r->page_size);
+  } else if (auto* q = std::get_if<proto::PageQueryReply>(&*reply)) {
+    std::printf("page 0x%llx state=%s owner=%u version=%llu txn=%llu lost=%d busy=%d sharers=",
+                (unsigned long long)q->page, StateName(q->state), q->owner,
+                (unsigned long long)q->version, (unsigned long long)q->txn, q->lost, q->busy);
+    for (size_t i = 0; i < q->sharers.size(); ++i) std::printf("%s%u", i ? "," : "", q->sharers[i]);
+    std::printf("\n");
+  } else {
+    std::fprintf(stderr, "dsvmctl: unexpected reply %s\n", proto::TypeName(proto::TypeOf(*reply)));
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<std::string> args(argv + 1, argv + argc);
+  const char* env = std::getenv("DSVM_COORDINATOR");
+  std::string coordinator = env ? env : "127.0.0.1:7700";
+  if (args.size() >= 2 && args[0] == "--coordinator") {
+    coordinator = args[1];
+    args.erase(args.begin(), args.begin() + 2);
+  }
+  if (args.empty()) return Usage("no command");
+
+  proto::Message request;
+  if (args[0] == "region" && args.size() >= 3) {
+    const std::string& verb = args[1];
+    const std::string& name = args[2];
+    if (name.size() > proto::kMaxNameLength) return Usage("region name too long");
+    if (verb == "create" && (args.size() == 4 || args.size() == 5)) {
+      proto::RegionCreate c;
+      c.name = name;
+      uint64_t page = 4096;
+      if (!ParseSize(args[3], &c.size)) return Usage("SIZE is not a size");
+      if (args.size() == 5 && (!ParseSize(args[4], &page) || page > UINT32_MAX)) {
+        return Usage("PAGE_SIZE is not a size");
+      }
+      c.page_size = static_cast<uint32_t>(page);
+      request = c;
+    } else if (verb == "show" && args.size() == 3) {
+      request = proto::RegionOpen{name};
+    } else if (verb == "delete" && args.size() == 3) {
+      request = proto::RegionDelete{name};
+    } else {
+      return Usage("unknown region command");
+    }
+  } else if (args[0] == "page" && args.size() == 2) {
+    uint64_t addr = 0;
+    if (!ParseSize(args[1], &addr)) return Usage("ADDRESS is not a number");
+    request = proto::PageQuery{addr};
+  } else {
+    return Usage("unknown command");
+  }
+
+  auto sock = proto::FramedSocket::Connect(coordinator);
+  if (!sock.ok()) {
+    std::fprintf(stderr, "dsvmctl: %s\n", sock.status().ToString().c_str());
+    return 1;
+  }
+  return Report(sock->Call(request));
+}
