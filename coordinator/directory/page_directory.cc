@@ -458,6 +458,7 @@ void PageDirectory::NodeDown(NodeId node, Outbox* out) {
           // The supplier of an upgrade died; the requester has the data.
           tx.fetch_from = proto::kNoNode;
           Erase(tx.pending_acks, node);
+          MarkDirty(addr);
           MaybeGrant(p, out);
         } else if (tx.grant_state == PageState::kShared) {
           // A read whose supplier died: any other sharer can supply.
