@@ -65,6 +65,7 @@ struct SimNode {
   std::map<std::pair<PageAddr, TxnId>, uint64_t> stash;
   std::map<uint64_t, uint64_t> data;   // DataHandle -> received value
   std::map<uint64_t, std::pair<PageAddr, bool>> waiters;
+  std::map<PageAddr, uint64_t> installed;  // value when the page last became writable here
 };
 
 struct SimShard {
@@ -137,7 +138,9 @@ class Simulation {
     }
     if (roll < 0.55 + c_.crash_rate) {
       CrashShard(static_cast<uint32_t>(rng_.Below(c_.shards)));
-    } else if (roll < 0.55 + c_.crash_rate + c_.evict_rate) {
+    } else if (roll < 0.55 + c_.crash_rate + c_.node_crash_rate) {
+      CrashNode(static_cast<uint32_t>(rng_.Below(nodes_.size())));
+    } else if (roll < 0.55 + c_.crash_rate + c_.node_crash_rate + c_.evict_rate) {
       SimNode& n = *nodes_[rng_.Below(nodes_.size())];
       Actions acts;
       if (n.agent.Evict(pages_[rng_.Below(pages_.size())], now_, &acts)) ++r_.evictions;
@@ -167,13 +170,16 @@ class Simulation {
     if (write) {
       if (st != PageState::kModified || acc != 2) return Fail("write without Modified access at" + where);
       const uint64_t v = ++write_counter_;
+      if (c_.verbose) std::printf("t=%llu node %u writes %llu\n", static_cast<unsigned long long>(now_), n.id, static_cast<unsigned long long>(v));
       n.bytes[page] = v;
       truth_[page] = v;
+      last_writer_[page] = n.id;
+      also_ok_.erase(page);
       ++r_.writes;
     } else {
       if (st == PageState::kInvalid || acc < 1) return Fail("read without access at" + where);
       if (!n.bytes.count(page)) return Fail("read of a page with no bytes at" + where);
-      if (n.bytes[page] != truth_[page]) {
+      if (!Accept(page, n.bytes[page])) {
         return Fail("stale read at" + where + ": got " + std::to_string(n.bytes[page]) +
                     ", latest write " + std::to_string(truth_[page]));
       }
@@ -314,6 +320,9 @@ class Simulation {
         case ActionKind::kMapRead:
         case ActionKind::kMapWrite:
           if (!n.bytes.count(a.page)) return Fail("map of a page with no bytes" + where);
+          if (a.kind == ActionKind::kMapWrite && n.access[a.page] != 2) {
+            n.installed[a.page] = n.bytes[a.page];  // the value before this node's writes
+          }
           n.access[a.page] = a.kind == ActionKind::kMapWrite ? 2 : 1;
           break;
         case ActionKind::kUnmap:
@@ -358,6 +367,10 @@ class Simulation {
           auto [page, write] = it->second;
           n.waiters.erase(it);
           if (a.status != StatusCode::kOk) {
+            if (a.status == StatusCode::kDataLoss && may_be_lost_.count(page)) {
+              ++r_.lost_reads;
+              break;
+            }
             return Fail("access failed" + where + ": " + std::string(StatusCodeName(a.status)));
           }
           Access(n, page, write);
@@ -401,6 +414,7 @@ class Simulation {
 
   void CrashShard(uint32_t s) {
     ++r_.crashes;
+    if (c_.verbose) std::printf("t=%llu directory shard %u CRASHES\n", static_cast<unsigned long long>(now_), s);
     r_.transactions += shards_[s].dir->stats().transactions;
     const uint32_t ep = kShardEndpoint + s;
     std::vector<InFlight> keep;
@@ -419,6 +433,54 @@ class Simulation {
     }
   }
 
+  // Whether `v` is a value page may show now; the first value seen after a
+  // node crash settles which of the possible ones it is.
+  bool Accept(PageAddr page, uint64_t v) {
+    const uint64_t latest = truth_.count(page) ? truth_[page] : 0;
+    if (v == latest) {
+      also_ok_.erase(page);
+      return true;
+    }
+    auto it = also_ok_.find(page);
+    if (it == also_ok_.end() || !it->second.count(v)) return false;
+    truth_[page] = v;
+    also_ok_.erase(it);
+    return true;
+  }
+
+  void CrashNode(uint32_t index) {
+    ++r_.node_crashes;
+    SimNode& old = *nodes_[index];
+    if (c_.verbose) std::printf("t=%llu node %u CRASHES\n", static_cast<unsigned long long>(now_), old.id);
+    const NodeId id = old.id;
+    for (PageAddr page : pages_) {
+      bool involved = old.agent.StateOf(page) != PageState::kInvalid || old.bytes.count(page) ||
+                      old.agent.HasPending(page);
+      for (const auto& [key, v] : old.stash) involved |= key.first == page;
+      if (!involved) continue;
+      may_be_lost_.insert(page);
+      // Its writes die with it (an aborted move is restored from the former
+      // owner's stash): the page may show the value it had before them.
+      if (last_writer_[page] == id && old.installed.count(page)) {
+        also_ok_[page].insert(old.installed[page]);
+      }
+    }
+    const uint32_t ep = id;
+    std::vector<InFlight> keep;
+    for (auto& f : in_flight_) {
+      if (f.to != ep && f.from != ep) keep.push_back(std::move(f));
+    }
+    in_flight_ = std::move(keep);
+    nodes_[index] = std::make_unique<SimNode>(id);  // back empty, same id
+    // The directory learns of the death (missed heartbeats), then of the rejoin.
+    for (uint32_t s = 0; s < shards_.size(); ++s) {
+      Outbox out;
+      shards_[s].dir->NodeDown(id, &out);
+      Flush(s, out);
+      shards_[s].dir->NodeUp(id);
+    }
+  }
+
   // --- checks --------------------------------------------------------------
 
   void CheckInvariants() {
@@ -429,8 +491,7 @@ class Simulation {
         if (st == PageState::kInvalid) continue;
         (st == PageState::kModified ? writers : readers)++;
         auto it = n->bytes.find(page);
-        const uint64_t latest = truth_.count(page) ? truth_[page] : 0;
-        if (it == n->bytes.end() || it->second != latest) {
+        if (it == n->bytes.end() || !Accept(page, it->second)) {
           return Fail("node " + std::to_string(n->id) + " holds page " + std::to_string(page >> 21) +
                       " without its latest value");
         }
@@ -468,6 +529,11 @@ class Simulation {
   std::vector<PageAddr> pages_;
   std::vector<InFlight> in_flight_;
   std::map<PageAddr, uint64_t> truth_;  // latest completed write per page
+  // After a node crash, values a page may legitimately show besides truth_
+  // (the value before the dead node got it); narrowed at the first look.
+  std::map<PageAddr, std::set<uint64_t>> also_ok_;
+  std::set<PageAddr> may_be_lost_;      // a dead node took part in it
+  std::map<PageAddr, NodeId> last_writer_;
   uint64_t now_ = 0;
   uint64_t next_tick_ = 0;
   uint64_t next_waiter_ = 0;
@@ -491,6 +557,7 @@ SimConfig ConfigForSeed(uint64_t seed) {
   c.max_delay_ms = 1 + rng.Below(30);
   c.crash_rate = rng.Chance(0.7) ? rng.Unit() * 0.002 : 0.0;
   c.evict_rate = rng.Unit() * 0.03;
+  c.node_crash_rate = (c.nodes >= 3 && rng.Chance(0.5)) ? rng.Unit() * 0.0006 : 0.0;
   return c;
 }
 

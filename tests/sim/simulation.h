@@ -5,10 +5,14 @@
 // replays the same run exactly. Simulated processes read and write pages;
 // the network delays, reorders, duplicates and drops messages; directory
 // shards crash (losing memory and messages in flight) and restart from their
-// simulated disk; nodes evict pages. After every step the checker asserts:
+// simulated disk; nodes evict pages; node daemons die (the directory is told,
+// as after missed heartbeats) and come back empty. After every step the checker asserts:
 //   - at most one node holds a page Modified, and then nobody holds it Shared;
 //   - every node holding a page (Shared or Modified) has the latest value;
-//   - every read returns the value of the latest completed write;
+//   - every read returns the value of the latest completed write, except
+//     after a node crash: a page the dead node took part in may then be lost
+//     (DATA_LOSS) or back at the value it had before the dead node got it,
+//     and nothing else;
 //   - each directory's own invariants (PageDirectory::CheckInvariants).
 // At the end faults stop, the network heals, and every waiting access must
 // complete: a protocol that stops making progress fails the run.
@@ -31,6 +35,7 @@ struct SimConfig {
   uint64_t max_delay_ms = 20;
   double crash_rate = 0.0005;   // per step: one directory shard crashes and restarts
   double evict_rate = 0.01;     // per step
+  double node_crash_rate = 0.0; // per step: a node daemon dies and restarts empty
   bool verbose = false;
 };
 
@@ -45,6 +50,8 @@ struct SimResult {
   uint64_t duplicated = 0;
   uint64_t crashes = 0;
   uint64_t evictions = 0;
+  uint64_t node_crashes = 0;
+  uint64_t lost_reads = 0;      // accesses answered DATA_LOSS after a node crash
   uint64_t transactions = 0;
 };
 
