@@ -140,7 +140,7 @@ void CoordinatorService::OnTick(uint64_t now_ms) {
   for (const auto& [id, m] : members_) {
     if (m.record.live && m.deadline_ms < now_ms) dead.push_back(id);
   }
-  for (proto::NodeId id : dead) DeclareDead(id);
+  for (proto::NodeId id : dead) DeclareDead(id, "missed its heartbeats");
   directory_.Tick(now_ms, &outbox_);
   Route(outbox_);
 }
@@ -204,14 +204,14 @@ Status CoordinatorService::CheckPage(proto::PageAddr page) const {
   return Status::Ok();
 }
 
-void CoordinatorService::DeclareDead(proto::NodeId node) {
+void CoordinatorService::DeclareDead(proto::NodeId node, const std::string& why) {
   auto it = members_.find(node);
   if (it == members_.end() || !it->second.record.live) return;
   ++stats_.nodes_declared_dead;
   it->second.record.live = 0;
   Status st = store_->PutNode(it->second.record);
   if (!st.ok()) LogError("persisting node " + std::to_string(node) + " as dead: " + st.ToString());
-  LogWarning("node " + std::to_string(node) + " missed its heartbeats: declared dead");
+  LogWarning("node " + std::to_string(node) + " " + why + ": declared dead");
   directory_.NodeDown(node, &outbox_);
   Route(outbox_);
   auto nc = node_conn_.find(node);
@@ -297,7 +297,7 @@ Status CoordinatorService::HandleHeartbeat(ConnId conn, uint64_t rid, const prot
 
 Status CoordinatorService::HandleLeave(ConnId conn, uint64_t rid, const proto::LeaveRequest& m) {
   DSVM_RETURN_IF_ERROR(CheckSender(conn, m.node));
-  DeclareDead(m.node);
+  DeclareDead(m.node, "left");
   ReplyStatus(conn, rid, Status::Ok());
   return Status::Ok();
 }

@@ -91,7 +91,8 @@ class CoordinatorService {
   // The node bound to `conn`, after checking it is the node the message names.
   Status CheckSender(ConnId conn, proto::NodeId claimed) const;
   Status CheckPage(proto::PageAddr page) const;
-  void DeclareDead(proto::NodeId node);
+  // The node is gone (`why`: missed heartbeats, or left): the directory hands its pages on.
+  void DeclareDead(proto::NodeId node, const std::string& why);
 
   Status HandleJoin(ConnId conn, uint64_t rid, const proto::JoinRequest& m, uint64_t now_ms);
   Status HandleHeartbeat(ConnId conn, uint64_t rid, const proto::Heartbeat& m, uint64_t now_ms);
