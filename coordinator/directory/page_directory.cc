@@ -155,12 +155,20 @@ void PageDirectory::ServeAcquire(Page& p, const proto::Acquire& m, uint64_t now_
       tx.fetch_next = PageState::kInvalid;
       tx.fetch_send_data = 1;
     } else {
-      const NodeId supplier = r.owner;
+      NodeId supplier = r.owner;
       if (holds) {
-        // Upgrade: the requester has the data. The supplier still stashes
-        // its copy (and acks) so an aborted upgrade can be restored.
+        // Upgrade: the requester has the data. One other sharer (the
+        // supplier, or any other if the requester is the supplier) still
+        // stashes its copy and acks, so an upgrade aborted by the
+        // requester's death can be restored from it.
         tx.source = DataSource::kSelf;
-        if (supplier != m.node) {
+        if (supplier == m.node) {
+          supplier = proto::kNoNode;
+          for (const Sharer& sh : r.sharers) {
+            if (sh.node != m.node) supplier = sh.node;
+          }
+        }
+        if (supplier != proto::kNoNode) {
           tx.fetch_from = supplier;
           tx.fetch_next = PageState::kInvalid;
           tx.fetch_send_data = 0;
