@@ -144,6 +144,17 @@ void NodeAgent::HandleGrant(const proto::Grant& m, uint64_t now_ms, Actions* out
     if (lp.pending != AccessKind::kInvalid && !IsGiveUp(lp.pending) &&
         lp.pending_seq == m.request_seq) {
       ClearPending(m.page, lp);
+      // A grant still waiting for its data is void: late bytes from the
+      // dead source must not make this node a holder the directory does
+      // not know.
+      lp.has_grant = false;
+      lp.refused_txn = std::max(lp.refused_txn, m.txn);
+      if (lp.has_data) {
+        Action d = Make(ActionKind::kDropData, m.page);
+        d.handle = lp.data;
+        out->push_back(std::move(d));
+        lp.has_data = false;
+      }
       for (const Waiter& w : lp.waiters) {
         Action a = Make(ActionKind::kWake, m.page);
         a.waiter = w.id;
@@ -323,8 +334,8 @@ void NodeAgent::HandlePageData(const proto::PageData& m, DataHandle handle, uint
     a.handle = h;
     out->push_back(std::move(a));
   };
-  if (m.txn <= lp.last_txn || (lp.has_data && lp.data_txn >= m.txn)) {
-    drop(handle);  // stale or duplicate
+  if (m.txn <= lp.last_txn || m.txn <= lp.refused_txn || (lp.has_data && lp.data_txn >= m.txn)) {
+    drop(handle);  // stale, refused, or a duplicate
     return;
   }
   if (lp.has_data) drop(lp.data);

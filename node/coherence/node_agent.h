@@ -136,6 +136,7 @@ class NodeAgent {
     TxnId data_txn = 0;
     DataHandle data = 0;
     TxnId stash_txn = 0;              // 0: no stash
+    TxnId refused_txn = 0;            // data of this txn or older can never be installed
     std::vector<Waiter> waiters;
   };
 
