@@ -295,13 +295,17 @@ struct Release {
 
 // Directory -> node: answer to an Evict or Writeback that needed no data move
 // (kOk), or that cannot be done (kFailedPrecondition: no other live node to
-// take the last copy; the node keeps it).
+// take the last copy; the node keeps it). The node raises its last_txn to
+// `txn`, so a Fetch sent while it was a sharer and delivered late is stale.
 struct EvictReply {
   static constexpr MessageType kType = MessageType::kEvictReply;
   PageAddr page = 0;
   uint64_t request_seq = 0;
   uint16_t status = 0;
-  template <typename A> void Visit(A& a) { a.U64(page); a.U64(request_seq); a.Code(status); }
+  TxnId txn = 0;  // the page's newest txn; the page is idle, so every txn up to it is complete
+  template <typename A> void Visit(A& a) {
+    a.U64(page); a.U64(request_seq); a.Code(status); a.U64(txn);
+  }
 };
 
 // Owner -> requester (over UCX between node daemons): the page's bytes for txn.

@@ -194,7 +194,8 @@ void PageDirectory::ServeAcquire(Page& p, const proto::Acquire& m, uint64_t now_
 void PageDirectory::ServeGiveUp(Page& p, const proto::Acquire& m, uint64_t now_ms, Outbox* out) {
   PageRecord& r = p.rec;
   auto reply = [&](StatusCode code) {
-    out->push_back({m.node, proto::EvictReply{m.page, m.request_seq, static_cast<uint16_t>(code)}});
+    out->push_back(
+        {m.node, proto::EvictReply{m.page, m.request_seq, static_cast<uint16_t>(code), r.txn}});
   };
   const Sharer* s = r.FindSharer(m.node);
   if (s == nullptr) {

@@ -313,6 +313,9 @@ void NodeAgent::HandleEvictReply(const proto::EvictReply& m, uint64_t now_ms, Ac
   LocalPage& lp = it->second;
   if (!IsGiveUp(lp.pending) || lp.pending_seq != m.request_seq) return;  // stale
   ClearPending(m.page, lp);
+  // Every txn up to m.txn is complete: whatever of them is still on its way
+  // here (a Fetch sent while this node was a sharer) is stale now.
+  lp.last_txn = std::max(lp.last_txn, m.txn);
   if (lp.retained) {
     if (m.status == 0) {
       out->push_back(Make(ActionKind::kDiscard, m.page));

@@ -217,7 +217,8 @@ std::vector<Message> SampleMessages() {
       Release{.page = kPage, .txn = 104},
       EvictReply{.page = kPage,
                  .request_seq = 555,
-                 .status = static_cast<uint16_t>(StatusCode::kFailedPrecondition)},
+                 .status = static_cast<uint16_t>(StatusCode::kFailedPrecondition),
+                 .txn = 106},
       PageData{.page = kPage, .txn = 105, .sender = 8, .version = 19, .data = page_bytes},
   };
 }
