@@ -1,0 +1,598 @@
+// Unit tests for node::NodeAgent, the node side of the MSI protocol
+// (proto/PROTOCOL.md: "Node state table", "Duplicates and staleness").
+//
+// The agent is driven one event at a time; each test compares the exact list
+// of actions it asks for, as one-line descriptions naming every field that
+// matters for the action kind. The last test wires a NodeAgent per node to a
+// real PageDirectory to show what the kind recomputation on resend protects.
+#include "node/coherence/node_agent.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <deque>
+#include <map>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <variant>
+#include <vector>
+
+#include "coordinator/directory/page_directory.h"
+#include "proto/messages.h"
+#include "proto/status.h"
+
+namespace dsvm::node {
+namespace {
+
+using proto::DataSource;
+using Strings = std::vector<std::string>;
+
+constexpr NodeId kSelf = 1;
+constexpr PageAddr kPage = 0x7000;  // omitted from descriptions
+constexpr uint64_t kRetransmitMs = 200;
+constexpr uint64_t kStart = 1000;
+
+// ---------------------------------------------------------------------------
+// Descriptions.
+
+const char* KindName(AccessKind k) {
+  switch (k) {
+    case AccessKind::kRead: return "read";
+    case AccessKind::kWrite: return "write";
+    case AccessKind::kUpgrade: return "upgrade";
+    case AccessKind::kEvict: return "evict";
+    case AccessKind::kWriteback: return "writeback";
+    case AccessKind::kInvalid: break;
+  }
+  return "invalid";
+}
+
+std::string At(PageAddr page) {
+  if (page == kPage) return "";
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), " @%llx", static_cast<unsigned long long>(page));
+  return buf;
+}
+
+// A message to the directory, with " from=N" only when N is not the sender
+// the caller names (every message must carry its sender's id).
+std::string DescribeToDirectory(const proto::Message& message, NodeId self) {
+  auto from = [&](NodeId n) { return n == self ? std::string() : " from=" + std::to_string(n); };
+  return std::visit(
+      [&](const auto& m) -> std::string {
+        using T = std::decay_t<decltype(m)>;
+        if constexpr (std::is_same_v<T, proto::Acquire>) {
+          return "Acquire" + At(m.page) + " kind=" + KindName(m.kind) +
+                 " seq=" + std::to_string(m.request_seq) + " last=" + std::to_string(m.last_txn) +
+                 from(m.node);
+        } else if constexpr (std::is_same_v<T, proto::Done>) {
+          return "Done" + At(m.page) + " txn=" + std::to_string(m.txn) + from(m.node);
+        } else if constexpr (std::is_same_v<T, proto::InvalidateAck>) {
+          return "InvalidateAck" + At(m.page) + " txn=" + std::to_string(m.txn) + from(m.node);
+        } else {
+          return std::string("unexpected ") + proto::TypeName(T::kType);
+        }
+      },
+      message);
+}
+
+std::string Describe(const Action& a, NodeId self) {
+  const std::string at = At(a.page);
+  const std::string txn = " txn=" + std::to_string(a.txn);
+  switch (a.kind) {
+    case ActionKind::kSendToDirectory: {
+      std::string s = DescribeToDirectory(a.message, self);
+      // The action's page must be the message's page.
+      return at.empty() ? s : s + " (action" + at + ")";
+    }
+    case ActionKind::kSendPage:
+      return "SendPage>" + std::to_string(a.node) + at + txn + " v=" + std::to_string(a.version);
+    case ActionKind::kSendStash:
+      return "SendStash>" + std::to_string(a.node) + at + txn + " v=" + std::to_string(a.version);
+    case ActionKind::kMapRead: return "MapRead" + at;
+    case ActionKind::kMapWrite: return "MapWrite" + at;
+    case ActionKind::kUnmap: return "Unmap" + at;
+    case ActionKind::kDiscard: return "Discard" + at;
+    case ActionKind::kStash: return "Stash" + at + txn;
+    case ActionKind::kInstallZero: return "InstallZero" + at;
+    case ActionKind::kInstallData: return "InstallData" + at + " h=" + std::to_string(a.handle);
+    case ActionKind::kInstallStash: return "InstallStash" + at + txn;
+    case ActionKind::kDropStash: return "DropStash" + at + txn;
+    case ActionKind::kDropData: return "DropData" + at + " h=" + std::to_string(a.handle);
+    case ActionKind::kWake: {
+      std::string s = "Wake" + at + " w=" + std::to_string(a.waiter);
+      if (a.status != StatusCode::kOk) s += " " + std::string(StatusCodeName(a.status));
+      return s;
+    }
+    case ActionKind::kProtocolError: return "ProtocolError" + at;
+    case ActionKind::kInvalid: break;
+  }
+  return "invalid action";
+}
+
+Strings Describe(const Actions& actions, NodeId self = kSelf) {
+  Strings s;
+  for (const Action& a : actions) s.push_back(Describe(a, self));
+  return s;
+}
+
+proto::Grant MakeGrant(TxnId txn, uint64_t seq, PageState state, DataSource source,
+                       uint64_t version, TxnId stash_txn = 0) {
+  proto::Grant g;
+  g.page = kPage;
+  g.txn = txn;
+  g.request_seq = seq;
+  g.state = state;
+  g.source = source;
+  g.version = version;
+  g.stash_txn = stash_txn;
+  return g;
+}
+
+// ---------------------------------------------------------------------------
+// Fixture: one agent, node kSelf, page kPage.
+
+class NodeAgentTest : public ::testing::Test {
+ protected:
+  Strings Fault(bool write, WaiterId waiter, FaultResult expect) {
+    Actions out;
+    EXPECT_EQ(agent_.Fault(kPage, write, waiter, now_, &out), expect) << "waiter " << waiter;
+    return Describe(out);
+  }
+  Strings Grant(const proto::Grant& g) {
+    Actions out;
+    agent_.HandleGrant(g, now_, &out);
+    return Describe(out);
+  }
+  Strings Data(TxnId txn, uint64_t version, DataHandle handle, NodeId sender = 2) {
+    Actions out;
+    agent_.HandlePageData(proto::PageData{kPage, txn, sender, version, {}}, handle, now_, &out);
+    return Describe(out);
+  }
+  Strings Fetch(TxnId txn, NodeId requester, PageState next, uint8_t send_data) {
+    Actions out;
+    agent_.HandleFetch(proto::Fetch{kPage, txn, requester, next, send_data}, now_, &out);
+    return Describe(out);
+  }
+  Strings Invalidate(TxnId txn) {
+    Actions out;
+    agent_.HandleInvalidate(proto::Invalidate{kPage, txn}, now_, &out);
+    return Describe(out);
+  }
+  Strings Release(TxnId txn) {
+    Actions out;
+    agent_.HandleRelease(proto::Release{kPage, txn}, &out);
+    return Describe(out);
+  }
+  Strings EvictReply(uint64_t seq, StatusCode code) {
+    Actions out;
+    agent_.HandleEvictReply(proto::EvictReply{kPage, seq, static_cast<uint16_t>(code), 0}, now_,
+                            &out);
+    return Describe(out);
+  }
+  Strings Evict(bool expect) {
+    Actions out;
+    EXPECT_EQ(agent_.Evict(kPage, now_, &out), expect);
+    return Describe(out);
+  }
+  Strings TickAt(uint64_t now) {
+    now_ = now;
+    Actions out;
+    agent_.Tick(now, &out);
+    return Describe(out);
+  }
+
+  // Brings the page to `state` at `txn` through a fault and a zero-fill
+  // grant; the fault's request_seq is 1 (the agent's first request).
+  void Hold(PageState state, TxnId txn, uint64_t version) {
+    const bool write = state == PageState::kModified;
+    ASSERT_EQ(Fault(write, 900, FaultResult::kWait),
+              Strings({std::string("Acquire kind=") + (write ? "write" : "read") +
+                       " seq=1 last=0"}));
+    ASSERT_EQ(Grant(MakeGrant(txn, 1, state, DataSource::kZero, version)),
+              Strings({"InstallZero", write ? "MapWrite" : "MapRead",
+                       "Done txn=" + std::to_string(txn), "Wake w=900"}));
+    ASSERT_EQ(agent_.StateOf(kPage), state);
+    ASSERT_FALSE(agent_.HasPending(kPage));
+  }
+
+  NodeAgent agent_{kSelf, NodeOptions{kRetransmitMs}};
+  uint64_t now_ = kStart;
+};
+
+// ---------------------------------------------------------------------------
+// Faults.
+
+TEST_F(NodeAgentTest, FaultOnHeldPageIsHit) {
+  Hold(PageState::kShared, 3, 0);
+  EXPECT_EQ(Fault(false, 1, FaultResult::kHit), Strings{});
+  EXPECT_EQ(agent_.stats().hits, 1u);
+  // Shared does not satisfy a write: that needs an upgrade.
+  EXPECT_EQ(Fault(true, 2, FaultResult::kWait), Strings({"Acquire kind=upgrade seq=2 last=3"}));
+  EXPECT_EQ(agent_.stats().hits, 1u);
+}
+
+TEST_F(NodeAgentTest, WaitersOnMissingPageShareOneAcquireAndAllWake) {
+  EXPECT_EQ(Fault(true, 1, FaultResult::kWait), Strings({"Acquire kind=write seq=1 last=0"}));
+  EXPECT_EQ(Fault(false, 2, FaultResult::kWait), Strings{});
+  EXPECT_EQ(Fault(false, 3, FaultResult::kWait), Strings{});
+  EXPECT_EQ(Fault(true, 4, FaultResult::kWait), Strings{});
+  EXPECT_TRUE(agent_.HasPending(kPage));
+  EXPECT_EQ(agent_.stats().requests, 1u);
+
+  EXPECT_EQ(Grant(MakeGrant(3, 1, PageState::kModified, DataSource::kZero, 1)),
+            Strings({"InstallZero", "MapWrite", "Done txn=3", "Wake w=1", "Wake w=2", "Wake w=3",
+                     "Wake w=4"}));
+  EXPECT_FALSE(agent_.HasPending(kPage));
+  EXPECT_EQ(agent_.StateOf(kPage), PageState::kModified);
+  EXPECT_EQ(agent_.VersionOf(kPage), 1u);
+}
+
+TEST_F(NodeAgentTest, SharedGrantWakesReadersThenAsksToUpgradeForWriters) {
+  EXPECT_EQ(Fault(false, 1, FaultResult::kWait), Strings({"Acquire kind=read seq=1 last=0"}));
+  EXPECT_EQ(Fault(true, 2, FaultResult::kWait), Strings{});
+  EXPECT_EQ(Grant(MakeGrant(1, 1, PageState::kShared, DataSource::kZero, 0)),
+            Strings({"InstallZero", "MapRead", "Done txn=1", "Wake w=1",
+                     "Acquire kind=upgrade seq=2 last=1"}));
+  // The upgrade's data is the node's own copy.
+  EXPECT_EQ(Grant(MakeGrant(2, 2, PageState::kModified, DataSource::kSelf, 1)),
+            Strings({"MapWrite", "Done txn=2", "Wake w=2"}));
+  EXPECT_FALSE(agent_.HasPending(kPage));
+}
+
+TEST_F(NodeAgentTest, LostPageWakesWaitersWithDataLoss) {
+  EXPECT_EQ(Fault(false, 1, FaultResult::kWait), Strings({"Acquire kind=read seq=1 last=0"}));
+  EXPECT_EQ(Fault(false, 2, FaultResult::kWait), Strings{});
+  proto::Grant g = MakeGrant(4, 1, PageState::kInvalid, DataSource::kZero, 1);
+  g.status = static_cast<uint16_t>(StatusCode::kDataLoss);
+  EXPECT_EQ(Grant(g), Strings({"Wake w=1 DATA_LOSS", "Wake w=2 DATA_LOSS"}));
+  EXPECT_FALSE(agent_.HasPending(kPage));
+  EXPECT_EQ(agent_.StateOf(kPage), PageState::kInvalid);
+  EXPECT_EQ(Grant(g), Strings{});  // a duplicate answers nothing outstanding
+}
+
+// ---------------------------------------------------------------------------
+// Grants and data.
+
+TEST_F(NodeAgentTest, GrantFromOwnerWaitsForPageDataGrantFirst) {
+  EXPECT_EQ(Fault(false, 1, FaultResult::kWait), Strings({"Acquire kind=read seq=1 last=0"}));
+  EXPECT_EQ(Grant(MakeGrant(5, 1, PageState::kShared, DataSource::kOwner, 3)), Strings{});
+  EXPECT_EQ(agent_.StateOf(kPage), PageState::kInvalid);
+  EXPECT_TRUE(agent_.HasPending(kPage));
+
+  EXPECT_EQ(Data(5, 3, 77), Strings({"InstallData h=77", "MapRead", "Done txn=5", "Wake w=1"}));
+  EXPECT_EQ(agent_.StateOf(kPage), PageState::kShared);
+  EXPECT_EQ(agent_.VersionOf(kPage), 3u);
+  EXPECT_EQ(agent_.stats().pages_received, 1u);
+
+  // Duplicate and older data are freed unused.
+  EXPECT_EQ(Data(5, 3, 78), Strings({"DropData h=78"}));
+  EXPECT_EQ(Data(4, 2, 79), Strings({"DropData h=79"}));
+  // A duplicate Grant is re-answered with Done, nothing reinstalled.
+  EXPECT_EQ(Grant(MakeGrant(5, 1, PageState::kShared, DataSource::kOwner, 3)),
+            Strings({"Done txn=5"}));
+  EXPECT_EQ(Grant(MakeGrant(4, 1, PageState::kShared, DataSource::kOwner, 3)), Strings{});
+}
+
+TEST_F(NodeAgentTest, GrantFromOwnerWaitsForPageDataDataFirst) {
+  EXPECT_EQ(Fault(true, 1, FaultResult::kWait), Strings({"Acquire kind=write seq=1 last=0"}));
+  EXPECT_EQ(Data(5, 4, 77), Strings{});
+  EXPECT_EQ(agent_.StateOf(kPage), PageState::kInvalid);
+  EXPECT_EQ(Grant(MakeGrant(5, 1, PageState::kModified, DataSource::kOwner, 4)),
+            Strings({"InstallData h=77", "MapWrite", "Done txn=5", "Wake w=1"}));
+  EXPECT_EQ(agent_.StateOf(kPage), PageState::kModified);
+  EXPECT_EQ(agent_.VersionOf(kPage), 4u);
+}
+
+TEST_F(NodeAgentTest, PageDataOfAnotherTxnIsNotInstalled) {
+  EXPECT_EQ(Fault(false, 1, FaultResult::kWait), Strings({"Acquire kind=read seq=1 last=0"}));
+  EXPECT_EQ(Grant(MakeGrant(6, 1, PageState::kShared, DataSource::kOwner, 2)), Strings{});
+  EXPECT_EQ(Data(5, 1, 50), Strings{});  // not the grant's txn: kept, not installed
+  EXPECT_EQ(agent_.StateOf(kPage), PageState::kInvalid);
+  EXPECT_EQ(Data(6, 2, 60),
+            Strings({"DropData h=50", "InstallData h=60", "MapRead", "Done txn=6", "Wake w=1"}));
+  EXPECT_EQ(agent_.VersionOf(kPage), 2u);
+}
+
+TEST_F(NodeAgentTest, GrantDoesNotInstallEarlierPageDataOfAnotherTxn) {
+  EXPECT_EQ(Fault(false, 1, FaultResult::kWait), Strings({"Acquire kind=read seq=1 last=0"}));
+  EXPECT_EQ(Data(5, 1, 50), Strings{});
+  EXPECT_EQ(Grant(MakeGrant(6, 1, PageState::kShared, DataSource::kOwner, 2)), Strings{});
+  EXPECT_EQ(agent_.StateOf(kPage), PageState::kInvalid);
+  EXPECT_EQ(Data(6, 2, 60),
+            Strings({"DropData h=50", "InstallData h=60", "MapRead", "Done txn=6", "Wake w=1"}));
+}
+
+// PageDirectory sends this sequence when the data source of a move dies
+// after sending its PageData: Grant(M, owner, t), then Grant(t, DATA_LOSS)
+// for the same request (page_directory_test: DeathOfDataSourceMidWrite...).
+TEST_F(NodeAgentTest, LateDataForRefusedGrantIsNotInstalled) {
+  EXPECT_EQ(Fault(true, 1, FaultResult::kWait), Strings({"Acquire kind=write seq=1 last=0"}));
+  EXPECT_EQ(Grant(MakeGrant(2, 1, PageState::kModified, DataSource::kOwner, 2)), Strings{});
+  proto::Grant lost = MakeGrant(2, 1, PageState::kInvalid, DataSource::kZero, 2);
+  lost.status = static_cast<uint16_t>(StatusCode::kDataLoss);
+  EXPECT_EQ(Grant(lost), Strings({"Wake w=1 DATA_LOSS"}));
+  EXPECT_EQ(Data(2, 2, 5), Strings({"DropData h=5"}));
+  EXPECT_EQ(agent_.StateOf(kPage), PageState::kInvalid);
+}
+
+// ---------------------------------------------------------------------------
+// Fetch, stash, Release.
+
+TEST_F(NodeAgentTest, FetchToInvalidSendsPageThenStashesUntilRelease) {
+  Hold(PageState::kModified, 1, 1);
+  EXPECT_EQ(Fetch(2, 2, PageState::kInvalid, 1), Strings({"SendPage>2 txn=2 v=1", "Stash txn=2"}));
+  EXPECT_EQ(agent_.StateOf(kPage), PageState::kInvalid);
+  EXPECT_EQ(agent_.stash_count(), 1u);
+
+  // The data may have been lost: resend it from the stash.
+  EXPECT_EQ(Fetch(2, 2, PageState::kInvalid, 1), Strings({"SendStash>2 txn=2 v=1"}));
+  EXPECT_EQ(Fetch(1, 2, PageState::kInvalid, 1), Strings{});  // stale
+
+  EXPECT_EQ(Release(1), Strings{});  // not this stash's txn
+  EXPECT_EQ(Release(2), Strings({"DropStash txn=2"}));
+  EXPECT_EQ(agent_.stash_count(), 0u);
+  EXPECT_EQ(Release(2), Strings{});
+  // With neither copy nor stash, a late duplicate Fetch cannot be answered.
+  EXPECT_EQ(Fetch(2, 2, PageState::kInvalid, 1), Strings{});
+}
+
+TEST_F(NodeAgentTest, MessageOfNewerTxnFreesTheStash) {
+  Hold(PageState::kModified, 1, 1);
+  EXPECT_EQ(Fetch(2, 2, PageState::kInvalid, 1), Strings({"SendPage>2 txn=2 v=1", "Stash txn=2"}));
+  // The Release was lost, but txn 3 exists, so the move of txn 2 completed.
+  EXPECT_EQ(Invalidate(3), Strings({"DropStash txn=2", "InvalidateAck txn=3"}));
+  EXPECT_EQ(agent_.stash_count(), 0u);
+}
+
+TEST_F(NodeAgentTest, FetchToSharedSendsPageAndWriteProtects) {
+  Hold(PageState::kModified, 1, 1);
+  EXPECT_EQ(Fetch(2, 3, PageState::kShared, 1), Strings({"SendPage>3 txn=2 v=1", "MapRead"}));
+  EXPECT_EQ(agent_.StateOf(kPage), PageState::kShared);
+  EXPECT_EQ(agent_.stash_count(), 0u);
+  EXPECT_EQ(Fetch(2, 3, PageState::kShared, 1), Strings({"SendPage>3 txn=2 v=1"}));
+}
+
+TEST_F(NodeAgentTest, NoDataFetchStashesAndAcks) {
+  Hold(PageState::kShared, 1, 0);
+  EXPECT_EQ(Fetch(2, 3, PageState::kInvalid, 0), Strings({"Stash txn=2", "InvalidateAck txn=2"}));
+  EXPECT_EQ(agent_.StateOf(kPage), PageState::kInvalid);
+  EXPECT_EQ(Fetch(2, 3, PageState::kInvalid, 0), Strings({"InvalidateAck txn=2"}));
+}
+
+TEST_F(NodeAgentTest, RestoreGrantInstallsFromStash) {
+  Hold(PageState::kModified, 1, 1);
+  EXPECT_EQ(Fetch(2, 2, PageState::kInvalid, 1), Strings({"SendPage>2 txn=2 v=1", "Stash txn=2"}));
+  // The requester died; the directory gives the page back (PROTOCOL.md, Node).
+  EXPECT_EQ(Grant(MakeGrant(3, 0, PageState::kModified, DataSource::kStash, 2, 2)),
+            Strings({"InstallStash txn=2", "MapWrite", "Done txn=3"}));
+  EXPECT_EQ(agent_.StateOf(kPage), PageState::kModified);
+  EXPECT_EQ(agent_.stash_count(), 0u);
+}
+
+// ---------------------------------------------------------------------------
+// Invalidate.
+
+TEST_F(NodeAgentTest, StaleInvalidateIsIgnoredDuplicateIsReacked) {
+  Hold(PageState::kShared, 3, 0);
+  EXPECT_EQ(Invalidate(2), Strings{});
+  EXPECT_EQ(agent_.StateOf(kPage), PageState::kShared);
+
+  EXPECT_EQ(Invalidate(4), Strings({"Discard", "InvalidateAck txn=4"}));
+  EXPECT_EQ(agent_.StateOf(kPage), PageState::kInvalid);
+  EXPECT_EQ(Invalidate(4), Strings({"InvalidateAck txn=4"}));
+  EXPECT_EQ(Invalidate(3), Strings{});
+  EXPECT_EQ(agent_.stats().invalidations, 1u);
+}
+
+// ---------------------------------------------------------------------------
+// Eviction.
+
+TEST_F(NodeAgentTest, EvictOfSharedCopyDiscardsOnOk) {
+  Hold(PageState::kShared, 1, 0);
+  EXPECT_EQ(Evict(true), Strings({"Unmap", "Acquire kind=evict seq=2 last=1"}));
+  EXPECT_EQ(agent_.StateOf(kPage), PageState::kInvalid);
+  EXPECT_TRUE(agent_.HasPending(kPage));
+  EXPECT_EQ(Evict(false), Strings{});  // a request is outstanding
+
+  EXPECT_EQ(EvictReply(1, StatusCode::kOk), Strings{});  // not this request
+  EXPECT_EQ(EvictReply(2, StatusCode::kOk), Strings({"Discard"}));
+  EXPECT_FALSE(agent_.HasPending(kPage));
+  EXPECT_EQ(EvictReply(2, StatusCode::kOk), Strings{});
+  EXPECT_EQ(Evict(false), Strings{});  // nothing held
+}
+
+// Regression (found by dsvm-sim seed 1303): a dead supplier's replacement
+// Fetch, sent while this node was still a sharer, arrives after the node's
+// eviction was answered. The EvictReply's txn makes that Fetch stale; before,
+// the node took it for new and reported a protocol error.
+TEST_F(NodeAgentTest, FetchOvertakenByEvictReplyIsStale) {
+  Hold(PageState::kShared, 1, 0);
+  EXPECT_EQ(Evict(true), Strings({"Unmap", "Acquire kind=evict seq=2 last=1"}));
+  Actions out;
+  agent_.HandleEvictReply(proto::EvictReply{kPage, 2, 0, /*txn=*/13}, now_, &out);
+  EXPECT_EQ(Describe(out), Strings({"Discard"}));
+  EXPECT_EQ(Fetch(13, 3, PageState::kShared, 1), Strings{});
+  EXPECT_EQ(agent_.stats().protocol_errors, 0u);
+}
+
+TEST_F(NodeAgentTest, RefusedWritebackMapsThePageAgain) {
+  Hold(PageState::kModified, 1, 1);
+  EXPECT_EQ(Evict(true), Strings({"Unmap", "Acquire kind=writeback seq=2 last=1"}));
+  // A local access meanwhile waits; no second request goes out.
+  EXPECT_EQ(Fault(true, 5, FaultResult::kWait), Strings{});
+  EXPECT_EQ(EvictReply(2, StatusCode::kFailedPrecondition), Strings({"MapWrite", "Wake w=5"}));
+  EXPECT_EQ(agent_.StateOf(kPage), PageState::kModified);
+  EXPECT_FALSE(agent_.HasPending(kPage));
+  EXPECT_EQ(Fault(true, 6, FaultResult::kHit), Strings{});
+}
+
+TEST_F(NodeAgentTest, WritebackCompletedByFetchStashesAndClearsRequest) {
+  Hold(PageState::kModified, 1, 1);
+  EXPECT_EQ(Evict(true), Strings({"Unmap", "Acquire kind=writeback seq=2 last=1"}));
+  // The directory moves the copy to node 3 instead of answering EvictReply.
+  EXPECT_EQ(Fetch(2, 3, PageState::kInvalid, 1), Strings({"SendPage>3 txn=2 v=1", "Stash txn=2"}));
+  EXPECT_FALSE(agent_.HasPending(kPage));
+  EXPECT_EQ(TickAt(kStart + 10 * kRetransmitMs), Strings{});
+}
+
+// ---------------------------------------------------------------------------
+// Resends: the kind names what the node holds now.
+
+TEST_F(NodeAgentTest, TickResendsAfterRetransmitInterval) {
+  EXPECT_EQ(Fault(false, 1, FaultResult::kWait), Strings({"Acquire kind=read seq=1 last=0"}));
+  EXPECT_EQ(TickAt(kStart + kRetransmitMs - 1), Strings{});
+  EXPECT_EQ(TickAt(kStart + kRetransmitMs), Strings({"Acquire kind=read seq=1 last=0"}));
+  EXPECT_EQ(TickAt(kStart + 2 * kRetransmitMs - 1), Strings{});
+  Actions out;
+  agent_.ResendAll(now_, &out);
+  EXPECT_EQ(Describe(out), Strings({"Acquire kind=read seq=1 last=0"}));
+  EXPECT_EQ(agent_.stats().retransmits, 2u);
+}
+
+// Regression: a node that asked to write holding nothing, then got a Shared
+// copy pushed to it (another node's writeback), resent kWrite. The directory
+// reads kWrite from a holder that has seen its role as "lost my copy" and, as
+// the copy was the only one, marked the page lost.
+TEST_F(NodeAgentTest, WriteResendAfterPushedSharedCopyIsUpgrade) {
+  EXPECT_EQ(Fault(true, 1, FaultResult::kWait), Strings({"Acquire kind=write seq=1 last=0"}));
+  // Unsolicited (request_seq 0) grant of a writeback target.
+  EXPECT_EQ(Grant(MakeGrant(2, 0, PageState::kShared, DataSource::kOwner, 1)), Strings{});
+  EXPECT_EQ(Data(2, 1, 9), Strings({"InstallData h=9", "MapRead", "Done txn=2"}));
+  EXPECT_EQ(agent_.StateOf(kPage), PageState::kShared);
+  EXPECT_TRUE(agent_.HasPending(kPage));  // the write is still wanted
+
+  EXPECT_EQ(TickAt(kStart + kRetransmitMs), Strings({"Acquire kind=upgrade seq=1 last=2"}));
+  Actions out;
+  agent_.ResendAll(now_, &out);
+  EXPECT_EQ(Describe(out), Strings({"Acquire kind=upgrade seq=1 last=2"}));
+}
+
+TEST_F(NodeAgentTest, UpgradeResendAfterInvalidationIsWrite) {
+  Hold(PageState::kShared, 1, 0);
+  EXPECT_EQ(Fault(true, 2, FaultResult::kWait), Strings({"Acquire kind=upgrade seq=2 last=1"}));
+  EXPECT_EQ(Invalidate(2), Strings({"Discard", "InvalidateAck txn=2"}));
+  EXPECT_TRUE(agent_.HasPending(kPage));
+  EXPECT_EQ(TickAt(kStart + kRetransmitMs), Strings({"Acquire kind=write seq=2 last=2"}));
+}
+
+// ---------------------------------------------------------------------------
+// Agents and a real directory: the regression above, end to end.
+
+class Cluster {
+ public:
+  explicit Cluster(std::vector<NodeId> nodes) {
+    for (NodeId n : nodes) {
+      dir_.NodeUp(n);
+      agents_.emplace(n, NodeAgent(n, NodeOptions{kRetransmitMs}));
+    }
+  }
+
+  NodeAgent& agent(NodeId n) { return agents_.at(n); }
+  coordinator::PageDirectory& dir() { return dir_; }
+  const Strings& log() const { return log_; }
+  uint64_t now = kStart;
+
+  // Carries out the network part of `actions` (emitted by node `from`) and of
+  // everything they cause, in FIFO order, with no loss. Logs every action.
+  void Deliver(NodeId from, const Actions& actions) {
+    for (const Action& a : actions) queue_.push_back({from, a});
+    while (!queue_.empty()) {
+      const auto [node, a] = queue_.front();
+      queue_.pop_front();
+      log_.push_back(std::to_string(node) + ": " + Describe(a, node));
+      if (a.kind == ActionKind::kSendToDirectory) {
+        ToDirectory(a.message);
+      } else if (a.kind == ActionKind::kSendPage || a.kind == ActionKind::kSendStash) {
+        Actions out;
+        agent(a.node).HandlePageData(proto::PageData{a.page, a.txn, node, a.version, {}},
+                                     next_handle_++, now, &out);
+        Enqueue(a.node, out);
+      }
+    }
+  }
+
+ private:
+  void Enqueue(NodeId n, const Actions& out) {
+    for (const Action& a : out) queue_.push_back({n, a});
+  }
+  void ToDirectory(const proto::Message& m) {
+    coordinator::Outbox box;
+    if (const auto* acq = std::get_if<proto::Acquire>(&m)) dir_.HandleAcquire(*acq, now, &box);
+    if (const auto* ack = std::get_if<proto::InvalidateAck>(&m)) {
+      dir_.HandleInvalidateAck(*ack, now, &box);
+    }
+    if (const auto* done = std::get_if<proto::Done>(&m)) dir_.HandleDone(*done, now, &box);
+    const Status s = dir_.CheckInvariants();
+    EXPECT_TRUE(s.ok()) << s.ToString();
+    for (const coordinator::Outgoing& o : box) {
+      Actions out;
+      NodeAgent& a = agent(o.to);
+      if (const auto* g = std::get_if<proto::Grant>(&o.message)) a.HandleGrant(*g, now, &out);
+      if (const auto* f = std::get_if<proto::Fetch>(&o.message)) a.HandleFetch(*f, now, &out);
+      if (const auto* i = std::get_if<proto::Invalidate>(&o.message)) {
+        a.HandleInvalidate(*i, now, &out);
+      }
+      if (const auto* r = std::get_if<proto::Release>(&o.message)) a.HandleRelease(*r, &out);
+      if (const auto* e = std::get_if<proto::EvictReply>(&o.message)) {
+        a.HandleEvictReply(*e, now, &out);
+      }
+      Enqueue(o.to, out);
+    }
+  }
+
+  coordinator::PageDirectory dir_;
+  std::map<NodeId, NodeAgent> agents_;
+  std::deque<std::pair<NodeId, Action>> queue_;
+  DataHandle next_handle_ = 1;
+  Strings log_;
+};
+
+bool Contains(const Strings& log, const std::string& entry) {
+  return std::find(log.begin(), log.end(), entry) != log.end();
+}
+
+TEST(NodeAgentWithDirectoryTest, WriteRequestResentAfterPushedCopyKeepsThePage) {
+  Cluster c({1, 2});
+  Actions out;
+  ASSERT_EQ(c.agent(2).Fault(kPage, /*write=*/true, 20, c.now, &out), FaultResult::kWait);
+  c.Deliver(2, out);
+  ASSERT_EQ(c.agent(2).StateOf(kPage), PageState::kModified);
+
+  // Node 1 asks to write; its first Acquire is lost.
+  out.clear();
+  ASSERT_EQ(c.agent(1).Fault(kPage, /*write=*/true, 10, c.now, &out), FaultResult::kWait);
+  ASSERT_EQ(Describe(out, 1), Strings({"Acquire kind=write seq=1 last=0"}));
+
+  // Node 2 writes its only copy back; node 1 is the only other live node.
+  out.clear();
+  ASSERT_TRUE(c.agent(2).Evict(kPage, c.now, &out));
+  c.Deliver(2, out);
+  ASSERT_EQ(c.agent(1).StateOf(kPage), PageState::kShared);
+  ASSERT_EQ(c.agent(2).StateOf(kPage), PageState::kInvalid);
+  ASSERT_EQ(c.agent(2).stash_count(), 0u);  // released
+  ASSERT_TRUE(c.agent(1).HasPending(kPage));
+
+  // Node 1 resends; the directory must serve an upgrade, not lose the page.
+  c.now += kRetransmitMs;
+  out.clear();
+  c.agent(1).Tick(c.now, &out);
+  EXPECT_EQ(Describe(out, 1), Strings({"Acquire kind=upgrade seq=1 last=2"}));
+  c.Deliver(1, out);
+
+  const coordinator::PageRecord* r = c.dir().Find(kPage);
+  ASSERT_NE(r, nullptr);
+  EXPECT_EQ(r->lost, 0);
+  EXPECT_EQ(r->state, PageState::kModified);
+  EXPECT_EQ(r->owner, 1u);
+  EXPECT_EQ(r->busy, 0);
+  EXPECT_EQ(c.agent(1).StateOf(kPage), PageState::kModified);
+  EXPECT_TRUE(Contains(c.log(), "1: Wake w=10")) << ::testing::PrintToString(c.log());
+  EXPECT_FALSE(c.agent(1).HasPending(kPage));
+}
+
+}  // namespace
+}  // namespace dsvm::node
