@@ -5,8 +5,9 @@
 #   tests/run.sh                 everything that can run here
 #   DSVM_FUZZ_SECONDS=60 tests/run.sh   longer fuzzing (default 10 s a target)
 #
-# Layers (CTest labels): unit, sim, integration, fuzz. netns, kmod and gpu
-# arrive with issues #3, #4 and #5.
+# Layers (CTest labels): unit, sim, integration, fuzz, and unit, sim and
+# integration again under ASan+UBSan. netns, kmod and gpu arrive with issues
+# #3, #4 and #5.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +19,21 @@ cmake --build build -j"$jobs"
 
 # Fuzz each decoder for a bounded time (built with clang in build-fuzz).
 DSVM_FUZZ_SECONDS="${DSVM_FUZZ_SECONDS:-10}" bash tests/fuzz/run.sh
+
+# The same tests, and a shorter simulation, under AddressSanitizer and
+# UndefinedBehaviorSanitizer (the coordinator processes of the integration
+# tests included). DSVM_SKIP_SANITIZERS=1 skips this stage.
+if [ "${DSVM_SKIP_SANITIZERS:-0}" != 1 ]; then
+  cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+    -DDSVM_SANITIZE=address,undefined
+  cmake --build build-asan -j"$jobs" --target dsvm_unit_tests dsvm_integration_tests \
+    dsvm-coordinator dsvm-sim dsvm-bench
+  export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+  ctest --test-dir build-asan -L 'unit|integration' --output-on-failure -j"$jobs"
+  build-asan/tests/sim/dsvm-sim --seeds 1-40
+  build-asan/tests/sim/dsvm-sim --random 20
+  unset UBSAN_OPTIONS
+fi
 
 # Last, so its summary closes the output.
 ctest --test-dir build -L 'unit|sim|integration' --output-on-failure -j"$jobs"
