@@ -61,6 +61,7 @@ const char* TypeName(MessageType t) {
     case MessageType::kRelease: return "Release";
     case MessageType::kEvictReply: return "EvictReply";
     case MessageType::kPageData: return "PageData";
+    case MessageType::kPeerHello: return "PeerHello";
   }
   return "Unknown";
 }

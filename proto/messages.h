@@ -68,6 +68,7 @@ enum class MessageType : uint16_t {
   kEvictReply = 27,
   // Data plane: node <-> node.
   kPageData = 30,
+  kPeerHello = 31,
 };
 
 // What a node asks of the directory for one page.
@@ -321,10 +322,18 @@ struct PageData {
   }
 };
 
+// First message on a new node-to-node endpoint: who is calling.
+// TODO(#3): a challenge-response with the cluster secret before any other message.
+struct PeerHello {
+  static constexpr MessageType kType = MessageType::kPeerHello;
+  NodeId node = kNoNode;
+  template <typename A> void Visit(A& a) { a.U32(node); }
+};
+
 using Message = std::variant<StatusReply, JoinRequest, JoinReply, Heartbeat, LeaveRequest,
                              RegionCreate, RegionOpen, RegionDelete, RegionReply, PageQuery,
                              PageQueryReply, Acquire, Grant, Fetch, Invalidate, InvalidateAck,
-                             Done, Release, EvictReply, PageData>;
+                             Done, Release, EvictReply, PageData, PeerHello>;
 
 struct Header {
   uint32_t magic = kMagic;

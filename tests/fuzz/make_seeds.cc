@@ -103,6 +103,7 @@ std::vector<Message> PopulatedMessages() {
                .sender = 3,
                .version = 18,
                .data = std::vector<uint8_t>(64, 0xA5)},
+      PeerHello{.node = 3},
   };
 }
 

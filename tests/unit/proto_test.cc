@@ -220,6 +220,7 @@ std::vector<Message> SampleMessages() {
                  .status = static_cast<uint16_t>(StatusCode::kFailedPrecondition),
                  .txn = 106},
       PageData{.page = kPage, .txn = 105, .sender = 8, .version = 19, .data = page_bytes},
+      PeerHello{.node = 9},
   };
 }
 
@@ -497,7 +498,7 @@ TEST(ProtoHeaderTest, WrongVersionIsInvalidArgument) {
 }
 
 TEST(ProtoHeaderTest, UnknownTypeIsInvalidArgument) {
-  for (uint16_t type : {0, 12, 19, 28, 29, 31, 0x100, 0xFFFF}) {
+  for (uint16_t type : {0, 12, 19, 28, 29, 32, 0x100, 0xFFFF}) {
     Bytes frame = HeaderBytes({.type = type, .payload_length = 0});
     Result<Header> h = DecodeHeader(frame);
     ASSERT_FALSE(h.ok()) << "type " << type;
