@@ -1,0 +1,384 @@
+#include "node/transport/ucx_transport.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+
+#include "proto/framed_socket.h"
+#include "proto/log.h"
+
+namespace dsvm::node {
+namespace {
+
+// The one active-message id dsvm uses: the frame inside says what it is.
+constexpr unsigned kAmId = 1;
+
+Status FromUcs(const std::string& what, ucs_status_t st) {
+  return Unavailable(what + ": " + ucs_status_string(st));
+}
+
+Status ParseIpv4(const std::string& address, sockaddr_in* sa) {
+  std::string host;
+  uint16_t port = 0;
+  if (address.size() > 2 && address.compare(address.size() - 2, 2, ":0") == 0) {
+    host = address.substr(0, address.size() - 2);
+  } else {
+    DSVM_RETURN_IF_ERROR(proto::ParseHostPort(address, &host, &port));
+  }
+  if (host == "localhost") host = "127.0.0.1";
+  std::memset(sa, 0, sizeof(*sa));
+  sa->sin_family = AF_INET;
+  sa->sin_port = htons(port);
+  if (::inet_pton(AF_INET, host.c_str(), &sa->sin_addr) != 1) {
+    return InvalidArgument("'" + host + "' is not a numeric IPv4 address");
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+// A send in flight: owns the encoded frame and the page bytes until UCX
+// reports completion.
+struct UcxTransport::SendRequest {
+  UcxTransport* transport = nullptr;
+  std::vector<uint8_t> header;
+  std::vector<uint8_t> data;
+};
+
+// A rendezvous receive in flight: the PageData it will complete.
+struct UcxTransport::RecvRequest {
+  UcxTransport* transport = nullptr;
+  ucp_ep_h from = nullptr;
+  proto::PageData message;
+};
+
+Result<std::unique_ptr<UcxTransport>> UcxTransport::Create(const UcxOptions& options) {
+  if (options.self == proto::kNoNode) return InvalidArgument("UcxOptions.self is not set");
+  if (options.max_inflight_sends == 0) return InvalidArgument("max_inflight_sends is 0");
+  std::unique_ptr<UcxTransport> t(new UcxTransport(options));
+  DSVM_RETURN_IF_ERROR(t->Start());
+  return t;
+}
+
+Status UcxTransport::Start() {
+  sockaddr_in sa{};
+  DSVM_RETURN_IF_ERROR(ParseIpv4(options_.listen, &sa));
+
+  ucp_config_t* config = nullptr;
+  ucs_status_t st = ucp_config_read(nullptr, nullptr, &config);
+  if (st != UCS_OK) return FromUcs("ucp_config_read", st);
+  ucp_params_t params{};
+  params.field_mask = UCP_PARAM_FIELD_FEATURES;
+  params.features = UCP_FEATURE_AM | UCP_FEATURE_WAKEUP;
+  st = ucp_init(&params, config, &context_);
+  ucp_config_release(config);
+  if (st != UCS_OK) return FromUcs("ucp_init", st);
+
+  ucp_worker_params_t wp{};
+  wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
+  wp.thread_mode = UCS_THREAD_MODE_SINGLE;
+  st = ucp_worker_create(context_, &wp, &worker_);
+  if (st != UCS_OK) return FromUcs("ucp_worker_create", st);
+
+  ucp_worker_attr_t attr{};
+  attr.field_mask = UCP_WORKER_ATTR_FIELD_MAX_AM_HEADER;
+  st = ucp_worker_query(worker_, &attr);
+  if (st != UCS_OK) return FromUcs("ucp_worker_query", st);
+  max_am_header_ = attr.max_am_header;
+
+  st = ucp_worker_get_efd(worker_, &efd_);
+  if (st != UCS_OK) return FromUcs("ucp_worker_get_efd", st);
+
+  ucp_am_handler_param_t hp{};
+  hp.field_mask =
+      UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB | UCP_AM_HANDLER_PARAM_FIELD_ARG;
+  hp.id = kAmId;
+  hp.cb = &UcxTransport::OnActiveMessage;
+  hp.arg = this;
+  st = ucp_worker_set_am_recv_handler(worker_, &hp);
+  if (st != UCS_OK) return FromUcs("ucp_worker_set_am_recv_handler", st);
+
+  ucp_listener_params_t lp{};
+  lp.field_mask = UCP_LISTENER_PARAM_FIELD_SOCK_ADDR | UCP_LISTENER_PARAM_FIELD_CONN_HANDLER;
+  lp.sockaddr.addr = reinterpret_cast<const sockaddr*>(&sa);
+  lp.sockaddr.addrlen = sizeof(sa);
+  lp.conn_handler.cb = &UcxTransport::OnConnRequest;
+  lp.conn_handler.arg = this;
+  st = ucp_listener_create(worker_, &lp, &listener_);
+  if (st != UCS_OK) return FromUcs("listen on " + options_.listen, st);
+  ucp_listener_attr_t la{};
+  la.field_mask = UCP_LISTENER_ATTR_FIELD_SOCKADDR;
+  st = ucp_listener_query(listener_, &la);
+  if (st != UCS_OK) return FromUcs("ucp_listener_query", st);
+  port_ = ntohs(reinterpret_cast<const sockaddr_in*>(&la.sockaddr)->sin_port);
+  return Status::Ok();
+}
+
+UcxTransport::~UcxTransport() {
+  if (worker_ != nullptr) {
+    Flush(1000).IgnoreError();
+    for (ucp_ep_h ep : all_eps_) {
+      ucp_request_param_t p{};
+      p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+      p.flags = UCP_EP_CLOSE_FLAG_FORCE;
+      ucs_status_ptr_t r = ucp_ep_close_nbx(ep, &p);
+      if (UCS_PTR_IS_PTR(r)) {
+        for (int i = 0; i < 100000 && ucp_request_check_status(r) == UCS_INPROGRESS; ++i) {
+          ucp_worker_progress(worker_);
+        }
+        ucp_request_free(r);
+      }
+    }
+    if (listener_ != nullptr) ucp_listener_destroy(listener_);
+    ucp_worker_destroy(worker_);
+  }
+  if (context_ != nullptr) ucp_cleanup(context_);
+}
+
+// ---------------------------------------------------------------------------
+// Endpoints
+
+void UcxTransport::OnConnRequest(ucp_conn_request_h request, void* arg) {
+  auto* self = static_cast<UcxTransport*>(arg);
+  ucp_ep_params_t ep{};
+  ep.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST | UCP_EP_PARAM_FIELD_ERR_HANDLER |
+                  UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
+  ep.conn_request = request;
+  ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+  ep.err_handler.cb = &UcxTransport::OnEndpointError;
+  ep.err_handler.arg = self;
+  ucp_ep_h h = nullptr;
+  ucs_status_t st = ucp_ep_create(self->worker_, &ep, &h);
+  if (st != UCS_OK) {
+    LogWarning(std::string("refusing a peer connection: ") + ucs_status_string(st));
+    return;
+  }
+  self->ep_node_[h] = proto::kNoNode;  // until its PeerHello
+  self->all_eps_.push_back(h);
+}
+
+Status UcxTransport::Connect(proto::NodeId peer, const std::string& address) {
+  if (peer == proto::kNoNode || peer == options_.self) {
+    return InvalidArgument("cannot connect to node " + std::to_string(peer));
+  }
+  sockaddr_in sa{};
+  DSVM_RETURN_IF_ERROR(ParseIpv4(address, &sa));
+  ucp_ep_params_t ep{};
+  ep.field_mask = UCP_EP_PARAM_FIELD_FLAGS | UCP_EP_PARAM_FIELD_SOCK_ADDR |
+                  UCP_EP_PARAM_FIELD_ERR_HANDLER | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
+  ep.flags = UCP_EP_PARAMS_FLAGS_CLIENT_SERVER;
+  ep.sockaddr.addr = reinterpret_cast<const sockaddr*>(&sa);
+  ep.sockaddr.addrlen = sizeof(sa);
+  // PEER error handling reports a dead peer instead of hanging; on this UCX
+  // it also gives up shared-memory lanes (notes/ucx.md, pitfall 4).
+  ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+  ep.err_handler.cb = &UcxTransport::OnEndpointError;
+  ep.err_handler.arg = this;
+  ucp_ep_h h = nullptr;
+  ucs_status_t st = ucp_ep_create(worker_, &ep, &h);
+  if (st != UCS_OK) return FromUcs("connect to " + address, st);
+  all_eps_.push_back(h);
+  ep_node_[h] = peer;
+  peers_[peer] = h;
+  return SendOn(h, proto::PeerHello{options_.self});
+}
+
+void UcxTransport::OnEndpointError(void* arg, ucp_ep_h ep, ucs_status_t status) {
+  auto* self = static_cast<UcxTransport*>(arg);
+  auto it = self->ep_node_.find(ep);
+  const proto::NodeId node = it == self->ep_node_.end() ? proto::kNoNode : it->second;
+  LogWarning("UCX endpoint to node " + std::to_string(node) + " failed: " +
+             ucs_status_string(status));
+  self->failed_eps_.push_back(ep);
+}
+
+void UcxTransport::ForgetEndpoint(ucp_ep_h ep) {
+  auto it = ep_node_.find(ep);
+  if (it != ep_node_.end()) {
+    auto p = peers_.find(it->second);
+    if (p != peers_.end() && p->second == ep) peers_.erase(p);
+    ep_node_.erase(it);
+  }
+  all_eps_.erase(std::remove(all_eps_.begin(), all_eps_.end(), ep), all_eps_.end());
+}
+
+// ---------------------------------------------------------------------------
+// Sending
+
+Status UcxTransport::Send(proto::NodeId peer, proto::Message message) {
+  auto it = peers_.find(peer);
+  if (it == peers_.end()) return Unavailable("no endpoint to node " + std::to_string(peer));
+  return SendOn(it->second, std::move(message));
+}
+
+Status UcxTransport::SendOn(ucp_ep_h ep, proto::Message message) {
+  if (inflight_ >= options_.max_inflight_sends) {
+    return ResourceExhausted("UCX sends in flight at their bound of " +
+                             std::to_string(options_.max_inflight_sends));
+  }
+  auto req = std::make_unique<SendRequest>();
+  req->transport = this;
+  if (auto* pd = std::get_if<proto::PageData>(&message)) req->data = std::move(pd->data);
+  proto::EncodeTo(message, 0, &req->header);
+  DSVM_CHECK_MSG(req->header.size() <= max_am_header_, "frame larger than UCX's AM header limit");
+
+  ucp_request_param_t p{};
+  p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
+  p.flags = UCP_AM_SEND_FLAG_REPLY;  // the receiver learns which endpoint sent it
+  p.cb.send = &UcxTransport::OnSendDone;
+  p.user_data = req.get();
+  ucs_status_ptr_t s = ucp_am_send_nbx(ep, kAmId, req->header.data(), req->header.size(),
+                                       req->data.empty() ? nullptr : req->data.data(),
+                                       req->data.size(), &p);
+  if (s == nullptr) {
+    ++stats_.sent;
+    return Status::Ok();  // completed at once; the buffers may go
+  }
+  if (UCS_PTR_IS_ERR(s)) {
+    ++stats_.send_errors;
+    return FromUcs("ucp_am_send_nbx", UCS_PTR_STATUS(s));
+  }
+  req.release();  // owned by UCX until OnSendDone
+  ++inflight_;
+  return Status::Ok();
+}
+
+void UcxTransport::OnSendDone(void* request, ucs_status_t status, void* user_data) {
+  std::unique_ptr<SendRequest> req(static_cast<SendRequest*>(user_data));
+  UcxTransport* self = req->transport;
+  --self->inflight_;
+  if (status == UCS_OK) {
+    ++self->stats_.sent;
+  } else {
+    ++self->stats_.send_errors;
+  }
+  ucp_request_free(request);
+}
+
+// ---------------------------------------------------------------------------
+// Receiving
+
+ucs_status_t UcxTransport::OnActiveMessage(void* arg, const void* header, size_t header_length,
+                                           void* data, size_t length,
+                                           const ucp_am_recv_param_t* param) {
+  auto* self = static_cast<UcxTransport*>(arg);
+  ucp_ep_h from = (param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) ? param->reply_ep : nullptr;
+  auto frame = proto::Decode(
+      std::span<const uint8_t>(static_cast<const uint8_t*>(header), header_length));
+  if (!frame.ok() || from == nullptr) {
+    ++self->stats_.malformed;
+    return UCS_OK;  // a rendezvous descriptor not received is dropped by UCX
+  }
+  auto* pd = std::get_if<proto::PageData>(&frame->message);
+  if (pd == nullptr) {
+    if (length != 0) {
+      ++self->stats_.malformed;  // only PageData carries data
+      return UCS_OK;
+    }
+    self->Deliver(from, std::move(frame->message));
+    return UCS_OK;
+  }
+  if (length > proto::kMaxPageSize || !pd->data.empty()) {
+    ++self->stats_.malformed;
+    return UCS_OK;
+  }
+  if (!(param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV)) {
+    pd->data.assign(static_cast<const uint8_t*>(data), static_cast<const uint8_t*>(data) + length);
+    self->Deliver(from, std::move(frame->message));
+    return UCS_OK;
+  }
+  // Rendezvous: the bytes are fetched into our buffer, then delivered.
+  auto rr = std::make_unique<RecvRequest>();
+  rr->transport = self;
+  rr->from = from;
+  rr->message = std::move(*pd);
+  rr->message.data.resize(length);
+  ucp_request_param_t p{};
+  p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+  p.cb.recv_am = &UcxTransport::OnRecvDone;
+  p.user_data = rr.get();
+  ucs_status_ptr_t s =
+      ucp_am_recv_data_nbx(self->worker_, data, rr->message.data.data(), length, &p);
+  if (s == nullptr) {
+    ++self->stats_.rendezvous_received;
+    self->Deliver(from, std::move(rr->message));
+  } else if (UCS_PTR_IS_ERR(s)) {
+    ++self->stats_.malformed;
+  } else {
+    rr.release();  // completes in OnRecvDone
+  }
+  return UCS_OK;
+}
+
+void UcxTransport::OnRecvDone(void* request, ucs_status_t status, size_t length, void* user_data) {
+  std::unique_ptr<RecvRequest> rr(static_cast<RecvRequest*>(user_data));
+  UcxTransport* self = rr->transport;
+  if (status == UCS_OK && length == rr->message.data.size()) {
+    ++self->stats_.rendezvous_received;
+    self->Deliver(rr->from, std::move(rr->message));
+  } else {
+    ++self->stats_.malformed;
+  }
+  ucp_request_free(request);
+}
+
+void UcxTransport::Deliver(ucp_ep_h from, proto::Message m) {
+  auto it = ep_node_.find(from);
+  if (auto* hello = std::get_if<proto::PeerHello>(&m)) {
+    if (it == ep_node_.end() || hello->node == proto::kNoNode || hello->node == options_.self) {
+      ++stats_.malformed;
+      return;
+    }
+    it->second = hello->node;
+    peers_.try_emplace(hello->node, from);  // our own endpoint to it, if any, stays preferred
+    return;
+  }
+  if (it == ep_node_.end() || it->second == proto::kNoNode) {
+    ++stats_.dropped_before_hello;
+    return;
+  }
+  ++stats_.received;
+  std::vector<UcxIncoming>* out = sink_ != nullptr ? sink_ : &late_;
+  out->push_back(UcxIncoming{it->second, std::move(m)});
+}
+
+size_t UcxTransport::Progress(std::vector<UcxIncoming>* in) {
+  const size_t before = in->size();
+  for (auto& m : late_) in->push_back(std::move(m));
+  late_.clear();
+  sink_ = in;
+  while (ucp_worker_progress(worker_) != 0) {
+  }
+  sink_ = nullptr;
+  for (ucp_ep_h ep : failed_eps_) {
+    ForgetEndpoint(ep);
+    ucp_request_param_t p{};
+    p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+    p.flags = UCP_EP_CLOSE_FLAG_FORCE;
+    ucs_status_ptr_t r = ucp_ep_close_nbx(ep, &p);
+    if (UCS_PTR_IS_PTR(r)) ucp_request_free(r);  // released when the close completes
+  }
+  failed_eps_.clear();
+  return in->size() - before;
+}
+
+bool UcxTransport::Arm() { return ucp_worker_arm(worker_) == UCS_OK; }
+
+Status UcxTransport::Flush(int timeout_ms) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  std::vector<UcxIncoming> held;
+  while (inflight_ > 0) {
+    if (std::chrono::steady_clock::now() > deadline) {
+      for (auto& m : held) late_.push_back(std::move(m));
+      return Unavailable(std::to_string(inflight_) + " UCX sends still in flight");
+    }
+    Progress(&held);
+  }
+  for (auto& m : held) late_.push_back(std::move(m));
+  return Status::Ok();
+}
+
+}  // namespace dsvm::node

@@ -1,0 +1,123 @@
+// UcxTransport: node-to-node messages over UCX active messages.
+//
+// Every byte of page data between nodes crosses here. One UCX worker, owned
+// by one thread (the node daemon's event loop): nothing here locks. The loop
+// sleeps on event_fd() after Arm() and calls Progress() when it is readable,
+// or busy-polls Progress() on the fault path (../shared/notes/ucx.md, pitfall
+// 1: a peer that does not progress stalls everyone who talks to it).
+//
+// Wire rule (proto/PROTOCOL.md): one proto frame per active message, in the
+// AM header; PageData's bytes travel as the AM data, never inside the frame.
+// A connecting peer's first message is PeerHello; messages from an endpoint
+// that has not said hello are dropped.
+#ifndef DSVM_NODE_TRANSPORT_UCX_TRANSPORT_H_
+#define DSVM_NODE_TRANSPORT_UCX_TRANSPORT_H_
+
+#include <ucp/api/ucp.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "proto/messages.h"
+
+namespace dsvm::node {
+
+struct UcxOptions {
+  proto::NodeId self = proto::kNoNode;
+  std::string listen = "127.0.0.1:0";  // IPv4 "host:port"; port 0 picks a free one
+  // Upper bound on sends not yet completed by UCX; Send refuses beyond it.
+  size_t max_inflight_sends = 4096;
+};
+
+struct UcxIncoming {
+  proto::NodeId from = proto::kNoNode;
+  proto::Message message;
+};
+
+struct UcxStats {
+  uint64_t sent = 0;
+  uint64_t received = 0;
+  uint64_t rendezvous_received = 0;
+  uint64_t dropped_before_hello = 0;
+  uint64_t malformed = 0;
+  uint64_t send_errors = 0;
+};
+
+class UcxTransport {
+ public:
+  // Errors: kInvalidArgument (options), kUnavailable (UCX could not start or
+  // listen; the message carries UCX's reason).
+  static Result<std::unique_ptr<UcxTransport>> Create(const UcxOptions& options);
+  ~UcxTransport();
+  UcxTransport(const UcxTransport&) = delete;
+  UcxTransport& operator=(const UcxTransport&) = delete;
+
+  proto::NodeId self() const { return options_.self; }
+  uint16_t port() const { return port_; }
+  // Readable when there may be work for Progress().
+  int event_fd() const { return efd_; }
+
+  // Opens an endpoint to a peer's listener and says hello. Messages to the
+  // peer may be sent at once: UCX queues them until the connection is up.
+  // Errors: kInvalidArgument (address), kUnavailable.
+  Status Connect(proto::NodeId peer, const std::string& address);
+  bool HasPeer(proto::NodeId peer) const { return peers_.count(peer) != 0; }
+
+  // Sends one message. For PageData, `data` goes as the AM data. Errors:
+  // kUnavailable (no endpoint to that peer), kResourceExhausted (too many
+  // sends in flight).
+  Status Send(proto::NodeId peer, proto::Message message);
+
+  // Progresses the worker until it has nothing more to do right now and
+  // appends every message received to `in`. Returns the number of messages.
+  size_t Progress(std::vector<UcxIncoming>* in);
+  // Prepares event_fd() for sleeping. False: events are pending, so call
+  // Progress() again before sleeping.
+  bool Arm();
+
+  // Waits (progressing) until every send completed, at most timeout_ms.
+  // Call before telling a peer you are done (notes/ucx.md, pitfall 9).
+  Status Flush(int timeout_ms);
+
+  size_t inflight_sends() const { return inflight_; }
+  const UcxStats& stats() const { return stats_; }
+
+ private:
+  struct SendRequest;
+  struct RecvRequest;
+
+  explicit UcxTransport(const UcxOptions& options) : options_(options) {}
+  Status Start();
+  static void OnConnRequest(ucp_conn_request_h request, void* arg);
+  static ucs_status_t OnActiveMessage(void* arg, const void* header, size_t header_length,
+                                      void* data, size_t length, const ucp_am_recv_param_t* param);
+  static void OnSendDone(void* request, ucs_status_t status, void* user_data);
+  static void OnRecvDone(void* request, ucs_status_t status, size_t length, void* user_data);
+  static void OnEndpointError(void* arg, ucp_ep_h ep, ucs_status_t status);
+  void Deliver(ucp_ep_h from, proto::Message m);
+  Status SendOn(ucp_ep_h ep, proto::Message message);
+  void ForgetEndpoint(ucp_ep_h ep);
+
+  UcxOptions options_;
+  ucp_context_h context_ = nullptr;
+  ucp_worker_h worker_ = nullptr;
+  ucp_listener_h listener_ = nullptr;
+  int efd_ = -1;
+  uint16_t port_ = 0;
+  size_t max_am_header_ = 0;
+  std::unordered_map<proto::NodeId, ucp_ep_h> peers_;   // where to send to a node
+  std::unordered_map<ucp_ep_h, proto::NodeId> ep_node_;  // who is behind an endpoint (0: no hello yet)
+  std::vector<ucp_ep_h> all_eps_;
+  std::vector<ucp_ep_h> failed_eps_;                     // closed at the next Progress
+  std::vector<UcxIncoming>* sink_ = nullptr;             // valid during Progress
+  std::vector<UcxIncoming> late_;                        // completed outside Progress
+  size_t inflight_ = 0;
+  UcxStats stats_;
+};
+
+}  // namespace dsvm::node
+
+#endif  // DSVM_NODE_TRANSPORT_UCX_TRANSPORT_H_

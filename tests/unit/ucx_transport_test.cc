@@ -1,0 +1,145 @@
+// UcxTransport over real UCX on loopback, once per transport set.
+#include "node/transport/ucx_transport.h"
+
+#include <chrono>
+#include <cstdlib>
+#include <functional>
+#include <thread>
+
+#include <gtest/gtest.h>
+
+namespace dsvm::node {
+namespace {
+
+using proto::NodeId;
+
+class UcxTransportTest : public ::testing::TestWithParam<const char*> {
+ protected:
+  void SetUp() override {
+    // UCX reads these when a context is created. Loopback only: without
+    // UCX_NET_DEVICES a connection to 127.0.0.1 also opens lanes over eth0.
+    ::setenv("UCX_TLS", GetParam(), 1);
+    ::setenv("UCX_NET_DEVICES", "lo", 1);
+    ::setenv("UCX_TCP_CM_REUSEADDR", "y", 1);
+  }
+
+  std::unique_ptr<UcxTransport> Make(NodeId self) {
+    auto t = UcxTransport::Create(UcxOptions{self, "127.0.0.1:0"});
+    EXPECT_TRUE(t.ok()) << t.status().ToString();
+    return t.ok() ? std::move(*t) : nullptr;
+  }
+
+  // Progresses every transport until `done` or 5 s pass.
+  bool Pump(std::vector<UcxTransport*> ts, const std::function<bool()>& done) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    while (!done()) {
+      if (std::chrono::steady_clock::now() > deadline) return false;
+      for (size_t i = 0; i < ts.size(); ++i) ts[i]->Progress(&in_[i]);
+    }
+    return true;
+  }
+
+  std::vector<UcxIncoming> in_[3];
+};
+
+TEST_P(UcxTransportTest, HelloThenMessagesBothWays) {
+  auto a = Make(1), b = Make(2);
+  ASSERT_TRUE(a && b);
+  ASSERT_TRUE(b->Connect(1, "127.0.0.1:" + std::to_string(a->port())).ok());
+  ASSERT_TRUE(b->Send(1, proto::Acquire{0x200000000000, 2, proto::AccessKind::kRead, 7, 3}).ok());
+  ASSERT_TRUE(Pump({a.get(), b.get()}, [&] { return !in_[0].empty(); }));
+  ASSERT_EQ(in_[0].size(), 1u);
+  EXPECT_EQ(in_[0][0].from, 2u);
+  auto* acq = std::get_if<proto::Acquire>(&in_[0][0].message);
+  ASSERT_NE(acq, nullptr);
+  EXPECT_EQ(acq->request_seq, 7u);
+  EXPECT_EQ(acq->last_txn, 3u);
+
+  // The listener answers on the endpoint the hello named.
+  ASSERT_TRUE(a->HasPeer(2));
+  ASSERT_TRUE(a->Send(2, proto::Invalidate{0x200000000000, 9}).ok());
+  ASSERT_TRUE(Pump({a.get(), b.get()}, [&] { return !in_[1].empty(); }));
+  EXPECT_EQ(in_[1][0].from, 1u);
+  EXPECT_NE(std::get_if<proto::Invalidate>(&in_[1][0].message), nullptr);
+  EXPECT_EQ(a->stats().dropped_before_hello, 0u);
+  EXPECT_EQ(a->stats().malformed, 0u);
+}
+
+TEST_P(UcxTransportTest, PageBytesArriveIntactSmallAndLarge) {
+  auto a = Make(1), b = Make(2);
+  ASSERT_TRUE(a && b);
+  ASSERT_TRUE(b->Connect(1, "127.0.0.1:" + std::to_string(a->port())).ok());
+  for (size_t size : {size_t{4096}, size_t{65536}, size_t{proto::kMaxPageSize}}) {
+    in_[0].clear();
+    proto::PageData d;
+    d.page = 0x200000000000;
+    d.txn = size;
+    d.sender = 2;
+    d.version = 5;
+    d.data.resize(size);
+    for (size_t i = 0; i < size; ++i) d.data[i] = static_cast<uint8_t>(i * 131 + size);
+    const std::vector<uint8_t> expect = d.data;
+    ASSERT_TRUE(b->Send(1, std::move(d)).ok());
+    ASSERT_TRUE(Pump({a.get(), b.get()}, [&] { return !in_[0].empty(); })) << size;
+    auto* got = std::get_if<proto::PageData>(&in_[0][0].message);
+    ASSERT_NE(got, nullptr);
+    EXPECT_EQ(got->txn, size);
+    EXPECT_EQ(got->data, expect) << "page of " << size << " bytes damaged";
+  }
+  EXPECT_GT(a->stats().rendezvous_received, 0u) << "2 MiB should travel by rendezvous";
+}
+
+TEST_P(UcxTransportTest, ManyMessagesAllArrive) {
+  auto a = Make(1), b = Make(2);
+  ASSERT_TRUE(a && b);
+  ASSERT_TRUE(b->Connect(1, "127.0.0.1:" + std::to_string(a->port())).ok());
+  constexpr uint64_t kCount = 5000;
+  std::vector<bool> seen(kCount, false);
+  uint64_t sent = 0;
+  ASSERT_TRUE(Pump({a.get(), b.get()}, [&] {
+    while (sent < kCount && b->inflight_sends() < 256) {
+      if (!b->Send(1, proto::Done{0x200000000000, sent, 2}).ok()) break;
+      ++sent;
+    }
+    for (auto& m : in_[0]) seen[std::get<proto::Done>(m.message).txn] = true;
+    in_[0].clear();
+    return sent == kCount && std::count(seen.begin(), seen.end(), true) == kCount;
+  }));
+  ASSERT_TRUE(b->Flush(2000).ok());
+  EXPECT_EQ(b->inflight_sends(), 0u);
+}
+
+TEST_P(UcxTransportTest, RefusesWhatItCannotDo) {
+  auto a = Make(1);
+  ASSERT_TRUE(a);
+  EXPECT_EQ(a->Send(9, proto::Done{}).code(), StatusCode::kUnavailable);
+  EXPECT_EQ(a->Connect(1, "127.0.0.1:1").code(), StatusCode::kInvalidArgument);  // itself
+  EXPECT_EQ(a->Connect(2, "not-an-address").code(), StatusCode::kInvalidArgument);
+  EXPECT_FALSE(UcxTransport::Create(UcxOptions{0, "127.0.0.1:0"}).ok());
+  EXPECT_FALSE(UcxTransport::Create(UcxOptions{1, "999.1.1.1:0"}).ok());
+}
+
+TEST_P(UcxTransportTest, SurvivesAPeerThatGoesAway) {
+  auto a = Make(1), b = Make(2), c = Make(3);
+  ASSERT_TRUE(a && b && c);
+  ASSERT_TRUE(b->Connect(1, "127.0.0.1:" + std::to_string(a->port())).ok());
+  ASSERT_TRUE(c->Connect(1, "127.0.0.1:" + std::to_string(a->port())).ok());
+  ASSERT_TRUE(b->Send(1, proto::Done{0x200000000000, 1, 2}).ok());
+  ASSERT_TRUE(c->Send(1, proto::Done{0x200000000000, 1, 3}).ok());
+  ASSERT_TRUE(Pump({a.get(), b.get(), c.get()}, [&] { return in_[0].size() == 2; }));
+  b.reset();  // node 2's daemon is gone
+  // Node 1 keeps serving node 3, whatever UCX reports about node 2.
+  in_[0].clear();
+  a->Send(2, proto::Invalidate{0x200000000000, 4}).IgnoreError();
+  ASSERT_TRUE(c->Send(1, proto::Done{0x200000000000, 2, 3}).ok());
+  ASSERT_TRUE(Pump({a.get(), c.get()}, [&] { return !in_[0].empty(); }));
+  EXPECT_EQ(in_[0].back().from, 3u);
+}
+
+INSTANTIATE_TEST_SUITE_P(Transports, UcxTransportTest, ::testing::Values("tcp", "sm,tcp"),
+                         [](const auto& info) {
+                           return std::string(info.param[0] == 't' ? "tcp" : "sm_tcp");
+                         });
+
+}  // namespace
+}  // namespace dsvm::node
