@@ -12,6 +12,7 @@
 #include <gtest/gtest.h>
 
 #include "proto/framed_socket.h"
+#include "proto/shard_map.h"
 #include "tests/integration/coordinator_process.h"
 
 namespace dsvm::testing {
@@ -258,6 +259,60 @@ TEST(CoordinatorMembership, DeadNodeLosesSoleCopiesKeepsShared) {
   // The dead node's heartbeat is refused until it joins again.
   EXPECT_FALSE(a.Heartbeat().ok());
   EXPECT_NE(coord.stderr_text().find("declared dead"), std::string::npos);
+}
+
+// The directory split over two coordinator processes by address: each shard
+// serves the pages of its granules and refuses the others'; a node works with
+// both at once; one shard's crash leaves the other serving.
+TEST(CoordinatorShards, TwoShardsSplitTheDirectoryByAddress) {
+  TempDir dir;
+  CoordinatorProcess shard0, shard1;
+  ASSERT_TRUE(shard0.Start(dir.path() + "/s0", {"--shard", "0", "--shard-count", "2"}).ok())
+      << shard0.stderr_text();
+  ASSERT_TRUE(shard1.Start(dir.path() + "/s1", {"--shard", "1", "--shard-count", "2"}).ok())
+      << shard1.stderr_text();
+  // Today a region is created on every shard (PROTOCOL.md, "Shards"); the
+  // placement is the same on both.
+  auto t0 = proto::FramedSocket::Connect(shard0.address());
+  auto t1 = proto::FramedSocket::Connect(shard1.address());
+  ASSERT_TRUE(t0.ok() && t1.ok());
+  proto::RegionReply r0 = CreateRegion(*t0, "split", 8u << 20);
+  proto::RegionReply r1 = CreateRegion(*t1, "split", 8u << 20);
+  ASSERT_EQ(r0.base, r1.base);
+  const proto::ShardMap map(2);
+  const proto::PageAddr p0 = r0.base, p1 = r0.base + proto::kShardGranule;
+  ASSERT_EQ(map.ShardOf(p0), 0u);
+  ASSERT_EQ(map.ShardOf(p1), 1u);
+
+  ScriptedNode a0, a1, b0, b1;  // nodes a and b, each joined to both shards
+  ASSERT_TRUE(a0.Connect(shard0.address()).ok());
+  ASSERT_TRUE(b0.Connect(shard0.address()).ok());
+  ASSERT_TRUE(a1.Connect(shard1.address()).ok());
+  ASSERT_TRUE(b1.Connect(shard1.address()).ok());
+  auto g = a0.Acquire(p0, AccessKind::kWrite);
+  ASSERT_TRUE(g.ok()) << g.status().ToString();
+  g = a1.Acquire(p1, AccessKind::kWrite);
+  ASSERT_TRUE(g.ok()) << g.status().ToString();
+  g = b1.Acquire(p1, AccessKind::kRead);
+  ASSERT_TRUE(g.ok()) << g.status().ToString();
+  EXPECT_EQ(g->source, proto::DataSource::kOwner);
+  EXPECT_EQ(Query(*t0, p0).owner, a0.id());
+  EXPECT_EQ(Query(*t1, p1).sharers.size(), 2u);
+
+  // A page of the other shard is refused (and that connection closed).
+  auto wrong = b0.Acquire(p1, AccessKind::kRead, 2000);
+  EXPECT_FALSE(wrong.ok());
+  auto q = t0->Call(proto::PageQuery{p1});
+  ASSERT_TRUE(q.ok());
+  auto* st = std::get_if<proto::StatusReply>(&*q);
+  ASSERT_NE(st, nullptr);
+  EXPECT_NE(st->message.find("shard 1"), std::string::npos) << st->message;
+
+  // Shard 1 dies; shard 0 keeps serving its pages.
+  shard1.Kill(SIGKILL);
+  g = a0.Acquire(p0 + 4096, AccessKind::kWrite);
+  ASSERT_TRUE(g.ok()) << g.status().ToString();
+  EXPECT_EQ(g->state, proto::PageState::kModified);
 }
 
 }  // namespace
