@@ -52,6 +52,10 @@ const char* TypeName(MessageType t) {
     case MessageType::kRegionReply: return "RegionReply";
     case MessageType::kPageQuery: return "PageQuery";
     case MessageType::kPageQueryReply: return "PageQueryReply";
+    case MessageType::kNodeList: return "NodeList";
+    case MessageType::kNodeListReply: return "NodeListReply";
+    case MessageType::kRegionList: return "RegionList";
+    case MessageType::kRegionListReply: return "RegionListReply";
     case MessageType::kAcquire: return "Acquire";
     case MessageType::kGrant: return "Grant";
     case MessageType::kFetch: return "Fetch";

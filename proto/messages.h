@@ -42,6 +42,7 @@ inline constexpr uint32_t kMaxAddressLength = 255;            // "host:port"
 inline constexpr uint32_t kMaxTextLength = 1024;              // status messages
 inline constexpr uint32_t kMaxBlobLength = 4096;              // opaque transport addresses
 inline constexpr uint32_t kMaxSharersInReply = 1024;
+inline constexpr uint32_t kMaxListEntries = 128;  // per list reply; 128 * ~300 B < 64 KiB
 
 enum class MessageType : uint16_t {
   kInvalid = 0,
@@ -57,6 +58,10 @@ enum class MessageType : uint16_t {
   kRegionReply = 9,
   kPageQuery = 10,
   kPageQueryReply = 11,
+  kNodeList = 12,
+  kNodeListReply = 13,
+  kRegionList = 14,
+  kRegionListReply = 15,
   // Coherence plane: node <-> directory shard.
   kAcquire = 20,
   kGrant = 21,
@@ -210,6 +215,46 @@ struct PageQueryReply {
   }
 };
 
+// Node or tool -> coordinator: members with id > start_after. Reply: NodeListReply.
+struct NodeList {
+  static constexpr MessageType kType = MessageType::kNodeList;
+  NodeId start_after = kNoNode;
+  template <typename A> void Visit(A& a) { a.U32(start_after); }
+};
+
+struct NodeEntry {
+  NodeId node = kNoNode;
+  uint8_t live = 0;
+  std::string address;  // the node's UCX listener, "host:port"
+  uint64_t host_memory_bytes = 0;
+  uint32_t gpu_count = 0;
+  template <typename A> void Visit(A& a) {
+    a.U32(node); a.Flag(live); a.Str(address, kMaxAddressLength); a.U64(host_memory_bytes);
+    a.U32(gpu_count);
+  }
+};
+
+struct NodeListReply {
+  static constexpr MessageType kType = MessageType::kNodeListReply;
+  std::vector<NodeEntry> nodes;  // id order, at most kMaxListEntries
+  uint8_t more = 0;              // 1: ask again after the last id
+  template <typename A> void Visit(A& a) { a.List(nodes, kMaxListEntries); a.Flag(more); }
+};
+
+// Tool -> coordinator: regions with id > start_after. Reply: RegionListReply.
+struct RegionList {
+  static constexpr MessageType kType = MessageType::kRegionList;
+  RegionId start_after = 0;
+  template <typename A> void Visit(A& a) { a.U64(start_after); }
+};
+
+struct RegionListReply {
+  static constexpr MessageType kType = MessageType::kRegionListReply;
+  std::vector<RegionReply> regions;  // id order, at most kMaxListEntries
+  uint8_t more = 0;
+  template <typename A> void Visit(A& a) { a.List(regions, kMaxListEntries); a.Flag(more); }
+};
+
 // Node -> directory: a request for one page. A node has at most one request
 // outstanding per page; request_seq grows per node, so replies can be matched
 // and duplicates recognised. last_txn is the newest txn of this page that the
@@ -332,7 +377,8 @@ struct PeerHello {
 
 using Message = std::variant<StatusReply, JoinRequest, JoinReply, Heartbeat, LeaveRequest,
                              RegionCreate, RegionOpen, RegionDelete, RegionReply, PageQuery,
-                             PageQueryReply, Acquire, Grant, Fetch, Invalidate, InvalidateAck,
+                             PageQueryReply, NodeList, NodeListReply, RegionList, RegionListReply,
+                             Acquire, Grant, Fetch, Invalidate, InvalidateAck,
                              Done, Release, EvictReply, PageData, PeerHello>;
 
 struct Header {

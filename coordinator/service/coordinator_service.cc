@@ -1,5 +1,6 @@
 #include "coordinator/service/coordinator_service.h"
 
+#include <algorithm>
 #include <utility>
 
 #include "proto/log.h"
@@ -94,6 +95,34 @@ Status CoordinatorService::OnFrame(ConnId conn, const proto::Frame& frame, uint6
           } else {
             Reply(conn, rid, directory_.Query(m.page));
           }
+          return Status::Ok();
+        } else if constexpr (std::is_same_v<T, proto::NodeList>) {
+          proto::NodeListReply r;
+          for (auto it = members_.upper_bound(m.start_after); it != members_.end(); ++it) {
+            if (r.nodes.size() == proto::kMaxListEntries) {
+              r.more = 1;
+              break;
+            }
+            const NodeRecord& n = it->second.record;
+            r.nodes.push_back(proto::NodeEntry{n.id, n.live, n.address, n.host_memory_bytes,
+                                               n.gpu_count});
+          }
+          Reply(conn, rid, std::move(r));
+          return Status::Ok();
+        } else if constexpr (std::is_same_v<T, proto::RegionList>) {
+          std::vector<RegionRecord> all = regions_.List();
+          std::sort(all.begin(), all.end(),
+                    [](const RegionRecord& a, const RegionRecord& b) { return a.id < b.id; });
+          proto::RegionListReply r;
+          for (const RegionRecord& g : all) {
+            if (g.id <= m.start_after) continue;
+            if (r.regions.size() == proto::kMaxListEntries) {
+              r.more = 1;
+              break;
+            }
+            r.regions.push_back(proto::RegionReply{g.id, g.base, g.size, g.page_size, g.name});
+          }
+          Reply(conn, rid, std::move(r));
           return Status::Ok();
         } else if constexpr (std::is_same_v<T, proto::Acquire>) {
           DSVM_RETURN_IF_ERROR(CheckSender(conn, m.node));

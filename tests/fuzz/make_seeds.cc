@@ -104,6 +104,10 @@ std::vector<Message> PopulatedMessages() {
                .version = 18,
                .data = std::vector<uint8_t>(64, 0xA5)},
       PeerHello{.node = 3},
+      NodeList{.start_after = 1},
+      NodeListReply{.nodes = {NodeEntry{2, 1, "127.0.0.1:7701", 1u << 30, 1}}, .more = 0},
+      RegionList{.start_after = 0},
+      RegionListReply{.regions = {RegionReply{1, 0x200000000000, 8192, 4096, "r1"}}, .more = 0},
   };
 }
 

@@ -221,6 +221,13 @@ std::vector<Message> SampleMessages() {
                  .txn = 106},
       PageData{.page = kPage, .txn = 105, .sender = 8, .version = 19, .data = page_bytes},
       PeerHello{.node = 9},
+      NodeList{.start_after = 3},
+      NodeListReply{.nodes = {NodeEntry{4, 1, "10.0.0.4:7701", 1u << 30, 2},
+                              NodeEntry{5, 0, std::string(kMaxAddressLength, 'h'), 7, 0}},
+                    .more = 1},
+      RegionList{.start_after = 11},
+      RegionListReply{.regions = {RegionReply{12, 0x200000000000, 4096, 4096, "r12"}},
+                      .more = 1},
   };
 }
 
@@ -498,7 +505,7 @@ TEST(ProtoHeaderTest, WrongVersionIsInvalidArgument) {
 }
 
 TEST(ProtoHeaderTest, UnknownTypeIsInvalidArgument) {
-  for (uint16_t type : {0, 12, 19, 28, 29, 32, 0x100, 0xFFFF}) {
+  for (uint16_t type : {0, 16, 19, 28, 29, 32, 0x100, 0xFFFF}) {
     Bytes frame = HeaderBytes({.type = type, .payload_length = 0});
     Result<Header> h = DecodeHeader(frame);
     ASSERT_FALSE(h.ok()) << "type " << type;
