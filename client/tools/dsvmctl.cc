@@ -4,6 +4,8 @@
 //   dsvmctl [--coordinator HOST:PORT] region show NAME
 //   dsvmctl [--coordinator HOST:PORT] region delete NAME
 //   dsvmctl [--coordinator HOST:PORT] page ADDRESS
+//   dsvmctl [--coordinator HOST:PORT] nodes
+//   dsvmctl [--coordinator HOST:PORT] regions
 //
 // SIZE takes a K, M or G suffix; ADDRESS is decimal or 0x hex. The
 // coordinator defaults to $DSVM_COORDINATOR, then 127.0.0.1:7700.
@@ -24,7 +26,8 @@ int Usage(const char* why) {
                "dsvmctl: %s\n"
                "usage: dsvmctl [--coordinator HOST:PORT] region create NAME SIZE [PAGE_SIZE]\n"
                "       dsvmctl [--coordinator HOST:PORT] region show|delete NAME\n"
-               "       dsvmctl [--coordinator HOST:PORT] page ADDRESS\n",
+               "       dsvmctl [--coordinator HOST:PORT] page ADDRESS\n"
+               "       dsvmctl [--coordinator HOST:PORT] nodes|regions\n",
                why);
   return 2;
 }
@@ -84,6 +87,41 @@ int Report(const Result<proto::Message>& reply) {
   return 0;
 }
 
+// Lists every node or region, page by page.
+int List(proto::FramedSocket& sock, bool nodes) {
+  uint64_t after = 0;
+  for (;;) {
+    proto::Message request = nodes ? proto::Message(proto::NodeList{static_cast<uint32_t>(after)})
+                                   : proto::Message(proto::RegionList{after});
+    auto reply = sock.Call(request);
+    if (!reply.ok()) {
+      std::fprintf(stderr, "dsvmctl: %s\n", reply.status().ToString().c_str());
+      return 1;
+    }
+    bool more = false;
+    if (auto* n = std::get_if<proto::NodeListReply>(&*reply)) {
+      for (const auto& e : n->nodes) {
+        std::printf("node %u %s address=%s host_memory=%llu gpus=%u\n", e.node,
+                    e.live ? "live" : "dead", e.address.c_str(),
+                    (unsigned long long)e.host_memory_bytes, e.gpu_count);
+        after = e.node;
+      }
+      more = n->more;
+    } else if (auto* r = std::get_if<proto::RegionListReply>(&*reply)) {
+      for (const auto& e : r->regions) {
+        std::printf("region %s id=%llu base=0x%llx size=%llu page_size=%u\n", e.name.c_str(),
+                    (unsigned long long)e.region, (unsigned long long)e.base,
+                    (unsigned long long)e.size, e.page_size);
+        after = e.region;
+      }
+      more = r->more;
+    } else {
+      return Report(reply);
+    }
+    if (!more) return 0;
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -118,6 +156,13 @@ int main(int argc, char** argv) {
     } else {
       return Usage("unknown region command");
     }
+  } else if ((args[0] == "nodes" || args[0] == "regions") && args.size() == 1) {
+    auto sock = proto::FramedSocket::Connect(coordinator);
+    if (!sock.ok()) {
+      std::fprintf(stderr, "dsvmctl: %s\n", sock.status().ToString().c_str());
+      return 1;
+    }
+    return List(*sock, args[0] == "nodes");
   } else if (args[0] == "page" && args.size() == 2) {
     uint64_t addr = 0;
     if (!ParseSize(args[1], &addr)) return Usage("ADDRESS is not a number");

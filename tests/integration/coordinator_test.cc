@@ -261,6 +261,50 @@ TEST(CoordinatorMembership, DeadNodeLosesSoleCopiesKeepsShared) {
   EXPECT_NE(coord.stderr_text().find("declared dead"), std::string::npos);
 }
 
+// Node and region listings, paged by the coordinator.
+TEST(CoordinatorListing, NodesAndRegionsPageThrough) {
+  TempDir dir;
+  CoordinatorProcess coord;
+  ASSERT_TRUE(coord.Start(dir.path() + "/data").ok()) << coord.stderr_text();
+  auto tool = proto::FramedSocket::Connect(coord.address());
+  ASSERT_TRUE(tool.ok());
+  const int kRegions = proto::kMaxListEntries + 5;
+  for (int i = 0; i < kRegions; ++i) CreateRegion(*tool, "r" + std::to_string(i), 4096);
+  ScriptedNode a, b;
+  ASSERT_TRUE(a.Connect(coord.address()).ok());
+  ASSERT_TRUE(b.Connect(coord.address()).ok());
+
+  std::vector<proto::RegionReply> regions;
+  uint64_t after = 0;
+  int pages = 0;
+  for (bool more = true; more; ++pages) {
+    auto reply = tool->Call(proto::RegionList{after});
+    ASSERT_TRUE(reply.ok());
+    auto* r = std::get_if<proto::RegionListReply>(&*reply);
+    ASSERT_NE(r, nullptr);
+    for (const auto& e : r->regions) {
+      EXPECT_GT(e.region, after) << "not in id order";
+      after = e.region;
+      regions.push_back(e);
+    }
+    more = r->more;
+  }
+  EXPECT_EQ(pages, 2);
+  ASSERT_EQ(regions.size(), static_cast<size_t>(kRegions));
+  EXPECT_EQ(regions.back().name, "r" + std::to_string(kRegions - 1));
+
+  auto reply = tool->Call(proto::NodeList{0});
+  ASSERT_TRUE(reply.ok());
+  auto* n = std::get_if<proto::NodeListReply>(&*reply);
+  ASSERT_NE(n, nullptr);
+  ASSERT_EQ(n->nodes.size(), 2u);
+  EXPECT_EQ(n->nodes[0].node, a.id());
+  EXPECT_EQ(n->nodes[1].node, b.id());
+  EXPECT_EQ(n->nodes[0].live, 1);
+  EXPECT_EQ(n->nodes[0].address, "127.0.0.1:1");
+  EXPECT_EQ(n->more, 0);
+}
+
 // The directory split over two coordinator processes by address: each shard
 // serves the pages of its granules and refuses the others'; a node works with
 // both at once; one shard's crash leaves the other serving.
