@@ -130,6 +130,38 @@ Result<Frame> FramedSocket::Receive(int timeout_ms) {
   return Frame{h, std::move(*m)};
 }
 
+Status FramedSocket::ReadAvailable() {
+  if (fd_ < 0) return Unavailable("socket closed");
+  if (in_pos_ > 0 && in_pos_ == in_.size()) {
+    in_.clear();
+    in_pos_ = 0;
+  }
+  for (;;) {
+    uint8_t buf[64 << 10];
+    ssize_t got = ::recv(fd_, buf, sizeof(buf), MSG_DONTWAIT);
+    if (got == 0) return Unavailable("connection closed by the peer");
+    if (got < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) return Status::Ok();
+      return Unavailable(std::string("recv: ") + std::strerror(errno));
+    }
+    in_.insert(in_.end(), buf, buf + got);
+    if (static_cast<size_t>(got) < sizeof(buf)) return Status::Ok();
+  }
+}
+
+Result<std::optional<Frame>> FramedSocket::NextFrame() {
+  if (in_.size() - in_pos_ < kHeaderSize) return std::optional<Frame>();
+  DSVM_ASSIGN_OR_RETURN(Header h, DecodeHeader(std::span<const uint8_t>(in_.data() + in_pos_,
+                                                                        kHeaderSize)));
+  if (in_.size() - in_pos_ - kHeaderSize < h.payload_length) return std::optional<Frame>();
+  auto m = DecodePayload(h, std::span<const uint8_t>(in_.data() + in_pos_ + kHeaderSize,
+                                                     h.payload_length));
+  in_pos_ += kHeaderSize + h.payload_length;
+  if (!m.ok()) return m.status();
+  return std::optional<Frame>(Frame{h, std::move(*m)});
+}
+
 Result<Message> FramedSocket::Call(const Message& m, int timeout_ms) {
   const uint64_t id = next_request_id_++;
   DSVM_RETURN_IF_ERROR(Send(m, id));

@@ -8,6 +8,7 @@
 #define DSVM_PROTO_FRAMED_SOCKET_H_
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -47,6 +48,15 @@ class FramedSocket {
   // kCorruption / kInvalidArgument (the peer sent a malformed frame),
   // kIoError. timeout_ms < 0 waits forever; on timeout: kUnavailable.
   Result<Frame> Receive(int timeout_ms = -1);
+
+  // For event loops: reads whatever bytes are available without blocking.
+  // Errors: kUnavailable (closed by the peer), kIoError.
+  Status ReadAvailable();
+  // The next complete frame already read, if any. Errors: kCorruption /
+  // kInvalidArgument (malformed: close the connection).
+  Result<std::optional<Frame>> NextFrame();
+  int fd() const { return fd_; }
+  uint64_t NextRequestId() { return next_request_id_++; }
 
   // Sends a request and waits for the reply with the same request_id.
   Result<Message> Call(const Message& m, int timeout_ms = 5000);
