@@ -56,7 +56,6 @@ struct UcxTransport::RecvRequest {
 };
 
 Result<std::unique_ptr<UcxTransport>> UcxTransport::Create(const UcxOptions& options) {
-  if (options.self == proto::kNoNode) return InvalidArgument("UcxOptions.self is not set");
   if (options.max_inflight_sends == 0) return InvalidArgument("max_inflight_sends is 0");
   std::unique_ptr<UcxTransport> t(new UcxTransport(options));
   DSVM_RETURN_IF_ERROR(t->Start());
@@ -161,6 +160,7 @@ void UcxTransport::OnConnRequest(ucp_conn_request_h request, void* arg) {
 }
 
 Status UcxTransport::Connect(proto::NodeId peer, const std::string& address) {
+  if (options_.self == proto::kNoNode) return FailedPrecondition("Connect before set_self");
   if (peer == proto::kNoNode || peer == options_.self) {
     return InvalidArgument("cannot connect to node " + std::to_string(peer));
   }

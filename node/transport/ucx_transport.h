@@ -26,6 +26,8 @@
 namespace dsvm::node {
 
 struct UcxOptions {
+  // This node; may be set later with set_self() (a node learns its id by
+  // joining, and joins with its UCX address), but before Connect.
   proto::NodeId self = proto::kNoNode;
   std::string listen = "127.0.0.1:0";  // IPv4 "host:port"; port 0 picks a free one
   // Upper bound on sends not yet completed by UCX; Send refuses beyond it.
@@ -56,6 +58,7 @@ class UcxTransport {
   UcxTransport& operator=(const UcxTransport&) = delete;
 
   proto::NodeId self() const { return options_.self; }
+  void set_self(proto::NodeId self) { options_.self = self; }
   uint16_t port() const { return port_; }
   // Readable when there may be work for Progress().
   int event_fd() const { return efd_; }

@@ -115,7 +115,9 @@ TEST_P(UcxTransportTest, RefusesWhatItCannotDo) {
   EXPECT_EQ(a->Send(9, proto::Done{}).code(), StatusCode::kUnavailable);
   EXPECT_EQ(a->Connect(1, "127.0.0.1:1").code(), StatusCode::kInvalidArgument);  // itself
   EXPECT_EQ(a->Connect(2, "not-an-address").code(), StatusCode::kInvalidArgument);
-  EXPECT_FALSE(UcxTransport::Create(UcxOptions{0, "127.0.0.1:0"}).ok());
+  auto anonymous = UcxTransport::Create(UcxOptions{0, "127.0.0.1:0"});
+  ASSERT_TRUE(anonymous.ok());
+  EXPECT_EQ((*anonymous)->Connect(2, "127.0.0.1:1").code(), StatusCode::kFailedPrecondition);
   EXPECT_FALSE(UcxTransport::Create(UcxOptions{1, "999.1.1.1:0"}).ok());
 }
 
