@@ -1,0 +1,300 @@
+#include "node/memory/page_store.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <linux/memfd.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cinttypes>
+#include <cstdio>
+#include <cstring>
+#include <vector>
+
+#include "proto/log.h"
+
+namespace dsvm::node {
+namespace {
+
+constexpr uint32_t kHugePageSize = 2u << 20;
+
+std::string Hex(uint64_t v) {
+  char buf[24];
+  std::snprintf(buf, sizeof(buf), "0x%" PRIx64, v);
+  return buf;
+}
+
+std::string Errno(const char* what) { return std::string(what) + ": " + std::strerror(errno); }
+
+bool ValidPageSize(uint32_t page_size) {
+  return page_size == 4096 || page_size == (64u << 10) || page_size == kHugePageSize;
+}
+
+// A memfd of `size` bytes mapped shared into this process, or why not.
+struct Backing {
+  UniqueFd fd;
+  uint8_t* map = nullptr;
+};
+
+Result<Backing> MakeBacking(const std::string& name, uint64_t size, unsigned int flags) {
+  Backing b;
+  b.fd.reset(memfd_create(name.c_str(), MFD_CLOEXEC | flags));
+  if (!b.fd) return IoError(Errno("memfd_create"));
+  if (ftruncate(b.fd.get(), static_cast<off_t>(size)) != 0) return IoError(Errno("ftruncate"));
+  // For hugetlb, a shared mapping reserves the huge pages now, so a shortage
+  // shows here rather than as SIGBUS at a later fault.
+  void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, b.fd.get(), 0);
+  if (p == MAP_FAILED) return IoError(Errno("mmap"));
+  b.map = static_cast<uint8_t*>(p);
+  // Children the daemon forks (tests, helpers) must not share its view.
+  madvise(p, size, MADV_DONTFORK);
+  return b;
+}
+
+}  // namespace
+
+Result<std::unique_ptr<PageStore>> PageStore::Create(PageAddr base, uint64_t size,
+                                                     uint32_t page_size, PageStoreOptions options) {
+  if (!ValidPageSize(page_size)) {
+    return InvalidArgument("page size " + std::to_string(page_size) +
+                           " is not 4096, 65536 or 2097152");
+  }
+  if (size == 0 || size % page_size != 0) {
+    return InvalidArgument("region size " + std::to_string(size) +
+                           " is not a positive multiple of the page size " +
+                           std::to_string(page_size));
+  }
+  if (base == 0 || base % page_size != 0) {
+    return InvalidArgument("region base " + Hex(base) +
+                           " is zero or not aligned to the page size " + std::to_string(page_size));
+  }
+  if (base + size < base) return InvalidArgument("region " + Hex(base) + " + size overflows");
+  if (options.max_side_pages == 0) return InvalidArgument("max_side_pages must be positive");
+
+  bool hugetlb = false;
+  Result<Backing> backing = IoError("not tried");
+  if (page_size == kHugePageSize && options.try_hugetlb) {
+    backing = MakeBacking(options.name, size, MFD_HUGETLB | MFD_HUGE_2MB);
+    hugetlb = backing.ok();
+    if (!hugetlb) {
+      LogInfo("page store " + Hex(base) + ": no hugetlb pages for 2 MiB pages (" +
+              backing.status().message() +
+              "); using a plain memfd, each page is 512 page-cache pages of 4 KiB");
+    }
+  }
+  if (!hugetlb) backing = MakeBacking(options.name, size, 0);
+  if (!backing.ok()) return backing.status();
+  Backing b = std::move(backing).value();
+  return std::unique_ptr<PageStore>(
+      new PageStore(base, size, page_size, std::move(options), std::move(b.fd), b.map, hugetlb));
+}
+
+PageStore::PageStore(PageAddr base, uint64_t size, uint32_t page_size, PageStoreOptions options,
+                     UniqueFd fd, uint8_t* map, bool hugetlb)
+    : base_(base),
+      size_(size),
+      page_size_(page_size),
+      options_(std::move(options)),
+      fd_(std::move(fd)),
+      map_(map),
+      hugetlb_(hugetlb) {}
+
+PageStore::~PageStore() { munmap(map_, size_); }
+
+Status PageStore::CheckPage(PageAddr page) const {
+  if (page < base_ || page - base_ >= size_) {
+    return InvalidArgument("page " + Hex(page) + " is outside region [" + Hex(base_) + ", " +
+                           Hex(base_ + size_) + ")");
+  }
+  if ((page - base_) % page_size_ != 0) {
+    return InvalidArgument("page " + Hex(page) + " is not aligned to the region's page size " +
+                           std::to_string(page_size_));
+  }
+  return Status::Ok();
+}
+
+Status PageStore::CheckSpan(PageAddr page, size_t bytes) const {
+  DSVM_RETURN_IF_ERROR(CheckPage(page));
+  if (bytes != page_size_) {
+    return InvalidArgument("buffer of " + std::to_string(bytes) + " bytes for a page of " +
+                           std::to_string(page_size_));
+  }
+  return Status::Ok();
+}
+
+Status PageStore::ReadPage(PageAddr page, std::span<uint8_t> out) const {
+  DSVM_RETURN_IF_ERROR(CheckSpan(page, out.size()));
+  if (auto it = retained_.find(page); it != retained_.end()) {
+    std::memcpy(out.data(), it->second.get(), page_size_);
+    return Status::Ok();
+  }
+  // pread, not the mapping: reading a hole through a shared mapping would
+  // allocate a page and so make the hole present.
+  size_t done = 0;
+  while (done < out.size()) {
+    ssize_t n = pread(fd_.get(), out.data() + done, out.size() - done,
+                      static_cast<off_t>(OffsetOf(page) + done));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return IoError(Errno("pread of the region memfd"));
+    if (n == 0) return IoError("pread of the region memfd: unexpected end of file");
+    done += static_cast<size_t>(n);
+  }
+  return Status::Ok();
+}
+
+Status PageStore::Fill(PageAddr page, const uint8_t* data) {
+  if (hugetlb_) {  // hugetlbfs has no write(2)
+    if (data != nullptr) {
+      std::memcpy(MapOf(page), data, page_size_);
+    } else {
+      std::memset(MapOf(page), 0, page_size_);
+    }
+    return Status::Ok();
+  }
+  // pwrite rather than the mapping: the daemon takes no page fault of its
+  // own per install (a third of a local install's cost on these machines),
+  // and a later punch has no PTE of the daemon's to shoot down.
+  static const uint8_t kZeros[64 << 10] = {};
+  size_t done = 0;
+  while (done < page_size_) {
+    const uint8_t* src = data != nullptr ? data + done : kZeros;
+    const size_t len =
+        data != nullptr ? page_size_ - done : std::min<size_t>(sizeof(kZeros), page_size_ - done);
+    ssize_t n = pwrite(fd_.get(), src, len, static_cast<off_t>(OffsetOf(page) + done));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return IoError(Errno("pwrite to the region memfd"));
+    done += static_cast<size_t>(n);
+  }
+  return Status::Ok();
+}
+
+Status PageStore::WritePage(PageAddr page, std::span<const uint8_t> in) {
+  DSVM_RETURN_IF_ERROR(CheckSpan(page, in.size()));
+  retained_.erase(page);
+  return Fill(page, in.data());
+}
+
+Status PageStore::ZeroPage(PageAddr page) {
+  DSVM_RETURN_IF_ERROR(CheckPage(page));
+  retained_.erase(page);
+  return Fill(page, nullptr);
+}
+
+std::span<uint8_t> PageStore::MappedPage(PageAddr page) {
+  DSVM_CHECK(CheckPage(page).ok());
+  DSVM_CHECK(!IsRetained(page));
+  return {MapOf(page), page_size_};
+}
+
+Status PageStore::Punch(PageAddr page) {
+  if (fallocate(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                static_cast<off_t>(OffsetOf(page)), page_size_) != 0) {
+    return IoError(Errno("fallocate(PUNCH_HOLE) of the region memfd"));
+  }
+  return Status::Ok();
+}
+
+Status PageStore::Discard(PageAddr page) {
+  DSVM_RETURN_IF_ERROR(CheckPage(page));
+  retained_.erase(page);
+  return Punch(page);
+}
+
+Result<bool> PageStore::IsPresent(PageAddr page) const {
+  DSVM_RETURN_IF_ERROR(CheckPage(page));
+  // For a shared file mapping mincore reports the page cache, whether or not
+  // this process has the pages mapped; it allocates nothing.
+  const long small = sysconf(_SC_PAGESIZE);
+  std::vector<unsigned char> vec(page_size_ / static_cast<size_t>(small));
+  if (mincore(MapOf(page), page_size_, vec.data()) != 0) return IoError(Errno("mincore"));
+  for (unsigned char v : vec) {
+    if ((v & 1) == 0) return false;
+  }
+  return true;
+}
+
+Status PageStore::CheckSideRoom() const {
+  DSVM_CHECK(side_count() <= options_.max_side_pages);
+  if (side_count() == options_.max_side_pages) {
+    return ResourceExhausted("page store " + Hex(base_) + ": " +
+                             std::to_string(options_.max_side_pages) +
+                             " stashed or retained pages, the bound");
+  }
+  return Status::Ok();
+}
+
+Result<PageStore::Bytes> PageStore::TakeBytes(PageAddr page) {
+  if (auto it = retained_.find(page); it != retained_.end()) {
+    Bytes b = std::move(it->second);
+    retained_.erase(it);
+    return b;
+  }
+  DSVM_RETURN_IF_ERROR(CheckSideRoom());
+  Bytes b(new uint8_t[page_size_]);
+  DSVM_RETURN_IF_ERROR(ReadPage(page, {b.get(), page_size_}));
+  DSVM_RETURN_IF_ERROR(Punch(page));
+  return b;
+}
+
+Status PageStore::Stash(PageAddr page, TxnId txn) {
+  DSVM_RETURN_IF_ERROR(CheckPage(page));
+  if (HasStash(page, txn)) {
+    return AlreadyExists("page " + Hex(page) + " already has stash " + std::to_string(txn));
+  }
+  DSVM_ASSIGN_OR_RETURN(Bytes b, TakeBytes(page));
+  stashes_.emplace(std::make_pair(page, txn), std::move(b));
+  DSVM_CHECK(side_count() <= options_.max_side_pages);
+  return Status::Ok();
+}
+
+Status PageStore::ReadStash(PageAddr page, TxnId txn, std::span<uint8_t> out) const {
+  DSVM_RETURN_IF_ERROR(CheckSpan(page, out.size()));
+  auto it = stashes_.find({page, txn});
+  if (it == stashes_.end()) {
+    return NotFound("page " + Hex(page) + " has no stash " + std::to_string(txn));
+  }
+  std::memcpy(out.data(), it->second.get(), page_size_);
+  return Status::Ok();
+}
+
+Status PageStore::InstallStash(PageAddr page, TxnId txn) {
+  DSVM_RETURN_IF_ERROR(CheckPage(page));
+  auto it = stashes_.find({page, txn});
+  if (it == stashes_.end()) {
+    return NotFound("page " + Hex(page) + " has no stash " + std::to_string(txn));
+  }
+  retained_.erase(page);
+  DSVM_RETURN_IF_ERROR(Fill(page, it->second.get()));
+  stashes_.erase(it);
+  return Status::Ok();
+}
+
+Status PageStore::DropStash(PageAddr page, TxnId txn) {
+  DSVM_RETURN_IF_ERROR(CheckPage(page));
+  if (stashes_.erase({page, txn}) == 0) {
+    return NotFound("page " + Hex(page) + " has no stash " + std::to_string(txn));
+  }
+  return Status::Ok();
+}
+
+Status PageStore::Retain(PageAddr page) {
+  DSVM_RETURN_IF_ERROR(CheckPage(page));
+  if (IsRetained(page)) return Status::Ok();
+  DSVM_ASSIGN_OR_RETURN(Bytes b, TakeBytes(page));
+  retained_.emplace(page, std::move(b));
+  DSVM_CHECK(side_count() <= options_.max_side_pages);
+  return Status::Ok();
+}
+
+Status PageStore::Restore(PageAddr page) {
+  DSVM_RETURN_IF_ERROR(CheckPage(page));
+  auto it = retained_.find(page);
+  if (it == retained_.end()) return Status::Ok();
+  DSVM_RETURN_IF_ERROR(Fill(page, it->second.get()));
+  retained_.erase(it);
+  return Status::Ok();
+}
+
+}  // namespace dsvm::node

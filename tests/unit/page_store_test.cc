@@ -1,0 +1,238 @@
+// Unit tests for node::PageStore, the memfd that holds a node's copy of a
+// region, and its bounded side area of stashes and retained pages.
+#include "node/memory/page_store.h"
+
+#include <gtest/gtest.h>
+#include <sys/mman.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "proto/status.h"
+
+namespace dsvm::node {
+namespace {
+
+constexpr PageAddr kBase = 0x200000000000ull;
+constexpr uint32_t kPage = 4096;
+constexpr uint64_t kPages = 8;
+
+std::vector<uint8_t> Pattern(uint8_t seed, size_t n = kPage) {
+  std::vector<uint8_t> v(n);
+  for (size_t i = 0; i < n; ++i) v[i] = static_cast<uint8_t>(seed + i * 7);
+  return v;
+}
+
+std::vector<uint8_t> Read(PageStore& s, PageAddr page) {
+  std::vector<uint8_t> v(s.page_size(), 0xee);
+  EXPECT_TRUE(s.ReadPage(page, v).ok());
+  return v;
+}
+
+bool IsZero(const std::vector<uint8_t>& v) {
+  for (uint8_t b : v) {
+    if (b != 0) return false;
+  }
+  return true;
+}
+
+std::unique_ptr<PageStore> MakeStore(PageStoreOptions options = {}) {
+  auto s = PageStore::Create(kBase, kPages * kPage, kPage, options);
+  EXPECT_TRUE(s.ok()) << s.status().ToString();
+  return std::move(s).value();
+}
+
+bool Present(PageStore& s, PageAddr page) {
+  auto r = s.IsPresent(page);
+  EXPECT_TRUE(r.ok()) << r.status().ToString();
+  return r.ok() && *r;
+}
+
+TEST(PageStoreTest, CreateRefusesBadGeometry) {
+  EXPECT_EQ(PageStore::Create(kBase, kPage, 8192).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(PageStore::Create(kBase, 0, kPage).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(PageStore::Create(kBase, kPage + 1, kPage).status().code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ(PageStore::Create(kBase + 512, kPage, kPage).status().code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ(PageStore::Create(0, kPage, kPage).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(PageStore::Create(~0ull - kPage + 1, 2 * kPage, kPage).status().code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ(PageStore::Create(kBase, 64 * 1024, 64 * 1024, {.max_side_pages = 0}).status().code(),
+            StatusCode::kInvalidArgument);
+}
+
+TEST(PageStoreTest, RoundTripAndHolesStayHoles) {
+  auto s = MakeStore();
+  EXPECT_EQ(s->page_count(), kPages);
+  EXPECT_GE(s->fd(), 0);
+  const PageAddr p = kBase + 3 * kPage;
+  EXPECT_TRUE(IsZero(Read(*s, p)));
+  EXPECT_FALSE(Present(*s, p)) << "reading a hole must not allocate it";
+
+  ASSERT_TRUE(s->WritePage(p, Pattern(1)).ok());
+  EXPECT_EQ(Read(*s, p), Pattern(1));
+  EXPECT_TRUE(Present(*s, p));
+  EXPECT_FALSE(Present(*s, p + kPage));
+
+  ASSERT_TRUE(s->ZeroPage(p + kPage).ok());
+  EXPECT_TRUE(IsZero(Read(*s, p + kPage)));
+  EXPECT_TRUE(Present(*s, p + kPage));
+
+  // In-place receive: bytes written through MappedPage are the page's.
+  auto view = s->MappedPage(kBase);
+  ASSERT_EQ(view.size(), kPage);
+  std::memcpy(view.data(), Pattern(9).data(), kPage);
+  EXPECT_EQ(Read(*s, kBase), Pattern(9));
+}
+
+TEST(PageStoreTest, ClientsMappingTheMemfdShareTheBytes) {
+  auto s = MakeStore();
+  void* m = mmap(nullptr, kPages * kPage, PROT_READ | PROT_WRITE, MAP_SHARED, s->fd(), 0);
+  ASSERT_NE(m, MAP_FAILED);
+  auto* bytes = static_cast<uint8_t*>(m);
+  ASSERT_TRUE(s->WritePage(kBase + kPage, Pattern(4)).ok());
+  EXPECT_EQ(std::memcmp(bytes + kPage, Pattern(4).data(), kPage), 0);
+  bytes[2 * kPage + 5] = 77;
+  EXPECT_EQ(Read(*s, kBase + 2 * kPage)[5], 77);
+  munmap(m, kPages * kPage);
+}
+
+TEST(PageStoreTest, DiscardPunchesAHoleThatReadsZero) {
+  auto s = MakeStore();
+  const PageAddr p = kBase + kPage;
+  ASSERT_TRUE(s->WritePage(p, Pattern(2)).ok());
+  ASSERT_TRUE(s->WritePage(p + kPage, Pattern(3)).ok());
+  ASSERT_TRUE(s->Discard(p).ok());
+  EXPECT_TRUE(IsZero(Read(*s, p)));
+  EXPECT_FALSE(Present(*s, p));
+  EXPECT_EQ(Read(*s, p + kPage), Pattern(3)) << "the punch reaches one page only";
+  EXPECT_TRUE(s->Discard(p).ok()) << "discarding a hole is harmless";
+}
+
+TEST(PageStoreTest, StashInstallAndDrop) {
+  auto s = MakeStore();
+  const PageAddr p = kBase + 2 * kPage;
+  ASSERT_TRUE(s->WritePage(p, Pattern(5)).ok());
+  ASSERT_TRUE(s->Stash(p, 7).ok());
+  EXPECT_TRUE(s->HasStash(p, 7));
+  EXPECT_EQ(s->stash_count(), 1u);
+  EXPECT_FALSE(Present(*s, p)) << "stashing moves the bytes out of the memfd";
+  EXPECT_TRUE(IsZero(Read(*s, p)));
+  EXPECT_EQ(s->Stash(p, 7).code(), StatusCode::kAlreadyExists);
+
+  std::vector<uint8_t> out(kPage);
+  ASSERT_TRUE(s->ReadStash(p, 7, out).ok());
+  EXPECT_EQ(out, Pattern(5));
+  EXPECT_EQ(s->ReadStash(p, 8, out).code(), StatusCode::kNotFound);
+
+  ASSERT_TRUE(s->InstallStash(p, 7).ok());
+  EXPECT_EQ(Read(*s, p), Pattern(5));
+  EXPECT_TRUE(Present(*s, p));
+  EXPECT_EQ(s->stash_count(), 0u);
+  EXPECT_EQ(s->InstallStash(p, 7).code(), StatusCode::kNotFound);
+
+  ASSERT_TRUE(s->Stash(p, 9).ok());
+  ASSERT_TRUE(s->DropStash(p, 9).ok());
+  EXPECT_EQ(s->stash_count(), 0u);
+  EXPECT_EQ(s->DropStash(p, 9).code(), StatusCode::kNotFound);
+  EXPECT_TRUE(IsZero(Read(*s, p)));
+}
+
+TEST(PageStoreTest, RetainKeepsBytesAwayFromTheMemfd) {
+  auto s = MakeStore();
+  const PageAddr p = kBase + 4 * kPage;
+  ASSERT_TRUE(s->WritePage(p, Pattern(6)).ok());
+  ASSERT_TRUE(s->Retain(p).ok());
+  ASSERT_TRUE(s->Retain(p).ok()) << "idempotent";
+  EXPECT_TRUE(s->IsRetained(p));
+  EXPECT_FALSE(Present(*s, p));
+  EXPECT_EQ(Read(*s, p), Pattern(6)) << "the page's bytes are the retained ones";
+
+  ASSERT_TRUE(s->Restore(p).ok());
+  EXPECT_FALSE(s->IsRetained(p));
+  EXPECT_TRUE(Present(*s, p));
+  EXPECT_EQ(Read(*s, p), Pattern(6));
+
+  // A stash of a retained page takes the retained bytes.
+  ASSERT_TRUE(s->Retain(p).ok());
+  ASSERT_TRUE(s->Stash(p, 3).ok());
+  EXPECT_FALSE(s->IsRetained(p));
+  EXPECT_EQ(s->side_count(), 1u);
+  std::vector<uint8_t> out(kPage);
+  ASSERT_TRUE(s->ReadStash(p, 3, out).ok());
+  EXPECT_EQ(out, Pattern(6));
+
+  // Writing a page replaces retained bytes; discarding drops them.
+  ASSERT_TRUE(s->WritePage(p + kPage, Pattern(1)).ok());
+  ASSERT_TRUE(s->Retain(p + kPage).ok());
+  ASSERT_TRUE(s->WritePage(p + kPage, Pattern(2)).ok());
+  EXPECT_FALSE(s->IsRetained(p + kPage));
+  EXPECT_EQ(Read(*s, p + kPage), Pattern(2));
+  ASSERT_TRUE(s->Retain(p + kPage).ok());
+  ASSERT_TRUE(s->Discard(p + kPage).ok());
+  EXPECT_FALSE(s->IsRetained(p + kPage));
+  EXPECT_TRUE(IsZero(Read(*s, p + kPage)));
+}
+
+TEST(PageStoreTest, SideAreaIsBounded) {
+  auto s = MakeStore({.max_side_pages = 2});
+  for (uint64_t i = 0; i < 4; ++i) ASSERT_TRUE(s->WritePage(kBase + i * kPage, Pattern(i)).ok());
+  ASSERT_TRUE(s->Stash(kBase, 1).ok());
+  ASSERT_TRUE(s->Retain(kBase + kPage).ok());
+  EXPECT_EQ(s->Stash(kBase + 2 * kPage, 1).code(), StatusCode::kResourceExhausted);
+  EXPECT_EQ(s->Retain(kBase + 3 * kPage).code(), StatusCode::kResourceExhausted);
+  EXPECT_EQ(Read(*s, kBase + 2 * kPage), Pattern(2)) << "a refused stash leaves the page alone";
+  // Moving a retained page into a stash needs no room.
+  ASSERT_TRUE(s->Stash(kBase + kPage, 2).ok());
+  ASSERT_TRUE(s->DropStash(kBase, 1).ok());
+  EXPECT_TRUE(s->Stash(kBase + 2 * kPage, 1).ok());
+  EXPECT_EQ(s->side_count(), 2u);
+}
+
+TEST(PageStoreTest, AddressesAreValidated) {
+  auto s = MakeStore();
+  std::vector<uint8_t> buf(kPage);
+  const PageAddr end = kBase + kPages * kPage;
+  for (PageAddr bad : {kBase - kPage, end, end + kPage, kBase + 1, kBase + kPage / 2}) {
+    Status st = s->ReadPage(bad, buf);
+    EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << bad;
+    EXPECT_NE(st.message().find("page 0x"), std::string::npos) << st.message();
+    EXPECT_EQ(s->WritePage(bad, buf).code(), StatusCode::kInvalidArgument);
+    EXPECT_EQ(s->ZeroPage(bad).code(), StatusCode::kInvalidArgument);
+    EXPECT_EQ(s->Discard(bad).code(), StatusCode::kInvalidArgument);
+    EXPECT_EQ(s->Stash(bad, 1).code(), StatusCode::kInvalidArgument);
+    EXPECT_EQ(s->InstallStash(bad, 1).code(), StatusCode::kInvalidArgument);
+    EXPECT_EQ(s->DropStash(bad, 1).code(), StatusCode::kInvalidArgument);
+    EXPECT_EQ(s->Retain(bad).code(), StatusCode::kInvalidArgument);
+    EXPECT_EQ(s->Restore(bad).code(), StatusCode::kInvalidArgument);
+    EXPECT_EQ(s->IsPresent(bad).status().code(), StatusCode::kInvalidArgument);
+  }
+  std::vector<uint8_t> small(kPage - 1);
+  EXPECT_EQ(s->ReadPage(kBase, small).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(s->WritePage(kBase, small).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(s->ReadStash(kBase, 1, small).code(), StatusCode::kInvalidArgument);
+}
+
+TEST(PageStoreTest, TwoMiBPagesWorkWithOrWithoutHugetlb) {
+  constexpr uint32_t kHuge = 2u << 20;
+  auto r = PageStore::Create(kBase, 2 * kHuge, kHuge);
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  auto& s = *r;
+  std::printf("2 MiB pages backed by %s\n", s->hugetlb() ? "hugetlb" : "a plain memfd");
+  const PageAddr p = kBase + kHuge;
+  ASSERT_TRUE(s->WritePage(p, Pattern(3, kHuge)).ok());
+  EXPECT_EQ(Read(*s, p), Pattern(3, kHuge));
+  EXPECT_TRUE(Present(*s, p));
+  std::vector<uint8_t> buf(kHuge);
+  EXPECT_EQ(s->ReadPage(kBase + 4096, buf).code(), StatusCode::kInvalidArgument);
+  ASSERT_TRUE(s->Discard(p).ok());
+  EXPECT_FALSE(Present(*s, p));
+  EXPECT_TRUE(IsZero(Read(*s, p)));
+}
+
+}  // namespace
+}  // namespace dsvm::node
