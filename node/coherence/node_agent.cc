@@ -253,14 +253,8 @@ void NodeAgent::HandleFetch(const proto::Fetch& m, uint64_t now_ms, Actions* out
     return ProtocolError(m.page, "fetch with a next state other than Shared or Invalid", out);
   }
   lp.last_txn = m.txn;
-  if (m.send_data) {
-    Action a = Make(ActionKind::kSendPage, m.page);
-    a.node = m.requester;
-    a.txn = m.txn;
-    a.version = lp.version;
-    out->push_back(std::move(a));
-    ++stats_.pages_sent;
-  }
+  // Downgrade first, then read the bytes to send: local processes must not
+  // be able to write while (or after) the copy is taken.
   if (m.next_state == PageState::kShared) {
     if (lp.retained_from == PageState::kModified) lp.retained_from = PageState::kShared;
     if (lp.state == PageState::kModified) {
@@ -268,6 +262,14 @@ void NodeAgent::HandleFetch(const proto::Fetch& m, uint64_t now_ms, Actions* out
       Map(m.page, PageState::kShared, out);
     }
     DropStashBefore(m.page, lp, m.txn, out);
+    if (m.send_data) {
+      Action a = Make(ActionKind::kSendPage, m.page);
+      a.node = m.requester;
+      a.txn = m.txn;
+      a.version = lp.version;
+      out->push_back(std::move(a));
+      ++stats_.pages_sent;
+    }
   } else {
     DropStashBefore(m.page, lp, m.txn + 1, out);
     Action a = Make(ActionKind::kStash, m.page);
@@ -277,7 +279,16 @@ void NodeAgent::HandleFetch(const proto::Fetch& m, uint64_t now_ms, Actions* out
     lp.state = PageState::kInvalid;
     lp.retained = false;
     if (IsGiveUp(lp.pending)) ClearPending(m.page, lp);  // the move is the give-up
-    if (!m.send_data) ToDirectory(m.page, proto::InvalidateAck{m.page, m.txn, self_}, out);
+    if (m.send_data) {
+      Action send = Make(ActionKind::kSendStash, m.page);  // the bytes as they were stashed
+      send.node = m.requester;
+      send.txn = m.txn;
+      send.version = lp.version;
+      out->push_back(std::move(send));
+      ++stats_.pages_sent;
+    } else {
+      ToDirectory(m.page, proto::InvalidateAck{m.page, m.txn, self_}, out);
+    }
   }
   Progress(m.page, lp, now_ms, out);
 }

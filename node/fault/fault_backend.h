@@ -30,9 +30,8 @@
 //
 // Rule for a consistent copy: bytes read for kSendPage must not change while
 // they are read, so a page that local processes may write is downgraded
-// first (MapRead, or Unmap when it is stashed next). The agent emits the
-// kSendPage of a Fetch before the kMapRead/kStash that follows it; the
-// executor applies the downgrade of the whole Fetch before reading.
+// first. The agent emits a Fetch's downgrade (kMapRead, or kStash for a move,
+// whose bytes are then sent from the stash with kSendStash) before the send.
 // Installs (kInstall*) write the bytes into the store before the
 // MapRead/MapWrite that exposes them, so they must target a page no local
 // process can access: the agent installs only into Invalid pages (unmapped,

@@ -322,9 +322,9 @@ TEST_F(NodeAgentTest, LateDataForRefusedGrantIsNotInstalled) {
 // ---------------------------------------------------------------------------
 // Fetch, stash, Release.
 
-TEST_F(NodeAgentTest, FetchToInvalidSendsPageThenStashesUntilRelease) {
+TEST_F(NodeAgentTest, FetchToInvalidStashesThenSendsFromTheStash) {
   Hold(PageState::kModified, 1, 1);
-  EXPECT_EQ(Fetch(2, 2, PageState::kInvalid, 1), Strings({"SendPage>2 txn=2 v=1", "Stash txn=2"}));
+  EXPECT_EQ(Fetch(2, 2, PageState::kInvalid, 1), Strings({"Stash txn=2", "SendStash>2 txn=2 v=1"}));
   EXPECT_EQ(agent_.StateOf(kPage), PageState::kInvalid);
   EXPECT_EQ(agent_.stash_count(), 1u);
 
@@ -342,15 +342,15 @@ TEST_F(NodeAgentTest, FetchToInvalidSendsPageThenStashesUntilRelease) {
 
 TEST_F(NodeAgentTest, MessageOfNewerTxnFreesTheStash) {
   Hold(PageState::kModified, 1, 1);
-  EXPECT_EQ(Fetch(2, 2, PageState::kInvalid, 1), Strings({"SendPage>2 txn=2 v=1", "Stash txn=2"}));
+  EXPECT_EQ(Fetch(2, 2, PageState::kInvalid, 1), Strings({"Stash txn=2", "SendStash>2 txn=2 v=1"}));
   // The Release was lost, but txn 3 exists, so the move of txn 2 completed.
   EXPECT_EQ(Invalidate(3), Strings({"DropStash txn=2", "InvalidateAck txn=3"}));
   EXPECT_EQ(agent_.stash_count(), 0u);
 }
 
-TEST_F(NodeAgentTest, FetchToSharedSendsPageAndWriteProtects) {
+TEST_F(NodeAgentTest, FetchToSharedWriteProtectsThenSendsThePage) {
   Hold(PageState::kModified, 1, 1);
-  EXPECT_EQ(Fetch(2, 3, PageState::kShared, 1), Strings({"SendPage>3 txn=2 v=1", "MapRead"}));
+  EXPECT_EQ(Fetch(2, 3, PageState::kShared, 1), Strings({"MapRead", "SendPage>3 txn=2 v=1"}));
   EXPECT_EQ(agent_.StateOf(kPage), PageState::kShared);
   EXPECT_EQ(agent_.stash_count(), 0u);
   EXPECT_EQ(Fetch(2, 3, PageState::kShared, 1), Strings({"SendPage>3 txn=2 v=1"}));
@@ -365,7 +365,7 @@ TEST_F(NodeAgentTest, NoDataFetchStashesAndAcks) {
 
 TEST_F(NodeAgentTest, RestoreGrantInstallsFromStash) {
   Hold(PageState::kModified, 1, 1);
-  EXPECT_EQ(Fetch(2, 2, PageState::kInvalid, 1), Strings({"SendPage>2 txn=2 v=1", "Stash txn=2"}));
+  EXPECT_EQ(Fetch(2, 2, PageState::kInvalid, 1), Strings({"Stash txn=2", "SendStash>2 txn=2 v=1"}));
   // The requester died; the directory gives the page back (PROTOCOL.md, Node).
   EXPECT_EQ(Grant(MakeGrant(3, 0, PageState::kModified, DataSource::kStash, 2, 2)),
             Strings({"InstallStash txn=2", "MapWrite", "Done txn=3"}));
@@ -434,7 +434,7 @@ TEST_F(NodeAgentTest, WritebackCompletedByFetchStashesAndClearsRequest) {
   Hold(PageState::kModified, 1, 1);
   EXPECT_EQ(Evict(true), Strings({"Unmap", "Acquire kind=writeback seq=2 last=1"}));
   // The directory moves the copy to node 3 instead of answering EvictReply.
-  EXPECT_EQ(Fetch(2, 3, PageState::kInvalid, 1), Strings({"SendPage>3 txn=2 v=1", "Stash txn=2"}));
+  EXPECT_EQ(Fetch(2, 3, PageState::kInvalid, 1), Strings({"Stash txn=2", "SendStash>3 txn=2 v=1"}));
   EXPECT_FALSE(agent_.HasPending(kPage));
   EXPECT_EQ(TickAt(kStart + 10 * kRetransmitMs), Strings{});
 }
