@@ -1,0 +1,470 @@
+#include "node/daemon/node_daemon.h"
+
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/timerfd.h>
+#include <unistd.h>
+
+#include <chrono>
+
+#include "proto/log.h"
+
+namespace dsvm::node {
+namespace {
+
+constexpr size_t kMaxPendingPeerPages = 1024;
+constexpr uint64_t kTickMs = 10;
+constexpr uint64_t kReconnectEveryMs = 200;
+constexpr int kJoinTimeoutMs = 3000;
+
+std::string HostOf(const std::string& address) {
+  const size_t colon = address.rfind(':');
+  return colon == std::string::npos ? address : address.substr(0, colon);
+}
+
+}  // namespace
+
+uint64_t NodeDaemon::NowMs() const {
+  return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                   std::chrono::steady_clock::now().time_since_epoch())
+                                   .count());
+}
+
+// ---------------------------------------------------------------------------
+// Start and stop
+
+Result<proto::JoinReply> NodeDaemon::Join(proto::FramedSocket& link, const NodeDaemonOptions& o,
+                                          proto::NodeId as, const std::string& peer_address) {
+  proto::JoinRequest j;
+  j.node = as;
+  j.address = peer_address;
+  j.host_memory_bytes = o.host_memory_bytes;
+  DSVM_ASSIGN_OR_RETURN(proto::Message reply, link.Call(j, kJoinTimeoutMs));
+  if (auto* s = std::get_if<proto::StatusReply>(&reply)) {
+    Status st = proto::FromReply(*s);
+    return st.ok() ? Internal("join answered OK without a JoinReply") : st;
+  }
+  auto* jr = std::get_if<proto::JoinReply>(&reply);
+  if (jr == nullptr) return Internal("join answered with an unexpected message");
+  return *jr;
+}
+
+Result<std::unique_ptr<NodeDaemon>> NodeDaemon::Create(const NodeDaemonOptions& options) {
+  DSVM_ASSIGN_OR_RETURN(std::unique_ptr<UcxTransport> transport,
+                        UcxTransport::Create(UcxOptions{proto::kNoNode, options.listen}));
+  const std::string peer_address =
+      HostOf(options.listen) + ":" + std::to_string(transport->port());
+  DSVM_ASSIGN_OR_RETURN(proto::FramedSocket link, proto::FramedSocket::Connect(options.coordinator));
+  DSVM_ASSIGN_OR_RETURN(proto::JoinReply jr, Join(link, options, options.rejoin_as, peer_address));
+  transport->set_self(jr.node);
+  std::unique_ptr<NodeDaemon> d(new NodeDaemon(options, jr.node, std::move(link),
+                                               std::move(transport), jr.heartbeat_interval_ms));
+  DSVM_RETURN_IF_ERROR(d->Setup());
+  LogInfo("node " + std::to_string(jr.node) + " joined; peers reach it at " + peer_address);
+  return d;
+}
+
+NodeDaemon::NodeDaemon(const NodeDaemonOptions& options, proto::NodeId id,
+                       proto::FramedSocket link, std::unique_ptr<UcxTransport> transport,
+                       uint32_t heartbeat_ms)
+    : options_(options),
+      id_(id),
+      link_(std::move(link)),
+      transport_(std::move(transport)),
+      heartbeat_ms_(heartbeat_ms == 0 ? 500 : heartbeat_ms),
+      agent_(id, NodeOptions{options.retransmit_after_ms}) {}
+
+Status NodeDaemon::Setup() {
+  epoll_fd_ = ::epoll_create1(EPOLL_CLOEXEC);
+  wake_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  timer_fd_ = ::timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK);
+  if (epoll_fd_ < 0 || wake_fd_ < 0 || timer_fd_ < 0) return IoError("epoll/eventfd/timerfd");
+  itimerspec its{};
+  its.it_interval.tv_nsec = kTickMs * 1000000;
+  its.it_value.tv_nsec = kTickMs * 1000000;
+  ::timerfd_settime(timer_fd_, 0, &its, nullptr);
+  for (int fd : {wake_fd_, timer_fd_, transport_->event_fd(), link_.fd()}) {
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.fd = fd;
+    if (::epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, fd, &ev) != 0) return IoError("epoll_ctl");
+  }
+  last_heartbeat_ms_ = NowMs();
+  return Status::Ok();
+}
+
+NodeDaemon::~NodeDaemon() {
+  if (transport_) transport_->Flush(500).IgnoreError();
+  for (int fd : {epoll_fd_, wake_fd_, timer_fd_}) {
+    if (fd >= 0) ::close(fd);
+  }
+}
+
+std::string NodeDaemon::peer_address() const {
+  return HostOf(options_.listen) + ":" + std::to_string(transport_->port());
+}
+
+void NodeDaemon::Post(std::function<void()> fn) {
+  {
+    std::lock_guard<std::mutex> l(posted_mu_);
+    posted_.push_back(std::move(fn));
+  }
+  const uint64_t one = 1;
+  [[maybe_unused]] ssize_t n = ::write(wake_fd_, &one, sizeof(one));
+}
+
+void NodeDaemon::Stop() {
+  Post([this] { stopping_ = true; });
+}
+
+void NodeDaemon::DrainPosted() {
+  uint64_t count;
+  [[maybe_unused]] ssize_t n = ::read(wake_fd_, &count, sizeof(count));
+  std::deque<std::function<void()>> work;
+  {
+    std::lock_guard<std::mutex> l(posted_mu_);
+    work.swap(posted_);
+  }
+  for (auto& fn : work) fn();
+}
+
+void NodeDaemon::Run() {
+  epoll_event events[16];
+  while (!stopping_) {
+    HandlePeerMessages();
+    if (!transport_->Arm()) continue;  // more UCX work first
+    const int n = ::epoll_wait(epoll_fd_, events, 16, -1);
+    for (int i = 0; i < n && !stopping_; ++i) {
+      const int fd = events[i].data.fd;
+      if (fd == wake_fd_) {
+        DrainPosted();
+      } else if (fd == timer_fd_) {
+        uint64_t expirations;
+        [[maybe_unused]] ssize_t r = ::read(timer_fd_, &expirations, sizeof(expirations));
+        OnTimer();
+      } else if (fd == link_.fd() && link_.is_open()) {
+        OnCoordinatorReadable();
+      }
+      // The UCX event fd needs nothing here: the loop progresses the worker.
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The coordinator link
+
+void NodeDaemon::OnCoordinatorReadable() {
+  Status st = link_.ReadAvailable();
+  for (;;) {
+    auto frame = link_.NextFrame();
+    if (!frame.ok()) {
+      LogError("malformed frame from the coordinator: " + frame.status().ToString());
+      st = frame.status();
+      break;
+    }
+    if (!frame->has_value()) break;
+    proto::Frame& f = **frame;
+    if (f.header.request_id != 0 && f.header.request_id == lookup_request_) {
+      if (auto* nl = std::get_if<proto::NodeListReply>(&f.message)) {
+        for (const proto::NodeEntry& e : nl->nodes) {
+          if (e.live && e.node != id_ && !transport_->HasPeer(e.node)) {
+            Status c = transport_->Connect(e.node, e.address);
+            if (!c.ok()) LogWarning("connecting to node " + std::to_string(e.node) + ": " + c.ToString());
+          }
+        }
+        lookup_request_ = 0;
+        if (nl->more && !nl->nodes.empty()) {
+          lookup_request_ = link_.NextRequestId();
+          link_.Send(proto::NodeList{nl->nodes.back().node}, lookup_request_).IgnoreError();
+        } else {
+          FlushPendingPeers();
+        }
+      }
+      continue;
+    }
+    if (auto* s = std::get_if<proto::StatusReply>(&f.message)) {
+      if (s->code != 0) LogWarning("coordinator: " + proto::FromReply(*s).ToString());
+      continue;  // heartbeat answers
+    }
+    HandleDirectoryMessage(std::move(f.message));
+  }
+  if (!st.ok()) {
+    LogWarning("lost the coordinator: " + st.ToString());
+    ::epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, link_.fd(), nullptr);
+    link_.Close();
+    lookup_request_ = 0;
+  }
+}
+
+void NodeDaemon::ReconnectCoordinator() {
+  last_reconnect_ms_ = NowMs();
+  auto link = proto::FramedSocket::Connect(options_.coordinator);
+  if (!link.ok()) return;
+  auto jr = Join(*link, options_, id_, peer_address());
+  if (!jr.ok()) {
+    LogWarning("rejoining the coordinator: " + jr.status().ToString());
+    return;
+  }
+  link_ = std::move(*link);
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.fd = link_.fd();
+  ::epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, link_.fd(), &ev);
+  ++stats_.coordinator_reconnects;
+  LogInfo("node " + std::to_string(id_) + " rejoined the coordinator");
+  Actions acts;
+  agent_.ResendAll(NowMs(), &acts);  // whatever was in flight may be lost
+  Execute(acts);
+  if (!pending_peer_.empty()) LookupPeers();
+}
+
+void NodeDaemon::OnTimer() {
+  const uint64_t now = NowMs();
+  if (!link_.is_open()) {
+    if (now - last_reconnect_ms_ >= kReconnectEveryMs) ReconnectCoordinator();
+  } else if (now - last_heartbeat_ms_ >= heartbeat_ms_) {
+    last_heartbeat_ms_ = now;
+    link_.Send(proto::Heartbeat{id_}, link_.NextRequestId()).IgnoreError();
+  }
+  Actions acts;
+  agent_.Tick(now, &acts);
+  Execute(acts);
+}
+
+void NodeDaemon::HandleDirectoryMessage(proto::Message m) {
+  const uint64_t now = NowMs();
+  Actions acts;
+  std::visit(
+      [&](auto& x) {
+        using T = std::decay_t<decltype(x)>;
+        if constexpr (std::is_same_v<T, proto::Grant> || std::is_same_v<T, proto::Fetch> ||
+                      std::is_same_v<T, proto::Invalidate> || std::is_same_v<T, proto::Release> ||
+                      std::is_same_v<T, proto::EvictReply>) {
+          if (StoreOf(x.page) == nullptr) {
+            ++stats_.protocol_errors;
+            LogWarning(std::string(proto::TypeName(T::kType)) + " for a page of no open region");
+            return;
+          }
+          if constexpr (std::is_same_v<T, proto::Grant>) agent_.HandleGrant(x, now, &acts);
+          if constexpr (std::is_same_v<T, proto::Fetch>) agent_.HandleFetch(x, now, &acts);
+          if constexpr (std::is_same_v<T, proto::Invalidate>) agent_.HandleInvalidate(x, now, &acts);
+          if constexpr (std::is_same_v<T, proto::Release>) agent_.HandleRelease(x, &acts);
+          if constexpr (std::is_same_v<T, proto::EvictReply>) agent_.HandleEvictReply(x, now, &acts);
+        } else {
+          ++stats_.protocol_errors;
+          LogWarning(std::string("unexpected ") + proto::TypeName(T::kType) + " from the coordinator");
+        }
+      },
+      m);
+  Execute(acts);
+}
+
+// ---------------------------------------------------------------------------
+// Peers
+
+void NodeDaemon::HandlePeerMessages() {
+  std::vector<UcxIncoming> in;
+  transport_->Progress(&in);
+  for (UcxIncoming& m : in) {
+    auto* d = std::get_if<proto::PageData>(&m.message);
+    PageStore* store = d ? StoreOf(d->page) : nullptr;
+    if (d == nullptr || store == nullptr || d->sender != m.from ||
+        d->data.size() != store->page_size() || store->CheckPage(d->page).ok() == false) {
+      ++stats_.protocol_errors;
+      LogWarning("dropping a malformed message from node " + std::to_string(m.from));
+      continue;
+    }
+    ++stats_.pages_received;
+    const DataHandle h = ++next_handle_;
+    data_[h] = std::move(d->data);
+    d->data.clear();
+    Actions acts;
+    agent_.HandlePageData(*d, h, NowMs(), &acts);
+    Execute(acts);
+  }
+}
+
+void NodeDaemon::SendPage(proto::NodeId to, proto::PageData d) {
+  if (transport_->HasPeer(to)) {
+    Status st = transport_->Send(to, std::move(d));
+    if (!st.ok()) LogWarning("sending a page to node " + std::to_string(to) + ": " + st.ToString());
+    ++stats_.pages_sent;
+    return;
+  }
+  if (pending_peer_count_ >= kMaxPendingPeerPages) {
+    LogWarning("too many pages waiting for peer addresses; dropping one (it is resent on demand)");
+    return;
+  }
+  pending_peer_[to].push_back(std::move(d));
+  ++pending_peer_count_;
+  LookupPeers();
+}
+
+void NodeDaemon::LookupPeers() {
+  if (lookup_request_ != 0 || !link_.is_open()) return;
+  ++stats_.peer_lookups;
+  lookup_request_ = link_.NextRequestId();
+  link_.Send(proto::NodeList{proto::kNoNode}, lookup_request_).IgnoreError();
+}
+
+void NodeDaemon::FlushPendingPeers() {
+  auto pending = std::move(pending_peer_);
+  pending_peer_.clear();
+  pending_peer_count_ = 0;
+  for (auto& [peer, pages] : pending) {
+    if (!transport_->HasPeer(peer)) {
+      LogWarning("node " + std::to_string(peer) + " is not a live member; dropping its pages");
+      continue;
+    }
+    for (auto& d : pages) SendPage(peer, std::move(d));
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Regions, accesses, actions
+
+PageStore* NodeDaemon::StoreOf(proto::PageAddr page) {
+  auto it = stores_.upper_bound(page);
+  if (it == stores_.begin()) return nullptr;
+  --it;
+  PageStore* s = it->second.get();
+  return page < s->base() + s->size() ? s : nullptr;
+}
+
+std::span<uint8_t> NodeDaemon::Bytes(proto::PageAddr page) {
+  PageStore* s = StoreOf(page);
+  return s == nullptr ? std::span<uint8_t>() : s->MappedPage(page);
+}
+
+Status NodeDaemon::OpenRegion(const proto::RegionReply& r) {
+  if (stores_.count(r.base)) return AlreadyExists("region '" + r.name + "' is open here");
+  PageStoreOptions o;
+  o.name = "dsvm-" + r.name;
+  DSVM_ASSIGN_OR_RETURN(std::unique_ptr<PageStore> store,
+                        PageStore::Create(r.base, r.size, r.page_size, o));
+  stores_[r.base] = std::move(store);
+  return Status::Ok();
+}
+
+void NodeDaemon::Access(proto::PageAddr address, bool write, AccessFn fn) {
+  ++stats_.accesses;
+  PageStore* store = StoreOf(address);
+  if (store == nullptr) {
+    ++stats_.accesses_failed;
+    fn(NotFound("address in no open region"), {});
+    return;
+  }
+  const proto::PageAddr page =
+      store->base() + (address - store->base()) / store->page_size() * store->page_size();
+  const WaiterId w = ++next_waiter_;
+  Actions acts;
+  if (agent_.Fault(page, write, w, NowMs(), &acts) == FaultResult::kHit) {
+    Execute(acts);
+    fn(Status::Ok(), Bytes(page));
+    return;
+  }
+  waiters_[w] = Waiter{page, std::move(fn)};
+  Execute(acts);
+}
+
+bool NodeDaemon::Evict(proto::PageAddr page) {
+  Actions acts;
+  const bool started = agent_.Evict(page, NowMs(), &acts);
+  Execute(acts);
+  return started;
+}
+
+void NodeDaemon::Execute(Actions& actions) {
+  for (Action& a : actions) ExecuteOne(a);
+}
+
+void NodeDaemon::ExecuteOne(Action& a) {
+  PageStore* store = StoreOf(a.page);
+  auto check = [&](const Status& st, const char* what) {
+    if (st.ok()) return;
+    ++stats_.protocol_errors;
+    LogError(std::string(what) + " of page " + std::to_string(a.page) + ": " + st.ToString());
+  };
+  if (store == nullptr && a.kind != ActionKind::kSendToDirectory && a.kind != ActionKind::kWake &&
+      a.kind != ActionKind::kDropData && a.kind != ActionKind::kProtocolError) {
+    check(NotFound("no open region"), "action");
+    return;
+  }
+  switch (a.kind) {
+    case ActionKind::kSendToDirectory:
+      if (link_.is_open()) link_.Send(a.message, 0).IgnoreError();  // else resent after rejoin
+      return;
+    case ActionKind::kSendPage:
+    case ActionKind::kSendStash: {
+      proto::PageData d;
+      d.page = a.page;
+      d.txn = a.txn;
+      d.sender = id_;
+      d.version = a.version;
+      d.data.resize(store->page_size());
+      if (a.kind == ActionKind::kSendPage) {
+        check(store->ReadPage(a.page, d.data), "read for send");
+      } else {
+        check(store->ReadStash(a.page, a.txn, d.data), "read stash for send");
+      }
+      SendPage(a.node, std::move(d));
+      return;
+    }
+    case ActionKind::kMapRead:
+    case ActionKind::kMapWrite:
+      // TODO(#3): the fault backend write-protects (read) or opens (write)
+      // every local mapping of the page.
+      check(store->Restore(a.page), "restore");
+      return;
+    case ActionKind::kUnmap:
+      check(store->Retain(a.page), "retain");
+      return;
+    case ActionKind::kDiscard:
+      check(store->Discard(a.page), "discard");
+      return;
+    case ActionKind::kStash:
+      check(store->Stash(a.page, a.txn), "stash");
+      return;
+    case ActionKind::kInstallZero:
+      check(store->ZeroPage(a.page), "zero");
+      return;
+    case ActionKind::kInstallData: {
+      auto it = data_.find(a.handle);
+      if (it == data_.end()) return check(NotFound("no such data handle"), "install");
+      check(store->WritePage(a.page, it->second), "install");
+      data_.erase(it);
+      return;
+    }
+    case ActionKind::kInstallStash:
+      check(store->InstallStash(a.page, a.txn), "install stash");
+      return;
+    case ActionKind::kDropStash:
+      if (store->HasStash(a.page, a.txn)) check(store->DropStash(a.page, a.txn), "drop stash");
+      return;
+    case ActionKind::kDropData:
+      data_.erase(a.handle);
+      return;
+    case ActionKind::kWake: {
+      auto it = waiters_.find(a.waiter);
+      if (it == waiters_.end()) return;
+      Waiter w = std::move(it->second);
+      waiters_.erase(it);
+      if (a.status != StatusCode::kOk) {
+        ++stats_.accesses_failed;
+        w.fn(Status(a.status, "page " + std::to_string(w.page) + " is lost"), {});
+      } else {
+        w.fn(Status::Ok(), Bytes(w.page));
+      }
+      return;
+    }
+    case ActionKind::kProtocolError:
+      ++stats_.protocol_errors;
+      LogWarning("protocol error on page " + std::to_string(a.page) + ": " + a.text);
+      return;
+    case ActionKind::kInvalid:
+      break;
+  }
+  DSVM_CHECK_MSG(false, "invalid action");
+}
+
+}  // namespace dsvm::node

@@ -1,0 +1,147 @@
+// NodeDaemon: the heart of dsvm-node, the node's coherence agent.
+//
+// One thread runs Run(): an epoll loop over the UCX worker's event fd (peers:
+// PageData and PeerHello), the coordinator connection (directory messages),
+// a timer (retransmits, heartbeats) and a wake-up eventfd for work posted
+// from other threads. That thread owns everything below; other threads only
+// Post() closures to it (STYLE.md, Concurrency).
+//
+// It carries out the node agent's actions on real parts: page bytes in one
+// PageStore (memfd) per region, PageData to and from peers over UCX, the
+// directory's messages over the coordinator link. Local accesses come in
+// through Access(); the fault backends (userfaultfd, dsvm.ko) turn a process's
+// page fault into an Access and its completion into a resolved fault.
+//
+// The coherence plane still travels on the coordinator's TCP connection;
+// it moves to UCX active messages when the coordinator gets a UCX worker
+// (docs/PERFORMANCE.md, "Directory transport").
+#ifndef DSVM_NODE_DAEMON_NODE_DAEMON_H_
+#define DSVM_NODE_DAEMON_NODE_DAEMON_H_
+
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "node/coherence/node_agent.h"
+#include "node/memory/page_store.h"
+#include "node/transport/ucx_transport.h"
+#include "proto/framed_socket.h"
+#include "proto/messages.h"
+
+namespace dsvm::node {
+
+struct NodeDaemonOptions {
+  std::string coordinator = "127.0.0.1:7700";
+  std::string listen = "127.0.0.1:0";  // the UCX listener peers connect to
+  proto::NodeId rejoin_as = proto::kNoNode;
+  uint64_t host_memory_bytes = 0;
+  uint64_t retransmit_after_ms = 200;
+};
+
+struct NodeDaemonStats {
+  uint64_t accesses = 0;
+  uint64_t accesses_failed = 0;
+  uint64_t pages_sent = 0;
+  uint64_t pages_received = 0;
+  uint64_t coordinator_reconnects = 0;
+  uint64_t protocol_errors = 0;
+  uint64_t peer_lookups = 0;
+};
+
+class NodeDaemon {
+ public:
+  // Runs with `status` and the page's bytes while the node holds the access
+  // asked for: read the span (and write it, for a write access) before
+  // returning. On a failed access the span is empty.
+  using AccessFn = std::function<void(Status status, std::span<uint8_t> bytes)>;
+
+  // Joins the cluster through the coordinator and opens the UCX listener.
+  // Errors: kUnavailable (coordinator or UCX unreachable), and the
+  // coordinator's refusal.
+  static Result<std::unique_ptr<NodeDaemon>> Create(const NodeDaemonOptions& options);
+  ~NodeDaemon();
+
+  proto::NodeId id() const { return id_; }
+  std::string peer_address() const;
+
+  // Runs the loop on the calling thread until Stop().
+  void Run();
+  // Thread-safe.
+  void Stop();
+  // Thread-safe: runs `fn` on the loop thread.
+  void Post(std::function<void()> fn);
+
+  // --- loop thread only (call from Post) ---
+
+  // Makes a region's pages usable here: a PageStore for its bytes.
+  // Errors: kAlreadyExists, and PageStore's.
+  Status OpenRegion(const proto::RegionReply& region);
+  // One local access to the page containing `address`.
+  void Access(proto::PageAddr address, bool write, AccessFn fn);
+  // Gives up the node's copy of a page (memory pressure).
+  bool Evict(proto::PageAddr page);
+  const NodeDaemonStats& stats() const { return stats_; }
+  const NodeAgent& agent() const { return agent_; }
+
+ private:
+  struct Waiter {
+    proto::PageAddr page;
+    AccessFn fn;
+  };
+
+  NodeDaemon(const NodeDaemonOptions& options, proto::NodeId id, proto::FramedSocket link,
+             std::unique_ptr<UcxTransport> transport, uint32_t heartbeat_ms);
+  static Result<proto::JoinReply> Join(proto::FramedSocket& link, const NodeDaemonOptions& o,
+                                       proto::NodeId as, const std::string& peer_address);
+  Status Setup();
+  void DrainPosted();
+  void OnCoordinatorReadable();
+  void OnTimer();
+  void ReconnectCoordinator();
+  void HandleDirectoryMessage(proto::Message m);
+  void HandlePeerMessages();
+  void Execute(Actions& actions);
+  void ExecuteOne(Action& a);
+  void SendPage(proto::NodeId to, proto::PageData d);
+  void LookupPeers();
+  void FlushPendingPeers();
+  PageStore* StoreOf(proto::PageAddr page);
+  std::span<uint8_t> Bytes(proto::PageAddr page);
+  uint64_t NowMs() const;
+
+  NodeDaemonOptions options_;
+  proto::NodeId id_;
+  proto::FramedSocket link_;
+  std::unique_ptr<UcxTransport> transport_;
+  uint32_t heartbeat_ms_;
+  NodeAgent agent_;
+  std::map<proto::PageAddr, std::unique_ptr<PageStore>> stores_;  // by region base
+  std::unordered_map<DataHandle, std::vector<uint8_t>> data_;    // received, not yet installed
+  DataHandle next_handle_ = 0;
+  std::unordered_map<WaiterId, Waiter> waiters_;
+  WaiterId next_waiter_ = 0;
+  // PageData for peers whose address is being looked up; bounded.
+  std::unordered_map<proto::NodeId, std::vector<proto::PageData>> pending_peer_;
+  size_t pending_peer_count_ = 0;
+  uint64_t lookup_request_ = 0;  // request id of the NodeList in flight, 0 if none
+  uint64_t last_heartbeat_ms_ = 0;
+  uint64_t last_reconnect_ms_ = 0;
+  int epoll_fd_ = -1;
+  int wake_fd_ = -1;
+  int timer_fd_ = -1;
+  bool stopping_ = false;
+  std::mutex posted_mu_;  // guards posted_; lock order: leaf
+  std::deque<std::function<void()>> posted_;
+  NodeDaemonStats stats_;
+};
+
+}  // namespace dsvm::node
+
+#endif  // DSVM_NODE_DAEMON_NODE_DAEMON_H_
