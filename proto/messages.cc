@@ -66,6 +66,10 @@ const char* TypeName(MessageType t) {
     case MessageType::kEvictReply: return "EvictReply";
     case MessageType::kPageData: return "PageData";
     case MessageType::kPeerHello: return "PeerHello";
+    case MessageType::kClientHello: return "ClientHello";
+    case MessageType::kClientHelloReply: return "ClientHelloReply";
+    case MessageType::kMapRegion: return "MapRegion";
+    case MessageType::kUnmapRegion: return "UnmapRegion";
   }
   return "Unknown";
 }

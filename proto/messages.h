@@ -74,6 +74,11 @@ enum class MessageType : uint16_t {
   // Data plane: node <-> node.
   kPageData = 30,
   kPeerHello = 31,
+  // Client plane: libdsvm <-> dsvm-node over a UNIX socket.
+  kClientHello = 40,
+  kClientHelloReply = 41,
+  kMapRegion = 42,
+  kUnmapRegion = 43,
 };
 
 // What a node asks of the directory for one page.
@@ -375,11 +380,45 @@ struct PeerHello {
   template <typename A> void Visit(A& a) { a.U32(node); }
 };
 
+// The ABI version libdsvm and dsvm-node speak on the client plane.
+inline constexpr uint32_t kClientAbi = 1;
+
+// Client -> daemon: the first record on a client connection.
+struct ClientHello {
+  static constexpr MessageType kType = MessageType::kClientHello;
+  uint32_t abi = kClientAbi;
+  template <typename A> void Visit(A& a) { a.U32(abi); }
+};
+
+struct ClientHelloReply {
+  static constexpr MessageType kType = MessageType::kClientHelloReply;
+  NodeId node = kNoNode;
+  uint64_t window_base = 0;
+  uint64_t window_size = 0;
+  template <typename A> void Visit(A& a) { a.U32(node); a.U64(window_base); a.U64(window_size); }
+};
+
+// Client -> daemon, with [fault fd, pidfd] attached: serve the client's
+// mapping of the region at `base`. Reply: StatusReply.
+struct MapRegion {
+  static constexpr MessageType kType = MessageType::kMapRegion;
+  PageAddr base = 0;
+  template <typename A> void Visit(A& a) { a.U64(base); }
+};
+
+// Client -> daemon: stop serving the client's mapping at `base`. Reply: StatusReply.
+struct UnmapRegion {
+  static constexpr MessageType kType = MessageType::kUnmapRegion;
+  PageAddr base = 0;
+  template <typename A> void Visit(A& a) { a.U64(base); }
+};
+
 using Message = std::variant<StatusReply, JoinRequest, JoinReply, Heartbeat, LeaveRequest,
                              RegionCreate, RegionOpen, RegionDelete, RegionReply, PageQuery,
                              PageQueryReply, NodeList, NodeListReply, RegionList, RegionListReply,
                              Acquire, Grant, Fetch, Invalidate, InvalidateAck,
-                             Done, Release, EvictReply, PageData, PeerHello>;
+                             Done, Release, EvictReply, PageData, PeerHello, ClientHello,
+                             ClientHelloReply, MapRegion, UnmapRegion>;
 
 struct Header {
   uint32_t magic = kMagic;
