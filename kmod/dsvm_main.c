@@ -1,0 +1,353 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * dsvm.ko: the node-side kernel module of dsvm (distributed shared virtual
+ * memory). It creates /dev/dsvm: the node daemon uses it as its control
+ * channel (regions, the per-page table), client processes map regions
+ * through it, and faults on pages the node holds are resolved in the
+ * kernel. docs/KMOD.md describes it; kmod/uapi/dsvm_uapi.h is the ABI.
+ *
+ * This file: module init and exit, the device, and the ioctls, which
+ * validate everything user space passes before anything else sees it.
+ */
+#define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
+
+#include <linux/fs.h>
+#include <linux/highmem.h>
+#include <linux/miscdevice.h>
+#include <linux/mm.h>
+#include <linux/module.h>
+#include <linux/mount.h>
+#include <linux/overflow.h>
+#include <linux/pseudo_fs.h>
+#include <linux/slab.h>
+#include <linux/uaccess.h>
+
+#include "dsvm_internal.h"
+
+#define DSVM_FS_MAGIC 0x6473766d	/* "dsvm" */
+
+#define DSVM_FEATURES (DSVM_FEATURE_REGIONS | DSVM_FEATURE_STATS)
+
+struct dsvm_counters dsvm_counters;
+struct address_space *dsvm_mapping;
+
+static struct vfsmount *dsvm_mnt;
+static struct inode *dsvm_inode;
+
+static int dsvm_fs_init_fs_context(struct fs_context *fc)
+{
+	return init_pseudo(fc, DSVM_FS_MAGIC) ? 0 : -ENOMEM;
+}
+
+/*
+ * A private pseudo filesystem holding one inode whose address_space all
+ * open files share (as DRM does). No .owner: the mount lives from init to
+ * exit, and a module reference held by it would make rmmod impossible.
+ */
+static struct file_system_type dsvm_fs_type = {
+	.name = "dsvm",
+	.init_fs_context = dsvm_fs_init_fs_context,
+	.kill_sb = kill_anon_super,
+};
+
+static int dsvm_open(struct inode *inode, struct file *filp)
+{
+	struct dsvm_file *file;
+
+	file = kzalloc(sizeof(*file), GFP_KERNEL);
+	if (!file)
+		return -ENOMEM;
+	INIT_LIST_HEAD(&file->regions);
+	/*
+	 * Every open shares one address_space, whatever device node it came
+	 * through (a container's mknod'ed /dev/dsvm has an inode of its own),
+	 * so unmap_mapping_range() reaches every mapping of a page.
+	 */
+	filp->f_mapping = dsvm_mapping;
+	filp->private_data = file;
+	return 0;
+}
+
+static int dsvm_release(struct inode *inode, struct file *filp)
+{
+	struct dsvm_file *file = filp->private_data;
+
+	dsvm_file_destroy_regions(file);
+	kfree(file);
+	return 0;
+}
+
+/*
+ * A failed HELLO leaves the file as it was; the out fields are written
+ * even on -EPROTO so that the caller can report what it found.
+ */
+static long dsvm_ioctl_hello(struct dsvm_file *file,
+			     struct dsvm_hello __user *uarg)
+{
+	struct dsvm_hello req;
+
+	if (copy_from_user(&req, uarg, sizeof(req)))
+		return -EFAULT;
+	if (req.reserved[0] || req.reserved[1])
+		return -EINVAL;
+	req.module_version = DSVM_ABI_VERSION;
+	req.features = DSVM_FEATURES;
+	if (copy_to_user(uarg, &req, sizeof(req)))
+		return -EFAULT;
+	if (req.user_version != DSVM_ABI_VERSION)
+		return -EPROTO;
+	WRITE_ONCE(file->hello_done, true);
+	return 0;
+}
+
+static long dsvm_ioctl_stats(struct dsvm_stats __user *uarg)
+{
+	struct dsvm_stats stats = {
+		.regions = atomic64_read(&dsvm_counters.regions),
+		.pages = atomic64_read(&dsvm_counters.pages),
+		.mappings = atomic64_read(&dsvm_counters.mappings),
+		.faults = atomic64_read(&dsvm_counters.faults),
+		.mkwrites = atomic64_read(&dsvm_counters.mkwrites),
+		.refused = atomic64_read(&dsvm_counters.refused),
+	};
+
+	return copy_to_user(uarg, &stats, sizeof(stats)) ? -EFAULT : 0;
+}
+
+static long dsvm_ioctl_region_create(struct dsvm_file *file,
+				     struct dsvm_region_create __user *uarg)
+{
+	struct dsvm_region_create req;
+
+	if (copy_from_user(&req, uarg, sizeof(req)))
+		return -EFAULT;
+	if (!req.region_id || req.flags || req.reserved[0] || req.reserved[1])
+		return -EINVAL;
+	if (req.page_size != DSVM_PAGE_SIZE_4K)
+		return -EINVAL;
+	if (!req.base || !IS_ALIGNED(req.base, req.page_size))
+		return -EINVAL;
+	if (!req.size || req.size > DSVM_REGION_SIZE_MAX ||
+	    !IS_ALIGNED(req.size, req.page_size))
+		return -EINVAL;
+	/* size <= DSVM_REGION_SIZE_MAX < TASK_SIZE_MAX: no underflow. */
+	if (req.base > TASK_SIZE_MAX - req.size)
+		return -EINVAL;
+	return dsvm_region_create(file, &req);
+}
+
+static long dsvm_ioctl_region_destroy(struct dsvm_region_destroy __user *uarg)
+{
+	struct dsvm_region_destroy req;
+
+	if (copy_from_user(&req, uarg, sizeof(req)))
+		return -EFAULT;
+	if (!req.region_id || req.reserved)
+		return -EINVAL;
+	return dsvm_region_destroy(req.region_id);
+}
+
+static long dsvm_ioctl_page_install(struct dsvm_page_install __user *uarg)
+{
+	struct dsvm_page_install req;
+	struct dsvm_region *region;
+	struct page *page;
+	bool zero;
+	long ret;
+
+	if (copy_from_user(&req, uarg, sizeof(req)))
+		return -EFAULT;
+	if (!req.region_id || req.reserved[0] || req.reserved[1])
+		return -EINVAL;
+	if (req.state != DSVM_PAGE_STATE_SHARED &&
+	    req.state != DSVM_PAGE_STATE_MODIFIED)
+		return -EINVAL;
+	if (req.flags & ~DSVM_PAGE_INSTALL_ZERO)
+		return -EINVAL;
+	zero = req.flags & DSVM_PAGE_INSTALL_ZERO;
+	if (zero != !req.data)
+		return -EINVAL;
+
+	region = dsvm_region_get(req.region_id);
+	if (!region)
+		return -ENOENT;
+	if (req.page_index >= region->npages) {
+		ret = -EINVAL;
+		goto out_put_region;
+	}
+
+	page = alloc_page(GFP_HIGHUSER | (zero ? __GFP_ZERO : 0));
+	if (!page) {
+		ret = -ENOMEM;
+		goto out_put_region;
+	}
+	if (!zero) {
+		void *dst = kmap_local_page(page);
+		unsigned long left;
+
+		/* No lock held: the source may itself be a dsvm mapping. */
+		left = copy_from_user(dst, u64_to_user_ptr(req.data), PAGE_SIZE);
+		kunmap_local(dst);
+		if (left) {
+			ret = -EFAULT;
+			goto err_free_page;
+		}
+	}
+	ret = dsvm_page_install(region, req.page_index, page,
+				req.state == DSVM_PAGE_STATE_MODIFIED);
+	if (ret)
+		goto err_free_page;
+	goto out_put_region;
+
+err_free_page:
+	put_page(page);
+out_put_region:
+	dsvm_region_put(region);
+	return ret;
+}
+
+/* DSVM_IOC_PAGE_INVALIDATE (drop) and DSVM_IOC_PAGE_DOWNGRADE (!drop). */
+static long dsvm_ioctl_page_range(struct dsvm_page_range __user *uarg,
+				  bool drop)
+{
+	struct dsvm_page_range req;
+	struct dsvm_region *region;
+	unsigned long last;
+	u64 end;
+
+	if (copy_from_user(&req, uarg, sizeof(req)))
+		return -EFAULT;
+	if (!req.region_id || !req.count || req.reserved[0] || req.reserved[1])
+		return -EINVAL;
+	if (check_add_overflow(req.first, req.count, &end))
+		return -EINVAL;
+
+	region = dsvm_region_get(req.region_id);
+	if (!region)
+		return -ENOENT;
+	if (end > region->npages) {
+		dsvm_region_put(region);
+		return -EINVAL;
+	}
+	last = end - 1;
+	if (drop)
+		req.done = dsvm_page_invalidate(region, req.first, last);
+	else
+		req.done = dsvm_page_downgrade(region, req.first, last);
+	dsvm_region_put(region);
+
+	if (put_user(req.done, &uarg->done))
+		return -EFAULT;
+	return 0;
+}
+
+static long dsvm_ioctl(struct file *filp, unsigned int cmd, unsigned long arg)
+{
+	struct dsvm_file *file = filp->private_data;
+	void __user *uarg = (void __user *)arg;
+
+	switch (cmd) {
+	case DSVM_IOC_HELLO:
+		return dsvm_ioctl_hello(file, uarg);
+	case DSVM_IOC_STATS:
+	case DSVM_IOC_REGION_CREATE:
+	case DSVM_IOC_REGION_DESTROY:
+	case DSVM_IOC_PAGE_INSTALL:
+	case DSVM_IOC_PAGE_INVALIDATE:
+	case DSVM_IOC_PAGE_DOWNGRADE:
+		break;
+	default:
+		return -ENOTTY;
+	}
+
+	if (!READ_ONCE(file->hello_done))
+		return -EPROTO;
+
+	switch (cmd) {
+	case DSVM_IOC_STATS:
+		return dsvm_ioctl_stats(uarg);
+	case DSVM_IOC_REGION_CREATE:
+		return dsvm_ioctl_region_create(file, uarg);
+	case DSVM_IOC_REGION_DESTROY:
+		return dsvm_ioctl_region_destroy(uarg);
+	case DSVM_IOC_PAGE_INSTALL:
+		return dsvm_ioctl_page_install(uarg);
+	case DSVM_IOC_PAGE_INVALIDATE:
+		return dsvm_ioctl_page_range(uarg, true);
+	case DSVM_IOC_PAGE_DOWNGRADE:
+		return dsvm_ioctl_page_range(uarg, false);
+	}
+	return -ENOTTY;
+}
+
+static const struct file_operations dsvm_fops = {
+	.owner = THIS_MODULE,
+	.open = dsvm_open,
+	.release = dsvm_release,
+	.unlocked_ioctl = dsvm_ioctl,
+	.compat_ioctl = compat_ptr_ioctl,
+	.mmap = dsvm_vm_mmap,
+};
+
+static struct miscdevice dsvm_misc = {
+	.minor = MISC_DYNAMIC_MINOR,
+	.name = "dsvm",
+	.fops = &dsvm_fops,
+	.mode = 0600,
+};
+
+static int __init dsvm_init(void)
+{
+	int ret;
+
+	/* The UAPI layout: explicit sizes, no hidden padding. */
+	BUILD_BUG_ON(sizeof(struct dsvm_hello) != 32);
+	BUILD_BUG_ON(sizeof(struct dsvm_region_create) != 48);
+	BUILD_BUG_ON(sizeof(struct dsvm_region_destroy) != 16);
+	BUILD_BUG_ON(sizeof(struct dsvm_page_install) != 48);
+	BUILD_BUG_ON(sizeof(struct dsvm_page_range) != 48);
+	BUILD_BUG_ON(sizeof(struct dsvm_stats) != 64);
+	BUILD_BUG_ON(PAGE_SIZE != DSVM_PAGE_SIZE_4K);
+	/* Region ids (u64) index an xarray (unsigned long). */
+	BUILD_BUG_ON(sizeof(unsigned long) < sizeof(u64));
+
+	dsvm_mnt = kern_mount(&dsvm_fs_type);
+	if (IS_ERR(dsvm_mnt))
+		return PTR_ERR(dsvm_mnt);
+	dsvm_inode = alloc_anon_inode(dsvm_mnt->mnt_sb);
+	if (IS_ERR(dsvm_inode)) {
+		ret = PTR_ERR(dsvm_inode);
+		goto err_unmount;
+	}
+	dsvm_mapping = dsvm_inode->i_mapping;
+
+	ret = misc_register(&dsvm_misc);
+	if (ret)
+		goto err_put_inode;
+	pr_info("/dev/dsvm ready, ABI %u\n", DSVM_ABI_VERSION);
+	return 0;
+
+err_put_inode:
+	iput(dsvm_inode);
+err_unmount:
+	kern_unmount(dsvm_mnt);
+	return ret;
+}
+
+static void __exit dsvm_exit(void)
+{
+	misc_deregister(&dsvm_misc);
+	/*
+	 * Every file held a module reference and destroyed its regions when
+	 * it was closed; every VMA held its file.
+	 */
+	WARN_ON_ONCE(!dsvm_regions_empty());
+	iput(dsvm_inode);
+	kern_unmount(dsvm_mnt);
+}
+
+module_init(dsvm_init);
+module_exit(dsvm_exit);
+
+MODULE_LICENSE("GPL");
+MODULE_DESCRIPTION("dsvm: distributed shared virtual memory, node fault path");

@@ -1,0 +1,1201 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * dsvm_selftest: the UAPI tests of dsvm.ko, run inside the QEMU guest by
+ * tests/kmod/run.sh (statically linked; the guest has only busybox).
+ *
+ * Output in the style of tools/testing/selftests: one line per case,
+ * "ok N - name" or "not ok N - name", diagnostics on "# " lines, the plan
+ * "1..N" last. Exit status 0 when every case passed.
+ *
+ * Every case leaves the module as it found it (regions destroyed, mappings
+ * gone), so the last cases can check that the module's counters are back
+ * to 0 and that no warning tainted the kernel.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <sched.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "dsvm_uapi.h"
+
+#ifndef MAP_FIXED_NOREPLACE
+#define MAP_FIXED_NOREPLACE 0x100000
+#endif
+
+#define PAGE 4096UL
+
+/* Region bases: far from the heap, the stack and glibc's mmap area. */
+#define BASE_FUNC	0x600000000000UL
+#define BASE_THREADS	0x610000000000UL
+#define BASE_DESTROY	0x620000000000UL
+#define BASE_OWNER	0x630000000000UL
+#define BASE_SPLIT	0x640000000000UL
+#define BASE_LEAK	0x650000000000UL
+#define BASE_VALID	0x660000000000UL
+
+static int tests_run, tests_failed;
+
+static void result(bool ok, const char *fmt, ...)
+{
+	va_list ap;
+
+	tests_run++;
+	if (!ok)
+		tests_failed++;
+	printf("%sok %d - ", ok ? "" : "not ", tests_run);
+	va_start(ap, fmt);
+	vprintf(fmt, ap);
+	va_end(ap);
+	putchar('\n');
+	fflush(stdout);
+}
+
+static void diag(const char *fmt, ...)
+{
+	va_list ap;
+
+	printf("# ");
+	va_start(ap, fmt);
+	vprintf(fmt, ap);
+	va_end(ap);
+	putchar('\n');
+	fflush(stdout);
+}
+
+/* ioctl returning 0 or -errno. */
+static int xioctl(int fd, unsigned long cmd, void *arg)
+{
+	return ioctl(fd, cmd, arg) ? -errno : 0;
+}
+
+/* A case that expects a given result (0 or -errno) from an ioctl. */
+static void expect(int got, int want, const char *name)
+{
+	if (got != want)
+		diag("%s: got %d (%s), want %d (%s)", name, got,
+		     strerror(-got), want, strerror(-want));
+	result(got == want, "%s", name);
+}
+
+/* ---- SIGBUS probes ---------------------------------------------------- */
+
+/* volatile: the stores around the accesses must not be reordered or dropped. */
+static __thread sigjmp_buf *volatile probe_env;
+
+static void on_sigbus(int sig, siginfo_t *si, void *uc)
+{
+	if (probe_env)
+		siglongjmp(*probe_env, 1);
+	/* Not inside a probe: a real failure. */
+	static const char msg[] = "# unexpected SIGBUS\n";
+	write(1, msg, sizeof(msg) - 1);
+	_exit(98);
+}
+
+static void install_sigbus_handler(void)
+{
+	struct sigaction sa;
+
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_sigaction = on_sigbus;
+	sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+	sigaction(SIGBUS, &sa, NULL);
+}
+
+/* Copies len bytes from src; returns false on SIGBUS. */
+static bool probe_read(const volatile void *src, void *dst, size_t len)
+{
+	sigjmp_buf env;
+
+	if (sigsetjmp(env, 1)) {
+		probe_env = NULL;
+		return false;
+	}
+	probe_env = &env;
+	for (size_t i = 0; i < len / 8; i++)
+		((uint64_t *)dst)[i] = ((const volatile uint64_t *)src)[i];
+	probe_env = NULL;
+	return true;
+}
+
+/* Stores len bytes to dst; returns false on SIGBUS. */
+static bool probe_write(volatile void *dst, const void *src, size_t len)
+{
+	sigjmp_buf env;
+
+	if (sigsetjmp(env, 1)) {
+		probe_env = NULL;
+		return false;
+	}
+	probe_env = &env;
+	for (size_t i = 0; i < len / 8; i++)
+		((volatile uint64_t *)dst)[i] = ((const uint64_t *)src)[i];
+	probe_env = NULL;
+	return true;
+}
+
+static bool can_read(const volatile void *p)
+{
+	uint64_t v;
+
+	return probe_read(p, &v, sizeof(v));
+}
+
+static bool can_write(volatile void *p)
+{
+	uint64_t v = 0x5a5a5a5a5a5a5a5aULL;
+
+	return probe_write(p, &v, sizeof(v));
+}
+
+/* ---- module helpers --------------------------------------------------- */
+
+static int open_dev(void)
+{
+	return open(DSVM_DEVICE_PATH, O_RDWR | O_CLOEXEC);
+}
+
+static int hello(int fd)
+{
+	struct dsvm_hello h = { .user_version = DSVM_ABI_VERSION };
+
+	return xioctl(fd, DSVM_IOC_HELLO, &h);
+}
+
+static int region_create(int fd, uint64_t id, uint64_t base, uint64_t npages)
+{
+	struct dsvm_region_create rc = {
+		.region_id = id, .base = base, .size = npages * PAGE,
+		.page_size = DSVM_PAGE_SIZE_4K,
+	};
+
+	return xioctl(fd, DSVM_IOC_REGION_CREATE, &rc);
+}
+
+static int region_destroy(int fd, uint64_t id)
+{
+	struct dsvm_region_destroy rd = { .region_id = id };
+
+	return xioctl(fd, DSVM_IOC_REGION_DESTROY, &rd);
+}
+
+static int page_install(int fd, uint64_t id, uint64_t index, uint32_t state,
+			const void *data)
+{
+	struct dsvm_page_install pi = {
+		.region_id = id, .page_index = index, .state = state,
+		.data = (uintptr_t)data,
+		.flags = data ? 0 : DSVM_PAGE_INSTALL_ZERO,
+	};
+
+	return xioctl(fd, DSVM_IOC_PAGE_INSTALL, &pi);
+}
+
+/* Invalidate (drop) or downgrade a range; returns -errno or pages done. */
+static long page_range(int fd, bool drop, uint64_t id, uint64_t first,
+		       uint64_t count)
+{
+	struct dsvm_page_range pr = {
+		.region_id = id, .first = first, .count = count,
+	};
+	int ret;
+
+	ret = xioctl(fd, drop ? DSVM_IOC_PAGE_INVALIDATE : DSVM_IOC_PAGE_DOWNGRADE,
+		     &pr);
+	return ret ? ret : (long)pr.done;
+}
+
+static struct dsvm_stats stats(int fd)
+{
+	struct dsvm_stats st;
+
+	memset(&st, 0xff, sizeof(st));
+	if (xioctl(fd, DSVM_IOC_STATS, &st))
+		diag("DSVM_IOC_STATS failed: %s", strerror(errno));
+	return st;
+}
+
+static void *map_region(int fd, uint64_t base, uint64_t npages)
+{
+	return mmap((void *)base, npages * PAGE, PROT_READ | PROT_WRITE,
+		    MAP_SHARED | MAP_FIXED_NOREPLACE, fd, (off_t)base);
+}
+
+static void fill(void *page, uint64_t seed)
+{
+	for (size_t i = 0; i < PAGE / 8; i++)
+		((uint64_t *)page)[i] = seed * 0x9e3779b97f4a7c15ULL + i;
+}
+
+static void *page_at(uint64_t base, uint64_t index)
+{
+	return (void *)(base + index * PAGE);
+}
+
+/* Reads a whole page through the mapping and compares it with seed's. */
+static bool page_matches(uint64_t base, uint64_t index, uint64_t seed)
+{
+	static __thread uint64_t got[PAGE / 8], want[PAGE / 8];
+
+	fill(want, seed);
+	if (!probe_read(page_at(base, index), got, PAGE))
+		return false;
+	return !memcmp(got, want, PAGE);
+}
+
+static bool page_is_zero(uint64_t base, uint64_t index)
+{
+	static __thread uint64_t got[PAGE / 8];
+	static const uint64_t zero[PAGE / 8];
+
+	if (!probe_read(page_at(base, index), got, PAGE))
+		return false;
+	return !memcmp(got, zero, PAGE);
+}
+
+static long meminfo_kb(const char *key)
+{
+	char line[256];
+	long value = -1;
+	size_t len = strlen(key);
+	FILE *f = fopen("/proc/meminfo", "r");
+
+	if (!f)
+		return -1;
+	while (fgets(line, sizeof(line), f)) {
+		if (!strncmp(line, key, len) && line[len] == ':') {
+			value = strtol(line + len + 1, NULL, 10);
+			break;
+		}
+	}
+	fclose(f);
+	return value;
+}
+
+/* Sets the module's test-only fault delay; false when it cannot. */
+static bool set_fault_delay(unsigned int us)
+{
+	FILE *f = fopen("/sys/module/dsvm/parameters/fault_delay_us", "w");
+	bool ok;
+
+	if (!f)
+		return false;
+	ok = fprintf(f, "%u\n", us) > 0;
+	return fclose(f) == 0 && ok;
+}
+
+static unsigned long kernel_taint(void)
+{
+	unsigned long taint = ~0UL;
+	FILE *f = fopen("/proc/sys/kernel/tainted", "r");
+
+	if (f) {
+		if (fscanf(f, "%lu", &taint) != 1)
+			taint = ~0UL;
+		fclose(f);
+	}
+	return taint;
+}
+
+/* ---- handshake ------------------------------------------------------- */
+
+static void test_handshake(int fd)
+{
+	struct dsvm_region_create rc = { 0 };
+	struct dsvm_stats st;
+	struct dsvm_hello h;
+
+	expect(xioctl(fd, DSVM_IOC_STATS, &st), -EPROTO,
+	       "stats before hello refused with EPROTO");
+	expect(xioctl(fd, DSVM_IOC_REGION_CREATE, &rc), -EPROTO,
+	       "region create before hello refused with EPROTO");
+
+	memset(&h, 0, sizeof(h));
+	h.user_version = 0;
+	expect(xioctl(fd, DSVM_IOC_HELLO, &h), -EPROTO,
+	       "hello with version 0 refused with EPROTO");
+	result(h.module_version == DSVM_ABI_VERSION,
+	       "hello refused still reports the module version");
+
+	memset(&h, 0, sizeof(h));
+	h.user_version = DSVM_ABI_VERSION + 1;
+	expect(xioctl(fd, DSVM_IOC_HELLO, &h), -EPROTO,
+	       "hello with a newer version refused with EPROTO");
+	expect(xioctl(fd, DSVM_IOC_STATS, &st), -EPROTO,
+	       "a failed hello does not open the file");
+
+	memset(&h, 0, sizeof(h));
+	h.user_version = DSVM_ABI_VERSION;
+	h.reserved[0] = 1;
+	expect(xioctl(fd, DSVM_IOC_HELLO, &h), -EINVAL,
+	       "hello with reserved[0] set refused with EINVAL");
+	h.reserved[0] = 0;
+	h.reserved[1] = 1ULL << 63;
+	expect(xioctl(fd, DSVM_IOC_HELLO, &h), -EINVAL,
+	       "hello with reserved[1] set refused with EINVAL");
+
+	memset(&h, 0, sizeof(h));
+	h.user_version = DSVM_ABI_VERSION;
+	expect(xioctl(fd, DSVM_IOC_HELLO, &h), 0, "hello with the right version");
+	result(h.module_version == DSVM_ABI_VERSION &&
+	       (h.features & DSVM_FEATURE_REGIONS) &&
+	       (h.features & DSVM_FEATURE_STATS),
+	       "hello reports version %u and features 0x%llx",
+	       h.module_version, (unsigned long long)h.features);
+	expect(hello(fd), 0, "hello repeated on the same file");
+
+	expect(xioctl(fd, _IO(DSVM_IOC_MAGIC, 0x7f), NULL), -ENOTTY,
+	       "unknown ioctl number refused with ENOTTY");
+	{
+		char big[sizeof(struct dsvm_hello) + 8] = { 0 };
+
+		expect(xioctl(fd, _IOWR(DSVM_IOC_MAGIC, 0x00, big), big), -ENOTTY,
+		       "hello with another struct size refused with ENOTTY");
+	}
+	st = stats(fd);
+	result(st.regions == 0 && st.pages == 0 && st.mappings == 0,
+	       "module starts with no regions, pages or mappings");
+}
+
+/* ---- argument validation --------------------------------------------- */
+
+struct create_case {
+	const char *name;
+	struct dsvm_region_create rc;
+	int err;
+};
+
+static void test_region_create_invalid(int fd)
+{
+	const uint64_t b = BASE_VALID, s = 16 * PAGE;
+	const uint32_t ps = DSVM_PAGE_SIZE_4K;
+	const struct create_case cases[] = {
+		{ "region_id 0", { 0, b, s, ps }, -EINVAL },
+		{ "base 0", { 90, 0, s, ps }, -EINVAL },
+		{ "base not page aligned", { 90, b + 1, s, ps }, -EINVAL },
+		{ "base half a page off", { 90, b + 2048, s, ps }, -EINVAL },
+		{ "size 0", { 90, b, 0, ps }, -EINVAL },
+		{ "size not a page multiple", { 90, b, s + 1, ps }, -EINVAL },
+		{ "size above DSVM_REGION_SIZE_MAX",
+		  { 90, b, DSVM_REGION_SIZE_MAX + PAGE, ps }, -EINVAL },
+		{ "size 2^63", { 90, b, 1ULL << 63, ps }, -EINVAL },
+		/* Beyond 2^56: past user space with 4- and 5-level paging. */
+		{ "end beyond user space", { 90, (1ULL << 56) - PAGE, 2 * PAGE, ps },
+		  -EINVAL },
+		{ "base + size overflowing", { 90, 0xfffffffffffff000ULL, 2 * PAGE, ps },
+		  -EINVAL },
+		{ "kernel address", { 90, 0xffff888000000000ULL, s, ps }, -EINVAL },
+		{ "page_size 0", { 90, b, s, 0 }, -EINVAL },
+		{ "page_size 8192", { 90, b, s, 8192 }, -EINVAL },
+		{ "page_size 65536 (not yet)", { 90, b, 1 << 20, 65536 }, -EINVAL },
+		{ "page_size 2 MiB (not yet)", { 90, b, 1 << 22, 2 << 20 }, -EINVAL },
+		{ "page_size ~0", { 90, b, s, 0xffffffffu }, -EINVAL },
+		{ "flags bit 0", { 90, b, s, ps, 1 }, -EINVAL },
+		{ "flags bit 31", { 90, b, s, ps, 1u << 31 }, -EINVAL },
+		{ "reserved[0] set", { 90, b, s, ps, 0, { 1, 0 } }, -EINVAL },
+		{ "reserved[1] set", { 90, b, s, ps, 0, { 0, 1 } }, -EINVAL },
+	};
+
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		struct dsvm_region_create rc = cases[i].rc;
+		char name[128];
+
+		snprintf(name, sizeof(name), "region create: %s refused",
+			 cases[i].name);
+		expect(xioctl(fd, DSVM_IOC_REGION_CREATE, &rc), cases[i].err, name);
+	}
+
+	expect(region_create(fd, 90, b, 16), 0, "region create: valid region");
+	expect(region_create(fd, 90, b + (1ULL << 32), 16), -EEXIST,
+	       "region create: id in use refused with EEXIST");
+	expect(region_create(fd, 91, b + 8 * PAGE, 16), -EADDRINUSE,
+	       "region create: overlap at the end refused with EADDRINUSE");
+	expect(region_create(fd, 91, b - 8 * PAGE, 16), -EADDRINUSE,
+	       "region create: overlap at the start refused with EADDRINUSE");
+	expect(region_create(fd, 91, b - 16 * PAGE, 32), -EADDRINUSE,
+	       "region create: enclosing region refused with EADDRINUSE");
+	expect(region_create(fd, 91, b + 16 * PAGE, 16), 0,
+	       "region create: adjacent region accepted");
+	expect(region_destroy(fd, 91), 0, "region destroy: adjacent region");
+
+	{
+		struct dsvm_region_destroy rd = { .region_id = 0 };
+
+		expect(xioctl(fd, DSVM_IOC_REGION_DESTROY, &rd), -EINVAL,
+		       "region destroy: region_id 0 refused with EINVAL");
+		rd.region_id = 90;
+		rd.reserved = 1;
+		expect(xioctl(fd, DSVM_IOC_REGION_DESTROY, &rd), -EINVAL,
+		       "region destroy: reserved set refused with EINVAL");
+		expect(region_destroy(fd, 12345), -ENOENT,
+		       "region destroy: unknown region refused with ENOENT");
+	}
+}
+
+struct install_case {
+	const char *name;
+	struct dsvm_page_install pi;
+	int err;
+};
+
+/* Needs region 90 (16 pages) from test_region_create_invalid. */
+static void test_page_install_invalid(int fd)
+{
+	static uint64_t buf[PAGE / 8];
+	const uint64_t d = (uintptr_t)buf;
+	const uint32_t S = DSVM_PAGE_STATE_SHARED;
+	const struct install_case cases[] = {
+		{ "region_id 0", { 0, 0, d, S }, -EINVAL },
+		{ "unknown region", { 12345, 0, d, S }, -ENOENT },
+		{ "page_index == npages", { 90, 16, d, S }, -EINVAL },
+		{ "page_index 2^64-1", { 90, ~0ULL, d, S }, -EINVAL },
+		{ "state 0 (Invalid)", { 90, 0, d, 0 }, -EINVAL },
+		{ "state 3", { 90, 0, d, 3 }, -EINVAL },
+		{ "state ~0", { 90, 0, d, 0xffffffffu }, -EINVAL },
+		{ "unknown flag", { 90, 0, d, S, 1u << 1 }, -EINVAL },
+		{ "ZERO flag with data", { 90, 0, d, S, DSVM_PAGE_INSTALL_ZERO },
+		  -EINVAL },
+		{ "data 0 without ZERO flag", { 90, 0, 0, S, 0 }, -EINVAL },
+		{ "reserved[0] set", { 90, 0, d, S, 0, { 1, 0 } }, -EINVAL },
+		{ "reserved[1] set", { 90, 0, d, S, 0, { 0, 1 } }, -EINVAL },
+		{ "unreadable data", { 90, 0, 8, S }, -EFAULT },
+		{ "kernel data address", { 90, 0, 0xffff888000000000ULL, S },
+		  -EFAULT },
+	};
+	struct dsvm_stats before = stats(fd), after;
+
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		struct dsvm_page_install pi = cases[i].pi;
+		char name[128];
+
+		snprintf(name, sizeof(name), "page install: %s refused",
+			 cases[i].name);
+		expect(xioctl(fd, DSVM_IOC_PAGE_INSTALL, &pi), cases[i].err, name);
+	}
+	after = stats(fd);
+	result(after.pages == before.pages,
+	       "page install: refused installs hold no page");
+}
+
+/* Needs region 90 (16 pages). */
+static void test_page_range_invalid(int fd)
+{
+	for (int drop = 1; drop >= 0; drop--) {
+		const char *op = drop ? "invalidate" : "downgrade";
+		const struct {
+			const char *name;
+			struct dsvm_page_range pr;
+			int err;
+		} cases[] = {
+			{ "region_id 0", { 0, 0, 1 }, -EINVAL },
+			{ "unknown region", { 12345, 0, 1 }, -ENOENT },
+			{ "count 0", { 90, 0, 0 }, -EINVAL },
+			{ "first == npages", { 90, 16, 1 }, -EINVAL },
+			{ "first + count beyond the region", { 90, 8, 9 }, -EINVAL },
+			{ "first + count overflowing", { 90, 1, ~0ULL }, -EINVAL },
+			{ "first 2^64-1", { 90, ~0ULL, 1 }, -EINVAL },
+			{ "reserved[0] set", { 90, 0, 1, 0, { 1, 0 } }, -EINVAL },
+			{ "reserved[1] set", { 90, 0, 1, 0, { 0, 1 } }, -EINVAL },
+		};
+
+		for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+			struct dsvm_page_range pr = cases[i].pr;
+			char name[128];
+
+			snprintf(name, sizeof(name), "page %s: %s refused", op,
+				 cases[i].name);
+			expect(xioctl(fd, drop ? DSVM_IOC_PAGE_INVALIDATE :
+					   DSVM_IOC_PAGE_DOWNGRADE, &pr),
+			       cases[i].err, name);
+		}
+		expect(page_range(fd, drop, 90, 0, 16), 0,
+		       drop ? "page invalidate: whole empty region is a no-op" :
+			      "page downgrade: whole empty region is a no-op");
+	}
+}
+
+/* Needs region 90 (16 pages at BASE_VALID). */
+static void test_mmap_invalid(int fd)
+{
+	const uint64_t b = BASE_VALID, size = 16 * PAGE;
+	void *p;
+
+	p = mmap((void *)b, size, PROT_READ | PROT_WRITE,
+		 MAP_PRIVATE | MAP_FIXED_NOREPLACE, fd, (off_t)b);
+	expect(p == MAP_FAILED ? -errno : 0, -EINVAL,
+	       "mmap: private mapping refused with EINVAL");
+	if (p != MAP_FAILED)
+		munmap(p, size);
+
+	p = mmap((void *)(b + (1ULL << 32)), size, PROT_READ | PROT_WRITE,
+		 MAP_SHARED | MAP_FIXED_NOREPLACE, fd, (off_t)b);
+	expect(p == MAP_FAILED ? -errno : 0, -EINVAL,
+	       "mmap: mapping away from the base refused with EINVAL");
+	if (p != MAP_FAILED)
+		munmap(p, size);
+
+	p = mmap(NULL, size, PROT_READ, MAP_SHARED, fd, (off_t)b);
+	expect(p == MAP_FAILED ? -errno : 0, -EINVAL,
+	       "mmap: mapping at an address the kernel picks refused with EINVAL");
+	if (p != MAP_FAILED)
+		munmap(p, size);
+
+	p = mmap((void *)b, size / 2, PROT_READ | PROT_WRITE,
+		 MAP_SHARED | MAP_FIXED_NOREPLACE, fd, (off_t)b);
+	expect(p == MAP_FAILED ? -errno : 0, -EINVAL,
+	       "mmap: part of a region refused with EINVAL");
+	if (p != MAP_FAILED)
+		munmap(p, size / 2);
+
+	p = mmap((void *)(b + PAGE), size - PAGE, PROT_READ | PROT_WRITE,
+		 MAP_SHARED | MAP_FIXED_NOREPLACE, fd, (off_t)(b + PAGE));
+	expect(p == MAP_FAILED ? -errno : 0, -ENOENT,
+	       "mmap: offset inside a region refused with ENOENT");
+	if (p != MAP_FAILED)
+		munmap(p, size - PAGE);
+
+	p = mmap((void *)(b + (1ULL << 36)), size, PROT_READ,
+		 MAP_SHARED | MAP_FIXED_NOREPLACE, fd, (off_t)(b + (1ULL << 36)));
+	expect(p == MAP_FAILED ? -errno : 0, -ENOENT,
+	       "mmap: offset of no region refused with ENOENT");
+	if (p != MAP_FAILED)
+		munmap(p, size);
+}
+
+/* ---- faults ------------------------------------------------------------ */
+
+static void test_faults(int fd)
+{
+	const uint64_t id = 1, b = BASE_FUNC, n = 16;
+	static uint64_t buf[PAGE / 8];
+	struct dsvm_stats st0, st;
+	char *map;
+	pid_t pid;
+	int status;
+
+	expect(region_create(fd, id, b, n), 0, "faults: region create");
+	map = map_region(fd, b, n);
+	result(map == (void *)b, "faults: mmap at the region's base");
+	if (map != (void *)b) {
+		diag("mmap: %s", strerror(errno));
+		return;
+	}
+	st0 = stats(fd);
+	result(st0.mappings == 1, "faults: one mapping counted");
+
+	result(!can_read(page_at(b, 0)), "fault: read of a page not installed gets SIGBUS");
+	result(!can_write(page_at(b, 0)), "fault: write to a page not installed gets SIGBUS");
+
+	/* Shared: readable, never writable. */
+	fill(buf, 100);
+	expect(page_install(fd, id, 0, DSVM_PAGE_STATE_SHARED, buf), 0,
+	       "fault: install a Shared page");
+	result(page_matches(b, 0, 100), "fault: Shared page reads the installed data");
+	result(!can_write(page_at(b, 0)), "fault: write to a Shared page gets SIGBUS");
+	result(page_matches(b, 0, 100), "fault: Shared page unchanged after the refused write");
+	expect(page_install(fd, id, 0, DSVM_PAGE_STATE_MODIFIED, buf), -EEXIST,
+	       "fault: install over an installed page refused with EEXIST");
+
+	/* Modified: read maps read-only, the first write goes through mkwrite. */
+	fill(buf, 101);
+	expect(page_install(fd, id, 1, DSVM_PAGE_STATE_MODIFIED, buf), 0,
+	       "fault: install a Modified page");
+	result(page_matches(b, 1, 101), "fault: Modified page reads the installed data");
+	fill(buf, 102);
+	result(probe_write(page_at(b, 1), buf, PAGE),
+	       "fault: write to a mapped Modified page (mkwrite)");
+	result(page_matches(b, 1, 102), "fault: Modified page reads back the write");
+	fill(buf, 103);
+	expect(page_install(fd, id, 2, DSVM_PAGE_STATE_MODIFIED, buf), 0,
+	       "fault: install a second Modified page");
+	fill(buf, 104);
+	result(probe_write(page_at(b, 2), buf, PAGE),
+	       "fault: write fault on an unmapped Modified page");
+	result(page_matches(b, 2, 104), "fault: first-touch write reads back");
+
+	expect(page_install(fd, id, 3, DSVM_PAGE_STATE_SHARED, NULL), 0,
+	       "fault: install a zero-filled Shared page");
+	result(page_is_zero(b, 3), "fault: zero-filled page reads zeros");
+
+	st = stats(fd);
+	result(st.pages == st0.pages + 4 && st.faults > st0.faults &&
+	       st.mkwrites > st0.mkwrites && st.refused > st0.refused,
+	       "fault: counters (pages %llu, faults %llu, mkwrites %llu, refused %llu)",
+	       (unsigned long long)st.pages, (unsigned long long)st.faults,
+	       (unsigned long long)st.mkwrites, (unsigned long long)st.refused);
+
+	/* The same page through another file and mapping, in a child. */
+	fill(buf, 105);
+	expect(page_install(fd, id, 4, DSVM_PAGE_STATE_MODIFIED, buf), 0,
+	       "fork: install a Modified page");
+	fill(buf, 106);
+	result(probe_write(page_at(b, 4), buf, PAGE), "fork: parent writes the page");
+	fflush(stdout);
+	pid = fork();
+	if (pid == 0) {
+		int cfd;
+
+		if (munmap((void *)b, n * PAGE))
+			_exit(10);
+		cfd = open_dev();
+		if (cfd < 0)
+			_exit(11);
+		if (map_region(cfd, b, n) != (void *)b)
+			_exit(12);
+		if (!page_matches(b, 4, 106))
+			_exit(13);
+		fill(buf, 107);
+		if (!probe_write(page_at(b, 4), buf, PAGE))
+			_exit(14);
+		_exit(0);
+	}
+	waitpid(pid, &status, 0);
+	if (!WIFEXITED(status) || WEXITSTATUS(status))
+		diag("child status 0x%x", status);
+	result(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+	       "fork: child reads the parent's write through a mapping of its own and writes");
+	result(page_matches(b, 4, 107), "fork: parent reads the child's write (one shared page)");
+
+	/* Invalidate: gone from every mapping, freed. */
+	st0 = stats(fd);
+	expect(page_range(fd, true, id, 1, 1), 1, "invalidate: a mapped Modified page");
+	result(!can_read(page_at(b, 1)), "invalidate: read afterwards gets SIGBUS");
+	result(!can_write(page_at(b, 1)), "invalidate: write afterwards gets SIGBUS");
+	st = stats(fd);
+	result(st.pages == st0.pages - 1, "invalidate: page count down by one");
+	expect(page_range(fd, true, id, 1, 1), 0,
+	       "invalidate: again is a no-op (idempotent)");
+	/* A stale read-only PTE must not survive: new bytes must show. */
+	expect(page_range(fd, true, id, 0, 1), 1, "invalidate: a mapped Shared page");
+	fill(buf, 108);
+	expect(page_install(fd, id, 0, DSVM_PAGE_STATE_SHARED, buf), 0,
+	       "invalidate: reinstall with new data");
+	result(page_matches(b, 0, 108), "invalidate: mapping shows the new data, not the old page");
+
+	/* Downgrade: Modified -> Shared. */
+	result(page_matches(b, 4, 107), "downgrade: page mapped before");
+	expect(page_range(fd, false, id, 4, 1), 1, "downgrade: a mapped, written Modified page");
+	result(!can_write(page_at(b, 4)), "downgrade: write afterwards gets SIGBUS");
+	result(page_matches(b, 4, 107), "downgrade: read afterwards returns the data");
+	expect(page_range(fd, false, id, 4, 1), 0, "downgrade: again is a no-op");
+	expect(page_range(fd, false, id, 0, 1), 0, "downgrade: a Shared page is a no-op");
+	expect(page_range(fd, false, id, 0, n), 1,
+	       "downgrade: a range downgrades only its Modified pages");
+	result(!can_write(page_at(b, 2)), "downgrade: range write afterwards gets SIGBUS");
+
+	expect(page_range(fd, true, id, 0, n), 4,
+	       "invalidate: whole region drops every installed page");
+	result(!can_read(page_at(b, 0)) && !can_read(page_at(b, 4)),
+	       "invalidate: whole region reads get SIGBUS");
+
+	munmap(map, n * PAGE);
+	expect(region_destroy(fd, id), 0, "faults: region destroy");
+}
+
+/* ---- many threads -------------------------------------------------------- */
+
+#define THREADS 8
+#define ROUNDS 40	/* each round writes its own word of the page */
+_Static_assert(ROUNDS <= PAGE / 8, "rounds fit in a page");
+#define RACE_PAGES 2
+#define RACE_GENERATIONS 400
+#define RACE_PAUSE_NS 100000L
+#define RACE_READERS 4	/* the guest has 2 vCPUs; the writer needs one */
+
+static pthread_barrier_t barrier;
+static volatile int race_stop;
+static volatile uint64_t race_generation;
+static uint64_t race_reads;	/* __atomic: reads done by all readers */
+/* __atomic: per page, the generation whose install has completed. */
+static uint64_t race_installed[RACE_PAGES];
+
+struct worker {
+	int index;
+	unsigned long errors;
+	unsigned long sigbus;
+	unsigned long reads;
+};
+
+/*
+ * Phase 1: every thread reads page 0 (Shared, the same for all), writes
+ * its own word of page THREADS + 1 (Modified, the same for all) and writes
+ * its own page (Modified).
+ */
+static void *fault_worker(void *arg)
+{
+	struct worker *w = arg;
+	volatile uint64_t *shared = page_at(BASE_THREADS, 0);
+	volatile uint64_t *common = page_at(BASE_THREADS, THREADS + 1);
+	volatile uint64_t *own = page_at(BASE_THREADS, 1 + w->index);
+
+	for (int r = 0; r < ROUNDS; r++) {
+		uint64_t v;
+
+		pthread_barrier_wait(&barrier);
+		if (!probe_read(&shared[w->index * 16], &v, 8) ||
+		    v != 7 * 0x9e3779b97f4a7c15ULL + w->index * 16)
+			w->errors++;
+		v = ((uint64_t)w->index << 32) | r;
+		if (!probe_write(&own[r % (PAGE / 8)], &v, 8))
+			w->errors++;
+		if (own[r % (PAGE / 8)] != v)
+			w->errors++;
+		if (!probe_write(&common[w->index], &v, 8) || common[w->index] != v)
+			w->errors++;
+		pthread_barrier_wait(&barrier);
+	}
+	return NULL;
+}
+
+/*
+ * Phase 2: readers against invalidate + reinstall. Each word of page i of
+ * generation g holds (g << 16 | i): a read must never see another page's
+ * bytes (a freed, reused page) or a generation going backwards.
+ */
+static void *race_reader(void *arg)
+{
+	struct worker *w = arg;
+	unsigned int seed = w->index * 7919 + 1;
+
+	pthread_barrier_wait(&barrier);
+	while (!race_stop) {
+		uint64_t index = rand_r(&seed) % RACE_PAGES, words[3], prev;
+		volatile uint64_t *p = page_at(BASE_THREADS, index);
+		uint64_t max_gen = race_generation;
+
+		/*
+		 * Generation prev was installed, so every older one was
+		 * invalidated (and unmapped) before: seeing one is a stale PTE.
+		 */
+		prev = __atomic_load_n(&race_installed[index], __ATOMIC_ACQUIRE);
+
+		for (int k = 0; k < 3; k++) {
+			if (!probe_read(&p[k * 255], &words[k], 8)) {
+				w->sigbus++;
+				goto next;
+			}
+		}
+		for (int k = 0; k < 3; k++) {
+			uint64_t gen = words[k] >> 16;
+
+			if ((words[k] & 0xffff) != index || gen < prev ||
+			    gen > race_generation + 1) {
+				if (w->errors++ < 3)
+					diag("reader %d: page %llu word %d = 0x%llx (gen %llu..%llu)",
+					     w->index, (unsigned long long)index, k,
+					     (unsigned long long)words[k],
+					     (unsigned long long)prev,
+					     (unsigned long long)max_gen);
+			}
+			prev = gen;
+		}
+		w->reads++;
+next:
+		__atomic_fetch_add(&race_reads, 1, __ATOMIC_RELAXED);
+	}
+	return NULL;
+}
+
+static void fill_generation(uint64_t *buf, uint64_t gen, uint64_t index)
+{
+	for (size_t i = 0; i < PAGE / 8; i++)
+		buf[i] = gen << 16 | index;
+}
+
+static void test_threads(int fd)
+{
+	const uint64_t id = 2, b = BASE_THREADS, n = 2 + THREADS;
+	static uint64_t buf[PAGE / 8];
+	struct worker workers[THREADS];
+	pthread_t threads[THREADS];
+	unsigned long errors = 0, sigbus = 0, reads = 0;
+	struct dsvm_stats st0, st;
+	bool ok = true;
+
+	expect(region_create(fd, id, b, n), 0, "threads: region create");
+	if (map_region(fd, b, n) != (void *)b) {
+		result(false, "threads: mmap");
+		return;
+	}
+	fill(buf, 7);
+	ok &= page_install(fd, id, 0, DSVM_PAGE_STATE_SHARED, buf) == 0;
+	for (uint64_t i = 1; i < n; i++)
+		ok &= page_install(fd, id, i, DSVM_PAGE_STATE_MODIFIED, NULL) == 0;
+	result(ok, "threads: install one Shared and %d Modified pages", THREADS + 1);
+
+	st0 = stats(fd);
+	pthread_barrier_init(&barrier, NULL, THREADS + 1);
+	for (int t = 0; t < THREADS; t++) {
+		workers[t] = (struct worker){ .index = t };
+		pthread_create(&threads[t], NULL, fault_worker, &workers[t]);
+	}
+	for (int r = 0; r < ROUNDS; r++) {
+		pthread_barrier_wait(&barrier);	/* workers fault */
+		pthread_barrier_wait(&barrier);	/* workers done */
+		/* Drop every PTE so that the next round faults again. */
+		madvise((void *)b, n * PAGE, MADV_DONTNEED);
+	}
+	for (int t = 0; t < THREADS; t++) {
+		pthread_join(threads[t], NULL);
+		errors += workers[t].errors;
+	}
+	pthread_barrier_destroy(&barrier);
+	st = stats(fd);
+	result(errors == 0,
+	       "threads: %d threads x %d rounds faulting the same and their own pages: %lu errors",
+	       THREADS, ROUNDS, errors);
+	result(st.faults - st0.faults >= (uint64_t)ROUNDS * THREADS,
+	       "threads: %llu faults resolved in the kernel",
+	       (unsigned long long)(st.faults - st0.faults));
+	ok = true;
+	for (int t = 0; t < THREADS; t++) {
+		uint64_t *own = page_at(b, 1 + t);
+
+		for (int r = 0; r < ROUNDS; r++)
+			ok &= own[r % (PAGE / 8)] == (((uint64_t)t << 32) | r);
+		ok &= ((uint64_t *)page_at(b, THREADS + 1))[t] ==
+		      (((uint64_t)t << 32) | (ROUNDS - 1));
+	}
+	result(ok, "threads: every thread's writes are in its page");
+
+	/* Phase 2: faults racing invalidation and reinstallation. */
+	expect(page_range(fd, true, id, 0, n), (long)n, "race: invalidate all");
+	race_generation = 0;
+	memset(race_installed, 0, sizeof(race_installed));
+	for (uint64_t i = 0; i < RACE_PAGES; i++) {
+		fill_generation(buf, 0, i);
+		page_install(fd, id, i, DSVM_PAGE_STATE_SHARED, buf);
+	}
+	/*
+	 * Faults wait 200 us with the page locked before they are mapped:
+	 * an invalidation that does not wait for them leaves a stale PTE.
+	 */
+	result(set_fault_delay(200), "race: set the module's fault delay to 200 us");
+	race_stop = 0;
+	pthread_barrier_init(&barrier, NULL, RACE_READERS + 1);
+	for (int t = 0; t < RACE_READERS; t++) {
+		workers[t] = (struct worker){ .index = t };
+		pthread_create(&threads[t], NULL, race_reader, &workers[t]);
+	}
+	pthread_barrier_wait(&barrier);
+	ok = true;
+	for (uint64_t g = 1; g <= RACE_GENERATIONS; g++) {
+		uint64_t i = g % RACE_PAGES;
+		struct timespec t0, t1;
+
+		race_generation = g;
+		if (page_range(fd, true, id, i, 1) != 1)
+			ok = false;
+		fill_generation(buf, g, i);
+		if (page_install(fd, id, i, DSVM_PAGE_STATE_SHARED, buf))
+			ok = false;
+		__atomic_store_n(&race_installed[i], g, __ATOMIC_RELEASE);
+		/*
+		 * Readers of page i now fault and sit in the fault delay; the
+		 * next invalidation of i comes RACE_PAGES cycles later, while
+		 * some of them still may. Pause a little so that they can.
+		 */
+		clock_gettime(CLOCK_MONOTONIC, &t0);
+		do {
+			sched_yield();
+			clock_gettime(CLOCK_MONOTONIC, &t1);
+		} while ((t1.tv_sec - t0.tv_sec) * 1000000000L + t1.tv_nsec - t0.tv_nsec <
+			 RACE_PAUSE_NS);
+	}
+	race_stop = 1;
+	for (int t = 0; t < RACE_READERS; t++) {
+		pthread_join(threads[t], NULL);
+		errors += workers[t].errors;
+		sigbus += workers[t].sigbus;
+		reads += workers[t].reads;
+	}
+	pthread_barrier_destroy(&barrier);
+	set_fault_delay(0);
+	result(ok, "race: %d invalidate + reinstall cycles", RACE_GENERATIONS);
+	result(errors == 0 && reads >= RACE_PAGES,
+	       "race: %lu reads, %lu SIGBUS, %lu wrong or stale bytes",
+	       reads, sigbus, errors);
+	ok = true;
+	for (uint64_t i = 0; i < RACE_PAGES; i++) {
+		uint64_t last = 0, v;
+
+		for (uint64_t g = 1; g <= RACE_GENERATIONS; g++)
+			if (g % RACE_PAGES == i)
+				last = g;
+		ok &= probe_read(page_at(b, i), &v, 8) && v == (last << 16 | i);
+	}
+	result(ok, "race: afterwards every page shows its last generation (no stale PTE)");
+
+	munmap((void *)b, n * PAGE);
+	expect(region_destroy(fd, id), 0, "threads: region destroy");
+}
+
+/* ---- teardown paths ------------------------------------------------------ */
+
+static void test_destroy_mapped(int fd)
+{
+	const uint64_t id = 3, b = BASE_DESTROY, n = 16;
+	static uint64_t buf[PAGE / 8];
+	struct dsvm_stats st0, st;
+	int to_child[2], to_parent[2];
+	bool ok = true;
+	pid_t pid;
+	int status;
+	char c;
+
+	st0 = stats(fd);
+	expect(region_create(fd, id, b, n), 0, "destroy: region create");
+	for (uint64_t i = 0; i < n; i++) {
+		fill(buf, 300 + i);
+		ok &= page_install(fd, id, i, DSVM_PAGE_STATE_MODIFIED, buf) == 0;
+	}
+	result(ok, "destroy: install %llu Modified pages", (unsigned long long)n);
+	if (map_region(fd, b, n) != (void *)b) {
+		result(false, "destroy: mmap");
+		return;
+	}
+	for (uint64_t i = 0; i < n; i++)
+		ok &= probe_write(page_at(b, i), buf, 64);
+	result(ok, "destroy: every page mapped writable");
+
+	if (pipe(to_child) || pipe(to_parent)) {
+		result(false, "destroy: pipes");
+		return;
+	}
+	fflush(stdout);
+	pid = fork();
+	if (pid == 0) {
+		bool child_ok = true;
+
+		/* Fault the pages into the child's own page table too. */
+		for (uint64_t i = 0; i < n; i++)
+			child_ok &= can_read(page_at(b, i));
+		write(to_parent[1], "r", 1);
+		read(to_child[0], &c, 1);
+		for (uint64_t i = 0; i < n; i++)
+			child_ok &= !can_read(page_at(b, i));
+		_exit(child_ok ? 0 : 1);
+	}
+	read(to_parent[0], &c, 1);
+
+	expect(region_destroy(fd, id), 0, "destroy: region destroyed while two processes map it");
+	ok = true;
+	for (uint64_t i = 0; i < n; i++)
+		ok &= !can_read(page_at(b, i)) && !can_write(page_at(b, i));
+	result(ok, "destroy: every access in the parent gets SIGBUS");
+	st = stats(fd);
+	result(st.regions == st0.regions && st.pages == st0.pages,
+	       "destroy: region and its pages gone (regions %llu, pages %llu)",
+	       (unsigned long long)st.regions, (unsigned long long)st.pages);
+	result(st.mappings == st0.mappings + 2,
+	       "destroy: both mappings still alive (%llu)",
+	       (unsigned long long)st.mappings);
+	expect(region_create(fd, id, b, n), 0, "destroy: the id and range can be reused at once");
+	fill(buf, 399);
+	expect(page_install(fd, id, 0, DSVM_PAGE_STATE_MODIFIED, buf), 0,
+	       "destroy: install a page in the reused region");
+	result(!can_read(page_at(b, 0)),
+	       "destroy: the old mapping still gets SIGBUS, not the new region's page");
+	expect(region_destroy(fd, id), 0, "destroy: destroy the reused region");
+
+	write(to_child[1], "x", 1);
+	waitpid(pid, &status, 0);
+	result(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+	       "destroy: the child got SIGBUS too, then exited with the mapping");
+	munmap((void *)b, n * PAGE);
+	st = stats(fd);
+	result(st.mappings == st0.mappings, "destroy: mappings counted back to %llu",
+	       (unsigned long long)st.mappings);
+	close(to_child[0]);
+	close(to_child[1]);
+	close(to_parent[0]);
+	close(to_parent[1]);
+}
+
+static void test_owner_exit(int fd)
+{
+	const uint64_t id = 4, b = BASE_OWNER, n = 32;
+	struct dsvm_stats st0, st;
+	pid_t pid;
+	int status;
+
+	st0 = stats(fd);
+	fflush(stdout);
+	pid = fork();
+	if (pid == 0) {
+		static uint64_t buf[PAGE / 8];
+		int cfd = open_dev();
+
+		if (cfd < 0 || hello(cfd) || region_create(cfd, id, b, n))
+			_exit(1);
+		for (uint64_t i = 0; i < n; i++) {
+			fill(buf, i);
+			if (page_install(cfd, id, i, i & 1 ? DSVM_PAGE_STATE_MODIFIED :
+					 DSVM_PAGE_STATE_SHARED, buf))
+				_exit(2);
+		}
+		if (map_region(cfd, b, n) != (void *)b)
+			_exit(3);
+		for (uint64_t i = 0; i < n; i++)
+			if (!page_matches(b, i, i))
+				_exit(4);
+		/* Exit with the region, its pages and the mapping alive. */
+		_exit(0);
+	}
+	waitpid(pid, &status, 0);
+	result(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+	       "owner exit: child created, filled and mapped a region, then exited");
+	st = stats(fd);
+	result(st.regions == st0.regions && st.pages == st0.pages &&
+	       st.mappings == st0.mappings,
+	       "owner exit: its region, pages and mapping are gone");
+	expect(region_destroy(fd, id), -ENOENT, "owner exit: the region id is unknown afterwards");
+}
+
+static void test_split_and_mremap(int fd)
+{
+	const uint64_t id = 5, b = BASE_SPLIT, n = 8;
+	static uint64_t buf[PAGE / 8];
+	struct dsvm_stats st0, st;
+	bool ok = true;
+	void *p;
+
+	st0 = stats(fd);
+	expect(region_create(fd, id, b, n), 0, "split: region create");
+	for (uint64_t i = 0; i < n; i++) {
+		fill(buf, 500 + i);
+		ok &= page_install(fd, id, i, DSVM_PAGE_STATE_MODIFIED, buf) == 0;
+	}
+	result(ok && map_region(fd, b, n) == (void *)b, "split: install and map");
+
+	p = mremap((void *)b, n * PAGE, n * PAGE, MREMAP_MAYMOVE | MREMAP_FIXED,
+		   (void *)(b + (1ULL << 32)));
+	expect(p == MAP_FAILED ? -errno : 0, -EINVAL, "mremap: moving a region refused with EINVAL");
+	p = mremap((void *)b, n * PAGE, 2 * n * PAGE, 0);
+	result(p == MAP_FAILED, "mremap: growing a region refused (%s)", strerror(errno));
+	result(page_matches(b, 0, 500) && page_matches(b, n - 1, 500 + n - 1),
+	       "mremap: region still mapped at its base");
+
+	result(munmap(page_at(b, 3), PAGE) == 0, "split: unmap a page in the middle");
+	st = stats(fd);
+	result(st.mappings == st0.mappings + 2, "split: two mappings now (%llu)",
+	       (unsigned long long)(st.mappings - st0.mappings));
+	ok = true;
+	for (uint64_t i = 0; i < n; i++) {
+		if (i == 3)
+			continue;
+		fill(buf, 600 + i);
+		ok &= probe_write(page_at(b, i), buf, PAGE) && page_matches(b, i, 600 + i);
+	}
+	result(ok, "split: both parts fault and write the right pages");
+	expect(page_range(fd, true, id, 0, n), (long)n, "split: invalidate reaches both parts");
+	result(!can_read(page_at(b, 0)) && !can_read(page_at(b, n - 1)),
+	       "split: both parts get SIGBUS afterwards");
+	munmap((void *)b, n * PAGE);
+	expect(region_destroy(fd, id), 0, "split: region destroy");
+	st = stats(fd);
+	result(st.mappings == st0.mappings, "split: mappings counted back");
+}
+
+/* Pages really return to the kernel: MemFree falls and comes back. */
+static void test_leak_meminfo(int fd)
+{
+	const uint64_t id = 6, b = BASE_LEAK, n = 8192;	/* 32 MiB */
+	static uint64_t buf[PAGE / 8];
+	long before, installed, after;
+	bool ok = true;
+
+	before = meminfo_kb("MemFree");
+	expect(region_create(fd, id, b, n), 0, "leak: region create (32 MiB)");
+	for (uint64_t i = 0; i < n && ok; i++) {
+		buf[0] = i;
+		ok &= page_install(fd, id, i, i & 1 ? DSVM_PAGE_STATE_MODIFIED :
+				   DSVM_PAGE_STATE_SHARED, buf) == 0;
+	}
+	result(ok, "leak: install %llu pages", (unsigned long long)n);
+	ok = map_region(fd, b, n) == (void *)b;
+	for (uint64_t i = 0; i < n && ok; i++) {
+		uint64_t v;
+
+		ok &= probe_read(page_at(b, i), &v, 8) && v == i;
+		if (i & 1)
+			ok &= probe_write(page_at(b, i), &v, 8);
+	}
+	result(ok, "leak: map and touch every page");
+	installed = meminfo_kb("MemFree");
+	expect(region_destroy(fd, id), 0, "leak: destroy with the mapping alive");
+	munmap((void *)b, n * PAGE);
+	after = meminfo_kb("MemFree");
+	diag("MemFree: %ld kB before, %ld kB installed, %ld kB after", before,
+	     installed, after);
+	result(before - installed >= 28 * 1024,
+	       "leak: MemFree fell by the 32 MiB installed (%ld kB)", before - installed);
+	result(before - after <= 8 * 1024,
+	       "leak: MemFree came back after destroy (%ld kB short)", before - after);
+}
+
+int main(void)
+{
+	struct dsvm_stats st;
+	unsigned long taint;
+	int fd;
+
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	install_sigbus_handler();
+	printf("TAP version 13\n");
+
+	fd = open_dev();
+	result(fd >= 0, "open %s", DSVM_DEVICE_PATH);
+	if (fd < 0) {
+		diag("open: %s", strerror(errno));
+		printf("1..%d\n", tests_run);
+		return 1;
+	}
+
+	test_handshake(fd);
+	test_region_create_invalid(fd);
+	test_page_install_invalid(fd);
+	test_page_range_invalid(fd);
+	test_mmap_invalid(fd);
+	expect(region_destroy(fd, 90), 0, "validation: region destroy");
+	taint = kernel_taint();
+	result(!(taint & (1UL << 9)), "validation: no kernel warning (taint 0x%lx)", taint);
+
+	test_faults(fd);
+	test_threads(fd);
+	test_destroy_mapped(fd);
+	test_owner_exit(fd);
+	test_split_and_mremap(fd);
+	test_leak_meminfo(fd);
+
+	st = stats(fd);
+	result(st.regions == 0 && st.pages == 0 && st.mappings == 0,
+	       "end: regions %llu, pages %llu, mappings %llu all back to 0",
+	       (unsigned long long)st.regions, (unsigned long long)st.pages,
+	       (unsigned long long)st.mappings);
+	diag("faults %llu, mkwrites %llu, refused %llu",
+	     (unsigned long long)st.faults, (unsigned long long)st.mkwrites,
+	     (unsigned long long)st.refused);
+	result(close(fd) == 0, "end: close the control file");
+	taint = kernel_taint();
+	result(!(taint & ((1UL << 9) | (1UL << 7) | (1UL << 5))),
+	       "end: no kernel warning, oops or bad page (taint 0x%lx)", taint);
+
+	printf("1..%d\n", tests_run);
+	printf("# %d passed, %d failed\n", tests_run - tests_failed, tests_failed);
+	return tests_failed ? 1 : 0;
+}
