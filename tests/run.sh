@@ -5,13 +5,16 @@
 #   tests/run.sh                 everything that can run here
 #   DSVM_FUZZ_SECONDS=60 tests/run.sh   longer fuzzing (default 10 s a target)
 #
-# Layers (CTest labels): unit, sim, integration, fuzz, and unit, sim and
-# integration again under ASan+UBSan. netns, kmod and gpu arrive with issues
-# #3, #4 and #5.
+# Layers (CTest labels): unit, sim, integration, kmod (dsvm.ko in a QEMU
+# guest), fuzz, and unit, sim and integration again under ASan+UBSan. netns
+# and gpu arrive with issues #3 and #5.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash deploy/install-deps.sh
+# The kmod stage's packages (kernel headers, QEMU, busybox); without root the
+# stage skips itself with a message.
+bash deploy/install-kmod-deps.sh || echo "tests/run.sh: kmod packages not installed; the kmod stage will skip"
 
 jobs=$(nproc)
 cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo
@@ -36,4 +39,4 @@ if [ "${DSVM_SKIP_SANITIZERS:-0}" != 1 ]; then
 fi
 
 # Last, so its summary closes the output.
-ctest --test-dir build -L 'unit|sim|integration' --output-on-failure -j"$jobs"
+ctest --test-dir build -L 'unit|sim|integration|kmod' --output-on-failure -j"$jobs"
