@@ -2,11 +2,17 @@
 
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/timerfd.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <chrono>
+#include <cstring>
 
+#include "node/fault/fd_passing.h"
+#include "node/fault/uffd_backend.h"
 #include "proto/log.h"
 
 namespace dsvm::node {
@@ -16,6 +22,9 @@ constexpr size_t kMaxPendingPeerPages = 1024;
 constexpr uint64_t kTickMs = 10;
 constexpr uint64_t kReconnectEveryMs = 200;
 constexpr int kJoinTimeoutMs = 3000;
+constexpr size_t kMaxClients = 1024;
+constexpr size_t kMaxForwarded = 4096;
+constexpr size_t kFaultBatch = 64;
 
 std::string HostOf(const std::string& address) {
   const size_t colon = address.rfind(':');
@@ -57,22 +66,29 @@ Result<std::unique_ptr<NodeDaemon>> NodeDaemon::Create(const NodeDaemonOptions& 
   DSVM_ASSIGN_OR_RETURN(proto::FramedSocket link, proto::FramedSocket::Connect(options.coordinator));
   DSVM_ASSIGN_OR_RETURN(proto::JoinReply jr, Join(link, options, options.rejoin_as, peer_address));
   transport->set_self(jr.node);
-  std::unique_ptr<NodeDaemon> d(new NodeDaemon(options, jr.node, std::move(link),
-                                               std::move(transport), jr.heartbeat_interval_ms));
+  std::unique_ptr<NodeDaemon> d(new NodeDaemon(options, jr, std::move(link), std::move(transport)));
+  if (options.fault_backend == "uffd") {
+    DSVM_ASSIGN_OR_RETURN(std::unique_ptr<UffdBackend> backend, UffdBackend::Create());
+    d->backend_ = std::move(backend);
+  } else if (!options.fault_backend.empty()) {
+    // TODO(#4): "kmod" once dsvm.ko delivers fault events.
+    return InvalidArgument("fault backend '" + options.fault_backend + "' is not available");
+  }
   DSVM_RETURN_IF_ERROR(d->Setup());
   LogInfo("node " + std::to_string(jr.node) + " joined; peers reach it at " + peer_address);
   return d;
 }
 
-NodeDaemon::NodeDaemon(const NodeDaemonOptions& options, proto::NodeId id,
-                       proto::FramedSocket link, std::unique_ptr<UcxTransport> transport,
-                       uint32_t heartbeat_ms)
+NodeDaemon::NodeDaemon(const NodeDaemonOptions& options, const proto::JoinReply& joined,
+                       proto::FramedSocket link, std::unique_ptr<UcxTransport> transport)
     : options_(options),
-      id_(id),
+      id_(joined.node),
       link_(std::move(link)),
       transport_(std::move(transport)),
-      heartbeat_ms_(heartbeat_ms == 0 ? 500 : heartbeat_ms),
-      agent_(id, NodeOptions{options.retransmit_after_ms}) {}
+      heartbeat_ms_(joined.heartbeat_interval_ms == 0 ? 500 : joined.heartbeat_interval_ms),
+      agent_(joined.node, NodeOptions{options.retransmit_after_ms}),
+      window_base_(joined.window_base),
+      window_size_(joined.window_size) {}
 
 Status NodeDaemon::Setup() {
   epoll_fd_ = ::epoll_create1(EPOLL_CLOEXEC);
@@ -83,7 +99,11 @@ Status NodeDaemon::Setup() {
   its.it_interval.tv_nsec = kTickMs * 1000000;
   its.it_value.tv_nsec = kTickMs * 1000000;
   ::timerfd_settime(timer_fd_, 0, &its, nullptr);
-  for (int fd : {wake_fd_, timer_fd_, transport_->event_fd(), link_.fd()}) {
+  if (!options_.socket_path.empty()) DSVM_RETURN_IF_ERROR(SetupClientSocket());
+  std::vector<int> fds = {wake_fd_, timer_fd_, transport_->event_fd(), link_.fd()};
+  if (backend_) fds.push_back(backend_->event_fd());
+  if (listen_fd_ >= 0) fds.push_back(listen_fd_);
+  for (int fd : fds) {
     epoll_event ev{};
     ev.events = EPOLLIN;
     ev.data.fd = fd;
@@ -93,8 +113,36 @@ Status NodeDaemon::Setup() {
   return Status::Ok();
 }
 
+Status NodeDaemon::SetupClientSocket() {
+  sockaddr_un sa{};
+  if (options_.socket_path.size() >= sizeof(sa.sun_path)) {
+    return InvalidArgument("socket path '" + options_.socket_path + "' is too long");
+  }
+  listen_fd_ = ::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  if (listen_fd_ < 0) return IoError("socket(AF_UNIX)");
+  sa.sun_family = AF_UNIX;
+  std::memcpy(sa.sun_path, options_.socket_path.c_str(), options_.socket_path.size() + 1);
+  ::unlink(options_.socket_path.c_str());  // a stale socket of an earlier run
+  if (::bind(listen_fd_, reinterpret_cast<sockaddr*>(&sa), sizeof(sa)) != 0 ||
+      ::listen(listen_fd_, 64) != 0) {
+    return IoError("listen on " + options_.socket_path + ": " + std::strerror(errno));
+  }
+  // Any local user may connect; what a client may do is checked per request
+  // from its credentials (SO_PEERCRED). TODO(#3): region permissions.
+  ::chmod(options_.socket_path.c_str(), 0666);
+  return Status::Ok();
+}
+
 NodeDaemon::~NodeDaemon() {
   if (transport_) transport_->Flush(500).IgnoreError();
+  for (auto& [fd, client] : clients_) {
+    for (auto& [base, mapping] : client.mappings) backend_->RemoveMapping(mapping).IgnoreError();
+  }
+  clients_.clear();
+  if (listen_fd_ >= 0) {
+    ::close(listen_fd_);
+    ::unlink(options_.socket_path.c_str());
+  }
   for (int fd : {epoll_fd_, wake_fd_, timer_fd_}) {
     if (fd >= 0) ::close(fd);
   }
@@ -144,6 +192,12 @@ void NodeDaemon::Run() {
         OnTimer();
       } else if (fd == link_.fd() && link_.is_open()) {
         OnCoordinatorReadable();
+      } else if (backend_ && fd == backend_->event_fd()) {
+        OnFaultEvents();
+      } else if (fd == listen_fd_) {
+        OnClientListenReadable();
+      } else if (clients_.count(fd)) {
+        OnClientReadable(fd);
       }
       // The UCX event fd needs nothing here: the loop progresses the worker.
     }
@@ -180,6 +234,12 @@ void NodeDaemon::OnCoordinatorReadable() {
           FlushPendingPeers();
         }
       }
+      continue;
+    }
+    if (auto fw = forwarded_.find(f.header.request_id); fw != forwarded_.end()) {
+      Forwarded to = fw->second;
+      forwarded_.erase(fw);
+      ForwardedReply(to, std::move(f.message));
       continue;
     }
     if (auto* s = std::get_if<proto::StatusReply>(&f.message)) {
@@ -342,6 +402,7 @@ Status NodeDaemon::OpenRegion(const proto::RegionReply& r) {
   o.name = "dsvm-" + r.name;
   DSVM_ASSIGN_OR_RETURN(std::unique_ptr<PageStore> store,
                         PageStore::Create(r.base, r.size, r.page_size, o));
+  if (backend_) DSVM_RETURN_IF_ERROR(backend_->AddRegion(store.get()));
   stores_[r.base] = std::move(store);
   return Status::Ok();
 }
@@ -412,17 +473,21 @@ void NodeDaemon::ExecuteOne(Action& a) {
     }
     case ActionKind::kMapRead:
     case ActionKind::kMapWrite:
-      // TODO(#3): the fault backend write-protects (read) or opens (write)
-      // every local mapping of the page.
       check(store->Restore(a.page), "restore");
+      if (backend_) {
+        check(a.kind == ActionKind::kMapRead ? backend_->MapRead(a.page) : backend_->MapWrite(a.page),
+              "map");
+      }
       return;
     case ActionKind::kUnmap:
-      check(store->Retain(a.page), "retain");
+      check(backend_ ? backend_->Unmap(a.page) : store->Retain(a.page), "unmap");
       return;
     case ActionKind::kDiscard:
+      if (backend_) check(backend_->Invalidate(a.page), "invalidate");
       check(store->Discard(a.page), "discard");
       return;
     case ActionKind::kStash:
+      if (backend_) check(backend_->Unmap(a.page), "unmap");
       check(store->Stash(a.page, a.txn), "stash");
       return;
     case ActionKind::kInstallZero:
@@ -449,6 +514,14 @@ void NodeDaemon::ExecuteOne(Action& a) {
       if (it == waiters_.end()) return;
       Waiter w = std::move(it->second);
       waiters_.erase(it);
+      if (w.fault) {
+        // Not found: the client's mapping went meanwhile; nothing waits.
+        Status st = backend_->Resolve(w.token, a.status == StatusCode::kOk ? Resolution::kRetry
+                                                                          : Resolution::kError);
+        if (!st.ok() && st.code() != StatusCode::kNotFound) check(st, "resolve");
+        if (a.status != StatusCode::kOk) ++stats_.accesses_failed;
+        return;
+      }
       if (a.status != StatusCode::kOk) {
         ++stats_.accesses_failed;
         w.fn(Status(a.status, "page " + std::to_string(w.page) + " is lost"), {});
@@ -465,6 +538,176 @@ void NodeDaemon::ExecuteOne(Action& a) {
       break;
   }
   DSVM_CHECK_MSG(false, "invalid action");
+}
+
+// ---------------------------------------------------------------------------
+// Client processes: faults and the client plane
+
+void NodeDaemon::OnFaultEvents() {
+  FaultEvent events[kFaultBatch];
+  for (;;) {
+    auto n = backend_->ReadEvents(events);
+    if (!n.ok()) {
+      LogError("reading fault events: " + n.status().ToString());
+      return;
+    }
+    if (*n == 0) return;
+    for (size_t i = 0; i < *n; ++i) {
+      const FaultEvent& e = events[i];
+      if (e.kind == FaultEventKind::kMappingClosed) {
+        backend_->RemoveMapping(e.mapping).IgnoreError();
+        for (auto& [fd, client] : clients_) {
+          std::erase_if(client.mappings, [&](const auto& m) { return m.second == e.mapping; });
+        }
+        continue;
+      }
+      if (e.kind != FaultEventKind::kFault) continue;
+      ++stats_.client_faults;
+      const WaiterId w = ++next_waiter_;
+      Actions acts;
+      if (agent_.Fault(e.page, e.write, w, NowMs(), &acts) == FaultResult::kHit) {
+        Execute(acts);
+        Status st = backend_->Resolve(e.token, Resolution::kRetry);
+        if (!st.ok() && st.code() != StatusCode::kNotFound) {
+          LogWarning("resolving a fault: " + st.ToString());
+        }
+        continue;
+      }
+      Waiter waiter;
+      waiter.page = e.page;
+      waiter.fault = true;
+      waiter.token = e.token;
+      waiters_[w] = std::move(waiter);
+      Execute(acts);
+    }
+  }
+}
+
+void NodeDaemon::OnClientListenReadable() {
+  for (;;) {
+    int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
+    if (fd < 0) return;
+    ucred cred{};
+    socklen_t len = sizeof(cred);
+    if (clients_.size() >= kMaxClients ||
+        ::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {
+      LogWarning("refusing a client: too many clients, or no credentials");
+      ::close(fd);
+      continue;
+    }
+    Client c;
+    c.fd = UniqueFd(fd);
+    c.pid = cred.pid;
+    c.uid = cred.uid;
+    c.gid = cred.gid;
+    clients_.emplace(fd, std::move(c));
+    ++stats_.clients;
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.fd = fd;
+    ::epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, fd, &ev);
+  }
+}
+
+void NodeDaemon::CloseClient(int fd) {
+  auto it = clients_.find(fd);
+  if (it == clients_.end()) return;
+  for (auto& [base, mapping] : it->second.mappings) backend_->RemoveMapping(mapping).IgnoreError();
+  ::epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, fd, nullptr);
+  clients_.erase(it);  // closes the socket
+}
+
+void NodeDaemon::ReplyToClient(int fd, uint64_t request_id, const proto::Message& m,
+                               int attach_fd) {
+  std::vector<uint8_t> bytes = proto::Encode(m, request_id);
+  std::vector<int> fds;
+  if (attach_fd >= 0) fds.push_back(attach_fd);
+  Status st = SendFds(fd, bytes, fds);
+  if (!st.ok()) {
+    LogWarning("answering client: " + st.ToString());
+    CloseClient(fd);
+  }
+}
+
+void NodeDaemon::ForwardedReply(const Forwarded& f, proto::Message m) {
+  if (!clients_.count(f.client_fd)) return;  // the client left meanwhile
+  if (auto* r = std::get_if<proto::RegionReply>(&m)) {
+    if (StoreOf(r->base) == nullptr) {
+      Status st = OpenRegion(*r);
+      if (!st.ok()) return ReplyToClient(f.client_fd, f.client_request, proto::ToReply(st));
+    }
+    return ReplyToClient(f.client_fd, f.client_request, m, StoreOf(r->base)->fd());
+  }
+  ReplyToClient(f.client_fd, f.client_request, m);
+}
+
+void NodeDaemon::OnClientReadable(int fd) {
+  auto it = clients_.find(fd);
+  if (it == clients_.end()) return;
+  std::vector<uint8_t> buf(proto::kHeaderSize + proto::kMaxControlPayload);
+  auto got = ReceiveFds(fd, buf);
+  if (!got.ok()) {
+    if (got.status().code() != StatusCode::kUnavailable || errno != EAGAIN) CloseClient(fd);
+    return;
+  }
+  auto frame = proto::Decode(std::span<const uint8_t>(buf.data(), got->bytes));
+  if (!frame.ok()) {
+    LogWarning("closing client " + std::to_string(it->second.pid) + ": " + frame.status().ToString());
+    return CloseClient(fd);
+  }
+  const uint64_t rid = frame->header.request_id;
+  Client& client = it->second;
+  std::visit(
+      [&](auto& m) {
+        using T = std::decay_t<decltype(m)>;
+        if constexpr (std::is_same_v<T, proto::ClientHello>) {
+          if (m.abi != proto::kClientAbi) {
+            return ReplyToClient(fd, rid, proto::ToReply(InvalidArgument(
+                                              "client ABI " + std::to_string(m.abi) + ", daemon speaks " +
+                                              std::to_string(proto::kClientAbi))));
+          }
+          ReplyToClient(fd, rid, proto::ClientHelloReply{id_, window_base_, window_size_});
+        } else if constexpr (std::is_same_v<T, proto::RegionCreate> ||
+                             std::is_same_v<T, proto::RegionOpen> ||
+                             std::is_same_v<T, proto::RegionDelete>) {
+          if (!link_.is_open() || forwarded_.size() >= kMaxForwarded) {
+            return ReplyToClient(fd, rid, proto::ToReply(Unavailable("coordinator not reachable")));
+          }
+          const uint64_t forward = link_.NextRequestId();
+          forwarded_[forward] = Forwarded{fd, rid};
+          link_.Send(m, forward).IgnoreError();
+        } else if constexpr (std::is_same_v<T, proto::MapRegion>) {
+          PageStore* store = StoreOf(m.base);
+          if (store == nullptr || store->base() != m.base || !backend_ || got->fds.empty()) {
+            return ReplyToClient(fd, rid, proto::ToReply(InvalidArgument(
+                                              "MapRegion needs an open region's base and a fault fd")));
+          }
+          if (client.mappings.count(m.base)) {
+            return ReplyToClient(fd, rid, proto::ToReply(AlreadyExists("region mapped already")));
+          }
+          MappingRequest req;
+          req.region = m.base;
+          req.pid = client.pid;
+          req.fault_fd = std::move(got->fds[0]);
+          if (got->fds.size() > 1) req.pidfd = std::move(got->fds[1]);
+          auto mapping = backend_->AddMapping(std::move(req));
+          if (!mapping.ok()) return ReplyToClient(fd, rid, proto::ToReply(mapping.status()));
+          client.mappings[m.base] = *mapping;
+          ReplyToClient(fd, rid, proto::ToReply(Status::Ok()));
+        } else if constexpr (std::is_same_v<T, proto::UnmapRegion>) {
+          auto mp = client.mappings.find(m.base);
+          if (mp == client.mappings.end()) {
+            return ReplyToClient(fd, rid, proto::ToReply(NotFound("region not mapped by this client")));
+          }
+          backend_->RemoveMapping(mp->second).IgnoreError();
+          client.mappings.erase(mp);
+          ReplyToClient(fd, rid, proto::ToReply(Status::Ok()));
+        } else {
+          LogWarning(std::string("closing client: unexpected ") + proto::TypeName(T::kType));
+          CloseClient(fd);
+        }
+      },
+      frame->message);
 }
 
 }  // namespace dsvm::node

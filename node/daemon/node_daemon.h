@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "node/coherence/node_agent.h"
+#include "node/fault/fault_backend.h"
 #include "node/memory/page_store.h"
 #include "node/transport/ucx_transport.h"
 #include "proto/framed_socket.h"
@@ -43,6 +44,11 @@ struct NodeDaemonOptions {
   proto::NodeId rejoin_as = proto::kNoNode;
   uint64_t host_memory_bytes = 0;
   uint64_t retransmit_after_ms = 200;
+  // The client plane: a UNIX SOCK_SEQPACKET socket for libdsvm ("" = none).
+  std::string socket_path;
+  // How client processes' faults are caught: "uffd", or "" for none (the
+  // daemon then serves only Access() calls, as in tests of the core).
+  std::string fault_backend = "uffd";
 };
 
 struct NodeDaemonStats {
@@ -53,6 +59,8 @@ struct NodeDaemonStats {
   uint64_t coordinator_reconnects = 0;
   uint64_t protocol_errors = 0;
   uint64_t peer_lookups = 0;
+  uint64_t client_faults = 0;
+  uint64_t clients = 0;
 };
 
 class NodeDaemon {
@@ -93,11 +101,25 @@ class NodeDaemon {
  private:
   struct Waiter {
     proto::PageAddr page;
-    AccessFn fn;
+    AccessFn fn;          // an Access() call, or
+    bool fault = false;   // a client's fault, resolved through the backend
+    FaultToken token;
+  };
+  struct Client {
+    UniqueFd fd;
+    pid_t pid = 0;
+    uid_t uid = 0;
+    gid_t gid = 0;
+    std::map<proto::PageAddr, MappingId> mappings;  // by region base
+  };
+  // A client's request forwarded to the coordinator, by the forward's request id.
+  struct Forwarded {
+    int client_fd;
+    uint64_t client_request;
   };
 
-  NodeDaemon(const NodeDaemonOptions& options, proto::NodeId id, proto::FramedSocket link,
-             std::unique_ptr<UcxTransport> transport, uint32_t heartbeat_ms);
+  NodeDaemon(const NodeDaemonOptions& options, const proto::JoinReply& joined,
+             proto::FramedSocket link, std::unique_ptr<UcxTransport> transport);
   static Result<proto::JoinReply> Join(proto::FramedSocket& link, const NodeDaemonOptions& o,
                                        proto::NodeId as, const std::string& peer_address);
   Status Setup();
@@ -107,6 +129,13 @@ class NodeDaemon {
   void ReconnectCoordinator();
   void HandleDirectoryMessage(proto::Message m);
   void HandlePeerMessages();
+  void OnFaultEvents();
+  void OnClientListenReadable();
+  void OnClientReadable(int fd);
+  void CloseClient(int fd);
+  void ReplyToClient(int fd, uint64_t request_id, const proto::Message& m, int attach_fd = -1);
+  void ForwardedReply(const Forwarded& f, proto::Message m);
+  Status SetupClientSocket();
   void Execute(Actions& actions);
   void ExecuteOne(Action& a);
   void SendPage(proto::NodeId to, proto::PageData d);
@@ -133,6 +162,12 @@ class NodeDaemon {
   uint64_t lookup_request_ = 0;  // request id of the NodeList in flight, 0 if none
   uint64_t last_heartbeat_ms_ = 0;
   uint64_t last_reconnect_ms_ = 0;
+  std::unique_ptr<FaultBackend> backend_;
+  int listen_fd_ = -1;
+  std::unordered_map<int, Client> clients_;
+  std::unordered_map<uint64_t, Forwarded> forwarded_;
+  uint64_t window_base_ = 0;
+  uint64_t window_size_ = 0;
   int epoll_fd_ = -1;
   int wake_fd_ = -1;
   int timer_fd_ = -1;

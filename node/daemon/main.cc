@@ -1,0 +1,90 @@
+// dsvm-node: the node daemon, one per host.
+//
+//   dsvm-node --coordinator HOST:PORT [--listen HOST:PORT] [--socket PATH]
+//             [--fault-backend uffd] [--rejoin-as N] [--verbose]
+//
+// --listen is the UCX listener peers reach (port 0 picks one); --socket the
+// UNIX socket libdsvm connects to (default $DSVM_SOCKET, then
+// /run/dsvm/node.sock). Exits 1 with a clear message when it cannot start;
+// SIGINT/SIGTERM stop it cleanly.
+#include <signal.h>
+#include <sys/stat.h>
+
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <thread>
+
+#include "node/daemon/node_daemon.h"
+#include "proto/log.h"
+
+namespace {
+
+int Usage(const std::string& why) {
+  std::fprintf(stderr,
+               "dsvm-node: %s\n"
+               "usage: dsvm-node --coordinator HOST:PORT [--listen HOST:PORT] [--socket PATH]\n"
+               "       [--fault-backend uffd] [--rejoin-as N] [--verbose]\n",
+               why.c_str());
+  return 2;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  using namespace dsvm;
+  SetLogIdentity("dsvm-node");
+  node::NodeDaemonOptions o;
+  const char* env_socket = std::getenv("DSVM_SOCKET");
+  o.socket_path = env_socket ? env_socket : "/run/dsvm/node.sock";
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    auto value = [&](std::string* out) {
+      if (i + 1 >= argc) return false;
+      *out = argv[++i];
+      return true;
+    };
+    bool ok = true;
+    std::string v;
+    if (a == "--coordinator") ok = value(&o.coordinator);
+    else if (a == "--listen") ok = value(&o.listen);
+    else if (a == "--socket") ok = value(&o.socket_path);
+    else if (a == "--fault-backend") ok = value(&o.fault_backend);
+    else if (a == "--rejoin-as") {
+      ok = value(&v) && !v.empty() && v.find_first_not_of("0123456789") == std::string::npos &&
+           v.size() <= 9;
+      if (ok) o.rejoin_as = static_cast<proto::NodeId>(std::stoul(v));
+    } else if (a == "--verbose") SetLogLevel(LogLevel::kDebug);
+    else return Usage("unknown flag '" + a + "'");
+    if (!ok) return Usage("flag '" + a + "' needs a valid value");
+  }
+  if (o.fault_backend != "uffd") return Usage("--fault-backend must be uffd (kmod: issue #4)");
+  const std::string dir = o.socket_path.substr(0, o.socket_path.rfind('/'));
+  if (!dir.empty()) ::mkdir(dir.c_str(), 0755);
+
+  // Signals are taken by a thread of their own, which asks the loop to stop.
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  std::signal(SIGPIPE, SIG_IGN);
+
+  auto daemon = node::NodeDaemon::Create(o);
+  if (!daemon.ok()) {
+    LogError("refusing to start: " + daemon.status().ToString());
+    return 1;
+  }
+  node::NodeDaemon* d = daemon->get();
+  std::thread signals([d, set] {
+    int sig = 0;
+    sigwait(&set, &sig);
+    LogInfo("signal " + std::to_string(sig) + ": stopping");
+    d->Stop();
+  });
+  signals.detach();
+  LogInfo("node " + std::to_string(d->id()) + " serving clients on " + o.socket_path);
+  d->Run();
+  return 0;
+}
