@@ -126,9 +126,12 @@ struct JoinRequest {
   uint64_t host_memory_bytes = 0;
   uint32_t gpu_count = 0;
   std::vector<uint8_t> transport_address;  // opaque (UCX worker address)
+  // 1: the same daemon reconnecting with its pages intact; 0: a new daemon
+  // process (the id's former pages are gone).
+  uint8_t resume = 0;
   template <typename A> void Visit(A& a) {
     a.U32(node); a.Str(address, kMaxAddressLength); a.U64(host_memory_bytes);
-    a.U32(gpu_count); a.Blob(transport_address, kMaxBlobLength);
+    a.U32(gpu_count); a.Blob(transport_address, kMaxBlobLength); a.Flag(resume);
   }
 };
 

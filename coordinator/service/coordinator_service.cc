@@ -277,6 +277,14 @@ Status CoordinatorService::HandleJoin(ConnId conn, uint64_t rid, const proto::Jo
   } else if (!members_.count(id)) {
     ReplyStatus(conn, rid, NotFound("node " + std::to_string(id) + " was never a member"));
     return Status::Ok();
+  } else if (m.resume && !members_[id].record.live) {
+    // Its pages were handed on when it was declared dead; what it still
+    // holds is stale. It must start afresh.
+    ReplyStatus(conn, rid, FailedPrecondition("node " + std::to_string(id) +
+                                              " was declared dead; join as a new daemon"));
+    return Status::Ok();
+  } else if (!m.resume && members_[id].record.live) {
+    DeclareDead(id, "restarted");  // a new process: the old one's pages are gone
   }
   NodeRecord rec;
   rec.id = id;

@@ -43,9 +43,11 @@ uint64_t NodeDaemon::NowMs() const {
 // Start and stop
 
 Result<proto::JoinReply> NodeDaemon::Join(proto::FramedSocket& link, const NodeDaemonOptions& o,
-                                          proto::NodeId as, const std::string& peer_address) {
+                                          proto::NodeId as, const std::string& peer_address,
+                                          bool resume) {
   proto::JoinRequest j;
   j.node = as;
+  j.resume = resume ? 1 : 0;
   j.address = peer_address;
   j.host_memory_bytes = o.host_memory_bytes;
   DSVM_ASSIGN_OR_RETURN(proto::Message reply, link.Call(j, kJoinTimeoutMs));
@@ -64,7 +66,8 @@ Result<std::unique_ptr<NodeDaemon>> NodeDaemon::Create(const NodeDaemonOptions& 
   const std::string peer_address =
       HostOf(options.listen) + ":" + std::to_string(transport->port());
   DSVM_ASSIGN_OR_RETURN(proto::FramedSocket link, proto::FramedSocket::Connect(options.coordinator));
-  DSVM_ASSIGN_OR_RETURN(proto::JoinReply jr, Join(link, options, options.rejoin_as, peer_address));
+  DSVM_ASSIGN_OR_RETURN(proto::JoinReply jr,
+                        Join(link, options, options.rejoin_as, peer_address, /*resume=*/false));
   transport->set_self(jr.node);
   std::unique_ptr<NodeDaemon> d(new NodeDaemon(options, jr, std::move(link), std::move(transport)));
   if (options.fault_backend == "uffd") {
@@ -260,7 +263,9 @@ void NodeDaemon::ReconnectCoordinator() {
   last_reconnect_ms_ = NowMs();
   auto link = proto::FramedSocket::Connect(options_.coordinator);
   if (!link.ok()) return;
-  auto jr = Join(*link, options_, id_, peer_address());
+  // TODO(#3): refused when this node was declared dead meanwhile; it must
+  // then drop every page and join as new.
+  auto jr = Join(*link, options_, id_, peer_address(), /*resume=*/true);
   if (!jr.ok()) {
     LogWarning("rejoining the coordinator: " + jr.status().ToString());
     return;

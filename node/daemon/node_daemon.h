@@ -121,7 +121,8 @@ class NodeDaemon {
   NodeDaemon(const NodeDaemonOptions& options, const proto::JoinReply& joined,
              proto::FramedSocket link, std::unique_ptr<UcxTransport> transport);
   static Result<proto::JoinReply> Join(proto::FramedSocket& link, const NodeDaemonOptions& o,
-                                       proto::NodeId as, const std::string& peer_address);
+                                       proto::NodeId as, const std::string& peer_address,
+                                       bool resume);
   Status Setup();
   void DrainPosted();
   void OnCoordinatorReadable();

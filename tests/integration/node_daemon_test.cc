@@ -247,6 +247,38 @@ TEST_F(NodeDaemonTest, CoordinatorKillNineMidStreamLosesNothing) {
   EXPECT_EQ(reconnects, 2u);
 }
 
+// A daemon restarted (a new process, its memory gone) gives up what its
+// former incarnation held: sole copies are reported lost, shared copies live
+// on at the other holders, and the new daemon works at once.
+TEST_F(NodeDaemonTest, RestartedDaemonGivesUpItsPagesCleanly) {
+  proto::RegionReply r = Region("restart", 8 * 4096, 4096);
+  StartNodes(2, r);
+  const proto::PageAddr sole = r.base, shared = r.base + 4096;
+  nodes_[0]->WriteU64(sole, 111);
+  nodes_[0]->WriteU64(shared, 222);
+  EXPECT_EQ(nodes_[1]->ReadU64(shared), 222u);  // node 1 now shares it
+  proto::NodeId old_id = 0;
+  nodes_[0]->Sync([&](NodeDaemon& d) { old_id = d.id(); });
+  nodes_[0].reset();  // the daemon process is gone
+
+  node::NodeDaemonOptions o;
+  o.coordinator = coord_.address();
+  o.retransmit_after_ms = 100;
+  o.rejoin_as = old_id;
+  auto d = NodeDaemon::Create(o);
+  ASSERT_TRUE(d.ok()) << d.status().ToString();
+  nodes_[0] = std::make_unique<RunningDaemon>(std::move(*d));
+  nodes_[0]->Sync([&](NodeDaemon& d) {
+    ASSERT_EQ(d.id(), old_id);
+    ASSERT_TRUE(d.OpenRegion(r).ok());
+  });
+  Status st = nodes_[1]->Access(sole, false, [](std::span<uint8_t>) {});
+  EXPECT_EQ(st.code(), StatusCode::kDataLoss) << "the sole copy died with the old daemon";
+  EXPECT_EQ(nodes_[1]->ReadU64(shared), 222u);
+  EXPECT_EQ(nodes_[0]->ReadU64(shared), 222u) << "the new daemon fetches it from node 1";
+  EXPECT_NE(coord_.stderr_text().find("restarted: declared dead"), std::string::npos);
+}
+
 // --- Client processes: real page faults through userfaultfd ----------------
 
 // One request on the client plane; returns the reply and any descriptor.
