@@ -256,6 +256,11 @@ void NodeDaemon::OnCoordinatorReadable() {
     ::epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, link_.fd(), nullptr);
     link_.Close();
     lookup_request_ = 0;
+    auto forwarded = std::move(forwarded_);
+    forwarded_.clear();
+    for (auto& [id, f] : forwarded) {
+      ForwardedReply(f, proto::ToReply(Unavailable("lost the coordinator; retry")));
+    }
   }
 }
 
@@ -409,6 +414,7 @@ Status NodeDaemon::OpenRegion(const proto::RegionReply& r) {
                         PageStore::Create(r.base, r.size, r.page_size, o));
   if (backend_) DSVM_RETURN_IF_ERROR(backend_->AddRegion(store.get()));
   stores_[r.base] = std::move(store);
+  region_ids_[r.base] = r.region;
   return Status::Ok();
 }
 
@@ -637,6 +643,16 @@ void NodeDaemon::ReplyToClient(int fd, uint64_t request_id, const proto::Message
 void NodeDaemon::ForwardedReply(const Forwarded& f, proto::Message m) {
   if (!clients_.count(f.client_fd)) return;  // the client left meanwhile
   if (auto* r = std::get_if<proto::RegionReply>(&m)) {
+    auto id = region_ids_.find(r->base);
+    if (id != region_ids_.end() && id->second != r->region) {
+      // The region at this base was deleted and another placed there.
+      if (backend_) {
+        Status gone = backend_->RemoveRegion(r->base);
+        if (!gone.ok()) return ReplyToClient(f.client_fd, f.client_request, proto::ToReply(gone));
+      }
+      stores_.erase(r->base);
+      region_ids_.erase(id);
+    }
     if (StoreOf(r->base) == nullptr) {
       Status st = OpenRegion(*r);
       if (!st.ok()) return ReplyToClient(f.client_fd, f.client_request, proto::ToReply(st));
@@ -652,7 +668,10 @@ void NodeDaemon::OnClientReadable(int fd) {
   std::vector<uint8_t> buf(proto::kHeaderSize + proto::kMaxControlPayload);
   auto got = ReceiveFds(fd, buf);
   if (!got.ok()) {
-    if (got.status().code() != StatusCode::kUnavailable || errno != EAGAIN) CloseClient(fd);
+    // Level-triggered epoll said readable: an error here is end of stream or
+    // a refused record, never "nothing yet". Left open, a closed socket
+    // would stay readable and spin the loop.
+    CloseClient(fd);
     return;
   }
   auto frame = proto::Decode(std::span<const uint8_t>(buf.data(), got->bytes));

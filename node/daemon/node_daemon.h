@@ -153,6 +153,7 @@ class NodeDaemon {
   uint32_t heartbeat_ms_;
   NodeAgent agent_;
   std::map<proto::PageAddr, std::unique_ptr<PageStore>> stores_;  // by region base
+  std::map<proto::PageAddr, proto::RegionId> region_ids_;        // which region each store is
   std::unordered_map<DataHandle, std::vector<uint8_t>> data_;    // received, not yet installed
   DataHandle next_handle_ = 0;
   std::unordered_map<WaiterId, Waiter> waiters_;
