@@ -1,0 +1,155 @@
+/* libdsvm: the C API of dsvm, distributed shared virtual memory.
+ *
+ * A process connects to its node's daemon (dsvm-node) with dsvm_init, then
+ * creates or opens named regions. A region lies at the same virtual address
+ * in every process on every node, so a pointer into it means the same bytes
+ * everywhere; the node daemons keep its pages coherent (PROTOCOL.md).
+ *
+ *   void* p;
+ *   if (dsvm_init(NULL) != 0) { ...dsvm_last_error()... }
+ *   dsvm_region_create("grid", 1 << 30, 0, &p);   // or dsvm_region_open
+ *   ...use p...
+ *   dsvm_region_close(p);
+ *   dsvm_finalize();
+ *
+ * Errors: every function returns 0 (DSVM_OK) or a negative DSVM_E* code, and
+ * leaves a sentence saying why in dsvm_last_error(). Arguments are validated;
+ * a bad one is refused with DSVM_EINVALID_ARGUMENT and changes nothing.
+ *
+ * Threads: every function may be called from any thread. Calls that talk to
+ * the daemon (init, finalize, region create / open / close / destroy) are
+ * serialised: one request is in flight per process at a time. Using a
+ * region's memory needs no call and takes no lock.
+ *
+ * The daemon's death: the daemon serves a region's page faults, so without
+ * it the memory would no longer be coherent. When the connection to the
+ * daemon breaks (it exited, or stopped answering for 60 s), every open region
+ * is made inaccessible at once (an access gets SIGSEGV) but stays reserved,
+ * calls that need the daemon fail with DSVM_EUNAVAILABLE, and
+ * dsvm_region_close and dsvm_finalize still release what this process holds.
+ * dsvm_finalize then dsvm_init connects again.
+ *
+ * fork(): a child inherits no region (they are mapped MADV_DONTFORK) and no
+ * connection; it calls dsvm_init to use dsvm itself. fork() waits for a
+ * call another thread has in progress.
+ *
+ * Not in this version (TODO(#3)): locks and barriers (acquire / release),
+ * dsvm_advise, dsvm_prefetch, statistics.
+ */
+#ifndef DSVM_DSVM_H_
+#define DSVM_DSVM_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Error codes. -1 .. -31 mirror dsvm's StatusCode (proto/status.h) as they
+ * arrive from the daemon or the coordinator; lower values are the library's
+ * own. The values are ABI: never renumber. */
+enum dsvm_error {
+  DSVM_OK = 0,
+  DSVM_EINVALID_ARGUMENT = -1,     /* a bad argument; nothing was done */
+  DSVM_ENOT_FOUND = -2,            /* no region of that name */
+  DSVM_EALREADY_EXISTS = -3,       /* a region of that name exists */
+  DSVM_EPERMISSION_DENIED = -4,    /* credentials refused, or userfaultfd not allowed */
+  DSVM_EUNAVAILABLE = -5,          /* no daemon, or it (or its coordinator) is unreachable */
+  DSVM_EDATA_LOSS = -6,            /* data was lost with a node that died */
+  DSVM_ECORRUPTION = -7,           /* stored or received bytes failed validation */
+  DSVM_EIO = -8,                   /* the operating system refused an operation */
+  DSVM_ERESOURCE_EXHAUSTED = -9,   /* a limit was reached: memory, address space, window */
+  DSVM_EFAILED_PRECONDITION = -10, /* a valid request in the wrong state */
+  DSVM_EINTERNAL = -11,            /* a bug, here or in the daemon; see dsvm_last_error() */
+  DSVM_ENOT_INITIALIZED = -32      /* dsvm_init has not succeeded in this process */
+};
+
+/* Page sizes a region may have. */
+#define DSVM_PAGE_SIZE_4K ((size_t)4096)
+#define DSVM_PAGE_SIZE_64K ((size_t)65536)
+#define DSVM_PAGE_SIZE_2M ((size_t)2097152)
+
+/* A region name is 1..DSVM_MAX_NAME_LENGTH characters of [A-Za-z0-9._-]
+ * and does not start with '.'. */
+#define DSVM_MAX_NAME_LENGTH 255
+
+/* The socket dsvm_init uses when given NULL and $DSVM_SOCKET is unset. */
+#define DSVM_DEFAULT_SOCKET "/run/dsvm/node.sock"
+
+/* Connects this process to its node's daemon. socket_path: the daemon's
+ * UNIX socket; NULL means $DSVM_SOCKET, or DSVM_DEFAULT_SOCKET when that is
+ * unset or empty.
+ * Errors: DSVM_EINVALID_ARGUMENT (empty path, or longer than a UNIX socket
+ * path may be), DSVM_EFAILED_PRECONDITION (already initialised, or
+ * the daemon does not speak this library's ABI),
+ * DSVM_EUNAVAILABLE (no daemon listens there, or it stopped answering),
+ * DSVM_EPERMISSION_DENIED (the socket or the daemon refused this process),
+ * DSVM_EINTERNAL (the daemon broke the protocol), DSVM_EIO. */
+int dsvm_init(const char* socket_path);
+
+/* Closes every region still open (as dsvm_region_close), then the
+ * connection. Releases everything even when the daemon is gone.
+ * Errors: DSVM_ENOT_INITIALIZED. */
+int dsvm_finalize(void);
+
+/* Creates region `name` of `size` bytes (rounded up to whole pages) with
+ * pages of `page_size` bytes (0 means 4096; else 4096, 65536 or 2097152) and
+ * maps it: *addr receives its address, the same on every node. Its memory
+ * reads as zeros until written. When mapping fails the region is deleted
+ * again.
+ * Errors: DSVM_EINVALID_ARGUMENT (name, size 0, page size, addr NULL),
+ * DSVM_EALREADY_EXISTS, DSVM_ERESOURCE_EXHAUSTED (larger than the cluster's
+ * address window, no room left in it, or something else is mapped at the
+ * region's address in this process), DSVM_EPERMISSION_DENIED (this process
+ * may not create a userfaultfd: run as root or set
+ * vm.unprivileged_userfaultfd=1), DSVM_ENOT_INITIALIZED, DSVM_EUNAVAILABLE,
+ * DSVM_EINTERNAL, DSVM_EIO. */
+int dsvm_region_create(const char* name, size_t size, size_t page_size, void** addr);
+
+/* Maps the existing region `name`: *addr receives its address and *size its
+ * size in bytes (a whole number of its pages). size may be NULL.
+ * Errors: DSVM_EINVALID_ARGUMENT (name, addr NULL), DSVM_ENOT_FOUND,
+ * DSVM_EFAILED_PRECONDITION (this process has it open already),
+ * DSVM_ERESOURCE_EXHAUSTED (something else is mapped at its address in this
+ * process), DSVM_EPERMISSION_DENIED, DSVM_ENOT_INITIALIZED,
+ * DSVM_EUNAVAILABLE, DSVM_EINTERNAL, DSVM_EIO. */
+int dsvm_region_open(const char* name, void** addr, size_t* size);
+
+/* Unmaps the region whose address is `addr` (as create or open returned
+ * it); its memory must not be used afterwards. The region itself stays, for
+ * dsvm_region_open or dsvm_region_destroy. Once addr is accepted the region
+ * is released in this process whatever else happens; a later error only
+ * says that the daemon could not be told or refused (it forgets a client's
+ * mappings anyway when the connection closes). With the connection already
+ * broken there is nobody to tell, and close succeeds.
+ * Errors: DSVM_EINVALID_ARGUMENT (addr NULL, or not the address of a region
+ * open in this process), DSVM_ENOT_INITIALIZED; after release: the daemon's
+ * refusal, DSVM_EUNAVAILABLE, DSVM_EINTERNAL. */
+int dsvm_region_close(void* addr);
+
+/* Deletes region `name` in the whole cluster; its address range may then be
+ * given to a new region. Close it in this process first.
+ * Errors: DSVM_EINVALID_ARGUMENT (name), DSVM_ENOT_FOUND,
+ * DSVM_EFAILED_PRECONDITION (open in this process), DSVM_ENOT_INITIALIZED,
+ * DSVM_EUNAVAILABLE, DSVM_EINTERNAL. */
+int dsvm_region_destroy(const char* name);
+
+/* *id receives the id of the node this process is connected to (never 0).
+ * Errors: DSVM_EINVALID_ARGUMENT (id NULL), DSVM_ENOT_INITIALIZED. */
+int dsvm_node_id(uint32_t* id);
+
+/* A short description of an error code ("invalid argument"); never NULL,
+ * also for an unknown code. Static storage. */
+const char* dsvm_strerror(int err);
+
+/* Why the calling thread's last dsvm_ call failed, one sentence; "" after a
+ * call that succeeded. Every function but dsvm_strerror and dsvm_last_error
+ * sets it. Valid until this thread's next dsvm_ call; never NULL. */
+const char* dsvm_last_error(void);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* DSVM_DSVM_H_ */

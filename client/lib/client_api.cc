@@ -1,0 +1,686 @@
+// libdsvm's C API (include/dsvm/dsvm.h) over one DaemonConnection.
+//
+// State: one Library per process while initialised, behind g_mu. Every entry
+// point that touches it holds g_mu for its whole run, daemon round trips
+// included: requests are rare (regions are opened once, then used through
+// plain loads and stores), and one request in flight keeps the connection's
+// request/reply pairing trivial.
+//
+// Lock order: g_mu only. The watcher thread takes g_mu after its poll wakes,
+// never while polling, so dsvm_finalize releases g_mu before joining it.
+//
+// Region lifecycle in this process (PROTOCOL.md, "Client plane"):
+//   RegionCreate/RegionOpen -> RegionReply + memfd
+//   -> mmap at base + a userfaultfd and pidfd (node::UffdClientMapRegion)
+//   -> MapRegion{base} + [uffd, pidfd] -> StatusReply OK: the daemon serves
+//      the range's faults; only now does the caller get the address; this
+//      process drops its copies of the uffd and pidfd
+//   ... dsvm_region_close: UnmapRegion{base} -> StatusReply, then munmap.
+//
+// Every C entry point catches exceptions (only std::bad_alloc can arise):
+// nothing unwinds into C callers.
+#include <dsvm/dsvm.h>
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cinttypes>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <iterator>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <string>
+#include <variant>
+#include <vector>
+
+#include "client/lib/client_testing.h"
+#include "client/lib/daemon_connection.h"
+#include "node/fault/uffd_client.h"
+#include "proto/log.h"
+#include "proto/messages.h"
+#include "proto/status.h"
+
+namespace dsvm::client {
+namespace {
+
+static_assert(kMaxStatusCode < 32, "DSVM_E* codes -1..-31 mirror StatusCode; dsvm.h must grow");
+static_assert(DSVM_MAX_NAME_LENGTH == proto::kMaxNameLength);
+static_assert(DSVM_PAGE_SIZE_2M == proto::kMaxPageSize);
+
+// --- Per-thread error text --------------------------------------------------
+
+// A plain array, not a std::string: dsvm_finalize may run from a static
+// destructor, after the main thread's thread_local objects are destroyed.
+thread_local char t_last_error[2048];
+
+void SetLastError(const std::string& why) {
+  std::snprintf(t_last_error, sizeof(t_last_error), "%s", why.c_str());
+}
+
+int Succeed() {
+  t_last_error[0] = '\0';
+  return DSVM_OK;
+}
+
+int Fail(int code, const std::string& why) {
+  SetLastError(why);
+  return code;
+}
+
+int CodeOf(StatusCode code) {
+  switch (code) {
+    case StatusCode::kOk:
+      return DSVM_OK;
+    case StatusCode::kInvalidArgument:
+      return DSVM_EINVALID_ARGUMENT;
+    case StatusCode::kNotFound:
+      return DSVM_ENOT_FOUND;
+    case StatusCode::kAlreadyExists:
+      return DSVM_EALREADY_EXISTS;
+    case StatusCode::kPermissionDenied:
+      return DSVM_EPERMISSION_DENIED;
+    case StatusCode::kUnavailable:
+      return DSVM_EUNAVAILABLE;
+    case StatusCode::kDataLoss:
+      return DSVM_EDATA_LOSS;
+    case StatusCode::kCorruption:
+      return DSVM_ECORRUPTION;
+    case StatusCode::kIoError:
+      return DSVM_EIO;
+    case StatusCode::kResourceExhausted:
+      return DSVM_ERESOURCE_EXHAUSTED;
+    case StatusCode::kFailedPrecondition:
+      return DSVM_EFAILED_PRECONDITION;
+    case StatusCode::kInternal:
+      return DSVM_EINTERNAL;
+  }
+  return DSVM_EINTERNAL;
+}
+
+// `what`: the call and its subject, e.g. "dsvm_region_open('grid')".
+int FailWith(const std::string& what, const Status& s) {
+  return Fail(CodeOf(s.code()), what + ": " + s.message());
+}
+
+std::string Hex(uint64_t v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "0x%" PRIx64, v);
+  return buf;
+}
+
+// Runs an entry point's body; nothing escapes into C.
+template <typename F>
+int Guarded(const char* what, F&& body) noexcept {
+  try {
+    return body();
+  } catch (const std::bad_alloc&) {
+    return Fail(DSVM_ERESOURCE_EXHAUSTED, std::string(what) + ": out of memory");
+  } catch (...) {
+    return Fail(DSVM_EINTERNAL, std::string(what) + ": unexpected exception");
+  }
+}
+
+// --- Argument checks ----------------------------------------------------------
+
+// The coordinator's rule (coordinator/cluster/region_table.cc), checked here
+// too so a bad name is refused before any round trip, with the same words.
+Status ValidateName(const char* name) {
+  if (name == nullptr) return InvalidArgument("region name is NULL");
+  const size_t n = strnlen(name, proto::kMaxNameLength + 1);
+  if (n == 0) return InvalidArgument("region name is empty");
+  if (n > proto::kMaxNameLength) {
+    return InvalidArgument("region name longer than " + std::to_string(proto::kMaxNameLength));
+  }
+  if (name[0] == '.') return InvalidArgument("region name starts with '.'");
+  for (size_t i = 0; i < n; ++i) {
+    const char c = name[i];
+    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                    c == '.' || c == '_' || c == '-';
+    if (!ok) {
+      char buf[96];
+      std::snprintf(buf, sizeof(buf),
+                    "region name has byte 0x%02x at position %zu, outside [A-Za-z0-9._-]",
+                    static_cast<unsigned char>(c), i);
+      return InvalidArgument(buf);
+    }
+  }
+  return Status::Ok();
+}
+
+bool ValidPageSize(uint64_t p) {
+  return p == DSVM_PAGE_SIZE_4K || p == DSVM_PAGE_SIZE_64K || p == DSVM_PAGE_SIZE_2M;
+}
+
+// For messages: a name already validated.
+std::string Quoted(const char* name) { return std::string("'") + name + "'"; }
+
+// --- Process state ---------------------------------------------------------------
+
+struct OpenRegion {
+  std::string name;
+  uint64_t base = 0;
+  uint64_t size = 0;
+  uint32_t page_size = 0;
+};
+
+struct Library {
+  DaemonConnection conn;
+  std::string socket_path;
+  proto::NodeId node = proto::kNoNode;
+  uint64_t window_base = 0;
+  uint64_t window_size = 0;
+  std::map<uint64_t, OpenRegion> regions;  // by base
+  std::string broken_why;                  // non-empty once the connection broke
+  node::UniqueFd wake;                     // eventfd: dsvm_finalize stops the watcher
+  pthread_t watcher{};
+  bool watcher_started = false;
+};
+
+std::mutex g_mu;
+Library* g_lib = nullptr;                                              // GUARDED_BY(g_mu)
+std::chrono::milliseconds g_request_timeout = kDefaultRequestTimeout;  // GUARDED_BY(g_mu)
+std::once_flag g_atfork_once;
+
+// The connection is gone (or this side gave up on it): the daemon no longer
+// serves this process's faults, so its regions would silently become
+// private, incoherent views of the node's memfds. Make them inaccessible
+// (kept reserved, so nothing else is mapped there before close), and refuse
+// further requests. REQUIRES: g_mu held.
+void BreakLocked(Library* lib, const std::string& why) {
+  if (!lib->broken_why.empty()) return;
+  lib->broken_why = why;
+  for (auto& [base, r] : lib->regions) {
+    ::mprotect(reinterpret_cast<void*>(base), r.size, PROT_NONE);
+  }
+  lib->conn.Shutdown();
+  // The caller of the request that failed hears of it; the regions' users,
+  // whose next access faults, only from this line.
+  if (lib->regions.empty()) return;
+  std::string regions;
+  for (auto& [base, r] : lib->regions) regions += " '" + r.name + "'@" + Hex(base);
+  LogError("libdsvm: lost the node daemon at " + lib->socket_path + " (" + why +
+           "); these regions are no longer accessible:" + regions);
+}
+
+// One request to the daemon. A failure breaks the connection (see
+// DaemonConnection). REQUIRES: g_mu held.
+Result<DaemonReply> CallLocked(Library* lib, const proto::Message& m,
+                               std::span<const int> fds = {}) {
+  if (!lib->broken_why.empty()) {
+    return Unavailable("the connection to the node daemon broke earlier (" + lib->broken_why +
+                       "); dsvm_finalize, then dsvm_init, to connect again");
+  }
+  auto r = lib->conn.Call(m, fds);
+  if (!r.ok()) BreakLocked(lib, r.status().message());
+  return r;
+}
+
+// The daemon broke the protocol: stop talking to it. REQUIRES: g_mu held.
+Status ProtocolViolation(Library* lib, const proto::Message& request, const std::string& what) {
+  const std::string why = "the node daemon answered " +
+                          std::string(proto::TypeName(proto::TypeOf(request))) + " with " + what;
+  BreakLocked(lib, why);
+  return Internal(why);
+}
+
+std::string Described(const DaemonReply& r) {
+  return std::string(proto::TypeName(proto::TypeOf(r.message))) + " carrying " +
+         std::to_string(r.fds.size()) + " descriptors";
+}
+
+// A request answered by a StatusReply. REQUIRES: g_mu held.
+Status StatusCallLocked(Library* lib, const proto::Message& m, std::span<const int> fds = {}) {
+  auto r = CallLocked(lib, m, fds);
+  if (!r.ok()) return r.status();
+  const auto* st = std::get_if<proto::StatusReply>(&r->message);
+  if (st == nullptr || !r->fds.empty()) return ProtocolViolation(lib, m, Described(*r));
+  return proto::FromReply(*st);
+}
+
+// A RegionCreate or RegionOpen: a RegionReply with the region's memfd, or
+// the daemon's refusal. REQUIRES: g_mu held.
+Result<std::pair<proto::RegionReply, node::UniqueFd>> RegionCallLocked(Library* lib,
+                                                                       const proto::Message& m) {
+  auto r = CallLocked(lib, m);
+  if (!r.ok()) return r.status();
+  if (const auto* st = std::get_if<proto::StatusReply>(&r->message);
+      st != nullptr && st->code != 0 && r->fds.empty()) {
+    return proto::FromReply(*st);
+  }
+  auto* region = std::get_if<proto::RegionReply>(&r->message);
+  if (region == nullptr || r->fds.size() != 1) return ProtocolViolation(lib, m, Described(*r));
+  return std::make_pair(std::move(*region), std::move(r->fds[0]));
+}
+
+// Checks a RegionReply for region `name` against the window the daemon
+// announced and the memfd that came with it. Errors: kInternal. Unlike a
+// malformed record, an implausible reply keeps the connection: no state of
+// the daemon's depends on this client mapping the region.
+Status ValidateRegionReply(const Library& lib, const proto::RegionReply& r, const char* name,
+                           int memfd) {
+  auto bad = [&](const std::string& what) {
+    return Internal("the node daemon's reply for region " + Quoted(name) + " " + what);
+  };
+  if (r.name != name) return bad("names region '" + r.name + "'");
+  if (!ValidPageSize(r.page_size)) return bad("has page size " + std::to_string(r.page_size));
+  if (r.size == 0 || r.size % r.page_size != 0 || r.base == 0 || r.base % r.page_size != 0) {
+    return bad("has a range not aligned to its pages: base " + Hex(r.base) + ", size " +
+               std::to_string(r.size));
+  }
+  if (r.base < lib.window_base || r.size > lib.window_size ||
+      r.base - lib.window_base > lib.window_size - r.size) {
+    return bad("lies outside the cluster window: base " + Hex(r.base) + ", size " +
+               std::to_string(r.size));
+  }
+  struct stat st {};
+  if (::fstat(memfd, &st) != 0 || !S_ISREG(st.st_mode) ||
+      static_cast<uint64_t>(st.st_size) < r.size) {
+    // Touching a page past the end of the file would be SIGBUS.
+    return bad("came with a descriptor that is not a memfd of the region's size");
+  }
+  return Status::Ok();
+}
+
+// Maps region `r` from its memfd and has the daemon serve the mapping.
+// Errors: those of ValidateRegionReply and node::UffdClientMapRegion
+// (kResourceExhausted: the range is taken here; kPermissionDenied: no
+// userfaultfd), the daemon's MapRegion refusal, the connection's.
+// REQUIRES: g_mu held.
+Status MapLocked(Library* lib, const proto::RegionReply& r, node::UniqueFd memfd,
+                 const char* name) {
+  DSVM_RETURN_IF_ERROR(ValidateRegionReply(*lib, r, name, memfd.get()));
+  auto mapping = node::UffdClientMapRegion(memfd.get(), r.base, r.size);
+  if (!mapping.ok()) {
+    if (mapping.status().code() == StatusCode::kResourceExhausted) {
+      return ResourceExhausted("something else is mapped at the region's range " + Hex(r.base) +
+                               ".." + Hex(r.base + r.size) + " in this process");
+    }
+    return mapping.status();
+  }
+  memfd.reset();  // the mapping holds the file
+  std::vector<int> attach = {mapping->uffd.fd.get()};
+  if (mapping->pidfd) attach.push_back(mapping->pidfd.get());
+  Status st = StatusCallLocked(lib, proto::MapRegion{r.base}, attach);
+  if (!st.ok()) {
+    ::munmap(mapping->addr, mapping->size);
+    return st;
+  }
+  lib->regions[r.base] = OpenRegion{r.name, r.base, r.size, r.page_size};
+  // `mapping` goes out of scope: this process keeps no copy of the uffd
+  // (node/fault/uffd_client.h), so the daemon's death unregisters the range.
+  return Status::Ok();
+}
+
+const OpenRegion* FindByName(const Library& lib, const char* name) {
+  for (const auto& [base, r] : lib.regions) {
+    if (r.name == name) return &r;
+  }
+  return nullptr;
+}
+
+// --- Watcher thread -------------------------------------------------------------
+
+// Notices the daemon's death while the application is not calling libdsvm
+// (it is using its regions): polls the connection for a hang-up only, so it
+// never consumes a reply meant for a request in flight.
+void* WatchDaemon(void* arg) {
+  auto* lib = static_cast<Library*>(arg);
+  pollfd p[2] = {{lib->conn.fd(), POLLRDHUP, 0}, {lib->wake.get(), POLLIN, 0}};
+  for (;;) {
+    const int n = ::poll(p, 2, -1);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      LogError(std::string("libdsvm: watching the node daemon's connection: ") +
+               std::strerror(errno));
+      return nullptr;
+    }
+    if (p[1].revents != 0) return nullptr;  // dsvm_finalize
+    if (p[0].revents != 0) break;
+  }
+  std::lock_guard<std::mutex> l(g_mu);
+  if (g_lib == lib) BreakLocked(lib, "the node daemon closed the connection");
+  return nullptr;
+}
+
+// Around fork(): the child is single-threaded and owns nothing of the
+// parent's: regions are MADV_DONTFORK, and the connection belongs to the
+// parent (closing the child's copy of the descriptor does not shut it down).
+void AtForkPrepare() { g_mu.lock(); }
+void AtForkParent() { g_mu.unlock(); }
+void AtForkChild() {
+  if (g_lib != nullptr) {
+    g_lib->regions.clear();
+    delete g_lib;  // closes descriptors; never joins: the watcher is not in this process
+    g_lib = nullptr;
+  }
+  g_mu.unlock();
+}
+
+Status StartWatcher(Library* lib) {
+  lib->wake.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!lib->wake) return IoError(std::string("eventfd: ") + std::strerror(errno));
+  // The thread takes no signal meant for the application.
+  sigset_t all, old;
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, &old);
+  const int rc = pthread_create(&lib->watcher, nullptr, WatchDaemon, lib);
+  pthread_sigmask(SIG_SETMASK, &old, nullptr);
+  if (rc != 0) return ResourceExhausted(std::string("pthread_create: ") + std::strerror(rc));
+  lib->watcher_started = true;
+  return Status::Ok();
+}
+
+void StopWatcher(Library* lib) {
+  if (!lib->watcher_started) return;
+  const uint64_t one = 1;
+  ssize_t ignored = ::write(lib->wake.get(), &one, sizeof(one));
+  (void)ignored;
+  pthread_join(lib->watcher, nullptr);
+  lib->watcher_started = false;
+}
+
+// --- Entry points -------------------------------------------------------------------
+
+int Init(const char* socket_path) {
+  std::call_once(g_atfork_once, [] { pthread_atfork(AtForkPrepare, AtForkParent, AtForkChild); });
+  std::string path;
+  if (socket_path != nullptr) {
+    path = socket_path;
+    if (path.empty()) return Fail(DSVM_EINVALID_ARGUMENT, "dsvm_init: the socket path is empty");
+  } else if (const char* env = std::getenv("DSVM_SOCKET"); env != nullptr && env[0] != '\0') {
+    path = env;
+  } else {
+    path = DSVM_DEFAULT_SOCKET;
+  }
+  const std::string what = "dsvm_init(" + path + ")";
+
+  std::lock_guard<std::mutex> l(g_mu);
+  if (g_lib != nullptr) {
+    return Fail(DSVM_EFAILED_PRECONDITION, what + ": already initialised (connected to " +
+                                               g_lib->socket_path + "); call dsvm_finalize first");
+  }
+  auto conn = DaemonConnection::Connect(path, g_request_timeout);
+  if (!conn.ok()) return FailWith(what, conn.status());
+  auto lib = std::make_unique<Library>();
+  lib->conn = std::move(conn).value();
+  lib->socket_path = path;
+
+  const proto::ClientHello hello{proto::kClientAbi};
+  auto r = CallLocked(lib.get(), hello);
+  if (!r.ok()) return FailWith(what, r.status());
+  if (const auto* st = std::get_if<proto::StatusReply>(&r->message);
+      st != nullptr && st->code != 0 && r->fds.empty()) {
+    const Status s = proto::FromReply(*st);
+    if (s.code() == StatusCode::kInvalidArgument) {
+      // A ClientHello carries nothing but the ABI.
+      return Fail(DSVM_EFAILED_PRECONDITION, what + ": the daemon refused this library's ABI " +
+                                                 std::to_string(proto::kClientAbi) + ": " +
+                                                 s.message());
+    }
+    return FailWith(what, s);
+  }
+  const auto* reply = std::get_if<proto::ClientHelloReply>(&r->message);
+  if (reply == nullptr || !r->fds.empty()) {
+    return FailWith(what, ProtocolViolation(lib.get(), hello, Described(*r)));
+  }
+  if (reply->node == proto::kNoNode || reply->window_size == 0 ||
+      reply->window_base % DSVM_PAGE_SIZE_4K != 0 ||
+      reply->window_base + reply->window_size < reply->window_base) {
+    return FailWith(what, ProtocolViolation(lib.get(), hello,
+                                            "node " + std::to_string(reply->node) + ", window " +
+                                                Hex(reply->window_base) + " + " +
+                                                std::to_string(reply->window_size)));
+  }
+  lib->node = reply->node;
+  lib->window_base = reply->window_base;
+  lib->window_size = reply->window_size;
+  if (Status st = StartWatcher(lib.get()); !st.ok()) return FailWith(what, st);
+  g_lib = lib.release();
+  return Succeed();
+}
+
+int Finalize() {
+  std::unique_ptr<Library> lib;
+  {
+    std::lock_guard<std::mutex> l(g_mu);
+    if (g_lib == nullptr) {
+      return Fail(DSVM_ENOT_INITIALIZED, "dsvm_finalize: libdsvm is not initialised");
+    }
+    for (auto& [base, r] : g_lib->regions) {
+      // The daemon stops serving before the range goes (PROTOCOL.md). A
+      // failure breaks the connection, which tells the daemon as much.
+      if (g_lib->broken_why.empty()) {
+        StatusCallLocked(g_lib, proto::UnmapRegion{base}).IgnoreError();
+      }
+      ::munmap(reinterpret_cast<void*>(base), r.size);
+    }
+    g_lib->regions.clear();
+    lib.reset(g_lib);
+    g_lib = nullptr;
+  }
+  // Outside g_mu: the watcher may be waiting for it.
+  StopWatcher(lib.get());
+  return Succeed();  // ~Library closes the connection
+}
+
+int NotInitialized(const std::string& what) {
+  return Fail(DSVM_ENOT_INITIALIZED, what + ": libdsvm is not initialised; call dsvm_init");
+}
+
+int RegionCreate(const char* name, size_t size, size_t page_size, void** addr) {
+  std::string what = "dsvm_region_create";
+  if (Status s = ValidateName(name); !s.ok()) return FailWith(what, s);
+  what += "(" + Quoted(name) + ")";
+  if (addr == nullptr) return Fail(DSVM_EINVALID_ARGUMENT, what + ": addr is NULL");
+  if (size == 0) return Fail(DSVM_EINVALID_ARGUMENT, what + ": size is 0");
+  if (page_size == 0) page_size = DSVM_PAGE_SIZE_4K;
+  if (!ValidPageSize(page_size)) {
+    return Fail(DSVM_EINVALID_ARGUMENT, what + ": page size " + std::to_string(page_size) +
+                                            " is not 4096, 65536 or 2097152");
+  }
+  std::lock_guard<std::mutex> l(g_mu);
+  Library* lib = g_lib;
+  if (lib == nullptr) return NotInitialized(what);
+  if (size > lib->window_size) {
+    return Fail(DSVM_ERESOURCE_EXHAUSTED, what + ": " + std::to_string(size) +
+                                              " bytes is larger than the cluster window (" +
+                                              std::to_string(lib->window_size) + " bytes)");
+  }
+  const uint64_t rounded = (size + page_size - 1) / page_size * page_size;
+  auto r = RegionCallLocked(lib, proto::RegionCreate{name, size, static_cast<uint32_t>(page_size)});
+  if (!r.ok()) return FailWith(what, r.status());
+  auto& [region, memfd] = *r;
+  Status st;
+  if (region.page_size != page_size || region.size < rounded) {
+    st = Internal("the node daemon's reply for region " + Quoted(name) + " has size " +
+                  std::to_string(region.size) + " and page size " +
+                  std::to_string(region.page_size) + ", not what was asked");
+  } else {
+    st = MapLocked(lib, region, std::move(memfd), name);
+  }
+  if (!st.ok()) {
+    // Create is create-and-map: leave no region this caller does not know of.
+    std::string undo = "; the region was deleted again";
+    if (!lib->broken_why.empty() || !StatusCallLocked(lib, proto::RegionDelete{name}).ok()) {
+      undo = "; deleting the region again failed too: dsvm_region_destroy it";
+    }
+    return Fail(CodeOf(st.code()), what + ": " + st.message() + undo);
+  }
+  *addr = reinterpret_cast<void*>(region.base);
+  return Succeed();
+}
+
+int RegionOpen(const char* name, void** addr, size_t* size) {
+  std::string what = "dsvm_region_open";
+  if (Status s = ValidateName(name); !s.ok()) return FailWith(what, s);
+  what += "(" + Quoted(name) + ")";
+  if (addr == nullptr) return Fail(DSVM_EINVALID_ARGUMENT, what + ": addr is NULL");
+  std::lock_guard<std::mutex> l(g_mu);
+  Library* lib = g_lib;
+  if (lib == nullptr) return NotInitialized(what);
+  if (const OpenRegion* open = FindByName(*lib, name); open != nullptr) {
+    return Fail(DSVM_EFAILED_PRECONDITION,
+                what + ": this process has it open already at " + Hex(open->base));
+  }
+  auto r = RegionCallLocked(lib, proto::RegionOpen{name});
+  if (!r.ok()) return FailWith(what, r.status());
+  auto& [region, memfd] = *r;
+  if (Status st = MapLocked(lib, region, std::move(memfd), name); !st.ok()) {
+    return FailWith(what, st);
+  }
+  *addr = reinterpret_cast<void*>(region.base);
+  if (size != nullptr) *size = region.size;
+  return Succeed();
+}
+
+int RegionClose(void* addr) {
+  const std::string what = "dsvm_region_close(" + Hex(reinterpret_cast<uintptr_t>(addr)) + ")";
+  if (addr == nullptr) return Fail(DSVM_EINVALID_ARGUMENT, what + ": addr is NULL");
+  std::lock_guard<std::mutex> l(g_mu);
+  Library* lib = g_lib;
+  if (lib == nullptr) return NotInitialized(what);
+  const uint64_t a = reinterpret_cast<uintptr_t>(addr);
+  auto it = lib->regions.find(a);
+  if (it == lib->regions.end()) {
+    auto after = lib->regions.upper_bound(a);
+    if (after != lib->regions.begin()) {
+      const OpenRegion& r = std::prev(after)->second;
+      if (a - r.base < r.size) {
+        return Fail(DSVM_EINVALID_ARGUMENT, what + ": the address is inside region '" + r.name +
+                                                "'; pass its start, " + Hex(r.base));
+      }
+    }
+    return Fail(DSVM_EINVALID_ARGUMENT,
+                what + ": not the address of a region open in this process");
+  }
+  // The daemon stops serving the mapping before it goes (PROTOCOL.md). With
+  // the connection broken there is nobody to tell: the daemon dropped every
+  // mapping of this client when it closed.
+  Status told;
+  if (lib->broken_why.empty()) told = StatusCallLocked(lib, proto::UnmapRegion{a});
+  const std::string name = it->second.name;
+  ::munmap(addr, it->second.size);
+  lib->regions.erase(it);
+  if (!told.ok()) {
+    return Fail(CodeOf(told.code()), what + " '" + name +
+                                         "': released here, but the node "
+                                         "daemon was not told: " +
+                                         told.message());
+  }
+  return Succeed();
+}
+
+int RegionDestroy(const char* name) {
+  std::string what = "dsvm_region_destroy";
+  if (Status s = ValidateName(name); !s.ok()) return FailWith(what, s);
+  what += "(" + Quoted(name) + ")";
+  std::lock_guard<std::mutex> l(g_mu);
+  Library* lib = g_lib;
+  if (lib == nullptr) return NotInitialized(what);
+  if (const OpenRegion* open = FindByName(*lib, name); open != nullptr) {
+    return Fail(DSVM_EFAILED_PRECONDITION, what + ": this process has it open at " +
+                                               Hex(open->base) + "; dsvm_region_close it first");
+  }
+  if (Status st = StatusCallLocked(lib, proto::RegionDelete{name}); !st.ok()) {
+    return FailWith(what, st);
+  }
+  return Succeed();
+}
+
+int NodeId(uint32_t* id) {
+  if (id == nullptr) return Fail(DSVM_EINVALID_ARGUMENT, "dsvm_node_id: id is NULL");
+  std::lock_guard<std::mutex> l(g_mu);
+  Library* lib = g_lib;
+  if (lib == nullptr) return NotInitialized("dsvm_node_id");
+  *id = lib->node;
+  return Succeed();
+}
+
+}  // namespace
+
+void SetRequestTimeoutForTesting(std::chrono::milliseconds timeout) {
+  std::lock_guard<std::mutex> l(g_mu);
+  g_request_timeout = timeout;
+}
+
+}  // namespace dsvm::client
+
+// --- The C ABI ------------------------------------------------------------------------
+
+using dsvm::client::Guarded;
+
+extern "C" {
+
+int dsvm_init(const char* socket_path) {
+  return Guarded("dsvm_init", [&] { return dsvm::client::Init(socket_path); });
+}
+
+int dsvm_finalize(void) {
+  return Guarded("dsvm_finalize", [] { return dsvm::client::Finalize(); });
+}
+
+int dsvm_region_create(const char* name, size_t size, size_t page_size, void** addr) {
+  return Guarded("dsvm_region_create",
+                 [&] { return dsvm::client::RegionCreate(name, size, page_size, addr); });
+}
+
+int dsvm_region_open(const char* name, void** addr, size_t* size) {
+  return Guarded("dsvm_region_open", [&] { return dsvm::client::RegionOpen(name, addr, size); });
+}
+
+int dsvm_region_close(void* addr) {
+  return Guarded("dsvm_region_close", [&] { return dsvm::client::RegionClose(addr); });
+}
+
+int dsvm_region_destroy(const char* name) {
+  return Guarded("dsvm_region_destroy", [&] { return dsvm::client::RegionDestroy(name); });
+}
+
+int dsvm_node_id(uint32_t* id) {
+  return Guarded("dsvm_node_id", [&] { return dsvm::client::NodeId(id); });
+}
+
+const char* dsvm_strerror(int err) {
+  switch (err) {
+    case DSVM_OK:
+      return "success";
+    case DSVM_EINVALID_ARGUMENT:
+      return "invalid argument";
+    case DSVM_ENOT_FOUND:
+      return "no such region";
+    case DSVM_EALREADY_EXISTS:
+      return "region already exists";
+    case DSVM_EPERMISSION_DENIED:
+      return "permission denied";
+    case DSVM_EUNAVAILABLE:
+      return "node daemon unavailable";
+    case DSVM_EDATA_LOSS:
+      return "data lost with a failed node";
+    case DSVM_ECORRUPTION:
+      return "corrupt data";
+    case DSVM_EIO:
+      return "I/O or system error";
+    case DSVM_ERESOURCE_EXHAUSTED:
+      return "resource exhausted";
+    case DSVM_EFAILED_PRECONDITION:
+      return "operation not allowed in the current state";
+    case DSVM_EINTERNAL:
+      return "internal error";
+    case DSVM_ENOT_INITIALIZED:
+      return "libdsvm not initialised";
+  }
+  return "unknown dsvm error code";
+}
+
+const char* dsvm_last_error(void) { return dsvm::client::t_last_error; }
+
+}  // extern "C"
