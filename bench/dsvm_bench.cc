@@ -4,6 +4,8 @@
 //
 //   dsvm-bench directory [--quick] [--coordinator-bin PATH | --coordinator HOST:PORT]
 //                        [--skip-loopback]
+//   dsvm-bench fault-latency [--quick] [--pages N] [--tls UCX_TLS]...
+//                            [--node-bin PATH] [--coordinator-bin PATH] [--clients-exit]
 //
 // `directory` (issue #2): the page directory in process (PageDirectory driven
 // by simulated nodes, against a bare unordered_map update), then through a
@@ -13,19 +15,36 @@
 // skipped, with a note, when that binary does not exist. --quick runs every
 // check on a few rounds (for CI): its figures mean nothing.
 //
-// Exit status: 0 when every check passed, 1 when one failed, 2 on bad usage.
+// `fault-latency` (issue #3): page faults of client processes served by
+// three dsvm-node daemons (remote read, remote write that invalidates a
+// sharer, local accesses), against a hand-made userfaultfd + UCX floor in
+// the same run, once per --tls value (default: tcp, then sm,tcp; always
+// with UCX_NET_DEVICES=lo). The binaries are taken from ../node/ and
+// ../coordinator/ next to this one. --quick: 64 pages, tcp only, every
+// check (for CI). Skipped, exit 0, when userfaultfd cannot be used.
+// --clients-exit: each client process exits when done rather than at the
+// end (shows what closed client connections cost today's dsvm-node).
+//
+// Exit status: 0 when every check passed (or the run was skipped), 1 when
+// one failed, 2 on bad usage.
 #include <cstdio>
+#include <cstdlib>
 #include <string>
+#include <vector>
 
 #include "bench/directory_inprocess.h"
 #include "bench/directory_loopback.h"
+#include "bench/fault_latency.h"
 
 namespace {
 
 int Usage() {
   std::fprintf(stderr,
                "usage: dsvm-bench directory [--quick] [--skip-loopback]\n"
-               "                            [--coordinator-bin PATH | --coordinator HOST:PORT]\n");
+               "                            [--coordinator-bin PATH | --coordinator HOST:PORT]\n"
+               "       dsvm-bench fault-latency [--quick] [--pages N] [--tls UCX_TLS]...\n"
+               "                                [--node-bin PATH] [--coordinator-bin PATH]\n"
+               "                                [--clients-exit]\n");
   return 2;
 }
 
@@ -79,11 +98,60 @@ int RunDirectory(int argc, char** argv) {
   return 0;
 }
 
+int RunFaultLatency(int argc, char** argv) {
+  dsvm::bench::FaultLatencyOptions o;
+  bool quick = false;
+  size_t pages = 0;
+  std::vector<std::string> transports;
+  for (int i = 2; i < argc; ++i) {
+    const std::string a = argv[i];
+    const char* next = i + 1 < argc ? argv[i + 1] : nullptr;
+    if (a == "--quick") {
+      quick = true;
+    } else if (a == "--pages" && next != nullptr) {
+      char* end = nullptr;
+      const unsigned long long v = std::strtoull(next, &end, 10);
+      if (*next == '\0' || *end != '\0' || v == 0 || v > 100000) return Usage();
+      pages = static_cast<size_t>(v);
+      ++i;
+    } else if (a == "--tls" && next != nullptr && *next != '\0') {
+      transports.push_back(next);
+      ++i;
+    } else if (a == "--clients-exit") {
+      o.clients_exit = true;
+    } else if (a == "--node-bin" && next != nullptr) {
+      o.node_binary = next;
+      ++i;
+    } else if (a == "--coordinator-bin" && next != nullptr) {
+      o.coordinator_binary = next;
+      ++i;
+    } else {
+      return Usage();
+    }
+  }
+  if (quick) {
+    o.pages = 64;
+    o.warmup_pages = 4;
+    o.transports = {"tcp"};
+    o.child_timeout_s = 20;
+  }
+  if (pages != 0) o.pages = pages;
+  if (!transports.empty()) o.transports = transports;
+  bool skipped = false;
+  const dsvm::Status s = dsvm::bench::RunFaultLatency(o, &skipped);
+  if (!s.ok()) {
+    std::fprintf(stderr, "dsvm-bench fault-latency: FAILED: %s\n", s.ToString().c_str());
+    return 1;
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc < 2) return Usage();
   const std::string command = argv[1];
   if (command == "directory") return RunDirectory(argc, argv);
+  if (command == "fault-latency") return RunFaultLatency(argc, argv);
   return Usage();
 }

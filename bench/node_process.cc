@@ -1,0 +1,174 @@
+#include "bench/node_process.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <deque>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+#include <vector>
+
+namespace dsvm::bench {
+namespace {
+
+std::string Errno(const char* what) { return std::string(what) + ": " + std::strerror(errno); }
+
+std::string DescribeExit(int wstatus) {
+  if (WIFEXITED(wstatus)) return "exited with status " + std::to_string(WEXITSTATUS(wstatus));
+  if (WIFSIGNALED(wstatus))
+    return std::string("was killed by signal ") + strsignal(WTERMSIG(wstatus));
+  return "stopped";
+}
+
+// A connection to the daemon's client socket, or -1.
+int Connect(const std::string& path) {
+  const int fd = ::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+  if (fd < 0) return -1;
+  sockaddr_un sa{};
+  sa.sun_family = AF_UNIX;
+  std::snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path.c_str());
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&sa), sizeof(sa)) != 0) {
+    ::close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+}  // namespace
+
+std::string DefaultNodeBinary() {
+  std::error_code ec;
+  const std::filesystem::path self = std::filesystem::read_symlink("/proc/self/exe", ec);
+  if (ec) return "";
+  return (self.parent_path().parent_path() / "node" / "dsvm-node").string();
+}
+
+Result<std::unique_ptr<NodeProcess>> NodeProcess::Start(const std::string& binary,
+                                                        const std::string& coordinator,
+                                                        const std::string& socket_path,
+                                                        const std::string& log_path) {
+  if (::access(binary.c_str(), X_OK) != 0) {
+    return NotFound("node binary " + binary + ": " + std::strerror(errno));
+  }
+  sockaddr_un probe;
+  if (socket_path.size() >= sizeof(probe.sun_path)) {
+    return InvalidArgument("socket path " + socket_path + " is too long for AF_UNIX");
+  }
+  std::unique_ptr<NodeProcess> n(new NodeProcess());
+  n->socket_path_ = socket_path;
+  n->log_path_ = log_path;
+  const int log_fd = ::open(log_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (log_fd < 0) return IoError(Errno("open node log"));
+
+  std::vector<std::string> args = {binary,        "--coordinator", coordinator, "--listen",
+                                   "127.0.0.1:0", "--socket",      socket_path};
+  std::vector<char*> argv;
+  for (std::string& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+
+  std::fflush(stdout);
+  std::fflush(stderr);
+  const pid_t parent = ::getpid();
+  const pid_t pid = ::fork();
+  if (pid < 0) {
+    ::close(log_fd);
+    return IoError(Errno("fork"));
+  }
+  if (pid == 0) {
+    // Child: only async-signal-safe calls until exec.
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (::getppid() != parent) ::_exit(127);
+    ::dup2(log_fd, STDOUT_FILENO);
+    ::dup2(log_fd, STDERR_FILENO);
+    ::execv(argv[0], argv.data());
+    ::_exit(127);
+  }
+  ::close(log_fd);
+  n->pid_ = pid;
+
+  // The daemon binds its socket after joining, then runs its loop; a
+  // connection accepted before the loop starts waits in the backlog.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  for (;;) {
+    if (!n->Running()) {
+      n->PrintLogTail(40);
+      return Unavailable("dsvm-node (socket " + socket_path + ") exited before serving clients");
+    }
+    n->probe_fd_ = Connect(socket_path);
+    if (n->probe_fd_ >= 0) return n;
+    if (std::chrono::steady_clock::now() > deadline) {
+      n->PrintLogTail(40);
+      return Unavailable("dsvm-node did not listen on " + socket_path + " within 20 s");
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+}
+
+NodeProcess::~NodeProcess() {
+  if (pid_ > 0) {
+    ::kill(pid_, SIGKILL);
+    ::waitpid(pid_, nullptr, 0);
+  }
+  if (probe_fd_ >= 0) ::close(probe_fd_);
+}
+
+bool NodeProcess::Running() {
+  if (pid_ < 0) return false;
+  int wstatus = 0;
+  if (::waitpid(pid_, &wstatus, WNOHANG) == pid_) {
+    std::fprintf(stderr, "dsvm-bench: dsvm-node %s\n", DescribeExit(wstatus).c_str());
+    pid_ = -1;
+    return false;
+  }
+  return true;
+}
+
+Status NodeProcess::Stop() {
+  if (pid_ < 0) return Internal("dsvm-node had exited before it was stopped");
+  const pid_t pid = pid_;
+  pid_ = -1;
+  ::kill(pid, SIGTERM);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  int wstatus = 0;
+  for (;;) {
+    const pid_t r = ::waitpid(pid, &wstatus, WNOHANG);
+    if (r == pid) break;
+    if (r < 0 && errno != EINTR) return IoError(Errno("waitpid"));
+    if (std::chrono::steady_clock::now() > deadline) {
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, &wstatus, 0);
+      PrintLogTail(40);
+      return Internal("dsvm-node ignored SIGTERM for 5 s; killed");
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  if (!WIFEXITED(wstatus) || WEXITSTATUS(wstatus) != 0) {
+    PrintLogTail(40);
+    return Internal("dsvm-node " + DescribeExit(wstatus) + " on SIGTERM");
+  }
+  return Status::Ok();
+}
+
+void NodeProcess::PrintLogTail(size_t lines) const {
+  std::ifstream in(log_path_);
+  std::deque<std::string> tail;
+  for (std::string line; std::getline(in, line);) {
+    tail.push_back(std::move(line));
+    if (tail.size() > lines) tail.pop_front();
+  }
+  std::fprintf(stderr, "--- last %zu lines of %s ---\n", tail.size(), log_path_.c_str());
+  for (const std::string& l : tail) std::fprintf(stderr, "  %s\n", l.c_str());
+  std::fprintf(stderr, "--- end of log ---\n");
+}
+
+}  // namespace dsvm::bench
