@@ -30,7 +30,7 @@ if [ "${DSVM_SKIP_SANITIZERS:-0}" != 1 ]; then
   cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
     -DDSVM_SANITIZE=address,undefined
   cmake --build build-asan -j"$jobs" --target dsvm_unit_tests dsvm_integration_tests \
-    dsvm-coordinator dsvm-sim dsvm-bench
+    dsvm-coordinator dsvm-node dsvm-sim dsvm-bench dsvm_node_integration_tests
   export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
   ctest --test-dir build-asan -L 'unit|integration' --output-on-failure -j"$jobs"
   build-asan/tests/sim/dsvm-sim --seeds 1-40
