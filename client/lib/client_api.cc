@@ -42,6 +42,7 @@
 #include <variant>
 #include <vector>
 
+#include "client/lib/api_errors.h"
 #include "client/lib/client_testing.h"
 #include "client/lib/daemon_connection.h"
 #include "node/fault/uffd_client.h"
@@ -55,79 +56,6 @@ namespace {
 static_assert(kMaxStatusCode < 32, "DSVM_E* codes -1..-31 mirror StatusCode; dsvm.h must grow");
 static_assert(DSVM_MAX_NAME_LENGTH == proto::kMaxNameLength);
 static_assert(DSVM_PAGE_SIZE_2M == proto::kMaxPageSize);
-
-// --- Per-thread error text --------------------------------------------------
-
-// A plain array, not a std::string: dsvm_finalize may run from a static
-// destructor, after the main thread's thread_local objects are destroyed.
-thread_local char t_last_error[2048];
-
-void SetLastError(const std::string& why) {
-  std::snprintf(t_last_error, sizeof(t_last_error), "%s", why.c_str());
-}
-
-int Succeed() {
-  t_last_error[0] = '\0';
-  return DSVM_OK;
-}
-
-int Fail(int code, const std::string& why) {
-  SetLastError(why);
-  return code;
-}
-
-int CodeOf(StatusCode code) {
-  switch (code) {
-    case StatusCode::kOk:
-      return DSVM_OK;
-    case StatusCode::kInvalidArgument:
-      return DSVM_EINVALID_ARGUMENT;
-    case StatusCode::kNotFound:
-      return DSVM_ENOT_FOUND;
-    case StatusCode::kAlreadyExists:
-      return DSVM_EALREADY_EXISTS;
-    case StatusCode::kPermissionDenied:
-      return DSVM_EPERMISSION_DENIED;
-    case StatusCode::kUnavailable:
-      return DSVM_EUNAVAILABLE;
-    case StatusCode::kDataLoss:
-      return DSVM_EDATA_LOSS;
-    case StatusCode::kCorruption:
-      return DSVM_ECORRUPTION;
-    case StatusCode::kIoError:
-      return DSVM_EIO;
-    case StatusCode::kResourceExhausted:
-      return DSVM_ERESOURCE_EXHAUSTED;
-    case StatusCode::kFailedPrecondition:
-      return DSVM_EFAILED_PRECONDITION;
-    case StatusCode::kInternal:
-      return DSVM_EINTERNAL;
-  }
-  return DSVM_EINTERNAL;
-}
-
-// `what`: the call and its subject, e.g. "dsvm_region_open('grid')".
-int FailWith(const std::string& what, const Status& s) {
-  return Fail(CodeOf(s.code()), what + ": " + s.message());
-}
-
-std::string Hex(uint64_t v) {
-  char buf[32];
-  std::snprintf(buf, sizeof(buf), "0x%" PRIx64, v);
-  return buf;
-}
-
-// Runs an entry point's body; nothing escapes into C.
-template <typename F>
-int Guarded(const char* what, F&& body) noexcept {
-  try {
-    return body();
-  } catch (const std::bad_alloc&) {
-    return Fail(DSVM_ERESOURCE_EXHAUSTED, std::string(what) + ": out of memory");
-  } catch (...) {
-    return Fail(DSVM_EINTERNAL, std::string(what) + ": unexpected exception");
-  }
-}
 
 // --- Argument checks ----------------------------------------------------------
 
@@ -681,6 +609,6 @@ const char* dsvm_strerror(int err) {
   return "unknown dsvm error code";
 }
 
-const char* dsvm_last_error(void) { return dsvm::client::t_last_error; }
+const char* dsvm_last_error(void) { return dsvm::client::LastError(); }
 
 }  // extern "C"
