@@ -45,6 +45,7 @@
 #include "client/lib/api_errors.h"
 #include "client/lib/client_testing.h"
 #include "client/lib/daemon_connection.h"
+#include "client/lib/open_regions.h"
 #include "node/fault/uffd_client.h"
 #include "proto/log.h"
 #include "proto/messages.h"
@@ -535,6 +536,28 @@ int NodeId(uint32_t* id) {
 
 }  // namespace
 
+int FindOpenRange(const std::string& what, uint64_t addr, uint64_t len, OpenRange* out) {
+  if (len == 0) return Fail(DSVM_EINVALID_ARGUMENT, what + ": length is 0");
+  std::lock_guard<std::mutex> l(g_mu);
+  const Library* lib = g_lib;
+  if (lib == nullptr) return NotInitialized(what);
+  auto after = lib->regions.upper_bound(addr);
+  if (after != lib->regions.begin()) {
+    const OpenRegion& r = std::prev(after)->second;
+    if (addr - r.base < r.size && len <= r.size - (addr - r.base)) {
+      *out = OpenRange{r.base, r.size, r.page_size, lib->node};
+      return DSVM_OK;
+    }
+    if (addr - r.base < r.size) {
+      return Fail(DSVM_EINVALID_ARGUMENT, what + ": " + std::to_string(len) + " bytes from " +
+                                              Hex(addr) + " run past the end of region '" +
+                                              r.name + "' at " + Hex(r.base + r.size));
+    }
+  }
+  return Fail(DSVM_EINVALID_ARGUMENT,
+              what + ": " + Hex(addr) + " is not inside a region open in this process");
+}
+
 void SetRequestTimeoutForTesting(std::chrono::milliseconds timeout) {
   std::lock_guard<std::mutex> l(g_mu);
   g_request_timeout = timeout;
@@ -605,6 +628,8 @@ const char* dsvm_strerror(int err) {
       return "internal error";
     case DSVM_ENOT_INITIALIZED:
       return "libdsvm not initialised";
+    case DSVM_EBUSY:
+      return "lock held by another thread";
   }
   return "unknown dsvm error code";
 }

@@ -418,7 +418,8 @@ TEST(ClientErrors, StrerrorNamesEveryCode) {
                        DSVM_ERESOURCE_EXHAUSTED,
                        DSVM_EFAILED_PRECONDITION,
                        DSVM_EINTERNAL,
-                       DSVM_ENOT_INITIALIZED};
+                       DSVM_ENOT_INITIALIZED,
+                       DSVM_EBUSY};
   const std::string unknown = dsvm_strerror(12345);
   std::set<std::string> texts;
   for (int c : codes) {
@@ -429,7 +430,7 @@ TEST(ClientErrors, StrerrorNamesEveryCode) {
     texts.insert(text);
   }
   EXPECT_EQ(texts.size(), std::size(codes)) << "two codes share a text";
-  for (int c : {1, -12, -31, -33, -1000, INT_MIN, INT_MAX}) {
+  for (int c : {1, -12, -31, -34, -1000, INT_MIN, INT_MAX}) {
     ASSERT_NE(dsvm_strerror(c), nullptr);
     EXPECT_EQ(std::string(dsvm_strerror(c)), "unknown dsvm error code") << c;
   }
@@ -463,6 +464,14 @@ TEST(ClientUninitialized, EveryCallSaysNotInitialized) {
   EXPECT_EQ(dsvm_node_id(&id), DSVM_ENOT_INITIALIZED);
   EXPECT_EQ(dsvm_finalize(), DSVM_ENOT_INITIALIZED);
   EXPECT_EQ(addr, nullptr);
+  alignas(16) static dsvm_lock_t lock;
+  alignas(16) static dsvm_barrier_t barrier;
+  EXPECT_EQ(dsvm_lock_init(&lock), DSVM_ENOT_INITIALIZED);
+  EXPECT_EQ(dsvm_lock_acquire(&lock), DSVM_ENOT_INITIALIZED);
+  EXPECT_EQ(dsvm_lock_try_acquire(&lock), DSVM_ENOT_INITIALIZED);
+  EXPECT_EQ(dsvm_lock_release(&lock), DSVM_ENOT_INITIALIZED);
+  EXPECT_EQ(dsvm_barrier_init(&barrier, 2), DSVM_ENOT_INITIALIZED);
+  EXPECT_EQ(dsvm_barrier_wait(&barrier), DSVM_ENOT_INITIALIZED);
   // Bad arguments are refused as such, initialised or not.
   EXPECT_EQ(dsvm_region_create(nullptr, 4096, 0, &addr), DSVM_EINVALID_ARGUMENT);
   EXPECT_EQ(dsvm_node_id(nullptr), DSVM_EINVALID_ARGUMENT);
@@ -1015,6 +1024,124 @@ TEST_F(ClientApiTest, ForkedChildStartsUninitialised) {
   // The child's exit did not take the parent's connection with it.
   EXPECT_EQ(daemon_.connections_closed(), 0);
   EXPECT_EQ(dsvm_region_close(addr), DSVM_OK) << LastError();
+}
+
+// --- Locks and barriers ----------------------------------------------------------------------
+//
+// The fake daemon serves no faults, so these check the API and the atomics
+// among threads of one process; across nodes: tests/integration.
+
+struct SyncObjects {
+  dsvm_lock_t lock;
+  uint64_t counter;
+  dsvm_barrier_t barrier;
+  uint64_t slots[8];
+};
+
+TEST_F(ClientApiTest, LockArgumentsAreChecked) {
+  SKIP_WITHOUT_UFFD();
+  Init();
+  daemon_.SetNextBase(Base(40));
+  void* addr = nullptr;
+  ASSERT_EQ(dsvm_region_create("locks", 4096, 0, &addr), DSVM_OK) << LastError();
+  auto* base = static_cast<uint8_t*>(addr);
+  EXPECT_EQ(dsvm_lock_acquire(nullptr), DSVM_EINVALID_ARGUMENT);
+  EXPECT_EQ(dsvm_lock_init(reinterpret_cast<dsvm_lock_t*>(base + 4)), DSVM_EINVALID_ARGUMENT);
+  EXPECT_NE(LastError().find("aligned"), std::string::npos) << LastError();
+  // A lock outside every region, and one that runs past the region's end.
+  alignas(8) static dsvm_lock_t private_lock;
+  EXPECT_EQ(dsvm_lock_acquire(&private_lock), DSVM_EINVALID_ARGUMENT);
+  EXPECT_NE(LastError().find("not inside a region"), std::string::npos) << LastError();
+  EXPECT_EQ(dsvm_barrier_init(reinterpret_cast<dsvm_barrier_t*>(base + 4096 - 8), 2),
+            DSVM_EINVALID_ARGUMENT);
+  EXPECT_NE(LastError().find("past the end"), std::string::npos) << LastError();
+  auto* lock = reinterpret_cast<dsvm_lock_t*>(base);
+  auto* barrier = reinterpret_cast<dsvm_barrier_t*>(base + 64);
+  EXPECT_EQ(dsvm_barrier_init(barrier, 0), DSVM_EINVALID_ARGUMENT);
+  EXPECT_EQ(dsvm_barrier_wait(barrier), DSVM_EFAILED_PRECONDITION);  // never initialised
+  EXPECT_NE(LastError().find("not initialised"), std::string::npos) << LastError();
+
+  // Ownership: a thread holds it; releasing what it does not hold is refused.
+  ASSERT_EQ(dsvm_lock_init(lock), DSVM_OK);
+  EXPECT_EQ(dsvm_lock_release(lock), DSVM_EFAILED_PRECONDITION);
+  EXPECT_NE(LastError().find("free"), std::string::npos) << LastError();
+  ASSERT_EQ(dsvm_lock_acquire(lock), DSVM_OK) << LastError();
+  EXPECT_EQ(dsvm_lock_acquire(lock), DSVM_EFAILED_PRECONDITION);
+  EXPECT_EQ(dsvm_lock_try_acquire(lock), DSVM_EFAILED_PRECONDITION);
+  std::thread other([&] {
+    EXPECT_EQ(dsvm_lock_try_acquire(lock), DSVM_EBUSY);
+    EXPECT_NE(LastError().find("another thread"), std::string::npos) << LastError();
+    EXPECT_EQ(dsvm_lock_release(lock), DSVM_EFAILED_PRECONDITION);
+    EXPECT_NE(LastError().find("node " + std::to_string(kNode)), std::string::npos)
+        << LastError();
+  });
+  other.join();
+  EXPECT_EQ(dsvm_lock_release(lock), DSVM_OK) << LastError();
+  EXPECT_EQ(lock->word, 0u);
+
+  // A corrupt barrier word (more arrivals than parties) is refused.
+  ASSERT_EQ(dsvm_barrier_init(barrier, 2), DSVM_OK);
+  barrier->word = 5;
+  EXPECT_EQ(dsvm_barrier_wait(barrier), DSVM_EFAILED_PRECONDITION);
+  EXPECT_NE(LastError().find("corrupt"), std::string::npos) << LastError();
+  EXPECT_EQ(dsvm_region_close(addr), DSVM_OK);
+  EXPECT_EQ(dsvm_lock_acquire(lock), DSVM_EINVALID_ARGUMENT);  // closed now
+}
+
+TEST_F(ClientApiTest, LockExcludesAndBarrierSeparatesRounds) {
+  SKIP_WITHOUT_UFFD();
+  Init();
+  daemon_.SetNextBase(Base(41));
+  void* addr = nullptr;
+  ASSERT_EQ(dsvm_region_create("sync", 4096, 0, &addr), DSVM_OK) << LastError();
+  auto* s = static_cast<SyncObjects*>(addr);
+  constexpr int kThreads = 4, kIncrements = 20000, kRounds = 200;
+  ASSERT_EQ(dsvm_lock_init(&s->lock), DSVM_OK);
+  ASSERT_EQ(dsvm_barrier_init(&s->barrier, kThreads), DSVM_OK);
+  std::atomic<int> lasts{0}, errors{0}, torn{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < kIncrements; ++i) {
+        if (dsvm_lock_acquire(&s->lock) != DSVM_OK) ++errors;
+        // Not atomic: only the lock keeps increments from being lost.
+        const uint64_t v = *static_cast<volatile uint64_t*>(&s->counter);
+        *static_cast<volatile uint64_t*>(&s->counter) = v + 1;
+        if (dsvm_lock_release(&s->lock) != DSVM_OK) ++errors;
+      }
+      for (int round = 1; round <= kRounds; ++round) {
+        __atomic_store_n(&s->slots[t], uint64_t(round), __ATOMIC_RELAXED);
+        int rc = dsvm_barrier_wait(&s->barrier);
+        if (rc == DSVM_BARRIER_LAST) ++lasts; else if (rc != DSVM_OK) ++errors;
+        // Everyone wrote this round before anyone left the barrier.
+        for (int o = 0; o < kThreads; ++o) {
+          if (__atomic_load_n(&s->slots[o], __ATOMIC_RELAXED) < uint64_t(round)) ++torn;
+        }
+        rc = dsvm_barrier_wait(&s->barrier);  // nobody writes round+1 before all checked
+        if (rc == DSVM_BARRIER_LAST) ++lasts; else if (rc != DSVM_OK) ++errors;
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(errors.load(), 0);
+  EXPECT_EQ(s->counter, uint64_t{kThreads} * kIncrements);
+  EXPECT_EQ(torn.load(), 0);
+  EXPECT_EQ(lasts.load(), 2 * kRounds);  // one per round
+  EXPECT_EQ(s->lock.word, 0u);
+
+  // The C++ layer.
+  {
+    auto held = dsvm::LockGuard::Acquire(&s->lock);
+    ASSERT_TRUE(held.ok()) << held.error().ToString();
+    EXPECT_NE(s->lock.word, 0u);
+    EXPECT_EQ(dsvm::LockGuard::Acquire(&s->lock).error().code, DSVM_EFAILED_PRECONDITION);
+  }
+  EXPECT_EQ(s->lock.word, 0u);
+  ASSERT_EQ(dsvm_barrier_init(&s->barrier, 1), DSVM_OK);
+  auto last = dsvm::BarrierWait(&s->barrier);
+  ASSERT_TRUE(last.ok());
+  EXPECT_TRUE(*last);
+  EXPECT_EQ(dsvm_region_close(addr), DSVM_OK);
 }
 
 // --- The C++ API ---------------------------------------------------------------------------

@@ -12,7 +12,8 @@
  *   dsvm_region_close(p);
  *   dsvm_finalize();
  *
- * Errors: every function returns 0 (DSVM_OK) or a negative DSVM_E* code, and
+ * Errors: every function returns 0 (DSVM_OK) or a negative DSVM_E* code
+ * (dsvm_barrier_wait may also return DSVM_BARRIER_LAST), and
  * leaves a sentence saying why in dsvm_last_error(). Arguments are validated;
  * a bad one is refused with DSVM_EINVALID_ARGUMENT and changes nothing.
  *
@@ -33,8 +34,7 @@
  * connection; it calls dsvm_init to use dsvm itself. fork() waits for a
  * call another thread has in progress.
  *
- * Not in this version (TODO(#3)): locks and barriers (acquire / release),
- * dsvm_advise, dsvm_prefetch, statistics.
+ * Not in this version (TODO(#3)): dsvm_advise, dsvm_prefetch, statistics.
  */
 #ifndef DSVM_DSVM_H_
 #define DSVM_DSVM_H_
@@ -62,7 +62,8 @@ enum dsvm_error {
   DSVM_ERESOURCE_EXHAUSTED = -9,   /* a limit was reached: memory, address space, window */
   DSVM_EFAILED_PRECONDITION = -10, /* a valid request in the wrong state */
   DSVM_EINTERNAL = -11,            /* a bug, here or in the daemon; see dsvm_last_error() */
-  DSVM_ENOT_INITIALIZED = -32      /* dsvm_init has not succeeded in this process */
+  DSVM_ENOT_INITIALIZED = -32,     /* dsvm_init has not succeeded in this process */
+  DSVM_EBUSY = -33                 /* dsvm_lock_try_acquire: another thread holds the lock */
 };
 
 /* Page sizes a region may have. */
@@ -138,6 +139,79 @@ int dsvm_region_destroy(const char* name);
 /* *id receives the id of the node this process is connected to (never 0).
  * Errors: DSVM_EINVALID_ARGUMENT (id NULL), DSVM_ENOT_INITIALIZED. */
 int dsvm_node_id(uint32_t* id);
+
+/* --- Locks and barriers ------------------------------------------------------
+ *
+ * A dsvm_lock_t or dsvm_barrier_t lives in region memory (put it in a region
+ * and pass its address), so every thread on every node that maps the region
+ * uses the same one. They order memory across nodes: what a thread wrote
+ * before dsvm_lock_release is seen by any thread, on any node, after its
+ * dsvm_lock_acquire of the same lock; what every party wrote before
+ * dsvm_barrier_wait is seen by every party after it.
+ *
+ * How: dsvm keeps region memory sequentially consistent (one writer per
+ * page, every other copy invalidated before a write; PROTOCOL.md), so a lock
+ * is an atomic compare-and-swap on a word of region memory and a barrier a
+ * counter with a generation. The names acquire / release leave room for a
+ * relaxed-consistency mode in which they would also make writes visible.
+ *
+ * Waiting: a waiter rereads the word. While nobody writes it, its node holds
+ * a read-only copy and a reread costs no network trip; the holder's write
+ * invalidates that copy and the next reread fetches the new value. The
+ * waiter backs off from spinning to sleeps of up to 1 ms. Locks are not
+ * fair: a node that releases and acquires again at once tends to win.
+ *
+ * Keep a lock away from the data it guards when several nodes write that
+ * data: a page holds both only when they move together anyway.
+ *
+ * A lock is held by a thread (its node id and thread id are in the word).
+ * When the holder exits, or its node dies, without releasing, the lock
+ * stays held: as with a non-robust pthread mutex, there is no recovery.
+ *
+ * Errors common to all: DSVM_EINVALID_ARGUMENT (NULL, not 8-byte aligned,
+ * or not inside a region open in this process), DSVM_ENOT_INITIALIZED.
+ * Closing the region while another thread waits is a programmer error. */
+typedef struct dsvm_lock {
+  uint64_t word; /* 0: free; else the holder. Do not touch. */
+} dsvm_lock_t;
+
+typedef struct dsvm_barrier {
+  uint64_t word;    /* generation << 32 | parties arrived. Do not touch. */
+  uint64_t parties; /* set by dsvm_barrier_init */
+} dsvm_barrier_t;
+
+/* dsvm_barrier_wait returns it to exactly one party per round (the last to
+ * arrive), DSVM_OK to the others. */
+#define DSVM_BARRIER_LAST 1
+
+/* Makes *lock free. Call it once, before any thread uses the lock (fresh
+ * region memory is zero, which is a free lock too). */
+int dsvm_lock_init(dsvm_lock_t* lock);
+
+/* Waits until the calling thread holds *lock.
+ * Errors: DSVM_EFAILED_PRECONDITION (the calling thread holds it already). */
+int dsvm_lock_acquire(dsvm_lock_t* lock);
+
+/* Takes *lock if it is free, without waiting.
+ * Errors: DSVM_EBUSY (another thread holds it), DSVM_EFAILED_PRECONDITION
+ * (the calling thread holds it already). */
+int dsvm_lock_try_acquire(dsvm_lock_t* lock);
+
+/* Releases *lock, held by the calling thread.
+ * Errors: DSVM_EFAILED_PRECONDITION (the calling thread does not hold it). */
+int dsvm_lock_release(dsvm_lock_t* lock);
+
+/* Prepares *barrier for `parties` parties (1 .. 2^31). Call it once, before
+ * any party waits, and not while one does.
+ * Errors: DSVM_EINVALID_ARGUMENT also for parties out of range. */
+int dsvm_barrier_init(dsvm_barrier_t* barrier, uint32_t parties);
+
+/* Waits until `parties` calls have arrived in this round, then returns in
+ * all of them; the barrier is then ready for the next round.
+ * Returns DSVM_BARRIER_LAST in one party, DSVM_OK in the others.
+ * Errors: DSVM_EFAILED_PRECONDITION (not initialised, or its word is
+ * corrupt: more arrivals than parties). */
+int dsvm_barrier_wait(dsvm_barrier_t* barrier);
 
 /* A short description of an error code ("invalid argument"); never NULL,
  * also for an unknown code. Static storage. */

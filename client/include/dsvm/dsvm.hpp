@@ -226,6 +226,56 @@ class Region {
   size_t size_ = 0;
 };
 
+// Holds a dsvm_lock_t (which lives in region memory) for its lifetime:
+//
+//   auto held = dsvm::LockGuard::Acquire(&shared->lock);
+//   if (!held) ...held.error()...
+//   ...                                   // released when `held` goes
+//
+// Move-only. Errors: those of dsvm_lock_acquire.
+class LockGuard {
+ public:
+  static Expected<LockGuard> Acquire(dsvm_lock_t* lock) {
+    if (int rc = dsvm_lock_acquire(lock); rc != DSVM_OK) return Error::Last(rc);
+    return LockGuard(lock);
+  }
+
+  LockGuard() = default;  // holds nothing
+  LockGuard(LockGuard&& other) noexcept : lock_(std::exchange(other.lock_, nullptr)) {}
+  LockGuard& operator=(LockGuard&& other) noexcept {
+    if (this != &other) {
+      Release().IgnoreError();
+      lock_ = std::exchange(other.lock_, nullptr);
+    }
+    return *this;
+  }
+  LockGuard(const LockGuard&) = delete;
+  LockGuard& operator=(const LockGuard&) = delete;
+  ~LockGuard() { Release().IgnoreError(); }
+
+  bool holds() const { return lock_ != nullptr; }
+
+  // dsvm_lock_release; does nothing when it holds nothing.
+  Expected<void> Release() {
+    dsvm_lock_t* lock = std::exchange(lock_, nullptr);
+    if (lock == nullptr) return {};
+    return Expected<void>::FromCode(dsvm_lock_release(lock));
+  }
+
+ private:
+  explicit LockGuard(dsvm_lock_t* lock) : lock_(lock) {}
+  dsvm_lock_t* lock_ = nullptr;
+};
+
+// dsvm_barrier_wait: true in the one party that arrived last.
+// Errors: those of dsvm_barrier_wait.
+inline Expected<bool> BarrierWait(dsvm_barrier_t* barrier) {
+  const int rc = dsvm_barrier_wait(barrier);
+  if (rc == DSVM_BARRIER_LAST) return true;
+  if (rc != DSVM_OK) return Error::Last(rc);
+  return false;
+}
+
 }  // namespace dsvm
 
 #endif  // DSVM_DSVM_HPP_
