@@ -522,10 +522,20 @@ Status UffdBackend::MapWrite(PageAddr page) { return SetAccess(page, kWrite); }
 Status UffdBackend::Unmap(PageAddr page) {
   Region* r = FindRegion(page);
   if (r == nullptr) return NotFound("page " + Hex(page) + " is in no registered region");
-  // The punch inside Retain removes the page from every process's page
-  // tables; the bytes wait in the store.
+  // Retain copies the bytes aside and then punches the page out of every
+  // process's page tables. A writable page is write-protected everywhere
+  // first: a store landing between the copy and the punch would be lost
+  // (the writer now blocks on a write-protect fault, resolved after the
+  // page is back or elsewhere).
+  const uint64_t index = r->store->IndexOf(page);
+  if (r->access[index] == kWrite) {
+    for (MappingId id : r->mappings) {
+      Mapping& m = mappings_.at(id);
+      if (!m.closed) DSVM_RETURN_IF_ERROR(WriteProtect(m, page, r->store->page_size(), true));
+    }
+  }
   DSVM_RETURN_IF_ERROR(r->store->Retain(page));
-  r->access[r->store->IndexOf(page)] = kNone;
+  r->access[index] = kNone;
   return Status::Ok();
 }
 

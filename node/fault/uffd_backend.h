@@ -33,7 +33,9 @@
 //             every process at once; the next access faults as missing.
 //   Unmap     the same after moving the bytes aside (PageStore::Retain): no
 //             call removes a page from other processes' page tables while
-//             keeping it in the memfd.
+//             keeping it in the memfd. A writable page is write-protected
+//             in every mapping before the copy, so no store slips in
+//             between the copy and the punch.
 //   Resolve   UFFDIO_WAKE; an error is UFFDIO_POISON (the access gets
 //             SIGBUS) or, where the kernel lacks it, SIGBUS sent to the
 //             client through its pidfd.
