@@ -435,7 +435,9 @@ void NodeDaemon::Access(proto::PageAddr address, bool write, AccessFn fn) {
     fn(Status::Ok(), Bytes(page));
     return;
   }
-  waiters_[w] = Waiter{page, std::move(fn)};
+  Waiter& waiter = waiters_[w];
+  waiter.page = page;
+  waiter.fn = std::move(fn);
   Execute(acts);
 }
 
