@@ -260,7 +260,7 @@ class BenchNode {
 
   void SendHeartbeat() {
     const uint64_t rid = kHeartbeatIdBase + next_heartbeat_id_++;
-    sock_.Queue(proto::Heartbeat{id_}, rid);
+    sock_.Queue(proto::Heartbeat{id_, {}}, rid);
     heartbeats_out_.push_back(rid);
   }
 

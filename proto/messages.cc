@@ -70,6 +70,8 @@ const char* TypeName(MessageType t) {
     case MessageType::kClientHelloReply: return "ClientHelloReply";
     case MessageType::kMapRegion: return "MapRegion";
     case MessageType::kUnmapRegion: return "UnmapRegion";
+    case MessageType::kNodeStats: return "NodeStats";
+    case MessageType::kNodeStatsReply: return "NodeStatsReply";
   }
   return "Unknown";
 }

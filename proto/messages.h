@@ -32,7 +32,7 @@ using TxnId = uint64_t;     // per-page directory transaction number; 0 = none y
 
 inline constexpr NodeId kNoNode = 0;
 inline constexpr uint32_t kMagic = 0x4D565344;  // "DSVM" read as little-endian u32
-inline constexpr uint16_t kWireVersion = 1;
+inline constexpr uint16_t kWireVersion = 2;  // history: PROTOCOL.md, Versions
 inline constexpr size_t kHeaderSize = 24;
 inline constexpr uint32_t kMaxPageSize = 2u << 20;            // 2 MiB
 inline constexpr uint32_t kMaxControlPayload = 64u << 10;     // every type but PageData
@@ -79,6 +79,8 @@ enum class MessageType : uint16_t {
   kClientHelloReply = 41,
   kMapRegion = 42,
   kUnmapRegion = 43,
+  kNodeStats = 44,
+  kNodeStatsReply = 45,
 };
 
 // What a node asks of the directory for one page.
@@ -150,11 +152,33 @@ struct JoinReply {
   }
 };
 
+// A node daemon's counters since it started (statistics: they only grow
+// within one daemon's life and start again at 0 with the next).
+struct NodeCounters {
+  uint64_t read_faults = 0;   // local reads of pages not valid on the node
+  uint64_t write_faults = 0;  // local writes of pages the node did not own
+  uint64_t local_hits = 0;    // faults resolved on the node without a message
+  uint64_t pages_fetched = 0; // pages received from other nodes
+  uint64_t pages_sent = 0;    // pages sent to other nodes
+  uint64_t bytes_fetched = 0;
+  uint64_t bytes_sent = 0;
+  uint64_t invalidations = 0; // copies dropped on the directory's word
+  uint64_t downgrades = 0;    // Modified pages made Shared on the directory's word
+  uint64_t prefetched_pages = 0;
+  template <typename A> void Visit(A& a) {
+    a.U64(read_faults); a.U64(write_faults); a.U64(local_hits); a.U64(pages_fetched);
+    a.U64(pages_sent); a.U64(bytes_fetched); a.U64(bytes_sent); a.U64(invalidations);
+    a.U64(downgrades); a.U64(prefetched_pages);
+  }
+  bool operator==(const NodeCounters&) const = default;
+};
+
 // Node -> coordinator, every heartbeat interval. Reply: StatusReply.
 struct Heartbeat {
   static constexpr MessageType kType = MessageType::kHeartbeat;
   NodeId node = kNoNode;
-  template <typename A> void Visit(A& a) { a.U32(node); }
+  NodeCounters counters;
+  template <typename A> void Visit(A& a) { a.U32(node); counters.Visit(a); }
 };
 
 // Node -> coordinator: leaves cleanly. Reply: StatusReply.
@@ -236,9 +260,10 @@ struct NodeEntry {
   std::string address;  // the node's UCX listener, "host:port"
   uint64_t host_memory_bytes = 0;
   uint32_t gpu_count = 0;
+  NodeCounters counters;  // from its latest heartbeat; zero before the first
   template <typename A> void Visit(A& a) {
     a.U32(node); a.Flag(live); a.Str(address, kMaxAddressLength); a.U64(host_memory_bytes);
-    a.U32(gpu_count);
+    a.U32(gpu_count); counters.Visit(a);
   }
 };
 
@@ -384,7 +409,7 @@ struct PeerHello {
 };
 
 // The ABI version libdsvm and dsvm-node speak on the client plane.
-inline constexpr uint32_t kClientAbi = 1;
+inline constexpr uint32_t kClientAbi = 2;
 
 // Client -> daemon: the first record on a client connection.
 struct ClientHello {
@@ -416,12 +441,26 @@ struct UnmapRegion {
   template <typename A> void Visit(A& a) { a.U64(base); }
 };
 
+// Client -> daemon: the node's counters. Reply: NodeStatsReply.
+struct NodeStats {
+  static constexpr MessageType kType = MessageType::kNodeStats;
+  template <typename A> void Visit(A&) {}
+};
+
+struct NodeStatsReply {
+  static constexpr MessageType kType = MessageType::kNodeStatsReply;
+  NodeId node = kNoNode;
+  uint32_t clients = 0;  // processes connected to the daemon now
+  NodeCounters counters;
+  template <typename A> void Visit(A& a) { a.U32(node); a.U32(clients); counters.Visit(a); }
+};
+
 using Message = std::variant<StatusReply, JoinRequest, JoinReply, Heartbeat, LeaveRequest,
                              RegionCreate, RegionOpen, RegionDelete, RegionReply, PageQuery,
                              PageQueryReply, NodeList, NodeListReply, RegionList, RegionListReply,
                              Acquire, Grant, Fetch, Invalidate, InvalidateAck,
                              Done, Release, EvictReply, PageData, PeerHello, ClientHello,
-                             ClientHelloReply, MapRegion, UnmapRegion>;
+                             ClientHelloReply, MapRegion, UnmapRegion, NodeStats, NodeStatsReply>;
 
 struct Header {
   uint32_t magic = kMagic;

@@ -534,6 +534,36 @@ int NodeId(uint32_t* id) {
   return Succeed();
 }
 
+int Stats(dsvm_node_stats_t* out) {
+  if (out == nullptr) return Fail(DSVM_EINVALID_ARGUMENT, "dsvm_stats: stats is NULL");
+  const std::string what = "dsvm_stats";
+  std::lock_guard<std::mutex> l(g_mu);
+  Library* lib = g_lib;
+  if (lib == nullptr) return NotInitialized(what);
+  const proto::NodeStats request;
+  auto r = CallLocked(lib, request);
+  if (!r.ok()) return FailWith(what, r.status());
+  const auto* reply = std::get_if<proto::NodeStatsReply>(&r->message);
+  if (reply == nullptr || !r->fds.empty() || reply->node != lib->node) {
+    return FailWith(what, ProtocolViolation(lib, request, Described(*r)));
+  }
+  const proto::NodeCounters& c = reply->counters;
+  *out = dsvm_node_stats_t{};
+  out->node = reply->node;
+  out->clients = reply->clients;
+  out->read_faults = c.read_faults;
+  out->write_faults = c.write_faults;
+  out->local_hits = c.local_hits;
+  out->pages_fetched = c.pages_fetched;
+  out->pages_sent = c.pages_sent;
+  out->bytes_fetched = c.bytes_fetched;
+  out->bytes_sent = c.bytes_sent;
+  out->invalidations = c.invalidations;
+  out->downgrades = c.downgrades;
+  out->prefetched_pages = c.prefetched_pages;
+  return Succeed();
+}
+
 }  // namespace
 
 int FindOpenRange(const std::string& what, uint64_t addr, uint64_t len, OpenRange* out) {
@@ -598,6 +628,10 @@ int dsvm_region_destroy(const char* name) {
 
 int dsvm_node_id(uint32_t* id) {
   return Guarded("dsvm_node_id", [&] { return dsvm::client::NodeId(id); });
+}
+
+int dsvm_stats(dsvm_node_stats_t* stats) {
+  return Guarded("dsvm_stats", [&] { return dsvm::client::Stats(stats); });
 }
 
 const char* dsvm_strerror(int err) {

@@ -104,6 +104,14 @@ int List(proto::FramedSocket& sock, bool nodes) {
         std::printf("node %u %s address=%s host_memory=%llu gpus=%u\n", e.node,
                     e.live ? "live" : "dead", e.address.c_str(),
                     (unsigned long long)e.host_memory_bytes, e.gpu_count);
+        const proto::NodeCounters& c = e.counters;
+        auto u = [](uint64_t v) { return static_cast<unsigned long long>(v); };
+        std::printf(
+            "  faults read=%llu write=%llu local_hits=%llu  pages fetched=%llu (%llu B) "
+            "sent=%llu (%llu B)  invalidations=%llu downgrades=%llu prefetched=%llu\n",
+            u(c.read_faults), u(c.write_faults), u(c.local_hits), u(c.pages_fetched),
+            u(c.bytes_fetched), u(c.pages_sent), u(c.bytes_sent), u(c.invalidations),
+            u(c.downgrades), u(c.prefetched_pages));
         after = e.node;
       }
       more = n->more;

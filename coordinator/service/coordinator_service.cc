@@ -36,7 +36,7 @@ Status CoordinatorService::Load(uint64_t now_ms) {
   for (const NodeRecord& n : nodes) {
     if (n.id == proto::kNoNode) return Corruption("stored node with id 0");
     // Nodes live at the crash get a full heartbeat period to reconnect.
-    members_[n.id] = Member{n, now_ms + options_.dead_after_ms};
+    members_[n.id] = Member{n, now_ms + options_.dead_after_ms, {}};
     if (n.live) directory_.NodeUp(n.id);
   }
   uint64_t pages = 0;
@@ -105,7 +105,7 @@ Status CoordinatorService::OnFrame(ConnId conn, const proto::Frame& frame, uint6
             }
             const NodeRecord& n = it->second.record;
             r.nodes.push_back(proto::NodeEntry{n.id, n.live, n.address, n.host_memory_bytes,
-                                               n.gpu_count});
+                                               n.gpu_count, it->second.counters});
           }
           Reply(conn, rid, std::move(r));
           return Status::Ok();
@@ -298,7 +298,7 @@ Status CoordinatorService::HandleJoin(ConnId conn, uint64_t rid, const proto::Jo
     ReplyStatus(conn, rid, st);
     return Status::Ok();
   }
-  members_[id] = Member{rec, now_ms + options_.dead_after_ms};
+  members_[id] = Member{rec, now_ms + options_.dead_after_ms, {}};
   auto old = node_conn_.find(id);
   if (old != node_conn_.end() && old->second != conn) conn_node_.erase(old->second);
   node_conn_[id] = conn;
@@ -328,6 +328,7 @@ Status CoordinatorService::HandleHeartbeat(ConnId conn, uint64_t rid, const prot
     return Status::Ok();
   }
   it->second.deadline_ms = now_ms + options_.dead_after_ms;
+  it->second.counters = m.counters;
   ReplyStatus(conn, rid, Status::Ok());
   return Status::Ok();
 }

@@ -80,6 +80,7 @@ class CoordinatorService {
   struct Member {
     NodeRecord record;
     uint64_t deadline_ms = 0;
+    proto::NodeCounters counters;  // from the latest heartbeat; statistics, not persisted
   };
 
   CoordinatorService(std::unique_ptr<Store> store, const ServiceOptions& options);

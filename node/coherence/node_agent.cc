@@ -54,6 +54,7 @@ FaultResult NodeAgent::Fault(PageAddr page, bool write, WaiterId waiter, uint64_
     return FaultResult::kHit;
   }
   ++stats_.faults;
+  ++(write ? stats_.write_faults : stats_.read_faults);
   lp.waiters.push_back(Waiter{waiter, write});
   if (lp.pending == AccessKind::kInvalid) Progress(page, lp, now_ms, out);
   return FaultResult::kWait;
@@ -260,6 +261,7 @@ void NodeAgent::HandleFetch(const proto::Fetch& m, uint64_t now_ms, Actions* out
     if (lp.state == PageState::kModified) {
       lp.state = PageState::kShared;
       Map(m.page, PageState::kShared, out);
+      ++stats_.downgrades;
     }
     DropStashBefore(m.page, lp, m.txn, out);
     if (m.send_data) {
@@ -278,6 +280,7 @@ void NodeAgent::HandleFetch(const proto::Fetch& m, uint64_t now_ms, Actions* out
     lp.stash_txn = m.txn;
     lp.state = PageState::kInvalid;
     lp.retained = false;
+    ++stats_.invalidations;
     if (IsGiveUp(lp.pending)) ClearPending(m.page, lp);  // the move is the give-up
     if (m.send_data) {
       Action send = Make(ActionKind::kSendStash, m.page);  // the bytes as they were stashed

@@ -72,12 +72,15 @@ struct NodeOptions {
 
 struct NodeStats {
   uint64_t faults = 0;        // faults that had to wait for the directory
+  uint64_t read_faults = 0;   // of them, reads
+  uint64_t write_faults = 0;  // of them, writes (including upgrades)
   uint64_t hits = 0;          // faults satisfied locally
   uint64_t requests = 0;
   uint64_t retransmits = 0;
   uint64_t pages_sent = 0;
   uint64_t pages_received = 0;
-  uint64_t invalidations = 0;
+  uint64_t invalidations = 0;  // copies dropped (Invalidate, or a Fetch that takes the page)
+  uint64_t downgrades = 0;     // Modified copies made Shared by a Fetch
   uint64_t protocol_errors = 0;
 };
 

@@ -288,13 +288,29 @@ void NodeDaemon::ReconnectCoordinator() {
   if (!pending_peer_.empty()) LookupPeers();
 }
 
+proto::NodeCounters NodeDaemon::Counters() const {
+  const NodeStats& a = agent_.stats();
+  proto::NodeCounters c;
+  c.read_faults = a.read_faults;
+  c.write_faults = a.write_faults;
+  c.local_hits = a.hits + (backend_ ? backend_->local_hits() : 0);
+  c.pages_fetched = stats_.pages_received;
+  c.pages_sent = stats_.pages_sent;
+  c.bytes_fetched = stats_.bytes_received;
+  c.bytes_sent = stats_.bytes_sent;
+  c.invalidations = a.invalidations;
+  c.downgrades = a.downgrades;
+  c.prefetched_pages = stats_.prefetched_pages;
+  return c;
+}
+
 void NodeDaemon::OnTimer() {
   const uint64_t now = NowMs();
   if (!link_.is_open()) {
     if (now - last_reconnect_ms_ >= kReconnectEveryMs) ReconnectCoordinator();
   } else if (now - last_heartbeat_ms_ >= heartbeat_ms_) {
     last_heartbeat_ms_ = now;
-    link_.Send(proto::Heartbeat{id_}, link_.NextRequestId()).IgnoreError();
+    link_.Send(proto::Heartbeat{id_, Counters()}, link_.NextRequestId()).IgnoreError();
   }
   Actions acts;
   agent_.Tick(now, &acts);
@@ -345,6 +361,7 @@ void NodeDaemon::HandlePeerMessages() {
       continue;
     }
     ++stats_.pages_received;
+    stats_.bytes_received += d->data.size();
     const DataHandle h = ++next_handle_;
     data_[h] = std::move(d->data);
     d->data.clear();
@@ -356,9 +373,11 @@ void NodeDaemon::HandlePeerMessages() {
 
 void NodeDaemon::SendPage(proto::NodeId to, proto::PageData d) {
   if (transport_->HasPeer(to)) {
+    const size_t bytes = d.data.size();
     Status st = transport_->Send(to, std::move(d));
     if (!st.ok()) LogWarning("sending a page to node " + std::to_string(to) + ": " + st.ToString());
     ++stats_.pages_sent;
+    stats_.bytes_sent += bytes;
     return;
   }
   if (pending_peer_count_ >= kMaxPendingPeerPages) {
@@ -728,6 +747,9 @@ void NodeDaemon::OnClientReadable(int fd) {
           backend_->RemoveMapping(mp->second).IgnoreError();
           client.mappings.erase(mp);
           ReplyToClient(fd, rid, proto::ToReply(Status::Ok()));
+        } else if constexpr (std::is_same_v<T, proto::NodeStats>) {
+          ReplyToClient(fd, rid,
+                        proto::NodeStatsReply{id_, static_cast<uint32_t>(clients_.size()), Counters()});
         } else {
           LogWarning(std::string("closing client: unexpected ") + proto::TypeName(T::kType));
           CloseClient(fd);

@@ -56,6 +56,9 @@ struct NodeDaemonStats {
   uint64_t accesses_failed = 0;
   uint64_t pages_sent = 0;
   uint64_t pages_received = 0;
+  uint64_t bytes_sent = 0;
+  uint64_t bytes_received = 0;
+  uint64_t prefetched_pages = 0;
   uint64_t coordinator_reconnects = 0;
   uint64_t protocol_errors = 0;
   uint64_t peer_lookups = 0;
@@ -96,6 +99,8 @@ class NodeDaemon {
   // Gives up the node's copy of a page (memory pressure).
   bool Evict(proto::PageAddr page);
   const NodeDaemonStats& stats() const { return stats_; }
+  // What the daemon reports in heartbeats and to dsvm_stats.
+  proto::NodeCounters Counters() const;
   const NodeAgent& agent() const { return agent_; }
 
  private:

@@ -161,6 +161,10 @@ class FaultBackend {
   // otherwise become a plain, incoherent view of the memfd. Errors: kNotFound.
   virtual Status RemoveMapping(MappingId id) = 0;
 
+  // Faults the backend resolved by itself, without the coherence agent (the
+  // page was valid on the node; the process lacked only its PTE).
+  virtual uint64_t local_hits() const = 0;
+
   // Readable (poll/epoll POLLIN) when ReadEvents may return events.
   virtual int event_fd() const = 0;
   // Fills `out` with events without blocking; returns how many (0: none now).

@@ -134,6 +134,7 @@ class UffdBackend final : public FaultBackend {
 
   const UffdFeatures& features() const { return features_; }
   const UffdBackendStats& stats() const { return stats_; }
+  uint64_t local_hits() const override { return stats_.local_hits; }
   size_t mapping_count() const { return mappings_.size(); }
 
  private:

@@ -176,7 +176,7 @@ Result<proto::Grant> ScriptedNode::Acquire(proto::PageAddr page, proto::AccessKi
 }
 
 Status ScriptedNode::Heartbeat() {
-  DSVM_ASSIGN_OR_RETURN(proto::Message reply, sock_.Call(proto::Heartbeat{id_}));
+  DSVM_ASSIGN_OR_RETURN(proto::Message reply, sock_.Call(proto::Heartbeat{id_, {}}));
   // Directory messages that arrived meanwhile were skipped by Call; the
   // directory resends them.
   auto* s = std::get_if<proto::StatusReply>(&reply);

@@ -142,7 +142,9 @@ TEST(CoordinatorInput, MalformedFrameClosesOnlyThatConnection) {
     ASSERT_TRUE(fs.SendRaw(bad[i]).ok());
     auto r = fs.Receive(3000);
     EXPECT_FALSE(r.ok()) << "bad frame " << i << " was answered";
-    if (!r.ok()) EXPECT_EQ(r.status().code(), StatusCode::kUnavailable) << r.status().ToString();
+    if (!r.ok()) {
+      EXPECT_EQ(r.status().code(), StatusCode::kUnavailable) << r.status().ToString();
+    }
   }
   // A valid but unacceptable request gets an error reply, connection kept.
   auto reply = good->Call(proto::RegionCreate{"bad name!", 4096, 4096});

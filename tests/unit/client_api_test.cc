@@ -462,6 +462,8 @@ TEST(ClientUninitialized, EveryCallSaysNotInitialized) {
   EXPECT_EQ(dsvm_region_close(reinterpret_cast<void*>(Base(0))), DSVM_ENOT_INITIALIZED);
   EXPECT_EQ(dsvm_region_destroy("a"), DSVM_ENOT_INITIALIZED);
   EXPECT_EQ(dsvm_node_id(&id), DSVM_ENOT_INITIALIZED);
+  dsvm_node_stats_t stats;
+  EXPECT_EQ(dsvm_stats(&stats), DSVM_ENOT_INITIALIZED);
   EXPECT_EQ(dsvm_finalize(), DSVM_ENOT_INITIALIZED);
   EXPECT_EQ(addr, nullptr);
   alignas(16) static dsvm_lock_t lock;
@@ -553,6 +555,45 @@ TEST_F(ClientApiTest, HelloGivesNodeId) {
   ASSERT_EQ(seen.size(), 1u);
   EXPECT_EQ(seen[0].type, proto::MessageType::kClientHello);
   EXPECT_EQ(seen[0].request_id, 1u);
+}
+
+TEST_F(ClientApiTest, StatsCopiesEveryCounterOfTheDaemon) {
+  Init();
+  proto::NodeStatsReply reply{kNode, 3, {}};
+  reply.counters = proto::NodeCounters{.read_faults = 11,
+                                       .write_faults = 12,
+                                       .local_hits = 13,
+                                       .pages_fetched = 14,
+                                       .pages_sent = 15,
+                                       .bytes_fetched = 16,
+                                       .bytes_sent = 17,
+                                       .invalidations = 18,
+                                       .downgrades = 19,
+                                       .prefetched_pages = 1ull << 40};
+  daemon_.Override(proto::MessageType::kNodeStats,
+                   [&](const proto::Frame&) { return Answer::Reply(reply); });
+  dsvm_node_stats_t s;
+  std::memset(&s, 0xAB, sizeof(s));
+  ASSERT_EQ(dsvm_stats(&s), DSVM_OK) << LastError();
+  EXPECT_EQ(s.node, kNode);
+  EXPECT_EQ(s.clients, 3u);
+  EXPECT_EQ(s.read_faults, 11u);
+  EXPECT_EQ(s.write_faults, 12u);
+  EXPECT_EQ(s.local_hits, 13u);
+  EXPECT_EQ(s.pages_fetched, 14u);
+  EXPECT_EQ(s.pages_sent, 15u);
+  EXPECT_EQ(s.bytes_fetched, 16u);
+  EXPECT_EQ(s.bytes_sent, 17u);
+  EXPECT_EQ(s.invalidations, 18u);
+  EXPECT_EQ(s.downgrades, 19u);
+  EXPECT_EQ(s.prefetched_pages, 1ull << 40);
+  for (uint64_t r : s.reserved) EXPECT_EQ(r, 0u);
+  EXPECT_EQ(dsvm_stats(nullptr), DSVM_EINVALID_ARGUMENT);
+
+  // Another node's counters: the daemon broke the protocol.
+  reply.node = kNode + 1;
+  EXPECT_EQ(dsvm_stats(&s), DSVM_EINTERNAL);
+  EXPECT_NE(LastError().find("NodeStats"), std::string::npos) << LastError();
 }
 
 TEST_F(ClientApiTest, DoubleInitIsRefused) {

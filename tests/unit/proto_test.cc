@@ -118,7 +118,7 @@ void FixPayloadLength(Bytes* frame) { WriteLe(frame, 8, frame->size() - kHeaderS
 struct RawHeader {
   uint32_t magic = kMagic;
   uint16_t version = kWireVersion;
-  uint16_t type = static_cast<uint16_t>(MessageType::kHeartbeat);
+  uint16_t type = static_cast<uint16_t>(MessageType::kLeaveRequest);
   uint32_t payload_length = 4;
   uint32_t reserved = 0;
   uint64_t request_id = 1;
@@ -155,6 +155,20 @@ void ExpectRefused(const Bytes& bytes, StatusCode code, std::string_view why) {
 
 // One message of every type, every field different from its default, and
 // values whose high bytes are set so byte order mistakes show.
+NodeCounters SampleCounters(uint64_t seed) {
+  const uint64_t high = 0x8000000000000000ull + seed * 100;
+  return NodeCounters{.read_faults = high + 1,
+                      .write_faults = high + 2,
+                      .local_hits = high + 3,
+                      .pages_fetched = high + 4,
+                      .pages_sent = high + 5,
+                      .bytes_fetched = high + 6,
+                      .bytes_sent = high + 7,
+                      .invalidations = high + 8,
+                      .downgrades = high + 9,
+                      .prefetched_pages = high + 10};
+}
+
 std::vector<Message> SampleMessages() {
   constexpr PageAddr kPage = 0xFEDCBA9876543000ull;
   Bytes page_bytes(4096);
@@ -175,7 +189,7 @@ std::vector<Message> SampleMessages() {
                 .shard_count = 8,
                 .window_base = 0x7F0000000000ull,
                 .window_size = 1ull << 40},
-      Heartbeat{.node = 0x01020304},
+      Heartbeat{.node = 0x01020304, .counters = SampleCounters(1)},
       LeaveRequest{.node = 0xFFFFFFFF},
       RegionCreate{.name = "matrix-a", .size = (1ull << 33) + 5, .page_size = 65536},
       RegionOpen{.name = "matrix-b"},
@@ -226,9 +240,11 @@ std::vector<Message> SampleMessages() {
       ClientHelloReply{.node = 3, .window_base = 0x200000000000, .window_size = 1ull << 44},
       MapRegion{.base = 0x200000200000},
       UnmapRegion{.base = 0x200000400000},
+      NodeStats{},
+      NodeStatsReply{.node = 0x80000003, .clients = 17, .counters = SampleCounters(3)},
       NodeList{.start_after = 3},
-      NodeListReply{.nodes = {NodeEntry{4, 1, "10.0.0.4:7701", 1u << 30, 2},
-                              NodeEntry{5, 0, std::string(kMaxAddressLength, 'h'), 7, 0}},
+      NodeListReply{.nodes = {NodeEntry{4, 1, "10.0.0.4:7701", 1u << 30, 2, SampleCounters(2)},
+                              NodeEntry{5, 0, std::string(kMaxAddressLength, 'h'), 7, 0, {}}},
                     .more = 1},
       RegionList{.start_after = 11},
       RegionListReply{.regions = {RegionReply{12, 0x200000000000, 4096, 4096, "r12"}},
@@ -335,12 +351,12 @@ INSTANTIATE_TEST_SUITE_P(AllTypes, ProtoRoundTripTest,
                          });
 
 // The byte layout is a wire contract: pin one frame exactly.
-TEST(ProtoWireTest, HeartbeatBytesAreLittleEndianAsDocumented) {
-  Bytes bytes = Encode(Heartbeat{.node = 0x01020304}, 0x1122334455667788ull);
+TEST(ProtoWireTest, LeaveRequestBytesAreLittleEndianAsDocumented) {
+  Bytes bytes = Encode(LeaveRequest{.node = 0x01020304}, 0x1122334455667788ull);
   const Bytes expected = {
       0x44, 0x53, 0x56, 0x4D,                          // "DSVM"
-      0x01, 0x00,                                      // version 1
-      0x04, 0x00,                                      // type kHeartbeat
+      0x02, 0x00,                                      // version 2
+      0x05, 0x00,                                      // type kLeaveRequest
       0x04, 0x00, 0x00, 0x00,                          // payload_length 4
       0x00, 0x00, 0x00, 0x00,                          // reserved
       0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11,  // request_id
@@ -364,7 +380,7 @@ TEST(ProtoWireTest, GrantFieldOrderIsPinned) {
 
 TEST(ProtoWireTest, EncodeToAppendsAfterExistingBytes) {
   Bytes buffer = {0xAA, 0xBB, 0xCC};
-  EncodeTo(Heartbeat{.node = 9}, 5, &buffer);
+  EncodeTo(LeaveRequest{.node = 9}, 5, &buffer);
   const size_t first_end = buffer.size();
   EncodeTo(RegionOpen{.name = "r"}, 6, &buffer);
   ASSERT_EQ(first_end, 3 + kHeaderSize + 4);
@@ -374,7 +390,7 @@ TEST(ProtoWireTest, EncodeToAppendsAfterExistingBytes) {
   Result<Frame> first = Decode(std::span(buffer).subspan(3, first_end - 3));
   ASSERT_TRUE(first.ok()) << first.status().ToString();
   EXPECT_EQ(first->header.request_id, 5u);
-  EXPECT_EQ(std::get<Heartbeat>(first->message).node, 9u);
+  EXPECT_EQ(std::get<LeaveRequest>(first->message).node, 9u);
 
   Result<Frame> second = Decode(std::span(buffer).subspan(first_end));
   ASSERT_TRUE(second.ok()) << second.status().ToString();
@@ -510,7 +526,7 @@ TEST(ProtoHeaderTest, WrongVersionIsInvalidArgument) {
 }
 
 TEST(ProtoHeaderTest, UnknownTypeIsInvalidArgument) {
-  for (uint16_t type : {0, 16, 19, 28, 29, 32, 0x100, 0xFFFF}) {
+  for (uint16_t type : {0, 16, 19, 28, 29, 32, 46, 0x100, 0xFFFF}) {
     Bytes frame = HeaderBytes({.type = type, .payload_length = 0});
     Result<Header> h = DecodeHeader(frame);
     ASSERT_FALSE(h.ok()) << "type " << type;

@@ -34,7 +34,7 @@
  * connection; it calls dsvm_init to use dsvm itself. fork() waits for a
  * call another thread has in progress.
  *
- * Not in this version (TODO(#3)): dsvm_advise, dsvm_prefetch, statistics.
+ * Not in this version (TODO(#3)): dsvm_advise, dsvm_prefetch.
  */
 #ifndef DSVM_DSVM_H_
 #define DSVM_DSVM_H_
@@ -212,6 +212,32 @@ int dsvm_barrier_init(dsvm_barrier_t* barrier, uint32_t parties);
  * Errors: DSVM_EFAILED_PRECONDITION (not initialised, or its word is
  * corrupt: more arrivals than parties). */
 int dsvm_barrier_wait(dsvm_barrier_t* barrier);
+
+/* --- Statistics -------------------------------------------------------------
+ *
+ * Counters of the node this process is connected to (all its processes
+ * together), counted by its daemon since it started. `dsvmctl nodes` shows
+ * the same counters for every node of the cluster. */
+typedef struct dsvm_node_stats {
+  uint32_t node;             /* the node's id */
+  uint32_t clients;          /* processes connected to its daemon now */
+  uint64_t read_faults;      /* reads of pages not valid on the node */
+  uint64_t write_faults;     /* writes of pages the node did not own */
+  uint64_t local_hits;       /* faults resolved on the node, no message */
+  uint64_t pages_fetched;    /* pages received from other nodes */
+  uint64_t pages_sent;       /* pages sent to other nodes */
+  uint64_t bytes_fetched;
+  uint64_t bytes_sent;
+  uint64_t invalidations;    /* copies dropped because another node wrote */
+  uint64_t downgrades;       /* pages made read-only because another node read */
+  uint64_t prefetched_pages; /* pages made valid by dsvm_prefetch */
+  uint64_t reserved[8];      /* 0; room for later counters */
+} dsvm_node_stats_t;
+
+/* Fills *stats with the local node's counters.
+ * Errors: DSVM_EINVALID_ARGUMENT (stats NULL), DSVM_ENOT_INITIALIZED,
+ * DSVM_EUNAVAILABLE. */
+int dsvm_stats(dsvm_node_stats_t* stats);
 
 /* A short description of an error code ("invalid argument"); never NULL,
  * also for an unknown code. Static storage. */
