@@ -62,10 +62,4 @@ int FailWith(const std::string& what, const Status& s) {
   return Fail(CodeOf(s.code()), what + ": " + s.message());
 }
 
-std::string Hex(uint64_t v) {
-  char buf[32];
-  std::snprintf(buf, sizeof(buf), "0x%" PRIx64, v);
-  return buf;
-}
-
 }  // namespace dsvm::client

@@ -11,6 +11,7 @@
 #include <string>
 
 #include "proto/status.h"
+#include "proto/text.h"
 
 namespace dsvm::client {
 
@@ -26,8 +27,6 @@ int Fail(int code, const std::string& why);
 int CodeOf(StatusCode code);
 // `what`: the call and its subject, e.g. "dsvm_region_open('grid')".
 int FailWith(const std::string& what, const Status& s);
-
-std::string Hex(uint64_t v);
 
 // Runs an entry point's body; nothing escapes into C.
 template <typename F>

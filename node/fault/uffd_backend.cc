@@ -23,6 +23,7 @@
 #include "node/fault/uffd_client.h"
 #include "node/fault/uffd_defs.h"
 #include "proto/log.h"
+#include "proto/text.h"
 
 namespace dsvm::node {
 namespace {
@@ -34,12 +35,6 @@ constexpr int kMaxBusyRetries = 100;
 constexpr size_t kReadBatch = 32;
 // epoll events taken per ReadEvents.
 constexpr int kEpollBatch = 16;
-
-std::string Hex(uint64_t v) {
-  char buf[24];
-  std::snprintf(buf, sizeof(buf), "0x%" PRIx64, v);
-  return buf;
-}
 
 std::string ErrnoText(const char* what, int err) {
   return std::string(what) + ": " + std::strerror(err);

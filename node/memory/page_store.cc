@@ -14,17 +14,12 @@
 #include <vector>
 
 #include "proto/log.h"
+#include "proto/text.h"
 
 namespace dsvm::node {
 namespace {
 
 constexpr uint32_t kHugePageSize = 2u << 20;
-
-std::string Hex(uint64_t v) {
-  char buf[24];
-  std::snprintf(buf, sizeof(buf), "0x%" PRIx64, v);
-  return buf;
-}
 
 std::string Errno(const char* what) { return std::string(what) + ": " + std::strerror(errno); }
 
