@@ -72,6 +72,8 @@ const char* TypeName(MessageType t) {
     case MessageType::kUnmapRegion: return "UnmapRegion";
     case MessageType::kNodeStats: return "NodeStats";
     case MessageType::kNodeStatsReply: return "NodeStatsReply";
+    case MessageType::kPrefetch: return "Prefetch";
+    case MessageType::kAdvise: return "Advise";
   }
   return "Unknown";
 }

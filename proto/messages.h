@@ -81,6 +81,8 @@ enum class MessageType : uint16_t {
   kUnmapRegion = 43,
   kNodeStats = 44,
   kNodeStatsReply = 45,
+  kPrefetch = 46,
+  kAdvise = 47,
 };
 
 // What a node asks of the directory for one page.
@@ -455,12 +457,45 @@ struct NodeStatsReply {
   template <typename A> void Visit(A& a) { a.U32(node); a.U32(clients); counters.Visit(a); }
 };
 
+// Client -> daemon: make the pages of [address, address + length) valid on
+// the node, Shared or (write) Modified. Reply: StatusReply once all are, or
+// the first error.
+struct Prefetch {
+  static constexpr MessageType kType = MessageType::kPrefetch;
+  PageAddr address = 0;
+  uint64_t length = 0;
+  uint8_t write = 0;
+  template <typename A> void Visit(A& a) { a.U64(address); a.U64(length); a.Flag(write); }
+};
+
+// What a process expects of a range's accesses (dsvm_advise).
+enum class Advice : uint8_t {
+  kInvalid = 0,
+  kNormal = 1,      // no advice: each fault fetches its own page
+  kReadMostly = 2,  // a read fault also fetches the next pages of the range
+};
+inline constexpr uint8_t kMaxAdvice = 2;
+
+// Client -> daemon: advice for [address, address + length), for every
+// process of the node. Reply: StatusReply.
+struct Advise {
+  static constexpr MessageType kType = MessageType::kAdvise;
+  PageAddr address = 0;
+  uint64_t length = 0;
+  Advice advice = Advice::kNormal;
+  NodeId node = kNoNode;  // for advice that names a node; kNoNode otherwise
+  template <typename A> void Visit(A& a) {
+    a.U64(address); a.U64(length); a.Enum(advice, kMaxAdvice); a.U32(node);
+  }
+};
+
 using Message = std::variant<StatusReply, JoinRequest, JoinReply, Heartbeat, LeaveRequest,
                              RegionCreate, RegionOpen, RegionDelete, RegionReply, PageQuery,
                              PageQueryReply, NodeList, NodeListReply, RegionList, RegionListReply,
                              Acquire, Grant, Fetch, Invalidate, InvalidateAck,
                              Done, Release, EvictReply, PageData, PeerHello, ClientHello,
-                             ClientHelloReply, MapRegion, UnmapRegion, NodeStats, NodeStatsReply>;
+                             ClientHelloReply, MapRegion, UnmapRegion, NodeStats, NodeStatsReply,
+                             Prefetch, Advise>;
 
 struct Header {
   uint32_t magic = kMagic;

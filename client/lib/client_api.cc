@@ -534,6 +534,57 @@ int NodeId(uint32_t* id) {
   return Succeed();
 }
 
+// A request about [addr, addr + len) of a region open here. REQUIRES: g_mu
+// not held (FindOpenRange takes it).
+int RangeCall(const std::string& what, const void* addr, size_t len, const proto::Message& m) {
+  if (addr == nullptr) return Fail(DSVM_EINVALID_ARGUMENT, what + ": addr is NULL");
+  OpenRange range;
+  if (int rc = FindOpenRange(what, reinterpret_cast<uintptr_t>(addr), len, &range); rc != DSVM_OK) {
+    return rc;
+  }
+  std::lock_guard<std::mutex> l(g_mu);
+  Library* lib = g_lib;
+  if (lib == nullptr) return NotInitialized(what);
+  if (Status st = StatusCallLocked(lib, m); !st.ok()) return FailWith(what, st);
+  return Succeed();
+}
+
+int Prefetch(const void* addr, size_t len, unsigned flags) {
+  const std::string what = "dsvm_prefetch(" + Hex(reinterpret_cast<uintptr_t>(addr)) + ", " +
+                           std::to_string(len) + ")";
+  if ((flags & ~DSVM_PREFETCH_WRITE) != 0) {
+    return Fail(DSVM_EINVALID_ARGUMENT, what + ": unknown flags " + Hex(flags));
+  }
+  proto::Prefetch m;
+  m.address = reinterpret_cast<uintptr_t>(addr);
+  m.length = len;
+  m.write = (flags & DSVM_PREFETCH_WRITE) != 0;
+  return RangeCall(what, addr, len, m);
+}
+
+int Advise(const void* addr, size_t len, int advice, uint32_t node) {
+  const std::string what = "dsvm_advise(" + Hex(reinterpret_cast<uintptr_t>(addr)) + ", " +
+                           std::to_string(len) + ", " + std::to_string(advice) + ")";
+  proto::Advise m;
+  switch (advice) {
+    case DSVM_ADVICE_NORMAL:
+      m.advice = proto::Advice::kNormal;
+      break;
+    case DSVM_ADVICE_READ_MOSTLY:
+      m.advice = proto::Advice::kReadMostly;
+      break;
+    default:
+      return Fail(DSVM_EINVALID_ARGUMENT, what + ": unknown advice");
+  }
+  if (node != 0) {
+    return Fail(DSVM_EINVALID_ARGUMENT,
+                what + ": node " + std::to_string(node) + " given, but this advice names no node");
+  }
+  m.address = reinterpret_cast<uintptr_t>(addr);
+  m.length = len;
+  return RangeCall(what, addr, len, m);
+}
+
 int Stats(dsvm_node_stats_t* out) {
   if (out == nullptr) return Fail(DSVM_EINVALID_ARGUMENT, "dsvm_stats: stats is NULL");
   const std::string what = "dsvm_stats";
@@ -628,6 +679,14 @@ int dsvm_region_destroy(const char* name) {
 
 int dsvm_node_id(uint32_t* id) {
   return Guarded("dsvm_node_id", [&] { return dsvm::client::NodeId(id); });
+}
+
+int dsvm_prefetch(const void* addr, size_t len, unsigned flags) {
+  return Guarded("dsvm_prefetch", [&] { return dsvm::client::Prefetch(addr, len, flags); });
+}
+
+int dsvm_advise(const void* addr, size_t len, int advice, uint32_t node) {
+  return Guarded("dsvm_advise", [&] { return dsvm::client::Advise(addr, len, advice, node); });
 }
 
 int dsvm_stats(dsvm_node_stats_t* stats) {

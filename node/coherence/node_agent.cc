@@ -54,7 +54,6 @@ FaultResult NodeAgent::Fault(PageAddr page, bool write, WaiterId waiter, uint64_
     return FaultResult::kHit;
   }
   ++stats_.faults;
-  ++(write ? stats_.write_faults : stats_.read_faults);
   lp.waiters.push_back(Waiter{waiter, write});
   if (lp.pending == AccessKind::kInvalid) Progress(page, lp, now_ms, out);
   return FaultResult::kWait;

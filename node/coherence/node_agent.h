@@ -72,8 +72,6 @@ struct NodeOptions {
 
 struct NodeStats {
   uint64_t faults = 0;        // faults that had to wait for the directory
-  uint64_t read_faults = 0;   // of them, reads
-  uint64_t write_faults = 0;  // of them, writes (including upgrades)
   uint64_t hits = 0;          // faults satisfied locally
   uint64_t requests = 0;
   uint64_t retransmits = 0;

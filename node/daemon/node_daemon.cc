@@ -14,6 +14,7 @@
 #include "node/fault/fd_passing.h"
 #include "node/fault/uffd_backend.h"
 #include "proto/log.h"
+#include "proto/text.h"
 
 namespace dsvm::node {
 namespace {
@@ -25,6 +26,10 @@ constexpr int kJoinTimeoutMs = 3000;
 constexpr size_t kMaxClients = 1024;
 constexpr size_t kMaxForwarded = 4096;
 constexpr size_t kFaultBatch = 64;
+// Accesses one prefetch keeps in flight.
+constexpr uint32_t kPrefetchWindow = 64;
+// Pages a read fault on read-mostly pages fetches after its own.
+constexpr uint32_t kReadAhead = 16;
 
 std::string HostOf(const std::string& address) {
   const size_t colon = address.rfind(':');
@@ -291,8 +296,8 @@ void NodeDaemon::ReconnectCoordinator() {
 proto::NodeCounters NodeDaemon::Counters() const {
   const NodeStats& a = agent_.stats();
   proto::NodeCounters c;
-  c.read_faults = a.read_faults;
-  c.write_faults = a.write_faults;
+  c.read_faults = stats_.read_faults;
+  c.write_faults = stats_.write_faults;
   c.local_hits = a.hits + (backend_ ? backend_->local_hits() : 0);
   c.pages_fetched = stats_.pages_received;
   c.pages_sent = stats_.pages_sent;
@@ -438,6 +443,10 @@ Status NodeDaemon::OpenRegion(const proto::RegionReply& r) {
 }
 
 void NodeDaemon::Access(proto::PageAddr address, bool write, AccessFn fn) {
+  AccessPage(address, write, std::move(fn), false);
+}
+
+void NodeDaemon::AccessPage(proto::PageAddr address, bool write, AccessFn fn, bool prefetch) {
   ++stats_.accesses;
   PageStore* store = StoreOf(address);
   if (store == nullptr) {
@@ -454,6 +463,7 @@ void NodeDaemon::Access(proto::PageAddr address, bool write, AccessFn fn) {
     fn(Status::Ok(), Bytes(page));
     return;
   }
+  if (!prefetch) ++(write ? stats_.write_faults : stats_.read_faults);
   Waiter& waiter = waiters_[w];
   waiter.page = page;
   waiter.fn = std::move(fn);
@@ -605,14 +615,107 @@ void NodeDaemon::OnFaultEvents() {
         }
         continue;
       }
+      ++(e.write ? stats_.write_faults : stats_.read_faults);
       Waiter waiter;
       waiter.page = e.page;
       waiter.fault = true;
       waiter.token = e.token;
       waiters_[w] = std::move(waiter);
       Execute(acts);
+      if (!e.write) ReadAhead(e.page);
     }
   }
+}
+
+// ---------------------------------------------------------------------------
+// Prefetch and advice
+
+Status NodeDaemon::CheckClientRange(proto::PageAddr address, uint64_t length,
+                                    proto::PageAddr* first, proto::PageAddr* end,
+                                    uint32_t* page_size) {
+  if (length == 0) return InvalidArgument("empty range at " + Hex(address));
+  PageStore* store = StoreOf(address);
+  if (store == nullptr) return NotFound("no region open on this node at " + Hex(address));
+  const uint64_t left = store->base() + store->size() - address;
+  if (length > left) {
+    return InvalidArgument(std::to_string(length) + " bytes from " + Hex(address) +
+                           " run past the end of the region at " + Hex(store->base() + store->size()));
+  }
+  const uint64_t ps = store->page_size();
+  *first = store->base() + (address - store->base()) / ps * ps;
+  *end = store->base() + (address + length - store->base() + ps - 1) / ps * ps;
+  *page_size = static_cast<uint32_t>(ps);
+  return Status::Ok();
+}
+
+void NodeDaemon::StartPrefetch(Prefetch p) {
+  const uint64_t id = ++next_prefetch_;
+  prefetches_.emplace(id, std::move(p));
+  PumpPrefetch(id);
+}
+
+void NodeDaemon::PumpPrefetch(uint64_t id) {
+  auto it = prefetches_.find(id);
+  if (it == prefetches_.end()) return;
+  Prefetch& p = it->second;  // stable: only this function erases jobs
+  p.pumping = true;
+  while (p.in_flight < kPrefetchWindow && p.next < p.end && p.error.ok()) {
+    const proto::PageAddr page = p.next;
+    p.next += p.page_size;
+    ++p.in_flight;
+    AccessPage(page, p.write, [this, id](Status st, std::span<uint8_t>) {
+      Prefetch& q = prefetches_.at(id);
+      --q.in_flight;
+      if (!st.ok() && q.error.ok()) q.error = st;
+      // Answered later than the call: the page was not valid, and now is.
+      if (!q.pumping) {
+        if (st.ok()) ++stats_.prefetched_pages;
+        PumpPrefetch(id);
+      }
+    }, true);
+  }
+  p.pumping = false;
+  if (p.in_flight > 0 || (p.next < p.end && p.error.ok())) return;
+  if (p.client_fd >= 0 && IsClient(p.client_fd, p.client_serial)) {
+    ReplyToClient(p.client_fd, p.client_request, proto::ToReply(p.error));
+  }
+  prefetches_.erase(it);
+}
+
+Status NodeDaemon::SetAdvice(const proto::Advise& m) {
+  if (m.node != proto::kNoNode) {
+    return InvalidArgument("advice " + std::to_string(static_cast<int>(m.advice)) +
+                           " names no node, but node " + std::to_string(m.node) + " was given");
+  }
+  proto::PageAddr first, end;
+  uint32_t ps;
+  DSVM_RETURN_IF_ERROR(CheckClientRange(m.address, m.length, &first, &end, &ps));
+  PageStore* store = StoreOf(first);
+  std::vector<proto::Advice>& per_page = advice_[store->base()];
+  if (per_page.empty()) per_page.assign(store->size() / ps, proto::Advice::kNormal);
+  for (proto::PageAddr p = first; p < end; p += ps) per_page[store->IndexOf(p)] = m.advice;
+  return Status::Ok();
+}
+
+void NodeDaemon::ReadAhead(proto::PageAddr page) {
+  PageStore* store = StoreOf(page);
+  if (store == nullptr) return;
+  auto it = advice_.find(store->base());
+  if (it == advice_.end()) return;
+  const std::vector<proto::Advice>& per_page = it->second;
+  const uint64_t index = store->IndexOf(page);
+  if (per_page[index] != proto::Advice::kReadMostly) return;
+  uint64_t last = index;  // the last read-mostly page of the read-ahead
+  while (last + 1 < per_page.size() && last - index < kReadAhead &&
+         per_page[last + 1] == proto::Advice::kReadMostly) {
+    ++last;
+  }
+  if (last == index) return;
+  Prefetch p;
+  p.page_size = store->page_size();
+  p.next = page + p.page_size;
+  p.end = store->base() + (last + 1) * p.page_size;
+  StartPrefetch(std::move(p));
 }
 
 void NodeDaemon::OnClientListenReadable() {
@@ -629,6 +732,7 @@ void NodeDaemon::OnClientListenReadable() {
     }
     Client c;
     c.fd = UniqueFd(fd);
+    c.serial = ++next_client_serial_;
     c.pid = cred.pid;
     c.uid = cred.uid;
     c.gid = cred.gid;
@@ -661,8 +765,13 @@ void NodeDaemon::ReplyToClient(int fd, uint64_t request_id, const proto::Message
   }
 }
 
+bool NodeDaemon::IsClient(int fd, uint64_t serial) const {
+  auto it = clients_.find(fd);
+  return it != clients_.end() && it->second.serial == serial;
+}
+
 void NodeDaemon::ForwardedReply(const Forwarded& f, proto::Message m) {
-  if (!clients_.count(f.client_fd)) return;  // the client left meanwhile
+  if (!IsClient(f.client_fd, f.client_serial)) return;  // the client left meanwhile
   if (auto* r = std::get_if<proto::RegionReply>(&m)) {
     auto id = region_ids_.find(r->base);
     if (id != region_ids_.end() && id->second != r->region) {
@@ -672,6 +781,7 @@ void NodeDaemon::ForwardedReply(const Forwarded& f, proto::Message m) {
         if (!gone.ok()) return ReplyToClient(f.client_fd, f.client_request, proto::ToReply(gone));
       }
       stores_.erase(r->base);
+      advice_.erase(r->base);
       region_ids_.erase(id);
     }
     if (StoreOf(r->base) == nullptr) {
@@ -719,7 +829,7 @@ void NodeDaemon::OnClientReadable(int fd) {
             return ReplyToClient(fd, rid, proto::ToReply(Unavailable("coordinator not reachable")));
           }
           const uint64_t forward = link_.NextRequestId();
-          forwarded_[forward] = Forwarded{fd, rid};
+          forwarded_[forward] = Forwarded{fd, client.serial, rid};
           link_.Send(m, forward).IgnoreError();
         } else if constexpr (std::is_same_v<T, proto::MapRegion>) {
           PageStore* store = StoreOf(m.base);
@@ -747,6 +857,17 @@ void NodeDaemon::OnClientReadable(int fd) {
           backend_->RemoveMapping(mp->second).IgnoreError();
           client.mappings.erase(mp);
           ReplyToClient(fd, rid, proto::ToReply(Status::Ok()));
+        } else if constexpr (std::is_same_v<T, proto::Prefetch>) {
+          Prefetch p;
+          Status st = CheckClientRange(m.address, m.length, &p.next, &p.end, &p.page_size);
+          if (!st.ok()) return ReplyToClient(fd, rid, proto::ToReply(st));
+          p.client_fd = fd;
+          p.client_serial = client.serial;
+          p.client_request = rid;
+          p.write = m.write != 0;
+          StartPrefetch(std::move(p));
+        } else if constexpr (std::is_same_v<T, proto::Advise>) {
+          ReplyToClient(fd, rid, proto::ToReply(SetAdvice(m)));
         } else if constexpr (std::is_same_v<T, proto::NodeStats>) {
           ReplyToClient(fd, rid,
                         proto::NodeStatsReply{id_, static_cast<uint32_t>(clients_.size()), Counters()});

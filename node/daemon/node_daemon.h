@@ -57,6 +57,10 @@ struct NodeDaemonStats {
   uint64_t pages_sent = 0;
   uint64_t pages_received = 0;
   uint64_t bytes_sent = 0;
+  // Accesses (client faults and Access calls, not prefetches) that had to
+  // wait for the directory.
+  uint64_t read_faults = 0;
+  uint64_t write_faults = 0;
   uint64_t bytes_received = 0;
   uint64_t prefetched_pages = 0;
   uint64_t coordinator_reconnects = 0;
@@ -112,6 +116,7 @@ class NodeDaemon {
   };
   struct Client {
     UniqueFd fd;
+    uint64_t serial = 0;  // unique for the daemon's life (a descriptor number is reused)
     pid_t pid = 0;
     uid_t uid = 0;
     gid_t gid = 0;
@@ -120,7 +125,22 @@ class NodeDaemon {
   // A client's request forwarded to the coordinator, by the forward's request id.
   struct Forwarded {
     int client_fd;
+    uint64_t client_serial;
     uint64_t client_request;
+  };
+  // A client's dsvm_prefetch, or a read-ahead of read-mostly pages: the
+  // pages of [next, end) made valid, a bounded number of accesses at a time.
+  struct Prefetch {
+    int client_fd = -1;       // who is answered when done; -1: nobody (a read-ahead)
+    uint64_t client_serial = 0;
+    uint64_t client_request = 0;
+    proto::PageAddr next = 0;
+    proto::PageAddr end = 0;
+    uint32_t page_size = 0;
+    bool write = false;
+    bool pumping = false;     // PumpPrefetch is issuing accesses for it now
+    uint32_t in_flight = 0;
+    Status error;             // the first access that failed
   };
 
   NodeDaemon(const NodeDaemonOptions& options, const proto::JoinReply& joined,
@@ -139,6 +159,17 @@ class NodeDaemon {
   void OnClientListenReadable();
   void OnClientReadable(int fd);
   void CloseClient(int fd);
+  bool IsClient(int fd, uint64_t serial) const;
+  // Checks that [address, address + length) lies in one open region; gives
+  // its first page and the page after its last.
+  Status CheckClientRange(proto::PageAddr address, uint64_t length, proto::PageAddr* first,
+                          proto::PageAddr* end, uint32_t* page_size);
+  // Access(), or (prefetch) one page of a prefetch: not counted as a fault.
+  void AccessPage(proto::PageAddr address, bool write, AccessFn fn, bool prefetch);
+  void StartPrefetch(Prefetch p);
+  void PumpPrefetch(uint64_t id);
+  Status SetAdvice(const proto::Advise& m);
+  void ReadAhead(proto::PageAddr page);
   void ReplyToClient(int fd, uint64_t request_id, const proto::Message& m, int attach_fd = -1);
   void ForwardedReply(const Forwarded& f, proto::Message m);
   Status SetupClientSocket();
@@ -172,6 +203,11 @@ class NodeDaemon {
   std::unique_ptr<FaultBackend> backend_;
   int listen_fd_ = -1;
   std::unordered_map<int, Client> clients_;
+  uint64_t next_client_serial_ = 0;
+  std::unordered_map<uint64_t, Prefetch> prefetches_;
+  uint64_t next_prefetch_ = 0;
+  // Per open region (by base), the proto::Advice of each page; absent: all kNormal.
+  std::map<proto::PageAddr, std::vector<proto::Advice>> advice_;
   std::unordered_map<uint64_t, Forwarded> forwarded_;
   uint64_t window_base_ = 0;
   uint64_t window_size_ = 0;

@@ -110,6 +110,8 @@ std::vector<Message> PopulatedMessages() {
       UnmapRegion{.base = 0x200000000000},
       NodeStats{},
       NodeStatsReply{.node = 2, .clients = 1, .counters = {.local_hits = 9, .downgrades = 1}},
+      Prefetch{.address = 0x200000000000, .length = 8192, .write = 0},
+      Advise{.address = 0x200000000000, .length = 8192, .advice = Advice::kReadMostly, .node = 0},
       NodeList{.start_after = 1},
       NodeListReply{.nodes = {NodeEntry{2, 1, "127.0.0.1:7701", 1u << 30, 1, {.write_faults = 5}}}, .more = 0},
       RegionList{.start_after = 0},

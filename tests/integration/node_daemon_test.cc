@@ -576,5 +576,88 @@ TEST_F(NodeDaemonTest, CountersReachDsvmStatsAndTheCoordinator) {
   EXPECT_EQ(seen, want0) << text(seen);
 }
 
+// --- Prefetch and read-mostly advice ----------------------------------------------
+
+// Node 0 writes 64 pages; a client on node 1 prefetches them in one call,
+// and then reads all of them without a single fault of its own.
+TEST_F(NodeDaemonTest, PrefetchMakesARangeValidInOneCall) {
+  constexpr uint64_t kPages = 64;
+  proto::RegionReply r = Region("prefetched", (kPages + 1) * 4096, 4096);
+  StartNodes(2, r);
+  for (uint64_t i = 0; i < kPages; ++i) nodes_[0]->WriteU64(r.base + i * 4096, 1000 + i);
+  const auto codes = RunLibClients("prefetched", {{dir_.path() + "/node1.sock", [&](uint8_t* m) {
+    dsvm_node_stats_t before, after;
+    if (dsvm_prefetch(m + 8, kPages * 4096 - 8, 0) != DSVM_OK) return false;
+    if (dsvm_stats(&before) != DSVM_OK) return false;
+    for (uint64_t i = 0; i < kPages; ++i) {
+      if (*reinterpret_cast<volatile uint64_t*>(m + i * 4096) != 1000 + i) {
+        std::fprintf(stderr, "page %lu holds the wrong value\n", i);
+        return false;
+      }
+    }
+    if (dsvm_stats(&after) != DSVM_OK) return false;
+    if (before.prefetched_pages != kPages || before.pages_fetched != kPages ||
+        after.read_faults != before.read_faults) {
+      std::fprintf(stderr, "prefetched %lu fetched %lu, read faults %lu then %lu\n",
+                   before.prefetched_pages, before.pages_fetched, before.read_faults,
+                   after.read_faults);
+      return false;
+    }
+    // Again: every page is valid, so nothing more is fetched.
+    if (dsvm_prefetch(m, kPages * 4096, 0) != DSVM_OK || dsvm_stats(&after) != DSVM_OK) return false;
+    if (after.pages_fetched != kPages) return false;
+    // For writing: node 0's copies are invalidated; the bytes stay.
+    if (dsvm_prefetch(m, 4096, DSVM_PREFETCH_WRITE) != DSVM_OK) return false;
+    *reinterpret_cast<volatile uint64_t*>(m) = 77;
+    // Refusals.
+    const bool refused = dsvm_prefetch(m, 0, 0) == DSVM_EINVALID_ARGUMENT &&
+                         dsvm_prefetch(m, (kPages + 2) * 4096, 0) == DSVM_EINVALID_ARGUMENT &&
+                         dsvm_prefetch(nullptr, 8, 0) == DSVM_EINVALID_ARGUMENT &&
+                         dsvm_prefetch(m, 8, 6) == DSVM_EINVALID_ARGUMENT;
+    if (!refused) std::fprintf(stderr, "a bad prefetch was not refused\n");
+    return refused;
+  }}});
+  EXPECT_EQ(codes, std::vector<int>{0});
+  EXPECT_EQ(nodes_[0]->ReadU64(r.base), 77u);
+  EXPECT_EQ(nodes_[0]->ReadU64(r.base + 4096), 1001u);
+}
+
+// Read-mostly advice: a read fault fetches the next 16 pages too.
+TEST_F(NodeDaemonTest, ReadMostlyAdviceReadsAhead) {
+  proto::RegionReply r = Region("readahead", 64 * 4096, 4096);
+  StartNodes(2, r);
+  for (uint64_t i = 0; i < 64; ++i) nodes_[0]->WriteU64(r.base + i * 4096, 5000 + i);
+  const auto codes = RunLibClients("readahead", {{dir_.path() + "/node1.sock", [&](uint8_t* m) {
+    if (dsvm_advise(m, 32 * 4096, DSVM_ADVICE_READ_MOSTLY, 0) != DSVM_OK) return false;
+    dsvm_node_stats_t s;
+    if (*reinterpret_cast<volatile uint64_t*>(m) != 5000) return false;  // one fault
+    // The read-ahead runs in the background: wait for it (10 s at most).
+    for (int i = 0; i < 1000; ++i) {
+      if (dsvm_stats(&s) != DSVM_OK) return false;
+      if (s.prefetched_pages >= 16) break;
+      ::usleep(10000);
+    }
+    const uint64_t faults = s.read_faults;
+    for (uint64_t i = 1; i <= 16; ++i) {
+      if (*reinterpret_cast<volatile uint64_t*>(m + i * 4096) != 5000 + i) return false;
+    }
+    if (dsvm_stats(&s) != DSVM_OK) return false;
+    if (s.prefetched_pages != 16 || s.read_faults != faults || faults != 1) {
+      std::fprintf(stderr, "prefetched %lu, read faults %lu then %lu\n", s.prefetched_pages,
+                   faults, s.read_faults);
+      return false;
+    }
+    // Page 17 was not read ahead; back to normal advice: no read-ahead after it.
+    if (dsvm_advise(m, 64 * 4096, DSVM_ADVICE_NORMAL, 0) != DSVM_OK) return false;
+    if (*reinterpret_cast<volatile uint64_t*>(m + 17 * 4096) != 5017) return false;
+    ::usleep(100000);
+    if (dsvm_stats(&s) != DSVM_OK || s.prefetched_pages != 16 || s.read_faults != 2) return false;
+    return dsvm_advise(m, 4096, 99, 0) == DSVM_EINVALID_ARGUMENT &&
+           dsvm_advise(m, 4096, DSVM_ADVICE_READ_MOSTLY, 3) == DSVM_EINVALID_ARGUMENT &&
+           dsvm_advise(m, 0, DSVM_ADVICE_READ_MOSTLY, 0) == DSVM_EINVALID_ARGUMENT;
+  }}});
+  EXPECT_EQ(codes, std::vector<int>{0});
+}
+
 }  // namespace
 }  // namespace dsvm::testing

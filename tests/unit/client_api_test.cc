@@ -464,6 +464,9 @@ TEST(ClientUninitialized, EveryCallSaysNotInitialized) {
   EXPECT_EQ(dsvm_node_id(&id), DSVM_ENOT_INITIALIZED);
   dsvm_node_stats_t stats;
   EXPECT_EQ(dsvm_stats(&stats), DSVM_ENOT_INITIALIZED);
+  EXPECT_EQ(dsvm_prefetch(reinterpret_cast<void*>(Base(0)), 4096, 0), DSVM_ENOT_INITIALIZED);
+  EXPECT_EQ(dsvm_advise(reinterpret_cast<void*>(Base(0)), 4096, DSVM_ADVICE_READ_MOSTLY, 0),
+            DSVM_ENOT_INITIALIZED);
   EXPECT_EQ(dsvm_finalize(), DSVM_ENOT_INITIALIZED);
   EXPECT_EQ(addr, nullptr);
   alignas(16) static dsvm_lock_t lock;

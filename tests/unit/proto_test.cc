@@ -242,6 +242,11 @@ std::vector<Message> SampleMessages() {
       UnmapRegion{.base = 0x200000400000},
       NodeStats{},
       NodeStatsReply{.node = 0x80000003, .clients = 17, .counters = SampleCounters(3)},
+      Prefetch{.address = 0x200000403000, .length = 0x8000000000000000ull + 4096, .write = 1},
+      Advise{.address = 0x200000405000,
+             .length = 0x8000000000001000ull,
+             .advice = Advice::kReadMostly,
+             .node = 0x80000002},
       NodeList{.start_after = 3},
       NodeListReply{.nodes = {NodeEntry{4, 1, "10.0.0.4:7701", 1u << 30, 2, SampleCounters(2)},
                               NodeEntry{5, 0, std::string(kMaxAddressLength, 'h'), 7, 0, {}}},
@@ -526,7 +531,7 @@ TEST(ProtoHeaderTest, WrongVersionIsInvalidArgument) {
 }
 
 TEST(ProtoHeaderTest, UnknownTypeIsInvalidArgument) {
-  for (uint16_t type : {0, 16, 19, 28, 29, 32, 46, 0x100, 0xFFFF}) {
+  for (uint16_t type : {0, 16, 19, 28, 29, 32, 48, 0x100, 0xFFFF}) {
     Bytes frame = HeaderBytes({.type = type, .payload_length = 0});
     Result<Header> h = DecodeHeader(frame);
     ASSERT_FALSE(h.ok()) << "type " << type;
@@ -609,6 +614,7 @@ std::vector<ByteField> EnumFields() {
       {"Grant.state", EncodeSample<Grant>(), 24, kMaxPageState},
       {"Grant.source", EncodeSample<Grant>(), 25, kMaxDataSource},
       {"Fetch.next_state", EncodeSample<Fetch>(), 20, kMaxPageState},
+      {"Advise.advice", EncodeSample<Advise>(), 16, kMaxAdvice},
   };
 }
 
@@ -616,7 +622,7 @@ TEST(ProtoFieldTest, EnumZeroAndOverMaxAreRefused) {
   const std::vector<uint8_t> sample_values = {
       static_cast<uint8_t>(PageState::kModified), static_cast<uint8_t>(AccessKind::kUpgrade),
       static_cast<uint8_t>(PageState::kModified), static_cast<uint8_t>(DataSource::kStash),
-      static_cast<uint8_t>(PageState::kInvalid)};
+      static_cast<uint8_t>(PageState::kInvalid), static_cast<uint8_t>(Advice::kReadMostly)};
   std::vector<ByteField> fields = EnumFields();
   ASSERT_EQ(fields.size(), sample_values.size());
   for (size_t i = 0; i < fields.size(); ++i) {

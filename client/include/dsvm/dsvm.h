@@ -34,7 +34,6 @@
  * connection; it calls dsvm_init to use dsvm itself. fork() waits for a
  * call another thread has in progress.
  *
- * Not in this version (TODO(#3)): dsvm_advise, dsvm_prefetch.
  */
 #ifndef DSVM_DSVM_H_
 #define DSVM_DSVM_H_
@@ -212,6 +211,43 @@ int dsvm_barrier_init(dsvm_barrier_t* barrier, uint32_t parties);
  * Errors: DSVM_EFAILED_PRECONDITION (not initialised, or its word is
  * corrupt: more arrivals than parties). */
 int dsvm_barrier_wait(dsvm_barrier_t* barrier);
+
+/* --- Prefetch and advice ----------------------------------------------------
+ *
+ * Both take a range of a region open in this process; it is widened to
+ * whole pages. */
+
+/* dsvm_prefetch flags. */
+#define DSVM_PREFETCH_WRITE 1u /* take the pages Modified (for writing); else Shared */
+
+/* Makes every page of [addr, addr + len) valid on this node, as faults on
+ * them would, and returns when all are: later accesses by any process of the
+ * node cost no network trip (until another node writes them). The daemon
+ * keeps up to 64 pages in flight at once, so this is much faster than
+ * faulting the pages one by one. It holds the process's one request slot
+ * for its duration (see Threads above).
+ * Errors: DSVM_EINVALID_ARGUMENT (NULL, len 0, not inside one region open in
+ * this process, unknown flags), DSVM_EDATA_LOSS (a page was lost with a
+ * node that died), DSVM_ENOT_INITIALIZED, DSVM_EUNAVAILABLE. */
+int dsvm_prefetch(const void* addr, size_t len, unsigned flags);
+
+/* Advice for dsvm_advise. The values are ABI. */
+enum dsvm_advice {
+  DSVM_ADVICE_NORMAL = 1,     /* no advice: each fault fetches its own page */
+  DSVM_ADVICE_READ_MOSTLY = 2 /* a read fault also fetches the next 16 pages of the
+                                 range in the background (read-ahead). Reads
+                                 always replicate pages (MSI); this is for data
+                                 read in sequence and rarely written. */
+};
+
+/* Gives `advice` for the pages of [addr, addr + len). Advice is kept by this
+ * node's daemon and applies to every process of this node (not to other
+ * nodes) until changed or until the daemon restarts. `node` is for advice
+ * that names a node; pass 0 with the advice above.
+ * Errors: DSVM_EINVALID_ARGUMENT (NULL, len 0, not inside one region open in
+ * this process, unknown advice, a node with advice that takes none),
+ * DSVM_ENOT_INITIALIZED, DSVM_EUNAVAILABLE. */
+int dsvm_advise(const void* addr, size_t len, int advice, uint32_t node);
 
 /* --- Statistics -------------------------------------------------------------
  *
