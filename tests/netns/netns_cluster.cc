@@ -216,7 +216,8 @@ void NetnsCluster::CleanStale() {
 
 // The watcher: a shell reading one line on its stdin. "done" means the
 // cluster was stopped; end of file means the test process died, and the
-// watcher kills what runs in the namespaces and deletes them.
+// watcher kills what runs in the namespaces, deletes them and removes the
+// cluster's directory.
 Status NetnsCluster::StartWatcher() {
   int fds[2];
   if (::pipe2(fds, O_CLOEXEC) != 0) return IoError("pipe2: " + std::string(std::strerror(errno)));
@@ -224,10 +225,12 @@ Status NetnsCluster::StartWatcher() {
       "/bin/sh", "-c",
       "PATH=/usr/sbin:/usr/bin:/sbin:/bin\n"
       "read -r word; [ \"$word\" = done ] && exit 0\n"
+      "dir=$1; shift\n"
       "for ns in \"$@\"; do for p in $(ip netns pids \"$ns\" 2>/dev/null); do kill -9 \"$p\"; done; done\n"
       "sleep 0.5\n"
-      "for ns in \"$@\"; do ip netns del \"$ns\" 2>/dev/null; done\n",
-      "dsvm-netns-watcher"};
+      "for ns in \"$@\"; do ip netns del \"$ns\" 2>/dev/null; done\n"
+      "rm -rf \"$dir\"\n",
+      "dsvm-netns-watcher", dir_};
   for (const auto& ns : namespaces()) argv.push_back(ns);
   ExecArgs exec(argv, false);
   const pid_t pid = ::fork();
