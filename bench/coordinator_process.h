@@ -6,8 +6,10 @@
 #include <sys/types.h>
 
 #include <memory>
+#include <optional>
 #include <string>
 
+#include "proto/auth.h"
 #include "proto/status.h"
 
 namespace dsvm::bench {
@@ -32,6 +34,9 @@ class CoordinatorProcess {
 
   // "127.0.0.1:PORT".
   const std::string& address() const { return address_; }
+  // The cluster secret it demands: a fresh one per process, in its directory.
+  const std::string& secret_path() const { return secret_path_; }
+  const proto::ClusterSecret& secret() const { return *secret_; }
 
   // SIGTERM, then SIGKILL after 5 s. Errors: kInternal when the coordinator
   // did not exit 0 on SIGTERM (the log's tail goes to stderr).
@@ -46,6 +51,8 @@ class CoordinatorProcess {
   pid_t pid_ = -1;
   std::string root_;  // temporary: data/, port, coordinator.log
   std::string address_;
+  std::string secret_path_;
+  std::optional<proto::ClusterSecret> secret_;
 };
 
 }  // namespace dsvm::bench

@@ -15,6 +15,7 @@
 
 #include "bench/bench_output.h"
 #include "bench/coordinator_process.h"
+#include "proto/auth.h"
 #include "proto/framed_socket.h"
 #include "proto/messages.h"
 
@@ -61,8 +62,8 @@ class BenchNode {
  public:
   explicit BenchNode(size_t pages) : pages_(pages) {}
 
-  Status Join(const std::string& address) {
-    DSVM_ASSIGN_OR_RETURN(sock_, proto::FramedSocket::Connect(address));
+  Status Join(const std::string& address, const proto::ClusterSecret* secret) {
+    DSVM_ASSIGN_OR_RETURN(sock_, proto::ConnectToCoordinator(address, secret));
     proto::JoinRequest join;
     join.node = proto::kNoNode;  // assign one
     join.address = "127.0.0.1:1";
@@ -388,6 +389,16 @@ Status RunDirectoryLoopback(const LoopbackOptions& o, bool* skipped) {
   *skipped = false;
   std::unique_ptr<CoordinatorProcess> process;
   std::string address = o.coordinator_address;
+  // A coordinator of someone else's: its secret comes from $DSVM_SECRET_FILE.
+  std::optional<proto::ClusterSecret> given;
+  const proto::ClusterSecret* secret = nullptr;
+  if (!address.empty()) {
+    if (const std::string path = proto::SecretPath(""); !path.empty()) {
+      DSVM_ASSIGN_OR_RETURN(proto::ClusterSecret s, proto::ClusterSecret::Load(path));
+      given = std::move(s);
+      secret = &*given;
+    }
+  }
   if (address.empty()) {
     std::string binary = o.coordinator_binary;
     if (binary.empty()) {
@@ -404,13 +415,14 @@ Status RunDirectoryLoopback(const LoopbackOptions& o, bool* skipped) {
     }
     DSVM_ASSIGN_OR_RETURN(process, CoordinatorProcess::Start(binary));
     address = process->address();
+    secret = &process->secret();
     std::fprintf(stderr, "directory loopback: started %s on %s\n", binary.c_str(), address.c_str());
   }
 
   Status result = [&]() -> Status {
     BenchNode a(o.pages), b(o.pages);
-    DSVM_RETURN_IF_ERROR(a.Join(address));
-    DSVM_RETURN_IF_ERROR(b.Join(address));
+    DSVM_RETURN_IF_ERROR(a.Join(address, secret));
+    DSVM_RETURN_IF_ERROR(b.Join(address, secret));
     if (a.id() == b.id()) return Internal("both connections were assigned node " + Str(a.id()));
     a.set_peer(b.id());
     b.set_peer(a.id());

@@ -25,6 +25,7 @@
 #include "node/fault/fd_passing.h"
 #include "node/fault/uffd_backend.h"
 #include "node/fault/uffd_client.h"
+#include "proto/auth.h"
 #include "proto/framed_socket.h"
 #include "proto/messages.h"
 
@@ -288,11 +289,13 @@ Status StartCluster(const FaultLatencyOptions& o, Cluster* c, uint64_t region_by
     const std::string stem = c->dir.path() + "/node" + Str(i + 1);
     DSVM_ASSIGN_OR_RETURN(std::unique_ptr<NodeProcess> n,
                           NodeProcess::Start(o.node_binary, c->coordinator->address(),
-                                             stem + ".sock", stem + ".log"));
+                                             c->coordinator->secret_path(), stem + ".sock",
+                                             stem + ".log"));
     c->nodes.push_back(std::move(n));
   }
   DSVM_ASSIGN_OR_RETURN(proto::FramedSocket tool,
-                        proto::FramedSocket::Connect(c->coordinator->address()));
+                        proto::ConnectToCoordinator(c->coordinator->address(),
+                                                    &c->coordinator->secret()));
   auto reply = tool.Call(proto::RegionCreate{kRegionName, region_bytes, kFaultPageSize});
   if (!reply.ok() || std::get_if<proto::RegionReply>(&*reply) == nullptr) {
     return Unexpected<proto::RegionReply>(reply, "RegionCreate");
@@ -533,7 +536,8 @@ Status RunOneTransport(const FaultLatencyOptions& o, const std::string& tls) {
   // directory hop of a fault pays at least for the TCP link and wake-ups.
   std::vector<double> coordinator_rtt;
   {
-    auto tool = proto::FramedSocket::Connect(cluster.coordinator->address());
+    auto tool = proto::ConnectToCoordinator(cluster.coordinator->address(),
+                                            &cluster.coordinator->secret());
     for (size_t i = 0; tool.ok() && i < o.pages; ++i) {
       const uint64_t t0 = MonotonicNs();
       auto reply = tool->Call(proto::NodeList{proto::kNoNode});

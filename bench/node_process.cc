@@ -55,6 +55,7 @@ std::string DefaultNodeBinary() {
 
 Result<std::unique_ptr<NodeProcess>> NodeProcess::Start(const std::string& binary,
                                                         const std::string& coordinator,
+                                                        const std::string& secret_file,
                                                         const std::string& socket_path,
                                                         const std::string& log_path) {
   if (::access(binary.c_str(), X_OK) != 0) {
@@ -70,8 +71,9 @@ Result<std::unique_ptr<NodeProcess>> NodeProcess::Start(const std::string& binar
   const int log_fd = ::open(log_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
   if (log_fd < 0) return IoError(Errno("open node log"));
 
-  std::vector<std::string> args = {binary,        "--coordinator", coordinator, "--listen",
-                                   "127.0.0.1:0", "--socket",      socket_path};
+  std::vector<std::string> args = {binary,        "--coordinator", coordinator,
+                                   "--listen",    "127.0.0.1:0",   "--socket",
+                                   socket_path,   "--secret-file", secret_file};
   std::vector<char*> argv;
   for (std::string& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);

@@ -31,6 +31,7 @@ class NodeProcess {
   // the log's tail goes to stderr), kIoError.
   static Result<std::unique_ptr<NodeProcess>> Start(const std::string& binary,
                                                     const std::string& coordinator,
+                                                    const std::string& secret_file,
                                                     const std::string& socket_path,
                                                     const std::string& log_path);
 

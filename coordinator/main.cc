@@ -1,8 +1,13 @@
 // dsvm-coordinator: membership, regions and one shard of the page directory.
 //
-//   dsvm-coordinator --data-dir DIR [--listen HOST:PORT] [--port-file FILE]
+//   dsvm-coordinator --data-dir DIR (--secret-file FILE | --insecure)
+//                    [--listen HOST:PORT] [--port-file FILE]
 //                    [--shard I --shard-count N] [--heartbeat-ms MS]
 //                    [--dead-after-ms MS] [--directory-sync] [--verbose]
+//
+// --secret-file (or $DSVM_SECRET_FILE): the cluster secret every node and
+// tool must prove (proto/auth.h). --insecure accepts anyone who reaches the
+// port; it must be asked for, so no cluster runs open by accident.
 //
 // Exits 1 with a clear message when it cannot start (bad flag, unusable or
 // corrupt data directory, address in use). SIGINT/SIGTERM stop it cleanly.
@@ -12,6 +17,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <optional>
 #include <string>
 
 #include "coordinator/net/server.h"
@@ -27,7 +33,8 @@ using namespace dsvm::coordinator;
 int Usage(const std::string& why) {
   std::fprintf(stderr,
                "dsvm-coordinator: %s\n"
-               "usage: dsvm-coordinator --data-dir DIR [--listen HOST:PORT] [--port-file FILE]\n"
+               "usage: dsvm-coordinator --data-dir DIR (--secret-file FILE | --insecure)\n"
+               "       [--listen HOST:PORT] [--port-file FILE]\n"
                "       [--shard I --shard-count N] [--heartbeat-ms MS] [--dead-after-ms MS]\n"
                "       [--directory-sync] [--verbose]\n",
                why.c_str());
@@ -54,6 +61,8 @@ int main(int argc, char** argv) {
   ServerOptions server_options;
   ServiceOptions service_options;
   StoreOptions store_options;
+  std::string secret_flag;
+  bool insecure = false;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     auto value = [&](std::string* out) {
@@ -74,6 +83,8 @@ int main(int argc, char** argv) {
     else if (a == "--heartbeat-ms") ok = number(&service_options.heartbeat_interval_ms);
     else if (a == "--dead-after-ms") ok = number(&service_options.dead_after_ms);
     else if (a == "--directory-sync") store_options.sync_directory = true;
+    else if (a == "--secret-file") ok = value(&secret_flag);
+    else if (a == "--insecure") insecure = true;
     else if (a == "--verbose") SetLogLevel(LogLevel::kDebug);
     else return Usage("unknown flag '" + a + "'");
     if (!ok) return Usage("flag '" + a + "' needs a valid value");
@@ -82,6 +93,24 @@ int main(int argc, char** argv) {
   if (service_options.heartbeat_interval_ms == 0 ||
       service_options.dead_after_ms <= service_options.heartbeat_interval_ms) {
     return Usage("--dead-after-ms must exceed --heartbeat-ms, and both be positive");
+  }
+
+  const std::string secret_path = proto::SecretPath(secret_flag);
+  if (secret_path.empty() && !insecure) {
+    return Usage("give the cluster secret (--secret-file, or $DSVM_SECRET_FILE), or --insecure");
+  }
+  if (!secret_path.empty() && insecure) return Usage("--insecure with a cluster secret");
+  std::optional<proto::ClusterSecret> secret;
+  if (!secret_path.empty()) {
+    auto loaded = proto::ClusterSecret::Load(secret_path);
+    if (!loaded.ok()) {
+      LogError("refusing to start: " + loaded.status().ToString());
+      return 1;
+    }
+    secret = std::move(*loaded);
+    server_options.secret = &*secret;
+  } else {
+    LogWarning("--insecure: any process that reaches the port may join and read every region");
   }
 
   auto store = Store::Open(data_dir, store_options);

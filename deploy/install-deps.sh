@@ -6,10 +6,11 @@ set -euo pipefail
 packages=(
   build-essential cmake ninja-build pkg-config git
   libucx-dev ucx-utils librdmacm-dev libibverbs-dev
-  libboost-dev librocksdb-dev
+  libboost-dev librocksdb-dev libssl-dev
   libgtest-dev libgmock-dev googletest
   clang
   iproute2
+  openmpi-bin libopenmpi-dev
 )
 
 missing=()

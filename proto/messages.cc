@@ -74,6 +74,11 @@ const char* TypeName(MessageType t) {
     case MessageType::kNodeStatsReply: return "NodeStatsReply";
     case MessageType::kPrefetch: return "Prefetch";
     case MessageType::kAdvise: return "Advise";
+    case MessageType::kAuthHello: return "AuthHello";
+    case MessageType::kAuthChallenge: return "AuthChallenge";
+    case MessageType::kAuthProof: return "AuthProof";
+    case MessageType::kPeerChallenge: return "PeerChallenge";
+    case MessageType::kPeerProof: return "PeerProof";
   }
   return "Unknown";
 }

@@ -42,7 +42,8 @@ inline constexpr uint32_t kMaxAddressLength = 255;            // "host:port"
 inline constexpr uint32_t kMaxTextLength = 1024;              // status messages
 inline constexpr uint32_t kMaxBlobLength = 4096;              // opaque transport addresses
 inline constexpr uint32_t kMaxSharersInReply = 1024;
-inline constexpr uint32_t kMaxListEntries = 128;  // per list reply; 128 * ~300 B < 64 KiB
+inline constexpr uint32_t kMaxListEntries = 128;
+inline constexpr uint32_t kMaxAuthBytes = 32;     // a nonce or an HMAC-SHA256 proof  // per list reply; 128 * ~300 B < 64 KiB
 
 enum class MessageType : uint16_t {
   kInvalid = 0,
@@ -62,6 +63,9 @@ enum class MessageType : uint16_t {
   kNodeListReply = 13,
   kRegionList = 14,
   kRegionListReply = 15,
+  kAuthHello = 16,
+  kAuthChallenge = 17,
+  kAuthProof = 18,
   // Coherence plane: node <-> directory shard.
   kAcquire = 20,
   kGrant = 21,
@@ -74,6 +78,8 @@ enum class MessageType : uint16_t {
   // Data plane: node <-> node.
   kPageData = 30,
   kPeerHello = 31,
+  kPeerChallenge = 32,
+  kPeerProof = 33,
   // Client plane: libdsvm <-> dsvm-node over a UNIX socket.
   kClientHello = 40,
   kClientHelloReply = 41,
@@ -120,6 +126,31 @@ struct StatusReply {
   uint16_t code = 0;  // StatusCode
   std::string message;
   template <typename A> void Visit(A& a) { a.Code(code); a.Str(message, kMaxTextLength); }
+};
+
+// The authentication handshake (proto/auth.h; PROTOCOL.md, Authentication).
+// Connector -> coordinator: the first message on every connection.
+struct AuthHello {
+  static constexpr MessageType kType = MessageType::kAuthHello;
+  std::vector<uint8_t> nonce;  // kNonceSize bytes
+  template <typename A> void Visit(A& a) { a.Blob(nonce, kMaxAuthBytes); }
+};
+
+// Coordinator -> connector: its nonce and its proof (empty when it runs
+// without a secret, --insecure).
+struct AuthChallenge {
+  static constexpr MessageType kType = MessageType::kAuthChallenge;
+  std::vector<uint8_t> nonce;
+  std::vector<uint8_t> proof;
+  template <typename A> void Visit(A& a) { a.Blob(nonce, kMaxAuthBytes); a.Blob(proof, kMaxAuthBytes); }
+};
+
+// Connector -> coordinator: its proof (empty: it has no secret). Reply:
+// StatusReply, OK or PERMISSION_DENIED (then the connection closes).
+struct AuthProof {
+  static constexpr MessageType kType = MessageType::kAuthProof;
+  std::vector<uint8_t> proof;
+  template <typename A> void Visit(A& a) { a.Blob(proof, kMaxAuthBytes); }
 };
 
 // Node -> coordinator: join the cluster (or rejoin with the id it had).
@@ -407,7 +438,24 @@ struct PageData {
 struct PeerHello {
   static constexpr MessageType kType = MessageType::kPeerHello;
   NodeId node = kNoNode;
-  template <typename A> void Visit(A& a) { a.U32(node); }
+  std::vector<uint8_t> nonce;  // kNonceSize bytes
+  template <typename A> void Visit(A& a) { a.U32(node); a.Blob(nonce, kMaxAuthBytes); }
+};
+
+// Listener -> connector, answering PeerHello: its nonce and its proof.
+struct PeerChallenge {
+  static constexpr MessageType kType = MessageType::kPeerChallenge;
+  std::vector<uint8_t> nonce;
+  std::vector<uint8_t> proof;
+  template <typename A> void Visit(A& a) { a.Blob(nonce, kMaxAuthBytes); a.Blob(proof, kMaxAuthBytes); }
+};
+
+// Connector -> listener: its proof; from here on the listener accepts the
+// endpoint's messages as the node's.
+struct PeerProof {
+  static constexpr MessageType kType = MessageType::kPeerProof;
+  std::vector<uint8_t> proof;
+  template <typename A> void Visit(A& a) { a.Blob(proof, kMaxAuthBytes); }
 };
 
 // The ABI version libdsvm and dsvm-node speak on the client plane.
@@ -495,7 +543,8 @@ using Message = std::variant<StatusReply, JoinRequest, JoinReply, Heartbeat, Lea
                              Acquire, Grant, Fetch, Invalidate, InvalidateAck,
                              Done, Release, EvictReply, PageData, PeerHello, ClientHello,
                              ClientHelloReply, MapRegion, UnmapRegion, NodeStats, NodeStatsReply,
-                             Prefetch, Advise>;
+                             Prefetch, Advise, AuthHello, AuthChallenge, AuthProof,
+                             PeerChallenge, PeerProof>;
 
 struct Header {
   uint32_t magic = kMagic;

@@ -8,13 +8,17 @@
 //   dsvmctl [--coordinator HOST:PORT] regions
 //
 // SIZE takes a K, M or G suffix; ADDRESS is decimal or 0x hex. The
-// coordinator defaults to $DSVM_COORDINATOR, then 127.0.0.1:7700.
+// coordinator defaults to $DSVM_COORDINATOR, then 127.0.0.1:7700. The
+// cluster secret comes from --secret-file FILE (before the command), else
+// $DSVM_SECRET_FILE; without one only an --insecure coordinator answers.
 // Exit status: 0 done, 1 refused by the coordinator or unreachable, 2 usage.
 #include <cstdio>
 #include <cstdlib>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "proto/auth.h"
 #include "proto/framed_socket.h"
 
 namespace {
@@ -27,7 +31,8 @@ int Usage(const char* why) {
                "usage: dsvmctl [--coordinator HOST:PORT] region create NAME SIZE [PAGE_SIZE]\n"
                "       dsvmctl [--coordinator HOST:PORT] region show|delete NAME\n"
                "       dsvmctl [--coordinator HOST:PORT] page ADDRESS\n"
-               "       dsvmctl [--coordinator HOST:PORT] nodes|regions\n",
+               "       dsvmctl [--coordinator HOST:PORT] nodes|regions\n"
+               "       (after --coordinator: [--secret-file FILE], default $DSVM_SECRET_FILE)\n",
                why);
   return 2;
 }
@@ -140,7 +145,24 @@ int main(int argc, char** argv) {
     coordinator = args[1];
     args.erase(args.begin(), args.begin() + 2);
   }
+  std::string secret_flag;
+  if (args.size() >= 2 && args[0] == "--secret-file") {
+    secret_flag = args[1];
+    args.erase(args.begin(), args.begin() + 2);
+  }
   if (args.empty()) return Usage("no command");
+  std::optional<proto::ClusterSecret> secret;
+  if (const std::string path = proto::SecretPath(secret_flag); !path.empty()) {
+    auto loaded = proto::ClusterSecret::Load(path);
+    if (!loaded.ok()) {
+      std::fprintf(stderr, "dsvmctl: %s\n", loaded.status().ToString().c_str());
+      return 1;
+    }
+    secret = std::move(*loaded);
+  }
+  auto connect = [&] {
+    return proto::ConnectToCoordinator(coordinator, secret ? &*secret : nullptr);
+  };
 
   proto::Message request;
   if (args[0] == "region" && args.size() >= 3) {
@@ -165,7 +187,7 @@ int main(int argc, char** argv) {
       return Usage("unknown region command");
     }
   } else if ((args[0] == "nodes" || args[0] == "regions") && args.size() == 1) {
-    auto sock = proto::FramedSocket::Connect(coordinator);
+    auto sock = connect();
     if (!sock.ok()) {
       std::fprintf(stderr, "dsvmctl: %s\n", sock.status().ToString().c_str());
       return 1;
@@ -179,7 +201,7 @@ int main(int argc, char** argv) {
     return Usage("unknown command");
   }
 
-  auto sock = proto::FramedSocket::Connect(coordinator);
+  auto sock = connect();
   if (!sock.ok()) {
     std::fprintf(stderr, "dsvmctl: %s\n", sock.status().ToString().c_str());
     return 1;

@@ -1,6 +1,7 @@
 #include "coordinator/net/server.h"
 
 #include <array>
+#include <cstring>
 #include <unordered_set>
 
 #include "proto/framed_socket.h"
@@ -23,6 +24,9 @@ struct Server::Connection {
   bool writing = false;
   bool closing = false;  // refused: write what is queued (the error reply), then close
   bool closed = false;
+  enum class Auth { kAwaitHello, kAwaitProof, kDone } auth = Auth::kAwaitHello;
+  proto::Nonce their_nonce{};
+  proto::Nonce my_nonce{};
 };
 
 Server::Server(asio::io_context& io, CoordinatorService& service, ServerOptions options)
@@ -125,6 +129,10 @@ void Server::Consume(const std::shared_ptr<Connection>& c) {
       return;
     }
     proto::Frame frame{*header, std::move(*message)};
+    if (c->auth != Connection::Auth::kDone) {
+      if (!Authenticate(c, frame)) break;
+      continue;
+    }
     Status st = service_.OnFrame(c->id, frame, now);
     if (!st.ok()) {
       LogWarning("closing connection " + c->peer + ": " + st.ToString());
@@ -134,6 +142,57 @@ void Server::Consume(const std::shared_ptr<Connection>& c) {
   }
   c->in.erase(c->in.begin(), c->in.begin() + static_cast<std::ptrdiff_t>(pos));
   ScheduleFlush();
+}
+
+bool Server::Authenticate(const std::shared_ptr<Connection>& c, const proto::Frame& frame) {
+  const uint64_t rid = frame.header.request_id;
+  if (c->auth == Connection::Auth::kAwaitHello) {
+    const auto* hello = std::get_if<proto::AuthHello>(&frame.message);
+    if (hello == nullptr || hello->nonce.size() != proto::kNonceSize) {
+      Refuse(c, rid,
+             PermissionDenied(std::string("the first message must be AuthHello with a ") +
+                              std::to_string(proto::kNonceSize) + "-byte nonce, not " +
+                              proto::TypeName(proto::TypeOf(frame.message))));
+      return false;
+    }
+    std::memcpy(c->their_nonce.data(), hello->nonce.data(), proto::kNonceSize);
+    c->my_nonce = proto::RandomNonce();
+    proto::AuthChallenge challenge;
+    challenge.nonce.assign(c->my_nonce.begin(), c->my_nonce.end());
+    if (options_.secret != nullptr) {
+      challenge.proof = options_.secret->Prove(proto::kCoordinatorRole, c->their_nonce, c->my_nonce);
+    }
+    proto::EncodeTo(challenge, rid, &c->out_pending);
+    Write(c);
+    c->auth = Connection::Auth::kAwaitProof;
+    return true;
+  }
+  const auto* proof = std::get_if<proto::AuthProof>(&frame.message);
+  if (proof == nullptr) {
+    Refuse(c, rid, PermissionDenied(std::string("expected AuthProof, not ") +
+                                    proto::TypeName(proto::TypeOf(frame.message))));
+    return false;
+  }
+  if (options_.secret != nullptr &&
+      !options_.secret->Check(proof->proof, proto::kCoordinatorClientRole, c->my_nonce,
+                              c->their_nonce)) {
+    Refuse(c, rid, PermissionDenied(proof->proof.empty()
+                                        ? "this coordinator requires the cluster secret; give "
+                                          "--secret-file or set DSVM_SECRET_FILE"
+                                        : "wrong cluster secret"));
+    return false;
+  }
+  c->auth = Connection::Auth::kDone;
+  proto::EncodeTo(proto::ToReply(Status::Ok()), rid, &c->out_pending);
+  Write(c);
+  return true;
+}
+
+void Server::Refuse(const std::shared_ptr<Connection>& c, uint64_t request_id, const Status& why) {
+  LogWarning("refusing connection " + c->peer + ": " + why.message());
+  proto::EncodeTo(proto::ToReply(why), request_id, &c->out_pending);
+  c->closing = true;
+  Write(c);
 }
 
 void Server::Close(const std::shared_ptr<Connection>& c, const std::string& why) {

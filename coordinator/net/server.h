@@ -5,6 +5,9 @@
 // validated as they arrive; a malformed one closes that connection with a
 // logged reason, and the others keep being served. Replies are written after
 // the service's Flush() (group commit): one flush per burst of input.
+//
+// Every connection starts with the authentication handshake (proto/auth.h),
+// done here: the service sees only frames of authenticated connections.
 #ifndef DSVM_COORDINATOR_NET_SERVER_H_
 #define DSVM_COORDINATOR_NET_SERVER_H_
 
@@ -19,6 +22,7 @@
 #include <vector>
 
 #include "coordinator/service/coordinator_service.h"
+#include "proto/auth.h"
 
 namespace dsvm::coordinator {
 
@@ -29,6 +33,9 @@ struct ServerOptions {
   std::string listen = "127.0.0.1:7700";  // port 0 picks a free one
   uint32_t tick_ms = 50;
   size_t max_output_bytes = 64u << 20;     // a peer that stops reading is cut off here
+  // The cluster secret connectors must prove; nullptr: none (--insecure),
+  // any connector is accepted. Must outlive the server.
+  const proto::ClusterSecret* secret = nullptr;
 };
 
 class Server {
@@ -47,6 +54,10 @@ class Server {
   void Accept();
   void Read(std::shared_ptr<Connection> c);
   void Consume(const std::shared_ptr<Connection>& c);
+  // One frame of a connection still in its handshake. False: refused (an
+  // error reply is queued and the connection closes after it).
+  bool Authenticate(const std::shared_ptr<Connection>& c, const proto::Frame& frame);
+  void Refuse(const std::shared_ptr<Connection>& c, uint64_t request_id, const Status& why);
   void Close(const std::shared_ptr<Connection>& c, const std::string& why);
   void ScheduleFlush();
   void DoFlush();

@@ -1,8 +1,12 @@
 // dsvm-node: the node daemon, one per host.
 //
 //   dsvm-node --coordinator HOST:PORT [--listen HOST:PORT] [--socket PATH]
-//             [--fault-backend uffd] [--rejoin-as N] [--verbose]
+//             [--fault-backend uffd] [--rejoin-as N] [--secret-file FILE]
+//             [--verbose]
 //
+// --secret-file (default $DSVM_SECRET_FILE): the cluster secret this node
+// proves to the coordinator and to its peers, and demands of them
+// (proto/auth.h). Without one the node joins only an --insecure cluster.
 // --listen is the UCX listener peers reach (port 0 picks one); --socket the
 // UNIX socket libdsvm connects to (default $DSVM_SOCKET, then
 // /run/dsvm/node.sock). Exits 1 with a clear message when it cannot start;
@@ -25,7 +29,7 @@ int Usage(const std::string& why) {
   std::fprintf(stderr,
                "dsvm-node: %s\n"
                "usage: dsvm-node --coordinator HOST:PORT [--listen HOST:PORT] [--socket PATH]\n"
-               "       [--fault-backend uffd] [--rejoin-as N] [--verbose]\n",
+               "       [--fault-backend uffd] [--rejoin-as N] [--secret-file FILE] [--verbose]\n",
                why.c_str());
   return 2;
 }
@@ -38,6 +42,7 @@ int main(int argc, char** argv) {
   node::NodeDaemonOptions o;
   const char* env_socket = std::getenv("DSVM_SOCKET");
   o.socket_path = env_socket ? env_socket : "/run/dsvm/node.sock";
+  std::string secret_flag;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     auto value = [&](std::string* out) {
@@ -51,6 +56,7 @@ int main(int argc, char** argv) {
     else if (a == "--listen") ok = value(&o.listen);
     else if (a == "--socket") ok = value(&o.socket_path);
     else if (a == "--fault-backend") ok = value(&o.fault_backend);
+    else if (a == "--secret-file") ok = value(&secret_flag);
     else if (a == "--rejoin-as") {
       ok = value(&v) && !v.empty() && v.find_first_not_of("0123456789") == std::string::npos &&
            v.size() <= 9;
@@ -60,6 +66,7 @@ int main(int argc, char** argv) {
     if (!ok) return Usage("flag '" + a + "' needs a valid value");
   }
   if (o.fault_backend != "uffd") return Usage("--fault-backend must be uffd (kmod: issue #4)");
+  o.secret_file = proto::SecretPath(secret_flag);
   const std::string dir = o.socket_path.substr(0, o.socket_path.rfind('/'));
   if (!dir.empty()) ::mkdir(dir.c_str(), 0755);
 

@@ -66,15 +66,24 @@ Result<proto::JoinReply> NodeDaemon::Join(proto::FramedSocket& link, const NodeD
 }
 
 Result<std::unique_ptr<NodeDaemon>> NodeDaemon::Create(const NodeDaemonOptions& options) {
-  DSVM_ASSIGN_OR_RETURN(std::unique_ptr<UcxTransport> transport,
-                        UcxTransport::Create(UcxOptions{proto::kNoNode, options.listen}));
+  std::shared_ptr<const proto::ClusterSecret> secret;
+  if (!options.secret_file.empty()) {
+    DSVM_ASSIGN_OR_RETURN(proto::ClusterSecret s, proto::ClusterSecret::Load(options.secret_file));
+    secret = std::make_shared<const proto::ClusterSecret>(std::move(s));
+  }
+  UcxOptions ucx;
+  ucx.listen = options.listen;
+  ucx.secret = secret;
+  DSVM_ASSIGN_OR_RETURN(std::unique_ptr<UcxTransport> transport, UcxTransport::Create(ucx));
   const std::string peer_address =
       HostOf(options.listen) + ":" + std::to_string(transport->port());
-  DSVM_ASSIGN_OR_RETURN(proto::FramedSocket link, proto::FramedSocket::Connect(options.coordinator));
+  DSVM_ASSIGN_OR_RETURN(proto::FramedSocket link,
+                        proto::ConnectToCoordinator(options.coordinator, secret.get()));
   DSVM_ASSIGN_OR_RETURN(proto::JoinReply jr,
                         Join(link, options, options.rejoin_as, peer_address, /*resume=*/false));
   transport->set_self(jr.node);
-  std::unique_ptr<NodeDaemon> d(new NodeDaemon(options, jr, std::move(link), std::move(transport)));
+  std::unique_ptr<NodeDaemon> d(
+      new NodeDaemon(options, jr, std::move(link), std::move(transport), std::move(secret)));
   if (options.fault_backend == "uffd") {
     DSVM_ASSIGN_OR_RETURN(std::unique_ptr<UffdBackend> backend, UffdBackend::Create());
     d->backend_ = std::move(backend);
@@ -88,8 +97,10 @@ Result<std::unique_ptr<NodeDaemon>> NodeDaemon::Create(const NodeDaemonOptions& 
 }
 
 NodeDaemon::NodeDaemon(const NodeDaemonOptions& options, const proto::JoinReply& joined,
-                       proto::FramedSocket link, std::unique_ptr<UcxTransport> transport)
+                       proto::FramedSocket link, std::unique_ptr<UcxTransport> transport,
+                       std::shared_ptr<const proto::ClusterSecret> secret)
     : options_(options),
+      secret_(std::move(secret)),
       id_(joined.node),
       link_(std::move(link)),
       transport_(std::move(transport)),
@@ -271,8 +282,13 @@ void NodeDaemon::OnCoordinatorReadable() {
 
 void NodeDaemon::ReconnectCoordinator() {
   last_reconnect_ms_ = NowMs();
-  auto link = proto::FramedSocket::Connect(options_.coordinator);
-  if (!link.ok()) return;
+  auto link = proto::ConnectToCoordinator(options_.coordinator, secret_.get());
+  if (!link.ok()) {
+    if (link.status().code() == StatusCode::kPermissionDenied) {
+      LogWarning("rejoining the coordinator: " + link.status().ToString());
+    }
+    return;
+  }
   // TODO(#3): refused when this node was declared dead meanwhile; it must
   // then drop every page and join as new.
   auto jr = Join(*link, options_, id_, peer_address(), /*resume=*/true);

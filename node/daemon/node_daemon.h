@@ -33,6 +33,7 @@
 #include "node/fault/fault_backend.h"
 #include "node/memory/page_store.h"
 #include "node/transport/ucx_transport.h"
+#include "proto/auth.h"
 #include "proto/framed_socket.h"
 #include "proto/messages.h"
 
@@ -49,6 +50,9 @@ struct NodeDaemonOptions {
   // How client processes' faults are caught: "uffd", or "" for none (the
   // daemon then serves only Access() calls, as in tests of the core).
   std::string fault_backend = "uffd";
+  // The cluster secret file (proto/auth.h); "" = none, which only a
+  // coordinator started with --insecure accepts.
+  std::string secret_file;
 };
 
 struct NodeDaemonStats {
@@ -144,7 +148,8 @@ class NodeDaemon {
   };
 
   NodeDaemon(const NodeDaemonOptions& options, const proto::JoinReply& joined,
-             proto::FramedSocket link, std::unique_ptr<UcxTransport> transport);
+             proto::FramedSocket link, std::unique_ptr<UcxTransport> transport,
+             std::shared_ptr<const proto::ClusterSecret> secret);
   static Result<proto::JoinReply> Join(proto::FramedSocket& link, const NodeDaemonOptions& o,
                                        proto::NodeId as, const std::string& peer_address,
                                        bool resume);
@@ -183,6 +188,7 @@ class NodeDaemon {
   uint64_t NowMs() const;
 
   NodeDaemonOptions options_;
+  std::shared_ptr<const proto::ClusterSecret> secret_;  // null: none
   proto::NodeId id_;
   proto::FramedSocket link_;
   std::unique_ptr<UcxTransport> transport_;

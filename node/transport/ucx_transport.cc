@@ -4,6 +4,7 @@
 #include <netinet/in.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstring>
 
@@ -15,6 +16,12 @@ namespace {
 
 // The one active-message id dsvm uses: the frame inside says what it is.
 constexpr unsigned kAmId = 1;
+
+// A node id as the bytes a peer proof binds it with (little-endian).
+std::array<uint8_t, 4> NodeBytes(proto::NodeId node) {
+  return {static_cast<uint8_t>(node), static_cast<uint8_t>(node >> 8),
+          static_cast<uint8_t>(node >> 16), static_cast<uint8_t>(node >> 24)};
+}
 
 Status FromUcs(const std::string& what, ucs_status_t st) {
   return Unavailable(what + ": " + ucs_status_string(st));
@@ -183,7 +190,11 @@ Status UcxTransport::Connect(proto::NodeId peer, const std::string& address) {
   all_eps_.push_back(h);
   ep_node_[h] = peer;
   peers_[peer] = h;
-  return SendOn(h, proto::PeerHello{options_.self});
+  Handshake& hs = handshakes_[h];
+  hs.connector = true;
+  hs.node = peer;
+  hs.mine = proto::RandomNonce();
+  return SendOn(h, proto::PeerHello{options_.self, std::vector<uint8_t>(hs.mine.begin(), hs.mine.end())});
 }
 
 void UcxTransport::OnEndpointError(void* arg, ucp_ep_h ep, ucs_status_t status) {
@@ -196,6 +207,7 @@ void UcxTransport::OnEndpointError(void* arg, ucp_ep_h ep, ucs_status_t status) 
 }
 
 void UcxTransport::ForgetEndpoint(ucp_ep_h ep) {
+  handshakes_.erase(ep);
   auto it = ep_node_.find(ep);
   if (it != ep_node_.end()) {
     auto p = peers_.find(it->second);
@@ -211,6 +223,14 @@ void UcxTransport::ForgetEndpoint(ucp_ep_h ep) {
 Status UcxTransport::Send(proto::NodeId peer, proto::Message message) {
   auto it = peers_.find(peer);
   if (it == peers_.end()) return Unavailable("no endpoint to node " + std::to_string(peer));
+  if (auto hs = handshakes_.find(it->second); hs != handshakes_.end()) {
+    if (hs->second.held.size() >= options_.max_inflight_sends) {
+      return ResourceExhausted("messages waiting for node " + std::to_string(peer) +
+                               "'s handshake at their bound");
+    }
+    hs->second.held.push_back(std::move(message));
+    return Status::Ok();
+  }
   return SendOn(it->second, std::move(message));
 }
 
@@ -325,18 +345,90 @@ void UcxTransport::OnRecvDone(void* request, ucs_status_t status, size_t length,
   ucp_request_free(request);
 }
 
-void UcxTransport::Deliver(ucp_ep_h from, proto::Message m) {
+void UcxTransport::RefuseEndpoint(ucp_ep_h ep, const std::string& why) {
+  ++stats_.refused_peers;
+  LogWarning("refusing a peer endpoint: " + why);
+  ForgetEndpoint(ep);
+  failed_eps_.push_back(ep);  // closed at the end of this Progress
+}
+
+// Listener side: a connector names itself and sends its nonce.
+void UcxTransport::OnPeerHello(ucp_ep_h from, const proto::PeerHello& m) {
   auto it = ep_node_.find(from);
-  if (auto* hello = std::get_if<proto::PeerHello>(&m)) {
-    if (it == ep_node_.end() || hello->node == proto::kNoNode || hello->node == options_.self) {
-      ++stats_.malformed;
-      return;
-    }
-    it->second = hello->node;
-    peers_.try_emplace(hello->node, from);  // our own endpoint to it, if any, stays preferred
+  if (it == ep_node_.end() || it->second != proto::kNoNode || handshakes_.count(from) != 0 ||
+      m.node == proto::kNoNode || m.node == options_.self || m.nonce.size() != proto::kNonceSize) {
+    ++stats_.malformed;
     return;
   }
-  if (it == ep_node_.end() || it->second == proto::kNoNode) {
+  Handshake& hs = handshakes_[from];
+  hs.node = m.node;
+  std::memcpy(hs.theirs.data(), m.nonce.data(), proto::kNonceSize);
+  hs.have_theirs = true;
+  hs.mine = proto::RandomNonce();
+  proto::PeerChallenge c;
+  c.nonce.assign(hs.mine.begin(), hs.mine.end());
+  if (options_.secret) c.proof = options_.secret->Prove(proto::kPeerListenerRole, hs.theirs, hs.mine, NodeBytes(m.node));
+  Status st = SendOn(from, std::move(c));
+  if (!st.ok()) LogWarning("answering node " + std::to_string(m.node) + "'s hello: " + st.ToString());
+}
+
+// Connector side: the listener's proof; ours in return, then what waited.
+void UcxTransport::OnPeerChallenge(ucp_ep_h from, const proto::PeerChallenge& m) {
+  auto it = handshakes_.find(from);
+  if (it == handshakes_.end() || !it->second.connector || m.nonce.size() != proto::kNonceSize) {
+    ++stats_.malformed;
+    return;
+  }
+  Handshake& hs = it->second;
+  const std::string who = "node " + std::to_string(hs.node);
+  std::memcpy(hs.theirs.data(), m.nonce.data(), proto::kNonceSize);
+  proto::PeerProof proof;
+  if (options_.secret) {
+    if (m.proof.empty()) {
+      return RefuseEndpoint(from, who + " has no cluster secret; this node has one");
+    }
+    if (!options_.secret->Check(m.proof, proto::kPeerListenerRole, hs.mine, hs.theirs,
+                                NodeBytes(options_.self))) {
+      return RefuseEndpoint(from, who + " does not know this cluster's secret");
+    }
+    proof.proof = options_.secret->Prove(proto::kPeerConnectorRole, hs.theirs, hs.mine,
+                                         NodeBytes(options_.self));
+  }
+  std::vector<proto::Message> held = std::move(hs.held);
+  handshakes_.erase(it);
+  Status st = SendOn(from, std::move(proof));
+  for (auto& msg : held) {
+    if (st.ok()) st = SendOn(from, std::move(msg));
+  }
+  if (!st.ok()) LogWarning("sending to " + who + " after its handshake: " + st.ToString());
+}
+
+// Listener side: the connector's proof; from now on its messages count.
+void UcxTransport::OnPeerProof(ucp_ep_h from, const proto::PeerProof& m) {
+  auto it = handshakes_.find(from);
+  if (it == handshakes_.end() || it->second.connector || !it->second.have_theirs) {
+    ++stats_.malformed;
+    return;
+  }
+  const Handshake hs = std::move(it->second);
+  handshakes_.erase(it);
+  const std::string who = "node " + std::to_string(hs.node);
+  if (options_.secret &&
+      !options_.secret->Check(m.proof, proto::kPeerConnectorRole, hs.mine, hs.theirs,
+                              NodeBytes(hs.node))) {
+    return RefuseEndpoint(from, who + (m.proof.empty() ? " has no cluster secret"
+                                                       : " does not know this cluster's secret"));
+  }
+  ep_node_[from] = hs.node;
+  peers_.try_emplace(hs.node, from);  // our own endpoint to it, if any, stays preferred
+}
+
+void UcxTransport::Deliver(ucp_ep_h from, proto::Message m) {
+  if (auto* hello = std::get_if<proto::PeerHello>(&m)) return OnPeerHello(from, *hello);
+  if (auto* c = std::get_if<proto::PeerChallenge>(&m)) return OnPeerChallenge(from, *c);
+  if (auto* p = std::get_if<proto::PeerProof>(&m)) return OnPeerProof(from, *p);
+  auto it = ep_node_.find(from);
+  if (it == ep_node_.end() || it->second == proto::kNoNode || handshakes_.count(from) != 0) {
     ++stats_.dropped_before_hello;
     return;
   }

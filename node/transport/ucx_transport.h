@@ -8,8 +8,12 @@
 //
 // Wire rule (proto/PROTOCOL.md): one proto frame per active message, in the
 // AM header; PageData's bytes travel as the AM data, never inside the frame.
-// A connecting peer's first message is PeerHello; messages from an endpoint
-// that has not said hello are dropped.
+// Peers authenticate each other on every new endpoint (proto/auth.h): the
+// connector says PeerHello with a nonce, the listener answers PeerChallenge
+// (its nonce and proof), the connector checks it and sends PeerProof. Only
+// then does the listener accept the endpoint's messages as the node's, and
+// only then does the connector send what it queued for the peer. Messages
+// from an endpoint not yet trusted are dropped; a failed proof closes it.
 #ifndef DSVM_NODE_TRANSPORT_UCX_TRANSPORT_H_
 #define DSVM_NODE_TRANSPORT_UCX_TRANSPORT_H_
 
@@ -21,6 +25,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "proto/auth.h"
 #include "proto/messages.h"
 
 namespace dsvm::node {
@@ -32,6 +37,9 @@ struct UcxOptions {
   std::string listen = "127.0.0.1:0";  // IPv4 "host:port"; port 0 picks a free one
   // Upper bound on sends not yet completed by UCX; Send refuses beyond it.
   size_t max_inflight_sends = 4096;
+  // The cluster secret peers prove to each other; null: none (an insecure
+  // cluster: the proofs are empty, and a peer that has a secret refuses).
+  std::shared_ptr<const proto::ClusterSecret> secret;
 };
 
 struct UcxIncoming {
@@ -44,6 +52,7 @@ struct UcxStats {
   uint64_t received = 0;
   uint64_t rendezvous_received = 0;
   uint64_t dropped_before_hello = 0;
+  uint64_t refused_peers = 0;  // endpoints closed for a missing or wrong proof
   uint64_t malformed = 0;
   uint64_t send_errors = 0;
 };
@@ -101,6 +110,11 @@ class UcxTransport {
   static void OnRecvDone(void* request, ucs_status_t status, size_t length, void* user_data);
   static void OnEndpointError(void* arg, ucp_ep_h ep, ucs_status_t status);
   void Deliver(ucp_ep_h from, proto::Message m);
+  // The handshake's messages; false when the endpoint was refused.
+  void OnPeerHello(ucp_ep_h from, const proto::PeerHello& m);
+  void OnPeerChallenge(ucp_ep_h from, const proto::PeerChallenge& m);
+  void OnPeerProof(ucp_ep_h from, const proto::PeerProof& m);
+  void RefuseEndpoint(ucp_ep_h ep, const std::string& why);
   Status SendOn(ucp_ep_h ep, proto::Message message);
   void ForgetEndpoint(ucp_ep_h ep);
 
@@ -113,6 +127,18 @@ class UcxTransport {
   size_t max_am_header_ = 0;
   std::unordered_map<proto::NodeId, ucp_ep_h> peers_;   // where to send to a node
   std::unordered_map<ucp_ep_h, proto::NodeId> ep_node_;  // who is behind an endpoint (0: no hello yet)
+  // Endpoints in their handshake (proto/auth.h): the nonces, the node (the
+  // one connected to, or the one claimed in PeerHello) and, on a connecting
+  // endpoint, what is waiting to be sent once the listener has proved itself.
+  struct Handshake {
+    bool connector = false;
+    proto::NodeId node = proto::kNoNode;
+    proto::Nonce mine{};
+    proto::Nonce theirs{};
+    bool have_theirs = false;
+    std::vector<proto::Message> held;
+  };
+  std::unordered_map<ucp_ep_h, Handshake> handshakes_;
   std::vector<ucp_ep_h> all_eps_;
   std::vector<ucp_ep_h> failed_eps_;                     // closed at the next Progress
   std::vector<UcxIncoming>* sink_ = nullptr;             // valid during Progress

@@ -5,6 +5,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
@@ -26,6 +27,43 @@ TempDir::~TempDir() {
   std::filesystem::remove_all(path_, ec);
 }
 
+namespace {
+
+// Removes the secret file when the test process exits.
+struct SecretFile {
+  std::string path;
+  SecretFile() {
+    char tmpl[] = "/tmp/dsvm-test-secret.XXXXXX";
+    const int fd = ::mkstemp(tmpl);  // mode 0600
+    DSVM_CHECK(fd >= 0);
+    path = tmpl;
+    const proto::Nonce bytes = proto::RandomNonce();
+    DSVM_CHECK(::write(fd, bytes.data(), bytes.size()) == static_cast<ssize_t>(bytes.size()));
+    ::close(fd);
+  }
+  ~SecretFile() { ::unlink(path.c_str()); }
+};
+
+}  // namespace
+
+const std::string& TestSecretPath() {
+  static const SecretFile file;
+  return file.path;
+}
+
+const proto::ClusterSecret& TestSecret() {
+  static const proto::ClusterSecret secret = [] {
+    auto s = proto::ClusterSecret::Load(TestSecretPath());
+    DSVM_CHECK_MSG(s.ok(), s.status().ToString().c_str());
+    return std::move(*s);
+  }();
+  return secret;
+}
+
+Result<proto::FramedSocket> ConnectTool(const std::string& address) {
+  return proto::ConnectToCoordinator(address, &TestSecret());
+}
+
 CoordinatorProcess::~CoordinatorProcess() {
   if (pid_ > 0) Kill(SIGKILL);
 }
@@ -38,6 +76,10 @@ Status CoordinatorProcess::Start(const std::string& data_dir,
   std::vector<std::string> args = {DSVM_COORDINATOR_BIN, "--data-dir", data_dir, "--listen",
                                    "127.0.0.1:0", "--port-file", port_file};
   args.insert(args.end(), extra_flags.begin(), extra_flags.end());
+  if (std::find(extra_flags.begin(), extra_flags.end(), "--insecure") == extra_flags.end()) {
+    args.push_back("--secret-file");
+    args.push_back(TestSecretPath());
+  }
   pid_t pid = ::fork();
   if (pid < 0) return IoError("fork failed");
   if (pid == 0) {
@@ -103,7 +145,7 @@ std::string CoordinatorProcess::stderr_text() const {
 // ---------------------------------------------------------------------------
 
 Status ScriptedNode::Connect(const std::string& address, proto::NodeId rejoin_as) {
-  DSVM_ASSIGN_OR_RETURN(sock_, proto::FramedSocket::Connect(address));
+  DSVM_ASSIGN_OR_RETURN(sock_, ConnectTool(address));
   proto::JoinRequest j;
   j.node = rejoin_as;
   j.address = "127.0.0.1:1";

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "proto/auth.h"
 #include "proto/framed_socket.h"
 #include "proto/messages.h"
 
@@ -26,12 +27,20 @@ class TempDir {
   std::string path_;
 };
 
+// The cluster secret of every cluster this test process starts: a file made
+// once per process (mode 0600, removed at exit), and its contents.
+const std::string& TestSecretPath();
+const proto::ClusterSecret& TestSecret();
+// A tool's connection to a coordinator of this process, authenticated.
+Result<proto::FramedSocket> ConnectTool(const std::string& address);
+
 class CoordinatorProcess {
  public:
   ~CoordinatorProcess();
   // Starts the binary on 127.0.0.1 with an ephemeral port and waits until it
   // listens. Errors: the process exited (its exit code and stderr tail in
-  // the message) or did not listen within 10 s.
+  // the message) or did not listen within 10 s. It demands TestSecret()
+  // unless extra_flags has --insecure.
   Status Start(const std::string& data_dir, const std::vector<std::string>& extra_flags = {});
   void Kill(int signal);  // and reap it
   // Waits for the process to exit by itself; returns its exit code (or -signal).

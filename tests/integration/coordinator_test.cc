@@ -1,5 +1,7 @@
 // Integration tests of dsvm-coordinator as a real process on 127.0.0.1.
 #include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
 
 #include <atomic>
 #include <chrono>
@@ -11,6 +13,7 @@
 
 #include <gtest/gtest.h>
 
+#include "proto/auth.h"
 #include "proto/framed_socket.h"
 #include "proto/shard_map.h"
 #include "tests/integration/coordinator_process.h"
@@ -47,7 +50,7 @@ TEST(CoordinatorCrash, KillNineLosesNothingAcknowledged) {
   for (int round = 0; round < 3; ++round) {
     CoordinatorProcess coord;
     ASSERT_TRUE(coord.Start(data).ok()) << coord.stderr_text();
-    auto tool = proto::FramedSocket::Connect(coord.address());
+    auto tool = ConnectTool(coord.address());
     ASSERT_TRUE(tool.ok());
     const std::string base_name = "base" + std::to_string(round);
     proto::RegionReply base = CreateRegion(*tool, base_name, 256 * kPage);
@@ -91,7 +94,7 @@ TEST(CoordinatorCrash, KillNineLosesNothingAcknowledged) {
 
     CoordinatorProcess again;
     ASSERT_TRUE(again.Start(data).ok()) << again.stderr_text();
-    auto check = proto::FramedSocket::Connect(again.address());
+    auto check = ConnectTool(again.address());
     ASSERT_TRUE(check.ok());
     for (const auto& [name, r] : regions) {
       auto reply = check->Call(proto::RegionOpen{name});
@@ -120,7 +123,7 @@ TEST(CoordinatorInput, MalformedFrameClosesOnlyThatConnection) {
   TempDir dir;
   CoordinatorProcess coord;
   ASSERT_TRUE(coord.Start(dir.path() + "/data").ok()) << coord.stderr_text();
-  auto good = proto::FramedSocket::Connect(coord.address());
+  auto good = ConnectTool(coord.address());
   ASSERT_TRUE(good.ok());
   CreateRegion(*good, "keep", 16 * kPage);
 
@@ -136,7 +139,7 @@ TEST(CoordinatorInput, MalformedFrameClosesOnlyThatConnection) {
   huge[8] = 0xFF, huge[9] = 0xFF, huge[10] = 0xFF, huge[11] = 0x7F;
   bad.push_back(huge);
   for (size_t i = 0; i < bad.size(); ++i) {
-    auto s = proto::FramedSocket::Connect(coord.address());
+    auto s = ConnectTool(coord.address());
     ASSERT_TRUE(s.ok());
     proto::FramedSocket& fs = *s;
     ASSERT_TRUE(fs.SendRaw(bad[i]).ok());
@@ -163,7 +166,7 @@ TEST(CoordinatorInput, NodeCannotSpeakForAnotherNode) {
   TempDir dir;
   CoordinatorProcess coord;
   ASSERT_TRUE(coord.Start(dir.path() + "/data").ok()) << coord.stderr_text();
-  auto tool = proto::FramedSocket::Connect(coord.address());
+  auto tool = ConnectTool(coord.address());
   ASSERT_TRUE(tool.ok());
   proto::RegionReply r = CreateRegion(*tool, "r", 16 * kPage);
   ScriptedNode a, b;
@@ -207,7 +210,7 @@ TEST(CoordinatorStart, RefusesCorruptOrUnusableDataDirectory) {
   {
     CoordinatorProcess c2;
     ASSERT_TRUE(c2.Start(data).ok()) << c2.stderr_text();
-    auto tool = proto::FramedSocket::Connect(c2.address());
+    auto tool = ConnectTool(c2.address());
     ASSERT_TRUE(tool.ok());
     CreateRegion(*tool, "r", 4096);
     c2.Kill(SIGTERM);
@@ -224,6 +227,109 @@ TEST(CoordinatorStart, RefusesCorruptOrUnusableDataDirectory) {
   EXPECT_NE(st.message().find("refusing to start"), std::string::npos) << st.message();
 }
 
+// --- Who may connect ----------------------------------------------------------
+
+// Runs the coordinator binary with `flags` to its exit; returns its exit
+// code and fills *out with what it printed.
+int RunCoordinator(const std::string& flags, std::string* out) {
+  const std::string cmd = std::string(DSVM_COORDINATOR_BIN) + " " + flags + " 2>&1";
+  FILE* p = ::popen(cmd.c_str(), "r");
+  if (p == nullptr) return -1;
+  char buf[512];
+  out->clear();
+  while (std::fgets(buf, sizeof(buf), p) != nullptr) *out += buf;
+  const int status = ::pclose(p);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+TEST(CoordinatorAuth, StartNeedsASecretOrInsecureAndAPrivateFile) {
+  TempDir dir;
+  std::string out;
+  const std::string base = "--data-dir " + dir.path() + "/data --listen 127.0.0.1:0";
+  EXPECT_EQ(RunCoordinator(base, &out), 2);
+  EXPECT_NE(out.find("--insecure"), std::string::npos) << out;
+  const std::string loose = dir.path() + "/loose";
+  std::ofstream(loose) << "0123456789abcdef0123456789abcdef";
+  ASSERT_EQ(::chmod(loose.c_str(), 0644), 0);
+  EXPECT_EQ(RunCoordinator(base + " --secret-file " + loose, &out), 1);
+  EXPECT_NE(out.find("chmod 600"), std::string::npos) << out;
+  const std::string short_secret = dir.path() + "/short";
+  std::ofstream(short_secret) << "tiny";
+  ASSERT_EQ(::chmod(short_secret.c_str(), 0600), 0);
+  EXPECT_EQ(RunCoordinator(base + " --secret-file " + short_secret, &out), 1);
+  EXPECT_NE(out.find("bytes"), std::string::npos) << out;
+  EXPECT_EQ(RunCoordinator(base + " --secret-file " + dir.path() + "/missing", &out), 1);
+}
+
+TEST(CoordinatorAuth, OnlyHoldersOfTheSecretGetIn) {
+  TempDir dir;
+  CoordinatorProcess coord;
+  ASSERT_TRUE(coord.Start(dir.path() + "/data").ok()) << coord.stderr_text();
+  auto good = ConnectTool(coord.address());
+  ASSERT_TRUE(good.ok()) << good.status().ToString();
+  CreateRegion(*good, "guarded", 4 * kPage);
+
+  // No secret at all.
+  auto none = proto::ConnectToCoordinator(coord.address(), nullptr);
+  ASSERT_FALSE(none.ok());
+  EXPECT_EQ(none.status().code(), StatusCode::kPermissionDenied);
+  EXPECT_NE(none.status().message().find("--secret-file"), std::string::npos)
+      << none.status().ToString();
+
+  // Another secret: the client finds out first (the coordinator's proof fails).
+  const std::vector<uint8_t> other(32, 0x5A);
+  const auto wrong = proto::ClusterSecret::FromBytes(other);
+  auto mismatched = proto::ConnectToCoordinator(coord.address(), &wrong);
+  ASSERT_FALSE(mismatched.ok());
+  EXPECT_EQ(mismatched.status().code(), StatusCode::kPermissionDenied);
+  EXPECT_NE(mismatched.status().message().find("does not know"), std::string::npos);
+
+  // A hand-made client that answers the challenge with a forged proof.
+  {
+    auto raw = proto::FramedSocket::Connect(coord.address());
+    ASSERT_TRUE(raw.ok());
+    const proto::Nonce n = proto::RandomNonce();
+    auto challenge = raw->Call(proto::AuthHello{std::vector<uint8_t>(n.begin(), n.end())});
+    ASSERT_TRUE(challenge.ok());
+    ASSERT_NE(std::get_if<proto::AuthChallenge>(&*challenge), nullptr);
+    auto verdict = raw->Call(proto::AuthProof{std::vector<uint8_t>(32, 0x11)});
+    ASSERT_TRUE(verdict.ok());
+    auto* st = std::get_if<proto::StatusReply>(&*verdict);
+    ASSERT_NE(st, nullptr);
+    EXPECT_EQ(st->code, static_cast<uint16_t>(StatusCode::kPermissionDenied));
+    EXPECT_NE(st->message.find("wrong cluster secret"), std::string::npos) << st->message;
+    EXPECT_FALSE(raw->Call(proto::RegionOpen{"guarded"}, 2000).ok()) << "the connection is closed";
+  }
+  // Skipping the handshake: refused, whatever the request.
+  {
+    auto raw = proto::FramedSocket::Connect(coord.address());
+    ASSERT_TRUE(raw.ok());
+    auto reply = raw->Call(proto::RegionOpen{"guarded"});
+    ASSERT_TRUE(reply.ok());
+    auto* st = std::get_if<proto::StatusReply>(&*reply);
+    ASSERT_NE(st, nullptr);
+    EXPECT_EQ(st->code, static_cast<uint16_t>(StatusCode::kPermissionDenied));
+    EXPECT_NE(st->message.find("AuthHello"), std::string::npos) << st->message;
+  }
+  // The authenticated connection was never disturbed.
+  auto open = good->Call(proto::RegionOpen{"guarded"});
+  ASSERT_TRUE(open.ok());
+  EXPECT_NE(std::get_if<proto::RegionReply>(&*open), nullptr);
+  EXPECT_NE(coord.stderr_text().find("refusing connection"), std::string::npos);
+}
+
+TEST(CoordinatorAuth, AnInsecureCoordinatorIsNotTrustedBySecretHolders) {
+  TempDir dir;
+  CoordinatorProcess coord;
+  ASSERT_TRUE(coord.Start(dir.path() + "/data", {"--insecure"}).ok()) << coord.stderr_text();
+  auto open = proto::ConnectToCoordinator(coord.address(), nullptr);
+  EXPECT_TRUE(open.ok()) << open.status().ToString();
+  auto careful = ConnectTool(coord.address());
+  ASSERT_FALSE(careful.ok());
+  EXPECT_EQ(careful.status().code(), StatusCode::kPermissionDenied);
+  EXPECT_NE(careful.status().message().find("--insecure"), std::string::npos);
+}
+
 // A node that stops heartbeating is declared dead: its sole copies are lost
 // (reported, never silently zero), its shared copies live on elsewhere.
 TEST(CoordinatorMembership, DeadNodeLosesSoleCopiesKeepsShared) {
@@ -231,7 +337,7 @@ TEST(CoordinatorMembership, DeadNodeLosesSoleCopiesKeepsShared) {
   CoordinatorProcess coord;
   ASSERT_TRUE(coord.Start(dir.path() + "/data", {"--heartbeat-ms", "100", "--dead-after-ms", "500"}).ok())
       << coord.stderr_text();
-  auto tool = proto::FramedSocket::Connect(coord.address());
+  auto tool = ConnectTool(coord.address());
   ASSERT_TRUE(tool.ok());
   proto::RegionReply r = CreateRegion(*tool, "r", 16 * kPage);
   const proto::PageAddr sole = r.base, shared = r.base + kPage;
@@ -268,7 +374,7 @@ TEST(CoordinatorListing, NodesAndRegionsPageThrough) {
   TempDir dir;
   CoordinatorProcess coord;
   ASSERT_TRUE(coord.Start(dir.path() + "/data").ok()) << coord.stderr_text();
-  auto tool = proto::FramedSocket::Connect(coord.address());
+  auto tool = ConnectTool(coord.address());
   ASSERT_TRUE(tool.ok());
   const int kRegions = proto::kMaxListEntries + 5;
   for (int i = 0; i < kRegions; ++i) CreateRegion(*tool, "r" + std::to_string(i), 4096);
@@ -319,8 +425,8 @@ TEST(CoordinatorShards, TwoShardsSplitTheDirectoryByAddress) {
       << shard1.stderr_text();
   // Today a region is created on every shard (PROTOCOL.md, "Shards"); the
   // placement is the same on both.
-  auto t0 = proto::FramedSocket::Connect(shard0.address());
-  auto t1 = proto::FramedSocket::Connect(shard1.address());
+  auto t0 = ConnectTool(shard0.address());
+  auto t1 = ConnectTool(shard1.address());
   ASSERT_TRUE(t0.ok() && t1.ok());
   proto::RegionReply r0 = CreateRegion(*t0, "split", 8u << 20);
   proto::RegionReply r1 = CreateRegion(*t1, "split", 8u << 20);

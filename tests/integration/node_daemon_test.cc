@@ -91,7 +91,7 @@ class NodeDaemonTest : public ::testing::Test {
     ::setenv("UCX_TLS", "tcp", 1);  // the network path, not shared memory
     ::setenv("UCX_NET_DEVICES", "lo", 1);
     ASSERT_TRUE(coord_.Start(dir_.path() + "/data").ok()) << coord_.stderr_text();
-    auto tool = proto::FramedSocket::Connect(coord_.address());
+    auto tool = ConnectTool(coord_.address());
     ASSERT_TRUE(tool.ok());
     tool_ = std::move(*tool);
   }
@@ -111,6 +111,7 @@ class NodeDaemonTest : public ::testing::Test {
       o.coordinator = coord_.address();
       o.retransmit_after_ms = 100;
       o.socket_path = dir_.path() + "/node" + std::to_string(i) + ".sock";
+      o.secret_file = TestSecretPath();
       auto d = NodeDaemon::Create(o);
       ASSERT_TRUE(d.ok()) << d.status().ToString();
       nodes_.push_back(std::make_unique<RunningDaemon>(std::move(*d)));
@@ -266,6 +267,7 @@ TEST_F(NodeDaemonTest, RestartedDaemonGivesUpItsPagesCleanly) {
   o.coordinator = coord_.address();
   o.retransmit_after_ms = 100;
   o.rejoin_as = old_id;
+  o.secret_file = TestSecretPath();
   auto d = NodeDaemon::Create(o);
   ASSERT_TRUE(d.ok()) << d.status().ToString();
   nodes_[0] = std::make_unique<RunningDaemon>(std::move(*d));

@@ -171,6 +171,7 @@ NodeCounters SampleCounters(uint64_t seed) {
 
 std::vector<Message> SampleMessages() {
   constexpr PageAddr kPage = 0xFEDCBA9876543000ull;
+  constexpr size_t kNonceBytes = 32;
   Bytes page_bytes(4096);
   for (size_t i = 0; i < page_bytes.size(); ++i) page_bytes[i] = static_cast<uint8_t>(i * 7 + 1);
   return {
@@ -235,7 +236,14 @@ std::vector<Message> SampleMessages() {
                  .status = static_cast<uint16_t>(StatusCode::kFailedPrecondition),
                  .txn = 106},
       PageData{.page = kPage, .txn = 105, .sender = 8, .version = 19, .data = page_bytes},
-      PeerHello{.node = 9},
+      PeerHello{.node = 9, .nonce = std::vector<uint8_t>(kNonceBytes, 0xC3)},
+      PeerChallenge{.nonce = std::vector<uint8_t>(kNonceBytes, 0xC4),
+                    .proof = std::vector<uint8_t>(kNonceBytes, 0xC5)},
+      PeerProof{.proof = std::vector<uint8_t>(kNonceBytes, 0xC6)},
+      AuthHello{.nonce = std::vector<uint8_t>(kNonceBytes, 0xD3)},
+      AuthChallenge{.nonce = std::vector<uint8_t>(kNonceBytes, 0xD4),
+                    .proof = std::vector<uint8_t>(kNonceBytes, 0xD5)},
+      AuthProof{.proof = std::vector<uint8_t>(kNonceBytes, 0xD6)},
       ClientHello{.abi = 7},
       ClientHelloReply{.node = 3, .window_base = 0x200000000000, .window_size = 1ull << 44},
       MapRegion{.base = 0x200000200000},
@@ -531,7 +539,7 @@ TEST(ProtoHeaderTest, WrongVersionIsInvalidArgument) {
 }
 
 TEST(ProtoHeaderTest, UnknownTypeIsInvalidArgument) {
-  for (uint16_t type : {0, 16, 19, 28, 29, 32, 48, 0x100, 0xFFFF}) {
+  for (uint16_t type : {0, 19, 28, 29, 34, 48, 0x100, 0xFFFF}) {
     Bytes frame = HeaderBytes({.type = type, .payload_length = 0});
     Result<Header> h = DecodeHeader(frame);
     ASSERT_FALSE(h.ok()) << "type " << type;

@@ -13,6 +13,13 @@ namespace {
 
 using proto::NodeId;
 
+UcxOptions Options(NodeId self, const std::string& listen) {
+  UcxOptions o;
+  o.self = self;
+  o.listen = listen;
+  return o;
+}
+
 class UcxTransportTest : public ::testing::TestWithParam<const char*> {
  protected:
   void SetUp() override {
@@ -23,8 +30,12 @@ class UcxTransportTest : public ::testing::TestWithParam<const char*> {
     ::setenv("UCX_TCP_CM_REUSEADDR", "y", 1);
   }
 
-  std::unique_ptr<UcxTransport> Make(NodeId self) {
-    auto t = UcxTransport::Create(UcxOptions{self, "127.0.0.1:0"});
+  std::unique_ptr<UcxTransport> Make(NodeId self,
+                                     std::shared_ptr<const proto::ClusterSecret> secret = nullptr) {
+    UcxOptions o;
+    o.self = self;
+    o.secret = std::move(secret);
+    auto t = UcxTransport::Create(o);
     EXPECT_TRUE(t.ok()) << t.status().ToString();
     return t.ok() ? std::move(*t) : nullptr;
   }
@@ -115,10 +126,10 @@ TEST_P(UcxTransportTest, RefusesWhatItCannotDo) {
   EXPECT_EQ(a->Send(9, proto::Done{}).code(), StatusCode::kUnavailable);
   EXPECT_EQ(a->Connect(1, "127.0.0.1:1").code(), StatusCode::kInvalidArgument);  // itself
   EXPECT_EQ(a->Connect(2, "not-an-address").code(), StatusCode::kInvalidArgument);
-  auto anonymous = UcxTransport::Create(UcxOptions{0, "127.0.0.1:0"});
+  auto anonymous = UcxTransport::Create(Options(0, "127.0.0.1:0"));
   ASSERT_TRUE(anonymous.ok());
   EXPECT_EQ((*anonymous)->Connect(2, "127.0.0.1:1").code(), StatusCode::kFailedPrecondition);
-  EXPECT_FALSE(UcxTransport::Create(UcxOptions{1, "999.1.1.1:0"}).ok());
+  EXPECT_FALSE(UcxTransport::Create(Options(1, "999.1.1.1:0")).ok());
 }
 
 TEST_P(UcxTransportTest, SurvivesAPeerThatGoesAway) {
@@ -136,6 +147,69 @@ TEST_P(UcxTransportTest, SurvivesAPeerThatGoesAway) {
   ASSERT_TRUE(c->Send(1, proto::Done{0x200000000000, 2, 3}).ok());
   ASSERT_TRUE(Pump({a.get(), c.get()}, [&] { return !in_[0].empty(); }));
   EXPECT_EQ(in_[0].back().from, 3u);
+}
+
+std::shared_ptr<const proto::ClusterSecret> SecretOf(char fill) {
+  const std::vector<uint8_t> bytes(32, static_cast<uint8_t>(fill));
+  return std::make_shared<const proto::ClusterSecret>(proto::ClusterSecret::FromBytes(bytes));
+}
+
+TEST_P(UcxTransportTest, PeersWithTheSecretProveItAndTalk) {
+  auto s = SecretOf('s');
+  auto a = Make(1, s), b = Make(2, s);
+  ASSERT_TRUE(a && b);
+  ASSERT_TRUE(b->Connect(1, "127.0.0.1:" + std::to_string(a->port())).ok());
+  // Sent before the handshake completes: held, then delivered after it.
+  ASSERT_TRUE(b->Send(1, proto::Done{0x200000000000, 1, 2}).ok());
+  ASSERT_TRUE(b->Send(1, proto::Done{0x200000000000, 2, 2}).ok());
+  ASSERT_TRUE(Pump({a.get(), b.get()}, [&] { return in_[0].size() == 2; }));
+  EXPECT_EQ(std::get<proto::Done>(in_[0][0].message).txn, 1u) << "held messages keep their order";
+  EXPECT_EQ(std::get<proto::Done>(in_[0][1].message).txn, 2u);
+  ASSERT_TRUE(a->Send(2, proto::Release{0x200000000000, 3}).ok());
+  ASSERT_TRUE(Pump({a.get(), b.get()}, [&] { return !in_[1].empty(); }));
+  EXPECT_EQ(a->stats().refused_peers + b->stats().refused_peers, 0u);
+  EXPECT_EQ(a->stats().dropped_before_hello, 0u);
+}
+
+// Pumps for a while, for cases where nothing should arrive.
+void PumpFor(std::vector<UcxTransport*> ts, std::vector<UcxIncoming>* in, int ms) {
+  const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(ms);
+  while (std::chrono::steady_clock::now() < until) {
+    for (size_t i = 0; i < ts.size(); ++i) ts[i]->Progress(&in[i]);
+  }
+}
+
+TEST_P(UcxTransportTest, APeerWithAnotherSecretIsRefused) {
+  auto a = Make(1, SecretOf('s')), b = Make(2, SecretOf('t'));
+  ASSERT_TRUE(a && b);
+  ASSERT_TRUE(b->Connect(1, "127.0.0.1:" + std::to_string(a->port())).ok());
+  ASSERT_TRUE(b->Send(1, proto::Done{0x200000000000, 1, 2}).ok());
+  ASSERT_TRUE(Pump({a.get(), b.get()}, [&] { return b->stats().refused_peers == 1; }))
+      << "the connector checks the listener's proof first";
+  PumpFor({a.get(), b.get()}, in_, 200);
+  EXPECT_TRUE(in_[0].empty()) << "nothing crossed";
+  EXPECT_FALSE(a->HasPeer(2));
+  EXPECT_FALSE(b->HasPeer(1));
+}
+
+TEST_P(UcxTransportTest, APeerWithoutTheSecretIsRefused) {
+  auto a = Make(1, SecretOf('s')), b = Make(2);
+  ASSERT_TRUE(a && b);
+  ASSERT_TRUE(b->Connect(1, "127.0.0.1:" + std::to_string(a->port())).ok());
+  ASSERT_TRUE(b->Send(1, proto::Done{0x200000000000, 1, 2}).ok());
+  ASSERT_TRUE(Pump({a.get(), b.get()}, [&] { return a->stats().refused_peers == 1; }));
+  PumpFor({a.get(), b.get()}, in_, 200);
+  EXPECT_TRUE(in_[0].empty());
+  EXPECT_FALSE(a->HasPeer(2));
+  // And a secured connector will not talk to a listener without the secret.
+  auto c = Make(3, SecretOf('s')), d = Make(4);
+  ASSERT_TRUE(c && d);
+  ASSERT_TRUE(c->Connect(4, "127.0.0.1:" + std::to_string(d->port())).ok());
+  ASSERT_TRUE(c->Send(4, proto::Done{0x200000000000, 1, 3}).ok());
+  ASSERT_TRUE(Pump({c.get(), d.get()}, [&] { return c->stats().refused_peers == 1; }));
+  std::vector<UcxIncoming> in[2];
+  PumpFor({c.get(), d.get()}, in, 200);
+  EXPECT_TRUE(in[1].empty());
 }
 
 INSTANTIATE_TEST_SUITE_P(Transports, UcxTransportTest, ::testing::Values("tcp", "sm,tcp"),
