@@ -21,6 +21,7 @@
 // Numbers are decimal or 0x hex. Exit codes: 0 done; 1 a check failed (what
 // was expected and what was seen on stderr); 2 usage; 3 a dsvm call failed
 // (dsvm_last_error on stderr).
+#include <dsvm/dsvm.h>
 #include <sys/types.h>
 #include <unistd.h>
 
@@ -35,8 +36,6 @@
 #include <random>
 #include <string>
 #include <vector>
-
-#include <dsvm/dsvm.h>
 
 namespace {
 
@@ -65,12 +64,17 @@ uint64_t Number(const char* s) {
   char* end = nullptr;
   errno = 0;
   const unsigned long long v = std::strtoull(s, &end, 0);
-  if (errno != 0 || end == s || *end != '\0' || s[0] == '-') Exit(kUsage, "'%s' is not a number", s);
+  if (errno != 0 || end == s || *end != '\0' || s[0] == '-')
+    Exit(kUsage, "'%s' is not a number", s);
   return v;
 }
 
-uint64_t Load(const uint8_t* p) { return __atomic_load_n(reinterpret_cast<const uint64_t*>(p), __ATOMIC_RELAXED); }
-void Store(uint8_t* p, uint64_t v) { __atomic_store_n(reinterpret_cast<uint64_t*>(p), v, __ATOMIC_RELAXED); }
+uint64_t Load(const uint8_t* p) {
+  return __atomic_load_n(reinterpret_cast<const uint64_t*>(p), __ATOMIC_RELAXED);
+}
+void Store(uint8_t* p, uint64_t v) {
+  __atomic_store_n(reinterpret_cast<uint64_t*>(p), v, __ATOMIC_RELAXED);
+}
 
 struct Region {
   uint8_t* base = nullptr;
@@ -88,7 +92,8 @@ Region Open(const char* name) {
 // An 8-byte-aligned offset with `length` bytes inside the region.
 uint8_t* At(const Region& r, uint64_t offset, uint64_t length = 8) {
   if (offset % 8 != 0 || offset > r.size || length > r.size - offset) {
-    Exit(kUsage, "offset %" PRIu64 " (+%" PRIu64 ") is not aligned or outside the region of %zu bytes",
+    Exit(kUsage,
+         "offset %" PRIu64 " (+%" PRIu64 ") is not aligned or outside the region of %zu bytes",
          offset, length, r.size);
   }
   return r.base + offset;
@@ -142,10 +147,7 @@ struct RandomOp {
 class Writer {
  public:
   Writer(uint64_t seed, uint64_t index, uint64_t parties, uint64_t slots)
-      : rng_(Seed(seed, index)),
-        index_(index),
-        parties_(parties),
-        slots_(slots) {}
+      : rng_(Seed(seed, index)), index_(index), parties_(parties), slots_(slots) {}
 
   // mt19937_64 takes its seed sequence by reference.
   static std::mt19937_64 Seed(uint64_t seed, uint64_t index) {
@@ -157,7 +159,8 @@ class Writer {
     RandomOp op;
     op.write = rng_() % 3 == 0;
     if (op.write) {
-      const uint64_t mine = (slots_ - index_ + parties_ - 1) / parties_;  // slots s ≡ index (mod parties)
+      const uint64_t mine =
+          (slots_ - index_ + parties_ - 1) / parties_;  // slots s ≡ index (mod parties)
       op.slot = index_ + parties_ * (rng_() % mine);
     } else {
       op.slot = rng_() % slots_;
@@ -171,7 +174,8 @@ class Writer {
 };
 
 int Random(const char* name, uint64_t index, uint64_t parties, uint64_t seed, uint64_t ops) {
-  if (parties == 0 || index >= parties || ops == 0 || ops > kSeqMask) Exit(kUsage, "random: bad INDEX/PARTIES/OPS");
+  if (parties == 0 || index >= parties || ops == 0 || ops > kSeqMask)
+    Exit(kUsage, "random: bad INDEX/PARTIES/OPS");
   Region r = Open(name);
   if (r.size < 2 * kPage) Exit(kUsage, "random: the region needs at least 2 pages");
   auto* barrier = reinterpret_cast<dsvm_barrier_t*>(r.base);
@@ -200,19 +204,24 @@ int Random(const char* name, uint64_t index, uint64_t parties, uint64_t seed, ui
     const uint64_t v = Load(slot(op.slot));
     const uint64_t seq = v & kSeqMask;
     if (v != 0 && (v >> kSeqBits) != owner + 1) {
-      Exit(kCheckFailed, "op %" PRIu64 ": slot %" PRIu64 " (page %" PRIu64 ") holds 0x%" PRIx64
-           ", not a value of its writer %" PRIu64, i, op.slot, page_of(op.slot), v, owner);
+      Exit(kCheckFailed,
+           "op %" PRIu64 ": slot %" PRIu64 " (page %" PRIu64 ") holds 0x%" PRIx64
+           ", not a value of its writer %" PRIu64,
+           i, op.slot, page_of(op.slot), v, owner);
     }
     if (seq < seen[op.slot]) {
-      Exit(kCheckFailed, "op %" PRIu64 ": slot %" PRIu64 " (page %" PRIu64 ", writer %" PRIu64
-           ") went backwards: sequence %" PRIu64 " after %" PRIu64, i, op.slot,
-           page_of(op.slot), owner, seq, seen[op.slot]);
+      Exit(kCheckFailed,
+           "op %" PRIu64 ": slot %" PRIu64 " (page %" PRIu64 ", writer %" PRIu64
+           ") went backwards: sequence %" PRIu64 " after %" PRIu64,
+           i, op.slot, page_of(op.slot), owner, seq, seen[op.slot]);
     }
     if (owner == index && seq != seen[op.slot]) {
-      Exit(kCheckFailed, "op %" PRIu64 ": own slot %" PRIu64 " holds sequence %" PRIu64
-           ", this process wrote %" PRIu64, i, op.slot, seq, seen[op.slot]);
+      Exit(kCheckFailed,
+           "op %" PRIu64 ": own slot %" PRIu64 " holds sequence %" PRIu64
+           ", this process wrote %" PRIu64,
+           i, op.slot, seq, seen[op.slot]);
     }
-    if (owner != index && seq != 0) ++foreign;            // another node's write
+    if (owner != index && seq != 0) ++foreign;              // another node's write
     if (owner != index && seq > seen[op.slot]) ++advanced;  // a newer one than seen before
     seen[op.slot] = seq;
   }
@@ -231,7 +240,8 @@ int Random(const char* name, uint64_t index, uint64_t parties, uint64_t seed, ui
   for (uint64_t s = 0; s < nslots; ++s) {
     const uint64_t v = Load(slot(s));
     if (v != expect[s] && ++wrong <= 5) {
-      std::fprintf(stderr, "dsvm-netns-client[%d]: final: slot %" PRIu64 " (page %" PRIu64
+      std::fprintf(stderr,
+                   "dsvm-netns-client[%d]: final: slot %" PRIu64 " (page %" PRIu64
                    ", writer %" PRIu64 ") holds 0x%" PRIx64 ", expected 0x%" PRIx64 "\n",
                    ::getpid(), s, page_of(s), s % parties, v, expect[s]);
     }
@@ -240,10 +250,12 @@ int Random(const char* name, uint64_t index, uint64_t parties, uint64_t seed, ui
   // node) before everyone has checked; the daemon keeps serving anyway, but
   // this keeps the end of the run symmetric.
   Check(dsvm_barrier_wait(barrier), "dsvm_barrier_wait (after check)");
-  if (wrong != 0) Exit(kCheckFailed, "final: %" PRIu64 " of %" PRIu64 " slots wrong", wrong, nslots);
+  if (wrong != 0)
+    Exit(kCheckFailed, "final: %" PRIu64 " of %" PRIu64 " slots wrong", wrong, nslots);
   // How much the checks had to bite on: reads that saw other writers'
   // values, and reads that saw one newer than this process had seen.
-  std::printf("reads %" PRIu64 " writes %" PRIu64 " foreign %" PRIu64 " advanced %" PRIu64 " slots %" PRIu64 "\n",
+  std::printf("reads %" PRIu64 " writes %" PRIu64 " foreign %" PRIu64 " advanced %" PRIu64
+              " slots %" PRIu64 "\n",
               reads, writes, foreign, advanced, nslots);
   return 0;
 }
@@ -257,7 +269,8 @@ int Run(int argc, char** argv) {
   if (cmd == "create") {
     need(2);
     void* addr = nullptr;
-    Check(dsvm_region_create(argv[1], Number(argv[2]), DSVM_PAGE_SIZE_4K, &addr), "dsvm_region_create");
+    Check(dsvm_region_create(argv[1], Number(argv[2]), DSVM_PAGE_SIZE_4K, &addr),
+          "dsvm_region_create");
     std::printf("%p\n", addr);
     return 0;
   }
@@ -283,7 +296,8 @@ int Run(int argc, char** argv) {
       if (cmd == "fill") {
         p[i] = want;
       } else if (p[i] != want) {
-        Exit(kCheckFailed, "byte at offset %" PRIu64 " is 0x%02x, expected 0x%02x", offset + i, p[i], want);
+        Exit(kCheckFailed, "byte at offset %" PRIu64 " is 0x%02x, expected 0x%02x", offset + i,
+             p[i], want);
       }
     }
     return 0;
@@ -321,12 +335,13 @@ int Run(int argc, char** argv) {
     need(0);
     dsvm_node_stats_t st;
     Check(dsvm_stats(&st), "dsvm_stats");
-    std::printf("node %" PRIu32 "\nclients %" PRIu32 "\nread_faults %" PRIu64 "\nwrite_faults %" PRIu64
-                "\nlocal_hits %" PRIu64 "\npages_fetched %" PRIu64 "\npages_sent %" PRIu64
-                "\nbytes_fetched %" PRIu64 "\nbytes_sent %" PRIu64 "\ninvalidations %" PRIu64
-                "\ndowngrades %" PRIu64 "\n",
-                st.node, st.clients, st.read_faults, st.write_faults, st.local_hits, st.pages_fetched,
-                st.pages_sent, st.bytes_fetched, st.bytes_sent, st.invalidations, st.downgrades);
+    std::printf("node %" PRIu32 "\nclients %" PRIu32 "\nread_faults %" PRIu64
+                "\nwrite_faults %" PRIu64 "\nlocal_hits %" PRIu64 "\npages_fetched %" PRIu64
+                "\npages_sent %" PRIu64 "\nbytes_fetched %" PRIu64 "\nbytes_sent %" PRIu64
+                "\ninvalidations %" PRIu64 "\ndowngrades %" PRIu64 "\n",
+                st.node, st.clients, st.read_faults, st.write_faults, st.local_hits,
+                st.pages_fetched, st.pages_sent, st.bytes_fetched, st.bytes_sent, st.invalidations,
+                st.downgrades);
     return 0;
   }
   if (cmd == "random") {
@@ -341,7 +356,8 @@ int Run(int argc, char** argv) {
 int main(int argc, char** argv) {
   setvbuf(stdout, nullptr, _IOLBF, 0);
   if (argc < 4 || std::strcmp(argv[1], "--socket") != 0) {
-    std::fprintf(stderr, "usage: dsvm-netns-client --socket PATH COMMAND ARGS... (see the source)\n");
+    std::fprintf(stderr,
+                 "usage: dsvm-netns-client --socket PATH COMMAND ARGS... (see the source)\n");
     return kUsage;
   }
   Check(dsvm_init(argv[2]), "dsvm_init");

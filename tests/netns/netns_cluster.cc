@@ -15,6 +15,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <random>
 #include <sstream>
 #include <thread>
 
@@ -25,17 +26,17 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-constexpr const char* kVeth = "dsvm0";          // each member's end, inside its namespace
+constexpr const char* kVeth = "dsvm0";           // each member's end, inside its namespace
 constexpr const char* kNetnsDir = "/run/netns";  // where `ip netns add` mounts namespaces
 
-// Inside each child: the environment of every process started in a namespace.
-const std::vector<std::string>& ExtraEnvironment() {
-  static const std::vector<std::string> env = {
-      "UCX_TLS=tcp",                          // never shared memory between namespaces
+// Set for every process started in a namespace.
+std::vector<std::string> ExtraEnvironment(const std::string& secret_path) {
+  return {
+      "UCX_TLS=tcp",                            // never shared memory between namespaces
       std::string("UCX_NET_DEVICES=") + kVeth,  // and only the veth
       "UCX_WARN_UNUSED_ENV_VARS=n",
+      "DSVM_SECRET_FILE=" + secret_path,  // the cluster secret (proto/auth.h)
   };
-  return env;
 }
 
 std::string FindTool(const std::string& name) {
@@ -69,19 +70,21 @@ int DecodeWait(int status) {
 struct ExecArgs {
   std::vector<std::string> storage;
   std::vector<char*> argv, envp;
-  ExecArgs(const std::vector<std::string>& args, bool extra_env) {
+  // extra_env: NAME=VALUE entries that replace or add to this process's
+  // environment; none: the environment is inherited as it is.
+  ExecArgs(const std::vector<std::string>& args, const std::vector<std::string>& extra_env = {}) {
     storage = args;
     size_t nargs = storage.size();
-    if (extra_env) {
+    if (!extra_env.empty()) {
       for (char** e = environ; *e != nullptr; ++e) {
         const std::string kv = *e;
         bool replaced = false;
-        for (const auto& x : ExtraEnvironment()) {
+        for (const auto& x : extra_env) {
           if (kv.compare(0, x.find('=') + 1, x, 0, x.find('=') + 1) == 0) replaced = true;
         }
         if (!replaced) storage.push_back(kv);
       }
-      for (const auto& x : ExtraEnvironment()) storage.push_back(x);
+      for (const auto& x : extra_env) storage.push_back(x);
     }
     for (size_t i = 0; i < storage.size(); ++i) {
       (i < nargs ? argv : envp).push_back(storage[i].data());
@@ -89,13 +92,16 @@ struct ExecArgs {
     argv.push_back(nullptr);
     envp.push_back(nullptr);
   }
-  char* const* env() const { return envp.size() > 1 ? const_cast<char* const*>(envp.data()) : environ; }
+  char* const* env() const {
+    return envp.size() > 1 ? const_cast<char* const*>(envp.data()) : environ;
+  }
 };
 
 }  // namespace
 
 std::string ProcessResult::Describe() const {
-  std::string s = code == kTimedOut ? "killed (timed out, or another client failed)" : "exit code " + std::to_string(code);
+  std::string s = code == kTimedOut ? "killed (timed out, or another client failed)"
+                                    : "exit code " + std::to_string(code);
   if (code > 128) s += " (signal " + std::to_string(code - 128) + ")";
   if (!err.empty()) s += "; stderr: " + err;
   return s;
@@ -127,13 +133,15 @@ std::vector<std::string> NetnsCluster::namespaces() const {
 }
 
 std::string NetnsCluster::node_address(int k) const { return "10.77.0." + std::to_string(10 + k); }
-std::string NetnsCluster::node_socket(int k) const { return dir_ + "/node" + std::to_string(k) + ".sock"; }
+std::string NetnsCluster::node_socket(int k) const {
+  return dir_ + "/node" + std::to_string(k) + ".sock";
+}
 std::string NetnsCluster::node_namespace(int k) const { return Namespace("n" + std::to_string(k)); }
 
 Result<std::string> NetnsCluster::Tool(const std::vector<std::string>& argv) {
   int out[2];
   if (::pipe2(out, O_CLOEXEC) != 0) return IoError("pipe2: " + std::string(std::strerror(errno)));
-  ExecArgs exec(argv, false);
+  ExecArgs exec(argv);
   const pid_t pid = ::fork();
   if (pid < 0) {
     ::close(out[0]);
@@ -151,8 +159,10 @@ Result<std::string> NetnsCluster::Tool(const std::vector<std::string>& argv) {
   char buf[4096];
   for (;;) {
     const ssize_t n = ::read(out[0], buf, sizeof(buf));
-    if (n > 0) text.append(buf, static_cast<size_t>(n));
-    else if (n == 0 || errno != EINTR) break;
+    if (n > 0)
+      text.append(buf, static_cast<size_t>(n));
+    else if (n == 0 || errno != EINTR)
+      break;
   }
   ::close(out[0]);
   int status = 0;
@@ -160,7 +170,8 @@ Result<std::string> NetnsCluster::Tool(const std::vector<std::string>& argv) {
   }
   if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
     while (!text.empty() && std::isspace(static_cast<unsigned char>(text.back()))) text.pop_back();
-    return Unavailable("`" + Join(argv) + "` failed (" + std::to_string(DecodeWait(status)) + "): " + text);
+    return Unavailable("`" + Join(argv) + "` failed (" + std::to_string(DecodeWait(status)) +
+                       "): " + text);
   }
   return text;
 }
@@ -180,8 +191,10 @@ std::string NetnsCluster::Unsupported() {
   std::string why;
   auto bridge = probe.Tool({ip, "-n", ns, "link", "add", "br0", "type", "bridge"});
   auto veth = probe.Tool({ip, "-n", ns, "link", "add", "v0", "type", "veth", "peer", "name", "v1"});
-  if (!bridge.ok()) why = "cannot make a bridge: " + bridge.status().message();
-  else if (!veth.ok()) why = "cannot make a veth pair: " + veth.status().message();
+  if (!bridge.ok())
+    why = "cannot make a bridge: " + bridge.status().message();
+  else if (!veth.ok())
+    why = "cannot make a veth pair: " + veth.status().message();
   probe.Tool({ip, "netns", "del", ns}).status().IgnoreError();
   return why;
 }
@@ -221,18 +234,18 @@ void NetnsCluster::CleanStale() {
 Status NetnsCluster::StartWatcher() {
   int fds[2];
   if (::pipe2(fds, O_CLOEXEC) != 0) return IoError("pipe2: " + std::string(std::strerror(errno)));
-  std::vector<std::string> argv = {
-      "/bin/sh", "-c",
-      "PATH=/usr/sbin:/usr/bin:/sbin:/bin\n"
-      "read -r word; [ \"$word\" = done ] && exit 0\n"
-      "dir=$1; shift\n"
-      "for ns in \"$@\"; do for p in $(ip netns pids \"$ns\" 2>/dev/null); do kill -9 \"$p\"; done; done\n"
-      "sleep 0.5\n"
-      "for ns in \"$@\"; do ip netns del \"$ns\" 2>/dev/null; done\n"
-      "rm -rf \"$dir\"\n",
-      "dsvm-netns-watcher", dir_};
+  std::vector<std::string> argv = {"/bin/sh", "-c",
+                                   "PATH=/usr/sbin:/usr/bin:/sbin:/bin\n"
+                                   "read -r word; [ \"$word\" = done ] && exit 0\n"
+                                   "dir=$1; shift\n"
+                                   "for ns in \"$@\"; do for p in $(ip netns pids \"$ns\" "
+                                   "2>/dev/null); do kill -9 \"$p\"; done; done\n"
+                                   "sleep 0.5\n"
+                                   "for ns in \"$@\"; do ip netns del \"$ns\" 2>/dev/null; done\n"
+                                   "rm -rf \"$dir\"\n",
+                                   "dsvm-netns-watcher", dir_};
   for (const auto& ns : namespaces()) argv.push_back(ns);
-  ExecArgs exec(argv, false);
+  ExecArgs exec(argv);
   const pid_t pid = ::fork();
   if (pid < 0) return IoError("fork: " + std::string(std::strerror(errno)));
   if (pid == 0) {
@@ -267,9 +280,11 @@ Status NetnsCluster::BuildTopology() {
     const std::string port = "p" + role;
     const std::string address =
         (role == "c" ? std::string("10.77.0.1") : node_address(std::stoi(role.substr(1)))) + "/24";
+    DSVM_RETURN_IF_ERROR(Tool({ip, "-n", hub, "link", "add", port, "type", "veth", "peer", "name",
+                               kVeth, "netns", ns})
+                             .status());
     DSVM_RETURN_IF_ERROR(
-        Tool({ip, "-n", hub, "link", "add", port, "type", "veth", "peer", "name", kVeth, "netns", ns}).status());
-    DSVM_RETURN_IF_ERROR(Tool({ip, "-n", hub, "link", "set", port, "master", "br0", "up"}).status());
+        Tool({ip, "-n", hub, "link", "set", port, "master", "br0", "up"}).status());
     DSVM_RETURN_IF_ERROR(Tool({ip, "-n", ns, "link", "set", "lo", "up"}).status());
     DSVM_RETURN_IF_ERROR(Tool({ip, "-n", ns, "addr", "add", address, "dev", kVeth}).status());
     DSVM_RETURN_IF_ERROR(Tool({ip, "-n", ns, "link", "set", kVeth, "up"}).status());
@@ -286,7 +301,7 @@ NetnsCluster::Proc NetnsCluster::Spawn(const std::string& ns, const std::vector<
   // program in the same process: the pid is the program's.
   std::vector<std::string> full = {FindTool("ip"), "netns", "exec", ns};
   full.insert(full.end(), argv.begin(), argv.end());
-  ExecArgs exec(full, true);
+  ExecArgs exec(full, ExtraEnvironment(secret_path()));
   const pid_t parent = ::getpid();
   const pid_t pid = ::fork();
   if (pid < 0) return p;
@@ -296,7 +311,8 @@ NetnsCluster::Proc NetnsCluster::Spawn(const std::string& ns, const std::vector<
     if (::getppid() != parent) ::_exit(126);
     const int in = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
     const int out = ::open(p.out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    const int err = split ? ::open(p.err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644) : out;
+    const int err =
+        split ? ::open(p.err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644) : out;
     if (in < 0 || out < 0 || err < 0) ::_exit(125);
     ::dup2(in, 0);
     ::dup2(out, 1);
@@ -305,6 +321,7 @@ NetnsCluster::Proc NetnsCluster::Spawn(const std::string& ns, const std::vector<
     ::_exit(127);
   }
   p.pid = pid;
+  p.started = Clock::now();
   return p;
 }
 
@@ -314,6 +331,7 @@ bool NetnsCluster::Running(Proc& p) {
   if (::waitpid(p.pid, &status, WNOHANG) == p.pid) {
     p.code = DecodeWait(status);
     p.pid = -1;
+    p.ended = Clock::now();
     return false;
   }
   return true;
@@ -326,6 +344,7 @@ void NetnsCluster::Kill(Proc& p) {
   while (::waitpid(p.pid, &status, 0) < 0 && errno == EINTR) {
   }
   p.pid = -1;
+  p.ended = Clock::now();
 }
 
 ProcessResult NetnsCluster::Collect(const Proc& p) const {
@@ -333,7 +352,22 @@ ProcessResult NetnsCluster::Collect(const Proc& p) const {
   r.code = p.code;
   r.out = ReadTail(p.out_path, 1 << 20);
   r.err = ReadTail(p.err_path, 4000);
+  r.seconds = std::chrono::duration<double>(p.ended - p.started).count();
   return r;
+}
+
+// A fresh cluster secret, readable by its owner only (ClusterSecret::Load
+// refuses anything else).
+Status NetnsCluster::WriteSecret() {
+  std::random_device random;  // /dev/urandom
+  std::string hex;
+  for (int i = 0; i < 64; ++i) hex += "0123456789abcdef"[random() & 15];
+  const int fd = ::open(secret_path().c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (fd < 0) return IoError("create " + secret_path() + ": " + std::strerror(errno));
+  const bool ok = ::write(fd, hex.data(), hex.size()) == static_cast<ssize_t>(hex.size());
+  ::close(fd);
+  if (!ok) return IoError("write " + secret_path());
+  return Status::Ok();
 }
 
 Status NetnsCluster::Start() {
@@ -342,6 +376,7 @@ Status NetnsCluster::Start() {
   if (::mkdtemp(tmpl) == nullptr) return IoError("mkdtemp: " + std::string(std::strerror(errno)));
   dir_ = tmpl;
   CleanStale();
+  DSVM_RETURN_IF_ERROR(WriteSecret());
   DSVM_RETURN_IF_ERROR(StartWatcher());
   DSVM_RETURN_IF_ERROR(BuildTopology());
 
@@ -359,7 +394,8 @@ Status NetnsCluster::Start() {
       break;
     }
     if (!Running(coordinator_)) return Unavailable("the coordinator exited: " + Logs());
-    if (Clock::now() > deadline) return Unavailable("the coordinator did not listen within 10 s: " + Logs());
+    if (Clock::now() > deadline)
+      return Unavailable("the coordinator did not listen within 10 s: " + Logs());
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
 
@@ -375,7 +411,8 @@ Status NetnsCluster::Start() {
     for (;;) {
       struct stat st;
       if (::stat(node_socket(k).c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) break;
-      if (!Running(daemons_[k - 1])) return Unavailable("node " + std::to_string(k) + " exited: " + Logs());
+      if (!Running(daemons_[k - 1]))
+        return Unavailable("node " + std::to_string(k) + " exited: " + Logs());
       if (Clock::now() > deadline) {
         return Unavailable("node " + std::to_string(k) + " made no socket within 10 s: " + Logs());
       }
@@ -456,28 +493,36 @@ ProcessResult NetnsCluster::Client(int k, const std::vector<std::string>& args, 
 }
 
 std::vector<ProcessResult> NetnsCluster::Clients(
-    const std::vector<std::pair<int, std::vector<std::string>>>& runs, int timeout_ms) {
+    const std::vector<std::pair<int, std::vector<std::string>>>& runs, int timeout_ms,
+    const Tick& tick) {
   std::vector<Proc> procs;
   for (const auto& [k, args] : runs) {
     DSVM_CHECK(k >= 1 && k <= nodes_);
     std::vector<std::string> argv = {DSVM_NETNS_CLIENT_BIN, "--socket", node_socket(k)};
     argv.insert(argv.end(), args.begin(), args.end());
-    procs.push_back(Spawn(node_namespace(k), argv, "client" + std::to_string(++client_runs_), true));
+    procs.push_back(
+        Spawn(node_namespace(k), argv, "client" + std::to_string(++client_runs_), true));
   }
-  const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
+  const auto start = Clock::now();
+  const auto deadline = start + std::chrono::milliseconds(timeout_ms);
   for (bool failed = false;;) {
-    bool any = false;
+    int running = 0;
     for (auto& p : procs) {
       if (Running(p)) {
-        any = true;
+        ++running;
       } else if (p.code != 0) {
         failed = true;
       }
     }
-    if (!any) break;
+    if (running == 0) break;
     if (failed || Clock::now() > deadline) {
       for (auto& p : procs) Kill(p);  // their code stays kTimedOut
       break;
+    }
+    if (tick) {
+      tick(static_cast<int>(
+               std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - start).count()),
+           running);
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(2));
   }
@@ -486,12 +531,19 @@ std::vector<ProcessResult> NetnsCluster::Clients(
   return results;
 }
 
+Status NetnsCluster::Partition(int k, bool cut) {
+  DSVM_CHECK(k >= 1 && k <= nodes_);
+  return Tool({FindTool("ip"), "-n", Namespace("h"), "link", "set", "pn" + std::to_string(k),
+               cut ? "down" : "up"})
+      .status();
+}
+
 bool NetnsCluster::NodeRunning(int k) { return Running(daemons_.at(k - 1)); }
 bool NetnsCluster::CoordinatorRunning() { return Running(coordinator_); }
 
 Result<uint64_t> NetnsCluster::ReceivedBytes(int k) {
-  DSVM_ASSIGN_OR_RETURN(std::string json,
-                        Tool({FindTool("ip"), "-n", node_namespace(k), "-s", "-j", "link", "show", "dev", kVeth}));
+  DSVM_ASSIGN_OR_RETURN(std::string json, Tool({FindTool("ip"), "-n", node_namespace(k), "-s", "-j",
+                                                "link", "show", "dev", kVeth}));
   const std::string key = "\"rx\":{\"bytes\":";
   const size_t at = json.find(key);
   if (at == std::string::npos) return Internal("no rx bytes in `ip -s -j link` output: " + json);
@@ -499,8 +551,8 @@ Result<uint64_t> NetnsCluster::ReceivedBytes(int k) {
 }
 
 Result<std::vector<NetnsCluster::TcpConnection>> NetnsCluster::TcpConnections(int k) {
-  DSVM_ASSIGN_OR_RETURN(std::string text, Tool({FindTool("ss"), "-N", node_namespace(k), "-H", "-t", "-n",
-                                                "-i", "state", "established"}));
+  DSVM_ASSIGN_OR_RETURN(std::string text, Tool({FindTool("ss"), "-N", node_namespace(k), "-H", "-t",
+                                                "-n", "-i", "state", "established"}));
   // Each connection: "Recv-Q Send-Q Local:Port Peer:Port", then an indented
   // line of tcp_info fields, bytes_received:N among them (absent while 0).
   std::vector<TcpConnection> connections;
@@ -517,22 +569,30 @@ Result<std::vector<NetnsCluster::TcpConnection>> NetnsCluster::TcpConnections(in
     if (connections.empty()) continue;
     for (std::string field; in >> field;) {
       if (field.rfind("bytes_received:", 0) == 0) {
-        connections.back().bytes_received = std::stoull(field.substr(std::strlen("bytes_received:")));
+        connections.back().bytes_received =
+            std::stoull(field.substr(std::strlen("bytes_received:")));
       }
     }
   }
   return connections;
 }
 
-std::string NetnsCluster::Logs() const {
-  std::string s = "\n--- coordinator (" + coordinator_address_ + ") ---\n" + ReadTail(coordinator_.out_path, 3000);
+std::string NetnsCluster::Logs() {
+  auto state = [this](Proc& p) {
+    return Running(p) ? std::string("running") : "exited with " + std::to_string(p.code);
+  };
+  std::string s = "\n--- coordinator (" + coordinator_address_ + ", " + state(coordinator_) +
+                  ") ---\n" + ReadTail(coordinator_.out_path, 3000);
   for (int k = 1; k <= nodes_; ++k) {
-    const Proc& d = daemons_[k - 1];
-    s += "\n--- node " + std::to_string(k) + " (" + node_address(k) + ", " +
-         (d.pid > 0 ? "running" : "exited with " + std::to_string(d.code)) + ") ---\n" +
+    Proc& d = daemons_[k - 1];
+    s += "\n--- node " + std::to_string(k) + " (" + node_address(k) + ", " + state(d) + ") ---\n" +
          ReadTail(d.out_path, 3000);
   }
   return s;
+}
+
+std::string NetnsCluster::CoordinatorLog() const {
+  return ReadTail(coordinator_.out_path, 1 << 24);
 }
 
 }  // namespace dsvm::testing

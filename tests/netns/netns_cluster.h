@@ -12,7 +12,8 @@
 // so UCX sees the namespace's own devices, with UCX_TLS=tcp and
 // UCX_NET_DEVICES=dsvm0: without them UCX would reach the other namespaces
 // over shared memory and the network would never be used
-// (../shared/notes/ucx.md, pitfalls 5 and 6).
+// (../shared/notes/ucx.md, pitfalls 5 and 6). DSVM_SECRET_FILE names a
+// fresh cluster secret, so nodes authenticate as in a real deployment.
 //
 // Cleanup: Stop() (and the destructor) stops every process and deletes
 // every namespace. Should the test process die first (a crash, a ctest
@@ -24,7 +25,9 @@
 
 #include <sys/types.h>
 
+#include <chrono>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -38,8 +41,9 @@ namespace dsvm::testing {
 struct ProcessResult {
   static constexpr int kTimedOut = -1;
   int code = kTimedOut;
-  std::string out;  // stdout
-  std::string err;  // stderr (its last 4000 bytes)
+  std::string out;     // stdout
+  std::string err;     // stderr (its last 4000 bytes)
+  double seconds = 0;  // from start to exit (or to being killed)
   std::string Describe() const;
 };
 
@@ -80,8 +84,17 @@ class NetnsCluster {
   // Runs several at once, each {node, args}. When one fails or the time is
   // up, the others are killed (they may wait forever for it: a lock it
   // holds, a barrier it never reaches).
-  std::vector<ProcessResult> Clients(const std::vector<std::pair<int, std::vector<std::string>>>& runs,
-                                     int timeout_ms);
+  // `tick`, when given, is called every 2 ms while they run, with the
+  // milliseconds since they were started and how many still run (for a
+  // test's schedule of events).
+  using Tick = std::function<void(int elapsed_ms, int running)>;
+  std::vector<ProcessResult> Clients(
+      const std::vector<std::pair<int, std::vector<std::string>>>& runs, int timeout_ms,
+      const Tick& tick = nullptr);
+
+  // Cuts node k off the network (its bridge port down), or joins it again.
+  // Its TCP connections stay open and resume when it is joined again.
+  Status Partition(int k, bool cut);
 
   // Whether node k's daemon (or the coordinator) still runs.
   bool NodeRunning(int k);
@@ -98,16 +111,21 @@ class NetnsCluster {
   Result<std::vector<TcpConnection>> TcpConnections(int k);
 
   // The tails of the coordinator's and every daemon's logs.
-  std::string Logs() const;
+  std::string Logs();
+  // The coordinator's whole log.
+  std::string CoordinatorLog() const;
 
  private:
   struct Proc {
-    pid_t pid = -1;  // -1 once reaped
+    pid_t pid = -1;                       // -1 once reaped
     int code = ProcessResult::kTimedOut;  // once reaped: as in ProcessResult
+    std::chrono::steady_clock::time_point started, ended;
     std::string out_path, err_path;  // the same file for daemons
   };
 
   std::string Namespace(const std::string& role) const;
+  std::string secret_path() const { return dir_ + "/cluster.secret"; }
+  Status WriteSecret();
   std::vector<std::string> Roles() const;
   Status StartWatcher();
   Status BuildTopology();
@@ -116,8 +134,8 @@ class NetnsCluster {
   void CleanStale();
   // Starts argv in namespace ns; stdout and stderr go to <dir>/<log_name>.log,
   // or .out and .err when `split`.
-  Proc Spawn(const std::string& ns, const std::vector<std::string>& argv, const std::string& log_name,
-             bool split);
+  Proc Spawn(const std::string& ns, const std::vector<std::string>& argv,
+             const std::string& log_name, bool split);
   bool Running(Proc& p);  // reaps it when it has exited
   void Kill(Proc& p);     // SIGKILL and reap
   ProcessResult Collect(const Proc& p) const;
