@@ -113,7 +113,7 @@ class BenchNode {
   }
 
   Status DeleteRegion(const std::string& name) {
-    DSVM_ASSIGN_OR_RETURN(proto::Message reply, sock_.Call(proto::RegionDelete{name}));
+    DSVM_ASSIGN_OR_RETURN(proto::Message reply, sock_.Call(proto::RegionDelete{.name = name}));
     const auto* s = std::get_if<proto::StatusReply>(&reply);
     if (s == nullptr) return Internal("RegionDelete answered with an unexpected type");
     return proto::FromReply(*s);

@@ -99,7 +99,7 @@ Result<ClientSession> OpenSession(const std::string& socket_path) {
   if (h == nullptr) return Unexpected<proto::ClientHelloReply>(hello, "ClientHello");
   s.node = h->node;
   std::vector<node::UniqueFd> fds;
-  auto open = ClientCall(s.sock, proto::RegionOpen{kRegionName}, 2, &fds);
+  auto open = ClientCall(s.sock, proto::RegionOpen{.name = kRegionName}, 2, &fds);
   const auto* region = open.ok() ? std::get_if<proto::RegionReply>(&*open) : nullptr;
   if (region == nullptr) return Unexpected<proto::RegionReply>(open, "RegionOpen");
   if (fds.size() != 1) {
@@ -296,7 +296,7 @@ Status StartCluster(const FaultLatencyOptions& o, Cluster* c, uint64_t region_by
   DSVM_ASSIGN_OR_RETURN(proto::FramedSocket tool,
                         proto::ConnectToCoordinator(c->coordinator->address(),
                                                     &c->coordinator->secret()));
-  auto reply = tool.Call(proto::RegionCreate{kRegionName, region_bytes, kFaultPageSize});
+  auto reply = tool.Call(proto::RegionCreate{.name = kRegionName, .size = region_bytes, .page_size = kFaultPageSize});
   if (!reply.ok() || std::get_if<proto::RegionReply>(&*reply) == nullptr) {
     return Unexpected<proto::RegionReply>(reply, "RegionCreate");
   }

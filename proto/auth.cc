@@ -92,6 +92,25 @@ bool ClusterSecret::Check(const Proof& proof, std::string_view role, const Nonce
   return CRYPTO_memcmp(proof.data(), want.data(), kProofSize) == 0;
 }
 
+std::string TokenDigest(std::string_view token) {
+  unsigned char md[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  DSVM_CHECK(EVP_Digest(token.data(), token.size(), md, &len, EVP_sha256(), nullptr) == 1);
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string out;
+  for (unsigned int i = 0; i < len; ++i) {
+    out.push_back(kHex[md[i] >> 4]);
+    out.push_back(kHex[md[i] & 15]);
+  }
+  return out;
+}
+
+bool TokenMatches(const std::string& digest, std::string_view token) {
+  const std::string mine = TokenDigest(token);
+  return digest.size() == mine.size() &&
+         CRYPTO_memcmp(digest.data(), mine.data(), mine.size()) == 0;
+}
+
 Nonce RandomNonce() {
   Nonce n;
   DSVM_CHECK_MSG(RAND_bytes(n.data(), static_cast<int>(n.size())) == 1,

@@ -58,6 +58,11 @@ class ClusterSecret {
   std::vector<uint8_t> bytes_;
 };
 
+// A region token as the coordinator keeps it: hex SHA-256 of the token.
+std::string TokenDigest(std::string_view token);
+// Whether `token` has `digest` (constant-time in the digest's bytes).
+bool TokenMatches(const std::string& digest, std::string_view token);
+
 // A nonce from the operating system's random source.
 Nonce RandomNonce();
 

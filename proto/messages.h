@@ -222,27 +222,55 @@ struct LeaveRequest {
 };
 
 // Any client -> coordinator. Reply: RegionReply or StatusReply.
+// Who a region request is for: the local process a node daemon forwards it
+// for, as the daemon's socket saw it (SO_PEERCRED; the daemon overwrites
+// whatever the process sent). Absent on a tool's own request: whoever holds
+// the cluster secret administers the cluster.
+struct Credentials {
+  uint8_t present = 0;
+  uint32_t uid = 0;
+  uint32_t gid = 0;
+  template <typename A> void Visit(A& a) { a.Flag(present); a.U32(uid); a.U32(gid); }
+  bool operator==(const Credentials&) const = default;
+};
+
+inline constexpr uint32_t kMaxRegionMode = 0777;
+inline constexpr uint32_t kDefaultRegionMode = 0600;
+inline constexpr uint32_t kMaxTokenLength = 255;
+
 struct RegionCreate {
   static constexpr MessageType kType = MessageType::kRegionCreate;
   std::string name;
   uint64_t size = 0;        // bytes; rounded up to page_size
   uint32_t page_size = 0;   // 4096, 65536 or 2097152
+  // Who may open it: permission bits as for a file (read and write both
+  // needed), owner = the creator's credentials; and/or anyone presenting
+  // `token` (empty: no token). Only a hash of the token is kept.
+  uint32_t mode = kDefaultRegionMode;
+  std::string token;
+  Credentials creds;
   template <typename A> void Visit(A& a) {
-    a.Str(name, kMaxNameLength); a.U64(size); a.U32(page_size);
+    a.Str(name, kMaxNameLength); a.U64(size); a.U32(page_size); a.U32(mode);
+    a.Str(token, kMaxTokenLength); creds.Visit(a);
   }
 };
 
 struct RegionOpen {
   static constexpr MessageType kType = MessageType::kRegionOpen;
   std::string name;
-  template <typename A> void Visit(A& a) { a.Str(name, kMaxNameLength); }
+  std::string token;  // empty: none
+  Credentials creds;
+  template <typename A> void Visit(A& a) {
+    a.Str(name, kMaxNameLength); a.Str(token, kMaxTokenLength); creds.Visit(a);
+  }
 };
 
-// Reply: StatusReply.
+// Reply: StatusReply. Only the owner, root or a tool may delete.
 struct RegionDelete {
   static constexpr MessageType kType = MessageType::kRegionDelete;
   std::string name;
-  template <typename A> void Visit(A& a) { a.Str(name, kMaxNameLength); }
+  Credentials creds;
+  template <typename A> void Visit(A& a) { a.Str(name, kMaxNameLength); creds.Visit(a); }
 };
 
 struct RegionReply {

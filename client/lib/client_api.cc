@@ -405,12 +405,37 @@ int NotInitialized(const std::string& what) {
   return Fail(DSVM_ENOT_INITIALIZED, what + ": libdsvm is not initialised; call dsvm_init");
 }
 
-int RegionCreate(const char* name, size_t size, size_t page_size, void** addr) {
-  std::string what = "dsvm_region_create";
+// A token argument: NULL, or 1..255 bytes. Fills *out.
+Status ValidateToken(const char* token, std::string* out) {
+  out->clear();
+  if (token == nullptr) return Status::Ok();
+  const size_t n = ::strnlen(token, proto::kMaxTokenLength + 1);
+  if (n == 0) return InvalidArgument("the token is empty (pass NULL for none)");
+  if (n > proto::kMaxTokenLength) {
+    return InvalidArgument("the token is longer than " + std::to_string(proto::kMaxTokenLength) +
+                           " bytes");
+  }
+  out->assign(token, n);
+  return Status::Ok();
+}
+
+int RegionCreate(const char* name, size_t size, const dsvm_region_attr_t* attr, void** addr,
+                 const char* fn) {
+  std::string what = fn;
   if (Status s = ValidateName(name); !s.ok()) return FailWith(what, s);
   what += "(" + Quoted(name) + ")";
   if (addr == nullptr) return Fail(DSVM_EINVALID_ARGUMENT, what + ": addr is NULL");
   if (size == 0) return Fail(DSVM_EINVALID_ARGUMENT, what + ": size is 0");
+  size_t page_size = attr->page_size;
+  proto::RegionCreate request;
+  request.name = name;
+  request.size = size;
+  request.mode = attr->mode == 0 ? proto::kDefaultRegionMode : attr->mode;
+  if (attr->mode > proto::kMaxRegionMode) {
+    return Fail(DSVM_EINVALID_ARGUMENT, what + ": mode " + std::to_string(attr->mode) +
+                                            " has bits beyond 0777");
+  }
+  if (Status s = ValidateToken(attr->token, &request.token); !s.ok()) return FailWith(what, s);
   if (page_size == 0) page_size = DSVM_PAGE_SIZE_4K;
   if (!ValidPageSize(page_size)) {
     return Fail(DSVM_EINVALID_ARGUMENT, what + ": page size " + std::to_string(page_size) +
@@ -425,7 +450,8 @@ int RegionCreate(const char* name, size_t size, size_t page_size, void** addr) {
                                               std::to_string(lib->window_size) + " bytes)");
   }
   const uint64_t rounded = (size + page_size - 1) / page_size * page_size;
-  auto r = RegionCallLocked(lib, proto::RegionCreate{name, size, static_cast<uint32_t>(page_size)});
+  request.page_size = static_cast<uint32_t>(page_size);
+  auto r = RegionCallLocked(lib, request);
   if (!r.ok()) return FailWith(what, r.status());
   auto& [region, memfd] = *r;
   Status st;
@@ -439,7 +465,8 @@ int RegionCreate(const char* name, size_t size, size_t page_size, void** addr) {
   if (!st.ok()) {
     // Create is create-and-map: leave no region this caller does not know of.
     std::string undo = "; the region was deleted again";
-    if (!lib->broken_why.empty() || !StatusCallLocked(lib, proto::RegionDelete{name}).ok()) {
+    if (!lib->broken_why.empty() ||
+        !StatusCallLocked(lib, proto::RegionDelete{.name = name}).ok()) {
       undo = "; deleting the region again failed too: dsvm_region_destroy it";
     }
     return Fail(CodeOf(st.code()), what + ": " + st.message() + undo);
@@ -448,11 +475,14 @@ int RegionCreate(const char* name, size_t size, size_t page_size, void** addr) {
   return Succeed();
 }
 
-int RegionOpen(const char* name, void** addr, size_t* size) {
-  std::string what = "dsvm_region_open";
+int RegionOpen(const char* name, const char* token, void** addr, size_t* size, const char* fn) {
+  std::string what = fn;
   if (Status s = ValidateName(name); !s.ok()) return FailWith(what, s);
   what += "(" + Quoted(name) + ")";
   if (addr == nullptr) return Fail(DSVM_EINVALID_ARGUMENT, what + ": addr is NULL");
+  proto::RegionOpen request;
+  request.name = name;
+  if (Status s = ValidateToken(token, &request.token); !s.ok()) return FailWith(what, s);
   std::lock_guard<std::mutex> l(g_mu);
   Library* lib = g_lib;
   if (lib == nullptr) return NotInitialized(what);
@@ -460,7 +490,7 @@ int RegionOpen(const char* name, void** addr, size_t* size) {
     return Fail(DSVM_EFAILED_PRECONDITION,
                 what + ": this process has it open already at " + Hex(open->base));
   }
-  auto r = RegionCallLocked(lib, proto::RegionOpen{name});
+  auto r = RegionCallLocked(lib, request);
   if (!r.ok()) return FailWith(what, r.status());
   auto& [region, memfd] = *r;
   if (Status st = MapLocked(lib, region, std::move(memfd), name); !st.ok()) {
@@ -519,7 +549,7 @@ int RegionDestroy(const char* name) {
     return Fail(DSVM_EFAILED_PRECONDITION, what + ": this process has it open at " +
                                                Hex(open->base) + "; dsvm_region_close it first");
   }
-  if (Status st = StatusCallLocked(lib, proto::RegionDelete{name}); !st.ok()) {
+  if (Status st = StatusCallLocked(lib, proto::RegionDelete{.name = name}); !st.ok()) {
     return FailWith(what, st);
   }
   return Succeed();
@@ -661,12 +691,36 @@ int dsvm_finalize(void) {
 }
 
 int dsvm_region_create(const char* name, size_t size, size_t page_size, void** addr) {
-  return Guarded("dsvm_region_create",
-                 [&] { return dsvm::client::RegionCreate(name, size, page_size, addr); });
+  return Guarded("dsvm_region_create", [&] {
+    dsvm_region_attr_t attr{};
+    attr.page_size = page_size;
+    return dsvm::client::RegionCreate(name, size, &attr, addr, "dsvm_region_create");
+  });
+}
+
+int dsvm_region_create_attr(const char* name, size_t size, const dsvm_region_attr_t* attr,
+                            void** addr) {
+  return Guarded("dsvm_region_create_attr", [&] {
+    if (attr == nullptr) {
+      return dsvm::client::Fail(DSVM_EINVALID_ARGUMENT, "dsvm_region_create_attr: attr is NULL");
+    }
+    return dsvm::client::RegionCreate(name, size, attr, addr, "dsvm_region_create_attr");
+  });
 }
 
 int dsvm_region_open(const char* name, void** addr, size_t* size) {
-  return Guarded("dsvm_region_open", [&] { return dsvm::client::RegionOpen(name, addr, size); });
+  return Guarded("dsvm_region_open", [&] {
+    return dsvm::client::RegionOpen(name, nullptr, addr, size, "dsvm_region_open");
+  });
+}
+
+int dsvm_region_open_token(const char* name, const char* token, void** addr, size_t* size) {
+  return Guarded("dsvm_region_open_token", [&] {
+    if (token == nullptr) {
+      return dsvm::client::Fail(DSVM_EINVALID_ARGUMENT, "dsvm_region_open_token: token is NULL");
+    }
+    return dsvm::client::RegionOpen(name, token, addr, size, "dsvm_region_open_token");
+  });
 }
 
 int dsvm_region_close(void* addr) {

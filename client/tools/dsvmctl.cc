@@ -180,9 +180,9 @@ int main(int argc, char** argv) {
       c.page_size = static_cast<uint32_t>(page);
       request = c;
     } else if (verb == "show" && args.size() == 3) {
-      request = proto::RegionOpen{name};
+      request = proto::RegionOpen{.name = name};
     } else if (verb == "delete" && args.size() == 3) {
-      request = proto::RegionDelete{name};
+      request = proto::RegionDelete{.name = name};
     } else {
       return Usage("unknown region command");
     }

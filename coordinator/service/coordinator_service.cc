@@ -1,8 +1,10 @@
 #include "coordinator/service/coordinator_service.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <utility>
 
+#include "proto/auth.h"
 #include "proto/log.h"
 
 namespace dsvm::coordinator {
@@ -343,10 +345,40 @@ Status CoordinatorService::HandleLeave(ConnId conn, uint64_t rid, const proto::L
 // ---------------------------------------------------------------------------
 // Regions
 
+Status CoordinatorService::CheckRegionAccess(const RegionRecord& r, const proto::Credentials& creds,
+                                             const std::string& token, bool remove) {
+  if (!creds.present || creds.uid == 0) return Status::Ok();  // a tool, or root
+  if (creds.uid == r.owner_uid) {
+    if (remove || (r.mode & 0600) == 0600) return Status::Ok();
+  } else if (!remove) {
+    if (creds.gid == r.owner_gid && (r.mode & 0060) == 0060) return Status::Ok();
+    if ((r.mode & 0006) == 0006) return Status::Ok();
+    if (!r.token_hash.empty() && !token.empty() && proto::TokenMatches(r.token_hash, token)) {
+      return Status::Ok();
+    }
+  }
+  char mode[16];
+  std::snprintf(mode, sizeof(mode), "%04o", r.mode);
+  return PermissionDenied("region '" + r.name + "' (owner uid " + std::to_string(r.owner_uid) +
+                          " gid " + std::to_string(r.owner_gid) + ", mode " + mode +
+                          (r.token_hash.empty() ? "" : ", token") + ") may not be " +
+                          (remove ? "deleted" : "opened") + " by uid " +
+                          std::to_string(creds.uid) + " gid " + std::to_string(creds.gid) +
+                          (remove || token.empty() ? "" : " with that token"));
+}
+
 void CoordinatorService::HandleRegionCreate(ConnId conn, uint64_t rid, const proto::RegionCreate& m) {
+  if (m.mode > proto::kMaxRegionMode) {
+    return ReplyStatus(conn, rid, InvalidArgument("region mode " + std::to_string(m.mode) +
+                                                  " has bits beyond 0777"));
+  }
   Result<RegionRecord> plan = regions_.Plan(m.name, m.size, m.page_size);
   if (!plan.ok()) return ReplyStatus(conn, rid, plan.status());
   RegionRecord r = std::move(*plan);
+  r.owner_uid = m.creds.present ? m.creds.uid : 0;
+  r.owner_gid = m.creds.present ? m.creds.gid : 0;
+  r.mode = m.mode;
+  if (!m.token.empty()) r.token_hash = proto::TokenDigest(m.token);
   Meta next = meta_;
   r.id = next.next_region_id++;
   r.created_epoch = store_->epoch();
@@ -362,12 +394,18 @@ void CoordinatorService::HandleRegionCreate(ConnId conn, uint64_t rid, const pro
 void CoordinatorService::HandleRegionOpen(ConnId conn, uint64_t rid, const proto::RegionOpen& m) {
   const RegionRecord* r = regions_.FindByName(m.name);
   if (r == nullptr) return ReplyStatus(conn, rid, NotFound("no region '" + m.name + "'"));
+  if (Status st = CheckRegionAccess(*r, m.creds, m.token, false); !st.ok()) {
+    return ReplyStatus(conn, rid, st);
+  }
   Reply(conn, rid, proto::RegionReply{r->id, r->base, r->size, r->page_size, r->name});
 }
 
 void CoordinatorService::HandleRegionDelete(ConnId conn, uint64_t rid, const proto::RegionDelete& m) {
   const RegionRecord* found = regions_.FindByName(m.name);
   if (found == nullptr) return ReplyStatus(conn, rid, NotFound("no region '" + m.name + "'"));
+  if (Status st = CheckRegionAccess(*found, m.creds, "", true); !st.ok()) {
+    return ReplyStatus(conn, rid, st);
+  }
   const RegionRecord r = *found;
   // The region record goes first: a crash in between leaves directory
   // records of no region, which are dropped, never a region without them.

@@ -98,6 +98,9 @@ class CoordinatorService {
   Status HandleJoin(ConnId conn, uint64_t rid, const proto::JoinRequest& m, uint64_t now_ms);
   Status HandleHeartbeat(ConnId conn, uint64_t rid, const proto::Heartbeat& m, uint64_t now_ms);
   Status HandleLeave(ConnId conn, uint64_t rid, const proto::LeaveRequest& m);
+  // Whether the request's sender may open (or, `remove`, delete) region r.
+  static Status CheckRegionAccess(const RegionRecord& r, const proto::Credentials& creds,
+                                  const std::string& token, bool remove);
   void HandleRegionCreate(ConnId conn, uint64_t rid, const proto::RegionCreate& m);
   void HandleRegionOpen(ConnId conn, uint64_t rid, const proto::RegionOpen& m);
   void HandleRegionDelete(ConnId conn, uint64_t rid, const proto::RegionDelete& m);

@@ -844,6 +844,9 @@ void NodeDaemon::OnClientReadable(int fd) {
           if (!link_.is_open() || forwarded_.size() >= kMaxForwarded) {
             return ReplyToClient(fd, rid, proto::ToReply(Unavailable("coordinator not reachable")));
           }
+          // The coordinator decides who may open a region by these, never
+          // by what the process claims.
+          m.creds = proto::Credentials{1, client.uid, client.gid};
           const uint64_t forward = link_.NextRequestId();
           forwarded_[forward] = Forwarded{fd, client.serial, rid};
           link_.Send(m, forward).IgnoreError();

@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <memory>
 #include <random>
 #include <thread>
 
@@ -26,7 +27,7 @@ using proto::AccessKind;
 constexpr uint32_t kPage = 4096;
 
 proto::RegionReply CreateRegion(proto::FramedSocket& s, const std::string& name, uint64_t size) {
-  auto reply = s.Call(proto::RegionCreate{name, size, kPage});
+  auto reply = s.Call(proto::RegionCreate{.name = name, .size = size, .page_size = kPage});
   EXPECT_TRUE(reply.ok()) << reply.status().ToString();
   auto* r = reply.ok() ? std::get_if<proto::RegionReply>(&*reply) : nullptr;
   EXPECT_NE(r, nullptr);
@@ -75,7 +76,7 @@ TEST(CoordinatorCrash, KillNineLosesNothingAcknowledged) {
     for (uint64_t i = 0; !killed; ++i) {
       if (i % 5 == 0) {
         const std::string name = "r" + std::to_string(round) + "-" + std::to_string(i);
-        auto reply = tool->Call(proto::RegionCreate{name, (1 + i % 7) * kPage, kPage}, 2000);
+        auto reply = tool->Call(proto::RegionCreate{.name = name, .size = (1 + i % 7) * kPage, .page_size = kPage}, 2000);
         if (!reply.ok()) break;
         if (auto* r = std::get_if<proto::RegionReply>(&*reply)) regions[name] = *r;
         continue;
@@ -97,7 +98,7 @@ TEST(CoordinatorCrash, KillNineLosesNothingAcknowledged) {
     auto check = ConnectTool(again.address());
     ASSERT_TRUE(check.ok());
     for (const auto& [name, r] : regions) {
-      auto reply = check->Call(proto::RegionOpen{name});
+      auto reply = check->Call(proto::RegionOpen{.name = name});
       ASSERT_TRUE(reply.ok());
       auto* got = std::get_if<proto::RegionReply>(&*reply);
       ASSERT_NE(got, nullptr) << "acknowledged region " << name << " lost";
@@ -131,7 +132,7 @@ TEST(CoordinatorInput, MalformedFrameClosesOnlyThatConnection) {
   // its own connection.
   std::vector<std::vector<uint8_t>> bad;
   bad.push_back(std::vector<uint8_t>(24, 0xAB));
-  auto frame = proto::Encode(proto::RegionOpen{"keep"}, 1);
+  auto frame = proto::Encode(proto::RegionOpen{.name = "keep"}, 1);
   auto wrong_version = frame;
   wrong_version[4] = 9;
   bad.push_back(wrong_version);
@@ -150,13 +151,13 @@ TEST(CoordinatorInput, MalformedFrameClosesOnlyThatConnection) {
     }
   }
   // A valid but unacceptable request gets an error reply, connection kept.
-  auto reply = good->Call(proto::RegionCreate{"bad name!", 4096, 4096});
+  auto reply = good->Call(proto::RegionCreate{.name = "bad name!", .size = 4096, .page_size = 4096});
   ASSERT_TRUE(reply.ok());
   auto* st = std::get_if<proto::StatusReply>(&*reply);
   ASSERT_NE(st, nullptr);
   EXPECT_EQ(st->code, static_cast<uint16_t>(StatusCode::kInvalidArgument));
   // The well-behaved connection is still served.
-  auto open = good->Call(proto::RegionOpen{"keep"});
+  auto open = good->Call(proto::RegionOpen{.name = "keep"});
   ASSERT_TRUE(open.ok()) << open.status().ToString();
   EXPECT_NE(std::get_if<proto::RegionReply>(&*open), nullptr);
   EXPECT_NE(coord.stderr_text().find("malformed frame"), std::string::npos);
@@ -298,13 +299,13 @@ TEST(CoordinatorAuth, OnlyHoldersOfTheSecretGetIn) {
     ASSERT_NE(st, nullptr);
     EXPECT_EQ(st->code, static_cast<uint16_t>(StatusCode::kPermissionDenied));
     EXPECT_NE(st->message.find("wrong cluster secret"), std::string::npos) << st->message;
-    EXPECT_FALSE(raw->Call(proto::RegionOpen{"guarded"}, 2000).ok()) << "the connection is closed";
+    EXPECT_FALSE(raw->Call(proto::RegionOpen{.name = "guarded"}, 2000).ok()) << "the connection is closed";
   }
   // Skipping the handshake: refused, whatever the request.
   {
     auto raw = proto::FramedSocket::Connect(coord.address());
     ASSERT_TRUE(raw.ok());
-    auto reply = raw->Call(proto::RegionOpen{"guarded"});
+    auto reply = raw->Call(proto::RegionOpen{.name = "guarded"});
     ASSERT_TRUE(reply.ok());
     auto* st = std::get_if<proto::StatusReply>(&*reply);
     ASSERT_NE(st, nullptr);
@@ -312,7 +313,7 @@ TEST(CoordinatorAuth, OnlyHoldersOfTheSecretGetIn) {
     EXPECT_NE(st->message.find("AuthHello"), std::string::npos) << st->message;
   }
   // The authenticated connection was never disturbed.
-  auto open = good->Call(proto::RegionOpen{"guarded"});
+  auto open = good->Call(proto::RegionOpen{.name = "guarded"});
   ASSERT_TRUE(open.ok());
   EXPECT_NE(std::get_if<proto::RegionReply>(&*open), nullptr);
   EXPECT_NE(coord.stderr_text().find("refusing connection"), std::string::npos);
@@ -328,6 +329,74 @@ TEST(CoordinatorAuth, AnInsecureCoordinatorIsNotTrustedBySecretHolders) {
   ASSERT_FALSE(careful.ok());
   EXPECT_EQ(careful.status().code(), StatusCode::kPermissionDenied);
   EXPECT_NE(careful.status().message().find("--insecure"), std::string::npos);
+}
+
+// Region access: the coordinator's decisions, with the credentials a node
+// daemon would attach (a tool may state them; it holds the cluster secret).
+TEST(CoordinatorAuth, RegionsAreOpenedOnlyByWhoMayUseThem) {
+  TempDir dir;
+  const std::string data = dir.path() + "/data";
+  auto coord = std::make_unique<CoordinatorProcess>();
+  ASSERT_TRUE(coord->Start(data).ok()) << coord->stderr_text();
+  auto tool = ConnectTool(coord->address());
+  ASSERT_TRUE(tool.ok());
+  const proto::Credentials alice{1, 1000, 100}, bob{1, 1001, 100}, eve{1, 1002, 200},
+      root{1, 0, 0};
+  auto code = [](const Result<proto::Message>& r) {
+    if (!r.ok()) return -1;
+    if (const auto* st = std::get_if<proto::StatusReply>(&*r)) return static_cast<int>(st->code);
+    return 0;
+  };
+  const int kDenied = static_cast<int>(StatusCode::kPermissionDenied);
+  auto create = [&](const std::string& name, uint32_t mode, const std::string& token) {
+    return code(tool->Call(proto::RegionCreate{
+        .name = name, .size = kPage, .page_size = kPage, .mode = mode, .token = token,
+        .creds = alice}));
+  };
+  auto open = [&](const std::string& name, const proto::Credentials& who, const std::string& token) {
+    return code(tool->Call(proto::RegionOpen{.name = name, .token = token, .creds = who}));
+  };
+  ASSERT_EQ(create("private", 0600, ""), 0);
+  ASSERT_EQ(create("group", 0660, ""), 0);
+  ASSERT_EQ(create("others", 0606, ""), 0);
+  ASSERT_EQ(create("token", 0640, "open sesame"), 0);
+  EXPECT_EQ(create("bad-mode", 01000, ""), static_cast<int>(StatusCode::kInvalidArgument));
+
+  auto check_all = [&] {
+    EXPECT_EQ(open("private", alice, ""), 0);
+    EXPECT_EQ(open("private", bob, ""), kDenied);
+    EXPECT_EQ(open("private", root, ""), 0);
+    EXPECT_EQ(open("private", {}, ""), 0) << "a tool";
+    EXPECT_EQ(open("group", bob, ""), 0);
+    EXPECT_EQ(open("group", eve, ""), kDenied);
+    EXPECT_EQ(open("others", eve, ""), 0);
+    EXPECT_EQ(open("others", bob, ""), 0) << "bob is in alice's group, but others may";
+    EXPECT_EQ(open("token", bob, ""), kDenied) << "read-only group bits do not let bob open it";
+    EXPECT_EQ(open("token", eve, "open sesame"), 0);
+    EXPECT_EQ(open("token", eve, "open sesame!"), kDenied);
+    EXPECT_EQ(open("private", bob, "open sesame"), kDenied) << "a token of another region";
+  };
+  check_all();
+  auto refused = tool->Call(proto::RegionOpen{.name = "private", .creds = bob});
+  ASSERT_TRUE(refused.ok());
+  const std::string why = std::get<proto::StatusReply>(*refused).message;
+  EXPECT_NE(why.find("uid 1001"), std::string::npos) << why;
+  EXPECT_NE(why.find("0600"), std::string::npos) << why;
+
+  // Owner, mode and token are stored: the same decisions after kill -9.
+  coord->Kill(SIGKILL);
+  coord = std::make_unique<CoordinatorProcess>();
+  ASSERT_TRUE(coord->Start(data).ok()) << coord->stderr_text();
+  tool = ConnectTool(coord->address());
+  ASSERT_TRUE(tool.ok());
+  check_all();
+
+  // Only the owner (or root, or a tool) deletes; a token is not enough.
+  EXPECT_EQ(code(tool->Call(proto::RegionDelete{.name = "token", .creds = eve})), kDenied);
+  EXPECT_EQ(code(tool->Call(proto::RegionDelete{.name = "group", .creds = bob})), kDenied);
+  EXPECT_EQ(code(tool->Call(proto::RegionDelete{.name = "group", .creds = alice})), 0);
+  EXPECT_EQ(code(tool->Call(proto::RegionDelete{.name = "token", .creds = root})), 0);
+  EXPECT_EQ(open("group", alice, ""), static_cast<int>(StatusCode::kNotFound));
 }
 
 // A node that stops heartbeating is declared dead: its sole copies are lost

@@ -97,7 +97,7 @@ class NodeDaemonTest : public ::testing::Test {
   }
 
   proto::RegionReply Region(const std::string& name, uint64_t size, uint32_t page_size) {
-    auto reply = tool_.Call(proto::RegionCreate{name, size, page_size});
+    auto reply = tool_.Call(proto::RegionCreate{.name = name, .size = size, .page_size = page_size});
     EXPECT_TRUE(reply.ok());
     auto* r = std::get_if<proto::RegionReply>(&*reply);
     EXPECT_NE(r, nullptr);
@@ -316,7 +316,7 @@ static int RunClient(const std::string& socket_path, const std::string& name,
     auto hello = ClientCall(sock, proto::ClientHello{}, 1, nullptr);
     if (!hello.ok() || !std::get_if<proto::ClientHelloReply>(&*hello)) fail(11, "hello");
     std::vector<node::UniqueFd> fds;
-    auto open = ClientCall(sock, proto::RegionOpen{name}, 2, &fds);
+    auto open = ClientCall(sock, proto::RegionOpen{.name = name}, 2, &fds);
     auto* region = open.ok() ? std::get_if<proto::RegionReply>(&*open) : nullptr;
     if (region == nullptr || fds.size() != 1) fail(12, "region open");
     auto mapping = node::UffdClientMapRegion(fds[0].get(), region->base, region->size);
@@ -659,6 +659,65 @@ TEST_F(NodeDaemonTest, ReadMostlyAdviceReadsAhead) {
            dsvm_advise(m, 0, DSVM_ADVICE_READ_MOSTLY, 0) == DSVM_EINVALID_ARGUMENT;
   }}});
   EXPECT_EQ(codes, std::vector<int>{0});
+}
+
+// --- Who may open a region: the daemon states the client's credentials -----------
+
+// A region root created with libdsvm (mode 0600) is refused to a process of
+// another user on any node, whatever it sends: the daemon forwards its
+// SO_PEERCRED credentials. A token given at create lets that process in.
+TEST_F(NodeDaemonTest, ARegionIsRefusedToOtherUsers) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root to run a client as another user";
+  proto::RegionReply r = Region("unused", 4096, 4096);
+  StartNodes(2, r);
+  ASSERT_EQ(::chmod(dir_.path().c_str(), 0711), 0);  // nobody reaches the sockets
+  const uid_t nobody = 65534;
+  // SO_PEERCRED names who connected: change user before dsvm_init.
+  auto run = [&](int node, bool as_nobody, std::function<int()> body) {
+    const pid_t pid = ::fork();
+    if (pid == 0) {
+      if (as_nobody && (::setgid(nobody) != 0 || ::setuid(nobody) != 0)) ::_exit(101);
+      const int err = dsvm_init((dir_.path() + "/node" + std::to_string(node) + ".sock").c_str());
+      ::_exit(err != DSVM_OK ? 100 : body());
+    }
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 200;
+  };
+  EXPECT_EQ(run(0, false, [] {
+              void* a = nullptr;
+              dsvm_region_attr_t attr{};
+              attr.token = "let-me-in";
+              if (dsvm_region_create("mine", 4096, 0, &a) != DSVM_OK) return 1;
+              if (dsvm_region_create_attr("shared-by-token", 4096, &attr, &a) != DSVM_OK) return 2;
+              return 0;
+            }),
+            0);
+  EXPECT_EQ(run(1, true, [&] {
+              void* a = nullptr;
+              if (dsvm_region_open("mine", &a, nullptr) != DSVM_EPERMISSION_DENIED) return 2;
+              if (std::string(dsvm_last_error()).find("uid 65534") == std::string::npos) return 3;
+              if (dsvm_region_destroy("mine") != DSVM_EPERMISSION_DENIED) return 4;
+              if (dsvm_region_open_token("shared-by-token", "wrong", &a, nullptr) !=
+                  DSVM_EPERMISSION_DENIED) {
+                return 5;
+              }
+              // The right token passes the coordinator; mapping may still be
+              // refused by the kernel (no userfaultfd for unprivileged users).
+              const int rc = dsvm_region_open_token("shared-by-token", "let-me-in", &a, nullptr);
+              if (rc == DSVM_EPERMISSION_DENIED &&
+                  std::string(dsvm_last_error()).find("may not be opened") != std::string::npos) {
+                return 6;
+              }
+              return 0;
+            }),
+            0);
+  // The owner still has it.
+  EXPECT_EQ(run(1, false, [] {
+              void* a = nullptr;
+              return dsvm_region_open("mine", &a, nullptr) == DSVM_OK ? 0 : 1;
+            }),
+            0);
 }
 
 }  // namespace

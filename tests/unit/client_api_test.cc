@@ -665,6 +665,23 @@ TEST_F(ClientApiTest, BadArgumentsAreRefusedBeforeAnyRequest) {
   // Larger than the whole window: refused here, as the coordinator would.
   EXPECT_EQ(dsvm_region_create("ok", kWindowSize + 1, 0, &addr), DSVM_ERESOURCE_EXHAUSTED);
   EXPECT_EQ(dsvm_region_create("ok", SIZE_MAX, DSVM_PAGE_SIZE_2M, &addr), DSVM_ERESOURCE_EXHAUSTED);
+  // Access attributes and tokens.
+  dsvm_region_attr_t attr{};
+  EXPECT_EQ(dsvm_region_create_attr("ok", 4096, nullptr, &addr), DSVM_EINVALID_ARGUMENT);
+  attr.mode = 01000;
+  EXPECT_EQ(dsvm_region_create_attr("ok", 4096, &attr, &addr), DSVM_EINVALID_ARGUMENT);
+  EXPECT_NE(LastError().find("0777"), std::string::npos) << LastError();
+  attr.mode = 0660;
+  attr.token = "";
+  EXPECT_EQ(dsvm_region_create_attr("ok", 4096, &attr, &addr), DSVM_EINVALID_ARGUMENT);
+  EXPECT_NE(LastError().find("token is empty"), std::string::npos) << LastError();
+  const std::string long_token(256, 't');
+  attr.token = long_token.c_str();
+  EXPECT_EQ(dsvm_region_create_attr("ok", 4096, &attr, &addr), DSVM_EINVALID_ARGUMENT);
+  EXPECT_EQ(dsvm_region_open_token("ok", nullptr, &addr, &size), DSVM_EINVALID_ARGUMENT);
+  EXPECT_EQ(dsvm_region_open_token("ok", "", &addr, &size), DSVM_EINVALID_ARGUMENT);
+  EXPECT_EQ(dsvm_region_open_token("ok", long_token.c_str(), &addr, &size),
+            DSVM_EINVALID_ARGUMENT);
   EXPECT_EQ(addr, reinterpret_cast<void*>(0x1)) << "a refused call wrote *addr";
   // Nothing of it reached the daemon.
   EXPECT_EQ(daemon_.seen_types(),

@@ -93,11 +93,19 @@ int dsvm_init(const char* socket_path);
  * Errors: DSVM_ENOT_INITIALIZED. */
 int dsvm_finalize(void);
 
+/* Who may use a region: a region records its creator's uid and gid (as the
+ * node daemon sees them, SO_PEERCRED) and permission bits, as a file does.
+ * Opening needs both read and write bits for the caller's class (owner,
+ * group by primary gid, others); root opens any region. A region may also
+ * have a token, a secret string: whoever presents it may open the region
+ * (dsvm_region_open_token). Only the owner and root may destroy a region.
+ * dsvm_region_create gives mode 0600 and no token: the creator's user only. */
+
 /* Creates region `name` of `size` bytes (rounded up to whole pages) with
  * pages of `page_size` bytes (0 means 4096; else 4096, 65536 or 2097152) and
  * maps it: *addr receives its address, the same on every node. Its memory
  * reads as zeros until written. When mapping fails the region is deleted
- * again.
+ * again. Only the creator's user may open it (mode 0600, no token).
  * Errors: DSVM_EINVALID_ARGUMENT (name, size 0, page size, addr NULL),
  * DSVM_EALREADY_EXISTS, DSVM_ERESOURCE_EXHAUSTED (larger than the cluster's
  * address window, no room left in it, or something else is mapped at the
@@ -107,6 +115,19 @@ int dsvm_finalize(void);
  * DSVM_EINTERNAL, DSVM_EIO. */
 int dsvm_region_create(const char* name, size_t size, size_t page_size, void** addr);
 
+typedef struct dsvm_region_attr {
+  size_t page_size;  /* 0 means 4096; else 4096, 65536 or 2097152 */
+  unsigned mode;     /* permission bits (0600, 0660, 0666...); 0 means 0600 */
+  const char* token; /* NULL, or 1..255 bytes whose holders may open it */
+} dsvm_region_attr_t;
+
+/* As dsvm_region_create, with who may open the region. Zero-initialise attr
+ * and set what you need.
+ * Errors: as dsvm_region_create; DSVM_EINVALID_ARGUMENT also for attr NULL,
+ * mode above 0777 or an empty or too long token. */
+int dsvm_region_create_attr(const char* name, size_t size, const dsvm_region_attr_t* attr,
+                            void** addr);
+
 /* Maps the existing region `name`: *addr receives its address and *size its
  * size in bytes (a whole number of its pages). size may be NULL.
  * Errors: DSVM_EINVALID_ARGUMENT (name, addr NULL), DSVM_ENOT_FOUND,
@@ -115,6 +136,11 @@ int dsvm_region_create(const char* name, size_t size, size_t page_size, void** a
  * process), DSVM_EPERMISSION_DENIED, DSVM_ENOT_INITIALIZED,
  * DSVM_EUNAVAILABLE, DSVM_EINTERNAL, DSVM_EIO. */
 int dsvm_region_open(const char* name, void** addr, size_t* size);
+
+/* As dsvm_region_open, presenting the region's token (1..255 bytes).
+ * Errors: as dsvm_region_open; DSVM_EPERMISSION_DENIED when neither the
+ * caller's credentials nor the token allow it. */
+int dsvm_region_open_token(const char* name, const char* token, void** addr, size_t* size);
 
 /* Unmaps the region whose address is `addr` (as create or open returned
  * it); its memory must not be used afterwards. The region itself stays, for
@@ -131,8 +157,9 @@ int dsvm_region_close(void* addr);
 /* Deletes region `name` in the whole cluster; its address range may then be
  * given to a new region. Close it in this process first.
  * Errors: DSVM_EINVALID_ARGUMENT (name), DSVM_ENOT_FOUND,
- * DSVM_EFAILED_PRECONDITION (open in this process), DSVM_ENOT_INITIALIZED,
- * DSVM_EUNAVAILABLE, DSVM_EINTERNAL. */
+ * DSVM_EFAILED_PRECONDITION (open in this process), DSVM_EPERMISSION_DENIED
+ * (not the owner or root), DSVM_ENOT_INITIALIZED, DSVM_EUNAVAILABLE,
+ * DSVM_EINTERNAL. */
 int dsvm_region_destroy(const char* name);
 
 /* *id receives the id of the node this process is connected to (never 0).
