@@ -127,6 +127,13 @@ Status CoordinatorService::OnFrame(ConnId conn, const proto::Frame& frame, uint6
           Reply(conn, rid, std::move(r));
           return Status::Ok();
         } else if constexpr (std::is_same_v<T, proto::Acquire>) {
+          if (regions_.FindByAddress(m.page) == nullptr) {
+            // Its region was deleted while the node still maps it: the
+            // access fails there, and the node keeps its connection.
+            DSVM_RETURN_IF_ERROR(CheckSender(conn, m.node));
+            RefuseGone(conn, m);
+            return Status::Ok();
+          }
           DSVM_RETURN_IF_ERROR(CheckSender(conn, m.node));
           DSVM_RETURN_IF_ERROR(CheckPage(m.page));
           directory_.HandleAcquire(m, now_ms, &outbox_);
@@ -134,12 +141,14 @@ Status CoordinatorService::OnFrame(ConnId conn, const proto::Frame& frame, uint6
           return Status::Ok();
         } else if constexpr (std::is_same_v<T, proto::InvalidateAck>) {
           DSVM_RETURN_IF_ERROR(CheckSender(conn, m.node));
+          if (regions_.FindByAddress(m.page) == nullptr) return Status::Ok();  // deleted meanwhile
           DSVM_RETURN_IF_ERROR(CheckPage(m.page));
           directory_.HandleInvalidateAck(m, now_ms, &outbox_);
           Route(outbox_);
           return Status::Ok();
         } else if constexpr (std::is_same_v<T, proto::Done>) {
           DSVM_RETURN_IF_ERROR(CheckSender(conn, m.node));
+          if (regions_.FindByAddress(m.page) == nullptr) return Status::Ok();  // deleted meanwhile
           DSVM_RETURN_IF_ERROR(CheckPage(m.page));
           directory_.HandleDone(m, now_ms, &outbox_);
           Route(outbox_);
@@ -221,6 +230,22 @@ Status CoordinatorService::CheckSender(ConnId conn, proto::NodeId claimed) const
   return Status::Ok();
 }
 
+void CoordinatorService::RefuseGone(ConnId conn, const proto::Acquire& m) {
+  if (m.kind == proto::AccessKind::kEvict || m.kind == proto::AccessKind::kWriteback) {
+    // Giving up a copy of a deleted page: done, drop it.
+    Reply(conn, 0, proto::EvictReply{m.page, m.request_seq, 0, m.last_txn});
+    return;
+  }
+  proto::Grant g;
+  g.page = m.page;
+  g.txn = m.last_txn;
+  g.request_seq = m.request_seq;
+  g.state = proto::PageState::kInvalid;
+  g.source = proto::DataSource::kZero;
+  g.status = static_cast<uint16_t>(StatusCode::kNotFound);
+  Reply(conn, 0, g);
+}
+
 Status CoordinatorService::CheckPage(proto::PageAddr page) const {
   const RegionRecord* r = regions_.FindByAddress(page);
   if (r == nullptr) return NotFound("page address in no region");
@@ -231,7 +256,8 @@ Status CoordinatorService::CheckPage(proto::PageAddr page) const {
     return InvalidArgument("page belongs to shard " + std::to_string(shard_map_.ShardOf(page)) +
                            ", not this one (" + std::to_string(options_.shard) + ")");
   }
-  // TODO(#3): refuse pages of regions this node may not open.
+  // Node daemons are trusted with every page (they hold the cluster secret);
+  // a region's access rules are enforced on the processes, at RegionOpen.
   return Status::Ok();
 }
 

@@ -92,6 +92,9 @@ class CoordinatorService {
   // The node bound to `conn`, after checking it is the node the message names.
   Status CheckSender(ConnId conn, proto::NodeId claimed) const;
   Status CheckPage(proto::PageAddr page) const;
+  // Answers an Acquire for a page of no region (deleted while the node maps
+  // it): a NOT_FOUND grant, or for a give-up an OK EvictReply.
+  void RefuseGone(ConnId conn, const proto::Acquire& m);
   // The node is gone (`why`: missed heartbeats, or left): the directory hands its pages on.
   void DeclareDead(proto::NodeId node, const std::string& why);
 

@@ -577,7 +577,13 @@ void NodeDaemon::ExecuteOne(Action& a) {
         Status st = backend_->Resolve(w.token, a.status == StatusCode::kOk ? Resolution::kRetry
                                                                           : Resolution::kError);
         if (!st.ok() && st.code() != StatusCode::kNotFound) check(st, "resolve");
-        if (a.status != StatusCode::kOk) ++stats_.accesses_failed;
+        if (a.status != StatusCode::kOk) {
+          ++stats_.accesses_failed;
+          LogWarning("a client's access to page " + Hex(w.page) + " fails (SIGBUS): " +
+                     (a.status == StatusCode::kNotFound
+                          ? std::string("its region was deleted")
+                          : Status(a.status, "").ToString()));
+        }
         return;
       }
       if (a.status != StatusCode::kOk) {

@@ -720,5 +720,59 @@ TEST_F(NodeDaemonTest, ARegionIsRefusedToOtherUsers) {
             0);
 }
 
+// --- A region deleted while another node maps it -------------------------------
+
+// The region goes while a process on node 1 has it mapped: that process's
+// next access to a page not valid on its node fails with SIGBUS (and the
+// daemon logs why); the daemon and its coordinator link serve on.
+TEST_F(NodeDaemonTest, ARegionDeletedElsewhereFailsAccessesClearly) {
+  proto::RegionReply doomed = Region("doomed", 8 * 4096, 4096);
+  proto::RegionReply alive = Region("alive", 4 * 4096, 4096);
+  StartNodes(2, doomed);
+  for (auto& n : nodes_) n->Sync([&](NodeDaemon& d) { ASSERT_TRUE(d.OpenRegion(alive).ok()); });
+  nodes_[0]->WriteU64(doomed.base, 42);
+  int ready[2], go[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  ASSERT_EQ(::pipe(go), 0);
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    void* a = nullptr;
+    if (dsvm_init((dir_.path() + "/node1.sock").c_str()) != DSVM_OK ||
+        dsvm_region_open("doomed", &a, nullptr) != DSVM_OK) {
+      ::_exit(10);
+    }
+    auto* p = static_cast<volatile uint64_t*>(a);
+    if (p[0] != 42) ::_exit(11);
+    char c = 1;
+    if (::write(ready[1], &c, 1) != 1 || ::read(go[0], &c, 1) != 1) ::_exit(12);
+    (void)p[5 * 512];  // page 5: never valid on node 1
+    ::_exit(0);        // not reached: SIGBUS
+  }
+  char c;
+  ASSERT_EQ(::read(ready[0], &c, 1), 1);
+  auto reply = tool_.Call(proto::RegionDelete{.name = "doomed"});
+  ASSERT_TRUE(reply.ok());
+  ASSERT_EQ(std::get<proto::StatusReply>(*reply).code, 0);
+  ASSERT_EQ(::write(go[1], &c, 1), 1);
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGBUS)
+      << "status " << status << " (exit " << (WIFEXITED(status) ? WEXITSTATUS(status) : -1) << ")";
+  for (int fd : {ready[0], ready[1], go[0], go[1]}) ::close(fd);
+
+  // Both daemons serve on, over the same coordinator connections.
+  nodes_[1]->WriteU64(alive.base, 7);
+  EXPECT_EQ(nodes_[0]->ReadU64(alive.base), 7u);
+  uint64_t reconnects = 0, failed = 0;
+  for (auto& n : nodes_) {
+    n->Sync([&](NodeDaemon& d) {
+      reconnects += d.stats().coordinator_reconnects;
+      failed += d.stats().accesses_failed;
+    });
+  }
+  EXPECT_EQ(reconnects, 0u);
+  EXPECT_EQ(failed, 1u);
+}
+
 }  // namespace
 }  // namespace dsvm::testing

@@ -155,7 +155,10 @@ int dsvm_region_open_token(const char* name, const char* token, void** addr, siz
 int dsvm_region_close(void* addr);
 
 /* Deletes region `name` in the whole cluster; its address range may then be
- * given to a new region. Close it in this process first.
+ * given to a new region. Close it in this process first. Other processes
+ * that still have it open are not waited for: their next access to a page
+ * not valid on their node fails with SIGBUS, and their node daemon logs that
+ * the region was deleted.
  * Errors: DSVM_EINVALID_ARGUMENT (name), DSVM_ENOT_FOUND,
  * DSVM_EFAILED_PRECONDITION (open in this process), DSVM_EPERMISSION_DENIED
  * (not the owner or root), DSVM_ENOT_INITIALIZED, DSVM_EUNAVAILABLE,
