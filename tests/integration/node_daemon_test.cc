@@ -37,6 +37,7 @@ class RunningDaemon {
     thread_.join();
   }
   NodeDaemon& operator*() { return *d_; }
+  NodeDaemon* operator->() { return d_.get(); }
 
   // Runs fn on the daemon's loop thread and waits for it (10 s at most).
   template <typename F>
@@ -772,6 +773,59 @@ TEST_F(NodeDaemonTest, ARegionDeletedElsewhereFailsAccessesClearly) {
   }
   EXPECT_EQ(reconnects, 0u);
   EXPECT_EQ(failed, 1u);
+}
+
+// --- A client killed in the middle of a fault ----------------------------------
+
+// A process on node 1 faults on a page node 0 owns while node 0's loop is
+// held up, and is killed while it waits. The page still arrives; node 1's
+// daemon drops the dead process's wait and serves the next client at once.
+TEST_F(NodeDaemonTest, AClientKilledMidFaultDoesNotWedgeItsDaemon) {
+  proto::RegionReply r = Region("midfault", 4 * 4096, 4096);
+  StartNodes(2, r);
+  nodes_[0]->WriteU64(r.base, 99);
+  int ready[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    void* a = nullptr;
+    if (dsvm_init((dir_.path() + "/node1.sock").c_str()) != DSVM_OK ||
+        dsvm_region_open("midfault", &a, nullptr) != DSVM_OK) {
+      ::_exit(10);
+    }
+    char c = 1;
+    if (::write(ready[1], &c, 1) != 1) ::_exit(11);
+    ::usleep(50 * 1000);
+    (void)*static_cast<volatile uint64_t*>(a);  // waits: node 0 is held up
+    ::_exit(0);
+  }
+  char c;
+  ASSERT_EQ(::read(ready[0], &c, 1), 1);
+  // Hold node 0's loop for a while, without waiting for it here.
+  std::promise<void> held;
+  (*nodes_[0])->Post([&held] {
+    held.set_value();
+    std::this_thread::sleep_for(std::chrono::milliseconds(400));
+  });
+  held.get_future().wait();
+  std::this_thread::sleep_for(std::chrono::milliseconds(150));  // the client is in its fault
+  ::kill(pid, SIGKILL);
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  EXPECT_TRUE(WIFSIGNALED(status)) << "the client finished before it was killed";
+  ::close(ready[0]);
+  ::close(ready[1]);
+
+  // Node 1 serves the next client, and the page it fetched for the dead one.
+  const auto codes = RunLibClients("midfault", {{dir_.path() + "/node1.sock", [](uint8_t* m) {
+    return *reinterpret_cast<volatile uint64_t*>(m) == 99 &&
+           (*reinterpret_cast<volatile uint64_t*>(m + 4096) = 5, true);
+  }}});
+  EXPECT_EQ(codes, std::vector<int>{0});
+  EXPECT_EQ(nodes_[0]->ReadU64(r.base + 4096), 5u);
+  uint64_t faults = 0;
+  nodes_[1]->Sync([&](NodeDaemon& d) { faults = d.Counters().read_faults; });
+  EXPECT_GE(faults, 1u) << "the killed client's fault reached the daemon";
 }
 
 }  // namespace
