@@ -25,6 +25,7 @@
 #include <sys/types.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cinttypes>
@@ -117,22 +118,29 @@ void Pause() {
 // --- random ------------------------------------------------------------------
 //
 // Layout: page 0 holds the barrier (barrier-init NAME 0 PARTIES first);
-// pages 1.. hold kSlotsPerPage 8-byte slots each, at their start: slot s is
-// on page 1 + s / kSlotsPerPage. Slot s belongs to writer s % PARTIES, so
-// every page holds slots of several writers and pages move between nodes on
-// nearly every write (false sharing, on purpose); few slots make every slot
-// written and read many times.
+// page 1 + w holds writer w's progress counter; the pages after those hold
+// kSlotsPerPage 8-byte slots each, at their start. Slot s belongs to writer
+// s % PARTIES, so every data page holds slots of several writers and pages
+// move between nodes on nearly every write (false sharing, on purpose); few
+// slots make every slot written and read many times.
 //
 // Writer w's operations come from its own generator, seeded by (SEED, w), so
 // any process can replay any writer's writes. Its op i, when a write, stores
-// Tag(w, i + 1) in one of w's slots: values a writer stores only grow.
+// Tag(w, i + 1) in one of w's slots (values a writer stores only grow), then
+// i + 1 in its progress counter.
 //
-// Checked on every read of slot s, against what this process saw before:
-//  - the value carries the tag of s's owner (nobody else wrote there);
-//  - its sequence number never goes backwards (coherence per location);
+// Checked on every read of slot s of writer w, against what this process
+// saw before and against w's replayed writes:
+//  - the value carries w's tag (nobody else wrote there);
+//  - its sequence number never goes backwards (coherence of one location);
+//  - it is no older than w's last write to s before the progress counter
+//    value this process read just before: w wrote the slot, then the
+//    counter, on another page, so seeing the counter but an older slot
+//    would break sequential consistency across pages (a stale copy kept
+//    after a newer write elsewhere was seen);
 //  - a slot of this process holds exactly what it last wrote.
-// After a barrier every process replays all writers and checks that every
-// slot holds its writer's last value.
+// After a barrier every process checks that every slot holds its writer's
+// last value.
 constexpr uint64_t kSlotsPerPage = 8;
 constexpr int kSeqBits = 40;
 constexpr uint64_t kSeqMask = (uint64_t{1} << kSeqBits) - 1;
@@ -174,15 +182,37 @@ class Writer {
 };
 
 int Random(const char* name, uint64_t index, uint64_t parties, uint64_t seed, uint64_t ops) {
-  if (parties == 0 || index >= parties || ops == 0 || ops > kSeqMask)
+  if (parties == 0 || index >= parties || ops == 0 || ops > kSeqMask) {
     Exit(kUsage, "random: bad INDEX/PARTIES/OPS");
+  }
   Region r = Open(name);
-  if (r.size < 2 * kPage) Exit(kUsage, "random: the region needs at least 2 pages");
+  if (r.size / kPage < 2 + parties)
+    Exit(kUsage, "random: the region needs at least %" PRIu64 " pages", 2 + parties);
   auto* barrier = reinterpret_cast<dsvm_barrier_t*>(r.base);
-  const uint64_t nslots = (r.size / kPage - 1) * kSlotsPerPage;
+  auto progress = [&](uint64_t w) { return r.base + (1 + w) * kPage; };
+  const uint64_t first_data_page = 1 + parties;
+  const uint64_t nslots = (r.size / kPage - first_data_page) * kSlotsPerPage;
   if (nslots < parties) Exit(kUsage, "random: fewer slots than parties");
-  auto page_of = [](uint64_t s) { return 1 + s / kSlotsPerPage; };
+  auto page_of = [&](uint64_t s) { return first_data_page + s / kSlotsPerPage; };
   auto slot = [&](uint64_t s) { return r.base + page_of(s) * kPage + 8 * (s % kSlotsPerPage); };
+
+  // Every writer's writes, replayed: for each slot, the ops that wrote it
+  // (only its owner writes it), in order.
+  std::vector<std::vector<uint64_t>> writes_of(nslots);
+  for (uint64_t w = 0; w < parties; ++w) {
+    Writer replay(seed, w, parties, nslots);
+    for (uint64_t i = 0; i < ops; ++i) {
+      const RandomOp op = replay.Next();
+      if (op.write) writes_of[op.slot].push_back(i);
+    }
+  }
+  // The sequence number slot s holds once its owner's ops before `done` are
+  // all visible.
+  auto at_least = [&](uint64_t s, uint64_t done) -> uint64_t {
+    const auto& v = writes_of[s];
+    auto it = std::lower_bound(v.begin(), v.end(), done);
+    return it == v.begin() ? 0 : *(it - 1) + 1;
+  };
 
   // Start together, so the processes contend.
   Check(dsvm_barrier_wait(barrier), "dsvm_barrier_wait (start)");
@@ -190,18 +220,29 @@ int Random(const char* name, uint64_t index, uint64_t parties, uint64_t seed, ui
   std::vector<uint64_t> seen(nslots, 0);  // highest sequence number seen per slot
   Writer me(seed, index, parties, nslots);
   uint64_t reads = 0, writes = 0, foreign = 0, advanced = 0;
+  // The longest single access: a fault that waits while other nodes run.
+  using Clock = std::chrono::steady_clock;
+  const Clock::time_point start = Clock::now();
+  Clock::duration longest{};
+  auto timed = [&](auto access) {
+    const Clock::time_point t0 = Clock::now();
+    access();
+    longest = std::max(longest, Clock::now() - t0);
+  };
   for (uint64_t i = 0; i < ops; ++i) {
     const RandomOp op = me.Next();
     const uint64_t owner = op.slot % parties;
     if (op.write) {
-      const uint64_t v = Tag(index, i + 1);
-      Store(slot(op.slot), v);
+      timed([&] { Store(slot(op.slot), Tag(index, i + 1)); });
+      timed([&] { Store(progress(index), i + 1); });
       seen[op.slot] = i + 1;
       ++writes;
       continue;
     }
     ++reads;
-    const uint64_t v = Load(slot(op.slot));
+    uint64_t done = 0, v = 0;
+    if (owner != index) timed([&] { done = Load(progress(owner)); });
+    timed([&] { v = Load(slot(op.slot)); });
     const uint64_t seq = v & kSeqMask;
     if (v != 0 && (v >> kSeqBits) != owner + 1) {
       Exit(kCheckFailed,
@@ -215,6 +256,14 @@ int Random(const char* name, uint64_t index, uint64_t parties, uint64_t seed, ui
            ") went backwards: sequence %" PRIu64 " after %" PRIu64,
            i, op.slot, page_of(op.slot), owner, seq, seen[op.slot]);
     }
+    if (owner != index && seq < at_least(op.slot, done)) {
+      Exit(kCheckFailed,
+           "op %" PRIu64 ": slot %" PRIu64 " (page %" PRIu64 ", writer %" PRIu64
+           ") holds sequence %" PRIu64 ", but the writer's progress counter (page %" PRIu64
+           ") read just before said %" PRIu64 " ops done, by when it had written sequence %" PRIu64
+           " there: a stale copy",
+           i, op.slot, page_of(op.slot), owner, seq, 1 + owner, done, at_least(op.slot, done));
+    }
     if (owner == index && seq != seen[op.slot]) {
       Exit(kCheckFailed,
            "op %" PRIu64 ": own slot %" PRIu64 " holds sequence %" PRIu64
@@ -225,38 +274,32 @@ int Random(const char* name, uint64_t index, uint64_t parties, uint64_t seed, ui
     if (owner != index && seq > seen[op.slot]) ++advanced;  // a newer one than seen before
     seen[op.slot] = seq;
   }
+  const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
 
-  // Everyone's writes are done; each process replays every writer.
+  // Everyone's writes are done; every slot must hold its writer's last value.
   Check(dsvm_barrier_wait(barrier), "dsvm_barrier_wait (end)");
-  std::vector<uint64_t> expect(nslots, 0);
-  for (uint64_t w = 0; w < parties; ++w) {
-    Writer replay(seed, w, parties, nslots);
-    for (uint64_t i = 0; i < ops; ++i) {
-      const RandomOp op = replay.Next();
-      if (op.write) expect[op.slot] = Tag(w, i + 1);
-    }
-  }
   uint64_t wrong = 0;
   for (uint64_t s = 0; s < nslots; ++s) {
     const uint64_t v = Load(slot(s));
-    if (v != expect[s] && ++wrong <= 5) {
+    const uint64_t expect = writes_of[s].empty() ? 0 : Tag(s % parties, writes_of[s].back() + 1);
+    if (v != expect && ++wrong <= 5) {
       std::fprintf(stderr,
                    "dsvm-netns-client[%d]: final: slot %" PRIu64 " (page %" PRIu64
                    ", writer %" PRIu64 ") holds 0x%" PRIx64 ", expected 0x%" PRIx64 "\n",
-                   ::getpid(), s, page_of(s), s % parties, v, expect[s]);
+                   ::getpid(), s, page_of(s), s % parties, v, expect);
     }
   }
-  // Nobody may leave (and stop serving reads of its last values through its
-  // node) before everyone has checked; the daemon keeps serving anyway, but
-  // this keeps the end of the run symmetric.
+  // Nobody leaves before everyone has checked, so the end of the run is
+  // symmetric (the daemons would serve the pages anyway).
   Check(dsvm_barrier_wait(barrier), "dsvm_barrier_wait (after check)");
   if (wrong != 0)
     Exit(kCheckFailed, "final: %" PRIu64 " of %" PRIu64 " slots wrong", wrong, nslots);
   // How much the checks had to bite on: reads that saw other writers'
   // values, and reads that saw one newer than this process had seen.
   std::printf("reads %" PRIu64 " writes %" PRIu64 " foreign %" PRIu64 " advanced %" PRIu64
-              " slots %" PRIu64 "\n",
-              reads, writes, foreign, advanced, nslots);
+              " slots %" PRIu64 " seconds %.3f longest_access_ms %.3f\n",
+              reads, writes, foreign, advanced, nslots, seconds,
+              std::chrono::duration<double, std::milli>(longest).count());
   return 0;
 }
 

@@ -5,7 +5,8 @@
 // page they share crosses a real network stack.
 //
 // Needs root; every test skips itself with the reason otherwise.
-// DSVM_NETNS_SEED=N replays the random test with seed N.
+// DSVM_NETNS_SEED=N runs the random tests' operations of seed N again;
+// DSVM_NETNS_OPS=N makes each of their processes do N operations (a soak).
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -202,6 +203,7 @@ TEST_F(NetnsTest, LockedIncrementsFromTwoNodesAreExact) {
 std::vector<ProcessResult> NetnsTest::RunRandom(uint64_t ops, const NetnsCluster::Tick& tick) {
   uint64_t seed = std::random_device{}();
   if (const char* s = std::getenv("DSVM_NETNS_SEED")) seed = std::strtoull(s, nullptr, 0);
+  if (const char* s = std::getenv("DSVM_NETNS_OPS")) ops = std::strtoull(s, nullptr, 0);
   RecordProperty("seed", std::to_string(seed));
   std::fprintf(stderr, "seed %" PRIu64 "\n", seed);
   // The seed fixes each process's operations, not how they interleave.
@@ -209,7 +211,8 @@ std::vector<ProcessResult> NetnsTest::RunRandom(uint64_t ops, const NetnsCluster
                " runs the same operations again)");
   constexpr uint64_t kDataPages = 48;
   const std::string n = std::to_string(cluster_->nodes());
-  Run(1, {"create", "random", std::to_string((1 + kDataPages) * kPage)});
+  // Page 0: the barrier; one page per node: its progress counter; then data.
+  Run(1, {"create", "random", std::to_string((1 + cluster_->nodes() + kDataPages) * kPage)});
   Run(1, {"barrier-init", "random", "0", n});
   std::vector<std::pair<int, std::vector<std::string>>> runs;
   for (int k = 1; k <= cluster_->nodes(); ++k) {
