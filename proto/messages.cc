@@ -79,6 +79,8 @@ const char* TypeName(MessageType t) {
     case MessageType::kAuthProof: return "AuthProof";
     case MessageType::kPeerChallenge: return "PeerChallenge";
     case MessageType::kPeerProof: return "PeerProof";
+    case MessageType::kRegionPages: return "RegionPages";
+    case MessageType::kRegionPagesReply: return "RegionPagesReply";
   }
   return "Unknown";
 }

@@ -89,6 +89,9 @@ enum class MessageType : uint16_t {
   kNodeStatsReply = 45,
   kPrefetch = 46,
   kAdvise = 47,
+  // Control plane, continued (1..19 are taken).
+  kRegionPages = 50,
+  kRegionPagesReply = 51,
 };
 
 // What a node asks of the directory for one page.
@@ -335,6 +338,35 @@ struct NodeListReply {
   template <typename A> void Visit(A& a) { a.List(nodes, kMaxListEntries); a.Flag(more); }
 };
 
+// Tool -> coordinator: where the pages of region `name` are, as this
+// coordinator's shard of the directory knows them. Reply: RegionPagesReply.
+struct RegionPages {
+  static constexpr MessageType kType = MessageType::kRegionPages;
+  std::string name;
+  template <typename A> void Visit(A& a) { a.Str(name, kMaxNameLength); }
+};
+
+struct NodePages {
+  NodeId node = kNoNode;
+  uint64_t modified = 0;  // pages this node holds Modified
+  uint64_t shared = 0;    // pages this node holds a Shared copy of
+  template <typename A> void Visit(A& a) { a.U32(node); a.U64(modified); a.U64(shared); }
+};
+
+struct RegionPagesReply {
+  static constexpr MessageType kType = MessageType::kRegionPagesReply;
+  RegionId region = 0;
+  uint64_t pages = 0;    // in the region
+  uint64_t touched = 0;  // with a directory record here (never touched: zero, nowhere)
+  uint64_t lost = 0;
+  uint64_t in_flight = 0;
+  std::vector<NodePages> nodes;  // node order, at most kMaxListEntries
+  template <typename A> void Visit(A& a) {
+    a.U64(region); a.U64(pages); a.U64(touched); a.U64(lost); a.U64(in_flight);
+    a.List(nodes, kMaxListEntries);
+  }
+};
+
 // Tool -> coordinator: regions with id > start_after. Reply: RegionListReply.
 struct RegionList {
   static constexpr MessageType kType = MessageType::kRegionList;
@@ -572,7 +604,7 @@ using Message = std::variant<StatusReply, JoinRequest, JoinReply, Heartbeat, Lea
                              Done, Release, EvictReply, PageData, PeerHello, ClientHello,
                              ClientHelloReply, MapRegion, UnmapRegion, NodeStats, NodeStatsReply,
                              Prefetch, Advise, AuthHello, AuthChallenge, AuthProof,
-                             PeerChallenge, PeerProof>;
+                             PeerChallenge, PeerProof, RegionPages, RegionPagesReply>;
 
 struct Header {
   uint32_t magic = kMagic;

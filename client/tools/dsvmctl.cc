@@ -6,6 +6,7 @@
 //   dsvmctl [--coordinator HOST:PORT] page ADDRESS
 //   dsvmctl [--coordinator HOST:PORT] nodes
 //   dsvmctl [--coordinator HOST:PORT] regions
+//   dsvmctl [--coordinator HOST:PORT] pages NAME
 //
 // SIZE takes a K, M or G suffix; ADDRESS is decimal or 0x hex. The
 // coordinator defaults to $DSVM_COORDINATOR, then 127.0.0.1:7700. The
@@ -32,6 +33,7 @@ int Usage(const char* why) {
                "       dsvmctl [--coordinator HOST:PORT] region show|delete NAME\n"
                "       dsvmctl [--coordinator HOST:PORT] page ADDRESS\n"
                "       dsvmctl [--coordinator HOST:PORT] nodes|regions\n"
+               "       dsvmctl [--coordinator HOST:PORT] pages NAME\n"
                "       (after --coordinator: [--secret-file FILE], default $DSVM_SECRET_FILE)\n",
                why);
   return 2;
@@ -85,6 +87,13 @@ int Report(const Result<proto::Message>& reply) {
                 (unsigned long long)q->version, (unsigned long long)q->txn, q->lost, q->busy);
     for (size_t i = 0; i < q->sharers.size(); ++i) std::printf("%s%u", i ? "," : "", q->sharers[i]);
     std::printf("\n");
+  } else if (auto* p = std::get_if<proto::RegionPagesReply>(&*reply)) {
+    auto u = [](uint64_t v) { return static_cast<unsigned long long>(v); };
+    std::printf("region id=%llu pages=%llu touched=%llu lost=%llu in_flight=%llu\n", u(p->region),
+                u(p->pages), u(p->touched), u(p->lost), u(p->in_flight));
+    for (const proto::NodePages& n : p->nodes) {
+      std::printf("  node %u modified=%llu shared=%llu\n", n.node, u(n.modified), u(n.shared));
+    }
   } else {
     std::fprintf(stderr, "dsvmctl: unexpected reply %s\n", proto::TypeName(proto::TypeOf(*reply)));
     return 1;
@@ -193,6 +202,9 @@ int main(int argc, char** argv) {
       return 1;
     }
     return List(*sock, args[0] == "nodes");
+  } else if (args[0] == "pages" && args.size() == 2) {
+    if (args[1].size() > proto::kMaxNameLength) return Usage("region name too long");
+    request = proto::RegionPages{args[1]};
   } else if (args[0] == "page" && args.size() == 2) {
     uint64_t addr = 0;
     if (!ParseSize(args[1], &addr)) return Usage("ADDRESS is not a number");

@@ -1,6 +1,7 @@
 #include "coordinator/directory/page_directory.h"
 
 #include <algorithm>
+#include <map>
 #include <string>
 
 namespace dsvm::coordinator {
@@ -536,6 +537,27 @@ void PageDirectory::DropRange(PageAddr begin, PageAddr end) {
       ++it;
     }
   }
+}
+
+proto::RegionPagesReply PageDirectory::Summarize(PageAddr begin, PageAddr end) const {
+  proto::RegionPagesReply r;
+  std::map<NodeId, proto::NodePages> nodes;
+  for (const auto& [addr, p] : pages_) {
+    if (addr < begin || addr >= end) continue;
+    ++r.touched;
+    r.lost += p.rec.lost;
+    r.in_flight += p.rec.busy;
+    for (const Sharer& s : p.rec.sharers) {
+      proto::NodePages& n = nodes[s.node];
+      n.node = s.node;
+      ++(p.rec.state == PageState::kModified ? n.modified : n.shared);
+    }
+  }
+  for (auto& [id, n] : nodes) {
+    if (r.nodes.size() == proto::kMaxListEntries) break;
+    r.nodes.push_back(n);
+  }
+  return r;
 }
 
 proto::PageQueryReply PageDirectory::Query(PageAddr page) const {

@@ -137,6 +137,9 @@ class PageDirectory {
   void DropRange(PageAddr begin, PageAddr end);
 
   const PageRecord* Find(PageAddr page) const;
+  // Where the pages of [begin, end) are: per node, Modified and Shared
+  // counts; pages with a record, lost, in flight. Visits every record.
+  proto::RegionPagesReply Summarize(PageAddr begin, PageAddr end) const;
   proto::PageQueryReply Query(PageAddr page) const;
   size_t page_count() const { return pages_.size(); }
   size_t busy_count() const { return busy_.size(); }

@@ -111,6 +111,17 @@ Status CoordinatorService::OnFrame(ConnId conn, const proto::Frame& frame, uint6
           }
           Reply(conn, rid, std::move(r));
           return Status::Ok();
+        } else if constexpr (std::is_same_v<T, proto::RegionPages>) {
+          const RegionRecord* r = regions_.FindByName(m.name);
+          if (r == nullptr) {
+            ReplyStatus(conn, rid, NotFound("no region '" + m.name + "'"));
+            return Status::Ok();
+          }
+          proto::RegionPagesReply reply = directory_.Summarize(r->base, r->base + r->size);
+          reply.region = r->id;
+          reply.pages = r->size / r->page_size;
+          Reply(conn, rid, std::move(reply));
+          return Status::Ok();
         } else if constexpr (std::is_same_v<T, proto::RegionList>) {
           std::vector<RegionRecord> all = regions_.List();
           std::sort(all.begin(), all.end(),

@@ -121,6 +121,9 @@ std::vector<Message> PopulatedMessages() {
       NodeList{.start_after = 1},
       NodeListReply{.nodes = {NodeEntry{2, 1, "127.0.0.1:7701", 1u << 30, 1, {.write_faults = 5}}}, .more = 0},
       RegionList{.start_after = 0},
+      RegionPages{.name = "r1"},
+      RegionPagesReply{.region = 1, .pages = 2, .touched = 2, .lost = 0, .in_flight = 0,
+                       .nodes = {proto::NodePages{1, 1, 0}, proto::NodePages{2, 0, 1}}},
       RegionListReply{.regions = {RegionReply{1, 0x200000000000, 8192, 4096, "r1"}}, .more = 0},
   };
 }

@@ -577,6 +577,28 @@ TEST_F(NodeDaemonTest, CountersReachDsvmStatsAndTheCoordinator) {
   }
   seen.local_hits = 0;
   EXPECT_EQ(seen, want0) << text(seen);
+
+  // Where the pages are (dsvmctl pages): page 0 Modified on node 1; after a
+  // read by node 0 of page 1 (zero fill), page 1 Shared on node 0.
+  EXPECT_EQ(nodes_[0]->ReadU64(r.base + 4096), 0u);
+  proto::NodeId id1 = 0;
+  nodes_[1]->Sync([&](NodeDaemon& d) { id1 = d.id(); });
+  auto pages = tool_.Call(proto::RegionPages{"counted"});
+  ASSERT_TRUE(pages.ok());
+  const auto& where = std::get<proto::RegionPagesReply>(*pages);
+  EXPECT_EQ(where.pages, 2u);
+  EXPECT_EQ(where.touched, 2u);
+  EXPECT_EQ(where.lost + where.in_flight, 0u);
+  ASSERT_EQ(where.nodes.size(), 2u);
+  for (const proto::NodePages& n : where.nodes) {
+    if (n.node == id0) {
+      EXPECT_EQ(n.modified, 0u);
+      EXPECT_EQ(n.shared, 1u);  // page 1
+    } else {
+      EXPECT_EQ(n.node, id1);
+      EXPECT_EQ(n.modified, 1u);
+    }
+  }
 }
 
 // --- Prefetch and read-mostly advice ----------------------------------------------

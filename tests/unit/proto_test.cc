@@ -265,6 +265,13 @@ std::vector<Message> SampleMessages() {
                               NodeEntry{5, 0, std::string(kMaxAddressLength, 'h'), 7, 0, {}}},
                     .more = 1},
       RegionList{.start_after = 11},
+      RegionPages{.name = "matrix-d"},
+      RegionPagesReply{.region = 0x8000000000000007ull,
+                       .pages = 1ull << 40,
+                       .touched = 77,
+                       .lost = 3,
+                       .in_flight = 2,
+                       .nodes = {NodePages{4, 10, 20}, NodePages{0x80000005, 0, 7}}},
       RegionListReply{.regions = {RegionReply{12, 0x200000000000, 4096, 4096, "r12"}},
                       .more = 1},
   };
@@ -544,7 +551,7 @@ TEST(ProtoHeaderTest, WrongVersionIsInvalidArgument) {
 }
 
 TEST(ProtoHeaderTest, UnknownTypeIsInvalidArgument) {
-  for (uint16_t type : {0, 19, 28, 29, 34, 48, 0x100, 0xFFFF}) {
+  for (uint16_t type : {0, 19, 28, 29, 34, 48, 49, 52, 0x100, 0xFFFF}) {
     Bytes frame = HeaderBytes({.type = type, .payload_length = 0});
     Result<Header> h = DecodeHeader(frame);
     ASSERT_FALSE(h.ok()) << "type " << type;
