@@ -12,6 +12,9 @@
 //   lock-increment NAME N            N increments of the counter at page 1
 //                                    under the dsvm lock at page 0, after
 //                                    the start barrier at page 2
+//   sequence NAME STEP...            steps in one process, in order:
+//                                    r:OFFSET (prints the value), w:OFFSET:VALUE,
+//                                    sleep:MS
 //   stats                            prints the node's counters, one
 //                                    "name value" a line
 //   random NAME INDEX PARTIES SEED OPS
@@ -353,6 +356,28 @@ int Run(int argc, char** argv) {
     Check(dsvm_barrier_init(reinterpret_cast<dsvm_barrier_t*>(At(r, Number(argv[2]), 16)),
                             static_cast<uint32_t>(parties)),
           "dsvm_barrier_init");
+    return 0;
+  }
+  if (cmd == "sequence") {
+    if (argc < 3) Exit(kUsage, "sequence takes a region and steps");
+    Region r = Open(argv[1]);
+    for (int i = 2; i < argc; ++i) {
+      std::string step = argv[i];
+      const size_t colon = step.find(':');
+      const std::string verb = step.substr(0, colon);
+      std::string rest = colon == std::string::npos ? "" : step.substr(colon + 1);
+      if (verb == "sleep") {
+        ::usleep(static_cast<useconds_t>(Number(rest.c_str()) * 1000));
+      } else if (verb == "r") {
+        std::printf("%" PRIu64 "\n", Load(At(r, Number(rest.c_str()))));
+      } else if (verb == "w" && rest.find(':') != std::string::npos) {
+        const std::string value = rest.substr(rest.find(':') + 1);
+        rest.resize(rest.find(':'));
+        Store(At(r, Number(rest.c_str())), Number(value.c_str()));
+      } else {
+        Exit(kUsage, "bad step '%s'", step.c_str());
+      }
+    }
     return 0;
   }
   if (cmd == "lock-increment") {
