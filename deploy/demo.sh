@@ -146,7 +146,7 @@ echo "== 2. MPI job: Jacobi on $nodes ranks, one per node daemon, grids in one d
 echo "(a grid row is one 4 KiB page; each rank writes its block of rows and reads the"
 echo " rows next to it straight from the region, so those pages move between the nodes"
 echo " every iteration; a dsvm barrier in page 0 separates the iterations; MPI only"
-echo " launches, hands over the region's name and gathers the results)"
+echo " launches the ranks, tells them when the region exists and gathers the results)"
 start_ms=$(date +%s%3N)
 run_job --region jacobi --keep
 echo "the job took $(($(date +%s%3N) - start_ms)) ms, mpirun's start and end included"
