@@ -59,6 +59,22 @@ FaultResult NodeAgent::Fault(PageAddr page, bool write, WaiterId waiter, uint64_
   return FaultResult::kWait;
 }
 
+std::vector<WaiterId> NodeAgent::Forget() { return ForgetRange(0, ~PageAddr{0}); }
+
+std::vector<WaiterId> NodeAgent::ForgetRange(PageAddr begin, PageAddr end) {
+  std::vector<WaiterId> waiting;
+  for (auto it = pages_.begin(); it != pages_.end();) {
+    if (it->first < begin || it->first >= end) {
+      ++it;
+      continue;
+    }
+    for (const Waiter& w : it->second.waiters) waiting.push_back(w.id);
+    pending_pages_.erase(it->first);
+    it = pages_.erase(it);
+  }
+  return waiting;
+}
+
 bool NodeAgent::Evict(PageAddr page, uint64_t now_ms, Actions* out) {
   auto it = pages_.find(page);
   if (it == pages_.end()) return false;

@@ -97,6 +97,14 @@ class NodeAgent {
   // node holds no copy or a request is outstanding for the page.
   bool Evict(PageAddr page, uint64_t now_ms, Actions* out);
 
+  // Forgets every page: the node was declared dead, and the directory has
+  // handed its copies on. Returns the waiters of every page, which the
+  // caller ends. Counters are kept.
+  std::vector<WaiterId> Forget();
+  // As Forget, for the pages of [begin, end) only: a deleted region, whose
+  // addresses a new region may take.
+  std::vector<WaiterId> ForgetRange(PageAddr begin, PageAddr end);
+
   void HandleGrant(const proto::Grant& m, uint64_t now_ms, Actions* out);
   void HandleFetch(const proto::Fetch& m, uint64_t now_ms, Actions* out);
   void HandleInvalidate(const proto::Invalidate& m, uint64_t now_ms, Actions* out);

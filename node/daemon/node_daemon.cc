@@ -262,6 +262,13 @@ void NodeDaemon::OnCoordinatorReadable() {
       continue;
     }
     if (auto* s = std::get_if<proto::StatusReply>(&f.message)) {
+      if (f.header.request_id == heartbeat_request_ &&
+          s->code == static_cast<uint16_t>(StatusCode::kFailedPrecondition)) {
+        // Declared dead while connected (this loop stalled past the
+        // deadline): reconnect, which finds out and starts afresh.
+        st = Unavailable("the coordinator no longer counts this node live: " + s->message);
+        break;
+      }
       if (s->code != 0) LogWarning("coordinator: " + proto::FromReply(*s).ToString());
       continue;  // heartbeat answers
     }
@@ -289,9 +296,12 @@ void NodeDaemon::ReconnectCoordinator() {
     }
     return;
   }
-  // TODO(#3): refused when this node was declared dead meanwhile; it must
-  // then drop every page and join as new.
   auto jr = Join(*link, options_, id_, peer_address(), /*resume=*/true);
+  if (!jr.ok() && jr.status().code() == StatusCode::kFailedPrecondition) {
+    // Declared dead meanwhile: what this node holds is stale.
+    DropEverything(jr.status().message());
+    jr = Join(*link, options_, id_, peer_address(), /*resume=*/false);
+  }
   if (!jr.ok()) {
     LogWarning("rejoining the coordinator: " + jr.status().ToString());
     return;
@@ -307,6 +317,56 @@ void NodeDaemon::ReconnectCoordinator() {
   agent_.ResendAll(NowMs(), &acts);  // whatever was in flight may be lost
   Execute(acts);
   if (!pending_peer_.empty()) LookupPeers();
+}
+
+void NodeDaemon::DropEverything(const std::string& why) {
+  LogError("the coordinator says: " + why +
+           ". Dropping every page (the directory handed them on) and joining as a new daemon");
+  ++stats_.fresh_starts;
+  const std::vector<WaiterId> waiting = agent_.Forget();
+  for (auto& [base, store] : stores_) {
+    Status st = backend_ ? backend_->InvalidateAll(base) : store->DiscardAll();
+    if (!st.ok()) LogError("dropping region " + Hex(base) + ": " + st.ToString());
+  }
+  data_.clear();
+  pending_peer_.clear();
+  pending_peer_count_ = 0;
+  // A waiting process retries (and asks again once joined).
+  EndWaits(waiting, "node " + std::to_string(id_) + " was declared dead; retry");
+}
+
+Status NodeDaemon::DropRegion(proto::PageAddr base, const std::string& why) {
+  if (backend_) {
+    Status gone = backend_->RemoveRegion(base);
+    if (!gone.ok()) {
+      return FailedPrecondition("the region that was at " + Hex(base) + " (" + why +
+                                ") is still mapped by processes on this node: " + gone.message());
+    }
+  }
+  // Its pages' states are the old region's: forget them, or they would
+  // answer the new region's faults.
+  const uint64_t size = stores_.at(base)->size();
+  EndWaits(agent_.ForgetRange(base, base + size), "region at " + Hex(base) + " " + why);
+  stores_.erase(base);
+  advice_.erase(base);
+  region_ids_.erase(base);
+  LogInfo("dropped the region that was at " + Hex(base) + ": " + why);
+  return Status::Ok();
+}
+
+void NodeDaemon::EndWaits(const std::vector<WaiterId>& waiting, const std::string& why) {
+  for (WaiterId id : waiting) {
+    auto it = waiters_.find(id);
+    if (it == waiters_.end()) continue;
+    Waiter w = std::move(it->second);
+    waiters_.erase(it);
+    if (w.fault) {
+      Status st = backend_->Resolve(w.token, Resolution::kRetry);
+      if (!st.ok() && st.code() != StatusCode::kNotFound) LogWarning("resolving: " + st.ToString());
+    } else {
+      w.fn(Unavailable(why), {});
+    }
+  }
 }
 
 proto::NodeCounters NodeDaemon::Counters() const {
@@ -331,7 +391,8 @@ void NodeDaemon::OnTimer() {
     if (now - last_reconnect_ms_ >= kReconnectEveryMs) ReconnectCoordinator();
   } else if (now - last_heartbeat_ms_ >= heartbeat_ms_) {
     last_heartbeat_ms_ = now;
-    link_.Send(proto::Heartbeat{id_, Counters()}, link_.NextRequestId()).IgnoreError();
+    heartbeat_request_ = link_.NextRequestId();
+    link_.Send(proto::Heartbeat{id_, Counters()}, heartbeat_request_).IgnoreError();
   }
   Actions acts;
   agent_.Tick(now, &acts);
@@ -795,16 +856,18 @@ bool NodeDaemon::IsClient(int fd, uint64_t serial) const {
 void NodeDaemon::ForwardedReply(const Forwarded& f, proto::Message m) {
   if (!IsClient(f.client_fd, f.client_serial)) return;  // the client left meanwhile
   if (auto* r = std::get_if<proto::RegionReply>(&m)) {
-    auto id = region_ids_.find(r->base);
-    if (id != region_ids_.end() && id->second != r->region) {
-      // The region at this base was deleted and another placed there.
-      if (backend_) {
-        Status gone = backend_->RemoveRegion(r->base);
-        if (!gone.ok()) return ReplyToClient(f.client_fd, f.client_request, proto::ToReply(gone));
+    // Regions deleted meanwhile may still have stores here where the new one
+    // lies: drop them first.
+    std::vector<proto::PageAddr> stale;
+    for (const auto& [base, store] : stores_) {
+      if (base < r->base + r->size && r->base < base + store->size() &&
+          region_ids_.at(base) != r->region) {
+        stale.push_back(base);
       }
-      stores_.erase(r->base);
-      advice_.erase(r->base);
-      region_ids_.erase(id);
+    }
+    for (proto::PageAddr base : stale) {
+      Status gone = DropRegion(base, "deleted; region '" + r->name + "' took its addresses");
+      if (!gone.ok()) return ReplyToClient(f.client_fd, f.client_request, proto::ToReply(gone));
     }
     if (StoreOf(r->base) == nullptr) {
       Status st = OpenRegion(*r);

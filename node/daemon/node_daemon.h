@@ -68,6 +68,7 @@ struct NodeDaemonStats {
   uint64_t bytes_received = 0;
   uint64_t prefetched_pages = 0;
   uint64_t coordinator_reconnects = 0;
+  uint64_t fresh_starts = 0;  // declared dead meanwhile: every page dropped, joined anew
   uint64_t protocol_errors = 0;
   uint64_t peer_lookups = 0;
   uint64_t client_faults = 0;
@@ -158,6 +159,16 @@ class NodeDaemon {
   void OnCoordinatorReadable();
   void OnTimer();
   void ReconnectCoordinator();
+  // The coordinator declared this node dead (it was cut off or stalled): the
+  // directory has handed its copies on, so every local copy is stale. Drops
+  // them all and ends every wait, so processes fault and fetch afresh.
+  void DropEverything(const std::string& why);
+  // Ends waits the agent forgot: a process's fault is retried, an Access()
+  // call fails with `why`.
+  void EndWaits(const std::vector<WaiterId>& waiting, const std::string& why);
+  // Forgets the store at `base` (its region was deleted) and its pages.
+  // Errors: kFailedPrecondition (local processes still map it).
+  Status DropRegion(proto::PageAddr base, const std::string& why);
   void HandleDirectoryMessage(proto::Message m);
   void HandlePeerMessages();
   void OnFaultEvents();
@@ -205,6 +216,7 @@ class NodeDaemon {
   size_t pending_peer_count_ = 0;
   uint64_t lookup_request_ = 0;  // request id of the NodeList in flight, 0 if none
   uint64_t last_heartbeat_ms_ = 0;
+  uint64_t heartbeat_request_ = 0;  // request id of the last heartbeat sent
   uint64_t last_reconnect_ms_ = 0;
   std::unique_ptr<FaultBackend> backend_;
   int listen_fd_ = -1;

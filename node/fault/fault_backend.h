@@ -191,6 +191,9 @@ class FaultBackend {
   virtual Status WriteBack(PageAddr page) = 0;
   // As Unmap, but the bytes may be dropped (the caller discards them).
   virtual Status Invalidate(PageAddr page) = 0;
+  // Invalidate for every page of the region at `base`, and the store's
+  // bytes, stashes and retained pages dropped. Errors: kNotFound, kIoError.
+  virtual Status InvalidateAll(PageAddr base) = 0;
 };
 
 }  // namespace dsvm::node

@@ -542,6 +542,15 @@ Status UffdBackend::Invalidate(PageAddr page) {
   return Status::Ok();
 }
 
+Status UffdBackend::InvalidateAll(PageAddr base) {
+  auto it = regions_.find(base);
+  if (it == regions_.end()) return NotFound("no region registered at " + Hex(base));
+  Region& r = it->second;
+  DSVM_RETURN_IF_ERROR(r.store->DiscardAll());
+  std::fill(r.access.begin(), r.access.end(), kNone);
+  return Status::Ok();
+}
+
 Status UffdBackend::WriteBack(PageAddr page) {
   Region* r = FindRegion(page);
   if (r == nullptr) return NotFound("page " + Hex(page) + " is in no registered region");

@@ -129,6 +129,7 @@ class UffdBackend final : public FaultBackend {
   Status MapWrite(PageAddr page) override;
   Status Unmap(PageAddr page) override;
   Status Invalidate(PageAddr page) override;
+  Status InvalidateAll(PageAddr base) override;
   // Nothing to copy: clients map the store's memfd. Validates `page`.
   Status WriteBack(PageAddr page) override;
 

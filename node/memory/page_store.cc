@@ -197,6 +197,16 @@ Status PageStore::Discard(PageAddr page) {
   return Punch(page);
 }
 
+Status PageStore::DiscardAll() {
+  retained_.clear();
+  stashes_.clear();
+  if (fallocate(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0,
+                static_cast<off_t>(size_)) != 0) {
+    return IoError(Errno("fallocate(PUNCH_HOLE) of the whole region memfd"));
+  }
+  return Status::Ok();
+}
+
 Result<bool> PageStore::IsPresent(PageAddr page) const {
   DSVM_RETURN_IF_ERROR(CheckPage(page));
   // For a shared file mapping mincore reports the page cache, whether or not

@@ -114,6 +114,8 @@ class PageStore {
   // access there faults. Retained bytes are dropped too; stashes are not.
   // Errors: kInvalidArgument, kIoError.
   Status Discard(PageAddr page);
+  // Discards every page, stashes and retained bytes included.
+  Status DiscardAll();
   // True when every byte of the page is in the memfd's page cache. Errors:
   // kInvalidArgument, kIoError.
   Result<bool> IsPresent(PageAddr page) const;

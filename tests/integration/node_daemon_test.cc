@@ -91,7 +91,8 @@ class NodeDaemonTest : public ::testing::Test {
   void SetUp() override {
     ::setenv("UCX_TLS", "tcp", 1);  // the network path, not shared memory
     ::setenv("UCX_NET_DEVICES", "lo", 1);
-    ASSERT_TRUE(coord_.Start(dir_.path() + "/data").ok()) << coord_.stderr_text();
+    ASSERT_TRUE(coord_.Start(dir_.path() + "/data", coordinator_flags_).ok())
+        << coord_.stderr_text();
     auto tool = ConnectTool(coord_.address());
     ASSERT_TRUE(tool.ok());
     tool_ = std::move(*tool);
@@ -120,6 +121,7 @@ class NodeDaemonTest : public ::testing::Test {
     }
   }
 
+  std::vector<std::string> coordinator_flags_;  // set before SetUp
   TempDir dir_;
   CoordinatorProcess coord_;
   proto::FramedSocket tool_;
@@ -541,10 +543,23 @@ TEST_F(NodeDaemonTest, CountersReachDsvmStatsAndTheCoordinator) {
            " down " + std::to_string(c.downgrades);
   };
   // The daemon's own accesses are hits when the node's state allows them;
-  // those are not compared.
-  got0.local_hits = got1.local_hits = 0;
-  EXPECT_EQ(got0, want0) << text(got0);
-  EXPECT_EQ(got1, want1) << text(got1);
+  // those are not compared. A retransmit (after 100 ms here: a loaded
+  // machine hits it) may move a page twice: page counts are at least the
+  // wanted ones, at 4096 bytes each; everything else is exact.
+  auto normal = [](proto::NodeCounters c, const proto::NodeCounters& want) {
+    c.local_hits = 0;
+    if (c.pages_fetched >= want.pages_fetched && c.bytes_fetched == c.pages_fetched * 4096) {
+      c.pages_fetched = want.pages_fetched;
+      c.bytes_fetched = want.bytes_fetched;
+    }
+    if (c.pages_sent >= want.pages_sent && c.bytes_sent == c.pages_sent * 4096) {
+      c.pages_sent = want.pages_sent;
+      c.bytes_sent = want.bytes_sent;
+    }
+    return c;
+  };
+  EXPECT_EQ(normal(got0, want0), want0) << text(got0);
+  EXPECT_EQ(normal(got1, want1), want1) << text(got1);
 
   // A client on node 1 sees node 1's counters (and itself among the clients).
   const auto codes = RunLibClients("counted", {{dir_.path() + "/node1.sock", [&](uint8_t*) {
@@ -553,7 +568,8 @@ TEST_F(NodeDaemonTest, CountersReachDsvmStatsAndTheCoordinator) {
     uint32_t node = 0;
     dsvm_node_id(&node);
     const bool ok = s.node == node && s.clients >= 1 && s.read_faults == 1 &&
-                    s.write_faults == 1 && s.pages_fetched == 1 && s.bytes_fetched == 4096 &&
+                    s.write_faults == 1 && s.pages_fetched >= 1 &&
+                    s.bytes_fetched == s.pages_fetched * 4096 &&
                     s.pages_sent == 0 && s.invalidations == 0 && s.downgrades == 0;
     if (!ok) {
       std::fprintf(stderr, "dsvm_stats: node %u clients %u read %lu write %lu fetched %lu\n",
@@ -567,7 +583,7 @@ TEST_F(NodeDaemonTest, CountersReachDsvmStatsAndTheCoordinator) {
   proto::NodeId id0 = 0;
   nodes_[0]->Sync([&](NodeDaemon& d) { id0 = d.id(); });
   proto::NodeCounters seen;
-  for (int i = 0; i < 100 && seen.downgrades == 0; ++i) {
+  for (int i = 0; i < 100 && normal(seen, want0) != want0; ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
     auto reply = tool_.Call(proto::NodeList{});
     ASSERT_TRUE(reply.ok()) << reply.status().ToString();
@@ -575,8 +591,7 @@ TEST_F(NodeDaemonTest, CountersReachDsvmStatsAndTheCoordinator) {
       if (e.node == id0) seen = e.counters;
     }
   }
-  seen.local_hits = 0;
-  EXPECT_EQ(seen, want0) << text(seen);
+  EXPECT_EQ(normal(seen, want0), want0) << text(seen);
 
   // Where the pages are (dsvmctl pages): page 0 Modified on node 1; after a
   // read by node 0 of page 1 (zero fill), page 1 Shared on node 0.
@@ -848,6 +863,92 @@ TEST_F(NodeDaemonTest, AClientKilledMidFaultDoesNotWedgeItsDaemon) {
   uint64_t faults = 0;
   nodes_[1]->Sync([&](NodeDaemon& d) { faults = d.Counters().read_faults; });
   EXPECT_GE(faults, 1u) << "the killed client's fault reached the daemon";
+}
+
+// --- A region deleted and another created at its address -------------------------
+
+// Node 0 writes region r1, deletes it, and creates r2, which the coordinator
+// places at the same address. Node 1, which had r1's pages too, and node 0
+// itself must see r2's pages, not r1's states (once a livelock: the old
+// Modified state answered the new region's faults).
+TEST_F(NodeDaemonTest, ARegionAtAReusedAddressStartsClean) {
+  proto::RegionReply anchor = Region("anchor", 4096, 4096);
+  StartNodes(2, anchor);
+  const std::string s0 = dir_.path() + "/node0.sock", s1 = dir_.path() + "/node1.sock";
+  auto body_r1 = [&](uint8_t*) {
+    void* a = nullptr;
+    if (dsvm_region_create("r1", 4 * 4096, 0, &a) != DSVM_OK) return false;
+    if (reinterpret_cast<uint64_t>(a) != anchor.base + (2u << 20)) return false;
+    *static_cast<volatile uint64_t*>(a) = 11;
+    return dsvm_region_close(a) == DSVM_OK;
+  };
+  ASSERT_EQ(RunLibClients("anchor", {{s0, body_r1}}), std::vector<int>{0});
+  ASSERT_EQ(RunLibClients("anchor", {{s1, [](uint8_t*) {
+              void* a = nullptr;
+              if (dsvm_region_open("r1", &a, nullptr) != DSVM_OK) return false;
+              return *static_cast<volatile uint64_t*>(a) == 11;  // node 1 holds a copy too
+            }}}),
+            std::vector<int>{0});
+  // Regions sit on 2 MiB granules: r1, then r2, right after the anchor.
+  const uint64_t reused = anchor.base + (2u << 20);
+  ASSERT_EQ(RunLibClients("anchor", {{s0, [reused](uint8_t*) {
+              void* a = nullptr;
+              if (dsvm_region_destroy("r1") != DSVM_OK) return false;
+              if (dsvm_region_create("r2", 4 * 4096, 0, &a) != DSVM_OK) return false;
+              if (reinterpret_cast<uint64_t>(a) != reused) return false;  // the test's premise
+              auto* p = static_cast<volatile uint64_t*>(a);
+              if (p[0] != 0) return false;  // a new region reads as zeros
+              p[0] = 17;
+              return p[0] == 17;
+            }}}),
+            std::vector<int>{0});
+  EXPECT_EQ(RunLibClients("anchor", {{s1, [](uint8_t*) {
+              void* a = nullptr;
+              if (dsvm_region_open("r2", &a, nullptr) != DSVM_OK) return false;
+              return *static_cast<volatile uint64_t*>(a) == 17;
+            }}}),
+            std::vector<int>{0});
+}
+
+// --- A node declared dead while it was cut off ------------------------------------
+
+class NodeDeathTest : public NodeDaemonTest {
+ protected:
+  void SetUp() override {
+    coordinator_flags_ = {"--heartbeat-ms", "100", "--dead-after-ms", "600"};
+    NodeDaemonTest::SetUp();
+  }
+};
+
+// Node 1 holds a copy of a page and stalls past its lease: it is declared
+// dead and node 0 writes the page without telling it. When node 1 runs
+// again it must not serve its stale copy: it drops every page, joins anew,
+// and reads the new value.
+TEST_F(NodeDeathTest, ANodeDeclaredDeadDropsItsPagesAndJoinsAnew) {
+  proto::RegionReply r = Region("lease", 4 * 4096, 4096);
+  StartNodes(2, r);
+  nodes_[0]->WriteU64(r.base, 1);
+  ASSERT_EQ(nodes_[1]->ReadU64(r.base), 1u);
+  std::promise<void> stalled;
+  (*nodes_[1])->Post([&stalled] {
+    stalled.set_value();
+    std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  });
+  stalled.get_future().wait();
+  std::this_thread::sleep_for(std::chrono::milliseconds(900));  // declared dead by now
+  nodes_[0]->WriteU64(r.base, 2);  // node 1 is not asked: it is dead
+  uint64_t seen = 0;
+  for (int i = 0; i < 100 && seen != 2; ++i) {
+    seen = nodes_[1]->ReadU64(r.base);
+    if (seen != 2) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_EQ(seen, 2u) << "node 1 kept serving its stale copy";
+  uint64_t fresh = 0;
+  nodes_[1]->Sync([&](NodeDaemon& d) { fresh = d.stats().fresh_starts; });
+  EXPECT_EQ(fresh, 1u);
+  // And it works as a member again, both ways.
+  nodes_[1]->WriteU64(r.base + 4096, 3);
+  EXPECT_EQ(nodes_[0]->ReadU64(r.base + 4096), 3u);
 }
 
 }  // namespace
