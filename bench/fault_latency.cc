@@ -10,20 +10,16 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
-#include <filesystem>
-#include <fstream>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "bench/bench_output.h"
-#include "bench/coordinator_process.h"
+#include "bench/cluster.h"
 #include "bench/fault_floor.h"
 #include "bench/fault_timing.h"
 #include "bench/forked_child.h"
-#include "bench/node_process.h"
 #include "node/fault/fd_passing.h"
-#include "node/fault/uffd_backend.h"
 #include "node/fault/uffd_client.h"
 #include "proto/auth.h"
 #include "proto/framed_socket.h"
@@ -204,95 +200,12 @@ Status CheckPages(const ClientSession& s, size_t from, size_t to, bool overwritt
 
 // --- The cluster of one run ---------------------------------------------------
 
-class TempDir {
- public:
-  ~TempDir() {
-    if (path_.empty()) return;
-    std::error_code ec;
-    std::filesystem::remove_all(path_, ec);
-    if (ec)
-      std::fprintf(stderr, "dsvm-bench: cannot remove %s: %s\n", path_.c_str(),
-                   ec.message().c_str());
-  }
-  Status Make() {
-    const char* tmp = std::getenv("TMPDIR");
-    std::string pattern =
-        std::string(tmp != nullptr && *tmp != '\0' ? tmp : "/tmp") + "/dsvm-fault.XXXXXX";
-    if (::mkdtemp(pattern.data()) == nullptr)
-      return IoError(std::string("mkdtemp: ") + std::strerror(errno));
-    path_ = pattern;
-    return Status::Ok();
-  }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
-
-struct Cluster {
-  TempDir dir;
-  std::unique_ptr<CoordinatorProcess> coordinator;
-  std::vector<std::unique_ptr<NodeProcess>> nodes;  // nodes[i] is started i-th
-  // Client processes that did their part, kept alive with their mapping and
-  // daemon connection until the daemons have stopped (node_process.h says
-  // why).
-  std::vector<std::unique_ptr<ForkedChild>> clients;
-
-  void PrintLogTails() {
-    for (auto& n : nodes) n->PrintLogTail(15);
-    if (coordinator) coordinator->PrintLogTail(15);
-  }
-
-  // Lines the daemons logged at WARN or ERROR: the run's figures stand, but
-  // something was off.
-  void ReportLogProblems() {
-    for (int i = 0; i < static_cast<int>(nodes.size()); ++i) {
-      std::ifstream in(dir.path() + "/node" + Str(i + 1) + ".log");
-      int total = 0;
-      for (std::string line; std::getline(in, line);) {
-        if (line.find(" WARN ") == std::string::npos && line.find(" ERROR ") == std::string::npos)
-          continue;
-        if (++total <= 5)
-          std::fprintf(stderr, "dsvm-bench: node %d logged: %s\n", i + 1, line.c_str());
-      }
-      if (total > 5)
-        std::fprintf(stderr, "dsvm-bench: node %d logged %d such lines in all\n", i + 1, total);
-    }
-  }
-
-  // Daemons first (their warnings until then are reported), then the
-  // clients they served, then the coordinator.
-  Status Stop() {
-    ReportLogProblems();
-    Status first;
-    for (auto& n : nodes) {
-      Status st = n->Stop();
-      if (first.ok()) first = st;
-    }
-    for (auto& child : clients) {
-      Status st = child->Release();
-      if (first.ok()) first = st;
-    }
-    clients.clear();
-    if (coordinator) {
-      Status st = coordinator->Stop();
-      if (first.ok()) first = st;
-    }
-    return first;
-  }
-};
-
 Status StartCluster(const FaultLatencyOptions& o, Cluster* c, uint64_t region_bytes) {
-  DSVM_RETURN_IF_ERROR(c->dir.Make());
-  DSVM_ASSIGN_OR_RETURN(c->coordinator, CoordinatorProcess::Start(o.coordinator_binary));
-  for (int i = 0; i < kNodes; ++i) {
-    const std::string stem = c->dir.path() + "/node" + Str(i + 1);
-    DSVM_ASSIGN_OR_RETURN(std::unique_ptr<NodeProcess> n,
-                          NodeProcess::Start(o.node_binary, c->coordinator->address(),
-                                             c->coordinator->secret_path(), stem + ".sock",
-                                             stem + ".log"));
-    c->nodes.push_back(std::move(n));
-  }
+  DSVM_RETURN_IF_ERROR(StartCluster(ClusterOptions{.nodes = kNodes,
+                                                   .node_binary = o.node_binary,
+                                                   .coordinator_binary = o.coordinator_binary,
+                                                   .dir_prefix = "dsvm-fault"},
+                                    c));
   DSVM_ASSIGN_OR_RETURN(proto::FramedSocket tool,
                         proto::ConnectToCoordinator(c->coordinator->address(),
                                                     &c->coordinator->secret()));
@@ -611,26 +524,11 @@ Status RunFaultLatency(const FaultLatencyOptions& options, bool* skipped) {
   FaultLatencyOptions o = options;
   if (o.pages == 0 || o.transports.empty()) return InvalidArgument("nothing to measure");
   // dsvm-node refuses to start without this; the floor needs less of it.
-  {
-    auto probe = node::UffdBackend::Create();
-    if (!probe.ok()) {
-      std::fprintf(stderr,
-                   "dsvm-bench fault-latency: SKIP: userfaultfd cannot be used here as dsvm-node "
-                   "needs it: %s\n",
-                   probe.status().ToString().c_str());
-      *skipped = true;
-      return Status::Ok();
-    }
+  if (!UffdUsableOrSaySkip("dsvm-bench fault-latency")) {
+    *skipped = true;
+    return Status::Ok();
   }
-  if (o.node_binary.empty()) o.node_binary = DefaultNodeBinary();
-  if (o.coordinator_binary.empty()) o.coordinator_binary = DefaultCoordinatorBinary();
-  for (const std::string* b : {&o.node_binary, &o.coordinator_binary}) {
-    if (::access(b->c_str(), X_OK) != 0) {
-      return NotFound(*b +
-                      " is missing: build it (cmake --build build --target dsvm-node "
-                      "dsvm-coordinator)");
-    }
-  }
+  DSVM_RETURN_IF_ERROR(ResolveBinaries(&o.node_binary, &o.coordinator_binary));
 
   // What the two clock reads around every access cost by themselves.
   std::vector<double> overhead(10000);
