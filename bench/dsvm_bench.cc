@@ -6,6 +6,8 @@
 //                        [--skip-loopback]
 //   dsvm-bench fault-latency [--quick] [--pages N] [--tls UCX_TLS]...
 //                            [--node-bin PATH] [--coordinator-bin PATH] [--clients-exit]
+//   dsvm-bench scan [--quick] [--size BYTES] [--fault-size BYTES] [--page-size BYTES]
+//                   [--tls UCX_TLS]... [--node-bin PATH] [--coordinator-bin PATH]
 //
 // `directory` (issue #2): the page directory in process (PageDirectory driven
 // by simulated nodes, against a bare unordered_map update), then through a
@@ -25,8 +27,19 @@
 // --clients-exit: each client process exits when done rather than at the
 // end (shows what closed client connections cost today's dsvm-node).
 //
+// `scan` (issue #3): a sequential read of a region node A holds, by a
+// client of node B, in GB/s: faulting every page, after dsvm_prefetch, and
+// with read-mostly advice; against raw UCX bandwidth between two processes
+// in the same run (bench/scan.h). Per --tls value (default tcp). --size:
+// bytes per variant (default 1G; K, M and G suffixes are powers of 2);
+// --fault-size: a smaller size for the fault variant alone; --page-size
+// 4096 (default), 65536 or 2097152. --quick: 64M, for CI. Skipped, exit 0,
+// when userfaultfd cannot be used.
+//
 // Exit status: 0 when every check passed (or the run was skipped), 1 when
 // one failed, 2 on bad usage.
+#include <cerrno>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -35,6 +48,7 @@
 #include "bench/directory_inprocess.h"
 #include "bench/directory_loopback.h"
 #include "bench/fault_latency.h"
+#include "bench/scan.h"
 
 namespace {
 
@@ -44,7 +58,10 @@ int Usage() {
                "                            [--coordinator-bin PATH | --coordinator HOST:PORT]\n"
                "       dsvm-bench fault-latency [--quick] [--pages N] [--tls UCX_TLS]...\n"
                "                                [--node-bin PATH] [--coordinator-bin PATH]\n"
-               "                                [--clients-exit]\n");
+               "                                [--clients-exit]\n"
+               "       dsvm-bench scan [--quick] [--size BYTES] [--fault-size BYTES]\n"
+               "                       [--page-size 4096|65536|2097152] [--tls UCX_TLS]...\n"
+               "                       [--node-bin PATH] [--coordinator-bin PATH]\n");
   return 2;
 }
 
@@ -98,6 +115,27 @@ int RunDirectory(int argc, char** argv) {
   return 0;
 }
 
+// The flags of the subcommands that start a cluster: --tls UCX_TLS (again
+// for more), --node-bin PATH, --coordinator-bin PATH. True when argv[*i] is
+// one of them; *i is then left on its value.
+bool ClusterFlag(int argc, char** argv, int* i, std::vector<std::string>* transports,
+                 std::string* node_binary, std::string* coordinator_binary) {
+  const std::string a = argv[*i];
+  const char* next = *i + 1 < argc ? argv[*i + 1] : nullptr;
+  if (next == nullptr) return false;
+  if (a == "--tls" && *next != '\0') {
+    transports->push_back(next);
+  } else if (a == "--node-bin") {
+    *node_binary = next;
+  } else if (a == "--coordinator-bin") {
+    *coordinator_binary = next;
+  } else {
+    return false;
+  }
+  ++*i;
+  return true;
+}
+
 int RunFaultLatency(int argc, char** argv) {
   dsvm::bench::FaultLatencyOptions o;
   bool quick = false;
@@ -114,17 +152,10 @@ int RunFaultLatency(int argc, char** argv) {
       if (*next == '\0' || *end != '\0' || v == 0 || v > 100000) return Usage();
       pages = static_cast<size_t>(v);
       ++i;
-    } else if (a == "--tls" && next != nullptr && *next != '\0') {
-      transports.push_back(next);
-      ++i;
     } else if (a == "--clients-exit") {
       o.clients_exit = true;
-    } else if (a == "--node-bin" && next != nullptr) {
-      o.node_binary = next;
-      ++i;
-    } else if (a == "--coordinator-bin" && next != nullptr) {
-      o.coordinator_binary = next;
-      ++i;
+    } else if (ClusterFlag(argc, argv, &i, &transports, &o.node_binary, &o.coordinator_binary)) {
+      continue;
     } else {
       return Usage();
     }
@@ -146,6 +177,70 @@ int RunFaultLatency(int argc, char** argv) {
   return 0;
 }
 
+// "1073741824", "1G", "64M", "4K" (powers of 2). False when it is none of
+// these, or 0, or above 2^40.
+bool ParseBytes(const char* text, uint64_t* bytes) {
+  char* end = nullptr;
+  errno = 0;
+  uint64_t v = std::strtoull(text, &end, 10);
+  if (end == text || errno != 0 || *text == '-') return false;
+  const std::string unit = end;
+  int shift = 0;
+  if (unit == "K") {
+    shift = 10;
+  } else if (unit == "M") {
+    shift = 20;
+  } else if (unit == "G") {
+    shift = 30;
+  } else if (!unit.empty()) {
+    return false;
+  }
+  if (v == 0 || v > (uint64_t{1} << (40 - shift))) return false;
+  *bytes = v << shift;
+  return true;
+}
+
+int RunScan(int argc, char** argv) {
+  dsvm::bench::ScanOptions o;
+  bool quick = false;
+  uint64_t size = 0, fault_size = 0, page_size = 0;
+  std::vector<std::string> transports;
+  for (int i = 2; i < argc; ++i) {
+    const std::string a = argv[i];
+    const char* next = i + 1 < argc ? argv[i + 1] : nullptr;
+    if (a == "--quick") {
+      quick = true;
+    } else if ((a == "--size" || a == "--fault-size" || a == "--page-size") && next != nullptr) {
+      uint64_t* out = a == "--size" ? &size : a == "--fault-size" ? &fault_size : &page_size;
+      if (!ParseBytes(next, out)) return Usage();
+      ++i;
+    } else if (ClusterFlag(argc, argv, &i, &transports, &o.node_binary, &o.coordinator_binary)) {
+      continue;
+    } else {
+      return Usage();
+    }
+  }
+  if (quick) {
+    o.bytes = uint64_t{64} << 20;
+    o.child_timeout_s = 60;
+  }
+  if (size != 0) o.bytes = size;
+  if (fault_size != 0) o.fault_bytes = fault_size;
+  if (page_size != 0) o.page_size = page_size;
+  if (!transports.empty()) o.transports = transports;
+  bool skipped = false;
+  const dsvm::Status s = dsvm::bench::RunScan(o, &skipped);
+  if (s.code() == dsvm::StatusCode::kInvalidArgument) {
+    std::fprintf(stderr, "dsvm-bench scan: %s\n", s.message().c_str());
+    return Usage();
+  }
+  if (!s.ok()) {
+    std::fprintf(stderr, "dsvm-bench scan: FAILED: %s\n", s.ToString().c_str());
+    return 1;
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -153,5 +248,6 @@ int main(int argc, char** argv) {
   const std::string command = argv[1];
   if (command == "directory") return RunDirectory(argc, argv);
   if (command == "fault-latency") return RunFaultLatency(argc, argv);
+  if (command == "scan") return RunScan(argc, argv);
   return Usage();
 }

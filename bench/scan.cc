@@ -1,0 +1,397 @@
+#include "bench/scan.h"
+
+#include <dsvm/dsvm.h>
+#include <stdlib.h>
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdio>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "bench/bench_output.h"
+#include "bench/cluster.h"
+#include "bench/forked_child.h"
+#include "bench/scan_floor.h"
+#include "bench/scan_pattern.h"
+
+namespace dsvm::bench {
+namespace {
+
+constexpr int kWriterNode = 0;  // node A: index into Cluster::nodes
+constexpr int kReaderNode = 1;  // node B
+constexpr uint64_t kRawSeed = 0x5CA7F100;
+
+enum class Variant { kFault, kPrefetch, kReadMostly };
+constexpr std::array<Variant, 3> kVariants = {Variant::kFault, Variant::kPrefetch,
+                                              Variant::kReadMostly};
+
+const char* Name(Variant v) {
+  switch (v) {
+    case Variant::kFault:
+      return "fault";
+    case Variant::kPrefetch:
+      return "prefetch";
+    case Variant::kReadMostly:
+      return "readmostly";
+  }
+  return "?";
+}
+
+// Each variant's region holds its own pattern: a page left over from
+// another variant would fail the checksum.
+uint64_t Seed(Variant v) { return 0xD5A0 + static_cast<uint64_t>(v); }
+
+double Gbps(uint64_t bytes, double seconds) { return static_cast<double>(bytes) / seconds / 1e9; }
+
+// A libdsvm call's result as a Status, with the library's own sentence.
+Status Checked(int rc, const std::string& call) {
+  if (rc == DSVM_OK) return Status::Ok();
+  return Internal(call + ": " + dsvm_strerror(rc) + ": " + dsvm_last_error());
+}
+
+// dsvm_init in a client process; dsvm_finalize when it goes.
+class Connection {
+ public:
+  ~Connection() {
+    if (connected_) dsvm_finalize();
+  }
+  Status Connect(const std::string& socket) {
+    DSVM_RETURN_IF_ERROR(Checked(dsvm_init(socket.c_str()), "dsvm_init(" + socket + ")"));
+    connected_ = true;
+    return Status::Ok();
+  }
+
+ private:
+  bool connected_ = false;
+};
+
+uint64_t ProcessFaults() {
+  rusage u{};
+  ::getrusage(RUSAGE_SELF, &u);
+  return static_cast<uint64_t>(u.ru_minflt + u.ru_majflt);
+}
+
+// --- The writer: node A creates the region and fills it ---------------------
+
+struct WriterReport {
+  double node = 0;
+  double prefetch_s = 0;  // dsvm_prefetch(DSVM_PREFETCH_WRITE) of the region
+  double fill_s = 0;      // writing the pattern into pages held Modified
+
+  std::vector<double> ToSeries() const { return {node, prefetch_s, fill_s}; }
+  static WriterReport From(const std::vector<double>& s) { return {s.at(0), s.at(1), s.at(2)}; }
+};
+
+Status WriteRegion(const std::string& socket, const std::string& name, uint64_t bytes,
+                   size_t page_size, uint64_t seed, WriterReport* report) {
+  Connection lib;
+  DSVM_RETURN_IF_ERROR(lib.Connect(socket));
+  uint32_t node = 0;
+  DSVM_RETURN_IF_ERROR(Checked(dsvm_node_id(&node), "dsvm_node_id"));
+  dsvm_region_attr_t attr{};
+  attr.page_size = page_size;
+  void* addr = nullptr;
+  DSVM_RETURN_IF_ERROR(Checked(dsvm_region_create_attr(name.c_str(), bytes, &attr, &addr),
+                               "dsvm_region_create_attr(" + name + ")"));
+  // Every page taken Modified at once (dsvm_prefetch keeps many in flight)
+  // rather than one write fault per page: the fill is setup, not measured.
+  const auto start = Clock::now();
+  DSVM_RETURN_IF_ERROR(Checked(dsvm_prefetch(addr, bytes, DSVM_PREFETCH_WRITE),
+                               "dsvm_prefetch(DSVM_PREFETCH_WRITE)"));
+  const auto prefetched = Clock::now();
+  FillWords(static_cast<uint64_t*>(addr), bytes / 8, seed);
+  const auto filled = Clock::now();
+  DSVM_RETURN_IF_ERROR(Checked(dsvm_region_close(addr), "dsvm_region_close"));
+  *report = WriterReport{static_cast<double>(node), SecondsBetween(start, prefetched),
+                         SecondsBetween(prefetched, filled)};
+  return Status::Ok();
+}
+
+// --- The reader: node B reads it, timed ---------------------------------------
+
+struct ReaderReport {
+  double node = 0;
+  double seconds = 0;     // the timed part: advice or prefetch included
+  double prefetch_s = 0;  // the prefetch call alone (prefetch variant)
+  double reread_s = 0;    // a second read of the same pages (fault variant)
+  // What the reader's node and the process counted during the timed part.
+  double read_faults = 0;  // dsvm_stats: reads of pages not valid on the node
+  double pages_fetched = 0;
+  double prefetched_pages = 0;
+  double process_faults = 0;  // getrusage: minor + major page faults
+
+  std::vector<double> ToSeries() const {
+    return {node,        seconds,       prefetch_s,       reread_s,
+            read_faults, pages_fetched, prefetched_pages, process_faults};
+  }
+  static ReaderReport From(const std::vector<double>& s) {
+    return {s.at(0), s.at(1), s.at(2), s.at(3), s.at(4), s.at(5), s.at(6), s.at(7)};
+  }
+};
+
+Status CheckedSum(const uint64_t* words, size_t n, uint64_t seed, const ScanSum& sum,
+                  const char* what) {
+  if (sum == ExpectedSum(seed, n)) return Status::Ok();
+  const size_t at = FirstWrongWord(words, n, seed);
+  char text[200];
+  if (at == n) {
+    std::snprintf(text, sizeof(text), "%s: wrong checksum, though every word reads right now",
+                  what);
+  } else {
+    std::snprintf(text, sizeof(text), "%s: wrong bytes at offset %zu (%p): %#llx, expected %#llx",
+                  what, at * 8, static_cast<const void*>(words + at),
+                  static_cast<unsigned long long>(words[at]),
+                  static_cast<unsigned long long>(ScanWord(seed, at)));
+  }
+  return Internal(text);
+}
+
+Status ReadRegion(const std::string& socket, const std::string& name, Variant variant,
+                  uint64_t bytes, size_t page_size, uint64_t seed, ReaderReport* report) {
+  Connection lib;
+  DSVM_RETURN_IF_ERROR(lib.Connect(socket));
+  uint32_t node = 0;
+  DSVM_RETURN_IF_ERROR(Checked(dsvm_node_id(&node), "dsvm_node_id"));
+  void* addr = nullptr;
+  size_t size = 0;
+  DSVM_RETURN_IF_ERROR(
+      Checked(dsvm_region_open(name.c_str(), &addr, &size), "dsvm_region_open(" + name + ")"));
+  if (size != bytes) {
+    return Internal("region " + name + " has " + std::to_string(size) + " bytes, not " +
+                    std::to_string(bytes));
+  }
+  const auto* words = static_cast<const uint64_t*>(addr);
+  const size_t n = bytes / 8;
+  dsvm_node_stats_t before{}, after{};
+  DSVM_RETURN_IF_ERROR(Checked(dsvm_stats(&before), "dsvm_stats"));
+  const uint64_t faults_before = ProcessFaults();
+
+  const auto start = Clock::now();
+  auto prefetched = start;
+  if (variant == Variant::kPrefetch) {
+    DSVM_RETURN_IF_ERROR(Checked(dsvm_prefetch(addr, bytes, 0), "dsvm_prefetch"));
+    prefetched = Clock::now();
+  } else if (variant == Variant::kReadMostly) {
+    DSVM_RETURN_IF_ERROR(Checked(dsvm_advise(addr, bytes, DSVM_ADVICE_READ_MOSTLY, 0),
+                                 "dsvm_advise(DSVM_ADVICE_READ_MOSTLY)"));
+  }
+  const ScanSum sum = SumWords(words, n);
+  const auto end = Clock::now();
+
+  const uint64_t faults = ProcessFaults() - faults_before;
+  DSVM_RETURN_IF_ERROR(Checked(dsvm_stats(&after), "dsvm_stats"));
+  DSVM_RETURN_IF_ERROR(CheckedSum(words, n, seed, sum, "reader"));
+  const uint64_t pages = bytes / page_size;
+  const uint64_t fetched = after.pages_fetched - before.pages_fetched;
+  if (fetched < pages) {
+    // Pages valid on node B before the clock started would make this a
+    // local read: the bench would measure the wrong thing.
+    return Internal("node B fetched " + std::to_string(fetched) + " pages during the read of " +
+                    std::to_string(pages));
+  }
+
+  double reread_s = 0;
+  if (variant == Variant::kFault) {
+    const auto again = Clock::now();
+    const ScanSum second = SumWords(words, n);
+    reread_s = SecondsBetween(again, Clock::now());
+    DSVM_RETURN_IF_ERROR(CheckedSum(words, n, seed, second, "reader, second read"));
+  }
+
+  DSVM_RETURN_IF_ERROR(Checked(dsvm_region_close(addr), "dsvm_region_close"));
+  // Frees the address range for the next variant's region; each daemon
+  // drops its copy when a new region opens there.
+  DSVM_RETURN_IF_ERROR(
+      Checked(dsvm_region_destroy(name.c_str()), "dsvm_region_destroy(" + name + ")"));
+
+  *report = ReaderReport{
+      .node = static_cast<double>(node),
+      .seconds = SecondsBetween(start, end),
+      .prefetch_s = variant == Variant::kPrefetch ? SecondsBetween(start, prefetched) : 0,
+      .reread_s = reread_s,
+      .read_faults = static_cast<double>(after.read_faults - before.read_faults),
+      .pages_fetched = static_cast<double>(fetched),
+      .prefetched_pages = static_cast<double>(after.prefetched_pages - before.prefetched_pages),
+      .process_faults = static_cast<double>(faults),
+  };
+  return Status::Ok();
+}
+
+// --- One run ----------------------------------------------------------------
+
+// Runs `body` in a client process of node `node_index` (it exits when
+// done) and returns what it reported: a WriterReport or a ReaderReport.
+template <typename Report>
+Result<Report> RunClient(const ScanOptions& o, Cluster& c, int node_index, const std::string& what,
+                         const std::function<Status(const std::string& socket, Report*)>& body) {
+  const std::string socket = c.nodes[node_index]->socket_path();
+  const std::string label = what + " (node " + std::string(1, "AB"[node_index]) + ")";
+  const auto start = Clock::now();
+  auto r = RunForked(label, o.child_timeout_s, [&](SampleSeries* out) -> Status {
+    Report report;
+    DSVM_RETURN_IF_ERROR(body(socket, &report));
+    out->push_back(report.ToSeries());
+    return Status::Ok();
+  });
+  std::fprintf(stderr, "dsvm-bench: scan: %s: %.2f s\n", label.c_str(),
+               SecondsBetween(start, Clock::now()));
+  if (!r.ok()) {
+    c.PrintLogTails();
+    return r.status();
+  }
+  if (r->size() != 1 || (*r)[0].size() != Report{}.ToSeries().size()) {
+    return Internal(label + ": reported the wrong number of figures");
+  }
+  return Report::From((*r)[0]);
+}
+
+Result<ReaderReport> RunVariant(const ScanOptions& o, Cluster& c, Variant v, uint64_t bytes) {
+  const std::string region = std::string("bench-scan-") + Name(v);
+  const uint64_t seed = Seed(v);
+  DSVM_ASSIGN_OR_RETURN(WriterReport writer,
+                        RunClient<WriterReport>(
+                            o, c, kWriterNode, std::string(Name(v)) + ": writer",
+                            [&](const std::string& socket, WriterReport* report) {
+                              return WriteRegion(socket, region, bytes, o.page_size, seed, report);
+                            }));
+  std::fprintf(stderr,
+               "dsvm-bench: scan: %s: writer took the pages for writing at %.3f GB/s "
+               "(dsvm_prefetch), filled them at %.3f GB/s\n",
+               Name(v), Gbps(bytes, writer.prefetch_s), Gbps(bytes, writer.fill_s));
+
+  DSVM_ASSIGN_OR_RETURN(
+      ReaderReport reader,
+      RunClient<ReaderReport>(o, c, kReaderNode, std::string(Name(v)) + ": reader",
+                              [&](const std::string& socket, ReaderReport* report) {
+                                return ReadRegion(socket, region, v, bytes, o.page_size, seed,
+                                                  report);
+                              }));
+  if (reader.node == writer.node) {
+    return Internal(std::string(Name(v)) + ": the writer and the reader ran on the same node");
+  }
+  const double pages = static_cast<double>(bytes / o.page_size);
+  std::fprintf(stderr,
+               "dsvm-bench: scan: %s: %.3f s for %.1f MiB, %.3f GB/s; per page: %.3f read "
+               "faults at the node, %.3f in the process, %.3f fetched (%.3f by prefetch or "
+               "read-ahead)\n",
+               Name(v), reader.seconds, static_cast<double>(bytes) / (1 << 20),
+               Gbps(bytes, reader.seconds), reader.read_faults / pages,
+               reader.process_faults / pages, reader.pages_fetched / pages,
+               reader.prefetched_pages / pages);
+  return reader;
+}
+
+std::string PageTag(size_t page_size) {
+  switch (page_size) {
+    case 4096:
+      return "";
+    case 65536:
+      return ".page64k";
+    default:
+      return ".page2m";
+  }
+}
+
+Status RunOneTransport(const ScanOptions& o, const std::string& tls) {
+  ::setenv("UCX_TLS", tls.c_str(), 1);
+  ::setenv("UCX_NET_DEVICES", "lo", 1);
+  std::string tls_tag = tls;
+  std::replace(tls_tag.begin(), tls_tag.end(), ',', '_');
+  const std::string tag = tls_tag + PageTag(o.page_size);
+  const uint64_t fault_bytes = o.fault_bytes != 0 ? o.fault_bytes : o.bytes;
+  auto bytes_of = [&](Variant v) { return v == Variant::kFault ? fault_bytes : o.bytes; };
+  std::fprintf(stderr,
+               "dsvm-bench: scan: UCX_TLS=%s UCX_NET_DEVICES=lo, %.1f MiB per variant "
+               "(fault: %.1f MiB), pages of %zu bytes\n",
+               tls.c_str(), static_cast<double>(o.bytes) / (1 << 20),
+               static_cast<double>(fault_bytes) / (1 << 20), o.page_size);
+
+  Cluster cluster;
+  auto fail = [&](Status st) {
+    cluster.Stop().IgnoreError();  // `st` is the error to report
+    return st;
+  };
+  Status st = StartCluster(ClusterOptions{.nodes = 2,
+                                          .node_binary = o.node_binary,
+                                          .coordinator_binary = o.coordinator_binary,
+                                          .dir_prefix = "dsvm-scan"},
+                           &cluster);
+  if (!st.ok()) return fail(st);
+
+  // The floor first, with the cluster idle beside it (same background).
+  RawBandwidthOptions raw;
+  raw.bytes = o.bytes;
+  raw.passes = o.raw_passes;
+  raw.seed = kRawSeed;
+  const std::string raw_what = "raw UCX floor (UCX_TLS=" + tls + ")";
+  const auto raw_start = Clock::now();
+  auto floor = RunForked(raw_what, o.child_timeout_s, [&](SampleSeries* out) -> Status {
+    std::vector<double> seconds;
+    DSVM_RETURN_IF_ERROR(MeasureRawBandwidth(raw, &seconds));
+    out->push_back(std::move(seconds));
+    return Status::Ok();
+  });
+  std::fprintf(stderr, "dsvm-bench: scan: %s: %.2f s\n", raw_what.c_str(),
+               SecondsBetween(raw_start, Clock::now()));
+  if (!floor.ok()) return fail(floor.status());
+  const std::vector<double>& passes = (*floor)[0];
+  if (passes.empty()) return fail(Internal("the floor reported no pass"));
+  for (double s : passes) {
+    std::fprintf(stderr, "dsvm-bench: scan: raw UCX pass: %.3f s, %.3f GB/s\n", s,
+                 Gbps(o.bytes, s));
+  }
+  const double raw_gbps = Gbps(o.bytes, *std::min_element(passes.begin(), passes.end()));
+
+  std::array<ReaderReport, kVariants.size()> results;
+  for (size_t i = 0; i < kVariants.size(); ++i) {
+    auto r = RunVariant(o, cluster, kVariants[i], bytes_of(kVariants[i]));
+    if (!r.ok()) return fail(r.status());
+    results[i] = *r;
+  }
+  DSVM_RETURN_IF_ERROR(cluster.Stop());
+
+  EmitMetric("raw_ucx." + tls_tag + ".bytes", static_cast<double>(o.bytes), "bytes");
+  EmitMetric("raw_ucx." + tls_tag + ".gbps", raw_gbps, "GB/s");
+  for (size_t i = 0; i < kVariants.size(); ++i) {
+    const std::string prefix = std::string("scan.") + Name(kVariants[i]) + "." + tag;
+    const uint64_t bytes = bytes_of(kVariants[i]);
+    const double gbps = Gbps(bytes, results[i].seconds);
+    EmitMetric(prefix + ".bytes", static_cast<double>(bytes), "bytes");
+    EmitMetric(prefix + ".gbps", gbps, "GB/s");
+    EmitMetric(prefix + ".vs_raw_ucx", gbps / raw_gbps, "ratio");
+    if (kVariants[i] == Variant::kPrefetch) {
+      EmitMetric(prefix + ".prefetch_call_gbps", Gbps(bytes, results[i].prefetch_s), "GB/s");
+    }
+    if (kVariants[i] == Variant::kFault) {
+      EmitMetric("scan.local_reread." + tag + ".gbps", Gbps(bytes, results[i].reread_s), "GB/s");
+    }
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status RunScan(const ScanOptions& options, bool* skipped) {
+  *skipped = false;
+  ScanOptions o = options;
+  const size_t ps = o.page_size;
+  if (ps != DSVM_PAGE_SIZE_4K && ps != DSVM_PAGE_SIZE_64K && ps != DSVM_PAGE_SIZE_2M) {
+    return InvalidArgument("page size " + std::to_string(ps) + ": 4096, 65536 or 2097152");
+  }
+  if (o.bytes == 0 || o.bytes % ps != 0 || o.fault_bytes % ps != 0) {
+    return InvalidArgument("sizes must be whole pages of " + std::to_string(ps) + " bytes");
+  }
+  if (o.transports.empty() || o.raw_passes <= 0) return InvalidArgument("nothing to measure");
+  if (!UffdUsableOrSaySkip("dsvm-bench scan")) {
+    *skipped = true;
+    return Status::Ok();
+  }
+  DSVM_RETURN_IF_ERROR(ResolveBinaries(&o.node_binary, &o.coordinator_binary));
+  for (const std::string& tls : o.transports) DSVM_RETURN_IF_ERROR(RunOneTransport(o, tls));
+  return Status::Ok();
+}
+
+}  // namespace dsvm::bench
