@@ -459,6 +459,7 @@ Status UffdBackend::Poison(Mapping& m, Region& r, uint64_t addr, uint64_t len) {
   const uint64_t step = r.store->hugetlb() ? r.store->page_size() : SmallPage();
   uint64_t done = 0;
   int retries = 0;
+  uint64_t unmarked = ~uint64_t{0};  // the piece whose write-protect marker was cleared
   while (done < len) {
     uffd::UffdioPoison p{};
     p.range = {addr + done, len - done};
@@ -469,7 +470,21 @@ Status UffdBackend::Poison(Mapping& m, Region& r, uint64_t addr, uint64_t len) {
       done += static_cast<uint64_t>(p.updated);
       continue;
     }
-    if (err == EEXIST) {  // mapped there: that part is not what faulted
+    if (err == EEXIST) {
+      // Either that piece is mapped (not what faulted), or the page table
+      // holds a write-protect marker where a read-only page was punched out:
+      // the kernel keeps it and POISON will not replace it. With no bytes
+      // in the memfd it is the marker: clear it and poison again, once.
+      const uint64_t piece = addr + done;
+      const PageAddr page = r.store->base() + (piece - r.store->base()) / r.store->page_size() *
+                                                  r.store->page_size();
+      auto present = r.store->IsPresent(page);
+      if (unmarked != piece && present.ok() && !*present) {
+        unmarked = piece;
+        DSVM_RETURN_IF_ERROR(WriteProtect(m, piece, step, false));
+        if (m.closed) return Status::Ok();
+        continue;
+      }
       done += step;
       continue;
     }

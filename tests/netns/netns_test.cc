@@ -276,15 +276,11 @@ TEST_F(NetnsTest, AShortPartitionDelaysButLosesNothing) {
 // invalidated), node 3 is cut off until declared dead (the page is lost),
 // then the process reads the page again.
 //
-// DISABLED: the process never gets SIGBUS; it faults again and again while
-// node 1's daemon logs "fails (SIGBUS): DATA_LOSS" some 30,000 times a
-// second. The read-only mapping was made with uffd write-protection, and
+// Once a livelock: the read-only mapping was made with uffd write-protection,
 // the invalidation's hole punch leaves a uffd-wp PTE marker where the PTE
-// was; UFFDIO_POISON refuses any non-empty PTE, markers included, with
-// EEXIST, which UffdBackend::Poison takes for "mapped there, not what
-// faulted" and skips, and Resolve then wakes the thread to fault again. A
-// process that never mapped the page gets SIGBUS at once. Enable with the fix.
-TEST_F(NetnsTest, DISABLED_ALostPageFailsWithSigbusWhereItWasMappedBefore) {
+// was, and UFFDIO_POISON refuses it with EEXIST; UffdBackend::Poison now
+// clears such a marker and poisons again.
+TEST_F(NetnsTest, ALostPageFailsWithSigbusWhereItWasMappedBefore) {
   Run(1, {"create", "lost", std::to_string(4 * kPage)});
   const std::string p = std::to_string(kPage);
   Run(3, {"write", "lost", p, "1"});
