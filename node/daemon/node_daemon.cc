@@ -8,6 +8,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 
@@ -26,8 +27,10 @@ constexpr int kJoinTimeoutMs = 3000;
 constexpr size_t kMaxClients = 1024;
 constexpr size_t kMaxForwarded = 4096;
 constexpr size_t kFaultBatch = 64;
-// Accesses one prefetch keeps in flight.
+// Accesses one prefetch keeps in flight: 64 pages, but at most 16 MiB, so
+// that a window of large pages arrives well within the retransmit time.
 constexpr uint32_t kPrefetchWindow = 64;
+constexpr uint64_t kPrefetchWindowBytes = 16u << 20;
 // Pages a read fault on read-mostly pages fetches after its own.
 constexpr uint32_t kReadAhead = 16;
 
@@ -540,7 +543,13 @@ void NodeDaemon::AccessPage(proto::PageAddr address, bool write, AccessFn fn, bo
     fn(Status::Ok(), Bytes(page));
     return;
   }
-  if (!prefetch) ++(write ? stats_.write_faults : stats_.read_faults);
+  if (!prefetch) {
+    ++(write ? stats_.write_faults : stats_.read_faults);
+  } else if (std::any_of(acts.begin(), acts.end(), [](const Action& a) {
+               return a.kind == ActionKind::kSendToDirectory;
+             })) {
+    ++stats_.prefetched_pages;  // this prefetch asked for it (not one already on its way)
+  }
   Waiter& waiter = waiters_[w];
   waiter.page = page;
   waiter.fn = std::move(fn);
@@ -742,7 +751,9 @@ void NodeDaemon::PumpPrefetch(uint64_t id) {
   if (it == prefetches_.end()) return;
   Prefetch& p = it->second;  // stable: only this function erases jobs
   p.pumping = true;
-  while (p.in_flight < kPrefetchWindow && p.next < p.end && p.error.ok()) {
+  const uint32_t window = static_cast<uint32_t>(
+      std::clamp<uint64_t>(kPrefetchWindowBytes / p.page_size, 1, kPrefetchWindow));
+  while (p.in_flight < window && p.next < p.end && p.error.ok()) {
     const proto::PageAddr page = p.next;
     p.next += p.page_size;
     ++p.in_flight;
@@ -750,11 +761,7 @@ void NodeDaemon::PumpPrefetch(uint64_t id) {
       Prefetch& q = prefetches_.at(id);
       --q.in_flight;
       if (!st.ok() && q.error.ok()) q.error = st;
-      // Answered later than the call: the page was not valid, and now is.
-      if (!q.pumping) {
-        if (st.ok()) ++stats_.prefetched_pages;
-        PumpPrefetch(id);
-      }
+      if (!q.pumping) PumpPrefetch(id);  // answered later than the call
     }, true);
   }
   p.pumping = false;

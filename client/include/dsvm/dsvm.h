@@ -253,8 +253,8 @@ int dsvm_barrier_wait(dsvm_barrier_t* barrier);
 /* Makes every page of [addr, addr + len) valid on this node, as faults on
  * them would, and returns when all are: later accesses by any process of the
  * node cost no network trip (until another node writes them). The daemon
- * keeps up to 64 pages in flight at once, so this is much faster than
- * faulting the pages one by one. It holds the process's one request slot
+ * keeps up to 64 pages (and 16 MiB) in flight at once, so this is much
+ * faster than faulting the pages one by one. It holds the process's one request slot
  * for its duration (see Threads above).
  * Errors: DSVM_EINVALID_ARGUMENT (NULL, len 0, not inside one region open in
  * this process, unknown flags), DSVM_EDATA_LOSS (a page was lost with a
@@ -296,7 +296,7 @@ typedef struct dsvm_node_stats {
   uint64_t bytes_sent;
   uint64_t invalidations;    /* copies dropped because another node wrote */
   uint64_t downgrades;       /* pages made read-only because another node read */
-  uint64_t prefetched_pages; /* pages made valid by dsvm_prefetch */
+  uint64_t prefetched_pages; /* pages dsvm_prefetch and read-ahead asked for */
   uint64_t reserved[8];      /* 0; room for later counters */
 } dsvm_node_stats_t;
 
