@@ -7,7 +7,8 @@
 #
 # Layers (CTest labels): unit, sim, integration, kmod (dsvm.ko in a QEMU
 # guest), netns (the cluster across network namespaces joined by veth; root),
-# fuzz, and unit, sim and integration again under ASan+UBSan. gpu arrives
+# fuzz, and unit, sim and integration again under ASan+UBSan; then the
+# README's first command, deploy/demo.sh, as a smoke test (root). gpu arrives
 # with issue #5. The kmod and netns stages skip themselves with a message
 # where they cannot run.
 set -euo pipefail
@@ -38,6 +39,19 @@ if [ "${DSVM_SKIP_SANITIZERS:-0}" != 1 ]; then
   build-asan/tests/sim/dsvm-sim --seeds 1-40
   build-asan/tests/sim/dsvm-sim --random 20
   unset UBSAN_OPTIONS
+fi
+
+# The README's first command, as a smoke test: the MPI job over dsvm must pass
+# its own check against one process. Root only (mpirun as root, userfaultfd);
+# DSVM_SKIP_DEMO=1 skips it.
+if [ "${DSVM_SKIP_DEMO:-0}" != 1 ] && [ "$(id -u)" -eq 0 ]; then
+  if DSVM_BUILD_DIR=build bash deploy/demo.sh > build/demo.log 2>&1; then
+    echo "tests/run.sh: deploy/demo.sh passed (its output: build/demo.log)"
+  else
+    tail -40 build/demo.log
+    echo "tests/run.sh: deploy/demo.sh failed" >&2
+    exit 1
+  fi
 fi
 
 # Last, so its summary closes the output.
