@@ -1261,6 +1261,51 @@ TEST_F(ClientApiTest, CppClientAndRegion) {
   // psi's destructor runs after finalize: harmless.
 }
 
+// The C++ wrappers of stats, access attributes, tokens, prefetch and advice
+// send what the C calls send.
+TEST_F(ClientApiTest, CppStatsPrefetchAdviceAndAccess) {
+  SKIP_WITHOUT_UFFD();
+  auto client = dsvm::Client::Init(daemon_.path());
+  ASSERT_TRUE(client.ok()) << client.error().ToString();
+  proto::NodeStatsReply reply{kNode, 1, {}};
+  reply.counters.read_faults = 5;
+  daemon_.Override(proto::MessageType::kNodeStats,
+                   [&](const proto::Frame&) { return Answer::Reply(reply); });
+  auto stats = client->Stats();
+  ASSERT_TRUE(stats.ok()) << stats.error().ToString();
+  EXPECT_EQ(stats->read_faults, 5u);
+
+  int prefetches = 0, advice = 0;
+  daemon_.Override(proto::MessageType::kPrefetch, [&](const proto::Frame& f) {
+    const auto& m = std::get<proto::Prefetch>(f.message);
+    prefetches += m.address == Base(33) + 4096 && m.length == 8192 && m.write == 1;
+    return Answer::WithStatus(StatusCode::kOk, "");
+  });
+  daemon_.Override(proto::MessageType::kAdvise, [&](const proto::Frame& f) {
+    const auto& m = std::get<proto::Advise>(f.message);
+    advice += m.address == Base(33) && m.length == 3 * 4096 &&
+              m.advice == proto::Advice::kReadMostly;
+    return Answer::WithStatus(StatusCode::kOk, "");
+  });
+  daemon_.SetNextBase(Base(33));
+  dsvm_region_attr_t attr{};
+  attr.mode = 0660;
+  attr.token = "omega-token";
+  auto region = dsvm::Region::Create("omega", 3 * 4096, attr);
+  ASSERT_TRUE(region.ok()) << region.error().ToString();
+  EXPECT_TRUE(region->Prefetch(4096, 8192, DSVM_PREFETCH_WRITE).ok());
+  EXPECT_TRUE(region->Advise(0, 3 * 4096, DSVM_ADVICE_READ_MOSTLY).ok());
+  EXPECT_EQ(prefetches, 1);
+  EXPECT_EQ(advice, 1);
+  EXPECT_EQ(region->Prefetch(0, 4 * 4096).error().code, DSVM_EINVALID_ARGUMENT)
+      << "past the region's end";
+  EXPECT_EQ(region->Advise(0, 4096, 77).error().code, DSVM_EINVALID_ARGUMENT);
+  EXPECT_TRUE(region->Close().ok());
+  auto again = dsvm::Region::Open("omega", "omega-token");
+  ASSERT_TRUE(again.ok()) << again.error().ToString();
+  EXPECT_EQ(dsvm::Region::Open("omega", "").error().code, DSVM_EINVALID_ARGUMENT);
+}
+
 TEST_F(ClientApiTest, CppClientFinalizesInItsDestructor) {
   {
     auto client = dsvm::Client::Init(daemon_.path());

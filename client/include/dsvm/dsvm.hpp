@@ -144,6 +144,14 @@ class Client {
     return id;
   }
 
+  // dsvm_stats: the counters of this process's node. Errors: those of
+  // dsvm_stats.
+  Expected<dsvm_node_stats_t> Stats() const {
+    dsvm_node_stats_t s{};
+    if (int rc = dsvm_stats(&s); rc != DSVM_OK) return Error::Last(rc);
+    return s;
+  }
+
  private:
   explicit Client(bool active) : active_(active) {}
   bool active_ = false;
@@ -163,11 +171,32 @@ class Region {
     return Region(name, addr, size);
   }
 
+  // dsvm_region_create_attr: with who may open it (mode, token).
+  static Expected<Region> Create(const std::string& name, size_t size,
+                                 const dsvm_region_attr_t& attr) {
+    void* addr = nullptr;
+    if (int rc = dsvm_region_create_attr(name.c_str(), size, &attr, &addr); rc != DSVM_OK) {
+      return Error::Last(rc);
+    }
+    return Region(name, addr, size);
+  }
+
   // dsvm_region_open. Errors: those of dsvm_region_open.
   static Expected<Region> Open(const std::string& name) {
     void* addr = nullptr;
     size_t size = 0;
     if (int rc = dsvm_region_open(name.c_str(), &addr, &size); rc != DSVM_OK) {
+      return Error::Last(rc);
+    }
+    return Region(name, addr, size);
+  }
+
+  // dsvm_region_open_token: presenting the region's token.
+  static Expected<Region> Open(const std::string& name, const std::string& token) {
+    void* addr = nullptr;
+    size_t size = 0;
+    if (int rc = dsvm_region_open_token(name.c_str(), token.c_str(), &addr, &size);
+        rc != DSVM_OK) {
       return Error::Last(rc);
     }
     return Region(name, addr, size);
@@ -207,6 +236,18 @@ class Region {
   size_t size() const { return size_; }
   const std::string& name() const { return name_; }
   bool is_open() const { return data_ != nullptr; }
+
+  // dsvm_prefetch of `len` bytes from `offset` (DSVM_PREFETCH_WRITE in
+  // flags: for writing). Errors: those of dsvm_prefetch.
+  Expected<void> Prefetch(size_t offset, size_t len, unsigned flags = 0) const {
+    return Expected<void>::FromCode(dsvm_prefetch(static_cast<char*>(data_) + offset, len, flags));
+  }
+
+  // dsvm_advise for `len` bytes from `offset`. Errors: those of dsvm_advise.
+  Expected<void> Advise(size_t offset, size_t len, int advice, uint32_t node = 0) const {
+    return Expected<void>::FromCode(
+        dsvm_advise(static_cast<char*>(data_) + offset, len, advice, node));
+  }
 
   // dsvm_region_close. The region is released whatever the result (see
   // dsvm.h); does nothing on a Region that holds nothing.
