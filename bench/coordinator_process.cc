@@ -58,15 +58,7 @@ Result<std::unique_ptr<CoordinatorProcess>> CoordinatorProcess::Start(const std:
   if (log_fd < 0) return IoError(Errno("open coordinator log"));
 
   c->secret_path_ = c->root_ + "/secret";
-  {
-    const int fd = ::open(c->secret_path_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-    if (fd < 0) return IoError(Errno("create the cluster secret"));
-    const proto::Nonce bytes = proto::RandomNonce();
-    const bool written = ::write(fd, bytes.data(), bytes.size()) == static_cast<ssize_t>(bytes.size());
-    ::close(fd);
-    if (!written) return IoError(Errno("write the cluster secret"));
-  }
-  DSVM_ASSIGN_OR_RETURN(proto::ClusterSecret secret, proto::ClusterSecret::Load(c->secret_path_));
+  DSVM_ASSIGN_OR_RETURN(proto::ClusterSecret secret, proto::ClusterSecret::Generate(c->secret_path_));
   c->secret_ = std::move(secret);
   std::vector<std::string> args = {binary,   "--listen",    "127.0.0.1:0",    "--data-dir",
                                    data_dir, "--port-file", port_file,        "--secret-file",

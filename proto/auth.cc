@@ -63,6 +63,19 @@ Result<ClusterSecret> ClusterSecret::Load(const std::string& path) {
   return s;
 }
 
+Result<ClusterSecret> ClusterSecret::Generate(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (fd < 0) {
+    const std::string why = Errno("creating cluster secret " + path);
+    return errno == EEXIST ? AlreadyExists(why) : IoError(why);
+  }
+  const Nonce bytes = RandomNonce();
+  const bool written = ::write(fd, bytes.data(), bytes.size()) == static_cast<ssize_t>(bytes.size());
+  ::close(fd);
+  if (!written) return IoError("writing cluster secret " + path);
+  return FromBytes(bytes);
+}
+
 ClusterSecret ClusterSecret::FromBytes(std::span<const uint8_t> bytes) {
   DSVM_CHECK(bytes.size() >= kMinSecretSize && bytes.size() <= kMaxSecretSize);
   ClusterSecret s;

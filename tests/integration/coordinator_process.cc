@@ -29,19 +29,14 @@ TempDir::~TempDir() {
 
 namespace {
 
-// Removes the secret file when the test process exits.
+// The secret file, removed when the test process exits.
 struct SecretFile {
-  std::string path;
+  TempDir dir;
+  std::string path = dir.path() + "/secret";
   SecretFile() {
-    char tmpl[] = "/tmp/dsvm-test-secret.XXXXXX";
-    const int fd = ::mkstemp(tmpl);  // mode 0600
-    DSVM_CHECK(fd >= 0);
-    path = tmpl;
-    const proto::Nonce bytes = proto::RandomNonce();
-    DSVM_CHECK(::write(fd, bytes.data(), bytes.size()) == static_cast<ssize_t>(bytes.size()));
-    ::close(fd);
+    auto made = proto::ClusterSecret::Generate(path);
+    DSVM_CHECK_MSG(made.ok(), made.status().ToString().c_str());
   }
-  ~SecretFile() { ::unlink(path.c_str()); }
 };
 
 }  // namespace

@@ -19,6 +19,8 @@
 #include <sstream>
 #include <thread>
 
+#include "proto/auth.h"
+
 extern char** environ;
 
 namespace dsvm::testing {
@@ -359,15 +361,7 @@ ProcessResult NetnsCluster::Collect(const Proc& p) const {
 // A fresh cluster secret, readable by its owner only (ClusterSecret::Load
 // refuses anything else).
 Status NetnsCluster::WriteSecret() {
-  std::random_device random;  // /dev/urandom
-  std::string hex;
-  for (int i = 0; i < 64; ++i) hex += "0123456789abcdef"[random() & 15];
-  const int fd = ::open(secret_path().c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-  if (fd < 0) return IoError("create " + secret_path() + ": " + std::strerror(errno));
-  const bool ok = ::write(fd, hex.data(), hex.size()) == static_cast<ssize_t>(hex.size());
-  ::close(fd);
-  if (!ok) return IoError("write " + secret_path());
-  return Status::Ok();
+  return proto::ClusterSecret::Generate(secret_path()).status();
 }
 
 Status NetnsCluster::Start() {
