@@ -34,7 +34,7 @@ int Usage(const char* why) {
                "       dsvmctl [--coordinator HOST:PORT] page ADDRESS\n"
                "       dsvmctl [--coordinator HOST:PORT] nodes|regions\n"
                "       dsvmctl [--coordinator HOST:PORT] pages NAME\n"
-               "       (after --coordinator: [--secret-file FILE], default $DSVM_SECRET_FILE)\n",
+               "       (before the command also: --secret-file FILE, default $DSVM_SECRET_FILE)\n",
                why);
   return 2;
 }
@@ -150,13 +150,10 @@ int main(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
   const char* env = std::getenv("DSVM_COORDINATOR");
   std::string coordinator = env ? env : "127.0.0.1:7700";
-  if (args.size() >= 2 && args[0] == "--coordinator") {
-    coordinator = args[1];
-    args.erase(args.begin(), args.begin() + 2);
-  }
   std::string secret_flag;
-  if (args.size() >= 2 && args[0] == "--secret-file") {
-    secret_flag = args[1];
+  // The options before the command, in any order.
+  while (args.size() >= 2 && (args[0] == "--coordinator" || args[0] == "--secret-file")) {
+    (args[0] == "--coordinator" ? coordinator : secret_flag) = args[1];
     args.erase(args.begin(), args.begin() + 2);
   }
   if (args.empty()) return Usage("no command");
