@@ -28,11 +28,32 @@ bool MakeOfType(MessageType t, Message* m) {
   }
 }
 
+// Values a decoded message must also satisfy, beyond what its fields'
+// codec checks; a type without a Validate() has none.
+template <typename T>
+Status ValidateValues(const T& m) {
+  if constexpr (requires { m.Validate(); }) {
+    return m.Validate();
+  } else {
+    return Status::Ok();
+  }
+}
+
 void PutLe(std::vector<uint8_t>* out, size_t at, uint64_t v, int n) {
   for (int i = 0; i < n; ++i) (*out)[at + i] = static_cast<uint8_t>(v >> (8 * i));
 }
 
 }  // namespace
+
+Status RegionDeleted::Validate() const {
+  if (region == 0) return Corruption("region 0");
+  if (size == 0) return Corruption("size 0");
+  if (base % kMinPageSize != 0 || size % kMinPageSize != 0) {
+    return Corruption("base or size not a multiple of " + std::to_string(kMinPageSize));
+  }
+  if (base + size < base) return Corruption("base + size wraps");
+  return Status::Ok();
+}
 
 MessageType TypeOf(const Message& m) {
   return std::visit([](const auto& x) { return std::decay_t<decltype(x)>::kType; }, m);
@@ -81,6 +102,7 @@ const char* TypeName(MessageType t) {
     case MessageType::kPeerProof: return "PeerProof";
     case MessageType::kRegionPages: return "RegionPages";
     case MessageType::kRegionPagesReply: return "RegionPagesReply";
+    case MessageType::kRegionDeleted: return "RegionDeleted";
   }
   return "Unknown";
 }
@@ -145,6 +167,8 @@ Result<Message> DecodePayload(const Header& header, std::span<const uint8_t> pay
   std::visit([&r](auto& x) { x.Visit(r); }, m);
   if (!r.ok()) return Corruption(std::string(TypeName(header.type)) + ": " + r.error());
   if (!r.at_end()) return Corruption(std::string(TypeName(header.type)) + ": trailing bytes");
+  Status valid = std::visit([](const auto& x) { return ValidateValues(x); }, m);
+  if (!valid.ok()) return Corruption(std::string(TypeName(header.type)) + ": " + valid.message());
   return m;
 }
 

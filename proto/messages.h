@@ -8,7 +8,8 @@
 // Strings and byte blobs are a u32 length followed by the bytes, each with a
 // per-field bound. Decode refuses anything malformed with a Status: wrong
 // magic or version, unknown type, enum out of range, lengths that overrun or
-// exceed their bound, trailing bytes. It never allocates more than the bound.
+// exceed their bound, trailing bytes, and values a type's Validate() refuses.
+// It never allocates more than the bound.
 //
 // The message table (sender, receiver, state change) is in proto/PROTOCOL.md.
 #ifndef DSVM_PROTO_MESSAGES_H_
@@ -34,6 +35,8 @@ inline constexpr NodeId kNoNode = 0;
 inline constexpr uint32_t kMagic = 0x4D565344;  // "DSVM" read as little-endian u32
 inline constexpr uint16_t kWireVersion = 2;  // history: PROTOCOL.md, Versions
 inline constexpr size_t kHeaderSize = 24;
+// The smallest page size: every region's base and size are multiples of it.
+inline constexpr uint32_t kMinPageSize = 4096;
 inline constexpr uint32_t kMaxPageSize = 2u << 20;            // 2 MiB
 inline constexpr uint32_t kMaxControlPayload = 64u << 10;     // every type but PageData
 inline constexpr uint32_t kMaxDataPayload = kMaxPageSize + 64;
@@ -92,6 +95,7 @@ enum class MessageType : uint16_t {
   // Control plane, continued (1..19 are taken).
   kRegionPages = 50,
   kRegionPagesReply = 51,
+  kRegionDeleted = 52,
 };
 
 // What a node asks of the directory for one page.
@@ -286,6 +290,22 @@ struct RegionReply {
   template <typename A> void Visit(A& a) {
     a.U64(region); a.U64(base); a.U64(size); a.U32(page_size); a.Str(name, kMaxNameLength);
   }
+};
+
+// Coordinator -> every live node connected when a RegionDelete was persisted
+// and answered; unsolicited (request_id 0), sent once, never acknowledged.
+// The node drops its copy of the region if it has one of this id and no
+// local process maps it. A node that misses it learns lazily (PROTOCOL.md,
+// Refusals).
+struct RegionDeleted {
+  static constexpr MessageType kType = MessageType::kRegionDeleted;
+  RegionId region = 0;
+  PageAddr base = 0;  // [base, base + size): where the region was
+  uint64_t size = 0;
+  template <typename A> void Visit(A& a) { a.U64(region); a.U64(base); a.U64(size); }
+  // Decode refuses region 0, size 0, a base or size that is not a multiple
+  // of kMinPageSize, and a range that wraps. Errors: kCorruption.
+  Status Validate() const;
 };
 
 // Tool -> coordinator: the directory's record of one page. Reply: PageQueryReply.
@@ -604,7 +624,8 @@ using Message = std::variant<StatusReply, JoinRequest, JoinReply, Heartbeat, Lea
                              Done, Release, EvictReply, PageData, PeerHello, ClientHello,
                              ClientHelloReply, MapRegion, UnmapRegion, NodeStats, NodeStatsReply,
                              Prefetch, Advise, AuthHello, AuthChallenge, AuthProof,
-                             PeerChallenge, PeerProof, RegionPages, RegionPagesReply>;
+                             PeerChallenge, PeerProof, RegionPages, RegionPagesReply,
+                             RegionDeleted>;
 
 struct Header {
   uint32_t magic = kMagic;

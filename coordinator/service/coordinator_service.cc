@@ -452,6 +452,19 @@ void CoordinatorService::HandleRegionDelete(ConnId conn, uint64_t rid, const pro
   regions_.Remove(m.name).status().IgnoreError();
   directory_.DropRange(r.base, r.base + r.size);
   ReplyStatus(conn, rid, Status::Ok());
+  // Tell the nodes now, so they free their copies instead of holding them
+  // until the addresses are reused. Queued after the reply, so a deleter
+  // that is a node hears OK first, and is told too. A node not connected
+  // now is not told later: it learns lazily, from a NOT_FOUND grant or from
+  // a new region over the same addresses.
+  const proto::RegionDeleted notice{r.id, r.base, r.size};
+  DSVM_CHECK(notice.Validate().ok());  // RegionTable::Insert admits no other region
+  for (const auto& [node, node_conn] : node_conn_) {
+    auto member = members_.find(node);
+    if (member != members_.end() && member->second.record.live) {
+      held_.push_back(Send{node_conn, 0, notice});
+    }
+  }
 }
 
 }  // namespace dsvm::coordinator

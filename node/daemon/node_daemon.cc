@@ -421,6 +421,8 @@ void NodeDaemon::HandleDirectoryMessage(proto::Message m) {
           if constexpr (std::is_same_v<T, proto::Invalidate>) agent_.HandleInvalidate(x, now, &acts);
           if constexpr (std::is_same_v<T, proto::Release>) agent_.HandleRelease(x, &acts);
           if constexpr (std::is_same_v<T, proto::EvictReply>) agent_.HandleEvictReply(x, now, &acts);
+        } else if constexpr (std::is_same_v<T, proto::RegionDeleted>) {
+          HandleRegionDeleted(x);
         } else {
           ++stats_.protocol_errors;
           LogWarning(std::string("unexpected ") + proto::TypeName(T::kType) + " from the coordinator");
@@ -428,6 +430,22 @@ void NodeDaemon::HandleDirectoryMessage(proto::Message m) {
       },
       m);
   Execute(acts);
+}
+
+void NodeDaemon::HandleRegionDeleted(const proto::RegionDeleted& m) {
+  // Never opened here, or its addresses already hold a region of another
+  // id: nothing of it to drop.
+  auto id = region_ids_.find(m.base);
+  if (id == region_ids_.end() || id->second != m.region) return;
+  Status st = DropRegion(m.base, "deleted");
+  if (!st.ok()) {
+    // Processes still map it: their local hits go on, their next access that
+    // needs the directory fails (NOT_FOUND: SIGBUS), and the copy goes when
+    // a new region takes the addresses, as for a node that was not told.
+    LogInfo("keeping a deleted region: " + st.message());
+    return;
+  }
+  ++stats_.regions_deleted;
 }
 
 // ---------------------------------------------------------------------------

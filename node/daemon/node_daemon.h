@@ -69,6 +69,7 @@ struct NodeDaemonStats {
   uint64_t prefetched_pages = 0;
   uint64_t coordinator_reconnects = 0;
   uint64_t fresh_starts = 0;  // declared dead meanwhile: every page dropped, joined anew
+  uint64_t regions_deleted = 0;  // regions dropped on the coordinator's RegionDeleted
   uint64_t protocol_errors = 0;
   uint64_t peer_lookups = 0;
   uint64_t client_faults = 0;
@@ -169,6 +170,9 @@ class NodeDaemon {
   // Forgets the store at `base` (its region was deleted) and its pages.
   // Errors: kFailedPrecondition (local processes still map it).
   Status DropRegion(proto::PageAddr base, const std::string& why);
+  // The coordinator deleted a region: drops this node's copy if it has one
+  // of that id and no local process maps it.
+  void HandleRegionDeleted(const proto::RegionDeleted& m);
   void HandleDirectoryMessage(proto::Message m);
   void HandlePeerMessages();
   void OnFaultEvents();

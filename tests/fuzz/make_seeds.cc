@@ -2,8 +2,9 @@
 //
 //   dsvm_fuzz_seed OUT_DIR
 //
-// Creates OUT_DIR/frames (one frame of every message type, default and
-// populated, for fuzz_decode_frame and fuzz_decode_header) and OUT_DIR/records
+// Creates OUT_DIR/frames (one frame of every message type, populated, and
+// default where Decode accepts the defaults, for fuzz_decode_frame and
+// fuzz_decode_header) and OUT_DIR/records
 // (PageRecords, idle and busy, for fuzz_page_record). Each file is checked to
 // decode before it is written, so a seed corpus is never silently invalid.
 #include <cstdint>
@@ -125,6 +126,7 @@ std::vector<Message> PopulatedMessages() {
       RegionPagesReply{.region = 1, .pages = 2, .touched = 2, .lost = 0, .in_flight = 0,
                        .nodes = {proto::NodePages{1, 1, 0}, proto::NodePages{2, 0, 1}}},
       RegionListReply{.regions = {RegionReply{1, 0x200000000000, 8192, 4096, "r1"}}, .more = 0},
+      RegionDeleted{.region = 1, .base = 0x200000000000, .size = 8192},
   };
 }
 
@@ -179,6 +181,10 @@ int Main(int argc, char** argv) {
 
   std::vector<Message> messages =
       DefaultOfEveryType(std::make_index_sequence<std::variant_size_v<Message>>());
+  // A default RegionDeleted names region 0, which Decode refuses (its
+  // Validate()); its populated seed stands for the type.
+  std::erase_if(messages,
+                [](const Message& m) { return std::holds_alternative<RegionDeleted>(m); });
   for (Message& m : PopulatedMessages()) messages.push_back(std::move(m));
   size_t written = 0;
   for (size_t i = 0; i < messages.size(); ++i) {

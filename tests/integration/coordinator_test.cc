@@ -402,6 +402,63 @@ TEST(CoordinatorAuth, RegionsAreOpenedOnlyByWhoMayUseThem) {
   EXPECT_EQ(open("group", alice, ""), static_cast<int>(StatusCode::kNotFound));
 }
 
+// A deleted region is announced to every live node connected at the time,
+// after the deleter's own reply, so node daemons free their copies at once.
+// A node that left is not told, nor is a tool.
+TEST(CoordinatorRegions, ADeleteIsAnnouncedToConnectedNodes) {
+  TempDir dir;
+  CoordinatorProcess coord;
+  ASSERT_TRUE(coord.Start(dir.path() + "/data").ok()) << coord.stderr_text();
+  auto tool = ConnectTool(coord.address());
+  ASSERT_TRUE(tool.ok());
+  proto::RegionReply gone = CreateRegion(*tool, "gone", 16 * kPage);
+  proto::RegionReply later = CreateRegion(*tool, "later", 4 * kPage);
+  ScriptedNode a, b, left;
+  ASSERT_TRUE(a.Connect(coord.address()).ok());
+  ASSERT_TRUE(b.Connect(coord.address()).ok());
+  ASSERT_TRUE(left.Connect(coord.address()).ok());
+  auto bye = left.socket().Call(proto::LeaveRequest{left.id()});
+  ASSERT_TRUE(bye.ok()) << bye.status().ToString();
+  ASSERT_EQ(std::get<proto::StatusReply>(*bye).code, 0);
+
+  auto expect_notice = [](ScriptedNode& n, const proto::RegionReply& r) {
+    auto f = n.socket().Receive(3000);
+    ASSERT_TRUE(f.ok()) << "node " << n.id() << ": " << f.status().ToString();
+    EXPECT_EQ(f->header.request_id, 0u) << "unsolicited";
+    const auto* d = std::get_if<proto::RegionDeleted>(&f->message);
+    ASSERT_NE(d, nullptr) << "node " << n.id() << " got " << proto::TypeName(f->header.type);
+    EXPECT_EQ(d->region, r.region);
+    EXPECT_EQ(d->base, r.base);
+    EXPECT_EQ(d->size, r.size);
+  };
+
+  // A tool deletes: both live nodes are told.
+  auto reply = tool->Call(proto::RegionDelete{.name = "gone"});
+  ASSERT_TRUE(reply.ok()) << reply.status().ToString();
+  ASSERT_EQ(std::get<proto::StatusReply>(*reply).code, 0);
+  expect_notice(a, gone);
+  expect_notice(b, gone);
+  EXPECT_FALSE(left.socket().Receive(300).ok()) << "a node that left was told";
+  EXPECT_FALSE(tool->Receive(300).ok()) << "a tool was told";
+
+  // A node deletes: it hears its reply first, then the notice like the others.
+  ASSERT_TRUE(a.socket().Send(proto::RegionDelete{.name = "later"}, 77).ok());
+  auto answer = a.socket().Receive(3000);
+  ASSERT_TRUE(answer.ok()) << answer.status().ToString();
+  EXPECT_EQ(answer->header.request_id, 77u);
+  const auto* st = std::get_if<proto::StatusReply>(&answer->message);
+  ASSERT_NE(st, nullptr) << proto::TypeName(answer->header.type);
+  EXPECT_EQ(st->code, 0);
+  expect_notice(a, later);
+  expect_notice(b, later);
+  // A failed delete announces nothing.
+  reply = tool->Call(proto::RegionDelete{.name = "later"});
+  ASSERT_TRUE(reply.ok());
+  EXPECT_EQ(std::get<proto::StatusReply>(*reply).code,
+            static_cast<uint16_t>(StatusCode::kNotFound));
+  EXPECT_FALSE(b.socket().Receive(300).ok()) << "a failed delete was announced";
+}
+
 // A node that stops heartbeating is declared dead: its sole copies are lost
 // (reported, never silently zero), its shared copies live on elsewhere.
 TEST(CoordinatorMembership, DeadNodeLosesSoleCopiesKeepsShared) {

@@ -11,6 +11,7 @@
 
 #include <chrono>
 #include <cstring>
+#include <filesystem>
 #include <future>
 #include <random>
 #include <thread>
@@ -962,6 +963,72 @@ TEST_F(NodeDaemonTest, ARegionAtAReusedAddressStartsClean) {
               return *static_cast<volatile uint64_t*>(a) == 17;
             }}}),
             std::vector<int>{0});
+}
+
+// --- A deleted region is freed on every node at once ------------------------------
+
+// Descriptors of this process (where the daemons run) open on memfds named
+// `name`: one per daemon that holds a store of that region.
+int MemfdsNamed(const std::string& name) {
+  int n = 0;
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator("/proc/self/fd", ec)) {
+    std::error_code link_ec;
+    const std::string target = std::filesystem::read_symlink(e.path(), link_ec).string();
+    if (!link_ec && target.rfind("/memfd:" + name + " ", 0) == 0) ++n;
+  }
+  return n;
+}
+
+// A process on node 0 creates a region, one on node 1 writes it and closes
+// it, and a process on node 0 deletes it. Both daemons free their copies on
+// the coordinator's RegionDeleted, though no new region takes the addresses
+// (before, they held the memory until one did).
+TEST_F(NodeDaemonTest, ADeletedRegionIsFreedOnEveryNode) {
+  proto::RegionReply anchor = Region("anchor", 4096, 4096);
+  StartNodes(2, anchor);
+  const std::string s0 = dir_.path() + "/node0.sock", s1 = dir_.path() + "/node1.sock";
+  ASSERT_EQ(RunLibClients("anchor", {{s0, [](uint8_t*) {
+              void* a = nullptr;
+              if (dsvm_region_create("freed", 8 * 4096, 0, &a) != DSVM_OK) return false;
+              *static_cast<volatile uint64_t*>(a) = 5;
+              return dsvm_region_close(a) == DSVM_OK;
+            }}}),
+            std::vector<int>{0});
+  ASSERT_EQ(RunLibClients("anchor", {{s1, [](uint8_t*) {
+              void* a = nullptr;
+              if (dsvm_region_open("freed", &a, nullptr) != DSVM_OK) return false;
+              auto* p = static_cast<volatile uint64_t*>(a);
+              if (p[0] != 5) return false;
+              p[512] = 6;  // page 1: Modified on node 1
+              return dsvm_region_close(a) == DSVM_OK;
+            }}}),
+            std::vector<int>{0});
+  ASSERT_EQ(MemfdsNamed("dsvm-freed"), 2) << "each daemon holds a copy of the region";
+
+  ASSERT_EQ(RunLibClients("anchor", {{s0, [](uint8_t*) {
+              return dsvm_region_destroy("freed") == DSVM_OK;
+            }}}),
+            std::vector<int>{0});
+  uint64_t dropped[2] = {0, 0};
+  for (int i = 0; i < 300 && (dropped[0] == 0 || dropped[1] == 0); ++i) {
+    if (i > 0) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    for (int k = 0; k < 2; ++k) {
+      nodes_[k]->Sync([&](NodeDaemon& d) { dropped[k] = d.stats().regions_deleted; });
+    }
+  }
+  EXPECT_EQ(dropped[0], 1u) << "the deleting node kept its copy";
+  EXPECT_EQ(dropped[1], 1u) << "the other node kept its copy";
+  EXPECT_EQ(MemfdsNamed("dsvm-freed"), 0) << "a deleted region's memory is still held";
+  // Freed by the notice alone: the only region left is the anchor.
+  auto list = tool_.Call(proto::RegionList{0});
+  ASSERT_TRUE(list.ok()) << list.status().ToString();
+  const auto& regions = std::get<proto::RegionListReply>(*list).regions;
+  ASSERT_EQ(regions.size(), 1u);
+  EXPECT_EQ(regions[0].name, "anchor");
+  // And the nodes serve on.
+  nodes_[1]->WriteU64(anchor.base, 8);
+  EXPECT_EQ(nodes_[0]->ReadU64(anchor.base), 8u);
 }
 
 // --- A node declared dead while it was cut off ------------------------------------

@@ -274,6 +274,9 @@ std::vector<Message> SampleMessages() {
                        .nodes = {NodePages{4, 10, 20}, NodePages{0x80000005, 0, 7}}},
       RegionListReply{.regions = {RegionReply{12, 0x200000000000, 4096, 4096, "r12"}},
                       .more = 1},
+      RegionDeleted{.region = 0x8000000000000043ull,
+                    .base = 0x8000000000200000ull,
+                    .size = 0x7F00000000003000ull},
   };
 }
 
@@ -551,7 +554,7 @@ TEST(ProtoHeaderTest, WrongVersionIsInvalidArgument) {
 }
 
 TEST(ProtoHeaderTest, UnknownTypeIsInvalidArgument) {
-  for (uint16_t type : {0, 19, 28, 29, 34, 48, 49, 52, 0x100, 0xFFFF}) {
+  for (uint16_t type : {0, 19, 28, 29, 34, 48, 49, 53, 0x100, 0xFFFF}) {
     Bytes frame = HeaderBytes({.type = type, .payload_length = 0});
     Result<Header> h = DecodeHeader(frame);
     ASSERT_FALSE(h.ok()) << "type " << type;
@@ -746,6 +749,49 @@ TEST(ProtoFieldTest, LengthOverrunningThePayloadIsRefused) {
     Bytes frame = f.frame;
     WriteLe(&frame, at, claim, 4);
     ExpectRefused(frame, StatusCode::kCorruption, "overruns the payload");
+  }
+}
+
+// RegionDeleted names a real region's range: Decode refuses what no region
+// could be (its fields are well formed, its values are not).
+TEST(ProtoFieldTest, RegionDeletedOfNoPossibleRegionIsRefused) {
+  const Bytes good = EncodeSample<RegionDeleted>();
+  ASSERT_EQ(good.size(), kHeaderSize + 8 + 8 + 8);
+  constexpr size_t kRegionAt = kHeaderSize, kBaseAt = kHeaderSize + 8, kSizeAt = kHeaderSize + 16;
+  ASSERT_EQ(ReadLe(good, kRegionAt, 8), 0x8000000000000043ull) << "offset drifted";
+  ASSERT_EQ(ReadLe(good, kBaseAt, 8), 0x8000000000200000ull) << "offset drifted";
+  ASSERT_EQ(ReadLe(good, kSizeAt, 8), 0x7F00000000003000ull) << "offset drifted";
+  struct Patch {
+    const char* what;
+    size_t at;
+    uint64_t value;
+    const char* why;
+  };
+  const std::vector<Patch> refused = {
+      {"region 0", kRegionAt, 0, "region 0"},
+      {"size 0", kSizeAt, 0, "size 0"},
+      {"base off a page", kBaseAt, 0x8000000000200000ull + 8, "multiple of 4096"},
+      {"base off by 2048", kBaseAt, 0x8000000000200800ull, "multiple of 4096"},
+      {"size off a page", kSizeAt, 4096 + 1, "multiple of 4096"},
+      {"range wraps", kBaseAt, 0xFFFFFFFFFFFFF000ull, "wraps"},
+  };
+  for (const Patch& p : refused) {
+    SCOPED_TRACE(p.what);
+    Bytes frame = good;
+    WriteLe(&frame, p.at, p.value, 8);
+    ExpectRefused(frame, StatusCode::kCorruption, p.why);
+    ExpectRefused(frame, StatusCode::kCorruption, "RegionDeleted");
+  }
+  // The smallest region, at the bottom and at the top of the address space.
+  for (const auto& [base, size] : std::vector<std::pair<uint64_t, uint64_t>>{
+           {0, 4096}, {0xFFFFFFFFFFFFE000ull, 4096}, {0x200000, 2u << 20}}) {
+    Bytes frame = good;
+    WriteLe(&frame, kBaseAt, base, 8);
+    WriteLe(&frame, kSizeAt, size, 8);
+    Result<Frame> r = Decode(frame);
+    ASSERT_TRUE(r.ok()) << base << "+" << size << ": " << r.status().ToString();
+    EXPECT_EQ(std::get<RegionDeleted>(r->message).base, base);
+    EXPECT_EQ(std::get<RegionDeleted>(r->message).size, size);
   }
 }
 
