@@ -155,18 +155,20 @@ Status Cluster::Stop() {
 
 Status StartCluster(const ClusterOptions& o, Cluster* c) {
   DSVM_RETURN_IF_ERROR(c->dir.Make(o.dir_prefix));
+  std::vector<std::string> poll;
+  if (o.busy_poll_us > 0) poll = {"--busy-poll-us", std::to_string(o.busy_poll_us)};
   {
     // The coordinator makes its data directory under $TMPDIR: under ours,
     // the watcher removes it too.
     ScopedTmpDir in_ours(c->dir.path());
-    DSVM_ASSIGN_OR_RETURN(c->coordinator, CoordinatorProcess::Start(o.coordinator_binary));
+    DSVM_ASSIGN_OR_RETURN(c->coordinator, CoordinatorProcess::Start(o.coordinator_binary, poll));
   }
   for (int i = 0; i < o.nodes; ++i) {
     const std::string stem = c->dir.path() + "/node" + std::to_string(i + 1);
     DSVM_ASSIGN_OR_RETURN(
         std::unique_ptr<NodeProcess> n,
         NodeProcess::Start(o.node_binary, c->coordinator->address(), c->coordinator->secret_path(),
-                           stem + ".sock", stem + ".log"));
+                           stem + ".sock", stem + ".log", poll));
     c->nodes.push_back(std::move(n));
   }
   return Status::Ok();

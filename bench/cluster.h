@@ -52,6 +52,8 @@ struct ClusterOptions {
   std::string node_binary;                // an existing binary: see ResolveBinaries
   std::string coordinator_binary;         // the same
   std::string dir_prefix = "dsvm-bench";  // of the temporary directory's name
+  // --busy-poll-us for the coordinator and every daemon (0: they sleep).
+  uint32_t busy_poll_us = 0;
 };
 
 // Members are destroyed in reverse order: clients, daemons, coordinator,

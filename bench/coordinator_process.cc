@@ -40,7 +40,8 @@ std::string DefaultCoordinatorBinary() {
   return (self.parent_path().parent_path() / "coordinator" / "dsvm-coordinator").string();
 }
 
-Result<std::unique_ptr<CoordinatorProcess>> CoordinatorProcess::Start(const std::string& binary) {
+Result<std::unique_ptr<CoordinatorProcess>> CoordinatorProcess::Start(
+    const std::string& binary, const std::vector<std::string>& extra_args) {
   if (::access(binary.c_str(), X_OK) != 0) {
     return NotFound("coordinator binary " + binary + ": " + std::strerror(errno));
   }
@@ -63,6 +64,7 @@ Result<std::unique_ptr<CoordinatorProcess>> CoordinatorProcess::Start(const std:
   std::vector<std::string> args = {binary,   "--listen",    "127.0.0.1:0",    "--data-dir",
                                    data_dir, "--port-file", port_file,        "--secret-file",
                                    c->secret_path_};
+  args.insert(args.end(), extra_args.begin(), extra_args.end());
   std::vector<char*> argv;
   for (std::string& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);

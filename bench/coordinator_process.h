@@ -8,6 +8,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "proto/auth.h"
 #include "proto/status.h"
@@ -21,11 +22,13 @@ std::string DefaultCoordinatorBinary();
 
 class CoordinatorProcess {
  public:
-  // Starts `binary --listen 127.0.0.1:0 --data-dir D --port-file F` with its
+  // Starts `binary --listen 127.0.0.1:0 --data-dir D --port-file F` (then
+  // `extra_args`) with its
   // output in a log file, and waits (up to 20 s) for the port file. The child
   // is killed if this process dies. Errors: kNotFound (no such binary),
   // kUnavailable (it exited or never wrote its port), kIoError.
-  static Result<std::unique_ptr<CoordinatorProcess>> Start(const std::string& binary);
+  static Result<std::unique_ptr<CoordinatorProcess>> Start(
+      const std::string& binary, const std::vector<std::string>& extra_args = {});
 
   // Stops the child if it runs, removes the directory.
   ~CoordinatorProcess();

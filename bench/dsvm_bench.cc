@@ -6,8 +6,14 @@
 //                        [--skip-loopback]
 //   dsvm-bench fault-latency [--quick] [--pages N] [--tls UCX_TLS]...
 //                            [--node-bin PATH] [--coordinator-bin PATH] [--clients-exit]
+//                            [--busy-poll-us N]
 //   dsvm-bench scan [--quick] [--size BYTES] [--fault-size BYTES] [--page-size BYTES]
 //                   [--tls UCX_TLS]... [--node-bin PATH] [--coordinator-bin PATH]
+//                   [--busy-poll-us N]
+//
+// --busy-poll-us N starts the coordinator and the daemons with that flag
+// (they poll for N us after any work before sleeping); the dsvm metrics
+// then carry ".poll" after the transport in their names.
 //
 // `directory` (issue #2): the page directory in process (PageDirectory driven
 // by simulated nodes, against a bare unordered_map update), then through a
@@ -58,10 +64,12 @@ int Usage() {
                "                            [--coordinator-bin PATH | --coordinator HOST:PORT]\n"
                "       dsvm-bench fault-latency [--quick] [--pages N] [--tls UCX_TLS]...\n"
                "                                [--node-bin PATH] [--coordinator-bin PATH]\n"
+               "                                [--busy-poll-us N]\n"
                "                                [--clients-exit]\n"
                "       dsvm-bench scan [--quick] [--size BYTES] [--fault-size BYTES]\n"
                "                       [--page-size 4096|65536|2097152] [--tls UCX_TLS]...\n"
-               "                       [--node-bin PATH] [--coordinator-bin PATH]\n");
+               "                       [--node-bin PATH] [--coordinator-bin PATH]\n"
+               "                       [--busy-poll-us N]\n");
   return 2;
 }
 
@@ -116,10 +124,11 @@ int RunDirectory(int argc, char** argv) {
 }
 
 // The flags of the subcommands that start a cluster: --tls UCX_TLS (again
-// for more), --node-bin PATH, --coordinator-bin PATH. True when argv[*i] is
-// one of them; *i is then left on its value.
+// for more), --node-bin PATH, --coordinator-bin PATH, --busy-poll-us N. True
+// when argv[*i] is one of them (and valid); *i is then left on its value.
 bool ClusterFlag(int argc, char** argv, int* i, std::vector<std::string>* transports,
-                 std::string* node_binary, std::string* coordinator_binary) {
+                 std::string* node_binary, std::string* coordinator_binary,
+                 uint32_t* busy_poll_us) {
   const std::string a = argv[*i];
   const char* next = *i + 1 < argc ? argv[*i + 1] : nullptr;
   if (next == nullptr) return false;
@@ -129,6 +138,11 @@ bool ClusterFlag(int argc, char** argv, int* i, std::vector<std::string>* transp
     *node_binary = next;
   } else if (a == "--coordinator-bin") {
     *coordinator_binary = next;
+  } else if (a == "--busy-poll-us") {
+    char* end = nullptr;
+    const unsigned long v = std::strtoul(next, &end, 10);
+    if (*next == '\0' || *end != '\0' || v > 1000000) return false;
+    *busy_poll_us = static_cast<uint32_t>(v);
   } else {
     return false;
   }
@@ -154,7 +168,8 @@ int RunFaultLatency(int argc, char** argv) {
       ++i;
     } else if (a == "--clients-exit") {
       o.clients_exit = true;
-    } else if (ClusterFlag(argc, argv, &i, &transports, &o.node_binary, &o.coordinator_binary)) {
+    } else if (ClusterFlag(argc, argv, &i, &transports, &o.node_binary, &o.coordinator_binary,
+                           &o.busy_poll_us)) {
       continue;
     } else {
       return Usage();
@@ -214,7 +229,8 @@ int RunScan(int argc, char** argv) {
       uint64_t* out = a == "--size" ? &size : a == "--fault-size" ? &fault_size : &page_size;
       if (!ParseBytes(next, out)) return Usage();
       ++i;
-    } else if (ClusterFlag(argc, argv, &i, &transports, &o.node_binary, &o.coordinator_binary)) {
+    } else if (ClusterFlag(argc, argv, &i, &transports, &o.node_binary, &o.coordinator_binary,
+                           &o.busy_poll_us)) {
       continue;
     } else {
       return Usage();

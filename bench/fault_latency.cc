@@ -204,7 +204,8 @@ Status StartCluster(const FaultLatencyOptions& o, Cluster* c, uint64_t region_by
   DSVM_RETURN_IF_ERROR(StartCluster(ClusterOptions{.nodes = kNodes,
                                                    .node_binary = o.node_binary,
                                                    .coordinator_binary = o.coordinator_binary,
-                                                   .dir_prefix = "dsvm-fault"},
+                                                   .dir_prefix = "dsvm-fault",
+                                                   .busy_poll_us = o.busy_poll_us},
                                     c));
   DSVM_ASSIGN_OR_RETURN(proto::FramedSocket tool,
                         proto::ConnectToCoordinator(c->coordinator->address(),
@@ -411,6 +412,7 @@ Status RunOneTransport(const FaultLatencyOptions& o, const std::string& tls) {
   for (char& ch : tag) {
     if (ch == ',') ch = '_';
   }
+  if (o.busy_poll_us > 0) tag += ".poll";  // the daemons and coordinator busy-poll
   std::fprintf(stderr,
                "dsvm-bench: fault-latency: UCX_TLS=%s UCX_NET_DEVICES=lo, %zu pages per series\n",
                tls.c_str(), o.pages);

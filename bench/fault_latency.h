@@ -51,6 +51,9 @@ struct FaultLatencyOptions {
   // end of the run. Today that makes the daemons spin on the closed
   // connections (node_process.h): kept to show the effect.
   bool clients_exit = false;
+  // --busy-poll-us for the coordinator and the daemons (0: they sleep when
+  // idle). Metric names then carry ".poll" after the transport.
+  uint32_t busy_poll_us = 0;
 };
 
 // Runs everything and emits the metrics (names in docs/PERFORMANCE.md).

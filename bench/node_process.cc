@@ -57,7 +57,8 @@ Result<std::unique_ptr<NodeProcess>> NodeProcess::Start(const std::string& binar
                                                         const std::string& coordinator,
                                                         const std::string& secret_file,
                                                         const std::string& socket_path,
-                                                        const std::string& log_path) {
+                                                        const std::string& log_path,
+                                                        const std::vector<std::string>& extra_args) {
   if (::access(binary.c_str(), X_OK) != 0) {
     return NotFound("node binary " + binary + ": " + std::strerror(errno));
   }
@@ -74,6 +75,7 @@ Result<std::unique_ptr<NodeProcess>> NodeProcess::Start(const std::string& binar
   std::vector<std::string> args = {binary,        "--coordinator", coordinator,
                                    "--listen",    "127.0.0.1:0",   "--socket",
                                    socket_path,   "--secret-file", secret_file};
+  args.insert(args.end(), extra_args.begin(), extra_args.end());
   std::vector<char*> argv;
   for (std::string& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);

@@ -9,6 +9,7 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "proto/status.h"
 
@@ -20,7 +21,8 @@ std::string DefaultNodeBinary();
 
 class NodeProcess {
  public:
-  // Starts `binary --coordinator C --listen 127.0.0.1:0 --socket S` with
+  // Starts `binary --coordinator C --listen 127.0.0.1:0 --socket S` (then
+  // `extra_args`) with
   // its output in `log_path`, and waits (up to 20 s) until S accepts a
   // connection. That connection stays open until the daemon is gone: a
   // closed client connection makes today's dsvm-node spin (its client
@@ -33,7 +35,8 @@ class NodeProcess {
                                                     const std::string& coordinator,
                                                     const std::string& secret_file,
                                                     const std::string& socket_path,
-                                                    const std::string& log_path);
+                                                    const std::string& log_path,
+                                                    const std::vector<std::string>& extra_args = {});
 
   // Kills the child if it still runs (SIGKILL); call Stop() first for a
   // clean exit.

@@ -45,6 +45,9 @@ struct ScanOptions {
   std::string coordinator_binary;  // empty: DefaultCoordinatorBinary()
   int child_timeout_s = 600;       // per client process; a hung fault fails the run
   int raw_passes = 3;              // timed passes of the floor; the best one counts
+  // --busy-poll-us for the coordinator and the daemons (0: they sleep when
+  // idle). dsvm metric names then carry ".poll" after the transport.
+  uint32_t busy_poll_us = 0;
 };
 
 // Runs everything and emits the metrics (names in docs/PERFORMANCE.md).
