@@ -17,6 +17,8 @@
 // corrupt data directory, address in use). SIGINT/SIGTERM stop it cleanly.
 #include <utility>  // before Asio: Boost 1.74 awaitable.hpp needs std::exchange under C++20
 #include <boost/asio.hpp>
+#include <sched.h>
+
 #include <chrono>
 #include <csignal>
 #include <cstdio>
@@ -51,6 +53,8 @@ void RunLoop(boost::asio::io_context& io, uint32_t busy_poll_us) {
     } else if (Clock::now() - last_work > window) {
       io.run_one();
       last_work = Clock::now();
+    } else {
+      sched_yield();  // polling: let a process with work have this core
     }
   }
 }

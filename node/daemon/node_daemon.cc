@@ -1,5 +1,6 @@
 #include "node/daemon/node_daemon.h"
 
+#include <sched.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
@@ -216,7 +217,11 @@ void NodeDaemon::Run() {
     const bool poll = options_.busy_poll_us > 0 && MonotonicUs() - last_work_us < options_.busy_poll_us;
     if (!poll && !transport_->Arm()) continue;  // more UCX work first
     const int n = ::epoll_wait(epoll_fd_, events, 16, poll ? 0 : -1);
-    if (n > 0 || !poll) last_work_us = MonotonicUs();
+    if (n > 0 || !poll) {
+      last_work_us = MonotonicUs();
+    } else {
+      sched_yield();  // polling: let a process with work have this core
+    }
     for (int i = 0; i < n && !stopping_; ++i) {
       const int fd = events[i].data.fd;
       if (fd == wake_fd_) {
