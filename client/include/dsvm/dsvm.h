@@ -253,7 +253,7 @@ int dsvm_barrier_wait(dsvm_barrier_t* barrier);
 /* Makes every page of [addr, addr + len) valid on this node, as faults on
  * them would, and returns when all are: later accesses by any process of the
  * node cost no network trip (until another node writes them). The daemon
- * keeps up to 64 pages (and 16 MiB) in flight at once, so this is much
+ * keeps up to 256 pages (and 16 MiB) in flight at once, so this is much
  * faster than faulting the pages one by one. It holds the process's one request slot
  * for its duration (see Threads above).
  * Errors: DSVM_EINVALID_ARGUMENT (NULL, len 0, not inside one region open in
