@@ -460,11 +460,26 @@ void NodeDaemon::HandleRegionDeleted(const proto::RegionDeleted& m) {
   if (!st.ok()) {
     // Processes still map it: their local hits go on, their next access that
     // needs the directory fails (NOT_FOUND: SIGBUS), and the copy goes when
-    // a new region takes the addresses, as for a node that was not told.
-    LogInfo("keeping a deleted region: " + st.message());
+    // the last of them unmaps it (DropUnmappedDeleted).
+    LogInfo("keeping a deleted region until its last local mapping goes: " + st.message());
+    deleted_mapped_[m.base] = m.region;
     return;
   }
   ++stats_.regions_deleted;
+}
+
+void NodeDaemon::DropUnmappedDeleted() {
+  for (auto it = deleted_mapped_.begin(); it != deleted_mapped_.end();) {
+    auto id = region_ids_.find(it->first);
+    if (id == region_ids_.end() || id->second != it->second) {
+      it = deleted_mapped_.erase(it);  // dropped meanwhile (a new region took its addresses)
+    } else if (DropRegion(it->first, "deleted, and its last local mapping is gone").ok()) {
+      ++stats_.regions_deleted;
+      it = deleted_mapped_.erase(it);
+    } else {
+      ++it;
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -734,6 +749,7 @@ void NodeDaemon::OnFaultEvents() {
         for (auto& [fd, client] : clients_) {
           std::erase_if(client.mappings, [&](const auto& m) { return m.second == e.mapping; });
         }
+        DropUnmappedDeleted();
         continue;
       }
       if (e.kind != FaultEventKind::kFault) continue;
@@ -882,6 +898,7 @@ void NodeDaemon::CloseClient(int fd) {
   for (auto& [base, mapping] : it->second.mappings) backend_->RemoveMapping(mapping).IgnoreError();
   ::epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, fd, nullptr);
   clients_.erase(it);  // closes the socket
+  DropUnmappedDeleted();
 }
 
 void NodeDaemon::ReplyToClient(int fd, uint64_t request_id, const proto::Message& m,
@@ -992,6 +1009,7 @@ void NodeDaemon::OnClientReadable(int fd) {
           }
           backend_->RemoveMapping(mp->second).IgnoreError();
           client.mappings.erase(mp);
+          DropUnmappedDeleted();
           ReplyToClient(fd, rid, proto::ToReply(Status::Ok()));
         } else if constexpr (std::is_same_v<T, proto::Prefetch>) {
           Prefetch p;

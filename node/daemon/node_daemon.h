@@ -177,6 +177,9 @@ class NodeDaemon {
   // The coordinator deleted a region: drops this node's copy if it has one
   // of that id and no local process maps it.
   void HandleRegionDeleted(const proto::RegionDeleted& m);
+  // Drops the deleted regions kept for their local mappings that no local
+  // process maps any more. Called wherever a mapping goes.
+  void DropUnmappedDeleted();
   void HandleDirectoryMessage(proto::Message m);
   // Returns how much UCX work there was (0: none).
   size_t HandlePeerMessages();
@@ -216,6 +219,8 @@ class NodeDaemon {
   NodeAgent agent_;
   std::map<proto::PageAddr, std::unique_ptr<PageStore>> stores_;  // by region base
   std::map<proto::PageAddr, proto::RegionId> region_ids_;        // which region each store is
+  // Deleted regions (base -> id) kept because local processes still map them.
+  std::map<proto::PageAddr, proto::RegionId> deleted_mapped_;
   std::unordered_map<DataHandle, std::vector<uint8_t>> data_;    // received, not yet installed
   DataHandle next_handle_ = 0;
   std::unordered_map<WaiterId, Waiter> waiters_;

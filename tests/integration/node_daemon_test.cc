@@ -1031,6 +1031,52 @@ TEST_F(NodeDaemonTest, ADeletedRegionIsFreedOnEveryNode) {
   EXPECT_EQ(nodes_[0]->ReadU64(anchor.base), 8u);
 }
 
+// A node whose process still maps a region when it is deleted keeps its
+// copy (the process's local hits go on) and frees it when that process
+// unmaps it, without waiting for a new region at those addresses.
+TEST_F(NodeDaemonTest, ADeletedRegionStillMappedIsFreedAtItsLastUnmap) {
+  proto::RegionReply anchor = Region("anchor", 4096, 4096);
+  StartNodes(2, anchor);
+  const std::string s0 = dir_.path() + "/node0.sock", s1 = dir_.path() + "/node1.sock";
+  ASSERT_EQ(RunLibClients("anchor", {{s0, [](uint8_t*) {
+              void* a = nullptr;
+              if (dsvm_region_create("held", 4 * 4096, 0, &a) != DSVM_OK) return false;
+              *static_cast<volatile uint64_t*>(a) = 5;
+              return dsvm_region_close(a) == DSVM_OK;
+            }}}),
+            std::vector<int>{0});
+  // The anchor's first word orders the two clients: 1 = node 1 mapped the
+  // region, 2 = node 0 deleted it.
+  auto step = [](uint8_t* m) { return reinterpret_cast<volatile uint64_t*>(m); };
+  ASSERT_EQ(RunLibClients("anchor",
+                          {{s1,
+                            [&](uint8_t* m) {
+                              void* a = nullptr;
+                              if (dsvm_region_open("held", &a, nullptr) != DSVM_OK) return false;
+                              if (*static_cast<volatile uint64_t*>(a) != 5) return false;
+                              *step(m) = 1;
+                              while (*step(m) != 2) std::this_thread::yield();
+                              // Deleted; this node's copy still serves its reads.
+                              if (*static_cast<volatile uint64_t*>(a) != 5) return false;
+                              return dsvm_region_close(a) == DSVM_OK;
+                            }},
+                           {s0,
+                            [&](uint8_t* m) {
+                              while (*step(m) != 1) std::this_thread::yield();
+                              if (dsvm_region_destroy("held") != DSVM_OK) return false;
+                              *step(m) = 2;
+                              return true;
+                            }}}),
+            (std::vector<int>{0, 0}));
+  uint64_t dropped = 0;
+  for (int i = 0; i < 300 && dropped == 0; ++i) {
+    if (i > 0) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    nodes_[1]->Sync([&](NodeDaemon& d) { dropped = d.stats().regions_deleted; });
+  }
+  EXPECT_EQ(dropped, 1u) << "node 1 kept a deleted region after its last unmap";
+  EXPECT_EQ(MemfdsNamed("dsvm-held"), 0) << "a deleted region's memory is still held";
+}
+
 // --- A node declared dead while it was cut off ------------------------------------
 
 class NodeDeathTest : public NodeDaemonTest {
