@@ -2,10 +2,15 @@
 //
 //   dsvm-coordinator --data-dir DIR (--secret-file FILE | --insecure)
 //                    [--listen HOST:PORT] [--port-file FILE]
-//                    [--shard I --shard-count N] [--heartbeat-ms MS]
-//                    [--dead-after-ms MS] [--directory-sync]
+//                    [--shard I --shard-count N [--region-authority HOST:PORT]]
+//                    [--heartbeat-ms MS] [--dead-after-ms MS] [--directory-sync]
 //                    [--busy-poll-us N] [--verbose]
 //
+// --region-authority HOST:PORT: shard 0's address, required on every other
+// shard of a cluster of several (and refused on shard 0). Shard 0 decides
+// regions and node ids; this shard follows its region table over a
+// connection of its own (coordinator/net/region_follower.h), authenticated
+// with the same cluster secret, and refuses region requests.
 // --busy-poll-us N: after any work, poll the sockets for N microseconds
 // before sleeping (default 0: sleep at once). Every directory transaction
 // passes through here, so this saves a wakeup on every remote fault.
@@ -27,6 +32,7 @@
 #include <optional>
 #include <string>
 
+#include "coordinator/net/region_follower.h"
 #include "coordinator/net/server.h"
 #include "coordinator/service/coordinator_service.h"
 #include "coordinator/storage/store.h"
@@ -64,7 +70,8 @@ int Usage(const std::string& why) {
                "dsvm-coordinator: %s\n"
                "usage: dsvm-coordinator --data-dir DIR (--secret-file FILE | --insecure)\n"
                "       [--listen HOST:PORT] [--port-file FILE]\n"
-               "       [--shard I --shard-count N] [--heartbeat-ms MS] [--dead-after-ms MS]\n"
+               "       [--shard I --shard-count N [--region-authority HOST:PORT]]\n"
+               "       [--heartbeat-ms MS] [--dead-after-ms MS]\n"
                "       [--directory-sync] [--busy-poll-us N] [--verbose]\n",
                why.c_str());
   return 2;
@@ -110,6 +117,7 @@ int main(int argc, char** argv) {
     else if (a == "--port-file") ok = value(&port_file);
     else if (a == "--shard") ok = number(&service_options.shard);
     else if (a == "--shard-count") ok = number(&service_options.shard_count);
+    else if (a == "--region-authority") ok = value(&service_options.region_authority);
     else if (a == "--heartbeat-ms") ok = number(&service_options.heartbeat_interval_ms);
     else if (a == "--dead-after-ms") ok = number(&service_options.dead_after_ms);
     else if (a == "--directory-sync") store_options.sync_directory = true;
@@ -124,6 +132,20 @@ int main(int argc, char** argv) {
   if (service_options.heartbeat_interval_ms == 0 ||
       service_options.dead_after_ms <= service_options.heartbeat_interval_ms) {
     return Usage("--dead-after-ms must exceed --heartbeat-ms, and both be positive");
+  }
+
+  if (service_options.shard_count > 1 && service_options.shard > 0) {
+    if (service_options.region_authority.empty()) {
+      return Usage("shard " + std::to_string(service_options.shard) +
+                   " needs --region-authority HOST:PORT, the address of shard 0 (which decides "
+                   "regions and node ids)");
+    }
+    std::string host;
+    uint16_t authority_port = 0;
+    Status st = proto::ParseHostPort(service_options.region_authority, &host, &authority_port);
+    if (!st.ok()) return Usage("--region-authority: " + st.message());
+  } else if (!service_options.region_authority.empty()) {
+    return Usage("--region-authority is for shards 1 to N-1 of N > 1; shard 0 is the authority");
   }
 
   const std::string secret_path = proto::SecretPath(secret_flag);
@@ -176,6 +198,13 @@ int main(int argc, char** argv) {
   LogInfo("listening on port " + std::to_string(*port) + ", shard " +
           std::to_string(service_options.shard) + " of " +
           std::to_string(service_options.shard_count) + ", data in " + data_dir);
+  std::optional<RegionFollower> follower;
+  if (!service_options.region_authority.empty()) {
+    LogInfo("following the region table of shard 0 at " + service_options.region_authority);
+    follower.emplace(io, **service, service_options.region_authority,
+                     secret ? &*secret : nullptr);
+    follower->Start();
+  }
 
   boost::asio::signal_set signals(io, SIGINT, SIGTERM);
   signals.async_wait([&](const boost::system::error_code& ec, int sig) {
@@ -186,6 +215,9 @@ int main(int argc, char** argv) {
   });
   std::signal(SIGPIPE, SIG_IGN);
   RunLoop(io, busy_poll_us);
+  // Before the service and io go: its posted handlers name them (those
+  // still queued are dropped unrun with io).
+  if (follower) follower->Stop();
 
   std::vector<Send> unsent;
   Status st = (*service)->Flush(&unsent);

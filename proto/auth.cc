@@ -139,7 +139,7 @@ std::string SecretPath(const std::string& flag) {
 
 Result<FramedSocket> ConnectToCoordinator(const std::string& address, const ClusterSecret* secret,
                                           int timeout_ms) {
-  DSVM_ASSIGN_OR_RETURN(FramedSocket sock, FramedSocket::Connect(address));
+  DSVM_ASSIGN_OR_RETURN(FramedSocket sock, FramedSocket::Connect(address, timeout_ms));
   const Nonce mine = RandomNonce();
   DSVM_ASSIGN_OR_RETURN(Message reply,
                         sock.Call(AuthHello{std::vector<uint8_t>(mine.begin(), mine.end())},

@@ -76,7 +76,8 @@ std::string SecretPath(const std::string& flag);
 
 // Connects to a coordinator and authenticates both ways (AuthHello,
 // AuthChallenge, AuthProof). secret == nullptr: this process has none, which
-// only a coordinator started with --insecure accepts. Errors: as
+// only a coordinator started with --insecure accepts. The connect and each
+// step of the handshake wait at most timeout_ms. Errors: as
 // FramedSocket::Connect, and kPermissionDenied (either side lacks the
 // secret, or they differ).
 Result<FramedSocket> ConnectToCoordinator(const std::string& address, const ClusterSecret* secret,

@@ -3,6 +3,7 @@
 #include <arpa/inet.h>
 #include <cerrno>
 #include <cstring>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
@@ -52,7 +53,7 @@ void FramedSocket::Close() {
   fd_ = -1;
 }
 
-Result<FramedSocket> FramedSocket::Connect(const std::string& address) {
+Result<FramedSocket> FramedSocket::Connect(const std::string& address, int timeout_ms) {
   std::string host;
   uint16_t port = 0;
   DSVM_RETURN_IF_ERROR(ParseHostPort(address, &host, &port));
@@ -64,10 +65,38 @@ Result<FramedSocket> FramedSocket::Connect(const std::string& address) {
   }
   int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (fd < 0) return IoError(std::string("socket: ") + std::strerror(errno));
-  if (::connect(fd, reinterpret_cast<sockaddr*>(&sa), sizeof(sa)) != 0) {
-    int e = errno;
-    ::close(fd);
-    return Unavailable("connect to " + address + ": " + std::strerror(e));
+  if (timeout_ms < 0) {
+    if (::connect(fd, reinterpret_cast<sockaddr*>(&sa), sizeof(sa)) != 0) {
+      int e = errno;
+      ::close(fd);
+      return Unavailable("connect to " + address + ": " + std::strerror(e));
+    }
+  } else {
+    // Non-blocking connect, waited for with poll; the socket is blocking again after.
+    const int flags = ::fcntl(fd, F_GETFL, 0);
+    ::fcntl(fd, F_SETFL, flags | O_NONBLOCK);
+    int e = 0;
+    if (::connect(fd, reinterpret_cast<sockaddr*>(&sa), sizeof(sa)) != 0) {
+      e = errno;
+      if (e == EINPROGRESS) {
+        pollfd p{fd, POLLOUT, 0};
+        int pr;
+        do {
+          pr = ::poll(&p, 1, timeout_ms);
+        } while (pr < 0 && errno == EINTR);
+        socklen_t len = sizeof(e);
+        if (pr == 0) {
+          e = ETIMEDOUT;
+        } else if (pr < 0 || ::getsockopt(fd, SOL_SOCKET, SO_ERROR, &e, &len) != 0) {
+          e = errno;
+        }
+      }
+    }
+    if (e != 0) {
+      ::close(fd);
+      return Unavailable("connect to " + address + ": " + std::strerror(e));
+    }
+    ::fcntl(fd, F_SETFL, flags);
   }
   int one = 1;
   ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));

@@ -27,7 +27,11 @@ class FramedSocket {
 
   // "host:port" with a numeric IPv4 host or "localhost". Errors:
   // kInvalidArgument (bad address), kUnavailable (refused, unreachable).
-  static Result<FramedSocket> Connect(const std::string& address);
+  static Result<FramedSocket> Connect(const std::string& address) { return Connect(address, -1); }
+  // As above, giving up after timeout_ms (< 0: whenever the kernel does)
+  // with kUnavailable: a peer that does not answer does not hold the caller
+  // for the minutes of TCP's own retries.
+  static Result<FramedSocket> Connect(const std::string& address, int timeout_ms);
 
   // Buffers a frame; Flush() writes everything buffered.
   void Queue(const Message& m, uint64_t request_id);

@@ -55,6 +55,20 @@ Status RegionDeleted::Validate() const {
   return Status::Ok();
 }
 
+Status RegionCreated::Validate() const {
+  if (region == 0) return Corruption("region 0");
+  if (name.empty()) return Corruption("empty region name");
+  if (page_size != kMinPageSize && page_size != 65536 && page_size != kMaxPageSize) {
+    return Corruption("page size " + std::to_string(page_size) + " is not 4096, 65536 or 2097152");
+  }
+  if (size == 0) return Corruption("size 0");
+  if (base % page_size != 0 || size % page_size != 0) {
+    return Corruption("base or size not a multiple of the page size " + std::to_string(page_size));
+  }
+  if (base + size < base) return Corruption("base + size wraps");
+  return Status::Ok();
+}
+
 MessageType TypeOf(const Message& m) {
   return std::visit([](const auto& x) { return std::decay_t<decltype(x)>::kType; }, m);
 }
@@ -103,6 +117,9 @@ const char* TypeName(MessageType t) {
     case MessageType::kRegionPages: return "RegionPages";
     case MessageType::kRegionPagesReply: return "RegionPagesReply";
     case MessageType::kRegionDeleted: return "RegionDeleted";
+    case MessageType::kRegionWatch: return "RegionWatch";
+    case MessageType::kRegionCreated: return "RegionCreated";
+    case MessageType::kRegionSnapshotDone: return "RegionSnapshotDone";
   }
   return "Unknown";
 }

@@ -96,6 +96,9 @@ enum class MessageType : uint16_t {
   kRegionPages = 50,
   kRegionPagesReply = 51,
   kRegionDeleted = 52,
+  kRegionWatch = 53,
+  kRegionCreated = 54,
+  kRegionSnapshotDone = 55,
 };
 
 // What a node asks of the directory for one page.
@@ -306,6 +309,48 @@ struct RegionDeleted {
   // Decode refuses region 0, size 0, a base or size that is not a multiple
   // of kMinPageSize, and a range that wraps. Errors: kCorruption.
   Status Validate() const;
+};
+
+// Follower shard -> shard 0, on an authenticated tool connection (no
+// JoinRequest, no credentials): "send me the region table and every change
+// to it" (PROTOCOL.md, Shards). Shard 0 answers with one RegionCreated per
+// region, in id order, then RegionSnapshotDone, all with this request's id;
+// from then on it pushes, unsolicited (request_id 0), a RegionCreated after
+// each create and a RegionDeleted after each delete, in the order it made
+// them, until the connection closes. A second RegionWatch on the connection
+// gets a fresh snapshot. A coordinator that is not the region authority
+// answers StatusReply FAILED_PRECONDITION.
+struct RegionWatch {
+  static constexpr MessageType kType = MessageType::kRegionWatch;
+  template <typename A> void Visit(A&) {}
+};
+
+// Shard 0 -> watching shard: region `region` is at [base, base + size) with
+// pages of `page_size`: part of a snapshot, or (request_id 0) just created
+// and persisted. The follower adds it to its region table.
+struct RegionCreated {
+  static constexpr MessageType kType = MessageType::kRegionCreated;
+  RegionId region = 0;
+  PageAddr base = 0;
+  uint64_t size = 0;
+  uint32_t page_size = 0;
+  std::string name;
+  template <typename A> void Visit(A& a) {
+    a.U64(region); a.U64(base); a.U64(size); a.U32(page_size); a.Str(name, kMaxNameLength);
+  }
+  // Decode refuses region 0, an empty name, a page size other than 4 KiB,
+  // 64 KiB or 2 MiB, size 0, a base or size that is not a multiple of the
+  // page size, and a range that wraps. Errors: kCorruption.
+  Status Validate() const;
+};
+
+// Shard 0 -> watching shard: the snapshot answering a RegionWatch is
+// complete; `regions` RegionCreated messages came before it. The follower
+// now makes its table exactly that snapshot.
+struct RegionSnapshotDone {
+  static constexpr MessageType kType = MessageType::kRegionSnapshotDone;
+  uint64_t regions = 0;
+  template <typename A> void Visit(A& a) { a.U64(regions); }
 };
 
 // Tool -> coordinator: the directory's record of one page. Reply: PageQueryReply.
@@ -625,7 +670,7 @@ using Message = std::variant<StatusReply, JoinRequest, JoinReply, Heartbeat, Lea
                              ClientHelloReply, MapRegion, UnmapRegion, NodeStats, NodeStatsReply,
                              Prefetch, Advise, AuthHello, AuthChallenge, AuthProof,
                              PeerChallenge, PeerProof, RegionPages, RegionPagesReply,
-                             RegionDeleted>;
+                             RegionDeleted, RegionWatch, RegionCreated, RegionSnapshotDone>;
 
 struct Header {
   uint32_t magic = kMagic;

@@ -81,14 +81,21 @@ Status CoordinatorService::OnFrame(ConnId conn, const proto::Frame& frame, uint6
           return HandleHeartbeat(conn, rid, m, now_ms);
         } else if constexpr (std::is_same_v<T, proto::LeaveRequest>) {
           return HandleLeave(conn, rid, m);
-        } else if constexpr (std::is_same_v<T, proto::RegionCreate>) {
-          HandleRegionCreate(conn, rid, m);
+        } else if constexpr (std::is_same_v<T, proto::RegionCreate> ||
+                             std::is_same_v<T, proto::RegionOpen> ||
+                             std::is_same_v<T, proto::RegionDelete>) {
+          if (region_follower()) {
+            ReplyStatus(conn, rid, NotTheRegionAuthority(proto::TypeName(T::kType)));
+          } else if constexpr (std::is_same_v<T, proto::RegionCreate>) {
+            HandleRegionCreate(conn, rid, m);
+          } else if constexpr (std::is_same_v<T, proto::RegionOpen>) {
+            HandleRegionOpen(conn, rid, m);
+          } else {
+            HandleRegionDelete(conn, rid, m);
+          }
           return Status::Ok();
-        } else if constexpr (std::is_same_v<T, proto::RegionOpen>) {
-          HandleRegionOpen(conn, rid, m);
-          return Status::Ok();
-        } else if constexpr (std::is_same_v<T, proto::RegionDelete>) {
-          HandleRegionDelete(conn, rid, m);
+        } else if constexpr (std::is_same_v<T, proto::RegionWatch>) {
+          HandleRegionWatch(conn, rid);
           return Status::Ok();
         } else if constexpr (std::is_same_v<T, proto::PageQuery>) {
           Status valid = CheckPage(m.page);  // a tool's mistake: answer, keep the connection
@@ -139,9 +146,15 @@ Status CoordinatorService::OnFrame(ConnId conn, const proto::Frame& frame, uint6
           return Status::Ok();
         } else if constexpr (std::is_same_v<T, proto::Acquire>) {
           if (regions_.FindByAddress(m.page) == nullptr) {
+            DSVM_RETURN_IF_ERROR(CheckSender(conn, m.node));
+            if (MayBeUnheardRegion(m)) {
+              LogLine(LogLevel::kDebug, "Acquire of node " + std::to_string(m.node) + " for page " +
+                                            std::to_string(m.page) +
+                                            ", in no region known here yet: dropped");
+              return Status::Ok();
+            }
             // Its region was deleted while the node still maps it: the
             // access fails there, and the node keeps its connection.
-            DSVM_RETURN_IF_ERROR(CheckSender(conn, m.node));
             RefuseGone(conn, m);
             return Status::Ok();
           }
@@ -178,6 +191,7 @@ Status CoordinatorService::OnFrame(ConnId conn, const proto::Frame& frame, uint6
 }
 
 void CoordinatorService::OnDisconnect(ConnId conn) {
+  watchers_.erase(conn);
   auto it = conn_node_.find(conn);
   if (it == conn_node_.end()) return;
   // The node stays a member until its heartbeats stop: it may reconnect.
@@ -257,6 +271,24 @@ void CoordinatorService::RefuseGone(ConnId conn, const proto::Acquire& m) {
   Reply(conn, 0, g);
 }
 
+bool CoordinatorService::MayBeUnheardRegion(const proto::Acquire& m) const {
+  if (!region_follower()) return false;
+  // Giving up a copy is answered at once: this shard granted no page of a
+  // region it has not heard of, so the copy is of a deleted region.
+  if (m.kind == proto::AccessKind::kEvict || m.kind == proto::AccessKind::kWriteback) return false;
+  if (!synced_) return true;
+  for (const DeletedRegion& d : recent_deletes_) {
+    if (m.page >= d.base && m.page - d.base < d.size) return false;
+  }
+  return true;
+}
+
+Status CoordinatorService::NotTheRegionAuthority(const char* request) const {
+  return FailedPrecondition("regions are managed by shard 0 at " + options_.region_authority +
+                            ", not by this shard (" + std::to_string(options_.shard) + "); send " +
+                            request + " there");
+}
+
 Status CoordinatorService::CheckPage(proto::PageAddr page) const {
   const RegionRecord* r = regions_.FindByAddress(page);
   if (r == nullptr) return NotFound("page address in no region");
@@ -300,7 +332,12 @@ Status CoordinatorService::HandleJoin(ConnId conn, uint64_t rid, const proto::Jo
     return PermissionDenied("connection already joined as node " + std::to_string(bound->second));
   }
   proto::NodeId id = m.node;
-  if (id == proto::kNoNode) {
+  if (id == proto::kNoNode && region_follower()) {
+    ReplyStatus(conn, rid, FailedPrecondition("shard " + std::to_string(options_.shard) +
+                                              " assigns no node ids: join shard 0 first for an id "
+                                              "(at " + options_.region_authority + ")"));
+    return Status::Ok();
+  } else if (id == proto::kNoNode) {
     Meta next = meta_;
     id = static_cast<proto::NodeId>(next.next_node_id++);
     if (next.next_node_id > UINT32_MAX) {
@@ -314,8 +351,12 @@ Status CoordinatorService::HandleJoin(ConnId conn, uint64_t rid, const proto::Jo
     }
     meta_ = next;
   } else if (!members_.count(id)) {
-    ReplyStatus(conn, rid, NotFound("node " + std::to_string(id) + " was never a member"));
-    return Status::Ok();
+    if (!region_follower()) {
+      ReplyStatus(conn, rid, NotFound("node " + std::to_string(id) + " was never a member"));
+      return Status::Ok();
+    }
+    // Shard 0 assigned the id. The node holds no page of this shard yet, so
+    // it is a new member here whether or not it resumes.
   } else if (m.resume && !members_[id].record.live) {
     // Its pages were handed on when it was declared dead; what it still
     // holds is stale. It must start afresh.
@@ -426,6 +467,9 @@ void CoordinatorService::HandleRegionCreate(ConnId conn, uint64_t rid, const pro
   Status ins = regions_.Insert(r);
   DSVM_CHECK_MSG(ins.ok(), ins.ToString());
   Reply(conn, rid, proto::RegionReply{r.id, r.base, r.size, r.page_size, r.name});
+  const proto::RegionCreated created{r.id, r.base, r.size, r.page_size, r.name};
+  DSVM_CHECK(created.Validate().ok());  // RegionTable::Plan admits no other region
+  for (ConnId w : watchers_) held_.push_back(Send{w, 0, created});
 }
 
 void CoordinatorService::HandleRegionOpen(ConnId conn, uint64_t rid, const proto::RegionOpen& m) {
@@ -465,6 +509,125 @@ void CoordinatorService::HandleRegionDelete(ConnId conn, uint64_t rid, const pro
       held_.push_back(Send{node_conn, 0, notice});
     }
   }
+  for (ConnId w : watchers_) held_.push_back(Send{w, 0, notice});
+}
+
+void CoordinatorService::HandleRegionWatch(ConnId conn, uint64_t rid) {
+  if (region_follower()) return ReplyStatus(conn, rid, NotTheRegionAuthority("RegionWatch"));
+  std::vector<RegionRecord> all = regions_.List();
+  std::sort(all.begin(), all.end(),
+            [](const RegionRecord& a, const RegionRecord& b) { return a.id < b.id; });
+  // One message per region: a table of any size fits, and every change made
+  // after this turn of the loop is queued behind the snapshot.
+  for (const RegionRecord& r : all) {
+    Reply(conn, rid, proto::RegionCreated{r.id, r.base, r.size, r.page_size, r.name});
+  }
+  Reply(conn, rid, proto::RegionSnapshotDone{all.size()});
+  if (watchers_.insert(conn).second) {
+    LogInfo("a shard follows the region table (" + std::to_string(all.size()) + " regions sent)");
+  }
+}
+
+// ---------------------------------------------------------------------------
+// A follower's region table
+
+namespace {
+
+bool SameRegion(const RegionRecord& r, const proto::RegionCreated& m) {
+  return r.id == m.region && r.base == m.base && r.size == m.size && r.page_size == m.page_size &&
+         r.name == m.name;
+}
+
+}  // namespace
+
+Status CoordinatorService::AddFollowedRegion(const proto::RegionCreated& m) {
+  RegionRecord r;
+  r.id = m.region;
+  r.name = m.name;
+  r.base = m.base;
+  r.size = m.size;
+  r.page_size = m.page_size;
+  r.created_epoch = store_->epoch();
+  // Owner, mode and token stay at shard 0, the only shard that opens regions.
+  if (Status ins = regions_.Insert(r); !ins.ok()) {
+    LogError("region '" + r.name + "' (id " + std::to_string(r.id) + ") of shard 0 at " +
+             options_.region_authority + " does not fit this shard's table: " + ins.message() +
+             "; its pages are not served here (do the shards have the same window?)");
+    return Status::Ok();  // a fresh snapshot would not fit either
+  }
+  // Persisted, so the directory records of its pages are kept across a
+  // restart (Load drops records of no region).
+  if (Status st = store_->PutRegion(r); !st.ok()) {
+    regions_.Remove(r.name).status().IgnoreError();
+    return st;
+  }
+  return Status::Ok();
+}
+
+Status CoordinatorService::DropFollowedRegion(const RegionRecord& r) {
+  // As in HandleRegionDelete: the region record first.
+  Status st = store_->DeleteRegion(r.id);
+  if (st.ok()) st = store_->DeleteDirectoryRange(r.base, r.base + r.size);
+  if (!st.ok()) return st;
+  regions_.Remove(r.name).status().IgnoreError();
+  directory_.DropRange(r.base, r.base + r.size);
+  RememberDeleted(DeletedRegion{r.id, r.base, r.size});
+  return Status::Ok();
+}
+
+void CoordinatorService::RememberDeleted(const DeletedRegion& d) {
+  recent_deletes_.push_back(d);
+  if (recent_deletes_.size() > kMaxRecentDeletes) recent_deletes_.pop_front();
+  DSVM_CHECK(recent_deletes_.size() <= kMaxRecentDeletes);
+}
+
+Status CoordinatorService::OnRegionSnapshot(const std::vector<proto::RegionCreated>& regions) {
+  DSVM_CHECK(region_follower());
+  std::map<proto::RegionId, const proto::RegionCreated*> by_id;
+  for (const proto::RegionCreated& m : regions) by_id[m.region] = &m;
+  Status first;
+  size_t dropped = 0, added = 0;
+  for (const RegionRecord& r : regions_.List()) {
+    auto it = by_id.find(r.id);
+    if (it != by_id.end() && SameRegion(r, *it->second)) continue;
+    Status st = DropFollowedRegion(r);  // deleted while this shard was not listening
+    if (st.ok()) ++dropped;
+    if (first.ok()) first = st;
+  }
+  for (const proto::RegionCreated& m : regions) {
+    const RegionRecord* have = regions_.FindByName(m.name);
+    if (have != nullptr && SameRegion(*have, m)) continue;
+    Status st = AddFollowedRegion(m);
+    if (st.ok()) ++added;
+    if (first.ok()) first = st;
+  }
+  synced_ = first.ok();
+  LogInfo("region table synced from shard 0 at " + options_.region_authority + ": " +
+          std::to_string(regions.size()) + " regions (" + std::to_string(added) + " new, " +
+          std::to_string(dropped) + " dropped)");
+  return first;
+}
+
+Status CoordinatorService::OnRegionCreated(const proto::RegionCreated& m) {
+  DSVM_CHECK(region_follower());
+  const RegionRecord* have = regions_.FindByName(m.name);
+  if (have != nullptr && SameRegion(*have, m)) return Status::Ok();
+  Status st = AddFollowedRegion(m);
+  if (!st.ok()) synced_ = false;
+  return st;
+}
+
+Status CoordinatorService::OnRegionDeleted(const proto::RegionDeleted& m) {
+  DSVM_CHECK(region_follower());
+  const RegionRecord* r = regions_.FindByAddress(m.base);
+  if (r == nullptr || r->id != m.region) {
+    // Never heard of here (it did not fit): its pages are still NOT_FOUND.
+    RememberDeleted(DeletedRegion{m.region, m.base, m.size});
+    return Status::Ok();
+  }
+  Status st = DropFollowedRegion(RegionRecord(*r));
+  if (!st.ok()) synced_ = false;
+  return st;
 }
 
 }  // namespace dsvm::coordinator

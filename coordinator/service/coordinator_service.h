@@ -13,8 +13,10 @@
 #define DSVM_COORDINATOR_SERVICE_COORDINATOR_SERVICE_H_
 
 #include <cstdint>
+#include <deque>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -36,6 +38,12 @@ struct ServiceOptions {
   uint32_t dead_after_ms = 3000;  // a node silent this long is declared dead
   uint64_t retransmit_after_ms = 200;
   WindowOptions window;
+  // Shards other than 0 of a cluster of several: shard 0's "host:port".
+  // This coordinator then follows shard 0's region table (fed by a
+  // RegionFollower through the OnRegion* calls), refuses region requests,
+  // and takes node ids as shard 0 assigned them (PROTOCOL.md, Shards).
+  // Empty: this coordinator decides its regions and node ids itself.
+  std::string region_authority;
 };
 
 struct Send {
@@ -73,6 +81,23 @@ class CoordinatorService {
   Status Flush(std::vector<Send>* sends);
   bool has_unflushed() const { return !held_.empty() || !unpersisted_.empty(); }
 
+  // A follower shard (options.region_authority set) learns the region
+  // table from shard 0: a whole snapshot, made exactly this shard's table
+  // (regions it lacks, or has with other values, are dropped with their
+  // directory records), then each change. Every call persists what it
+  // changes before it returns. Errors: kIoError and the store's others, after
+  // which this shard's table may differ from shard 0's: the caller asks for
+  // a fresh snapshot. A region this shard cannot place (its address window
+  // differs from shard 0's: a misconfiguration) is logged and left out.
+  Status OnRegionSnapshot(const std::vector<proto::RegionCreated>& regions);
+  Status OnRegionCreated(const proto::RegionCreated& m);
+  Status OnRegionDeleted(const proto::RegionDeleted& m);
+  // The connection to shard 0 broke: changes may be missed until the next
+  // snapshot, so a page in no region may belong to a region not heard of.
+  void OnRegionAuthorityLost() { synced_ = false; }
+  bool region_follower() const { return !options_.region_authority.empty(); }
+  bool region_table_synced() const { return synced_; }
+
   const ServiceStats& stats() const { return stats_; }
   const PageDirectory& directory() const { return directory_; }
 
@@ -95,6 +120,14 @@ class CoordinatorService {
   // Answers an Acquire for a page of no region (deleted while the node maps
   // it): a NOT_FOUND grant, or for a give-up an OK EvictReply.
   void RefuseGone(ConnId conn, const proto::Acquire& m);
+  // At a follower, whether an Acquire for a page of no region must wait
+  // (dropped: the node resends) rather than fail: its region may exist at
+  // shard 0 and not have reached this shard yet.
+  bool MayBeUnheardRegion(const proto::Acquire& m) const;
+  // A follower's refusal of `request`, which only shard 0 serves.
+  Status NotTheRegionAuthority(const char* request) const;
+  Status AddFollowedRegion(const proto::RegionCreated& m);
+  Status DropFollowedRegion(const RegionRecord& r);
   // The node is gone (`why`: missed heartbeats, or left): the directory hands its pages on.
   void DeclareDead(proto::NodeId node, const std::string& why);
 
@@ -107,6 +140,7 @@ class CoordinatorService {
   void HandleRegionCreate(ConnId conn, uint64_t rid, const proto::RegionCreate& m);
   void HandleRegionOpen(ConnId conn, uint64_t rid, const proto::RegionOpen& m);
   void HandleRegionDelete(ConnId conn, uint64_t rid, const proto::RegionDelete& m);
+  void HandleRegionWatch(ConnId conn, uint64_t rid);
 
   std::unique_ptr<Store> store_;
   ServiceOptions options_;
@@ -121,6 +155,25 @@ class CoordinatorService {
   std::vector<Send> held_;                 // waiting for their records to be durable
   std::vector<PageRecord> unpersisted_;    // taken from the directory, not yet written
   ServiceStats stats_;
+
+  // Shard 0: connections of follower shards watching the region table; each
+  // gets every change after its snapshot.
+  std::set<ConnId> watchers_;
+  // A follower: whether the table is shard 0's as of the last snapshot and
+  // every change since (false from start until the first snapshot, and
+  // while the connection to shard 0 is down).
+  bool synced_ = false;
+  // A follower: regions it saw deleted, newest last, so a node still asking
+  // about their pages is told NOT_FOUND rather than left waiting. Bounded:
+  // a page of a region deleted longer ago waits like an unknown one.
+  struct DeletedRegion {
+    proto::RegionId id = 0;
+    proto::PageAddr base = 0;
+    uint64_t size = 0;
+  };
+  static constexpr size_t kMaxRecentDeletes = 1024;
+  std::deque<DeletedRegion> recent_deletes_;
+  void RememberDeleted(const DeletedRegion& d);
 };
 
 }  // namespace dsvm::coordinator

@@ -127,6 +127,9 @@ std::vector<Message> PopulatedMessages() {
                        .nodes = {proto::NodePages{1, 1, 0}, proto::NodePages{2, 0, 1}}},
       RegionListReply{.regions = {RegionReply{1, 0x200000000000, 8192, 4096, "r1"}}, .more = 0},
       RegionDeleted{.region = 1, .base = 0x200000000000, .size = 8192},
+      RegionCreated{.region = 2, .base = 0x200000200000, .size = 65536, .page_size = 65536,
+                    .name = "r2"},
+      RegionSnapshotDone{.regions = 1},
   };
 }
 
@@ -181,10 +184,11 @@ int Main(int argc, char** argv) {
 
   std::vector<Message> messages =
       DefaultOfEveryType(std::make_index_sequence<std::variant_size_v<Message>>());
-  // A default RegionDeleted names region 0, which Decode refuses (its
-  // Validate()); its populated seed stands for the type.
-  std::erase_if(messages,
-                [](const Message& m) { return std::holds_alternative<RegionDeleted>(m); });
+  // A default RegionDeleted or RegionCreated names region 0, which Decode
+  // refuses (their Validate()); their populated seeds stand for the types.
+  std::erase_if(messages, [](const Message& m) {
+    return std::holds_alternative<RegionDeleted>(m) || std::holds_alternative<RegionCreated>(m);
+  });
   for (Message& m : PopulatedMessages()) messages.push_back(std::move(m));
   size_t written = 0;
   for (size_t i = 0; i < messages.size(); ++i) {

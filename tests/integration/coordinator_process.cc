@@ -117,6 +117,10 @@ void CoordinatorProcess::Kill(int signal) {
   pid_ = -1;
 }
 
+void CoordinatorProcess::Signal(int signal) {
+  if (pid_ > 0) ::kill(pid_, signal);
+}
+
 int CoordinatorProcess::WaitExit(int timeout_ms) {
   for (int waited = 0; pid_ > 0 && waited < timeout_ms; waited += 10) {
     int status = 0;

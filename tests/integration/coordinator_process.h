@@ -43,6 +43,7 @@ class CoordinatorProcess {
   // unless extra_flags has --insecure.
   Status Start(const std::string& data_dir, const std::vector<std::string>& extra_flags = {});
   void Kill(int signal);  // and reap it
+  void Signal(int signal);  // without waiting: WaitExit reaps it
   // Waits for the process to exit by itself; returns its exit code (or -signal).
   int WaitExit(int timeout_ms);
   std::string address() const { return "127.0.0.1:" + std::to_string(port_); }

@@ -7,6 +7,7 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <memory>
 #include <random>
@@ -542,24 +543,113 @@ TEST(CoordinatorListing, NodesAndRegionsPageThrough) {
   EXPECT_EQ(n->more, 0);
 }
 
+// --- Shards -------------------------------------------------------------------
+
+std::vector<std::string> ShardFlags(uint32_t shard, uint32_t count,
+                                    const std::string& authority = "") {
+  std::vector<std::string> f = {"--shard", std::to_string(shard), "--shard-count",
+                                std::to_string(count)};
+  if (!authority.empty()) {
+    f.push_back("--region-authority");
+    f.push_back(authority);
+  }
+  return f;
+}
+
+// Every region a coordinator knows, through RegionList pages.
+std::vector<proto::RegionReply> ListRegions(proto::FramedSocket& s) {
+  std::vector<proto::RegionReply> all;
+  proto::RegionId after = 0;
+  for (bool more = true; more;) {
+    auto reply = s.Call(proto::RegionList{after});
+    EXPECT_TRUE(reply.ok()) << reply.status().ToString();
+    auto* r = reply.ok() ? std::get_if<proto::RegionListReply>(&*reply) : nullptr;
+    EXPECT_NE(r, nullptr);
+    if (r == nullptr) break;
+    for (const proto::RegionReply& e : r->regions) {
+      after = e.region;
+      all.push_back(e);
+    }
+    more = r->more;
+  }
+  return all;
+}
+
+bool SameRegion(const proto::RegionReply& a, const proto::RegionReply& b) {
+  return a.region == b.region && a.base == b.base && a.size == b.size &&
+         a.page_size == b.page_size && a.name == b.name;
+}
+
+bool Lists(proto::FramedSocket& s, const proto::RegionReply& r) {
+  for (const proto::RegionReply& e : ListRegions(s)) {
+    if (SameRegion(e, r)) return true;
+  }
+  return false;
+}
+
+bool SameTables(proto::FramedSocket& a, proto::FramedSocket& b) {
+  std::vector<proto::RegionReply> x = ListRegions(a), y = ListRegions(b);
+  if (x.size() != y.size()) return false;
+  for (size_t i = 0; i < x.size(); ++i) {
+    if (!SameRegion(x[i], y[i])) return false;
+  }
+  return true;
+}
+
+// Polls `done` every 20 ms for up to timeout_ms.
+bool WaitUntil(const std::function<bool()>& done, int timeout_ms = 5000) {
+  const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  for (;;) {
+    if (done()) return true;
+    if (std::chrono::steady_clock::now() > until) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+}
+
+bool TimedOut(const Status& st) {
+  return st.code() == StatusCode::kUnavailable &&
+         (st.message().find("no grant within") != std::string::npos ||
+          st.message().find("timed out") != std::string::npos);
+}
+
+// An Acquire as a node agent makes it: resent every 200 ms until answered.
+Result<proto::Grant> AcquireResending(ScriptedNode& n, proto::PageAddr page, AccessKind kind,
+                                      int timeout_ms = 5000) {
+  const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  for (;;) {
+    Result<proto::Grant> g = n.Acquire(page, kind, 200);
+    if (g.ok() || !TimedOut(g.status()) || std::chrono::steady_clock::now() > until) return g;
+  }
+}
+
+// The code of a reply: 0 for anything but a StatusReply, -1 when none came.
+int ReplyCode(const Result<proto::Message>& r) {
+  if (!r.ok()) return -1;
+  if (const auto* st = std::get_if<proto::StatusReply>(&*r)) return static_cast<int>(st->code);
+  return 0;
+}
+
+std::string ReplyText(const Result<proto::Message>& r) {
+  if (!r.ok()) return r.status().ToString();
+  if (const auto* st = std::get_if<proto::StatusReply>(&*r)) return st->message;
+  return proto::TypeName(proto::TypeOf(*r));
+}
+
 // The directory split over two coordinator processes by address: each shard
 // serves the pages of its granules and refuses the others'; a node works with
-// both at once; one shard's crash leaves the other serving.
+// both at once, under the id shard 0 gave it; one shard's crash leaves the
+// other serving. Regions are created at shard 0 only: shard 1 follows.
 TEST(CoordinatorShards, TwoShardsSplitTheDirectoryByAddress) {
   TempDir dir;
   CoordinatorProcess shard0, shard1;
-  ASSERT_TRUE(shard0.Start(dir.path() + "/s0", {"--shard", "0", "--shard-count", "2"}).ok())
-      << shard0.stderr_text();
-  ASSERT_TRUE(shard1.Start(dir.path() + "/s1", {"--shard", "1", "--shard-count", "2"}).ok())
+  ASSERT_TRUE(shard0.Start(dir.path() + "/s0", ShardFlags(0, 2)).ok()) << shard0.stderr_text();
+  ASSERT_TRUE(shard1.Start(dir.path() + "/s1", ShardFlags(1, 2, shard0.address())).ok())
       << shard1.stderr_text();
-  // Today a region is created on every shard (PROTOCOL.md, "Shards"); the
-  // placement is the same on both.
   auto t0 = ConnectTool(shard0.address());
   auto t1 = ConnectTool(shard1.address());
   ASSERT_TRUE(t0.ok() && t1.ok());
   proto::RegionReply r0 = CreateRegion(*t0, "split", 8u << 20);
-  proto::RegionReply r1 = CreateRegion(*t1, "split", 8u << 20);
-  ASSERT_EQ(r0.base, r1.base);
+  ASSERT_TRUE(WaitUntil([&] { return Lists(*t1, r0); })) << shard1.stderr_text();
   const proto::ShardMap map(2);
   const proto::PageAddr p0 = r0.base, p1 = r0.base + proto::kShardGranule;
   ASSERT_EQ(map.ShardOf(p0), 0u);
@@ -568,8 +658,10 @@ TEST(CoordinatorShards, TwoShardsSplitTheDirectoryByAddress) {
   ScriptedNode a0, a1, b0, b1;  // nodes a and b, each joined to both shards
   ASSERT_TRUE(a0.Connect(shard0.address()).ok());
   ASSERT_TRUE(b0.Connect(shard0.address()).ok());
-  ASSERT_TRUE(a1.Connect(shard1.address()).ok());
-  ASSERT_TRUE(b1.Connect(shard1.address()).ok());
+  ASSERT_TRUE(a1.Connect(shard1.address(), a0.id()).ok());
+  ASSERT_TRUE(b1.Connect(shard1.address(), b0.id()).ok());
+  EXPECT_EQ(a1.id(), a0.id());
+  EXPECT_EQ(b1.id(), b0.id());
   auto g = a0.Acquire(p0, AccessKind::kWrite);
   ASSERT_TRUE(g.ok()) << g.status().ToString();
   g = a1.Acquire(p1, AccessKind::kWrite);
@@ -594,6 +686,292 @@ TEST(CoordinatorShards, TwoShardsSplitTheDirectoryByAddress) {
   g = a0.Acquire(p0 + 4096, AccessKind::kWrite);
   ASSERT_TRUE(g.ok()) << g.status().ToString();
   EXPECT_EQ(g->state, proto::PageState::kModified);
+}
+
+// A follower is started with shard 0's address, and only a follower is.
+TEST(CoordinatorShards, OtherShardsNeedTheRegionAuthority) {
+  TempDir dir;
+  std::string out;
+  const std::string base = "--data-dir " + dir.path() + "/data --listen 127.0.0.1:0 --insecure";
+  EXPECT_EQ(RunCoordinator(base + " --shard 1 --shard-count 2", &out), 2);
+  EXPECT_NE(out.find("--region-authority"), std::string::npos) << out;
+  EXPECT_EQ(RunCoordinator(base + " --shard 0 --shard-count 2 --region-authority 127.0.0.1:1", &out),
+            2);
+  EXPECT_NE(out.find("shard 0 is the authority"), std::string::npos) << out;
+  EXPECT_EQ(RunCoordinator(base + " --region-authority 127.0.0.1:1", &out), 2);
+  EXPECT_EQ(RunCoordinator(base + " --shard 1 --shard-count 2 --region-authority nowhere", &out), 2);
+  EXPECT_NE(out.find("host:port"), std::string::npos) << out;
+}
+
+// (a) and (b): a create at shard 0 reaches shard 1, whose nodes are served
+// in the new region; a node that asks shard 1 before the region arrives
+// waits (its Acquire is dropped, and served when resent), never fails. A
+// delete reaches shard 1 too: its pages are NOT_FOUND there, and their
+// directory records are gone, until a new region takes the addresses.
+TEST(CoordinatorShards, RegionChangesAtShard0ReachTheFollower) {
+  TempDir dir;
+  CoordinatorProcess shard0, shard1;
+  ASSERT_TRUE(shard0.Start(dir.path() + "/s0", ShardFlags(0, 2)).ok()) << shard0.stderr_text();
+  ASSERT_TRUE(shard1.Start(dir.path() + "/s1", ShardFlags(1, 2, shard0.address())).ok())
+      << shard1.stderr_text();
+  auto t0 = ConnectTool(shard0.address());
+  auto t1 = ConnectTool(shard1.address());
+  ASSERT_TRUE(t0.ok() && t1.ok());
+  ScriptedNode n0, n1;
+  ASSERT_TRUE(n0.Connect(shard0.address()).ok());
+  ASSERT_TRUE(n1.Connect(shard1.address(), n0.id()).ok());
+  ASSERT_TRUE(WaitUntil([&] { return SameTables(*t0, *t1); }));
+
+  // The first region lands at the window's base (first fit): ask shard 1
+  // for a page there before the region exists. No answer, not NOT_FOUND.
+  const proto::PageAddr window_base = 0x200000000000ull;
+  const proto::PageAddr early = window_base + proto::kShardGranule;  // shard 1's granule
+  proto::Acquire ask{.page = early, .node = n1.id(), .kind = AccessKind::kWrite,
+                     .request_seq = 1000, .last_txn = 0};
+  ASSERT_TRUE(n1.socket().Send(ask, 0).ok());
+  auto silence = n1.socket().Receive(600);
+  ASSERT_FALSE(silence.ok()) << "shard 1 answered an Acquire for a region it has not heard of: "
+                             << proto::TypeName(silence->header.type);
+  EXPECT_TRUE(TimedOut(silence.status())) << silence.status().ToString();
+
+  proto::RegionReply r = CreateRegion(*t0, "fresh", 4u << 20);
+  ASSERT_EQ(r.base, window_base);
+  // The node resends as an agent does, and is served once the region is there.
+  auto g = AcquireResending(n1, early, AccessKind::kWrite);
+  ASSERT_TRUE(g.ok()) << g.status().ToString() << "\n" << shard1.stderr_text();
+  EXPECT_EQ(g->status, 0);
+  EXPECT_EQ(g->state, proto::PageState::kModified);
+  EXPECT_TRUE(Lists(*t1, r));
+  EXPECT_EQ(Query(*t1, early).owner, n1.id());
+
+  // The delete reaches shard 1: the page's record goes, and an Acquire for
+  // it fails at once.
+  auto del = t0->Call(proto::RegionDelete{.name = "fresh"});
+  ASSERT_EQ(ReplyCode(del), 0) << ReplyText(del);
+  ASSERT_TRUE(WaitUntil([&] { return ListRegions(*t1).empty(); })) << shard1.stderr_text();
+  auto gone = t1->Call(proto::PageQuery{early});
+  EXPECT_EQ(ReplyCode(gone), static_cast<int>(StatusCode::kNotFound)) << ReplyText(gone);
+  ScriptedNode m0, m1;  // holds nothing there
+  ASSERT_TRUE(m0.Connect(shard0.address()).ok());
+  ASSERT_TRUE(m1.Connect(shard1.address(), m0.id()).ok());
+  g = m1.Acquire(early, AccessKind::kRead, 2000);
+  ASSERT_TRUE(g.ok()) << g.status().ToString();
+  EXPECT_EQ(g->status, static_cast<uint16_t>(StatusCode::kNotFound));
+  // A page that was never in a region is not known to be deleted: dropped.
+  auto never = m1.Acquire(window_base + (1ull << 40) + proto::kShardGranule, AccessKind::kRead, 600);
+  EXPECT_FALSE(never.ok());
+  EXPECT_TRUE(TimedOut(never.status())) << never.status().ToString();
+
+  // A newer region over the same addresses is served, not NOT_FOUND.
+  proto::RegionReply again = CreateRegion(*t0, "again", 4u << 20);
+  ASSERT_EQ(again.base, window_base);
+  ASSERT_TRUE(WaitUntil([&] { return Lists(*t1, again); }));
+  g = m1.Acquire(early, AccessKind::kRead, 2000);
+  ASSERT_TRUE(g.ok()) << g.status().ToString();
+  EXPECT_EQ(g->status, 0);
+  EXPECT_EQ(g->state, proto::PageState::kShared);
+}
+
+// (c): a follower started after regions exist, more than one RegionList page
+// of them, gets them all from the snapshot; restarted on its own store after
+// shard 0 deleted and created regions, it drops the deleted ones (and their
+// directory records) and adds the new ones.
+TEST(CoordinatorShards, ALateOrRestartedFollowerGetsTheTableFromTheSnapshot) {
+  TempDir dir;
+  CoordinatorProcess shard0;
+  ASSERT_TRUE(shard0.Start(dir.path() + "/s0", ShardFlags(0, 2)).ok()) << shard0.stderr_text();
+  auto t0 = ConnectTool(shard0.address());
+  ASSERT_TRUE(t0.ok());
+  const int kRegions = proto::kMaxListEntries + 5;
+  std::vector<proto::RegionReply> made;
+  for (int i = 0; i < kRegions; ++i) {
+    made.push_back(CreateRegion(*t0, "r" + std::to_string(i), (i % 3 + 1) * kPage));
+  }
+  const std::string data1 = dir.path() + "/s1";
+  proto::PageAddr touched = 0;
+  {
+    CoordinatorProcess shard1;
+    ASSERT_TRUE(shard1.Start(data1, ShardFlags(1, 2, shard0.address())).ok()) << shard1.stderr_text();
+    auto t1 = ConnectTool(shard1.address());
+    ASSERT_TRUE(t1.ok());
+    ASSERT_TRUE(WaitUntil([&] { return SameTables(*t0, *t1); })) << shard1.stderr_text();
+    EXPECT_EQ(ListRegions(*t1).size(), static_cast<size_t>(kRegions));
+    // A page of shard 1 in region r1 gets a directory record there.
+    const proto::ShardMap map(2);
+    for (const proto::RegionReply& r : made) {
+      if (map.ShardOf(r.base) == 1 && r.name != made.back().name) {
+        touched = r.base;
+        break;
+      }
+    }
+    ASSERT_NE(touched, 0u);
+    ScriptedNode n0, n1;
+    ASSERT_TRUE(n0.Connect(shard0.address()).ok());
+    ASSERT_TRUE(n1.Connect(shard1.address(), n0.id()).ok());
+    auto g = n1.Acquire(touched, AccessKind::kWrite);
+    ASSERT_TRUE(g.ok()) << g.status().ToString();
+    ASSERT_EQ(g->status, 0);
+    shard1.Kill(SIGKILL);
+  }
+  // While shard 1 is down: the region of the touched page goes, another comes.
+  std::string touched_name;
+  for (const proto::RegionReply& r : made) {
+    if (r.base == touched) touched_name = r.name;
+  }
+  proto::RegionReply late = CreateRegion(*t0, "late", 64 * kPage);  // before: not at its addresses
+  auto del = t0->Call(proto::RegionDelete{.name = touched_name});
+  ASSERT_EQ(ReplyCode(del), 0) << ReplyText(del);
+
+  CoordinatorProcess shard1;
+  ASSERT_TRUE(shard1.Start(data1, ShardFlags(1, 2, shard0.address())).ok()) << shard1.stderr_text();
+  auto t1 = ConnectTool(shard1.address());
+  ASSERT_TRUE(t1.ok());
+  ASSERT_TRUE(WaitUntil([&] { return SameTables(*t0, *t1); })) << shard1.stderr_text();
+  EXPECT_TRUE(Lists(*t1, late));
+  auto q = t1->Call(proto::PageQuery{touched});
+  EXPECT_EQ(ReplyCode(q), static_cast<int>(StatusCode::kNotFound)) << ReplyText(q);
+  ScriptedNode n0, n1;
+  ASSERT_TRUE(n0.Connect(shard0.address()).ok());
+  ASSERT_TRUE(n1.Connect(shard1.address(), n0.id()).ok());
+  auto g = n1.Acquire(touched, AccessKind::kRead, 2000);
+  ASSERT_TRUE(g.ok()) << g.status().ToString();
+  EXPECT_EQ(g->status, static_cast<uint16_t>(StatusCode::kNotFound))
+      << "a region dropped by the snapshot is known to be deleted";
+}
+
+// (d): shard 0 killed and restarted on its address: the follower notices,
+// logs the outage once, reconnects and follows the restarted shard 0. A
+// follower stops promptly on SIGTERM, even while shard 0 is away.
+TEST(CoordinatorShards, TheFollowerReconnectsWhenShard0Restarts) {
+  TempDir dir;
+  const std::string data0 = dir.path() + "/s0";
+  auto shard0 = std::make_unique<CoordinatorProcess>();
+  ASSERT_TRUE(shard0->Start(data0, ShardFlags(0, 2)).ok()) << shard0->stderr_text();
+  const std::string address0 = shard0->address();
+  CoordinatorProcess shard1;
+  ASSERT_TRUE(shard1.Start(dir.path() + "/s1", ShardFlags(1, 2, address0)).ok())
+      << shard1.stderr_text();
+  auto t1 = ConnectTool(shard1.address());
+  ASSERT_TRUE(t1.ok());
+  {
+    auto t0 = ConnectTool(address0);
+    ASSERT_TRUE(t0.ok());
+    proto::RegionReply before = CreateRegion(*t0, "before", 4 * kPage);
+    ASSERT_TRUE(WaitUntil([&] { return Lists(*t1, before); })) << shard1.stderr_text();
+  }
+  shard0->Kill(SIGKILL);
+  std::this_thread::sleep_for(std::chrono::milliseconds(1000));  // five retries
+  const std::string outage = shard1.stderr_text();
+  size_t warnings = 0;
+  for (size_t at = outage.find("retrying every"); at != std::string::npos;
+       at = outage.find("retrying every", at + 1)) {
+    ++warnings;
+  }
+  EXPECT_EQ(warnings, 1u) << "the outage is logged once:\n" << outage;
+
+  shard0 = std::make_unique<CoordinatorProcess>();
+  std::vector<std::string> flags = ShardFlags(0, 2);
+  flags.push_back("--listen");
+  flags.push_back(address0);
+  ASSERT_TRUE(shard0->Start(data0, flags).ok()) << shard0->stderr_text();
+  ASSERT_EQ(shard0->address(), address0);
+  auto t0 = ConnectTool(address0);
+  ASSERT_TRUE(t0.ok());
+  proto::RegionReply after = CreateRegion(*t0, "after", 4 * kPage);
+  ASSERT_TRUE(WaitUntil([&] { return Lists(*t1, after); })) << shard1.stderr_text();
+  EXPECT_TRUE(SameTables(*t0, *t1));
+  ScriptedNode n0, n1;
+  ASSERT_TRUE(n0.Connect(address0).ok());
+  ASSERT_TRUE(n1.Connect(shard1.address(), n0.id()).ok());
+  const proto::PageAddr page = after.base + (proto::ShardMap(2).ShardOf(after.base) == 1
+                                                 ? 0
+                                                 : proto::kShardGranule);
+  if (page < after.base + after.size) {
+    auto g = n1.Acquire(page, AccessKind::kWrite);
+    ASSERT_TRUE(g.ok()) << g.status().ToString();
+    EXPECT_EQ(g->status, 0);
+  }
+
+  // SIGTERM while shard 0 is away again: the follower's thread stops with it.
+  shard0->Kill(SIGKILL);
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  shard1.Signal(SIGTERM);
+  EXPECT_EQ(shard1.WaitExit(3000), 0) << shard1.stderr_text();
+}
+
+// (e) and (f): region requests go to shard 0 only; a follower says where.
+// Node ids come from shard 0: a follower takes a node with an id it has
+// never seen as a new member (resuming or not), and refuses to assign one.
+TEST(CoordinatorShards, AFollowerRefusesRegionRequestsAndTakesShard0NodeIds) {
+  TempDir dir;
+  CoordinatorProcess shard0, shard1;
+  ASSERT_TRUE(shard0.Start(dir.path() + "/s0", ShardFlags(0, 2)).ok()) << shard0.stderr_text();
+  ASSERT_TRUE(shard1.Start(dir.path() + "/s1", ShardFlags(1, 2, shard0.address())).ok())
+      << shard1.stderr_text();
+  auto t0 = ConnectTool(shard0.address());
+  auto t1 = ConnectTool(shard1.address());
+  ASSERT_TRUE(t0.ok() && t1.ok());
+  proto::RegionReply r = CreateRegion(*t0, "only-at-0", 4u << 20);
+  ASSERT_TRUE(WaitUntil([&] { return Lists(*t1, r); })) << shard1.stderr_text();
+
+  const int kRefused = static_cast<int>(StatusCode::kFailedPrecondition);
+  std::vector<std::pair<const char*, proto::Message>> requests = {
+      {"RegionCreate", proto::RegionCreate{.name = "at-1", .size = kPage, .page_size = kPage}},
+      {"RegionOpen", proto::RegionOpen{.name = "only-at-0"}},
+      {"RegionDelete", proto::RegionDelete{.name = "only-at-0"}},
+      {"RegionWatch", proto::RegionWatch{}},
+  };
+  for (const auto& [what, m] : requests) {
+    auto reply = t1->Call(m);
+    EXPECT_EQ(ReplyCode(reply), kRefused) << what << ": " << ReplyText(reply);
+    EXPECT_NE(ReplyText(reply).find("managed by shard 0 at " + shard0.address()), std::string::npos)
+        << what << ": " << ReplyText(reply);
+  }
+  EXPECT_TRUE(Lists(*t0, r)) << "the refused delete reached nobody";
+  EXPECT_EQ(ReplyCode(t0->Call(proto::RegionOpen{.name = "at-1"})),
+            static_cast<int>(StatusCode::kNotFound));
+
+  // No id from shard 1.
+  {
+    auto s = ConnectTool(shard1.address());
+    ASSERT_TRUE(s.ok());
+    auto reply = s->Call(proto::JoinRequest{.node = proto::kNoNode, .address = "127.0.0.1:1"});
+    EXPECT_EQ(ReplyCode(reply), kRefused) << ReplyText(reply);
+    EXPECT_NE(ReplyText(reply).find("join shard 0 first"), std::string::npos) << ReplyText(reply);
+  }
+  // Ids from shard 0, new to shard 1: a new daemon, and one resuming.
+  ScriptedNode a0, b0, a1;
+  ASSERT_TRUE(a0.Connect(shard0.address()).ok());
+  ASSERT_TRUE(b0.Connect(shard0.address()).ok());
+  ASSERT_NE(a0.id(), b0.id());
+  Status joined = a1.Connect(shard1.address(), a0.id());
+  ASSERT_TRUE(joined.ok()) << joined.ToString();
+  EXPECT_EQ(a1.id(), a0.id());
+  auto b1 = ConnectTool(shard1.address());
+  ASSERT_TRUE(b1.ok());
+  auto resumed = b1->Call(
+      proto::JoinRequest{.node = b0.id(), .address = "127.0.0.1:2", .resume = 1});
+  ASSERT_TRUE(resumed.ok()) << resumed.status().ToString();
+  auto* jr = std::get_if<proto::JoinReply>(&*resumed);
+  ASSERT_NE(jr, nullptr) << ReplyText(resumed);
+  EXPECT_EQ(jr->node, b0.id());
+  EXPECT_EQ(jr->shard, 1u);
+  EXPECT_EQ(jr->shard_count, 2u);
+
+  const proto::PageAddr p1 = r.base + proto::kShardGranule;
+  ASSERT_EQ(proto::ShardMap(2).ShardOf(p1), 1u);
+  auto g = a1.Acquire(p1, AccessKind::kWrite);
+  ASSERT_TRUE(g.ok()) << g.status().ToString();
+  EXPECT_EQ(g->status, 0);
+  EXPECT_EQ(g->state, proto::PageState::kModified);
+  EXPECT_EQ(Query(*t1, p1).owner, a0.id());
+  auto nodes = t1->Call(proto::NodeList{0});
+  ASSERT_TRUE(nodes.ok());
+  auto* list = std::get_if<proto::NodeListReply>(&*nodes);
+  ASSERT_NE(list, nullptr);
+  ASSERT_EQ(list->nodes.size(), 2u);
+  EXPECT_EQ(list->nodes[0].node, std::min(a0.id(), b0.id()));
+  EXPECT_EQ(list->nodes[1].node, std::max(a0.id(), b0.id()));
 }
 
 }  // namespace

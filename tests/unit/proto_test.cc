@@ -13,6 +13,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <tuple>
 #include <utility>
 #include <variant>
 #include <vector>
@@ -277,6 +278,13 @@ std::vector<Message> SampleMessages() {
       RegionDeleted{.region = 0x8000000000000043ull,
                     .base = 0x8000000000200000ull,
                     .size = 0x7F00000000003000ull},
+      RegionWatch{},
+      RegionCreated{.region = 0x8000000000000044ull,
+                    .base = 0x8000000000400000ull,
+                    .size = 0x7F00000000030000ull,
+                    .page_size = 65536,
+                    .name = "matrix-e"},
+      RegionSnapshotDone{.regions = 0x8000000000000045ull},
   };
 }
 
@@ -480,6 +488,10 @@ std::vector<BoundCase> BoundCases() {
        kMaxNameLength, 1},
       {"RegionReply.name", RegionReply{.region = 1, .name = std::string(kMaxNameLength, 'r')},
        8 + 8 + 8 + 4, kMaxNameLength, 1},
+      {"RegionCreated.name",
+       RegionCreated{.region = 1, .base = 0, .size = 4096, .page_size = 4096,
+                     .name = std::string(kMaxNameLength, 'n')},
+       8 + 8 + 8 + 4, kMaxNameLength, 1},
       {"PageQueryReply.sharers", many_sharers, 8 + 1 + 4 + 8 + 8 + 1 + 1, kMaxSharersInReply, 4},
       {"PageData.data", PageData{.page = 1, .data = Bytes(kMaxPageSize, 0x5A)}, 8 + 8 + 4 + 8,
        kMaxPageSize, 1},
@@ -554,7 +566,7 @@ TEST(ProtoHeaderTest, WrongVersionIsInvalidArgument) {
 }
 
 TEST(ProtoHeaderTest, UnknownTypeIsInvalidArgument) {
-  for (uint16_t type : {0, 19, 28, 29, 34, 48, 49, 53, 0x100, 0xFFFF}) {
+  for (uint16_t type : {0, 19, 28, 29, 34, 48, 49, 56, 0x100, 0xFFFF}) {
     Bytes frame = HeaderBytes({.type = type, .payload_length = 0});
     Result<Header> h = DecodeHeader(frame);
     ASSERT_FALSE(h.ok()) << "type " << type;
@@ -793,6 +805,80 @@ TEST(ProtoFieldTest, RegionDeletedOfNoPossibleRegionIsRefused) {
     EXPECT_EQ(std::get<RegionDeleted>(r->message).base, base);
     EXPECT_EQ(std::get<RegionDeleted>(r->message).size, size);
   }
+}
+
+// RegionCreated, like RegionDeleted, names a region a coordinator could
+// have made: a follower shard never puts anything else in its table.
+TEST(ProtoFieldTest, RegionCreatedOfNoPossibleRegionIsRefused) {
+  const Bytes good = EncodeSample<RegionCreated>();
+  constexpr size_t kRegionAt = kHeaderSize, kBaseAt = kHeaderSize + 8, kSizeAt = kHeaderSize + 16,
+                   kPageSizeAt = kHeaderSize + 24;
+  ASSERT_EQ(ReadLe(good, kRegionAt, 8), 0x8000000000000044ull) << "offset drifted";
+  ASSERT_EQ(ReadLe(good, kBaseAt, 8), 0x8000000000400000ull) << "offset drifted";
+  ASSERT_EQ(ReadLe(good, kSizeAt, 8), 0x7F00000000030000ull) << "offset drifted";
+  ASSERT_EQ(ReadLe(good, kPageSizeAt, 4), 65536u) << "offset drifted";
+  struct Patch {
+    const char* what;
+    size_t at;
+    int width;
+    uint64_t value;
+    const char* why;
+  };
+  const std::vector<Patch> refused = {
+      {"region 0", kRegionAt, 8, 0, "region 0"},
+      {"size 0", kSizeAt, 8, 0, "size 0"},
+      {"page size 0", kPageSizeAt, 4, 0, "page size 0 is not"},
+      {"page size 8 KiB", kPageSizeAt, 4, 8192, "page size 8192 is not"},
+      {"page size 4 MiB", kPageSizeAt, 4, 4u << 20, "is not 4096, 65536 or 2097152"},
+      {"base off a large page", kBaseAt, 8, 0x8000000000404000ull, "multiple of the page size"},
+      {"size off a large page", kSizeAt, 8, 0x7F00000000031000ull, "multiple of the page size"},
+      {"range wraps", kBaseAt, 8, 0xFFFFFFFFFFFF0000ull, "wraps"},
+  };
+  for (const Patch& p : refused) {
+    SCOPED_TRACE(p.what);
+    Bytes frame = good;
+    WriteLe(&frame, p.at, p.value, p.width);
+    ExpectRefused(frame, StatusCode::kCorruption, p.why);
+    ExpectRefused(frame, StatusCode::kCorruption, "RegionCreated");
+  }
+  // A nameless region: the field is well formed (length 0), the value is not.
+  ExpectRefused(Encode(RegionCreated{.region = 1, .base = 0x200000, .size = 4096,
+                                     .page_size = 4096, .name = ""},
+                       1),
+                StatusCode::kCorruption, "empty region name");
+  // Every page size a region may have, and the top of the address space.
+  for (const auto& [base, size, page_size] :
+       std::vector<std::tuple<uint64_t, uint64_t, uint32_t>>{
+           {0x200000, 4096, 4096},
+           {0x210000, 65536, 65536},
+           {0x200000, 4u << 20, 2u << 20},
+           {0xFFFFFFFFFFC00000ull, 2u << 20, 2u << 20}}) {
+    Bytes frame = good;
+    WriteLe(&frame, kBaseAt, base, 8);
+    WriteLe(&frame, kSizeAt, size, 8);
+    WriteLe(&frame, kPageSizeAt, page_size, 4);
+    Result<Frame> r = Decode(frame);
+    ASSERT_TRUE(r.ok()) << base << "+" << size << "/" << page_size << ": " << r.status().ToString();
+    EXPECT_EQ(std::get<RegionCreated>(r->message).base, base);
+    EXPECT_EQ(std::get<RegionCreated>(r->message).page_size, page_size);
+  }
+}
+
+// The watch and its snapshot marker carry no value Decode could refuse
+// beyond their fields: any count is a count.
+TEST(ProtoFieldTest, RegionWatchAndSnapshotDoneDecodeAsSent) {
+  Result<Frame> watch = Decode(Encode(RegionWatch{}, 9));
+  ASSERT_TRUE(watch.ok()) << watch.status().ToString();
+  EXPECT_EQ(watch->header.payload_length, 0u);
+  EXPECT_TRUE(std::holds_alternative<RegionWatch>(watch->message));
+  for (uint64_t n : {uint64_t{0}, uint64_t{1}, ~uint64_t{0}}) {
+    Result<Frame> done = Decode(Encode(RegionSnapshotDone{.regions = n}, 9));
+    ASSERT_TRUE(done.ok()) << done.status().ToString();
+    EXPECT_EQ(std::get<RegionSnapshotDone>(done->message).regions, n);
+  }
+  // RegionWatch has no payload: a byte there is refused.
+  ExpectRefused(FrameOf(MessageType::kRegionWatch, Bytes{0}), StatusCode::kCorruption,
+                "trailing bytes");
 }
 
 // Decode checks a claimed length against the bound and the bytes present
