@@ -1,9 +1,12 @@
 // dsvm-node: the node daemon, one per host.
 //
-//   dsvm-node --coordinator HOST:PORT [--listen HOST:PORT] [--socket PATH]
+//   dsvm-node --coordinator HOST:PORT[,HOST:PORT...] [--listen HOST:PORT] [--socket PATH]
 //             [--fault-backend uffd] [--rejoin-as N] [--secret-file FILE]
 //             [--busy-poll-us N] [--verbose]
 //
+// --coordinator: one coordinator per directory shard, in shard order (shard
+// 0 first: it assigns the node id and holds membership and regions); the
+// node joins every one and sends each page's requests to its shard.
 // --busy-poll-us N: after any work, poll for N microseconds before sleeping
 // (default 0: sleep at once). Lower fault latency for a core's idle time.
 // --secret-file (default $DSVM_SECRET_FILE): the cluster secret this node
@@ -30,7 +33,7 @@ namespace {
 int Usage(const std::string& why) {
   std::fprintf(stderr,
                "dsvm-node: %s\n"
-               "usage: dsvm-node --coordinator HOST:PORT [--listen HOST:PORT] [--socket PATH]\n"
+               "usage: dsvm-node --coordinator HOST:PORT[,HOST:PORT...] [--listen HOST:PORT] [--socket PATH]\n"
                "       [--fault-backend uffd] [--rejoin-as N] [--secret-file FILE]\n"
                "       [--busy-poll-us N] [--verbose]\n",
                why.c_str());

@@ -42,6 +42,43 @@ uint64_t MonotonicUs() {
                                    .count());
 }
 
+// The page a message for the directory is about (the agent sends Acquire,
+// InvalidateAck and Done), which names the shard it goes to.
+proto::PageAddr DirectoryPageOf(const proto::Message& m) {
+  return std::visit(
+      [](const auto& x) -> proto::PageAddr {
+        if constexpr (requires { x.page; }) {
+          return x.page;
+        } else {
+          DSVM_CHECK(false && "a directory message without a page");
+          return 0;
+        }
+      },
+      m);
+}
+
+// The --coordinator list: one address per shard, comma-separated.
+Result<std::vector<std::string>> ShardAddresses(const std::string& list) {
+  std::vector<std::string> out;
+  size_t start = 0;
+  for (;;) {
+    const size_t comma = list.find(',', start);
+    std::string one = list.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+    std::string host;
+    uint16_t port = 0;
+    Status st = proto::ParseHostPort(one, &host, &port);
+    if (!st.ok()) {
+      return InvalidArgument("coordinator list '" + list + "': entry " +
+                             std::to_string(out.size()) + ": " + st.message());
+    }
+    out.push_back(std::move(one));
+    if (comma == std::string::npos) break;
+    start = comma + 1;
+  }
+  if (out.size() > 1024) return InvalidArgument("more than 1024 coordinators in '" + list + "'");
+  return out;
+}
+
 std::string HostOf(const std::string& address) {
   const size_t colon = address.rfind(':');
   return colon == std::string::npos ? address : address.substr(0, colon);
@@ -88,13 +125,27 @@ Result<std::unique_ptr<NodeDaemon>> NodeDaemon::Create(const NodeDaemonOptions& 
   DSVM_ASSIGN_OR_RETURN(std::unique_ptr<UcxTransport> transport, UcxTransport::Create(ucx));
   const std::string peer_address =
       HostOf(options.listen) + ":" + std::to_string(transport->port());
-  DSVM_ASSIGN_OR_RETURN(proto::FramedSocket link,
-                        proto::ConnectToCoordinator(options.coordinator, secret.get()));
-  DSVM_ASSIGN_OR_RETURN(proto::JoinReply jr,
-                        Join(link, options, options.rejoin_as, peer_address, /*resume=*/false));
+  DSVM_ASSIGN_OR_RETURN(std::vector<std::string> addresses, ShardAddresses(options.coordinator));
+  // Shard 0 assigns the node id; the other shards take it.
+  std::vector<ShardLink> shards(addresses.size());
+  proto::JoinReply jr;
+  for (size_t i = 0; i < addresses.size(); ++i) {
+    shards[i].address = addresses[i];
+    DSVM_ASSIGN_OR_RETURN(shards[i].link, proto::ConnectToCoordinator(addresses[i], secret.get()));
+    DSVM_ASSIGN_OR_RETURN(proto::JoinReply r,
+                          Join(shards[i].link, options, i == 0 ? options.rejoin_as : jr.node,
+                               peer_address, /*resume=*/false));
+    if (r.shard != i || r.shard_count != addresses.size()) {
+      return InvalidArgument("coordinator " + addresses[i] + " serves shard " +
+                             std::to_string(r.shard) + " of " + std::to_string(r.shard_count) +
+                             ", but it is entry " + std::to_string(i) + " of " +
+                             std::to_string(addresses.size()) + " in --coordinator");
+    }
+    if (i == 0) jr = r;
+  }
   transport->set_self(jr.node);
   std::unique_ptr<NodeDaemon> d(
-      new NodeDaemon(options, jr, std::move(link), std::move(transport), std::move(secret)));
+      new NodeDaemon(options, jr, std::move(shards), std::move(transport), std::move(secret)));
   if (options.fault_backend == "uffd") {
     DSVM_ASSIGN_OR_RETURN(std::unique_ptr<UffdBackend> backend, UffdBackend::Create());
     d->backend_ = std::move(backend);
@@ -108,12 +159,13 @@ Result<std::unique_ptr<NodeDaemon>> NodeDaemon::Create(const NodeDaemonOptions& 
 }
 
 NodeDaemon::NodeDaemon(const NodeDaemonOptions& options, const proto::JoinReply& joined,
-                       proto::FramedSocket link, std::unique_ptr<UcxTransport> transport,
+                       std::vector<ShardLink> shards, std::unique_ptr<UcxTransport> transport,
                        std::shared_ptr<const proto::ClusterSecret> secret)
     : options_(options),
       secret_(std::move(secret)),
       id_(joined.node),
-      link_(std::move(link)),
+      shards_(std::move(shards)),
+      shard_map_(static_cast<uint32_t>(shards_.size())),
       transport_(std::move(transport)),
       heartbeat_ms_(joined.heartbeat_interval_ms == 0 ? 500 : joined.heartbeat_interval_ms),
       agent_(joined.node, NodeOptions{options.retransmit_after_ms}),
@@ -130,7 +182,8 @@ Status NodeDaemon::Setup() {
   its.it_value.tv_nsec = kTickMs * 1000000;
   ::timerfd_settime(timer_fd_, 0, &its, nullptr);
   if (!options_.socket_path.empty()) DSVM_RETURN_IF_ERROR(SetupClientSocket());
-  std::vector<int> fds = {wake_fd_, timer_fd_, transport_->event_fd(), link_.fd()};
+  std::vector<int> fds = {wake_fd_, timer_fd_, transport_->event_fd()};
+  for (const ShardLink& s : shards_) fds.push_back(s.link.fd());
   if (backend_) fds.push_back(backend_->event_fd());
   if (listen_fd_ >= 0) fds.push_back(listen_fd_);
   for (int fd : fds) {
@@ -211,7 +264,9 @@ void NodeDaemon::Run() {
   uint64_t last_work_us = MonotonicUs();
   while (!stopping_) {
     if (HandlePeerMessages() > 0) last_work_us = MonotonicUs();
-    if (link_.is_open()) link_.Flush().IgnoreError();  // a lost link shows on its next read
+    for (ShardLink& s : shards_) {
+      if (s.link.is_open()) s.link.Flush().IgnoreError();  // a lost link shows on its next read
+    }
     // Busy-poll for busy_poll_us after the last work: the next message of
     // a fault in progress usually comes within tens of microseconds, and
     // sleeping in epoll costs a wakeup (~10-25 us on a VM) per hop.
@@ -231,8 +286,8 @@ void NodeDaemon::Run() {
         uint64_t expirations;
         [[maybe_unused]] ssize_t r = ::read(timer_fd_, &expirations, sizeof(expirations));
         OnTimer();
-      } else if (fd == link_.fd() && link_.is_open()) {
-        OnCoordinatorReadable();
+      } else if (const size_t shard = ShardOfFd(fd); shard < shards_.size()) {
+        OnCoordinatorReadable(shard);
       } else if (backend_ && fd == backend_->event_fd()) {
         OnFaultEvents();
       } else if (fd == listen_fd_) {
@@ -248,18 +303,28 @@ void NodeDaemon::Run() {
 // ---------------------------------------------------------------------------
 // The coordinator link
 
-void NodeDaemon::OnCoordinatorReadable() {
-  Status st = link_.ReadAvailable();
+size_t NodeDaemon::ShardOfFd(int fd) const {
+  for (size_t i = 0; i < shards_.size(); ++i) {
+    if (shards_[i].link.is_open() && shards_[i].link.fd() == fd) return i;
+  }
+  return shards_.size();
+}
+
+void NodeDaemon::OnCoordinatorReadable(size_t shard) {
+  ShardLink& s = shards_[shard];
+  Status st = s.link.ReadAvailable();
   for (;;) {
-    auto frame = link_.NextFrame();
+    auto frame = s.link.NextFrame();
     if (!frame.ok()) {
-      LogError("malformed frame from the coordinator: " + frame.status().ToString());
+      LogError("malformed frame from the coordinator at " + s.address + ": " +
+               frame.status().ToString());
       st = frame.status();
       break;
     }
     if (!frame->has_value()) break;
     proto::Frame& f = **frame;
-    if (f.header.request_id != 0 && f.header.request_id == lookup_request_) {
+    const uint64_t rid = f.header.request_id;
+    if (shard == 0 && rid != 0 && rid == lookup_request_) {
       if (auto* nl = std::get_if<proto::NodeListReply>(&f.message)) {
         for (const proto::NodeEntry& e : nl->nodes) {
           if (e.live && e.node != id_ && !transport_->HasPeer(e.node)) {
@@ -269,82 +334,97 @@ void NodeDaemon::OnCoordinatorReadable() {
         }
         lookup_request_ = 0;
         if (nl->more && !nl->nodes.empty()) {
-          lookup_request_ = link_.NextRequestId();
-          link_.Send(proto::NodeList{nl->nodes.back().node}, lookup_request_).IgnoreError();
+          lookup_request_ = control().NextRequestId();
+          control().Send(proto::NodeList{nl->nodes.back().node}, lookup_request_).IgnoreError();
         } else {
           FlushPendingPeers();
         }
       }
       continue;
     }
-    if (auto fw = forwarded_.find(f.header.request_id); fw != forwarded_.end()) {
+    if (auto fw = forwarded_.find(rid); shard == 0 && fw != forwarded_.end()) {
       Forwarded to = fw->second;
       forwarded_.erase(fw);
       ForwardedReply(to, std::move(f.message));
       continue;
     }
-    if (auto* s = std::get_if<proto::StatusReply>(&f.message)) {
-      if (f.header.request_id == heartbeat_request_ &&
-          s->code == static_cast<uint16_t>(StatusCode::kFailedPrecondition)) {
+    if (auto* r = std::get_if<proto::StatusReply>(&f.message)) {
+      if (rid == s.heartbeat_request && r->code == static_cast<uint16_t>(StatusCode::kFailedPrecondition)) {
         // Declared dead while connected (this loop stalled past the
         // deadline): reconnect, which finds out and starts afresh.
-        st = Unavailable("the coordinator no longer counts this node live: " + s->message);
+        st = Unavailable("the coordinator no longer counts this node live: " + r->message);
         break;
       }
-      if (s->code != 0) LogWarning("coordinator: " + proto::FromReply(*s).ToString());
+      if (r->code != 0) LogWarning("coordinator " + s.address + ": " + proto::FromReply(*r).ToString());
       continue;  // heartbeat answers
     }
     HandleDirectoryMessage(std::move(f.message));
   }
   if (!st.ok()) {
-    LogWarning("lost the coordinator: " + st.ToString());
-    ::epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, link_.fd(), nullptr);
-    link_.Close();
-    lookup_request_ = 0;
-    auto forwarded = std::move(forwarded_);
-    forwarded_.clear();
-    for (auto& [id, f] : forwarded) {
-      ForwardedReply(f, proto::ToReply(Unavailable("lost the coordinator; retry")));
-    }
+    LogWarning("lost the coordinator at " + s.address + ": " + st.ToString());
+    CloseShardLink(shard);
   }
 }
 
-void NodeDaemon::ReconnectCoordinator() {
-  last_reconnect_ms_ = NowMs();
-  auto link = proto::ConnectToCoordinator(options_.coordinator, secret_.get());
+void NodeDaemon::CloseShardLink(size_t shard) {
+  ShardLink& s = shards_[shard];
+  if (!s.link.is_open()) return;
+  ::epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, s.link.fd(), nullptr);
+  s.link.Close();
+  if (shard != 0) return;
+  lookup_request_ = 0;
+  auto forwarded = std::move(forwarded_);
+  forwarded_.clear();
+  for (auto& [id, f] : forwarded) {
+    ForwardedReply(f, proto::ToReply(Unavailable("lost the coordinator; retry")));
+  }
+}
+
+void NodeDaemon::ReconnectCoordinator(size_t shard) {
+  ShardLink& s = shards_[shard];
+  s.last_reconnect_ms = NowMs();
+  auto link = proto::ConnectToCoordinator(s.address, secret_.get());
   if (!link.ok()) {
     if (link.status().code() == StatusCode::kPermissionDenied) {
-      LogWarning("rejoining the coordinator: " + link.status().ToString());
+      LogWarning("rejoining the coordinator at " + s.address + ": " + link.status().ToString());
     }
     return;
   }
-  auto jr = Join(*link, options_, id_, peer_address(), /*resume=*/true);
-  if (!jr.ok() && jr.status().code() == StatusCode::kFailedPrecondition) {
+  auto jr = Join(*link, options_, id_, peer_address(), /*resume=*/!s.fresh);
+  if (!jr.ok() && jr.status().code() == StatusCode::kFailedPrecondition && !s.fresh) {
     // Declared dead meanwhile: what this node holds is stale.
     DropEverything(jr.status().message());
     jr = Join(*link, options_, id_, peer_address(), /*resume=*/false);
   }
   if (!jr.ok()) {
-    LogWarning("rejoining the coordinator: " + jr.status().ToString());
+    LogWarning("rejoining the coordinator at " + s.address + ": " + jr.status().ToString());
     return;
   }
-  link_ = std::move(*link);
+  s.fresh = false;
+  s.link = std::move(*link);
   epoll_event ev{};
   ev.events = EPOLLIN;
-  ev.data.fd = link_.fd();
-  ::epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, link_.fd(), &ev);
+  ev.data.fd = s.link.fd();
+  ::epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, s.link.fd(), &ev);
   ++stats_.coordinator_reconnects;
-  LogInfo("node " + std::to_string(id_) + " rejoined the coordinator");
+  LogInfo("node " + std::to_string(id_) + " rejoined the coordinator at " + s.address);
   Actions acts;
   agent_.ResendAll(NowMs(), &acts);  // whatever was in flight may be lost
   Execute(acts);
-  if (!pending_peer_.empty()) LookupPeers();
+  if (shard == 0 && !pending_peer_.empty()) LookupPeers();
 }
 
 void NodeDaemon::DropEverything(const std::string& why) {
   LogError("the coordinator says: " + why +
            ". Dropping every page (the directory handed them on) and joining as a new daemon");
   ++stats_.fresh_starts;
+  // Every other shard still counts this node's copies of its pages: they
+  // must be handed on too, which joining there as a new daemon does.
+  for (size_t i = 0; i < shards_.size(); ++i) {
+    if (shards_[i].fresh) continue;
+    shards_[i].fresh = true;
+    CloseShardLink(i);
+  }
   const std::vector<WaiterId> waiting = agent_.Forget();
   for (auto& [base, store] : stores_) {
     Status st = backend_ ? backend_->InvalidateAll(base) : store->DiscardAll();
@@ -409,12 +489,17 @@ proto::NodeCounters NodeDaemon::Counters() const {
 
 void NodeDaemon::OnTimer() {
   const uint64_t now = NowMs();
-  if (!link_.is_open()) {
-    if (now - last_reconnect_ms_ >= kReconnectEveryMs) ReconnectCoordinator();
-  } else if (now - last_heartbeat_ms_ >= heartbeat_ms_) {
-    last_heartbeat_ms_ = now;
-    heartbeat_request_ = link_.NextRequestId();
-    link_.Send(proto::Heartbeat{id_, Counters()}, heartbeat_request_).IgnoreError();
+  // Each shard keeps its own membership: each needs the heartbeats.
+  const bool beat = now - last_heartbeat_ms_ >= heartbeat_ms_;
+  if (beat) last_heartbeat_ms_ = now;
+  for (size_t i = 0; i < shards_.size(); ++i) {
+    ShardLink& s = shards_[i];
+    if (!s.link.is_open()) {
+      if (now - s.last_reconnect_ms >= kReconnectEveryMs) ReconnectCoordinator(i);
+    } else if (beat) {
+      s.heartbeat_request = s.link.NextRequestId();
+      s.link.Send(proto::Heartbeat{id_, Counters()}, s.heartbeat_request).IgnoreError();
+    }
   }
   Actions acts;
   agent_.Tick(now, &acts);
@@ -528,10 +613,10 @@ void NodeDaemon::SendPage(proto::NodeId to, proto::PageData d) {
 }
 
 void NodeDaemon::LookupPeers() {
-  if (lookup_request_ != 0 || !link_.is_open()) return;
+  if (lookup_request_ != 0 || !control().is_open()) return;
   ++stats_.peer_lookups;
-  lookup_request_ = link_.NextRequestId();
-  link_.Send(proto::NodeList{proto::kNoNode}, lookup_request_).IgnoreError();
+  lookup_request_ = control().NextRequestId();
+  control().Send(proto::NodeList{proto::kNoNode}, lookup_request_).IgnoreError();
 }
 
 void NodeDaemon::FlushPendingPeers() {
@@ -637,7 +722,9 @@ void NodeDaemon::ExecuteOne(Action& a) {
       // Queued: Run() writes everything queued in one go before it waits,
       // so the requests of a prefetch window share a send. Not open: the
       // agent resends after the rejoin.
-      if (link_.is_open()) link_.Queue(a.message, 0);
+      if (proto::FramedSocket& link = LinkFor(DirectoryPageOf(a.message)); link.is_open()) {
+        link.Queue(a.message, 0);
+      }
       return;
     case ActionKind::kSendPage:
     case ActionKind::kSendStash: {
@@ -975,15 +1062,15 @@ void NodeDaemon::OnClientReadable(int fd) {
         } else if constexpr (std::is_same_v<T, proto::RegionCreate> ||
                              std::is_same_v<T, proto::RegionOpen> ||
                              std::is_same_v<T, proto::RegionDelete>) {
-          if (!link_.is_open() || forwarded_.size() >= kMaxForwarded) {
+          if (!control().is_open() || forwarded_.size() >= kMaxForwarded) {
             return ReplyToClient(fd, rid, proto::ToReply(Unavailable("coordinator not reachable")));
           }
           // The coordinator decides who may open a region by these, never
           // by what the process claims.
           m.creds = proto::Credentials{1, client.uid, client.gid};
-          const uint64_t forward = link_.NextRequestId();
+          const uint64_t forward = control().NextRequestId();
           forwarded_[forward] = Forwarded{fd, client.serial, rid};
-          link_.Send(m, forward).IgnoreError();
+          control().Send(m, forward).IgnoreError();
         } else if constexpr (std::is_same_v<T, proto::MapRegion>) {
           PageStore* store = StoreOf(m.base);
           if (store == nullptr || store->base() != m.base || !backend_ || got->fds.empty()) {

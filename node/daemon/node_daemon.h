@@ -36,10 +36,13 @@
 #include "proto/auth.h"
 #include "proto/framed_socket.h"
 #include "proto/messages.h"
+#include "proto/shard_map.h"
 
 namespace dsvm::node {
 
 struct NodeDaemonOptions {
+  // The coordinators, one per directory shard in shard order (the shard
+  // map), comma-separated: "host:port" or "host:port,host:port,...".
   std::string coordinator = "127.0.0.1:7700";
   std::string listen = "127.0.0.1:0";  // the UCX listener peers connect to
   proto::NodeId rejoin_as = proto::kNoNode;
@@ -153,17 +156,40 @@ class NodeDaemon {
     Status error;             // the first access that failed
   };
 
+  // The coordinator of one directory shard. shards_[0] is also the control
+  // plane: membership, regions, peer lookups, forwarded client requests.
+  struct ShardLink {
+    std::string address;
+    proto::FramedSocket link;
+    uint64_t heartbeat_request = 0;  // request id of the last heartbeat sent
+    uint64_t last_reconnect_ms = 0;
+    // Rejoin as a new daemon: another shard declared this node dead, so it
+    // dropped every page, and this shard must hand its copies on too.
+    bool fresh = false;
+  };
+
   NodeDaemon(const NodeDaemonOptions& options, const proto::JoinReply& joined,
-             proto::FramedSocket link, std::unique_ptr<UcxTransport> transport,
+             std::vector<ShardLink> shards, std::unique_ptr<UcxTransport> transport,
              std::shared_ptr<const proto::ClusterSecret> secret);
   static Result<proto::JoinReply> Join(proto::FramedSocket& link, const NodeDaemonOptions& o,
                                        proto::NodeId as, const std::string& peer_address,
                                        bool resume);
   Status Setup();
   void DrainPosted();
-  void OnCoordinatorReadable();
+  void OnCoordinatorReadable(size_t shard);
   void OnTimer();
-  void ReconnectCoordinator();
+  void ReconnectCoordinator(size_t shard);
+  // Closes shard's link (reconnected by OnTimer); with shard 0, fails the
+  // client requests forwarded on it.
+  void CloseShardLink(size_t shard);
+  // The shard whose link has `fd`; shards_.size() if none.
+  size_t ShardOfFd(int fd) const;
+  // The control-plane link (shard 0's coordinator).
+  proto::FramedSocket& control() { return shards_[0].link; }
+  // The link of the shard that holds `page`'s directory entry.
+  proto::FramedSocket& LinkFor(proto::PageAddr page) {
+    return shards_[shard_map_.ShardOf(page)].link;
+  }
   // The coordinator declared this node dead (it was cut off or stalled): the
   // directory has handed its copies on, so every local copy is stale. Drops
   // them all and ends every wait, so processes fault and fetch afresh.
@@ -213,7 +239,8 @@ class NodeDaemon {
   NodeDaemonOptions options_;
   std::shared_ptr<const proto::ClusterSecret> secret_;  // null: none
   proto::NodeId id_;
-  proto::FramedSocket link_;
+  std::vector<ShardLink> shards_;
+  proto::ShardMap shard_map_;
   std::unique_ptr<UcxTransport> transport_;
   uint32_t heartbeat_ms_;
   NodeAgent agent_;
@@ -230,8 +257,6 @@ class NodeDaemon {
   size_t pending_peer_count_ = 0;
   uint64_t lookup_request_ = 0;  // request id of the NodeList in flight, 0 if none
   uint64_t last_heartbeat_ms_ = 0;
-  uint64_t heartbeat_request_ = 0;  // request id of the last heartbeat sent
-  uint64_t last_reconnect_ms_ = 0;
   std::unique_ptr<FaultBackend> backend_;
   int listen_fd_ = -1;
   std::unordered_map<int, Client> clients_;

@@ -1077,6 +1077,118 @@ TEST_F(NodeDaemonTest, ADeletedRegionStillMappedIsFreedAtItsLastUnmap) {
   EXPECT_EQ(MemfdsNamed("dsvm-held"), 0) << "a deleted region's memory is still held";
 }
 
+// --- Two directory shards -------------------------------------------------------
+
+// The directory split over two coordinators: shard 0 (the fixture's, also
+// membership and regions) and shard 1, which follows shard 0's region table.
+// Every daemon joins both and sends each page's requests to its shard.
+class ShardedNodeTest : public NodeDaemonTest {
+ protected:
+  void SetUp() override {
+    coordinator_flags_ = {"--shard", "0", "--shard-count", "2"};
+    NodeDaemonTest::SetUp();
+    if (HasFatalFailure()) return;
+    ASSERT_TRUE(StartShard1().ok()) << shard1_.stderr_text();
+  }
+
+  // At the address it had before, if it ran before (the nodes' shard map).
+  Status StartShard1() {
+    std::vector<std::string> flags = {"--shard", "1", "--shard-count", "2",
+                                      "--region-authority", coord_.address()};
+    if (!shard1_address_.empty()) flags.insert(flags.end(), {"--listen", shard1_address_});
+    Status st = shard1_.Start(dir_.path() + "/data1", flags);
+    if (st.ok()) shard1_address_ = shard1_.address();
+    return st;
+  }
+
+  // A region shard 1 has learned of: it answers an Acquire for its page.
+  proto::RegionReply ShardedRegion(const std::string& name, uint64_t size) {
+    proto::RegionReply r = Region(name, size, 4096);
+    return r;
+  }
+
+  void StartShardedNodes(int n, const proto::RegionReply& region) {
+    for (int i = 0; i < n; ++i) {
+      node::NodeDaemonOptions o;
+      o.coordinator = coord_.address() + "," + shard1_.address();
+      o.retransmit_after_ms = 100;
+      o.socket_path = dir_.path() + "/node" + std::to_string(i) + ".sock";
+      o.secret_file = TestSecretPath();
+      auto d = NodeDaemon::Create(o);
+      ASSERT_TRUE(d.ok()) << d.status().ToString();
+      nodes_.push_back(std::make_unique<RunningDaemon>(std::move(*d)));
+      nodes_.back()->Sync([&](NodeDaemon& d) { ASSERT_TRUE(d.OpenRegion(region).ok()); });
+    }
+  }
+
+  // Pages with a directory record at `shard` (0 or 1).
+  uint64_t TouchedAt(int shard, const std::string& region) {
+    auto tool = shard == 0 ? ConnectTool(coord_.address()) : ConnectTool(shard1_.address());
+    EXPECT_TRUE(tool.ok());
+    if (!tool.ok()) return 0;
+    auto reply = tool->Call(proto::RegionPages{region});
+    EXPECT_TRUE(reply.ok());
+    auto* where = reply.ok() ? std::get_if<proto::RegionPagesReply>(&*reply) : nullptr;
+    EXPECT_NE(where, nullptr) << "shard " << shard << " does not know region " << region;
+    return where ? where->touched : 0;
+  }
+
+  CoordinatorProcess shard1_;
+  std::string shard1_address_;
+};
+
+// Pages of both shards' granules move between three nodes; each shard holds
+// the directory records of its own pages only.
+TEST_F(ShardedNodeTest, PagesOfBothShardsMoveBetweenNodes) {
+  // 4 granules of 2 MiB: shards 0, 1, 0, 1 (or 1, 0, 1, 0).
+  proto::RegionReply r = ShardedRegion("sharded", 4 * proto::kShardGranule);
+  StartShardedNodes(3, r);
+  const proto::ShardMap map(2);
+  std::vector<proto::PageAddr> pages;
+  for (uint64_t g = 0; g < 4; ++g) {
+    pages.push_back(r.base + g * proto::kShardGranule + 3 * 4096);
+    pages.push_back(r.base + g * proto::kShardGranule + 200 * 4096);
+  }
+  for (size_t i = 0; i < pages.size(); ++i) nodes_[i % 3]->WriteU64(pages[i], 1000 + i);
+  for (size_t i = 0; i < pages.size(); ++i) {
+    for (auto& n : nodes_) EXPECT_EQ(n->ReadU64(pages[i]), 1000 + i) << "page " << i;
+  }
+  nodes_[2]->WriteU64(pages[1], 7);  // invalidates the others' copies
+  EXPECT_EQ(nodes_[0]->ReadU64(pages[1]), 7u);
+  size_t at[2] = {0, 0};
+  for (proto::PageAddr p : pages) ++at[map.ShardOf(p)];
+  ASSERT_EQ(at[0], 4u);
+  ASSERT_EQ(at[1], 4u);
+  EXPECT_EQ(TouchedAt(0, "sharded"), 4u) << "shard 0 must hold exactly its pages' records";
+  EXPECT_EQ(TouchedAt(1, "sharded"), 4u) << "shard 1 must hold exactly its pages' records";
+}
+
+// Shard 1 dies and comes back: pages of shard 0 are served meanwhile, an
+// access to a page of shard 1 waits, and completes once the nodes rejoin it.
+TEST_F(ShardedNodeTest, AShardRestartedWhileNodesRunIsRejoined) {
+  proto::RegionReply r = ShardedRegion("restart", 2 * proto::kShardGranule);
+  StartShardedNodes(2, r);
+  const proto::ShardMap map(2);
+  proto::PageAddr p0 = r.base, p1 = r.base + proto::kShardGranule;
+  if (map.ShardOf(p0) != 0) std::swap(p0, p1);
+  nodes_[0]->WriteU64(p0, 1);
+  nodes_[0]->WriteU64(p1, 2);
+  ASSERT_EQ(nodes_[1]->ReadU64(p1), 2u);
+
+  shard1_.Kill(SIGKILL);
+  nodes_[1]->WriteU64(p0, 3);  // shard 0 alone serves this
+  EXPECT_EQ(nodes_[0]->ReadU64(p0), 3u);
+  EXPECT_EQ(nodes_[0]->ReadU64(p1), 2u);  // a Shared copy: a local hit, no shard needed
+  std::thread writer([&] { nodes_[1]->WriteU64(p1, 4); });  // needs shard 1
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  ASSERT_TRUE(StartShard1().ok()) << shard1_.stderr_text();
+  writer.join();
+  EXPECT_EQ(nodes_[0]->ReadU64(p1), 4u);
+  uint64_t reconnects = 0;
+  for (auto& n : nodes_) n->Sync([&](NodeDaemon& d) { reconnects += d.stats().coordinator_reconnects; });
+  EXPECT_GE(reconnects, 2u) << "both nodes must have rejoined shard 1";
+}
+
 // --- A node declared dead while it was cut off ------------------------------------
 
 class NodeDeathTest : public NodeDaemonTest {
