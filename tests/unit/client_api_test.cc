@@ -30,6 +30,7 @@
 #include <atomic>
 #include <chrono>
 #include <climits>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -38,6 +39,7 @@
 #include <fstream>
 #include <functional>
 #include <map>
+#include <condition_variable>
 #include <mutex>
 #include <optional>
 #include <set>
@@ -169,6 +171,28 @@ class FakeDaemon {
   const std::string& path() const { return path_; }
   const std::string& dir() const { return dir_; }
 
+  // fork() with the serving thread parked: a thread inside malloc at the
+  // moment of fork leaves the allocator's lock held in the child forever
+  // (AddressSanitizer's allocator is not fork-safe).
+  pid_t ForkQuiet() {
+    {
+      std::unique_lock<std::mutex> l(mu_);
+      park_requested_ = true;
+    }
+    Wake();
+    {
+      std::unique_lock<std::mutex> l(mu_);
+      park_cv_.wait(l, [this] { return parked_; });
+    }
+    const pid_t pid = ::fork();
+    if (pid != 0) {
+      std::lock_guard<std::mutex> l(mu_);
+      park_requested_ = false;
+      park_cv_.notify_all();
+    }
+    return pid;
+  }
+
   // Where the next created region goes.
   void SetNextBase(uint64_t base) {
     std::lock_guard<std::mutex> l(mu_);
@@ -253,6 +277,14 @@ class FakeDaemon {
       if (p[1].revents) {
         uint64_t v;
         EXPECT_EQ(::read(wake_.get(), &v, sizeof(v)), 8);
+        if (park_requested_) {  // ForkQuiet: hold still, touching no allocator
+          std::unique_lock<std::mutex> l(mu_);
+          parked_ = true;
+          park_cv_.notify_all();
+          park_cv_.wait(l, [this] { return !park_requested_; });
+          parked_ = false;
+          continue;
+        }
         if (hang_up_) {
           std::lock_guard<std::mutex> l(mu_);
           closed_ += static_cast<int>(clients.size());
@@ -366,6 +398,9 @@ class FakeDaemon {
   std::thread thread_;
   std::atomic<bool> stop_{false};
   std::atomic<bool> hang_up_{false};
+  std::atomic<bool> park_requested_{false};  // ForkQuiet asks the thread to park
+  bool parked_ = false;                        // REQUIRES: mu_ held
+  std::condition_variable park_cv_;
 
   std::mutex mu_;
   std::map<proto::MessageType, std::function<std::optional<Answer>(const proto::Frame&)>>
@@ -1069,7 +1104,7 @@ TEST_F(ClientApiTest, ForkedChildStartsUninitialised) {
   daemon_.SetNextBase(Base(30));
   void* addr = nullptr;
   ASSERT_EQ(dsvm_region_create("upsilon", 4096, 0, &addr), DSVM_OK) << LastError();
-  const pid_t pid = ::fork();
+  const pid_t pid = daemon_.ForkQuiet();
   ASSERT_GE(pid, 0);
   if (pid == 0) {
     uint32_t id;
