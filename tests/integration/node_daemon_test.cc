@@ -1163,6 +1163,55 @@ TEST_F(ShardedNodeTest, PagesOfBothShardsMoveBetweenNodes) {
   EXPECT_EQ(TouchedAt(1, "sharded"), 4u) << "shard 1 must hold exactly its pages' records";
 }
 
+// Client processes on three nodes: a region created through a daemon (at
+// shard 0, learned by shard 1 a moment later) and written under a dsvm lock
+// from every node; its pages span both shards' granules.
+TEST_F(ShardedNodeTest, LockedIncrementsOfClientsOnThreeNodesAreExact) {
+  proto::RegionReply anchor = ShardedRegion("anchor", 4096);
+  StartShardedNodes(3, anchor);
+  const std::string s0 = dir_.path() + "/node0.sock";
+  ASSERT_EQ(RunLibClients("anchor", {{s0, [](uint8_t*) {
+              void* a = nullptr;
+              if (dsvm_region_create("counters", 4 * proto::kShardGranule, 0, &a) != DSVM_OK) {
+                return false;
+              }
+              return dsvm_lock_init(static_cast<dsvm_lock_t*>(a)) == DSVM_OK &&
+                     dsvm_region_close(a) == DSVM_OK;
+            }}}),
+            std::vector<int>{0});
+  constexpr uint64_t kIncrements = 300;
+  auto body = [](uint8_t*) {
+    void* a = nullptr;
+    if (dsvm_region_open("counters", &a, nullptr) != DSVM_OK) return false;
+    auto* base = static_cast<uint8_t*>(a);
+    auto* lock = reinterpret_cast<dsvm_lock_t*>(base);
+    for (uint64_t i = 0; i < kIncrements; ++i) {
+      if (dsvm_lock_acquire(lock) != DSVM_OK) return false;
+      for (uint64_t g = 0; g < 4; ++g) {  // one counter in each granule: both shards
+        auto* c = reinterpret_cast<volatile uint64_t*>(base + g * proto::kShardGranule + 4096);
+        *c = *c + 1;
+      }
+      if (dsvm_lock_release(lock) != DSVM_OK) return false;
+    }
+    return dsvm_region_close(a) == DSVM_OK;
+  };
+  std::vector<std::pair<std::string, std::function<bool(uint8_t*)>>> clients;
+  for (int i = 0; i < 3; ++i) clients.push_back({dir_.path() + "/node" + std::to_string(i) + ".sock", body});
+  ASSERT_EQ(RunLibClients("anchor", clients), (std::vector<int>{0, 0, 0}));
+  auto list = tool_.Call(proto::RegionList{0});
+  ASSERT_TRUE(list.ok());
+  proto::PageAddr base = 0;
+  for (const auto& r : std::get<proto::RegionListReply>(*list).regions) {
+    if (r.name == "counters") base = r.base;
+  }
+  ASSERT_NE(base, 0u);
+  for (uint64_t g = 0; g < 4; ++g) {
+    EXPECT_EQ(nodes_[g % 3]->ReadU64(base + g * proto::kShardGranule + 4096), 3 * kIncrements)
+        << "granule " << g;
+  }
+  EXPECT_GT(TouchedAt(1, "counters"), 0u) << "shard 1 served none of the region's pages";
+}
+
 // Shard 1 dies and comes back: pages of shard 0 are served meanwhile, an
 // access to a page of shard 1 waits, and completes once the nodes rejoin it.
 TEST_F(ShardedNodeTest, AShardRestartedWhileNodesRunIsRejoined) {
