@@ -1,26 +1,31 @@
 // dsvmctl: looks at and changes a dsvm cluster through its coordinator.
 //
-//   dsvmctl [--coordinator HOST:PORT] region create NAME SIZE [PAGE_SIZE]
-//   dsvmctl [--coordinator HOST:PORT] region show NAME
-//   dsvmctl [--coordinator HOST:PORT] region delete NAME
-//   dsvmctl [--coordinator HOST:PORT] page ADDRESS
-//   dsvmctl [--coordinator HOST:PORT] nodes
-//   dsvmctl [--coordinator HOST:PORT] regions
-//   dsvmctl [--coordinator HOST:PORT] pages NAME
+//   dsvmctl [--coordinator HOST:PORT[,...]] region create NAME SIZE [PAGE_SIZE]
+//   dsvmctl [--coordinator HOST:PORT[,...]] region show NAME
+//   dsvmctl [--coordinator HOST:PORT[,...]] region delete NAME
+//   dsvmctl [--coordinator HOST:PORT[,...]] page ADDRESS
+//   dsvmctl [--coordinator HOST:PORT[,...]] nodes
+//   dsvmctl [--coordinator HOST:PORT[,...]] regions
+//   dsvmctl [--coordinator HOST:PORT[,...]] pages NAME
 //
 // SIZE takes a K, M or G suffix; ADDRESS is decimal or 0x hex. The
-// coordinator defaults to $DSVM_COORDINATOR, then 127.0.0.1:7700. The
+// coordinator defaults to $DSVM_COORDINATOR, then 127.0.0.1:7700; with
+// several directory shards give all of them in shard order (A,B,...), as to
+// dsvm-node: `page` asks the page's shard, `pages` sums every shard's
+// answer, the rest go to shard 0 (membership and regions). The
 // cluster secret comes from --secret-file FILE (before the command), else
 // $DSVM_SECRET_FILE; without one only an --insecure coordinator answers.
 // Exit status: 0 done, 1 refused by the coordinator or unreachable, 2 usage.
 #include <cstdio>
 #include <cstdlib>
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "proto/auth.h"
 #include "proto/framed_socket.h"
+#include "proto/shard_map.h"
 
 namespace {
 
@@ -29,11 +34,11 @@ using namespace dsvm;
 int Usage(const char* why) {
   std::fprintf(stderr,
                "dsvmctl: %s\n"
-               "usage: dsvmctl [--coordinator HOST:PORT] region create NAME SIZE [PAGE_SIZE]\n"
-               "       dsvmctl [--coordinator HOST:PORT] region show|delete NAME\n"
-               "       dsvmctl [--coordinator HOST:PORT] page ADDRESS\n"
-               "       dsvmctl [--coordinator HOST:PORT] nodes|regions\n"
-               "       dsvmctl [--coordinator HOST:PORT] pages NAME\n"
+               "usage: dsvmctl [--coordinator HOST:PORT[,...]] region create NAME SIZE [PAGE_SIZE]\n"
+               "       dsvmctl [--coordinator HOST:PORT[,...]] region show|delete NAME\n"
+               "       dsvmctl [--coordinator HOST:PORT[,...]] page ADDRESS\n"
+               "       dsvmctl [--coordinator HOST:PORT[,...]] nodes|regions\n"
+               "       dsvmctl [--coordinator HOST:PORT[,...]] pages NAME\n"
                "       (before the command also: --secret-file FILE, default $DSVM_SECRET_FILE)\n",
                why);
   return 2;
@@ -101,6 +106,32 @@ int Report(const Result<proto::Message>& reply) {
   return 0;
 }
 
+// `pages NAME` over every shard: each knows the records of its own pages.
+Result<proto::Message> SumRegionPages(const std::vector<std::string>& shards,
+                                      const proto::ClusterSecret* secret, const std::string& name) {
+  proto::RegionPagesReply sum;
+  std::map<proto::NodeId, proto::NodePages> by_node;
+  for (const std::string& address : shards) {
+    DSVM_ASSIGN_OR_RETURN(proto::FramedSocket sock, proto::ConnectToCoordinator(address, secret));
+    DSVM_ASSIGN_OR_RETURN(proto::Message reply, sock.Call(proto::RegionPages{name}));
+    auto* p = std::get_if<proto::RegionPagesReply>(&reply);
+    if (p == nullptr) return reply;  // a refusal: reported as it is
+    sum.region = p->region;
+    sum.pages = p->pages;
+    sum.touched += p->touched;
+    sum.lost += p->lost;
+    sum.in_flight += p->in_flight;
+    for (const proto::NodePages& n : p->nodes) {
+      proto::NodePages& t = by_node[n.node];
+      t.node = n.node;
+      t.modified += n.modified;
+      t.shared += n.shared;
+    }
+  }
+  for (auto& [id, n] : by_node) sum.nodes.push_back(n);
+  return proto::Message(sum);
+}
+
 // Lists every node or region, page by page.
 int List(proto::FramedSocket& sock, bool nodes) {
   uint64_t after = 0;
@@ -166,9 +197,16 @@ int main(int argc, char** argv) {
     }
     secret = std::move(*loaded);
   }
-  auto connect = [&] {
-    return proto::ConnectToCoordinator(coordinator, secret ? &*secret : nullptr);
-  };
+  std::vector<std::string> shards;
+  for (size_t start = 0;;) {
+    const size_t comma = coordinator.find(',', start);
+    shards.push_back(coordinator.substr(start, comma == std::string::npos ? comma : comma - start));
+    if (comma == std::string::npos) break;
+    start = comma + 1;
+  }
+  const proto::ClusterSecret* key = secret ? &*secret : nullptr;
+  auto connect = [&](const std::string& address) { return proto::ConnectToCoordinator(address, key); };
+  std::string target = shards[0];  // membership and regions
 
   proto::Message request;
   if (args[0] == "region" && args.size() >= 3) {
@@ -193,7 +231,7 @@ int main(int argc, char** argv) {
       return Usage("unknown region command");
     }
   } else if ((args[0] == "nodes" || args[0] == "regions") && args.size() == 1) {
-    auto sock = connect();
+    auto sock = connect(target);
     if (!sock.ok()) {
       std::fprintf(stderr, "dsvmctl: %s\n", sock.status().ToString().c_str());
       return 1;
@@ -201,16 +239,17 @@ int main(int argc, char** argv) {
     return List(*sock, args[0] == "nodes");
   } else if (args[0] == "pages" && args.size() == 2) {
     if (args[1].size() > proto::kMaxNameLength) return Usage("region name too long");
-    request = proto::RegionPages{args[1]};
+    return Report(SumRegionPages(shards, key, args[1]));
   } else if (args[0] == "page" && args.size() == 2) {
     uint64_t addr = 0;
     if (!ParseSize(args[1], &addr)) return Usage("ADDRESS is not a number");
     request = proto::PageQuery{addr};
+    target = shards[proto::ShardMap(static_cast<uint32_t>(shards.size())).ShardOf(addr)];
   } else {
     return Usage("unknown command");
   }
 
-  auto sock = connect();
+  auto sock = connect(target);
   if (!sock.ok()) {
     std::fprintf(stderr, "dsvmctl: %s\n", sock.status().ToString().c_str());
     return 1;

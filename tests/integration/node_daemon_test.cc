@@ -1161,6 +1161,28 @@ TEST_F(ShardedNodeTest, PagesOfBothShardsMoveBetweenNodes) {
   ASSERT_EQ(at[1], 4u);
   EXPECT_EQ(TouchedAt(0, "sharded"), 4u) << "shard 0 must hold exactly its pages' records";
   EXPECT_EQ(TouchedAt(1, "sharded"), 4u) << "shard 1 must hold exactly its pages' records";
+
+  // dsvmctl given the shard map sums the shards, and asks a page's own shard.
+  const std::string ctl = std::string(DSVMCTL_BIN) + " --secret-file " + TestSecretPath() +
+                          " --coordinator " + coord_.address() + "," + shard1_.address();
+  auto run = [](const std::string& command) {
+    std::string out;
+    FILE* f = ::popen((command + " 2>&1").c_str(), "r");
+    if (f == nullptr) return out;
+    char buf[512];
+    while (std::fgets(buf, sizeof(buf), f) != nullptr) out += buf;
+    ::pclose(f);
+    return out;
+  };
+  const std::string summed = run(ctl + " pages sharded");
+  EXPECT_NE(summed.find("touched=8 "), std::string::npos) << summed;
+  for (proto::PageAddr p : {pages[2], pages[3]}) {  // granule 1: shard 0 or 1
+    char addr[32];
+    std::snprintf(addr, sizeof(addr), "0x%llx", static_cast<unsigned long long>(p));
+    const std::string one = run(ctl + " page " + addr);
+    EXPECT_EQ(one.find("state=invalid"), std::string::npos) << "page " << addr << ": " << one;
+    EXPECT_NE(one.find("state="), std::string::npos) << one;
+  }
 }
 
 // Client processes on three nodes: a region created through a daemon (at
