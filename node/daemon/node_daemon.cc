@@ -35,6 +35,11 @@ constexpr uint32_t kPrefetchWindow = 256;
 constexpr uint64_t kPrefetchWindowBytes = 16u << 20;
 // Pages a read fault on read-mostly pages fetches after its own.
 constexpr uint32_t kReadAhead = 16;
+// Sequential read-ahead (any page, no advice needed): the first window is
+// 64 KiB, each sequential miss doubles it up to 1 MiB (and at most 16 MiB
+// of large pages), like the kernel's read-ahead for files.
+constexpr uint64_t kSequentialFirstBytes = 64u << 10;
+constexpr uint64_t kSequentialMaxPages = 256;
 
 uint64_t MonotonicUs() {
   return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::microseconds>(
@@ -451,6 +456,7 @@ Status NodeDaemon::DropRegion(proto::PageAddr base, const std::string& why) {
   EndWaits(agent_.ForgetRange(base, base + size), "region at " + Hex(base) + " " + why);
   stores_.erase(base);
   advice_.erase(base);
+  read_ahead_.erase(base);
   region_ids_.erase(base);
   LogInfo("dropped the region that was at " + Hex(base) + ": " + why);
   return Status::Ok();
@@ -931,9 +937,40 @@ Status NodeDaemon::SetAdvice(const proto::Advise& m) {
   return Status::Ok();
 }
 
+bool NodeDaemon::ReadAheadSequential(PageStore* store, proto::PageAddr page) {
+  const uint64_t ps = store->page_size();
+  ReadAheadState& ra = read_ahead_[store->base()];
+  // Sequential: the page after the last miss, or a miss inside (or just
+  // after) the window read ahead, which the reader has caught up with.
+  const bool in_window = ra.pages > 0 && page >= ra.window_begin && page <= ra.window_end;
+  const bool next = ra.last_miss != 0 && page == ra.last_miss + ps;
+  ra.last_miss = page;
+  if (!in_window && !next) {
+    ra.pages = 0;
+    return false;
+  }
+  const uint64_t max_pages =
+      std::clamp<uint64_t>(kPrefetchWindowBytes / ps, 1, kSequentialMaxPages);
+  const uint64_t first = std::clamp<uint64_t>(kSequentialFirstBytes / ps, 1, max_pages);
+  ra.pages = in_window ? std::min(max_pages, ra.pages * 2) : first;
+  const proto::PageAddr region_end = store->base() + store->size();
+  const proto::PageAddr begin = std::max(page + ps, in_window ? ra.window_end : page + ps);
+  const proto::PageAddr end = std::min(region_end, begin + ra.pages * ps);
+  if (begin >= end) return true;
+  ra.window_begin = begin;
+  ra.window_end = end;
+  Prefetch p;
+  p.page_size = static_cast<uint32_t>(ps);
+  p.next = begin;
+  p.end = end;
+  StartPrefetch(std::move(p));
+  return true;
+}
+
 void NodeDaemon::ReadAhead(proto::PageAddr page) {
   PageStore* store = StoreOf(page);
   if (store == nullptr) return;
+  if (ReadAheadSequential(store, page)) return;
   auto it = advice_.find(store->base());
   if (it == advice_.end()) return;
   const std::vector<proto::Advice>& per_page = it->second;

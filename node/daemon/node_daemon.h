@@ -223,7 +223,12 @@ class NodeDaemon {
   void StartPrefetch(Prefetch p);
   void PumpPrefetch(uint64_t id);
   Status SetAdvice(const proto::Advise& m);
+  // After a read miss on `page`: reads ahead when the misses of its region
+  // run sequentially (the window doubles while they do), or else, on
+  // read-mostly pages, the next kReadAhead of them.
   void ReadAhead(proto::PageAddr page);
+  // The sequential part of ReadAhead; false when the miss is not sequential.
+  bool ReadAheadSequential(PageStore* store, proto::PageAddr page);
   void ReplyToClient(int fd, uint64_t request_id, const proto::Message& m, int attach_fd = -1);
   void ForwardedReply(const Forwarded& f, proto::Message m);
   Status SetupClientSocket();
@@ -265,6 +270,15 @@ class NodeDaemon {
   uint64_t next_prefetch_ = 0;
   // Per open region (by base), the proto::Advice of each page; absent: all kNormal.
   std::map<proto::PageAddr, std::vector<proto::Advice>> advice_;
+  // Sequential read-ahead, per region (by base): where the last read miss
+  // was and the window read ahead after it.
+  struct ReadAheadState {
+    proto::PageAddr last_miss = 0;
+    proto::PageAddr window_begin = 0;  // [window_begin, window_end): read ahead
+    proto::PageAddr window_end = 0;
+    uint64_t pages = 0;                // the window's size
+  };
+  std::map<proto::PageAddr, ReadAheadState> read_ahead_;
   std::unordered_map<uint64_t, Forwarded> forwarded_;
   uint64_t window_base_ = 0;
   uint64_t window_size_ = 0;

@@ -689,6 +689,43 @@ TEST_F(NodeDaemonTest, PrefetchMakesARangeValidInOneCall) {
   EXPECT_EQ(nodes_[0]->ReadU64(r.base + 4096), 1001u);
 }
 
+// Without any advice, a process reading a range in order makes its daemon
+// read ahead (the window doubles while the misses stay sequential), so most
+// pages arrive before they are touched; reading in a scattered order reads
+// nothing ahead.
+TEST_F(NodeDaemonTest, SequentialReadsAreReadAheadAndScatteredOnesAreNot) {
+  constexpr uint64_t kPages = 256;
+  // [0, kPages) is read in order; [kScattered, kScattered + kPages) in a
+  // scattered order, beyond the largest window read ahead of the first.
+  constexpr uint64_t kScattered = 640;
+  proto::RegionReply r = Region("sequential", 1024 * 4096, 4096);
+  StartNodes(2, r);
+  for (uint64_t i = 0; i < 1024; ++i) nodes_[0]->WriteU64(r.base + i * 4096, 1000 + i);
+  const auto codes = RunLibClients("sequential", {{dir_.path() + "/node1.sock", [&](uint8_t* m) {
+    dsvm_node_stats_t before, mid, after;
+    if (dsvm_stats(&before) != DSVM_OK) return false;
+    for (uint64_t i = 0; i < kPages; ++i) {  // the first half, in order
+      if (*reinterpret_cast<volatile uint64_t*>(m + i * 4096) != 1000 + i) return false;
+    }
+    if (dsvm_stats(&mid) != DSVM_OK) return false;
+    // Scattered: no two misses on adjacent pages.
+    for (uint64_t k = 0; k < kPages; ++k) {
+      const uint64_t i = kScattered + (k * 37) % kPages;  // 37 is coprime to 256
+      if (*reinterpret_cast<volatile uint64_t*>(m + i * 4096) != 1000 + i) return false;
+    }
+    if (dsvm_stats(&after) != DSVM_OK) return false;
+    const uint64_t seq_faults = mid.read_faults - before.read_faults;
+    const uint64_t seq_ahead = mid.prefetched_pages - before.prefetched_pages;
+    const uint64_t scattered_faults = after.read_faults - mid.read_faults;
+    const uint64_t scattered_ahead = after.prefetched_pages - mid.prefetched_pages;
+    std::fprintf(stderr, "in order: %lu faults, %lu read ahead; scattered: %lu faults, %lu read ahead\n",
+                 seq_faults, seq_ahead, scattered_faults, scattered_ahead);
+    return seq_faults <= kPages / 4 && seq_ahead >= kPages / 2 && scattered_faults == kPages &&
+           scattered_ahead == 0;
+  }}});
+  EXPECT_EQ(codes, std::vector<int>{0});
+}
+
 // Large pages: a prefetch window of 2 MiB pages must arrive within the
 // retransmit time, or the pages are asked for, and sent, twice (seen with
 // 64 pages in flight on a loaded machine: now at most 16 MiB are).

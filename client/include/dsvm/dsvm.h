@@ -261,9 +261,17 @@ int dsvm_barrier_wait(dsvm_barrier_t* barrier);
  * node that died), DSVM_ENOT_INITIALIZED, DSVM_EUNAVAILABLE. */
 int dsvm_prefetch(const void* addr, size_t len, unsigned flags);
 
-/* Advice for dsvm_advise. The values are ABI. */
+/* Without any advice, read faults of a node that run in order through a
+ * region (each miss on the page after the last, or inside the pages read
+ * ahead) make the daemon read ahead: 64 KiB after the first two, then twice
+ * as much after each further miss in order, up to 256 pages (or 16 MiB of
+ * large pages); a miss out of order stops it. Pages read ahead are fetched
+ * Shared and counted in prefetched_pages.
+ *
+ * Advice for dsvm_advise. The values are ABI. */
 enum dsvm_advice {
-  DSVM_ADVICE_NORMAL = 1,     /* no advice: each fault fetches its own page */
+  DSVM_ADVICE_NORMAL = 1,     /* no advice: each fault fetches its own page
+                                 (and sequential faults read ahead, above) */
   DSVM_ADVICE_READ_MOSTLY = 2 /* a read fault also fetches the next 16 pages of the
                                  range in the background (read-ahead). Reads
                                  always replicate pages (MSI); this is for data
