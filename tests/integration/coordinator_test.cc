@@ -556,6 +556,26 @@ std::vector<std::string> ShardFlags(uint32_t shard, uint32_t count,
   return f;
 }
 
+// Shard 0 and shard 1 (following shard 0), each with a tool connection.
+class TwoCoordinatorShards : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_TRUE(shard0.Start(dir.path() + "/s0", ShardFlags(0, 2)).ok()) << shard0.stderr_text();
+    ASSERT_TRUE(shard1.Start(dir.path() + "/s1", ShardFlags(1, 2, shard0.address())).ok())
+        << shard1.stderr_text();
+    auto c0 = ConnectTool(shard0.address());
+    auto c1 = ConnectTool(shard1.address());
+    ASSERT_TRUE(c0.ok() && c1.ok());
+    t0 = std::move(*c0);
+    t1 = std::move(*c1);
+  }
+
+  TempDir dir;
+  CoordinatorProcess shard0, shard1;
+  std::optional<proto::FramedSocket> t0, t1;
+};
+
+
 // Every region a coordinator knows, through RegionList pages.
 std::vector<proto::RegionReply> ListRegions(proto::FramedSocket& s) {
   std::vector<proto::RegionReply> all;
@@ -639,15 +659,7 @@ std::string ReplyText(const Result<proto::Message>& r) {
 // serves the pages of its granules and refuses the others'; a node works with
 // both at once, under the id shard 0 gave it; one shard's crash leaves the
 // other serving. Regions are created at shard 0 only: shard 1 follows.
-TEST(CoordinatorShards, TwoShardsSplitTheDirectoryByAddress) {
-  TempDir dir;
-  CoordinatorProcess shard0, shard1;
-  ASSERT_TRUE(shard0.Start(dir.path() + "/s0", ShardFlags(0, 2)).ok()) << shard0.stderr_text();
-  ASSERT_TRUE(shard1.Start(dir.path() + "/s1", ShardFlags(1, 2, shard0.address())).ok())
-      << shard1.stderr_text();
-  auto t0 = ConnectTool(shard0.address());
-  auto t1 = ConnectTool(shard1.address());
-  ASSERT_TRUE(t0.ok() && t1.ok());
+TEST_F(TwoCoordinatorShards, TwoShardsSplitTheDirectoryByAddress) {
   proto::RegionReply r0 = CreateRegion(*t0, "split", 8u << 20);
   ASSERT_TRUE(WaitUntil([&] { return Lists(*t1, r0); })) << shard1.stderr_text();
   const proto::ShardMap map(2);
@@ -708,15 +720,7 @@ TEST(CoordinatorShards, OtherShardsNeedTheRegionAuthority) {
 // waits (its Acquire is dropped, and served when resent), never fails. A
 // delete reaches shard 1 too: its pages are NOT_FOUND there, and their
 // directory records are gone, until a new region takes the addresses.
-TEST(CoordinatorShards, RegionChangesAtShard0ReachTheFollower) {
-  TempDir dir;
-  CoordinatorProcess shard0, shard1;
-  ASSERT_TRUE(shard0.Start(dir.path() + "/s0", ShardFlags(0, 2)).ok()) << shard0.stderr_text();
-  ASSERT_TRUE(shard1.Start(dir.path() + "/s1", ShardFlags(1, 2, shard0.address())).ok())
-      << shard1.stderr_text();
-  auto t0 = ConnectTool(shard0.address());
-  auto t1 = ConnectTool(shard1.address());
-  ASSERT_TRUE(t0.ok() && t1.ok());
+TEST_F(TwoCoordinatorShards, RegionChangesAtShard0ReachTheFollower) {
   ScriptedNode n0, n1;
   ASSERT_TRUE(n0.Connect(shard0.address()).ok());
   ASSERT_TRUE(n1.Connect(shard1.address(), n0.id()).ok());
@@ -902,15 +906,7 @@ TEST(CoordinatorShards, TheFollowerReconnectsWhenShard0Restarts) {
 // (e) and (f): region requests go to shard 0 only; a follower says where.
 // Node ids come from shard 0: a follower takes a node with an id it has
 // never seen as a new member (resuming or not), and refuses to assign one.
-TEST(CoordinatorShards, AFollowerRefusesRegionRequestsAndTakesShard0NodeIds) {
-  TempDir dir;
-  CoordinatorProcess shard0, shard1;
-  ASSERT_TRUE(shard0.Start(dir.path() + "/s0", ShardFlags(0, 2)).ok()) << shard0.stderr_text();
-  ASSERT_TRUE(shard1.Start(dir.path() + "/s1", ShardFlags(1, 2, shard0.address())).ok())
-      << shard1.stderr_text();
-  auto t0 = ConnectTool(shard0.address());
-  auto t1 = ConnectTool(shard1.address());
-  ASSERT_TRUE(t0.ok() && t1.ok());
+TEST_F(TwoCoordinatorShards, AFollowerRefusesRegionRequestsAndTakesShard0NodeIds) {
   proto::RegionReply r = CreateRegion(*t0, "only-at-0", 4u << 20);
   ASSERT_TRUE(WaitUntil([&] { return Lists(*t1, r); })) << shard1.stderr_text();
 
