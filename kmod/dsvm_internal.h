@@ -1,16 +1,23 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
  * dsvm.ko internals shared by dsvm_main.c (device, ioctls), dsvm_region.c
- * (the region table and each region's logical page table) and dsvm_vm.c
- * (mmap and the fault handlers).
+ * (the region table and each region's logical page table), dsvm_vm.c
+ * (mmap and the fault handlers) and dsvm_event.c (fault events, the
+ * control file's read and poll).
  *
  * Lock order, outermost first:
  *
+ *   dsvm_events_read_mutex	one reader of the event queue at a time
  *   mmap_lock (held by the core around mmap and faults)
- *     dsvm_regions_mutex	region table changes, file -> region lists
+ *     dsvm_regions_mutex	region table changes, file -> region lists,
+ *				the control file
  *       region->lock		serialises a region's table writers
  *         page lock		a page's entry and state change under it
+ *           dsvm_events_lock	pending events, the queue (a spinlock)
  *         i_mmap_rwsem, PTL	taken inside unmap_mapping_range()
+ *
+ * read() holds dsvm_events_read_mutex across copy_to_user(), whose fault
+ * may take mmap_lock; no fault path takes that mutex.
  *
  * A writer never holds region->lock across copy_from_user(): the source
  * may be a dsvm mapping whose fault would take the same locks.
@@ -22,6 +29,14 @@
  * range after its change. A fault that checked before the change has set
  * its PTE by the time the writer got the page lock, so the unmap removes
  * it; a fault that checks after the change sees it.
+ *
+ * The rule that keeps fault events from being lost: a fault raises an event
+ * only after checking, under dsvm_events_lock, that the page's entry and
+ * state still call for it and the region is alive; every writer answers
+ * the events of a page under dsvm_events_lock after changing it (and
+ * after the unmap, if it unmaps), and destroy marks the region dead before
+ * it answers all. So an event is either raised before the change and
+ * answered by it, or never raised because the fault sees the change.
  */
 #ifndef DSVM_INTERNAL_H
 #define DSVM_INTERNAL_H
@@ -31,7 +46,10 @@
 #include <linux/kref.h>
 #include <linux/list.h>
 #include <linux/mutex.h>
+#include <linux/poll.h>
+#include <linux/refcount.h>
 #include <linux/types.h>
+#include <linux/wait.h>
 #include <linux/xarray.h>
 
 #include "uapi/dsvm_uapi.h"
@@ -44,6 +62,12 @@ struct dsvm_file {
 
 /* A table entry's mark: the page is Modified (unmarked: Shared). */
 #define DSVM_MARK_MODIFIED XA_MARK_0
+/*
+ * A table entry's mark: the page was made writable since it was installed
+ * or last written back (set by .page_mkwrite). Unmarked implies that no
+ * PTE maps it writable: writeback unmaps after clearing it.
+ */
+#define DSVM_MARK_DIRTY XA_MARK_1
 
 /*
  * A region: a range of user addresses with one logical page table.
@@ -61,7 +85,11 @@ struct dsvm_region {
 	struct dsvm_file *owner;	/* dsvm_regions_mutex; NULL once destroyed */
 	struct list_head owner_link;	/* dsvm_regions_mutex */
 	struct mutex lock;		/* serialises writers of pages and dead */
-	bool dead;			/* destroyed: no more installs; lock */
+	bool dead;			/* destroyed: no more installs or events;
+					 * written under lock, read anywhere */
+	bool control;			/* created by the control file: faults
+					 * raise events instead of SIGBUS */
+	struct list_head events;	/* pending struct dsvm_event; events lock */
 	struct xarray pages;		/* index -> struct page *; entries change
 					 * under lock and the page's lock */
 };
@@ -74,6 +102,24 @@ struct dsvm_counters {
 	atomic64_t faults;
 	atomic64_t mkwrites;
 	atomic64_t refused;
+	atomic64_t events;
+	atomic64_t events_pending;
+};
+
+/*
+ * A pending fault event: one per (region, page, kind) from the fault that
+ * raises it until it is answered. References: the pending table holds one
+ * until the answer; each thread waiting on it holds one.
+ */
+struct dsvm_event {
+	struct hlist_node hnode;	/* the pending table; events lock */
+	struct list_head region_link;	/* region->events; events lock */
+	struct list_head queue_link;	/* the read queue, until read; events lock */
+	struct dsvm_region *region;	/* no reference: answered before it goes */
+	refcount_t ref;
+	bool answered;			/* set once, then the waiters are woken */
+	wait_queue_head_t waiters;
+	struct dsvm_fault_event msg;	/* what read() returns */
 };
 
 extern struct dsvm_counters dsvm_counters;
@@ -82,6 +128,8 @@ extern struct dsvm_counters dsvm_counters;
 extern struct address_space *dsvm_mapping;
 
 /* dsvm_region.c */
+extern struct dsvm_file *dsvm_control_file;
+int dsvm_control_claim(struct dsvm_file *file);
 int dsvm_region_create(struct dsvm_file *file,
 		       const struct dsvm_region_create *arg);
 int dsvm_region_destroy(u64 id);
@@ -97,8 +145,23 @@ unsigned long dsvm_page_invalidate(struct dsvm_region *region,
 				   unsigned long first, unsigned long last);
 unsigned long dsvm_page_downgrade(struct dsvm_region *region,
 				  unsigned long first, unsigned long last);
+unsigned long dsvm_page_upgrade(struct dsvm_region *region,
+				unsigned long first, unsigned long last);
+int dsvm_page_writeback(struct dsvm_region *region, unsigned long index,
+			void __user *data, u32 flags, u32 *state, bool *dirty);
 
 /* dsvm_vm.c */
 int dsvm_vm_mmap(struct file *filp, struct vm_area_struct *vma);
+
+/* dsvm_event.c */
+struct dsvm_event *dsvm_event_raise(struct dsvm_region *region,
+				    unsigned long index, bool write);
+int dsvm_event_wait(struct dsvm_event *event);
+void dsvm_event_put(struct dsvm_event *event);
+void dsvm_event_answer_page(struct dsvm_region *region, unsigned long index);
+void dsvm_event_answer_region(struct dsvm_region *region);
+ssize_t dsvm_event_read(struct file *filp, char __user *buf, size_t count,
+			loff_t *ppos);
+__poll_t dsvm_event_poll(struct file *filp, struct poll_table_struct *wait);
 
 #endif /* DSVM_INTERNAL_H */

@@ -26,7 +26,8 @@
 
 #define DSVM_FS_MAGIC 0x6473766d	/* "dsvm" */
 
-#define DSVM_FEATURES (DSVM_FEATURE_REGIONS | DSVM_FEATURE_STATS)
+#define DSVM_FEATURES (DSVM_FEATURE_REGIONS | DSVM_FEATURE_STATS | \
+		       DSVM_FEATURE_EVENTS | DSVM_FEATURE_WRITEBACK)
 
 struct dsvm_counters dsvm_counters;
 struct address_space *dsvm_mapping;
@@ -85,10 +86,11 @@ static long dsvm_ioctl_hello(struct dsvm_file *file,
 			     struct dsvm_hello __user *uarg)
 {
 	struct dsvm_hello req;
+	int ret;
 
 	if (copy_from_user(&req, uarg, sizeof(req)))
 		return -EFAULT;
-	if (req.reserved[0] || req.reserved[1])
+	if ((req.flags & ~DSVM_HELLO_CONTROL) || req.reserved)
 		return -EINVAL;
 	req.module_version = DSVM_ABI_VERSION;
 	req.features = DSVM_FEATURES;
@@ -96,6 +98,11 @@ static long dsvm_ioctl_hello(struct dsvm_file *file,
 		return -EFAULT;
 	if (req.user_version != DSVM_ABI_VERSION)
 		return -EPROTO;
+	if (req.flags & DSVM_HELLO_CONTROL) {
+		ret = dsvm_control_claim(file);
+		if (ret)
+			return ret;
+	}
 	WRITE_ONCE(file->hello_done, true);
 	return 0;
 }
@@ -109,6 +116,8 @@ static long dsvm_ioctl_stats(struct dsvm_stats __user *uarg)
 		.faults = atomic64_read(&dsvm_counters.faults),
 		.mkwrites = atomic64_read(&dsvm_counters.mkwrites),
 		.refused = atomic64_read(&dsvm_counters.refused),
+		.events = atomic64_read(&dsvm_counters.events),
+		.events_pending = atomic64_read(&dsvm_counters.events_pending),
 	};
 
 	return copy_to_user(uarg, &stats, sizeof(stats)) ? -EFAULT : 0;
@@ -206,9 +215,9 @@ out_put_region:
 	return ret;
 }
 
-/* DSVM_IOC_PAGE_INVALIDATE (drop) and DSVM_IOC_PAGE_DOWNGRADE (!drop). */
+/* DSVM_IOC_PAGE_INVALIDATE, DSVM_IOC_PAGE_DOWNGRADE, DSVM_IOC_PAGE_UPGRADE. */
 static long dsvm_ioctl_page_range(struct dsvm_page_range __user *uarg,
-				  bool drop)
+				  unsigned int cmd)
 {
 	struct dsvm_page_range req;
 	struct dsvm_region *region;
@@ -230,13 +239,50 @@ static long dsvm_ioctl_page_range(struct dsvm_page_range __user *uarg,
 		return -EINVAL;
 	}
 	last = end - 1;
-	if (drop)
+	if (cmd == DSVM_IOC_PAGE_INVALIDATE)
 		req.done = dsvm_page_invalidate(region, req.first, last);
-	else
+	else if (cmd == DSVM_IOC_PAGE_DOWNGRADE)
 		req.done = dsvm_page_downgrade(region, req.first, last);
+	else
+		req.done = dsvm_page_upgrade(region, req.first, last);
 	dsvm_region_put(region);
 
 	if (put_user(req.done, &uarg->done))
+		return -EFAULT;
+	return 0;
+}
+
+static long dsvm_ioctl_page_writeback(struct dsvm_page_writeback __user *uarg)
+{
+	const u32 known = DSVM_PAGE_WRITEBACK_DOWNGRADE |
+			  DSVM_PAGE_WRITEBACK_INVALIDATE;
+	struct dsvm_page_writeback req;
+	struct dsvm_region *region;
+	bool dirty;
+	u32 state;
+	long ret;
+
+	if (copy_from_user(&req, uarg, sizeof(req)))
+		return -EFAULT;
+	if (!req.region_id || !req.data || req.reserved32 ||
+	    req.reserved[0] || req.reserved[1])
+		return -EINVAL;
+	if ((req.flags & ~known) || req.flags == known)
+		return -EINVAL;
+
+	region = dsvm_region_get(req.region_id);
+	if (!region)
+		return -ENOENT;
+	if (req.page_index >= region->npages)
+		ret = -EINVAL;
+	else
+		ret = dsvm_page_writeback(region, req.page_index,
+					  u64_to_user_ptr(req.data), req.flags,
+					  &state, &dirty);
+	dsvm_region_put(region);
+	if (ret)
+		return ret;
+	if (put_user(state, &uarg->state) || put_user(dirty, &uarg->dirty))
 		return -EFAULT;
 	return 0;
 }
@@ -245,16 +291,28 @@ static long dsvm_ioctl(struct file *filp, unsigned int cmd, unsigned long arg)
 {
 	struct dsvm_file *file = filp->private_data;
 	void __user *uarg = (void __user *)arg;
+	struct dsvm_file *control;
 
 	switch (cmd) {
 	case DSVM_IOC_HELLO:
 		return dsvm_ioctl_hello(file, uarg);
 	case DSVM_IOC_STATS:
+		break;
 	case DSVM_IOC_REGION_CREATE:
 	case DSVM_IOC_REGION_DESTROY:
 	case DSVM_IOC_PAGE_INSTALL:
 	case DSVM_IOC_PAGE_INVALIDATE:
 	case DSVM_IOC_PAGE_DOWNGRADE:
+	case DSVM_IOC_PAGE_UPGRADE:
+	case DSVM_IOC_PAGE_WRITEBACK:
+		/*
+		 * Control requests: only the daemon's file may change the
+		 * table while it exists. (No region outlives its creator, and
+		 * none but the control file's exists beside it.)
+		 */
+		control = READ_ONCE(dsvm_control_file);
+		if (control && control != file)
+			return READ_ONCE(file->hello_done) ? -EPERM : -EPROTO;
 		break;
 	default:
 		return -ENOTTY;
@@ -273,9 +331,11 @@ static long dsvm_ioctl(struct file *filp, unsigned int cmd, unsigned long arg)
 	case DSVM_IOC_PAGE_INSTALL:
 		return dsvm_ioctl_page_install(uarg);
 	case DSVM_IOC_PAGE_INVALIDATE:
-		return dsvm_ioctl_page_range(uarg, true);
 	case DSVM_IOC_PAGE_DOWNGRADE:
-		return dsvm_ioctl_page_range(uarg, false);
+	case DSVM_IOC_PAGE_UPGRADE:
+		return dsvm_ioctl_page_range(uarg, cmd);
+	case DSVM_IOC_PAGE_WRITEBACK:
+		return dsvm_ioctl_page_writeback(uarg);
 	}
 	return -ENOTTY;
 }
@@ -284,6 +344,9 @@ static const struct file_operations dsvm_fops = {
 	.owner = THIS_MODULE,
 	.open = dsvm_open,
 	.release = dsvm_release,
+	.read = dsvm_event_read,
+	.poll = dsvm_event_poll,
+	.llseek = noop_llseek,
 	.unlocked_ioctl = dsvm_ioctl,
 	.compat_ioctl = compat_ptr_ioctl,
 	.mmap = dsvm_vm_mmap,
@@ -307,6 +370,8 @@ static int __init dsvm_init(void)
 	BUILD_BUG_ON(sizeof(struct dsvm_page_install) != 48);
 	BUILD_BUG_ON(sizeof(struct dsvm_page_range) != 48);
 	BUILD_BUG_ON(sizeof(struct dsvm_stats) != 64);
+	BUILD_BUG_ON(sizeof(struct dsvm_fault_event) != 32);
+	BUILD_BUG_ON(sizeof(struct dsvm_page_writeback) != 56);
 	BUILD_BUG_ON(PAGE_SIZE != DSVM_PAGE_SIZE_4K);
 	/* Region ids (u64) index an xarray (unsigned long). */
 	BUILD_BUG_ON(sizeof(unsigned long) < sizeof(u64));

@@ -8,10 +8,12 @@
  *
  * Locking: see the top of dsvm_internal.h.
  */
+#include <linux/highmem.h>
 #include <linux/kernel.h>
 #include <linux/mm.h>
 #include <linux/pagemap.h>
 #include <linux/sched.h>
+#include <linux/uaccess.h>
 #include <linux/slab.h>
 
 #include "dsvm_internal.h"
@@ -19,6 +21,14 @@
 /* Region id -> struct dsvm_region *; changes under dsvm_regions_mutex. */
 static DEFINE_XARRAY(dsvm_regions);
 static DEFINE_MUTEX(dsvm_regions_mutex);
+
+/*
+ * The node's control file (the daemon's), or NULL. Changes under
+ * dsvm_regions_mutex; the ioctls read it without the lock to refuse
+ * control requests from other files (region create checks it again under
+ * the lock, so no region of another file can appear beside it).
+ */
+struct dsvm_file *dsvm_control_file;
 
 /* How many pages a sweep changes between two unmaps. */
 #define DSVM_SWEEP_BATCH 64
@@ -29,6 +39,7 @@ static void dsvm_region_release(struct kref *kref)
 
 	/* Destroying the region emptied its table before the last put. */
 	WARN_ON_ONCE(!xa_empty(&region->pages));
+	WARN_ON_ONCE(!list_empty(&region->events));
 	xa_destroy(&region->pages);
 	mutex_destroy(&region->lock);
 	kfree(region);
@@ -83,9 +94,33 @@ bool dsvm_regions_empty(void)
 }
 
 /*
+ * Makes file the node's control file. Its regions raise fault events, and
+ * they all die with it, so there must be no region from before it (whose
+ * faulting threads would otherwise wait for a daemon that cannot answer).
+ * Errors: -EBUSY (another file is the control file, or a region exists).
+ */
+int dsvm_control_claim(struct dsvm_file *file)
+{
+	int ret = 0;
+
+	mutex_lock(&dsvm_regions_mutex);
+	if (dsvm_control_file == file)
+		goto out_unlock;
+	if (dsvm_control_file || !xa_empty(&dsvm_regions)) {
+		ret = -EBUSY;
+		goto out_unlock;
+	}
+	WRITE_ONCE(dsvm_control_file, file);
+out_unlock:
+	mutex_unlock(&dsvm_regions_mutex);
+	return ret;
+}
+
+/*
  * Adds a region owned by file; arg was validated by the caller.
- * Errors: -EEXIST (id in use), -EADDRINUSE (overlaps another region),
- * -ENOSPC (DSVM_REGIONS_MAX reached), -ENOMEM.
+ * Errors: -EPERM (another file is the control file), -EEXIST (id in use),
+ * -EADDRINUSE (overlaps another region), -ENOSPC (DSVM_REGIONS_MAX
+ * reached), -ENOMEM.
  */
 int dsvm_region_create(struct dsvm_file *file,
 		       const struct dsvm_region_create *arg)
@@ -103,10 +138,16 @@ int dsvm_region_create(struct dsvm_file *file,
 	region->size = arg->size;
 	region->npages = arg->size >> PAGE_SHIFT;
 	INIT_LIST_HEAD(&region->owner_link);
+	INIT_LIST_HEAD(&region->events);
 	mutex_init(&region->lock);
 	xa_init(&region->pages);
 
 	mutex_lock(&dsvm_regions_mutex);
+	if (dsvm_control_file && dsvm_control_file != file) {
+		ret = -EPERM;
+		goto err_unlock;
+	}
+	region->control = dsvm_control_file == file;
 	if (xa_load(&dsvm_regions, region->id)) {
 		ret = -EEXIST;
 		goto err_unlock;
@@ -162,6 +203,7 @@ static unsigned long dsvm_region_sweep(struct dsvm_region *region,
 {
 	xa_mark_t filter = drop ? XA_PRESENT : DSVM_MARK_MODIFIED;
 	struct page *batch[DSVM_SWEEP_BATCH];
+	unsigned long indexes[DSVM_SWEEP_BATCH];
 	unsigned long index = first, done = 0;
 
 	lockdep_assert_held(&region->lock);
@@ -183,6 +225,7 @@ static unsigned long dsvm_region_sweep(struct dsvm_region *region,
 			if (!n)
 				lo = index;
 			hi = index;
+			indexes[n] = index;
 			batch[n++] = page;
 			if (n == DSVM_SWEEP_BATCH)
 				break;
@@ -196,6 +239,9 @@ static unsigned long dsvm_region_sweep(struct dsvm_region *region,
 		unmap_mapping_range(dsvm_mapping,
 				    region->base + (lo << PAGE_SHIFT),
 				    (hi - lo + 1) << PAGE_SHIFT, 1);
+		/* After the unmap: a woken thread must not find the old PTE. */
+		for (i = 0; i < n; i++)
+			dsvm_event_answer_page(region, indexes[i]);
 		if (drop) {
 			/* The table's references; PTEs held their own. */
 			for (i = 0; i < n; i++)
@@ -211,12 +257,18 @@ static unsigned long dsvm_region_sweep(struct dsvm_region *region,
 	return done;
 }
 
-/* Frees every page of an unlinked region and drops the table's reference. */
+/*
+ * Frees every page of an unlinked region, wakes every thread sleeping on
+ * one of its pages (they retry and get SIGBUS) and drops the table's
+ * reference.
+ */
 static void dsvm_region_kill(struct dsvm_region *region)
 {
 	mutex_lock(&region->lock);
-	region->dead = true;
+	/* Before the answers: no event is raised for a dead region. */
+	WRITE_ONCE(region->dead, true);
 	dsvm_region_sweep(region, 0, region->npages - 1, true);
+	dsvm_event_answer_region(region);
 	mutex_unlock(&region->lock);
 	dsvm_region_put(region);
 }
@@ -238,13 +290,19 @@ int dsvm_region_destroy(u64 id)
 	return 0;
 }
 
-/* Destroys every region the file created; called when it is closed. */
+/*
+ * Destroys every region the file created; called when it is closed. The
+ * control file's regions are all the regions there are, so when the daemon
+ * goes, every sleeper wakes with SIGBUS and every later fault gets SIGBUS.
+ */
 void dsvm_file_destroy_regions(struct dsvm_file *file)
 {
 	struct dsvm_region *region, *next;
 	LIST_HEAD(doomed);
 
 	mutex_lock(&dsvm_regions_mutex);
+	if (dsvm_control_file == file)
+		WRITE_ONCE(dsvm_control_file, NULL);
 	list_for_each_entry_safe(region, next, &file->regions, owner_link) {
 		dsvm_region_unlink(region);
 		/* Unreachable now: owner_link is free for the local list. */
@@ -288,6 +346,8 @@ int dsvm_page_install(struct dsvm_region *region, unsigned long index,
 		ret = -EEXIST;
 	}
 	unlock_page(page);
+	if (!ret)
+		dsvm_event_answer_page(region, index);
 out_unlock:
 	mutex_unlock(&region->lock);
 	return ret;
@@ -315,4 +375,130 @@ unsigned long dsvm_page_downgrade(struct dsvm_region *region,
 	done = dsvm_region_sweep(region, first, last, false);
 	mutex_unlock(&region->lock);
 	return done;
+}
+
+/*
+ * Makes the Shared pages of [first, last] Modified in place; returns how
+ * many. No unmap: their PTEs are read-only, and .page_mkwrite checks the
+ * mark under the page lock before one becomes writable.
+ */
+unsigned long dsvm_page_upgrade(struct dsvm_region *region,
+				unsigned long first, unsigned long last)
+{
+	unsigned long index, done = 0;
+	struct page *page;
+
+	mutex_lock(&region->lock);
+	xa_for_each_range(&region->pages, index, page, first, last) {
+		if (xa_get_mark(&region->pages, index, DSVM_MARK_MODIFIED))
+			continue;
+		lock_page(page);
+		xa_set_mark(&region->pages, index, DSVM_MARK_MODIFIED);
+		unlock_page(page);
+		dsvm_event_answer_page(region, index);
+		done++;
+		cond_resched();
+	}
+	mutex_unlock(&region->lock);
+	return done;
+}
+
+/*
+ * Puts back what dsvm_page_writeback() changed when the copy to user space
+ * failed: the page dropped (if its slot is still free and the region
+ * alive), or the dirty mark cleared. A downgrade stays: the bytes are
+ * still installed, and the daemon may write them back again.
+ */
+static void dsvm_page_writeback_undo(struct dsvm_region *region,
+				     unsigned long index, struct page *page,
+				     bool dropped, bool modified, bool dirty)
+{
+	bool restored = false;
+
+	mutex_lock(&region->lock);
+	lock_page(page);
+	if (dropped && !region->dead &&
+	    !xa_insert(&region->pages, index, page, GFP_KERNEL)) {
+		get_page(page);
+		if (modified)
+			xa_set_mark(&region->pages, index, DSVM_MARK_MODIFIED);
+		atomic64_inc(&dsvm_counters.pages);
+		restored = true;
+	}
+	if (dirty && xa_load(&region->pages, index) == page)
+		xa_set_mark(&region->pages, index, DSVM_MARK_DIRTY);
+	unlock_page(page);
+	if (restored)
+		dsvm_event_answer_page(region, index);
+	mutex_unlock(&region->lock);
+}
+
+/*
+ * Copies page index to data; with DSVM_PAGE_WRITEBACK_DOWNGRADE the page
+ * becomes Shared, with _INVALIDATE it is dropped. The change (and the
+ * clearing of the dirty mark) is made under the page lock and followed by
+ * the unmap, and the copy is taken after both: a writer that comes later
+ * faults, and for a Shared or dropped page it cannot write at all, so the
+ * copy holds every write the change cuts off. Sets *state (before) and
+ * *dirty (written since installed or last written back).
+ * Errors: -ENODATA (not installed), -EFAULT (data not writable).
+ */
+int dsvm_page_writeback(struct dsvm_region *region, unsigned long index,
+			void __user *data, u32 flags, u32 *state, bool *dirty)
+{
+	bool drop = flags & DSVM_PAGE_WRITEBACK_INVALIDATE;
+	bool downgrade = flags & DSVM_PAGE_WRITEBACK_DOWNGRADE;
+	struct page *page;
+	unsigned long left;
+	bool modified;
+	void *src;
+
+	/*
+	 * Fault the buffer in first, so that a bad one fails before the page
+	 * changes; a copy that fails later (the buffer unmapped meanwhile)
+	 * undoes the change.
+	 */
+	if (fault_in_writeable(data, PAGE_SIZE))
+		return -EFAULT;
+
+	mutex_lock(&region->lock);
+	page = xa_load(&region->pages, index);
+	if (!page) {
+		mutex_unlock(&region->lock);
+		return -ENODATA;
+	}
+	lock_page(page);
+	modified = xa_get_mark(&region->pages, index, DSVM_MARK_MODIFIED);
+	*dirty = xa_get_mark(&region->pages, index, DSVM_MARK_DIRTY);
+	if (drop) {
+		/* The table's reference is ours now. */
+		xa_erase(&region->pages, index);
+	} else {
+		get_page(page);
+		xa_clear_mark(&region->pages, index, DSVM_MARK_DIRTY);
+		if (downgrade)
+			xa_clear_mark(&region->pages, index, DSVM_MARK_MODIFIED);
+	}
+	unlock_page(page);
+	/* Only a Modified page can be mapped writable. */
+	if (drop || modified)
+		unmap_mapping_range(dsvm_mapping,
+				    region->base + (index << PAGE_SHIFT),
+				    PAGE_SIZE, 1);
+	if (drop)
+		atomic64_dec(&dsvm_counters.pages);
+	if (drop || (downgrade && modified))
+		dsvm_event_answer_page(region, index);
+	mutex_unlock(&region->lock);
+
+	*state = modified ? DSVM_PAGE_STATE_MODIFIED : DSVM_PAGE_STATE_SHARED;
+	/* No lock held: data may be a dsvm mapping whose fault sleeps. */
+	src = kmap_local_page(page);
+	left = copy_to_user(data, src, PAGE_SIZE);
+	kunmap_local(src);
+	if (left)
+		dsvm_page_writeback_undo(region, index, page, drop, modified,
+					 *dirty);
+	put_page(page);
+	return left ? -EFAULT : 0;
 }

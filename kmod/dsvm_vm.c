@@ -9,16 +9,30 @@
  * unmap_mapping_range() finds and drops them and GUP works on the region.
  * Because .page_mkwrite is set, the core maps every page read-only first
  * (write notification) and asks .page_mkwrite before a PTE becomes
- * writable; that is where Shared pages are refused.
+ * writable; that is where writes to Shared pages are stopped and where
+ * Modified pages are marked dirty.
+ *
+ * A fault the table cannot resolve, on a region of the control file,
+ * raises a fault event (dsvm_event.c) and sleeps until the daemon answers.
+ * Where the core allows it (FAULT_FLAG_ALLOW_RETRY), the sleep happens
+ * without mmap_lock, which is dropped as filemap_fault() drops it for I/O,
+ * and the fault returns VM_FAULT_RETRY; the core then faults again and
+ * finds the page, or gets the signal that killed the sleeper. With
+ * FAULT_FLAG_RETRY_NOWAIT (KVM's async faults) the event is raised and the
+ * fault returns VM_FAULT_RETRY at once with mmap_lock held, as that flag
+ * asks. Otherwise (.page_mkwrite, GUP that cannot retry) it sleeps holding
+ * mmap_lock.
  *
  * Locking: see the top of dsvm_internal.h.
  */
 #include <linux/delay.h>
+#include <linux/file.h>
 #include <linux/minmax.h>
 #include <linux/mm.h>
 #include <linux/module.h>
 #include <linux/moduleparam.h>
 #include <linux/pagemap.h>
+#include <linux/sched.h>
 #include <linux/version.h>
 
 #include "dsvm_internal.h"
@@ -98,20 +112,71 @@ err_put:
 	return NULL;
 }
 
-static vm_fault_t dsvm_vm_fault(struct vm_fault *vmf)
+/*
+ * Raises (or joins) the fault event the page needs and sleeps until it is
+ * answered. Returns 0 when the caller should look at the table again, with
+ * mmap_lock held; otherwise what the fault returns: VM_FAULT_RETRY
+ * (mmap_lock dropped, except with FAULT_FLAG_RETRY_NOWAIT), VM_FAULT_SIGBUS
+ * (the region is gone or has no control file; or the sleeper was killed
+ * where it could not retry, and will not run again), VM_FAULT_OOM.
+ */
+static vm_fault_t dsvm_vm_fault_wait(struct vm_fault *vmf, bool write)
 {
-	unsigned int delay;
-	struct page *page;
+	struct vm_area_struct *vma = vmf->vma;
+	struct dsvm_event *event;
+	struct file *fpin;
+	int ret;
 
-	page = dsvm_vm_find_page(vmf, vmf->flags & FAULT_FLAG_WRITE);
-	if (!page) {
-		/*
-		 * TODO(#4): queue a fault event for the daemon (read/poll on
-		 * the control file) and sleep killably until it installs the
-		 * page; SIGBUS only when the daemon is gone.
-		 */
+	event = dsvm_event_raise(vma->vm_private_data, dsvm_vm_index(vmf), write);
+	if (!event)
+		return 0;
+	if (IS_ERR(event)) {
+		if (PTR_ERR(event) == -ENOMEM)
+			return VM_FAULT_OOM;
 		atomic64_inc(&dsvm_counters.refused);
 		return VM_FAULT_SIGBUS;
+	}
+
+	if (vmf->flags & FAULT_FLAG_RETRY_NOWAIT) {
+		dsvm_event_put(event);
+		return VM_FAULT_RETRY;
+	}
+	if (vmf->flags & FAULT_FLAG_ALLOW_RETRY) {
+		/*
+		 * Once mmap_lock is dropped the VMA may go, and with it the
+		 * last reference to the file and the module: hold the file
+		 * (filemap_fault()'s fpin). The event has its own reference.
+		 * A fatal signal ends the sleep; the core sees it on
+		 * VM_FAULT_RETRY, and the event stays for the daemon.
+		 */
+		fpin = get_file(vma->vm_file);
+		mmap_read_unlock(vma->vm_mm);
+		dsvm_event_wait(event);
+		dsvm_event_put(event);
+		fput(fpin);
+		return VM_FAULT_RETRY;
+	}
+	ret = dsvm_event_wait(event);
+	dsvm_event_put(event);
+	return ret ? VM_FAULT_SIGBUS : 0;
+}
+
+static vm_fault_t dsvm_vm_fault(struct vm_fault *vmf)
+{
+	bool write = vmf->flags & FAULT_FLAG_WRITE;
+	unsigned int delay;
+	struct page *page;
+	vm_fault_t ret;
+
+	/* Each trip round waits for an answer, or sees the table change. */
+	for (;;) {
+		page = dsvm_vm_find_page(vmf, write);
+		if (page)
+			break;
+		ret = dsvm_vm_fault_wait(vmf, write);
+		if (ret)
+			return ret;
+		cond_resched();
 	}
 	atomic64_inc(&dsvm_counters.faults);
 	delay = READ_ONCE(fault_delay_us);
@@ -127,20 +192,40 @@ static vm_fault_t dsvm_vm_fault(struct vm_fault *vmf)
  * mapped it, and on a write to a page mapped read-only. The core holds a
  * reference to vmf->page; the PTE is made writable under the page lock we
  * return with (VM_FAULT_LOCKED: the core's own fallback would check
- * page->mapping, which our pages do not have, and retry for ever).
+ * page->mapping, which our pages do not have, and retry for ever). The
+ * dirty mark is set under the same lock, so writeback, which clears it
+ * under the lock and unmaps after, never misses a write.
+ *
+ * The core calls this without FAULT_FLAG_ALLOW_RETRY, so a write to a
+ * Shared page sleeps for the upgrade holding mmap_lock.
  */
 static vm_fault_t dsvm_vm_page_mkwrite(struct vm_fault *vmf)
 {
 	struct dsvm_region *region = vmf->vma->vm_private_data;
+	unsigned long index = dsvm_vm_index(vmf);
 	struct page *page = vmf->page;
+	vm_fault_t ret;
 
-	lock_page(page);
-	if (!dsvm_vm_page_valid(region, dsvm_vm_index(vmf), page, true)) {
+	for (;;) {
+		lock_page(page);
+		if (dsvm_vm_page_valid(region, index, page, true))
+			break;
 		unlock_page(page);
-		/* TODO(#4): an upgrade event for the daemon, as in .fault. */
-		atomic64_inc(&dsvm_counters.refused);
-		return VM_FAULT_SIGBUS;
+		if (READ_ONCE(region->dead)) {
+			atomic64_inc(&dsvm_counters.refused);
+			return VM_FAULT_SIGBUS;
+		}
+		/*
+		 * Dropped or replaced: the writer unmaps this PTE right after
+		 * its change. Let the access fault again through .fault.
+		 */
+		if (xa_load(&region->pages, index) != page)
+			return VM_FAULT_NOPAGE;
+		ret = dsvm_vm_fault_wait(vmf, true);
+		if (ret)
+			return ret;
 	}
+	xa_set_mark(&region->pages, index, DSVM_MARK_DIRTY);
 	atomic64_inc(&dsvm_counters.mkwrites);
 	return VM_FAULT_LOCKED;
 }

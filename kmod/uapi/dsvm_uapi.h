@@ -16,6 +16,11 @@
  *  - Value 0 of every enum is reserved as invalid and always refused.
  *  - A file must complete DSVM_IOC_HELLO before any other ioctl; until then
  *    every other ioctl fails with -EPROTO. mmap needs no handshake.
+ *  - A node has at most one control file, the daemon's: the file that did
+ *    DSVM_IOC_HELLO with DSVM_HELLO_CONTROL. While it is open, the control
+ *    ioctls (region create and destroy, page install, invalidate,
+ *    downgrade, upgrade, writeback) from any other file fail with -EPERM,
+ *    and only it can read() fault events.
  *  - Unknown ioctl numbers fail with -ENOTTY. The struct size is part of
  *    every ioctl number, so a caller built against another layout gets
  *    -ENOTTY, never a misread struct.
@@ -41,9 +46,16 @@
 /* DSVM_IOC_STATS. */
 #define DSVM_FEATURE_STATS (1ULL << 1)
 /*
- * Reserved for what comes next (docs/KMOD.md): fault events on read/poll,
- * HMM mirroring, 64 KiB and 2 MiB pages. A caller tests for a bit rather
- * than probing with an ioctl that may fail.
+ * DSVM_HELLO_CONTROL, fault events on read()/poll() of the control file,
+ * DSVM_IOC_PAGE_UPGRADE, dsvm_stats.events and .events_pending.
+ */
+#define DSVM_FEATURE_EVENTS (1ULL << 2)
+/* DSVM_IOC_PAGE_WRITEBACK and dirty tracking. */
+#define DSVM_FEATURE_WRITEBACK (1ULL << 3)
+/*
+ * Reserved for what comes next (docs/KMOD.md): HMM mirroring, 64 KiB and
+ * 2 MiB pages. A caller tests for a bit rather than probing with an ioctl
+ * that may fail.
  */
 
 /* The page sizes a region may have. Only 4 KiB is accepted for now. */
@@ -63,23 +75,42 @@ enum dsvm_page_state {
 };
 
 /*
+ * dsvm_hello.flags: make this file the node's control file (the daemon's).
+ * Regions it creates deliver fault events to it (read(), poll()) instead
+ * of SIGBUS; closing it destroys them, so every thread sleeping on one of
+ * their pages wakes with SIGBUS. While it is open, control ioctls from
+ * other files fail with -EPERM. Claim it before creating regions.
+ */
+#define DSVM_HELLO_CONTROL (1ULL << 0)
+
+/*
  * DSVM_IOC_HELLO: the version handshake; must be the first ioctl on a file.
  * Errors: -EPROTO when user_version is not one this module speaks
  * (module_version and features are written all the same, so the caller can
- * say what it found); -EINVAL for a reserved field that is not 0.
- * Repeating HELLO on a file is allowed and changes nothing.
+ * say what it found); -EINVAL for an unknown flag or a reserved field that
+ * is not 0; -EBUSY for DSVM_HELLO_CONTROL when another file is the control
+ * file or any region exists. A failed HELLO leaves
+ * the file as it was. Repeating HELLO on a file is allowed; it can make the
+ * file the control file, never undo that.
+ * (ABI 1 before DSVM_FEATURE_EVENTS had reserved[0] where flags is: the
+ * layout is the same, and 0 means what it meant.)
  */
 struct dsvm_hello {
 	__u32 user_version;	/* (in) DSVM_ABI_VERSION the caller was built with */
 	__u32 module_version;	/* (out) DSVM_ABI_VERSION of the module */
 	__u64 features;		/* (out) DSVM_FEATURE_* bits */
-	__u64 reserved[2];	/* (in) 0 */
+	__u64 flags;		/* (in) DSVM_HELLO_* */
+	__u64 reserved;		/* (in) 0 */
 };
 
 /*
  * DSVM_IOC_REGION_CREATE: adds a region to the node's table. The region
  * belongs to the file that created it: closing that file destroys it (as
  * DSVM_IOC_REGION_DESTROY does), so a daemon that dies leaves nothing.
+ * A region created by the control file raises fault events; one created
+ * while no control file exists gets SIGBUS for faults the table cannot
+ * resolve. Like every control ioctl, -EPERM from a file other than the
+ * control file while one exists.
  * Errors: -EINVAL for a field out of range (region_id 0; base 0 or not
  * page_size aligned; size 0, not a multiple of page_size or above
  * DSVM_REGION_SIZE_MAX; base + size beyond the user address space;
@@ -115,8 +146,9 @@ struct dsvm_region_destroy {
  * DSVM_IOC_PAGE_INSTALL: gives the node a copy of one page in a state. The
  * module copies page_size bytes from data into a page of its own. A fault
  * on the page is then resolved in the kernel: reads map it read-only; a
- * write maps it writable when it is Modified and gets SIGBUS when it is
- * Shared.
+ * write maps it writable when it is Modified; a write to a Shared page
+ * raises an upgrade event (regions of the control file) or gets SIGBUS.
+ * Installing answers the page's pending fault events: their threads retry.
  * Errors: -EINVAL (region_id 0; page_index beyond the region; state not
  * Shared or Modified; unknown flag; data 0 without DSVM_PAGE_INSTALL_ZERO
  * or not 0 with it; reserved not 0); -ENOENT (no such region); -EEXIST
@@ -134,11 +166,15 @@ struct dsvm_page_install {
 
 /*
  * A range of pages of a region, for DSVM_IOC_PAGE_INVALIDATE (drop the
- * copies: unmap them from every process and free them) and
+ * copies: unmap them from every process and free them),
  * DSVM_IOC_PAGE_DOWNGRADE (Modified -> Shared: unmap so that the next
- * access faults again; a read then maps read-only, a write gets SIGBUS).
- * Pages of the range that are not installed (invalidate) or not Modified
- * (downgrade) are left alone: both are idempotent.
+ * access faults again; a read then maps read-only, a write raises an
+ * upgrade event or gets SIGBUS) and DSVM_IOC_PAGE_UPGRADE (Shared ->
+ * Modified in place, no copy: the answer to an upgrade event; threads
+ * waiting to write the page retry and go through).
+ * Pages of the range that are not installed (invalidate), not Modified
+ * (downgrade) or not Shared (upgrade) are left alone: all are idempotent.
+ * Each page that changes has its pending fault events answered.
  * Errors: -EINVAL (region_id 0; count 0; first + count overflowing or
  * beyond the region; reserved not 0); -ENOENT (no such region).
  */
@@ -163,7 +199,74 @@ struct dsvm_stats {
 	__u64 faults;		/* (out) faults resolved in the kernel */
 	__u64 mkwrites;		/* (out) writes enabled on a mapped Modified page */
 	__u64 refused;		/* (out) faults answered with SIGBUS */
-	__u64 reserved[2];	/* (out) 0 */
+	__u64 events;		/* (out) fault events raised (DSVM_FEATURE_EVENTS) */
+	__u64 events_pending;	/* (out) events raised and not yet answered */
+};
+
+/* dsvm_fault_event.kind: what the faulting thread needs. */
+enum dsvm_fault_kind {
+	DSVM_FAULT_INVALID = 0,	/* reserved: never in an event */
+	DSVM_FAULT_READ = 1,	/* a read of a page not installed */
+	DSVM_FAULT_WRITE = 2,	/* a write to a page not installed */
+	DSVM_FAULT_UPGRADE = 3,	/* a write to a Shared page */
+};
+
+/*
+ * A fault event, as read() from the control file returns them. A thread
+ * faulting on a page of a region of the control file that the table cannot
+ * resolve raises one and sleeps (killably) until it is answered: by any
+ * change of the page (DSVM_IOC_PAGE_INSTALL, _UPGRADE, _INVALIDATE,
+ * _DOWNGRADE, _WRITEBACK with a flag), after which it retries and raises a
+ * new event if it still needs one, or by the region's destruction (SIGBUS).
+ * Faults on a page that has an event of the same kind pending (read or
+ * not) wait on it instead of raising another: at most one event per page
+ * and kind is pending, which bounds the queue by the regions' size.
+ *
+ * read(fd, buf, n * sizeof(struct dsvm_fault_event)) returns up to n
+ * events, oldest first, and blocks while none is queued (-EAGAIN with
+ * O_NONBLOCK); poll() reports POLLIN while one is. An event that was read
+ * stays pending (faults keep waiting on it) until answered. A sleeper that
+ * is killed leaves its event to the daemon.
+ * Errors of read(): -EPERM (not the control file); -EINVAL (a buffer
+ * smaller than one event); -EAGAIN; -EINTR; -EFAULT (nothing was taken
+ * off the queue).
+ */
+struct dsvm_fault_event {
+	__u64 region_id;	/* (out) */
+	__u64 page_index;	/* (out) */
+	__u64 seq;		/* (out) 1, 2, ...: the order events were raised on the node */
+	__u32 kind;		/* (out) enum dsvm_fault_kind */
+	__u32 reserved;		/* (out) 0 */
+};
+
+/* dsvm_page_writeback.flags: what happens to the page with the copy. */
+#define DSVM_PAGE_WRITEBACK_DOWNGRADE (1u << 0)	/* it becomes Shared */
+#define DSVM_PAGE_WRITEBACK_INVALIDATE (1u << 1)	/* it is dropped */
+
+/*
+ * DSVM_IOC_PAGE_WRITEBACK: copies an installed page's bytes to data (for a
+ * Fetch or an eviction) and reports whether it was written since it was
+ * installed or last written back (dirty, then cleared: the module unmaps
+ * the page so that the next write marks it again). With a flag the page
+ * is downgraded or dropped in the same step: the state changes and the
+ * page is unmapped before the copy is taken, so no write can land after
+ * the copy and be lost (a separate DOWNGRADE after a writeback would leave
+ * that window open). Without a flag, writers may go on while the copy is
+ * taken; whatever they write after the unmap marks the page dirty again.
+ * Errors: -EINVAL (region_id 0; page_index beyond the region; data 0;
+ * unknown flag or both; reserved not 0); -ENOENT (no such region);
+ * -ENODATA (the page is not installed); -EFAULT (data not writable: the
+ * page is left installed, and dirty if it was).
+ */
+struct dsvm_page_writeback {
+	__u64 region_id;	/* (in) */
+	__u64 page_index;	/* (in) */
+	__u64 data;		/* (in) user address of page_size writable bytes */
+	__u32 flags;		/* (in) DSVM_PAGE_WRITEBACK_*, at most one */
+	__u32 state;		/* (out) enum dsvm_page_state before the call */
+	__u32 dirty;		/* (out) 1 when written since install or last writeback */
+	__u32 reserved32;	/* (in) 0 */
+	__u64 reserved[2];	/* (in) 0 */
 };
 
 /*
@@ -188,5 +291,7 @@ struct dsvm_stats {
 #define DSVM_IOC_PAGE_INSTALL	_IOW(DSVM_IOC_MAGIC, 0x20, struct dsvm_page_install)
 #define DSVM_IOC_PAGE_INVALIDATE _IOWR(DSVM_IOC_MAGIC, 0x21, struct dsvm_page_range)
 #define DSVM_IOC_PAGE_DOWNGRADE	_IOWR(DSVM_IOC_MAGIC, 0x22, struct dsvm_page_range)
+#define DSVM_IOC_PAGE_UPGRADE	_IOWR(DSVM_IOC_MAGIC, 0x23, struct dsvm_page_range)
+#define DSVM_IOC_PAGE_WRITEBACK	_IOWR(DSVM_IOC_MAGIC, 0x24, struct dsvm_page_writeback)
 
 #endif /* _UAPI_DSVM_UAPI_H */

@@ -24,6 +24,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
+#include <sys/epoll.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
@@ -46,6 +48,7 @@
 #define BASE_SPLIT	0x640000000000UL
 #define BASE_LEAK	0x650000000000UL
 #define BASE_VALID	0x660000000000UL
+#define BASE_EVENTS	0x670000000000UL
 
 static int tests_run, tests_failed;
 
@@ -205,18 +208,47 @@ static int page_install(int fd, uint64_t id, uint64_t index, uint32_t state,
 	return xioctl(fd, DSVM_IOC_PAGE_INSTALL, &pi);
 }
 
-/* Invalidate (drop) or downgrade a range; returns -errno or pages done. */
-static long page_range(int fd, bool drop, uint64_t id, uint64_t first,
-		       uint64_t count)
+/* A page range ioctl (invalidate, downgrade, upgrade); -errno or pages done. */
+static long page_op(int fd, unsigned long cmd, uint64_t id, uint64_t first,
+		    uint64_t count)
 {
 	struct dsvm_page_range pr = {
 		.region_id = id, .first = first, .count = count,
 	};
 	int ret;
 
-	ret = xioctl(fd, drop ? DSVM_IOC_PAGE_INVALIDATE : DSVM_IOC_PAGE_DOWNGRADE,
-		     &pr);
+	ret = xioctl(fd, cmd, &pr);
 	return ret ? ret : (long)pr.done;
+}
+
+/* Invalidate (drop) or downgrade a range; returns -errno or pages done. */
+static long page_range(int fd, bool drop, uint64_t id, uint64_t first,
+		       uint64_t count)
+{
+	return page_op(fd, drop ? DSVM_IOC_PAGE_INVALIDATE : DSVM_IOC_PAGE_DOWNGRADE,
+		       id, first, count);
+}
+
+static long page_upgrade(int fd, uint64_t id, uint64_t first, uint64_t count)
+{
+	return page_op(fd, DSVM_IOC_PAGE_UPGRADE, id, first, count);
+}
+
+/* DSVM_IOC_PAGE_WRITEBACK into data; 0 or -errno. */
+static int page_writeback(int fd, uint64_t id, uint64_t index, uint32_t flags,
+			  void *data, uint32_t *state, uint32_t *dirty)
+{
+	struct dsvm_page_writeback wb = {
+		.region_id = id, .page_index = index, .flags = flags,
+		.data = (uintptr_t)data,
+	};
+	int ret = xioctl(fd, DSVM_IOC_PAGE_WRITEBACK, &wb);
+
+	if (state)
+		*state = wb.state;
+	if (dirty)
+		*dirty = wb.dirty;
+	return ret;
 }
 
 static struct dsvm_stats stats(int fd)
@@ -340,20 +372,25 @@ static void test_handshake(int fd)
 
 	memset(&h, 0, sizeof(h));
 	h.user_version = DSVM_ABI_VERSION;
-	h.reserved[0] = 1;
+	h.flags = 1ULL << 1;
 	expect(xioctl(fd, DSVM_IOC_HELLO, &h), -EINVAL,
-	       "hello with reserved[0] set refused with EINVAL");
-	h.reserved[0] = 0;
-	h.reserved[1] = 1ULL << 63;
+	       "hello with an unknown flag refused with EINVAL");
+	h.flags = ~0ULL;
 	expect(xioctl(fd, DSVM_IOC_HELLO, &h), -EINVAL,
-	       "hello with reserved[1] set refused with EINVAL");
+	       "hello with flags ~0 refused with EINVAL");
+	h.flags = 0;
+	h.reserved = 1ULL << 63;
+	expect(xioctl(fd, DSVM_IOC_HELLO, &h), -EINVAL,
+	       "hello with reserved set refused with EINVAL");
 
 	memset(&h, 0, sizeof(h));
 	h.user_version = DSVM_ABI_VERSION;
 	expect(xioctl(fd, DSVM_IOC_HELLO, &h), 0, "hello with the right version");
 	result(h.module_version == DSVM_ABI_VERSION &&
 	       (h.features & DSVM_FEATURE_REGIONS) &&
-	       (h.features & DSVM_FEATURE_STATS),
+	       (h.features & DSVM_FEATURE_STATS) &&
+	       (h.features & DSVM_FEATURE_EVENTS) &&
+	       (h.features & DSVM_FEATURE_WRITEBACK),
 	       "hello reports version %u and features 0x%llx",
 	       h.module_version, (unsigned long long)h.features);
 	expect(hello(fd), 0, "hello repeated on the same file");
@@ -494,8 +531,17 @@ static void test_page_install_invalid(int fd)
 /* Needs region 90 (16 pages). */
 static void test_page_range_invalid(int fd)
 {
-	for (int drop = 1; drop >= 0; drop--) {
-		const char *op = drop ? "invalidate" : "downgrade";
+	static const struct {
+		const char *op;
+		unsigned long cmd;
+	} ops[] = {
+		{ "invalidate", DSVM_IOC_PAGE_INVALIDATE },
+		{ "downgrade", DSVM_IOC_PAGE_DOWNGRADE },
+		{ "upgrade", DSVM_IOC_PAGE_UPGRADE },
+	};
+
+	for (size_t o = 0; o < sizeof(ops) / sizeof(ops[0]); o++) {
+		const char *op = ops[o].op;
 		const struct {
 			const char *name;
 			struct dsvm_page_range pr;
@@ -518,13 +564,52 @@ static void test_page_range_invalid(int fd)
 
 			snprintf(name, sizeof(name), "page %s: %s refused", op,
 				 cases[i].name);
-			expect(xioctl(fd, drop ? DSVM_IOC_PAGE_INVALIDATE :
-					   DSVM_IOC_PAGE_DOWNGRADE, &pr),
-			       cases[i].err, name);
+			expect(xioctl(fd, ops[o].cmd, &pr), cases[i].err, name);
 		}
-		expect(page_range(fd, drop, 90, 0, 16), 0,
-		       drop ? "page invalidate: whole empty region is a no-op" :
-			      "page downgrade: whole empty region is a no-op");
+		{
+			char name[128];
+
+			snprintf(name, sizeof(name),
+				 "page %s: whole empty region is a no-op", op);
+			expect(page_op(fd, ops[o].cmd, 90, 0, 16), 0, name);
+		}
+	}
+}
+
+/* Needs region 90 (16 pages). */
+static void test_page_writeback_invalid(int fd)
+{
+	static uint64_t buf[PAGE / 8];
+	const uint64_t d = (uintptr_t)buf;
+	const uint32_t DG = DSVM_PAGE_WRITEBACK_DOWNGRADE;
+	const uint32_t INV = DSVM_PAGE_WRITEBACK_INVALIDATE;
+	const struct {
+		const char *name;
+		struct dsvm_page_writeback wb;
+		int err;
+	} cases[] = {
+		{ "region_id 0", { 0, 0, d }, -EINVAL },
+		{ "unknown region", { 12345, 0, d }, -ENOENT },
+		{ "page_index == npages", { 90, 16, d }, -EINVAL },
+		{ "page_index 2^64-1", { 90, ~0ULL, d }, -EINVAL },
+		{ "data 0", { 90, 0, 0 }, -EINVAL },
+		{ "unknown flag", { 90, 0, d, 1u << 2 }, -EINVAL },
+		{ "flags ~0", { 90, 0, d, ~0u }, -EINVAL },
+		{ "both downgrade and invalidate", { 90, 0, d, DG | INV }, -EINVAL },
+		{ "reserved32 set", { 90, 0, d, 0, 0, 0, 1 }, -EINVAL },
+		{ "reserved[0] set", { 90, 0, d, 0, 0, 0, 0, { 1, 0 } }, -EINVAL },
+		{ "reserved[1] set", { 90, 0, d, 0, 0, 0, 0, { 0, 1 } }, -EINVAL },
+		{ "page not installed", { 90, 0, d }, -ENODATA },
+		{ "page not installed, with invalidate", { 90, 3, d, INV }, -ENODATA },
+	};
+
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		struct dsvm_page_writeback wb = cases[i].wb;
+		char name[128];
+
+		snprintf(name, sizeof(name), "page writeback: %s refused",
+			 cases[i].name);
+		expect(xioctl(fd, DSVM_IOC_PAGE_WRITEBACK, &wb), cases[i].err, name);
 	}
 }
 
@@ -1148,6 +1233,575 @@ static void test_leak_meminfo(int fd)
 	       "leak: MemFree came back after destroy (%ld kB short)", before - after);
 }
 
+/* ---- fault events, the control file, writeback --------------------------- */
+
+#define EVENTS_ID 20
+#define EVENTS_PAGES 32
+#define WAIT_MS 10000	/* generous under TCG; a hang fails, never passes */
+
+static int hello_control(int fd)
+{
+	struct dsvm_hello h = {
+		.user_version = DSVM_ABI_VERSION, .flags = DSVM_HELLO_CONTROL,
+	};
+
+	return xioctl(fd, DSVM_IOC_HELLO, &h);
+}
+
+static void sleep_ms(long ms)
+{
+	struct timespec ts = { ms / 1000, (ms % 1000) * 1000000L };
+
+	nanosleep(&ts, NULL);
+}
+
+/* Waits until the module counts want pending events; false after WAIT_MS. */
+static bool wait_pending(int fd, uint64_t want)
+{
+	for (int i = 0; i < WAIT_MS; i++) {
+		if (stats(fd).events_pending == want)
+			return true;
+		sleep_ms(1);
+	}
+	diag("events_pending %llu, want %llu",
+	     (unsigned long long)stats(fd).events_pending,
+	     (unsigned long long)want);
+	return false;
+}
+
+/* read() of up to n events: their number, or -errno. */
+static int read_events(int cfd, struct dsvm_fault_event *ev, int n)
+{
+	ssize_t r = read(cfd, ev, n * sizeof(*ev));
+
+	if (r < 0)
+		return -errno;
+	if (r % sizeof(*ev)) {
+		diag("read returned %zd bytes", r);
+		return -EIO;
+	}
+	return r / sizeof(*ev);
+}
+
+static bool event_is(const struct dsvm_fault_event *ev, uint64_t index,
+		     uint32_t kind)
+{
+	bool ok = ev->region_id == EVENTS_ID && ev->page_index == index &&
+		  ev->kind == kind && ev->seq != 0 && ev->reserved == 0;
+
+	if (!ok)
+		diag("event region %llu page %llu kind %u seq %llu reserved %u, want page %llu kind %u",
+		     (unsigned long long)ev->region_id,
+		     (unsigned long long)ev->page_index, ev->kind,
+		     (unsigned long long)ev->seq, ev->reserved,
+		     (unsigned long long)index, kind);
+	return ok;
+}
+
+/* A thread that reads or writes one word and records how that went. */
+struct faulter {
+	pthread_t thread;
+	volatile uint64_t *addr;
+	bool write;
+	uint64_t value;		/* written, or read */
+	int done;		/* __atomic: 0 running, 1 done, -1 SIGBUS */
+};
+
+static int faulters_started;	/* __atomic */
+
+static void *faulter_main(void *arg)
+{
+	struct faulter *f = arg;
+	bool ok;
+
+	__atomic_fetch_add(&faulters_started, 1, __ATOMIC_RELEASE);
+	if (f->write)
+		ok = probe_write(f->addr, &f->value, 8);
+	else
+		ok = probe_read(f->addr, &f->value, 8);
+	__atomic_store_n(&f->done, ok ? 1 : -1, __ATOMIC_RELEASE);
+	return NULL;
+}
+
+static void faulter_start(struct faulter *f, uint64_t index, bool write,
+			  uint64_t value)
+{
+	*f = (struct faulter){
+		.addr = page_at(BASE_EVENTS, index), .write = write,
+		.value = value,
+	};
+	pthread_create(&f->thread, NULL, faulter_main, f);
+}
+
+static int faulter_state(struct faulter *f)
+{
+	return __atomic_load_n(&f->done, __ATOMIC_ACQUIRE);
+}
+
+/* Joins the thread; false (and the thread left behind) after WAIT_MS. */
+static bool faulter_join(struct faulter *f)
+{
+	struct timespec deadline;
+
+	clock_gettime(CLOCK_REALTIME, &deadline);
+	deadline.tv_sec += WAIT_MS / 1000;
+	return pthread_timedjoin_np(f->thread, NULL, &deadline) == 0;
+}
+
+/* Waits for a child; its status, or -1 (and the child killed) after WAIT_MS. */
+static int wait_child(pid_t pid)
+{
+	int status;
+
+	for (int i = 0; i < WAIT_MS; i++) {
+		if (waitpid(pid, &status, WNOHANG) == pid)
+			return status;
+		sleep_ms(1);
+	}
+	kill(pid, SIGKILL);
+	waitpid(pid, &status, 0);
+	return -1;
+}
+
+/*
+ * Makes cfd the control file, checks the claim's rules and that other
+ * files' control requests are refused; leaves region EVENTS_ID created by
+ * cfd. fd is a plain file (HELLO done), ofd a fresh one.
+ */
+static void test_control(int fd, int cfd)
+{
+	static uint64_t buf[PAGE / 8];
+	struct dsvm_stats st;
+	struct pollfd pfd;
+	int ofd = open_dev();
+	char c;
+	int n;
+
+	expect(region_create(fd, 30, BASE_EVENTS, 4), 0,
+	       "control: a plain file creates a region");
+	expect(hello_control(cfd), -EBUSY,
+	       "control: claim refused with EBUSY while a region exists");
+	expect(xioctl(cfd, DSVM_IOC_STATS, &st), -EPROTO,
+	       "control: a refused claim leaves the file without a handshake");
+	expect(region_destroy(fd, 30), 0, "control: destroy the plain region");
+	expect(hello_control(cfd), 0, "control: claim the control file");
+	expect(hello_control(cfd), 0, "control: claim repeated on the control file");
+	expect(hello(cfd), 0, "control: plain hello on the control file changes nothing");
+	expect(hello_control(ofd), -EBUSY,
+	       "control: a second control file refused with EBUSY");
+	expect(region_create(cfd, EVENTS_ID, BASE_EVENTS, EVENTS_PAGES), 0,
+	       "control: the control file creates a region");
+
+	expect(region_create(fd, 21, BASE_EVENTS + (1ULL << 32), 4), -EPERM,
+	       "control: region create from another file refused with EPERM");
+	expect(region_destroy(fd, EVENTS_ID), -EPERM,
+	       "control: region destroy from another file refused with EPERM");
+	expect(page_install(fd, EVENTS_ID, 0, DSVM_PAGE_STATE_SHARED, buf), -EPERM,
+	       "control: page install from another file refused with EPERM");
+	expect((int)page_op(fd, DSVM_IOC_PAGE_INVALIDATE, EVENTS_ID, 0, 1), -EPERM,
+	       "control: page invalidate from another file refused with EPERM");
+	expect((int)page_op(fd, DSVM_IOC_PAGE_DOWNGRADE, EVENTS_ID, 0, 1), -EPERM,
+	       "control: page downgrade from another file refused with EPERM");
+	expect((int)page_upgrade(fd, EVENTS_ID, 0, 1), -EPERM,
+	       "control: page upgrade from another file refused with EPERM");
+	expect(page_writeback(fd, EVENTS_ID, 0, 0, buf, NULL, NULL), -EPERM,
+	       "control: page writeback from another file refused with EPERM");
+	expect(xioctl(fd, DSVM_IOC_STATS, &st), 0,
+	       "control: stats from another file still allowed");
+	expect(read(fd, buf, sizeof(struct dsvm_fault_event)) < 0 ? -errno : 0,
+	       -EPERM, "control: read of events from another file refused with EPERM");
+	pfd = (struct pollfd){ .fd = fd, .events = POLLIN };
+	n = poll(&pfd, 1, 0);
+	result(n == 1 && (pfd.revents & POLLERR) && !(pfd.revents & POLLIN),
+	       "control: poll on another file reports POLLERR (0x%x)", pfd.revents);
+	expect(read(cfd, &c, 1) < 0 ? -errno : 0, -EINVAL,
+	       "control: read with a buffer smaller than an event refused with EINVAL");
+	expect(read(cfd, buf, sizeof(struct dsvm_fault_event) - 1) < 0 ? -errno : 0,
+	       -EINVAL, "control: read of 31 bytes refused with EINVAL");
+	close(ofd);
+}
+
+static void test_events(int fd, int cfd)
+{
+	const uint64_t id = EVENTS_ID, b = BASE_EVENTS;
+	static uint64_t buf[PAGE / 8];
+	struct dsvm_fault_event ev[16];
+	struct faulter f[8];
+	struct dsvm_stats st0, st;
+	struct epoll_event ee;
+	struct pollfd pfd;
+	bool ok, seen[3];
+	pid_t pid;
+	int n, epfd;
+
+	if (map_region(fd, b, EVENTS_PAGES) != (void *)b) {
+		result(false, "events: mmap (%s)", strerror(errno));
+		return;
+	}
+	st0 = stats(fd);
+
+	/* An empty queue. */
+	fcntl(cfd, F_SETFL, fcntl(cfd, F_GETFL) | O_NONBLOCK);
+	expect(read_events(cfd, ev, 4), -EAGAIN,
+	       "events: O_NONBLOCK read of an empty queue fails with EAGAIN");
+	pfd = (struct pollfd){ .fd = cfd, .events = POLLIN };
+	result(poll(&pfd, 1, 0) == 0, "events: poll of an empty queue reports nothing");
+
+	/* A read of a page not installed: one event, the reader sleeps. */
+	faulter_start(&f[0], 0, false, 0);
+	result(wait_pending(fd, 1), "read event: one event pending");
+	pfd = (struct pollfd){ .fd = cfd, .events = POLLIN };
+	result(poll(&pfd, 1, WAIT_MS) == 1 && (pfd.revents & POLLIN),
+	       "read event: poll reports POLLIN");
+	sleep_ms(50);
+	result(faulter_state(&f[0]) == 0, "read event: the reader sleeps");
+	n = read_events(cfd, ev, 4);
+	st = stats(fd);
+	result(n == 1 && event_is(&ev[0], 0, DSVM_FAULT_READ) &&
+	       ev[0].seq == st.events,
+	       "read event: read returns region, page 0, kind read, seq %llu (events %llu)",
+	       (unsigned long long)(n > 0 ? ev[0].seq : 0),
+	       (unsigned long long)st.events);
+	result(poll(&pfd, 1, 0) == 0,
+	       "read event: poll reports nothing once the event was read");
+	result(stats(fd).events_pending == 1 && faulter_state(&f[0]) == 0,
+	       "read event: still pending and the reader still sleeps until answered");
+	fill(buf, 200);
+	expect(page_install(cfd, id, 0, DSVM_PAGE_STATE_SHARED, buf), 0,
+	       "read event: install answers it");
+	result(faulter_join(&f[0]) && f[0].done == 1 && f[0].value == buf[0],
+	       "read event: the reader wakes and reads the installed bytes");
+	result(page_matches(b, 0, 200) && stats(fd).events_pending == 0,
+	       "read event: page readable, nothing pending");
+
+	/* A write to a page not installed. */
+	faulter_start(&f[0], 1, true, 0x1111);
+	result(wait_pending(fd, 1), "write event: one event pending");
+	n = read_events(cfd, ev, 4);
+	result(n == 1 && event_is(&ev[0], 1, DSVM_FAULT_WRITE),
+	       "write event: kind write, page 1");
+	fill(buf, 201);
+	expect(page_install(cfd, id, 1, DSVM_PAGE_STATE_MODIFIED, buf), 0,
+	       "write event: install Modified answers it");
+	result(faulter_join(&f[0]) && f[0].done == 1 &&
+	       *(volatile uint64_t *)page_at(b, 1) == 0x1111,
+	       "write event: the writer wakes and its write lands");
+
+	/* A write to a Shared page not mapped (.fault). */
+	fill(buf, 202);
+	expect(page_install(cfd, id, 2, DSVM_PAGE_STATE_SHARED, buf), 0,
+	       "upgrade event: install a Shared page");
+	faulter_start(&f[0], 2, true, 0x2222);
+	result(wait_pending(fd, 1), "upgrade event: one event pending (write fault)");
+	n = read_events(cfd, ev, 4);
+	result(n == 1 && event_is(&ev[0], 2, DSVM_FAULT_UPGRADE),
+	       "upgrade event: kind upgrade, page 2");
+	expect((int)page_upgrade(cfd, id, 2, 1), 1, "upgrade event: upgrade answers it");
+	result(faulter_join(&f[0]) && f[0].done == 1 &&
+	       *(volatile uint64_t *)page_at(b, 2) == 0x2222,
+	       "upgrade event: the write lands");
+	result(((volatile uint64_t *)page_at(b, 2))[1] == buf[1],
+	       "upgrade event: in place, the rest of the page kept");
+	expect((int)page_upgrade(cfd, id, 2, 1), 0, "upgrade: again is a no-op");
+	expect((int)page_upgrade(cfd, id, 3, 1), 0, "upgrade: a page not installed is a no-op");
+
+	/* A write to a Shared page mapped read-only (.page_mkwrite). */
+	fill(buf, 203);
+	expect(page_install(cfd, id, 3, DSVM_PAGE_STATE_SHARED, buf), 0,
+	       "upgrade event: install another Shared page");
+	result(page_matches(b, 3, 203), "upgrade event: map it read-only");
+	faulter_start(&f[0], 3, true, 0x3333);
+	result(wait_pending(fd, 1), "upgrade event: one event pending (mkwrite)");
+	n = read_events(cfd, ev, 4);
+	result(n == 1 && event_is(&ev[0], 3, DSVM_FAULT_UPGRADE),
+	       "upgrade event: kind upgrade, page 3");
+	expect((int)page_upgrade(cfd, id, 0, EVENTS_PAGES), 2,
+	       "upgrade event: upgrading the whole region (pages 0 and 3 Shared) answers it");
+	result(faulter_join(&f[0]) && f[0].done == 1 &&
+	       *(volatile uint64_t *)page_at(b, 3) == 0x3333,
+	       "upgrade event: the write lands");
+
+	/* Eight threads on one page: one event, all wake. */
+	__atomic_store_n(&faulters_started, 0, __ATOMIC_RELAXED);
+	for (int t = 0; t < 8; t++)
+		faulter_start(&f[t], 4, false, 0);
+	while (__atomic_load_n(&faulters_started, __ATOMIC_ACQUIRE) < 8)
+		sleep_ms(1);
+	result(wait_pending(fd, 1), "same page: one event pending");
+	sleep_ms(200);	/* every thread has faulted by now, or is about to */
+	st = stats(fd);
+	n = read_events(cfd, ev, 16);
+	result(n == 1 && event_is(&ev[0], 4, DSVM_FAULT_READ) &&
+	       st.events - st0.events == 5,
+	       "same page: 8 threads faulting, one event read (%d, %llu raised)", n,
+	       (unsigned long long)(st.events - st0.events));
+	ok = true;
+	for (int t = 0; t < 8; t++)
+		ok &= faulter_state(&f[t]) == 0;
+	result(ok, "same page: all 8 sleep");
+	fill(buf, 204);
+	expect(page_install(cfd, id, 4, DSVM_PAGE_STATE_SHARED, buf), 0,
+	       "same page: install");
+	ok = true;
+	for (int t = 0; t < 8; t++)
+		ok &= faulter_join(&f[t]) && f[t].done == 1 && f[t].value == buf[0];
+	result(ok, "same page: all 8 wake with the installed bytes");
+	expect(read_events(cfd, ev, 16), -EAGAIN, "same page: no second event");
+
+	/* Several events per read, a buffer of N returns up to N. */
+	faulter_start(&f[0], 5, false, 0);
+	faulter_start(&f[1], 6, true, 0x6666);
+	faulter_start(&f[2], 7, false, 0);
+	result(wait_pending(fd, 3), "several: three events pending");
+	n = read_events(cfd, ev, 2);
+	result(n == 2, "several: a buffer of 2 events returns 2 (%d)", n);
+	n = read_events(cfd, ev + 2, 8);
+	result(n == 1, "several: the next read returns the third (%d)", n);
+	memset(seen, 0, sizeof(seen));
+	ok = true;
+	for (int i = 0; i < 3; i++) {
+		uint64_t p = ev[i].page_index;
+
+		ok &= p >= 5 && p <= 7 && !seen[p - 5] && ev[i].region_id == id &&
+		      ev[i].kind == (p == 6 ? DSVM_FAULT_WRITE : DSVM_FAULT_READ) &&
+		      (i == 0 || ev[i].seq > ev[i - 1].seq);
+		if (p >= 5 && p <= 7)
+			seen[p - 5] = true;
+	}
+	result(ok, "several: pages 5, 6, 7 once each, right kinds, seq increasing");
+	fill(buf, 205);
+	ok = page_install(cfd, id, 5, DSVM_PAGE_STATE_SHARED, buf) == 0 &&
+	     page_install(cfd, id, 6, DSVM_PAGE_STATE_MODIFIED, buf) == 0 &&
+	     page_install(cfd, id, 7, DSVM_PAGE_STATE_SHARED, NULL) == 0;
+	for (int t = 0; t < 3; t++)
+		ok &= faulter_join(&f[t]) && f[t].done == 1;
+	result(ok && f[0].value == buf[0] && f[2].value == 0 &&
+	       *(volatile uint64_t *)page_at(b, 6) == 0x6666,
+	       "several: all three answered and woken");
+
+	/* epoll, and a blocking read. */
+	epfd = epoll_create1(EPOLL_CLOEXEC);
+	ee = (struct epoll_event){ .events = EPOLLIN };
+	result(epfd >= 0 && epoll_ctl(epfd, EPOLL_CTL_ADD, cfd, &ee) == 0 &&
+	       epoll_wait(epfd, &ee, 1, 0) == 0,
+	       "epoll: nothing reported on an empty queue");
+	faulter_start(&f[0], 8, false, 0);
+	result(epoll_wait(epfd, &ee, 1, WAIT_MS) == 1 && (ee.events & EPOLLIN),
+	       "epoll: EPOLLIN once a fault raised an event");
+	close(epfd);
+	fcntl(cfd, F_SETFL, fcntl(cfd, F_GETFL) & ~O_NONBLOCK);
+	n = read_events(cfd, ev, 4);
+	result(n == 1 && event_is(&ev[0], 8, DSVM_FAULT_READ),
+	       "blocking read: returns the event");
+	faulter_start(&f[1], 9, false, 0);
+	n = read_events(cfd, ev, 4);	/* blocks until the fault */
+	result(n == 1 && event_is(&ev[0], 9, DSVM_FAULT_READ),
+	       "blocking read: waits for the next fault's event");
+	fcntl(cfd, F_SETFL, fcntl(cfd, F_GETFL) | O_NONBLOCK);
+	ok = page_install(cfd, id, 8, DSVM_PAGE_STATE_SHARED, NULL) == 0 &&
+	     page_install(cfd, id, 9, DSVM_PAGE_STATE_SHARED, NULL) == 0;
+	result(ok && faulter_join(&f[0]) && faulter_join(&f[1]),
+	       "blocking read: both readers answered");
+
+	/* Invalidate answers an upgrade: the writer then needs the page back. */
+	fill(buf, 206);
+	expect(page_install(cfd, id, 10, DSVM_PAGE_STATE_SHARED, buf), 0,
+	       "invalidate answer: install a Shared page");
+	faulter_start(&f[0], 10, true, 0xaaaa);
+	result(wait_pending(fd, 1) && read_events(cfd, ev, 4) == 1 &&
+	       event_is(&ev[0], 10, DSVM_FAULT_UPGRADE),
+	       "invalidate answer: upgrade event");
+	expect((int)page_range(cfd, true, id, 10, 1), 1,
+	       "invalidate answer: invalidate the page");
+	result(wait_pending(fd, 1) && read_events(cfd, ev, 4) == 1 &&
+	       event_is(&ev[0], 10, DSVM_FAULT_WRITE),
+	       "invalidate answer: the writer retries and raises a write event");
+	expect(page_install(cfd, id, 10, DSVM_PAGE_STATE_MODIFIED, buf), 0,
+	       "invalidate answer: install Modified");
+	result(faulter_join(&f[0]) && f[0].done == 1 &&
+	       *(volatile uint64_t *)page_at(b, 10) == 0xaaaa,
+	       "invalidate answer: the write lands");
+
+	/* Killed sleepers: .fault (mmap_lock dropped) and .page_mkwrite (held). */
+	for (int mk = 0; mk < 2; mk++) {
+		const uint64_t index = 11 + mk;
+		const char *how = mk ? "mkwrite" : "fault";
+		int status;
+
+		if (mk)
+			page_install(cfd, id, index, DSVM_PAGE_STATE_SHARED, NULL);
+		fflush(stdout);
+		pid = fork();
+		if (pid == 0) {
+			volatile uint64_t *p = page_at(b, index);
+
+			close(cfd);
+			signal(SIGBUS, SIG_DFL);
+			if (mk) {
+				(void)*p;	/* map it read-only */
+				*p = 1;
+			} else {
+				(void)*p;
+			}
+			_exit(0);
+		}
+		result(wait_pending(fd, 1), "killed (%s): the child sleeps on an event", how);
+		kill(pid, SIGKILL);
+		status = wait_child(pid);
+		result(status != -1 && WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL,
+		       "killed (%s): the child dies of SIGKILL (status 0x%x)", how, status);
+		n = read_events(cfd, ev, 4);
+		result(n == 1 && event_is(&ev[0], index, mk ? DSVM_FAULT_UPGRADE :
+					  DSVM_FAULT_READ) &&
+		       stats(fd).events_pending == 1,
+		       "killed (%s): its event stays for the daemon", how);
+		if (mk)
+			expect((int)page_upgrade(cfd, id, index, 1), 1,
+			       "killed (mkwrite): the daemon answers anyway");
+		else
+			expect(page_install(cfd, id, index, DSVM_PAGE_STATE_SHARED, NULL), 0,
+			       "killed (fault): the daemon answers anyway");
+		st = stats(fd);
+		result(st.events_pending == 0 && st.mappings == st0.mappings,
+		       "killed (%s): nothing pending, the child's mapping gone", how);
+	}
+}
+
+static void test_writeback(int fd, int cfd)
+{
+	const uint64_t id = EVENTS_ID, b = BASE_EVENTS;
+	static uint64_t buf[PAGE / 8], want[PAGE / 8];
+	uint32_t state, dirty;
+	struct dsvm_stats st0;
+	void *ro;
+
+	/* Page 1: installed Modified (seed 201), then written 0x1111 at word 0. */
+	fill(want, 201);
+	want[0] = 0x1111;
+	memset(buf, 0, sizeof(buf));
+	expect(page_writeback(cfd, id, 1, 0, buf, &state, &dirty), 0,
+	       "writeback: a written Modified page");
+	result(!memcmp(buf, want, PAGE), "writeback: returns the written bytes");
+	result(state == DSVM_PAGE_STATE_MODIFIED && dirty == 1,
+	       "writeback: state Modified, dirty (%u, %u)", state, dirty);
+	expect(page_writeback(cfd, id, 1, 0, buf, &state, &dirty), 0,
+	       "writeback: again");
+	result(dirty == 0 && !memcmp(buf, want, PAGE),
+	       "writeback: dirty cleared, same bytes");
+	want[5] = 0x5555;
+	result(probe_write(&((uint64_t *)page_at(b, 1))[5], &want[5], 8),
+	       "writeback: write the page again");
+	expect(page_writeback(cfd, id, 1, 0, buf, &state, &dirty), 0,
+	       "writeback: after the write");
+	result(dirty == 1 && !memcmp(buf, want, PAGE),
+	       "writeback: the new write is there and marked dirty again");
+
+	want[6] = 0x6666;
+	probe_write(&((uint64_t *)page_at(b, 1))[6], &want[6], 8);
+	expect(page_writeback(cfd, id, 1, DSVM_PAGE_WRITEBACK_DOWNGRADE, buf,
+			      &state, &dirty), 0,
+	       "writeback: with downgrade");
+	result(dirty == 1 && state == DSVM_PAGE_STATE_MODIFIED && !memcmp(buf, want, PAGE),
+	       "writeback: with downgrade returns the bytes, Modified before, dirty");
+	expect(page_writeback(cfd, id, 1, 0, buf, &state, &dirty), 0,
+	       "writeback: of the downgraded page");
+	result(state == DSVM_PAGE_STATE_SHARED && dirty == 0,
+	       "writeback: the page is Shared now, clean");
+
+	fill(want, 210);
+	expect(page_install(cfd, id, 13, DSVM_PAGE_STATE_MODIFIED, want), 0,
+	       "writeback: install a Modified page");
+	expect(page_writeback(cfd, id, 13, 0, buf, &state, &dirty), 0,
+	       "writeback: of a page never written");
+	result(dirty == 0 && !memcmp(buf, want, PAGE),
+	       "writeback: installed bytes, not dirty");
+	want[7] = 0x7777;
+	probe_write(&((uint64_t *)page_at(b, 13))[7], &want[7], 8);
+	ro = mmap(NULL, PAGE, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	expect(page_writeback(cfd, id, 13, DSVM_PAGE_WRITEBACK_INVALIDATE, ro,
+			      NULL, NULL), -EFAULT,
+	       "writeback: into read-only memory refused with EFAULT");
+	munmap(ro, PAGE);
+	expect(page_writeback(cfd, id, 13, DSVM_PAGE_WRITEBACK_INVALIDATE,
+			      (void *)8, NULL, NULL), -EFAULT,
+	       "writeback: into an unmapped address refused with EFAULT");
+	st0 = stats(fd);
+	expect(page_writeback(cfd, id, 13, DSVM_PAGE_WRITEBACK_INVALIDATE, buf,
+			      &state, &dirty), 0,
+	       "writeback: with invalidate (the refused ones left the page)");
+	result(dirty == 1 && state == DSVM_PAGE_STATE_MODIFIED && !memcmp(buf, want, PAGE),
+	       "writeback: with invalidate returns the written bytes, dirty");
+	result(stats(fd).pages == st0.pages - 1,
+	       "writeback: with invalidate drops the page");
+	expect(page_writeback(cfd, id, 13, 0, buf, NULL, NULL), -ENODATA,
+	       "writeback: of a dropped page refused with ENODATA");
+}
+
+/*
+ * The control file closes while threads sleep on events: children in
+ * .fault and .page_mkwrite, and a thread of ours. They all get SIGBUS,
+ * never a hang; then later faults get SIGBUS at once.
+ */
+static void test_control_close(int fd, int cfd)
+{
+	const uint64_t b = BASE_EVENTS;
+	const uint64_t pages[3] = { 20, 21, 22 };
+	struct faulter f;
+	pid_t pids[3];
+	bool ok = true;
+	int ofd;
+
+	page_install(cfd, EVENTS_ID, 22, DSVM_PAGE_STATE_SHARED, NULL);
+	fflush(stdout);
+	for (int i = 0; i < 3; i++) {
+		pids[i] = fork();
+		if (pids[i] == 0) {
+			volatile uint64_t *p = page_at(b, pages[i]);
+
+			close(cfd);
+			signal(SIGBUS, SIG_DFL);
+			if (i == 0)
+				(void)*p;
+			else if (i == 1)
+				*p = 1;
+			else {
+				(void)*p;
+				*p = 1;
+			}
+			_exit(0);
+		}
+	}
+	faulter_start(&f, 23, false, 0);
+	result(wait_pending(fd, 4), "control close: three children and a thread sleep");
+	result(close(cfd) == 0, "control close: close the control file");
+	for (int i = 0; i < 3; i++) {
+		int status = wait_child(pids[i]);
+
+		if (status == -1 || !WIFSIGNALED(status) || WTERMSIG(status) != SIGBUS) {
+			diag("child %d (page %llu): status 0x%x", i,
+			     (unsigned long long)pages[i], status);
+			ok = false;
+		}
+	}
+	result(ok, "control close: every sleeping child dies of SIGBUS");
+	result(faulter_join(&f) && f.done == -1,
+	       "control close: the sleeping thread gets SIGBUS");
+	result(!can_read(page_at(b, 0)) && !can_read(page_at(b, 30)) &&
+	       !can_write(page_at(b, 31)),
+	       "control close: later faults get SIGBUS at once");
+	result(stats(fd).events_pending == 0 && stats(fd).regions == 0,
+	       "control close: no event pending, the region gone");
+	munmap((void *)b, EVENTS_PAGES * PAGE);
+	ofd = open_dev();
+	expect(hello_control(ofd), 0, "control close: a new daemon can claim control");
+	expect(page_install(fd, EVENTS_ID, 0, DSVM_PAGE_STATE_SHARED, NULL), -EPERM,
+	       "control close: the new control file is in force");
+	close(ofd);
+	expect(region_create(fd, 31, BASE_EVENTS, 4), 0,
+	       "control close: with no control file, a plain file may create again");
+	expect(region_destroy(fd, 31), 0, "control close: and destroy");
+}
+
 int main(void)
 {
 	struct dsvm_stats st;
@@ -1170,6 +1824,7 @@ int main(void)
 	test_region_create_invalid(fd);
 	test_page_install_invalid(fd);
 	test_page_range_invalid(fd);
+	test_page_writeback_invalid(fd);
 	test_mmap_invalid(fd);
 	expect(region_destroy(fd, 90), 0, "validation: region destroy");
 	taint = kernel_taint();
@@ -1180,16 +1835,26 @@ int main(void)
 	test_destroy_mapped(fd);
 	test_owner_exit(fd);
 	test_split_and_mremap(fd);
+	{
+		int cfd = open_dev();
+
+		test_control(fd, cfd);
+		test_events(fd, cfd);
+		test_writeback(fd, cfd);
+		test_control_close(fd, cfd);
+	}
 	test_leak_meminfo(fd);
 
 	st = stats(fd);
-	result(st.regions == 0 && st.pages == 0 && st.mappings == 0,
-	       "end: regions %llu, pages %llu, mappings %llu all back to 0",
+	result(st.regions == 0 && st.pages == 0 && st.mappings == 0 &&
+	       st.events_pending == 0,
+	       "end: regions %llu, pages %llu, mappings %llu, events pending %llu all back to 0",
 	       (unsigned long long)st.regions, (unsigned long long)st.pages,
-	       (unsigned long long)st.mappings);
-	diag("faults %llu, mkwrites %llu, refused %llu",
+	       (unsigned long long)st.mappings,
+	       (unsigned long long)st.events_pending);
+	diag("faults %llu, mkwrites %llu, refused %llu, events %llu",
 	     (unsigned long long)st.faults, (unsigned long long)st.mkwrites,
-	     (unsigned long long)st.refused);
+	     (unsigned long long)st.refused, (unsigned long long)st.events);
 	result(close(fd) == 0, "end: close the control file");
 	taint = kernel_taint();
 	result(!(taint & ((1UL << 9) | (1UL << 7) | (1UL << 5))),

@@ -1,0 +1,310 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * Fault events: how a fault the page table cannot resolve reaches the
+ * daemon. The faulting thread raises an event (region, page, read / write /
+ * upgrade, a sequence number) and sleeps on it; the daemon read()s events
+ * from its control file, fetches the page from its home and answers with
+ * a change of the page (install, upgrade, ...), which wakes the sleepers.
+ *
+ * One event per (region, page, kind) is pending at a time: a fault that
+ * finds one waits on it instead of raising another, so the queue is
+ * bounded by the regions' size and the daemon never sees a duplicate of an
+ * event it has not answered. An event is pending from the fault that
+ * raises it until the next change of its page or the region's destruction,
+ * whether the daemon has read it or not; its sleepers then look at the
+ * table again and raise a new event if they still need one. That rule is
+ * simple to keep free of lost wake-ups (dsvm_internal.h) and never leaves a
+ * thread waiting for an answer the daemon has already given.
+ *
+ * Locking: dsvm_events_lock (a spinlock, taken inside the page lock) guards
+ * the pending table, every region's list of events, the read queue and the
+ * sequence number. See the top of dsvm_internal.h for the order.
+ */
+#include <linux/hash.h>
+#include <linux/hashtable.h>
+#include <linux/sched/signal.h>
+#include <linux/slab.h>
+#include <linux/spinlock.h>
+#include <linux/uaccess.h>
+
+#include "dsvm_internal.h"
+
+#define DSVM_EVENTS_HASH_BITS 10
+
+/* Events copied out per trip through dsvm_events_lock in read(). */
+#define DSVM_EVENTS_READ_BATCH 64UL
+
+static DEFINE_SPINLOCK(dsvm_events_lock);
+/* (region, page, kind) -> pending struct dsvm_event. */
+static DEFINE_HASHTABLE(dsvm_events_pending, DSVM_EVENTS_HASH_BITS);
+/* Pending events not yet read, oldest (lowest seq) first. */
+static LIST_HEAD(dsvm_events_queue);
+static u64 dsvm_events_seq;
+/* read() and poll() on the control file wait here for the queue. */
+static DECLARE_WAIT_QUEUE_HEAD(dsvm_events_readers);
+/* One reader at a time: it peeks, copies out, then dequeues (read()). */
+static DEFINE_MUTEX(dsvm_events_read_mutex);
+
+static unsigned long dsvm_event_key(struct dsvm_region *region,
+				    unsigned long index, u32 kind)
+{
+	return (unsigned long)region ^ (index << 2 | kind);
+}
+
+static struct dsvm_event *dsvm_event_find(struct dsvm_region *region,
+					  unsigned long index, u32 kind)
+{
+	struct dsvm_event *event;
+
+	lockdep_assert_held(&dsvm_events_lock);
+	hash_for_each_possible(dsvm_events_pending, event, hnode,
+			       dsvm_event_key(region, index, kind)) {
+		if (event->region == region && event->msg.page_index == index &&
+		    event->msg.kind == kind)
+			return event;
+	}
+	return NULL;
+}
+
+/* The event a fault needs now, or 0 when the table resolves it. */
+static u32 dsvm_event_kind(struct dsvm_region *region, unsigned long index,
+			   bool write)
+{
+	if (!xa_load(&region->pages, index))
+		return write ? DSVM_FAULT_WRITE : DSVM_FAULT_READ;
+	if (write && !xa_get_mark(&region->pages, index, DSVM_MARK_MODIFIED))
+		return DSVM_FAULT_UPGRADE;
+	return 0;
+}
+
+void dsvm_event_put(struct dsvm_event *event)
+{
+	if (refcount_dec_and_test(&event->ref))
+		kfree(event);
+}
+
+/*
+ * Raises the event a fault on page index needs, or finds the one pending,
+ * and returns it with a reference for the caller to wait on. Returns NULL
+ * when the table resolves the fault now (it changed since the caller
+ * looked), ERR_PTR(-ENOENT) when the fault must get SIGBUS (the region is
+ * destroyed, or was not created by the control file), ERR_PTR(-ENOMEM).
+ */
+struct dsvm_event *dsvm_event_raise(struct dsvm_region *region,
+				    unsigned long index, bool write)
+{
+	struct dsvm_event *event, *fresh;
+	bool queued = false;
+	u32 kind;
+
+	/* Set at creation, before the region could be mapped. */
+	if (!region->control)
+		return ERR_PTR(-ENOENT);
+	/* Charged to the faulting task: the queue grows with its faults. */
+	fresh = kzalloc(sizeof(*fresh), GFP_KERNEL_ACCOUNT);
+	if (!fresh)
+		return ERR_PTR(-ENOMEM);
+
+	spin_lock(&dsvm_events_lock);
+	/* Destroy marks the region dead before it answers every event. */
+	if (READ_ONCE(region->dead)) {
+		event = ERR_PTR(-ENOENT);
+		goto out_unlock;
+	}
+	/* Every change answers under this lock after it is made. */
+	kind = dsvm_event_kind(region, index, write);
+	if (!kind) {
+		event = NULL;
+		goto out_unlock;
+	}
+	event = dsvm_event_find(region, index, kind);
+	if (event) {
+		refcount_inc(&event->ref);
+		goto out_unlock;
+	}
+
+	event = fresh;
+	fresh = NULL;
+	refcount_set(&event->ref, 2);	/* the pending table's and ours */
+	init_waitqueue_head(&event->waiters);
+	event->region = region;
+	event->msg.region_id = region->id;
+	event->msg.page_index = index;
+	event->msg.kind = kind;
+	event->msg.seq = ++dsvm_events_seq;
+	hash_add(dsvm_events_pending, &event->hnode,
+		 dsvm_event_key(region, index, kind));
+	list_add_tail(&event->region_link, &region->events);
+	list_add_tail(&event->queue_link, &dsvm_events_queue);
+	atomic64_inc(&dsvm_counters.events);
+	atomic64_inc(&dsvm_counters.events_pending);
+	queued = true;
+out_unlock:
+	spin_unlock(&dsvm_events_lock);
+	kfree(fresh);
+	if (queued)
+		wake_up_interruptible_poll(&dsvm_events_readers,
+					   EPOLLIN | EPOLLRDNORM);
+	return event;
+}
+
+/*
+ * Sleeps until the event is answered or a fatal signal comes; returns 0 or
+ * -ERESTARTSYS. Killable, not interruptible: the paths that wait holding
+ * mmap_lock (.page_mkwrite, faults that may not retry) could only answer a
+ * handled signal with SIGBUS.
+ */
+int dsvm_event_wait(struct dsvm_event *event)
+{
+	return wait_event_killable(event->waiters, READ_ONCE(event->answered));
+}
+
+static void dsvm_event_answer(struct dsvm_event *event)
+{
+	lockdep_assert_held(&dsvm_events_lock);
+	hash_del(&event->hnode);
+	list_del(&event->region_link);
+	/* Not read yet: the daemon never sees it. */
+	list_del_init(&event->queue_link);
+	WRITE_ONCE(event->answered, true);
+	wake_up_all(&event->waiters);
+	atomic64_dec(&dsvm_counters.events_pending);
+	/* The pending table's reference; sleepers hold their own. */
+	dsvm_event_put(event);
+}
+
+/*
+ * Answers the pending events of page index; called by every writer after
+ * it changed the page's entry or state (and unmapped it, if it does).
+ */
+void dsvm_event_answer_page(struct dsvm_region *region, unsigned long index)
+{
+	struct dsvm_event *event;
+	u32 kind;
+
+	if (!region->control)
+		return;
+	spin_lock(&dsvm_events_lock);
+	for (kind = DSVM_FAULT_READ; kind <= DSVM_FAULT_UPGRADE; kind++) {
+		event = dsvm_event_find(region, index, kind);
+		if (event)
+			dsvm_event_answer(event);
+	}
+	spin_unlock(&dsvm_events_lock);
+}
+
+/*
+ * Answers every event of a region marked dead: the sleepers retry and get
+ * SIGBUS, and no event is raised for it again.
+ */
+void dsvm_event_answer_region(struct dsvm_region *region)
+{
+	struct dsvm_event *event, *next;
+
+	WARN_ON_ONCE(!READ_ONCE(region->dead));
+	spin_lock(&dsvm_events_lock);
+	list_for_each_entry_safe(event, next, &region->events, region_link)
+		dsvm_event_answer(event);
+	spin_unlock(&dsvm_events_lock);
+}
+
+static bool dsvm_event_file_is_control(struct file *filp)
+{
+	return READ_ONCE(dsvm_control_file) == filp->private_data;
+}
+
+/*
+ * read() on the control file: up to count / sizeof(struct dsvm_fault_event)
+ * events, oldest first. Events are copied out before they are taken off
+ * the queue, so a failed copy loses none; the read mutex keeps a second
+ * reader from copying the same ones meanwhile. New events go to the tail
+ * with a higher seq and answers only remove, so what was copied is still a
+ * prefix of the queue (less the events answered since, which are gone).
+ */
+ssize_t dsvm_event_read(struct file *filp, char __user *buf, size_t count,
+			loff_t *ppos)
+{
+	size_t want = count / sizeof(struct dsvm_fault_event), done = 0;
+	struct dsvm_fault_event *batch;
+	ssize_t ret;
+
+	if (!dsvm_event_file_is_control(filp))
+		return -EPERM;
+	if (!want)
+		return -EINVAL;
+	batch = kmalloc_array(min(want, DSVM_EVENTS_READ_BATCH), sizeof(*batch),
+			      GFP_KERNEL);
+	if (!batch)
+		return -ENOMEM;
+	if (mutex_lock_interruptible(&dsvm_events_read_mutex)) {
+		ret = -EINTR;
+		goto out_free;
+	}
+
+	while (done < want) {
+		size_t n = 0, max = min(want - done, DSVM_EVENTS_READ_BATCH);
+		struct dsvm_event *event;
+		u64 last;
+
+		spin_lock(&dsvm_events_lock);
+		list_for_each_entry(event, &dsvm_events_queue, queue_link) {
+			batch[n++] = event->msg;
+			if (n == max)
+				break;
+		}
+		spin_unlock(&dsvm_events_lock);
+
+		if (!n) {
+			if (done)
+				break;
+			if (filp->f_flags & O_NONBLOCK) {
+				ret = -EAGAIN;
+				goto out_unlock;
+			}
+			ret = wait_event_interruptible(dsvm_events_readers,
+						       !list_empty(&dsvm_events_queue));
+			if (ret)
+				goto out_unlock;
+			continue;
+		}
+
+		/* No spinlock: the buffer may be a dsvm mapping that faults. */
+		if (copy_to_user(buf + done * sizeof(*batch), batch,
+				 n * sizeof(*batch))) {
+			if (!done) {
+				ret = -EFAULT;
+				goto out_unlock;
+			}
+			break;
+		}
+
+		last = batch[n - 1].seq;
+		spin_lock(&dsvm_events_lock);
+		while (!list_empty(&dsvm_events_queue)) {
+			event = list_first_entry(&dsvm_events_queue,
+						 struct dsvm_event, queue_link);
+			if (event->msg.seq > last)
+				break;
+			/* Still pending: faults on the page keep waiting on it. */
+			list_del_init(&event->queue_link);
+		}
+		spin_unlock(&dsvm_events_lock);
+		done += n;
+	}
+	ret = done * sizeof(*batch);
+
+out_unlock:
+	mutex_unlock(&dsvm_events_read_mutex);
+out_free:
+	kfree(batch);
+	return ret;
+}
+
+/* poll() on the control file: readable while an event is queued. */
+__poll_t dsvm_event_poll(struct file *filp, struct poll_table_struct *wait)
+{
+	if (!dsvm_event_file_is_control(filp))
+		return EPOLLERR;
+	poll_wait(filp, &dsvm_events_readers, wait);
+	return list_empty(&dsvm_events_queue) ? 0 : EPOLLIN | EPOLLRDNORM;
+}
