@@ -88,7 +88,8 @@ void dsvm_event_put(struct dsvm_event *event)
  * and returns it with a reference for the caller to wait on. Returns NULL
  * when the table resolves the fault now (it changed since the caller
  * looked), ERR_PTR(-ENOENT) when the fault must get SIGBUS (the region is
- * destroyed, or was not created by the control file), ERR_PTR(-ENOMEM).
+ * destroyed, or was not created by the control file), ERR_PTR(-EHWPOISON)
+ * when it must get SIGBUS because the page is poisoned, ERR_PTR(-ENOMEM).
  */
 struct dsvm_event *dsvm_event_raise(struct dsvm_region *region,
 				    unsigned long index, bool write)
@@ -115,6 +116,15 @@ struct dsvm_event *dsvm_event_raise(struct dsvm_region *region,
 	kind = dsvm_event_kind(region, index, write);
 	if (!kind) {
 		event = NULL;
+		goto out_unlock;
+	}
+	/*
+	 * Poison answers the events it finds under this lock after it is set,
+	 * so a sleeper it wakes comes back here and sees it. (An upgrade is
+	 * for an installed page, which is never poisoned.)
+	 */
+	if (kind != DSVM_FAULT_UPGRADE && xa_load(&region->poisoned, index)) {
+		event = ERR_PTR(-EHWPOISON);
 		goto out_unlock;
 	}
 	event = dsvm_event_find(region, index, kind);

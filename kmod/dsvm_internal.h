@@ -37,6 +37,15 @@
  * after the unmap, if it unmaps), and destroy marks the region dead before
  * it answers all. So an event is either raised before the change and
  * answered by it, or never raised because the fault sees the change.
+ *
+ * Poison (DSVM_IOC_PAGE_POISON) is part of a page's state like its entry:
+ * a page is never both installed and poisoned. region->poisoned changes
+ * under region->lock, and for an installed page together with the drop of
+ * its entry, under the page lock; the writer then unmaps and answers the
+ * page's events, like any other. Faults look at it only where they decide
+ * to raise an event (dsvm_event_raise(), under dsvm_events_lock), and
+ * refuse with SIGBUS instead: a sleeper woken by the poison retries, sees
+ * it there and gets SIGBUS, so the retry ends.
  */
 #ifndef DSVM_INTERNAL_H
 #define DSVM_INTERNAL_H
@@ -92,7 +101,14 @@ struct dsvm_region {
 	struct list_head events;	/* pending struct dsvm_event; events lock */
 	struct xarray pages;		/* index -> struct page *; entries change
 					 * under lock and the page's lock */
+	struct xarray poisoned;		/* index -> DSVM_POISONED for pages not
+					 * installed that faults refuse; changes
+					 * under lock (and the page's lock when
+					 * an installed page is dropped) */
 };
+
+/* The value of a region->poisoned entry. */
+#define DSVM_POISONED xa_mk_value(1)
 
 /* Node-wide counters behind DSVM_IOC_STATS. */
 struct dsvm_counters {
@@ -149,6 +165,8 @@ unsigned long dsvm_page_upgrade(struct dsvm_region *region,
 				unsigned long first, unsigned long last);
 int dsvm_page_writeback(struct dsvm_region *region, unsigned long index,
 			void __user *data, u32 flags, u32 *state, bool *dirty);
+int dsvm_page_poison(struct dsvm_region *region, unsigned long first,
+		     unsigned long last, unsigned long *done);
 
 /* dsvm_vm.c */
 int dsvm_vm_mmap(struct file *filp, struct vm_area_struct *vma);

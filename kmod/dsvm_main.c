@@ -27,7 +27,8 @@
 #define DSVM_FS_MAGIC 0x6473766d	/* "dsvm" */
 
 #define DSVM_FEATURES (DSVM_FEATURE_REGIONS | DSVM_FEATURE_STATS | \
-		       DSVM_FEATURE_EVENTS | DSVM_FEATURE_WRITEBACK)
+		       DSVM_FEATURE_EVENTS | DSVM_FEATURE_WRITEBACK | \
+		       DSVM_FEATURE_POISON)
 
 struct dsvm_counters dsvm_counters;
 struct address_space *dsvm_mapping;
@@ -215,13 +216,17 @@ out_put_region:
 	return ret;
 }
 
-/* DSVM_IOC_PAGE_INVALIDATE, DSVM_IOC_PAGE_DOWNGRADE, DSVM_IOC_PAGE_UPGRADE. */
+/*
+ * DSVM_IOC_PAGE_INVALIDATE, DSVM_IOC_PAGE_DOWNGRADE, DSVM_IOC_PAGE_UPGRADE,
+ * DSVM_IOC_PAGE_POISON.
+ */
 static long dsvm_ioctl_page_range(struct dsvm_page_range __user *uarg,
 				  unsigned int cmd)
 {
 	struct dsvm_page_range req;
 	struct dsvm_region *region;
-	unsigned long last;
+	unsigned long last, done;
+	long ret = 0;
 	u64 end;
 
 	if (copy_from_user(&req, uarg, sizeof(req)))
@@ -239,15 +244,25 @@ static long dsvm_ioctl_page_range(struct dsvm_page_range __user *uarg,
 		return -EINVAL;
 	}
 	last = end - 1;
-	if (cmd == DSVM_IOC_PAGE_INVALIDATE)
-		req.done = dsvm_page_invalidate(region, req.first, last);
-	else if (cmd == DSVM_IOC_PAGE_DOWNGRADE)
-		req.done = dsvm_page_downgrade(region, req.first, last);
-	else
-		req.done = dsvm_page_upgrade(region, req.first, last);
+	switch (cmd) {
+	case DSVM_IOC_PAGE_INVALIDATE:
+		done = dsvm_page_invalidate(region, req.first, last);
+		break;
+	case DSVM_IOC_PAGE_DOWNGRADE:
+		done = dsvm_page_downgrade(region, req.first, last);
+		break;
+	case DSVM_IOC_PAGE_UPGRADE:
+		done = dsvm_page_upgrade(region, req.first, last);
+		break;
+	default:
+		ret = dsvm_page_poison(region, req.first, last, &done);
+		break;
+	}
 	dsvm_region_put(region);
+	if (ret)
+		return ret;
 
-	if (put_user(req.done, &uarg->done))
+	if (put_user((u64)done, &uarg->done))
 		return -EFAULT;
 	return 0;
 }
@@ -305,6 +320,7 @@ static long dsvm_ioctl(struct file *filp, unsigned int cmd, unsigned long arg)
 	case DSVM_IOC_PAGE_DOWNGRADE:
 	case DSVM_IOC_PAGE_UPGRADE:
 	case DSVM_IOC_PAGE_WRITEBACK:
+	case DSVM_IOC_PAGE_POISON:
 		/*
 		 * Control requests: only the daemon's file may change the
 		 * table while it exists. (No region outlives its creator, and
@@ -333,6 +349,7 @@ static long dsvm_ioctl(struct file *filp, unsigned int cmd, unsigned long arg)
 	case DSVM_IOC_PAGE_INVALIDATE:
 	case DSVM_IOC_PAGE_DOWNGRADE:
 	case DSVM_IOC_PAGE_UPGRADE:
+	case DSVM_IOC_PAGE_POISON:
 		return dsvm_ioctl_page_range(uarg, cmd);
 	case DSVM_IOC_PAGE_WRITEBACK:
 		return dsvm_ioctl_page_writeback(uarg);

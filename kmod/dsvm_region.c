@@ -8,11 +8,13 @@
  *
  * Locking: see the top of dsvm_internal.h.
  */
+#include <linux/bitmap.h>
 #include <linux/highmem.h>
 #include <linux/kernel.h>
 #include <linux/mm.h>
 #include <linux/pagemap.h>
 #include <linux/sched.h>
+#include <linux/sched/signal.h>
 #include <linux/uaccess.h>
 #include <linux/slab.h>
 
@@ -41,6 +43,7 @@ static void dsvm_region_release(struct kref *kref)
 	WARN_ON_ONCE(!xa_empty(&region->pages));
 	WARN_ON_ONCE(!list_empty(&region->events));
 	xa_destroy(&region->pages);
+	xa_destroy(&region->poisoned);
 	mutex_destroy(&region->lock);
 	kfree(region);
 }
@@ -141,6 +144,7 @@ int dsvm_region_create(struct dsvm_file *file,
 	INIT_LIST_HEAD(&region->events);
 	mutex_init(&region->lock);
 	xa_init(&region->pages);
+	xa_init(&region->poisoned);
 
 	mutex_lock(&dsvm_regions_mutex);
 	if (dsvm_control_file && dsvm_control_file != file) {
@@ -269,6 +273,8 @@ static void dsvm_region_kill(struct dsvm_region *region)
 	WRITE_ONCE(region->dead, true);
 	dsvm_region_sweep(region, 0, region->npages - 1, true);
 	dsvm_event_answer_region(region);
+	/* Faults on a dead region get SIGBUS without looking at it. */
+	xa_destroy(&region->poisoned);
 	mutex_unlock(&region->lock);
 	dsvm_region_put(region);
 }
@@ -318,7 +324,8 @@ void dsvm_file_destroy_regions(struct dsvm_file *file)
 
 /*
  * Installs page (a new page holding the data, with one reference that the
- * table takes over on success) at index, Modified or Shared.
+ * table takes over on success) at index, Modified or Shared, and clears the
+ * page's poison if it has one.
  * Errors: -ENOENT (the region was destroyed), -EEXIST (index installed),
  * -ENOMEM.
  */
@@ -341,6 +348,8 @@ int dsvm_page_install(struct dsvm_region *region, unsigned long index,
 	if (!ret) {
 		if (modified)
 			xa_set_mark(&region->pages, index, DSVM_MARK_MODIFIED);
+		/* Installed and poisoned never both: a delete never fails. */
+		xa_erase(&region->poisoned, index);
 		atomic64_inc(&dsvm_counters.pages);
 	} else if (ret == -EBUSY) {
 		ret = -EEXIST;
@@ -353,14 +362,24 @@ out_unlock:
 	return ret;
 }
 
-/* Drops the installed pages of [first, last]; returns how many. */
+/*
+ * Drops the installed pages of [first, last] and clears the poison of the
+ * poisoned ones; returns how many pages it dropped. A poisoned page has no
+ * pending event (faults on it raise none), so there is none to answer: the
+ * next fault raises one.
+ */
 unsigned long dsvm_page_invalidate(struct dsvm_region *region,
 				   unsigned long first, unsigned long last)
 {
-	unsigned long done;
+	unsigned long done, index;
+	void *entry;
 
 	mutex_lock(&region->lock);
 	done = dsvm_region_sweep(region, first, last, true);
+	xa_for_each_range(&region->poisoned, index, entry, first, last) {
+		xa_erase(&region->poisoned, index);
+		cond_resched();
+	}
 	mutex_unlock(&region->lock);
 	return done;
 }
@@ -417,7 +436,9 @@ static void dsvm_page_writeback_undo(struct dsvm_region *region,
 
 	mutex_lock(&region->lock);
 	lock_page(page);
+	/* Poisoned meanwhile: the daemon's latest word on the page wins. */
 	if (dropped && !region->dead &&
+	    !xa_load(&region->poisoned, index) &&
 	    !xa_insert(&region->pages, index, page, GFP_KERNEL)) {
 		get_page(page);
 		if (modified)
@@ -501,4 +522,87 @@ int dsvm_page_writeback(struct dsvm_region *region, unsigned long index,
 					 *dirty);
 	put_page(page);
 	return left ? -EFAULT : 0;
+}
+
+/*
+ * Poisons the pages of [first, last] that are not poisoned yet: an
+ * installed page is dropped (under its page lock, together with the poison
+ * mark, as the coherence rule asks), then unmapped; then every poisoned
+ * page's events are answered, so that their sleepers retry and get SIGBUS.
+ * Works in batches of DSVM_SWEEP_BATCH pages, one unmap each. Sets *done to
+ * how many pages it poisoned, on error too.
+ * Errors: -ENOENT (the region was destroyed), -ENOMEM, -EINTR (a fatal
+ * signal): the pages poisoned before stay poisoned.
+ */
+int dsvm_page_poison(struct dsvm_region *region, unsigned long first,
+		     unsigned long last, unsigned long *done)
+{
+	DECLARE_BITMAP(changed, DSVM_SWEEP_BATCH);
+	struct page *batch[DSVM_SWEEP_BATCH];
+	unsigned long lo = first;
+	int ret = 0;
+
+	*done = 0;
+	mutex_lock(&region->lock);
+	if (region->dead) {
+		ret = -ENOENT;
+		goto out_unlock;
+	}
+	for (;;) {
+		unsigned long hi = last - lo >= DSVM_SWEEP_BATCH - 1 ?
+				   lo + DSVM_SWEEP_BATCH - 1 : last;
+		unsigned long index, bit;
+		unsigned int dropped = 0, i;
+
+		bitmap_zero(changed, DSVM_SWEEP_BATCH);
+		for (index = lo; index <= hi; index++) {
+			struct page *page;
+
+			if (xa_load(&region->poisoned, index))
+				continue;
+			page = xa_load(&region->pages, index);
+			/* Faults check the entry under the page lock. */
+			if (page)
+				lock_page(page);
+			/* First the mark: a fault that sees the drop sees it. */
+			ret = xa_err(xa_store(&region->poisoned, index,
+					      DSVM_POISONED, GFP_KERNEL_ACCOUNT));
+			if (!ret && page) {
+				xa_erase(&region->pages, index);
+				batch[dropped++] = page;
+			}
+			if (page)
+				unlock_page(page);
+			if (ret)
+				break;
+			__set_bit(index - lo, changed);
+		}
+
+		/* Any fault that saw a dropped entry has set its PTE by now. */
+		if (dropped)
+			unmap_mapping_range(dsvm_mapping,
+					    region->base + (lo << PAGE_SHIFT),
+					    (hi - lo + 1) << PAGE_SHIFT, 1);
+		/* After the unmap: a woken thread must not find the old PTE. */
+		for_each_set_bit(bit, changed, DSVM_SWEEP_BATCH)
+			dsvm_event_answer_page(region, lo + bit);
+		/* The table's references; PTEs held their own. */
+		for (i = 0; i < dropped; i++)
+			put_page(batch[i]);
+		atomic64_sub(dropped, &dsvm_counters.pages);
+		*done += bitmap_weight(changed, DSVM_SWEEP_BATCH);
+
+		if (ret || hi == last)
+			break;
+		lo = hi + 1;
+		/* A whole region is up to 2^28 pages: let a killed daemon go. */
+		if (fatal_signal_pending(current)) {
+			ret = -EINTR;
+			break;
+		}
+		cond_resched();
+	}
+out_unlock:
+	mutex_unlock(&region->lock);
+	return ret;
 }

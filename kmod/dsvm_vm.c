@@ -117,8 +117,9 @@ err_put:
  * answered. Returns 0 when the caller should look at the table again, with
  * mmap_lock held; otherwise what the fault returns: VM_FAULT_RETRY
  * (mmap_lock dropped, except with FAULT_FLAG_RETRY_NOWAIT), VM_FAULT_SIGBUS
- * (the region is gone or has no control file; or the sleeper was killed
- * where it could not retry, and will not run again), VM_FAULT_OOM.
+ * (the region is gone or has no control file, or the page is poisoned; or
+ * the sleeper was killed where it could not retry, and will not run
+ * again), VM_FAULT_OOM.
  */
 static vm_fault_t dsvm_vm_fault_wait(struct vm_fault *vmf, bool write)
 {

@@ -19,7 +19,8 @@
  *  - A node has at most one control file, the daemon's: the file that did
  *    DSVM_IOC_HELLO with DSVM_HELLO_CONTROL. While it is open, the control
  *    ioctls (region create and destroy, page install, invalidate,
- *    downgrade, upgrade, writeback) from any other file fail with -EPERM,
+ *    downgrade, upgrade, writeback, poison) from any other file fail with
+ *    -EPERM,
  *    and only it can read() fault events.
  *  - Unknown ioctl numbers fail with -ENOTTY. The struct size is part of
  *    every ioctl number, so a caller built against another layout gets
@@ -52,6 +53,8 @@
 #define DSVM_FEATURE_EVENTS (1ULL << 2)
 /* DSVM_IOC_PAGE_WRITEBACK and dirty tracking. */
 #define DSVM_FEATURE_WRITEBACK (1ULL << 3)
+/* DSVM_IOC_PAGE_POISON. */
+#define DSVM_FEATURE_POISON (1ULL << 4)
 /*
  * Reserved for what comes next (docs/KMOD.md): HMM mirroring, 64 KiB and
  * 2 MiB pages. A caller tests for a bit rather than probing with an ioctl
@@ -149,6 +152,8 @@ struct dsvm_region_destroy {
  * write maps it writable when it is Modified; a write to a Shared page
  * raises an upgrade event (regions of the control file) or gets SIGBUS.
  * Installing answers the page's pending fault events: their threads retry.
+ * Installing over a poisoned page (DSVM_IOC_PAGE_POISON) is allowed and
+ * clears the poison.
  * Errors: -EINVAL (region_id 0; page_index beyond the region; state not
  * Shared or Modified; unknown flag; data 0 without DSVM_PAGE_INSTALL_ZERO
  * or not 0 with it; reserved not 0); -ENOENT (no such region); -EEXIST
@@ -175,14 +180,33 @@ struct dsvm_page_install {
  * Pages of the range that are not installed (invalidate), not Modified
  * (downgrade) or not Shared (upgrade) are left alone: all are idempotent.
  * Each page that changes has its pending fault events answered.
+ * Invalidate also clears the poison of poisoned pages (DSVM_IOC_PAGE_POISON):
+ * they are "not installed" again, and faults on them raise events again;
+ * done does not count them (it counts installed pages dropped).
+ *
+ * DSVM_IOC_PAGE_POISON (DSVM_FEATURE_POISON): the node cannot serve these
+ * pages (their only copy was lost, or the region was deleted cluster-wide);
+ * the answer the userfaultfd backend gives with UFFDIO_POISON. Each page of
+ * the range becomes poisoned: an installed copy is dropped as by invalidate
+ * (unmapped from every process, freed), every fault on the page, read or
+ * write, gets SIGBUS at once (counted in dsvm_stats.refused) and raises no
+ * event, and threads sleeping on the page's pending events wake and get
+ * SIGBUS. DSVM_IOC_PAGE_INSTALL of the page, or DSVM_IOC_PAGE_INVALIDATE,
+ * clears the poison. done counts pages newly poisoned (installed or not);
+ * pages already poisoned are left alone. Each poisoned page costs the
+ * module a few bytes (charged to the caller's memory cgroup).
+ *
  * Errors: -EINVAL (region_id 0; count 0; first + count overflowing or
- * beyond the region; reserved not 0); -ENOENT (no such region).
+ * beyond the region; reserved not 0); -ENOENT (no such region). Poison
+ * also: -ENOMEM, -EINTR (a fatal signal); the pages poisoned before it
+ * stay poisoned, and a repeat poisons the rest.
  */
 struct dsvm_page_range {
 	__u64 region_id;	/* (in) */
 	__u64 first;		/* (in) first page index */
 	__u64 count;		/* (in) number of pages, at least 1 */
-	__u64 done;		/* (out) pages invalidated or downgraded */
+	__u64 done;		/* (out) pages invalidated, downgraded, upgraded
+				 * or newly poisoned */
 	__u64 reserved[2];	/* (in) 0 */
 };
 
@@ -217,7 +241,8 @@ enum dsvm_fault_kind {
  * resolve raises one and sleeps (killably) until it is answered: by any
  * change of the page (DSVM_IOC_PAGE_INSTALL, _UPGRADE, _INVALIDATE,
  * _DOWNGRADE, _WRITEBACK with a flag), after which it retries and raises a
- * new event if it still needs one, or by the region's destruction (SIGBUS).
+ * new event if it still needs one, or by _POISON or the region's
+ * destruction (it retries and gets SIGBUS).
  * Faults on a page that has an event of the same kind pending (read or
  * not) wait on it instead of raising another: at most one event per page
  * and kind is pending, which bounds the queue by the regions' size.
@@ -293,5 +318,6 @@ struct dsvm_page_writeback {
 #define DSVM_IOC_PAGE_DOWNGRADE	_IOWR(DSVM_IOC_MAGIC, 0x22, struct dsvm_page_range)
 #define DSVM_IOC_PAGE_UPGRADE	_IOWR(DSVM_IOC_MAGIC, 0x23, struct dsvm_page_range)
 #define DSVM_IOC_PAGE_WRITEBACK	_IOWR(DSVM_IOC_MAGIC, 0x24, struct dsvm_page_writeback)
+#define DSVM_IOC_PAGE_POISON	_IOWR(DSVM_IOC_MAGIC, 0x25, struct dsvm_page_range)
 
 #endif /* _UAPI_DSVM_UAPI_H */

@@ -390,7 +390,8 @@ static void test_handshake(int fd)
 	       (h.features & DSVM_FEATURE_REGIONS) &&
 	       (h.features & DSVM_FEATURE_STATS) &&
 	       (h.features & DSVM_FEATURE_EVENTS) &&
-	       (h.features & DSVM_FEATURE_WRITEBACK),
+	       (h.features & DSVM_FEATURE_WRITEBACK) &&
+	       (h.features & DSVM_FEATURE_POISON),
 	       "hello reports version %u and features 0x%llx",
 	       h.module_version, (unsigned long long)h.features);
 	expect(hello(fd), 0, "hello repeated on the same file");
@@ -538,6 +539,7 @@ static void test_page_range_invalid(int fd)
 		{ "invalidate", DSVM_IOC_PAGE_INVALIDATE },
 		{ "downgrade", DSVM_IOC_PAGE_DOWNGRADE },
 		{ "upgrade", DSVM_IOC_PAGE_UPGRADE },
+		{ "poison", DSVM_IOC_PAGE_POISON },
 	};
 
 	for (size_t o = 0; o < sizeof(ops) / sizeof(ops[0]); o++) {
@@ -566,6 +568,8 @@ static void test_page_range_invalid(int fd)
 				 cases[i].name);
 			expect(xioctl(fd, ops[o].cmd, &pr), cases[i].err, name);
 		}
+		if (ops[o].cmd == DSVM_IOC_PAGE_POISON)
+			continue;
 		{
 			char name[128];
 
@@ -574,6 +578,18 @@ static void test_page_range_invalid(int fd)
 			expect(page_op(fd, ops[o].cmd, 90, 0, 16), 0, name);
 		}
 	}
+
+	/* Poison changes pages that are not installed too. */
+	expect(page_op(fd, DSVM_IOC_PAGE_POISON, 90, 0, 16), 16,
+	       "page poison: whole empty region poisons its 16 pages");
+	expect(page_op(fd, DSVM_IOC_PAGE_POISON, 90, 0, 16), 0,
+	       "page poison: again poisons none (idempotent)");
+	expect(page_range(fd, true, 90, 0, 16), 0,
+	       "page poison: invalidate clears it and drops nothing");
+	expect(page_op(fd, DSVM_IOC_PAGE_POISON, 90, 3, 2), 2,
+	       "page poison: after the invalidate, pages are poisoned anew");
+	expect(page_range(fd, true, 90, 0, 16), 0,
+	       "page poison: invalidate the region clean again");
 }
 
 /* Needs region 90 (16 pages). */
@@ -1406,6 +1422,8 @@ static void test_control(int fd, int cfd)
 	       "control: page upgrade from another file refused with EPERM");
 	expect(page_writeback(fd, EVENTS_ID, 0, 0, buf, NULL, NULL), -EPERM,
 	       "control: page writeback from another file refused with EPERM");
+	expect((int)page_op(fd, DSVM_IOC_PAGE_POISON, EVENTS_ID, 0, 1), -EPERM,
+	       "control: page poison from another file refused with EPERM");
 	expect(xioctl(fd, DSVM_IOC_STATS, &st), 0,
 	       "control: stats from another file still allowed");
 	expect(read(fd, buf, sizeof(struct dsvm_fault_event)) < 0 ? -errno : 0,
@@ -1738,6 +1756,161 @@ static void test_writeback(int fd, int cfd)
 }
 
 /*
+ * DSVM_IOC_PAGE_POISON on region EVENTS_ID (mapped by fd at BASE_EVENTS),
+ * pages 14-19 and 24-27: sleepers in .fault (read, write: mmap_lock
+ * dropped, VM_FAULT_RETRY) and .page_mkwrite (mmap_lock held) wake and get
+ * SIGBUS; later faults get SIGBUS at once; install and invalidate clear it.
+ * Leaves those pages not installed and not poisoned.
+ */
+static void test_poison(int fd, int cfd)
+{
+	const uint64_t id = EVENTS_ID, b = BASE_EVENTS;
+	const uint64_t pages[3] = { 14, 15, 16 };
+	static const char *const how[3] = { "read", "write", "mkwrite" };
+	static uint64_t buf[PAGE / 8];
+	struct dsvm_fault_event ev[8];
+	struct dsvm_stats st0, st;
+	struct faulter f[2];
+	pid_t pids[3];
+	bool ok = true;
+	int n;
+
+	fill(buf, 230);
+	expect(page_install(cfd, id, 16, DSVM_PAGE_STATE_SHARED, buf), 0,
+	       "poison: install a Shared page for the mkwrite sleeper");
+	st0 = stats(fd);
+	fflush(stdout);
+	for (int i = 0; i < 3; i++) {
+		pids[i] = fork();
+		if (pids[i] == 0) {
+			volatile uint64_t *p = page_at(b, pages[i]);
+
+			close(cfd);
+			signal(SIGBUS, SIG_DFL);
+			if (i == 0) {
+				(void)*p;
+			} else if (i == 1) {
+				*p = 1;
+			} else {
+				(void)*p;	/* map it read-only */
+				*p = 1;
+			}
+			_exit(0);
+		}
+	}
+	faulter_start(&f[0], 17, false, 0);
+	result(wait_pending(fd, 4),
+	       "poison: three children (read, write, mkwrite) and a thread sleep on events");
+	n = read_events(cfd, ev, 8);
+	result(n == 4, "poison: the daemon reads their 4 events (%d)", n);
+	expect((int)page_op(cfd, DSVM_IOC_PAGE_POISON, id, 14, 4), 4,
+	       "poison: poison the 4 pages (one of them installed)");
+	for (int i = 0; i < 3; i++) {
+		int status = wait_child(pids[i]);
+
+		if (status == -1 || !WIFSIGNALED(status) || WTERMSIG(status) != SIGBUS) {
+			diag("child %s (page %llu): status 0x%x", how[i],
+			     (unsigned long long)pages[i], status);
+			ok = false;
+		}
+	}
+	result(ok, "poison: every sleeping child (read, write, mkwrite) dies of SIGBUS");
+	result(faulter_join(&f[0]) && f[0].done == -1,
+	       "poison: the sleeping thread gets SIGBUS");
+	st = stats(fd);
+	result(st.events_pending == 0 && st.events == st0.events + 4 &&
+	       st.pages == st0.pages - 1 && st.refused >= st0.refused + 4,
+	       "poison: nothing pending, no new event, the installed page freed, refused +%llu",
+	       (unsigned long long)(st.refused - st0.refused));
+
+	/* A poisoned page: SIGBUS at once, read or write, no event. */
+	st0 = stats(fd);
+	faulter_start(&f[0], 14, false, 0);
+	faulter_start(&f[1], 14, true, 0x1414);
+	ok = faulter_join(&f[0]) & faulter_join(&f[1]);
+	result(ok && f[0].done == -1 && f[1].done == -1,
+	       "poisoned: a read and a write get SIGBUS at once");
+	st = stats(fd);
+	result(st.events == st0.events && st.events_pending == 0 &&
+	       st.refused >= st0.refused + 2,
+	       "poisoned: no event raised (%llu), both refused (+%llu)",
+	       (unsigned long long)(st.events - st0.events),
+	       (unsigned long long)(st.refused - st0.refused));
+
+	/* An installed page, mapped writable, poisoned. */
+	fill(buf, 231);
+	expect(page_install(cfd, id, 18, DSVM_PAGE_STATE_MODIFIED, buf), 0,
+	       "poison mapped: install a Modified page");
+	result(page_matches(b, 18, 231) && can_write(page_at(b, 18)),
+	       "poison mapped: the page is mapped and written");
+	st0 = stats(fd);
+	expect((int)page_op(cfd, DSVM_IOC_PAGE_POISON, id, 18, 1), 1,
+	       "poison mapped: poison it");
+	st = stats(fd);
+	result(st.pages == st0.pages - 1, "poison mapped: the page is freed (pages %llu -> %llu)",
+	       (unsigned long long)st0.pages, (unsigned long long)st.pages);
+	faulter_start(&f[0], 18, false, 0);
+	faulter_start(&f[1], 18, true, 0x1818);
+	ok = faulter_join(&f[0]) & faulter_join(&f[1]);
+	result(ok && f[0].done == -1 && f[1].done == -1,
+	       "poison mapped: the mapping's next read and write get SIGBUS");
+	expect((int)page_op(cfd, DSVM_IOC_PAGE_POISON, id, 18, 1), 0,
+	       "poison: again is a no-op (idempotent)");
+	expect((int)page_upgrade(cfd, id, 18, 1) | (int)page_range(cfd, false, id, 18, 1), 0,
+	       "poison: upgrade and downgrade leave a poisoned page alone");
+	expect(page_writeback(cfd, id, 18, 0, buf, NULL, NULL), -ENODATA,
+	       "poison: writeback of a poisoned page refused with ENODATA");
+
+	/* Install clears the poison. */
+	fill(buf, 232);
+	expect(page_install(cfd, id, 18, DSVM_PAGE_STATE_SHARED, buf), 0,
+	       "poison clear: install over a poisoned page allowed");
+	result(page_matches(b, 18, 232),
+	       "poison clear: the mapping reads the installed bytes");
+	expect((int)page_op(cfd, DSVM_IOC_PAGE_POISON, id, 18, 1), 1,
+	       "poison clear: poisoning it again counts it (the install cleared it)");
+	expect(page_install(cfd, id, 14, DSVM_PAGE_STATE_MODIFIED, NULL), 0,
+	       "poison clear: install a poisoned page Modified");
+	result(can_write(page_at(b, 14)) &&
+	       *(volatile uint64_t *)page_at(b, 14) == 0x5a5a5a5a5a5a5a5aULL &&
+	       ((volatile uint64_t *)page_at(b, 14))[1] == 0,
+	       "poison clear: the page is written and reads back");
+
+	/* Invalidate clears it: faults raise events again. */
+	expect(page_range(cfd, true, id, 15, 1), 0,
+	       "poison clear: invalidate of a poisoned page drops nothing");
+	faulter_start(&f[0], 15, false, 0);
+	result(wait_pending(fd, 1) && read_events(cfd, ev, 8) == 1 &&
+	       event_is(&ev[0], 15, DSVM_FAULT_READ),
+	       "poison clear: after invalidate a fault raises a read event again");
+	fill(buf, 233);
+	expect(page_install(cfd, id, 15, DSVM_PAGE_STATE_SHARED, buf), 0,
+	       "poison clear: install answers it");
+	result(faulter_join(&f[0]) && f[0].done == 1 && f[0].value == buf[0],
+	       "poison clear: the reader wakes with the installed bytes");
+
+	/* A range: 24 poisoned, 25 installed, 26 and 27 neither. */
+	expect((int)page_op(cfd, DSVM_IOC_PAGE_POISON, id, 24, 1), 1,
+	       "poison range: poison page 24");
+	expect(page_install(cfd, id, 25, DSVM_PAGE_STATE_SHARED, NULL), 0,
+	       "poison range: install page 25");
+	st0 = stats(fd);
+	expect((int)page_op(cfd, DSVM_IOC_PAGE_POISON, id, 24, 4), 3,
+	       "poison range: 4 pages, 3 newly poisoned");
+	st = stats(fd);
+	result(st.pages == st0.pages - 1 && !can_read(page_at(b, 25)) &&
+	       !can_read(page_at(b, 27)),
+	       "poison range: the installed one freed, all refused");
+
+	/* Clean up: 14 and 15 installed, 16-18 and 24-27 poisoned. */
+	expect(page_range(cfd, true, id, 14, 14), 2,
+	       "poison: invalidate pages 14-27 (2 installed)");
+	st = stats(fd);
+	result(st.events_pending == 0 && st.mappings == 1,
+	       "poison: nothing pending, only our mapping left");
+}
+
+/*
  * The control file closes while threads sleep on events: children in
  * .fault and .page_mkwrite, and a thread of ours. They all get SIGBUS,
  * never a hang; then later faults get SIGBUS at once.
@@ -1841,6 +2014,7 @@ int main(void)
 		test_control(fd, cfd);
 		test_events(fd, cfd);
 		test_writeback(fd, cfd);
+		test_poison(fd, cfd);
 		test_control_close(fd, cfd);
 	}
 	test_leak_meminfo(fd);
