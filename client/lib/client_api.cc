@@ -46,6 +46,7 @@
 #include "client/lib/client_testing.h"
 #include "client/lib/daemon_connection.h"
 #include "client/lib/open_regions.h"
+#include "node/fault/kmod_client.h"
 #include "node/fault/uffd_client.h"
 #include "proto/log.h"
 #include "proto/messages.h"
@@ -211,10 +212,11 @@ Status ValidateRegionReply(const Library& lib, const proto::RegionReply& r, cons
                std::to_string(r.size));
   }
   struct stat st {};
+  if (::fstat(memfd, &st) == 0 && S_ISCHR(st.st_mode)) return Status::Ok();  // /dev/dsvm (kmod)
   if (::fstat(memfd, &st) != 0 || !S_ISREG(st.st_mode) ||
       static_cast<uint64_t>(st.st_size) < r.size) {
     // Touching a page past the end of the file would be SIGBUS.
-    return bad("came with a descriptor that is not a memfd of the region's size");
+    return bad("came with a descriptor that is neither /dev/dsvm nor a memfd of the region's size");
   }
   return Status::Ok();
 }
@@ -227,6 +229,21 @@ Status ValidateRegionReply(const Library& lib, const proto::RegionReply& r, cons
 Status MapLocked(Library* lib, const proto::RegionReply& r, node::UniqueFd memfd,
                  const char* name) {
   DSVM_RETURN_IF_ERROR(ValidateRegionReply(*lib, r, name, memfd.get()));
+  if (node::IsDeviceFd(memfd.get())) {
+    // The daemon runs the kmod backend: the region is mapped through
+    // dsvm.ko, which serves its faults.
+    auto mapped = node::KmodClientMapRegion(memfd.get(), r.base, r.size);
+    if (!mapped.ok()) return mapped.status();
+    std::vector<int> attach = {memfd.get()};
+    if (mapped->pidfd) attach.push_back(mapped->pidfd.get());
+    Status st = StatusCallLocked(lib, proto::MapRegion{r.base}, attach);
+    if (!st.ok()) {
+      ::munmap(mapped->addr, mapped->size);
+      return st;
+    }
+    lib->regions[r.base] = OpenRegion{r.name, r.base, r.size, r.page_size};
+    return Status::Ok();
+  }
   auto mapping = node::UffdClientMapRegion(memfd.get(), r.base, r.size);
   if (!mapping.ok()) {
     if (mapping.status().code() == StatusCode::kResourceExhausted) {

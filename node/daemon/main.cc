@@ -1,12 +1,15 @@
 // dsvm-node: the node daemon, one per host.
 //
 //   dsvm-node --coordinator HOST:PORT[,HOST:PORT...] [--listen HOST:PORT] [--socket PATH]
-//             [--fault-backend uffd] [--rejoin-as N] [--secret-file FILE]
+//             [--fault-backend kmod|uffd] [--rejoin-as N] [--secret-file FILE]
 //             [--busy-poll-us N] [--verbose]
 //
 // --coordinator: one coordinator per directory shard, in shard order (shard
 // 0 first: it assigns the node id and holds membership and regions); the
 // node joins every one and sends each page's requests to its shard.
+// --fault-backend: how client faults are caught: kmod (dsvm.ko's /dev/dsvm;
+// 4 KiB regions only) or uffd (userfaultfd); default kmod when /dev/dsvm
+// exists, else uffd.
 // --busy-poll-us N: after any work, poll for N microseconds before sleeping
 // (default 0: sleep at once). Lower fault latency for a core's idle time.
 // --secret-file (default $DSVM_SECRET_FILE): the cluster secret this node
@@ -18,6 +21,7 @@
 // SIGINT/SIGTERM stop it cleanly.
 #include <signal.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <csignal>
 #include <cstdio>
@@ -34,7 +38,7 @@ int Usage(const std::string& why) {
   std::fprintf(stderr,
                "dsvm-node: %s\n"
                "usage: dsvm-node --coordinator HOST:PORT[,HOST:PORT...] [--listen HOST:PORT] [--socket PATH]\n"
-               "       [--fault-backend uffd] [--rejoin-as N] [--secret-file FILE]\n"
+               "       [--fault-backend kmod|uffd] [--rejoin-as N] [--secret-file FILE]\n"
                "       [--busy-poll-us N] [--verbose]\n",
                why.c_str());
   return 2;
@@ -49,6 +53,7 @@ int main(int argc, char** argv) {
   const char* env_socket = std::getenv("DSVM_SOCKET");
   o.socket_path = env_socket ? env_socket : "/run/dsvm/node.sock";
   std::string secret_flag;
+  bool fault_backend_given = false;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     auto value = [&](std::string* out) {
@@ -61,7 +66,7 @@ int main(int argc, char** argv) {
     if (a == "--coordinator") ok = value(&o.coordinator);
     else if (a == "--listen") ok = value(&o.listen);
     else if (a == "--socket") ok = value(&o.socket_path);
-    else if (a == "--fault-backend") ok = value(&o.fault_backend);
+    else if (a == "--fault-backend") ok = fault_backend_given = value(&o.fault_backend);
     else if (a == "--secret-file") ok = value(&secret_flag);
     else if (a == "--busy-poll-us") {
       ok = value(&v) && !v.empty() && v.find_first_not_of("0123456789") == std::string::npos &&
@@ -76,7 +81,10 @@ int main(int argc, char** argv) {
     else return Usage("unknown flag '" + a + "'");
     if (!ok) return Usage("flag '" + a + "' needs a valid value");
   }
-  if (o.fault_backend != "uffd") return Usage("--fault-backend must be uffd (kmod: issue #4)");
+  if (!fault_backend_given) o.fault_backend = ::access("/dev/dsvm", F_OK) == 0 ? "kmod" : "uffd";
+  if (o.fault_backend != "uffd" && o.fault_backend != "kmod") {
+    return Usage("--fault-backend must be kmod or uffd");
+  }
   o.secret_file = proto::SecretPath(secret_flag);
   const std::string dir = o.socket_path.substr(0, o.socket_path.rfind('/'));
   if (!dir.empty()) ::mkdir(dir.c_str(), 0755);

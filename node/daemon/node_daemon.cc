@@ -14,6 +14,7 @@
 #include <cstring>
 
 #include "node/fault/fd_passing.h"
+#include "node/fault/kmod_backend.h"
 #include "node/fault/uffd_backend.h"
 #include "proto/log.h"
 #include "proto/text.h"
@@ -154,9 +155,12 @@ Result<std::unique_ptr<NodeDaemon>> NodeDaemon::Create(const NodeDaemonOptions& 
   if (options.fault_backend == "uffd") {
     DSVM_ASSIGN_OR_RETURN(std::unique_ptr<UffdBackend> backend, UffdBackend::Create());
     d->backend_ = std::move(backend);
+  } else if (options.fault_backend == "kmod") {
+    DSVM_ASSIGN_OR_RETURN(std::unique_ptr<KmodBackend> backend, KmodBackend::Create());
+    d->backend_ = std::move(backend);
   } else if (!options.fault_backend.empty()) {
-    // TODO(#4): "kmod" once dsvm.ko delivers fault events.
-    return InvalidArgument("fault backend '" + options.fault_backend + "' is not available");
+    return InvalidArgument("fault backend '" + options.fault_backend +
+                           "' is none of uffd and kmod");
   }
   DSVM_RETURN_IF_ERROR(d->Setup());
   LogInfo("node " + std::to_string(jr.node) + " joined; peers reach it at " + peer_address);
@@ -654,6 +658,19 @@ std::span<uint8_t> NodeDaemon::Bytes(proto::PageAddr page) {
   return s == nullptr ? std::span<uint8_t>() : s->MappedPage(page);
 }
 
+void NodeDaemon::CallAccessFn(proto::PageAddr page, bool write, const AccessFn& fn) {
+  Status st = backend_ ? backend_->WriteBack(page) : Status::Ok();
+  if (!st.ok()) {
+    fn(st, {});
+    return;
+  }
+  fn(Status::Ok(), Bytes(page));
+  if (write && backend_) {
+    st = backend_->Refresh(page);
+    if (!st.ok()) LogError("refreshing page " + Hex(page) + " after a write: " + st.ToString());
+  }
+}
+
 Status NodeDaemon::OpenRegion(const proto::RegionReply& r) {
   if (stores_.count(r.base)) return AlreadyExists("region '" + r.name + "' is open here");
   PageStoreOptions o;
@@ -684,7 +701,7 @@ void NodeDaemon::AccessPage(proto::PageAddr address, bool write, AccessFn fn, bo
   Actions acts;
   if (agent_.Fault(page, write, w, NowMs(), &acts) == FaultResult::kHit) {
     Execute(acts);
-    fn(Status::Ok(), Bytes(page));
+    CallAccessFn(page, write, fn);
     return;
   }
   if (!prefetch) {
@@ -697,6 +714,7 @@ void NodeDaemon::AccessPage(proto::PageAddr address, bool write, AccessFn fn, bo
   Waiter& waiter = waiters_[w];
   waiter.page = page;
   waiter.fn = std::move(fn);
+  waiter.write = write;
   Execute(acts);
 }
 
@@ -809,7 +827,7 @@ void NodeDaemon::ExecuteOne(Action& a) {
         ++stats_.accesses_failed;
         w.fn(Status(a.status, "page " + std::to_string(w.page) + " is lost"), {});
       } else {
-        w.fn(Status::Ok(), Bytes(w.page));
+        CallAccessFn(w.page, w.write, w.fn);
       }
       return;
     }
@@ -1062,7 +1080,9 @@ void NodeDaemon::ForwardedReply(const Forwarded& f, proto::Message m) {
       Status st = OpenRegion(*r);
       if (!st.ok()) return ReplyToClient(f.client_fd, f.client_request, proto::ToReply(st));
     }
-    return ReplyToClient(f.client_fd, f.client_request, m, StoreOf(r->base)->fd());
+    const PageStore& store = *StoreOf(r->base);
+    return ReplyToClient(f.client_fd, f.client_request, m,
+                         backend_ ? backend_->client_map_fd(store) : store.fd());
   }
   ReplyToClient(f.client_fd, f.client_request, m);
 }

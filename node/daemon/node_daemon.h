@@ -123,7 +123,8 @@ class NodeDaemon {
  private:
   struct Waiter {
     proto::PageAddr page;
-    AccessFn fn;          // an Access() call, or
+    AccessFn fn;          // an Access() call (`write`: for writing), or
+    bool write = false;
     bool fault = false;   // a client's fault, resolved through the backend
     FaultToken token;
   };
@@ -239,6 +240,10 @@ class NodeDaemon {
   void FlushPendingPeers();
   PageStore* StoreOf(proto::PageAddr page);
   std::span<uint8_t> Bytes(proto::PageAddr page);
+  // Runs an Access() call's fn on the page's bytes, which the node holds as
+  // the access needs: the backend's copy written back to the store first,
+  // and after a write the store's bytes made what local processes see.
+  void CallAccessFn(proto::PageAddr page, bool write, const AccessFn& fn);
   uint64_t NowMs() const;
 
   NodeDaemonOptions options_;

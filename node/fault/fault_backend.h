@@ -8,7 +8,7 @@
 //   "uffd" (UffdBackend): userfaultfd descriptors handed over by the clients;
 //     clients map the PageStore's memfd itself, so the store's bytes are the
 //     bytes they see and WriteBack has nothing to do.
-//   "kmod" (TODO(#4)): dsvm.ko's /dev/dsvm; the module keeps its own pages,
+//   "kmod" (KmodBackend): dsvm.ko's /dev/dsvm; the module keeps its own pages,
 //     so it copies the store's bytes in when a page is mapped and back
 //     (WriteBack) before the daemon reads them.
 //
@@ -38,31 +38,23 @@
 // or retained); should that ever change, the executor calls
 // Invalidate(page) before the install.
 //
-// How each call maps to dsvm.ko (kmod/uapi/dsvm_uapi.h as it stands, and
-// what it lacks yet):
-//   AddRegion      DSVM_IOC_REGION_CREATE{region_id, base, size, page_size}.
-//   RemoveRegion   DSVM_IOC_REGION_DESTROY.
+// How each call maps to dsvm.ko (kmod/uapi/dsvm_uapi.h; KmodBackend):
+//   AddRegion      DSVM_IOC_REGION_CREATE (4 KiB pages only).
+//   RemoveRegion   DSVM_IOC_REGION_DESTROY, refused while a client maps it.
 //   AddMapping     the client mmaps /dev/dsvm at the region's base (offset =
-//                  base) and the module tracks that VMA itself; the daemon
-//                  records the client (pidfd for its exit; fault_fd: the
-//                  client's /dev/dsvm file, so the module can name its
-//                  faults' mapping).
-//   event_fd       the daemon's /dev/dsvm descriptor (poll: POLLIN).
-//   ReadEvents     read(2) of several fault events, a client's file release
-//                  arriving as a mapping-closed event. Reserved in the UAPI
-//                  ("fault events on read/poll"); until then a miss is
-//                  answered SIGBUS by the module.
-//   Resolve        a resolve ioctl {event id, result}: 0 retries the access,
-//                  an error makes it SIGBUS (not in the UAPI yet).
-//   MapRead        DSVM_IOC_PAGE_INSTALL{state=SHARED, data=the store's
-//                  bytes} for an absent page, DSVM_IOC_PAGE_DOWNGRADE for a
-//                  Modified one; later faults map it read-only in the kernel.
-//   MapWrite       DSVM_IOC_PAGE_INSTALL{state=MODIFIED}; a Shared page is
-//                  upgraded by WriteBack + INVALIDATE + INSTALL until the
-//                  module has an upgrade in place.
-//   WriteBack      a read-back ioctl into store.WritePage (issue #4: "read
-//                  back dirty data for writeback"; not in the UAPI yet).
-//   Unmap          WriteBack, then DSVM_IOC_PAGE_INVALIDATE.
+//                  base) through client_map_fd; the module serves every
+//                  process that maps it, and the daemon keeps the client's
+//                  pidfd to learn of its exit (kMappingClosed).
+//   event_fd       an epoll set of the control file and the pidfds.
+//   ReadEvents     read(2) of several fault events (one per page and kind).
+//   Resolve        kRetry: nothing (the page's change answered the event);
+//                  kError: DSVM_IOC_PAGE_POISON (SIGBUS until reinstalled).
+//   MapRead        DSVM_IOC_PAGE_INSTALL{SHARED, the store's bytes} for a
+//                  page not held, DSVM_IOC_PAGE_DOWNGRADE for a Modified one.
+//   MapWrite       DSVM_IOC_PAGE_INSTALL{MODIFIED}, or DSVM_IOC_PAGE_UPGRADE
+//                  of a Shared page in place.
+//   WriteBack      DSVM_IOC_PAGE_WRITEBACK into store.WritePage when dirty.
+//   Unmap          DSVM_IOC_PAGE_WRITEBACK with _INVALIDATE (one step).
 //   Invalidate     DSVM_IOC_PAGE_INVALIDATE.
 // The module resolves a fault on a page valid on the node inside the kernel
 // and sends only real misses up; UffdBackend does the same in user space
@@ -161,6 +153,11 @@ class FaultBackend {
   // otherwise become a plain, incoherent view of the memfd. Errors: kNotFound.
   virtual Status RemoveMapping(MappingId id) = 0;
 
+  // The descriptor a client maps the region of `store` with (the daemon
+  // hands it over with the region): the store's memfd (uffd), or a file of
+  // /dev/dsvm (kmod, mapped at offset = base).
+  virtual int client_map_fd(const PageStore& store) const = 0;
+
   // Faults the backend resolved by itself, without the coherence agent (the
   // page was valid on the node; the process lacked only its PTE).
   virtual uint64_t local_hits() const = 0;
@@ -189,6 +186,10 @@ class FaultBackend {
   // that keeps its own copy of mapped pages copies it back). Errors:
   // kInvalidArgument, kNotFound, kIoError.
   virtual Status WriteBack(PageAddr page) = 0;
+  // The store's bytes of `page`, which local processes may access, were
+  // changed by the daemon itself (after WriteBack): make local processes
+  // see them. Nothing to do where they map the store. Errors: as MapRead.
+  virtual Status Refresh(PageAddr page) = 0;
   // As Unmap, but the bytes may be dropped (the caller discards them).
   virtual Status Invalidate(PageAddr page) = 0;
   // Invalidate for every page of the region at `base`, and the store's

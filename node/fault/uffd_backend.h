@@ -136,6 +136,9 @@ class UffdBackend final : public FaultBackend {
   const UffdFeatures& features() const { return features_; }
   const UffdBackendStats& stats() const { return stats_; }
   uint64_t local_hits() const override { return stats_.local_hits; }
+  int client_map_fd(const PageStore& store) const override { return store.fd(); }
+  // Nothing to do: clients map the store's memfd. Validates `page`.
+  Status Refresh(PageAddr page) override { return WriteBack(page); }
   size_t mapping_count() const { return mappings_.size(); }
 
  private:

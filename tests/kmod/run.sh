@@ -116,6 +116,12 @@ phase module
 gcc -static -O2 -g -Wall -Wextra -Werror -Wno-unused-parameter \
   -Wno-missing-field-initializers -pthread -I "$ROOT/kmod/uapi" \
   -o "$WORK/dsvm_selftest" "$ROOT/tests/kmod/dsvm_selftest.c" || fail "dsvm_selftest does not build"
+# The node daemon's kmod backend against the module, static too.
+g++ -std=c++20 -static -O2 -g -Wall -Wextra -Werror -Wno-unused-parameter \
+  -Wno-missing-field-initializers -pthread -I "$ROOT" -o "$WORK/dsvm_kmod_backend_test" \
+  "$ROOT/tests/kmod/kmod_backend_test.cc" "$ROOT/node/fault/kmod_backend.cc" \
+  "$ROOT/node/fault/kmod_client.cc" "$ROOT/node/memory/page_store.cc" \
+  "$ROOT/proto/status.cc" "$ROOT/proto/log.cc" || fail "kmod_backend_test does not build"
 phase selftest
 
 # 5. The initramfs: busybox, the module, the selftest, /init.
@@ -128,7 +134,7 @@ cp /bin/busybox "$initrd/bin/busybox"
 for applet in sh mount uname insmod rmmod dmesg sed grep cat ls poweroff; do
   ln -s busybox "$initrd/bin/$applet"
 done
-cp "$WORK/kmod/dsvm.ko" "$WORK/dsvm_selftest" "$initrd/"
+cp "$WORK/kmod/dsvm.ko" "$WORK/dsvm_selftest" "$WORK/dsvm_kmod_backend_test" "$initrd/"
 cat > "$initrd/init" <<'EOF'
 #!/bin/sh
 export PATH=/bin
@@ -140,6 +146,10 @@ echo "dsvm-kmod: guest $(uname -r) up"
 if insmod /dsvm.ko; then
   if ! /dsvm_selftest; then
     echo "dsvm-kmod: selftest failed"
+    verdict=FAIL
+  fi
+  if ! /dsvm_kmod_backend_test; then
+    echo "dsvm-kmod: kmod backend test failed"
     verdict=FAIL
   fi
   if rmmod dsvm; then
