@@ -122,6 +122,9 @@ g++ -std=c++20 -static -O2 -g -Wall -Wextra -Werror -Wno-unused-parameter \
   "$ROOT/tests/kmod/kmod_backend_test.cc" "$ROOT/node/fault/kmod_backend.cc" \
   "$ROOT/node/fault/kmod_client.cc" "$ROOT/node/memory/page_store.cc" \
   "$ROOT/proto/status.cc" "$ROOT/proto/log.cc" || fail "kmod_backend_test does not build"
+# The local fault bench (bench/kmod_fault.cc): figures only, never a verdict.
+g++ -std=c++20 -static -O2 -Wall -Wextra -Werror -Wno-missing-field-initializers -pthread \
+  -I "$ROOT" -o "$WORK/dsvm-bench-kmod" "$ROOT/bench/kmod_fault.cc" || fail "dsvm-bench-kmod does not build"
 phase selftest
 
 # 5. The initramfs: busybox, the module, the selftest, /init.
@@ -134,7 +137,8 @@ cp /bin/busybox "$initrd/bin/busybox"
 for applet in sh mount uname insmod rmmod dmesg sed grep cat ls poweroff; do
   ln -s busybox "$initrd/bin/$applet"
 done
-cp "$WORK/kmod/dsvm.ko" "$WORK/dsvm_selftest" "$WORK/dsvm_kmod_backend_test" "$initrd/"
+cp "$WORK/kmod/dsvm.ko" "$WORK/dsvm_selftest" "$WORK/dsvm_kmod_backend_test" "$WORK/dsvm-bench-kmod" \
+  "$initrd/"
 cat > "$initrd/init" <<'EOF'
 #!/bin/sh
 export PATH=/bin
@@ -152,6 +156,7 @@ if insmod /dsvm.ko; then
     echo "dsvm-kmod: kmod backend test failed"
     verdict=FAIL
   fi
+  /dsvm-bench-kmod | sed 's/^/bench: /' || echo "dsvm-kmod: the bench did not run"
   if rmmod dsvm; then
     echo "dsvm-kmod: rmmod ok"
   else
@@ -219,4 +224,6 @@ if ! grep -qx "$VERDICT_LINE" "$log.txt"; then
   fail "no '$VERDICT_LINE' line (qemu exit $rc) ($summary)"
 fi
 [ "${DSVM_KMOD_KEEP_LOG:-0}" != 1 ] || cat "$log.txt"
+# The guest's fault bench, as JSON lines (docs/PERFORMANCE.md, "dsvm.ko").
+sed -n 's/^bench: //p' "$log.txt"
 echo "PASS: kmod: $summary"
