@@ -1,0 +1,227 @@
+#include "node/memory/emulated_device_backend.h"
+
+#include <condition_variable>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <utility>
+
+namespace dsvm::node {
+namespace {
+
+// Arenas are 2 MiB aligned (like large cudaMalloc blocks in practice), so a
+// 2 MiB slot is aligned too and the host may back it with a huge page.
+constexpr uint64_t kEmulatedArenaAlignment = 2u << 20;
+constexpr uint64_t kStagingAlignment = 4096;
+
+uint64_t RoundUp(uint64_t v, uint64_t to) { return (v + to - 1) / to * to; }
+
+// One stream: a bounded FIFO of copies and fence marks, executed in order by
+// the stream's own copy thread.
+//
+// Locking: mu_ is a leaf lock; nothing else is taken while it is held, and
+// no copy runs under it.
+class EmulatedStream {
+ public:
+  EmulatedStream(uint32_t device, uint32_t depth, std::chrono::microseconds delay)
+      : device_(device), depth_(depth), delay_(delay), thread_([this] { Run(); }) {}
+
+  // Lets the copy thread finish what is queued, then joins it.
+  ~EmulatedStream() {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      stop_ = true;
+    }
+    work_.notify_one();
+    thread_.join();
+  }
+
+  uint32_t device() const { return device_; }
+
+  void PushCopy(uint8_t* dst, const uint8_t* src, uint64_t bytes) { Push({dst, src, bytes, 0}); }
+  void PushFence(uint64_t seq) { Push({nullptr, nullptr, 0, seq}); }
+
+  bool Done(uint64_t seq) {
+    std::lock_guard<std::mutex> l(mu_);
+    return fences_done_ >= seq;
+  }
+
+  void WaitFor(uint64_t seq) {
+    std::unique_lock<std::mutex> l(mu_);
+    progress_.wait(l, [&] { return fences_done_ >= seq; });
+  }
+
+  // Returns once every queued entry has been executed.
+  void Drain() {
+    std::unique_lock<std::mutex> l(mu_);
+    progress_.wait(l, [&] { return queue_.empty(); });
+  }
+
+ private:
+  // A copy (fence == 0) or the mark of fence number `fence`.
+  struct Entry {
+    uint8_t* dst;
+    const uint8_t* src;
+    uint64_t bytes;
+    uint64_t fence;
+  };
+
+  // Blocks while the queue holds depth_ entries.
+  void Push(Entry e) {
+    {
+      std::unique_lock<std::mutex> l(mu_);
+      progress_.wait(l, [&] { return queue_.size() < depth_; });
+      queue_.push_back(e);
+      DSVM_CHECK(queue_.size() <= depth_);
+    }
+    work_.notify_one();
+  }
+
+  void Run() {
+    std::unique_lock<std::mutex> l(mu_);
+    for (;;) {
+      work_.wait(l, [&] { return stop_ || !queue_.empty(); });
+      if (queue_.empty()) return;  // stopped, and nothing left to do
+      // The entry stays queued while it runs, so Drain() waits for it.
+      const Entry e = queue_.front();
+      if (e.fence == 0) {
+        l.unlock();
+        if (delay_.count() > 0) std::this_thread::sleep_for(delay_);
+        std::memmove(e.dst, e.src, e.bytes);
+        l.lock();
+      } else {
+        fences_done_ = e.fence;
+      }
+      queue_.pop_front();
+      progress_.notify_all();
+    }
+  }
+
+  const uint32_t device_;
+  const uint32_t depth_;
+  const std::chrono::microseconds delay_;
+  std::mutex mu_;
+  std::condition_variable work_;      // the copy thread waits for entries
+  std::condition_variable progress_;  // the owner waits for room, fences, drain
+  std::deque<Entry> queue_;           // GUARDED_BY(mu_)
+  uint64_t fences_done_ = 0;          // GUARDED_BY(mu_)
+  bool stop_ = false;                 // GUARDED_BY(mu_)
+  std::thread thread_;                // last: starts after the fields above
+};
+
+class EmulatedDeviceBackend final : public DeviceBackend {
+ public:
+  explicit EmulatedDeviceBackend(const DeviceBackendOptions& options)
+      : DeviceBackend(options.emulated_devices), options_(options) {}
+  ~EmulatedDeviceBackend() override { ReleaseAll(); }
+
+  std::string_view name() const override { return "emulated"; }
+
+ protected:
+  Result<DevicePtr> DoAllocateArena(uint32_t device, uint64_t bytes) override {
+    const uint64_t used = arena_bytes(device);
+    const uint64_t capacity = options_.emulated_device_bytes;
+    if (bytes > capacity - used) {
+      return ResourceExhausted("emulated device " + std::to_string(device) +
+                               " is out of memory: " + std::to_string(bytes) + " bytes asked, " +
+                               std::to_string(capacity - used) + " of " + std::to_string(capacity) +
+                               " free");
+    }
+    void* p = std::aligned_alloc(kEmulatedArenaAlignment, RoundUp(bytes, kEmulatedArenaAlignment));
+    if (p == nullptr) {
+      return ResourceExhausted("emulated device " + std::to_string(device) +
+                               ": the host has no room for an arena of " + std::to_string(bytes) +
+                               " bytes");
+    }
+    return reinterpret_cast<DevicePtr>(p);
+  }
+
+  Status DoFreeArena(uint32_t device, DevicePtr base, uint64_t bytes) override {
+    for (auto& [id, s] : streams_) {
+      if (s->device() == device) s->Drain();
+    }
+    std::free(reinterpret_cast<void*>(base));
+    return Status::Ok();
+  }
+
+  Result<uint8_t*> DoAllocateStaging(uint64_t bytes) override {
+    void* p = std::aligned_alloc(kStagingAlignment, RoundUp(bytes, kStagingAlignment));
+    if (p == nullptr) {
+      return ResourceExhausted("no host memory for a staging buffer of " + std::to_string(bytes) +
+                               " bytes");
+    }
+    return static_cast<uint8_t*>(p);
+  }
+
+  Status DoFreeStaging(uint8_t* data, uint64_t bytes) override {
+    for (auto& [id, s] : streams_) s->Drain();
+    std::free(data);
+    return Status::Ok();
+  }
+
+  Status DoCreateStream(StreamId stream, uint32_t device) override {
+    streams_.emplace(stream.value,
+                     std::make_unique<EmulatedStream>(device, options_.emulated_queue_depth,
+                                                      options_.emulated_copy_delay));
+    return Status::Ok();
+  }
+
+  Status DoDestroyStream(StreamId stream) override {
+    streams_.erase(stream.value);  // the destructor drains and joins
+    return Status::Ok();
+  }
+
+  Status DoCopyToDevice(StreamId stream, std::span<const HostToDevice> batch) override {
+    EmulatedStream& s = *streams_.at(stream.value);
+    for (const HostToDevice& c : batch) {
+      s.PushCopy(reinterpret_cast<uint8_t*>(c.dst), static_cast<const uint8_t*>(c.src), c.bytes);
+    }
+    return Status::Ok();
+  }
+
+  Status DoCopyToHost(StreamId stream, std::span<const DeviceToHost> batch) override {
+    EmulatedStream& s = *streams_.at(stream.value);
+    for (const DeviceToHost& c : batch) {
+      s.PushCopy(static_cast<uint8_t*>(c.dst), reinterpret_cast<const uint8_t*>(c.src), c.bytes);
+    }
+    return Status::Ok();
+  }
+
+  Status DoRecordFence(StreamId stream, uint64_t seq) override {
+    streams_.at(stream.value)->PushFence(seq);
+    return Status::Ok();
+  }
+
+  Result<bool> DoIsDone(StreamId stream, uint64_t seq) override {
+    return streams_.at(stream.value)->Done(seq);
+  }
+
+  Status DoWait(StreamId stream, uint64_t seq) override {
+    streams_.at(stream.value)->WaitFor(seq);
+    return Status::Ok();
+  }
+
+ private:
+  const DeviceBackendOptions options_;
+  std::unordered_map<uint64_t, std::unique_ptr<EmulatedStream>> streams_;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<DeviceBackend>> CreateEmulatedDeviceBackend(
+    const DeviceBackendOptions& options) {
+  if (options.emulated_devices == 0) return InvalidArgument("emulated backend with 0 devices");
+  if (options.emulated_device_bytes == 0) {
+    return InvalidArgument("emulated devices of 0 bytes");
+  }
+  if (options.emulated_queue_depth == 0) {
+    return InvalidArgument("emulated stream queue depth of 0");
+  }
+  return std::unique_ptr<DeviceBackend>(new EmulatedDeviceBackend(options));
+}
+
+}  // namespace dsvm::node
