@@ -759,6 +759,9 @@ void NodeDaemon::ExecuteOne(Action& a) {
       d.version = a.version;
       d.data.resize(store->page_size());
       if (a.kind == ActionKind::kSendPage) {
+        // A backend with its own copy of mapped pages (kmod) brings it to
+        // the store first; the agent downgraded the page before this send.
+        if (backend_) check(backend_->WriteBack(a.page), "write back for send");
         check(store->ReadPage(a.page, d.data), "read for send");
       } else {
         check(store->ReadStash(a.page, a.txn, d.data), "read stash for send");
