@@ -658,7 +658,12 @@ std::span<uint8_t> NodeDaemon::Bytes(proto::PageAddr page) {
   return s == nullptr ? std::span<uint8_t>() : s->MappedPage(page);
 }
 
-void NodeDaemon::CallAccessFn(proto::PageAddr page, bool write, const AccessFn& fn) {
+void NodeDaemon::CallAccessFn(proto::PageAddr page, bool write, bool prefetch,
+                              const AccessFn& fn) {
+  if (prefetch) {
+    fn(Status::Ok(), {});
+    return;
+  }
   Status st = backend_ ? backend_->WriteBack(page) : Status::Ok();
   if (!st.ok()) {
     fn(st, {});
@@ -701,7 +706,7 @@ void NodeDaemon::AccessPage(proto::PageAddr address, bool write, AccessFn fn, bo
   Actions acts;
   if (agent_.Fault(page, write, w, NowMs(), &acts) == FaultResult::kHit) {
     Execute(acts);
-    CallAccessFn(page, write, fn);
+    CallAccessFn(page, write, prefetch, fn);
     return;
   }
   if (!prefetch) {
@@ -715,6 +720,7 @@ void NodeDaemon::AccessPage(proto::PageAddr address, bool write, AccessFn fn, bo
   waiter.page = page;
   waiter.fn = std::move(fn);
   waiter.write = write;
+  waiter.prefetch = prefetch;
   Execute(acts);
 }
 
@@ -830,7 +836,7 @@ void NodeDaemon::ExecuteOne(Action& a) {
         ++stats_.accesses_failed;
         w.fn(Status(a.status, "page " + std::to_string(w.page) + " is lost"), {});
       } else {
-        CallAccessFn(w.page, w.write, w.fn);
+        CallAccessFn(w.page, w.write, w.prefetch, w.fn);
       }
       return;
     }

@@ -125,6 +125,7 @@ class NodeDaemon {
     proto::PageAddr page;
     AccessFn fn;          // an Access() call (`write`: for writing), or
     bool write = false;
+    bool prefetch = false;  // a prefetch's access: fn gets no bytes
     bool fault = false;   // a client's fault, resolved through the backend
     FaultToken token;
   };
@@ -243,7 +244,8 @@ class NodeDaemon {
   // Runs an Access() call's fn on the page's bytes, which the node holds as
   // the access needs: the backend's copy written back to the store first,
   // and after a write the store's bytes made what local processes see.
-  void CallAccessFn(proto::PageAddr page, bool write, const AccessFn& fn);
+  // A prefetch's fn gets no bytes (nothing to write back for it).
+  void CallAccessFn(proto::PageAddr page, bool write, bool prefetch, const AccessFn& fn);
   uint64_t NowMs() const;
 
   NodeDaemonOptions options_;
