@@ -695,12 +695,16 @@ TEST_F(NodeDaemonTest, PrefetchMakesARangeValidInOneCall) {
 // nothing ahead.
 TEST_F(NodeDaemonTest, SequentialReadsAreReadAheadAndScatteredOnesAreNot) {
   constexpr uint64_t kPages = 256;
-  // [0, kPages) is read in order; [kScattered, kScattered + kPages) in a
-  // scattered order, beyond the largest window read ahead of the first.
-  constexpr uint64_t kScattered = 640;
-  proto::RegionReply r = Region("sequential", 1024 * 4096, 4096);
+  // One region is read in order, another (where no read-ahead of the
+  // first can reach) in a scattered order.
+  proto::RegionReply r = Region("sequential", kPages * 4096, 4096);
+  proto::RegionReply scattered = Region("scattered", kPages * 4096, 4096);
   StartNodes(2, r);
-  for (uint64_t i = 0; i < 1024; ++i) nodes_[0]->WriteU64(r.base + i * 4096, 1000 + i);
+  nodes_[0]->Sync([&](NodeDaemon& d) { ASSERT_TRUE(d.OpenRegion(scattered).ok()); });
+  for (uint64_t i = 0; i < kPages; ++i) {
+    nodes_[0]->WriteU64(r.base + i * 4096, 1000 + i);
+    nodes_[0]->WriteU64(scattered.base + i * 4096, 5000 + i);
+  }
   const auto codes = RunLibClients("sequential", {{dir_.path() + "/node1.sock", [&](uint8_t* m) {
     dsvm_node_stats_t before, mid, after;
     if (dsvm_stats(&before) != DSVM_OK) return false;
@@ -709,9 +713,12 @@ TEST_F(NodeDaemonTest, SequentialReadsAreReadAheadAndScatteredOnesAreNot) {
     }
     if (dsvm_stats(&mid) != DSVM_OK) return false;
     // Scattered: no two misses on adjacent pages.
+    void* other = nullptr;
+    if (dsvm_region_open("scattered", &other, nullptr) != DSVM_OK) return false;
+    auto* s = static_cast<uint8_t*>(other);
     for (uint64_t k = 0; k < kPages; ++k) {
-      const uint64_t i = kScattered + (k * 37) % kPages;  // 37 is coprime to 256
-      if (*reinterpret_cast<volatile uint64_t*>(m + i * 4096) != 1000 + i) return false;
+      const uint64_t i = (k * 37) % kPages;  // 37 is coprime to 256
+      if (*reinterpret_cast<volatile uint64_t*>(s + i * 4096) != 5000 + i) return false;
     }
     if (dsvm_stats(&after) != DSVM_OK) return false;
     const uint64_t seq_faults = mid.read_faults - before.read_faults;
