@@ -16,9 +16,16 @@
  * simple to keep free of lost wake-ups (dsvm_internal.h) and never leaves a
  * thread waiting for an answer the daemon has already given.
  *
- * Locking: dsvm_events_lock (a spinlock, taken inside the page lock) guards
- * the pending table, every region's list of events, the read queue and the
- * sequence number. See the top of dsvm_internal.h for the order.
+ * Mirror invalidation events (dsvm_mirror.c) travel the same read() and
+ * poll(), on the file that registered the mirror: each mirror has at most
+ * one queued, a page range that later drops widen until it is read, so
+ * none is lost and a file's queue is bounded by its mirrors. They are not
+ * faults: nobody sleeps on them, and reading one takes it off the queue.
+ *
+ * Locking: dsvm_events_lock (a spinlock, taken inside the page lock and
+ * inside mirror->lock) guards the pending table, every region's list of
+ * events, the read queue, the sequence numbers and every file's queue of
+ * mirror events. See the top of dsvm_internal.h for the order.
  */
 #include <linux/hash.h>
 #include <linux/hashtable.h>
@@ -40,6 +47,8 @@ static DEFINE_HASHTABLE(dsvm_events_pending, DSVM_EVENTS_HASH_BITS);
 /* Pending events not yet read, oldest (lowest seq) first. */
 static LIST_HEAD(dsvm_events_queue);
 static u64 dsvm_events_seq;
+/* Mirror events count on their own, so that seq of faults = stats.events. */
+static u64 dsvm_mirror_events_seq;
 /* read() and poll() on the control file wait here for the queue. */
 static DECLARE_WAIT_QUEUE_HEAD(dsvm_events_readers);
 /* One reader at a time: it peeks, copies out, then dequeues (read()). */
@@ -218,27 +227,98 @@ void dsvm_event_answer_region(struct dsvm_region *region)
 	spin_unlock(&dsvm_events_lock);
 }
 
+/*
+ * Queues an invalidation event for pages [first, last] of a mirror, or
+ * widens the one queued and not yet read. Called by the notifier under
+ * mirror->lock: no allocation (the event lives in the mirror).
+ */
+void dsvm_event_mirror_queue(struct dsvm_mirror *mirror, unsigned long first,
+			     unsigned long last)
+{
+	lockdep_assert_held(&mirror->lock);
+	spin_lock(&dsvm_events_lock);
+	if (list_empty(&mirror->event_link)) {
+		mirror->event_first = first;
+		mirror->event_last = last;
+		list_add_tail(&mirror->event_link, &mirror->owner->mirror_events);
+		atomic64_inc(&dsvm_counters.mirror_events);
+	} else {
+		mirror->event_first = min(mirror->event_first, first);
+		mirror->event_last = max(mirror->event_last, last);
+	}
+	/* A reader that copied the narrower range must not dequeue this one. */
+	mirror->event_seq = ++dsvm_mirror_events_seq;
+	spin_unlock(&dsvm_events_lock);
+	wake_up_interruptible_poll(&dsvm_events_readers, EPOLLIN | EPOLLRDNORM);
+}
+
+/* Drops a mirror's queued event; the mirror's notifier is gone already. */
+void dsvm_event_mirror_cancel(struct dsvm_mirror *mirror)
+{
+	spin_lock(&dsvm_events_lock);
+	list_del_init(&mirror->event_link);
+	spin_unlock(&dsvm_events_lock);
+}
+
 static bool dsvm_event_file_is_control(struct file *filp)
 {
 	return READ_ONCE(dsvm_control_file) == filp->private_data;
 }
 
+/* Whether read() has something for this file. Lockless: a hint for waits. */
+static bool dsvm_event_ready(struct dsvm_file *file, bool control)
+{
+	return (control && !list_empty(&dsvm_events_queue)) ||
+	       !list_empty(&file->mirror_events);
+}
+
 /*
- * read() on the control file: up to count / sizeof(struct dsvm_fault_event)
- * events, oldest first. Events are copied out before they are taken off
- * the queue, so a failed copy loses none; the read mutex keeps a second
- * reader from copying the same ones meanwhile. New events go to the tail
- * with a higher seq and answers only remove, so what was copied is still a
- * prefix of the queue (less the events answered since, which are gone).
+ * Takes off the file's queue the mirror events whose seq is among the n
+ * copied ones: a mirror whose event was widened since the copy has a new
+ * seq and stays queued, so the reader gets the wider range later.
+ */
+static void dsvm_event_mirror_dequeue(struct dsvm_file *file,
+				      const struct dsvm_fault_event *batch,
+				      size_t n)
+{
+	struct dsvm_mirror *mirror, *next;
+	size_t i;
+
+	lockdep_assert_held(&dsvm_events_lock);
+	list_for_each_entry_safe(mirror, next, &file->mirror_events, event_link) {
+		for (i = 0; i < n; i++) {
+			if (batch[i].kind == DSVM_FAULT_MIRROR_INVALIDATE &&
+			    batch[i].seq == mirror->event_seq) {
+				list_del_init(&mirror->event_link);
+				break;
+			}
+		}
+	}
+}
+
+/*
+ * read(): up to count / sizeof(struct dsvm_fault_event) events, the
+ * control file's fault events oldest first, then the file's mirror events
+ * oldest first. Events are copied out before they are taken off the
+ * queue, so a failed copy loses none; the read mutex keeps a second
+ * reader from copying the same ones meanwhile. New fault events go to the
+ * tail with a higher seq and answers only remove, so what was copied is
+ * still a prefix of the queue (less the events answered since, which are
+ * gone); mirror events are matched by seq (dsvm_event_mirror_dequeue()).
+ * A file that is neither the control file nor ever registered a mirror
+ * gets -EPERM: nothing can come to it.
  */
 ssize_t dsvm_event_read(struct file *filp, char __user *buf, size_t count,
 			loff_t *ppos)
 {
 	size_t want = count / sizeof(struct dsvm_fault_event), done = 0;
+	struct dsvm_file *file = filp->private_data;
 	struct dsvm_fault_event *batch;
+	bool control;
 	ssize_t ret;
 
-	if (!dsvm_event_file_is_control(filp))
+	control = dsvm_event_file_is_control(filp);
+	if (!control && !READ_ONCE(file->mirror_reader))
 		return -EPERM;
 	if (!want)
 		return -EINVAL;
@@ -253,14 +333,29 @@ ssize_t dsvm_event_read(struct file *filp, char __user *buf, size_t count,
 
 	while (done < want) {
 		size_t n = 0, max = min(want - done, DSVM_EVENTS_READ_BATCH);
+		struct dsvm_mirror *mirror;
 		struct dsvm_event *event;
-		u64 last;
+		u64 last = 0;	/* seq of the last fault event copied */
 
 		spin_lock(&dsvm_events_lock);
-		list_for_each_entry(event, &dsvm_events_queue, queue_link) {
-			batch[n++] = event->msg;
+		if (control) {
+			list_for_each_entry(event, &dsvm_events_queue, queue_link) {
+				if (n == max)
+					break;
+				batch[n++] = event->msg;
+				last = event->msg.seq;
+			}
+		}
+		list_for_each_entry(mirror, &file->mirror_events, event_link) {
 			if (n == max)
 				break;
+			batch[n++] = (struct dsvm_fault_event){
+				.region_id = mirror->id,
+				.page_index = mirror->event_first,
+				.seq = mirror->event_seq,
+				.kind = DSVM_FAULT_MIRROR_INVALIDATE,
+				.count = mirror->event_last - mirror->event_first + 1,
+			};
 		}
 		spin_unlock(&dsvm_events_lock);
 
@@ -272,7 +367,7 @@ ssize_t dsvm_event_read(struct file *filp, char __user *buf, size_t count,
 				goto out_unlock;
 			}
 			ret = wait_event_interruptible(dsvm_events_readers,
-						       !list_empty(&dsvm_events_queue));
+						       dsvm_event_ready(file, control));
 			if (ret)
 				goto out_unlock;
 			continue;
@@ -288,9 +383,8 @@ ssize_t dsvm_event_read(struct file *filp, char __user *buf, size_t count,
 			break;
 		}
 
-		last = batch[n - 1].seq;
 		spin_lock(&dsvm_events_lock);
-		while (!list_empty(&dsvm_events_queue)) {
+		while (last && !list_empty(&dsvm_events_queue)) {
 			event = list_first_entry(&dsvm_events_queue,
 						 struct dsvm_event, queue_link);
 			if (event->msg.seq > last)
@@ -298,6 +392,7 @@ ssize_t dsvm_event_read(struct file *filp, char __user *buf, size_t count,
 			/* Still pending: faults on the page keep waiting on it. */
 			list_del_init(&event->queue_link);
 		}
+		dsvm_event_mirror_dequeue(file, batch, n);
 		spin_unlock(&dsvm_events_lock);
 		done += n;
 	}
@@ -310,11 +405,17 @@ out_free:
 	return ret;
 }
 
-/* poll() on the control file: readable while an event is queued. */
+/*
+ * poll(): readable while an event for this file is queued; POLLERR on a
+ * file that read() refuses.
+ */
 __poll_t dsvm_event_poll(struct file *filp, struct poll_table_struct *wait)
 {
-	if (!dsvm_event_file_is_control(filp))
+	struct dsvm_file *file = filp->private_data;
+	bool control = dsvm_event_file_is_control(filp);
+
+	if (!control && !READ_ONCE(file->mirror_reader))
 		return EPOLLERR;
 	poll_wait(filp, &dsvm_events_readers, wait);
-	return list_empty(&dsvm_events_queue) ? 0 : EPOLLIN | EPOLLRDNORM;
+	return dsvm_event_ready(file, control) ? EPOLLIN | EPOLLRDNORM : 0;
 }

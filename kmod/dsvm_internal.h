@@ -2,8 +2,8 @@
 /*
  * dsvm.ko internals shared by dsvm_main.c (device, ioctls), dsvm_region.c
  * (the region table and each region's logical page table), dsvm_vm.c
- * (mmap and the fault handlers) and dsvm_event.c (fault events, the
- * control file's read and poll).
+ * (mmap and the fault handlers), dsvm_event.c (fault events, the
+ * control file's read and poll) and dsvm_mirror.c (the HMM mirror).
  *
  * Lock order, outermost first:
  *
@@ -15,6 +15,24 @@
  *         page lock		a page's entry and state change under it
  *           dsvm_events_lock	pending events, the queue (a spinlock)
  *         i_mmap_rwsem, PTL	taken inside unmap_mapping_range()
+ *
+ * The mirror (dsvm_mirror.c) has a chain of its own, which meets the one
+ * above only at mmap_lock and dsvm_events_lock:
+ *
+ *   file->mirrors_lock		a file's mirror ioctls, one at a time
+ *     mmap_lock		snapshot (hmm_range_fault), migrate, register
+ *       [reclaim, i_mmap_rwsem, anon_vma lock, page lock: the core holds
+ *        any of them when it calls the notifier]
+ *         mirror->lock		a mirror's device page table; the notifier's
+ *				lock (mmu_interval_set_seq / _read_retry)
+ *           dsvm_events_lock	a mirror's queued event
+ *
+ * Because the notifier takes mirror->lock from reclaim and from under the
+ * page lock and the rmap locks, nothing under mirror->lock allocates
+ * memory, locks a page, takes mmap_lock or touches user memory: snapshot
+ * calls hmm_range_fault() before it takes the lock, READ copies the page
+ * to a kernel buffer under it and to the user after, migrate takes it
+ * never (its own notifier call does).
  *
  * read() holds dsvm_events_read_mutex across copy_to_user(), whose fault
  * may take mmap_lock; no fault path takes that mutex.
@@ -54,6 +72,7 @@
 #include <linux/fs.h>
 #include <linux/kref.h>
 #include <linux/list.h>
+#include <linux/mmu_notifier.h>
 #include <linux/mutex.h>
 #include <linux/poll.h>
 #include <linux/refcount.h>
@@ -67,6 +86,39 @@
 struct dsvm_file {
 	bool hello_done;		/* DSVM_IOC_HELLO succeeded */
 	struct list_head regions;	/* created here; dsvm_regions_mutex */
+	struct mutex mirrors_lock;	/* this file's mirror ioctls, one at a time */
+	struct xarray mirrors;		/* id -> struct dsvm_mirror *; mirrors_lock */
+	struct list_head mirror_events;	/* mirrors with an event queued, oldest
+					 * first; dsvm_events_lock */
+	bool mirror_reader;		/* registered a mirror once: read() and
+					 * poll() allowed; set once */
+};
+
+/*
+ * An HMM mirror: a range of one process's address space whose CPU page
+ * table entries the module copies into a device page table of its own
+ * (pfns), as a GPU driver does. An entry names the page the CPU mapped at
+ * that address when it was stored and holds no reference on it: the
+ * notifier drops the entry under lock before the CPU page table changes,
+ * so while lock is held an entry's page is still mapped there (and so
+ * cannot be freed). The mirror belongs to its owner file, which frees it
+ * on DSVM_IOC_MIRROR_UNREGISTER or close; nothing else holds it.
+ */
+struct dsvm_mirror {
+	struct mmu_interval_notifier notifier;	/* on mm, [start, end) */
+	struct dsvm_file *owner;	/* fixed; outlives the mirror */
+	struct mm_struct *mm;		/* mmgrab()bed; users may reach 0 first */
+	u64 id;
+	unsigned long start, end;	/* user addresses */
+	unsigned long npages;
+	struct mutex lock;		/* pfns, nentries, and the notifier's seq */
+	unsigned long *pfns;		/* npages entries: HMM_PFN_VALID
+					 * [| HMM_PFN_WRITE] | pfn, or 0; lock */
+	unsigned long nentries;		/* nonzero pfns; lock */
+	/* The queued event, if any; dsvm_events_lock. */
+	struct list_head event_link;	/* owner->mirror_events; empty if none */
+	unsigned long event_first, event_last;	/* pages dropped, widened */
+	u64 event_seq;			/* changes with every widening */
 };
 
 /* A table entry's mark: the page is Modified (unmarked: Shared). */
@@ -120,6 +172,12 @@ struct dsvm_counters {
 	atomic64_t refused;
 	atomic64_t events;
 	atomic64_t events_pending;
+	atomic64_t mirrors;
+	atomic64_t mirror_entries;
+	atomic64_t mirror_invalidations;
+	atomic64_t mirror_dropped;
+	atomic64_t mirror_events;
+	atomic64_t mirror_migrated;
 };
 
 /*
@@ -170,6 +228,20 @@ int dsvm_page_poison(struct dsvm_region *region, unsigned long first,
 
 /* dsvm_vm.c */
 int dsvm_vm_mmap(struct file *filp, struct vm_area_struct *vma);
+bool dsvm_vm_is_region(const struct vm_area_struct *vma);
+
+/* dsvm_mirror.c */
+void dsvm_file_init_mirrors(struct dsvm_file *file);
+void dsvm_file_destroy_mirrors(struct dsvm_file *file);
+int dsvm_mirror_register(struct dsvm_file *file, unsigned long start,
+			 unsigned long length, u64 *id);
+int dsvm_mirror_unregister(struct dsvm_file *file, u64 id);
+int dsvm_mirror_snapshot(struct dsvm_file *file, u64 id, u64 first, u64 count,
+			 u32 flags, u64 *present, u64 *writable);
+int dsvm_mirror_read(struct dsvm_file *file, u64 id, u64 index,
+		     void __user *data);
+int dsvm_mirror_migrate(struct dsvm_file *file, u64 id, u64 first, u64 count,
+			u64 *migrated);
 
 /* dsvm_event.c */
 struct dsvm_event *dsvm_event_raise(struct dsvm_region *region,
@@ -178,6 +250,9 @@ int dsvm_event_wait(struct dsvm_event *event);
 void dsvm_event_put(struct dsvm_event *event);
 void dsvm_event_answer_page(struct dsvm_region *region, unsigned long index);
 void dsvm_event_answer_region(struct dsvm_region *region);
+void dsvm_event_mirror_queue(struct dsvm_mirror *mirror, unsigned long first,
+			     unsigned long last);
+void dsvm_event_mirror_cancel(struct dsvm_mirror *mirror);
 ssize_t dsvm_event_read(struct file *filp, char __user *buf, size_t count,
 			loff_t *ppos);
 __poll_t dsvm_event_poll(struct file *filp, struct poll_table_struct *wait);

@@ -28,7 +28,7 @@
 
 #define DSVM_FEATURES (DSVM_FEATURE_REGIONS | DSVM_FEATURE_STATS | \
 		       DSVM_FEATURE_EVENTS | DSVM_FEATURE_WRITEBACK | \
-		       DSVM_FEATURE_POISON)
+		       DSVM_FEATURE_POISON | DSVM_FEATURE_MIRROR)
 
 struct dsvm_counters dsvm_counters;
 struct address_space *dsvm_mapping;
@@ -60,6 +60,7 @@ static int dsvm_open(struct inode *inode, struct file *filp)
 	if (!file)
 		return -ENOMEM;
 	INIT_LIST_HEAD(&file->regions);
+	dsvm_file_init_mirrors(file);
 	/*
 	 * Every open shares one address_space, whatever device node it came
 	 * through (a container's mknod'ed /dev/dsvm has an inode of its own),
@@ -75,6 +76,7 @@ static int dsvm_release(struct inode *inode, struct file *filp)
 	struct dsvm_file *file = filp->private_data;
 
 	dsvm_file_destroy_regions(file);
+	dsvm_file_destroy_mirrors(file);
 	kfree(file);
 	return 0;
 }
@@ -302,6 +304,120 @@ static long dsvm_ioctl_page_writeback(struct dsvm_page_writeback __user *uarg)
 	return 0;
 }
 
+static long dsvm_ioctl_mirror_register(struct dsvm_file *file,
+				       struct dsvm_mirror_register __user *uarg)
+{
+	struct dsvm_mirror_register req;
+	u64 id;
+	long ret;
+
+	if (copy_from_user(&req, uarg, sizeof(req)))
+		return -EFAULT;
+	if (req.flags || req.reserved32 || req.reserved[0] || req.reserved[1])
+		return -EINVAL;
+	if (!PAGE_ALIGNED(req.start) || !PAGE_ALIGNED(req.length))
+		return -EINVAL;
+	if (!req.length || req.length > DSVM_MIRROR_SIZE_MAX)
+		return -EINVAL;
+	/* length <= DSVM_MIRROR_SIZE_MAX < TASK_SIZE: no underflow. */
+	if (req.start > TASK_SIZE - req.length)
+		return -EINVAL;
+	ret = dsvm_mirror_register(file, req.start, req.length, &id);
+	if (ret)
+		return ret;
+	/* The mirror stays: the file owns it, and close ends it. */
+	if (put_user(id, &uarg->mirror_id))
+		return -EFAULT;
+	return 0;
+}
+
+static long dsvm_ioctl_mirror_unregister(struct dsvm_file *file,
+					 struct dsvm_mirror_unregister __user *uarg)
+{
+	struct dsvm_mirror_unregister req;
+
+	if (copy_from_user(&req, uarg, sizeof(req)))
+		return -EFAULT;
+	if (!req.mirror_id || req.reserved)
+		return -EINVAL;
+	return dsvm_mirror_unregister(file, req.mirror_id);
+}
+
+static long dsvm_ioctl_mirror_snapshot(struct dsvm_file *file,
+				       struct dsvm_mirror_snapshot __user *uarg)
+{
+	const u32 known = DSVM_MIRROR_SNAPSHOT_FAULT | DSVM_MIRROR_SNAPSHOT_WRITE;
+	struct dsvm_mirror_snapshot req;
+	u64 present, writable;
+	long ret;
+
+	if (copy_from_user(&req, uarg, sizeof(req)))
+		return -EFAULT;
+	if (!req.mirror_id || !req.count || req.reserved32 ||
+	    req.reserved[0] || req.reserved[1])
+		return -EINVAL;
+	/* HMM_PFN_REQ_WRITE must come with HMM_PFN_REQ_FAULT. */
+	if ((req.flags & ~known) || req.flags == DSVM_MIRROR_SNAPSHOT_WRITE)
+		return -EINVAL;
+	ret = dsvm_mirror_snapshot(file, req.mirror_id, req.first, req.count,
+				   req.flags, &present, &writable);
+	if (ret)
+		return ret;
+	if (put_user(present, &uarg->present) ||
+	    put_user(writable, &uarg->writable))
+		return -EFAULT;
+	return 0;
+}
+
+static long dsvm_ioctl_mirror_read(struct dsvm_file *file,
+				   struct dsvm_mirror_read __user *uarg)
+{
+	struct dsvm_mirror_read req;
+
+	if (copy_from_user(&req, uarg, sizeof(req)))
+		return -EFAULT;
+	if (!req.mirror_id || !req.data || req.flags || req.reserved32 ||
+	    req.reserved[0] || req.reserved[1])
+		return -EINVAL;
+	return dsvm_mirror_read(file, req.mirror_id, req.page_index,
+				u64_to_user_ptr(req.data));
+}
+
+static long dsvm_ioctl_mirror_migrate(struct dsvm_file *file,
+				      struct dsvm_mirror_migrate __user *uarg)
+{
+	struct dsvm_mirror_migrate req;
+	u64 migrated;
+	long ret;
+
+	if (copy_from_user(&req, uarg, sizeof(req)))
+		return -EFAULT;
+	if (!req.mirror_id || !req.count || req.flags || req.reserved32 ||
+	    req.reserved[0] || req.reserved[1])
+		return -EINVAL;
+	ret = dsvm_mirror_migrate(file, req.mirror_id, req.first, req.count,
+				  &migrated);
+	if (ret)
+		return ret;
+	if (put_user(migrated, &uarg->migrated))
+		return -EFAULT;
+	return 0;
+}
+
+static long dsvm_ioctl_mirror_stats(struct dsvm_mirror_stats __user *uarg)
+{
+	struct dsvm_mirror_stats stats = {
+		.mirrors = atomic64_read(&dsvm_counters.mirrors),
+		.entries = atomic64_read(&dsvm_counters.mirror_entries),
+		.invalidations = atomic64_read(&dsvm_counters.mirror_invalidations),
+		.dropped = atomic64_read(&dsvm_counters.mirror_dropped),
+		.events = atomic64_read(&dsvm_counters.mirror_events),
+		.migrated = atomic64_read(&dsvm_counters.mirror_migrated),
+	};
+
+	return copy_to_user(uarg, &stats, sizeof(stats)) ? -EFAULT : 0;
+}
+
 static long dsvm_ioctl(struct file *filp, unsigned int cmd, unsigned long arg)
 {
 	struct dsvm_file *file = filp->private_data;
@@ -312,6 +428,13 @@ static long dsvm_ioctl(struct file *filp, unsigned int cmd, unsigned long arg)
 	case DSVM_IOC_HELLO:
 		return dsvm_ioctl_hello(file, uarg);
 	case DSVM_IOC_STATS:
+	case DSVM_IOC_MIRROR_REGISTER:
+	case DSVM_IOC_MIRROR_UNREGISTER:
+	case DSVM_IOC_MIRROR_SNAPSHOT:
+	case DSVM_IOC_MIRROR_READ:
+	case DSVM_IOC_MIRROR_MIGRATE:
+	case DSVM_IOC_MIRROR_STATS:
+		/* Any file: a mirror is its own file's, not the node's. */
 		break;
 	case DSVM_IOC_REGION_CREATE:
 	case DSVM_IOC_REGION_DESTROY:
@@ -353,6 +476,18 @@ static long dsvm_ioctl(struct file *filp, unsigned int cmd, unsigned long arg)
 		return dsvm_ioctl_page_range(uarg, cmd);
 	case DSVM_IOC_PAGE_WRITEBACK:
 		return dsvm_ioctl_page_writeback(uarg);
+	case DSVM_IOC_MIRROR_REGISTER:
+		return dsvm_ioctl_mirror_register(file, uarg);
+	case DSVM_IOC_MIRROR_UNREGISTER:
+		return dsvm_ioctl_mirror_unregister(file, uarg);
+	case DSVM_IOC_MIRROR_SNAPSHOT:
+		return dsvm_ioctl_mirror_snapshot(file, uarg);
+	case DSVM_IOC_MIRROR_READ:
+		return dsvm_ioctl_mirror_read(file, uarg);
+	case DSVM_IOC_MIRROR_MIGRATE:
+		return dsvm_ioctl_mirror_migrate(file, uarg);
+	case DSVM_IOC_MIRROR_STATS:
+		return dsvm_ioctl_mirror_stats(uarg);
 	}
 	return -ENOTTY;
 }
@@ -389,6 +524,14 @@ static int __init dsvm_init(void)
 	BUILD_BUG_ON(sizeof(struct dsvm_stats) != 64);
 	BUILD_BUG_ON(sizeof(struct dsvm_fault_event) != 32);
 	BUILD_BUG_ON(sizeof(struct dsvm_page_writeback) != 56);
+	BUILD_BUG_ON(sizeof(struct dsvm_mirror_register) != 48);
+	BUILD_BUG_ON(sizeof(struct dsvm_mirror_unregister) != 16);
+	BUILD_BUG_ON(sizeof(struct dsvm_mirror_snapshot) != 64);
+	BUILD_BUG_ON(sizeof(struct dsvm_mirror_read) != 48);
+	BUILD_BUG_ON(sizeof(struct dsvm_mirror_migrate) != 56);
+	BUILD_BUG_ON(sizeof(struct dsvm_mirror_stats) != 64);
+	/* A mirror event's count holds any mirror's page count. */
+	BUILD_BUG_ON(DSVM_MIRROR_SIZE_MAX / DSVM_PAGE_SIZE_4K > U32_MAX);
 	BUILD_BUG_ON(PAGE_SIZE != DSVM_PAGE_SIZE_4K);
 	/* Region ids (u64) index an xarray (unsigned long). */
 	BUILD_BUG_ON(sizeof(unsigned long) < sizeof(u64));

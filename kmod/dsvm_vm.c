@@ -258,6 +258,12 @@ static const struct vm_operations_struct dsvm_vm_ops = {
 	.page_mkwrite = dsvm_vm_page_mkwrite,
 };
 
+/* A mapping of a region: the mirror refuses to mirror it (dsvm_mirror.c). */
+bool dsvm_vm_is_region(const struct vm_area_struct *vma)
+{
+	return vma->vm_ops == &dsvm_vm_ops;
+}
+
 /*
  * Maps a region whole at its base address; the file offset is the base.
  * Errors: -EINVAL (private mapping, wrong address or length), -ENOENT (no

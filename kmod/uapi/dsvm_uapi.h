@@ -56,8 +56,12 @@
 /* DSVM_IOC_PAGE_POISON. */
 #define DSVM_FEATURE_POISON (1ULL << 4)
 /*
- * Reserved for what comes next (docs/KMOD.md): HMM mirroring, 64 KiB and
- * 2 MiB pages. A caller tests for a bit rather than probing with an ioctl
+ * The HMM mirror: DSVM_IOC_MIRROR_* and DSVM_FAULT_MIRROR_INVALIDATE
+ * events on read()/poll() of the registering file.
+ */
+#define DSVM_FEATURE_MIRROR (1ULL << 5)
+/*
+ * Reserved for what comes next (docs/KMOD.md): 64 KiB and 2 MiB pages. A caller tests for a bit rather than probing with an ioctl
  * that may fail.
  */
 
@@ -233,6 +237,12 @@ enum dsvm_fault_kind {
 	DSVM_FAULT_READ = 1,	/* a read of a page not installed */
 	DSVM_FAULT_WRITE = 2,	/* a write to a page not installed */
 	DSVM_FAULT_UPGRADE = 3,	/* a write to a Shared page */
+	/*
+	 * Not a fault: entries of a mirror's device page table were dropped
+	 * (DSVM_FEATURE_MIRROR; see DSVM_IOC_MIRROR_REGISTER). Only the file
+	 * that registered the mirror reads it.
+	 */
+	DSVM_FAULT_MIRROR_INVALIDATE = 4,
 };
 
 /*
@@ -257,11 +267,15 @@ enum dsvm_fault_kind {
  * off the queue).
  */
 struct dsvm_fault_event {
-	__u64 region_id;	/* (out) */
-	__u64 page_index;	/* (out) */
-	__u64 seq;		/* (out) 1, 2, ...: the order events were raised on the node */
+	__u64 region_id;	/* (out) the mirror id for _MIRROR_INVALIDATE */
+	__u64 page_index;	/* (out) the first page dropped for _MIRROR_INVALIDATE */
+	__u64 seq;		/* (out) 1, 2, ...: the order events were raised on the
+				 * node (mirror events count on their own) */
 	__u32 kind;		/* (out) enum dsvm_fault_kind */
-	__u32 reserved;		/* (out) 0 */
+	union {
+		__u32 reserved;	/* (out) 0 in fault events (kinds 1 to 3) */
+		__u32 count;	/* (out) _MIRROR_INVALIDATE: pages from page_index */
+	};
 };
 
 /* dsvm_page_writeback.flags: what happens to the page with the copy. */
@@ -307,6 +321,173 @@ struct dsvm_page_writeback {
  * moved or grown with mremap (-EINVAL); it may be unmapped in parts.
  */
 
+/*
+ * The HMM mirror (DSVM_FEATURE_MIRROR): the module plays a device that
+ * mirrors ordinary memory of a process, as a GPU driver does (and as the
+ * kernel's lib/test_hmm.c plays one). A mirror is a range of the
+ * registering process's address space with a device page table kept by
+ * the module: DSVM_IOC_MIRROR_SNAPSHOT fills it from the CPU page table
+ * (hmm_range_fault()), DSVM_IOC_MIRROR_READ reads a page through it (the
+ * "device access"), and every CPU-side change of the range (munmap,
+ * MADV_DONTNEED, fork's write protection and copy-on-write, migration,
+ * reclaim, the process's exit) drops the affected entries before the CPU
+ * page table changes, and queues a DSVM_FAULT_MIRROR_INVALIDATE event.
+ * The entries hold no page references: an entry exists only while the CPU
+ * maps that page there.
+ *
+ * Mirror ioctls may come from any file that did DSVM_IOC_HELLO (they are
+ * not control ioctls). A mirror belongs to the file that registered it:
+ * mirror ids are that file's (another file gets -ENOENT), its events are
+ * read() from that file, and it goes when the file is closed. The
+ * registering process may exit first: its entries are dropped then (one
+ * last event), and SNAPSHOT and MIGRATE fail with -ESRCH.
+ *
+ * Events: read() of the registering file returns them as struct
+ * dsvm_fault_event records with kind DSVM_FAULT_MIRROR_INVALIDATE,
+ * region_id the mirror id, page_index and count the pages dropped, seq a
+ * node-wide sequence of mirror events; poll() reports POLLIN while one is
+ * queued. A mirror has at most one event queued: drops before it is read
+ * widen its range (which may then cover pages that had no entry), so none
+ * is lost and the queue of a file is bounded by its mirrors. A change of
+ * pages that had no entry raises no event: there was nothing to drop.
+ * The control file reads its fault events first, then its mirror events.
+ * A file that is not the control file and never registered a mirror still
+ * gets -EPERM from read() (POLLERR from poll()).
+ */
+
+/* Largest mirror: 1 GiB (2^18 pages). */
+#define DSVM_MIRROR_SIZE_MAX (1ULL << 30)
+
+/* Most mirrors a file may have at once. */
+#define DSVM_MIRRORS_MAX 64
+
+/*
+ * DSVM_IOC_MIRROR_REGISTER: mirrors [start, start + length) of the calling
+ * process's address space. The range must be covered by VMAs of ordinary
+ * memory (anonymous, or a private or shared file mapping) at the time of
+ * the call; it may later be unmapped in parts (the entries go, events
+ * tell). Nothing is snapshotted yet.
+ * Errors: -EINVAL (start or length not page aligned; length 0 or above
+ * DSVM_MIRROR_SIZE_MAX; the end beyond the user address space; a VMA of
+ * the range is VM_IO or VM_PFNMAP, or a /dev/dsvm mapping, whose pages the
+ * module already tracks; flags or reserved not 0); -EFAULT (part of the
+ * range is not mapped); -ENOSPC (DSVM_MIRRORS_MAX mirrors on this file);
+ * -ENOMEM.
+ */
+struct dsvm_mirror_register {
+	__u64 start;		/* (in) user address, page aligned */
+	__u64 length;		/* (in) bytes, page aligned */
+	__u64 mirror_id;	/* (out) 1 .. DSVM_MIRRORS_MAX, this file's */
+	__u32 flags;		/* (in) 0 */
+	__u32 reserved32;	/* (in) 0 */
+	__u64 reserved[2];	/* (in) 0 */
+};
+
+/* dsvm_mirror_snapshot.flags */
+/* Fault pages in (as the CPU would on a read), rather than only what is mapped. */
+#define DSVM_MIRROR_SNAPSHOT_FAULT (1u << 0)
+/* Ask for write access (breaks copy-on-write); needs _FAULT. */
+#define DSVM_MIRROR_SNAPSHOT_WRITE (1u << 1)
+
+/*
+ * DSVM_IOC_MIRROR_SNAPSHOT: fills the device page table for pages
+ * [first, first + count) of a mirror from the CPU page table (what a GPU
+ * driver does before the device touches the range). Without _FAULT only
+ * pages mapped now are entered, the others' entries are cleared; with it,
+ * missing pages are faulted in (an untouched anonymous page maps the zero
+ * page, read-only), and with _WRITE too, made writable. The snapshot is
+ * taken against concurrent invalidations (the notifier's sequence): what
+ * is stored was the CPU's mapping when stored.
+ * Errors: -EINVAL (mirror_id 0; count 0; the range beyond the mirror;
+ * unknown flag, _WRITE without _FAULT; reserved not 0); -ENOENT (no such mirror on this
+ * file); -EFAULT (part of the range is not mapped, or with _FAULT cannot
+ * be faulted as asked, e.g. _WRITE to read-only memory; entries stored
+ * for earlier batches stay); -ESRCH (the process has exited); -EBUSY (no
+ * stable view within a second of retries); -EINTR (fatal signal);
+ * -ENOMEM.
+ */
+struct dsvm_mirror_snapshot {
+	__u64 mirror_id;	/* (in) */
+	__u64 first;		/* (in) first page, counted from the mirror's start */
+	__u64 count;		/* (in) pages, at least 1 */
+	__u32 flags;		/* (in) DSVM_MIRROR_SNAPSHOT_* */
+	__u32 reserved32;	/* (in) 0 */
+	__u64 present;		/* (out) pages of the range with an entry now */
+	__u64 writable;		/* (out) of those, writable ones */
+	__u64 reserved[2];	/* (in) 0 */
+};
+
+/*
+ * DSVM_IOC_MIRROR_READ: copies one page to data through the device page
+ * table: the module reads the page its entry names, under the lock the
+ * notifier takes to drop entries, so it never returns bytes of a page the
+ * CPU no longer maps there (what a GPU's access through its page table
+ * must guarantee).
+ * Errors: -EINVAL (mirror_id 0; page_index beyond the mirror; data 0;
+ * flags or reserved not 0); -ENOENT (no such mirror on this file); -EAGAIN (no
+ * entry: never snapshotted, not mapped at the snapshot, or dropped since
+ * by an invalidation; snapshot again); -EFAULT (data not writable).
+ */
+struct dsvm_mirror_read {
+	__u64 mirror_id;	/* (in) */
+	__u64 page_index;	/* (in) page, counted from the mirror's start */
+	__u64 data;		/* (in) user address of 4096 writable bytes */
+	__u32 flags;		/* (in) 0 */
+	__u32 reserved32;	/* (in) 0 */
+	__u64 reserved[2];	/* (in) 0 */
+};
+
+/*
+ * DSVM_IOC_MIRROR_MIGRATE: moves pages [first, first + count) of a mirror
+ * to freshly allocated system pages, copying their bytes (migrate_vma_*:
+ * the process keeps the same bytes at the same addresses, in other
+ * physical pages). Migration first unmaps the pages from the CPU, so the
+ * mirror's entries for them are dropped (an event; READ gives -EAGAIN
+ * until the next snapshot). Pages that are not mapped, the zero page, and
+ * pages that cannot move now (pinned, locked, huge, or of a VMA that
+ * cannot migrate) are skipped; migrated says how many moved.
+ * Errors: -EINVAL (mirror_id 0; count 0; the range beyond the mirror;
+ * flags or reserved not 0); -ENOENT (no such mirror on this file); -ESRCH (the
+ * process has exited); -EINTR (fatal signal); -ENOMEM.
+ */
+struct dsvm_mirror_migrate {
+	__u64 mirror_id;	/* (in) */
+	__u64 first;		/* (in) first page, counted from the mirror's start */
+	__u64 count;		/* (in) pages, at least 1 */
+	__u64 migrated;		/* (out) pages moved */
+	__u32 flags;		/* (in) 0 */
+	__u32 reserved32;	/* (in) 0 */
+	__u64 reserved[2];	/* (in) 0 */
+};
+
+/*
+ * DSVM_IOC_MIRROR_UNREGISTER: ends a mirror: its notifier is removed, its
+ * device page table and its queued event (if unread) are dropped.
+ * Closing the file does the same for all its mirrors.
+ * Errors: -EINVAL (mirror_id 0, reserved not 0); -ENOENT (no such mirror
+ * on this file).
+ */
+struct dsvm_mirror_unregister {
+	__u64 mirror_id;	/* (in) */
+	__u64 reserved;		/* (in) 0 */
+};
+
+/*
+ * DSVM_IOC_MIRROR_STATS: the mirror's counters, node-wide. mirrors and
+ * entries are current values (0 when nothing is mirrored: the selftest's
+ * leak check); the others only grow.
+ */
+struct dsvm_mirror_stats {
+	__u64 mirrors;		/* (out) registered mirrors */
+	__u64 entries;		/* (out) device page table entries present */
+	__u64 invalidations;	/* (out) notifier callbacks on a mirror */
+	__u64 dropped;		/* (out) entries dropped by them */
+	__u64 events;		/* (out) mirror events queued (not counting
+				 * drops folded into a queued one) */
+	__u64 migrated;		/* (out) pages moved by MIRROR_MIGRATE */
+	__u64 reserved[2];	/* (out) 0 */
+};
+
 #define DSVM_IOC_MAGIC 0xD5
 
 #define DSVM_IOC_HELLO		_IOWR(DSVM_IOC_MAGIC, 0x00, struct dsvm_hello)
@@ -319,5 +500,11 @@ struct dsvm_page_writeback {
 #define DSVM_IOC_PAGE_UPGRADE	_IOWR(DSVM_IOC_MAGIC, 0x23, struct dsvm_page_range)
 #define DSVM_IOC_PAGE_WRITEBACK	_IOWR(DSVM_IOC_MAGIC, 0x24, struct dsvm_page_writeback)
 #define DSVM_IOC_PAGE_POISON	_IOWR(DSVM_IOC_MAGIC, 0x25, struct dsvm_page_range)
+#define DSVM_IOC_MIRROR_REGISTER _IOWR(DSVM_IOC_MAGIC, 0x30, struct dsvm_mirror_register)
+#define DSVM_IOC_MIRROR_UNREGISTER _IOW(DSVM_IOC_MAGIC, 0x31, struct dsvm_mirror_unregister)
+#define DSVM_IOC_MIRROR_SNAPSHOT _IOWR(DSVM_IOC_MAGIC, 0x32, struct dsvm_mirror_snapshot)
+#define DSVM_IOC_MIRROR_READ	_IOW(DSVM_IOC_MAGIC, 0x33, struct dsvm_mirror_read)
+#define DSVM_IOC_MIRROR_MIGRATE	_IOWR(DSVM_IOC_MAGIC, 0x34, struct dsvm_mirror_migrate)
+#define DSVM_IOC_MIRROR_STATS	_IOR(DSVM_IOC_MAGIC, 0x35, struct dsvm_mirror_stats)
 
 #endif /* _UAPI_DSVM_UAPI_H */

@@ -994,7 +994,15 @@ static void test_threads(int fd)
 	}
 	pthread_barrier_wait(&barrier);
 	ok = true;
-	for (uint64_t g = 1; g <= RACE_GENERATIONS; g++) {
+	/*
+	 * At least RACE_GENERATIONS cycles, and on until the readers have
+	 * read every page once: on a loaded host they may get no CPU time
+	 * during the first cycles (bounded at 20 times as many).
+	 */
+	for (uint64_t g = 1; g <= RACE_GENERATIONS ||
+			     (__atomic_load_n(&race_reads, __ATOMIC_RELAXED) < RACE_PAGES &&
+			      g <= 20 * RACE_GENERATIONS);
+	     g++) {
 		uint64_t i = g % RACE_PAGES;
 		struct timespec t0, t1;
 
@@ -1975,6 +1983,799 @@ static void test_control_close(int fd, int cfd)
 	expect(region_destroy(fd, 31), 0, "control close: and destroy");
 }
 
+/* ---- the HMM mirror ------------------------------------------------------ */
+
+#define BASE_MIRROR	0x680000000000UL	/* anonymous memory, not /dev/dsvm */
+#define BASE_MIRROR_DEV	0x690000000000UL	/* a region, to be refused */
+#define MIRROR_PAGES	16
+
+static int mirror_register(int fd, uint64_t start, uint64_t length,
+			   uint64_t *id)
+{
+	struct dsvm_mirror_register mr = { .start = start, .length = length };
+	int ret = xioctl(fd, DSVM_IOC_MIRROR_REGISTER, &mr);
+
+	if (id)
+		*id = ret ? 0 : mr.mirror_id;
+	return ret;
+}
+
+static int mirror_unregister(int fd, uint64_t id)
+{
+	struct dsvm_mirror_unregister mu = { .mirror_id = id };
+
+	return xioctl(fd, DSVM_IOC_MIRROR_UNREGISTER, &mu);
+}
+
+/* Snapshot; present and writable out (may be NULL); 0 or -errno. */
+static int mirror_snapshot(int fd, uint64_t id, uint64_t first, uint64_t count,
+			   uint32_t flags, uint64_t *present, uint64_t *writable)
+{
+	struct dsvm_mirror_snapshot ms = {
+		.mirror_id = id, .first = first, .count = count, .flags = flags,
+	};
+	int ret = xioctl(fd, DSVM_IOC_MIRROR_SNAPSHOT, &ms);
+
+	if (present)
+		*present = ret ? ~0ULL : ms.present;
+	if (writable)
+		*writable = ret ? ~0ULL : ms.writable;
+	return ret;
+}
+
+#define SNAP_FAULT DSVM_MIRROR_SNAPSHOT_FAULT
+#define SNAP_WRITE DSVM_MIRROR_SNAPSHOT_WRITE
+
+static int mirror_read(int fd, uint64_t id, uint64_t index, void *data)
+{
+	struct dsvm_mirror_read mr = {
+		.mirror_id = id, .page_index = index, .data = (uintptr_t)data,
+	};
+
+	return xioctl(fd, DSVM_IOC_MIRROR_READ, &mr);
+}
+
+/* Reads a page through the mirror and compares it with seed's. */
+static int mirror_read_matches(int fd, uint64_t id, uint64_t index,
+			       uint64_t seed)
+{
+	static uint64_t got[PAGE / 8], want[PAGE / 8];
+	int ret = mirror_read(fd, id, index, got);
+
+	if (ret)
+		return ret;
+	fill(want, seed);
+	return memcmp(got, want, PAGE) ? -EIO : 0;
+}
+
+static long mirror_migrate(int fd, uint64_t id, uint64_t first, uint64_t count)
+{
+	struct dsvm_mirror_migrate mm = {
+		.mirror_id = id, .first = first, .count = count,
+	};
+	int ret = xioctl(fd, DSVM_IOC_MIRROR_MIGRATE, &mm);
+
+	return ret ? ret : (long)mm.migrated;
+}
+
+static struct dsvm_mirror_stats mirror_stats(int fd)
+{
+	struct dsvm_mirror_stats st;
+
+	memset(&st, 0xff, sizeof(st));
+	if (xioctl(fd, DSVM_IOC_MIRROR_STATS, &st))
+		diag("DSVM_IOC_MIRROR_STATS failed: %s", strerror(errno));
+	return st;
+}
+
+/* A file of its own for mirror events: HELLO done, O_NONBLOCK. */
+static int open_mirror_file(void)
+{
+	int mfd = open(DSVM_DEVICE_PATH, O_RDWR | O_CLOEXEC | O_NONBLOCK);
+
+	if (mfd >= 0 && hello(mfd)) {
+		close(mfd);
+		return -1;
+	}
+	return mfd;
+}
+
+/*
+ * Reads the one mirror event that should be queued and checks it; false
+ * (with a diagnostic) when there is none, another, or more than one.
+ */
+static bool mirror_event_is(int mfd, uint64_t id, uint64_t first,
+			    uint64_t count)
+{
+	struct dsvm_fault_event ev[4];
+	int n = read_events(mfd, ev, 4);
+
+	if (n != 1) {
+		diag("mirror events: read gave %d, want 1", n);
+		for (int i = 0; i < n; i++)
+			diag("  event mirror %llu page %llu count %u kind %u",
+			     (unsigned long long)ev[i].region_id,
+			     (unsigned long long)ev[i].page_index, ev[i].count,
+			     ev[i].kind);
+		return false;
+	}
+	if (ev[0].kind != DSVM_FAULT_MIRROR_INVALIDATE ||
+	    ev[0].region_id != id || ev[0].page_index != first ||
+	    ev[0].count != count || ev[0].seq == 0) {
+		diag("mirror event: mirror %llu page %llu count %u kind %u seq %llu, want mirror %llu page %llu count %llu",
+		     (unsigned long long)ev[0].region_id,
+		     (unsigned long long)ev[0].page_index, ev[0].count,
+		     ev[0].kind, (unsigned long long)ev[0].seq,
+		     (unsigned long long)id, (unsigned long long)first,
+		     (unsigned long long)count);
+		return false;
+	}
+	return true;
+}
+
+static bool mirror_no_event(int mfd)
+{
+	struct dsvm_fault_event ev;
+	int n = read_events(mfd, &ev, 1);
+
+	if (n != -EAGAIN)
+		diag("mirror events: read gave %d (page %llu count %u), want EAGAIN",
+		     n, n == 1 ? (unsigned long long)ev.page_index : 0ULL,
+		     n == 1 ? ev.count : 0);
+	return n == -EAGAIN;
+}
+
+static void mirror_drain_events(int mfd)
+{
+	struct dsvm_fault_event ev[16];
+
+	while (read_events(mfd, ev, 16) > 0)
+		;
+}
+
+/* The physical frame behind addr (root sees PFNs), 0 when not present. */
+static uint64_t pagemap_pfn(const void *addr)
+{
+	uint64_t entry = 0;
+	int pfd = open("/proc/self/pagemap", O_RDONLY);
+
+	if (pfd < 0)
+		return 0;
+	if (pread(pfd, &entry, 8, (off_t)((uintptr_t)addr / PAGE * 8)) != 8)
+		entry = 0;
+	close(pfd);
+	return (entry & (1ULL << 63)) ? entry & ((1ULL << 55) - 1) : 0;
+}
+
+/* Anonymous private pages at a fixed address, no THP (4 KiB PTEs only). */
+static void *map_anon(uint64_t base, uint64_t npages)
+{
+	void *p = mmap((void *)base, npages * PAGE, PROT_READ | PROT_WRITE,
+		       MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+
+	if (p == MAP_FAILED)
+		return NULL;
+	madvise(p, npages * PAGE, MADV_NOHUGEPAGE);
+	return p;
+}
+
+static void test_mirror_invalid(int fd)
+{
+	struct dsvm_mirror_register mr;
+	struct dsvm_mirror_snapshot ms;
+	struct dsvm_mirror_read rd;
+	struct dsvm_mirror_migrate mg;
+	struct dsvm_mirror_unregister mu;
+	static uint64_t buf[PAGE / 8];
+	uint64_t id, ids[DSVM_MIRRORS_MAX], b = BASE_MIRROR;
+	int nfd = open_dev(), ofd = open_dev(), err;
+	bool ok = true;
+	char *p;
+
+	{
+		struct dsvm_hello h = { .user_version = DSVM_ABI_VERSION };
+
+		result(xioctl(fd, DSVM_IOC_HELLO, &h) == 0 &&
+		       (h.features & DSVM_FEATURE_MIRROR),
+		       "mirror: hello reports DSVM_FEATURE_MIRROR");
+	}
+	expect(mirror_register(nfd, b, PAGE, NULL), -EPROTO,
+	       "mirror: register before hello refused with EPROTO");
+	hello(nfd);
+	hello(ofd);
+	p = map_anon(b, 4);
+	result(p == (void *)b, "mirror: map 4 anonymous pages");
+
+	expect(mirror_register(fd, b, 0, NULL), -EINVAL,
+	       "mirror: register of length 0 refused with EINVAL");
+	expect(mirror_register(fd, b + 8, PAGE, NULL), -EINVAL,
+	       "mirror: register of an unaligned start refused with EINVAL");
+	expect(mirror_register(fd, b, PAGE + 8, NULL), -EINVAL,
+	       "mirror: register of an unaligned length refused with EINVAL");
+	expect(mirror_register(fd, b, DSVM_MIRROR_SIZE_MAX + PAGE, NULL), -EINVAL,
+	       "mirror: register above 1 GiB refused with EINVAL");
+	expect(mirror_register(fd, 0x7ffffffff000UL, 2 * PAGE, NULL), -EINVAL,
+	       "mirror: register beyond the user address space refused with EINVAL");
+	expect(mirror_register(fd, ~0xfffULL, PAGE, NULL), -EINVAL,
+	       "mirror: register at the top of the address space refused with EINVAL");
+	memset(&mr, 0, sizeof(mr));
+	mr = (struct dsvm_mirror_register){ .start = b, .length = PAGE, .flags = 1 };
+	expect(xioctl(fd, DSVM_IOC_MIRROR_REGISTER, &mr), -EINVAL,
+	       "mirror: register with flags refused with EINVAL");
+	mr = (struct dsvm_mirror_register){ .start = b, .length = PAGE, .reserved32 = 1 };
+	expect(xioctl(fd, DSVM_IOC_MIRROR_REGISTER, &mr), -EINVAL,
+	       "mirror: register with reserved32 refused with EINVAL");
+	mr = (struct dsvm_mirror_register){ .start = b, .length = PAGE, .reserved[1] = 1 };
+	expect(xioctl(fd, DSVM_IOC_MIRROR_REGISTER, &mr), -EINVAL,
+	       "mirror: register with reserved[1] refused with EINVAL");
+	expect(mirror_register(fd, b + 4 * PAGE, PAGE, NULL), -EFAULT,
+	       "mirror: register of unmapped memory refused with EFAULT");
+	expect(mirror_register(fd, b + 2 * PAGE, 4 * PAGE, NULL), -EFAULT,
+	       "mirror: register running past the mapping refused with EFAULT");
+	expect(mirror_register(fd, PAGE, PAGE, NULL), -EFAULT,
+	       "mirror: register of page 1 (never mapped) refused with EFAULT");
+	expect(region_create(fd, 40, BASE_MIRROR_DEV, 4), 0,
+	       "mirror: a region to mirror");
+	result(map_region(fd, BASE_MIRROR_DEV, 4) == (void *)BASE_MIRROR_DEV,
+	       "mirror: map the region");
+	expect(mirror_register(fd, BASE_MIRROR_DEV, PAGE, NULL), -EINVAL,
+	       "mirror: register of a /dev/dsvm mapping refused with EINVAL");
+	munmap((void *)BASE_MIRROR_DEV, 4 * PAGE);
+	expect(region_destroy(fd, 40), 0, "mirror: destroy the region");
+	{
+		char big[sizeof(struct dsvm_mirror_register) + 8] = { 0 };
+
+		expect(xioctl(fd, _IOWR(DSVM_IOC_MAGIC, 0x30, big), big), -ENOTTY,
+		       "mirror: register with another struct size refused with ENOTTY");
+	}
+
+	expect(mirror_register(fd, b, 4 * PAGE, &id), 0, "mirror: register 4 pages");
+	result(id >= 1 && id <= DSVM_MIRRORS_MAX, "mirror: id %llu in 1..%d",
+	       (unsigned long long)id, DSVM_MIRRORS_MAX);
+
+	expect(mirror_snapshot(fd, 0, 0, 1, 0, NULL, NULL), -EINVAL,
+	       "mirror: snapshot of mirror 0 refused with EINVAL");
+	expect(mirror_snapshot(fd, id + 1, 0, 1, 0, NULL, NULL), -ENOENT,
+	       "mirror: snapshot of an unknown mirror refused with ENOENT");
+	expect(mirror_snapshot(ofd, id, 0, 1, 0, NULL, NULL), -ENOENT,
+	       "mirror: snapshot from another file refused with ENOENT");
+	expect(mirror_snapshot(fd, id, 0, 0, 0, NULL, NULL), -EINVAL,
+	       "mirror: snapshot of 0 pages refused with EINVAL");
+	expect(mirror_snapshot(fd, id, 4, 1, 0, NULL, NULL), -EINVAL,
+	       "mirror: snapshot past the mirror refused with EINVAL");
+	expect(mirror_snapshot(fd, id, 2, 3, 0, NULL, NULL), -EINVAL,
+	       "mirror: snapshot running past the mirror refused with EINVAL");
+	expect(mirror_snapshot(fd, id, 1, ~0ULL, 0, NULL, NULL), -EINVAL,
+	       "mirror: snapshot with an overflowing count refused with EINVAL");
+	expect(mirror_snapshot(fd, id, 0, 1, 1u << 2, NULL, NULL), -EINVAL,
+	       "mirror: snapshot with an unknown flag refused with EINVAL");
+	expect(mirror_snapshot(fd, id, 0, 1, SNAP_WRITE, NULL, NULL), -EINVAL,
+	       "mirror: snapshot WRITE without FAULT refused with EINVAL");
+	ms = (struct dsvm_mirror_snapshot){ .mirror_id = id, .count = 1, .reserved32 = 1 };
+	expect(xioctl(fd, DSVM_IOC_MIRROR_SNAPSHOT, &ms), -EINVAL,
+	       "mirror: snapshot with reserved32 refused with EINVAL");
+	ms = (struct dsvm_mirror_snapshot){ .mirror_id = id, .count = 1, .reserved[1] = 1 };
+	expect(xioctl(fd, DSVM_IOC_MIRROR_SNAPSHOT, &ms), -EINVAL,
+	       "mirror: snapshot with reserved[1] refused with EINVAL");
+
+	expect(mirror_read(fd, id, 0, buf), -EAGAIN,
+	       "mirror: read before any snapshot gives EAGAIN");
+	expect(mirror_read(fd, 0, 0, buf), -EINVAL,
+	       "mirror: read of mirror 0 refused with EINVAL");
+	expect(mirror_read(fd, id + 1, 0, buf), -ENOENT,
+	       "mirror: read of an unknown mirror refused with ENOENT");
+	expect(mirror_read(ofd, id, 0, buf), -ENOENT,
+	       "mirror: read from another file refused with ENOENT");
+	expect(mirror_read(fd, id, 4, buf), -EINVAL,
+	       "mirror: read past the mirror refused with EINVAL");
+	expect(mirror_read(fd, id, 0, NULL), -EINVAL,
+	       "mirror: read to data 0 refused with EINVAL");
+	rd = (struct dsvm_mirror_read){ .mirror_id = id, .data = (uintptr_t)buf, .flags = 1 };
+	expect(xioctl(fd, DSVM_IOC_MIRROR_READ, &rd), -EINVAL,
+	       "mirror: read with flags refused with EINVAL");
+	rd = (struct dsvm_mirror_read){ .mirror_id = id, .data = (uintptr_t)buf, .reserved32 = 1 };
+	expect(xioctl(fd, DSVM_IOC_MIRROR_READ, &rd), -EINVAL,
+	       "mirror: read with reserved32 refused with EINVAL");
+	rd = (struct dsvm_mirror_read){ .mirror_id = id, .data = (uintptr_t)buf, .reserved[0] = 1 };
+	expect(xioctl(fd, DSVM_IOC_MIRROR_READ, &rd), -EINVAL,
+	       "mirror: read with reserved[0] refused with EINVAL");
+	p[0] = 1;
+	expect(mirror_snapshot(fd, id, 0, 1, SNAP_FAULT, NULL, NULL), 0,
+	       "mirror: snapshot page 0");
+	expect(mirror_read(fd, id, 0, (void *)8), -EFAULT,
+	       "mirror: read to an unwritable buffer refused with EFAULT");
+
+	expect((int)mirror_migrate(fd, 0, 0, 1), -EINVAL,
+	       "mirror: migrate of mirror 0 refused with EINVAL");
+	expect((int)mirror_migrate(fd, id + 1, 0, 1), -ENOENT,
+	       "mirror: migrate of an unknown mirror refused with ENOENT");
+	expect((int)mirror_migrate(fd, id, 0, 0), -EINVAL,
+	       "mirror: migrate of 0 pages refused with EINVAL");
+	expect((int)mirror_migrate(fd, id, 3, 2), -EINVAL,
+	       "mirror: migrate past the mirror refused with EINVAL");
+	mg = (struct dsvm_mirror_migrate){ .mirror_id = id, .count = 1, .flags = 1 };
+	expect(xioctl(fd, DSVM_IOC_MIRROR_MIGRATE, &mg), -EINVAL,
+	       "mirror: migrate with flags refused with EINVAL");
+	mg = (struct dsvm_mirror_migrate){ .mirror_id = id, .count = 1, .reserved[1] = 1 };
+	expect(xioctl(fd, DSVM_IOC_MIRROR_MIGRATE, &mg), -EINVAL,
+	       "mirror: migrate with reserved[1] refused with EINVAL");
+
+	expect(mirror_unregister(fd, 0), -EINVAL,
+	       "mirror: unregister of mirror 0 refused with EINVAL");
+	mu = (struct dsvm_mirror_unregister){ .mirror_id = id, .reserved = 1 };
+	expect(xioctl(fd, DSVM_IOC_MIRROR_UNREGISTER, &mu), -EINVAL,
+	       "mirror: unregister with reserved refused with EINVAL");
+	expect(mirror_unregister(ofd, id), -ENOENT,
+	       "mirror: unregister from another file refused with ENOENT");
+	expect(mirror_unregister(fd, id), 0, "mirror: unregister");
+	expect(mirror_unregister(fd, id), -ENOENT,
+	       "mirror: unregister again refused with ENOENT");
+
+	for (int i = 0; i < DSVM_MIRRORS_MAX; i++)
+		ok &= mirror_register(nfd, b, PAGE, &ids[i]) == 0;
+	result(ok, "mirror: %d mirrors on one file", DSVM_MIRRORS_MAX);
+	err = mirror_register(nfd, b, PAGE, NULL);
+	expect(err, -ENOSPC, "mirror: one more refused with ENOSPC");
+	result(mirror_stats(fd).mirrors == DSVM_MIRRORS_MAX,
+	       "mirror: stats count %d mirrors", DSVM_MIRRORS_MAX);
+	expect(mirror_unregister(nfd, ids[7]), 0, "mirror: unregister one of them");
+	expect(mirror_register(nfd, b, PAGE, &id), 0, "mirror: its id is free again");
+	result(id == ids[7], "mirror: the freed id is reused (%llu)",
+	       (unsigned long long)id);
+	close(nfd);
+	close(ofd);
+	result(mirror_stats(fd).mirrors == 0 && mirror_stats(fd).entries == 0,
+	       "mirror: closing the file ends its mirrors");
+	munmap(p, 4 * PAGE);
+	{
+		unsigned long taint = kernel_taint();
+
+		result(!(taint & (1UL << 9)),
+		       "mirror: validation left no kernel warning (taint 0x%lx)", taint);
+	}
+}
+
+/* Ordinary heap memory: registered, snapshotted, read through the mirror. */
+static void test_mirror_malloc(int fd)
+{
+	const uint64_t n = 8;
+	int mfd = open_mirror_file();
+	uint64_t id, present, writable, dropped;
+	char *heap = NULL;
+	bool ok = true;
+
+	result(posix_memalign((void **)&heap, PAGE, n * PAGE) == 0,
+	       "mirror malloc: allocate 8 pages from the heap");
+	madvise(heap, n * PAGE, MADV_NOHUGEPAGE);
+	for (uint64_t i = 0; i < n; i++)
+		fill(heap + i * PAGE, 100 + i);
+	expect(mirror_register(mfd, (uintptr_t)heap, n * PAGE, &id), 0,
+	       "mirror malloc: register the malloc'ed range");
+	result(mirror_no_event(mfd), "mirror malloc: no event yet (read gives EAGAIN)");
+	expect(mirror_snapshot(mfd, id, 0, n, SNAP_FAULT, &present, &writable), 0,
+	       "mirror malloc: snapshot with FAULT");
+	result(present == n && writable == n,
+	       "mirror malloc: 8 pages present, 8 writable (%llu, %llu)",
+	       (unsigned long long)present, (unsigned long long)writable);
+	result(mirror_stats(fd).entries == n, "mirror malloc: stats count 8 entries");
+	for (uint64_t i = 0; i < n; i++)
+		ok &= mirror_read_matches(mfd, id, i, 100 + i) == 0;
+	result(ok, "mirror malloc: read through the mirror gives what the process wrote");
+
+	/*
+	 * A write to a page the CPU maps writable changes no PTE: the kernel
+	 * calls no notifier, the entry stays, and the device sees the write
+	 * (same page).
+	 */
+	dropped = mirror_stats(fd).dropped;
+	fill(heap + 2 * PAGE, 200);
+	result(mirror_no_event(mfd) && mirror_stats(fd).dropped == dropped,
+	       "mirror malloc: a write to a writable page raises no event");
+	expect(mirror_read_matches(mfd, id, 2, 200), 0,
+	       "mirror malloc: and the mirror reads the new bytes");
+	expect(mirror_unregister(mfd, id), 0, "mirror malloc: unregister");
+	result(mirror_stats(fd).entries == 0 && mirror_stats(fd).mirrors == 0,
+	       "mirror malloc: no mirror, no entry left");
+	close(mfd);
+	free(heap);
+}
+
+/*
+ * CPU-side changes of anonymous memory: MADV_DONTNEED, copy-on-write of the
+ * zero page, munmap, coalescing, poll, fork, migration.
+ */
+static void test_mirror_invalidate(int fd)
+{
+	const uint64_t b = BASE_MIRROR, n = MIRROR_PAGES;
+	uint64_t id, present, writable, pfn_before[8];
+	static uint64_t buf[PAGE / 8];
+	int mfd = open_mirror_file(), go[2], status;
+	struct pollfd pfd;
+	bool ok = true;
+	char *p;
+	pid_t pid;
+	long moved;
+
+	p = map_anon(b, n);
+	result(p == (void *)b, "mirror: map 16 anonymous pages");
+	for (uint64_t i = 0; i < n; i++)
+		fill(p + i * PAGE, i);
+	expect(mirror_register(mfd, b, n * PAGE, &id), 0, "mirror: register 16 pages");
+	expect(mirror_snapshot(mfd, id, 0, n, SNAP_FAULT, &present, &writable), 0,
+	       "mirror: snapshot with FAULT");
+	result(present == n && writable == n, "mirror: 16 present, 16 writable");
+	pfd = (struct pollfd){ .fd = mfd, .events = POLLIN };
+	result(poll(&pfd, 1, 0) == 0, "mirror: poll not readable with no event");
+
+	/* MADV_DONTNEED zaps the PTE: the notifier drops the entry first. */
+	madvise(p + 3 * PAGE, PAGE, MADV_DONTNEED);
+	pfd.revents = 0;
+	result(poll(&pfd, 1, 0) == 1 && (pfd.revents & POLLIN),
+	       "mirror: poll readable after MADV_DONTNEED");
+	result(mirror_event_is(mfd, id, 3, 1),
+	       "mirror: MADV_DONTNEED of page 3 raises an event for page 3");
+	result(mirror_no_event(mfd), "mirror: the event was taken off by read");
+	expect(mirror_read(mfd, id, 3, buf), -EAGAIN,
+	       "mirror: read of the dropped page gives EAGAIN, not stale bytes");
+	expect(mirror_read_matches(mfd, id, 4, 4), 0,
+	       "mirror: a neighbour's entry stays valid");
+	expect(mirror_snapshot(mfd, id, 0, n, 0, &present, &writable), 0,
+	       "mirror: snapshot without FAULT");
+	result(present == n - 1 && writable == n - 1,
+	       "mirror: 15 present, page 3 absent (%llu)", (unsigned long long)present);
+	expect(mirror_read(mfd, id, 3, buf), -EAGAIN,
+	       "mirror: read of the absent page still gives EAGAIN");
+	expect(mirror_snapshot(mfd, id, 3, 1, SNAP_FAULT, &present, &writable), 0,
+	       "mirror: snapshot page 3 with FAULT");
+	result(present == 1 && writable == 0,
+	       "mirror: page 3 faulted in read-only (the zero page)");
+	memset(buf, 0xff, PAGE);
+	ok = mirror_read(mfd, id, 3, buf) == 0;
+	for (size_t i = 0; i < PAGE / 8; i++)
+		ok &= buf[i] == 0;
+	result(ok, "mirror: read of page 3 gives zeros");
+	result(mirror_no_event(mfd), "mirror: a read fault of an empty page raises no event");
+	/* Copy-on-write of the zero page: a new PFN. */
+	fill(p + 3 * PAGE, 33);
+	result(mirror_event_is(mfd, id, 3, 1),
+	       "mirror: writing the zero-page-backed page raises an event for it");
+	expect(mirror_read(mfd, id, 3, buf), -EAGAIN,
+	       "mirror: and its entry is gone");
+
+	/* munmap of a part. */
+	munmap(p + 12 * PAGE, 4 * PAGE);
+	result(mirror_event_is(mfd, id, 12, 4),
+	       "mirror: munmap of pages 12-15 raises an event for them");
+	expect(mirror_read(mfd, id, 13, buf), -EAGAIN,
+	       "mirror: read of an unmapped page gives EAGAIN");
+	expect(mirror_snapshot(mfd, id, 0, n, 0, NULL, NULL), -EFAULT,
+	       "mirror: snapshot over the hole fails with EFAULT");
+	expect(mirror_snapshot(mfd, id, 0, 12, 0, &present, NULL), 0,
+	       "mirror: snapshot of the mapped part");
+	result(present == 12, "mirror: 12 present (%llu)", (unsigned long long)present);
+	result(mirror_stats(fd).entries == 12, "mirror: stats count 12 entries");
+
+	/* Two drops before a read: one event over both. */
+	madvise(p + 1 * PAGE, PAGE, MADV_DONTNEED);
+	madvise(p + 5 * PAGE, PAGE, MADV_DONTNEED);
+	result(mirror_event_is(mfd, id, 1, 5),
+	       "mirror: two drops before a read coalesce into one event (pages 1-5)");
+	result(mirror_no_event(mfd), "mirror: nothing more queued");
+
+	/* fork: the parent's private pages become write-protected, then COW. */
+	for (uint64_t i = 0; i < 12; i++)
+		fill(p + i * PAGE, i);
+	mirror_drain_events(mfd);
+	expect(mirror_snapshot(mfd, id, 0, 12, SNAP_FAULT, &present, &writable), 0,
+	       "mirror fork: snapshot before fork");
+	result(present == 12 && writable == 12, "mirror fork: 12 present, 12 writable");
+	if (pipe(go))
+		diag("pipe: %s", strerror(errno));
+	fflush(stdout);
+	pid = fork();
+	if (pid == 0) {
+		char c;
+		static uint64_t want[PAGE / 8];
+
+		/* Stay alive (sharing the pages) until the parent wrote. */
+		close(go[1]);
+		if (read(go[0], &c, 1) != 1)
+			_exit(2);
+		fill(want, 2);
+		_exit(memcmp(p + 2 * PAGE, want, PAGE) ? 1 : 0);
+	}
+	close(go[0]);
+	result(mirror_event_is(mfd, id, 0, 12),
+	       "mirror fork: fork write-protects the parent's pages: event for all 12");
+	expect(mirror_read(mfd, id, 2, buf), -EAGAIN,
+	       "mirror fork: entries dropped at fork");
+	expect(mirror_snapshot(mfd, id, 0, 12, SNAP_FAULT, &present, &writable), 0,
+	       "mirror fork: snapshot after fork");
+	result(present == 12 && writable == 0,
+	       "mirror fork: 12 present, none writable (shared with the child) (%llu)",
+	       (unsigned long long)writable);
+	expect(mirror_read_matches(mfd, id, 2, 2), 0,
+	       "mirror fork: read gives the shared bytes");
+	fill(p + 2 * PAGE, 222);	/* breaks COW: a new page for the parent */
+	result(mirror_event_is(mfd, id, 2, 1),
+	       "mirror fork: the parent's write breaks COW: event for page 2 only");
+	expect(mirror_read(mfd, id, 2, buf), -EAGAIN,
+	       "mirror fork: the written page's entry is gone");
+	expect(mirror_read_matches(mfd, id, 6, 6), 0,
+	       "mirror fork: other entries stay valid");
+	expect(mirror_snapshot(mfd, id, 2, 1, SNAP_FAULT, &present, &writable), 0,
+	       "mirror fork: re-snapshot page 2");
+	result(present == 1 && writable == 1,
+	       "mirror fork: page 2 present and writable (the parent's own copy)");
+	expect(mirror_read_matches(mfd, id, 2, 222), 0,
+	       "mirror fork: read gives the parent's new bytes");
+	if (write(go[1], "g", 1) != 1)
+		diag("write: %s", strerror(errno));
+	close(go[1]);
+	status = wait_child(pid);
+	result(status != -1 && WIFEXITED(status) && WEXITSTATUS(status) == 0,
+	       "mirror fork: the child still sees the old bytes (status 0x%x)", status);
+	result(mirror_no_event(mfd), "mirror fork: the child's exit raises no event");
+
+	/* Migration: same bytes, same addresses, other frames. */
+	mirror_drain_events(mfd);
+	expect(mirror_snapshot(mfd, id, 0, 8, SNAP_FAULT, &present, NULL), 0,
+	       "mirror migrate: snapshot pages 0-7");
+	for (int i = 0; i < 8; i++)
+		pfn_before[i] = pagemap_pfn(p + i * PAGE);
+	moved = mirror_migrate(mfd, id, 0, 8);
+	result(moved == 8, "mirror migrate: 8 pages moved (%ld)", moved);
+	result(mirror_event_is(mfd, id, 0, 8),
+	       "mirror migrate: the migration dropped the 8 entries (event)");
+	expect(mirror_read(mfd, id, 0, buf), -EAGAIN,
+	       "mirror migrate: read gives EAGAIN until the next snapshot");
+	ok = true;
+	for (uint64_t i = 0; i < 8; i++) {
+		uint64_t pfn = pagemap_pfn(p + i * PAGE);
+
+		ok &= pfn != 0 && pfn != pfn_before[i] && pfn_before[i] != 0;
+	}
+	result(ok, "mirror migrate: every page has a new frame (pagemap)");
+	ok = true;
+	for (uint64_t i = 0; i < 8; i++)
+		ok &= page_matches(b, i, i == 2 ? 222 : i);
+	result(ok, "mirror migrate: the process sees the same bytes");
+	expect(mirror_snapshot(mfd, id, 0, 8, SNAP_FAULT, &present, NULL), 0,
+	       "mirror migrate: snapshot again");
+	ok = present == 8;
+	for (uint64_t i = 0; i < 8; i++)
+		ok &= mirror_read_matches(mfd, id, i, i == 2 ? 222 : i) == 0;
+	result(ok, "mirror migrate: read through the new entries gives the bytes");
+	result(mirror_migrate(mfd, id, 12, 4) == 0,
+	       "mirror migrate: an unmapped range moves nothing");
+	result(mirror_stats(fd).migrated >= 8, "mirror migrate: stats count the moves");
+
+	/* Unregister with an event queued and entries present. */
+	madvise(p, PAGE, MADV_DONTNEED);
+	expect(mirror_unregister(mfd, id), 0, "mirror: unregister with an event queued");
+	result(mirror_no_event(mfd), "mirror: its queued event is gone");
+	result(mirror_stats(fd).entries == 0 && mirror_stats(fd).mirrors == 0,
+	       "mirror: no mirror, no entry left");
+	munmap(p, 12 * PAGE);
+	close(mfd);
+}
+
+/*
+ * The registering process exits while the mirror is registered: the
+ * notifier's release drops everything, the file keeps a dead mirror until
+ * it is closed or the mirror unregistered; nothing leaks.
+ */
+static void test_mirror_exit(int fd)
+{
+	static uint64_t buf[PAGE / 8];
+	int mfd = open_mirror_file(), status, idp[2];
+	uint64_t id = 0;
+	pid_t pid;
+
+	/* A child with a file of its own: everything goes with it. */
+	fflush(stdout);
+	pid = fork();
+	if (pid == 0) {
+		int cfd = open_mirror_file();
+		char *c = map_anon(BASE_MIRROR, 4);
+		uint64_t cid;
+
+		if (cfd < 0 || !c)
+			_exit(2);
+		memset(c, 7, 4 * PAGE);
+		if (mirror_register(cfd, BASE_MIRROR, 4 * PAGE, &cid) ||
+		    mirror_snapshot(cfd, cid, 0, 4, SNAP_FAULT, NULL, NULL))
+			_exit(3);
+		_exit(0);	/* registered, snapshotted, never unregistered */
+	}
+	status = wait_child(pid);
+	result(status != -1 && WIFEXITED(status) && WEXITSTATUS(status) == 0,
+	       "mirror exit: a child registers and exits (status 0x%x)", status);
+	result(mirror_stats(fd).mirrors == 0 && mirror_stats(fd).entries == 0,
+	       "mirror exit: its mirror and entries are gone");
+
+	/* A child registers on our file, then exits: its mm goes first. */
+	if (pipe(idp))
+		diag("pipe: %s", strerror(errno));
+	fflush(stdout);
+	pid = fork();
+	if (pid == 0) {
+		char *c = map_anon(BASE_MIRROR, 4);
+		uint64_t cid = 0;
+
+		close(idp[0]);
+		if (!c)
+			_exit(2);
+		memset(c, 9, 4 * PAGE);
+		if (mirror_register(mfd, BASE_MIRROR, 4 * PAGE, &cid) ||
+		    mirror_snapshot(mfd, cid, 0, 4, SNAP_FAULT, NULL, NULL))
+			_exit(3);
+		if (write(idp[1], &cid, sizeof(cid)) != sizeof(cid))
+			_exit(4);
+		_exit(0);
+	}
+	close(idp[1]);
+	if (read(idp[0], &id, sizeof(id)) != sizeof(id))
+		id = 0;
+	close(idp[0]);
+	status = wait_child(pid);
+	result(status != -1 && WIFEXITED(status) && WEXITSTATUS(status) == 0 && id,
+	       "mirror exit: a child registers on an inherited file and exits");
+	result(mirror_event_is(mfd, id, 0, 4),
+	       "mirror exit: the exit dropped its 4 entries (event)");
+	expect(mirror_read(mfd, id, 0, buf), -EAGAIN,
+	       "mirror exit: read of the dead mirror gives EAGAIN");
+	expect(mirror_snapshot(mfd, id, 0, 4, SNAP_FAULT, NULL, NULL), -ESRCH,
+	       "mirror exit: snapshot of the dead mirror fails with ESRCH");
+	expect((int)mirror_migrate(mfd, id, 0, 4), -ESRCH,
+	       "mirror exit: migrate of the dead mirror fails with ESRCH");
+	result(mirror_stats(fd).mirrors == 1 && mirror_stats(fd).entries == 0,
+	       "mirror exit: the mirror stays (no entries) until unregistered");
+	expect(mirror_unregister(mfd, id), 0, "mirror exit: unregister the dead mirror");
+	result(mirror_stats(fd).mirrors == 0, "mirror exit: no mirror left");
+	close(mfd);
+}
+
+/*
+ * Concurrent munmap, mmap and MADV_DONTNEED against a thread that
+ * snapshots and reads through the mirror: the reads give EAGAIN or bytes
+ * the process wrote at some point (generation tags, or 0 for a page not
+ * yet written), never anything else, and nothing crashes.
+ */
+#define MIRROR_RACE_PAGES 8
+#define MIRROR_RACE_ROUNDS 300
+
+struct mirror_race {
+	int mfd;
+	uint64_t id;
+	volatile int stop;
+	uint64_t gen;		/* __atomic: the last generation written */
+	long reads, eagain, bad, errors;
+};
+
+static void *mirror_race_reader(void *arg)
+{
+	struct mirror_race *r = arg;
+	static uint64_t got[PAGE / 8];
+
+	while (!r->stop) {
+		int ret = mirror_snapshot(r->mfd, r->id, 0, MIRROR_RACE_PAGES,
+					  SNAP_FAULT, NULL, NULL);
+
+		if (ret && ret != -EFAULT)
+			r->errors++;
+		for (uint64_t i = 0; i < MIRROR_RACE_PAGES; i++) {
+			uint64_t before, after;
+
+			/*
+			 * The writer unmaps (or zaps), then publishes gen, then
+			 * writes gen into every word. The page mapped when the
+			 * read copied it holds 0 or a gen from before to after
+			 * the read; an older gen is a page the CPU had dropped.
+			 */
+			before = __atomic_load_n(&r->gen, __ATOMIC_ACQUIRE);
+			ret = mirror_read(r->mfd, r->id, i, got);
+			after = __atomic_load_n(&r->gen, __ATOMIC_ACQUIRE);
+			if (ret == -EAGAIN) {
+				r->eagain++;
+				continue;
+			}
+			if (ret) {
+				r->errors++;
+				continue;
+			}
+			r->reads++;
+			for (size_t w = 0; w < PAGE / 8; w++) {
+				uint64_t g = got[w] & 0xffffffff;
+
+				if (got[w] && (got[w] >> 32 != i || g < before ||
+					       g > after)) {
+					r->bad++;
+					break;
+				}
+			}
+		}
+	}
+	return NULL;
+}
+
+static void test_mirror_race(int fd)
+{
+	const uint64_t b = BASE_MIRROR, n = MIRROR_RACE_PAGES;
+	struct mirror_race r = { .mfd = open_mirror_file() };
+	pthread_t thread;
+	bool ok = true;
+	char *p;
+
+	p = map_anon(b, n);
+	expect(mirror_register(r.mfd, b, n * PAGE, &r.id), 0,
+	       "mirror race: register 8 pages");
+	pthread_create(&thread, NULL, mirror_race_reader, &r);
+	for (uint64_t g = 1; g <= MIRROR_RACE_ROUNDS && ok; g++) {
+		if (g % 3 == 0) {
+			madvise(p, n * PAGE, MADV_DONTNEED);
+		} else {
+			munmap(p, n * PAGE);
+			ok = map_anon(b, n) == p;
+		}
+		/* After the unmap: a read that sees g started after it. */
+		__atomic_store_n(&r.gen, g, __ATOMIC_RELEASE);
+		for (uint64_t i = 0; i < n; i++)
+			for (size_t w = 0; w < PAGE / 8; w++)
+				((volatile uint64_t *)(p + i * PAGE))[w] = i << 32 | g;
+	}
+	r.stop = 1;
+	pthread_join(thread, NULL);
+	result(ok, "mirror race: %d rounds of munmap/mmap and MADV_DONTNEED",
+	       MIRROR_RACE_ROUNDS);
+	diag("mirror race: %ld reads, %ld EAGAIN, %ld bad, %ld errors", r.reads,
+	     r.eagain, r.bad, r.errors);
+	result(r.bad == 0 && r.errors == 0,
+	       "mirror race: every read gave EAGAIN or bytes the process wrote");
+	expect(mirror_unregister(r.mfd, r.id), 0, "mirror race: unregister");
+	munmap(p, n * PAGE);
+	close(r.mfd);
+	result(mirror_stats(fd).mirrors == 0 && mirror_stats(fd).entries == 0,
+	       "mirror race: no mirror, no entry left");
+}
+
+/* Migrated pages, old and new, all come back: 4 x 16 MiB moved. */
+static void test_mirror_leak(int fd)
+{
+	const uint64_t b = BASE_MIRROR, n = 4096;	/* 16 MiB */
+	int mfd = open_mirror_file();
+	long before, after, moved = 0;
+	uint64_t id, present;
+	char *p;
+
+	before = meminfo_kb("MemFree");
+	p = map_anon(b, n);
+	result(p == (void *)b, "mirror leak: map 16 MiB");
+	for (uint64_t i = 0; i < n; i++)
+		p[i * PAGE] = (char)i;
+	expect(mirror_register(mfd, b, n * PAGE, &id), 0, "mirror leak: register 16 MiB");
+	expect(mirror_snapshot(mfd, id, 0, n, SNAP_FAULT, &present, NULL), 0,
+	       "mirror leak: snapshot 16 MiB");
+	result(present == n, "mirror leak: 4096 present");
+	for (int round = 0; round < 4; round++) {
+		long m = mirror_migrate(mfd, id, 0, n);
+
+		moved += m > 0 ? m : 0;
+	}
+	result(moved >= 4 * (long)n - 64, "mirror leak: %ld page moves", moved);
+	result(p[5 * PAGE] == 5 && p[(n - 1) * PAGE] == (char)(n - 1),
+	       "mirror leak: the bytes survive four migrations");
+	expect(mirror_unregister(mfd, id), 0, "mirror leak: unregister");
+	result(mirror_stats(fd).mirrors == 0 && mirror_stats(fd).entries == 0,
+	       "mirror leak: no mirror, no entry left");
+	munmap(p, n * PAGE);
+	close(mfd);
+	after = meminfo_kb("MemFree");
+	diag("mirror leak: MemFree %ld kB before, %ld kB after", before, after);
+	result(before - after <= 8 * 1024,
+	       "mirror leak: MemFree came back (%ld kB short)", before - after);
+}
+
 int main(void)
 {
 	struct dsvm_stats st;
@@ -2017,6 +2818,12 @@ int main(void)
 		test_poison(fd, cfd);
 		test_control_close(fd, cfd);
 	}
+	test_mirror_invalid(fd);
+	test_mirror_malloc(fd);
+	test_mirror_invalidate(fd);
+	test_mirror_exit(fd);
+	test_mirror_race(fd);
+	test_mirror_leak(fd);
 	test_leak_meminfo(fd);
 
 	st = stats(fd);
@@ -2029,6 +2836,20 @@ int main(void)
 	diag("faults %llu, mkwrites %llu, refused %llu, events %llu",
 	     (unsigned long long)st.faults, (unsigned long long)st.mkwrites,
 	     (unsigned long long)st.refused, (unsigned long long)st.events);
+	{
+		struct dsvm_mirror_stats ms = mirror_stats(fd);
+
+		result(ms.mirrors == 0 && ms.entries == 0 && ms.reserved[0] == 0 &&
+		       ms.reserved[1] == 0,
+		       "end: mirrors %llu and mirror entries %llu back to 0",
+		       (unsigned long long)ms.mirrors,
+		       (unsigned long long)ms.entries);
+		diag("mirror: invalidations %llu, dropped %llu, events %llu, migrated %llu",
+		     (unsigned long long)ms.invalidations,
+		     (unsigned long long)ms.dropped,
+		     (unsigned long long)ms.events,
+		     (unsigned long long)ms.migrated);
+	}
 	result(close(fd) == 0, "end: close the control file");
 	taint = kernel_taint();
 	result(!(taint & ((1UL << 9) | (1UL << 7) | (1UL << 5))),
