@@ -213,6 +213,35 @@ void dsvm_event_answer_page(struct dsvm_region *region, unsigned long index)
 }
 
 /*
+ * DSVM_IOC_PAGE_WAKE: answers the pending events of pages first..last with
+ * no change to them; the sleepers look at the table again and raise a new
+ * event if they still need one. Returns how many events were answered.
+ */
+unsigned long dsvm_event_wake_range(struct dsvm_region *region,
+				    unsigned long first, unsigned long last)
+{
+	struct dsvm_event *event;
+	unsigned long index, done = 0;
+	u32 kind;
+
+	if (!region->control)
+		return 0;
+	for (index = first; index <= last; index++) {
+		spin_lock(&dsvm_events_lock);
+		for (kind = DSVM_FAULT_READ; kind <= DSVM_FAULT_UPGRADE; kind++) {
+			event = dsvm_event_find(region, index, kind);
+			if (event) {
+				dsvm_event_answer(event);
+				done++;
+			}
+		}
+		spin_unlock(&dsvm_events_lock);
+		cond_resched();
+	}
+	return done;
+}
+
+/*
  * Answers every event of a region marked dead: the sleepers retry and get
  * SIGBUS, and no event is raised for it again.
  */

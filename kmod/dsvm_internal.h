@@ -249,6 +249,8 @@ struct dsvm_event *dsvm_event_raise(struct dsvm_region *region,
 int dsvm_event_wait(struct dsvm_event *event);
 void dsvm_event_put(struct dsvm_event *event);
 void dsvm_event_answer_page(struct dsvm_region *region, unsigned long index);
+unsigned long dsvm_event_wake_range(struct dsvm_region *region,
+				    unsigned long first, unsigned long last);
 void dsvm_event_answer_region(struct dsvm_region *region);
 void dsvm_event_mirror_queue(struct dsvm_mirror *mirror, unsigned long first,
 			     unsigned long last);

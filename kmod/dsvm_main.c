@@ -28,7 +28,8 @@
 
 #define DSVM_FEATURES (DSVM_FEATURE_REGIONS | DSVM_FEATURE_STATS | \
 		       DSVM_FEATURE_EVENTS | DSVM_FEATURE_WRITEBACK | \
-		       DSVM_FEATURE_POISON | DSVM_FEATURE_MIRROR)
+		       DSVM_FEATURE_POISON | DSVM_FEATURE_MIRROR | \
+		       DSVM_FEATURE_WAKE)
 
 struct dsvm_counters dsvm_counters;
 struct address_space *dsvm_mapping;
@@ -220,7 +221,7 @@ out_put_region:
 
 /*
  * DSVM_IOC_PAGE_INVALIDATE, DSVM_IOC_PAGE_DOWNGRADE, DSVM_IOC_PAGE_UPGRADE,
- * DSVM_IOC_PAGE_POISON.
+ * DSVM_IOC_PAGE_POISON, DSVM_IOC_PAGE_WAKE.
  */
 static long dsvm_ioctl_page_range(struct dsvm_page_range __user *uarg,
 				  unsigned int cmd)
@@ -255,6 +256,9 @@ static long dsvm_ioctl_page_range(struct dsvm_page_range __user *uarg,
 		break;
 	case DSVM_IOC_PAGE_UPGRADE:
 		done = dsvm_page_upgrade(region, req.first, last);
+		break;
+	case DSVM_IOC_PAGE_WAKE:
+		done = dsvm_event_wake_range(region, req.first, last);
 		break;
 	default:
 		ret = dsvm_page_poison(region, req.first, last, &done);
@@ -444,6 +448,7 @@ static long dsvm_ioctl(struct file *filp, unsigned int cmd, unsigned long arg)
 	case DSVM_IOC_PAGE_UPGRADE:
 	case DSVM_IOC_PAGE_WRITEBACK:
 	case DSVM_IOC_PAGE_POISON:
+	case DSVM_IOC_PAGE_WAKE:
 		/*
 		 * Control requests: only the daemon's file may change the
 		 * table while it exists. (No region outlives its creator, and
@@ -473,6 +478,7 @@ static long dsvm_ioctl(struct file *filp, unsigned int cmd, unsigned long arg)
 	case DSVM_IOC_PAGE_DOWNGRADE:
 	case DSVM_IOC_PAGE_UPGRADE:
 	case DSVM_IOC_PAGE_POISON:
+	case DSVM_IOC_PAGE_WAKE:
 		return dsvm_ioctl_page_range(uarg, cmd);
 	case DSVM_IOC_PAGE_WRITEBACK:
 		return dsvm_ioctl_page_writeback(uarg);

@@ -60,6 +60,8 @@
  * events on read()/poll() of the registering file.
  */
 #define DSVM_FEATURE_MIRROR (1ULL << 5)
+/* DSVM_IOC_PAGE_WAKE. */
+#define DSVM_FEATURE_WAKE (1ULL << 6)
 /*
  * Reserved for what comes next (docs/KMOD.md): 64 KiB and 2 MiB pages. A caller tests for a bit rather than probing with an ioctl
  * that may fail.
@@ -500,6 +502,15 @@ struct dsvm_mirror_stats {
 #define DSVM_IOC_PAGE_UPGRADE	_IOWR(DSVM_IOC_MAGIC, 0x23, struct dsvm_page_range)
 #define DSVM_IOC_PAGE_WRITEBACK	_IOWR(DSVM_IOC_MAGIC, 0x24, struct dsvm_page_writeback)
 #define DSVM_IOC_PAGE_POISON	_IOWR(DSVM_IOC_MAGIC, 0x25, struct dsvm_page_range)
+/*
+ * DSVM_IOC_PAGE_WAKE (DSVM_FEATURE_WAKE), struct dsvm_page_range: answers
+ * the pending fault events of the range's pages without changing them;
+ * their threads look at the table again, and raise a new event if they
+ * still need one. For a daemon that forgot what it was asked (it restarted
+ * its protocol state): the faults come back to it. `done` counts the events
+ * answered. A control ioctl; the argument checks of the range ioctls.
+ */
+#define DSVM_IOC_PAGE_WAKE	_IOWR(DSVM_IOC_MAGIC, 0x26, struct dsvm_page_range)
 #define DSVM_IOC_MIRROR_REGISTER _IOWR(DSVM_IOC_MAGIC, 0x30, struct dsvm_mirror_register)
 #define DSVM_IOC_MIRROR_UNREGISTER _IOW(DSVM_IOC_MAGIC, 0x31, struct dsvm_mirror_unregister)
 #define DSVM_IOC_MIRROR_SNAPSHOT _IOWR(DSVM_IOC_MAGIC, 0x32, struct dsvm_mirror_snapshot)

@@ -391,7 +391,8 @@ static void test_handshake(int fd)
 	       (h.features & DSVM_FEATURE_STATS) &&
 	       (h.features & DSVM_FEATURE_EVENTS) &&
 	       (h.features & DSVM_FEATURE_WRITEBACK) &&
-	       (h.features & DSVM_FEATURE_POISON),
+	       (h.features & DSVM_FEATURE_POISON) &&
+	       (h.features & DSVM_FEATURE_WAKE),
 	       "hello reports version %u and features 0x%llx",
 	       h.module_version, (unsigned long long)h.features);
 	expect(hello(fd), 0, "hello repeated on the same file");
@@ -540,6 +541,7 @@ static void test_page_range_invalid(int fd)
 		{ "downgrade", DSVM_IOC_PAGE_DOWNGRADE },
 		{ "upgrade", DSVM_IOC_PAGE_UPGRADE },
 		{ "poison", DSVM_IOC_PAGE_POISON },
+		{ "wake", DSVM_IOC_PAGE_WAKE },
 	};
 
 	for (size_t o = 0; o < sizeof(ops) / sizeof(ops[0]); o++) {
@@ -1432,6 +1434,8 @@ static void test_control(int fd, int cfd)
 	       "control: page writeback from another file refused with EPERM");
 	expect((int)page_op(fd, DSVM_IOC_PAGE_POISON, EVENTS_ID, 0, 1), -EPERM,
 	       "control: page poison from another file refused with EPERM");
+	expect((int)page_op(fd, DSVM_IOC_PAGE_WAKE, EVENTS_ID, 0, 1), -EPERM,
+	       "control: page wake from another file refused with EPERM");
 	expect(xioctl(fd, DSVM_IOC_STATS, &st), 0,
 	       "control: stats from another file still allowed");
 	expect(read(fd, buf, sizeof(struct dsvm_fault_event)) < 0 ? -errno : 0,
@@ -1923,6 +1927,48 @@ static void test_poison(int fd, int cfd)
  * .fault and .page_mkwrite, and a thread of ours. They all get SIGBUS,
  * never a hang; then later faults get SIGBUS at once.
  */
+/*
+ * DSVM_IOC_PAGE_WAKE on region EVENTS_ID, page 30: a sleeper's event is
+ * answered without a change; the sleeper raises a new one and sleeps on,
+ * until the page is installed. Leaves page 30 not installed.
+ */
+static void test_wake(int fd, int cfd)
+{
+	const uint64_t id = EVENTS_ID;
+	struct dsvm_fault_event ev[4];
+	struct dsvm_stats st0, st;
+	struct faulter f;
+	uint64_t first_seq = 0;
+	int n;
+
+	st0 = stats(fd);
+	faulter_start(&f, 30, false, 0);
+	result(wait_pending(fd, 1), "wake: a reader sleeps on page 30's event");
+	n = read_events(cfd, ev, 4);
+	if (n == 1)
+		first_seq = ev[0].seq;
+	result(n == 1 && ev[0].page_index == 30, "wake: the daemon reads it (%d)", n);
+	expect((int)page_op(cfd, DSVM_IOC_PAGE_WAKE, id, 30, 1), 1,
+	       "wake: answers the one pending event");
+	result(wait_pending(fd, 1), "wake: the reader raises a new event");
+	st = stats(fd);
+	n = read_events(cfd, ev, 4);
+	result(n == 1 && ev[0].page_index == 30 && ev[0].seq > first_seq &&
+	       st.events == st0.events + 2,
+	       "wake: the new event is a second one for page 30 (%d, %llu events)", n,
+	       (unsigned long long)(st.events - st0.events));
+	result(faulter_state(&f) == 0, "wake: the reader still sleeps (no page yet)");
+	expect((int)page_op(cfd, DSVM_IOC_PAGE_WAKE, id, 29, 1), 0,
+	       "wake: a page with no event answers none");
+	expect(page_install(cfd, id, 30, DSVM_PAGE_STATE_SHARED, NULL), 0,
+	       "wake: install page 30");
+	result(faulter_join(&f) && faulter_state(&f) == 1 && f.value == 0,
+	       "wake: the reader reads the installed page");
+	expect((int)page_op(cfd, DSVM_IOC_PAGE_INVALIDATE, id, 30, 1), 1,
+	       "wake: page 30 dropped again");
+	result(stats(fd).events_pending == 0, "wake: nothing left pending");
+}
+
 static void test_control_close(int fd, int cfd)
 {
 	const uint64_t b = BASE_EVENTS;
@@ -2816,6 +2862,7 @@ int main(void)
 		test_events(fd, cfd);
 		test_writeback(fd, cfd);
 		test_poison(fd, cfd);
+		test_wake(fd, cfd);
 		test_control_close(fd, cfd);
 	}
 	test_mirror_invalid(fd);

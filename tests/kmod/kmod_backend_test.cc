@@ -81,6 +81,7 @@ Status SetStoreWord(PageStore& store, uint64_t page, uint64_t v) {
         for (int i = 0; i < 100; ++i) word = *at(0);
         break;
       case 'x': word = *at(1); break;                 // read page 1 (to be failed)
+      case 'y': word = *at(2); break;                 // read page 2 (forgotten once)
       default: ::_exit(3);
     }
     if (::write(out, &word, 8) != 8) ::_exit(4);
@@ -93,6 +94,7 @@ struct Harness {
   pid_t child = -1;
   int cmd = -1, out = -1;
   std::set<uint64_t> fail_pages;  // pages whose faults are answered with an error
+  std::set<uint64_t> forget_once;  // pages whose first fault is ended unserved (kRetry)
   std::vector<FaultEvent> seen;
 
   // Answers fault events as the agent would, until the client reports a
@@ -116,6 +118,11 @@ struct Harness {
         const uint64_t index = (ev[i].page - kBase) / kPage;
         if (fail_pages.count(index)) {
           backend->Resolve(ev[i].token, Resolution::kError).IgnoreError();
+          continue;
+        }
+        if (forget_once.erase(index)) {  // as a daemon that dropped its state
+          Status st = backend->Resolve(ev[i].token, Resolution::kRetry);
+          if (!st.ok()) std::printf("# retry of page %lu: %s\n", index, st.ToString().c_str());
           continue;
         }
         Status st = ev[i].write ? backend->MapWrite(ev[i].page) : backend->MapRead(ev[i].page);
@@ -205,6 +212,11 @@ int main() {
   CheckOk(SetStoreWord(*h.store, 0, 0x3333), "the daemon changes the store's bytes");
   CheckOk(h.backend->Refresh(kBase), "Refresh");
   Check(h.Step('r', &word) && word == 0x3333, "after Refresh the client sees the new bytes");
+  CheckOk(SetStoreWord(*h.store, 2, 0x4444), "the store holds page 2");
+  h.forget_once.insert(2);
+  const size_t before_forget = h.faults_seen();
+  Check(h.Step('y', &word) && word == 0x4444 && h.faults_seen() == before_forget + 2,
+        "a wait ended unserved (kRetry) wakes the thread, which faults again and is served");
   Check(h.backend->RemoveRegion(kBase).code() == StatusCode::kFailedPrecondition,
         "RemoveRegion is refused while a client maps the region");
 
