@@ -1,0 +1,201 @@
+// DeviceTier: the mechanism of the GPU tier (issue #5). It owns a TierTable
+// (the placement policy) and carries out the table's steps on real device
+// memory: DevicePagePool slots (one pool per GPU and page size), the
+// regions' PageStores, and copies through a DeviceBackend.
+//
+// Copies, per call:
+//   1. write-backs (kWriteBack), batched per GPU: pages' slots are copied
+//      into a staging buffer with one CopyToHost per batch, and once the
+//      batch's fence is done each page goes to its store (WritePage);
+//   2. slots freed (kFreeSlot), then slots taken (kAllocateSlot);
+//   3. copies to the device (kCopyToDevice), batched: pages are read from
+//      their stores into a staging buffer and moved with one CopyToDevice
+//      per batch, followed by a fence.
+// The table emits steps so that this phase order is safe (a page written
+// back before its slot is freed; slots freed before they are reused; a page
+// moved between GPUs written back before it is copied again).
+//
+// Batching and overlap: a batch is as many pages as fit in `batch_bytes` of
+// staging. Pages are staged in the order of their slots' device addresses,
+// so pages whose slots are adjacent in one arena merge into one copy entry
+// (one cudaMemcpyAsync): small pages go as large copies. Each GPU has
+// `streams_per_gpu` (>= 2) lanes, each a stream with its own pinned staging
+// buffer; batch i goes on lane i % lanes, so while batch i's copy runs, the
+// host stages batch i+1 (reads it from the store, or writes batch i-1's
+// bytes to the store). A lane's buffer is reused only after the fence of its
+// previous batch.
+//
+// The API is synchronous: every call returns when its copies are done.
+// TODO(#5): an asynchronous form for the daemon's GPU strand, so copies
+// overlap with kernels and with the network.
+//
+// Failure: a failure while taking slots, reading stores or copying to the
+// device (the device full below its budget, a store I/O error, a device
+// error) is rolled back: the call's new GPU copies are undone and its pins
+// removed; evictions already done stay done (they were written back). A
+// failed write-back cannot be undone (the table already counts the page as
+// written back): the tier refuses every later call with kFailedPrecondition
+// naming the first failure. TODO(#5): keep the dirty copy and retry.
+//
+// Thread safety: none. One owner (the daemon's GPU strand) calls every
+// method, the same owner as the backend's and the pools'.
+#ifndef DSVM_NODE_MEMORY_DEVICE_TIER_H_
+#define DSVM_NODE_MEMORY_DEVICE_TIER_H_
+
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <span>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "node/memory/device_backend.h"
+#include "node/memory/device_page_pool.h"
+#include "node/memory/page_store.h"
+#include "node/memory/tier_table.h"
+#include "proto/status.h"
+
+namespace dsvm::node {
+
+struct DeviceTierOptions {
+  // The host budget and aging period of the TierTable (see tier_table.h).
+  uint64_t host_budget_bytes = 0;
+  uint64_t aging_period = 1024;
+  // Staging bytes per lane: the most one copy call moves. At least the
+  // largest page size of the pools.
+  uint64_t batch_bytes = 8ull << 20;
+  // Streams (each with a staging buffer) per GPU; at least 2 for overlap.
+  uint32_t streams_per_gpu = 2;
+};
+
+struct DeviceTierStats {
+  uint64_t to_device_calls = 0;    // CopyToDevice calls (one per batch)
+  uint64_t to_host_calls = 0;      // CopyToHost calls (one per batch)
+  uint64_t to_device_entries = 0;  // copy entries after merging adjacent pages
+  uint64_t to_host_entries = 0;
+  uint64_t pages_to_device = 0;
+  uint64_t pages_to_host = 0;
+  uint64_t bytes_to_device = 0;
+  uint64_t bytes_to_host = 0;
+  uint64_t slots_freed = 0;  // kFreeSlot steps carried out
+  uint64_t rollbacks = 0;    // calls undone after a failure
+};
+
+class DeviceTier {
+ public:
+  // A tier over `backend` and `pools` (one per GPU and page size; none for
+  // the same pair twice), which must outlive it; the pools' capacities are
+  // the GPUs' budgets. Creates the streams and staging buffers. Errors:
+  // kInvalidArgument (backend or a pool null; two pools for one pair;
+  // streams_per_gpu < 2; batch_bytes below a pool's page size or not a
+  // multiple of 4 KiB), kResourceExhausted (cannot pin staging), kInternal.
+  static Result<std::unique_ptr<DeviceTier>> Create(DeviceBackend* backend,
+                                                    std::vector<DevicePagePool*> pools,
+                                                    DeviceTierOptions options = {});
+  // Frees the streams and staging buffers. Slots stay with the pools.
+  ~DeviceTier();
+  DeviceTier(const DeviceTier&) = delete;
+  DeviceTier& operator=(const DeviceTier&) = delete;
+
+  // The region whose bytes `store` holds; `store` must outlive the region's
+  // membership here. Errors: kInvalidArgument (null), kAlreadyExists
+  // (overlaps a region).
+  Status AddRegion(PageStore* store);
+  // Frees the region's GPU copies without write-back and forgets it.
+  // Errors: kNotFound.
+  Status RemoveRegion(PageAddr base);
+
+  // Makes `pages` (of the region at `region`) resident on `gpu` and pins
+  // each once; returns each page's device address, in order. Pages the tier
+  // does not hold yet are taken from the store (the caller holds the
+  // coherence rights to them). `for_write` marks the GPU copies dirty: they
+  // are written back on eviction, WriteBack, or never (Drop). `tick` is the
+  // caller's clock for the eviction policy (non-decreasing). Errors:
+  // kInvalidArgument (no region at `region`; a page outside it, unaligned or
+  // listed twice; no pool for `gpu` and the region's page size),
+  // kFailedPrecondition (a page is leaving the node or pinned on another
+  // GPU; the tier failed earlier), kResourceExhausted (the GPU's budget
+  // cannot hold the pages with what is pinned, or the device is full below
+  // the budget), kIoError (a store read), kInternal (the device).
+  Result<std::vector<DevicePtr>> MakeResident(PageAddr region, std::span<const PageAddr> pages,
+                                              uint32_t gpu, bool for_write, uint64_t tick);
+  // Removes one pin from each page (the end of a gpu_map). Errors:
+  // kInvalidArgument (bad page), kFailedPrecondition (a page not pinned; the
+  // pages before it were unpinned).
+  Status Unpin(std::span<const PageAddr> pages);
+  // Writes dirty GPU copies back to their stores and keeps them, clean (the
+  // node is about to send or read the bytes). Errors: kInvalidArgument,
+  // kFailedPrecondition (the tier failed earlier), kIoError, kInternal.
+  Status WriteBack(std::span<const PageAddr> pages);
+  // The pages leave the node (coherence invalidation): GPU copies are freed
+  // without write-back and the tier forgets them. Errors: kInvalidArgument.
+  Status Drop(std::span<const PageAddr> pages);
+  // Pages the host budget sends away (kLeaveNode), oldest first, since the
+  // last call; the caller gives each up through NodeAgent::Evict and then
+  // calls Drop (or table's KeepOnNode when the agent refuses).
+  std::vector<PageAddr> TakePagesToLeave();
+
+  TierTable& table() { return *table_; }
+  const TierTable& table() const { return *table_; }
+  const DeviceTierStats& stats() const { return stats_; }
+  // The device address of the page's GPU copy; 0 when it has none.
+  DevicePtr SlotOf(PageAddr page) const;
+
+ private:
+  struct Lane {
+    StreamId stream;
+    StagingBuffer staging;
+    bool busy = false;  // a fence after this lane's last batch is pending
+    Fence fence;
+  };
+  struct Placed {
+    DevicePagePool* pool;
+    DeviceSlot slot;
+  };
+  // A page to copy, in either direction.
+  struct Move {
+    PageAddr page;
+    PageStore* store;
+    DevicePtr ptr;
+    uint32_t bytes;
+    DevicePtr arena_end;  // end of the arena holding the slot: merges stop there
+  };
+
+  DeviceTier(DeviceBackend* backend, std::vector<DevicePagePool*> pools, DeviceTierOptions options,
+             std::unique_ptr<TierTable> table);
+
+  Status Init();
+  PageStore* StoreOf(PageAddr page) const;
+  DevicePagePool* PoolOf(uint32_t gpu, uint32_t page_size) const;
+  // Carries out `steps` (phase order, see above). `placed` receives the
+  // pages given a slot here.
+  Status Execute(const TierSteps& steps, std::vector<PageAddr>* placed);
+  Status WriteBackMoves(uint32_t gpu, const std::vector<Move>& moves);
+  Status CopyMovesToDevice(uint32_t gpu, const std::vector<Move>& moves);
+  // Waits for the lane's pending fence, if any.
+  Status Drain(Lane& lane);
+  void FreeSlotOf(PageAddr page);
+  // The end of the pool's arena that holds `ptr`.
+  DevicePtr ArenaEnd(const DevicePagePool* pool, DevicePtr ptr);
+  Status Fail(Status s);
+
+  DeviceBackend* const backend_;
+  const std::vector<DevicePagePool*> pools_;
+  const DeviceTierOptions options_;
+  std::unique_ptr<TierTable> table_;
+  std::vector<std::vector<Lane>> lanes_;   // per GPU (index = device number)
+  std::map<PageAddr, PageStore*> stores_;  // by region base
+  std::unordered_map<PageAddr, Placed> slots_;
+  // Per pool, its arenas as (base, end) sorted by base; refreshed when the
+  // pool has grown (pools keep their arenas until destroyed).
+  std::unordered_map<const DevicePagePool*, std::vector<std::pair<DevicePtr, DevicePtr>>> arenas_;
+  std::deque<PageAddr> leave_;
+  Status failed_;
+  DeviceTierStats stats_;
+};
+
+}  // namespace dsvm::node
+
+#endif  // DSVM_NODE_MEMORY_DEVICE_TIER_H_

@@ -1,0 +1,436 @@
+// Tests of node::DeviceTier (GPU-tier migrations) on the emulated device
+// backend and real PageStores: bytes round trip host -> GPU -> host, an
+// oversubscribed working set stays correct, batches count as they should.
+#include "node/memory/device_tier.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "node/memory/device_backend.h"
+#include "node/memory/device_page_pool.h"
+#include "node/memory/page_store.h"
+#include "node/memory/tier_table.h"
+#include "proto/status.h"
+
+namespace dsvm::node {
+namespace {
+
+constexpr PageAddr kBase = 0x200000000000ull;
+constexpr uint32_t kPage = 4096;
+
+std::vector<uint8_t> RandomBytes(size_t n, std::mt19937_64& rng) {
+  std::vector<uint8_t> v(n);
+  for (size_t i = 0; i < n; i += 8) {
+    const uint64_t r = rng();
+    std::memcpy(v.data() + i, &r, std::min<size_t>(8, n - i));
+  }
+  return v;
+}
+
+struct TierConfig {
+  uint64_t region_pages = 48;
+  uint32_t page_size = kPage;
+  uint64_t budget_pages = 16;  // per GPU
+  uint64_t arena_pages = 16;
+  uint64_t batch_pages = 4;        // staging per lane
+  uint64_t host_budget_pages = 0;  // 0: none
+  uint32_t devices = 2;
+  uint64_t device_bytes = 1ull << 30;
+  std::chrono::microseconds copy_delay{0};  // the emulated backend's test seam
+};
+
+// One region (a PageStore of random bytes), a pool per GPU, a tier over them,
+// and a model of what each page's bytes should be.
+class DeviceTierTest : public testing::Test {
+ protected:
+  void Build(TierConfig c = {}) {
+    c_ = c;
+    DeviceBackendOptions bo;
+    bo.emulated_devices = c.devices;
+    bo.emulated_device_bytes = c.device_bytes;
+    bo.emulated_copy_delay = c.copy_delay;
+    auto b = MakeDeviceBackend("emulated", bo);
+    ASSERT_TRUE(b.ok()) << b.status().ToString();
+    backend_ = std::move(b).value();
+    std::vector<DevicePagePool*> pools;
+    for (uint32_t d = 0; d < c.devices; ++d) {
+      DevicePagePoolOptions po;
+      po.device = d;
+      po.page_size = c.page_size;
+      po.budget_bytes = c.budget_pages * c.page_size;
+      po.arena_bytes = c.arena_pages * c.page_size;
+      auto p = DevicePagePool::Create(backend_.get(), po);
+      ASSERT_TRUE(p.ok()) << p.status().ToString();
+      pools_.push_back(std::move(p).value());
+      pools.push_back(pools_.back().get());
+    }
+    PageStoreOptions so;
+    so.try_hugetlb = false;
+    auto s = PageStore::Create(kBase, c.region_pages * c.page_size, c.page_size, so);
+    ASSERT_TRUE(s.ok()) << s.status().ToString();
+    store_ = std::move(s).value();
+    DeviceTierOptions to;
+    to.batch_bytes = c.batch_pages * c.page_size;
+    to.host_budget_bytes = c.host_budget_pages * c.page_size;
+    auto t = DeviceTier::Create(backend_.get(), pools, to);
+    ASSERT_TRUE(t.ok()) << t.status().ToString();
+    tier_ = std::move(t).value();
+    ASSERT_TRUE(tier_->AddRegion(store_.get()).ok());
+    for (uint32_t d = 0; d < c.devices; ++d) {
+      auto st = backend_->CreateStream(d);
+      ASSERT_TRUE(st.ok());
+      test_streams_.push_back(*st);
+    }
+    model_.resize(c.region_pages);
+    for (uint64_t i = 0; i < c.region_pages; ++i) {
+      model_[i] = RandomBytes(c.page_size, rng_);
+      ASSERT_TRUE(store_->WritePage(P(i), model_[i]).ok());
+    }
+  }
+
+  PageAddr P(uint64_t i) const { return kBase + i * c_.page_size; }
+  std::vector<PageAddr> Pages(std::vector<uint64_t> idx) const {
+    std::vector<PageAddr> v;
+    for (uint64_t i : idx) v.push_back(P(i));
+    return v;
+  }
+  std::vector<uint64_t> Range(uint64_t first, uint64_t n) const {
+    std::vector<uint64_t> v(n);
+    std::iota(v.begin(), v.end(), first);
+    return v;
+  }
+
+  void Sync(uint32_t gpu) {
+    auto f = backend_->RecordFence(test_streams_[gpu]);
+    ASSERT_TRUE(f.ok());
+    ASSERT_TRUE(backend_->Wait(*f).ok());
+  }
+  // What the GPU holds at `ptr` (the test reading device memory as a kernel would).
+  std::vector<uint8_t> ReadDevice(uint32_t gpu, DevicePtr ptr) {
+    std::vector<uint8_t> out(c_.page_size);
+    EXPECT_TRUE(backend_->CopyToHost(test_streams_[gpu], ptr, out.data(), out.size()).ok());
+    Sync(gpu);
+    return out;
+  }
+  // A kernel writing new bytes to page i's GPU copy at `ptr`.
+  void KernelWrite(uint32_t gpu, uint64_t i, DevicePtr ptr) {
+    model_[i] = RandomBytes(c_.page_size, rng_);
+    ASSERT_TRUE(
+        backend_->CopyToDevice(test_streams_[gpu], model_[i].data(), ptr, c_.page_size).ok());
+    Sync(gpu);
+  }
+  std::vector<uint8_t> ReadStore(uint64_t i) {
+    std::vector<uint8_t> out(c_.page_size);
+    EXPECT_TRUE(store_->ReadPage(P(i), out).ok());
+    return out;
+  }
+
+  TierConfig c_;
+  std::mt19937_64 rng_{20240505};
+  std::unique_ptr<DeviceBackend> backend_;
+  std::vector<std::unique_ptr<DevicePagePool>> pools_;
+  std::unique_ptr<PageStore> store_;
+  std::unique_ptr<DeviceTier> tier_;
+  std::vector<StreamId> test_streams_;
+  std::vector<std::vector<uint8_t>> model_;
+};
+
+TEST_F(DeviceTierTest, BytesRoundTripHostToGpuToHost) {
+  Build();
+  const std::vector<PageAddr> pages = Pages(Range(0, 8));
+  auto ptrs = tier_->MakeResident(kBase, pages, 0, /*for_write=*/true, 1);
+  ASSERT_TRUE(ptrs.ok()) << ptrs.status().ToString();
+  ASSERT_EQ(ptrs->size(), 8u);
+  for (size_t i = 0; i < 8; ++i) {
+    EXPECT_EQ((*ptrs)[i], tier_->SlotOf(pages[i]));
+    EXPECT_EQ(ReadDevice(0, (*ptrs)[i]), model_[i]) << "page " << i << " on the GPU";
+  }
+  for (size_t i = 0; i < 8; ++i) KernelWrite(0, i, (*ptrs)[i]);
+  ASSERT_TRUE(tier_->WriteBack(pages).ok());
+  for (size_t i = 0; i < 8; ++i) EXPECT_EQ(ReadStore(i), model_[i]) << "page " << i << " on host";
+  // Written back and kept: clean, still resident, no copy to bring it back.
+  EXPECT_FALSE(tier_->table().IsDirty(pages[0]));
+  EXPECT_EQ(tier_->table().GpuOf(pages[0]), 0u);
+  ASSERT_TRUE(tier_->WriteBack(pages).ok());  // nothing dirty: no copies
+  const DeviceTierStats& st = tier_->stats();
+  EXPECT_EQ(st.pages_to_device, 8u);
+  EXPECT_EQ(st.pages_to_host, 8u);
+  EXPECT_EQ(st.to_device_calls, 2u);  // 8 pages, 4 per batch
+  EXPECT_EQ(st.to_host_calls, 2u);
+  EXPECT_EQ(pools_[0]->used_slots(), 8u);
+  ASSERT_TRUE(tier_->Unpin(pages).ok());
+}
+
+// N small pages go in ceil(N / batch) copy calls each way; pages whose slots
+// are adjacent travel as one copy entry.
+TEST_F(DeviceTierTest, SmallPagesAreBatchedIntoFewCopies) {
+  Build();
+  for (uint64_t n : {1u, 4u, 5u, 13u}) {
+    SCOPED_TRACE(n);
+    const DeviceTierStats before = tier_->stats();
+    const std::vector<PageAddr> pages = Pages(Range(0, n));
+    auto ptrs = tier_->MakeResident(kBase, pages, 0, /*for_write=*/true, n);
+    ASSERT_TRUE(ptrs.ok()) << ptrs.status().ToString();
+    const uint64_t calls = (n + 3) / 4;
+    EXPECT_EQ(tier_->stats().to_device_calls - before.to_device_calls, calls);
+    EXPECT_EQ(tier_->stats().pages_to_device - before.pages_to_device, n);
+    // Fresh slots from one arena are adjacent: one entry per batch.
+    EXPECT_EQ(tier_->stats().to_device_entries - before.to_device_entries, calls);
+    for (uint64_t i = 0; i < n; ++i) EXPECT_EQ(ReadDevice(0, (*ptrs)[i]), model_[i]);
+    for (uint64_t i = 0; i < n; ++i) KernelWrite(0, i, (*ptrs)[i]);
+    ASSERT_TRUE(tier_->WriteBack(pages).ok());
+    EXPECT_EQ(tier_->stats().to_host_calls - before.to_host_calls, calls);
+    EXPECT_EQ(tier_->stats().pages_to_host - before.pages_to_host, n);
+    for (uint64_t i = 0; i < n; ++i) EXPECT_EQ(ReadStore(i), model_[i]);
+    ASSERT_TRUE(tier_->Unpin(pages).ok());
+    ASSERT_TRUE(tier_->Drop(pages).ok());  // forget them: the next round copies again
+    EXPECT_EQ(pools_[0]->used_slots(), 0u);
+  }
+}
+
+// Pages of 64 KiB, batches of 2 MiB: 32 pages per copy call.
+TEST_F(DeviceTierTest, LargerPagesBatchByBytes) {
+  TierConfig c;
+  c.page_size = 64 << 10;
+  c.region_pages = 80;
+  c.budget_pages = 80;
+  c.arena_pages = 80;
+  c.batch_pages = 32;
+  c.devices = 1;
+  Build(c);
+  const std::vector<PageAddr> pages = Pages(Range(0, 70));
+  auto ptrs = tier_->MakeResident(kBase, pages, 0, false, 1);
+  ASSERT_TRUE(ptrs.ok()) << ptrs.status().ToString();
+  EXPECT_EQ(tier_->stats().to_device_calls, 3u);  // 32 + 32 + 6
+  EXPECT_EQ(tier_->stats().bytes_to_device, 70ull * (64 << 10));
+  for (uint64_t i = 0; i < 70; i += 7) EXPECT_EQ(ReadDevice(0, (*ptrs)[i]), model_[i]);
+}
+
+// A working set three times the GPU budget, touched in a loop in chunks with
+// reads and writes mixed: every page the GPU shows is the page's latest
+// bytes, the host ends with them all, and the tier copied exactly what the
+// table decided (a second TierTable, fed the same calls, says what that is).
+TEST_F(DeviceTierTest, OversubscribedWorkingSetStaysCorrect) {
+  TierConfig c;
+  c.region_pages = 48;
+  c.budget_pages = 16;
+  c.devices = 1;
+  Build(c);
+  TierTableOptions so;
+  so.pools = {{0, kPage, c.budget_pages}};
+  so.aging_period = 1024;
+  auto shadow_or = TierTable::Create(so);
+  ASSERT_TRUE(shadow_or.ok());
+  TierTable& shadow = **shadow_or;
+  ASSERT_TRUE(shadow.AddRegion(kBase, c.region_pages * kPage, kPage).ok());
+  uint64_t want_to_device = 0, want_to_host = 0;
+
+  std::vector<uint64_t> order = Range(0, c.region_pages);
+  uint64_t tick = 0;
+  for (int round = 0; round < 8; ++round) {
+    // Hot pages 0..3 every round; the rest in a new order each round.
+    std::shuffle(order.begin() + 4, order.end(), rng_);
+    for (size_t at = 0; at < order.size(); at += 6) {
+      std::vector<uint64_t> idx(order.begin() + at, order.begin() + std::min(at + 6, order.size()));
+      if (at != 0) idx.insert(idx.begin(), 0);  // page 0 is in every chunk: the hottest
+      const bool write = (round + at / 6) % 3 == 0;
+      const std::vector<PageAddr> pages = Pages(idx);
+      ++tick;
+      auto ptrs = tier_->MakeResident(kBase, pages, 0, write, tick);
+      ASSERT_TRUE(ptrs.ok()) << ptrs.status().ToString();
+      TierSteps steps;
+      ASSERT_TRUE(shadow.MakeResident(pages, 0, write, true, tick, &steps).ok());
+      for (const TierStep& s : steps) {
+        want_to_device += s.kind == TierStepKind::kCopyToDevice;
+        want_to_host += s.kind == TierStepKind::kWriteBack;
+      }
+      for (size_t k = 0; k < idx.size(); ++k) {
+        ASSERT_EQ(ReadDevice(0, (*ptrs)[k]), model_[idx[k]])
+            << "round " << round << " page " << idx[k];
+        if (write) KernelWrite(0, idx[k], (*ptrs)[k]);
+      }
+      ASSERT_TRUE(tier_->Unpin(pages).ok());
+      for (PageAddr p : pages) ASSERT_TRUE(shadow.Unpin(p).ok());
+      ASSERT_EQ(pools_[0]->used_slots(), tier_->table().used_slots(0));
+      ASSERT_LE(pools_[0]->used_slots(), c.budget_pages);
+    }
+  }
+  const DeviceTierStats& st = tier_->stats();
+  EXPECT_EQ(st.pages_to_device, want_to_device);
+  EXPECT_EQ(st.pages_to_host, want_to_host);
+  EXPECT_EQ(st.pages_to_device, tier_->table().stats().copies_to_device);
+  EXPECT_GT(tier_->table().stats().evictions, 0u);
+  EXPECT_GT(st.pages_to_host, 0u);                  // dirty victims went back
+  EXPECT_LT(st.pages_to_host, st.pages_to_device);  // clean ones did not
+  EXPECT_EQ(tier_->table().GpuOf(P(0)), 0u);        // the hot page never left
+  // Every page's latest bytes reach the host.
+  ASSERT_TRUE(tier_->WriteBack(Pages(Range(0, c.region_pages))).ok());
+  for (uint64_t i = 0; i < c.region_pages; ++i) ASSERT_EQ(ReadStore(i), model_[i]) << "page " << i;
+}
+
+// With copies slow enough to be in flight while the next batch is staged, a
+// lane's staging buffer is still reused only after its batch is done: the
+// bytes arrive intact both ways.
+TEST_F(DeviceTierTest, StagingIsReusedOnlyAfterItsBatchIsDone) {
+  TierConfig c;
+  c.devices = 1;
+  c.budget_pages = 32;
+  c.arena_pages = 32;
+  c.copy_delay = std::chrono::microseconds(300);
+  Build(c);
+  const std::vector<PageAddr> pages = Pages(Range(0, 32));
+  auto ptrs = tier_->MakeResident(kBase, pages, 0, /*for_write=*/true, 1);
+  ASSERT_TRUE(ptrs.ok()) << ptrs.status().ToString();
+  EXPECT_EQ(tier_->stats().to_device_calls, 8u);
+  for (uint64_t i = 0; i < 32; ++i) ASSERT_EQ(ReadDevice(0, (*ptrs)[i]), model_[i]) << i;
+  for (uint64_t i = 0; i < 32; ++i) KernelWrite(0, i, (*ptrs)[i]);
+  ASSERT_TRUE(tier_->WriteBack(pages).ok());
+  EXPECT_EQ(tier_->stats().to_host_calls, 8u);
+  for (uint64_t i = 0; i < 32; ++i) ASSERT_EQ(ReadStore(i), model_[i]) << i;
+}
+
+TEST_F(DeviceTierTest, EverythingPinnedIsExhaustedAndBadPagesAreRefused) {
+  Build();
+  auto all = tier_->MakeResident(kBase, Pages(Range(0, 16)), 0, false, 1);
+  ASSERT_TRUE(all.ok());
+  auto more = tier_->MakeResident(kBase, Pages({16}), 0, false, 2);
+  EXPECT_EQ(more.status().code(), StatusCode::kResourceExhausted) << more.status().ToString();
+  // The other GPU has room.
+  EXPECT_TRUE(tier_->MakeResident(kBase, Pages({16}), 1, false, 3).ok());
+  const auto kInvalid = StatusCode::kInvalidArgument;
+  const std::vector<PageAddr> outside = {kBase + 48 * kPage};
+  const std::vector<PageAddr> unaligned = {kBase + 100};
+  const std::vector<PageAddr> twice = {P(20), P(20)};
+  EXPECT_EQ(tier_->MakeResident(kBase, outside, 0, false, 4).status().code(), kInvalid);
+  EXPECT_EQ(tier_->MakeResident(kBase, unaligned, 0, false, 4).status().code(), kInvalid);
+  EXPECT_EQ(tier_->MakeResident(kBase, twice, 0, false, 4).status().code(), kInvalid);
+  EXPECT_EQ(tier_->MakeResident(kBase + kPage, Pages({20}), 0, false, 4).status().code(), kInvalid);
+  EXPECT_EQ(tier_->MakeResident(kBase, Pages({20}), 7, false, 4).status().code(), kInvalid);
+  EXPECT_EQ(tier_->WriteBack(outside).code(), kInvalid);
+  EXPECT_EQ(tier_->Drop(unaligned).code(), kInvalid);
+  EXPECT_EQ(tier_->Unpin(Pages({30})).code(), StatusCode::kFailedPrecondition);
+}
+
+TEST_F(DeviceTierTest, DropFreesTheSlotWithoutWritingBack) {
+  Build();
+  const std::vector<PageAddr> pages = Pages({5});
+  auto ptrs = tier_->MakeResident(kBase, pages, 0, /*for_write=*/true, 1);
+  ASSERT_TRUE(ptrs.ok());
+  const std::vector<uint8_t> host = model_[5];
+  KernelWrite(0, 5, (*ptrs)[0]);
+  ASSERT_TRUE(tier_->Drop(pages).ok());
+  EXPECT_EQ(ReadStore(5), host);  // the GPU's bytes were not written back
+  EXPECT_EQ(tier_->stats().pages_to_host, 0u);
+  EXPECT_EQ(pools_[0]->used_slots(), 0u);
+  EXPECT_EQ(tier_->SlotOf(P(5)), 0u);
+  EXPECT_FALSE(tier_->table().Holds(P(5)));
+}
+
+// A dirty page moved to another GPU arrives with the bytes the first GPU wrote.
+TEST_F(DeviceTierTest, MovingBetweenGpusCarriesDirtyBytes) {
+  Build();
+  const std::vector<PageAddr> pages = Pages({2, 3});
+  auto on0 = tier_->MakeResident(kBase, pages, 0, /*for_write=*/true, 1);
+  ASSERT_TRUE(on0.ok());
+  KernelWrite(0, 2, (*on0)[0]);
+  KernelWrite(0, 3, (*on0)[1]);
+  ASSERT_TRUE(tier_->Unpin(pages).ok());
+  auto on1 = tier_->MakeResident(kBase, pages, 1, false, 2);
+  ASSERT_TRUE(on1.ok()) << on1.status().ToString();
+  EXPECT_EQ(ReadDevice(1, (*on1)[0]), model_[2]);
+  EXPECT_EQ(ReadDevice(1, (*on1)[1]), model_[3]);
+  EXPECT_EQ(ReadStore(2), model_[2]);
+  EXPECT_EQ(pools_[0]->used_slots(), 0u);
+  EXPECT_EQ(pools_[1]->used_slots(), 2u);
+}
+
+// Past the host budget the tier reports pages to leave the node, with their
+// host bytes current (a dirty GPU copy is written back first).
+TEST_F(DeviceTierTest, HostBudgetReportsPagesToLeave) {
+  TierConfig c;
+  c.host_budget_pages = 6;
+  c.devices = 1;
+  Build(c);
+  const std::vector<PageAddr> first = Pages(Range(0, 4));
+  auto a = tier_->MakeResident(kBase, first, 0, /*for_write=*/true, 1);
+  ASSERT_TRUE(a.ok());
+  for (uint64_t i = 0; i < 4; ++i) KernelWrite(0, i, (*a)[i]);
+  ASSERT_TRUE(tier_->Unpin(first).ok());
+  EXPECT_TRUE(tier_->TakePagesToLeave().empty());
+  ASSERT_TRUE(tier_->MakeResident(kBase, Pages(Range(4, 4)), 0, false, 2).ok());
+  // 8 pages held, 6 allowed; no page is host-only, so the two coldest GPU
+  // copies go, written back.
+  EXPECT_EQ(tier_->TakePagesToLeave(), Pages({0, 1}));
+  EXPECT_TRUE(tier_->TakePagesToLeave().empty());
+  EXPECT_EQ(ReadStore(0), model_[0]);
+  EXPECT_EQ(ReadStore(1), model_[1]);
+  EXPECT_EQ(tier_->SlotOf(P(0)), 0u);
+  ASSERT_TRUE(tier_->Drop(Pages({0, 1})).ok());  // coherence took them
+  EXPECT_EQ(tier_->table().host_bytes(), 6u * kPage);
+}
+
+// The device runs out of memory below the pool's budget: the call fails with
+// kResourceExhausted and is undone; the tier keeps serving.
+TEST_F(DeviceTierTest, DeviceFullBelowTheBudgetIsRolledBack) {
+  TierConfig c;
+  c.devices = 1;
+  c.budget_pages = 32;
+  c.arena_pages = 16;
+  c.device_bytes = 16 * kPage;  // room for one arena only
+  Build(c);
+  auto r = tier_->MakeResident(kBase, Pages(Range(0, 20)), 0, true, 1);
+  EXPECT_EQ(r.status().code(), StatusCode::kResourceExhausted) << r.status().ToString();
+  EXPECT_EQ(tier_->stats().rollbacks, 1u);
+  EXPECT_EQ(pools_[0]->used_slots(), 0u);
+  EXPECT_EQ(tier_->table().used_slots(0), 0u);
+  EXPECT_EQ(tier_->table().PinsOf(P(0)), 0u);
+  EXPECT_FALSE(tier_->table().GpuOf(P(0)).has_value());
+  auto ok = tier_->MakeResident(kBase, Pages(Range(0, 8)), 0, false, 2);
+  ASSERT_TRUE(ok.ok()) << ok.status().ToString();
+  EXPECT_EQ(ReadDevice(0, (*ok)[7]), model_[7]);
+}
+
+TEST(DeviceTierCreateTest, RefusesBadOptions) {
+  auto b = MakeDeviceBackend("emulated", {});
+  ASSERT_TRUE(b.ok());
+  DevicePagePoolOptions po;
+  po.page_size = 64 << 10;
+  po.budget_bytes = 1 << 20;
+  auto pool = DevicePagePool::Create(b->get(), po);
+  ASSERT_TRUE(pool.ok());
+  std::vector<DevicePagePool*> pools = {pool->get()};
+  EXPECT_TRUE(DeviceTier::Create(b->get(), pools).ok());
+  const auto kInvalid = StatusCode::kInvalidArgument;
+  EXPECT_EQ(DeviceTier::Create(nullptr, pools).status().code(), kInvalid);
+  EXPECT_EQ(DeviceTier::Create(b->get(), {nullptr}).status().code(), kInvalid);
+  EXPECT_EQ(DeviceTier::Create(b->get(), {pool->get(), pool->get()}).status().code(), kInvalid);
+  DeviceTierOptions o;
+  o.streams_per_gpu = 1;
+  EXPECT_EQ(DeviceTier::Create(b->get(), pools, o).status().code(), kInvalid);
+  o = {};
+  o.batch_bytes = 32 << 10;  // below the page size
+  EXPECT_EQ(DeviceTier::Create(b->get(), pools, o).status().code(), kInvalid);
+  o.batch_bytes = (1 << 20) + 1;
+  EXPECT_EQ(DeviceTier::Create(b->get(), pools, o).status().code(), kInvalid);
+  // The tier's streams and staging go with it.
+  const size_t streams = (*b)->stream_count();
+  {
+    auto t = DeviceTier::Create(b->get(), pools);
+    ASSERT_TRUE(t.ok());
+    EXPECT_EQ((*b)->stream_count(), streams + 2);
+    EXPECT_EQ((*b)->staging_count(), 2u);
+  }
+  EXPECT_EQ((*b)->stream_count(), streams);
+  EXPECT_EQ((*b)->staging_count(), 0u);
+}
+
+}  // namespace
+}  // namespace dsvm::node
