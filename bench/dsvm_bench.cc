@@ -11,6 +11,9 @@
 //                   [--tls UCX_TLS]... [--node-bin PATH] [--coordinator-bin PATH]
 //                   [--busy-poll-us N]
 //
+//   dsvm-bench gpu [--quick] [--backend auto|cuda|emulated] [--size BYTES]
+//                  [--page-size BYTES]
+//
 // --busy-poll-us N starts the coordinator and the daemons with that flag
 // (they poll for N us after any work before sleeping); the dsvm metrics
 // then carry ".poll" after the transport in their names.
@@ -54,6 +57,7 @@
 #include "bench/directory_inprocess.h"
 #include "bench/directory_loopback.h"
 #include "bench/fault_latency.h"
+#include "bench/gpu.h"
 #include "bench/scan.h"
 
 namespace {
@@ -69,7 +73,9 @@ int Usage() {
                "       dsvm-bench scan [--quick] [--size BYTES] [--fault-size BYTES]\n"
                "                       [--page-size 4096|65536|2097152] [--tls UCX_TLS]...\n"
                "                       [--node-bin PATH] [--coordinator-bin PATH]\n"
-               "                       [--busy-poll-us N]\n");
+               "                       [--busy-poll-us N]\n"
+               "       dsvm-bench gpu [--quick] [--backend auto|cuda|emulated] [--size BYTES]\n"
+               "                      [--page-size 4096|65536|2097152]\n");
   return 2;
 }
 
@@ -259,11 +265,44 @@ int RunScan(int argc, char** argv) {
 
 }  // namespace
 
+int RunGpuBench(int argc, char** argv) {
+  dsvm::bench::GpuBenchOptions o;
+  for (int i = 2; i < argc; ++i) {
+    const std::string a = argv[i];
+    const char* next = i + 1 < argc ? argv[i + 1] : nullptr;
+    uint64_t v = 0;
+    if (a == "--quick") {
+      o.bytes = uint64_t{32} << 20;
+      o.passes = 1;
+    } else if (a == "--backend" && next != nullptr) {
+      o.backend = next;
+      ++i;
+    } else if ((a == "--size" || a == "--page-size") && next != nullptr && ParseBytes(next, &v)) {
+      if (a == "--size") {
+        o.bytes = v;
+      } else {
+        if (v > (2u << 20)) return Usage();
+        o.page_size = static_cast<uint32_t>(v);
+      }
+      ++i;
+    } else {
+      return Usage();
+    }
+  }
+  const dsvm::Status s = dsvm::bench::RunGpu(o);
+  if (!s.ok()) {
+    std::fprintf(stderr, "dsvm-bench gpu: FAILED: %s\n", s.ToString().c_str());
+    return 1;
+  }
+  return 0;
+}
+
 int main(int argc, char** argv) {
   if (argc < 2) return Usage();
   const std::string command = argv[1];
   if (command == "directory") return RunDirectory(argc, argv);
   if (command == "fault-latency") return RunFaultLatency(argc, argv);
   if (command == "scan") return RunScan(argc, argv);
+  if (command == "gpu") return RunGpuBench(argc, argv);
   return Usage();
 }
