@@ -68,6 +68,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <deque>
 #include <span>
 #include <string_view>
 
@@ -125,6 +126,19 @@ struct MappingRequest {
   // name a recycled pid. Without one the backend opens one from `pid`.
   UniqueFd pidfd;
 };
+
+// For backends: moves mapping-closed notices into `out` from position `*n`
+// on, as kMappingClosed events, while room remains; advances `*n`.
+inline void DrainClosedNotices(std::deque<MappingId>* notices, std::span<FaultEvent> out,
+                               size_t* n) {
+  while (*n < out.size() && !notices->empty()) {
+    FaultEvent& e = out[(*n)++];
+    e = FaultEvent{};
+    e.kind = FaultEventKind::kMappingClosed;
+    e.mapping = notices->front();
+    notices->pop_front();
+  }
+}
 
 class FaultBackend {
  public:

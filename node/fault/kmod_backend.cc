@@ -233,15 +233,7 @@ uint64_t KmodBackend::local_hits() const {
 
 Result<size_t> KmodBackend::ReadEvents(std::span<FaultEvent> out) {
   size_t n = 0;
-  auto drain_closed = [&] {
-    while (n < out.size() && !closed_notices_.empty()) {
-      FaultEvent& e = out[n++];
-      e = FaultEvent{};
-      e.kind = FaultEventKind::kMappingClosed;
-      e.mapping = closed_notices_.front();
-      closed_notices_.pop_front();
-    }
-  };
+  auto drain_closed = [&] { DrainClosedNotices(&closed_notices_, out, &n); };
   drain_closed();
   epoll_event evs[16];
   const int k = ::epoll_wait(epoll_.get(), evs, 16, 0);

@@ -647,15 +647,7 @@ void UffdBackend::HandleMessages(Mapping& m, std::span<FaultEvent> out, size_t* 
 
 Result<size_t> UffdBackend::ReadEvents(std::span<FaultEvent> out) {
   size_t n = 0;
-  auto drain_closed = [&] {
-    while (n < out.size() && !closed_notices_.empty()) {
-      FaultEvent& e = out[n++];
-      e = FaultEvent{};
-      e.kind = FaultEventKind::kMappingClosed;
-      e.mapping = closed_notices_.front();
-      closed_notices_.pop_front();
-    }
-  };
+  auto drain_closed = [&] { DrainClosedNotices(&closed_notices_, out, &n); };
   drain_closed();
   if (n == out.size()) return n;
   epoll_event evs[kEpollBatch];
