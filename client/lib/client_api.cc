@@ -221,6 +221,21 @@ Status ValidateRegionReply(const Library& lib, const proto::RegionReply& r, cons
   return Status::Ok();
 }
 
+// Has the daemon serve this process's mapping [addr, addr + size) of region
+// `r` (`attach`: the fault descriptor, then a pidfd if there is one), and
+// records the region as open; undoes the mapping when the daemon refuses.
+// REQUIRES: g_mu held.
+Status ServeMappingLocked(Library* lib, const proto::RegionReply& r, void* addr, size_t size,
+                          const std::vector<int>& attach) {
+  Status st = StatusCallLocked(lib, proto::MapRegion{r.base}, attach);
+  if (!st.ok()) {
+    ::munmap(addr, size);
+    return st;
+  }
+  lib->regions[r.base] = OpenRegion{r.name, r.base, r.size, r.page_size};
+  return Status::Ok();
+}
+
 // Maps region `r` from its memfd and has the daemon serve the mapping.
 // Errors: those of ValidateRegionReply and node::UffdClientMapRegion
 // (kResourceExhausted: the range is taken here; kPermissionDenied: no
@@ -236,13 +251,7 @@ Status MapLocked(Library* lib, const proto::RegionReply& r, node::UniqueFd memfd
     if (!mapped.ok()) return mapped.status();
     std::vector<int> attach = {memfd.get()};
     if (mapped->pidfd) attach.push_back(mapped->pidfd.get());
-    Status st = StatusCallLocked(lib, proto::MapRegion{r.base}, attach);
-    if (!st.ok()) {
-      ::munmap(mapped->addr, mapped->size);
-      return st;
-    }
-    lib->regions[r.base] = OpenRegion{r.name, r.base, r.size, r.page_size};
-    return Status::Ok();
+    return ServeMappingLocked(lib, r, mapped->addr, mapped->size, attach);
   }
   auto mapping = node::UffdClientMapRegion(memfd.get(), r.base, r.size);
   if (!mapping.ok()) {
@@ -255,15 +264,9 @@ Status MapLocked(Library* lib, const proto::RegionReply& r, node::UniqueFd memfd
   memfd.reset();  // the mapping holds the file
   std::vector<int> attach = {mapping->uffd.fd.get()};
   if (mapping->pidfd) attach.push_back(mapping->pidfd.get());
-  Status st = StatusCallLocked(lib, proto::MapRegion{r.base}, attach);
-  if (!st.ok()) {
-    ::munmap(mapping->addr, mapping->size);
-    return st;
-  }
-  lib->regions[r.base] = OpenRegion{r.name, r.base, r.size, r.page_size};
   // `mapping` goes out of scope: this process keeps no copy of the uffd
   // (node/fault/uffd_client.h), so the daemon's death unregisters the range.
-  return Status::Ok();
+  return ServeMappingLocked(lib, r, mapping->addr, mapping->size, attach);
 }
 
 const OpenRegion* FindByName(const Library& lib, const char* name) {
