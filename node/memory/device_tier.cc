@@ -160,6 +160,15 @@ Result<std::vector<DevicePtr>> DeviceTier::MakeResident(PageAddr region,
   return ptrs;
 }
 
+Status DeviceTier::CheckPages(std::span<const PageAddr> pages) const {
+  for (PageAddr page : pages) {
+    if (StoreOf(page) == nullptr || table_->PageSizeOf(page) == 0) {
+      return InvalidArgument("device tier: " + Hex(page) + " is not a page of a region");
+    }
+  }
+  return Status::Ok();
+}
+
 Status DeviceTier::Unpin(std::span<const PageAddr> pages) {
   for (PageAddr page : pages) DSVM_RETURN_IF_ERROR(table_->Unpin(page));
   return Status::Ok();
@@ -168,22 +177,14 @@ Status DeviceTier::Unpin(std::span<const PageAddr> pages) {
 Status DeviceTier::WriteBack(std::span<const PageAddr> pages) {
   if (!failed_.ok())
     return FailedPrecondition("device tier: failed earlier: " + failed_.ToString());
-  for (PageAddr page : pages) {
-    if (StoreOf(page) == nullptr || table_->PageSizeOf(page) == 0) {
-      return InvalidArgument("device tier: " + Hex(page) + " is not a page of a region");
-    }
-  }
+  DSVM_RETURN_IF_ERROR(CheckPages(pages));
   TierSteps steps;
   for (PageAddr page : pages) DSVM_RETURN_IF_ERROR(table_->PrepareHostRead(page, &steps));
   return Execute(steps, nullptr);
 }
 
 Status DeviceTier::Drop(std::span<const PageAddr> pages) {
-  for (PageAddr page : pages) {
-    if (StoreOf(page) == nullptr || table_->PageSizeOf(page) == 0) {
-      return InvalidArgument("device tier: " + Hex(page) + " is not a page of a region");
-    }
-  }
+  DSVM_RETURN_IF_ERROR(CheckPages(pages));
   TierSteps steps;
   for (PageAddr page : pages) DSVM_RETURN_IF_ERROR(table_->Drop(page, &steps));
   return Execute(steps, nullptr);

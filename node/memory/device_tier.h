@@ -168,6 +168,8 @@ class DeviceTier {
 
   Status Init();
   PageStore* StoreOf(PageAddr page) const;
+  // kInvalidArgument naming the first of `pages` that is no page of a region.
+  Status CheckPages(std::span<const PageAddr> pages) const;
   DevicePagePool* PoolOf(uint32_t gpu, uint32_t page_size) const;
   // Carries out `steps` (phase order, see above). `placed` receives the
   // pages given a slot here.
