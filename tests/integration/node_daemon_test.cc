@@ -1024,6 +1024,21 @@ int MemfdsNamed(const std::string& name) {
   return n;
 }
 
+// A client process of the daemon at `socket` (RunLibClients, region
+// "anchor") creates region `name` of `pages` 4 KiB pages, writes `word` at
+// its start and closes it. True when it did.
+static bool CreateRegionThroughClient(const std::string& socket, const std::string& name,
+                                      uint64_t pages, uint64_t word) {
+  return RunLibClients("anchor", {{socket, [&](uint8_t*) {
+                         void* a = nullptr;
+                         if (dsvm_region_create(name.c_str(), pages * 4096, 0, &a) != DSVM_OK) {
+                           return false;
+                         }
+                         *static_cast<volatile uint64_t*>(a) = word;
+                         return dsvm_region_close(a) == DSVM_OK;
+                       }}}) == std::vector<int>{0};
+}
+
 // A process on node 0 creates a region, one on node 1 writes it and closes
 // it, and a process on node 0 deletes it. Both daemons free their copies on
 // the coordinator's RegionDeleted, though no new region takes the addresses
@@ -1032,13 +1047,7 @@ TEST_F(NodeDaemonTest, ADeletedRegionIsFreedOnEveryNode) {
   proto::RegionReply anchor = Region("anchor", 4096, 4096);
   StartNodes(2, anchor);
   const std::string s0 = dir_.path() + "/node0.sock", s1 = dir_.path() + "/node1.sock";
-  ASSERT_EQ(RunLibClients("anchor", {{s0, [](uint8_t*) {
-              void* a = nullptr;
-              if (dsvm_region_create("freed", 8 * 4096, 0, &a) != DSVM_OK) return false;
-              *static_cast<volatile uint64_t*>(a) = 5;
-              return dsvm_region_close(a) == DSVM_OK;
-            }}}),
-            std::vector<int>{0});
+  ASSERT_TRUE(CreateRegionThroughClient(s0, "freed", 8, 5));
   ASSERT_EQ(RunLibClients("anchor", {{s1, [](uint8_t*) {
               void* a = nullptr;
               if (dsvm_region_open("freed", &a, nullptr) != DSVM_OK) return false;
@@ -1082,13 +1091,7 @@ TEST_F(NodeDaemonTest, ADeletedRegionStillMappedIsFreedAtItsLastUnmap) {
   proto::RegionReply anchor = Region("anchor", 4096, 4096);
   StartNodes(2, anchor);
   const std::string s0 = dir_.path() + "/node0.sock", s1 = dir_.path() + "/node1.sock";
-  ASSERT_EQ(RunLibClients("anchor", {{s0, [](uint8_t*) {
-              void* a = nullptr;
-              if (dsvm_region_create("held", 4 * 4096, 0, &a) != DSVM_OK) return false;
-              *static_cast<volatile uint64_t*>(a) = 5;
-              return dsvm_region_close(a) == DSVM_OK;
-            }}}),
-            std::vector<int>{0});
+  ASSERT_TRUE(CreateRegionThroughClient(s0, "held", 4, 5));
   // The anchor's first word orders the two clients: 1 = node 1 mapped the
   // region, 2 = node 0 deleted it.
   auto step = [](uint8_t* m) { return reinterpret_cast<volatile uint64_t*>(m); };
