@@ -407,6 +407,35 @@ static int dsvm_mirror_snapshot_batch(struct dsvm_mirror *mirror,
 }
 
 /*
+ * The start of snapshot and migrate: finds mirror id of file, checks
+ * [first, first + count) against it, and takes a user reference on its mm
+ * (the page tables stay while we walk them). On success file->mirrors_lock
+ * is held and the caller ends with mmput() and mutex_unlock(); on error
+ * neither is held. Errors: -ENOENT, -EINVAL (range), -ESRCH (the process
+ * exited).
+ */
+static int dsvm_mirror_get_range(struct dsvm_file *file, u64 id, u64 first,
+				 u64 count, struct dsvm_mirror **mirror,
+				 struct mm_struct **mm)
+{
+	int ret;
+
+	ret = dsvm_mirror_lock_find(file, id, mirror);
+	if (ret)
+		return ret;
+	if (!dsvm_mirror_range_ok(*mirror, first, count)) {
+		ret = -EINVAL;
+	} else {
+		*mm = (*mirror)->mm;
+		if (mmget_not_zero(*mm))
+			return 0;
+		ret = -ESRCH;
+	}
+	mutex_unlock(&file->mirrors_lock);
+	return ret;
+}
+
+/*
  * DSVM_IOC_MIRROR_SNAPSHOT (flags validated by the caller). Errors:
  * -ENOENT, -EINVAL (range), -ESRCH (the process exited), and those of
  * dsvm_mirror_snapshot_batch().
@@ -429,19 +458,9 @@ int dsvm_mirror_snapshot(struct dsvm_file *file, u64 id, u64 first, u64 count,
 	pfns = kmalloc_array(DSVM_MIRROR_FAULT_BATCH, sizeof(*pfns), GFP_KERNEL);
 	if (!pfns)
 		return -ENOMEM;
-	ret = dsvm_mirror_lock_find(file, id, &mirror);
+	ret = dsvm_mirror_get_range(file, id, first, count, &mirror, &mm);
 	if (ret)
 		goto out_free;
-	if (!dsvm_mirror_range_ok(mirror, first, count)) {
-		ret = -EINVAL;
-		goto out_unlock;
-	}
-	/* A user reference: the page tables stay while we walk them. */
-	mm = mirror->mm;
-	if (!mmget_not_zero(mm)) {
-		ret = -ESRCH;
-		goto out_unlock;
-	}
 	for (done = 0; done < count; done += n) {
 		n = min_t(u64, count - done, DSVM_MIRROR_FAULT_BATCH);
 		ret = dsvm_mirror_snapshot_batch(mirror, mm, first + done, n,
@@ -450,7 +469,6 @@ int dsvm_mirror_snapshot(struct dsvm_file *file, u64 id, u64 first, u64 count,
 			break;
 	}
 	mmput(mm);
-out_unlock:
 	mutex_unlock(&file->mirrors_lock);
 out_free:
 	kfree(pfns);
@@ -586,18 +604,9 @@ int dsvm_mirror_migrate(struct dsvm_file *file, u64 id, u64 first, u64 count,
 			    GFP_KERNEL);
 	if (!src)
 		return -ENOMEM;
-	ret = dsvm_mirror_lock_find(file, id, &mirror);
+	ret = dsvm_mirror_get_range(file, id, first, count, &mirror, &mm);
 	if (ret)
 		goto out_free;
-	if (!dsvm_mirror_range_ok(mirror, first, count)) {
-		ret = -EINVAL;
-		goto out_unlock;
-	}
-	mm = mirror->mm;
-	if (!mmget_not_zero(mm)) {
-		ret = -ESRCH;
-		goto out_unlock;
-	}
 	if (mmap_read_lock_killable(mm)) {
 		ret = -EINTR;
 		goto out_mmput;
@@ -630,7 +639,6 @@ int dsvm_mirror_migrate(struct dsvm_file *file, u64 id, u64 first, u64 count,
 	mmap_read_unlock(mm);
 out_mmput:
 	mmput(mm);
-out_unlock:
 	mutex_unlock(&file->mirrors_lock);
 out_free:
 	kfree(src);

@@ -283,10 +283,11 @@ Status KmodBackend::Resolve(const FaultToken& token, Resolution how) {
   switch (how) {
     case Resolution::kRetry:
       // The install, upgrade or downgrade that made the access possible
-      // answered the module's event already. A wait the daemon ends
-      // without one (it forgot the page: declared dead, region dropped)
-      // still has its thread asleep: wake it, so it faults anew.
-      if ((features_ & DSVM_FEATURE_WAKE) == 0) return Status::Ok();
+      // answered the module's event already (the usual case: no ioctl on
+      // the fault path). A wait the daemon ends with nothing installed (it
+      // forgot the page: declared dead, region dropped) still has its
+      // thread asleep: wake it, so it faults anew.
+      if (r->held[index] != kNone || (features_ & DSVM_FEATURE_WAKE) == 0) return Status::Ok();
       return RangeIoctl(DSVM_IOC_PAGE_WAKE, "DSVM_IOC_PAGE_WAKE", *r, index, 1);
     case Resolution::kError:
       if ((features_ & DSVM_FEATURE_POISON) == 0) {
