@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <future>
@@ -110,6 +111,20 @@ pid_t QuietFork() {
   return pid;
 }
 
+// The options every daemon of these tests starts with. The fault backend is
+// uffd unless DSVM_TEST_FAULT_BACKEND says otherwise (tests/kmod/run.sh runs
+// some of these tests in its QEMU guest with "kmod").
+node::NodeDaemonOptions TestNodeOptions(const std::string& coordinator) {
+  node::NodeDaemonOptions o;
+  o.coordinator = coordinator;
+  o.retransmit_after_ms = 100;
+  o.secret_file = TestSecretPath();
+  if (const char* backend = std::getenv("DSVM_TEST_FAULT_BACKEND"); backend && *backend) {
+    o.fault_backend = backend;
+  }
+  return o;
+}
+
 class NodeDaemonTest : public ::testing::Test {
  protected:
   void TearDown() override { g_daemons = nullptr; }
@@ -136,11 +151,8 @@ class NodeDaemonTest : public ::testing::Test {
   // Starts n daemons and opens `region` on each.
   void StartNodes(int n, const proto::RegionReply& region) {
     for (int i = 0; i < n; ++i) {
-      node::NodeDaemonOptions o;
-      o.coordinator = coord_.address();
-      o.retransmit_after_ms = 100;
+      node::NodeDaemonOptions o = TestNodeOptions(coord_.address());
       o.socket_path = dir_.path() + "/node" + std::to_string(i) + ".sock";
-      o.secret_file = TestSecretPath();
       auto d = NodeDaemon::Create(o);
       ASSERT_TRUE(d.ok()) << d.status().ToString();
       nodes_.push_back(std::make_unique<RunningDaemon>(std::move(*d)));
@@ -293,11 +305,8 @@ TEST_F(NodeDaemonTest, RestartedDaemonGivesUpItsPagesCleanly) {
   nodes_[0]->Sync([&](NodeDaemon& d) { old_id = d.id(); });
   nodes_[0].reset();  // the daemon process is gone
 
-  node::NodeDaemonOptions o;
-  o.coordinator = coord_.address();
-  o.retransmit_after_ms = 100;
+  node::NodeDaemonOptions o = TestNodeOptions(coord_.address());
   o.rejoin_as = old_id;
-  o.secret_file = TestSecretPath();
   auto d = NodeDaemon::Create(o);
   ASSERT_TRUE(d.ok()) << d.status().ToString();
   nodes_[0] = std::make_unique<RunningDaemon>(std::move(*d));
@@ -1156,11 +1165,8 @@ class ShardedNodeTest : public NodeDaemonTest {
 
   void StartShardedNodes(int n, const proto::RegionReply& region) {
     for (int i = 0; i < n; ++i) {
-      node::NodeDaemonOptions o;
-      o.coordinator = coord_.address() + "," + shard1_.address();
-      o.retransmit_after_ms = 100;
+      node::NodeDaemonOptions o = TestNodeOptions(coord_.address() + "," + shard1_.address());
       o.socket_path = dir_.path() + "/node" + std::to_string(i) + ".sock";
-      o.secret_file = TestSecretPath();
       auto d = NodeDaemon::Create(o);
       ASSERT_TRUE(d.ok()) << d.status().ToString();
       nodes_.push_back(std::make_unique<RunningDaemon>(std::move(*d)));
