@@ -44,15 +44,15 @@
 static DEFINE_SPINLOCK(dsvm_events_lock);
 /* (region, page, kind) -> pending struct dsvm_event. */
 static DEFINE_HASHTABLE(dsvm_events_pending, DSVM_EVENTS_HASH_BITS);
-/* Pending events not yet read, oldest (lowest seq) first. */
-static LIST_HEAD(dsvm_events_queue);
 static u64 dsvm_events_seq;
 /* Mirror events count on their own, so that seq of faults = stats.events. */
 static u64 dsvm_mirror_events_seq;
-/* read() and poll() on the control file wait here for the queue. */
+/*
+ * read() and poll() of every file wait here. One queue for all: readers
+ * are the daemons and mirror users of one host, a handful, and each looks
+ * only at its own queues when woken.
+ */
 static DECLARE_WAIT_QUEUE_HEAD(dsvm_events_readers);
-/* One reader at a time: it peeks, copies out, then dequeues (read()). */
-static DEFINE_MUTEX(dsvm_events_read_mutex);
 
 static unsigned long dsvm_event_key(struct dsvm_region *region,
 				    unsigned long index, u32 kind)
@@ -154,7 +154,8 @@ struct dsvm_event *dsvm_event_raise(struct dsvm_region *region,
 	hash_add(dsvm_events_pending, &event->hnode,
 		 dsvm_event_key(region, index, kind));
 	list_add_tail(&event->region_link, &region->events);
-	list_add_tail(&event->queue_link, &dsvm_events_queue);
+	/* Not dead, so the domain's control file has not let it go. */
+	list_add_tail(&event->queue_link, &region->domain->events);
 	atomic64_inc(&dsvm_counters.events);
 	atomic64_inc(&dsvm_counters.events_pending);
 	queued = true;
@@ -289,15 +290,10 @@ void dsvm_event_mirror_cancel(struct dsvm_mirror *mirror)
 	spin_unlock(&dsvm_events_lock);
 }
 
-static bool dsvm_event_file_is_control(struct file *filp)
-{
-	return READ_ONCE(dsvm_control_file) == filp->private_data;
-}
-
 /* Whether read() has something for this file. Lockless: a hint for waits. */
 static bool dsvm_event_ready(struct dsvm_file *file, bool control)
 {
-	return (control && !list_empty(&dsvm_events_queue)) ||
+	return (control && !list_empty(&file->domain->events)) ||
 	       !list_empty(&file->mirror_events);
 }
 
@@ -327,9 +323,9 @@ static void dsvm_event_mirror_dequeue(struct dsvm_file *file,
 
 /*
  * read(): up to count / sizeof(struct dsvm_fault_event) events, the
- * control file's fault events oldest first, then the file's mirror events
+ * control file's fault events (its domain's) oldest first, then the file's mirror events
  * oldest first. Events are copied out before they are taken off the
- * queue, so a failed copy loses none; the read mutex keeps a second
+ * queue, so a failed copy loses none; the file's read mutex keeps a second
  * reader from copying the same ones meanwhile. New fault events go to the
  * tail with a higher seq and answers only remove, so what was copied is
  * still a prefix of the queue (less the events answered since, which are
@@ -346,7 +342,7 @@ ssize_t dsvm_event_read(struct file *filp, char __user *buf, size_t count,
 	bool control;
 	ssize_t ret;
 
-	control = dsvm_event_file_is_control(filp);
+	control = smp_load_acquire(&file->control);
 	if (!control && !READ_ONCE(file->mirror_reader))
 		return -EPERM;
 	if (!want)
@@ -355,7 +351,7 @@ ssize_t dsvm_event_read(struct file *filp, char __user *buf, size_t count,
 			      GFP_KERNEL);
 	if (!batch)
 		return -ENOMEM;
-	if (mutex_lock_interruptible(&dsvm_events_read_mutex)) {
+	if (mutex_lock_interruptible(&file->read_mutex)) {
 		ret = -EINTR;
 		goto out_free;
 	}
@@ -368,7 +364,7 @@ ssize_t dsvm_event_read(struct file *filp, char __user *buf, size_t count,
 
 		spin_lock(&dsvm_events_lock);
 		if (control) {
-			list_for_each_entry(event, &dsvm_events_queue, queue_link) {
+			list_for_each_entry(event, &file->domain->events, queue_link) {
 				if (n == max)
 					break;
 				batch[n++] = event->msg;
@@ -413,8 +409,8 @@ ssize_t dsvm_event_read(struct file *filp, char __user *buf, size_t count,
 		}
 
 		spin_lock(&dsvm_events_lock);
-		while (last && !list_empty(&dsvm_events_queue)) {
-			event = list_first_entry(&dsvm_events_queue,
+		while (last && !list_empty(&file->domain->events)) {
+			event = list_first_entry(&file->domain->events,
 						 struct dsvm_event, queue_link);
 			if (event->msg.seq > last)
 				break;
@@ -428,7 +424,7 @@ ssize_t dsvm_event_read(struct file *filp, char __user *buf, size_t count,
 	ret = done * sizeof(*batch);
 
 out_unlock:
-	mutex_unlock(&dsvm_events_read_mutex);
+	mutex_unlock(&file->read_mutex);
 out_free:
 	kfree(batch);
 	return ret;
@@ -441,7 +437,7 @@ out_free:
 __poll_t dsvm_event_poll(struct file *filp, struct poll_table_struct *wait)
 {
 	struct dsvm_file *file = filp->private_data;
-	bool control = dsvm_event_file_is_control(filp);
+	bool control = smp_load_acquire(&file->control);
 
 	if (!control && !READ_ONCE(file->mirror_reader))
 		return EPOLLERR;

@@ -7,10 +7,10 @@
  *
  * Lock order, outermost first:
  *
- *   dsvm_events_read_mutex	one reader of the event queue at a time
+ *   file->read_mutex		one reader of a file's events at a time
  *   mmap_lock (held by the core around mmap and faults)
  *     dsvm_regions_mutex	region table changes, file -> region lists,
- *				the control file
+ *				a file's domain, domain tags
  *       region->lock		serialises a region's table writers
  *         page lock		a page's entry and state change under it
  *           dsvm_events_lock	pending events, the queue (a spinlock)
@@ -34,8 +34,8 @@
  * to a kernel buffer under it and to the user after, migrate takes it
  * never (its own notifier call does).
  *
- * read() holds dsvm_events_read_mutex across copy_to_user(), whose fault
- * may take mmap_lock; no fault path takes that mutex.
+ * read() holds file->read_mutex across copy_to_user(), whose fault may
+ * take mmap_lock; no fault path takes that mutex.
  *
  * A writer never holds region->lock across copy_from_user(): the source
  * may be a dsvm mapping whose fault would take the same locks.
@@ -82,9 +82,54 @@
 
 #include "uapi/dsvm_uapi.h"
 
+/*
+ * A domain: one namespace of regions and the queue of their fault events.
+ * Each control file (a node daemon's) has its own, so several daemons can
+ * share a host (a test cluster, containers) with the same region ids and
+ * addresses; the files that never claimed control share dsvm_domain_plain,
+ * whose regions raise no events (a miss gets SIGBUS). A client maps a
+ * domain's regions through a file its daemon attached to the domain
+ * (DSVM_IOC_ATTACH); no other file reaches them.
+ *
+ * References: the control file holds one, each attached file one, each
+ * region one; the plain domain is static. The tag is the domain's part of
+ * its regions' file offsets (dsvm_region->offset), so that one daemon's
+ * unmaps never reach another's mappings at the same address; it is freed
+ * with the domain.
+ */
+struct dsvm_domain {
+	struct kref kref;
+	unsigned int tag;		/* 0: plain; 1 .. DSVM_DOMAINS_MAX */
+	struct xarray regions;		/* id -> struct dsvm_region *;
+					 * changes under dsvm_regions_mutex */
+	struct list_head events;	/* pending fault events not yet read,
+					 * oldest (lowest seq) first; events lock */
+};
+
+/* Control domains that may exist at once (tags 1 .. this). */
+#define DSVM_DOMAINS_MAX 62
+/*
+ * A region's file offset is tag << DSVM_DOMAIN_SHIFT | base: user addresses
+ * stay below 2^57 (five-level paging included), and tag 62 still leaves
+ * the offset positive as a loff_t.
+ */
+#define DSVM_DOMAIN_SHIFT 57
+
+extern struct dsvm_domain dsvm_domain_plain;
+
 /* Per open file of /dev/dsvm. */
 struct dsvm_file {
 	bool hello_done;		/* DSVM_IOC_HELLO succeeded */
+	/*
+	 * Whose regions the file creates, changes and maps: &dsvm_domain_plain
+	 * at open; its own domain once it claims control; its daemon's once
+	 * attached. Set under dsvm_regions_mutex, at most once after open;
+	 * readers elsewhere use READ_ONCE.
+	 */
+	struct dsvm_domain *domain;
+	bool control;			/* claimed control: domain is its own */
+	bool attached;			/* a client file: maps only */
+	struct mutex read_mutex;	/* one read() at a time; see read() */
 	struct list_head regions;	/* created here; dsvm_regions_mutex */
 	struct mutex mirrors_lock;	/* this file's mirror ioctls, one at a time */
 	struct xarray mirrors;		/* id -> struct dsvm_mirror *; mirrors_lock */
@@ -140,7 +185,9 @@ struct dsvm_mirror {
 struct dsvm_region {
 	struct kref kref;
 	u64 id;
-	unsigned long base;		/* user address and file offset of page 0 */
+	struct dsvm_domain *domain;	/* fixed; holds a reference */
+	unsigned long base;		/* user address of page 0 */
+	loff_t offset;			/* file offset of page 0 (DSVM_DOMAIN_SHIFT) */
 	unsigned long size;		/* bytes */
 	unsigned long npages;
 	struct dsvm_file *owner;	/* dsvm_regions_mutex; NULL once destroyed */
@@ -148,8 +195,8 @@ struct dsvm_region {
 	struct mutex lock;		/* serialises writers of pages and dead */
 	bool dead;			/* destroyed: no more installs or events;
 					 * written under lock, read anywhere */
-	bool control;			/* created by the control file: faults
-					 * raise events instead of SIGBUS */
+	bool control;			/* in a control domain: faults raise
+					 * events instead of SIGBUS */
 	struct list_head events;	/* pending struct dsvm_event; events lock */
 	struct xarray pages;		/* index -> struct page *; entries change
 					 * under lock and the page's lock */
@@ -202,14 +249,16 @@ extern struct dsvm_counters dsvm_counters;
 extern struct address_space *dsvm_mapping;
 
 /* dsvm_region.c */
-extern struct dsvm_file *dsvm_control_file;
 int dsvm_control_claim(struct dsvm_file *file);
+int dsvm_domain_attach(struct dsvm_file *control, struct dsvm_file *client);
+void dsvm_file_put_domain(struct dsvm_file *file);
 int dsvm_region_create(struct dsvm_file *file,
 		       const struct dsvm_region_create *arg);
-int dsvm_region_destroy(u64 id);
+int dsvm_region_destroy(struct dsvm_file *file, u64 id);
 void dsvm_file_destroy_regions(struct dsvm_file *file);
-struct dsvm_region *dsvm_region_get(u64 id);
-struct dsvm_region *dsvm_region_get_by_base(unsigned long base);
+struct dsvm_region *dsvm_region_get(struct dsvm_file *file, u64 id);
+struct dsvm_region *dsvm_region_get_by_base(struct dsvm_file *file,
+					    unsigned long base);
 void dsvm_region_get_ref(struct dsvm_region *region);
 void dsvm_region_put(struct dsvm_region *region);
 bool dsvm_regions_empty(void);

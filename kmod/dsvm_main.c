@@ -29,7 +29,7 @@
 #define DSVM_FEATURES (DSVM_FEATURE_REGIONS | DSVM_FEATURE_STATS | \
 		       DSVM_FEATURE_EVENTS | DSVM_FEATURE_WRITEBACK | \
 		       DSVM_FEATURE_POISON | DSVM_FEATURE_MIRROR | \
-		       DSVM_FEATURE_WAKE)
+		       DSVM_FEATURE_WAKE | DSVM_FEATURE_DOMAINS)
 
 struct dsvm_counters dsvm_counters;
 struct address_space *dsvm_mapping;
@@ -61,6 +61,8 @@ static int dsvm_open(struct inode *inode, struct file *filp)
 	if (!file)
 		return -ENOMEM;
 	INIT_LIST_HEAD(&file->regions);
+	file->domain = &dsvm_domain_plain;
+	mutex_init(&file->read_mutex);
 	dsvm_file_init_mirrors(file);
 	/*
 	 * Every open shares one address_space, whatever device node it came
@@ -78,6 +80,8 @@ static int dsvm_release(struct inode *inode, struct file *filp)
 
 	dsvm_file_destroy_regions(file);
 	dsvm_file_destroy_mirrors(file);
+	dsvm_file_put_domain(file);
+	mutex_destroy(&file->read_mutex);
 	kfree(file);
 	return 0;
 }
@@ -149,7 +153,8 @@ static long dsvm_ioctl_region_create(struct dsvm_file *file,
 	return dsvm_region_create(file, &req);
 }
 
-static long dsvm_ioctl_region_destroy(struct dsvm_region_destroy __user *uarg)
+static long dsvm_ioctl_region_destroy(struct dsvm_file *file,
+				      struct dsvm_region_destroy __user *uarg)
 {
 	struct dsvm_region_destroy req;
 
@@ -157,10 +162,11 @@ static long dsvm_ioctl_region_destroy(struct dsvm_region_destroy __user *uarg)
 		return -EFAULT;
 	if (!req.region_id || req.reserved)
 		return -EINVAL;
-	return dsvm_region_destroy(req.region_id);
+	return dsvm_region_destroy(file, req.region_id);
 }
 
-static long dsvm_ioctl_page_install(struct dsvm_page_install __user *uarg)
+static long dsvm_ioctl_page_install(struct dsvm_file *file,
+				    struct dsvm_page_install __user *uarg)
 {
 	struct dsvm_page_install req;
 	struct dsvm_region *region;
@@ -181,7 +187,7 @@ static long dsvm_ioctl_page_install(struct dsvm_page_install __user *uarg)
 	if (zero != !req.data)
 		return -EINVAL;
 
-	region = dsvm_region_get(req.region_id);
+	region = dsvm_region_get(file, req.region_id);
 	if (!region)
 		return -ENOENT;
 	if (req.page_index >= region->npages) {
@@ -223,7 +229,8 @@ out_put_region:
  * DSVM_IOC_PAGE_INVALIDATE, DSVM_IOC_PAGE_DOWNGRADE, DSVM_IOC_PAGE_UPGRADE,
  * DSVM_IOC_PAGE_POISON, DSVM_IOC_PAGE_WAKE.
  */
-static long dsvm_ioctl_page_range(struct dsvm_page_range __user *uarg,
+static long dsvm_ioctl_page_range(struct dsvm_file *file,
+				  struct dsvm_page_range __user *uarg,
 				  unsigned int cmd)
 {
 	struct dsvm_page_range req;
@@ -239,7 +246,7 @@ static long dsvm_ioctl_page_range(struct dsvm_page_range __user *uarg,
 	if (check_add_overflow(req.first, req.count, &end))
 		return -EINVAL;
 
-	region = dsvm_region_get(req.region_id);
+	region = dsvm_region_get(file, req.region_id);
 	if (!region)
 		return -ENOENT;
 	if (end > region->npages) {
@@ -273,7 +280,8 @@ static long dsvm_ioctl_page_range(struct dsvm_page_range __user *uarg,
 	return 0;
 }
 
-static long dsvm_ioctl_page_writeback(struct dsvm_page_writeback __user *uarg)
+static long dsvm_ioctl_page_writeback(struct dsvm_file *file,
+				      struct dsvm_page_writeback __user *uarg)
 {
 	const u32 known = DSVM_PAGE_WRITEBACK_DOWNGRADE |
 			  DSVM_PAGE_WRITEBACK_INVALIDATE;
@@ -291,7 +299,7 @@ static long dsvm_ioctl_page_writeback(struct dsvm_page_writeback __user *uarg)
 	if ((req.flags & ~known) || req.flags == known)
 		return -EINVAL;
 
-	region = dsvm_region_get(req.region_id);
+	region = dsvm_region_get(file, req.region_id);
 	if (!region)
 		return -ENOENT;
 	if (req.page_index >= region->npages)
@@ -306,6 +314,38 @@ static long dsvm_ioctl_page_writeback(struct dsvm_page_writeback __user *uarg)
 	if (put_user(state, &uarg->state) || put_user(dirty, &uarg->dirty))
 		return -EFAULT;
 	return 0;
+}
+
+static const struct file_operations dsvm_fops;
+
+/*
+ * DSVM_IOC_ATTACH, on a control file: the /dev/dsvm file behind fd becomes
+ * a client of the caller's domain. Errors: -EPERM (the caller is not a
+ * control file), -EINVAL (a reserved field, fd not /dev/dsvm, or the
+ * caller's own file), -EBADF, -EBUSY (dsvm_domain_attach()).
+ */
+static long dsvm_ioctl_attach(struct dsvm_file *file,
+			      struct dsvm_attach __user *uarg)
+{
+	struct dsvm_attach req;
+	struct file *client;
+	long ret;
+
+	if (copy_from_user(&req, uarg, sizeof(req)))
+		return -EFAULT;
+	if (req.flags || req.reserved)
+		return -EINVAL;
+	if (!smp_load_acquire(&file->control))
+		return -EPERM;
+	client = fget(req.fd);
+	if (!client)
+		return -EBADF;
+	if (client->f_op != &dsvm_fops || client->private_data == file)
+		ret = -EINVAL;
+	else
+		ret = dsvm_domain_attach(file, client->private_data);
+	fput(client);
+	return ret;
 }
 
 static long dsvm_ioctl_mirror_register(struct dsvm_file *file,
@@ -426,7 +466,6 @@ static long dsvm_ioctl(struct file *filp, unsigned int cmd, unsigned long arg)
 {
 	struct dsvm_file *file = filp->private_data;
 	void __user *uarg = (void __user *)arg;
-	struct dsvm_file *control;
 
 	switch (cmd) {
 	case DSVM_IOC_HELLO:
@@ -450,13 +489,14 @@ static long dsvm_ioctl(struct file *filp, unsigned int cmd, unsigned long arg)
 	case DSVM_IOC_PAGE_POISON:
 	case DSVM_IOC_PAGE_WAKE:
 		/*
-		 * Control requests: only the daemon's file may change the
-		 * table while it exists. (No region outlives its creator, and
-		 * none but the control file's exists beside it.)
+		 * Table requests: each file works on its own domain's regions
+		 * (dsvm_region_get() looks nowhere else); a client file only
+		 * maps.
 		 */
-		control = READ_ONCE(dsvm_control_file);
-		if (control && control != file)
+		if (READ_ONCE(file->attached))
 			return READ_ONCE(file->hello_done) ? -EPERM : -EPROTO;
+		break;
+	case DSVM_IOC_ATTACH:
 		break;
 	default:
 		return -ENOTTY;
@@ -471,17 +511,19 @@ static long dsvm_ioctl(struct file *filp, unsigned int cmd, unsigned long arg)
 	case DSVM_IOC_REGION_CREATE:
 		return dsvm_ioctl_region_create(file, uarg);
 	case DSVM_IOC_REGION_DESTROY:
-		return dsvm_ioctl_region_destroy(uarg);
+		return dsvm_ioctl_region_destroy(file, uarg);
 	case DSVM_IOC_PAGE_INSTALL:
-		return dsvm_ioctl_page_install(uarg);
+		return dsvm_ioctl_page_install(file, uarg);
 	case DSVM_IOC_PAGE_INVALIDATE:
 	case DSVM_IOC_PAGE_DOWNGRADE:
 	case DSVM_IOC_PAGE_UPGRADE:
 	case DSVM_IOC_PAGE_POISON:
 	case DSVM_IOC_PAGE_WAKE:
-		return dsvm_ioctl_page_range(uarg, cmd);
+		return dsvm_ioctl_page_range(file, uarg, cmd);
 	case DSVM_IOC_PAGE_WRITEBACK:
-		return dsvm_ioctl_page_writeback(uarg);
+		return dsvm_ioctl_page_writeback(file, uarg);
+	case DSVM_IOC_ATTACH:
+		return dsvm_ioctl_attach(file, uarg);
 	case DSVM_IOC_MIRROR_REGISTER:
 		return dsvm_ioctl_mirror_register(file, uarg);
 	case DSVM_IOC_MIRROR_UNREGISTER:
@@ -536,6 +578,13 @@ static int __init dsvm_init(void)
 	BUILD_BUG_ON(sizeof(struct dsvm_mirror_read) != 48);
 	BUILD_BUG_ON(sizeof(struct dsvm_mirror_migrate) != 56);
 	BUILD_BUG_ON(sizeof(struct dsvm_mirror_stats) != 64);
+	BUILD_BUG_ON(sizeof(struct dsvm_attach) != 16);
+	/*
+	 * A domain's offsets stay positive as loff_t, and its tag above every
+	 * user address (TASK_SIZE_MAX is below 2^56 even with five-level
+	 * paging; region create checks bases against it).
+	 */
+	BUILD_BUG_ON(DSVM_DOMAINS_MAX >= 64 || DSVM_DOMAIN_SHIFT != 57);
 	/* A mirror event's count holds any mirror's page count. */
 	BUILD_BUG_ON(DSVM_MIRROR_SIZE_MAX / DSVM_PAGE_SIZE_4K > U32_MAX);
 	BUILD_BUG_ON(PAGE_SIZE != DSVM_PAGE_SIZE_4K);

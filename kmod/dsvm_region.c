@@ -10,6 +10,7 @@
  */
 #include <linux/bitmap.h>
 #include <linux/highmem.h>
+#include <linux/idr.h>
 #include <linux/kernel.h>
 #include <linux/mm.h>
 #include <linux/pagemap.h>
@@ -20,20 +21,39 @@
 
 #include "dsvm_internal.h"
 
-/* Region id -> struct dsvm_region *; changes under dsvm_regions_mutex. */
-static DEFINE_XARRAY(dsvm_regions);
+/* Region tables and files' domains change under it. */
 static DEFINE_MUTEX(dsvm_regions_mutex);
 
-/*
- * The node's control file (the daemon's), or NULL. Changes under
- * dsvm_regions_mutex; the ioctls read it without the lock to refuse
- * control requests from other files (region create checks it again under
- * the lock, so no region of another file can appear beside it).
- */
-struct dsvm_file *dsvm_control_file;
+/* Tags of the control domains that exist. */
+static DEFINE_IDA(dsvm_domain_tags);
+
+/* The domain of every file that never claimed control nor was attached. */
+struct dsvm_domain dsvm_domain_plain = {
+	.kref = KREF_INIT(1),	/* never released */
+	.regions = XARRAY_INIT(dsvm_domain_plain.regions, 0),
+	.events = LIST_HEAD_INIT(dsvm_domain_plain.events),
+};
 
 /* How many pages a sweep changes between two unmaps. */
 #define DSVM_SWEEP_BATCH 64
+
+static void dsvm_domain_release(struct kref *kref)
+{
+	struct dsvm_domain *domain = container_of(kref, struct dsvm_domain, kref);
+
+	/* Regions hold references, and their events answered before they go. */
+	WARN_ON_ONCE(!xa_empty(&domain->regions));
+	WARN_ON_ONCE(!list_empty(&domain->events));
+	xa_destroy(&domain->regions);
+	ida_free(&dsvm_domain_tags, domain->tag);
+	kfree(domain);
+}
+
+static void dsvm_domain_put(struct dsvm_domain *domain)
+{
+	if (domain != &dsvm_domain_plain)
+		kref_put(&domain->kref, dsvm_domain_release);
+}
 
 static void dsvm_region_release(struct kref *kref)
 {
@@ -45,6 +65,8 @@ static void dsvm_region_release(struct kref *kref)
 	xa_destroy(&region->pages);
 	xa_destroy(&region->poisoned);
 	mutex_destroy(&region->lock);
+	if (region->domain)
+		dsvm_domain_put(region->domain);
 	kfree(region);
 }
 
@@ -58,76 +80,140 @@ void dsvm_region_put(struct dsvm_region *region)
 	kref_put(&region->kref, dsvm_region_release);
 }
 
-/* Returns the region with this id, with a reference, or NULL. */
-struct dsvm_region *dsvm_region_get(u64 id)
+/* Returns the region of the file's domain with this id, with a reference, or NULL. */
+struct dsvm_region *dsvm_region_get(struct dsvm_file *file, u64 id)
 {
+	struct dsvm_domain *domain = READ_ONCE(file->domain);
 	struct dsvm_region *region;
 
-	/* The table's own reference keeps the region alive under xa_lock. */
-	xa_lock(&dsvm_regions);
-	region = xa_load(&dsvm_regions, id);
+	/*
+	 * The table's own reference keeps the region alive under xa_lock.
+	 * (The domain outlives the lookup: the file holds it, and a file's
+	 * domain changes only from plain, which is static.)
+	 */
+	xa_lock(&domain->regions);
+	region = xa_load(&domain->regions, id);
 	if (region)
 		kref_get(&region->kref);
-	xa_unlock(&dsvm_regions);
+	xa_unlock(&domain->regions);
 	return region;
 }
 
-/* Returns the region that starts at base, with a reference, or NULL. */
-struct dsvm_region *dsvm_region_get_by_base(unsigned long base)
+/*
+ * Returns the region of the file's domain that starts at base, with a
+ * reference, or NULL.
+ */
+struct dsvm_region *dsvm_region_get_by_base(struct dsvm_file *file,
+					    unsigned long base)
 {
+	struct dsvm_domain *domain = READ_ONCE(file->domain);
 	struct dsvm_region *region, *found = NULL;
 	unsigned long id;
 
 	/* A linear scan: mmap is rare and regions are few. */
-	xa_lock(&dsvm_regions);
-	xa_for_each(&dsvm_regions, id, region) {
+	xa_lock(&domain->regions);
+	xa_for_each(&domain->regions, id, region) {
 		if (region->base == base) {
 			kref_get(&region->kref);
 			found = region;
 			break;
 		}
 	}
-	xa_unlock(&dsvm_regions);
+	xa_unlock(&domain->regions);
 	return found;
 }
 
+/* Whether no region exists in any domain (module unload). */
 bool dsvm_regions_empty(void)
 {
-	return xa_empty(&dsvm_regions);
+	return atomic64_read(&dsvm_counters.regions) == 0 &&
+	       xa_empty(&dsvm_domain_plain.regions);
 }
 
 /*
- * Makes file the node's control file. Its regions raise fault events, and
- * they all die with it, so there must be no region from before it (whose
- * faulting threads would otherwise wait for a daemon that cannot answer).
- * Errors: -EBUSY (another file is the control file, or a region exists).
+ * Makes file a control file, with a domain of its own: its regions raise
+ * fault events, and they all die with it. Only a file that has created no
+ * region (they would be plain ones) and is not attached may claim.
+ * Errors: -EBUSY (the file has regions or is attached), -ENOSPC
+ * (DSVM_DOMAINS_MAX control files exist), -ENOMEM.
  */
 int dsvm_control_claim(struct dsvm_file *file)
+{
+	struct dsvm_domain *domain;
+	int ret = 0, tag;
+
+	domain = kzalloc(sizeof(*domain), GFP_KERNEL);
+	if (!domain)
+		return -ENOMEM;
+	mutex_lock(&dsvm_regions_mutex);
+	if (file->control)
+		goto out_unlock;
+	if (file->attached || !list_empty(&file->regions)) {
+		ret = -EBUSY;
+		goto out_unlock;
+	}
+	tag = ida_alloc_range(&dsvm_domain_tags, 1, DSVM_DOMAINS_MAX, GFP_KERNEL);
+	if (tag < 0) {
+		ret = tag == -ENOSPC ? -ENOSPC : -ENOMEM;
+		goto out_unlock;
+	}
+	kref_init(&domain->kref);	/* the control file's */
+	domain->tag = tag;
+	xa_init(&domain->regions);
+	INIT_LIST_HEAD(&domain->events);
+	WRITE_ONCE(file->domain, domain);
+	/* After the domain: read() and poll() see control, then use domain. */
+	smp_store_release(&file->control, true);
+	domain = NULL;
+out_unlock:
+	mutex_unlock(&dsvm_regions_mutex);
+	kfree(domain);
+	return ret;
+}
+
+/*
+ * DSVM_IOC_ATTACH: makes client map the regions of control's domain (and
+ * only those); client then changes no table. Repeating it is allowed.
+ * Errors: -EBUSY (client is a control file, has regions of its own, or is
+ * attached to another domain).
+ */
+int dsvm_domain_attach(struct dsvm_file *control, struct dsvm_file *client)
 {
 	int ret = 0;
 
 	mutex_lock(&dsvm_regions_mutex);
-	if (dsvm_control_file == file)
+	if (client->attached && client->domain == control->domain)
 		goto out_unlock;
-	if (dsvm_control_file || !xa_empty(&dsvm_regions)) {
+	if (client->control || client->attached || !list_empty(&client->regions)) {
 		ret = -EBUSY;
 		goto out_unlock;
 	}
-	WRITE_ONCE(dsvm_control_file, file);
+	kref_get(&control->domain->kref);
+	WRITE_ONCE(client->domain, control->domain);
+	WRITE_ONCE(client->attached, true);
 out_unlock:
 	mutex_unlock(&dsvm_regions_mutex);
 	return ret;
 }
 
+/* Drops the file's reference to its domain; on release, after its regions. */
+void dsvm_file_put_domain(struct dsvm_file *file)
+{
+	dsvm_domain_put(file->domain);
+	file->domain = NULL;
+}
+
 /*
- * Adds a region owned by file; arg was validated by the caller.
- * Errors: -EPERM (another file is the control file), -EEXIST (id in use),
- * -EADDRINUSE (overlaps another region), -ENOSPC (DSVM_REGIONS_MAX
- * reached), -ENOMEM.
+ * Adds a region owned by file, in the file's domain; arg was validated by
+ * the caller.
+ * Errors: -EPERM (an attached file), -EEXIST (id in use in the domain),
+ * -EADDRINUSE (overlaps another region of the domain), -ENOSPC
+ * (DSVM_REGIONS_MAX reached on the node), -ENOMEM.
  */
 int dsvm_region_create(struct dsvm_file *file,
 		       const struct dsvm_region_create *arg)
 {
+	struct dsvm_domain *domain;
 	struct dsvm_region *region, *other;
 	unsigned long id;
 	int ret;
@@ -147,16 +233,16 @@ int dsvm_region_create(struct dsvm_file *file,
 	xa_init(&region->poisoned);
 
 	mutex_lock(&dsvm_regions_mutex);
-	if (dsvm_control_file && dsvm_control_file != file) {
+	if (file->attached) {
 		ret = -EPERM;
 		goto err_unlock;
 	}
-	region->control = dsvm_control_file == file;
-	if (xa_load(&dsvm_regions, region->id)) {
+	domain = file->domain;
+	if (xa_load(&domain->regions, region->id)) {
 		ret = -EEXIST;
 		goto err_unlock;
 	}
-	xa_for_each(&dsvm_regions, id, other) {
+	xa_for_each(&domain->regions, id, other) {
 		if (region->base < other->base + other->size &&
 		    other->base < region->base + region->size) {
 			ret = -EADDRINUSE;
@@ -168,9 +254,14 @@ int dsvm_region_create(struct dsvm_file *file,
 		ret = -ENOSPC;
 		goto err_unlock;
 	}
-	ret = xa_insert(&dsvm_regions, region->id, region, GFP_KERNEL);
+	ret = xa_insert(&domain->regions, region->id, region, GFP_KERNEL);
 	if (ret)
 		goto err_unlock;
+	region->control = file->control;
+	if (domain != &dsvm_domain_plain)
+		kref_get(&domain->kref);
+	region->domain = domain;
+	region->offset = (loff_t)domain->tag << DSVM_DOMAIN_SHIFT | region->base;
 	region->owner = file;
 	list_add_tail(&region->owner_link, &file->regions);
 	atomic64_inc(&dsvm_counters.regions);
@@ -187,7 +278,7 @@ err_unlock:
 static void dsvm_region_unlink(struct dsvm_region *region)
 {
 	lockdep_assert_held(&dsvm_regions_mutex);
-	xa_erase(&dsvm_regions, region->id);
+	xa_erase(&region->domain->regions, region->id);
 	list_del_init(&region->owner_link);
 	region->owner = NULL;
 	atomic64_dec(&dsvm_counters.regions);
@@ -241,7 +332,7 @@ static unsigned long dsvm_region_sweep(struct dsvm_region *region,
 
 		/* Any fault that saw the old entry has set its PTE by now. */
 		unmap_mapping_range(dsvm_mapping,
-				    region->base + (lo << PAGE_SHIFT),
+				    region->offset + (lo << PAGE_SHIFT),
 				    (hi - lo + 1) << PAGE_SHIFT, 1);
 		/* After the unmap: a woken thread must not find the old PTE. */
 		for (i = 0; i < n; i++)
@@ -279,13 +370,17 @@ static void dsvm_region_kill(struct dsvm_region *region)
 	dsvm_region_put(region);
 }
 
-/* Errors: -ENOENT (no such region). */
-int dsvm_region_destroy(u64 id)
+/* Errors: -ENOENT (no such region in the file's domain), -EPERM (attached). */
+int dsvm_region_destroy(struct dsvm_file *file, u64 id)
 {
 	struct dsvm_region *region;
 
 	mutex_lock(&dsvm_regions_mutex);
-	region = xa_load(&dsvm_regions, id);
+	if (file->attached) {
+		mutex_unlock(&dsvm_regions_mutex);
+		return -EPERM;
+	}
+	region = xa_load(&file->domain->regions, id);
 	if (!region) {
 		mutex_unlock(&dsvm_regions_mutex);
 		return -ENOENT;
@@ -297,9 +392,10 @@ int dsvm_region_destroy(u64 id)
 }
 
 /*
- * Destroys every region the file created; called when it is closed. The
- * control file's regions are all the regions there are, so when the daemon
- * goes, every sleeper wakes with SIGBUS and every later fault gets SIGBUS.
+ * Destroys every region the file created; called when it is closed. A
+ * control file's regions are all its domain's, so when a daemon goes, every
+ * sleeper on one of its pages wakes with SIGBUS and every later fault gets
+ * SIGBUS; other daemons' regions are untouched.
  */
 void dsvm_file_destroy_regions(struct dsvm_file *file)
 {
@@ -307,8 +403,6 @@ void dsvm_file_destroy_regions(struct dsvm_file *file)
 	LIST_HEAD(doomed);
 
 	mutex_lock(&dsvm_regions_mutex);
-	if (dsvm_control_file == file)
-		WRITE_ONCE(dsvm_control_file, NULL);
 	list_for_each_entry_safe(region, next, &file->regions, owner_link) {
 		dsvm_region_unlink(region);
 		/* Unreachable now: owner_link is free for the local list. */
@@ -504,7 +598,7 @@ int dsvm_page_writeback(struct dsvm_region *region, unsigned long index,
 	/* Only a Modified page can be mapped writable. */
 	if (drop || modified)
 		unmap_mapping_range(dsvm_mapping,
-				    region->base + (index << PAGE_SHIFT),
+				    region->offset + (index << PAGE_SHIFT),
 				    PAGE_SIZE, 1);
 	if (drop)
 		atomic64_dec(&dsvm_counters.pages);
@@ -581,7 +675,7 @@ int dsvm_page_poison(struct dsvm_region *region, unsigned long first,
 		/* Any fault that saw a dropped entry has set its PTE by now. */
 		if (dropped)
 			unmap_mapping_range(dsvm_mapping,
-					    region->base + (lo << PAGE_SHIFT),
+					    region->offset + (lo << PAGE_SHIFT),
 					    (hi - lo + 1) << PAGE_SHIFT, 1);
 		/* After the unmap: a woken thread must not find the old PTE. */
 		for_each_set_bit(bit, changed, DSVM_SWEEP_BATCH)

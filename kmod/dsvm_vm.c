@@ -61,7 +61,7 @@ static unsigned long dsvm_vm_index(struct vm_fault *vmf)
 {
 	struct dsvm_region *region = vmf->vma->vm_private_data;
 
-	return vmf->pgoff - (region->base >> PAGE_SHIFT);
+	return vmf->pgoff - (region->offset >> PAGE_SHIFT);
 }
 
 /*
@@ -265,9 +265,11 @@ bool dsvm_vm_is_region(const struct vm_area_struct *vma)
 }
 
 /*
- * Maps a region whole at its base address; the file offset is the base.
+ * Maps a region of the file's domain whole at its base address; the caller
+ * passes the base as the file offset, and the VMA gets the region's own
+ * offset (its domain's tag above the base), which unmaps name.
  * Errors: -EINVAL (private mapping, wrong address or length), -ENOENT (no
- * region starts at the offset).
+ * region of the file's domain starts at the offset).
  */
 int dsvm_vm_mmap(struct file *filp, struct vm_area_struct *vma)
 {
@@ -279,7 +281,7 @@ int dsvm_vm_mmap(struct file *filp, struct vm_area_struct *vma)
 	if (vma->vm_pgoff >= (1UL << (BITS_PER_LONG - PAGE_SHIFT)))
 		return -EINVAL;
 	base = vma->vm_pgoff << PAGE_SHIFT;
-	region = dsvm_region_get_by_base(base);
+	region = dsvm_region_get_by_base(filp->private_data, base);
 	if (!region)
 		return -ENOENT;
 	if (vma->vm_start != base || vma->vm_end - vma->vm_start != region->size) {
@@ -294,6 +296,8 @@ int dsvm_vm_mmap(struct file *filp, struct vm_area_struct *vma)
 	 * VM_DONTDUMP: a core dump must not fault in pages of the region.
 	 */
 	dsvm_vma_flags_set(vma, VM_DONTEXPAND | VM_DONTDUMP);
+	/* Before the core links the VMA into the mapping's interval tree. */
+	vma->vm_pgoff = region->offset >> PAGE_SHIFT;
 	vma->vm_ops = &dsvm_vm_ops;
 	vma->vm_private_data = region;	/* the reference from the lookup */
 	atomic64_inc(&dsvm_counters.mappings);

@@ -16,12 +16,17 @@
  *  - Value 0 of every enum is reserved as invalid and always refused.
  *  - A file must complete DSVM_IOC_HELLO before any other ioctl; until then
  *    every other ioctl fails with -EPROTO. mmap needs no handshake.
- *  - A node has at most one control file, the daemon's: the file that did
- *    DSVM_IOC_HELLO with DSVM_HELLO_CONTROL. While it is open, the control
- *    ioctls (region create and destroy, page install, invalidate,
- *    downgrade, upgrade, writeback, poison) from any other file fail with
- *    -EPERM,
- *    and only it can read() fault events.
+ *  - Regions live in domains. A control file (a node daemon's: the file
+ *    that did DSVM_IOC_HELLO with DSVM_HELLO_CONTROL) has a domain of its
+ *    own; so several daemons may share a host, with the same region ids
+ *    and addresses. Every other file works on one shared plain domain,
+ *    whose regions raise no fault events. The table ioctls (region create
+ *    and destroy, page install, invalidate, downgrade, upgrade, writeback,
+ *    poison, wake) and mmap see only the caller's domain: another domain's
+ *    region is -ENOENT. A client maps its daemon's regions through a file
+ *    the daemon attached to its domain (DSVM_IOC_ATTACH); such a file only
+ *    maps (table ioctls: -EPERM). Only a control file read()s fault events,
+ *    its domain's.
  *  - Unknown ioctl numbers fail with -ENOTTY. The struct size is part of
  *    every ioctl number, so a caller built against another layout gets
  *    -ENOTTY, never a misread struct.
@@ -39,7 +44,7 @@
  * ioctl bumps it; additions are announced with a feature bit instead.
  * The module accepts exactly DSVM_ABI_VERSION for now.
  */
-#define DSVM_ABI_VERSION 1
+#define DSVM_ABI_VERSION 2
 
 /* Feature bits reported by DSVM_IOC_HELLO in dsvm_hello.features. */
 /* Regions, the per-page table (install, invalidate, downgrade), mmap. */
@@ -62,6 +67,8 @@
 #define DSVM_FEATURE_MIRROR (1ULL << 5)
 /* DSVM_IOC_PAGE_WAKE. */
 #define DSVM_FEATURE_WAKE (1ULL << 6)
+/* Domains: several control files, DSVM_IOC_ATTACH (ABI 2). */
+#define DSVM_FEATURE_DOMAINS (1ULL << 7)
 /*
  * Reserved for what comes next (docs/KMOD.md): 64 KiB and 2 MiB pages. A caller tests for a bit rather than probing with an ioctl
  * that may fail.
@@ -84,11 +91,11 @@ enum dsvm_page_state {
 };
 
 /*
- * dsvm_hello.flags: make this file the node's control file (the daemon's).
- * Regions it creates deliver fault events to it (read(), poll()) instead
- * of SIGBUS; closing it destroys them, so every thread sleeping on one of
- * their pages wakes with SIGBUS. While it is open, control ioctls from
- * other files fail with -EPERM. Claim it before creating regions.
+ * dsvm_hello.flags: make this file a control file (a daemon's), with a
+ * domain of its own. Regions it creates deliver fault events to it
+ * (read(), poll()) instead of SIGBUS; closing it destroys them, so every
+ * thread sleeping on one of their pages wakes with SIGBUS. Claim it before
+ * creating regions.
  */
 #define DSVM_HELLO_CONTROL (1ULL << 0)
 
@@ -97,8 +104,9 @@ enum dsvm_page_state {
  * Errors: -EPROTO when user_version is not one this module speaks
  * (module_version and features are written all the same, so the caller can
  * say what it found); -EINVAL for an unknown flag or a reserved field that
- * is not 0; -EBUSY for DSVM_HELLO_CONTROL when another file is the control
- * file or any region exists. A failed HELLO leaves
+ * is not 0; for DSVM_HELLO_CONTROL, -EBUSY when this file created regions
+ * or is attached, -ENOSPC when 62 control files are open on the node.
+ * (ABI 1 allowed one control file per node.) A failed HELLO leaves
  * the file as it was. Repeating HELLO on a file is allowed; it can make the
  * file the control file, never undo that.
  * (ABI 1 before DSVM_FEATURE_EVENTS had reserved[0] where flags is: the
@@ -113,22 +121,22 @@ struct dsvm_hello {
 };
 
 /*
- * DSVM_IOC_REGION_CREATE: adds a region to the node's table. The region
+ * DSVM_IOC_REGION_CREATE: adds a region to the caller's domain. The region
  * belongs to the file that created it: closing that file destroys it (as
  * DSVM_IOC_REGION_DESTROY does), so a daemon that dies leaves nothing.
- * A region created by the control file raises fault events; one created
- * while no control file exists gets SIGBUS for faults the table cannot
- * resolve. Like every control ioctl, -EPERM from a file other than the
- * control file while one exists.
+ * A region created by a control file raises fault events; one created by
+ * another file gets SIGBUS for faults the table cannot resolve. -EPERM
+ * from an attached file.
  * Errors: -EINVAL for a field out of range (region_id 0; base 0 or not
  * page_size aligned; size 0, not a multiple of page_size or above
  * DSVM_REGION_SIZE_MAX; base + size beyond the user address space;
  * page_size other than 4096; flags or reserved not 0); -EEXIST when
- * region_id is in use; -EADDRINUSE when [base, base + size) overlaps
- * another region; -ENOSPC when DSVM_REGIONS_MAX regions exist; -ENOMEM.
+ * region_id is in use in the domain; -EADDRINUSE when [base, base + size)
+ * overlaps another region of the domain; -ENOSPC when DSVM_REGIONS_MAX
+ * regions exist on the node; -ENOMEM.
  */
 struct dsvm_region_create {
-	__u64 region_id;	/* (in) nonzero, unique on this node (proto RegionId) */
+	__u64 region_id;	/* (in) nonzero, unique in the domain (proto RegionId) */
 	__u64 base;		/* (in) user address of the region, the same on every node */
 	__u64 size;		/* (in) bytes */
 	__u32 page_size;	/* (in) DSVM_PAGE_SIZE_4K */
@@ -490,10 +498,29 @@ struct dsvm_mirror_stats {
 	__u64 reserved[2];	/* (out) 0 */
 };
 
+/*
+ * DSVM_IOC_ATTACH, on a control file: the /dev/dsvm file behind fd (opened
+ * by the daemon, then handed to its clients) becomes a client file of the
+ * caller's domain: mmap on it finds the domain's regions and no others,
+ * and it can change no table. It holds the domain until it is closed; once
+ * the control file is closed, its mmaps find nothing. Repeating it on a
+ * file already attached to the same domain succeeds.
+ * Errors: -EPERM (the caller is not a control file); -EINVAL (flags or
+ * reserved not 0, fd is not /dev/dsvm or is the caller itself); -EBADF;
+ * -EBUSY (the file is a control file, has regions of its own, or is
+ * attached to another domain).
+ */
+struct dsvm_attach {
+	__s32 fd;		/* (in) a file of /dev/dsvm */
+	__u32 flags;		/* (in) 0 */
+	__u64 reserved;		/* (in) 0 */
+};
+
 #define DSVM_IOC_MAGIC 0xD5
 
 #define DSVM_IOC_HELLO		_IOWR(DSVM_IOC_MAGIC, 0x00, struct dsvm_hello)
 #define DSVM_IOC_STATS		_IOR(DSVM_IOC_MAGIC, 0x01, struct dsvm_stats)
+#define DSVM_IOC_ATTACH		_IOW(DSVM_IOC_MAGIC, 0x02, struct dsvm_attach)
 #define DSVM_IOC_REGION_CREATE	_IOW(DSVM_IOC_MAGIC, 0x10, struct dsvm_region_create)
 #define DSVM_IOC_REGION_DESTROY	_IOW(DSVM_IOC_MAGIC, 0x11, struct dsvm_region_destroy)
 #define DSVM_IOC_PAGE_INSTALL	_IOW(DSVM_IOC_MAGIC, 0x20, struct dsvm_page_install)

@@ -77,24 +77,31 @@ Result<std::unique_ptr<KmodBackend>> KmodBackend::Create(KmodBackendOptions opti
       return FailedPrecondition("dsvm.ko speaks ABI " + std::to_string(hello.module_version) +
                                 ", this daemon " + std::to_string(DSVM_ABI_VERSION));
     }
-    if (err == EBUSY) {
-      return FailedPrecondition("another process holds dsvm.ko's control file (a second "
-                                "dsvm-node on this host?)");
+    if (err == ENOSPC) {
+      return ResourceExhausted("dsvm.ko has no room for another control file (too many "
+                               "dsvm-node daemons on this host)");
     }
     if (err == EINVAL) {
       return FailedPrecondition("dsvm.ko is too old for a control file (no fault events)");
     }
     return IoctlError("DSVM_IOC_HELLO", err);
   }
-  const uint64_t needed = DSVM_FEATURE_REGIONS | DSVM_FEATURE_EVENTS | DSVM_FEATURE_WRITEBACK;
+  const uint64_t needed = DSVM_FEATURE_REGIONS | DSVM_FEATURE_EVENTS | DSVM_FEATURE_WRITEBACK |
+                          DSVM_FEATURE_DOMAINS;
   if ((hello.features & needed) != needed) {
-    return FailedPrecondition("dsvm.ko lacks fault events or writeback (features " +
+    return FailedPrecondition("dsvm.ko lacks fault events, writeback or domains (features " +
                               Hex(hello.features) + ")");
   }
-  // Clients map regions through a file of their own; any file of the
-  // device will do (mmap needs no handshake), so one is shared by all.
+  // Clients map regions through a file of their own, attached to this
+  // daemon's domain: it maps our regions and nobody else's, and changes no
+  // table. One is shared by all clients.
   UniqueFd client(::open(options.device.c_str(), O_RDWR | O_CLOEXEC));
   if (!client) return IoError(ErrnoText("open " + options.device, errno));
+  dsvm_attach attach{};
+  attach.fd = client.get();
+  if (Ioctl(control.get(), DSVM_IOC_ATTACH, &attach) != 0) {
+    return IoctlError("DSVM_IOC_ATTACH", errno);
+  }
   UniqueFd epoll(::epoll_create1(EPOLL_CLOEXEC));
   if (!epoll) return IoError(ErrnoText("epoll_create1", errno));
   epoll_event ev{};

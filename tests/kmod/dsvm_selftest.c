@@ -392,7 +392,8 @@ static void test_handshake(int fd)
 	       (h.features & DSVM_FEATURE_EVENTS) &&
 	       (h.features & DSVM_FEATURE_WRITEBACK) &&
 	       (h.features & DSVM_FEATURE_POISON) &&
-	       (h.features & DSVM_FEATURE_WAKE),
+	       (h.features & DSVM_FEATURE_WAKE) &&
+	       (h.features & DSVM_FEATURE_DOMAINS),
 	       "hello reports version %u and features 0x%llx",
 	       h.module_version, (unsigned long long)h.features);
 	expect(hello(fd), 0, "hello repeated on the same file");
@@ -1389,53 +1390,172 @@ static int wait_child(pid_t pid)
 	return -1;
 }
 
+static int attach(int cfd, int fd)
+{
+	struct dsvm_attach a = { .fd = fd };
+
+	return xioctl(cfd, DSVM_IOC_ATTACH, &a);
+}
+
+/* The file test_control() attached to cfd's domain; events map through it. */
+static int client_fd = -1;
+
 /*
- * Makes cfd the control file, checks the claim's rules and that other
- * files' control requests are refused; leaves region EVENTS_ID created by
- * cfd. fd is a plain file (HELLO done), ofd a fresh one.
+ * A second daemon's domain beside cfd's, with the same region id and base:
+ * a child maps it through a file attached to that domain and faults; the
+ * event goes to its control file only, and cfd's invalidations of its own
+ * region never unmap the child's page (the domains' file offsets differ).
+ */
+static void test_two_domains(int fd, int cfd)
+{
+	static uint64_t buf[PAGE / 8];
+	int ofd = open_dev(), bfd = open_dev(), go[2], done[2];
+	struct dsvm_fault_event ev[4];
+	uint64_t faults_before;
+	struct pollfd pfd;
+	char c = 0;
+	pid_t pid;
+	int status;
+
+	expect(hello_control(ofd), 0, "domains: a second control file claims a domain");
+	expect(region_create(ofd, EVENTS_ID, BASE_EVENTS, EVENTS_PAGES), 0,
+	       "domains: the same region id and base in the second domain");
+	expect(region_create(fd, EVENTS_ID, BASE_EVENTS, 4), 0,
+	       "domains: and in the plain domain");
+	expect(region_destroy(fd, EVENTS_ID), 0, "domains: destroy the plain one");
+	expect(attach(ofd, bfd), 0, "domains: attach a client file to the second domain");
+	expect(attach(cfd, bfd), -EBUSY,
+	       "domains: a file attached elsewhere refused with EBUSY");
+	result(stats(fd).regions == 2, "domains: two regions on the node");
+	if (pipe(go) || pipe(done)) {
+		result(false, "domains: pipe (%s)", strerror(errno));
+		return;
+	}
+	fflush(stdout);
+	pid = fork();
+	if (pid == 0) {
+		volatile uint64_t *p = page_at(BASE_EVENTS, 0);
+		uint64_t v;
+
+		if (map_region(bfd, BASE_EVENTS, EVENTS_PAGES) != (void *)BASE_EVENTS)
+			_exit(2);
+		v = *p;		/* an event on ofd, answered by the install */
+		if (write(done[1], &c, 1) != 1 || read(go[0], &c, 1) != 1)
+			_exit(3);
+		/* cfd's invalidation has happened: still mapped, no fault. */
+		_exit(v == 0x5eed && *p == 0x5eed ? 0 : 4);
+	}
+	pfd = (struct pollfd){ .fd = ofd, .events = POLLIN };
+	result(poll(&pfd, 1, WAIT_MS) == 1 && read_events(ofd, ev, 4) == 1 &&
+	       event_is(&ev[0], 0, DSVM_FAULT_READ),
+	       "domains: the child's fault is an event of the second control file");
+	pfd = (struct pollfd){ .fd = cfd, .events = POLLIN };
+	result(poll(&pfd, 1, 0) == 0, "domains: the first control file sees no event");
+	buf[0] = 0x5eed;
+	expect(page_install(ofd, EVENTS_ID, 0, DSVM_PAGE_STATE_SHARED, buf), 0,
+	       "domains: the second control file installs the page");
+	pfd = (struct pollfd){ .fd = done[0], .events = POLLIN };
+	result(poll(&pfd, 1, WAIT_MS) == 1 && read(done[0], &c, 1) == 1,
+	       "domains: the child read the page");
+	faults_before = stats(fd).faults;
+	buf[0] = 1;
+	expect(page_install(cfd, EVENTS_ID, 0, DSVM_PAGE_STATE_SHARED, buf), 0,
+	       "domains: the first control file installs its own page 0");
+	expect((int)page_range(cfd, true, EVENTS_ID, 0, 1), 1,
+	       "domains: and invalidates it");
+	if (write(go[1], &c, 1) != 1)
+		diag("write to the child: %s", strerror(errno));
+	status = wait_child(pid);
+	result(status != -1 && WIFEXITED(status) && WEXITSTATUS(status) == 0,
+	       "domains: the child's page survived the other domain's invalidation (status 0x%x)",
+	       status);
+	result(stats(fd).faults == faults_before,
+	       "domains: no fault in the child after it (%llu before, %llu after)",
+	       (unsigned long long)faults_before, (unsigned long long)stats(fd).faults);
+	close(go[0]);
+	close(go[1]);
+	close(done[0]);
+	close(done[1]);
+	close(bfd);
+	result(close(ofd) == 0 && stats(fd).regions == 1,
+	       "domains: closing the second control file leaves the first's region");
+}
+
+/*
+ * Makes cfd a control file, checks the claim's and attach's rules and that
+ * other files cannot reach its domain; leaves region EVENTS_ID created by
+ * cfd and client_fd attached to it. fd is a plain file (HELLO done).
  */
 static void test_control(int fd, int cfd)
 {
 	static uint64_t buf[PAGE / 8];
+	int ofd = open_dev(), xfd = open_dev(), afd = open_dev();
+	struct dsvm_attach bad;
 	struct dsvm_stats st;
 	struct pollfd pfd;
-	int ofd = open_dev();
 	char c;
 	int n;
 
-	expect(region_create(fd, 30, BASE_EVENTS, 4), 0,
+	expect(hello(ofd), 0, "control: hello on another plain file");
+	expect(region_create(ofd, 30, BASE_EVENTS, 4), 0,
 	       "control: a plain file creates a region");
-	expect(hello_control(cfd), -EBUSY,
-	       "control: claim refused with EBUSY while a region exists");
-	expect(xioctl(cfd, DSVM_IOC_STATS, &st), -EPROTO,
-	       "control: a refused claim leaves the file without a handshake");
-	expect(region_destroy(fd, 30), 0, "control: destroy the plain region");
+	expect(hello_control(ofd), -EBUSY,
+	       "control: claim refused with EBUSY for a file with regions");
 	expect(hello_control(cfd), 0, "control: claim the control file");
 	expect(hello_control(cfd), 0, "control: claim repeated on the control file");
 	expect(hello(cfd), 0, "control: plain hello on the control file changes nothing");
-	expect(hello_control(ofd), -EBUSY,
-	       "control: a second control file refused with EBUSY");
 	expect(region_create(cfd, EVENTS_ID, BASE_EVENTS, EVENTS_PAGES), 0,
-	       "control: the control file creates a region");
+	       "control: the control file creates a region where a plain one is");
 
-	expect(region_create(fd, 21, BASE_EVENTS + (1ULL << 32), 4), -EPERM,
-	       "control: region create from another file refused with EPERM");
-	expect(region_destroy(fd, EVENTS_ID), -EPERM,
-	       "control: region destroy from another file refused with EPERM");
-	expect(page_install(fd, EVENTS_ID, 0, DSVM_PAGE_STATE_SHARED, buf), -EPERM,
-	       "control: page install from another file refused with EPERM");
-	expect((int)page_op(fd, DSVM_IOC_PAGE_INVALIDATE, EVENTS_ID, 0, 1), -EPERM,
-	       "control: page invalidate from another file refused with EPERM");
-	expect((int)page_op(fd, DSVM_IOC_PAGE_DOWNGRADE, EVENTS_ID, 0, 1), -EPERM,
-	       "control: page downgrade from another file refused with EPERM");
-	expect((int)page_upgrade(fd, EVENTS_ID, 0, 1), -EPERM,
-	       "control: page upgrade from another file refused with EPERM");
-	expect(page_writeback(fd, EVENTS_ID, 0, 0, buf, NULL, NULL), -EPERM,
-	       "control: page writeback from another file refused with EPERM");
-	expect((int)page_op(fd, DSVM_IOC_PAGE_POISON, EVENTS_ID, 0, 1), -EPERM,
-	       "control: page poison from another file refused with EPERM");
-	expect((int)page_op(fd, DSVM_IOC_PAGE_WAKE, EVENTS_ID, 0, 1), -EPERM,
-	       "control: page wake from another file refused with EPERM");
+	/* Attach: only a control file, only a fresh or plain file without regions. */
+	expect(attach(fd, afd), -EPERM, "attach: from a plain file refused with EPERM");
+	expect(attach(cfd, cfd), -EINVAL, "attach: of the control file itself refused with EINVAL");
+	expect(attach(cfd, 0), -EINVAL, "attach: of a file not /dev/dsvm refused with EINVAL");
+	expect(attach(cfd, -1), -EBADF, "attach: of fd -1 refused with EBADF");
+	bad = (struct dsvm_attach){ .fd = afd, .flags = 1 };
+	expect(xioctl(cfd, DSVM_IOC_ATTACH, &bad), -EINVAL,
+	       "attach: with flags set refused with EINVAL");
+	bad = (struct dsvm_attach){ .fd = afd, .reserved = 1 };
+	expect(xioctl(cfd, DSVM_IOC_ATTACH, &bad), -EINVAL,
+	       "attach: with reserved set refused with EINVAL");
+	expect(attach(cfd, ofd), -EBUSY, "attach: of a file with regions refused with EBUSY");
+	expect(attach(cfd, afd), 0, "attach: a fresh file becomes a client of the domain");
+	expect(attach(cfd, afd), 0, "attach: repeated");
+	expect(attach(cfd, xfd), 0, "attach: a file without a handshake may be attached");
+	expect(hello_control(xfd), -EBUSY, "attach: a client file cannot claim control (EBUSY)");
+	expect(xioctl(xfd, DSVM_IOC_STATS, &st), -EPROTO,
+	       "control: a refused claim leaves the file without a handshake");
+	expect(hello(afd), 0, "attach: hello on the client file");
+	expect(region_create(afd, 22, BASE_EVENTS + (1ULL << 32), 4), -EPERM,
+	       "attach: region create from a client file refused with EPERM");
+	expect(page_install(afd, EVENTS_ID, 0, DSVM_PAGE_STATE_SHARED, buf), -EPERM,
+	       "attach: page install from a client file refused with EPERM");
+	expect((int)page_op(afd, DSVM_IOC_PAGE_WAKE, EVENTS_ID, 0, 1), -EPERM,
+	       "attach: page wake from a client file refused with EPERM");
+	expect(read(afd, buf, sizeof(struct dsvm_fault_event)) < 0 ? -errno : 0, -EPERM,
+	       "attach: read of events from a client file refused with EPERM");
+	expect(xioctl(afd, DSVM_IOC_STATS, &st), 0, "attach: stats from a client file allowed");
+	result(map_region(afd, BASE_EVENTS, EVENTS_PAGES) == (void *)BASE_EVENTS &&
+	       munmap((void *)BASE_EVENTS, EVENTS_PAGES * PAGE) == 0,
+	       "control: the client file maps it");
+	result(map_region(ofd, BASE_EVENTS, 4) == (void *)BASE_EVENTS &&
+	       munmap((void *)BASE_EVENTS, 4 * PAGE) == 0,
+	       "control: the plain file maps its plain region at the same base");
+	expect(region_destroy(ofd, 30), 0, "control: destroy the plain region");
+	result(map_region(fd, BASE_EVENTS, EVENTS_PAGES) == MAP_FAILED && errno == ENOENT,
+	       "control: a plain file cannot map the domain's region (ENOENT)");
+	close(ofd);
+	close(xfd);
+
+	/* Another file reaches nothing of the domain. */
+	expect(region_destroy(fd, EVENTS_ID), -ENOENT,
+	       "control: region destroy from a plain file finds nothing (ENOENT)");
+	expect(page_install(fd, EVENTS_ID, 0, DSVM_PAGE_STATE_SHARED, buf), -ENOENT,
+	       "control: page install from a plain file finds nothing (ENOENT)");
+	expect((int)page_op(fd, DSVM_IOC_PAGE_INVALIDATE, EVENTS_ID, 0, 1), -ENOENT,
+	       "control: page invalidate from a plain file finds nothing (ENOENT)");
+	expect(page_writeback(fd, EVENTS_ID, 0, 0, buf, NULL, NULL), -ENOENT,
+	       "control: page writeback from a plain file finds nothing (ENOENT)");
 	expect(xioctl(fd, DSVM_IOC_STATS, &st), 0,
 	       "control: stats from another file still allowed");
 	expect(read(fd, buf, sizeof(struct dsvm_fault_event)) < 0 ? -errno : 0,
@@ -1448,7 +1568,8 @@ static void test_control(int fd, int cfd)
 	       "control: read with a buffer smaller than an event refused with EINVAL");
 	expect(read(cfd, buf, sizeof(struct dsvm_fault_event) - 1) < 0 ? -errno : 0,
 	       -EINVAL, "control: read of 31 bytes refused with EINVAL");
-	close(ofd);
+	client_fd = afd;
+	test_two_domains(fd, cfd);
 }
 
 static void test_events(int fd, int cfd)
@@ -1464,7 +1585,7 @@ static void test_events(int fd, int cfd)
 	pid_t pid;
 	int n, epfd;
 
-	if (map_region(fd, b, EVENTS_PAGES) != (void *)b) {
+	if (map_region(client_fd, b, EVENTS_PAGES) != (void *)b) {
 		result(false, "events: mmap (%s)", strerror(errno));
 		return;
 	}
@@ -2019,14 +2140,16 @@ static void test_control_close(int fd, int cfd)
 	result(stats(fd).events_pending == 0 && stats(fd).regions == 0,
 	       "control close: no event pending, the region gone");
 	munmap((void *)b, EVENTS_PAGES * PAGE);
+	result(map_region(client_fd, b, EVENTS_PAGES) == MAP_FAILED && errno == ENOENT,
+	       "control close: the client file maps nothing any more (ENOENT)");
+	close(client_fd);
+	client_fd = -1;
 	ofd = open_dev();
 	expect(hello_control(ofd), 0, "control close: a new daemon can claim control");
-	expect(page_install(fd, EVENTS_ID, 0, DSVM_PAGE_STATE_SHARED, NULL), -EPERM,
-	       "control close: the new control file is in force");
+	expect(region_create(ofd, EVENTS_ID, b, EVENTS_PAGES), 0,
+	       "control close: and create the region again");
 	close(ofd);
-	expect(region_create(fd, 31, BASE_EVENTS, 4), 0,
-	       "control close: with no control file, a plain file may create again");
-	expect(region_destroy(fd, 31), 0, "control close: and destroy");
+	result(stats(fd).regions == 0, "control close: gone with its file");
 }
 
 /* ---- the HMM mirror ------------------------------------------------------ */

@@ -62,11 +62,11 @@ Status SetStoreWord(PageStore& store, uint64_t page, uint64_t v) {
   return store.WritePage(kBase + page * kPage, b);
 }
 
-// The client: maps the region, then runs the step the parent names (one
-// byte on `cmd`) and reports a word on `out` after each.
-[[noreturn]] void Client(int cmd, int out) {
-  UniqueFd dev(::open("/dev/dsvm", O_RDWR | O_CLOEXEC));
-  auto m = KmodClientMapRegion(dev.get(), kBase, kPages * kPage);
+// The client: maps the region through `dev` (the descriptor its daemon
+// handed it), then runs the step the parent names (one byte on `cmd`) and
+// reports a word on `out` after each.
+[[noreturn]] void Client(int dev, int cmd, int out) {
+  auto m = KmodClientMapRegion(dev, kBase, kPages * kPage);
   uint64_t word = m.ok() ? 1 : 0;
   if (::write(out, &word, 8) != 8 || !m.ok()) ::_exit(2);
   auto* mem = static_cast<volatile uint64_t*>(m->addr);
@@ -134,6 +134,25 @@ struct Harness {
     }
     return false;
   }
+  // Forks the client with the daemon's client descriptor; false on failure.
+  bool StartClient() {
+    int to_child[2], from_child[2];
+    if (::pipe(to_child) != 0 || ::pipe(from_child) != 0) return false;
+    const int dev = backend->client_map_fd(*store);
+    std::fflush(stdout);
+    child = ::fork();
+    if (child == 0) {
+      ::close(to_child[1]);
+      ::close(from_child[0]);
+      Client(dev, to_child[0], from_child[1]);
+    }
+    ::close(to_child[0]);
+    ::close(from_child[1]);
+    cmd = to_child[1];
+    out = from_child[0];
+    uint64_t word = 0;
+    return ::read(out, &word, 8) == 8 && word == 1;
+  }
   size_t faults_seen() const {
     size_t n = 0;
     for (const FaultEvent& e : seen) n += e.kind == FaultEventKind::kFault;
@@ -150,8 +169,6 @@ int main() {
   CheckOk(backend.status(), "the backend opens /dev/dsvm and claims the control file");
   if (!backend.ok()) return 1;
   h.backend = std::move(*backend);
-  Check(KmodBackend::Create().status().code() == StatusCode::kFailedPrecondition,
-        "a second backend is refused: one control file per node");
   auto store = PageStore::Create(kBase, kPages * kPage, kPage);
   CheckOk(store.status(), "a page store");
   if (!store.ok()) return 1;
@@ -166,25 +183,47 @@ int main() {
         "AddRegion twice is kAlreadyExists");
   CheckOk(SetStoreWord(*h.store, 0, 0x1111), "the store holds page 0");
 
-  int to_child[2], from_child[2];
-  if (::pipe(to_child) != 0 || ::pipe(from_child) != 0) return 1;
-  h.child = ::fork();
-  if (h.child == 0) {
-    ::close(to_child[1]);
-    ::close(from_child[0]);
-    Client(to_child[0], from_child[1]);
+  Check(h.StartClient(), "the client maps the region through the daemon's /dev/dsvm file");
+  {
+    UniqueFd own(::open("/dev/dsvm", O_RDWR | O_CLOEXEC));
+    Check(KmodClientMapRegion(own.get(), kBase, kPages * kPage).status().code() ==
+              StatusCode::kInvalidArgument,
+          "a /dev/dsvm file the daemon did not attach cannot map its region");
   }
-  ::close(to_child[0]);
-  ::close(from_child[1]);
-  h.cmd = to_child[1];
-  h.out = from_child[0];
   uint64_t word = 0;
-  Check(::read(h.out, &word, 8) == 8 && word == 1, "the client maps the region through /dev/dsvm");
+
+  // A second daemon on the host (a test cluster): its own domain, with a
+  // region at the same address holding other bytes, and its own client.
+  {
+    Harness h2;
+    auto backend2 = KmodBackend::Create();
+    CheckOk(backend2.status(), "a second backend on the host claims a control file of its own");
+    auto store2 = PageStore::Create(kBase, kPages * kPage, kPage);
+    if (backend2.ok() && store2.ok()) {
+      h2.backend = std::move(*backend2);
+      h2.store = std::move(*store2);
+      CheckOk(h2.backend->AddRegion(h2.store.get()), "it registers a region at the same base");
+      CheckOk(SetStoreWord(*h2.store, 0, 0x9999), "its store holds other bytes for page 0");
+      Check(h2.StartClient(), "its client maps the region through its file");
+      Check(h2.Step('r', &word) && word == 0x9999 && h2.faults_seen() == 1,
+            "the second daemon's client reads the second daemon's bytes");
+      FaultEvent ev[4];
+      auto n = h.backend->ReadEvents(ev);
+      Check(n.ok() && *n == 0, "the first daemon saw none of its faults");
+      ::close(h2.cmd);  // the client exits on EOF
+      int status = 0;
+      Check(::waitpid(h2.child, &status, 0) == h2.child && WIFEXITED(status) &&
+                WEXITSTATUS(status) == 0,
+            "the second client exits cleanly");
+      CheckOk(h2.backend->InvalidateAll(kBase), "the second daemon invalidates its region");
+      CheckOk(h2.backend->RemoveRegion(kBase), "and removes it");
+    }
+  }
 
   MappingRequest req;
   req.region = kBase;
   req.pid = h.child;
-  req.fault_fd = UniqueFd(::open("/dev/dsvm", O_RDWR | O_CLOEXEC));
+  req.fault_fd = UniqueFd(::dup(h.backend->client_map_fd(*h.store)));
   auto mapping = h.backend->AddMapping(std::move(req));
   CheckOk(mapping.status(), "AddMapping with the client's device descriptor");
   MappingRequest bad;
