@@ -14,7 +14,7 @@
 #include <cstring>
 
 #include "node/fault/fd_passing.h"
-#include "node/fault/kmod_backend.h"
+#include "node/fault/mixed_backend.h"
 #include "node/fault/uffd_backend.h"
 #include "proto/log.h"
 #include "proto/text.h"
@@ -156,7 +156,8 @@ Result<std::unique_ptr<NodeDaemon>> NodeDaemon::Create(const NodeDaemonOptions& 
     DSVM_ASSIGN_OR_RETURN(std::unique_ptr<UffdBackend> backend, UffdBackend::Create());
     d->backend_ = std::move(backend);
   } else if (options.fault_backend == "kmod") {
-    DSVM_ASSIGN_OR_RETURN(std::unique_ptr<KmodBackend> backend, KmodBackend::Create());
+    // dsvm.ko for 4 KiB regions, userfaultfd for larger pages.
+    DSVM_ASSIGN_OR_RETURN(std::unique_ptr<FaultBackend> backend, CreateKmodNodeBackend());
     d->backend_ = std::move(backend);
   } else if (!options.fault_backend.empty()) {
     return InvalidArgument("fault backend '" + options.fault_backend +

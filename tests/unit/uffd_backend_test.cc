@@ -37,6 +37,7 @@
 
 #include "node/fault/fault_backend.h"
 #include "node/fault/fd_passing.h"
+#include "node/fault/mixed_backend.h"
 #include "node/fault/uffd_client.h"
 #include "node/memory/page_store.h"
 #include "proto/status.h"
@@ -48,6 +49,11 @@ struct UffdTestMode {
   const char* name;
   UffdBackendOptions options;
   uint32_t page_size;
+  // -1: the UffdBackend alone. 0 or 1: inside a MixedBackend of two
+  // UffdBackends, the region served by that one (the daemon's kmod backend
+  // is such a pair, dsvm.ko first): the whole suite then checks that ids,
+  // tokens and calls find their way through it.
+  int mixed_slot = -1;
 };
 void PrintTo(const UffdTestMode& m, std::ostream* os) { *os << m.name; }
 
@@ -152,11 +158,28 @@ class UffdBackendTest : public ::testing::TestWithParam<UffdTestMode> {
       }
       FAIL() << b.status().ToString();
     }
+    uffd_ = b->get();
     backend_ = std::move(b).value();
+    if (const int slot = GetParam().mixed_slot; slot >= 0) {
+      auto other = UffdBackend::Create();
+      ASSERT_TRUE(other.ok()) << other.status().ToString();
+      std::unique_ptr<FaultBackend> first = std::move(backend_), second = std::move(*other);
+      if (slot == 1) std::swap(first, second);
+      const uint32_t page = g_page;
+      auto mixed = MixedBackend::Create(
+          std::move(first), [slot, page](uint64_t size) { return (size == page) == (slot == 0); },
+          std::move(second));
+      ASSERT_TRUE(mixed.ok()) << mixed.status().ToString();
+      mixed_ = mixed->get();
+      backend_ = std::move(*mixed);
+    }
     auto s = PageStore::Create(kBase, kPages * g_page, g_page);
     ASSERT_TRUE(s.ok()) << s.status().ToString();
     store_ = std::move(s).value();
     ASSERT_TRUE(backend_->AddRegion(store_.get()).ok());
+    if (mixed_ != nullptr) {
+      ASSERT_EQ(mixed_->BackendOf(kBase), GetParam().mixed_slot);
+    }
   }
 
   void TearDown() override {
@@ -278,7 +301,9 @@ class UffdBackendTest : public ::testing::TestWithParam<UffdTestMode> {
     return n;
   }
 
-  std::unique_ptr<UffdBackend> backend_;
+  std::unique_ptr<FaultBackend> backend_;
+  UffdBackend* uffd_ = nullptr;     // the one serving the region (backend_ or inside it)
+  MixedBackend* mixed_ = nullptr;   // backend_, in the mixed modes
   std::unique_ptr<PageStore> store_;
   std::deque<Client> clients_;
   std::vector<FaultEvent> events_;
@@ -364,8 +389,8 @@ TEST_P(UffdBackendTest, PagesValidOnTheNodeAreReadWithoutEvents) {
   ASSERT_TRUE(Await(c).ok());
   EXPECT_EQ(WordOf(*store_, Page(8)), 208u);
   EXPECT_EQ(FaultCount(), 0u);
-  EXPECT_EQ(backend_->stats().fault_events, 0u);
-  EXPECT_EQ(backend_->stats().local_hits, 0u) << "eager mapping: not even a minor fault";
+  EXPECT_EQ(uffd_->stats().fault_events, 0u);
+  EXPECT_EQ(uffd_->stats().local_hits, 0u) << "eager mapping: not even a minor fault";
 
   // Where the kernel dropped a PTE, the access costs one minor fault that the
   // backend resolves itself: still no event for the daemon.
@@ -377,7 +402,7 @@ TEST_P(UffdBackendTest, PagesValidOnTheNodeAreReadWithoutEvents) {
   ASSERT_TRUE(v.ok()) << v.status().ToString();
   EXPECT_EQ(*v, 107u);
   EXPECT_EQ(FaultCount(), 0u);
-  EXPECT_EQ(backend_->stats().local_hits, 1u);
+  EXPECT_EQ(uffd_->stats().local_hits, 1u);
 }
 
 TEST_P(UffdBackendTest, BytesDroppedBehindTheBackendsBackFaultToTheDaemon) {
@@ -468,7 +493,7 @@ TEST_P(UffdBackendTest, AKilledClientBlockedInAFaultDoesNotWedgeTheDaemon) {
   // The late answer to the dead client's fault is harmless.
   EXPECT_EQ(backend_->Resolve(fault.token, Resolution::kRetry).code(), StatusCode::kNotFound);
   ASSERT_TRUE(backend_->RemoveMapping(a.mapping).ok());
-  EXPECT_EQ(backend_->mapping_count(), 1u);
+  EXPECT_EQ(uffd_->mapping_count(), 1u);
 
   // The daemon goes on serving: the page the dead client wanted, and others.
   Install(Page(9), 90, false);
@@ -597,7 +622,7 @@ TEST_P(UffdBackendTest, RefusesBadRequests) {
 }
 
 TEST_P(UffdBackendTest, ReportsWhatTheKernelOffers) {
-  const UffdFeatures& f = backend_->features();
+  const UffdFeatures& f = uffd_->features();
   std::printf("uffd features 0x%llx: continue_wp=%d poison=%d thread_id=%d\n",
               static_cast<unsigned long long>(f.api_features), f.continue_wp, f.poison,
               f.thread_id);
@@ -615,7 +640,10 @@ INSTANTIATE_TEST_SUITE_P(
                       UffdTestMode{
                           "ContinueThenWriteProtect", {.use_continue_wp = false}, kSmallPage},
                       UffdTestMode{"SigbusBySignal", {.use_poison = false}, kSmallPage},
-                      UffdTestMode{"TwoMiBPages", {}, 2u << 20}),
+                      UffdTestMode{"TwoMiBPages", {}, 2u << 20},
+                      UffdTestMode{"MixedFirst", {}, kSmallPage, 0},
+                      UffdTestMode{"MixedSecond", {}, kSmallPage, 1},
+                      UffdTestMode{"MixedSecondTwoMiBPages", {}, 2u << 20, 1}),
     [](const ::testing::TestParamInfo<UffdTestMode>& info) { return info.param.name; });
 
 // ---------------------------------------------------------------------------
