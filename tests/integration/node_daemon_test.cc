@@ -21,6 +21,7 @@
 #include <gtest/gtest.h>
 
 #include "node/fault/fd_passing.h"
+#include "node/fault/kmod_client.h"
 #include "node/fault/uffd_client.h"
 #include "tests/integration/coordinator_process.h"
 
@@ -112,12 +113,17 @@ pid_t QuietFork() {
 }
 
 // The options every daemon of these tests starts with. The fault backend is
-// uffd unless DSVM_TEST_FAULT_BACKEND says otherwise (tests/kmod/run.sh runs
-// some of these tests in its QEMU guest with "kmod").
+// uffd unless DSVM_TEST_FAULT_BACKEND says otherwise, and requests are sent
+// again after 100 ms unless DSVM_TEST_RETRANSMIT_MS says otherwise
+// (tests/kmod/run.sh runs these tests in an emulated QEMU guest, ten times
+// slower, with "kmod" and 3000).
 node::NodeDaemonOptions TestNodeOptions(const std::string& coordinator) {
   node::NodeDaemonOptions o;
   o.coordinator = coordinator;
   o.retransmit_after_ms = 100;
+  if (const char* ms = std::getenv("DSVM_TEST_RETRANSMIT_MS"); ms && std::atoi(ms) > 0) {
+    o.retransmit_after_ms = static_cast<uint32_t>(std::atoi(ms));
+  }
   o.secret_file = TestSecretPath();
   if (const char* backend = std::getenv("DSVM_TEST_FAULT_BACKEND"); backend && *backend) {
     o.fault_backend = backend;
@@ -358,16 +364,32 @@ static int RunClient(const std::string& socket_path, const std::string& name,
     auto open = ClientCall(sock, proto::RegionOpen{.name = name}, 2, &fds);
     auto* region = open.ok() ? std::get_if<proto::RegionReply>(&*open) : nullptr;
     if (region == nullptr || fds.size() != 1) fail(12, "region open");
-    auto mapping = node::UffdClientMapRegion(fds[0].get(), region->base, region->size);
-    if (!mapping.ok()) fail(13, "map: " + mapping.status().ToString());
-    std::vector<int> attach = {mapping->uffd.fd.get()};
-    if (mapping->pidfd.get() >= 0) attach.push_back(mapping->pidfd.get());
+    // As libdsvm does: a character device is dsvm.ko's (the kmod backend),
+    // anything else the region's memfd (uffd).
+    void* addr = nullptr;
+    std::vector<int> attach;
+    node::UniqueFd pidfd, uffd;
+    if (node::IsDeviceFd(fds[0].get())) {
+      auto mapping = node::KmodClientMapRegion(fds[0].get(), region->base, region->size);
+      if (!mapping.ok()) fail(13, "map: " + mapping.status().ToString());
+      addr = mapping->addr;
+      pidfd = std::move(mapping->pidfd);
+      attach = {fds[0].get()};
+    } else {
+      auto mapping = node::UffdClientMapRegion(fds[0].get(), region->base, region->size);
+      if (!mapping.ok()) fail(13, "map: " + mapping.status().ToString());
+      addr = mapping->addr;
+      pidfd = std::move(mapping->pidfd);
+      uffd = std::move(mapping->uffd.fd);
+      attach = {uffd.get()};
+    }
+    if (pidfd.get() >= 0) attach.push_back(pidfd.get());
     auto mapped = ClientCall(sock, proto::MapRegion{region->base}, 3, nullptr, attach);
     auto* st = mapped.ok() ? std::get_if<proto::StatusReply>(&*mapped) : nullptr;
     if (st == nullptr || st->code != 0) {
       fail(14, "MapRegion: " + (st ? proto::FromReply(*st).ToString() : mapped.status().ToString()));
     }
-    const bool ok = body(static_cast<uint8_t*>(mapping->addr), mapping->size);
+    const bool ok = body(static_cast<uint8_t*>(addr), region->size);
     ClientCall(sock, proto::UnmapRegion{region->base}, 4, nullptr).status().IgnoreError();
     ::_exit(ok ? 0 : 1);
   }
@@ -634,9 +656,16 @@ TEST_F(NodeDaemonTest, CountersReachDsvmStatsAndTheCoordinator) {
   EXPECT_EQ(nodes_[0]->ReadU64(r.base + 4096), 0u);
   proto::NodeId id1 = 0;
   nodes_[1]->Sync([&](NodeDaemon& d) { id1 = d.id(); });
-  auto pages = tool_.Call(proto::RegionPages{"counted"});
-  ASSERT_TRUE(pages.ok());
-  const auto& where = std::get<proto::RegionPagesReply>(*pages);
+  // The reader's Done reaches the coordinator after the read returned: wait
+  // (10 s at most) until no transfer is in flight.
+  proto::RegionPagesReply where;
+  for (int i = 0; i < 1000; ++i) {
+    auto pages = tool_.Call(proto::RegionPages{"counted"});
+    ASSERT_TRUE(pages.ok());
+    where = std::get<proto::RegionPagesReply>(*pages);
+    if (where.in_flight == 0) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
   EXPECT_EQ(where.pages, 2u);
   EXPECT_EQ(where.touched, 2u);
   EXPECT_EQ(where.lost + where.in_flight, 0u);
