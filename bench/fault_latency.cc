@@ -19,8 +19,8 @@
 #include "bench/fault_floor.h"
 #include "bench/fault_timing.h"
 #include "bench/forked_child.h"
+#include "node/fault/client_mapping.h"
 #include "node/fault/fd_passing.h"
-#include "node/fault/uffd_client.h"
 #include "proto/auth.h"
 #include "proto/framed_socket.h"
 #include "proto/messages.h"
@@ -104,14 +104,13 @@ Result<ClientSession> OpenSession(const std::string& socket_path) {
   if (region->page_size != kFaultPageSize) {
     return Internal("the region's page size is " + Str(region->page_size));
   }
-  DSVM_ASSIGN_OR_RETURN(node::UffdClientMapping mapping,
-                        node::UffdClientMapRegion(fds[0].get(), region->base, region->size));
-  std::vector<int> attach = {mapping.uffd.fd.get()};
-  if (mapping.pidfd.get() >= 0) attach.push_back(mapping.pidfd.get());
+  DSVM_ASSIGN_OR_RETURN(node::ClientMapping mapping,
+                        node::ClientMapRegion(std::move(fds[0]), region->base, region->size));
   DSVM_RETURN_IF_ERROR(FromStatusReply(
-      ClientCall(s.sock, proto::MapRegion{region->base}, 3, nullptr, attach), "MapRegion"));
-  // The daemon holds the only userfaultfd from here on (uffd_client.h); the
-  // mapping stays until the process exits.
+      ClientCall(s.sock, proto::MapRegion{region->base}, 3, nullptr, mapping.attach()),
+      "MapRegion"));
+  // `mapping` goes: the daemon holds the only userfaultfd from here on
+  // (uffd_client.h); the mapping stays until the process exits.
   s.base = static_cast<uint8_t*>(mapping.addr);
   s.pages = mapping.size / kFaultPageSize;
   return s;

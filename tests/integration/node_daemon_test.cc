@@ -20,9 +20,8 @@
 #include <dsvm/dsvm.h>
 #include <gtest/gtest.h>
 
+#include "node/fault/client_mapping.h"
 #include "node/fault/fd_passing.h"
-#include "node/fault/kmod_client.h"
-#include "node/fault/uffd_client.h"
 #include "tests/integration/coordinator_process.h"
 
 namespace dsvm::testing {
@@ -364,32 +363,15 @@ static int RunClient(const std::string& socket_path, const std::string& name,
     auto open = ClientCall(sock, proto::RegionOpen{.name = name}, 2, &fds);
     auto* region = open.ok() ? std::get_if<proto::RegionReply>(&*open) : nullptr;
     if (region == nullptr || fds.size() != 1) fail(12, "region open");
-    // As libdsvm does: a character device is dsvm.ko's (the kmod backend),
-    // anything else the region's memfd (uffd).
-    void* addr = nullptr;
-    std::vector<int> attach;
-    node::UniqueFd pidfd, uffd;
-    if (node::IsDeviceFd(fds[0].get())) {
-      auto mapping = node::KmodClientMapRegion(fds[0].get(), region->base, region->size);
-      if (!mapping.ok()) fail(13, "map: " + mapping.status().ToString());
-      addr = mapping->addr;
-      pidfd = std::move(mapping->pidfd);
-      attach = {fds[0].get()};
-    } else {
-      auto mapping = node::UffdClientMapRegion(fds[0].get(), region->base, region->size);
-      if (!mapping.ok()) fail(13, "map: " + mapping.status().ToString());
-      addr = mapping->addr;
-      pidfd = std::move(mapping->pidfd);
-      uffd = std::move(mapping->uffd.fd);
-      attach = {uffd.get()};
-    }
-    if (pidfd.get() >= 0) attach.push_back(pidfd.get());
+    auto mapping = node::ClientMapRegion(std::move(fds[0]), region->base, region->size);
+    if (!mapping.ok()) fail(13, "map: " + mapping.status().ToString());
+    std::vector<int> attach = mapping->attach();
     auto mapped = ClientCall(sock, proto::MapRegion{region->base}, 3, nullptr, attach);
     auto* st = mapped.ok() ? std::get_if<proto::StatusReply>(&*mapped) : nullptr;
     if (st == nullptr || st->code != 0) {
       fail(14, "MapRegion: " + (st ? proto::FromReply(*st).ToString() : mapped.status().ToString()));
     }
-    const bool ok = body(static_cast<uint8_t*>(addr), region->size);
+    const bool ok = body(static_cast<uint8_t*>(mapping->addr), mapping->size);
     ClientCall(sock, proto::UnmapRegion{region->base}, 4, nullptr).status().IgnoreError();
     ::_exit(ok ? 0 : 1);
   }
