@@ -5,6 +5,7 @@
 //   dsvm-bench directory [--quick] [--coordinator-bin PATH | --coordinator HOST:PORT]
 //                        [--skip-loopback]
 //   dsvm-bench fault-latency [--quick] [--pages N] [--tls UCX_TLS]...
+//   dsvm-bench fault-latency --backend=kmod [--quick] [--pages N]
 //                            [--node-bin PATH] [--coordinator-bin PATH] [--clients-exit]
 //                            [--busy-poll-us N]
 //   dsvm-bench scan [--quick] [--size BYTES] [--fault-size BYTES] [--page-size BYTES]
@@ -35,6 +36,10 @@
 // check (for CI). Skipped, exit 0, when userfaultfd cannot be used.
 // --clients-exit: each client process exits when done rather than at the
 // end (shows what closed client connections cost today's dsvm-node).
+// `fault-latency --backend=kmod` (issue #4): the node's local fault paths
+// instead, where dsvm.ko is loaded: a fault the module resolves itself
+// against a native anonymous fault and the uffd backend's local minor
+// fault, same run (bench/kmod_fault.h; 2048 pages, --quick 256).
 //
 // `scan` (issue #3): a sequential read of a region node A holds, by a
 // client of node B, in GB/s: faulting every page, after dsvm_prefetch, and
@@ -58,6 +63,7 @@
 #include "bench/directory_loopback.h"
 #include "bench/fault_latency.h"
 #include "bench/gpu.h"
+#include "bench/kmod_fault.h"
 #include "bench/scan.h"
 
 namespace {
@@ -70,6 +76,7 @@ int Usage() {
                "                                [--node-bin PATH] [--coordinator-bin PATH]\n"
                "                                [--busy-poll-us N]\n"
                "                                [--clients-exit]\n"
+               "       dsvm-bench fault-latency --backend=kmod [--quick] [--pages N]\n"
                "       dsvm-bench scan [--quick] [--size BYTES] [--fault-size BYTES]\n"
                "                       [--page-size 4096|65536|2097152] [--tls UCX_TLS]...\n"
                "                       [--node-bin PATH] [--coordinator-bin PATH]\n"
@@ -158,7 +165,7 @@ bool ClusterFlag(int argc, char** argv, int* i, std::vector<std::string>* transp
 
 int RunFaultLatency(int argc, char** argv) {
   dsvm::bench::FaultLatencyOptions o;
-  bool quick = false;
+  bool quick = false, kmod = false;
   size_t pages = 0;
   std::vector<std::string> transports;
   for (int i = 2; i < argc; ++i) {
@@ -174,6 +181,10 @@ int RunFaultLatency(int argc, char** argv) {
       ++i;
     } else if (a == "--clients-exit") {
       o.clients_exit = true;
+    } else if (a == "--backend=kmod" || (a == "--backend" && next != nullptr &&
+                                         std::string(next) == "kmod")) {
+      kmod = true;
+      if (a == "--backend") ++i;
     } else if (ClusterFlag(argc, argv, &i, &transports, &o.node_binary, &o.coordinator_binary,
                            &o.busy_poll_us)) {
       continue;
@@ -181,6 +192,8 @@ int RunFaultLatency(int argc, char** argv) {
       return Usage();
     }
   }
+  // The local fault paths of dsvm.ko (issue #4): needs the module loaded.
+  if (kmod) return dsvm::bench::RunKmodFaultBench(pages != 0 ? pages : quick ? 256 : 2048);
   if (quick) {
     o.pages = 64;
     o.warmup_pages = 4;

@@ -1,15 +1,10 @@
-// dsvm-bench-kmod: the local fault paths of one node, measured in one run
-// (issue #4, bench): a page fault resolved inside dsvm.ko on a page the node
-// holds (a "local hit"), against a native anonymous page fault and against
-// the userfaultfd backend's local minor fault (UFFDIO_CONTINUE from a
-// handler thread, as the daemon does for a page valid on the node).
-//
-// Runs where dsvm.ko is loaded: in the QEMU guest of tests/kmod/run.sh,
-// which builds it static (the guest has no libc) and prints its output.
-// Prints JSON lines {"name", "value", "unit"} on stdout (docs/PERFORMANCE.md),
-// progress and errors on stderr; exits 1 when a path cannot be measured.
-//
-//   dsvm-bench-kmod [--pages N]
+// The local fault paths of one node, measured in one run (issue #4, bench):
+// a page fault resolved inside dsvm.ko on a page the node holds (a "local
+// hit"), against a native anonymous page fault and against the userfaultfd
+// backend's local minor fault (UFFDIO_CONTINUE from a handler thread, as the
+// daemon does for a page valid on the node). bench/kmod_fault.h.
+#include "bench/kmod_fault.h"
+
 #include <fcntl.h>
 #include <linux/userfaultfd.h>
 #include <poll.h>
@@ -90,6 +85,9 @@ void Report(const std::string& name, const std::vector<double>& us) {
 std::vector<double> NativeAnon(uint64_t pages, bool write) {
   void* m = mmap(nullptr, pages * kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (m == MAP_FAILED) Die("mmap anonymous");
+  // One 4 KiB fault per page, as the module's: a transparent huge page would
+  // fill 512 pages with one fault (THP is on in guests of 512 MiB and more).
+  if (madvise(m, pages * kPage, MADV_NOHUGEPAGE) != 0) Die("madvise(MADV_NOHUGEPAGE)");
   auto us = TouchEach(static_cast<volatile uint8_t*>(m), pages, write);
   munmap(m, pages * kPage);
   return us;
@@ -126,8 +124,12 @@ std::vector<double> KmodHit(uint64_t pages, bool write) {
     in.flags = DSVM_PAGE_INSTALL_ZERO;
     Ioctl(control, DSVM_IOC_PAGE_INSTALL, &in, "DSVM_IOC_PAGE_INSTALL");
   }
+  // As a client: through a file the control file attached to its domain.
   const int client = open("/dev/dsvm", O_RDWR | O_CLOEXEC);
   if (client < 0) Die("open /dev/dsvm");
+  dsvm_attach attach{};
+  attach.fd = client;
+  Ioctl(control, DSVM_IOC_ATTACH, &attach, "DSVM_IOC_ATTACH");
   void* m = mmap(reinterpret_cast<void*>(kRegionBase), pages * kPage, PROT_READ | PROT_WRITE,
                  MAP_SHARED | MAP_FIXED_NOREPLACE, client, static_cast<off_t>(kRegionBase));
   if (m == MAP_FAILED) Die("mmap /dev/dsvm");
@@ -209,18 +211,11 @@ std::vector<double> UffdMinor(uint64_t pages) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  uint64_t pages = 2048;
-  for (int i = 1; i < argc; ++i) {
-    if (std::strcmp(argv[i], "--pages") == 0 && i + 1 < argc) {
-      pages = std::strtoull(argv[++i], nullptr, 10);
-    } else {
-      std::fprintf(stderr, "usage: dsvm-bench-kmod [--pages N]\n");
-      return 2;
-    }
-  }
+namespace dsvm::bench {
+
+int RunKmodFaultBench(uint64_t pages) {
   if (pages == 0 || pages > (1u << 20)) {
-    std::fprintf(stderr, "dsvm-bench-kmod: --pages must be 1..1048576\n");
+    std::fprintf(stderr, "kmod fault bench: --pages must be 1..1048576\n");
     return 2;
   }
   // Each series once untimed first (page tables, allocator), then timed.
@@ -245,3 +240,5 @@ int main(int argc, char** argv) {
        "ratio");
   return 0;
 }
+
+}  // namespace dsvm::bench
