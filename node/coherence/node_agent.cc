@@ -5,6 +5,9 @@
 namespace dsvm::node {
 namespace {
 
+// A request's resend interval doubles up to 2^4 = 16 times the base.
+constexpr uint32_t kMaxBackoffShift = 4;
+
 bool Satisfies(PageState state, bool write) {
   return write ? state == PageState::kModified
                : (state == PageState::kShared || state == PageState::kModified);
@@ -96,6 +99,7 @@ void NodeAgent::SendRequest(PageAddr page, LocalPage& lp, AccessKind kind, uint6
   lp.pending = kind;
   lp.pending_seq = ++next_seq_;
   lp.sent_ms = now_ms;
+  lp.resends = 0;
   pending_pages_.insert(page);
   ++stats_.requests;
   SendAcquire(page, lp, out);
@@ -383,8 +387,10 @@ void NodeAgent::HandlePageData(const proto::PageData& m, DataHandle handle, uint
 void NodeAgent::Tick(uint64_t now_ms, Actions* out) {
   for (PageAddr page : pending_pages_) {
     LocalPage& lp = pages_.at(page);
-    if (lp.sent_ms + options_.retransmit_after_ms <= now_ms) {
+    const uint64_t wait = options_.retransmit_after_ms << std::min(lp.resends, kMaxBackoffShift);
+    if (lp.sent_ms + wait <= now_ms) {
       lp.sent_ms = now_ms;
+      ++lp.resends;
       ++stats_.retransmits;
       SendAcquire(page, lp, out);
     }
@@ -395,6 +401,7 @@ void NodeAgent::ResendAll(uint64_t now_ms, Actions* out) {
   for (PageAddr page : pending_pages_) {
     LocalPage& lp = pages_.at(page);
     lp.sent_ms = now_ms;
+    lp.resends = 0;  // a new connection: the base interval again
     ++stats_.retransmits;
     SendAcquire(page, lp, out);
   }

@@ -113,7 +113,10 @@ class NodeAgent {
   // `m.data` is ignored: the caller keeps the bytes under `handle`.
   void HandlePageData(const proto::PageData& m, DataHandle handle, uint64_t now_ms, Actions* out);
 
-  // Resends requests outstanding for retransmit_after_ms.
+  // Resends requests outstanding for retransmit_after_ms, doubled with each
+  // resend of the same request up to 16 times: a request that is slow to be
+  // answered (a large page on a slow link) is not asked for again and again,
+  // each time moving the page once more.
   void Tick(uint64_t now_ms, Actions* out);
   // Resends every outstanding request now (after a directory reconnect).
   void ResendAll(uint64_t now_ms, Actions* out);
@@ -139,6 +142,7 @@ class NodeAgent {
     AccessKind pending = AccessKind::kInvalid;  // kInvalid: nothing outstanding
     uint64_t pending_seq = 0;
     uint64_t sent_ms = 0;
+    uint32_t resends = 0;             // of the pending request, by Tick
     bool has_grant = false;           // a Grant waiting for its PageData
     proto::Grant grant;
     bool has_data = false;            // PageData received, newest txn kept

@@ -453,6 +453,23 @@ TEST_F(NodeAgentTest, TickResendsAfterRetransmitInterval) {
   EXPECT_EQ(agent_.stats().retransmits, 2u);
 }
 
+// Each resend of one request doubles the wait for the next, up to 16 times
+// the interval; a new request, or a reconnect, starts again at once.
+TEST_F(NodeAgentTest, ResendsOfOneRequestBackOff) {
+  EXPECT_EQ(Fault(false, 1, FaultResult::kWait), Strings({"Acquire kind=read seq=1 last=0"}));
+  uint64_t at = kStart;
+  for (uint64_t factor : {1, 2, 4, 8, 16, 16, 16}) {
+    at += factor * kRetransmitMs;
+    EXPECT_EQ(TickAt(at - 1), Strings{}) << "factor " << factor;
+    EXPECT_EQ(TickAt(at), Strings({"Acquire kind=read seq=1 last=0"})) << "factor " << factor;
+  }
+  Actions out;
+  agent_.ResendAll(at + 1, &out);
+  EXPECT_EQ(Describe(out), Strings({"Acquire kind=read seq=1 last=0"}));
+  EXPECT_EQ(TickAt(at + 1 + kRetransmitMs), Strings({"Acquire kind=read seq=1 last=0"}))
+      << "after a reconnect the interval is the base one again";
+}
+
 // Regression: a node that asked to write holding nothing, then got a Shared
 // copy pushed to it (another node's writeback), resent kWrite. The directory
 // reads kWrite from a holder that has seen its role as "lost my copy" and, as
