@@ -55,6 +55,17 @@ class CudaDeviceBackend final : public DeviceBackend {
     return Status::Ok();
   }
 
+  Result<ArenaExport> DoExportArena(uint32_t device, DevicePtr base, uint64_t) override {
+    DSVM_RETURN_IF_ERROR(SetDevice(device));
+    cudaIpcMemHandle_t handle;
+    const cudaError_t err = cudaIpcGetMemHandle(&handle, reinterpret_cast<void*>(base));
+    if (err != cudaSuccess) return CudaError("cudaIpcGetMemHandle", err);
+    ArenaExport e;
+    const auto* b = reinterpret_cast<const uint8_t*>(&handle);
+    e.ipc_handle.assign(b, b + sizeof(handle));
+    return e;
+  }
+
   Result<uint8_t*> DoAllocateStaging(uint64_t bytes) override {
     void* p = nullptr;
     // Portable: pinned for every device, not only the current one.

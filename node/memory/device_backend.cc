@@ -136,6 +136,12 @@ Status DeviceBackend::FreeArena(DevicePtr base) {
   return DoFreeArena(arena.device, base, arena.bytes);
 }
 
+Result<ArenaExport> DeviceBackend::ExportArena(DevicePtr base) {
+  auto it = arenas_.find(base);
+  if (it == arenas_.end()) return InvalidArgument("no arena starts at device address " + Hex(base));
+  return DoExportArena(it->second.device, base, it->second.bytes);
+}
+
 Result<StagingBuffer> DeviceBackend::AllocateStaging(uint64_t bytes) {
   if (bytes == 0) return InvalidArgument("staging buffer of 0 bytes");
   DSVM_ASSIGN_OR_RETURN(uint8_t * data, DoAllocateStaging(bytes));

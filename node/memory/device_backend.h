@@ -78,6 +78,18 @@ struct DeviceArena {
   uint64_t bytes = 0;
 };
 
+// How another process on the host reaches an arena (dsvm_gpu_map hands it to
+// the client): exactly one of the two is set.
+struct ArenaExport {
+  // emulated: a memfd holding the arena's bytes (offset 0 = the arena's
+  // base), owned by the backend and valid while the arena lives; the
+  // receiver maps it MAP_SHARED.
+  int fd = -1;
+  // cuda: the cudaIpcMemHandle_t of the arena (cudaIpcGetMemHandle), which
+  // the receiver opens with cudaIpcOpenMemHandle.
+  std::vector<uint8_t> ipc_handle;
+};
+
 struct StagingBuffer {
   uint8_t* data = nullptr;
   uint64_t bytes = 0;
@@ -144,6 +156,10 @@ class DeviceBackend {
   // kInternal.
   Status FreeArena(DevicePtr base);
 
+  // What another process needs to reach the arena whose base is `base`.
+  // Errors: kInvalidArgument (no arena has that base), kInternal.
+  Result<ArenaExport> ExportArena(DevicePtr base);
+
   // A new pinned host buffer of `bytes` (> 0). Errors: kInvalidArgument,
   // kResourceExhausted, kInternal.
   Result<StagingBuffer> AllocateStaging(uint64_t bytes);
@@ -198,6 +214,7 @@ class DeviceBackend {
   // (devices, streams, ranges, fence numbers) before calling one of these.
   virtual Result<DevicePtr> DoAllocateArena(uint32_t device, uint64_t bytes) = 0;
   virtual Status DoFreeArena(uint32_t device, DevicePtr base, uint64_t bytes) = 0;
+  virtual Result<ArenaExport> DoExportArena(uint32_t device, DevicePtr base, uint64_t bytes) = 0;
   virtual Result<uint8_t*> DoAllocateStaging(uint64_t bytes) = 0;
   virtual Status DoFreeStaging(uint8_t* data, uint64_t bytes) = 0;
   virtual Status DoCreateStream(StreamId stream, uint32_t device) = 0;

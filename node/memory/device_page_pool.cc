@@ -45,8 +45,7 @@ DevicePagePool::DevicePagePool(DeviceBackend* backend, DevicePagePoolOptions opt
                                uint64_t budget_bytes)
     : backend_(backend),
       options_(options),
-      budget_bytes_(budget_bytes),
-      slots_per_arena_(options.arena_bytes / options.page_size) {}
+      budget_bytes_(budget_bytes) {}
 
 DevicePagePool::~DevicePagePool() {
   for (const DeviceArena& a : arenas_) {
@@ -56,21 +55,53 @@ DevicePagePool::~DevicePagePool() {
   }
 }
 
-DevicePtr DevicePagePool::SlotPtr(uint32_t index) const {
-  const DeviceArena& arena = arenas_[index / slots_per_arena_];
-  return arena.base + (index % slots_per_arena_) * options_.page_size;
+size_t DevicePagePool::ArenaOf(uint32_t index) const {
+  auto it = std::upper_bound(arena_first_.begin(), arena_first_.end(), index);
+  DSVM_CHECK(it != arena_first_.begin());
+  return static_cast<size_t>(it - arena_first_.begin()) - 1;
 }
 
-Status DevicePagePool::Grow() {
+DevicePtr DevicePagePool::SlotPtr(uint32_t index) const {
+  const size_t a = ArenaOf(index);
+  return arenas_[a].base + uint64_t{index - arena_first_[a]} * options_.page_size;
+}
+
+SlotRange DevicePagePool::ArenaSlots(size_t arena) const {
+  DSVM_CHECK(arena < arenas_.size());
+  return SlotRange{arena_first_[arena],
+                   static_cast<uint32_t>(arenas_[arena].bytes / options_.page_size)};
+}
+
+void DevicePagePool::PushFree(uint32_t index) {
+  link_[index] = free_head_;
+  prev_[index] = kEnd;
+  if (free_head_ != kEnd) prev_[free_head_] = index;
+  free_head_ = index;
+}
+
+void DevicePagePool::UnlinkFree(uint32_t index) {
+  const uint32_t next = link_[index];
+  const uint32_t prev = prev_[index];
+  if (prev == kEnd) {
+    free_head_ = next;
+  } else {
+    link_[prev] = next;
+  }
+  if (next != kEnd) prev_[next] = prev;
+  link_[index] = kUsed;
+}
+
+Status DevicePagePool::Grow(uint64_t bytes) {
   const uint64_t page = options_.page_size;
-  if (held_bytes_ + page > budget_bytes_) {
+  DSVM_CHECK(bytes > 0 && bytes % page == 0);
+  if (held_bytes_ + bytes > budget_bytes_) {
     return ResourceExhausted("HBM budget of " + std::to_string(budget_bytes_) +
                              " bytes reached on device " + std::to_string(options_.device) +
-                             ": all " + std::to_string(capacity_slots()) + " pages of " +
-                             std::to_string(page) + " bytes are in use");
+                             ": " + std::to_string(held_bytes_ / page) + " of " +
+                             std::to_string(capacity_slots()) + " pages of " +
+                             std::to_string(page) + " bytes are held, " +
+                             std::to_string(bytes / page) + " more do not fit");
   }
-  // Only the last arena may be short of arena_bytes (SlotPtr relies on it).
-  const uint64_t bytes = std::min(options_.arena_bytes, budget_bytes_ - held_bytes_);
   auto arena = backend_->AllocateArena(options_.device, bytes);
   if (!arena.ok()) {
     return Status(arena.status().code(),
@@ -78,38 +109,101 @@ Status DevicePagePool::Grow() {
                       std::to_string(budget_bytes_) + " bytes held): " + arena.status().message());
   }
   DSVM_CHECK(arena->bytes == bytes);
+  const uint32_t first = static_cast<uint32_t>(link_.size());
   arenas_.push_back(*arena);
+  arena_first_.push_back(first);
   held_bytes_ += bytes;
-  link_.resize(link_.size() + bytes / page, kUncarved);
+  const uint32_t count = static_cast<uint32_t>(bytes / page);
+  link_.resize(link_.size() + count, kUsed);
+  prev_.resize(link_.size(), kEnd);
   DSVM_CHECK(link_.size() <= kMaxSlots);
+  // Lowest address ends up first: fresh slots go out in address order, so
+  // pages allocated one after another sit in adjacent slots.
+  for (uint32_t i = count; i-- > 0;) PushFree(first + i);
   return Status::Ok();
 }
 
 Result<DeviceSlot> DevicePagePool::Allocate() {
-  uint32_t index;
-  if (free_head_ != kEnd) {
-    index = free_head_;
-    free_head_ = link_[index];
-  } else {
-    if (next_uncarved_ == link_.size()) DSVM_RETURN_IF_ERROR(Grow());
-    index = static_cast<uint32_t>(next_uncarved_++);
+  if (free_head_ == kEnd) {
+    if (held_bytes_ + options_.page_size > budget_bytes_) {
+      return ResourceExhausted("HBM budget of " + std::to_string(budget_bytes_) +
+                               " bytes reached on device " + std::to_string(options_.device) +
+                               ": all " + std::to_string(capacity_slots()) + " pages of " +
+                               std::to_string(options_.page_size) + " bytes are in use");
+    }
+    // Only the last arena may be short of arena_bytes.
+    DSVM_RETURN_IF_ERROR(Grow(std::min(options_.arena_bytes, budget_bytes_ - held_bytes_)));
   }
-  DSVM_CHECK(link_[index] != kUsed);
-  link_[index] = kUsed;
+  const uint32_t index = free_head_;
+  UnlinkFree(index);
+  ++used_;
+  return DeviceSlot{SlotPtr(index), index};
+}
+
+Result<DeviceSlot> DevicePagePool::Take(uint32_t index) {
+  if (index >= link_.size() || link_[index] == kUsed) {
+    return InvalidArgument("slot " + std::to_string(index) + " is not a free slot of this pool");
+  }
+  UnlinkFree(index);
   ++used_;
   return DeviceSlot{SlotPtr(index), index};
 }
 
 Status DevicePagePool::Free(DeviceSlot slot) {
-  if (slot.index >= next_uncarved_ || link_[slot.index] != kUsed ||
+  if (slot.index >= link_.size() || link_[slot.index] != kUsed ||
       SlotPtr(slot.index) != slot.ptr) {
     return InvalidArgument("slot " + std::to_string(slot.index) + " at device address " +
                            Hex(slot.ptr) + " is not a slot in use in this pool");
   }
-  link_[slot.index] = free_head_;
-  free_head_ = slot.index;
+  PushFree(slot.index);
   --used_;
   return Status::Ok();
+}
+
+Result<size_t> DevicePagePool::GrowForRun(uint32_t n) {
+  if (n == 0) return InvalidArgument("a run of 0 slots");
+  const uint64_t page = options_.page_size;
+  const uint64_t want = uint64_t{n} * page;
+  if (want > budget_bytes_ - held_bytes_) {
+    return ResourceExhausted("a run of " + std::to_string(n) + " pages of " +
+                             std::to_string(page) + " bytes needs a new arena on device " +
+                             std::to_string(options_.device) + ", but the HBM budget of " +
+                             std::to_string(budget_bytes_) + " bytes leaves " +
+                             std::to_string(budget_bytes_ - held_bytes_) + " bytes");
+  }
+  // A regular arena when the run fits one (cut to the budget, as the last
+  // arena is); else a dedicated arena of exactly the run.
+  const uint64_t bytes =
+      want <= options_.arena_bytes ? std::min(options_.arena_bytes, budget_bytes_ - held_bytes_)
+                                   : want;
+  DSVM_RETURN_IF_ERROR(Grow(bytes));
+  return arenas_.size() - 1;
+}
+
+Result<DeviceSlot> DevicePagePool::AllocateRun(uint32_t n) {
+  if (n == 0) return InvalidArgument("a run of 0 slots");
+  for (size_t a = 0; a < arenas_.size(); ++a) {
+    const SlotRange r = ArenaSlots(a);
+    uint32_t run = 0;
+    for (uint32_t i = r.first; i < r.first + r.count; ++i) {
+      run = IsFree(i) ? run + 1 : 0;
+      if (run == n) {
+        const uint32_t first = i + 1 - n;
+        for (uint32_t k = first; k <= i; ++k) UnlinkFree(k);
+        used_ += n;
+        return DeviceSlot{SlotPtr(first), first};
+      }
+    }
+  }
+  Result<size_t> a = GrowForRun(n);
+  if (!a.ok()) {
+    return Status(a.status().code(), "no arena has " + std::to_string(n) +
+                                         " adjacent free slots: " + a.status().message());
+  }
+  const uint32_t first = ArenaSlots(*a).first;
+  for (uint32_t k = first; k < first + n; ++k) UnlinkFree(k);
+  used_ += n;
+  return DeviceSlot{SlotPtr(first), first};
 }
 
 }  // namespace dsvm::node

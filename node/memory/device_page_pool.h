@@ -8,10 +8,21 @@
 // device memory held, not slots in use: a pool never holds more than
 // budget_bytes (rounded down to a whole number of pages) of the device.
 //
-// Allocate and Free are O(1): a freed slot goes on an intrusive free list
-// (reused last-freed first, while it is likely still in the caches); a new
-// slot is taken from the current arena's uncarved tail; only growing by an
-// arena calls the backend. Arenas are kept until the pool is destroyed.
+// Allocate and Free are O(1): a freed slot goes on an intrusive, doubly
+// linked free list (reused last-freed first, while it is likely still in the
+// caches); a new arena's slots join the list in address order; only growing
+// by an arena calls the backend. Arenas are kept until the pool is destroyed.
+//
+// Runs (dsvm_gpu_map): AllocateRun(n) takes n adjacent slots of one arena,
+// so that n pages in address order form one contiguous device range behind
+// one device pointer. It takes the first n adjacent free slots of an arena
+// (first fit, in arena order), or grows by an arena that holds them: a
+// regular arena when n fits one, else a dedicated arena of exactly n pages
+// (a run never spans two arenas: they are separate device allocations).
+// Taking a slot out of the middle of the free list is O(1) (Take); a run
+// search is O(slots held). The pool knows nothing of what slots hold, so a
+// run that needs evictions is the DeviceTier's to find (ArenaSlots, IsFree,
+// Take, GrowForRun).
 // TODO(#5): give back arenas whose slots are all free, when eviction wants
 // the device memory for another pool.
 //
@@ -52,6 +63,12 @@ struct DeviceSlot {
   uint32_t index = 0;
 };
 
+// Slots [first, first + count) of the pool, all in one arena.
+struct SlotRange {
+  uint32_t first = 0;
+  uint32_t count = 0;
+};
+
 class DevicePagePool {
  public:
   // A pool on `backend`, which must outlive it. Holds no arena yet.
@@ -75,6 +92,31 @@ class DevicePagePool {
   // pool, or not in use: a double free).
   Status Free(DeviceSlot slot);
 
+  // n adjacent free slots of one arena, taken (see "Runs" above); the first
+  // is returned, slot first.index + i is at first.ptr + i * page_size(). Each
+  // slot of a run is an ordinary slot afterwards (Free them one by one).
+  // Errors: kInvalidArgument (n is 0), kResourceExhausted (no arena has n
+  // adjacent free slots and the budget leaves no room for one that would;
+  // or the device is full below the budget), kInternal.
+  Result<DeviceSlot> AllocateRun(uint32_t n);
+
+  // The pieces AllocateRun is made of, for a caller that may free slots to
+  // make a run (DeviceTier::MapRun).
+  // The slots of arena `arena` (< arena_count()).
+  SlotRange ArenaSlots(size_t arena) const;
+  // True when slot `index` (< arena_slots()) is free.
+  bool IsFree(uint32_t index) const { return link_[index] != kUsed; }
+  // The slot at `index`, used or not. REQUIRES: index < arena_slots().
+  DeviceSlot SlotAt(uint32_t index) const { return DeviceSlot{SlotPtr(index), index}; }
+  // Takes the free slot `index`. Errors: kInvalidArgument (out of range, or
+  // in use).
+  Result<DeviceSlot> Take(uint32_t index);
+  // Grows by an arena holding at least n slots (a regular arena when n fits
+  // one, else a dedicated one of n pages); returns the new arena's index.
+  // Errors: kInvalidArgument (n is 0), kResourceExhausted (the budget leaves
+  // no room for it, or the device is full), kInternal.
+  Result<size_t> GrowForRun(uint32_t n);
+
   uint32_t device() const { return options_.device; }
   uint32_t page_size() const { return options_.page_size; }
   uint64_t budget_bytes() const { return budget_bytes_; }
@@ -82,7 +124,7 @@ class DevicePagePool {
   uint64_t capacity_slots() const { return budget_bytes_ / options_.page_size; }
   uint64_t used_slots() const { return used_; }
   uint64_t used_bytes() const { return used_ * options_.page_size; }
-  // Slots in the arenas held so far (in use, free, or not carved yet).
+  // Slots in the arenas held so far (in use or free).
   uint64_t arena_slots() const { return link_.size(); }
   size_t arena_count() const { return arenas_.size(); }
   // Device memory held: the arenas' bytes. Never above budget_bytes().
@@ -92,28 +134,30 @@ class DevicePagePool {
  private:
   // link_ values besides the index of the next free slot.
   static constexpr uint32_t kUsed = 0xffffffffu;
-  static constexpr uint32_t kUncarved = 0xfffffffeu;
-  static constexpr uint32_t kEnd = 0xfffffffdu;  // the free list's last slot
+  static constexpr uint32_t kEnd = 0xfffffffdu;  // the free list's last (prev_: first) slot
   static constexpr uint64_t kMaxSlots = 0xfffffff0u;
 
   DevicePagePool(DeviceBackend* backend, DevicePagePoolOptions options, uint64_t budget_bytes);
 
-  // Allocates one more arena and appends its slots (uncarved).
-  Status Grow();
+  // Allocates one more arena of `bytes` and puts its slots on the free
+  // list, lowest address first.
+  Status Grow(uint64_t bytes);
   DevicePtr SlotPtr(uint32_t index) const;
+  size_t ArenaOf(uint32_t index) const;
+  void PushFree(uint32_t index);
+  void UnlinkFree(uint32_t index);
 
   DeviceBackend* const backend_;
   const DevicePagePoolOptions options_;
   const uint64_t budget_bytes_;
-  const uint64_t slots_per_arena_;
   std::vector<DeviceArena> arenas_;
+  std::vector<uint32_t> arena_first_;  // per arena, its first slot's index (ascending)
   uint64_t held_bytes_ = 0;
-  // Per slot of the held arenas: kUsed, kUncarved, or (free) the next free
-  // slot's index or kEnd.
+  // Per slot of the held arenas: kUsed, or (free) the next free slot's
+  // index or kEnd; prev_: (free) the previous free slot's index or kEnd.
   std::vector<uint32_t> link_;
+  std::vector<uint32_t> prev_;
   uint32_t free_head_ = kEnd;
-  // Slots [next_uncarved_, link_.size()) have never been handed out.
-  uint64_t next_uncarved_ = 0;
   uint64_t used_ = 0;
 };
 

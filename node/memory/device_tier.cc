@@ -137,27 +137,206 @@ Result<std::vector<DevicePtr>> DeviceTier::MakeResident(PageAddr region,
   std::vector<PageAddr> placed;
   Status s = Execute(steps, &placed);
   if (!s.ok()) {
-    if (!failed_.ok()) return s;
-    // Undo this call's new GPU copies and its pins; see the header.
-    std::unordered_set<PageAddr> fresh;
-    for (const TierStep& step : steps) {
-      if (step.kind == TierStepKind::kAllocateSlot) fresh.insert(step.page);
-    }
-    for (PageAddr page : pages) {
-      if (fresh.count(page) != 0) {
-        if (slots_.count(page) != 0) FreeSlotOf(page);
-        table_->Unplace(page, 1).IgnoreError();  // placed by this call, pinned once
-      } else {
-        table_->Unpin(page).IgnoreError();  // pinned by this call
-      }
-    }
-    ++stats_.rollbacks;
+    if (failed_.ok()) RollBack(steps, pages);
     return s;
   }
   std::vector<DevicePtr> ptrs;
   ptrs.reserve(pages.size());
   for (PageAddr page : pages) ptrs.push_back(slots_.at(page).slot.ptr);
   return ptrs;
+}
+
+void DeviceTier::RollBack(const TierSteps& steps, std::span<const PageAddr> pages) {
+  // Undo this call's new GPU copies and its pins; see the header.
+  std::unordered_set<PageAddr> fresh;
+  for (const TierStep& step : steps) {
+    if (step.kind == TierStepKind::kAllocateSlot) fresh.insert(step.page);
+  }
+  for (PageAddr page : pages) {
+    if (fresh.count(page) != 0) {
+      if (slots_.count(page) != 0) FreeSlotOf(page);
+      table_->Unplace(page, 1).IgnoreError();  // placed by this call, pinned once
+    } else {
+      table_->Unpin(page).IgnoreError();  // pinned by this call
+    }
+  }
+  ++stats_.rollbacks;
+}
+
+PageAddr DeviceTier::OccupantOf(const DevicePagePool* pool, uint32_t index) {
+  std::vector<PageAddr>& occ = occupants_[pool];
+  if (occ.size() < pool->arena_slots()) occ.resize(pool->arena_slots(), kNoPage);
+  return occ[index];
+}
+
+Result<DeviceRun> DeviceTier::MapRun(PageAddr region, std::span<const PageAddr> pages,
+                                     uint32_t gpu, bool for_write, uint64_t tick) {
+  if (!failed_.ok())
+    return FailedPrecondition("device tier: failed earlier: " + failed_.ToString());
+  auto it = stores_.find(region);
+  if (it == stores_.end()) return InvalidArgument("device tier: no region at " + Hex(region));
+  PageStore* store = it->second;
+  const uint64_t ps = store->page_size();
+  if (pages.empty()) return InvalidArgument("device tier: a run of no pages");
+  for (size_t i = 0; i < pages.size(); ++i) {
+    DSVM_RETURN_IF_ERROR(store->CheckPage(pages[i]));
+    if (pages[i] != pages[0] + i * ps) {
+      return InvalidArgument("device tier: the pages of a run must be consecutive; " +
+                             Hex(pages[i]) + " follows " + Hex(pages[0]));
+    }
+  }
+  DevicePagePool* pool = gpu < backend_->device_count() ? PoolOf(gpu, store->page_size()) : nullptr;
+  if (pool == nullptr) {
+    return InvalidArgument("device tier: no pool for gpu " + std::to_string(gpu) +
+                           " and page size " + std::to_string(ps));
+  }
+  const uint32_t n = static_cast<uint32_t>(pages.size());
+  if (pages.size() > pool->capacity_slots()) {
+    return ResourceExhausted("device tier: a run of " + std::to_string(pages.size()) +
+                             " pages of " + std::to_string(ps) + " bytes is larger than gpu " +
+                             std::to_string(gpu) + "'s budget of " +
+                             std::to_string(pool->capacity_slots()) + " pages");
+  }
+  // The pages as they are now: in place already (a run mapped before), or
+  // pinned where they cannot move.
+  bool in_place = true;
+  const DevicePtr first_ptr = SlotOf(pages[0]);
+  for (size_t i = 0; i < pages.size(); ++i) {
+    const PageAddr page = pages[i];
+    if (table_->IsLeaving(page)) {
+      return FailedPrecondition("device tier: page " + Hex(page) + " is leaving the node");
+    }
+    const std::optional<uint32_t> on = table_->GpuOf(page);
+    if (on && *on != gpu && table_->PinsOf(page) != 0) {
+      return FailedPrecondition("device tier: page " + Hex(page) + " is mapped on gpu " +
+                                std::to_string(*on));
+    }
+    const auto placed = slots_.find(page);
+    if (!on || *on != gpu || placed == slots_.end() || placed->second.slot.ptr != first_ptr + i * ps ||
+        (i > 0 && placed->second.slot.index != slots_.at(pages[0]).slot.index + i)) {
+      in_place = false;
+    }
+  }
+  if (!in_place) {
+    for (PageAddr page : pages) {
+      if (table_->PinsOf(page) != 0) {
+        return FailedPrecondition(
+            "device tier: page " + Hex(page) +
+            " is mapped already by a map that is not this range; unmap it first, or map exactly "
+            "the same range");
+      }
+    }
+  }
+  std::unordered_set<PageAddr> mine(pages.begin(), pages.end());
+  // Choose the window: slots [start, start + n) of one arena.
+  uint32_t start = 0;
+  if (in_place) {
+    start = slots_.at(pages[0]).slot.index;
+  } else {
+    // Per slot: blocked (a pinned or leaving page of another range), or the
+    // cost of taking it (1 for a page to evict, 2 when dirty).
+    auto cost_of = [&](uint32_t index, bool* blocked) -> uint32_t {
+      const PageAddr q = OccupantOf(pool, index);
+      *blocked = false;
+      if (q == kNoPage || mine.count(q) != 0) return 0;
+      if (table_->PinsOf(q) != 0 || table_->IsLeaving(q)) {
+        *blocked = true;
+        return 0;
+      }
+      return table_->IsDirty(q) ? 2 : 1;
+    };
+    auto best_window = [&](uint64_t* best_cost) {
+      std::optional<uint32_t> best;
+      for (size_t a = 0; a < pool->arena_count(); ++a) {
+        const SlotRange r = pool->ArenaSlots(a);
+        if (r.count < n) continue;
+        uint64_t cost = 0, blocked = 0;
+        std::vector<uint32_t> c(r.count);
+        std::vector<uint8_t> b(r.count);
+        for (uint32_t i = 0; i < r.count; ++i) {
+          bool bl;
+          c[i] = cost_of(r.first + i, &bl);
+          b[i] = bl;
+          cost += c[i];
+          blocked += bl;
+          if (i >= n) {
+            cost -= c[i - n];
+            blocked -= b[i - n];
+          }
+          if (i + 1 >= n && blocked == 0 && (!best || cost < *best_cost)) {
+            best = r.first + i + 1 - n;
+            *best_cost = cost;
+            if (cost == 0) return best;
+          }
+        }
+      }
+      return best;
+    };
+    uint64_t cost = 0;
+    std::optional<uint32_t> window = best_window(&cost);
+    if (!window || cost > 0) {
+      // Free memory under the budget beats evictions.
+      Result<size_t> grown = pool->GrowForRun(n);
+      if (grown.ok()) {
+        window = pool->ArenaSlots(*grown).first;
+        cost = 0;
+      } else if (!window) {
+        return Status(grown.status().code(),
+                      "device tier: no arena of gpu " + std::to_string(gpu) + " has " +
+                          std::to_string(n) + " adjacent slots free of pages mapped by others, " +
+                          "and no new arena fits: " + grown.status().message());
+      }
+    }
+    start = *window;
+    // Move what is in the way out: other pages in the window, and pages of
+    // this call on this GPU outside their place in it.
+    TierSteps evict;
+    for (uint32_t i = 0; i < n; ++i) {
+      const PageAddr q = OccupantOf(pool, start + i);
+      if (q != kNoPage && q != pages[i]) {
+        DSVM_RETURN_IF_ERROR(table_->EvictFromGpu(q, &evict));
+        ++stats_.run_evictions;
+      }
+    }
+    for (uint32_t i = 0; i < n; ++i) {
+      const PageAddr page = pages[i];
+      const std::optional<uint32_t> on = table_->GpuOf(page);
+      if (on && *on == gpu && slots_.at(page).slot.index != start + i) {
+        DSVM_RETURN_IF_ERROR(table_->EvictFromGpu(page, &evict));
+        ++stats_.run_evictions;
+      }
+    }
+    DSVM_RETURN_IF_ERROR(Execute(evict, nullptr));
+    for (uint32_t i = 0; i < n; ++i) forced_[pages[i]] = start + i;
+  }
+  TierSteps steps;
+  Status s = table_->MakeResident(pages, gpu, for_write, /*pin=*/true, tick, &steps);
+  if (!s.ok()) {
+    forced_.clear();
+    return s;
+  }
+  std::vector<PageAddr> placed;
+  s = Execute(steps, &placed);
+  forced_.clear();
+  if (!s.ok()) {
+    if (failed_.ok()) RollBack(steps, pages);
+    return s;
+  }
+  DeviceRun run;
+  run.gpu = gpu;
+  run.ptr = pool->SlotAt(start).ptr;
+  run.bytes = uint64_t{n} * ps;
+  for (size_t a = 0; a < pool->arena_count(); ++a) {
+    const DeviceArena& arena = pool->arenas()[a];
+    if (run.ptr >= arena.base && run.ptr < arena.base + arena.bytes) {
+      run.arena = arena.base;
+      run.arena_bytes = arena.bytes;
+    }
+  }
+  run.offset = run.ptr - run.arena;
+  for (uint32_t i = 0; i < n; ++i) DSVM_CHECK(slots_.at(pages[i]).slot.ptr == run.ptr + i * ps);
+  ++stats_.runs;
+  return run;
 }
 
 Status DeviceTier::CheckPages(std::span<const PageAddr> pages) const {
@@ -190,6 +369,27 @@ Status DeviceTier::Drop(std::span<const PageAddr> pages) {
   return Execute(steps, nullptr);
 }
 
+Status DeviceTier::AddHostPage(PageAddr page, uint64_t tick) {
+  if (!failed_.ok())
+    return FailedPrecondition("device tier: failed earlier: " + failed_.ToString());
+  DSVM_RETURN_IF_ERROR(CheckPages(std::span<const PageAddr>(&page, 1)));
+  TierSteps steps;
+  DSVM_RETURN_IF_ERROR(table_->AddHostPage(page, tick, &steps));
+  return Execute(steps, nullptr);
+}
+
+Status DeviceTier::EvictCopies(std::span<const PageAddr> pages) {
+  if (!failed_.ok())
+    return FailedPrecondition("device tier: failed earlier: " + failed_.ToString());
+  DSVM_RETURN_IF_ERROR(CheckPages(pages));
+  TierSteps steps;
+  for (PageAddr page : pages) {
+    if (!table_->GpuOf(page) || table_->PinsOf(page) != 0 || table_->IsLeaving(page)) continue;
+    DSVM_RETURN_IF_ERROR(table_->EvictFromGpu(page, &steps));
+  }
+  return Execute(steps, nullptr);
+}
+
 std::vector<PageAddr> DeviceTier::TakePagesToLeave() {
   std::vector<PageAddr> out(leave_.begin(), leave_.end());
   leave_.clear();
@@ -201,6 +401,8 @@ void DeviceTier::FreeSlotOf(PageAddr page) {
   DSVM_CHECK_MSG(it != slots_.end(), "device tier: no slot for " + Hex(page));
   Status s = it->second.pool->Free(it->second.slot);
   DSVM_CHECK_MSG(s.ok(), s.ToString());
+  std::vector<PageAddr>& occ = occupants_[it->second.pool];
+  if (it->second.slot.index < occ.size()) occ[it->second.slot.index] = kNoPage;
   slots_.erase(it);
   ++stats_.slots_freed;
 }
@@ -252,8 +454,12 @@ Status DeviceTier::Execute(const TierSteps& steps, std::vector<PageAddr>* placed
     if (step.kind != TierStepKind::kAllocateSlot) continue;
     DevicePagePool* pool = PoolOf(step.gpu, table_->PageSizeOf(step.page));
     DSVM_CHECK(pool != nullptr);
-    DSVM_ASSIGN_OR_RETURN(DeviceSlot slot, pool->Allocate());
+    auto forced = forced_.find(step.page);
+    DSVM_ASSIGN_OR_RETURN(DeviceSlot slot, forced != forced_.end() ? pool->Take(forced->second)
+                                                                    : pool->Allocate());
     slots_[step.page] = Placed{pool, slot};
+    OccupantOf(pool, slot.index);  // sizes the table
+    occupants_[pool][slot.index] = step.page;
     if (placed != nullptr) placed->push_back(step.page);
   }
   // 3. Copies to the device, per GPU.

@@ -70,6 +70,17 @@ struct DeviceTierOptions {
   uint32_t streams_per_gpu = 2;
 };
 
+// A contiguous device range holding consecutive pages (DeviceTier::MapRun):
+// page i of the run is at ptr + i * page size, all in one arena.
+struct DeviceRun {
+  uint32_t gpu = 0;
+  DevicePtr ptr = 0;          // the first page's slot
+  uint64_t bytes = 0;         // pages * page size
+  DevicePtr arena = 0;        // base of the arena holding the run
+  uint64_t arena_bytes = 0;
+  uint64_t offset = 0;        // ptr - arena
+};
+
 struct DeviceTierStats {
   uint64_t to_device_calls = 0;    // CopyToDevice calls (one per batch)
   uint64_t to_host_calls = 0;      // CopyToHost calls (one per batch)
@@ -81,6 +92,8 @@ struct DeviceTierStats {
   uint64_t bytes_to_host = 0;
   uint64_t slots_freed = 0;  // kFreeSlot steps carried out
   uint64_t rollbacks = 0;    // calls undone after a failure
+  uint64_t runs = 0;         // MapRun calls that succeeded
+  uint64_t run_evictions = 0;  // GPU copies MapRun moved out of the way of a run
 };
 
 class DeviceTier {
@@ -121,6 +134,23 @@ class DeviceTier {
   // the budget), kIoError (a store read), kInternal (the device).
   Result<std::vector<DevicePtr>> MakeResident(PageAddr region, std::span<const PageAddr> pages,
                                               uint32_t gpu, bool for_write, uint64_t tick);
+  // As MakeResident for consecutive pages (pages[i] = pages[0] + i * page
+  // size, the region's), which end up in adjacent slots of one arena: one
+  // device range, in address order (dsvm_gpu_map). The run goes where
+  // nothing needs to move if it can: (1) a window of free slots (or of the
+  // pages already in place, which are hits); (2) a new arena, regular or
+  // dedicated when the run is larger than one (DevicePagePool::GrowForRun);
+  // (3) the window of an arena whose unpinned occupants are fewest: they
+  // are evicted (written back when dirty). Pages of the call on the GPU
+  // outside the window move into it (written back first when dirty).
+  // Victims are chosen by place, not by the NFU order: a run needs
+  // adjacent slots. Errors: as MakeResident, and kInvalidArgument (pages
+  // not consecutive, or none), kFailedPrecondition (a page is pinned
+  // elsewhere than its place in an existing identical run: mapped already
+  // by an overlapping map), kResourceExhausted (no arena can hold the run
+  // beside the pinned pages, and the budget has no room for another).
+  Result<DeviceRun> MapRun(PageAddr region, std::span<const PageAddr> pages, uint32_t gpu,
+                           bool for_write, uint64_t tick);
   // Removes one pin from each page (the end of a gpu_map). Errors:
   // kInvalidArgument (bad page), kFailedPrecondition (a page not pinned; the
   // pages before it were unpinned).
@@ -132,6 +162,17 @@ class DeviceTier {
   // The pages leave the node (coherence invalidation): GPU copies are freed
   // without write-back and the tier forgets them. Errors: kInvalidArgument.
   Status Drop(std::span<const PageAddr> pages);
+  // The node now holds `page` in host DRAM (coherence installed it): the
+  // table counts it against the host budget, which may send pages away
+  // (TakePagesToLeave). Errors: kInvalidArgument, kFailedPrecondition (the
+  // page is leaving; the tier failed earlier), kIoError, kInternal.
+  Status AddHostPage(PageAddr page, uint64_t tick);
+  // Takes the unpinned GPU copies of `pages` off their GPUs (dirty ones
+  // written back first), because the host bytes are about to change under
+  // them (a local CPU write); pinned pages and pages with no GPU copy are
+  // left alone. Errors: kInvalidArgument, kFailedPrecondition (the tier
+  // failed earlier), kIoError, kInternal.
+  Status EvictCopies(std::span<const PageAddr> pages);
   // Pages the host budget sends away (kLeaveNode), oldest first, since the
   // last call; the caller gives each up through NodeAgent::Evict and then
   // calls Drop (or table's KeepOnNode when the agent refuses).
@@ -172,8 +213,13 @@ class DeviceTier {
   Status CheckPages(std::span<const PageAddr> pages) const;
   DevicePagePool* PoolOf(uint32_t gpu, uint32_t page_size) const;
   // Carries out `steps` (phase order, see above). `placed` receives the
-  // pages given a slot here.
+  // pages given a slot here. A page in forced_ takes that slot index.
   Status Execute(const TierSteps& steps, std::vector<PageAddr>* placed);
+  // Undoes a failed MakeResident's new GPU copies and its pins.
+  void RollBack(const TierSteps& steps, std::span<const PageAddr> pages);
+  // The page in slot `index` of `pool`; kNoPage when free.
+  PageAddr OccupantOf(const DevicePagePool* pool, uint32_t index);
+  static constexpr PageAddr kNoPage = ~PageAddr{0};
   Status WriteBackMoves(uint32_t gpu, const std::vector<Move>& moves);
   Status CopyMovesToDevice(uint32_t gpu, const std::vector<Move>& moves);
   // Waits for the lane's pending fence, if any.
@@ -194,6 +240,10 @@ class DeviceTier {
   // pool has grown (pools keep their arenas until destroyed).
   std::unordered_map<const DevicePagePool*, std::vector<std::pair<DevicePtr, DevicePtr>>> arenas_;
   std::deque<PageAddr> leave_;
+  // Per pool, the page in each slot (kNoPage: free), by slot index.
+  std::unordered_map<const DevicePagePool*, std::vector<PageAddr>> occupants_;
+  // During MapRun: the slot index each page must take.
+  std::unordered_map<PageAddr, uint32_t> forced_;
   Status failed_;
   DeviceTierStats stats_;
 };

@@ -1,5 +1,9 @@
 #include "node/memory/emulated_device_backend.h"
 
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>
@@ -131,21 +135,54 @@ class EmulatedDeviceBackend final : public DeviceBackend {
                                std::to_string(capacity - used) + " of " + std::to_string(capacity) +
                                " free");
     }
-    void* p = std::aligned_alloc(kEmulatedArenaAlignment, RoundUp(bytes, kEmulatedArenaAlignment));
-    if (p == nullptr) {
-      return ResourceExhausted("emulated device " + std::to_string(device) +
-                               ": the host has no room for an arena of " + std::to_string(bytes) +
-                               " bytes");
+    // A memfd, so that a client process can map the arena too (ExportArena:
+    // the emulated counterpart of cudaIpcGetMemHandle), mapped at a 2 MiB
+    // aligned address: reserve more, then map the memfd over the aligned part.
+    const int fd = ::memfd_create("dsvm-emulated-arena", MFD_CLOEXEC);
+    if (fd < 0) return IoError(std::string("memfd_create: ") + std::strerror(errno));
+    auto fail = [&](const char* what) {
+      const int e = errno;
+      ::close(fd);
+      return ResourceExhausted("emulated device " + std::to_string(device) + ": " + what +
+                               " for an arena of " + std::to_string(bytes) +
+                               " bytes: " + std::strerror(e));
+    };
+    if (::ftruncate(fd, static_cast<off_t>(bytes)) != 0) return fail("ftruncate");
+    const uint64_t reserve = bytes + kEmulatedArenaAlignment;
+    void* r = ::mmap(nullptr, reserve, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (r == MAP_FAILED) return fail("mmap");
+    const uintptr_t start = reinterpret_cast<uintptr_t>(r);
+    const uintptr_t aligned = RoundUp(start, kEmulatedArenaAlignment);
+    void* p = ::mmap(reinterpret_cast<void*>(aligned), bytes, PROT_READ | PROT_WRITE,
+                     MAP_SHARED | MAP_FIXED, fd, 0);
+    if (p == MAP_FAILED) {
+      ::munmap(r, reserve);
+      return fail("mmap of the memfd");
     }
-    return reinterpret_cast<DevicePtr>(p);
+    if (aligned > start) ::munmap(r, aligned - start);
+    const uintptr_t end = aligned + bytes;
+    if (start + reserve > end) ::munmap(reinterpret_cast<void*>(end), start + reserve - end);
+    fds_[aligned] = fd;
+    return static_cast<DevicePtr>(aligned);
   }
 
   Status DoFreeArena(uint32_t device, DevicePtr base, uint64_t bytes) override {
     for (auto& [id, s] : streams_) {
       if (s->device() == device) s->Drain();
     }
-    std::free(reinterpret_cast<void*>(base));
+    ::munmap(reinterpret_cast<void*>(base), bytes);
+    auto it = fds_.find(base);
+    if (it != fds_.end()) {
+      ::close(it->second);
+      fds_.erase(it);
+    }
     return Status::Ok();
+  }
+
+  Result<ArenaExport> DoExportArena(uint32_t, DevicePtr base, uint64_t) override {
+    ArenaExport e;
+    e.fd = fds_.at(base);
+    return e;
   }
 
   Result<uint8_t*> DoAllocateStaging(uint64_t bytes) override {
@@ -208,6 +245,7 @@ class EmulatedDeviceBackend final : public DeviceBackend {
  private:
   const DeviceBackendOptions options_;
   std::unordered_map<uint64_t, std::unique_ptr<EmulatedStream>> streams_;
+  std::unordered_map<DevicePtr, int> fds_;  // arena base -> its memfd
 };
 
 }  // namespace

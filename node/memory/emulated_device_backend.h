@@ -1,8 +1,9 @@
 // The "emulated" DeviceBackend: host memory plays device memory, so the GPU
 // tier and everything above it run and are tested without a GPU.
 //
-// It is a real implementation, not a mock: arenas are aligned host
-// allocations, counted against a per-device capacity
+// It is a real implementation, not a mock: arenas are memfds mapped at
+// 2 MiB aligned addresses (so ExportArena can hand one to a client process,
+// as cudaIpcGetMemHandle does for a cudaMalloc block), counted against a per-device capacity
 // (DeviceBackendOptions::emulated_device_bytes, kResourceExhausted beyond);
 // each stream owns a copy thread that executes its queued copies in order and
 // marks fences done as it passes them, so copies really complete later than

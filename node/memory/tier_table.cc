@@ -309,6 +309,22 @@ Status TierTable::MakeResident(std::span<const PageAddr> pages, uint32_t gpu, bo
   return Status::Ok();
 }
 
+Status TierTable::EvictFromGpu(PageAddr page, TierSteps* out) {
+  DSVM_RETURN_IF_ERROR(CheckPage(page).status());
+  auto it = pages_.find(page);
+  if (it == pages_.end() || it->second.pool < 0 || it->second.pins != 0 || it->second.leaving) {
+    return FailedPrecondition("tier table: page " + Hex(page) +
+                              " is not an unpinned GPU copy that may be evicted");
+  }
+  Entry& e = it->second;
+  Unlink(page, e);
+  if (!e.dirty) ++stats_.clean_evictions;
+  ++stats_.evictions;
+  LeaveGpu(page, e, /*write_back=*/true, out);
+  Link(page, e);
+  return Status::Ok();
+}
+
 Status TierTable::Unpin(PageAddr page) {
   DSVM_RETURN_IF_ERROR(CheckPage(page).status());
   auto it = pages_.find(page);

@@ -172,6 +172,12 @@ class TierTable {
   // cannot hold the pages: too many, or the others are pinned).
   Status MakeResident(std::span<const PageAddr> pages, uint32_t gpu, bool for_write, bool pin,
                       uint64_t tick, TierSteps* out);
+  // Takes the page's GPU copy off its GPU now (kWriteBack when dirty, then
+  // kFreeSlot), counted as an eviction: the caller needs its slot (a
+  // contiguous run for dsvm_gpu_map, DeviceTier::MapRun). The page stays
+  // held, host only. Errors: kInvalidArgument (bad page), kFailedPrecondition
+  // (not on a GPU, pinned, or leaving).
+  Status EvictFromGpu(PageAddr page, TierSteps* out);
   // Removes one pin. Errors: kInvalidArgument (bad page), kFailedPrecondition
   // (not pinned).
   Status Unpin(PageAddr page);

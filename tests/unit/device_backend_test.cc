@@ -9,6 +9,8 @@
 //   GPU is present.
 #include "node/memory/device_backend.h"
 
+#include <sys/mman.h>
+
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -397,6 +399,38 @@ TEST(EmulatedDeviceBackendTest, CapacityRunsOutAndRecovers) {
   EXPECT_TRUE(backend.AllocateArena(0, 508 << 10).ok());
   EXPECT_EQ(backend.AllocateArena(0, 4096).status().code(), StatusCode::kResourceExhausted);
   // The backend frees what is left at destruction.
+}
+
+// An emulated arena is a memfd: another mapping of the exported descriptor
+// (a client process's, after dsvm_gpu_map) sees the bytes copied into the
+// arena, and writes through it are what the next copy out reads.
+TEST(EmulatedDeviceBackendTest, AnExportedArenaSharesItsBytes) {
+  auto b = MakeDeviceBackend("emulated", {});
+  ASSERT_TRUE(b.ok());
+  auto& backend = **b;
+  auto arena = backend.AllocateArena(0, 64 << 10);
+  ASSERT_TRUE(arena.ok());
+  EXPECT_EQ(arena->base % (2u << 20), 0u) << "2 MiB aligned";
+  auto e = backend.ExportArena(arena->base);
+  ASSERT_TRUE(e.ok()) << e.status().ToString();
+  ASSERT_GE(e->fd, 0);
+  EXPECT_TRUE(e->ipc_handle.empty());
+  EXPECT_EQ(backend.ExportArena(arena->base + 4096).status().code(), StatusCode::kInvalidArgument);
+  void* view = ::mmap(nullptr, 64 << 10, PROT_READ | PROT_WRITE, MAP_SHARED, e->fd, 0);
+  ASSERT_NE(view, MAP_FAILED);
+  auto stream = backend.CreateStream(0);
+  ASSERT_TRUE(stream.ok());
+  std::vector<uint8_t> in(4096, 0x5A), out(4096, 0);
+  ASSERT_TRUE(backend.CopyToDevice(*stream, in.data(), arena->base + 8192, 4096).ok());
+  auto f = backend.RecordFence(*stream);
+  ASSERT_TRUE(f.ok() && backend.Wait(*f).ok());
+  EXPECT_EQ(std::memcmp(static_cast<uint8_t*>(view) + 8192, in.data(), 4096), 0);
+  std::memset(static_cast<uint8_t*>(view) + 8192, 0xC3, 4096);  // a "kernel" writes
+  ASSERT_TRUE(backend.CopyToHost(*stream, arena->base + 8192, out.data(), 4096).ok());
+  f = backend.RecordFence(*stream);
+  ASSERT_TRUE(f.ok() && backend.Wait(*f).ok());
+  EXPECT_EQ(out, std::vector<uint8_t>(4096, 0xC3));
+  ::munmap(view, 64 << 10);
 }
 
 // The copy-delay test seam holds each copy in flight long enough for a poll

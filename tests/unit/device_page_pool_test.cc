@@ -191,6 +191,71 @@ TEST_P(DevicePagePoolTest, SlotsHoldTheirOwnBytes) {
   for (size_t i = 0; i < slots.size(); ++i) EXPECT_EQ(out[i], in[i]) << "slot " << i;
 }
 
+// A run is n adjacent slots of one arena: consecutive indexes, each one
+// page after the last.
+TEST_P(DevicePagePoolTest, ARunIsAdjacentSlotsOfOneArena) {
+  auto run = pool_->AllocateRun(3);
+  ASSERT_TRUE(run.ok()) << run.status().ToString();
+  EXPECT_EQ(pool_->used_slots(), 3u);
+  EXPECT_EQ(pool_->arena_count(), 1u);
+  for (uint32_t i = 0; i < 3; ++i) {
+    EXPECT_FALSE(pool_->IsFree(run->index + i));
+    EXPECT_EQ(pool_->SlotAt(run->index + i).ptr, run->ptr + uint64_t{i} * page_);
+  }
+  EXPECT_TRUE(InsideAnArena(*pool_, run->ptr, 3ull * page_));
+  // The arena has one slot left: a run of 2 needs a second arena.
+  auto two = pool_->AllocateRun(2);
+  ASSERT_TRUE(two.ok()) << two.status().ToString();
+  EXPECT_EQ(pool_->arena_count(), 2u);
+  EXPECT_EQ(two->ptr, pool_->arenas()[1].base);
+  // Slots of a run are ordinary slots: freed one by one, then taken again.
+  ASSERT_TRUE(pool_->Free(pool_->SlotAt(run->index + 1)).ok());
+  EXPECT_TRUE(pool_->IsFree(run->index + 1));
+  EXPECT_EQ(pool_->Take(run->index).status().code(), StatusCode::kInvalidArgument) << "in use";
+  auto taken = pool_->Take(run->index + 1);
+  ASSERT_TRUE(taken.ok());
+  EXPECT_EQ(taken->ptr, run->ptr + page_);
+  EXPECT_EQ(pool_->used_slots(), 5u);
+}
+
+// Free slots that are not adjacent make no run: the pool grows instead.
+TEST_P(DevicePagePoolTest, FragmentedFreeSlotsMakeNoRun) {
+  std::vector<DeviceSlot> slots;
+  for (int i = 0; i < 4; ++i) slots.push_back(*pool_->Allocate());
+  ASSERT_EQ(pool_->arena_count(), 1u);
+  ASSERT_TRUE(pool_->Free(slots[0]).ok());
+  ASSERT_TRUE(pool_->Free(slots[2]).ok());
+  auto run = pool_->AllocateRun(2);
+  ASSERT_TRUE(run.ok()) << run.status().ToString();
+  EXPECT_EQ(pool_->arena_count(), 2u);
+  EXPECT_EQ(run->ptr, pool_->arenas()[1].base);
+  // Once slot 1 is free too, slots 0..2 form a run in the first arena.
+  ASSERT_TRUE(pool_->Free(slots[1]).ok());
+  auto three = pool_->AllocateRun(3);
+  ASSERT_TRUE(three.ok());
+  EXPECT_EQ(three->ptr, slots[0].ptr);
+  EXPECT_EQ(pool_->arena_count(), 2u);
+}
+
+// A run larger than an arena gets an arena of its own; runs never exceed
+// the budget.
+TEST_P(DevicePagePoolTest, ALargeRunGetsADedicatedArena) {
+  auto six = pool_->AllocateRun(6);
+  ASSERT_TRUE(six.ok()) << six.status().ToString();
+  ASSERT_EQ(pool_->arena_count(), 1u);
+  EXPECT_EQ(pool_->arenas()[0].bytes, 6ull * page_);
+  EXPECT_EQ(six->ptr, pool_->arenas()[0].base);
+  auto five = pool_->AllocateRun(5);  // 4 pages of budget left
+  EXPECT_EQ(five.status().code(), StatusCode::kResourceExhausted);
+  EXPECT_NE(five.status().message().find("budget"), std::string::npos) << five.status().message();
+  EXPECT_EQ(pool_->AllocateRun(0).status().code(), StatusCode::kInvalidArgument);
+  auto four = pool_->AllocateRun(4);
+  ASSERT_TRUE(four.ok()) << four.status().ToString();
+  EXPECT_EQ(pool_->arena_bytes(), pool_->budget_bytes());
+  EXPECT_EQ(pool_->used_slots(), 10u);
+  EXPECT_EQ(pool_->Allocate().status().code(), StatusCode::kResourceExhausted);
+}
+
 TEST_P(DevicePagePoolTest, DestructionFreesItsArenas) {
   AllocateAll();
   EXPECT_EQ(backend_->arena_count(), 3u);

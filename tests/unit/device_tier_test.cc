@@ -432,5 +432,109 @@ TEST(DeviceTierCreateTest, RefusesBadOptions) {
   EXPECT_EQ((*b)->staging_count(), 0u);
 }
 
+
+// --- Runs (dsvm_gpu_map) ---------------------------------------------------
+
+// A run's pages sit in adjacent slots in address order, behind one pointer;
+// pages resident elsewhere on the GPU move into it with their bytes.
+TEST_F(DeviceTierTest, ARunHoldsItsPagesInAddressOrder) {
+  Build();
+  // Pages 9, 5 and 3 resident first, in that order: slots 0, 1, 2.
+  for (uint64_t i : {9, 5, 3}) {
+    const std::vector<PageAddr> one = Pages({i});
+    ASSERT_TRUE(tier_->MakeResident(kBase, one, 0, /*for_write=*/true, 1).ok());
+    ASSERT_TRUE(tier_->Unpin(one).ok());
+  }
+  KernelWrite(0, 5, tier_->SlotOf(P(5)));  // dirty on the GPU: must move with its bytes
+  const std::vector<PageAddr> pages = Pages(Range(4, 8));
+  auto run = tier_->MapRun(kBase, pages, 0, /*for_write=*/false, 2);
+  ASSERT_TRUE(run.ok()) << run.status().ToString();
+  EXPECT_EQ(run->bytes, 8ull * kPage);
+  EXPECT_EQ(run->ptr, run->arena + run->offset);
+  for (size_t i = 0; i < pages.size(); ++i) {
+    EXPECT_EQ(tier_->SlotOf(pages[i]), run->ptr + i * kPage) << "page " << 4 + i;
+    EXPECT_EQ(ReadDevice(0, run->ptr + i * kPage), model_[4 + i]) << "page " << 4 + i;
+    EXPECT_EQ(tier_->table().PinsOf(pages[i]), 1u);
+  }
+  EXPECT_EQ(ReadStore(5), model_[5]) << "the dirty copy was written back before it moved";
+  EXPECT_EQ(tier_->table().GpuOf(P(3)), 0u) << "page 3 is not in the range and stays";
+  EXPECT_EQ(pools_[0]->used_slots(), 9u);
+  // The same range again is in place: hits, one more pin, no copies.
+  const uint64_t copies = tier_->stats().pages_to_device;
+  auto again = tier_->MapRun(kBase, pages, 0, false, 3);
+  ASSERT_TRUE(again.ok()) << again.status().ToString();
+  EXPECT_EQ(again->ptr, run->ptr);
+  EXPECT_EQ(tier_->stats().pages_to_device, copies);
+  EXPECT_EQ(tier_->table().PinsOf(pages[0]), 2u);
+  ASSERT_TRUE(tier_->Unpin(pages).ok());
+  ASSERT_TRUE(tier_->Unpin(pages).ok());
+}
+
+// With the budget full, a run evicts the unpinned pages in its window (dirty
+// ones written back) and never a pinned one.
+TEST_F(DeviceTierTest, ARunEvictsByPlaceWhenTheBudgetIsFull) {
+  Build();
+  const std::vector<PageAddr> first = Pages(Range(0, 8));
+  auto pinned = tier_->MapRun(kBase, first, 0, /*for_write=*/true, 1);
+  ASSERT_TRUE(pinned.ok()) << pinned.status().ToString();
+  const std::vector<PageAddr> second = Pages(Range(8, 8));
+  auto dirty = tier_->MapRun(kBase, second, 0, /*for_write=*/true, 2);
+  ASSERT_TRUE(dirty.ok()) << dirty.status().ToString();
+  for (size_t i = 0; i < 8; ++i) KernelWrite(0, 8 + i, dirty->ptr + i * kPage);
+  ASSERT_TRUE(tier_->Unpin(second).ok());
+  EXPECT_EQ(pools_[0]->used_slots(), 16u);
+  const std::vector<PageAddr> third = Pages(Range(20, 8));
+  auto run = tier_->MapRun(kBase, third, 0, false, 3);
+  ASSERT_TRUE(run.ok()) << run.status().ToString();
+  EXPECT_EQ(run->ptr, dirty->ptr) << "the only window without pinned pages";
+  EXPECT_EQ(tier_->stats().run_evictions, 8u);
+  for (size_t i = 0; i < 8; ++i) {
+    EXPECT_EQ(ReadStore(8 + i), model_[8 + i]) << "dirty page " << 8 + i << " written back";
+    EXPECT_FALSE(tier_->table().GpuOf(P(8 + i)).has_value());
+    EXPECT_EQ(ReadDevice(0, run->ptr + i * kPage), model_[20 + i]);
+  }
+  // Everything is pinned now: no window for another run.
+  auto none = tier_->MapRun(kBase, Pages(Range(30, 2)), 0, false, 4);
+  EXPECT_EQ(none.status().code(), StatusCode::kResourceExhausted) << none.status().ToString();
+  EXPECT_TRUE(tier_->Unpin(first).ok());
+  EXPECT_TRUE(tier_->Unpin(third).ok());
+}
+
+TEST_F(DeviceTierTest, RunRefusals) {
+  Build();
+  EXPECT_EQ(tier_->MapRun(kBase, Pages({1, 3}), 0, false, 1).status().code(),
+            StatusCode::kInvalidArgument)
+      << "not consecutive";
+  EXPECT_EQ(tier_->MapRun(kBase, {}, 0, false, 1).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(tier_->MapRun(kBase, Pages(Range(0, 17)), 0, false, 1).status().code(),
+            StatusCode::kResourceExhausted)
+      << "larger than the budget";
+  EXPECT_EQ(tier_->MapRun(kBase, Pages(Range(0, 2)), 7, false, 1).status().code(),
+            StatusCode::kInvalidArgument)
+      << "no such gpu";
+  ASSERT_TRUE(tier_->MapRun(kBase, Pages(Range(0, 4)), 0, false, 1).ok());
+  auto overlap = tier_->MapRun(kBase, Pages(Range(2, 4)), 0, false, 2);
+  EXPECT_EQ(overlap.status().code(), StatusCode::kFailedPrecondition) << overlap.status().ToString();
+  auto other_gpu = tier_->MapRun(kBase, Pages(Range(0, 4)), 1, false, 2);
+  EXPECT_EQ(other_gpu.status().code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(tier_->table().PinsOf(P(2)), 1u) << "refusals change nothing";
+}
+
+// A run larger than an arena gets a dedicated arena.
+TEST_F(DeviceTierTest, ARunLargerThanAnArenaGetsItsOwn) {
+  TierConfig c;
+  c.arena_pages = 4;
+  Build(c);
+  const std::vector<PageAddr> pages = Pages(Range(10, 6));
+  auto run = tier_->MapRun(kBase, pages, 1, /*for_write=*/false, 1);
+  ASSERT_TRUE(run.ok()) << run.status().ToString();
+  EXPECT_EQ(run->arena_bytes, 6ull * kPage);
+  EXPECT_EQ(run->offset, 0u);
+  for (size_t i = 0; i < pages.size(); ++i) {
+    EXPECT_EQ(ReadDevice(1, run->ptr + i * kPage), model_[10 + i]);
+  }
+  ASSERT_TRUE(tier_->Unpin(pages).ok());
+}
+
 }  // namespace
 }  // namespace dsvm::node
