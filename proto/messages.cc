@@ -69,6 +69,36 @@ Status RegionCreated::Validate() const {
   return Status::Ok();
 }
 
+namespace {
+
+Status ValidateRange(PageAddr address, uint64_t length) {
+  if (length == 0) return Corruption("length 0");
+  if (address % kMinPageSize != 0 || length % kMinPageSize != 0) {
+    return Corruption("address or length not a multiple of " + std::to_string(kMinPageSize));
+  }
+  if (address + length < address) return Corruption("address + length wraps");
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status GpuMap::Validate() const { return ValidateRange(address, length); }
+
+Status GpuUnmap::Validate() const { return ValidateRange(address, length); }
+
+Status GpuMapReply::Validate() const {
+  if (arena == 0) return Corruption("arena 0");
+  if (length == 0) return Corruption("length 0");
+  if (offset > arena_bytes || length > arena_bytes - offset) {
+    return Corruption("range past the end of the arena");
+  }
+  if (kind == DeviceKind::kCuda ? ipc_handle.size() != kCudaIpcHandleSize : !ipc_handle.empty()) {
+    return Corruption("ipc handle of " + std::to_string(ipc_handle.size()) +
+                      " bytes does not match the device kind");
+  }
+  return Status::Ok();
+}
+
 MessageType TypeOf(const Message& m) {
   return std::visit([](const auto& x) { return std::decay_t<decltype(x)>::kType; }, m);
 }
@@ -120,6 +150,9 @@ const char* TypeName(MessageType t) {
     case MessageType::kRegionWatch: return "RegionWatch";
     case MessageType::kRegionCreated: return "RegionCreated";
     case MessageType::kRegionSnapshotDone: return "RegionSnapshotDone";
+    case MessageType::kGpuMap: return "GpuMap";
+    case MessageType::kGpuMapReply: return "GpuMapReply";
+    case MessageType::kGpuUnmap: return "GpuUnmap";
   }
   return "Unknown";
 }

@@ -92,6 +92,8 @@ enum class MessageType : uint16_t {
   kNodeStatsReply = 45,
   kPrefetch = 46,
   kAdvise = 47,
+  kGpuMap = 48,
+  kGpuMapReply = 49,
   // Control plane, continued (1..19 are taken).
   kRegionPages = 50,
   kRegionPagesReply = 51,
@@ -99,6 +101,8 @@ enum class MessageType : uint16_t {
   kRegionWatch = 53,
   kRegionCreated = 54,
   kRegionSnapshotDone = 55,
+  // Client plane, continued (40..49 are taken).
+  kGpuUnmap = 56,
 };
 
 // What a node asks of the directory for one page.
@@ -584,7 +588,7 @@ struct PeerProof {
 };
 
 // The ABI version libdsvm and dsvm-node speak on the client plane.
-inline constexpr uint32_t kClientAbi = 2;
+inline constexpr uint32_t kClientAbi = 3;  // 3: GpuMap, GpuMapReply, GpuUnmap
 
 // Client -> daemon: the first record on a client connection.
 struct ClientHello {
@@ -662,6 +666,66 @@ struct Advise {
   }
 };
 
+// Client -> daemon (dsvm_gpu_map): make the pages of [address, address +
+// length), inside one region and aligned to its pages, resident on GPU
+// `gpu` of the node in one contiguous device range, holding them Shared or
+// (write) Modified cluster-wide until GpuUnmap: while mapped, a directory
+// request that would take them from the node (or, for a write map,
+// downgrade them) waits (PROTOCOL.md, "GPU maps"). Reply: GpuMapReply, with
+// the arena's memfd attached for an emulated device; or StatusReply.
+struct GpuMap {
+  static constexpr MessageType kType = MessageType::kGpuMap;
+  PageAddr address = 0;
+  uint64_t length = 0;
+  uint32_t gpu = 0;
+  uint8_t write = 0;
+  template <typename A> void Visit(A& a) { a.U64(address); a.U64(length); a.U32(gpu); a.Flag(write); }
+  // Decode refuses length 0, an address or length that is not a multiple of
+  // kMinPageSize, and a range that wraps. Errors: kCorruption.
+  Status Validate() const;
+};
+
+// What kind of device memory a GpuMapReply names.
+enum class DeviceKind : uint8_t {
+  kInvalid = 0,
+  kEmulated = 1,  // host memory: the attached memfd is the arena (offset 0 = arena)
+  kCuda = 2,      // cudaMalloc'd: ipc_handle is its cudaIpcMemHandle_t
+};
+inline constexpr uint8_t kMaxDeviceKind = 2;
+inline constexpr uint32_t kCudaIpcHandleSize = 64;  // sizeof(cudaIpcMemHandle_t)
+
+// Daemon -> client: the map's device range is [offset, offset + length) of
+// the arena `arena` (an id the daemon keeps for the arena's life; the same
+// arena has the same id in every reply) of `arena_bytes` on `gpu`.
+struct GpuMapReply {
+  static constexpr MessageType kType = MessageType::kGpuMapReply;
+  uint32_t gpu = 0;
+  DeviceKind kind = DeviceKind::kEmulated;
+  uint64_t arena = 0;
+  uint64_t arena_bytes = 0;
+  uint64_t offset = 0;
+  uint64_t length = 0;
+  std::vector<uint8_t> ipc_handle;  // kCuda: kCudaIpcHandleSize bytes; else empty
+  template <typename A> void Visit(A& a) {
+    a.U32(gpu); a.Enum(kind, kMaxDeviceKind); a.U64(arena); a.U64(arena_bytes); a.U64(offset);
+    a.U64(length); a.Blob(ipc_handle, kCudaIpcHandleSize);
+  }
+  // Decode refuses arena 0, length 0, a range past the arena's end, and an
+  // ipc_handle that does not match the kind. Errors: kCorruption.
+  Status Validate() const;
+};
+
+// Client -> daemon (dsvm_gpu_unmap): ends this client's map of exactly
+// [address, address + length). Reply: StatusReply.
+struct GpuUnmap {
+  static constexpr MessageType kType = MessageType::kGpuUnmap;
+  PageAddr address = 0;
+  uint64_t length = 0;
+  template <typename A> void Visit(A& a) { a.U64(address); a.U64(length); }
+  // As GpuMap's. Errors: kCorruption.
+  Status Validate() const;
+};
+
 using Message = std::variant<StatusReply, JoinRequest, JoinReply, Heartbeat, LeaveRequest,
                              RegionCreate, RegionOpen, RegionDelete, RegionReply, PageQuery,
                              PageQueryReply, NodeList, NodeListReply, RegionList, RegionListReply,
@@ -670,7 +734,8 @@ using Message = std::variant<StatusReply, JoinRequest, JoinReply, Heartbeat, Lea
                              ClientHelloReply, MapRegion, UnmapRegion, NodeStats, NodeStatsReply,
                              Prefetch, Advise, AuthHello, AuthChallenge, AuthProof,
                              PeerChallenge, PeerProof, RegionPages, RegionPagesReply,
-                             RegionDeleted, RegionWatch, RegionCreated, RegionSnapshotDone>;
+                             RegionDeleted, RegionWatch, RegionCreated, RegionSnapshotDone,
+                             GpuMap, GpuMapReply, GpuUnmap>;
 
 struct Header {
   uint32_t magic = kMagic;

@@ -130,6 +130,10 @@ std::vector<Message> PopulatedMessages() {
       RegionCreated{.region = 2, .base = 0x200000200000, .size = 65536, .page_size = 65536,
                     .name = "r2"},
       RegionSnapshotDone{.regions = 1},
+      GpuMap{.address = 0x200000000000, .length = 8192, .gpu = 0, .write = 1},
+      GpuMapReply{.gpu = 0, .kind = DeviceKind::kEmulated, .arena = 0x7f0000000000,
+                  .arena_bytes = 1 << 20, .offset = 4096, .length = 8192},
+      GpuUnmap{.address = 0x200000000000, .length = 8192},
   };
 }
 
@@ -184,10 +188,13 @@ int Main(int argc, char** argv) {
 
   std::vector<Message> messages =
       DefaultOfEveryType(std::make_index_sequence<std::variant_size_v<Message>>());
-  // A default RegionDeleted or RegionCreated names region 0, which Decode
-  // refuses (their Validate()); their populated seeds stand for the types.
+  // A default RegionDeleted or RegionCreated names region 0, a default
+  // GpuMap, GpuUnmap or GpuMapReply an empty range, which Decode refuses
+  // (their Validate()); their populated seeds stand for the types.
   std::erase_if(messages, [](const Message& m) {
-    return std::holds_alternative<RegionDeleted>(m) || std::holds_alternative<RegionCreated>(m);
+    return std::holds_alternative<RegionDeleted>(m) || std::holds_alternative<RegionCreated>(m) ||
+           std::holds_alternative<GpuMap>(m) || std::holds_alternative<GpuUnmap>(m) ||
+           std::holds_alternative<GpuMapReply>(m);
   });
   for (Message& m : PopulatedMessages()) messages.push_back(std::move(m));
   size_t written = 0;

@@ -285,6 +285,16 @@ std::vector<Message> SampleMessages() {
                     .page_size = 65536,
                     .name = "matrix-e"},
       RegionSnapshotDone{.regions = 0x8000000000000045ull},
+      GpuMap{.address = 0x8000000000600000ull, .length = 0x7F00000000005000ull, .gpu = 0x80000001,
+             .write = 1},
+      GpuMapReply{.gpu = 0x80000002,
+                  .kind = DeviceKind::kCuda,
+                  .arena = 0x8000000000800000ull,
+                  .arena_bytes = 0x8000000000000000ull,
+                  .offset = 0x7000000000000000ull,
+                  .length = 0x0F00000000001000ull,
+                  .ipc_handle = std::vector<uint8_t>(kCudaIpcHandleSize, 0xE7)},
+      GpuUnmap{.address = 0x8000000000700000ull, .length = 0x7F00000000006000ull},
   };
 }
 
@@ -566,7 +576,7 @@ TEST(ProtoHeaderTest, WrongVersionIsInvalidArgument) {
 }
 
 TEST(ProtoHeaderTest, UnknownTypeIsInvalidArgument) {
-  for (uint16_t type : {0, 19, 28, 29, 34, 48, 49, 56, 0x100, 0xFFFF}) {
+  for (uint16_t type : {0, 19, 28, 29, 34, 57, 58, 0x100, 0xFFFF}) {
     Bytes frame = HeaderBytes({.type = type, .payload_length = 0});
     Result<Header> h = DecodeHeader(frame);
     ASSERT_FALSE(h.ok()) << "type " << type;
@@ -762,6 +772,50 @@ TEST(ProtoFieldTest, LengthOverrunningThePayloadIsRefused) {
     WriteLe(&frame, at, claim, 4);
     ExpectRefused(frame, StatusCode::kCorruption, "overruns the payload");
   }
+}
+
+// GPU maps name whole pages of a real range; a reply names a range inside
+// its arena with the handle its device kind needs.
+TEST(ProtoFieldTest, GpuMessagesOutOfRangeAreRefused) {
+  auto refused = [](const Message& m) {
+    Result<Frame> r = Decode(Encode(m, 5));
+    return !r.ok() && r.status().code() == StatusCode::kCorruption;
+  };
+  const PageAddr a = 0x200000000000;
+  EXPECT_FALSE(refused(GpuMap{.address = a, .length = 8192, .gpu = 0, .write = 1}));
+  EXPECT_TRUE(refused(GpuMap{.address = a, .length = 0}));
+  EXPECT_TRUE(refused(GpuMap{.address = a + 1, .length = 4096}));
+  EXPECT_TRUE(refused(GpuMap{.address = a, .length = 4095}));
+  EXPECT_TRUE(refused(GpuMap{.address = ~uint64_t{0} - 4095, .length = 8192}));
+  EXPECT_FALSE(refused(GpuUnmap{.address = a, .length = 4096}));
+  EXPECT_TRUE(refused(GpuUnmap{.address = a, .length = 0}));
+  EXPECT_TRUE(refused(GpuUnmap{.address = a, .length = 100}));
+  const GpuMapReply good{.gpu = 1, .kind = DeviceKind::kEmulated, .arena = 0x7f0000000000,
+                         .arena_bytes = 1 << 20, .offset = 4096, .length = 8192};
+  EXPECT_FALSE(refused(good));
+  GpuMapReply bad = good;
+  bad.arena = 0;
+  EXPECT_TRUE(refused(bad));
+  bad = good;
+  bad.length = 0;
+  EXPECT_TRUE(refused(bad));
+  bad = good;
+  bad.offset = (1 << 20) - 4096;  // runs past the arena
+  EXPECT_TRUE(refused(bad));
+  bad = good;
+  bad.offset = ~uint64_t{0};  // would wrap
+  EXPECT_TRUE(refused(bad));
+  bad = good;
+  bad.ipc_handle = std::vector<uint8_t>(kCudaIpcHandleSize, 1);  // emulated carries none
+  EXPECT_TRUE(refused(bad));
+  bad = good;
+  bad.kind = DeviceKind::kCuda;  // cuda needs one
+  EXPECT_TRUE(refused(bad));
+  bad.ipc_handle = std::vector<uint8_t>(kCudaIpcHandleSize, 1);
+  EXPECT_FALSE(refused(bad));
+  bad = good;
+  bad.kind = DeviceKind::kInvalid;
+  EXPECT_TRUE(refused(bad));
 }
 
 // RegionDeleted names a real region's range: Decode refuses what no region
