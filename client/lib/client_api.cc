@@ -45,6 +45,7 @@
 #include "client/lib/api_errors.h"
 #include "client/lib/client_testing.h"
 #include "client/lib/daemon_connection.h"
+#include "client/lib/gpu_ipc.h"
 #include "client/lib/open_regions.h"
 #include "node/fault/kmod_client.h"
 #include "node/fault/uffd_client.h"
@@ -102,6 +103,14 @@ struct OpenRegion {
   uint32_t page_size = 0;
 };
 
+// A node daemon's GPU arena as this process reaches it (dsvm_gpu_map):
+// mapped once, kept until dsvm_finalize.
+struct GpuArena {
+  proto::DeviceKind kind = proto::DeviceKind::kInvalid;
+  void* base = nullptr;  // emulated: our mapping of its memfd; cuda: our IPC device pointer
+  uint64_t bytes = 0;
+};
+
 struct Library {
   DaemonConnection conn;
   std::string socket_path;
@@ -109,6 +118,7 @@ struct Library {
   uint64_t window_base = 0;
   uint64_t window_size = 0;
   std::map<uint64_t, OpenRegion> regions;  // by base
+  std::map<uint64_t, GpuArena> gpu_arenas;  // by the daemon's arena id
   std::string broken_why;                  // non-empty once the connection broke
   node::UniqueFd wake;                     // eventfd: dsvm_finalize stops the watcher
   pthread_t watcher{};
@@ -413,6 +423,11 @@ int Finalize() {
       ::munmap(reinterpret_cast<void*>(base), r.size);
     }
     g_lib->regions.clear();
+    for (auto& [id, a] : g_lib->gpu_arenas) {
+      if (a.kind == proto::DeviceKind::kEmulated) ::munmap(a.base, a.bytes);
+      if (a.kind == proto::DeviceKind::kCuda) CloseCudaArena(a.base);
+    }
+    g_lib->gpu_arenas.clear();
     lib.reset(g_lib);
     g_lib = nullptr;
   }
@@ -612,6 +627,98 @@ int Prefetch(const void* addr, size_t len, unsigned flags) {
   return RangeCall(what, addr, len, m);
 }
 
+// The arena a GpuMapReply names, reached in this process (cached per
+// arena id). REQUIRES: g_mu held.
+Result<void*> ArenaOfLocked(Library* lib, const proto::GpuMapReply& r, DaemonReply& reply) {
+  auto it = lib->gpu_arenas.find(r.arena);
+  if (it != lib->gpu_arenas.end()) {
+    if (it->second.kind != r.kind || it->second.bytes != r.arena_bytes) {
+      return Internal("the node daemon named arena " + Hex(r.arena) + " with another size or kind");
+    }
+    return it->second.base;
+  }
+  GpuArena a;
+  a.kind = r.kind;
+  a.bytes = r.arena_bytes;
+  if (r.kind == proto::DeviceKind::kEmulated) {
+    struct stat st {};
+    const int fd = reply.fds[0].get();
+    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) ||
+        static_cast<uint64_t>(st.st_size) < r.arena_bytes) {
+      return Internal("the node daemon's arena descriptor is not a memfd of the arena's size");
+    }
+    void* p = ::mmap(nullptr, r.arena_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (p == MAP_FAILED) {
+      return ResourceExhausted(std::string("mapping the GPU arena: ") + std::strerror(errno));
+    }
+    ::madvise(p, r.arena_bytes, MADV_DONTFORK);  // as regions: a child inherits none
+    a.base = p;
+  } else {
+    DSVM_ASSIGN_OR_RETURN(a.base, OpenCudaArena(r.gpu, r.ipc_handle));
+  }
+  lib->gpu_arenas[r.arena] = a;
+  return a.base;
+}
+
+int GpuMap(const void* addr, size_t len, int gpu, unsigned mode, void** device_ptr) {
+  const std::string what = "dsvm_gpu_map(" + Hex(reinterpret_cast<uintptr_t>(addr)) + ", " +
+                           std::to_string(len) + ", gpu " + std::to_string(gpu) + ")";
+  if (addr == nullptr) return Fail(DSVM_EINVALID_ARGUMENT, what + ": addr is NULL");
+  if (device_ptr == nullptr) return Fail(DSVM_EINVALID_ARGUMENT, what + ": device_ptr is NULL");
+  if (gpu < 0) return Fail(DSVM_EINVALID_ARGUMENT, what + ": gpu is negative");
+  if (mode == 0 || (mode & ~(DSVM_GPU_READ | DSVM_GPU_WRITE)) != 0) {
+    return Fail(DSVM_EINVALID_ARGUMENT,
+                what + ": mode " + Hex(mode) + " is not DSVM_GPU_READ and/or DSVM_GPU_WRITE");
+  }
+  const uint64_t a = reinterpret_cast<uintptr_t>(addr);
+  OpenRange range;
+  if (int rc = FindOpenRange(what, a, len, &range); rc != DSVM_OK) return rc;
+  if (a % range.page_size != 0 || len % range.page_size != 0) {
+    return Fail(DSVM_EINVALID_ARGUMENT, what + ": address and length must be multiples of the "
+                                               "region's page size, " +
+                                            std::to_string(range.page_size) + " bytes");
+  }
+  proto::GpuMap m;
+  m.address = a;
+  m.length = len;
+  m.gpu = static_cast<uint32_t>(gpu);
+  m.write = (mode & DSVM_GPU_WRITE) != 0;
+  std::lock_guard<std::mutex> l(g_mu);
+  Library* lib = g_lib;
+  if (lib == nullptr) return NotInitialized(what);
+  auto r = CallLocked(lib, m);
+  if (!r.ok()) return FailWith(what, r.status());
+  if (const auto* st = std::get_if<proto::StatusReply>(&r->message);
+      st != nullptr && r->fds.empty() && st->code != 0) {
+    return FailWith(what, proto::FromReply(*st));
+  }
+  const auto* reply = std::get_if<proto::GpuMapReply>(&r->message);
+  const size_t fds = reply == nullptr ? 0 : (reply->kind == proto::DeviceKind::kEmulated ? 1 : 0);
+  if (reply == nullptr || r->fds.size() != fds || reply->length != len || reply->gpu != m.gpu) {
+    return FailWith(what, ProtocolViolation(lib, m, Described(*r)));
+  }
+  Result<void*> base = ArenaOfLocked(lib, *reply, *r);
+  if (!base.ok()) {
+    // The daemon holds the map: end it, or its pages stay held until exit.
+    if (lib->broken_why.empty()) StatusCallLocked(lib, proto::GpuUnmap{a, len}).IgnoreError();
+    return FailWith(what, base.status());
+  }
+  *device_ptr = static_cast<uint8_t*>(*base) + reply->offset;
+  return Succeed();
+}
+
+int GpuUnmap(const void* addr, size_t len) {
+  const std::string what = "dsvm_gpu_unmap(" + Hex(reinterpret_cast<uintptr_t>(addr)) + ", " +
+                           std::to_string(len) + ")";
+  proto::GpuUnmap m;
+  m.address = reinterpret_cast<uintptr_t>(addr);
+  m.length = len;
+  if (addr != nullptr && len != 0 && (m.address % proto::kMinPageSize != 0 || len % proto::kMinPageSize != 0)) {
+    return Fail(DSVM_EINVALID_ARGUMENT, what + ": no map has a range not aligned to its pages");
+  }
+  return RangeCall(what, addr, len, m);
+}
+
 int Advise(const void* addr, size_t len, int advice, uint32_t node) {
   const std::string what = "dsvm_advise(" + Hex(reinterpret_cast<uintptr_t>(addr)) + ", " +
                            std::to_string(len) + ", " + std::to_string(advice) + ")";
@@ -761,6 +868,15 @@ int dsvm_prefetch(const void* addr, size_t len, unsigned flags) {
 
 int dsvm_advise(const void* addr, size_t len, int advice, uint32_t node) {
   return Guarded("dsvm_advise", [&] { return dsvm::client::Advise(addr, len, advice, node); });
+}
+
+int dsvm_gpu_map(const void* addr, size_t len, int gpu, unsigned mode, void** device_ptr) {
+  return Guarded("dsvm_gpu_map",
+                 [&] { return dsvm::client::GpuMap(addr, len, gpu, mode, device_ptr); });
+}
+
+int dsvm_gpu_unmap(const void* addr, size_t len) {
+  return Guarded("dsvm_gpu_unmap", [&] { return dsvm::client::GpuUnmap(addr, len); });
 }
 
 int dsvm_stats(dsvm_node_stats_t* stats) {

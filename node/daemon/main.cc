@@ -2,7 +2,8 @@
 //
 //   dsvm-node --coordinator HOST:PORT[,HOST:PORT...] [--listen HOST:PORT] [--socket PATH]
 //             [--fault-backend kmod|uffd] [--rejoin-as N] [--secret-file FILE]
-//             [--busy-poll-us N] [--verbose]
+//             [--busy-poll-us N] [--device-backend none|emulated|cuda] [--gpu-budget BYTES]
+//             [--emulated-gpus N] [--host-budget BYTES] [--verbose]
 //
 // --coordinator: one coordinator per directory shard, in shard order (shard
 // 0 first: it assigns the node id and holds membership and regions); the
@@ -15,6 +16,11 @@
 // --secret-file (default $DSVM_SECRET_FILE): the cluster secret this node
 // proves to the coordinator and to its peers, and demands of them
 // (proto/auth.h). Without one the node joins only an --insecure cluster.
+// --device-backend: the GPU tier (docs/GPU.md): none (default), emulated
+// (host memory plays --emulated-gpus GPUs, default 1) or cuda.
+// --gpu-budget BYTES (K, M, G suffixes; required with a backend): HBM each
+// GPU gives region pages, per page size. --host-budget BYTES: host DRAM the
+// node's pages may take; past it the coldest leave the node (needs a backend).
 // --listen is the UCX listener peers reach (port 0 picks one); --socket the
 // UNIX socket libdsvm connects to (default $DSVM_SOCKET, then
 // /run/dsvm/node.sock). Exits 1 with a clear message when it cannot start;
@@ -39,9 +45,36 @@ int Usage(const std::string& why) {
                "dsvm-node: %s\n"
                "usage: dsvm-node --coordinator HOST:PORT[,HOST:PORT...] [--listen HOST:PORT] [--socket PATH]\n"
                "       [--fault-backend kmod|uffd] [--rejoin-as N] [--secret-file FILE]\n"
-               "       [--busy-poll-us N] [--verbose]\n",
+               "       [--busy-poll-us N] [--device-backend none|emulated|cuda] [--gpu-budget BYTES]\n"
+               "       [--emulated-gpus N] [--host-budget BYTES] [--verbose]\n"
+               "       (BYTES: a number with an optional K, M or G suffix, powers of 1024)\n",
                why.c_str());
   return 2;
+}
+
+// "4096", "64K", "512M", "2G": bytes, powers of 1024. False for anything
+// else, 0, or a value past 2^50.
+bool ParseBytes(const std::string& v, uint64_t* out) {
+  if (v.empty() || v.size() > 16) return false;
+  size_t digits = v.find_first_not_of("0123456789");
+  if (digits == 0) return false;
+  uint64_t shift = 0;
+  if (digits != std::string::npos) {
+    if (digits + 1 != v.size()) return false;
+    switch (v.back()) {
+      case 'K': case 'k': shift = 10; break;
+      case 'M': case 'm': shift = 20; break;
+      case 'G': case 'g': shift = 30; break;
+      default: return false;
+    }
+  } else {
+    digits = v.size();
+  }
+  if (digits > 15) return false;
+  const uint64_t n = std::stoull(v.substr(0, digits));
+  if (n == 0 || n > (uint64_t{1} << (50 - shift))) return false;
+  *out = n << shift;
+  return true;
 }
 
 }  // namespace
@@ -68,6 +101,14 @@ int main(int argc, char** argv) {
     else if (a == "--socket") ok = value(&o.socket_path);
     else if (a == "--fault-backend") ok = fault_backend_given = value(&o.fault_backend);
     else if (a == "--secret-file") ok = value(&secret_flag);
+    else if (a == "--device-backend") ok = value(&o.device_backend);
+    else if (a == "--gpu-budget") ok = value(&v) && ParseBytes(v, &o.gpu_budget_bytes);
+    else if (a == "--host-budget") ok = value(&v) && ParseBytes(v, &o.host_budget_bytes);
+    else if (a == "--emulated-gpus") {
+      ok = value(&v) && !v.empty() && v.find_first_not_of("0123456789") == std::string::npos &&
+           v.size() <= 3;
+      if (ok) o.emulated_gpus = static_cast<uint32_t>(std::stoul(v));
+    }
     else if (a == "--busy-poll-us") {
       ok = value(&v) && !v.empty() && v.find_first_not_of("0123456789") == std::string::npos &&
            v.size() <= 7;
@@ -85,6 +126,16 @@ int main(int argc, char** argv) {
   if (o.fault_backend != "uffd" && o.fault_backend != "kmod") {
     return Usage("--fault-backend must be kmod or uffd");
   }
+  if (o.device_backend != "none" && o.device_backend != "emulated" && o.device_backend != "cuda") {
+    return Usage("--device-backend must be none, emulated or cuda");
+  }
+  if (o.device_backend != "none" && o.gpu_budget_bytes == 0) {
+    return Usage("--device-backend " + o.device_backend + " needs --gpu-budget BYTES");
+  }
+  if (o.device_backend == "none" && (o.gpu_budget_bytes != 0 || o.host_budget_bytes != 0)) {
+    return Usage("--gpu-budget and --host-budget need --device-backend emulated or cuda");
+  }
+  if (o.emulated_gpus == 0 || o.emulated_gpus > 64) return Usage("--emulated-gpus must be 1 to 64");
   o.secret_file = proto::SecretPath(secret_flag);
   const std::string dir = o.socket_path.substr(0, o.socket_path.rfind('/'));
   if (!dir.empty()) ::mkdir(dir.c_str(), 0755);

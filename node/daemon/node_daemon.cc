@@ -41,6 +41,13 @@ constexpr uint32_t kReadAhead = 16;
 // of large pages), like the kernel's read-ahead for files.
 constexpr uint64_t kSequentialFirstBytes = 64u << 10;
 constexpr uint64_t kSequentialMaxPages = 256;
+// GPU maps: acquisitions of a map's pages lost to remote requests before the
+// pin, retried this often before the map fails (kUnavailable).
+constexpr uint32_t kGpuMapRounds = 8;
+// Directory messages held per gpu-mapped page (the directory resends its
+// messages until answered, so one per txn is kept and the rest dropped).
+constexpr size_t kMaxDeferredPerPage = 8;
+constexpr uint64_t kMaxEmulatedGpus = 64;
 
 uint64_t MonotonicUs() {
   return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::microseconds>(
@@ -119,7 +126,52 @@ Result<proto::JoinReply> NodeDaemon::Join(proto::FramedSocket& link, const NodeD
   return *jr;
 }
 
+// The GPU tier's options, checked before the daemon joins anything.
+static Status CheckDeviceOptions(const NodeDaemonOptions& o) {
+  if (o.device_backend != "none" && o.device_backend != "emulated" && o.device_backend != "cuda") {
+    return InvalidArgument("device backend '" + o.device_backend +
+                           "' is none of none, emulated and cuda");
+  }
+  if (o.device_backend == "none") {
+    if (o.host_budget_bytes != 0) {
+      return InvalidArgument(
+          "a host budget needs the GPU tier, which keeps it: give a device backend "
+          "(emulated or cuda) with it");
+    }
+    return Status::Ok();
+  }
+  if (o.gpu_budget_bytes < 4096) {
+    return InvalidArgument("device backend '" + o.device_backend +
+                           "' needs a GPU budget of at least one 4 KiB page (--gpu-budget), not " +
+                           std::to_string(o.gpu_budget_bytes) + " bytes");
+  }
+  if (o.emulated_gpus == 0 || o.emulated_gpus > kMaxEmulatedGpus) {
+    return InvalidArgument("the emulated backend plays 1 to " + std::to_string(kMaxEmulatedGpus) +
+                           " GPUs, not " + std::to_string(o.emulated_gpus));
+  }
+  return Status::Ok();
+}
+
+// The GPU tier's device backend (null for "none"), made before the daemon
+// joins anything, so a missing GPU is a clear error at startup.
+static Result<std::unique_ptr<DeviceBackend>> MakeNodeDeviceBackend(const NodeDaemonOptions& o) {
+  if (o.device_backend == "none") return std::unique_ptr<DeviceBackend>();
+  DeviceBackendOptions bo;
+  bo.emulated_devices = o.emulated_gpus;
+  // Room for a full pool of each page size, so the budget, not the
+  // emulated device, is what runs out.
+  bo.emulated_device_bytes = 4 * o.gpu_budget_bytes + (8u << 20);
+  auto backend = MakeDeviceBackend(o.device_backend, bo);
+  if (!backend.ok()) {
+    return Status(backend.status().code(),
+                  "device backend '" + o.device_backend + "': " + backend.status().message());
+  }
+  return backend;
+}
+
 Result<std::unique_ptr<NodeDaemon>> NodeDaemon::Create(const NodeDaemonOptions& options) {
+  DSVM_RETURN_IF_ERROR(CheckDeviceOptions(options));
+  DSVM_ASSIGN_OR_RETURN(std::unique_ptr<DeviceBackend> device, MakeNodeDeviceBackend(options));
   std::shared_ptr<const proto::ClusterSecret> secret;
   if (!options.secret_file.empty()) {
     DSVM_ASSIGN_OR_RETURN(proto::ClusterSecret s, proto::ClusterSecret::Load(options.secret_file));
@@ -163,6 +215,8 @@ Result<std::unique_ptr<NodeDaemon>> NodeDaemon::Create(const NodeDaemonOptions& 
     return InvalidArgument("fault backend '" + options.fault_backend +
                            "' is none of uffd and kmod");
   }
+  d->device_ = std::move(device);
+  DSVM_RETURN_IF_ERROR(d->SetupDeviceTier());
   DSVM_RETURN_IF_ERROR(d->Setup());
   LogInfo("node " + std::to_string(jr.node) + " joined; peers reach it at " + peer_address);
   return d;
@@ -204,6 +258,43 @@ Status NodeDaemon::Setup() {
   }
   last_heartbeat_ms_ = NowMs();
   return Status::Ok();
+}
+
+Status NodeDaemon::SetupDeviceTier() {
+  if (!device_) return Status::Ok();
+  const uint32_t page_sizes[] = {4096u, 64u << 10, 2u << 20};
+  std::vector<DevicePagePool*> pools;
+  for (uint32_t gpu = 0; gpu < device_->device_count(); ++gpu) {
+    for (uint32_t ps : page_sizes) {
+      const uint64_t budget = options_.gpu_budget_bytes / ps * ps;
+      if (budget == 0) continue;  // below one page of this size: no pool
+      DevicePagePoolOptions po;
+      po.device = gpu;
+      po.page_size = ps;
+      po.budget_bytes = budget;
+      po.arena_bytes = std::min<uint64_t>(64u << 20, budget);
+      DSVM_ASSIGN_OR_RETURN(std::unique_ptr<DevicePagePool> pool,
+                            DevicePagePool::Create(device_.get(), po));
+      pools.push_back(pool.get());
+      pools_.push_back(std::move(pool));
+    }
+  }
+  DeviceTierOptions to;
+  to.host_budget_bytes = options_.host_budget_bytes;
+  DSVM_ASSIGN_OR_RETURN(tier_, DeviceTier::Create(device_.get(), pools, to));
+  LogInfo("GPU tier: " + std::string(device_->name()) + " backend, " +
+          std::to_string(device_->device_count()) + " GPU(s), " +
+          std::to_string(options_.gpu_budget_bytes) + " bytes of HBM each per page size" +
+          (options_.host_budget_bytes != 0
+               ? ", host budget " + std::to_string(options_.host_budget_bytes) + " bytes"
+               : std::string()));
+  return Status::Ok();
+}
+
+size_t NodeDaemon::deferred_count() const {
+  size_t n = 0;
+  for (const auto& [page, held] : deferred_) n += held.size();
+  return n;
 }
 
 Status NodeDaemon::SetupClientSocket() {
@@ -436,6 +527,18 @@ void NodeDaemon::DropEverything(const std::string& why) {
     CloseShardLink(i);
   }
   const std::vector<WaiterId> waiting = agent_.Forget();
+  if (tier_) {
+    // Every copy is stale, GPU copies too. Maps end without their clients:
+    // TODO(#5): tell them (their device pointers now name freed slots).
+    for (auto& [fd, client] : clients_) client.gpu_maps.clear();
+    gpu_pins_.clear();
+    deferred_.clear();
+    for (auto& [base, store] : stores_) {
+      tier_->RemoveRegion(base).IgnoreError();  // known to the tier since OpenRegion
+      Status st = tier_->AddRegion(store.get());
+      if (!st.ok()) LogError("GPU tier: re-adding region " + Hex(base) + ": " + st.ToString());
+    }
+  }
   for (auto& [base, store] : stores_) {
     Status st = backend_ ? backend_->InvalidateAll(base) : store->DiscardAll();
     if (!st.ok()) LogError("dropping region " + Hex(base) + ": " + st.ToString());
@@ -459,6 +562,8 @@ Status NodeDaemon::DropRegion(proto::PageAddr base, const std::string& why) {
   // answer the new region's faults.
   const uint64_t size = stores_.at(base)->size();
   EndWaits(agent_.ForgetRange(base, base + size), "region at " + Hex(base) + " " + why);
+  if (tier_) tier_->RemoveRegion(base).IgnoreError();  // added in OpenRegion
+  std::erase_if(deferred_, [&](const auto& d) { return d.first >= base && d.first < base + size; });
   stores_.erase(base);
   advice_.erase(base);
   read_ahead_.erase(base);
@@ -517,7 +622,43 @@ void NodeDaemon::OnTimer() {
   Execute(acts);
 }
 
+bool NodeDaemon::MustDefer(const proto::Message& m) const {
+  if (gpu_pins_.empty()) return false;
+  const proto::PageAddr page = std::visit(
+      [](const auto& x) -> proto::PageAddr {
+        if constexpr (requires { x.page; }) {
+          return x.page;
+        } else {
+          return ~proto::PageAddr{0};
+        }
+      },
+      m);
+  // Whatever follows a held message waits behind it, so the agent sees them
+  // in the order they came.
+  if (deferred_.count(page) != 0) return true;
+  auto it = gpu_pins_.find(page);
+  if (it == gpu_pins_.end()) return false;
+  if (std::holds_alternative<proto::Invalidate>(m)) return true;
+  if (const auto* f = std::get_if<proto::Fetch>(&m)) {
+    // A read map keeps a Shared copy: a downgrade may go on, a move may not.
+    return it->second.writes != 0 || f->next_state == proto::PageState::kInvalid;
+  }
+  return false;
+}
+
 void NodeDaemon::HandleDirectoryMessage(proto::Message m) {
+  if (MustDefer(m)) {
+    const proto::PageAddr page = DirectoryPageOf(m);
+    std::vector<proto::Message>& held = deferred_[page];
+    const auto same = [&](const proto::Message& o) {
+      return proto::Encode(o, 0) == proto::Encode(m, 0);  // a resend of one held already
+    };
+    if (std::none_of(held.begin(), held.end(), same) && held.size() < kMaxDeferredPerPage) {
+      held.push_back(std::move(m));
+      ++stats_.deferred_requests;
+    }
+    return;
+  }
   const uint64_t now = NowMs();
   Actions acts;
   std::visit(
@@ -666,6 +807,11 @@ void NodeDaemon::CallAccessFn(proto::PageAddr page, bool write, bool prefetch,
     return;
   }
   Status st = backend_ ? backend_->WriteBack(page) : Status::Ok();
+  if (st.ok() && tier_) {
+    // The host bytes must be current, and a write makes GPU copies stale.
+    st = write ? tier_->EvictCopies(std::span<const proto::PageAddr>(&page, 1))
+               : tier_->WriteBack(std::span<const proto::PageAddr>(&page, 1));
+  }
   if (!st.ok()) {
     fn(st, {});
     return;
@@ -684,6 +830,13 @@ Status NodeDaemon::OpenRegion(const proto::RegionReply& r) {
   DSVM_ASSIGN_OR_RETURN(std::unique_ptr<PageStore> store,
                         PageStore::Create(r.base, r.size, r.page_size, o));
   if (backend_) DSVM_RETURN_IF_ERROR(backend_->AddRegion(store.get()));
+  if (tier_) {
+    Status st = tier_->AddRegion(store.get());
+    if (!st.ok()) {
+      if (backend_) backend_->RemoveRegion(r.base).IgnoreError();  // just added, unmapped
+      return st;
+    }
+  }
   stores_[r.base] = std::move(store);
   region_ids_[r.base] = r.region;
   return Status::Ok();
@@ -726,6 +879,7 @@ void NodeDaemon::AccessPage(proto::PageAddr address, bool write, AccessFn fn, bo
 }
 
 bool NodeDaemon::Evict(proto::PageAddr page) {
+  if (gpu_pins_.count(page) != 0) return false;  // a gpu map holds it
   Actions acts;
   const bool started = agent_.Evict(page, NowMs(), &acts);
   Execute(acts);
@@ -734,6 +888,26 @@ bool NodeDaemon::Evict(proto::PageAddr page) {
 
 void NodeDaemon::Execute(Actions& actions) {
   for (Action& a : actions) ExecuteOne(a);
+  if (tier_ && !leaving_) LeavePages();
+}
+
+void NodeDaemon::LeavePages() {
+  leaving_ = true;
+  for (std::vector<proto::PageAddr> pages = tier_->TakePagesToLeave(); !pages.empty();
+       pages = tier_->TakePagesToLeave()) {
+    for (proto::PageAddr page : pages) {
+      Actions acts;
+      // Refused (a request in flight, or no copy): it stays, and may be
+      // chosen again later.
+      if (gpu_pins_.count(page) != 0 || !agent_.Evict(page, NowMs(), &acts)) {
+        tier_->table().KeepOnNode(page).IgnoreError();  // the tier reported it leaving
+        continue;
+      }
+      ++stats_.pages_left;
+      for (Action& a : acts) ExecuteOne(a);
+    }
+  }
+  leaving_ = false;
 }
 
 void NodeDaemon::ExecuteOne(Action& a) {
@@ -747,6 +921,35 @@ void NodeDaemon::ExecuteOne(Action& a) {
       a.kind != ActionKind::kDropData && a.kind != ActionKind::kProtocolError) {
     check(NotFound("no open region"), "action");
     return;
+  }
+  // The GPU tier's coherence hooks (docs/GPU.md): a dirty GPU copy is
+  // written back before the node reads, moves or maps the host bytes again;
+  // a page the node gives up loses its GPU copy; an installed page counts
+  // against the host budget.
+  const std::span<const proto::PageAddr> one(&a.page, 1);
+  if (tier_) {
+    switch (a.kind) {
+      case ActionKind::kSendPage:
+      case ActionKind::kUnmap:
+      case ActionKind::kMapRead:
+      case ActionKind::kMapWrite:
+        check(tier_->WriteBack(one), "GPU write-back");
+        if ((a.kind == ActionKind::kMapRead || a.kind == ActionKind::kMapWrite) &&
+            tier_->table().IsLeaving(a.page)) {
+          // The agent kept the page after all (the directory refused the Evict).
+          check(tier_->table().KeepOnNode(a.page), "GPU tier keep");
+        }
+        break;
+      case ActionKind::kStash:
+        check(tier_->WriteBack(one), "GPU write-back");
+        check(tier_->Drop(one), "GPU drop");
+        break;
+      case ActionKind::kDiscard:
+        check(tier_->Drop(one), "GPU drop");
+        break;
+      default:
+        break;
+    }
   }
   switch (a.kind) {
     case ActionKind::kSendToDirectory:
@@ -797,16 +1000,19 @@ void NodeDaemon::ExecuteOne(Action& a) {
       return;
     case ActionKind::kInstallZero:
       check(store->ZeroPage(a.page), "zero");
+      if (tier_) check(tier_->AddHostPage(a.page, NowMs()), "GPU tier admit");
       return;
     case ActionKind::kInstallData: {
       auto it = data_.find(a.handle);
       if (it == data_.end()) return check(NotFound("no such data handle"), "install");
       check(store->WritePage(a.page, it->second), "install");
       data_.erase(it);
+      if (tier_) check(tier_->AddHostPage(a.page, NowMs()), "GPU tier admit");
       return;
     }
     case ActionKind::kInstallStash:
       check(store->InstallStash(a.page, a.txn), "install stash");
+      if (tier_) check(tier_->AddHostPage(a.page, NowMs()), "GPU tier admit");
       return;
     case ActionKind::kDropStash:
       if (store->HasStash(a.page, a.txn)) check(store->DropStash(a.page, a.txn), "drop stash");
@@ -944,6 +1150,13 @@ void NodeDaemon::PumpPrefetch(uint64_t id) {
   }
   p.pumping = false;
   if (p.in_flight > 0 || (p.next < p.end && p.error.ok())) return;
+  if (p.done) {
+    std::function<void(Status)> done = std::move(p.done);
+    Status error = p.error;
+    prefetches_.erase(it);
+    done(error);
+    return;
+  }
   if (p.client_fd >= 0 && IsClient(p.client_fd, p.client_serial)) {
     ReplyToClient(p.client_fd, p.client_request, proto::ToReply(p.error));
   }
@@ -1017,6 +1230,137 @@ void NodeDaemon::ReadAhead(proto::PageAddr page) {
   StartPrefetch(std::move(p));
 }
 
+// ---------------------------------------------------------------------------
+// GPU maps (dsvm_gpu_map / dsvm_gpu_unmap)
+
+void NodeDaemon::StartGpuMap(int fd, uint64_t request, const proto::GpuMap& m, uint32_t round) {
+  auto fail = [&](const Status& st) {
+    ++stats_.gpu_maps_failed;
+    ReplyToClient(fd, request, proto::ToReply(st));
+  };
+  if (!tier_) {
+    return fail(FailedPrecondition(
+        "this node has no GPU tier: dsvm-node runs with --device-backend none"));
+  }
+  if (m.gpu >= device_->device_count()) {
+    return fail(InvalidArgument("gpu " + std::to_string(m.gpu) + " does not exist: this node has " +
+                                std::to_string(device_->device_count()) + " (" +
+                                std::string(device_->name()) + ")"));
+  }
+  Prefetch p;
+  Status st = CheckClientRange(m.address, m.length, &p.next, &p.end, &p.page_size);
+  if (!st.ok()) return fail(st);
+  if (m.address % p.page_size != 0 || m.length % p.page_size != 0) {
+    return fail(InvalidArgument("a gpu map covers whole pages: " + std::to_string(m.length) +
+                                " bytes at " + Hex(m.address) + " are not aligned to the region's " +
+                                std::to_string(p.page_size) + "-byte pages"));
+  }
+  auto it = clients_.find(fd);
+  DSVM_CHECK(it != clients_.end());
+  const uint64_t serial = it->second.serial;
+  p.client_fd = fd;
+  p.client_serial = serial;
+  p.client_request = request;
+  p.write = m.write != 0;
+  p.done = [this, fd, serial, request, m, round](Status acquired) {
+    FinishGpuMap(fd, serial, request, m, round, acquired);
+  };
+  StartPrefetch(std::move(p));
+}
+
+void NodeDaemon::FinishGpuMap(int fd, uint64_t serial, uint64_t request, const proto::GpuMap& m,
+                              uint32_t round, Status acquired) {
+  if (!IsClient(fd, serial)) return;  // gone meanwhile: nothing was pinned
+  auto fail = [&](const Status& st) {
+    ++stats_.gpu_maps_failed;
+    ReplyToClient(fd, request, proto::ToReply(st));
+  };
+  if (!acquired.ok()) return fail(acquired);
+  PageStore* store = StoreOf(m.address);
+  if (store == nullptr) return fail(NotFound("the region at " + Hex(m.address) + " went meanwhile"));
+  const uint32_t ps = store->page_size();
+  std::vector<proto::PageAddr> pages;
+  bool held = true;
+  for (proto::PageAddr p = m.address; p < m.address + m.length; p += ps) {
+    pages.push_back(p);
+    const PageState s = agent_.StateOf(p);
+    held &= m.write ? s == PageState::kModified : s != PageState::kInvalid;
+  }
+  if (!held) {
+    // A remote request took a page between its acquisition and now: acquire
+    // again. Pins are taken only once the whole range is held, so two maps
+    // acquiring overlapping ranges never hold each other's pages.
+    if (round + 1 >= kGpuMapRounds) {
+      return fail(Unavailable("the pages of the gpu map were taken by other nodes " +
+                              std::to_string(kGpuMapRounds) + " times while it acquired them"));
+    }
+    return StartGpuMap(fd, request, m, round + 1);
+  }
+  // The bytes the GPU gets are the node's current ones: a backend's own copy
+  // (kmod) written back; a clean GPU copy of a page local processes may
+  // write (held Modified) refreshed from the host.
+  std::vector<proto::PageAddr> writable;
+  for (proto::PageAddr p : pages) {
+    if (backend_) {
+      Status st = backend_->WriteBack(p);
+      if (!st.ok()) return fail(st);
+    }
+    if (agent_.StateOf(p) == PageState::kModified && !tier_->table().IsDirty(p)) {
+      writable.push_back(p);
+    }
+  }
+  if (Status st = tier_->EvictCopies(writable); !st.ok()) return fail(st);
+  Result<DeviceRun> run = tier_->MapRun(store->base(), pages, m.gpu, m.write != 0, NowMs());
+  if (!run.ok()) return fail(run.status());
+  Result<ArenaExport> exported = device_->ExportArena(run->arena);
+  if (!exported.ok()) {
+    tier_->Unpin(pages).IgnoreError();  // pinned just above
+    return fail(exported.status());
+  }
+  GpuMapping g{store->base(), m.address, m.address + m.length, ps, m.gpu, m.write != 0};
+  for (proto::PageAddr p : pages) {
+    GpuPins& pins = gpu_pins_[p];
+    ++(g.write ? pins.writes : pins.reads);
+  }
+  clients_.at(fd).gpu_maps.push_back(g);
+  ++stats_.gpu_maps;
+  proto::GpuMapReply reply;
+  reply.gpu = m.gpu;
+  reply.kind = exported->fd >= 0 ? proto::DeviceKind::kEmulated : proto::DeviceKind::kCuda;
+  reply.arena = run->arena;
+  reply.arena_bytes = run->arena_bytes;
+  reply.offset = run->offset;
+  reply.length = run->bytes;
+  reply.ipc_handle = exported->ipc_handle;
+  ReplyToClient(fd, request, reply, exported->fd);
+  LeavePages();  // admitting the pages may have gone past the host budget
+}
+
+void NodeDaemon::ReleaseGpuMap(const GpuMapping& g) {
+  std::vector<proto::PageAddr> pages;
+  for (proto::PageAddr p = g.first; p < g.end; p += g.page_size) pages.push_back(p);
+  ++stats_.gpu_unmaps;
+  if (tier_ && StoreOf(g.first) != nullptr) {
+    Status st = tier_->Unpin(pages);
+    if (!st.ok()) LogError("GPU tier: unpinning a gpu map: " + st.ToString());
+  }
+  std::vector<proto::Message> replay;
+  for (proto::PageAddr p : pages) {
+    auto it = gpu_pins_.find(p);
+    if (it == gpu_pins_.end()) continue;  // dropped meanwhile (DropEverything)
+    --(g.write ? it->second.writes : it->second.reads);
+    if (it->second.reads + it->second.writes != 0) continue;
+    gpu_pins_.erase(it);
+    if (auto d = deferred_.find(p); d != deferred_.end()) {
+      for (proto::Message& m : d->second) replay.push_back(std::move(m));
+      deferred_.erase(d);
+    }
+  }
+  // A dirty GPU copy stays dirty: written back when another node asks
+  // (these very messages, perhaps) or on eviction.
+  for (proto::Message& m : replay) HandleDirectoryMessage(std::move(m));
+}
+
 void NodeDaemon::OnClientListenReadable() {
   for (;;) {
     int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
@@ -1048,6 +1392,12 @@ void NodeDaemon::CloseClient(int fd) {
   auto it = clients_.find(fd);
   if (it == clients_.end()) return;
   for (auto& [base, mapping] : it->second.mappings) backend_->RemoveMapping(mapping).IgnoreError();
+  // Its gpu maps end with it (exit, crash or dsvm_finalize alike).
+  const std::vector<GpuMapping> maps = std::move(it->second.gpu_maps);
+  it->second.gpu_maps.clear();
+  for (const GpuMapping& g : maps) ReleaseGpuMap(g);
+  it = clients_.find(fd);
+  if (it == clients_.end()) return;
   ::epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, fd, nullptr);
   clients_.erase(it);  // closes the socket
   DropUnmappedDeleted();
@@ -1176,6 +1526,21 @@ void NodeDaemon::OnClientReadable(int fd) {
           StartPrefetch(std::move(p));
         } else if constexpr (std::is_same_v<T, proto::Advise>) {
           ReplyToClient(fd, rid, proto::ToReply(SetAdvice(m)));
+        } else if constexpr (std::is_same_v<T, proto::GpuMap>) {
+          StartGpuMap(fd, rid, m, 0);
+        } else if constexpr (std::is_same_v<T, proto::GpuUnmap>) {
+          auto g = std::find_if(client.gpu_maps.begin(), client.gpu_maps.end(), [&](const GpuMapping& x) {
+            return x.first == m.address && x.end - x.first == m.length;
+          });
+          if (g == client.gpu_maps.end()) {
+            return ReplyToClient(fd, rid, proto::ToReply(InvalidArgument(
+                                              "this process has no gpu map of exactly " +
+                                              std::to_string(m.length) + " bytes at " + Hex(m.address))));
+          }
+          const GpuMapping done = *g;
+          client.gpu_maps.erase(g);
+          ReleaseGpuMap(done);
+          ReplyToClient(fd, rid, proto::ToReply(Status::Ok()));
         } else if constexpr (std::is_same_v<T, proto::NodeStats>) {
           ReplyToClient(fd, rid,
                         proto::NodeStatsReply{id_, static_cast<uint32_t>(clients_.size()), Counters()});

@@ -31,6 +31,9 @@
 
 #include "node/coherence/node_agent.h"
 #include "node/fault/fault_backend.h"
+#include "node/memory/device_backend.h"
+#include "node/memory/device_page_pool.h"
+#include "node/memory/device_tier.h"
 #include "node/memory/page_store.h"
 #include "node/transport/ucx_transport.h"
 #include "proto/auth.h"
@@ -60,6 +63,19 @@ struct NodeDaemonOptions {
   // epoll (0: always block). Trades a core's idle time for the wakeup
   // latency of every hop of a fault; see docs/PERFORMANCE.md.
   uint64_t busy_poll_us = 0;
+  // The GPU tier (docs/GPU.md): "none", "emulated" (host memory plays the
+  // GPUs, for tests and machines without one) or "cuda".
+  std::string device_backend = "none";
+  // HBM each GPU may give to region pages, per page size in use (one pool
+  // per GPU and page size; each pool gets this budget); required with a
+  // device backend.
+  uint64_t gpu_budget_bytes = 0;
+  // "emulated": how many GPUs it plays.
+  uint32_t emulated_gpus = 1;
+  // Host DRAM the node's region pages may take (0: no limit); past it the
+  // coldest pages leave the node through the directory (remote swap). Kept
+  // by the GPU tier, so it needs a device backend.
+  uint64_t host_budget_bytes = 0;
 };
 
 struct NodeDaemonStats {
@@ -81,6 +97,11 @@ struct NodeDaemonStats {
   uint64_t peer_lookups = 0;
   uint64_t client_faults = 0;
   uint64_t clients = 0;
+  uint64_t gpu_maps = 0;             // dsvm_gpu_map calls that succeeded
+  uint64_t gpu_maps_failed = 0;
+  uint64_t gpu_unmaps = 0;           // maps ended: dsvm_gpu_unmap or the client leaving
+  uint64_t deferred_requests = 0;    // directory messages held while a page was gpu-mapped
+  uint64_t pages_left = 0;           // pages the host budget sent away (Evict started)
 };
 
 class NodeDaemon {
@@ -119,6 +140,12 @@ class NodeDaemon {
   // What the daemon reports in heartbeats and to dsvm_stats.
   proto::NodeCounters Counters() const;
   const NodeAgent& agent() const { return agent_; }
+  // The GPU tier; null with device_backend "none".
+  const DeviceTier* tier() const { return tier_.get(); }
+  // Pages gpu-mapped on this node now (pinned), and directory messages held
+  // for them.
+  size_t gpu_mapped_pages() const { return gpu_pins_.size(); }
+  size_t deferred_count() const;
 
  private:
   struct Waiter {
@@ -129,6 +156,15 @@ class NodeDaemon {
     bool fault = false;   // a client's fault, resolved through the backend
     FaultToken token;
   };
+  // One dsvm_gpu_map of a client: pages [first, end) pinned on `gpu`.
+  struct GpuMapping {
+    proto::PageAddr region = 0;
+    proto::PageAddr first = 0;
+    proto::PageAddr end = 0;
+    uint32_t page_size = 0;
+    uint32_t gpu = 0;
+    bool write = false;
+  };
   struct Client {
     UniqueFd fd;
     uint64_t serial = 0;  // unique for the daemon's life (a descriptor number is reused)
@@ -136,6 +172,7 @@ class NodeDaemon {
     uid_t uid = 0;
     gid_t gid = 0;
     std::map<proto::PageAddr, MappingId> mappings;  // by region base
+    std::vector<GpuMapping> gpu_maps;
   };
   // A client's request forwarded to the coordinator, by the forward's request id.
   struct Forwarded {
@@ -156,6 +193,8 @@ class NodeDaemon {
     bool pumping = false;     // PumpPrefetch is issuing accesses for it now
     uint32_t in_flight = 0;
     Status error;             // the first access that failed
+    // When set, called with the outcome instead of answering the client.
+    std::function<void(Status)> done;
   };
 
   // The coordinator of one directory shard. shards_[0] is also the control
@@ -225,6 +264,22 @@ class NodeDaemon {
   void StartPrefetch(Prefetch p);
   void PumpPrefetch(uint64_t id);
   Status SetAdvice(const proto::Advise& m);
+  // The GPU tier: built by Create from the options.
+  Status SetupDeviceTier();
+  // dsvm_gpu_map: acquires the pages (as a prefetch), then pins them on the
+  // GPU and answers the client; `round` counts acquisitions lost to remote
+  // requests before the pin.
+  void StartGpuMap(int fd, uint64_t request, const proto::GpuMap& m, uint32_t round);
+  void FinishGpuMap(int fd, uint64_t serial, uint64_t request, const proto::GpuMap& m,
+                    uint32_t round, Status acquired);
+  // Ends one map: unpins its pages, and replays the directory messages held
+  // for pages no map pins any more.
+  void ReleaseGpuMap(const GpuMapping& g);
+  // True when a directory message about a gpu-mapped page must wait for the
+  // unmap (it would take the page, or downgrade a write-mapped one).
+  bool MustDefer(const proto::Message& m) const;
+  // Gives up the pages the host budget sends away (NodeAgent::Evict).
+  void LeavePages();
   // After a read miss on `page`: reads ahead when the misses of its region
   // run sequentially (the window doubles while they do), or else, on
   // read-mostly pages, the next kReadAhead of them.
@@ -296,6 +351,20 @@ class NodeDaemon {
   std::mutex posted_mu_;  // guards posted_; lock order: leaf
   std::deque<std::function<void()>> posted_;
   NodeDaemonStats stats_;
+  // The GPU tier (all null with device_backend "none"): one backend, a pool
+  // per GPU and page size, the tier over them.
+  std::unique_ptr<DeviceBackend> device_;
+  std::vector<std::unique_ptr<DevicePagePool>> pools_;
+  std::unique_ptr<DeviceTier> tier_;
+  bool leaving_ = false;  // LeavePages is running (it runs actions itself)
+  struct GpuPins {
+    uint32_t reads = 0;
+    uint32_t writes = 0;
+  };
+  std::unordered_map<proto::PageAddr, GpuPins> gpu_pins_;  // gpu-mapped pages
+  // Directory messages held for gpu-mapped pages, per page in arrival order
+  // (duplicates of one txn kept once; bounded by kMaxDeferredPerPage).
+  std::unordered_map<proto::PageAddr, std::vector<proto::Message>> deferred_;
 };
 
 }  // namespace dsvm::node

@@ -287,6 +287,71 @@ enum dsvm_advice {
  * DSVM_ENOT_INITIALIZED, DSVM_EUNAVAILABLE. */
 int dsvm_advise(const void* addr, size_t len, int advice, uint32_t node);
 
+/* --- GPU maps -----------------------------------------------------------------
+ *
+ * A node daemon started with a GPU tier (dsvm-node --device-backend
+ * emulated|cuda --gpu-budget BYTES) keeps region pages in its GPUs' memory
+ * on demand. dsvm_gpu_map makes a range of a region resident on one GPU of
+ * this node and returns one device pointer to it: the range's pages lie
+ * there contiguously, in address order, for a kernel to use.
+ *
+ * Ownership: a map takes every page of the range cluster-wide, Shared for
+ * DSVM_GPU_READ, Modified for DSVM_GPU_WRITE (as dsvm_prefetch would), and
+ * keeps it until dsvm_gpu_unmap: another node that wants a page of a read
+ * map for writing, or any page of a write map, waits until it is unmapped.
+ * A gpu map is like holding a lock on its pages. Hence the deadlock rule:
+ * never wait, while holding a map, for something another process may do
+ * only after it has mapped (or faulted on) pages you hold; map and unmap in
+ * one place around each kernel, and when a process must hold several maps
+ * at once, take them in address order everywhere. On this node, CPU writes
+ * to a read-mapped page and any CPU access to a write-mapped page race with
+ * the GPU: what the CPU then sees of the GPU's writes, or the GPU of the
+ * CPU's, is undefined until the map ends.
+ *
+ * After dsvm_gpu_unmap, pages written by the GPU stay in its memory, dirty:
+ * they are written back to host memory when another node asks for them or
+ * when the GPU budget evicts them; the next map of them costs no copy.
+ * TODO(#5): on this node's CPU, such pages read their bytes from before the
+ * map until then (a CPU fault does not yet write them back).
+ *
+ * A process's maps end when it calls dsvm_finalize, exits or dies.
+ *
+ * Device pointers: with a cuda daemon, a CUDA device pointer of `gpu` in
+ * this process (opened with cudaIpcOpenMemHandle: this libdsvm must be built
+ * with CUDA); with an emulated daemon, host memory that plays the device
+ * memory (a shared mapping of the daemon's arena), which the process may
+ * read and write directly. A device pointer is valid until the map ends. */
+
+/* dsvm_gpu_map modes. WRITE includes READ. */
+#define DSVM_GPU_READ 1u
+#define DSVM_GPU_WRITE 2u
+
+/* Makes [addr, addr + len) resident on GPU `gpu` of this node (see above)
+ * and sets *device_ptr to the first byte of its device copy; page i of the
+ * range is at *device_ptr + i * page size. addr and len must be multiples of
+ * the region's page size, inside one region open in this process. Maps of
+ * one process may repeat a range (each needs its unmap) but may not overlap
+ * another map's range otherwise. The range must fit the GPU's budget beside
+ * the pages other maps hold.
+ * Errors: DSVM_EINVALID_ARGUMENT (NULL addr or device_ptr, len 0, not aligned
+ * to the region's pages, not inside one region open in this process, gpu
+ * negative or not a GPU of the node, unknown mode),
+ * DSVM_EFAILED_PRECONDITION (the node's daemon has no GPU tier, or a page is
+ * mapped already by an overlapping map), DSVM_ERESOURCE_EXHAUSTED (the
+ * range does not fit the GPU's budget beside the pages mapped now),
+ * DSVM_EDATA_LOSS (a page was lost with a node that died),
+ * DSVM_EUNAVAILABLE (no daemon; other nodes kept taking the pages while the
+ * map acquired them; or the device memory is CUDA and this libdsvm was built
+ * without CUDA or cannot open it), DSVM_ENOT_INITIALIZED, DSVM_EIO. */
+int dsvm_gpu_map(const void* addr, size_t len, int gpu, unsigned mode, void** device_ptr);
+
+/* Ends this process's map of exactly [addr, addr + len) (as mapped); its
+ * device pointer must not be used afterwards.
+ * Errors: DSVM_EINVALID_ARGUMENT (NULL, len 0, not inside one region open
+ * in this process, or no map of this process has exactly that range),
+ * DSVM_ENOT_INITIALIZED, DSVM_EUNAVAILABLE. */
+int dsvm_gpu_unmap(const void* addr, size_t len);
+
 /* --- Statistics -------------------------------------------------------------
  *
  * Counters of the node this process is connected to (all its processes

@@ -243,6 +243,21 @@ class Region {
     return Expected<void>::FromCode(dsvm_prefetch(static_cast<char*>(data_) + offset, len, flags));
   }
 
+  // dsvm_gpu_map of `len` bytes from `offset` on `gpu` (mode DSVM_GPU_READ
+  // or DSVM_GPU_WRITE): the device pointer. End it with GpuUnmap, or hold a
+  // GpuMapping. Errors: those of dsvm_gpu_map.
+  Expected<void*> GpuMap(size_t offset, size_t len, int gpu, unsigned mode) const {
+    void* p = nullptr;
+    if (int rc = dsvm_gpu_map(static_cast<char*>(data_) + offset, len, gpu, mode, &p); rc != DSVM_OK) {
+      return Error::Last(rc);
+    }
+    return p;
+  }
+  // dsvm_gpu_unmap of the map of `len` bytes from `offset`.
+  Expected<void> GpuUnmap(size_t offset, size_t len) const {
+    return Expected<void>::FromCode(dsvm_gpu_unmap(static_cast<char*>(data_) + offset, len));
+  }
+
   // dsvm_advise for `len` bytes from `offset`. Errors: those of dsvm_advise.
   Expected<void> Advise(size_t offset, size_t len, int advice, uint32_t node = 0) const {
     return Expected<void>::FromCode(
@@ -274,6 +289,48 @@ class Region {
 //   ...                                   // released when `held` goes
 //
 // Move-only. Errors: those of dsvm_lock_acquire.
+// A dsvm_gpu_map held for a scope: unmapped when destroyed.
+//
+//   auto m = dsvm::GpuMapping::Map(grid->data(), bytes, 0, DSVM_GPU_WRITE);
+//   if (!m) ...; launch(static_cast<double*>(m->device_ptr()));
+class GpuMapping {
+ public:
+  // Errors: those of dsvm_gpu_map.
+  static Expected<GpuMapping> Map(const void* addr, size_t len, int gpu, unsigned mode) {
+    void* p = nullptr;
+    if (int rc = dsvm_gpu_map(addr, len, gpu, mode, &p); rc != DSVM_OK) return Error::Last(rc);
+    return GpuMapping(addr, len, p);
+  }
+  GpuMapping(GpuMapping&& o) noexcept
+      : addr_(std::exchange(o.addr_, nullptr)), len_(o.len_), device_(o.device_) {}
+  GpuMapping& operator=(GpuMapping&& o) noexcept {
+    if (this != &o) {
+      Unmap().IgnoreError();
+      addr_ = std::exchange(o.addr_, nullptr);
+      len_ = o.len_;
+      device_ = o.device_;
+    }
+    return *this;
+  }
+  ~GpuMapping() { Unmap().IgnoreError(); }
+
+  void* device_ptr() const { return device_; }
+  size_t size() const { return len_; }
+  // Ends the map now; does nothing when already ended. Errors: those of
+  // dsvm_gpu_unmap.
+  Expected<void> Unmap() {
+    if (addr_ == nullptr) return Expected<void>();
+    const void* a = std::exchange(addr_, nullptr);
+    return Expected<void>::FromCode(dsvm_gpu_unmap(a, len_));
+  }
+
+ private:
+  GpuMapping(const void* addr, size_t len, void* device) : addr_(addr), len_(len), device_(device) {}
+  const void* addr_;
+  size_t len_;
+  void* device_;
+};
+
 class LockGuard {
  public:
   static Expected<LockGuard> Acquire(dsvm_lock_t* lock) {

@@ -1,0 +1,46 @@
+#include "client/lib/gpu_ipc.h"
+
+#include <string>
+
+#ifdef DSVM_HAVE_CUDA
+#include <cuda_runtime_api.h>
+
+#include <cstring>
+#endif
+
+namespace dsvm::client {
+
+#ifdef DSVM_HAVE_CUDA
+
+Result<void*> OpenCudaArena(uint32_t gpu, std::span<const uint8_t> handle) {
+  cudaIpcMemHandle_t h;
+  if (handle.size() != sizeof(h)) {
+    return InvalidArgument("a CUDA IPC handle of " + std::to_string(handle.size()) + " bytes");
+  }
+  std::memcpy(&h, handle.data(), sizeof(h));
+  cudaError_t err = cudaSetDevice(static_cast<int>(gpu));
+  void* p = nullptr;
+  if (err == cudaSuccess) err = cudaIpcOpenMemHandle(&p, h, cudaIpcMemLazyEnablePeerAccess);
+  if (err != cudaSuccess) {
+    return Unavailable(std::string("cannot open the node's GPU memory on CUDA device ") +
+                       std::to_string(gpu) + ": " + cudaGetErrorName(err) + " (" +
+                       cudaGetErrorString(err) + ")");
+  }
+  return p;
+}
+
+void CloseCudaArena(void* device_ptr) { cudaIpcCloseMemHandle(device_ptr); }
+
+#else
+
+Result<void*> OpenCudaArena(uint32_t, std::span<const uint8_t>) {
+  return Unavailable(
+      "the node daemon's GPU memory is CUDA, and this libdsvm was built without CUDA "
+      "(configure with -DDSVM_WITH_CUDA=ON where the toolkit is)");
+}
+
+void CloseCudaArena(void*) {}
+
+#endif
+
+}  // namespace dsvm::client

@@ -1,0 +1,518 @@
+// dsvm_gpu_map / dsvm_gpu_unmap end to end (issue #5): a real coordinator
+// process, node daemons with the `emulated` device backend on threads of
+// this process (as in dsvm-node), and client processes forked from it that
+// use libdsvm. The emulated backend is the designated device seam: its
+// arenas are memfds that libdsvm maps, so a client reads and writes "device
+// memory" through the device pointer as a kernel would.
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <future>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <dsvm/dsvm.h>
+#include <gtest/gtest.h>
+
+#include "node/daemon/node_daemon.h"
+#include "tests/integration/coordinator_process.h"
+
+namespace dsvm::testing {
+namespace {
+
+using node::NodeDaemon;
+
+constexpr uint32_t kPage = 4096;
+constexpr uint64_t kBudgetPages = 16;  // each emulated GPU's budget
+
+// A daemon whose loop runs on its own thread; the test reaches it by Post().
+class Daemon {
+ public:
+  explicit Daemon(std::unique_ptr<NodeDaemon> d) : d_(std::move(d)) {
+    thread_ = std::thread([this] { d_->Run(); });
+  }
+  ~Daemon() {
+    d_->Stop();
+    thread_.join();
+  }
+  NodeDaemon* operator->() { return d_.get(); }
+
+  // Runs fn on the loop thread and waits for it.
+  template <typename F>
+  void Sync(F fn) {
+    std::promise<void> done;
+    d_->Post([&] {
+      fn(*d_);
+      done.set_value();
+    });
+    ASSERT_EQ(done.get_future().wait_for(std::chrono::seconds(20)), std::future_status::ready);
+  }
+
+  // One access through the daemon, waited for (20 s at most).
+  Status Access(proto::PageAddr addr, bool write, std::function<void(std::span<uint8_t>)> body) {
+    auto result = std::make_shared<std::promise<Status>>();
+    d_->Post([this, addr, write, body, result] {
+      d_->Access(addr, write, [body, result](Status st, std::span<uint8_t> bytes) {
+        if (st.ok()) body(bytes);
+        result->set_value(st);
+      });
+    });
+    auto f = result->get_future();
+    if (f.wait_for(std::chrono::seconds(20)) != std::future_status::ready) {
+      return Unavailable("access timed out");
+    }
+    return f.get();
+  }
+  uint64_t ReadU64(proto::PageAddr addr) {
+    uint64_t v = 0;
+    Status st = Access(addr, false, [&](std::span<uint8_t> b) { std::memcpy(&v, b.data() + addr % kPage, 8); });
+    EXPECT_TRUE(st.ok()) << st.ToString();
+    return v;
+  }
+  void WriteU64(proto::PageAddr addr, uint64_t v) {
+    Status st = Access(addr, true, [&](std::span<uint8_t> b) { std::memcpy(b.data() + addr % kPage, &v, 8); });
+    EXPECT_TRUE(st.ok()) << st.ToString();
+  }
+
+ private:
+  std::unique_ptr<NodeDaemon> d_;
+  std::thread thread_;
+};
+
+std::vector<std::unique_ptr<Daemon>>* g_daemons = nullptr;
+
+// fork() with every daemon's loop parked, so that no daemon thread holds an
+// allocator lock the child would inherit locked.
+pid_t QuietFork() {
+  std::vector<std::promise<void>> parked(g_daemons ? g_daemons->size() : 0);
+  std::promise<void> release;
+  std::shared_future<void> released = release.get_future().share();
+  for (size_t i = 0; i < parked.size(); ++i) {
+    (*(*g_daemons)[i])->Post([&parked, i, released] {
+      parked[i].set_value();
+      released.wait();
+    });
+  }
+  for (auto& p : parked) p.get_future().wait();
+  const pid_t pid = ::fork();
+  if (pid != 0) release.set_value();
+  return pid;
+}
+
+// The value a test stores in word `w` of page `page` in round `round`.
+uint64_t Pattern(uint64_t page, uint64_t w, uint64_t round) {
+  return (page << 32) ^ (w * 0x9E3779B97F4A7C15ull) ^ (round << 56);
+}
+
+class GpuMapTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    g_daemons = &nodes_;
+    ::setenv("UCX_TLS", "tcp", 1);
+    ::setenv("UCX_NET_DEVICES", "lo", 1);
+    ASSERT_TRUE(coord_.Start(dir_.path() + "/data").ok()) << coord_.stderr_text();
+    auto tool = ConnectTool(coord_.address());
+    ASSERT_TRUE(tool.ok());
+    tool_ = std::move(*tool);
+  }
+  void TearDown() override {
+    nodes_.clear();
+    g_daemons = nullptr;
+  }
+
+  proto::RegionReply Region(const std::string& name, uint64_t pages) {
+    auto reply = tool_.Call(proto::RegionCreate{
+        .name = name, .size = pages * kPage, .page_size = kPage, .mode = 0666});
+    EXPECT_TRUE(reply.ok());
+    auto* r = reply.ok() ? std::get_if<proto::RegionReply>(&*reply) : nullptr;
+    EXPECT_NE(r, nullptr);
+    return r ? *r : proto::RegionReply{};
+  }
+
+  node::NodeDaemonOptions Options(int i, const std::string& backend = "emulated") {
+    node::NodeDaemonOptions o;
+    o.coordinator = coord_.address();
+    o.retransmit_after_ms = 100;
+    o.secret_file = TestSecretPath();
+    o.socket_path = Socket(i);
+    o.device_backend = backend;
+    if (backend != "none") o.gpu_budget_bytes = kBudgetPages * kPage;
+    return o;
+  }
+  std::string Socket(int i) const { return dir_.path() + "/node" + std::to_string(i) + ".sock"; }
+
+  // Starts daemons with `backends` and opens `region` on each; node 0 with
+  // `host_budget` bytes of host budget (0: none).
+  void StartNodes(const std::vector<std::string>& backends, const proto::RegionReply& region,
+                  uint64_t host_budget = 0) {
+    for (size_t i = 0; i < backends.size(); ++i) {
+      node::NodeDaemonOptions o = Options(static_cast<int>(i), backends[i]);
+      if (i == 0) o.host_budget_bytes = host_budget;
+      auto d = NodeDaemon::Create(o);
+      ASSERT_TRUE(d.ok()) << d.status().ToString();
+      nodes_.push_back(std::make_unique<Daemon>(std::move(*d)));
+      nodes_.back()->Sync([&](NodeDaemon& d) { ASSERT_TRUE(d.OpenRegion(region).ok()); });
+    }
+  }
+
+  // A client process on node `node`: dsvm_init, dsvm_region_open(name),
+  // then `body(region address)`; returns its exit code (body's, or 100+ for
+  // setup failures, 200 when it died).
+  int RunClient(int node, const std::string& name, const std::function<int(uint8_t*)>& body) {
+    const pid_t pid = QuietFork();
+    if (pid == 0) ::_exit(ClientMain(node, name, body));
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 200;
+  }
+  int ClientMain(int node, const std::string& name, const std::function<int(uint8_t*)>& body) {
+    void* addr = nullptr;
+    if (dsvm_init(Socket(node).c_str()) != DSVM_OK) {
+      std::fprintf(stderr, "client: %s\n", dsvm_last_error());
+      return 100;
+    }
+    if (dsvm_region_open(name.c_str(), &addr, nullptr) != DSVM_OK) {
+      std::fprintf(stderr, "client: %s\n", dsvm_last_error());
+      return 101;
+    }
+    const int rc = body(static_cast<uint8_t*>(addr));
+    if (rc != 0) std::fprintf(stderr, "client: step %d failed; last error: %s\n", rc, dsvm_last_error());
+    dsvm_finalize();
+    return rc;
+  }
+
+  // Waits (20 s at most) until `done` holds on node i's loop.
+  bool WaitFor(int i, const std::function<bool(NodeDaemon&)>& done) {
+    for (int tries = 0; tries < 2000; ++tries) {
+      bool ok = false;
+      nodes_[i]->Sync([&](NodeDaemon& d) { ok = done(d); });
+      if (ok) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    return false;
+  }
+
+  TempDir dir_;
+  CoordinatorProcess coord_;
+  proto::FramedSocket tool_;
+  std::vector<std::unique_ptr<Daemon>> nodes_;
+};
+
+// A process writes through the device pointer of a write map and unmaps:
+// the bytes stay dirty in (emulated) HBM, and another node that reads them
+// gets them: the daemon writes them back when asked.
+TEST_F(GpuMapTest, AWriteMapIsSeenByAnotherNodeAfterUnmap) {
+  const proto::RegionReply r = Region("gw", 32);
+  StartNodes({"emulated", "emulated"}, r);
+  constexpr uint64_t kFirst = 4, kPages = 8;
+  EXPECT_EQ(RunClient(0, "gw", [&](uint8_t* base) {
+              void* dev = nullptr;
+              if (dsvm_gpu_map(base + kFirst * kPage, kPages * kPage, 0, DSVM_GPU_WRITE, &dev) != DSVM_OK) return 1;
+              if (dev == nullptr || dev == base + kFirst * kPage) return 2;  // device memory, not the region
+              auto* words = static_cast<uint64_t*>(dev);
+              for (uint64_t p = 0; p < kPages; ++p) {
+                for (uint64_t w = 0; w < kPage / 8; ++w) words[p * kPage / 8 + w] = Pattern(kFirst + p, w, 1);
+              }
+              return dsvm_gpu_unmap(base + kFirst * kPage, kPages * kPage) == DSVM_OK ? 0 : 3;
+            }),
+            0);
+  // Unmapped, still dirty on the GPU: nothing was written back yet.
+  nodes_[0]->Sync([&](NodeDaemon& d) {
+    ASSERT_NE(d.tier(), nullptr);
+    EXPECT_EQ(d.gpu_mapped_pages(), 0u);
+    for (uint64_t p = 0; p < kPages; ++p) {
+      EXPECT_TRUE(d.tier()->table().IsDirty(r.base + (kFirst + p) * kPage)) << "page " << p;
+    }
+    EXPECT_EQ(d.tier()->stats().pages_to_host, 0u);
+    EXPECT_EQ(d.stats().gpu_maps, 1u);
+  });
+  for (uint64_t p = 0; p < kPages; ++p) {
+    ASSERT_TRUE(nodes_[1]->Access(r.base + (kFirst + p) * kPage, false, [&](std::span<uint8_t> b) {
+                   const auto* words = reinterpret_cast<const uint64_t*>(b.data());
+                   for (uint64_t w = 0; w < kPage / 8; ++w) {
+                     ASSERT_EQ(words[w], Pattern(kFirst + p, w, 1)) << "page " << p << " word " << w;
+                   }
+                 }).ok());
+  }
+  nodes_[0]->Sync([&](NodeDaemon& d) {
+    EXPECT_EQ(d.tier()->stats().pages_to_host, kPages) << "written back when node 1 asked";
+  });
+}
+
+// A read map sees what another node wrote; after that node writes again,
+// the GPU copy is gone with the page and the next map sees the new bytes.
+// Round 2 takes node 0's copy by an Invalidate (node 2 is the sharer that
+// stashes for the upgrade), round 3 by a Fetch that stashes it (node 0 is
+// the only other sharer): both coherence paths must drop the GPU copy.
+TEST_F(GpuMapTest, AReadMapSeesWritesOfAnotherNode) {
+  const proto::RegionReply r = Region("gr", 32);
+  StartNodes({"emulated", "emulated", "none"}, r);
+  constexpr uint64_t kPages = 6;
+  for (int round = 1; round <= 3; ++round) {
+    for (uint64_t p = 0; p < kPages; ++p) nodes_[1]->WriteU64(r.base + p * kPage + 64, Pattern(p, 8, round));
+    EXPECT_EQ(RunClient(0, "gr", [&](uint8_t* base) {
+                void* dev = nullptr;
+                if (dsvm_gpu_map(base, kPages * kPage, 0, DSVM_GPU_READ, &dev) != DSVM_OK) return 1;
+                const auto* bytes = static_cast<const uint8_t*>(dev);
+                for (uint64_t p = 0; p < kPages; ++p) {
+                  uint64_t v;
+                  std::memcpy(&v, bytes + p * kPage + 64, 8);
+                  if (v != Pattern(p, 8, round)) return 10 + static_cast<int>(p);
+                }
+                return dsvm_gpu_unmap(base, kPages * kPage) == DSVM_OK ? 0 : 2;
+              }),
+              0)
+        << "round " << round;
+    if (round == 1) {
+      for (uint64_t p = 0; p < kPages; ++p) EXPECT_EQ(nodes_[2]->ReadU64(r.base + p * kPage + 64), Pattern(p, 8, 1));
+    }
+  }
+  nodes_[0]->Sync([&](NodeDaemon& d) {
+    EXPECT_EQ(d.tier()->table().stats().drops, 2 * kPages) << "node 1's writes dropped the GPU copies";
+    EXPECT_EQ(d.tier()->stats().pages_to_device, 3 * kPages);
+    EXPECT_EQ(d.stats().gpu_maps, 3u);
+  });
+}
+
+// While a write map holds a page, another node's request for it waits; the
+// unmap lets it through, with the bytes the GPU wrote.
+TEST_F(GpuMapTest, AMapHoldsItsPagesUntilUnmap) {
+  const proto::RegionReply r = Region("gh", 8);
+  StartNodes({"emulated", "emulated"}, r);
+  int ready[2], go[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  ASSERT_EQ(::pipe(go), 0);
+  const pid_t pid = QuietFork();
+  if (pid == 0) {
+    ::_exit(ClientMain(0, "gh", [&](uint8_t* base) {
+      void* dev = nullptr;
+      if (dsvm_gpu_map(base, kPage, 0, DSVM_GPU_WRITE, &dev) != DSVM_OK) return 1;
+      *static_cast<uint64_t*>(dev) = 0x600DF00D;
+      char c = 1;
+      if (::write(ready[1], &c, 1) != 1 || ::read(go[0], &c, 1) != 1) return 2;
+      *static_cast<uint64_t*>(dev) = 0xFEEDBEEF;  // the last write before the unmap wins
+      return dsvm_gpu_unmap(base, kPage) == DSVM_OK ? 0 : 3;
+    }));
+  }
+  char c;
+  ASSERT_EQ(::read(ready[0], &c, 1), 1);
+  auto reader = std::async(std::launch::async, [&] { return nodes_[1]->ReadU64(r.base); });
+  // Node 1's read reaches node 0 as a directory request, which waits.
+  EXPECT_TRUE(WaitFor(0, [](NodeDaemon& d) { return d.deferred_count() > 0; }));
+  nodes_[0]->Sync([&](NodeDaemon& d) { EXPECT_EQ(d.gpu_mapped_pages(), 1u); });
+  ASSERT_EQ(::write(go[1], &c, 1), 1);
+  EXPECT_EQ(reader.get(), 0xFEEDBEEFu);
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+  nodes_[0]->Sync([&](NodeDaemon& d) {
+    EXPECT_GE(d.stats().deferred_requests, 1u);
+    EXPECT_EQ(d.deferred_count(), 0u);
+  });
+  for (int fd : {ready[0], ready[1], go[0], go[1]}) ::close(fd);
+}
+
+// A working set four times the GPU budget, streamed through write maps of a
+// quarter of the budget each, three times over, with the data written first
+// on another node: every page ends right, and pages left the GPU (dirty
+// ones written back) to make room. The start of the oversubscription example.
+TEST_F(GpuMapTest, AWorkingSetLargerThanTheBudgetStreamsCorrectly) {
+  constexpr uint64_t kPages = 4 * kBudgetPages, kChunk = kBudgetPages / 4, kRounds = 3;
+  const proto::RegionReply r = Region("gs", kPages);
+  StartNodes({"emulated", "emulated"}, r);
+  for (uint64_t p = 0; p < kPages; ++p) nodes_[1]->WriteU64(r.base + p * kPage, Pattern(p, 0, 0));
+  EXPECT_EQ(RunClient(0, "gs", [&](uint8_t* base) {
+              for (uint64_t round = 1; round <= kRounds; ++round) {
+                for (uint64_t first = 0; first < kPages; first += kChunk) {
+                  void* dev = nullptr;
+                  if (dsvm_gpu_map(base + first * kPage, kChunk * kPage, 0, DSVM_GPU_WRITE, &dev) != DSVM_OK) {
+                    return 1;
+                  }
+                  auto* bytes = static_cast<uint8_t*>(dev);
+                  for (uint64_t p = 0; p < kChunk; ++p) {
+                    uint64_t v;
+                    std::memcpy(&v, bytes + p * kPage, 8);
+                    if (v != Pattern(first + p, 0, round - 1)) return 10;
+                    v = Pattern(first + p, 0, round);
+                    std::memcpy(bytes + p * kPage, &v, 8);
+                  }
+                  if (dsvm_gpu_unmap(base + first * kPage, kChunk * kPage) != DSVM_OK) return 2;
+                }
+              }
+              return 0;
+            }),
+            0);
+  for (uint64_t p = 0; p < kPages; ++p) {
+    EXPECT_EQ(nodes_[1]->ReadU64(r.base + p * kPage), Pattern(p, 0, kRounds)) << "page " << p;
+  }
+  nodes_[0]->Sync([&](NodeDaemon& d) {
+    const node::DeviceTierStats& s = d.tier()->stats();
+    EXPECT_EQ(d.stats().gpu_maps, kRounds * kPages / kChunk);
+    EXPECT_EQ(d.stats().gpu_maps_failed, 0u);
+    const node::TierTableStats& t = d.tier()->table().stats();
+    // Every map of a page either copied it in or found it still there, and
+    // a page can have stayed on the GPU from one round to the next only
+    // while it fit the budget.
+    EXPECT_EQ(t.hits + t.misses, kRounds * kPages);
+    EXPECT_EQ(s.pages_to_device, t.misses);
+    EXPECT_GE(s.pages_to_device, kRounds * kPages - (kRounds - 1) * kBudgetPages);
+    // Each stay on the GPU ended dirty, so with one write-back: evicted to
+    // make room, or asked for by node 1's reads at the end.
+    EXPECT_EQ(s.pages_to_host, s.pages_to_device);
+    EXPECT_GE(s.run_evictions, s.pages_to_device - kBudgetPages);
+  });
+}
+
+// Bad arguments are refused with clear codes and words, and change nothing.
+TEST_F(GpuMapTest, BadArgumentsGiveClearErrors) {
+  const proto::RegionReply r = Region("gb", 64);
+  StartNodes({"emulated", "none"}, r);
+  void* dev = nullptr;
+  EXPECT_EQ(dsvm_gpu_map(reinterpret_cast<void*>(r.base), kPage, 0, DSVM_GPU_READ, &dev),
+            DSVM_ENOT_INITIALIZED);
+  auto has = [](const char* words) { return std::strstr(dsvm_last_error(), words) != nullptr; };
+  EXPECT_EQ(RunClient(0, "gb", [&](uint8_t* base) {
+              void* d = nullptr;
+              if (dsvm_gpu_map(base + 100, kPage, 0, DSVM_GPU_READ, &d) != DSVM_EINVALID_ARGUMENT ||
+                  !has("multiples of the region's page size")) return 1;
+              if (dsvm_gpu_map(base, kPage + 1, 0, DSVM_GPU_READ, &d) != DSVM_EINVALID_ARGUMENT) return 2;
+              if (dsvm_gpu_map(base, 0, 0, DSVM_GPU_READ, &d) != DSVM_EINVALID_ARGUMENT) return 3;
+              if (dsvm_gpu_map(base, kPage, 1, DSVM_GPU_READ, &d) != DSVM_EINVALID_ARGUMENT ||
+                  !has("does not exist")) return 4;
+              if (dsvm_gpu_map(base, kPage, -1, DSVM_GPU_READ, &d) != DSVM_EINVALID_ARGUMENT) return 5;
+              if (dsvm_gpu_map(base, kPage, 0, 0, &d) != DSVM_EINVALID_ARGUMENT ||
+                  dsvm_gpu_map(base, kPage, 0, 4, &d) != DSVM_EINVALID_ARGUMENT || !has("mode")) return 6;
+              if (dsvm_gpu_map(base, kPage, 0, DSVM_GPU_READ, nullptr) != DSVM_EINVALID_ARGUMENT) return 7;
+              if (dsvm_gpu_map(base + 64 * kPage, kPage, 0, DSVM_GPU_READ, &d) != DSVM_EINVALID_ARGUMENT ||
+                  !has("not inside a region")) return 8;
+              if (dsvm_gpu_map(base, (kBudgetPages + 1) * kPage, 0, DSVM_GPU_READ, &d) !=
+                      DSVM_ERESOURCE_EXHAUSTED || !has("budget")) return 9;
+              if (dsvm_gpu_map(base, 4 * kPage, 0, DSVM_GPU_WRITE, &d) != DSVM_OK) return 10;
+              void* again = nullptr;
+              if (dsvm_gpu_map(base + 2 * kPage, 4 * kPage, 0, DSVM_GPU_READ, &again) !=
+                      DSVM_EFAILED_PRECONDITION || !has("mapped already")) return 11;
+              if (dsvm_gpu_map(base, 4 * kPage, 0, DSVM_GPU_WRITE, &again) != DSVM_OK || again != d) return 12;
+              if (dsvm_gpu_unmap(base, 2 * kPage) != DSVM_EINVALID_ARGUMENT || !has("no gpu map")) return 13;
+              if (dsvm_gpu_unmap(base + 1, kPage) != DSVM_EINVALID_ARGUMENT) return 14;
+              if (dsvm_gpu_unmap(base, 4 * kPage) != DSVM_OK || dsvm_gpu_unmap(base, 4 * kPage) != DSVM_OK) return 15;
+              if (dsvm_gpu_unmap(base, 4 * kPage) != DSVM_EINVALID_ARGUMENT) return 16;
+              if (std::strlen(dsvm_strerror(DSVM_EFAILED_PRECONDITION)) == 0) return 17;
+              return 0;
+            }),
+            0);
+  // A daemon without a GPU tier says so.
+  EXPECT_EQ(RunClient(1, "gb", [&](uint8_t* base) {
+              void* d = nullptr;
+              return dsvm_gpu_map(base, kPage, 0, DSVM_GPU_READ, &d) == DSVM_EFAILED_PRECONDITION &&
+                             has("--device-backend none")
+                         ? 0
+                         : 1;
+            }),
+            0);
+  nodes_[0]->Sync([&](NodeDaemon& d) { EXPECT_EQ(d.gpu_mapped_pages(), 0u); });
+}
+
+// Past its host budget a node gives its coldest pages up through the
+// directory (remote swap): they move to the other node, nothing is lost,
+// and a gpu map brings pages back.
+TEST_F(GpuMapTest, PagesPastTheHostBudgetLeaveTheNode) {
+  constexpr uint64_t kPages = 24, kHostPages = 8;
+  const proto::RegionReply r = Region("gl", kPages);
+  StartNodes({"emulated", "none"}, r, kHostPages * kPage);
+  for (uint64_t p = 0; p < kPages; ++p) nodes_[0]->WriteU64(r.base + p * kPage, Pattern(p, 0, 3));
+  ASSERT_TRUE(WaitFor(0, [&](NodeDaemon& d) {
+    return d.tier()->table().host_bytes() <= kHostPages * kPage;
+  }));
+  nodes_[0]->Sync([&](NodeDaemon& d) {
+    EXPECT_GE(d.stats().pages_left, kPages - kHostPages);
+    EXPECT_GE(d.tier()->table().stats().leaves, kPages - kHostPages);
+  });
+  for (uint64_t p = 0; p < kPages; ++p) {
+    EXPECT_EQ(nodes_[1]->ReadU64(r.base + p * kPage), Pattern(p, 0, 3)) << "page " << p;
+  }
+  // Page 0 left node 0 first; a read map fetches it back.
+  EXPECT_EQ(RunClient(0, "gl", [&](uint8_t* base) {
+              void* dev = nullptr;
+              if (dsvm_gpu_map(base, 2 * kPage, 0, DSVM_GPU_READ, &dev) != DSVM_OK) return 1;
+              uint64_t v;
+              std::memcpy(&v, dev, 8);
+              if (v != Pattern(0, 0, 3)) return 2;
+              return dsvm_gpu_unmap(base, 2 * kPage) == DSVM_OK ? 0 : 3;
+            }),
+            0);
+}
+
+// Bad GPU-tier options are refused before the daemon joins anything.
+TEST_F(GpuMapTest, BadDeviceOptionsAreRefusedAtStartup) {
+  auto refused = [&](node::NodeDaemonOptions o, const char* words) {
+    auto d = NodeDaemon::Create(o);
+    EXPECT_FALSE(d.ok());
+    if (d.ok()) return;
+    EXPECT_EQ(d.status().code(), StatusCode::kInvalidArgument) << d.status().ToString();
+    EXPECT_NE(d.status().message().find(words), std::string::npos) << d.status().ToString();
+  };
+  node::NodeDaemonOptions o = Options(0);
+  o.device_backend = "tpu";
+  refused(o, "none of none, emulated and cuda");
+  o = Options(0);
+  o.gpu_budget_bytes = 0;
+  refused(o, "GPU budget");
+  o = Options(0, "none");
+  o.host_budget_bytes = 1 << 20;
+  refused(o, "host budget");
+  o = Options(0);
+  o.emulated_gpus = 0;
+  refused(o, "1 to 64");
+}
+
+// A client killed while it holds a write map: its daemon ends the map, the
+// pages are free for other nodes, and what it wrote through the device
+// pointer before it died is what they read.
+TEST_F(GpuMapTest, AClientKilledHoldingAMapReleasesIt) {
+  const proto::RegionReply r = Region("gk", 16);
+  StartNodes({"emulated", "emulated"}, r);
+  int ready[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  const pid_t pid = QuietFork();
+  if (pid == 0) {
+    ::_exit(ClientMain(0, "gk", [&](uint8_t* base) {
+      void* dev = nullptr;
+      if (dsvm_gpu_map(base, 8 * kPage, 0, DSVM_GPU_WRITE, &dev) != DSVM_OK) return 1;
+      for (uint64_t p = 0; p < 8; ++p) {
+        *reinterpret_cast<uint64_t*>(static_cast<uint8_t*>(dev) + p * kPage) = Pattern(p, 0, 7);
+      }
+      char c = 1;
+      if (::write(ready[1], &c, 1) != 1) return 2;
+      ::pause();  // killed here
+      return 3;
+    }));
+  }
+  char c;
+  ASSERT_EQ(::read(ready[0], &c, 1), 1);
+  nodes_[0]->Sync([&](NodeDaemon& d) { EXPECT_EQ(d.gpu_mapped_pages(), 8u); });
+  ::kill(pid, SIGKILL);
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFSIGNALED(status));
+  EXPECT_TRUE(WaitFor(0, [](NodeDaemon& d) { return d.gpu_mapped_pages() == 0; }));
+  for (uint64_t p = 0; p < 8; ++p) {
+    EXPECT_EQ(nodes_[1]->ReadU64(r.base + p * kPage), Pattern(p, 0, 7)) << "page " << p;
+  }
+  nodes_[1]->WriteU64(r.base, 1);  // takes the page from node 0: nothing holds it
+  nodes_[0]->Sync([&](NodeDaemon& d) {
+    EXPECT_EQ(d.stats().gpu_unmaps, 1u);
+    EXPECT_EQ(d.deferred_count(), 0u);
+  });
+  ::close(ready[0]);
+  ::close(ready[1]);
+}
+
+}  // namespace
+}  // namespace dsvm::testing
