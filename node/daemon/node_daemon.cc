@@ -23,6 +23,8 @@ namespace dsvm::node {
 namespace {
 
 constexpr size_t kMaxPendingPeerPages = 1024;
+// Pages sent remembered for leaving out a resend's second copy.
+constexpr size_t kRecentSends = 8192;
 constexpr uint64_t kTickMs = 10;
 constexpr uint64_t kReconnectEveryMs = 200;
 constexpr int kJoinTimeoutMs = 3000;
@@ -746,20 +748,43 @@ size_t NodeDaemon::HandlePeerMessages() {
   return progressed;
 }
 
+bool NodeDaemon::SentAlready(proto::NodeId to, proto::PageAddr page, proto::TxnId txn) const {
+  auto it = recent_sends_.find(SentPage{to, page, txn});
+  return it != recent_sends_.end() && it->second == transport_->PeerGeneration(to);
+}
+
 void NodeDaemon::SendPage(proto::NodeId to, proto::PageData d) {
   if (transport_->HasPeer(to)) {
     const size_t bytes = d.data.size();
+    const SentPage key{to, d.page, d.txn};
     Status st = transport_->Send(to, std::move(d));
-    if (!st.ok()) LogWarning("sending a page to node " + std::to_string(to) + ": " + st.ToString());
+    if (!st.ok()) {
+      LogWarning("sending a page to node " + std::to_string(to) + ": " + st.ToString());
+    } else {
+      if (recent_sends_.insert_or_assign(key, transport_->PeerGeneration(to)).second) {
+        recent_sends_order_.push_back(key);
+      }
+      while (recent_sends_order_.size() > kRecentSends) {
+        recent_sends_.erase(recent_sends_order_.front());
+        recent_sends_order_.pop_front();
+      }
+    }
     ++stats_.pages_sent;
     stats_.bytes_sent += bytes;
     return;
+  }
+  std::vector<proto::PageData>& waiting = pending_peer_[to];
+  for (const proto::PageData& w : waiting) {
+    if (w.page == d.page && w.txn == d.txn) {  // a resend's copy of one waiting already
+      ++stats_.duplicate_sends_skipped;
+      return;
+    }
   }
   if (pending_peer_count_ >= kMaxPendingPeerPages) {
     LogWarning("too many pages waiting for peer addresses; dropping one (it is resent on demand)");
     return;
   }
-  pending_peer_[to].push_back(std::move(d));
+  waiting.push_back(std::move(d));
   ++pending_peer_count_;
   LookupPeers();
 }
@@ -962,6 +987,10 @@ void NodeDaemon::ExecuteOne(Action& a) {
       return;
     case ActionKind::kSendPage:
     case ActionKind::kSendStash: {
+      if (SentAlready(a.node, a.page, a.txn)) {
+        ++stats_.duplicate_sends_skipped;
+        return;
+      }
       proto::PageData d;
       d.page = a.page;
       d.txn = a.txn;

@@ -82,6 +82,9 @@ struct NodeDaemonStats {
   uint64_t accesses = 0;
   uint64_t accesses_failed = 0;
   uint64_t pages_sent = 0;
+  // Sends of a page a peer was sent already for the same transaction, on
+  // the same endpoint, left out (the directory asked again: a resend).
+  uint64_t duplicate_sends_skipped = 0;
   uint64_t pages_received = 0;
   uint64_t bytes_sent = 0;
   // Accesses (client faults and Access calls, not prefetches) that had to
@@ -292,6 +295,8 @@ class NodeDaemon {
   void Execute(Actions& actions);
   void ExecuteOne(Action& a);
   void SendPage(proto::NodeId to, proto::PageData d);
+  // Whether the page went to `to` for `txn` on the endpoint in use now.
+  bool SentAlready(proto::NodeId to, proto::PageAddr page, proto::TxnId txn) const;
   void LookupPeers();
   void FlushPendingPeers();
   PageStore* StoreOf(proto::PageAddr page);
@@ -321,6 +326,25 @@ class NodeDaemon {
   WaiterId next_waiter_ = 0;
   // PageData for peers whose address is being looked up; bounded.
   std::unordered_map<proto::NodeId, std::vector<proto::PageData>> pending_peer_;
+  // The last kRecentSends pages sent straight to a peer: (peer, page, txn)
+  // and the endpoint's generation. A directory that resends a transaction
+  // (its requester asked again, e.g. because a large page is slow to come)
+  // makes the agent send the page again; on the same endpoint that copy is
+  // on its way already, so it is left out.
+  struct SentPage {
+    proto::NodeId peer = 0;
+    proto::PageAddr page = 0;
+    proto::TxnId txn = 0;
+    bool operator==(const SentPage&) const = default;
+  };
+  struct SentPageHash {
+    size_t operator()(const SentPage& s) const {
+      return std::hash<uint64_t>()(s.page ^ (s.txn * 0x9e3779b97f4a7c15ull) ^
+                                   (static_cast<uint64_t>(s.peer) << 48));
+    }
+  };
+  std::unordered_map<SentPage, uint64_t, SentPageHash> recent_sends_;  // -> generation
+  std::deque<SentPage> recent_sends_order_;  // oldest first
   size_t pending_peer_count_ = 0;
   uint64_t lookup_request_ = 0;  // request id of the NodeList in flight, 0 if none
   uint64_t last_heartbeat_ms_ = 0;

@@ -190,6 +190,7 @@ Status UcxTransport::Connect(proto::NodeId peer, const std::string& address) {
   all_eps_.push_back(h);
   ep_node_[h] = peer;
   peers_[peer] = h;
+  peer_generation_[peer] = next_generation_++;
   Handshake& hs = handshakes_[h];
   hs.connector = true;
   hs.node = peer;
@@ -420,7 +421,8 @@ void UcxTransport::OnPeerProof(ucp_ep_h from, const proto::PeerProof& m) {
                                                        : " does not know this cluster's secret"));
   }
   ep_node_[from] = hs.node;
-  peers_.try_emplace(hs.node, from);  // our own endpoint to it, if any, stays preferred
+  // Our own endpoint to it, if any, stays preferred.
+  if (peers_.try_emplace(hs.node, from).second) peer_generation_[hs.node] = next_generation_++;
 }
 
 void UcxTransport::Deliver(ucp_ep_h from, proto::Message m) {

@@ -77,6 +77,12 @@ class UcxTransport {
   // Errors: kInvalidArgument (address), kUnavailable.
   Status Connect(proto::NodeId peer, const std::string& address);
   bool HasPeer(proto::NodeId peer) const { return peers_.count(peer) != 0; }
+  // Changes whenever the endpoint to `peer` is replaced (a failed one gone,
+  // a new one connected); 0 when there is none. What went out on one
+  // endpoint either arrives or that endpoint fails.
+  uint64_t PeerGeneration(proto::NodeId peer) const {
+    return peers_.count(peer) != 0 ? peer_generation_.at(peer) : 0;
+  }
 
   // Sends one message. For PageData, `data` goes as the AM data. Errors:
   // kUnavailable (no endpoint to that peer), kResourceExhausted (too many
@@ -126,6 +132,8 @@ class UcxTransport {
   uint16_t port_ = 0;
   size_t max_am_header_ = 0;
   std::unordered_map<proto::NodeId, ucp_ep_h> peers_;   // where to send to a node
+  std::unordered_map<proto::NodeId, uint64_t> peer_generation_;  // of peers_[node]
+  uint64_t next_generation_ = 1;
   std::unordered_map<ucp_ep_h, proto::NodeId> ep_node_;  // who is behind an endpoint (0: no hello yet)
   // Endpoints in their handshake (proto/auth.h): the nonces, the node (the
   // one connected to, or the one claimed in PeerHello) and, on a connecting
