@@ -11,7 +11,8 @@
 //
 // Region lifecycle in this process (PROTOCOL.md, "Client plane"):
 //   RegionCreate/RegionOpen -> RegionReply + memfd
-//   -> mmap at base + a userfaultfd and pidfd (node::UffdClientMapRegion)
+//   -> mmap at base + a userfaultfd and pidfd (node::ClientMapRegion; with
+//      the kmod backend the descriptor is /dev/dsvm's and goes back itself)
 //   -> MapRegion{base} + [uffd, pidfd] -> StatusReply OK: the daemon serves
 //      the range's faults; only now does the caller get the address; this
 //      process drops its copies of the uffd and pidfd
@@ -47,8 +48,7 @@
 #include "client/lib/daemon_connection.h"
 #include "client/lib/gpu_ipc.h"
 #include "client/lib/open_regions.h"
-#include "node/fault/kmod_client.h"
-#include "node/fault/uffd_client.h"
+#include "node/fault/client_mapping.h"
 #include "proto/log.h"
 #include "proto/messages.h"
 #include "proto/status.h"
@@ -247,23 +247,15 @@ Status ServeMappingLocked(Library* lib, const proto::RegionReply& r, void* addr,
 }
 
 // Maps region `r` from its memfd and has the daemon serve the mapping.
-// Errors: those of ValidateRegionReply and node::UffdClientMapRegion
+// Errors: those of ValidateRegionReply and node::ClientMapRegion
 // (kResourceExhausted: the range is taken here; kPermissionDenied: no
 // userfaultfd), the daemon's MapRegion refusal, the connection's.
 // REQUIRES: g_mu held.
 Status MapLocked(Library* lib, const proto::RegionReply& r, node::UniqueFd memfd,
                  const char* name) {
   DSVM_RETURN_IF_ERROR(ValidateRegionReply(*lib, r, name, memfd.get()));
-  if (node::IsDeviceFd(memfd.get())) {
-    // The daemon runs the kmod backend: the region is mapped through
-    // dsvm.ko, which serves its faults.
-    auto mapped = node::KmodClientMapRegion(memfd.get(), r.base, r.size);
-    if (!mapped.ok()) return mapped.status();
-    std::vector<int> attach = {memfd.get()};
-    if (mapped->pidfd) attach.push_back(mapped->pidfd.get());
-    return ServeMappingLocked(lib, r, mapped->addr, mapped->size, attach);
-  }
-  auto mapping = node::UffdClientMapRegion(memfd.get(), r.base, r.size);
+  // A memfd (uffd backend) or dsvm.ko's /dev/dsvm (kmod backend).
+  auto mapping = node::ClientMapRegion(std::move(memfd), r.base, r.size);
   if (!mapping.ok()) {
     if (mapping.status().code() == StatusCode::kResourceExhausted) {
       return ResourceExhausted("something else is mapped at the region's range " + Hex(r.base) +
@@ -271,12 +263,10 @@ Status MapLocked(Library* lib, const proto::RegionReply& r, node::UniqueFd memfd
     }
     return mapping.status();
   }
-  memfd.reset();  // the mapping holds the file
-  std::vector<int> attach = {mapping->uffd.fd.get()};
-  if (mapping->pidfd) attach.push_back(mapping->pidfd.get());
-  // `mapping` goes out of scope: this process keeps no copy of the uffd
-  // (node/fault/uffd_client.h), so the daemon's death unregisters the range.
-  return ServeMappingLocked(lib, r, mapping->addr, mapping->size, attach);
+  // `mapping` goes out of scope after the call: this process keeps no copy
+  // of a userfaultfd (node/fault/uffd_client.h), so the daemon's death
+  // unregisters the range.
+  return ServeMappingLocked(lib, r, mapping->addr, mapping->size, mapping->attach());
 }
 
 const OpenRegion* FindByName(const Library& lib, const char* name) {
