@@ -535,6 +535,7 @@ void NodeDaemon::DropEverything(const std::string& why) {
     for (auto& [fd, client] : clients_) client.gpu_maps.clear();
     gpu_pins_.clear();
     deferred_.clear();
+    gpu_hidden_.clear();
     for (auto& [base, store] : stores_) {
       tier_->RemoveRegion(base).IgnoreError();  // known to the tier since OpenRegion
       Status st = tier_->AddRegion(store.get());
@@ -952,6 +953,17 @@ void NodeDaemon::ExecuteOne(Action& a) {
   // a page the node gives up loses its GPU copy; an installed page counts
   // against the host budget.
   const std::span<const proto::PageAddr> one(&a.page, 1);
+  switch (a.kind) {
+    case ActionKind::kMapRead:   // written back below, then mapped
+    case ActionKind::kMapWrite:
+    case ActionKind::kUnmap:     // local processes lose it anyway
+    case ActionKind::kDiscard:
+    case ActionKind::kStash:
+      gpu_hidden_.erase(a.page);
+      break;
+    default:
+      break;
+  }
   if (tier_) {
     switch (a.kind) {
       case ActionKind::kSendPage:
@@ -1110,6 +1122,10 @@ void NodeDaemon::OnFaultEvents() {
       }
       if (e.kind != FaultEventKind::kFault) continue;
       ++stats_.client_faults;
+      if (gpu_hidden_.count(e.page) != 0) {
+        Status st = RevealToCpu(e.page);
+        if (!st.ok()) LogError("GPU tier: revealing page " + Hex(e.page) + ": " + st.ToString());
+      }
       const WaiterId w = ++next_waiter_;
       Actions acts;
       if (agent_.Fault(e.page, e.write, w, NowMs(), &acts) == FaultResult::kHit) {
@@ -1347,6 +1363,7 @@ void NodeDaemon::FinishGpuMap(int fd, uint64_t serial, uint64_t request, const p
     return fail(exported.status());
   }
   GpuMapping g{store->base(), m.address, m.address + m.length, ps, m.gpu, m.write != 0};
+  if (g.write) HideFromCpu(pages);
   for (proto::PageAddr p : pages) {
     GpuPins& pins = gpu_pins_[p];
     ++(g.write ? pins.writes : pins.reads);
@@ -1363,6 +1380,28 @@ void NodeDaemon::FinishGpuMap(int fd, uint64_t serial, uint64_t request, const p
   reply.ipc_handle = exported->ipc_handle;
   ReplyToClient(fd, request, reply, exported->fd);
   LeavePages();  // admitting the pages may have gone past the host budget
+}
+
+void NodeDaemon::HideFromCpu(std::span<const proto::PageAddr> pages) {
+  if (!backend_) return;  // no local mappings: the daemon's own accesses write back
+  for (proto::PageAddr p : pages) {
+    Status st = backend_->Unmap(p);
+    if (!st.ok()) {
+      LogError("GPU tier: hiding page " + Hex(p) + " from local processes: " + st.ToString());
+      continue;
+    }
+    gpu_hidden_.insert(p);
+  }
+}
+
+Status NodeDaemon::RevealToCpu(proto::PageAddr page) {
+  gpu_hidden_.erase(page);
+  if (tier_) DSVM_RETURN_IF_ERROR(tier_->WriteBack(std::span<const proto::PageAddr>(&page, 1)));
+  switch (agent_.StateOf(page)) {
+    case PageState::kModified: return backend_->MapWrite(page);
+    case PageState::kShared: return backend_->MapRead(page);
+    default: return Status::Ok();  // the agent fetches it as for any miss
+  }
 }
 
 void NodeDaemon::ReleaseGpuMap(const GpuMapping& g) {
@@ -1386,7 +1425,16 @@ void NodeDaemon::ReleaseGpuMap(const GpuMapping& g) {
     }
   }
   // A dirty GPU copy stays dirty: written back when another node asks
-  // (these very messages, perhaps) or on eviction.
+  // (these very messages, perhaps), on eviction, or when a local process
+  // touches the page (hidden again here: one may have touched it during the
+  // map and seen the bytes of then).
+  if (g.write && tier_) {
+    std::vector<proto::PageAddr> dirty;
+    for (proto::PageAddr p : pages) {
+      if (tier_->table().IsDirty(p)) dirty.push_back(p);
+    }
+    HideFromCpu(dirty);
+  }
   for (proto::Message& m : replay) HandleDirectoryMessage(std::move(m));
 }
 

@@ -27,6 +27,7 @@
 #include <span>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "node/coherence/node_agent.h"
@@ -283,6 +284,12 @@ class NodeDaemon {
   bool MustDefer(const proto::Message& m) const;
   // Gives up the pages the host budget sends away (NodeAgent::Evict).
   void LeavePages();
+  // Same-node coherence of a write map: HideFromCpu takes local processes'
+  // mappings of `pages` away while a GPU may write them; RevealToCpu, on a
+  // local fault on one, writes its GPU copy back and maps it again as the
+  // agent holds it.
+  void HideFromCpu(std::span<const proto::PageAddr> pages);
+  Status RevealToCpu(proto::PageAddr page);
   // After a read miss on `page`: reads ahead when the misses of its region
   // run sequentially (the window doubles while they do), or else, on
   // read-mostly pages, the next kReadAhead of them.
@@ -386,6 +393,11 @@ class NodeDaemon {
     uint32_t writes = 0;
   };
   std::unordered_map<proto::PageAddr, GpuPins> gpu_pins_;  // gpu-mapped pages
+  // Pages whose GPU copy may be newer than the host's (mapped for write on a
+  // GPU): local processes' mappings of them are taken away (the backend's
+  // Unmap, with the agent's state unchanged), so their next access faults
+  // and reads the GPU's bytes, written back first (RevealToCpu).
+  std::unordered_set<proto::PageAddr> gpu_hidden_;
   // Directory messages held for gpu-mapped pages, per page in arrival order
   // (duplicates of one txn kept once; bounded by kMaxDeferredPerPage).
   std::unordered_map<proto::PageAddr, std::vector<proto::Message>> deferred_;

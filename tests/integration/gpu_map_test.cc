@@ -251,6 +251,51 @@ TEST_F(GpuMapTest, AWriteMapIsSeenByAnotherNodeAfterUnmap) {
 // Round 2 takes node 0's copy by an Invalidate (node 2 is the sharer that
 // stashes for the upgrade), round 3 by a Fetch that stashes it (node 0 is
 // the only other sharer): both coherence paths must drop the GPU copy.
+// The node's own processes see what the GPU wrote: pages of a write map are
+// taken from local processes' page tables while mapped and after, until a
+// local access writes the GPU's copy back. The client read the pages on the
+// CPU before the map (so it had them mapped), and reads them again after the
+// unmap; then another process of the node reads them. Fails without the
+// hiding: the CPU kept reading its host copy.
+TEST_F(GpuMapTest, AWriteMapIsSeenByItsOwnNodesProcesses) {
+  const proto::RegionReply r = Region("gself", 16);
+  StartNodes({"emulated"}, r);
+  constexpr uint64_t kFirst = 2, kPages = 4;
+  EXPECT_EQ(RunClient(0, "gself", [&](uint8_t* base) {
+              auto* cpu = reinterpret_cast<volatile uint64_t*>(base + kFirst * kPage);
+              for (uint64_t p = 0; p < kPages; ++p) cpu[p * kPage / 8] = 7;  // mapped, writable
+              void* dev = nullptr;
+              if (dsvm_gpu_map(base + kFirst * kPage, kPages * kPage, 0, DSVM_GPU_WRITE, &dev) != DSVM_OK) return 1;
+              auto* words = static_cast<uint64_t*>(dev);
+              for (uint64_t p = 0; p < kPages; ++p) {
+                for (uint64_t w = 0; w < kPage / 8; ++w) words[p * kPage / 8 + w] = Pattern(kFirst + p, w, 2);
+              }
+              if (dsvm_gpu_unmap(base + kFirst * kPage, kPages * kPage) != DSVM_OK) return 3;
+              for (uint64_t p = 0; p < kPages; ++p) {
+                for (uint64_t w = 0; w < kPage / 8; w += 61) {
+                  if (cpu[p * kPage / 8 + w] != Pattern(kFirst + p, w, 2)) {
+                    std::fprintf(stderr, "page %lu word %lu: the CPU sees %#lx\n", p, w,
+                                 static_cast<unsigned long>(cpu[p * kPage / 8 + w]));
+                    return 4;
+                  }
+                }
+              }
+              return 0;
+            }),
+            0);
+  EXPECT_EQ(RunClient(0, "gself", [&](uint8_t* base) {
+              const auto* cpu = reinterpret_cast<const volatile uint64_t*>(base + kFirst * kPage);
+              for (uint64_t p = 0; p < kPages; ++p) {
+                if (cpu[p * kPage / 8 + 1] != Pattern(kFirst + p, 1, 2)) return 5;
+              }
+              return 0;
+            }),
+            0);
+  nodes_[0]->Sync([&](NodeDaemon& d) {
+    EXPECT_EQ(d.tier()->stats().pages_to_host, kPages) << "written back once, on the CPU's touch";
+  });
+}
+
 TEST_F(GpuMapTest, AReadMapSeesWritesOfAnotherNode) {
   const proto::RegionReply r = Region("gr", 32);
   StartNodes({"emulated", "emulated", "none"}, r);

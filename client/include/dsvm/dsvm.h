@@ -309,10 +309,12 @@ int dsvm_advise(const void* addr, size_t len, int advice, uint32_t node);
  * CPU's, is undefined until the map ends.
  *
  * After dsvm_gpu_unmap, pages written by the GPU stay in its memory, dirty:
- * they are written back to host memory when another node asks for them or
- * when the GPU budget evicts them; the next map of them costs no copy.
- * TODO(#5): on this node's CPU, such pages read their bytes from before the
- * map until then (a CPU fault does not yet write them back).
+ * they are written back to host memory when another node asks for them,
+ * when the GPU budget evicts them, or when a process of this node touches
+ * them (they are taken from its page table while mapped for write and
+ * after, so that touch faults and the daemon writes the GPU's bytes back
+ * first); the next map of them costs no copy. A CPU access during a write
+ * map sees the bytes of that moment, as with any concurrent write.
  *
  * A process's maps end when it calls dsvm_finalize, exits or dies.
  *
