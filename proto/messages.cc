@@ -86,6 +86,8 @@ Status GpuMap::Validate() const { return ValidateRange(address, length); }
 
 Status GpuUnmap::Validate() const { return ValidateRange(address, length); }
 
+Status GpuPrefetch::Validate() const { return ValidateRange(address, length); }
+
 Status GpuMapReply::Validate() const {
   if (arena == 0) return Corruption("arena 0");
   if (length == 0) return Corruption("length 0");
@@ -153,6 +155,7 @@ const char* TypeName(MessageType t) {
     case MessageType::kGpuMap: return "GpuMap";
     case MessageType::kGpuMapReply: return "GpuMapReply";
     case MessageType::kGpuUnmap: return "GpuUnmap";
+    case MessageType::kGpuPrefetch: return "GpuPrefetch";
   }
   return "Unknown";
 }

@@ -103,6 +103,7 @@ enum class MessageType : uint16_t {
   kRegionSnapshotDone = 55,
   // Client plane, continued (40..49 are taken).
   kGpuUnmap = 56,
+  kGpuPrefetch = 57,
 };
 
 // What a node asks of the directory for one page.
@@ -588,7 +589,7 @@ struct PeerProof {
 };
 
 // The ABI version libdsvm and dsvm-node speak on the client plane.
-inline constexpr uint32_t kClientAbi = 3;  // 3: GpuMap, GpuMapReply, GpuUnmap
+inline constexpr uint32_t kClientAbi = 4;  // 3: GpuMap, GpuMapReply, GpuUnmap; 4: GpuPrefetch
 
 // Client -> daemon: the first record on a client connection.
 struct ClientHello {
@@ -726,6 +727,21 @@ struct GpuUnmap {
   Status Validate() const;
 };
 
+// Client -> daemon (dsvm_gpu_prefetch): makes [address, address + length)
+// (whole pages) resident on GPU `gpu` of the node without pinning it,
+// acquired Shared, or Modified with `write`, as a GpuMap would place it (so
+// a later map of the range finds the pages in place). Reply: StatusReply.
+struct GpuPrefetch {
+  static constexpr MessageType kType = MessageType::kGpuPrefetch;
+  PageAddr address = 0;
+  uint64_t length = 0;
+  uint32_t gpu = 0;
+  uint8_t write = 0;
+  template <typename A> void Visit(A& a) { a.U64(address); a.U64(length); a.U32(gpu); a.Flag(write); }
+  // As GpuMap's. Errors: kCorruption.
+  Status Validate() const;
+};
+
 using Message = std::variant<StatusReply, JoinRequest, JoinReply, Heartbeat, LeaveRequest,
                              RegionCreate, RegionOpen, RegionDelete, RegionReply, PageQuery,
                              PageQueryReply, NodeList, NodeListReply, RegionList, RegionListReply,
@@ -735,7 +751,7 @@ using Message = std::variant<StatusReply, JoinRequest, JoinReply, Heartbeat, Lea
                              Prefetch, Advise, AuthHello, AuthChallenge, AuthProof,
                              PeerChallenge, PeerProof, RegionPages, RegionPagesReply,
                              RegionDeleted, RegionWatch, RegionCreated, RegionSnapshotDone,
-                             GpuMap, GpuMapReply, GpuUnmap>;
+                             GpuMap, GpuMapReply, GpuUnmap, GpuPrefetch>;
 
 struct Header {
   uint32_t magic = kMagic;

@@ -697,6 +697,26 @@ int GpuMap(const void* addr, size_t len, int gpu, unsigned mode, void** device_p
   return Succeed();
 }
 
+int GpuPrefetch(const void* addr, size_t len, int gpu, unsigned flags) {
+  const std::string what = "dsvm_gpu_prefetch(" + Hex(reinterpret_cast<uintptr_t>(addr)) + ", " +
+                           std::to_string(len) + ", gpu " + std::to_string(gpu) + ")";
+  if (addr == nullptr) return Fail(DSVM_EINVALID_ARGUMENT, what + ": addr is NULL");
+  if (gpu < 0) return Fail(DSVM_EINVALID_ARGUMENT, what + ": gpu is negative");
+  if ((flags & ~DSVM_PREFETCH_WRITE) != 0) {
+    return Fail(DSVM_EINVALID_ARGUMENT, what + ": unknown flags " + Hex(flags));
+  }
+  const uint64_t a = reinterpret_cast<uintptr_t>(addr);
+  OpenRange range;
+  if (int rc = FindOpenRange(what, a, len, &range); rc != DSVM_OK) return rc;
+  // Whole pages (the range lies inside one region, whose base is aligned).
+  proto::GpuPrefetch m;
+  m.address = a / range.page_size * range.page_size;
+  m.length = (a + len + range.page_size - 1) / range.page_size * range.page_size - m.address;
+  m.gpu = static_cast<uint32_t>(gpu);
+  m.write = (flags & DSVM_PREFETCH_WRITE) != 0;
+  return RangeCall(what, addr, len, m);
+}
+
 int GpuUnmap(const void* addr, size_t len) {
   const std::string what = "dsvm_gpu_unmap(" + Hex(reinterpret_cast<uintptr_t>(addr)) + ", " +
                            std::to_string(len) + ")";
@@ -863,6 +883,11 @@ int dsvm_advise(const void* addr, size_t len, int advice, uint32_t node) {
 int dsvm_gpu_map(const void* addr, size_t len, int gpu, unsigned mode, void** device_ptr) {
   return Guarded("dsvm_gpu_map",
                  [&] { return dsvm::client::GpuMap(addr, len, gpu, mode, device_ptr); });
+}
+
+int dsvm_gpu_prefetch(const void* addr, size_t len, int gpu, unsigned flags) {
+  return Guarded("dsvm_gpu_prefetch",
+                 [&] { return dsvm::client::GpuPrefetch(addr, len, gpu, flags); });
 }
 
 int dsvm_gpu_unmap(const void* addr, size_t len) {

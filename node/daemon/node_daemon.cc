@@ -1278,7 +1278,8 @@ void NodeDaemon::ReadAhead(proto::PageAddr page) {
 // ---------------------------------------------------------------------------
 // GPU maps (dsvm_gpu_map / dsvm_gpu_unmap)
 
-void NodeDaemon::StartGpuMap(int fd, uint64_t request, const proto::GpuMap& m, uint32_t round) {
+void NodeDaemon::StartGpuMap(int fd, uint64_t request, const proto::GpuMap& m, uint32_t round,
+                             bool prefetch) {
   auto fail = [&](const Status& st) {
     ++stats_.gpu_maps_failed;
     ReplyToClient(fd, request, proto::ToReply(st));
@@ -1307,14 +1308,14 @@ void NodeDaemon::StartGpuMap(int fd, uint64_t request, const proto::GpuMap& m, u
   p.client_serial = serial;
   p.client_request = request;
   p.write = m.write != 0;
-  p.done = [this, fd, serial, request, m, round](Status acquired) {
-    FinishGpuMap(fd, serial, request, m, round, acquired);
+  p.done = [this, fd, serial, request, m, round, prefetch](Status acquired) {
+    FinishGpuMap(fd, serial, request, m, round, prefetch, acquired);
   };
   StartPrefetch(std::move(p));
 }
 
 void NodeDaemon::FinishGpuMap(int fd, uint64_t serial, uint64_t request, const proto::GpuMap& m,
-                              uint32_t round, Status acquired) {
+                              uint32_t round, bool prefetch, Status acquired) {
   if (!IsClient(fd, serial)) return;  // gone meanwhile: nothing was pinned
   auto fail = [&](const Status& st) {
     ++stats_.gpu_maps_failed;
@@ -1339,7 +1340,7 @@ void NodeDaemon::FinishGpuMap(int fd, uint64_t serial, uint64_t request, const p
       return fail(Unavailable("the pages of the gpu map were taken by other nodes " +
                               std::to_string(kGpuMapRounds) + " times while it acquired them"));
     }
-    return StartGpuMap(fd, request, m, round + 1);
+    return StartGpuMap(fd, request, m, round + 1, prefetch);
   }
   // The bytes the GPU gets are the node's current ones: a backend's own copy
   // (kmod) written back; a clean GPU copy of a page local processes may
@@ -1350,13 +1351,32 @@ void NodeDaemon::FinishGpuMap(int fd, uint64_t serial, uint64_t request, const p
       Status st = backend_->WriteBack(p);
       if (!st.ok()) return fail(st);
     }
-    if (agent_.StateOf(p) == PageState::kModified && !tier_->table().IsDirty(p)) {
+    // (Not those hidden from local processes since a GPU prefetch: no local
+    // write can have reached them.)
+    if (agent_.StateOf(p) == PageState::kModified && !tier_->table().IsDirty(p) &&
+        gpu_hidden_.count(p) == 0) {
       writable.push_back(p);
     }
   }
   if (Status st = tier_->EvictCopies(writable); !st.ok()) return fail(st);
-  Result<DeviceRun> run = tier_->MapRun(store->base(), pages, m.gpu, m.write != 0, NowMs());
+  Result<DeviceRun> run =
+      tier_->MapRun(store->base(), pages, m.gpu, m.write != 0 && !prefetch, NowMs());
   if (!run.ok()) return fail(run.status());
+  if (prefetch) {
+    // Placed, clean, not pinned: eviction may take the pages again. Those
+    // local processes may write leave their page tables, so that a local
+    // write is seen (RevealToCpu) before a map trusts the GPU copy.
+    if (Status st = tier_->Unpin(pages); !st.ok()) return fail(st);
+    std::vector<proto::PageAddr> modified;
+    for (proto::PageAddr p : pages) {
+      if (agent_.StateOf(p) == PageState::kModified) modified.push_back(p);
+    }
+    HideFromCpu(modified);
+    ++stats_.gpu_prefetches;
+    ReplyToClient(fd, request, proto::ToReply(Status::Ok()));
+    LeavePages();
+    return;
+  }
   Result<ArenaExport> exported = device_->ExportArena(run->arena);
   if (!exported.ok()) {
     tier_->Unpin(pages).IgnoreError();  // pinned just above
@@ -1605,6 +1625,9 @@ void NodeDaemon::OnClientReadable(int fd) {
           ReplyToClient(fd, rid, proto::ToReply(SetAdvice(m)));
         } else if constexpr (std::is_same_v<T, proto::GpuMap>) {
           StartGpuMap(fd, rid, m, 0);
+        } else if constexpr (std::is_same_v<T, proto::GpuPrefetch>) {
+          StartGpuMap(fd, rid, proto::GpuMap{m.address, m.length, m.gpu, m.write}, 0,
+                      /*prefetch=*/true);
         } else if constexpr (std::is_same_v<T, proto::GpuUnmap>) {
           auto g = std::find_if(client.gpu_maps.begin(), client.gpu_maps.end(), [&](const GpuMapping& x) {
             return x.first == m.address && x.end - x.first == m.length;

@@ -103,6 +103,7 @@ struct NodeDaemonStats {
   uint64_t clients = 0;
   uint64_t gpu_maps = 0;             // dsvm_gpu_map calls that succeeded
   uint64_t gpu_maps_failed = 0;
+  uint64_t gpu_prefetches = 0;       // dsvm_gpu_prefetch calls that succeeded
   uint64_t gpu_unmaps = 0;           // maps ended: dsvm_gpu_unmap or the client leaving
   uint64_t deferred_requests = 0;    // directory messages held while a page was gpu-mapped
   uint64_t pages_left = 0;           // pages the host budget sent away (Evict started)
@@ -273,9 +274,12 @@ class NodeDaemon {
   // dsvm_gpu_map: acquires the pages (as a prefetch), then pins them on the
   // GPU and answers the client; `round` counts acquisitions lost to remote
   // requests before the pin.
-  void StartGpuMap(int fd, uint64_t request, const proto::GpuMap& m, uint32_t round);
+  // With `prefetch` (dsvm_gpu_prefetch): the pages are placed as a map
+  // would place them, then unpinned, and the client gets a StatusReply.
+  void StartGpuMap(int fd, uint64_t request, const proto::GpuMap& m, uint32_t round,
+                   bool prefetch = false);
   void FinishGpuMap(int fd, uint64_t serial, uint64_t request, const proto::GpuMap& m,
-                    uint32_t round, Status acquired);
+                    uint32_t round, bool prefetch, Status acquired);
   // Ends one map: unpins its pages, and replays the directory messages held
   // for pages no map pins any more.
   void ReleaseGpuMap(const GpuMapping& g);

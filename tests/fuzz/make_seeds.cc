@@ -134,6 +134,7 @@ std::vector<Message> PopulatedMessages() {
       GpuMapReply{.gpu = 0, .kind = DeviceKind::kEmulated, .arena = 0x7f0000000000,
                   .arena_bytes = 1 << 20, .offset = 4096, .length = 8192},
       GpuUnmap{.address = 0x200000000000, .length = 8192},
+      GpuPrefetch{.address = 0x200000000000, .length = 8192, .gpu = 0, .write = 0},
   };
 }
 
@@ -189,11 +190,12 @@ int Main(int argc, char** argv) {
   std::vector<Message> messages =
       DefaultOfEveryType(std::make_index_sequence<std::variant_size_v<Message>>());
   // A default RegionDeleted or RegionCreated names region 0, a default
-  // GpuMap, GpuUnmap or GpuMapReply an empty range, which Decode refuses
+  // GpuMap, GpuUnmap, GpuPrefetch or GpuMapReply an empty range, which Decode refuses
   // (their Validate()); their populated seeds stand for the types.
   std::erase_if(messages, [](const Message& m) {
     return std::holds_alternative<RegionDeleted>(m) || std::holds_alternative<RegionCreated>(m) ||
            std::holds_alternative<GpuMap>(m) || std::holds_alternative<GpuUnmap>(m) ||
+           std::holds_alternative<GpuPrefetch>(m) ||
            std::holds_alternative<GpuMapReply>(m);
   });
   for (Message& m : PopulatedMessages()) messages.push_back(std::move(m));

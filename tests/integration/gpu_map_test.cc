@@ -296,6 +296,81 @@ TEST_F(GpuMapTest, AWriteMapIsSeenByItsOwnNodesProcesses) {
   });
 }
 
+// dsvm_gpu_prefetch places pages as a map would, without pinning them: the
+// map that follows copies nothing. A prefetch for writing takes the pages
+// Modified; a local write after it makes the map copy the new bytes.
+TEST_F(GpuMapTest, APrefetchPlacesPagesForALaterMap) {
+  const proto::RegionReply r = Region("gpre", 16);
+  StartNodes({"emulated", "emulated"}, r);
+  constexpr uint64_t kPages = 8;
+  for (uint64_t p = 0; p < kPages; ++p) nodes_[1]->WriteU64(r.base + p * kPage, 500 + p);
+  uint64_t copied = 0;
+  EXPECT_EQ(RunClient(0, "gpre", [&](uint8_t* base) {
+              if (dsvm_gpu_prefetch(base + 8, kPages * kPage - 16, 0, 0) != DSVM_OK) return 1;
+              return 0;
+            }),
+            0);
+  nodes_[0]->Sync([&](NodeDaemon& d) {
+    EXPECT_EQ(d.gpu_mapped_pages(), 0u) << "a prefetch pins nothing";
+    EXPECT_EQ(d.stats().gpu_prefetches, 1u);
+    copied = d.tier()->stats().pages_to_device;
+    EXPECT_EQ(copied, kPages) << "widened to whole pages, each copied once";
+  });
+  EXPECT_EQ(RunClient(0, "gpre", [&](uint8_t* base) {
+              void* dev = nullptr;
+              if (dsvm_gpu_map(base, kPages * kPage, 0, DSVM_GPU_READ, &dev) != DSVM_OK) return 1;
+              const auto* words = static_cast<const uint64_t*>(dev);
+              for (uint64_t p = 0; p < kPages; ++p) {
+                if (words[p * kPage / 8] != 500 + p) return 2;
+              }
+              return dsvm_gpu_unmap(base, kPages * kPage) == DSVM_OK ? 0 : 3;
+            }),
+            0);
+  nodes_[0]->Sync([&](NodeDaemon& d) {
+    EXPECT_EQ(d.tier()->stats().pages_to_device, copied) << "the map found every page in place";
+  });
+  // For writing: Modified here, and still nothing to copy for a map, as no
+  // local process wrote the pages since...
+  EXPECT_EQ(RunClient(0, "gpre", [&](uint8_t* base) {
+              return dsvm_gpu_prefetch(base, kPages * kPage, 0, DSVM_PREFETCH_WRITE) == DSVM_OK ? 0 : 1;
+            }),
+            0);
+  nodes_[0]->Sync([&](NodeDaemon& d) { copied = d.tier()->stats().pages_to_device; });
+  EXPECT_EQ(RunClient(0, "gpre", [&](uint8_t* base) {
+              void* dev = nullptr;
+              if (dsvm_gpu_map(base, kPages * kPage, 0, DSVM_GPU_READ, &dev) != DSVM_OK) return 1;
+              const bool ok = static_cast<const uint64_t*>(dev)[kPage / 8] == 501;
+              return dsvm_gpu_unmap(base, kPages * kPage) == DSVM_OK && ok ? 0 : 2;
+            }),
+            0);
+  nodes_[0]->Sync([&](NodeDaemon& d) {
+    EXPECT_EQ(d.tier()->stats().pages_to_device, copied) << "Modified, untouched: in place";
+  });
+  // ...but once a local process wrote page 0, the map must see that write.
+  EXPECT_EQ(RunClient(0, "gpre", [&](uint8_t* base) {
+              *reinterpret_cast<volatile uint64_t*>(base) = 777;
+              void* dev = nullptr;
+              if (dsvm_gpu_map(base, kPages * kPage, 0, DSVM_GPU_READ, &dev) != DSVM_OK) return 1;
+              const bool ok = static_cast<const uint64_t*>(dev)[0] == 777;
+              return dsvm_gpu_unmap(base, kPages * kPage) == DSVM_OK && ok ? 0 : 2;
+            }),
+            0);
+  nodes_[0]->Sync([&](NodeDaemon& d) {
+    for (uint64_t p = 0; p < kPages; ++p) {
+      EXPECT_EQ(d.agent().StateOf(r.base + p * kPage), node::PageState::kModified) << p;
+    }
+  });
+  EXPECT_EQ(RunClient(0, "gpre", [&](uint8_t* base) {
+              const bool refused = dsvm_gpu_prefetch(nullptr, 8, 0, 0) == DSVM_EINVALID_ARGUMENT &&
+                                   dsvm_gpu_prefetch(base, 0, 0, 0) == DSVM_EINVALID_ARGUMENT &&
+                                   dsvm_gpu_prefetch(base, 8, -1, 0) == DSVM_EINVALID_ARGUMENT &&
+                                   dsvm_gpu_prefetch(base, 8, 7, 0) == DSVM_EINVALID_ARGUMENT &&
+                                   dsvm_gpu_prefetch(base, 8, 0, 4) == DSVM_EINVALID_ARGUMENT;
+              return refused ? 0 : 1;
+            }),
+            0);
+}
+
 TEST_F(GpuMapTest, AReadMapSeesWritesOfAnotherNode) {
   const proto::RegionReply r = Region("gr", 32);
   StartNodes({"emulated", "emulated", "none"}, r);

@@ -295,6 +295,8 @@ std::vector<Message> SampleMessages() {
                   .length = 0x0F00000000001000ull,
                   .ipc_handle = std::vector<uint8_t>(kCudaIpcHandleSize, 0xE7)},
       GpuUnmap{.address = 0x8000000000700000ull, .length = 0x7F00000000006000ull},
+      GpuPrefetch{.address = 0x8000000000900000ull, .length = 0x7F00000000007000ull,
+                  .gpu = 0x80000003, .write = 1},
   };
 }
 
@@ -576,7 +578,7 @@ TEST(ProtoHeaderTest, WrongVersionIsInvalidArgument) {
 }
 
 TEST(ProtoHeaderTest, UnknownTypeIsInvalidArgument) {
-  for (uint16_t type : {0, 19, 28, 29, 34, 57, 58, 0x100, 0xFFFF}) {
+  for (uint16_t type : {0, 19, 28, 29, 34, 58, 59, 0x100, 0xFFFF}) {
     Bytes frame = HeaderBytes({.type = type, .payload_length = 0});
     Result<Header> h = DecodeHeader(frame);
     ASSERT_FALSE(h.ok()) << "type " << type;
@@ -790,6 +792,9 @@ TEST(ProtoFieldTest, GpuMessagesOutOfRangeAreRefused) {
   EXPECT_FALSE(refused(GpuUnmap{.address = a, .length = 4096}));
   EXPECT_TRUE(refused(GpuUnmap{.address = a, .length = 0}));
   EXPECT_TRUE(refused(GpuUnmap{.address = a, .length = 100}));
+  EXPECT_FALSE(refused(GpuPrefetch{.address = a, .length = 4096, .gpu = 1}));
+  EXPECT_TRUE(refused(GpuPrefetch{.address = a, .length = 0}));
+  EXPECT_TRUE(refused(GpuPrefetch{.address = a + 1, .length = 4096}));
   const GpuMapReply good{.gpu = 1, .kind = DeviceKind::kEmulated, .arena = 0x7f0000000000,
                          .arena_bytes = 1 << 20, .offset = 4096, .length = 8192};
   EXPECT_FALSE(refused(good));

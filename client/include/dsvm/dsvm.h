@@ -354,6 +354,21 @@ int dsvm_gpu_map(const void* addr, size_t len, int gpu, unsigned mode, void** de
  * DSVM_ENOT_INITIALIZED, DSVM_EUNAVAILABLE. */
 int dsvm_gpu_unmap(const void* addr, size_t len);
 
+/* Makes the pages of [addr, addr + len) (widened to whole pages) resident
+ * on GPU `gpu` of this node, as dsvm_gpu_map would place them, without
+ * mapping them: a later dsvm_gpu_map of the range finds them there and
+ * copies nothing, unless the GPU budget evicted them meanwhile or a process
+ * of this node wrote them. Takes the pages Shared, or Modified with
+ * DSVM_PREFETCH_WRITE, cluster-wide (as dsvm_prefetch), and holds nothing
+ * when it returns: other nodes may take the pages at once.
+ * Errors: DSVM_EINVALID_ARGUMENT (NULL, len 0, not inside one region open
+ * in this process, gpu negative or not a GPU of the node, unknown flags),
+ * DSVM_EFAILED_PRECONDITION (the node's daemon has no GPU tier),
+ * DSVM_ERESOURCE_EXHAUSTED (the range does not fit the GPU's budget beside
+ * the pages mapped now), DSVM_EDATA_LOSS, DSVM_EUNAVAILABLE,
+ * DSVM_ENOT_INITIALIZED. */
+int dsvm_gpu_prefetch(const void* addr, size_t len, int gpu, unsigned flags);
+
 /* --- Statistics -------------------------------------------------------------
  *
  * Counters of the node this process is connected to (all its processes

@@ -253,6 +253,13 @@ class Region {
     }
     return p;
   }
+  // dsvm_gpu_prefetch of `len` bytes from `offset` to `gpu`
+  // (DSVM_PREFETCH_WRITE in flags: for writing). Errors: those of
+  // dsvm_gpu_prefetch.
+  Expected<void> GpuPrefetch(size_t offset, size_t len, int gpu, unsigned flags = 0) const {
+    return Expected<void>::FromCode(
+        dsvm_gpu_prefetch(static_cast<char*>(data_) + offset, len, gpu, flags));
+  }
   // dsvm_gpu_unmap of the map of `len` bytes from `offset`.
   Expected<void> GpuUnmap(size_t offset, size_t len) const {
     return Expected<void>::FromCode(dsvm_gpu_unmap(static_cast<char*>(data_) + offset, len));
