@@ -23,6 +23,7 @@
 
 #include "node/daemon/node_daemon.h"
 #include "tests/integration/coordinator_process.h"
+#include "tests/integration/running_daemon.h"
 
 namespace dsvm::testing {
 namespace {
@@ -32,80 +33,6 @@ using node::NodeDaemon;
 constexpr uint32_t kPage = 4096;
 constexpr uint64_t kBudgetPages = 16;  // each emulated GPU's budget
 
-// A daemon whose loop runs on its own thread; the test reaches it by Post().
-class Daemon {
- public:
-  explicit Daemon(std::unique_ptr<NodeDaemon> d) : d_(std::move(d)) {
-    thread_ = std::thread([this] { d_->Run(); });
-  }
-  ~Daemon() {
-    d_->Stop();
-    thread_.join();
-  }
-  NodeDaemon* operator->() { return d_.get(); }
-
-  // Runs fn on the loop thread and waits for it.
-  template <typename F>
-  void Sync(F fn) {
-    std::promise<void> done;
-    d_->Post([&] {
-      fn(*d_);
-      done.set_value();
-    });
-    ASSERT_EQ(done.get_future().wait_for(std::chrono::seconds(20)), std::future_status::ready);
-  }
-
-  // One access through the daemon, waited for (20 s at most).
-  Status Access(proto::PageAddr addr, bool write, std::function<void(std::span<uint8_t>)> body) {
-    auto result = std::make_shared<std::promise<Status>>();
-    d_->Post([this, addr, write, body, result] {
-      d_->Access(addr, write, [body, result](Status st, std::span<uint8_t> bytes) {
-        if (st.ok()) body(bytes);
-        result->set_value(st);
-      });
-    });
-    auto f = result->get_future();
-    if (f.wait_for(std::chrono::seconds(20)) != std::future_status::ready) {
-      return Unavailable("access timed out");
-    }
-    return f.get();
-  }
-  uint64_t ReadU64(proto::PageAddr addr) {
-    uint64_t v = 0;
-    Status st = Access(addr, false, [&](std::span<uint8_t> b) { std::memcpy(&v, b.data() + addr % kPage, 8); });
-    EXPECT_TRUE(st.ok()) << st.ToString();
-    return v;
-  }
-  void WriteU64(proto::PageAddr addr, uint64_t v) {
-    Status st = Access(addr, true, [&](std::span<uint8_t> b) { std::memcpy(b.data() + addr % kPage, &v, 8); });
-    EXPECT_TRUE(st.ok()) << st.ToString();
-  }
-
- private:
-  std::unique_ptr<NodeDaemon> d_;
-  std::thread thread_;
-};
-
-std::vector<std::unique_ptr<Daemon>>* g_daemons = nullptr;
-
-// fork() with every daemon's loop parked, so that no daemon thread holds an
-// allocator lock the child would inherit locked.
-pid_t QuietFork() {
-  std::vector<std::promise<void>> parked(g_daemons ? g_daemons->size() : 0);
-  std::promise<void> release;
-  std::shared_future<void> released = release.get_future().share();
-  for (size_t i = 0; i < parked.size(); ++i) {
-    (*(*g_daemons)[i])->Post([&parked, i, released] {
-      parked[i].set_value();
-      released.wait();
-    });
-  }
-  for (auto& p : parked) p.get_future().wait();
-  const pid_t pid = ::fork();
-  if (pid != 0) release.set_value();
-  return pid;
-}
-
 // The value a test stores in word `w` of page `page` in round `round`.
 uint64_t Pattern(uint64_t page, uint64_t w, uint64_t round) {
   return (page << 32) ^ (w * 0x9E3779B97F4A7C15ull) ^ (round << 56);
@@ -114,17 +41,18 @@ uint64_t Pattern(uint64_t page, uint64_t w, uint64_t round) {
 class GpuMapTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    g_daemons = &nodes_;
+    SetQuietForkDaemons(&nodes_);
     ::setenv("UCX_TLS", "tcp", 1);
     ::setenv("UCX_NET_DEVICES", "lo", 1);
-    ASSERT_TRUE(coord_.Start(dir_.path() + "/data").ok()) << coord_.stderr_text();
+    ASSERT_TRUE(coord_.Start(dir_.path() + "/data", TestCoordinatorFlags({})).ok())
+        << coord_.stderr_text();
     auto tool = ConnectTool(coord_.address());
     ASSERT_TRUE(tool.ok());
     tool_ = std::move(*tool);
   }
   void TearDown() override {
     nodes_.clear();
-    g_daemons = nullptr;
+    SetQuietForkDaemons(nullptr);
   }
 
   proto::RegionReply Region(const std::string& name, uint64_t pages) {
@@ -137,10 +65,7 @@ class GpuMapTest : public ::testing::Test {
   }
 
   node::NodeDaemonOptions Options(int i, const std::string& backend = "emulated") {
-    node::NodeDaemonOptions o;
-    o.coordinator = coord_.address();
-    o.retransmit_after_ms = 100;
-    o.secret_file = TestSecretPath();
+    node::NodeDaemonOptions o = TestNodeOptions(coord_.address());
     o.socket_path = Socket(i);
     o.device_backend = backend;
     if (backend != "none") o.gpu_budget_bytes = kBudgetPages * kPage;
@@ -157,7 +82,7 @@ class GpuMapTest : public ::testing::Test {
       if (i == 0) o.host_budget_bytes = host_budget;
       auto d = NodeDaemon::Create(o);
       ASSERT_TRUE(d.ok()) << d.status().ToString();
-      nodes_.push_back(std::make_unique<Daemon>(std::move(*d)));
+      nodes_.push_back(std::make_unique<RunningDaemon>(std::move(*d)));
       nodes_.back()->Sync([&](NodeDaemon& d) { ASSERT_TRUE(d.OpenRegion(region).ok()); });
     }
   }
@@ -202,7 +127,7 @@ class GpuMapTest : public ::testing::Test {
   TempDir dir_;
   CoordinatorProcess coord_;
   proto::FramedSocket tool_;
-  std::vector<std::unique_ptr<Daemon>> nodes_;
+  std::vector<std::unique_ptr<RunningDaemon>> nodes_;
 };
 
 // A process writes through the device pointer of a write map and unmaps:

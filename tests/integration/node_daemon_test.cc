@@ -24,131 +24,22 @@
 #include "node/fault/client_mapping.h"
 #include "node/fault/fd_passing.h"
 #include "tests/integration/coordinator_process.h"
+#include "tests/integration/running_daemon.h"
 
 namespace dsvm::testing {
 namespace {
 
 using node::NodeDaemon;
 
-class RunningDaemon {
- public:
-  explicit RunningDaemon(std::unique_ptr<NodeDaemon> d) : d_(std::move(d)) {
-    thread_ = std::thread([this] { d_->Run(); });
-  }
-  ~RunningDaemon() {
-    d_->Stop();
-    thread_.join();
-  }
-  NodeDaemon& operator*() { return *d_; }
-  NodeDaemon* operator->() { return d_.get(); }
-
-  // Runs fn on the daemon's loop thread and waits for it (10 s at most).
-  template <typename F>
-  void Sync(F fn) {
-    std::promise<void> done;
-    d_->Post([&] {
-      fn(*d_);
-      done.set_value();
-    });
-    ASSERT_EQ(done.get_future().wait_for(std::chrono::seconds(10)), std::future_status::ready);
-  }
-
-  // One access, waited for: `body` runs with the page's bytes while held.
-  Status Access(proto::PageAddr addr, bool write, std::function<void(std::span<uint8_t>)> body) {
-    std::promise<Status> result;
-    d_->Post([&] {
-      d_->Access(addr, write, [&](Status st, std::span<uint8_t> bytes) {
-        if (st.ok()) body(bytes);
-        result.set_value(st);
-      });
-    });
-    auto f = result.get_future();
-    if (f.wait_for(std::chrono::seconds(10)) != std::future_status::ready) {
-      return Unavailable("access timed out");
-    }
-    return f.get();
-  }
-
-  uint64_t ReadU64(proto::PageAddr addr) {
-    uint64_t v = 0;
-    Status st = Access(addr, false, [&](std::span<uint8_t> b) {
-      std::memcpy(&v, b.data() + addr % 4096 % b.size(), 8);
-    });
-    EXPECT_TRUE(st.ok()) << st.ToString();
-    return v;
-  }
-  void WriteU64(proto::PageAddr addr, uint64_t v) {
-    Status st = Access(addr, true, [&](std::span<uint8_t> b) {
-      std::memcpy(b.data() + addr % 4096 % b.size(), &v, 8);
-    });
-    EXPECT_TRUE(st.ok()) << st.ToString();
-  }
-
- private:
-  std::unique_ptr<NodeDaemon> d_;
-  std::thread thread_;
-};
-
-// The daemons of the running test, for QuietFork.
-std::vector<std::unique_ptr<RunningDaemon>>* g_daemons = nullptr;
-
-// fork() with every daemon's loop thread parked: a thread inside malloc at
-// the moment of fork leaves the allocator's lock held in the child forever
-// (AddressSanitizer's allocator is not fork-safe; a client child hung so).
-pid_t QuietFork() {
-  std::vector<std::promise<void>> parked(g_daemons ? g_daemons->size() : 0);
-  std::promise<void> release;
-  std::shared_future<void> released = release.get_future().share();
-  for (size_t i = 0; i < parked.size(); ++i) {
-    RunningDaemon& d = *(*g_daemons)[i];
-    d->Post([&parked, i, released] {
-      parked[i].set_value();
-      released.wait();
-    });
-  }
-  for (auto& p : parked) p.get_future().wait();
-  const pid_t pid = ::fork();
-  if (pid != 0) release.set_value();
-  return pid;
-}
-
-// The options every daemon of these tests starts with. The fault backend is
-// uffd unless DSVM_TEST_FAULT_BACKEND says otherwise, and requests are sent
-// again after 100 ms unless DSVM_TEST_RETRANSMIT_MS says otherwise
-// (tests/kmod/run.sh runs these tests in an emulated QEMU guest, ten times
-// slower, with "kmod" and 3000).
-node::NodeDaemonOptions TestNodeOptions(const std::string& coordinator) {
-  node::NodeDaemonOptions o;
-  o.coordinator = coordinator;
-  o.retransmit_after_ms = 100;
-  if (const char* ms = std::getenv("DSVM_TEST_RETRANSMIT_MS"); ms && std::atoi(ms) > 0) {
-    o.retransmit_after_ms = static_cast<uint32_t>(std::atoi(ms));
-  }
-  o.secret_file = TestSecretPath();
-  if (const char* backend = std::getenv("DSVM_TEST_FAULT_BACKEND"); backend && *backend) {
-    o.fault_backend = backend;
-  }
-  return o;
-}
-
 class NodeDaemonTest : public ::testing::Test {
  protected:
-  void TearDown() override { g_daemons = nullptr; }
+  void TearDown() override { SetQuietForkDaemons(nullptr); }
 
   void SetUp() override {
-    g_daemons = &nodes_;
+    SetQuietForkDaemons(&nodes_);
     ::setenv("UCX_TLS", "tcp", 1);  // the network path, not shared memory
     ::setenv("UCX_NET_DEVICES", "lo", 1);
-    // A slow machine (the emulated guest of tests/kmod/run.sh) may need more
-    // than the coordinator's 3 s before a silent node is declared dead; a
-    // test that sets its own keeps it.
-    const char* dead_after = std::getenv("DSVM_TEST_DEAD_AFTER_MS");
-    if (dead_after != nullptr && std::atoi(dead_after) > 0 &&
-        std::find(coordinator_flags_.begin(), coordinator_flags_.end(), "--dead-after-ms") ==
-            coordinator_flags_.end()) {
-      coordinator_flags_.insert(coordinator_flags_.end(), {"--dead-after-ms", dead_after});
-    }
-    ASSERT_TRUE(coord_.Start(dir_.path() + "/data", coordinator_flags_).ok())
+    ASSERT_TRUE(coord_.Start(dir_.path() + "/data", TestCoordinatorFlags(coordinator_flags_)).ok())
         << coord_.stderr_text();
     auto tool = ConnectTool(coord_.address());
     ASSERT_TRUE(tool.ok());
