@@ -151,7 +151,9 @@ cp "$WORK/kmod/dsvm.ko" "$WORK/dsvm_selftest" "$WORK/dsvm_kmod_backend_test" "$W
 # finds the coordinator and dsvmctl there), without debug info, and the
 # shared libraries they load.
 BUILD=${DSVM_KMOD_BUILD:-$ROOT/build}
-it_bins=("$BUILD/tests/integration/dsvm_node_integration_tests" "$BUILD/coordinator/dsvm-coordinator"
+it_tests=("$BUILD/tests/integration/dsvm_node_integration_tests"
+          "$BUILD/tests/integration/dsvm_gpu_map_integration_tests")
+it_bins=("${it_tests[@]}" "$BUILD/coordinator/dsvm-coordinator"
          "$BUILD/client/dsvmctl" "$BUILD/node/dsvm-node" "$BUILD/bench/dsvm-bench")
 it_missing=0
 for bin in "${it_bins[@]}"; do [ -x "$bin" ] || it_missing=1; done
@@ -170,7 +172,7 @@ else
     done
   }
   for bin in "${it_bins[@]}"; do add_elf "$bin"; done
-  echo "$BUILD/tests/integration/dsvm_node_integration_tests" > "$initrd/integration-tests"
+  printf '%s\n' "${it_tests[@]}" > "$initrd/integration-tests"
   echo "$BUILD/bench/dsvm-bench" > "$initrd/bench"
 fi
 cat > "$initrd/init" <<'EOF'
@@ -199,9 +201,13 @@ if insmod /dsvm.ko; then
     # ctest): requests are resent after 3 s (then backing off), not 100 ms,
     # and a node is declared dead after 30 s of silence, not 3 s, since a
     # daemon busy copying 2 MiB pages there misses heartbeats.
-    { DSVM_TEST_FAULT_BACKEND=kmod DSVM_TEST_RETRANSMIT_MS=3000 DSVM_TEST_DEAD_AFTER_MS=30000 \
-        "$(cat /integration-tests)" --gtest_brief=1
-      echo $? > /tmp/integration.rc; } 2>&1 | sed 's/^/integration: /'
+    # The node tests, then the GPU-map tests (emulated GPUs) on the module.
+    { rc=0
+      for t in $(cat /integration-tests); do
+        DSVM_TEST_FAULT_BACKEND=kmod DSVM_TEST_RETRANSMIT_MS=3000 DSVM_TEST_DEAD_AFTER_MS=30000 \
+          "$t" --gtest_brief=1 || rc=1
+      done
+      echo $rc > /tmp/integration.rc; } 2>&1 | sed 's/^/integration: /'
     if [ "$(cat /tmp/integration.rc)" = 0 ]; then
       echo "dsvm-kmod: integration tests with the kmod backend passed"
     else
