@@ -33,7 +33,7 @@ using TxnId = uint64_t;     // per-page directory transaction number; 0 = none y
 
 inline constexpr NodeId kNoNode = 0;
 inline constexpr uint32_t kMagic = 0x4D565344;  // "DSVM" read as little-endian u32
-inline constexpr uint16_t kWireVersion = 2;  // history: PROTOCOL.md, Versions
+inline constexpr uint16_t kWireVersion = 3;  // history: PROTOCOL.md, Versions
 inline constexpr size_t kHeaderSize = 24;
 // The smallest page size: every region's base and size are multiples of it.
 inline constexpr uint32_t kMinPageSize = 4096;
@@ -463,8 +463,12 @@ struct Acquire {
   AccessKind kind = AccessKind::kRead;
   uint64_t request_seq = 0;
   TxnId last_txn = 0;
+  // For kEvict and kWriteback: the node the giver would have take the last
+  // copy (its preferred-node advice); kNoNode: the directory picks.
+  NodeId target = kNoNode;
   template <typename A> void Visit(A& a) {
     a.U64(page); a.U32(node); a.Enum(kind, kMaxAccessKind); a.U64(request_seq); a.U64(last_txn);
+    a.U32(target);
   }
 };
 
@@ -651,8 +655,9 @@ enum class Advice : uint8_t {
   kInvalid = 0,
   kNormal = 1,      // no advice: each fault fetches its own page
   kReadMostly = 2,  // a read fault also fetches the next pages of the range
+  kPreferredNode = 3,  // pages this node gives up go to `node` (Advise.node)
 };
-inline constexpr uint8_t kMaxAdvice = 2;
+inline constexpr uint8_t kMaxAdvice = 3;
 
 // Client -> daemon: advice for [address, address + length), for every
 // process of the node. Reply: StatusReply.

@@ -740,10 +740,16 @@ int Advise(const void* addr, size_t len, int advice, uint32_t node) {
     case DSVM_ADVICE_READ_MOSTLY:
       m.advice = proto::Advice::kReadMostly;
       break;
+    case DSVM_ADVICE_PREFERRED_NODE:
+      m.advice = proto::Advice::kPreferredNode;
+      break;
     default:
       return Fail(DSVM_EINVALID_ARGUMENT, what + ": unknown advice");
   }
-  if (node != 0) {
+  if (advice == DSVM_ADVICE_PREFERRED_NODE) {
+    if (node == 0) return Fail(DSVM_EINVALID_ARGUMENT, what + ": preferred-node advice needs a node");
+    m.node = node;
+  } else if (node != 0) {
     return Fail(DSVM_EINVALID_ARGUMENT,
                 what + ": node " + std::to_string(node) + " given, but this advice names no node");
   }

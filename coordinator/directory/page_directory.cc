@@ -214,8 +214,11 @@ void PageDirectory::ServeGiveUp(Page& p, const proto::Acquire& m, uint64_t now_m
     reply(StatusCode::kOk);
     return;
   }
-  // The last copy: move it to another live node (remote swap).
-  const NodeId target = PickTarget(r, m.node);
+  // The last copy: move it to another live node (remote swap), the one the
+  // giver names if it can.
+  const NodeId target = m.target != proto::kNoNode && m.target != m.node && IsLive(m.target)
+                            ? m.target
+                            : PickTarget(r, m.node);
   if (target == proto::kNoNode) {
     reply(StatusCode::kFailedPrecondition);
     return;

@@ -78,7 +78,7 @@ std::vector<WaiterId> NodeAgent::ForgetRange(PageAddr begin, PageAddr end) {
   return waiting;
 }
 
-bool NodeAgent::Evict(PageAddr page, uint64_t now_ms, Actions* out) {
+bool NodeAgent::Evict(PageAddr page, uint64_t now_ms, Actions* out, NodeId target) {
   auto it = pages_.find(page);
   if (it == pages_.end()) return false;
   LocalPage& lp = it->second;
@@ -88,6 +88,7 @@ bool NodeAgent::Evict(PageAddr page, uint64_t now_ms, Actions* out) {
   const AccessKind kind =
       lp.state == PageState::kModified ? AccessKind::kWriteback : AccessKind::kEvict;
   lp.state = PageState::kInvalid;
+  lp.give_up_target = target;
   out->push_back(Make(ActionKind::kUnmap, page));
   SendRequest(page, lp, kind, now_ms, out);
   return true;
@@ -119,6 +120,7 @@ void NodeAgent::SendAcquire(PageAddr page, const LocalPage& lp, Actions* out) {
   }
   m.request_seq = lp.pending_seq;
   m.last_txn = lp.last_txn;
+  if (IsGiveUp(m.kind)) m.target = lp.give_up_target;
   ToDirectory(page, m, out);
 }
 

@@ -95,7 +95,9 @@ class NodeAgent {
   // Gives up the node's copy (memory pressure). Local access is revoked at
   // once; the bytes stay until the directory answers. Returns false when the
   // node holds no copy or a request is outstanding for the page.
-  bool Evict(PageAddr page, uint64_t now_ms, Actions* out);
+  // `target`: the node that should take the last copy (preferred-node
+  // advice), or kNoNode.
+  bool Evict(PageAddr page, uint64_t now_ms, Actions* out, NodeId target = proto::kNoNode);
 
   // Forgets every page: the node was declared dead, and the directory has
   // handed its copies on. Returns the waiters of every page, which the
@@ -143,6 +145,7 @@ class NodeAgent {
     uint64_t pending_seq = 0;
     uint64_t sent_ms = 0;
     uint32_t resends = 0;             // of the pending request, by Tick
+    NodeId give_up_target = proto::kNoNode;  // of a pending Evict
     bool has_grant = false;           // a Grant waiting for its PageData
     proto::Grant grant;
     bool has_data = false;            // PageData received, newest txn kept

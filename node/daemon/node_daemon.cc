@@ -569,6 +569,7 @@ Status NodeDaemon::DropRegion(proto::PageAddr base, const std::string& why) {
   std::erase_if(deferred_, [&](const auto& d) { return d.first >= base && d.first < base + size; });
   stores_.erase(base);
   advice_.erase(base);
+  preferred_.erase(base);
   read_ahead_.erase(base);
   region_ids_.erase(base);
   LogInfo("dropped the region that was at " + Hex(base) + ": " + why);
@@ -907,7 +908,7 @@ void NodeDaemon::AccessPage(proto::PageAddr address, bool write, AccessFn fn, bo
 bool NodeDaemon::Evict(proto::PageAddr page) {
   if (gpu_pins_.count(page) != 0) return false;  // a gpu map holds it
   Actions acts;
-  const bool started = agent_.Evict(page, NowMs(), &acts);
+  const bool started = agent_.Evict(page, NowMs(), &acts, PreferredNodeOf(page));
   Execute(acts);
   return started;
 }
@@ -925,7 +926,8 @@ void NodeDaemon::LeavePages() {
       Actions acts;
       // Refused (a request in flight, or no copy): it stays, and may be
       // chosen again later.
-      if (gpu_pins_.count(page) != 0 || !agent_.Evict(page, NowMs(), &acts)) {
+      if (gpu_pins_.count(page) != 0 ||
+          !agent_.Evict(page, NowMs(), &acts, PreferredNodeOf(page))) {
         tier_->table().KeepOnNode(page).IgnoreError();  // the tier reported it leaving
         continue;
       }
@@ -1209,18 +1211,36 @@ void NodeDaemon::PumpPrefetch(uint64_t id) {
 }
 
 Status NodeDaemon::SetAdvice(const proto::Advise& m) {
-  if (m.node != proto::kNoNode) {
+  const bool names_node = m.advice == proto::Advice::kPreferredNode;
+  if (!names_node && m.node != proto::kNoNode) {
     return InvalidArgument("advice " + std::to_string(static_cast<int>(m.advice)) +
                            " names no node, but node " + std::to_string(m.node) + " was given");
+  }
+  if (names_node && m.node == proto::kNoNode) {
+    return InvalidArgument("preferred-node advice needs a node (0 was given)");
   }
   proto::PageAddr first, end;
   uint32_t ps;
   DSVM_RETURN_IF_ERROR(CheckClientRange(m.address, m.length, &first, &end, &ps));
   PageStore* store = StoreOf(first);
+  std::vector<proto::NodeId>& preferred = preferred_[store->base()];
+  if (preferred.empty()) preferred.assign(store->size() / ps, proto::kNoNode);
+  if (names_node || m.advice == proto::Advice::kNormal) {
+    for (proto::PageAddr p = first; p < end; p += ps) preferred[store->IndexOf(p)] = m.node;
+  }
+  if (names_node) return Status::Ok();
+  // Normal or read-mostly: the per-page read advice.
   std::vector<proto::Advice>& per_page = advice_[store->base()];
   if (per_page.empty()) per_page.assign(store->size() / ps, proto::Advice::kNormal);
   for (proto::PageAddr p = first; p < end; p += ps) per_page[store->IndexOf(p)] = m.advice;
   return Status::Ok();
+}
+
+proto::NodeId NodeDaemon::PreferredNodeOf(proto::PageAddr page) {
+  PageStore* store = StoreOf(page);
+  if (store == nullptr) return proto::kNoNode;
+  auto it = preferred_.find(store->base());
+  return it == preferred_.end() ? proto::kNoNode : it->second[store->IndexOf(page)];
 }
 
 bool NodeDaemon::ReadAheadSequential(PageStore* store, proto::PageAddr page) {

@@ -300,6 +300,8 @@ class NodeDaemon {
   void ReadAhead(proto::PageAddr page);
   // The sequential part of ReadAhead; false when the miss is not sequential.
   bool ReadAheadSequential(PageStore* store, proto::PageAddr page);
+  // The preferred-node advice of `page`, or kNoNode.
+  proto::NodeId PreferredNodeOf(proto::PageAddr page);
   void ReplyToClient(int fd, uint64_t request_id, const proto::Message& m, int attach_fd = -1);
   void ForwardedReply(const Forwarded& f, proto::Message m);
   Status SetupClientSocket();
@@ -367,6 +369,9 @@ class NodeDaemon {
   uint64_t next_prefetch_ = 0;
   // Per open region (by base), the proto::Advice of each page; absent: all kNormal.
   std::map<proto::PageAddr, std::vector<proto::Advice>> advice_;
+  // Preferred-node advice per region base, per page (kNoNode: none): where
+  // the pages go when this node gives them up (Evict's target).
+  std::map<proto::PageAddr, std::vector<proto::NodeId>> preferred_;
   // Sequential read-ahead, per region (by base): where the last read miss
   // was and the window read ahead after it.
   struct ReadAheadState {

@@ -467,6 +467,54 @@ TEST_F(GpuMapTest, BadArgumentsGiveClearErrors) {
 // Past its host budget a node gives its coldest pages up through the
 // directory (remote swap): they move to the other node, nothing is lost,
 // and a gpu map brings pages back.
+// Preferred-node advice (dsvm_advise DSVM_ADVICE_PREFERRED_NODE) names where
+// the pages node 0 has no room for go: every page that leaves it lands on
+// node 3, none on nodes 1 and 2 (where the directory's own choice spreads
+// them).
+TEST_F(GpuMapTest, PagesPastTheHostBudgetGoToThePreferredNode) {
+  constexpr uint64_t kPages = 24, kHostPages = 8;
+  const proto::RegionReply r = Region("gp", kPages);
+  StartNodes({"emulated", "none", "none", "none"}, r, kHostPages * kPage);
+  proto::NodeId preferred = 0;
+  nodes_[3]->Sync([&](NodeDaemon& d) { preferred = d.id(); });
+  EXPECT_EQ(RunClient(0, "gp", [&](uint8_t* base) {
+              if (dsvm_advise(base, kPages * kPage, DSVM_ADVICE_PREFERRED_NODE, 0) !=
+                  DSVM_EINVALID_ARGUMENT) {
+                return 1;  // the advice needs a node
+              }
+              return dsvm_advise(base, kPages * kPage, DSVM_ADVICE_PREFERRED_NODE, preferred) ==
+                             DSVM_OK
+                         ? 0
+                         : 2;
+            }),
+            0);
+  for (uint64_t p = 0; p < kPages; ++p) nodes_[0]->WriteU64(r.base + p * kPage, Pattern(p, 0, 4));
+  ASSERT_TRUE(WaitFor(0, [&](NodeDaemon& d) {
+    return d.tier()->table().host_bytes() <= kHostPages * kPage && d.stats().pages_left > 0;
+  }));
+  uint64_t left = 0;
+  nodes_[0]->Sync([&](NodeDaemon& d) { left = d.stats().pages_left; });
+  EXPECT_GE(left, kPages - kHostPages);
+  ASSERT_TRUE(WaitFor(3, [&](NodeDaemon& d) {
+    uint64_t held = 0;
+    for (uint64_t p = 0; p < kPages; ++p) {
+      held += d.agent().StateOf(r.base + p * kPage) != node::PageState::kInvalid;
+    }
+    return held >= kPages - kHostPages;
+  }));
+  for (int other : {1, 2}) {
+    nodes_[other]->Sync([&](NodeDaemon& d) {
+      for (uint64_t p = 0; p < kPages; ++p) {
+        EXPECT_EQ(d.agent().StateOf(r.base + p * kPage), node::PageState::kInvalid)
+            << "node " << other << " page " << p;
+      }
+    });
+  }
+  for (uint64_t p = 0; p < kPages; ++p) {
+    EXPECT_EQ(nodes_[3]->ReadU64(r.base + p * kPage), Pattern(p, 0, 4)) << "page " << p;
+  }
+}
+
 TEST_F(GpuMapTest, PagesPastTheHostBudgetLeaveTheNode) {
   constexpr uint64_t kPages = 24, kHostPages = 8;
   const proto::RegionReply r = Region("gl", kPages);

@@ -143,7 +143,12 @@ class Simulation {
     } else if (roll < 0.55 + c_.crash_rate + c_.node_crash_rate + c_.evict_rate) {
       SimNode& n = *nodes_[rng_.Below(nodes_.size())];
       Actions acts;
-      if (n.agent.Evict(pages_[rng_.Below(pages_.size())], now_, &acts)) ++r_.evictions;
+      // Half the give-ups name a node for the last copy (preferred-node
+      // advice): any node, itself and crashed ones included.
+      const PageAddr page = pages_[rng_.Below(pages_.size())];
+      const proto::NodeId target =
+          rng_.Below(2) ? static_cast<proto::NodeId>(1 + rng_.Below(nodes_.size())) : proto::kNoNode;
+      if (n.agent.Evict(page, now_, &acts, target)) ++r_.evictions;
       Apply(n, acts);
     } else {
       ProcessAccess();

@@ -67,6 +67,7 @@ std::string DescribeToDirectory(const proto::Message& message, NodeId self) {
         if constexpr (std::is_same_v<T, proto::Acquire>) {
           return "Acquire" + At(m.page) + " kind=" + KindName(m.kind) +
                  " seq=" + std::to_string(m.request_seq) + " last=" + std::to_string(m.last_txn) +
+                 (m.target != proto::kNoNode ? " to=" + std::to_string(m.target) : "") +
                  from(m.node);
         } else if constexpr (std::is_same_v<T, proto::Done>) {
           return "Done" + At(m.page) + " txn=" + std::to_string(m.txn) + from(m.node);
@@ -403,6 +404,19 @@ TEST_F(NodeAgentTest, EvictOfSharedCopyDiscardsOnOk) {
   EXPECT_FALSE(agent_.HasPending(kPage));
   EXPECT_EQ(EvictReply(2, StatusCode::kOk), Strings{});
   EXPECT_EQ(Evict(false), Strings{});  // nothing held
+}
+
+// A give-up names the node the caller wants the last copy to go to (its
+// preferred-node advice), on the first send and on every resend; other
+// requests never name one.
+TEST_F(NodeAgentTest, AnEvictCarriesItsTargetOnEverySend) {
+  Hold(PageState::kModified, 1, 0);
+  Actions out;
+  EXPECT_TRUE(agent_.Evict(kPage, now_, &out, 7));
+  EXPECT_EQ(Describe(out), Strings({"Unmap", "Acquire kind=writeback seq=2 last=1 to=7"}));
+  EXPECT_EQ(TickAt(now_ + kRetransmitMs), Strings({"Acquire kind=writeback seq=2 last=1 to=7"}));
+  EXPECT_EQ(EvictReply(2, StatusCode::kOk), Strings({"Discard"}));
+  EXPECT_EQ(Fault(false, 1, FaultResult::kWait), Strings({"Acquire kind=read seq=3 last=1"}));
 }
 
 // Regression (found by dsvm-sim seed 1303): a dead supplier's replacement

@@ -164,6 +164,15 @@ class PageDirectoryTest : public ::testing::Test {
     Step("Acquire from " + std::to_string(node));
     return out;
   }
+  // A give-up that names the node to take the last copy.
+  Outbox GiveUpTo(NodeId node, AccessKind kind, uint64_t seq, TxnId last_txn, NodeId target) {
+    Outbox out;
+    proto::Acquire m{kPage, node, kind, seq, last_txn};
+    m.target = target;
+    dir_->HandleAcquire(m, now_, &out);
+    Step("Acquire from " + std::to_string(node) + " for " + std::to_string(target));
+    return out;
+  }
   Outbox Ack(NodeId node, TxnId txn, PageAddr page = kPage) {
     Outbox out;
     dir_->HandleInvalidateAck(proto::InvalidateAck{page, txn, node}, now_, &out);
@@ -501,6 +510,28 @@ TEST_F(PageDirectoryTest, WritebackOfLastCopyMovesItToAnotherLiveNode) {
             AnyOrder({"Fetch>2 txn=3 req=1 next=I data=1",
                       "Grant>1 txn=3 seq=0 S src=owner OK v=1 stash=0"}));
   EXPECT_EQ(Rec(), "S owner=1 holders=1@3 v=1 txn=3 busy");
+}
+
+// Preferred-node advice: the last copy goes to the node the giver names,
+// unless it is the giver itself or not a live member.
+TEST_F(PageDirectoryTest, AGiveUpGoesToTheNodeItNames) {
+  Up({1, 2, 3, 4});
+  Write(1);
+  EXPECT_EQ(Unordered(GiveUpTo(1, AccessKind::kWriteback, 9, 1, 3)),
+            AnyOrder({"Fetch>1 txn=2 req=3 next=I data=1",
+                      "Grant>3 txn=2 seq=0 S src=owner OK v=1 stash=0"}));
+  EXPECT_EQ(Msgs(Done(3, 2)), Strings({"Release>1 txn=2"}));
+  EXPECT_EQ(Rec(), "S owner=3 holders=3@2 v=1 txn=2");
+  // Named a dead node, or itself: the directory picks, never the giver.
+  Down(4);
+  EXPECT_EQ(Unordered(GiveUpTo(3, AccessKind::kEvict, 4, 2, 4)).size(), 2u);
+  std::string rec = Rec();
+  EXPECT_TRUE(rec.rfind("S owner=1 ", 0) == 0 || rec.rfind("S owner=2 ", 0) == 0) << rec;
+  const NodeId next = rec[8] - '0';
+  EXPECT_EQ(Msgs(Done(next, 3)), Strings({"Release>3 txn=3"}));
+  EXPECT_EQ(Unordered(GiveUpTo(next, AccessKind::kEvict, 5, 3, next)).size(), 2u);
+  rec = Rec();
+  EXPECT_EQ(rec.find("owner=" + std::to_string(next) + " "), std::string::npos) << rec;
 }
 
 TEST_F(PageDirectoryTest, WritebackWithNoOtherLiveNodeFails) {

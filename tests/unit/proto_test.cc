@@ -219,7 +219,8 @@ std::vector<Message> SampleMessages() {
               .node = 4,
               .kind = AccessKind::kUpgrade,
               .request_seq = 0x8000000000000001ull,
-              .last_txn = 98},
+              .last_txn = 98,
+              .target = 0x80000007},
       Grant{.page = kPage,
             .txn = 100,
             .request_seq = 1234,
@@ -403,7 +404,7 @@ TEST(ProtoWireTest, LeaveRequestBytesAreLittleEndianAsDocumented) {
   Bytes bytes = Encode(LeaveRequest{.node = 0x01020304}, 0x1122334455667788ull);
   const Bytes expected = {
       0x44, 0x53, 0x56, 0x4D,                          // "DSVM"
-      0x02, 0x00,                                      // version 2
+      0x03, 0x00,                                      // version 3
       0x05, 0x00,                                      // type kLeaveRequest
       0x04, 0x00, 0x00, 0x00,                          // payload_length 4
       0x00, 0x00, 0x00, 0x00,                          // reserved

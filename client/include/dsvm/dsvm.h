@@ -270,20 +270,30 @@ int dsvm_prefetch(const void* addr, size_t len, unsigned flags);
  *
  * Advice for dsvm_advise. The values are ABI. */
 enum dsvm_advice {
-  DSVM_ADVICE_NORMAL = 1,     /* no advice: each fault fetches its own page
-                                 (and sequential faults read ahead, above) */
-  DSVM_ADVICE_READ_MOSTLY = 2 /* a read fault also fetches the next 16 pages of the
-                                 range in the background (read-ahead). Reads
-                                 always replicate pages (MSI); this is for data
-                                 read in sequence and rarely written. */
+  DSVM_ADVICE_NORMAL = 1,      /* no advice: each fault fetches its own page
+                                  (and sequential faults read ahead, above);
+                                  also ends a preferred node */
+  DSVM_ADVICE_READ_MOSTLY = 2, /* a read fault also fetches the next 16 pages of
+                                  the range in the background (read-ahead). Reads
+                                  always replicate pages (MSI); this is for data
+                                  read in sequence and rarely written. */
+  DSVM_ADVICE_PREFERRED_NODE = 3 /* `node` (a node id, as dsvm_stats and dsvmctl
+                                  nodes show) keeps the pages this node gives up
+                                  for lack of room (past dsvm-node --host-budget:
+                                  remote swap): their last copy goes there, not to
+                                  a node the directory picks, while that node is a
+                                  live member (else the directory picks). Accesses
+                                  elsewhere still move copies as usual. Kept with
+                                  read-mostly advice, ended by normal advice. */
 };
 
 /* Gives `advice` for the pages of [addr, addr + len). Advice is kept by this
  * node's daemon and applies to every process of this node (not to other
  * nodes) until changed or until the daemon restarts. `node` is for advice
- * that names a node; pass 0 with the advice above.
+ * that names a node (DSVM_ADVICE_PREFERRED_NODE); pass 0 with the others.
  * Errors: DSVM_EINVALID_ARGUMENT (NULL, len 0, not inside one region open in
- * this process, unknown advice, a node with advice that takes none),
+ * this process, unknown advice, a node with advice that takes none, none
+ * with advice that needs one),
  * DSVM_ENOT_INITIALIZED, DSVM_EUNAVAILABLE. */
 int dsvm_advise(const void* addr, size_t len, int advice, uint32_t node);
 
