@@ -512,6 +512,9 @@ void NodeDaemon::ReconnectCoordinator(size_t shard) {
   ++stats_.coordinator_reconnects;
   LogInfo("node " + std::to_string(id_) + " rejoined the coordinator at " + s.address);
   Actions acts;
+  // A shard that restarted on other data numbers transactions anew: what was
+  // sent before says nothing about what is asked now.
+  ForgetSends(0, ~uint64_t{0});
   agent_.ResendAll(NowMs(), &acts);  // whatever was in flight may be lost
   Execute(acts);
   if (shard == 0 && !pending_peer_.empty()) LookupPeers();
@@ -529,6 +532,7 @@ void NodeDaemon::DropEverything(const std::string& why) {
     CloseShardLink(i);
   }
   const std::vector<WaiterId> waiting = agent_.Forget();
+  ForgetSends(0, ~uint64_t{0});
   if (tier_) {
     // Every copy is stale, GPU copies too. Maps end without their clients:
     // TODO(#5): tell them (their device pointers now name freed slots).
@@ -567,6 +571,14 @@ Status NodeDaemon::DropRegion(proto::PageAddr base, const std::string& why) {
   EndWaits(agent_.ForgetRange(base, base + size), "region at " + Hex(base) + " " + why);
   if (tier_) tier_->RemoveRegion(base).IgnoreError();  // added in OpenRegion
   std::erase_if(deferred_, [&](const auto& d) { return d.first >= base && d.first < base + size; });
+  std::erase_if(gpu_hidden_, [&](proto::PageAddr p) { return p >= base && p < base + size; });
+  // A region made again at these addresses numbers its pages' transactions
+  // from 1 again: the old region's sends must not pass for its.
+  ForgetSends(base, base + size);
+  for (auto& [peer, pages] : pending_peer_) {  // the old region's bytes
+    pending_peer_count_ -= std::erase_if(
+        pages, [&](const proto::PageData& d) { return d.page >= base && d.page < base + size; });
+  }
   stores_.erase(base);
   advice_.erase(base);
   preferred_.erase(base);
@@ -748,6 +760,11 @@ size_t NodeDaemon::HandlePeerMessages() {
     Execute(acts);
   }
   return progressed;
+}
+
+void NodeDaemon::ForgetSends(proto::PageAddr first, proto::PageAddr end) {
+  std::erase_if(recent_sends_, [&](const auto& s) { return s.first.page >= first && s.first.page < end; });
+  std::erase_if(recent_sends_order_, [&](const SentPage& s) { return s.page >= first && s.page < end; });
 }
 
 bool NodeDaemon::SentAlready(proto::NodeId to, proto::PageAddr page, proto::TxnId txn) const {

@@ -310,6 +310,9 @@ class NodeDaemon {
   void SendPage(proto::NodeId to, proto::PageData d);
   // Whether the page went to `to` for `txn` on the endpoint in use now.
   bool SentAlready(proto::NodeId to, proto::PageAddr page, proto::TxnId txn) const;
+  // Forgets which pages of [first, end) were sent (a region dropped, a shard
+  // rejoined, everything dropped): transaction numbers may start again.
+  void ForgetSends(proto::PageAddr first, proto::PageAddr end);
   void LookupPeers();
   void FlushPendingPeers();
   PageStore* StoreOf(proto::PageAddr page);

@@ -1004,6 +1004,36 @@ static bool CreateRegionThroughClient(const std::string& socket, const std::stri
 // it, and a process on node 0 deletes it. Both daemons free their copies on
 // the coordinator's RegionDeleted, though no new region takes the addresses
 // (before, they held the memory until one did).
+// The same page moves between the same two nodes with the same transaction
+// numbers in a region and in the one made again at its address (a new
+// region's pages start at transaction 1): the owner must send it again, not
+// take the second move for a resend of the first (it did, and the reader
+// waited for ever).
+TEST_F(NodeDaemonTest, ARegionMadeAgainMovesItsPagesAgain) {
+  proto::RegionReply anchor = Region("anchor", 4096, 4096);
+  StartNodes(2, anchor);
+  const std::string s0 = dir_.path() + "/node0.sock", s1 = dir_.path() + "/node1.sock";
+  for (uint64_t round = 1; round <= 2; ++round) {
+    ASSERT_EQ(RunLibClients("anchor", {{s0, [round](uint8_t*) {
+                void* a = nullptr;
+                if (round == 2 && dsvm_region_destroy("again") != DSVM_OK) return false;
+                if (dsvm_region_create("again", 4 * 4096, 0, &a) != DSVM_OK) return false;
+                *static_cast<volatile uint64_t*>(a) = 100 + round;  // a write first: txn 1
+                return dsvm_region_close(a) == DSVM_OK;
+              }}}),
+              std::vector<int>{0})
+        << "round " << round;
+    EXPECT_EQ(RunLibClients("anchor", {{s1, [round](uint8_t*) {
+                void* a = nullptr;
+                if (dsvm_region_open("again", &a, nullptr) != DSVM_OK) return false;
+                const bool ok = *static_cast<volatile uint64_t*>(a) == 100 + round;  // txn 2
+                return dsvm_region_close(a) == DSVM_OK && ok;
+              }}}),
+              std::vector<int>{0})
+        << "round " << round;
+  }
+}
+
 TEST_F(NodeDaemonTest, ADeletedRegionIsFreedOnEveryNode) {
   proto::RegionReply anchor = Region("anchor", 4096, 4096);
   StartNodes(2, anchor);
