@@ -29,6 +29,7 @@
  */
 #include <linux/hash.h>
 #include <linux/hashtable.h>
+#include <linux/moduleparam.h>
 #include <linux/sched/signal.h>
 #include <linux/slab.h>
 #include <linux/spinlock.h>
@@ -53,6 +54,23 @@ static u64 dsvm_mirror_events_seq;
  * only at its own queues when woken.
  */
 static DECLARE_WAIT_QUEUE_HEAD(dsvm_events_readers);
+
+/*
+ * The node-wide bound on pending fault events: a fault that would raise one
+ * more waits (killably) until an answer makes room, so the kernel memory
+ * faulting processes pin is bounded whatever the regions' size. Joining a
+ * pending event needs no room.
+ */
+static unsigned int max_pending_events = 65536;
+module_param(max_pending_events, uint, 0644);
+MODULE_PARM_DESC(max_pending_events, "fault events pending at once on the node (min 1)");
+static DECLARE_WAIT_QUEUE_HEAD(dsvm_events_room);
+
+static bool dsvm_events_have_room(void)
+{
+	return atomic64_read(&dsvm_counters.events_pending) <
+	       max_t(unsigned int, READ_ONCE(max_pending_events), 1);
+}
 
 static unsigned long dsvm_event_key(struct dsvm_region *region,
 				    unsigned long index, u32 kind)
@@ -98,7 +116,9 @@ void dsvm_event_put(struct dsvm_event *event)
  * when the table resolves the fault now (it changed since the caller
  * looked), ERR_PTR(-ENOENT) when the fault must get SIGBUS (the region is
  * destroyed, or was not created by the control file), ERR_PTR(-EHWPOISON)
- * when it must get SIGBUS because the page is poisoned, ERR_PTR(-ENOMEM).
+ * when it must get SIGBUS because the page is poisoned, ERR_PTR(-EBUSY)
+ * when max_pending_events are pending (wait with dsvm_event_wait_room(),
+ * then look again), ERR_PTR(-ENOMEM).
  */
 struct dsvm_event *dsvm_event_raise(struct dsvm_region *region,
 				    unsigned long index, bool write)
@@ -141,6 +161,10 @@ struct dsvm_event *dsvm_event_raise(struct dsvm_region *region,
 		refcount_inc(&event->ref);
 		goto out_unlock;
 	}
+	if (!dsvm_events_have_room()) {
+		event = ERR_PTR(-EBUSY);
+		goto out_unlock;
+	}
 
 	event = fresh;
 	fresh = NULL;
@@ -169,6 +193,16 @@ out_unlock:
 }
 
 /*
+ * Sleeps until fewer than max_pending_events are pending or a fatal signal
+ * comes; returns 0 or -ERESTARTSYS. (No event is raised meanwhile: the
+ * caller looks at the table again, which may have changed.)
+ */
+int dsvm_event_wait_room(void)
+{
+	return wait_event_killable(dsvm_events_room, dsvm_events_have_room());
+}
+
+/*
  * Sleeps until the event is answered or a fatal signal comes; returns 0 or
  * -ERESTARTSYS. Killable, not interruptible: the paths that wait holding
  * mmap_lock (.page_mkwrite, faults that may not retry) could only answer a
@@ -189,6 +223,8 @@ static void dsvm_event_answer(struct dsvm_event *event)
 	WRITE_ONCE(event->answered, true);
 	wake_up_all(&event->waiters);
 	atomic64_dec(&dsvm_counters.events_pending);
+	if (waitqueue_active(&dsvm_events_room))
+		wake_up(&dsvm_events_room);
 	/* The pending table's reference; sleepers hold their own. */
 	dsvm_event_put(event);
 }

@@ -296,6 +296,7 @@ int dsvm_mirror_migrate(struct dsvm_file *file, u64 id, u64 first, u64 count,
 struct dsvm_event *dsvm_event_raise(struct dsvm_region *region,
 				    unsigned long index, bool write);
 int dsvm_event_wait(struct dsvm_event *event);
+int dsvm_event_wait_room(void);
 void dsvm_event_put(struct dsvm_event *event);
 void dsvm_event_answer_page(struct dsvm_region *region, unsigned long index);
 unsigned long dsvm_event_wake_range(struct dsvm_region *region,

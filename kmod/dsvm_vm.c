@@ -121,25 +121,44 @@ err_put:
  * the sleeper was killed where it could not retry, and will not run
  * again), VM_FAULT_OOM.
  */
+/*
+ * Sleeps until the event is answered, or with no event until there is room
+ * for one (max_pending_events); drops the event's reference. 0 or
+ * -ERESTARTSYS (a fatal signal).
+ */
+static int dsvm_vm_sleep(struct dsvm_event *event)
+{
+	int ret;
+
+	if (!event)
+		return dsvm_event_wait_room();
+	ret = dsvm_event_wait(event);
+	dsvm_event_put(event);
+	return ret;
+}
+
 static vm_fault_t dsvm_vm_fault_wait(struct vm_fault *vmf, bool write)
 {
 	struct vm_area_struct *vma = vmf->vma;
 	struct dsvm_event *event;
 	struct file *fpin;
-	int ret;
 
 	event = dsvm_event_raise(vma->vm_private_data, dsvm_vm_index(vmf), write);
 	if (!event)
 		return 0;
-	if (IS_ERR(event)) {
+	if (IS_ERR(event) && PTR_ERR(event) != -EBUSY) {
 		if (PTR_ERR(event) == -ENOMEM)
 			return VM_FAULT_OOM;
 		atomic64_inc(&dsvm_counters.refused);
 		return VM_FAULT_SIGBUS;
 	}
+	/* No room for another event: wait for room instead of an answer. */
+	if (IS_ERR(event))
+		event = NULL;
 
 	if (vmf->flags & FAULT_FLAG_RETRY_NOWAIT) {
-		dsvm_event_put(event);
+		if (event)
+			dsvm_event_put(event);
 		return VM_FAULT_RETRY;
 	}
 	if (vmf->flags & FAULT_FLAG_ALLOW_RETRY) {
@@ -152,14 +171,11 @@ static vm_fault_t dsvm_vm_fault_wait(struct vm_fault *vmf, bool write)
 		 */
 		fpin = get_file(vma->vm_file);
 		mmap_read_unlock(vma->vm_mm);
-		dsvm_event_wait(event);
-		dsvm_event_put(event);
+		dsvm_vm_sleep(event);
 		fput(fpin);
 		return VM_FAULT_RETRY;
 	}
-	ret = dsvm_event_wait(event);
-	dsvm_event_put(event);
-	return ret ? VM_FAULT_SIGBUS : 0;
+	return dsvm_vm_sleep(event) ? VM_FAULT_SIGBUS : 0;
 }
 
 static vm_fault_t dsvm_vm_fault(struct vm_fault *vmf)

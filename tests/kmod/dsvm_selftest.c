@@ -343,16 +343,25 @@ static long free_kb(void)
 	return free + pcp * (PAGE / 1024);
 }
 
+/* Sets a module parameter; false when it cannot. */
+static bool set_param(const char *name, unsigned int value)
+{
+	char path[128];
+	FILE *f;
+	bool ok;
+
+	snprintf(path, sizeof(path), "/sys/module/dsvm/parameters/%s", name);
+	f = fopen(path, "w");
+	if (!f)
+		return false;
+	ok = fprintf(f, "%u\n", value) > 0;
+	return fclose(f) == 0 && ok;
+}
+
 /* Sets the module's test-only fault delay; false when it cannot. */
 static bool set_fault_delay(unsigned int us)
 {
-	FILE *f = fopen("/sys/module/dsvm/parameters/fault_delay_us", "w");
-	bool ok;
-
-	if (!f)
-		return false;
-	ok = fprintf(f, "%u\n", us) > 0;
-	return fclose(f) == 0 && ok;
+	return set_param("fault_delay_us", us);
 }
 
 static unsigned long kernel_taint(void)
@@ -2115,6 +2124,53 @@ static void test_wake(int fd, int cfd)
 	result(stats(fd).events_pending == 0, "wake: nothing left pending");
 }
 
+/*
+ * The node-wide bound on pending events (max_pending_events = 2): six
+ * readers of six pages not installed; at most two events are pending at
+ * once, the others wait for room without raising one; the daemon answering
+ * two lets two more in, until every reader has its page.
+ */
+static void test_event_bound(int fd, int cfd)
+{
+	const uint64_t id = EVENTS_ID, first = 8, n = 6;
+	struct dsvm_fault_event ev[8];
+	struct faulter f[6];
+	uint64_t served = 0, most = 0;
+	bool all = true;
+
+	page_range(cfd, true, id, first, n);
+	if (!set_param("max_pending_events", 2)) {
+		result(false, "bound: set max_pending_events (%s)", strerror(errno));
+		return;
+	}
+	for (uint64_t i = 0; i < n; i++)
+		faulter_start(&f[i], first + i, false, 0);
+	result(wait_pending(fd, 2), "bound: two of six readers raise events");
+	sleep_ms(100);
+	result(stats(fd).events_pending == 2, "bound: and no third one (%llu pending)",
+	       (unsigned long long)stats(fd).events_pending);
+	for (int rounds = 0; rounds < WAIT_MS && served < n; rounds++) {
+		uint64_t pending = stats(fd).events_pending;
+		int got = read_events(cfd, ev, 8);
+
+		most = pending > most ? pending : most;
+		for (int k = 0; k < got; k++) {
+			if (page_install(cfd, id, ev[k].page_index, DSVM_PAGE_STATE_SHARED, NULL) == 0)
+				served++;
+		}
+		if (got <= 0)
+			sleep_ms(1);
+	}
+	result(served == n && most <= 2, "bound: all six served, at most 2 pending (%llu, %llu)",
+	       (unsigned long long)served, (unsigned long long)most);
+	for (uint64_t i = 0; i < n; i++)
+		all &= faulter_join(&f[i]) && faulter_state(&f[i]) == 1 && f[i].value == 0;
+	result(all, "bound: every reader read its page");
+	result(set_param("max_pending_events", 65536), "bound: max_pending_events back to 65536");
+	page_range(cfd, true, id, first, n);
+	result(stats(fd).events_pending == 0, "bound: nothing left pending");
+}
+
 static void test_control_close(int fd, int cfd)
 {
 	const uint64_t b = BASE_EVENTS;
@@ -3011,6 +3067,7 @@ int main(void)
 		test_writeback(fd, cfd);
 		test_poison(fd, cfd);
 		test_wake(fd, cfd);
+		test_event_bound(fd, cfd);
 		test_control_close(fd, cfd);
 	}
 	test_mirror_invalid(fd);
