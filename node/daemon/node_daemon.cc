@@ -972,16 +972,18 @@ void NodeDaemon::ExecuteOne(Action& a) {
   // a page the node gives up loses its GPU copy; an installed page counts
   // against the host budget.
   const std::span<const proto::PageAddr> one(&a.page, 1);
-  switch (a.kind) {
-    case ActionKind::kMapRead:   // written back below, then mapped
-    case ActionKind::kMapWrite:
-    case ActionKind::kUnmap:     // local processes lose it anyway
-    case ActionKind::kDiscard:
-    case ActionKind::kStash:
-      gpu_hidden_.erase(a.page);
-      break;
-    default:
-      break;
+  if (!gpu_hidden_.empty()) {  // pages hidden for the GPU (write maps, prefetch)
+    switch (a.kind) {
+      case ActionKind::kMapRead:   // written back below, then mapped
+      case ActionKind::kMapWrite:
+      case ActionKind::kUnmap:     // local processes lose it anyway
+      case ActionKind::kDiscard:
+      case ActionKind::kStash:
+        gpu_hidden_.erase(a.page);
+        break;
+      default:
+        break;
+    }
   }
   if (tier_) {
     switch (a.kind) {

@@ -84,10 +84,8 @@ uint64_t MixedBackend::local_hits() const {
 }
 
 Result<size_t> MixedBackend::ReadEvents(std::span<FaultEvent> out) {
-  // Clear the epoll set's readiness; the inner reads below are non-blocking.
-  epoll_event ready[2];
-  while (::epoll_wait(epoll_.get(), ready, 2, 0) < 0 && errno == EINTR) {
-  }
+  // The inner reads are non-blocking; the epoll set is level-triggered, so
+  // it stops being readable once they are drained (no epoll_wait here).
   size_t n = 0;
   for (int b = 0; b < 2 && n < out.size(); ++b) {
     DSVM_ASSIGN_OR_RETURN(size_t got, inner_[b]->ReadEvents(out.subspan(n)));

@@ -480,14 +480,16 @@ Status DeviceTier::Drain(Lane& lane) {
   return backend_->Wait(lane.fence);
 }
 
+Status DeviceTier::DrainAll(std::vector<Lane>& lanes, Status first) {
+  for (Lane& lane : lanes) Drain(lane).IgnoreError();  // the first error is the one reported
+  return first;
+}
+
 Status DeviceTier::CopyMovesToDevice(uint32_t gpu, const std::vector<Move>& moves) {
   std::vector<Lane>& lanes = lanes_[gpu];
   DSVM_CHECK(lanes.size() >= 2);
   // On an error, wait for what was queued: the caller may free its slots.
-  auto drain_all = [&](Status s) {
-    for (Lane& lane : lanes) Drain(lane).IgnoreError();  // the first error is the one reported
-    return s;
-  };
+  auto drain_all = [&](Status s) { return DrainAll(lanes, std::move(s)); };
   std::vector<HostToDevice> entries;
   size_t i = 0;
   for (uint64_t batch = 0; i < moves.size(); ++batch) {
@@ -560,10 +562,7 @@ Status DeviceTier::WriteBackMoves(uint32_t gpu, const std::vector<Move>& moves) 
     }
     return Status::Ok();
   };
-  auto drain_all = [&](Status s) {
-    for (Lane& lane : lanes) Drain(lane).IgnoreError();  // the first error is the one reported
-    return s;
-  };
+  auto drain_all = [&](Status s) { return DrainAll(lanes, std::move(s)); };
   std::vector<DeviceToHost> entries;
   size_t i = 0;
   for (uint64_t batch = 0; i < moves.size(); ++batch) {

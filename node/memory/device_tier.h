@@ -224,6 +224,9 @@ class DeviceTier {
   Status CopyMovesToDevice(uint32_t gpu, const std::vector<Move>& moves);
   // Waits for the lane's pending fence, if any.
   Status Drain(Lane& lane);
+  // After a failed copy: waits for what every lane queued (the caller may
+  // free its slots), then returns `first`, the error to report.
+  Status DrainAll(std::vector<Lane>& lanes, Status first);
   void FreeSlotOf(PageAddr page);
   // The end of the pool's arena that holds `ptr`.
   DevicePtr ArenaEnd(const DevicePagePool* pool, DevicePtr ptr);
