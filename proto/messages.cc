@@ -88,6 +88,25 @@ Status GpuUnmap::Validate() const { return ValidateRange(address, length); }
 
 Status GpuPrefetch::Validate() const { return ValidateRange(address, length); }
 
+uint64_t PageBatch::TotalBytes() const {
+  uint64_t total = 0;
+  for (const BatchedPage& p : pages) total += p.length;
+  return total;
+}
+
+Status PageBatch::Validate() const {
+  if (pages.empty()) return Corruption("a page batch without pages");
+  for (const BatchedPage& p : pages) {
+    if (p.length == 0 || p.length % kMinPageSize != 0 || p.length > kMaxPageSize) {
+      return Corruption("a batched page of " + std::to_string(p.length) + " bytes");
+    }
+  }
+  if (TotalBytes() > kMaxBatchBytes) {
+    return Corruption("a page batch of " + std::to_string(TotalBytes()) + " bytes");
+  }
+  return Status::Ok();
+}
+
 Status GpuMapReply::Validate() const {
   if (arena == 0) return Corruption("arena 0");
   if (length == 0) return Corruption("length 0");
@@ -156,6 +175,7 @@ const char* TypeName(MessageType t) {
     case MessageType::kGpuMapReply: return "GpuMapReply";
     case MessageType::kGpuUnmap: return "GpuUnmap";
     case MessageType::kGpuPrefetch: return "GpuPrefetch";
+    case MessageType::kPageBatch: return "PageBatch";
   }
   return "Unknown";
 }

@@ -33,7 +33,7 @@ using TxnId = uint64_t;     // per-page directory transaction number; 0 = none y
 
 inline constexpr NodeId kNoNode = 0;
 inline constexpr uint32_t kMagic = 0x4D565344;  // "DSVM" read as little-endian u32
-inline constexpr uint16_t kWireVersion = 3;  // history: PROTOCOL.md, Versions
+inline constexpr uint16_t kWireVersion = 4;  // history: PROTOCOL.md, Versions
 inline constexpr size_t kHeaderSize = 24;
 // The smallest page size: every region's base and size are multiples of it.
 inline constexpr uint32_t kMinPageSize = 4096;
@@ -46,6 +46,8 @@ inline constexpr uint32_t kMaxTextLength = 1024;              // status messages
 inline constexpr uint32_t kMaxBlobLength = 4096;              // opaque transport addresses
 inline constexpr uint32_t kMaxSharersInReply = 1024;
 inline constexpr uint32_t kMaxListEntries = 128;
+inline constexpr uint32_t kMaxBatchPages = 64;          // pages in one PageBatch
+inline constexpr uint32_t kMaxBatchBytes = 1u << 20;     // their bytes together
 inline constexpr uint32_t kMaxAuthBytes = 32;     // a nonce or an HMAC-SHA256 proof  // per list reply; 128 * ~300 B < 64 KiB
 
 enum class MessageType : uint16_t {
@@ -104,6 +106,7 @@ enum class MessageType : uint16_t {
   // Client plane, continued (40..49 are taken).
   kGpuUnmap = 56,
   kGpuPrefetch = 57,
+  kPageBatch = 58,
 };
 
 // What a node asks of the directory for one page.
@@ -567,6 +570,31 @@ struct PageData {
   }
 };
 
+// One page of a PageBatch: PageData's fields but the bytes, and how many
+// bytes of the batch's data are this page's.
+struct BatchedPage {
+  PageAddr page = 0;
+  TxnId txn = 0;
+  uint64_t version = 0;
+  uint32_t length = 0;
+  template <typename A> void Visit(A& a) { a.U64(page); a.U64(txn); a.U64(version); a.U32(length); }
+};
+
+// Owner -> requester (over UCX between node daemons): several pages for one
+// peer in one active message (wire version 4). The pages' bytes, in order,
+// are the active message's data; `pages` says how they divide. Each page is
+// handled exactly as the PageData it stands for.
+struct PageBatch {
+  static constexpr MessageType kType = MessageType::kPageBatch;
+  NodeId sender = kNoNode;
+  std::vector<BatchedPage> pages;
+  template <typename A> void Visit(A& a) { a.U32(sender); a.List(pages, kMaxBatchPages); }
+  // At least one page; each length a positive multiple of kMinPageSize and
+  // at most kMaxPageSize; together at most kMaxBatchBytes. Errors: kCorruption.
+  Status Validate() const;
+  uint64_t TotalBytes() const;
+};
+
 // First message on a new node-to-node endpoint: who is calling.
 // TODO(#3): a challenge-response with the cluster secret before any other message.
 struct PeerHello {
@@ -756,7 +784,7 @@ using Message = std::variant<StatusReply, JoinRequest, JoinReply, Heartbeat, Lea
                              Prefetch, Advise, AuthHello, AuthChallenge, AuthProof,
                              PeerChallenge, PeerProof, RegionPages, RegionPagesReply,
                              RegionDeleted, RegionWatch, RegionCreated, RegionSnapshotDone,
-                             GpuMap, GpuMapReply, GpuUnmap, GpuPrefetch>;
+                             GpuMap, GpuMapReply, GpuUnmap, GpuPrefetch, PageBatch>;
 
 struct Header {
   uint32_t magic = kMagic;

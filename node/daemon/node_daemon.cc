@@ -366,7 +366,11 @@ void NodeDaemon::Run() {
   epoll_event events[16];
   uint64_t last_work_us = MonotonicUs();
   while (!stopping_) {
+    // Pages for peers queued since the last turn go first, each peer's in
+    // one active message (PageBatch), then what the peers sent meanwhile.
+    transport_->FlushBatches();
     if (HandlePeerMessages() > 0) last_work_us = MonotonicUs();
+    transport_->FlushBatches();
     for (ShardLink& s : shards_) {
       if (s.link.is_open()) s.link.Flush().IgnoreError();  // a lost link shows on its next read
     }

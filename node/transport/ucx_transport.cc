@@ -55,11 +55,13 @@ struct UcxTransport::SendRequest {
   std::vector<uint8_t> data;
 };
 
-// A rendezvous receive in flight: the PageData it will complete.
+// A rendezvous receive in flight: the PageData or PageBatch it will
+// complete, and the buffer its bytes arrive in.
 struct UcxTransport::RecvRequest {
   UcxTransport* transport = nullptr;
   ucp_ep_h from = nullptr;
-  proto::PageData message;
+  proto::Message message;
+  std::vector<uint8_t> data;
 };
 
 Result<std::unique_ptr<UcxTransport>> UcxTransport::Create(const UcxOptions& options) {
@@ -232,23 +234,88 @@ Status UcxTransport::Send(proto::NodeId peer, proto::Message message) {
     hs->second.held.push_back(std::move(message));
     return Status::Ok();
   }
-  return SendOn(it->second, std::move(message));
+  auto* pd = std::get_if<proto::PageData>(&message);
+  if (pd == nullptr || pd->data.size() > options_.batch_page_bytes) {
+    return SendOn(it->second, std::move(message));
+  }
+  if (inflight_ >= options_.max_inflight_sends) {
+    return ResourceExhausted("UCX sends in flight at their bound of " +
+                             std::to_string(options_.max_inflight_sends));
+  }
+  Batch& b = batches_[peer];
+  if (b.frame.pages.size() == proto::kMaxBatchPages ||
+      b.data.size() + pd->data.size() > proto::kMaxBatchBytes) {
+    SendBatch(peer, b);
+  }
+  if (b.data.capacity() == 0) b.data.reserve(256u << 10);
+  b.frame.sender = options_.self;
+  b.frame.pages.push_back(proto::BatchedPage{pd->page, pd->txn, pd->version,
+                                             static_cast<uint32_t>(pd->data.size())});
+  b.data.insert(b.data.end(), pd->data.begin(), pd->data.end());
+  return Status::Ok();
+}
+
+void UcxTransport::FlushBatches() {
+  for (auto& [peer, batch] : batches_) {
+    if (!batch.frame.pages.empty()) SendBatch(peer, batch);
+  }
+}
+
+size_t UcxTransport::held_batch_pages() const {
+  size_t n = 0;
+  for (const auto& [peer, batch] : batches_) n += batch.frame.pages.size();
+  return n;
+}
+
+void UcxTransport::SendBatch(proto::NodeId peer, Batch& batch) {
+  const size_t pages = batch.frame.pages.size();
+  auto it = peers_.find(peer);
+  Status st = it == peers_.end() ? Unavailable("no endpoint to node " + std::to_string(peer))
+              : pages == 1
+                  ? SendFrame(it->second,
+                              proto::PageData{batch.frame.pages[0].page, batch.frame.pages[0].txn,
+                                              batch.frame.sender, batch.frame.pages[0].version, {}},
+                              std::move(batch.data))
+                  : SendFrame(it->second, batch.frame, std::move(batch.data));
+  if (st.ok() && pages > 1) {
+    ++stats_.batches_sent;
+    stats_.batched_pages += pages;
+  } else if (!st.ok()) {
+    // Its pages count as sent (Send said so): a new generation lets the
+    // owner send them again when the directory asks again.
+    if (it != peers_.end()) peer_generation_[peer] = next_generation_++;
+    LogWarning("a batch of " + std::to_string(pages) + " pages for node " + std::to_string(peer) +
+               " was dropped: " + st.ToString());
+  }
+  batch.frame.pages.clear();
+  batch.data = {};
 }
 
 Status UcxTransport::SendOn(ucp_ep_h ep, proto::Message message) {
+  std::vector<uint8_t> data;
+  if (auto* pd = std::get_if<proto::PageData>(&message)) data = std::move(pd->data);
+  return SendFrame(ep, message, std::move(data));
+}
+
+Status UcxTransport::SendFrame(ucp_ep_h ep, const proto::Message& message,
+                               std::vector<uint8_t> data) {
   if (inflight_ >= options_.max_inflight_sends) {
     return ResourceExhausted("UCX sends in flight at their bound of " +
                              std::to_string(options_.max_inflight_sends));
   }
   auto req = std::make_unique<SendRequest>();
   req->transport = this;
-  if (auto* pd = std::get_if<proto::PageData>(&message)) req->data = std::move(pd->data);
+  req->data = std::move(data);
   proto::EncodeTo(message, 0, &req->header);
   DSVM_CHECK_MSG(req->header.size() <= max_am_header_, "frame larger than UCX's AM header limit");
 
   ucp_request_param_t p{};
   p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
   p.flags = UCP_AM_SEND_FLAG_REPLY;  // the receiver learns which endpoint sent it
+  // A batch goes eagerly: rendezvous would cost a round trip (and the wake-up
+  // of both daemons) before the bytes move; a batch is at most
+  // kMaxBatchBytes, and the receiver copies its pages out at once anyway.
+  if (std::holds_alternative<proto::PageBatch>(message)) p.flags |= UCP_AM_SEND_FLAG_EAGER;
   p.cb.send = &UcxTransport::OnSendDone;
   p.user_data = req.get();
   ucs_status_ptr_t s = ucp_am_send_nbx(ep, kAmId, req->header.data(), req->header.size(),
@@ -294,38 +361,44 @@ ucs_status_t UcxTransport::OnActiveMessage(void* arg, const void* header, size_t
     return UCS_OK;  // a rendezvous descriptor not received is dropped by UCX
   }
   auto* pd = std::get_if<proto::PageData>(&frame->message);
-  if (pd == nullptr) {
+  auto* batch = std::get_if<proto::PageBatch>(&frame->message);
+  if (pd == nullptr && batch == nullptr) {
     if (length != 0) {
-      ++self->stats_.malformed;  // only PageData carries data
+      ++self->stats_.malformed;  // only PageData and PageBatch carry data
       return UCS_OK;
     }
     self->Deliver(from, std::move(frame->message));
     return UCS_OK;
   }
-  if (length > proto::kMaxPageSize || !pd->data.empty()) {
+  // The bytes must be what the frame says: one page, or the batch's pages.
+  if (pd != nullptr ? length > proto::kMaxPageSize || !pd->data.empty()
+                    : length != batch->TotalBytes()) {
     ++self->stats_.malformed;
     return UCS_OK;
   }
+  const auto* bytes = static_cast<const uint8_t*>(data);
   if (!(param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV)) {
-    pd->data.assign(static_cast<const uint8_t*>(data), static_cast<const uint8_t*>(data) + length);
-    self->Deliver(from, std::move(frame->message));
+    if (batch != nullptr) {
+      self->DeliverBatch(from, *batch, {bytes, length});
+    } else {
+      pd->data.assign(bytes, bytes + length);
+      self->Deliver(from, std::move(frame->message));
+    }
     return UCS_OK;
   }
   // Rendezvous: the bytes are fetched into our buffer, then delivered.
   auto rr = std::make_unique<RecvRequest>();
   rr->transport = self;
   rr->from = from;
-  rr->message = std::move(*pd);
-  rr->message.data.resize(length);
+  rr->message = std::move(frame->message);
+  rr->data.resize(length);
   ucp_request_param_t p{};
   p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
   p.cb.recv_am = &UcxTransport::OnRecvDone;
   p.user_data = rr.get();
-  ucs_status_ptr_t s =
-      ucp_am_recv_data_nbx(self->worker_, data, rr->message.data.data(), length, &p);
+  ucs_status_ptr_t s = ucp_am_recv_data_nbx(self->worker_, data, rr->data.data(), length, &p);
   if (s == nullptr) {
-    ++self->stats_.rendezvous_received;
-    self->Deliver(from, std::move(rr->message));
+    OnRecvDone(nullptr, UCS_OK, length, rr.release());
   } else if (UCS_PTR_IS_ERR(s)) {
     ++self->stats_.malformed;
   } else {
@@ -337,13 +410,30 @@ ucs_status_t UcxTransport::OnActiveMessage(void* arg, const void* header, size_t
 void UcxTransport::OnRecvDone(void* request, ucs_status_t status, size_t length, void* user_data) {
   std::unique_ptr<RecvRequest> rr(static_cast<RecvRequest*>(user_data));
   UcxTransport* self = rr->transport;
-  if (status == UCS_OK && length == rr->message.data.size()) {
+  if (status == UCS_OK && length == rr->data.size()) {
     ++self->stats_.rendezvous_received;
-    self->Deliver(rr->from, std::move(rr->message));
+    if (auto* batch = std::get_if<proto::PageBatch>(&rr->message)) {
+      self->DeliverBatch(rr->from, *batch, rr->data);
+    } else {
+      std::get<proto::PageData>(rr->message).data = std::move(rr->data);
+      self->Deliver(rr->from, std::move(rr->message));
+    }
   } else {
     ++self->stats_.malformed;
   }
-  ucp_request_free(request);
+  if (request != nullptr) ucp_request_free(request);
+}
+
+void UcxTransport::DeliverBatch(ucp_ep_h from, const proto::PageBatch& batch,
+                                std::span<const uint8_t> data) {
+  ++stats_.batches_received;
+  size_t at = 0;
+  for (const proto::BatchedPage& p : batch.pages) {
+    proto::PageData d{p.page, p.txn, batch.sender, p.version, {}};
+    d.data.assign(data.begin() + at, data.begin() + at + p.length);
+    at += p.length;
+    Deliver(from, std::move(d));
+  }
 }
 
 void UcxTransport::RefuseEndpoint(ucp_ep_h ep, const std::string& why) {
@@ -462,6 +552,7 @@ size_t UcxTransport::Progress(std::vector<UcxIncoming>* in) {
 bool UcxTransport::Arm() { return ucp_worker_arm(worker_) == UCS_OK; }
 
 Status UcxTransport::Flush(int timeout_ms) {
+  FlushBatches();
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
   std::vector<UcxIncoming> held;
   while (inflight_ > 0) {

@@ -21,6 +21,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -40,6 +41,10 @@ struct UcxOptions {
   // The cluster secret peers prove to each other; null: none (an insecure
   // cluster: the proofs are empty, and a peer that has a secret refuses).
   std::shared_ptr<const proto::ClusterSecret> secret;
+  // Pages of at most this many bytes sent to one peer are held and go
+  // together as one PageBatch (PROTOCOL.md) at FlushBatches(), or when the
+  // batch is full. 0: every page goes alone.
+  size_t batch_page_bytes = 64u << 10;
 };
 
 struct UcxIncoming {
@@ -55,6 +60,9 @@ struct UcxStats {
   uint64_t refused_peers = 0;  // endpoints closed for a missing or wrong proof
   uint64_t malformed = 0;
   uint64_t send_errors = 0;
+  uint64_t batches_sent = 0;      // PageBatch active messages
+  uint64_t batched_pages = 0;     // pages that went in them
+  uint64_t batches_received = 0;
 };
 
 class UcxTransport {
@@ -78,16 +86,23 @@ class UcxTransport {
   Status Connect(proto::NodeId peer, const std::string& address);
   bool HasPeer(proto::NodeId peer) const { return peers_.count(peer) != 0; }
   // Changes whenever the endpoint to `peer` is replaced (a failed one gone,
-  // a new one connected); 0 when there is none. What went out on one
-  // endpoint either arrives or that endpoint fails.
+  // a new one connected) or a batch for it could not be sent; 0 when there
+  // is none. What went out on one generation either arrives or the
+  // generation changes.
   uint64_t PeerGeneration(proto::NodeId peer) const {
     return peers_.count(peer) != 0 ? peer_generation_.at(peer) : 0;
   }
 
-  // Sends one message. For PageData, `data` goes as the AM data. Errors:
-  // kUnavailable (no endpoint to that peer), kResourceExhausted (too many
-  // sends in flight).
+  // Sends one message. For PageData, `data` goes as the AM data; a page of
+  // at most batch_page_bytes joins the peer's batch, which goes when full or
+  // at FlushBatches(). Errors: kUnavailable (no endpoint to that peer),
+  // kResourceExhausted (too many sends in flight).
   Status Send(proto::NodeId peer, proto::Message message);
+  // Sends every batch Send held. Call before the event loop sleeps. A batch
+  // that cannot go is dropped and its peer's generation changes (the
+  // protocol's retransmissions ask for its pages again).
+  void FlushBatches();
+  size_t held_batch_pages() const;
 
   // Progresses the worker until it has nothing more to do right now and
   // appends every message received to `in`. Returns the number of messages.
@@ -106,6 +121,10 @@ class UcxTransport {
  private:
   struct SendRequest;
   struct RecvRequest;
+  struct Batch {
+    proto::PageBatch frame;
+    std::vector<uint8_t> data;
+  };
 
   explicit UcxTransport(const UcxOptions& options) : options_(options) {}
   Status Start();
@@ -122,6 +141,11 @@ class UcxTransport {
   void OnPeerProof(ucp_ep_h from, const proto::PeerProof& m);
   void RefuseEndpoint(ucp_ep_h ep, const std::string& why);
   Status SendOn(ucp_ep_h ep, proto::Message message);
+  // `data`: the AM data (PageData's bytes, a batch's); empty for none.
+  Status SendFrame(ucp_ep_h ep, const proto::Message& message, std::vector<uint8_t> data);
+  void SendBatch(proto::NodeId peer, Batch& batch);
+  // Hands each page of a received batch on as its PageData.
+  void DeliverBatch(ucp_ep_h from, const proto::PageBatch& batch, std::span<const uint8_t> data);
   void ForgetEndpoint(ucp_ep_h ep);
 
   UcxOptions options_;
@@ -151,6 +175,7 @@ class UcxTransport {
   std::vector<ucp_ep_h> failed_eps_;                     // closed at the next Progress
   std::vector<UcxIncoming>* sink_ = nullptr;             // valid during Progress
   std::vector<UcxIncoming> late_;                        // completed outside Progress
+  std::unordered_map<proto::NodeId, Batch> batches_;     // pages held for FlushBatches
   size_t inflight_ = 0;
   UcxStats stats_;
 };

@@ -135,6 +135,9 @@ std::vector<Message> PopulatedMessages() {
                   .arena_bytes = 1 << 20, .offset = 4096, .length = 8192},
       GpuUnmap{.address = 0x200000000000, .length = 8192},
       GpuPrefetch{.address = 0x200000000000, .length = 8192, .gpu = 0, .write = 0},
+      PageBatch{.sender = 2,
+                .pages = {BatchedPage{0x200000000000, 3, 2, 4096},
+                          BatchedPage{0x200000001000, 4, 2, 4096}}},
   };
 }
 
@@ -190,13 +193,14 @@ int Main(int argc, char** argv) {
   std::vector<Message> messages =
       DefaultOfEveryType(std::make_index_sequence<std::variant_size_v<Message>>());
   // A default RegionDeleted or RegionCreated names region 0, a default
-  // GpuMap, GpuUnmap, GpuPrefetch or GpuMapReply an empty range, which Decode refuses
-  // (their Validate()); their populated seeds stand for the types.
+  // GpuMap, GpuUnmap, GpuPrefetch or GpuMapReply an empty range, a default
+  // PageBatch no page, which Decode refuses (their Validate()); their
+  // populated seeds stand for the types.
   std::erase_if(messages, [](const Message& m) {
     return std::holds_alternative<RegionDeleted>(m) || std::holds_alternative<RegionCreated>(m) ||
            std::holds_alternative<GpuMap>(m) || std::holds_alternative<GpuUnmap>(m) ||
            std::holds_alternative<GpuPrefetch>(m) ||
-           std::holds_alternative<GpuMapReply>(m);
+           std::holds_alternative<GpuMapReply>(m) || std::holds_alternative<PageBatch>(m);
   });
   for (Message& m : PopulatedMessages()) messages.push_back(std::move(m));
   size_t written = 0;

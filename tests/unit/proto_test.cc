@@ -298,6 +298,9 @@ std::vector<Message> SampleMessages() {
       GpuUnmap{.address = 0x8000000000700000ull, .length = 0x7F00000000006000ull},
       GpuPrefetch{.address = 0x8000000000900000ull, .length = 0x7F00000000007000ull,
                   .gpu = 0x80000003, .write = 1},
+      PageBatch{.sender = 0x80000004,
+                .pages = {BatchedPage{kPage, 0x8000000000000107ull, 0x8000000000000021ull, 4096},
+                          BatchedPage{kPage + 0x10000, 108, 22, 65536}}},
   };
 }
 
@@ -404,7 +407,7 @@ TEST(ProtoWireTest, LeaveRequestBytesAreLittleEndianAsDocumented) {
   Bytes bytes = Encode(LeaveRequest{.node = 0x01020304}, 0x1122334455667788ull);
   const Bytes expected = {
       0x44, 0x53, 0x56, 0x4D,                          // "DSVM"
-      0x03, 0x00,                                      // version 3
+      0x04, 0x00,                                      // version 4
       0x05, 0x00,                                      // type kLeaveRequest
       0x04, 0x00, 0x00, 0x00,                          // payload_length 4
       0x00, 0x00, 0x00, 0x00,                          // reserved
@@ -579,7 +582,7 @@ TEST(ProtoHeaderTest, WrongVersionIsInvalidArgument) {
 }
 
 TEST(ProtoHeaderTest, UnknownTypeIsInvalidArgument) {
-  for (uint16_t type : {0, 19, 28, 29, 34, 58, 59, 0x100, 0xFFFF}) {
+  for (uint16_t type : {0, 19, 28, 29, 34, 59, 60, 0x100, 0xFFFF}) {
     Bytes frame = HeaderBytes({.type = type, .payload_length = 0});
     Result<Header> h = DecodeHeader(frame);
     ASSERT_FALSE(h.ok()) << "type " << type;
@@ -775,6 +778,28 @@ TEST(ProtoFieldTest, LengthOverrunningThePayloadIsRefused) {
     WriteLe(&frame, at, claim, 4);
     ExpectRefused(frame, StatusCode::kCorruption, "overruns the payload");
   }
+}
+
+// A page batch names at least one page, each a whole number of minimal pages
+// no larger than the largest page, and no more bytes than its bound.
+TEST(ProtoFieldTest, PageBatchesOutOfBoundsAreRefused) {
+  auto refused = [](const PageBatch& m) {
+    Result<Frame> r = Decode(Encode(m, 5));
+    return !r.ok() && r.status().code() == StatusCode::kCorruption;
+  };
+  const BatchedPage ok{.page = 0x200000000000, .txn = 1, .version = 1, .length = 4096};
+  EXPECT_FALSE(refused(PageBatch{.sender = 1, .pages = {ok, ok}}));
+  EXPECT_TRUE(refused(PageBatch{.sender = 1, .pages = {}}));
+  for (uint32_t bad : {0u, 100u, 4097u, kMaxPageSize + 4096}) {
+    BatchedPage b = ok;
+    b.length = bad;
+    EXPECT_TRUE(refused(PageBatch{.sender = 1, .pages = {ok, b}})) << bad;
+  }
+  BatchedPage big = ok;
+  big.length = kMaxBatchBytes;
+  EXPECT_FALSE(refused(PageBatch{.sender = 1, .pages = {big}}));
+  EXPECT_TRUE(refused(PageBatch{.sender = 1, .pages = {big, ok}}));  // over kMaxBatchBytes
+  EXPECT_EQ((PageBatch{.sender = 1, .pages = {ok, big}}.TotalBytes()), kMaxBatchBytes + 4096u);
 }
 
 // GPU maps name whole pages of a real range; a reply names a range inside

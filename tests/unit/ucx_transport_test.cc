@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <functional>
+#include <map>
 #include <thread>
 
 #include <gtest/gtest.h>
@@ -45,7 +46,10 @@ class UcxTransportTest : public ::testing::TestWithParam<const char*> {
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
     while (!done()) {
       if (std::chrono::steady_clock::now() > deadline) return false;
-      for (size_t i = 0; i < ts.size(); ++i) ts[i]->Progress(&in_[i]);
+      for (size_t i = 0; i < ts.size(); ++i) {
+        ts[i]->FlushBatches();  // as dsvm-node does each turn of its loop
+        ts[i]->Progress(&in_[i]);
+      }
     }
     return true;
   }
@@ -98,6 +102,63 @@ TEST_P(UcxTransportTest, PageBytesArriveIntactSmallAndLarge) {
     EXPECT_EQ(got->data, expect) << "page of " << size << " bytes damaged";
   }
   EXPECT_GT(a->stats().rendezvous_received, 0u) << "2 MiB should travel by rendezvous";
+}
+
+// Small pages for one peer travel together (PageBatch) and arrive as the
+// PageData they were, each intact; a large page goes alone among them.
+TEST_P(UcxTransportTest, SmallPagesTravelInBatchesAndArriveIntact) {
+  auto a = Make(1), b = Make(2);
+  ASSERT_TRUE(a && b);
+  ASSERT_TRUE(b->Connect(1, "127.0.0.1:" + std::to_string(a->port())).ok());
+  ASSERT_TRUE(b->Send(1, proto::Done{0x200000000000, 1, 2}).ok());  // through the handshake
+  ASSERT_TRUE(Pump({a.get(), b.get()}, [&] { return in_[0].size() == 1; }));
+  in_[0].clear();
+  // 150 pages in one turn: more than one batch holds (kMaxBatchPages), of
+  // mixed sizes; every 50th is 2 MiB, over the batching bound.
+  constexpr uint64_t kPages = 150;
+  std::map<uint64_t, std::vector<uint8_t>> expect;  // by txn
+  for (uint64_t i = 0; i < kPages; ++i) {
+    const size_t size = i % 50 == 49 ? proto::kMaxPageSize : i % 7 == 0 ? 65536 : 4096;
+    proto::PageData d{0x200000000000 + (i << 21), i + 1, 2, i * 3, std::vector<uint8_t>(size)};
+    for (size_t k = 0; k < size; ++k) d.data[k] = static_cast<uint8_t>(k * 7 + i * 13);
+    expect[d.txn] = d.data;
+    ASSERT_TRUE(b->Send(1, std::move(d)).ok()) << i;
+  }
+  EXPECT_GT(b->held_batch_pages(), 0u);
+  ASSERT_TRUE(Pump({a.get(), b.get()}, [&] { return in_[0].size() == kPages; }));
+  EXPECT_EQ(b->held_batch_pages(), 0u);
+  for (const UcxIncoming& m : in_[0]) {
+    const auto& d = std::get<proto::PageData>(m.message);
+    EXPECT_EQ(m.from, 2u);
+    EXPECT_EQ(d.sender, 2u);
+    ASSERT_EQ(expect.count(d.txn), 1u) << "txn " << d.txn << " twice or unknown";
+    EXPECT_EQ(d.page, 0x200000000000 + ((d.txn - 1) << 21));
+    EXPECT_EQ(d.version, (d.txn - 1) * 3);
+    EXPECT_EQ(d.data, expect[d.txn]) << "page of txn " << d.txn << " damaged";
+    expect.erase(d.txn);
+  }
+  EXPECT_TRUE(expect.empty());
+  EXPECT_GE(b->stats().batches_sent, 3u);
+  EXPECT_EQ(b->stats().batched_pages, kPages - 3);  // all but the three of 2 MiB
+  EXPECT_EQ(a->stats().batches_received, b->stats().batches_sent);
+  EXPECT_EQ(a->stats().malformed, 0u);
+}
+
+// Without batching (batch_page_bytes 0) every page goes alone.
+TEST_P(UcxTransportTest, BatchingCanBeTurnedOff) {
+  UcxOptions o;
+  o.self = 2;
+  o.batch_page_bytes = 0;
+  auto a = Make(1);
+  auto b = UcxTransport::Create(o);
+  ASSERT_TRUE(a && b.ok());
+  ASSERT_TRUE((*b)->Connect(1, "127.0.0.1:" + std::to_string(a->port())).ok());
+  for (uint64_t i = 1; i <= 10; ++i) {
+    ASSERT_TRUE((*b)->Send(1, proto::PageData{0x200000000000, i, 2, 1, std::vector<uint8_t>(4096, 1)}).ok());
+    EXPECT_EQ((*b)->held_batch_pages(), 0u);
+  }
+  ASSERT_TRUE(Pump({a.get(), b->get()}, [&] { return in_[0].size() == 10; }));
+  EXPECT_EQ((*b)->stats().batches_sent, 0u);
 }
 
 TEST_P(UcxTransportTest, ManyMessagesAllArrive) {
