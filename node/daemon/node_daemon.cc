@@ -1315,6 +1315,13 @@ void NodeDaemon::ReadAhead(proto::PageAddr page) {
   p.page_size = store->page_size();
   p.next = page + p.page_size;
   p.end = store->base() + (last + 1) * p.page_size;
+  // The window counts as read ahead: a reader that goes on in order misses
+  // next at its end, and the sequential read-ahead takes over from there
+  // (doubling), rather than this fixed window hiding every such miss.
+  ReadAheadState& ra = read_ahead_[store->base()];
+  ra.window_begin = p.next;
+  ra.window_end = p.end;
+  ra.pages = last - index;
   StartPrefetch(std::move(p));
 }
 
