@@ -745,6 +745,7 @@ void NodeDaemon::DropUnmappedDeleted() {
 size_t NodeDaemon::HandlePeerMessages() {
   std::vector<UcxIncoming> in;
   const size_t progressed = transport_->Progress(&in);
+  Actions acts;
   for (UcxIncoming& m : in) {
     auto* d = std::get_if<proto::PageData>(&m.message);
     PageStore* store = d ? StoreOf(d->page) : nullptr;
@@ -759,10 +760,9 @@ size_t NodeDaemon::HandlePeerMessages() {
     const DataHandle h = ++next_handle_;
     data_[h] = std::move(d->data);
     d->data.clear();
-    Actions acts;
     agent_.HandlePageData(*d, h, NowMs(), &acts);
-    Execute(acts);
   }
+  Execute(acts);  // the pages of a batch together: Coalesce
   return progressed;
 }
 
@@ -935,8 +935,115 @@ bool NodeDaemon::Evict(proto::PageAddr page) {
 }
 
 void NodeDaemon::Execute(Actions& actions) {
-  for (Action& a : actions) ExecuteOne(a);
+  for (Action& a : actions) {
+    if (Coalesce(a)) continue;
+    FlushRuns();
+    ExecuteOne(a);
+  }
+  FlushRuns();
   if (tier_ && !leaving_) LeavePages();
+}
+
+// Pages of a batch arrive together and the agent answers each with
+// kInstallData, kMapRead, kSendToDirectory(Done) and kWake: page by page
+// that is a pwrite and a UFFDIO_CONTINUE per mapping for each. Held here,
+// neighbouring pages' installs become one pwritev and their maps one
+// UFFDIO_CONTINUE per mapping. Order is kept where it matters: a page's
+// install goes before its map (installs are flushed first), wake-ups after
+// both, and any other action flushes everything held before it runs. A
+// daemon with a GPU tier runs every action alone (its hooks are per page).
+bool NodeDaemon::Coalesce(Action& a) {
+  constexpr size_t kMaxRunPages = 64;
+  if (tier_ || !gpu_hidden_.empty()) return false;
+  switch (a.kind) {
+    case ActionKind::kSendToDirectory:  // queued for the end of the turn anyway
+      ExecuteOne(a);
+      return true;
+    case ActionKind::kWake:
+      held_wakes_.push_back(std::move(a));
+      return true;
+    case ActionKind::kInstallData: {
+      PageStore* store = StoreOf(a.page);
+      if (store == nullptr || data_.count(a.handle) == 0) return false;
+      InstallRun& r = install_run_;
+      const bool in_map_run = map_run_.store == store && a.page >= map_run_.first &&
+                              a.page < map_run_.first + map_run_.pages * store->page_size();
+      if (in_map_run) return false;
+      if (!r.handles.empty() &&
+          (r.store != store || a.page != r.first + r.handles.size() * store->page_size() ||
+           r.handles.size() == kMaxRunPages)) {
+        FlushRuns();
+      }
+      if (install_run_.handles.empty()) {
+        install_run_.store = store;
+        install_run_.first = a.page;
+      }
+      install_run_.handles.push_back(a.handle);
+      return true;
+    }
+    case ActionKind::kMapRead:
+    case ActionKind::kMapWrite: {
+      PageStore* store = StoreOf(a.page);
+      if (store == nullptr || !backend_) return false;
+      const bool write = a.kind == ActionKind::kMapWrite;
+      MapRun& m = map_run_;
+      if (m.pages > 0 && (m.store != store || a.page != m.first + m.pages * store->page_size() ||
+                          m.write != write || m.pages == kMaxRunPages)) {
+        FlushRuns();
+      }
+      if (map_run_.pages == 0) {
+        map_run_.store = store;
+        map_run_.first = a.page;
+        map_run_.write = write;
+      }
+      ++map_run_.pages;
+      return true;
+    }
+    case ActionKind::kDropData:
+      if (std::find(install_run_.handles.begin(), install_run_.handles.end(), a.handle) !=
+          install_run_.handles.end()) {
+        return false;
+      }
+      ExecuteOne(a);
+      return true;
+    default:
+      return false;
+  }
+}
+
+void NodeDaemon::FlushRuns() {
+  if (!install_run_.handles.empty()) {
+    InstallRun r = std::move(install_run_);
+    install_run_ = {};
+    std::vector<std::span<const uint8_t>> bytes;
+    for (DataHandle h : r.handles) bytes.emplace_back(data_.at(h));
+    Status st = r.store->WritePages(r.first, bytes);
+    if (!st.ok()) {
+      ++stats_.protocol_errors;
+      LogError("install of " + std::to_string(r.handles.size()) + " pages from " + Hex(r.first) +
+               ": " + st.ToString());
+    }
+    for (DataHandle h : r.handles) data_.erase(h);
+  }
+  if (map_run_.pages > 0) {
+    MapRun m = map_run_;
+    map_run_ = {};
+    Status st = backend_->MapRange(m.first, m.pages, m.store->page_size(), m.write);
+    if (!st.ok()) {
+      // Page by page, so that what fails is named and the rest is mapped.
+      for (size_t i = 0; i < m.pages; ++i) {
+        Action a;
+        a.kind = m.write ? ActionKind::kMapWrite : ActionKind::kMapRead;
+        a.page = m.first + i * m.store->page_size();
+        ExecuteOne(a);
+      }
+    }
+  }
+  if (!held_wakes_.empty()) {
+    std::vector<Action> wakes = std::move(held_wakes_);
+    held_wakes_.clear();
+    for (Action& w : wakes) ExecuteOne(w);
+  }
 }
 
 void NodeDaemon::LeavePages() {

@@ -307,6 +307,12 @@ class NodeDaemon {
   Status SetupClientSocket();
   void Execute(Actions& actions);
   void ExecuteOne(Action& a);
+  // Execute's coalescing of neighbouring pages (a batch of pages received):
+  // installs held in a run go to the store in one write, maps in one map of
+  // the run, and wake-ups after both. False: `a` must run on its own, after
+  // FlushRuns().
+  bool Coalesce(Action& a);
+  void FlushRuns();
   void SendPage(proto::NodeId to, proto::PageData d);
   // Whether the page went to `to` for `txn` on the endpoint in use now.
   bool SentAlready(proto::NodeId to, proto::PageAddr page, proto::TxnId txn) const;
@@ -377,6 +383,21 @@ class NodeDaemon {
   std::map<proto::PageAddr, std::vector<proto::NodeId>> preferred_;
   // Sequential read-ahead, per region (by base): where the last read miss
   // was and the window read ahead after it.
+  // Held by Coalesce: [first, first + n pages) of one store.
+  struct InstallRun {
+    PageStore* store = nullptr;
+    proto::PageAddr first = 0;
+    std::vector<DataHandle> handles;  // one per page
+  };
+  struct MapRun {
+    PageStore* store = nullptr;
+    proto::PageAddr first = 0;
+    size_t pages = 0;
+    bool write = false;
+  };
+  InstallRun install_run_;
+  MapRun map_run_;
+  std::vector<Action> held_wakes_;
   struct ReadAheadState {
     proto::PageAddr last_miss = 0;
     proto::PageAddr window_begin = 0;  // [window_begin, window_end): read ahead

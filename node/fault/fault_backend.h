@@ -192,6 +192,16 @@ class FaultBackend {
   virtual Status MapRead(PageAddr page) = 0;
   // Local processes may read and write `page`. Errors: as MapRead.
   virtual Status MapWrite(PageAddr page) = 0;
+  // MapRead (or MapWrite) of `count` neighbouring pages of one region from
+  // `first`; a backend that can map a run at once overrides it. Stops at
+  // the first page that fails. Errors: as MapRead.
+  virtual Status MapRange(PageAddr first, size_t count, uint64_t page_size, bool write) {
+    for (size_t i = 0; i < count; ++i) {
+      const PageAddr page = first + i * page_size;
+      DSVM_RETURN_IF_ERROR(write ? MapWrite(page) : MapRead(page));
+    }
+    return Status::Ok();
+  }
   // No local access reaches `page` until the next MapRead/MapWrite; its bytes
   // stay available through the store. Errors: kInvalidArgument, kNotFound,
   // kResourceExhausted, kIoError.

@@ -112,6 +112,11 @@ Status MixedBackend::ByPage(PageAddr page, Status (FaultBackend::*call)(PageAddr
 
 Status MixedBackend::MapRead(PageAddr page) { return ByPage(page, &FaultBackend::MapRead); }
 Status MixedBackend::MapWrite(PageAddr page) { return ByPage(page, &FaultBackend::MapWrite); }
+Status MixedBackend::MapRange(PageAddr first, size_t count, uint64_t page_size, bool write) {
+  FaultBackend* b = ForPage(first);
+  if (b == nullptr) return NotFound("no region registered holds " + Hex(first));
+  return b->MapRange(first, count, page_size, write);
+}
 Status MixedBackend::Unmap(PageAddr page) { return ByPage(page, &FaultBackend::Unmap); }
 Status MixedBackend::WriteBack(PageAddr page) { return ByPage(page, &FaultBackend::WriteBack); }
 Status MixedBackend::Refresh(PageAddr page) { return ByPage(page, &FaultBackend::Refresh); }

@@ -49,6 +49,7 @@ class MixedBackend final : public FaultBackend {
   Status Resolve(const FaultToken& token, Resolution how) override;
   Status MapRead(PageAddr page) override;
   Status MapWrite(PageAddr page) override;
+  Status MapRange(PageAddr first, size_t count, uint64_t page_size, bool write) override;
   Status Unmap(PageAddr page) override;
   Status WriteBack(PageAddr page) override;
   Status Refresh(PageAddr page) override;

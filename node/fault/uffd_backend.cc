@@ -494,40 +494,67 @@ Status UffdBackend::Poison(Mapping& m, Region& r, uint64_t addr, uint64_t len) {
   return Status::Ok();
 }
 
-Status UffdBackend::SetAccess(PageAddr page, Access access) {
-  Region* r = FindRegion(page);
-  if (r == nullptr) return NotFound("page " + Hex(page) + " is in no registered region");
-  DSVM_RETURN_IF_ERROR(r->store->CheckPage(page));
-  const uint64_t index = r->store->IndexOf(page);
-  const Access old = static_cast<Access>(r->access[index]);
-  if (old == access) return Status::Ok();
-  if (old == kNone) DSVM_RETURN_IF_ERROR(r->store->Restore(page));
-  Status first;
-  size_t live = 0;
-  for (MappingId id : r->mappings) {
-    Mapping& m = mappings_.at(id);
-    if (m.closed) continue;
-    ++live;
-    Status s = Install(m, *r, page, r->store->page_size(), access, old != kNone);
-    if (!s.ok() && first.ok()) first = s;
-    // No bytes (a caller's bug) fails alike everywhere: stop at the first.
-    if (s.code() == StatusCode::kFailedPrecondition) break;
-  }
-  if (live == 0 && old == kNone) {
-    // UFFDIO_CONTINUE checks that the bytes are there; with no mapping to
-    // map into, check here, so the bug shows now and not at the next client.
-    DSVM_ASSIGN_OR_RETURN(bool present, r->store->IsPresent(page));
-    if (!present) {
-      return FailedPrecondition("page " + Hex(page) + " has no bytes to map (install them first)");
+Status UffdBackend::SetAccessRange(PageAddr first, size_t count, Access access) {
+  Region* r = FindRegion(first);
+  if (r == nullptr) return NotFound("page " + Hex(first) + " is in no registered region");
+  if (count == 0) return Status::Ok();
+  const uint64_t ps = r->store->page_size();
+  DSVM_RETURN_IF_ERROR(r->store->CheckPage(first));
+  DSVM_RETURN_IF_ERROR(r->store->CheckPage(first + (count - 1) * ps));
+  const uint64_t index = r->store->IndexOf(first);
+  // Parts of the run whose pages have the same access now take one
+  // Install per mapping each.
+  for (size_t i = 0, j = 0; i < count; i = j) {
+    const Access old = static_cast<Access>(r->access[index + i]);
+    for (j = i + 1; j < count && r->access[index + j] == old; ++j) {
     }
+    if (old == access) continue;
+    const PageAddr at = first + i * ps;
+    if (old == kNone) {
+      for (size_t k = i; k < j; ++k) DSVM_RETURN_IF_ERROR(r->store->Restore(first + k * ps));
+    }
+    Status failed;
+    size_t live = 0;
+    for (MappingId id : r->mappings) {
+      Mapping& m = mappings_.at(id);
+      if (m.closed) continue;
+      ++live;
+      Status s = Install(m, *r, at, (j - i) * ps, access, old != kNone);
+      if (!s.ok() && failed.ok()) failed = s;
+      // No bytes (a caller's bug) fails alike everywhere: stop at the first.
+      if (s.code() == StatusCode::kFailedPrecondition) break;
+    }
+    if (live == 0 && old == kNone) {
+      // UFFDIO_CONTINUE checks that the bytes are there; with no mapping to
+      // map into, check here, so the bug shows now and not at the next client.
+      for (size_t k = i; k < j; ++k) {
+        DSVM_ASSIGN_OR_RETURN(bool present, r->store->IsPresent(first + k * ps));
+        if (!present) {
+          return FailedPrecondition("page " + Hex(first + k * ps) +
+                                    " has no bytes to map (install them first)");
+        }
+      }
+    }
+    if (!failed.ok()) return failed;
+    std::fill(r->access.begin() + static_cast<ptrdiff_t>(index + i),
+              r->access.begin() + static_cast<ptrdiff_t>(index + j), static_cast<uint8_t>(access));
   }
-  if (first.ok()) r->access[index] = access;
-  return first;
+  return Status::Ok();
 }
 
 Status UffdBackend::MapRead(PageAddr page) { return SetAccess(page, kRead); }
 
 Status UffdBackend::MapWrite(PageAddr page) { return SetAccess(page, kWrite); }
+
+Status UffdBackend::MapRange(PageAddr first, size_t count, uint64_t page_size, bool write) {
+  Region* r = FindRegion(first);
+  if (r == nullptr) return NotFound("page " + Hex(first) + " is in no registered region");
+  if (page_size != r->store->page_size()) {
+    return InvalidArgument("pages of " + std::to_string(page_size) + " bytes in a region of " +
+                           std::to_string(r->store->page_size()));
+  }
+  return SetAccessRange(first, count, write ? kWrite : kRead);
+}
 
 Status UffdBackend::Unmap(PageAddr page) {
   Region* r = FindRegion(page);

@@ -127,6 +127,9 @@ class UffdBackend final : public FaultBackend {
   Status Resolve(const FaultToken& token, Resolution how) override;
   Status MapRead(PageAddr page) override;
   Status MapWrite(PageAddr page) override;
+  // One UFFDIO_CONTINUE per mapping for each part of the run whose pages
+  // share their current access.
+  Status MapRange(PageAddr first, size_t count, uint64_t page_size, bool write) override;
   Status Unmap(PageAddr page) override;
   Status Invalidate(PageAddr page) override;
   Status InvalidateAll(PageAddr base) override;
@@ -162,7 +165,8 @@ class UffdBackend final : public FaultBackend {
   UffdBackend(UffdBackendOptions options, UffdFeatures features, UniqueFd epoll);
 
   Region* FindRegion(PageAddr page);
-  Status SetAccess(PageAddr page, Access access);
+  Status SetAccess(PageAddr page, Access access) { return SetAccessRange(page, 1, access); }
+  Status SetAccessRange(PageAddr first, size_t count, Access access);
   // Makes [addr, addr + len) of `m` accessible as `access` says. A mapping
   // found gone is marked closed, which is not an error of the call.
   // REQUIRES: access != kNone; the bytes are in the memfd.

@@ -5,10 +5,12 @@
 #include <linux/falloc.h>
 #include <linux/memfd.h>
 #include <sys/mman.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cinttypes>
+#include <climits>
 #include <cstdio>
 #include <cstring>
 #include <vector>
@@ -169,6 +171,40 @@ Status PageStore::WritePage(PageAddr page, std::span<const uint8_t> in) {
   DSVM_RETURN_IF_ERROR(CheckSpan(page, in.size()));
   retained_.erase(page);
   return Fill(page, in.data());
+}
+
+Status PageStore::WritePages(PageAddr first, std::span<const std::span<const uint8_t>> pages) {
+  for (size_t i = 0; i < pages.size(); ++i) {
+    DSVM_RETURN_IF_ERROR(CheckSpan(first + i * page_size_, pages[i].size()));
+  }
+  for (size_t i = 0; i < pages.size(); ++i) retained_.erase(first + i * page_size_);
+  if (hugetlb_) {
+    for (size_t i = 0; i < pages.size(); ++i) {
+      DSVM_RETURN_IF_ERROR(Fill(first + i * page_size_, pages[i].data()));
+    }
+    return Status::Ok();
+  }
+  std::vector<iovec> iov(pages.size());
+  for (size_t i = 0; i < pages.size(); ++i) {
+    iov[i] = {const_cast<uint8_t*>(pages[i].data()), pages[i].size()};
+  }
+  size_t at = 0;  // the first iovec not yet written in full
+  off_t offset = static_cast<off_t>(OffsetOf(first));
+  while (at < iov.size()) {
+    const int n_iov = static_cast<int>(std::min<size_t>(iov.size() - at, IOV_MAX));
+    ssize_t n = pwritev(fd_.get(), iov.data() + at, n_iov, offset);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return IoError(Errno("pwritev to the region memfd"));
+    offset += n;
+    for (size_t left = static_cast<size_t>(n); left > 0;) {
+      const size_t take = std::min(left, iov[at].iov_len);
+      iov[at].iov_base = static_cast<uint8_t*>(iov[at].iov_base) + take;
+      iov[at].iov_len -= take;
+      left -= take;
+      if (iov[at].iov_len == 0) ++at;
+    }
+  }
+  return Status::Ok();
 }
 
 Status PageStore::ZeroPage(PageAddr page) {

@@ -98,6 +98,9 @@ class PageStore {
   // read the page until it is mapped again (the fault backend's job). Errors:
   // kInvalidArgument, kIoError.
   Status WritePage(PageAddr page, std::span<const uint8_t> in);
+  // As WritePage for pages.size() neighbouring pages from `first`, in one
+  // pwritev where the memfd takes write(2). Errors: as WritePage.
+  Status WritePages(PageAddr first, std::span<const std::span<const uint8_t>> pages);
   // As WritePage with zeros.
   Status ZeroPage(PageAddr page);
   // The daemon's view of the page in the memfd, for receiving bytes in

@@ -89,6 +89,28 @@ TEST(PageStoreTest, RoundTripAndHolesStayHoles) {
   EXPECT_EQ(Read(*s, kBase), Pattern(9));
 }
 
+// Neighbouring pages written at once land where WritePage would put them,
+// retained copies of them are dropped, and a wrong size is refused whole.
+TEST(PageStoreTest, WritePagesWritesARun) {
+  auto s = MakeStore();
+  const PageAddr first = kBase + 2 * kPage;
+  ASSERT_TRUE(s->WritePage(first + kPage, Pattern(40)).ok());
+  ASSERT_TRUE(s->Retain(first + kPage).ok());
+  std::vector<std::vector<uint8_t>> bytes = {Pattern(1), Pattern(2), Pattern(3), Pattern(4)};
+  std::vector<std::span<const uint8_t>> spans(bytes.begin(), bytes.end());
+  ASSERT_TRUE(s->WritePages(first, spans).ok());
+  for (size_t i = 0; i < bytes.size(); ++i) EXPECT_EQ(Read(*s, first + i * kPage), bytes[i]) << i;
+  EXPECT_FALSE(s->IsRetained(first + kPage));
+  EXPECT_TRUE(IsZero(Read(*s, first - kPage)));
+  EXPECT_TRUE(IsZero(Read(*s, first + 4 * kPage)));
+  std::vector<uint8_t> short_page(kPage - 1);
+  std::vector<std::span<const uint8_t>> bad = {Pattern(5), short_page};
+  EXPECT_EQ(s->WritePages(kBase, bad).code(), StatusCode::kInvalidArgument);
+  EXPECT_TRUE(IsZero(Read(*s, kBase))) << "nothing of a refused run is written";
+  std::vector<std::span<const uint8_t>> past = {Pattern(6), Pattern(7)};
+  EXPECT_EQ(s->WritePages(kBase + (kPages - 1) * kPage, past).code(), StatusCode::kInvalidArgument);
+}
+
 TEST(PageStoreTest, ClientsMappingTheMemfdShareTheBytes) {
   auto s = MakeStore();
   void* m = mmap(nullptr, kPages * kPage, PROT_READ | PROT_WRITE, MAP_SHARED, s->fd(), 0);

@@ -349,6 +349,50 @@ TEST_P(UffdBackendTest, WriteToASharedPageIsAWriteFault) {
   EXPECT_EQ(WordOf(*store_, Page(2)), 12u);
 }
 
+// A run of neighbouring pages installed together (a batch received) is
+// written with one WritePages and mapped with MapRange: one UFFDIO_CONTINUE
+// per part whose pages share their access, not one per page; pages mapped
+// already keep working, a writable one becomes read-only.
+TEST_P(UffdBackendTest, ARunOfPagesIsMappedTogether) {
+  Client& c = StartClient();
+  Install(Page(5), 1, false);
+  Install(Page(6), 1, true);
+  std::vector<std::vector<uint8_t>> bytes;
+  for (uint64_t i = 4; i < 12; ++i) bytes.push_back(Filled(500 + i));
+  std::vector<std::span<const uint8_t>> spans(bytes.begin(), bytes.end());
+  ASSERT_TRUE(store_->WritePages(Page(4), spans).ok());
+  const uint64_t ioctls = uffd_->stats().map_ioctls;
+  Status st = backend_->MapRange(Page(4), 8, g_page, false);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  // Parts: page 4 (new), 5 (read already: nothing), 6 (writable: protect),
+  // 7..11 (new): three calls for the client's mapping, five where
+  // UFFDIO_CONTINUE cannot write-protect (CONTINUE, then WRITEPROTECT),
+  // against seven (or thirteen) page by page.
+  EXPECT_LE(uffd_->stats().map_ioctls - ioctls, 5u);
+  for (uint64_t i = 4; i < 12; ++i) {
+    Send(c, kLoad, i * g_page + 8);
+    auto v = Await(c);
+    ASSERT_TRUE(v.ok()) << v.status().ToString();
+    EXPECT_EQ(*v, 500 + i) << "page " << i;
+  }
+  EXPECT_EQ(FaultCount(), 0u);
+  Send(c, kStore, 6 * g_page, 7);  // read-only now: the write waits for the daemon
+  auto v = Await(c, [&](const FaultEvent& e) {
+    ASSERT_EQ(e.kind, FaultEventKind::kFault);
+    EXPECT_EQ(e.page, Page(6));
+    EXPECT_TRUE(e.write);
+    ASSERT_TRUE(backend_->MapWrite(e.page).ok());
+    ASSERT_TRUE(backend_->Resolve(e.token, Resolution::kRetry).ok());
+  });
+  ASSERT_TRUE(v.ok()) << v.status().ToString();
+  EXPECT_EQ(FaultCount(), 1u);
+  // A run over a page without bytes fails as MapRead does.
+  EXPECT_EQ(backend_->MapRange(Page(12), 2, g_page, false).code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(backend_->MapRange(Page(4), 2, g_page * 2, false).code(),
+            mixed_ != nullptr || uffd_ == backend_.get() ? StatusCode::kInvalidArgument
+                                                         : StatusCode::kOk);
+}
+
 TEST_P(UffdBackendTest, InvalidateMakesTheNextReadFaultAgain) {
   Client& c = StartClient();
   Install(Page(5), 50, false);
