@@ -157,6 +157,11 @@ Status StartCluster(const ClusterOptions& o, Cluster* c) {
   DSVM_RETURN_IF_ERROR(c->dir.Make(o.dir_prefix));
   std::vector<std::string> poll;
   if (o.busy_poll_us > 0) poll = {"--busy-poll-us", std::to_string(o.busy_poll_us)};
+  std::vector<std::string> node_flags = poll;
+  if (o.fault_poll_us >= 0) {
+    node_flags.push_back("--fault-poll-us");
+    node_flags.push_back(std::to_string(o.fault_poll_us));
+  }
   {
     // The coordinator makes its data directory under $TMPDIR: under ours,
     // the watcher removes it too.
@@ -168,7 +173,7 @@ Status StartCluster(const ClusterOptions& o, Cluster* c) {
     DSVM_ASSIGN_OR_RETURN(
         std::unique_ptr<NodeProcess> n,
         NodeProcess::Start(o.node_binary, c->coordinator->address(), c->coordinator->secret_path(),
-                           stem + ".sock", stem + ".log", poll));
+                           stem + ".sock", stem + ".log", node_flags));
     c->nodes.push_back(std::move(n));
   }
   return Status::Ok();

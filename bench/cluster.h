@@ -54,6 +54,8 @@ struct ClusterOptions {
   std::string dir_prefix = "dsvm-bench";  // of the temporary directory's name
   // --busy-poll-us for the coordinator and every daemon (0: they sleep).
   uint32_t busy_poll_us = 0;
+  // --fault-poll-us for every daemon; negative: the daemon's default.
+  int64_t fault_poll_us = -1;
 };
 
 // Members are destroyed in reverse order: clients, daemons, coordinator,

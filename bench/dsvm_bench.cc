@@ -7,10 +7,10 @@
 //   dsvm-bench fault-latency [--quick] [--pages N] [--tls UCX_TLS]...
 //   dsvm-bench fault-latency --backend=kmod [--quick] [--pages N]
 //                            [--node-bin PATH] [--coordinator-bin PATH] [--clients-exit]
-//                            [--busy-poll-us N]
+//                            [--busy-poll-us N] [--fault-poll-us N]
 //   dsvm-bench scan [--quick] [--size BYTES] [--fault-size BYTES] [--page-size BYTES]
 //                   [--tls UCX_TLS]... [--node-bin PATH] [--coordinator-bin PATH]
-//                   [--busy-poll-us N]
+//                   [--busy-poll-us N] [--fault-poll-us N]
 //
 //   dsvm-bench gpu [--quick] [--backend auto|cuda|emulated] [--size BYTES]
 //                  [--page-size BYTES] [--gpu-budget BYTES] [--chunk BYTES]
@@ -18,7 +18,10 @@
 //
 // --busy-poll-us N starts the coordinator and the daemons with that flag
 // (they poll for N us after any work before sleeping); the dsvm metrics
-// then carry ".poll" after the transport in their names.
+// then carry ".poll" after the transport in their names. --fault-poll-us N
+// gives the daemons that flag (poll up to N us while a client's fault
+// waits on the network; without it, the daemon's default); the metrics
+// then carry ".fpoll<N>".
 //
 // `directory` (issue #2): the page directory in process (PageDirectory driven
 // by simulated nodes, against a bare unordered_map update), then through a
@@ -84,13 +87,13 @@ int Usage() {
                "                            [--coordinator-bin PATH | --coordinator HOST:PORT]\n"
                "       dsvm-bench fault-latency [--quick] [--pages N] [--tls UCX_TLS]...\n"
                "                                [--node-bin PATH] [--coordinator-bin PATH]\n"
-               "                                [--busy-poll-us N]\n"
+               "                                [--busy-poll-us N] [--fault-poll-us N]\n"
                "                                [--clients-exit]\n"
                "       dsvm-bench fault-latency --backend=kmod [--quick] [--pages N]\n"
                "       dsvm-bench scan [--quick] [--size BYTES] [--fault-size BYTES]\n"
                "                       [--page-size 4096|65536|2097152] [--tls UCX_TLS]...\n"
                "                       [--node-bin PATH] [--coordinator-bin PATH]\n"
-               "                       [--busy-poll-us N]\n"
+               "                       [--busy-poll-us N] [--fault-poll-us N]\n"
                "       dsvm-bench gpu [--quick] [--backend auto|cuda|emulated] [--size BYTES]\n"
                "                      [--page-size 4096|65536|2097152] [--gpu-budget BYTES]\n"
                "                      [--chunk BYTES] [--skip-oversub]\n"
@@ -149,11 +152,12 @@ int RunDirectory(int argc, char** argv) {
 }
 
 // The flags of the subcommands that start a cluster: --tls UCX_TLS (again
-// for more), --node-bin PATH, --coordinator-bin PATH, --busy-poll-us N. True
-// when argv[*i] is one of them (and valid); *i is then left on its value.
+// for more), --node-bin PATH, --coordinator-bin PATH, --busy-poll-us N,
+// --fault-poll-us N. True when argv[*i] is one of them (and valid); *i is
+// then left on its value.
 bool ClusterFlag(int argc, char** argv, int* i, std::vector<std::string>* transports,
                  std::string* node_binary, std::string* coordinator_binary,
-                 uint32_t* busy_poll_us) {
+                 uint32_t* busy_poll_us, int64_t* fault_poll_us) {
   const std::string a = argv[*i];
   const char* next = *i + 1 < argc ? argv[*i + 1] : nullptr;
   if (next == nullptr) return false;
@@ -168,6 +172,11 @@ bool ClusterFlag(int argc, char** argv, int* i, std::vector<std::string>* transp
     const unsigned long v = std::strtoul(next, &end, 10);
     if (*next == '\0' || *end != '\0' || v > 1000000) return false;
     *busy_poll_us = static_cast<uint32_t>(v);
+  } else if (a == "--fault-poll-us") {
+    char* end = nullptr;
+    const unsigned long v = std::strtoul(next, &end, 10);
+    if (*next == '\0' || *end != '\0' || v > 1000000) return false;
+    *fault_poll_us = static_cast<int64_t>(v);
   } else {
     return false;
   }
@@ -198,7 +207,7 @@ int RunFaultLatency(int argc, char** argv) {
       kmod = true;
       if (a == "--backend") ++i;
     } else if (ClusterFlag(argc, argv, &i, &transports, &o.node_binary, &o.coordinator_binary,
-                           &o.busy_poll_us)) {
+                           &o.busy_poll_us, &o.fault_poll_us)) {
       continue;
     } else {
       return Usage();
@@ -261,7 +270,7 @@ int RunScan(int argc, char** argv) {
       if (!ParseBytes(next, out)) return Usage();
       ++i;
     } else if (ClusterFlag(argc, argv, &i, &transports, &o.node_binary, &o.coordinator_binary,
-                           &o.busy_poll_us)) {
+                           &o.busy_poll_us, &o.fault_poll_us)) {
       continue;
     } else {
       return Usage();

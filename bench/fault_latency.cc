@@ -218,7 +218,8 @@ Status StartCluster(const FaultLatencyOptions& o, Cluster* c, uint64_t region_by
                                                    .node_binary = o.node_binary,
                                                    .coordinator_binary = o.coordinator_binary,
                                                    .dir_prefix = "dsvm-fault",
-                                                   .busy_poll_us = o.busy_poll_us},
+                                                   .busy_poll_us = o.busy_poll_us,
+                                                   .fault_poll_us = o.fault_poll_us},
                                     c));
   DSVM_ASSIGN_OR_RETURN(proto::FramedSocket tool,
                         proto::ConnectToCoordinator(c->coordinator->address(),
@@ -426,6 +427,7 @@ Status RunOneTransport(const FaultLatencyOptions& o, const std::string& tls) {
     if (ch == ',') ch = '_';
   }
   if (o.busy_poll_us > 0) tag += ".poll";  // the daemons and coordinator busy-poll
+  if (o.fault_poll_us >= 0) tag += ".fpoll" + std::to_string(o.fault_poll_us);
   std::fprintf(stderr,
                "dsvm-bench: fault-latency: UCX_TLS=%s UCX_NET_DEVICES=lo, %zu pages per series\n",
                tls.c_str(), o.pages);

@@ -300,7 +300,8 @@ Status RunOneTransport(const ScanOptions& o, const std::string& tls) {
   ::setenv("UCX_NET_DEVICES", "lo", 1);
   std::string tls_tag = tls;
   std::replace(tls_tag.begin(), tls_tag.end(), ',', '_');
-  const std::string tag = tls_tag + PageTag(o.page_size) + (o.busy_poll_us > 0 ? ".poll" : "");
+  const std::string tag = tls_tag + PageTag(o.page_size) + (o.busy_poll_us > 0 ? ".poll" : "") +
+                          (o.fault_poll_us >= 0 ? ".fpoll" + std::to_string(o.fault_poll_us) : "");
   const uint64_t fault_bytes = o.fault_bytes != 0 ? o.fault_bytes : o.bytes;
   auto bytes_of = [&](Variant v) { return v == Variant::kFault ? fault_bytes : o.bytes; };
   std::fprintf(stderr,
@@ -318,7 +319,8 @@ Status RunOneTransport(const ScanOptions& o, const std::string& tls) {
                                           .node_binary = o.node_binary,
                                           .coordinator_binary = o.coordinator_binary,
                                           .dir_prefix = "dsvm-scan",
-                                          .busy_poll_us = o.busy_poll_us},
+                                          .busy_poll_us = o.busy_poll_us,
+                                          .fault_poll_us = o.fault_poll_us},
                            &cluster);
   if (!st.ok()) return fail(st);
 

@@ -48,6 +48,7 @@ struct ScanOptions {
   // --busy-poll-us for the coordinator and the daemons (0: they sleep when
   // idle). dsvm metric names then carry ".poll" after the transport.
   uint32_t busy_poll_us = 0;
+  int64_t fault_poll_us = -1;  // --fault-poll-us of the daemons; negative: their default
 };
 
 // Runs everything and emits the metrics (names in docs/PERFORMANCE.md).

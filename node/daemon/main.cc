@@ -2,7 +2,8 @@
 //
 //   dsvm-node --coordinator HOST:PORT[,HOST:PORT...] [--listen HOST:PORT] [--socket PATH]
 //             [--fault-backend kmod|uffd] [--rejoin-as N] [--secret-file FILE]
-//             [--busy-poll-us N] [--device-backend none|emulated|cuda] [--gpu-budget BYTES]
+//             [--busy-poll-us N] [--fault-poll-us N]
+//             [--device-backend none|emulated|cuda] [--gpu-budget BYTES]
 //             [--emulated-gpus N] [--host-budget BYTES] [--verbose]
 //
 // --coordinator: one coordinator per directory shard, in shard order (shard
@@ -13,6 +14,10 @@
 // exists, else uffd.
 // --busy-poll-us N: after any work, poll for N microseconds before sleeping
 // (default 0: sleep at once). Lower fault latency for a core's idle time.
+// --fault-poll-us N: while a local process waits on a fault the network
+// must serve, poll (yielding the core) for up to N microseconds before
+// sleeping (default 100; 0: never). The faulting thread's core is idle then,
+// and the answer usually comes within that time.
 // --secret-file (default $DSVM_SECRET_FILE): the cluster secret this node
 // proves to the coordinator and to its peers, and demands of them
 // (proto/auth.h). Without one the node joins only an --insecure cluster.
@@ -45,7 +50,8 @@ int Usage(const std::string& why) {
                "dsvm-node: %s\n"
                "usage: dsvm-node --coordinator HOST:PORT[,HOST:PORT...] [--listen HOST:PORT] [--socket PATH]\n"
                "       [--fault-backend kmod|uffd] [--rejoin-as N] [--secret-file FILE]\n"
-               "       [--busy-poll-us N] [--device-backend none|emulated|cuda] [--gpu-budget BYTES]\n"
+               "       [--busy-poll-us N] [--fault-poll-us N]\n"
+               "       [--device-backend none|emulated|cuda] [--gpu-budget BYTES]\n"
                "       [--emulated-gpus N] [--host-budget BYTES] [--verbose]\n"
                "       (BYTES: a number with an optional K, M or G suffix, powers of 1024)\n",
                why.c_str());
@@ -113,6 +119,11 @@ int main(int argc, char** argv) {
       ok = value(&v) && !v.empty() && v.find_first_not_of("0123456789") == std::string::npos &&
            v.size() <= 7;
       if (ok) o.busy_poll_us = std::stoull(v);
+    }
+    else if (a == "--fault-poll-us") {
+      ok = value(&v) && !v.empty() && v.find_first_not_of("0123456789") == std::string::npos &&
+           v.size() <= 7;
+      if (ok) o.fault_poll_us = std::stoull(v);
     }
     else if (a == "--rejoin-as") {
       ok = value(&v) && !v.empty() && v.find_first_not_of("0123456789") == std::string::npos &&

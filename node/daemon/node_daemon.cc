@@ -377,7 +377,9 @@ void NodeDaemon::Run() {
     // Busy-poll for busy_poll_us after the last work: the next message of
     // a fault in progress usually comes within tens of microseconds, and
     // sleeping in epoll costs a wakeup (~10-25 us on a VM) per hop.
-    const bool poll = options_.busy_poll_us > 0 && MonotonicUs() - last_work_us < options_.busy_poll_us;
+    const uint64_t idle_us = MonotonicUs() - last_work_us;
+    const bool poll = (options_.busy_poll_us > 0 && idle_us < options_.busy_poll_us) ||
+                      (fault_waiters_ > 0 && idle_us < options_.fault_poll_us);
     if (!poll && !transport_->Arm()) continue;  // more UCX work first
     const int n = ::epoll_wait(epoll_fd_, events, 16, poll ? 0 : -1);
     if (n > 0 || !poll) {
@@ -599,6 +601,7 @@ void NodeDaemon::EndWaits(const std::vector<WaiterId>& waiting, const std::strin
     Waiter w = std::move(it->second);
     waiters_.erase(it);
     if (w.fault) {
+      --fault_waiters_;
       Status st = backend_->Resolve(w.token, Resolution::kRetry);
       if (!st.ok() && st.code() != StatusCode::kNotFound) LogWarning("resolving: " + st.ToString());
     } else {
@@ -1199,6 +1202,7 @@ void NodeDaemon::ExecuteOne(Action& a) {
       Waiter w = std::move(it->second);
       waiters_.erase(it);
       if (w.fault) {
+        --fault_waiters_;
         // Not found: the client's mapping went meanwhile; nothing waits.
         Status st = backend_->Resolve(w.token, a.status == StatusCode::kOk ? Resolution::kRetry
                                                                           : Resolution::kError);
@@ -1274,6 +1278,7 @@ void NodeDaemon::OnFaultEvents() {
       waiter.fault = true;
       waiter.token = e.token;
       waiters_[w] = std::move(waiter);
+      ++fault_waiters_;
       Execute(acts);
       if (!e.write) ReadAhead(e.page);
     }

@@ -64,6 +64,11 @@ struct NodeDaemonOptions {
   // epoll (0: always block). Trades a core's idle time for the wakeup
   // latency of every hop of a fault; see docs/PERFORMANCE.md.
   uint64_t busy_poll_us = 0;
+  // While a local process waits on a fault the network must serve, poll
+  // (yielding the core) for up to this long before sleeping: the faulting
+  // thread's core is idle anyway, and the answer comes in tens of
+  // microseconds. 0: sleep as busy_poll_us says.
+  uint64_t fault_poll_us = 100;
   // The GPU tier (docs/GPU.md): "none", "emulated" (host memory plays the
   // GPUs, for tests and machines without one) or "cuda".
   std::string device_backend = "none";
@@ -153,6 +158,7 @@ class NodeDaemon {
   size_t deferred_count() const;
 
  private:
+  size_t fault_waiters_ = 0;  // waiters_ with fault set
   struct Waiter {
     proto::PageAddr page;
     AccessFn fn;          // an Access() call (`write`: for writing), or
