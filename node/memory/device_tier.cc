@@ -75,6 +75,7 @@ DeviceTier::~DeviceTier() {
     }
   }
   for (const auto& [page, placed] : slots_) placed.pool->Free(placed.slot).IgnoreError();
+  for (const HeldSlot& h : held_) h.pool->Free(h.slot).IgnoreError();
 }
 
 Status DeviceTier::AddRegion(PageStore* store) {
@@ -239,7 +240,7 @@ Result<DeviceRun> DeviceTier::MapRun(PageAddr region, std::span<const PageAddr> 
       const PageAddr q = OccupantOf(pool, index);
       *blocked = false;
       if (q == kNoPage || mine.count(q) != 0) return 0;
-      if (table_->PinsOf(q) != 0 || table_->IsLeaving(q)) {
+      if (q == kHeld || table_->PinsOf(q) != 0 || table_->IsLeaving(q)) {
         *blocked = true;
         return 0;
       }
@@ -388,6 +389,46 @@ Status DeviceTier::EvictCopies(std::span<const PageAddr> pages) {
     DSVM_RETURN_IF_ERROR(table_->EvictFromGpu(page, &steps));
   }
   return Execute(steps, nullptr);
+}
+
+Status DeviceTier::Detach(std::span<const PageAddr> pages, std::vector<HeldSlot>* held) {
+  DSVM_RETURN_IF_ERROR(CheckPages(pages));
+  TierSteps steps;
+  for (PageAddr page : pages) {
+    auto it = slots_.find(page);
+    if (it == slots_.end()) {
+      DSVM_RETURN_IF_ERROR(table_->Drop(page, &steps));
+      continue;
+    }
+    DSVM_RETURN_IF_ERROR(table_->DropHoldingSlot(page, &steps));
+    const HeldSlot h{it->second.pool, it->second.slot};
+    std::vector<PageAddr>& occ = occupants_[h.pool];
+    if (h.slot.index < occ.size()) occ[h.slot.index] = kHeld;
+    slots_.erase(it);
+    held_.push_back(h);
+    held->push_back(h);
+  }
+  Status s = Execute(steps, nullptr);  // frees only: cannot fail
+  DSVM_CHECK_MSG(s.ok(), s.ToString());
+  return Status::Ok();
+}
+
+Status DeviceTier::Release(std::span<const HeldSlot> held) {
+  for (const HeldSlot& h : held) {
+    auto it = std::find_if(held_.begin(), held_.end(), [&](const HeldSlot& x) {
+      return x.pool == h.pool && x.slot.index == h.slot.index;
+    });
+    if (it == held_.end()) {
+      return InvalidArgument("device tier: slot " + std::to_string(h.slot.index) + " is not held");
+    }
+    held_.erase(it);
+    DSVM_RETURN_IF_ERROR(table_->ReleaseHeldSlot(h.pool->device(), h.pool->page_size()));
+    Status s = h.pool->Free(h.slot);
+    DSVM_CHECK_MSG(s.ok(), s.ToString());
+    std::vector<PageAddr>& occ = occupants_[h.pool];
+    if (h.slot.index < occ.size()) occ[h.slot.index] = kNoPage;
+  }
+  return Status::Ok();
 }
 
 std::vector<PageAddr> DeviceTier::TakePagesToLeave() {

@@ -81,6 +81,13 @@ struct DeviceRun {
   uint64_t offset = 0;        // ptr - arena
 };
 
+// A GPU slot a lost gpu map keeps (DeviceTier::Detach) until its client
+// unmaps (DeviceTier::Release).
+struct HeldSlot {
+  DevicePagePool* pool = nullptr;
+  DeviceSlot slot;
+};
+
 struct DeviceTierStats {
   uint64_t to_device_calls = 0;    // CopyToDevice calls (one per batch)
   uint64_t to_host_calls = 0;      // CopyToHost calls (one per batch)
@@ -162,6 +169,14 @@ class DeviceTier {
   // The pages leave the node (coherence invalidation): GPU copies are freed
   // without write-back and the tier forgets them. Errors: kInvalidArgument.
   Status Drop(std::span<const PageAddr> pages);
+  // The pages leave the tier as Drop says, but the GPU slots of those on a
+  // GPU stay taken, bytes and all, until Release: a client may still use a
+  // lost map's device pointers (the node lost its pages while they were
+  // mapped), and no other page may be given those slots meanwhile. Appends
+  // one HeldSlot per page that had a GPU copy. Errors: kInvalidArgument.
+  Status Detach(std::span<const PageAddr> pages, std::vector<HeldSlot>* held);
+  // Frees slots Detach kept. Errors: kInvalidArgument (a slot not held).
+  Status Release(std::span<const HeldSlot> held);
   // The node now holds `page` in host DRAM (coherence installed it): the
   // table counts it against the host budget, which may send pages away
   // (TakePagesToLeave). Errors: kInvalidArgument, kFailedPrecondition (the
@@ -220,6 +235,7 @@ class DeviceTier {
   // The page in slot `index` of `pool`; kNoPage when free.
   PageAddr OccupantOf(const DevicePagePool* pool, uint32_t index);
   static constexpr PageAddr kNoPage = ~PageAddr{0};
+  static constexpr PageAddr kHeld = ~PageAddr{0} - 1;  // a slot Detach kept
   Status WriteBackMoves(uint32_t gpu, const std::vector<Move>& moves);
   Status CopyMovesToDevice(uint32_t gpu, const std::vector<Move>& moves);
   // Waits for the lane's pending fence, if any.
@@ -245,6 +261,8 @@ class DeviceTier {
   std::deque<PageAddr> leave_;
   // Per pool, the page in each slot (kNoPage: free), by slot index.
   std::unordered_map<const DevicePagePool*, std::vector<PageAddr>> occupants_;
+  // Slots Detach kept, freed by Release or the destructor.
+  std::vector<HeldSlot> held_;
   // During MapRun: the slot index each page must take.
   std::unordered_map<PageAddr, uint32_t> forced_;
   Status failed_;

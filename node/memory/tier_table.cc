@@ -374,6 +374,38 @@ Status TierTable::Drop(PageAddr page, TierSteps* out) {
   return Status::Ok();
 }
 
+Status TierTable::DropHoldingSlot(PageAddr page, TierSteps* out) {
+  DSVM_RETURN_IF_ERROR(CheckPage(page).status());
+  auto it = pages_.find(page);
+  if (it == pages_.end() || it->second.pool < 0) {
+    return FailedPrecondition("tier table: page " + Hex(page) + " is on no GPU");
+  }
+  const int pool = it->second.pool;
+  TierSteps steps;
+  DSVM_RETURN_IF_ERROR(Drop(page, &steps));
+  for (const TierStep& s : steps) {
+    if (!(s.kind == TierStepKind::kFreeSlot && s.page == page)) out->push_back(s);
+  }
+  ++pools_[pool].used;  // Drop gave it back; the caller keeps it
+  ++pools_[pool].held;
+  return Status::Ok();
+}
+
+Status TierTable::ReleaseHeldSlot(uint32_t gpu, uint32_t page_size) {
+  const int pool = PoolIndex(gpu, page_size);
+  if (pool < 0) {
+    return InvalidArgument("tier table: no pool for gpu " + std::to_string(gpu) +
+                           " and page size " + std::to_string(page_size));
+  }
+  if (pools_[pool].held == 0) {
+    return FailedPrecondition("tier table: no slot held in the pool of gpu " +
+                              std::to_string(gpu) + " and page size " + std::to_string(page_size));
+  }
+  --pools_[pool].held;
+  --pools_[pool].used;
+  return Status::Ok();
+}
+
 Status TierTable::KeepOnNode(PageAddr page) {
   DSVM_RETURN_IF_ERROR(CheckPage(page).status());
   auto it = pages_.find(page);

@@ -195,6 +195,16 @@ class TierTable {
   // included, and the table forgets it. Nothing for a page not held.
   // Errors: kInvalidArgument (bad page).
   Status Drop(PageAddr page, TierSteps* out);
+  // As Drop, for a page on a GPU whose slot the caller keeps (a lost gpu
+  // map's, whose client may still use its device pointers): no kFreeSlot,
+  // and the slot stays counted as used in its pool, so nothing is planned
+  // into it, until ReleaseHeldSlot. Errors: kInvalidArgument (bad page),
+  // kFailedPrecondition (not on a GPU).
+  Status DropHoldingSlot(PageAddr page, TierSteps* out);
+  // One slot DropHoldingSlot kept in the pool of (gpu, page_size) is free
+  // again. Errors: kInvalidArgument (no such pool), kFailedPrecondition
+  // (none held there).
+  Status ReleaseHeldSlot(uint32_t gpu, uint32_t page_size);
   // Undoes a kLeaveNode the agent refused (NodeAgent::Evict returned false):
   // the page stays and may be chosen again later. Errors: kInvalidArgument,
   // kFailedPrecondition (not leaving).
@@ -219,6 +229,7 @@ class TierTable {
   // The index in options().pools of (gpu, page_size); -1 when none.
   int PoolIndex(uint32_t gpu, uint32_t page_size) const;
   uint64_t used_slots(int pool) const { return pools_[pool].used; }
+  uint64_t held_slots(int pool) const { return pools_[pool].held; }
   uint64_t capacity_slots(int pool) const { return pools_[pool].budget.capacity_slots; }
   size_t page_count() const { return pages_.size(); }
   uint64_t host_bytes() const { return host_bytes_; }
@@ -239,7 +250,8 @@ class TierTable {
   using Key = std::tuple<uint32_t, uint64_t, PageAddr>;
   struct Pool {
     TierPoolBudget budget;
-    uint64_t used = 0;
+    uint64_t used = 0;        // slots of resident pages, and held ones
+    uint64_t held = 0;        // slots kept by DropHoldingSlot
     std::set<Key> evictable;  // resident, unpinned, not leaving
   };
   struct Region {

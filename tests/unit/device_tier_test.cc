@@ -334,6 +334,45 @@ TEST_F(DeviceTierTest, DropFreesTheSlotWithoutWritingBack) {
   EXPECT_FALSE(tier_->table().Holds(P(5)));
 }
 
+// A lost gpu map's slots (Detach) stay taken, bytes and all, until Release:
+// later residency and runs go around them, so a client still using the old
+// device pointers never sees another page's bytes.
+TEST_F(DeviceTierTest, DetachedSlotsStayTakenUntilReleased) {
+  Build();
+  const std::vector<PageAddr> mapped = Pages(Range(0, 8));
+  auto run = tier_->MapRun(kBase, mapped, 0, /*for_write=*/true, 1);
+  ASSERT_TRUE(run.ok()) << run.status().ToString();
+  for (size_t i = 0; i < 8; ++i) KernelWrite(0, i, run->ptr + i * kPage);
+  std::vector<HeldSlot> held;
+  ASSERT_TRUE(tier_->Detach(Pages({0, 1, 2, 3, 4, 5, 6, 7, 30}), &held).ok());
+  ASSERT_EQ(held.size(), 8u) << "page 30 had no GPU copy";
+  EXPECT_FALSE(tier_->table().Holds(P(0)));
+  EXPECT_EQ(tier_->SlotOf(P(0)), 0u);
+  EXPECT_EQ(pools_[0]->used_slots(), 8u);
+  EXPECT_EQ(tier_->stats().pages_to_host, 0u) << "nothing written back";
+  // The budget (16) has 8 slots left: 9 pinned pages do not fit.
+  EXPECT_EQ(tier_->MakeResident(kBase, Pages(Range(8, 9)), 0, false, 2).status().code(),
+            StatusCode::kResourceExhausted);
+  auto other = tier_->MakeResident(kBase, Pages(Range(8, 8)), 0, false, 3);
+  ASSERT_TRUE(other.ok()) << other.status().ToString();
+  ASSERT_TRUE(tier_->Unpin(Pages(Range(8, 8))).ok());
+  // A run of 8 evicts those unpinned pages rather than use the held slots.
+  auto run2 = tier_->MapRun(kBase, Pages(Range(16, 8)), 0, false, 4);
+  ASSERT_TRUE(run2.ok()) << run2.status().ToString();
+  EXPECT_TRUE(run2->ptr + run2->bytes <= run->ptr || run2->ptr >= run->ptr + run->bytes);
+  for (size_t i = 0; i < 8; ++i) {
+    EXPECT_EQ(ReadDevice(0, run->ptr + i * kPage), model_[i]) << "held slot " << i << " changed";
+  }
+  ASSERT_TRUE(tier_->Unpin(Pages(Range(16, 8))).ok());
+  ASSERT_TRUE(tier_->Release(held).ok());
+  EXPECT_EQ(pools_[0]->used_slots(), 8u);  // run2's
+  EXPECT_EQ(tier_->Release(held).code(), StatusCode::kInvalidArgument);
+  // Free again: 16 pages fit (run2's 8 unpinned are evicted as needed).
+  auto all = tier_->MakeResident(kBase, Pages(Range(24, 16)), 0, false, 5);
+  ASSERT_TRUE(all.ok()) << all.status().ToString();
+  ASSERT_TRUE(tier_->Unpin(Pages(Range(24, 16))).ok());
+}
+
 // A dirty page moved to another GPU arrives with the bytes the first GPU wrote.
 TEST_F(DeviceTierTest, MovingBetweenGpusCarriesDirtyBytes) {
   Build();

@@ -99,6 +99,32 @@ TEST_F(TierTableTest, FirstResidencyAllocatesAndCopies) {
   EXPECT_EQ(table_->stats().copies_to_device, 2u);
 }
 
+// A page whose slot the caller keeps (a lost gpu map's) leaves the table
+// without a kFreeSlot, and its slot stays counted until released: the pool
+// makes room elsewhere meanwhile.
+TEST_F(TierTableTest, AHeldSlotStaysUsedUntilReleased) {
+  Resident({1, 2}, 0, /*write=*/true, /*pin=*/true);
+  TierSteps out;
+  EXPECT_EQ(table_->DropHoldingSlot(P(5), &out).code(), StatusCode::kFailedPrecondition);
+  ASSERT_TRUE(table_->DropHoldingSlot(P(1), &out).ok());
+  EXPECT_TRUE(out.empty()) << "no free, no write-back";
+  EXPECT_FALSE(table_->Holds(P(1)));
+  const int pool = table_->PoolIndex(0, kPage);
+  EXPECT_EQ(table_->used_slots(pool), 2u);
+  EXPECT_EQ(table_->held_slots(pool), 1u);
+  // Four slots: one held, one pinned (page 2): two pages fit, the third
+  // evicts the coldest of them, never the held slot.
+  Resident({10, 11});
+  EXPECT_EQ(Resident({12}), (TierSteps{Free(10), Alloc(12), Copy(12)}));
+  EXPECT_EQ(TryResident({20, 21, 22}, 0, /*pin=*/true).code(), StatusCode::kResourceExhausted);
+  ASSERT_TRUE(table_->ReleaseHeldSlot(0, kPage).ok());
+  EXPECT_EQ(table_->held_slots(pool), 0u);
+  EXPECT_EQ(table_->used_slots(pool), 3u);
+  EXPECT_EQ(Resident({13}), (TierSteps{Alloc(13), Copy(13)}));  // the released slot
+  EXPECT_EQ(table_->ReleaseHeldSlot(0, kPage).code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(table_->ReleaseHeldSlot(7, kPage).code(), StatusCode::kInvalidArgument);
+}
+
 TEST_F(TierTableTest, AResidentPageCostsNothing) {
   Resident({0, 1});
   EXPECT_EQ(Resident({1, 0}), Steps{});
