@@ -540,9 +540,20 @@ void NodeDaemon::DropEverything(const std::string& why) {
   const std::vector<WaiterId> waiting = agent_.Forget();
   ForgetSends(0, ~uint64_t{0});
   if (tier_) {
-    // Every copy is stale, GPU copies too. Maps end without their clients:
-    // TODO(#5): tell them (their device pointers now name freed slots).
-    for (auto& [fd, client] : clients_) client.gpu_maps.clear();
+    // Every copy is stale, GPU copies too. A client's live maps are lost:
+    // their slots stay held (no other page gets the memory its device
+    // pointers name) until it unmaps, and the unmap says kDataLoss.
+    for (auto& [fd, client] : clients_) {
+      for (GpuMapping& g : client.gpu_maps) {
+        if (g.lost) continue;
+        std::vector<proto::PageAddr> pages;
+        for (proto::PageAddr p = g.first; p < g.end; p += g.page_size) pages.push_back(p);
+        Status st = tier_->Detach(pages, &g.held);
+        if (!st.ok()) LogError("GPU tier: keeping a lost map's slots: " + st.ToString());
+        g.lost = true;
+        ++stats_.gpu_maps_lost;
+      }
+    }
     gpu_pins_.clear();
     deferred_.clear();
     gpu_hidden_.clear();
@@ -1587,9 +1598,14 @@ Status NodeDaemon::RevealToCpu(proto::PageAddr page) {
 }
 
 void NodeDaemon::ReleaseGpuMap(const GpuMapping& g) {
+  ++stats_.gpu_unmaps;
+  if (g.lost) {  // its pages are gone; only its slots are left to free
+    Status st = tier_->Release(g.held);
+    if (!st.ok()) LogError("GPU tier: freeing a lost map's slots: " + st.ToString());
+    return;
+  }
   std::vector<proto::PageAddr> pages;
   for (proto::PageAddr p = g.first; p < g.end; p += g.page_size) pages.push_back(p);
-  ++stats_.gpu_unmaps;
   if (tier_ && StoreOf(g.first) != nullptr) {
     Status st = tier_->Unpin(pages);
     if (!st.ok()) LogError("GPU tier: unpinning a gpu map: " + st.ToString());
@@ -1802,7 +1818,12 @@ void NodeDaemon::OnClientReadable(int fd) {
           const GpuMapping done = *g;
           client.gpu_maps.erase(g);
           ReleaseGpuMap(done);
-          ReplyToClient(fd, rid, proto::ToReply(Status::Ok()));
+          ReplyToClient(fd, rid,
+                        proto::ToReply(done.lost ? DataLoss("node " + std::to_string(id_) +
+                                                            " lost this map's pages while it "
+                                                            "was mapped (declared dead); what "
+                                                            "the GPU wrote through it is gone")
+                                                 : Status::Ok()));
         } else if constexpr (std::is_same_v<T, proto::NodeStats>) {
           ReplyToClient(fd, rid,
                         proto::NodeStatsReply{id_, static_cast<uint32_t>(clients_.size()), Counters()});

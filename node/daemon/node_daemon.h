@@ -110,6 +110,7 @@ struct NodeDaemonStats {
   uint64_t gpu_maps_failed = 0;
   uint64_t gpu_prefetches = 0;       // dsvm_gpu_prefetch calls that succeeded
   uint64_t gpu_unmaps = 0;           // maps ended: dsvm_gpu_unmap or the client leaving
+  uint64_t gpu_maps_lost = 0;        // maps whose pages the node lost (declared dead)
   uint64_t deferred_requests = 0;    // directory messages held while a page was gpu-mapped
   uint64_t pages_left = 0;           // pages the host budget sent away (Evict started)
 };
@@ -175,6 +176,11 @@ class NodeDaemon {
     uint32_t page_size = 0;
     uint32_t gpu = 0;
     bool write = false;
+    // Lost: the node dropped every page while this map lived (declared
+    // dead). Its slots stay held, so no other page takes the memory the
+    // client may still use, until it unmaps (told kDataLoss) or leaves.
+    bool lost = false;
+    std::vector<HeldSlot> held;
   };
   struct Client {
     UniqueFd fd;

@@ -44,7 +44,7 @@ class GpuMapTest : public ::testing::Test {
     SetQuietForkDaemons(&nodes_);
     ::setenv("UCX_TLS", "tcp", 1);
     ::setenv("UCX_NET_DEVICES", "lo", 1);
-    ASSERT_TRUE(coord_.Start(dir_.path() + "/data", TestCoordinatorFlags({})).ok())
+    ASSERT_TRUE(coord_.Start(dir_.path() + "/data", TestCoordinatorFlags(coordinator_flags_)).ok())
         << coord_.stderr_text();
     auto tool = ConnectTool(coord_.address());
     ASSERT_TRUE(tool.ok());
@@ -124,6 +124,7 @@ class GpuMapTest : public ::testing::Test {
     return false;
   }
 
+  std::vector<std::string> coordinator_flags_;  // set before SetUp
   TempDir dir_;
   CoordinatorProcess coord_;
   proto::FramedSocket tool_;
@@ -605,6 +606,78 @@ TEST_F(GpuMapTest, AClientKilledHoldingAMapReleasesIt) {
   });
   ::close(ready[0]);
   ::close(ready[1]);
+}
+
+// --- A node declared dead while a map is live -------------------------------------
+
+class GpuMapDeathTest : public GpuMapTest {
+ protected:
+  void SetUp() override {
+    coordinator_flags_ = {"--heartbeat-ms", "100", "--dead-after-ms", "600"};
+    GpuMapTest::SetUp();
+  }
+};
+
+// Node 0 stalls past its lease while a client holds a write map: declared
+// dead, it drops every page. The map is lost, but its GPU memory stays the
+// client's until it unmaps: no other page is put there (the bytes the
+// client wrote stay; a map needing those slots does not fit), and the unmap
+// says DSVM_EDATA_LOSS. After it, the memory is free again.
+TEST_F(GpuMapDeathTest, ALostMapKeepsItsMemoryUntilUnmapped) {
+  const proto::RegionReply r = Region("gl", 32);
+  StartNodes({"emulated"}, r);
+  int mapped[2], go[2];
+  ASSERT_EQ(::pipe(mapped), 0);
+  ASSERT_EQ(::pipe(go), 0);
+  const pid_t pid = QuietFork();
+  if (pid == 0) {
+    ::_exit(ClientMain(0, "gl", [&](uint8_t* base) {
+      void* lost = nullptr;
+      if (dsvm_gpu_map(base, 8 * kPage, 0, DSVM_GPU_WRITE, &lost) != DSVM_OK) return 1;
+      auto word = [&](void* dev, uint64_t p) {
+        return reinterpret_cast<volatile uint64_t*>(static_cast<uint8_t*>(dev) + p * kPage);
+      };
+      for (uint64_t p = 0; p < 8; ++p) *word(lost, p) = Pattern(p, 0, 9);
+      char c = 1;
+      if (::write(mapped[1], &c, 1) != 1 || ::read(go[0], &c, 1) != 1) return 2;
+      // 16 pages of budget, 8 held by the lost map: 16 more do not fit.
+      void* big = nullptr;
+      if (dsvm_gpu_map(base + 16 * kPage, 16 * kPage, 0, DSVM_GPU_READ, &big) !=
+          DSVM_ERESOURCE_EXHAUSTED) {
+        return 3;
+      }
+      void* other = nullptr;
+      if (dsvm_gpu_map(base + 8 * kPage, 8 * kPage, 0, DSVM_GPU_WRITE, &other) != DSVM_OK) return 4;
+      for (uint64_t p = 0; p < 8; ++p) *word(other, p) = Pattern(p, 0, 10);
+      for (uint64_t p = 0; p < 8; ++p) {
+        if (*word(lost, p) != Pattern(p, 0, 9)) return 5;  // another page got its slot
+      }
+      if (dsvm_gpu_unmap(base, 8 * kPage) != DSVM_EDATA_LOSS) return 6;
+      if (dsvm_gpu_unmap(base, 8 * kPage) != DSVM_EINVALID_ARGUMENT) return 7;  // ended
+      if (dsvm_gpu_unmap(base + 8 * kPage, 8 * kPage) != DSVM_OK) return 8;
+      if (dsvm_gpu_map(base + 16 * kPage, 16 * kPage, 0, DSVM_GPU_READ, &big) != DSVM_OK) return 9;
+      return dsvm_gpu_unmap(base + 16 * kPage, 16 * kPage) == DSVM_OK ? 0 : 10;
+    }));
+  }
+  char c;
+  ASSERT_EQ(::read(mapped[0], &c, 1), 1);
+  std::promise<void> stalled;
+  (*nodes_[0])->Post([&stalled] {
+    stalled.set_value();
+    std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  });
+  stalled.get_future().wait();
+  EXPECT_TRUE(WaitFor(0, [](NodeDaemon& d) { return d.stats().gpu_maps_lost == 1; }));
+  ASSERT_EQ(::write(go[1], &c, 1), 1);
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0)
+      << "client step " << (WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+  nodes_[0]->Sync([&](NodeDaemon& d) {
+    EXPECT_EQ(d.stats().fresh_starts, 1u);
+    EXPECT_EQ(d.gpu_mapped_pages(), 0u);
+  });
+  for (int fd : {mapped[0], mapped[1], go[0], go[1]}) ::close(fd);
 }
 
 }  // namespace
