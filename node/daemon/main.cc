@@ -24,7 +24,7 @@
 // --device-backend: the GPU tier (docs/GPU.md): none (default), emulated
 // (host memory plays --emulated-gpus GPUs, default 1) or cuda.
 // --gpu-budget BYTES (K, M, G suffixes; required with a backend): HBM each
-// GPU gives region pages, per page size. --host-budget BYTES: host DRAM the
+// GPU gives region pages, all page sizes together. --host-budget BYTES: host DRAM the
 // node's pages may take; past it the coldest leave the node (needs a backend).
 // --listen is the UCX listener peers reach (port 0 picks one); --socket the
 // UNIX socket libdsvm connects to (default $DSVM_SOCKET, then

@@ -267,6 +267,8 @@ Status NodeDaemon::SetupDeviceTier() {
   const uint32_t page_sizes[] = {4096u, 64u << 10, 2u << 20};
   std::vector<DevicePagePool*> pools;
   for (uint32_t gpu = 0; gpu < device_->device_count(); ++gpu) {
+    // The GPU's budget, shared by its page sizes' pools (docs/GPU.md).
+    gpu_budgets_.push_back(std::make_unique<DeviceBudget>(options_.gpu_budget_bytes));
     for (uint32_t ps : page_sizes) {
       const uint64_t budget = options_.gpu_budget_bytes / ps * ps;
       if (budget == 0) continue;  // below one page of this size: no pool
@@ -275,6 +277,7 @@ Status NodeDaemon::SetupDeviceTier() {
       po.page_size = ps;
       po.budget_bytes = budget;
       po.arena_bytes = std::min<uint64_t>(64u << 20, budget);
+      po.shared = gpu_budgets_.back().get();
       DSVM_ASSIGN_OR_RETURN(std::unique_ptr<DevicePagePool> pool,
                             DevicePagePool::Create(device_.get(), po));
       pools.push_back(pool.get());
@@ -286,7 +289,7 @@ Status NodeDaemon::SetupDeviceTier() {
   DSVM_ASSIGN_OR_RETURN(tier_, DeviceTier::Create(device_.get(), pools, to));
   LogInfo("GPU tier: " + std::string(device_->name()) + " backend, " +
           std::to_string(device_->device_count()) + " GPU(s), " +
-          std::to_string(options_.gpu_budget_bytes) + " bytes of HBM each per page size" +
+          std::to_string(options_.gpu_budget_bytes) + " bytes of HBM each" +
           (options_.host_budget_bytes != 0
                ? ", host budget " + std::to_string(options_.host_budget_bytes) + " bytes"
                : std::string()));

@@ -72,8 +72,8 @@ struct NodeDaemonOptions {
   // The GPU tier (docs/GPU.md): "none", "emulated" (host memory plays the
   // GPUs, for tests and machines without one) or "cuda".
   std::string device_backend = "none";
-  // HBM each GPU may give to region pages, per page size in use (one pool
-  // per GPU and page size; each pool gets this budget); required with a
+  // HBM each GPU may give to region pages, all page sizes together (one
+  // pool per GPU and page size, sharing the GPU's budget); required with a
   // device backend.
   uint64_t gpu_budget_bytes = 0;
   // "emulated": how many GPUs it plays.
@@ -430,6 +430,8 @@ class NodeDaemon {
   // The GPU tier (all null with device_backend "none"): one backend, a pool
   // per GPU and page size, the tier over them.
   std::unique_ptr<DeviceBackend> device_;
+  // One budget per GPU, shared by its pools (declared first: they outlive the pools).
+  std::vector<std::unique_ptr<DeviceBudget>> gpu_budgets_;
   std::vector<std::unique_ptr<DevicePagePool>> pools_;
   std::unique_ptr<DeviceTier> tier_;
   bool leaving_ = false;  // LeavePages is running (it runs actions itself)

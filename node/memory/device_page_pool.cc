@@ -49,9 +49,11 @@ DevicePagePool::DevicePagePool(DeviceBackend* backend, DevicePagePoolOptions opt
 
 DevicePagePool::~DevicePagePool() {
   for (const DeviceArena& a : arenas_) {
+    if (a.bytes == 0) continue;  // released
     // Nothing to do about a device error at teardown; the backend reports
     // the device's state on its next call.
     backend_->FreeArena(a.base).IgnoreError();
+    if (options_.shared != nullptr) options_.shared->Give(a.bytes);
   }
 }
 
@@ -68,8 +70,13 @@ DevicePtr DevicePagePool::SlotPtr(uint32_t index) const {
 
 SlotRange DevicePagePool::ArenaSlots(size_t arena) const {
   DSVM_CHECK(arena < arenas_.size());
-  return SlotRange{arena_first_[arena],
-                   static_cast<uint32_t>(arenas_[arena].bytes / options_.page_size)};
+  return SlotRange{arena_first_[arena], ArenaLive(arena) ? arena_slots_[arena] : 0};
+}
+
+uint64_t DevicePagePool::room_bytes() const {
+  const uint64_t own = budget_bytes_ - held_bytes_;
+  const uint64_t room = options_.shared != nullptr ? std::min(own, options_.shared->free_bytes()) : own;
+  return room / options_.page_size * options_.page_size;
 }
 
 void DevicePagePool::PushFree(uint32_t index) {
@@ -94,45 +101,91 @@ void DevicePagePool::UnlinkFree(uint32_t index) {
 Status DevicePagePool::Grow(uint64_t bytes) {
   const uint64_t page = options_.page_size;
   DSVM_CHECK(bytes > 0 && bytes % page == 0);
-  if (held_bytes_ + bytes > budget_bytes_) {
-    return ResourceExhausted("HBM budget of " + std::to_string(budget_bytes_) +
-                             " bytes reached on device " + std::to_string(options_.device) +
-                             ": " + std::to_string(held_bytes_ / page) + " of " +
-                             std::to_string(capacity_slots()) + " pages of " +
+  if (bytes > room_bytes()) {
+    return ResourceExhausted("HBM budget reached on device " + std::to_string(options_.device) +
+                             ": " + std::to_string(held_bytes_ / page) + " pages of " +
                              std::to_string(page) + " bytes are held, " +
-                             std::to_string(bytes / page) + " more do not fit");
+                             std::to_string(bytes / page) + " more do not fit (budget " +
+                             std::to_string(budget_bytes_) + " bytes" +
+                             (options_.shared != nullptr
+                                  ? ", " + std::to_string(options_.shared->free_bytes()) +
+                                        " bytes free of the GPU's " +
+                                        std::to_string(options_.shared->bytes())
+                                  : std::string()) +
+                             ")");
   }
+  if (options_.shared != nullptr) DSVM_CHECK(options_.shared->Take(bytes));
   auto arena = backend_->AllocateArena(options_.device, bytes);
   if (!arena.ok()) {
+    if (options_.shared != nullptr) options_.shared->Give(bytes);
     return Status(arena.status().code(),
                   "device page pool below its budget (" + std::to_string(held_bytes_) + " of " +
                       std::to_string(budget_bytes_) + " bytes held): " + arena.status().message());
   }
   DSVM_CHECK(arena->bytes == bytes);
-  const uint32_t first = static_cast<uint32_t>(link_.size());
-  arenas_.push_back(*arena);
-  arena_first_.push_back(first);
-  held_bytes_ += bytes;
   const uint32_t count = static_cast<uint32_t>(bytes / page);
-  link_.resize(link_.size() + count, kUsed);
-  prev_.resize(link_.size(), kEnd);
-  DSVM_CHECK(link_.size() <= kMaxSlots);
+  // A released arena of the same size gives its indices; else new ones.
+  size_t a = 0;
+  while (a < arenas_.size() && (ArenaLive(a) || arena_slots_[a] != count)) ++a;
+  if (a == arenas_.size()) {
+    arenas_.push_back(*arena);
+    arena_first_.push_back(static_cast<uint32_t>(link_.size()));
+    arena_slots_.push_back(count);
+    link_.resize(link_.size() + count, kUsed);
+    prev_.resize(link_.size(), kEnd);
+    DSVM_CHECK(link_.size() <= kMaxSlots);
+  } else {
+    arenas_[a] = *arena;
+  }
+  const uint32_t first = arena_first_[a];
+  held_bytes_ += bytes;
+  ++generation_;
   // Lowest address ends up first: fresh slots go out in address order, so
   // pages allocated one after another sit in adjacent slots.
-  for (uint32_t i = count; i-- > 0;) PushFree(first + i);
+  for (uint32_t i = count; i-- > 0;) {
+    link_[first + i] = kUsed;
+    PushFree(first + i);
+  }
+  last_grown_ = a;
   return Status::Ok();
+}
+
+Result<uint64_t> DevicePagePool::ReleaseEmptyArenas() {
+  uint64_t freed = 0;
+  Status first_error;
+  for (size_t a = 0; a < arenas_.size(); ++a) {
+    if (!ArenaLive(a)) continue;
+    const uint32_t first = arena_first_[a];
+    const uint32_t count = arena_slots_[a];
+    bool empty = true;
+    for (uint32_t i = first; i < first + count && empty; ++i) empty = IsFree(i);
+    if (!empty) continue;
+    for (uint32_t i = first; i < first + count; ++i) {
+      UnlinkFree(i);
+      link_[i] = kReleased;
+    }
+    Status st = backend_->FreeArena(arenas_[a].base);
+    if (!st.ok() && first_error.ok()) first_error = st;
+    const uint64_t bytes = arenas_[a].bytes;
+    held_bytes_ -= bytes;
+    if (options_.shared != nullptr) options_.shared->Give(bytes);
+    freed += bytes;
+    arenas_[a] = DeviceArena{};
+    ++generation_;
+  }
+  if (!first_error.ok()) return first_error;
+  return freed;
 }
 
 Result<DeviceSlot> DevicePagePool::Allocate() {
   if (free_head_ == kEnd) {
-    if (held_bytes_ + options_.page_size > budget_bytes_) {
-      return ResourceExhausted("HBM budget of " + std::to_string(budget_bytes_) +
-                               " bytes reached on device " + std::to_string(options_.device) +
-                               ": all " + std::to_string(capacity_slots()) + " pages of " +
+    if (room_bytes() < options_.page_size) {
+      return ResourceExhausted("HBM budget reached on device " + std::to_string(options_.device) +
+                               ": all " + std::to_string(used_) + " pages of " +
                                std::to_string(options_.page_size) + " bytes are in use");
     }
-    // Only the last arena may be short of arena_bytes.
-    DSVM_RETURN_IF_ERROR(Grow(std::min(options_.arena_bytes, budget_bytes_ - held_bytes_)));
+    // An arena is cut to the room left.
+    DSVM_RETURN_IF_ERROR(Grow(std::min(options_.arena_bytes, room_bytes())));
   }
   const uint32_t index = free_head_;
   UnlinkFree(index);
@@ -141,7 +194,7 @@ Result<DeviceSlot> DevicePagePool::Allocate() {
 }
 
 Result<DeviceSlot> DevicePagePool::Take(uint32_t index) {
-  if (index >= link_.size() || link_[index] == kUsed) {
+  if (index >= link_.size() || !IsFree(index)) {
     return InvalidArgument("slot " + std::to_string(index) + " is not a free slot of this pool");
   }
   UnlinkFree(index);
@@ -164,20 +217,18 @@ Result<size_t> DevicePagePool::GrowForRun(uint32_t n) {
   if (n == 0) return InvalidArgument("a run of 0 slots");
   const uint64_t page = options_.page_size;
   const uint64_t want = uint64_t{n} * page;
-  if (want > budget_bytes_ - held_bytes_) {
+  const uint64_t room = room_bytes();
+  if (want > room) {
     return ResourceExhausted("a run of " + std::to_string(n) + " pages of " +
                              std::to_string(page) + " bytes needs a new arena on device " +
-                             std::to_string(options_.device) + ", but the HBM budget of " +
-                             std::to_string(budget_bytes_) + " bytes leaves " +
-                             std::to_string(budget_bytes_ - held_bytes_) + " bytes");
+                             std::to_string(options_.device) + ", but the HBM budget leaves " +
+                             std::to_string(room) + " bytes");
   }
-  // A regular arena when the run fits one (cut to the budget, as the last
-  // arena is); else a dedicated arena of exactly the run.
-  const uint64_t bytes =
-      want <= options_.arena_bytes ? std::min(options_.arena_bytes, budget_bytes_ - held_bytes_)
-                                   : want;
+  // A regular arena when the run fits one (cut to the room left); else a
+  // dedicated arena of exactly the run.
+  const uint64_t bytes = want <= options_.arena_bytes ? std::min(options_.arena_bytes, room) : want;
   DSVM_RETURN_IF_ERROR(Grow(bytes));
-  return arenas_.size() - 1;
+  return last_grown_;
 }
 
 Result<DeviceSlot> DevicePagePool::AllocateRun(uint32_t n) {

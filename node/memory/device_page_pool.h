@@ -23,8 +23,13 @@
 // search is O(slots held). The pool knows nothing of what slots hold, so a
 // run that needs evictions is the DeviceTier's to find (ArenaSlots, IsFree,
 // Take, GrowForRun).
-// TODO(#5): give back arenas whose slots are all free, when eviction wants
-// the device memory for another pool.
+// One budget per GPU: the pools of one device's page sizes may share a
+// DeviceBudget, from which each takes an arena's bytes to grow and to which
+// ReleaseEmptyArenas gives back the arenas whose slots are all free, so
+// device memory moves between page sizes an arena at a time. A released
+// arena keeps its slot indices (they are never reused by another arena); a
+// later arena of the same size takes its place (new device memory, the same
+// indices), so indices stay bounded.
 //
 // The pool does bookkeeping only: it never copies bytes. Writing and reading
 // a slot is the caller's business, through the backend's copies.
@@ -34,6 +39,7 @@
 #ifndef DSVM_NODE_MEMORY_DEVICE_PAGE_POOL_H_
 #define DSVM_NODE_MEMORY_DEVICE_PAGE_POOL_H_
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <span>
@@ -43,6 +49,27 @@
 #include "proto/status.h"
 
 namespace dsvm::node {
+
+// The device memory one GPU may give region pages, shared by the pools of
+// its page sizes (see above). Single-threaded, as the pools.
+class DeviceBudget {
+ public:
+  explicit DeviceBudget(uint64_t bytes) : bytes_(bytes) {}
+  uint64_t bytes() const { return bytes_; }
+  uint64_t taken() const { return taken_; }
+  uint64_t free_bytes() const { return bytes_ - taken_; }
+  // False (and nothing taken) when fewer than n bytes are free.
+  bool Take(uint64_t n) {
+    if (n > free_bytes()) return false;
+    taken_ += n;
+    return true;
+  }
+  void Give(uint64_t n) { taken_ -= std::min(n, taken_); }
+
+ private:
+  const uint64_t bytes_;
+  uint64_t taken_ = 0;
+};
 
 struct DevicePagePoolOptions {
   uint32_t device = 0;
@@ -54,6 +81,10 @@ struct DevicePagePoolOptions {
   // Size of each arena (a multiple of page_size); the last arena is smaller
   // when the budget leaves less.
   uint64_t arena_bytes = 64ull << 20;
+  // The GPU's budget, shared with its other pools; must outlive the pool.
+  // Null: budget_bytes alone bounds the pool. With one, the pool holds at
+  // most budget_bytes and what the shared budget lets it take.
+  DeviceBudget* shared = nullptr;
 };
 
 // A page slot: its device address and its index in the pool. Returned by
@@ -105,7 +136,7 @@ class DevicePagePool {
   // The slots of arena `arena` (< arena_count()).
   SlotRange ArenaSlots(size_t arena) const;
   // True when slot `index` (< arena_slots()) is free.
-  bool IsFree(uint32_t index) const { return link_[index] != kUsed; }
+  bool IsFree(uint32_t index) const { return link_[index] != kUsed && link_[index] != kReleased; }
   // The slot at `index`, used or not. REQUIRES: index < arena_slots().
   DeviceSlot SlotAt(uint32_t index) const { return DeviceSlot{SlotPtr(index), index}; }
   // Takes the free slot `index`. Errors: kInvalidArgument (out of range, or
@@ -117,11 +148,24 @@ class DevicePagePool {
   // no room for it, or the device is full), kInternal.
   Result<size_t> GrowForRun(uint32_t n);
 
+  // Frees every arena whose slots are all free and gives its bytes back to
+  // the shared budget; returns the bytes freed. Errors: kInternal (from
+  // the backend; the arena is forgotten all the same).
+  Result<uint64_t> ReleaseEmptyArenas();
+  // Whether arena `arena` (< arena_count()) holds device memory now.
+  bool ArenaLive(size_t arena) const { return arenas_[arena].bytes != 0; }
+  // Changes whenever an arena is added, released or takes a released
+  // arena's place (device addresses of slots may change).
+  uint64_t arena_generation() const { return generation_; }
+
   uint32_t device() const { return options_.device; }
   uint32_t page_size() const { return options_.page_size; }
   uint64_t budget_bytes() const { return budget_bytes_; }
-  // Slots the budget allows.
-  uint64_t capacity_slots() const { return budget_bytes_ / options_.page_size; }
+  // Bytes the pool may still take for arenas: its own budget's rest, and
+  // no more than the shared budget has free.
+  uint64_t room_bytes() const;
+  // Slots the pool may hold now: its arenas' and what room_bytes() allows.
+  uint64_t capacity_slots() const { return (held_bytes_ + room_bytes()) / options_.page_size; }
   uint64_t used_slots() const { return used_; }
   uint64_t used_bytes() const { return used_ * options_.page_size; }
   // Slots in the arenas held so far (in use or free).
@@ -129,11 +173,13 @@ class DevicePagePool {
   size_t arena_count() const { return arenas_.size(); }
   // Device memory held: the arenas' bytes. Never above budget_bytes().
   uint64_t arena_bytes() const { return held_bytes_; }
+  // Every arena by index; a released one has base and bytes 0.
   std::span<const DeviceArena> arenas() const { return arenas_; }
 
  private:
   // link_ values besides the index of the next free slot.
   static constexpr uint32_t kUsed = 0xffffffffu;
+  static constexpr uint32_t kReleased = 0xfffffffeu;  // a slot of a released arena
   static constexpr uint32_t kEnd = 0xfffffffdu;  // the free list's last (prev_: first) slot
   static constexpr uint64_t kMaxSlots = 0xfffffff0u;
 
@@ -152,12 +198,15 @@ class DevicePagePool {
   const uint64_t budget_bytes_;
   std::vector<DeviceArena> arenas_;
   std::vector<uint32_t> arena_first_;  // per arena, its first slot's index (ascending)
+  std::vector<uint32_t> arena_slots_;  // per arena, its slots (kept while released)
+  uint64_t generation_ = 0;
   uint64_t held_bytes_ = 0;
   // Per slot of the held arenas: kUsed, or (free) the next free slot's
   // index or kEnd; prev_: (free) the previous free slot's index or kEnd.
   std::vector<uint32_t> link_;
   std::vector<uint32_t> prev_;
   uint32_t free_head_ = kEnd;
+  size_t last_grown_ = 0;  // the arena the last Grow filled
   uint64_t used_ = 0;
 };
 

@@ -133,6 +133,7 @@ Result<std::vector<DevicePtr>> DeviceTier::MakeResident(PageAddr region,
     return InvalidArgument("device tier: no pool for gpu " + std::to_string(gpu) +
                            " and page size " + std::to_string(store->page_size()));
   }
+  DSVM_RETURN_IF_ERROR(MakeRoomFor(PoolOf(gpu, store->page_size()), pages.size()));
   TierSteps steps;
   DSVM_RETURN_IF_ERROR(table_->MakeResident(pages, gpu, for_write, /*pin=*/true, tick, &steps));
   std::vector<PageAddr> placed;
@@ -145,6 +146,72 @@ Result<std::vector<DevicePtr>> DeviceTier::MakeResident(PageAddr region,
   ptrs.reserve(pages.size());
   for (PageAddr page : pages) ptrs.push_back(slots_.at(page).slot.ptr);
   return ptrs;
+}
+
+void DeviceTier::SyncCapacities(uint32_t gpu) {
+  for (DevicePagePool* p : pools_) {
+    if (p->device() != gpu) continue;
+    Status s = table_->SetCapacity(table_->PoolIndex(gpu, p->page_size()), p->capacity_slots());
+    DSVM_CHECK_MSG(s.ok(), s.ToString());  // a pool's capacity covers its arenas' slots
+  }
+}
+
+Status DeviceTier::ReclaimArena(DevicePagePool* pool, size_t arena) {
+  const SlotRange r = pool->ArenaSlots(arena);
+  TierSteps steps;
+  for (uint32_t i = r.first; i < r.first + r.count; ++i) {
+    const PageAddr q = OccupantOf(pool, i);
+    if (q != kNoPage) DSVM_RETURN_IF_ERROR(table_->EvictFromGpu(q, &steps));
+  }
+  DSVM_RETURN_IF_ERROR(Execute(steps, nullptr));
+  ++stats_.arenas_reclaimed;
+  return pool->ReleaseEmptyArenas().status();
+}
+
+Status DeviceTier::MakeRoomFor(DevicePagePool* pool, uint64_t pages) {
+  const uint32_t gpu = pool->device();
+  const int index = table_->PoolIndex(gpu, pool->page_size());
+  auto short_of = [&](bool count_evictable) {
+    SyncCapacities(gpu);
+    const uint64_t free = table_->capacity_slots(index) - table_->used_slots(index) +
+                          (count_evictable ? table_->evictable_slots(index) : 0);
+    return pages > free;
+  };
+  if (!short_of(false)) return Status::Ok();
+  // Free device memory first: the other sizes' empty arenas.
+  for (DevicePagePool* p : pools_) {
+    if (p != pool && p->device() == gpu) DSVM_RETURN_IF_ERROR(p->ReleaseEmptyArenas().status());
+  }
+  // Then, rather than refuse, the other sizes' arenas of evictable pages.
+  while (short_of(true)) {
+    DevicePagePool* best_pool = nullptr;
+    size_t best_arena = 0;
+    uint64_t best_count = 0;
+    for (DevicePagePool* p : pools_) {
+      if (p == pool || p->device() != gpu) continue;
+      for (size_t a = 0; a < p->arena_count(); ++a) {
+        const SlotRange r = p->ArenaSlots(a);
+        if (r.count == 0) continue;  // released
+        uint64_t count = 0;
+        bool blocked = false;
+        for (uint32_t i = r.first; i < r.first + r.count && !blocked; ++i) {
+          const PageAddr q = OccupantOf(p, i);
+          if (q == kNoPage) continue;
+          blocked = q == kHeld || table_->PinsOf(q) != 0 || table_->IsLeaving(q);
+          ++count;
+        }
+        if (!blocked && (best_pool == nullptr || count < best_count)) {
+          best_pool = p;
+          best_arena = a;
+          best_count = count;
+        }
+      }
+    }
+    if (best_pool == nullptr) break;  // the call fails as the table says
+    DSVM_RETURN_IF_ERROR(ReclaimArena(best_pool, best_arena));
+  }
+  SyncCapacities(gpu);
+  return Status::Ok();
 }
 
 void DeviceTier::RollBack(const TierSteps& steps, std::span<const PageAddr> pages) {
@@ -192,6 +259,7 @@ Result<DeviceRun> DeviceTier::MapRun(PageAddr region, std::span<const PageAddr> 
                            " and page size " + std::to_string(ps));
   }
   const uint32_t n = static_cast<uint32_t>(pages.size());
+  DSVM_RETURN_IF_ERROR(MakeRoomFor(pool, pages.size()));
   if (pages.size() > pool->capacity_slots()) {
     return ResourceExhausted("device tier: a run of " + std::to_string(pages.size()) +
                              " pages of " + std::to_string(ps) + " bytes is larger than gpu " +
@@ -450,10 +518,14 @@ void DeviceTier::FreeSlotOf(PageAddr page) {
 
 DevicePtr DeviceTier::ArenaEnd(const DevicePagePool* pool, DevicePtr ptr) {
   std::vector<std::pair<DevicePtr, DevicePtr>>& sorted = arenas_[pool];
-  if (sorted.size() != pool->arena_count()) {
+  uint64_t& generation = arena_generations_[pool];
+  if (sorted.empty() || generation != pool->arena_generation()) {
     sorted.clear();
-    for (const DeviceArena& a : pool->arenas()) sorted.emplace_back(a.base, a.base + a.bytes);
+    for (const DeviceArena& a : pool->arenas()) {
+      if (a.bytes != 0) sorted.emplace_back(a.base, a.base + a.bytes);  // 0: released
+    }
     std::sort(sorted.begin(), sorted.end());
+    generation = pool->arena_generation();
   }
   auto it = std::upper_bound(sorted.begin(), sorted.end(), std::make_pair(ptr, ~DevicePtr{0}));
   DSVM_CHECK(it != sorted.begin());

@@ -101,6 +101,7 @@ struct DeviceTierStats {
   uint64_t rollbacks = 0;    // calls undone after a failure
   uint64_t runs = 0;         // MapRun calls that succeeded
   uint64_t run_evictions = 0;  // GPU copies MapRun moved out of the way of a run
+  uint64_t arenas_reclaimed = 0;  // arenas emptied for another page size (one budget per GPU)
 };
 
 class DeviceTier {
@@ -227,6 +228,17 @@ class DeviceTier {
   // kInvalidArgument naming the first of `pages` that is no page of a region.
   Status CheckPages(std::span<const PageAddr> pages) const;
   DevicePagePool* PoolOf(uint32_t gpu, uint32_t page_size) const;
+  // Pools of one GPU share its budget (DevicePagePool::shared): before
+  // `pool` takes up to `pages` more pages, memory other page sizes hold
+  // without need goes back to the budget: first their empty arenas, then,
+  // when the pool would still have to refuse, arenas whose pages may all be
+  // evicted (written back when dirty), emptiest first. Then the table
+  // learns every pool's capacity on that GPU.
+  Status MakeRoomFor(DevicePagePool* pool, uint64_t pages);
+  // Evicts every page of arena `arena` of `pool` (none pinned, held or
+  // leaving) and gives the arena back. Errors: as Execute.
+  Status ReclaimArena(DevicePagePool* pool, size_t arena);
+  void SyncCapacities(uint32_t gpu);
   // Carries out `steps` (phase order, see above). `placed` receives the
   // pages given a slot here. A page in forced_ takes that slot index.
   Status Execute(const TierSteps& steps, std::vector<PageAddr>* placed);
@@ -255,9 +267,10 @@ class DeviceTier {
   std::vector<std::vector<Lane>> lanes_;   // per GPU (index = device number)
   std::map<PageAddr, PageStore*> stores_;  // by region base
   std::unordered_map<PageAddr, Placed> slots_;
-  // Per pool, its arenas as (base, end) sorted by base; refreshed when the
-  // pool has grown (pools keep their arenas until destroyed).
+  // Per pool, its live arenas as (base, end) sorted by base; refreshed when
+  // the pool's arena generation changed (grown, or arenas released).
   std::unordered_map<const DevicePagePool*, std::vector<std::pair<DevicePtr, DevicePtr>>> arenas_;
+  std::unordered_map<const DevicePagePool*, uint64_t> arena_generations_;  // of arenas_' lists
   std::deque<PageAddr> leave_;
   // Per pool, the page in each slot (kNoPage: free), by slot index.
   std::unordered_map<const DevicePagePool*, std::vector<PageAddr>> occupants_;

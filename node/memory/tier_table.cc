@@ -406,6 +406,19 @@ Status TierTable::ReleaseHeldSlot(uint32_t gpu, uint32_t page_size) {
   return Status::Ok();
 }
 
+Status TierTable::SetCapacity(int pool, uint64_t slots) {
+  if (pool < 0 || static_cast<size_t>(pool) >= pools_.size()) {
+    return InvalidArgument("tier table: no pool " + std::to_string(pool));
+  }
+  if (slots < pools_[pool].used) {
+    return FailedPrecondition("tier table: a capacity of " + std::to_string(slots) +
+                              " slots is below the " + std::to_string(pools_[pool].used) +
+                              " in use");
+  }
+  pools_[pool].budget.capacity_slots = slots;
+  return Status::Ok();
+}
+
 Status TierTable::KeepOnNode(PageAddr page) {
   DSVM_RETURN_IF_ERROR(CheckPage(page).status());
   auto it = pages_.find(page);

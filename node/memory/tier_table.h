@@ -230,6 +230,11 @@ class TierTable {
   int PoolIndex(uint32_t gpu, uint32_t page_size) const;
   uint64_t used_slots(int pool) const { return pools_[pool].used; }
   uint64_t held_slots(int pool) const { return pools_[pool].held; }
+  uint64_t evictable_slots(int pool) const { return pools_[pool].evictable.size(); }
+  // The pool's capacity changed (pools of one GPU share its budget: what
+  // one holds the others cannot). Errors: kInvalidArgument (no such pool),
+  // kFailedPrecondition (below the slots in use).
+  Status SetCapacity(int pool, uint64_t slots);
   uint64_t capacity_slots(int pool) const { return pools_[pool].budget.capacity_slots; }
   size_t page_count() const { return pages_.size(); }
   uint64_t host_bytes() const { return host_bytes_; }

@@ -269,6 +269,67 @@ INSTANTIATE_TEST_SUITE_P(PageSizes, DevicePagePoolTest, testing::Values(4096u, 6
                            return std::to_string(info.param / 1024) + "KiB";
                          });
 
+// Pools of one GPU share its budget: what one holds the other cannot take,
+// until the first gives back its empty arenas; a new arena then takes a
+// released arena's slot indices.
+TEST(DevicePagePoolSharedTest, PoolsOfOneGpuShareItsBudget) {
+  auto backend = Emulated();
+  DeviceBudget budget(512u << 10);
+  DevicePagePoolOptions small;
+  small.page_size = 4096;
+  small.arena_bytes = 64u << 10;  // 16 slots
+  small.budget_bytes = 512u << 10;
+  small.shared = &budget;
+  DevicePagePoolOptions large = small;
+  large.page_size = 64u << 10;
+  large.arena_bytes = 128u << 10;  // 2 slots
+  auto s = Pool(backend.get(), small);
+  auto l = Pool(backend.get(), large);
+  ASSERT_TRUE(s && l);
+  EXPECT_EQ(s->capacity_slots(), 128u);
+  EXPECT_EQ(l->capacity_slots(), 8u);
+  std::vector<DeviceSlot> slots;
+  for (int i = 0; i < 128; ++i) {
+    auto slot = s->Allocate();
+    ASSERT_TRUE(slot.ok()) << i << ": " << slot.status().ToString();
+    slots.push_back(*slot);
+  }
+  EXPECT_EQ(budget.free_bytes(), 0u);
+  EXPECT_EQ(l->capacity_slots(), 0u);
+  EXPECT_EQ(l->Allocate().status().code(), StatusCode::kResourceExhausted);
+  // Nothing empty, nothing given back.
+  auto none = s->ReleaseEmptyArenas();
+  ASSERT_TRUE(none.ok());
+  EXPECT_EQ(*none, 0u);
+  // Arena 0's slots all free: it goes back, and the other size takes it.
+  for (int i = 0; i < 16; ++i) ASSERT_TRUE(s->Free(slots[i]).ok());
+  const uint64_t generation = s->arena_generation();
+  auto freed = s->ReleaseEmptyArenas();
+  ASSERT_TRUE(freed.ok());
+  EXPECT_EQ(*freed, 64u << 10);
+  EXPECT_NE(s->arena_generation(), generation);
+  EXPECT_FALSE(s->ArenaLive(0));
+  EXPECT_EQ(s->ArenaSlots(0).count, 0u);
+  EXPECT_FALSE(s->IsFree(0)) << "a released arena's slots are no free slots";
+  EXPECT_EQ(s->arena_bytes(), 448u << 10);
+  EXPECT_EQ(s->capacity_slots(), 128u) << "the freed bytes may come back to it";
+  EXPECT_EQ(l->capacity_slots(), 1u);
+  auto big = l->Allocate();
+  ASSERT_TRUE(big.ok()) << big.status().ToString();
+  EXPECT_EQ(l->Allocate().status().code(), StatusCode::kResourceExhausted);
+  ASSERT_TRUE(l->Free(*big).ok());
+  ASSERT_TRUE(l->ReleaseEmptyArenas().ok());
+  // The small pool grows again into arena 0's indices (and new memory).
+  auto again = s->Allocate();
+  ASSERT_TRUE(again.ok()) << again.status().ToString();
+  EXPECT_LT(again->index, 16u);
+  EXPECT_EQ(s->arena_count(), 8u);
+  EXPECT_TRUE(InsideAnArena(*s, again->ptr, 4096));
+  s.reset();
+  l.reset();
+  EXPECT_EQ(budget.taken(), 0u) << "destroyed pools give their arenas back";
+}
+
 TEST(DevicePagePoolCreateTest, RefusesBadOptions) {
   auto backend = Emulated();
   const auto kInvalid = StatusCode::kInvalidArgument;

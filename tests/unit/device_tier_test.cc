@@ -575,5 +575,112 @@ TEST_F(DeviceTierTest, ARunLargerThanAnArenaGetsItsOwn) {
   ASSERT_TRUE(tier_->Unpin(pages).ok());
 }
 
+// One budget per GPU: pages of 4 KiB fill it; pages of 64 KiB then take
+// memory back an arena at a time, evicting 4 KiB pages (dirty ones written
+// back first), but never pinned ones.
+TEST(DeviceTierSharedBudgetTest, PageSizesShareOneBudgetPerGpu) {
+  DeviceBackendOptions bo;
+  bo.emulated_devices = 1;
+  bo.emulated_device_bytes = 64u << 20;
+  auto b = MakeDeviceBackend("emulated", bo);
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  std::unique_ptr<DeviceBackend> backend = std::move(b).value();
+  DeviceBudget budget(512u << 10);
+  std::vector<std::unique_ptr<DevicePagePool>> pools;
+  for (uint32_t ps : {4096u, 65536u}) {
+    DevicePagePoolOptions po;
+    po.page_size = ps;
+    po.budget_bytes = 512u << 10;
+    po.arena_bytes = 64u << 10;
+    po.shared = &budget;
+    auto p = DevicePagePool::Create(backend.get(), po);
+    ASSERT_TRUE(p.ok()) << p.status().ToString();
+    pools.push_back(std::move(p).value());
+  }
+  auto make_store = [](PageAddr base, uint64_t size, uint32_t ps) {
+    PageStoreOptions so;
+    so.try_hugetlb = false;
+    auto st = PageStore::Create(base, size, ps, so);
+    EXPECT_TRUE(st.ok()) << st.status().ToString();
+    return std::move(st).value();
+  };
+  const PageAddr small_base = kBase, large_base = kBase + (64u << 20);
+  auto small = make_store(small_base, 1u << 20, 4096);
+  auto large = make_store(large_base, 1u << 20, 65536);
+  std::mt19937_64 rng(7);
+  std::vector<std::vector<uint8_t>> small_bytes(256), large_bytes(16);
+  for (uint64_t i = 0; i < 256; ++i) {
+    small_bytes[i] = RandomBytes(4096, rng);
+    ASSERT_TRUE(small->WritePage(small_base + i * 4096, small_bytes[i]).ok());
+  }
+  for (uint64_t i = 0; i < 16; ++i) {
+    large_bytes[i] = RandomBytes(65536, rng);
+    ASSERT_TRUE(large->WritePage(large_base + i * 65536, large_bytes[i]).ok());
+  }
+  DeviceTierOptions to;
+  to.batch_bytes = 256u << 10;
+  auto t = DeviceTier::Create(backend.get(), {pools[0].get(), pools[1].get()}, to);
+  ASSERT_TRUE(t.ok()) << t.status().ToString();
+  std::unique_ptr<DeviceTier> tier = std::move(t).value();
+  ASSERT_TRUE(tier->AddRegion(small.get()).ok());
+  ASSERT_TRUE(tier->AddRegion(large.get()).ok());
+  auto stream = backend->CreateStream(0);
+  ASSERT_TRUE(stream.ok());
+  auto sync = [&] {
+    auto f = backend->RecordFence(*stream);
+    ASSERT_TRUE(f.ok());
+    ASSERT_TRUE(backend->Wait(*f).ok());
+  };
+  // 128 small pages fill the budget; the first 16 are written on the GPU.
+  std::vector<PageAddr> sp;
+  for (uint64_t i = 0; i < 128; ++i) sp.push_back(small_base + i * 4096);
+  auto ptrs = tier->MakeResident(small_base, sp, 0, /*for_write=*/true, 1);
+  ASSERT_TRUE(ptrs.ok()) << ptrs.status().ToString();
+  for (uint64_t i = 0; i < 16; ++i) {
+    small_bytes[i] = RandomBytes(4096, rng);
+    ASSERT_TRUE(backend->CopyToDevice(*stream, small_bytes[i].data(), (*ptrs)[i], 4096).ok());
+  }
+  sync();
+  ASSERT_TRUE(tier->Unpin(sp).ok());
+  EXPECT_EQ(budget.free_bytes(), 0u);
+  // Four large pages need 256 KiB: four small arenas are emptied for them.
+  std::vector<PageAddr> lp;
+  for (uint64_t i = 0; i < 4; ++i) lp.push_back(large_base + i * 65536);
+  auto lptrs = tier->MakeResident(large_base, lp, 0, /*for_write=*/false, 2);
+  ASSERT_TRUE(lptrs.ok()) << lptrs.status().ToString();
+  EXPECT_EQ(tier->stats().arenas_reclaimed, 4u);
+  for (uint64_t i = 0; i < 4; ++i) {
+    std::vector<uint8_t> got(65536);
+    ASSERT_TRUE(backend->CopyToHost(*stream, (*lptrs)[i], got.data(), got.size()).ok());
+    sync();
+    EXPECT_EQ(got, large_bytes[i]) << "large page " << i;
+  }
+  uint64_t on_gpu = 0;
+  for (PageAddr p : sp) on_gpu += tier->table().GpuOf(p).has_value();
+  EXPECT_EQ(on_gpu, 64u);
+  for (uint64_t i = 0; i < 16; ++i) {  // evicted or not, the host has the GPU's bytes
+    if (tier->table().GpuOf(sp[i])) ASSERT_TRUE(tier->WriteBack(std::span(&sp[i], 1)).ok());
+    std::vector<uint8_t> host(4096);
+    ASSERT_TRUE(small->ReadPage(sp[i], host).ok());
+    EXPECT_EQ(host, small_bytes[i]) << "small page " << i;
+  }
+  EXPECT_EQ(budget.taken(), 512u << 10);
+  // The rest of the small pages pinned: no more room for large ones.
+  std::vector<PageAddr> kept;
+  for (PageAddr p : sp) {
+    if (tier->table().GpuOf(p)) kept.push_back(p);
+  }
+  ASSERT_TRUE(tier->MakeResident(small_base, kept, 0, false, 3).ok());
+  std::vector<PageAddr> more;
+  for (uint64_t i = 4; i < 8; ++i) more.push_back(large_base + i * 65536);
+  EXPECT_EQ(tier->MakeResident(large_base, more, 0, false, 4).status().code(),
+            StatusCode::kResourceExhausted);
+  ASSERT_TRUE(tier->Unpin(kept).ok());
+  ASSERT_TRUE(tier->Unpin(lp).ok());
+  tier.reset();
+  pools.clear();
+  EXPECT_EQ(budget.taken(), 0u);
+}
+
 }  // namespace
 }  // namespace dsvm::node
