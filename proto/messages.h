@@ -621,7 +621,7 @@ struct PeerProof {
 };
 
 // The ABI version libdsvm and dsvm-node speak on the client plane.
-inline constexpr uint32_t kClientAbi = 4;  // 3: GpuMap, GpuMapReply, GpuUnmap; 4: GpuPrefetch
+inline constexpr uint32_t kClientAbi = 5;  // 3: GpuMap, GpuMapReply, GpuUnmap; 4: GpuPrefetch; 5: kPreferredGpu
 
 // Client -> daemon: the first record on a client connection.
 struct ClientHello {
@@ -684,8 +684,9 @@ enum class Advice : uint8_t {
   kNormal = 1,      // no advice: each fault fetches its own page
   kReadMostly = 2,  // a read fault also fetches the next pages of the range
   kPreferredNode = 3,  // pages this node gives up go to `node` (Advise.node)
+  kPreferredGpu = 4,   // pages Shared on this node get a copy on GPU `node` (Advise.node)
 };
-inline constexpr uint8_t kMaxAdvice = 3;
+inline constexpr uint8_t kMaxAdvice = 4;
 
 // Client -> daemon: advice for [address, address + length), for every
 // process of the node. Reply: StatusReply.
@@ -694,7 +695,7 @@ struct Advise {
   PageAddr address = 0;
   uint64_t length = 0;
   Advice advice = Advice::kNormal;
-  NodeId node = kNoNode;  // for advice that names a node; kNoNode otherwise
+  NodeId node = kNoNode;  // the node (or, kPreferredGpu, the GPU) advice names; else 0
   template <typename A> void Visit(A& a) {
     a.U64(address); a.U64(length); a.Enum(advice, kMaxAdvice); a.U32(node);
   }

@@ -743,12 +743,17 @@ int Advise(const void* addr, size_t len, int advice, uint32_t node) {
     case DSVM_ADVICE_PREFERRED_NODE:
       m.advice = proto::Advice::kPreferredNode;
       break;
+    case DSVM_ADVICE_PREFERRED_GPU:
+      m.advice = proto::Advice::kPreferredGpu;
+      break;
     default:
       return Fail(DSVM_EINVALID_ARGUMENT, what + ": unknown advice");
   }
   if (advice == DSVM_ADVICE_PREFERRED_NODE) {
     if (node == 0) return Fail(DSVM_EINVALID_ARGUMENT, what + ": preferred-node advice needs a node");
     m.node = node;
+  } else if (advice == DSVM_ADVICE_PREFERRED_GPU) {
+    m.node = node;  // the GPU: 0 is one; the daemon knows how many it has
   } else if (node != 0) {
     return Fail(DSVM_EINVALID_ARGUMENT,
                 what + ": node " + std::to_string(node) + " given, but this advice names no node");

@@ -958,6 +958,24 @@ void NodeDaemon::Execute(Actions& actions) {
     ExecuteOne(a);
   }
   FlushRuns();
+  if (!to_place_.empty()) {
+    // Pages installed Shared under preferred-GPU advice, per region (a
+    // local write's Modified install is the CPU's, not placed).
+    std::vector<proto::PageAddr> pages = std::move(to_place_);
+    to_place_.clear();
+    std::sort(pages.begin(), pages.end());
+    pages.erase(std::unique(pages.begin(), pages.end()), pages.end());
+    std::erase_if(pages, [&](proto::PageAddr p) {
+      return agent_.StateOf(p) != PageState::kShared || PreferredGpuOf(p) == kNoGpuAdvice;
+    });
+    for (size_t i = 0; i < pages.size();) {
+      PageStore* store = StoreOf(pages[i]);
+      size_t j = i + 1;
+      while (j < pages.size() && StoreOf(pages[j]) == store) ++j;
+      PlaceOnPreferredGpu(std::vector<proto::PageAddr>(pages.begin() + i, pages.begin() + j));
+      i = j;
+    }
+  }
   if (tier_ && !leaving_) LeavePages();
 }
 
@@ -1191,6 +1209,7 @@ void NodeDaemon::ExecuteOne(Action& a) {
     case ActionKind::kInstallZero:
       check(store->ZeroPage(a.page), "zero");
       if (tier_) check(tier_->AddHostPage(a.page, NowMs()), "GPU tier admit");
+      if (!preferred_gpu_.empty()) to_place_.push_back(a.page);
       return;
     case ActionKind::kInstallData: {
       auto it = data_.find(a.handle);
@@ -1198,11 +1217,13 @@ void NodeDaemon::ExecuteOne(Action& a) {
       check(store->WritePage(a.page, it->second), "install");
       data_.erase(it);
       if (tier_) check(tier_->AddHostPage(a.page, NowMs()), "GPU tier admit");
+      if (!preferred_gpu_.empty()) to_place_.push_back(a.page);
       return;
     }
     case ActionKind::kInstallStash:
       check(store->InstallStash(a.page, a.txn), "install stash");
       if (tier_) check(tier_->AddHostPage(a.page, NowMs()), "GPU tier admit");
+      if (!preferred_gpu_.empty()) to_place_.push_back(a.page);
       return;
     case ActionKind::kDropStash:
       if (store->HasStash(a.page, a.txn)) check(store->DropStash(a.page, a.txn), "drop stash");
@@ -1360,6 +1381,7 @@ void NodeDaemon::PumpPrefetch(uint64_t id) {
 }
 
 Status NodeDaemon::SetAdvice(const proto::Advise& m) {
+  if (m.advice == proto::Advice::kPreferredGpu) return SetPreferredGpu(m);
   const bool names_node = m.advice == proto::Advice::kPreferredNode;
   if (!names_node && m.node != proto::kNoNode) {
     return InvalidArgument("advice " + std::to_string(static_cast<int>(m.advice)) +
@@ -1377,12 +1399,89 @@ Status NodeDaemon::SetAdvice(const proto::Advise& m) {
   if (names_node || m.advice == proto::Advice::kNormal) {
     for (proto::PageAddr p = first; p < end; p += ps) preferred[store->IndexOf(p)] = m.node;
   }
+  if (m.advice == proto::Advice::kNormal) {  // ends a preferred GPU too
+    if (auto it = preferred_gpu_.find(store->base()); it != preferred_gpu_.end()) {
+      for (proto::PageAddr p = first; p < end; p += ps) it->second[store->IndexOf(p)] = kNoGpuAdvice;
+    }
+  }
   if (names_node) return Status::Ok();
   // Normal or read-mostly: the per-page read advice.
   std::vector<proto::Advice>& per_page = advice_[store->base()];
   if (per_page.empty()) per_page.assign(store->size() / ps, proto::Advice::kNormal);
   for (proto::PageAddr p = first; p < end; p += ps) per_page[store->IndexOf(p)] = m.advice;
   return Status::Ok();
+}
+
+Status NodeDaemon::SetPreferredGpu(const proto::Advise& m) {
+  if (!tier_) {
+    return FailedPrecondition("GPU advice, but this node has no GPU tier: dsvm-node runs with "
+                              "--device-backend none");
+  }
+  if (m.node >= device_->device_count()) {
+    return InvalidArgument("gpu " + std::to_string(m.node) + " does not exist: this node has " +
+                           std::to_string(device_->device_count()) + " (" +
+                           std::string(device_->name()) + ")");
+  }
+  proto::PageAddr first, end;
+  uint32_t ps;
+  DSVM_RETURN_IF_ERROR(CheckClientRange(m.address, m.length, &first, &end, &ps));
+  PageStore* store = StoreOf(first);
+  std::vector<uint32_t>& gpu_of = preferred_gpu_[store->base()];
+  if (gpu_of.empty()) gpu_of.assign(store->size() / ps, kNoGpuAdvice);
+  std::vector<proto::PageAddr> valid;
+  for (proto::PageAddr p = first; p < end; p += ps) {
+    gpu_of[store->IndexOf(p)] = m.node;
+    if (agent_.StateOf(p) != PageState::kInvalid && !agent_.HasPending(p)) valid.push_back(p);
+  }
+  PlaceOnPreferredGpu(std::move(valid));
+  LeavePages();  // admitting them may have gone past the host budget
+  return Status::Ok();
+}
+
+uint32_t NodeDaemon::PreferredGpuOf(proto::PageAddr page) const {
+  auto it = preferred_gpu_.upper_bound(page);
+  if (it == preferred_gpu_.begin()) return kNoGpuAdvice;
+  --it;
+  auto s = stores_.find(it->first);
+  if (s == stores_.end() || page >= it->first + s->second->size()) return kNoGpuAdvice;
+  return it->second[s->second->IndexOf(page)];
+}
+
+void NodeDaemon::PlaceOnPreferredGpu(std::vector<proto::PageAddr> pages) {
+  if (!tier_ || pages.empty()) return;
+  PageStore* store = StoreOf(pages.front());
+  if (store == nullptr) return;
+  // Per GPU, in chunks: one that does not fit is left on the host.
+  std::map<uint32_t, std::vector<proto::PageAddr>> by_gpu;
+  for (proto::PageAddr p : pages) {
+    const uint32_t gpu = PreferredGpuOf(p);
+    // Not pages a gpu map holds, nor those it pinned elsewhere.
+    if (gpu != kNoGpuAdvice && gpu_pins_.count(p) == 0 && !tier_->table().IsLeaving(p)) {
+      by_gpu[gpu].push_back(p);
+    }
+  }
+  constexpr size_t kChunk = 64;
+  for (auto& [gpu, list] : by_gpu) {
+    for (size_t i = 0; i < list.size(); i += kChunk) {
+      std::span<const proto::PageAddr> chunk(list.data() + i, std::min(kChunk, list.size() - i));
+      std::vector<proto::PageAddr> modified;
+      for (proto::PageAddr p : chunk) {
+        if (backend_) backend_->WriteBack(p).IgnoreError();  // kmod: its own copy to the store
+        if (agent_.StateOf(p) == PageState::kModified) modified.push_back(p);
+      }
+      // A clean GPU copy of a page local processes may write is stale.
+      if (!tier_->EvictCopies(modified).ok()) continue;
+      Result<std::vector<DevicePtr>> placed =
+          tier_->MakeResident(store->base(), chunk, gpu, /*for_write=*/false, NowMs());
+      if (!placed.ok()) {
+        LogLine(LogLevel::kDebug, "preferred GPU " + std::to_string(gpu) + ": " + placed.status().ToString());
+        break;  // the budget is full: the rest stays on the host
+      }
+      tier_->Unpin(chunk).IgnoreError();  // pinned just above
+      HideFromCpu(modified);
+      stats_.gpu_placed += chunk.size();
+    }
+  }
 }
 
 proto::NodeId NodeDaemon::PreferredNodeOf(proto::PageAddr page) {

@@ -111,6 +111,7 @@ struct NodeDaemonStats {
   uint64_t gpu_prefetches = 0;       // dsvm_gpu_prefetch calls that succeeded
   uint64_t gpu_unmaps = 0;           // maps ended: dsvm_gpu_unmap or the client leaving
   uint64_t gpu_maps_lost = 0;        // maps whose pages the node lost (declared dead)
+  uint64_t gpu_placed = 0;           // pages placed on a GPU by preferred-GPU advice
   uint64_t deferred_requests = 0;    // directory messages held while a page was gpu-mapped
   uint64_t pages_left = 0;           // pages the host budget sent away (Evict started)
 };
@@ -314,6 +315,12 @@ class NodeDaemon {
   bool ReadAheadSequential(PageStore* store, proto::PageAddr page);
   // The preferred-node advice of `page`, or kNoNode.
   proto::NodeId PreferredNodeOf(proto::PageAddr page);
+  uint32_t PreferredGpuOf(proto::PageAddr page) const;
+  Status SetPreferredGpu(const proto::Advise& m);
+  // Places `pages` (of one region, valid on the node) on their preferred
+  // GPU: clean copies, unpinned, as a GPU prefetch leaves them; Modified
+  // ones leave local page tables. Best effort (the budget may not hold them).
+  void PlaceOnPreferredGpu(std::vector<proto::PageAddr> pages);
   void ReplyToClient(int fd, uint64_t request_id, const proto::Message& m, int attach_fd = -1);
   void ForwardedReply(const Forwarded& f, proto::Message m);
   Status SetupClientSocket();
@@ -393,6 +400,11 @@ class NodeDaemon {
   // Preferred-node advice per region base, per page (kNoNode: none): where
   // the pages go when this node gives them up (Evict's target).
   std::map<proto::PageAddr, std::vector<proto::NodeId>> preferred_;
+  // Per region: the GPU its pages are placed on (preferred-GPU advice), by
+  // page index; kNoGpuAdvice where none.
+  static constexpr uint32_t kNoGpuAdvice = ~0u;
+  std::map<proto::PageAddr, std::vector<uint32_t>> preferred_gpu_;
+  std::vector<proto::PageAddr> to_place_;  // installed Shared under preferred-GPU advice
   // Sequential read-ahead, per region (by base): where the last read miss
   // was and the window read ahead after it.
   // Held by Coalesce: [first, first + n pages) of one store.

@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <optional>
 #include <future>
 #include <string>
 #include <thread>
@@ -293,6 +294,82 @@ TEST_F(GpuMapTest, APrefetchPlacesPagesForALaterMap) {
                                    dsvm_gpu_prefetch(base, 8, 7, 0) == DSVM_EINVALID_ARGUMENT &&
                                    dsvm_gpu_prefetch(base, 8, 0, 4) == DSVM_EINVALID_ARGUMENT;
               return refused ? 0 : 1;
+            }),
+            0);
+}
+
+// Preferred-GPU advice: pages read here under it get a copy on that GPU at
+// once, so a later map copies nothing; pages held here already are placed
+// when the advice is given; normal advice ends it.
+TEST_F(GpuMapTest, PreferredGpuAdvicePlacesPagesReadHere) {
+  const proto::RegionReply r = Region("gpref", 16);
+  StartNodes({"emulated", "none"}, r);
+  constexpr uint64_t kPages = 8;
+  for (uint64_t p = 0; p < 2 * kPages; ++p) nodes_[1]->WriteU64(r.base + p * kPage, 900 + p);
+  auto on_gpu = [&](uint64_t first, uint64_t n) {
+    uint64_t count = 0;
+    nodes_[0]->Sync([&](NodeDaemon& d) {
+      for (uint64_t p = first; p < first + n; ++p) {
+        count += d.tier()->table().GpuOf(r.base + p * kPage) == std::optional<uint32_t>(0);
+      }
+    });
+    return count;
+  };
+  auto read_all = [&](uint8_t* base, uint64_t first, uint64_t n) {
+    for (uint64_t p = first; p < first + n; ++p) {
+      if (*reinterpret_cast<volatile uint64_t*>(base + p * kPage) != 900 + p) return false;
+    }
+    return true;
+  };
+  EXPECT_EQ(RunClient(0, "gpref", [&](uint8_t* base) {
+              if (dsvm_advise(base, kPages * kPage, DSVM_ADVICE_PREFERRED_GPU, 0) != DSVM_OK) return 1;
+              return read_all(base, 0, 2 * kPages) ? 0 : 2;
+            }),
+            0);
+  EXPECT_EQ(on_gpu(0, kPages), kPages) << "read under the advice: placed";
+  EXPECT_EQ(on_gpu(kPages, kPages), 0u) << "no advice: not placed";
+  uint64_t copied = 0;
+  nodes_[0]->Sync([&](NodeDaemon& d) {
+    EXPECT_EQ(d.stats().gpu_placed, kPages);
+    EXPECT_EQ(d.gpu_mapped_pages(), 0u) << "placement pins nothing";
+    copied = d.tier()->stats().pages_to_device;
+  });
+  EXPECT_EQ(RunClient(0, "gpref", [&](uint8_t* base) {
+              void* dev = nullptr;
+              if (dsvm_gpu_map(base, kPages * kPage, 0, DSVM_GPU_READ, &dev) != DSVM_OK) return 1;
+              for (uint64_t p = 0; p < kPages; ++p) {
+                if (static_cast<const uint64_t*>(dev)[p * kPage / 8] != 900 + p) return 2;
+              }
+              if (dsvm_gpu_unmap(base, kPages * kPage) != DSVM_OK) return 3;
+              // Held here already (read above): placed when advised.
+              return dsvm_advise(base + kPages * kPage, kPages * kPage, DSVM_ADVICE_PREFERRED_GPU, 0) ==
+                             DSVM_OK
+                         ? 0
+                         : 4;
+            }),
+            0);
+  nodes_[0]->Sync([&](NodeDaemon& d) {
+    EXPECT_EQ(d.tier()->stats().pages_to_device, copied + kPages)
+        << "the map copied nothing; the advice placed the other eight";
+  });
+  EXPECT_EQ(on_gpu(kPages, kPages), kPages);
+  // Normal advice ends it: page 0, taken by node 1 and read here again,
+  // stays on the host.
+  EXPECT_EQ(RunClient(0, "gpref", [&](uint8_t* base) {
+              return dsvm_advise(base, 2 * kPages * kPage, DSVM_ADVICE_NORMAL, 0) == DSVM_OK ? 0 : 1;
+            }),
+            0);
+  nodes_[1]->WriteU64(r.base, 900);
+  EXPECT_EQ(on_gpu(0, 1), 0u) << "node 1's write dropped the GPU copy";
+  EXPECT_EQ(RunClient(0, "gpref", [&](uint8_t* base) { return read_all(base, 0, 1) ? 0 : 1; }), 0);
+  EXPECT_EQ(on_gpu(0, 1), 0u);
+  // Bad GPU advice, and GPU advice to a daemon without a GPU tier.
+  EXPECT_EQ(RunClient(0, "gpref", [&](uint8_t* base) {
+              return dsvm_advise(base, kPage, DSVM_ADVICE_PREFERRED_GPU, 5) == DSVM_EINVALID_ARGUMENT ? 0 : 1;
+            }),
+            0);
+  EXPECT_EQ(RunClient(1, "gpref", [&](uint8_t* base) {
+              return dsvm_advise(base, kPage, DSVM_ADVICE_PREFERRED_GPU, 0) == DSVM_EFAILED_PRECONDITION ? 0 : 1;
             }),
             0);
 }

@@ -277,7 +277,7 @@ enum dsvm_advice {
                                   the range in the background (read-ahead). Reads
                                   always replicate pages (MSI); this is for data
                                   read in sequence and rarely written. */
-  DSVM_ADVICE_PREFERRED_NODE = 3 /* `node` (a node id, as dsvm_stats and dsvmctl
+  DSVM_ADVICE_PREFERRED_NODE = 3, /* `node` (a node id, as dsvm_stats and dsvmctl
                                   nodes show) keeps the pages this node gives up
                                   for lack of room (past dsvm-node --host-budget:
                                   remote swap): their last copy goes there, not to
@@ -285,15 +285,31 @@ enum dsvm_advice {
                                   live member (else the directory picks). Accesses
                                   elsewhere still move copies as usual. Kept with
                                   read-mostly advice, ended by normal advice. */
+  DSVM_ADVICE_PREFERRED_GPU = 4 /* `node` names a GPU of this node (0, 1, ...):
+                                  the pages this node holds Shared get a clean
+                                  copy in that GPU's memory, now and whenever a
+                                  read brings one here later, as
+                                  dsvm_gpu_prefetch would place them (unpinned:
+                                  the GPU budget may evict them). A later
+                                  dsvm_gpu_map of them copies nothing. Pages
+                                  held Modified now are placed too (and leave
+                                  local page tables as after dsvm_gpu_prefetch);
+                                  pages a local write brings later are not.
+                                  Placement is best effort: what the budget
+                                  cannot hold beside pinned pages is left on the
+                                  host. Needs a daemon with a GPU tier. Kept with
+                                  the other advice, ended by normal advice. */
 };
 
 /* Gives `advice` for the pages of [addr, addr + len). Advice is kept by this
  * node's daemon and applies to every process of this node (not to other
  * nodes) until changed or until the daemon restarts. `node` is for advice
- * that names a node (DSVM_ADVICE_PREFERRED_NODE); pass 0 with the others.
+ * that names a node (DSVM_ADVICE_PREFERRED_NODE) or a GPU
+ * (DSVM_ADVICE_PREFERRED_GPU); pass 0 with the others.
  * Errors: DSVM_EINVALID_ARGUMENT (NULL, len 0, not inside one region open in
  * this process, unknown advice, a node with advice that takes none, none
- * with advice that needs one),
+ * with advice that needs one, no such GPU on this node),
+ * DSVM_EFAILED_PRECONDITION (GPU advice to a daemon without a GPU tier),
  * DSVM_ENOT_INITIALIZED, DSVM_EUNAVAILABLE. */
 int dsvm_advise(const void* addr, size_t len, int advice, uint32_t node);
 
