@@ -621,7 +621,7 @@ struct PeerProof {
 };
 
 // The ABI version libdsvm and dsvm-node speak on the client plane.
-inline constexpr uint32_t kClientAbi = 5;  // 3: GpuMap, GpuMapReply, GpuUnmap; 4: GpuPrefetch; 5: kPreferredGpu
+inline constexpr uint32_t kClientAbi = 5;  // 3: GpuMap, GpuMapReply, GpuUnmap; 4: GpuPrefetch; 5: GPU advice, host maps
 
 // Client -> daemon: the first record on a client connection.
 struct ClientHello {
@@ -685,8 +685,9 @@ enum class Advice : uint8_t {
   kReadMostly = 2,  // a read fault also fetches the next pages of the range
   kPreferredNode = 3,  // pages this node gives up go to `node` (Advise.node)
   kPreferredGpu = 4,   // pages Shared on this node get a copy on GPU `node` (Advise.node)
+  kAccessedBy = 5,     // gpu maps on GPU `node` (Advise.node) use the host copy: zero-copy
 };
-inline constexpr uint8_t kMaxAdvice = 4;
+inline constexpr uint8_t kMaxAdvice = 5;
 
 // Client -> daemon: advice for [address, address + length), for every
 // process of the node. Reply: StatusReply.
@@ -695,7 +696,7 @@ struct Advise {
   PageAddr address = 0;
   uint64_t length = 0;
   Advice advice = Advice::kNormal;
-  NodeId node = kNoNode;  // the node (or, kPreferredGpu, the GPU) advice names; else 0
+  NodeId node = kNoNode;  // the node (or, GPU advice, the GPU) advice names; else 0
   template <typename A> void Visit(A& a) {
     a.U64(address); a.U64(length); a.Enum(advice, kMaxAdvice); a.U32(node);
   }
@@ -725,8 +726,13 @@ enum class DeviceKind : uint8_t {
   kInvalid = 0,
   kEmulated = 1,  // host memory: the attached memfd is the arena (offset 0 = arena)
   kCuda = 2,      // cudaMalloc'd: ipc_handle is its cudaIpcMemHandle_t
+  // Zero-copy (accessed-by advice): the "arena" is the mapped range of the
+  // region itself (arena = its address, offset 0), host memory the GPU
+  // reaches over the bus.
+  kEmulatedHost = 3,  // the device pointer is the address itself
+  kCudaHost = 4,      // the client registers the range with CUDA (mapped pinned memory)
 };
-inline constexpr uint8_t kMaxDeviceKind = 2;
+inline constexpr uint8_t kMaxDeviceKind = 4;
 inline constexpr uint32_t kCudaIpcHandleSize = 64;  // sizeof(cudaIpcMemHandle_t)
 
 // Daemon -> client: the map's device range is [offset, offset + length) of

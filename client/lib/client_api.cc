@@ -119,6 +119,7 @@ struct Library {
   uint64_t window_size = 0;
   std::map<uint64_t, OpenRegion> regions;  // by base
   std::map<uint64_t, GpuArena> gpu_arenas;  // by the daemon's arena id
+  std::map<uint64_t, int> cuda_host_maps;   // zero-copy maps registered with CUDA, by address
   std::string broken_why;                  // non-empty once the connection broke
   node::UniqueFd wake;                     // eventfd: dsvm_finalize stops the watcher
   pthread_t watcher{};
@@ -418,6 +419,10 @@ int Finalize() {
       if (a.kind == proto::DeviceKind::kCuda) CloseCudaArena(a.base);
     }
     g_lib->gpu_arenas.clear();
+    for (auto& [address, n] : g_lib->cuda_host_maps) {
+      UnregisterCudaHost(reinterpret_cast<void*>(address));
+    }
+    g_lib->cuda_host_maps.clear();
     lib.reset(g_lib);
     g_lib = nullptr;
   }
@@ -687,6 +692,25 @@ int GpuMap(const void* addr, size_t len, int gpu, unsigned mode, void** device_p
   if (reply == nullptr || r->fds.size() != fds || reply->length != len || reply->gpu != m.gpu) {
     return FailWith(what, ProtocolViolation(lib, m, Described(*r)));
   }
+  if (reply->kind == proto::DeviceKind::kEmulatedHost || reply->kind == proto::DeviceKind::kCudaHost) {
+    // Zero-copy (accessed-by advice): the device reaches the host copy.
+    if (reply->arena != a || reply->offset != 0) {
+      return FailWith(what, ProtocolViolation(lib, m, Described(*r)));
+    }
+    if (reply->kind == proto::DeviceKind::kEmulatedHost) {
+      *device_ptr = const_cast<void*>(addr);
+      return Succeed();
+    }
+    Result<void*> dev = RegisterCudaHost(m.gpu, const_cast<void*>(addr), len,
+                                         lib->cuda_host_maps.count(a) != 0);
+    if (!dev.ok()) {
+      if (lib->broken_why.empty()) StatusCallLocked(lib, proto::GpuUnmap{a, len}).IgnoreError();
+      return FailWith(what, dev.status());
+    }
+    lib->cuda_host_maps[a] += 1;
+    *device_ptr = *dev;
+    return Succeed();
+  }
   Result<void*> base = ArenaOfLocked(lib, *reply, *r);
   if (!base.ok()) {
     // The daemon holds the map: end it, or its pages stay held until exit.
@@ -726,6 +750,18 @@ int GpuUnmap(const void* addr, size_t len) {
   if (addr != nullptr && len != 0 && (m.address % proto::kMinPageSize != 0 || len % proto::kMinPageSize != 0)) {
     return Fail(DSVM_EINVALID_ARGUMENT, what + ": no map has a range not aligned to its pages");
   }
+  {
+    // A zero-copy map registered with CUDA: the device stops reaching the
+    // pages before the daemon may take them away.
+    std::lock_guard<std::mutex> l(g_mu);
+    if (g_lib != nullptr) {
+      auto it = g_lib->cuda_host_maps.find(m.address);
+      if (it != g_lib->cuda_host_maps.end() && --it->second == 0) {
+        UnregisterCudaHost(const_cast<void*>(addr));
+        g_lib->cuda_host_maps.erase(it);
+      }
+    }
+  }
   return RangeCall(what, addr, len, m);
 }
 
@@ -746,13 +782,16 @@ int Advise(const void* addr, size_t len, int advice, uint32_t node) {
     case DSVM_ADVICE_PREFERRED_GPU:
       m.advice = proto::Advice::kPreferredGpu;
       break;
+    case DSVM_ADVICE_ACCESSED_BY:
+      m.advice = proto::Advice::kAccessedBy;
+      break;
     default:
       return Fail(DSVM_EINVALID_ARGUMENT, what + ": unknown advice");
   }
   if (advice == DSVM_ADVICE_PREFERRED_NODE) {
     if (node == 0) return Fail(DSVM_EINVALID_ARGUMENT, what + ": preferred-node advice needs a node");
     m.node = node;
-  } else if (advice == DSVM_ADVICE_PREFERRED_GPU) {
+  } else if (advice == DSVM_ADVICE_PREFERRED_GPU || advice == DSVM_ADVICE_ACCESSED_BY) {
     m.node = node;  // the GPU: 0 is one; the daemon knows how many it has
   } else if (node != 0) {
     return Fail(DSVM_EINVALID_ARGUMENT,

@@ -31,6 +31,23 @@ Result<void*> OpenCudaArena(uint32_t gpu, std::span<const uint8_t> handle) {
 
 void CloseCudaArena(void* device_ptr) { cudaIpcCloseMemHandle(device_ptr); }
 
+Result<void*> RegisterCudaHost(uint32_t gpu, void* addr, size_t len, bool registered) {
+  cudaError_t err = cudaSetDevice(static_cast<int>(gpu));
+  if (err == cudaSuccess && !registered) {
+    err = cudaHostRegister(addr, len, cudaHostRegisterMapped | cudaHostRegisterPortable);
+  }
+  void* device = nullptr;
+  if (err == cudaSuccess) err = cudaHostGetDevicePointer(&device, addr, 0);
+  if (err != cudaSuccess) {
+    return Unavailable(std::string("cannot map the pages into CUDA device ") + std::to_string(gpu) +
+                       " (zero-copy): " + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) +
+                       ")");
+  }
+  return device;
+}
+
+void UnregisterCudaHost(void* addr) { cudaHostUnregister(addr); }
+
 #else
 
 Result<void*> OpenCudaArena(uint32_t, std::span<const uint8_t>) {
@@ -40,6 +57,14 @@ Result<void*> OpenCudaArena(uint32_t, std::span<const uint8_t>) {
 }
 
 void CloseCudaArena(void*) {}
+
+Result<void*> RegisterCudaHost(uint32_t, void*, size_t, bool) {
+  return Unavailable(
+      "the node daemon's GPUs are CUDA, and this libdsvm was built without CUDA "
+      "(configure with -DDSVM_WITH_CUDA=ON where the toolkit is)");
+}
+
+void UnregisterCudaHost(void*) {}
 
 #endif
 

@@ -6,6 +6,7 @@
 #ifndef DSVM_CLIENT_LIB_GPU_IPC_H_
 #define DSVM_CLIENT_LIB_GPU_IPC_H_
 
+#include <cstddef>
 #include <cstdint>
 #include <span>
 
@@ -20,6 +21,14 @@ namespace dsvm::client {
 Result<void*> OpenCudaArena(uint32_t gpu, std::span<const uint8_t> handle);
 // cudaIpcCloseMemHandle of what OpenCudaArena returned.
 void CloseCudaArena(void* device_ptr);
+
+// Zero-copy maps: `len` bytes of this process's memory at `addr` as a device
+// pointer of CUDA device `gpu` (cudaHostRegister, mapped and portable,
+// unless `registered` already; then cudaHostGetDevicePointer). Errors:
+// kUnavailable (built without CUDA, no driver or GPU, or CUDA refuses).
+Result<void*> RegisterCudaHost(uint32_t gpu, void* addr, size_t len, bool registered);
+// cudaHostUnregister of what RegisterCudaHost registered.
+void UnregisterCudaHost(void* addr);
 
 }  // namespace dsvm::client
 

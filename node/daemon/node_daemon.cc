@@ -549,12 +549,13 @@ void NodeDaemon::DropEverything(const std::string& why) {
     for (auto& [fd, client] : clients_) {
       for (GpuMapping& g : client.gpu_maps) {
         if (g.lost) continue;
+        g.lost = true;
+        ++stats_.gpu_maps_lost;
+        if (g.zero_copy) continue;  // no GPU memory of its own
         std::vector<proto::PageAddr> pages;
         for (proto::PageAddr p = g.first; p < g.end; p += g.page_size) pages.push_back(p);
         Status st = tier_->Detach(pages, &g.held);
         if (!st.ok()) LogError("GPU tier: keeping a lost map's slots: " + st.ToString());
-        g.lost = true;
-        ++stats_.gpu_maps_lost;
       }
     }
     gpu_pins_.clear();
@@ -602,6 +603,8 @@ Status NodeDaemon::DropRegion(proto::PageAddr base, const std::string& why) {
   stores_.erase(base);
   advice_.erase(base);
   preferred_.erase(base);
+  preferred_gpu_.erase(base);
+  accessed_by_.erase(base);
   read_ahead_.erase(base);
   region_ids_.erase(base);
   LogInfo("dropped the region that was at " + Hex(base) + ": " + why);
@@ -1381,7 +1384,9 @@ void NodeDaemon::PumpPrefetch(uint64_t id) {
 }
 
 Status NodeDaemon::SetAdvice(const proto::Advise& m) {
-  if (m.advice == proto::Advice::kPreferredGpu) return SetPreferredGpu(m);
+  if (m.advice == proto::Advice::kPreferredGpu || m.advice == proto::Advice::kAccessedBy) {
+    return SetGpuAdvice(m);
+  }
   const bool names_node = m.advice == proto::Advice::kPreferredNode;
   if (!names_node && m.node != proto::kNoNode) {
     return InvalidArgument("advice " + std::to_string(static_cast<int>(m.advice)) +
@@ -1399,9 +1404,11 @@ Status NodeDaemon::SetAdvice(const proto::Advise& m) {
   if (names_node || m.advice == proto::Advice::kNormal) {
     for (proto::PageAddr p = first; p < end; p += ps) preferred[store->IndexOf(p)] = m.node;
   }
-  if (m.advice == proto::Advice::kNormal) {  // ends a preferred GPU too
-    if (auto it = preferred_gpu_.find(store->base()); it != preferred_gpu_.end()) {
-      for (proto::PageAddr p = first; p < end; p += ps) it->second[store->IndexOf(p)] = kNoGpuAdvice;
+  if (m.advice == proto::Advice::kNormal) {  // ends GPU advice too
+    for (auto* gpu_advice : {&preferred_gpu_, &accessed_by_}) {
+      if (auto it = gpu_advice->find(store->base()); it != gpu_advice->end()) {
+        for (proto::PageAddr p = first; p < end; p += ps) it->second[store->IndexOf(p)] = kNoGpuAdvice;
+      }
     }
   }
   if (names_node) return Status::Ok();
@@ -1412,7 +1419,7 @@ Status NodeDaemon::SetAdvice(const proto::Advise& m) {
   return Status::Ok();
 }
 
-Status NodeDaemon::SetPreferredGpu(const proto::Advise& m) {
+Status NodeDaemon::SetGpuAdvice(const proto::Advise& m) {
   if (!tier_) {
     return FailedPrecondition("GPU advice, but this node has no GPU tier: dsvm-node runs with "
                               "--device-backend none");
@@ -1426,8 +1433,13 @@ Status NodeDaemon::SetPreferredGpu(const proto::Advise& m) {
   uint32_t ps;
   DSVM_RETURN_IF_ERROR(CheckClientRange(m.address, m.length, &first, &end, &ps));
   PageStore* store = StoreOf(first);
-  std::vector<uint32_t>& gpu_of = preferred_gpu_[store->base()];
+  const bool accessed_by = m.advice == proto::Advice::kAccessedBy;
+  std::vector<uint32_t>& gpu_of = (accessed_by ? accessed_by_ : preferred_gpu_)[store->base()];
   if (gpu_of.empty()) gpu_of.assign(store->size() / ps, kNoGpuAdvice);
+  if (accessed_by) {  // takes effect at the next map
+    for (proto::PageAddr p = first; p < end; p += ps) gpu_of[store->IndexOf(p)] = m.node;
+    return Status::Ok();
+  }
   std::vector<proto::PageAddr> valid;
   for (proto::PageAddr p = first; p < end; p += ps) {
     gpu_of[store->IndexOf(p)] = m.node;
@@ -1439,8 +1451,13 @@ Status NodeDaemon::SetPreferredGpu(const proto::Advise& m) {
 }
 
 uint32_t NodeDaemon::PreferredGpuOf(proto::PageAddr page) const {
-  auto it = preferred_gpu_.upper_bound(page);
-  if (it == preferred_gpu_.begin()) return kNoGpuAdvice;
+  return GpuAdviceOf(preferred_gpu_, page);
+}
+
+uint32_t NodeDaemon::GpuAdviceOf(const std::map<proto::PageAddr, std::vector<uint32_t>>& advice,
+                                 proto::PageAddr page) const {
+  auto it = advice.upper_bound(page);
+  if (it == advice.begin()) return kNoGpuAdvice;
   --it;
   auto s = stores_.find(it->first);
   if (s == stores_.end() || page >= it->first + s->second->size()) return kNoGpuAdvice;
@@ -1617,6 +1634,18 @@ void NodeDaemon::FinishGpuMap(int fd, uint64_t serial, uint64_t request, const p
     }
     return StartGpuMap(fd, request, m, round + 1, prefetch);
   }
+  // Accessed-by advice: the GPU uses the host copy (zero-copy).
+  size_t advised = 0;
+  for (proto::PageAddr p : pages) advised += GpuAdviceOf(accessed_by_, p) == m.gpu;
+  if (!prefetch && advised != 0) {
+    if (advised != pages.size()) {
+      return fail(InvalidArgument("the pages of a gpu map must all or none have accessed-by "
+                                  "advice for gpu " + std::to_string(m.gpu) + "; " +
+                                  std::to_string(advised) + " of " + std::to_string(pages.size()) +
+                                  " have it"));
+    }
+    return FinishZeroCopyMap(fd, request, m, pages);
+  }
   // The bytes the GPU gets are the node's current ones: a backend's own copy
   // (kmod) written back; a clean GPU copy of a page local processes may
   // write (held Modified) refreshed from the host.
@@ -1677,6 +1706,57 @@ void NodeDaemon::FinishGpuMap(int fd, uint64_t serial, uint64_t request, const p
   LeavePages();  // admitting the pages may have gone past the host budget
 }
 
+void NodeDaemon::FinishZeroCopyMap(int fd, uint64_t request, const proto::GpuMap& m,
+                                   const std::vector<proto::PageAddr>& pages) {
+  auto fail = [&](const Status& st) {
+    ++stats_.gpu_maps_failed;
+    ReplyToClient(fd, request, proto::ToReply(st));
+  };
+  for (proto::PageAddr p : pages) {
+    if (tier_->table().PinsOf(p) != 0) {
+      return fail(FailedPrecondition("page " + Hex(p) +
+                                     " is mapped into GPU memory by another map; a zero-copy "
+                                     "(accessed-by) map of it must wait for its unmap"));
+    }
+  }
+  // The host copy must be the current one, in local page tables: a
+  // backend's own copy (kmod) and a dirty GPU copy written back, hidden
+  // pages shown again. A write map's GPU copies would go stale: dropped.
+  for (proto::PageAddr p : pages) {
+    if (backend_) {
+      if (Status st = backend_->WriteBack(p); !st.ok()) return fail(st);
+    }
+  }
+  if (Status st = tier_->WriteBack(pages); !st.ok()) return fail(st);
+  if (m.write) {
+    if (Status st = tier_->EvictCopies(pages); !st.ok()) return fail(st);
+  }
+  for (proto::PageAddr p : pages) {
+    if (gpu_hidden_.count(p) == 0) continue;
+    if (Status st = RevealToCpu(p); !st.ok()) return fail(st);
+  }
+  const PageStore* store = StoreOf(m.address);
+  GpuMapping g{store->base(), m.address, m.address + m.length, store->page_size(), m.gpu,
+               m.write != 0};
+  g.zero_copy = true;
+  for (proto::PageAddr p : pages) {
+    GpuPins& pins = gpu_pins_[p];
+    ++(g.write ? pins.writes : pins.reads);
+  }
+  clients_.at(fd).gpu_maps.push_back(g);
+  ++stats_.gpu_maps;
+  ++stats_.gpu_zero_copy_maps;
+  proto::GpuMapReply reply;
+  reply.gpu = m.gpu;
+  reply.kind = device_->name() == "cuda" ? proto::DeviceKind::kCudaHost
+                                         : proto::DeviceKind::kEmulatedHost;
+  reply.arena = m.address;
+  reply.arena_bytes = m.length;
+  reply.offset = 0;
+  reply.length = m.length;
+  ReplyToClient(fd, request, reply);
+}
+
 void NodeDaemon::HideFromCpu(std::span<const proto::PageAddr> pages) {
   if (!backend_) return;  // no local mappings: the daemon's own accesses write back
   for (proto::PageAddr p : pages) {
@@ -1708,7 +1788,7 @@ void NodeDaemon::ReleaseGpuMap(const GpuMapping& g) {
   }
   std::vector<proto::PageAddr> pages;
   for (proto::PageAddr p = g.first; p < g.end; p += g.page_size) pages.push_back(p);
-  if (tier_ && StoreOf(g.first) != nullptr) {
+  if (tier_ && StoreOf(g.first) != nullptr && !g.zero_copy) {
     Status st = tier_->Unpin(pages);
     if (!st.ok()) LogError("GPU tier: unpinning a gpu map: " + st.ToString());
   }
@@ -1728,7 +1808,7 @@ void NodeDaemon::ReleaseGpuMap(const GpuMapping& g) {
   // (these very messages, perhaps), on eviction, or when a local process
   // touches the page (hidden again here: one may have touched it during the
   // map and seen the bytes of then).
-  if (g.write && tier_) {
+  if (g.write && tier_ && !g.zero_copy) {
     std::vector<proto::PageAddr> dirty;
     for (proto::PageAddr p : pages) {
       if (tier_->table().IsDirty(p)) dirty.push_back(p);

@@ -112,6 +112,7 @@ struct NodeDaemonStats {
   uint64_t gpu_unmaps = 0;           // maps ended: dsvm_gpu_unmap or the client leaving
   uint64_t gpu_maps_lost = 0;        // maps whose pages the node lost (declared dead)
   uint64_t gpu_placed = 0;           // pages placed on a GPU by preferred-GPU advice
+  uint64_t gpu_zero_copy_maps = 0;   // of gpu_maps, those of the host copy (accessed-by)
   uint64_t deferred_requests = 0;    // directory messages held while a page was gpu-mapped
   uint64_t pages_left = 0;           // pages the host budget sent away (Evict started)
 };
@@ -182,6 +183,7 @@ class NodeDaemon {
     // client may still use, until it unmaps (told kDataLoss) or leaves.
     bool lost = false;
     std::vector<HeldSlot> held;
+    bool zero_copy = false;  // accessed-by: the GPU uses the host copy, no tier pins
   };
   struct Client {
     UniqueFd fd;
@@ -316,7 +318,16 @@ class NodeDaemon {
   // The preferred-node advice of `page`, or kNoNode.
   proto::NodeId PreferredNodeOf(proto::PageAddr page);
   uint32_t PreferredGpuOf(proto::PageAddr page) const;
-  Status SetPreferredGpu(const proto::Advise& m);
+  // A gpu map of pages with accessed-by advice for its GPU, held as
+  // FinishGpuMap found them: pinned for coherence, the host copy current.
+  void FinishZeroCopyMap(int fd, uint64_t request, const proto::GpuMap& m,
+                         const std::vector<proto::PageAddr>& pages);
+  // The GPU per-page advice (preferred GPU, accessed-by) names for `page`;
+  // kNoGpuAdvice where none.
+  uint32_t GpuAdviceOf(const std::map<proto::PageAddr, std::vector<uint32_t>>& advice,
+                       proto::PageAddr page) const;
+  // Preferred-GPU and accessed-by advice (they name a GPU of this node).
+  Status SetGpuAdvice(const proto::Advise& m);
   // Places `pages` (of one region, valid on the node) on their preferred
   // GPU: clean copies, unpinned, as a GPU prefetch leaves them; Modified
   // ones leave local page tables. Best effort (the budget may not hold them).
@@ -404,6 +415,9 @@ class NodeDaemon {
   // page index; kNoGpuAdvice where none.
   static constexpr uint32_t kNoGpuAdvice = ~0u;
   std::map<proto::PageAddr, std::vector<uint32_t>> preferred_gpu_;
+  // Per region: the GPU whose maps of a page use the host copy (accessed-by
+  // advice: zero-copy), by page index; kNoGpuAdvice where none.
+  std::map<proto::PageAddr, std::vector<uint32_t>> accessed_by_;
   std::vector<proto::PageAddr> to_place_;  // installed Shared under preferred-GPU advice
   // Sequential read-ahead, per region (by base): where the last read miss
   // was and the window read ahead after it.

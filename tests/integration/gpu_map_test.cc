@@ -374,6 +374,58 @@ TEST_F(GpuMapTest, PreferredGpuAdvicePlacesPagesReadHere) {
             0);
 }
 
+// Accessed-by advice: a map on that GPU is of the host copy itself
+// (zero-copy): nothing is copied to GPU memory, the GPU's writes are the
+// node's at once, and ownership is held as for any map. A dirty GPU copy
+// from an earlier map is written back first.
+TEST_F(GpuMapTest, AccessedByMapsTheHostCopy) {
+  const proto::RegionReply r = Region("gzc", 16);
+  StartNodes({"emulated", "none"}, r);
+  constexpr uint64_t kPages = 4;
+  for (uint64_t p = 0; p < kPages; ++p) nodes_[1]->WriteU64(r.base + p * kPage, 40 + p);
+  EXPECT_EQ(RunClient(0, "gzc", [&](uint8_t* base) {
+              // First an ordinary write map: page 1 dirty in GPU memory.
+              void* dev = nullptr;
+              if (dsvm_gpu_map(base, kPages * kPage, 0, DSVM_GPU_WRITE, &dev) != DSVM_OK) return 1;
+              static_cast<uint64_t*>(dev)[kPage / 8] = 777;
+              if (dsvm_gpu_unmap(base, kPages * kPage) != DSVM_OK) return 2;
+              if (dsvm_advise(base, kPages * kPage, DSVM_ADVICE_ACCESSED_BY, 0) != DSVM_OK) return 3;
+              if (dsvm_gpu_map(base, kPages * kPage, 0, DSVM_GPU_WRITE, &dev) != DSVM_OK) return 4;
+              if (dev != base) return 5;  // emulated: the device pointer is the address
+              const auto* words = static_cast<const volatile uint64_t*>(dev);
+              if (words[0] != 40 || words[kPage / 8] != 777 || words[2 * kPage / 8] != 42) return 6;
+              static_cast<volatile uint64_t*>(dev)[3 * kPage / 8] = 888;  // "the GPU" writes
+              return 0;  // exits holding the map: it ends with the client
+            }),
+            0);
+  nodes_[0]->Sync([&](NodeDaemon& d) {
+    EXPECT_EQ(d.stats().gpu_zero_copy_maps, 1u);
+    EXPECT_EQ(d.tier()->stats().pages_to_device, kPages) << "only the first map copied";
+    EXPECT_FALSE(d.tier()->table().GpuOf(r.base + 3 * kPage).has_value())
+        << "a zero-copy write map drops GPU copies that would go stale";
+  });
+  EXPECT_EQ(nodes_[1]->ReadU64(r.base + 3 * kPage), 888u);
+  EXPECT_EQ(nodes_[1]->ReadU64(r.base + kPage), 777u);
+  // A map's pages must all or none have the advice; normal advice ends it.
+  EXPECT_EQ(RunClient(0, "gzc", [&](uint8_t* base) {
+              void* dev = nullptr;
+              if (dsvm_gpu_map(base, 2 * kPages * kPage, 0, DSVM_GPU_READ, &dev) !=
+                  DSVM_EINVALID_ARGUMENT) {
+                return 1;
+              }
+              if (dsvm_advise(base, kPages * kPage, DSVM_ADVICE_NORMAL, 0) != DSVM_OK) return 2;
+              if (dsvm_gpu_map(base, kPages * kPage, 0, DSVM_GPU_READ, &dev) != DSVM_OK) return 3;
+              const bool copied = dev != base && static_cast<const uint64_t*>(dev)[0] == 40;
+              return dsvm_gpu_unmap(base, kPages * kPage) == DSVM_OK && copied ? 0 : 4;
+            }),
+            0);
+  nodes_[0]->Sync([&](NodeDaemon& d) { EXPECT_EQ(d.stats().gpu_zero_copy_maps, 1u); });
+  EXPECT_EQ(RunClient(0, "gzc", [&](uint8_t* base) {
+              return dsvm_advise(base, kPage, DSVM_ADVICE_ACCESSED_BY, 3) == DSVM_EINVALID_ARGUMENT ? 0 : 1;
+            }),
+            0);
+}
+
 TEST_F(GpuMapTest, AReadMapSeesWritesOfAnotherNode) {
   const proto::RegionReply r = Region("gr", 32);
   StartNodes({"emulated", "emulated", "none"}, r);

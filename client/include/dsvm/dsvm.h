@@ -285,7 +285,7 @@ enum dsvm_advice {
                                   live member (else the directory picks). Accesses
                                   elsewhere still move copies as usual. Kept with
                                   read-mostly advice, ended by normal advice. */
-  DSVM_ADVICE_PREFERRED_GPU = 4 /* `node` names a GPU of this node (0, 1, ...):
+  DSVM_ADVICE_PREFERRED_GPU = 4, /* `node` names a GPU of this node (0, 1, ...):
                                   the pages this node holds Shared get a clean
                                   copy in that GPU's memory, now and whenever a
                                   read brings one here later, as
@@ -299,13 +299,31 @@ enum dsvm_advice {
                                   cannot hold beside pinned pages is left on the
                                   host. Needs a daemon with a GPU tier. Kept with
                                   the other advice, ended by normal advice. */
+  DSVM_ADVICE_ACCESSED_BY = 5   /* `node` names a GPU of this node: dsvm_gpu_map
+                                  of these pages on that GPU maps this node's
+                                  host copy itself (zero-copy): nothing is
+                                  copied to or kept in its memory, and the GPU
+                                  reads and writes host memory over the bus,
+                                  where this node's processes see its writes
+                                  at once. Ownership is taken and held as for
+                                  any map. For data a GPU touches sparsely or
+                                  once, where moving pages costs more than
+                                  reading them across the bus. A map's pages
+                                  must all have the advice or none. With a
+                                  cuda daemon libdsvm registers the range with
+                                  CUDA for the map's life (mapped pinned
+                                  memory); with an emulated one the device
+                                  pointer is the address itself. Needs a
+                                  daemon with a GPU tier; ended by normal
+                                  advice. */
 };
 
 /* Gives `advice` for the pages of [addr, addr + len). Advice is kept by this
  * node's daemon and applies to every process of this node (not to other
  * nodes) until changed or until the daemon restarts. `node` is for advice
  * that names a node (DSVM_ADVICE_PREFERRED_NODE) or a GPU
- * (DSVM_ADVICE_PREFERRED_GPU); pass 0 with the others.
+ * (DSVM_ADVICE_PREFERRED_GPU, DSVM_ADVICE_ACCESSED_BY); pass 0 with the
+ * others.
  * Errors: DSVM_EINVALID_ARGUMENT (NULL, len 0, not inside one region open in
  * this process, unknown advice, a node with advice that takes none, none
  * with advice that needs one, no such GPU on this node),
