@@ -48,7 +48,9 @@ class Writer {
 
  private:
   void Put(uint64_t v, int n) {
-    for (int i = 0; i < n; ++i) out_->push_back(static_cast<uint8_t>(v >> (8 * i)));
+    uint8_t bytes[8];
+    for (int i = 0; i < n; ++i) bytes[i] = static_cast<uint8_t>(v >> (8 * i));
+    out_->insert(out_->end(), bytes, bytes + n);  // one capacity check, not n
   }
   std::vector<uint8_t>* out_;
 };
