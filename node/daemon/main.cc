@@ -16,8 +16,9 @@
 // (default 0: sleep at once). Lower fault latency for a core's idle time.
 // --fault-poll-us N: while a local process waits on a fault the network
 // must serve, poll (yielding the core) for up to N microseconds before
-// sleeping (default 100; 0: never). The faulting thread's core is idle then,
-// and the answer usually comes within that time.
+// sleeping (0: never; default 100 on hosts with at least 4 online CPUs,
+// else 0). The faulting thread's core is idle then, and the answer usually
+// comes within that time.
 // --secret-file (default $DSVM_SECRET_FILE): the cluster secret this node
 // proves to the coordinator and to its peers, and demands of them
 // (proto/auth.h). Without one the node joins only an --insecure cluster.

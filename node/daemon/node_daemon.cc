@@ -171,6 +171,13 @@ static Result<std::unique_ptr<DeviceBackend>> MakeNodeDeviceBackend(const NodeDa
   return backend;
 }
 
+NodeDaemonOptions NodeDaemon::WithAutoDefaults(NodeDaemonOptions o) {
+  if (o.fault_poll_us == NodeDaemonOptions::kAutoFaultPoll) {
+    o.fault_poll_us = ::sysconf(_SC_NPROCESSORS_ONLN) >= 4 ? 100 : 0;
+  }
+  return o;
+}
+
 Result<std::unique_ptr<NodeDaemon>> NodeDaemon::Create(const NodeDaemonOptions& options) {
   DSVM_RETURN_IF_ERROR(CheckDeviceOptions(options));
   DSVM_ASSIGN_OR_RETURN(std::unique_ptr<DeviceBackend> device, MakeNodeDeviceBackend(options));
@@ -227,7 +234,7 @@ Result<std::unique_ptr<NodeDaemon>> NodeDaemon::Create(const NodeDaemonOptions& 
 NodeDaemon::NodeDaemon(const NodeDaemonOptions& options, const proto::JoinReply& joined,
                        std::vector<ShardLink> shards, std::unique_ptr<UcxTransport> transport,
                        std::shared_ptr<const proto::ClusterSecret> secret)
-    : options_(options),
+    : options_(WithAutoDefaults(options)),
       secret_(std::move(secret)),
       id_(joined.node),
       shards_(std::move(shards)),

@@ -67,8 +67,12 @@ struct NodeDaemonOptions {
   // While a local process waits on a fault the network must serve, poll
   // (yielding the core) for up to this long before sleeping: the faulting
   // thread's core is idle anyway, and the answer comes in tens of
-  // microseconds. 0: sleep as busy_poll_us says.
-  uint64_t fault_poll_us = 100;
+  // microseconds. 0: sleep as busy_poll_us says. kAutoFaultPoll: 100 us
+  // where the host has at least 4 online CPUs, else 0 (on 2 vCPUs the
+  // polling daemon and the faulting process end up sharing one often
+  // enough to make local faults 5x slower: docs/PERFORMANCE.md).
+  static constexpr uint64_t kAutoFaultPoll = ~uint64_t{0};
+  uint64_t fault_poll_us = kAutoFaultPoll;
   // The GPU tier (docs/GPU.md): "none", "emulated" (host memory plays the
   // GPUs, for tests and machines without one) or "cuda".
   std::string device_backend = "none";
@@ -328,6 +332,8 @@ class NodeDaemon {
                        proto::PageAddr page) const;
   // Preferred-GPU and accessed-by advice (they name a GPU of this node).
   Status SetGpuAdvice(const proto::Advise& m);
+  // Options with their automatic values settled (fault_poll_us).
+  static NodeDaemonOptions WithAutoDefaults(NodeDaemonOptions o);
   // Places `pages` (of one region, valid on the node) on their preferred
   // GPU: clean copies, unpinned, as a GPU prefetch leaves them; Modified
   // ones leave local page tables. Best effort (the budget may not hold them).
