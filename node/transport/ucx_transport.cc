@@ -270,6 +270,24 @@ size_t UcxTransport::held_batch_pages() const {
 void UcxTransport::SendBatch(proto::NodeId peer, Batch& batch) {
   const size_t pages = batch.frame.pages.size();
   auto it = peers_.find(peer);
+  if (it != peers_.end()) {
+    if (auto hs = handshakes_.find(it->second); hs != handshakes_.end()) {
+      // The endpoint was replaced since the pages were queued and the new
+      // one is not trusted yet: they wait with its other messages.
+      size_t at = 0;
+      for (const proto::BatchedPage& p : batch.frame.pages) {
+        if (hs->second.held.size() < options_.max_inflight_sends) {
+          hs->second.held.push_back(proto::PageData{
+              p.page, p.txn, batch.frame.sender, p.version,
+              std::vector<uint8_t>(batch.data.begin() + at, batch.data.begin() + at + p.length)});
+        }
+        at += p.length;
+      }
+      batch.frame.pages.clear();
+      batch.data = {};
+      return;
+    }
+  }
   Status st = it == peers_.end() ? Unavailable("no endpoint to node " + std::to_string(peer))
               : pages == 1
                   ? SendFrame(it->second,
