@@ -1502,7 +1502,7 @@ void NodeDaemon::PlaceOnPreferredGpu(std::vector<proto::PageAddr> pages) {
         break;  // the budget is full: the rest stays on the host
       }
       tier_->Unpin(chunk).IgnoreError();  // pinned just above
-      HideFromCpu(modified);
+      HideFromCpu(modified, /*writes_only=*/true);
       stats_.gpu_placed += chunk.size();
     }
   }
@@ -1682,7 +1682,7 @@ void NodeDaemon::FinishGpuMap(int fd, uint64_t serial, uint64_t request, const p
     for (proto::PageAddr p : pages) {
       if (agent_.StateOf(p) == PageState::kModified) modified.push_back(p);
     }
-    HideFromCpu(modified);
+    HideFromCpu(modified, /*writes_only=*/true);
     ++stats_.gpu_prefetches;
     ReplyToClient(fd, request, proto::ToReply(Status::Ok()));
     LeavePages();
@@ -1764,10 +1764,10 @@ void NodeDaemon::FinishZeroCopyMap(int fd, uint64_t request, const proto::GpuMap
   ReplyToClient(fd, request, reply);
 }
 
-void NodeDaemon::HideFromCpu(std::span<const proto::PageAddr> pages) {
+void NodeDaemon::HideFromCpu(std::span<const proto::PageAddr> pages, bool writes_only) {
   if (!backend_) return;  // no local mappings: the daemon's own accesses write back
   for (proto::PageAddr p : pages) {
-    Status st = backend_->Unmap(p);
+    Status st = writes_only ? backend_->MapRead(p) : backend_->Unmap(p);
     if (!st.ok()) {
       LogError("GPU tier: hiding page " + Hex(p) + " from local processes: " + st.ToString());
       continue;

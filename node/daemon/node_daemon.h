@@ -310,8 +310,11 @@ class NodeDaemon {
   // Same-node coherence of a write map: HideFromCpu takes local processes'
   // mappings of `pages` away while a GPU may write them; RevealToCpu, on a
   // local fault on one, writes its GPU copy back and maps it again as the
-  // agent holds it.
-  void HideFromCpu(std::span<const proto::PageAddr> pages);
+  // agent holds it. `writes_only`: the GPU copy is clean (a prefetch or a
+  // placement of Modified pages), so local reads may go on: the pages are
+  // only write-protected, and a local write reveals them (the next map
+  // then refreshes the GPU copy).
+  void HideFromCpu(std::span<const proto::PageAddr> pages, bool writes_only = false);
   Status RevealToCpu(proto::PageAddr page);
   // After a read miss on `page`: reads ahead when the misses of its region
   // run sequentially (the window doubles while they do), or else, on
@@ -475,7 +478,9 @@ class NodeDaemon {
   // Pages whose GPU copy may be newer than the host's (mapped for write on a
   // GPU): local processes' mappings of them are taken away (the backend's
   // Unmap, with the agent's state unchanged), so their next access faults
-  // and reads the GPU's bytes, written back first (RevealToCpu).
+  // and reads the GPU's bytes, written back first (RevealToCpu). Also
+  // Modified pages with a clean GPU copy (prefetch, placement): only
+  // write-protected, so that a local write reveals them.
   std::unordered_set<proto::PageAddr> gpu_hidden_;
   // Directory messages held for gpu-mapped pages, per page in arrival order
   // (duplicates of one txn kept once; bounded by kMaxDeferredPerPage).

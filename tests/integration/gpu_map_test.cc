@@ -262,7 +262,20 @@ TEST_F(GpuMapTest, APrefetchPlacesPagesForALaterMap) {
               return dsvm_gpu_prefetch(base, kPages * kPage, 0, DSVM_PREFETCH_WRITE) == DSVM_OK ? 0 : 1;
             }),
             0);
-  nodes_[0]->Sync([&](NodeDaemon& d) { copied = d.tier()->stats().pages_to_device; });
+  uint64_t faults = 0;
+  nodes_[0]->Sync([&](NodeDaemon& d) {
+    copied = d.tier()->stats().pages_to_device;
+    faults = d.stats().client_faults;
+  });
+  // Local reads go on without a fault: the pages are only write-protected.
+  EXPECT_EQ(RunClient(0, "gpre", [&](uint8_t* base) {
+              for (uint64_t p = 0; p < kPages; ++p) {
+                if (*reinterpret_cast<volatile uint64_t*>(base + p * kPage) != 500 + p) return 1;
+              }
+              return 0;
+            }),
+            0);
+  nodes_[0]->Sync([&](NodeDaemon& d) { EXPECT_EQ(d.stats().client_faults, faults); });
   EXPECT_EQ(RunClient(0, "gpre", [&](uint8_t* base) {
               void* dev = nullptr;
               if (dsvm_gpu_map(base, kPages * kPage, 0, DSVM_GPU_READ, &dev) != DSVM_OK) return 1;
