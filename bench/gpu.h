@@ -20,6 +20,9 @@
 //              --gpu-budget) started here; this process is their client: the
 //              table lives in a region and each batch maps the chunks it
 //              needs with dsvm_gpu_map (read), gathers, and unmaps
+//   dsvm_pipelined  the same, but while chunk j is gathered a second thread
+//              places chunk j+1 with dsvm_gpu_prefetch (its copies overlap
+//              the kernel; the map of j+1 then finds it in place)
 //   zero_copy  the kernel reads the table straight from host memory
 //              (cuda: cudaHostAlloc'd mapped memory; emulated: the plain table)
 //   staging    a hand-written loop: each chunk cudaMemcpy'd (emulated:
@@ -29,6 +32,8 @@
 //   gpu.<b>.oversub.{dsvm,zero_copy,staging}.ms_per_batch   best pass
 //   gpu.<b>.oversub.speedup_vs_zero_copy   zero_copy / dsvm time (target >= 2)
 //   gpu.<b>.oversub.time_vs_staging        dsvm / staging time (target <= 1.25)
+//   gpu.<b>.oversub.dsvm_pipelined.ms_per_batch, .pipelined.speedup_vs_zero_copy,
+//   .pipelined.time_vs_staging             the same for dsvm_pipelined
 // On the emulated backend the "device" is host memory and the kernel a CPU
 // loop: zero-copy then reads only the rows it needs while dsvm copies whole
 // chunks, so these figures measure dsvm's overhead, not a GPU (said on
