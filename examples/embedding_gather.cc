@@ -5,6 +5,7 @@
 //                    [--page-size 4096|65536|2097152] [--batches B] [--bags N]
 //                    [--bag-size L] [--gpu G] [--kernel auto|cpu|cuda]
 //                    [--region NAME] [--seed S] [--keep] [--inject-wrong-result]
+//                    [--pipeline]
 //
 // The process connects to the node daemon at --socket (else $DSVM_SOCKET,
 // then dsvm's default socket), whose GPU tier (dsvm-node --device-backend
@@ -18,7 +19,10 @@
 // chunk's rows to their bags' sums reading the device pointer, and
 // dsvm_gpu_unmap lets the chunk go. Chunks are visited in ascending order
 // in even batches and descending in odd ones, so the chunks mapped last
-// before a turn are still resident after it.
+// before a turn are still resident after it. With --pipeline, while a
+// chunk is gathered a second thread places the next one with
+// dsvm_gpu_prefetch, so its copies overlap the kernel and its map then
+// finds it in place (the budget must hold two chunks).
 //
 // The kernel: with a cuda daemon (the device pointer is CUDA device memory)
 // a CUDA kernel (embedding_bag_cuda.cu, built where CMake finds CUDA); with
@@ -38,6 +42,7 @@
 #include <chrono>
 #include <cinttypes>
 #include <cmath>
+#include <future>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -69,6 +74,7 @@ struct Options {
   uint64_t seed = 1;
   bool keep = false;
   bool inject_wrong_result = false;
+  bool pipeline = false;
 };
 
 int Usage() {
@@ -76,7 +82,8 @@ int Usage() {
                "usage: embedding_gather [--socket PATH] [--rows N] [--dim D] [--chunk BYTES]\n"
                "                        [--page-size 4096|65536|2097152] [--batches B] [--bags N]\n"
                "                        [--bag-size L] [--gpu G] [--kernel auto|cpu|cuda]\n"
-               "                        [--region NAME] [--seed S] [--keep] [--inject-wrong-result]\n");
+               "                        [--region NAME] [--seed S] [--keep] [--inject-wrong-result]\n"
+               "                        [--pipeline]\n");
   return 2;
 }
 
@@ -107,6 +114,10 @@ bool ParseOptions(int argc, char** argv, Options* o) {
     }
     if (a == "--inject-wrong-result") {
       o->inject_wrong_result = true;
+      continue;
+    }
+    if (a == "--pipeline") {
+      o->pipeline = true;
       continue;
     }
     const char* v = i + 1 < argc ? argv[i + 1] : nullptr;
@@ -239,15 +250,23 @@ int Run(const Options& o) {
     const Batch batch = dsvm::examples::MakeBatch(rng, o.rows, o.bags, o.bag_size);
     const ChunkPlan plan = dsvm::examples::PlanChunks(batch, o.rows, chunk_rows);
     bool begun = false;
-    for (uint64_t k = 0; k < chunks && status == 0; ++k) {
+    std::vector<uint64_t> order;  // the chunks this batch needs, in visiting order
+    for (uint64_t k = 0; k < chunks; ++k) {
       const uint64_t c = b % 2 == 0 ? k : chunks - 1 - k;
-      if (plan.count(c) == 0) continue;
+      if (plan.count(c) != 0) order.push_back(c);
+    }
+    auto range_of = [&](uint64_t c, char** addr, uint64_t* len) {
       const uint64_t first_row = c * chunk_rows;
-      char* addr = reinterpret_cast<char*>(table) + first_row * row_bytes;
+      *addr = reinterpret_cast<char*>(table) + first_row * row_bytes;
       // The last chunk may end inside a page: the region's size is whole pages.
-      const uint64_t len =
-          (std::min(chunk_rows, o.rows - first_row) * row_bytes + o.page_size - 1) /
-          o.page_size * o.page_size;
+      *len = (std::min(chunk_rows, o.rows - first_row) * row_bytes + o.page_size - 1) /
+             o.page_size * o.page_size;
+    };
+    for (size_t j = 0; j < order.size() && status == 0; ++j) {
+      const uint64_t c = order[j];
+      char* addr = nullptr;
+      uint64_t len = 0;
+      range_of(c, &addr, &len);
       void* device = nullptr;
       auto t0 = Clock::now();
       if (int rc = dsvm_gpu_map(addr, len, o.gpu, DSVM_GPU_READ, &device); rc != DSVM_OK) {
@@ -257,6 +276,15 @@ int Run(const Options& o) {
       auto t1 = Clock::now();
       ++maps;
       mapped_bytes += len;
+      std::future<int> ahead;  // --pipeline: the next chunk placed meanwhile
+      if (o.pipeline && j + 1 < order.size()) {
+        char* next = nullptr;
+        uint64_t next_len = 0;
+        range_of(order[j + 1], &next, &next_len);
+        const int gpu = o.gpu;
+        ahead = std::async(std::launch::async,
+                           [=] { return dsvm_gpu_prefetch(next, next_len, gpu, 0); });
+      }
       if (!gatherer) {
         gatherer = PickGatherer(o, device);
         if (gatherer) {
@@ -274,6 +302,11 @@ int Run(const Options& o) {
         status = 1;
       }
       auto t2 = Clock::now();
+      if (ahead.valid()) {
+        if (int rc = ahead.get(); rc != DSVM_OK && status == 0) {
+          status = DsvmFailed("dsvm_gpu_prefetch", rc);
+        }
+      }
       lookups += plan.count(c);
       if (int rc = dsvm_gpu_unmap(addr, len); rc != DSVM_OK && status == 0) {
         status = DsvmFailed("dsvm_gpu_unmap", rc);

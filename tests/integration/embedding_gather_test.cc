@@ -138,6 +138,16 @@ TEST_F(EmbeddingGatherTest, ATableThreeTimesTheBudgetGathersCorrectly) {
   EXPECT_EQ(r.out.find("MISMATCH"), std::string::npos);
 }
 
+// Pipelined (the next chunk placed by a second thread while one is
+// gathered): the same sums, and the maps find their chunks placed.
+TEST_F(EmbeddingGatherTest, APipelinedGatherGathersCorrectly) {
+  const ProcessResult r = RunExample({"--pipeline", "--region", "piped"});
+  EXPECT_EQ(r.exit_code, 0);
+  EXPECT_NE(r.out.find("every bag sum equals the CPU reference"), std::string::npos);
+  EXPECT_NE(r.out.find("24 maps, 48.0 MiB mapped (4.0x the table)"), std::string::npos);
+  EXPECT_EQ(r.out.find("MISMATCH"), std::string::npos);
+}
+
 // The check can fail: one sum changed after the gather is reported, with
 // exit status 1.
 TEST_F(EmbeddingGatherTest, AWrongSumIsReported) {
