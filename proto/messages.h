@@ -216,10 +216,18 @@ struct NodeCounters {
   uint64_t invalidations = 0; // copies dropped on the directory's word
   uint64_t downgrades = 0;    // Modified pages made Shared on the directory's word
   uint64_t prefetched_pages = 0;
+  // The GPU tier (zero without one).
+  uint64_t gpu_maps = 0;            // dsvm_gpu_map calls that succeeded
+  uint64_t gpu_zero_copy_maps = 0;  // of which of the host copy (accessed-by)
+  uint64_t gpu_maps_lost = 0;       // maps whose pages the node lost (declared dead)
+  uint64_t gpu_placed_pages = 0;    // pages placed by preferred-GPU advice
+  uint64_t gpu_pages_in = 0;        // pages copied to a GPU
+  uint64_t gpu_pages_out = 0;       // dirty pages written back from a GPU
   template <typename A> void Visit(A& a) {
     a.U64(read_faults); a.U64(write_faults); a.U64(local_hits); a.U64(pages_fetched);
     a.U64(pages_sent); a.U64(bytes_fetched); a.U64(bytes_sent); a.U64(invalidations);
-    a.U64(downgrades); a.U64(prefetched_pages);
+    a.U64(downgrades); a.U64(prefetched_pages); a.U64(gpu_maps); a.U64(gpu_zero_copy_maps);
+    a.U64(gpu_maps_lost); a.U64(gpu_placed_pages); a.U64(gpu_pages_in); a.U64(gpu_pages_out);
   }
   bool operator==(const NodeCounters&) const = default;
 };

@@ -829,6 +829,12 @@ int Stats(dsvm_node_stats_t* out) {
   out->invalidations = c.invalidations;
   out->downgrades = c.downgrades;
   out->prefetched_pages = c.prefetched_pages;
+  out->gpu_maps = c.gpu_maps;
+  out->gpu_zero_copy_maps = c.gpu_zero_copy_maps;
+  out->gpu_maps_lost = c.gpu_maps_lost;
+  out->gpu_placed_pages = c.gpu_placed_pages;
+  out->gpu_pages_in = c.gpu_pages_in;
+  out->gpu_pages_out = c.gpu_pages_out;
   return Succeed();
 }
 

@@ -157,6 +157,12 @@ int List(proto::FramedSocket& sock, bool nodes) {
             u(c.read_faults), u(c.write_faults), u(c.local_hits), u(c.pages_fetched),
             u(c.bytes_fetched), u(c.pages_sent), u(c.bytes_sent), u(c.invalidations),
             u(c.downgrades), u(c.prefetched_pages));
+        if (e.gpu_count != 0) {
+          std::printf("  gpu maps=%llu (zero-copy %llu, lost %llu) placed=%llu pages in=%llu "
+                      "out=%llu\n",
+                      u(c.gpu_maps), u(c.gpu_zero_copy_maps), u(c.gpu_maps_lost),
+                      u(c.gpu_placed_pages), u(c.gpu_pages_in), u(c.gpu_pages_out));
+        }
         after = e.node;
       }
       more = n->more;

@@ -647,6 +647,14 @@ proto::NodeCounters NodeDaemon::Counters() const {
   c.invalidations = a.invalidations;
   c.downgrades = a.downgrades;
   c.prefetched_pages = stats_.prefetched_pages;
+  c.gpu_maps = stats_.gpu_maps;
+  c.gpu_zero_copy_maps = stats_.gpu_zero_copy_maps;
+  c.gpu_maps_lost = stats_.gpu_maps_lost;
+  c.gpu_placed_pages = stats_.gpu_placed;
+  if (tier_) {
+    c.gpu_pages_in = tier_->stats().pages_to_device;
+    c.gpu_pages_out = tier_->stats().pages_to_host;
+  }
   return c;
 }
 

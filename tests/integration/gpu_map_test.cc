@@ -408,6 +408,11 @@ TEST_F(GpuMapTest, AccessedByMapsTheHostCopy) {
               const auto* words = static_cast<const volatile uint64_t*>(dev);
               if (words[0] != 40 || words[kPage / 8] != 777 || words[2 * kPage / 8] != 42) return 6;
               static_cast<volatile uint64_t*>(dev)[3 * kPage / 8] = 888;  // "the GPU" writes
+              dsvm_node_stats_t st;
+              if (dsvm_stats(&st) != DSVM_OK || st.gpu_maps != 2 || st.gpu_zero_copy_maps != 1 ||
+                  st.gpu_pages_in != kPages) {
+                return 7;
+              }
               return 0;  // exits holding the map: it ends with the client
             }),
             0);
@@ -795,6 +800,8 @@ TEST_F(GpuMapDeathTest, ALostMapKeepsItsMemoryUntilUnmapped) {
         if (*word(lost, p) != Pattern(p, 0, 9)) return 5;  // another page got its slot
       }
       if (dsvm_gpu_unmap(base, 8 * kPage) != DSVM_EDATA_LOSS) return 6;
+      dsvm_node_stats_t st;
+      if (dsvm_stats(&st) != DSVM_OK || st.gpu_maps_lost != 1) return 11;
       if (dsvm_gpu_unmap(base, 8 * kPage) != DSVM_EINVALID_ARGUMENT) return 7;  // ended
       if (dsvm_gpu_unmap(base + 8 * kPage, 8 * kPage) != DSVM_OK) return 8;
       if (dsvm_gpu_map(base + 16 * kPage, 16 * kPage, 0, DSVM_GPU_READ, &big) != DSVM_OK) return 9;

@@ -607,7 +607,13 @@ TEST_F(ClientApiTest, StatsCopiesEveryCounterOfTheDaemon) {
                                        .bytes_sent = 17,
                                        .invalidations = 18,
                                        .downgrades = 19,
-                                       .prefetched_pages = 1ull << 40};
+                                       .prefetched_pages = 1ull << 40,
+                                       .gpu_maps = 21,
+                                       .gpu_zero_copy_maps = 22,
+                                       .gpu_maps_lost = 23,
+                                       .gpu_placed_pages = 24,
+                                       .gpu_pages_in = 25,
+                                       .gpu_pages_out = 1ull << 41};
   daemon_.Override(proto::MessageType::kNodeStats,
                    [&](const proto::Frame&) { return Answer::Reply(reply); });
   dsvm_node_stats_t s;
@@ -625,6 +631,12 @@ TEST_F(ClientApiTest, StatsCopiesEveryCounterOfTheDaemon) {
   EXPECT_EQ(s.invalidations, 18u);
   EXPECT_EQ(s.downgrades, 19u);
   EXPECT_EQ(s.prefetched_pages, 1ull << 40);
+  EXPECT_EQ(s.gpu_maps, 21u);
+  EXPECT_EQ(s.gpu_zero_copy_maps, 22u);
+  EXPECT_EQ(s.gpu_maps_lost, 23u);
+  EXPECT_EQ(s.gpu_placed_pages, 24u);
+  EXPECT_EQ(s.gpu_pages_in, 25u);
+  EXPECT_EQ(s.gpu_pages_out, 1ull << 41);
   for (uint64_t r : s.reserved) EXPECT_EQ(r, 0u);
   EXPECT_EQ(dsvm_stats(nullptr), DSVM_EINVALID_ARGUMENT);
 

@@ -167,7 +167,13 @@ NodeCounters SampleCounters(uint64_t seed) {
                       .bytes_sent = high + 7,
                       .invalidations = high + 8,
                       .downgrades = high + 9,
-                      .prefetched_pages = high + 10};
+                      .prefetched_pages = high + 10,
+                      .gpu_maps = high + 11,
+                      .gpu_zero_copy_maps = high + 12,
+                      .gpu_maps_lost = high + 13,
+                      .gpu_placed_pages = high + 14,
+                      .gpu_pages_in = high + 15,
+                      .gpu_pages_out = high + 16};
 }
 
 std::vector<Message> SampleMessages() {

@@ -438,7 +438,14 @@ typedef struct dsvm_node_stats {
   uint64_t invalidations;    /* copies dropped because another node wrote */
   uint64_t downgrades;       /* pages made read-only because another node read */
   uint64_t prefetched_pages; /* pages dsvm_prefetch and read-ahead asked for */
-  uint64_t reserved[8];      /* 0; room for later counters */
+  /* The GPU tier (0 with a daemon without one): */
+  uint64_t gpu_maps;           /* dsvm_gpu_map calls that succeeded */
+  uint64_t gpu_zero_copy_maps; /* of which maps of the host copy (accessed-by) */
+  uint64_t gpu_maps_lost;      /* maps whose pages the node lost (DSVM_EDATA_LOSS) */
+  uint64_t gpu_placed_pages;   /* pages placed by DSVM_ADVICE_PREFERRED_GPU */
+  uint64_t gpu_pages_in;       /* pages copied to the node's GPUs */
+  uint64_t gpu_pages_out;      /* dirty pages written back from them */
+  uint64_t reserved[2];        /* 0; room for later counters */
 } dsvm_node_stats_t;
 
 /* Fills *stats with the local node's counters.
