@@ -558,7 +558,7 @@ void NodeDaemon::DropEverything(const std::string& why) {
         if (g.lost) continue;
         g.lost = true;
         ++stats_.gpu_maps_lost;
-        if (g.zero_copy) continue;  // no GPU memory of its own
+        if (g.zero_copy || g.replica) continue;  // none, or held already
         std::vector<proto::PageAddr> pages;
         for (proto::PageAddr p = g.first; p < g.end; p += g.page_size) pages.push_back(p);
         Status st = tier_->Detach(pages, &g.held);
@@ -1465,6 +1465,18 @@ Status NodeDaemon::SetGpuAdvice(const proto::Advise& m) {
   return Status::Ok();
 }
 
+bool NodeDaemon::AllReadMostly(std::span<const proto::PageAddr> pages) const {
+  if (pages.empty()) return false;
+  PageStore* store = const_cast<NodeDaemon*>(this)->StoreOf(pages.front());
+  if (store == nullptr) return false;
+  auto it = advice_.find(store->base());
+  if (it == advice_.end()) return false;
+  for (proto::PageAddr p : pages) {
+    if (it->second[store->IndexOf(p)] != proto::Advice::kReadMostly) return false;
+  }
+  return true;
+}
+
 uint32_t NodeDaemon::PreferredGpuOf(proto::PageAddr page) const {
   return GpuAdviceOf(preferred_gpu_, page);
 }
@@ -1677,9 +1689,23 @@ void NodeDaemon::FinishGpuMap(int fd, uint64_t serial, uint64_t request, const p
       writable.push_back(p);
     }
   }
-  if (Status st = tier_->EvictCopies(writable); !st.ok()) return fail(st);
+  // Read-mostly advice: a read map of pages with a copy on another GPU of
+  // the node (mapped there, or cached) gets a replica of its own rather
+  // than moving them (or failing, when they are mapped there).
+  bool replica = !prefetch && !m.write && AllReadMostly(pages);
+  if (replica) {
+    replica = std::any_of(pages.begin(), pages.end(), [&](proto::PageAddr p) {
+      const std::optional<uint32_t> on = tier_->table().GpuOf(p);
+      return on && *on != m.gpu;
+    });
+  }
+  std::vector<HeldSlot> own_slots;
+  if (!replica) {
+    if (Status st = tier_->EvictCopies(writable); !st.ok()) return fail(st);
+  }
   Result<DeviceRun> run =
-      tier_->MapRun(store->base(), pages, m.gpu, m.write != 0 && !prefetch, NowMs());
+      replica ? tier_->MapReplicaRun(store->base(), pages, m.gpu, &own_slots)
+              : tier_->MapRun(store->base(), pages, m.gpu, m.write != 0 && !prefetch, NowMs());
   if (!run.ok()) return fail(run.status());
   if (prefetch) {
     // Placed, clean, not pinned: eviction may take the pages again. Those
@@ -1698,10 +1724,17 @@ void NodeDaemon::FinishGpuMap(int fd, uint64_t serial, uint64_t request, const p
   }
   Result<ArenaExport> exported = device_->ExportArena(run->arena);
   if (!exported.ok()) {
-    tier_->Unpin(pages).IgnoreError();  // pinned just above
+    if (replica) {
+      tier_->Release(own_slots).IgnoreError();  // taken just above
+    } else {
+      tier_->Unpin(pages).IgnoreError();  // pinned just above
+    }
     return fail(exported.status());
   }
   GpuMapping g{store->base(), m.address, m.address + m.length, ps, m.gpu, m.write != 0};
+  g.replica = replica;
+  g.held = std::move(own_slots);
+  if (replica) ++stats_.gpu_replica_maps;
   if (g.write) HideFromCpu(pages);
   for (proto::PageAddr p : pages) {
     GpuPins& pins = gpu_pins_[p];
@@ -1796,14 +1829,14 @@ Status NodeDaemon::RevealToCpu(proto::PageAddr page) {
 
 void NodeDaemon::ReleaseGpuMap(const GpuMapping& g) {
   ++stats_.gpu_unmaps;
-  if (g.lost) {  // its pages are gone; only its slots are left to free
+  if (g.lost || g.replica) {  // slots of its own (a replica's, or kept for a lost map)
     Status st = tier_->Release(g.held);
-    if (!st.ok()) LogError("GPU tier: freeing a lost map's slots: " + st.ToString());
-    return;
+    if (!st.ok()) LogError("GPU tier: freeing a map's own slots: " + st.ToString());
+    if (g.lost) return;  // its pages are gone
   }
   std::vector<proto::PageAddr> pages;
   for (proto::PageAddr p = g.first; p < g.end; p += g.page_size) pages.push_back(p);
-  if (tier_ && StoreOf(g.first) != nullptr && !g.zero_copy) {
+  if (tier_ && StoreOf(g.first) != nullptr && !g.zero_copy && !g.replica) {
     Status st = tier_->Unpin(pages);
     if (!st.ok()) LogError("GPU tier: unpinning a gpu map: " + st.ToString());
   }

@@ -117,6 +117,7 @@ struct NodeDaemonStats {
   uint64_t gpu_maps_lost = 0;        // maps whose pages the node lost (declared dead)
   uint64_t gpu_placed = 0;           // pages placed on a GPU by preferred-GPU advice
   uint64_t gpu_zero_copy_maps = 0;   // of gpu_maps, those of the host copy (accessed-by)
+  uint64_t gpu_replica_maps = 0;     // of gpu_maps, read-mostly replicas
   uint64_t deferred_requests = 0;    // directory messages held while a page was gpu-mapped
   uint64_t pages_left = 0;           // pages the host budget sent away (Evict started)
 };
@@ -188,6 +189,7 @@ class NodeDaemon {
     bool lost = false;
     std::vector<HeldSlot> held;
     bool zero_copy = false;  // accessed-by: the GPU uses the host copy, no tier pins
+    bool replica = false;    // read-mostly: a copy of its own in `held`, no tier pins
   };
   struct Client {
     UniqueFd fd;
@@ -325,6 +327,8 @@ class NodeDaemon {
   // The preferred-node advice of `page`, or kNoNode.
   proto::NodeId PreferredNodeOf(proto::PageAddr page);
   uint32_t PreferredGpuOf(proto::PageAddr page) const;
+  // Whether every page has read-mostly advice.
+  bool AllReadMostly(std::span<const proto::PageAddr> pages) const;
   // A gpu map of pages with accessed-by advice for its GPU, held as
   // FinishGpuMap found them: pinned for coherence, the host copy current.
   void FinishZeroCopyMap(int fd, uint64_t request, const proto::GpuMap& m,

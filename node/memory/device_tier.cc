@@ -242,6 +242,66 @@ PageAddr DeviceTier::OccupantOf(const DevicePagePool* pool, uint32_t index) {
   return occ[index];
 }
 
+Result<uint32_t> DeviceTier::ChooseRunWindow(DevicePagePool* pool, uint32_t n,
+                                             const std::unordered_set<PageAddr>& mine) {
+  const uint32_t gpu = pool->device();
+  // Per slot: blocked (a pinned or leaving page of another range), or the
+  // cost of taking it (1 for a page to evict, 2 when dirty).
+  auto cost_of = [&](uint32_t index, bool* blocked) -> uint32_t {
+    const PageAddr q = OccupantOf(pool, index);
+    *blocked = false;
+    if (q == kNoPage || mine.count(q) != 0) return 0;
+    if (q == kHeld || table_->PinsOf(q) != 0 || table_->IsLeaving(q)) {
+      *blocked = true;
+      return 0;
+    }
+    return table_->IsDirty(q) ? 2 : 1;
+  };
+  auto best_window = [&](uint64_t* best_cost) {
+    std::optional<uint32_t> best;
+    for (size_t a = 0; a < pool->arena_count(); ++a) {
+      const SlotRange r = pool->ArenaSlots(a);
+      if (r.count < n) continue;
+      uint64_t cost = 0, blocked = 0;
+      std::vector<uint32_t> c(r.count);
+      std::vector<uint8_t> b(r.count);
+      for (uint32_t i = 0; i < r.count; ++i) {
+        bool bl;
+        c[i] = cost_of(r.first + i, &bl);
+        b[i] = bl;
+        cost += c[i];
+        blocked += bl;
+        if (i >= n) {
+          cost -= c[i - n];
+          blocked -= b[i - n];
+        }
+        if (i + 1 >= n && blocked == 0 && (!best || cost < *best_cost)) {
+          best = r.first + i + 1 - n;
+          *best_cost = cost;
+          if (cost == 0) return best;
+        }
+      }
+    }
+    return best;
+  };
+  uint64_t cost = 0;
+  std::optional<uint32_t> window = best_window(&cost);
+  if (!window || cost > 0) {
+    // Free memory under the budget beats evictions.
+    Result<size_t> grown = pool->GrowForRun(n);
+    if (grown.ok()) {
+      window = pool->ArenaSlots(*grown).first;
+      cost = 0;
+    } else if (!window) {
+      return Status(grown.status().code(),
+                    "device tier: no arena of gpu " + std::to_string(gpu) + " has " +
+                        std::to_string(n) + " adjacent slots free of pages mapped by others, " +
+                        "and no new arena fits: " + grown.status().message());
+    }
+  }
+  return *window;
+}
+
 Result<DeviceRun> DeviceTier::MapRun(PageAddr region, std::span<const PageAddr> pages,
                                      uint32_t gpu, bool for_write, uint64_t tick) {
   if (!failed_.ok())
@@ -307,61 +367,7 @@ Result<DeviceRun> DeviceTier::MapRun(PageAddr region, std::span<const PageAddr> 
   if (in_place) {
     start = slots_.at(pages[0]).slot.index;
   } else {
-    // Per slot: blocked (a pinned or leaving page of another range), or the
-    // cost of taking it (1 for a page to evict, 2 when dirty).
-    auto cost_of = [&](uint32_t index, bool* blocked) -> uint32_t {
-      const PageAddr q = OccupantOf(pool, index);
-      *blocked = false;
-      if (q == kNoPage || mine.count(q) != 0) return 0;
-      if (q == kHeld || table_->PinsOf(q) != 0 || table_->IsLeaving(q)) {
-        *blocked = true;
-        return 0;
-      }
-      return table_->IsDirty(q) ? 2 : 1;
-    };
-    auto best_window = [&](uint64_t* best_cost) {
-      std::optional<uint32_t> best;
-      for (size_t a = 0; a < pool->arena_count(); ++a) {
-        const SlotRange r = pool->ArenaSlots(a);
-        if (r.count < n) continue;
-        uint64_t cost = 0, blocked = 0;
-        std::vector<uint32_t> c(r.count);
-        std::vector<uint8_t> b(r.count);
-        for (uint32_t i = 0; i < r.count; ++i) {
-          bool bl;
-          c[i] = cost_of(r.first + i, &bl);
-          b[i] = bl;
-          cost += c[i];
-          blocked += bl;
-          if (i >= n) {
-            cost -= c[i - n];
-            blocked -= b[i - n];
-          }
-          if (i + 1 >= n && blocked == 0 && (!best || cost < *best_cost)) {
-            best = r.first + i + 1 - n;
-            *best_cost = cost;
-            if (cost == 0) return best;
-          }
-        }
-      }
-      return best;
-    };
-    uint64_t cost = 0;
-    std::optional<uint32_t> window = best_window(&cost);
-    if (!window || cost > 0) {
-      // Free memory under the budget beats evictions.
-      Result<size_t> grown = pool->GrowForRun(n);
-      if (grown.ok()) {
-        window = pool->ArenaSlots(*grown).first;
-        cost = 0;
-      } else if (!window) {
-        return Status(grown.status().code(),
-                      "device tier: no arena of gpu " + std::to_string(gpu) + " has " +
-                          std::to_string(n) + " adjacent slots free of pages mapped by others, " +
-                          "and no new arena fits: " + grown.status().message());
-      }
-    }
-    start = *window;
+    DSVM_ASSIGN_OR_RETURN(start, ChooseRunWindow(pool, n, mine));
     // Move what is in the way out: other pages in the window, and pages of
     // this call on this GPU outside their place in it.
     TierSteps evict;
@@ -396,21 +402,86 @@ Result<DeviceRun> DeviceTier::MapRun(PageAddr region, std::span<const PageAddr> 
     if (failed_.ok()) RollBack(steps, pages);
     return s;
   }
+  const DeviceRun run = RunAt(pool, start, n);
+  for (uint32_t i = 0; i < n; ++i) DSVM_CHECK(slots_.at(pages[i]).slot.ptr == run.ptr + i * ps);
+  ++stats_.runs;
+  return run;
+}
+
+DeviceRun DeviceTier::RunAt(DevicePagePool* pool, uint32_t start, uint32_t n) const {
   DeviceRun run;
-  run.gpu = gpu;
+  run.gpu = pool->device();
   run.ptr = pool->SlotAt(start).ptr;
-  run.bytes = uint64_t{n} * ps;
-  for (size_t a = 0; a < pool->arena_count(); ++a) {
-    const DeviceArena& arena = pool->arenas()[a];
+  run.bytes = uint64_t{n} * pool->page_size();
+  for (const DeviceArena& arena : pool->arenas()) {
     if (run.ptr >= arena.base && run.ptr < arena.base + arena.bytes) {
       run.arena = arena.base;
       run.arena_bytes = arena.bytes;
     }
   }
   run.offset = run.ptr - run.arena;
-  for (uint32_t i = 0; i < n; ++i) DSVM_CHECK(slots_.at(pages[i]).slot.ptr == run.ptr + i * ps);
-  ++stats_.runs;
   return run;
+}
+
+Result<DeviceRun> DeviceTier::MapReplicaRun(PageAddr region, std::span<const PageAddr> pages,
+                                            uint32_t gpu, std::vector<HeldSlot>* held) {
+  if (!failed_.ok())
+    return FailedPrecondition("device tier: failed earlier: " + failed_.ToString());
+  auto it = stores_.find(region);
+  if (it == stores_.end()) return InvalidArgument("device tier: no region at " + Hex(region));
+  PageStore* store = it->second;
+  const uint64_t ps = store->page_size();
+  if (pages.empty()) return InvalidArgument("device tier: a run of no pages");
+  for (size_t i = 0; i < pages.size(); ++i) {
+    DSVM_RETURN_IF_ERROR(store->CheckPage(pages[i]));
+    if (pages[i] != pages[0] + i * ps) {
+      return InvalidArgument("device tier: the pages of a run must be consecutive; " +
+                             Hex(pages[i]) + " follows " + Hex(pages[0]));
+    }
+  }
+  DevicePagePool* pool = gpu < backend_->device_count() ? PoolOf(gpu, store->page_size()) : nullptr;
+  if (pool == nullptr) {
+    return InvalidArgument("device tier: no pool for gpu " + std::to_string(gpu) +
+                           " and page size " + std::to_string(ps));
+  }
+  const uint32_t n = static_cast<uint32_t>(pages.size());
+  DSVM_RETURN_IF_ERROR(WriteBack(pages));  // the host bytes are the ones to copy
+  DSVM_RETURN_IF_ERROR(MakeRoomFor(pool, n));
+  if (n > pool->capacity_slots()) {
+    return ResourceExhausted("device tier: a replica of " + std::to_string(n) + " pages is " +
+                             "larger than gpu " + std::to_string(gpu) + "'s budget");
+  }
+  DSVM_ASSIGN_OR_RETURN(const uint32_t start, ChooseRunWindow(pool, n, {}));
+  TierSteps evict;
+  for (uint32_t i = 0; i < n; ++i) {
+    const PageAddr q = OccupantOf(pool, start + i);
+    if (q != kNoPage) {
+      DSVM_RETURN_IF_ERROR(table_->EvictFromGpu(q, &evict));
+      ++stats_.run_evictions;
+    }
+  }
+  DSVM_RETURN_IF_ERROR(Execute(evict, nullptr));
+  SyncCapacities(gpu);  // a new arena may have been taken
+  DSVM_RETURN_IF_ERROR(table_->HoldFreeSlots(gpu, store->page_size(), n));
+  std::vector<HeldSlot> taken;
+  std::vector<Move> moves;
+  for (uint32_t i = 0; i < n; ++i) {
+    Result<DeviceSlot> slot = pool->Take(start + i);
+    DSVM_CHECK_MSG(slot.ok(), slot.status().ToString());  // evicted or free just above
+    OccupantOf(pool, slot->index);  // sizes the table
+    occupants_[pool][slot->index] = kHeld;
+    taken.push_back(HeldSlot{pool, *slot});
+    held_.push_back(taken.back());
+    moves.push_back(Move{pages[i], store, slot->ptr, static_cast<uint32_t>(ps),
+                         ArenaEnd(pool, slot->ptr)});
+  }
+  if (Status s = CopyMovesToDevice(gpu, moves); !s.ok()) {
+    Release(taken).IgnoreError();  // nothing else refers to them
+    return s;
+  }
+  held->insert(held->end(), taken.begin(), taken.end());
+  ++stats_.replica_runs;
+  return RunAt(pool, start, n);
 }
 
 Status DeviceTier::CheckPages(std::span<const PageAddr> pages) const {

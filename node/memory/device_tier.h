@@ -48,6 +48,7 @@
 #include <memory>
 #include <span>
 #include <unordered_map>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -102,6 +103,7 @@ struct DeviceTierStats {
   uint64_t runs = 0;         // MapRun calls that succeeded
   uint64_t run_evictions = 0;  // GPU copies MapRun moved out of the way of a run
   uint64_t arenas_reclaimed = 0;  // arenas emptied for another page size (one budget per GPU)
+  uint64_t replica_runs = 0;      // MapReplicaRun calls that succeeded
 };
 
 class DeviceTier {
@@ -159,6 +161,15 @@ class DeviceTier {
   // beside the pinned pages, and the budget has no room for another).
   Result<DeviceRun> MapRun(PageAddr region, std::span<const PageAddr> pages, uint32_t gpu,
                            bool for_write, uint64_t tick);
+  // A copy of consecutive pages on `gpu` for a read map that leaves their
+  // GPU copies where they are (read-mostly replication: another GPU of the
+  // node holds or maps them). The run's slots are taken from `gpu`'s pool
+  // like a MapRun's window (its unpinned occupants evicted), filled from
+  // the host (a dirty GPU copy elsewhere written back first), and held
+  // outside the table (appended to `held`) until Release: the copy is the
+  // map's alone and never written back. Errors: as MapRun.
+  Result<DeviceRun> MapReplicaRun(PageAddr region, std::span<const PageAddr> pages, uint32_t gpu,
+                                  std::vector<HeldSlot>* held);
   // Removes one pin from each page (the end of a gpu_map). Errors:
   // kInvalidArgument (bad page), kFailedPrecondition (a page not pinned; the
   // pages before it were unpinned).
@@ -235,6 +246,15 @@ class DeviceTier {
   // evicted (written back when dirty), emptiest first. Then the table
   // learns every pool's capacity on that GPU.
   Status MakeRoomFor(DevicePagePool* pool, uint64_t pages);
+  // The first slot of n adjacent slots of one arena of `pool` for a run:
+  // free ones, or those whose occupants cost least to evict (none pinned,
+  // held or leaving; pages in `mine` are free), or a new arena when the
+  // budget has room and the best window would evict. Errors:
+  // kResourceExhausted (no such window and no room).
+  Result<uint32_t> ChooseRunWindow(DevicePagePool* pool, uint32_t n,
+                                   const std::unordered_set<PageAddr>& mine);
+  // The run over slots [start, start + n) of `pool`.
+  DeviceRun RunAt(DevicePagePool* pool, uint32_t start, uint32_t n) const;
   // Evicts every page of arena `arena` of `pool` (none pinned, held or
   // leaving) and gives the arena back. Errors: as Execute.
   Status ReclaimArena(DevicePagePool* pool, size_t arena);

@@ -391,6 +391,23 @@ Status TierTable::DropHoldingSlot(PageAddr page, TierSteps* out) {
   return Status::Ok();
 }
 
+Status TierTable::HoldFreeSlots(uint32_t gpu, uint32_t page_size, uint64_t n) {
+  const int pool = PoolIndex(gpu, page_size);
+  if (pool < 0) {
+    return InvalidArgument("tier table: no pool for gpu " + std::to_string(gpu) +
+                           " and page size " + std::to_string(page_size));
+  }
+  Pool& p = pools_[pool];
+  if (p.budget.capacity_slots - p.used < n) {
+    return ResourceExhausted("tier table: " + std::to_string(n) + " slots asked of gpu " +
+                             std::to_string(gpu) + ", " +
+                             std::to_string(p.budget.capacity_slots - p.used) + " free");
+  }
+  p.used += n;
+  p.held += n;
+  return Status::Ok();
+}
+
 Status TierTable::ReleaseHeldSlot(uint32_t gpu, uint32_t page_size) {
   const int pool = PoolIndex(gpu, page_size);
   if (pool < 0) {

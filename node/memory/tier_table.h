@@ -205,6 +205,10 @@ class TierTable {
   // again. Errors: kInvalidArgument (no such pool), kFailedPrecondition
   // (none held there).
   Status ReleaseHeldSlot(uint32_t gpu, uint32_t page_size);
+  // n free slots of the pool of (gpu, page_size) are held by the caller (a
+  // replica run's), counted as used until ReleaseHeldSlot. Errors:
+  // kInvalidArgument (no such pool), kResourceExhausted (fewer free).
+  Status HoldFreeSlots(uint32_t gpu, uint32_t page_size, uint64_t n);
   // Undoes a kLeaveNode the agent refused (NodeAgent::Evict returned false):
   // the page stays and may be chosen again later. Errors: kInvalidArgument,
   // kFailedPrecondition (not leaving).

@@ -444,6 +444,73 @@ TEST_F(GpuMapTest, AccessedByMapsTheHostCopy) {
             0);
 }
 
+// Read-mostly advice: while one process maps pages on GPU 0, another maps
+// them on GPU 1 and gets a replica there (without the advice that map is
+// refused: the pages are mapped on GPU 0); GPU 0's copy stays.
+TEST_F(GpuMapTest, ReadMostlyPagesAreReplicatedOnAnotherGpu) {
+  const proto::RegionReply r = Region("grm", 16);
+  {
+    node::NodeDaemonOptions o = Options(0, "emulated");
+    o.emulated_gpus = 2;
+    auto d = NodeDaemon::Create(o);
+    ASSERT_TRUE(d.ok()) << d.status().ToString();
+    nodes_.push_back(std::make_unique<RunningDaemon>(std::move(*d)));
+  }
+  {
+    auto d = NodeDaemon::Create(Options(1, "none"));
+    ASSERT_TRUE(d.ok()) << d.status().ToString();
+    nodes_.push_back(std::make_unique<RunningDaemon>(std::move(*d)));
+  }
+  for (auto& n : nodes_) n->Sync([&](NodeDaemon& d) { ASSERT_TRUE(d.OpenRegion(r).ok()); });
+  constexpr uint64_t kPages = 8;
+  for (uint64_t p = 0; p < kPages; ++p) nodes_[1]->WriteU64(r.base + p * kPage, 300 + p);
+  int mapped[2], go[2];
+  ASSERT_EQ(::pipe(mapped), 0);
+  ASSERT_EQ(::pipe(go), 0);
+  const pid_t holder = QuietFork();
+  if (holder == 0) {
+    ::_exit(ClientMain(0, "grm", [&](uint8_t* base) {
+      if (dsvm_advise(base, kPages * kPage, DSVM_ADVICE_READ_MOSTLY, 0) != DSVM_OK) return 1;
+      void* dev = nullptr;
+      if (dsvm_gpu_map(base, kPages * kPage, 0, DSVM_GPU_READ, &dev) != DSVM_OK) return 2;
+      char c = 1;
+      if (::write(mapped[1], &c, 1) != 1 || ::read(go[0], &c, 1) != 1) return 3;
+      return dsvm_gpu_unmap(base, kPages * kPage) == DSVM_OK ? 0 : 4;
+    }));
+  }
+  char c;
+  ASSERT_EQ(::read(mapped[0], &c, 1), 1);
+  EXPECT_EQ(RunClient(0, "grm", [&](uint8_t* base) {
+              void* dev = nullptr;
+              if (dsvm_gpu_map(base, kPages * kPage, 1, DSVM_GPU_READ, &dev) != DSVM_OK) return 1;
+              for (uint64_t p = 0; p < kPages; ++p) {
+                if (static_cast<const uint64_t*>(dev)[p * kPage / 8] != 300 + p) return 2;
+              }
+              if (dsvm_gpu_unmap(base, kPages * kPage) != DSVM_OK) return 3;
+              // Normal advice: the pages, mapped on GPU 0, cannot come to GPU 1.
+              if (dsvm_advise(base, kPages * kPage, DSVM_ADVICE_NORMAL, 0) != DSVM_OK) return 4;
+              return dsvm_gpu_map(base, kPages * kPage, 1, DSVM_GPU_READ, &dev) ==
+                             DSVM_EFAILED_PRECONDITION
+                         ? 0
+                         : 5;
+            }),
+            0);
+  nodes_[0]->Sync([&](NodeDaemon& d) {
+    EXPECT_EQ(d.stats().gpu_replica_maps, 1u);
+    for (uint64_t p = 0; p < kPages; ++p) {
+      EXPECT_EQ(d.tier()->table().GpuOf(r.base + p * kPage), std::optional<uint32_t>(0)) << p;
+    }
+    EXPECT_EQ(d.tier()->stats().replica_runs, 1u);
+  });
+  ASSERT_EQ(::write(go[1], &c, 1), 1);
+  int status = 0;
+  ASSERT_EQ(::waitpid(holder, &status, 0), holder);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0)
+      << "holder step " << (WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+  nodes_[0]->Sync([&](NodeDaemon& d) { EXPECT_EQ(d.gpu_mapped_pages(), 0u); });
+  for (int fd : {mapped[0], mapped[1], go[0], go[1]}) ::close(fd);
+}
+
 TEST_F(GpuMapTest, AReadMapSeesWritesOfAnotherNode) {
   const proto::RegionReply r = Region("gr", 32);
   StartNodes({"emulated", "emulated", "none"}, r);

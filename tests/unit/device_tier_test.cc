@@ -373,6 +373,37 @@ TEST_F(DeviceTierTest, DetachedSlotsStayTakenUntilReleased) {
   ASSERT_TRUE(tier_->Unpin(Pages(Range(24, 16))).ok());
 }
 
+// A replica run (read-mostly replication) copies pages to a second GPU and
+// leaves their copy on the first where it is, pinned or not; its slots are
+// held outside the table until released, and a dirty copy on the first GPU
+// reaches the replica (written back first).
+TEST_F(DeviceTierTest, AReplicaRunLeavesTheOtherGpusCopyInPlace) {
+  Build();
+  const std::vector<PageAddr> pages = Pages(Range(2, 4));
+  auto on0 = tier_->MapRun(kBase, pages, 0, /*for_write=*/true, 1);
+  ASSERT_TRUE(on0.ok()) << on0.status().ToString();
+  KernelWrite(0, 3, on0->ptr + kPage);  // page 3 dirty on GPU 0
+  std::vector<HeldSlot> held;
+  auto on1 = tier_->MapReplicaRun(kBase, pages, 1, &held);
+  ASSERT_TRUE(on1.ok()) << on1.status().ToString();
+  ASSERT_EQ(held.size(), 4u);
+  EXPECT_EQ(on1->gpu, 1u);
+  for (size_t i = 0; i < pages.size(); ++i) {
+    EXPECT_EQ(tier_->table().GpuOf(pages[i]), 0u) << "the copy on GPU 0 stays";
+    EXPECT_EQ(tier_->table().PinsOf(pages[i]), 1u);
+    EXPECT_EQ(ReadDevice(1, on1->ptr + i * kPage), model_[2 + i]) << "replica of page " << 2 + i;
+  }
+  EXPECT_EQ(pools_[1]->used_slots(), 4u);
+  EXPECT_EQ(tier_->table().held_slots(tier_->table().PoolIndex(1, kPage)), 4u);
+  EXPECT_EQ(tier_->stats().replica_runs, 1u);
+  // GPU 1's budget (16) counts the held slots: 13 pinned pages do not fit.
+  EXPECT_EQ(tier_->MakeResident(kBase, Pages(Range(20, 13)), 1, false, 2).status().code(),
+            StatusCode::kResourceExhausted);
+  ASSERT_TRUE(tier_->Release(held).ok());
+  EXPECT_EQ(pools_[1]->used_slots(), 0u);
+  ASSERT_TRUE(tier_->Unpin(pages).ok());
+}
+
 // A dirty page moved to another GPU arrives with the bytes the first GPU wrote.
 TEST_F(DeviceTierTest, MovingBetweenGpusCarriesDirtyBytes) {
   Build();

@@ -276,7 +276,12 @@ enum dsvm_advice {
   DSVM_ADVICE_READ_MOSTLY = 2, /* a read fault also fetches the next 16 pages of
                                   the range in the background (read-ahead). Reads
                                   always replicate pages (MSI); this is for data
-                                  read in sequence and rarely written. */
+                                  read in sequence and rarely written. On the
+                                  node's GPUs: a read dsvm_gpu_map of such pages
+                                  that have a copy on another GPU of the node
+                                  gets a copy of its own for the map's life (two
+                                  GPUs may map them at once) instead of moving
+                                  them. */
   DSVM_ADVICE_PREFERRED_NODE = 3, /* `node` (a node id, as dsvm_stats and dsvmctl
                                   nodes show) keeps the pages this node gives up
                                   for lack of room (past dsvm-node --host-budget:
