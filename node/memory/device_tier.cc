@@ -242,6 +242,31 @@ PageAddr DeviceTier::OccupantOf(const DevicePagePool* pool, uint32_t index) {
   return occ[index];
 }
 
+Result<DeviceTier::RunTarget> DeviceTier::CheckRun(PageAddr region,
+                                                   std::span<const PageAddr> pages,
+                                                   uint32_t gpu) const {
+  if (!failed_.ok())
+    return FailedPrecondition("device tier: failed earlier: " + failed_.ToString());
+  auto it = stores_.find(region);
+  if (it == stores_.end()) return InvalidArgument("device tier: no region at " + Hex(region));
+  PageStore* store = it->second;
+  const uint64_t ps = store->page_size();
+  if (pages.empty()) return InvalidArgument("device tier: a run of no pages");
+  for (size_t i = 0; i < pages.size(); ++i) {
+    DSVM_RETURN_IF_ERROR(store->CheckPage(pages[i]));
+    if (pages[i] != pages[0] + i * ps) {
+      return InvalidArgument("device tier: the pages of a run must be consecutive; " +
+                             Hex(pages[i]) + " follows " + Hex(pages[0]));
+    }
+  }
+  DevicePagePool* pool = gpu < backend_->device_count() ? PoolOf(gpu, store->page_size()) : nullptr;
+  if (pool == nullptr) {
+    return InvalidArgument("device tier: no pool for gpu " + std::to_string(gpu) +
+                           " and page size " + std::to_string(ps));
+  }
+  return RunTarget{store, pool};
+}
+
 Result<uint32_t> DeviceTier::ChooseRunWindow(DevicePagePool* pool, uint32_t n,
                                              const std::unordered_set<PageAddr>& mine) {
   const uint32_t gpu = pool->device();
@@ -304,25 +329,10 @@ Result<uint32_t> DeviceTier::ChooseRunWindow(DevicePagePool* pool, uint32_t n,
 
 Result<DeviceRun> DeviceTier::MapRun(PageAddr region, std::span<const PageAddr> pages,
                                      uint32_t gpu, bool for_write, uint64_t tick) {
-  if (!failed_.ok())
-    return FailedPrecondition("device tier: failed earlier: " + failed_.ToString());
-  auto it = stores_.find(region);
-  if (it == stores_.end()) return InvalidArgument("device tier: no region at " + Hex(region));
-  PageStore* store = it->second;
+  DSVM_ASSIGN_OR_RETURN(const RunTarget target, CheckRun(region, pages, gpu));
+  PageStore* store = target.store;
+  DevicePagePool* pool = target.pool;
   const uint64_t ps = store->page_size();
-  if (pages.empty()) return InvalidArgument("device tier: a run of no pages");
-  for (size_t i = 0; i < pages.size(); ++i) {
-    DSVM_RETURN_IF_ERROR(store->CheckPage(pages[i]));
-    if (pages[i] != pages[0] + i * ps) {
-      return InvalidArgument("device tier: the pages of a run must be consecutive; " +
-                             Hex(pages[i]) + " follows " + Hex(pages[0]));
-    }
-  }
-  DevicePagePool* pool = gpu < backend_->device_count() ? PoolOf(gpu, store->page_size()) : nullptr;
-  if (pool == nullptr) {
-    return InvalidArgument("device tier: no pool for gpu " + std::to_string(gpu) +
-                           " and page size " + std::to_string(ps));
-  }
   const uint32_t n = static_cast<uint32_t>(pages.size());
   DSVM_RETURN_IF_ERROR(MakeRoomFor(pool, pages.size()));
   if (pages.size() > pool->capacity_slots()) {
@@ -425,25 +435,10 @@ DeviceRun DeviceTier::RunAt(DevicePagePool* pool, uint32_t start, uint32_t n) co
 
 Result<DeviceRun> DeviceTier::MapReplicaRun(PageAddr region, std::span<const PageAddr> pages,
                                             uint32_t gpu, std::vector<HeldSlot>* held) {
-  if (!failed_.ok())
-    return FailedPrecondition("device tier: failed earlier: " + failed_.ToString());
-  auto it = stores_.find(region);
-  if (it == stores_.end()) return InvalidArgument("device tier: no region at " + Hex(region));
-  PageStore* store = it->second;
+  DSVM_ASSIGN_OR_RETURN(const RunTarget target, CheckRun(region, pages, gpu));
+  PageStore* store = target.store;
+  DevicePagePool* pool = target.pool;
   const uint64_t ps = store->page_size();
-  if (pages.empty()) return InvalidArgument("device tier: a run of no pages");
-  for (size_t i = 0; i < pages.size(); ++i) {
-    DSVM_RETURN_IF_ERROR(store->CheckPage(pages[i]));
-    if (pages[i] != pages[0] + i * ps) {
-      return InvalidArgument("device tier: the pages of a run must be consecutive; " +
-                             Hex(pages[i]) + " follows " + Hex(pages[0]));
-    }
-  }
-  DevicePagePool* pool = gpu < backend_->device_count() ? PoolOf(gpu, store->page_size()) : nullptr;
-  if (pool == nullptr) {
-    return InvalidArgument("device tier: no pool for gpu " + std::to_string(gpu) +
-                           " and page size " + std::to_string(ps));
-  }
   const uint32_t n = static_cast<uint32_t>(pages.size());
   DSVM_RETURN_IF_ERROR(WriteBack(pages));  // the host bytes are the ones to copy
   DSVM_RETURN_IF_ERROR(MakeRoomFor(pool, n));

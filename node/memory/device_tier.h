@@ -246,6 +246,14 @@ class DeviceTier {
   // evicted (written back when dirty), emptiest first. Then the table
   // learns every pool's capacity on that GPU.
   Status MakeRoomFor(DevicePagePool* pool, uint64_t pages);
+  // A run's store and pool, after checking the tier has not failed, the
+  // region exists, the pages are consecutive pages of it, and `gpu` has a
+  // pool of its page size. Errors: as MapRun's.
+  struct RunTarget {
+    PageStore* store;
+    DevicePagePool* pool;
+  };
+  Result<RunTarget> CheckRun(PageAddr region, std::span<const PageAddr> pages, uint32_t gpu) const;
   // The first slot of n adjacent slots of one arena of `pool` for a run:
   // free ones, or those whose occupants cost least to evict (none pinned,
   // held or leaving; pages in `mine` are free), or a new arena when the
