@@ -797,7 +797,7 @@ size_t NodeDaemon::HandlePeerMessages() {
     d->data.clear();
     agent_.HandlePageData(*d, h, NowMs(), &acts);
   }
-  Execute(acts);  // the pages of a batch together: Coalesce
+  if (!acts.empty()) Execute(acts);  // the pages of a batch together: Coalesce
   return progressed;
 }
 
