@@ -870,7 +870,7 @@ void NodeDaemon::FlushPendingPeers() {
 // ---------------------------------------------------------------------------
 // Regions, accesses, actions
 
-PageStore* NodeDaemon::StoreOf(proto::PageAddr page) {
+PageStore* NodeDaemon::StoreOf(proto::PageAddr page) const {
   auto it = stores_.upper_bound(page);
   if (it == stores_.begin()) return nullptr;
   --it;
@@ -1467,7 +1467,7 @@ Status NodeDaemon::SetGpuAdvice(const proto::Advise& m) {
 
 bool NodeDaemon::AllReadMostly(std::span<const proto::PageAddr> pages) const {
   if (pages.empty()) return false;
-  PageStore* store = const_cast<NodeDaemon*>(this)->StoreOf(pages.front());
+  PageStore* store = StoreOf(pages.front());
   if (store == nullptr) return false;
   auto it = advice_.find(store->base());
   if (it == advice_.end()) return false;

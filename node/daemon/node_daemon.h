@@ -364,7 +364,7 @@ class NodeDaemon {
   void ForgetSends(proto::PageAddr first, proto::PageAddr end);
   void LookupPeers();
   void FlushPendingPeers();
-  PageStore* StoreOf(proto::PageAddr page);
+  PageStore* StoreOf(proto::PageAddr page) const;
   std::span<uint8_t> Bytes(proto::PageAddr page);
   // Runs an Access() call's fn on the page's bytes, which the node holds as
   // the access needs: the backend's copy written back to the store first,
