@@ -121,6 +121,16 @@ class EmbeddingGatherTest : public ::testing::Test {
     return r;
   }
 
+  // A run over the whole table: six chunks, each batch mapping every one,
+  // every sum right.
+  static void ExpectStreamedCorrectly(const ProcessResult& r) {
+    EXPECT_EQ(r.exit_code, 0);
+    EXPECT_NE(r.out.find("6 chunks of 2.00 MiB"), std::string::npos);
+    EXPECT_NE(r.out.find("every bag sum equals the CPU reference"), std::string::npos);
+    EXPECT_NE(r.out.find("24 maps, 48.0 MiB mapped (4.0x the table)"), std::string::npos);
+    EXPECT_EQ(r.out.find("MISMATCH"), std::string::npos);
+  }
+
   TempDir dir_;
   CoordinatorProcess coord_;
   std::unique_ptr<bench::NodeProcess> node_;
@@ -130,22 +140,13 @@ class EmbeddingGatherTest : public ::testing::Test {
 // chunk (512 bags x 16 random rows touch all six), so the 12 MiB table
 // streams through the 4 MiB budget four times.
 TEST_F(EmbeddingGatherTest, ATableThreeTimesTheBudgetGathersCorrectly) {
-  const ProcessResult r = RunExample({});
-  EXPECT_EQ(r.exit_code, 0);
-  EXPECT_NE(r.out.find("6 chunks of 2.00 MiB"), std::string::npos);
-  EXPECT_NE(r.out.find("every bag sum equals the CPU reference"), std::string::npos);
-  EXPECT_NE(r.out.find("24 maps, 48.0 MiB mapped (4.0x the table)"), std::string::npos);
-  EXPECT_EQ(r.out.find("MISMATCH"), std::string::npos);
+  ExpectStreamedCorrectly(RunExample({}));
 }
 
 // Pipelined (the next chunk placed by a second thread while one is
 // gathered): the same sums, and the maps find their chunks placed.
 TEST_F(EmbeddingGatherTest, APipelinedGatherGathersCorrectly) {
-  const ProcessResult r = RunExample({"--pipeline", "--region", "piped"});
-  EXPECT_EQ(r.exit_code, 0);
-  EXPECT_NE(r.out.find("every bag sum equals the CPU reference"), std::string::npos);
-  EXPECT_NE(r.out.find("24 maps, 48.0 MiB mapped (4.0x the table)"), std::string::npos);
-  EXPECT_EQ(r.out.find("MISMATCH"), std::string::npos);
+  ExpectStreamedCorrectly(RunExample({"--pipeline", "--region", "piped"}));
 }
 
 // The check can fail: one sum changed after the gather is reported, with

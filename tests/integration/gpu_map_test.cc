@@ -877,12 +877,7 @@ TEST_F(GpuMapDeathTest, ALostMapKeepsItsMemoryUntilUnmapped) {
   }
   char c;
   ASSERT_EQ(::read(mapped[0], &c, 1), 1);
-  std::promise<void> stalled;
-  (*nodes_[0])->Post([&stalled] {
-    stalled.set_value();
-    std::this_thread::sleep_for(std::chrono::milliseconds(1500));
-  });
-  stalled.get_future().wait();
+  nodes_[0]->Stall(std::chrono::milliseconds(1500));
   EXPECT_TRUE(WaitFor(0, [](NodeDaemon& d) { return d.stats().gpu_maps_lost == 1; }));
   ASSERT_EQ(::write(go[1], &c, 1), 1);
   int status = 0;

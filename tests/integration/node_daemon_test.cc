@@ -913,12 +913,7 @@ TEST_F(NodeDaemonTest, AClientKilledMidFaultDoesNotWedgeItsDaemon) {
   char c;
   ASSERT_EQ(::read(ready[0], &c, 1), 1);
   // Hold node 0's loop for a while, without waiting for it here.
-  std::promise<void> held;
-  (*nodes_[0])->Post([&held] {
-    held.set_value();
-    std::this_thread::sleep_for(std::chrono::milliseconds(400));
-  });
-  held.get_future().wait();
+  nodes_[0]->Stall(std::chrono::milliseconds(400));
   std::this_thread::sleep_for(std::chrono::milliseconds(150));  // the client is in its fault
   ::kill(pid, SIGKILL);
   int status = 0;
@@ -1328,12 +1323,7 @@ TEST_F(NodeDeathTest, ANodeDeclaredDeadDropsItsPagesAndJoinsAnew) {
   StartNodes(2, r);
   nodes_[0]->WriteU64(r.base, 1);
   ASSERT_EQ(nodes_[1]->ReadU64(r.base), 1u);
-  std::promise<void> stalled;
-  (*nodes_[1])->Post([&stalled] {
-    stalled.set_value();
-    std::this_thread::sleep_for(std::chrono::milliseconds(1500));
-  });
-  stalled.get_future().wait();
+  nodes_[1]->Stall(std::chrono::milliseconds(1500));
   std::this_thread::sleep_for(std::chrono::milliseconds(900));  // declared dead by now
   nodes_[0]->WriteU64(r.base, 2);  // node 1 is not asked: it is dead
   uint64_t seen = 0;

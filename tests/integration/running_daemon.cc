@@ -45,6 +45,15 @@ uint64_t RunningDaemon::ReadU64(proto::PageAddr addr) {
   return v;
 }
 
+void RunningDaemon::Stall(std::chrono::milliseconds how_long) {
+  std::promise<void> begun;
+  d_->Post([&begun, how_long] {
+    begun.set_value();
+    std::this_thread::sleep_for(how_long);
+  });
+  begun.get_future().wait();
+}
+
 void RunningDaemon::WriteU64(proto::PageAddr addr, uint64_t v) {
   Status st = Access(addr, true, [&](std::span<uint8_t> b) {
     std::memcpy(b.data() + addr % 4096 % b.size(), &v, 8);

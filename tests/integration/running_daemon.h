@@ -46,6 +46,9 @@ class RunningDaemon {
   // The word at addr (8-byte aligned), read or written through Access.
   uint64_t ReadU64(proto::PageAddr addr);
   void WriteU64(proto::PageAddr addr, uint64_t v);
+  // Holds the daemon's loop for `how_long` (it serves nothing meanwhile:
+  // a stalled node), returning once the hold has begun.
+  void Stall(std::chrono::milliseconds how_long);
 
  private:
   std::unique_ptr<node::NodeDaemon> d_;
