@@ -1,5 +1,6 @@
-// How libdsvm opens a node daemon's GPU arena in this process
-// (dsvm_gpu_map): cuda arenas through CUDA IPC. The only part of libdsvm
+// How libdsvm reaches a node daemon's GPU memory in this process
+// (dsvm_gpu_map): cuda arenas through CUDA IPC, and zero-copy maps
+// (accessed-by advice) by registering the range with CUDA. The only part of libdsvm
 // that sees CUDA headers, and only where the build found CUDA
 // (DSVM_HAVE_CUDA); without it every call reports kUnavailable. Internal to
 // client/lib.
