@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# Runs every check that needs the GPU machine, from the kit that
+# tests/gpu/make-kit.sh packed into .kit/: in one call of the device tool,
+#
+#   run(command="bash tests/gpu/run-kit.sh", carry=[".kit"], timeout_s=540)
+#
+# Steps, each under its own time limit, each logged; a failing step does not
+# stop the next ones:
+#   facts       the GPU, the kernel, the CPUs, userfaultfd, missing libraries
+#   gpu_tests   the device backend suite on the cuda backend (ctest -L gpu)
+#   bench_gpu   dsvm-bench gpu --backend cuda: migration against cudaMemcpy
+#               (4 KiB, 64 KiB, 2 MiB pages) and the oversubscribed gather
+#               against zero-copy and a staging loop (#5's targets)
+#   example     examples/embedding_gather with its CUDA kernel against a
+#               coordinator and a dsvm-node --device-backend cuda whose budget
+#               is a third of the table, plain and --pipeline
+#   fault_*     dsvm-bench fault-latency on many cores, fault polling off and
+#               on (#3's latency target)
+#   scan_*      dsvm-bench scan of 1 GiB, 4 KiB and 64 KiB pages (#3's
+#               bandwidth target)
+# Results, in $OUT (else ./kit-out): summary.txt (one line per step: name,
+# exit status, seconds), results.jsonl (every JSON line the steps printed,
+# each tagged with its step), logs.tar.gz (every step's whole output).
+#
+# DSVM_KIT_STEPS="gpu_tests bench_gpu" runs only the steps named.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+
+kit=$PWD/.kit
+out=${OUT:-$PWD/kit-out}
+mkdir -p "$out"
+logs=$(mktemp -d /tmp/dsvm-kit.XXXXXX)
+if [ ! -x "$kit/build/node/dsvm-node" ]; then
+  echo "run-kit: no kit in $kit: run tests/gpu/make-kit.sh here and carry .kit" | tee "$out/summary.txt"
+  exit 1
+fi
+export LD_LIBRARY_PATH="$kit/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export UCX_MODULE_DIR="$kit/lib/ucx"
+b=$kit/build
+kit_tmp=$logs
+export kit b kit_tmp
+: > "$out/summary.txt"
+: > "$out/results.jsonl"
+failed=0
+
+wanted() { [ -z "${DSVM_KIT_STEPS:-}" ] || [[ " $DSVM_KIT_STEPS " == *" $1 "* ]]; }
+
+# step NAME SECONDS COMMAND...: runs COMMAND with its output in NAME.log.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  wanted "$name" || return 0
+  local t0 rc
+  t0=$(date +%s)
+  echo "run-kit: $name ..."
+  # Through bash, so that a step may be a function of this script (exported).
+  timeout --kill-after=10 "$limit" bash -c '"$@"' step "$@" > "$logs/$name.log" 2>&1
+  rc=$?
+  local line
+  line="$name rc=$rc $(($(date +%s) - t0))s"
+  [ "$rc" -eq 124 ] && line="$line (timed out after ${limit}s)"
+  echo "$line" | tee -a "$out/summary.txt"
+  [ "$rc" -eq 0 ] || { failed=1; tail -15 "$logs/$name.log" | sed "s/^/  $name| /"; }
+  grep -E '^\{"name"' "$logs/$name.log" | sed "s/^{/{\"step\":\"$name\",/" >> "$out/results.jsonl"
+  return 0
+}
+
+facts() {
+  echo "kit: $(tr '\n' ';' < "$kit/VERSION")"
+  echo "kernel: $(uname -r); cpus: $(nproc); memory: $(free -g | awk '/Mem:/{print $2}') GiB"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
+    echo "nvidia-smi: none"
+  echo "vm.unprivileged_userfaultfd=$(cat /proc/sys/vm/unprivileged_userfaultfd 2> /dev/null || echo '?')"
+  local missing
+  missing=$(for f in "$b"/*/dsvm-* "$b"/examples/* "$b"/tests/gpu/*; do ldd "$f"; done 2>&1 |
+            grep 'not found' | sort -u)
+  echo "missing libraries: ${missing:-none}"
+}
+export -f facts
+step facts 30 facts
+
+# A skip (no GPU, no driver) is a failure here: this machine has one.
+gpu_tests() {
+  "$b/tests/gpu/dsvm_gpu_tests" > "$kit_tmp/gpu_tests.out" 2>&1
+  local rc=$?
+  cat "$kit_tmp/gpu_tests.out"
+  ! grep -q '^SKIP' "$kit_tmp/gpu_tests.out" && return "$rc"
+  return 1
+}
+export -f gpu_tests
+step gpu_tests 120 gpu_tests
+
+step bench_gpu 240 "$b/bench/dsvm-bench" gpu --backend cuda
+
+# The example against its own coordinator and a cuda daemon.
+example() {
+  local work pids=() rc=0
+  work=$(mktemp -d /tmp/dsvm-kit-example.XXXXXX)
+  head -c 32 /dev/urandom > "$work/secret"
+  chmod 600 "$work/secret"
+  export DSVM_SECRET_FILE="$work/secret"
+  "$b/coordinator/dsvm-coordinator" --data-dir "$work/data" --listen 127.0.0.1:0 \
+    --port-file "$work/port" 2> "$work/coordinator.log" &
+  pids+=($!)
+  for _ in $(seq 100); do [ -s "$work/port" ] && break; sleep 0.1; done
+  # Budget 256 MiB, table 768 MiB (3x): 3 M rows of 64 floats.
+  "$b/node/dsvm-node" --coordinator "127.0.0.1:$(cat "$work/port")" --listen 127.0.0.1:0 \
+    --socket "$work/node.sock" --device-backend cuda --gpu-budget 256M 2> "$work/node.log" &
+  pids+=($!)
+  for _ in $(seq 100); do
+    [ -S "$work/node.sock" ] || ! kill -0 "${pids[1]}" 2> /dev/null && break
+    sleep 0.1
+  done
+  local args=(--socket "$work/node.sock" --rows 3145728 --dim 64 --chunk 64M --page-size 2097152
+              --batches 4 --kernel cuda)
+  "$b/examples/embedding_gather" "${args[@]}" --region kit-plain || rc=$?
+  "$b/examples/embedding_gather" "${args[@]}" --region kit-pipelined --pipeline || rc=$?
+  kill "${pids[@]}" 2> /dev/null
+  wait
+  echo "--- dsvm-node log"; tail -30 "$work/node.log"
+  echo "--- coordinator log"; tail -10 "$work/coordinator.log"
+  rm -rf "$work"
+  return "$rc"
+}
+export -f example
+step example 150 example
+
+# #3 on many cores: fault polling off (the default below 4 CPUs) and on
+# (the default at 4 or more), busy polling of the network as well.
+step fault_fpoll0 90 "$b/bench/dsvm-bench" fault-latency --tls tcp --fault-poll-us 0
+step fault_fpoll100 90 "$b/bench/dsvm-bench" fault-latency --tls tcp --fault-poll-us 100 \
+  --busy-poll-us 50
+step scan_4k 150 "$b/bench/dsvm-bench" scan --tls tcp --size 1073741824 --fault-poll-us 100 \
+  --busy-poll-us 50
+step scan_64k 120 "$b/bench/dsvm-bench" scan --tls tcp --size 1073741824 --page-size 65536 \
+  --fault-poll-us 100 --busy-poll-us 50
+
+tar -C "$logs" -czf "$out/logs.tar.gz" .
+rm -rf "$logs"
+echo "run-kit: done; $(grep -c . "$out/results.jsonl") JSON lines in results.jsonl"
+cat "$out/summary.txt"
+exit "$failed"
