@@ -173,6 +173,12 @@ Status PageStore::WritePage(PageAddr page, std::span<const uint8_t> in) {
   return Fill(page, in.data());
 }
 
+Status PageStore::WriteUnretained(PageAddr page, std::span<const uint8_t> in) {
+  DSVM_RETURN_IF_ERROR(CheckSpan(page, in.size()));
+  DSVM_CHECK(!IsRetained(page));
+  return Fill(page, in.data());
+}
+
 Status PageStore::WritePages(PageAddr first, std::span<const std::span<const uint8_t>> pages) {
   for (size_t i = 0; i < pages.size(); ++i) {
     DSVM_RETURN_IF_ERROR(CheckSpan(first + i * page_size_, pages[i].size()));

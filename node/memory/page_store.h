@@ -21,8 +21,8 @@
 // per page). "The page's bytes" below means the retained bytes when the page
 // is retained, else the memfd's.
 //
-// Thread safety: none. One owner (the daemon's fault-handling strand) calls
-// every method. Client processes touch the memfd concurrently through their
+// Thread safety: none, but for ReadPage and WriteUnretained (see there). One
+// owner (the daemon's fault-handling strand) calls every method. Client processes touch the memfd concurrently through their
 // own mappings; the fault backend's mapping rules keep them away from a page
 // while its bytes change here.
 #ifndef DSVM_NODE_MEMORY_PAGE_STORE_H_
@@ -98,6 +98,12 @@ class PageStore {
   // read the page until it is mapped again (the fault backend's job). Errors:
   // kInvalidArgument, kIoError.
   Status WritePage(PageAddr page, std::span<const uint8_t> in);
+  // As WritePage for a page that is not retained, but changing nothing of
+  // this object (the bytes go to the memfd alone): several threads may call
+  // it and ReadPage at once, for different pages, while no other method
+  // runs (the GPU tier's copy threads write a batch back this way).
+  // REQUIRES: !IsRetained(page). Errors: as WritePage.
+  Status WriteUnretained(PageAddr page, std::span<const uint8_t> in);
   // As WritePage for pages.size() neighbouring pages from `first`, in one
   // pwritev where the memfd takes write(2). Errors: as WritePage.
   Status WritePages(PageAddr first, std::span<const std::span<const uint8_t>> pages);

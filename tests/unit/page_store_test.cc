@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstring>
 #include <memory>
+#include <thread>
 #include <vector>
 
 #include "proto/status.h"
@@ -109,6 +110,32 @@ TEST(PageStoreTest, WritePagesWritesARun) {
   EXPECT_TRUE(IsZero(Read(*s, kBase))) << "nothing of a refused run is written";
   std::vector<std::span<const uint8_t>> past = {Pattern(6), Pattern(7)};
   EXPECT_EQ(s->WritePages(kBase + (kPages - 1) * kPage, past).code(), StatusCode::kInvalidArgument);
+}
+
+// The GPU tier's copy threads write pages back at once, and read others.
+TEST(PageStoreTest, WriteUnretainedRunsOnSeveralThreadsAtOnce) {
+  auto s = MakeStore();
+  ASSERT_TRUE(s->WritePage(kBase + 7 * kPage, Pattern(70)).ok());
+  std::vector<std::thread> threads;
+  std::vector<Status> results(6);
+  std::vector<std::vector<uint8_t>> read(6);
+  for (int t = 0; t < 6; ++t) {
+    threads.emplace_back([&, t] {
+      for (int round = 0; round < 200 && results[t].ok(); ++round) {
+        results[t] = s->WriteUnretained(kBase + t * kPage, Pattern(t + round));
+      }
+      read[t].resize(kPage);
+      if (results[t].ok()) results[t] = s->ReadPage(kBase + 7 * kPage, read[t]);
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  for (int t = 0; t < 6; ++t) {
+    ASSERT_TRUE(results[t].ok()) << results[t].ToString();
+    EXPECT_EQ(Read(*s, kBase + t * kPage), Pattern(t + 199)) << t;
+    EXPECT_EQ(read[t], Pattern(70)) << t;
+    EXPECT_TRUE(Present(*s, kBase + t * kPage)) << t;
+  }
+  EXPECT_EQ(s->WriteUnretained(kBase + 3, Pattern(1)).code(), StatusCode::kInvalidArgument);
 }
 
 TEST(PageStoreTest, ClientsMappingTheMemfdShareTheBytes) {
