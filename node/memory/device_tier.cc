@@ -2,9 +2,14 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <latch>
 #include <string>
+#include <thread>
 #include <unordered_set>
 #include <utility>
+
+#include <boost/asio/post.hpp>
+#include <boost/asio/thread_pool.hpp>
 
 #include "proto/log.h"
 
@@ -19,6 +24,15 @@ std::string Hex(uint64_t v) {
 
 }  // namespace
 
+uint32_t DefaultCopyThreads() {
+  return std::clamp<uint32_t>(std::thread::hardware_concurrency() / 4, 1, 4);
+}
+
+struct DeviceTier::Copiers {
+  explicit Copiers(uint32_t threads) : pool(threads) {}
+  boost::asio::thread_pool pool;
+};
+
 Result<std::unique_ptr<DeviceTier>> DeviceTier::Create(DeviceBackend* backend,
                                                        std::vector<DevicePagePool*> pools,
                                                        DeviceTierOptions options) {
@@ -26,6 +40,10 @@ Result<std::unique_ptr<DeviceTier>> DeviceTier::Create(DeviceBackend* backend,
   if (options.streams_per_gpu < 2) {
     return InvalidArgument(
         "device tier: streams_per_gpu must be at least 2 (copies overlap staging)");
+  }
+  if (options.copy_threads == 0 || options.copy_threads > 64) {
+    return InvalidArgument("device tier: copy_threads must be 1 to 64, not " +
+                           std::to_string(options.copy_threads));
   }
   if (options.batch_bytes == 0 || options.batch_bytes % 4096 != 0) {
     return InvalidArgument("device tier: batch_bytes must be a positive multiple of 4 KiB");
@@ -57,9 +75,11 @@ DeviceTier::DeviceTier(DeviceBackend* backend, std::vector<DevicePagePool*> pool
       lanes_(backend->device_count()) {}
 
 Status DeviceTier::Init() {
+  if (options_.copy_threads > 1) copiers_ = std::make_unique<Copiers>(options_.copy_threads - 1);
+  const uint32_t lanes_per_gpu = std::max(options_.streams_per_gpu, 2 * options_.copy_threads);
   for (DevicePagePool* p : pools_) {
     std::vector<Lane>& lanes = lanes_[p->device()];
-    while (lanes.size() < options_.streams_per_gpu) {
+    while (lanes.size() < lanes_per_gpu) {
       DSVM_ASSIGN_OR_RETURN(StreamId stream, backend_->CreateStream(p->device()));
       lanes.push_back(Lane{stream, {}, false, {}});  // the destructor destroys it on failure below
       DSVM_ASSIGN_OR_RETURN(lanes.back().staging, backend_->AllocateStaging(options_.batch_bytes));
@@ -669,50 +689,113 @@ Status DeviceTier::DrainAll(std::vector<Lane>& lanes, Status first) {
   return first;
 }
 
+std::vector<DeviceTier::Batch> DeviceTier::SplitBatches(const std::vector<Move>& moves) const {
+  std::vector<Batch> batches;
+  size_t i = 0;
+  while (i < moves.size()) {
+    const size_t begin = i;
+    uint64_t bytes = 0;
+    while (i < moves.size() && bytes + moves[i].bytes <= options_.batch_bytes) bytes += moves[i++].bytes;
+    DSVM_CHECK(i > begin);  // batch_bytes >= every page size (Create)
+    batches.push_back(Batch{begin, i});
+  }
+  return batches;
+}
+
+Status DeviceTier::StageToDevice(const std::vector<Move>& moves, Batch batch,
+                                 const StagingBuffer& staging,
+                                 std::vector<HostToDevice>* entries) {
+  entries->clear();
+  uint64_t off = 0;
+  DevicePtr last_arena_end = 0;
+  for (size_t i = batch.begin; i < batch.end; ++i) {
+    const Move& m = moves[i];
+    uint8_t* dst = staging.data + off;
+    DSVM_RETURN_IF_ERROR(m.store->ReadPage(m.page, std::span<uint8_t>(dst, m.bytes)));
+    HostToDevice* last = entries->empty() ? nullptr : &entries->back();
+    if (last != nullptr && static_cast<const uint8_t*>(last->src) + last->bytes == dst &&
+        last->dst + last->bytes == m.ptr && m.ptr + m.bytes <= last_arena_end) {
+      last->bytes += m.bytes;  // adjacent slots: one larger copy
+    } else {
+      entries->push_back(HostToDevice{dst, m.ptr, m.bytes});
+      last_arena_end = m.arena_end;
+    }
+    off += m.bytes;
+  }
+  return Status::Ok();
+}
+
+Status DeviceTier::UnstageToStores(const std::vector<Move>& moves, Batch batch,
+                                   const StagingBuffer& staging) {
+  uint64_t off = 0;
+  for (size_t i = batch.begin; i < batch.end; ++i) {
+    const Move& m = moves[i];
+    if (!m.store->IsRetained(m.page)) {
+      DSVM_RETURN_IF_ERROR(m.store->WriteUnretained(
+          m.page, std::span<const uint8_t>(staging.data + off, m.bytes)));
+    }
+    off += m.bytes;
+  }
+  return Status::Ok();
+}
+
+Status DeviceTier::ParallelFor(size_t n, const std::function<Status(size_t)>& fn) {
+  std::vector<Status> results(n);
+  if (copiers_ == nullptr || n <= 1) {
+    for (size_t k = 0; k < n; ++k) results[k] = fn(k);
+  } else {
+    std::latch done(static_cast<std::ptrdiff_t>(n - 1));
+    for (size_t k = 1; k < n; ++k) {
+      boost::asio::post(copiers_->pool, [&, k] {
+        results[k] = fn(k);
+        done.count_down();
+      });
+    }
+    results[0] = fn(0);
+    done.wait();
+  }
+  for (Status& s : results) {
+    if (!s.ok()) return std::move(s);
+  }
+  return Status::Ok();
+}
+
 Status DeviceTier::CopyMovesToDevice(uint32_t gpu, const std::vector<Move>& moves) {
   std::vector<Lane>& lanes = lanes_[gpu];
-  DSVM_CHECK(lanes.size() >= 2);
+  const size_t wave = options_.copy_threads;
+  DSVM_CHECK(lanes.size() >= 2 * wave);
   // On an error, wait for what was queued: the caller may free its slots.
   auto drain_all = [&](Status s) { return DrainAll(lanes, std::move(s)); };
-  std::vector<HostToDevice> entries;
-  size_t i = 0;
-  for (uint64_t batch = 0; i < moves.size(); ++batch) {
-    Lane& lane = lanes[batch % lanes.size()];
-    // The lane's staging buffer is free once its previous batch is done;
-    // meanwhile the other lanes' copies run.
-    Status s = Drain(lane);
-    if (!s.ok()) return drain_all(std::move(s));
-    entries.clear();
-    uint64_t off = 0;
-    DevicePtr last_arena_end = 0;
-    size_t first = i;
-    while (i < moves.size() && off + moves[i].bytes <= lane.staging.bytes) {
-      const Move& m = moves[i];
-      uint8_t* dst = lane.staging.data + off;
-      s = m.store->ReadPage(m.page, std::span<uint8_t>(dst, m.bytes));
+  auto lane_of = [&](size_t batch) -> Lane& { return lanes[batch % lanes.size()]; };
+  const std::vector<Batch> batches = SplitBatches(moves);
+  std::vector<std::vector<HostToDevice>> entries(wave);
+  for (size_t w = 0; w < batches.size(); w += wave) {
+    const size_t n = std::min(wave, batches.size() - w);
+    // A lane's staging buffer is free once its previous batch is done;
+    // meanwhile the previous wave's copies (on other lanes) run.
+    for (size_t k = 0; k < n; ++k) {
+      Status s = Drain(lane_of(w + k));
       if (!s.ok()) return drain_all(std::move(s));
-      HostToDevice* last = entries.empty() ? nullptr : &entries.back();
-      if (last != nullptr && static_cast<const uint8_t*>(last->src) + last->bytes == dst &&
-          last->dst + last->bytes == m.ptr && m.ptr + m.bytes <= last_arena_end) {
-        last->bytes += m.bytes;  // adjacent slots: one larger copy
-      } else {
-        entries.push_back(HostToDevice{dst, m.ptr, m.bytes});
-        last_arena_end = m.arena_end;
-      }
-      off += m.bytes;
-      ++i;
     }
-    DSVM_CHECK(i > first);  // batch_bytes >= every page size (Create)
-    s = backend_->CopyToDevice(lane.stream, entries);
+    Status s = ParallelFor(n, [&](size_t k) {
+      return StageToDevice(moves, batches[w + k], lane_of(w + k).staging, &entries[k]);
+    });
     if (!s.ok()) return drain_all(std::move(s));
-    Result<Fence> f = backend_->RecordFence(lane.stream);
-    if (!f.ok()) return drain_all(f.status());
-    lane.fence = *f;
-    lane.busy = true;
-    ++stats_.to_device_calls;
-    stats_.to_device_entries += entries.size();
-    stats_.pages_to_device += i - first;
-    stats_.bytes_to_device += off;
+    for (size_t k = 0; k < n; ++k) {
+      Lane& lane = lane_of(w + k);
+      s = backend_->CopyToDevice(lane.stream, entries[k]);
+      if (!s.ok()) return drain_all(std::move(s));
+      Result<Fence> f = backend_->RecordFence(lane.stream);
+      if (!f.ok()) return drain_all(f.status());
+      lane.fence = *f;
+      lane.busy = true;
+      ++stats_.to_device_calls;
+      stats_.to_device_entries += entries[k].size();
+      for (size_t i = batches[w + k].begin; i < batches[w + k].end; ++i) {
+        ++stats_.pages_to_device;
+        stats_.bytes_to_device += moves[i].bytes;
+      }
+    }
   }
   Status first_error;
   for (Lane& lane : lanes) {
@@ -724,41 +807,21 @@ Status DeviceTier::CopyMovesToDevice(uint32_t gpu, const std::vector<Move>& move
 
 Status DeviceTier::WriteBackMoves(uint32_t gpu, const std::vector<Move>& moves) {
   std::vector<Lane>& lanes = lanes_[gpu];
-  DSVM_CHECK(lanes.size() >= 2);
-  // A batch in flight: moves [begin, end) copied into `lane`'s staging.
-  struct Pending {
-    Lane* lane;
-    size_t begin;
-    size_t end;
-  };
-  std::deque<Pending> pending;
-  // Waits for the oldest batch and hands its pages to their stores.
-  auto complete_oldest = [&]() -> Status {
-    Pending p = pending.front();
-    pending.pop_front();
-    DSVM_RETURN_IF_ERROR(Drain(*p.lane));
-    uint64_t off = 0;
-    for (size_t k = p.begin; k < p.end; ++k) {
-      const Move& m = moves[k];
-      DSVM_RETURN_IF_ERROR(m.store->WritePage(
-          m.page, std::span<const uint8_t>(p.lane->staging.data + off, m.bytes)));
-      off += m.bytes;
-    }
-    return Status::Ok();
-  };
+  const size_t wave = options_.copy_threads;
+  DSVM_CHECK(lanes.size() >= 2 * wave);
   auto drain_all = [&](Status s) { return DrainAll(lanes, std::move(s)); };
+  auto lane_of = [&](size_t batch) -> Lane& { return lanes[batch % lanes.size()]; };
+  const std::vector<Batch> batches = SplitBatches(moves);
+  // Queues batch b's copy into its lane's staging.
   std::vector<DeviceToHost> entries;
-  size_t i = 0;
-  for (uint64_t batch = 0; i < moves.size(); ++batch) {
-    Lane& lane = lanes[batch % lanes.size()];
-    // At most lanes-1 batches are pending after each round, so this lane's
-    // previous batch has been completed already.
+  auto queue = [&](size_t b) -> Status {
+    Lane& lane = lane_of(b);
+    // Its previous batch was two waves ago, and has been written out.
     DSVM_CHECK(!lane.busy);
     entries.clear();
     uint64_t off = 0;
     DevicePtr last_arena_end = 0;
-    const size_t first = i;
-    while (i < moves.size() && off + moves[i].bytes <= lane.staging.bytes) {
+    for (size_t i = batches[b].begin; i < batches[b].end; ++i) {
       const Move& m = moves[i];
       uint8_t* dst = lane.staging.data + off;
       DeviceToHost* last = entries.empty() ? nullptr : &entries.back();
@@ -771,28 +834,51 @@ Status DeviceTier::WriteBackMoves(uint32_t gpu, const std::vector<Move>& moves) 
         last_arena_end = m.arena_end;
       }
       off += m.bytes;
-      ++i;
     }
-    DSVM_CHECK(i > first);
-    Status s = backend_->CopyToHost(lane.stream, entries);
-    if (!s.ok()) return drain_all(std::move(s));
-    Result<Fence> f = backend_->RecordFence(lane.stream);
-    if (!f.ok()) return drain_all(f.status());
-    lane.fence = *f;
+    DSVM_RETURN_IF_ERROR(backend_->CopyToHost(lane.stream, entries));
+    DSVM_ASSIGN_OR_RETURN(lane.fence, backend_->RecordFence(lane.stream));
     lane.busy = true;
-    pending.push_back(Pending{&lane, first, i});
     ++stats_.to_host_calls;
     stats_.to_host_entries += entries.size();
-    stats_.pages_to_host += i - first;
+    stats_.pages_to_host += batches[b].end - batches[b].begin;
     stats_.bytes_to_host += off;
-    // While this batch's copy runs, the previous one goes to the stores.
-    while (pending.size() >= lanes.size()) {
-      s = complete_oldest();
+    return Status::Ok();
+  };
+  // Waits for the wave of n batches from w and hands their pages to their
+  // stores: at once on the copy threads, then the retained ones here.
+  auto complete = [&](size_t w, size_t n) -> Status {
+    for (size_t k = 0; k < n; ++k) DSVM_RETURN_IF_ERROR(Drain(lane_of(w + k)));
+    DSVM_RETURN_IF_ERROR(ParallelFor(n, [&](size_t k) {
+      return UnstageToStores(moves, batches[w + k], lane_of(w + k).staging);
+    }));
+    for (size_t k = 0; k < n; ++k) {
+      uint64_t off = 0;
+      for (size_t i = batches[w + k].begin; i < batches[w + k].end; ++i) {
+        const Move& m = moves[i];
+        if (m.store->IsRetained(m.page)) {
+          DSVM_RETURN_IF_ERROR(m.store->WritePage(
+              m.page, std::span<const uint8_t>(lane_of(w + k).staging.data + off, m.bytes)));
+        }
+        off += m.bytes;
+      }
+    }
+    return Status::Ok();
+  };
+  // While one wave's copies run, the previous wave goes to the stores.
+  for (size_t w = 0; w < batches.size(); w += wave) {
+    const size_t n = std::min(wave, batches.size() - w);
+    for (size_t k = 0; k < n; ++k) {
+      Status s = queue(w + k);
+      if (!s.ok()) return drain_all(std::move(s));
+    }
+    if (w >= wave) {
+      Status s = complete(w - wave, wave);
       if (!s.ok()) return drain_all(std::move(s));
     }
   }
-  while (!pending.empty()) {
-    Status s = complete_oldest();
+  if (!batches.empty()) {
+    const size_t last = (batches.size() - 1) / wave * wave;
+    Status s = complete(last, batches.size() - last);
     if (!s.ok()) return drain_all(std::move(s));
   }
   return Status::Ok();

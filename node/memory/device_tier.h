@@ -18,12 +18,15 @@
 // Batching and overlap: a batch is as many pages as fit in `batch_bytes` of
 // staging. Pages are staged in the order of their slots' device addresses,
 // so pages whose slots are adjacent in one arena merge into one copy entry
-// (one cudaMemcpyAsync): small pages go as large copies. Each GPU has
-// `streams_per_gpu` (>= 2) lanes, each a stream with its own pinned staging
-// buffer; batch i goes on lane i % lanes, so while batch i's copy runs, the
-// host stages batch i+1 (reads it from the store, or writes batch i-1's
-// bytes to the store). A lane's buffer is reused only after the fence of its
-// previous batch.
+// (one cudaMemcpyAsync): small pages go as large copies. Each GPU has lanes,
+// each a stream with its own pinned staging buffer; batch i goes on lane
+// i % lanes. Batches go in waves of `copy_threads`: the batches of a wave
+// are staged at once, one per copy thread (read from their stores, or
+// written to them), and there are at least two waves' worth of lanes
+// (max(streams_per_gpu, 2 * copy_threads)), so while one wave's copies run
+// the host stages the next (or writes the previous one's bytes to the
+// stores). A lane's buffer is reused only after the fence of its previous
+// batch.
 //
 // The API is synchronous: every call returns when its copies are done.
 // TODO(#5): an asynchronous form for the daemon's GPU strand, so copies
@@ -44,6 +47,7 @@
 
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <span>
@@ -69,7 +73,18 @@ struct DeviceTierOptions {
   uint64_t batch_bytes = 8ull << 20;
   // Streams (each with a staging buffer) per GPU; at least 2 for overlap.
   uint32_t streams_per_gpu = 2;
+  // Threads that move page bytes between the stores and the staging
+  // buffers, the calling thread included (1: the caller alone). One core's
+  // copy (10-20 GB/s) is below what a PCIe 5 link carries (50+ GB/s), so a
+  // migration that stages on one thread cannot keep a GPU's copy engine
+  // busy. Each GPU gets at least 2 * copy_threads lanes.
+  uint32_t copy_threads = 1;
 };
+
+// A default for DeviceTierOptions::copy_threads on this host: a quarter of
+// its CPUs, between 1 and 4 (the daemon's loop and the network keep the
+// rest).
+uint32_t DefaultCopyThreads();
 
 // A contiguous device range holding consecutive pages (DeviceTier::MapRun):
 // page i of the run is at ptr + i * page size, all in one arena.
@@ -278,6 +293,24 @@ class DeviceTier {
   static constexpr PageAddr kHeld = ~PageAddr{0} - 1;  // a slot Detach kept
   Status WriteBackMoves(uint32_t gpu, const std::vector<Move>& moves);
   Status CopyMovesToDevice(uint32_t gpu, const std::vector<Move>& moves);
+  // Moves [begin, end) of a copy, staged together in one lane's buffer.
+  struct Batch {
+    size_t begin;
+    size_t end;
+  };
+  // `moves` cut into batches of at most batch_bytes each, in order.
+  std::vector<Batch> SplitBatches(const std::vector<Move>& moves) const;
+  // Reads the batch's pages from their stores into `staging`, and sets
+  // `entries` to its copies (adjacent slots merged). Runs on a copy thread.
+  static Status StageToDevice(const std::vector<Move>& moves, Batch batch,
+                              const StagingBuffer& staging, std::vector<HostToDevice>* entries);
+  // Writes the batch's pages from `staging` to their stores, those that are
+  // not retained (PageStore::WriteUnretained). Runs on a copy thread.
+  static Status UnstageToStores(const std::vector<Move>& moves, Batch batch,
+                                const StagingBuffer& staging);
+  // Runs fn(0) .. fn(n - 1) at once on the copy threads and the calling
+  // thread; returns the first error by index, once all have returned.
+  Status ParallelFor(size_t n, const std::function<Status(size_t)>& fn);
   // Waits for the lane's pending fence, if any.
   Status Drain(Lane& lane);
   // After a failed copy: waits for what every lane queued (the caller may
@@ -293,6 +326,10 @@ class DeviceTier {
   const DeviceTierOptions options_;
   std::unique_ptr<TierTable> table_;
   std::vector<std::vector<Lane>> lanes_;   // per GPU (index = device number)
+  // copy_threads - 1 threads beside the caller's (a Boost.Asio thread pool,
+  // in device_tier.cc); null with one.
+  struct Copiers;
+  std::unique_ptr<Copiers> copiers_;
   std::map<PageAddr, PageStore*> stores_;  // by region base
   std::unordered_map<PageAddr, Placed> slots_;
   // Per pool, its live arenas as (base, end) sorted by base; refreshed when

@@ -48,8 +48,10 @@ struct TierConfig {
 };
 
 // One region (a PageStore of random bytes), a pool per GPU, a tier over them,
-// and a model of what each page's bytes should be.
-class DeviceTierTest : public testing::Test {
+// and a model of what each page's bytes should be. Every test runs with the
+// caller alone staging copies (1 copy thread) and with 3 copy threads
+// (waves of 3 batches staged at once on 6 lanes).
+class DeviceTierTest : public testing::TestWithParam<uint32_t> {
  protected:
   void Build(TierConfig c = {}) {
     c_ = c;
@@ -80,6 +82,7 @@ class DeviceTierTest : public testing::Test {
     DeviceTierOptions to;
     to.batch_bytes = c.batch_pages * c.page_size;
     to.host_budget_bytes = c.host_budget_pages * c.page_size;
+    to.copy_threads = GetParam();
     auto t = DeviceTier::Create(backend_.get(), pools, to);
     ASSERT_TRUE(t.ok()) << t.status().ToString();
     tier_ = std::move(t).value();
@@ -143,7 +146,12 @@ class DeviceTierTest : public testing::Test {
   std::vector<std::vector<uint8_t>> model_;
 };
 
-TEST_F(DeviceTierTest, BytesRoundTripHostToGpuToHost) {
+INSTANTIATE_TEST_SUITE_P(CopyThreads, DeviceTierTest, testing::Values(1u, 3u),
+                         [](const testing::TestParamInfo<uint32_t>& info) {
+                           return "Threads" + std::to_string(info.param);
+                         });
+
+TEST_P(DeviceTierTest, BytesRoundTripHostToGpuToHost) {
   Build();
   const std::vector<PageAddr> pages = Pages(Range(0, 8));
   auto ptrs = tier_->MakeResident(kBase, pages, 0, /*for_write=*/true, 1);
@@ -171,7 +179,7 @@ TEST_F(DeviceTierTest, BytesRoundTripHostToGpuToHost) {
 
 // N small pages go in ceil(N / batch) copy calls each way; pages whose slots
 // are adjacent travel as one copy entry.
-TEST_F(DeviceTierTest, SmallPagesAreBatchedIntoFewCopies) {
+TEST_P(DeviceTierTest, SmallPagesAreBatchedIntoFewCopies) {
   Build();
   for (uint64_t n : {1u, 4u, 5u, 13u}) {
     SCOPED_TRACE(n);
@@ -197,7 +205,7 @@ TEST_F(DeviceTierTest, SmallPagesAreBatchedIntoFewCopies) {
 }
 
 // Pages of 64 KiB, batches of 2 MiB: 32 pages per copy call.
-TEST_F(DeviceTierTest, LargerPagesBatchByBytes) {
+TEST_P(DeviceTierTest, LargerPagesBatchByBytes) {
   TierConfig c;
   c.page_size = 64 << 10;
   c.region_pages = 80;
@@ -218,7 +226,7 @@ TEST_F(DeviceTierTest, LargerPagesBatchByBytes) {
 // reads and writes mixed: every page the GPU shows is the page's latest
 // bytes, the host ends with them all, and the tier copied exactly what the
 // table decided (a second TierTable, fed the same calls, says what that is).
-TEST_F(DeviceTierTest, OversubscribedWorkingSetStaysCorrect) {
+TEST_P(DeviceTierTest, OversubscribedWorkingSetStaysCorrect) {
   TierConfig c;
   c.region_pages = 48;
   c.budget_pages = 16;
@@ -279,7 +287,7 @@ TEST_F(DeviceTierTest, OversubscribedWorkingSetStaysCorrect) {
 // With copies slow enough to be in flight while the next batch is staged, a
 // lane's staging buffer is still reused only after its batch is done: the
 // bytes arrive intact both ways.
-TEST_F(DeviceTierTest, StagingIsReusedOnlyAfterItsBatchIsDone) {
+TEST_P(DeviceTierTest, StagingIsReusedOnlyAfterItsBatchIsDone) {
   TierConfig c;
   c.devices = 1;
   c.budget_pages = 32;
@@ -297,7 +305,7 @@ TEST_F(DeviceTierTest, StagingIsReusedOnlyAfterItsBatchIsDone) {
   for (uint64_t i = 0; i < 32; ++i) ASSERT_EQ(ReadStore(i), model_[i]) << i;
 }
 
-TEST_F(DeviceTierTest, EverythingPinnedIsExhaustedAndBadPagesAreRefused) {
+TEST_P(DeviceTierTest, EverythingPinnedIsExhaustedAndBadPagesAreRefused) {
   Build();
   auto all = tier_->MakeResident(kBase, Pages(Range(0, 16)), 0, false, 1);
   ASSERT_TRUE(all.ok());
@@ -319,7 +327,7 @@ TEST_F(DeviceTierTest, EverythingPinnedIsExhaustedAndBadPagesAreRefused) {
   EXPECT_EQ(tier_->Unpin(Pages({30})).code(), StatusCode::kFailedPrecondition);
 }
 
-TEST_F(DeviceTierTest, DropFreesTheSlotWithoutWritingBack) {
+TEST_P(DeviceTierTest, DropFreesTheSlotWithoutWritingBack) {
   Build();
   const std::vector<PageAddr> pages = Pages({5});
   auto ptrs = tier_->MakeResident(kBase, pages, 0, /*for_write=*/true, 1);
@@ -337,7 +345,7 @@ TEST_F(DeviceTierTest, DropFreesTheSlotWithoutWritingBack) {
 // A lost gpu map's slots (Detach) stay taken, bytes and all, until Release:
 // later residency and runs go around them, so a client still using the old
 // device pointers never sees another page's bytes.
-TEST_F(DeviceTierTest, DetachedSlotsStayTakenUntilReleased) {
+TEST_P(DeviceTierTest, DetachedSlotsStayTakenUntilReleased) {
   Build();
   const std::vector<PageAddr> mapped = Pages(Range(0, 8));
   auto run = tier_->MapRun(kBase, mapped, 0, /*for_write=*/true, 1);
@@ -377,7 +385,7 @@ TEST_F(DeviceTierTest, DetachedSlotsStayTakenUntilReleased) {
 // leaves their copy on the first where it is, pinned or not; its slots are
 // held outside the table until released, and a dirty copy on the first GPU
 // reaches the replica (written back first).
-TEST_F(DeviceTierTest, AReplicaRunLeavesTheOtherGpusCopyInPlace) {
+TEST_P(DeviceTierTest, AReplicaRunLeavesTheOtherGpusCopyInPlace) {
   Build();
   const std::vector<PageAddr> pages = Pages(Range(2, 4));
   auto on0 = tier_->MapRun(kBase, pages, 0, /*for_write=*/true, 1);
@@ -405,7 +413,7 @@ TEST_F(DeviceTierTest, AReplicaRunLeavesTheOtherGpusCopyInPlace) {
 }
 
 // A dirty page moved to another GPU arrives with the bytes the first GPU wrote.
-TEST_F(DeviceTierTest, MovingBetweenGpusCarriesDirtyBytes) {
+TEST_P(DeviceTierTest, MovingBetweenGpusCarriesDirtyBytes) {
   Build();
   const std::vector<PageAddr> pages = Pages({2, 3});
   auto on0 = tier_->MakeResident(kBase, pages, 0, /*for_write=*/true, 1);
@@ -424,7 +432,7 @@ TEST_F(DeviceTierTest, MovingBetweenGpusCarriesDirtyBytes) {
 
 // Past the host budget the tier reports pages to leave the node, with their
 // host bytes current (a dirty GPU copy is written back first).
-TEST_F(DeviceTierTest, HostBudgetReportsPagesToLeave) {
+TEST_P(DeviceTierTest, HostBudgetReportsPagesToLeave) {
   TierConfig c;
   c.host_budget_pages = 6;
   c.devices = 1;
@@ -449,7 +457,7 @@ TEST_F(DeviceTierTest, HostBudgetReportsPagesToLeave) {
 
 // The device runs out of memory below the pool's budget: the call fails with
 // kResourceExhausted and is undone; the tier keeps serving.
-TEST_F(DeviceTierTest, DeviceFullBelowTheBudgetIsRolledBack) {
+TEST_P(DeviceTierTest, DeviceFullBelowTheBudgetIsRolledBack) {
   TierConfig c;
   c.devices = 1;
   c.budget_pages = 32;
@@ -490,6 +498,11 @@ TEST(DeviceTierCreateTest, RefusesBadOptions) {
   EXPECT_EQ(DeviceTier::Create(b->get(), pools, o).status().code(), kInvalid);
   o.batch_bytes = (1 << 20) + 1;
   EXPECT_EQ(DeviceTier::Create(b->get(), pools, o).status().code(), kInvalid);
+  o = {};
+  o.copy_threads = 0;
+  EXPECT_EQ(DeviceTier::Create(b->get(), pools, o).status().code(), kInvalid);
+  o.copy_threads = 65;
+  EXPECT_EQ(DeviceTier::Create(b->get(), pools, o).status().code(), kInvalid);
   // The tier's streams and staging go with it.
   const size_t streams = (*b)->stream_count();
   {
@@ -500,6 +513,15 @@ TEST(DeviceTierCreateTest, RefusesBadOptions) {
   }
   EXPECT_EQ((*b)->stream_count(), streams);
   EXPECT_EQ((*b)->staging_count(), 0u);
+  // Two waves' worth of lanes for the copy threads.
+  o = {};
+  o.copy_threads = 3;
+  {
+    auto t = DeviceTier::Create(b->get(), pools, o);
+    ASSERT_TRUE(t.ok());
+    EXPECT_EQ((*b)->stream_count(), streams + 6);
+    EXPECT_EQ((*b)->staging_count(), 6u);
+  }
 }
 
 
@@ -507,7 +529,7 @@ TEST(DeviceTierCreateTest, RefusesBadOptions) {
 
 // A run's pages sit in adjacent slots in address order, behind one pointer;
 // pages resident elsewhere on the GPU move into it with their bytes.
-TEST_F(DeviceTierTest, ARunHoldsItsPagesInAddressOrder) {
+TEST_P(DeviceTierTest, ARunHoldsItsPagesInAddressOrder) {
   Build();
   // Pages 9, 5 and 3 resident first, in that order: slots 0, 1, 2.
   for (uint64_t i : {9, 5, 3}) {
@@ -542,7 +564,7 @@ TEST_F(DeviceTierTest, ARunHoldsItsPagesInAddressOrder) {
 
 // With the budget full, a run evicts the unpinned pages in its window (dirty
 // ones written back) and never a pinned one.
-TEST_F(DeviceTierTest, ARunEvictsByPlaceWhenTheBudgetIsFull) {
+TEST_P(DeviceTierTest, ARunEvictsByPlaceWhenTheBudgetIsFull) {
   Build();
   const std::vector<PageAddr> first = Pages(Range(0, 8));
   auto pinned = tier_->MapRun(kBase, first, 0, /*for_write=*/true, 1);
@@ -570,7 +592,7 @@ TEST_F(DeviceTierTest, ARunEvictsByPlaceWhenTheBudgetIsFull) {
   EXPECT_TRUE(tier_->Unpin(third).ok());
 }
 
-TEST_F(DeviceTierTest, RunRefusals) {
+TEST_P(DeviceTierTest, RunRefusals) {
   Build();
   EXPECT_EQ(tier_->MapRun(kBase, Pages({1, 3}), 0, false, 1).status().code(),
             StatusCode::kInvalidArgument)
@@ -591,7 +613,7 @@ TEST_F(DeviceTierTest, RunRefusals) {
 }
 
 // A run larger than an arena gets a dedicated arena.
-TEST_F(DeviceTierTest, ARunLargerThanAnArenaGetsItsOwn) {
+TEST_P(DeviceTierTest, ARunLargerThanAnArenaGetsItsOwn) {
   TierConfig c;
   c.arena_pages = 4;
   Build(c);
