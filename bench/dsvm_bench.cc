@@ -14,7 +14,8 @@
 //
 //   dsvm-bench gpu [--quick] [--backend auto|cuda|emulated] [--size BYTES]
 //                  [--page-size BYTES] [--gpu-budget BYTES] [--chunk BYTES]
-//                  [--skip-oversub] [--node-bin PATH] [--coordinator-bin PATH]
+//                  [--skip-oversub] [--copy-threads N] [--node-bin PATH]
+//                  [--coordinator-bin PATH]
 //
 // --busy-poll-us N starts the coordinator and the daemons with that flag
 // (they poll for N us after any work before sleeping); the dsvm metrics
@@ -96,7 +97,7 @@ int Usage() {
                "                       [--busy-poll-us N] [--fault-poll-us N]\n"
                "       dsvm-bench gpu [--quick] [--backend auto|cuda|emulated] [--size BYTES]\n"
                "                      [--page-size 4096|65536|2097152] [--gpu-budget BYTES]\n"
-               "                      [--chunk BYTES] [--skip-oversub]\n"
+               "                      [--chunk BYTES] [--skip-oversub] [--copy-threads N]\n"
                "                      [--node-bin PATH] [--coordinator-bin PATH]\n");
   return 2;
 }
@@ -317,6 +318,10 @@ int RunGpuBench(int argc, char** argv) {
       o.bag_size = 16;
     } else if (a == "--skip-oversub") {
       o.oversub = false;
+    } else if (a == "--copy-threads" && next != nullptr && ParseBytes(next, &v) && v >= 1 &&
+               v <= 64) {
+      o.copy_threads = static_cast<uint32_t>(v);
+      ++i;
     } else if (a == "--backend" && next != nullptr) {
       o.backend = next;
       ++i;

@@ -100,6 +100,10 @@ uint64_t Checksum(node::PageStore& store, uint32_t page_size) {
   return sum;
 }
 
+uint32_t CopyThreads(const GpuBenchOptions& o) {
+  return o.copy_threads != 0 ? o.copy_threads : node::DefaultCopyThreads();
+}
+
 // Host-to-device and device-to-host migration through the tier against the
 // raw copies. Its backend (and the backend's threads) are gone when it
 // returns: the oversubscribed part forks daemons next.
@@ -130,8 +134,10 @@ Status RunMigration(const GpuBenchOptions& o, std::unique_ptr<DeviceBackend> bac
       std::unique_ptr<node::DevicePagePool> pool,
       node::DevicePagePool::Create(backend.get(), {.device = 0, .page_size = o.page_size,
                                                    .budget_bytes = o.bytes}));
+  node::DeviceTierOptions to;
+  to.copy_threads = CopyThreads(o);
   DSVM_ASSIGN_OR_RETURN(std::unique_ptr<node::DeviceTier> tier,
-                        node::DeviceTier::Create(backend.get(), {pool.get()}));
+                        node::DeviceTier::Create(backend.get(), {pool.get()}, to));
   DSVM_RETURN_IF_ERROR(tier->AddRegion(store.get()));
   double h2d = 0, d2h = 0;
   uint64_t tick = 1;
@@ -160,6 +166,7 @@ Status RunMigration(const GpuBenchOptions& o, std::unique_ptr<DeviceBackend> bac
                static_cast<unsigned long long>(pages.size()));
   const std::string p = PageTag(o.page_size);
   EmitMetric("gpu." + b + ".bytes", static_cast<double>(o.bytes), "bytes");
+  EmitMetric("gpu." + b + ".copy_threads", to.copy_threads, "threads");
   EmitMetric("gpu." + b + ".raw_h2d.gbps", raw_h2d, "GB/s");
   EmitMetric("gpu." + b + ".raw_d2h.gbps", raw_d2h, "GB/s");
   EmitMetric("gpu." + b + ".migrate_h2d" + p + ".gbps", h2d, "GB/s");
@@ -454,7 +461,8 @@ Result<double> RunDsvm(const Workload& w, const GpuBenchOptions& o, const std::s
       NodeProcess::Start(node_binary, coordinator->address(), coordinator->secret_path(), socket,
                          dir.path() + "/node.log",
                          {"--device-backend", backend, "--gpu-budget",
-                          std::to_string(o.gpu_budget)}));
+                          std::to_string(o.gpu_budget), "--gpu-copy-threads",
+                          std::to_string(CopyThreads(o))}));
   Result<double> best = RunDsvmMaps(w, o, backend == "cuda", socket, maps, pipelined_s);
   if (!best.ok()) node->PrintLogTail(20);
   Status st = node->Stop();

@@ -9,6 +9,7 @@
 //   gpu.<b>.raw_h2d.gbps, gpu.<b>.raw_d2h.gbps          the floor
 //   gpu.<b>.migrate_h2d<p>.gbps, .migrate_d2h<p>.gbps   through the tier
 //   gpu.<b>.migrate_h2d<p>.vs_raw, .migrate_d2h<p>.vs_raw
+//   gpu.<b>.copy_threads                                the tier's (--copy-threads)
 // The target (#5): migration >= 85% of the raw copy for batches of 2 MiB
 // and more. On the emulated backend (no GPU) both sides are host memcpy by
 // copy threads: the ratio then measures the tier's own overhead only.
@@ -55,6 +56,9 @@ struct GpuBenchOptions {
   uint64_t bytes = uint64_t{256} << 20;  // moved each way per pass
   uint32_t page_size = 2u << 20;         // 4096, 65536 or 2097152
   int passes = 3;                        // timed passes; the best counts
+  // The tier's copy threads (DeviceTierOptions::copy_threads), here and in
+  // the daemon of the oversubscribed part; 0: DefaultCopyThreads().
+  uint32_t copy_threads = 0;
 
   // The oversubscribed workload.
   bool oversub = true;

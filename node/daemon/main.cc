@@ -4,7 +4,7 @@
 //             [--fault-backend kmod|uffd] [--rejoin-as N] [--secret-file FILE]
 //             [--busy-poll-us N] [--fault-poll-us N]
 //             [--device-backend none|emulated|cuda] [--gpu-budget BYTES]
-//             [--emulated-gpus N] [--host-budget BYTES] [--verbose]
+//             [--emulated-gpus N] [--host-budget BYTES] [--gpu-copy-threads N] [--verbose]
 //
 // --coordinator: one coordinator per directory shard, in shard order (shard
 // 0 first: it assigns the node id and holds membership and regions); the
@@ -27,6 +27,8 @@
 // --gpu-budget BYTES (K, M, G suffixes; required with a backend): HBM each
 // GPU gives region pages, all page sizes together. --host-budget BYTES: host DRAM the
 // node's pages may take; past it the coldest leave the node (needs a backend).
+// --gpu-copy-threads N (1 to 64): threads that stage the GPU tier's copies
+// (default a quarter of the CPUs, 1 to 4; docs/GPU.md).
 // --listen is the UCX listener peers reach (port 0 picks one); --socket the
 // UNIX socket libdsvm connects to (default $DSVM_SOCKET, then
 // /run/dsvm/node.sock). Exits 1 with a clear message when it cannot start;
@@ -53,7 +55,7 @@ int Usage(const std::string& why) {
                "       [--fault-backend kmod|uffd] [--rejoin-as N] [--secret-file FILE]\n"
                "       [--busy-poll-us N] [--fault-poll-us N]\n"
                "       [--device-backend none|emulated|cuda] [--gpu-budget BYTES]\n"
-               "       [--emulated-gpus N] [--host-budget BYTES] [--verbose]\n"
+               "       [--emulated-gpus N] [--host-budget BYTES] [--gpu-copy-threads N] [--verbose]\n"
                "       (BYTES: a number with an optional K, M or G suffix, powers of 1024)\n",
                why.c_str());
   return 2;
@@ -115,6 +117,12 @@ int main(int argc, char** argv) {
       ok = value(&v) && !v.empty() && v.find_first_not_of("0123456789") == std::string::npos &&
            v.size() <= 3;
       if (ok) o.emulated_gpus = static_cast<uint32_t>(std::stoul(v));
+    }
+    else if (a == "--gpu-copy-threads") {
+      ok = value(&v) && !v.empty() && v.find_first_not_of("0123456789") == std::string::npos &&
+           v.size() <= 2;
+      if (ok) o.gpu_copy_threads = static_cast<uint32_t>(std::stoul(v));
+      ok = ok && o.gpu_copy_threads >= 1 && o.gpu_copy_threads <= 64;
     }
     else if (a == "--busy-poll-us") {
       ok = value(&v) && !v.empty() && v.find_first_not_of("0123456789") == std::string::npos &&

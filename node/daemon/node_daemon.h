@@ -82,6 +82,10 @@ struct NodeDaemonOptions {
   uint64_t gpu_budget_bytes = 0;
   // "emulated": how many GPUs it plays.
   uint32_t emulated_gpus = 1;
+  // Threads that stage the GPU tier's copies (DeviceTierOptions::
+  // copy_threads, 1 to 64); 0: DefaultCopyThreads(), a quarter of the CPUs
+  // between 1 and 4.
+  uint32_t gpu_copy_threads = 0;
   // Host DRAM the node's region pages may take (0: no limit); past it the
   // coldest pages leave the node through the directory (remote swap). Kept
   // by the GPU tier, so it needs a device backend.
