@@ -8,9 +8,10 @@
 # stop the next ones:
 #   facts       the GPU, the kernel, the CPUs, userfaultfd, missing libraries
 #   gpu_tests   the device backend suite on the cuda backend (ctest -L gpu)
-#   bench_gpu   dsvm-bench gpu --backend cuda: migration against cudaMemcpy
-#               (4 KiB, 64 KiB, 2 MiB pages) and the oversubscribed gather
-#               against zero-copy and a staging loop (#5's targets)
+#   bench_gpu*  dsvm-bench gpu --backend cuda: migration against cudaMemcpy
+#               (2 MiB pages, the default copy threads and one; 64 KiB and
+#               4 KiB pages) and the oversubscribed gather against zero-copy
+#               and a staging loop (#5's targets)
 #   example     examples/embedding_gather with its CUDA kernel against a
 #               coordinator and a dsvm-node --device-backend cuda whose budget
 #               is a third of the table, plain and --pipeline
@@ -43,6 +44,11 @@ export kit b kit_tmp
 : > "$out/results.jsonl"
 failed=0
 
+# The whole kit stops starting steps after DSVM_KIT_SECONDS (default 500),
+# and cuts each step's limit to what is left: the device call must return
+# within its own limit with everything in $OUT.
+deadline=$(($(date +%s) + ${DSVM_KIT_SECONDS:-500}))
+
 wanted() { [ -z "${DSVM_KIT_STEPS:-}" ] || [[ " $DSVM_KIT_STEPS " == *" $1 "* ]]; }
 
 # step NAME SECONDS COMMAND...: runs COMMAND with its output in NAME.log.
@@ -52,6 +58,12 @@ step() {
   wanted "$name" || return 0
   local t0 rc
   t0=$(date +%s)
+  if [ $((deadline - t0)) -lt 15 ]; then
+    echo "$name skipped: the kit's time is spent" | tee -a "$out/summary.txt"
+    failed=1
+    return 0
+  fi
+  [ "$limit" -gt $((deadline - t0)) ] && limit=$((deadline - t0))
   echo "run-kit: $name ..."
   # Through bash, so that a step may be a function of this script (exported).
   timeout --kill-after=10 "$limit" bash -c '"$@"' step "$@" > "$logs/$name.log" 2>&1
@@ -124,6 +136,13 @@ example() {
 }
 export -f example
 step example 150 example
+
+# Migration alone: staged by one thread (the baseline of the copy threads),
+# and with smaller pages.
+step bench_gpu_1thread 60 "$b/bench/dsvm-bench" gpu --backend cuda --skip-oversub \
+  --copy-threads 1
+step bench_gpu_64k 60 "$b/bench/dsvm-bench" gpu --backend cuda --skip-oversub --page-size 65536
+step bench_gpu_4k 90 "$b/bench/dsvm-bench" gpu --backend cuda --skip-oversub --page-size 4096
 
 # #3 on many cores: fault polling off (the default below 4 CPUs) and on
 # (the default at 4 or more), busy polling of the network as well.
