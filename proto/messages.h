@@ -603,8 +603,9 @@ struct PageBatch {
   uint64_t TotalBytes() const;
 };
 
-// First message on a new node-to-node endpoint: who is calling.
-// TODO(#3): a challenge-response with the cluster secret before any other message.
+// First message on a new node-to-node endpoint: who is calling. Then a
+// challenge-response with the cluster secret (PeerChallenge, PeerProof)
+// before the listener accepts any other message on the endpoint.
 struct PeerHello {
   static constexpr MessageType kType = MessageType::kPeerHello;
   NodeId node = kNoNode;

@@ -327,7 +327,8 @@ Status NodeDaemon::SetupClientSocket() {
     return IoError("listen on " + options_.socket_path + ": " + std::strerror(errno));
   }
   // Any local user may connect; what a client may do is checked per request
-  // from its credentials (SO_PEERCRED). TODO(#3): region permissions.
+  // from its credentials (SO_PEERCRED): the coordinator checks them against
+  // the region's owner, mode and token at open.
   ::chmod(options_.socket_path.c_str(), 0666);
   return Status::Ok();
 }
