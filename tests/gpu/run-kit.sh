@@ -12,6 +12,8 @@
 #               (2 MiB pages, the default copy threads and one; 64 KiB and
 #               4 KiB pages) and the oversubscribed gather against zero-copy
 #               and a staging loop (#5's targets)
+#   emulated_*  the same migration on the emulated backend, 1 and 4 copy
+#               threads (the copy threads' scaling on many cores)
 #   example     examples/embedding_gather with its CUDA kernel against a
 #               coordinator and a dsvm-node --device-backend cuda whose budget
 #               is a third of the table, plain and --pipeline
@@ -143,6 +145,12 @@ step bench_gpu_1thread 60 "$b/bench/dsvm-bench" gpu --backend cuda --skip-oversu
   --copy-threads 1
 step bench_gpu_64k 60 "$b/bench/dsvm-bench" gpu --backend cuda --skip-oversub --page-size 65536
 step bench_gpu_4k 90 "$b/bench/dsvm-bench" gpu --backend cuda --skip-oversub --page-size 4096
+# The copy threads on 16 cores without the GPU: the emulated backend's
+# "device" copies are host memcpy too (2 vCPUs here cannot show them).
+step emulated_1thread 60 "$b/bench/dsvm-bench" gpu --backend emulated --skip-oversub \
+  --copy-threads 1
+step emulated_4threads 60 "$b/bench/dsvm-bench" gpu --backend emulated --skip-oversub \
+  --copy-threads 4
 
 # #3 on many cores: fault polling off (the default below 4 CPUs) and on
 # (the default at 4 or more), busy polling of the network as well.
