@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <string_view>
 #include <variant>
 #include <vector>
 
@@ -834,8 +835,17 @@ Result<Message> DecodePayload(const Header& header, std::span<const uint8_t> pay
 Result<Frame> Decode(std::span<const uint8_t> bytes);
 
 // Convenience for replies: StatusReply from a Status.
+// A message longer than a StatusReply carries (kMaxTextLength) is cut, and
+// says so: an error text built from paths or peer input must never make the
+// reply unencodable.
 inline StatusReply ToReply(const Status& s) {
-  return StatusReply{static_cast<uint16_t>(s.code()), s.message()};
+  std::string text = s.message();
+  if (text.size() > kMaxTextLength) {
+    static constexpr std::string_view kCut = " [...]";
+    text.resize(kMaxTextLength - kCut.size());
+    text += kCut;
+  }
+  return StatusReply{static_cast<uint16_t>(s.code()), std::move(text)};
 }
 inline Status FromReply(const StatusReply& r) {
   if (r.code == 0) return Status::Ok();

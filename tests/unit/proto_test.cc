@@ -471,6 +471,14 @@ TEST(ProtoWireTest, StatusReplyCarriesAStatus) {
   ASSERT_TRUE(r.ok()) << r.status().ToString();
   EXPECT_EQ(FromReply(std::get<StatusReply>(r->message)), s);
   EXPECT_TRUE(FromReply(ToReply(Status::Ok())).ok());
+  // An error text past the bound (a long path twice, say) is cut, not a crash.
+  const Status long_error = IoError(std::string(3 * kMaxTextLength, 'p'));
+  r = Decode(Encode(ToReply(long_error), 2));
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  const Status back = FromReply(std::get<StatusReply>(r->message));
+  EXPECT_EQ(back.code(), StatusCode::kIoError);
+  EXPECT_EQ(back.message().size(), kMaxTextLength);
+  EXPECT_TRUE(back.message().ends_with("[...]"));
 }
 
 TEST(ProtoWireDeathTest, EncodingAFieldOverItsBoundIsAProgrammerError) {
