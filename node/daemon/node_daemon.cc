@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <optional>
 
 #include "node/fault/fd_passing.h"
 #include "node/fault/mixed_backend.h"
@@ -1929,6 +1930,18 @@ bool NodeDaemon::IsClient(int fd, uint64_t serial) const {
   return it != clients_.end() && it->second.serial == serial;
 }
 
+Status NodeDaemon::CheckOpenedBy(const Client& client, proto::PageAddr address) const {
+  const PageStore* store = StoreOf(address);
+  if (store == nullptr) return Status::Ok();
+  auto it = client.opened.find(store->base());
+  if (it != client.opened.end() && it->second == region_ids_.at(store->base())) {
+    return Status::Ok();
+  }
+  return PermissionDenied("process " + std::to_string(client.pid) + " (uid " +
+                          std::to_string(client.uid) + ") has not opened the region at " +
+                          Hex(store->base()) + " through this daemon");
+}
+
 void NodeDaemon::ForwardedReply(const Forwarded& f, proto::Message m) {
   if (!IsClient(f.client_fd, f.client_serial)) return;  // the client left meanwhile
   if (auto* r = std::get_if<proto::RegionReply>(&m)) {
@@ -1950,6 +1963,7 @@ void NodeDaemon::ForwardedReply(const Forwarded& f, proto::Message m) {
       if (!st.ok()) return ReplyToClient(f.client_fd, f.client_request, proto::ToReply(st));
     }
     const PageStore& store = *StoreOf(r->base);
+    clients_.at(f.client_fd).opened[r->base] = r->region;
     return ReplyToClient(f.client_fd, f.client_request, m,
                          backend_ ? backend_->client_map_fd(store) : store.fd());
   }
@@ -1975,6 +1989,25 @@ void NodeDaemon::OnClientReadable(int fd) {
   }
   const uint64_t rid = frame->header.request_id;
   Client& client = it->second;
+  // Requests that name a region's pages: only for regions this process
+  // opened (the coordinator checked who may; the daemon's socket is open
+  // to every local user).
+  const std::optional<proto::PageAddr> names = std::visit(
+      [](const auto& m) -> std::optional<proto::PageAddr> {
+        using T = std::decay_t<decltype(m)>;
+        if constexpr (std::is_same_v<T, proto::MapRegion>) return m.base;
+        if constexpr (std::is_same_v<T, proto::Prefetch> || std::is_same_v<T, proto::Advise> ||
+                      std::is_same_v<T, proto::GpuMap> || std::is_same_v<T, proto::GpuPrefetch>) {
+          return m.address;
+        }
+        return std::nullopt;
+      },
+      frame->message);
+  if (names) {
+    if (Status st = CheckOpenedBy(client, *names); !st.ok()) {
+      return ReplyToClient(fd, rid, proto::ToReply(st));
+    }
+  }
   std::visit(
       [&](auto& m) {
         using T = std::decay_t<decltype(m)>;

@@ -203,6 +203,11 @@ class NodeDaemon {
     gid_t gid = 0;
     std::map<proto::PageAddr, MappingId> mappings;  // by region base
     std::vector<GpuMapping> gpu_maps;
+    // Regions this process opened or created through this daemon (the
+    // coordinator checked its credentials), by base: the only ones it may
+    // map, prefetch, advise or map on a GPU. The id tells a region from a
+    // later one at the same addresses.
+    std::map<proto::PageAddr, proto::RegionId> opened;
   };
   // A client's request forwarded to the coordinator, by the forward's request id.
   struct Forwarded {
@@ -285,6 +290,10 @@ class NodeDaemon {
   void OnClientReadable(int fd);
   void CloseClient(int fd);
   bool IsClient(int fd, uint64_t serial) const;
+  // OK when `address` lies in no region here (the request's own checks
+  // say what is wrong), or in a region `client` opened; else
+  // kPermissionDenied.
+  Status CheckOpenedBy(const Client& client, proto::PageAddr address) const;
   // Checks that [address, address + length) lies in one open region; gives
   // its first page and the page after its last.
   Status CheckClientRange(proto::PageAddr address, uint64_t length, proto::PageAddr* first,

@@ -829,6 +829,47 @@ TEST_F(NodeDaemonTest, ARegionIsRefusedToOtherUsers) {
               return dsvm_region_open("mine", &a, nullptr) == DSVM_OK ? 0 : 1;
             }),
             0);
+  // Node 0 holds "mine" (its owner created it there). A process that did
+  // not open it through the daemon may not prefetch, advise or GPU-map its
+  // pages by address, whoever it is; after an open the owner may.
+  auto mine = tool_.Call(proto::RegionOpen{.name = "mine"});
+  ASSERT_TRUE(mine.ok());
+  const proto::PageAddr base = std::get<proto::RegionReply>(*mine).base;
+  // Exit code: 0 when every request got `want`, else 1 + the first that did not.
+  auto raw = [&](bool as_nobody, bool open_first, StatusCode want) {
+    const pid_t pid = QuietFork();
+    if (pid == 0) {
+      if (as_nobody && (::setgid(nobody) != 0 || ::setuid(nobody) != 0)) ::_exit(101);
+      int sock = ::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+      sockaddr_un sa{};
+      sa.sun_family = AF_UNIX;
+      std::snprintf(sa.sun_path, sizeof(sa.sun_path), "%s/node0.sock", dir_.path().c_str());
+      if (::connect(sock, reinterpret_cast<sockaddr*>(&sa), sizeof(sa)) != 0) ::_exit(102);
+      if (!ClientCall(sock, proto::ClientHello{}, 1, nullptr).ok()) ::_exit(103);
+      if (open_first) {
+        std::vector<node::UniqueFd> fds;
+        auto r = ClientCall(sock, proto::RegionOpen{.name = "mine"}, 2, &fds);
+        if (!r.ok() || !std::holds_alternative<proto::RegionReply>(*r)) ::_exit(104);
+      }
+      const std::vector<proto::Message> requests = {
+          proto::Prefetch{base, 4096, 0},
+          proto::Advise{base, 4096, proto::Advice::kReadMostly, proto::kNoNode},
+          proto::MapRegion{base}};
+      for (size_t i = 0; i < requests.size(); ++i) {
+        auto reply = ClientCall(sock, requests[i], 10 + i, nullptr);
+        auto* st = reply.ok() ? std::get_if<proto::StatusReply>(&*reply) : nullptr;
+        if (st == nullptr || proto::FromReply(*st).code() != want) ::_exit(static_cast<int>(1 + i));
+        if (i == 1 && want == StatusCode::kOk) break;  // MapRegion needs a fault fd
+      }
+      ::_exit(0);
+    }
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 200;
+  };
+  EXPECT_EQ(raw(/*as_nobody=*/true, /*open_first=*/false, StatusCode::kPermissionDenied), 0);
+  EXPECT_EQ(raw(/*as_nobody=*/false, /*open_first=*/false, StatusCode::kPermissionDenied), 0);
+  EXPECT_EQ(raw(/*as_nobody=*/false, /*open_first=*/true, StatusCode::kOk), 0);
 }
 
 // --- A region deleted while another node maps it -------------------------------
