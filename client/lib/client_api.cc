@@ -109,6 +109,11 @@ struct GpuArena {
   proto::DeviceKind kind = proto::DeviceKind::kInvalid;
   void* base = nullptr;  // emulated: our mapping of its memfd; cuda: our IPC device pointer
   uint64_t bytes = 0;
+  // Which allocation this is: the daemon's arena id is its device address,
+  // which a later arena may get again once this one is freed (the daemon
+  // gives empty arenas back). emulated: the memfd's (device, inode); cuda:
+  // the IPC handle's bytes.
+  std::vector<uint8_t> identity;
 };
 
 struct Library {
@@ -119,7 +124,8 @@ struct Library {
   uint64_t window_size = 0;
   std::map<uint64_t, OpenRegion> regions;  // by base
   std::map<uint64_t, GpuArena> gpu_arenas;  // by the daemon's arena id
-  std::map<uint64_t, int> cuda_host_maps;   // zero-copy maps registered with CUDA, by address
+  // Zero-copy maps registered with CUDA, by (address, length): how many.
+  std::map<std::pair<uint64_t, uint64_t>, int> cuda_host_maps;
   std::string broken_why;                  // non-empty once the connection broke
   node::UniqueFd wake;                     // eventfd: dsvm_finalize stops the watcher
   pthread_t watcher{};
@@ -419,8 +425,8 @@ int Finalize() {
       if (a.kind == proto::DeviceKind::kCuda) CloseCudaArena(a.base);
     }
     g_lib->gpu_arenas.clear();
-    for (auto& [address, n] : g_lib->cuda_host_maps) {
-      UnregisterCudaHost(reinterpret_cast<void*>(address));
+    for (auto& [range, n] : g_lib->cuda_host_maps) {
+      UnregisterCudaHost(reinterpret_cast<void*>(range.first));
     }
     g_lib->cuda_host_maps.clear();
     lib.reset(g_lib);
@@ -625,23 +631,40 @@ int Prefetch(const void* addr, size_t len, unsigned flags) {
 // The arena a GpuMapReply names, reached in this process (cached per
 // arena id). REQUIRES: g_mu held.
 Result<void*> ArenaOfLocked(Library* lib, const proto::GpuMapReply& r, DaemonReply& reply) {
-  auto it = lib->gpu_arenas.find(r.arena);
-  if (it != lib->gpu_arenas.end()) {
-    if (it->second.kind != r.kind || it->second.bytes != r.arena_bytes) {
-      return Internal("the node daemon named arena " + Hex(r.arena) + " with another size or kind");
-    }
-    return it->second.base;
-  }
   GpuArena a;
   a.kind = r.kind;
   a.bytes = r.arena_bytes;
+  struct stat st {};
   if (r.kind == proto::DeviceKind::kEmulated) {
-    struct stat st {};
-    const int fd = reply.fds[0].get();
-    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) ||
+    if (reply.fds.empty() || ::fstat(reply.fds[0].get(), &st) != 0 || !S_ISREG(st.st_mode) ||
         static_cast<uint64_t>(st.st_size) < r.arena_bytes) {
       return Internal("the node daemon's arena descriptor is not a memfd of the arena's size");
     }
+    a.identity.resize(sizeof(st.st_dev) + sizeof(st.st_ino));
+    std::memcpy(a.identity.data(), &st.st_dev, sizeof(st.st_dev));
+    std::memcpy(a.identity.data() + sizeof(st.st_dev), &st.st_ino, sizeof(st.st_ino));
+  } else {
+    a.identity = r.ipc_handle;
+  }
+  auto it = lib->gpu_arenas.find(r.arena);
+  if (it != lib->gpu_arenas.end()) {
+    if (it->second.identity == a.identity) {
+      if (it->second.kind != r.kind || it->second.bytes != r.arena_bytes) {
+        return Internal("the node daemon named arena " + Hex(r.arena) + " with another size or kind");
+      }
+      return it->second.base;
+    }
+    // The arena we knew at that address was freed, and this is a new one:
+    // our view of the old one goes (no map can be in a freed arena).
+    if (it->second.kind == proto::DeviceKind::kCuda) {
+      CloseCudaArena(it->second.base);
+    } else {
+      ::munmap(it->second.base, it->second.bytes);
+    }
+    lib->gpu_arenas.erase(it);
+  }
+  if (r.kind == proto::DeviceKind::kEmulated) {
+    const int fd = reply.fds[0].get();
     void* p = ::mmap(nullptr, r.arena_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     if (p == MAP_FAILED) {
       return ResourceExhausted(std::string("mapping the GPU arena: ") + std::strerror(errno));
@@ -702,12 +725,12 @@ int GpuMap(const void* addr, size_t len, int gpu, unsigned mode, void** device_p
       return Succeed();
     }
     Result<void*> dev = RegisterCudaHost(m.gpu, const_cast<void*>(addr), len,
-                                         lib->cuda_host_maps.count(a) != 0);
+                                         lib->cuda_host_maps.count({a, len}) != 0);
     if (!dev.ok()) {
       if (lib->broken_why.empty()) StatusCallLocked(lib, proto::GpuUnmap{a, len}).IgnoreError();
       return FailWith(what, dev.status());
     }
-    lib->cuda_host_maps[a] += 1;
+    lib->cuda_host_maps[{a, len}] += 1;
     *device_ptr = *dev;
     return Succeed();
   }
@@ -753,9 +776,11 @@ int GpuUnmap(const void* addr, size_t len) {
   {
     // A zero-copy map registered with CUDA: the device stops reaching the
     // pages before the daemon may take them away.
+    // Only a map of exactly this range: any other unmap is refused by the
+    // daemon, and must leave a live map's registration alone.
     std::lock_guard<std::mutex> l(g_mu);
     if (g_lib != nullptr) {
-      auto it = g_lib->cuda_host_maps.find(m.address);
+      auto it = g_lib->cuda_host_maps.find({m.address, m.length});
       if (it != g_lib->cuda_host_maps.end() && --it->second == 0) {
         UnregisterCudaHost(const_cast<void*>(addr));
         g_lib->cuda_host_maps.erase(it);

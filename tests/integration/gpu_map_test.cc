@@ -173,6 +173,55 @@ TEST_F(GpuMapTest, AWriteMapIsSeenByAnotherNodeAfterUnmap) {
   });
 }
 
+// The daemon gives an empty arena back when another page size needs the
+// budget, and a later arena may get the same device address. A client that
+// mapped the old one must not take the new one for it: its writes would go
+// to freed memory. Here: 16 pages of 4 KiB fill the 64 KiB budget; one
+// 64 KiB page takes their arena; the 4 KiB pages come back in a new one,
+// and what the client writes through the third map reaches another node.
+TEST_F(GpuMapTest, AnArenaGivenBackAndTakenAgainIsMappedAfresh) {
+  const proto::RegionReply small = Region("garena4k", kBudgetPages);
+  auto big = tool_.Call(proto::RegionCreate{
+      .name = "garena64k", .size = 64 << 10, .page_size = 64 << 10, .mode = 0666});
+  ASSERT_TRUE(big.ok());
+  const proto::RegionReply large = std::get<proto::RegionReply>(*big);
+  StartNodes({"emulated", "emulated"}, small);
+  for (auto& n : nodes_) n->Sync([&](NodeDaemon& d) { ASSERT_TRUE(d.OpenRegion(large).ok()); });
+  const uint64_t len = kBudgetPages * kPage;
+  auto write_all = [&](void* dev, uint64_t pages, uint64_t page_bytes, uint64_t round) {
+    auto* words = static_cast<uint64_t*>(dev);
+    for (uint64_t p = 0; p < pages; ++p) {
+      for (uint64_t w = 0; w < page_bytes / 8; ++w) words[p * page_bytes / 8 + w] = Pattern(p, w, round);
+    }
+  };
+  EXPECT_EQ(RunClient(0, "garena4k", [&](uint8_t* base) {
+              void* dev = nullptr;
+              if (dsvm_gpu_map(base, len, 0, DSVM_GPU_WRITE, &dev) != DSVM_OK) return 1;
+              write_all(dev, kBudgetPages, kPage, 1);
+              if (dsvm_gpu_unmap(base, len) != DSVM_OK) return 2;
+              void* big_base = nullptr;
+              if (dsvm_region_open("garena64k", &big_base, nullptr) != DSVM_OK) return 3;
+              if (dsvm_gpu_map(big_base, 64 << 10, 0, DSVM_GPU_WRITE, &dev) != DSVM_OK) return 4;
+              write_all(dev, 1, 64 << 10, 2);
+              if (dsvm_gpu_unmap(big_base, 64 << 10) != DSVM_OK) return 5;
+              if (dsvm_gpu_map(base, len, 0, DSVM_GPU_WRITE, &dev) != DSVM_OK) return 6;
+              write_all(dev, kBudgetPages, kPage, 3);
+              return dsvm_gpu_unmap(base, len) == DSVM_OK ? 0 : 7;
+            }),
+            0);
+  nodes_[0]->Sync([&](NodeDaemon& d) {
+    EXPECT_GE(d.tier()->stats().arenas_reclaimed, 2u) << "each size took the other's arena";
+  });
+  for (uint64_t p = 0; p < kBudgetPages; ++p) {
+    ASSERT_TRUE(nodes_[1]->Access(small.base + p * kPage, false, [&](std::span<uint8_t> b) {
+                   const auto* words = reinterpret_cast<const uint64_t*>(b.data());
+                   for (uint64_t w = 0; w < kPage / 8; ++w) {
+                     ASSERT_EQ(words[w], Pattern(p, w, 3)) << "page " << p << " word " << w;
+                   }
+                 }).ok());
+  }
+}
+
 // A read map sees what another node wrote; after that node writes again,
 // the GPU copy is gone with the page and the next map sees the new bytes.
 // Round 2 takes node 0's copy by an Invalidate (node 2 is the sharer that
