@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <exception>
 #include <latch>
 #include <string>
 #include <thread>
@@ -460,6 +461,11 @@ Result<DeviceRun> DeviceTier::MapReplicaRun(PageAddr region, std::span<const Pag
   DevicePagePool* pool = target.pool;
   const uint64_t ps = store->page_size();
   const uint32_t n = static_cast<uint32_t>(pages.size());
+  for (PageAddr page : pages) {
+    if (table_->IsLeaving(page)) {
+      return FailedPrecondition("device tier: page " + Hex(page) + " is leaving the node");
+    }
+  }
   DSVM_RETURN_IF_ERROR(WriteBack(pages));  // the host bytes are the ones to copy
   DSVM_RETURN_IF_ERROR(MakeRoomFor(pool, n));
   if (n > pool->capacity_slots()) {
@@ -741,17 +747,26 @@ Status DeviceTier::UnstageToStores(const std::vector<Move>& moves, Batch batch,
 
 Status DeviceTier::ParallelFor(size_t n, const std::function<Status(size_t)>& fn) {
   std::vector<Status> results(n);
+  // An exception (bad_alloc building a message) becomes the task's error:
+  // one escaping here would leave the other tasks with dangling state.
+  auto run = [&](size_t k) {
+    try {
+      results[k] = fn(k);
+    } catch (const std::exception& e) {
+      results[k] = Internal(std::string("device tier: copy thread: ") + e.what());
+    }
+  };
   if (copiers_ == nullptr || n <= 1) {
-    for (size_t k = 0; k < n; ++k) results[k] = fn(k);
+    for (size_t k = 0; k < n; ++k) run(k);
   } else {
     std::latch done(static_cast<std::ptrdiff_t>(n - 1));
     for (size_t k = 1; k < n; ++k) {
       boost::asio::post(copiers_->pool, [&, k] {
-        results[k] = fn(k);
+        run(k);
         done.count_down();
       });
     }
-    results[0] = fn(0);
+    run(0);
     done.wait();
   }
   for (Status& s : results) {

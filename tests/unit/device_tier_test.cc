@@ -451,6 +451,13 @@ TEST_P(DeviceTierTest, HostBudgetReportsPagesToLeave) {
   EXPECT_EQ(ReadStore(0), model_[0]);
   EXPECT_EQ(ReadStore(1), model_[1]);
   EXPECT_EQ(tier_->SlotOf(P(0)), 0u);
+  // A leaving page gets neither a GPU copy nor a replica of a map.
+  EXPECT_EQ(tier_->MapRun(kBase, Pages({0, 1}), 0, false, 3).status().code(),
+            StatusCode::kFailedPrecondition);
+  std::vector<HeldSlot> held;
+  EXPECT_EQ(tier_->MapReplicaRun(kBase, Pages({0, 1}), 0, &held).status().code(),
+            StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(held.empty());
   ASSERT_TRUE(tier_->Drop(Pages({0, 1})).ok());  // coherence took them
   EXPECT_EQ(tier_->table().host_bytes(), 6u * kPage);
 }
