@@ -12,13 +12,36 @@ namespace dsvm::client {
 
 #ifdef DSVM_HAVE_CUDA
 
+namespace {
+
+// Makes `gpu` the calling thread's device for its life, then gives the
+// application its own current device back.
+class ScopedDevice {
+ public:
+  explicit ScopedDevice(uint32_t gpu) {
+    if (cudaGetDevice(&previous_) != cudaSuccess) previous_ = -1;
+    status_ = cudaSetDevice(static_cast<int>(gpu));
+  }
+  ~ScopedDevice() {
+    if (previous_ >= 0) cudaSetDevice(previous_);
+  }
+  cudaError_t status() const { return status_; }
+
+ private:
+  int previous_ = -1;
+  cudaError_t status_ = cudaSuccess;
+};
+
+}  // namespace
+
 Result<void*> OpenCudaArena(uint32_t gpu, std::span<const uint8_t> handle) {
   cudaIpcMemHandle_t h;
   if (handle.size() != sizeof(h)) {
     return InvalidArgument("a CUDA IPC handle of " + std::to_string(handle.size()) + " bytes");
   }
   std::memcpy(&h, handle.data(), sizeof(h));
-  cudaError_t err = cudaSetDevice(static_cast<int>(gpu));
+  ScopedDevice device(gpu);
+  cudaError_t err = device.status();
   void* p = nullptr;
   if (err == cudaSuccess) err = cudaIpcOpenMemHandle(&p, h, cudaIpcMemLazyEnablePeerAccess);
   if (err != cudaSuccess) {
@@ -32,7 +55,8 @@ Result<void*> OpenCudaArena(uint32_t gpu, std::span<const uint8_t> handle) {
 void CloseCudaArena(void* device_ptr) { cudaIpcCloseMemHandle(device_ptr); }
 
 Result<void*> RegisterCudaHost(uint32_t gpu, void* addr, size_t len, bool registered) {
-  cudaError_t err = cudaSetDevice(static_cast<int>(gpu));
+  ScopedDevice scoped(gpu);
+  cudaError_t err = scoped.status();
   if (err == cudaSuccess && !registered) {
     err = cudaHostRegister(addr, len, cudaHostRegisterMapped | cudaHostRegisterPortable);
   }
