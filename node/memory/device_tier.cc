@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <exception>
 #include <latch>
+#include <set>
 #include <string>
 #include <thread>
 #include <unordered_set>
@@ -98,7 +99,11 @@ DeviceTier::~DeviceTier() {
     }
   }
   for (const auto& [page, placed] : slots_) placed.pool->Free(placed.slot).IgnoreError();
-  for (const HeldSlot& h : held_) h.pool->Free(h.slot).IgnoreError();
+  // One entry per map that holds a slot: free each slot once.
+  std::set<std::pair<const DevicePagePool*, uint32_t>> freed;
+  for (const HeldSlot& h : held_) {
+    if (freed.insert({h.pool, h.slot.index}).second) h.pool->Free(h.slot).IgnoreError();
+  }
 }
 
 Status DeviceTier::AddRegion(PageStore* store) {
@@ -559,9 +564,21 @@ Status DeviceTier::EvictCopies(std::span<const PageAddr> pages) {
 Status DeviceTier::Detach(std::span<const PageAddr> pages, std::vector<HeldSlot>* held) {
   DSVM_RETURN_IF_ERROR(CheckPages(pages));
   TierSteps steps;
+  auto is_held = [&](const HeldSlot& h) {
+    return std::any_of(held_.begin(), held_.end(), [&](const HeldSlot& x) {
+      return x.pool == h.pool && x.slot.index == h.slot.index;
+    });
+  };
   for (PageAddr page : pages) {
     auto it = slots_.find(page);
     if (it == slots_.end()) {
+      // Detached just before for another map of the same pages (maps of
+      // one range share slots): this map holds the slot too.
+      if (auto d = detached_.find(page); d != detached_.end() && is_held(d->second)) {
+        held_.push_back(d->second);
+        held->push_back(d->second);
+        continue;
+      }
       DSVM_RETURN_IF_ERROR(table_->Drop(page, &steps));
       continue;
     }
@@ -572,6 +589,7 @@ Status DeviceTier::Detach(std::span<const PageAddr> pages, std::vector<HeldSlot>
     slots_.erase(it);
     held_.push_back(h);
     held->push_back(h);
+    detached_[page] = h;
   }
   Status s = Execute(steps, nullptr);  // frees only: cannot fail
   DSVM_CHECK_MSG(s.ok(), s.ToString());
@@ -587,6 +605,13 @@ Status DeviceTier::Release(std::span<const HeldSlot> held) {
       return InvalidArgument("device tier: slot " + std::to_string(h.slot.index) + " is not held");
     }
     held_.erase(it);
+    const bool still_held = std::any_of(held_.begin(), held_.end(), [&](const HeldSlot& x) {
+      return x.pool == h.pool && x.slot.index == h.slot.index;
+    });
+    if (still_held) continue;  // another map holds it too
+    std::erase_if(detached_, [&](const auto& d) {
+      return d.second.pool == h.pool && d.second.slot.index == h.slot.index;
+    });
     DSVM_RETURN_IF_ERROR(table_->ReleaseHeldSlot(h.pool->device(), h.pool->page_size()));
     Status s = h.pool->Free(h.slot);
     DSVM_CHECK_MSG(s.ok(), s.ToString());

@@ -200,9 +200,12 @@ class DeviceTier {
   // GPU stay taken, bytes and all, until Release: a client may still use a
   // lost map's device pointers (the node lost its pages while they were
   // mapped), and no other page may be given those slots meanwhile. Appends
-  // one HeldSlot per page that had a GPU copy. Errors: kInvalidArgument.
+  // one HeldSlot per page that had a GPU copy, or that another map's
+  // Detach just took off the GPU (maps of one range share slots: each
+  // holds them, and the last Release frees them). Errors: kInvalidArgument.
   Status Detach(std::span<const PageAddr> pages, std::vector<HeldSlot>* held);
-  // Frees slots Detach kept. Errors: kInvalidArgument (a slot not held).
+  // Ends one hold of each slot Detach kept; a slot no map holds any more is
+  // freed. Errors: kInvalidArgument (a slot not held).
   Status Release(std::span<const HeldSlot> held);
   // The node now holds `page` in host DRAM (coherence installed it): the
   // table counts it against the host budget, which may send pages away
@@ -339,8 +342,12 @@ class DeviceTier {
   std::deque<PageAddr> leave_;
   // Per pool, the page in each slot (kNoPage: free), by slot index.
   std::unordered_map<const DevicePagePool*, std::vector<PageAddr>> occupants_;
-  // Slots Detach kept, freed by Release or the destructor.
+  // Slots Detach kept, one entry per map holding one (maps of one range
+  // share slots), freed by the last Release or the destructor.
   std::vector<HeldSlot> held_;
+  // The slot each page was detached from, while it is held: a second map
+  // of the page detached in the same loss holds it too.
+  std::unordered_map<PageAddr, HeldSlot> detached_;
   // During MapRun: the slot index each page must take.
   std::unordered_map<PageAddr, uint32_t> forced_;
   Status failed_;

@@ -381,6 +381,35 @@ TEST_P(DeviceTierTest, DetachedSlotsStayTakenUntilReleased) {
   ASSERT_TRUE(tier_->Unpin(Pages(Range(24, 16))).ok());
 }
 
+// Two maps of one range share its slots; lost together, each holds them,
+// and only the second Release frees them.
+TEST_P(DeviceTierTest, MapsOfOneRangeLostTogetherEachHoldTheSlots) {
+  Build();
+  const std::vector<PageAddr> mapped = Pages(Range(0, 8));
+  auto run = tier_->MapRun(kBase, mapped, 0, /*for_write=*/true, 1);
+  ASSERT_TRUE(run.ok()) << run.status().ToString();
+  auto again = tier_->MapRun(kBase, mapped, 0, /*for_write=*/true, 2);
+  ASSERT_TRUE(again.ok()) << again.status().ToString();
+  EXPECT_EQ(again->ptr, run->ptr);
+  for (size_t i = 0; i < 8; ++i) KernelWrite(0, i, run->ptr + i * kPage);
+  std::vector<HeldSlot> first, second;
+  ASSERT_TRUE(tier_->Detach(mapped, &first).ok());
+  ASSERT_TRUE(tier_->Detach(mapped, &second).ok());
+  ASSERT_EQ(first.size(), 8u);
+  ASSERT_EQ(second.size(), 8u) << "the second map holds the same slots";
+  ASSERT_TRUE(tier_->Release(first).ok());
+  EXPECT_EQ(pools_[0]->used_slots(), 8u) << "still held by the second map";
+  // The free half of the budget takes 8 pinned pages; a 9th finds no slot.
+  EXPECT_EQ(tier_->MakeResident(kBase, Pages(Range(8, 9)), 0, false, 3).status().code(),
+            StatusCode::kResourceExhausted);
+  for (size_t i = 0; i < 8; ++i) {
+    EXPECT_EQ(ReadDevice(0, run->ptr + i * kPage), model_[i]) << "held slot " << i << " changed";
+  }
+  ASSERT_TRUE(tier_->Release(second).ok());
+  EXPECT_EQ(pools_[0]->used_slots(), 0u);
+  EXPECT_EQ(tier_->Release(second).code(), StatusCode::kInvalidArgument);
+}
+
 // A replica run (read-mostly replication) copies pages to a second GPU and
 // leaves their copy on the first where it is, pinned or not; its slots are
 // held outside the table until released, and a dirty copy on the first GPU
