@@ -787,7 +787,14 @@ int GpuUnmap(const void* addr, size_t len) {
       }
     }
   }
-  return RangeCall(what, addr, len, m);
+  // Not RangeCall: a map outlives the region's close (it is lost then),
+  // and the daemon knows this process's maps.
+  if (addr == nullptr || len == 0) return Fail(DSVM_EINVALID_ARGUMENT, what + ": NULL or empty");
+  std::lock_guard<std::mutex> l(g_mu);
+  Library* lib = g_lib;
+  if (lib == nullptr) return NotInitialized(what);
+  if (Status st = StatusCallLocked(lib, m); !st.ok()) return FailWith(what, st);
+  return Succeed();
 }
 
 int Advise(const void* addr, size_t len, int advice, uint32_t node) {

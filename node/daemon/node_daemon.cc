@@ -558,19 +558,10 @@ void NodeDaemon::DropEverything(const std::string& why) {
     // Every copy is stale, GPU copies too. A client's live maps are lost:
     // their slots stay held (no other page gets the memory its device
     // pointers name) until it unmaps, and the unmap says kDataLoss.
-    for (auto& [fd, client] : clients_) {
-      for (GpuMapping& g : client.gpu_maps) {
-        if (g.lost) continue;
-        g.lost = true;
-        ++stats_.gpu_maps_lost;
-        if (g.zero_copy || g.replica) continue;  // none, or held already
-        std::vector<proto::PageAddr> pages;
-        for (proto::PageAddr p = g.first; p < g.end; p += g.page_size) pages.push_back(p);
-        Status st = tier_->Detach(pages, &g.held);
-        if (!st.ok()) LogError("GPU tier: keeping a lost map's slots: " + st.ToString());
-      }
-    }
-    gpu_pins_.clear();
+    LoseGpuMaps(0, ~proto::PageAddr{0},
+                "node " + std::to_string(id_) +
+                    " lost this map's pages while it was mapped (declared dead); what the GPU "
+                    "wrote through it is gone");
     deferred_.clear();
     gpu_hidden_.clear();
     for (auto& [base, store] : stores_) {
@@ -590,6 +581,23 @@ void NodeDaemon::DropEverything(const std::string& why) {
   EndWaits(waiting, "node " + std::to_string(id_) + " was declared dead; retry");
 }
 
+void NodeDaemon::LoseGpuMaps(proto::PageAddr begin, proto::PageAddr end, const std::string& why) {
+  for (auto& [fd, client] : clients_) {
+    for (GpuMapping& g : client.gpu_maps) {
+      if (g.lost || g.end <= begin || g.first >= end) continue;
+      g.lost = true;
+      g.lost_why = why;
+      ++stats_.gpu_maps_lost;
+      if (g.zero_copy || g.replica) continue;  // no slots, or held already
+      std::vector<proto::PageAddr> pages;
+      for (proto::PageAddr p = g.first; p < g.end; p += g.page_size) pages.push_back(p);
+      Status st = tier_->Detach(pages, &g.held);
+      if (!st.ok()) LogError("GPU tier: keeping a lost map's slots: " + st.ToString());
+    }
+  }
+  std::erase_if(gpu_pins_, [&](const auto& e) { return e.first >= begin && e.first < end; });
+}
+
 Status NodeDaemon::DropRegion(proto::PageAddr base, const std::string& why) {
   if (backend_) {
     Status gone = backend_->RemoveRegion(base);
@@ -602,7 +610,13 @@ Status NodeDaemon::DropRegion(proto::PageAddr base, const std::string& why) {
   // answer the new region's faults.
   const uint64_t size = stores_.at(base)->size();
   EndWaits(agent_.ForgetRange(base, base + size), "region at " + Hex(base) + " " + why);
-  if (tier_) tier_->RemoveRegion(base).IgnoreError();  // added in OpenRegion
+  if (tier_) {
+    // Its gpu maps lose their pages: their slots stay theirs until unmapped.
+    LoseGpuMaps(base, base + size,
+                "the region at " + Hex(base) + " went while this map lived (" + why +
+                    "); what the GPU wrote through it is gone");
+    tier_->RemoveRegion(base).IgnoreError();  // added in OpenRegion
+  }
   std::erase_if(deferred_, [&](const auto& d) { return d.first >= base && d.first < base + size; });
   std::erase_if(gpu_hidden_, [&](proto::PageAddr p) { return p >= base && p < base + size; });
   // A region made again at these addresses numbers its pages' transactions
@@ -2086,11 +2100,7 @@ void NodeDaemon::OnClientReadable(int fd) {
           client.gpu_maps.erase(g);
           ReleaseGpuMap(done);
           ReplyToClient(fd, rid,
-                        proto::ToReply(done.lost ? DataLoss("node " + std::to_string(id_) +
-                                                            " lost this map's pages while it "
-                                                            "was mapped (declared dead); what "
-                                                            "the GPU wrote through it is gone")
-                                                 : Status::Ok()));
+                        proto::ToReply(done.lost ? DataLoss(done.lost_why) : Status::Ok()));
         } else if constexpr (std::is_same_v<T, proto::NodeStats>) {
           ReplyToClient(fd, rid,
                         proto::NodeStatsReply{id_, static_cast<uint32_t>(clients_.size()), Counters()});

@@ -118,7 +118,7 @@ struct NodeDaemonStats {
   uint64_t gpu_maps_failed = 0;
   uint64_t gpu_prefetches = 0;       // dsvm_gpu_prefetch calls that succeeded
   uint64_t gpu_unmaps = 0;           // maps ended: dsvm_gpu_unmap or the client leaving
-  uint64_t gpu_maps_lost = 0;        // maps whose pages the node lost (declared dead)
+  uint64_t gpu_maps_lost = 0;        // maps whose pages the node lost (declared dead, region deleted)
   uint64_t gpu_placed = 0;           // pages placed on a GPU by preferred-GPU advice
   uint64_t gpu_zero_copy_maps = 0;   // of gpu_maps, those of the host copy (accessed-by)
   uint64_t gpu_replica_maps = 0;     // of gpu_maps, read-mostly replicas
@@ -187,10 +187,12 @@ class NodeDaemon {
     uint32_t page_size = 0;
     uint32_t gpu = 0;
     bool write = false;
-    // Lost: the node dropped every page while this map lived (declared
-    // dead). Its slots stay held, so no other page takes the memory the
-    // client may still use, until it unmaps (told kDataLoss) or leaves.
+    // Lost: the node dropped the map's pages while it lived (declared dead,
+    // or the region deleted): `lost_why` says which. Its slots stay held, so
+    // no other page takes the memory the client may still use, until it
+    // unmaps (told kDataLoss) or leaves.
     bool lost = false;
+    std::string lost_why;
     std::vector<HeldSlot> held;
     bool zero_copy = false;  // accessed-by: the GPU uses the host copy, no tier pins
     bool replica = false;    // read-mostly: a copy of its own in `held`, no tier pins
@@ -289,6 +291,10 @@ class NodeDaemon {
   void OnClientListenReadable();
   void OnClientReadable(int fd);
   void CloseClient(int fd);
+  // Marks every live gpu map of [begin, end) lost (`why`) and keeps its
+  // GPU slots held, then forgets the range's GPU pins: the pages are about
+  // to leave the tier. Call before the tier drops them.
+  void LoseGpuMaps(proto::PageAddr begin, proto::PageAddr end, const std::string& why);
   bool IsClient(int fd, uint64_t serial) const;
   // OK when `address` lies in no region here (the request's own checks
   // say what is wrong), or in a region `client` opened; else

@@ -173,6 +173,55 @@ TEST_F(GpuMapTest, AWriteMapIsSeenByAnotherNodeAfterUnmap) {
   });
 }
 
+// The region goes while a process still has a GPU map of it (the region
+// deleted, then closed by the process): the map is lost, not freed under
+// it. Its slots stay held, nothing of the new state counts the map's pins,
+// and the unmap says DSVM_EDATA_LOSS. Fails without: the region's removal
+// freed the pinned slots and left its pins behind.
+TEST_F(GpuMapTest, ARegionDeletedUnderAGpuMapLosesTheMap) {
+  const proto::RegionReply r = Region("gdel", 16);
+  StartNodes({"emulated"}, r);
+  constexpr uint64_t kPages = 8;
+  int ready[2], go[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  ASSERT_EQ(::pipe(go), 0);
+  const pid_t pid = QuietFork();
+  if (pid == 0) {
+    char c = 0;
+    ::_exit(ClientMain(0, "gdel", [&](uint8_t* base) {
+      void* dev = nullptr;
+      if (dsvm_gpu_map(base, kPages * kPage, 0, DSVM_GPU_WRITE, &dev) != DSVM_OK) return 1;
+      std::memset(dev, 0x5a, kPages * kPage);
+      if (::write(ready[1], "r", 1) != 1 || ::read(go[0], &c, 1) != 1) return 2;
+      if (dsvm_region_close(base) != DSVM_OK) return 3;
+      if (::write(ready[1], "c", 1) != 1 || ::read(go[0], &c, 1) != 1) return 4;
+      return dsvm_gpu_unmap(base, kPages * kPage) == DSVM_EDATA_LOSS ? 0 : 5;
+    }));
+  }
+  char c = 0;
+  ASSERT_EQ(::read(ready[0], &c, 1), 1);
+  auto del = tool_.Call(proto::RegionDelete{.name = "gdel"});
+  ASSERT_TRUE(del.ok());
+  ASSERT_EQ(::write(go[1], "g", 1), 1);
+  ASSERT_EQ(::read(ready[0], &c, 1), 1);
+  EXPECT_TRUE(WaitFor(0, [](NodeDaemon& d) { return d.stats().regions_deleted == 1; }));
+  nodes_[0]->Sync([&](NodeDaemon& d) {
+    EXPECT_EQ(d.gpu_mapped_pages(), 0u);
+    EXPECT_EQ(d.stats().gpu_maps_lost, 1u);
+    const node::TierTable& t = d.tier()->table();
+    EXPECT_EQ(t.held_slots(t.PoolIndex(0, kPage)), kPages) << "the lost map keeps its slots";
+  });
+  ASSERT_EQ(::write(go[1], "g", 1), 1);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+  nodes_[0]->Sync([&](NodeDaemon& d) {
+    const node::TierTable& t = d.tier()->table();
+    EXPECT_EQ(t.held_slots(t.PoolIndex(0, kPage)), 0u) << "freed by the unmap";
+  });
+  for (int fd : {ready[0], ready[1], go[0], go[1]}) ::close(fd);
+}
+
 // The daemon gives an empty arena back when another page size needs the
 // budget, and a later arena may get the same device address. A client that
 // mapped the old one must not take the new one for it: its writes would go

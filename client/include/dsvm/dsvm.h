@@ -400,12 +400,13 @@ int dsvm_gpu_map(const void* addr, size_t len, int gpu, unsigned mode, void** de
  * device pointer must not be used afterwards.
  * A map is lost when its node loses its pages while it is mapped (the node
  * was declared dead: cut off or stalled past its lease, its copies were
- * handed on or lost). Its device memory stays the process's until this
- * call, so no other page is placed there meanwhile, but what the GPU wrote
- * through it never reaches the region: the call then ends the map all the
- * same and returns DSVM_EDATA_LOSS.
- * Errors: DSVM_EINVALID_ARGUMENT (NULL, len 0, not inside one region open
- * in this process, or no map of this process has exactly that range),
+ * handed on or lost; or the region was destroyed and this process closed
+ * it). Its device memory stays the process's until this call, so no other
+ * page is placed there meanwhile, but what the GPU wrote through it never
+ * reaches the region: the call then ends the map all the same and returns
+ * DSVM_EDATA_LOSS. The region need not be open any more.
+ * Errors: DSVM_EINVALID_ARGUMENT (NULL, len 0, or no map of this process
+ * has exactly that range),
  * DSVM_EDATA_LOSS (the map was lost; it has ended), DSVM_ENOT_INITIALIZED,
  * DSVM_EUNAVAILABLE. */
 int dsvm_gpu_unmap(const void* addr, size_t len);
