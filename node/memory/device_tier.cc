@@ -167,7 +167,7 @@ Result<std::vector<DevicePtr>> DeviceTier::MakeResident(PageAddr region,
   std::vector<PageAddr> placed;
   Status s = Execute(steps, &placed);
   if (!s.ok()) {
-    if (failed_.ok()) RollBack(steps, pages);
+    RollBack(steps, pages);
     return s;
   }
   std::vector<DevicePtr> ptrs;
@@ -435,7 +435,7 @@ Result<DeviceRun> DeviceTier::MapRun(PageAddr region, std::span<const PageAddr> 
   s = Execute(steps, &placed);
   forced_.clear();
   if (!s.ok()) {
-    if (failed_.ok()) RollBack(steps, pages);
+    RollBack(steps, pages);
     return s;
   }
   const DeviceRun run = RunAt(pool, start, n);
@@ -525,9 +525,19 @@ Status DeviceTier::Unpin(std::span<const PageAddr> pages) {
 }
 
 Status DeviceTier::WriteBack(std::span<const PageAddr> pages) {
-  if (!failed_.ok())
-    return FailedPrecondition("device tier: failed earlier: " + failed_.ToString());
   DSVM_RETURN_IF_ERROR(CheckPages(pages));
+  if (!failed_.ok()) {
+    // Pages whose host bytes are current need nothing; the others' bytes
+    // are on a GPU the tier no longer copies from.
+    for (PageAddr page : pages) {
+      if (table_->IsDirty(page) || unsaved_.count(page) != 0) {
+        return FailedPrecondition("device tier: failed earlier (" + failed_.ToString() +
+                                  "); the current bytes of page " + Hex(page) +
+                                  " are on a GPU only");
+      }
+    }
+    return Status::Ok();
+  }
   TierSteps steps;
   for (PageAddr page : pages) DSVM_RETURN_IF_ERROR(table_->PrepareHostRead(page, &steps));
   return Execute(steps, nullptr);
@@ -550,9 +560,9 @@ Status DeviceTier::AddHostPage(PageAddr page, uint64_t tick) {
 }
 
 Status DeviceTier::EvictCopies(std::span<const PageAddr> pages) {
-  if (!failed_.ok())
-    return FailedPrecondition("device tier: failed earlier: " + failed_.ToString());
   DSVM_RETURN_IF_ERROR(CheckPages(pages));
+  // Failed: clean copies still go (no copy needed); dirty ones cannot.
+  if (!failed_.ok()) DSVM_RETURN_IF_ERROR(WriteBack(pages));
   TierSteps steps;
   for (PageAddr page : pages) {
     if (!table_->GpuOf(page) || table_->PinsOf(page) != 0 || table_->IsLeaving(page)) continue;
@@ -629,6 +639,9 @@ std::vector<PageAddr> DeviceTier::TakePagesToLeave() {
 
 void DeviceTier::FreeSlotOf(PageAddr page) {
   auto it = slots_.find(page);
+  // After a failed write-back the table counts its victims' slots as freed
+  // already: nothing to free then.
+  if (it == slots_.end() && !failed_.ok()) return;
   DSVM_CHECK_MSG(it != slots_.end(), "device tier: no slot for " + Hex(page));
   Status s = it->second.pool->Free(it->second.slot);
   DSVM_CHECK_MSG(s.ok(), s.ToString());
@@ -679,7 +692,13 @@ Status DeviceTier::Execute(const TierSteps& steps, std::vector<PageAddr>* placed
   for (auto& [gpu, moves] : by_gpu) {
     std::sort(moves.begin(), moves.end(), by_address);
     Status s = WriteBackMoves(gpu, moves);
-    if (!s.ok()) return Fail(std::move(s));
+    if (!s.ok()) {
+      // Which of them reached their stores is not known: none counts.
+      for (const auto& [g, ms] : by_gpu) {
+        for (const Move& m : ms) unsaved_.insert(m.page);
+      }
+      return Fail(std::move(s));
+    }
   }
   // 2. Slots freed, then taken.
   for (const TierStep& step : steps) {

@@ -37,8 +37,12 @@
 // error) is rolled back: the call's new GPU copies are undone and its pins
 // removed; evictions already done stay done (they were written back). A
 // failed write-back cannot be undone (the table already counts the page as
-// written back): the tier refuses every later call with kFailedPrecondition
-// naming the first failure. TODO(#5): keep the dirty copy and retry.
+// written back): the tier refuses every later call that would copy with
+// kFailedPrecondition naming the first failure, and WriteBack refuses pages
+// whose current bytes are on a GPU only (dirty, or in the failed
+// write-back), so the caller never takes stale host bytes for current.
+// Drop, Detach, Release, Unpin and RemoveRegion still work.
+// TODO(#5): keep the dirty copy and retry.
 //
 // Thread safety: none. One owner (the daemon's GPU strand) calls every
 // method, the same owner as the backend's and the pools'.
@@ -191,7 +195,9 @@ class DeviceTier {
   Status Unpin(std::span<const PageAddr> pages);
   // Writes dirty GPU copies back to their stores and keeps them, clean (the
   // node is about to send or read the bytes). Errors: kInvalidArgument,
-  // kFailedPrecondition (the tier failed earlier), kIoError, kInternal.
+  // kFailedPrecondition (the tier failed earlier and a page's current bytes
+  // are on a GPU only; pages whose host bytes are current pass), kIoError,
+  // kInternal.
   Status WriteBack(std::span<const PageAddr> pages);
   // The pages leave the node (coherence invalidation): GPU copies are freed
   // without write-back and the tier forgets them. Errors: kInvalidArgument.
@@ -216,7 +222,8 @@ class DeviceTier {
   // written back first), because the host bytes are about to change under
   // them (a local CPU write); pinned pages and pages with no GPU copy are
   // left alone. Errors: kInvalidArgument, kFailedPrecondition (the tier
-  // failed earlier), kIoError, kInternal.
+  // failed earlier and a page's current bytes are on a GPU only), kIoError,
+  // kInternal.
   Status EvictCopies(std::span<const PageAddr> pages);
   // Pages the host budget sends away (kLeaveNode), oldest first, since the
   // last call; the caller gives each up through NodeAgent::Evict and then
@@ -351,6 +358,9 @@ class DeviceTier {
   // During MapRun: the slot index each page must take.
   std::unordered_map<PageAddr, uint32_t> forced_;
   Status failed_;
+  // The pages of the write-back that failed: their bytes are on a GPU only
+  // (the table counts them as written back).
+  std::unordered_set<PageAddr> unsaved_;
   DeviceTierStats stats_;
 };
 

@@ -4,6 +4,8 @@
 #include "node/memory/device_tier.h"
 
 #include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/resource.h>
 
 #include <algorithm>
 #include <chrono>
@@ -510,6 +512,54 @@ TEST_P(DeviceTierTest, DeviceFullBelowTheBudgetIsRolledBack) {
   auto ok = tier_->MakeResident(kBase, Pages(Range(0, 8)), 0, false, 2);
   ASSERT_TRUE(ok.ok()) << ok.status().ToString();
   EXPECT_EQ(ReadDevice(0, (*ok)[7]), model_[7]);
+}
+
+// A write-back whose store write fails (here: RLIMIT_FSIZE below the
+// victims' offsets, so pwrite gets EFBIG) fails the tier. Nothing is taken
+// for current that is not: WriteBack refuses the pages whose bytes are on
+// the GPU only, passes those whose host bytes are current; the failed call
+// is undone in the table, so dropping its pages and the region later does
+// not trip over slots that were never taken.
+TEST_P(DeviceTierTest, AFailedWriteBackNeverPassesStaleBytesForCurrent) {
+  TierConfig c;
+  c.devices = 1;
+  Build(c);
+  const std::vector<PageAddr> dirty = Pages(Range(40, 8));
+  auto a = tier_->MakeResident(kBase, dirty, 0, /*for_write=*/true, 1);
+  ASSERT_TRUE(a.ok()) << a.status().ToString();
+  for (uint64_t i = 0; i < 8; ++i) KernelWrite(0, 40 + i, (*a)[i]);
+  ASSERT_TRUE(tier_->Unpin(dirty).ok());
+  auto clean = tier_->MakeResident(kBase, Pages(Range(20, 8)), 0, /*for_write=*/false, 2);
+  ASSERT_TRUE(clean.ok());
+  ASSERT_TRUE(tier_->Unpin(Pages(Range(20, 8))).ok());
+  // 16 more pages evict all 16 resident ones; the dirty ones' write-back fails.
+  rlimit old{};
+  ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &old), 0);
+  ::signal(SIGXFSZ, SIG_IGN);
+  rlimit low = old;
+  low.rlim_cur = 40 * kPage;
+  ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &low), 0);
+  const std::vector<PageAddr> next = Pages(Range(0, 16));
+  auto r = tier_->MakeResident(kBase, next, 0, /*for_write=*/false, 3);
+  ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &old), 0);
+  ::signal(SIGXFSZ, SIG_DFL);
+  EXPECT_EQ(r.status().code(), StatusCode::kIoError) << r.status().ToString();
+  for (PageAddr p : next) {
+    EXPECT_FALSE(tier_->table().GpuOf(p).has_value()) << "undone in the table";
+    EXPECT_EQ(tier_->table().PinsOf(p), 0u);
+  }
+  // Refused: copies. Passed: pages whose host bytes are current.
+  EXPECT_EQ(tier_->MakeResident(kBase, Pages({30}), 0, false, 4).status().code(),
+            StatusCode::kFailedPrecondition);
+  EXPECT_EQ(tier_->WriteBack(Pages({40})).code(), StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(tier_->WriteBack(Pages({20, 30})).ok());
+  EXPECT_EQ(ReadStore(20), model_[20]);
+  EXPECT_TRUE(tier_->EvictCopies(Pages({20, 30})).ok());
+  EXPECT_EQ(tier_->EvictCopies(Pages({41})).code(), StatusCode::kFailedPrecondition);
+  // Coherence may still take any page, and the region may go.
+  EXPECT_TRUE(tier_->Drop(next).ok());
+  EXPECT_TRUE(tier_->Drop(dirty).ok());
+  EXPECT_TRUE(tier_->RemoveRegion(kBase).ok());
 }
 
 TEST(DeviceTierCreateTest, RefusesBadOptions) {
