@@ -183,5 +183,5 @@ int main(int argc, char** argv) {
   signals.detach();
   LogInfo("node " + std::to_string(d->id()) + " serving clients on " + o.socket_path);
   d->Run();
-  return 0;
+  return d->fatal().ok() ? 0 : 1;
 }

@@ -1138,7 +1138,15 @@ void NodeDaemon::LeavePages() {
   leaving_ = false;
 }
 
+void NodeDaemon::Fatal(Status why) {
+  if (!fatal_.ok()) return;
+  LogError("stopping: " + why.ToString());
+  fatal_ = std::move(why);
+  stopping_ = true;
+}
+
 void NodeDaemon::ExecuteOne(Action& a) {
+  if (!fatal_.ok()) return;  // stopping: nothing more leaves or changes here
   PageStore* store = StoreOf(a.page);
   auto check = [&](const Status& st, const char* what) {
     if (st.ok()) return;
@@ -1168,13 +1176,22 @@ void NodeDaemon::ExecuteOne(Action& a) {
         break;
     }
   }
+  // A page whose current bytes are on a GPU the tier can no longer copy
+  // from (a failed write-back): sending or mapping the host bytes would pass
+  // stale data for current. The daemon stops instead; the directory then
+  // declares this node dead and its sole copies lost, which clients are told.
+  auto write_back = [&]() {
+    Status st = tier_->WriteBack(one);
+    if (!st.ok()) Fatal(FailedPrecondition("GPU write-back of page " + Hex(a.page) + ": " + st.ToString()));
+    return st.ok();
+  };
   if (tier_) {
     switch (a.kind) {
       case ActionKind::kSendPage:
       case ActionKind::kUnmap:
       case ActionKind::kMapRead:
       case ActionKind::kMapWrite:
-        check(tier_->WriteBack(one), "GPU write-back");
+        if (!write_back()) return;
         if ((a.kind == ActionKind::kMapRead || a.kind == ActionKind::kMapWrite) &&
             tier_->table().IsLeaving(a.page)) {
           // The agent kept the page after all (the directory refused the Evict).
@@ -1182,7 +1199,7 @@ void NodeDaemon::ExecuteOne(Action& a) {
         }
         break;
       case ActionKind::kStash:
-        check(tier_->WriteBack(one), "GPU write-back");
+        if (!write_back()) return;
         check(tier_->Drop(one), "GPU drop");
         break;
       case ActionKind::kDiscard:

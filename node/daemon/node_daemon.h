@@ -142,8 +142,11 @@ class NodeDaemon {
   proto::NodeId id() const { return id_; }
   std::string peer_address() const;
 
-  // Runs the loop on the calling thread until Stop().
+  // Runs the loop on the calling thread until Stop(), or until the daemon
+  // cannot go on without passing stale bytes for current (fatal()).
   void Run();
+  // Why the loop stopped on its own; OK when it did not.
+  const Status& fatal() const { return fatal_; }
   // Thread-safe.
   void Stop();
   // Thread-safe: runs `fn` on the loop thread.
@@ -295,6 +298,9 @@ class NodeDaemon {
   // GPU slots held, then forgets the range's GPU pins: the pages are about
   // to leave the tier. Call before the tier drops them.
   void LoseGpuMaps(proto::PageAddr begin, proto::PageAddr end, const std::string& why);
+  // Stops the loop for good: `why` is logged and kept in fatal_; no
+  // action runs after it.
+  void Fatal(Status why);
   bool IsClient(int fd, uint64_t serial) const;
   // OK when `address` lies in no region here (the request's own checks
   // say what is wrong), or in a region `client` opened; else
@@ -482,6 +488,7 @@ class NodeDaemon {
   int wake_fd_ = -1;
   int timer_fd_ = -1;
   bool stopping_ = false;
+  Status fatal_;  // set once by Fatal
   std::mutex posted_mu_;  // guards posted_; lock order: leaf
   std::deque<std::function<void()>> posted_;
   NodeDaemonStats stats_;

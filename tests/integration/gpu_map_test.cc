@@ -5,6 +5,7 @@
 // arenas are memfds that libdsvm maps, so a client reads and writes "device
 // memory" through the device pointer as a kernel would.
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -987,6 +988,43 @@ TEST_F(GpuMapDeathTest, ALostMapKeepsItsMemoryUntilUnmapped) {
     EXPECT_EQ(d.gpu_mapped_pages(), 0u);
   });
   for (int fd : {mapped[0], mapped[1], go[0], go[1]}) ::close(fd);
+}
+
+// Node 0's GPU holds the only current bytes of pages (a write map, then
+// unmapped) when their write-back fails (here: RLIMIT_FSIZE below their
+// offsets in the memfd, so the daemon's pwrite gets EFBIG). Node 1 reads
+// one: node 0 must not send its stale host bytes. It stops instead (its
+// fatal() says why), is declared dead, and node 1's read fails with
+// DATA_LOSS: the loss is told, not hidden. Fails without: node 1 read the
+// bytes from before the GPU's writes.
+TEST_F(GpuMapDeathTest, AFailedWriteBackStopsTheNodeRatherThanSendStaleBytes) {
+  const proto::RegionReply r = Region("gstale", 16);
+  StartNodes({"emulated", "emulated"}, r);
+  constexpr uint64_t kFirst = 4, kPages = 8;
+  EXPECT_EQ(RunClient(0, "gstale", [&](uint8_t* base) {
+              void* dev = nullptr;
+              if (dsvm_gpu_map(base + kFirst * kPage, kPages * kPage, 0, DSVM_GPU_WRITE, &dev) != DSVM_OK) return 1;
+              std::memset(dev, 0x77, kPages * kPage);
+              return dsvm_gpu_unmap(base + kFirst * kPage, kPages * kPage) == DSVM_OK ? 0 : 2;
+            }),
+            0);
+  rlimit old{};
+  ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &old), 0);
+  ::signal(SIGXFSZ, SIG_IGN);
+  rlimit low = old;
+  low.rlim_cur = kFirst * kPage;
+  ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &low), 0);
+  std::vector<uint8_t> seen;
+  const Status read = nodes_[1]->Access(r.base + kFirst * kPage, false, [&](std::span<uint8_t> b) {
+    seen.assign(b.begin(), b.end());
+  });
+  ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &old), 0);
+  ::signal(SIGXFSZ, SIG_DFL);
+  EXPECT_EQ(read.code(), StatusCode::kDataLoss) << read.ToString();
+  EXPECT_TRUE(seen.empty()) << "node 1 was given bytes (first: " << int(seen.empty() ? 0 : seen[0]) << ")";
+  ASSERT_TRUE(nodes_[0]->WaitStopped(std::chrono::seconds(5)));
+  EXPECT_NE((*nodes_[0])->fatal().message().find("GPU write-back"), std::string::npos)
+      << (*nodes_[0])->fatal().ToString();
 }
 
 }  // namespace

@@ -11,7 +11,18 @@
 namespace dsvm::testing {
 
 RunningDaemon::RunningDaemon(std::unique_ptr<node::NodeDaemon> d) : d_(std::move(d)) {
-  thread_ = std::thread([this] { d_->Run(); });
+  thread_ = std::thread([this] {
+    d_->Run();
+    stopped_ = true;
+  });
+}
+
+bool RunningDaemon::WaitStopped(std::chrono::milliseconds wait) {
+  const auto deadline = std::chrono::steady_clock::now() + wait;
+  while (!stopped_ && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return stopped_;
 }
 
 RunningDaemon::~RunningDaemon() {

@@ -6,6 +6,7 @@
 
 #include <sys/types.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -49,9 +50,13 @@ class RunningDaemon {
   // Holds the daemon's loop for `how_long` (it serves nothing meanwhile:
   // a stalled node), returning once the hold has begun.
   void Stall(std::chrono::milliseconds how_long);
+  // True once the loop has returned on its own (NodeDaemon::fatal), waiting
+  // up to `wait` for it. Sync and Access must not be used after that.
+  bool WaitStopped(std::chrono::milliseconds wait);
 
  private:
   std::unique_ptr<node::NodeDaemon> d_;
+  std::atomic<bool> stopped_{false};
   std::thread thread_;
 };
 
