@@ -388,6 +388,12 @@ ucs_status_t UcxTransport::OnActiveMessage(void* arg, const void* header, size_t
     self->Deliver(from, std::move(frame->message));
     return UCS_OK;
   }
+  // Page bytes only from a peer that proved the cluster secret: nothing is
+  // fetched or copied for anyone else (Deliver would drop it anyway).
+  if (!self->Authenticated(from)) {
+    ++self->stats_.dropped_before_hello;
+    return UCS_OK;  // a rendezvous descriptor not received is dropped by UCX
+  }
   // The bytes must be what the frame says: one page, or the batch's pages.
   if (pd != nullptr ? length > proto::kMaxPageSize || !pd->data.empty()
                     : length != batch->TotalBytes()) {
@@ -533,18 +539,22 @@ void UcxTransport::OnPeerProof(ucp_ep_h from, const proto::PeerProof& m) {
   if (peers_.try_emplace(hs.node, from).second) peer_generation_[hs.node] = next_generation_++;
 }
 
+bool UcxTransport::Authenticated(ucp_ep_h ep) const {
+  auto it = ep_node_.find(ep);
+  return it != ep_node_.end() && it->second != proto::kNoNode && handshakes_.count(ep) == 0;
+}
+
 void UcxTransport::Deliver(ucp_ep_h from, proto::Message m) {
   if (auto* hello = std::get_if<proto::PeerHello>(&m)) return OnPeerHello(from, *hello);
   if (auto* c = std::get_if<proto::PeerChallenge>(&m)) return OnPeerChallenge(from, *c);
   if (auto* p = std::get_if<proto::PeerProof>(&m)) return OnPeerProof(from, *p);
-  auto it = ep_node_.find(from);
-  if (it == ep_node_.end() || it->second == proto::kNoNode || handshakes_.count(from) != 0) {
+  if (!Authenticated(from)) {
     ++stats_.dropped_before_hello;
     return;
   }
   ++stats_.received;
   std::vector<UcxIncoming>* out = sink_ != nullptr ? sink_ : &late_;
-  out->push_back(UcxIncoming{it->second, std::move(m)});
+  out->push_back(UcxIncoming{ep_node_.at(from), std::move(m)});
 }
 
 size_t UcxTransport::Progress(std::vector<UcxIncoming>* in) {

@@ -158,6 +158,8 @@ class UcxTransport {
   std::unordered_map<proto::NodeId, ucp_ep_h> peers_;   // where to send to a node
   std::unordered_map<proto::NodeId, uint64_t> peer_generation_;  // of peers_[node]
   uint64_t next_generation_ = 1;
+  // True when the endpoint's peer has proved the cluster secret.
+  bool Authenticated(ucp_ep_h ep) const;
   std::unordered_map<ucp_ep_h, proto::NodeId> ep_node_;  // who is behind an endpoint (0: no hello yet)
   // Endpoints in their handshake (proto/auth.h): the nonces, the node (the
   // one connected to, or the one claimed in PeerHello) and, on a connecting

@@ -273,6 +273,20 @@ TEST_P(UcxTransportTest, APeerWithoutTheSecretIsRefused) {
   EXPECT_TRUE(in[1].empty());
 }
 
+// Page bytes from a peer that has not proved the secret are never fetched:
+// a large page (rendezvous) is dropped before any receive buffer is made.
+TEST_P(UcxTransportTest, PageBytesOfAnUnprovenPeerAreNotFetched) {
+  auto a = Make(1, SecretOf('s')), b = Make(2);
+  ASSERT_TRUE(a && b);
+  ASSERT_TRUE(b->Connect(1, "127.0.0.1:" + std::to_string(a->port())).ok());
+  proto::PageData big{0x200000000000, 1, 2, 1, std::vector<uint8_t>(2u << 20, 0xab)};
+  ASSERT_TRUE(b->Send(1, big).ok());
+  ASSERT_TRUE(Pump({a.get(), b.get()}, [&] { return a->stats().refused_peers == 1; }));
+  PumpFor({a.get(), b.get()}, in_, 200);
+  EXPECT_TRUE(in_[0].empty());
+  EXPECT_EQ(a->stats().rendezvous_received, 0u);
+}
+
 INSTANTIATE_TEST_SUITE_P(Transports, UcxTransportTest, ::testing::Values("tcp", "sm,tcp"),
                          [](const auto& info) {
                            return std::string(info.param[0] == 't' ? "tcp" : "sm_tcp");
