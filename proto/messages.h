@@ -386,7 +386,7 @@ struct PageQueryReply {
   TxnId txn = 0;
   uint8_t lost = 0;  // 1: the only copy died with its node
   uint8_t busy = 0;  // 1: a transaction is in flight
-  std::vector<NodeId> sharers;
+  std::vector<NodeId> sharers;  // the first kMaxSharersInReply holders
   template <typename A> void Visit(A& a) {
     a.U64(page); a.Enum(state, kMaxPageState); a.U32(owner); a.U64(version); a.U64(txn);
     a.Flag(lost); a.Flag(busy); a.U32List(sharers, kMaxSharersInReply);

@@ -574,7 +574,12 @@ proto::PageQueryReply PageDirectory::Query(PageAddr page) const {
   q.txn = r->txn;
   q.lost = r->lost;
   q.busy = r->busy;
-  for (const Sharer& s : r->sharers) q.sharers.push_back(s.node);
+  // A cluster may be larger than a reply lists (kMaxNodes against
+  // kMaxSharersInReply): the first ones, in the record's order.
+  for (const Sharer& s : r->sharers) {
+    if (q.sharers.size() == proto::kMaxSharersInReply) break;
+    q.sharers.push_back(s.node);
+  }
   return q;
 }
 

@@ -332,6 +332,18 @@ Status CoordinatorService::HandleJoin(ConnId conn, uint64_t rid, const proto::Jo
     return PermissionDenied("connection already joined as node " + std::to_string(bound->second));
   }
   proto::NodeId id = m.node;
+  auto member = members_.find(id);
+  if (member == members_.end() || !member->second.record.live) {
+    // One more live node: the directory bounds its per-page queues and
+    // records by kMaxNodes.
+    size_t live = 0;
+    for (const auto& [n, mb] : members_) live += mb.record.live != 0;
+    if (live >= kMaxNodes) {
+      ReplyStatus(conn, rid, ResourceExhausted("the cluster has " + std::to_string(live) +
+                                               " live nodes, the most one directory serves"));
+      return Status::Ok();
+    }
+  }
   if (id == proto::kNoNode && region_follower()) {
     ReplyStatus(conn, rid, FailedPrecondition("shard " + std::to_string(options_.shard) +
                                               " assigns no node ids: join shard 0 first for an id "

@@ -290,6 +290,28 @@ TEST_F(PageDirectoryTest, FirstTouchGrantsZeroFill) {
   EXPECT_EQ(Rec(kPage + 4096), "M owner=2 holders=2@1 v=1 txn=1 busy");
 }
 
+// A page read by more nodes than a PageQueryReply lists: the reply names
+// the first kMaxSharersInReply and still encodes (it aborted the coordinator).
+TEST_F(PageDirectoryTest, AQueryOfAPageWithMoreSharersThanAReplyListsIsCut) {
+  const NodeId n = proto::kMaxSharersInReply + 5;
+  for (NodeId node = 1; node <= n; ++node) {
+    dir_->NodeUp(node);
+    live_.insert(node);
+  }
+  for (NodeId node = 1; node <= n; ++node) {
+    Outbox out;
+    dir_->HandleAcquire(proto::Acquire{kPage, node, AccessKind::kRead, 1, 0}, now_, &out);
+    dir_->HandleDone(proto::Done{kPage, node, node}, now_, &out);
+  }
+  Step("reads");
+  ASSERT_EQ(dir_->Find(kPage)->sharers.size(), n);
+  const proto::PageQueryReply q = dir_->Query(kPage);
+  EXPECT_EQ(q.sharers.size(), proto::kMaxSharersInReply);
+  EXPECT_EQ(q.sharers.front(), 1u);
+  auto back = proto::Decode(proto::Encode(q, 1));
+  ASSERT_TRUE(back.ok()) << back.status().ToString();
+}
+
 TEST_F(PageDirectoryTest, AcquireFromNodeNotLiveIsIgnored) {
   Up({1});
   EXPECT_EQ(Msgs(Acquire(7, AccessKind::kRead, 1, 0)), Strings{});
