@@ -12,6 +12,19 @@ namespace dsvm::coordinator {
 namespace asio = boost::asio;
 using asio::ip::tcp;
 
+namespace {
+
+// Before a connection has proved the cluster secret it may send only the
+// two handshake messages, each this small at most (a nonce or a proof), and
+// must finish within kHandshakeMs: an unauthenticated peer gets neither
+// buffer space nor a connection slot for long.
+constexpr uint32_t kMaxHandshakePayload = 256;
+constexpr uint64_t kHandshakeMs = 10'000;
+// After a failed accept (out of descriptors, say) the next one waits this long.
+constexpr int kAcceptBackoffMs = 100;
+
+}  // namespace
+
 struct Server::Connection {
   Connection(tcp::socket s, ConnId id) : socket(std::move(s)), id(id) {}
   tcp::socket socket;
@@ -25,6 +38,7 @@ struct Server::Connection {
   bool closing = false;  // refused: write what is queued (the error reply), then close
   bool closed = false;
   enum class Auth { kAwaitHello, kAwaitProof, kDone } auth = Auth::kAwaitHello;
+  uint64_t accepted_ms = 0;  // a handshake not done kHandshakeMs later is closed
   proto::Nonce their_nonce{};
   proto::Nonce my_nonce{};
 };
@@ -35,7 +49,8 @@ Server::Server(asio::io_context& io, CoordinatorService& service, ServerOptions 
       options_(std::move(options)),
       acceptor_(io),
       tick_timer_(io),
-      retry_timer_(io) {}
+      retry_timer_(io),
+      accept_timer_(io) {}
 
 Server::~Server() { Stop(); }
 
@@ -75,6 +90,7 @@ void Server::Stop() {
   acceptor_.close(ec);
   tick_timer_.cancel();
   retry_timer_.cancel();
+  accept_timer_.cancel();
   auto conns = conns_;
   for (auto& [id, c] : conns) Close(c, "coordinator stopping");
 }
@@ -86,12 +102,20 @@ void Server::Accept() {
       boost::system::error_code opt_ec;
       socket.set_option(tcp::no_delay(true), opt_ec);
       auto c = std::make_shared<Connection>(std::move(socket), next_conn_++);
+      c->accepted_ms = MonotonicMs();
       auto remote = c->socket.remote_endpoint(opt_ec);
       c->peer = opt_ec ? "?" : remote.address().to_string() + ":" + std::to_string(remote.port());
       conns_[c->id] = c;
       Read(c);
     } else {
-      LogWarning("accept: " + ec.message());
+      // Accepting again at once would spin while the error lasts (EMFILE).
+      LogWarning("accept: " + ec.message() + "; retrying in " + std::to_string(kAcceptBackoffMs) +
+                 " ms");
+      accept_timer_.expires_after(std::chrono::milliseconds(kAcceptBackoffMs));
+      accept_timer_.async_wait([this](boost::system::error_code tec) {
+        if (!tec && !stopped_) Accept();
+      });
+      return;
     }
     Accept();
   });
@@ -118,6 +142,18 @@ void Server::Consume(const std::shared_ptr<Connection>& c) {
     if (!header.ok()) {
       Close(c, "malformed frame header: " + header.status().ToString());
       return;
+    }
+    if (c->auth != Connection::Auth::kDone &&
+        ((header->type != proto::MessageType::kAuthHello &&
+          header->type != proto::MessageType::kAuthProof) ||
+         header->payload_length > kMaxHandshakePayload)) {
+      // Refused before its payload is buffered.
+      Refuse(c, header->request_id,
+             PermissionDenied("a " + std::to_string(header->payload_length) + "-byte " +
+                              proto::TypeName(header->type) +
+                              " before the handshake: only AuthHello and AuthProof, of at most " +
+                              std::to_string(kMaxHandshakePayload) + " bytes"));
+      break;
     }
     if (c->in.size() - pos - proto::kHeaderSize < header->payload_length) break;
     auto message = proto::DecodePayload(
@@ -276,7 +312,15 @@ void Server::ScheduleTick() {
   tick_timer_.expires_after(std::chrono::milliseconds(options_.tick_ms));
   tick_timer_.async_wait([this](boost::system::error_code ec) {
     if (ec || stopped_) return;
-    service_.OnTick(MonotonicMs());
+    const uint64_t now = MonotonicMs();
+    std::vector<std::shared_ptr<Connection>> slow;
+    for (const auto& [id, c] : conns_) {
+      if (c->auth != Connection::Auth::kDone && !c->closing && now - c->accepted_ms > kHandshakeMs) {
+        slow.push_back(c);
+      }
+    }
+    for (const auto& c : slow) Close(c, "no handshake within " + std::to_string(kHandshakeMs) + " ms");
+    service_.OnTick(now);
     ScheduleFlush();
     ScheduleTick();
   });

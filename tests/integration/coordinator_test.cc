@@ -316,6 +316,22 @@ TEST(CoordinatorAuth, OnlyHoldersOfTheSecretGetIn) {
     EXPECT_EQ(st->code, static_cast<uint16_t>(StatusCode::kPermissionDenied));
     EXPECT_NE(st->message.find("AuthHello"), std::string::npos) << st->message;
   }
+  // A frame that announces a large payload before the handshake is refused
+  // on its header alone: the coordinator buffers nothing of it.
+  {
+    auto raw = proto::FramedSocket::Connect(coord.address());
+    ASSERT_TRUE(raw.ok());
+    proto::PageData big{0x200000000000, 1, 1, 1, std::vector<uint8_t>(2u << 20, 0)};
+    std::vector<uint8_t> frame = proto::Encode(big, 7);
+    frame.resize(proto::kHeaderSize);  // the header only; the payload never comes
+    ASSERT_TRUE(raw->SendRaw(frame).ok());
+    auto reply = raw->Receive(3000);
+    ASSERT_TRUE(reply.ok()) << "no answer before the payload: " << reply.status().ToString();
+    auto* st = std::get_if<proto::StatusReply>(&reply->message);
+    ASSERT_NE(st, nullptr);
+    EXPECT_EQ(st->code, static_cast<uint16_t>(StatusCode::kPermissionDenied));
+    EXPECT_NE(st->message.find("before the handshake"), std::string::npos) << st->message;
+  }
   // The authenticated connection was never disturbed.
   auto open = good->Call(proto::RegionOpen{.name = "guarded"});
   ASSERT_TRUE(open.ok());
