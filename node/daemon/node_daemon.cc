@@ -1735,6 +1735,19 @@ void NodeDaemon::FinishGpuMap(int fd, uint64_t serial, uint64_t request, const p
       return on && *on != m.gpu;
     });
   }
+  // A zero-copy map uses the host copy, a tier map a GPU copy: both live
+  // on one page, one's writes would be lost to the other. As a zero-copy
+  // map waits for the tier maps of its pages (FinishZeroCopyMap), a tier
+  // map waits for the zero-copy ones.
+  for (const auto& [cfd, c] : clients_) {
+    for (const GpuMapping& g : c.gpu_maps) {
+      if (g.zero_copy && !g.lost && g.first < m.address + m.length && m.address < g.end) {
+        return fail(FailedPrecondition(
+            "pages at " + Hex(std::max(g.first, m.address)) + " are mapped zero-copy (accessed-by) "
+            "on gpu " + std::to_string(g.gpu) + "; a map into GPU memory must wait for its unmap"));
+      }
+    }
+  }
   std::vector<HeldSlot> own_slots;
   if (!replica) {
     if (Status st = tier_->EvictCopies(writable); !st.ok()) return fail(st);

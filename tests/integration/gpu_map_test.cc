@@ -223,6 +223,33 @@ TEST_F(GpuMapTest, ARegionDeletedUnderAGpuMapLosesTheMap) {
   for (int fd : {ready[0], ready[1], go[0], go[1]}) ::close(fd);
 }
 
+// A zero-copy map (accessed-by: the GPU uses the host copy) and a map into
+// GPU memory of the same pages would each lose the other's writes: each
+// waits for the other's unmap. Two GPUs: the advice names GPU 0, so maps
+// on GPU 1 go through GPU memory.
+TEST_F(GpuMapTest, ZeroCopyAndGpuMemoryMapsOfOnePageExcludeEachOther) {
+  const proto::RegionReply r = Region("gzx", 8);
+  node::NodeDaemonOptions o = Options(0);
+  o.emulated_gpus = 2;
+  auto d = NodeDaemon::Create(o);
+  ASSERT_TRUE(d.ok()) << d.status().ToString();
+  nodes_.push_back(std::make_unique<RunningDaemon>(std::move(*d)));
+  nodes_[0]->Sync([&](NodeDaemon& n) { ASSERT_TRUE(n.OpenRegion(r).ok()); });
+  constexpr uint64_t kLen = 4 * kPage;
+  EXPECT_EQ(RunClient(0, "gzx", [&](uint8_t* base) {
+              if (dsvm_advise(base, kLen, DSVM_ADVICE_ACCESSED_BY, 0) != DSVM_OK) return 1;
+              void* zc = nullptr;
+              void* dev = nullptr;
+              if (dsvm_gpu_map(base, kLen, 0, DSVM_GPU_WRITE, &zc) != DSVM_OK || zc != base) return 2;
+              if (dsvm_gpu_map(base, kLen, 1, DSVM_GPU_READ, &dev) != DSVM_EFAILED_PRECONDITION) return 3;
+              if (dsvm_gpu_unmap(base, kLen) != DSVM_OK) return 4;
+              if (dsvm_gpu_map(base, kLen, 1, DSVM_GPU_READ, &dev) != DSVM_OK || dev == base) return 5;
+              if (dsvm_gpu_map(base, kLen, 0, DSVM_GPU_READ, &zc) != DSVM_EFAILED_PRECONDITION) return 6;
+              return dsvm_gpu_unmap(base, kLen) == DSVM_OK ? 0 : 7;
+            }),
+            0);
+}
+
 // The daemon gives an empty arena back when another page size needs the
 // budget, and a later arena may get the same device address. A client that
 // mapped the old one must not take the new one for it: its writes would go
