@@ -824,7 +824,12 @@ Status DeviceTier::CopyMovesToDevice(uint32_t gpu, const std::vector<Move>& move
   const size_t wave = options_.copy_threads;
   DSVM_CHECK(lanes.size() >= 2 * wave);
   // On an error, wait for what was queued: the caller may free its slots.
-  auto drain_all = [&](Status s) { return DrainAll(lanes, std::move(s)); };
+  // A device error (kInternal) may leave a copy queued with no fence after
+  // it; the backend must not be used further (its contract): the tier fails.
+  auto drain_all = [&](Status s) {
+    s = DrainAll(lanes, std::move(s));
+    return s.code() == StatusCode::kInternal ? Fail(std::move(s)) : s;
+  };
   auto lane_of = [&](size_t batch) -> Lane& { return lanes[batch % lanes.size()]; };
   const std::vector<Batch> batches = SplitBatches(moves);
   std::vector<std::vector<HostToDevice>> entries(wave);
