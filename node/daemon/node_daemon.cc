@@ -1656,6 +1656,14 @@ void NodeDaemon::StartGpuMap(int fd, uint64_t request, const proto::GpuMap& m, u
                                 " bytes at " + Hex(m.address) + " are not aligned to the region's " +
                                 std::to_string(p.page_size) + "-byte pages"));
   }
+  // Before any page is acquired: a range the GPU's budget cannot hold would
+  // take the pages from other nodes (and other page sizes' GPU memory) for
+  // nothing.
+  if (m.length > options_.gpu_budget_bytes / p.page_size * p.page_size) {
+    return fail(ResourceExhausted(std::to_string(m.length) + " bytes are more than gpu " +
+                                  std::to_string(m.gpu) + "'s budget of " +
+                                  std::to_string(options_.gpu_budget_bytes) + " bytes"));
+  }
   auto it = clients_.find(fd);
   DSVM_CHECK(it != clients_.end());
   const uint64_t serial = it->second.serial;

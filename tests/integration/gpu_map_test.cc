@@ -793,6 +793,10 @@ TEST_F(GpuMapTest, BadArgumentsGiveClearErrors) {
               return 0;
             }),
             0);
+  // The map larger than the budget was refused before it acquired anything.
+  nodes_[0]->Sync([&](NodeDaemon& d) {
+    EXPECT_EQ(d.agent().StateOf(r.base + kBudgetPages * kPage), node::PageState::kInvalid);
+  });
   // A daemon without a GPU tier says so.
   EXPECT_EQ(RunClient(1, "gb", [&](uint8_t* base) {
               void* d = nullptr;
