@@ -3,7 +3,9 @@
 #include <errno.h>
 #include <sys/socket.h>
 
+#include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <string>
 
 namespace dsvm::node {
@@ -105,6 +107,33 @@ Result<ReceivedFds> ReceiveFds(int socket, std::span<uint8_t> payload) {
   }
   if (n == 0 && r.fds.empty()) return Unavailable("recvmsg: the peer closed the socket");
   return r;
+}
+
+namespace {
+
+// The pid a pidfd refers to, from /proc/self/fdinfo: 0 when `fd` is no
+// pidfd, -1 when its process has exited.
+pid_t PidOfPidfd(int fd) {
+  std::ifstream in("/proc/self/fdinfo/" + std::to_string(fd));
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("Pid:", 0) == 0) return static_cast<pid_t>(std::atoi(line.c_str() + 4));
+  }
+  return 0;
+}
+
+}  // namespace
+
+Result<pid_t> CheckClientPidfd(int pidfd, pid_t claimed) {
+  // /proc shows a "Pid:" line for pidfds only (-1 once the process exited).
+  const pid_t named = PidOfPidfd(pidfd);
+  if (named == 0) return InvalidArgument("the client's process descriptor is not a pidfd");
+  if (named < 0) return Unavailable("the client's process is gone");
+  if (claimed != 0 && claimed != named) {
+    return InvalidArgument("the client's pidfd names process " + std::to_string(named) + ", not " +
+                           std::to_string(claimed));
+  }
+  return named;
 }
 
 }  // namespace dsvm::node

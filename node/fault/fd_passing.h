@@ -10,6 +10,8 @@
 #ifndef DSVM_NODE_FAULT_FD_PASSING_H_
 #define DSVM_NODE_FAULT_FD_PASSING_H_
 
+#include <sys/types.h>
+
 #include <cstddef>
 #include <cstdint>
 #include <span>
@@ -40,6 +42,12 @@ struct ReceivedFds {
 // kMaxPassedFds descriptors or the payload did not fit: the message is
 // refused and every descriptor that came with it closed), kIoError.
 Result<ReceivedFds> ReceiveFds(int socket, std::span<uint8_t> payload);
+
+// The process a client's passed pidfd names, checked against the pid its
+// socket's credentials (SO_PEERCRED) give (`claimed`; 0: none): the pid to
+// track the client by. Errors: kInvalidArgument (not a pidfd, or it names
+// another process), kUnavailable (the process has exited).
+Result<pid_t> CheckClientPidfd(int pidfd, pid_t claimed);
 
 }  // namespace dsvm::node
 

@@ -20,6 +20,7 @@
 #include <string>
 #include <utility>
 
+#include "node/fault/fd_passing.h"
 #include "node/fault/uffd_client.h"
 #include "node/fault/uffd_defs.h"
 #include "proto/log.h"
@@ -110,17 +111,6 @@ bool IsAnonInode(int fd, std::string_view kind) {
   const ssize_t n = readlink(path, target, sizeof(target) - 1);
   return n > 0 && std::string_view(target, static_cast<size_t>(n)) ==
                       std::string("anon_inode:") + std::string(kind);
-}
-
-// The pid a pidfd refers to, from /proc/self/fdinfo: 0 when `fd` is no
-// pidfd, -1 when its process has exited.
-pid_t PidOfPidfd(int fd) {
-  std::ifstream in("/proc/self/fdinfo/" + std::to_string(fd));
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.rfind("Pid:", 0) == 0) return static_cast<pid_t>(std::atoi(line.c_str() + 4));
-  }
-  return 0;
 }
 
 }  // namespace
@@ -278,15 +268,7 @@ Result<MappingId> UffdBackend::AddMapping(MappingRequest request) {
   m.pidfd = std::move(request.pidfd);
   m.pid = request.pid;
   if (m.pidfd) {
-    // /proc shows a "Pid:" line for pidfds only (-1 once the process exited).
-    const pid_t named = PidOfPidfd(m.pidfd.get());
-    if (named == 0) return InvalidArgument("the client's process descriptor is not a pidfd");
-    if (named < 0) return Unavailable("the client's process is gone");
-    if (m.pid != 0 && m.pid != named) {
-      return InvalidArgument("the client's pidfd names process " + std::to_string(named) +
-                             ", not " + std::to_string(m.pid));
-    }
-    m.pid = named;
+    DSVM_ASSIGN_OR_RETURN(m.pid, CheckClientPidfd(m.pidfd.get(), m.pid));
   }
   if (m.pid <= 0) return InvalidArgument("no client pid");
   if (!m.pidfd) {
