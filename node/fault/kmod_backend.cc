@@ -11,6 +11,7 @@
 #include <cstring>
 
 #include "kmod/uapi/dsvm_uapi.h"
+#include "node/fault/fd_passing.h"
 #include "proto/log.h"
 #include "proto/text.h"
 
@@ -185,10 +186,15 @@ Result<MappingId> KmodBackend::AddMapping(MappingRequest request) {
     return InvalidArgument("the client's descriptor is not " + options_.device);
   }
   Mapping m;
-  m.id = next_mapping_++;
   m.region = request.region;
   m.pid = request.pid;
   m.pidfd = std::move(request.pidfd);
+  // As the uffd backend: a passed pidfd must name the client itself, or the
+  // mapping would end with another process.
+  if (m.pidfd) {
+    DSVM_ASSIGN_OR_RETURN(m.pid, CheckClientPidfd(m.pidfd.get(), m.pid));
+  }
+  m.id = next_mapping_++;
   if (!m.pidfd) {
     m.pidfd.reset(static_cast<int>(::syscall(SYS_pidfd_open, m.pid, 0)));
     if (!m.pidfd) {

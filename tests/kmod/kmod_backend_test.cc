@@ -8,6 +8,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -232,6 +233,14 @@ int main() {
   bad.fault_fd = UniqueFd(::open("/dev/null", O_RDONLY | O_CLOEXEC));
   Check(h.backend->AddMapping(std::move(bad)).status().code() == StatusCode::kInvalidArgument,
         "AddMapping with a descriptor not of /dev/dsvm is refused");
+  MappingRequest other;
+  other.region = kBase;
+  other.pid = h.child;
+  other.fault_fd = UniqueFd(::dup(h.backend->client_map_fd(*h.store)));
+  other.pidfd = UniqueFd(static_cast<int>(::syscall(SYS_pidfd_open, ::getpid(), 0)));
+  Check(other.pidfd && h.backend->AddMapping(std::move(other)).status().code() ==
+                           StatusCode::kInvalidArgument,
+        "AddMapping with a pidfd of another process than the client is refused");
 
   Check(h.Step('r', &word) && word == 0x1111, "a read miss becomes an event; MapRead installs the store's bytes");
   Check(h.faults_seen() == 1 && !h.seen.back().write, "one read event");
