@@ -1182,7 +1182,9 @@ void NodeDaemon::ExecuteOne(Action& a) {
   // declares this node dead and its sole copies lost, which clients are told.
   auto write_back = [&]() {
     Status st = tier_->WriteBack(one);
-    if (!st.ok()) Fatal(FailedPrecondition("GPU write-back of page " + Hex(a.page) + ": " + st.ToString()));
+    if (!st.ok()) {
+      Fatal(FailedPrecondition("GPU write-back of page " + Hex(a.page) + ": " + st.ToString()));
+    }
     return st.ok();
   };
   if (tier_) {

@@ -866,7 +866,7 @@ Status DeviceTier::CopyMovesToDevice(uint32_t gpu, const std::vector<Move>& move
     Status s = Drain(lane);
     if (first_error.ok() && !s.ok()) first_error = std::move(s);
   }
-  return first_error;
+  return first_error.code() == StatusCode::kInternal ? Fail(std::move(first_error)) : first_error;
 }
 
 Status DeviceTier::WriteBackMoves(uint32_t gpu, const std::vector<Move>& moves) {
