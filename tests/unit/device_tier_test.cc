@@ -798,7 +798,9 @@ TEST(DeviceTierSharedBudgetTest, PageSizesShareOneBudgetPerGpu) {
   for (PageAddr p : sp) on_gpu += tier->table().GpuOf(p).has_value();
   EXPECT_EQ(on_gpu, 64u);
   for (uint64_t i = 0; i < 16; ++i) {  // evicted or not, the host has the GPU's bytes
-    if (tier->table().GpuOf(sp[i])) ASSERT_TRUE(tier->WriteBack(std::span(&sp[i], 1)).ok());
+    if (tier->table().GpuOf(sp[i])) {
+      ASSERT_TRUE(tier->WriteBack(std::span(&sp[i], 1)).ok());
+    }
     std::vector<uint8_t> host(4096);
     ASSERT_TRUE(small->ReadPage(sp[i], host).ok());
     EXPECT_EQ(host, small_bytes[i]) << "small page " << i;
