@@ -9,8 +9,8 @@
 #   facts       the GPU, the kernel, the CPUs, userfaultfd, missing libraries
 #   gpu_tests   the device backend suite on the cuda backend (ctest -L gpu)
 #   bench_gpu*  dsvm-bench gpu --backend cuda: migration against cudaMemcpy
-#               (2 MiB pages, the default copy threads and one; 64 KiB and
-#               4 KiB pages) and the oversubscribed gather against zero-copy
+#               (2 MiB pages, 256 MiB and 1 GiB, the default copy threads
+#               and one; 64 KiB and 4 KiB pages) and the oversubscribed gather against zero-copy
 #               and a staging loop (#5's targets)
 #   emulated_*  the same migration on the emulated backend, 1 and 4 copy
 #               threads (the copy threads' scaling on many cores)
@@ -141,9 +141,12 @@ step example 150 example
 
 # Migration alone: staged by one thread (the baseline of the copy threads),
 # and with smaller pages.
-step bench_gpu_1thread 60 "$b/bench/dsvm-bench" gpu --backend cuda --skip-oversub \
+# 1 GiB each way: a 256 MiB copy takes about 5 ms on PCIe 5, too short to time.
+step bench_gpu_1g 60 "$b/bench/dsvm-bench" gpu --backend cuda --skip-oversub --size 1G
+step bench_gpu_1thread 60 "$b/bench/dsvm-bench" gpu --backend cuda --skip-oversub --size 1G \
   --copy-threads 1
-step bench_gpu_64k 60 "$b/bench/dsvm-bench" gpu --backend cuda --skip-oversub --page-size 65536
+step bench_gpu_64k 60 "$b/bench/dsvm-bench" gpu --backend cuda --skip-oversub --page-size 65536 \
+  --size 1G
 step bench_gpu_4k 90 "$b/bench/dsvm-bench" gpu --backend cuda --skip-oversub --page-size 4096
 # The copy threads on 16 cores without the GPU: the emulated backend's
 # "device" copies are host memcpy too (2 vCPUs here cannot show them).
