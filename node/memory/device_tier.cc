@@ -4,7 +4,6 @@
 #include <cstdio>
 #include <exception>
 #include <latch>
-#include <set>
 #include <string>
 #include <thread>
 #include <unordered_set>
@@ -99,11 +98,7 @@ DeviceTier::~DeviceTier() {
     }
   }
   for (const auto& [page, placed] : slots_) placed.pool->Free(placed.slot).IgnoreError();
-  // One entry per map that holds a slot: free each slot once.
-  std::set<std::pair<const DevicePagePool*, uint32_t>> freed;
-  for (const HeldSlot& h : held_) {
-    if (freed.insert({h.pool, h.slot.index}).second) h.pool->Free(h.slot).IgnoreError();
-  }
+  for (const auto& [key, e] : held_) e.slot.pool->Free(e.slot.slot).IgnoreError();
 }
 
 Status DeviceTier::AddRegion(PageStore* store) {
@@ -497,7 +492,7 @@ Result<DeviceRun> DeviceTier::MapReplicaRun(PageAddr region, std::span<const Pag
     OccupantOf(pool, slot->index);  // sizes the table
     occupants_[pool][slot->index] = kHeld;
     taken.push_back(HeldSlot{pool, *slot});
-    held_.push_back(taken.back());
+    held_[{pool, slot->index}] = HeldEntry{taken.back(), 1, kNoPage};
     moves.push_back(Move{pages[i], store, slot->ptr, static_cast<uint32_t>(ps),
                          ArenaEnd(pool, slot->ptr)});
   }
@@ -574,19 +569,15 @@ Status DeviceTier::EvictCopies(std::span<const PageAddr> pages) {
 Status DeviceTier::Detach(std::span<const PageAddr> pages, std::vector<HeldSlot>* held) {
   DSVM_RETURN_IF_ERROR(CheckPages(pages));
   TierSteps steps;
-  auto is_held = [&](const HeldSlot& h) {
-    return std::any_of(held_.begin(), held_.end(), [&](const HeldSlot& x) {
-      return x.pool == h.pool && x.slot.index == h.slot.index;
-    });
-  };
   for (PageAddr page : pages) {
     auto it = slots_.find(page);
     if (it == slots_.end()) {
       // Detached just before for another map of the same pages (maps of
       // one range share slots): this map holds the slot too.
-      if (auto d = detached_.find(page); d != detached_.end() && is_held(d->second)) {
-        held_.push_back(d->second);
-        held->push_back(d->second);
+      if (auto d = detached_.find(page); d != detached_.end()) {
+        HeldEntry& e = held_.at(d->second);
+        ++e.holds;
+        held->push_back(e.slot);
         continue;
       }
       DSVM_RETURN_IF_ERROR(table_->Drop(page, &steps));
@@ -597,9 +588,10 @@ Status DeviceTier::Detach(std::span<const PageAddr> pages, std::vector<HeldSlot>
     std::vector<PageAddr>& occ = occupants_[h.pool];
     if (h.slot.index < occ.size()) occ[h.slot.index] = kHeld;
     slots_.erase(it);
-    held_.push_back(h);
+    const SlotKey key{h.pool, h.slot.index};
+    held_[key] = HeldEntry{h, 1, page};
+    detached_[page] = key;
     held->push_back(h);
-    detached_[page] = h;
   }
   Status s = Execute(steps, nullptr);  // frees only: cannot fail
   DSVM_CHECK_MSG(s.ok(), s.ToString());
@@ -608,20 +600,16 @@ Status DeviceTier::Detach(std::span<const PageAddr> pages, std::vector<HeldSlot>
 
 Status DeviceTier::Release(std::span<const HeldSlot> held) {
   for (const HeldSlot& h : held) {
-    auto it = std::find_if(held_.begin(), held_.end(), [&](const HeldSlot& x) {
-      return x.pool == h.pool && x.slot.index == h.slot.index;
-    });
+    const SlotKey key{h.pool, h.slot.index};
+    auto it = held_.find(key);
     if (it == held_.end()) {
       return InvalidArgument("device tier: slot " + std::to_string(h.slot.index) + " is not held");
     }
+    if (--it->second.holds != 0) continue;  // another map holds it too
+    if (auto d = detached_.find(it->second.page); d != detached_.end() && d->second == key) {
+      detached_.erase(d);
+    }
     held_.erase(it);
-    const bool still_held = std::any_of(held_.begin(), held_.end(), [&](const HeldSlot& x) {
-      return x.pool == h.pool && x.slot.index == h.slot.index;
-    });
-    if (still_held) continue;  // another map holds it too
-    std::erase_if(detached_, [&](const auto& d) {
-      return d.second.pool == h.pool && d.second.slot.index == h.slot.index;
-    });
     DSVM_RETURN_IF_ERROR(table_->ReleaseHeldSlot(h.pool->device(), h.pool->page_size()));
     Status s = h.pool->Free(h.slot);
     DSVM_CHECK_MSG(s.ok(), s.ToString());
@@ -747,7 +735,7 @@ std::vector<DeviceTier::Batch> DeviceTier::SplitBatches(const std::vector<Move>&
     uint64_t bytes = 0;
     while (i < moves.size() && bytes + moves[i].bytes <= options_.batch_bytes) bytes += moves[i++].bytes;
     DSVM_CHECK(i > begin);  // batch_bytes >= every page size (Create)
-    batches.push_back(Batch{begin, i});
+    batches.push_back(Batch{begin, i, bytes});
   }
   return batches;
 }
@@ -855,10 +843,8 @@ Status DeviceTier::CopyMovesToDevice(uint32_t gpu, const std::vector<Move>& move
       lane.busy = true;
       ++stats_.to_device_calls;
       stats_.to_device_entries += entries[k].size();
-      for (size_t i = batches[w + k].begin; i < batches[w + k].end; ++i) {
-        ++stats_.pages_to_device;
-        stats_.bytes_to_device += moves[i].bytes;
-      }
+      stats_.pages_to_device += batches[w + k].end - batches[w + k].begin;
+      stats_.bytes_to_device += batches[w + k].bytes;
     }
   }
   Status first_error;

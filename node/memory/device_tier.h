@@ -307,6 +307,7 @@ class DeviceTier {
   struct Batch {
     size_t begin;
     size_t end;
+    uint64_t bytes;  // of its pages
   };
   // `moves` cut into batches of at most batch_bytes each, in order.
   std::vector<Batch> SplitBatches(const std::vector<Move>& moves) const;
@@ -349,12 +350,19 @@ class DeviceTier {
   std::deque<PageAddr> leave_;
   // Per pool, the page in each slot (kNoPage: free), by slot index.
   std::unordered_map<const DevicePagePool*, std::vector<PageAddr>> occupants_;
-  // Slots Detach kept, one entry per map holding one (maps of one range
-  // share slots), freed by the last Release or the destructor.
-  std::vector<HeldSlot> held_;
-  // The slot each page was detached from, while it is held: a second map
-  // of the page detached in the same loss holds it too.
-  std::unordered_map<PageAddr, HeldSlot> detached_;
+  // Slots held outside the table (Detach, MapReplicaRun), by (pool, slot
+  // index), with how many maps hold each (maps of one range share slots):
+  // the last Release, or the destructor, frees it.
+  using SlotKey = std::pair<const DevicePagePool*, uint32_t>;
+  struct HeldEntry {
+    HeldSlot slot;
+    uint32_t holds = 0;
+    PageAddr page = kNoPage;  // Detach: the page it held; kNoPage for a replica's
+  };
+  std::map<SlotKey, HeldEntry> held_;
+  // The held slot each detached page had: a second map of the page detached
+  // in the same loss holds it too.
+  std::unordered_map<PageAddr, SlotKey> detached_;
   // During MapRun: the slot index each page must take.
   std::unordered_map<PageAddr, uint32_t> forced_;
   Status failed_;
