@@ -627,9 +627,6 @@ std::vector<PageAddr> DeviceTier::TakePagesToLeave() {
 
 void DeviceTier::FreeSlotOf(PageAddr page) {
   auto it = slots_.find(page);
-  // After a failed write-back the table counts its victims' slots as freed
-  // already: nothing to free then.
-  if (it == slots_.end() && !failed_.ok()) return;
   DSVM_CHECK_MSG(it != slots_.end(), "device tier: no slot for " + Hex(page));
   Status s = it->second.pool->Free(it->second.slot);
   DSVM_CHECK_MSG(s.ok(), s.ToString());
