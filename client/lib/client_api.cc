@@ -770,29 +770,24 @@ int GpuUnmap(const void* addr, size_t len) {
   proto::GpuUnmap m;
   m.address = reinterpret_cast<uintptr_t>(addr);
   m.length = len;
-  if (addr != nullptr && len != 0 && (m.address % proto::kMinPageSize != 0 || len % proto::kMinPageSize != 0)) {
-    return Fail(DSVM_EINVALID_ARGUMENT, what + ": no map has a range not aligned to its pages");
-  }
-  {
-    // A zero-copy map registered with CUDA: the device stops reaching the
-    // pages before the daemon may take them away.
-    // Only a map of exactly this range: any other unmap is refused by the
-    // daemon, and must leave a live map's registration alone.
-    std::lock_guard<std::mutex> l(g_mu);
-    if (g_lib != nullptr) {
-      auto it = g_lib->cuda_host_maps.find({m.address, m.length});
-      if (it != g_lib->cuda_host_maps.end() && --it->second == 0) {
-        UnregisterCudaHost(const_cast<void*>(addr));
-        g_lib->cuda_host_maps.erase(it);
-      }
-    }
-  }
   // Not RangeCall: a map outlives the region's close (it is lost then),
   // and the daemon knows this process's maps.
   if (addr == nullptr || len == 0) return Fail(DSVM_EINVALID_ARGUMENT, what + ": NULL or empty");
+  if (m.address % proto::kMinPageSize != 0 || len % proto::kMinPageSize != 0) {
+    return Fail(DSVM_EINVALID_ARGUMENT, what + ": no map has a range not aligned to its pages");
+  }
   std::lock_guard<std::mutex> l(g_mu);
   Library* lib = g_lib;
   if (lib == nullptr) return NotInitialized(what);
+  // A zero-copy map registered with CUDA: the device stops reaching the
+  // pages before the daemon may take them away. Only a map of exactly this
+  // range: any other unmap is refused by the daemon, and must leave a live
+  // map's registration alone.
+  auto it = lib->cuda_host_maps.find({m.address, m.length});
+  if (it != lib->cuda_host_maps.end() && --it->second == 0) {
+    UnregisterCudaHost(const_cast<void*>(addr));
+    lib->cuda_host_maps.erase(it);
+  }
   if (Status st = StatusCallLocked(lib, m); !st.ok()) return FailWith(what, st);
   return Succeed();
 }
