@@ -164,6 +164,7 @@ static Result<std::unique_ptr<DeviceBackend>> MakeNodeDeviceBackend(const NodeDa
   // Room for a full pool of each page size, so the budget, not the
   // emulated device, is what runs out.
   bo.emulated_device_bytes = 4 * o.gpu_budget_bytes + (8u << 20);
+  bo.emulated_copy_delay = o.emulated_copy_delay;
   auto backend = MakeDeviceBackend(o.device_backend, bo);
   if (!backend.ok()) {
     return Status(backend.status().code(),
@@ -296,6 +297,7 @@ Status NodeDaemon::SetupDeviceTier() {
   to.host_budget_bytes = options_.host_budget_bytes;
   to.copy_threads =
       options_.gpu_copy_threads != 0 ? options_.gpu_copy_threads : DefaultCopyThreads();
+  to.keep_alive = [this] { BeatIfDue(); };
   DSVM_ASSIGN_OR_RETURN(tier_, DeviceTier::Create(device_.get(), pools, to));
   LogInfo("GPU tier: " + std::string(device_->name()) + " backend, " +
           std::to_string(device_->device_count()) + " GPU(s), " +
@@ -677,20 +679,27 @@ proto::NodeCounters NodeDaemon::Counters() const {
   return c;
 }
 
+void NodeDaemon::BeatIfDue() {
+  const uint64_t now = NowMs();
+  if (now - last_heartbeat_ms_ < heartbeat_ms_) return;
+  last_heartbeat_ms_ = now;
+  // Each shard keeps its own membership: each needs the heartbeats.
+  for (ShardLink& s : shards_) {
+    if (!s.link.is_open()) continue;  // OnTimer reconnects it
+    s.heartbeat_request = s.link.NextRequestId();
+    s.link.Send(proto::Heartbeat{id_, Counters()}, s.heartbeat_request).IgnoreError();
+  }
+}
+
 void NodeDaemon::OnTimer() {
   const uint64_t now = NowMs();
-  // Each shard keeps its own membership: each needs the heartbeats.
-  const bool beat = now - last_heartbeat_ms_ >= heartbeat_ms_;
-  if (beat) last_heartbeat_ms_ = now;
   for (size_t i = 0; i < shards_.size(); ++i) {
     ShardLink& s = shards_[i];
-    if (!s.link.is_open()) {
-      if (now - s.last_reconnect_ms >= kReconnectEveryMs) ReconnectCoordinator(i);
-    } else if (beat) {
-      s.heartbeat_request = s.link.NextRequestId();
-      s.link.Send(proto::Heartbeat{id_, Counters()}, s.heartbeat_request).IgnoreError();
+    if (!s.link.is_open() && now - s.last_reconnect_ms >= kReconnectEveryMs) {
+      ReconnectCoordinator(i);
     }
   }
+  BeatIfDue();
   Actions acts;
   agent_.Tick(now, &acts);
   Execute(acts);

@@ -18,6 +18,7 @@
 #ifndef DSVM_NODE_DAEMON_NODE_DAEMON_H_
 #define DSVM_NODE_DAEMON_NODE_DAEMON_H_
 
+#include <chrono>
 #include <cstdint>
 #include <deque>
 #include <functional>
@@ -90,6 +91,11 @@ struct NodeDaemonOptions {
   // coldest pages leave the node through the directory (remote swap). Kept
   // by the GPU tier, so it needs a device backend.
   uint64_t host_budget_bytes = 0;
+  // Test seam, "emulated" only (DeviceBackendOptions::emulated_copy_delay):
+  // each copy of the emulated GPUs waits this long first, so a test can
+  // make a map's copies take as long as a large one's on a real GPU. No
+  // flag: 0 outside tests.
+  std::chrono::microseconds emulated_copy_delay{0};
 };
 
 struct NodeDaemonStats {
@@ -259,6 +265,10 @@ class NodeDaemon {
   void DrainPosted();
   void OnCoordinatorReadable(size_t shard);
   void OnTimer();
+  // A heartbeat to each connected shard when one is due. Also called by
+  // the GPU tier while its copies hold the loop (DeviceTierOptions::
+  // keep_alive): a busy node is not a dead one.
+  void BeatIfDue();
   void ReconnectCoordinator(size_t shard);
   // Closes shard's link (reconnected by OnTimer); with shard 0, fails the
   // client requests forwarded on it.

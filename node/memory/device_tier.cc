@@ -716,7 +716,9 @@ Status DeviceTier::Execute(const TierSteps& steps, std::vector<PageAddr>* placed
 Status DeviceTier::Drain(Lane& lane) {
   if (!lane.busy) return Status::Ok();
   lane.busy = false;
-  return backend_->Wait(lane.fence);
+  Status s = backend_->Wait(lane.fence);
+  if (options_.keep_alive) options_.keep_alive();
+  return s;
 }
 
 Status DeviceTier::DrainAll(std::vector<Lane>& lanes, Status first) {

@@ -83,6 +83,13 @@ struct DeviceTierOptions {
   // migration that stages on one thread cannot keep a GPU's copy engine
   // busy. Each GPU gets at least 2 * copy_threads lanes.
   uint32_t copy_threads = 1;
+  // Called on the calling thread each time the tier has waited for a copy
+  // (one batch each way; milliseconds apart at most): a migration of many
+  // gigabytes holds the caller for seconds, and the node daemon keeps its
+  // heartbeats going from here, or the coordinator would declare a node
+  // that is only busy dead (and its pages lost). It must not call into the
+  // tier. Empty: nothing.
+  std::function<void()> keep_alive;
 };
 
 // A default for DeviceTierOptions::copy_threads on this host: a quarter of
@@ -322,7 +329,7 @@ class DeviceTier {
   // Runs fn(0) .. fn(n - 1) at once on the copy threads and the calling
   // thread; returns the first error by index, once all have returned.
   Status ParallelFor(size_t n, const std::function<Status(size_t)>& fn);
-  // Waits for the lane's pending fence, if any.
+  // Waits for the lane's pending fence, if any, then calls keep_alive.
   Status Drain(Lane& lane);
   // After a failed copy: waits for what every lane queued (the caller may
   // free its slots), then returns `first`, the error to report.

@@ -1021,6 +1021,47 @@ TEST_F(GpuMapDeathTest, ALostMapKeepsItsMemoryUntilUnmapped) {
   for (int fd : {mapped[0], mapped[1], go[0], go[1]}) ::close(fd);
 }
 
+// A map whose copies take longer than the coordinator's death deadline
+// (here 64 MiB in 8 batches of 8 MiB, each copy of the emulated GPU slowed
+// to 250 ms: about a second with two streams, against 600 ms) holds the
+// daemon's loop all that time; the node keeps beating between batches, so
+// it is not declared dead and the map is not lost. Fails without: the node
+// was declared dead during the map, started afresh and lost it (the unmap
+// said DSVM_EDATA_LOSS).
+TEST_F(GpuMapDeathTest, ALongMapKeepsTheNodeAlive) {
+  constexpr uint32_t kBig = 64u << 10;
+  constexpr uint64_t kPages = 1024;  // 64 MiB
+  auto reply = tool_.Call(proto::RegionCreate{
+      .name = "glong", .size = kPages * kBig, .page_size = kBig, .mode = 0666});
+  ASSERT_TRUE(reply.ok());
+  const auto* r = std::get_if<proto::RegionReply>(&*reply);
+  ASSERT_NE(r, nullptr);
+  node::NodeDaemonOptions o = Options(0);
+  o.gpu_budget_bytes = kPages * kBig;
+  o.gpu_copy_threads = 1;
+  o.emulated_copy_delay = std::chrono::milliseconds(250);
+  auto d = NodeDaemon::Create(o);
+  ASSERT_TRUE(d.ok()) << d.status().ToString();
+  nodes_.push_back(std::make_unique<RunningDaemon>(std::move(*d)));
+  nodes_[0]->Sync([&](NodeDaemon& d) { ASSERT_TRUE(d.OpenRegion(*r).ok()); });
+  EXPECT_EQ(RunClient(0, "glong", [&](uint8_t* base) {
+              void* dev = nullptr;
+              if (dsvm_gpu_map(base, kPages * kBig, 0, DSVM_GPU_WRITE, &dev) != DSVM_OK) return 1;
+              auto* words = static_cast<uint64_t*>(dev);
+              for (uint64_t p = 0; p < kPages; ++p) words[p * kBig / 8] = Pattern(p, 0, 3);
+              // Time for a death notice to arrive, had there been one.
+              std::this_thread::sleep_for(std::chrono::milliseconds(500));
+              return dsvm_gpu_unmap(base, kPages * kBig) == DSVM_OK ? 0 : 2;
+            }),
+            0);
+  nodes_[0]->Sync([&](NodeDaemon& d) {
+    EXPECT_EQ(d.stats().fresh_starts, 0u);
+    EXPECT_EQ(d.stats().gpu_maps_lost, 0u);
+    EXPECT_GE(d.tier()->stats().to_device_calls, 8u) << "the map took one copy per batch";
+  });
+  EXPECT_EQ(nodes_[0]->ReadU64(r->base + 5 * kBig), Pattern(5, 0, 3));
+}
+
 // Node 0's GPU holds the only current bytes of pages (a write map, then
 // unmapped) when their write-back fails (here: RLIMIT_FSIZE below their
 // offsets in the memfd, so the daemon's pwrite gets EFBIG). Node 1 reads

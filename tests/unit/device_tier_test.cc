@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <numeric>
 #include <random>
@@ -47,6 +48,7 @@ struct TierConfig {
   uint32_t devices = 2;
   uint64_t device_bytes = 1ull << 30;
   std::chrono::microseconds copy_delay{0};  // the emulated backend's test seam
+  std::function<void()> keep_alive;         // DeviceTierOptions::keep_alive
 };
 
 // One region (a PageStore of random bytes), a pool per GPU, a tier over them,
@@ -85,6 +87,7 @@ class DeviceTierTest : public testing::TestWithParam<uint32_t> {
     to.batch_bytes = c.batch_pages * c.page_size;
     to.host_budget_bytes = c.host_budget_pages * c.page_size;
     to.copy_threads = GetParam();
+    to.keep_alive = c.keep_alive;
     auto t = DeviceTier::Create(backend_.get(), pools, to);
     ASSERT_TRUE(t.ok()) << t.status().ToString();
     tier_ = std::move(t).value();
@@ -176,6 +179,27 @@ TEST_P(DeviceTierTest, BytesRoundTripHostToGpuToHost) {
   EXPECT_EQ(st.to_device_calls, 2u);  // 8 pages, 4 per batch
   EXPECT_EQ(st.to_host_calls, 2u);
   EXPECT_EQ(pools_[0]->used_slots(), 8u);
+  ASSERT_TRUE(tier_->Unpin(pages).ok());
+}
+
+// A long copy calls keep_alive after each batch it waited for, each way,
+// so the daemon can beat while a migration holds its loop; a call with
+// nothing to copy waits for nothing and calls nothing.
+TEST_P(DeviceTierTest, KeepAliveIsCalledAfterEachBatchWaitedFor) {
+  uint64_t calls = 0;
+  TierConfig c;
+  c.keep_alive = [&calls] { ++calls; };
+  Build(c);
+  const std::vector<PageAddr> pages = Pages(Range(0, 16));  // 4 batches of 4
+  auto ptrs = tier_->MakeResident(kBase, pages, 0, /*for_write=*/true, 1);
+  ASSERT_TRUE(ptrs.ok()) << ptrs.status().ToString();
+  EXPECT_EQ(calls, 4u);
+  for (size_t i = 0; i < pages.size(); ++i) KernelWrite(0, i, (*ptrs)[i]);
+  ASSERT_TRUE(tier_->WriteBack(pages).ok());
+  EXPECT_EQ(calls, 8u);
+  ASSERT_TRUE(tier_->WriteBack(pages).ok());  // clean now: no copies
+  EXPECT_EQ(calls, 8u);
+  for (size_t i = 0; i < pages.size(); ++i) EXPECT_EQ(ReadStore(i), model_[i]) << "page " << i;
   ASSERT_TRUE(tier_->Unpin(pages).ok());
 }
 
