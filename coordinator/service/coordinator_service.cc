@@ -201,6 +201,20 @@ void CoordinatorService::OnDisconnect(ConnId conn) {
 }
 
 void CoordinatorService::OnTick(uint64_t now_ms) {
+  // A late tick means this process stood still: a node whose heartbeats
+  // wait unread in its socket is not silent. Its deadline moves by the
+  // stall (one tick's lateness is ordinary scheduling and moves it too).
+  if (last_tick_ms_ != 0 && now_ms > last_tick_ms_ + options_.tick_ms) {
+    const uint64_t stalled = now_ms - last_tick_ms_ - options_.tick_ms;
+    for (auto& [id, m] : members_) {
+      if (m.record.live) m.deadline_ms += stalled;
+    }
+    if (stalled >= options_.heartbeat_interval_ms) {
+      LogWarning("the coordinator stood still for " + std::to_string(stalled) +
+                 " ms; nodes' deadlines moved by as much");
+    }
+  }
+  last_tick_ms_ = now_ms;
   std::vector<proto::NodeId> dead;
   for (const auto& [id, m] : members_) {
     if (m.record.live && m.deadline_ms < now_ms) dead.push_back(id);

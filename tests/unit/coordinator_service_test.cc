@@ -1,0 +1,125 @@
+// CoordinatorService membership on its own clock: frames and ticks carry
+// the time, so who is declared dead when is exact. Real RocksDB store in a
+// temporary directory.
+#include "coordinator/service/coordinator_service.h"
+
+#include <gtest/gtest.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "coordinator/storage/store.h"
+#include "proto/messages.h"
+
+namespace dsvm::coordinator {
+namespace {
+
+constexpr uint32_t kHeartbeatMs = 100;
+constexpr uint32_t kDeadAfterMs = 600;
+constexpr uint32_t kTickMs = 50;
+
+class CoordinatorServiceTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/dsvm-service-XXXXXX";
+    ASSERT_NE(::mkdtemp(tmpl), nullptr);
+    dir_ = tmpl;
+    auto store = Store::Open(dir_, {});
+    ASSERT_TRUE(store.ok()) << store.status().ToString();
+    ServiceOptions o;
+    o.heartbeat_interval_ms = kHeartbeatMs;
+    o.dead_after_ms = kDeadAfterMs;
+    o.tick_ms = kTickMs;
+    auto s = CoordinatorService::Create(std::move(*store), o, now_);
+    ASSERT_TRUE(s.ok()) << s.status().ToString();
+    service_ = std::move(*s);
+  }
+  void TearDown() override {
+    service_.reset();
+    std::filesystem::remove_all(dir_);
+  }
+
+  // Delivers `m` from connection `conn` at the current time.
+  void Deliver(ConnId conn, proto::Message m) {
+    proto::Frame f;
+    f.header.type = proto::TypeOf(m);
+    f.header.request_id = ++request_;
+    f.message = std::move(m);
+    ASSERT_TRUE(service_->OnFrame(conn, f, now_).ok());
+    std::vector<Send> sends;
+    ASSERT_TRUE(service_->Flush(&sends).ok());
+    for (Send& s : sends) {
+      if (const auto* r = std::get_if<proto::JoinReply>(&s.message)) joined_ = r->node;
+    }
+  }
+  proto::NodeId Join(ConnId conn) {
+    joined_ = proto::kNoNode;
+    proto::JoinRequest j;
+    j.address = "127.0.0.1:" + std::to_string(9000 + conn);
+    Deliver(conn, j);
+    EXPECT_NE(joined_, proto::kNoNode);
+    return joined_;
+  }
+  void Beat(ConnId conn, proto::NodeId node) { Deliver(conn, proto::Heartbeat{node, {}}); }
+  // Ticks every kTickMs until `until`, as the server does.
+  void TickUntil(uint64_t until) {
+    while (now_ + kTickMs <= until) {
+      now_ += kTickMs;
+      service_->OnTick(now_);
+    }
+  }
+  uint64_t dead() const { return service_->stats().nodes_declared_dead; }
+
+  std::string dir_;
+  uint64_t now_ = 10'000;
+  uint64_t request_ = 0;
+  proto::NodeId joined_ = proto::kNoNode;
+  std::unique_ptr<CoordinatorService> service_;
+};
+
+// The baseline the next test departs from: a node that stops beating is
+// declared dead once its deadline passes on regular ticks.
+TEST_F(CoordinatorServiceTest, ASilentNodeIsDeclaredDeadAfterItsDeadline) {
+  const proto::NodeId a = Join(1);
+  service_->OnTick(now_);
+  TickUntil(now_ + kDeadAfterMs - kTickMs);
+  EXPECT_EQ(dead(), 0u);
+  TickUntil(now_ + 2 * kTickMs);
+  EXPECT_EQ(dead(), 1u) << "node " << a;
+}
+
+// The coordinator stands still for 5 s (SIGSTOP, a paused VM, a starved
+// core) while its nodes go on beating into their sockets. The first tick
+// after it must not declare them dead: their heartbeats are read next.
+// A node that really went silent is still declared dead, a deadline
+// later. Fails without: the late tick declared both nodes dead at once.
+TEST_F(CoordinatorServiceTest, AStallOfTheCoordinatorCountsAgainstNoNode) {
+  const proto::NodeId a = Join(1);
+  const proto::NodeId b = Join(2);
+  service_->OnTick(now_);
+  TickUntil(now_ + 200);
+  Beat(1, a);
+  Beat(2, b);
+  now_ += 5000;                // nothing runs here meanwhile
+  service_->OnTick(now_);      // the first tick after the stall
+  EXPECT_EQ(dead(), 0u);
+  Beat(1, a);                  // read from its socket right after
+  TickUntil(now_ + kDeadAfterMs - 2 * kTickMs);
+  EXPECT_EQ(dead(), 0u);
+  // Node b said nothing since before the stall: dead within a deadline of
+  // the stall's end. Node a beats on: alive.
+  Beat(1, a);
+  TickUntil(now_ + 4 * kTickMs);
+  EXPECT_EQ(dead(), 1u) << "node " << b << " is silent";
+  Beat(1, a);
+  TickUntil(now_ + kDeadAfterMs / 2);
+  EXPECT_EQ(dead(), 1u) << "node " << a << " beats: alive";
+}
+
+}  // namespace
+}  // namespace dsvm::coordinator
