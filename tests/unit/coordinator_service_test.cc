@@ -13,8 +13,10 @@
 #include <string>
 #include <vector>
 
+#include "coordinator/directory/page_directory.h"
 #include "coordinator/storage/store.h"
 #include "proto/messages.h"
+#include "proto/status.h"
 
 namespace dsvm::coordinator {
 namespace {
@@ -54,11 +56,14 @@ class CoordinatorServiceTest : public ::testing::Test {
     std::vector<Send> sends;
     ASSERT_TRUE(service_->Flush(&sends).ok());
     for (Send& s : sends) {
+      if (s.request_id != request_) continue;  // directory messages, other replies
       if (const auto* r = std::get_if<proto::JoinReply>(&s.message)) joined_ = r->node;
+      if (const auto* r = std::get_if<proto::StatusReply>(&s.message)) reply_ = proto::FromReply(*r);
     }
   }
   proto::NodeId Join(ConnId conn) {
     joined_ = proto::kNoNode;
+    reply_ = Status::Ok();
     proto::JoinRequest j;
     j.address = "127.0.0.1:" + std::to_string(9000 + conn);
     Deliver(conn, j);
@@ -78,7 +83,8 @@ class CoordinatorServiceTest : public ::testing::Test {
   std::string dir_;
   uint64_t now_ = 10'000;
   uint64_t request_ = 0;
-  proto::NodeId joined_ = proto::kNoNode;
+  proto::NodeId joined_ = proto::kNoNode;  // from the last JoinReply
+  Status reply_;                           // the last StatusReply to a request
   std::unique_ptr<CoordinatorService> service_;
 };
 
@@ -119,6 +125,27 @@ TEST_F(CoordinatorServiceTest, AStallOfTheCoordinatorCountsAgainstNoNode) {
   Beat(1, a);
   TickUntil(now_ + kDeadAfterMs / 2);
   EXPECT_EQ(dead(), 1u) << "node " << a << " beats: alive";
+}
+
+// The directory bounds its per-page queues and records by kMaxNodes live
+// nodes: one join more is refused with a clear error (nothing else
+// changes), and once a node is gone the next join gets in.
+TEST_F(CoordinatorServiceTest, AJoinPastTheMostLiveNodesIsRefused) {
+  for (ConnId c = 1; c <= kMaxNodes; ++c) {
+    ASSERT_NE(Join(c), proto::kNoNode) << "join " << c << ": " << reply_.ToString();
+  }
+  const ConnId extra = kMaxNodes + 1;
+  joined_ = proto::kNoNode;
+  proto::JoinRequest j;
+  j.address = "127.0.0.1:1";
+  Deliver(extra, j);
+  EXPECT_EQ(joined_, proto::kNoNode);
+  EXPECT_EQ(reply_.code(), StatusCode::kResourceExhausted) << reply_.ToString();
+  EXPECT_NE(reply_.message().find("4096 live nodes"), std::string::npos) << reply_.ToString();
+  // Node 1 leaves: its place is free.
+  Deliver(1, proto::LeaveRequest{1});
+  EXPECT_EQ(service_->stats().nodes_declared_dead, 1u);
+  EXPECT_NE(Join(extra), proto::kNoNode) << reply_.ToString();
 }
 
 }  // namespace
