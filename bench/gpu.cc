@@ -19,7 +19,6 @@
 #include "bench/node_process.h"
 #include "examples/embedding_bag.h"
 #include "node/memory/device_backend.h"
-#include "node/memory/device_page_pool.h"
 #include "node/memory/device_tier.h"
 #include "node/memory/page_store.h"
 
@@ -130,14 +129,11 @@ Status RunMigration(const GpuBenchOptions& o, std::unique_ptr<DeviceBackend> bac
     DSVM_RETURN_IF_ERROR(store->WritePage(pages.back(), bytes));
   }
   const uint64_t before = Checksum(*store, o.page_size);
-  DSVM_ASSIGN_OR_RETURN(
-      std::unique_ptr<node::DevicePagePool> pool,
-      node::DevicePagePool::Create(backend.get(), {.device = 0, .page_size = o.page_size,
-                                                   .budget_bytes = o.bytes}));
   node::DeviceTierOptions to;
   to.copy_threads = CopyThreads(o);
-  DSVM_ASSIGN_OR_RETURN(std::unique_ptr<node::DeviceTier> tier,
-                        node::DeviceTier::Create(backend.get(), {pool.get()}, to));
+  DSVM_ASSIGN_OR_RETURN(
+      std::unique_ptr<node::DeviceTier> tier,
+      node::DeviceTier::Create(backend.get(), std::vector<uint64_t>{o.bytes}, to));
   DSVM_RETURN_IF_ERROR(tier->AddRegion(store.get()));
   double h2d = 0, d2h = 0;
   uint64_t tick = 1;

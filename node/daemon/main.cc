@@ -4,7 +4,8 @@
 //             [--fault-backend kmod|uffd] [--rejoin-as N] [--secret-file FILE]
 //             [--busy-poll-us N] [--fault-poll-us N]
 //             [--device-backend none|emulated|cuda] [--gpu-budget BYTES]
-//             [--emulated-gpus N] [--host-budget BYTES] [--gpu-copy-threads N] [--verbose]
+//             [--emulated-gpus N] [--host-budget BYTES] [--gpu-copy-threads N]
+//             [--gpu-arena BYTES] [--verbose]
 //
 // --coordinator: one coordinator per directory shard, in shard order (shard
 // 0 first: it assigns the node id and holds membership and regions); the
@@ -28,7 +29,10 @@
 // GPU gives region pages, all page sizes together. --host-budget BYTES: host DRAM the
 // node's pages may take; past it the coldest leave the node (needs a backend).
 // --gpu-copy-threads N (1 to 64): threads that stage the GPU tier's copies
-// (default a quarter of the CPUs, 1 to 4; docs/GPU.md).
+// (default a quarter of the CPUs, 1 to 4; docs/GPU.md). --gpu-arena BYTES:
+// the GPU memory a region's pool takes at a time (default 64M; a multiple
+// of 4K): GPU memory is never shared between regions, so smaller arenas
+// share a budget between more regions, larger ones allocate less often.
 // --listen is the UCX listener peers reach (port 0 picks one); --socket the
 // UNIX socket libdsvm connects to (default $DSVM_SOCKET, then
 // /run/dsvm/node.sock). Exits 1 with a clear message when it cannot start;
@@ -55,7 +59,8 @@ int Usage(const std::string& why) {
                "       [--fault-backend kmod|uffd] [--rejoin-as N] [--secret-file FILE]\n"
                "       [--busy-poll-us N] [--fault-poll-us N]\n"
                "       [--device-backend none|emulated|cuda] [--gpu-budget BYTES]\n"
-               "       [--emulated-gpus N] [--host-budget BYTES] [--gpu-copy-threads N] [--verbose]\n"
+               "       [--emulated-gpus N] [--host-budget BYTES] [--gpu-copy-threads N]\n"
+               "       [--gpu-arena BYTES] [--verbose]\n"
                "       (BYTES: a number with an optional K, M or G suffix, powers of 1024)\n",
                why.c_str());
   return 2;
@@ -113,6 +118,7 @@ int main(int argc, char** argv) {
     else if (a == "--device-backend") ok = value(&o.device_backend);
     else if (a == "--gpu-budget") ok = value(&v) && ParseBytes(v, &o.gpu_budget_bytes);
     else if (a == "--host-budget") ok = value(&v) && ParseBytes(v, &o.host_budget_bytes);
+    else if (a == "--gpu-arena") ok = value(&v) && ParseBytes(v, &o.gpu_arena_bytes);
     else if (a == "--emulated-gpus") {
       ok = value(&v) && !v.empty() && v.find_first_not_of("0123456789") == std::string::npos &&
            v.size() <= 3;

@@ -148,6 +148,10 @@ static Status CheckDeviceOptions(const NodeDaemonOptions& o) {
                            "' needs a GPU budget of at least one 4 KiB page (--gpu-budget), not " +
                            std::to_string(o.gpu_budget_bytes) + " bytes");
   }
+  if (o.gpu_arena_bytes % kArenaGranularity != 0) {
+    return InvalidArgument("a GPU arena (--gpu-arena) is a multiple of 4 KiB, not " +
+                           std::to_string(o.gpu_arena_bytes) + " bytes");
+  }
   if (o.emulated_gpus == 0 || o.emulated_gpus > kMaxEmulatedGpus) {
     return InvalidArgument("the emulated backend plays 1 to " + std::to_string(kMaxEmulatedGpus) +
                            " GPUs, not " + std::to_string(o.emulated_gpus));
@@ -273,32 +277,16 @@ Status NodeDaemon::Setup() {
 
 Status NodeDaemon::SetupDeviceTier() {
   if (!device_) return Status::Ok();
-  const uint32_t page_sizes[] = {4096u, 64u << 10, 2u << 20};
-  std::vector<DevicePagePool*> pools;
-  for (uint32_t gpu = 0; gpu < device_->device_count(); ++gpu) {
-    // The GPU's budget, shared by its page sizes' pools (docs/GPU.md).
-    gpu_budgets_.push_back(std::make_unique<DeviceBudget>(options_.gpu_budget_bytes));
-    for (uint32_t ps : page_sizes) {
-      const uint64_t budget = options_.gpu_budget_bytes / ps * ps;
-      if (budget == 0) continue;  // below one page of this size: no pool
-      DevicePagePoolOptions po;
-      po.device = gpu;
-      po.page_size = ps;
-      po.budget_bytes = budget;
-      po.arena_bytes = std::min<uint64_t>(64u << 20, budget);
-      po.shared = gpu_budgets_.back().get();
-      DSVM_ASSIGN_OR_RETURN(std::unique_ptr<DevicePagePool> pool,
-                            DevicePagePool::Create(device_.get(), po));
-      pools.push_back(pool.get());
-      pools_.push_back(std::move(pool));
-    }
-  }
+  // Each GPU's budget is shared by the pools the tier makes per region
+  // (an arena holds one region's pages: docs/GPU.md, "Isolation").
+  std::vector<uint64_t> budgets(device_->device_count(), options_.gpu_budget_bytes);
   DeviceTierOptions to;
+  to.arena_bytes = options_.gpu_arena_bytes != 0 ? options_.gpu_arena_bytes : 64ull << 20;
   to.host_budget_bytes = options_.host_budget_bytes;
   to.copy_threads =
       options_.gpu_copy_threads != 0 ? options_.gpu_copy_threads : DefaultCopyThreads();
   to.keep_alive = [this] { BeatIfDue(); };
-  DSVM_ASSIGN_OR_RETURN(tier_, DeviceTier::Create(device_.get(), pools, to));
+  DSVM_ASSIGN_OR_RETURN(tier_, DeviceTier::Create(device_.get(), std::move(budgets), to));
   LogInfo("GPU tier: " + std::string(device_->name()) + " backend, " +
           std::to_string(device_->device_count()) + " GPU(s), " +
           std::to_string(options_.gpu_budget_bytes) + " bytes of HBM each, " +

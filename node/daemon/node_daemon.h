@@ -87,6 +87,12 @@ struct NodeDaemonOptions {
   // copy_threads, 1 to 64); 0: DefaultCopyThreads(), a quarter of the CPUs
   // between 1 and 4.
   uint32_t gpu_copy_threads = 0;
+  // GPU memory a region's pool takes at a time (DeviceTierOptions::
+  // arena_bytes; a multiple of 4 KiB); 0: 64 MiB. An arena holds one
+  // region's pages only, so smaller arenas share a budget between more
+  // regions; larger ones allocate (cudaMalloc) less often, and a map of up
+  // to an arena's size reuses one.
+  uint64_t gpu_arena_bytes = 0;
   // Host DRAM the node's region pages may take (0: no limit); past it the
   // coldest pages leave the node through the directory (remote swap). Kept
   // by the GPU tier, so it needs a device backend.
@@ -502,12 +508,9 @@ class NodeDaemon {
   std::mutex posted_mu_;  // guards posted_; lock order: leaf
   std::deque<std::function<void()>> posted_;
   NodeDaemonStats stats_;
-  // The GPU tier (all null with device_backend "none"): one backend, a pool
-  // per GPU and page size, the tier over them.
+  // The GPU tier (both null with device_backend "none"): one backend, the
+  // tier over it (which makes a pool per region and GPU).
   std::unique_ptr<DeviceBackend> device_;
-  // One budget per GPU, shared by its pools (declared first: they outlive the pools).
-  std::vector<std::unique_ptr<DeviceBudget>> gpu_budgets_;
-  std::vector<std::unique_ptr<DevicePagePool>> pools_;
   std::unique_ptr<DeviceTier> tier_;
   bool leaving_ = false;  // LeavePages is running (it runs actions itself)
   struct GpuPins {

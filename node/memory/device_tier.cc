@@ -35,9 +35,21 @@ struct DeviceTier::Copiers {
 };
 
 Result<std::unique_ptr<DeviceTier>> DeviceTier::Create(DeviceBackend* backend,
-                                                       std::vector<DevicePagePool*> pools,
+                                                       std::vector<uint64_t> gpu_budget_bytes,
                                                        DeviceTierOptions options) {
   if (backend == nullptr) return InvalidArgument("device tier: no backend");
+  if (gpu_budget_bytes.size() > backend->device_count()) {
+    return InvalidArgument("device tier: " + std::to_string(gpu_budget_bytes.size()) +
+                           " GPU budgets for " + std::to_string(backend->device_count()) +
+                           " GPUs");
+  }
+  if (std::none_of(gpu_budget_bytes.begin(), gpu_budget_bytes.end(),
+                   [](uint64_t b) { return b != 0; })) {
+    return InvalidArgument("device tier: no GPU has a budget");
+  }
+  if (options.arena_bytes == 0 || options.arena_bytes % kArenaGranularity != 0) {
+    return InvalidArgument("device tier: arena_bytes must be a positive multiple of 4 KiB");
+  }
   if (options.streams_per_gpu < 2) {
     return InvalidArgument(
         "device tier: streams_per_gpu must be at least 2 (copies overlap staging)");
@@ -52,36 +64,31 @@ Result<std::unique_ptr<DeviceTier>> DeviceTier::Create(DeviceBackend* backend,
   TierTableOptions t;
   t.host_budget_bytes = options.host_budget_bytes;
   t.aging_period = options.aging_period;
-  for (DevicePagePool* p : pools) {
-    if (p == nullptr) return InvalidArgument("device tier: a pool is null");
-    if (p->page_size() > options.batch_bytes) {
-      return InvalidArgument("device tier: batch_bytes " + std::to_string(options.batch_bytes) +
-                             " is below the page size " + std::to_string(p->page_size()));
-    }
-    t.pools.push_back(TierPoolBudget{p->device(), p->page_size(), p->capacity_slots()});
-  }
   DSVM_ASSIGN_OR_RETURN(std::unique_ptr<TierTable> table, TierTable::Create(std::move(t)));
   std::unique_ptr<DeviceTier> tier(
-      new DeviceTier(backend, std::move(pools), options, std::move(table)));
+      new DeviceTier(backend, std::move(gpu_budget_bytes), options, std::move(table)));
   DSVM_RETURN_IF_ERROR(tier->Init());
   return tier;
 }
 
-DeviceTier::DeviceTier(DeviceBackend* backend, std::vector<DevicePagePool*> pools,
+DeviceTier::DeviceTier(DeviceBackend* backend, std::vector<uint64_t> gpu_budget_bytes,
                        DeviceTierOptions options, std::unique_ptr<TierTable> table)
     : backend_(backend),
-      pools_(std::move(pools)),
+      gpu_budget_bytes_(std::move(gpu_budget_bytes)),
       options_(options),
       table_(std::move(table)),
-      lanes_(backend->device_count()) {}
+      lanes_(backend->device_count()) {
+  for (uint64_t bytes : gpu_budget_bytes_) budgets_.push_back(std::make_unique<DeviceBudget>(bytes));
+}
 
 Status DeviceTier::Init() {
   if (options_.copy_threads > 1) copiers_ = std::make_unique<Copiers>(options_.copy_threads - 1);
   const uint32_t lanes_per_gpu = std::max(options_.streams_per_gpu, 2 * options_.copy_threads);
-  for (DevicePagePool* p : pools_) {
-    std::vector<Lane>& lanes = lanes_[p->device()];
+  for (uint32_t gpu = 0; gpu < gpu_budget_bytes_.size(); ++gpu) {
+    if (gpu_budget_bytes_[gpu] == 0) continue;
+    std::vector<Lane>& lanes = lanes_[gpu];
     while (lanes.size() < lanes_per_gpu) {
-      DSVM_ASSIGN_OR_RETURN(StreamId stream, backend_->CreateStream(p->device()));
+      DSVM_ASSIGN_OR_RETURN(StreamId stream, backend_->CreateStream(gpu));
       lanes.push_back(Lane{stream, {}, false, {}});  // the destructor destroys it on failure below
       DSVM_ASSIGN_OR_RETURN(lanes.back().staging, backend_->AllocateStaging(options_.batch_bytes));
     }
@@ -103,8 +110,42 @@ DeviceTier::~DeviceTier() {
 
 Status DeviceTier::AddRegion(PageStore* store) {
   if (store == nullptr) return InvalidArgument("device tier: no store");
-  DSVM_RETURN_IF_ERROR(table_->AddRegion(store->base(), store->size(), store->page_size()));
-  stores_[store->base()] = store;
+  const uint32_t ps = store->page_size();
+  if (ps > options_.batch_bytes) {
+    return InvalidArgument("device tier: batch_bytes " + std::to_string(options_.batch_bytes) +
+                           " is below the region's page size " + std::to_string(ps));
+  }
+  const PageAddr base = store->base();
+  DSVM_RETURN_IF_ERROR(table_->AddRegion(base, store->size(), ps));
+  // One pool per GPU whose budget holds a page of the region; an arena is
+  // never larger than the region or the budget.
+  std::vector<std::unique_ptr<DevicePagePool>> pools(gpu_budget_bytes_.size());
+  for (uint32_t gpu = 0; gpu < gpu_budget_bytes_.size(); ++gpu) {
+    const uint64_t budget = gpu_budget_bytes_[gpu] / ps * ps;
+    if (budget == 0) continue;
+    DevicePagePoolOptions po;
+    po.device = gpu;
+    po.page_size = ps;
+    po.budget_bytes = budget;
+    po.arena_bytes =
+        std::max<uint64_t>(ps, std::min({options_.arena_bytes, budget, store->size()}) / ps * ps);
+    po.shared = budgets_[gpu].get();
+    Result<std::unique_ptr<DevicePagePool>> pool = DevicePagePool::Create(backend_, po);
+    Result<int> index = pool.ok() ? table_->AddPool(gpu, base, (*pool)->capacity_slots())
+                                  : Result<int>(pool.status());
+    if (!index.ok()) {
+      TierSteps none;
+      table_->RemoveRegion(base, &none).IgnoreError();  // added above, holds no page
+      for (auto& p : pools) {
+        if (p) table_index_.erase(p.get());
+      }
+      return index.status();
+    }
+    table_index_[pool->get()] = *index;
+    pools[gpu] = std::move(*pool);
+  }
+  region_pools_[base] = std::move(pools);
+  stores_[base] = store;
   return Status::Ok();
 }
 
@@ -114,7 +155,69 @@ Status DeviceTier::RemoveRegion(PageAddr base) {
   Status s = Execute(steps, nullptr);  // frees only: cannot fail
   DSVM_CHECK_MSG(s.ok(), s.ToString());
   stores_.erase(base);
+  auto it = region_pools_.find(base);
+  DSVM_CHECK(it != region_pools_.end());  // made by AddRegion
+  std::vector<std::unique_ptr<DevicePagePool>> pools = std::move(it->second);
+  region_pools_.erase(it);
+  for (std::unique_ptr<DevicePagePool>& p : pools) {
+    if (!p) continue;
+    if (p->used_slots() != 0) {
+      retired_.push_back(std::move(p));  // lost maps hold slots in it
+    } else {
+      DevicePagePool* gone = p.release();
+      retired_.emplace_back(gone);
+      DestroyPool(gone);
+    }
+  }
   return Status::Ok();
+}
+
+void DeviceTier::DestroyPool(DevicePagePool* pool) {
+  DSVM_CHECK(pool->used_slots() == 0);
+  // Caches keyed by the pool's address: a later pool may get the same one.
+  table_index_.erase(pool);
+  arenas_.erase(pool);
+  arena_generations_.erase(pool);
+  occupants_.erase(pool);
+  auto it = std::find_if(retired_.begin(), retired_.end(),
+                         [&](const std::unique_ptr<DevicePagePool>& p) { return p.get() == pool; });
+  DSVM_CHECK(it != retired_.end());
+  retired_.erase(it);  // frees its arenas, giving their bytes back to the budget
+}
+
+const DevicePagePool* DeviceTier::PoolOf(uint32_t gpu, PageAddr base) const {
+  return MutablePoolOf(gpu, base);
+}
+
+DevicePagePool* DeviceTier::MutablePoolOf(uint32_t gpu, PageAddr base) const {
+  auto it = region_pools_.find(base);
+  if (it == region_pools_.end() || gpu >= it->second.size()) return nullptr;
+  return it->second[gpu].get();
+}
+
+std::vector<DevicePagePool*> DeviceTier::PoolsOn(uint32_t gpu) const {
+  std::vector<DevicePagePool*> out;
+  for (const auto& [base, pools] : region_pools_) {
+    if (gpu < pools.size() && pools[gpu]) out.push_back(pools[gpu].get());
+  }
+  for (const std::unique_ptr<DevicePagePool>& p : retired_) {
+    if (p->device() == gpu) out.push_back(p.get());
+  }
+  return out;
+}
+
+uint64_t DeviceTier::arena_bytes(uint32_t gpu) const {
+  uint64_t bytes = 0;
+  for (const DevicePagePool* p : PoolsOn(gpu)) bytes += p->arena_bytes();
+  return bytes;
+}
+
+size_t DeviceTier::pool_count() const {
+  size_t n = retired_.size();
+  for (const auto& [base, pools] : region_pools_) {
+    for (const auto& p : pools) n += p != nullptr;
+  }
+  return n;
 }
 
 PageStore* DeviceTier::StoreOf(PageAddr page) const {
@@ -123,13 +226,6 @@ PageStore* DeviceTier::StoreOf(PageAddr page) const {
   --it;
   PageStore* s = it->second;
   return page - s->base() < s->size() ? s : nullptr;
-}
-
-DevicePagePool* DeviceTier::PoolOf(uint32_t gpu, uint32_t page_size) const {
-  for (DevicePagePool* p : pools_) {
-    if (p->device() == gpu && p->page_size() == page_size) return p;
-  }
-  return nullptr;
 }
 
 DevicePtr DeviceTier::SlotOf(PageAddr page) const {
@@ -152,11 +248,12 @@ Result<std::vector<DevicePtr>> DeviceTier::MakeResident(PageAddr region,
   if (it == stores_.end()) return InvalidArgument("device tier: no region at " + Hex(region));
   PageStore* store = it->second;
   for (PageAddr page : pages) DSVM_RETURN_IF_ERROR(store->CheckPage(page));
-  if (gpu >= backend_->device_count() || PoolOf(gpu, store->page_size()) == nullptr) {
+  DevicePagePool* pool = MutablePoolOf(gpu, region);
+  if (pool == nullptr) {
     return InvalidArgument("device tier: no pool for gpu " + std::to_string(gpu) +
-                           " and page size " + std::to_string(store->page_size()));
+                           " and region " + Hex(region));
   }
-  DSVM_RETURN_IF_ERROR(MakeRoomFor(PoolOf(gpu, store->page_size()), pages.size()));
+  DSVM_RETURN_IF_ERROR(MakeRoomFor(pool, pages.size()));
   TierSteps steps;
   DSVM_RETURN_IF_ERROR(table_->MakeResident(pages, gpu, for_write, /*pin=*/true, tick, &steps));
   std::vector<PageAddr> placed;
@@ -172,12 +269,11 @@ Result<std::vector<DevicePtr>> DeviceTier::MakeResident(PageAddr region,
 }
 
 void DeviceTier::SyncCapacities(uint32_t gpu) {
-  for (DevicePagePool* p : pools_) {
-    if (p->device() != gpu) continue;
+  for (DevicePagePool* p : PoolsOn(gpu)) {
     // A pool's capacity covers its arenas' slots, so this holds; should it
     // not, the table keeps the capacity it had (calls may then fail with
     // kResourceExhausted from the pool) and the daemon goes on.
-    Status s = table_->SetCapacity(table_->PoolIndex(gpu, p->page_size()), p->capacity_slots());
+    Status s = table_->SetCapacity(TableIndex(p), p->capacity_slots());
     if (!s.ok()) LogError("GPU tier: " + s.ToString());
   }
 }
@@ -196,7 +292,7 @@ Status DeviceTier::ReclaimArena(DevicePagePool* pool, size_t arena) {
 
 Status DeviceTier::MakeRoomFor(DevicePagePool* pool, uint64_t pages) {
   const uint32_t gpu = pool->device();
-  const int index = table_->PoolIndex(gpu, pool->page_size());
+  const int index = TableIndex(pool);
   auto short_of = [&](bool count_evictable) {
     SyncCapacities(gpu);
     const uint64_t free = table_->capacity_slots(index) - table_->used_slots(index) +
@@ -204,40 +300,47 @@ Status DeviceTier::MakeRoomFor(DevicePagePool* pool, uint64_t pages) {
     return pages > free;
   };
   if (!short_of(false)) return Status::Ok();
-  // Free device memory first: the other sizes' empty arenas.
-  for (DevicePagePool* p : pools_) {
-    if (p != pool && p->device() == gpu) DSVM_RETURN_IF_ERROR(p->ReleaseEmptyArenas().status());
+  // Free device memory first: the other regions' empty arenas.
+  const std::vector<DevicePagePool*> others = PoolsOn(gpu);
+  for (DevicePagePool* p : others) {
+    if (p != pool) DSVM_RETURN_IF_ERROR(p->ReleaseEmptyArenas().status());
   }
-  // Then, rather than refuse, the other sizes' arenas of evictable pages.
+  // Then, rather than refuse, the other regions' arenas of evictable pages.
   while (short_of(true)) {
-    DevicePagePool* best_pool = nullptr;
-    size_t best_arena = 0;
-    uint64_t best_count = 0;
-    for (DevicePagePool* p : pools_) {
-      if (p == pool || p->device() != gpu) continue;
-      for (size_t a = 0; a < p->arena_count(); ++a) {
-        const SlotRange r = p->ArenaSlots(a);
-        if (r.count == 0) continue;  // released
-        uint64_t count = 0;
-        bool blocked = false;
-        for (uint32_t i = r.first; i < r.first + r.count && !blocked; ++i) {
-          const PageAddr q = OccupantOf(p, i);
-          if (q == kNoPage) continue;
-          blocked = q == kHeld || table_->PinsOf(q) != 0 || table_->IsLeaving(q);
-          ++count;
-        }
-        if (!blocked && (best_pool == nullptr || count < best_count)) {
-          best_pool = p;
-          best_arena = a;
-          best_count = count;
-        }
-      }
-    }
-    if (best_pool == nullptr) break;  // the call fails as the table says
-    DSVM_RETURN_IF_ERROR(ReclaimArena(best_pool, best_arena));
+    DSVM_ASSIGN_OR_RETURN(const bool reclaimed, ReclaimOneArena(gpu, pool));
+    if (!reclaimed) break;  // the call fails as the table says
   }
   SyncCapacities(gpu);
   return Status::Ok();
+}
+
+Result<bool> DeviceTier::ReclaimOneArena(uint32_t gpu, const DevicePagePool* skip) {
+  DevicePagePool* best_pool = nullptr;
+  size_t best_arena = 0;
+  uint64_t best_count = 0;
+  for (DevicePagePool* p : PoolsOn(gpu)) {
+    if (p == skip) continue;
+    for (size_t a = 0; a < p->arena_count(); ++a) {
+      const SlotRange r = p->ArenaSlots(a);
+      if (r.count == 0) continue;  // released
+      uint64_t count = 0;
+      bool blocked = false;
+      for (uint32_t i = r.first; i < r.first + r.count && !blocked; ++i) {
+        const PageAddr q = OccupantOf(p, i);
+        if (q == kNoPage) continue;
+        blocked = q == kHeld || table_->PinsOf(q) != 0 || table_->IsLeaving(q);
+        ++count;
+      }
+      if (!blocked && (best_pool == nullptr || count < best_count)) {
+        best_pool = p;
+        best_arena = a;
+        best_count = count;
+      }
+    }
+  }
+  if (best_pool == nullptr) return false;
+  DSVM_RETURN_IF_ERROR(ReclaimArena(best_pool, best_arena));
+  return true;
 }
 
 void DeviceTier::RollBack(const TierSteps& steps, std::span<const PageAddr> pages) {
@@ -280,10 +383,11 @@ Result<DeviceTier::RunTarget> DeviceTier::CheckRun(PageAddr region,
                              Hex(pages[i]) + " follows " + Hex(pages[0]));
     }
   }
-  DevicePagePool* pool = gpu < backend_->device_count() ? PoolOf(gpu, store->page_size()) : nullptr;
+  DevicePagePool* pool = MutablePoolOf(gpu, region);
   if (pool == nullptr) {
     return InvalidArgument("device tier: no pool for gpu " + std::to_string(gpu) +
-                           " and page size " + std::to_string(ps));
+                           " and region " + Hex(region) + " (" + std::to_string(ps) +
+                           "-byte pages)");
   }
   return RunTarget{store, pool};
 }
@@ -335,6 +439,21 @@ Result<uint32_t> DeviceTier::ChooseRunWindow(DevicePagePool* pool, uint32_t n,
   if (!window || cost > 0) {
     // Free memory under the budget beats evictions.
     Result<size_t> grown = pool->GrowForRun(n);
+    if (!grown.ok() && !window && grown.status().code() == StatusCode::kResourceExhausted) {
+      // No arena of the region's can hold the run: rather than refuse, give
+      // the budget back what can be (empty arenas, then arenas whose pages
+      // may all be evicted, this region's or others') until one fits.
+      for (DevicePagePool* p : PoolsOn(gpu)) {
+        DSVM_RETURN_IF_ERROR(p->ReleaseEmptyArenas().status());
+      }
+      grown = pool->GrowForRun(n);
+      while (!grown.ok() && grown.status().code() == StatusCode::kResourceExhausted) {
+        DSVM_ASSIGN_OR_RETURN(const bool reclaimed, ReclaimOneArena(gpu, nullptr));
+        if (!reclaimed) break;
+        grown = pool->GrowForRun(n);
+      }
+      SyncCapacities(gpu);
+    }
     if (grown.ok()) {
       window = pool->ArenaSlots(*grown).first;
       cost = 0;
@@ -483,7 +602,7 @@ Result<DeviceRun> DeviceTier::MapReplicaRun(PageAddr region, std::span<const Pag
   }
   DSVM_RETURN_IF_ERROR(Execute(evict, nullptr));
   SyncCapacities(gpu);  // a new arena may have been taken
-  DSVM_RETURN_IF_ERROR(table_->HoldFreeSlots(gpu, store->page_size(), n));
+  DSVM_RETURN_IF_ERROR(table_->HoldFreeSlots(TableIndex(pool), n));
   std::vector<HeldSlot> taken;
   std::vector<Move> moves;
   for (uint32_t i = 0; i < n; ++i) {
@@ -610,11 +729,15 @@ Status DeviceTier::Release(std::span<const HeldSlot> held) {
       detached_.erase(d);
     }
     held_.erase(it);
-    DSVM_RETURN_IF_ERROR(table_->ReleaseHeldSlot(h.pool->device(), h.pool->page_size()));
+    DSVM_RETURN_IF_ERROR(table_->ReleaseHeldSlot(TableIndex(h.pool)));
     Status s = h.pool->Free(h.slot);
     DSVM_CHECK_MSG(s.ok(), s.ToString());
     std::vector<PageAddr>& occ = occupants_[h.pool];
     if (h.slot.index < occ.size()) occ[h.slot.index] = kNoPage;
+    // The last slot of a removed region's pool: the pool goes.
+    const bool retired = std::any_of(retired_.begin(), retired_.end(),
+                                     [&](const auto& p) { return p.get() == h.pool; });
+    if (retired && h.pool->used_slots() == 0) DestroyPool(h.pool);
   }
   return Status::Ok();
 }
@@ -691,7 +814,9 @@ Status DeviceTier::Execute(const TierSteps& steps, std::vector<PageAddr>* placed
   }
   for (const TierStep& step : steps) {
     if (step.kind != TierStepKind::kAllocateSlot) continue;
-    DevicePagePool* pool = PoolOf(step.gpu, table_->PageSizeOf(step.page));
+    PageStore* store = StoreOf(step.page);
+    DSVM_CHECK(store != nullptr);
+    DevicePagePool* pool = MutablePoolOf(step.gpu, store->base());
     DSVM_CHECK(pool != nullptr);
     auto forced = forced_.find(step.page);
     DSVM_ASSIGN_OR_RETURN(DeviceSlot slot, forced != forced_.end() ? pool->Take(forced->second)

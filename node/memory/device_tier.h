@@ -1,7 +1,15 @@
 // DeviceTier: the mechanism of the GPU tier (issue #5). It owns a TierTable
 // (the placement policy) and carries out the table's steps on real device
-// memory: DevicePagePool slots (one pool per GPU and page size), the
-// regions' PageStores, and copies through a DeviceBackend.
+// memory: DevicePagePool slots, the regions' PageStores, and copies through
+// a DeviceBackend.
+//
+// Pools: one per region and GPU, made by AddRegion, all of one GPU sharing
+// its budget (DeviceBudget): an arena holds the pages of one region only,
+// so a client given an arena to reach its map (GpuMapReply) reaches no
+// other region's pages. Memory moves between regions an arena at a time:
+// a pool short of room first takes the other pools' empty arenas back to
+// the budget, then evicts whole arenas of theirs (MakeRoomFor). A removed
+// region's pools go once the slots lost maps hold in them are released.
 //
 // Copies, per call:
 //   1. write-backs (kWriteBack), batched per GPU: pages' slots are copied
@@ -69,11 +77,17 @@
 namespace dsvm::node {
 
 struct DeviceTierOptions {
+  // Bytes of each arena a region's pool takes from its GPU's budget (less
+  // when the region or the budget is smaller; at least one page); a
+  // multiple of 4 KiB. Every region's pool holds whole arenas, so smaller
+  // ones leave more of a budget to share between regions; a run larger
+  // than an arena gets one of its own, of its size.
+  uint64_t arena_bytes = 64ull << 20;
   // The host budget and aging period of the TierTable (see tier_table.h).
   uint64_t host_budget_bytes = 0;
   uint64_t aging_period = 1024;
   // Staging bytes per lane: the most one copy call moves. At least the
-  // largest page size of the pools.
+  // page size of every region added (AddRegion).
   uint64_t batch_bytes = 8ull << 20;
   // Streams (each with a staging buffer) per GPU; at least 2 for overlap.
   uint32_t streams_per_gpu = 2;
@@ -128,32 +142,36 @@ struct DeviceTierStats {
   uint64_t rollbacks = 0;    // calls undone after a failure
   uint64_t runs = 0;         // MapRun calls that succeeded
   uint64_t run_evictions = 0;  // GPU copies MapRun moved out of the way of a run
-  uint64_t arenas_reclaimed = 0;  // arenas emptied for another page size (one budget per GPU)
+  uint64_t arenas_reclaimed = 0;  // arenas emptied for another region (one budget per GPU)
   uint64_t replica_runs = 0;      // MapReplicaRun calls that succeeded
 };
 
 class DeviceTier {
  public:
-  // A tier over `backend` and `pools` (one per GPU and page size; none for
-  // the same pair twice), which must outlive it; the pools' capacities are
-  // the GPUs' budgets. Creates the streams and staging buffers. Errors:
-  // kInvalidArgument (backend or a pool null; two pools for one pair;
-  // streams_per_gpu < 2; batch_bytes below a pool's page size or not a
-  // multiple of 4 KiB), kResourceExhausted (cannot pin staging), kInternal.
+  // A tier over `backend`, which must outlive it: GPU i (i below the
+  // backend's device count) may give region pages gpu_budget_bytes[i]
+  // bytes of its memory (0: none). Creates the streams and staging
+  // buffers. Errors: kInvalidArgument (backend null; more budgets than
+  // GPUs, or none above 0; streams_per_gpu < 2; batch_bytes or arena_bytes
+  // not a positive multiple of 4 KiB), kResourceExhausted (cannot pin
+  // staging), kInternal.
   static Result<std::unique_ptr<DeviceTier>> Create(DeviceBackend* backend,
-                                                    std::vector<DevicePagePool*> pools,
+                                                    std::vector<uint64_t> gpu_budget_bytes,
                                                     DeviceTierOptions options = {});
-  // Frees the streams and staging buffers. Slots stay with the pools.
+  // Frees the streams, staging buffers and pools (their arenas).
   ~DeviceTier();
   DeviceTier(const DeviceTier&) = delete;
   DeviceTier& operator=(const DeviceTier&) = delete;
 
   // The region whose bytes `store` holds; `store` must outlive the region's
-  // membership here. Errors: kInvalidArgument (null), kAlreadyExists
-  // (overlaps a region).
+  // membership here. Makes its pools, one per GPU whose budget holds a
+  // page of it (none take device memory yet). Errors: kInvalidArgument
+  // (null; a page size above batch_bytes), kAlreadyExists (overlaps a
+  // region).
   Status AddRegion(PageStore* store);
-  // Frees the region's GPU copies without write-back and forgets it.
-  // Errors: kNotFound.
+  // Frees the region's GPU copies without write-back and forgets it; its
+  // pools go with it, or once the slots lost maps hold there are
+  // released. Errors: kNotFound.
   Status RemoveRegion(PageAddr base);
 
   // Makes `pages` (of the region at `region`) resident on `gpu` and pins
@@ -163,7 +181,7 @@ class DeviceTier {
   // are written back on eviction, WriteBack, or never (Drop). `tick` is the
   // caller's clock for the eviction policy (non-decreasing). Errors:
   // kInvalidArgument (no region at `region`; a page outside it, unaligned or
-  // listed twice; no pool for `gpu` and the region's page size),
+  // listed twice; no pool for `gpu` and the region),
   // kFailedPrecondition (a page is leaving the node or pinned on another
   // GPU; the tier failed earlier), kResourceExhausted (the GPU's budget
   // cannot hold the pages with what is pinned, or the device is full below
@@ -242,6 +260,13 @@ class DeviceTier {
   const DeviceTierStats& stats() const { return stats_; }
   // The device address of the page's GPU copy; 0 when it has none.
   DevicePtr SlotOf(PageAddr page) const;
+  // The pool of the region at `base` on `gpu`; null when none (no such
+  // region, or the GPU's budget holds no page of it).
+  const DevicePagePool* PoolOf(uint32_t gpu, PageAddr base) const;
+  // Bytes of device memory GPU `gpu`'s pools hold (their arenas), and the
+  // number of pools (regions', and removed regions' that still hold slots).
+  uint64_t arena_bytes(uint32_t gpu) const;
+  size_t pool_count() const;
 
  private:
   struct Lane {
@@ -263,16 +288,22 @@ class DeviceTier {
     DevicePtr arena_end;  // end of the arena holding the slot: merges stop there
   };
 
-  DeviceTier(DeviceBackend* backend, std::vector<DevicePagePool*> pools, DeviceTierOptions options,
-             std::unique_ptr<TierTable> table);
+  DeviceTier(DeviceBackend* backend, std::vector<uint64_t> gpu_budget_bytes,
+             DeviceTierOptions options, std::unique_ptr<TierTable> table);
 
   Status Init();
   PageStore* StoreOf(PageAddr page) const;
   // kInvalidArgument naming the first of `pages` that is no page of a region.
   Status CheckPages(std::span<const PageAddr> pages) const;
-  DevicePagePool* PoolOf(uint32_t gpu, uint32_t page_size) const;
+  DevicePagePool* MutablePoolOf(uint32_t gpu, PageAddr base) const;
+  // Every pool on `gpu`: regions' and removed regions' (retired).
+  std::vector<DevicePagePool*> PoolsOn(uint32_t gpu) const;
+  // The table's index of `pool`.
+  int TableIndex(const DevicePagePool* pool) const { return table_index_.at(pool); }
+  // Forgets a pool (a removed region's, holding no slot) and frees it.
+  void DestroyPool(DevicePagePool* pool);
   // Pools of one GPU share its budget (DevicePagePool::shared): before
-  // `pool` takes up to `pages` more pages, memory other page sizes hold
+  // `pool` takes up to `pages` more pages, memory other regions hold
   // without need goes back to the budget: first their empty arenas, then,
   // when the pool would still have to refuse, arenas whose pages may all be
   // evicted (written back when dirty), emptiest first. Then the table
@@ -280,7 +311,7 @@ class DeviceTier {
   Status MakeRoomFor(DevicePagePool* pool, uint64_t pages);
   // A run's store and pool, after checking the tier has not failed, the
   // region exists, the pages are consecutive pages of it, and `gpu` has a
-  // pool of its page size. Errors: as MapRun's.
+  // pool for it. Errors: as MapRun's.
   struct RunTarget {
     PageStore* store;
     DevicePagePool* pool;
@@ -289,12 +320,17 @@ class DeviceTier {
   // The first slot of n adjacent slots of one arena of `pool` for a run:
   // free ones, or those whose occupants cost least to evict (none pinned,
   // held or leaving; pages in `mine` are free), or a new arena when the
-  // budget has room and the best window would evict. Errors:
-  // kResourceExhausted (no such window and no room).
+  // budget has room and the best window would evict. With no window, the
+  // budget makes room for a new arena (ReclaimOneArena of any pool on the
+  // GPU). Errors: kResourceExhausted (no such window and no room).
   Result<uint32_t> ChooseRunWindow(DevicePagePool* pool, uint32_t n,
                                    const std::unordered_set<PageAddr>& mine);
   // The run over slots [start, start + n) of `pool`.
   DeviceRun RunAt(DevicePagePool* pool, uint32_t start, uint32_t n) const;
+  // Reclaims (ReclaimArena) the arena of a pool on `gpu` other than `skip`
+  // with the fewest pages, all of which may be evicted; false when there is
+  // none. Errors: as Execute.
+  Result<bool> ReclaimOneArena(uint32_t gpu, const DevicePagePool* skip);
   // Evicts every page of arena `arena` of `pool` (none pinned, held or
   // leaving) and gives the arena back. Errors: as Execute.
   Status ReclaimArena(DevicePagePool* pool, size_t arena);
@@ -340,8 +376,16 @@ class DeviceTier {
   Status Fail(Status s);
 
   DeviceBackend* const backend_;
-  const std::vector<DevicePagePool*> pools_;
+  const std::vector<uint64_t> gpu_budget_bytes_;
   const DeviceTierOptions options_;
+  // Per GPU, its budget, which its pools share (declared before the pools:
+  // they give their arenas back to it when destroyed).
+  std::vector<std::unique_ptr<DeviceBudget>> budgets_;
+  // Per region (by base), its pool on each GPU (null where none).
+  std::map<PageAddr, std::vector<std::unique_ptr<DevicePagePool>>> region_pools_;
+  // Pools of removed regions that still hold slots of lost maps.
+  std::vector<std::unique_ptr<DevicePagePool>> retired_;
+  std::unordered_map<const DevicePagePool*, int> table_index_;
   std::unique_ptr<TierTable> table_;
   std::vector<std::vector<Lane>> lanes_;   // per GPU (index = device number)
   // copy_threads - 1 threads beside the caller's (a Boost.Asio thread pool,

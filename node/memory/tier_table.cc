@@ -22,27 +22,25 @@ std::string Hex(uint64_t v) {
 
 Result<std::unique_ptr<TierTable>> TierTable::Create(TierTableOptions options) {
   if (options.aging_period == 0) return InvalidArgument("tier table: aging_period must be > 0");
-  for (size_t i = 0; i < options.pools.size(); ++i) {
-    const TierPoolBudget& p = options.pools[i];
-    if (!ValidPageSize(p.page_size)) {
-      return InvalidArgument("tier table: pool page size " + std::to_string(p.page_size) +
-                             " is not 4 KiB, 64 KiB or 2 MiB");
-    }
-    if (p.capacity_slots == 0) {
-      return InvalidArgument("tier table: pool of gpu " + std::to_string(p.gpu) + " has 0 slots");
-    }
-    for (size_t j = 0; j < i; ++j) {
-      if (options.pools[j].gpu == p.gpu && options.pools[j].page_size == p.page_size) {
-        return InvalidArgument("tier table: gpu " + std::to_string(p.gpu) + " page size " +
-                               std::to_string(p.page_size) + " listed twice");
-      }
-    }
-  }
   return std::unique_ptr<TierTable>(new TierTable(std::move(options)));
 }
 
-TierTable::TierTable(TierTableOptions options) : options_(std::move(options)) {
-  for (const TierPoolBudget& b : options_.pools) pools_.push_back(Pool{b, 0, {}});
+TierTable::TierTable(TierTableOptions options) : options_(std::move(options)) {}
+
+Result<int> TierTable::AddPool(uint32_t gpu, PageAddr base, uint64_t capacity_slots) {
+  if (regions_.count(base) == 0) return NotFound("tier table: no region at " + Hex(base));
+  if (pool_index_.count({gpu, base}) != 0) {
+    return AlreadyExists("tier table: region " + Hex(base) + " has a pool on gpu " +
+                         std::to_string(gpu));
+  }
+  Pool p;
+  p.gpu = gpu;
+  p.region = base;
+  p.capacity_slots = capacity_slots;
+  pools_.push_back(std::move(p));
+  const int index = static_cast<int>(pools_.size() - 1);
+  pool_index_[{gpu, base}] = index;
+  return index;
 }
 
 Status TierTable::AddRegion(PageAddr base, uint64_t size, uint32_t page_size) {
@@ -82,10 +80,23 @@ Status TierTable::RemoveRegion(PageAddr base, TierSteps* out) {
   std::sort(held.begin(), held.end());
   for (PageAddr page : held) Drop(page, out).IgnoreError();  // checked: pages of the region
   regions_.erase(it);
+  for (auto p = pool_index_.begin(); p != pool_index_.end();) {
+    if (p->first.second == base) {
+      pools_[p->second].removed = true;
+      p = pool_index_.erase(p);
+    } else {
+      ++p;
+    }
+  }
   return Status::Ok();
 }
 
 Result<uint32_t> TierTable::CheckPage(PageAddr page) const {
+  DSVM_ASSIGN_OR_RETURN(const Location where, Locate(page));
+  return where.page_size;
+}
+
+Result<TierTable::Location> TierTable::Locate(PageAddr page) const {
   auto it = regions_.upper_bound(page);
   if (it == regions_.begin())
     return InvalidArgument("tier table: " + Hex(page) + " is in no region");
@@ -97,7 +108,7 @@ Result<uint32_t> TierTable::CheckPage(PageAddr page) const {
     return InvalidArgument("tier table: " + Hex(page) + " is not the start of a page of region " +
                            Hex(it->first));
   }
-  return it->second.page_size;
+  return Location{it->first, it->second.page_size};
 }
 
 void TierTable::Advance(uint64_t tick) {
@@ -144,7 +155,7 @@ TierTable::Entry& TierTable::Admit(PageAddr page, uint32_t page_size) {
 }
 
 void TierTable::LeaveGpu(PageAddr page, Entry& e, bool write_back, TierSteps* out) {
-  const uint32_t gpu = pools_[e.pool].budget.gpu;
+  const uint32_t gpu = pools_[e.pool].gpu;
   if (e.dirty && write_back) {
     out->push_back({TierStepKind::kWriteBack, page, gpu});
     ++stats_.writebacks;
@@ -223,14 +234,14 @@ Status TierTable::MakeResident(std::span<const PageAddr> pages, uint32_t gpu, bo
   std::vector<uint64_t> needed(pools_.size(), 0), kept(pools_.size(), 0);
   for (size_t i = 0; i < pages.size(); ++i) {
     const PageAddr page = pages[i];
-    DSVM_ASSIGN_OR_RETURN(const uint32_t page_size, CheckPage(page));
+    DSVM_ASSIGN_OR_RETURN(const Location where, Locate(page));
     if (!seen.insert(page).second) {
       return InvalidArgument("tier table: page " + Hex(page) + " listed twice");
     }
-    const int pool = PoolIndex(gpu, page_size);
+    const int pool = PoolIndex(gpu, where.base);
     if (pool < 0) {
       return InvalidArgument("tier table: no pool for gpu " + std::to_string(gpu) +
-                             " and page size " + std::to_string(page_size));
+                             " and region " + Hex(where.base));
     }
     pool_of[i] = pool;
     auto it = pages_.find(page);
@@ -247,20 +258,20 @@ Status TierTable::MakeResident(std::span<const PageAddr> pages, uint32_t gpu, bo
     }
     if (e.pool >= 0 && e.pins != 0) {
       return FailedPrecondition("tier table: page " + Hex(page) + " is pinned on gpu " +
-                                std::to_string(pools_[e.pool].budget.gpu));
+                                std::to_string(pools_[e.pool].gpu));
     }
     ++needed[pool];
   }
   for (size_t p = 0; p < pools_.size(); ++p) {
     if (needed[p] == 0) continue;
     const Pool& pool = pools_[p];
-    const uint64_t room = pool.budget.capacity_slots - pool.used + pool.evictable.size() - kept[p];
+    const uint64_t free = pool.capacity_slots > pool.used ? pool.capacity_slots - pool.used : 0;
+    const uint64_t room = free + pool.evictable.size() - kept[p];
     if (needed[p] > room) {
       return ResourceExhausted(
-          "tier table: gpu " + std::to_string(pool.budget.gpu) + " needs " +
-          std::to_string(needed[p]) + " slots of " + std::to_string(pool.budget.page_size) +
-          " bytes, has room for " + std::to_string(room) + " (capacity " +
-          std::to_string(pool.budget.capacity_slots) + "; the rest are pinned)");
+          "tier table: gpu " + std::to_string(pool.gpu) + " needs " + std::to_string(needed[p]) +
+          " slots for region " + Hex(pool.region) + ", has room for " + std::to_string(room) +
+          " (capacity " + std::to_string(pool.capacity_slots) + "; the rest are pinned)");
     }
   }
 
@@ -288,7 +299,7 @@ Status TierTable::MakeResident(std::span<const PageAddr> pages, uint32_t gpu, bo
         ++stats_.moves;
         LeaveGpu(page, e, /*write_back=*/true, out);
       }
-      if (pools_[pool].used == pools_[pool].budget.capacity_slots) EvictOne(pool, out);
+      if (pools_[pool].used >= pools_[pool].capacity_slots) EvictOne(pool, out);
       out->push_back({TierStepKind::kAllocateSlot, page, gpu});
       out->push_back({TierStepKind::kCopyToDevice, page, gpu});
       ++stats_.copies_to_device;
@@ -353,7 +364,7 @@ Status TierTable::PrepareHostRead(PageAddr page, TierSteps* out) {
   if (it == pages_.end()) return Status::Ok();
   Entry& e = it->second;
   if (e.pool >= 0 && e.dirty) {
-    out->push_back({TierStepKind::kWriteBack, page, pools_[e.pool].budget.gpu});
+    out->push_back({TierStepKind::kWriteBack, page, pools_[e.pool].gpu});
     ++stats_.writebacks;
     e.dirty = false;  // not part of the key: no relink
   }
@@ -391,32 +402,30 @@ Status TierTable::DropHoldingSlot(PageAddr page, TierSteps* out) {
   return Status::Ok();
 }
 
-Status TierTable::HoldFreeSlots(uint32_t gpu, uint32_t page_size, uint64_t n) {
-  const int pool = PoolIndex(gpu, page_size);
-  if (pool < 0) {
-    return InvalidArgument("tier table: no pool for gpu " + std::to_string(gpu) +
-                           " and page size " + std::to_string(page_size));
+Status TierTable::HoldFreeSlots(int pool, uint64_t n) {
+  if (pool < 0 || static_cast<size_t>(pool) >= pools_.size() || pools_[pool].removed) {
+    return InvalidArgument("tier table: no pool " + std::to_string(pool));
   }
   Pool& p = pools_[pool];
-  if (p.budget.capacity_slots - p.used < n) {
+  const uint64_t free = p.capacity_slots > p.used ? p.capacity_slots - p.used : 0;
+  if (free < n) {
     return ResourceExhausted("tier table: " + std::to_string(n) + " slots asked of gpu " +
-                             std::to_string(gpu) + ", " +
-                             std::to_string(p.budget.capacity_slots - p.used) + " free");
+                             std::to_string(p.gpu) + " for region " + Hex(p.region) + ", " +
+                             std::to_string(free) + " free");
   }
   p.used += n;
   p.held += n;
   return Status::Ok();
 }
 
-Status TierTable::ReleaseHeldSlot(uint32_t gpu, uint32_t page_size) {
-  const int pool = PoolIndex(gpu, page_size);
-  if (pool < 0) {
-    return InvalidArgument("tier table: no pool for gpu " + std::to_string(gpu) +
-                           " and page size " + std::to_string(page_size));
+Status TierTable::ReleaseHeldSlot(int pool) {
+  if (pool < 0 || static_cast<size_t>(pool) >= pools_.size()) {
+    return InvalidArgument("tier table: no pool " + std::to_string(pool));
   }
   if (pools_[pool].held == 0) {
-    return FailedPrecondition("tier table: no slot held in the pool of gpu " +
-                              std::to_string(gpu) + " and page size " + std::to_string(page_size));
+    return FailedPrecondition("tier table: no slot held in pool " + std::to_string(pool) +
+                              " (gpu " + std::to_string(pools_[pool].gpu) + ", region " +
+                              Hex(pools_[pool].region) + ")");
   }
   --pools_[pool].held;
   --pools_[pool].used;
@@ -432,7 +441,7 @@ Status TierTable::SetCapacity(int pool, uint64_t slots) {
                               " slots is below the " + std::to_string(pools_[pool].used) +
                               " in use");
   }
-  pools_[pool].budget.capacity_slots = slots;
+  pools_[pool].capacity_slots = slots;
   return Status::Ok();
 }
 
@@ -472,7 +481,7 @@ Status TierTable::Unplace(PageAddr page, uint32_t unpins) {
 std::optional<uint32_t> TierTable::GpuOf(PageAddr page) const {
   auto it = pages_.find(page);
   if (it == pages_.end() || it->second.pool < 0) return std::nullopt;
-  return pools_[it->second.pool].budget.gpu;
+  return pools_[it->second.pool].gpu;
 }
 
 bool TierTable::IsDirty(PageAddr page) const {
@@ -500,13 +509,9 @@ uint32_t TierTable::PageSizeOf(PageAddr page) const {
   return r.ok() ? *r : 0;
 }
 
-int TierTable::PoolIndex(uint32_t gpu, uint32_t page_size) const {
-  for (size_t i = 0; i < pools_.size(); ++i) {
-    if (pools_[i].budget.gpu == gpu && pools_[i].budget.page_size == page_size) {
-      return static_cast<int>(i);
-    }
-  }
-  return -1;
+int TierTable::PoolIndex(uint32_t gpu, PageAddr base) const {
+  auto it = pool_index_.find({gpu, base});
+  return it == pool_index_.end() ? -1 : it->second;
 }
 
 }  // namespace dsvm::node

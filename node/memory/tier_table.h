@@ -21,8 +21,13 @@
 //   Unpin removes one. A pinned page is never evicted, moved or sent away.
 //   Only coherence (Drop) takes a pinned page: the node has lost the right to
 //   it, and the daemon must end the mapping.
-// - Budgets: each (GPU, page size) pool has a capacity in slots (the
-//   DevicePagePool's capacity_slots()); the host has a byte budget. Admitting
+// - Pools: a region's pages on a GPU take slots of that region's pool on
+//   that GPU (AddPool), so GPU memory is never shared between regions: a
+//   client that reaches one region's device memory reaches no other
+//   region's pages. Eviction for room chooses among the pool's own pages.
+// - Budgets: each pool has a capacity in slots (the DevicePagePool's
+//   capacity_slots(); pools of one GPU share its budget, which the caller
+//   keeps in step with SetCapacity); the host has a byte budget. Admitting
 //   a page past the host budget reports pages that must leave the node
 //   (kLeaveNode: the daemon gives them up through NodeAgent::Evict, which
 //   hands them to another node's memory — remote swap — and then calls Drop).
@@ -64,6 +69,7 @@
 #include <memory>
 #include <optional>
 #include <set>
+#include <string>
 #include <span>
 #include <tuple>
 #include <unordered_map>
@@ -81,7 +87,7 @@ inline constexpr uint32_t kNoGpu = 0xffffffffu;
 
 enum class TierStepKind : uint8_t {
   kInvalid = 0,
-  // Take a slot for `page` in the pool of (`gpu`, the page's size).
+  // Take a slot for `page` in the pool of (`gpu`, the page's region).
   kAllocateSlot,
   // Copy the page's host bytes into its slot on `gpu` (after kAllocateSlot).
   kCopyToDevice,
@@ -107,16 +113,7 @@ struct TierStep {
 };
 using TierSteps = std::vector<TierStep>;
 
-// One pool's budget: slots of `page_size` bytes on `gpu`.
-struct TierPoolBudget {
-  uint32_t gpu = 0;
-  uint32_t page_size = 0;
-  uint64_t capacity_slots = 0;
-};
-
 struct TierTableOptions {
-  // One entry per (GPU, page size) in use; no duplicates.
-  std::vector<TierPoolBudget> pools;
   // Host DRAM the node's pages may take, in bytes; 0: no limit.
   uint64_t host_budget_bytes = 0;
   // Ticks between two halvings of every access counter (> 0).
@@ -139,8 +136,7 @@ struct TierTableStats {
 
 class TierTable {
  public:
-  // Errors: kInvalidArgument (page size not 4 KiB, 64 KiB or 2 MiB; a
-  // capacity of 0; a (gpu, page size) listed twice; aging_period 0).
+  // Errors: kInvalidArgument (aging_period 0).
   static Result<std::unique_ptr<TierTable>> Create(TierTableOptions options);
   TierTable(const TierTable&) = delete;
   TierTable& operator=(const TierTable&) = delete;
@@ -150,8 +146,15 @@ class TierTable {
   // a multiple of it; size 0 or overflow), kAlreadyExists (overlaps a region).
   Status AddRegion(PageAddr base, uint64_t size, uint32_t page_size);
   // Forgets the region and its pages; their GPU copies are freed without
-  // write-back (the region is gone). Errors: kNotFound (no region at base).
+  // write-back (the region is gone). Its pools take no page any more; their
+  // indices stay valid for the slots they hold (ReleaseHeldSlot). Errors:
+  // kNotFound (no region at base).
   Status RemoveRegion(PageAddr base, TierSteps* out);
+  // A pool of `capacity_slots` slots for the pages of the region at `base`
+  // on `gpu` (capacity 0: none placed until SetCapacity); returns its index.
+  // Errors: kNotFound (no region at base), kAlreadyExists (the region has a
+  // pool on that GPU).
+  Result<int> AddPool(uint32_t gpu, PageAddr base, uint64_t capacity_slots);
 
   // The node now holds `page` in host DRAM (coherence installed it). Counts
   // as an access. May report pages to leave the node. Nothing happens when
@@ -167,7 +170,7 @@ class TierTable {
   // off another GPU, the evictions that make room, kAllocateSlot,
   // kCopyToDevice; then any pages that must leave the node. Errors:
   // kInvalidArgument (not a page of a region, a page listed twice, no pool
-  // for (gpu, the page's size)), kFailedPrecondition (a page is leaving the
+  // for (gpu, the page's region)), kFailedPrecondition (a page is leaving the
   // node, or pinned on another GPU), kResourceExhausted (the pool's slots
   // cannot hold the pages: too many, or the others are pinned).
   Status MakeResident(std::span<const PageAddr> pages, uint32_t gpu, bool for_write, bool pin,
@@ -201,14 +204,13 @@ class TierTable {
   // into it, until ReleaseHeldSlot. Errors: kInvalidArgument (bad page),
   // kFailedPrecondition (not on a GPU).
   Status DropHoldingSlot(PageAddr page, TierSteps* out);
-  // One slot DropHoldingSlot kept in the pool of (gpu, page_size) is free
-  // again. Errors: kInvalidArgument (no such pool), kFailedPrecondition
-  // (none held there).
-  Status ReleaseHeldSlot(uint32_t gpu, uint32_t page_size);
-  // n free slots of the pool of (gpu, page_size) are held by the caller (a
-  // replica run's), counted as used until ReleaseHeldSlot. Errors:
-  // kInvalidArgument (no such pool), kResourceExhausted (fewer free).
-  Status HoldFreeSlots(uint32_t gpu, uint32_t page_size, uint64_t n);
+  // One slot DropHoldingSlot kept in pool `pool` is free again. Errors:
+  // kInvalidArgument (no such pool), kFailedPrecondition (none held there).
+  Status ReleaseHeldSlot(int pool);
+  // n free slots of pool `pool` are held by the caller (a replica run's),
+  // counted as used until ReleaseHeldSlot. Errors: kInvalidArgument (no
+  // such pool, or one of a removed region), kResourceExhausted (fewer free).
+  Status HoldFreeSlots(int pool, uint64_t n);
   // Undoes a kLeaveNode the agent refused (NodeAgent::Evict returned false):
   // the page stays and may be chosen again later. Errors: kInvalidArgument,
   // kFailedPrecondition (not leaving).
@@ -230,16 +232,17 @@ class TierTable {
   uint32_t AccessCount(PageAddr page) const;
   // The page size of the region holding `page`; 0 when no region does.
   uint32_t PageSizeOf(PageAddr page) const;
-  // The index in options().pools of (gpu, page_size); -1 when none.
-  int PoolIndex(uint32_t gpu, uint32_t page_size) const;
-  uint64_t used_slots(int pool) const { return pools_[pool].used; }
-  uint64_t held_slots(int pool) const { return pools_[pool].held; }
-  uint64_t evictable_slots(int pool) const { return pools_[pool].evictable.size(); }
+  // The index of the pool of the region at `base` on `gpu`; -1 when none.
+  int PoolIndex(uint32_t gpu, PageAddr base) const;
+  // REQUIRES (these four): `pool` is an index AddPool returned.
+  uint64_t used_slots(int pool) const { return PoolAt(pool).used; }
+  uint64_t held_slots(int pool) const { return PoolAt(pool).held; }
+  uint64_t evictable_slots(int pool) const { return PoolAt(pool).evictable.size(); }
   // The pool's capacity changed (pools of one GPU share its budget: what
   // one holds the others cannot). Errors: kInvalidArgument (no such pool),
   // kFailedPrecondition (below the slots in use).
   Status SetCapacity(int pool, uint64_t slots);
-  uint64_t capacity_slots(int pool) const { return pools_[pool].budget.capacity_slots; }
+  uint64_t capacity_slots(int pool) const { return PoolAt(pool).capacity_slots; }
   size_t page_count() const { return pages_.size(); }
   uint64_t host_bytes() const { return host_bytes_; }
   const TierTableOptions& options() const { return options_; }
@@ -258,7 +261,10 @@ class TierTable {
   // Victim order: fewest accesses, then least recent, then lowest address.
   using Key = std::tuple<uint32_t, uint64_t, PageAddr>;
   struct Pool {
-    TierPoolBudget budget;
+    uint32_t gpu = 0;
+    PageAddr region = 0;      // its region's base
+    uint64_t capacity_slots = 0;
+    bool removed = false;     // its region is gone: it takes no page
     uint64_t used = 0;        // slots of resident pages, and held ones
     uint64_t held = 0;        // slots kept by DropHoldingSlot
     std::set<Key> evictable;  // resident, unpinned, not leaving
@@ -267,12 +273,24 @@ class TierTable {
     uint64_t size;
     uint32_t page_size;
   };
+  // Where a page is: its region's base and page size.
+  struct Location {
+    PageAddr base;
+    uint32_t page_size;
+  };
 
   explicit TierTable(TierTableOptions options);
+  const Pool& PoolAt(int pool) const {
+    DSVM_CHECK_MSG(pool >= 0 && static_cast<size_t>(pool) < pools_.size(),
+                   "tier table: no pool " + std::to_string(pool));
+    return pools_[pool];
+  }
 
   // The region's page size when `page` is the first byte of a page of a
   // region; else kInvalidArgument.
   Result<uint32_t> CheckPage(PageAddr page) const;
+  // As CheckPage, with the region's base.
+  Result<Location> Locate(PageAddr page) const;
   // Halves every counter once per aging period crossed since the last tick.
   void Advance(uint64_t tick);
   // Candidate-set membership follows (pool, pins, leaving): Unlink before a
@@ -293,7 +311,8 @@ class TierTable {
   Entry& Admit(PageAddr page, uint32_t page_size);
 
   const TierTableOptions options_;
-  std::vector<Pool> pools_;
+  std::vector<Pool> pools_;                                // by index; never reused
+  std::map<std::pair<uint32_t, PageAddr>, int> pool_index_;  // (gpu, region base) -> index
   std::map<PageAddr, Region> regions_;  // by base
   std::unordered_map<PageAddr, Entry> pages_;
   std::set<Key> host_only_;     // held, on no GPU, unpinned, not leaving

@@ -70,7 +70,12 @@ class GpuMapTest : public ::testing::Test {
     node::NodeDaemonOptions o = TestNodeOptions(coord_.address());
     o.socket_path = Socket(i);
     o.device_backend = backend;
-    if (backend != "none") o.gpu_budget_bytes = kBudgetPages * kPage;
+    if (backend != "none") {
+      o.gpu_budget_bytes = budget_pages_ * kPage;
+      // Arenas of an eighth of the budget: regions share it (each region's
+      // pool holds whole arenas), and runs larger than an arena get their own.
+      o.gpu_arena_bytes = budget_pages_ / 8 * kPage;
+    }
     return o;
   }
   std::string Socket(int i) const { return dir_.path() + "/node" + std::to_string(i) + ".sock"; }
@@ -127,6 +132,7 @@ class GpuMapTest : public ::testing::Test {
   }
 
   std::vector<std::string> coordinator_flags_;  // set before SetUp
+  uint64_t budget_pages_ = kBudgetPages;        // each GPU's, for the nodes started next
   TempDir dir_;
   CoordinatorProcess coord_;
   proto::FramedSocket tool_;
@@ -209,18 +215,69 @@ TEST_F(GpuMapTest, ARegionDeletedUnderAGpuMapLosesTheMap) {
   nodes_[0]->Sync([&](NodeDaemon& d) {
     EXPECT_EQ(d.gpu_mapped_pages(), 0u);
     EXPECT_EQ(d.stats().gpu_maps_lost, 1u);
-    const node::TierTable& t = d.tier()->table();
-    EXPECT_EQ(t.held_slots(t.PoolIndex(0, kPage)), kPages) << "the lost map keeps its slots";
+    // The region's pool outlives it, holding the lost map's slots (a run
+    // larger than an arena: an arena of its own, of its size).
+    EXPECT_EQ(d.tier()->pool_count(), 1u);
+    EXPECT_EQ(d.tier()->arena_bytes(0), kPages * kPage) << "the lost map keeps its slots";
   });
   ASSERT_EQ(::write(go[1], "g", 1), 1);
   int status = 0;
   ::waitpid(pid, &status, 0);
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
   nodes_[0]->Sync([&](NodeDaemon& d) {
-    const node::TierTable& t = d.tier()->table();
-    EXPECT_EQ(t.held_slots(t.PoolIndex(0, kPage)), 0u) << "freed by the unmap";
+    EXPECT_EQ(d.tier()->pool_count(), 0u) << "freed by the unmap, and the pool with them";
+    EXPECT_EQ(d.tier()->arena_bytes(0), 0u);
   });
   for (int fd : {ready[0], ready[1], go[0], go[1]}) ::close(fd);
+}
+
+// GPU memory is never shared between regions: a map's arena (what its
+// client can reach through the exported memfd or IPC handle) holds pages of
+// its own region only. Region B's pages sit on the GPU (mapped, unmapped,
+// cached there) when region A is mapped; no word of A's arenas is one of
+// B's. Fails without per-region pools: A's run went into the arena that
+// held B's cached pages, and A's client could read them.
+TEST_F(GpuMapTest, AMapsArenaHoldsNoOtherRegionsPages) {
+  const proto::RegionReply a = Region("giso-a", 16);
+  const proto::RegionReply b = Region("giso-b", 16);
+  StartNodes({"emulated"}, a);
+  nodes_[0]->Sync([&](NodeDaemon& d) { ASSERT_TRUE(d.OpenRegion(b).ok()); });
+  constexpr uint64_t kPages = 8;
+  constexpr uint64_t kSecret = 0x5ec2e75ec2e75ec2ull;
+  EXPECT_EQ(RunClient(0, "giso-b", [&](uint8_t* base) {
+              auto* words = reinterpret_cast<volatile uint64_t*>(base);
+              for (uint64_t w = 0; w < kPages * kPage / 8; ++w) words[w] = kSecret;
+              void* dev = nullptr;
+              if (dsvm_gpu_map(base, kPages * kPage, 0, DSVM_GPU_READ, &dev) != DSVM_OK) return 1;
+              if (static_cast<const uint64_t*>(dev)[5] != kSecret) return 2;
+              return dsvm_gpu_unmap(base, kPages * kPage) == DSVM_OK ? 0 : 3;
+            }),
+            0);
+  EXPECT_EQ(RunClient(0, "giso-a", [&](uint8_t* base) {
+              void* dev = nullptr;
+              if (dsvm_gpu_map(base, kPages * kPage, 0, DSVM_GPU_READ, &dev) != DSVM_OK) return 1;
+              return dsvm_gpu_unmap(base, kPages * kPage) == DSVM_OK ? 0 : 2;
+            }),
+            0);
+  nodes_[0]->Sync([&](NodeDaemon& d) {
+    // (The emulated GPU's memory is this process's: arenas are read in place.)
+    auto secrets_in = [](const node::DevicePagePool* pool) {
+      uint64_t found = 0;
+      for (const node::DeviceArena& arena : pool->arenas()) {
+        const auto* w = reinterpret_cast<const uint64_t*>(arena.base);
+        for (uint64_t i = 0; i < arena.bytes / 8; ++i) found += w[i] == kSecret;
+      }
+      return found;
+    };
+    ASSERT_NE(d.tier()->PoolOf(0, a.base), nullptr);
+    ASSERT_NE(d.tier()->PoolOf(0, b.base), nullptr);
+    for (uint64_t p = 0; p < kPages; ++p) {
+      ASSERT_EQ(d.tier()->table().GpuOf(b.base + p * kPage), std::optional<uint32_t>(0))
+          << "B's page " << p << " is on the GPU";
+    }
+    EXPECT_EQ(secrets_in(d.tier()->PoolOf(0, b.base)), kPages * kPage / 8);
+    EXPECT_EQ(secrets_in(d.tier()->PoolOf(0, a.base)), 0u) << "A's arenas hold B's bytes";
+  });
 }
 
 // A zero-copy map (accessed-by: the GPU uses the host copy) and a map into
@@ -439,9 +496,12 @@ TEST_F(GpuMapTest, APrefetchPlacesPagesForALaterMap) {
 
 // Preferred-GPU advice: pages read here under it get a copy on that GPU at
 // once, so a later map copies nothing; pages held here already are placed
-// when the advice is given; normal advice ends it.
+// when the advice is given; normal advice ends it. (A budget of 64 pages,
+// so that the test's arenas, an eighth of it, hold the 8 pages placed:
+// pages placed one by one are a run in place only within one arena.)
 TEST_F(GpuMapTest, PreferredGpuAdvicePlacesPagesReadHere) {
   const proto::RegionReply r = Region("gpref", 16);
+  budget_pages_ = 64;
   StartNodes({"emulated", "none"}, r);
   constexpr uint64_t kPages = 8;
   for (uint64_t p = 0; p < 2 * kPages; ++p) nodes_[1]->WriteU64(r.base + p * kPage, 900 + p);
@@ -908,6 +968,9 @@ TEST_F(GpuMapTest, BadDeviceOptionsAreRefusedAtStartup) {
   o = Options(0);
   o.emulated_gpus = 0;
   refused(o, "1 to 64");
+  o = Options(0);
+  o.gpu_arena_bytes = 6000;
+  refused(o, "multiple of 4 KiB");
 }
 
 // A client killed while it holds a write map: its daemon ends the map, the

@@ -66,18 +66,6 @@ class DeviceTierTest : public testing::TestWithParam<uint32_t> {
     auto b = MakeDeviceBackend("emulated", bo);
     ASSERT_TRUE(b.ok()) << b.status().ToString();
     backend_ = std::move(b).value();
-    std::vector<DevicePagePool*> pools;
-    for (uint32_t d = 0; d < c.devices; ++d) {
-      DevicePagePoolOptions po;
-      po.device = d;
-      po.page_size = c.page_size;
-      po.budget_bytes = c.budget_pages * c.page_size;
-      po.arena_bytes = c.arena_pages * c.page_size;
-      auto p = DevicePagePool::Create(backend_.get(), po);
-      ASSERT_TRUE(p.ok()) << p.status().ToString();
-      pools_.push_back(std::move(p).value());
-      pools.push_back(pools_.back().get());
-    }
     PageStoreOptions so;
     so.try_hugetlb = false;
     auto s = PageStore::Create(kBase, c.region_pages * c.page_size, c.page_size, so);
@@ -88,7 +76,9 @@ class DeviceTierTest : public testing::TestWithParam<uint32_t> {
     to.host_budget_bytes = c.host_budget_pages * c.page_size;
     to.copy_threads = GetParam();
     to.keep_alive = c.keep_alive;
-    auto t = DeviceTier::Create(backend_.get(), pools, to);
+    to.arena_bytes = c.arena_pages * c.page_size;
+    auto t = DeviceTier::Create(backend_.get(),
+                                std::vector<uint64_t>(c.devices, c.budget_pages * c.page_size), to);
     ASSERT_TRUE(t.ok()) << t.status().ToString();
     tier_ = std::move(t).value();
     ASSERT_TRUE(tier_->AddRegion(store_.get()).ok());
@@ -105,6 +95,8 @@ class DeviceTierTest : public testing::TestWithParam<uint32_t> {
   }
 
   PageAddr P(uint64_t i) const { return kBase + i * c_.page_size; }
+  // The region's pool on `gpu`.
+  const DevicePagePool* Pool(uint32_t gpu) const { return tier_->PoolOf(gpu, kBase); }
   std::vector<PageAddr> Pages(std::vector<uint64_t> idx) const {
     std::vector<PageAddr> v;
     for (uint64_t i : idx) v.push_back(P(i));
@@ -144,7 +136,6 @@ class DeviceTierTest : public testing::TestWithParam<uint32_t> {
   TierConfig c_;
   std::mt19937_64 rng_{20240505};
   std::unique_ptr<DeviceBackend> backend_;
-  std::vector<std::unique_ptr<DevicePagePool>> pools_;
   std::unique_ptr<PageStore> store_;
   std::unique_ptr<DeviceTier> tier_;
   std::vector<StreamId> test_streams_;
@@ -178,7 +169,7 @@ TEST_P(DeviceTierTest, BytesRoundTripHostToGpuToHost) {
   EXPECT_EQ(st.pages_to_host, 8u);
   EXPECT_EQ(st.to_device_calls, 2u);  // 8 pages, 4 per batch
   EXPECT_EQ(st.to_host_calls, 2u);
-  EXPECT_EQ(pools_[0]->used_slots(), 8u);
+  EXPECT_EQ(Pool(0)->used_slots(), 8u);
   ASSERT_TRUE(tier_->Unpin(pages).ok());
 }
 
@@ -226,7 +217,7 @@ TEST_P(DeviceTierTest, SmallPagesAreBatchedIntoFewCopies) {
     for (uint64_t i = 0; i < n; ++i) EXPECT_EQ(ReadStore(i), model_[i]);
     ASSERT_TRUE(tier_->Unpin(pages).ok());
     ASSERT_TRUE(tier_->Drop(pages).ok());  // forget them: the next round copies again
-    EXPECT_EQ(pools_[0]->used_slots(), 0u);
+    EXPECT_EQ(Pool(0)->used_slots(), 0u);
   }
 }
 
@@ -259,12 +250,12 @@ TEST_P(DeviceTierTest, OversubscribedWorkingSetStaysCorrect) {
   c.devices = 1;
   Build(c);
   TierTableOptions so;
-  so.pools = {{0, kPage, c.budget_pages}};
   so.aging_period = 1024;
   auto shadow_or = TierTable::Create(so);
   ASSERT_TRUE(shadow_or.ok());
   TierTable& shadow = **shadow_or;
   ASSERT_TRUE(shadow.AddRegion(kBase, c.region_pages * kPage, kPage).ok());
+  ASSERT_TRUE(shadow.AddPool(0, kBase, c.budget_pages).ok());
   uint64_t want_to_device = 0, want_to_host = 0;
 
   std::vector<uint64_t> order = Range(0, c.region_pages);
@@ -293,8 +284,8 @@ TEST_P(DeviceTierTest, OversubscribedWorkingSetStaysCorrect) {
       }
       ASSERT_TRUE(tier_->Unpin(pages).ok());
       for (PageAddr p : pages) ASSERT_TRUE(shadow.Unpin(p).ok());
-      ASSERT_EQ(pools_[0]->used_slots(), tier_->table().used_slots(0));
-      ASSERT_LE(pools_[0]->used_slots(), c.budget_pages);
+      ASSERT_EQ(Pool(0)->used_slots(), tier_->table().used_slots(tier_->table().PoolIndex(0, kBase)));
+      ASSERT_LE(Pool(0)->used_slots(), c.budget_pages);
     }
   }
   const DeviceTierStats& st = tier_->stats();
@@ -363,7 +354,7 @@ TEST_P(DeviceTierTest, DropFreesTheSlotWithoutWritingBack) {
   ASSERT_TRUE(tier_->Drop(pages).ok());
   EXPECT_EQ(ReadStore(5), host);  // the GPU's bytes were not written back
   EXPECT_EQ(tier_->stats().pages_to_host, 0u);
-  EXPECT_EQ(pools_[0]->used_slots(), 0u);
+  EXPECT_EQ(Pool(0)->used_slots(), 0u);
   EXPECT_EQ(tier_->SlotOf(P(5)), 0u);
   EXPECT_FALSE(tier_->table().Holds(P(5)));
 }
@@ -382,7 +373,7 @@ TEST_P(DeviceTierTest, DetachedSlotsStayTakenUntilReleased) {
   ASSERT_EQ(held.size(), 8u) << "page 30 had no GPU copy";
   EXPECT_FALSE(tier_->table().Holds(P(0)));
   EXPECT_EQ(tier_->SlotOf(P(0)), 0u);
-  EXPECT_EQ(pools_[0]->used_slots(), 8u);
+  EXPECT_EQ(Pool(0)->used_slots(), 8u);
   EXPECT_EQ(tier_->stats().pages_to_host, 0u) << "nothing written back";
   // The budget (16) has 8 slots left: 9 pinned pages do not fit.
   EXPECT_EQ(tier_->MakeResident(kBase, Pages(Range(8, 9)), 0, false, 2).status().code(),
@@ -399,7 +390,7 @@ TEST_P(DeviceTierTest, DetachedSlotsStayTakenUntilReleased) {
   }
   ASSERT_TRUE(tier_->Unpin(Pages(Range(16, 8))).ok());
   ASSERT_TRUE(tier_->Release(held).ok());
-  EXPECT_EQ(pools_[0]->used_slots(), 8u);  // run2's
+  EXPECT_EQ(Pool(0)->used_slots(), 8u);  // run2's
   EXPECT_EQ(tier_->Release(held).code(), StatusCode::kInvalidArgument);
   // Free again: 16 pages fit (run2's 8 unpinned are evicted as needed).
   auto all = tier_->MakeResident(kBase, Pages(Range(24, 16)), 0, false, 5);
@@ -424,7 +415,7 @@ TEST_P(DeviceTierTest, MapsOfOneRangeLostTogetherEachHoldTheSlots) {
   ASSERT_EQ(first.size(), 8u);
   ASSERT_EQ(second.size(), 8u) << "the second map holds the same slots";
   ASSERT_TRUE(tier_->Release(first).ok());
-  EXPECT_EQ(pools_[0]->used_slots(), 8u) << "still held by the second map";
+  EXPECT_EQ(Pool(0)->used_slots(), 8u) << "still held by the second map";
   // The free half of the budget takes 8 pinned pages; a 9th finds no slot.
   EXPECT_EQ(tier_->MakeResident(kBase, Pages(Range(8, 9)), 0, false, 3).status().code(),
             StatusCode::kResourceExhausted);
@@ -432,7 +423,7 @@ TEST_P(DeviceTierTest, MapsOfOneRangeLostTogetherEachHoldTheSlots) {
     EXPECT_EQ(ReadDevice(0, run->ptr + i * kPage), model_[i]) << "held slot " << i << " changed";
   }
   ASSERT_TRUE(tier_->Release(second).ok());
-  EXPECT_EQ(pools_[0]->used_slots(), 0u);
+  EXPECT_EQ(Pool(0)->used_slots(), 0u);
   EXPECT_EQ(tier_->Release(second).code(), StatusCode::kInvalidArgument);
 }
 
@@ -456,14 +447,14 @@ TEST_P(DeviceTierTest, AReplicaRunLeavesTheOtherGpusCopyInPlace) {
     EXPECT_EQ(tier_->table().PinsOf(pages[i]), 1u);
     EXPECT_EQ(ReadDevice(1, on1->ptr + i * kPage), model_[2 + i]) << "replica of page " << 2 + i;
   }
-  EXPECT_EQ(pools_[1]->used_slots(), 4u);
-  EXPECT_EQ(tier_->table().held_slots(tier_->table().PoolIndex(1, kPage)), 4u);
+  EXPECT_EQ(Pool(1)->used_slots(), 4u);
+  EXPECT_EQ(tier_->table().held_slots(tier_->table().PoolIndex(1, kBase)), 4u);
   EXPECT_EQ(tier_->stats().replica_runs, 1u);
   // GPU 1's budget (16) counts the held slots: 13 pinned pages do not fit.
   EXPECT_EQ(tier_->MakeResident(kBase, Pages(Range(20, 13)), 1, false, 2).status().code(),
             StatusCode::kResourceExhausted);
   ASSERT_TRUE(tier_->Release(held).ok());
-  EXPECT_EQ(pools_[1]->used_slots(), 0u);
+  EXPECT_EQ(Pool(1)->used_slots(), 0u);
   ASSERT_TRUE(tier_->Unpin(pages).ok());
 }
 
@@ -481,8 +472,8 @@ TEST_P(DeviceTierTest, MovingBetweenGpusCarriesDirtyBytes) {
   EXPECT_EQ(ReadDevice(1, (*on1)[0]), model_[2]);
   EXPECT_EQ(ReadDevice(1, (*on1)[1]), model_[3]);
   EXPECT_EQ(ReadStore(2), model_[2]);
-  EXPECT_EQ(pools_[0]->used_slots(), 0u);
-  EXPECT_EQ(pools_[1]->used_slots(), 2u);
+  EXPECT_EQ(Pool(0)->used_slots(), 0u);
+  EXPECT_EQ(Pool(1)->used_slots(), 2u);
 }
 
 // Past the host budget the tier reports pages to leave the node, with their
@@ -529,7 +520,7 @@ TEST_P(DeviceTierTest, DeviceFullBelowTheBudgetIsRolledBack) {
   auto r = tier_->MakeResident(kBase, Pages(Range(0, 20)), 0, true, 1);
   EXPECT_EQ(r.status().code(), StatusCode::kResourceExhausted) << r.status().ToString();
   EXPECT_EQ(tier_->stats().rollbacks, 1u);
-  EXPECT_EQ(pools_[0]->used_slots(), 0u);
+  EXPECT_EQ(Pool(0)->used_slots(), 0u);
   EXPECT_EQ(tier_->table().used_slots(0), 0u);
   EXPECT_EQ(tier_->table().PinsOf(P(0)), 0u);
   EXPECT_FALSE(tier_->table().GpuOf(P(0)).has_value());
@@ -587,36 +578,48 @@ TEST_P(DeviceTierTest, AFailedWriteBackNeverPassesStaleBytesForCurrent) {
 }
 
 TEST(DeviceTierCreateTest, RefusesBadOptions) {
-  auto b = MakeDeviceBackend("emulated", {});
+  auto b = MakeDeviceBackend("emulated", {});  // one GPU
   ASSERT_TRUE(b.ok());
-  DevicePagePoolOptions po;
-  po.page_size = 64 << 10;
-  po.budget_bytes = 1 << 20;
-  auto pool = DevicePagePool::Create(b->get(), po);
-  ASSERT_TRUE(pool.ok());
-  std::vector<DevicePagePool*> pools = {pool->get()};
-  EXPECT_TRUE(DeviceTier::Create(b->get(), pools).ok());
+  const std::vector<uint64_t> budgets = {1 << 20};
+  EXPECT_TRUE(DeviceTier::Create(b->get(), budgets).ok());
   const auto kInvalid = StatusCode::kInvalidArgument;
-  EXPECT_EQ(DeviceTier::Create(nullptr, pools).status().code(), kInvalid);
-  EXPECT_EQ(DeviceTier::Create(b->get(), {nullptr}).status().code(), kInvalid);
-  EXPECT_EQ(DeviceTier::Create(b->get(), {pool->get(), pool->get()}).status().code(), kInvalid);
+  EXPECT_EQ(DeviceTier::Create(nullptr, budgets).status().code(), kInvalid);
+  EXPECT_EQ(DeviceTier::Create(b->get(), {}).status().code(), kInvalid);
+  EXPECT_EQ(DeviceTier::Create(b->get(), {0}).status().code(), kInvalid);
+  EXPECT_EQ(DeviceTier::Create(b->get(), {1 << 20, 1 << 20}).status().code(), kInvalid);
   DeviceTierOptions o;
   o.streams_per_gpu = 1;
-  EXPECT_EQ(DeviceTier::Create(b->get(), pools, o).status().code(), kInvalid);
+  EXPECT_EQ(DeviceTier::Create(b->get(), budgets, o).status().code(), kInvalid);
   o = {};
-  o.batch_bytes = 32 << 10;  // below the page size
-  EXPECT_EQ(DeviceTier::Create(b->get(), pools, o).status().code(), kInvalid);
   o.batch_bytes = (1 << 20) + 1;
-  EXPECT_EQ(DeviceTier::Create(b->get(), pools, o).status().code(), kInvalid);
+  EXPECT_EQ(DeviceTier::Create(b->get(), budgets, o).status().code(), kInvalid);
+  o = {};
+  o.arena_bytes = 0;
+  EXPECT_EQ(DeviceTier::Create(b->get(), budgets, o).status().code(), kInvalid);
+  o.arena_bytes = 6000;
+  EXPECT_EQ(DeviceTier::Create(b->get(), budgets, o).status().code(), kInvalid);
   o = {};
   o.copy_threads = 0;
-  EXPECT_EQ(DeviceTier::Create(b->get(), pools, o).status().code(), kInvalid);
+  EXPECT_EQ(DeviceTier::Create(b->get(), budgets, o).status().code(), kInvalid);
   o.copy_threads = 65;
-  EXPECT_EQ(DeviceTier::Create(b->get(), pools, o).status().code(), kInvalid);
+  EXPECT_EQ(DeviceTier::Create(b->get(), budgets, o).status().code(), kInvalid);
+  // A region whose pages do not fit one batch.
+  {
+    o = {};
+    o.batch_bytes = 32 << 10;
+    auto t = DeviceTier::Create(b->get(), budgets, o);
+    ASSERT_TRUE(t.ok());
+    PageStoreOptions so;
+    so.try_hugetlb = false;
+    auto store = PageStore::Create(kBase, 1 << 20, 64 << 10, so);
+    ASSERT_TRUE(store.ok());
+    EXPECT_EQ((*t)->AddRegion(store->get()).code(), kInvalid);
+    EXPECT_EQ((*t)->pool_count(), 0u);
+  }
   // The tier's streams and staging go with it.
   const size_t streams = (*b)->stream_count();
   {
-    auto t = DeviceTier::Create(b->get(), pools);
+    auto t = DeviceTier::Create(b->get(), budgets);
     ASSERT_TRUE(t.ok());
     EXPECT_EQ((*b)->stream_count(), streams + 2);
     EXPECT_EQ((*b)->staging_count(), 2u);
@@ -627,7 +630,7 @@ TEST(DeviceTierCreateTest, RefusesBadOptions) {
   o = {};
   o.copy_threads = 3;
   {
-    auto t = DeviceTier::Create(b->get(), pools, o);
+    auto t = DeviceTier::Create(b->get(), budgets, o);
     ASSERT_TRUE(t.ok());
     EXPECT_EQ((*b)->stream_count(), streams + 6);
     EXPECT_EQ((*b)->staging_count(), 6u);
@@ -660,7 +663,7 @@ TEST_P(DeviceTierTest, ARunHoldsItsPagesInAddressOrder) {
   }
   EXPECT_EQ(ReadStore(5), model_[5]) << "the dirty copy was written back before it moved";
   EXPECT_EQ(tier_->table().GpuOf(P(3)), 0u) << "page 3 is not in the range and stays";
-  EXPECT_EQ(pools_[0]->used_slots(), 9u);
+  EXPECT_EQ(Pool(0)->used_slots(), 9u);
   // The same range again is in place: hits, one more pin, no copies.
   const uint64_t copies = tier_->stats().pages_to_device;
   auto again = tier_->MapRun(kBase, pages, 0, false, 3);
@@ -684,7 +687,7 @@ TEST_P(DeviceTierTest, ARunEvictsByPlaceWhenTheBudgetIsFull) {
   ASSERT_TRUE(dirty.ok()) << dirty.status().ToString();
   for (size_t i = 0; i < 8; ++i) KernelWrite(0, 8 + i, dirty->ptr + i * kPage);
   ASSERT_TRUE(tier_->Unpin(second).ok());
-  EXPECT_EQ(pools_[0]->used_slots(), 16u);
+  EXPECT_EQ(Pool(0)->used_slots(), 16u);
   const std::vector<PageAddr> third = Pages(Range(20, 8));
   auto run = tier_->MapRun(kBase, third, 0, false, 3);
   ASSERT_TRUE(run.ok()) << run.status().ToString();
@@ -738,28 +741,18 @@ TEST_P(DeviceTierTest, ARunLargerThanAnArenaGetsItsOwn) {
   ASSERT_TRUE(tier_->Unpin(pages).ok());
 }
 
-// One budget per GPU: pages of 4 KiB fill it; pages of 64 KiB then take
-// memory back an arena at a time, evicting 4 KiB pages (dirty ones written
-// back first), but never pinned ones.
-TEST(DeviceTierSharedBudgetTest, PageSizesShareOneBudgetPerGpu) {
+// One budget per GPU, shared by the regions' pools: a region of 4 KiB
+// pages fills it; a region of 64 KiB pages then takes memory back an arena
+// at a time, evicting 4 KiB pages (dirty ones written back first), but
+// never pinned ones. The arenas each region gets hold its pages only.
+TEST(DeviceTierSharedBudgetTest, RegionsShareOneBudgetPerGpu) {
   DeviceBackendOptions bo;
   bo.emulated_devices = 1;
   bo.emulated_device_bytes = 64u << 20;
   auto b = MakeDeviceBackend("emulated", bo);
   ASSERT_TRUE(b.ok()) << b.status().ToString();
   std::unique_ptr<DeviceBackend> backend = std::move(b).value();
-  DeviceBudget budget(512u << 10);
-  std::vector<std::unique_ptr<DevicePagePool>> pools;
-  for (uint32_t ps : {4096u, 65536u}) {
-    DevicePagePoolOptions po;
-    po.page_size = ps;
-    po.budget_bytes = 512u << 10;
-    po.arena_bytes = 64u << 10;
-    po.shared = &budget;
-    auto p = DevicePagePool::Create(backend.get(), po);
-    ASSERT_TRUE(p.ok()) << p.status().ToString();
-    pools.push_back(std::move(p).value());
-  }
+  constexpr uint64_t kBudget = 512u << 10;
   auto make_store = [](PageAddr base, uint64_t size, uint32_t ps) {
     PageStoreOptions so;
     so.try_hugetlb = false;
@@ -782,7 +775,8 @@ TEST(DeviceTierSharedBudgetTest, PageSizesShareOneBudgetPerGpu) {
   }
   DeviceTierOptions to;
   to.batch_bytes = 256u << 10;
-  auto t = DeviceTier::Create(backend.get(), {pools[0].get(), pools[1].get()}, to);
+  to.arena_bytes = 64u << 10;
+  auto t = DeviceTier::Create(backend.get(), {kBudget}, to);
   ASSERT_TRUE(t.ok()) << t.status().ToString();
   std::unique_ptr<DeviceTier> tier = std::move(t).value();
   ASSERT_TRUE(tier->AddRegion(small.get()).ok());
@@ -805,7 +799,7 @@ TEST(DeviceTierSharedBudgetTest, PageSizesShareOneBudgetPerGpu) {
   }
   sync();
   ASSERT_TRUE(tier->Unpin(sp).ok());
-  EXPECT_EQ(budget.free_bytes(), 0u);
+  EXPECT_EQ(tier->arena_bytes(0), kBudget);
   // Four large pages need 256 KiB: four small arenas are emptied for them.
   std::vector<PageAddr> lp;
   for (uint64_t i = 0; i < 4; ++i) lp.push_back(large_base + i * 65536);
@@ -829,7 +823,7 @@ TEST(DeviceTierSharedBudgetTest, PageSizesShareOneBudgetPerGpu) {
     ASSERT_TRUE(small->ReadPage(sp[i], host).ok());
     EXPECT_EQ(host, small_bytes[i]) << "small page " << i;
   }
-  EXPECT_EQ(budget.taken(), 512u << 10);
+  EXPECT_EQ(tier->arena_bytes(0), kBudget);
   // The rest of the small pages pinned: no more room for large ones.
   std::vector<PageAddr> kept;
   for (PageAddr p : sp) {
@@ -842,9 +836,27 @@ TEST(DeviceTierSharedBudgetTest, PageSizesShareOneBudgetPerGpu) {
             StatusCode::kResourceExhausted);
   ASSERT_TRUE(tier->Unpin(kept).ok());
   ASSERT_TRUE(tier->Unpin(lp).ok());
+  // Each region's GPU copies lie in its own pool's arenas, never in the
+  // other's.
+  auto in_pool = [](const DevicePagePool* pool, DevicePtr ptr) {
+    for (const DeviceArena& arena : pool->arenas()) {
+      if (arena.bytes != 0 && ptr >= arena.base && ptr < arena.base + arena.bytes) return true;
+    }
+    return false;
+  };
+  const DevicePagePool* small_pool = tier->PoolOf(0, small_base);
+  const DevicePagePool* large_pool = tier->PoolOf(0, large_base);
+  ASSERT_NE(small_pool, nullptr);
+  ASSERT_NE(large_pool, nullptr);
+  for (PageAddr p : kept) {
+    EXPECT_TRUE(in_pool(small_pool, tier->SlotOf(p)) && !in_pool(large_pool, tier->SlotOf(p)));
+  }
+  for (PageAddr p : lp) {
+    EXPECT_TRUE(in_pool(large_pool, tier->SlotOf(p)) && !in_pool(small_pool, tier->SlotOf(p)));
+  }
+  EXPECT_EQ(backend->arena_bytes(0), kBudget);
   tier.reset();
-  pools.clear();
-  EXPECT_EQ(budget.taken(), 0u);
+  EXPECT_EQ(backend->arena_bytes(0), 0u) << "the tier's pools gave their arenas back";
 }
 
 }  // namespace

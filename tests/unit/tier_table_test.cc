@@ -44,13 +44,13 @@ class TierTableTest : public testing::Test {
 
   void Make(uint64_t host_budget_pages, uint64_t aging_period) {
     TierTableOptions o;
-    o.pools = {{0, kPage, 4}, {1, kPage, 4}};
     o.host_budget_bytes = host_budget_pages * kPage;
     o.aging_period = aging_period;
     auto t = TierTable::Create(o);
     ASSERT_TRUE(t.ok()) << t.status().ToString();
     table_ = std::move(t).value();
     ASSERT_TRUE(table_->AddRegion(kBase, kRegionPages * kPage, kPage).ok());
+    for (uint32_t gpu : {0u, 1u}) ASSERT_TRUE(table_->AddPool(gpu, kBase, 4).ok());
     tick_ = 0;
   }
 
@@ -92,7 +92,7 @@ TEST_F(TierTableTest, FirstResidencyAllocatesAndCopies) {
   EXPECT_EQ(table_->GpuOf(P(0)), 0u);
   EXPECT_EQ(table_->GpuOf(P(1)), 0u);
   EXPECT_FALSE(table_->IsDirty(P(0)));
-  EXPECT_EQ(table_->used_slots(table_->PoolIndex(0, kPage)), 2u);
+  EXPECT_EQ(table_->used_slots(table_->PoolIndex(0, kBase)), 2u);
   EXPECT_EQ(table_->page_count(), 2u);
   EXPECT_EQ(table_->host_bytes(), 2u * kPage);  // host is inclusive
   EXPECT_EQ(table_->stats().misses, 2u);
@@ -109,7 +109,7 @@ TEST_F(TierTableTest, AHeldSlotStaysUsedUntilReleased) {
   ASSERT_TRUE(table_->DropHoldingSlot(P(1), &out).ok());
   EXPECT_TRUE(out.empty()) << "no free, no write-back";
   EXPECT_FALSE(table_->Holds(P(1)));
-  const int pool = table_->PoolIndex(0, kPage);
+  const int pool = table_->PoolIndex(0, kBase);
   EXPECT_EQ(table_->used_slots(pool), 2u);
   EXPECT_EQ(table_->held_slots(pool), 1u);
   // Four slots: one held, one pinned (page 2): two pages fit, the third
@@ -117,12 +117,12 @@ TEST_F(TierTableTest, AHeldSlotStaysUsedUntilReleased) {
   Resident({10, 11});
   EXPECT_EQ(Resident({12}), (TierSteps{Free(10), Alloc(12), Copy(12)}));
   EXPECT_EQ(TryResident({20, 21, 22}, 0, /*pin=*/true).code(), StatusCode::kResourceExhausted);
-  ASSERT_TRUE(table_->ReleaseHeldSlot(0, kPage).ok());
+  ASSERT_TRUE(table_->ReleaseHeldSlot(pool).ok());
   EXPECT_EQ(table_->held_slots(pool), 0u);
   EXPECT_EQ(table_->used_slots(pool), 3u);
   EXPECT_EQ(Resident({13}), (TierSteps{Alloc(13), Copy(13)}));  // the released slot
-  EXPECT_EQ(table_->ReleaseHeldSlot(0, kPage).code(), StatusCode::kFailedPrecondition);
-  EXPECT_EQ(table_->ReleaseHeldSlot(7, kPage).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(table_->ReleaseHeldSlot(pool).code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(table_->ReleaseHeldSlot(7).code(), StatusCode::kInvalidArgument);
 }
 
 TEST_F(TierTableTest, AResidentPageCostsNothing) {
@@ -265,7 +265,7 @@ TEST_F(TierTableTest, InvalidationDropsTheGpuCopyWithoutWriteBack) {
   ASSERT_TRUE(table_->Drop(P(0), &out).ok());
   EXPECT_EQ(out, (Steps{Free(0)}));  // dirty and pinned: coherence wins
   EXPECT_FALSE(table_->Holds(P(0)));
-  EXPECT_EQ(table_->used_slots(table_->PoolIndex(0, kPage)), 1u);
+  EXPECT_EQ(table_->used_slots(table_->PoolIndex(0, kBase)), 1u);
   EXPECT_EQ(table_->host_bytes(), 1u * kPage);
   EXPECT_EQ(table_->stats().writebacks, 0u);
   out.clear();
@@ -302,7 +302,7 @@ TEST_F(TierTableTest, MovingBetweenGpusWritesBackOnTheWay) {
   EXPECT_EQ(Resident({0}, 1), (Steps{WriteBack(0, 0), Free(0, 0), Alloc(0, 1), Copy(0, 1)}));
   EXPECT_EQ(table_->GpuOf(P(0)), 1u);
   EXPECT_FALSE(table_->IsDirty(P(0)));
-  EXPECT_EQ(table_->used_slots(table_->PoolIndex(0, kPage)), 0u);
+  EXPECT_EQ(table_->used_slots(table_->PoolIndex(0, kBase)), 0u);
   EXPECT_EQ(table_->stats().moves, 1u);
   Resident({0}, 1, false, /*pin=*/true);
   EXPECT_EQ(TryResident({0}, 0).code(), StatusCode::kFailedPrecondition);
@@ -356,13 +356,14 @@ TEST_F(TierTableTest, UnplaceRollsBackAPlacement) {
   EXPECT_FALSE(table_->GpuOf(P(0)).has_value());
   EXPECT_FALSE(table_->IsDirty(P(0)));
   EXPECT_EQ(table_->PinsOf(P(0)), 0u);
-  EXPECT_EQ(table_->used_slots(table_->PoolIndex(0, kPage)), 0u);
+  EXPECT_EQ(table_->used_slots(table_->PoolIndex(0, kBase)), 0u);
   EXPECT_EQ(table_->Unplace(P(0), 0).code(), StatusCode::kFailedPrecondition);
   EXPECT_EQ(Resident({0}), (Steps{Alloc(0), Copy(0)}));
 }
 
 TEST_F(TierTableTest, RemoveRegionFreesItsGpuCopiesWithoutWriteBack) {
   ASSERT_TRUE(table_->AddRegion(0x20000000, 16 * kPage, kPage).ok());
+  ASSERT_TRUE(table_->AddPool(0, 0x20000000, 4).ok());
   Resident({0}, 0, /*write=*/true);
   TierSteps out;
   std::vector<PageAddr> other = {0x20000000 + kPage, 0x20000000};
@@ -400,32 +401,32 @@ TEST_F(TierTableTest, RefusesBadPagesAndArguments) {
   EXPECT_EQ(table_->AddRegion(0x40000000, 0, kPage).code(), kInvalid);
   EXPECT_EQ(table_->AddRegion(0x40000000 + 4096, 2u << 20, 2u << 20).code(), kInvalid);
   EXPECT_EQ(table_->AddRegion(0x40000000, kPage, 8192).code(), kInvalid);
+  // Pools.
+  EXPECT_EQ(table_->AddPool(0, kBase, 4).status().code(), StatusCode::kAlreadyExists);
+  EXPECT_EQ(table_->AddPool(2, kBase + kPage, 4).status().code(), StatusCode::kNotFound);
+  EXPECT_EQ(table_->PoolIndex(2, kBase), -1);
+  EXPECT_EQ(table_->HoldFreeSlots(-1, 1).code(), kInvalid);
+  EXPECT_EQ(table_->HoldFreeSlots(table_->PoolIndex(0, kBase), 5).code(),
+            StatusCode::kResourceExhausted);
   // Options.
   TierTableOptions o;
-  o.pools = {{0, kPage, 4}};
   EXPECT_TRUE(TierTable::Create(o).ok());
   o.aging_period = 0;
   EXPECT_EQ(TierTable::Create(o).status().code(), kInvalid);
-  o.aging_period = 1;
-  o.pools = {{0, kPage, 0}};
-  EXPECT_EQ(TierTable::Create(o).status().code(), kInvalid);
-  o.pools = {{0, 8192, 4}};
-  EXPECT_EQ(TierTable::Create(o).status().code(), kInvalid);
-  o.pools = {{0, kPage, 4}, {0, kPage, 8}};
-  EXPECT_EQ(TierTable::Create(o).status().code(), kInvalid);
-  o.pools = {{0, kPage, 4}, {0, 2u << 20, 8}};  // one GPU, two page sizes
-  EXPECT_TRUE(TierTable::Create(o).ok());
 }
 
-// Pools of one GPU with different page sizes have separate budgets.
-TEST(TierTablePageSizesTest, EachPageSizeHasItsOwnPool) {
+// Each region has a pool of its own on a GPU: one region's pages never
+// take (or evict for) another's slots; a removed region's pool takes no
+// page, and keeps counting the slots held in it until they are released.
+TEST(TierTableRegionPoolsTest, EachRegionHasItsOwnPool) {
   TierTableOptions o;
-  o.pools = {{0, kPage, 1}, {0, 2u << 20, 1}};
   auto t = TierTable::Create(o);
   ASSERT_TRUE(t.ok());
   TierTable& table = **t;
   ASSERT_TRUE(table.AddRegion(kBase, 16 * kPage, kPage).ok());
   ASSERT_TRUE(table.AddRegion(0x40000000, 4u << 20, 2u << 20).ok());
+  ASSERT_TRUE(table.AddPool(0, kBase, 1).ok());
+  ASSERT_TRUE(table.AddPool(0, 0x40000000, 1).ok());
   TierSteps out;
   std::vector<PageAddr> small = {kBase}, huge = {0x40000000};
   ASSERT_TRUE(table.MakeResident(small, 0, false, false, 1, &out).ok());
@@ -435,6 +436,23 @@ TEST(TierTablePageSizesTest, EachPageSizeHasItsOwnPool) {
                         {TierStepKind::kAllocateSlot, 0x40000000, 0},
                         {TierStepKind::kCopyToDevice, 0x40000000, 0}}));
   EXPECT_EQ(table.host_bytes(), kPage + (2u << 20));
+  // The 4 KiB region's pool is full: its next page evicts its own first
+  // page, not the other region's.
+  out.clear();
+  std::vector<PageAddr> next = {kBase + kPage};
+  ASSERT_TRUE(table.MakeResident(next, 0, false, false, 3, &out).ok());
+  EXPECT_EQ(out, (Steps{Free(0), Alloc(1), Copy(1)}));
+  EXPECT_EQ(table.GpuOf(0x40000000), 0u);
+  // A slot held in the 2 MiB region's pool outlives its region.
+  out.clear();
+  const int huge_pool = table.PoolIndex(0, 0x40000000);
+  ASSERT_TRUE(table.DropHoldingSlot(0x40000000, &out).ok());
+  ASSERT_TRUE(table.RemoveRegion(0x40000000, &out).ok());
+  EXPECT_EQ(table.PoolIndex(0, 0x40000000), -1);
+  EXPECT_EQ(table.used_slots(huge_pool), 1u);
+  EXPECT_EQ(table.HoldFreeSlots(huge_pool, 0).code(), StatusCode::kInvalidArgument);
+  ASSERT_TRUE(table.ReleaseHeldSlot(huge_pool).ok());
+  EXPECT_EQ(table.used_slots(huge_pool), 0u);
 }
 
 }  // namespace
