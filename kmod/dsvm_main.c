@@ -471,13 +471,21 @@ static long dsvm_ioctl(struct file *filp, unsigned int cmd, unsigned long arg)
 	case DSVM_IOC_HELLO:
 		return dsvm_ioctl_hello(file, uarg);
 	case DSVM_IOC_STATS:
+	case DSVM_IOC_MIRROR_STATS:
+		break;
 	case DSVM_IOC_MIRROR_REGISTER:
 	case DSVM_IOC_MIRROR_UNREGISTER:
 	case DSVM_IOC_MIRROR_SNAPSHOT:
 	case DSVM_IOC_MIRROR_READ:
 	case DSVM_IOC_MIRROR_MIGRATE:
-	case DSVM_IOC_MIRROR_STATS:
-		/* Any file: a mirror is its own file's, not the node's. */
+		/*
+		 * A mirror is its own file's, and an attached client file is
+		 * one the daemon shares among its clients (and whose read() is
+		 * refused): one client could read, move or drop another's
+		 * mirror. Mirrors need a file of the process's own.
+		 */
+		if (READ_ONCE(file->attached))
+			return READ_ONCE(file->hello_done) ? -EPERM : -EPROTO;
 		break;
 	case DSVM_IOC_REGION_CREATE:
 	case DSVM_IOC_REGION_DESTROY:

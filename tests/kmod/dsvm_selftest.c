@@ -1569,6 +1569,20 @@ static void test_control(int fd, int cfd)
 	expect(read(afd, buf, sizeof(struct dsvm_fault_event)) < 0 ? -errno : 0, -EPERM,
 	       "attach: read of events from a client file refused with EPERM");
 	expect(xioctl(afd, DSVM_IOC_STATS, &st), 0, "attach: stats from a client file allowed");
+	{
+		/* The daemon shares a client file among its clients: a mirror
+		 * there would be every client's to read. */
+		void *anon = mmap(NULL, PAGE, PROT_READ | PROT_WRITE,
+				  MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		struct dsvm_mirror_register mr = { .start = (uintptr_t)anon, .length = PAGE };
+		struct dsvm_mirror_read mrd = { .mirror_id = 1, .data = (uintptr_t)buf };
+
+		expect(xioctl(afd, DSVM_IOC_MIRROR_REGISTER, &mr), -EPERM,
+		       "attach: a mirror on a client file refused with EPERM");
+		expect(xioctl(afd, DSVM_IOC_MIRROR_READ, &mrd), -EPERM,
+		       "attach: a mirror read on a client file refused with EPERM");
+		munmap(anon, PAGE);
+	}
 	result(map_region(afd, BASE_EVENTS, EVENTS_PAGES) == (void *)BASE_EVENTS &&
 	       munmap((void *)BASE_EVENTS, EVENTS_PAGES * PAGE) == 0,
 	       "control: the client file maps it");
