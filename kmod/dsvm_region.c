@@ -254,15 +254,20 @@ int dsvm_region_create(struct dsvm_file *file,
 		ret = -ENOSPC;
 		goto err_unlock;
 	}
-	ret = xa_insert(&domain->regions, region->id, region, GFP_KERNEL);
-	if (ret)
-		goto err_unlock;
+	/*
+	 * Filled in before it is published: lookups (dsvm_region_get, mmap)
+	 * take only the table's lock. On a failed insert the put below drops
+	 * the domain reference with the region.
+	 */
 	region->control = file->control;
 	if (domain != &dsvm_domain_plain)
 		kref_get(&domain->kref);
 	region->domain = domain;
 	region->offset = (loff_t)domain->tag << DSVM_DOMAIN_SHIFT | region->base;
 	region->owner = file;
+	ret = xa_insert(&domain->regions, region->id, region, GFP_KERNEL);
+	if (ret)
+		goto err_unlock;
 	list_add_tail(&region->owner_link, &file->regions);
 	atomic64_inc(&dsvm_counters.regions);
 	mutex_unlock(&dsvm_regions_mutex);
