@@ -583,6 +583,21 @@ proto::PageQueryReply PageDirectory::Query(PageAddr page) const {
   return q;
 }
 
+std::set<NodeId> PageDirectory::NodesNamed() const {
+  std::set<NodeId> named;
+  for (const auto& [addr, p] : pages_) {
+    const PageRecord& r = p.rec;
+    if (r.owner != proto::kNoNode) named.insert(r.owner);
+    for (const Sharer& s : r.sharers) named.insert(s.node);
+    if (!r.busy) continue;
+    for (NodeId n : {r.tx.requester, r.tx.fetch_from}) {
+      if (n != proto::kNoNode) named.insert(n);
+    }
+    named.insert(r.tx.pending_acks.begin(), r.tx.pending_acks.end());
+  }
+  return named;
+}
+
 Status PageDirectory::CheckInvariants() const {
   for (const auto& [addr, p] : pages_) {
     const PageRecord& r = p.rec;

@@ -149,6 +149,10 @@ class PageDirectory {
   // and live; owner among the sharers; Modified has exactly one holder; a busy
   // page's transaction is consistent. Returns the first violation.
   Status CheckInvariants() const;
+  // Every node a record names: holders, and the nodes of transactions in
+  // flight. (At a restart, the dead among them are nodes whose hand-over,
+  // NodeDown, was not flushed before the stop.)
+  std::set<NodeId> NodesNamed() const;
 
  private:
   struct Waiting {

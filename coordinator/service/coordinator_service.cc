@@ -58,6 +58,18 @@ Status CoordinatorService::Load(uint64_t now_ms) {
   if (!orphans.empty()) {
     LogInfo("dropped " + std::to_string(orphans.size()) + " directory records of deleted regions");
   }
+  // A node stored dead but still named by the directory: the process
+  // stopped after persisting the death and before flushing the hand-over
+  // of its pages (DeclareDead). Finish it; the records go out with the
+  // first Flush, the messages by retransmission once the nodes are back.
+  for (NodeId n : directory_.NodesNamed()) {
+    auto m = members_.find(n);
+    if (m != members_.end() && m->second.record.live) continue;
+    LogWarning("node " + std::to_string(n) + " was declared dead before the last stop; " +
+               "handing its pages on now");
+    directory_.NodeDown(n, &outbox_);
+  }
+  outbox_.clear();  // no node is connected yet
   Status inv = directory_.CheckInvariants();
   if (!inv.ok()) return Corruption("stored directory is inconsistent: " + inv.message());
   LogInfo("loaded epoch " + std::to_string(store_->epoch()) + ": " + std::to_string(regions.size()) +
