@@ -283,13 +283,16 @@ void Server::DoFlush() {
 }
 
 void Server::Write(const std::shared_ptr<Connection>& c) {
-  if (c->closed || c->writing) return;
-  if (c->out_pending.empty()) {
-    if (c->closing) Close(c, "");
-    return;
-  }
+  if (c->closed) return;
+  // Checked before the write in progress: a peer that reads nothing never
+  // lets that write end, and what queues behind it must stay bounded.
   if (c->out_pending.size() > options_.max_output_bytes) {
     Close(c, "peer is not reading its replies");
+    return;
+  }
+  if (c->writing) return;
+  if (c->out_pending.empty()) {
+    if (c->closing) Close(c, "");
     return;
   }
   std::swap(c->out_writing, c->out_pending);

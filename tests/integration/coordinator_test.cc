@@ -516,6 +516,55 @@ TEST(CoordinatorMembership, DeadNodeLosesSoleCopiesKeepsShared) {
 }
 
 // Node and region listings, paged by the coordinator.
+// A peer that sends requests and never reads the replies is cut off once
+// 64 MiB of them wait for it (ServerOptions::max_output_bytes), whether or
+// not a write to it is in progress; the coordinator goes on serving others.
+// Fails without: the limit was checked only between writes, so while a
+// write to a peer that reads nothing was stuck the queue grew without
+// bound (here the cut came only once the test read again).
+TEST(CoordinatorInput, APeerThatNeverReadsIsCutOff) {
+  TempDir dir;
+  CoordinatorProcess coord;
+  ASSERT_TRUE(coord.Start(dir.path() + "/data").ok()) << coord.stderr_text();
+  auto tool = ConnectTool(coord.address());
+  ASSERT_TRUE(tool.ok());
+  // A full page of the region list is about 40 KB with long names.
+  for (uint32_t i = 0; i < proto::kMaxListEntries; ++i) {
+    CreateRegion(*tool, std::string(240, 'r') + std::to_string(i), 4096);
+  }
+  auto greedy = ConnectTool(coord.address());
+  ASSERT_TRUE(greedy.ok());
+  // First 23 MB of replies, more than the sockets' buffers: a write to it
+  // starts and never completes. Then the rest, queued behind that write.
+  constexpr int kFirst = 600, kRequests = 3000;
+  for (int i = 0; i < kFirst; ++i) greedy->Queue(proto::RegionList{0}, 1000 + i);
+  ASSERT_TRUE(greedy->Flush().ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  for (int i = kFirst; i < kRequests; ++i) greedy->Queue(proto::RegionList{0}, 1000 + i);
+  ASSERT_TRUE(greedy->Flush().ok());
+  // Served meanwhile: another connection.
+  auto open = tool->Call(proto::RegionOpen{.name = std::string(240, 'r') + "7"});
+  ASSERT_TRUE(open.ok()) << open.status().ToString();
+  EXPECT_NE(std::get_if<proto::RegionReply>(&*open), nullptr);
+  // Cut off now, before it reads anything (not once the stuck write ends).
+  bool cut = false;
+  for (int i = 0; i < 100 && !cut; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    cut = coord.stderr_text().find("not reading its replies") != std::string::npos;
+  }
+  EXPECT_TRUE(cut) << "the replies kept piling up for a peer that reads nothing";
+  int replies = 0;
+  for (;;) {
+    auto r = greedy->Receive(5000);
+    if (!r.ok()) {
+      EXPECT_EQ(r.status().code(), StatusCode::kUnavailable) << r.status().ToString();
+      break;
+    }
+    ++replies;
+  }
+  EXPECT_LT(replies, kRequests) << "every reply was queued for a peer that did not read";
+}
+
 TEST(CoordinatorListing, NodesAndRegionsPageThrough) {
   TempDir dir;
   CoordinatorProcess coord;
