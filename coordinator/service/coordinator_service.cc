@@ -213,18 +213,18 @@ void CoordinatorService::OnDisconnect(ConnId conn) {
 }
 
 void CoordinatorService::OnTick(uint64_t now_ms) {
-  // A late tick means this process stood still: a node whose heartbeats
-  // wait unread in its socket is not silent. Its deadline moves by the
-  // stall (one tick's lateness is ordinary scheduling and moves it too).
-  if (last_tick_ms_ != 0 && now_ms > last_tick_ms_ + options_.tick_ms) {
-    const uint64_t stalled = now_ms - last_tick_ms_ - options_.tick_ms;
+  // A tick later than a heartbeat interval means this process stood still
+  // (stopped, paused, starved): a node whose heartbeats wait unread in its
+  // socket is not silent. Each live node gets a full deadline from now, as
+  // at a restart, and no more: one whose heartbeats were read first keeps
+  // the deadline they gave, and one that stays silent is declared dead a
+  // deadline after the stall, not a stall later.
+  if (last_tick_ms_ != 0 && now_ms - last_tick_ms_ > options_.heartbeat_interval_ms) {
     for (auto& [id, m] : members_) {
-      if (m.record.live) m.deadline_ms += stalled;
+      if (m.record.live) m.deadline_ms = std::max(m.deadline_ms, now_ms + options_.dead_after_ms);
     }
-    if (stalled >= options_.heartbeat_interval_ms) {
-      LogWarning("the coordinator stood still for " + std::to_string(stalled) +
-                 " ms; nodes' deadlines moved by as much");
-    }
+    LogWarning("the coordinator stood still for " + std::to_string(now_ms - last_tick_ms_) +
+               " ms; every live node has a full deadline from now");
   }
   last_tick_ms_ = now_ms;
   std::vector<proto::NodeId> dead;

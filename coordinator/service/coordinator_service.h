@@ -36,11 +36,6 @@ struct ServiceOptions {
   uint32_t shard_count = 1;
   uint32_t heartbeat_interval_ms = 500;
   uint32_t dead_after_ms = 3000;  // a node silent this long is declared dead
-  // How often the server calls OnTick. Time past it between two ticks is
-  // time this coordinator did not run (stopped, paused, starved): it counts
-  // against no node's deadline, since the heartbeats sent meanwhile wait
-  // unread in the sockets.
-  uint32_t tick_ms = 50;
   uint64_t retransmit_after_ms = 200;
   WindowOptions window;
   // Shards other than 0 of a cluster of several: shard 0's "host:port".
@@ -78,9 +73,10 @@ class CoordinatorService {
   // shard...): the caller logs it and closes that connection only.
   Status OnFrame(ConnId conn, const proto::Frame& frame, uint64_t now_ms);
   void OnDisconnect(ConnId conn);
-  // Retransmits, and declares nodes dead that missed their heartbeats
-  // (not counting the time this coordinator itself stood still: see
-  // ServiceOptions::tick_ms).
+  // Retransmits, and declares nodes dead that missed their heartbeats.
+  // After a gap of more than a heartbeat interval since the last tick (this
+  // coordinator stood still, and heartbeats may wait unread), every live
+  // node has at least a full deadline from now.
   void OnTick(uint64_t now_ms);
 
   // Persists pending directory changes, then hands over every send that may

@@ -37,7 +37,6 @@ class CoordinatorServiceTest : public ::testing::Test {
     ServiceOptions o;
     o.heartbeat_interval_ms = kHeartbeatMs;
     o.dead_after_ms = kDeadAfterMs;
-    o.tick_ms = kTickMs;
     auto s = CoordinatorService::Create(std::move(*store), o, now_);
     ASSERT_TRUE(s.ok()) << s.status().ToString();
     service_ = std::move(*s);
@@ -73,7 +72,6 @@ class CoordinatorServiceTest : public ::testing::Test {
     ServiceOptions o;
     o.heartbeat_interval_ms = kHeartbeatMs;
     o.dead_after_ms = kDeadAfterMs;
-    o.tick_ms = kTickMs;
     auto s = CoordinatorService::Create(std::move(*store), o, now_);
     if (!s.ok()) return s.status();
     service_ = std::move(*s);
@@ -183,6 +181,24 @@ TEST_F(CoordinatorServiceTest, ACrashRightAfterADeathIsFinishedAtRestart) {
   EXPECT_TRUE(rec->lost) << "the page's only copy died with node " << a;
   EXPECT_TRUE(std::none_of(rec->sharers.begin(), rec->sharers.end(),
                            [&](const auto& sh) { return sh.node == a; }));
+}
+
+// The other order after a stall: a node's waiting heartbeat is read before
+// the late tick. It has the deadline that heartbeat gave, no more: silent
+// from then on, it is declared dead a deadline after the stall (the stall
+// is not credited on top). Fails with a rule that moved deadlines by the
+// stall: the node lived 5 s longer.
+TEST_F(CoordinatorServiceTest, AStallCreditsNoMoreThanAFullDeadline) {
+  const proto::NodeId a = Join(1);
+  service_->OnTick(now_);
+  TickUntil(now_ + 200);
+  now_ += 5000;
+  Beat(1, a);              // read first
+  service_->OnTick(now_);  // then the late tick
+  TickUntil(now_ + kDeadAfterMs - kTickMs);
+  EXPECT_EQ(dead(), 0u);
+  TickUntil(now_ + 2 * kTickMs);
+  EXPECT_EQ(dead(), 1u) << "node " << a << " was credited the stall";
 }
 
 // The directory bounds its per-page queues and records by kMaxNodes live
