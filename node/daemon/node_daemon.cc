@@ -776,6 +776,22 @@ void NodeDaemon::HandleRegionDeleted(const proto::RegionDeleted& m) {
   ++stats_.regions_deleted;
 }
 
+bool NodeDaemon::IsOfADeletedRegion(proto::PageAddr page) const {
+  if (deleted_mapped_.empty()) return false;
+  const PageStore* store = StoreOf(page);
+  if (store == nullptr) return false;
+  auto deleted = deleted_mapped_.find(store->base());
+  auto id = region_ids_.find(store->base());
+  return deleted != deleted_mapped_.end() && id != region_ids_.end() &&
+         id->second == deleted->second;
+}
+
+bool NodeDaemon::MissOfADeletedRegion(proto::PageAddr page, bool write) const {
+  if (!IsOfADeletedRegion(page)) return false;
+  const PageState s = agent_.StateOf(page);
+  return write ? s != PageState::kModified : s == PageState::kInvalid;
+}
+
 void NodeDaemon::DropUnmappedDeleted() {
   for (auto it = deleted_mapped_.begin(); it != deleted_mapped_.end();) {
     auto id = region_ids_.find(it->first);
@@ -955,6 +971,11 @@ void NodeDaemon::AccessPage(proto::PageAddr address, bool write, AccessFn fn, bo
   }
   const proto::PageAddr page =
       store->base() + (address - store->base()) / store->page_size() * store->page_size();
+  if (MissOfADeletedRegion(page, write)) {
+    ++stats_.accesses_failed;
+    fn(NotFound("page " + Hex(page) + " is of a deleted region"), {});
+    return;
+  }
   const WaiterId w = ++next_waiter_;
   Actions acts;
   if (agent_.Fault(page, write, w, NowMs(), &acts) == FaultResult::kHit) {
@@ -979,6 +1000,9 @@ void NodeDaemon::AccessPage(proto::PageAddr address, bool write, AccessFn fn, bo
 
 bool NodeDaemon::Evict(proto::PageAddr page) {
   if (gpu_pins_.count(page) != 0) return false;  // a gpu map holds it
+  // A deleted region's page is no directory's business any more (its
+  // addresses may be another region's): it goes with the region.
+  if (IsOfADeletedRegion(page)) return false;
   Actions acts;
   const bool started = agent_.Evict(page, NowMs(), &acts, PreferredNodeOf(page));
   Execute(acts);
@@ -1349,6 +1373,16 @@ void NodeDaemon::OnFaultEvents() {
       if (gpu_hidden_.count(e.page) != 0) {
         Status st = RevealToCpu(e.page);
         if (!st.ok()) LogError("GPU tier: revealing page " + Hex(e.page) + ": " + st.ToString());
+      }
+      if (MissOfADeletedRegion(e.page, e.write)) {
+        // Asking the directory would get the page of whatever region took
+        // these addresses since: the access fails here (SIGBUS).
+        ++stats_.accesses_failed;
+        LogWarning("a client's access to page " + Hex(e.page) +
+                   " fails (SIGBUS): its region was deleted");
+        Status st = backend_->Resolve(e.token, Resolution::kError);
+        if (!st.ok() && st.code() != StatusCode::kNotFound) LogWarning("resolving a fault: " + st.ToString());
+        continue;
       }
       const WaiterId w = ++next_waiter_;
       Actions acts;

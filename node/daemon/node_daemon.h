@@ -182,6 +182,8 @@ class NodeDaemon {
   // Pages gpu-mapped on this node now (pinned), and directory messages held
   // for them.
   size_t gpu_mapped_pages() const { return gpu_pins_.size(); }
+  // Regions deleted while local processes still map them (kept until then).
+  size_t deleted_kept() const { return deleted_mapped_.size(); }
   size_t deferred_count() const;
 
  private:
@@ -303,6 +305,13 @@ class NodeDaemon {
   // Drops the deleted regions kept for their local mappings that no local
   // process maps any more. Called wherever a mapping goes.
   void DropUnmappedDeleted();
+  // Whether an access to `page` would need the directory while its region
+  // is one deleted but kept for local mappings (deleted_mapped_): the
+  // directory knows pages by address only, and would answer for whatever
+  // region took the addresses since. Such accesses fail instead.
+  bool MissOfADeletedRegion(proto::PageAddr page, bool write) const;
+  // Whether `page` is of a region deleted but kept (deleted_mapped_).
+  bool IsOfADeletedRegion(proto::PageAddr page) const;
   void HandleDirectoryMessage(proto::Message m);
   // Returns how much UCX work there was (0: none).
   size_t HandlePeerMessages();

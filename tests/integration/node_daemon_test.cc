@@ -1125,6 +1125,59 @@ TEST_F(NodeDaemonTest, ADeletedRegionIsFreedOnEveryNode) {
   EXPECT_EQ(nodes_[0]->ReadU64(anchor.base), 8u);
 }
 
+// A process still maps a deleted region when another region takes its
+// addresses (created by anyone, with a mode of its own). The process's
+// next access to a page not valid on its node must fail (SIGBUS), not be
+// served as a page of the new region: the coordinator knows pages by
+// address, so the node asks nothing for a deleted region's pages. Fails
+// without: the process read what node 0 wrote into the new region.
+TEST_F(NodeDaemonTest, AMappingOfADeletedRegionNeverReachesItsSuccessor) {
+  proto::RegionReply old = Region("old", 8 * 4096, 4096);
+  StartNodes(2, old);
+  nodes_[0]->WriteU64(old.base, 42);
+  int ready[2], go[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  ASSERT_EQ(::pipe(go), 0);
+  constexpr uint64_t kSecret = 0x5ec2e7;
+  const pid_t pid = QuietFork();
+  if (pid == 0) {
+    ::signal(SIGBUS, SIG_DFL);  // not a sanitizer's report: the test wants the signal
+    void* a = nullptr;
+    if (dsvm_init((dir_.path() + "/node1.sock").c_str()) != DSVM_OK ||
+        dsvm_region_open("old", &a, nullptr) != DSVM_OK) {
+      ::_exit(10);
+    }
+    auto* p = static_cast<volatile uint64_t*>(a);
+    if (p[0] != 42) ::_exit(11);
+    char c = 1;
+    if (::write(ready[1], &c, 1) != 1 || ::read(go[0], &c, 1) != 1) ::_exit(12);
+    const uint64_t seen = p[5 * 512];  // page 5: never valid on node 1
+    ::_exit(seen == kSecret ? 13 : 14);  // not reached: SIGBUS
+  }
+  char c;
+  ASSERT_EQ(::read(ready[0], &c, 1), 1);
+  auto reply = tool_.Call(proto::RegionDelete{.name = "old"});
+  ASSERT_TRUE(reply.ok());
+  ASSERT_EQ(std::get<proto::StatusReply>(*reply).code, 0);
+  proto::RegionReply successor = Region("successor", 8 * 4096, 4096);
+  ASSERT_EQ(successor.base, old.base) << "the test needs the same addresses";
+  size_t kept = 0;
+  for (int i = 0; i < 300 && kept == 0; ++i) {
+    if (i > 0) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    nodes_[1]->Sync([&](NodeDaemon& d) { kept = d.deleted_kept(); });
+  }
+  ASSERT_EQ(kept, 1u) << "node 1 heard of the deletion";
+  nodes_[0]->Sync([&](NodeDaemon& d) { ASSERT_TRUE(d.OpenRegion(successor).ok()); });
+  nodes_[0]->WriteU64(successor.base + 5 * 4096, kSecret);
+  ASSERT_EQ(::write(go[1], &c, 1), 1);
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGBUS)
+      << "status " << status << " (exit " << (WIFEXITED(status) ? WEXITSTATUS(status) : -1)
+      << "; 13: it read the new region's page)";
+  for (int fd : {ready[0], ready[1], go[0], go[1]}) ::close(fd);
+}
+
 // A node whose process still maps a region when it is deleted keeps its
 // copy (the process's local hits go on) and frees it when that process
 // unmaps it, without waiting for a new region at those addresses.
