@@ -1,8 +1,9 @@
 // DevicePagePool: fixed-size page slots in one device's memory, under a byte
 // budget (the per-GPU HBM budget of issue #5).
 //
-// One pool serves one device and one page size (4 KiB, 64 KiB or 2 MiB); a
-// node holds one pool per (GPU, page size) in use. Slots are carved from
+// One pool serves one device and one page size (4 KiB, 64 KiB or 2 MiB); the
+// GPU tier holds one pool per (GPU, region), so that an arena never holds
+// two regions' pages (DeviceTier). Slots are carved from
 // arenas that the pool allocates from its DeviceBackend on demand, one arena
 // at a time, until the arenas' bytes reach the budget. Budget therefore means
 // device memory held, not slots in use: a pool never holds more than
@@ -23,10 +24,10 @@
 // search is O(slots held). The pool knows nothing of what slots hold, so a
 // run that needs evictions is the DeviceTier's to find (ArenaSlots, IsFree,
 // Take, GrowForRun).
-// One budget per GPU: the pools of one device's page sizes may share a
-// DeviceBudget, from which each takes an arena's bytes to grow and to which
+// One budget per GPU: the pools of one device may share a DeviceBudget,
+// from which each takes an arena's bytes to grow and to which
 // ReleaseEmptyArenas gives back the arenas whose slots are all free, so
-// device memory moves between page sizes an arena at a time. A released
+// device memory moves between pools an arena at a time. A released
 // arena keeps its slot indices (they are never reused by another arena); a
 // later arena of the same size takes its place (new device memory, the same
 // indices), so indices stay bounded.
@@ -50,8 +51,8 @@
 
 namespace dsvm::node {
 
-// The device memory one GPU may give region pages, shared by the pools of
-// its page sizes (see above). Single-threaded, as the pools.
+// The device memory one GPU may give region pages, shared by its pools (see
+// above). Single-threaded, as the pools.
 class DeviceBudget {
  public:
   explicit DeviceBudget(uint64_t bytes) : bytes_(bytes) {}
