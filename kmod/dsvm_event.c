@@ -56,19 +56,23 @@ static u64 dsvm_mirror_events_seq;
 static DECLARE_WAIT_QUEUE_HEAD(dsvm_events_readers);
 
 /*
- * The node-wide bound on pending fault events: a fault that would raise one
- * more waits (killably) until an answer makes room, so the kernel memory
- * faulting processes pin is bounded whatever the regions' size. Joining a
- * pending event needs no room.
+ * The bound on pending fault events, per domain (daemon): a fault that
+ * would raise one more waits (killably) until an answer makes room, so the
+ * kernel memory faulting processes pin is bounded whatever the regions'
+ * size. Joining a pending event needs no room. Per domain, so that a
+ * daemon that stops answering (or whose clients pile up faults) fills its
+ * own budget only and never holds another daemon's faults; the node-wide
+ * bound is this times the domains (DSVM_DOMAINS_MAX).
  */
-static unsigned int max_pending_events = 65536;
+static unsigned int max_pending_events = 16384;
 module_param(max_pending_events, uint, 0644);
-MODULE_PARM_DESC(max_pending_events, "fault events pending at once on the node (min 1)");
+MODULE_PARM_DESC(max_pending_events,
+		 "fault events pending at once per control domain (daemon) (min 1)");
 static DECLARE_WAIT_QUEUE_HEAD(dsvm_events_room);
 
-static bool dsvm_events_have_room(void)
+static bool dsvm_events_have_room(struct dsvm_domain *domain)
 {
-	return atomic64_read(&dsvm_counters.events_pending) <
+	return READ_ONCE(domain->pending) <
 	       max_t(unsigned int, READ_ONCE(max_pending_events), 1);
 }
 
@@ -117,7 +121,8 @@ void dsvm_event_put(struct dsvm_event *event)
  * looked), ERR_PTR(-ENOENT) when the fault must get SIGBUS (the region is
  * destroyed, or was not created by the control file), ERR_PTR(-EHWPOISON)
  * when it must get SIGBUS because the page is poisoned, ERR_PTR(-EBUSY)
- * when max_pending_events are pending (wait with dsvm_event_wait_room(),
+ * when the region's domain has max_pending_events pending (wait with
+ * dsvm_event_wait_room(),
  * then look again), ERR_PTR(-ENOMEM).
  */
 struct dsvm_event *dsvm_event_raise(struct dsvm_region *region,
@@ -161,7 +166,7 @@ struct dsvm_event *dsvm_event_raise(struct dsvm_region *region,
 		refcount_inc(&event->ref);
 		goto out_unlock;
 	}
-	if (!dsvm_events_have_room()) {
+	if (!dsvm_events_have_room(region->domain)) {
 		event = ERR_PTR(-EBUSY);
 		goto out_unlock;
 	}
@@ -182,6 +187,7 @@ struct dsvm_event *dsvm_event_raise(struct dsvm_region *region,
 	list_add_tail(&event->queue_link, &region->domain->events);
 	atomic64_inc(&dsvm_counters.events);
 	atomic64_inc(&dsvm_counters.events_pending);
+	WRITE_ONCE(region->domain->pending, region->domain->pending + 1);
 	queued = true;
 out_unlock:
 	spin_unlock(&dsvm_events_lock);
@@ -193,13 +199,14 @@ out_unlock:
 }
 
 /*
- * Sleeps until fewer than max_pending_events are pending or a fatal signal
- * comes; returns 0 or -ERESTARTSYS. (No event is raised meanwhile: the
- * caller looks at the table again, which may have changed.)
+ * Sleeps until fewer than max_pending_events of the domain are pending or
+ * a fatal signal comes; returns 0 or -ERESTARTSYS. The caller holds a
+ * reference to the domain. (No event is raised meanwhile: the caller looks
+ * at the table again, which may have changed.)
  */
-int dsvm_event_wait_room(void)
+int dsvm_event_wait_room(struct dsvm_domain *domain)
 {
-	return wait_event_killable(dsvm_events_room, dsvm_events_have_room());
+	return wait_event_killable(dsvm_events_room, dsvm_events_have_room(domain));
 }
 
 /*
@@ -223,8 +230,10 @@ static void dsvm_event_answer(struct dsvm_event *event)
 	WRITE_ONCE(event->answered, true);
 	wake_up_all(&event->waiters);
 	atomic64_dec(&dsvm_counters.events_pending);
+	WRITE_ONCE(event->region->domain->pending, event->region->domain->pending - 1);
+	/* Sleepers of every domain wait here; each looks at its own. */
 	if (waitqueue_active(&dsvm_events_room))
-		wake_up(&dsvm_events_room);
+		wake_up_all(&dsvm_events_room);
 	/* The pending table's reference; sleepers hold their own. */
 	dsvm_event_put(event);
 }

@@ -104,6 +104,8 @@ struct dsvm_domain {
 					 * changes under dsvm_regions_mutex */
 	struct list_head events;	/* pending fault events not yet read,
 					 * oldest (lowest seq) first; events lock */
+	unsigned long pending;		/* fault events of its regions pending
+					 * (read or not); events lock */
 };
 
 /* Control domains that may exist at once (tags 1 .. this). */
@@ -296,7 +298,10 @@ int dsvm_mirror_migrate(struct dsvm_file *file, u64 id, u64 first, u64 count,
 struct dsvm_event *dsvm_event_raise(struct dsvm_region *region,
 				    unsigned long index, bool write);
 int dsvm_event_wait(struct dsvm_event *event);
-int dsvm_event_wait_room(void);
+int dsvm_event_wait_room(struct dsvm_domain *domain);
+/* A reference to a domain (none needed for the plain one), and its end. */
+void dsvm_domain_get(struct dsvm_domain *domain);
+void dsvm_domain_put(struct dsvm_domain *domain);
 void dsvm_event_put(struct dsvm_event *event);
 void dsvm_event_answer_page(struct dsvm_region *region, unsigned long index);
 unsigned long dsvm_event_wake_range(struct dsvm_region *region,

@@ -49,7 +49,13 @@ static void dsvm_domain_release(struct kref *kref)
 	kfree(domain);
 }
 
-static void dsvm_domain_put(struct dsvm_domain *domain)
+void dsvm_domain_get(struct dsvm_domain *domain)
+{
+	if (domain != &dsvm_domain_plain)
+		kref_get(&domain->kref);
+}
+
+void dsvm_domain_put(struct dsvm_domain *domain)
 {
 	if (domain != &dsvm_domain_plain)
 		kref_put(&domain->kref, dsvm_domain_release);

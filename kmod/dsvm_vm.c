@@ -122,16 +122,19 @@ err_put:
  * again), VM_FAULT_OOM.
  */
 /*
- * Sleeps until the event is answered, or with no event until there is room
- * for one (max_pending_events); drops the event's reference. 0 or
- * -ERESTARTSYS (a fatal signal).
+ * Sleeps until the event is answered, or with no event until `domain` has
+ * room for one (max_pending_events); drops the event's reference, or the
+ * domain's. 0 or -ERESTARTSYS (a fatal signal).
  */
-static int dsvm_vm_sleep(struct dsvm_event *event)
+static int dsvm_vm_sleep(struct dsvm_event *event, struct dsvm_domain *domain)
 {
 	int ret;
 
-	if (!event)
-		return dsvm_event_wait_room();
+	if (!event) {
+		ret = dsvm_event_wait_room(domain);
+		dsvm_domain_put(domain);
+		return ret;
+	}
 	ret = dsvm_event_wait(event);
 	dsvm_event_put(event);
 	return ret;
@@ -140,6 +143,7 @@ static int dsvm_vm_sleep(struct dsvm_event *event)
 static vm_fault_t dsvm_vm_fault_wait(struct vm_fault *vmf, bool write)
 {
 	struct vm_area_struct *vma = vmf->vma;
+	struct dsvm_domain *domain = NULL;
 	struct dsvm_event *event;
 	struct file *fpin;
 
@@ -152,13 +156,22 @@ static vm_fault_t dsvm_vm_fault_wait(struct vm_fault *vmf, bool write)
 		atomic64_inc(&dsvm_counters.refused);
 		return VM_FAULT_SIGBUS;
 	}
-	/* No room for another event: wait for room instead of an answer. */
-	if (IS_ERR(event))
+	/*
+	 * No room for another event in the region's domain: wait for room
+	 * instead of an answer, holding the domain (the region may go once
+	 * mmap_lock is dropped).
+	 */
+	if (IS_ERR(event)) {
 		event = NULL;
+		domain = ((struct dsvm_region *)vma->vm_private_data)->domain;
+		dsvm_domain_get(domain);
+	}
 
 	if (vmf->flags & FAULT_FLAG_RETRY_NOWAIT) {
 		if (event)
 			dsvm_event_put(event);
+		else
+			dsvm_domain_put(domain);
 		return VM_FAULT_RETRY;
 	}
 	if (vmf->flags & FAULT_FLAG_ALLOW_RETRY) {
@@ -171,11 +184,11 @@ static vm_fault_t dsvm_vm_fault_wait(struct vm_fault *vmf, bool write)
 		 */
 		fpin = get_file(vma->vm_file);
 		mmap_read_unlock(vma->vm_mm);
-		dsvm_vm_sleep(event);
+		dsvm_vm_sleep(event, domain);
 		fput(fpin);
 		return VM_FAULT_RETRY;
 	}
-	return dsvm_vm_sleep(event) ? VM_FAULT_SIGBUS : 0;
+	return dsvm_vm_sleep(event, domain) ? VM_FAULT_SIGBUS : 0;
 }
 
 static vm_fault_t dsvm_vm_fault(struct vm_fault *vmf)

@@ -2139,7 +2139,49 @@ static void test_wake(int fd, int cfd)
 }
 
 /*
- * The node-wide bound on pending events (max_pending_events = 2): six
+ * With cfd's domain at its bound, a second daemon's domain is not: a
+ * child's fault there is that daemon's event at once, and the install
+ * lets the child read. (A node-wide count held it until cfd answered.)
+ */
+static void bound_other_domain(void)
+{
+	/* Beside cfd's region, which this process maps. */
+	const uint64_t other_base = BASE_EVENTS + (2ULL << 32);
+	static uint64_t buf[PAGE / 8];
+	int ofd = open_dev(), bfd = open_dev();
+	struct dsvm_fault_event ev[4];
+	struct pollfd pfd;
+	pid_t pid;
+	int status;
+
+	expect(hello_control(ofd), 0, "bound: a second daemon's control file");
+	expect(region_create(ofd, 40, other_base, 4), 0, "bound: its region");
+	expect(attach(ofd, bfd), 0, "bound: its client file");
+	fflush(stdout);
+	pid = fork();
+	if (pid == 0) {
+		volatile uint64_t *p = page_at(other_base, 0);
+
+		if (map_region(bfd, other_base, 4) != (void *)other_base)
+			_exit(2);
+		_exit(*p == 0xb0b ? 0 : 3);
+	}
+	pfd = (struct pollfd){ .fd = ofd, .events = POLLIN };
+	result(poll(&pfd, 1, WAIT_MS) == 1 && read_events(ofd, ev, 4) == 1 &&
+	       ev[0].region_id == 40 && ev[0].page_index == 0 && ev[0].kind == DSVM_FAULT_READ,
+	       "bound: the second daemon hears its client's fault while the first is full");
+	buf[0] = 0xb0b;
+	expect(page_install(ofd, 40, 0, DSVM_PAGE_STATE_SHARED, buf), 0,
+	       "bound: the second daemon installs the page");
+	status = wait_child(pid);
+	result(status != -1 && WIFEXITED(status) && WEXITSTATUS(status) == 0,
+	       "bound: its client read it (status 0x%x)", status);
+	close(bfd);
+	close(ofd);
+}
+
+/*
+ * The bound on pending events per domain (max_pending_events = 2): six
  * readers of six pages not installed; at most two events are pending at
  * once, the others wait for room without raising one; the daemon answering
  * two lets two more in, until every reader has its page.
@@ -2163,6 +2205,7 @@ static void test_event_bound(int fd, int cfd)
 	sleep_ms(100);
 	result(stats(fd).events_pending == 2, "bound: and no third one (%llu pending)",
 	       (unsigned long long)stats(fd).events_pending);
+	bound_other_domain();
 	for (int rounds = 0; rounds < WAIT_MS && served < n; rounds++) {
 		uint64_t pending = stats(fd).events_pending;
 		int got = read_events(cfd, ev, 8);
@@ -2180,7 +2223,7 @@ static void test_event_bound(int fd, int cfd)
 	for (uint64_t i = 0; i < n; i++)
 		all &= faulter_join(&f[i]) && faulter_state(&f[i]) == 1 && f[i].value == 0;
 	result(all, "bound: every reader read its page");
-	result(set_param("max_pending_events", 65536), "bound: max_pending_events back to 65536");
+	result(set_param("max_pending_events", 16384), "bound: max_pending_events back to 16384");
 	page_range(cfd, true, id, first, n);
 	result(stats(fd).events_pending == 0, "bound: nothing left pending");
 }
