@@ -171,6 +171,7 @@ int main(int argc, char** argv) {
     LogError("refusing to start: " + store.status().ToString());
     return 1;
   }
+  service_options.tick_ms = server_options.tick_ms;  // the server calls OnTick this often
   auto service = CoordinatorService::Create(std::move(*store), service_options, MonotonicMs());
   if (!service.ok()) {
     LogError("refusing to start: " + service.status().ToString());

@@ -213,18 +213,20 @@ void CoordinatorService::OnDisconnect(ConnId conn) {
 }
 
 void CoordinatorService::OnTick(uint64_t now_ms) {
-  // A tick later than a heartbeat interval means this process stood still
-  // (stopped, paused, starved): a node whose heartbeats wait unread in its
-  // socket is not silent. Each live node gets a full deadline from now, as
-  // at a restart, and no more: one whose heartbeats were read first keeps
-  // the deadline they gave, and one that stays silent is declared dead a
-  // deadline after the stall, not a stall later.
-  if (last_tick_ms_ != 0 && now_ms - last_tick_ms_ > options_.heartbeat_interval_ms) {
+  // A tick more than kStallTicks periods late means this process stood
+  // still (stopped, paused, starved): a node whose heartbeats wait unread
+  // in its socket is not silent. Each live node gets a heartbeat interval
+  // from now, in which they are read (right after this tick), and no more:
+  // one whose heartbeats were read first keeps the deadline they gave, and
+  // one that stays silent is declared dead an interval after the stall.
+  if (last_tick_ms_ != 0 && now_ms - last_tick_ms_ > kStallTicks * options_.tick_ms) {
     for (auto& [id, m] : members_) {
-      if (m.record.live) m.deadline_ms = std::max(m.deadline_ms, now_ms + options_.dead_after_ms);
+      if (m.record.live) {
+        m.deadline_ms = std::max(m.deadline_ms, now_ms + options_.heartbeat_interval_ms);
+      }
     }
     LogWarning("the coordinator stood still for " + std::to_string(now_ms - last_tick_ms_) +
-               " ms; every live node has a full deadline from now");
+               " ms; every live node has a heartbeat interval from now to be heard");
   }
   last_tick_ms_ = now_ms;
   std::vector<proto::NodeId> dead;

@@ -36,6 +36,9 @@ struct ServiceOptions {
   uint32_t shard_count = 1;
   uint32_t heartbeat_interval_ms = 500;
   uint32_t dead_after_ms = 3000;  // a node silent this long is declared dead
+  // How often the server calls OnTick; a gap of more than kStallTicks of
+  // these is this coordinator standing still (OnTick).
+  uint32_t tick_ms = 50;
   uint64_t retransmit_after_ms = 200;
   WindowOptions window;
   // Shards other than 0 of a cluster of several: shard 0's "host:port".
@@ -74,10 +77,11 @@ class CoordinatorService {
   Status OnFrame(ConnId conn, const proto::Frame& frame, uint64_t now_ms);
   void OnDisconnect(ConnId conn);
   // Retransmits, and declares nodes dead that missed their heartbeats.
-  // After a gap of more than a heartbeat interval since the last tick (this
-  // coordinator stood still, and heartbeats may wait unread), every live
-  // node has at least a full deadline from now.
+  // After a gap of more than kStallTicks tick periods since the last tick
+  // (this coordinator stood still, and heartbeats may wait unread), every
+  // live node has at least a heartbeat interval from now.
   void OnTick(uint64_t now_ms);
+  static constexpr uint64_t kStallTicks = 4;
 
   // Persists pending directory changes, then hands over every send that may
   // leave. On a storage error nothing is handed over; the next Flush retries.

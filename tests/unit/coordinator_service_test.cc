@@ -37,6 +37,7 @@ class CoordinatorServiceTest : public ::testing::Test {
     ServiceOptions o;
     o.heartbeat_interval_ms = kHeartbeatMs;
     o.dead_after_ms = kDeadAfterMs;
+    o.tick_ms = kTickMs;
     auto s = CoordinatorService::Create(std::move(*store), o, now_);
     ASSERT_TRUE(s.ok()) << s.status().ToString();
     service_ = std::move(*s);
@@ -65,13 +66,14 @@ class CoordinatorServiceTest : public ::testing::Test {
   }
   // A new service over the same store, as after a crash: what was not
   // flushed is gone.
-  Status Restart() {
+  Status Restart(uint32_t heartbeat_ms = kHeartbeatMs, uint32_t dead_after_ms = kDeadAfterMs) {
     service_.reset();
     auto store = Store::Open(dir_, {});
     if (!store.ok()) return store.status();
     ServiceOptions o;
-    o.heartbeat_interval_ms = kHeartbeatMs;
-    o.dead_after_ms = kDeadAfterMs;
+    o.heartbeat_interval_ms = heartbeat_ms;
+    o.dead_after_ms = dead_after_ms;
+    o.tick_ms = kTickMs;
     auto s = CoordinatorService::Create(std::move(*store), o, now_);
     if (!s.ok()) return s.status();
     service_ = std::move(*s);
@@ -133,16 +135,25 @@ TEST_F(CoordinatorServiceTest, AStallOfTheCoordinatorCountsAgainstNoNode) {
   service_->OnTick(now_);      // the first tick after the stall
   EXPECT_EQ(dead(), 0u);
   Beat(1, a);                  // read from its socket right after
-  TickUntil(now_ + kDeadAfterMs - 2 * kTickMs);
-  EXPECT_EQ(dead(), 0u);
-  // Node b said nothing since before the stall: dead within a deadline of
-  // the stall's end. Node a beats on: alive.
-  Beat(1, a);
-  TickUntil(now_ + 4 * kTickMs);
+  // Node b said nothing since before the stall: dead a heartbeat interval
+  // after the stall's end. Node a beats on: alive.
+  TickUntil(now_ + kHeartbeatMs + 2 * kTickMs);
   EXPECT_EQ(dead(), 1u) << "node " << b << " is silent";
   Beat(1, a);
   TickUntil(now_ + kDeadAfterMs / 2);
   EXPECT_EQ(dead(), 1u) << "node " << a << " beats: alive";
+}
+
+// Heartbeats more often than the server ticks (20 ms against 50) are no
+// stall: a node that stops beating is still declared dead. Fails with a
+// stall rule that compared the gap between ticks with the heartbeat
+// interval: every tick looked like a stall and renewed every deadline.
+TEST_F(CoordinatorServiceTest, RegularTicksAreNoStallWhateverTheHeartbeat) {
+  ASSERT_TRUE(Restart(/*heartbeat_ms=*/20, /*dead_after_ms=*/200).ok());
+  const proto::NodeId a = Join(1);
+  service_->OnTick(now_);
+  TickUntil(now_ + 1000);
+  EXPECT_EQ(dead(), 1u) << "node " << a << " never beat";
 }
 
 // The coordinator dies right after declaring a node dead: the node's
