@@ -998,11 +998,15 @@ void NodeDaemon::AccessPage(proto::PageAddr address, bool write, AccessFn fn, bo
   Execute(acts);
 }
 
+bool NodeDaemon::MayGiveUp(proto::PageAddr page) const {
+  // Not while a gpu map holds it; nor a page of a region deleted but kept
+  // for local mappings: it is no directory's business any more (its
+  // addresses may be another region's), and it goes with the region.
+  return gpu_pins_.count(page) == 0 && !IsOfADeletedRegion(page);
+}
+
 bool NodeDaemon::Evict(proto::PageAddr page) {
-  if (gpu_pins_.count(page) != 0) return false;  // a gpu map holds it
-  // A deleted region's page is no directory's business any more (its
-  // addresses may be another region's): it goes with the region.
-  if (IsOfADeletedRegion(page)) return false;
+  if (!MayGiveUp(page)) return false;
   Actions acts;
   const bool started = agent_.Evict(page, NowMs(), &acts, PreferredNodeOf(page));
   Execute(acts);
@@ -1147,8 +1151,7 @@ void NodeDaemon::LeavePages() {
       Actions acts;
       // Refused (a request in flight, or no copy): it stays, and may be
       // chosen again later.
-      if (gpu_pins_.count(page) != 0 ||
-          !agent_.Evict(page, NowMs(), &acts, PreferredNodeOf(page))) {
+      if (!MayGiveUp(page) || !agent_.Evict(page, NowMs(), &acts, PreferredNodeOf(page))) {
         tier_->table().KeepOnNode(page).IgnoreError();  // the tier reported it leaving
         continue;
       }

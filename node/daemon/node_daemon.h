@@ -312,6 +312,8 @@ class NodeDaemon {
   bool MissOfADeletedRegion(proto::PageAddr page, bool write) const;
   // Whether `page` is of a region deleted but kept (deleted_mapped_).
   bool IsOfADeletedRegion(proto::PageAddr page) const;
+  // Whether the node may give `page` up (Evict, the host budget's LeavePages).
+  bool MayGiveUp(proto::PageAddr page) const;
   void HandleDirectoryMessage(proto::Message m);
   // Returns how much UCX work there was (0: none).
   size_t HandlePeerMessages();

@@ -947,6 +947,51 @@ TEST_F(GpuMapTest, PagesPastTheHostBudgetLeaveTheNode) {
             0);
 }
 
+// A region deleted while a process on node 0 maps it is kept for that
+// process; its pages are the coldest when node 0 goes past its host
+// budget, but they must not leave: the directory no longer knows them
+// (their addresses may be another region's by now), and the process's
+// local reads of them must go on. Fails without: the host budget sent
+// them away, and the process's next read died of SIGBUS.
+TEST_F(GpuMapTest, TheHostBudgetSendsNoPageOfADeletedRegionAway) {
+  constexpr uint64_t kKept = 8, kOther = 16, kHostPages = 12;
+  const proto::RegionReply kept = Region("gkept", kKept);
+  const proto::RegionReply other = Region("gother", kOther);
+  StartNodes({"emulated", "none"}, kept, kHostPages * kPage);
+  for (auto& n : nodes_) n->Sync([&](NodeDaemon& d) { ASSERT_TRUE(d.OpenRegion(other).ok()); });
+  int ready[2], go[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  ASSERT_EQ(::pipe(go), 0);
+  const pid_t pid = QuietFork();
+  if (pid == 0) {
+    ::signal(SIGBUS, SIG_DFL);  // not a sanitizer's report: the test wants the signal
+    char c = 0;
+    ::_exit(ClientMain(0, "gkept", [&](uint8_t* base) {
+      auto word = [&](uint64_t p) { return reinterpret_cast<volatile uint64_t*>(base + p * kPage); };
+      for (uint64_t p = 0; p < kKept; ++p) *word(p) = Pattern(p, 0, 7);
+      if (::write(ready[1], "r", 1) != 1 || ::read(go[0], &c, 1) != 1) return 1;
+      for (uint64_t p = 0; p < kKept; ++p) {
+        if (*word(p) != Pattern(p, 0, 7)) return 2;
+      }
+      return 0;
+    }));
+  }
+  char c = 0;
+  ASSERT_EQ(::read(ready[0], &c, 1), 1);
+  auto del = tool_.Call(proto::RegionDelete{.name = "gkept"});
+  ASSERT_TRUE(del.ok());
+  ASSERT_TRUE(WaitFor(0, [](NodeDaemon& d) { return d.deleted_kept() == 1; }));
+  // Past the budget: pages must leave node 0, the kept region's not among them.
+  for (uint64_t p = 0; p < kOther; ++p) nodes_[0]->WriteU64(other.base + p * kPage, p);
+  nodes_[0]->Sync([&](NodeDaemon& d) { EXPECT_GT(d.stats().pages_left, 0u); });
+  ASSERT_EQ(::write(go[1], "g", 1), 1);
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0)
+      << "status " << status << (WIFSIGNALED(status) ? " (killed by a signal)" : "");
+  for (int fd : {ready[0], ready[1], go[0], go[1]}) ::close(fd);
+}
+
 // Bad GPU-tier options are refused before the daemon joins anything.
 TEST_F(GpuMapTest, BadDeviceOptionsAreRefusedAtStartup) {
   auto refused = [&](node::NodeDaemonOptions o, const char* words) {
