@@ -253,7 +253,7 @@ Result<std::vector<DevicePtr>> DeviceTier::MakeResident(PageAddr region,
     return InvalidArgument("device tier: no pool for gpu " + std::to_string(gpu) +
                            " and region " + Hex(region));
   }
-  DSVM_RETURN_IF_ERROR(MakeRoomFor(pool, pages.size()));
+  DSVM_RETURN_IF_ERROR(MakeRoomFor(pool, NotOn(gpu, pages)));
   TierSteps steps;
   DSVM_RETURN_IF_ERROR(table_->MakeResident(pages, gpu, for_write, /*pin=*/true, tick, &steps));
   std::vector<PageAddr> placed;
@@ -288,6 +288,12 @@ Status DeviceTier::ReclaimArena(DevicePagePool* pool, size_t arena) {
   DSVM_RETURN_IF_ERROR(Execute(steps, nullptr));
   ++stats_.arenas_reclaimed;
   return pool->ReleaseEmptyArenas().status();
+}
+
+uint64_t DeviceTier::NotOn(uint32_t gpu, std::span<const PageAddr> pages) const {
+  return static_cast<uint64_t>(std::count_if(pages.begin(), pages.end(), [&](PageAddr p) {
+    return table_->GpuOf(p) != std::optional<uint32_t>(gpu);
+  }));
 }
 
 Status DeviceTier::MakeRoomFor(DevicePagePool* pool, uint64_t pages) {
@@ -474,7 +480,7 @@ Result<DeviceRun> DeviceTier::MapRun(PageAddr region, std::span<const PageAddr> 
   DevicePagePool* pool = target.pool;
   const uint64_t ps = store->page_size();
   const uint32_t n = static_cast<uint32_t>(pages.size());
-  DSVM_RETURN_IF_ERROR(MakeRoomFor(pool, pages.size()));
+  DSVM_RETURN_IF_ERROR(MakeRoomFor(pool, NotOn(gpu, pages)));
   if (pages.size() > pool->capacity_slots()) {
     return ResourceExhausted("device tier: a run of " + std::to_string(pages.size()) +
                              " pages of " + std::to_string(ps) + " bytes is larger than gpu " +

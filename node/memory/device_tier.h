@@ -309,6 +309,8 @@ class DeviceTier {
   // evicted (written back when dirty), emptiest first. Then the table
   // learns every pool's capacity on that GPU.
   Status MakeRoomFor(DevicePagePool* pool, uint64_t pages);
+  // How many of `pages` have no copy on `gpu` yet (the slots a call needs).
+  uint64_t NotOn(uint32_t gpu, std::span<const PageAddr> pages) const;
   // A run's store and pool, after checking the tier has not failed, the
   // region exists, the pages are consecutive pages of it, and `gpu` has a
   // pool for it. Errors: as MapRun's.

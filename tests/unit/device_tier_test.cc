@@ -725,6 +725,34 @@ TEST_P(DeviceTierTest, RunRefusals) {
   EXPECT_EQ(tier_->table().PinsOf(P(2)), 1u) << "refusals change nothing";
 }
 
+// A map of pages already in place on the GPU needs no room: the other
+// regions' unpinned pages stay (no arena of theirs is reclaimed for it).
+// Fails when the room asked for counted every page of the call: a second
+// map of the same range emptied the other region's arena.
+TEST_P(DeviceTierTest, PagesInPlaceNeedNoRoom) {
+  TierConfig c;
+  c.arena_pages = 8;
+  Build(c);
+  PageStoreOptions so;
+  so.try_hugetlb = false;
+  constexpr PageAddr kOther = kBase + (1ull << 30);
+  auto other = PageStore::Create(kOther, 8 * kPage, kPage, so);
+  ASSERT_TRUE(other.ok()) << other.status().ToString();
+  ASSERT_TRUE(tier_->AddRegion(other->get()).ok());
+  const std::vector<PageAddr> mine = Pages(Range(0, 8));
+  ASSERT_TRUE(tier_->MapRun(kBase, mine, 0, /*for_write=*/false, 1).ok());
+  std::vector<PageAddr> theirs;
+  for (uint64_t i = 0; i < 8; ++i) theirs.push_back(kOther + i * kPage);
+  ASSERT_TRUE(tier_->MakeResident(kOther, theirs, 0, /*for_write=*/false, 2).ok());
+  ASSERT_TRUE(tier_->Unpin(theirs).ok());  // cached, unpinned: the budget (16) is full
+  ASSERT_TRUE(tier_->MapRun(kBase, mine, 0, /*for_write=*/false, 3).ok());  // in place
+  EXPECT_EQ(tier_->stats().arenas_reclaimed, 0u);
+  for (PageAddr p : theirs) EXPECT_EQ(tier_->table().GpuOf(p), 0u) << "page " << std::hex << p;
+  ASSERT_TRUE(tier_->Unpin(mine).ok());
+  ASSERT_TRUE(tier_->Unpin(mine).ok());
+  ASSERT_TRUE(tier_->RemoveRegion(kOther).ok());
+}
+
 // A run larger than an arena gets a dedicated arena.
 TEST_P(DeviceTierTest, ARunLargerThanAnArenaGetsItsOwn) {
   TierConfig c;
