@@ -771,6 +771,13 @@ void NodeDaemon::HandleRegionDeleted(const proto::RegionDeleted& m) {
     // the last of them unmaps it (DropUnmappedDeleted).
     LogInfo("keeping a deleted region until its last local mapping goes: " + st.message());
     deleted_mapped_[m.base] = m.region;
+    // Its requests in flight must not be resent: the directory knows pages
+    // by address, and a region made at these addresses meanwhile would
+    // answer them with its pages. Its pages' states go too (every access
+    // that reaches the daemon now fails: MissOfADeletedRegion); the waits
+    // end, and their faults, retried, fail.
+    const uint64_t size = stores_.at(m.base)->size();
+    EndWaits(agent_.ForgetRange(m.base, m.base + size), "its region was deleted");
     return;
   }
   ++stats_.regions_deleted;

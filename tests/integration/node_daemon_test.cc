@@ -1178,6 +1178,65 @@ TEST_F(NodeDaemonTest, AMappingOfADeletedRegionNeverReachesItsSuccessor) {
   for (int fd : {ready[0], ready[1], go[0], go[1]}) ::close(fd);
 }
 
+// As above, with the process's fault in flight when the region goes: the
+// page's owner (node 0) is stalled, so node 1's Acquire waits in the
+// directory, which drops it with the region. Node 1 must not resend it:
+// by then a new region may hold the addresses, and the resend would be
+// served as that region's page. The fault fails (SIGBUS) instead. Fails
+// without: the resend got the successor's page (exit 13) or a fresh zero
+// page (exit 14).
+TEST_F(NodeDaemonTest, AFaultInFlightWhenItsRegionGoesIsNotResent) {
+  proto::RegionReply old = Region("inflight", 8 * 4096, 4096);
+  StartNodes(2, old);
+  nodes_[0]->WriteU64(old.base + 5 * 4096, 42);  // node 0 owns page 5
+  int ready[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  constexpr uint64_t kSecret = 0x5ec2e7;
+  const pid_t pid = QuietFork();
+  if (pid == 0) {
+    ::signal(SIGBUS, SIG_DFL);  // not a sanitizer's report: the test wants the signal
+    void* a = nullptr;
+    if (dsvm_init((dir_.path() + "/node1.sock").c_str()) != DSVM_OK ||
+        dsvm_region_open("inflight", &a, nullptr) != DSVM_OK) {
+      ::_exit(10);
+    }
+    char c = 1;
+    if (::write(ready[1], &c, 1) != 1) ::_exit(12);
+    const uint64_t seen = static_cast<volatile uint64_t*>(a)[5 * 512];  // waits for node 0
+    ::_exit(seen == kSecret ? 13 : seen == 42 ? 15 : 14);  // not reached: SIGBUS
+  }
+  char c;
+  ASSERT_EQ(::read(ready[0], &c, 1), 1);
+  nodes_[0]->Stall(std::chrono::milliseconds(600));
+  // The fault reaches the directory, which asks stalled node 0 for the page.
+  for (int i = 0; i < 200; ++i) {
+    uint64_t faults = 0;
+    nodes_[1]->Sync([&](NodeDaemon& d) { faults = d.stats().read_faults; });
+    if (faults > 0) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  auto reply = tool_.Call(proto::RegionDelete{.name = "inflight"});
+  ASSERT_TRUE(reply.ok());
+  ASSERT_EQ(std::get<proto::StatusReply>(*reply).code, 0);
+  proto::RegionReply successor = Region("successor2", 8 * 4096, 4096);
+  ASSERT_EQ(successor.base, old.base) << "the test needs the same addresses";
+  // Node 0 runs again: it drops the old region and writes the new one.
+  for (int i = 0; i < 300; ++i) {
+    bool open = false;
+    nodes_[0]->Sync([&](NodeDaemon& d) { open = d.OpenRegion(successor).ok(); });
+    if (open) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  nodes_[0]->WriteU64(successor.base + 5 * 4096, kSecret);
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGBUS)
+      << "status " << status << " (exit " << (WIFEXITED(status) ? WEXITSTATUS(status) : -1)
+      << "; 13: the new region's page, 14: a zero page, 15: the old page)";
+  ::close(ready[0]);
+  ::close(ready[1]);
+}
+
 // A node whose process still maps a region when it is deleted keeps its
 // copy (the process's local hits go on) and frees it when that process
 // unmaps it, without waiting for a new region at those addresses.
