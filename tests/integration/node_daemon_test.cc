@@ -1207,7 +1207,9 @@ TEST_F(NodeDaemonTest, AFaultInFlightWhenItsRegionGoesIsNotResent) {
   }
   char c;
   ASSERT_EQ(::read(ready[0], &c, 1), 1);
-  nodes_[0]->Stall(std::chrono::milliseconds(600));
+  // Below the death deadline (3 s here and in the kmod guest), long
+  // enough for the steps below even ten times slower.
+  nodes_[0]->Stall(std::chrono::milliseconds(1500));
   // The fault reaches the directory, which asks stalled node 0 for the page.
   for (int i = 0; i < 200; ++i) {
     uint64_t faults = 0;
