@@ -262,28 +262,25 @@ void dsvm_event_answer_page(struct dsvm_region *region, unsigned long index)
  * DSVM_IOC_PAGE_WAKE: answers the pending events of pages first..last with
  * no change to them; the sleepers look at the table again and raise a new
  * event if they still need one. Returns how many events were answered.
+ * Walks the region's pending events (at most max_pending_events), not the
+ * range: a range of 2^28 pages took seconds, unkillable.
  */
 unsigned long dsvm_event_wake_range(struct dsvm_region *region,
 				    unsigned long first, unsigned long last)
 {
-	struct dsvm_event *event;
-	unsigned long index, done = 0;
-	u32 kind;
+	struct dsvm_event *event, *next;
+	unsigned long done = 0;
 
 	if (!region->control)
 		return 0;
-	for (index = first; index <= last; index++) {
-		spin_lock(&dsvm_events_lock);
-		for (kind = DSVM_FAULT_READ; kind <= DSVM_FAULT_UPGRADE; kind++) {
-			event = dsvm_event_find(region, index, kind);
-			if (event) {
-				dsvm_event_answer(event);
-				done++;
-			}
-		}
-		spin_unlock(&dsvm_events_lock);
-		cond_resched();
+	spin_lock(&dsvm_events_lock);
+	list_for_each_entry_safe(event, next, &region->events, region_link) {
+		if (event->msg.page_index < first || event->msg.page_index > last)
+			continue;
+		dsvm_event_answer(event);
+		done++;
 	}
+	spin_unlock(&dsvm_events_lock);
 	return done;
 }
 

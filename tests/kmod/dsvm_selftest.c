@@ -2129,6 +2129,11 @@ static void test_wake(int fd, int cfd)
 	result(faulter_state(&f) == 0, "wake: the reader still sleeps (no page yet)");
 	expect((int)page_op(cfd, DSVM_IOC_PAGE_WAKE, id, 29, 1), 0,
 	       "wake: a page with no event answers none");
+	expect((int)page_op(cfd, DSVM_IOC_PAGE_WAKE, id, 31, EVENTS_PAGES - 31), 0,
+	       "wake: nor does a range past it");
+	expect((int)page_op(cfd, DSVM_IOC_PAGE_WAKE, id, 0, EVENTS_PAGES), 1,
+	       "wake: the whole region answers the one event");
+	result(wait_pending(fd, 1), "wake: and the reader raises a third");
 	expect(page_install(cfd, id, 30, DSVM_PAGE_STATE_SHARED, NULL), 0,
 	       "wake: install page 30");
 	result(faulter_join(&f) && faulter_state(&f) == 1 && f.value == 0,
