@@ -766,16 +766,17 @@ void NodeDaemon::HandleRegionDeleted(const proto::RegionDeleted& m) {
   if (id == region_ids_.end() || id->second != m.region) return;
   Status st = DropRegion(m.base, "deleted");
   if (!st.ok()) {
-    // Processes still map it: their local hits go on, their next access that
-    // needs the directory fails (NOT_FOUND: SIGBUS), and the copy goes when
-    // the last of them unmaps it (DropUnmappedDeleted).
+    // Processes still map it: what their page tables map they keep reading
+    // and writing, any access that reaches the daemon fails (SIGBUS), and
+    // the copy goes when the last of them unmaps it (DropUnmappedDeleted).
     LogInfo("keeping a deleted region until its last local mapping goes: " + st.message());
     deleted_mapped_[m.base] = m.region;
     // Its requests in flight must not be resent: the directory knows pages
     // by address, and a region made at these addresses meanwhile would
-    // answer them with its pages. Its pages' states go too (every access
-    // that reaches the daemon now fails: MissOfADeletedRegion); the waits
-    // end, and their faults, retried, fail.
+    // answer them with its pages. Its pages' states go too: every access
+    // that reaches the daemon now fails (IsOfADeletedRegion), and what the
+    // processes' page tables map is all they keep. The waits end, and
+    // their faults, retried, fail.
     const uint64_t size = stores_.at(m.base)->size();
     EndWaits(agent_.ForgetRange(m.base, m.base + size), "its region was deleted");
     return;
@@ -791,12 +792,6 @@ bool NodeDaemon::IsOfADeletedRegion(proto::PageAddr page) const {
   auto id = region_ids_.find(store->base());
   return deleted != deleted_mapped_.end() && id != region_ids_.end() &&
          id->second == deleted->second;
-}
-
-bool NodeDaemon::MissOfADeletedRegion(proto::PageAddr page, bool write) const {
-  if (!IsOfADeletedRegion(page)) return false;
-  const PageState s = agent_.StateOf(page);
-  return write ? s != PageState::kModified : s == PageState::kInvalid;
 }
 
 void NodeDaemon::DropUnmappedDeleted() {
@@ -978,7 +973,7 @@ void NodeDaemon::AccessPage(proto::PageAddr address, bool write, AccessFn fn, bo
   }
   const proto::PageAddr page =
       store->base() + (address - store->base()) / store->page_size() * store->page_size();
-  if (MissOfADeletedRegion(page, write)) {
+  if (IsOfADeletedRegion(page)) {
     ++stats_.accesses_failed;
     fn(NotFound("page " + Hex(page) + " is of a deleted region"), {});
     return;
@@ -1384,7 +1379,7 @@ void NodeDaemon::OnFaultEvents() {
         Status st = RevealToCpu(e.page);
         if (!st.ok()) LogError("GPU tier: revealing page " + Hex(e.page) + ": " + st.ToString());
       }
-      if (MissOfADeletedRegion(e.page, e.write)) {
+      if (IsOfADeletedRegion(e.page)) {
         // Asking the directory would get the page of whatever region took
         // these addresses since: the access fails here (SIGBUS).
         ++stats_.accesses_failed;

@@ -305,12 +305,10 @@ class NodeDaemon {
   // Drops the deleted regions kept for their local mappings that no local
   // process maps any more. Called wherever a mapping goes.
   void DropUnmappedDeleted();
-  // Whether an access to `page` would need the directory while its region
-  // is one deleted but kept for local mappings (deleted_mapped_): the
-  // directory knows pages by address only, and would answer for whatever
-  // region took the addresses since. Such accesses fail instead.
-  bool MissOfADeletedRegion(proto::PageAddr page, bool write) const;
-  // Whether `page` is of a region deleted but kept (deleted_mapped_).
+  // Whether `page` is of a region deleted but kept for local mappings
+  // (deleted_mapped_). Accesses of such pages that reach the daemon fail:
+  // the directory knows pages by address only, and would answer for
+  // whatever region took the addresses since.
   bool IsOfADeletedRegion(proto::PageAddr page) const;
   // Whether the node may give `page` up (Evict, the host budget's LeavePages).
   bool MayGiveUp(proto::PageAddr page) const;

@@ -1240,8 +1240,9 @@ TEST_F(NodeDaemonTest, AFaultInFlightWhenItsRegionGoesIsNotResent) {
 }
 
 // A node whose process still maps a region when it is deleted keeps its
-// copy (the process's local hits go on) and frees it when that process
-// unmaps it, without waiting for a new region at those addresses.
+// copy (what the process's page tables map it keeps reading) and frees it
+// when that process unmaps it, without waiting for a new region at those
+// addresses.
 TEST_F(NodeDaemonTest, ADeletedRegionStillMappedIsFreedAtItsLastUnmap) {
   proto::RegionReply anchor = Region("anchor", 4096, 4096);
   StartNodes(2, anchor);
