@@ -164,25 +164,19 @@ Status DeviceTier::RemoveRegion(PageAddr base) {
     if (p->used_slots() != 0) {
       retired_.push_back(std::move(p));  // lost maps hold slots in it
     } else {
-      DevicePagePool* gone = p.release();
-      retired_.emplace_back(gone);
-      DestroyPool(gone);
+      ForgetPool(p.get());  // freed with `pools`, its arenas' bytes back to the budget
     }
   }
   return Status::Ok();
 }
 
-void DeviceTier::DestroyPool(DevicePagePool* pool) {
+void DeviceTier::ForgetPool(const DevicePagePool* pool) {
   DSVM_CHECK(pool->used_slots() == 0);
   // Caches keyed by the pool's address: a later pool may get the same one.
   table_index_.erase(pool);
   arenas_.erase(pool);
   arena_generations_.erase(pool);
   occupants_.erase(pool);
-  auto it = std::find_if(retired_.begin(), retired_.end(),
-                         [&](const std::unique_ptr<DevicePagePool>& p) { return p.get() == pool; });
-  DSVM_CHECK(it != retired_.end());
-  retired_.erase(it);  // frees its arenas, giving their bytes back to the budget
 }
 
 const DevicePagePool* DeviceTier::PoolOf(uint32_t gpu, PageAddr base) const {
@@ -741,9 +735,14 @@ Status DeviceTier::Release(std::span<const HeldSlot> held) {
     std::vector<PageAddr>& occ = occupants_[h.pool];
     if (h.slot.index < occ.size()) occ[h.slot.index] = kNoPage;
     // The last slot of a removed region's pool: the pool goes.
-    const bool retired = std::any_of(retired_.begin(), retired_.end(),
-                                     [&](const auto& p) { return p.get() == h.pool; });
-    if (retired && h.pool->used_slots() == 0) DestroyPool(h.pool);
+    if (h.pool->used_slots() == 0) {
+      auto retired = std::find_if(retired_.begin(), retired_.end(),
+                                  [&](const auto& p) { return p.get() == h.pool; });
+      if (retired != retired_.end()) {
+        ForgetPool(h.pool);
+        retired_.erase(retired);  // frees its arenas, their bytes back to the budget
+      }
+    }
   }
   return Status::Ok();
 }

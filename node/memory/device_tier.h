@@ -300,8 +300,9 @@ class DeviceTier {
   std::vector<DevicePagePool*> PoolsOn(uint32_t gpu) const;
   // The table's index of `pool`.
   int TableIndex(const DevicePagePool* pool) const { return table_index_.at(pool); }
-  // Forgets a pool (a removed region's, holding no slot) and frees it.
-  void DestroyPool(DevicePagePool* pool);
+  // Drops what the tier keeps about a pool that holds no slot and is about
+  // to be freed (a removed region's).
+  void ForgetPool(const DevicePagePool* pool);
   // Pools of one GPU share its budget (DevicePagePool::shared): before
   // `pool` takes up to `pages` more pages, memory other regions hold
   // without need goes back to the budget: first their empty arenas, then,
