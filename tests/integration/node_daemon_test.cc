@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <functional>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -44,6 +45,23 @@ class NodeDaemonTest : public ::testing::Test {
     auto tool = ConnectTool(coord_.address());
     ASSERT_TRUE(tool.ok());
     tool_ = std::move(*tool);
+  }
+
+  // Forks a client of node `node`'s daemon that opens region `name` and
+  // exits with body(the region's words); 10 when it cannot open it. SIGBUS
+  // keeps its default action (kills it, not a sanitizer's report): the
+  // tests that use this want the signal.
+  pid_t ForkRegionClient(int node, const std::string& name,
+                         const std::function<int(volatile uint64_t*)>& body) {
+    const pid_t pid = QuietFork();
+    if (pid != 0) return pid;
+    ::signal(SIGBUS, SIG_DFL);
+    void* a = nullptr;
+    if (dsvm_init((dir_.path() + "/node" + std::to_string(node) + ".sock").c_str()) != DSVM_OK ||
+        dsvm_region_open(name.c_str(), &a, nullptr) != DSVM_OK) {
+      ::_exit(10);
+    }
+    ::_exit(body(static_cast<volatile uint64_t*>(a)));
   }
 
   proto::RegionReply Region(const std::string& name, uint64_t size, uint32_t page_size) {
@@ -886,21 +904,13 @@ TEST_F(NodeDaemonTest, ARegionDeletedElsewhereFailsAccessesClearly) {
   int ready[2], go[2];
   ASSERT_EQ(::pipe(ready), 0);
   ASSERT_EQ(::pipe(go), 0);
-  const pid_t pid = QuietFork();
-  if (pid == 0) {
-    ::signal(SIGBUS, SIG_DFL);  // not a sanitizer's report: the test wants the signal
-    void* a = nullptr;
-    if (dsvm_init((dir_.path() + "/node1.sock").c_str()) != DSVM_OK ||
-        dsvm_region_open("doomed", &a, nullptr) != DSVM_OK) {
-      ::_exit(10);
-    }
-    auto* p = static_cast<volatile uint64_t*>(a);
-    if (p[0] != 42) ::_exit(11);
+  const pid_t pid = ForkRegionClient(1, "doomed", [&](volatile uint64_t* p) {
+    if (p[0] != 42) return 11;
     char c = 1;
-    if (::write(ready[1], &c, 1) != 1 || ::read(go[0], &c, 1) != 1) ::_exit(12);
+    if (::write(ready[1], &c, 1) != 1 || ::read(go[0], &c, 1) != 1) return 12;
     (void)p[5 * 512];  // page 5: never valid on node 1
-    ::_exit(0);        // not reached: SIGBUS
-  }
+    return 0;          // not reached: SIGBUS
+  });
   char c;
   ASSERT_EQ(::read(ready[0], &c, 1), 1);
   auto reply = tool_.Call(proto::RegionDelete{.name = "doomed"});
@@ -1139,21 +1149,13 @@ TEST_F(NodeDaemonTest, AMappingOfADeletedRegionNeverReachesItsSuccessor) {
   ASSERT_EQ(::pipe(ready), 0);
   ASSERT_EQ(::pipe(go), 0);
   constexpr uint64_t kSecret = 0x5ec2e7;
-  const pid_t pid = QuietFork();
-  if (pid == 0) {
-    ::signal(SIGBUS, SIG_DFL);  // not a sanitizer's report: the test wants the signal
-    void* a = nullptr;
-    if (dsvm_init((dir_.path() + "/node1.sock").c_str()) != DSVM_OK ||
-        dsvm_region_open("old", &a, nullptr) != DSVM_OK) {
-      ::_exit(10);
-    }
-    auto* p = static_cast<volatile uint64_t*>(a);
-    if (p[0] != 42) ::_exit(11);
+  const pid_t pid = ForkRegionClient(1, "old", [&](volatile uint64_t* p) {
+    if (p[0] != 42) return 11;
     char c = 1;
-    if (::write(ready[1], &c, 1) != 1 || ::read(go[0], &c, 1) != 1) ::_exit(12);
+    if (::write(ready[1], &c, 1) != 1 || ::read(go[0], &c, 1) != 1) return 12;
     const uint64_t seen = p[5 * 512];  // page 5: never valid on node 1
-    ::_exit(seen == kSecret ? 13 : 14);  // not reached: SIGBUS
-  }
+    return seen == kSecret ? 13 : 14;  // not reached: SIGBUS
+  });
   char c;
   ASSERT_EQ(::read(ready[0], &c, 1), 1);
   auto reply = tool_.Call(proto::RegionDelete{.name = "old"});
@@ -1192,19 +1194,12 @@ TEST_F(NodeDaemonTest, AFaultInFlightWhenItsRegionGoesIsNotResent) {
   int ready[2];
   ASSERT_EQ(::pipe(ready), 0);
   constexpr uint64_t kSecret = 0x5ec2e7;
-  const pid_t pid = QuietFork();
-  if (pid == 0) {
-    ::signal(SIGBUS, SIG_DFL);  // not a sanitizer's report: the test wants the signal
-    void* a = nullptr;
-    if (dsvm_init((dir_.path() + "/node1.sock").c_str()) != DSVM_OK ||
-        dsvm_region_open("inflight", &a, nullptr) != DSVM_OK) {
-      ::_exit(10);
-    }
+  const pid_t pid = ForkRegionClient(1, "inflight", [&](volatile uint64_t* p) {
     char c = 1;
-    if (::write(ready[1], &c, 1) != 1) ::_exit(12);
-    const uint64_t seen = static_cast<volatile uint64_t*>(a)[5 * 512];  // waits for node 0
-    ::_exit(seen == kSecret ? 13 : seen == 42 ? 15 : 14);  // not reached: SIGBUS
-  }
+    if (::write(ready[1], &c, 1) != 1) return 12;
+    const uint64_t seen = p[5 * 512];  // waits for node 0
+    return seen == kSecret ? 13 : seen == 42 ? 15 : 14;  // not reached: SIGBUS
+  });
   char c;
   ASSERT_EQ(::read(ready[0], &c, 1), 1);
   // Below the death deadline (3 s here and in the kmod guest), long
