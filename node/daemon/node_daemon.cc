@@ -1373,43 +1373,46 @@ void NodeDaemon::OnFaultEvents() {
         DropUnmappedDeleted();
         continue;
       }
-      if (e.kind != FaultEventKind::kFault) continue;
-      ++stats_.client_faults;
-      if (gpu_hidden_.count(e.page) != 0) {
-        Status st = RevealToCpu(e.page);
-        if (!st.ok()) LogError("GPU tier: revealing page " + Hex(e.page) + ": " + st.ToString());
-      }
-      if (IsOfADeletedRegion(e.page)) {
-        // Asking the directory would get the page of whatever region took
-        // these addresses since: the access fails here (SIGBUS).
-        ++stats_.accesses_failed;
-        LogWarning("a client's access to page " + Hex(e.page) +
-                   " fails (SIGBUS): its region was deleted");
-        Status st = backend_->Resolve(e.token, Resolution::kError);
-        if (!st.ok() && st.code() != StatusCode::kNotFound) LogWarning("resolving a fault: " + st.ToString());
-        continue;
-      }
-      const WaiterId w = ++next_waiter_;
-      Actions acts;
-      if (agent_.Fault(e.page, e.write, w, NowMs(), &acts) == FaultResult::kHit) {
-        Execute(acts);
-        Status st = backend_->Resolve(e.token, Resolution::kRetry);
-        if (!st.ok() && st.code() != StatusCode::kNotFound) {
-          LogWarning("resolving a fault: " + st.ToString());
-        }
-        continue;
-      }
-      ++(e.write ? stats_.write_faults : stats_.read_faults);
-      Waiter waiter;
-      waiter.page = e.page;
-      waiter.fault = true;
-      waiter.token = e.token;
-      waiters_[w] = std::move(waiter);
-      ++fault_waiters_;
-      Execute(acts);
-      if (!e.write) ReadAhead(e.page);
+      if (e.kind == FaultEventKind::kFault) HandleFault(e);
     }
   }
+}
+
+void NodeDaemon::HandleFault(const FaultEvent& e) {
+  ++stats_.client_faults;
+  if (gpu_hidden_.count(e.page) != 0) {
+    Status st = RevealToCpu(e.page);
+    if (!st.ok()) LogError("GPU tier: revealing page " + Hex(e.page) + ": " + st.ToString());
+  }
+  if (IsOfADeletedRegion(e.page)) {
+    // Asking the directory would get the page of whatever region took
+    // these addresses since: the access fails here (SIGBUS).
+    ++stats_.accesses_failed;
+    LogWarning("a client's access to page " + Hex(e.page) +
+               " fails (SIGBUS): its region was deleted");
+    Status st = backend_->Resolve(e.token, Resolution::kError);
+    if (!st.ok() && st.code() != StatusCode::kNotFound) LogWarning("resolving a fault: " + st.ToString());
+    return;
+  }
+  const WaiterId w = ++next_waiter_;
+  Actions acts;
+  if (agent_.Fault(e.page, e.write, w, NowMs(), &acts) == FaultResult::kHit) {
+    Execute(acts);
+    Status st = backend_->Resolve(e.token, Resolution::kRetry);
+    if (!st.ok() && st.code() != StatusCode::kNotFound) {
+      LogWarning("resolving a fault: " + st.ToString());
+    }
+    return;
+  }
+  ++(e.write ? stats_.write_faults : stats_.read_faults);
+  Waiter waiter;
+  waiter.page = e.page;
+  waiter.fault = true;
+  waiter.token = e.token;
+  waiters_[w] = std::move(waiter);
+  ++fault_waiters_;
+  Execute(acts);
+  if (!e.write) ReadAhead(e.page);
 }
 
 // ---------------------------------------------------------------------------

@@ -316,6 +316,8 @@ class NodeDaemon {
   // Returns how much UCX work there was (0: none).
   size_t HandlePeerMessages();
   void OnFaultEvents();
+  // One client fault (an event of kind kFault).
+  void HandleFault(const FaultEvent& e);
   void OnClientListenReadable();
   void OnClientReadable(int fd);
   void CloseClient(int fd);
