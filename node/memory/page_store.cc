@@ -68,7 +68,7 @@ Result<std::unique_ptr<PageStore>> PageStore::Create(PageAddr base, uint64_t siz
                            " is zero or not aligned to the page size " + std::to_string(page_size));
   }
   if (base + size < base) return InvalidArgument("region " + Hex(base) + " + size overflows");
-  if (options.max_side_pages == 0) return InvalidArgument("max_side_pages must be positive");
+  if (options.max_stashes == 0) return InvalidArgument("max_stashes must be positive");
 
   bool hugetlb = false;
   Result<Backing> backing = IoError("not tried");
@@ -262,12 +262,10 @@ Result<bool> PageStore::IsPresent(PageAddr page) const {
   return true;
 }
 
-Status PageStore::CheckSideRoom() const {
-  DSVM_CHECK(side_count() <= options_.max_side_pages);
-  if (side_count() == options_.max_side_pages) {
+Status PageStore::CheckStashRoom() const {
+  if (stashes_.size() >= options_.max_stashes) {
     return ResourceExhausted("page store " + Hex(base_) + ": " +
-                             std::to_string(options_.max_side_pages) +
-                             " stashed or retained pages, the bound");
+                             std::to_string(stashes_.size()) + " stashed pages, the bound");
   }
   return Status::Ok();
 }
@@ -278,7 +276,6 @@ Result<PageStore::Bytes> PageStore::TakeBytes(PageAddr page) {
     retained_.erase(it);
     return b;
   }
-  DSVM_RETURN_IF_ERROR(CheckSideRoom());
   Bytes b(new uint8_t[page_size_]);
   DSVM_RETURN_IF_ERROR(ReadPage(page, {b.get(), page_size_}));
   DSVM_RETURN_IF_ERROR(Punch(page));
@@ -290,9 +287,9 @@ Status PageStore::Stash(PageAddr page, TxnId txn) {
   if (HasStash(page, txn)) {
     return AlreadyExists("page " + Hex(page) + " already has stash " + std::to_string(txn));
   }
+  if (!IsRetained(page)) DSVM_RETURN_IF_ERROR(CheckStashRoom());
   DSVM_ASSIGN_OR_RETURN(Bytes b, TakeBytes(page));
   stashes_.emplace(std::make_pair(page, txn), std::move(b));
-  DSVM_CHECK(side_count() <= options_.max_side_pages);
   return Status::Ok();
 }
 
@@ -331,7 +328,6 @@ Status PageStore::Retain(PageAddr page) {
   if (IsRetained(page)) return Status::Ok();
   DSVM_ASSIGN_OR_RETURN(Bytes b, TakeBytes(page));
   retained_.emplace(page, std::move(b));
-  DSVM_CHECK(side_count() <= options_.max_side_pages);
   return Status::Ok();
 }
 

@@ -14,11 +14,12 @@
 // use pread, which returns zeros for a hole without allocating), and only the
 // Write/Zero/Install calls make a page present.
 //
-// Besides the memfd, a bounded side area keeps bytes that are not in the
-// memfd: stashes (bytes given away in a move, kept until the directory says
-// the move completed; keyed by page and txn) and retained pages (bytes of a
-// page whose local access was revoked while a give-up is pending; at most one
-// per page). "The page's bytes" below means the retained bytes when the page
+// Besides the memfd, a side area keeps bytes that are not in the memfd:
+// stashes (bytes given away in a move, kept until the directory says the
+// move completed; keyed by page and txn; bounded) and retained pages (bytes
+// of a page whose local access was revoked while the node still holds it: a
+// give-up is pending, a GPU may write it, or the node's lease lapsed; at
+// most one per page). "The page's bytes" below means the retained bytes when the page
 // is retained, else the memfd's.
 //
 // Thread safety: none, but for ReadPage and WriteUnretained (see there). One
@@ -47,9 +48,13 @@ using proto::PageAddr;
 using proto::TxnId;
 
 struct PageStoreOptions {
-  // Bound on stashes plus retained pages, in pages. Reaching it refuses the
-  // next Stash/Retain with kResourceExhausted.
-  size_t max_side_pages = 1024;
+  // Bound on stashes, in pages: once reached, a Stash of a page that is not
+  // retained is refused with kResourceExhausted (a retained page's bytes
+  // become its stash without room). Retained pages need no bound: a page is
+  // retained at most once, and its bytes leave the memfd as they are kept,
+  // so they take the memory the page took. (A node whose lease lapsed
+  // retains every page its processes could reach: docs/PROTOCOL.md.)
+  size_t max_stashes = 1024;
   // For 2 MiB pages, back the memfd with hugetlb pages when the kernel has
   // enough of them free; otherwise (or when false) use a plain memfd whose
   // page cache holds 4 KiB pages, and treat each 512 of them as one page.
@@ -131,7 +136,8 @@ class PageStore {
 
   // Moves the page's bytes into stash (page, txn): copies them out, then
   // punches the page. Errors: kInvalidArgument, kAlreadyExists (that stash
-  // exists), kResourceExhausted (the side area is full), kIoError.
+  // exists), kResourceExhausted (max_stashes, for a page not retained),
+  // kIoError.
   Status Stash(PageAddr page, TxnId txn);
   // Copies stash (page, txn) to `out` (page_size bytes), for a resend of the
   // bytes of a move. Errors: kInvalidArgument, kNotFound.
@@ -146,7 +152,7 @@ class PageStore {
 
   // Moves the page's bytes aside and punches the page, so no local access
   // reaches it while they are kept. Idempotent. Errors: kInvalidArgument,
-  // kResourceExhausted, kIoError.
+  // kIoError.
   Status Retain(PageAddr page);
   // Writes retained bytes back into the memfd (as WritePage) and frees them;
   // nothing to do when the page is not retained. Errors: kInvalidArgument,
@@ -156,7 +162,7 @@ class PageStore {
   size_t retained_count() const { return retained_.size(); }
 
   size_t side_count() const { return stashes_.size() + retained_.size(); }
-  size_t max_side_pages() const { return options_.max_side_pages; }
+  size_t max_stashes() const { return options_.max_stashes; }
 
  private:
   using Bytes = std::unique_ptr<uint8_t[]>;
@@ -171,7 +177,7 @@ class PageStore {
   Status Punch(PageAddr page);
   // The page's bytes copied into a new buffer (retained bytes are moved).
   Result<Bytes> TakeBytes(PageAddr page);
-  Status CheckSideRoom() const;
+  Status CheckStashRoom() const;
 
   const PageAddr base_;
   const uint64_t size_;

@@ -62,7 +62,7 @@ TEST(PageStoreTest, CreateRefusesBadGeometry) {
   EXPECT_EQ(PageStore::Create(0, kPage, kPage).status().code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(PageStore::Create(~0ull - kPage + 1, 2 * kPage, kPage).status().code(),
             StatusCode::kInvalidArgument);
-  EXPECT_EQ(PageStore::Create(kBase, 64 * 1024, 64 * 1024, {.max_side_pages = 0}).status().code(),
+  EXPECT_EQ(PageStore::Create(kBase, 64 * 1024, 64 * 1024, {.max_stashes = 0}).status().code(),
             StatusCode::kInvalidArgument);
 }
 
@@ -227,19 +227,23 @@ TEST(PageStoreTest, RetainKeepsBytesAwayFromTheMemfd) {
   EXPECT_TRUE(IsZero(Read(*s, p + kPage)));
 }
 
-TEST(PageStoreTest, SideAreaIsBounded) {
-  auto s = MakeStore({.max_side_pages = 2});
-  for (uint64_t i = 0; i < 4; ++i) ASSERT_TRUE(s->WritePage(kBase + i * kPage, Pattern(i)).ok());
+TEST(PageStoreTest, StashesAreBoundedAndRetainedPagesAreNot) {
+  auto s = MakeStore({.max_stashes = 2});
+  for (uint64_t i = 0; i < kPages; ++i) ASSERT_TRUE(s->WritePage(kBase + i * kPage, Pattern(i)).ok());
   ASSERT_TRUE(s->Stash(kBase, 1).ok());
-  ASSERT_TRUE(s->Retain(kBase + kPage).ok());
+  ASSERT_TRUE(s->Stash(kBase + kPage, 1).ok());
   EXPECT_EQ(s->Stash(kBase + 2 * kPage, 1).code(), StatusCode::kResourceExhausted);
-  EXPECT_EQ(s->Retain(kBase + 3 * kPage).code(), StatusCode::kResourceExhausted);
   EXPECT_EQ(Read(*s, kBase + 2 * kPage), Pattern(2)) << "a refused stash leaves the page alone";
+  // Every other page can be retained, past the stashes' bound.
+  for (uint64_t i = 2; i < kPages; ++i) ASSERT_TRUE(s->Retain(kBase + i * kPage).ok()) << i;
+  EXPECT_EQ(s->retained_count(), kPages - 2);
   // Moving a retained page into a stash needs no room.
-  ASSERT_TRUE(s->Stash(kBase + kPage, 2).ok());
-  ASSERT_TRUE(s->DropStash(kBase, 1).ok());
-  EXPECT_TRUE(s->Stash(kBase + 2 * kPage, 1).ok());
-  EXPECT_EQ(s->side_count(), 2u);
+  ASSERT_TRUE(s->Stash(kBase + 2 * kPage, 2).ok());
+  EXPECT_EQ(s->stash_count(), 3u);
+  for (uint64_t i = 3; i < kPages; ++i) {
+    ASSERT_TRUE(s->Restore(kBase + i * kPage).ok());
+    EXPECT_EQ(Read(*s, kBase + i * kPage), Pattern(i)) << i;
+  }
 }
 
 TEST(PageStoreTest, AddressesAreValidated) {
