@@ -33,6 +33,14 @@ PageState NodeAgent::StateOf(PageAddr page) const {
   return it == pages_.end() ? PageState::kInvalid : it->second.state;
 }
 
+std::vector<PageAddr> NodeAgent::AccessiblePages() const {
+  std::vector<PageAddr> pages;
+  for (const auto& [page, lp] : pages_) {
+    if (lp.state != PageState::kInvalid) pages.push_back(page);
+  }
+  return pages;
+}
+
 uint64_t NodeAgent::VersionOf(PageAddr page) const {
   auto it = pages_.find(page);
   return it == pages_.end() ? 0 : it->second.version;

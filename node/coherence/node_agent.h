@@ -125,6 +125,9 @@ class NodeAgent {
 
   NodeId self() const { return self_; }
   PageState StateOf(PageAddr page) const;
+  // The pages local processes may access now (Shared or Modified), in no
+  // particular order.
+  std::vector<PageAddr> AccessiblePages() const;
   uint64_t VersionOf(PageAddr page) const;
   bool HasPending(PageAddr page) const;
   size_t stash_count() const;

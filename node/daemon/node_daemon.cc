@@ -28,6 +28,16 @@ constexpr size_t kMaxPendingPeerPages = 1024;
 constexpr size_t kRecentSends = 8192;
 constexpr uint64_t kTickMs = 10;
 constexpr uint64_t kReconnectEveryMs = 200;
+// Heartbeats kept per link while their answers are awaited.
+constexpr size_t kMaxHeartbeatsInFlight = 64;
+
+// How long an answer from a coordinator whose deadline is dead_after_ms
+// lets this node use its copies, counted from when it asked. The
+// coordinator declares the node dead no sooner than dead_after_ms after it
+// received the request, which is after it was sent; the quarter left is
+// for the fence to run, the loop's tick, and clocks that run at slightly
+// different rates (docs/PROTOCOL.md, "Leases").
+uint64_t LeaseMs(uint32_t dead_after_ms) { return dead_after_ms - dead_after_ms / 4; }
 constexpr int kJoinTimeoutMs = 3000;
 constexpr size_t kMaxClients = 1024;
 constexpr size_t kMaxForwarded = 4096;
@@ -205,9 +215,12 @@ Result<std::unique_ptr<NodeDaemon>> NodeDaemon::Create(const NodeDaemonOptions& 
   for (size_t i = 0; i < addresses.size(); ++i) {
     shards[i].address = addresses[i];
     DSVM_ASSIGN_OR_RETURN(shards[i].link, proto::ConnectToCoordinator(addresses[i], secret.get()));
+    const uint64_t sent_ms = MonotonicUs() / 1000;  // NowMs's clock
     DSVM_ASSIGN_OR_RETURN(proto::JoinReply r,
                           Join(shards[i].link, options, i == 0 ? options.rejoin_as : jr.node,
                                peer_address, /*resume=*/false));
+    shards[i].lease_ms = LeaseMs(r.dead_after_ms);
+    shards[i].lease_until_ms = sent_ms + shards[i].lease_ms;
     if (r.shard != i || r.shard_count != addresses.size()) {
       return InvalidArgument("coordinator " + addresses[i] + " serves shard " +
                              std::to_string(r.shard) + " of " + std::to_string(r.shard_count) +
@@ -371,6 +384,7 @@ void NodeDaemon::Run() {
   epoll_event events[16];
   uint64_t last_work_us = MonotonicUs();
   while (!stopping_) {
+    if (run_parked_) RunParked();
     // Pages for peers queued since the last turn go first, each peer's in
     // one active message (PageBatch), then what the peers sent meanwhile.
     transport_->FlushBatches();
@@ -463,7 +477,9 @@ void NodeDaemon::OnCoordinatorReadable(size_t shard) {
       continue;
     }
     if (auto* r = std::get_if<proto::StatusReply>(&f.message)) {
-      if (rid == s.heartbeat_request && r->code == static_cast<uint16_t>(StatusCode::kFailedPrecondition)) {
+      const std::optional<uint64_t> heartbeat_sent = TakeHeartbeat(s, rid);
+      if (heartbeat_sent && r->code == 0) RenewLease(shard, *heartbeat_sent);
+      if (heartbeat_sent && r->code == static_cast<uint16_t>(StatusCode::kFailedPrecondition)) {
         // Declared dead while connected (this loop stalled past the
         // deadline): reconnect, which finds out and starts afresh.
         st = Unavailable("the coordinator no longer counts this node live: " + r->message);
@@ -485,6 +501,7 @@ void NodeDaemon::CloseShardLink(size_t shard) {
   if (!s.link.is_open()) return;
   ::epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, s.link.fd(), nullptr);
   s.link.Close();
+  s.heartbeats.clear();  // request ids start again on the next link
   if (shard != 0) return;
   lookup_request_ = 0;
   auto forwarded = std::move(forwarded_);
@@ -497,6 +514,7 @@ void NodeDaemon::CloseShardLink(size_t shard) {
 void NodeDaemon::ReconnectCoordinator(size_t shard) {
   ShardLink& s = shards_[shard];
   s.last_reconnect_ms = NowMs();
+  const uint64_t sent_ms = NowMs();
   auto link = proto::ConnectToCoordinator(s.address, secret_.get());
   if (!link.ok()) {
     if (link.status().code() == StatusCode::kPermissionDenied) {
@@ -521,6 +539,8 @@ void NodeDaemon::ReconnectCoordinator(size_t shard) {
   ev.data.fd = s.link.fd();
   ::epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, s.link.fd(), &ev);
   ++stats_.coordinator_reconnects;
+  s.lease_ms = LeaseMs(jr->dead_after_ms);
+  RenewLease(shard, sent_ms);
   LogInfo("node " + std::to_string(id_) + " rejoined the coordinator at " + s.address);
   Actions acts;
   // A shard that restarted on other data numbers transactions anew: what was
@@ -565,6 +585,7 @@ void NodeDaemon::DropEverything(const std::string& why) {
     if (!st.ok()) LogError("dropping region " + Hex(base) + ": " + st.ToString());
   }
   data_.clear();
+  fenced_pages_.clear();  // dropped with the rest; parked accesses wait for the rejoin
   pending_peer_.clear();
   pending_peer_count_ = 0;
   // A waiting process retries (and asks again once joined).
@@ -609,6 +630,7 @@ Status NodeDaemon::DropRegion(proto::PageAddr base, const std::string& why) {
   }
   std::erase_if(deferred_, [&](const auto& d) { return d.first >= base && d.first < base + size; });
   std::erase_if(gpu_hidden_, [&](proto::PageAddr p) { return p >= base && p < base + size; });
+  std::erase_if(fenced_pages_, [&](proto::PageAddr p) { return p >= base && p < base + size; });
   // A region made again at these addresses numbers its pages' transactions
   // from 1 again: the old region's sends must not pass for its.
   ForgetSends(base, base + size);
@@ -674,8 +696,10 @@ void NodeDaemon::BeatIfDue() {
   // Each shard keeps its own membership: each needs the heartbeats.
   for (ShardLink& s : shards_) {
     if (!s.link.is_open()) continue;  // OnTimer reconnects it
-    s.heartbeat_request = s.link.NextRequestId();
-    s.link.Send(proto::Heartbeat{id_, Counters()}, s.heartbeat_request).IgnoreError();
+    const uint64_t rid = s.link.NextRequestId();
+    if (s.heartbeats.size() == kMaxHeartbeatsInFlight) s.heartbeats.pop_front();
+    s.heartbeats.emplace_back(rid, now);
+    s.link.Send(proto::Heartbeat{id_, Counters()}, rid).IgnoreError();
   }
 }
 
@@ -688,9 +712,81 @@ void NodeDaemon::OnTimer() {
     }
   }
   BeatIfDue();
+  CheckLeases();
   Actions acts;
   agent_.Tick(now, &acts);
   Execute(acts);
+}
+
+// ---------------------------------------------------------------------------
+// Leases
+
+std::optional<uint64_t> NodeDaemon::TakeHeartbeat(ShardLink& s, uint64_t rid) {
+  auto it = std::find_if(s.heartbeats.begin(), s.heartbeats.end(),
+                         [&](const auto& h) { return h.first == rid; });
+  if (it == s.heartbeats.end()) return std::nullopt;
+  const uint64_t sent_ms = it->second;
+  s.heartbeats.erase(s.heartbeats.begin(), it + 1);
+  return sent_ms;
+}
+
+bool NodeDaemon::LeaseLapsed(proto::PageAddr page) const {
+  return NowMs() >= shards_[shard_map_.ShardOf(page)].lease_until_ms;
+}
+
+void NodeDaemon::RenewLease(size_t shard, uint64_t sent_ms) {
+  ShardLink& s = shards_[shard];
+  s.lease_until_ms = std::max(s.lease_until_ms, sent_ms + s.lease_ms);
+  if (!s.fenced || NowMs() >= s.lease_until_ms) return;
+  s.fenced = false;
+  run_parked_ = true;
+  LogInfo("node " + std::to_string(id_) + ": the coordinator at " + s.address +
+          " answers again: local processes use its pages again");
+}
+
+void NodeDaemon::CheckLeases() {
+  for (size_t i = 0; i < shards_.size(); ++i) {
+    ShardLink& s = shards_[i];
+    if (s.fenced || NowMs() < s.lease_until_ms) continue;
+    // A busy loop may not have read the answer that renews it yet.
+    if (s.link.is_open()) OnCoordinatorReadable(i);
+    if (!s.fenced && NowMs() >= s.lease_until_ms) Fence(i);
+  }
+}
+
+void NodeDaemon::Fence(size_t shard) {
+  ShardLink& s = shards_[shard];
+  s.fenced = true;
+  ++stats_.fences;
+  size_t taken = 0;
+  if (backend_) {  // without one, every access comes through AccessPage
+    for (proto::PageAddr p : agent_.AccessiblePages()) {
+      if (shard_map_.ShardOf(p) != shard || fenced_pages_.count(p) != 0) continue;
+      Status st = backend_->Unmap(p);
+      if (!st.ok()) {
+        LogError("fence: taking page " + Hex(p) + " from local processes: " + st.ToString());
+        continue;
+      }
+      fenced_pages_.insert(p);
+      ++taken;
+    }
+  }
+  LogWarning("node " + std::to_string(id_) + ": no answer from the coordinator at " + s.address + " for " +
+             std::to_string(s.lease_ms) + " ms: it may declare this node dead, so " +
+             std::to_string(taken) +
+             " pages were taken from local processes, whose accesses wait until it answers");
+}
+
+void NodeDaemon::Park(std::function<void()> access) {
+  ++stats_.fenced_accesses;
+  parked_.push_back(std::move(access));
+}
+
+void NodeDaemon::RunParked() {
+  run_parked_ = false;
+  std::vector<std::function<void()>> parked = std::move(parked_);
+  parked_.clear();
+  for (auto& access : parked) access();  // one whose lease lapsed again parks again
 }
 
 bool NodeDaemon::MustDefer(const proto::Message& m) const {
@@ -964,6 +1060,12 @@ void NodeDaemon::Access(proto::PageAddr address, bool write, AccessFn fn) {
 }
 
 void NodeDaemon::AccessPage(proto::PageAddr address, bool write, AccessFn fn, bool prefetch) {
+  if (LeaseLapsed(address)) {  // the page's shard (2 MiB granules hold whole pages)
+    Park([this, address, write, fn = std::move(fn), prefetch]() mutable {
+      AccessPage(address, write, std::move(fn), prefetch);
+    });
+    return;
+  }
   ++stats_.accesses;
   PageStore* store = StoreOf(address);
   if (store == nullptr) {
@@ -1083,7 +1185,7 @@ bool NodeDaemon::Coalesce(Action& a) {
     case ActionKind::kMapRead:
     case ActionKind::kMapWrite: {
       PageStore* store = StoreOf(a.page);
-      if (store == nullptr || !backend_) return false;
+      if (store == nullptr || !backend_ || LeaseLapsed(a.page)) return false;
       const bool write = a.kind == ActionKind::kMapWrite;
       MapRun& m = map_run_;
       if (m.pages > 0 && (m.store != store || a.page != m.first + m.pages * store->page_size() ||
@@ -1271,6 +1373,14 @@ void NodeDaemon::ExecuteOne(Action& a) {
     }
     case ActionKind::kMapRead:
     case ActionKind::kMapWrite:
+      if (backend_ && LeaseLapsed(a.page)) {
+        // Not while the lease is lapsed: the page's next fault maps it
+        // once the lease is back. Unmap, not nothing: a downgrade must
+        // still take the write access away before the page is sent.
+        check(backend_->Unmap(a.page), "fence");
+        fenced_pages_.insert(a.page);
+        return;
+      }
       check(store->Restore(a.page), "restore");
       if (backend_) {
         check(a.kind == ActionKind::kMapRead ? backend_->MapRead(a.page) : backend_->MapWrite(a.page),
@@ -1379,10 +1489,14 @@ void NodeDaemon::OnFaultEvents() {
 }
 
 void NodeDaemon::HandleFault(const FaultEvent& e) {
+  if (LeaseLapsed(e.page)) {
+    Park([this, e] { HandleFault(e); });
+    return;
+  }
   ++stats_.client_faults;
-  if (gpu_hidden_.count(e.page) != 0) {
+  if (gpu_hidden_.count(e.page) != 0 || fenced_pages_.count(e.page) != 0) {
     Status st = RevealToCpu(e.page);
-    if (!st.ok()) LogError("GPU tier: revealing page " + Hex(e.page) + ": " + st.ToString());
+    if (!st.ok()) LogError("revealing page " + Hex(e.page) + ": " + st.ToString());
   }
   if (IsOfADeletedRegion(e.page)) {
     // Asking the directory would get the page of whatever region took
@@ -1906,7 +2020,7 @@ void NodeDaemon::FinishZeroCopyMap(int fd, uint64_t request, const proto::GpuMap
 void NodeDaemon::HideFromCpu(std::span<const proto::PageAddr> pages, bool writes_only) {
   if (!backend_) return;  // no local mappings: the daemon's own accesses write back
   for (proto::PageAddr p : pages) {
-    Status st = writes_only ? backend_->MapRead(p) : backend_->Unmap(p);
+    Status st = writes_only && !LeaseLapsed(p) ? backend_->MapRead(p) : backend_->Unmap(p);
     if (!st.ok()) {
       LogError("GPU tier: hiding page " + Hex(p) + " from local processes: " + st.ToString());
       continue;
@@ -1916,8 +2030,8 @@ void NodeDaemon::HideFromCpu(std::span<const proto::PageAddr> pages, bool writes
 }
 
 Status NodeDaemon::RevealToCpu(proto::PageAddr page) {
-  gpu_hidden_.erase(page);
-  if (tier_) DSVM_RETURN_IF_ERROR(tier_->WriteBack(std::span<const proto::PageAddr>(&page, 1)));
+  fenced_pages_.erase(page);
+  if (gpu_hidden_.erase(page) != 0 && tier_) DSVM_RETURN_IF_ERROR(tier_->WriteBack(std::span<const proto::PageAddr>(&page, 1)));
   switch (agent_.StateOf(page)) {
     case PageState::kModified: return backend_->MapWrite(page);
     case PageState::kShared: return backend_->MapRead(page);

@@ -25,6 +25,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <string>
 #include <unordered_map>
@@ -136,6 +137,11 @@ struct NodeDaemonStats {
   uint64_t gpu_replica_maps = 0;     // of gpu_maps, read-mostly replicas
   uint64_t deferred_requests = 0;    // directory messages held while a page was gpu-mapped
   uint64_t pages_left = 0;           // pages the host budget sent away (Evict started)
+  // Leases (docs/PROTOCOL.md, "Leases"): times a shard's lease lapsed and
+  // local access to its pages was taken away until it answered again, and
+  // accesses that waited meanwhile.
+  uint64_t fences = 0;
+  uint64_t fenced_accesses = 0;
 };
 
 class NodeDaemon {
@@ -256,8 +262,19 @@ class NodeDaemon {
   struct ShardLink {
     std::string address;
     proto::FramedSocket link;
-    uint64_t heartbeat_request = 0;  // request id of the last heartbeat sent
+    // Heartbeats not answered yet on this link: (request id, when sent),
+    // oldest first; at most kMaxHeartbeatsInFlight.
+    std::deque<std::pair<uint64_t, uint64_t>> heartbeats;
     uint64_t last_reconnect_ms = 0;
+    // The node's lease on this shard's pages (docs/PROTOCOL.md, "Leases"):
+    // until lease_until_ms the shard cannot have declared this node dead,
+    // so local processes may use the node's copies of its pages. Each
+    // answered heartbeat or join renews it to lease_ms after it was sent.
+    uint64_t lease_ms = 0;
+    uint64_t lease_until_ms = 0;
+    // The lease lapsed and local access to the shard's pages was taken
+    // away (Fence); it comes back with the shard's next answer.
+    bool fenced = false;
     // Rejoin as a new daemon: another shard declared this node dead, so it
     // dropped every page, and this shard must hand its copies on too.
     bool fresh = false;
@@ -278,6 +295,25 @@ class NodeDaemon {
   // keep_alive): a busy node is not a dead one.
   void BeatIfDue();
   void ReconnectCoordinator(size_t shard);
+  // Leases. Whether the lease of the shard that holds `page` has lapsed:
+  // local accesses of the page wait (Park) until it is renewed.
+  bool LeaseLapsed(proto::PageAddr page) const;
+  // The shard answered a heartbeat or join sent at `sent_ms`: the lease
+  // runs to sent_ms + lease_ms, and a fence is lifted (the parked accesses
+  // run at the top of the next loop turn).
+  void RenewLease(size_t shard, uint64_t sent_ms);
+  // From OnTimer: fences each shard whose lease lapsed, after reading what
+  // its link has brought (an answer may be waiting unread).
+  void CheckLeases();
+  // Takes local processes' access to the shard's pages away (the backend's
+  // Unmap, the agent's state unchanged): they fault, and the faults wait.
+  void Fence(size_t shard);
+  // Keeps an access for when its page's lease is back.
+  void Park(std::function<void()> access);
+  void RunParked();
+  // If `rid` names a heartbeat sent on `s`, forgets it and every older one
+  // and gives when it was sent.
+  static std::optional<uint64_t> TakeHeartbeat(ShardLink& s, uint64_t rid);
   // Closes shard's link (reconnected by OnTimer); with shard 0, fails the
   // client requests forwarded on it.
   void CloseShardLink(size_t shard);
@@ -364,7 +400,7 @@ class NodeDaemon {
   // Same-node coherence of a write map: HideFromCpu takes local processes'
   // mappings of `pages` away while a GPU may write them; RevealToCpu, on a
   // local fault on one, writes its GPU copy back and maps it again as the
-  // agent holds it. `writes_only`: the GPU copy is clean (a prefetch or a
+  // agent holds it (it also maps again a page a fence took: Leases). `writes_only`: the GPU copy is clean (a prefetch or a
   // placement of Modified pages), so local reads may go on: the pages are
   // only write-protected, and a local write reveals them (the next map
   // then refreshes the GPU copy).
@@ -536,6 +572,14 @@ class NodeDaemon {
   // Modified pages with a clean GPU copy (prefetch, placement): only
   // write-protected, so that a local write reveals them.
   std::unordered_set<proto::PageAddr> gpu_hidden_;
+  // Pages whose local mappings a fence (or a map while the lease was
+  // lapsed) took away, the agent's state unchanged: mapped again as the
+  // agent holds them (RevealToCpu) at their next fault with the lease back.
+  std::unordered_set<proto::PageAddr> fenced_pages_;
+  // Accesses (client faults, Access calls, prefetches) that came while
+  // their page's lease was lapsed, run again by RunParked.
+  std::vector<std::function<void()>> parked_;
+  bool run_parked_ = false;  // a lease came back: RunParked at the next turn
   // Directory messages held for gpu-mapped pages, per page in arrival order
   // (duplicates of one txn kept once; bounded by kMaxDeferredPerPage).
   std::unordered_map<proto::PageAddr, std::vector<proto::Message>> deferred_;

@@ -16,6 +16,7 @@
 #include <cstring>
 #include <filesystem>
 #include <future>
+#include <map>
 #include <random>
 #include <thread>
 
@@ -26,6 +27,7 @@
 #include "node/fault/fd_passing.h"
 #include "tests/integration/coordinator_process.h"
 #include "tests/integration/running_daemon.h"
+#include "tests/integration/tcp_relay.h"
 
 namespace dsvm::testing {
 namespace {
@@ -75,7 +77,9 @@ class NodeDaemonTest : public ::testing::Test {
   // Starts n daemons and opens `region` on each.
   void StartNodes(int n, const proto::RegionReply& region) {
     for (int i = 0; i < n; ++i) {
-      node::NodeDaemonOptions o = TestNodeOptions(coord_.address());
+      auto via = coordinator_of_.find(i);
+      node::NodeDaemonOptions o =
+          TestNodeOptions(via == coordinator_of_.end() ? coord_.address() : via->second);
       if (retransmit_ms_ != 0) o.retransmit_after_ms = retransmit_ms_;
       o.socket_path = dir_.path() + "/node" + std::to_string(i) + ".sock";
       auto d = NodeDaemon::Create(o);
@@ -87,6 +91,9 @@ class NodeDaemonTest : public ::testing::Test {
 
   std::vector<std::string> coordinator_flags_;  // set before SetUp
   uint64_t retransmit_ms_ = 0;                  // set before StartNodes; 0: TestNodeOptions
+  // Where node i reaches the coordinator, where not coord_.address() (a
+  // relay); set before StartNodes.
+  std::map<int, std::string> coordinator_of_;
   TempDir dir_;
   CoordinatorProcess coord_;
   proto::FramedSocket tool_;
@@ -1497,6 +1504,67 @@ TEST_F(NodeDeathTest, ANodeDeclaredDeadDropsItsPagesAndJoinsAnew) {
   // And it works as a member again, both ways.
   nodes_[1]->WriteU64(r.base + 4096, 3);
   EXPECT_EQ(nodes_[0]->ReadU64(r.base + 4096), 3u);
+}
+
+// Node 1 is cut off from the coordinator (and only from it: its peers and
+// its processes still reach it) while a process of it maps a page it holds
+// Shared. The coordinator declares it dead, and node 0 writes the page
+// without asking it. Node 1 must not serve its stale copy meanwhile: its
+// lease ran out before the coordinator's deadline, so it took the page
+// from its process's page tables, and accesses wait until the coordinator
+// answers again (here: that node 1 is dead, so it starts afresh and
+// fetches the new value). Without the lease, the process and the daemon
+// both read 1 while cut off.
+TEST_F(NodeDeathTest, ACutOffNodeStopsServingItsCopiesBeforeItIsDeclaredDead) {
+  auto relay = TcpRelay::Start(coord_.address());
+  ASSERT_TRUE(relay.ok()) << relay.status().ToString();
+  coordinator_of_[1] = (*relay)->address();
+  proto::RegionReply r = Region("cutoff", 4 * 4096, 4096);
+  StartNodes(2, r);
+  nodes_[0]->WriteU64(r.base, 1);
+  int ready[2], go[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  ASSERT_EQ(::pipe(go), 0);
+  const pid_t pid = ForkRegionClient(1, "cutoff", [&](volatile uint64_t* p) {
+    if (p[0] != 1) return 11;  // now mapped in this process: node 1 holds it Shared
+    char c = 1;
+    if (::write(ready[1], &c, 1) != 1 || ::read(go[0], &c, 1) != 1) return 12;
+    const uint64_t seen = p[0];
+    return seen == 2 ? 0 : seen == 1 ? 21 : 22;
+  });
+  char c;
+  ASSERT_EQ(::read(ready[0], &c, 1), 1);
+
+  (*relay)->Cut();
+  proto::NodeId cut_off = proto::kNoNode;
+  nodes_[1]->Sync([&](NodeDaemon& d) { cut_off = d.id(); });
+  bool dead = false;
+  for (int i = 0; i < 500 && !dead; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    auto reply = tool_.Call(proto::NodeList{});
+    ASSERT_TRUE(reply.ok());
+    for (const proto::NodeEntry& e : std::get<proto::NodeListReply>(*reply).nodes) {
+      if (e.node == cut_off) dead = !e.live;
+    }
+  }
+  ASSERT_TRUE(dead) << "the coordinator never declared node 1 dead";
+  nodes_[0]->WriteU64(r.base, 2);  // node 1 is not asked: it is dead
+
+  ASSERT_EQ(::write(go[1], &c, 1), 1);  // the process reads again
+  auto daemon_read = std::async(std::launch::async, [&] { return nodes_[1]->ReadU64(r.base); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // time to read the stale copy
+  (*relay)->Heal();
+  EXPECT_EQ(daemon_read.get(), 2u) << "node 1 served its stale copy while cut off";
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0)
+      << "status " << status << " (exit 21: the process read the stale copy)";
+  node::NodeDaemonStats stats;
+  nodes_[1]->Sync([&](NodeDaemon& d) { stats = d.stats(); });
+  EXPECT_GE(stats.fences, 1u);
+  EXPECT_GE(stats.fenced_accesses, 1u);
+  EXPECT_EQ(stats.fresh_starts, 1u);
+  for (int fd : {ready[0], ready[1], go[0], go[1]}) ::close(fd);
 }
 
 }  // namespace

@@ -409,6 +409,17 @@ TEST_F(NodeAgentTest, EvictOfSharedCopyDiscardsOnOk) {
 // A give-up names the node the caller wants the last copy to go to (its
 // preferred-node advice), on the first send and on every resend; other
 // requests never name one.
+TEST_F(NodeAgentTest, AccessiblePagesAreTheValidOnes) {
+  EXPECT_TRUE(agent_.AccessiblePages().empty());
+  Hold(PageState::kShared, 1, 0);
+  Actions out;
+  ASSERT_EQ(agent_.Fault(kPage + 4096, false, 1, now_, &out), FaultResult::kWait);
+  EXPECT_EQ(agent_.AccessiblePages(), std::vector<PageAddr>{kPage})
+      << "a page asked for is not valid yet";
+  EXPECT_EQ(Evict(true), Strings({"Unmap", "Acquire kind=evict seq=3 last=1"}));
+  EXPECT_TRUE(agent_.AccessiblePages().empty()) << "a page being given up is not accessible";
+}
+
 TEST_F(NodeAgentTest, AnEvictCarriesItsTargetOnEverySend) {
   Hold(PageState::kModified, 1, 0);
   Actions out;
