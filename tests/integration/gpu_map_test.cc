@@ -406,6 +406,35 @@ TEST_F(GpuMapTest, AWriteMapIsSeenByItsOwnNodesProcesses) {
   });
 }
 
+// As above, for a map of more pages than a region's store would once set
+// aside (1024): every page leaves local page tables while the GPU may write
+// it, however many. Before f50d5ea the pages past the 1024th stayed mapped,
+// so the CPU kept reading its stale copy after the unmap (exit 4).
+TEST_F(GpuMapTest, AWriteMapOfManyPagesHidesEveryOne) {
+  constexpr uint64_t kPages = 1100;
+  budget_pages_ = 2048;
+  const proto::RegionReply r = Region("gmany", kPages);
+  StartNodes({"emulated"}, r);
+  EXPECT_EQ(RunClient(0, "gmany", [&](uint8_t* base) {
+              auto* cpu = reinterpret_cast<volatile uint64_t*>(base);
+              for (uint64_t p = 0; p < kPages; ++p) cpu[p * kPage / 8] = 7;  // mapped, writable
+              void* dev = nullptr;
+              if (dsvm_gpu_map(base, kPages * kPage, 0, DSVM_GPU_WRITE, &dev) != DSVM_OK) return 1;
+              auto* words = static_cast<uint64_t*>(dev);
+              for (uint64_t p = 0; p < kPages; ++p) words[p * kPage / 8] = Pattern(p, 0, 3);
+              if (dsvm_gpu_unmap(base, kPages * kPage) != DSVM_OK) return 3;
+              for (uint64_t p = 0; p < kPages; ++p) {
+                if (cpu[p * kPage / 8] != Pattern(p, 0, 3)) {
+                  std::fprintf(stderr, "page %lu: the CPU sees %#lx\n", p,
+                               static_cast<unsigned long>(cpu[p * kPage / 8]));
+                  return 4;
+                }
+              }
+              return 0;
+            }),
+            0);
+}
+
 // dsvm_gpu_prefetch places pages as a map would, without pinning them: the
 // map that follows copies nothing. A prefetch for writing takes the pages
 // Modified; a local write after it makes the map copy the new bytes.
