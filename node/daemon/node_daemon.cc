@@ -39,6 +39,10 @@ constexpr size_t kMaxHeartbeatsInFlight = 64;
 // different rates (docs/PROTOCOL.md, "Leases").
 uint64_t LeaseMs(uint32_t dead_after_ms) { return dead_after_ms - dead_after_ms / 4; }
 constexpr int kJoinTimeoutMs = 3000;
+// A rejoin waits at most this long per step (connect, handshake, join),
+// and less while the lease runs (ReconnectCoordinator): the loop serves
+// nothing meanwhile.
+constexpr uint64_t kRejoinStepMs = 1000;
 constexpr size_t kMaxClients = 1024;
 constexpr size_t kMaxForwarded = 4096;
 constexpr size_t kFaultBatch = 64;
@@ -123,13 +127,13 @@ uint64_t NodeDaemon::NowMs() const {
 
 Result<proto::JoinReply> NodeDaemon::Join(proto::FramedSocket& link, const NodeDaemonOptions& o,
                                           proto::NodeId as, const std::string& peer_address,
-                                          bool resume) {
+                                          bool resume, int timeout_ms) {
   proto::JoinRequest j;
   j.node = as;
   j.resume = resume ? 1 : 0;
   j.address = peer_address;
   j.host_memory_bytes = o.host_memory_bytes;
-  DSVM_ASSIGN_OR_RETURN(proto::Message reply, link.Call(j, kJoinTimeoutMs));
+  DSVM_ASSIGN_OR_RETURN(proto::Message reply, link.Call(j, timeout_ms));
   if (auto* s = std::get_if<proto::StatusReply>(&reply)) {
     Status st = proto::FromReply(*s);
     return st.ok() ? Internal("join answered OK without a JoinReply") : st;
@@ -218,7 +222,7 @@ Result<std::unique_ptr<NodeDaemon>> NodeDaemon::Create(const NodeDaemonOptions& 
     const uint64_t sent_ms = MonotonicUs() / 1000;  // NowMs's clock
     DSVM_ASSIGN_OR_RETURN(proto::JoinReply r,
                           Join(shards[i].link, options, i == 0 ? options.rejoin_as : jr.node,
-                               peer_address, /*resume=*/false));
+                               peer_address, /*resume=*/false, kJoinTimeoutMs));
     shards[i].lease_ms = LeaseMs(r.dead_after_ms);
     shards[i].lease_until_ms = sent_ms + shards[i].lease_ms;
     if (r.shard != i || r.shard_count != addresses.size()) {
@@ -515,18 +519,25 @@ void NodeDaemon::ReconnectCoordinator(size_t shard) {
   ShardLink& s = shards_[shard];
   s.last_reconnect_ms = NowMs();
   const uint64_t sent_ms = NowMs();
-  auto link = proto::ConnectToCoordinator(s.address, secret_.get());
+  // Each step blocks the loop: while the lease runs, at most an eighth of
+  // what is left of it, so that the fence is not held up past the lapse
+  // by an unreachable coordinator (a connect that times out).
+  const int step_ms = static_cast<int>(
+      s.fenced || sent_ms >= s.lease_until_ms
+          ? kRejoinStepMs
+          : std::clamp<uint64_t>((s.lease_until_ms - sent_ms) / 8, 10, kRejoinStepMs));
+  auto link = proto::ConnectToCoordinator(s.address, secret_.get(), step_ms);
   if (!link.ok()) {
     if (link.status().code() == StatusCode::kPermissionDenied) {
       LogWarning("rejoining the coordinator at " + s.address + ": " + link.status().ToString());
     }
     return;
   }
-  auto jr = Join(*link, options_, id_, peer_address(), /*resume=*/!s.fresh);
+  auto jr = Join(*link, options_, id_, peer_address(), /*resume=*/!s.fresh, step_ms);
   if (!jr.ok() && jr.status().code() == StatusCode::kFailedPrecondition && !s.fresh) {
     // Declared dead meanwhile: what this node holds is stale.
     DropEverything(jr.status().message());
-    jr = Join(*link, options_, id_, peer_address(), /*resume=*/false);
+    jr = Join(*link, options_, id_, peer_address(), /*resume=*/false, step_ms);
   }
   if (!jr.ok()) {
     LogWarning("rejoining the coordinator at " + s.address + ": " + jr.status().ToString());
@@ -539,7 +550,10 @@ void NodeDaemon::ReconnectCoordinator(size_t shard) {
   ev.data.fd = s.link.fd();
   ::epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, s.link.fd(), &ev);
   ++stats_.coordinator_reconnects;
+  // A coordinator that restarted may have a shorter deadline: the lease
+  // starts again from this join alone.
   s.lease_ms = LeaseMs(jr->dead_after_ms);
+  s.lease_until_ms = 0;
   RenewLease(shard, sent_ms);
   LogInfo("node " + std::to_string(id_) + " rejoined the coordinator at " + s.address);
   Actions acts;
@@ -737,9 +751,11 @@ bool NodeDaemon::LeaseLapsed(proto::PageAddr page) const {
 void NodeDaemon::RenewLease(size_t shard, uint64_t sent_ms) {
   ShardLink& s = shards_[shard];
   s.lease_until_ms = std::max(s.lease_until_ms, sent_ms + s.lease_ms);
-  if (!s.fenced || NowMs() >= s.lease_until_ms) return;
+  if (NowMs() >= s.lease_until_ms) return;
+  // Accesses parked between the lapse and the fence wait too, fenced or not.
+  if (!parked_.empty()) run_parked_ = true;
+  if (!s.fenced) return;
   s.fenced = false;
-  run_parked_ = true;
   LogInfo("node " + std::to_string(id_) + ": the coordinator at " + s.address +
           " answers again: local processes use its pages again");
 }
@@ -761,8 +777,8 @@ void NodeDaemon::Fence(size_t shard) {
   size_t taken = 0;
   if (backend_) {  // without one, every access comes through AccessPage
     for (proto::PageAddr p : agent_.AccessiblePages()) {
-      if (shard_map_.ShardOf(p) != shard || fenced_pages_.count(p) != 0) continue;
-      Status st = backend_->Unmap(p);
+      if (shard_map_.ShardOf(p) != shard) continue;
+      Status st = backend_->Unmap(p);  // idempotent: a page unmapped already stays so
       if (!st.ok()) {
         LogError("fence: taking page " + Hex(p) + " from local processes: " + st.ToString());
         continue;
@@ -778,7 +794,7 @@ void NodeDaemon::Fence(size_t shard) {
 }
 
 void NodeDaemon::Park(std::function<void()> access) {
-  ++stats_.fenced_accesses;
+  if (!running_parked_) ++stats_.fenced_accesses;  // counted once, not at each rerun
   parked_.push_back(std::move(access));
 }
 
@@ -786,7 +802,9 @@ void NodeDaemon::RunParked() {
   run_parked_ = false;
   std::vector<std::function<void()>> parked = std::move(parked_);
   parked_.clear();
+  running_parked_ = true;
   for (auto& access : parked) access();  // one whose lease lapsed again parks again
+  running_parked_ = false;
 }
 
 bool NodeDaemon::MustDefer(const proto::Message& m) const {
@@ -1019,7 +1037,11 @@ void NodeDaemon::CallAccessFn(proto::PageAddr page, bool write, bool prefetch,
     fn(Status::Ok(), {});
     return;
   }
-  Status st = backend_ ? backend_->WriteBack(page) : Status::Ok();
+  Status st = Status::Ok();
+  if (gpu_hidden_.count(page) != 0 || fenced_pages_.count(page) != 0) {
+    st = RevealToCpu(page);  // their bytes are retained: map them as the agent holds them
+  }
+  if (st.ok() && backend_) st = backend_->WriteBack(page);
   if (st.ok() && tier_) {
     // The host bytes must be current, and a write makes GPU copies stale.
     st = write ? tier_->EvictCopies(std::span<const proto::PageAddr>(&page, 1))
@@ -1229,6 +1251,9 @@ void NodeDaemon::FlushRuns() {
   if (map_run_.pages > 0) {
     MapRun m = map_run_;
     map_run_ = {};
+    for (size_t i = 0; i < m.pages && !fenced_pages_.empty(); ++i) {
+      fenced_pages_.erase(m.first + i * m.store->page_size());
+    }
     Status st = backend_->MapRange(m.first, m.pages, m.store->page_size(), m.write);
     if (!st.ok()) {
       // Page by page, so that what fails is named and the rest is mapped.
@@ -1381,6 +1406,7 @@ void NodeDaemon::ExecuteOne(Action& a) {
         fenced_pages_.insert(a.page);
         return;
       }
+      fenced_pages_.erase(a.page);
       check(store->Restore(a.page), "restore");
       if (backend_) {
         check(a.kind == ActionKind::kMapRead ? backend_->MapRead(a.page) : backend_->MapWrite(a.page),
@@ -1446,6 +1472,12 @@ void NodeDaemon::ExecuteOne(Action& a) {
       if (a.status != StatusCode::kOk) {
         ++stats_.accesses_failed;
         w.fn(Status(a.status, "page " + std::to_string(w.page) + " is lost"), {});
+      } else if (LeaseLapsed(w.page)) {
+        // Granted, but the lease lapsed before the grant was carried out:
+        // the access starts again once it is back (Leases).
+        Park([this, w = std::move(w)]() mutable {
+          AccessPage(w.page, w.write, std::move(w.fn), w.prefetch);
+        });
       } else {
         CallAccessFn(w.page, w.write, w.prefetch, w.fn);
       }
@@ -2020,18 +2052,24 @@ void NodeDaemon::FinishZeroCopyMap(int fd, uint64_t request, const proto::GpuMap
 void NodeDaemon::HideFromCpu(std::span<const proto::PageAddr> pages, bool writes_only) {
   if (!backend_) return;  // no local mappings: the daemon's own accesses write back
   for (proto::PageAddr p : pages) {
-    Status st = writes_only && !LeaseLapsed(p) ? backend_->MapRead(p) : backend_->Unmap(p);
+    const bool read_only = writes_only && !LeaseLapsed(p);
+    Status st = read_only ? backend_->MapRead(p) : backend_->Unmap(p);
     if (!st.ok()) {
       LogError("GPU tier: hiding page " + Hex(p) + " from local processes: " + st.ToString());
       continue;
     }
+    if (read_only) fenced_pages_.erase(p);  // mapped again (read-only)
     gpu_hidden_.insert(p);
   }
 }
 
 Status NodeDaemon::RevealToCpu(proto::PageAddr page) {
-  fenced_pages_.erase(page);
   if (gpu_hidden_.erase(page) != 0 && tier_) DSVM_RETURN_IF_ERROR(tier_->WriteBack(std::span<const proto::PageAddr>(&page, 1)));
+  if (LeaseLapsed(page)) {  // mapped at its next fault once the lease is back
+    fenced_pages_.insert(page);
+    return backend_->Unmap(page);
+  }
+  fenced_pages_.erase(page);
   switch (agent_.StateOf(page)) {
     case PageState::kModified: return backend_->MapWrite(page);
     case PageState::kShared: return backend_->MapRead(page);

@@ -285,7 +285,7 @@ class NodeDaemon {
              std::shared_ptr<const proto::ClusterSecret> secret);
   static Result<proto::JoinReply> Join(proto::FramedSocket& link, const NodeDaemonOptions& o,
                                        proto::NodeId as, const std::string& peer_address,
-                                       bool resume);
+                                       bool resume, int timeout_ms);
   Status Setup();
   void DrainPosted();
   void OnCoordinatorReadable(size_t shard);
@@ -580,6 +580,7 @@ class NodeDaemon {
   // their page's lease was lapsed, run again by RunParked.
   std::vector<std::function<void()>> parked_;
   bool run_parked_ = false;  // a lease came back: RunParked at the next turn
+  bool running_parked_ = false;  // RunParked is running them
   // Directory messages held for gpu-mapped pages, per page in arrival order
   // (duplicates of one txn kept once; bounded by kMaxDeferredPerPage).
   std::unordered_map<proto::PageAddr, std::vector<proto::Message>> deferred_;

@@ -1506,40 +1506,85 @@ TEST_F(NodeDeathTest, ANodeDeclaredDeadDropsItsPagesAndJoinsAnew) {
   EXPECT_EQ(nodes_[0]->ReadU64(r.base + 4096), 3u);
 }
 
-// Node 1 is cut off from the coordinator (and only from it: its peers and
-// its processes still reach it) while a process of it maps a page it holds
-// Shared. The coordinator declares it dead, and node 0 writes the page
-// without asking it. Node 1 must not serve its stale copy meanwhile: its
-// lease ran out before the coordinator's deadline, so it took the page
-// from its process's page tables, and accesses wait until the coordinator
-// answers again (here: that node 1 is dead, so it starts afresh and
-// fetches the new value). Without the lease, the process and the daemon
-// both read 1 while cut off.
-TEST_F(NodeDeathTest, ACutOffNodeStopsServingItsCopiesBeforeItIsDeclaredDead) {
-  auto relay = TcpRelay::Start(coord_.address());
-  ASSERT_TRUE(relay.ok()) << relay.status().ToString();
-  coordinator_of_[1] = (*relay)->address();
-  proto::RegionReply r = Region("cutoff", 4 * 4096, 4096);
-  StartNodes(2, r);
-  nodes_[0]->WriteU64(r.base, 1);
-  int ready[2], go[2];
-  ASSERT_EQ(::pipe(ready), 0);
-  ASSERT_EQ(::pipe(go), 0);
-  const pid_t pid = ForkRegionClient(1, "cutoff", [&](volatile uint64_t* p) {
-    if (p[0] != 1) return 11;  // now mapped in this process: node 1 holds it Shared
-    char c = 1;
-    if (::write(ready[1], &c, 1) != 1 || ::read(go[0], &c, 1) != 1) return 12;
-    const uint64_t seen = p[0];
-    return seen == 2 ? 0 : seen == 1 ? 21 : 22;
-  });
-  char c;
-  ASSERT_EQ(::read(ready[0], &c, 1), 1);
+// --- Leases: a node cut off from the coordinator ------------------------------
 
-  (*relay)->Cut();
+// Node 1 reaches the coordinator through a relay the test cuts and heals
+// (its peers and its processes still reach it). The deadline is long
+// enough that a loaded machine's scheduling stays well inside the lease's
+// margin (1800 ms lease, 600 ms margin).
+class NodeLeaseTest : public NodeDaemonTest {
+ protected:
+  void SetUp() override {
+    coordinator_flags_ = {"--heartbeat-ms", "100", "--dead-after-ms", "2400"};
+    NodeDaemonTest::SetUp();
+    auto relay = TcpRelay::Start(coord_.address());
+    ASSERT_TRUE(relay.ok()) << relay.status().ToString();
+    relay_ = std::move(*relay);
+    coordinator_of_[1] = relay_->address();
+  }
+  void TearDown() override {
+    for (int fd : {ready_[0], ready_[1], go_[0], go_[1]}) {
+      if (fd >= 0) ::close(fd);
+    }
+    NodeDaemonTest::TearDown();
+  }
+
+  // Two nodes on region `name` (4 pages); node 0 writes 1 to the first
+  // word, and a process of node 1 reads it (node 1 now holds the page
+  // Shared, mapped in that process), then waits for Go() and exits 0 if it
+  // reads `expect` there, 21 if 1 when that is not expected, else 22.
+  proto::RegionReply StartWithAReader(const std::string& name, uint64_t expect) {
+    proto::RegionReply r = Region(name, 4 * 4096, 4096);
+    StartNodes(2, r);
+    nodes_[0]->WriteU64(r.base, 1);
+    EXPECT_EQ(::pipe(ready_), 0);
+    EXPECT_EQ(::pipe(go_), 0);
+    reader_ = ForkRegionClient(1, name, [&](volatile uint64_t* p) {
+      if (p[0] != 1) return 11;
+      char c = 1;
+      if (::write(ready_[1], &c, 1) != 1 || ::read(go_[0], &c, 1) != 1) return 12;
+      const uint64_t seen = p[0];
+      return seen == expect ? 0 : seen == 1 ? 21 : 22;
+    });
+    char c;
+    EXPECT_EQ(::read(ready_[0], &c, 1), 1);
+    return r;
+  }
+  void Go() {
+    char c = 1;
+    ASSERT_EQ(::write(go_[1], &c, 1), 1);
+  }
+  int ReaderExit() {
+    int status = 0;
+    EXPECT_EQ(::waitpid(reader_, &status, 0), reader_);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 100 + status;
+  }
+  node::NodeDaemonStats Stats(int node) {
+    node::NodeDaemonStats stats;
+    nodes_[node]->Sync([&](NodeDaemon& d) { stats = d.stats(); });
+    return stats;
+  }
+
+  std::unique_ptr<TcpRelay> relay_;
+  int ready_[2] = {-1, -1};
+  int go_[2] = {-1, -1};
+  pid_t reader_ = -1;
+};
+
+// Node 1 is cut off while its process maps a page it holds Shared. The
+// coordinator declares it dead, and node 0 writes the page without asking
+// it. Node 1 must not serve its stale copy meanwhile: its lease ran out
+// before the coordinator's deadline, so it took the page from its
+// process's page tables, and accesses wait until the coordinator answers
+// again (here: that node 1 is dead, so it starts afresh and fetches the new
+// value). Without the lease, the process and the daemon both read 1.
+TEST_F(NodeLeaseTest, ACutOffNodeStopsServingItsCopiesBeforeItIsDeclaredDead) {
+  const proto::RegionReply r = StartWithAReader("cutoff", 2);
+  relay_->Cut();
   proto::NodeId cut_off = proto::kNoNode;
   nodes_[1]->Sync([&](NodeDaemon& d) { cut_off = d.id(); });
   bool dead = false;
-  for (int i = 0; i < 500 && !dead; ++i) {
+  for (int i = 0; i < 1000 && !dead; ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
     auto reply = tool_.Call(proto::NodeList{});
     ASSERT_TRUE(reply.ok());
@@ -1550,21 +1595,54 @@ TEST_F(NodeDeathTest, ACutOffNodeStopsServingItsCopiesBeforeItIsDeclaredDead) {
   ASSERT_TRUE(dead) << "the coordinator never declared node 1 dead";
   nodes_[0]->WriteU64(r.base, 2);  // node 1 is not asked: it is dead
 
-  ASSERT_EQ(::write(go[1], &c, 1), 1);  // the process reads again
+  Go();  // the process reads again
   auto daemon_read = std::async(std::launch::async, [&] { return nodes_[1]->ReadU64(r.base); });
   std::this_thread::sleep_for(std::chrono::milliseconds(300));  // time to read the stale copy
-  (*relay)->Heal();
+  relay_->Heal();
   EXPECT_EQ(daemon_read.get(), 2u) << "node 1 served its stale copy while cut off";
-  int status = 0;
-  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
-  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0)
-      << "status " << status << " (exit 21: the process read the stale copy)";
-  node::NodeDaemonStats stats;
-  nodes_[1]->Sync([&](NodeDaemon& d) { stats = d.stats(); });
+  EXPECT_EQ(ReaderExit(), 0) << "21: the process read the stale copy";
+  const node::NodeDaemonStats stats = Stats(1);
   EXPECT_GE(stats.fences, 1u);
   EXPECT_GE(stats.fenced_accesses, 1u);
   EXPECT_EQ(stats.fresh_starts, 1u);
-  for (int fd : {ready[0], ready[1], go[0], go[1]}) ::close(fd);
+}
+
+// A cut shorter than the coordinator's deadline: node 1's lease lapses, it
+// fences, and its accesses wait; when the coordinator answers again they go
+// on with the node's own copy (no fetch: it was never declared dead). The
+// daemon's own access reaches a page whose bytes the fence moved aside.
+TEST_F(NodeLeaseTest, AccessesHeldByAFenceGoOnWhenTheLeaseIsBack) {
+  const proto::RegionReply r = StartWithAReader("brief", 1);
+  relay_->Cut();
+  uint64_t fences = 0;
+  for (int i = 0; i < 500 && fences == 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    fences = Stats(1).fences;
+  }
+  ASSERT_EQ(fences, 1u) << "node 1's lease never lapsed";
+  // The daemon's access first, so that it runs first when the lease is
+  // back, on bytes the fence moved aside.
+  auto daemon_read = std::async(std::launch::async, [&] { return nodes_[1]->ReadU64(r.base); });
+  auto wait_held = [&](uint64_t n) {
+    uint64_t held = 0;
+    for (int i = 0; i < 500 && held < n; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      held = Stats(1).fenced_accesses;
+    }
+    return held;
+  };
+  EXPECT_EQ(wait_held(1), 1u) << "the daemon's access waits";
+  Go();
+  EXPECT_EQ(wait_held(2), 2u) << "the process's fault waits";
+  relay_->Heal();
+  EXPECT_EQ(daemon_read.get(), 1u);
+  EXPECT_EQ(ReaderExit(), 0);
+  const node::NodeDaemonStats stats = Stats(1);
+  EXPECT_EQ(stats.fresh_starts, 0u) << "node 1 was declared dead: the cut outlasted the deadline";
+  EXPECT_EQ(stats.pages_received, 1u) << "the node's copy was used again, not fetched anew";
+  // And it is a member as before, both ways.
+  nodes_[1]->WriteU64(r.base + 4096, 3);
+  EXPECT_EQ(nodes_[0]->ReadU64(r.base + 4096), 3u);
 }
 
 }  // namespace
