@@ -225,9 +225,9 @@ std::span<uint8_t> PageStore::MappedPage(PageAddr page) {
   return {MapOf(page), page_size_};
 }
 
-Status PageStore::Punch(PageAddr page) {
+Status PageStore::PunchBytes(PageAddr first, uint64_t bytes) {
   if (fallocate(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                static_cast<off_t>(OffsetOf(page)), page_size_) != 0) {
+                static_cast<off_t>(OffsetOf(first)), static_cast<off_t>(bytes)) != 0) {
     return IoError(Errno("fallocate(PUNCH_HOLE) of the region memfd"));
   }
   return Status::Ok();
@@ -328,6 +328,48 @@ Status PageStore::Retain(PageAddr page) {
   if (IsRetained(page)) return Status::Ok();
   DSVM_ASSIGN_OR_RETURN(Bytes b, TakeBytes(page));
   retained_.emplace(page, std::move(b));
+  return Status::Ok();
+}
+
+Status PageStore::RetainRange(PageAddr first, size_t count) {
+  if (count == 0) return Status::Ok();
+  DSVM_RETURN_IF_ERROR(CheckPage(first));
+  DSVM_RETURN_IF_ERROR(CheckPage(first + (count - 1) * page_size_));
+  for (size_t i = 0; i < count;) {
+    if (IsRetained(first + i * page_size_)) {
+      ++i;
+      continue;
+    }
+    // A run of pages not retained: read into buffers of their own, then
+    // punched at once.
+    std::vector<Bytes> bytes;
+    std::vector<iovec> iov;
+    size_t j = i;
+    for (; j < count && j - i < IOV_MAX && !IsRetained(first + j * page_size_); ++j) {
+      bytes.emplace_back(new uint8_t[page_size_]);
+      iov.push_back({bytes.back().get(), page_size_});
+    }
+    const PageAddr run = first + i * page_size_;
+    off_t offset = static_cast<off_t>(OffsetOf(run));
+    for (size_t at = 0; at < iov.size();) {
+      // preadv, not the mapping: a hole reads as zeros and stays a hole.
+      ssize_t n = preadv(fd_.get(), iov.data() + at, static_cast<int>(iov.size() - at), offset);
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) return IoError(Errno("preadv of the region memfd"));
+      if (n == 0) return IoError("preadv of the region memfd: unexpected end of file");
+      offset += n;
+      for (size_t left = static_cast<size_t>(n); left > 0;) {
+        const size_t take = std::min(left, iov[at].iov_len);
+        iov[at].iov_base = static_cast<uint8_t*>(iov[at].iov_base) + take;
+        iov[at].iov_len -= take;
+        left -= take;
+        if (iov[at].iov_len == 0) ++at;
+      }
+    }
+    DSVM_RETURN_IF_ERROR(PunchBytes(run, (j - i) * page_size_));
+    for (size_t k = i; k < j; ++k) retained_.emplace(first + k * page_size_, std::move(bytes[k - i]));
+    i = j;
+  }
   return Status::Ok();
 }
 

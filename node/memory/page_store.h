@@ -154,6 +154,12 @@ class PageStore {
   // reaches it while they are kept. Idempotent. Errors: kInvalidArgument,
   // kIoError.
   Status Retain(PageAddr page);
+  // Retain for `count` neighbouring pages from `first`, with one read and
+  // one punch per run of pages not retained yet, not one of each per page
+  // (a node's fence retains every page its processes reach: Leases). On
+  // an error the runs before the failing one stay retained. Errors: as
+  // Retain.
+  Status RetainRange(PageAddr first, size_t count);
   // Writes retained bytes back into the memfd (as WritePage) and frees them;
   // nothing to do when the page is not retained. Errors: kInvalidArgument,
   // kIoError.
@@ -174,7 +180,8 @@ class PageStore {
   // Writes page_size bytes of `data` (zeros for nullptr) into the memfd.
   Status Fill(PageAddr page, const uint8_t* data);
   Status CheckSpan(PageAddr page, size_t bytes) const;
-  Status Punch(PageAddr page);
+  Status Punch(PageAddr page) { return PunchBytes(page, page_size_); }
+  Status PunchBytes(PageAddr first, uint64_t bytes);
   // The page's bytes copied into a new buffer (retained bytes are moved).
   Result<Bytes> TakeBytes(PageAddr page);
   Status CheckStashRoom() const;

@@ -246,6 +246,33 @@ TEST(PageStoreTest, StashesAreBoundedAndRetainedPagesAreNot) {
   }
 }
 
+// RetainRange moves runs of pages aside as Retain moves one: their bytes
+// kept, the memfd's pages punched; pages retained already are left alone.
+TEST(PageStoreTest, RetainRangeRetainsEveryPageOfTheRange) {
+  auto s = MakeStore();
+  for (uint64_t i = 0; i < kPages; ++i) ASSERT_TRUE(s->WritePage(kBase + i * kPage, Pattern(i)).ok());
+  ASSERT_TRUE(s->Retain(kBase + 3 * kPage).ok());
+  ASSERT_TRUE(s->WritePage(kBase + 3 * kPage, Pattern(30)).ok());  // present again, new bytes
+  ASSERT_TRUE(s->Retain(kBase + 3 * kPage).ok());
+  ASSERT_TRUE(s->Discard(kBase + 5 * kPage).ok());                   // a hole
+  ASSERT_TRUE(s->RetainRange(kBase + kPage, kPages - 2).ok());
+  EXPECT_FALSE(s->IsRetained(kBase));
+  EXPECT_FALSE(s->IsRetained(kBase + (kPages - 1) * kPage));
+  EXPECT_EQ(s->retained_count(), kPages - 2);
+  for (uint64_t i = 1; i < kPages - 1; ++i) {
+    const PageAddr p = kBase + i * kPage;
+    EXPECT_TRUE(s->IsRetained(p)) << i;
+    EXPECT_FALSE(Present(*s, p)) << i;
+    const std::vector<uint8_t> expect = i == 3 ? Pattern(30) : i == 5 ? std::vector<uint8_t>(kPage) : Pattern(i);
+    EXPECT_EQ(Read(*s, p), expect) << i;
+    ASSERT_TRUE(s->Restore(p).ok());
+    EXPECT_EQ(Read(*s, p), expect) << i;
+  }
+  EXPECT_TRUE(Present(*s, kBase)) << "outside the range";
+  EXPECT_EQ(s->RetainRange(kBase + kPage, kPages).code(), StatusCode::kInvalidArgument);
+  EXPECT_TRUE(s->RetainRange(kBase, 0).ok());
+}
+
 TEST(PageStoreTest, AddressesAreValidated) {
   auto s = MakeStore();
   std::vector<uint8_t> buf(kPage);
