@@ -206,6 +206,13 @@ class FaultBackend {
   // stay available through the store. Errors: kInvalidArgument, kNotFound,
   // kResourceExhausted, kIoError.
   virtual Status Unmap(PageAddr page) = 0;
+  // Unmap of `count` neighbouring pages of one region from `first`; a
+  // backend that can revoke a run at once overrides it. Stops at the first
+  // page that fails. Errors: as Unmap.
+  virtual Status UnmapRange(PageAddr first, size_t count, uint64_t page_size) {
+    for (size_t i = 0; i < count; ++i) DSVM_RETURN_IF_ERROR(Unmap(first + i * page_size));
+    return Status::Ok();
+  }
   // Makes the store hold the bytes local processes see of `page` (a backend
   // that keeps its own copy of mapped pages copies it back). Errors:
   // kInvalidArgument, kNotFound, kIoError.

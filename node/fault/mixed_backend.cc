@@ -118,6 +118,11 @@ Status MixedBackend::MapRange(PageAddr first, size_t count, uint64_t page_size, 
   return b->MapRange(first, count, page_size, write);
 }
 Status MixedBackend::Unmap(PageAddr page) { return ByPage(page, &FaultBackend::Unmap); }
+Status MixedBackend::UnmapRange(PageAddr first, size_t count, uint64_t page_size) {
+  FaultBackend* b = ForPage(first);
+  if (b == nullptr) return NotFound("no region registered holds " + Hex(first));
+  return b->UnmapRange(first, count, page_size);
+}
 Status MixedBackend::WriteBack(PageAddr page) { return ByPage(page, &FaultBackend::WriteBack); }
 Status MixedBackend::Refresh(PageAddr page) { return ByPage(page, &FaultBackend::Refresh); }
 Status MixedBackend::Invalidate(PageAddr page) { return ByPage(page, &FaultBackend::Invalidate); }

@@ -51,6 +51,7 @@ class MixedBackend final : public FaultBackend {
   Status MapWrite(PageAddr page) override;
   Status MapRange(PageAddr first, size_t count, uint64_t page_size, bool write) override;
   Status Unmap(PageAddr page) override;
+  Status UnmapRange(PageAddr first, size_t count, uint64_t page_size) override;
   Status WriteBack(PageAddr page) override;
   Status Refresh(PageAddr page) override;
   Status Invalidate(PageAddr page) override;

@@ -558,6 +558,36 @@ Status UffdBackend::Unmap(PageAddr page) {
   return Status::Ok();
 }
 
+Status UffdBackend::UnmapRange(PageAddr first, size_t count, uint64_t page_size) {
+  Region* r = FindRegion(first);
+  if (r == nullptr) return NotFound("page " + Hex(first) + " is in no registered region");
+  if (count == 0) return Status::Ok();
+  if (page_size != r->store->page_size()) {
+    return InvalidArgument("pages of " + std::to_string(page_size) + " bytes in a region of " +
+                           std::to_string(r->store->page_size()));
+  }
+  DSVM_RETURN_IF_ERROR(r->store->CheckPage(first));
+  DSVM_RETURN_IF_ERROR(r->store->CheckPage(first + (count - 1) * page_size));
+  const uint64_t index = r->store->IndexOf(first);
+  // As Unmap: writes stopped before the bytes are copied aside.
+  for (size_t i = 0, j = 0; i < count; i = j) {
+    for (j = i + 1; j < count && (r->access[index + j] == kWrite) == (r->access[index + i] == kWrite);
+         ++j) {
+    }
+    if (r->access[index + i] != kWrite) continue;
+    for (MappingId id : r->mappings) {
+      Mapping& m = mappings_.at(id);
+      if (!m.closed) {
+        DSVM_RETURN_IF_ERROR(WriteProtect(m, first + i * page_size, (j - i) * page_size, true));
+      }
+    }
+  }
+  DSVM_RETURN_IF_ERROR(r->store->RetainRange(first, count));
+  std::fill(r->access.begin() + static_cast<ptrdiff_t>(index),
+            r->access.begin() + static_cast<ptrdiff_t>(index + count), static_cast<uint8_t>(kNone));
+  return Status::Ok();
+}
+
 Status UffdBackend::Invalidate(PageAddr page) {
   Region* r = FindRegion(page);
   if (r == nullptr) return NotFound("page " + Hex(page) + " is in no registered region");

@@ -131,6 +131,9 @@ class UffdBackend final : public FaultBackend {
   // share their current access.
   Status MapRange(PageAddr first, size_t count, uint64_t page_size, bool write) override;
   Status Unmap(PageAddr page) override;
+  // Write-protects the run's writable pages in every mapping, a range at a
+  // time, then retains the run with PageStore::RetainRange.
+  Status UnmapRange(PageAddr first, size_t count, uint64_t page_size) override;
   Status Invalidate(PageAddr page) override;
   Status InvalidateAll(PageAddr base) override;
   // Nothing to copy: clients map the store's memfd. Validates `page`.

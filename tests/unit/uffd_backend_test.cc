@@ -514,6 +514,38 @@ TEST_P(UffdBackendTest, UnmapKeepsTheBytesUntilMappedAgain) {
   EXPECT_FALSE(store_->IsRetained(Page(6)));
 }
 
+// UnmapRange takes a run of pages, writable and read-only mixed, from the
+// client as Unmap takes one: each access faults, the bytes (a write
+// included) kept until mapped again.
+TEST_P(UffdBackendTest, UnmapRangeTakesEveryPageOfTheRun) {
+  Client& c = StartClient();
+  for (uint64_t i = 4; i < 10; ++i) Install(Page(i), 40 + i, i % 2 == 0);
+  Send(c, kStore, 6 * g_page, 66);
+  ASSERT_TRUE(Await(c).ok());
+  for (uint64_t i = 4; i < 10; ++i) {  // every page mapped in the client
+    Send(c, kLoad, i * g_page);
+    ASSERT_TRUE(Await(c).ok());
+  }
+  const uint64_t faults = FaultCount();
+  Status st = backend_->UnmapRange(Page(4), 6, g_page);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  for (uint64_t i = 4; i < 10; ++i) {
+    EXPECT_TRUE(store_->IsRetained(Page(i))) << i;
+    Send(c, kLoad, i * g_page);
+    auto v = Await(c, [&](const FaultEvent& e) {
+      EXPECT_EQ(e.page, Page(i));
+      ASSERT_TRUE(backend_->MapRead(e.page).ok());
+      ASSERT_TRUE(backend_->Resolve(e.token, Resolution::kRetry).ok());
+    });
+    ASSERT_TRUE(v.ok()) << v.status().ToString();
+    EXPECT_EQ(*v, i == 6 ? 66u : 40 + i) << i;
+  }
+  EXPECT_EQ(FaultCount() - faults, 6u);
+  EXPECT_EQ(backend_->UnmapRange(Page(4), 2, g_page * 2).code(),
+            mixed_ != nullptr || uffd_ == backend_.get() ? StatusCode::kInvalidArgument
+                                                         : StatusCode::kOk);
+}
+
 TEST_P(UffdBackendTest, AKilledClientBlockedInAFaultDoesNotWedgeTheDaemon) {
   Client& a = StartClient();
   Client& b = StartClient();
