@@ -776,15 +776,36 @@ void NodeDaemon::Fence(size_t shard) {
   ++stats_.fences;
   size_t taken = 0;
   if (backend_) {  // without one, every access comes through AccessPage
+    std::vector<proto::PageAddr> pages;
     for (proto::PageAddr p : agent_.AccessiblePages()) {
-      if (shard_map_.ShardOf(p) != shard) continue;
-      Status st = backend_->Unmap(p);  // idempotent: a page unmapped already stays so
-      if (!st.ok()) {
-        LogError("fence: taking page " + Hex(p) + " from local processes: " + st.ToString());
+      if (shard_map_.ShardOf(p) == shard) pages.push_back(p);
+    }
+    std::sort(pages.begin(), pages.end());
+    // Runs of neighbouring pages of one region go at once (UnmapRange): a
+    // fence must be over within the lease's margin. Unmap is idempotent: a
+    // page unmapped already stays so.
+    for (size_t i = 0, j = 0; i < pages.size(); i = j) {
+      PageStore* store = StoreOf(pages[i]);
+      const uint64_t ps = store == nullptr ? 0 : store->page_size();
+      for (j = i + 1; j < pages.size() && store != nullptr && pages[j] == pages[j - 1] + ps &&
+                      StoreOf(pages[j]) == store;
+           ++j) {
+      }
+      if (store == nullptr || !backend_->UnmapRange(pages[i], j - i, ps).ok()) {
+        for (size_t k = i; k < j; ++k) {  // one by one, to name what fails
+          Status st = backend_->Unmap(pages[k]);
+          if (!st.ok()) {
+            LogError("fence: taking page " + Hex(pages[k]) + " from local processes: " + st.ToString());
+            continue;
+          }
+          fenced_pages_.insert(pages[k]);
+          ++taken;
+        }
         continue;
       }
-      fenced_pages_.insert(p);
-      ++taken;
+      fenced_pages_.insert(pages.begin() + static_cast<ptrdiff_t>(i),
+                           pages.begin() + static_cast<ptrdiff_t>(j));
+      taken += j - i;
     }
   }
   LogWarning("node " + std::to_string(id_) + ": no answer from the coordinator at " + s.address + " for " +
