@@ -64,6 +64,11 @@
 // --skip-oversub: the migration part alone. The oversubscribed part is
 // skipped, with a note, where userfaultfd cannot be used.
 //
+// `fence` (leases, proto/PROTOCOL.md): what a node's fence costs, the
+// bytes of a region's pages moved out of its memfd (--size, default 1G;
+// --page-size) against moving them page by page and against a plain copy
+// into fresh memory, same run (bench/fence.h). --quick: 64M.
+//
 // Exit status: 0 when every check passed (or the run was skipped), 1 when
 // one failed, 2 on bad usage.
 #include <cerrno>
@@ -75,6 +80,7 @@
 
 #include "bench/directory_inprocess.h"
 #include "bench/directory_loopback.h"
+#include "bench/fence.h"
 #include "bench/fault_latency.h"
 #include "bench/gpu.h"
 #include "bench/kmod_fault.h"
@@ -98,7 +104,9 @@ int Usage() {
                "       dsvm-bench gpu [--quick] [--backend auto|cuda|emulated] [--size BYTES]\n"
                "                      [--page-size 4096|65536|2097152] [--gpu-budget BYTES]\n"
                "                      [--chunk BYTES] [--skip-oversub] [--copy-threads N]\n"
-               "                      [--node-bin PATH] [--coordinator-bin PATH]\n");
+               "                      [--node-bin PATH] [--coordinator-bin PATH]\n"
+               "       dsvm-bench fence [--quick] [--size BYTES]\n"
+               "                        [--page-size 4096|65536|2097152]\n");
   return 2;
 }
 
@@ -353,6 +361,38 @@ int RunGpuBench(int argc, char** argv) {
   return 0;
 }
 
+int RunFenceBench(int argc, char** argv) {
+  dsvm::bench::FenceOptions o;
+  uint64_t size = 0, page_size = 0;
+  for (int i = 2; i < argc; ++i) {
+    const std::string a = argv[i];
+    const char* next = i + 1 < argc ? argv[i + 1] : nullptr;
+    if (a == "--quick") {
+      o.bytes = uint64_t{64} << 20;
+    } else if ((a == "--size" || a == "--page-size") && next != nullptr) {
+      if (!ParseBytes(next, a == "--size" ? &size : &page_size)) return Usage();
+      ++i;
+    } else {
+      return Usage();
+    }
+  }
+  if (size != 0) o.bytes = size;
+  if (page_size != 0) {
+    if (page_size > 2097152) return Usage();
+    o.page_size = static_cast<uint32_t>(page_size);
+  }
+  const dsvm::Status s = dsvm::bench::RunFence(o);
+  if (s.code() == dsvm::StatusCode::kInvalidArgument) {
+    std::fprintf(stderr, "dsvm-bench fence: %s\n", s.message().c_str());
+    return Usage();
+  }
+  if (!s.ok()) {
+    std::fprintf(stderr, "dsvm-bench fence: FAILED: %s\n", s.ToString().c_str());
+    return 1;
+  }
+  return 0;
+}
+
 int main(int argc, char** argv) {
   if (argc < 2) return Usage();
   const std::string command = argv[1];
@@ -360,5 +400,6 @@ int main(int argc, char** argv) {
   if (command == "fault-latency") return RunFaultLatency(argc, argv);
   if (command == "scan") return RunScan(argc, argv);
   if (command == "gpu") return RunGpuBench(argc, argv);
+  if (command == "fence") return RunFenceBench(argc, argv);
   return Usage();
 }

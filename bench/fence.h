@@ -1,0 +1,38 @@
+// `dsvm-bench fence`: what a node's fence costs (proto/PROTOCOL.md,
+// "Leases"). A node whose lease lapsed moves the bytes of every page its
+// processes can reach out of the region's memfd (PageStore::RetainRange,
+// which the uffd backend's UnmapRange calls), and must be done within the
+// lease's margin, a quarter of the coordinator's deadline. Measured on one
+// PageStore of `bytes` filled with a pattern, against the same run's
+// baselines: Retain page by page (what a fence did before RetainRange),
+// and a copy of the same bytes into fresh memory (what any move out of the
+// memfd must at least do). Every byte is checked after Restore.
+//
+// Metrics (GB is 10^9 bytes): fence.retain_range.<tag>.gbps,
+// fence.retain_each.<tag>.gbps, fence.copy_floor.<tag>.gbps,
+// fence.retain_range.<tag>.vs_retain_each and .vs_copy_floor (ratios of
+// the rates), and fence.retain_range.<tag>.ms_per_gib; <tag> is page4k,
+// page64k or page2m.
+#ifndef DSVM_BENCH_FENCE_H_
+#define DSVM_BENCH_FENCE_H_
+
+#include <cstdint>
+
+#include "proto/status.h"
+
+namespace dsvm::bench {
+
+struct FenceOptions {
+  uint64_t bytes = uint64_t{1} << 30;
+  uint32_t page_size = 4096;
+  int rounds = 3;  // the best of each counts
+};
+
+// Errors: kInvalidArgument (a page size other than 4 KiB, 64 KiB or 2 MiB;
+// bytes not a positive multiple of it), kIoError (the store), kDataLoss
+// (a byte changed).
+Status RunFence(const FenceOptions& options);
+
+}  // namespace dsvm::bench
+
+#endif  // DSVM_BENCH_FENCE_H_
