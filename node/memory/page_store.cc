@@ -23,6 +23,18 @@ namespace {
 
 constexpr uint32_t kHugePageSize = 2u << 20;
 
+// After a readv/writev that moved `n` bytes from iovec *at on: moves *at
+// past the iovecs done and trims the one partly done.
+void Advance(std::vector<iovec>& iov, size_t* at, size_t n) {
+  while (n > 0) {
+    const size_t take = std::min(n, iov[*at].iov_len);
+    iov[*at].iov_base = static_cast<uint8_t*>(iov[*at].iov_base) + take;
+    iov[*at].iov_len -= take;
+    n -= take;
+    if (iov[*at].iov_len == 0) ++*at;
+  }
+}
+
 std::string Errno(const char* what) { return std::string(what) + ": " + std::strerror(errno); }
 
 bool ValidPageSize(uint32_t page_size) {
@@ -202,13 +214,7 @@ Status PageStore::WritePages(PageAddr first, std::span<const std::span<const uin
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) return IoError(Errno("pwritev to the region memfd"));
     offset += n;
-    for (size_t left = static_cast<size_t>(n); left > 0;) {
-      const size_t take = std::min(left, iov[at].iov_len);
-      iov[at].iov_base = static_cast<uint8_t*>(iov[at].iov_base) + take;
-      iov[at].iov_len -= take;
-      left -= take;
-      if (iov[at].iov_len == 0) ++at;
-    }
+    Advance(iov, &at, static_cast<size_t>(n));
   }
   return Status::Ok();
 }
@@ -358,13 +364,7 @@ Status PageStore::RetainRange(PageAddr first, size_t count) {
       if (n < 0) return IoError(Errno("preadv of the region memfd"));
       if (n == 0) return IoError("preadv of the region memfd: unexpected end of file");
       offset += n;
-      for (size_t left = static_cast<size_t>(n); left > 0;) {
-        const size_t take = std::min(left, iov[at].iov_len);
-        iov[at].iov_base = static_cast<uint8_t*>(iov[at].iov_base) + take;
-        iov[at].iov_len -= take;
-        left -= take;
-        if (iov[at].iov_len == 0) ++at;
-      }
+      Advance(iov, &at, static_cast<size_t>(n));
     }
     DSVM_RETURN_IF_ERROR(PunchBytes(run, (j - i) * page_size_));
     for (size_t k = i; k < j; ++k) retained_.emplace(first + k * page_size_, std::move(bytes[k - i]));
