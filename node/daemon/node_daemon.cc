@@ -519,13 +519,16 @@ void NodeDaemon::ReconnectCoordinator(size_t shard) {
   ShardLink& s = shards_[shard];
   s.last_reconnect_ms = NowMs();
   const uint64_t sent_ms = NowMs();
-  // Each step blocks the loop: while the lease runs, at most an eighth of
-  // what is left of it, so that the fence is not held up past the lapse
-  // by an unreachable coordinator (a connect that times out).
-  const int step_ms = static_cast<int>(
-      s.fenced || sent_ms >= s.lease_until_ms
-          ? kRejoinStepMs
-          : std::clamp<uint64_t>((s.lease_until_ms - sent_ms) / 8, 10, kRejoinStepMs));
+  // Each step blocks the loop: while a lease runs (any shard's), at most an
+  // eighth of what is left of it, so that no fence is held up past its
+  // lapse by an unreachable coordinator (a connect that times out).
+  uint64_t step = kRejoinStepMs;
+  for (const ShardLink& other : shards_) {
+    if (!other.fenced && sent_ms < other.lease_until_ms) {
+      step = std::min(step, std::max<uint64_t>((other.lease_until_ms - sent_ms) / 8, 10));
+    }
+  }
+  const int step_ms = static_cast<int>(step);
   auto link = proto::ConnectToCoordinator(s.address, secret_.get(), step_ms);
   if (!link.ok()) {
     if (link.status().code() == StatusCode::kPermissionDenied) {
@@ -774,6 +777,7 @@ void NodeDaemon::Fence(size_t shard) {
   ShardLink& s = shards_[shard];
   s.fenced = true;
   ++stats_.fences;
+  const uint64_t start_us = MonotonicUs();
   size_t taken = 0;
   if (backend_) {  // without one, every access comes through AccessPage
     std::vector<proto::PageAddr> pages;
@@ -808,10 +812,20 @@ void NodeDaemon::Fence(size_t shard) {
       taken += j - i;
     }
   }
-  LogWarning("node " + std::to_string(id_) + ": no answer from the coordinator at " + s.address + " for " +
-             std::to_string(s.lease_ms) + " ms: it may declare this node dead, so " +
-             std::to_string(taken) +
-             " pages were taken from local processes, whose accesses wait until it answers");
+  const uint64_t took_ms = (MonotonicUs() - start_us) / 1000;
+  LogWarning("node " + std::to_string(id_) + ": no answer from the coordinator at " + s.address +
+             " for " + std::to_string(s.lease_ms) + " ms: it may declare this node dead, so " +
+             std::to_string(taken) + " pages were taken from local processes (in " +
+             std::to_string(took_ms) + " ms), whose accesses wait until it answers");
+  // The lease leaves a quarter of the deadline, a third of lease_ms, for
+  // the fence: one that took longer may have let processes read pages the
+  // directory had handed on.
+  if (took_ms > s.lease_ms / 3) {
+    LogError("node " + std::to_string(id_) + ": the fence took " + std::to_string(took_ms) +
+             " ms, more than the " + std::to_string(s.lease_ms / 3) +
+             " ms the lease leaves for it; give the coordinator a longer --dead-after-ms "
+             "for nodes that hold this much");
+  }
 }
 
 void NodeDaemon::Park(std::function<void()> access) {
