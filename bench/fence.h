@@ -5,14 +5,17 @@
 // lease's margin, a quarter of the coordinator's deadline. Measured on one
 // PageStore of `bytes` filled with a pattern, against the same run's
 // baselines: Retain page by page (what a fence did before RetainRange),
-// and a copy of the same bytes into fresh memory (what any move out of the
-// memfd must at least do). Every byte is checked after Restore.
+// and the same reads into fresh memory without the punch (what any move
+// out of the memfd must at least do). Every byte is checked after Restore
+// and in the floor's copies, and the memfd must have holes where pages
+// were retained. No client maps the store: the fence in a daemon also
+// write-protects and clears clients' page tables, not measured here.
 //
 // Metrics (GB is 10^9 bytes): fence.retain_range.<tag>.gbps,
 // fence.retain_each.<tag>.gbps, fence.copy_floor.<tag>.gbps,
 // fence.retain_range.<tag>.vs_retain_each and .vs_copy_floor (ratios of
-// the rates), and fence.retain_range.<tag>.ms_per_gib; <tag> is page4k,
-// page64k or page2m.
+// the rates), fence.retain_range.<tag>.ms_per_gib and fence.<tag>.bytes;
+// <tag> is page4k, page64k or page2m.
 #ifndef DSVM_BENCH_FENCE_H_
 #define DSVM_BENCH_FENCE_H_
 

@@ -524,9 +524,9 @@ void NodeDaemon::ReconnectCoordinator(size_t shard) {
   // lapse by an unreachable coordinator (a connect that times out).
   uint64_t step = kRejoinStepMs;
   for (const ShardLink& other : shards_) {
-    if (!other.fenced && sent_ms < other.lease_until_ms) {
-      step = std::min(step, std::max<uint64_t>((other.lease_until_ms - sent_ms) / 8, 10));
-    }
+    if (other.fenced) continue;
+    const uint64_t left = sent_ms < other.lease_until_ms ? other.lease_until_ms - sent_ms : 0;
+    step = std::min(step, std::max<uint64_t>(left / 8, 10));  // lapsed, not fenced yet: 10 ms
   }
   const int step_ms = static_cast<int>(step);
   auto link = proto::ConnectToCoordinator(s.address, secret_.get(), step_ms);
@@ -722,6 +722,7 @@ void NodeDaemon::BeatIfDue() {
 
 void NodeDaemon::OnTimer() {
   const uint64_t now = NowMs();
+  CheckLeases();  // first: a rejoin below may block the loop
   for (size_t i = 0; i < shards_.size(); ++i) {
     ShardLink& s = shards_[i];
     if (!s.link.is_open() && now - s.last_reconnect_ms >= kReconnectEveryMs) {
@@ -729,7 +730,6 @@ void NodeDaemon::OnTimer() {
     }
   }
   BeatIfDue();
-  CheckLeases();
   Actions acts;
   agent_.Tick(now, &acts);
   Execute(acts);
@@ -778,6 +778,7 @@ void NodeDaemon::Fence(size_t shard) {
   s.fenced = true;
   ++stats_.fences;
   const uint64_t start_us = MonotonicUs();
+  const uint64_t lapsed_ms = s.lease_until_ms;
   size_t taken = 0;
   if (backend_) {  // without one, every access comes through AccessPage
     std::vector<proto::PageAddr> pages;
@@ -795,7 +796,10 @@ void NodeDaemon::Fence(size_t shard) {
                       StoreOf(pages[j]) == store;
            ++j) {
       }
-      if (store == nullptr || !backend_->UnmapRange(pages[i], j - i, ps).ok()) {
+      Status run = store == nullptr ? NotFound("no store") : backend_->UnmapRange(pages[i], j - i, ps);
+      if (!run.ok()) {
+        LogError("fence: taking pages from " + Hex(pages[i]) + " on from local processes: " +
+                 run.ToString() + "; page by page");
         for (size_t k = i; k < j; ++k) {  // one by one, to name what fails
           Status st = backend_->Unmap(pages[k]);
           if (!st.ok()) {
@@ -818,13 +822,14 @@ void NodeDaemon::Fence(size_t shard) {
              std::to_string(taken) + " pages were taken from local processes (in " +
              std::to_string(took_ms) + " ms), whose accesses wait until it answers");
   // The lease leaves a quarter of the deadline, a third of lease_ms, for
-  // the fence: one that took longer may have let processes read pages the
-  // directory had handed on.
-  if (took_ms > s.lease_ms / 3) {
-    LogError("node " + std::to_string(id_) + ": the fence took " + std::to_string(took_ms) +
-             " ms, more than the " + std::to_string(s.lease_ms / 3) +
+  // the fence: one over later than that after the lapse may have let
+  // processes read pages the directory had handed on.
+  const uint64_t late_ms = NowMs() - std::min(NowMs(), lapsed_ms);
+  if (late_ms > s.lease_ms / 3) {
+    LogError("node " + std::to_string(id_) + ": the fence was over " + std::to_string(late_ms) +
+             " ms after the lease lapsed, more than the " + std::to_string(s.lease_ms / 3) +
              " ms the lease leaves for it; give the coordinator a longer --dead-after-ms "
-             "for nodes that hold this much");
+             "for nodes that hold this much (or a loop held this long)");
   }
 }
 

@@ -207,8 +207,9 @@ class FaultBackend {
   // kResourceExhausted, kIoError.
   virtual Status Unmap(PageAddr page) = 0;
   // Unmap of `count` neighbouring pages of one region from `first`; a
-  // backend that can revoke a run at once overrides it. Stops at the first
-  // page that fails. Errors: as Unmap.
+  // backend that can revoke a run at once overrides it. On an error some
+  // pages may be unmapped already (this default stops at the first page
+  // that fails). Errors: as Unmap.
   virtual Status UnmapRange(PageAddr first, size_t count, uint64_t page_size) {
     for (size_t i = 0; i < count; ++i) DSVM_RETURN_IF_ERROR(Unmap(first + i * page_size));
     return Status::Ok();

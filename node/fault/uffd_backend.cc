@@ -582,7 +582,13 @@ Status UffdBackend::UnmapRange(PageAddr first, size_t count, uint64_t page_size)
       }
     }
   }
-  DSVM_RETURN_IF_ERROR(r->store->RetainRange(first, count));
+  Status retained = r->store->RetainRange(first, count);
+  if (!retained.ok()) {  // the runs retained before the failure are unmapped
+    for (size_t i = 0; i < count; ++i) {
+      if (r->store->IsRetained(first + i * page_size)) r->access[index + i] = kNone;
+    }
+    return retained;
+  }
   std::fill(r->access.begin() + static_cast<ptrdiff_t>(index),
             r->access.begin() + static_cast<ptrdiff_t>(index + count), static_cast<uint8_t>(kNone));
   return Status::Ok();

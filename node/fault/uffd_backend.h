@@ -132,7 +132,8 @@ class UffdBackend final : public FaultBackend {
   Status MapRange(PageAddr first, size_t count, uint64_t page_size, bool write) override;
   Status Unmap(PageAddr page) override;
   // Write-protects the run's writable pages in every mapping, a range at a
-  // time, then retains the run with PageStore::RetainRange.
+  // time, then retains the run with PageStore::RetainRange. On an error
+  // the pages retained before it are unmapped, the others unchanged.
   Status UnmapRange(PageAddr first, size_t count, uint64_t page_size) override;
   Status Invalidate(PageAddr page) override;
   Status InvalidateAll(PageAddr base) override;

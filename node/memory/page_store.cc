@@ -22,6 +22,7 @@ namespace dsvm::node {
 namespace {
 
 constexpr uint32_t kHugePageSize = 2u << 20;
+constexpr uint64_t kMaxRetainRunBytes = uint64_t{16} << 20;
 
 // After a readv/writev that moved `n` bytes from iovec *at on: moves *at
 // past the iovecs done and trims the one partly done.
@@ -351,7 +352,11 @@ Status PageStore::RetainRange(PageAddr first, size_t count) {
     std::vector<Bytes> bytes;
     std::vector<iovec> iov;
     size_t j = i;
-    for (; j < count && j - i < IOV_MAX && !IsRetained(first + j * page_size_); ++j) {
+    // At most kMaxRetainRunBytes at a time: the bytes are allocated before
+    // the punch frees the memfd's.
+    for (; j < count && j - i < IOV_MAX && (j - i) * page_size_ < kMaxRetainRunBytes &&
+           !IsRetained(first + j * page_size_);
+         ++j) {
       bytes.emplace_back(new uint8_t[page_size_]);
       iov.push_back({bytes.back().get(), page_size_});
     }

@@ -52,7 +52,8 @@ struct PageStoreOptions {
   // retained is refused with kResourceExhausted (a retained page's bytes
   // become its stash without room). Retained pages need no bound: a page is
   // retained at most once, and its bytes leave the memfd as they are kept,
-  // so they take the memory the page took. (A node whose lease lapsed
+  // so they take the memory the page took (RetainRange holds one run of up
+  // to 16 MiB twice while it moves it). (A node whose lease lapsed
   // retains every page its processes could reach: docs/PROTOCOL.md.)
   size_t max_stashes = 1024;
   // For 2 MiB pages, back the memfd with hugetlb pages when the kernel has
@@ -155,10 +156,10 @@ class PageStore {
   // kIoError.
   Status Retain(PageAddr page);
   // Retain for `count` neighbouring pages from `first`, with one read and
-  // one punch per run of pages not retained yet, not one of each per page
-  // (a node's fence retains every page its processes reach: Leases). On
-  // an error the runs before the failing one stay retained. Errors: as
-  // Retain.
+  // one punch per run of pages not retained yet (of at most 16 MiB and
+  // IOV_MAX pages), not one of each per page (a node's fence retains every
+  // page its processes reach: Leases). On an error the runs before the
+  // failing one stay retained. Errors: as Retain.
   Status RetainRange(PageAddr first, size_t count);
   // Writes retained bytes back into the memfd (as WritePage) and frees them;
   // nothing to do when the page is not retained. Errors: kInvalidArgument,
