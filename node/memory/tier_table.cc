@@ -225,13 +225,19 @@ Status TierTable::AddHostPage(PageAddr page, uint64_t tick, TierSteps* out) {
   return Status::Ok();
 }
 
-Status TierTable::MakeResident(std::span<const PageAddr> pages, uint32_t gpu, bool for_write,
-                               bool pin, uint64_t tick, TierSteps* out) {
-  // Validate everything before changing anything.
+Status TierTable::CheckAdmissible(std::span<const PageAddr> pages, uint32_t gpu) const {
+  std::vector<int> pool_of;
+  std::vector<uint64_t> needed, kept;
+  return CheckAdmissible(pages, gpu, &pool_of, &needed, &kept);
+}
+
+Status TierTable::CheckAdmissible(std::span<const PageAddr> pages, uint32_t gpu,
+                                  std::vector<int>* pool_of, std::vector<uint64_t>* needed,
+                                  std::vector<uint64_t>* kept) const {
   std::unordered_set<PageAddr> seen;
-  std::vector<int> pool_of(pages.size());
-  // Per pool: slots this call needs, and its resident pages it will pin.
-  std::vector<uint64_t> needed(pools_.size(), 0), kept(pools_.size(), 0);
+  pool_of->assign(pages.size(), -1);
+  needed->assign(pools_.size(), 0);
+  kept->assign(pools_.size(), 0);
   for (size_t i = 0; i < pages.size(); ++i) {
     const PageAddr page = pages[i];
     DSVM_ASSIGN_OR_RETURN(const Location where, Locate(page));
@@ -243,25 +249,35 @@ Status TierTable::MakeResident(std::span<const PageAddr> pages, uint32_t gpu, bo
       return InvalidArgument("tier table: no pool for gpu " + std::to_string(gpu) +
                              " and region " + Hex(where.base));
     }
-    pool_of[i] = pool;
+    (*pool_of)[i] = pool;
     auto it = pages_.find(page);
     if (it == pages_.end()) {
-      ++needed[pool];
+      ++(*needed)[pool];
       continue;
     }
     const Entry& e = it->second;
     if (e.leaving)
       return FailedPrecondition("tier table: page " + Hex(page) + " is leaving the node");
     if (e.pool == pool) {
-      if (e.pins == 0) ++kept[pool];
+      if (e.pins == 0) ++(*kept)[pool];
       continue;
     }
     if (e.pool >= 0 && e.pins != 0) {
       return FailedPrecondition("tier table: page " + Hex(page) + " is pinned on gpu " +
                                 std::to_string(pools_[e.pool].gpu));
     }
-    ++needed[pool];
+    ++(*needed)[pool];
   }
+  return Status::Ok();
+}
+
+Status TierTable::MakeResident(std::span<const PageAddr> pages, uint32_t gpu, bool for_write,
+                               bool pin, uint64_t tick, TierSteps* out) {
+  // Validate everything before changing anything.
+  std::vector<int> pool_of;
+  // Per pool: slots this call needs, and its resident pages it will pin.
+  std::vector<uint64_t> needed, kept;
+  DSVM_RETURN_IF_ERROR(CheckAdmissible(pages, gpu, &pool_of, &needed, &kept));
   for (size_t p = 0; p < pools_.size(); ++p) {
     if (needed[p] == 0) continue;
     const Pool& pool = pools_[p];

@@ -175,6 +175,11 @@ class TierTable {
   // cannot hold the pages: too many, or the others are pinned).
   Status MakeResident(std::span<const PageAddr> pages, uint32_t gpu, bool for_write, bool pin,
                       uint64_t tick, TierSteps* out);
+  // MakeResident's checks but room: OK when the call would be refused for
+  // no other reason than too few free or evictable slots. The caller
+  // makes room (DeviceTier reclaims other regions' arenas) only then.
+  // Errors: as MakeResident, but kResourceExhausted.
+  Status CheckAdmissible(std::span<const PageAddr> pages, uint32_t gpu) const;
   // Takes the page's GPU copy off its GPU now (kWriteBack when dirty, then
   // kFreeSlot), counted as an eviction: the caller needs its slot (a
   // contiguous run for dsvm_gpu_map, DeviceTier::MapRun). The page stays
@@ -291,6 +296,10 @@ class TierTable {
   Result<uint32_t> CheckPage(PageAddr page) const;
   // As CheckPage, with the region's base.
   Result<Location> Locate(PageAddr page) const;
+  // CheckAdmissible, also giving each page's pool index and, per pool, the
+  // slots the call needs and its unpinned resident pages it will pin.
+  Status CheckAdmissible(std::span<const PageAddr> pages, uint32_t gpu, std::vector<int>* pool_of,
+                         std::vector<uint64_t>* needed, std::vector<uint64_t>* kept) const;
   // Halves every counter once per aging period crossed since the last tick.
   void Advance(uint64_t tick);
   // Candidate-set membership follows (pool, pins, leaving): Unlink before a
