@@ -247,6 +247,9 @@ Result<std::vector<DevicePtr>> DeviceTier::MakeResident(PageAddr region,
     return InvalidArgument("device tier: no pool for gpu " + std::to_string(gpu) +
                            " and region " + Hex(region));
   }
+  // Room is made (other regions' arenas reclaimed) only for a call the
+  // table will take.
+  DSVM_RETURN_IF_ERROR(table_->CheckAdmissible(pages, gpu));
   DSVM_RETURN_IF_ERROR(MakeRoomFor(pool, NotOn(gpu, pages)));
   TierSteps steps;
   DSVM_RETURN_IF_ERROR(table_->MakeResident(pages, gpu, for_write, /*pin=*/true, tick, &steps));
@@ -474,13 +477,9 @@ Result<DeviceRun> DeviceTier::MapRun(PageAddr region, std::span<const PageAddr> 
   DevicePagePool* pool = target.pool;
   const uint64_t ps = store->page_size();
   const uint32_t n = static_cast<uint32_t>(pages.size());
-  DSVM_RETURN_IF_ERROR(MakeRoomFor(pool, NotOn(gpu, pages)));
-  if (pages.size() > pool->capacity_slots()) {
-    return ResourceExhausted("device tier: a run of " + std::to_string(pages.size()) +
-                             " pages of " + std::to_string(ps) + " bytes is larger than gpu " +
-                             std::to_string(gpu) + "'s budget of " +
-                             std::to_string(pool->capacity_slots()) + " pages");
-  }
+  // Every check first: room is made (other regions' arenas reclaimed)
+  // only for a call that will be taken.
+  DSVM_RETURN_IF_ERROR(table_->CheckAdmissible(pages, gpu));
   // The pages as they are now: in place already (a run mapped before), or
   // pinned where they cannot move.
   bool in_place = true;
@@ -510,6 +509,13 @@ Result<DeviceRun> DeviceTier::MapRun(PageAddr region, std::span<const PageAddr> 
             "the same range");
       }
     }
+  }
+  DSVM_RETURN_IF_ERROR(MakeRoomFor(pool, NotOn(gpu, pages)));
+  if (pages.size() > pool->capacity_slots()) {
+    return ResourceExhausted("device tier: a run of " + std::to_string(pages.size()) +
+                             " pages of " + std::to_string(ps) + " bytes is larger than gpu " +
+                             std::to_string(gpu) + "'s budget of " +
+                             std::to_string(pool->capacity_slots()) + " pages");
   }
   std::unordered_set<PageAddr> mine(pages.begin(), pages.end());
   // Choose the window: slots [start, start + n) of one arena.

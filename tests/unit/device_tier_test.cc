@@ -773,6 +773,66 @@ TEST_P(DeviceTierTest, ARunLargerThanAnArenaGetsItsOwn) {
 // pages fills it; a region of 64 KiB pages then takes memory back an arena
 // at a time, evicting 4 KiB pages (dirty ones written back first), but
 // never pinned ones. The arenas each region gets hold its pages only.
+// A call the table refuses makes no room first: another region's arenas,
+// full of evictable pages, are not reclaimed for it. Refused here: a page
+// listed twice (MakeResident), and a run whose pages are mapped on another
+// GPU (MapRun). Before the checks came first, each refusal had emptied
+// arenas of the other region.
+TEST(DeviceTierSharedBudgetTest, ARefusedCallReclaimsNoArena) {
+  DeviceBackendOptions bo;
+  bo.emulated_devices = 2;
+  bo.emulated_device_bytes = 64u << 20;
+  auto b = MakeDeviceBackend("emulated", bo);
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  std::unique_ptr<DeviceBackend> backend = std::move(b).value();
+  constexpr uint64_t kBudget = 256u << 10;
+  PageStoreOptions so;
+  so.try_hugetlb = false;
+  const PageAddr a_base = kBase, b_base = kBase + (64u << 20);
+  auto a = PageStore::Create(a_base, 1u << 20, 4096, so);
+  auto bs = PageStore::Create(b_base, 1u << 20, 4096, so);
+  ASSERT_TRUE(a.ok() && bs.ok());
+  for (uint64_t i = 0; i < 64; ++i) {
+    ASSERT_TRUE((*a)->ZeroPage(a_base + i * 4096).ok());
+    ASSERT_TRUE((*bs)->ZeroPage(b_base + i * 4096).ok());
+  }
+  DeviceTierOptions to;
+  to.arena_bytes = 64u << 10;
+  auto t = DeviceTier::Create(backend.get(), {kBudget, kBudget}, to);
+  ASSERT_TRUE(t.ok()) << t.status().ToString();
+  std::unique_ptr<DeviceTier> tier = std::move(t).value();
+  ASSERT_TRUE(tier->AddRegion(a->get()).ok());
+  ASSERT_TRUE(tier->AddRegion(bs->get()).ok());
+  // Region B fills GPU 0's budget, unpinned (evictable).
+  std::vector<PageAddr> bp;
+  for (uint64_t i = 0; i < 64; ++i) bp.push_back(b_base + i * 4096);
+  ASSERT_TRUE(tier->MakeResident(b_base, bp, 0, false, 1).ok());
+  ASSERT_TRUE(tier->Unpin(bp).ok());
+  auto b_on_gpu0 = [&] {
+    uint64_t n = 0;
+    for (PageAddr p : bp) n += tier->table().GpuOf(p) == std::optional<uint32_t>(0);
+    return n;
+  };
+  ASSERT_EQ(b_on_gpu0(), 64u);
+  // Region A's first pages are mapped on GPU 1.
+  const std::vector<PageAddr> a_run = {a_base, a_base + 4096};
+  ASSERT_TRUE(tier->MapRun(a_base, a_run, 1, false, 2).ok());
+
+  const std::vector<PageAddr> twice = {a_base + 8 * 4096, a_base + 8 * 4096};
+  EXPECT_EQ(tier->MakeResident(a_base, twice, 0, false, 3).status().code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ(tier->MapRun(a_base, a_run, 0, false, 4).status().code(),
+            StatusCode::kFailedPrecondition);
+  EXPECT_EQ(tier->stats().arenas_reclaimed, 0u);
+  EXPECT_EQ(b_on_gpu0(), 64u) << "region B's pages left GPU 0 for calls that were refused";
+  // A call that is taken still gets its room.
+  const std::vector<PageAddr> more = {a_base + 16 * 4096, a_base + 17 * 4096};
+  ASSERT_TRUE(tier->MakeResident(a_base, more, 0, false, 5).ok());
+  EXPECT_EQ(tier->stats().arenas_reclaimed, 1u);
+  ASSERT_TRUE(tier->Unpin(more).ok());
+  ASSERT_TRUE(tier->Unpin(a_run).ok());
+}
+
 TEST(DeviceTierSharedBudgetTest, RegionsShareOneBudgetPerGpu) {
   DeviceBackendOptions bo;
   bo.emulated_devices = 1;
