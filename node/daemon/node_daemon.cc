@@ -1078,7 +1078,7 @@ void NodeDaemon::CallAccessFn(proto::PageAddr page, bool write, bool prefetch,
     return;
   }
   Status st = Status::Ok();
-  if (gpu_hidden_.count(page) != 0 || fenced_pages_.count(page) != 0) {
+  if (TakenFromCpu(page)) {
     st = RevealToCpu(page);  // their bytes are retained: map them as the agent holds them
   }
   if (st.ok() && backend_) st = backend_->WriteBack(page);
@@ -1566,7 +1566,7 @@ void NodeDaemon::HandleFault(const FaultEvent& e) {
     return;
   }
   ++stats_.client_faults;
-  if (gpu_hidden_.count(e.page) != 0 || fenced_pages_.count(e.page) != 0) {
+  if (TakenFromCpu(e.page)) {
     Status st = RevealToCpu(e.page);
     if (!st.ok()) LogError("revealing page " + Hex(e.page) + ": " + st.ToString());
   }

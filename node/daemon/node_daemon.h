@@ -406,6 +406,11 @@ class NodeDaemon {
   // then refreshes the GPU copy).
   void HideFromCpu(std::span<const proto::PageAddr> pages, bool writes_only = false);
   Status RevealToCpu(proto::PageAddr page);
+  // Whether local processes' mappings of `page` were taken away with its
+  // state unchanged (for a GPU, or by a fence): RevealToCpu maps it again.
+  bool TakenFromCpu(proto::PageAddr page) const {
+    return gpu_hidden_.count(page) != 0 || fenced_pages_.count(page) != 0;
+  }
   // After a read miss on `page`: reads ahead when the misses of its region
   // run sequentially (the window doubles while they do), or else, on
   // read-mostly pages, the next kReadAhead of them.
