@@ -29,6 +29,25 @@ namespace {
 constexpr PageAddr kBase = 0x200000000000ull;
 constexpr uint32_t kPage = 4096;
 
+// A region's store on a plain memfd (no hugetlb pages).
+std::unique_ptr<PageStore> PlainStore(PageAddr base, uint64_t size, uint32_t page_size) {
+  PageStoreOptions so;
+  so.try_hugetlb = false;
+  auto s = PageStore::Create(base, size, page_size, so);
+  EXPECT_TRUE(s.ok()) << s.status().ToString();
+  return s.ok() ? std::move(s).value() : nullptr;
+}
+
+// `gpus` emulated GPUs of 64 MiB each.
+std::unique_ptr<DeviceBackend> EmulatedGpus(uint32_t gpus) {
+  DeviceBackendOptions bo;
+  bo.emulated_devices = gpus;
+  bo.emulated_device_bytes = 64u << 20;
+  auto b = MakeDeviceBackend("emulated", bo);
+  EXPECT_TRUE(b.ok()) << b.status().ToString();
+  return b.ok() ? std::move(b).value() : nullptr;
+}
+
 std::vector<uint8_t> RandomBytes(size_t n, std::mt19937_64& rng) {
   std::vector<uint8_t> v(n);
   for (size_t i = 0; i < n; i += 8) {
@@ -733,12 +752,10 @@ TEST_P(DeviceTierTest, PagesInPlaceNeedNoRoom) {
   TierConfig c;
   c.arena_pages = 8;
   Build(c);
-  PageStoreOptions so;
-  so.try_hugetlb = false;
   constexpr PageAddr kOther = kBase + (1ull << 30);
-  auto other = PageStore::Create(kOther, 8 * kPage, kPage, so);
-  ASSERT_TRUE(other.ok()) << other.status().ToString();
-  ASSERT_TRUE(tier_->AddRegion(other->get()).ok());
+  std::unique_ptr<PageStore> other = PlainStore(kOther, 8 * kPage, kPage);
+  ASSERT_NE(other, nullptr);
+  ASSERT_TRUE(tier_->AddRegion(other.get()).ok());
   const std::vector<PageAddr> mine = Pages(Range(0, 8));
   ASSERT_TRUE(tier_->MapRun(kBase, mine, 0, /*for_write=*/false, 1).ok());
   std::vector<PageAddr> theirs;
@@ -769,40 +786,30 @@ TEST_P(DeviceTierTest, ARunLargerThanAnArenaGetsItsOwn) {
   ASSERT_TRUE(tier_->Unpin(pages).ok());
 }
 
-// One budget per GPU, shared by the regions' pools: a region of 4 KiB
-// pages fills it; a region of 64 KiB pages then takes memory back an arena
-// at a time, evicting 4 KiB pages (dirty ones written back first), but
-// never pinned ones. The arenas each region gets hold its pages only.
 // A call the table refuses makes no room first: another region's arenas,
 // full of evictable pages, are not reclaimed for it. Refused here: a page
 // listed twice (MakeResident), and a run whose pages are mapped on another
 // GPU (MapRun). Before the checks came first, each refusal had emptied
 // arenas of the other region.
 TEST(DeviceTierSharedBudgetTest, ARefusedCallReclaimsNoArena) {
-  DeviceBackendOptions bo;
-  bo.emulated_devices = 2;
-  bo.emulated_device_bytes = 64u << 20;
-  auto b = MakeDeviceBackend("emulated", bo);
-  ASSERT_TRUE(b.ok()) << b.status().ToString();
-  std::unique_ptr<DeviceBackend> backend = std::move(b).value();
+  std::unique_ptr<DeviceBackend> backend = EmulatedGpus(2);
+  ASSERT_NE(backend, nullptr);
   constexpr uint64_t kBudget = 256u << 10;
-  PageStoreOptions so;
-  so.try_hugetlb = false;
   const PageAddr a_base = kBase, b_base = kBase + (64u << 20);
-  auto a = PageStore::Create(a_base, 1u << 20, 4096, so);
-  auto bs = PageStore::Create(b_base, 1u << 20, 4096, so);
-  ASSERT_TRUE(a.ok() && bs.ok());
+  std::unique_ptr<PageStore> a = PlainStore(a_base, 1u << 20, 4096);
+  std::unique_ptr<PageStore> bs = PlainStore(b_base, 1u << 20, 4096);
+  ASSERT_TRUE(a != nullptr && bs != nullptr);
   for (uint64_t i = 0; i < 64; ++i) {
-    ASSERT_TRUE((*a)->ZeroPage(a_base + i * 4096).ok());
-    ASSERT_TRUE((*bs)->ZeroPage(b_base + i * 4096).ok());
+    ASSERT_TRUE(a->ZeroPage(a_base + i * 4096).ok());
+    ASSERT_TRUE(bs->ZeroPage(b_base + i * 4096).ok());
   }
   DeviceTierOptions to;
   to.arena_bytes = 64u << 10;
   auto t = DeviceTier::Create(backend.get(), {kBudget, kBudget}, to);
   ASSERT_TRUE(t.ok()) << t.status().ToString();
   std::unique_ptr<DeviceTier> tier = std::move(t).value();
-  ASSERT_TRUE(tier->AddRegion(a->get()).ok());
-  ASSERT_TRUE(tier->AddRegion(bs->get()).ok());
+  ASSERT_TRUE(tier->AddRegion(a.get()).ok());
+  ASSERT_TRUE(tier->AddRegion(bs.get()).ok());
   // Region B fills GPU 0's budget, unpinned (evictable).
   std::vector<PageAddr> bp;
   for (uint64_t i = 0; i < 64; ++i) bp.push_back(b_base + i * 4096);
@@ -833,24 +840,18 @@ TEST(DeviceTierSharedBudgetTest, ARefusedCallReclaimsNoArena) {
   ASSERT_TRUE(tier->Unpin(a_run).ok());
 }
 
+// One budget per GPU, shared by the regions' pools: a region of 4 KiB
+// pages fills it; a region of 64 KiB pages then takes memory back an arena
+// at a time, evicting 4 KiB pages (dirty ones written back first), but
+// never pinned ones. The arenas each region gets hold its pages only.
 TEST(DeviceTierSharedBudgetTest, RegionsShareOneBudgetPerGpu) {
-  DeviceBackendOptions bo;
-  bo.emulated_devices = 1;
-  bo.emulated_device_bytes = 64u << 20;
-  auto b = MakeDeviceBackend("emulated", bo);
-  ASSERT_TRUE(b.ok()) << b.status().ToString();
-  std::unique_ptr<DeviceBackend> backend = std::move(b).value();
+  std::unique_ptr<DeviceBackend> backend = EmulatedGpus(1);
+  ASSERT_NE(backend, nullptr);
   constexpr uint64_t kBudget = 512u << 10;
-  auto make_store = [](PageAddr base, uint64_t size, uint32_t ps) {
-    PageStoreOptions so;
-    so.try_hugetlb = false;
-    auto st = PageStore::Create(base, size, ps, so);
-    EXPECT_TRUE(st.ok()) << st.status().ToString();
-    return std::move(st).value();
-  };
   const PageAddr small_base = kBase, large_base = kBase + (64u << 20);
-  auto small = make_store(small_base, 1u << 20, 4096);
-  auto large = make_store(large_base, 1u << 20, 65536);
+  std::unique_ptr<PageStore> small = PlainStore(small_base, 1u << 20, 4096);
+  std::unique_ptr<PageStore> large = PlainStore(large_base, 1u << 20, 65536);
+  ASSERT_TRUE(small != nullptr && large != nullptr);
   std::mt19937_64 rng(7);
   std::vector<std::vector<uint8_t>> small_bytes(256), large_bytes(16);
   for (uint64_t i = 0; i < 256; ++i) {
