@@ -28,9 +28,6 @@ using proto::PageAddr;
 using proto::PageState;
 using proto::TxnId;
 
-// Where the pages are when the coordinator serves directory requests outside
-// regions; otherwise they are those of a region the bench creates.
-constexpr PageAddr kDefaultPageBase = 0x200000000000ull;
 constexpr uint64_t kPageSize = 4096;
 // Request ids of heartbeats and page queries start here, far from each
 // other and from FramedSocket::Call's own ids.
@@ -87,21 +84,16 @@ class BenchNode {
     return Status::Ok();
   }
 
-  // Creates a region for the bench's pages and returns its base; a
-  // coordinator that refuses leaves the pages at kDefaultPageBase.
-  Result<PageAddr> CreateRegion(const std::string& name) {
+  // Creates a region for the bench's pages; its base and id.
+  Result<proto::RegionReply> CreateRegion(const std::string& name) {
     proto::RegionCreate create;
     create.name = name;
     create.size = pages_.size() * kPageSize;
     create.page_size = kPageSize;
     DSVM_ASSIGN_OR_RETURN(proto::Message reply, sock_.Call(create));
     if (const auto* s = std::get_if<proto::StatusReply>(&reply)) {
-      std::fprintf(stderr,
-                   "directory loopback: RegionCreate refused (%s): pages at 0x%llx, outside any "
-                   "region\n",
-                   proto::FromReply(*s).ToString().c_str(),
-                   static_cast<unsigned long long>(kDefaultPageBase));
-      return kDefaultPageBase;
+      return Status(proto::FromReply(*s).code(),
+                    "RegionCreate refused: " + proto::FromReply(*s).message());
     }
     const auto* r = std::get_if<proto::RegionReply>(&reply);
     if (r == nullptr) return Internal("RegionCreate answered with an unexpected type");
@@ -109,7 +101,7 @@ class BenchNode {
       return Internal("RegionCreate gave a region of " + Str(r->size) + " bytes in pages of " +
                       Str(r->page_size));
     }
-    return r->base;
+    return *r;
   }
 
   Status DeleteRegion(const std::string& name) {
@@ -121,7 +113,10 @@ class BenchNode {
 
   NodeId id() const { return id_; }
   void set_peer(NodeId peer) { peer_ = peer; }
-  void set_base(PageAddr base) { base_ = base; }
+  void set_region(const proto::RegionReply& r) {
+    base_ = r.base;
+    region_ = r.region;
+  }
   // Pages this node will ask for once acquires start.
   void WantAllPages() {
     for (size_t i = 0; i < pages_.size(); ++i) ready_.push_back(i);
@@ -271,7 +266,12 @@ class BenchNode {
     p.pending_seq = ++next_seq_;
     // Holds nothing: kWrite, not kUpgrade; last_txn as the directory needs it.
     sock_.Queue(
-        proto::Acquire{PageOf(index), id_, proto::AccessKind::kWrite, p.pending_seq, p.last_txn},
+        proto::Acquire{.page = PageOf(index),
+                       .node = id_,
+                       .kind = proto::AccessKind::kWrite,
+                       .request_seq = p.pending_seq,
+                       .last_txn = p.last_txn,
+                       .region = region_},
         0);
     ++acquires_out_;
   }
@@ -367,7 +367,8 @@ class BenchNode {
   proto::FramedSocket sock_;
   NodeId id_ = proto::kNoNode;
   NodeId peer_ = proto::kNoNode;
-  PageAddr base_ = kDefaultPageBase;
+  PageAddr base_ = 0;
+  proto::RegionId region_ = 0;
   std::chrono::milliseconds heartbeat_every_{500};
   std::vector<LocalPage> pages_;
   std::deque<size_t> ready_;  // pages to acquire, in order
@@ -427,9 +428,9 @@ Status RunDirectoryLoopback(const LoopbackOptions& o, bool* skipped) {
     a.set_peer(b.id());
     b.set_peer(a.id());
     const std::string region = "dsvm-bench-" + Str(static_cast<uint64_t>(::getpid()));
-    DSVM_ASSIGN_OR_RETURN(const PageAddr base, a.CreateRegion(region));
-    a.set_base(base);
-    b.set_base(base);
+    DSVM_ASSIGN_OR_RETURN(const proto::RegionReply made, a.CreateRegion(region));
+    a.set_region(made);
+    b.set_region(made);
     // Node a writes every page once (zero fills, untimed); from then on b
     // takes them from a and a takes them back: every acquire moves a page.
     a.WantAllPages();
@@ -493,7 +494,7 @@ Status RunDirectoryLoopback(const LoopbackOptions& o, bool* skipped) {
       EmitMetric(prefix + ".heartbeats_per_s", heartbeats, "req/s");
       EmitMetric(prefix + ".acquire_vs_heartbeat", acquires / heartbeats, "ratio");
     }
-    if (base != kDefaultPageBase) DSVM_RETURN_IF_ERROR(a.DeleteRegion(region));
+    DSVM_RETURN_IF_ERROR(a.DeleteRegion(region));
     DSVM_RETURN_IF_ERROR(a.Leave());
     DSVM_RETURN_IF_ERROR(b.Leave());
     return Status::Ok();

@@ -55,6 +55,11 @@ Status RegionDeleted::Validate() const {
   return Status::Ok();
 }
 
+Status Acquire::Validate() const {
+  if (region == 0) return Corruption("Acquire names no region (region 0)");
+  return Status::Ok();
+}
+
 Status RegionCreated::Validate() const {
   if (region == 0) return Corruption("region 0");
   if (name.empty()) return Corruption("empty region name");

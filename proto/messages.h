@@ -34,7 +34,7 @@ using TxnId = uint64_t;     // per-page directory transaction number; 0 = none y
 
 inline constexpr NodeId kNoNode = 0;
 inline constexpr uint32_t kMagic = 0x4D565344;  // "DSVM" read as little-endian u32
-inline constexpr uint16_t kWireVersion = 4;  // history: PROTOCOL.md, Versions
+inline constexpr uint16_t kWireVersion = 5;  // history: PROTOCOL.md, Versions
 inline constexpr size_t kHeaderSize = 24;
 // The smallest page size: every region's base and size are multiples of it.
 inline constexpr uint32_t kMinPageSize = 4096;
@@ -367,7 +367,10 @@ struct RegionCreated {
 struct RegionSnapshotDone {
   static constexpr MessageType kType = MessageType::kRegionSnapshotDone;
   uint64_t regions = 0;
-  template <typename A> void Visit(A& a) { a.U64(regions); }
+  // The id shard 0 gives its next region (wire version 5): every id below
+  // it was given, so one of them not in the snapshot was deleted.
+  RegionId next_region = 0;
+  template <typename A> void Visit(A& a) { a.U64(regions); a.U64(next_region); }
 };
 
 // Tool -> coordinator: the directory's record of one page. Reply: PageQueryReply.
@@ -467,7 +470,10 @@ struct RegionListReply {
 // outstanding per page; request_seq grows per node, so replies can be matched
 // and duplicates recognised. last_txn is the newest txn of this page that the
 // node has processed: the directory uses it to tell a stale duplicate from a
-// new request (PROTOCOL.md, "Duplicates").
+// new request (PROTOCOL.md, "Duplicates"). `region` is the id of the region
+// the node maps at `page` (wire version 5): a directory whose region at that
+// address has another id does not serve it as that region's page
+// (PROTOCOL.md, "Refusals" and "Shards").
 struct Acquire {
   static constexpr MessageType kType = MessageType::kAcquire;
   PageAddr page = 0;
@@ -478,10 +484,13 @@ struct Acquire {
   // For kEvict and kWriteback: the node the giver would have take the last
   // copy (its preferred-node advice); kNoNode: the directory picks.
   NodeId target = kNoNode;
+  RegionId region = 0;
   template <typename A> void Visit(A& a) {
     a.U64(page); a.U32(node); a.Enum(kind, kMaxAccessKind); a.U64(request_seq); a.U64(last_txn);
-    a.U32(target);
+    a.U32(target); a.U64(region);
   }
+  // Errors: kCorruption (region 0).
+  Status Validate() const;
 };
 
 // Directory -> node: the node now holds the page in `state` at `version`.

@@ -130,8 +130,8 @@ Status RegionFollower::Follow() {
           return InvalidArgument("region snapshot of " + std::to_string(snapshot.size()) +
                                  " regions ends saying " + std::to_string(done->regions));
         }
-        Post([regions = std::move(snapshot)](CoordinatorService& s) {
-          return s.OnRegionSnapshot(regions);
+        Post([regions = std::move(snapshot), next = done->next_region](CoordinatorService& s) {
+          return s.OnRegionSnapshot(regions, next);
         });
         snapshot.clear();
         synced = true;

@@ -157,20 +157,22 @@ Status CoordinatorService::OnFrame(ConnId conn, const proto::Frame& frame, uint6
           Reply(conn, rid, std::move(r));
           return Status::Ok();
         } else if constexpr (std::is_same_v<T, proto::Acquire>) {
-          if (regions_.FindByAddress(m.page) == nullptr) {
-            DSVM_RETURN_IF_ERROR(CheckSender(conn, m.node));
-            if (MayBeUnheardRegion(m)) {
-              LogLine(LogLevel::kDebug, "Acquire of node " + std::to_string(m.node) + " for page " +
-                                            std::to_string(m.page) +
-                                            ", in no region known here yet: dropped");
-              return Status::Ok();
-            }
-            // Its region was deleted while the node still maps it: the
-            // access fails there, and the node keeps its connection.
-            RefuseGone(conn, m);
-            return Status::Ok();
-          }
           DSVM_RETURN_IF_ERROR(CheckSender(conn, m.node));
+          switch (MatchRegion(m)) {
+            case RegionMatch::kServe:
+              break;
+            case RegionMatch::kWait:
+              LogLine(LogLevel::kDebug, "Acquire of node " + std::to_string(m.node) + " for page " +
+                                            std::to_string(m.page) + " of region " +
+                                            std::to_string(m.region) +
+                                            ", not heard of here yet: dropped");
+              return Status::Ok();
+            case RegionMatch::kGone:
+              // Its region was deleted while the node still maps it: the
+              // access fails there, and the node keeps its connection.
+              RefuseGone(conn, m);
+              return Status::Ok();
+          }
           DSVM_RETURN_IF_ERROR(CheckPage(m.page));
           directory_.HandleAcquire(m, now_ms, &outbox_);
           Route(outbox_);
@@ -299,16 +301,30 @@ void CoordinatorService::RefuseGone(ConnId conn, const proto::Acquire& m) {
   Reply(conn, 0, g);
 }
 
-bool CoordinatorService::MayBeUnheardRegion(const proto::Acquire& m) const {
-  if (!region_follower()) return false;
+CoordinatorService::RegionMatch CoordinatorService::MatchRegion(const proto::Acquire& m) const {
+  const RegionRecord* r = regions_.FindByAddress(m.page);
+  if (r != nullptr && r->id == m.region) return RegionMatch::kServe;
+  // Shard 0 decides every region: the node's is not at that address any
+  // more (or never was), whatever holds the address now.
+  if (!region_follower()) return RegionMatch::kGone;
   // Giving up a copy is answered at once: this shard granted no page of a
-  // region it has not heard of, so the copy is of a deleted region.
-  if (m.kind == proto::AccessKind::kEvict || m.kind == proto::AccessKind::kWriteback) return false;
-  if (!synced_) return true;
-  for (const DeletedRegion& d : recent_deletes_) {
-    if (m.page >= d.base && m.page - d.base < d.size) return false;
+  // region it has not heard of.
+  if (m.kind == proto::AccessKind::kEvict || m.kind == proto::AccessKind::kWriteback) {
+    return RegionMatch::kGone;
   }
-  return true;
+  // Ids only grow, and a region's addresses hold no other region while it
+  // lives: a newer region there means the node's was deleted.
+  if (r != nullptr && r->id > m.region) return RegionMatch::kGone;
+  if (std::find(recent_deletes_.begin(), recent_deletes_.end(), m.region) !=
+      recent_deletes_.end()) {
+    return RegionMatch::kGone;
+  }
+  // Synced, this shard has applied every region shard 0 gave an id below
+  // next_region_heard_ and its delete if it had one: the node's is deleted
+  // (or did not fit here, which was logged). Otherwise it may not have
+  // arrived yet; the node resends.
+  if (synced_ && m.region < next_region_heard_) return RegionMatch::kGone;
+  return RegionMatch::kWait;
 }
 
 Status CoordinatorService::NotTheRegionAuthority(const char* request) const {
@@ -562,7 +578,7 @@ void CoordinatorService::HandleRegionWatch(ConnId conn, uint64_t rid) {
   for (const RegionRecord& r : all) {
     Reply(conn, rid, proto::RegionCreated{r.id, r.base, r.size, r.page_size, r.name});
   }
-  Reply(conn, rid, proto::RegionSnapshotDone{all.size()});
+  Reply(conn, rid, proto::RegionSnapshotDone{all.size(), meta_.next_region_id});
   if (watchers_.insert(conn).second) {
     LogInfo("a shard follows the region table (" + std::to_string(all.size()) + " regions sent)");
   }
@@ -611,18 +627,21 @@ Status CoordinatorService::DropFollowedRegion(const RegionRecord& r) {
   if (!st.ok()) return st;
   regions_.Remove(r.name).status().IgnoreError();
   directory_.DropRange(r.base, r.base + r.size);
-  RememberDeleted(DeletedRegion{r.id, r.base, r.size});
+  RememberDeleted(r.id);
   return Status::Ok();
 }
 
-void CoordinatorService::RememberDeleted(const DeletedRegion& d) {
-  recent_deletes_.push_back(d);
+void CoordinatorService::RememberDeleted(proto::RegionId id) {
+  next_region_heard_ = std::max(next_region_heard_, id + 1);
+  recent_deletes_.push_back(id);
   if (recent_deletes_.size() > kMaxRecentDeletes) recent_deletes_.pop_front();
   DSVM_CHECK(recent_deletes_.size() <= kMaxRecentDeletes);
 }
 
-Status CoordinatorService::OnRegionSnapshot(const std::vector<proto::RegionCreated>& regions) {
+Status CoordinatorService::OnRegionSnapshot(const std::vector<proto::RegionCreated>& regions,
+                                            proto::RegionId next_region) {
   DSVM_CHECK(region_follower());
+  next_region_heard_ = std::max(next_region_heard_, next_region);
   std::map<proto::RegionId, const proto::RegionCreated*> by_id;
   for (const proto::RegionCreated& m : regions) by_id[m.region] = &m;
   Status first;
@@ -650,6 +669,7 @@ Status CoordinatorService::OnRegionSnapshot(const std::vector<proto::RegionCreat
 
 Status CoordinatorService::OnRegionCreated(const proto::RegionCreated& m) {
   DSVM_CHECK(region_follower());
+  next_region_heard_ = std::max(next_region_heard_, m.region + 1);
   const RegionRecord* have = regions_.FindByName(m.name);
   if (have != nullptr && SameRegion(*have, m)) return Status::Ok();
   Status st = AddFollowedRegion(m);
@@ -662,7 +682,7 @@ Status CoordinatorService::OnRegionDeleted(const proto::RegionDeleted& m) {
   const RegionRecord* r = regions_.FindByAddress(m.base);
   if (r == nullptr || r->id != m.region) {
     // Never heard of here (it did not fit): its pages are still NOT_FOUND.
-    RememberDeleted(DeletedRegion{m.region, m.base, m.size});
+    RememberDeleted(m.region);
     return Status::Ok();
   }
   Status st = DropFollowedRegion(RegionRecord(*r));

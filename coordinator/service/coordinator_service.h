@@ -96,7 +96,9 @@ class CoordinatorService {
   // which this shard's table may differ from shard 0's: the caller asks for
   // a fresh snapshot. A region this shard cannot place (its address window
   // differs from shard 0's: a misconfiguration) is logged and left out.
-  Status OnRegionSnapshot(const std::vector<proto::RegionCreated>& regions);
+  // `next_region`: the id shard 0 gives next (every id below it was given).
+  Status OnRegionSnapshot(const std::vector<proto::RegionCreated>& regions,
+                          proto::RegionId next_region);
   Status OnRegionCreated(const proto::RegionCreated& m);
   Status OnRegionDeleted(const proto::RegionDeleted& m);
   // The connection to shard 0 broke: changes may be missed until the next
@@ -127,10 +129,12 @@ class CoordinatorService {
   // Answers an Acquire for a page of no region (deleted while the node maps
   // it): a NOT_FOUND grant, or for a give-up an OK EvictReply.
   void RefuseGone(ConnId conn, const proto::Acquire& m);
-  // At a follower, whether an Acquire for a page of no region must wait
-  // (dropped: the node resends) rather than fail: its region may exist at
-  // shard 0 and not have reached this shard yet.
-  bool MayBeUnheardRegion(const proto::Acquire& m) const;
+  // Whether the Acquire's region is the one at its page here (kServe); if
+  // not, whether it was deleted (kGone: RefuseGone) or, at a follower, may
+  // exist at shard 0 and not have reached this shard yet (kWait: dropped,
+  // the node resends).
+  enum class RegionMatch { kServe, kWait, kGone };
+  RegionMatch MatchRegion(const proto::Acquire& m) const;
   // A follower's refusal of `request`, which only shard 0 serves.
   Status NotTheRegionAuthority(const char* request) const;
   Status AddFollowedRegion(const proto::RegionCreated& m);
@@ -171,17 +175,15 @@ class CoordinatorService {
   // every change since (false from start until the first snapshot, and
   // while the connection to shard 0 is down).
   bool synced_ = false;
-  // A follower: regions it saw deleted, newest last, so a node still asking
-  // about their pages is told NOT_FOUND rather than left waiting. Bounded:
-  // a page of a region deleted longer ago waits like an unknown one.
-  struct DeletedRegion {
-    proto::RegionId id = 0;
-    proto::PageAddr base = 0;
-    uint64_t size = 0;
-  };
+  // A follower: the regions it saw deleted, newest last, so a node still
+  // asking about their pages is told NOT_FOUND while the table is not
+  // synced. Bounded: synced, next_region_heard_ tells the rest.
   static constexpr size_t kMaxRecentDeletes = 1024;
-  std::deque<DeletedRegion> recent_deletes_;
-  void RememberDeleted(const DeletedRegion& d);
+  std::deque<proto::RegionId> recent_deletes_;
+  void RememberDeleted(proto::RegionId id);
+  // A follower: one past the highest region id it has heard of (from the
+  // last snapshot's next_region, or a change pushed since). Only grows.
+  proto::RegionId next_region_heard_ = 1;
 };
 
 }  // namespace dsvm::coordinator

@@ -925,9 +925,9 @@ void NodeDaemon::HandleRegionDeleted(const proto::RegionDeleted& m) {
     // the copy goes when the last of them unmaps it (DropUnmappedDeleted).
     LogInfo("keeping a deleted region until its last local mapping goes: " + st.message());
     deleted_mapped_[m.base] = m.region;
-    // Its requests in flight must not be resent: the directory knows pages
-    // by address, and a region made at these addresses meanwhile would
-    // answer them with its pages. Its pages' states go too: every access
+    // Its requests in flight are not resent: the directory would refuse
+    // them (NOT_FOUND: they name a deleted region), so they fail here at
+    // once. Its pages' states go too: every access
     // that reaches the daemon now fails (IsOfADeletedRegion), and what the
     // processes' page tables map is all they keep. The waits end, and
     // their faults, retried, fail.
@@ -1406,6 +1406,13 @@ void NodeDaemon::ExecuteOne(Action& a) {
   }
   switch (a.kind) {
     case ActionKind::kSendToDirectory:
+      // The agent knows pages by address only; the directory is told which
+      // region the node maps there, so that it never serves a request of a
+      // deleted region with the page of a region made at its addresses.
+      if (auto* acquire = std::get_if<proto::Acquire>(&a.message)) {
+        if (store == nullptr) return check(NotFound("no open region"), "Acquire");
+        acquire->region = region_ids_.at(store->base());
+      }
       // Queued: Run() writes everything queued in one go before it waits,
       // so the requests of a prefetch window share a send. Not open: the
       // agent resends after the rejoin.

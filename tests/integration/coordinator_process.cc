@@ -187,8 +187,8 @@ bool ScriptedNode::Holds(proto::PageAddr page, bool write) const {
                : it->second != proto::PageState::kInvalid;
 }
 
-Result<proto::Grant> ScriptedNode::Acquire(proto::PageAddr page, proto::AccessKind kind,
-                                           int timeout_ms) {
+Result<proto::Grant> ScriptedNode::Acquire(proto::RegionId region, proto::PageAddr page,
+                                           proto::AccessKind kind, int timeout_ms) {
   if (Holds(page, kind != proto::AccessKind::kRead)) {
     return FailedPrecondition("the node's copy already allows this access");
   }
@@ -201,6 +201,7 @@ Result<proto::Grant> ScriptedNode::Acquire(proto::PageAddr page, proto::AccessKi
   }
   a.request_seq = ++next_seq_;
   a.last_txn = last_txn_[page];
+  a.region = region;
   DSVM_RETURN_IF_ERROR(sock_.Send(a, 0));
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
   for (;;) {

@@ -67,9 +67,11 @@ class ScriptedNode {
   // takes no fault, and Acquire refuses with kFailedPrecondition).
   bool Holds(proto::PageAddr page, bool write) const;
 
-  // Sends an Acquire and waits for the Grant answering it, serving other
-  // directory messages meanwhile. Errors: the connection broke, or timeout.
-  Result<proto::Grant> Acquire(proto::PageAddr page, proto::AccessKind kind, int timeout_ms = 5000);
+  // Sends an Acquire for `page` of region `region` (the id the node maps
+  // there) and waits for the Grant answering it, serving other directory
+  // messages meanwhile. Errors: the connection broke, or timeout.
+  Result<proto::Grant> Acquire(proto::RegionId region, proto::PageAddr page, proto::AccessKind kind,
+                               int timeout_ms = 5000);
   Status Heartbeat();
   // Serves directory messages for `ms` (answers Invalidate, no-data Fetch, Grant).
   void Serve(int ms);

@@ -86,7 +86,7 @@ TEST(CoordinatorCrash, KillNineLosesNothingAcknowledged) {
       const proto::PageAddr page = base.base + (i * 7 % 256) * kPage;
       const AccessKind kind = (i % 3) ? AccessKind::kWrite : AccessKind::kRead;
       if (n.Holds(page, kind != AccessKind::kRead)) continue;  // a local hit: no request
-      auto g = n.Acquire(page, kind, 2000);
+      auto g = n.Acquire(base.region, page, kind, 2000);
       if (!g.ok()) break;
       if (g->state == proto::PageState::kModified) pages[page] = Acked{n.id(), g->version};
     }
@@ -179,6 +179,7 @@ TEST(CoordinatorInput, NodeCannotSpeakForAnotherNode) {
   forged.node = b.id();  // sent on a's connection
   forged.kind = AccessKind::kWrite;
   forged.request_seq = 1;
+  forged.region = r.region;
   ASSERT_TRUE(a.socket().Send(forged, 7).ok());
   auto f = a.socket().Receive(3000);
   ASSERT_TRUE(f.ok());
@@ -190,12 +191,12 @@ TEST(CoordinatorInput, NodeCannotSpeakForAnotherNode) {
   // access only: a NOT_FOUND grant, and the connection stays.
   ScriptedNode c;
   ASSERT_TRUE(c.Connect(coord.address()).ok());
-  auto outside = c.Acquire(r.base + (64u << 20), AccessKind::kRead, 2000);
+  auto outside = c.Acquire(r.region, r.base + (64u << 20), AccessKind::kRead, 2000);
   ASSERT_TRUE(outside.ok()) << outside.status().ToString();
   EXPECT_EQ(outside->status, static_cast<uint16_t>(StatusCode::kNotFound));
   EXPECT_TRUE(c.Heartbeat().ok());
   // b still works.
-  auto g = b.Acquire(r.base, AccessKind::kWrite);
+  auto g = b.Acquire(r.region, r.base, AccessKind::kWrite);
   ASSERT_TRUE(g.ok()) << g.status().ToString();
   EXPECT_EQ(g->state, proto::PageState::kModified);
 }
@@ -490,9 +491,9 @@ TEST(CoordinatorMembership, DeadNodeLosesSoleCopiesKeepsShared) {
   ScriptedNode a, b;
   ASSERT_TRUE(a.Connect(coord.address()).ok());
   ASSERT_TRUE(b.Connect(coord.address()).ok());
-  ASSERT_TRUE(a.Acquire(sole, AccessKind::kWrite).ok());
-  ASSERT_TRUE(a.Acquire(shared, AccessKind::kWrite).ok());
-  ASSERT_TRUE(b.Acquire(shared, AccessKind::kRead).ok());
+  ASSERT_TRUE(a.Acquire(r.region, sole, AccessKind::kWrite).ok());
+  ASSERT_TRUE(a.Acquire(r.region, shared, AccessKind::kWrite).ok());
+  ASSERT_TRUE(b.Acquire(r.region, shared, AccessKind::kRead).ok());
   EXPECT_EQ(Query(*tool, shared).sharers.size(), 2u);
 
   // a goes silent; b keeps heartbeating.
@@ -502,7 +503,7 @@ TEST(CoordinatorMembership, DeadNodeLosesSoleCopiesKeepsShared) {
   }
   proto::PageQueryReply q = Query(*tool, sole);
   EXPECT_EQ(q.lost, 1);
-  auto g = b.Acquire(sole, AccessKind::kRead);
+  auto g = b.Acquire(r.region, sole, AccessKind::kRead);
   ASSERT_TRUE(g.ok());
   EXPECT_EQ(g->status, static_cast<uint16_t>(StatusCode::kDataLoss));
   q = Query(*tool, shared);
@@ -698,11 +699,11 @@ bool TimedOut(const Status& st) {
 }
 
 // An Acquire as a node agent makes it: resent every 200 ms until answered.
-Result<proto::Grant> AcquireResending(ScriptedNode& n, proto::PageAddr page, AccessKind kind,
-                                      int timeout_ms = 5000) {
+Result<proto::Grant> AcquireResending(ScriptedNode& n, proto::RegionId region, proto::PageAddr page,
+                                      AccessKind kind, int timeout_ms = 5000) {
   const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
   for (;;) {
-    Result<proto::Grant> g = n.Acquire(page, kind, 200);
+    Result<proto::Grant> g = n.Acquire(region, page, kind, 200);
     if (g.ok() || !TimedOut(g.status()) || std::chrono::steady_clock::now() > until) return g;
   }
 }
@@ -739,18 +740,18 @@ TEST_F(TwoCoordinatorShards, TwoShardsSplitTheDirectoryByAddress) {
   ASSERT_TRUE(b1.Connect(shard1.address(), b0.id()).ok());
   EXPECT_EQ(a1.id(), a0.id());
   EXPECT_EQ(b1.id(), b0.id());
-  auto g = a0.Acquire(p0, AccessKind::kWrite);
+  auto g = a0.Acquire(r0.region, p0, AccessKind::kWrite);
   ASSERT_TRUE(g.ok()) << g.status().ToString();
-  g = a1.Acquire(p1, AccessKind::kWrite);
+  g = a1.Acquire(r0.region, p1, AccessKind::kWrite);
   ASSERT_TRUE(g.ok()) << g.status().ToString();
-  g = b1.Acquire(p1, AccessKind::kRead);
+  g = b1.Acquire(r0.region, p1, AccessKind::kRead);
   ASSERT_TRUE(g.ok()) << g.status().ToString();
   EXPECT_EQ(g->source, proto::DataSource::kOwner);
   EXPECT_EQ(Query(*t0, p0).owner, a0.id());
   EXPECT_EQ(Query(*t1, p1).sharers.size(), 2u);
 
   // A page of the other shard is refused (and that connection closed).
-  auto wrong = b0.Acquire(p1, AccessKind::kRead, 2000);
+  auto wrong = b0.Acquire(r0.region, p1, AccessKind::kRead, 2000);
   EXPECT_FALSE(wrong.ok());
   auto q = t0->Call(proto::PageQuery{p1});
   ASSERT_TRUE(q.ok());
@@ -760,7 +761,7 @@ TEST_F(TwoCoordinatorShards, TwoShardsSplitTheDirectoryByAddress) {
 
   // Shard 1 dies; shard 0 keeps serving its pages.
   shard1.Kill(SIGKILL);
-  g = a0.Acquire(p0 + 4096, AccessKind::kWrite);
+  g = a0.Acquire(r0.region, p0 + 4096, AccessKind::kWrite);
   ASSERT_TRUE(g.ok()) << g.status().ToString();
   EXPECT_EQ(g->state, proto::PageState::kModified);
 }
@@ -784,19 +785,21 @@ TEST(CoordinatorShards, OtherShardsNeedTheRegionAuthority) {
 // in the new region; a node that asks shard 1 before the region arrives
 // waits (its Acquire is dropped, and served when resent), never fails. A
 // delete reaches shard 1 too: its pages are NOT_FOUND there, and their
-// directory records are gone, until a new region takes the addresses.
+// directory records are gone. A new region at the addresses is served, and
+// a request naming the deleted one stays NOT_FOUND.
 TEST_F(TwoCoordinatorShards, RegionChangesAtShard0ReachTheFollower) {
   ScriptedNode n0, n1;
   ASSERT_TRUE(n0.Connect(shard0.address()).ok());
   ASSERT_TRUE(n1.Connect(shard1.address(), n0.id()).ok());
   ASSERT_TRUE(WaitUntil([&] { return SameTables(*t0, *t1); }));
 
-  // The first region lands at the window's base (first fit): ask shard 1
-  // for a page there before the region exists. No answer, not NOT_FOUND.
+  // The first region lands at the window's base (first fit), with id 1:
+  // ask shard 1 for a page of it before the region exists. No answer, not
+  // NOT_FOUND.
   const proto::PageAddr window_base = 0x200000000000ull;
   const proto::PageAddr early = window_base + proto::kShardGranule;  // shard 1's granule
   proto::Acquire ask{.page = early, .node = n1.id(), .kind = AccessKind::kWrite,
-                     .request_seq = 1000, .last_txn = 0};
+                     .request_seq = 1000, .last_txn = 0, .region = 1};
   ASSERT_TRUE(n1.socket().Send(ask, 0).ok());
   auto silence = n1.socket().Receive(600);
   ASSERT_FALSE(silence.ok()) << "shard 1 answered an Acquire for a region it has not heard of: "
@@ -805,8 +808,9 @@ TEST_F(TwoCoordinatorShards, RegionChangesAtShard0ReachTheFollower) {
 
   proto::RegionReply r = CreateRegion(*t0, "fresh", 4u << 20);
   ASSERT_EQ(r.base, window_base);
+  ASSERT_EQ(r.region, ask.region);
   // The node resends as an agent does, and is served once the region is there.
-  auto g = AcquireResending(n1, early, AccessKind::kWrite);
+  auto g = AcquireResending(n1, r.region, early, AccessKind::kWrite);
   ASSERT_TRUE(g.ok()) << g.status().ToString() << "\n" << shard1.stderr_text();
   EXPECT_EQ(g->status, 0);
   EXPECT_EQ(g->state, proto::PageState::kModified);
@@ -823,19 +827,25 @@ TEST_F(TwoCoordinatorShards, RegionChangesAtShard0ReachTheFollower) {
   ScriptedNode m0, m1;  // holds nothing there
   ASSERT_TRUE(m0.Connect(shard0.address()).ok());
   ASSERT_TRUE(m1.Connect(shard1.address(), m0.id()).ok());
-  g = m1.Acquire(early, AccessKind::kRead, 2000);
+  g = m1.Acquire(r.region, early, AccessKind::kRead, 2000);
   ASSERT_TRUE(g.ok()) << g.status().ToString();
   EXPECT_EQ(g->status, static_cast<uint16_t>(StatusCode::kNotFound));
-  // A page that was never in a region is not known to be deleted: dropped.
-  auto never = m1.Acquire(window_base + (1ull << 40) + proto::kShardGranule, AccessKind::kRead, 600);
-  EXPECT_FALSE(never.ok());
-  EXPECT_TRUE(TimedOut(never.status())) << never.status().ToString();
+  // A region shard 1 has not heard of (an id shard 0 has not given yet) may
+  // be on its way: dropped.
+  auto unheard = m1.Acquire(r.region + 100, window_base + (1ull << 40) + proto::kShardGranule,
+                            AccessKind::kRead, 600);
+  EXPECT_FALSE(unheard.ok());
+  EXPECT_TRUE(TimedOut(unheard.status())) << unheard.status().ToString();
 
-  // A newer region over the same addresses is served, not NOT_FOUND.
+  // A newer region over the same addresses is served, not NOT_FOUND; a
+  // request naming the deleted region is not served that region's page.
   proto::RegionReply again = CreateRegion(*t0, "again", 4u << 20);
   ASSERT_EQ(again.base, window_base);
   ASSERT_TRUE(WaitUntil([&] { return Lists(*t1, again); }));
-  g = m1.Acquire(early, AccessKind::kRead, 2000);
+  g = m1.Acquire(r.region, early, AccessKind::kRead, 2000);
+  ASSERT_TRUE(g.ok()) << g.status().ToString();
+  EXPECT_EQ(g->status, static_cast<uint16_t>(StatusCode::kNotFound));
+  g = m1.Acquire(again.region, early, AccessKind::kRead, 2000);
   ASSERT_TRUE(g.ok()) << g.status().ToString();
   EXPECT_EQ(g->status, 0);
   EXPECT_EQ(g->state, proto::PageState::kShared);
@@ -858,6 +868,7 @@ TEST(CoordinatorShards, ALateOrRestartedFollowerGetsTheTableFromTheSnapshot) {
   }
   const std::string data1 = dir.path() + "/s1";
   proto::PageAddr touched = 0;
+  proto::RegionId touched_region = 0;
   {
     CoordinatorProcess shard1;
     ASSERT_TRUE(shard1.Start(data1, ShardFlags(1, 2, shard0.address())).ok()) << shard1.stderr_text();
@@ -870,6 +881,7 @@ TEST(CoordinatorShards, ALateOrRestartedFollowerGetsTheTableFromTheSnapshot) {
     for (const proto::RegionReply& r : made) {
       if (map.ShardOf(r.base) == 1 && r.name != made.back().name) {
         touched = r.base;
+        touched_region = r.region;
         break;
       }
     }
@@ -877,7 +889,7 @@ TEST(CoordinatorShards, ALateOrRestartedFollowerGetsTheTableFromTheSnapshot) {
     ScriptedNode n0, n1;
     ASSERT_TRUE(n0.Connect(shard0.address()).ok());
     ASSERT_TRUE(n1.Connect(shard1.address(), n0.id()).ok());
-    auto g = n1.Acquire(touched, AccessKind::kWrite);
+    auto g = n1.Acquire(touched_region, touched, AccessKind::kWrite);
     ASSERT_TRUE(g.ok()) << g.status().ToString();
     ASSERT_EQ(g->status, 0);
     shard1.Kill(SIGKILL);
@@ -902,7 +914,7 @@ TEST(CoordinatorShards, ALateOrRestartedFollowerGetsTheTableFromTheSnapshot) {
   ScriptedNode n0, n1;
   ASSERT_TRUE(n0.Connect(shard0.address()).ok());
   ASSERT_TRUE(n1.Connect(shard1.address(), n0.id()).ok());
-  auto g = n1.Acquire(touched, AccessKind::kRead, 2000);
+  auto g = n1.Acquire(touched_region, touched, AccessKind::kRead, 2000);
   ASSERT_TRUE(g.ok()) << g.status().ToString();
   EXPECT_EQ(g->status, static_cast<uint16_t>(StatusCode::kNotFound))
       << "a region dropped by the snapshot is known to be deleted";
@@ -956,7 +968,7 @@ TEST(CoordinatorShards, TheFollowerReconnectsWhenShard0Restarts) {
                                                  ? 0
                                                  : proto::kShardGranule);
   if (page < after.base + after.size) {
-    auto g = n1.Acquire(page, AccessKind::kWrite);
+    auto g = n1.Acquire(after.region, page, AccessKind::kWrite);
     ASSERT_TRUE(g.ok()) << g.status().ToString();
     EXPECT_EQ(g->status, 0);
   }
@@ -1021,7 +1033,7 @@ TEST_F(TwoCoordinatorShards, AFollowerRefusesRegionRequestsAndTakesShard0NodeIds
 
   const proto::PageAddr p1 = r.base + proto::kShardGranule;
   ASSERT_EQ(proto::ShardMap(2).ShardOf(p1), 1u);
-  auto g = a1.Acquire(p1, AccessKind::kWrite);
+  auto g = a1.Acquire(r.region, p1, AccessKind::kWrite);
   ASSERT_TRUE(g.ok()) << g.status().ToString();
   EXPECT_EQ(g->status, 0);
   EXPECT_EQ(g->state, proto::PageState::kModified);

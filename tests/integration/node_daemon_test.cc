@@ -1647,5 +1647,55 @@ TEST_F(NodeLeaseTest, AccessesHeldByAFenceGoOnWhenTheLeaseIsBack) {
   EXPECT_EQ(nodes_[0]->ReadU64(r.base + 4096), 3u);
 }
 
+// Node 1's connection to the coordinator is lost, with what it carried,
+// while region "missed" is deleted and a new region takes its addresses:
+// node 1 never hears of the delete, and its process still maps "missed".
+// That process's next access to a page not valid on node 1 must fail
+// (SIGBUS), not be served the new region's page, which node 1 asks for at
+// the same address: the Acquire names the region node 1 maps. Fails
+// without: the process read what node 0 wrote into the new region (exit 13).
+TEST_F(NodeLeaseTest, ANodeThatMissedADeleteIsNotServedTheNextRegionsPages) {
+  const proto::RegionReply old = Region("missed", 8 * 4096, 4096);
+  StartNodes(2, old);
+  nodes_[0]->WriteU64(old.base, 42);
+  ASSERT_EQ(::pipe(ready_), 0);
+  ASSERT_EQ(::pipe(go_), 0);
+  constexpr uint64_t kSecret = 0x5ec2e7;
+  reader_ = ForkRegionClient(1, "missed", [&](volatile uint64_t* p) {
+    if (p[0] != 42) return 11;
+    char c = 1;
+    if (::write(ready_[1], &c, 1) != 1 || ::read(go_[0], &c, 1) != 1) return 12;
+    const uint64_t seen = p[5 * 512];  // page 5: never valid on node 1
+    return seen == kSecret ? 13 : 14;  // not reached: SIGBUS
+  });
+  char c;
+  ASSERT_EQ(::read(ready_[0], &c, 1), 1);
+  const uint64_t reconnects = Stats(1).coordinator_reconnects;
+  relay_->Cut();  // the notice of the delete waits in the relay...
+  auto reply = tool_.Call(proto::RegionDelete{.name = "missed"});
+  ASSERT_TRUE(reply.ok());
+  ASSERT_EQ(std::get<proto::StatusReply>(*reply).code, 0);
+  relay_->Reset();  // ...and is lost with the connection
+  relay_->Heal();
+  const proto::RegionReply successor = Region("successor3", 8 * 4096, 4096);
+  ASSERT_EQ(successor.base, old.base) << "the test needs the same addresses";
+  nodes_[0]->Sync([&](NodeDaemon& d) { ASSERT_TRUE(d.OpenRegion(successor).ok()); });
+  nodes_[0]->WriteU64(successor.base + 5 * 4096, kSecret);
+  for (int i = 0; i < 500 && Stats(1).coordinator_reconnects == reconnects; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ASSERT_GT(Stats(1).coordinator_reconnects, reconnects) << "node 1 never rejoined";
+  size_t kept = 0;
+  nodes_[1]->Sync([&](NodeDaemon& d) { kept = d.deleted_kept(); });
+  ASSERT_EQ(kept, 0u) << "node 1 heard of the delete: the test's premise";
+  Go();
+  int status = 0;
+  ASSERT_EQ(::waitpid(reader_, &status, 0), reader_);
+  EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGBUS)
+      << "status " << status << " (exit " << (WIFEXITED(status) ? WEXITSTATUS(status) : -1)
+      << "; 13: it read the new region's page)";
+  EXPECT_EQ(Stats(1).fresh_starts, 0u) << "node 1 was declared dead: the test's premise";
+}
+
 }  // namespace
 }  // namespace dsvm::testing

@@ -61,6 +61,11 @@ TcpRelay::~TcpRelay() {
   ::close(listen_fd_);
 }
 
+void TcpRelay::Reset() {
+  reset_ = true;
+  while (reset_) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+}
+
 std::string TcpRelay::address() const { return "127.0.0.1:" + std::to_string(port_); }
 
 void TcpRelay::Loop() {
@@ -70,7 +75,20 @@ void TcpRelay::Loop() {
   };
   std::vector<Pair> pairs;
   char buf[65536];
+  // shutdown, not only close: a forked test client holds copies of these
+  // descriptors, and a close alone would end nothing.
+  auto drop = [](const Pair& p) {
+    for (int fd : {p.a, p.b}) {
+      ::shutdown(fd, SHUT_RDWR);
+      ::close(fd);
+    }
+  };
   while (!stop_) {
+    if (reset_) {
+      for (const Pair& p : pairs) drop(p);
+      pairs.clear();
+      reset_ = false;
+    }
     if (cut_) {  // nothing moves; connections stay as they are
       std::this_thread::sleep_for(std::chrono::milliseconds(5));
       continue;
@@ -112,12 +130,7 @@ void TcpRelay::Loop() {
       if (!alive) dead.push_back(i);
     }
     for (size_t k = dead.size(); k-- > 0;) {
-      // shutdown, not only close: a forked test client holds copies of
-      // these descriptors, and a close alone would end nothing.
-      for (int fd : {pairs[dead[k]].a, pairs[dead[k]].b}) {
-        ::shutdown(fd, SHUT_RDWR);
-        ::close(fd);
-      }
+      drop(pairs[dead[k]]);
       pairs.erase(pairs.begin() + static_cast<ptrdiff_t>(dead[k]));
     }
   }

@@ -30,6 +30,10 @@ class TcpRelay {
   std::string address() const;
   void Cut() { cut_ = true; }
   void Heal() { cut_ = false; }
+  // Drops every relayed connection, with the bytes it held (a reset
+  // connection, as after a router reboot), cut or not; new connections
+  // are relayed as before. Returns once they are closed.
+  void Reset();
 
  private:
   TcpRelay(int listen_fd, int port, std::string target_host, int target_port);
@@ -40,6 +44,7 @@ class TcpRelay {
   const std::string target_host_;
   const int target_port_;
   std::atomic<bool> cut_{false};
+  std::atomic<bool> reset_{false};  // asked by Reset(), cleared by the loop when done
   std::atomic<bool> stop_{false};
   std::thread thread_;
 };

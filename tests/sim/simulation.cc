@@ -30,6 +30,7 @@ using proto::PageState;
 using proto::TxnId;
 
 constexpr uint32_t kShardEndpoint = 1u << 20;  // endpoint ids >= this are directory shards
+constexpr proto::RegionId kRegion = 1;         // the one region every simulated page is in
 constexpr PageAddr kWindowBase = 0x100000000000ull;
 constexpr uint64_t kRetransmitMs = 60;
 constexpr uint64_t kTickEveryMs = 15;
@@ -300,6 +301,9 @@ class Simulation {
       const std::string where = " at node " + std::to_string(n.id) + " page " + std::to_string(a.page >> 21);
       switch (a.kind) {
         case ActionKind::kSendToDirectory:
+          // As the daemon does: an Acquire names the region mapped at its
+          // page (the simulated pages are all of one region).
+          if (auto* acquire = std::get_if<proto::Acquire>(&a.message)) acquire->region = kRegion;
           Send(n.id, kShardEndpoint + shard_map_.ShardOf(a.page), a.message);
           break;
         case ActionKind::kSendPage:

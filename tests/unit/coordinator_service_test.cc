@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -79,6 +80,35 @@ class CoordinatorServiceTest : public ::testing::Test {
     service_ = std::move(*s);
     return Status::Ok();
   }
+  // Makes this service shard 1 of 2, following shard 0's region table
+  // (fed here by the OnRegion* calls a RegionFollower makes).
+  Status StartFollower() {
+    service_.reset();
+    auto store = Store::Open(dir_, {});
+    if (!store.ok()) return store.status();
+    ServiceOptions o;
+    o.shard = 1;
+    o.shard_count = 2;
+    o.heartbeat_interval_ms = kHeartbeatMs;
+    o.dead_after_ms = kDeadAfterMs;
+    o.tick_ms = kTickMs;
+    o.region_authority = "127.0.0.1:1";  // never dialled here
+    auto s = CoordinatorService::Create(std::move(*store), o, now_);
+    if (!s.ok()) return s.status();
+    service_ = std::move(*s);
+    return Status::Ok();
+  }
+  // An Acquire of `node` on `conn` for `page` of region `region`; the
+  // Grant answering it, or nullopt when none came (dropped).
+  std::optional<proto::Grant> Ask(ConnId conn, proto::NodeId node, proto::RegionId region,
+                                  proto::PageAddr page, proto::AccessKind kind) {
+    grant_ = proto::Grant{};
+    const uint64_t seq = ++acquire_seq_;
+    Deliver(conn, proto::Acquire{.page = page, .node = node, .kind = kind, .request_seq = seq,
+                                 .region = region});
+    if (grant_.request_seq != seq) return std::nullopt;
+    return grant_;
+  }
   proto::NodeId Join(ConnId conn) {
     joined_ = proto::kNoNode;
     reply_ = Status::Ok();
@@ -101,6 +131,7 @@ class CoordinatorServiceTest : public ::testing::Test {
   std::string dir_;
   uint64_t now_ = 10'000;
   uint64_t request_ = 0;
+  uint64_t acquire_seq_ = 0;
   proto::NodeId joined_ = proto::kNoNode;  // from the last JoinReply
   proto::RegionReply region_;              // the last RegionReply
   proto::Grant grant_;                     // the last Grant sent to anyone
@@ -172,7 +203,7 @@ TEST_F(CoordinatorServiceTest, ACrashRightAfterADeathIsFinishedAtRestart) {
   const proto::NodeId a = Join(1);
   const proto::NodeId b = Join(2);
   Deliver(1, proto::Acquire{.page = page, .node = a, .kind = proto::AccessKind::kWrite,
-                            .request_seq = 1});
+                            .request_seq = 1, .region = region_.region});
   ASSERT_EQ(grant_.page, page);
   Deliver(1, proto::Done{page, grant_.txn, a});
   const PageRecord* rec = service_->directory().Find(page);
@@ -231,6 +262,102 @@ TEST_F(CoordinatorServiceTest, AJoinPastTheMostLiveNodesIsRefused) {
   Deliver(1, proto::LeaveRequest{1});
   EXPECT_EQ(service_->stats().nodes_declared_dead, 1u);
   EXPECT_NE(Join(extra), proto::kNoNode) << reply_.ToString();
+}
+
+// A node cut off when region r1 was deleted still maps it, and a new region
+// r2 now holds r1's addresses. The node's Acquire names r1: it must fail
+// (NOT_FOUND, SIGBUS in the process), not be served r2's page, which
+// another owner's rules protect. Fails without: the grant gave r2's page.
+TEST_F(CoordinatorServiceTest, AnAcquireOfADeletedRegionIsNotServedItsSuccessorsPage) {
+  const ConnId tool = 50;
+  Deliver(tool, proto::RegionCreate{.name = "r1", .size = 4 * 4096, .page_size = 4096});
+  const proto::RegionReply r1 = region_;
+  ASSERT_NE(r1.region, 0u) << reply_.ToString();
+  const proto::NodeId a = Join(1);
+  const proto::NodeId b = Join(2);
+  auto g = Ask(1, a, r1.region, r1.base, proto::AccessKind::kWrite);
+  ASSERT_TRUE(g.has_value());
+  Deliver(1, proto::Done{r1.base, g->txn, a});
+  Deliver(tool, proto::RegionDelete{.name = "r1"});
+  ASSERT_TRUE(reply_.ok()) << reply_.ToString();
+  Deliver(tool, proto::RegionCreate{.name = "r2", .size = 4 * 4096, .page_size = 4096});
+  const proto::RegionReply r2 = region_;
+  ASSERT_EQ(r2.base, r1.base) << "the test needs the same addresses";
+  g = Ask(1, a, r2.region, r2.base, proto::AccessKind::kWrite);  // r2's page 0, written by a
+  ASSERT_TRUE(g.has_value());
+  ASSERT_EQ(g->status, 0);
+  Deliver(1, proto::Done{r2.base, g->txn, a});
+
+  g = Ask(2, b, r1.region, r1.base, proto::AccessKind::kRead);
+  ASSERT_TRUE(g.has_value()) << "answered, not dropped: shard 0 knows every region";
+  EXPECT_EQ(g->status, static_cast<uint16_t>(StatusCode::kNotFound))
+      << "node b was granted r2's page for its mapping of deleted r1";
+  g = Ask(2, b, r2.region, r2.base, proto::AccessKind::kRead);
+  ASSERT_TRUE(g.has_value());
+  EXPECT_EQ(g->status, 0);
+  EXPECT_EQ(g->source, proto::DataSource::kOwner);
+}
+
+// A follower shard serves an Acquire only for the region it names. One it
+// has not heard of waits (dropped; the node resends), even when an older
+// region still holds the addresses here; one it knows was deleted fails,
+// even when a newer region holds them. Fails without: the follower served
+// r2's request with r1's records (owner a), and r1's with r2's.
+TEST_F(CoordinatorServiceTest, AFollowerServesAnAcquireOnlyForTheRegionItNames) {
+  ASSERT_TRUE(StartFollower().ok());
+  const proto::PageAddr base = WindowOptions{}.base;
+  const proto::PageAddr page = base + proto::kShardGranule;  // shard 1's granule
+  const uint64_t size = 4u << 20;
+  const proto::RegionCreated r1{1, base, size, 4096, "r1"};
+  const proto::RegionCreated r2{2, base, size, 4096, "r2"};
+  ASSERT_TRUE(service_->OnRegionSnapshot({r1}, 2).ok());
+  proto::NodeId a = 7, b = 8;  // ids shard 0 gave
+  for (auto [conn, id] : {std::pair<ConnId, proto::NodeId>{1, a}, {2, b}}) {
+    proto::JoinRequest j;
+    j.node = id;
+    j.address = "127.0.0.1:1";
+    Deliver(conn, j);
+    ASSERT_EQ(joined_, id) << reply_.ToString();
+  }
+  auto g = Ask(1, a, r1.region, page, proto::AccessKind::kWrite);
+  ASSERT_TRUE(g.has_value());
+  ASSERT_EQ(g->status, 0);
+  Deliver(1, proto::Done{page, g->txn, a});
+
+  // Shard 0 deletes r1 and makes r2 at its addresses; node b opened r2
+  // there and asks before this shard has heard of either change.
+  EXPECT_FALSE(Ask(2, b, r2.region, page, proto::AccessKind::kRead).has_value())
+      << "served r2's request with r1's page";
+  ASSERT_TRUE(service_->OnRegionDeleted(proto::RegionDeleted{r1.region, base, size}).ok());
+  EXPECT_FALSE(Ask(2, b, r2.region, page, proto::AccessKind::kRead).has_value());
+  g = Ask(2, b, r1.region, page, proto::AccessKind::kRead);
+  ASSERT_TRUE(g.has_value());
+  EXPECT_EQ(g->status, static_cast<uint16_t>(StatusCode::kNotFound));
+  ASSERT_TRUE(service_->OnRegionCreated(r2).ok());
+  g = Ask(2, b, r1.region, page, proto::AccessKind::kRead);
+  ASSERT_TRUE(g.has_value());
+  EXPECT_EQ(g->status, static_cast<uint16_t>(StatusCode::kNotFound))
+      << "served deleted r1's request with r2's page";
+  g = Ask(2, b, r2.region, page, proto::AccessKind::kRead);
+  ASSERT_TRUE(g.has_value());
+  EXPECT_EQ(g->status, 0);
+  EXPECT_EQ(g->source, proto::DataSource::kZero) << "r2's page is new: r1's records are gone";
+
+  // Cut off from shard 0, the follower cannot tell an unheard region from
+  // a deleted one, but for those it saw deleted.
+  service_->OnRegionAuthorityLost();
+  const proto::PageAddr elsewhere = base + (64u << 20) + proto::kShardGranule;
+  EXPECT_FALSE(Ask(2, b, 5, elsewhere, proto::AccessKind::kRead).has_value());
+  g = Ask(2, b, r1.region, page, proto::AccessKind::kRead);
+  ASSERT_TRUE(g.has_value());
+  EXPECT_EQ(g->status, static_cast<uint16_t>(StatusCode::kNotFound));
+  // A snapshot says shard 0 has given ids up to 9: region 5, not in it, was
+  // made and deleted meanwhile; region 10 may still come.
+  ASSERT_TRUE(service_->OnRegionSnapshot({r2}, 10).ok());
+  g = Ask(2, b, 5, elsewhere, proto::AccessKind::kRead);
+  ASSERT_TRUE(g.has_value()) << "a region deleted before the snapshot waits for ever";
+  EXPECT_EQ(g->status, static_cast<uint16_t>(StatusCode::kNotFound));
+  EXPECT_FALSE(Ask(2, b, 10, elsewhere, proto::AccessKind::kRead).has_value());
 }
 
 }  // namespace

@@ -226,7 +226,8 @@ std::vector<Message> SampleMessages() {
               .kind = AccessKind::kUpgrade,
               .request_seq = 0x8000000000000001ull,
               .last_txn = 98,
-              .target = 0x80000007},
+              .target = 0x80000007,
+              .region = 0x8000000000000009ull},
       Grant{.page = kPage,
             .txn = 100,
             .request_seq = 1234,
@@ -291,7 +292,7 @@ std::vector<Message> SampleMessages() {
                     .size = 0x7F00000000030000ull,
                     .page_size = 65536,
                     .name = "matrix-e"},
-      RegionSnapshotDone{.regions = 0x8000000000000045ull},
+      RegionSnapshotDone{.regions = 0x8000000000000045ull, .next_region = 0x8000000000000046ull},
       GpuMap{.address = 0x8000000000600000ull, .length = 0x7F00000000005000ull, .gpu = 0x80000001,
              .write = 1},
       GpuMapReply{.gpu = 0x80000002,
@@ -413,7 +414,7 @@ TEST(ProtoWireTest, LeaveRequestBytesAreLittleEndianAsDocumented) {
   Bytes bytes = Encode(LeaveRequest{.node = 0x01020304}, 0x1122334455667788ull);
   const Bytes expected = {
       0x44, 0x53, 0x56, 0x4D,                          // "DSVM"
-      0x04, 0x00,                                      // version 4
+      0x05, 0x00,                                      // version 5
       0x05, 0x00,                                      // type kLeaveRequest
       0x04, 0x00, 0x00, 0x00,                          // payload_length 4
       0x00, 0x00, 0x00, 0x00,                          // reserved
@@ -978,6 +979,17 @@ TEST(ProtoFieldTest, RegionWatchAndSnapshotDoneDecodeAsSent) {
   // RegionWatch has no payload: a byte there is refused.
   ExpectRefused(FrameOf(MessageType::kRegionWatch, Bytes{0}), StatusCode::kCorruption,
                 "trailing bytes");
+}
+
+// Every Acquire names the region the node maps at the page (wire version
+// 5): one naming none is refused, whatever else it says.
+TEST(ProtoFieldTest, AnAcquireOfNoRegionIsRefused) {
+  Acquire a{.page = 0x200000000000ull, .node = 2, .kind = AccessKind::kRead, .request_seq = 1};
+  ExpectRefused(Encode(a, 0), StatusCode::kCorruption, "names no region");
+  a.region = 1;
+  Result<Frame> ok = Decode(Encode(a, 0));
+  ASSERT_TRUE(ok.ok()) << ok.status().ToString();
+  EXPECT_EQ(std::get<Acquire>(ok->message).region, 1u);
 }
 
 // Decode checks a claimed length against the bound and the bytes present

@@ -61,7 +61,7 @@ TEST_P(UcxTransportTest, HelloThenMessagesBothWays) {
   auto a = Make(1), b = Make(2);
   ASSERT_TRUE(a && b);
   ASSERT_TRUE(b->Connect(1, "127.0.0.1:" + std::to_string(a->port())).ok());
-  ASSERT_TRUE(b->Send(1, proto::Acquire{0x200000000000, 2, proto::AccessKind::kRead, 7, 3}).ok());
+  ASSERT_TRUE(b->Send(1, proto::Acquire{0x200000000000, 2, proto::AccessKind::kRead, 7, 3, 0, 5}).ok());
   ASSERT_TRUE(Pump({a.get(), b.get()}, [&] { return !in_[0].empty(); }));
   ASSERT_EQ(in_[0].size(), 1u);
   EXPECT_EQ(in_[0][0].from, 2u);
