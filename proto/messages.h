@@ -224,11 +224,15 @@ struct NodeCounters {
   uint64_t gpu_placed_pages = 0;    // pages placed by preferred-GPU advice
   uint64_t gpu_pages_in = 0;        // pages copied to a GPU
   uint64_t gpu_pages_out = 0;       // dirty pages written back from a GPU
+  // Leases (wire version 5; PROTOCOL.md, Leases).
+  uint64_t fences = 0;           // lapsed leases: the node took its pages from its processes
+  uint64_t fenced_accesses = 0;  // accesses held until a lapsed lease came back
   template <typename A> void Visit(A& a) {
     a.U64(read_faults); a.U64(write_faults); a.U64(local_hits); a.U64(pages_fetched);
     a.U64(pages_sent); a.U64(bytes_fetched); a.U64(bytes_sent); a.U64(invalidations);
     a.U64(downgrades); a.U64(prefetched_pages); a.U64(gpu_maps); a.U64(gpu_zero_copy_maps);
     a.U64(gpu_maps_lost); a.U64(gpu_placed_pages); a.U64(gpu_pages_in); a.U64(gpu_pages_out);
+    a.U64(fences); a.U64(fenced_accesses);
   }
   bool operator==(const NodeCounters&) const = default;
 };
@@ -640,7 +644,7 @@ struct PeerProof {
 };
 
 // The ABI version libdsvm and dsvm-node speak on the client plane.
-inline constexpr uint32_t kClientAbi = 5;  // 3: GpuMap, GpuMapReply, GpuUnmap; 4: GpuPrefetch; 5: GPU advice, host maps
+inline constexpr uint32_t kClientAbi = 6;  // 3: GpuMap, GpuMapReply, GpuUnmap; 4: GpuPrefetch; 5: GPU advice, host maps; 6: lease counters
 
 // Client -> daemon: the first record on a client connection.
 struct ClientHello {

@@ -862,6 +862,8 @@ int Stats(dsvm_node_stats_t* out) {
   out->gpu_placed_pages = c.gpu_placed_pages;
   out->gpu_pages_in = c.gpu_pages_in;
   out->gpu_pages_out = c.gpu_pages_out;
+  out->fences = c.fences;
+  out->fenced_accesses = c.fenced_accesses;
   return Succeed();
 }
 

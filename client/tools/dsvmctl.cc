@@ -153,10 +153,11 @@ int List(proto::FramedSocket& sock, bool nodes) {
         auto u = [](uint64_t v) { return static_cast<unsigned long long>(v); };
         std::printf(
             "  faults read=%llu write=%llu local_hits=%llu  pages fetched=%llu (%llu B) "
-            "sent=%llu (%llu B)  invalidations=%llu downgrades=%llu prefetched=%llu\n",
+            "sent=%llu (%llu B)  invalidations=%llu downgrades=%llu prefetched=%llu  "
+            "fences=%llu (accesses held %llu)\n",
             u(c.read_faults), u(c.write_faults), u(c.local_hits), u(c.pages_fetched),
             u(c.bytes_fetched), u(c.pages_sent), u(c.bytes_sent), u(c.invalidations),
-            u(c.downgrades), u(c.prefetched_pages));
+            u(c.downgrades), u(c.prefetched_pages), u(c.fences), u(c.fenced_accesses));
         if (e.gpu_count != 0) {
           std::printf("  gpu maps=%llu (zero-copy %llu, lost %llu) placed=%llu pages in=%llu "
                       "out=%llu\n",

@@ -703,6 +703,8 @@ proto::NodeCounters NodeDaemon::Counters() const {
     c.gpu_pages_in = tier_->stats().pages_to_device;
     c.gpu_pages_out = tier_->stats().pages_to_host;
   }
+  c.fences = stats_.fences;
+  c.fenced_accesses = stats_.fenced_accesses;
   return c;
 }
 

@@ -1642,6 +1642,20 @@ TEST_F(NodeLeaseTest, AccessesHeldByAFenceGoOnWhenTheLeaseIsBack) {
   const node::NodeDaemonStats stats = Stats(1);
   EXPECT_EQ(stats.fresh_starts, 0u) << "node 1 was declared dead: the cut outlasted the deadline";
   EXPECT_EQ(stats.pages_received, 1u) << "the node's copy was used again, not fetched anew";
+  // The coordinator hears of the fence with the next heartbeats (dsvmctl nodes).
+  proto::NodeId id = proto::kNoNode;
+  nodes_[1]->Sync([&](NodeDaemon& d) { id = d.id(); });
+  proto::NodeCounters heard;
+  for (int i = 0; i < 300 && heard.fenced_accesses < 2; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    auto reply = tool_.Call(proto::NodeList{});
+    ASSERT_TRUE(reply.ok());
+    for (const proto::NodeEntry& e : std::get<proto::NodeListReply>(*reply).nodes) {
+      if (e.node == id) heard = e.counters;
+    }
+  }
+  EXPECT_EQ(heard.fences, 1u);
+  EXPECT_EQ(heard.fenced_accesses, 2u);
   // And it is a member as before, both ways.
   nodes_[1]->WriteU64(r.base + 4096, 3);
   EXPECT_EQ(nodes_[0]->ReadU64(r.base + 4096), 3u);

@@ -613,7 +613,9 @@ TEST_F(ClientApiTest, StatsCopiesEveryCounterOfTheDaemon) {
                                        .gpu_maps_lost = 23,
                                        .gpu_placed_pages = 24,
                                        .gpu_pages_in = 25,
-                                       .gpu_pages_out = 1ull << 41};
+                                       .gpu_pages_out = 1ull << 41,
+                                       .fences = 26,
+                                       .fenced_accesses = 1ull << 42};
   daemon_.Override(proto::MessageType::kNodeStats,
                    [&](const proto::Frame&) { return Answer::Reply(reply); });
   dsvm_node_stats_t s;
@@ -637,7 +639,8 @@ TEST_F(ClientApiTest, StatsCopiesEveryCounterOfTheDaemon) {
   EXPECT_EQ(s.gpu_placed_pages, 24u);
   EXPECT_EQ(s.gpu_pages_in, 25u);
   EXPECT_EQ(s.gpu_pages_out, 1ull << 41);
-  for (uint64_t r : s.reserved) EXPECT_EQ(r, 0u);
+  EXPECT_EQ(s.fences, 26u);
+  EXPECT_EQ(s.fenced_accesses, 1ull << 42);
   EXPECT_EQ(dsvm_stats(nullptr), DSVM_EINVALID_ARGUMENT);
 
   // Another node's counters: the daemon broke the protocol.

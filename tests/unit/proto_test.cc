@@ -173,7 +173,9 @@ NodeCounters SampleCounters(uint64_t seed) {
                       .gpu_maps_lost = high + 13,
                       .gpu_placed_pages = high + 14,
                       .gpu_pages_in = high + 15,
-                      .gpu_pages_out = high + 16};
+                      .gpu_pages_out = high + 16,
+                      .fences = high + 17,
+                      .fenced_accesses = high + 18};
 }
 
 std::vector<Message> SampleMessages() {

@@ -451,7 +451,9 @@ typedef struct dsvm_node_stats {
   uint64_t gpu_placed_pages;   /* pages placed by DSVM_ADVICE_PREFERRED_GPU */
   uint64_t gpu_pages_in;       /* pages copied to the node's GPUs */
   uint64_t gpu_pages_out;      /* dirty pages written back from them */
-  uint64_t reserved[2];        /* 0; room for later counters */
+  /* Leases (proto/PROTOCOL.md, "Leases"): the node was cut off from its coordinator */
+  uint64_t fences;             /* times it took its pages from its processes */
+  uint64_t fenced_accesses;    /* accesses that waited for the coordinator */
 } dsvm_node_stats_t;
 
 /* Fills *stats with the local node's counters.
