@@ -1580,8 +1580,8 @@ void NodeDaemon::HandleFault(const FaultEvent& e) {
     if (!st.ok()) LogError("revealing page " + Hex(e.page) + ": " + st.ToString());
   }
   if (IsOfADeletedRegion(e.page)) {
-    // Asking the directory would get the page of whatever region took
-    // these addresses since: the access fails here (SIGBUS).
+    // The directory would refuse it (the Acquire names the deleted
+    // region): the access fails here at once (SIGBUS).
     ++stats_.accesses_failed;
     LogWarning("a client's access to page " + Hex(e.page) +
                " fails (SIGBUS): its region was deleted");
