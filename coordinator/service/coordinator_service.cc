@@ -241,6 +241,17 @@ void CoordinatorService::OnTick(uint64_t now_ms) {
 }
 
 Status CoordinatorService::Flush(std::vector<Send>* sends) {
+  // A dead node's record goes before the directory records and messages of
+  // the hand-over of its pages (DeclareDead).
+  while (!deaths_unpersisted_.empty()) {
+    const proto::NodeId node = *deaths_unpersisted_.begin();
+    auto it = members_.find(node);
+    DSVM_CHECK(it != members_.end() && !it->second.record.live);
+    Status st = store_->PutNode(it->second.record);
+    if (!st.ok()) return st;  // hold everything; the next Flush retries
+    LogInfo("node " + std::to_string(node) + " is stored dead now; its pages are handed on");
+    deaths_unpersisted_.erase(deaths_unpersisted_.begin());
+  }
   directory_.TakeDirty(&unpersisted_);
   if (!unpersisted_.empty()) {
     Status st = store_->WriteDirectory(unpersisted_);
@@ -353,8 +364,18 @@ void CoordinatorService::DeclareDead(proto::NodeId node, const std::string& why)
   if (it == members_.end() || !it->second.record.live) return;
   ++stats_.nodes_declared_dead;
   it->second.record.live = 0;
+  // Stored live with its pages handed on, the node would be taken back by
+  // a restarted coordinator with the stale copies it resumes with. So until
+  // its record says dead, the hand-over is held: Flush writes the record
+  // first, and neither the hand-over's directory records nor its messages
+  // leave before it is durable. Held, a crash before then leaves the
+  // node's pages where they were, and the node may resume.
   Status st = store_->PutNode(it->second.record);
-  if (!st.ok()) LogError("persisting node " + std::to_string(node) + " as dead: " + st.ToString());
+  if (!st.ok()) {
+    LogError("persisting node " + std::to_string(node) + " as dead: " + st.ToString() +
+             "; the hand-over of its pages waits until it is stored");
+    deaths_unpersisted_.insert(node);
+  }
   LogWarning("node " + std::to_string(node) + " " + why + ": declared dead");
   directory_.NodeDown(node, &outbox_);
   Route(outbox_);
@@ -434,6 +455,9 @@ Status CoordinatorService::HandleJoin(ConnId conn, uint64_t rid, const proto::Jo
     ReplyStatus(conn, rid, st);
     return Status::Ok();
   }
+  // A death not stored yet is overtaken: the record now says live, for this
+  // new process, which holds none of the old one's pages.
+  deaths_unpersisted_.erase(id);
   members_[id] = Member{rec, now_ms + options_.dead_after_ms, {}};
   auto old = node_conn_.find(id);
   if (old != node_conn_.end() && old->second != conn) conn_node_.erase(old->second);

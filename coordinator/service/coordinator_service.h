@@ -83,10 +83,15 @@ class CoordinatorService {
   void OnTick(uint64_t now_ms);
   static constexpr uint64_t kStallTicks = 4;
 
-  // Persists pending directory changes, then hands over every send that may
-  // leave. On a storage error nothing is handed over; the next Flush retries.
+  // Persists pending changes (the records of nodes declared dead whose
+  // DeclareDead could not store them, then the directory's), then hands
+  // over every send that may leave. On a storage error nothing is handed
+  // over, and the Status (kIoError, ...) says what failed; the next Flush
+  // retries.
   Status Flush(std::vector<Send>* sends);
-  bool has_unflushed() const { return !held_.empty() || !unpersisted_.empty(); }
+  bool has_unflushed() const {
+    return !held_.empty() || !unpersisted_.empty() || !deaths_unpersisted_.empty();
+  }
 
   // A follower shard (options.region_authority set) learns the region
   // table from shard 0: a whole snapshot, made exactly this shard's table
@@ -166,6 +171,9 @@ class CoordinatorService {
   Outbox outbox_;
   std::vector<Send> held_;                 // waiting for their records to be durable
   std::vector<PageRecord> unpersisted_;    // taken from the directory, not yet written
+  // Declared dead, stored live still: their records are written (Flush)
+  // before anything else, since the hand-over of their pages must not be.
+  std::set<proto::NodeId> deaths_unpersisted_;
   ServiceStats stats_;
 
   // Shard 0: connections of follower shards watching the region table; each

@@ -6,12 +6,17 @@
 #include <cstdio>
 #include <cstring>
 #include <limits>
+#include <mutex>
+#include <shared_mutex>
 #include <span>
 #include <string_view>
 #include <utility>
 
 #include "proto/wire.h"
 #include "rocksdb/db.h"
+#include "rocksdb/env.h"
+#include "rocksdb/file_system.h"
+#include "rocksdb/io_status.h"
 #include "rocksdb/iterator.h"
 #include "rocksdb/memtablerep.h"
 #include "rocksdb/options.h"
@@ -155,10 +160,130 @@ Status ScanPrefix(rocksdb::DB* db, char prefix, std::string_view op,
   return Status::Ok();
 }
 
+// The disk fault seam (DiskFaults in store.h): RocksDB's own file system
+// underneath, with the writes of every file it opens for writing failing on
+// command.
+rocksdb::IOStatus Injected(const char* what) {
+  return rocksdb::IOStatus::IOError(std::string("injected disk fault: ") + what);
+}
+
+class FaultyWritableFile : public rocksdb::FSWritableFileOwnerWrapper {
+ public:
+  FaultyWritableFile(std::unique_ptr<rocksdb::FSWritableFile> file, DiskFaults* faults)
+      : FSWritableFileOwnerWrapper(std::move(file)), faults_(faults) {}
+
+  rocksdb::IOStatus Append(const rocksdb::Slice& data, const rocksdb::IOOptions& o,
+                           rocksdb::IODebugContext* dbg) override {
+    if (faults_->WriteFails()) return Injected("append");
+    return FSWritableFileOwnerWrapper::Append(data, o, dbg);
+  }
+  rocksdb::IOStatus Append(const rocksdb::Slice& data, const rocksdb::IOOptions& o,
+                           const rocksdb::DataVerificationInfo& v,
+                           rocksdb::IODebugContext* dbg) override {
+    if (faults_->WriteFails()) return Injected("append");
+    return FSWritableFileOwnerWrapper::Append(data, o, v, dbg);
+  }
+  rocksdb::IOStatus PositionedAppend(const rocksdb::Slice& data, uint64_t offset,
+                                     const rocksdb::IOOptions& o,
+                                     rocksdb::IODebugContext* dbg) override {
+    if (faults_->WriteFails()) return Injected("positioned append");
+    return FSWritableFileOwnerWrapper::PositionedAppend(data, offset, o, dbg);
+  }
+  rocksdb::IOStatus PositionedAppend(const rocksdb::Slice& data, uint64_t offset,
+                                     const rocksdb::IOOptions& o,
+                                     const rocksdb::DataVerificationInfo& v,
+                                     rocksdb::IODebugContext* dbg) override {
+    if (faults_->WriteFails()) return Injected("positioned append");
+    return FSWritableFileOwnerWrapper::PositionedAppend(data, offset, o, v, dbg);
+  }
+  rocksdb::IOStatus Flush(const rocksdb::IOOptions& o, rocksdb::IODebugContext* dbg) override {
+    if (faults_->WriteFails()) return Injected("flush");
+    return FSWritableFileOwnerWrapper::Flush(o, dbg);
+  }
+  rocksdb::IOStatus Sync(const rocksdb::IOOptions& o, rocksdb::IODebugContext* dbg) override {
+    if (faults_->SyncFails()) return Injected("sync");
+    return FSWritableFileOwnerWrapper::Sync(o, dbg);
+  }
+  rocksdb::IOStatus Fsync(const rocksdb::IOOptions& o, rocksdb::IODebugContext* dbg) override {
+    if (faults_->SyncFails()) return Injected("fsync");
+    return FSWritableFileOwnerWrapper::Fsync(o, dbg);
+  }
+  rocksdb::IOStatus RangeSync(uint64_t offset, uint64_t nbytes, const rocksdb::IOOptions& o,
+                              rocksdb::IODebugContext* dbg) override {
+    if (faults_->SyncFails()) return Injected("range sync");
+    return FSWritableFileOwnerWrapper::RangeSync(offset, nbytes, o, dbg);
+  }
+
+ private:
+  DiskFaults* faults_;
+};
+
+class FaultyFileSystem : public rocksdb::FileSystemWrapper {
+ public:
+  FaultyFileSystem(const std::shared_ptr<rocksdb::FileSystem>& base, DiskFaults* faults)
+      : FileSystemWrapper(base), faults_(faults) {}
+
+  static const char* kClassName() { return "DsvmFaultyFileSystem"; }
+  const char* Name() const override { return kClassName(); }
+
+  rocksdb::IOStatus NewWritableFile(const std::string& f, const rocksdb::FileOptions& o,
+                                    std::unique_ptr<rocksdb::FSWritableFile>* r,
+                                    rocksdb::IODebugContext* dbg) override {
+    if (faults_->CreationFails()) return Injected("create file");
+    return Wrap(FileSystemWrapper::NewWritableFile(f, o, r, dbg), r);
+  }
+  rocksdb::IOStatus ReopenWritableFile(const std::string& f, const rocksdb::FileOptions& o,
+                                       std::unique_ptr<rocksdb::FSWritableFile>* r,
+                                       rocksdb::IODebugContext* dbg) override {
+    if (faults_->CreationFails()) return Injected("reopen file");
+    return Wrap(FileSystemWrapper::ReopenWritableFile(f, o, r, dbg), r);
+  }
+  rocksdb::IOStatus ReuseWritableFile(const std::string& f, const std::string& old,
+                                      const rocksdb::FileOptions& o,
+                                      std::unique_ptr<rocksdb::FSWritableFile>* r,
+                                      rocksdb::IODebugContext* dbg) override {
+    if (faults_->CreationFails()) return Injected("reuse file");
+    return Wrap(FileSystemWrapper::ReuseWritableFile(f, old, o, r, dbg), r);
+  }
+
+ private:
+  rocksdb::IOStatus Wrap(rocksdb::IOStatus s, std::unique_ptr<rocksdb::FSWritableFile>* r) {
+    if (s.ok()) *r = std::make_unique<FaultyWritableFile>(std::move(*r), faults_);
+    return s;
+  }
+  DiskFaults* faults_;
+};
+
+// RocksDB's options for the store; the same at Open and at a reopen after a
+// disk error (Store::Recover).
+rocksdb::Options RocksOptions(const StoreOptions& options, rocksdb::Env* env) {
+  rocksdb::Options ro;
+  ro.create_if_missing = options.create_if_missing;
+  if (env != nullptr) ro.env = env;
+  ro.paranoid_checks = true;
+  // After a machine crash, keep the longest consistent prefix of the WAL:
+  // a torn last batch is dropped whole, never applied in part.
+  ro.wal_recovery_mode = rocksdb::WALRecoveryMode::kPointInTimeRecovery;
+  // Each write reaches the OS before the call returns; the kill -9 rule in
+  // store.h depends on it.
+  ro.manual_wal_flush = false;
+  ro.keep_log_file_num = 10;  // RocksDB's info LOG files, not the WAL
+  // The store is written while the coordinator serves and read only when it
+  // starts (Load*), so the memtable is an append-only vector, sorted once
+  // when it is flushed, rather than the default skip list, whose ordered
+  // inserts were most of the coordinator's time on the fault path (two
+  // directory records per transaction). Reads of an unflushed vector
+  // memtable sort a copy of it: fine at startup, wrong for a hot path.
+  ro.memtable_factory = std::make_shared<rocksdb::VectorRepFactory>();
+  ro.allow_concurrent_memtable_write = false;  // a vector memtable takes one writer at a time
+  return ro;
+}
+
 }  // namespace
 
-Store::Store(std::string dir, StoreOptions options, std::unique_ptr<rocksdb::DB> db)
-    : dir_(std::move(dir)), options_(options), db_(std::move(db)) {}
+Store::Store(std::string dir, StoreOptions options, std::unique_ptr<rocksdb::Env> env,
+             std::unique_ptr<rocksdb::DB> db)
+    : dir_(std::move(dir)), options_(options), env_(std::move(env)), db_(std::move(db)) {}
 
 Store::~Store() { Close().IgnoreError(); }
 
@@ -189,32 +314,20 @@ Result<std::unique_ptr<Store>> Store::Open(const std::string& dir, const StoreOp
     return IoError(Where("Open", dir) + "stat: " + std::strerror(errno));
   }
 
-  rocksdb::Options ro;
-  ro.create_if_missing = options.create_if_missing;
-  ro.paranoid_checks = true;
-  // After a machine crash, keep the longest consistent prefix of the WAL:
-  // a torn last batch is dropped whole, never applied in part.
-  ro.wal_recovery_mode = rocksdb::WALRecoveryMode::kPointInTimeRecovery;
-  // Each write reaches the OS before the call returns; the kill -9 rule in
-  // store.h depends on it.
-  ro.manual_wal_flush = false;
-  ro.keep_log_file_num = 10;  // RocksDB's info LOG files, not the WAL
-  // The store is written while the coordinator serves and read only when it
-  // starts (Load*), so the memtable is an append-only vector, sorted once
-  // when it is flushed, rather than the default skip list, whose ordered
-  // inserts were most of the coordinator's time on the fault path (two
-  // directory records per transaction). Reads of an unflushed vector
-  // memtable sort a copy of it: fine at startup, wrong for a hot path.
-  ro.memtable_factory = std::make_shared<rocksdb::VectorRepFactory>();
-  ro.allow_concurrent_memtable_write = false;  // a vector memtable takes one writer at a time
-
+  // With faults to inject, RocksDB's own file system runs underneath them.
+  std::unique_ptr<rocksdb::Env> env;
+  if (options.faults != nullptr) {
+    env = rocksdb::NewCompositeEnv(
+        std::make_shared<FaultyFileSystem>(rocksdb::FileSystem::Default(), options.faults));
+  }
   rocksdb::DB* raw = nullptr;
-  rocksdb::Status s = rocksdb::DB::Open(ro, dir, &raw);
+  rocksdb::Status s = rocksdb::DB::Open(RocksOptions(options, env.get()), dir, &raw);
   if (!s.ok()) {
     delete raw;
     return FromRocks(s, "Open", dir);
   }
-  std::unique_ptr<Store> store(new Store(dir, options, std::unique_ptr<rocksdb::DB>(raw)));
+  std::unique_ptr<Store> store(
+      new Store(dir, options, std::move(env), std::unique_ptr<rocksdb::DB>(raw)));
   DSVM_RETURN_IF_ERROR(store->BumpEpoch());
   return store;
 }
@@ -263,6 +376,8 @@ Status Store::BumpEpoch() {
 }
 
 Status Store::Close() {
+  std::unique_lock<std::shared_mutex> lock(mu_);
+  closed_ = true;
   if (db_ == nullptr) return Status::Ok();
   rocksdb::Status s = db_->Close();
   db_.reset();
@@ -270,8 +385,67 @@ Status Store::Close() {
   return Status::Ok();
 }
 
+Status Store::BeginRead(std::string_view op, ReadLock* lock) const {
+  *lock = ReadLock(mu_);
+  DSVM_CHECK_MSG(!closed_, "Store used after Close");
+  if (db_ == nullptr) {
+    return IoError(Where(op, dir_) +
+                   "the database is closed: reopening it after a disk error failed, and the "
+                   "next write tries again");
+  }
+  return Status::Ok();
+}
+
+Status Store::BeginWrite(std::string_view op, ReadLock* lock) {
+  if (needs_recovery_.load()) {
+    std::unique_lock<std::shared_mutex> exclusive(mu_);
+    DSVM_CHECK_MSG(!closed_, "Store used after Close");
+    DSVM_RETURN_IF_ERROR(Recover(op));
+  }
+  return BeginRead(op, lock);
+}
+
+Status Store::EndWrite(const rocksdb::Status& s, std::string_view op) {
+  if (s.ok()) return Status::Ok();
+  // RocksDB now refuses every write (a background error) until resumed.
+  needs_recovery_.store(true);
+  return FromRocks(s, op, dir_);
+}
+
+Status Store::Recover(std::string_view op) {
+  if (!needs_recovery_.load()) return Status::Ok();  // another writer recovered first
+  if (db_ != nullptr) {
+    // RocksDB resumes from the errors it can vouch for (a full disk: it
+    // flushes the memtable and starts a new WAL).
+    if (db_->Resume().ok()) {
+      needs_recovery_.store(false);
+      return Status::Ok();
+    }
+    // It will not resume after a failed WAL write: that error is fatal to
+    // it, since it cannot tell how much of the WAL's tail reached the disk.
+    // A reopen replays the WAL up to its last whole batch (point-in-time
+    // recovery), so a write that failed may be there afterwards or not.
+    db_->Close().PermitUncheckedError();  // the same error again
+    db_.reset();
+  }
+  StoreOptions reopen = options_;
+  reopen.create_if_missing = false;  // it was there: never start an empty one in its place
+  rocksdb::DB* raw = nullptr;
+  rocksdb::Status s = rocksdb::DB::Open(RocksOptions(reopen, env_.get()), dir_, &raw);
+  if (!s.ok()) {
+    delete raw;
+    return IoError(Where(op, dir_) +
+                   "an earlier write failed and the store cannot recover until the disk works "
+                   "again (reopening: " + s.ToString() + ")");
+  }
+  db_.reset(raw);
+  needs_recovery_.store(false);
+  return Status::Ok();
+}
+
 Result<Meta> Store::LoadMeta() const {
-  DSVM_CHECK(db_ != nullptr);
+  ReadLock lock;
+  DSVM_RETURN_IF_ERROR(BeginRead("LoadMeta", &lock));
   std::string value;
   rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), kMetaKey, &value);
   if (s.IsNotFound()) return Corruption(Where("LoadMeta", dir_) + "no metadata record");
@@ -286,20 +460,19 @@ Result<Meta> Store::LoadMeta() const {
 }
 
 Status Store::PutMeta(const Meta& meta) {
-  DSVM_CHECK(db_ != nullptr);
   if (meta.format != kStoreFormatVersion) {
     return InvalidArgument(Where("PutMeta", dir_) + "format " + std::to_string(meta.format) +
                            " is not this build's " + std::to_string(kStoreFormatVersion));
   }
   std::vector<uint8_t> bytes = proto::EncodeFields(meta);
   rocksdb::Slice value(reinterpret_cast<const char*>(bytes.data()), bytes.size());
+  ReadLock lock;
+  DSVM_RETURN_IF_ERROR(BeginWrite("PutMeta", &lock));
   rocksdb::Status s = db_->Put(WriteOpts(true), kMetaKey, value);
-  if (!s.ok()) return FromRocks(s, "PutMeta", dir_);
-  return Status::Ok();
+  return EndWrite(s, "PutMeta");
 }
 
 Status Store::PutRegion(const RegionRecord& region) {
-  DSVM_CHECK(db_ != nullptr);
   if (region.id == 0) return InvalidArgument(Where("PutRegion", dir_) + "region id 0");
   if (region.name.size() > proto::kMaxNameLength) {
     return InvalidArgument(Where("PutRegion", dir_) + "name of " +
@@ -312,20 +485,22 @@ Status Store::PutRegion(const RegionRecord& region) {
   }
   std::vector<uint8_t> bytes = proto::EncodeFields(region);
   rocksdb::Slice value(reinterpret_cast<const char*>(bytes.data()), bytes.size());
+  ReadLock lock;
+  DSVM_RETURN_IF_ERROR(BeginWrite("PutRegion", &lock));
   rocksdb::Status s = db_->Put(WriteOpts(true), MakeKey(kRegionPrefix, region.id), value);
-  if (!s.ok()) return FromRocks(s, "PutRegion", dir_);
-  return Status::Ok();
+  return EndWrite(s, "PutRegion");
 }
 
 Status Store::DeleteRegion(uint64_t id) {
-  DSVM_CHECK(db_ != nullptr);
+  ReadLock lock;
+  DSVM_RETURN_IF_ERROR(BeginWrite("DeleteRegion", &lock));
   rocksdb::Status s = db_->Delete(WriteOpts(true), MakeKey(kRegionPrefix, id));
-  if (!s.ok()) return FromRocks(s, "DeleteRegion", dir_);
-  return Status::Ok();
+  return EndWrite(s, "DeleteRegion");
 }
 
 Result<std::vector<RegionRecord>> Store::LoadRegions() const {
-  DSVM_CHECK(db_ != nullptr);
+  ReadLock lock;
+  DSVM_RETURN_IF_ERROR(BeginRead("LoadRegions", &lock));
   std::vector<RegionRecord> regions;
   Status s = ScanPrefix(db_.get(), kRegionPrefix, "LoadRegions", dir_,
                         [&](const rocksdb::Slice& key, const rocksdb::Slice& value) {
@@ -340,7 +515,6 @@ Result<std::vector<RegionRecord>> Store::LoadRegions() const {
 }
 
 Status Store::PutNode(const NodeRecord& node) {
-  DSVM_CHECK(db_ != nullptr);
   if (node.id == proto::kNoNode) return InvalidArgument(Where("PutNode", dir_) + "node id 0");
   if (node.address.size() > proto::kMaxAddressLength) {
     return InvalidArgument(Where("PutNode", dir_) + "address of " +
@@ -357,20 +531,22 @@ Status Store::PutNode(const NodeRecord& node) {
   }
   std::vector<uint8_t> bytes = proto::EncodeFields(node);
   rocksdb::Slice value(reinterpret_cast<const char*>(bytes.data()), bytes.size());
+  ReadLock lock;
+  DSVM_RETURN_IF_ERROR(BeginWrite("PutNode", &lock));
   rocksdb::Status s = db_->Put(WriteOpts(true), MakeKey(kNodePrefix, node.id), value);
-  if (!s.ok()) return FromRocks(s, "PutNode", dir_);
-  return Status::Ok();
+  return EndWrite(s, "PutNode");
 }
 
 Status Store::DeleteNode(uint32_t id) {
-  DSVM_CHECK(db_ != nullptr);
+  ReadLock lock;
+  DSVM_RETURN_IF_ERROR(BeginWrite("DeleteNode", &lock));
   rocksdb::Status s = db_->Delete(WriteOpts(true), MakeKey(kNodePrefix, id));
-  if (!s.ok()) return FromRocks(s, "DeleteNode", dir_);
-  return Status::Ok();
+  return EndWrite(s, "DeleteNode");
 }
 
 Result<std::vector<NodeRecord>> Store::LoadNodes() const {
-  DSVM_CHECK(db_ != nullptr);
+  ReadLock lock;
+  DSVM_RETURN_IF_ERROR(BeginRead("LoadNodes", &lock));
   std::vector<NodeRecord> nodes;
   Status s = ScanPrefix(db_.get(), kNodePrefix, "LoadNodes", dir_,
                         [&](const rocksdb::Slice& key, const rocksdb::Slice& value) {
@@ -385,7 +561,6 @@ Result<std::vector<NodeRecord>> Store::LoadNodes() const {
 }
 
 Status Store::WriteDirectory(const std::vector<PageRecord>& records) {
-  DSVM_CHECK(db_ != nullptr);
   if (records.empty()) return Status::Ok();
   rocksdb::WriteBatch batch;
   std::vector<uint8_t> bytes;
@@ -406,27 +581,29 @@ Status Store::WriteDirectory(const std::vector<PageRecord>& records) {
     rocksdb::Status s = batch.Put(MakeKey(kPagePrefix, r.page), value);
     if (!s.ok()) return FromRocks(s, "WriteDirectory", dir_);
   }
+  ReadLock lock;
+  DSVM_RETURN_IF_ERROR(BeginWrite("WriteDirectory", &lock));
   rocksdb::Status s = db_->Write(WriteOpts(options_.sync_directory), &batch);
-  if (!s.ok()) return FromRocks(s, "WriteDirectory", dir_);
-  return Status::Ok();
+  return EndWrite(s, "WriteDirectory");
 }
 
 Status Store::DeleteDirectoryRange(uint64_t begin, uint64_t end) {
-  DSVM_CHECK(db_ != nullptr);
   if (begin > end) {
     return InvalidArgument(Where("DeleteDirectoryRange", dir_) + "begin " + Hex64(begin) +
                            " is after end " + Hex64(end));
   }
   if (begin == end) return Status::Ok();
+  ReadLock lock;
+  DSVM_RETURN_IF_ERROR(BeginWrite("DeleteDirectoryRange", &lock));
   rocksdb::Status s =
       db_->DeleteRange(WriteOpts(options_.sync_directory), db_->DefaultColumnFamily(),
                        MakeKey(kPagePrefix, begin), MakeKey(kPagePrefix, end));
-  if (!s.ok()) return FromRocks(s, "DeleteDirectoryRange", dir_);
-  return Status::Ok();
+  return EndWrite(s, "DeleteDirectoryRange");
 }
 
 Status Store::LoadDirectory(const std::function<Status(const PageRecord&)>& each) const {
-  DSVM_CHECK(db_ != nullptr);
+  ReadLock lock;
+  DSVM_RETURN_IF_ERROR(BeginRead("LoadDirectory", &lock));
   PageRecord r;  // reused: decoding assigns every field
   return ScanPrefix(db_.get(), kPagePrefix, "LoadDirectory", dir_,
                     [&](const rocksdb::Slice& key, const rocksdb::Slice& value) {

@@ -42,17 +42,31 @@
 //     consistent point (kPointInTimeRecovery), so what survives is a prefix
 //     of the acknowledged writes.
 //
+// Disk errors: a write that fails with kIoError may or may not be in the
+// store afterwards (its bytes may have reached the WAL before a failed
+// fsync), and RocksDB then refuses every later write (a background error)
+// until it is resumed. The store recovers by itself: the next write first
+// resumes RocksDB, or where RocksDB refuses to resume (a failed WAL write is
+// fatal to it) closes and reopens the database, which replays the WAL. While
+// the disk still fails, every write fails with kIoError naming the operation
+// and the error. Reads are served meanwhile, except after a reopen that
+// failed: they then fail with kIoError until a write reopens the database.
+//
 // Thread safety: every method may be called from any thread (RocksDB's DB is
-// thread-safe and Store has no other mutable state). Only one process may
-// have a store open: a second Open of the same directory fails with kIoError
+// thread-safe); the recovery above, which may replace the database, is
+// serialized against every other call by mu_. Only one process may have a
+// store open: a second Open of the same directory fails with kIoError
 // (RocksDB's LOCK file).
 #ifndef DSVM_COORDINATOR_STORAGE_STORE_H_
 #define DSVM_COORDINATOR_STORAGE_STORE_H_
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <shared_mutex>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "coordinator/directory/page_directory.h"
@@ -61,6 +75,8 @@
 
 namespace rocksdb {
 class DB;
+class Env;
+class Status;
 }  // namespace rocksdb
 
 namespace dsvm::coordinator {
@@ -71,6 +87,46 @@ inline constexpr uint64_t kStoreFormatVersion = 1;
 // Bound on RegionRecord::token_hash (an encoded hash of the region's secret).
 inline constexpr uint32_t kMaxTokenHashLength = 255;
 
+// The disk fault seam: the store's files fail as a broken or full disk
+// makes them fail, under a real RocksDB (the faults are injected at its
+// file-system boundary, so RocksDB's own error handling runs). For tests and
+// the simulator; production passes none. Each switch holds until turned off.
+// Thread-safe: RocksDB's background threads consult it too.
+class DiskFaults {
+ public:
+  // Every write to a file the store writes (Append, Flush, Sync, ...) fails
+  // with an IO error before any byte reaches the file.
+  void FailWrites(bool on) { fail_writes_.store(on); }
+  // Only syncs fail (fsync, fdatasync, range sync): a write's bytes reach
+  // the OS, and may be found by the next open, but are never made durable.
+  void FailSyncs(bool on) { fail_syncs_.store(on); }
+  // Creating or reopening a file for writing fails (a new WAL, SST or
+  // MANIFEST: RocksDB makes them when it flushes or recovers).
+  void FailFileCreation(bool on) { fail_creation_.store(on); }
+  void Clear() {
+    FailWrites(false);
+    FailSyncs(false);
+    FailFileCreation(false);
+  }
+  // How many file operations have failed here so far.
+  uint64_t injected() const { return injected_.load(); }
+
+  // For the store's file system: whether this operation fails (counted).
+  bool WriteFails() { return Inject(fail_writes_.load()); }
+  bool SyncFails() { return Inject(fail_writes_.load() || fail_syncs_.load()); }
+  bool CreationFails() { return Inject(fail_creation_.load()); }
+
+ private:
+  bool Inject(bool fail) {
+    if (fail) injected_.fetch_add(1);
+    return fail;
+  }
+  std::atomic<bool> fail_writes_{false};
+  std::atomic<bool> fail_syncs_{false};
+  std::atomic<bool> fail_creation_{false};
+  std::atomic<uint64_t> injected_{0};
+};
+
 struct StoreOptions {
   // Fsync the WAL for every directory batch. false: a directory batch
   // survives a process kill but not a machine crash (see the file comment).
@@ -78,6 +134,9 @@ struct StoreOptions {
   // Create an empty store when `dir` holds none. false: Open of a missing
   // store fails with kNotFound.
   bool create_if_missing = true;
+  // Faults to inject under RocksDB (tests); not owned, must outlive the
+  // store. nullptr: the real disk only.
+  DiskFaults* faults = nullptr;
 };
 
 // Cluster-wide metadata, one per store.
@@ -187,21 +246,42 @@ class Store {
   // per sync_directory. begin == end is a no-op. Errors: kInvalidArgument
   // (begin > end), kIoError, kInternal.
   Status DeleteDirectoryRange(uint64_t begin, uint64_t end);
-  // Calls `each` for every record, in page-address order. A non-OK Status
-  // from `each` stops the scan and is returned as is. Errors: kCorruption
+  // Calls `each` for every record, in page-address order; `each` must not
+  // call this store. A non-OK Status from `each` stops the scan and is
+  // returned as is. Errors: kCorruption
   // (a record that does not decode or disagrees with its key; the message
   // names the key), kIoError, kInternal.
   Status LoadDirectory(const std::function<Status(const PageRecord&)>& each) const;
 
  private:
-  Store(std::string dir, StoreOptions options, std::unique_ptr<rocksdb::DB> db);
+  using ReadLock = std::shared_lock<std::shared_mutex>;
+
+  Store(std::string dir, StoreOptions options, std::unique_ptr<rocksdb::Env> env,
+        std::unique_ptr<rocksdb::DB> db);
 
   // Reads, validates and bumps Meta; part of Open.
   Status BumpEpoch();
+  // Takes mu_ shared into *lock for a read: the database is there. Errors:
+  // kIoError (it was closed by a recovery that could not reopen it).
+  Status BeginRead(std::string_view op, ReadLock* lock) const;
+  // As BeginRead, for a write: first recovers from an earlier failed write
+  // (see the file comment). Errors: kIoError (RocksDB still refuses).
+  Status BeginWrite(std::string_view op, ReadLock* lock);
+  // The Status of a write RocksDB answered with `s`; a failed one makes the
+  // next write recover first.
+  Status EndWrite(const rocksdb::Status& s, std::string_view op);
+  // Resumes RocksDB after a failed write, or reopens it where it will not
+  // resume. REQUIRES: mu_ held exclusively.
+  Status Recover(std::string_view op);
 
   std::string dir_;
   StoreOptions options_;
-  std::unique_ptr<rocksdb::DB> db_;
+  std::unique_ptr<rocksdb::Env> env_;  // under db_: outlives it
+  // Shared by every call; exclusive while Recover or Close replace db_.
+  mutable std::shared_mutex mu_;
+  std::unique_ptr<rocksdb::DB> db_;  // null after Close, or after a failed reopen
+  bool closed_ = false;              // Close was called; GUARDED_BY(mu_)
+  std::atomic<bool> needs_recovery_{false};  // a write failed since the last recovery
   uint64_t epoch_ = 0;
 };
 
