@@ -1542,6 +1542,10 @@ class NodeLeaseTest : public NodeDaemonTest {
     EXPECT_EQ(::pipe(ready_), 0);
     EXPECT_EQ(::pipe(go_), 0);
     reader_ = ForkRegionClient(1, name, [&](volatile uint64_t* p) {
+      // The test's ends: a test that fails before Go() closes its own, and
+      // this read then ends (12) instead of waiting for ever.
+      ::close(ready_[0]);
+      ::close(go_[1]);
       if (p[0] != 1) return 11;
       char c = 1;
       if (::write(ready_[1], &c, 1) != 1 || ::read(go_[0], &c, 1) != 1) return 12;
@@ -1676,6 +1680,8 @@ TEST_F(NodeLeaseTest, ANodeThatMissedADeleteIsNotServedTheNextRegionsPages) {
   ASSERT_EQ(::pipe(go_), 0);
   constexpr uint64_t kSecret = 0x5ec2e7;
   reader_ = ForkRegionClient(1, "missed", [&](volatile uint64_t* p) {
+    ::close(ready_[0]);  // as in StartWithAReader
+    ::close(go_[1]);
     if (p[0] != 42) return 11;
     char c = 1;
     if (::write(ready_[1], &c, 1) != 1 || ::read(go_[0], &c, 1) != 1) return 12;
