@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <optional>
 
@@ -38,6 +39,17 @@ constexpr size_t kMaxHeartbeatsInFlight = 64;
 // for the fence to run, the loop's tick, and clocks that run at slightly
 // different rates (docs/PROTOCOL.md, "Leases").
 uint64_t LeaseMs(uint32_t dead_after_ms) { return dead_after_ms - dead_after_ms / 4; }
+// Extra time a fence is given beyond its estimate (FenceLeadMs).
+constexpr uint64_t kFenceSpareMs = 10;
+// A fence that took at least this much measures the fence rate.
+constexpr uint64_t kFenceRateSampleBytes = 16u << 20;
+
+// The estimated time, with a quarter more and kFenceSpareMs, a fence of
+// held_bytes takes.
+uint64_t FenceNeedsMs(uint64_t held_bytes, uint64_t bytes_per_ms) {
+  const uint64_t estimate = held_bytes / bytes_per_ms + 1;
+  return estimate + estimate / 4 + kFenceSpareMs;
+}
 constexpr int kJoinTimeoutMs = 3000;
 // A rejoin waits at most this long per step (connect, handshake, join),
 // and less while the lease runs (ReconnectCoordinator): the loop serves
@@ -115,6 +127,19 @@ std::string HostOf(const std::string& address) {
 }
 
 }  // namespace
+
+uint64_t FenceLeadMs(uint64_t held_bytes, uint64_t bytes_per_ms, uint64_t lease_ms) {
+  DSVM_CHECK(bytes_per_ms > 0);
+  const uint64_t needs = FenceNeedsMs(held_bytes, bytes_per_ms);
+  const uint64_t after_lapse = lease_ms / 3 / 2;  // half the margin
+  return needs <= after_lapse ? 0 : std::min(needs - after_lapse, lease_ms / 2);
+}
+
+bool FenceOutlastsMargin(uint64_t held_bytes, uint64_t bytes_per_ms, uint64_t lease_ms) {
+  DSVM_CHECK(bytes_per_ms > 0);
+  return FenceNeedsMs(held_bytes, bytes_per_ms) > FenceLeadMs(held_bytes, bytes_per_ms, lease_ms) +
+                                                       lease_ms / 3;
+}
 
 uint64_t NodeDaemon::NowMs() const {
   return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(
@@ -266,7 +291,9 @@ NodeDaemon::NodeDaemon(const NodeDaemonOptions& options, const proto::JoinReply&
       heartbeat_ms_(joined.heartbeat_interval_ms == 0 ? 500 : joined.heartbeat_interval_ms),
       agent_(joined.node, NodeOptions{options.retransmit_after_ms}),
       window_base_(joined.window_base),
-      window_size_(joined.window_size) {}
+      window_size_(joined.window_size),
+      fence_bytes_per_ms_(options.fence_bytes_per_ms != 0 ? options.fence_bytes_per_ms
+                                                          : kDefaultFenceBytesPerMs) {}
 
 Status NodeDaemon::Setup() {
   epoll_fd_ = ::epoll_create1(EPOLL_CLOEXEC);
@@ -712,6 +739,7 @@ void NodeDaemon::BeatIfDue() {
   const uint64_t now = NowMs();
   if (now - last_heartbeat_ms_ < heartbeat_ms_) return;
   last_heartbeat_ms_ = now;
+  UpdateHeldBytes();
   // Each shard keeps its own membership: each needs the heartbeats.
   for (ShardLink& s : shards_) {
     if (!s.link.is_open()) continue;  // OnTimer reconnects it
@@ -759,29 +787,77 @@ void NodeDaemon::RenewLease(size_t shard, uint64_t sent_ms) {
   if (NowMs() >= s.lease_until_ms) return;
   // Accesses parked between the lapse and the fence wait too, fenced or not.
   if (!parked_.empty()) run_parked_ = true;
+  // Pages an early fence took are mapped again at their next fault.
+  s.fenced_early = false;
   if (!s.fenced) return;
   s.fenced = false;
   LogInfo("node " + std::to_string(id_) + ": the coordinator at " + s.address +
           " answers again: local processes use its pages again");
 }
 
+void NodeDaemon::UpdateHeldBytes() {
+  uint64_t held = 0;
+  for (const auto& [base, store] : stores_) {
+    Result<uint64_t> bytes = store->ResidentBytes();
+    if (bytes.ok()) held += *bytes;  // an fstat that fails: that region counts as empty
+  }
+  held_bytes_ = held;
+  // One shard's lease length stands for all: they come from one cluster's flags.
+  const uint64_t lease_ms = shards_.empty() ? 0 : shards_[0].lease_ms;
+  // Said again only when the node holds twice as much as when last said.
+  if (lease_ms == 0 || held <= 2 * fence_warned_bytes_ ||
+      !FenceOutlastsMargin(held, fence_bytes_per_ms_, lease_ms)) {
+    return;
+  }
+  fence_warned_bytes_ = held;
+  char text[320];
+  std::snprintf(text, sizeof(text),
+                "node %u holds %.1f MiB: at the %.3g MB/s a fence runs here it would not be over "
+                "within the %llu ms the lease leaves after it lapses, even started %llu ms early; "
+                "give the coordinator a longer --dead-after-ms",
+                id_, static_cast<double>(held) / (1 << 20),
+                static_cast<double>(fence_bytes_per_ms_) / 1000,
+                static_cast<unsigned long long>(lease_ms / 3),
+                static_cast<unsigned long long>(lease_ms / 2));
+  LogWarning(text);
+}
+
+uint64_t NodeDaemon::FenceLead(const ShardLink& s) const {
+  return FenceLeadMs(held_bytes_, fence_bytes_per_ms_, s.lease_ms);
+}
+
 void NodeDaemon::CheckLeases() {
   for (size_t i = 0; i < shards_.size(); ++i) {
     ShardLink& s = shards_[i];
-    if (s.fenced || NowMs() < s.lease_until_ms) continue;
+    if (s.fenced) continue;
+    // Before the lapse, a node that holds more than it could fence after
+    // it starts early (once); accesses go on meanwhile.
+    const bool early = NowMs() < s.lease_until_ms;
+    if (early && (s.fenced_early || NowMs() + FenceLead(s) < s.lease_until_ms)) continue;
     // A busy loop may not have read the answer that renews it yet.
     if (s.link.is_open()) OnCoordinatorReadable(i);
-    if (!s.fenced && NowMs() >= s.lease_until_ms) Fence(i);
+    if (s.fenced || (early && s.fenced_early)) continue;
+    if (NowMs() >= s.lease_until_ms) {
+      Fence(i, /*early=*/false);  // with an early fence before: the pages mapped since
+    } else if (NowMs() + FenceLead(s) >= s.lease_until_ms) {
+      Fence(i, /*early=*/true);
+    }
   }
 }
 
-void NodeDaemon::Fence(size_t shard) {
+void NodeDaemon::Fence(size_t shard, bool early) {
   ShardLink& s = shards_[shard];
-  s.fenced = true;
-  ++stats_.fences;
+  if (early) {
+    s.fenced_early = true;
+    ++stats_.early_fences;
+  } else {
+    s.fenced = true;
+    ++stats_.fences;
+  }
   const uint64_t start_us = MonotonicUs();
   const uint64_t lapsed_ms = s.lease_until_ms;
   size_t taken = 0;
+  uint64_t taken_bytes = 0;
   if (backend_) {  // without one, every access comes through AccessPage
     std::vector<proto::PageAddr> pages;
     for (proto::PageAddr p : agent_.AccessiblePages()) {
@@ -810,15 +886,33 @@ void NodeDaemon::Fence(size_t shard) {
           }
           fenced_pages_.insert(pages[k]);
           ++taken;
+          taken_bytes += ps;
         }
         continue;
       }
       fenced_pages_.insert(pages.begin() + static_cast<ptrdiff_t>(i),
                            pages.begin() + static_cast<ptrdiff_t>(j));
       taken += j - i;
+      taken_bytes += (j - i) * ps;
     }
   }
-  const uint64_t took_ms = (MonotonicUs() - start_us) / 1000;
+  const uint64_t took_us = MonotonicUs() - start_us;
+  const uint64_t took_ms = took_us / 1000;
+  if (options_.fence_bytes_per_ms == 0 && taken_bytes >= kFenceRateSampleBytes) {
+    // What this machine does, for the next fence's lead (an early fence
+    // measures it as well as a late one).
+    fence_bytes_per_ms_ = std::max<uint64_t>(1, taken_bytes * 1000 / std::max<uint64_t>(took_us, 1));
+  }
+  if (early) {
+    char held[32];
+    std::snprintf(held, sizeof(held), "%.1f MiB", static_cast<double>(held_bytes_) / (1 << 20));
+    LogWarning("node " + std::to_string(id_) + ": no answer from the coordinator at " + s.address +
+               "; its lease lapses in " + std::to_string(lapsed_ms - std::min(lapsed_ms, NowMs())) +
+               " ms, too late to fence the " + held + " this node holds after it: " +
+               std::to_string(taken) + " pages were taken from local processes now (in " +
+               std::to_string(took_ms) + " ms); they map them again until the lapse");
+    return;
+  }
   LogWarning("node " + std::to_string(id_) + ": no answer from the coordinator at " + s.address +
              " for " + std::to_string(s.lease_ms) + " ms: it may declare this node dead, so " +
              std::to_string(taken) + " pages were taken from local processes (in " +

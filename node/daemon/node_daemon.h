@@ -103,7 +103,29 @@ struct NodeDaemonOptions {
   // make a map's copies take as long as a large one's on a real GPU. No
   // flag: 0 outside tests.
   std::chrono::microseconds emulated_copy_delay{0};
+  // How fast a fence takes pages from local processes, in bytes per ms, to
+  // start it early enough for what the node holds (FenceLeadMs). 0: assume
+  // kDefaultFenceBytesPerMs until a fence has measured it. A test seam (a
+  // tiny rate makes any node fence early); no flag.
+  uint64_t fence_bytes_per_ms = 0;
 };
+
+// The fence rate a daemon assumes before it has measured one: 1 GB/s, a
+// quarter of what `dsvm-bench fence` measured for 4 KiB pages on a 2-vCPU
+// VM (docs/PERFORMANCE.md, "Leases").
+inline constexpr uint64_t kDefaultFenceBytesPerMs = 1'000'000;
+
+// How long before its lease lapses a node holding `held_bytes` starts its
+// fence, at `bytes_per_ms`, so that the fence is over by half the margin
+// after the lapse (the margin: lease_ms / 3, PROTOCOL.md "Leases"), with a
+// quarter more time than the estimate and 10 ms to spare. 0: the lapse is
+// soon enough. At most lease_ms / 2: a node whose heartbeats are merely
+// late keeps its pages mapped. REQUIRES: bytes_per_ms > 0.
+uint64_t FenceLeadMs(uint64_t held_bytes, uint64_t bytes_per_ms, uint64_t lease_ms);
+// Whether that fence, started FenceLeadMs before the lapse, still ends
+// later than the margin after it: the lease is too short for what the node
+// holds.
+bool FenceOutlastsMargin(uint64_t held_bytes, uint64_t bytes_per_ms, uint64_t lease_ms);
 
 struct NodeDaemonStats {
   uint64_t accesses = 0;
@@ -142,6 +164,9 @@ struct NodeDaemonStats {
   // accesses that waited meanwhile.
   uint64_t fences = 0;
   uint64_t fenced_accesses = 0;
+  // Fences started before the lapse, for a node that holds more than the
+  // margin lets it fence after it (FenceLeadMs).
+  uint64_t early_fences = 0;
 };
 
 class NodeDaemon {
@@ -275,6 +300,10 @@ class NodeDaemon {
     // The lease lapsed and local access to the shard's pages was taken
     // away (Fence); it comes back with the shard's next answer.
     bool fenced = false;
+    // The lease has not lapsed yet, but the node holds more than it could
+    // fence after the lapse: its pages were taken away early. Accesses go
+    // on until the lapse (mapping pages again), when the fence runs again.
+    bool fenced_early = false;
     // Rejoin as a new daemon: another shard declared this node dead, so it
     // dropped every page, and this shard must hand its copies on too.
     bool fresh = false;
@@ -302,12 +331,20 @@ class NodeDaemon {
   // runs to sent_ms + lease_ms, and a fence is lifted (the parked accesses
   // run at the top of the next loop turn).
   void RenewLease(size_t shard, uint64_t sent_ms);
-  // From OnTimer: fences each shard whose lease lapsed, after reading what
-  // its link has brought (an answer may be waiting unread).
+  // From OnTimer: fences each shard whose lease lapsed, or is about to for
+  // a node that holds much (FenceLeadMs), after reading what its link has
+  // brought (an answer may be waiting unread).
   void CheckLeases();
   // Takes local processes' access to the shard's pages away (the backend's
-  // Unmap, the agent's state unchanged): they fault, and the faults wait.
-  void Fence(size_t shard);
+  // Unmap, the agent's state unchanged): they fault, and after the lapse
+  // the faults wait. `early`: before the lapse (ShardLink::fenced_early).
+  void Fence(size_t shard, bool early);
+  // The time before the lapse at which a fence starts (FenceLeadMs), for
+  // what the node held at its last heartbeat.
+  uint64_t FenceLead(const ShardLink& s) const;
+  // At each heartbeat: held_bytes_, and a warning when the lease is too
+  // short for it (FenceOutlastsMargin).
+  void UpdateHeldBytes();
   // Keeps an access for when its page's lease is back.
   void Park(std::function<void()> access);
   void RunParked();
@@ -586,6 +623,12 @@ class NodeDaemon {
   std::vector<std::function<void()>> parked_;
   bool run_parked_ = false;  // a lease came back: RunParked at the next turn
   bool running_parked_ = false;  // RunParked is running them
+  // What a fence would take, as of the last heartbeat: the bytes the
+  // regions' memfds hold (PageStore::ResidentBytes, an upper bound).
+  uint64_t held_bytes_ = 0;
+  // The fence rate (options' or measured by the last large fence).
+  uint64_t fence_bytes_per_ms_ = kDefaultFenceBytesPerMs;
+  uint64_t fence_warned_bytes_ = 0;  // held_bytes_ when FenceOutlastsMargin was last logged
   // Directory messages held for gpu-mapped pages, per page in arrival order
   // (duplicates of one txn kept once; bounded by kMaxDeferredPerPage).
   std::unordered_map<proto::PageAddr, std::vector<proto::Message>> deferred_;

@@ -5,6 +5,7 @@
 #include <linux/falloc.h>
 #include <linux/memfd.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -376,6 +377,12 @@ Status PageStore::RetainRange(PageAddr first, size_t count) {
     i = j;
   }
   return Status::Ok();
+}
+
+Result<uint64_t> PageStore::ResidentBytes() const {
+  struct stat st{};
+  if (::fstat(fd_.get(), &st) != 0) return IoError(Errno("fstat of the region memfd"));
+  return static_cast<uint64_t>(st.st_blocks) * 512;  // st_blocks counts 512-byte units
 }
 
 Status PageStore::Restore(PageAddr page) {

@@ -166,6 +166,9 @@ class PageStore {
   // kIoError.
   Status Restore(PageAddr page);
   bool IsRetained(PageAddr page) const { return retained_.count(page) != 0; }
+  // Bytes of memory the memfd holds now (its allocated blocks: pages
+  // written or mapped, not holes). One fstat. Errors: kIoError.
+  Result<uint64_t> ResidentBytes() const;
   size_t retained_count() const { return retained_.size(); }
 
   size_t side_count() const { return stashes_.size() + retained_.size(); }

@@ -82,6 +82,8 @@ class NodeDaemonTest : public ::testing::Test {
           TestNodeOptions(via == coordinator_of_.end() ? coord_.address() : via->second);
       if (retransmit_ms_ != 0) o.retransmit_after_ms = retransmit_ms_;
       o.socket_path = dir_.path() + "/node" + std::to_string(i) + ".sock";
+      auto rate = fence_rate_of_.find(i);
+      if (rate != fence_rate_of_.end()) o.fence_bytes_per_ms = rate->second;
       auto d = NodeDaemon::Create(o);
       ASSERT_TRUE(d.ok()) << d.status().ToString();
       nodes_.push_back(std::make_unique<RunningDaemon>(std::move(*d)));
@@ -94,6 +96,9 @@ class NodeDaemonTest : public ::testing::Test {
   // Where node i reaches the coordinator, where not coord_.address() (a
   // relay); set before StartNodes.
   std::map<int, std::string> coordinator_of_;
+  // Node i's fence rate (NodeDaemonOptions::fence_bytes_per_ms), where
+  // set; before StartNodes.
+  std::map<int, uint64_t> fence_rate_of_;
   TempDir dir_;
   CoordinatorProcess coord_;
   proto::FramedSocket tool_;
@@ -1665,6 +1670,35 @@ TEST_F(NodeLeaseTest, AccessesHeldByAFenceGoOnWhenTheLeaseIsBack) {
   EXPECT_EQ(nodes_[0]->ReadU64(r.base + 4096), 3u);
 }
 
+// Node 1 holds more than it could fence in the margin after its lease
+// lapses (a fence rate of 1 byte per ms makes its one page enough): cut
+// off, it fences before the lapse (an early fence), goes on serving until
+// the lapse, and fences again then; healed, its process reads on. Fails
+// without the early fence: none came before the lapse.
+TEST_F(NodeLeaseTest, ANodeThatHoldsMuchFencesBeforeItsLeaseLapses) {
+  fence_rate_of_[1] = 1;
+  const proto::RegionReply r = StartWithAReader("early", 1);
+  relay_->Cut();
+  node::NodeDaemonStats stats;
+  for (int i = 0; i < 500 && stats.early_fences == 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    stats = Stats(1);
+  }
+  ASSERT_GE(stats.early_fences, 1u) << "node 1 never fenced early";
+  EXPECT_EQ(stats.fences, 0u) << "the lease lapsed before the early fence";
+  // Until the lapse the node serves its copy.
+  EXPECT_EQ(nodes_[1]->ReadU64(r.base), 1u);
+  for (int i = 0; i < 500 && stats.fences == 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    stats = Stats(1);
+  }
+  ASSERT_EQ(stats.fences, 1u) << "node 1's lease never lapsed";
+  relay_->Heal();
+  Go();
+  EXPECT_EQ(ReaderExit(), 0);
+  EXPECT_EQ(Stats(1).fresh_starts, 0u) << "node 1 was declared dead: the cut outlasted the deadline";
+}
+
 // Node 1's connection to the coordinator is lost, with what it carried,
 // while region "missed" is deleted and a new region takes its addresses:
 // node 1 never hears of the delete, and its process still maps "missed".
@@ -1715,6 +1749,26 @@ TEST_F(NodeLeaseTest, ANodeThatMissedADeleteIsNotServedTheNextRegionsPages) {
       << "status " << status << " (exit " << (WIFEXITED(status) ? WEXITSTATUS(status) : -1)
       << "; 13: it read the new region's page)";
   EXPECT_EQ(Stats(1).fresh_starts, 0u) << "node 1 was declared dead: the test's premise";
+}
+
+// The lead a fence starts with, before the lapse of a 1800 ms lease (a
+// 600 ms margin after it; the fence aims to be over by half of that).
+TEST(FenceLeadTest, ANodeFencesEarlyOnlyWhenItHoldsMoreThanTheMarginCanMove) {
+  constexpr uint64_t kLease = 1800, kRate = 1'000'000;  // 1 GB/s
+  EXPECT_EQ(node::FenceLeadMs(0, kRate, kLease), 0u);
+  EXPECT_EQ(node::FenceLeadMs(100'000'000, kRate, kLease), 0u);  // about 136 ms of 300
+  // 400 MB: 401 ms, a quarter more and 10 ms: 511 ms, 211 ms before the lapse.
+  EXPECT_EQ(node::FenceLeadMs(400'000'000, kRate, kLease), 211u);
+  EXPECT_FALSE(node::FenceOutlastsMargin(400'000'000, kRate, kLease));
+  // At most half the lease early: 1 GB (1261 ms) still ends within the margin...
+  EXPECT_EQ(node::FenceLeadMs(1'000'000'000, kRate, kLease), 900u);
+  EXPECT_FALSE(node::FenceOutlastsMargin(1'000'000'000, kRate, kLease));
+  // ...2 GB (2511 ms) does not: the node says so.
+  EXPECT_EQ(node::FenceLeadMs(2'000'000'000, kRate, kLease), 900u);
+  EXPECT_TRUE(node::FenceOutlastsMargin(2'000'000'000, kRate, kLease));
+  // A slower machine fences earlier for the same bytes.
+  EXPECT_GT(node::FenceLeadMs(400'000'000, kRate / 2, kLease),
+            node::FenceLeadMs(400'000'000, kRate, kLease));
 }
 
 }  // namespace
