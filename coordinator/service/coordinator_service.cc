@@ -1,6 +1,7 @@
 #include "coordinator/service/coordinator_service.h"
 
 #include <algorithm>
+#include <unordered_set>
 #include <cstdio>
 #include <utility>
 
@@ -252,7 +253,19 @@ Status CoordinatorService::Flush(std::vector<Send>* sends) {
     LogInfo("node " + std::to_string(node) + " is stored dead now; its pages are handed on");
     deaths_unpersisted_.erase(deaths_unpersisted_.begin());
   }
+  const size_t left_over = unpersisted_.size();  // from a Flush that failed
   directory_.TakeDirty(&unpersisted_);
+  if (left_over != 0) {
+    // Only each page's newest record: while the disk fails, what waits is
+    // bounded by the pages touched, not by how often they changed.
+    std::unordered_set<proto::PageAddr> seen;
+    std::vector<PageRecord> newest;
+    for (auto it = unpersisted_.rbegin(); it != unpersisted_.rend(); ++it) {
+      if (seen.insert(it->page).second) newest.push_back(std::move(*it));
+    }
+    std::reverse(newest.begin(), newest.end());
+    unpersisted_ = std::move(newest);
+  }
   if (!unpersisted_.empty()) {
     Status st = store_->WriteDirectory(unpersisted_);
     if (!st.ok()) return st;  // hold everything; the next Flush retries
@@ -568,13 +581,11 @@ void CoordinatorService::HandleRegionDelete(ConnId conn, uint64_t rid, const pro
     return ReplyStatus(conn, rid, st);
   }
   const RegionRecord r = *found;
-  // The region record goes first: a crash in between leaves directory
-  // records of no region, which are dropped, never a region without them.
-  Status st = store_->DeleteRegion(r.id);
-  if (st.ok()) st = store_->DeleteDirectoryRange(r.base, r.base + r.size);
+  // One atomic write: refused, the region is whole, in memory and on disk.
+  Status st = store_->DeleteRegionAndPages(r.id, r.base, r.size);
   if (!st.ok()) return ReplyStatus(conn, rid, st);
   regions_.Remove(m.name).status().IgnoreError();
-  directory_.DropRange(r.base, r.base + r.size);
+  DropDirectoryRange(r.base, r.base + r.size);
   ReplyStatus(conn, rid, Status::Ok());
   // Tell the nodes now, so they free their copies instead of holding them
   // until the addresses are reused. Queued after the reply, so a deleter
@@ -645,14 +656,21 @@ Status CoordinatorService::AddFollowedRegion(const proto::RegionCreated& m) {
 }
 
 Status CoordinatorService::DropFollowedRegion(const RegionRecord& r) {
-  // As in HandleRegionDelete: the region record first.
-  Status st = store_->DeleteRegion(r.id);
-  if (st.ok()) st = store_->DeleteDirectoryRange(r.base, r.base + r.size);
+  Status st = store_->DeleteRegionAndPages(r.id, r.base, r.size);  // as HandleRegionDelete
   if (!st.ok()) return st;
   regions_.Remove(r.name).status().IgnoreError();
-  directory_.DropRange(r.base, r.base + r.size);
+  DropDirectoryRange(r.base, r.base + r.size);
   RememberDeleted(r.id);
   return Status::Ok();
+}
+
+void CoordinatorService::DropDirectoryRange(proto::PageAddr begin, proto::PageAddr end) {
+  directory_.DropRange(begin, end);
+  // Records a failed Flush left for the next one must not bring the pages
+  // back into the store, where a region made at these addresses would load
+  // them as its own.
+  std::erase_if(unpersisted_,
+                [&](const PageRecord& r) { return r.page >= begin && r.page < end; });
 }
 
 void CoordinatorService::RememberDeleted(proto::RegionId id) {

@@ -144,6 +144,9 @@ class CoordinatorService {
   Status NotTheRegionAuthority(const char* request) const;
   Status AddFollowedRegion(const proto::RegionCreated& m);
   Status DropFollowedRegion(const RegionRecord& r);
+  // A deleted region's pages leave the directory, and the records waiting
+  // to be written (unpersisted_).
+  void DropDirectoryRange(proto::PageAddr begin, proto::PageAddr end);
   // The node is gone (`why`: missed heartbeats, or left): the directory hands its pages on.
   void DeclareDead(proto::NodeId node, const std::string& why);
 
@@ -170,7 +173,8 @@ class CoordinatorService {
   std::unordered_map<ConnId, proto::NodeId> conn_node_;
   Outbox outbox_;
   std::vector<Send> held_;                 // waiting for their records to be durable
-  std::vector<PageRecord> unpersisted_;    // taken from the directory, not yet written
+  // Taken from the directory, not yet written (a Flush failed); one per page.
+  std::vector<PageRecord> unpersisted_;
   // Declared dead, stored live still: their records are written (Flush)
   // before anything else, since the hand-over of their pages must not be.
   std::set<proto::NodeId> deaths_unpersisted_;

@@ -498,6 +498,23 @@ Status Store::DeleteRegion(uint64_t id) {
   return EndWrite(s, "DeleteRegion");
 }
 
+Status Store::DeleteRegionAndPages(uint64_t id, uint64_t base, uint64_t size) {
+  if (base + size < base) {
+    return InvalidArgument(Where("DeleteRegionAndPages", dir_) + "base " + Hex64(base) +
+                           " + size wraps");
+  }
+  rocksdb::WriteBatch batch;
+  rocksdb::Status s = batch.Delete(MakeKey(kRegionPrefix, id));
+  if (s.ok() && size != 0) {
+    s = batch.DeleteRange(MakeKey(kPagePrefix, base), MakeKey(kPagePrefix, base + size));
+  }
+  if (!s.ok()) return FromRocks(s, "DeleteRegionAndPages", dir_);
+  ReadLock lock;
+  DSVM_RETURN_IF_ERROR(BeginWrite("DeleteRegionAndPages", &lock));
+  s = db_->Write(WriteOpts(true), &batch);
+  return EndWrite(s, "DeleteRegionAndPages");
+}
+
 Result<std::vector<RegionRecord>> Store::LoadRegions() const {
   ReadLock lock;
   DSVM_RETURN_IF_ERROR(BeginRead("LoadRegions", &lock));

@@ -217,12 +217,13 @@ class Store {
   // kInvalidArgument (id 0, a string over its bound), kIoError, kInternal.
   Status PutRegion(const RegionRecord& region);
   // Synchronous; deleting an absent id succeeds. Errors: kIoError, kInternal.
-  // Deleting a region and its pages (DeleteDirectoryRange) are two writes: a
-  // crash between them leaves directory records outside any region, or a
-  // region missing some records, depending on the caller's order. The caller
-  // must repair whichever it allows at load, e.g. by dropping records that
-  // lie in no region before a later region can reuse their addresses.
+  // Deleting a region with its pages is DeleteRegionAndPages.
   Status DeleteRegion(uint64_t id);
+  // Deletes region `id` and the directory records of [base, base + size) in
+  // one synchronous atomic write: after any crash or disk error both are
+  // gone or neither is. Errors: kInvalidArgument (base + size wraps),
+  // kIoError, kInternal.
+  Status DeleteRegionAndPages(uint64_t id, uint64_t base, uint64_t size);
   // In id order. Errors: kCorruption (naming the key), kIoError, kInternal.
   Result<std::vector<RegionRecord>> LoadRegions() const;
 

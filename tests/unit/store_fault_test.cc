@@ -156,6 +156,47 @@ TEST_F(StoreFaultTest, WhileTheDiskFailsEveryWriteFailsClearlyAndTheFirstAfterSu
   EXPECT_EQ(NodeIds(*store_), (std::vector<uint32_t>{1, 4}));
 }
 
+// A region and its pages' records go in one write: refused, both stay
+// (after a reopen too); done, both are gone, and records outside the
+// region stay. Before, the service deleted them in two writes, and a disk
+// error between them left a refused delete half done: the region's record
+// gone, so the region vanished at the next restart.
+TEST_F(StoreFaultTest, ARegionAndItsPagesAreDeletedInOneWrite) {
+  RegionRecord r;
+  r.id = 5;
+  r.name = "five";
+  r.base = 0x200000;
+  r.size = 0x4000;
+  r.page_size = 4096;
+  ASSERT_TRUE(store_->PutRegion(r).ok());
+  ASSERT_TRUE(store_->WriteDirectory({MakePage(r.base, 1), MakePage(r.base + 0x3000, 1),
+                                      MakePage(r.base + r.size, 1)})
+                  .ok());
+  auto region_ids = [&] {
+    auto regions = store_->LoadRegions();
+    EXPECT_TRUE(regions.ok()) << regions.status().ToString();
+    std::vector<uint64_t> ids;
+    if (regions.ok()) {
+      for (const RegionRecord& g : *regions) ids.push_back(g.id);
+    }
+    return ids;
+  };
+  faults_.FailWrites(true);
+  Status st = store_->DeleteRegionAndPages(r.id, r.base, r.size);
+  EXPECT_EQ(st.code(), StatusCode::kIoError) << st.ToString();
+  faults_.Clear();
+  ASSERT_TRUE(Open().ok());
+  EXPECT_EQ(region_ids(), std::vector<uint64_t>{5});
+  EXPECT_EQ(PageAddrs(*store_), (std::vector<uint64_t>{r.base, r.base + 0x3000, r.base + r.size}));
+
+  ASSERT_TRUE(store_->DeleteRegionAndPages(r.id, r.base, r.size).ok());
+  ASSERT_TRUE(Open().ok());
+  EXPECT_TRUE(region_ids().empty());
+  EXPECT_EQ(PageAddrs(*store_), std::vector<uint64_t>{r.base + r.size}) << "only the neighbour's";
+  EXPECT_EQ(store_->DeleteRegionAndPages(1, ~uint64_t{0} - 10, 4096).code(),
+            StatusCode::kInvalidArgument);
+}
+
 // A failed fsync: the bytes may have reached the WAL, so the refused write
 // may be found later (the store promises nothing about it), but every
 // acknowledged one is kept, and the store writes again. Fails without the
@@ -339,6 +380,36 @@ TEST_F(ServiceFaultTest, AGrantWaitsUntilItsDirectoryRecordIsWritten) {
   ASSERT_NE(rec, nullptr) << "the flushed record was lost";
   EXPECT_TRUE(rec->busy);
   EXPECT_EQ(rec->tx.requester, a);
+}
+
+// A directory change waits unwritten (the disk failed at its Flush) when
+// the disk works again and its region is deleted before the next Flush.
+// That Flush must not write the deleted page's record back: a region made
+// at the same addresses would load it as its own at the next restart.
+// Fails without dropping the waiting records with the region: after the
+// restart the new region's page had the old one's owner.
+TEST_F(ServiceFaultTest, ARecordWaitingForTheDiskGoesWithItsRegion) {
+  const uint64_t created = CreateRegion("old");
+  const auto* region = std::get_if<proto::RegionReply>(ReplyTo(created));
+  ASSERT_NE(region, nullptr) << StatusOf(created).ToString();
+  const proto::PageAddr page = region->base;
+  const proto::NodeId a = Join(1);
+  faults_.FailWrites(true);
+  Deliver(1, proto::Acquire{.page = page, .node = a, .kind = proto::AccessKind::kWrite,
+                            .request_seq = 1, .region = region->region});
+  ASSERT_EQ(flushed_.code(), StatusCode::kIoError) << flushed_.ToString();
+  faults_.FailWrites(false);
+  // The delete is written at once, and the Flush after it succeeds.
+  const uint64_t deleted = Deliver(kTool, proto::RegionDelete{.name = "old"});
+  ASSERT_TRUE(StatusOf(deleted).ok()) << StatusOf(deleted).ToString();
+  ASSERT_TRUE(flushed_.ok()) << flushed_.ToString();
+  const uint64_t again = CreateRegion("new");
+  const auto* successor = std::get_if<proto::RegionReply>(ReplyTo(again));
+  ASSERT_NE(successor, nullptr) << StatusOf(again).ToString();
+  ASSERT_EQ(successor->base, page) << "the test needs the same addresses";
+  ASSERT_TRUE(Restart().ok());
+  EXPECT_EQ(service_->directory().Find(page), nullptr)
+      << "the new region's page has the deleted region's record";
 }
 
 // A RegionCreate that cannot be stored is answered with the store's error,
