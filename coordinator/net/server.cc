@@ -256,12 +256,18 @@ void Server::DoFlush() {
   std::vector<Send> sends;
   Status st = service_.Flush(&sends);
   if (!st.ok()) {
-    LogError("directory write failed; replies held until it succeeds: " + st.ToString());
+    if (!flush_failing_) {  // once per outage: it is retried every 200 ms
+      LogError("writing to the store failed; replies held until it succeeds (retried every "
+               "200 ms): " + st.ToString());
+    }
+    flush_failing_ = true;
     retry_timer_.expires_after(std::chrono::milliseconds(200));
     retry_timer_.async_wait([this](boost::system::error_code ec) {
       if (!ec) ScheduleFlush();
     });
-    return;
+  } else if (flush_failing_) {
+    flush_failing_ = false;
+    LogInfo("the store is written again; held replies leave");
   }
   std::unordered_set<ConnId> touched;
   for (Send& s : sends) {

@@ -70,6 +70,7 @@ class Server {
   boost::asio::ip::tcp::acceptor acceptor_;
   boost::asio::steady_timer tick_timer_;
   boost::asio::steady_timer retry_timer_;
+  bool flush_failing_ = false;  // the last Flush failed (logged once per outage)
   boost::asio::steady_timer accept_timer_;  // Accept again after a failed accept
   std::unordered_map<ConnId, std::shared_ptr<Connection>> conns_;
   ConnId next_conn_ = 1;

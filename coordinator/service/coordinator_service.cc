@@ -242,6 +242,9 @@ void CoordinatorService::OnTick(uint64_t now_ms) {
 }
 
 Status CoordinatorService::Flush(std::vector<Send>* sends) {
+  // Answers that wait for nothing unwritten leave even while the disk fails.
+  for (Send& s : unheld_) sends->push_back(std::move(s));
+  unheld_.clear();
   // A dead node's record goes before the directory records and messages of
   // the hand-over of its pages (DeclareDead).
   while (!deaths_unpersisted_.empty()) {
@@ -495,14 +498,19 @@ Status CoordinatorService::HandleHeartbeat(ConnId conn, uint64_t rid, const prot
                                            uint64_t now_ms) {
   DSVM_RETURN_IF_ERROR(CheckSender(conn, m.node));
   auto it = members_.find(m.node);
+  // The answer says whether this coordinator counts the node live now,
+  // which no unwritten record changes (a death not stored yet holds its
+  // hand-over, not its news): it leaves at once, so that a disk that fails
+  // for a while does not let every node's lease lapse.
   if (it == members_.end() || !it->second.record.live) {
     // Declared dead meanwhile: it must join again and learn what it lost.
-    ReplyStatus(conn, rid, FailedPrecondition("node " + std::to_string(m.node) + " is not live"));
+    unheld_.push_back(Send{conn, rid, proto::ToReply(FailedPrecondition(
+                                          "node " + std::to_string(m.node) + " is not live"))});
     return Status::Ok();
   }
   it->second.deadline_ms = now_ms + options_.dead_after_ms;
   it->second.counters = m.counters;
-  ReplyStatus(conn, rid, Status::Ok());
+  unheld_.push_back(Send{conn, rid, proto::ToReply(Status::Ok())});
   return Status::Ok();
 }
 

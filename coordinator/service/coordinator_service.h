@@ -83,14 +83,16 @@ class CoordinatorService {
   void OnTick(uint64_t now_ms);
   static constexpr uint64_t kStallTicks = 4;
 
-  // Persists pending changes (the records of nodes declared dead whose
+  // Hands over the answers that wait for nothing unwritten (heartbeats'),
+  // persists pending changes (the records of nodes declared dead whose
   // DeclareDead could not store them, then the directory's), then hands
-  // over every send that may leave. On a storage error nothing is handed
+  // over every other send. On a storage error only the former are handed
   // over, and the Status (kIoError, ...) says what failed; the next Flush
   // retries.
   Status Flush(std::vector<Send>* sends);
   bool has_unflushed() const {
-    return !held_.empty() || !unpersisted_.empty() || !deaths_unpersisted_.empty();
+    return !held_.empty() || !unheld_.empty() || !unpersisted_.empty() ||
+           !deaths_unpersisted_.empty();
   }
 
   // A follower shard (options.region_authority set) learns the region
@@ -173,6 +175,7 @@ class CoordinatorService {
   std::unordered_map<ConnId, proto::NodeId> conn_node_;
   Outbox outbox_;
   std::vector<Send> held_;                 // waiting for their records to be durable
+  std::vector<Send> unheld_;               // heartbeat answers: wait for no record
   // Taken from the directory, not yet written (a Flush failed); one per page.
   std::vector<PageRecord> unpersisted_;
   // Declared dead, stored live still: their records are written (Flush)

@@ -382,6 +382,28 @@ TEST_F(ServiceFaultTest, AGrantWaitsUntilItsDirectoryRecordIsWritten) {
   EXPECT_EQ(rec->tx.requester, a);
 }
 
+// While the disk fails and a grant waits for its record, the node's
+// heartbeats are still answered: their answer depends on nothing unwritten,
+// and held it would let the node's lease lapse (it would fence, and every
+// node with it) for as long as the disk fails. Fails without: no answer.
+TEST_F(ServiceFaultTest, HeartbeatsAreAnsweredWhileTheDiskFails) {
+  const uint64_t created = CreateRegion("r");
+  const auto* region = std::get_if<proto::RegionReply>(ReplyTo(created));
+  ASSERT_NE(region, nullptr) << StatusOf(created).ToString();
+  const proto::NodeId a = Join(1);
+  faults_.FailWrites(true);
+  Deliver(1, proto::Acquire{.page = region->base, .node = a, .kind = proto::AccessKind::kWrite,
+                            .request_seq = 1, .region = region->region});
+  ASSERT_EQ(flushed_.code(), StatusCode::kIoError) << flushed_.ToString();
+  const uint64_t beat = Deliver(1, proto::Heartbeat{a, {}});
+  EXPECT_EQ(flushed_.code(), StatusCode::kIoError);
+  EXPECT_TRUE(StatusOf(beat).ok()) << StatusOf(beat).ToString();
+  EXPECT_TRUE(GrantsTo(1).empty()) << "the grant left before its record was written";
+  faults_.FailWrites(false);
+  ASSERT_TRUE(Flush().ok());
+  EXPECT_EQ(GrantsTo(1).size(), 1u);
+}
+
 // A directory change waits unwritten (the disk failed at its Flush) when
 // the disk works again and its region is deleted before the next Flush.
 // That Flush must not write the deleted page's record back: a region made
