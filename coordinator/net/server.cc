@@ -250,6 +250,20 @@ void Server::ScheduleFlush() {
   asio::post(io_, [this] { DoFlush(); });
 }
 
+void Server::SendAll(std::vector<Send>& sends) {
+  std::unordered_set<ConnId> touched;
+  for (Send& s : sends) {
+    auto it = conns_.find(s.conn);
+    if (it == conns_.end()) continue;
+    proto::EncodeTo(s.message, s.request_id, &it->second->out_pending);
+    touched.insert(s.conn);
+  }
+  for (ConnId id : touched) {
+    auto it = conns_.find(id);
+    if (it != conns_.end()) Write(it->second);
+  }
+}
+
 void Server::DoFlush() {
   flush_scheduled_ = false;
   if (stopped_) return;
@@ -265,21 +279,16 @@ void Server::DoFlush() {
     retry_timer_.async_wait([this](boost::system::error_code ec) {
       if (!ec) ScheduleFlush();
     });
-  } else if (flush_failing_) {
+    // What may leave does (heartbeat answers); a refused connection stays
+    // open until its held answer has left.
+    SendAll(sends);
+    return;
+  }
+  if (flush_failing_) {
     flush_failing_ = false;
     LogInfo("the store is written again; held replies leave");
   }
-  std::unordered_set<ConnId> touched;
-  for (Send& s : sends) {
-    auto it = conns_.find(s.conn);
-    if (it == conns_.end()) continue;
-    proto::EncodeTo(s.message, s.request_id, &it->second->out_pending);
-    touched.insert(s.conn);
-  }
-  for (ConnId id : touched) {
-    auto it = conns_.find(id);
-    if (it != conns_.end()) Write(it->second);
-  }
+  SendAll(sends);
   // A refused connection with nothing left to send closes now.
   std::vector<std::shared_ptr<Connection>> done;
   for (auto& [id, c] : conns_) {

@@ -61,6 +61,8 @@ class Server {
   void Close(const std::shared_ptr<Connection>& c, const std::string& why);
   void ScheduleFlush();
   void DoFlush();
+  // Queues each send on its connection (if still open) and starts the writes.
+  void SendAll(std::vector<Send>& sends);
   void Write(const std::shared_ptr<Connection>& c);
   void ScheduleTick();
 

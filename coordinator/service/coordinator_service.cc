@@ -501,7 +501,9 @@ Status CoordinatorService::HandleHeartbeat(ConnId conn, uint64_t rid, const prot
   // The answer says whether this coordinator counts the node live now,
   // which no unwritten record changes (a death not stored yet holds its
   // hand-over, not its news): it leaves at once, so that a disk that fails
-  // for a while does not let every node's lease lapse.
+  // for a while does not let every node's lease lapse. (A node declared
+  // dead is unbound from its connection, so CheckSender refuses it first;
+  // this is the defensive case.)
   if (it == members_.end() || !it->second.record.live) {
     // Declared dead meanwhile: it must join again and learn what it lost.
     unheld_.push_back(Send{conn, rid, proto::ToReply(FailedPrecondition(
