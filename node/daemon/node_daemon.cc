@@ -51,9 +51,8 @@ uint64_t FenceNeedsMs(uint64_t held_bytes, uint64_t bytes_per_ms) {
   return estimate + estimate / 4 + kFenceSpareMs;
 }
 constexpr int kJoinTimeoutMs = 3000;
-// A rejoin waits at most this long per step (connect, handshake, join),
-// and less while the lease runs (ReconnectCoordinator): the loop serves
-// nothing meanwhile.
+// A rejoin waits at most this long per step (connect, handshake, join), on
+// a thread of its own (ReconnectCoordinator).
 constexpr uint64_t kRejoinStepMs = 1000;
 constexpr size_t kMaxClients = 1024;
 constexpr size_t kMaxForwarded = 4096;
@@ -545,36 +544,59 @@ void NodeDaemon::CloseShardLink(size_t shard) {
 void NodeDaemon::ReconnectCoordinator(size_t shard) {
   ShardLink& s = shards_[shard];
   s.last_reconnect_ms = NowMs();
-  const uint64_t sent_ms = NowMs();
-  // Each step blocks the loop: while a lease runs (any shard's), at most an
-  // eighth of what is left of it, so that no fence is held up past its
-  // lapse by an unreachable coordinator (a connect that times out).
-  uint64_t step = kRejoinStepMs;
-  for (const ShardLink& other : shards_) {
-    if (other.fenced) continue;
-    const uint64_t left = sent_ms < other.lease_until_ms ? other.lease_until_ms - sent_ms : 0;
-    step = std::min(step, std::max<uint64_t>(left / 8, 10));  // lapsed, not fenced yet: 10 ms
-  }
-  const int step_ms = static_cast<int>(step);
-  auto link = proto::ConnectToCoordinator(s.address, secret_.get(), step_ms);
-  if (!link.ok()) {
-    if (link.status().code() == StatusCode::kPermissionDenied) {
-      LogWarning("rejoining the coordinator at " + s.address + ": " + link.status().ToString());
+  ++stats_.rejoins_started;
+  // On a thread of its own: connect, handshake and join block for up to
+  // kRejoinStepMs each (a coordinator that does not answer), and the loop
+  // goes on serving meanwhile (local faults, peers, fences). The thread
+  // touches nothing of the daemon: it gets copies and returns a result,
+  // which OnTimer takes (FinishRejoin).
+  s.rejoin = std::async(
+      std::launch::async,
+      [address = s.address, secret = secret_, options = options_, id = id_,
+       peer = peer_address(), resume = !s.fresh]() -> Rejoin {
+        Rejoin r;
+        r.resume = resume;
+        if (options.before_rejoin) options.before_rejoin();
+        const int step_ms = static_cast<int>(kRejoinStepMs);
+        auto link = proto::ConnectToCoordinator(address, secret.get(), step_ms);
+        if (!link.ok()) {
+          r.status = link.status();
+          return r;
+        }
+        r.sent_ms = MonotonicUs() / 1000;  // NowMs's clock
+        auto jr = Join(*link, options, id, peer, resume, step_ms);
+        if (!jr.ok()) {
+          r.status = jr.status();
+          return r;
+        }
+        r.link = std::move(*link);
+        r.joined = *jr;
+        return r;
+      });
+}
+
+void NodeDaemon::FinishRejoin(size_t shard) {
+  ShardLink& s = shards_[shard];
+  Rejoin r = s.rejoin.get();
+  if (!r.status.ok()) {
+    if (r.status.code() == StatusCode::kFailedPrecondition && r.resume && !s.fresh) {
+      // Declared dead meanwhile: what this node holds is stale. The next
+      // attempt joins as a new daemon (at once).
+      DropEverything(r.status.message());
+      s.last_reconnect_ms = 0;
+    } else if (r.status.code() != StatusCode::kUnavailable &&
+               r.status.code() != StatusCode::kIoError) {
+      LogWarning("rejoining the coordinator at " + s.address + ": " + r.status.ToString());
     }
     return;
   }
-  auto jr = Join(*link, options_, id_, peer_address(), /*resume=*/!s.fresh, step_ms);
-  if (!jr.ok() && jr.status().code() == StatusCode::kFailedPrecondition && !s.fresh) {
-    // Declared dead meanwhile: what this node holds is stale.
-    DropEverything(jr.status().message());
-    jr = Join(*link, options_, id_, peer_address(), /*resume=*/false, step_ms);
-  }
-  if (!jr.ok()) {
-    LogWarning("rejoining the coordinator at " + s.address + ": " + jr.status().ToString());
+  if (r.resume && s.fresh) {
+    // Another shard declared this node dead while this join was in flight:
+    // the join resumed what was dropped since. Join again, as a new daemon.
     return;
   }
   s.fresh = false;
-  s.link = std::move(*link);
+  s.link = std::move(r.link);
   epoll_event ev{};
   ev.events = EPOLLIN;
   ev.data.fd = s.link.fd();
@@ -582,9 +604,9 @@ void NodeDaemon::ReconnectCoordinator(size_t shard) {
   ++stats_.coordinator_reconnects;
   // A coordinator that restarted may have a shorter deadline: the lease
   // starts again from this join alone.
-  s.lease_ms = LeaseMs(jr->dead_after_ms);
+  s.lease_ms = LeaseMs(r.joined.dead_after_ms);
   s.lease_until_ms = 0;
-  RenewLease(shard, sent_ms);
+  RenewLease(shard, r.sent_ms);
   LogInfo("node " + std::to_string(id_) + " rejoined the coordinator at " + s.address);
   Actions acts;
   // A shard that restarted on other data numbers transactions anew: what was
@@ -752,10 +774,14 @@ void NodeDaemon::BeatIfDue() {
 
 void NodeDaemon::OnTimer() {
   const uint64_t now = NowMs();
-  CheckLeases();  // first: a rejoin below may block the loop
+  CheckLeases();
   for (size_t i = 0; i < shards_.size(); ++i) {
     ShardLink& s = shards_[i];
-    if (!s.link.is_open() && now - s.last_reconnect_ms >= kReconnectEveryMs) {
+    if (s.rejoin.valid()) {
+      if (s.rejoin.wait_for(std::chrono::seconds(0)) != std::future_status::ready) continue;
+      FinishRejoin(i);
+    }
+    if (!s.link.is_open() && NowMs() - s.last_reconnect_ms >= kReconnectEveryMs) {
       ReconnectCoordinator(i);
     }
   }
@@ -796,8 +822,12 @@ void NodeDaemon::RenewLease(size_t shard, uint64_t sent_ms) {
 }
 
 void NodeDaemon::UpdateHeldBytes() {
+  // Every shard's pages together: all leases lapse at once when the node
+  // is cut off (an over-estimate for one shard's lapse alone). A deleted
+  // region kept for local mappings is not fenced.
   uint64_t held = 0;
   for (const auto& [base, store] : stores_) {
+    if (deleted_mapped_.count(base) != 0) continue;
     Result<uint64_t> bytes = store->ResidentBytes();
     if (bytes.ok()) held += *bytes;  // an fstat that fails: that region counts as empty
   }
@@ -856,6 +886,8 @@ void NodeDaemon::Fence(size_t shard, bool early) {
   }
   const uint64_t start_us = MonotonicUs();
   const uint64_t lapsed_ms = s.lease_until_ms;
+  // Pages newly taken: a page a fence took before and nothing mapped since
+  // costs the fence nothing, so it counts neither here nor in the rate.
   size_t taken = 0;
   uint64_t taken_bytes = 0;
   if (backend_) {  // without one, every access comes through AccessPage
@@ -884,16 +916,19 @@ void NodeDaemon::Fence(size_t shard, bool early) {
             LogError("fence: taking page " + Hex(pages[k]) + " from local processes: " + st.ToString());
             continue;
           }
-          fenced_pages_.insert(pages[k]);
-          ++taken;
-          taken_bytes += ps;
+          if (fenced_pages_.insert(pages[k]).second) {
+            ++taken;
+            taken_bytes += ps;
+          }
         }
         continue;
       }
-      fenced_pages_.insert(pages.begin() + static_cast<ptrdiff_t>(i),
-                           pages.begin() + static_cast<ptrdiff_t>(j));
-      taken += j - i;
-      taken_bytes += (j - i) * ps;
+      for (size_t k = i; k < j; ++k) {
+        if (fenced_pages_.insert(pages[k]).second) {
+          ++taken;
+          taken_bytes += ps;
+        }
+      }
     }
   }
   const uint64_t took_us = MonotonicUs() - start_us;
@@ -1506,7 +1541,13 @@ void NodeDaemon::ExecuteOne(Action& a) {
       // region the node maps there, so that it never serves a request of a
       // deleted region with the page of a region made at its addresses.
       if (auto* acquire = std::get_if<proto::Acquire>(&a.message)) {
-        if (store == nullptr) return check(NotFound("no open region"), "Acquire");
+        if (store == nullptr) {
+          // Not expected: a region's pages are forgotten when it goes. The
+          // request ends here rather than be resent for ever.
+          check(NotFound("no open region"), "Acquire");
+          EndWaits(agent_.ForgetRange(a.page, a.page + 1), "its region is not open here");
+          return;
+        }
         acquire->region = region_ids_.at(store->base());
       }
       // Queued: Run() writes everything queued in one go before it waits,

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <future>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -108,6 +109,9 @@ struct NodeDaemonOptions {
   // kDefaultFenceBytesPerMs until a fence has measured it. A test seam (a
   // tiny rate makes any node fence early); no flag.
   uint64_t fence_bytes_per_ms = 0;
+  // Test seam: runs on a rejoin's own thread before it connects (a test
+  // holds a rejoin there to see the loop serve meanwhile). No flag.
+  std::function<void()> before_rejoin;
 };
 
 // The fence rate a daemon assumes before it has measured one: 1 GB/s, a
@@ -167,6 +171,7 @@ struct NodeDaemonStats {
   // Fences started before the lapse, for a node that holds more than the
   // margin lets it fence after it (FenceLeadMs).
   uint64_t early_fences = 0;
+  uint64_t rejoins_started = 0;  // attempts to reach a lost coordinator again
 };
 
 class NodeDaemon {
@@ -284,6 +289,14 @@ class NodeDaemon {
 
   // The coordinator of one directory shard. shards_[0] is also the control
   // plane: membership, regions, peer lookups, forwarded client requests.
+  // What a rejoin's thread brings back: the joined link, or why not.
+  struct Rejoin {
+    Status status;
+    bool resume = false;       // asked to resume (the node's pages intact)
+    uint64_t sent_ms = 0;      // when the JoinRequest left (NowMs's clock)
+    proto::FramedSocket link;  // joined, when status is OK
+    proto::JoinReply joined;
+  };
   struct ShardLink {
     std::string address;
     proto::FramedSocket link;
@@ -307,6 +320,8 @@ class NodeDaemon {
     // Rejoin as a new daemon: another shard declared this node dead, so it
     // dropped every page, and this shard must hand its copies on too.
     bool fresh = false;
+    // A rejoin in flight on a thread of its own (ReconnectCoordinator).
+    std::future<Rejoin> rejoin;
   };
 
   NodeDaemon(const NodeDaemonOptions& options, const proto::JoinReply& joined,
@@ -323,7 +338,10 @@ class NodeDaemon {
   // the GPU tier while its copies hold the loop (DeviceTierOptions::
   // keep_alive): a busy node is not a dead one.
   void BeatIfDue();
+  // Starts a rejoin of the shard on a thread of its own (connect,
+  // handshake, join); FinishRejoin takes its result on the loop.
   void ReconnectCoordinator(size_t shard);
+  void FinishRejoin(size_t shard);
   // Leases. Whether the lease of the shard that holds `page` has lapsed:
   // local accesses of the page wait (Park) until it is renewed.
   bool LeaseLapsed(proto::PageAddr page) const;

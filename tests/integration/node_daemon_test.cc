@@ -84,6 +84,7 @@ class NodeDaemonTest : public ::testing::Test {
       o.socket_path = dir_.path() + "/node" + std::to_string(i) + ".sock";
       auto rate = fence_rate_of_.find(i);
       if (rate != fence_rate_of_.end()) o.fence_bytes_per_ms = rate->second;
+      if (i == 1) o.before_rejoin = before_rejoin_of_1_;
       auto d = NodeDaemon::Create(o);
       ASSERT_TRUE(d.ok()) << d.status().ToString();
       nodes_.push_back(std::make_unique<RunningDaemon>(std::move(*d)));
@@ -99,6 +100,7 @@ class NodeDaemonTest : public ::testing::Test {
   // Node i's fence rate (NodeDaemonOptions::fence_bytes_per_ms), where
   // set; before StartNodes.
   std::map<int, uint64_t> fence_rate_of_;
+  std::function<void()> before_rejoin_of_1_;  // NodeDaemonOptions::before_rejoin of node 1
   TempDir dir_;
   CoordinatorProcess coord_;
   proto::FramedSocket tool_;
@@ -1697,6 +1699,52 @@ TEST_F(NodeLeaseTest, ANodeThatHoldsMuchFencesBeforeItsLeaseLapses) {
   Go();
   EXPECT_EQ(ReaderExit(), 0);
   EXPECT_EQ(Stats(1).fresh_starts, 0u) << "node 1 was declared dead: the cut outlasted the deadline";
+}
+
+// Node 1 loses its coordinator, and its rejoin is held (as by a
+// coordinator that accepts the connection and never answers). Meanwhile
+// its loop must serve its process: a read of a page valid on node 1 is a
+// local fault, which needs no coordinator while the lease runs. Fails with
+// a rejoin on the loop: the fault waited until the rejoin ended.
+TEST_F(NodeLeaseTest, TheLoopServesWhileARejoinWaits) {
+  std::promise<void> release;
+  std::shared_future<void> released = release.get_future().share();
+  before_rejoin_of_1_ = [released] { released.wait(); };
+  const proto::RegionReply r = Region("rejoin", 4 * 4096, 4096);
+  StartNodes(2, r);
+  nodes_[1]->WriteU64(r.base + 4096, 7);  // page 1: valid on node 1, mapped by no process
+  ASSERT_EQ(::pipe(ready_), 0);
+  ASSERT_EQ(::pipe(go_), 0);
+  reader_ = ForkRegionClient(1, "rejoin", [&](volatile uint64_t* p) {
+    ::close(ready_[0]);  // as in StartWithAReader
+    ::close(go_[1]);
+    char c = 1;
+    if (::write(ready_[1], &c, 1) != 1 || ::read(go_[0], &c, 1) != 1) return 12;
+    return p[512] == 7 ? 0 : 13;  // a local fault: node 1's daemon serves it
+  });
+  char c;
+  ASSERT_EQ(::read(ready_[0], &c, 1), 1);  // it opened the region
+  const uint64_t started = Stats(1).rejoins_started;
+  relay_->Reset();  // node 1's link goes; it tries to rejoin, and is held
+  for (int i = 0; i < 500 && Stats(1).rejoins_started == started; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  Go();
+  int status = -1;
+  for (int i = 0; i < 500 && ::waitpid(reader_, &status, WNOHANG) == 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  const bool served = status != -1;
+  release.set_value();  // the rejoin goes on
+  if (!served) {
+    ASSERT_EQ(::waitpid(reader_, &status, 0), reader_);
+  }
+  EXPECT_TRUE(served) << "the process's fault waited for the rejoin";
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "status " << status;
+  for (int i = 0; i < 500 && Stats(1).coordinator_reconnects == 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_GE(Stats(1).coordinator_reconnects, 1u) << "node 1 never rejoined";
 }
 
 // Node 1's connection to the coordinator is lost, with what it carried,
