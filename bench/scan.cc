@@ -13,6 +13,7 @@
 
 #include "bench/bench_output.h"
 #include "bench/cluster.h"
+#include "bench/dsvm_client.h"
 #include "bench/forked_child.h"
 #include "bench/scan_floor.h"
 #include "bench/scan_pattern.h"
@@ -45,28 +46,6 @@ const char* Name(Variant v) {
 uint64_t Seed(Variant v) { return 0xD5A0 + static_cast<uint64_t>(v); }
 
 double Gbps(uint64_t bytes, double seconds) { return static_cast<double>(bytes) / seconds / 1e9; }
-
-// A libdsvm call's result as a Status, with the library's own sentence.
-Status Checked(int rc, const std::string& call) {
-  if (rc == DSVM_OK) return Status::Ok();
-  return Internal(call + ": " + dsvm_strerror(rc) + ": " + dsvm_last_error());
-}
-
-// dsvm_init in a client process; dsvm_finalize when it goes.
-class Connection {
- public:
-  ~Connection() {
-    if (connected_) dsvm_finalize();
-  }
-  Status Connect(const std::string& socket) {
-    DSVM_RETURN_IF_ERROR(Checked(dsvm_init(socket.c_str()), "dsvm_init(" + socket + ")"));
-    connected_ = true;
-    return Status::Ok();
-  }
-
- private:
-  bool connected_ = false;
-};
 
 uint64_t ProcessFaults() {
   rusage u{};
