@@ -886,6 +886,7 @@ void NodeDaemon::Fence(size_t shard, bool early) {
   }
   const uint64_t start_us = MonotonicUs();
   const uint64_t lapsed_ms = s.lease_until_ms;
+  const uint64_t lead_ms = lapsed_ms - std::min(lapsed_ms, NowMs());  // an early fence's
   // Pages newly taken: a page a fence took before and nothing mapped since
   // costs the fence nothing, so it counts neither here nor in the rate.
   size_t taken = 0;
@@ -942,9 +943,10 @@ void NodeDaemon::Fence(size_t shard, bool early) {
     char held[32];
     std::snprintf(held, sizeof(held), "%.1f MiB", static_cast<double>(held_bytes_) / (1 << 20));
     LogWarning("node " + std::to_string(id_) + ": no answer from the coordinator at " + s.address +
-               "; its lease lapses in " + std::to_string(lapsed_ms - std::min(lapsed_ms, NowMs())) +
-               " ms, too late to fence the " + held + " this node holds after it: " +
-               std::to_string(taken) + " pages were taken from local processes now (in " +
+               "; its lease lapses " + std::to_string(lead_ms) +
+               " ms from the start of this fence, too late to fence the " + held +
+               " this node holds after it: " + std::to_string(taken) +
+               " pages were taken from local processes now (in " +
                std::to_string(took_ms) + " ms); they map them again until the lapse");
     return;
   }
