@@ -127,6 +127,12 @@ CoordinatorProcess::~CoordinatorProcess() {
   }
 }
 
+Status CoordinatorProcess::Signal(int sig) {
+  if (pid_ < 0) return FailedPrecondition("the coordinator is not running");
+  if (::kill(pid_, sig) != 0) return IoError(std::string("kill: ") + std::strerror(errno));
+  return Status::Ok();
+}
+
 Status CoordinatorProcess::Stop() {
   if (pid_ < 0) return Status::Ok();
   const pid_t pid = pid_;

@@ -48,6 +48,10 @@ class CoordinatorProcess {
   // Copies the last `lines` lines of the coordinator's log to stderr.
   void PrintLogTail(size_t lines) const;
 
+  // Sends `sig` (SIGSTOP, SIGCONT: a coordinator that stands still).
+  // Errors: kFailedPrecondition (not running), kIoError.
+  Status Signal(int sig);
+
  private:
   CoordinatorProcess() = default;
 

@@ -67,7 +67,9 @@
 // `fence` (leases, proto/PROTOCOL.md): what a node's fence costs, the
 // bytes of a region's pages moved out of its memfd (--size, default 1G;
 // --page-size) against moving them page by page and against a plain copy
-// into fresh memory, same run (bench/fence.h). --quick: 64M.
+// into fresh memory, same run; then, unless --store-only, the fence of a
+// dsvm-node whose client maps the region, its coordinator stopped until
+// the lease lapses (bench/fence.h). --quick: 64M.
 //
 // Exit status: 0 when every check passed (or the run was skipped), 1 when
 // one failed, 2 on bad usage.
@@ -106,7 +108,8 @@ int Usage() {
                "                      [--chunk BYTES] [--skip-oversub] [--copy-threads N]\n"
                "                      [--node-bin PATH] [--coordinator-bin PATH]\n"
                "       dsvm-bench fence [--quick] [--size BYTES]\n"
-               "                        [--page-size 4096|65536|2097152]\n");
+               "                        [--page-size 4096|65536|2097152] [--store-only]\n"
+               "                        [--node-bin PATH] [--coordinator-bin PATH]\n");
   return 2;
 }
 
@@ -369,8 +372,13 @@ int RunFenceBench(int argc, char** argv) {
     const char* next = i + 1 < argc ? argv[i + 1] : nullptr;
     if (a == "--quick") {
       o.bytes = uint64_t{64} << 20;
+    } else if (a == "--store-only") {
+      o.store_only = true;
     } else if ((a == "--size" || a == "--page-size") && next != nullptr) {
       if (!ParseBytes(next, a == "--size" ? &size : &page_size)) return Usage();
+      ++i;
+    } else if ((a == "--node-bin" || a == "--coordinator-bin") && next != nullptr) {
+      (a == "--node-bin" ? o.node_binary : o.coordinator_binary) = next;
       ++i;
     } else {
       return Usage();

@@ -1,14 +1,23 @@
 #include "bench/fence.h"
 
-#include <algorithm>
-#include <cstring>
-#include <memory>
+#include <signal.h>
 #include <sys/uio.h>
+
+#include <algorithm>
+#include <chrono>
 #include <climits>
+#include <cstring>
+#include <fstream>
+#include <memory>
+#include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "bench/bench_output.h"
+#include "bench/cluster.h"
+#include "bench/dsvm_client.h"
+#include "bench/forked_child.h"
 #include "node/memory/page_store.h"
 
 namespace dsvm::bench {
@@ -50,6 +59,142 @@ Status RestoreAndCheck(node::PageStore& s) {
 
 std::string Tag(uint32_t page_size) {
   return page_size == 4096 ? "page4k" : page_size == 65536 ? "page64k" : "page2m";
+}
+
+// What a daemon's log says its fences did (NodeDaemon::Fence's lines).
+struct FenceLines {
+  uint64_t pages = 0;
+  uint64_t ms = 0;
+  int early = 0;     // "... taken from local processes now (in ...": before the lapse
+  bool lapse = false;  // the fence at the lapse was logged
+};
+
+// The number that ends just before `at` in `line` (0 if none).
+uint64_t NumberBefore(const std::string& line, size_t at) {
+  size_t b = at;
+  while (b > 0 && line[b - 1] >= '0' && line[b - 1] <= '9') --b;
+  return b == at ? 0 : std::stoull(line.substr(b, at - b));
+}
+
+// Reads the fence lines logged in `path` past byte `from`.
+FenceLines ReadFenceLines(const std::string& path, std::streamoff from) {
+  FenceLines f;
+  std::ifstream in(path);
+  in.seekg(from);
+  const std::string taken = " pages were taken from local processes";
+  for (std::string line; std::getline(in, line);) {
+    const size_t at = line.find(taken);
+    if (at == std::string::npos) continue;
+    const size_t in_at = line.find("(in ", at);
+    const size_t ms_at = in_at == std::string::npos ? std::string::npos : line.find(" ms)", in_at);
+    if (ms_at == std::string::npos) continue;
+    f.pages += NumberBefore(line, at);
+    f.ms += NumberBefore(line, ms_at);
+    if (line.compare(at + taken.size(), 4, " now") == 0) {
+      ++f.early;
+    } else {
+      f.lapse = true;
+    }
+  }
+  return f;
+}
+
+std::streamoff FileSize(const std::string& path) {
+  std::ifstream in(path, std::ios::ate);
+  return in ? static_cast<std::streamoff>(in.tellg()) : 0;
+}
+
+// A client process writes (or, `check`, reads back and checks) every word
+// of region "fence", created when writing.
+Status WriteOrCheckRegion(const std::string& socket, const FenceOptions& o, bool check) {
+  Connection lib;
+  DSVM_RETURN_IF_ERROR(lib.Connect(socket));
+  void* addr = nullptr;
+  if (check) {
+    DSVM_RETURN_IF_ERROR(Checked(dsvm_region_open("fence", &addr, nullptr), "dsvm_region_open"));
+  } else {
+    dsvm_region_attr_t attr{};
+    attr.page_size = o.page_size;
+    DSVM_RETURN_IF_ERROR(
+        Checked(dsvm_region_create_attr("fence", o.bytes, &attr, &addr), "dsvm_region_create_attr"));
+    // Every page Modified at once; then the writes map them writable.
+    DSVM_RETURN_IF_ERROR(
+        Checked(dsvm_prefetch(addr, o.bytes, DSVM_PREFETCH_WRITE), "dsvm_prefetch(WRITE)"));
+  }
+  auto* w = static_cast<uint64_t*>(addr);
+  const uint64_t per_page = o.page_size / 8;
+  for (uint64_t p = 0; p < o.bytes / o.page_size; ++p) {
+    for (uint64_t i = 0; i < per_page; ++i) {
+      if (!check) {
+        w[p * per_page + i] = Word(p, i);
+      } else if (w[p * per_page + i] != Word(p, i)) {
+        return DataLoss("after the fence, page " + std::to_string(p) + " word " +
+                        std::to_string(i) + " is wrong");
+      }
+    }
+  }
+  return Status::Ok();  // the writer stays, its pages mapped, until released
+}
+
+Status RunDaemonFence(FenceOptions o, double retain_range_gbps) {
+  if (!UffdUsableOrSaySkip("dsvm-bench fence")) return Status::Ok();
+  DSVM_RETURN_IF_ERROR(ResolveBinaries(&o.node_binary, &o.coordinator_binary));
+  ClusterOptions co;
+  co.nodes = 1;
+  co.node_binary = o.node_binary;
+  co.coordinator_binary = o.coordinator_binary;
+  co.dir_prefix = "dsvm-bench-fence";
+  Cluster c;
+  Status run = [&]() -> Status {
+    DSVM_RETURN_IF_ERROR(StartCluster(co, &c));
+    const std::string socket = c.nodes[0]->socket_path();
+    DSVM_ASSIGN_OR_RETURN(std::unique_ptr<ForkedChild> writer,
+                          ForkedChild::Start("fence writer", [&](SampleSeries*) {
+                            return WriteOrCheckRegion(socket, o, /*check=*/false);
+                          }));
+    DSVM_RETURN_IF_ERROR(writer->Collect(300).status());
+    c.clients.push_back(std::move(writer));  // its pages stay mapped
+
+    // The coordinator stands still: no heartbeat is answered, the node's
+    // lease lapses, and it fences (early too, if it holds much).
+    const std::string log = c.dir.path() + "/node1.log";
+    const std::streamoff from = FileSize(log);
+    DSVM_RETURN_IF_ERROR(c.coordinator->Signal(SIGSTOP));
+    FenceLines f;
+    for (int i = 0; i < 400 && !f.lapse; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      f = ReadFenceLines(log, from);
+    }
+    DSVM_RETURN_IF_ERROR(c.coordinator->Signal(SIGCONT));
+    if (!f.lapse) return Unavailable("the node logged no fence within 20 s of its coordinator stopping");
+
+    // The accesses the fence held go on once the coordinator answers.
+    DSVM_ASSIGN_OR_RETURN(std::unique_ptr<ForkedChild> reader,
+                          ForkedChild::Start("fence reader", [&](SampleSeries*) {
+                            return WriteOrCheckRegion(socket, o, /*check=*/true);
+                          }));
+    DSVM_RETURN_IF_ERROR(reader->Collect(300).status());
+    c.clients.push_back(std::move(reader));
+
+    const std::string tag = Tag(o.page_size);
+    const double bytes = static_cast<double>(f.pages) * o.page_size;
+    const double seconds = std::max<double>(static_cast<double>(f.ms), 1.0) / 1e3;  // ms resolution
+    EmitMetric("fence.daemon." + tag + ".gbps", bytes / 1e9 / seconds, "GB/s");
+    EmitMetric("fence.daemon." + tag + ".ms_per_gib",
+               seconds * 1e3 * static_cast<double>(uint64_t{1} << 30) / std::max(bytes, 1.0), "ms");
+    EmitMetric("fence.daemon." + tag + ".vs_retain_range", bytes / 1e9 / seconds / retain_range_gbps,
+               "ratio");
+    EmitMetric("fence.daemon." + tag + ".pages", static_cast<double>(f.pages), "pages");
+    EmitMetric("fence.daemon." + tag + ".early_fences", f.early, "count");
+    if (f.pages < o.bytes / o.page_size) {
+      return DataLoss("the fences took " + std::to_string(f.pages) + " pages of " +
+                      std::to_string(o.bytes / o.page_size) + " mapped");
+    }
+    return Status::Ok();
+  }();
+  if (!run.ok()) c.PrintLogTails();
+  Status stopped = c.Stop();
+  return run.ok() ? stopped : run;
 }
 
 }  // namespace
@@ -120,7 +265,9 @@ Status RunFence(const FenceOptions& o) {
              range_s * 1e3 * static_cast<double>(uint64_t{1} << 30) / static_cast<double>(o.bytes),
              "ms");
   EmitMetric("fence." + tag + ".bytes", static_cast<double>(o.bytes), "bytes");
-  return Status::Ok();
+  if (o.store_only) return Status::Ok();
+  s.reset();  // its memory back before the daemon's region takes as much
+  return RunDaemonFence(o, gb / range_s);
 }
 
 }  // namespace dsvm::bench

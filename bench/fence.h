@@ -16,10 +16,23 @@
 // fence.retain_range.<tag>.vs_retain_each and .vs_copy_floor (ratios of
 // the rates), fence.retain_range.<tag>.ms_per_gib and fence.<tag>.bytes;
 // <tag> is page4k, page64k or page2m.
+//
+// Then, unless `store_only`, the fence as a dsvm-node does it: a
+// coordinator and one daemon, whose client process creates a region of
+// `bytes`, writes every page (mapped writable in its page tables) and
+// stays. The coordinator is stopped (SIGSTOP) until the node's lease
+// lapses and it fences: its log says how many pages each fence took and in
+// how long (an early fence, for a node that holds much, and the one at the
+// lapse). The coordinator goes on (SIGCONT) and a second process reads
+// every page back, checked. Metrics: fence.daemon.<tag>.gbps (the pages
+// the fences took over their time), .ms_per_gib, .vs_retain_range (over
+// the store-only rate of the same run), .pages and .early_fences. SKIP
+// (said on stderr) where userfaultfd cannot be used.
 #ifndef DSVM_BENCH_FENCE_H_
 #define DSVM_BENCH_FENCE_H_
 
 #include <cstdint>
+#include <string>
 
 #include "proto/status.h"
 
@@ -29,6 +42,9 @@ struct FenceOptions {
   uint64_t bytes = uint64_t{1} << 30;
   uint32_t page_size = 4096;
   int rounds = 3;  // the best of each counts
+  bool store_only = false;          // leave out the daemon's fence
+  std::string node_binary;          // empty: beside this executable
+  std::string coordinator_binary;
 };
 
 // Errors: kInvalidArgument (a page size other than 4 KiB, 64 KiB or 2 MiB;
