@@ -235,8 +235,9 @@ class ServiceFaultTest : public ::testing::Test {
   }
 
   // A new service over the same store, as after a crash: what was not
-  // flushed is gone. The disk works for the restart.
-  Status Restart() {
+  // flushed is gone. The disk works for the restart. `region_authority`:
+  // shard 1 of 2, following shard 0 there (fed by the OnRegion* calls).
+  Status Restart(const std::string& region_authority = "") {
     service_.reset();
     faults_.Clear();
     StoreOptions so;
@@ -244,6 +245,11 @@ class ServiceFaultTest : public ::testing::Test {
     auto store = Store::Open(dir_, so);
     if (!store.ok()) return store.status();
     ServiceOptions o;
+    if (!region_authority.empty()) {
+      o.shard = 1;
+      o.shard_count = 2;
+      o.region_authority = region_authority;
+    }
     o.heartbeat_interval_ms = kHeartbeatMs;
     o.dead_after_ms = kDeadAfterMs;
     o.tick_ms = kTickMs;
@@ -402,6 +408,43 @@ TEST_F(ServiceFaultTest, HeartbeatsAreAnsweredWhileTheDiskFails) {
   faults_.FailWrites(false);
   ASSERT_TRUE(Flush().ok());
   EXPECT_EQ(GrantsTo(1).size(), 1u);
+}
+
+// A follower shard that cannot store a region shard 0 made leaves it out
+// and says it is not synced: a node asking for the region's pages waits
+// (its Acquire dropped), never served from a table that lacks it. The
+// next snapshot, with the disk working, brings the region, and a restart
+// keeps it.
+TEST_F(ServiceFaultTest, AFollowerThatCannotStoreARegionWaitsForTheNextSnapshot) {
+  ASSERT_TRUE(Restart("127.0.0.1:1").ok());
+  ASSERT_TRUE(service_->OnRegionSnapshot({}, 1).ok());
+  ASSERT_TRUE(service_->region_table_synced());
+  const proto::PageAddr base = WindowOptions{}.base;
+  const proto::RegionCreated r{1, base, 4u << 20, 4096, "r"};
+  proto::JoinRequest j;
+  j.node = 7;  // the id shard 0 gave
+  j.address = "127.0.0.1:1";
+  Deliver(1, j);
+  const proto::Acquire ask{.page = base + proto::kShardGranule, .node = 7,
+                           .kind = proto::AccessKind::kWrite, .request_seq = 1, .region = 1};
+
+  faults_.FailWrites(true);
+  Status st = service_->OnRegionCreated(r);
+  EXPECT_EQ(st.code(), StatusCode::kIoError) << st.ToString();
+  EXPECT_FALSE(service_->region_table_synced());
+  faults_.FailWrites(false);
+  Deliver(1, ask);
+  EXPECT_TRUE(GrantsTo(1).empty()) << "served a page of a region this shard could not store";
+
+  ASSERT_TRUE(service_->OnRegionSnapshot({r}, 2).ok());  // the resync
+  EXPECT_TRUE(service_->region_table_synced());
+  Deliver(1, ask);
+  ASSERT_EQ(GrantsTo(1).size(), 1u);
+  EXPECT_EQ(GrantsTo(1)[0].status, 0);
+  ASSERT_TRUE(Restart("127.0.0.1:1").ok());
+  ASSERT_TRUE(service_->OnRegionSnapshot({r}, 2).ok());
+  EXPECT_NE(service_->directory().Find(base + proto::kShardGranule), nullptr)
+      << "the region's directory record was dropped at the restart";
 }
 
 // A directory change waits unwritten (the disk failed at its Flush) when
