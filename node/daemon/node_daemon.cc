@@ -303,6 +303,7 @@ Status NodeDaemon::Setup() {
   its.it_interval.tv_nsec = kTickMs * 1000000;
   its.it_value.tv_nsec = kTickMs * 1000000;
   ::timerfd_settime(timer_fd_, 0, &its, nullptr);
+  last_timer_ms_ = NowMs();  // a loop held from the start counts too (NoteStall)
   if (!options_.socket_path.empty()) DSVM_RETURN_IF_ERROR(SetupClientSocket());
   std::vector<int> fds = {wake_fd_, timer_fd_, transport_->event_fd()};
   for (const ShardLink& s : shards_) fds.push_back(s.link.fd());
@@ -774,6 +775,7 @@ void NodeDaemon::BeatIfDue() {
 
 void NodeDaemon::OnTimer() {
   const uint64_t now = NowMs();
+  NoteStall(now);
   CheckLeases();
   for (size_t i = 0; i < shards_.size(); ++i) {
     ShardLink& s = shards_[i];
@@ -850,6 +852,23 @@ void NodeDaemon::UpdateHeldBytes() {
                 static_cast<unsigned long long>(lease_ms / 3),
                 static_cast<unsigned long long>(lease_ms / 2));
   LogWarning(text);
+}
+
+void NodeDaemon::NoteStall(uint64_t now) {
+  const uint64_t gap = now - std::min(now, last_timer_ms_);
+  last_timer_ms_ = now;
+  // A loop held this long let a lease check, and a fence, come late by as
+  // much (half the margin of the shortest lease).
+  uint64_t lease_ms = 0;
+  for (const ShardLink& s : shards_) {
+    if (s.lease_ms != 0) lease_ms = lease_ms == 0 ? s.lease_ms : std::min(lease_ms, s.lease_ms);
+  }
+  if (lease_ms == 0 || gap <= lease_ms / 6) return;
+  ++stats_.loop_stalls;
+  stats_.longest_stall_ms = std::max(stats_.longest_stall_ms, gap);
+  LogWarning("node " + std::to_string(id_) + ": the daemon's loop stood still for " +
+             std::to_string(gap) + " ms, more than half the " + std::to_string(lease_ms / 3) +
+             " ms a lease leaves for its fence: a lease that lapsed in that time was fenced up to that late");
 }
 
 uint64_t NodeDaemon::FenceLead(const ShardLink& s) const {

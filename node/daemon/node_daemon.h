@@ -172,6 +172,10 @@ struct NodeDaemonStats {
   // margin lets it fence after it (FenceLeadMs).
   uint64_t early_fences = 0;
   uint64_t rejoins_started = 0;  // attempts to reach a lost coordinator again
+  // Turns of the loop that came more than half a lease's margin after the
+  // last (NoteStall), and the longest such gap.
+  uint64_t loop_stalls = 0;
+  uint64_t longest_stall_ms = 0;
 };
 
 class NodeDaemon {
@@ -363,6 +367,9 @@ class NodeDaemon {
   // At each heartbeat: held_bytes_, and a warning when the lease is too
   // short for it (FenceOutlastsMargin).
   void UpdateHeldBytes();
+  // From OnTimer: counts and logs a loop that stood still for more than
+  // half a lease's margin since the last timer turn.
+  void NoteStall(uint64_t now);
   // Keeps an access for when its page's lease is back.
   void Park(std::function<void()> access);
   void RunParked();
@@ -644,6 +651,7 @@ class NodeDaemon {
   // What a fence would take, as of the last heartbeat: the bytes the
   // regions' memfds hold (PageStore::ResidentBytes, an upper bound).
   uint64_t held_bytes_ = 0;
+  uint64_t last_timer_ms_ = 0;  // the last OnTimer, or the timer's start (NoteStall)
   // The fence rate (options' or measured by the last large fence).
   uint64_t fence_bytes_per_ms_ = kDefaultFenceBytesPerMs;
   uint64_t fence_warned_bytes_ = 0;  // held_bytes_ when FenceOutlastsMargin was last logged

@@ -1701,6 +1701,23 @@ TEST_F(NodeLeaseTest, ANodeThatHoldsMuchFencesBeforeItsLeaseLapses) {
   EXPECT_EQ(Stats(1).fresh_starts, 0u) << "node 1 was declared dead: the cut outlasted the deadline";
 }
 
+// A loop held for longer than half a lease's margin (300 ms of a 1800 ms
+// lease here) is counted and logged: a fence that was due meanwhile came
+// late, and the log says why. Fails without the stall check.
+TEST_F(NodeLeaseTest, AStalledLoopIsCountedAndLogged) {
+  const proto::RegionReply r = Region("stall", 4 * 4096, 4096);
+  StartNodes(2, r);
+  EXPECT_EQ(Stats(1).loop_stalls, 0u);
+  nodes_[1]->Stall(std::chrono::milliseconds(700));
+  node::NodeDaemonStats stats;
+  for (int i = 0; i < 300 && stats.loop_stalls == 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    stats = Stats(1);
+  }
+  EXPECT_GE(stats.loop_stalls, 1u);
+  EXPECT_GE(stats.longest_stall_ms, 600u);
+}
+
 // Node 1 loses its coordinator, and its rejoin is held (as by a
 // coordinator that accepts the connection and never answers). Meanwhile
 // its loop must serve its process: a read of a page valid on node 1 is a
