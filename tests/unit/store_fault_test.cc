@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -286,6 +287,14 @@ class ServiceFaultTest : public ::testing::Test {
     if (const auto* r = std::get_if<proto::StatusReply>(m)) return proto::FromReply(*r);
     return Internal(std::string("a ") + proto::TypeName(proto::TypeOf(*m)) + " came instead");
   }
+  // The RegionReply to `rid`, copied (sent_ grows: no pointer into it
+  // outlives the next Flush).
+  std::optional<proto::RegionReply> RegionReplyTo(uint64_t rid) const {
+    const proto::Message* m = ReplyTo(rid);
+    const auto* r = m == nullptr ? nullptr : std::get_if<proto::RegionReply>(m);
+    if (r == nullptr) return std::nullopt;
+    return *r;
+  }
   uint64_t CreateRegion(const std::string& name) {
     return Deliver(kTool, proto::RegionCreate{.name = name, .size = 4 * 4096, .page_size = 4096});
   }
@@ -358,8 +367,8 @@ class ServiceFaultTest : public ::testing::Test {
 // record. Fails without the recovery in Store: Flush failed for ever.
 TEST_F(ServiceFaultTest, AGrantWaitsUntilItsDirectoryRecordIsWritten) {
   const uint64_t created = CreateRegion("r");
-  const auto* region = std::get_if<proto::RegionReply>(ReplyTo(created));
-  ASSERT_NE(region, nullptr) << StatusOf(created).ToString();
+  const std::optional<proto::RegionReply> region = RegionReplyTo(created);
+  ASSERT_TRUE(region.has_value()) << StatusOf(created).ToString();
   const proto::PageAddr page = region->base;
   const proto::NodeId a = Join(1);
 
@@ -394,8 +403,8 @@ TEST_F(ServiceFaultTest, AGrantWaitsUntilItsDirectoryRecordIsWritten) {
 // node with it) for as long as the disk fails. Fails without: no answer.
 TEST_F(ServiceFaultTest, HeartbeatsAreAnsweredWhileTheDiskFails) {
   const uint64_t created = CreateRegion("r");
-  const auto* region = std::get_if<proto::RegionReply>(ReplyTo(created));
-  ASSERT_NE(region, nullptr) << StatusOf(created).ToString();
+  const std::optional<proto::RegionReply> region = RegionReplyTo(created);
+  ASSERT_TRUE(region.has_value()) << StatusOf(created).ToString();
   const proto::NodeId a = Join(1);
   faults_.FailWrites(true);
   Deliver(1, proto::Acquire{.page = region->base, .node = a, .kind = proto::AccessKind::kWrite,
@@ -455,8 +464,8 @@ TEST_F(ServiceFaultTest, AFollowerThatCannotStoreARegionWaitsForTheNextSnapshot)
 // restart the new region's page had the old one's owner.
 TEST_F(ServiceFaultTest, ARecordWaitingForTheDiskGoesWithItsRegion) {
   const uint64_t created = CreateRegion("old");
-  const auto* region = std::get_if<proto::RegionReply>(ReplyTo(created));
-  ASSERT_NE(region, nullptr) << StatusOf(created).ToString();
+  const std::optional<proto::RegionReply> region = RegionReplyTo(created);
+  ASSERT_TRUE(region.has_value()) << StatusOf(created).ToString();
   const proto::PageAddr page = region->base;
   const proto::NodeId a = Join(1);
   faults_.FailWrites(true);
@@ -469,8 +478,8 @@ TEST_F(ServiceFaultTest, ARecordWaitingForTheDiskGoesWithItsRegion) {
   ASSERT_TRUE(StatusOf(deleted).ok()) << StatusOf(deleted).ToString();
   ASSERT_TRUE(flushed_.ok()) << flushed_.ToString();
   const uint64_t again = CreateRegion("new");
-  const auto* successor = std::get_if<proto::RegionReply>(ReplyTo(again));
-  ASSERT_NE(successor, nullptr) << StatusOf(again).ToString();
+  const std::optional<proto::RegionReply> successor = RegionReplyTo(again);
+  ASSERT_TRUE(successor.has_value()) << StatusOf(again).ToString();
   ASSERT_EQ(successor->base, page) << "the test needs the same addresses";
   ASSERT_TRUE(Restart().ok());
   EXPECT_EQ(service_->directory().Find(page), nullptr)
@@ -534,8 +543,8 @@ TEST_F(ServiceFaultTest, AJoinThatCannotBeStoredIsRefusedAndLeavesNoNode) {
 // record: after the restart, a's resume was accepted.
 TEST_F(ServiceFaultTest, ANodeIsStoredDeadBeforeItsPagesAreHandedOn) {
   const uint64_t created = CreateRegion("r");
-  const auto* region = std::get_if<proto::RegionReply>(ReplyTo(created));
-  ASSERT_NE(region, nullptr) << StatusOf(created).ToString();
+  const std::optional<proto::RegionReply> region = RegionReplyTo(created);
+  ASSERT_TRUE(region.has_value()) << StatusOf(created).ToString();
   const proto::PageAddr page = region->base;
   const proto::RegionId rid = region->region;
   const proto::NodeId a = Join(1);
