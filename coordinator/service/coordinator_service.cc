@@ -159,7 +159,8 @@ Status CoordinatorService::OnFrame(ConnId conn, const proto::Frame& frame, uint6
           return Status::Ok();
         } else if constexpr (std::is_same_v<T, proto::Acquire>) {
           DSVM_RETURN_IF_ERROR(CheckSender(conn, m.node));
-          switch (MatchRegion(m)) {
+          const RegionRecord* region = regions_.FindByAddress(m.page);
+          switch (MatchRegion(m, region)) {
             case RegionMatch::kServe:
               break;
             case RegionMatch::kWait:
@@ -174,7 +175,7 @@ Status CoordinatorService::OnFrame(ConnId conn, const proto::Frame& frame, uint6
               RefuseGone(conn, m);
               return Status::Ok();
           }
-          DSVM_RETURN_IF_ERROR(CheckPage(m.page));
+          DSVM_RETURN_IF_ERROR(CheckPageOf(*region, m.page));
           directory_.HandleAcquire(m, now_ms, &outbox_);
           Route(outbox_);
           return Status::Ok();
@@ -328,8 +329,8 @@ void CoordinatorService::RefuseGone(ConnId conn, const proto::Acquire& m) {
   Reply(conn, 0, g);
 }
 
-CoordinatorService::RegionMatch CoordinatorService::MatchRegion(const proto::Acquire& m) const {
-  const RegionRecord* r = regions_.FindByAddress(m.page);
+CoordinatorService::RegionMatch CoordinatorService::MatchRegion(const proto::Acquire& m,
+                                                                const RegionRecord* r) const {
   if (r != nullptr && r->id == m.region) return RegionMatch::kServe;
   // Shard 0 decides every region: the node's is not at that address any
   // more (or never was), whatever holds the address now.
@@ -363,8 +364,12 @@ Status CoordinatorService::NotTheRegionAuthority(const char* request) const {
 Status CoordinatorService::CheckPage(proto::PageAddr page) const {
   const RegionRecord* r = regions_.FindByAddress(page);
   if (r == nullptr) return NotFound("page address in no region");
-  if ((page - r->base) % r->page_size != 0) {
-    return InvalidArgument("page address not aligned to region '" + r->name + "' page size");
+  return CheckPageOf(*r, page);
+}
+
+Status CoordinatorService::CheckPageOf(const RegionRecord& region, proto::PageAddr page) const {
+  if ((page - region.base) % region.page_size != 0) {
+    return InvalidArgument("page address not aligned to region '" + region.name + "' page size");
   }
   if (shard_map_.ShardOf(page) != options_.shard) {
     return InvalidArgument("page belongs to shard " + std::to_string(shard_map_.ShardOf(page)) +

@@ -133,6 +133,8 @@ class CoordinatorService {
   // The node bound to `conn`, after checking it is the node the message names.
   Status CheckSender(ConnId conn, proto::NodeId claimed) const;
   Status CheckPage(proto::PageAddr page) const;
+  // CheckPage for a page of `region`, found already.
+  Status CheckPageOf(const RegionRecord& region, proto::PageAddr page) const;
   // Answers an Acquire for a page of no region (deleted while the node maps
   // it): a NOT_FOUND grant, or for a give-up an OK EvictReply.
   void RefuseGone(ConnId conn, const proto::Acquire& m);
@@ -140,8 +142,9 @@ class CoordinatorService {
   // not, whether it was deleted (kGone: RefuseGone) or, at a follower, may
   // exist at shard 0 and not have reached this shard yet (kWait: dropped,
   // the node resends).
+  // `r`: the region at m.page here, or nullptr.
   enum class RegionMatch { kServe, kWait, kGone };
-  RegionMatch MatchRegion(const proto::Acquire& m) const;
+  RegionMatch MatchRegion(const proto::Acquire& m, const RegionRecord* r) const;
   // A follower's refusal of `request`, which only shard 0 serves.
   Status NotTheRegionAuthority(const char* request) const;
   Status AddFollowedRegion(const proto::RegionCreated& m);
