@@ -295,6 +295,24 @@ class ServiceFaultTest : public ::testing::Test {
     if (r == nullptr) return std::nullopt;
     return *r;
   }
+  // Region `name` made, node 1 joined, and its write Acquire of the
+  // region's first page delivered while writes fail (the disk fault stays
+  // on): the page's record waits unwritten.
+  struct HeldWrite {
+    proto::RegionReply region;
+    proto::NodeId node = proto::kNoNode;
+  };
+  HeldWrite AcquireWhileWritesFail(const std::string& name) {
+    const uint64_t created = CreateRegion(name);
+    const std::optional<proto::RegionReply> region = RegionReplyTo(created);
+    EXPECT_TRUE(region.has_value()) << StatusOf(created).ToString();
+    HeldWrite h{region.value_or(proto::RegionReply{}), Join(1)};
+    faults_.FailWrites(true);
+    Deliver(1, proto::Acquire{.page = h.region.base, .node = h.node,
+                              .kind = proto::AccessKind::kWrite, .request_seq = 1,
+                              .region = h.region.region});
+    return h;
+  }
   uint64_t CreateRegion(const std::string& name) {
     return Deliver(kTool, proto::RegionCreate{.name = name, .size = 4 * 4096, .page_size = 4096});
   }
@@ -366,15 +384,9 @@ class ServiceFaultTest : public ::testing::Test {
 // disk fails; the first Flush after hands it out, and a restart finds the
 // record. Fails without the recovery in Store: Flush failed for ever.
 TEST_F(ServiceFaultTest, AGrantWaitsUntilItsDirectoryRecordIsWritten) {
-  const uint64_t created = CreateRegion("r");
-  const std::optional<proto::RegionReply> region = RegionReplyTo(created);
-  ASSERT_TRUE(region.has_value()) << StatusOf(created).ToString();
-  const proto::PageAddr page = region->base;
-  const proto::NodeId a = Join(1);
-
-  faults_.FailWrites(true);
-  Deliver(1, proto::Acquire{.page = page, .node = a, .kind = proto::AccessKind::kWrite,
-                            .request_seq = 1, .region = region->region});
+  const HeldWrite held = AcquireWhileWritesFail("r");
+  const proto::PageAddr page = held.region.base;
+  const proto::NodeId a = held.node;
   EXPECT_EQ(flushed_.code(), StatusCode::kIoError) << flushed_.ToString();
   EXPECT_TRUE(Contains(flushed_.message(), "WriteDirectory"));
   EXPECT_TRUE(service_->has_unflushed());
@@ -402,13 +414,7 @@ TEST_F(ServiceFaultTest, AGrantWaitsUntilItsDirectoryRecordIsWritten) {
 // and held it would let the node's lease lapse (it would fence, and every
 // node with it) for as long as the disk fails. Fails without: no answer.
 TEST_F(ServiceFaultTest, HeartbeatsAreAnsweredWhileTheDiskFails) {
-  const uint64_t created = CreateRegion("r");
-  const std::optional<proto::RegionReply> region = RegionReplyTo(created);
-  ASSERT_TRUE(region.has_value()) << StatusOf(created).ToString();
-  const proto::NodeId a = Join(1);
-  faults_.FailWrites(true);
-  Deliver(1, proto::Acquire{.page = region->base, .node = a, .kind = proto::AccessKind::kWrite,
-                            .request_seq = 1, .region = region->region});
+  const proto::NodeId a = AcquireWhileWritesFail("r").node;
   ASSERT_EQ(flushed_.code(), StatusCode::kIoError) << flushed_.ToString();
   const uint64_t beat = Deliver(1, proto::Heartbeat{a, {}});
   EXPECT_EQ(flushed_.code(), StatusCode::kIoError);
@@ -463,14 +469,7 @@ TEST_F(ServiceFaultTest, AFollowerThatCannotStoreARegionWaitsForTheNextSnapshot)
 // Fails without dropping the waiting records with the region: after the
 // restart the new region's page had the old one's owner.
 TEST_F(ServiceFaultTest, ARecordWaitingForTheDiskGoesWithItsRegion) {
-  const uint64_t created = CreateRegion("old");
-  const std::optional<proto::RegionReply> region = RegionReplyTo(created);
-  ASSERT_TRUE(region.has_value()) << StatusOf(created).ToString();
-  const proto::PageAddr page = region->base;
-  const proto::NodeId a = Join(1);
-  faults_.FailWrites(true);
-  Deliver(1, proto::Acquire{.page = page, .node = a, .kind = proto::AccessKind::kWrite,
-                            .request_seq = 1, .region = region->region});
+  const proto::PageAddr page = AcquireWhileWritesFail("old").region.base;
   ASSERT_EQ(flushed_.code(), StatusCode::kIoError) << flushed_.ToString();
   faults_.FailWrites(false);
   // The delete is written at once, and the Flush after it succeeds.
