@@ -884,7 +884,7 @@ Status DeviceTier::StageToDevice(const std::vector<Move>& moves, Batch batch,
   for (size_t i = batch.begin; i < batch.end; ++i) {
     const Move& m = moves[i];
     uint8_t* dst = staging.data + off;
-    DSVM_RETURN_IF_ERROR(m.store->ReadPage(m.page, std::span<uint8_t>(dst, m.bytes)));
+    DSVM_RETURN_IF_ERROR(m.store->ReadForCopy(m.page, std::span<uint8_t>(dst, m.bytes)));
     HostToDevice* last = entries->empty() ? nullptr : &entries->back();
     if (last != nullptr && static_cast<const uint8_t*>(last->src) + last->bytes == dst &&
         last->dst + last->bytes == m.ptr && m.ptr + m.bytes <= last_arena_end) {

@@ -19,6 +19,11 @@
 #include "proto/log.h"
 #include "proto/text.h"
 
+// Linux 5.14; older C libraries lack the name.
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+
 namespace dsvm::node {
 namespace {
 
@@ -110,7 +115,11 @@ PageStore::PageStore(PageAddr base, uint64_t size, uint32_t page_size, PageStore
       options_(std::move(options)),
       fd_(std::move(fd)),
       map_(map),
-      hugetlb_(hugetlb) {}
+      hugetlb_(hugetlb) {
+  if (!hugetlb_ && options_.map_for_copies) {
+    mapped_.reset(new std::atomic<uint8_t>[size_ / page_size_]());
+  }
+}
 
 PageStore::~PageStore() { munmap(map_, size_); }
 
@@ -141,6 +150,10 @@ Status PageStore::ReadPage(PageAddr page, std::span<uint8_t> out) const {
     std::memcpy(out.data(), it->second.get(), page_size_);
     return Status::Ok();
   }
+  if (IsMapped(page)) {  // all of it is in the memfd
+    std::memcpy(out.data(), MapOf(page), page_size_);
+    return Status::Ok();
+  }
   // pread, not the mapping: reading a hole through a shared mapping would
   // allocate a page and so make the hole present.
   size_t done = 0;
@@ -156,7 +169,7 @@ Status PageStore::ReadPage(PageAddr page, std::span<uint8_t> out) const {
 }
 
 Status PageStore::Fill(PageAddr page, const uint8_t* data) {
-  if (hugetlb_) {  // hugetlbfs has no write(2)
+  if (hugetlb_ || IsMapped(page)) {  // hugetlbfs has no write(2)
     if (data != nullptr) {
       std::memcpy(MapOf(page), data, page_size_);
     } else {
@@ -190,7 +203,58 @@ Status PageStore::WritePage(PageAddr page, std::span<const uint8_t> in) {
 Status PageStore::WriteUnretained(PageAddr page, std::span<const uint8_t> in) {
   DSVM_RETURN_IF_ERROR(CheckSpan(page, in.size()));
   DSVM_CHECK(!IsRetained(page));
-  return Fill(page, in.data());
+  if (mapped_ != nullptr) MapForCopies(page, /*allocate=*/true);
+  return Fill(page, in.data());  // through the mapping once mapped
+}
+
+Status PageStore::ReadForCopy(PageAddr page, std::span<uint8_t> out) {
+  DSVM_RETURN_IF_ERROR(CheckSpan(page, out.size()));
+  if (mapped_ != nullptr && !IsRetained(page)) MapForCopies(page, /*allocate=*/false);
+  return ReadPage(page, out);  // through the mapping once mapped
+}
+
+void PageStore::SetMapped(PageAddr first, uint64_t count) {
+  for (uint64_t i = 0; i < count; ++i) {
+    mapped_[IndexOf(first) + i].store(1, std::memory_order_relaxed);
+  }
+}
+
+void PageStore::ClearMapped(PageAddr first, uint64_t bytes) {
+  if (mapped_ == nullptr) return;
+  for (uint64_t i = 0; i < bytes / page_size_; ++i) {
+    mapped_[IndexOf(first) + i].store(0, std::memory_order_relaxed);
+  }
+}
+
+bool PageStore::MapForCopies(PageAddr page, bool allocate) {
+  if (IsMapped(page)) return true;
+  // Whole 2 MiB blocks where they are all in the memfd: one call maps 512
+  // pages of 4 KiB instead of one each.
+  const uint64_t block_bytes = std::max<uint64_t>(page_size_, kHugePageSize);
+  const PageAddr block = base_ + (page - base_) / block_bytes * block_bytes;
+  const uint64_t block_len = std::min<uint64_t>(block_bytes, base_ + size_ - block);
+  const long small = sysconf(_SC_PAGESIZE);
+  std::vector<unsigned char> vec(block_len / static_cast<uint64_t>(small));
+  if (mincore(MapOf(block), block_len, vec.data()) != 0) return false;
+  auto all_present = [&](uint64_t from, uint64_t len) {
+    for (uint64_t i = from / small; i < (from + len) / small; ++i) {
+      if ((vec[i] & 1) == 0) return false;
+    }
+    return true;
+  };
+  PageAddr first = page;
+  uint64_t len = page_size_;
+  if (all_present(0, block_len)) {
+    first = block;
+    len = block_len;
+  } else if (!allocate && !all_present(page - block, page_size_)) {
+    return false;  // a hole: reads of it go through pread
+  }
+  // Faults the range in writable now (allocating holes, with `allocate`);
+  // kernels before 5.14 refuse, and copies take pread and pwrite then.
+  if (madvise(MapOf(first), len, MADV_POPULATE_WRITE) != 0) return false;
+  SetMapped(first, len / page_size_);
+  return true;
 }
 
 Status PageStore::WritePages(PageAddr first, std::span<const std::span<const uint8_t>> pages) {
@@ -234,6 +298,8 @@ std::span<uint8_t> PageStore::MappedPage(PageAddr page) {
 }
 
 Status PageStore::PunchBytes(PageAddr first, uint64_t bytes) {
+  // Cleared first: after a failed punch part of the range may be holes.
+  ClearMapped(first, bytes);
   if (fallocate(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                 static_cast<off_t>(OffsetOf(first)), static_cast<off_t>(bytes)) != 0) {
     return IoError(Errno("fallocate(PUNCH_HOLE) of the region memfd"));
@@ -250,6 +316,7 @@ Status PageStore::Discard(PageAddr page) {
 Status PageStore::DiscardAll() {
   retained_.clear();
   stashes_.clear();
+  ClearMapped(base_, size_);
   if (fallocate(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0,
                 static_cast<off_t>(size_)) != 0) {
     return IoError(Errno("fallocate(PUNCH_HOLE) of the whole region memfd"));

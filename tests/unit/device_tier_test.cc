@@ -68,6 +68,7 @@ struct TierConfig {
   uint64_t device_bytes = 1ull << 30;
   std::chrono::microseconds copy_delay{0};  // the emulated backend's test seam
   std::function<void()> keep_alive;         // DeviceTierOptions::keep_alive
+  bool map_for_copies = true;               // PageStoreOptions::map_for_copies
 };
 
 // One region (a PageStore of random bytes), a pool per GPU, a tier over them,
@@ -87,6 +88,7 @@ class DeviceTierTest : public testing::TestWithParam<uint32_t> {
     backend_ = std::move(b).value();
     PageStoreOptions so;
     so.try_hugetlb = false;
+    so.map_for_copies = c.map_for_copies;
     auto s = PageStore::Create(kBase, c.region_pages * c.page_size, c.page_size, so);
     ASSERT_TRUE(s.ok()) << s.status().ToString();
     store_ = std::move(s).value();
@@ -557,6 +559,7 @@ TEST_P(DeviceTierTest, DeviceFullBelowTheBudgetIsRolledBack) {
 TEST_P(DeviceTierTest, AFailedWriteBackNeverPassesStaleBytesForCurrent) {
   TierConfig c;
   c.devices = 1;
+  c.map_for_copies = false;  // RLIMIT_FSIZE below fails write(2) alone
   Build(c);
   const std::vector<PageAddr> dirty = Pages(Range(40, 8));
   auto a = tier_->MakeResident(kBase, dirty, 0, /*for_write=*/true, 1);

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -125,7 +126,7 @@ TEST(PageStoreTest, WriteUnretainedRunsOnSeveralThreadsAtOnce) {
         results[t] = s->WriteUnretained(kBase + t * kPage, Pattern(t + round));
       }
       read[t].resize(kPage);
-      if (results[t].ok()) results[t] = s->ReadPage(kBase + 7 * kPage, read[t]);
+      if (results[t].ok()) results[t] = s->ReadForCopy(kBase + 7 * kPage, read[t]);
     });
   }
   for (std::thread& t : threads) t.join();
@@ -136,6 +137,62 @@ TEST(PageStoreTest, WriteUnretainedRunsOnSeveralThreadsAtOnce) {
     EXPECT_TRUE(Present(*s, kBase + t * kPage)) << t;
   }
   EXPECT_EQ(s->WriteUnretained(kBase + 3, Pattern(1)).code(), StatusCode::kInvalidArgument);
+}
+
+// The copy threads copy through the daemon's mapping once a page is mapped
+// there; a read of a hole there would allocate it, so holes must stay holes
+// through every path: never mapped by a read, and unmapped by every punch.
+TEST(PageStoreTest, CopiesThroughTheMappingLeaveHolesHoles) {
+  auto s = MakeStore();
+  std::vector<uint8_t> buf(kPage);
+  auto read_for_copy = [&](PageAddr page) {
+    std::fill(buf.begin(), buf.end(), 0xee);
+    EXPECT_TRUE(s->ReadForCopy(page, buf).ok());
+    return buf;
+  };
+  // Page 2 is a hole in a block with pages: neither the block nor it is mapped.
+  ASSERT_TRUE(s->WritePage(kBase + kPage, Pattern(1)).ok());
+  EXPECT_EQ(read_for_copy(kBase + kPage), Pattern(1));
+  EXPECT_TRUE(IsZero(read_for_copy(kBase + 2 * kPage)));
+  EXPECT_FALSE(Present(*s, kBase + 2 * kPage));
+  // A write-back maps the hole it fills.
+  ASSERT_TRUE(s->WriteUnretained(kBase + 3 * kPage, Pattern(3)).ok());
+  EXPECT_TRUE(Present(*s, kBase + 3 * kPage));
+  EXPECT_EQ(read_for_copy(kBase + 3 * kPage), Pattern(3));
+  // A client's write through its own mapping is seen through the daemon's.
+  void* m = mmap(nullptr, kPages * kPage, PROT_READ | PROT_WRITE, MAP_SHARED, s->fd(), 0);
+  ASSERT_NE(m, MAP_FAILED);
+  static_cast<uint8_t*>(m)[3 * kPage + 9] = 99;
+  EXPECT_EQ(read_for_copy(kBase + 3 * kPage)[9], 99);
+  munmap(m, kPages * kPage);
+  // Each punch unmaps: Discard, Retain (whose bytes are still read), DiscardAll.
+  ASSERT_TRUE(s->Discard(kBase + kPage).ok());
+  EXPECT_TRUE(IsZero(read_for_copy(kBase + kPage)));
+  EXPECT_FALSE(Present(*s, kBase + kPage));
+  ASSERT_TRUE(s->Retain(kBase + 3 * kPage).ok());
+  EXPECT_EQ(read_for_copy(kBase + 3 * kPage)[9], 99);
+  EXPECT_FALSE(Present(*s, kBase + 3 * kPage));
+  ASSERT_TRUE(s->Restore(kBase + 3 * kPage).ok());
+  // A block whose every page is present is mapped whole by one read...
+  for (uint64_t i = 0; i < kPages; ++i) {
+    ASSERT_TRUE(s->WritePage(kBase + i * kPage, Pattern(static_cast<uint8_t>(i))).ok());
+  }
+  EXPECT_EQ(read_for_copy(kBase), Pattern(0));
+  // ...and a page of it punched later reads as a hole, through every read.
+  ASSERT_TRUE(s->Discard(kBase + 5 * kPage).ok());
+  EXPECT_TRUE(IsZero(read_for_copy(kBase + 5 * kPage)));
+  EXPECT_TRUE(IsZero(Read(*s, kBase + 5 * kPage)));
+  EXPECT_FALSE(Present(*s, kBase + 5 * kPage));
+  EXPECT_EQ(read_for_copy(kBase + 6 * kPage), Pattern(6));
+  // Writes of a mapped page (the loop's WritePage too) land in the memfd.
+  ASSERT_TRUE(s->WritePage(kBase + 6 * kPage, Pattern(60)).ok());
+  EXPECT_EQ(Read(*s, kBase + 6 * kPage), Pattern(60));
+  ASSERT_TRUE(s->DiscardAll().ok());
+  for (uint64_t i = 0; i < kPages; ++i) {
+    EXPECT_TRUE(IsZero(read_for_copy(kBase + i * kPage))) << i;
+    EXPECT_FALSE(Present(*s, kBase + i * kPage)) << i;
+  }
+  EXPECT_EQ(s->ReadForCopy(kBase + 3, buf).code(), StatusCode::kInvalidArgument);
 }
 
 TEST(PageStoreTest, ClientsMappingTheMemfdShareTheBytes) {
