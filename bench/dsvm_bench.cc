@@ -14,8 +14,8 @@
 //
 //   dsvm-bench gpu [--quick] [--backend auto|cuda|emulated] [--size BYTES]
 //                  [--page-size BYTES] [--gpu-budget BYTES] [--chunk BYTES]
-//                  [--skip-oversub] [--copy-threads N] [--node-bin PATH]
-//                  [--coordinator-bin PATH]
+//                  [--skip-oversub] [--skip-migration] [--bags N] [--copy-threads N]
+//                  [--node-bin PATH] [--coordinator-bin PATH]
 //
 // --busy-poll-us N starts the coordinator and the daemons with that flag
 // (they poll for N us after any work before sleeping); the dsvm metrics
@@ -61,8 +61,11 @@
 // budgets; --chunk, default 64M, per dsvm_gpu_map) against zero-copy and a
 // hand-written staging loop (bench/gpu.h). --backend auto takes cuda where a
 // GPU answers, else emulated. --quick: 32M migrated, an 8M budget, for CI.
-// --skip-oversub: the migration part alone. The oversubscribed part is
-// skipped, with a note, where userfaultfd cannot be used.
+// --skip-oversub: the migration part alone; --skip-migration: the other
+// alone. --bags N: bags of 64 lookups per batch (default 8192; the
+// "reuse" metric says what share of the table's bytes a batch looks up).
+// The oversubscribed part is skipped, with a note, where userfaultfd
+// cannot be used.
 //
 // `fence` (leases, proto/PROTOCOL.md): what a node's fence costs, the
 // bytes of a region's pages moved out of its memfd (--size, default 1G;
@@ -105,7 +108,8 @@ int Usage() {
                "                       [--busy-poll-us N] [--fault-poll-us N]\n"
                "       dsvm-bench gpu [--quick] [--backend auto|cuda|emulated] [--size BYTES]\n"
                "                      [--page-size 4096|65536|2097152] [--gpu-budget BYTES]\n"
-               "                      [--chunk BYTES] [--skip-oversub] [--copy-threads N]\n"
+               "                      [--chunk BYTES] [--skip-oversub] [--skip-migration]\n"
+               "                      [--bags N] [--copy-threads N]\n"
                "                      [--node-bin PATH] [--coordinator-bin PATH]\n"
                "       dsvm-bench fence [--quick] [--size BYTES]\n"
                "                        [--page-size 4096|65536|2097152] [--store-only]\n"
@@ -329,6 +333,12 @@ int RunGpuBench(int argc, char** argv) {
       o.bag_size = 16;
     } else if (a == "--skip-oversub") {
       o.oversub = false;
+    } else if (a == "--skip-migration") {
+      o.migration = false;
+    } else if (a == "--bags" && next != nullptr && ParseBytes(next, &v) && v >= 1 &&
+               v <= (1u << 20)) {
+      o.bags = static_cast<uint32_t>(v);
+      ++i;
     } else if (a == "--copy-threads" && next != nullptr && ParseBytes(next, &v) && v >= 1 &&
                v <= 64) {
       o.copy_threads = static_cast<uint32_t>(v);

@@ -503,6 +503,11 @@ Status RunOversubscribed(const GpuBenchOptions& o, const std::string& b) {
   EmitMetric(m + ".table_bytes", static_cast<double>(w.table_bytes), "bytes");
   EmitMetric(m + ".budget_bytes", static_cast<double>(o.gpu_budget), "bytes");
   EmitMetric(m + ".chunk_bytes", static_cast<double>(w.chunk_bytes), "bytes");
+  // Bytes a batch looks up over the table's (GpuBenchOptions::bags).
+  EmitMetric(m + ".reuse",
+             static_cast<double>(uint64_t{o.bags} * o.bag_size * w.row_bytes) /
+                 static_cast<double>(w.table_bytes),
+             "ratio");
   EmitMetric(m + ".dsvm.ms_per_batch", dsvm_s * per_batch, "ms");
   EmitMetric(m + ".zero_copy.ms_per_batch", zero_copy_s * per_batch, "ms");
   EmitMetric(m + ".staging.ms_per_batch", staging_s * per_batch, "ms");
@@ -529,7 +534,8 @@ Status RunGpu(const GpuBenchOptions& o) {
   }
   DSVM_ASSIGN_OR_RETURN(std::unique_ptr<DeviceBackend> backend, OpenBackend(o.backend));
   const std::string b(backend->name());
-  DSVM_RETURN_IF_ERROR(RunMigration(o, std::move(backend)));
+  if (o.migration) DSVM_RETURN_IF_ERROR(RunMigration(o, std::move(backend)));
+  backend.reset();  // the oversubscribed part forks daemons next
   if (!o.oversub) return Status::Ok();
   return RunOversubscribed(o, b);
 }

@@ -60,6 +60,7 @@ struct GpuBenchOptions {
   // the daemon of the oversubscribed part; 0: DefaultCopyThreads().
   uint32_t copy_threads = 0;
 
+  bool migration = true;  // the migration part (--skip-migration: false)
   // The oversubscribed workload.
   bool oversub = true;
   uint64_t gpu_budget = uint64_t{256} << 20;  // the daemon's --gpu-budget
@@ -68,6 +69,10 @@ struct GpuBenchOptions {
   uint32_t region_page_size = 2u << 20;
   uint32_t dim = 128;  // floats per row
   uint32_t batches = 4;
+  // Lookups per batch: bags * bag_size rows. Their bytes over the table's
+  // (the "reuse" metric) decide the oversubscribed race: zero-copy reads
+  // just the rows looked up, dsvm moves every chunk a batch needs once and
+  // reads it in HBM; below a reuse of about 1 zero-copy moves fewer bytes.
   uint32_t bags = 8192;
   uint32_t bag_size = 64;
   std::string node_binary;         // empty: ../node/dsvm-node beside the bench
