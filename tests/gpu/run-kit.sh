@@ -12,6 +12,8 @@
 #               (2 MiB pages, 256 MiB and 1 GiB, the default copy threads
 #               and one; 64 KiB and 4 KiB pages) and the oversubscribed gather against zero-copy
 #               and a staging loop (#5's targets)
+#   bench_gpu_6threads, _8threads  the cuda migration with more copy threads
+#   bench_gpu_reuse  the oversubscribed gather with 8x the lookups per batch
 #   emulated_*  the same migration on the emulated backend, 1 and 4 copy
 #               threads (the copy threads' scaling on many cores)
 #   example     examples/embedding_gather with its CUDA kernel against a
@@ -160,6 +162,14 @@ step fault_fpoll0 90 "$b/bench/dsvm-bench" fault-latency --tls tcp --fault-poll-
 step scan_64k 120 "$b/bench/dsvm-bench" scan --tls tcp --size 1073741824 --page-size 65536 \
   --fault-poll-us 100 --busy-poll-us 50
 step bench_gpu_4k 90 "$b/bench/dsvm-bench" gpu --backend cuda --skip-oversub --page-size 4096
+# The copy threads' scaling past the default on 16 cores.
+step bench_gpu_6threads 60 "$b/bench/dsvm-bench" gpu --backend cuda --skip-oversub --size 1G \
+  --copy-threads 6
+step bench_gpu_8threads 60 "$b/bench/dsvm-bench" gpu --backend cuda --skip-oversub --size 1G \
+  --copy-threads 8
+# The oversubscribed gather with 8x the lookups per batch (a reuse of 2.7
+# instead of 0.33): where each byte moved is read more than once in HBM.
+step bench_gpu_reuse 120 "$b/bench/dsvm-bench" gpu --backend cuda --skip-migration --bags 65536
 # The copy threads on 16 cores without the GPU: the emulated backend's
 # "device" copies are host memcpy too (2 vCPUs here cannot show them).
 step emulated_1thread 60 "$b/bench/dsvm-bench" gpu --backend emulated --skip-oversub \
