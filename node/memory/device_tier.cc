@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <deque>
 #include <exception>
 #include <latch>
 #include <string>
@@ -410,26 +411,42 @@ Result<uint32_t> DeviceTier::ChooseRunWindow(DevicePagePool* pool, uint32_t n,
     }
     return table_->IsDirty(q) ? 2 : 1;
   };
+  // A window's rank: its hottest occupant (the table's eviction order, so
+  // a run evicts the least recently and frequently used run, as a page
+  // evicts the coldest page), then its cost in copies. Ranking by cost
+  // alone took the first full arena every time: a stream of chunks through
+  // a budget of several kept evicting the chunk mapped just before.
+  using Heat = std::pair<uint32_t, uint64_t>;
   auto best_window = [&](uint64_t* best_cost) {
     std::optional<uint32_t> best;
+    Heat best_heat;
     for (size_t a = 0; a < pool->arena_count(); ++a) {
       const SlotRange r = pool->ArenaSlots(a);
       if (r.count < n) continue;
       uint64_t cost = 0, blocked = 0;
       std::vector<uint32_t> c(r.count);
       std::vector<uint8_t> b(r.count);
+      std::vector<Heat> heat(r.count);
+      std::deque<uint32_t> hottest;  // slots of the window, heat descending
       for (uint32_t i = 0; i < r.count; ++i) {
         bool bl;
         c[i] = cost_of(r.first + i, &bl);
         b[i] = bl;
+        if (c[i] != 0) heat[i] = table_->HeatOf(OccupantOf(pool, r.first + i));
         cost += c[i];
         blocked += bl;
+        while (!hottest.empty() && heat[hottest.back()] <= heat[i]) hottest.pop_back();
+        hottest.push_back(i);
         if (i >= n) {
           cost -= c[i - n];
           blocked -= b[i - n];
+          if (hottest.front() == i - n) hottest.pop_front();
         }
-        if (i + 1 >= n && blocked == 0 && (!best || cost < *best_cost)) {
+        if (i + 1 < n || blocked != 0) continue;
+        const Heat h = heat[hottest.front()];
+        if (!best || h < best_heat || (h == best_heat && cost < *best_cost)) {
           best = r.first + i + 1 - n;
+          best_heat = h;
           *best_cost = cost;
           if (cost == 0) return best;
         }

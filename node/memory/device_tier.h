@@ -321,9 +321,11 @@ class DeviceTier {
   };
   Result<RunTarget> CheckRun(PageAddr region, std::span<const PageAddr> pages, uint32_t gpu) const;
   // The first slot of n adjacent slots of one arena of `pool` for a run:
-  // free ones, or those whose occupants cost least to evict (none pinned,
-  // held or leaving; pages in `mine` are free), or a new arena when the
-  // budget has room and the best window would evict. With no window, the
+  // free ones, or those whose occupants are coldest (the table's eviction
+  // order: the window whose hottest occupant is coldest, then the fewest
+  // copies to evict; none pinned, held or leaving; pages in `mine` are
+  // free), or a new arena when the budget has room and the best window
+  // would evict. With no window, the
   // budget makes room for a new arena (ReclaimOneArena of any pool on the
   // GPU). Errors: kResourceExhausted (no such window and no room).
   Result<uint32_t> ChooseRunWindow(DevicePagePool* pool, uint32_t n,

@@ -520,6 +520,12 @@ uint32_t TierTable::AccessCount(PageAddr page) const {
   return it == pages_.end() ? 0 : it->second.count;
 }
 
+std::pair<uint32_t, uint64_t> TierTable::HeatOf(PageAddr page) const {
+  auto it = pages_.find(page);
+  if (it == pages_.end()) return {0, 0};
+  return {it->second.count, it->second.last_tick};
+}
+
 uint32_t TierTable::PageSizeOf(PageAddr page) const {
   auto r = CheckPage(page);
   return r.ok() ? *r : 0;

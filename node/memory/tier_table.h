@@ -235,6 +235,9 @@ class TierTable {
   bool IsLeaving(PageAddr page) const;
   // The page's access counter, aged to the last tick seen.
   uint32_t AccessCount(PageAddr page) const;
+  // How hot the page is in the eviction order: (access counter, last access
+  // tick); the colder of two pages compares less. (0, 0) when not held.
+  std::pair<uint32_t, uint64_t> HeatOf(PageAddr page) const;
   // The page size of the region holding `page`; 0 when no region does.
   uint32_t PageSizeOf(PageAddr page) const;
   // The index of the pool of the region at `base` on `gpu`; -1 when none.

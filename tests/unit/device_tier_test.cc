@@ -727,6 +727,39 @@ TEST_P(DeviceTierTest, ARunEvictsByPlaceWhenTheBudgetIsFull) {
   EXPECT_TRUE(tier_->Unpin(third).ok());
 }
 
+// With the budget full of unpinned runs, a new run evicts the least
+// recently used one (the table's order), not the first arena that would
+// do: a stream of chunks through the budget keeps the chunks used last.
+// Fails without: the run took arena 0, evicting the run mapped just before.
+TEST_P(DeviceTierTest, ARunEvictsTheColdestRun) {
+  TierConfig c;
+  c.arena_pages = 4;  // four arenas of one run each
+  Build(c);
+  uint64_t tick = 1;
+  auto map = [&](uint64_t first) {
+    const std::vector<PageAddr> pages = Pages(Range(first, 4));
+    auto run = tier_->MapRun(kBase, pages, 0, /*for_write=*/false, tick++);
+    EXPECT_TRUE(run.ok()) << run.status().ToString();
+    EXPECT_TRUE(tier_->Unpin(pages).ok());
+    return run.ok() ? run->ptr : DevicePtr{0};
+  };
+  const DevicePtr a = map(0);
+  const DevicePtr b = map(4);
+  map(8);
+  map(12);
+  EXPECT_EQ(map(0), a) << "in place";
+  const uint64_t copies = tier_->stats().pages_to_device;
+  EXPECT_EQ(map(16), b) << "the run of pages 4-7, used least recently, made room";
+  EXPECT_EQ(tier_->stats().pages_to_device, copies + 4);
+  EXPECT_FALSE(tier_->table().GpuOf(P(4)).has_value());
+  EXPECT_EQ(map(0), a) << "the run used just before stayed";
+  EXPECT_EQ(tier_->stats().pages_to_device, copies + 4) << "and was not copied again";
+  for (uint64_t i = 0; i < 4; ++i) {
+    EXPECT_EQ(ReadDevice(0, a + i * kPage), model_[i]);
+    EXPECT_EQ(ReadDevice(0, b + i * kPage), model_[16 + i]);
+  }
+}
+
 TEST_P(DeviceTierTest, RunRefusals) {
   Build();
   EXPECT_EQ(tier_->MapRun(kBase, Pages({1, 3}), 0, false, 1).status().code(),
