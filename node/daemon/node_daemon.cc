@@ -2184,7 +2184,22 @@ void NodeDaemon::FinishGpuMap(int fd, uint64_t serial, uint64_t request, const p
   g.replica = replica;
   g.held = std::move(own_slots);
   if (replica) ++stats_.gpu_replica_maps;
-  if (g.write) HideFromCpu(pages);
+  if (g.write) {
+    HideFromCpu(pages);
+  } else if (!replica) {
+    // As for a prefetch: pages local processes may write are write-protected,
+    // so the clean GPU copy stays trusted after the unmap and the next map
+    // of them is a hit. Left writable, every map evicted and copied them
+    // again (EvictCopies above): a chunk streamed through the budget was
+    // never reused from HBM.
+    std::vector<proto::PageAddr> modified;
+    for (proto::PageAddr p : pages) {
+      if (agent_.StateOf(p) == PageState::kModified && gpu_hidden_.count(p) == 0) {
+        modified.push_back(p);
+      }
+    }
+    HideFromCpu(modified, /*writes_only=*/true);
+  }
   for (proto::PageAddr p : pages) {
     GpuPins& pins = gpu_pins_[p];
     ++(g.write ? pins.writes : pins.reads);

@@ -523,6 +523,65 @@ TEST_F(GpuMapTest, APrefetchPlacesPagesForALaterMap) {
             0);
 }
 
+// A read map of pages local processes hold Modified and may write: the
+// pages are write-protected for the map, so its clean GPU copy is still
+// trusted after the unmap and the next map finds them in place (a chunk
+// streamed through the budget is reused from HBM); a local write after it
+// is seen by the next map all the same. Fails without: every map copied
+// the pages again (they stayed writable, so each map evicted their copy).
+TEST_F(GpuMapTest, AReadMapOfPagesLocalProcessesMayWriteIsReusedUntilTheyDo) {
+  const proto::RegionReply r = Region("gmod", 16);
+  StartNodes({"emulated"}, r);
+  constexpr uint64_t kPages = 8;
+  auto map_and_check = [&](uint64_t first_word) {
+    return RunClient(0, "gmod", [&](uint8_t* base) {
+      void* dev = nullptr;
+      if (dsvm_gpu_map(base, kPages * kPage, 0, DSVM_GPU_READ, &dev) != DSVM_OK) return 1;
+      const auto* words = static_cast<const uint64_t*>(dev);
+      bool ok = words[0] == first_word;
+      for (uint64_t p = 1; p < kPages; ++p) ok = ok && words[p * kPage / 8] == 600 + p;
+      return dsvm_gpu_unmap(base, kPages * kPage) == DSVM_OK && ok ? 0 : 2;
+    });
+  };
+  EXPECT_EQ(RunClient(0, "gmod", [&](uint8_t* base) {
+              for (uint64_t p = 0; p < kPages; ++p) {
+                *reinterpret_cast<volatile uint64_t*>(base + p * kPage) = 600 + p;
+              }
+              return 0;
+            }),
+            0);
+  EXPECT_EQ(map_and_check(600), 0);
+  uint64_t copied = 0, faults = 0;
+  nodes_[0]->Sync([&](NodeDaemon& d) {
+    copied = d.tier()->stats().pages_to_device;
+    faults = d.stats().client_faults;
+    EXPECT_EQ(copied, kPages);
+    for (uint64_t p = 0; p < kPages; ++p) {
+      EXPECT_EQ(d.agent().StateOf(r.base + p * kPage), node::PageState::kModified) << p;
+    }
+  });
+  EXPECT_EQ(map_and_check(600), 0);
+  nodes_[0]->Sync([&](NodeDaemon& d) {
+    EXPECT_EQ(d.tier()->stats().pages_to_device, copied) << "untouched since: in place";
+  });
+  // Local reads go on without a fault; a local write is seen by the next map.
+  EXPECT_EQ(RunClient(0, "gmod", [&](uint8_t* base) {
+              for (uint64_t p = 0; p < kPages; ++p) {
+                if (*reinterpret_cast<volatile uint64_t*>(base + p * kPage) != 600 + p) return 1;
+              }
+              *reinterpret_cast<volatile uint64_t*>(base) = 999;
+              return 0;
+            }),
+            0);
+  nodes_[0]->Sync([&](NodeDaemon& d) {
+    EXPECT_EQ(d.stats().client_faults, faults + 1) << "the write alone faulted";
+  });
+  EXPECT_EQ(map_and_check(999), 0);
+  nodes_[0]->Sync([&](NodeDaemon& d) {
+    EXPECT_EQ(d.tier()->stats().pages_to_device, copied + 1) << "only the written page";
+  });
+}
+
 // Preferred-GPU advice: pages read here under it get a copy on that GPU at
 // once, so a later map copies nothing; pages held here already are placed
 // when the advice is given; normal advice ends it. (A budget of 64 pages,
