@@ -348,8 +348,12 @@ Result<double> RunStaging(const Workload& w, const GpuBenchOptions& o, bool cuda
 // returns the plain one's best time; *pipelined_s the pipelined one's
 // (while chunk j is gathered, a second thread has chunk j+1 placed with
 // dsvm_gpu_prefetch, so its copies overlap the kernel).
+// pages_in[0] and [1]: pages the daemon copied to the GPU per batch, plain
+// and pipelined (dsvm_stats), which says how many chunks stayed in HBM
+// from the batch before.
 Result<double> RunDsvmMaps(const Workload& w, const GpuBenchOptions& o, bool cuda,
-                           const std::string& socket, uint64_t* maps, double* pipelined_s) {
+                           const std::string& socket, uint64_t* maps, double* pipelined_s,
+                           double pages_in[2]) {
   if (int rc = dsvm_init(socket.c_str()); rc != DSVM_OK) return Unavailable(DsvmError("dsvm_init", rc));
   void* base = nullptr;
   Status st;
@@ -375,9 +379,14 @@ Result<double> RunDsvmMaps(const Workload& w, const GpuBenchOptions& o, bool cud
         *len = (std::min(w.chunk_rows, w.rows - first) * w.row_bytes + o.region_page_size - 1) /
                o.region_page_size * o.region_page_size;
       };
+      auto pages_in_now = [] {
+        dsvm_node_stats_t stats{};
+        return dsvm_stats(&stats) == DSVM_OK ? stats.gpu_pages_in : 0;
+      };
       auto run = [&](bool pipelined) {
         const char* variant = pipelined ? "dsvm_pipelined" : "dsvm";
-        return TimePasses(w, o.passes, variant, [&](uint32_t b, uint64_t turn, float* out) -> Status {
+        const uint64_t in_before = pages_in_now();
+        Result<double> r = TimePasses(w, o.passes, variant, [&](uint32_t b, uint64_t turn, float* out) -> Status {
           const ChunkPlan& plan = w.by_chunk[b];
           Gatherer& k = **g;
           if (!k.Begin(o.bags)) return GatherFailed(k, variant);
@@ -414,6 +423,9 @@ Result<double> RunDsvmMaps(const Workload& w, const GpuBenchOptions& o, bool cud
           }
           return k.Finish(out) ? Status::Ok() : GatherFailed(k, variant);
         });
+        pages_in[pipelined ? 1 : 0] = static_cast<double>(pages_in_now() - in_before) /
+                                      (static_cast<double>(o.passes) * w.batches.size());
+        return r;
       };
       best = run(false);
       if (best.ok()) {
@@ -441,7 +453,7 @@ Result<double> RunDsvmMaps(const Workload& w, const GpuBenchOptions& o, bool cud
 // Starts a coordinator and a dsvm-node with `backend` and the budget, runs
 // the dsvm variant as their client, and stops them.
 Result<double> RunDsvm(const Workload& w, const GpuBenchOptions& o, const std::string& backend,
-                       uint64_t* maps, double* pipelined_s) {
+                       uint64_t* maps, double* pipelined_s, double pages_in[2]) {
   std::string node_binary = o.node_binary, coordinator_binary = o.coordinator_binary;
   DSVM_RETURN_IF_ERROR(ResolveBinaries(&node_binary, &coordinator_binary));
   // One node: the transport carries nothing but its join.
@@ -459,7 +471,7 @@ Result<double> RunDsvm(const Workload& w, const GpuBenchOptions& o, const std::s
                          {"--device-backend", backend, "--gpu-budget",
                           std::to_string(o.gpu_budget), "--gpu-copy-threads",
                           std::to_string(CopyThreads(o))}));
-  Result<double> best = RunDsvmMaps(w, o, backend == "cuda", socket, maps, pipelined_s);
+  Result<double> best = RunDsvmMaps(w, o, backend == "cuda", socket, maps, pipelined_s, pages_in);
   if (!best.ok()) node->PrintLogTail(20);
   Status st = node->Stop();
   if (best.ok() && !st.ok()) best = st;
@@ -490,7 +502,8 @@ Status RunOversubscribed(const GpuBenchOptions& o, const std::string& b) {
   }
   uint64_t maps = 0;
   double pipelined_s = 0;
-  DSVM_ASSIGN_OR_RETURN(double dsvm_s, RunDsvm(w, o, b, &maps, &pipelined_s));
+  double pages_in[2] = {0, 0};
+  DSVM_ASSIGN_OR_RETURN(double dsvm_s, RunDsvm(w, o, b, &maps, &pipelined_s, pages_in));
   DSVM_ASSIGN_OR_RETURN(double zero_copy_s, RunZeroCopy(w, o, cuda));
   DSVM_ASSIGN_OR_RETURN(double staging_s, RunStaging(w, o, cuda));
   std::fprintf(stderr,
@@ -509,6 +522,10 @@ Status RunOversubscribed(const GpuBenchOptions& o, const std::string& b) {
                  static_cast<double>(w.table_bytes),
              "ratio");
   EmitMetric(m + ".dsvm.ms_per_batch", dsvm_s * per_batch, "ms");
+  // Bytes copied to the GPU per batch (the rest of the table stayed there).
+  EmitMetric(m + ".dsvm.bytes_in_per_batch", pages_in[0] * o.region_page_size, "bytes");
+  EmitMetric(m + ".dsvm_pipelined.bytes_in_per_batch", pages_in[1] * o.region_page_size,
+             "bytes");
   EmitMetric(m + ".zero_copy.ms_per_batch", zero_copy_s * per_batch, "ms");
   EmitMetric(m + ".staging.ms_per_batch", staging_s * per_batch, "ms");
   EmitMetric(m + ".speedup_vs_zero_copy", dsvm_s > 0 ? zero_copy_s / dsvm_s : 0, "ratio");
