@@ -39,7 +39,7 @@ Status CoordinatorService::Load(uint64_t now_ms) {
   for (const NodeRecord& n : nodes) {
     if (n.id == proto::kNoNode) return Corruption("stored node with id 0");
     // Nodes live at the crash get a full heartbeat period to reconnect.
-    members_[n.id] = Member{n, now_ms + options_.dead_after_ms, {}};
+    members_[n.id] = Member{n, now_ms + options_.dead_after_ms, 0, {}};
     if (n.live) directory_.NodeUp(n.id);
   }
   uint64_t pages = 0;
@@ -208,6 +208,7 @@ Status CoordinatorService::OnFrame(ConnId conn, const proto::Frame& frame, uint6
 
 void CoordinatorService::OnDisconnect(ConnId conn) {
   watchers_.erase(conn);
+  refused_join_.erase(conn);
   auto it = conn_node_.find(conn);
   if (it == conn_node_.end()) return;
   // The node stays a member until its heartbeats stop: it may reconnect.
@@ -223,10 +224,14 @@ void CoordinatorService::OnTick(uint64_t now_ms) {
   // from now, in which they are read (right after this tick), and no more:
   // one whose heartbeats were read first keeps the deadline they gave, and
   // one that stays silent is declared dead an interval after the stall.
+  // For the same reason a node's connection is not quiet yet: a join for
+  // its id from another connection is refused for kLiveBeats intervals
+  // (CheckNotLiveElsewhere), however long the stall was.
   if (last_tick_ms_ != 0 && now_ms - last_tick_ms_ > kStallTicks * options_.tick_ms) {
     for (auto& [id, m] : members_) {
       if (m.record.live) {
         m.deadline_ms = std::max(m.deadline_ms, now_ms + options_.heartbeat_interval_ms);
+        m.last_beat_ms = std::max(m.last_beat_ms, now_ms);
       }
     }
     LogWarning("the coordinator stood still for " + std::to_string(now_ms - last_tick_ms_) +
@@ -417,6 +422,10 @@ Status CoordinatorService::HandleJoin(ConnId conn, uint64_t rid, const proto::Jo
   if (bound != conn_node_.end() && bound->second != m.node) {
     return PermissionDenied("connection already joined as node " + std::to_string(bound->second));
   }
+  if (Status live = CheckNotLiveElsewhere(conn, m, now_ms); !live.ok()) {
+    ReplyStatus(conn, rid, live);
+    return Status::Ok();
+  }
   proto::NodeId id = m.node;
   auto member = members_.find(id);
   if (member == members_.end() || !member->second.record.live) {
@@ -479,11 +488,12 @@ Status CoordinatorService::HandleJoin(ConnId conn, uint64_t rid, const proto::Jo
   // A death not stored yet is overtaken: the record now says live, for this
   // new process, which holds none of the old one's pages.
   deaths_unpersisted_.erase(id);
-  members_[id] = Member{rec, now_ms + options_.dead_after_ms, {}};
+  members_[id] = Member{rec, now_ms + options_.dead_after_ms, now_ms, {}};
   auto old = node_conn_.find(id);
   if (old != node_conn_.end() && old->second != conn) conn_node_.erase(old->second);
   node_conn_[id] = conn;
   conn_node_[conn] = id;
+  refused_join_.erase(conn);
   directory_.NodeUp(id);
   LogInfo("node " + std::to_string(id) + " joined from " + m.address);
 
@@ -497,6 +507,38 @@ Status CoordinatorService::HandleJoin(ConnId conn, uint64_t rid, const proto::Jo
   r.window_size = options_.window.size;
   Reply(conn, rid, r);
   return Status::Ok();
+}
+
+Status CoordinatorService::CheckNotLiveElsewhere(ConnId conn, const proto::JoinRequest& m,
+                                                 uint64_t now_ms) {
+  if (m.node == proto::kNoNode) return Status::Ok();
+  auto member = members_.find(m.node);
+  auto bound = node_conn_.find(m.node);
+  if (member == members_.end() || !member->second.record.live || bound == node_conn_.end() ||
+      bound->second == conn) {
+    return Status::Ok();  // unknown, dead, unbound (its connection closed), or this connection
+  }
+  // The bound connection is open. Quiet for kLiveBeats intervals, it is
+  // taken to be gone (a half-open connection of a daemon that restarted,
+  // or reconnected, before this coordinator saw its old one close): the
+  // join goes on, and a new daemon's join declares the old process dead.
+  const uint64_t last = member->second.last_beat_ms;
+  const uint64_t quiet_ms = now_ms > last ? now_ms - last : 0;
+  if (quiet_ms > kLiveBeats * options_.heartbeat_interval_ms) {
+    LogInfo("node " + std::to_string(m.node) + "'s connection has been quiet for " +
+            std::to_string(quiet_ms) + " ms: a join from another connection takes its place");
+    return Status::Ok();
+  }
+  Status refused = Unavailable("node " + std::to_string(m.node) +
+                               " is live on another connection (last heartbeat " +
+                               std::to_string(quiet_ms) + " ms ago); retry once it has gone quiet");
+  auto [it, first] = refused_join_.try_emplace(conn, m.node);
+  if (first || it->second != m.node) {
+    it->second = m.node;
+    LogWarning("refused a join as node " + std::to_string(m.node) + " (peer address " + m.address +
+               ", resume " + std::to_string(m.resume) + "): " + refused.message());
+  }
+  return refused;
 }
 
 Status CoordinatorService::HandleHeartbeat(ConnId conn, uint64_t rid, const proto::Heartbeat& m,
@@ -516,6 +558,7 @@ Status CoordinatorService::HandleHeartbeat(ConnId conn, uint64_t rid, const prot
     return Status::Ok();
   }
   it->second.deadline_ms = now_ms + options_.dead_after_ms;
+  it->second.last_beat_ms = now_ms;
   it->second.counters = m.counters;
   unheld_.push_back(Send{conn, rid, proto::ToReply(Status::Ok())});
   return Status::Ok();

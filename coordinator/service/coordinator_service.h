@@ -121,8 +121,16 @@ class CoordinatorService {
   struct Member {
     NodeRecord record;
     uint64_t deadline_ms = 0;
+    // When the node was last heard on its connection (its join, then each
+    // heartbeat): a join for its id from another connection is refused
+    // while this is within kLiveBeats heartbeat intervals
+    // (CheckNotLiveElsewhere).
+    uint64_t last_beat_ms = 0;
     proto::NodeCounters counters;  // from the latest heartbeat; statistics, not persisted
   };
+  // Heartbeat intervals a node's connection may be silent and still hold
+  // its id against a join from another connection.
+  static constexpr uint64_t kLiveBeats = 2;
 
   CoordinatorService(std::unique_ptr<Store> store, const ServiceOptions& options);
   Status Load(uint64_t now_ms);
@@ -156,6 +164,12 @@ class CoordinatorService {
   void DeclareDead(proto::NodeId node, const std::string& why);
 
   Status HandleJoin(ConnId conn, uint64_t rid, const proto::JoinRequest& m, uint64_t now_ms);
+  // Refuses (kUnavailable) a join for id m.node from `conn` while that
+  // node is live and bound to another connection that is still beating
+  // (heard within kLiveBeats heartbeat intervals): neither a second daemon
+  // with the same id nor a holder of the secret may take over a live node.
+  // A connection that closed, or went quiet, gives the id up.
+  Status CheckNotLiveElsewhere(ConnId conn, const proto::JoinRequest& m, uint64_t now_ms);
   Status HandleHeartbeat(ConnId conn, uint64_t rid, const proto::Heartbeat& m, uint64_t now_ms);
   Status HandleLeave(ConnId conn, uint64_t rid, const proto::LeaveRequest& m);
   // Whether the request's sender may open (or, `remove`, delete) region r.
@@ -176,6 +190,10 @@ class CoordinatorService {
   uint64_t last_tick_ms_ = 0;  // 0: no tick yet
   std::unordered_map<proto::NodeId, ConnId> node_conn_;
   std::unordered_map<ConnId, proto::NodeId> conn_node_;
+  // The id each connection was last refused for by CheckNotLiveElsewhere,
+  // so that a joiner retrying is logged once; one entry per connection at
+  // most, dropped when it closes or joins.
+  std::unordered_map<ConnId, proto::NodeId> refused_join_;
   Outbox outbox_;
   std::vector<Send> held_;                 // waiting for their records to be durable
   std::vector<Send> unheld_;               // heartbeat answers: wait for no record

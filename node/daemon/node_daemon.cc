@@ -14,6 +14,7 @@
 #include <cstdio>
 #include <cstring>
 #include <optional>
+#include <thread>
 
 #include "node/fault/fd_passing.h"
 #include "node/fault/mixed_backend.h"
@@ -51,6 +52,15 @@ uint64_t FenceNeedsMs(uint64_t held_bytes, uint64_t bytes_per_ms) {
   return estimate + estimate / 4 + kFenceSpareMs;
 }
 constexpr int kJoinTimeoutMs = 3000;
+// A join refused because the id is live on another connection (the
+// coordinator takes it over once that connection closes or has been quiet
+// for two heartbeat intervals) is asked again this often, on the same
+// connection, so the coordinator logs the refusal once...
+constexpr int kJoinRetryMs = 100;
+// ...for this long at startup (--rejoin-as) before the daemon gives up
+// with the coordinator's message: a former process's half-open connection
+// goes quiet well within it at heartbeat intervals up to a few seconds.
+constexpr int kJoinLiveWaitMs = 10'000;
 // A rejoin waits at most this long per step (connect, handshake, join), on
 // a thread of its own (ReconnectCoordinator).
 constexpr uint64_t kRejoinStepMs = 1000;
@@ -151,20 +161,33 @@ uint64_t NodeDaemon::NowMs() const {
 
 Result<proto::JoinReply> NodeDaemon::Join(proto::FramedSocket& link, const NodeDaemonOptions& o,
                                           proto::NodeId as, const std::string& peer_address,
-                                          bool resume, int timeout_ms) {
+                                          bool resume, int timeout_ms, int live_wait_ms,
+                                          uint64_t* sent_ms) {
   proto::JoinRequest j;
   j.node = as;
   j.resume = resume ? 1 : 0;
   j.address = peer_address;
   j.host_memory_bytes = o.host_memory_bytes;
-  DSVM_ASSIGN_OR_RETURN(proto::Message reply, link.Call(j, timeout_ms));
-  if (auto* s = std::get_if<proto::StatusReply>(&reply)) {
-    Status st = proto::FromReply(*s);
-    return st.ok() ? Internal("join answered OK without a JoinReply") : st;
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::milliseconds(live_wait_ms);
+  for (int attempt = 0;; ++attempt) {
+    *sent_ms = MonotonicUs() / 1000;  // NowMs's clock
+    DSVM_ASSIGN_OR_RETURN(proto::Message reply, link.Call(j, timeout_ms));
+    if (auto* s = std::get_if<proto::StatusReply>(&reply)) {
+      Status st = proto::FromReply(*s);
+      if (st.ok()) return Internal("join answered OK without a JoinReply");
+      const auto next = std::chrono::steady_clock::now() + std::chrono::milliseconds(kJoinRetryMs);
+      if (st.code() != StatusCode::kUnavailable || next > give_up) return st;
+      if (attempt == 0) {
+        LogWarning("joining as node " + std::to_string(as) + ": " + st.message() +
+                   "; asking again for up to " + std::to_string(live_wait_ms) + " ms");
+      }
+      std::this_thread::sleep_until(next);
+      continue;
+    }
+    auto* jr = std::get_if<proto::JoinReply>(&reply);
+    if (jr == nullptr) return Internal("join answered with an unexpected message");
+    return *jr;
   }
-  auto* jr = std::get_if<proto::JoinReply>(&reply);
-  if (jr == nullptr) return Internal("join answered with an unexpected message");
-  return *jr;
 }
 
 // The GPU tier's options, checked before the daemon joins anything.
@@ -243,10 +266,11 @@ Result<std::unique_ptr<NodeDaemon>> NodeDaemon::Create(const NodeDaemonOptions& 
   for (size_t i = 0; i < addresses.size(); ++i) {
     shards[i].address = addresses[i];
     DSVM_ASSIGN_OR_RETURN(shards[i].link, proto::ConnectToCoordinator(addresses[i], secret.get()));
-    const uint64_t sent_ms = MonotonicUs() / 1000;  // NowMs's clock
-    DSVM_ASSIGN_OR_RETURN(proto::JoinReply r,
-                          Join(shards[i].link, options, i == 0 ? options.rejoin_as : jr.node,
-                               peer_address, /*resume=*/false, kJoinTimeoutMs));
+    uint64_t sent_ms = 0;
+    DSVM_ASSIGN_OR_RETURN(
+        proto::JoinReply r,
+        Join(shards[i].link, options, i == 0 ? options.rejoin_as : jr.node, peer_address,
+             /*resume=*/false, kJoinTimeoutMs, kJoinLiveWaitMs, &sent_ms));
     shards[i].lease_ms = LeaseMs(r.dead_after_ms);
     shards[i].lease_until_ms = sent_ms + shards[i].lease_ms;
     if (r.shard != i || r.shard_count != addresses.size()) {
@@ -564,8 +588,10 @@ void NodeDaemon::ReconnectCoordinator(size_t shard) {
           r.status = link.status();
           return r;
         }
-        r.sent_ms = MonotonicUs() / 1000;  // NowMs's clock
-        auto jr = Join(*link, options, id, peer, resume, step_ms);
+        // Refused while the coordinator still hears this node's former
+        // connection (not seen closed yet), asked again for a step more;
+        // after that the loop reconnects as after any failed rejoin.
+        auto jr = Join(*link, options, id, peer, resume, step_ms, step_ms, &r.sent_ms);
         if (!jr.ok()) {
           r.status = jr.status();
           return r;

@@ -186,8 +186,9 @@ class NodeDaemon {
   using AccessFn = std::function<void(Status status, std::span<uint8_t> bytes)>;
 
   // Joins the cluster through the coordinator and opens the UCX listener.
-  // Errors: kUnavailable (coordinator or UCX unreachable), and the
-  // coordinator's refusal.
+  // Errors: kUnavailable (coordinator or UCX unreachable, or the id asked
+  // for, rejoin_as, still live on another connection after 10 s of asking:
+  // the coordinator's message), and the coordinator's other refusals.
   static Result<std::unique_ptr<NodeDaemon>> Create(const NodeDaemonOptions& options);
   ~NodeDaemon();
 
@@ -331,9 +332,18 @@ class NodeDaemon {
   NodeDaemon(const NodeDaemonOptions& options, const proto::JoinReply& joined,
              std::vector<ShardLink> shards, std::unique_ptr<UcxTransport> transport,
              std::shared_ptr<const proto::ClusterSecret> secret);
+  // One join on `link`, each request waiting timeout_ms for its answer. A
+  // refusal because the id is live on another connection (kUnavailable:
+  // this daemon's former connection or process, not yet seen closed or
+  // quiet by the coordinator, or another daemon with the same id) is asked
+  // again every kJoinRetryMs for up to live_wait_ms, then returned.
+  // `sent_ms`: when the last JoinRequest left (NowMs's clock), from which
+  // the lease of its answer runs. Errors: the link's, and the coordinator's
+  // refusal.
   static Result<proto::JoinReply> Join(proto::FramedSocket& link, const NodeDaemonOptions& o,
                                        proto::NodeId as, const std::string& peer_address,
-                                       bool resume, int timeout_ms);
+                                       bool resume, int timeout_ms, int live_wait_ms,
+                                       uint64_t* sent_ms);
   Status Setup();
   void DrainPosted();
   void OnCoordinatorReadable(size_t shard);

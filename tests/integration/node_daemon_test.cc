@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <functional>
 #include <cstdlib>
@@ -267,6 +268,97 @@ TEST_F(NodeDaemonTest, RestartedDaemonGivesUpItsPagesCleanly) {
   EXPECT_EQ(nodes_[1]->ReadU64(shared), 222u);
   EXPECT_EQ(nodes_[0]->ReadU64(shared), 222u) << "the new daemon fetches it from node 1";
   EXPECT_NE(coord_.stderr_text().find("restarted: declared dead"), std::string::npos);
+}
+
+// A process holding the secret joins as a live daemon's id: as a new daemon
+// (a second dsvm-node started with the same --rejoin-as), then as a resume,
+// asked three times on one connection. Each is refused with UNAVAILABLE
+// (logged once per connection), and the daemon goes on serving as the node:
+// never declared dead, never rejoined. Fails without: the first join
+// declared the daemon dead ("restarted") and took its id.
+TEST_F(NodeDaemonTest, AJoinAsALiveDaemonsIdIsRefused) {
+  proto::RegionReply r = Region("taken", 4 * 4096, 4096);
+  StartNodes(2, r);
+  nodes_[0]->WriteU64(r.base, 5);
+  proto::NodeId id = proto::kNoNode;
+  nodes_[0]->Sync([&](NodeDaemon& d) { id = d.id(); });
+
+  ScriptedNode second;
+  Status st = second.Connect(coord_.address(), id);
+  EXPECT_EQ(st.code(), StatusCode::kUnavailable) << st.ToString();
+  EXPECT_NE(st.message().find("node " + std::to_string(id) + " is live on another connection"),
+            std::string::npos)
+      << st.ToString();
+  auto impostor = ConnectTool(coord_.address());
+  ASSERT_TRUE(impostor.ok());
+  for (int i = 0; i < 3; ++i) {
+    auto reply =
+        impostor->Call(proto::JoinRequest{.node = id, .address = "127.0.0.1:1", .resume = 1});
+    ASSERT_TRUE(reply.ok()) << reply.status().ToString();
+    auto* refused = std::get_if<proto::StatusReply>(&*reply);
+    ASSERT_NE(refused, nullptr) << "the resume took node " << id << "'s id";
+    EXPECT_EQ(refused->code, static_cast<uint16_t>(StatusCode::kUnavailable)) << refused->message;
+  }
+
+  EXPECT_EQ(nodes_[1]->ReadU64(r.base), 5u);
+  nodes_[1]->WriteU64(r.base, 6);
+  EXPECT_EQ(nodes_[0]->ReadU64(r.base), 6u) << "node " << id << " no longer serves";
+  node::NodeDaemonStats stats;
+  nodes_[0]->Sync([&](NodeDaemon& d) { stats = d.stats(); });
+  EXPECT_EQ(stats.rejoins_started, 0u);
+  EXPECT_EQ(stats.fresh_starts, 0u);
+  auto list = tool_.Call(proto::NodeList{});
+  ASSERT_TRUE(list.ok());
+  for (const proto::NodeEntry& e : std::get<proto::NodeListReply>(*list).nodes) {
+    if (e.node == id) {
+      EXPECT_EQ(e.live, 1) << "node " << id << " was declared dead";
+    }
+  }
+  const std::string log = coord_.stderr_text();
+  EXPECT_EQ(log.find("restarted: declared dead"), std::string::npos) << log;
+  const auto count = [&log](const std::string& what) {
+    size_t n = 0;
+    for (size_t at = log.find(what); at != std::string::npos; at = log.find(what, at + 1)) ++n;
+    return n;
+  };
+  const std::string refused = "refused a join as node " + std::to_string(id);
+  EXPECT_EQ(count(refused + " (peer address 127.0.0.1:1, resume 0)"), 1u) << log;
+  EXPECT_EQ(count(refused + " (peer address 127.0.0.1:1, resume 1)"), 1u)
+      << "logged once per connection, not per retry: " << log;
+}
+
+// A daemon restarted as node X (--rejoin-as) while X's former connection
+// still beats (here a scripted node's, as a process whose exit the
+// coordinator has not seen yet): refused, it asks again until that
+// connection closes (200 ms after the refusal), and then starts as X.
+// Fails without the daemon's retry: Create failed with UNAVAILABLE.
+TEST_F(NodeDaemonTest, ARestartedDaemonWaitsForItsFormerConnectionToGo) {
+  ScriptedNode former;
+  ASSERT_TRUE(former.Connect(coord_.address()).ok());
+  const proto::NodeId id = former.id();
+  const std::string refused = "refused a join as node " + std::to_string(id);
+  std::atomic<bool> seen{false};
+  std::thread beats([&] {
+    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    while (!seen && std::chrono::steady_clock::now() < give_up) {
+      former.Heartbeat().IgnoreError();
+      seen = coord_.stderr_text().find(refused) != std::string::npos;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    for (int i = 0; i < 10; ++i) {  // 200 ms more, beating
+      former.Heartbeat().IgnoreError();
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    former.socket().Close();
+  });
+  node::NodeDaemonOptions o = TestNodeOptions(coord_.address());
+  o.rejoin_as = id;
+  auto d = NodeDaemon::Create(o);
+  beats.join();
+  EXPECT_TRUE(seen) << "the join as node " << id << " was never refused";
+  ASSERT_TRUE(d.ok()) << d.status().ToString();
+  nodes_.push_back(std::make_unique<RunningDaemon>(std::move(*d)));
+  nodes_[0]->Sync([&](NodeDaemon& d) { EXPECT_EQ(d.id(), id); });
 }
 
 // --- Client processes: real page faults through userfaultfd ----------------

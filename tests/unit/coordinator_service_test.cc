@@ -118,7 +118,35 @@ class CoordinatorServiceTest : public ::testing::Test {
     EXPECT_NE(joined_, proto::kNoNode);
     return joined_;
   }
+  // A JoinRequest for id `node` from `conn`: the id joined, or kNoNode
+  // with the refusal in reply_.
+  proto::NodeId JoinAs(ConnId conn, proto::NodeId node, bool resume) {
+    joined_ = proto::kNoNode;
+    reply_ = Status::Ok();
+    proto::JoinRequest j;
+    j.node = node;
+    j.resume = resume ? 1 : 0;
+    j.address = "127.0.0.1:" + std::to_string(9000 + conn);
+    Deliver(conn, j);
+    return joined_;
+  }
   void Beat(ConnId conn, proto::NodeId node) { Deliver(conn, proto::Heartbeat{node, {}}); }
+  // Whether a heartbeat of `node` on `conn` is accepted (the node is live
+  // and bound to conn), as the next Flush answers it.
+  bool BeatAccepted(ConnId conn, proto::NodeId node) {
+    proto::Frame f;
+    f.header.type = proto::MessageType::kHeartbeat;
+    f.header.request_id = ++request_;
+    f.message = proto::Heartbeat{node, {}};
+    if (!service_->OnFrame(conn, f, now_).ok()) return false;  // not bound to conn
+    std::vector<Send> sends;
+    EXPECT_TRUE(service_->Flush(&sends).ok());
+    for (const Send& s : sends) {
+      const auto* r = std::get_if<proto::StatusReply>(&s.message);
+      if (s.request_id == request_ && s.conn == conn && r != nullptr) return r->code == 0;
+    }
+    return false;
+  }
   // Ticks every kTickMs until `until`, as the server does.
   void TickUntil(uint64_t until) {
     while (now_ + kTickMs <= until) {
@@ -262,6 +290,109 @@ TEST_F(CoordinatorServiceTest, AJoinPastTheMostLiveNodesIsRefused) {
   Deliver(1, proto::LeaveRequest{1});
   EXPECT_EQ(service_->stats().nodes_declared_dead, 1u);
   EXPECT_NE(Join(extra), proto::kNoNode) << reply_.ToString();
+}
+
+// Node a joined on connection 1 and beats there. A join for its id from
+// connection 2, as a resume or as a new daemon (a second daemon started
+// with the same --rejoin-as, or anyone holding the secret), is refused
+// with UNAVAILABLE while connection 1 beats: a stays live and bound to
+// connection 1, not declared dead. Once connection 1 has been quiet for
+// more than two heartbeat intervals (a half-open connection), the resume
+// from connection 2 takes the id over. Fails without: the resume rebound
+// a to connection 2, and the new daemon's join declared a dead.
+TEST_F(CoordinatorServiceTest, AJoinForANodeLiveOnAnotherConnectionIsRefused) {
+  const proto::NodeId a = Join(1);
+  service_->OnTick(now_);
+  for (bool resume : {true, false}) {
+    for (int i = 0; i < 3; ++i) {  // retries: refused alike
+      Beat(1, a);
+      TickUntil(now_ + 2 * kHeartbeatMs);  // two intervals, no more, since the beat
+      EXPECT_EQ(JoinAs(2, a, resume), proto::kNoNode) << "resume " << resume;
+      EXPECT_EQ(reply_.code(), StatusCode::kUnavailable) << reply_.ToString();
+      EXPECT_NE(reply_.message().find("node " + std::to_string(a) +
+                                      " is live on another connection (last heartbeat 200 ms ago)"),
+                std::string::npos)
+          << reply_.ToString();
+      EXPECT_EQ(dead(), 0u) << "resume " << resume;
+      EXPECT_TRUE(BeatAccepted(1, a)) << "node " << a << " was taken from connection 1";
+    }
+  }
+  EXPECT_EQ(JoinAs(1, a, /*resume=*/true), a)
+      << "a rejoin on its own connection: " << reply_.ToString();
+  // Connection 1 goes quiet (half-open: still open here).
+  TickUntil(now_ + 2 * kHeartbeatMs);
+  EXPECT_EQ(JoinAs(2, a, /*resume=*/true), proto::kNoNode) << "quiet for two intervals only";
+  EXPECT_EQ(reply_.code(), StatusCode::kUnavailable) << reply_.ToString();
+  TickUntil(now_ + kTickMs);
+  EXPECT_EQ(JoinAs(2, a, /*resume=*/true), a) << reply_.ToString();
+  EXPECT_EQ(dead(), 0u) << "a resume takes the node over alive";
+  EXPECT_TRUE(BeatAccepted(2, a));
+  EXPECT_FALSE(BeatAccepted(1, a)) << "the quiet connection still speaks for node " << a;
+}
+
+// The same, as a new daemon: once the old connection is quiet, the join
+// declares the old process dead (restarted) and takes the id.
+TEST_F(CoordinatorServiceTest, ANewDaemonTakesAnIdOverOnceItsConnectionIsQuiet) {
+  const proto::NodeId a = Join(1);
+  service_->OnTick(now_);
+  Beat(1, a);
+  TickUntil(now_ + kHeartbeatMs);
+  EXPECT_EQ(JoinAs(2, a, /*resume=*/false), proto::kNoNode);
+  EXPECT_EQ(reply_.code(), StatusCode::kUnavailable) << reply_.ToString();
+  EXPECT_EQ(dead(), 0u);
+  TickUntil(now_ + 2 * kHeartbeatMs);
+  EXPECT_EQ(JoinAs(2, a, /*resume=*/false), a) << reply_.ToString();
+  EXPECT_EQ(dead(), 1u) << "the old process is gone with its pages";
+  EXPECT_TRUE(BeatAccepted(2, a));
+}
+
+// A node's connection closes (the daemon restarted, or reconnects): a join
+// for its id from another connection is accepted at once, however recent
+// its last heartbeat.
+TEST_F(CoordinatorServiceTest, AJoinForANodeWhoseConnectionClosedIsAcceptedAtOnce) {
+  const proto::NodeId a = Join(1);
+  const proto::NodeId b = Join(3);
+  Beat(1, a);
+  Beat(3, b);
+  service_->OnDisconnect(1);
+  EXPECT_EQ(JoinAs(2, a, /*resume=*/true), a) << reply_.ToString();
+  EXPECT_EQ(dead(), 0u);
+  service_->OnDisconnect(3);
+  EXPECT_EQ(JoinAs(4, b, /*resume=*/false), b) << reply_.ToString();
+  EXPECT_EQ(dead(), 1u) << "node " << b << " restarted";
+}
+
+// After a stall of the coordinator, a node's heartbeats may wait unread:
+// its connection is not quiet, and a join for its id from another
+// connection is refused for two intervals after the stall, as it would be
+// after a beat. Fails without: the stall counted as the node's silence.
+TEST_F(CoordinatorServiceTest, AStallDoesNotMakeANodesConnectionQuiet) {
+  const proto::NodeId a = Join(1);
+  service_->OnTick(now_);
+  Beat(1, a);
+  now_ += 5000;
+  service_->OnTick(now_);
+  EXPECT_EQ(JoinAs(2, a, /*resume=*/true), proto::kNoNode);
+  EXPECT_EQ(reply_.code(), StatusCode::kUnavailable) << reply_.ToString();
+  Beat(1, a);  // read right after the stall
+  EXPECT_TRUE(BeatAccepted(1, a));
+}
+
+// A follower shard applies the same rule to the ids shard 0 gave.
+TEST_F(CoordinatorServiceTest, AFollowerRefusesAJoinForANodeLiveOnAnotherConnection) {
+  ASSERT_TRUE(StartFollower().ok());
+  const proto::NodeId a = 7;  // given by shard 0
+  ASSERT_EQ(JoinAs(1, a, /*resume=*/false), a) << reply_.ToString();
+  service_->OnTick(now_);
+  Beat(1, a);
+  for (bool resume : {true, false}) {
+    EXPECT_EQ(JoinAs(2, a, resume), proto::kNoNode) << "resume " << resume;
+    EXPECT_EQ(reply_.code(), StatusCode::kUnavailable) << reply_.ToString();
+  }
+  EXPECT_EQ(dead(), 0u);
+  EXPECT_TRUE(BeatAccepted(1, a));
+  service_->OnDisconnect(1);
+  EXPECT_EQ(JoinAs(2, a, /*resume=*/true), a) << reply_.ToString();
 }
 
 // A node cut off when region r1 was deleted still maps it, and a new region
