@@ -258,7 +258,10 @@ Status CoordinatorService::Flush(std::vector<Send>* sends) {
     auto it = members_.find(node);
     DSVM_CHECK(it != members_.end() && !it->second.record.live);
     Status st = store_->PutNode(it->second.record);
-    if (!st.ok()) return st;  // hold everything; the next Flush retries
+    if (!st.ok()) {  // hold everything; the next Flush retries
+      DropHeldRetransmissions();
+      return st;
+    }
     LogInfo("node " + std::to_string(node) + " is stored dead now; its pages are handed on");
     deaths_unpersisted_.erase(deaths_unpersisted_.begin());
   }
@@ -277,7 +280,10 @@ Status CoordinatorService::Flush(std::vector<Send>* sends) {
   }
   if (!unpersisted_.empty()) {
     Status st = store_->WriteDirectory(unpersisted_);
-    if (!st.ok()) return st;  // hold everything; the next Flush retries
+    if (!st.ok()) {  // hold everything; the next Flush retries
+      DropHeldRetransmissions();
+      return st;
+    }
     stats_.records_written += unpersisted_.size();
     unpersisted_.clear();
   }
@@ -306,6 +312,24 @@ void CoordinatorService::Route(Outbox& out) {
     if (it != node_conn_.end()) held_.push_back(Send{it->second, 0, std::move(o.message)});
   }
   out.clear();
+}
+
+void CoordinatorService::DropHeldRetransmissions() {
+  // Keyed by the connection and the message's bytes; the first of equal
+  // ones is kept, so what is left keeps its order.
+  std::unordered_set<std::string> seen;
+  size_t kept = 0;
+  for (size_t i = 0; i < held_.size(); ++i) {
+    if (held_[i].request_id == 0) {
+      const std::vector<uint8_t> bytes = proto::Encode(held_[i].message, 0);
+      std::string key(reinterpret_cast<const char*>(&held_[i].conn), sizeof(ConnId));
+      key.append(bytes.begin(), bytes.end());
+      if (!seen.insert(std::move(key)).second) continue;
+    }
+    if (kept != i) held_[kept] = std::move(held_[i]);
+    ++kept;
+  }
+  held_.resize(kept);
 }
 
 Status CoordinatorService::CheckSender(ConnId conn, proto::NodeId claimed) const {

@@ -88,7 +88,10 @@ class CoordinatorService {
   // DeclareDead could not store them, then the directory's), then hands
   // over every other send. On a storage error only the former are handed
   // over, and the Status (kIoError, ...) says what failed; the next Flush
-  // retries.
+  // retries. While it fails, the directory's retransmissions would pile up
+  // behind it, one more copy of each message every retransmit period and
+  // every resent request: a failed Flush keeps one of each (the held sends
+  // grow with the messages outstanding, not with the outage's length).
   Status Flush(std::vector<Send>* sends);
   bool has_unflushed() const {
     return !held_.empty() || !unheld_.empty() || !unpersisted_.empty() ||
@@ -138,6 +141,9 @@ class CoordinatorService {
   void Reply(ConnId conn, uint64_t request_id, proto::Message m);
   void ReplyStatus(ConnId conn, uint64_t request_id, const Status& s);
   void Route(Outbox& out);
+  // Drops every held directory message (request id 0) equal to an earlier
+  // one to the same connection: a retransmission of what already waits.
+  void DropHeldRetransmissions();
   // The node bound to `conn`, after checking it is the node the message names.
   Status CheckSender(ConnId conn, proto::NodeId claimed) const;
   Status CheckPage(proto::PageAddr page) const;

@@ -409,6 +409,30 @@ TEST_F(ServiceFaultTest, AGrantWaitsUntilItsDirectoryRecordIsWritten) {
   EXPECT_EQ(rec->tx.requester, a);
 }
 
+// While the disk fails, the node resends its Acquire and the directory
+// retransmits its Grant every period; what waits keeps one copy of it, so
+// it grows with the messages outstanding, not the outage's length, and one
+// Grant leaves when the disk works again. Fails without: a copy per resend
+// and per retransmission period waited, and all of them left.
+TEST_F(ServiceFaultTest, RetransmissionsDoNotPileUpWhileTheDiskFails) {
+  const HeldWrite held = AcquireWhileWritesFail("r");
+  for (int i = 0; i < 20; ++i) {
+    Deliver(1, proto::Heartbeat{held.node, {}});
+    Deliver(1, proto::Acquire{.page = held.region.base, .node = held.node,
+                              .kind = proto::AccessKind::kWrite, .request_seq = 1,
+                              .region = held.region.region});
+    TickUntil(now_ + 100);
+    EXPECT_EQ(flushed_.code(), StatusCode::kIoError);
+  }
+  EXPECT_TRUE(GrantsTo(1).empty());
+  faults_.FailWrites(false);
+  ASSERT_TRUE(Flush().ok());
+  const std::vector<proto::Grant> grants = GrantsTo(1);
+  ASSERT_EQ(grants.size(), 1u);
+  EXPECT_EQ(grants[0].page, held.region.base);
+  EXPECT_EQ(grants[0].status, static_cast<uint16_t>(StatusCode::kOk));
+}
+
 // While the disk fails and a grant waits for its record, the node's
 // heartbeats are still answered: their answer depends on nothing unwritten,
 // and held it would let the node's lease lapse (it would fence, and every
