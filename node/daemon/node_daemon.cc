@@ -2135,22 +2135,6 @@ void NodeDaemon::FinishGpuMap(int fd, uint64_t serial, uint64_t request, const p
     }
     return FinishZeroCopyMap(fd, request, m, pages);
   }
-  // The bytes the GPU gets are the node's current ones: a backend's own copy
-  // (kmod) written back; a clean GPU copy of a page local processes may
-  // write (held Modified) refreshed from the host.
-  std::vector<proto::PageAddr> writable;
-  for (proto::PageAddr p : pages) {
-    if (backend_) {
-      Status st = backend_->WriteBack(p);
-      if (!st.ok()) return fail(st);
-    }
-    // (Not those hidden from local processes since a GPU prefetch: no local
-    // write can have reached them.)
-    if (agent_.StateOf(p) == PageState::kModified && !tier_->table().IsDirty(p) &&
-        gpu_hidden_.count(p) == 0) {
-      writable.push_back(p);
-    }
-  }
   // Read-mostly advice: a read map of pages with a copy on another GPU of
   // the node (mapped there, or cached) gets a replica of its own rather
   // than moving them (or failing, when they are mapped there).
@@ -2174,6 +2158,37 @@ void NodeDaemon::FinishGpuMap(int fd, uint64_t serial, uint64_t request, const p
       }
     }
   }
+  // The bytes the GPU gets are the node's current ones, and a copy kept on
+  // the GPU stays trusted only while no local process can write the page:
+  // - A clean GPU copy of a page local processes could write (held
+  //   Modified, not hidden since an earlier map or prefetch) may be stale:
+  //   it is evicted and copied afresh.
+  // - Before anything is copied, local processes lose the right to write
+  //   the pages (a write map: any access), so that no write lands between
+  //   the copy and the hiding unseen: a later write faults (RevealToCpu)
+  //   and the next map copies that page again. A replica is not kept past
+  //   its map and hides nothing. Hidden this way, a read map's clean copy
+  //   is reused by the next map of the same pages.
+  // - A backend's own copy (kmod) is written back after the hiding, which
+  //   for kmod stops writes to it.
+  std::vector<proto::PageAddr> writable;
+  std::vector<proto::PageAddr> hide;
+  for (proto::PageAddr p : pages) {
+    const bool modified = agent_.StateOf(p) == PageState::kModified;
+    const bool hidden = gpu_hidden_.count(p) != 0;
+    if (modified && !tier_->table().IsDirty(p) && !hidden) writable.push_back(p);
+    if (m.write != 0 && !prefetch) {
+      hide.push_back(p);
+    } else if (!replica && modified && !hidden) {
+      hide.push_back(p);
+    }
+  }
+  HideFromCpu(hide, /*writes_only=*/m.write == 0 || prefetch);
+  if (backend_) {
+    for (proto::PageAddr p : pages) {
+      if (Status st = backend_->WriteBack(p); !st.ok()) return fail(st);
+    }
+  }
   std::vector<HeldSlot> own_slots;
   if (!replica) {
     if (Status st = tier_->EvictCopies(writable); !st.ok()) return fail(st);
@@ -2184,14 +2199,9 @@ void NodeDaemon::FinishGpuMap(int fd, uint64_t serial, uint64_t request, const p
   if (!run.ok()) return fail(run.status());
   if (prefetch) {
     // Placed, clean, not pinned: eviction may take the pages again. Those
-    // local processes may write leave their page tables, so that a local
-    // write is seen (RevealToCpu) before a map trusts the GPU copy.
+    // local processes may write were write-protected above, so that a
+    // local write is seen (RevealToCpu) before a map trusts the GPU copy.
     if (Status st = tier_->Unpin(pages); !st.ok()) return fail(st);
-    std::vector<proto::PageAddr> modified;
-    for (proto::PageAddr p : pages) {
-      if (agent_.StateOf(p) == PageState::kModified) modified.push_back(p);
-    }
-    HideFromCpu(modified, /*writes_only=*/true);
     ++stats_.gpu_prefetches;
     ReplyToClient(fd, request, proto::ToReply(Status::Ok()));
     LeavePages();
@@ -2210,22 +2220,6 @@ void NodeDaemon::FinishGpuMap(int fd, uint64_t serial, uint64_t request, const p
   g.replica = replica;
   g.held = std::move(own_slots);
   if (replica) ++stats_.gpu_replica_maps;
-  if (g.write) {
-    HideFromCpu(pages);
-  } else if (!replica) {
-    // As for a prefetch: pages local processes may write are write-protected,
-    // so the clean GPU copy stays trusted after the unmap and the next map
-    // of them is a hit. Left writable, every map evicted and copied them
-    // again (EvictCopies above): a chunk streamed through the budget was
-    // never reused from HBM.
-    std::vector<proto::PageAddr> modified;
-    for (proto::PageAddr p : pages) {
-      if (agent_.StateOf(p) == PageState::kModified && gpu_hidden_.count(p) == 0) {
-        modified.push_back(p);
-      }
-    }
-    HideFromCpu(modified, /*writes_only=*/true);
-  }
   for (proto::PageAddr p : pages) {
     GpuPins& pins = gpu_pins_[p];
     ++(g.write ? pins.writes : pins.reads);

@@ -9,6 +9,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
@@ -580,6 +581,51 @@ TEST_F(GpuMapTest, AReadMapOfPagesLocalProcessesMayWriteIsReusedUntilTheyDo) {
   nodes_[0]->Sync([&](NodeDaemon& d) {
     EXPECT_EQ(d.tier()->stats().pages_to_device, copied + 1) << "only the written page";
   });
+}
+
+// A local write that comes while a read map copies the page (the
+// emulated GPU's copies slowed to 400 ms) is seen by the next map: the
+// pages are write-protected before anything is copied, so the write
+// faults, waits for the map, and makes the next map copy the page again.
+// Fails when the hiding came after the copy: the write landed unseen
+// between the two, and the next map trusted the stale GPU copy.
+TEST_F(GpuMapTest, AWriteDuringAReadMapsCopyIsSeenByTheNextMap) {
+  const proto::RegionReply r = Region("gmid", 16);
+  node::NodeDaemonOptions o = Options(0);
+  o.gpu_copy_threads = 1;
+  o.emulated_copy_delay = std::chrono::milliseconds(400);
+  auto d = NodeDaemon::Create(o);
+  ASSERT_TRUE(d.ok()) << d.status().ToString();
+  nodes_.push_back(std::make_unique<RunningDaemon>(std::move(*d)));
+  nodes_[0]->Sync([&](NodeDaemon& d) { ASSERT_TRUE(d.OpenRegion(r).ok()); });
+  constexpr uint64_t kPages = 8;
+  EXPECT_EQ(RunClient(0, "gmid", [&](uint8_t* base) {
+              for (uint64_t p = 0; p < kPages; ++p) {
+                *reinterpret_cast<volatile uint64_t*>(base + p * kPage) = 600 + p;
+              }
+              std::atomic<int> mapped{-1};
+              std::thread mapper([&] {
+                void* dev = nullptr;
+                int rc = dsvm_gpu_map(base, kPages * kPage, 0, DSVM_GPU_READ, &dev);
+                if (rc == DSVM_OK) rc = dsvm_gpu_unmap(base, kPages * kPage);
+                mapped = rc;
+              });
+              std::this_thread::sleep_for(std::chrono::milliseconds(150));  // mid-copy
+              *reinterpret_cast<volatile uint64_t*>(base) = 4242;
+              mapper.join();
+              if (mapped != DSVM_OK) return 1;
+              void* dev = nullptr;
+              if (dsvm_gpu_map(base, kPages * kPage, 0, DSVM_GPU_READ, &dev) != DSVM_OK) return 2;
+              const uint64_t seen = static_cast<const uint64_t*>(dev)[0];
+              if (dsvm_gpu_unmap(base, kPages * kPage) != DSVM_OK) return 3;
+              if (seen != 4242) {
+                std::fprintf(stderr, "client: the second map saw %llu\n",
+                             static_cast<unsigned long long>(seen));
+                return 4;
+              }
+              return 0;
+            }),
+            0);
 }
 
 // Preferred-GPU advice: pages read here under it get a copy on that GPU at
