@@ -1280,6 +1280,7 @@ Status NodeDaemon::OpenRegion(const proto::RegionReply& r) {
   if (stores_.count(r.base)) return AlreadyExists("region '" + r.name + "' is open here");
   PageStoreOptions o;
   o.name = "dsvm-" + r.name;
+  o.map_for_copies = options_.map_for_copies;
   DSVM_ASSIGN_OR_RETURN(std::unique_ptr<PageStore> store,
                         PageStore::Create(r.base, r.size, r.page_size, o));
   if (backend_) DSVM_RETURN_IF_ERROR(backend_->AddRegion(store.get()));

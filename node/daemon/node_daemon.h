@@ -104,6 +104,10 @@ struct NodeDaemonOptions {
   // make a map's copies take as long as a large one's on a real GPU. No
   // flag: 0 outside tests.
   std::chrono::microseconds emulated_copy_delay{0};
+  // PageStoreOptions::map_for_copies of the region stores. A test seam: a
+  // test that fails the GPU tier's write-backs with RLIMIT_FSIZE, which
+  // limits write(2) alone, turns it off. No flag.
+  bool map_for_copies = true;
   // How fast a fence takes pages from local processes, in bytes per ms, to
   // start it early enough for what the node holds (FenceLeadMs). 0: assume
   // kDefaultFenceBytesPerMs until a fence has measured it. A test seam (a
