@@ -542,20 +542,23 @@ Status CoordinatorService::CheckNotLiveElsewhere(ConnId conn, const proto::JoinR
       bound->second == conn) {
     return Status::Ok();  // unknown, dead, unbound (its connection closed), or this connection
   }
-  // The bound connection is open. Quiet for kLiveBeats intervals, it is
-  // taken to be gone (a half-open connection of a daemon that restarted,
-  // or reconnected, before this coordinator saw its old one close): the
-  // join goes on, and a new daemon's join declares the old process dead.
+  // The bound connection is open. A resume (the same daemon, reconnected
+  // before this coordinator saw its old connection close) takes it over
+  // once it has been quiet for kLiveBeats intervals. A new daemon would
+  // declare the node dead: it waits until the coordinator does so itself
+  // (dead_after_ms without a heartbeat) or the connection closes, so that
+  // a live daemon whose loop stood still for a while is not killed.
   const uint64_t last = member->second.last_beat_ms;
   const uint64_t quiet_ms = now_ms > last ? now_ms - last : 0;
-  if (quiet_ms > kLiveBeats * options_.heartbeat_interval_ms) {
+  if (m.resume && quiet_ms > kLiveBeats * options_.heartbeat_interval_ms) {
     LogInfo("node " + std::to_string(m.node) + "'s connection has been quiet for " +
-            std::to_string(quiet_ms) + " ms: a join from another connection takes its place");
+            std::to_string(quiet_ms) + " ms: its resume from another connection takes its place");
     return Status::Ok();
   }
-  Status refused = Unavailable("node " + std::to_string(m.node) +
-                               " is live on another connection (last heartbeat " +
-                               std::to_string(quiet_ms) + " ms ago); retry once it has gone quiet");
+  Status refused = Unavailable(
+      "node " + std::to_string(m.node) + " is live on another connection (last heartbeat " +
+      std::to_string(quiet_ms) + " ms ago); retry once " +
+      (m.resume ? "it has gone quiet" : "it has closed or the node is declared dead"));
   auto [it, first] = refused_join_.try_emplace(conn, m.node);
   if (first || it->second != m.node) {
     it->second = m.node;

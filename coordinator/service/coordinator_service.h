@@ -132,7 +132,7 @@ class CoordinatorService {
     proto::NodeCounters counters;  // from the latest heartbeat; statistics, not persisted
   };
   // Heartbeat intervals a node's connection may be silent and still hold
-  // its id against a join from another connection.
+  // its id against a resume from another connection.
   static constexpr uint64_t kLiveBeats = 2;
 
   CoordinatorService(std::unique_ptr<Store> store, const ServiceOptions& options);
@@ -171,10 +171,11 @@ class CoordinatorService {
 
   Status HandleJoin(ConnId conn, uint64_t rid, const proto::JoinRequest& m, uint64_t now_ms);
   // Refuses (kUnavailable) a join for id m.node from `conn` while that
-  // node is live and bound to another connection that is still beating
-  // (heard within kLiveBeats heartbeat intervals): neither a second daemon
+  // node is live and bound to another connection: neither a second daemon
   // with the same id nor a holder of the secret may take over a live node.
-  // A connection that closed, or went quiet, gives the id up.
+  // A connection that closed gives the id up; for a resume, so does one
+  // quiet for kLiveBeats heartbeat intervals (its daemon reconnected); a
+  // new daemon's join waits until the node is declared dead.
   Status CheckNotLiveElsewhere(ConnId conn, const proto::JoinRequest& m, uint64_t now_ms);
   Status HandleHeartbeat(ConnId conn, uint64_t rid, const proto::Heartbeat& m, uint64_t now_ms);
   Status HandleLeave(ConnId conn, uint64_t rid, const proto::LeaveRequest& m);

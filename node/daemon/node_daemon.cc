@@ -53,13 +53,14 @@ uint64_t FenceNeedsMs(uint64_t held_bytes, uint64_t bytes_per_ms) {
 }
 constexpr int kJoinTimeoutMs = 3000;
 // A join refused because the id is live on another connection (the
-// coordinator takes it over once that connection closes or has been quiet
-// for two heartbeat intervals) is asked again this often, on the same
+// coordinator gives it up once that connection closes, once it has been
+// quiet for two heartbeat intervals for a resume, or once the node is
+// declared dead for a new daemon) is asked again this often, on the same
 // connection, so the coordinator logs the refusal once...
 constexpr int kJoinRetryMs = 100;
 // ...for this long at startup (--rejoin-as) before the daemon gives up
 // with the coordinator's message: a former process's half-open connection
-// goes quiet well within it at heartbeat intervals up to a few seconds.
+// is declared dead within it up to a --dead-after-ms of 10 s.
 constexpr int kJoinLiveWaitMs = 10'000;
 // A rejoin waits at most this long per step (connect, handshake, join), on
 // a thread of its own (ReconnectCoordinator).

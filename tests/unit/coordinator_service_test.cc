@@ -330,9 +330,11 @@ TEST_F(CoordinatorServiceTest, AJoinForANodeLiveOnAnotherConnectionIsRefused) {
   EXPECT_FALSE(BeatAccepted(1, a)) << "the quiet connection still speaks for node " << a;
 }
 
-// The same, as a new daemon: once the old connection is quiet, the join
-// declares the old process dead (restarted) and takes the id.
-TEST_F(CoordinatorServiceTest, ANewDaemonTakesAnIdOverOnceItsConnectionIsQuiet) {
+// A new daemon's join (no resume) would declare the node dead: however
+// quiet the old connection, it is refused until the node is declared dead
+// for its missed heartbeats, so a live daemon whose loop stood still for
+// a while is not killed by a second daemon with its id.
+TEST_F(CoordinatorServiceTest, ANewDaemonTakesAnIdOverOnlyOnceTheNodeIsDeclaredDead) {
   const proto::NodeId a = Join(1);
   service_->OnTick(now_);
   Beat(1, a);
@@ -340,9 +342,13 @@ TEST_F(CoordinatorServiceTest, ANewDaemonTakesAnIdOverOnceItsConnectionIsQuiet) 
   EXPECT_EQ(JoinAs(2, a, /*resume=*/false), proto::kNoNode);
   EXPECT_EQ(reply_.code(), StatusCode::kUnavailable) << reply_.ToString();
   EXPECT_EQ(dead(), 0u);
-  TickUntil(now_ + 2 * kHeartbeatMs);
+  TickUntil(now_ + 3 * kHeartbeatMs);
+  EXPECT_EQ(JoinAs(2, a, /*resume=*/false), proto::kNoNode) << "quiet, but not dead yet";
+  EXPECT_NE(reply_.message().find("declared dead"), std::string::npos) << reply_.ToString();
+  EXPECT_EQ(dead(), 0u);
+  TickUntil(now_ + kDeadAfterMs);
+  EXPECT_EQ(dead(), 1u) << "declared dead for its missed heartbeats";
   EXPECT_EQ(JoinAs(2, a, /*resume=*/false), a) << reply_.ToString();
-  EXPECT_EQ(dead(), 1u) << "the old process is gone with its pages";
   EXPECT_TRUE(BeatAccepted(2, a));
 }
 
