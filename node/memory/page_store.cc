@@ -88,6 +88,12 @@ Result<std::unique_ptr<PageStore>> PageStore::Create(PageAddr base, uint64_t siz
   }
   if (base + size < base) return InvalidArgument("region " + Hex(base) + " + size overflows");
   if (options.max_stashes == 0) return InvalidArgument("max_stashes must be positive");
+  // A page is at least one of the kernel's (mincore and punches count in them).
+  if (const long system = sysconf(_SC_PAGESIZE); system > 0 && page_size % system != 0) {
+    return InvalidArgument("page size " + std::to_string(page_size) +
+                           " is not a multiple of this kernel's page size " +
+                           std::to_string(system));
+  }
 
   bool hugetlb = false;
   Result<Backing> backing = IoError("not tried");
@@ -177,9 +183,10 @@ Status PageStore::Fill(PageAddr page, const uint8_t* data) {
     }
     return Status::Ok();
   }
-  // pwrite rather than the mapping: the daemon takes no page fault of its
-  // own per install (a third of a local install's cost on these machines),
-  // and a later punch has no PTE of the daemon's to shoot down.
+  // pwrite rather than the mapping, for a page not mapped here already:
+  // the daemon takes no page fault of its own per install (a third of a
+  // local install's cost on these machines), and a later punch has no PTE
+  // of the daemon's to shoot down (pages the GPU tier copied have them).
   static const uint8_t kZeros[64 << 10] = {};
   size_t done = 0;
   while (done < page_size_) {
@@ -228,6 +235,7 @@ void PageStore::ClearMapped(PageAddr first, uint64_t bytes) {
 
 bool PageStore::MapForCopies(PageAddr page, bool allocate) {
   if (IsMapped(page)) return true;
+  if (populate_refused_.load(std::memory_order_relaxed)) return false;
   // Whole 2 MiB blocks where they are all in the memfd: one call maps 512
   // pages of 4 KiB instead of one each.
   const uint64_t block_bytes = std::max<uint64_t>(page_size_, kHugePageSize);
@@ -252,7 +260,10 @@ bool PageStore::MapForCopies(PageAddr page, bool allocate) {
   }
   // Faults the range in writable now (allocating holes, with `allocate`);
   // kernels before 5.14 refuse, and copies take pread and pwrite then.
-  if (madvise(MapOf(first), len, MADV_POPULATE_WRITE) != 0) return false;
+  if (madvise(MapOf(first), len, MADV_POPULATE_WRITE) != 0) {
+    if (errno == EINVAL) populate_refused_.store(true, std::memory_order_relaxed);
+    return false;
+  }
   SetMapped(first, len / page_size_);
   return true;
 }

@@ -126,6 +126,13 @@ class PageStore {
   Status WritePages(PageAddr first, std::span<const std::span<const uint8_t>> pages);
   // As WritePage with zeros.
   Status ZeroPage(PageAddr page);
+  // Whether copies of the page go through this process's mapping (see
+  // "Copies through the mapping" below): it is mapped here and all of it
+  // is in the memfd. REQUIRES: CheckPage(page).ok().
+  bool IsMapped(PageAddr page) const {
+    return mapped_ != nullptr && mapped_[IndexOf(page)].load(std::memory_order_relaxed) != 0;
+  }
+
   // The daemon's view of the page in the memfd, for receiving bytes in
   // place (zero copy). Touching it makes the page present. Measured on the
   // project's 2-core VMs it does not pay: each 4 KiB of a fresh page costs
@@ -205,9 +212,6 @@ class PageStore {
   // a read of a hole there would allocate it. Every punch clears it.
   // Null for hugetlb stores, which have no write(2) and always write
   // through the mapping, and without PageStoreOptions::map_for_copies.
-  bool IsMapped(PageAddr page) const {
-    return mapped_ != nullptr && mapped_[IndexOf(page)].load(std::memory_order_relaxed) != 0;
-  }
   void SetMapped(PageAddr first, uint64_t count);
   void ClearMapped(PageAddr first, uint64_t bytes);
   // Maps the page here (and every page of its 2 MiB block when all of the
@@ -236,6 +240,9 @@ class PageStore {
   // One flag per page (see IsMapped); atomic since copy threads set the
   // flags of a block's other pages while others copy them.
   std::unique_ptr<std::atomic<uint8_t>[]> mapped_;
+  // Set when the kernel refused MADV_POPULATE_WRITE as unknown (before
+  // 5.14): copies keep to pread and pwrite without asking again.
+  std::atomic<bool> populate_refused_{false};
 };
 
 }  // namespace dsvm::node
