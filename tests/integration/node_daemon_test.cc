@@ -250,8 +250,23 @@ TEST_F(NodeDaemonTest, RestartedDaemonGivesUpItsPagesCleanly) {
   nodes_[0]->WriteU64(sole, 111);
   nodes_[0]->WriteU64(shared, 222);
   EXPECT_EQ(nodes_[1]->ReadU64(shared), 222u);  // node 1 now shares it
-  proto::NodeId old_id = 0;
+  proto::NodeId old_id = 0, sharer = 0;
   nodes_[0]->Sync([&](NodeDaemon& d) { old_id = d.id(); });
+  nodes_[1]->Sync([&](NodeDaemon& d) { sharer = d.id(); });
+  // ...once the directory has heard so: the reader has the bytes before
+  // the read's transaction ends there, and a supplier that dies with it in
+  // flight leaves the page lost (the directory knows of no other copy).
+  // Under load the restart below came first (a CI run, stop 15).
+  bool recorded = false;
+  for (int i = 0; i < 500 && !recorded; ++i) {
+    if (i > 0) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    auto q = tool_.Call(proto::PageQuery{shared});
+    ASSERT_TRUE(q.ok()) << q.status().ToString();
+    const auto& reply = std::get<proto::PageQueryReply>(*q);
+    recorded = !reply.busy && std::find(reply.sharers.begin(), reply.sharers.end(), sharer) !=
+                                  reply.sharers.end();
+  }
+  ASSERT_TRUE(recorded) << "the directory never recorded node " << sharer << " as a sharer";
   nodes_[0].reset();  // the daemon process is gone
 
   node::NodeDaemonOptions o = TestNodeOptions(coord_.address());
