@@ -415,7 +415,9 @@ Result<uint32_t> DeviceTier::ChooseRunWindow(DevicePagePool* pool, uint32_t n,
   // a run evicts the least recently and frequently used run, as a page
   // evicts the coldest page), then its cost in copies. Ranking by cost
   // alone took the first full arena every time: a stream of chunks through
-  // a budget of several kept evicting the chunk mapped just before.
+  // a budget of several kept evicting the chunk mapped just before. So a
+  // cold window of dirty pages goes before a warm one of clean pages, at
+  // the price of their write-back, as single pages are chosen too.
   using Heat = std::pair<uint32_t, uint64_t>;
   auto best_window = [&](uint64_t* best_cost) {
     std::optional<uint32_t> best;

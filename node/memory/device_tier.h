@@ -325,9 +325,9 @@ class DeviceTier {
   // order: the window whose hottest occupant is coldest, then the fewest
   // copies to evict; none pinned, held or leaving; pages in `mine` are
   // free), or a new arena when the budget has room and the best window
-  // would evict. With no window, the
-  // budget makes room for a new arena (ReclaimOneArena of any pool on the
-  // GPU). Errors: kResourceExhausted (no such window and no room).
+  // would evict. With no window, the budget makes room for a new arena
+  // (ReclaimOneArena of any pool on the GPU). Errors: kResourceExhausted
+  // (no such window and no room).
   Result<uint32_t> ChooseRunWindow(DevicePagePool* pool, uint32_t n,
                                    const std::unordered_set<PageAddr>& mine);
   // The run over slots [start, start + n) of `pool`.
