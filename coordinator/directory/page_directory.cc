@@ -53,6 +53,24 @@ void PageDirectory::HandleAcquire(const proto::Acquire& m, uint64_t now_ms, Outb
   Page& p = GetPage(m.page);
   if (p.rec.busy) {
     Transaction& tx = p.rec.tx;
+    if (tx.requester == m.node && SupplierDied(tx) && m.request_seq != 0 &&
+        m.request_seq >= tx.request_seq) {
+      // The requester of a read whose only supplier died asks (again, or
+      // anew): it says whether it installed the read (its last txn).
+      // Installed, it holds the only copy, as its Done would have said;
+      // not, the data never came and never will: lost. Then its request
+      // is handled as any other.
+      const bool installed = m.last_txn >= tx.txn;
+      const uint64_t seq = tx.request_seq;  // tx is reset below
+      if (installed) {
+        Finish(p, now_ms, out);
+      } else {
+        MarkLost(p, out);
+        Drain(p, now_ms, out);
+      }
+      if (m.request_seq != seq) HandleAcquire(m, now_ms, out);
+      return;
+    }
     if (tx.requester == m.node && m.request_seq != 0 && tx.request_seq == m.request_seq) {
       // The requester asks again, so part of its transaction was lost.
       SendTxn(p, now_ms, /*resend=*/true, out);
@@ -435,7 +453,7 @@ void PageDirectory::NodeDown(NodeId node, Outbox* out) {
           MarkDirty(addr);
           SendTxn(p, now_ms, /*resend=*/false, out);
         } else if (tx.grant_state == PageState::kShared && tx.fetch_next == PageState::kShared &&
-                   tx.prev_state != PageState::kInvalid) {
+                   tx.prev_state != PageState::kInvalid && !SupplierDied(tx)) {
           // An aborted read: the supplier kept (or still has) its copy. If it
           // was the writer, record it as writer again: the directory may
           // think a node writes that only reads, never the reverse.
@@ -480,8 +498,16 @@ void PageDirectory::NodeDown(NodeId node, Outbox* out) {
             if (s.node != node && s.node != tx.requester) other = s.node;
           }
           if (other == proto::kNoNode) {
-            MarkLost(p, out);
-            Drain(p, now_ms, out);
+            // No other copy, but the read's Grant left with the Fetch and
+            // the supplier may have sent the data before it died: the
+            // requester then holds the only copy and says so with its Done
+            // (Finish). Wait for it, the requester recorded as the supplier
+            // and no one asked for data (SupplierDied). A resend of its
+            // request says the data never came: lost then (HandleAcquire).
+            RemoveSharer(r, node);
+            r.owner = tx.requester;
+            tx.fetch_from = proto::kNoNode;
+            MarkDirty(addr);
             continue;
           }
           RemoveSharer(r, node);

@@ -176,6 +176,12 @@ class PageDirectory {
   void SendTxn(Page& p, uint64_t now_ms, bool resend, Outbox* out);
   void MaybeGrant(Page& p, Outbox* out);
   void Finish(Page& p, uint64_t now_ms, Outbox* out);
+  // A read whose only supplier died after its Grant left (NodeDown): it
+  // waits for the requester's Done (it got the data) or its resend (it
+  // did not). Data was to come, from no one now.
+  static bool SupplierDied(const Transaction& tx) {
+    return tx.fetch_send_data != 0 && tx.fetch_from == proto::kNoNode;
+  }
   void MarkLost(Page& p, Outbox* out);
   void ReplyLost(const proto::Acquire& m, const PageRecord& rec, Outbox* out);
   void RemoveSharer(PageRecord& rec, NodeId n);

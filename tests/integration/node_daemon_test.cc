@@ -253,10 +253,11 @@ TEST_F(NodeDaemonTest, RestartedDaemonGivesUpItsPagesCleanly) {
   proto::NodeId old_id = 0, sharer = 0;
   nodes_[0]->Sync([&](NodeDaemon& d) { old_id = d.id(); });
   nodes_[1]->Sync([&](NodeDaemon& d) { sharer = d.id(); });
-  // ...once the directory has heard so: the reader has the bytes before
-  // the read's transaction ends there, and a supplier that dies with it in
-  // flight leaves the page lost (the directory knows of no other copy).
-  // Under load the restart below came first (a CI run, stop 15).
+  // ...once the directory has heard so (the reader's Done): the test is
+  // about a recorded sharer outliving the restart. (A restart with the
+  // read still in flight came first under load in a CI run, stop 15, and
+  // lost the page; the directory now waits for the reader's Done then:
+  // PageDirectoryTest.DeathOfTheOnlyReadSupplierWaitsForTheReadersDone.)
   bool recorded = false;
   for (int i = 0; i < 500 && !recorded; ++i) {
     if (i > 0) std::this_thread::sleep_for(std::chrono::milliseconds(10));

@@ -594,10 +594,19 @@ TEST_F(ServiceFaultTest, ANodeIsStoredDeadBeforeItsPagesAreHandedOn) {
   EXPECT_EQ(flushed_.code(), StatusCode::kIoError) << flushed_.ToString();
   EXPECT_FALSE(ToldLost(2, page)) << "a's page was handed on before its death was stored";
 
-  // The hand-over: b is told the page's only copy died with a.
+  // b asks again meanwhile: the data never came (its last txn is not the
+  // read's). The answer is part of the hand-over, and waits too.
+  const proto::Acquire again{.page = page, .node = b, .kind = proto::AccessKind::kRead,
+                             .request_seq = 1, .region = rid};
+  Deliver(2, again);
+  EXPECT_FALSE(ToldLost(2, page)) << "a's page was handed on before its death was stored";
+
+  // The hand-over: b, asking again, is told the page's only copy died with
+  // a (the directory waits for that, or for b's Done had the data come).
   faults_.FailWrites(false);
   Status st = Flush();
   ASSERT_TRUE(st.ok()) << st.ToString();
+  Deliver(2, again);
   ASSERT_TRUE(ToldLost(2, page)) << "the hand-over is still held once the disk works";
 
   ASSERT_TRUE(Restart().ok());
