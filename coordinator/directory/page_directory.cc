@@ -497,17 +497,25 @@ void PageDirectory::NodeDown(NodeId node, Outbox* out) {
           for (const Sharer& s : r.sharers) {
             if (s.node != node && s.node != tx.requester) other = s.node;
           }
-          if (other == proto::kNoNode) {
+          if (other == proto::kNoNode && tx.request_seq != 0) {
             // No other copy, but the read's Grant left with the Fetch and
             // the supplier may have sent the data before it died: the
             // requester then holds the only copy and says so with its Done
             // (Finish). Wait for it, the requester recorded as the supplier
-            // and no one asked for data (SupplierDied). A resend of its
-            // request says the data never came: lost then (HandleAcquire).
+            // and no one asked for data (SupplierDied). Its next request
+            // settles it too (HandleAcquire): by its last txn, installed or
+            // not (a resend: not). A give-up's move (request_seq 0) is not
+            // waited for: its target asked for nothing and, without the
+            // data, would never answer; it is lost below.
             RemoveSharer(r, node);
             r.owner = tx.requester;
             tx.fetch_from = proto::kNoNode;
             MarkDirty(addr);
+            continue;
+          }
+          if (other == proto::kNoNode) {
+            MarkLost(p, out);
+            Drain(p, now_ms, out);
             continue;
           }
           RemoveSharer(r, node);

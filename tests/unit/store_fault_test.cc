@@ -606,7 +606,6 @@ TEST_F(ServiceFaultTest, ANodeIsStoredDeadBeforeItsPagesAreHandedOn) {
   faults_.FailWrites(false);
   Status st = Flush();
   ASSERT_TRUE(st.ok()) << st.ToString();
-  Deliver(2, again);
   ASSERT_TRUE(ToldLost(2, page)) << "the hand-over is still held once the disk works";
 
   ASSERT_TRUE(Restart().ok());
