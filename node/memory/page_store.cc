@@ -44,6 +44,17 @@ void Advance(std::vector<iovec>& iov, size_t* at, size_t n) {
 
 std::string Errno(const char* what) { return std::string(what) + ": " + std::strerror(errno); }
 
+// The kernel's page size: the unit of mincore and of the page cache.
+uint64_t KernelPageSize() {
+  static const uint64_t size = static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
+  return size;
+}
+
+// Whether every kernel page of a mincore vector is in the page cache.
+bool AllResident(std::span<const unsigned char> vec) {
+  return std::all_of(vec.begin(), vec.end(), [](unsigned char v) { return (v & 1) != 0; });
+}
+
 bool ValidPageSize(uint32_t page_size) {
   return page_size == 4096 || page_size == (64u << 10) || page_size == kHugePageSize;
 }
@@ -89,10 +100,10 @@ Result<std::unique_ptr<PageStore>> PageStore::Create(PageAddr base, uint64_t siz
   if (base + size < base) return InvalidArgument("region " + Hex(base) + " + size overflows");
   if (options.max_stashes == 0) return InvalidArgument("max_stashes must be positive");
   // A page is at least one of the kernel's (mincore and punches count in them).
-  if (const long system = sysconf(_SC_PAGESIZE); system > 0 && page_size % system != 0) {
+  if (page_size % KernelPageSize() != 0) {
     return InvalidArgument("page size " + std::to_string(page_size) +
                            " is not a multiple of this kernel's page size " +
-                           std::to_string(system));
+                           std::to_string(KernelPageSize()));
   }
 
   bool hugetlb = false;
@@ -241,21 +252,16 @@ bool PageStore::MapForCopies(PageAddr page, bool allocate) {
   const uint64_t block_bytes = std::max<uint64_t>(page_size_, kHugePageSize);
   const PageAddr block = base_ + (page - base_) / block_bytes * block_bytes;
   const uint64_t block_len = std::min<uint64_t>(block_bytes, base_ + size_ - block);
-  const long small = sysconf(_SC_PAGESIZE);
-  std::vector<unsigned char> vec(block_len / static_cast<uint64_t>(small));
-  if (mincore(MapOf(block), block_len, vec.data()) != 0) return false;
-  auto all_present = [&](uint64_t from, uint64_t len) {
-    for (uint64_t i = from / small; i < (from + len) / small; ++i) {
-      if ((vec[i] & 1) == 0) return false;
-    }
-    return true;
-  };
+  Result<std::vector<unsigned char>> resident = Residency(block, block_len);
+  if (!resident.ok()) return false;
+  const std::span<const unsigned char> vec(*resident);
   PageAddr first = page;
   uint64_t len = page_size_;
-  if (all_present(0, block_len)) {
+  if (AllResident(vec)) {
     first = block;
     len = block_len;
-  } else if (!allocate && !all_present(page - block, page_size_)) {
+  } else if (!allocate && !AllResident(vec.subspan((page - block) / KernelPageSize(),
+                                                   page_size_ / KernelPageSize()))) {
     return false;  // a hole: reads of it go through pread
   }
   // Faults the range in writable now (allocating holes, with `allocate`);
@@ -337,15 +343,16 @@ Status PageStore::DiscardAll() {
 
 Result<bool> PageStore::IsPresent(PageAddr page) const {
   DSVM_RETURN_IF_ERROR(CheckPage(page));
+  DSVM_ASSIGN_OR_RETURN(const std::vector<unsigned char> vec, Residency(page, page_size_));
+  return AllResident(vec);
+}
+
+Result<std::vector<unsigned char>> PageStore::Residency(PageAddr first, uint64_t bytes) const {
   // For a shared file mapping mincore reports the page cache, whether or not
   // this process has the pages mapped; it allocates nothing.
-  const long small = sysconf(_SC_PAGESIZE);
-  std::vector<unsigned char> vec(page_size_ / static_cast<size_t>(small));
-  if (mincore(MapOf(page), page_size_, vec.data()) != 0) return IoError(Errno("mincore"));
-  for (unsigned char v : vec) {
-    if ((v & 1) == 0) return false;
-  }
-  return true;
+  std::vector<unsigned char> vec(bytes / KernelPageSize());
+  if (mincore(MapOf(first), bytes, vec.data()) != 0) return IoError(Errno("mincore"));
+  return vec;
 }
 
 Status PageStore::CheckStashRoom() const {

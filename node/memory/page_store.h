@@ -38,6 +38,7 @@
 #include <string>
 #include <unordered_map>
 #include <utility>
+#include <vector>
 
 #include "node/memory/unique_fd.h"
 #include "proto/messages.h"
@@ -219,6 +220,9 @@ class PageStore {
   // too, which fills them with zeros. False when the page stays unmapped
   // (holes and !allocate, or the kernel refused).
   bool MapForCopies(PageAddr page, bool allocate);
+  // mincore of [first, first + bytes): a byte per kernel page, bit 0 set
+  // when the page is in the memfd. Errors: kIoError.
+  Result<std::vector<unsigned char>> Residency(PageAddr first, uint64_t bytes) const;
   // Writes page_size bytes of `data` (zeros for nullptr) into the memfd.
   Status Fill(PageAddr page, const uint8_t* data);
   Status CheckSpan(PageAddr page, size_t bytes) const;
