@@ -232,6 +232,15 @@ class PageDirectoryTest : public ::testing::Test {
     ASSERT_EQ(r->state, PageState::kModified);
     ASSERT_EQ(r->owner, n);
   }
+  // `reader` asks to read `page`, which `supplier` wrote, and the
+  // supplier dies with the read's Grant gone: the directory waits for the
+  // reader (DeathOfTheOnlyReadSupplier...). The read is the page's txn 2.
+  void ReadWhoseOnlySupplierDies(NodeId supplier, NodeId reader, uint64_t seq,
+                                 PageAddr page = kPage) {
+    Write(supplier, page);
+    ASSERT_EQ(Acquire(reader, AccessKind::kRead, seq, 0, page).size(), 2u);
+    EXPECT_EQ(Msgs(Down(supplier)), Strings{});
+  }
   void Read(NodeId n, PageAddr page = kPage) {
     Settle(Acquire(n, AccessKind::kRead, ++next_seq_, 0, page));
     const PageRecord* r = dir_->Find(page);
@@ -666,9 +675,7 @@ TEST_F(PageDirectoryTest, DeathOfTheOnlyReadSupplierWaitsForTheReadersDone) {
 // page is lost then, and the reader told so.
 TEST_F(PageDirectoryTest, DeathOfTheOnlyReadSupplierLosesThePageWhenTheReaderAsksAgain) {
   Up({1, 2});
-  Write(1);
-  ASSERT_EQ(Acquire(2, AccessKind::kRead, 3, 0).size(), 2u);
-  EXPECT_EQ(Msgs(Down(1)), Strings{});
+  ReadWhoseOnlySupplierDies(1, 2, 3);
   // A retransmission sends the Grant again, and asks no one for data.
   EXPECT_EQ(Msgs(TickAt(now_ + 1000)),
             Strings({"Grant>2 txn=2 seq=3 S src=owner OK v=1 stash=0"}));
@@ -679,9 +686,7 @@ TEST_F(PageDirectoryTest, DeathOfTheOnlyReadSupplierLosesThePageWhenTheReaderAsk
   // The reader dying instead loses it too: no copy is known anywhere.
   const PageAddr other = kPage + 0x1000;
   Up({3});
-  Write(3, other);
-  ASSERT_EQ(Acquire(2, AccessKind::kRead, 5, 0, other).size(), 2u);
-  EXPECT_EQ(Msgs(Down(3)), Strings{});
+  ReadWhoseOnlySupplierDies(3, 2, 5, other);
   EXPECT_EQ(Msgs(Down(2)), Strings{});
   EXPECT_EQ(dir_->Query(other).lost, 1);
   ASSERT_TRUE(dir_->CheckInvariants().ok());
@@ -693,9 +698,7 @@ TEST_F(PageDirectoryTest, DeathOfTheOnlyReadSupplierLosesThePageWhenTheReaderAsk
 // had moved on to another request never sent, the page hung.
 TEST_F(PageDirectoryTest, DeathOfTheOnlyReadSupplierIsSettledByTheReadersNextRequest) {
   Up({1, 2});
-  Write(1);
-  ASSERT_EQ(Acquire(2, AccessKind::kRead, 3, 0).size(), 2u);
-  EXPECT_EQ(Msgs(Down(1)), Strings{});
+  ReadWhoseOnlySupplierDies(1, 2, 3);
   EXPECT_EQ(Msgs(Acquire(2, AccessKind::kUpgrade, 4, /*last_txn=*/2)),
             Strings({"Grant>2 txn=3 seq=4 M src=self OK v=2 stash=0"}));
   EXPECT_EQ(Rec(), "M owner=2 holders=2@3 v=2 txn=3 busy");
