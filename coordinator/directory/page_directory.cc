@@ -349,6 +349,16 @@ void PageDirectory::HandleInvalidateAck(const proto::InvalidateAck& m, uint64_t 
 
 void PageDirectory::HandleDone(const proto::Done& m, uint64_t now_ms, Outbox* out) {
   auto it = pages_.find(m.page);
+  if (it != pages_.end() && it->second.rec.lost && it->second.rec.txn == m.txn) {
+    // The node installed the txn the page was lost in (its data came after
+    // all, after a resend had said it never would): the loss stands, and the
+    // node is told again, so that it drops the copy nobody else may have.
+    proto::Acquire asker;
+    asker.node = m.node;
+    ReplyLost(asker, it->second.rec, out);
+    ++stats_.stale_ignored;
+    return;
+  }
   if (it == pages_.end() || !it->second.rec.busy || it->second.rec.tx.txn != m.txn ||
       it->second.rec.tx.requester != m.node || !it->second.rec.tx.grant_sent) {
     ++stats_.stale_ignored;
@@ -383,13 +393,21 @@ void PageDirectory::ReplyLost(const proto::Acquire& m, const PageRecord& r, Outb
 
 void PageDirectory::MarkLost(Page& p, Outbox* out) {
   PageRecord& r = p.rec;
+  r.lost = 1;
   if (r.busy) {
     const Transaction& tx = r.tx;
     if (IsLive(tx.requester) && tx.request_seq != 0) {
       proto::Acquire m;
       m.node = tx.requester;
       m.request_seq = tx.request_seq;
-      r.lost = 1;
+      ReplyLost(m, r, out);
+    }
+    // Sharers the txn had yet to invalidate still hold copies: the page
+    // they hold is gone for everyone else, so they drop theirs too.
+    for (NodeId n : tx.pending_acks) {
+      if (n == tx.requester || !IsLive(n)) continue;
+      proto::Acquire m;
+      m.node = n;
       ReplyLost(m, r, out);
     }
     r.busy = 0;
@@ -522,6 +540,17 @@ void PageDirectory::NodeDown(NodeId node, Outbox* out) {
           r.owner = other;
           tx.fetch_from = other;
           SendTxn(p, now_ms, /*resend=*/false, out);
+        } else if (tx.request_seq != 0) {
+          // A write whose supplier died: as a read's above, the data may
+          // have left before the death, and the requester (recorded as the
+          // writer since the txn began) says with its Done or its next
+          // request whether it came. Sharers still being invalidated go on
+          // being invalidated: the Grant waits for their acks as before.
+          tx.fetch_from = proto::kNoNode;
+          Erase(tx.pending_acks, node);
+          MarkDirty(addr);
+          MaybeGrant(p, out);
+          continue;
         } else {
           MarkLost(p, out);
           Drain(p, now_ms, out);

@@ -629,14 +629,58 @@ TEST_F(PageDirectoryTest, DeathOfSharerOwingAnAckReleasesTheGrant) {
   EXPECT_EQ(Rec(), "M owner=4 holders=4@4 v=2 txn=4 busy");
 }
 
-TEST_F(PageDirectoryTest, DeathOfDataSourceMidWriteLosesThePage) {
+// A write whose only supplier dies after the write's Grant left waits for
+// the writer as a read does: the data may have reached it, and its Done
+// makes it the page's writer. Fails without: the page was lost at once,
+// while the writer went on writing a copy nobody would see (found by the
+// simulation's check that every copy a quiet cluster holds is one its
+// directory knows of).
+TEST_F(PageDirectoryTest, DeathOfTheOnlyWriteSupplierWaitsForTheWritersDone) {
+  Up({1, 2});
+  Write(1);
+  ASSERT_EQ(Unordered(Acquire(2, AccessKind::kWrite, 3, 0)),
+            AnyOrder({"Fetch>1 txn=2 req=2 next=I data=1",
+                      "Grant>2 txn=2 seq=3 M src=owner OK v=2 stash=0"}));
+  EXPECT_EQ(Msgs(Down(1)), Strings{});
+  EXPECT_EQ(Rec(), "M owner=2 holders=2@2 v=2 txn=2 busy");
+  EXPECT_EQ(Msgs(Done(2, 2)), Strings{}) << "no Release: the supplier is gone";
+  EXPECT_EQ(Rec(), "M owner=2 holders=2@2 v=2 txn=2");
+  EXPECT_EQ(dir_->stats().pages_lost, 0u);
+  ASSERT_TRUE(dir_->CheckInvariants().ok());
+}
+
+// ...and its resend says the data never came: lost, and the writer told.
+// Should the data come after all, its Done is answered with the loss again,
+// so that it drops the copy (the node's side: NodeAgentTest).
+TEST_F(PageDirectoryTest, DeathOfTheOnlyWriteSupplierLosesThePageWhenTheWriterAsksAgain) {
   Up({1, 2});
   Write(1);
   ASSERT_EQ(Acquire(2, AccessKind::kWrite, 3, 0).size(), 2u);
-  // The only copy was on its way from node 1: the requester is told at once.
-  EXPECT_EQ(Msgs(Down(1)), Strings({"Grant>2 txn=2 seq=3 I src=zero DATA_LOSS v=2 stash=0"}));
+  ASSERT_EQ(Msgs(Down(1)), Strings{});
+  EXPECT_EQ(Msgs(Acquire(2, AccessKind::kWrite, 3, 0)),
+            Strings({"Grant>2 txn=2 seq=3 I src=zero DATA_LOSS v=2 stash=0"}));
   EXPECT_EQ(Rec(), "I owner=0 holders= v=2 txn=2 lost");
   EXPECT_EQ(dir_->busy_count(), 0u);
+  EXPECT_EQ(Msgs(Done(2, 2)), Strings({"Grant>2 txn=2 seq=0 I src=zero DATA_LOSS v=2 stash=0"}));
+  EXPECT_EQ(Msgs(Done(2, 1)), Strings{}) << "a Done of an older txn is only stale";
+  ASSERT_TRUE(dir_->CheckInvariants().ok());
+}
+
+// A page lost while its txn was still invalidating sharers: they hold
+// copies of a page nobody may have now, and are told to drop them.
+TEST_F(PageDirectoryTest, SharersAWriteHadYetToInvalidateAreToldOfItsLoss) {
+  Up({1, 2, 3});
+  Read(1);
+  Read(2);
+  ASSERT_EQ(Rec(), "S owner=1 holders=1@1,2@2 v=0 txn=2");
+  ASSERT_EQ(Unordered(Acquire(3, AccessKind::kWrite, 7, 0)),
+            AnyOrder({"Fetch>1 txn=3 req=3 next=I data=1", "Invalidate>2 txn=3"}));
+  ASSERT_EQ(Msgs(Down(1)), Strings{}) << "waits for the writer";
+  // The writer dies too: its request is undone, and with no copy left
+  // anywhere the page is lost; node 2 has not acked its Invalidate.
+  EXPECT_EQ(Msgs(Down(3)), Strings({"Grant>2 txn=3 seq=0 I src=zero DATA_LOSS v=1 stash=0"}));
+  EXPECT_EQ(dir_->Query(kPage).lost, 1);
+  ASSERT_TRUE(dir_->CheckInvariants().ok());
 }
 
 TEST_F(PageDirectoryTest, DeathOfReadSupplierFallsBackToAnotherSharer) {
