@@ -28,6 +28,13 @@ NodeAgent::NodeAgent(NodeId self, NodeOptions options) : self_(self), options_(o
   DSVM_CHECK(self != proto::kNoNode);
 }
 
+bool NodeAgent::Disowns(const proto::Grant& m) const {
+  auto it = pages_.find(m.page);
+  if (m.status == 0 || it == pages_.end()) return false;
+  const LocalPage& lp = it->second;
+  return m.txn >= lp.last_txn && (lp.state != PageState::kInvalid || lp.retained);
+}
+
 PageState NodeAgent::StateOf(PageAddr page) const {
   auto it = pages_.find(page);
   return it == pages_.end() ? PageState::kInvalid : it->second.state;
@@ -192,6 +199,20 @@ void NodeAgent::HandleGrant(const proto::Grant& m, uint64_t now_ms, Actions* out
         out->push_back(std::move(a));
       }
       lp.waiters.clear();
+    }
+    if (Disowns(m)) {
+      // The page was lost in txn m.txn, and this node holds a copy of it:
+      // the very txn it installed (its Done came too late: a resend of the
+      // request, sent before the data came, told the directory it never
+      // would), or an older one the lost txn was to invalidate. No other
+      // node may ever get the page now: drop the copy, so that local
+      // accesses are told of the loss too rather than served bytes the
+      // cluster has disowned (a write there would be seen by no one).
+      out->push_back(Make(ActionKind::kDiscard, m.page));
+      lp.state = PageState::kInvalid;
+      lp.retained = false;
+      if (IsGiveUp(lp.pending)) ClearPending(m.page, lp);
+      ++stats_.disowned_copies;
     }
     return;
   }

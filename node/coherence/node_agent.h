@@ -80,6 +80,7 @@ struct NodeStats {
   uint64_t invalidations = 0;  // copies dropped (Invalidate, or a Fetch that takes the page)
   uint64_t downgrades = 0;     // Modified copies made Shared by a Fetch
   uint64_t protocol_errors = 0;
+  uint64_t disowned_copies = 0;  // installed copies dropped because the directory lost their txn
 };
 
 enum class FaultResult : uint8_t { kHit = 1, kWait = 2 };
@@ -125,6 +126,9 @@ class NodeAgent {
 
   NodeId self() const { return self_; }
   PageState StateOf(PageAddr page) const;
+  // Whether the refusal `m` (the page is lost, in txn m.txn) makes this node
+  // drop a copy it holds: one of that txn or older (HandleGrant).
+  bool Disowns(const proto::Grant& m) const;
   // The pages local processes may access now (Shared or Modified), in no
   // particular order.
   std::vector<PageAddr> AccessiblePages() const;

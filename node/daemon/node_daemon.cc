@@ -1043,6 +1043,10 @@ bool NodeDaemon::MustDefer(const proto::Message& m) const {
   auto it = gpu_pins_.find(page);
   if (it == gpu_pins_.end()) return false;
   if (std::holds_alternative<proto::Invalidate>(m)) return true;
+  // A loss that takes the pinned copy away waits for the pins too (a
+  // request of this node it answers waits with it): the map's GPU slots
+  // must not be freed under it.
+  if (const auto* g = std::get_if<proto::Grant>(&m)) return agent_.Disowns(*g);
   if (const auto* f = std::get_if<proto::Fetch>(&m)) {
     // A read map keeps a Shared copy: a downgrade may go on, a move may not.
     return it->second.writes != 0 || f->next_state == proto::PageState::kInvalid;

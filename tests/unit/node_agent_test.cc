@@ -308,8 +308,9 @@ TEST_F(NodeAgentTest, GrantDoesNotInstallEarlierPageDataOfAnotherTxn) {
 }
 
 // PageDirectory sends this sequence when the data source of a move dies
-// after sending its PageData: Grant(M, owner, t), then Grant(t, DATA_LOSS)
-// for the same request (page_directory_test: DeathOfDataSourceMidWrite...).
+// and the requester's resend says the data has not come: Grant(M, owner, t),
+// then Grant(t, DATA_LOSS) for the same request (page_directory_test:
+// DeathOfTheOnlyWriteSupplierLosesThePageWhenTheWriterAsksAgain).
 TEST_F(NodeAgentTest, LateDataForRefusedGrantIsNotInstalled) {
   EXPECT_EQ(Fault(true, 1, FaultResult::kWait), Strings({"Acquire kind=write seq=1 last=0"}));
   EXPECT_EQ(Grant(MakeGrant(2, 1, PageState::kModified, DataSource::kOwner, 2)), Strings{});
@@ -317,6 +318,41 @@ TEST_F(NodeAgentTest, LateDataForRefusedGrantIsNotInstalled) {
   lost.status = static_cast<uint16_t>(StatusCode::kDataLoss);
   EXPECT_EQ(Grant(lost), Strings({"Wake w=1 DATA_LOSS"}));
   EXPECT_EQ(Data(2, 2, 5), Strings({"DropData h=5"}));
+  EXPECT_EQ(agent_.StateOf(kPage), PageState::kInvalid);
+}
+
+// The same loss when the data came after the resend had left: the node
+// installed the txn the directory then held lost. Told so (the refusal of
+// its resend, or the answer to its Done), it drops the copy: nobody else may
+// ever have the page, and writes here would be seen by no one. Fails
+// without: the node went on serving a page the cluster calls lost (the
+// simulation's quiet-cluster check).
+TEST_F(NodeAgentTest, ACopyOfTheTxnThePageWasLostInIsDropped) {
+  EXPECT_EQ(Fault(true, 1, FaultResult::kWait), Strings({"Acquire kind=write seq=1 last=0"}));
+  EXPECT_EQ(Grant(MakeGrant(2, 1, PageState::kModified, DataSource::kOwner, 2)), Strings{});
+  EXPECT_EQ(Data(2, 2, 5), Strings({"InstallData h=5", "MapWrite", "Done txn=2", "Wake w=1"}));
+  proto::Grant lost = MakeGrant(2, 1, PageState::kInvalid, DataSource::kZero, 2);
+  lost.status = static_cast<uint16_t>(StatusCode::kDataLoss);
+  EXPECT_EQ(Grant(lost), Strings({"Discard"}));
+  EXPECT_EQ(agent_.StateOf(kPage), PageState::kInvalid);
+  EXPECT_EQ(agent_.stats().disowned_copies, 1u);
+  EXPECT_EQ(Grant(lost), Strings{}) << "nothing left to drop";
+  // The next access asks the directory, which says the page is lost.
+  EXPECT_EQ(Fault(false, 2, FaultResult::kWait), Strings({"Acquire kind=read seq=2 last=2"}));
+}
+
+// A copy older than the lost txn (a sharer the lost write had yet to
+// invalidate) goes too; one newer than the refusal's txn stays: that refusal
+// is of an older request.
+TEST_F(NodeAgentTest, ALossOfANewerTxnDropsAnOlderCopyButNotTheReverse) {
+  Hold(PageState::kShared, 3, 0);
+  proto::Grant old_loss = MakeGrant(2, 0, PageState::kInvalid, DataSource::kZero, 0);
+  old_loss.status = static_cast<uint16_t>(StatusCode::kDataLoss);
+  EXPECT_EQ(Grant(old_loss), Strings{});
+  EXPECT_EQ(agent_.StateOf(kPage), PageState::kShared);
+  proto::Grant loss = MakeGrant(4, 0, PageState::kInvalid, DataSource::kZero, 1);
+  loss.status = static_cast<uint16_t>(StatusCode::kDataLoss);
+  EXPECT_EQ(Grant(loss), Strings({"Discard"}));
   EXPECT_EQ(agent_.StateOf(kPage), PageState::kInvalid);
 }
 
