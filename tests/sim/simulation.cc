@@ -114,6 +114,7 @@ class Simulation {
       if (r_.ok) CheckInvariants();
     }
     if (r_.ok && !Quiescent()) Fail("no progress: accesses still waiting after the network healed");
+    if (r_.ok) CheckHoldersAreKnown();
     for (const auto& s : shards_) r_.transactions += s.dir->stats().transactions;
     return r_;
   }
@@ -513,6 +514,30 @@ class Simulation {
     for (auto& s : shards_) {
       Status st = s.dir->CheckInvariants();
       if (!st.ok()) return Fail("directory: " + st.ToString());
+    }
+  }
+
+  // Once everything is quiet, every copy a node holds is one its directory
+  // knows of. A copy the directory does not list would never be
+  // invalidated: reads of it would go stale. A copy of a page the directory
+  // holds lost is read and written by that node alone, while every other
+  // node is told the page is gone (and its writes are seen by no one).
+  void CheckHoldersAreKnown() {
+    for (PageAddr page : pages_) {
+      const PageRecord* rec = shards_[shard_map_.ShardOf(page)].dir->Find(page);
+      for (auto& n : nodes_) {
+        const PageState st = n->agent.StateOf(page);
+        if (st == PageState::kInvalid) continue;
+        const std::string who = "node " + std::to_string(n->id) + " holds page " +
+                                std::to_string(page >> 21) + (st == PageState::kModified ? " Modified" : " Shared");
+        if (rec == nullptr || rec->lost) {
+          return Fail(who + " that the directory " + (rec ? "holds lost" : "never saw"));
+        }
+        if (rec->FindSharer(n->id) == nullptr) return Fail(who + " but is not among its holders");
+        if (st == PageState::kModified && (rec->state != PageState::kModified || rec->owner != n->id)) {
+          return Fail(who + " but the directory does not record it as the writer");
+        }
+      }
     }
   }
 
