@@ -1,5 +1,7 @@
 #include "bench/directory_inprocess.h"
 
+#include <malloc.h>
+
 #include <algorithm>
 #include <cstdio>
 #include <string>
@@ -479,6 +481,39 @@ Result<Rate> ReadShareWrite(size_t nodes, const InProcessOptions& o) {
   return Rate{c.transactions() - txn0, c.messages() - msg0, seconds};
 }
 
+// What the directory's memory costs per page it knows: heap bytes (glibc's
+// count of bytes handed out) after `pages` pages are each written once by
+// one node and persisted (TakeDirty), per page. The baseline is the size of
+// the record itself, what a table of bare records would take.
+Result<double> HeapBytesPerPage(size_t pages) {
+  const size_t before = mallinfo2().uordblks;
+  size_t after = 0;
+  {
+    PageDirectory dir{coordinator::DirectoryOptions{}};
+    dir.NodeUp(1);
+    Outbox out;
+    std::vector<PageRecord> dirty;
+    for (size_t i = 0; i < pages; ++i) {
+      dir.HandleAcquire(proto::Acquire{PageOf(i), 1, AccessKind::kWrite, i + 1, 0}, 0, &out);
+      dir.HandleDone(proto::Done{PageOf(i), 1, 1}, 0, &out);
+      if (out.size() >= 1024) {
+        out.clear();
+        dirty.clear();
+        dir.TakeDirty(&dirty);
+      }
+    }
+    out.clear();
+    dirty.clear();
+    dir.TakeDirty(&dirty);
+    dirty.shrink_to_fit();
+    if (dir.busy_count() != 0 || dir.Find(PageOf(pages - 1)) == nullptr) {
+      return Internal("heap per page: the pages were not all written");
+    }
+    after = mallinfo2().uordblks;
+  }
+  return static_cast<double>(after - before) / static_cast<double>(pages);
+}
+
 }  // namespace
 
 Status RunDirectoryInProcess(const InProcessOptions& o) {
@@ -487,6 +522,13 @@ Status RunDirectoryInProcess(const InProcessOptions& o) {
   std::fprintf(stderr, "directory in-process: baseline unordered_map update: %.3g updates/s\n",
                baseline);
   EmitMetric("directory.inprocess.baseline.unordered_map_update_per_s", baseline, "updates/s");
+
+  DSVM_ASSIGN_OR_RETURN(const double heap, HeapBytesPerPage(o.pages));
+  std::fprintf(stderr, "directory in-process: %.0f heap bytes per page (%zu pages; a record is %zu)\n",
+               heap, o.pages, sizeof(PageRecord));
+  EmitMetric("directory.inprocess.heap_bytes_per_page", heap, "bytes");
+  EmitMetric("directory.inprocess.heap_bytes_per_page.vs_record_size",
+             heap / static_cast<double>(sizeof(PageRecord)), "ratio");
 
   struct Workload {
     const char* name;
