@@ -328,7 +328,7 @@ void PageDirectory::Finish(Page& p, uint64_t now_ms, Outbox* out) {
 void PageDirectory::Drain(Page& p, uint64_t now_ms, Outbox* out) {
   while (!p.rec.busy && !p.queue.empty()) {
     proto::Acquire m = p.queue.front().request;
-    p.queue.pop_front();
+    p.queue.erase(p.queue.begin());
     if (IsLive(m.node)) Serve(p, m, now_ms, out);
   }
 }

@@ -13,7 +13,6 @@
 #define DSVM_COORDINATOR_DIRECTORY_PAGE_DIRECTORY_H_
 
 #include <cstdint>
-#include <deque>
 #include <optional>
 #include <set>
 #include <unordered_map>
@@ -160,7 +159,9 @@ class PageDirectory {
   };
   struct Page {
     PageRecord rec;
-    std::deque<Waiting> queue;  // bounded by kMaxNodes: one per node
+    // Bounded by kMaxNodes: one per node. A vector, not a deque: an empty
+    // std::deque allocates over 500 bytes, and most pages never queue.
+    std::vector<Waiting> queue;
   };
 
   Page& GetPage(PageAddr page);
