@@ -53,10 +53,13 @@ void PageDirectory::HandleAcquire(const proto::Acquire& m, uint64_t now_ms, Outb
   Page& p = GetPage(m.page);
   if (p.rec.busy) {
     Transaction& tx = p.rec.tx;
-    if (tx.requester == m.node && SupplierDied(tx) && m.request_seq != 0 &&
+    if (tx.requester == m.node && SupplierDied(tx) && tx.grant_sent && m.request_seq != 0 &&
         m.request_seq >= tx.request_seq) {
-      // The requester of a read whose only supplier died asks (again, or
-      // anew): it says whether it installed the read (its last txn).
+      // The requester of a read or write whose only supplier died asks
+      // (again, or anew): it says whether it installed the txn (its last
+      // txn). Only once its Grant has left: before (a write still waiting
+      // for invalidation acks) it cannot have installed anything, and its
+      // resend is only a resend.
       // Installed, it holds the only copy, as its Done would have said;
       // not, the data never came and never will: lost. Then its request
       // is handled as any other.

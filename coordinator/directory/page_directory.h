@@ -177,10 +177,10 @@ class PageDirectory {
   void SendTxn(Page& p, uint64_t now_ms, bool resend, Outbox* out);
   void MaybeGrant(Page& p, Outbox* out);
   void Finish(Page& p, uint64_t now_ms, Outbox* out);
-  // A read whose only supplier died after its Grant left (NodeDown): it
-  // waits for the requester's Done (it got the data) or its next request,
-  // whose last txn says whether it installed the read (a resend: not).
-  // Data was to come, from no one now.
+  // A read or write whose only supplier died (NodeDown): it waits for the
+  // requester's Done (it got the data) or, once its Grant has left, its next
+  // request, whose last txn says whether it installed the txn (a resend:
+  // not). Data was to come, from no one now.
   static bool SupplierDied(const Transaction& tx) {
     return tx.fetch_send_data != 0 && tx.fetch_from == proto::kNoNode;
   }

@@ -666,8 +666,31 @@ TEST_F(PageDirectoryTest, DeathOfTheOnlyWriteSupplierLosesThePageWhenTheWriterAs
   ASSERT_TRUE(dir_->CheckInvariants().ok());
 }
 
-// A page lost while its txn was still invalidating sharers: they hold
-// copies of a page nobody may have now, and are told to drop them.
+// A write from Shared whose supplier dies while a sharer's ack is still
+// owed: the Grant has not left, so the writer cannot have installed
+// anything, and its resend is only a resend (the Invalidate goes again),
+// not word that the data never came. Once the ack is in, the Grant leaves
+// and the writer's Done ends it. Fails without: the resend lost the page
+// (review).
+TEST_F(PageDirectoryTest, AWritersResendBeforeItsGrantLeftDoesNotSettleItsDeadSupplier) {
+  Up({1, 2, 3});
+  Read(1);
+  Read(2);
+  ASSERT_EQ(Unordered(Acquire(3, AccessKind::kWrite, 7, 0)),
+            AnyOrder({"Fetch>1 txn=3 req=3 next=I data=1", "Invalidate>2 txn=3"}));
+  ASSERT_EQ(Msgs(Down(1)), Strings{}) << "waits for the writer";
+  EXPECT_EQ(Msgs(Acquire(3, AccessKind::kWrite, 7, 0)), Strings({"Invalidate>2 txn=3"}));
+  EXPECT_EQ(dir_->Query(kPage).lost, 0);
+  EXPECT_EQ(Msgs(Ack(2, 3)), Strings({"Grant>3 txn=3 seq=7 M src=owner OK v=1 stash=0"}));
+  EXPECT_EQ(Msgs(Done(3, 3)), Strings{});
+  EXPECT_EQ(Rec(), "M owner=3 holders=3@3 v=1 txn=3");
+  ASSERT_TRUE(dir_->CheckInvariants().ok());
+}
+
+// A page lost while its txn was still invalidating sharers: they may hold
+// copies of it (the directory cannot tell whether an ack owed is on its way,
+// the copy dropped, or not), and are told the page is gone, so that none
+// goes on serving it.
 TEST_F(PageDirectoryTest, SharersAWriteHadYetToInvalidateAreToldOfItsLoss) {
   Up({1, 2, 3});
   Read(1);
@@ -676,8 +699,8 @@ TEST_F(PageDirectoryTest, SharersAWriteHadYetToInvalidateAreToldOfItsLoss) {
   ASSERT_EQ(Unordered(Acquire(3, AccessKind::kWrite, 7, 0)),
             AnyOrder({"Fetch>1 txn=3 req=3 next=I data=1", "Invalidate>2 txn=3"}));
   ASSERT_EQ(Msgs(Down(1)), Strings{}) << "waits for the writer";
-  // The writer dies too: its request is undone, and with no copy left
-  // anywhere the page is lost; node 2 has not acked its Invalidate.
+  // The writer dies too: its request is undone, and with the supplier gone
+  // the page is lost; node 2 has not acked its Invalidate.
   EXPECT_EQ(Msgs(Down(3)), Strings({"Grant>2 txn=3 seq=0 I src=zero DATA_LOSS v=1 stash=0"}));
   EXPECT_EQ(dir_->Query(kPage).lost, 1);
   ASSERT_TRUE(dir_->CheckInvariants().ok());
