@@ -30,7 +30,7 @@ NodeAgent::NodeAgent(NodeId self, NodeOptions options) : self_(self), options_(o
 
 bool NodeAgent::Disowns(const proto::Grant& m) const {
   auto it = pages_.find(m.page);
-  if (m.status == 0 || it == pages_.end()) return false;
+  if (m.status != static_cast<uint16_t>(StatusCode::kDataLoss) || it == pages_.end()) return false;
   const LocalPage& lp = it->second;
   return m.txn >= lp.last_txn && (lp.state != PageState::kInvalid || lp.retained);
 }
@@ -199,6 +199,17 @@ void NodeAgent::HandleGrant(const proto::Grant& m, uint64_t now_ms, Actions* out
         out->push_back(std::move(a));
       }
       lp.waiters.clear();
+    } else if (lp.has_grant && lp.grant.txn <= m.txn) {
+      // The answer to a probe of a grant no request waits for (Tick): its
+      // data will never come, and late bytes must not be installed.
+      lp.has_grant = false;
+      lp.refused_txn = std::max(lp.refused_txn, m.txn);
+      if (lp.has_data && lp.data_txn <= m.txn) {
+        Action d = Make(ActionKind::kDropData, m.page);
+        d.handle = lp.data;
+        out->push_back(std::move(d));
+        lp.has_data = false;
+      }
     }
     if (Disowns(m)) {
       // The page was lost in txn m.txn, and this node holds a copy of it:
@@ -213,6 +224,7 @@ void NodeAgent::HandleGrant(const proto::Grant& m, uint64_t now_ms, Actions* out
       lp.retained = false;
       if (IsGiveUp(lp.pending)) ClearPending(m.page, lp);
       ++stats_.disowned_copies;
+      Progress(m.page, lp, now_ms, out);  // accesses that waited on a give-up ask now
     }
     return;
   }
@@ -225,6 +237,14 @@ void NodeAgent::HandleGrant(const proto::Grant& m, uint64_t now_ms, Actions* out
   lp.has_grant = true;
   lp.grant = m;
   TryInstall(m.page, lp, now_ms, out);
+  if (lp.has_grant && lp.pending == AccessKind::kInvalid && m.request_seq != 0) {
+    // A grant of a request this node no longer has pending (one the
+    // directory had queued, satisfied meanwhile by a restore or a move
+    // here) waits for its data with nothing to resend: Tick probes it.
+    lp.grant_ms = now_ms;
+    lp.grant_probes = 0;
+    awaiting_data_.insert(m.page);
+  }
 }
 
 void NodeAgent::TryInstall(PageAddr page, LocalPage& lp, uint64_t now_ms, Actions* out) {
@@ -425,6 +445,33 @@ void NodeAgent::Tick(uint64_t now_ms, Actions* out) {
       ++stats_.retransmits;
       SendAcquire(page, lp, out);
     }
+  }
+  // A grant no request waits for, whose data has not come: ask the
+  // directory about it as its requester, with the grant's request_seq and
+  // what this node installed. It has the data sent again if its supplier
+  // lives, or settles the txn if the supplier died (PROTOCOL.md, Crashes).
+  for (auto it = awaiting_data_.begin(); it != awaiting_data_.end();) {
+    LocalPage& lp = pages_.at(*it);
+    if (!lp.has_grant || lp.pending != AccessKind::kInvalid) {
+      it = awaiting_data_.erase(it);
+      continue;
+    }
+    const uint64_t wait = options_.retransmit_after_ms << std::min(lp.grant_probes, kMaxBackoffShift);
+    if (lp.grant_ms + wait <= now_ms) {
+      lp.grant_ms = now_ms;
+      ++lp.grant_probes;
+      ++stats_.grant_probes;
+      proto::Acquire m;
+      m.page = *it;
+      m.node = self_;
+      m.kind = lp.grant.state != PageState::kModified ? AccessKind::kRead
+               : lp.state == PageState::kShared      ? AccessKind::kUpgrade
+                                                     : AccessKind::kWrite;
+      m.request_seq = lp.grant.request_seq;
+      m.last_txn = lp.last_txn;
+      ToDirectory(*it, m, out);
+    }
+    ++it;
   }
 }
 

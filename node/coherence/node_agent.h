@@ -81,6 +81,7 @@ struct NodeStats {
   uint64_t downgrades = 0;     // Modified copies made Shared by a Fetch
   uint64_t protocol_errors = 0;
   uint64_t disowned_copies = 0;  // installed copies dropped because the directory lost their txn
+  uint64_t grant_probes = 0;     // directory asked about a grant no request waited for
 };
 
 enum class FaultResult : uint8_t { kHit = 1, kWait = 2 };
@@ -160,6 +161,8 @@ class NodeAgent {
     DataHandle data = 0;
     TxnId stash_txn = 0;              // 0: no stash
     TxnId refused_txn = 0;            // data of this txn or older can never be installed
+    uint64_t grant_ms = 0;            // a grant no request waits for: when last asked about
+    uint32_t grant_probes = 0;
     std::vector<Waiter> waiters;
   };
 
@@ -180,6 +183,9 @@ class NodeAgent {
   NodeOptions options_;
   uint64_t next_seq_ = 0;
   std::unordered_map<PageAddr, LocalPage> pages_;
+  // Pages holding a grant whose data has not come and that no pending
+  // request of this node covers (Tick asks about them).
+  std::unordered_set<PageAddr> awaiting_data_;
   std::unordered_set<PageAddr> pending_pages_;
   NodeStats stats_;
 };

@@ -356,6 +356,58 @@ TEST_F(NodeAgentTest, ALossOfANewerTxnDropsAnOlderCopyButNotTheReverse) {
   EXPECT_EQ(agent_.StateOf(kPage), PageState::kInvalid);
 }
 
+// A refusal other than a loss (NOT_FOUND: the region is gone) is no
+// loss: it takes no copy away.
+TEST_F(NodeAgentTest, OnlyALossDisownsACopy) {
+  Hold(PageState::kShared, 3, 0);
+  proto::Grant gone = MakeGrant(3, 0, PageState::kInvalid, DataSource::kZero, 0);
+  gone.status = static_cast<uint16_t>(StatusCode::kNotFound);
+  EXPECT_FALSE(agent_.Disowns(gone));
+  EXPECT_EQ(Grant(gone), Strings{});
+  EXPECT_EQ(agent_.StateOf(kPage), PageState::kShared);
+}
+
+// A loss that drops a copy while a give-up of it was pending: an access
+// that arrived meanwhile waited on the give-up, which is moot now, so it
+// asks the directory itself. Fails without: it waited for ever (review).
+TEST_F(NodeAgentTest, AnAccessWaitingOnADisownedGiveUpAsksAgain) {
+  Hold(PageState::kShared, 3, 0);
+  ASSERT_EQ(Evict(true), Strings({"Unmap", "Acquire kind=evict seq=2 last=3"}));
+  EXPECT_EQ(Fault(false, 5, FaultResult::kWait), Strings{});
+  proto::Grant loss = MakeGrant(4, 0, PageState::kInvalid, DataSource::kZero, 1);
+  loss.status = static_cast<uint16_t>(StatusCode::kDataLoss);
+  EXPECT_EQ(Grant(loss), Strings({"Discard", "Acquire kind=read seq=3 last=3"}));
+  loss.request_seq = 3;
+  EXPECT_EQ(Grant(loss), Strings({"Wake w=5 DATA_LOSS"}));
+  EXPECT_FALSE(agent_.HasPending(kPage));
+}
+
+// A grant of a request the node no longer has pending (the directory had
+// queued it; a restore satisfied it meanwhile) whose data does not come:
+// after the retransmit interval the node asks about it with that grant's
+// request_seq and its own last txn, and a loss in answer voids it, so late
+// bytes are not installed. Fails without: nobody ever asked again, and the
+// page stayed busy at the directory for ever (review, with the simulator).
+TEST_F(NodeAgentTest, AGrantNoRequestWaitsForIsAskedAboutWhenItsDataDoesNotCome) {
+  Hold(PageState::kModified, 3, 1);
+  // A Fetch takes the page away (a write elsewhere), then a Grant for this
+  // node's old request seq 1 comes: a write, its data from the new owner.
+  ASSERT_EQ(Fetch(4, 2, PageState::kInvalid, 1), Strings({"Stash txn=4", "SendStash>2 txn=4 v=1"}));
+  EXPECT_EQ(Grant(MakeGrant(6, 1, PageState::kModified, DataSource::kOwner, 3)), Strings{});
+  EXPECT_FALSE(agent_.HasPending(kPage));
+  EXPECT_EQ(TickAt(now_ + kRetransmitMs - 1), Strings{}) << "not before the interval";
+  EXPECT_EQ(TickAt(now_ + 1), Strings({"Acquire kind=write seq=1 last=4"}));
+  EXPECT_EQ(TickAt(now_ + kRetransmitMs), Strings{}) << "the wait doubles";
+  EXPECT_EQ(TickAt(now_ + kRetransmitMs), Strings({"Acquire kind=write seq=1 last=4"}));
+  EXPECT_EQ(agent_.stats().grant_probes, 2u);
+  proto::Grant loss = MakeGrant(6, 1, PageState::kInvalid, DataSource::kZero, 3);
+  loss.status = static_cast<uint16_t>(StatusCode::kDataLoss);
+  EXPECT_EQ(Grant(loss), Strings{});
+  EXPECT_EQ(Data(6, 3, 9), Strings({"DropData h=9"})) << "late bytes of the lost txn";
+  EXPECT_EQ(agent_.StateOf(kPage), PageState::kInvalid);
+  EXPECT_EQ(TickAt(now_ + 10 * kRetransmitMs), Strings{}) << "nothing left to ask about";
+}
+
 // ---------------------------------------------------------------------------
 // Fetch, stash, Release.
 
