@@ -1043,10 +1043,6 @@ bool NodeDaemon::MustDefer(const proto::Message& m) const {
   auto it = gpu_pins_.find(page);
   if (it == gpu_pins_.end()) return false;
   if (std::holds_alternative<proto::Invalidate>(m)) return true;
-  // A loss that takes the pinned copy away waits for the pins too (a
-  // request of this node it answers waits with it): the map's GPU slots
-  // must not be freed under it.
-  if (const auto* g = std::get_if<proto::Grant>(&m)) return agent_.Disowns(*g);
   if (const auto* f = std::get_if<proto::Fetch>(&m)) {
     // A read map keeps a Shared copy: a downgrade may go on, a move may not.
     return it->second.writes != 0 || f->next_state == proto::PageState::kInvalid;
@@ -1055,6 +1051,20 @@ bool NodeDaemon::MustDefer(const proto::Message& m) const {
 }
 
 void NodeDaemon::HandleDirectoryMessage(proto::Message m) {
+  if (const auto* g = std::get_if<proto::Grant>(&m);
+      g != nullptr && gpu_pins_.count(g->page) != 0 && deferred_.count(g->page) == 0 &&
+      agent_.Disowns(*g)) {
+    // The page a GPU map pins was lost: the map is lost with it (its unmap
+    // says so, and its slots stay its own until then, so no other page's
+    // bytes appear behind the client's pointer), and the copy goes now.
+    // Waiting for the unmap instead would keep a request of this node
+    // that the refusal answers waiting too: a client holding one map
+    // while making another of the page would wait on itself.
+    if (PageStore* store = StoreOf(g->page)) {
+      LoseGpuMaps(g->page, g->page + store->page_size(),
+                  "page " + Hex(g->page) + " was lost (its only other copy died with its node)");
+    }
+  }
   if (MustDefer(m)) {
     const proto::PageAddr page = DirectoryPageOf(m);
     std::vector<proto::Message>& held = deferred_[page];
