@@ -5,6 +5,7 @@
 //   dsvm-sim --random K        K fresh seeds (printed, so a failure replays)
 //   --steps S                  steps per run (default 20000)
 //   --verbose                  print every delivered message
+//   --harsh                    every run loses nodes, more drops and evictions
 //
 // Ends with "N passed, M failed"; exits non-zero on any failure.
 #include <chrono>
@@ -30,7 +31,8 @@ bool ParseU64(const char* s, uint64_t* out) {
 
 int Usage() {
   std::fprintf(stderr,
-               "usage: dsvm-sim (--seed N | --seeds A-B | --random K) [--steps S] [--verbose]\n");
+               "usage: dsvm-sim (--seed N | --seeds A-B | --random K) [--steps S] [--verbose] "
+               "[--harsh]\n");
   return 2;
 }
 
@@ -40,6 +42,7 @@ int main(int argc, char** argv) {
   std::vector<uint64_t> seeds;
   uint64_t steps = 20000;
   bool verbose = false;
+  bool harsh = false;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     const char* next = i + 1 < argc ? argv[i + 1] : nullptr;
@@ -69,6 +72,8 @@ int main(int argc, char** argv) {
       ++i;
     } else if (a == "--verbose") {
       verbose = true;
+    } else if (a == "--harsh") {
+      harsh = true;
     } else {
       return Usage();
     }
@@ -78,7 +83,7 @@ int main(int argc, char** argv) {
   uint64_t passed = 0, failed = 0, messages = 0, transactions = 0, crashes = 0;
   auto t0 = std::chrono::steady_clock::now();
   for (uint64_t seed : seeds) {
-    dsvm::sim::SimConfig c = dsvm::sim::ConfigForSeed(seed);
+    dsvm::sim::SimConfig c = dsvm::sim::ConfigForSeed(seed, harsh);
     c.steps = steps;
     c.verbose = verbose;
     dsvm::sim::SimResult r = dsvm::sim::RunSimulation(c);
@@ -89,10 +94,10 @@ int main(int argc, char** argv) {
       ++passed;
     } else {
       ++failed;
-      std::printf("FAIL seed=%llu nodes=%u shards=%u pages=%u: %s\n  replay: dsvm-sim --seed %llu --steps %llu\n",
+      std::printf("FAIL seed=%llu nodes=%u shards=%u pages=%u: %s\n  replay: dsvm-sim --seed %llu --steps %llu%s\n",
                   static_cast<unsigned long long>(seed), c.nodes, c.shards, c.pages,
                   r.failure.c_str(), static_cast<unsigned long long>(seed),
-                  static_cast<unsigned long long>(steps));
+                  static_cast<unsigned long long>(steps), harsh ? " --harsh" : "");
     }
     if (seeds.size() == 1) {
       std::printf("seed=%llu nodes=%u shards=%u pages=%u reads=%llu writes=%llu messages=%llu "

@@ -579,7 +579,7 @@ class Simulation {
 
 }  // namespace
 
-SimConfig ConfigForSeed(uint64_t seed) {
+SimConfig ConfigForSeed(uint64_t seed, bool harsh) {
   Rng rng(seed ^ 0x9E3779B97F4A7C15ull);
   SimConfig c;
   c.seed = seed;
@@ -592,6 +592,12 @@ SimConfig ConfigForSeed(uint64_t seed) {
   c.crash_rate = rng.Chance(0.7) ? rng.Unit() * 0.002 : 0.0;
   c.evict_rate = rng.Unit() * 0.03;
   c.node_crash_rate = (c.nodes >= 3 && rng.Chance(0.5)) ? rng.Unit() * 0.0006 : 0.0;
+  if (harsh) {
+    c.nodes = std::max<uint32_t>(c.nodes, 3);
+    c.drop_rate *= 2.5;
+    c.evict_rate *= 2.5;
+    c.node_crash_rate = 0.0005 + rng.Unit() * 0.003;
+  }
   return c;
 }
 

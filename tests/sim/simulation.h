@@ -56,8 +56,10 @@ struct SimResult {
 };
 
 // Picks the knobs of a run from its seed (node count, rates), so fresh
-// random seeds explore different shapes of cluster and network.
-SimConfig ConfigForSeed(uint64_t seed);
+// random seeds explore different shapes of cluster and network. `harsh`:
+// at least 3 nodes, and every run loses nodes, with more drops and
+// evictions (where the windows around a supplier's death are).
+SimConfig ConfigForSeed(uint64_t seed, bool harsh = false);
 
 SimResult RunSimulation(const SimConfig& config);
 
