@@ -1166,15 +1166,16 @@ size_t NodeDaemon::HandlePeerMessages() {
     auto* d = std::get_if<proto::PageData>(&m.message);
     PageStore* store = d ? StoreOf(d->page) : nullptr;
     if (d == nullptr || store == nullptr || d->sender != m.from ||
-        m.bytes.view.size() != store->page_size() || store->CheckPage(d->page).ok() == false) {
+        d->data.size() != store->page_size() || store->CheckPage(d->page).ok() == false) {
       ++stats_.protocol_errors;
       LogWarning("dropping a malformed message from node " + std::to_string(m.from));
       continue;
     }
     ++stats_.pages_received;
-    stats_.bytes_received += m.bytes.view.size();
+    stats_.bytes_received += d->data.size();
     const DataHandle h = ++next_handle_;
-    data_[h] = std::move(m.bytes);
+    data_[h] = std::move(d->data);
+    d->data.clear();
     agent_.HandlePageData(*d, h, NowMs(), &acts);
   }
   if (!acts.empty()) Execute(acts);  // the pages of a batch together: Coalesce
@@ -1191,11 +1192,11 @@ bool NodeDaemon::SentAlready(proto::NodeId to, proto::PageAddr page, proto::TxnI
   return it != recent_sends_.end() && it->second == transport_->PeerGeneration(to);
 }
 
-void NodeDaemon::SendPage(proto::NodeId to, proto::PageData d, size_t bytes,
-                          const UcxTransport::PageFill& fill) {
+void NodeDaemon::SendPage(proto::NodeId to, proto::PageData d) {
   if (transport_->HasPeer(to)) {
+    const size_t bytes = d.data.size();
     const SentPage key{to, d.page, d.txn};
-    Status st = transport_->SendPage(to, d, bytes, fill);
+    Status st = transport_->Send(to, std::move(d));
     if (!st.ok()) {
       LogWarning("sending a page to node " + std::to_string(to) + ": " + st.ToString());
     } else {
@@ -1222,11 +1223,6 @@ void NodeDaemon::SendPage(proto::NodeId to, proto::PageData d, size_t bytes,
     LogWarning("too many pages waiting for peer addresses; dropping one (it is resent on demand)");
     return;
   }
-  d.data.resize(bytes);
-  if (Status st = fill(d.data); !st.ok()) {
-    LogWarning("reading a page for node " + std::to_string(to) + ": " + st.ToString());
-    return;
-  }
   waiting.push_back(std::move(d));
   ++pending_peer_count_;
   LookupPeers();
@@ -1248,14 +1244,7 @@ void NodeDaemon::FlushPendingPeers() {
       LogWarning("node " + std::to_string(peer) + " is not a live member; dropping its pages");
       continue;
     }
-    for (auto& d : pages) {
-      std::vector<uint8_t> bytes = std::move(d.data);
-      d.data.clear();
-      SendPage(peer, std::move(d), bytes.size(), [&](std::span<uint8_t> out) {
-        std::memcpy(out.data(), bytes.data(), bytes.size());
-        return Status::Ok();
-      });
-    }
+    for (auto& d : pages) SendPage(peer, std::move(d));
   }
 }
 
@@ -1484,7 +1473,7 @@ void NodeDaemon::FlushRuns() {
     InstallRun r = std::move(install_run_);
     install_run_ = {};
     std::vector<std::span<const uint8_t>> bytes;
-    for (DataHandle h : r.handles) bytes.emplace_back(data_.at(h).view);
+    for (DataHandle h : r.handles) bytes.emplace_back(data_.at(h));
     Status st = r.store->WritePages(r.first, bytes);
     if (!st.ok()) {
       ++stats_.protocol_errors;
@@ -1642,16 +1631,16 @@ void NodeDaemon::ExecuteOne(Action& a) {
       d.txn = a.txn;
       d.sender = id_;
       d.version = a.version;
-      // A backend with its own copy of mapped pages (kmod) brings it to the
-      // store first; the agent downgraded the page before this send.
-      if (a.kind == ActionKind::kSendPage && backend_) {
-        check(backend_->WriteBack(a.page), "write back for send");
+      d.data.resize(store->page_size());
+      if (a.kind == ActionKind::kSendPage) {
+        // A backend with its own copy of mapped pages (kmod) brings it to
+        // the store first; the agent downgraded the page before this send.
+        if (backend_) check(backend_->WriteBack(a.page), "write back for send");
+        check(store->ReadPage(a.page, d.data), "read for send");
+      } else {
+        check(store->ReadStash(a.page, a.txn, d.data), "read stash for send");
       }
-      // The bytes are read straight into what goes out (the peer's batch).
-      SendPage(a.node, std::move(d), store->page_size(), [&](std::span<uint8_t> out) {
-        return a.kind == ActionKind::kSendPage ? store->ReadPage(a.page, out)
-                                               : store->ReadStash(a.page, a.txn, out);
-      });
+      SendPage(a.node, std::move(d));
       return;
     }
     case ActionKind::kMapRead:
@@ -1690,7 +1679,7 @@ void NodeDaemon::ExecuteOne(Action& a) {
     case ActionKind::kInstallData: {
       auto it = data_.find(a.handle);
       if (it == data_.end()) return check(NotFound("no such data handle"), "install");
-      check(store->WritePage(a.page, it->second.view), "install");
+      check(store->WritePage(a.page, it->second), "install");
       data_.erase(it);
       if (tier_) check(tier_->AddHostPage(a.page, NowMs()), "GPU tier admit");
       if (!preferred_gpu_.empty()) to_place_.push_back(a.page);

@@ -525,10 +525,7 @@ class NodeDaemon {
   // FlushRuns().
   bool Coalesce(Action& a);
   void FlushRuns();
-  // Sends page `d` (its header; `bytes` bytes that `fill` writes) to `to`,
-  // or holds it until the peer's address is known.
-  void SendPage(proto::NodeId to, proto::PageData d, size_t bytes,
-                const UcxTransport::PageFill& fill);
+  void SendPage(proto::NodeId to, proto::PageData d);
   // Whether the page went to `to` for `txn` on the endpoint in use now.
   bool SentAlready(proto::NodeId to, proto::PageAddr page, proto::TxnId txn) const;
   // Forgets which pages of [first, end) were sent (a region dropped, a shard
@@ -557,7 +554,7 @@ class NodeDaemon {
   std::map<proto::PageAddr, proto::RegionId> region_ids_;        // which region each store is
   // Deleted regions (base -> id) kept because local processes still map them.
   std::map<proto::PageAddr, proto::RegionId> deleted_mapped_;
-  std::unordered_map<DataHandle, PageBytes> data_;    // received, not yet installed
+  std::unordered_map<DataHandle, std::vector<uint8_t>> data_;    // received, not yet installed
   DataHandle next_handle_ = 0;
   std::unordered_map<WaiterId, Waiter> waiters_;
   WaiterId next_waiter_ = 0;

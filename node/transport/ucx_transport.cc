@@ -52,7 +52,7 @@ Status ParseIpv4(const std::string& address, sockaddr_in* sa) {
 struct UcxTransport::SendRequest {
   UcxTransport* transport = nullptr;
   std::vector<uint8_t> header;
-  PageBuffer data;
+  std::vector<uint8_t> data;
 };
 
 // A rendezvous receive in flight: the PageData or PageBatch it will
@@ -61,8 +61,7 @@ struct UcxTransport::RecvRequest {
   UcxTransport* transport = nullptr;
   ucp_ep_h from = nullptr;
   proto::Message message;
-  std::shared_ptr<uint8_t[]> data;  // not zeroed: the bytes arrive over it
-  size_t length = 0;
+  std::vector<uint8_t> data;
 };
 
 Result<std::unique_ptr<UcxTransport>> UcxTransport::Create(const UcxOptions& options) {
@@ -127,7 +126,6 @@ Status UcxTransport::Start() {
 }
 
 UcxTransport::~UcxTransport() {
-  late_.clear();  // the views of UCX buffers it holds release them
   if (worker_ != nullptr) {
     Flush(1000).IgnoreError();
     for (ucp_ep_h ep : all_eps_) {
@@ -237,51 +235,23 @@ Status UcxTransport::Send(proto::NodeId peer, proto::Message message) {
     return Status::Ok();
   }
   auto* pd = std::get_if<proto::PageData>(&message);
-  if (pd == nullptr) return SendOn(it->second, std::move(message));
-  const std::vector<uint8_t> bytes = std::move(pd->data);
-  pd->data.clear();
-  return SendPage(peer, *pd, bytes.size(), [&](std::span<uint8_t> out) {
-    std::memcpy(out.data(), bytes.data(), bytes.size());
-    return Status::Ok();
-  });
-}
-
-Status UcxTransport::SendPage(proto::NodeId peer, const proto::PageData& header, size_t bytes,
-                              const PageFill& fill) {
-  auto it = peers_.find(peer);
-  if (it == peers_.end()) return Unavailable("no endpoint to node " + std::to_string(peer));
-  proto::PageData d{header.page, header.txn, header.sender, header.version, {}};
-  if (handshakes_.count(it->second) != 0) {
-    // Held as a message until the peer has proved itself (rare: a copy).
-    d.data.resize(bytes);
-    DSVM_RETURN_IF_ERROR(fill(d.data));
-    return Send(peer, std::move(d));
+  if (pd == nullptr || pd->data.size() > options_.batch_page_bytes) {
+    return SendOn(it->second, std::move(message));
   }
   if (inflight_ >= options_.max_inflight_sends) {
     return ResourceExhausted("UCX sends in flight at their bound of " +
                              std::to_string(options_.max_inflight_sends));
   }
-  if (bytes > options_.batch_page_bytes) {
-    PageBuffer data(bytes);
-    DSVM_RETURN_IF_ERROR(fill({data.data(), data.size()}));
-    return SendFrame(it->second, d, std::move(data));
-  }
   Batch& b = batches_[peer];
   if (b.frame.pages.size() == proto::kMaxBatchPages ||
-      b.data.size() + bytes > proto::kMaxBatchBytes) {
+      b.data.size() + pd->data.size() > proto::kMaxBatchBytes) {
     SendBatch(peer, b);
   }
   if (b.data.capacity() == 0) b.data.reserve(256u << 10);
-  const size_t at = b.data.size();
-  b.data.resize(at + bytes);
-  Status st = fill({b.data.data() + at, bytes});
-  if (!st.ok()) {
-    b.data.resize(at);
-    return st;
-  }
   b.frame.sender = options_.self;
-  b.frame.pages.push_back(
-      proto::BatchedPage{header.page, header.txn, header.version, static_cast<uint32_t>(bytes)});
+  b.frame.pages.push_back(proto::BatchedPage{pd->page, pd->txn, pd->version,
+                                             static_cast<uint32_t>(pd->data.size())});
+  b.data.insert(b.data.end(), pd->data.begin(), pd->data.end());
   return Status::Ok();
 }
 
@@ -340,15 +310,13 @@ void UcxTransport::SendBatch(proto::NodeId peer, Batch& batch) {
 }
 
 Status UcxTransport::SendOn(ucp_ep_h ep, proto::Message message) {
-  PageBuffer data;
-  if (auto* pd = std::get_if<proto::PageData>(&message)) {
-    data.assign(pd->data.begin(), pd->data.end());
-    pd->data.clear();
-  }
+  std::vector<uint8_t> data;
+  if (auto* pd = std::get_if<proto::PageData>(&message)) data = std::move(pd->data);
   return SendFrame(ep, message, std::move(data));
 }
 
-Status UcxTransport::SendFrame(ucp_ep_h ep, const proto::Message& message, PageBuffer data) {
+Status UcxTransport::SendFrame(ucp_ep_h ep, const proto::Message& message,
+                               std::vector<uint8_t> data) {
   if (inflight_ >= options_.max_inflight_sends) {
     return ResourceExhausted("UCX sends in flight at their bound of " +
                              std::to_string(options_.max_inflight_sends));
@@ -432,36 +400,27 @@ ucs_status_t UcxTransport::OnActiveMessage(void* arg, const void* header, size_t
     ++self->stats_.malformed;
     return UCS_OK;
   }
+  const auto* bytes = static_cast<const uint8_t*>(data);
   if (!(param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV)) {
-    // Eager: the pages are handed on as views of the bytes where they are.
-    bool kept = false;
-    std::shared_ptr<const void> keep = self->KeepData(data, length, param, &kept);
-    const std::span<const uint8_t> bytes(static_cast<const uint8_t*>(keep.get()), length);
     if (batch != nullptr) {
-      self->DeliverBatch(from, *batch, keep, bytes);
+      self->DeliverBatch(from, *batch, {bytes, length});
     } else {
-      self->Deliver(from, std::move(frame->message), PageBytes{keep, bytes});
+      pd->data.assign(bytes, bytes + length);
+      self->Deliver(from, std::move(frame->message));
     }
-    keep.reset();
-    const bool released = self->am_data_released_;
-    self->am_data_in_callback_ = nullptr;
-    self->am_data_released_ = false;
-    // Kept, UCX must not reuse the buffer until ucp_am_data_release (the
-    // last view's); every view already gone, it may at once.
-    return kept && !released ? UCS_INPROGRESS : UCS_OK;
+    return UCS_OK;
   }
   // Rendezvous: the bytes are fetched into our buffer, then delivered.
   auto rr = std::make_unique<RecvRequest>();
   rr->transport = self;
   rr->from = from;
   rr->message = std::move(frame->message);
-  rr->data = std::make_shared_for_overwrite<uint8_t[]>(length);
-  rr->length = length;
+  rr->data.resize(length);
   ucp_request_param_t p{};
   p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
   p.cb.recv_am = &UcxTransport::OnRecvDone;
   p.user_data = rr.get();
-  ucs_status_ptr_t s = ucp_am_recv_data_nbx(self->worker_, data, rr->data.get(), length, &p);
+  ucs_status_ptr_t s = ucp_am_recv_data_nbx(self->worker_, data, rr->data.data(), length, &p);
   if (s == nullptr) {
     OnRecvDone(nullptr, UCS_OK, length, rr.release());
   } else if (UCS_PTR_IS_ERR(s)) {
@@ -475,14 +434,13 @@ ucs_status_t UcxTransport::OnActiveMessage(void* arg, const void* header, size_t
 void UcxTransport::OnRecvDone(void* request, ucs_status_t status, size_t length, void* user_data) {
   std::unique_ptr<RecvRequest> rr(static_cast<RecvRequest*>(user_data));
   UcxTransport* self = rr->transport;
-  if (status == UCS_OK && length == rr->length) {
+  if (status == UCS_OK && length == rr->data.size()) {
     ++self->stats_.rendezvous_received;
-    const std::span<const uint8_t> bytes(rr->data.get(), rr->length);
-    std::shared_ptr<const void> keep(rr->data, rr->data.get());
     if (auto* batch = std::get_if<proto::PageBatch>(&rr->message)) {
-      self->DeliverBatch(rr->from, *batch, keep, bytes);
+      self->DeliverBatch(rr->from, *batch, rr->data);
     } else {
-      self->Deliver(rr->from, std::move(rr->message), PageBytes{keep, bytes});
+      std::get<proto::PageData>(rr->message).data = std::move(rr->data);
+      self->Deliver(rr->from, std::move(rr->message));
     }
   } else {
     ++self->stats_.malformed;
@@ -491,39 +449,15 @@ void UcxTransport::OnRecvDone(void* request, ucs_status_t status, size_t length,
 }
 
 void UcxTransport::DeliverBatch(ucp_ep_h from, const proto::PageBatch& batch,
-                                const std::shared_ptr<const void>& keep,
                                 std::span<const uint8_t> data) {
   ++stats_.batches_received;
   size_t at = 0;
   for (const proto::BatchedPage& p : batch.pages) {
-    Deliver(from, proto::PageData{p.page, p.txn, batch.sender, p.version, {}},
-            PageBytes{keep, data.subspan(at, p.length)});
+    proto::PageData d{p.page, p.txn, batch.sender, p.version, {}};
+    d.data.assign(data.begin() + at, data.begin() + at + p.length);
     at += p.length;
+    Deliver(from, std::move(d));
   }
-}
-
-std::shared_ptr<const void> UcxTransport::KeepData(void* data, size_t length,
-                                                   const ucp_am_recv_param_t* param,
-                                                   bool* kept_ucx_buffer) {
-  *kept_ucx_buffer = (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_DATA) != 0;
-  if (!*kept_ucx_buffer) {
-    // UCX will reuse its buffer when the callback returns: one copy of the
-    // whole message, shared by its pages.
-    ++stats_.copied_receives;
-    auto copy = std::make_shared_for_overwrite<uint8_t[]>(length);
-    std::memcpy(copy.get(), data, length);
-    return std::shared_ptr<const void>(copy, copy.get());
-  }
-  ++stats_.kept_receives;
-  am_data_in_callback_ = data;
-  am_data_released_ = false;
-  return std::shared_ptr<const void>(data, [this](const void* d) {
-    if (d == am_data_in_callback_) {
-      am_data_released_ = true;  // still in the callback: UCX keeps nothing
-    } else {
-      ucp_am_data_release(worker_, const_cast<void*>(d));
-    }
-  });
 }
 
 void UcxTransport::RefuseEndpoint(ucp_ep_h ep, const std::string& why) {
@@ -610,7 +544,7 @@ bool UcxTransport::Authenticated(ucp_ep_h ep) const {
   return it != ep_node_.end() && it->second != proto::kNoNode && handshakes_.count(ep) == 0;
 }
 
-void UcxTransport::Deliver(ucp_ep_h from, proto::Message m, PageBytes bytes) {
+void UcxTransport::Deliver(ucp_ep_h from, proto::Message m) {
   if (auto* hello = std::get_if<proto::PeerHello>(&m)) return OnPeerHello(from, *hello);
   if (auto* c = std::get_if<proto::PeerChallenge>(&m)) return OnPeerChallenge(from, *c);
   if (auto* p = std::get_if<proto::PeerProof>(&m)) return OnPeerProof(from, *p);
@@ -620,7 +554,7 @@ void UcxTransport::Deliver(ucp_ep_h from, proto::Message m, PageBytes bytes) {
   }
   ++stats_.received;
   std::vector<UcxIncoming>* out = sink_ != nullptr ? sink_ : &late_;
-  out->push_back(UcxIncoming{ep_node_.at(from), std::move(m), std::move(bytes)});
+  out->push_back(UcxIncoming{ep_node_.at(from), std::move(m)});
 }
 
 size_t UcxTransport::Progress(std::vector<UcxIncoming>* in) {

@@ -20,7 +20,6 @@
 #include <ucp/api/ucp.h>
 
 #include <cstdint>
-#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -48,42 +47,9 @@ struct UcxOptions {
   size_t batch_page_bytes = 64u << 10;
 };
 
-// A byte vector that does not zero what it grows by: page bytes are written
-// over at once (read from the page store, or received), so zeroing them
-// first would be one more pass over every byte that moves.
-template <typename T>
-struct UninitializedAllocator : std::allocator<T> {
-  template <typename U>
-  struct rebind {
-    using other = UninitializedAllocator<U>;
-  };
-  UninitializedAllocator() = default;
-  template <typename U>
-  UninitializedAllocator(const UninitializedAllocator<U>&) noexcept {}
-  template <typename U>
-  void construct(U* p) noexcept {
-    ::new (static_cast<void*>(p)) U;
-  }
-  template <typename U, typename... A>
-  void construct(U* p, A&&... a) {
-    ::new (static_cast<void*>(p)) U(std::forward<A>(a)...);
-  }
-};
-using PageBuffer = std::vector<uint8_t, UninitializedAllocator<uint8_t>>;
-
-// The bytes of a received page: a view into the buffer they arrived in
-// (UCX's own receive buffer where UCX lets it be kept, shared by the pages
-// of one batch and released with the last of them), kept alive by `keep`.
-struct PageBytes {
-  std::shared_ptr<const void> keep;
-  std::span<const uint8_t> view;
-};
-
 struct UcxIncoming {
   proto::NodeId from = proto::kNoNode;
   proto::Message message;
-  // For a PageData: its bytes (the message's own `data` is left empty).
-  PageBytes bytes;
 };
 
 struct UcxStats {
@@ -97,8 +63,6 @@ struct UcxStats {
   uint64_t batches_sent = 0;      // PageBatch active messages
   uint64_t batched_pages = 0;     // pages that went in them
   uint64_t batches_received = 0;
-  uint64_t kept_receives = 0;    // eager page data used in UCX's own buffer
-  uint64_t copied_receives = 0;  // eager page data UCX could not leave to us: copied once
 };
 
 class UcxTransport {
@@ -134,13 +98,6 @@ class UcxTransport {
   // at FlushBatches(). Errors: kUnavailable (no endpoint to that peer),
   // kResourceExhausted (too many sends in flight).
   Status Send(proto::NodeId peer, proto::Message message);
-  // Sends one page as Send(PageData{header, bytes}) would, but `fill`
-  // writes the `bytes` bytes straight into the buffer that goes out (the
-  // peer's batch, or the page's own): no copy of them is made on the way.
-  // Errors: Send's, or fill's (then nothing of the page is sent).
-  using PageFill = std::function<Status(std::span<uint8_t>)>;
-  Status SendPage(proto::NodeId peer, const proto::PageData& header, size_t bytes,
-                  const PageFill& fill);
   // Sends every batch Send held. Call before the event loop sleeps. A batch
   // that cannot go is dropped and its peer's generation changes (the
   // protocol's retransmissions ask for its pages again).
@@ -166,7 +123,7 @@ class UcxTransport {
   struct RecvRequest;
   struct Batch {
     proto::PageBatch frame;
-    PageBuffer data;
+    std::vector<uint8_t> data;
   };
 
   explicit UcxTransport(const UcxOptions& options) : options_(options) {}
@@ -177,7 +134,7 @@ class UcxTransport {
   static void OnSendDone(void* request, ucs_status_t status, void* user_data);
   static void OnRecvDone(void* request, ucs_status_t status, size_t length, void* user_data);
   static void OnEndpointError(void* arg, ucp_ep_h ep, ucs_status_t status);
-  void Deliver(ucp_ep_h from, proto::Message m, PageBytes bytes = {});
+  void Deliver(ucp_ep_h from, proto::Message m);
   // The handshake's messages; false when the endpoint was refused.
   void OnPeerHello(ucp_ep_h from, const proto::PeerHello& m);
   void OnPeerChallenge(ucp_ep_h from, const proto::PeerChallenge& m);
@@ -185,16 +142,10 @@ class UcxTransport {
   void RefuseEndpoint(ucp_ep_h ep, const std::string& why);
   Status SendOn(ucp_ep_h ep, proto::Message message);
   // `data`: the AM data (PageData's bytes, a batch's); empty for none.
-  Status SendFrame(ucp_ep_h ep, const proto::Message& message, PageBuffer data);
+  Status SendFrame(ucp_ep_h ep, const proto::Message& message, std::vector<uint8_t> data);
   void SendBatch(proto::NodeId peer, Batch& batch);
-  // Hands each page of a received batch on as its PageData, its bytes a
-  // view into `data` that `keep` keeps alive.
-  void DeliverBatch(ucp_ep_h from, const proto::PageBatch& batch,
-                    const std::shared_ptr<const void>& keep, std::span<const uint8_t> data);
-  // Keeps UCX's buffer of an eager active message's data (released once the
-  // last view of it goes) when UCX allows, else a copy of the bytes.
-  std::shared_ptr<const void> KeepData(void* data, size_t length, const ucp_am_recv_param_t* param,
-                                       bool* kept_ucx_buffer);
+  // Hands each page of a received batch on as its PageData.
+  void DeliverBatch(ucp_ep_h from, const proto::PageBatch& batch, std::span<const uint8_t> data);
   void ForgetEndpoint(ucp_ep_h ep);
 
   UcxOptions options_;
@@ -222,10 +173,6 @@ class UcxTransport {
     std::vector<proto::Message> held;
   };
   std::unordered_map<ucp_ep_h, Handshake> handshakes_;
-  // The eager data the active-message callback running now keeps (KeepData),
-  // and whether its last view went before the callback returned.
-  const void* am_data_in_callback_ = nullptr;
-  bool am_data_released_ = false;
   std::vector<ucp_ep_h> all_eps_;
   std::vector<ucp_ep_h> failed_eps_;                     // closed at the next Progress
   std::vector<UcxIncoming>* sink_ = nullptr;             // valid during Progress

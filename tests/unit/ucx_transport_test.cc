@@ -14,11 +14,6 @@ namespace {
 
 using proto::NodeId;
 
-// A received page's bytes (they come beside the PageData, as a view).
-std::vector<uint8_t> Bytes(const UcxIncoming& m) {
-  return std::vector<uint8_t>(m.bytes.view.begin(), m.bytes.view.end());
-}
-
 UcxOptions Options(NodeId self, const std::string& listen) {
   UcxOptions o;
   o.self = self;
@@ -104,8 +99,7 @@ TEST_P(UcxTransportTest, PageBytesArriveIntactSmallAndLarge) {
     auto* got = std::get_if<proto::PageData>(&in_[0][0].message);
     ASSERT_NE(got, nullptr);
     EXPECT_EQ(got->txn, size);
-    EXPECT_TRUE(got->data.empty()) << "the bytes come beside the message";
-    EXPECT_EQ(Bytes(in_[0][0]), expect) << "page of " << size << " bytes damaged";
+    EXPECT_EQ(got->data, expect) << "page of " << size << " bytes damaged";
   }
   EXPECT_GT(a->stats().rendezvous_received, 0u) << "2 MiB should travel by rendezvous";
 }
@@ -140,50 +134,13 @@ TEST_P(UcxTransportTest, SmallPagesTravelInBatchesAndArriveIntact) {
     ASSERT_EQ(expect.count(d.txn), 1u) << "txn " << d.txn << " twice or unknown";
     EXPECT_EQ(d.page, 0x200000000000 + ((d.txn - 1) << 21));
     EXPECT_EQ(d.version, (d.txn - 1) * 3);
-    // Every page was held while later ones arrived: a view of a receive
-    // buffer UCX reused would show another page's bytes here.
-    EXPECT_EQ(Bytes(m), expect[d.txn]) << "page of txn " << d.txn << " damaged";
+    EXPECT_EQ(d.data, expect[d.txn]) << "page of txn " << d.txn << " damaged";
     expect.erase(d.txn);
   }
   EXPECT_TRUE(expect.empty());
-  EXPECT_GT(a->stats().kept_receives + a->stats().copied_receives, 0u);
   EXPECT_GE(b->stats().batches_sent, 3u);
   EXPECT_EQ(b->stats().batched_pages, kPages - 3);  // all but the three of 2 MiB
   EXPECT_EQ(a->stats().batches_received, b->stats().batches_sent);
-  EXPECT_EQ(a->stats().malformed, 0u);
-}
-
-// SendPage: the bytes are written by the caller straight into the batch;
-// a fill that fails sends nothing of its page and leaves the batch as it was.
-TEST_P(UcxTransportTest, PagesFilledInPlaceArriveIntactAndAFailedFillSendsNothing) {
-  auto a = Make(1), b = Make(2);
-  ASSERT_TRUE(a && b);
-  ASSERT_TRUE(b->Connect(1, "127.0.0.1:" + std::to_string(a->port())).ok());
-  ASSERT_TRUE(b->Send(1, proto::Done{0x200000000000, 1, 2}).ok());  // through the handshake
-  ASSERT_TRUE(Pump({a.get(), b.get()}, [&] { return in_[0].size() == 1; }));
-  in_[0].clear();
-  const auto pattern = [](uint64_t txn, size_t k) { return static_cast<uint8_t>(k * 11 + txn); };
-  for (uint64_t txn = 1; txn <= 3; ++txn) {
-    const size_t size = txn == 3 ? proto::kMaxPageSize : 4096;  // 3: alone, not batched
-    proto::PageData h{0x200000000000 + (txn << 21), txn, 2, 0, {}};
-    ASSERT_TRUE(b->SendPage(1, h, size, [&](std::span<uint8_t> out) {
-                  for (size_t k = 0; k < out.size(); ++k) out[k] = pattern(txn, k);
-                  return Status::Ok();
-                }).ok());
-    if (txn == 1) {
-      proto::PageData bad{0x200000000000 + (9ull << 21), 9, 2, 0, {}};
-      Status st = b->SendPage(1, bad, 4096, [](std::span<uint8_t>) { return Internal("no bytes"); });
-      EXPECT_EQ(st.code(), StatusCode::kInternal);
-    }
-  }
-  ASSERT_TRUE(Pump({a.get(), b.get()}, [&] { return in_[0].size() == 3; }));
-  for (const UcxIncoming& m : in_[0]) {
-    const auto& d = std::get<proto::PageData>(m.message);
-    ASSERT_NE(d.txn, 9u) << "the page whose fill failed was sent";
-    const std::vector<uint8_t> got = Bytes(m);
-    ASSERT_EQ(got.size(), d.txn == 3 ? proto::kMaxPageSize : 4096u);
-    for (size_t k = 0; k < got.size(); ++k) ASSERT_EQ(got[k], pattern(d.txn, k)) << d.txn << " @" << k;
-  }
   EXPECT_EQ(a->stats().malformed, 0u);
 }
 
