@@ -235,6 +235,26 @@ class PageDirectoryTest : public ::testing::Test {
   // `reader` asks to read `page`, which `supplier` wrote, and the
   // supplier dies with the read's Grant gone: the directory waits for the
   // reader (DeathOfTheOnlyReadSupplier...). The read is the page's txn 2.
+  // Node 1 writes the page, node 2 asks for it (kRead or kWrite), and node
+  // 1, its only supplier, dies once the Grant has left: the directory waits
+  // for node 2, whose Done ends the txn with the page there.
+  void OnlySupplierDiesThenTheRequestersDoneEndsIt(AccessKind kind) {
+    const bool write = kind == AccessKind::kWrite;
+    const std::string held = std::string(write ? "M" : "S") + " owner=2 holders=2@2 v=" +
+                             (write ? "2" : "1") + " txn=2";
+    Up({1, 2});
+    Write(1);
+    ASSERT_EQ(Unordered(Acquire(2, kind, 3, 0)),
+              AnyOrder({std::string("Fetch>1 txn=2 req=2 next=") + (write ? "I" : "S") + " data=1",
+                        std::string("Grant>2 txn=2 seq=3 ") + (write ? "M" : "S") +
+                            " src=owner OK v=" + (write ? "2" : "1") + " stash=0"}));
+    EXPECT_EQ(Msgs(Down(1)), Strings{});
+    EXPECT_EQ(Rec(), held + " busy");
+    EXPECT_EQ(Msgs(Done(2, 2)), Strings{}) << "no Release: the supplier is gone";
+    EXPECT_EQ(Rec(), held);
+    EXPECT_EQ(dir_->stats().pages_lost, 0u);
+    ASSERT_TRUE(dir_->CheckInvariants().ok());
+  }
   void ReadWhoseOnlySupplierDies(NodeId supplier, NodeId reader, uint64_t seq,
                                  PageAddr page = kPage) {
     Write(supplier, page);
@@ -636,17 +656,7 @@ TEST_F(PageDirectoryTest, DeathOfSharerOwingAnAckReleasesTheGrant) {
 // simulation's check that every copy a quiet cluster holds is one its
 // directory knows of).
 TEST_F(PageDirectoryTest, DeathOfTheOnlyWriteSupplierWaitsForTheWritersDone) {
-  Up({1, 2});
-  Write(1);
-  ASSERT_EQ(Unordered(Acquire(2, AccessKind::kWrite, 3, 0)),
-            AnyOrder({"Fetch>1 txn=2 req=2 next=I data=1",
-                      "Grant>2 txn=2 seq=3 M src=owner OK v=2 stash=0"}));
-  EXPECT_EQ(Msgs(Down(1)), Strings{});
-  EXPECT_EQ(Rec(), "M owner=2 holders=2@2 v=2 txn=2 busy");
-  EXPECT_EQ(Msgs(Done(2, 2)), Strings{}) << "no Release: the supplier is gone";
-  EXPECT_EQ(Rec(), "M owner=2 holders=2@2 v=2 txn=2");
-  EXPECT_EQ(dir_->stats().pages_lost, 0u);
-  ASSERT_TRUE(dir_->CheckInvariants().ok());
+  OnlySupplierDiesThenTheRequestersDoneEndsIt(AccessKind::kWrite);
 }
 
 // ...and its resend says the data never came: lost, and the writer told.
@@ -725,17 +735,7 @@ TEST_F(PageDirectoryTest, DeathOfReadSupplierFallsBackToAnotherSharer) {
 // lives on there. Fails without: the page was lost at once, while the
 // reader went on reading its copy (a CI run, stop 15).
 TEST_F(PageDirectoryTest, DeathOfTheOnlyReadSupplierWaitsForTheReadersDone) {
-  Up({1, 2});
-  Write(1);
-  ASSERT_EQ(Unordered(Acquire(2, AccessKind::kRead, 3, 0)),
-            AnyOrder({"Fetch>1 txn=2 req=2 next=S data=1",
-                      "Grant>2 txn=2 seq=3 S src=owner OK v=1 stash=0"}));
-  EXPECT_EQ(Msgs(Down(1)), Strings{});
-  EXPECT_EQ(Rec(), "S owner=2 holders=2@2 v=1 txn=2 busy");
-  EXPECT_EQ(Msgs(Done(2, 2)), Strings{}) << "no Release: the supplier is gone";
-  EXPECT_EQ(Rec(), "S owner=2 holders=2@2 v=1 txn=2");
-  EXPECT_EQ(dir_->stats().pages_lost, 0u);
-  ASSERT_TRUE(dir_->CheckInvariants().ok());
+  OnlySupplierDiesThenTheRequestersDoneEndsIt(AccessKind::kRead);
 }
 
 // ...and a resend of the reader's request says the data never came: the
