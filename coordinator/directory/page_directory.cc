@@ -115,7 +115,7 @@ void PageDirectory::Serve(Page& p, const proto::Acquire& m, uint64_t now_ms, Out
 void PageDirectory::ServeAcquire(Page& p, const proto::Acquire& m, uint64_t now_ms, Outbox* out) {
   PageRecord& r = p.rec;
   if (r.lost) {
-    ReplyLost(m, r, out);
+    ReplyLost(m.node, m.request_seq, r, out);
     return;
   }
   const bool want_write = m.kind != AccessKind::kRead;
@@ -138,7 +138,7 @@ void PageDirectory::ServeAcquire(Page& p, const proto::Acquire& m, uint64_t now_
     const bool sole = r.state == PageState::kModified || r.sharers.size() == 1;
     if (sole) {
       MarkLost(p, out);
-      ReplyLost(m, r, out);
+      ReplyLost(m.node, m.request_seq, r, out);
       return;
     }
     RemoveSharer(r, m.node);
@@ -356,9 +356,7 @@ void PageDirectory::HandleDone(const proto::Done& m, uint64_t now_ms, Outbox* ou
     // The node installed the txn the page was lost in (its data came after
     // all, after a resend had said it never would): the loss stands, and the
     // node is told again, so that it drops the copy nobody else may have.
-    proto::Acquire asker;
-    asker.node = m.node;
-    ReplyLost(asker, it->second.rec, out);
+    ReplyLost(m.node, /*request_seq=*/0, it->second.rec, out);
     ++stats_.stale_ignored;
     return;
   }
@@ -382,16 +380,17 @@ void PageDirectory::Tick(uint64_t now_ms, Outbox* out) {
 // ---------------------------------------------------------------------------
 // Loss, membership
 
-void PageDirectory::ReplyLost(const proto::Acquire& m, const PageRecord& r, Outbox* out) {
+void PageDirectory::ReplyLost(NodeId node, uint64_t request_seq, const PageRecord& r,
+                              Outbox* out) {
   proto::Grant g;
   g.page = r.page;
   g.txn = r.txn;
-  g.request_seq = m.request_seq;
+  g.request_seq = request_seq;
   g.state = PageState::kInvalid;
   g.source = DataSource::kZero;
   g.status = static_cast<uint16_t>(StatusCode::kDataLoss);
   g.version = r.version;
-  out->push_back({m.node, g});
+  out->push_back({node, g});
 }
 
 void PageDirectory::MarkLost(Page& p, Outbox* out) {
@@ -400,24 +399,17 @@ void PageDirectory::MarkLost(Page& p, Outbox* out) {
   if (r.busy) {
     const Transaction& tx = r.tx;
     if (IsLive(tx.requester) && tx.request_seq != 0) {
-      proto::Acquire m;
-      m.node = tx.requester;
-      m.request_seq = tx.request_seq;
-      ReplyLost(m, r, out);
+      ReplyLost(tx.requester, tx.request_seq, r, out);
     }
     // Sharers the txn had yet to invalidate still hold copies: the page
     // they hold is gone for everyone else, so they drop theirs too.
     for (NodeId n : tx.pending_acks) {
-      if (n == tx.requester || !IsLive(n)) continue;
-      proto::Acquire m;
-      m.node = n;
-      ReplyLost(m, r, out);
+      if (n != tx.requester && IsLive(n)) ReplyLost(n, /*request_seq=*/0, r, out);
     }
     r.busy = 0;
     r.tx = Transaction{};
     busy_.erase(r.page);
   }
-  r.lost = 1;
   r.state = PageState::kInvalid;
   r.owner = proto::kNoNode;
   r.sharers.clear();

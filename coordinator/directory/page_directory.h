@@ -185,7 +185,9 @@ class PageDirectory {
     return tx.fetch_send_data != 0 && tx.fetch_from == proto::kNoNode;
   }
   void MarkLost(Page& p, Outbox* out);
-  void ReplyLost(const proto::Acquire& m, const PageRecord& rec, Outbox* out);
+  // Tells `node` the page of `rec` is lost: a DATA_LOSS Grant of the txn it
+  // was lost in, answering its request `request_seq` (0: unsolicited).
+  void ReplyLost(NodeId node, uint64_t request_seq, const PageRecord& rec, Outbox* out);
   void RemoveSharer(PageRecord& rec, NodeId n);
   NodeId PickTarget(const PageRecord& rec, NodeId not_this) const;
 
