@@ -130,9 +130,7 @@ void NodeAgent::SendAcquire(PageAddr page, const LocalPage& lp, Actions* out) {
   // asked: a copy may have come (a writeback pushed here) or gone since. The
   // directory takes "holds nothing" from a node that it records as a holder
   // as a lost copy, so this must be current on every resend.
-  if (m.kind == AccessKind::kUpgrade || m.kind == AccessKind::kWrite) {
-    m.kind = lp.state == PageState::kShared ? AccessKind::kUpgrade : AccessKind::kWrite;
-  }
+  if (m.kind == AccessKind::kUpgrade || m.kind == AccessKind::kWrite) m.kind = WriteKind(lp.state);
   m.request_seq = lp.pending_seq;
   m.last_txn = lp.last_txn;
   if (IsGiveUp(m.kind)) m.target = lp.give_up_target;
@@ -167,7 +165,7 @@ void NodeAgent::Progress(PageAddr page, LocalPage& lp, uint64_t now_ms, Actions*
 
   if (lp.waiters.empty() || lp.pending != AccessKind::kInvalid) return;
   AccessKind kind = AccessKind::kRead;
-  if (want_write) kind = lp.state == PageState::kShared ? AccessKind::kUpgrade : AccessKind::kWrite;
+  if (want_write) kind = WriteKind(lp.state);
   SendRequest(page, lp, kind, now_ms, out);
 }
 
@@ -178,20 +176,19 @@ void NodeAgent::HandleGrant(const proto::Grant& m, uint64_t now_ms, Actions* out
   LocalPage& lp = Get(m.page);
   if (m.status != 0) {
     // A refusal (the page is lost): it answers one request and changes no state.
-    if (lp.pending != AccessKind::kInvalid && !IsGiveUp(lp.pending) &&
-        lp.pending_seq == m.request_seq) {
-      ClearPending(m.page, lp);
-      // A grant still waiting for its data is void: late bytes from the
-      // dead source must not make this node a holder the directory does
-      // not know.
+    const bool answers = lp.pending != AccessKind::kInvalid && !IsGiveUp(lp.pending) &&
+                         lp.pending_seq == m.request_seq;
+    if (answers || (lp.has_grant && lp.grant.txn <= m.txn)) {
+      // A grant still waiting for its data is void (the refused request's,
+      // or one no request waits for that Tick asked about): late bytes from
+      // the dead source must not make this node a holder the directory
+      // does not know.
       lp.has_grant = false;
       lp.refused_txn = std::max(lp.refused_txn, m.txn);
-      if (lp.has_data) {
-        Action d = Make(ActionKind::kDropData, m.page);
-        d.handle = lp.data;
-        out->push_back(std::move(d));
-        lp.has_data = false;
-      }
+      DropDataUpTo(m.page, lp, answers ? ~TxnId{0} : m.txn, out);
+    }
+    if (answers) {
+      ClearPending(m.page, lp);
       for (const Waiter& w : lp.waiters) {
         Action a = Make(ActionKind::kWake, m.page);
         a.waiter = w.id;
@@ -199,17 +196,6 @@ void NodeAgent::HandleGrant(const proto::Grant& m, uint64_t now_ms, Actions* out
         out->push_back(std::move(a));
       }
       lp.waiters.clear();
-    } else if (lp.has_grant && lp.grant.txn <= m.txn) {
-      // The answer to a probe of a grant no request waits for (Tick): its
-      // data will never come, and late bytes must not be installed.
-      lp.has_grant = false;
-      lp.refused_txn = std::max(lp.refused_txn, m.txn);
-      if (lp.has_data && lp.data_txn <= m.txn) {
-        Action d = Make(ActionKind::kDropData, m.page);
-        d.handle = lp.data;
-        out->push_back(std::move(d));
-        lp.has_data = false;
-      }
     }
     if (Disowns(m)) {
       // The page was lost in txn m.txn, and this node holds a copy of it:
@@ -292,12 +278,7 @@ void NodeAgent::TryInstall(PageAddr page, LocalPage& lp, uint64_t now_ms, Action
   lp.last_txn = g.txn;
   Map(page, g.state, out);
   DropStashBefore(page, lp, g.txn, out);
-  if (lp.has_data && lp.data_txn <= g.txn) {
-    Action a = Make(ActionKind::kDropData, page);
-    a.handle = lp.data;
-    out->push_back(std::move(a));
-    lp.has_data = false;
-  }
+  DropDataUpTo(page, lp, g.txn, out);
   ToDirectory(page, proto::Done{page, g.txn, self_}, out);
   Progress(page, lp, now_ms, out);
 }
@@ -464,9 +445,7 @@ void NodeAgent::Tick(uint64_t now_ms, Actions* out) {
       proto::Acquire m;
       m.page = *it;
       m.node = self_;
-      m.kind = lp.grant.state != PageState::kModified ? AccessKind::kRead
-               : lp.state == PageState::kShared      ? AccessKind::kUpgrade
-                                                     : AccessKind::kWrite;
+      m.kind = lp.grant.state == PageState::kModified ? WriteKind(lp.state) : AccessKind::kRead;
       m.request_seq = lp.grant.request_seq;
       m.last_txn = lp.last_txn;
       ToDirectory(*it, m, out);
@@ -495,6 +474,14 @@ void NodeAgent::DropStashBefore(PageAddr page, LocalPage& lp, TxnId txn, Actions
   a.txn = lp.stash_txn;
   out->push_back(std::move(a));
   lp.stash_txn = 0;
+}
+
+void NodeAgent::DropDataUpTo(PageAddr page, LocalPage& lp, TxnId txn, Actions* out) {
+  if (!lp.has_data || lp.data_txn > txn) return;
+  Action a = Make(ActionKind::kDropData, page);
+  a.handle = lp.data;
+  out->push_back(std::move(a));
+  lp.has_data = false;
 }
 
 void NodeAgent::Map(PageAddr page, PageState state, Actions* out) {

@@ -175,6 +175,14 @@ class NodeAgent {
   void Progress(PageAddr page, LocalPage& lp, uint64_t now_ms, Actions* out);
   void ClearPending(PageAddr page, LocalPage& lp);
   void DropStashBefore(PageAddr page, LocalPage& lp, TxnId txn, Actions* out);
+  // Frees the received data held for the page if it is of `txn` or older.
+  void DropDataUpTo(PageAddr page, LocalPage& lp, TxnId txn, Actions* out);
+  // The kind of a write request from a node holding `held`: an upgrade of
+  // a Shared copy, else a write (the directory takes the kind as what the
+  // node holds now).
+  static AccessKind WriteKind(PageState held) {
+    return held == PageState::kShared ? AccessKind::kUpgrade : AccessKind::kWrite;
+  }
   void Map(PageAddr page, PageState state, Actions* out);
   void ToDirectory(PageAddr page, proto::Message m, Actions* out);
   void ProtocolError(PageAddr page, std::string why, Actions* out);
