@@ -255,6 +255,18 @@ class PageDirectoryTest : public ::testing::Test {
     EXPECT_EQ(dir_->stats().pages_lost, 0u);
     ASSERT_TRUE(dir_->CheckInvariants().ok());
   }
+  // Nodes 1 and 2 share the page; node 3 writes it (seq 7, txn 3): data
+  // from node 1, node 2 invalidated. Node 1 dies with node 2's ack owed:
+  // the directory waits for the writer.
+  void WriteFromSharedWhoseSupplierDies() {
+    Up({1, 2, 3});
+    Read(1);
+    Read(2);
+    ASSERT_EQ(Rec(), "S owner=1 holders=1@1,2@2 v=0 txn=2");
+    ASSERT_EQ(Unordered(Acquire(3, AccessKind::kWrite, 7, 0)),
+              AnyOrder({"Fetch>1 txn=3 req=3 next=I data=1", "Invalidate>2 txn=3"}));
+    ASSERT_EQ(Msgs(Down(1)), Strings{}) << "waits for the writer";
+  }
   void ReadWhoseOnlySupplierDies(NodeId supplier, NodeId reader, uint64_t seq,
                                  PageAddr page = kPage) {
     Write(supplier, page);
@@ -683,12 +695,7 @@ TEST_F(PageDirectoryTest, DeathOfTheOnlyWriteSupplierLosesThePageWhenTheWriterAs
 // and the writer's Done ends it. Fails without: the resend lost the page
 // (review).
 TEST_F(PageDirectoryTest, AWritersResendBeforeItsGrantLeftDoesNotSettleItsDeadSupplier) {
-  Up({1, 2, 3});
-  Read(1);
-  Read(2);
-  ASSERT_EQ(Unordered(Acquire(3, AccessKind::kWrite, 7, 0)),
-            AnyOrder({"Fetch>1 txn=3 req=3 next=I data=1", "Invalidate>2 txn=3"}));
-  ASSERT_EQ(Msgs(Down(1)), Strings{}) << "waits for the writer";
+  WriteFromSharedWhoseSupplierDies();
   EXPECT_EQ(Msgs(Acquire(3, AccessKind::kWrite, 7, 0)), Strings({"Invalidate>2 txn=3"}));
   EXPECT_EQ(dir_->Query(kPage).lost, 0);
   EXPECT_EQ(Msgs(Ack(2, 3)), Strings({"Grant>3 txn=3 seq=7 M src=owner OK v=1 stash=0"}));
@@ -702,13 +709,7 @@ TEST_F(PageDirectoryTest, AWritersResendBeforeItsGrantLeftDoesNotSettleItsDeadSu
 // the copy dropped, or not), and are told the page is gone, so that none
 // goes on serving it.
 TEST_F(PageDirectoryTest, SharersAWriteHadYetToInvalidateAreToldOfItsLoss) {
-  Up({1, 2, 3});
-  Read(1);
-  Read(2);
-  ASSERT_EQ(Rec(), "S owner=1 holders=1@1,2@2 v=0 txn=2");
-  ASSERT_EQ(Unordered(Acquire(3, AccessKind::kWrite, 7, 0)),
-            AnyOrder({"Fetch>1 txn=3 req=3 next=I data=1", "Invalidate>2 txn=3"}));
-  ASSERT_EQ(Msgs(Down(1)), Strings{}) << "waits for the writer";
+  WriteFromSharedWhoseSupplierDies();
   // The writer dies too: its request is undone, and with the supplier gone
   // the page is lost; node 2 has not acked its Invalidate.
   EXPECT_EQ(Msgs(Down(3)), Strings({"Grant>2 txn=3 seq=0 I src=zero DATA_LOSS v=1 stash=0"}));
