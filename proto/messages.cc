@@ -3,6 +3,7 @@
 #include <cstring>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include "proto/wire.h"
 
@@ -125,6 +126,186 @@ Status GpuMapReply::Validate() const {
   return Status::Ok();
 }
 
+// ---------------------------------------------------------------------------
+// PageRun
+
+namespace {
+
+// The request_seq of the run item types that carry one.
+template <typename T>
+constexpr bool kHasSeq = requires(T t) { t.request_seq; };
+
+}  // namespace
+
+MessageType PageRun::ItemType(const Item& item) {
+  return std::visit([](const auto& x) { return std::decay_t<decltype(x)>::kType; }, item);
+}
+
+bool PageRun::MakeItem(MessageType t, Item* item) {
+  bool made = false;
+  [&]<size_t... I>(std::index_sequence<I...>) {
+    ((std::variant_alternative_t<I, Item>::kType == t ? (item->emplace<I>(), made = true) : false),
+     ...);
+  }(std::make_index_sequence<std::variant_size_v<Item>>());
+  return made;
+}
+
+Status PageRun::Validate() const {
+  if (count < 2 || count > kMaxRunPages) {
+    return Corruption("a run of " + std::to_string(count) + " messages (2 to " +
+                      std::to_string(kMaxRunPages) + ")");
+  }
+  if (page_stride == 0 || page_stride % kMinPageSize != 0 || page_stride > kMaxPageSize) {
+    return Corruption("a run's page stride of " + std::to_string(page_stride) + " bytes");
+  }
+  const uint64_t span = uint64_t{count - 1} * page_stride;
+  return std::visit(
+      [&](const auto& x) -> Status {
+        if (x.page + span < x.page) return Corruption("a run's last page wraps");
+        if constexpr (kHasSeq<std::decay_t<decltype(x)>>) {
+          if (x.request_seq + uint64_t{count - 1} * seq_stride < x.request_seq) {
+            return Corruption("a run's last request_seq wraps");
+          }
+        } else if (seq_stride != 0) {
+          return Corruption(std::string("a run of ") + TypeName(x.kType) +
+                            " with a request_seq stride");
+        }
+        return ValidateValues(x);
+      },
+      first);
+}
+
+Message PageRunAt(const PageRun& run, uint32_t i) {
+  DSVM_CHECK(i < run.count);
+  return std::visit(
+      [&](const auto& x) -> Message {
+        auto m = x;
+        m.page += uint64_t{i} * run.page_stride;
+        if constexpr (kHasSeq<decltype(m)>) m.request_seq += uint64_t{i} * run.seq_stride;
+        return m;
+      },
+      run.first);
+}
+
+namespace {
+
+PageAddr ItemPage(const PageRun::Item& item) {
+  return std::visit([](const auto& x) { return x.page; }, item);
+}
+
+// Whether message `i` of `run` (i < count) is for `page`.
+bool Covers(const PageRun& run, PageAddr page) {
+  const PageAddr first = ItemPage(run.first);
+  if (page < first) return false;
+  if (run.count == 1) return page == first;
+  return (page - first) % run.page_stride == 0 && (page - first) / run.page_stride < run.count;
+}
+
+// Whether `item` is the next message of `run` (same type), with the strides
+// the second message sets.
+bool Extends(const PageRun& run, const PageRun::Item& item) {
+  if (run.count >= kMaxRunPages || item.index() != run.first.index()) return false;
+  return std::visit(
+      [&](const auto& first) {
+        const auto& next = std::get<std::decay_t<decltype(first)>>(item);
+        uint64_t stride = run.page_stride;
+        uint64_t seq_stride = run.seq_stride;
+        if (run.count == 1) {
+          stride = next.page - first.page;
+          if (next.page <= first.page || stride % kMinPageSize != 0 || stride > kMaxPageSize) {
+            return false;
+          }
+          seq_stride = 0;
+          if constexpr (kHasSeq<std::decay_t<decltype(first)>>) {
+            seq_stride = next.request_seq - first.request_seq;
+            if (seq_stride > 1) return false;
+          }
+        }
+        if (next.page != first.page + uint64_t{run.count} * stride) return false;
+        auto same = next;  // equal to `first` but for the page and request_seq
+        same.page = first.page;
+        if constexpr (kHasSeq<std::decay_t<decltype(first)>>) {
+          if (next.request_seq != first.request_seq + uint64_t{run.count} * seq_stride) return false;
+          same.request_seq = first.request_seq;
+        }
+        return same == first;
+      },
+      run.first);
+}
+
+void Grow(PageRun* run, const PageRun::Item& item) {
+  if (run->count == 1) {
+    std::visit(
+        [&](const auto& first) {
+          const auto& next = std::get<std::decay_t<decltype(first)>>(item);
+          run->page_stride = static_cast<uint32_t>(next.page - first.page);
+          if constexpr (kHasSeq<std::decay_t<decltype(first)>>) {
+            run->seq_stride = static_cast<uint8_t>(next.request_seq - first.request_seq);
+          }
+        },
+        run->first);
+  }
+  ++run->count;
+}
+
+void EncodeRun(const PageRun& run, std::vector<uint8_t>* out) {
+  if (run.count == 1) {
+    std::visit([&](const auto& x) { EncodeTo(Message(x), 0, out); }, run.first);
+  } else {
+    EncodeTo(run, 0, out);
+  }
+}
+
+}  // namespace
+
+void RunPacker::Add(const Message& m, uint64_t request_id, std::vector<uint8_t>* out) {
+  std::optional<PageRun::Item> item;
+  if (request_id == 0) {
+    std::visit(
+        [&](const auto& x) {
+          using T = std::decay_t<decltype(x)>;
+          if constexpr (requires(PageRun::Item i) { i = x; } && !std::is_same_v<T, PageRun>) {
+            item = x;
+          }
+        },
+        m);
+  }
+  if (!item) {
+    Finish(out);
+    EncodeTo(m, request_id, out);
+    return;
+  }
+  // A page's messages keep their order: one for a page that a run of
+  // another type holds waits until every open run has gone.
+  const PageAddr page = ItemPage(*item);
+  for (const PageRun& run : open_) {
+    if (run.first.index() != item->index() && Covers(run, page)) {
+      Finish(out);
+      break;
+    }
+  }
+  for (size_t i = 0; i < open_.size(); ++i) {
+    if (open_[i].first.index() != item->index()) continue;
+    if (Extends(open_[i], *item)) {
+      Grow(&open_[i], *item);
+      if (open_[i].count == kMaxRunPages) {
+        EncodeRun(open_[i], out);
+        open_.erase(open_.begin() + static_cast<std::ptrdiff_t>(i));
+      }
+      return;
+    }
+    EncodeRun(open_[i], out);  // the run of this type ends here
+    open_.erase(open_.begin() + static_cast<std::ptrdiff_t>(i));
+    break;
+  }
+  open_.push_back(PageRun{.count = 1, .page_stride = 0, .seq_stride = 0, .first = std::move(*item)});
+}
+
+void RunPacker::Finish(std::vector<uint8_t>* out) {
+  for (const PageRun& run : open_) EncodeRun(run, out);
+  open_.clear();
+}
+
 MessageType TypeOf(const Message& m) {
   return std::visit([](const auto& x) { return std::decay_t<decltype(x)>::kType; }, m);
 }
@@ -181,6 +362,7 @@ const char* TypeName(MessageType t) {
     case MessageType::kGpuUnmap: return "GpuUnmap";
     case MessageType::kGpuPrefetch: return "GpuPrefetch";
     case MessageType::kPageBatch: return "PageBatch";
+    case MessageType::kPageRun: return "PageRun";
   }
   return "Unknown";
 }

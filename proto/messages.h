@@ -17,15 +17,19 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <variant>
 #include <vector>
 
 #include "proto/status.h"
 
 namespace dsvm::proto {
+
+class Reader;  // proto/wire.h
 
 using NodeId = uint32_t;    // 0 is never a node
 using RegionId = uint64_t;  // 0 is never a region
@@ -34,7 +38,7 @@ using TxnId = uint64_t;     // per-page directory transaction number; 0 = none y
 
 inline constexpr NodeId kNoNode = 0;
 inline constexpr uint32_t kMagic = 0x4D565344;  // "DSVM" read as little-endian u32
-inline constexpr uint16_t kWireVersion = 5;  // history: PROTOCOL.md, Versions
+inline constexpr uint16_t kWireVersion = 6;  // history: PROTOCOL.md, Versions
 inline constexpr size_t kHeaderSize = 24;
 // The smallest page size: every region's base and size are multiples of it.
 inline constexpr uint32_t kMinPageSize = 4096;
@@ -49,6 +53,7 @@ inline constexpr uint32_t kMaxSharersInReply = 1024;
 inline constexpr uint32_t kMaxListEntries = 128;
 inline constexpr uint32_t kMaxBatchPages = 64;          // pages in one PageBatch
 inline constexpr uint32_t kMaxBatchBytes = 1u << 20;     // their bytes together
+inline constexpr uint32_t kMaxRunPages = 1024;         // messages one PageRun stands for
 inline constexpr uint32_t kMaxAuthBytes = 32;     // a nonce or an HMAC-SHA256 proof  // per list reply; 128 * ~300 B < 64 KiB
 
 enum class MessageType : uint16_t {
@@ -108,6 +113,8 @@ enum class MessageType : uint16_t {
   kGpuUnmap = 56,
   kGpuPrefetch = 57,
   kPageBatch = 58,
+  // Coherence plane, continued (20..27 are taken).
+  kPageRun = 59,
 };
 
 // What a node asks of the directory for one page.
@@ -480,6 +487,7 @@ struct RegionListReply {
 // (PROTOCOL.md, "Refusals" and "Shards").
 struct Acquire {
   static constexpr MessageType kType = MessageType::kAcquire;
+  bool operator==(const Acquire&) const = default;
   PageAddr page = 0;
   NodeId node = kNoNode;
   AccessKind kind = AccessKind::kRead;
@@ -501,6 +509,7 @@ struct Acquire {
 // Sent to the requester, or unsolicited (writeback target, restore).
 struct Grant {
   static constexpr MessageType kType = MessageType::kGrant;
+  bool operator==(const Grant&) const = default;
   PageAddr page = 0;
   TxnId txn = 0;
   uint64_t request_seq = 0;  // echo of the Acquire's; 0 when unsolicited
@@ -519,6 +528,7 @@ struct Grant {
 // keep a Shared copy (state kShared) or drop it into a stash (kInvalid).
 struct Fetch {
   static constexpr MessageType kType = MessageType::kFetch;
+  bool operator==(const Fetch&) const = default;
   PageAddr page = 0;
   TxnId txn = 0;
   NodeId requester = kNoNode;
@@ -533,6 +543,7 @@ struct Fetch {
 // Directory -> sharer: drop your Shared copy and acknowledge.
 struct Invalidate {
   static constexpr MessageType kType = MessageType::kInvalidate;
+  bool operator==(const Invalidate&) const = default;
   PageAddr page = 0;
   TxnId txn = 0;
   template <typename A> void Visit(A& a) { a.U64(page); a.U64(txn); }
@@ -540,6 +551,7 @@ struct Invalidate {
 
 struct InvalidateAck {
   static constexpr MessageType kType = MessageType::kInvalidateAck;
+  bool operator==(const InvalidateAck&) const = default;
   PageAddr page = 0;
   TxnId txn = 0;
   NodeId node = kNoNode;
@@ -550,6 +562,7 @@ struct InvalidateAck {
 // the next transaction.
 struct Done {
   static constexpr MessageType kType = MessageType::kDone;
+  bool operator==(const Done&) const = default;
   PageAddr page = 0;
   TxnId txn = 0;
   NodeId node = kNoNode;
@@ -559,6 +572,7 @@ struct Done {
 // Directory -> former owner: the move of txn is complete; free its stash.
 struct Release {
   static constexpr MessageType kType = MessageType::kRelease;
+  bool operator==(const Release&) const = default;
   PageAddr page = 0;
   TxnId txn = 0;
   template <typename A> void Visit(A& a) { a.U64(page); a.U64(txn); }
@@ -570,6 +584,7 @@ struct Release {
 // `txn`, so a Fetch sent while it was a sharer and delivered late is stale.
 struct EvictReply {
   static constexpr MessageType kType = MessageType::kEvictReply;
+  bool operator==(const EvictReply&) const = default;
   PageAddr page = 0;
   uint64_t request_seq = 0;
   uint16_t status = 0;
@@ -615,6 +630,43 @@ struct PageBatch {
   // at most kMaxPageSize; together at most kMaxBatchBytes. Errors: kCorruption.
   Status Validate() const;
   uint64_t TotalBytes() const;
+};
+
+// Node <-> directory: `count` coherence messages of one type in one frame,
+// for the many pages a prefetch, a read-ahead or a region's invalidation
+// moves at once. Message i is `first` with its page advanced by
+// i * page_stride and, for the types that carry one (Acquire, Grant,
+// EvictReply), its request_seq by i * seq_stride; every other field is the
+// same. Senders pack consecutive messages into runs (RunPacker) and receivers
+// expand them (PageRunAt) before anything else looks at them, so a run means
+// exactly what its messages one by one would.
+struct PageRun {
+  static constexpr MessageType kType = MessageType::kPageRun;
+  using Item = std::variant<Acquire, Grant, Fetch, Invalidate, InvalidateAck, Done, Release,
+                            EvictReply>;
+  uint32_t count = 0;
+  uint32_t page_stride = 0;
+  uint8_t seq_stride = 0;
+  Item first;
+  template <typename A> void Visit(A& a) {
+    uint16_t inner = static_cast<uint16_t>(ItemType(first));
+    a.U16(inner);
+    if constexpr (std::is_same_v<A, Reader>) {
+      if (!MakeItem(static_cast<MessageType>(inner), &first)) {
+        a.Refuse("message type " + std::to_string(inner) + " cannot be in a PageRun");
+      }
+    }
+    a.U32(count); a.U32(page_stride); a.Flag(seq_stride);
+    std::visit([&a](auto& x) { x.Visit(a); }, first);
+  }
+  // count in [2, kMaxRunPages]; page_stride a positive multiple of
+  // kMinPageSize, at most kMaxPageSize; seq_stride (a flag) 0 for a type
+  // without request_seq; the last page and request_seq do not wrap; `first`
+  // valid. Errors: kCorruption.
+  Status Validate() const;
+  static MessageType ItemType(const Item& item);
+  // Builds the alternative of type `t`; false if `t` is not one.
+  static bool MakeItem(MessageType t, Item* item);
 };
 
 // First message on a new node-to-node endpoint: who is calling. Then a
@@ -814,7 +866,7 @@ using Message = std::variant<StatusReply, JoinRequest, JoinReply, Heartbeat, Lea
                              Prefetch, Advise, AuthHello, AuthChallenge, AuthProof,
                              PeerChallenge, PeerProof, RegionPages, RegionPagesReply,
                              RegionDeleted, RegionWatch, RegionCreated, RegionSnapshotDone,
-                             GpuMap, GpuMapReply, GpuUnmap, GpuPrefetch, PageBatch>;
+                             GpuMap, GpuMapReply, GpuUnmap, GpuPrefetch, PageBatch, PageRun>;
 
 struct Header {
   uint32_t magic = kMagic;
@@ -846,6 +898,26 @@ Result<Message> DecodePayload(const Header& header, std::span<const uint8_t> pay
 
 // Decodes exactly one whole frame: header, payload, nothing after.
 Result<Frame> Decode(std::span<const uint8_t> bytes);
+
+// Message i (< run.count) of a validated run.
+Message PageRunAt(const PageRun& run, uint32_t i);
+
+// Packs the coherence messages a sender queues into PageRun frames where
+// they line up (same type, pages a fixed stride apart, request_seq 0 or 1
+// apart, every other field equal, request_id 0), and encodes every other
+// message as it is. Keeps one open run per type, so interleaved streams (a
+// prefetch's Acquires between the Dones of its grants) each pack; messages
+// of different types may so leave in another order than queued, which the
+// protocol allows (PROTOCOL.md, Network model), but never two of one page.
+// Finish() writes the open runs, oldest first.
+class RunPacker {
+ public:
+  void Add(const Message& m, uint64_t request_id, std::vector<uint8_t>* out);
+  void Finish(std::vector<uint8_t>* out);
+
+ private:
+  std::vector<PageRun> open_;  // at most one per type, oldest first
+};
 
 // Convenience for replies: StatusReply from a Status.
 // A message longer than a StatusReply carries (kMaxTextLength) is cut, and

@@ -114,6 +114,10 @@ class Reader {
     }
   }
 
+  // For a Visit() that finds a value it cannot decode further (the first
+  // failure sticks, as for the readers' own).
+  void Refuse(std::string why) { Fail(std::move(why)); }
+
   bool ok() const { return ok_; }
   bool at_end() const { return pos_ == in_.size(); }
   const std::string& error() const { return error_; }

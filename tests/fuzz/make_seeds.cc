@@ -142,6 +142,8 @@ std::vector<Message> PopulatedMessages() {
       PageBatch{.sender = 2,
                 .pages = {BatchedPage{0x200000000000, 3, 2, 4096},
                           BatchedPage{0x200000001000, 4, 2, 4096}}},
+      PageRun{.count = 3, .page_stride = 4096, .seq_stride = 0,
+              .first = Done{.page = 0x200000000000, .txn = 4, .node = 2}},
   };
 }
 
@@ -198,14 +200,16 @@ int Main(int argc, char** argv) {
       DefaultOfEveryType(std::make_index_sequence<std::variant_size_v<Message>>());
   // A default RegionDeleted or RegionCreated names region 0, a default
   // GpuMap, GpuUnmap, GpuPrefetch or GpuMapReply an empty range, a default
-  // PageBatch no page, a default Acquire no region, which Decode refuses
+  // PageBatch no page, a default Acquire no region, a default PageRun no
+  // messages, which Decode refuses
   // (their Validate()); their populated seeds stand for the types.
   std::erase_if(messages, [](const Message& m) {
     return std::holds_alternative<RegionDeleted>(m) || std::holds_alternative<RegionCreated>(m) ||
            std::holds_alternative<Acquire>(m) ||
            std::holds_alternative<GpuMap>(m) || std::holds_alternative<GpuUnmap>(m) ||
            std::holds_alternative<GpuPrefetch>(m) ||
-           std::holds_alternative<GpuMapReply>(m) || std::holds_alternative<PageBatch>(m);
+           std::holds_alternative<GpuMapReply>(m) || std::holds_alternative<PageBatch>(m) ||
+           std::holds_alternative<PageRun>(m);
   });
   for (Message& m : PopulatedMessages()) messages.push_back(std::move(m));
   size_t written = 0;

@@ -9,6 +9,9 @@
 
 #include <cstdint>
 #include <cstring>
+#include <algorithm>
+#include <map>
+#include <optional>
 #include <set>
 #include <span>
 #include <string>
@@ -310,6 +313,16 @@ std::vector<Message> SampleMessages() {
       PageBatch{.sender = 0x80000004,
                 .pages = {BatchedPage{kPage, 0x8000000000000107ull, 0x8000000000000021ull, 4096},
                           BatchedPage{kPage + 0x10000, 108, 22, 65536}}},
+      PageRun{.count = 0x300,
+              .page_stride = 0x10000,
+              .seq_stride = 1,
+              .first = Acquire{.page = kPage,
+                               .node = 0x80000008,
+                               .kind = AccessKind::kWrite,
+                               .request_seq = 0x8000000000000002ull,
+                               .last_txn = 0x8000000000000003ull,
+                               .target = 0x80000009,
+                               .region = 0x800000000000000Aull}},
   };
 }
 
@@ -337,7 +350,10 @@ TEST(ProtoSamplesTest, EveryFieldDiffersFromItsDefault) {
     std::vector<std::string> sample = FieldsOf(m);
     std::vector<std::string> defaults = FieldsOf(DefaultLike(m));
     ASSERT_EQ(sample.size(), defaults.size());
-    for (size_t i = 0; i < sample.size(); ++i) {
+    // A PageRun's field 0 names the type of its first message, which its
+    // default shares (both Acquire): the rest must differ.
+    const size_t from = std::holds_alternative<PageRun>(m) ? 1 : 0;
+    for (size_t i = from; i < sample.size(); ++i) {
       EXPECT_NE(sample[i], defaults[i]) << TypeName(TypeOf(m)) << " field " << i;
     }
   }
@@ -416,7 +432,7 @@ TEST(ProtoWireTest, LeaveRequestBytesAreLittleEndianAsDocumented) {
   Bytes bytes = Encode(LeaveRequest{.node = 0x01020304}, 0x1122334455667788ull);
   const Bytes expected = {
       0x44, 0x53, 0x56, 0x4D,                          // "DSVM"
-      0x05, 0x00,                                      // version 5
+      0x06, 0x00,                                      // version 6
       0x05, 0x00,                                      // type kLeaveRequest
       0x04, 0x00, 0x00, 0x00,                          // payload_length 4
       0x00, 0x00, 0x00, 0x00,                          // reserved
@@ -599,7 +615,7 @@ TEST(ProtoHeaderTest, WrongVersionIsInvalidArgument) {
 }
 
 TEST(ProtoHeaderTest, UnknownTypeIsInvalidArgument) {
-  for (uint16_t type : {0, 19, 28, 29, 34, 59, 60, 0x100, 0xFFFF}) {
+  for (uint16_t type : {0, 19, 28, 29, 34, 60, 61, 0x100, 0xFFFF}) {
     Bytes frame = HeaderBytes({.type = type, .payload_length = 0});
     Result<Header> h = DecodeHeader(frame);
     ASSERT_FALSE(h.ok()) << "type " << type;
@@ -1028,6 +1044,214 @@ TEST(ProtoFieldTest, HugeClaimedLengthInASmallFrameIsRefused) {
   Bytes query = EncodeSample<PageQueryReply>();
   WriteLe(&query, kHeaderSize + 31, 0xFFFFFFFF, 4);
   ExpectRefused(query, StatusCode::kCorruption, "over bound");
+}
+
+
+// ---------------------------------------------------------------------------
+// PageRun: packing and expansion.
+
+// The page of a message a PageRun may hold, or nothing.
+std::optional<PageAddr> RunPageOf(const Message& m, uint64_t request_id) {
+  if (request_id != 0) return std::nullopt;
+  return std::visit(
+      [](const auto& x) -> std::optional<PageAddr> {
+        using T = std::decay_t<decltype(x)>;
+        if constexpr (requires(PageRun::Item i) { i = x; } && !std::is_same_v<T, PageRun>) {
+          return x.page;
+        }
+        return std::nullopt;
+      },
+      m);
+}
+
+// What the receiver must see of a sent sequence: between two messages that
+// are not in runs (which keep their places), the same messages, and for
+// each page its messages in the order sent.
+std::vector<std::vector<std::string>> ReceiverView(
+    const std::vector<std::pair<Message, uint64_t>>& seq) {
+  std::vector<std::vector<std::string>> view;
+  std::map<PageAddr, std::string> per_page;
+  std::vector<std::string> segment;
+  auto close = [&] {
+    std::sort(segment.begin(), segment.end());
+    view.push_back(segment);
+    for (auto& [page, order] : per_page) view.push_back({std::to_string(page) + ":" + order});
+    segment.clear();
+    per_page.clear();
+  };
+  for (const auto& [m, rid] : seq) {
+    std::string text = std::to_string(rid) + "/";
+    for (const std::string& f : FieldsOf(m)) text += f + ",";
+    text = std::string(TypeName(TypeOf(m))) + "/" + text;
+    if (auto page = RunPageOf(m, rid)) {
+      segment.push_back(text);
+      per_page[*page] += text + ";";
+    } else {
+      close();
+      view.push_back({text});
+    }
+  }
+  close();
+  return view;
+}
+
+// Packs `in` as a sender does, decodes every frame, expands every run; the
+// receiver must see what ReceiverView says. Returns the frames' types.
+std::vector<MessageType> PackAndExpand(const std::vector<std::pair<Message, uint64_t>>& in) {
+  RunPacker packer;
+  Bytes wire;
+  for (const auto& [m, rid] : in) packer.Add(m, rid, &wire);
+  packer.Finish(&wire);
+  std::vector<MessageType> frames;
+  std::vector<std::pair<Message, uint64_t>> out;
+  size_t pos = 0;
+  while (pos < wire.size()) {
+    Result<Header> h = DecodeHeader(std::span(wire).subspan(pos, kHeaderSize));
+    EXPECT_TRUE(h.ok()) << h.status().ToString();
+    if (!h.ok()) break;
+    const size_t end = pos + kHeaderSize + h->payload_length;
+    Result<Frame> f = Decode(std::span(wire).subspan(pos, end - pos));
+    EXPECT_TRUE(f.ok()) << f.status().ToString();
+    if (!f.ok()) break;
+    pos = end;
+    frames.push_back(f->header.type);
+    if (const auto* run = std::get_if<PageRun>(&f->message)) {
+      for (uint32_t i = 0; i < run->count; ++i) out.emplace_back(PageRunAt(*run, i), 0);
+    } else {
+      out.emplace_back(f->message, f->header.request_id);
+    }
+  }
+  EXPECT_EQ(out.size(), in.size());
+  EXPECT_EQ(ReceiverView(out), ReceiverView(in));
+  return frames;
+}
+
+Acquire ReadOf(PageAddr page, uint64_t seq) {
+  return Acquire{.page = page, .node = 2, .kind = AccessKind::kRead, .request_seq = seq,
+                 .last_txn = 7, .region = 9};
+}
+
+TEST(PageRunTest, LinedUpMessagesGoAsOneRunAndComeBackAsSent) {
+  constexpr PageAddr kBase = 0x200000000000ull;
+  std::vector<std::pair<Message, uint64_t>> in;
+  for (uint64_t i = 0; i < 10; ++i) in.emplace_back(ReadOf(kBase + i * 4096, 100 + i), 0);
+  for (uint64_t i = 0; i < 3; ++i) {
+    in.emplace_back(Done{.page = kBase + 0x100000 + i * 65536, .txn = 4, .node = 2}, 0);
+  }
+  in.emplace_back(Heartbeat{.node = 2}, 55);  // a request: never in a run
+  for (uint64_t i = 0; i < 4; ++i) {
+    in.emplace_back(Grant{.page = kBase + i * 4096, .txn = 3, .request_seq = 100,
+                          .state = PageState::kShared, .source = DataSource::kOwner,
+                          .version = 1},
+                    0);
+  }
+  std::vector<MessageType> frames = PackAndExpand(in);
+  EXPECT_EQ(frames, (std::vector<MessageType>{MessageType::kPageRun, MessageType::kPageRun,
+                                              MessageType::kHeartbeat, MessageType::kPageRun}));
+}
+
+TEST(PageRunTest, MessagesThatDoNotLineUpGoAlone) {
+  constexpr PageAddr kBase = 0x200000000000ull;
+  auto pair = [](Message a, Message b, uint64_t rid = 0) {
+    return std::vector<std::pair<Message, uint64_t>>{{std::move(a), rid}, {std::move(b), rid}};
+  };
+  const std::vector<MessageType> alone = {MessageType::kAcquire, MessageType::kAcquire};
+  Acquire other_kind = ReadOf(kBase + 4096, 2);
+  other_kind.kind = AccessKind::kWrite;
+  EXPECT_EQ(PackAndExpand(pair(ReadOf(kBase, 1), other_kind)), alone) << "another field differs";
+  EXPECT_EQ(PackAndExpand(pair(ReadOf(kBase + 4096, 1), ReadOf(kBase, 2))), alone) << "backwards";
+  EXPECT_EQ(PackAndExpand(pair(ReadOf(kBase, 1), ReadOf(kBase, 2))), alone) << "same page";
+  EXPECT_EQ(PackAndExpand(pair(ReadOf(kBase, 1), ReadOf(kBase + 4096, 3))), alone) << "seq + 2";
+  EXPECT_EQ(PackAndExpand(pair(ReadOf(kBase, 2), ReadOf(kBase + 4096, 1))), alone) << "seq - 1";
+  EXPECT_EQ(PackAndExpand(pair(ReadOf(kBase, 1), ReadOf(kBase + (4u << 20), 2))), alone)
+      << "stride over the largest page";
+  EXPECT_EQ(PackAndExpand(pair(ReadOf(kBase, 1), ReadOf(kBase + 4096, 2), 8)), alone)
+      << "a request id";
+  EXPECT_EQ(PackAndExpand(pair(Done{.page = kBase, .txn = 1, .node = 2},
+                               Release{.page = kBase + 4096, .txn = 1})),
+            (std::vector<MessageType>{MessageType::kDone, MessageType::kRelease}));
+  // Three in line whose third breaks the stride the second set.
+  std::vector<std::pair<Message, uint64_t>> three = pair(ReadOf(kBase, 1), ReadOf(kBase + 4096, 2));
+  three.emplace_back(ReadOf(kBase + 3 * 4096, 3), 0);
+  EXPECT_EQ(PackAndExpand(three), (std::vector<MessageType>{MessageType::kPageRun,
+                                                            MessageType::kAcquire}));
+}
+
+TEST(PageRunTest, ARunHoldsAtMostkMaxRunPages) {
+  std::vector<std::pair<Message, uint64_t>> in;
+  for (uint64_t i = 0; i < kMaxRunPages + 1; ++i) {
+    in.emplace_back(Release{.page = 0x200000000000ull + i * 4096, .txn = 5}, 0);
+  }
+  EXPECT_EQ(PackAndExpand(in),
+            (std::vector<MessageType>{MessageType::kPageRun, MessageType::kRelease}));
+}
+
+// A prefetch's next Acquires and the Dones of its grants alternate in the
+// daemon's queue: each stream packs into its own run. A page's own
+// messages keep their order: Done(p) then Acquire(p) never swap.
+TEST(PageRunTest, InterleavedStreamsPackApartAndAPageKeepsItsOrder) {
+  constexpr PageAddr kBase = 0x200000000000ull;
+  std::vector<std::pair<Message, uint64_t>> in;
+  for (uint64_t i = 0; i < 8; ++i) {
+    in.emplace_back(Done{.page = kBase + i * 4096, .txn = 2, .node = 2}, 0);
+    in.emplace_back(ReadOf(kBase + (256 + i) * 4096, 300 + i), 0);
+  }
+  EXPECT_EQ(PackAndExpand(in),
+            (std::vector<MessageType>{MessageType::kPageRun, MessageType::kPageRun}));
+  // Page kBase + 3 pages: its Done is in the open Done run when its next
+  // Acquire comes, so both open runs leave first.
+  std::vector<std::pair<Message, uint64_t>> same_page;
+  for (uint64_t i = 0; i < 4; ++i) {
+    same_page.emplace_back(Done{.page = kBase + i * 4096, .txn = 2, .node = 2}, 0);
+  }
+  same_page.emplace_back(ReadOf(kBase + 3 * 4096, 9), 0);
+  same_page.emplace_back(ReadOf(kBase + 4 * 4096, 10), 0);
+  EXPECT_EQ(PackAndExpand(same_page),
+            (std::vector<MessageType>{MessageType::kPageRun, MessageType::kPageRun}));
+  // The Acquire run is older, and page 5's Acquire would extend it (stride
+  // 5 pages): it must not, or it would leave before page 5's Done.
+  std::vector<std::pair<Message, uint64_t>> older_run;
+  older_run.emplace_back(ReadOf(kBase, 1), 0);
+  older_run.emplace_back(Done{.page = kBase + 5 * 4096, .txn = 2, .node = 2}, 0);
+  older_run.emplace_back(ReadOf(kBase + 5 * 4096, 2), 0);
+  EXPECT_EQ(PackAndExpand(older_run), (std::vector<MessageType>{MessageType::kAcquire,
+                                                                MessageType::kDone,
+                                                                MessageType::kAcquire}));
+}
+
+TEST(PageRunTest, RunsThatMeanNothingOrWrapAreRefused) {
+  const PageRun good{.count = 4, .page_stride = 4096, .seq_stride = 1,
+                     .first = ReadOf(0x200000000000ull, 1)};
+  ASSERT_TRUE(Decode(Encode(good, 0)).ok());
+  auto refused = [&](PageRun r, std::string_view why) {
+    ExpectRefused(Encode(r, 0), StatusCode::kCorruption, why);
+  };
+  PageRun r = good;
+  r.count = 1;
+  refused(r, "a run of 1 messages");
+  r.count = kMaxRunPages + 1;
+  refused(r, "a run of 1025 messages");
+  r = good;
+  for (uint32_t stride : {0u, 100u, 8u << 20}) {
+    r.page_stride = stride;
+    refused(r, "page stride of " + std::to_string(stride));
+  }
+  r = good;
+  r.first = Fetch{.page = 0x200000000000ull, .txn = 1, .requester = 2};
+  refused(r, "a run of Fetch with a request_seq stride");
+  r = good;
+  std::get<Acquire>(r.first).page = ~uint64_t{0} - 8191;
+  refused(r, "last page wraps");
+  r = good;
+  std::get<Acquire>(r.first).request_seq = ~uint64_t{0} - 1;
+  refused(r, "last request_seq wraps");
+  r = good;
+  std::get<Acquire>(r.first).region = 0;
+  refused(r, "names no region");
+  // A type that has no place in a run: rewrite the inner type field.
+  Bytes b = Encode(good, 0);
+  WriteLe(&b, kHeaderSize, static_cast<uint16_t>(MessageType::kHeartbeat), 2);
+  ExpectRefused(b, StatusCode::kCorruption, "cannot be in a PageRun");
 }
 
 }  // namespace
