@@ -41,6 +41,9 @@ FramedSocket& FramedSocket::operator=(FramedSocket&& o) noexcept {
     fd_ = o.fd_;
     next_request_id_ = o.next_request_id_;
     out_ = std::move(o.out_);
+    packer_ = std::move(o.packer_);
+    run_ = std::move(o.run_);
+    run_next_ = o.run_next_;
     in_ = std::move(o.in_);
     in_pos_ = o.in_pos_;
     o.fd_ = -1;
@@ -103,9 +106,12 @@ Result<FramedSocket> FramedSocket::Connect(const std::string& address, int timeo
   return FramedSocket(fd);
 }
 
-void FramedSocket::Queue(const Message& m, uint64_t request_id) { EncodeTo(m, request_id, &out_); }
+void FramedSocket::Queue(const Message& m, uint64_t request_id) {
+  packer_.Add(m, request_id, &out_);
+}
 
 Status FramedSocket::Flush() {
+  packer_.Finish(&out_);
   if (fd_ < 0) return Unavailable("socket closed");
   size_t done = 0;
   while (done < out_.size()) {
@@ -147,7 +153,25 @@ Status FramedSocket::FillAtLeast(size_t n, int timeout_ms) {
   return Status::Ok();
 }
 
+Frame FramedSocket::Unpack(Frame f) {
+  const auto* run = std::get_if<PageRun>(&f.message);
+  if (run == nullptr) return f;
+  run_ = std::move(f);
+  run_next_ = 0;
+  return *NextOfRun();
+}
+
+std::optional<Frame> FramedSocket::NextOfRun() {
+  if (!run_) return std::nullopt;
+  const auto& run = std::get<PageRun>(run_->message);
+  Frame f{run_->header, PageRunAt(run, run_next_)};
+  f.header.type = TypeOf(f.message);
+  if (++run_next_ == run.count) run_.reset();
+  return f;
+}
+
 Result<Frame> FramedSocket::Receive(int timeout_ms) {
+  if (auto f = NextOfRun()) return std::move(*f);
   DSVM_RETURN_IF_ERROR(FillAtLeast(kHeaderSize, timeout_ms));
   std::span<const uint8_t> view(in_.data() + in_pos_, kHeaderSize);
   DSVM_ASSIGN_OR_RETURN(Header h, DecodeHeader(view));
@@ -156,7 +180,7 @@ Result<Frame> FramedSocket::Receive(int timeout_ms) {
   auto m = DecodePayload(h, payload);
   in_pos_ += kHeaderSize + h.payload_length;
   if (!m.ok()) return m.status();
-  return Frame{h, std::move(*m)};
+  return Unpack(Frame{h, std::move(*m)});
 }
 
 Status FramedSocket::ReadAvailable() {
@@ -180,6 +204,7 @@ Status FramedSocket::ReadAvailable() {
 }
 
 Result<std::optional<Frame>> FramedSocket::NextFrame() {
+  if (auto f = NextOfRun()) return f;
   if (in_.size() - in_pos_ < kHeaderSize) return std::optional<Frame>();
   DSVM_ASSIGN_OR_RETURN(Header h, DecodeHeader(std::span<const uint8_t>(in_.data() + in_pos_,
                                                                         kHeaderSize)));
@@ -188,7 +213,7 @@ Result<std::optional<Frame>> FramedSocket::NextFrame() {
                                                      h.payload_length));
   in_pos_ += kHeaderSize + h.payload_length;
   if (!m.ok()) return m.status();
-  return std::optional<Frame>(Frame{h, std::move(*m)});
+  return std::optional<Frame>(Unpack(Frame{h, std::move(*m)}));
 }
 
 Result<Message> FramedSocket::Call(const Message& m, int timeout_ms) {

@@ -33,7 +33,8 @@ class FramedSocket {
   // for the minutes of TCP's own retries.
   static Result<FramedSocket> Connect(const std::string& address, int timeout_ms);
 
-  // Buffers a frame; Flush() writes everything buffered.
+  // Buffers a frame; Flush() writes everything buffered. Consecutive
+  // coherence messages go as PageRun frames where they line up (RunPacker).
   void Queue(const Message& m, uint64_t request_id);
   Status Flush();
   Status Send(const Message& m, uint64_t request_id) {
@@ -44,11 +45,13 @@ class FramedSocket {
   // Writes bytes as they are, unframed: for tests that probe a peer's
   // validation with malformed input.
   Status SendRaw(const std::vector<uint8_t>& bytes) {
+    packer_.Finish(&out_);
     out_.insert(out_.end(), bytes.begin(), bytes.end());
     return Flush();
   }
 
-  // Blocks for the next frame. Errors: kUnavailable (closed by the peer),
+  // Blocks for the next frame. A PageRun comes out as its messages, one
+  // frame each (the header's type is the message's). Errors: kUnavailable (closed by the peer),
   // kCorruption / kInvalidArgument (the peer sent a malformed frame),
   // kIoError. timeout_ms < 0 waits forever; on timeout: kUnavailable.
   Result<Frame> Receive(int timeout_ms = -1);
@@ -71,10 +74,18 @@ class FramedSocket {
  private:
   explicit FramedSocket(int fd) : fd_(fd) {}
   Status FillAtLeast(size_t n, int timeout_ms);
+  // The frame to return for a decoded one: a PageRun's first message (the
+  // rest wait in run_), anything else as it is.
+  Frame Unpack(Frame f);
+  // Returns the next message of a run being expanded, if any.
+  std::optional<Frame> NextOfRun();
 
   int fd_ = -1;
   uint64_t next_request_id_ = 1;
   std::vector<uint8_t> out_;
+  RunPacker packer_;
+  std::optional<Frame> run_;  // a received PageRun, expanded up to run_next_
+  uint32_t run_next_ = 0;
   std::vector<uint8_t> in_;
   size_t in_pos_ = 0;
 };

@@ -34,6 +34,7 @@ struct Server::Connection {
   std::vector<uint8_t> in;
   std::vector<uint8_t> out_pending;  // encoded, waiting for the write in progress
   std::vector<uint8_t> out_writing;  // owned by the async_write in progress
+  proto::RunPacker packer;           // within one SendAll: runs of coherence messages
   bool writing = false;
   bool closing = false;  // refused: write what is queued (the error reply), then close
   bool closed = false;
@@ -169,7 +170,7 @@ void Server::Consume(const std::shared_ptr<Connection>& c) {
       if (!Authenticate(c, frame)) break;
       continue;
     }
-    Status st = service_.OnFrame(c->id, frame, now);
+    Status st = Dispatch(c, frame, now);
     if (!st.ok()) {
       LogWarning("closing connection " + c->peer + ": " + st.ToString());
       c->closing = true;  // the service queued an error reply; send it, then close
@@ -178,6 +179,20 @@ void Server::Consume(const std::shared_ptr<Connection>& c) {
   }
   c->in.erase(c->in.begin(), c->in.begin() + static_cast<std::ptrdiff_t>(pos));
   ScheduleFlush();
+}
+
+Status Server::Dispatch(const std::shared_ptr<Connection>& c, const proto::Frame& frame,
+                        uint64_t now) {
+  const auto* run = std::get_if<proto::PageRun>(&frame.message);
+  if (run == nullptr) return service_.OnFrame(c->id, frame, now);
+  // A run is its messages, one by one, as if each had come alone.
+  proto::Frame one{frame.header, {}};
+  for (uint32_t i = 0; i < run->count; ++i) {
+    one.message = proto::PageRunAt(*run, i);
+    one.header.type = proto::TypeOf(one.message);
+    DSVM_RETURN_IF_ERROR(service_.OnFrame(c->id, one, now));
+  }
+  return Status::Ok();
 }
 
 bool Server::Authenticate(const std::shared_ptr<Connection>& c, const proto::Frame& frame) {
@@ -255,12 +270,15 @@ void Server::SendAll(std::vector<Send>& sends) {
   for (Send& s : sends) {
     auto it = conns_.find(s.conn);
     if (it == conns_.end()) continue;
-    proto::EncodeTo(s.message, s.request_id, &it->second->out_pending);
+    Connection& c = *it->second;
+    c.packer.Add(s.message, s.request_id, &c.out_pending);
     touched.insert(s.conn);
   }
   for (ConnId id : touched) {
     auto it = conns_.find(id);
-    if (it != conns_.end()) Write(it->second);
+    if (it == conns_.end()) continue;
+    it->second->packer.Finish(&it->second->out_pending);
+    Write(it->second);
   }
 }
 

@@ -54,6 +54,8 @@ class Server {
   void Accept();
   void Read(std::shared_ptr<Connection> c);
   void Consume(const std::shared_ptr<Connection>& c);
+  // Hands a frame to the service; a PageRun message by message.
+  Status Dispatch(const std::shared_ptr<Connection>& c, const proto::Frame& frame, uint64_t now);
   // One frame of a connection still in its handshake. False: refused (an
   // error reply is queued and the connection closes after it).
   bool Authenticate(const std::shared_ptr<Connection>& c, const proto::Frame& frame);

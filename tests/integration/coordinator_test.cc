@@ -201,6 +201,55 @@ TEST(CoordinatorInput, NodeCannotSpeakForAnotherNode) {
   EXPECT_EQ(g->state, proto::PageState::kModified);
 }
 
+// A PageRun of Acquires is served as its Acquires one by one would be,
+// and the Grants come back (packed, then expanded by FramedSocket) one per
+// page, in order; a run naming another node is refused like one forged
+// Acquire. Fails without Server::Dispatch: the run reaches the service
+// whole, which answers no page of it.
+TEST(CoordinatorInput, ARunOfAcquiresIsServedPageByPage) {
+  TempDir dir;
+  CoordinatorProcess coord;
+  ASSERT_TRUE(coord.Start(dir.path() + "/data").ok()) << coord.stderr_text();
+  auto tool = ConnectTool(coord.address());
+  ASSERT_TRUE(tool.ok());
+  constexpr uint32_t kPages = 16;
+  proto::RegionReply r = CreateRegion(*tool, "r", kPages * kPage);
+  ScriptedNode a, b;
+  ASSERT_TRUE(a.Connect(coord.address()).ok());
+  ASSERT_TRUE(b.Connect(coord.address()).ok());
+  proto::PageRun run{.count = kPages,
+                     .page_stride = static_cast<uint32_t>(kPage),
+                     .seq_stride = 1,
+                     .first = proto::Acquire{.page = r.base,
+                                             .node = a.id(),
+                                             .kind = AccessKind::kWrite,
+                                             .request_seq = 1000,
+                                             .region = r.region}};
+  ASSERT_TRUE(a.socket().SendRaw(proto::Encode(run, 0)).ok());
+  for (uint32_t i = 0; i < kPages; ++i) {
+    auto f = a.socket().Receive(3000);
+    ASSERT_TRUE(f.ok()) << "page " << i << ": " << f.status().ToString();
+    EXPECT_EQ(f->header.type, proto::MessageType::kGrant);
+    auto* g = std::get_if<proto::Grant>(&f->message);
+    ASSERT_NE(g, nullptr) << "page " << i;
+    EXPECT_EQ(g->page, r.base + i * kPage);
+    EXPECT_EQ(g->request_seq, 1000u + i);
+    EXPECT_EQ(g->state, proto::PageState::kModified);
+    EXPECT_EQ(g->status, 0);
+  }
+  for (uint32_t i = 0; i < kPages; i += 5) {
+    EXPECT_EQ(Query(*tool, r.base + i * kPage).owner, a.id()) << "page " << i;
+  }
+  // On b's connection, a run that speaks for a.
+  ASSERT_TRUE(b.socket().SendRaw(proto::Encode(run, 0)).ok());
+  auto f = b.socket().Receive(3000);
+  ASSERT_TRUE(f.ok());
+  auto* st = std::get_if<proto::StatusReply>(&f->message);
+  ASSERT_NE(st, nullptr);
+  EXPECT_EQ(st->code, static_cast<uint16_t>(StatusCode::kPermissionDenied));
+  EXPECT_FALSE(b.socket().Receive(3000).ok()) << "impersonating connection left open";
+}
+
 TEST(CoordinatorStart, RefusesCorruptOrUnusableDataDirectory) {
   TempDir dir;
   // A regular file where the data directory should be.
