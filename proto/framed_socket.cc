@@ -47,6 +47,7 @@ FramedSocket& FramedSocket::operator=(FramedSocket&& o) noexcept {
     in_ = std::move(o.in_);
     in_pos_ = o.in_pos_;
     o.fd_ = -1;
+    o.ForgetBuffered();
   }
   return *this;
 }
@@ -54,6 +55,16 @@ FramedSocket& FramedSocket::operator=(FramedSocket&& o) noexcept {
 void FramedSocket::Close() {
   if (fd_ >= 0) ::close(fd_);
   fd_ = -1;
+  ForgetBuffered();
+}
+
+void FramedSocket::ForgetBuffered() {
+  out_.clear();
+  packer_ = RunPacker();
+  run_.reset();
+  run_next_ = 0;
+  in_.clear();
+  in_pos_ = 0;
 }
 
 Result<FramedSocket> FramedSocket::Connect(const std::string& address, int timeout_ms) {
@@ -153,9 +164,13 @@ Status FramedSocket::FillAtLeast(size_t n, int timeout_ms) {
   return Status::Ok();
 }
 
-Frame FramedSocket::Unpack(Frame f) {
+Result<Frame> FramedSocket::Unpack(Frame f) {
   const auto* run = std::get_if<PageRun>(&f.message);
   if (run == nullptr) return f;
+  if (f.header.request_id != 0) {
+    return Corruption("a PageRun with request id " + std::to_string(f.header.request_id) +
+                      " (runs answer no request)");
+  }
   run_ = std::move(f);
   run_next_ = 0;
   return *NextOfRun();
@@ -213,7 +228,8 @@ Result<std::optional<Frame>> FramedSocket::NextFrame() {
                                                      h.payload_length));
   in_pos_ += kHeaderSize + h.payload_length;
   if (!m.ok()) return m.status();
-  return std::optional<Frame>(Unpack(Frame{h, std::move(*m)}));
+  DSVM_ASSIGN_OR_RETURN(Frame f, Unpack(Frame{h, std::move(*m)}));
+  return std::optional<Frame>(std::move(f));
 }
 
 Result<Message> FramedSocket::Call(const Message& m, int timeout_ms) {

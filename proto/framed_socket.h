@@ -51,7 +51,8 @@ class FramedSocket {
   }
 
   // Blocks for the next frame. A PageRun comes out as its messages, one
-  // frame each (the header's type is the message's). Errors: kUnavailable (closed by the peer),
+  // frame each (the header's type is the message's); one with a request id
+  // is refused (kCorruption). Errors: kUnavailable (closed by the peer),
   // kCorruption / kInvalidArgument (the peer sent a malformed frame),
   // kIoError. timeout_ms < 0 waits forever; on timeout: kUnavailable.
   Result<Frame> Receive(int timeout_ms = -1);
@@ -75,8 +76,11 @@ class FramedSocket {
   explicit FramedSocket(int fd) : fd_(fd) {}
   Status FillAtLeast(size_t n, int timeout_ms);
   // The frame to return for a decoded one: a PageRun's first message (the
-  // rest wait in run_), anything else as it is.
-  Frame Unpack(Frame f);
+  // rest wait in run_), anything else as it is. Errors: kCorruption (a run
+  // with a request id).
+  Result<Frame> Unpack(Frame f);
+  // Drops what is buffered either way (a moved-from or closed socket).
+  void ForgetBuffered();
   // Returns the next message of a run being expanded, if any.
   std::optional<Frame> NextOfRun();
 

@@ -221,11 +221,17 @@ bool Extends(const PageRun& run, const PageRun::Item& item) {
             if (seq_stride > 1) return false;
           }
         }
-        if (next.page != first.page + uint64_t{run.count} * stride) return false;
+        // Never a run the receiver would refuse as wrapping (Validate).
+        const uint64_t span = uint64_t{run.count} * stride;
+        if (first.page + span < first.page || next.page != first.page + span) return false;
         auto same = next;  // equal to `first` but for the page and request_seq
         same.page = first.page;
         if constexpr (kHasSeq<std::decay_t<decltype(first)>>) {
-          if (next.request_seq != first.request_seq + uint64_t{run.count} * seq_stride) return false;
+          const uint64_t seqs = uint64_t{run.count} * seq_stride;
+          if (first.request_seq + seqs < first.request_seq ||
+              next.request_seq != first.request_seq + seqs) {
+            return false;
+          }
           same.request_seq = first.request_seq;
         }
         return same == first;

@@ -19,6 +19,10 @@ namespace {
 // must finish within kHandshakeMs: an unauthenticated peer gets neither
 // buffer space nor a connection slot for long.
 constexpr uint32_t kMaxHandshakePayload = 256;
+// Messages of one connection handled per turn of the loop (a PageRun counts
+// its messages): a 64 KiB read of runs stands for up to about 900 000, and
+// their replies wait for the turn's flush.
+constexpr size_t kMessagesPerTurn = 4096;
 constexpr uint64_t kHandshakeMs = 10'000;
 // After a failed accept (out of descriptors, say) the next one waits this long.
 constexpr int kAcceptBackoffMs = 100;
@@ -130,19 +134,35 @@ void Server::Read(std::shared_ptr<Connection> c) {
       return;
     }
     c->in.insert(c->in.end(), c->buf.begin(), c->buf.begin() + n);
-    Consume(c);
-    if (!c->closed && !c->closing) Read(c);
+    ConsumeThenRead(c);
   });
 }
 
-void Server::Consume(const std::shared_ptr<Connection>& c) {
+void Server::ConsumeThenRead(const std::shared_ptr<Connection>& c) {
+  const bool drained = Consume(c);
+  if (c->closed || c->closing) return;
+  if (drained) return Read(c);
+  // The rest of what was read in a later turn, after this turn's flush:
+  // each turn's replies are bounded, and other connections get their turn.
+  asio::post(io_, [this, c] {
+    if (!c->closed) ConsumeThenRead(c);
+  });
+}
+
+bool Server::Consume(const std::shared_ptr<Connection>& c) {
   size_t pos = 0;
   const uint64_t now = MonotonicMs();
+  size_t dispatched = 0;
+  bool drained = true;
   while (c->in.size() - pos >= proto::kHeaderSize) {
+    if (dispatched >= kMessagesPerTurn) {
+      drained = false;
+      break;
+    }
     auto header = proto::DecodeHeader(std::span<const uint8_t>(c->in.data() + pos, proto::kHeaderSize));
     if (!header.ok()) {
       Close(c, "malformed frame header: " + header.status().ToString());
-      return;
+      return true;
     }
     if (c->auth != Connection::Auth::kDone &&
         ((header->type != proto::MessageType::kAuthHello &&
@@ -163,13 +183,16 @@ void Server::Consume(const std::shared_ptr<Connection>& c) {
     pos += proto::kHeaderSize + header->payload_length;
     if (!message.ok()) {
       Close(c, "malformed frame: " + message.status().ToString());
-      return;
+      return true;
     }
     proto::Frame frame{*header, std::move(*message)};
     if (c->auth != Connection::Auth::kDone) {
       if (!Authenticate(c, frame)) break;
       continue;
     }
+    dispatched += std::holds_alternative<proto::PageRun>(frame.message)
+                      ? std::get<proto::PageRun>(frame.message).count
+                      : 1;
     Status st = Dispatch(c, frame, now);
     if (!st.ok()) {
       LogWarning("closing connection " + c->peer + ": " + st.ToString());
@@ -179,12 +202,17 @@ void Server::Consume(const std::shared_ptr<Connection>& c) {
   }
   c->in.erase(c->in.begin(), c->in.begin() + static_cast<std::ptrdiff_t>(pos));
   ScheduleFlush();
+  return drained;
 }
 
 Status Server::Dispatch(const std::shared_ptr<Connection>& c, const proto::Frame& frame,
                         uint64_t now) {
   const auto* run = std::get_if<proto::PageRun>(&frame.message);
   if (run == nullptr) return service_.OnFrame(c->id, frame, now);
+  if (frame.header.request_id != 0) {
+    return InvalidArgument("a PageRun with request id " + std::to_string(frame.header.request_id) +
+                           " (runs answer no request)");
+  }
   // A run is its messages, one by one, as if each had come alone.
   proto::Frame one{frame.header, {}};
   for (uint32_t i = 0; i < run->count; ++i) {

@@ -53,7 +53,11 @@ class Server {
   struct Connection;
   void Accept();
   void Read(std::shared_ptr<Connection> c);
-  void Consume(const std::shared_ptr<Connection>& c);
+  // Handles the complete frames read, at most kMessagesPerTurn messages (a
+  // run counts its messages); false if some are left for a later turn.
+  bool Consume(const std::shared_ptr<Connection>& c);
+  // Consume, then read more once everything read is handled.
+  void ConsumeThenRead(const std::shared_ptr<Connection>& c);
   // Hands a frame to the service; a PageRun message by message.
   Status Dispatch(const std::shared_ptr<Connection>& c, const proto::Frame& frame, uint64_t now);
   // One frame of a connection still in its handshake. False: refused (an

@@ -3,6 +3,7 @@
 #include <sys/stat.h>
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <filesystem>
@@ -202,10 +203,10 @@ TEST(CoordinatorInput, NodeCannotSpeakForAnotherNode) {
 }
 
 // A PageRun of Acquires is served as its Acquires one by one would be,
-// and the Grants come back (packed, then expanded by FramedSocket) one per
-// page, in order; a run naming another node is refused like one forged
-// Acquire. Fails without Server::Dispatch: the run reaches the service
-// whole, which answers no page of it.
+// and the Grants come back one per page, in order (FramedSocket expands
+// what the coordinator packs); a run naming another node is refused like
+// one forged Acquire. Fails without Server::Dispatch: the run reaches the
+// service whole, which answers no page of it.
 TEST(CoordinatorInput, ARunOfAcquiresIsServedPageByPage) {
   TempDir dir;
   CoordinatorProcess coord;
@@ -248,6 +249,54 @@ TEST(CoordinatorInput, ARunOfAcquiresIsServedPageByPage) {
   ASSERT_NE(st, nullptr);
   EXPECT_EQ(st->code, static_cast<uint16_t>(StatusCode::kPermissionDenied));
   EXPECT_FALSE(b.socket().Receive(3000).ok()) << "impersonating connection left open";
+}
+
+// More messages in one read than the coordinator handles per turn
+// (8 runs of 1024 Acquires, 4096 per turn): the rest are handled in later
+// turns and every one is answered. A run with a request id is refused.
+TEST(CoordinatorInput, RunsBeyondOneTurnAreAllServed) {
+  TempDir dir;
+  CoordinatorProcess coord;
+  ASSERT_TRUE(coord.Start(dir.path() + "/data").ok()) << coord.stderr_text();
+  auto tool = ConnectTool(coord.address());
+  ASSERT_TRUE(tool.ok());
+  constexpr uint32_t kRuns = 8;
+  constexpr uint32_t kPages = kRuns * proto::kMaxRunPages;
+  proto::RegionReply r = CreateRegion(*tool, "r", uint64_t{kPages} * kPage);
+  ScriptedNode a;
+  ASSERT_TRUE(a.Connect(coord.address()).ok());
+  std::vector<uint8_t> all;
+  for (uint32_t k = 0; k < kRuns; ++k) {
+    proto::PageRun run{.count = proto::kMaxRunPages,
+                       .page_stride = static_cast<uint32_t>(kPage),
+                       .seq_stride = 1,
+                       .first = proto::Acquire{.page = r.base + uint64_t{k} * proto::kMaxRunPages * kPage,
+                                               .node = a.id(),
+                                               .kind = AccessKind::kWrite,
+                                               .request_seq = 1 + uint64_t{k} * proto::kMaxRunPages,
+                                               .region = r.region}};
+    proto::EncodeTo(run, 0, &all);
+  }
+  ASSERT_TRUE(a.socket().SendRaw(all).ok());
+  std::vector<bool> granted(kPages, false);
+  for (uint32_t i = 0; i < kPages; ++i) {
+    auto f = a.socket().Receive(5000);
+    ASSERT_TRUE(f.ok()) << "after " << i << " grants: " << f.status().ToString();
+    auto* g = std::get_if<proto::Grant>(&f->message);
+    ASSERT_NE(g, nullptr) << "after " << i << " grants";
+    ASSERT_EQ(g->status, 0);
+    const uint64_t index = (g->page - r.base) / kPage;
+    ASSERT_LT(index, kPages);
+    EXPECT_EQ(g->request_seq, index + 1);
+    granted[index] = true;
+  }
+  EXPECT_EQ(std::count(granted.begin(), granted.end(), true), kPages);
+  // A run answers no request: one with a request id closes the connection.
+  proto::PageRun bad{.count = 2, .page_stride = static_cast<uint32_t>(kPage), .seq_stride = 0,
+                     .first = proto::Done{.page = r.base, .txn = 1, .node = a.id()}};
+  ASSERT_TRUE(a.socket().SendRaw(proto::Encode(bad, 77)).ok());
+  EXPECT_FALSE(a.socket().Receive(3000).ok()) << "a run with a request id was taken";
+  EXPECT_NE(coord.stderr_text().find("runs answer no request"), std::string::npos);
 }
 
 TEST(CoordinatorStart, RefusesCorruptOrUnusableDataDirectory) {

@@ -6,6 +6,11 @@
 // kInvalidArgument for an unknown type or version (a peer we cannot talk to),
 // kCorruption for everything else (bytes that fail validation).
 #include <gtest/gtest.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 
 #include <cstdint>
 #include <cstring>
@@ -22,6 +27,7 @@
 #include <vector>
 
 #include "coordinator/directory/page_directory.h"
+#include "proto/framed_socket.h"
 #include "proto/messages.h"
 #include "proto/status.h"
 #include "proto/wire.h"
@@ -1217,6 +1223,121 @@ TEST(PageRunTest, InterleavedStreamsPackApartAndAPageKeepsItsOrder) {
   EXPECT_EQ(PackAndExpand(older_run), (std::vector<MessageType>{MessageType::kAcquire,
                                                                 MessageType::kDone,
                                                                 MessageType::kAcquire}));
+}
+
+// The packer never builds a run the receiver would refuse as wrapping: a
+// page or request_seq past 2^64 starts a new run instead.
+TEST(PageRunTest, NoRunWrapsPastTheLastAddressOrSeq) {
+  const PageAddr top = ~uint64_t{0} - 8191;  // the last two pages
+  std::vector<std::pair<Message, uint64_t>> in;
+  in.emplace_back(ReadOf(top, 1), 0);
+  in.emplace_back(ReadOf(top + 4096, 2), 0);
+  in.emplace_back(ReadOf(0, 3), 0);  // top + 2 pages, wrapped
+  EXPECT_EQ(PackAndExpand(in), (std::vector<MessageType>{MessageType::kPageRun,
+                                                         MessageType::kAcquire}));
+  const uint64_t last = ~uint64_t{0};
+  in.clear();
+  in.emplace_back(ReadOf(0x200000000000ull, last - 1), 0);
+  in.emplace_back(ReadOf(0x200000001000ull, last), 0);
+  in.emplace_back(ReadOf(0x200000002000ull, 0), 0);  // last + 1, wrapped
+  EXPECT_EQ(PackAndExpand(in), (std::vector<MessageType>{MessageType::kPageRun,
+                                                         MessageType::kAcquire}));
+}
+
+// A FramedSocket connected to a plain socket the test writes raw frames to.
+struct RawPeer {
+  int listen_fd = -1;
+  int fd = -1;
+  std::optional<FramedSocket> sock;
+  ~RawPeer() {
+    if (fd >= 0) ::close(fd);
+    if (listen_fd >= 0) ::close(listen_fd);
+  }
+  void Start() {
+    listen_fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    ASSERT_GE(listen_fd, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ASSERT_EQ(::bind(listen_fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
+    ASSERT_EQ(::listen(listen_fd, 1), 0);
+    socklen_t len = sizeof(a);
+    ASSERT_EQ(::getsockname(listen_fd, reinterpret_cast<sockaddr*>(&a), &len), 0);
+    auto s = FramedSocket::Connect("127.0.0.1:" + std::to_string(ntohs(a.sin_port)), 2000);
+    ASSERT_TRUE(s.ok()) << s.status().ToString();
+    sock.emplace(std::move(*s));
+    fd = ::accept(listen_fd, nullptr, nullptr);
+    ASSERT_GE(fd, 0);
+  }
+  void Write(const Bytes& b) { ASSERT_EQ(::send(fd, b.data(), b.size(), 0), ssize_t(b.size())); }
+};
+
+PageRun FourGrants() {
+  return PageRun{.count = 4, .page_stride = 4096, .seq_stride = 1,
+                 .first = Grant{.page = 0x200000000000ull, .txn = 3, .request_seq = 40,
+                                .state = PageState::kShared, .source = DataSource::kOwner,
+                                .version = 2}};
+}
+
+void ExpectGrant(const Result<Frame>& f, uint32_t i) {
+  ASSERT_TRUE(f.ok()) << f.status().ToString();
+  EXPECT_EQ(f->header.type, MessageType::kGrant);
+  EXPECT_EQ(f->header.request_id, 0u);
+  const auto* g = std::get_if<Grant>(&f->message);
+  ASSERT_NE(g, nullptr);
+  EXPECT_EQ(g->page, 0x200000000000ull + i * 4096);
+  EXPECT_EQ(g->request_seq, 40u + i);
+}
+
+// Both ways of reading (Receive, and ReadAvailable + NextFrame, the node
+// daemon's) give a run as its messages, then what followed it; a socket
+// moved in the middle of a run goes on with it, the moved-from one has
+// nothing left; a run with a request id is refused.
+TEST(FramedSocketRunTest, ARunIsReadAsItsMessages) {
+  RawPeer peer;
+  ASSERT_NO_FATAL_FAILURE(peer.Start());
+  Bytes two = Encode(FourGrants(), 0);
+  Bytes reply = Encode(StatusReply{}, 9);
+  two.insert(two.end(), reply.begin(), reply.end());
+
+  peer.Write(two);
+  for (uint32_t i = 0; i < 4; ++i) ExpectGrant(peer.sock->Receive(2000), i);
+  Result<Frame> r = peer.sock->Receive(2000);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->header.request_id, 9u);
+  EXPECT_TRUE(std::holds_alternative<StatusReply>(r->message));
+
+  peer.Write(two);
+  std::vector<Frame> got;
+  for (int tries = 0; tries < 200 && got.size() < 5; ++tries) {
+    ASSERT_TRUE(peer.sock->ReadAvailable().ok());
+    for (;;) {
+      auto f = peer.sock->NextFrame();
+      ASSERT_TRUE(f.ok()) << f.status().ToString();
+      if (!f->has_value()) break;
+      got.push_back(std::move(**f));
+    }
+    if (got.size() < 5) ::usleep(10000);
+  }
+  ASSERT_EQ(got.size(), 5u);
+  for (uint32_t i = 0; i < 4; ++i) ExpectGrant(got[i], i);
+  EXPECT_TRUE(std::holds_alternative<StatusReply>(got[4].message));
+
+  peer.Write(Encode(FourGrants(), 0));
+  ExpectGrant(peer.sock->Receive(2000), 0);
+  FramedSocket moved = std::move(*peer.sock);
+  for (uint32_t i = 1; i < 4; ++i) ExpectGrant(moved.Receive(2000), i);
+  EXPECT_FALSE(peer.sock->is_open());
+  auto left = peer.sock->NextFrame();
+  ASSERT_TRUE(left.ok());
+  EXPECT_FALSE(left->has_value()) << "the moved-from socket kept the run";
+
+  peer.Write(Encode(FourGrants(), 5));
+  Result<Frame> refused = moved.Receive(2000);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), StatusCode::kCorruption);
+  EXPECT_NE(refused.status().message().find("request id 5"), std::string::npos)
+      << refused.status().ToString();
 }
 
 TEST(PageRunTest, RunsThatMeanNothingOrWrapAreRefused) {
