@@ -152,8 +152,32 @@ class Simulation {
           rng_.Below(2) ? static_cast<proto::NodeId>(1 + rng_.Below(nodes_.size())) : proto::kNoNode;
       if (n.agent.Evict(page, now_, &acts, target)) ++r_.evictions;
       Apply(n, acts);
+    } else if (rng_.Chance(c_.sweep_rate)) {
+      ProcessSweep();
     } else {
       ProcessAccess();
+    }
+  }
+
+  // A node touches every page in address order in one turn, as a prefetch
+  // or a sequential read does: its requests, and what answers them, line
+  // up into PageRuns.
+  void ProcessSweep() {
+    SimNode& n = *nodes_[rng_.Below(nodes_.size())];
+    const bool write = rng_.Chance(0.4);
+    Actions acts;
+    std::vector<PageAddr> hits;
+    for (PageAddr page : pages_) {
+      if (n.waiters.size() >= kMaxWaitersPerNode) break;
+      const uint64_t waiter = ++next_waiter_;
+      node::FaultResult fr = n.agent.Fault(page, write, waiter, now_, &acts);
+      if (fr == node::FaultResult::kWait) n.waiters[waiter] = {page, write};
+      if (fr == node::FaultResult::kHit) hits.push_back(page);
+    }
+    Apply(n, acts);
+    for (PageAddr page : hits) {
+      if (!r_.ok) return;
+      Access(n, page, write);
     }
   }
 
@@ -196,12 +220,40 @@ class Simulation {
 
   // --- network -------------------------------------------------------------
 
+  // Queued per link until the sender's turn ends (SendQueued), as the
+  // daemon and the coordinator queue what they send in one loop turn.
   void Send(uint32_t from, uint32_t to, const Message& m) {
     ++r_.messages;
+    queued_[{from, to}].push_back(m);
+  }
+
+  // Sends what each link queued as the real senders do: packed into
+  // PageRun frames where messages line up (RunPacker), a frame at a time
+  // through the faulty network, so a lost or late frame loses or delays
+  // every message of its run together.
+  void SendQueued() {
+    for (auto& [link, messages] : queued_) {
+      proto::RunPacker packer;
+      std::vector<uint8_t> stream;
+      for (const Message& m : messages) packer.Add(m, 0, &stream);
+      packer.Finish(&stream);
+      size_t pos = 0;
+      while (pos < stream.size()) {
+        uint64_t length = 0;
+        for (int b = 0; b < 4; ++b) length |= uint64_t{stream[pos + 8 + b]} << (8 * b);
+        const size_t end = pos + proto::kHeaderSize + length;
+        Transmit(link.first, link.second, std::vector<uint8_t>(stream.begin() + pos, stream.begin() + end));
+        pos = end;
+      }
+    }
+    queued_.clear();
+  }
+
+  void Transmit(uint32_t from, uint32_t to, std::vector<uint8_t> bytes) {
     InFlight f;
     f.from = from;
     f.to = to;
-    f.bytes = proto::Encode(m, 0);
+    f.bytes = std::move(bytes);
     if (!healing_ && rng_.Chance(c_.drop_rate)) {
       ++r_.dropped;
       return;
@@ -231,14 +283,20 @@ class Simulation {
       Fail("codec: " + frame.status().ToString());
       return true;
     }
-    if (c_.verbose) {
-      std::printf("t=%llu %u->%u %s\n", static_cast<unsigned long long>(now_), f.from, f.to,
-                  Describe(frame->message).c_str());
-    }
-    if (f.to >= kShardEndpoint) {
-      DeliverToShard(f.to - kShardEndpoint, frame->message);
-    } else {
-      DeliverToNode(*nodes_[f.to - 1], frame->message);
+    const auto* run = std::get_if<proto::PageRun>(&frame->message);
+    if (run != nullptr) ++r_.runs;
+    const uint32_t count = run != nullptr ? run->count : 1;
+    for (uint32_t i = 0; i < count && r_.ok; ++i) {
+      const Message m = run != nullptr ? proto::PageRunAt(*run, i) : frame->message;
+      if (c_.verbose) {
+        std::printf("t=%llu %u->%u %s%s\n", static_cast<unsigned long long>(now_), f.from, f.to,
+                    Describe(m).c_str(), run != nullptr ? " (in a run)" : "");
+      }
+      if (f.to >= kShardEndpoint) {
+        DeliverToShard(f.to - kShardEndpoint, m);
+      } else {
+        DeliverToNode(*nodes_[f.to - 1], m);
+      }
     }
     return true;
   }
@@ -294,9 +352,15 @@ class Simulation {
       if (o.to == proto::kNoNode || o.to > nodes_.size()) return Fail("message to no node");
       Send(kShardEndpoint + s, o.to, o.message);
     }
+    SendQueued();
   }
 
   void Apply(SimNode& n, Actions& acts) {
+    ApplyActions(n, acts);
+    SendQueued();
+  }
+
+  void ApplyActions(SimNode& n, Actions& acts) {
     for (node::Action& a : acts) {
       if (!r_.ok) return;
       const std::string where = " at node " + std::to_string(n.id) + " page " + std::to_string(a.page >> 21);
@@ -562,6 +626,7 @@ class Simulation {
   std::vector<SimShard> shards_;
   std::vector<PageAddr> pages_;
   std::vector<InFlight> in_flight_;
+  std::map<std::pair<uint32_t, uint32_t>, std::vector<Message>> queued_;  // (from, to)
   std::map<PageAddr, uint64_t> truth_;  // latest completed write per page
   // After a node crash, values a page may legitimately show besides truth_
   // (the value before the dead node got it); narrowed at the first look.
@@ -598,6 +663,9 @@ SimConfig ConfigForSeed(uint64_t seed, bool harsh) {
     c.evict_rate *= 2.5;
     c.node_crash_rate = 0.0005 + rng.Unit() * 0.003;
   }
+  // Drawn last, so the knobs above stay what they were for each seed.
+  constexpr double kSweepRates[] = {0.0, 0.1, 0.5, 0.9};
+  c.sweep_rate = kSweepRates[rng.Below(4)];
   return c;
 }
 

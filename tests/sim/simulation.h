@@ -36,6 +36,7 @@ struct SimConfig {
   double crash_rate = 0.0005;   // per step: one directory shard crashes and restarts
   double evict_rate = 0.01;     // per step
   double node_crash_rate = 0.0; // per step: a node daemon dies and restarts empty
+  double sweep_rate = 0.1;      // per access: one node touches every page in order (PageRuns)
   bool verbose = false;
 };
 
@@ -48,6 +49,7 @@ struct SimResult {
   uint64_t messages = 0;
   uint64_t dropped = 0;
   uint64_t duplicated = 0;
+  uint64_t runs = 0;            // PageRun frames delivered
   uint64_t crashes = 0;
   uint64_t evictions = 0;
   uint64_t node_crashes = 0;
