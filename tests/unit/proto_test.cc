@@ -1205,7 +1205,9 @@ TEST(PageRunTest, InterleavedStreamsPackApartAndAPageKeepsItsOrder) {
   EXPECT_EQ(PackAndExpand(in),
             (std::vector<MessageType>{MessageType::kPageRun, MessageType::kPageRun}));
   // Page kBase + 3 pages: its Done is in the open Done run when its next
-  // Acquire comes, so both open runs leave first.
+  // Acquire comes, so the open runs leave first. (Here the Done run is the
+  // older and would leave first anyway; the case below is the one that
+  // needs the rule.)
   std::vector<std::pair<Message, uint64_t>> same_page;
   for (uint64_t i = 0; i < 4; ++i) {
     same_page.emplace_back(Done{.page = kBase + i * 4096, .txn = 2, .node = 2}, 0);
