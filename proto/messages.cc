@@ -150,6 +150,31 @@ bool PageRun::MakeItem(MessageType t, Item* item) {
   return made;
 }
 
+namespace {
+
+// Whether a run of `count` messages from `first` at these strides stays
+// below 2^64 in page and request_seq, and names a request_seq stride only
+// for a type that has one: the rule both the packer and the decoder apply.
+Status CheckSpan(const PageRun::Item& first, uint64_t count, uint64_t page_stride,
+                 uint64_t seq_stride) {
+  return std::visit(
+      [&](const auto& x) -> Status {
+        if (x.page + (count - 1) * page_stride < x.page) return Corruption("a run's last page wraps");
+        if constexpr (kHasSeq<std::decay_t<decltype(x)>>) {
+          if (x.request_seq + (count - 1) * seq_stride < x.request_seq) {
+            return Corruption("a run's last request_seq wraps");
+          }
+        } else if (seq_stride != 0) {
+          return Corruption(std::string("a run of ") + TypeName(x.kType) +
+                            " with a request_seq stride");
+        }
+        return Status::Ok();
+      },
+      first);
+}
+
+}  // namespace
+
 Status PageRun::Validate() const {
   if (count < 2 || count > kMaxRunPages) {
     return Corruption("a run of " + std::to_string(count) + " messages (2 to " +
@@ -158,21 +183,21 @@ Status PageRun::Validate() const {
   if (page_stride == 0 || page_stride % kMinPageSize != 0 || page_stride > kMaxPageSize) {
     return Corruption("a run's page stride of " + std::to_string(page_stride) + " bytes");
   }
-  const uint64_t span = uint64_t{count - 1} * page_stride;
+  DSVM_RETURN_IF_ERROR(CheckSpan(first, count, page_stride, seq_stride));
+  return std::visit([](const auto& x) { return ValidateValues(x); }, first);
+}
+
+std::optional<PageRun::Item> PageRunItemOf(const Message& m) {
   return std::visit(
-      [&](const auto& x) -> Status {
-        if (x.page + span < x.page) return Corruption("a run's last page wraps");
-        if constexpr (kHasSeq<std::decay_t<decltype(x)>>) {
-          if (x.request_seq + uint64_t{count - 1} * seq_stride < x.request_seq) {
-            return Corruption("a run's last request_seq wraps");
-          }
-        } else if (seq_stride != 0) {
-          return Corruption(std::string("a run of ") + TypeName(x.kType) +
-                            " with a request_seq stride");
+      [](const auto& x) -> std::optional<PageRun::Item> {
+        using T = std::decay_t<decltype(x)>;
+        if constexpr (requires(PageRun::Item i) { i = x; } && !std::is_same_v<T, PageRun>) {
+          return x;
+        } else {
+          return std::nullopt;
         }
-        return ValidateValues(x);
       },
-      first);
+      m);
 }
 
 Message PageRunAt(const PageRun& run, uint32_t i) {
@@ -201,57 +226,40 @@ bool Covers(const PageRun& run, PageAddr page) {
   return (page - first) % run.page_stride == 0 && (page - first) / run.page_stride < run.count;
 }
 
-// Whether `item` is the next message of `run` (same type), with the strides
-// the second message sets.
-bool Extends(const PageRun& run, const PageRun::Item& item) {
-  if (run.count >= kMaxRunPages || item.index() != run.first.index()) return false;
+// Adds `item` to `run` if it is the run's next message: same type, every
+// field but the page and request_seq equal, those a stride on (the second
+// message sets the strides), and the run no longer than the decoder takes.
+bool TryGrow(PageRun* run, const PageRun::Item& item) {
+  if (run->count >= kMaxRunPages || item.index() != run->first.index()) return false;
   return std::visit(
       [&](const auto& first) {
-        const auto& next = std::get<std::decay_t<decltype(first)>>(item);
-        uint64_t stride = run.page_stride;
-        uint64_t seq_stride = run.seq_stride;
-        if (run.count == 1) {
+        using T = std::decay_t<decltype(first)>;
+        const T& next = std::get<T>(item);
+        uint64_t stride = run->page_stride;
+        uint64_t seq_stride = run->seq_stride;
+        if (run->count == 1) {
           stride = next.page - first.page;
           if (next.page <= first.page || stride % kMinPageSize != 0 || stride > kMaxPageSize) {
             return false;
           }
-          seq_stride = 0;
-          if constexpr (kHasSeq<std::decay_t<decltype(first)>>) {
-            seq_stride = next.request_seq - first.request_seq;
-            if (seq_stride > 1) return false;
-          }
+          if constexpr (kHasSeq<T>) seq_stride = next.request_seq - first.request_seq;
+          if (seq_stride > 1) return false;
         }
-        // Never a run the receiver would refuse as wrapping (Validate).
-        const uint64_t span = uint64_t{run.count} * stride;
-        if (first.page + span < first.page || next.page != first.page + span) return false;
-        auto same = next;  // equal to `first` but for the page and request_seq
+        if (!CheckSpan(run->first, uint64_t{run->count} + 1, stride, seq_stride).ok()) return false;
+        T same = next;  // equal to `first` if `next` is the run's next message
+        if (next.page != first.page + run->count * stride) return false;
         same.page = first.page;
-        if constexpr (kHasSeq<std::decay_t<decltype(first)>>) {
-          const uint64_t seqs = uint64_t{run.count} * seq_stride;
-          if (first.request_seq + seqs < first.request_seq ||
-              next.request_seq != first.request_seq + seqs) {
-            return false;
-          }
+        if constexpr (kHasSeq<T>) {
+          if (next.request_seq != first.request_seq + run->count * seq_stride) return false;
           same.request_seq = first.request_seq;
         }
-        return same == first;
+        if (!(same == first)) return false;
+        run->page_stride = static_cast<uint32_t>(stride);
+        run->seq_stride = static_cast<uint8_t>(seq_stride);
+        ++run->count;
+        return true;
       },
-      run.first);
-}
-
-void Grow(PageRun* run, const PageRun::Item& item) {
-  if (run->count == 1) {
-    std::visit(
-        [&](const auto& first) {
-          const auto& next = std::get<std::decay_t<decltype(first)>>(item);
-          run->page_stride = static_cast<uint32_t>(next.page - first.page);
-          if constexpr (kHasSeq<std::decay_t<decltype(first)>>) {
-            run->seq_stride = static_cast<uint8_t>(next.request_seq - first.request_seq);
-          }
-        },
-        run->first);
-  }
-  ++run->count;
+      run->first);
 }
 
 void EncodeRun(const PageRun& run, std::vector<uint8_t>* out) {
@@ -266,16 +274,7 @@ void EncodeRun(const PageRun& run, std::vector<uint8_t>* out) {
 
 void RunPacker::Add(const Message& m, uint64_t request_id, std::vector<uint8_t>* out) {
   std::optional<PageRun::Item> item;
-  if (request_id == 0) {
-    std::visit(
-        [&](const auto& x) {
-          using T = std::decay_t<decltype(x)>;
-          if constexpr (requires(PageRun::Item i) { i = x; } && !std::is_same_v<T, PageRun>) {
-            item = x;
-          }
-        },
-        m);
-  }
+  if (request_id == 0) item = PageRunItemOf(m);
   if (!item) {
     Finish(out);
     EncodeTo(m, request_id, out);
@@ -292,8 +291,7 @@ void RunPacker::Add(const Message& m, uint64_t request_id, std::vector<uint8_t>*
   }
   for (size_t i = 0; i < open_.size(); ++i) {
     if (open_[i].first.index() != item->index()) continue;
-    if (Extends(open_[i], *item)) {
-      Grow(&open_[i], *item);
+    if (TryGrow(&open_[i], *item)) {
       if (open_[i].count == kMaxRunPages) {
         EncodeRun(open_[i], out);
         open_.erase(open_.begin() + static_cast<std::ptrdiff_t>(i));

@@ -901,6 +901,8 @@ Result<Frame> Decode(std::span<const uint8_t> bytes);
 
 // Message i (< run.count) of a validated run.
 Message PageRunAt(const PageRun& run, uint32_t i);
+// `m` as a run's item, if its type can be in a run.
+std::optional<PageRun::Item> PageRunItemOf(const Message& m);
 
 // Packs the coherence messages a sender queues into PageRun frames where
 // they line up (same type, pages a fixed stride apart, request_seq 0 or 1

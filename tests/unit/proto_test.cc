@@ -1059,15 +1059,9 @@ TEST(ProtoFieldTest, HugeClaimedLengthInASmallFrameIsRefused) {
 // The page of a message a PageRun may hold, or nothing.
 std::optional<PageAddr> RunPageOf(const Message& m, uint64_t request_id) {
   if (request_id != 0) return std::nullopt;
-  return std::visit(
-      [](const auto& x) -> std::optional<PageAddr> {
-        using T = std::decay_t<decltype(x)>;
-        if constexpr (requires(PageRun::Item i) { i = x; } && !std::is_same_v<T, PageRun>) {
-          return x.page;
-        }
-        return std::nullopt;
-      },
-      m);
+  std::optional<PageRun::Item> item = PageRunItemOf(m);
+  if (!item) return std::nullopt;
+  return std::visit([](const auto& x) { return x.page; }, *item);
 }
 
 // What the receiver must see of a sent sequence: between two messages that
