@@ -37,6 +37,7 @@ class CoordinatorProcess {
 
   // "127.0.0.1:PORT".
   const std::string& address() const { return address_; }
+  pid_t pid() const { return pid_; }
   // The cluster secret it demands: a fresh one per process, in its directory.
   const std::string& secret_path() const { return secret_path_; }
   const proto::ClusterSecret& secret() const { return *secret_; }

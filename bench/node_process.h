@@ -45,6 +45,7 @@ class NodeProcess {
   NodeProcess& operator=(const NodeProcess&) = delete;
 
   const std::string& socket_path() const { return socket_path_; }
+  pid_t pid() const { return pid_; }
 
   // True while the child has not exited (reaps it when it has).
   bool Running();

@@ -3,6 +3,7 @@
 #include <dsvm/dsvm.h>
 #include <stdlib.h>
 #include <sys/resource.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <array>
@@ -15,6 +16,7 @@
 #include "bench/cluster.h"
 #include "bench/dsvm_client.h"
 #include "bench/forked_child.h"
+#include "bench/process_cpu.h"
 #include "bench/scan_floor.h"
 #include "bench/scan_pattern.h"
 
@@ -101,15 +103,35 @@ struct ReaderReport {
   double pages_fetched = 0;
   double prefetched_pages = 0;
   double process_faults = 0;  // getrusage: minor + major page faults
+  // CPU seconds used during the timed part by each process on the path.
+  double coordinator_cpu_s = 0;
+  double owner_cpu_s = 0;      // node A's daemon, which holds the pages
+  double requester_cpu_s = 0;  // node B's daemon, which fetches them
+  double reader_cpu_s = 0;     // this process
 
   std::vector<double> ToSeries() const {
-    return {node,        seconds,       prefetch_s,       reread_s,
-            read_faults, pages_fetched, prefetched_pages, process_faults};
+    return {node,           seconds,           prefetch_s,        reread_s,
+            read_faults,    pages_fetched,     prefetched_pages,  process_faults,
+            coordinator_cpu_s, owner_cpu_s,    requester_cpu_s,   reader_cpu_s};
   }
   static ReaderReport From(const std::vector<double>& s) {
-    return {s.at(0), s.at(1), s.at(2), s.at(3), s.at(4), s.at(5), s.at(6), s.at(7)};
+    return {s.at(0), s.at(1), s.at(2), s.at(3), s.at(4),  s.at(5),
+            s.at(6), s.at(7), s.at(8), s.at(9), s.at(10), s.at(11)};
   }
 };
+
+// The processes whose CPU time a reader's timed part is charged with.
+struct Watched {
+  pid_t coordinator = -1;
+  pid_t owner = -1;
+  pid_t requester = -1;
+};
+
+// CPU seconds of the watched processes and this one, in ReaderReport's order.
+std::array<double, 4> CpuNow(const Watched& w) {
+  return {ProcessCpuSeconds(w.coordinator), ProcessCpuSeconds(w.owner),
+          ProcessCpuSeconds(w.requester), ProcessCpuSeconds(::getpid())};
+}
 
 Status CheckedSum(const uint64_t* words, size_t n, uint64_t seed, const ScanSum& sum,
                   const char* what) {
@@ -129,7 +151,8 @@ Status CheckedSum(const uint64_t* words, size_t n, uint64_t seed, const ScanSum&
 }
 
 Status ReadRegion(const std::string& socket, const std::string& name, Variant variant,
-                  uint64_t bytes, size_t page_size, uint64_t seed, ReaderReport* report) {
+                  uint64_t bytes, size_t page_size, uint64_t seed, const Watched& watched,
+                  ReaderReport* report) {
   Connection lib;
   DSVM_RETURN_IF_ERROR(lib.Connect(socket));
   uint32_t node = 0;
@@ -148,6 +171,7 @@ Status ReadRegion(const std::string& socket, const std::string& name, Variant va
   DSVM_RETURN_IF_ERROR(Checked(dsvm_stats(&before), "dsvm_stats"));
   const uint64_t faults_before = ProcessFaults();
 
+  const std::array<double, 4> cpu_before = CpuNow(watched);
   const auto start = Clock::now();
   auto prefetched = start;
   if (variant == Variant::kPrefetch) {
@@ -159,6 +183,10 @@ Status ReadRegion(const std::string& socket, const std::string& name, Variant va
   }
   const ScanSum sum = SumWords(words, n);
   const auto end = Clock::now();
+  const std::array<double, 4> cpu_after = CpuNow(watched);
+  for (size_t i = 0; i < cpu_after.size(); ++i) {
+    if (cpu_before[i] < 0 || cpu_after[i] < 0) return Internal("a process's CPU time is unreadable");
+  }
 
   const uint64_t faults = ProcessFaults() - faults_before;
   DSVM_RETURN_IF_ERROR(Checked(dsvm_stats(&after), "dsvm_stats"));
@@ -195,6 +223,10 @@ Status ReadRegion(const std::string& socket, const std::string& name, Variant va
       .pages_fetched = static_cast<double>(fetched),
       .prefetched_pages = static_cast<double>(after.prefetched_pages - before.prefetched_pages),
       .process_faults = static_cast<double>(faults),
+      .coordinator_cpu_s = cpu_after[0] - cpu_before[0],
+      .owner_cpu_s = cpu_after[1] - cpu_before[1],
+      .requester_cpu_s = cpu_after[2] - cpu_before[2],
+      .reader_cpu_s = cpu_after[3] - cpu_before[3],
   };
   return Status::Ok();
 }
@@ -229,6 +261,8 @@ Result<Report> RunClient(const ScanOptions& o, Cluster& c, int node_index, const
 
 Result<ReaderReport> RunVariant(const ScanOptions& o, Cluster& c, Variant v, uint64_t bytes) {
   const std::string region = std::string("bench-scan-") + Name(v);
+  const Watched watched{c.coordinator->pid(), c.nodes[kWriterNode]->pid(),
+                        c.nodes[kReaderNode]->pid()};
   const uint64_t seed = Seed(v);
   DSVM_ASSIGN_OR_RETURN(WriterReport writer,
                         RunClient<WriterReport>(
@@ -246,7 +280,7 @@ Result<ReaderReport> RunVariant(const ScanOptions& o, Cluster& c, Variant v, uin
       RunClient<ReaderReport>(o, c, kReaderNode, std::string(Name(v)) + ": reader",
                               [&](const std::string& socket, ReaderReport* report) {
                                 return ReadRegion(socket, region, v, bytes, o.page_size, seed,
-                                                  report);
+                                                  watched, report);
                               }));
   if (reader.node == writer.node) {
     return Internal(std::string(Name(v)) + ": the writer and the reader ran on the same node");
@@ -260,6 +294,11 @@ Result<ReaderReport> RunVariant(const ScanOptions& o, Cluster& c, Variant v, uin
                Gbps(bytes, reader.seconds), reader.read_faults / pages,
                reader.process_faults / pages, reader.pages_fetched / pages,
                reader.prefetched_pages / pages);
+  std::fprintf(stderr,
+               "dsvm-bench: scan: %s: CPU seconds in the timed part: coordinator %.2f, owner "
+               "daemon %.2f, requester daemon %.2f, reader %.2f (of %.2f s on each CPU)\n",
+               Name(v), reader.coordinator_cpu_s, reader.owner_cpu_s, reader.requester_cpu_s,
+               reader.reader_cpu_s, reader.seconds);
   return reader;
 }
 
@@ -347,6 +386,16 @@ Status RunOneTransport(const ScanOptions& o, const std::string& tls) {
     if (kVariants[i] == Variant::kPrefetch) {
       EmitMetric(prefix + ".prefetch_call_gbps", Gbps(bytes, results[i].prefetch_s), "GB/s");
     }
+    // CPU per byte moved: what the path costs whatever the scheduler does.
+    const ReaderReport& r = results[i];
+    const double gb = static_cast<double>(bytes) / 1e9;
+    EmitMetric(prefix + ".cpu_s_per_gb",
+               (r.coordinator_cpu_s + r.owner_cpu_s + r.requester_cpu_s + r.reader_cpu_s) / gb,
+               "s/GB");
+    EmitMetric(prefix + ".coordinator_cpu_s_per_gb", r.coordinator_cpu_s / gb, "s/GB");
+    EmitMetric(prefix + ".owner_cpu_s_per_gb", r.owner_cpu_s / gb, "s/GB");
+    EmitMetric(prefix + ".requester_cpu_s_per_gb", r.requester_cpu_s / gb, "s/GB");
+    EmitMetric(prefix + ".reader_cpu_s_per_gb", r.reader_cpu_s / gb, "s/GB");
     if (kVariants[i] == Variant::kFault) {
       EmitMetric("scan.local_reread." + tag + ".gbps", Gbps(bytes, results[i].reread_s), "GB/s");
     }
