@@ -1166,16 +1166,15 @@ size_t NodeDaemon::HandlePeerMessages() {
     auto* d = std::get_if<proto::PageData>(&m.message);
     PageStore* store = d ? StoreOf(d->page) : nullptr;
     if (d == nullptr || store == nullptr || d->sender != m.from ||
-        d->data.size() != store->page_size() || store->CheckPage(d->page).ok() == false) {
+        m.page.size != store->page_size() || store->CheckPage(d->page).ok() == false) {
       ++stats_.protocol_errors;
       LogWarning("dropping a malformed message from node " + std::to_string(m.from));
       continue;
     }
     ++stats_.pages_received;
-    stats_.bytes_received += d->data.size();
+    stats_.bytes_received += m.page.size;
     const DataHandle h = ++next_handle_;
-    data_[h] = std::move(d->data);
-    d->data.clear();
+    data_[h] = std::move(m.page);
     agent_.HandlePageData(*d, h, NowMs(), &acts);
   }
   if (!acts.empty()) Execute(acts);  // the pages of a batch together: Coalesce
@@ -1192,11 +1191,11 @@ bool NodeDaemon::SentAlready(proto::NodeId to, proto::PageAddr page, proto::TxnI
   return it != recent_sends_.end() && it->second == transport_->PeerGeneration(to);
 }
 
-void NodeDaemon::SendPage(proto::NodeId to, proto::PageData d) {
+void NodeDaemon::SendPage(proto::NodeId to, const proto::PageData& header, size_t length,
+                          const UcxTransport::PageFill& fill) {
   if (transport_->HasPeer(to)) {
-    const size_t bytes = d.data.size();
-    const SentPage key{to, d.page, d.txn};
-    Status st = transport_->Send(to, std::move(d));
+    const SentPage key{to, header.page, header.txn};
+    Status st = transport_->SendPage(to, header, length, fill);
     if (!st.ok()) {
       LogWarning("sending a page to node " + std::to_string(to) + ": " + st.ToString());
     } else {
@@ -1209,18 +1208,24 @@ void NodeDaemon::SendPage(proto::NodeId to, proto::PageData d) {
       }
     }
     ++stats_.pages_sent;
-    stats_.bytes_sent += bytes;
+    stats_.bytes_sent += length;
     return;
   }
   std::vector<proto::PageData>& waiting = pending_peer_[to];
   for (const proto::PageData& w : waiting) {
-    if (w.page == d.page && w.txn == d.txn) {  // a resend's copy of one waiting already
+    if (w.page == header.page && w.txn == header.txn) {  // a resend's copy of one waiting already
       ++stats_.duplicate_sends_skipped;
       return;
     }
   }
   if (pending_peer_count_ >= kMaxPendingPeerPages) {
     LogWarning("too many pages waiting for peer addresses; dropping one (it is resent on demand)");
+    return;
+  }
+  proto::PageData d{header.page, header.txn, header.sender, header.version,
+                    std::vector<uint8_t>(length)};
+  if (Status st = fill(d.data); !st.ok()) {
+    LogWarning("reading a page for node " + std::to_string(to) + ": " + st.ToString());
     return;
   }
   waiting.push_back(std::move(d));
@@ -1244,7 +1249,12 @@ void NodeDaemon::FlushPendingPeers() {
       LogWarning("node " + std::to_string(peer) + " is not a live member; dropping its pages");
       continue;
     }
-    for (auto& d : pages) SendPage(peer, std::move(d));
+    for (const proto::PageData& d : pages) {
+      SendPage(peer, d, d.data.size(), [&d](std::span<uint8_t> out) {
+        std::copy(d.data.begin(), d.data.end(), out.begin());
+        return Status::Ok();
+      });
+    }
   }
 }
 
@@ -1473,7 +1483,7 @@ void NodeDaemon::FlushRuns() {
     InstallRun r = std::move(install_run_);
     install_run_ = {};
     std::vector<std::span<const uint8_t>> bytes;
-    for (DataHandle h : r.handles) bytes.emplace_back(data_.at(h));
+    for (DataHandle h : r.handles) bytes.push_back(data_.at(h).bytes());
     Status st = r.store->WritePages(r.first, bytes);
     if (!st.ok()) {
       ++stats_.protocol_errors;
@@ -1626,21 +1636,17 @@ void NodeDaemon::ExecuteOne(Action& a) {
         ++stats_.duplicate_sends_skipped;
         return;
       }
-      proto::PageData d;
-      d.page = a.page;
-      d.txn = a.txn;
-      d.sender = id_;
-      d.version = a.version;
-      d.data.resize(store->page_size());
-      if (a.kind == ActionKind::kSendPage) {
-        // A backend with its own copy of mapped pages (kmod) brings it to
-        // the store first; the agent downgraded the page before this send.
-        if (backend_) check(backend_->WriteBack(a.page), "write back for send");
-        check(store->ReadPage(a.page, d.data), "read for send");
-      } else {
-        check(store->ReadStash(a.page, a.txn, d.data), "read stash for send");
+      // A backend with its own copy of mapped pages (kmod) brings it to
+      // the store first; the agent downgraded the page before this send.
+      if (a.kind == ActionKind::kSendPage && backend_) {
+        check(backend_->WriteBack(a.page), "write back for send");
       }
-      SendPage(a.node, std::move(d));
+      // Read straight into the buffer the page leaves from.
+      SendPage(a.node, proto::PageData{a.page, a.txn, id_, a.version, {}}, store->page_size(),
+               [&](std::span<uint8_t> out) {
+                 return a.kind == ActionKind::kSendPage ? store->ReadPage(a.page, out)
+                                                        : store->ReadStash(a.page, a.txn, out);
+               });
       return;
     }
     case ActionKind::kMapRead:
@@ -1679,7 +1685,7 @@ void NodeDaemon::ExecuteOne(Action& a) {
     case ActionKind::kInstallData: {
       auto it = data_.find(a.handle);
       if (it == data_.end()) return check(NotFound("no such data handle"), "install");
-      check(store->WritePage(a.page, it->second), "install");
+      check(store->WritePage(a.page, it->second.bytes()), "install");
       data_.erase(it);
       if (tier_) check(tier_->AddHostPage(a.page, NowMs()), "GPU tier admit");
       if (!preferred_gpu_.empty()) to_place_.push_back(a.page);

@@ -525,7 +525,10 @@ class NodeDaemon {
   // FlushRuns().
   bool Coalesce(Action& a);
   void FlushRuns();
-  void SendPage(proto::NodeId to, proto::PageData d);
+  // Sends the page `header` names, whose `length` bytes `fill` writes (see
+  // UcxTransport::SendPage), or holds it until the peer's address is known.
+  void SendPage(proto::NodeId to, const proto::PageData& header, size_t length,
+                const UcxTransport::PageFill& fill);
   // Whether the page went to `to` for `txn` on the endpoint in use now.
   bool SentAlready(proto::NodeId to, proto::PageAddr page, proto::TxnId txn) const;
   // Forgets which pages of [first, end) were sent (a region dropped, a shard
@@ -554,7 +557,7 @@ class NodeDaemon {
   std::map<proto::PageAddr, proto::RegionId> region_ids_;        // which region each store is
   // Deleted regions (base -> id) kept because local processes still map them.
   std::map<proto::PageAddr, proto::RegionId> deleted_mapped_;
-  std::unordered_map<DataHandle, std::vector<uint8_t>> data_;    // received, not yet installed
+  std::unordered_map<DataHandle, ReceivedPage> data_;    // received, not yet installed
   DataHandle next_handle_ = 0;
   std::unordered_map<WaiterId, Waiter> waiters_;
   WaiterId next_waiter_ = 0;

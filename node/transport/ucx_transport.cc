@@ -52,7 +52,7 @@ Status ParseIpv4(const std::string& address, sockaddr_in* sa) {
 struct UcxTransport::SendRequest {
   UcxTransport* transport = nullptr;
   std::vector<uint8_t> header;
-  std::vector<uint8_t> data;
+  Bytes data;
 };
 
 // A rendezvous receive in flight: the PageData or PageBatch it will
@@ -61,7 +61,8 @@ struct UcxTransport::RecvRequest {
   UcxTransport* transport = nullptr;
   ucp_ep_h from = nullptr;
   proto::Message message;
-  std::vector<uint8_t> data;
+  std::shared_ptr<uint8_t[]> data;
+  size_t length = 0;
 };
 
 Result<std::unique_ptr<UcxTransport>> UcxTransport::Create(const UcxOptions& options) {
@@ -81,15 +82,17 @@ Status UcxTransport::Start() {
   ucp_params_t params{};
   params.field_mask = UCP_PARAM_FIELD_FEATURES;
   params.features = UCP_FEATURE_AM | UCP_FEATURE_WAKEUP;
-  st = ucp_init(&params, config, &context_);
+  st = ucp_init(&params, config, &handles_->context);
   ucp_config_release(config);
   if (st != UCS_OK) return FromUcs("ucp_init", st);
+  context_ = handles_->context;
 
   ucp_worker_params_t wp{};
   wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
   wp.thread_mode = UCS_THREAD_MODE_SINGLE;
-  st = ucp_worker_create(context_, &wp, &worker_);
+  st = ucp_worker_create(context_, &wp, &handles_->worker);
   if (st != UCS_OK) return FromUcs("ucp_worker_create", st);
+  worker_ = handles_->worker;
 
   ucp_worker_attr_t attr{};
   attr.field_mask = UCP_WORKER_ATTR_FIELD_MAX_AM_HEADER;
@@ -141,9 +144,14 @@ UcxTransport::~UcxTransport() {
       }
     }
     if (listener_ != nullptr) ucp_listener_destroy(listener_);
-    ucp_worker_destroy(worker_);
   }
-  if (context_ != nullptr) ucp_cleanup(context_);
+  // The worker and the context go with handles_, now or once the last page
+  // still held in one of the worker's buffers is dropped.
+}
+
+UcxTransport::Handles::~Handles() {
+  if (worker != nullptr) ucp_worker_destroy(worker);
+  if (context != nullptr) ucp_cleanup(context);
 }
 
 // ---------------------------------------------------------------------------
@@ -234,24 +242,58 @@ Status UcxTransport::Send(proto::NodeId peer, proto::Message message) {
     hs->second.held.push_back(std::move(message));
     return Status::Ok();
   }
-  auto* pd = std::get_if<proto::PageData>(&message);
-  if (pd == nullptr || pd->data.size() > options_.batch_page_bytes) {
-    return SendOn(it->second, std::move(message));
+  if (auto* pd = std::get_if<proto::PageData>(&message)) {
+    return SendPage(peer, *pd, pd->data.size(), [pd](std::span<uint8_t> out) {
+      std::memcpy(out.data(), pd->data.data(), out.size());
+      return Status::Ok();
+    });
+  }
+  return SendOn(it->second, std::move(message));
+}
+
+Status UcxTransport::SendPage(proto::NodeId peer, const proto::PageData& header, size_t length,
+                              const PageFill& fill) {
+  auto it = peers_.find(peer);
+  if (it == peers_.end()) return Unavailable("no endpoint to node " + std::to_string(peer));
+  if (length > proto::kMaxPageSize) {
+    return InvalidArgument("a page of " + std::to_string(length) + " bytes is over the bound");
+  }
+  proto::PageData frame{header.page, header.txn, header.sender, header.version, {}};
+  if (auto hs = handshakes_.find(it->second); hs != handshakes_.end()) {
+    if (hs->second.held.size() >= options_.max_inflight_sends) {
+      return ResourceExhausted("messages waiting for node " + std::to_string(peer) +
+                               "'s handshake at their bound");
+    }
+    frame.data.resize(length);
+    DSVM_RETURN_IF_ERROR(fill(frame.data));
+    hs->second.held.push_back(std::move(frame));
+    return Status::Ok();
   }
   if (inflight_ >= options_.max_inflight_sends) {
     return ResourceExhausted("UCX sends in flight at their bound of " +
                              std::to_string(options_.max_inflight_sends));
   }
+  if (length > options_.batch_page_bytes) {
+    Bytes data(length);
+    DSVM_RETURN_IF_ERROR(fill(std::span<uint8_t>(data)));
+    return SendFrame(it->second, frame, std::move(data));
+  }
   Batch& b = batches_[peer];
   if (b.frame.pages.size() == proto::kMaxBatchPages ||
-      b.data.size() + pd->data.size() > proto::kMaxBatchBytes) {
+      b.data.size() + length > proto::kMaxBatchBytes) {
     SendBatch(peer, b);
   }
-  if (b.data.capacity() == 0) b.data.reserve(256u << 10);
+  // Room for the fullest batch at once: growing would copy what it holds.
+  if (b.data.capacity() == 0) b.data.reserve(proto::kMaxBatchBytes);
+  const size_t at = b.data.size();
+  b.data.resize(at + length);
+  if (Status st = fill(std::span<uint8_t>(b.data).subspan(at)); !st.ok()) {
+    b.data.resize(at);
+    return st;
+  }
   b.frame.sender = options_.self;
-  b.frame.pages.push_back(proto::BatchedPage{pd->page, pd->txn, pd->version,
-                                             static_cast<uint32_t>(pd->data.size())});
-  b.data.insert(b.data.end(), pd->data.begin(), pd->data.end());
+  b.frame.pages.push_back(
+      proto::BatchedPage{header.page, header.txn, header.version, static_cast<uint32_t>(length)});
   return Status::Ok();
 }
 
@@ -310,13 +352,15 @@ void UcxTransport::SendBatch(proto::NodeId peer, Batch& batch) {
 }
 
 Status UcxTransport::SendOn(ucp_ep_h ep, proto::Message message) {
-  std::vector<uint8_t> data;
-  if (auto* pd = std::get_if<proto::PageData>(&message)) data = std::move(pd->data);
+  Bytes data;
+  if (auto* pd = std::get_if<proto::PageData>(&message)) {
+    data.assign(pd->data.begin(), pd->data.end());
+    pd->data.clear();
+  }
   return SendFrame(ep, message, std::move(data));
 }
 
-Status UcxTransport::SendFrame(ucp_ep_h ep, const proto::Message& message,
-                               std::vector<uint8_t> data) {
+Status UcxTransport::SendFrame(ucp_ep_h ep, const proto::Message& message, Bytes data) {
   if (inflight_ >= options_.max_inflight_sends) {
     return ResourceExhausted("UCX sends in flight at their bound of " +
                              std::to_string(options_.max_inflight_sends));
@@ -400,14 +444,23 @@ ucs_status_t UcxTransport::OnActiveMessage(void* arg, const void* header, size_t
     ++self->stats_.malformed;
     return UCS_OK;
   }
-  const auto* bytes = static_cast<const uint8_t*>(data);
+  auto* bytes = static_cast<uint8_t*>(data);
   if (!(param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV)) {
-    if (batch != nullptr) {
-      self->DeliverBatch(from, *batch, {bytes, length});
-    } else {
-      pd->data.assign(bytes, bytes + length);
-      self->Deliver(from, std::move(frame->message));
+    if (length != 0 && (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_DATA)) {
+      // UCX lets us keep its buffer: the pages are handed on in it, and it
+      // goes back to UCX when the last of them is dropped. Every page is
+      // delivered (the peer is trusted and `length` is theirs), so the
+      // buffer is held past this call, as UCS_INPROGRESS tells UCX.
+      ++self->stats_.held_receives;
+      std::shared_ptr<const uint8_t> held(bytes, [h = self->handles_](const uint8_t* d) {
+        ucp_am_data_release(h->worker, const_cast<uint8_t*>(d));
+      });
+      self->DeliverPages(from, std::move(frame->message), std::move(held), length);
+      return UCS_INPROGRESS;
     }
+    std::shared_ptr<uint8_t[]> copy(new uint8_t[length]);
+    if (length != 0) std::memcpy(copy.get(), bytes, length);
+    self->DeliverPages(from, std::move(frame->message), {copy, copy.get()}, length);
     return UCS_OK;
   }
   // Rendezvous: the bytes are fetched into our buffer, then delivered.
@@ -415,12 +468,13 @@ ucs_status_t UcxTransport::OnActiveMessage(void* arg, const void* header, size_t
   rr->transport = self;
   rr->from = from;
   rr->message = std::move(frame->message);
-  rr->data.resize(length);
+  rr->data.reset(new uint8_t[length]);  // not zeroed: the receive writes every byte
+  rr->length = length;
   ucp_request_param_t p{};
   p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
   p.cb.recv_am = &UcxTransport::OnRecvDone;
   p.user_data = rr.get();
-  ucs_status_ptr_t s = ucp_am_recv_data_nbx(self->worker_, data, rr->data.data(), length, &p);
+  ucs_status_ptr_t s = ucp_am_recv_data_nbx(self->worker_, data, rr->data.get(), length, &p);
   if (s == nullptr) {
     OnRecvDone(nullptr, UCS_OK, length, rr.release());
   } else if (UCS_PTR_IS_ERR(s)) {
@@ -434,29 +488,26 @@ ucs_status_t UcxTransport::OnActiveMessage(void* arg, const void* header, size_t
 void UcxTransport::OnRecvDone(void* request, ucs_status_t status, size_t length, void* user_data) {
   std::unique_ptr<RecvRequest> rr(static_cast<RecvRequest*>(user_data));
   UcxTransport* self = rr->transport;
-  if (status == UCS_OK && length == rr->data.size()) {
+  if (status == UCS_OK && length == rr->length) {
     ++self->stats_.rendezvous_received;
-    if (auto* batch = std::get_if<proto::PageBatch>(&rr->message)) {
-      self->DeliverBatch(rr->from, *batch, rr->data);
-    } else {
-      std::get<proto::PageData>(rr->message).data = std::move(rr->data);
-      self->Deliver(rr->from, std::move(rr->message));
-    }
+    self->DeliverPages(rr->from, std::move(rr->message), {rr->data, rr->data.get()}, length);
   } else {
     ++self->stats_.malformed;
   }
   if (request != nullptr) ucp_request_free(request);
 }
 
-void UcxTransport::DeliverBatch(ucp_ep_h from, const proto::PageBatch& batch,
-                                std::span<const uint8_t> data) {
+void UcxTransport::DeliverPages(ucp_ep_h from, proto::Message message,
+                                std::shared_ptr<const uint8_t> buffer, size_t length) {
+  auto* batch = std::get_if<proto::PageBatch>(&message);
+  if (batch == nullptr) return Deliver(from, std::move(message), ReceivedPage{buffer, length});
   ++stats_.batches_received;
   size_t at = 0;
-  for (const proto::BatchedPage& p : batch.pages) {
-    proto::PageData d{p.page, p.txn, batch.sender, p.version, {}};
-    d.data.assign(data.begin() + at, data.begin() + at + p.length);
+  for (const proto::BatchedPage& p : batch->pages) {
+    // Each page shares the buffer and points at its own bytes in it.
+    Deliver(from, proto::PageData{p.page, p.txn, batch->sender, p.version, {}},
+            ReceivedPage{std::shared_ptr<const uint8_t>(buffer, buffer.get() + at), p.length});
     at += p.length;
-    Deliver(from, std::move(d));
   }
 }
 
@@ -544,7 +595,7 @@ bool UcxTransport::Authenticated(ucp_ep_h ep) const {
   return it != ep_node_.end() && it->second != proto::kNoNode && handshakes_.count(ep) == 0;
 }
 
-void UcxTransport::Deliver(ucp_ep_h from, proto::Message m) {
+void UcxTransport::Deliver(ucp_ep_h from, proto::Message m, ReceivedPage page) {
   if (auto* hello = std::get_if<proto::PeerHello>(&m)) return OnPeerHello(from, *hello);
   if (auto* c = std::get_if<proto::PeerChallenge>(&m)) return OnPeerChallenge(from, *c);
   if (auto* p = std::get_if<proto::PeerProof>(&m)) return OnPeerProof(from, *p);
@@ -554,7 +605,7 @@ void UcxTransport::Deliver(ucp_ep_h from, proto::Message m) {
   }
   ++stats_.received;
   std::vector<UcxIncoming>* out = sink_ != nullptr ? sink_ : &late_;
-  out->push_back(UcxIncoming{ep_node_.at(from), std::move(m)});
+  out->push_back(UcxIncoming{ep_node_.at(from), std::move(m), std::move(page)});
 }
 
 size_t UcxTransport::Progress(std::vector<UcxIncoming>* in) {

@@ -20,6 +20,7 @@
 #include <ucp/api/ucp.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -47,9 +48,23 @@ struct UcxOptions {
   size_t batch_page_bytes = 64u << 10;
 };
 
+// The bytes of one received page, where they arrived: in UCX's own receive
+// buffer, held until the last page of it is dropped, or in the buffer a
+// rendezvous received them into. Copies share the buffer; nothing copies the
+// bytes. A page may outlive its transport (UCX's worker stays until the last
+// such page goes). Drop them on the thread that calls Progress().
+struct ReceivedPage {
+  std::shared_ptr<const uint8_t> data;  // the page's first byte; owns the buffer
+  size_t size = 0;
+  std::span<const uint8_t> bytes() const { return {data.get(), size}; }
+};
+
 struct UcxIncoming {
   proto::NodeId from = proto::kNoNode;
+  // A PageData arrives without its bytes (its `data` is empty): they are
+  // in `page`.
   proto::Message message;
+  ReceivedPage page;
 };
 
 struct UcxStats {
@@ -63,6 +78,9 @@ struct UcxStats {
   uint64_t batches_sent = 0;      // PageBatch active messages
   uint64_t batched_pages = 0;     // pages that went in them
   uint64_t batches_received = 0;
+  // Eager messages with page bytes whose buffer UCX let us keep: their
+  // pages were delivered without a copy.
+  uint64_t held_receives = 0;
 };
 
 class UcxTransport {
@@ -93,11 +111,20 @@ class UcxTransport {
     return peers_.count(peer) != 0 ? peer_generation_.at(peer) : 0;
   }
 
-  // Sends one message. For PageData, `data` goes as the AM data; a page of
-  // at most batch_page_bytes joins the peer's batch, which goes when full or
-  // at FlushBatches(). Errors: kUnavailable (no endpoint to that peer),
+  // Sends one message. For PageData, `data` goes as the AM data (as
+  // SendPage). Errors: kUnavailable (no endpoint to that peer),
   // kResourceExhausted (too many sends in flight).
   Status Send(proto::NodeId peer, proto::Message message);
+  // Sends the page `header` names (its `data` is ignored), whose `length`
+  // bytes `fill` writes into the buffer they leave from: the peer's batch
+  // when the page is at most batch_page_bytes (the batch goes when full or
+  // at FlushBatches()), else a buffer of the page's own. So a page read from
+  // the store is copied once before UCX takes it. Errors: as Send; fill's
+  // error, and then nothing is sent; kInvalidArgument (length over
+  // kMaxPageSize).
+  using PageFill = std::function<Status(std::span<uint8_t>)>;
+  Status SendPage(proto::NodeId peer, const proto::PageData& header, size_t length,
+                  const PageFill& fill);
   // Sends every batch Send held. Call before the event loop sleeps. A batch
   // that cannot go is dropped and its peer's generation changes (the
   // protocol's retransmissions ask for its pages again).
@@ -121,9 +148,31 @@ class UcxTransport {
  private:
   struct SendRequest;
   struct RecvRequest;
+  // Bytes that are written at once after they are made (by a read, a fill
+  // or a receive): resize() leaves them unwritten rather than zeroing them.
+  template <typename T>
+  struct UninitAllocator : std::allocator<T> {
+    template <typename U> struct rebind { using other = UninitAllocator<U>; };
+    template <typename U> void construct(U* p) { ::new (static_cast<void*>(p)) U; }
+    template <typename U, typename... Args> void construct(U* p, Args&&... args) {
+      ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+    }
+  };
+  using Bytes = std::vector<uint8_t, UninitAllocator<uint8_t>>;
   struct Batch {
     proto::PageBatch frame;
-    std::vector<uint8_t> data;
+    Bytes data;
+  };
+  // The UCX context and worker, shared with every received page held in one
+  // of the worker's buffers: the last of them to go destroys them, so a page
+  // may outlive the transport and still be given back to UCX.
+  struct Handles {
+    ucp_context_h context = nullptr;
+    ucp_worker_h worker = nullptr;
+    Handles() = default;
+    Handles(const Handles&) = delete;
+    Handles& operator=(const Handles&) = delete;
+    ~Handles();
   };
 
   explicit UcxTransport(const UcxOptions& options) : options_(options) {}
@@ -134,7 +183,7 @@ class UcxTransport {
   static void OnSendDone(void* request, ucs_status_t status, void* user_data);
   static void OnRecvDone(void* request, ucs_status_t status, size_t length, void* user_data);
   static void OnEndpointError(void* arg, ucp_ep_h ep, ucs_status_t status);
-  void Deliver(ucp_ep_h from, proto::Message m);
+  void Deliver(ucp_ep_h from, proto::Message m) { Deliver(from, std::move(m), {}); }
   // The handshake's messages; false when the endpoint was refused.
   void OnPeerHello(ucp_ep_h from, const proto::PeerHello& m);
   void OnPeerChallenge(ucp_ep_h from, const proto::PeerChallenge& m);
@@ -142,15 +191,19 @@ class UcxTransport {
   void RefuseEndpoint(ucp_ep_h ep, const std::string& why);
   Status SendOn(ucp_ep_h ep, proto::Message message);
   // `data`: the AM data (PageData's bytes, a batch's); empty for none.
-  Status SendFrame(ucp_ep_h ep, const proto::Message& message, std::vector<uint8_t> data);
+  Status SendFrame(ucp_ep_h ep, const proto::Message& message, Bytes data);
   void SendBatch(proto::NodeId peer, Batch& batch);
-  // Hands each page of a received batch on as its PageData.
-  void DeliverBatch(ucp_ep_h from, const proto::PageBatch& batch, std::span<const uint8_t> data);
+  // Hands on a received PageData, or each page of a PageBatch as its
+  // PageData, with its bytes: the `length` bytes that `buffer` owns.
+  void DeliverPages(ucp_ep_h from, proto::Message message, std::shared_ptr<const uint8_t> buffer,
+                    size_t length);
+  void Deliver(ucp_ep_h from, proto::Message m, ReceivedPage page);
   void ForgetEndpoint(ucp_ep_h ep);
 
   UcxOptions options_;
   ucp_context_h context_ = nullptr;
-  ucp_worker_h worker_ = nullptr;
+  ucp_worker_h worker_ = nullptr;  // handles_'s, for short
+  std::shared_ptr<Handles> handles_ = std::make_shared<Handles>();
   ucp_listener_h listener_ = nullptr;
   int efd_ = -1;
   uint16_t port_ = 0;
