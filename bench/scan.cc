@@ -296,7 +296,7 @@ Result<ReaderReport> RunVariant(const ScanOptions& o, Cluster& c, Variant v, uin
                reader.prefetched_pages / pages);
   std::fprintf(stderr,
                "dsvm-bench: scan: %s: CPU seconds in the timed part: coordinator %.2f, owner "
-               "daemon %.2f, requester daemon %.2f, reader %.2f (of %.2f s on each CPU)\n",
+               "daemon %.2f, requester daemon %.2f, reader %.2f (the timed part: %.2f s)\n",
                Name(v), reader.coordinator_cpu_s, reader.owner_cpu_s, reader.requester_cpu_s,
                reader.reader_cpu_s, reader.seconds);
   return reader;
