@@ -714,7 +714,7 @@ Status NodeDaemon::DropRegion(proto::PageAddr base, const std::string& why) {
   // Its pages' states are the old region's: forget them, or they would
   // answer the new region's faults.
   const uint64_t size = stores_.at(base)->size();
-  EndWaits(agent_.ForgetRange(base, base + size), "region at " + Hex(base) + " " + why);
+  EndWaits(ForgetPages(base, base + size), "region at " + Hex(base) + " " + why);
   if (tier_) {
     // Its gpu maps lose their pages: their slots stay theirs until unmapped.
     LoseGpuMaps(base, base + size,
@@ -1125,7 +1125,7 @@ void NodeDaemon::HandleRegionDeleted(const proto::RegionDeleted& m) {
     // processes' page tables map is all they keep. The waits end, and
     // their faults, retried, fail.
     const uint64_t size = stores_.at(m.base)->size();
-    EndWaits(agent_.ForgetRange(m.base, m.base + size), "its region was deleted");
+    EndWaits(ForgetPages(m.base, m.base + size), "its region was deleted");
     return;
   }
   ++stats_.regions_deleted;
@@ -1139,6 +1139,11 @@ bool NodeDaemon::IsOfADeletedRegion(proto::PageAddr page) const {
   auto id = region_ids_.find(store->base());
   return deleted != deleted_mapped_.end() && id != region_ids_.end() &&
          id->second == deleted->second;
+}
+
+std::vector<WaiterId> NodeDaemon::ForgetPages(proto::PageAddr begin, proto::PageAddr end) {
+  std::erase_if(data_, [&](const auto& d) { return d.second.page >= begin && d.second.page < end; });
+  return agent_.ForgetRange(begin, end);
 }
 
 void NodeDaemon::DropUnmappedDeleted() {
@@ -1174,7 +1179,7 @@ size_t NodeDaemon::HandlePeerMessages() {
     ++stats_.pages_received;
     stats_.bytes_received += m.page.size;
     const DataHandle h = ++next_handle_;
-    data_[h] = std::move(m.page);
+    data_[h] = Received{d->page, std::move(m.page)};
     agent_.HandlePageData(*d, h, NowMs(), &acts);
   }
   if (!acts.empty()) Execute(acts);  // the pages of a batch together: Coalesce
@@ -1198,14 +1203,14 @@ void NodeDaemon::SendPage(proto::NodeId to, const proto::PageData& header, size_
     Status st = transport_->SendPage(to, header, length, fill);
     if (!st.ok()) {
       LogWarning("sending a page to node " + std::to_string(to) + ": " + st.ToString());
-    } else {
-      if (recent_sends_.insert_or_assign(key, transport_->PeerGeneration(to)).second) {
-        recent_sends_order_.push_back(key);
-      }
-      while (recent_sends_order_.size() > kRecentSends) {
-        recent_sends_.erase(recent_sends_order_.front());
-        recent_sends_order_.pop_front();
-      }
+      return;
+    }
+    if (recent_sends_.insert_or_assign(key, transport_->PeerGeneration(to)).second) {
+      recent_sends_order_.push_back(key);
+    }
+    while (recent_sends_order_.size() > kRecentSends) {
+      recent_sends_.erase(recent_sends_order_.front());
+      recent_sends_order_.pop_front();
     }
     ++stats_.pages_sent;
     stats_.bytes_sent += length;
@@ -1224,10 +1229,7 @@ void NodeDaemon::SendPage(proto::NodeId to, const proto::PageData& header, size_
   }
   proto::PageData d{header.page, header.txn, header.sender, header.version,
                     std::vector<uint8_t>(length)};
-  if (Status st = fill(d.data); !st.ok()) {
-    LogWarning("reading a page for node " + std::to_string(to) + ": " + st.ToString());
-    return;
-  }
+  if (Status st = fill(d.data); !st.ok()) return;  // fill said why
   waiting.push_back(std::move(d));
   ++pending_peer_count_;
   LookupPeers();
@@ -1483,7 +1485,7 @@ void NodeDaemon::FlushRuns() {
     InstallRun r = std::move(install_run_);
     install_run_ = {};
     std::vector<std::span<const uint8_t>> bytes;
-    for (DataHandle h : r.handles) bytes.push_back(data_.at(h).bytes());
+    for (DataHandle h : r.handles) bytes.push_back(data_.at(h).bytes.bytes());
     Status st = r.store->WritePages(r.first, bytes);
     if (!st.ok()) {
       ++stats_.protocol_errors;
@@ -1618,7 +1620,7 @@ void NodeDaemon::ExecuteOne(Action& a) {
           // Not expected: a region's pages are forgotten when it goes. The
           // request ends here rather than be resent for ever.
           check(NotFound("no open region"), "Acquire");
-          EndWaits(agent_.ForgetRange(a.page, a.page + 1), "its region is not open here");
+          EndWaits(ForgetPages(a.page, a.page + 1), "its region is not open here");
           return;
         }
         acquire->region = region_ids_.at(store->base());
@@ -1641,11 +1643,15 @@ void NodeDaemon::ExecuteOne(Action& a) {
       if (a.kind == ActionKind::kSendPage && backend_) {
         check(backend_->WriteBack(a.page), "write back for send");
       }
-      // Read straight into the buffer the page leaves from.
+      // Read straight into the buffer the page leaves from. A page that
+      // cannot be read is not sent: the requester asks again.
       SendPage(a.node, proto::PageData{a.page, a.txn, id_, a.version, {}}, store->page_size(),
                [&](std::span<uint8_t> out) {
-                 return a.kind == ActionKind::kSendPage ? store->ReadPage(a.page, out)
-                                                        : store->ReadStash(a.page, a.txn, out);
+                 const bool current = a.kind == ActionKind::kSendPage;
+                 Status st = current ? store->ReadPage(a.page, out)
+                                     : store->ReadStash(a.page, a.txn, out);
+                 check(st, current ? "read for send" : "read stash for send");
+                 return st;
                });
       return;
     }
@@ -1685,7 +1691,7 @@ void NodeDaemon::ExecuteOne(Action& a) {
     case ActionKind::kInstallData: {
       auto it = data_.find(a.handle);
       if (it == data_.end()) return check(NotFound("no such data handle"), "install");
-      check(store->WritePage(a.page, it->second.bytes()), "install");
+      check(store->WritePage(a.page, it->second.bytes.bytes()), "install");
       data_.erase(it);
       if (tier_) check(tier_->AddHostPage(a.page, NowMs()), "GPU tier admit");
       if (!preferred_gpu_.empty()) to_place_.push_back(a.page);

@@ -408,6 +408,9 @@ class NodeDaemon {
   // Ends waits the agent forgot: a process's fault is retried, an Access()
   // call fails with `why`.
   void EndWaits(const std::vector<WaiterId>& waiting, const std::string& why);
+  // agent_.ForgetRange, and the bytes received for those pages and not yet
+  // installed go too (the agent forgets their handles).
+  std::vector<WaiterId> ForgetPages(proto::PageAddr begin, proto::PageAddr end);
   // Forgets the store at `base` (its region was deleted) and its pages.
   // Errors: kFailedPrecondition (local processes still map it).
   Status DropRegion(proto::PageAddr base, const std::string& why);
@@ -557,7 +560,11 @@ class NodeDaemon {
   std::map<proto::PageAddr, proto::RegionId> region_ids_;        // which region each store is
   // Deleted regions (base -> id) kept because local processes still map them.
   std::map<proto::PageAddr, proto::RegionId> deleted_mapped_;
-  std::unordered_map<DataHandle, ReceivedPage> data_;    // received, not yet installed
+  struct Received {
+    proto::PageAddr page = 0;
+    ReceivedPage bytes;
+  };
+  std::unordered_map<DataHandle, Received> data_;  // received, not yet installed
   DataHandle next_handle_ = 0;
   std::unordered_map<WaiterId, Waiter> waiters_;
   WaiterId next_waiter_ = 0;

@@ -17,6 +17,11 @@ namespace {
 // The one active-message id dsvm uses: the frame inside says what it is.
 constexpr unsigned kAmId = 1;
 
+// Page bytes that arrive in an eager message of at least this size are
+// kept in UCX's buffer when UCX allows it; smaller ones are copied out (a
+// copy of a few pages costs less than UCX replacing a receive buffer).
+constexpr size_t kHoldMinBytes = 16u << 10;
+
 // A node id as the bytes a peer proof binds it with (little-endian).
 std::array<uint8_t, 4> NodeBytes(proto::NodeId node) {
   return {static_cast<uint8_t>(node), static_cast<uint8_t>(node >> 8),
@@ -50,7 +55,7 @@ Status ParseIpv4(const std::string& address, sockaddr_in* sa) {
 // A send in flight: owns the encoded frame and the page bytes until UCX
 // reports completion.
 struct UcxTransport::SendRequest {
-  UcxTransport* transport = nullptr;
+  Handles* handles = nullptr;
   std::vector<uint8_t> header;
   Bytes data;
 };
@@ -58,7 +63,7 @@ struct UcxTransport::SendRequest {
 // A rendezvous receive in flight: the PageData or PageBatch it will
 // complete, and the buffer its bytes arrive in.
 struct UcxTransport::RecvRequest {
-  UcxTransport* transport = nullptr;
+  Handles* handles = nullptr;
   ucp_ep_h from = nullptr;
   proto::Message message;
   std::shared_ptr<uint8_t[]> data;
@@ -93,6 +98,7 @@ Status UcxTransport::Start() {
   st = ucp_worker_create(context_, &wp, &handles_->worker);
   if (st != UCS_OK) return FromUcs("ucp_worker_create", st);
   worker_ = handles_->worker;
+  handles_->transport = this;
 
   ucp_worker_attr_t attr{};
   attr.field_mask = UCP_WORKER_ATTR_FIELD_MAX_AM_HEADER;
@@ -108,7 +114,7 @@ Status UcxTransport::Start() {
       UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB | UCP_AM_HANDLER_PARAM_FIELD_ARG;
   hp.id = kAmId;
   hp.cb = &UcxTransport::OnActiveMessage;
-  hp.arg = this;
+  hp.arg = handles_.get();
   st = ucp_worker_set_am_recv_handler(worker_, &hp);
   if (st != UCS_OK) return FromUcs("ucp_worker_set_am_recv_handler", st);
 
@@ -145,8 +151,11 @@ UcxTransport::~UcxTransport() {
     }
     if (listener_ != nullptr) ucp_listener_destroy(listener_);
   }
-  // The worker and the context go with handles_, now or once the last page
-  // still held in one of the worker's buffers is dropped.
+  // The worker and the context go now, or once the last page still held in
+  // one of the worker's buffers is dropped. Until then a callback the worker
+  // still makes (a send that outlived the flush) finds no transport.
+  handles_->transport = nullptr;
+  handles_.reset();
 }
 
 UcxTransport::Handles::~Handles() {
@@ -165,7 +174,7 @@ void UcxTransport::OnConnRequest(ucp_conn_request_h request, void* arg) {
   ep.conn_request = request;
   ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
   ep.err_handler.cb = &UcxTransport::OnEndpointError;
-  ep.err_handler.arg = self;
+  ep.err_handler.arg = self->handles_.get();
   ucp_ep_h h = nullptr;
   ucs_status_t st = ucp_ep_create(self->worker_, &ep, &h);
   if (st != UCS_OK) {
@@ -193,7 +202,7 @@ Status UcxTransport::Connect(proto::NodeId peer, const std::string& address) {
   // it also gives up shared-memory lanes (notes/ucx.md, pitfall 4).
   ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
   ep.err_handler.cb = &UcxTransport::OnEndpointError;
-  ep.err_handler.arg = this;
+  ep.err_handler.arg = handles_.get();
   ucp_ep_h h = nullptr;
   ucs_status_t st = ucp_ep_create(worker_, &ep, &h);
   if (st != UCS_OK) return FromUcs("connect to " + address, st);
@@ -209,7 +218,8 @@ Status UcxTransport::Connect(proto::NodeId peer, const std::string& address) {
 }
 
 void UcxTransport::OnEndpointError(void* arg, ucp_ep_h ep, ucs_status_t status) {
-  auto* self = static_cast<UcxTransport*>(arg);
+  UcxTransport* self = static_cast<Handles*>(arg)->transport;
+  if (self == nullptr) return;
   auto it = self->ep_node_.find(ep);
   const proto::NodeId node = it == self->ep_node_.end() ? proto::kNoNode : it->second;
   LogWarning("UCX endpoint to node " + std::to_string(node) + " failed: " +
@@ -283,8 +293,11 @@ Status UcxTransport::SendPage(proto::NodeId peer, const proto::PageData& header,
       b.data.size() + length > proto::kMaxBatchBytes) {
     SendBatch(peer, b);
   }
-  // Room for the fullest batch at once: growing would copy what it holds.
-  if (b.data.capacity() == 0) b.data.reserve(proto::kMaxBatchBytes);
+  // Room for the fullest batch of such pages at once: growing would copy
+  // what it holds.
+  if (b.data.capacity() == 0) {
+    b.data.reserve(std::min<size_t>(proto::kMaxBatchBytes, proto::kMaxBatchPages * length));
+  }
   const size_t at = b.data.size();
   b.data.resize(at + length);
   if (Status st = fill(std::span<uint8_t>(b.data).subspan(at)); !st.ok()) {
@@ -366,7 +379,7 @@ Status UcxTransport::SendFrame(ucp_ep_h ep, const proto::Message& message, Bytes
                              std::to_string(options_.max_inflight_sends));
   }
   auto req = std::make_unique<SendRequest>();
-  req->transport = this;
+  req->handles = handles_.get();
   req->data = std::move(data);
   proto::EncodeTo(message, 0, &req->header);
   DSVM_CHECK_MSG(req->header.size() <= max_am_header_, "frame larger than UCX's AM header limit");
@@ -376,7 +389,7 @@ Status UcxTransport::SendFrame(ucp_ep_h ep, const proto::Message& message, Bytes
   p.flags = UCP_AM_SEND_FLAG_REPLY;  // the receiver learns which endpoint sent it
   // A batch goes eagerly: rendezvous would cost a round trip (and the wake-up
   // of both daemons) before the bytes move; a batch is at most
-  // kMaxBatchBytes, and the receiver copies its pages out at once anyway.
+  // kMaxBatchBytes, and the receiver keeps it in UCX's buffer.
   if (std::holds_alternative<proto::PageBatch>(message)) p.flags |= UCP_AM_SEND_FLAG_EAGER;
   p.cb.send = &UcxTransport::OnSendDone;
   p.user_data = req.get();
@@ -398,12 +411,9 @@ Status UcxTransport::SendFrame(ucp_ep_h ep, const proto::Message& message, Bytes
 
 void UcxTransport::OnSendDone(void* request, ucs_status_t status, void* user_data) {
   std::unique_ptr<SendRequest> req(static_cast<SendRequest*>(user_data));
-  UcxTransport* self = req->transport;
-  --self->inflight_;
-  if (status == UCS_OK) {
-    ++self->stats_.sent;
-  } else {
-    ++self->stats_.send_errors;
+  if (UcxTransport* self = req->handles->transport; self != nullptr) {
+    --self->inflight_;
+    ++(status == UCS_OK ? self->stats_.sent : self->stats_.send_errors);
   }
   ucp_request_free(request);
 }
@@ -414,7 +424,8 @@ void UcxTransport::OnSendDone(void* request, ucs_status_t status, void* user_dat
 ucs_status_t UcxTransport::OnActiveMessage(void* arg, const void* header, size_t header_length,
                                            void* data, size_t length,
                                            const ucp_am_recv_param_t* param) {
-  auto* self = static_cast<UcxTransport*>(arg);
+  UcxTransport* self = static_cast<Handles*>(arg)->transport;
+  if (self == nullptr) return UCS_OK;  // the worker outlives the transport
   ucp_ep_h from = (param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) ? param->reply_ep : nullptr;
   auto frame = proto::Decode(
       std::span<const uint8_t>(static_cast<const uint8_t*>(header), header_length));
@@ -446,16 +457,18 @@ ucs_status_t UcxTransport::OnActiveMessage(void* arg, const void* header, size_t
   }
   auto* bytes = static_cast<uint8_t*>(data);
   if (!(param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV)) {
-    if (length != 0 && (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_DATA)) {
+    if (length >= kHoldMinBytes && (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_DATA)) {
       // UCX lets us keep its buffer: the pages are handed on in it, and it
-      // goes back to UCX when the last of them is dropped. Every page is
-      // delivered (the peer is trusted and `length` is theirs), so the
-      // buffer is held past this call, as UCS_INPROGRESS tells UCX.
+      // goes back to UCX when the last of them is dropped (UCS_INPROGRESS
+      // tells UCX it is kept). Should no page have been kept, it is UCX's
+      // again at once: the release is disarmed and UCS_OK returned.
+      std::shared_ptr<const uint8_t> held(bytes, AmDataRelease{self->handles_});
+      self->DeliverPages(from, std::move(frame->message), held, length);
+      if (held.use_count() == 1) {
+        std::get_deleter<AmDataRelease>(held)->armed = false;
+        return UCS_OK;
+      }
       ++self->stats_.held_receives;
-      std::shared_ptr<const uint8_t> held(bytes, [h = self->handles_](const uint8_t* d) {
-        ucp_am_data_release(h->worker, const_cast<uint8_t*>(d));
-      });
-      self->DeliverPages(from, std::move(frame->message), std::move(held), length);
       return UCS_INPROGRESS;
     }
     std::shared_ptr<uint8_t[]> copy(new uint8_t[length]);
@@ -465,7 +478,7 @@ ucs_status_t UcxTransport::OnActiveMessage(void* arg, const void* header, size_t
   }
   // Rendezvous: the bytes are fetched into our buffer, then delivered.
   auto rr = std::make_unique<RecvRequest>();
-  rr->transport = self;
+  rr->handles = self->handles_.get();
   rr->from = from;
   rr->message = std::move(frame->message);
   rr->data.reset(new uint8_t[length]);  // not zeroed: the receive writes every byte
@@ -487,8 +500,10 @@ ucs_status_t UcxTransport::OnActiveMessage(void* arg, const void* header, size_t
 
 void UcxTransport::OnRecvDone(void* request, ucs_status_t status, size_t length, void* user_data) {
   std::unique_ptr<RecvRequest> rr(static_cast<RecvRequest*>(user_data));
-  UcxTransport* self = rr->transport;
-  if (status == UCS_OK && length == rr->length) {
+  UcxTransport* self = rr->handles->transport;
+  if (self == nullptr) {
+    // the transport is gone: nothing to deliver to
+  } else if (status == UCS_OK && length == rr->length) {
     ++self->stats_.rendezvous_received;
     self->DeliverPages(rr->from, std::move(rr->message), {rr->data, rr->data.get()}, length);
   } else {

@@ -49,8 +49,9 @@ struct UcxOptions {
 };
 
 // The bytes of one received page, where they arrived: in UCX's own receive
-// buffer, held until the last page of it is dropped, or in the buffer a
-// rendezvous received them into. Copies share the buffer; nothing copies the
+// buffer, held until the last page of it is dropped (a large eager message),
+// or in a buffer of ours (a small eager message, copied out once, or a
+// rendezvous, received into it). Copies share the buffer; nothing copies the
 // bytes. A page may outlive its transport (UCX's worker stays until the last
 // such page goes). Drop them on the thread that calls Progress().
 struct ReceivedPage {
@@ -113,7 +114,8 @@ class UcxTransport {
 
   // Sends one message. For PageData, `data` goes as the AM data (as
   // SendPage). Errors: kUnavailable (no endpoint to that peer),
-  // kResourceExhausted (too many sends in flight).
+  // kResourceExhausted (too many sends in flight), kInvalidArgument (page
+  // bytes over kMaxPageSize).
   Status Send(proto::NodeId peer, proto::Message message);
   // Sends the page `header` names (its `data` is ignored), whose `length`
   // bytes `fill` writes into the buffer they leave from: the peer's batch
@@ -165,14 +167,24 @@ class UcxTransport {
   };
   // The UCX context and worker, shared with every received page held in one
   // of the worker's buffers: the last of them to go destroys them, so a page
-  // may outlive the transport and still be given back to UCX.
+  // may outlive the transport and still be given back to UCX. The worker's
+  // callbacks reach the transport through it.
   struct Handles {
     ucp_context_h context = nullptr;
     ucp_worker_h worker = nullptr;
+    UcxTransport* transport = nullptr;  // null once it is gone
     Handles() = default;
     Handles(const Handles&) = delete;
     Handles& operator=(const Handles&) = delete;
     ~Handles();
+  };
+  // Gives a held receive buffer back to UCX, unless disarmed.
+  struct AmDataRelease {
+    std::shared_ptr<Handles> handles;
+    bool armed = true;
+    void operator()(const uint8_t* data) const {
+      if (armed) ucp_am_data_release(handles->worker, const_cast<uint8_t*>(data));
+    }
   };
 
   explicit UcxTransport(const UcxOptions& options) : options_(options) {}

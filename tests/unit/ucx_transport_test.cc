@@ -152,6 +152,46 @@ TEST_P(UcxTransportTest, SmallPagesTravelInBatchesAndArriveIntact) {
   EXPECT_GT(a->stats().held_receives, 0u) << "UCX kept none of its receive buffers";
 }
 
+// A page whose bytes cannot be read (the fill fails) is not sent, and the
+// pages batched beside it go intact.
+TEST_P(UcxTransportTest, APageThatCannotBeReadIsNotSent) {
+  auto a = Make(1), b = Make(2);
+  ASSERT_TRUE(a && b);
+  ASSERT_TRUE(b->Connect(1, "127.0.0.1:" + std::to_string(a->port())).ok());
+  ASSERT_TRUE(b->Send(1, proto::Done{0x200000000000, 1, 2}).ok());  // through the handshake
+  ASSERT_TRUE(Pump({a.get(), b.get()}, [&] { return in_[0].size() == 1; }));
+  in_[0].clear();
+  auto fill_with = [](uint8_t v) {
+    return [v](std::span<uint8_t> out) {
+      std::fill(out.begin(), out.end(), v);
+      return Status::Ok();
+    };
+  };
+  const proto::PageData header{0x200000000000, 1, 2, 0, {}};
+  ASSERT_TRUE(b->SendPage(1, header, 4096, fill_with(1)).ok());
+  proto::PageData failing = header;
+  failing.page += 4096;
+  failing.txn = 2;
+  const Status st = b->SendPage(1, failing, 4096, [](std::span<uint8_t> out) {
+    std::fill(out.begin(), out.end(), 0xEE);  // partly written, then fails
+    return IoError("the store cannot be read");
+  });
+  EXPECT_EQ(st.code(), StatusCode::kIoError);
+  EXPECT_EQ(b->held_batch_pages(), 1u);
+  proto::PageData third = header;
+  third.page += 8192;
+  third.txn = 3;
+  ASSERT_TRUE(b->SendPage(1, third, 4096, fill_with(3)).ok());
+  EXPECT_EQ(b->held_batch_pages(), 2u);
+  ASSERT_TRUE(Pump({a.get(), b.get()}, [&] { return in_[0].size() == 2; }));
+  for (const UcxIncoming& m : in_[0]) {
+    const auto& d = std::get<proto::PageData>(m.message);
+    ASSERT_NE(d.txn, 2u) << "the page that failed was sent";
+    EXPECT_EQ(Copy(m.page), std::vector<uint8_t>(4096, static_cast<uint8_t>(d.txn)));
+  }
+  EXPECT_EQ(a->stats().malformed, 0u);
+}
+
 // Pages received in UCX's own buffers stay readable after their transport
 // is gone, and are given back then (under ASan: no leak, no use after free).
 TEST_P(UcxTransportTest, ReceivedPagesOutliveTheirTransport) {
@@ -161,8 +201,8 @@ TEST_P(UcxTransportTest, ReceivedPagesOutliveTheirTransport) {
   ASSERT_TRUE(b->Send(1, proto::Done{0x200000000000, 1, 2}).ok());  // through the handshake
   ASSERT_TRUE(Pump({a.get(), b.get()}, [&] { return in_[0].size() == 1; }));
   in_[0].clear();
-  // One batch of 128 KiB: more than one UCX fragment, so that UCX hands it
-  // over in a buffer it lets us keep (one of a single fragment is copied).
+  // One batch of 128 KiB: more than one UCX fragment on tcp, so that UCX
+  // hands it over in a buffer it lets us keep.
   constexpr uint64_t kPages = 32;
   for (uint64_t i = 0; i < kPages; ++i) {
     proto::PageData d{0x200000000000 + (i << 12), i + 1, 2, 0, std::vector<uint8_t>(4096)};
