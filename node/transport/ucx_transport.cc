@@ -481,7 +481,11 @@ ucs_status_t UcxTransport::OnActiveMessage(void* arg, const void* header, size_t
   rr->handles = self->handles_.get();
   rr->from = from;
   rr->message = std::move(frame->message);
-  rr->data.reset(new uint8_t[length]);  // not zeroed: the receive writes every byte
+  // Zeroed, though the receive writes every byte: that faults the buffer's
+  // pages in now, not inside the socket receive, where the faults held it
+  // up (2 MiB read faults over tcp: 1.00-1.01 GB/s left unzeroed against
+  // 1.09-1.17 zeroed, three alternated runs each).
+  rr->data.reset(new uint8_t[length]());
   rr->length = length;
   ucp_request_param_t p{};
   p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
