@@ -574,8 +574,23 @@ void PageDirectory::NodeDown(NodeId node, Outbox* out) {
 // ---------------------------------------------------------------------------
 // Persistence and inspection
 
+void PageDirectory::MarkDirty(PageAddr page) {
+  auto it = pages_.find(page);
+  DSVM_CHECK_MSG(it != pages_.end(), "a page changed that the directory does not hold");
+  if (!it->second.dirty) {
+    it->second.dirty = true;
+    dirty_.push_back(page);
+  }
+}
+
 void PageDirectory::TakeDirty(std::vector<PageRecord>* records) {
-  for (PageAddr page : dirty_) records->push_back(pages_.at(page).rec);
+  for (PageAddr page : dirty_) {
+    auto it = pages_.find(page);
+    // Gone (DropRange), or gone and made again since and not changed.
+    if (it == pages_.end() || !it->second.dirty) continue;
+    it->second.dirty = false;
+    records->push_back(it->second.rec);
+  }
   dirty_.clear();
 }
 
@@ -591,8 +606,7 @@ void PageDirectory::Restore(const PageRecord& record) {
 void PageDirectory::DropRange(PageAddr begin, PageAddr end) {
   for (auto it = pages_.begin(); it != pages_.end();) {
     if (it->first >= begin && it->first < end) {
-      busy_.erase(it->first);
-      dirty_.erase(it->first);
+      busy_.erase(it->first);  // its dirty_ entry is skipped by TakeDirty
       it = pages_.erase(it);
     } else {
       ++it;

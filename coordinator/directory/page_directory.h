@@ -162,10 +162,12 @@ class PageDirectory {
     // Bounded by kMaxNodes: one per node. A vector, not a deque: an empty
     // std::deque allocates over 500 bytes, and most pages never queue.
     std::vector<Waiting> queue;
+    bool dirty = false;  // listed in dirty_
   };
 
   Page& GetPage(PageAddr page);
-  void MarkDirty(PageAddr page) { dirty_.insert(page); }
+  // Lists the page for the next TakeDirty, once. REQUIRES: it is in pages_.
+  void MarkDirty(PageAddr page);
 
   // Runs queued requests until one starts a transaction or the queue is empty.
   void Drain(Page& p, uint64_t now_ms, Outbox* out);
@@ -194,7 +196,10 @@ class PageDirectory {
   DirectoryOptions options_;
   std::unordered_map<PageAddr, Page> pages_;
   std::unordered_set<PageAddr> busy_;
-  std::unordered_set<PageAddr> dirty_;
+  // Pages changed since the last TakeDirty, each once (Page::dirty), in the
+  // order they changed; a page dropped meanwhile (DropRange) may remain.
+  // A vector, not a set: a set allocates a node per page changed.
+  std::vector<PageAddr> dirty_;
   std::set<NodeId> live_;
   DirectoryStats stats_;
 };
