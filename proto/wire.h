@@ -55,6 +55,50 @@ class Writer {
   std::vector<uint8_t>* out_;
 };
 
+// Applies the Reader's rules to values in memory, without encoding them:
+// flags 0 or 1, status codes and enums (as the Writer stores them, one
+// byte) in range, strings, blobs and lists within their bounds. What passes
+// decodes again once written. The first failure sticks.
+class Checker {
+ public:
+  void U8(uint8_t) {}
+  void U16(uint16_t) {}
+  void U32(uint32_t) {}
+  void U64(uint64_t) {}
+  void Flag(uint8_t v) {
+    if (v > 1) Fail("flag is not 0 or 1");
+  }
+  void Code(uint16_t v) {
+    if (v > kMaxStatusCode) Fail("status code out of range");
+  }
+  template <typename E> void Enum(E v, uint8_t max) {
+    const auto raw = static_cast<uint8_t>(v);
+    if (raw == 0 || raw > max) Fail("enum value " + std::to_string(raw) + " out of range");
+  }
+  void Str(const std::string& s, uint32_t bound) { Bound(s.size(), bound); }
+  void Blob(const std::vector<uint8_t>& b, uint32_t bound) { Bound(b.size(), bound); }
+  void U32List(const std::vector<uint32_t>& l, uint32_t bound) { Bound(l.size(), bound); }
+  template <typename T> void List(std::vector<T>& l, uint32_t bound) {
+    Bound(l.size(), bound);
+    for (T& e : l) e.Visit(*this);
+  }
+  void Refuse(std::string why) { Fail(std::move(why)); }
+
+  bool ok() const { return ok_; }
+  const std::string& error() const { return error_; }
+
+ private:
+  void Bound(size_t n, uint32_t bound) {
+    if (n > bound) Fail("length " + std::to_string(n) + " over bound " + std::to_string(bound));
+  }
+  void Fail(std::string why) {
+    if (ok_) error_ = std::move(why);
+    ok_ = false;
+  }
+  bool ok_ = true;
+  std::string error_;
+};
+
 // Reads fields little-endian. The first failure sticks: later reads return
 // zeros, and status() reports the first problem.
 class Reader {

@@ -581,19 +581,19 @@ Status Store::WriteDirectory(const std::vector<PageRecord>& records) {
   if (records.empty()) return Status::Ok();
   rocksdb::WriteBatch batch;
   std::vector<uint8_t> bytes;
-  PageRecord check;
   for (const PageRecord& r : records) {
-    bytes.clear();
-    proto::Writer w(&bytes);
-    const_cast<PageRecord&>(r).Visit(w);  // Visit() is shared with Reader, hence not const
     // An enum the Reader refuses (state kReserved, say) would make the store
     // unloadable at the next start; refuse it now, while the caller can react.
-    Status decoded = proto::DecodeFields(std::span<const uint8_t>(bytes), &check);
-    if (!decoded.ok()) {
+    // The Checker applies the Reader's rules without decoding the bytes.
+    proto::Checker check;
+    const_cast<PageRecord&>(r).Visit(check);  // Visit() is shared with Reader, hence not const
+    if (!check.ok()) {
       return InvalidArgument(Where("WriteDirectory", dir_) + "record of page " + Hex64(r.page) +
-                             " would not load back (" + decoded.message() +
-                             "); nothing written");
+                             " would not load back (" + check.error() + "); nothing written");
     }
+    bytes.clear();
+    proto::Writer w(&bytes);
+    const_cast<PageRecord&>(r).Visit(w);
     rocksdb::Slice value(reinterpret_cast<const char*>(bytes.data()), bytes.size());
     rocksdb::Status s = batch.Put(MakeKey(kPagePrefix, r.page), value);
     if (!s.ok()) return FromRocks(s, "WriteDirectory", dir_);

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -343,12 +344,23 @@ TEST_F(StoreTest, DeleteDirectoryRangeRemovesExactlyTheRange) {
 TEST_F(StoreTest, WriteDirectoryRefusesRecordThatWouldNotLoad) {
   auto store = OpenOk();
   ASSERT_NE(store, nullptr);
-  PageRecord bad = MakePage(0x2000, 2);
-  bad.state = proto::PageState::kReserved;  // value 0: the decoder refuses it
-  Status s = store->WriteDirectory({MakePage(0x1000, 1), bad});
-  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
-  EXPECT_TRUE(Contains(s.message(), "0x2000"));
-  EXPECT_TRUE(LoadAll(*store).empty()) << "part of a refused batch was written";
+  // Each breaks one rule the decoder enforces, at the top or in the nested
+  // transaction.
+  std::vector<std::function<void(PageRecord&)>> breaks = {
+      [](PageRecord& r) { r.state = proto::PageState::kReserved; },  // value 0
+      [](PageRecord& r) { r.state = static_cast<proto::PageState>(proto::kMaxPageState + 1); },
+      [](PageRecord& r) { r.busy = 2; },  // a flag is 0 or 1
+      [](PageRecord& r) { r.tx.source = static_cast<proto::DataSource>(proto::kMaxDataSource + 1); },
+      [](PageRecord& r) { r.tx.grant_sent = 7; },
+  };
+  for (size_t i = 0; i < breaks.size(); ++i) {
+    PageRecord bad = MakePage(0x2000, 2);
+    breaks[i](bad);
+    Status s = store->WriteDirectory({MakePage(0x1000, 1), bad});
+    EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << i;
+    EXPECT_TRUE(Contains(s.message(), "0x2000")) << i << ": " << s.message();
+    EXPECT_TRUE(LoadAll(*store).empty()) << i << ": part of a refused batch was written";
+  }
 }
 
 TEST_F(StoreTest, LoadDirectoryStopsAtCallbackError) {
