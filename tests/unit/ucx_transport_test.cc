@@ -59,6 +59,19 @@ class UcxTransportTest : public ::testing::TestWithParam<const char*> {
     return true;
   }
 
+  // Node 2 (*b) connected to node 1 (*a), its handshake done: a first
+  // message went through it, so what is sent next leaves at once (and
+  // small pages batch) rather than wait for the handshake.
+  void ConnectedPair(std::unique_ptr<UcxTransport>* a, std::unique_ptr<UcxTransport>* b) {
+    *a = Make(1);
+    *b = Make(2);
+    ASSERT_TRUE(*a && *b);
+    ASSERT_TRUE((*b)->Connect(1, "127.0.0.1:" + std::to_string((*a)->port())).ok());
+    ASSERT_TRUE((*b)->Send(1, proto::Done{0x200000000000, 1, 2}).ok());
+    ASSERT_TRUE(Pump({a->get(), b->get()}, [&] { return in_[0].size() == 1; }));
+    in_[0].clear();
+  }
+
   std::vector<UcxIncoming> in_[3];
 };
 
@@ -113,12 +126,8 @@ TEST_P(UcxTransportTest, PageBytesArriveIntactSmallAndLarge) {
 // Small pages for one peer travel together (PageBatch) and arrive as the
 // PageData they were, each intact; a large page goes alone among them.
 TEST_P(UcxTransportTest, SmallPagesTravelInBatchesAndArriveIntact) {
-  auto a = Make(1), b = Make(2);
-  ASSERT_TRUE(a && b);
-  ASSERT_TRUE(b->Connect(1, "127.0.0.1:" + std::to_string(a->port())).ok());
-  ASSERT_TRUE(b->Send(1, proto::Done{0x200000000000, 1, 2}).ok());  // through the handshake
-  ASSERT_TRUE(Pump({a.get(), b.get()}, [&] { return in_[0].size() == 1; }));
-  in_[0].clear();
+  std::unique_ptr<UcxTransport> a, b;
+  ASSERT_NO_FATAL_FAILURE(ConnectedPair(&a, &b));
   // 150 pages in one turn: more than one batch holds (kMaxBatchPages), of
   // mixed sizes; every 50th is 2 MiB, over the batching bound.
   constexpr uint64_t kPages = 150;
@@ -155,12 +164,8 @@ TEST_P(UcxTransportTest, SmallPagesTravelInBatchesAndArriveIntact) {
 // A page whose bytes cannot be read (the fill fails) is not sent, and the
 // pages batched beside it go intact.
 TEST_P(UcxTransportTest, APageThatCannotBeReadIsNotSent) {
-  auto a = Make(1), b = Make(2);
-  ASSERT_TRUE(a && b);
-  ASSERT_TRUE(b->Connect(1, "127.0.0.1:" + std::to_string(a->port())).ok());
-  ASSERT_TRUE(b->Send(1, proto::Done{0x200000000000, 1, 2}).ok());  // through the handshake
-  ASSERT_TRUE(Pump({a.get(), b.get()}, [&] { return in_[0].size() == 1; }));
-  in_[0].clear();
+  std::unique_ptr<UcxTransport> a, b;
+  ASSERT_NO_FATAL_FAILURE(ConnectedPair(&a, &b));
   auto fill_with = [](uint8_t v) {
     return [v](std::span<uint8_t> out) {
       std::fill(out.begin(), out.end(), v);
@@ -195,12 +200,8 @@ TEST_P(UcxTransportTest, APageThatCannotBeReadIsNotSent) {
 // Pages received in UCX's own buffers stay readable after their transport
 // is gone, and are given back then (under ASan: no leak, no use after free).
 TEST_P(UcxTransportTest, ReceivedPagesOutliveTheirTransport) {
-  auto a = Make(1), b = Make(2);
-  ASSERT_TRUE(a && b);
-  ASSERT_TRUE(b->Connect(1, "127.0.0.1:" + std::to_string(a->port())).ok());
-  ASSERT_TRUE(b->Send(1, proto::Done{0x200000000000, 1, 2}).ok());  // through the handshake
-  ASSERT_TRUE(Pump({a.get(), b.get()}, [&] { return in_[0].size() == 1; }));
-  in_[0].clear();
+  std::unique_ptr<UcxTransport> a, b;
+  ASSERT_NO_FATAL_FAILURE(ConnectedPair(&a, &b));
   // One batch of 128 KiB: more than one UCX fragment on tcp, so that UCX
   // hands it over in a buffer it lets us keep.
   constexpr uint64_t kPages = 32;
