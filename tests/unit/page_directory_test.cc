@@ -828,6 +828,32 @@ TEST_F(PageDirectoryTest, TakeDirtyReturnsEachChangedRecordOnce) {
   EXPECT_TRUE(dirty.empty());
 }
 
+// A page changed, dropped with its range and made again before the records
+// are taken: one record, its newest; made again but not changed: none.
+TEST_F(PageDirectoryTest, TakeDirtyAfterADropHasOnlyWhatChangedSince) {
+  Up({1, 2});
+  Outbox out;
+  dir_->HandleAcquire(proto::Acquire{kPage, 1, AccessKind::kWrite, 1, 0}, now_, &out);
+  dir_->HandleAcquire(proto::Acquire{kPage + 4096, 1, AccessKind::kWrite, 2, 0}, now_, &out);
+  dir_->DropRange(kPage, kPage + 8192);  // both were changed, neither taken
+  dir_->HandleAcquire(proto::Acquire{kPage, 2, AccessKind::kRead, 1, 0}, now_, &out);
+  std::vector<PageRecord> dirty;
+  dir_->TakeDirty(&dirty);
+  ASSERT_EQ(dirty.size(), 1u);
+  EXPECT_EQ(dirty[0].page, kPage);
+  EXPECT_EQ(dirty[0].tx.requester, 2u) << "the record of before the drop was written";
+  // Changed, dropped, then made again without a change (Restore, as at a
+  // start): nothing to write.
+  dir_->HandleAcquire(proto::Acquire{kPage + 4096, 1, AccessKind::kWrite, 3, 0}, now_, &out);
+  dir_->DropRange(kPage + 4096, kPage + 8192);
+  PageRecord again;
+  again.page = kPage + 4096;
+  dir_->Restore(again);
+  dirty.clear();
+  dir_->TakeDirty(&dirty);
+  EXPECT_TRUE(dirty.empty());
+}
+
 // kill -9 at each point of a write that needs an invalidation: the restarted
 // directory, loaded from the store alone, resends exactly what is still owed.
 TEST_F(PageDirectoryTest, RestartFromStoreResendsTransactionInFlight) {
