@@ -57,8 +57,10 @@ class Writer {
 
 // Applies the Reader's rules to values in memory, without encoding them:
 // flags 0 or 1, status codes and enums (as the Writer stores them, one
-// byte) in range, strings, blobs and lists within their bounds. What passes
-// decodes again once written. The first failure sticks.
+// byte) in range, strings, blobs and lists within their bounds. A record
+// that passes decodes again with DecodeFields once written. Not a check of
+// whole messages: Decode also runs Validate(), and a Visit() may check more
+// when its visitor is a Reader (PageRun's). The first failure sticks.
 class Checker {
  public:
   void U8(uint8_t) {}
