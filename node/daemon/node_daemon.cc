@@ -1200,9 +1200,14 @@ void NodeDaemon::SendPage(proto::NodeId to, const proto::PageData& header, size_
                           const UcxTransport::PageFill& fill) {
   if (transport_->HasPeer(to)) {
     const SentPage key{to, header.page, header.txn};
-    Status st = transport_->SendPage(to, header, length, fill);
+    bool read = true;  // false: fill failed, and said so
+    Status st = transport_->SendPage(to, header, length, [&](std::span<uint8_t> out) {
+      Status filled = fill(out);
+      read = filled.ok();
+      return filled;
+    });
     if (!st.ok()) {
-      LogWarning("sending a page to node " + std::to_string(to) + ": " + st.ToString());
+      if (read) LogWarning("sending a page to node " + std::to_string(to) + ": " + st.ToString());
       return;
     }
     if (recent_sends_.insert_or_assign(key, transport_->PeerGeneration(to)).second) {

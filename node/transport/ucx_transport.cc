@@ -137,7 +137,13 @@ Status UcxTransport::Start() {
 UcxTransport::~UcxTransport() {
   if (worker_ != nullptr) {
     Flush(1000).IgnoreError();
-    for (ucp_ep_h ep : all_eps_) {
+    // No new endpoints while the old ones close (OnConnRequest), and the
+    // list is walked as a copy: the progress below may forget endpoints.
+    if (listener_ != nullptr) ucp_listener_destroy(listener_);
+    listener_ = nullptr;
+    const std::vector<ucp_ep_h> eps = std::move(all_eps_);
+    all_eps_.clear();
+    for (ucp_ep_h ep : eps) {
       ucp_request_param_t p{};
       p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
       p.flags = UCP_EP_CLOSE_FLAG_FORCE;
@@ -149,7 +155,6 @@ UcxTransport::~UcxTransport() {
         ucp_request_free(r);
       }
     }
-    if (listener_ != nullptr) ucp_listener_destroy(listener_);
   }
   // The worker and the context go now, or once the last page still held in
   // one of the worker's buffers is dropped. Until then a callback the worker
@@ -244,6 +249,10 @@ void UcxTransport::ForgetEndpoint(ucp_ep_h ep) {
 Status UcxTransport::Send(proto::NodeId peer, proto::Message message) {
   auto it = peers_.find(peer);
   if (it == peers_.end()) return Unavailable("no endpoint to node " + std::to_string(peer));
+  if (auto* pd = std::get_if<proto::PageData>(&message); pd && pd->data.size() > proto::kMaxPageSize) {
+    return InvalidArgument("a page of " + std::to_string(pd->data.size()) +
+                           " bytes is over the bound");
+  }
   if (auto hs = handshakes_.find(it->second); hs != handshakes_.end()) {
     if (hs->second.held.size() >= options_.max_inflight_sends) {
       return ResourceExhausted("messages waiting for node " + std::to_string(peer) +
@@ -389,7 +398,7 @@ Status UcxTransport::SendFrame(ucp_ep_h ep, const proto::Message& message, Bytes
   p.flags = UCP_AM_SEND_FLAG_REPLY;  // the receiver learns which endpoint sent it
   // A batch goes eagerly: rendezvous would cost a round trip (and the wake-up
   // of both daemons) before the bytes move; a batch is at most
-  // kMaxBatchBytes, and the receiver keeps it in UCX's buffer.
+  // kMaxBatchBytes, and the receiver keeps a large one in UCX's buffer.
   if (std::holds_alternative<proto::PageBatch>(message)) p.flags |= UCP_AM_SEND_FLAG_EAGER;
   p.cb.send = &UcxTransport::OnSendDone;
   p.user_data = req.get();
