@@ -247,27 +247,27 @@ void UcxTransport::ForgetEndpoint(ucp_ep_h ep) {
 // Sending
 
 Status UcxTransport::Send(proto::NodeId peer, proto::Message message) {
-  auto it = peers_.find(peer);
-  if (it == peers_.end()) return Unavailable("no endpoint to node " + std::to_string(peer));
-  if (auto* pd = std::get_if<proto::PageData>(&message); pd && pd->data.size() > proto::kMaxPageSize) {
-    return InvalidArgument("a page of " + std::to_string(pd->data.size()) +
-                           " bytes is over the bound");
-  }
-  if (auto hs = handshakes_.find(it->second); hs != handshakes_.end()) {
-    if (hs->second.held.size() >= options_.max_inflight_sends) {
-      return ResourceExhausted("messages waiting for node " + std::to_string(peer) +
-                               "'s handshake at their bound");
-    }
-    hs->second.held.push_back(std::move(message));
-    return Status::Ok();
-  }
   if (auto* pd = std::get_if<proto::PageData>(&message)) {
     return SendPage(peer, *pd, pd->data.size(), [pd](std::span<uint8_t> out) {
       std::memcpy(out.data(), pd->data.data(), out.size());
       return Status::Ok();
     });
   }
+  auto it = peers_.find(peer);
+  if (it == peers_.end()) return Unavailable("no endpoint to node " + std::to_string(peer));
+  if (auto hs = handshakes_.find(it->second); hs != handshakes_.end()) {
+    return HoldForHandshake(peer, hs->second, std::move(message));
+  }
   return SendOn(it->second, std::move(message));
+}
+
+Status UcxTransport::HoldForHandshake(proto::NodeId peer, Handshake& hs, proto::Message message) {
+  if (hs.held.size() >= options_.max_inflight_sends) {
+    return ResourceExhausted("messages waiting for node " + std::to_string(peer) +
+                             "'s handshake at their bound");
+  }
+  hs.held.push_back(std::move(message));
+  return Status::Ok();
 }
 
 Status UcxTransport::SendPage(proto::NodeId peer, const proto::PageData& header, size_t length,
@@ -279,14 +279,9 @@ Status UcxTransport::SendPage(proto::NodeId peer, const proto::PageData& header,
   }
   proto::PageData frame{header.page, header.txn, header.sender, header.version, {}};
   if (auto hs = handshakes_.find(it->second); hs != handshakes_.end()) {
-    if (hs->second.held.size() >= options_.max_inflight_sends) {
-      return ResourceExhausted("messages waiting for node " + std::to_string(peer) +
-                               "'s handshake at their bound");
-    }
     frame.data.resize(length);
     DSVM_RETURN_IF_ERROR(fill(frame.data));
-    hs->second.held.push_back(std::move(frame));
-    return Status::Ok();
+    return HoldForHandshake(peer, hs->second, std::move(frame));
   }
   if (inflight_ >= options_.max_inflight_sends) {
     return ResourceExhausted("UCX sends in flight at their bound of " +

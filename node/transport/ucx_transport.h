@@ -238,6 +238,9 @@ class UcxTransport {
     std::vector<proto::Message> held;
   };
   std::unordered_map<ucp_ep_h, Handshake> handshakes_;
+  // Queues a message behind an endpoint's handshake, up to
+  // max_inflight_sends of them (kResourceExhausted past that).
+  Status HoldForHandshake(proto::NodeId peer, Handshake& hs, proto::Message message);
   std::vector<ucp_ep_h> all_eps_;
   std::vector<ucp_ep_h> failed_eps_;                     // closed at the next Progress
   std::vector<UcxIncoming>* sink_ = nullptr;             // valid during Progress
