@@ -18,6 +18,17 @@ namespace {
 
 std::string Errno(const std::string& what) { return what + ": " + std::strerror(errno); }
 
+std::string Hex(std::span<const uint8_t> bytes) {
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string out;
+  out.reserve(bytes.size() * 2);
+  for (const uint8_t b : bytes) {
+    out.push_back(kHex[b >> 4]);
+    out.push_back(kHex[b & 15]);
+  }
+  return out;
+}
+
 }  // namespace
 
 Result<ClusterSecret> ClusterSecret::Load(const std::string& path) {
@@ -69,11 +80,17 @@ Result<ClusterSecret> ClusterSecret::Generate(const std::string& path) {
     const std::string why = Errno("creating cluster secret " + path);
     return errno == EEXIST ? AlreadyExists(why) : IoError(why);
   }
-  const Nonce bytes = RandomNonce();
-  const bool written = ::write(fd, bytes.data(), bytes.size()) == static_cast<ssize_t>(bytes.size());
+  // Hex text, not raw bytes: Load drops a trailing newline, so a raw secret
+  // whose last random byte is '\n' (1 in 256) would load as a different
+  // secret from the one returned here.
+  std::string text = Hex(RandomNonce());
+  ClusterSecret secret =
+      FromBytes(std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(text.data()), text.size()));
+  text.push_back('\n');
+  const bool written = ::write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size());
   ::close(fd);
   if (!written) return IoError("writing cluster secret " + path);
-  return FromBytes(bytes);
+  return secret;
 }
 
 ClusterSecret ClusterSecret::FromBytes(std::span<const uint8_t> bytes) {
@@ -109,13 +126,7 @@ std::string TokenDigest(std::string_view token) {
   unsigned char md[EVP_MAX_MD_SIZE];
   unsigned int len = 0;
   DSVM_CHECK(EVP_Digest(token.data(), token.size(), md, &len, EVP_sha256(), nullptr) == 1);
-  static constexpr char kHex[] = "0123456789abcdef";
-  std::string out;
-  for (unsigned int i = 0; i < len; ++i) {
-    out.push_back(kHex[md[i] >> 4]);
-    out.push_back(kHex[md[i] & 15]);
-  }
-  return out;
+  return Hex(std::span<const uint8_t>(md, len));
 }
 
 bool TokenMatches(const std::string& digest, std::string_view token) {

@@ -44,8 +44,9 @@ class ClusterSecret {
   // `deploy/make-secret.sh` writes one. Errors: kNotFound, kPermissionDenied
   // (mode), kInvalidArgument (size), kIoError.
   static Result<ClusterSecret> Load(const std::string& path);
-  // Writes a new secret file at `path` (32 random bytes, mode 0600; the
-  // file must not exist) and returns the secret. Errors: kAlreadyExists,
+  // Writes a new secret file at `path` (32 random bytes as 64 hex digits
+  // and a newline, mode 0600; the file must not exist) and returns the
+  // secret, the same one Load gives from that file. Errors: kAlreadyExists,
   // kIoError.
   static Result<ClusterSecret> Generate(const std::string& path);
   // For tests: a secret from bytes. REQUIRES: kMinSecretSize..kMaxSecretSize.
