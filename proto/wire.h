@@ -55,55 +55,69 @@ class Writer {
   std::vector<uint8_t>* out_;
 };
 
-// Applies the Reader's rules to values in memory, without encoding them:
-// flags 0 or 1, status codes and enums (as the Writer stores them, one
-// byte) in range, strings, blobs and lists within their bounds. A record
-// that passes decodes again with DecodeFields once written. Not a check of
-// whole messages: Decode also runs Validate(), and a Visit() may check more
-// when its visitor is a Reader (PageRun's). The first failure sticks.
-class Checker {
+// What Reader and Checker share: the rules a field's value must meet, and
+// the first failure, which sticks.
+class FieldRules {
  public:
-  void U8(uint8_t) {}
-  void U16(uint16_t) {}
-  void U32(uint32_t) {}
-  void U64(uint64_t) {}
-  void Flag(uint8_t v) {
-    if (v > 1) Fail("flag is not 0 or 1");
-  }
-  void Code(uint16_t v) {
-    if (v > kMaxStatusCode) Fail("status code out of range");
-  }
-  template <typename E> void Enum(E v, uint8_t max) {
-    const auto raw = static_cast<uint8_t>(v);
-    if (raw == 0 || raw > max) Fail("enum value " + std::to_string(raw) + " out of range");
-  }
-  void Str(const std::string& s, uint32_t bound) { Bound(s.size(), bound); }
-  void Blob(const std::vector<uint8_t>& b, uint32_t bound) { Bound(b.size(), bound); }
-  void U32List(const std::vector<uint32_t>& l, uint32_t bound) { Bound(l.size(), bound); }
-  template <typename T> void List(std::vector<T>& l, uint32_t bound) {
-    Bound(l.size(), bound);
-    for (T& e : l) e.Visit(*this);
-  }
+  // For a Visit() that finds a value it cannot decode further.
   void Refuse(std::string why) { Fail(std::move(why)); }
 
   bool ok() const { return ok_; }
   const std::string& error() const { return error_; }
 
- private:
-  void Bound(size_t n, uint32_t bound) {
+ protected:
+  void CheckFlag(uint8_t v) {
+    if (v > 1) Fail("flag is not 0 or 1");
+  }
+  void CheckCode(uint16_t v) {
+    if (v > kMaxStatusCode) Fail("status code out of range");
+  }
+  // Enums are stored in one byte; 0 is never a valid value.
+  void CheckEnum(uint8_t raw, uint8_t max) {
+    if (raw == 0 || raw > max) Fail("enum value " + std::to_string(raw) + " out of range");
+  }
+  // A string's or blob's length.
+  void CheckLength(size_t n, uint32_t bound) {
     if (n > bound) Fail("length " + std::to_string(n) + " over bound " + std::to_string(bound));
   }
   void Fail(std::string why) {
     if (ok_) error_ = std::move(why);
     ok_ = false;
   }
+
   bool ok_ = true;
+
+ private:
   std::string error_;
 };
 
+// Applies the Reader's rules to values in memory, without encoding them:
+// flags 0 or 1, status codes and enums (as the Writer stores them, one
+// byte) in range, strings, blobs and lists within their bounds. A record
+// that passes decodes again with DecodeFields once written. Not a check of
+// whole messages: Decode also runs Validate(), and a Visit() may check more
+// when its visitor is a Reader (PageRun's).
+class Checker : public FieldRules {
+ public:
+  void U8(uint8_t) {}
+  void U16(uint16_t) {}
+  void U32(uint32_t) {}
+  void U64(uint64_t) {}
+  void Flag(uint8_t v) { CheckFlag(v); }
+  void Code(uint16_t v) { CheckCode(v); }
+  template <typename E> void Enum(E v, uint8_t max) { CheckEnum(static_cast<uint8_t>(v), max); }
+  void Str(const std::string& s, uint32_t bound) { CheckLength(s.size(), bound); }
+  void Blob(const std::vector<uint8_t>& b, uint32_t bound) { CheckLength(b.size(), bound); }
+  void U32List(const std::vector<uint32_t>& l, uint32_t bound) { CheckLength(l.size(), bound); }
+  template <typename T> void List(std::vector<T>& l, uint32_t bound) {
+    CheckLength(l.size(), bound);
+    for (T& e : l) e.Visit(*this);
+  }
+};
+
 // Reads fields little-endian. The first failure sticks: later reads return
-// zeros, and status() reports the first problem.
-class Reader {
+// zeros, and error() reports the first problem.
+class Reader : public FieldRules {
  public:
   explicit Reader(std::span<const uint8_t> in) : in_(in) {}
   void U8(uint8_t& v) { v = static_cast<uint8_t>(Get(1)); }
@@ -112,16 +126,16 @@ class Reader {
   void U64(uint64_t& v) { v = Get(8); }
   void Flag(uint8_t& v) {
     U8(v);
-    if (v > 1) Fail("flag is not 0 or 1");
+    CheckFlag(v);
   }
   void Code(uint16_t& v) {
     U16(v);
-    if (v > kMaxStatusCode) Fail("status code out of range");
+    CheckCode(v);
   }
   template <typename E> void Enum(E& v, uint8_t max) {
     uint8_t raw = 0;
     U8(raw);
-    if (raw == 0 || raw > max) Fail("enum value " + std::to_string(raw) + " out of range");
+    CheckEnum(raw, max);
     v = static_cast<E>(raw);
   }
   void Str(std::string& s, uint32_t bound) {
@@ -160,23 +174,15 @@ class Reader {
     }
   }
 
-  // For a Visit() that finds a value it cannot decode further (the first
-  // failure sticks, as for the readers' own).
-  void Refuse(std::string why) { Fail(std::move(why)); }
-
-  bool ok() const { return ok_; }
   bool at_end() const { return pos_ == in_.size(); }
-  const std::string& error() const { return error_; }
 
  private:
   uint32_t Length(uint32_t bound) {
     uint32_t n = 0;
     U32(n);
     if (!ok_) return 0;
-    if (n > bound) {
-      Fail("length " + std::to_string(n) + " over bound " + std::to_string(bound));
-      return 0;
-    }
+    CheckLength(n, bound);
+    if (!ok_) return 0;
     if (n > in_.size() - pos_) {
       Fail("length " + std::to_string(n) + " overruns the payload");
       return 0;
@@ -194,15 +200,9 @@ class Reader {
     pos_ += n;
     return v;
   }
-  void Fail(std::string why) {
-    if (ok_) error_ = std::move(why);
-    ok_ = false;
-  }
 
   std::span<const uint8_t> in_;
   size_t pos_ = 0;
-  bool ok_ = true;
-  std::string error_;
 };
 
 // Encodes a struct with a Visit() method (no header).
