@@ -12,24 +12,17 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <deque>
 #include <filesystem>
 #include <fstream>
 #include <thread>
 #include <vector>
 
+#include "bench/child_process.h"
+
 namespace dsvm::bench {
 namespace {
 
 std::string Errno(const char* what) { return std::string(what) + ": " + std::strerror(errno); }
-
-std::string DescribeExit(int wstatus) {
-  if (WIFEXITED(wstatus)) return "exited with status " + std::to_string(WEXITSTATUS(wstatus));
-  if (WIFSIGNALED(wstatus)) {
-    return std::string("killed by signal ") + strsignal(WTERMSIG(wstatus));
-  }
-  return "stopped";
-}
 
 }  // namespace
 
@@ -138,37 +131,21 @@ Status CoordinatorProcess::Stop() {
   const pid_t pid = pid_;
   pid_ = -1;
   ::kill(pid, SIGTERM);
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-  int wstatus = 0;
-  for (;;) {
-    const pid_t r = ::waitpid(pid, &wstatus, WNOHANG);
-    if (r == pid) break;
-    if (r < 0 && errno != EINTR) return IoError(Errno("waitpid"));
-    if (std::chrono::steady_clock::now() > deadline) {
-      ::kill(pid, SIGKILL);
-      ::waitpid(pid, &wstatus, 0);
-      PrintLogTail(40);
-      return Internal("coordinator ignored SIGTERM for 5 s; killed");
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-  if (!WIFEXITED(wstatus) || WEXITSTATUS(wstatus) != 0) {
+  DSVM_ASSIGN_OR_RETURN(const Reaped end,
+                        ReapWithin(pid, std::chrono::seconds(5), std::chrono::milliseconds(5)));
+  if (end.killed) {
     PrintLogTail(40);
-    return Internal("coordinator " + DescribeExit(wstatus) + " on SIGTERM");
+    return Internal("coordinator ignored SIGTERM for 5 s; killed");
+  }
+  if (!ExitedCleanly(end.wstatus)) {
+    PrintLogTail(40);
+    return Internal("coordinator " + DescribeExit(end.wstatus) + " on SIGTERM");
   }
   return Status::Ok();
 }
 
 void CoordinatorProcess::PrintLogTail(size_t lines) const {
-  std::ifstream in(root_ + "/coordinator.log");
-  std::deque<std::string> tail;
-  for (std::string line; std::getline(in, line);) {
-    tail.push_back(std::move(line));
-    if (tail.size() > lines) tail.pop_front();
-  }
-  std::fprintf(stderr, "--- last %zu lines of the coordinator's log ---\n", tail.size());
-  for (const std::string& l : tail) std::fprintf(stderr, "  %s\n", l.c_str());
-  std::fprintf(stderr, "--- end of log ---\n");
+  bench::PrintLogTail(root_ + "/coordinator.log", "the coordinator's log", lines);
 }
 
 }  // namespace dsvm::bench

@@ -15,6 +15,8 @@
 #include <cstring>
 #include <thread>
 
+#include "bench/child_process.h"
+
 namespace dsvm::bench {
 namespace {
 
@@ -72,13 +74,6 @@ Result<SampleSeries> Deserialize(const std::vector<uint8_t>& in) {
     if (!get(s.data(), n * sizeof(double))) return Internal("truncated samples from the child");
   }
   return series;
-}
-
-std::string DescribeExit(int wstatus) {
-  if (WIFEXITED(wstatus)) return "exited with status " + std::to_string(WEXITSTATUS(wstatus));
-  if (WIFSIGNALED(wstatus))
-    return std::string("was killed by signal ") + strsignal(WTERMSIG(wstatus));
-  return "stopped";
 }
 
 }  // namespace
@@ -194,22 +189,10 @@ Status ForkedChild::Release() {
   release_fd_ = -1;
   const pid_t pid = pid_;
   pid_ = -1;
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-  int wstatus = 0;
-  for (;;) {
-    const pid_t r = ::waitpid(pid, &wstatus, WNOHANG);
-    if (r == pid) break;
-    if (r < 0 && errno != EINTR) return IoError(Errno("waitpid"));
-    if (std::chrono::steady_clock::now() > deadline) {
-      ::kill(pid, SIGKILL);
-      ::waitpid(pid, &wstatus, 0);
-      return Internal(what_ + " did not exit within 5 s of its release; killed");
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
-  if (!WIFEXITED(wstatus) || WEXITSTATUS(wstatus) != 0) {
-    return Internal(what_ + " " + DescribeExit(wstatus));
-  }
+  DSVM_ASSIGN_OR_RETURN(const Reaped end,
+                        ReapWithin(pid, std::chrono::seconds(5), std::chrono::milliseconds(1)));
+  if (end.killed) return Internal(what_ + " did not exit within 5 s of its release; killed");
+  if (!ExitedCleanly(end.wstatus)) return Internal(what_ + " " + DescribeExit(end.wstatus));
   return Status::Ok();
 }
 

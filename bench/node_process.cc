@@ -12,23 +12,16 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
-#include <deque>
 #include <filesystem>
-#include <fstream>
 #include <thread>
 #include <vector>
+
+#include "bench/child_process.h"
 
 namespace dsvm::bench {
 namespace {
 
 std::string Errno(const char* what) { return std::string(what) + ": " + std::strerror(errno); }
-
-std::string DescribeExit(int wstatus) {
-  if (WIFEXITED(wstatus)) return "exited with status " + std::to_string(WEXITSTATUS(wstatus));
-  if (WIFSIGNALED(wstatus))
-    return std::string("was killed by signal ") + strsignal(WTERMSIG(wstatus));
-  return "stopped";
-}
 
 // A connection to the daemon's client socket, or -1.
 int Connect(const std::string& path) {
@@ -142,37 +135,21 @@ Status NodeProcess::Stop() {
   const pid_t pid = pid_;
   pid_ = -1;
   ::kill(pid, SIGTERM);
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-  int wstatus = 0;
-  for (;;) {
-    const pid_t r = ::waitpid(pid, &wstatus, WNOHANG);
-    if (r == pid) break;
-    if (r < 0 && errno != EINTR) return IoError(Errno("waitpid"));
-    if (std::chrono::steady_clock::now() > deadline) {
-      ::kill(pid, SIGKILL);
-      ::waitpid(pid, &wstatus, 0);
-      PrintLogTail(40);
-      return Internal("dsvm-node ignored SIGTERM for 5 s; killed");
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(2));
-  }
-  if (!WIFEXITED(wstatus) || WEXITSTATUS(wstatus) != 0) {
+  DSVM_ASSIGN_OR_RETURN(const Reaped end,
+                        ReapWithin(pid, std::chrono::seconds(5), std::chrono::milliseconds(2)));
+  if (end.killed) {
     PrintLogTail(40);
-    return Internal("dsvm-node " + DescribeExit(wstatus) + " on SIGTERM");
+    return Internal("dsvm-node ignored SIGTERM for 5 s; killed");
+  }
+  if (!ExitedCleanly(end.wstatus)) {
+    PrintLogTail(40);
+    return Internal("dsvm-node " + DescribeExit(end.wstatus) + " on SIGTERM");
   }
   return Status::Ok();
 }
 
 void NodeProcess::PrintLogTail(size_t lines) const {
-  std::ifstream in(log_path_);
-  std::deque<std::string> tail;
-  for (std::string line; std::getline(in, line);) {
-    tail.push_back(std::move(line));
-    if (tail.size() > lines) tail.pop_front();
-  }
-  std::fprintf(stderr, "--- last %zu lines of %s ---\n", tail.size(), log_path_.c_str());
-  for (const std::string& l : tail) std::fprintf(stderr, "  %s\n", l.c_str());
-  std::fprintf(stderr, "--- end of log ---\n");
+  bench::PrintLogTail(log_path_, log_path_, lines);
 }
 
 }  // namespace dsvm::bench
