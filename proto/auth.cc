@@ -18,7 +18,7 @@ namespace {
 
 std::string Errno(const std::string& what) { return what + ": " + std::strerror(errno); }
 
-std::string Hex(std::span<const uint8_t> bytes) {
+std::string HexBytes(std::span<const uint8_t> bytes) {
   static constexpr char kHex[] = "0123456789abcdef";
   std::string out;
   out.reserve(bytes.size() * 2);
@@ -83,13 +83,18 @@ Result<ClusterSecret> ClusterSecret::Generate(const std::string& path) {
   // Hex text, not raw bytes: Load drops a trailing newline, so a raw secret
   // whose last random byte is '\n' (1 in 256) would load as a different
   // secret from the one returned here.
-  std::string text = Hex(RandomNonce());
+  std::string text = HexBytes(RandomNonce());
   ClusterSecret secret =
       FromBytes(std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(text.data()), text.size()));
   text.push_back('\n');
-  const bool written = ::write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size());
+  const ssize_t n = ::write(fd, text.data(), text.size());
+  const std::string why = n < 0 ? Errno("writing cluster secret " + path)
+                                : "writing cluster secret " + path + ": short write";
   ::close(fd);
-  if (!written) return IoError("writing cluster secret " + path);
+  if (n != static_cast<ssize_t>(text.size())) {
+    ::unlink(path.c_str());  // a partial file would make every retry kAlreadyExists
+    return IoError(why);
+  }
   return secret;
 }
 
@@ -126,7 +131,7 @@ std::string TokenDigest(std::string_view token) {
   unsigned char md[EVP_MAX_MD_SIZE];
   unsigned int len = 0;
   DSVM_CHECK(EVP_Digest(token.data(), token.size(), md, &len, EVP_sha256(), nullptr) == 1);
-  return Hex(std::span<const uint8_t>(md, len));
+  return HexBytes(std::span<const uint8_t>(md, len));
 }
 
 bool TokenMatches(const std::string& digest, std::string_view token) {

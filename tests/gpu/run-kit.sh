@@ -112,8 +112,7 @@ step bench_gpu 240 "$b/bench/dsvm-bench" gpu --backend cuda
 example() {
   local work pids=() rc=0
   work=$(mktemp -d /tmp/dsvm-kit-example.XXXXXX)
-  head -c 32 /dev/urandom > "$work/secret"
-  chmod 600 "$work/secret"
+  (umask 077; { od -An -v -tx1 -N32 /dev/urandom | tr -d ' \n'; echo; } > "$work/secret")
   export DSVM_SECRET_FILE="$work/secret"
   "$b/coordinator/dsvm-coordinator" --data-dir "$work/data" --listen 127.0.0.1:0 \
     --port-file "$work/port" 2> "$work/coordinator.log" &
