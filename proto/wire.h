@@ -76,7 +76,8 @@ class FieldRules {
   void CheckEnum(uint8_t raw, uint8_t max) {
     if (raw == 0 || raw > max) Fail("enum value " + std::to_string(raw) + " out of range");
   }
-  // A string's or blob's length.
+  // A string's or blob's length; Checker's list sizes too (Reader checks
+  // a list's count itself, against the bytes left as well).
   void CheckLength(size_t n, uint32_t bound) {
     if (n > bound) Fail("length " + std::to_string(n) + " over bound " + std::to_string(bound));
   }
