@@ -141,7 +141,7 @@ void PageDirectory::ServeAcquire(Page& p, const proto::Acquire& m, uint64_t now_
       ReplyLost(m.node, m.request_seq, r, out);
       return;
     }
-    RemoveSharer(r, m.node);
+    RemoveSharer(p, m.node);
     holds = false;
     holds_modified = false;
   }
@@ -230,8 +230,7 @@ void PageDirectory::ServeGiveUp(Page& p, const proto::Acquire& m, uint64_t now_m
   }
   const bool sole = r.state == PageState::kModified || r.sharers.size() == 1;
   if (!sole) {
-    RemoveSharer(r, m.node);
-    MarkDirty(r.page);
+    RemoveSharer(p, m.node);
     reply(StatusCode::kOk);
     return;
   }
@@ -271,7 +270,7 @@ Transaction& PageDirectory::Begin(Page& p, NodeId requester, uint64_t request_se
   r.tx.prev_state = r.state;
   r.tx.last_send_ms = now_ms;
   busy_.insert(r.page);
-  MarkDirty(r.page);
+  MarkDirty(p);
   ++stats_.transactions;
   return r.tx;
 }
@@ -310,7 +309,7 @@ void PageDirectory::MaybeGrant(Page& p, Outbox* out) {
   g.stash_txn = tx.stash_txn;
   out->push_back({tx.requester, g});
   tx.grant_sent = 1;
-  MarkDirty(r.page);
+  MarkDirty(p);
   ++stats_.grants;
 }
 
@@ -324,7 +323,7 @@ void PageDirectory::Finish(Page& p, uint64_t now_ms, Outbox* out) {
   r.busy = 0;
   r.tx = Transaction{};
   busy_.erase(r.page);
-  MarkDirty(r.page);
+  MarkDirty(p);
   Drain(p, now_ms, out);
 }
 
@@ -346,7 +345,7 @@ void PageDirectory::HandleInvalidateAck(const proto::InvalidateAck& m, uint64_t 
   }
   Page& p = it->second;
   Erase(p.rec.tx.pending_acks, m.node);
-  MarkDirty(m.page);
+  MarkDirty(p);
   MaybeGrant(p, out);
 }
 
@@ -413,17 +412,18 @@ void PageDirectory::MarkLost(Page& p, Outbox* out) {
   r.state = PageState::kInvalid;
   r.owner = proto::kNoNode;
   r.sharers.clear();
-  MarkDirty(r.page);
+  MarkDirty(p);
   ++stats_.pages_lost;
 }
 
-void PageDirectory::RemoveSharer(PageRecord& r, NodeId n) {
+void PageDirectory::RemoveSharer(Page& p, NodeId n) {
+  PageRecord& r = p.rec;
   r.sharers.erase(std::remove_if(r.sharers.begin(), r.sharers.end(),
                                  [n](const Sharer& s) { return s.node == n; }),
                   r.sharers.end());
   DSVM_CHECK_MSG(!r.sharers.empty(), "removed the last copy; callers must mark it lost");
   if (r.owner == n) r.owner = r.sharers.front().node;
-  MarkDirty(r.page);
+  MarkDirty(p);
 }
 
 NodeId PageDirectory::PickTarget(const PageRecord& r, NodeId not_this) const {
@@ -463,14 +463,14 @@ void PageDirectory::NodeDown(NodeId node, Outbox* out) {
           r.state = PageState::kModified;
           r.owner = back;
           r.sharers = {Sharer{back, tx.txn}};
-          MarkDirty(addr);
+          MarkDirty(p);
           SendTxn(p, now_ms, /*resend=*/false, out);
         } else if (tx.grant_state == PageState::kShared && tx.fetch_next == PageState::kShared &&
                    tx.prev_state != PageState::kInvalid && !SupplierDied(tx)) {
           // An aborted read: the supplier kept (or still has) its copy. If it
           // was the writer, record it as writer again: the directory may
           // think a node writes that only reads, never the reverse.
-          RemoveSharer(r, node);
+          RemoveSharer(p, node);
           if (tx.prev_state == PageState::kModified) {
             r.state = PageState::kModified;
             r.owner = tx.fetch_from;
@@ -479,7 +479,7 @@ void PageDirectory::NodeDown(NodeId node, Outbox* out) {
           r.busy = 0;
           r.tx = Transaction{};
           busy_.erase(addr);
-          MarkDirty(addr);
+          MarkDirty(p);
           Drain(p, now_ms, out);
         } else if (tx.source == DataSource::kZero && tx.prev_state == PageState::kInvalid) {
           // A first touch by the dead node: nobody saw its data. Back to zero.
@@ -489,7 +489,7 @@ void PageDirectory::NodeDown(NodeId node, Outbox* out) {
           r.busy = 0;
           r.tx = Transaction{};
           busy_.erase(addr);
-          MarkDirty(addr);
+          MarkDirty(p);
           Drain(p, now_ms, out);
         } else {
           MarkLost(p, out);
@@ -502,7 +502,7 @@ void PageDirectory::NodeDown(NodeId node, Outbox* out) {
           // The supplier of an upgrade died; the requester has the data.
           tx.fetch_from = proto::kNoNode;
           Erase(tx.pending_acks, node);
-          MarkDirty(addr);
+          MarkDirty(p);
           MaybeGrant(p, out);
         } else if (tx.grant_state == PageState::kShared) {
           // A read whose supplier died: any other sharer can supply.
@@ -520,10 +520,10 @@ void PageDirectory::NodeDown(NodeId node, Outbox* out) {
             // not (a resend: not). A give-up's move (request_seq 0) is not
             // waited for: its target asked for nothing and, without the
             // data, would never answer; it is lost below.
-            RemoveSharer(r, node);
+            RemoveSharer(p, node);
             r.owner = tx.requester;
             tx.fetch_from = proto::kNoNode;
-            MarkDirty(addr);
+            MarkDirty(p);
             continue;
           }
           if (other == proto::kNoNode) {
@@ -531,7 +531,7 @@ void PageDirectory::NodeDown(NodeId node, Outbox* out) {
             Drain(p, now_ms, out);
             continue;
           }
-          RemoveSharer(r, node);
+          RemoveSharer(p, node);
           r.owner = other;
           tx.fetch_from = other;
           SendTxn(p, now_ms, /*resend=*/false, out);
@@ -543,7 +543,7 @@ void PageDirectory::NodeDown(NodeId node, Outbox* out) {
           // being invalidated: the Grant waits for their acks as before.
           tx.fetch_from = proto::kNoNode;
           Erase(tx.pending_acks, node);
-          MarkDirty(addr);
+          MarkDirty(p);
           MaybeGrant(p, out);
           continue;
         } else {
@@ -553,11 +553,11 @@ void PageDirectory::NodeDown(NodeId node, Outbox* out) {
         }
       } else if (Contains(tx.pending_acks, node)) {
         Erase(tx.pending_acks, node);
-        MarkDirty(addr);
+        MarkDirty(p);
         MaybeGrant(p, out);
       }
       if (r.busy && r.FindSharer(node) != nullptr && r.sharers.size() > 1) {
-        RemoveSharer(r, node);
+        RemoveSharer(p, node);
       }
       continue;
     }
@@ -566,7 +566,7 @@ void PageDirectory::NodeDown(NodeId node, Outbox* out) {
     if (sole) {
       MarkLost(p, out);
     } else {
-      RemoveSharer(r, node);
+      RemoveSharer(p, node);
     }
   }
 }
@@ -574,12 +574,10 @@ void PageDirectory::NodeDown(NodeId node, Outbox* out) {
 // ---------------------------------------------------------------------------
 // Persistence and inspection
 
-void PageDirectory::MarkDirty(PageAddr page) {
-  auto it = pages_.find(page);
-  DSVM_CHECK_MSG(it != pages_.end(), "a page changed that the directory does not hold");
-  if (!it->second.dirty) {
-    it->second.dirty = true;
-    dirty_.push_back(page);
+void PageDirectory::MarkDirty(Page& p) {
+  if (!p.dirty) {
+    p.dirty = true;
+    dirty_.push_back(p.rec.page);
   }
 }
 

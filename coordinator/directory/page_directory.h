@@ -166,8 +166,10 @@ class PageDirectory {
   };
 
   Page& GetPage(PageAddr page);
-  // Lists the page for the next TakeDirty, once. REQUIRES: it is in pages_.
-  void MarkDirty(PageAddr page);
+  // Lists the page for the next TakeDirty, once. Takes the Page, not its
+  // address: every caller holds it, and a lookup per change cost a hash
+  // probe on the directory's hottest path.
+  void MarkDirty(Page& p);
 
   // Runs queued requests until one starts a transaction or the queue is empty.
   void Drain(Page& p, uint64_t now_ms, Outbox* out);
@@ -190,7 +192,7 @@ class PageDirectory {
   // Tells `node` the page of `rec` is lost: a DATA_LOSS Grant of the txn it
   // was lost in, answering its request `request_seq` (0: unsolicited).
   void ReplyLost(NodeId node, uint64_t request_seq, const PageRecord& rec, Outbox* out);
-  void RemoveSharer(PageRecord& rec, NodeId n);
+  void RemoveSharer(Page& p, NodeId n);
   NodeId PickTarget(const PageRecord& rec, NodeId not_this) const;
 
   DirectoryOptions options_;
