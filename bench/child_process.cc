@@ -40,6 +40,21 @@ Result<Reaped> ReapWithin(pid_t pid, std::chrono::milliseconds grace,
   }
 }
 
+Status StopChild(pid_t pid, const std::string& name, std::chrono::milliseconds poll,
+                 const std::function<void()>& print_log) {
+  ::kill(pid, SIGTERM);
+  DSVM_ASSIGN_OR_RETURN(const Reaped end, ReapWithin(pid, std::chrono::seconds(5), poll));
+  if (end.killed) {
+    print_log();
+    return Internal(name + " ignored SIGTERM for 5 s; killed");
+  }
+  if (!ExitedCleanly(end.wstatus)) {
+    print_log();
+    return Internal(name + " " + DescribeExit(end.wstatus) + " on SIGTERM");
+  }
+  return Status::Ok();
+}
+
 void PrintLogTail(const std::string& path, const std::string& title, size_t lines) {
   std::ifstream in(path);
   std::deque<std::string> tail;

@@ -8,6 +8,7 @@
 
 #include <chrono>
 #include <cstddef>
+#include <functional>
 #include <string>
 
 #include "proto/status.h"
@@ -29,6 +30,13 @@ struct Reaped {
 // passed it is killed (SIGKILL) and reaped. Errors: kIoError (waitpid).
 Result<Reaped> ReapWithin(pid_t pid, std::chrono::milliseconds grace,
                           std::chrono::milliseconds poll);
+
+// Sends SIGTERM to child `pid` and reaps it (SIGKILL after 5 s, looking
+// every `poll`). Errors: kInternal naming `name` when it had to be killed or
+// did not exit 0, after print_log() (its log's tail, say); kIoError
+// (waitpid).
+Status StopChild(pid_t pid, const std::string& name, std::chrono::milliseconds poll,
+                 const std::function<void()>& print_log);
 
 // Prints the last `lines` lines of the file at `path` to stderr, framed by
 // "--- last N lines of <title> ---" and "--- end of log ---".

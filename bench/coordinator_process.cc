@@ -130,18 +130,8 @@ Status CoordinatorProcess::Stop() {
   if (pid_ < 0) return Status::Ok();
   const pid_t pid = pid_;
   pid_ = -1;
-  ::kill(pid, SIGTERM);
-  DSVM_ASSIGN_OR_RETURN(const Reaped end,
-                        ReapWithin(pid, std::chrono::seconds(5), std::chrono::milliseconds(5)));
-  if (end.killed) {
-    PrintLogTail(40);
-    return Internal("coordinator ignored SIGTERM for 5 s; killed");
-  }
-  if (!ExitedCleanly(end.wstatus)) {
-    PrintLogTail(40);
-    return Internal("coordinator " + DescribeExit(end.wstatus) + " on SIGTERM");
-  }
-  return Status::Ok();
+  return StopChild(pid, "coordinator", std::chrono::milliseconds(5),
+                   [this] { PrintLogTail(40); });
 }
 
 void CoordinatorProcess::PrintLogTail(size_t lines) const {

@@ -134,18 +134,8 @@ Status NodeProcess::Stop() {
   if (pid_ < 0) return Internal("dsvm-node had exited before it was stopped");
   const pid_t pid = pid_;
   pid_ = -1;
-  ::kill(pid, SIGTERM);
-  DSVM_ASSIGN_OR_RETURN(const Reaped end,
-                        ReapWithin(pid, std::chrono::seconds(5), std::chrono::milliseconds(2)));
-  if (end.killed) {
-    PrintLogTail(40);
-    return Internal("dsvm-node ignored SIGTERM for 5 s; killed");
-  }
-  if (!ExitedCleanly(end.wstatus)) {
-    PrintLogTail(40);
-    return Internal("dsvm-node " + DescribeExit(end.wstatus) + " on SIGTERM");
-  }
-  return Status::Ok();
+  return StopChild(pid, "dsvm-node", std::chrono::milliseconds(2),
+                   [this] { PrintLogTail(40); });
 }
 
 void NodeProcess::PrintLogTail(size_t lines) const {
