@@ -57,7 +57,7 @@ Status ParseIpv4(const std::string& address, sockaddr_in* sa) {
 struct UcxTransport::SendRequest {
   Handles* handles = nullptr;
   std::vector<uint8_t> header;
-  Bytes data;
+  Payload data;
 };
 
 // A rendezvous receive in flight: the PageData or PageBatch it will
@@ -66,7 +66,7 @@ struct UcxTransport::RecvRequest {
   Handles* handles = nullptr;
   ucp_ep_h from = nullptr;
   proto::Message message;
-  std::shared_ptr<uint8_t[]> data;
+  std::shared_ptr<uint8_t> data;
   size_t length = 0;
 };
 
@@ -288,8 +288,10 @@ Status UcxTransport::SendPage(proto::NodeId peer, const proto::PageData& header,
                              std::to_string(options_.max_inflight_sends));
   }
   if (length > options_.batch_page_bytes) {
-    Bytes data(length);
-    DSVM_RETURN_IF_ERROR(fill(std::span<uint8_t>(data)));
+    Payload data;
+    data.pooled = buffers_->Take(length);
+    data.pooled_size = length;
+    DSVM_RETURN_IF_ERROR(fill(std::span<uint8_t>(data.pooled.get(), length)));
     return SendFrame(it->second, frame, std::move(data));
   }
   Batch& b = batches_[peer];
@@ -377,7 +379,7 @@ Status UcxTransport::SendOn(ucp_ep_h ep, proto::Message message) {
   return SendFrame(ep, message, std::move(data));
 }
 
-Status UcxTransport::SendFrame(ucp_ep_h ep, const proto::Message& message, Bytes data) {
+Status UcxTransport::SendFrame(ucp_ep_h ep, const proto::Message& message, Payload data) {
   if (inflight_ >= options_.max_inflight_sends) {
     return ResourceExhausted("UCX sends in flight at their bound of " +
                              std::to_string(options_.max_inflight_sends));
@@ -398,7 +400,7 @@ Status UcxTransport::SendFrame(ucp_ep_h ep, const proto::Message& message, Bytes
   p.cb.send = &UcxTransport::OnSendDone;
   p.user_data = req.get();
   ucs_status_ptr_t s = ucp_am_send_nbx(ep, kAmId, req->header.data(), req->header.size(),
-                                       req->data.empty() ? nullptr : req->data.data(),
+                                       req->data.size() == 0 ? nullptr : req->data.data(),
                                        req->data.size(), &p);
   if (s == nullptr) {
     ++stats_.sent;
@@ -485,11 +487,11 @@ ucs_status_t UcxTransport::OnActiveMessage(void* arg, const void* header, size_t
   rr->handles = self->handles_.get();
   rr->from = from;
   rr->message = std::move(frame->message);
-  // Zeroed, though the receive writes every byte: that faults the buffer's
-  // pages in now, not inside the socket receive, where the faults held it
-  // up (2 MiB read faults over tcp: 1.00-1.01 GB/s left unzeroed against
-  // 1.09-1.17 zeroed, three alternated runs each).
-  rr->data.reset(new uint8_t[length]());
+  // From the pool: its pages are in already, not faulted in inside the
+  // socket receive, where faults held it up (2 MiB read faults over tcp:
+  // 1.00-1.01 GB/s into unzeroed fresh buffers against 1.09-1.17 zeroed,
+  // three alternated runs each).
+  rr->data = self->buffers_->Take(length);
   rr->length = length;
   ucp_request_param_t p{};
   p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;

@@ -27,6 +27,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "node/transport/buffer_pool.h"
 #include "proto/auth.h"
 #include "proto/messages.h"
 
@@ -46,6 +47,10 @@ struct UcxOptions {
   // together as one PageBatch (PROTOCOL.md) at FlushBatches(), or when the
   // batch is full. 0: every page goes alone.
   size_t batch_page_bytes = 64u << 10;
+  // Buffers of pages sent or received alone (over batch_page_bytes) are
+  // kept for reuse up to this many bytes (BufferPool). Enough for a
+  // prefetch's window of 2 MiB pages (16 MiB) in each direction.
+  size_t kept_buffer_bytes = 32u << 20;
 };
 
 // The bytes of one received page, where they arrived: in UCX's own receive
@@ -146,6 +151,7 @@ class UcxTransport {
 
   size_t inflight_sends() const { return inflight_; }
   const UcxStats& stats() const { return stats_; }
+  BufferPoolStats buffer_stats() const { return buffers_->stats(); }
 
  private:
   struct SendRequest;
@@ -161,6 +167,16 @@ class UcxTransport {
     }
   };
   using Bytes = std::vector<uint8_t, UninitAllocator<uint8_t>>;
+  // The bytes a send carries: a vector of their own, or a pooled buffer.
+  struct Payload {
+    Bytes owned;
+    std::shared_ptr<uint8_t> pooled;
+    size_t pooled_size = 0;
+    Payload() = default;
+    Payload(Bytes bytes) : owned(std::move(bytes)) {}  // NOLINT: implicit on purpose
+    const uint8_t* data() const { return pooled ? pooled.get() : owned.data(); }
+    size_t size() const { return pooled ? pooled_size : owned.size(); }
+  };
   struct Batch {
     proto::PageBatch frame;
     Bytes data;
@@ -187,7 +203,8 @@ class UcxTransport {
     }
   };
 
-  explicit UcxTransport(const UcxOptions& options) : options_(options) {}
+  explicit UcxTransport(const UcxOptions& options)
+      : options_(options), buffers_(BufferPool::Create(options.kept_buffer_bytes)) {}
   Status Start();
   static void OnConnRequest(ucp_conn_request_h request, void* arg);
   static ucs_status_t OnActiveMessage(void* arg, const void* header, size_t header_length,
@@ -203,7 +220,7 @@ class UcxTransport {
   void RefuseEndpoint(ucp_ep_h ep, const std::string& why);
   Status SendOn(ucp_ep_h ep, proto::Message message);
   // `data`: the AM data (PageData's bytes, a batch's); empty for none.
-  Status SendFrame(ucp_ep_h ep, const proto::Message& message, Bytes data);
+  Status SendFrame(ucp_ep_h ep, const proto::Message& message, Payload data);
   void SendBatch(proto::NodeId peer, Batch& batch);
   // Hands on a received PageData, or each page of a PageBatch as its
   // PageData, with its bytes: the `length` bytes that `buffer` owns.
@@ -216,6 +233,9 @@ class UcxTransport {
   ucp_context_h context_ = nullptr;
   ucp_worker_h worker_ = nullptr;  // handles_'s, for short
   std::shared_ptr<Handles> handles_ = std::make_shared<Handles>();
+  // Buffers of pages that travel alone; shared with the pages received in
+  // them, which may outlive the transport.
+  std::shared_ptr<BufferPool> buffers_;
   ucp_listener_h listener_ = nullptr;
   int efd_ = -1;
   uint16_t port_ = 0;
