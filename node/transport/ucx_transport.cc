@@ -295,21 +295,21 @@ Status UcxTransport::SendPage(proto::NodeId peer, const proto::PageData& header,
     return SendFrame(it->second, frame, std::move(data));
   }
   Batch& b = batches_[peer];
-  if (b.frame.pages.size() == proto::kMaxBatchPages ||
-      b.data.size() + length > proto::kMaxBatchBytes) {
+  if (!b.frame.pages.empty() &&
+      (b.frame.pages.size() == proto::kMaxBatchPages || b.size + length > b.capacity)) {
     SendBatch(peer, b);
   }
-  // Room for the fullest batch of such pages at once: growing would copy
-  // what it holds.
-  if (b.data.capacity() == 0) {
-    b.data.reserve(std::min<size_t>(proto::kMaxBatchBytes, proto::kMaxBatchPages * length));
+  if (b.buffer == nullptr) {
+    // Room for the fullest batch of such pages at once.
+    b.capacity = std::max<size_t>(
+        length, std::min<size_t>(proto::kMaxBatchBytes, proto::kMaxBatchPages * length));
+    b.buffer = buffers_->Take(b.capacity);
   }
-  const size_t at = b.data.size();
-  b.data.resize(at + length);
-  if (Status st = fill(std::span<uint8_t>(b.data).subspan(at)); !st.ok()) {
-    b.data.resize(at);
+  if (Status st = fill(std::span<uint8_t>(b.buffer.get() + b.size, length)); !st.ok()) {
+    if (b.frame.pages.empty()) b = Batch{};
     return st;
   }
+  b.size += length;
   b.frame.sender = options_.self;
   b.frame.pages.push_back(
       proto::BatchedPage{header.page, header.txn, header.version, static_cast<uint32_t>(length)});
@@ -328,6 +328,13 @@ size_t UcxTransport::held_batch_pages() const {
   return n;
 }
 
+UcxTransport::Payload UcxTransport::BatchBytes(const Batch& batch) {
+  Payload p;
+  p.pooled = batch.buffer;
+  p.pooled_size = batch.size;
+  return p;
+}
+
 void UcxTransport::SendBatch(proto::NodeId peer, Batch& batch) {
   const size_t pages = batch.frame.pages.size();
   auto it = peers_.find(peer);
@@ -340,12 +347,11 @@ void UcxTransport::SendBatch(proto::NodeId peer, Batch& batch) {
         if (hs->second.held.size() < options_.max_inflight_sends) {
           hs->second.held.push_back(proto::PageData{
               p.page, p.txn, batch.frame.sender, p.version,
-              std::vector<uint8_t>(batch.data.begin() + at, batch.data.begin() + at + p.length)});
+              std::vector<uint8_t>(batch.buffer.get() + at, batch.buffer.get() + at + p.length)});
         }
         at += p.length;
       }
-      batch.frame.pages.clear();
-      batch.data = {};
+      batch = Batch{};
       return;
     }
   }
@@ -354,8 +360,8 @@ void UcxTransport::SendBatch(proto::NodeId peer, Batch& batch) {
                   ? SendFrame(it->second,
                               proto::PageData{batch.frame.pages[0].page, batch.frame.pages[0].txn,
                                               batch.frame.sender, batch.frame.pages[0].version, {}},
-                              std::move(batch.data))
-                  : SendFrame(it->second, batch.frame, std::move(batch.data));
+                              BatchBytes(batch))
+                  : SendFrame(it->second, batch.frame, BatchBytes(batch));
   if (st.ok() && pages > 1) {
     ++stats_.batches_sent;
     stats_.batched_pages += pages;
@@ -366,8 +372,7 @@ void UcxTransport::SendBatch(proto::NodeId peer, Batch& batch) {
     LogWarning("a batch of " + std::to_string(pages) + " pages for node " + std::to_string(peer) +
                " was dropped: " + st.ToString());
   }
-  batch.frame.pages.clear();
-  batch.data = {};
+  batch = Batch{};
 }
 
 Status UcxTransport::SendOn(ucp_ep_h ep, proto::Message message) {

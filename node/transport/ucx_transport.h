@@ -177,9 +177,12 @@ class UcxTransport {
     const uint8_t* data() const { return pooled ? pooled.get() : owned.data(); }
     size_t size() const { return pooled ? pooled_size : owned.size(); }
   };
+  // Pages held for one peer, their bytes side by side in a pooled buffer.
   struct Batch {
     proto::PageBatch frame;
-    Bytes data;
+    std::shared_ptr<uint8_t> buffer;  // null until the first page
+    size_t capacity = 0;
+    size_t size = 0;
   };
   // The UCX context and worker, shared with every received page held in one
   // of the worker's buffers: the last of them to go destroys them, so a page
@@ -222,6 +225,7 @@ class UcxTransport {
   // `data`: the AM data (PageData's bytes, a batch's); empty for none.
   Status SendFrame(ucp_ep_h ep, const proto::Message& message, Payload data);
   void SendBatch(proto::NodeId peer, Batch& batch);
+  static Payload BatchBytes(const Batch& batch);
   // Hands on a received PageData, or each page of a PageBatch as its
   // PageData, with its bytes: the `length` bytes that `buffer` owns.
   void DeliverPages(ucp_ep_h from, proto::Message message, std::shared_ptr<const uint8_t> buffer,
