@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdio>
+#include <fstream>
 #include <functional>
 #include <string>
 #include <vector>
@@ -48,6 +49,25 @@ const char* Name(Variant v) {
 uint64_t Seed(Variant v) { return 0xD5A0 + static_cast<uint64_t>(v); }
 
 double Gbps(uint64_t bytes, double seconds) { return static_cast<double>(bytes) / seconds / 1e9; }
+
+// Bytes of hugetlb pages in use on the machine (/proc/meminfo), -1 when it
+// cannot be read. A node daemon backs a 2 MiB region with hugetlb pages when
+// enough are reserved and free, which halves what the scan costs
+// (docs/PERFORMANCE.md), so the figures say which it was.
+double HugetlbBytesInUse() {
+  std::ifstream in("/proc/meminfo");
+  std::string key;
+  double total = -1, free = -1, page_kib = -1, value = 0;
+  std::string unit;
+  while (in >> key >> value) {
+    if (key == "HugePages_Total:") total = value;
+    if (key == "HugePages_Free:") free = value;
+    if (key == "Hugepagesize:") page_kib = value;
+    std::getline(in, unit);  // the rest of the line ("kB" or nothing)
+  }
+  if (total < 0 || free < 0 || page_kib < 0) return -1;
+  return (total - free) * page_kib * 1024;
+}
 
 uint64_t ProcessFaults() {
   rusage u{};
@@ -108,15 +128,18 @@ struct ReaderReport {
   double owner_cpu_s = 0;      // node A's daemon, which holds the pages
   double requester_cpu_s = 0;  // node B's daemon, which fetches them
   double reader_cpu_s = 0;     // this process
+  // Hugetlb pages in use on the machine while both nodes held the region.
+  double hugetlb_bytes = 0;
 
   std::vector<double> ToSeries() const {
     return {node,           seconds,           prefetch_s,        reread_s,
             read_faults,    pages_fetched,     prefetched_pages,  process_faults,
-            coordinator_cpu_s, owner_cpu_s,    requester_cpu_s,   reader_cpu_s};
+            coordinator_cpu_s, owner_cpu_s,    requester_cpu_s,   reader_cpu_s,
+            hugetlb_bytes};
   }
   static ReaderReport From(const std::vector<double>& s) {
-    return {s.at(0), s.at(1), s.at(2), s.at(3), s.at(4),  s.at(5),
-            s.at(6), s.at(7), s.at(8), s.at(9), s.at(10), s.at(11)};
+    return {s.at(0), s.at(1), s.at(2),  s.at(3),  s.at(4),  s.at(5), s.at(6),
+            s.at(7), s.at(8), s.at(9), s.at(10), s.at(11), s.at(12)};
   }
 };
 
@@ -189,6 +212,7 @@ Status ReadRegion(const std::string& socket, const std::string& name, Variant va
   }
 
   const uint64_t faults = ProcessFaults() - faults_before;
+  const double hugetlb_bytes = HugetlbBytesInUse();
   DSVM_RETURN_IF_ERROR(Checked(dsvm_stats(&after), "dsvm_stats"));
   DSVM_RETURN_IF_ERROR(CheckedSum(words, n, seed, sum, "reader"));
   const uint64_t pages = bytes / page_size;
@@ -227,6 +251,7 @@ Status ReadRegion(const std::string& socket, const std::string& name, Variant va
       .owner_cpu_s = cpu_after[1] - cpu_before[1],
       .requester_cpu_s = cpu_after[2] - cpu_before[2],
       .reader_cpu_s = cpu_after[3] - cpu_before[3],
+      .hugetlb_bytes = hugetlb_bytes,
   };
   return Status::Ok();
 }
@@ -299,6 +324,15 @@ Result<ReaderReport> RunVariant(const ScanOptions& o, Cluster& c, Variant v, uin
                "daemon %.2f, requester daemon %.2f, reader %.2f (the timed part: %.2f s)\n",
                Name(v), reader.coordinator_cpu_s, reader.owner_cpu_s, reader.requester_cpu_s,
                reader.reader_cpu_s, reader.seconds);
+  if (o.page_size == DSVM_PAGE_SIZE_2M) {
+    std::fprintf(stderr,
+                 "dsvm-bench: scan: %s: %.1f MiB of hugetlb pages in use while both nodes held "
+                 "the region: %s\n",
+                 Name(v), reader.hugetlb_bytes / (1 << 20),
+                 reader.hugetlb_bytes >= 2.0 * static_cast<double>(bytes)
+                     ? "both copies were hugetlb-backed"
+                     : "at least one copy was a plain memfd of 4 KiB pages");
+  }
   return reader;
 }
 
@@ -398,6 +432,9 @@ Status RunOneTransport(const ScanOptions& o, const std::string& tls) {
     EmitMetric(prefix + ".reader_cpu_s_per_gb", r.reader_cpu_s / gb, "s/GB");
     if (kVariants[i] == Variant::kFault) {
       EmitMetric("scan.local_reread." + tag + ".gbps", Gbps(bytes, results[i].reread_s), "GB/s");
+    }
+    if (o.page_size == DSVM_PAGE_SIZE_2M) {
+      EmitMetric(prefix + ".hugetlb_bytes", r.hugetlb_bytes, "bytes");
     }
   }
   return Status::Ok();
