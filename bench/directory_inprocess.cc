@@ -10,6 +10,7 @@
 
 #include "bench/bench_output.h"
 #include "coordinator/directory/page_directory.h"
+#include "node/coherence/node_agent.h"
 
 namespace dsvm::bench {
 namespace {
@@ -514,6 +515,47 @@ Result<double> HeapBytesPerPage(size_t pages) {
   return static_cast<double>(after - before) / static_cast<double>(pages);
 }
 
+// The same for a node's agent (node::NodeAgent): heap bytes per page after
+// `pages` pages were each faulted for writing and granted Modified, so that
+// every page is at rest (nothing pending, no waiter). A node keeps such an
+// entry for every page it ever touched until its region goes.
+Result<double> AgentHeapBytesPerPage(size_t pages) {
+  const size_t before = mallinfo2().uordblks;
+  size_t after = 0;
+  {
+    node::NodeAgent agent(1, node::NodeOptions{});
+    node::Actions acts;
+    for (size_t i = 0; i < pages; ++i) {
+      acts.clear();
+      if (agent.Fault(PageOf(i), true, i + 1, kNowMs, &acts) != node::FaultResult::kWait) {
+        return Internal("agent heap per page: a first write fault did not wait");
+      }
+      const proto::Acquire* acq = nullptr;
+      for (const node::Action& a : acts) {
+        if (a.kind == node::ActionKind::kSendToDirectory) acq = std::get_if<proto::Acquire>(&a.message);
+      }
+      if (acq == nullptr) return Internal("agent heap per page: the fault sent no Acquire");
+      proto::Grant g;
+      g.page = PageOf(i);
+      g.txn = 1;
+      g.request_seq = acq->request_seq;
+      g.state = PageState::kModified;
+      g.source = DataSource::kZero;
+      g.version = 1;
+      acts.clear();
+      agent.HandleGrant(g, kNowMs, &acts);
+    }
+    acts.clear();
+    acts.shrink_to_fit();
+    if (agent.StateOf(PageOf(pages - 1)) != PageState::kModified ||
+        agent.HasPending(PageOf(pages - 1))) {
+      return Internal("agent heap per page: the pages were not all granted");
+    }
+    after = mallinfo2().uordblks;
+  }
+  return static_cast<double>(after - before) / static_cast<double>(pages);
+}
+
 }  // namespace
 
 Status RunDirectoryInProcess(const InProcessOptions& o) {
@@ -529,6 +571,13 @@ Status RunDirectoryInProcess(const InProcessOptions& o) {
   EmitMetric("directory.inprocess.heap_bytes_per_page", heap, "bytes");
   EmitMetric("directory.inprocess.heap_bytes_per_page.vs_record_size",
              heap / static_cast<double>(sizeof(PageRecord)), "ratio");
+
+  DSVM_ASSIGN_OR_RETURN(const double agent_heap, AgentHeapBytesPerPage(o.pages));
+  std::fprintf(stderr, "node agent in-process: %.0f heap bytes per page at rest (%zu pages)\n",
+               agent_heap, o.pages);
+  EmitMetric("agent.inprocess.heap_bytes_per_page", agent_heap, "bytes");
+  // Against what the page's state at rest needs: state, version, last txn.
+  EmitMetric("agent.inprocess.heap_bytes_per_page.vs_state_size", agent_heap / 24.0, "ratio");
 
   struct Workload {
     const char* name;
