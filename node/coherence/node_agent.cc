@@ -24,8 +24,19 @@ Action Make(ActionKind kind, PageAddr page) {
 
 }  // namespace
 
+const NodeAgent::PageTxn NodeAgent::kIdleTxn{};
+
 NodeAgent::NodeAgent(NodeId self, NodeOptions options) : self_(self), options_(options) {
   DSVM_CHECK(self != proto::kNoNode);
+}
+
+void NodeAgent::Settle(LocalPage& lp) {
+  const PageTxn* t = lp.txn.get();
+  // A refusal no newer than the last txn says nothing more than last_txn.
+  if (t != nullptr && t->pending == AccessKind::kInvalid && !t->has_grant && !t->has_data &&
+      t->waiters.empty() && t->stash_txn == 0 && t->refused_txn <= lp.last_txn) {
+    lp.txn.reset();
+  }
 }
 
 bool NodeAgent::Disowns(const proto::Grant& m) const {
@@ -57,7 +68,7 @@ bool NodeAgent::HasPending(PageAddr page) const { return pending_pages_.count(pa
 
 size_t NodeAgent::stash_count() const {
   size_t n = 0;
-  for (const auto& [page, lp] : pages_) n += lp.stash_txn != 0;
+  for (const auto& [page, lp] : pages_) n += TxnOf(lp).stash_txn != 0;
   return n;
 }
 
@@ -72,8 +83,10 @@ FaultResult NodeAgent::Fault(PageAddr page, bool write, WaiterId waiter, uint64_
     return FaultResult::kHit;
   }
   ++stats_.faults;
-  lp.waiters.push_back(Waiter{waiter, write});
-  if (lp.pending == AccessKind::kInvalid) Progress(page, lp, now_ms, out);
+  PageTxn& t = Txn(lp);
+  t.waiters.push_back(Waiter{waiter, write});
+  if (t.pending == AccessKind::kInvalid) Progress(page, lp, now_ms, out);
+  Settle(lp);
   return FaultResult::kWait;
 }
 
@@ -86,7 +99,7 @@ std::vector<WaiterId> NodeAgent::ForgetRange(PageAddr begin, PageAddr end) {
       ++it;
       continue;
     }
-    for (const Waiter& w : it->second.waiters) waiting.push_back(w.id);
+    for (const Waiter& w : TxnOf(it->second).waiters) waiting.push_back(w.id);
     pending_pages_.erase(it->first);
     it = pages_.erase(it);
   }
@@ -97,13 +110,13 @@ bool NodeAgent::Evict(PageAddr page, uint64_t now_ms, Actions* out, NodeId targe
   auto it = pages_.find(page);
   if (it == pages_.end()) return false;
   LocalPage& lp = it->second;
-  if (lp.pending != AccessKind::kInvalid || lp.state == PageState::kInvalid) return false;
+  if (TxnOf(lp).pending != AccessKind::kInvalid || lp.state == PageState::kInvalid) return false;
   lp.retained_from = lp.state;
   lp.retained = true;
   const AccessKind kind =
       lp.state == PageState::kModified ? AccessKind::kWriteback : AccessKind::kEvict;
   lp.state = PageState::kInvalid;
-  lp.give_up_target = target;
+  Txn(lp).give_up_target = target;
   out->push_back(Make(ActionKind::kUnmap, page));
   SendRequest(page, lp, kind, now_ms, out);
   return true;
@@ -111,47 +124,53 @@ bool NodeAgent::Evict(PageAddr page, uint64_t now_ms, Actions* out, NodeId targe
 
 void NodeAgent::SendRequest(PageAddr page, LocalPage& lp, AccessKind kind, uint64_t now_ms,
                             Actions* out) {
-  DSVM_CHECK(lp.pending == AccessKind::kInvalid);
-  lp.pending = kind;
-  lp.pending_seq = ++next_seq_;
-  lp.sent_ms = now_ms;
-  lp.resends = 0;
+  PageTxn& t = Txn(lp);
+  DSVM_CHECK(t.pending == AccessKind::kInvalid);
+  t.pending = kind;
+  t.pending_seq = ++next_seq_;
+  t.sent_ms = now_ms;
+  t.resends = 0;
   pending_pages_.insert(page);
   ++stats_.requests;
   SendAcquire(page, lp, out);
 }
 
 void NodeAgent::SendAcquire(PageAddr page, const LocalPage& lp, Actions* out) {
+  const PageTxn& t = TxnOf(lp);
   proto::Acquire m;
   m.page = page;
   m.node = self_;
-  m.kind = lp.pending;
+  m.kind = t.pending;
   // The kind tells the directory what this node holds now, not when it first
   // asked: a copy may have come (a writeback pushed here) or gone since. The
   // directory takes "holds nothing" from a node that it records as a holder
   // as a lost copy, so this must be current on every resend.
   if (m.kind == AccessKind::kUpgrade || m.kind == AccessKind::kWrite) m.kind = WriteKind(lp.state);
-  m.request_seq = lp.pending_seq;
+  m.request_seq = t.pending_seq;
   m.last_txn = lp.last_txn;
-  if (IsGiveUp(m.kind)) m.target = lp.give_up_target;
+  if (IsGiveUp(m.kind)) m.target = t.give_up_target;
   ToDirectory(page, m, out);
 }
 
 void NodeAgent::ClearPending(PageAddr page, LocalPage& lp) {
-  lp.pending = AccessKind::kInvalid;
-  lp.pending_seq = 0;
+  if (lp.txn) {
+    lp.txn->pending = AccessKind::kInvalid;
+    lp.txn->pending_seq = 0;
+  }
   pending_pages_.erase(page);
 }
 
 void NodeAgent::Progress(PageAddr page, LocalPage& lp, uint64_t now_ms, Actions* out) {
-  const bool read_done = lp.pending == AccessKind::kRead && Satisfies(lp.state, false);
-  const bool write_done = (lp.pending == AccessKind::kWrite || lp.pending == AccessKind::kUpgrade) &&
+  if (!lp.txn) return;  // no request, no waiter
+  PageTxn& t = *lp.txn;
+  const bool read_done = t.pending == AccessKind::kRead && Satisfies(lp.state, false);
+  const bool write_done = (t.pending == AccessKind::kWrite || t.pending == AccessKind::kUpgrade) &&
                           Satisfies(lp.state, true);
   if (read_done || write_done) ClearPending(page, lp);
 
   bool want_write = false;
-  auto keep = lp.waiters.begin();
-  for (const Waiter& w : lp.waiters) {
+  auto keep = t.waiters.begin();
+  for (const Waiter& w : t.waiters) {
     if (Satisfies(lp.state, w.write)) {
       Action a = Make(ActionKind::kWake, page);
       a.waiter = w.id;
@@ -161,9 +180,9 @@ void NodeAgent::Progress(PageAddr page, LocalPage& lp, uint64_t now_ms, Actions*
       *keep++ = w;
     }
   }
-  lp.waiters.erase(keep, lp.waiters.end());
+  t.waiters.erase(keep, t.waiters.end());
 
-  if (lp.waiters.empty() || lp.pending != AccessKind::kInvalid) return;
+  if (t.waiters.empty() || t.pending != AccessKind::kInvalid) return;
   AccessKind kind = AccessKind::kRead;
   if (want_write) kind = WriteKind(lp.state);
   SendRequest(page, lp, kind, now_ms, out);
@@ -176,26 +195,29 @@ void NodeAgent::HandleGrant(const proto::Grant& m, uint64_t now_ms, Actions* out
   LocalPage& lp = Get(m.page);
   if (m.status != 0) {
     // A refusal (the page is lost): it answers one request and changes no state.
-    const bool answers = lp.pending != AccessKind::kInvalid && !IsGiveUp(lp.pending) &&
-                         lp.pending_seq == m.request_seq;
-    if (answers || (lp.has_grant && lp.grant.txn <= m.txn)) {
+    const PageTxn& held = TxnOf(lp);
+    const bool answers = held.pending != AccessKind::kInvalid && !IsGiveUp(held.pending) &&
+                         held.pending_seq == m.request_seq;
+    if (answers || (held.has_grant && held.grant.txn <= m.txn)) {
       // A grant still waiting for its data is void (the refused request's,
       // or one no request waits for that Tick asked about): late bytes from
       // the dead source must not make this node a holder the directory
       // does not know.
-      lp.has_grant = false;
-      lp.refused_txn = std::max(lp.refused_txn, m.txn);
+      PageTxn& t = Txn(lp);
+      t.has_grant = false;
+      t.refused_txn = std::max(t.refused_txn, m.txn);
       DropDataUpTo(m.page, lp, answers ? ~TxnId{0} : m.txn, out);
     }
     if (answers) {
       ClearPending(m.page, lp);
-      for (const Waiter& w : lp.waiters) {
+      PageTxn& t = Txn(lp);
+      for (const Waiter& w : t.waiters) {
         Action a = Make(ActionKind::kWake, m.page);
         a.waiter = w.id;
         a.status = static_cast<StatusCode>(m.status);
         out->push_back(std::move(a));
       }
-      lp.waiters.clear();
+      t.waiters.clear();
     }
     if (Disowns(m)) {
       // The page was lost in txn m.txn, and this node holds a copy of it:
@@ -208,10 +230,11 @@ void NodeAgent::HandleGrant(const proto::Grant& m, uint64_t now_ms, Actions* out
       out->push_back(Make(ActionKind::kDiscard, m.page));
       lp.state = PageState::kInvalid;
       lp.retained = false;
-      if (IsGiveUp(lp.pending)) ClearPending(m.page, lp);
+      if (IsGiveUp(TxnOf(lp).pending)) ClearPending(m.page, lp);
       ++stats_.disowned_copies;
       Progress(m.page, lp, now_ms, out);  // accesses that waited on a give-up ask now
     }
+    Settle(lp);
     return;
   }
   if (m.txn < lp.last_txn) return;  // stale
@@ -220,29 +243,32 @@ void NodeAgent::HandleGrant(const proto::Grant& m, uint64_t now_ms, Actions* out
     ToDirectory(m.page, proto::Done{m.page, m.txn, self_}, out);
     return;
   }
-  lp.has_grant = true;
-  lp.grant = m;
+  PageTxn& t = Txn(lp);
+  t.has_grant = true;
+  t.grant = m;
   TryInstall(m.page, lp, now_ms, out);
-  if (lp.has_grant && lp.pending == AccessKind::kInvalid && m.request_seq != 0) {
+  if (t.has_grant && t.pending == AccessKind::kInvalid && m.request_seq != 0) {
     // A grant of a request this node no longer has pending (one the
     // directory had queued, satisfied meanwhile by a restore or a move
     // here) waits for its data with nothing to resend: Tick probes it.
-    lp.grant_ms = now_ms;
-    lp.grant_probes = 0;
+    t.grant_ms = now_ms;
+    t.grant_probes = 0;
     awaiting_data_.insert(m.page);
   }
+  Settle(lp);
 }
 
 void NodeAgent::TryInstall(PageAddr page, LocalPage& lp, uint64_t now_ms, Actions* out) {
-  const proto::Grant g = lp.grant;
+  PageTxn& t = Txn(lp);
+  const proto::Grant g = t.grant;
   const bool have_bytes = lp.state != PageState::kInvalid || lp.retained;
   switch (g.source) {
     case proto::DataSource::kOwner: {
-      if (!lp.has_data || lp.data_txn != g.txn) return;  // the data is still on its way
+      if (!t.has_data || t.data_txn != g.txn) return;  // the data is still on its way
       Action a = Make(ActionKind::kInstallData, page);
-      a.handle = lp.data;
+      a.handle = t.data;
       out->push_back(std::move(a));
-      lp.has_data = false;
+      t.has_data = false;
       ++stats_.pages_received;
       break;
     }
@@ -251,28 +277,28 @@ void NodeAgent::TryInstall(PageAddr page, LocalPage& lp, uint64_t now_ms, Action
       break;
     case proto::DataSource::kSelf:
       if (!have_bytes) {
-        lp.has_grant = false;
+        t.has_grant = false;
         return ProtocolError(page, "grant from self, but this node holds no copy", out);
       }
       break;
     case proto::DataSource::kStash:
-      if (lp.stash_txn != 0 && lp.stash_txn == g.stash_txn) {
+      if (t.stash_txn != 0 && t.stash_txn == g.stash_txn) {
         Action a = Make(ActionKind::kInstallStash, page);
-        a.txn = lp.stash_txn;
+        a.txn = t.stash_txn;
         out->push_back(std::move(a));
-        lp.stash_txn = 0;
+        t.stash_txn = 0;
       } else if (!have_bytes) {
-        lp.has_grant = false;
+        t.has_grant = false;
         return ProtocolError(page, "restore from a stash this node does not have", out);
       }
       break;
     case proto::DataSource::kReserved:
-      lp.has_grant = false;
+      t.has_grant = false;
       return ProtocolError(page, "grant with reserved data source", out);
   }
-  lp.has_grant = false;
+  t.has_grant = false;
   lp.retained = false;
-  if (IsGiveUp(lp.pending)) ClearPending(page, lp);  // a newer grant makes it moot
+  if (IsGiveUp(t.pending)) ClearPending(page, lp);  // a newer grant makes it moot
   lp.state = g.state;
   lp.version = g.version;
   lp.last_txn = g.txn;
@@ -294,7 +320,7 @@ void NodeAgent::HandleFetch(const proto::Fetch& m, uint64_t now_ms, Actions* out
       a.node = m.requester;
       a.txn = m.txn;
       a.version = lp.version;
-      if (have_bytes || lp.stash_txn == m.txn) out->push_back(std::move(a));
+      if (have_bytes || TxnOf(lp).stash_txn == m.txn) out->push_back(std::move(a));
     } else {
       ToDirectory(m.page, proto::InvalidateAck{m.page, m.txn, self_}, out);
     }
@@ -328,11 +354,11 @@ void NodeAgent::HandleFetch(const proto::Fetch& m, uint64_t now_ms, Actions* out
     Action a = Make(ActionKind::kStash, m.page);
     a.txn = m.txn;
     out->push_back(std::move(a));
-    lp.stash_txn = m.txn;
+    Txn(lp).stash_txn = m.txn;
     lp.state = PageState::kInvalid;
     lp.retained = false;
     ++stats_.invalidations;
-    if (IsGiveUp(lp.pending)) ClearPending(m.page, lp);  // the move is the give-up
+    if (IsGiveUp(TxnOf(lp).pending)) ClearPending(m.page, lp);  // the move is the give-up
     if (m.send_data) {
       Action send = Make(ActionKind::kSendStash, m.page);  // the bytes as they were stashed
       send.node = m.requester;
@@ -345,6 +371,7 @@ void NodeAgent::HandleFetch(const proto::Fetch& m, uint64_t now_ms, Actions* out
     }
   }
   Progress(m.page, lp, now_ms, out);
+  Settle(lp);
 }
 
 void NodeAgent::HandleInvalidate(const proto::Invalidate& m, uint64_t now_ms, Actions* out) {
@@ -358,25 +385,27 @@ void NodeAgent::HandleInvalidate(const proto::Invalidate& m, uint64_t now_ms, Ac
     if (lp.state != PageState::kInvalid || lp.retained) out->push_back(Make(ActionKind::kDiscard, m.page));
     lp.state = PageState::kInvalid;
     lp.retained = false;
-    if (IsGiveUp(lp.pending)) ClearPending(m.page, lp);
+    if (IsGiveUp(TxnOf(lp).pending)) ClearPending(m.page, lp);
     DropStashBefore(m.page, lp, m.txn, out);
     ++stats_.invalidations;
   }
   ToDirectory(m.page, proto::InvalidateAck{m.page, m.txn, self_}, out);
   Progress(m.page, lp, now_ms, out);
+  Settle(lp);
 }
 
 void NodeAgent::HandleRelease(const proto::Release& m, Actions* out) {
   auto it = pages_.find(m.page);
-  if (it == pages_.end() || it->second.stash_txn != m.txn) return;
+  if (it == pages_.end() || TxnOf(it->second).stash_txn != m.txn) return;
   DropStashBefore(m.page, it->second, m.txn + 1, out);
+  Settle(it->second);
 }
 
 void NodeAgent::HandleEvictReply(const proto::EvictReply& m, uint64_t now_ms, Actions* out) {
   auto it = pages_.find(m.page);
   if (it == pages_.end()) return;
   LocalPage& lp = it->second;
-  if (!IsGiveUp(lp.pending) || lp.pending_seq != m.request_seq) return;  // stale
+  if (!IsGiveUp(TxnOf(lp).pending) || TxnOf(lp).pending_seq != m.request_seq) return;  // stale
   ClearPending(m.page, lp);
   // Every txn up to m.txn is complete: whatever of them is still on its way
   // here (a Fetch sent while this node was a sharer) is stale now.
@@ -392,6 +421,7 @@ void NodeAgent::HandleEvictReply(const proto::EvictReply& m, uint64_t now_ms, Ac
     lp.retained = false;
   }
   Progress(m.page, lp, now_ms, out);
+  Settle(lp);
 }
 
 void NodeAgent::HandlePageData(const proto::PageData& m, DataHandle handle, uint64_t now_ms,
@@ -402,15 +432,19 @@ void NodeAgent::HandlePageData(const proto::PageData& m, DataHandle handle, uint
     a.handle = h;
     out->push_back(std::move(a));
   };
-  if (m.txn <= lp.last_txn || m.txn <= lp.refused_txn || (lp.has_data && lp.data_txn >= m.txn)) {
+  const PageTxn& held = TxnOf(lp);
+  if (m.txn <= lp.last_txn || m.txn <= held.refused_txn ||
+      (held.has_data && held.data_txn >= m.txn)) {
     drop(handle);  // stale, refused, or a duplicate
     return;
   }
-  if (lp.has_data) drop(lp.data);
-  lp.has_data = true;
-  lp.data_txn = m.txn;
-  lp.data = handle;
-  if (lp.has_grant && lp.grant.txn == m.txn) TryInstall(m.page, lp, now_ms, out);
+  PageTxn& t = Txn(lp);
+  if (t.has_data) drop(t.data);
+  t.has_data = true;
+  t.data_txn = m.txn;
+  t.data = handle;
+  if (t.has_grant && t.grant.txn == m.txn) TryInstall(m.page, lp, now_ms, out);
+  Settle(lp);
 }
 
 // ---------------------------------------------------------------------------
@@ -419,10 +453,11 @@ void NodeAgent::HandlePageData(const proto::PageData& m, DataHandle handle, uint
 void NodeAgent::Tick(uint64_t now_ms, Actions* out) {
   for (PageAddr page : pending_pages_) {
     LocalPage& lp = pages_.at(page);
-    const uint64_t wait = options_.retransmit_after_ms << std::min(lp.resends, kMaxBackoffShift);
-    if (lp.sent_ms + wait <= now_ms) {
-      lp.sent_ms = now_ms;
-      ++lp.resends;
+    PageTxn& t = Txn(lp);
+    const uint64_t wait = options_.retransmit_after_ms << std::min(t.resends, kMaxBackoffShift);
+    if (t.sent_ms + wait <= now_ms) {
+      t.sent_ms = now_ms;
+      ++t.resends;
       ++stats_.retransmits;
       SendAcquire(page, lp, out);
     }
@@ -433,20 +468,21 @@ void NodeAgent::Tick(uint64_t now_ms, Actions* out) {
   // lives, or settles the txn if the supplier died (PROTOCOL.md, Crashes).
   for (auto it = awaiting_data_.begin(); it != awaiting_data_.end();) {
     LocalPage& lp = pages_.at(*it);
-    if (!lp.has_grant || lp.pending != AccessKind::kInvalid) {
+    if (!TxnOf(lp).has_grant || TxnOf(lp).pending != AccessKind::kInvalid) {
       it = awaiting_data_.erase(it);
       continue;
     }
-    const uint64_t wait = options_.retransmit_after_ms << std::min(lp.grant_probes, kMaxBackoffShift);
-    if (lp.grant_ms + wait <= now_ms) {
-      lp.grant_ms = now_ms;
-      ++lp.grant_probes;
+    PageTxn& t = *lp.txn;
+    const uint64_t wait = options_.retransmit_after_ms << std::min(t.grant_probes, kMaxBackoffShift);
+    if (t.grant_ms + wait <= now_ms) {
+      t.grant_ms = now_ms;
+      ++t.grant_probes;
       ++stats_.grant_probes;
       proto::Acquire m;
       m.page = *it;
       m.node = self_;
-      m.kind = lp.grant.state == PageState::kModified ? WriteKind(lp.state) : AccessKind::kRead;
-      m.request_seq = lp.grant.request_seq;
+      m.kind = t.grant.state == PageState::kModified ? WriteKind(lp.state) : AccessKind::kRead;
+      m.request_seq = t.grant.request_seq;
       m.last_txn = lp.last_txn;
       ToDirectory(*it, m, out);
     }
@@ -457,8 +493,9 @@ void NodeAgent::Tick(uint64_t now_ms, Actions* out) {
 void NodeAgent::ResendAll(uint64_t now_ms, Actions* out) {
   for (PageAddr page : pending_pages_) {
     LocalPage& lp = pages_.at(page);
-    lp.sent_ms = now_ms;
-    lp.resends = 0;  // a new connection: the base interval again
+    PageTxn& t = Txn(lp);
+    t.sent_ms = now_ms;
+    t.resends = 0;  // a new connection: the base interval again
     ++stats_.retransmits;
     SendAcquire(page, lp, out);
   }
@@ -469,19 +506,19 @@ void NodeAgent::ResendAll(uint64_t now_ms, Actions* out) {
 
 void NodeAgent::DropStashBefore(PageAddr page, LocalPage& lp, TxnId txn, Actions* out) {
   // Any txn newer than the stash's means its move completed.
-  if (lp.stash_txn == 0 || lp.stash_txn >= txn) return;
+  if (!lp.txn || lp.txn->stash_txn == 0 || lp.txn->stash_txn >= txn) return;
   Action a = Make(ActionKind::kDropStash, page);
-  a.txn = lp.stash_txn;
+  a.txn = lp.txn->stash_txn;
   out->push_back(std::move(a));
-  lp.stash_txn = 0;
+  lp.txn->stash_txn = 0;
 }
 
 void NodeAgent::DropDataUpTo(PageAddr page, LocalPage& lp, TxnId txn, Actions* out) {
-  if (!lp.has_data || lp.data_txn > txn) return;
+  if (!lp.txn || !lp.txn->has_data || lp.txn->data_txn > txn) return;
   Action a = Make(ActionKind::kDropData, page);
-  a.handle = lp.data;
+  a.handle = lp.txn->data;
   out->push_back(std::move(a));
-  lp.has_data = false;
+  lp.txn->has_data = false;
 }
 
 void NodeAgent::Map(PageAddr page, PageState state, Actions* out) {

@@ -14,6 +14,7 @@
 #define DSVM_NODE_COHERENCE_NODE_AGENT_H_
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <unordered_map>
 #include <unordered_set>
@@ -143,28 +144,48 @@ class NodeAgent {
     WaiterId id;
     bool write;
   };
-  struct LocalPage {
-    PageState state = PageState::kInvalid;  // what local processes may do
-    bool retained = false;            // bytes kept, unmapped, for a pending give-up
-    PageState retained_from = PageState::kInvalid;
-    uint64_t version = 0;
-    TxnId last_txn = 0;
+  // What a page needs only while something is under way for it: a request
+  // pending, a grant or data in hand, waiters, a stash, a refusal newer than
+  // its last txn. Made when needed and freed once idle (Settle), so that a
+  // page at rest, which a node keeps for every page it touched, costs only
+  // its LocalPage.
+  struct PageTxn {
     AccessKind pending = AccessKind::kInvalid;  // kInvalid: nothing outstanding
     uint64_t pending_seq = 0;
     uint64_t sent_ms = 0;
     uint32_t resends = 0;             // of the pending request, by Tick
     NodeId give_up_target = proto::kNoNode;  // of a pending Evict
     bool has_grant = false;           // a Grant waiting for its PageData
-    proto::Grant grant;
     bool has_data = false;            // PageData received, newest txn kept
+    uint32_t grant_probes = 0;
+    proto::Grant grant;
     TxnId data_txn = 0;
     DataHandle data = 0;
     TxnId stash_txn = 0;              // 0: no stash
     TxnId refused_txn = 0;            // data of this txn or older can never be installed
     uint64_t grant_ms = 0;            // a grant no request waits for: when last asked about
-    uint32_t grant_probes = 0;
     std::vector<Waiter> waiters;
   };
+  struct LocalPage {
+    PageState state = PageState::kInvalid;  // what local processes may do
+    bool retained = false;            // bytes kept, unmapped, for a pending give-up
+    PageState retained_from = PageState::kInvalid;
+    uint64_t version = 0;
+    TxnId last_txn = 0;
+    std::unique_ptr<PageTxn> txn;     // null: nothing under way (see PageTxn)
+  };
+
+  // The page's PageTxn, made if it has none.
+  static PageTxn& Txn(LocalPage& lp) {
+    if (!lp.txn) lp.txn = std::make_unique<PageTxn>();
+    return *lp.txn;
+  }
+  // The page's PageTxn to read; an idle one when it has none.
+  static const PageTxn& TxnOf(const LocalPage& lp) { return lp.txn ? *lp.txn : kIdleTxn; }
+  static const PageTxn kIdleTxn;
+  // Frees the page's PageTxn once nothing in it is under way. Call at the
+  // end of a public entry point, when no reference into it is held.
+  static void Settle(LocalPage& lp);
 
   LocalPage& Get(PageAddr page) { return pages_[page]; }
   void SendRequest(PageAddr page, LocalPage& lp, AccessKind kind, uint64_t now_ms, Actions* out);
