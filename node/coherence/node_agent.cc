@@ -31,11 +31,11 @@ NodeAgent::NodeAgent(NodeId self, NodeOptions options) : self_(self), options_(o
 }
 
 void NodeAgent::Settle(LocalPage& lp) {
-  const PageTxn* t = lp.txn.get();
+  const PageTxn* t = lp.active.get();
   // A refusal no newer than the last txn says nothing more than last_txn.
   if (t != nullptr && t->pending == AccessKind::kInvalid && !t->has_grant && !t->has_data &&
       t->waiters.empty() && t->stash_txn == 0 && t->refused_txn <= lp.last_txn) {
-    lp.txn.reset();
+    lp.active.reset();
   }
 }
 
@@ -68,7 +68,7 @@ bool NodeAgent::HasPending(PageAddr page) const { return pending_pages_.count(pa
 
 size_t NodeAgent::stash_count() const {
   size_t n = 0;
-  for (const auto& [page, lp] : pages_) n += TxnOf(lp).stash_txn != 0;
+  for (const auto& [page, lp] : pages_) n += ActiveOrIdle(lp).stash_txn != 0;
   return n;
 }
 
@@ -83,7 +83,7 @@ FaultResult NodeAgent::Fault(PageAddr page, bool write, WaiterId waiter, uint64_
     return FaultResult::kHit;
   }
   ++stats_.faults;
-  PageTxn& t = Txn(lp);
+  PageTxn& t = Active(lp);
   t.waiters.push_back(Waiter{waiter, write});
   if (t.pending == AccessKind::kInvalid) Progress(page, lp, now_ms, out);
   Settle(lp);
@@ -99,7 +99,7 @@ std::vector<WaiterId> NodeAgent::ForgetRange(PageAddr begin, PageAddr end) {
       ++it;
       continue;
     }
-    for (const Waiter& w : TxnOf(it->second).waiters) waiting.push_back(w.id);
+    for (const Waiter& w : ActiveOrIdle(it->second).waiters) waiting.push_back(w.id);
     pending_pages_.erase(it->first);
     it = pages_.erase(it);
   }
@@ -110,13 +110,13 @@ bool NodeAgent::Evict(PageAddr page, uint64_t now_ms, Actions* out, NodeId targe
   auto it = pages_.find(page);
   if (it == pages_.end()) return false;
   LocalPage& lp = it->second;
-  if (TxnOf(lp).pending != AccessKind::kInvalid || lp.state == PageState::kInvalid) return false;
+  if (ActiveOrIdle(lp).pending != AccessKind::kInvalid || lp.state == PageState::kInvalid) return false;
   lp.retained_from = lp.state;
   lp.retained = true;
   const AccessKind kind =
       lp.state == PageState::kModified ? AccessKind::kWriteback : AccessKind::kEvict;
   lp.state = PageState::kInvalid;
-  Txn(lp).give_up_target = target;
+  Active(lp).give_up_target = target;
   out->push_back(Make(ActionKind::kUnmap, page));
   SendRequest(page, lp, kind, now_ms, out);
   return true;
@@ -124,7 +124,7 @@ bool NodeAgent::Evict(PageAddr page, uint64_t now_ms, Actions* out, NodeId targe
 
 void NodeAgent::SendRequest(PageAddr page, LocalPage& lp, AccessKind kind, uint64_t now_ms,
                             Actions* out) {
-  PageTxn& t = Txn(lp);
+  PageTxn& t = Active(lp);
   DSVM_CHECK(t.pending == AccessKind::kInvalid);
   t.pending = kind;
   t.pending_seq = ++next_seq_;
@@ -136,7 +136,7 @@ void NodeAgent::SendRequest(PageAddr page, LocalPage& lp, AccessKind kind, uint6
 }
 
 void NodeAgent::SendAcquire(PageAddr page, const LocalPage& lp, Actions* out) {
-  const PageTxn& t = TxnOf(lp);
+  const PageTxn& t = ActiveOrIdle(lp);
   proto::Acquire m;
   m.page = page;
   m.node = self_;
@@ -153,16 +153,16 @@ void NodeAgent::SendAcquire(PageAddr page, const LocalPage& lp, Actions* out) {
 }
 
 void NodeAgent::ClearPending(PageAddr page, LocalPage& lp) {
-  if (lp.txn) {
-    lp.txn->pending = AccessKind::kInvalid;
-    lp.txn->pending_seq = 0;
+  if (lp.active) {
+    lp.active->pending = AccessKind::kInvalid;
+    lp.active->pending_seq = 0;
   }
   pending_pages_.erase(page);
 }
 
 void NodeAgent::Progress(PageAddr page, LocalPage& lp, uint64_t now_ms, Actions* out) {
-  if (!lp.txn) return;  // no request, no waiter
-  PageTxn& t = *lp.txn;
+  if (!lp.active) return;  // no request, no waiter
+  PageTxn& t = *lp.active;
   const bool read_done = t.pending == AccessKind::kRead && Satisfies(lp.state, false);
   const bool write_done = (t.pending == AccessKind::kWrite || t.pending == AccessKind::kUpgrade) &&
                           Satisfies(lp.state, true);
@@ -195,7 +195,7 @@ void NodeAgent::HandleGrant(const proto::Grant& m, uint64_t now_ms, Actions* out
   LocalPage& lp = Get(m.page);
   if (m.status != 0) {
     // A refusal (the page is lost): it answers one request and changes no state.
-    const PageTxn& held = TxnOf(lp);
+    const PageTxn& held = ActiveOrIdle(lp);
     const bool answers = held.pending != AccessKind::kInvalid && !IsGiveUp(held.pending) &&
                          held.pending_seq == m.request_seq;
     if (answers || (held.has_grant && held.grant.txn <= m.txn)) {
@@ -203,14 +203,14 @@ void NodeAgent::HandleGrant(const proto::Grant& m, uint64_t now_ms, Actions* out
       // or one no request waits for that Tick asked about): late bytes from
       // the dead source must not make this node a holder the directory
       // does not know.
-      PageTxn& t = Txn(lp);
+      PageTxn& t = Active(lp);
       t.has_grant = false;
       t.refused_txn = std::max(t.refused_txn, m.txn);
       DropDataUpTo(m.page, lp, answers ? ~TxnId{0} : m.txn, out);
     }
     if (answers) {
       ClearPending(m.page, lp);
-      PageTxn& t = Txn(lp);
+      PageTxn& t = Active(lp);
       for (const Waiter& w : t.waiters) {
         Action a = Make(ActionKind::kWake, m.page);
         a.waiter = w.id;
@@ -230,7 +230,7 @@ void NodeAgent::HandleGrant(const proto::Grant& m, uint64_t now_ms, Actions* out
       out->push_back(Make(ActionKind::kDiscard, m.page));
       lp.state = PageState::kInvalid;
       lp.retained = false;
-      if (IsGiveUp(TxnOf(lp).pending)) ClearPending(m.page, lp);
+      if (IsGiveUp(ActiveOrIdle(lp).pending)) ClearPending(m.page, lp);
       ++stats_.disowned_copies;
       Progress(m.page, lp, now_ms, out);  // accesses that waited on a give-up ask now
     }
@@ -243,7 +243,7 @@ void NodeAgent::HandleGrant(const proto::Grant& m, uint64_t now_ms, Actions* out
     ToDirectory(m.page, proto::Done{m.page, m.txn, self_}, out);
     return;
   }
-  PageTxn& t = Txn(lp);
+  PageTxn& t = Active(lp);
   t.has_grant = true;
   t.grant = m;
   TryInstall(m.page, lp, now_ms, out);
@@ -259,7 +259,8 @@ void NodeAgent::HandleGrant(const proto::Grant& m, uint64_t now_ms, Actions* out
 }
 
 void NodeAgent::TryInstall(PageAddr page, LocalPage& lp, uint64_t now_ms, Actions* out) {
-  PageTxn& t = Txn(lp);
+  DSVM_CHECK(lp.active);  // it holds the grant
+  PageTxn& t = *lp.active;
   const proto::Grant g = t.grant;
   const bool have_bytes = lp.state != PageState::kInvalid || lp.retained;
   switch (g.source) {
@@ -320,7 +321,7 @@ void NodeAgent::HandleFetch(const proto::Fetch& m, uint64_t now_ms, Actions* out
       a.node = m.requester;
       a.txn = m.txn;
       a.version = lp.version;
-      if (have_bytes || TxnOf(lp).stash_txn == m.txn) out->push_back(std::move(a));
+      if (have_bytes || ActiveOrIdle(lp).stash_txn == m.txn) out->push_back(std::move(a));
     } else {
       ToDirectory(m.page, proto::InvalidateAck{m.page, m.txn, self_}, out);
     }
@@ -354,11 +355,11 @@ void NodeAgent::HandleFetch(const proto::Fetch& m, uint64_t now_ms, Actions* out
     Action a = Make(ActionKind::kStash, m.page);
     a.txn = m.txn;
     out->push_back(std::move(a));
-    Txn(lp).stash_txn = m.txn;
+    Active(lp).stash_txn = m.txn;
     lp.state = PageState::kInvalid;
     lp.retained = false;
     ++stats_.invalidations;
-    if (IsGiveUp(TxnOf(lp).pending)) ClearPending(m.page, lp);  // the move is the give-up
+    if (IsGiveUp(ActiveOrIdle(lp).pending)) ClearPending(m.page, lp);  // the move is the give-up
     if (m.send_data) {
       Action send = Make(ActionKind::kSendStash, m.page);  // the bytes as they were stashed
       send.node = m.requester;
@@ -385,7 +386,7 @@ void NodeAgent::HandleInvalidate(const proto::Invalidate& m, uint64_t now_ms, Ac
     if (lp.state != PageState::kInvalid || lp.retained) out->push_back(Make(ActionKind::kDiscard, m.page));
     lp.state = PageState::kInvalid;
     lp.retained = false;
-    if (IsGiveUp(TxnOf(lp).pending)) ClearPending(m.page, lp);
+    if (IsGiveUp(ActiveOrIdle(lp).pending)) ClearPending(m.page, lp);
     DropStashBefore(m.page, lp, m.txn, out);
     ++stats_.invalidations;
   }
@@ -396,7 +397,7 @@ void NodeAgent::HandleInvalidate(const proto::Invalidate& m, uint64_t now_ms, Ac
 
 void NodeAgent::HandleRelease(const proto::Release& m, Actions* out) {
   auto it = pages_.find(m.page);
-  if (it == pages_.end() || TxnOf(it->second).stash_txn != m.txn) return;
+  if (it == pages_.end() || ActiveOrIdle(it->second).stash_txn != m.txn) return;
   DropStashBefore(m.page, it->second, m.txn + 1, out);
   Settle(it->second);
 }
@@ -405,7 +406,7 @@ void NodeAgent::HandleEvictReply(const proto::EvictReply& m, uint64_t now_ms, Ac
   auto it = pages_.find(m.page);
   if (it == pages_.end()) return;
   LocalPage& lp = it->second;
-  if (!IsGiveUp(TxnOf(lp).pending) || TxnOf(lp).pending_seq != m.request_seq) return;  // stale
+  if (!IsGiveUp(ActiveOrIdle(lp).pending) || ActiveOrIdle(lp).pending_seq != m.request_seq) return;  // stale
   ClearPending(m.page, lp);
   // Every txn up to m.txn is complete: whatever of them is still on its way
   // here (a Fetch sent while this node was a sharer) is stale now.
@@ -432,13 +433,13 @@ void NodeAgent::HandlePageData(const proto::PageData& m, DataHandle handle, uint
     a.handle = h;
     out->push_back(std::move(a));
   };
-  const PageTxn& held = TxnOf(lp);
+  const PageTxn& held = ActiveOrIdle(lp);
   if (m.txn <= lp.last_txn || m.txn <= held.refused_txn ||
       (held.has_data && held.data_txn >= m.txn)) {
     drop(handle);  // stale, refused, or a duplicate
     return;
   }
-  PageTxn& t = Txn(lp);
+  PageTxn& t = Active(lp);
   if (t.has_data) drop(t.data);
   t.has_data = true;
   t.data_txn = m.txn;
@@ -453,7 +454,8 @@ void NodeAgent::HandlePageData(const proto::PageData& m, DataHandle handle, uint
 void NodeAgent::Tick(uint64_t now_ms, Actions* out) {
   for (PageAddr page : pending_pages_) {
     LocalPage& lp = pages_.at(page);
-    PageTxn& t = Txn(lp);
+    DSVM_CHECK(lp.active);  // a request is pending
+    PageTxn& t = *lp.active;
     const uint64_t wait = options_.retransmit_after_ms << std::min(t.resends, kMaxBackoffShift);
     if (t.sent_ms + wait <= now_ms) {
       t.sent_ms = now_ms;
@@ -468,11 +470,11 @@ void NodeAgent::Tick(uint64_t now_ms, Actions* out) {
   // lives, or settles the txn if the supplier died (PROTOCOL.md, Crashes).
   for (auto it = awaiting_data_.begin(); it != awaiting_data_.end();) {
     LocalPage& lp = pages_.at(*it);
-    if (!TxnOf(lp).has_grant || TxnOf(lp).pending != AccessKind::kInvalid) {
+    if (!ActiveOrIdle(lp).has_grant || ActiveOrIdle(lp).pending != AccessKind::kInvalid) {
       it = awaiting_data_.erase(it);
       continue;
     }
-    PageTxn& t = *lp.txn;
+    PageTxn& t = *lp.active;
     const uint64_t wait = options_.retransmit_after_ms << std::min(t.grant_probes, kMaxBackoffShift);
     if (t.grant_ms + wait <= now_ms) {
       t.grant_ms = now_ms;
@@ -493,7 +495,8 @@ void NodeAgent::Tick(uint64_t now_ms, Actions* out) {
 void NodeAgent::ResendAll(uint64_t now_ms, Actions* out) {
   for (PageAddr page : pending_pages_) {
     LocalPage& lp = pages_.at(page);
-    PageTxn& t = Txn(lp);
+    DSVM_CHECK(lp.active);  // a request is pending
+    PageTxn& t = *lp.active;
     t.sent_ms = now_ms;
     t.resends = 0;  // a new connection: the base interval again
     ++stats_.retransmits;
@@ -506,19 +509,19 @@ void NodeAgent::ResendAll(uint64_t now_ms, Actions* out) {
 
 void NodeAgent::DropStashBefore(PageAddr page, LocalPage& lp, TxnId txn, Actions* out) {
   // Any txn newer than the stash's means its move completed.
-  if (!lp.txn || lp.txn->stash_txn == 0 || lp.txn->stash_txn >= txn) return;
+  if (!lp.active || lp.active->stash_txn == 0 || lp.active->stash_txn >= txn) return;
   Action a = Make(ActionKind::kDropStash, page);
-  a.txn = lp.txn->stash_txn;
+  a.txn = lp.active->stash_txn;
   out->push_back(std::move(a));
-  lp.txn->stash_txn = 0;
+  lp.active->stash_txn = 0;
 }
 
 void NodeAgent::DropDataUpTo(PageAddr page, LocalPage& lp, TxnId txn, Actions* out) {
-  if (!lp.txn || !lp.txn->has_data || lp.txn->data_txn > txn) return;
+  if (!lp.active || !lp.active->has_data || lp.active->data_txn > txn) return;
   Action a = Make(ActionKind::kDropData, page);
-  a.handle = lp.txn->data;
+  a.handle = lp.active->data;
   out->push_back(std::move(a));
-  lp.txn->has_data = false;
+  lp.active->has_data = false;
 }
 
 void NodeAgent::Map(PageAddr page, PageState state, Actions* out) {

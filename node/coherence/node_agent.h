@@ -148,7 +148,9 @@ class NodeAgent {
   // pending, a grant or data in hand, waiters, a stash, a refusal newer than
   // its last txn. Made when needed and freed once idle (Settle), so that a
   // page at rest, which a node keeps for every page it touched, costs only
-  // its LocalPage.
+  // its LocalPage. Kept past its request: a stash until the directory
+  // releases it, data that came before its grant, and a refusal of a lost
+  // page (which must go on refusing that txn's late data).
   struct PageTxn {
     AccessKind pending = AccessKind::kInvalid;  // kInvalid: nothing outstanding
     uint64_t pending_seq = 0;
@@ -172,16 +174,17 @@ class NodeAgent {
     PageState retained_from = PageState::kInvalid;
     uint64_t version = 0;
     TxnId last_txn = 0;
-    std::unique_ptr<PageTxn> txn;     // null: nothing under way (see PageTxn)
+    std::unique_ptr<PageTxn> active;  // null: nothing under way (see PageTxn)
   };
 
-  // The page's PageTxn, made if it has none.
-  static PageTxn& Txn(LocalPage& lp) {
-    if (!lp.txn) lp.txn = std::make_unique<PageTxn>();
-    return *lp.txn;
+  // The page's PageTxn, made if it has none (for a page that must have one,
+  // use *lp.active).
+  static PageTxn& Active(LocalPage& lp) {
+    if (!lp.active) lp.active = std::make_unique<PageTxn>();
+    return *lp.active;
   }
   // The page's PageTxn to read; an idle one when it has none.
-  static const PageTxn& TxnOf(const LocalPage& lp) { return lp.txn ? *lp.txn : kIdleTxn; }
+  static const PageTxn& ActiveOrIdle(const LocalPage& lp) { return lp.active ? *lp.active : kIdleTxn; }
   static const PageTxn kIdleTxn;
   // Frees the page's PageTxn once nothing in it is under way. Call at the
   // end of a public entry point, when no reference into it is held.
