@@ -101,6 +101,7 @@ std::vector<WaiterId> NodeAgent::ForgetRange(PageAddr begin, PageAddr end) {
     }
     for (const Waiter& w : ActiveOrIdle(it->second).waiters) waiting.push_back(w.id);
     pending_pages_.erase(it->first);
+    awaiting_data_.erase(it->first);  // else Tick would look for a page that is gone
     it = pages_.erase(it);
   }
   return waiting;

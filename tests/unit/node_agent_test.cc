@@ -408,6 +408,20 @@ TEST_F(NodeAgentTest, AGrantNoRequestWaitsForIsAskedAboutWhenItsDataDoesNotCome)
   EXPECT_EQ(TickAt(now_ + 10 * kRetransmitMs), Strings{}) << "nothing left to ask about";
 }
 
+// The same grant, its data still to come, when the page's region goes
+// (ForgetRange): the timer forgets it too. Fails without: Tick looked the
+// page up among the pages kept, found none and threw (std::out_of_range),
+// which would end the daemon.
+TEST_F(NodeAgentTest, AForgottenPageIsNotAskedAboutAfterwards) {
+  Hold(PageState::kModified, 3, 1);
+  ASSERT_EQ(Fetch(4, 2, PageState::kInvalid, 1), Strings({"Stash txn=4", "SendStash>2 txn=4 v=1"}));
+  ASSERT_EQ(Grant(MakeGrant(6, 1, PageState::kModified, DataSource::kOwner, 3)), Strings{});
+  EXPECT_TRUE(agent_.ForgetRange(kPage, kPage + 4096).empty());
+  EXPECT_EQ(agent_.StateOf(kPage), PageState::kInvalid);
+  EXPECT_EQ(TickAt(now_ + 10 * kRetransmitMs), Strings{});
+  EXPECT_EQ(agent_.stats().grant_probes, 0u);
+}
+
 // ---------------------------------------------------------------------------
 // Fetch, stash, Release.
 
