@@ -50,10 +50,11 @@ uint64_t Seed(Variant v) { return 0xD5A0 + static_cast<uint64_t>(v); }
 
 double Gbps(uint64_t bytes, double seconds) { return static_cast<double>(bytes) / seconds / 1e9; }
 
-// Bytes of hugetlb pages in use on the machine (/proc/meminfo), -1 when it
-// cannot be read. A node daemon backs a 2 MiB region with hugetlb pages when
-// enough are reserved and free, which halves what the scan costs
-// (docs/PERFORMANCE.md), so the figures say which it was.
+// Bytes of hugetlb pages in use on the whole machine (/proc/meminfo), -1
+// when it cannot be read. A node daemon backs a 2 MiB region with hugetlb
+// pages when enough are reserved and free, which costs the scan about a
+// fifth less CPU per byte (docs/PERFORMANCE.md), so the figures say which
+// it was.
 double HugetlbBytesInUse() {
   std::ifstream in("/proc/meminfo");
   std::string key;
@@ -324,10 +325,12 @@ Result<ReaderReport> RunVariant(const ScanOptions& o, Cluster& c, Variant v, uin
                "daemon %.2f, requester daemon %.2f, reader %.2f (the timed part: %.2f s)\n",
                Name(v), reader.coordinator_cpu_s, reader.owner_cpu_s, reader.requester_cpu_s,
                reader.reader_cpu_s, reader.seconds);
-  if (o.page_size == DSVM_PAGE_SIZE_2M) {
+  if (o.page_size == DSVM_PAGE_SIZE_2M && reader.hugetlb_bytes < 0) {
+    std::fprintf(stderr, "dsvm-bench: scan: %s: hugetlb use unknown (/proc/meminfo)\n", Name(v));
+  } else if (o.page_size == DSVM_PAGE_SIZE_2M) {
     std::fprintf(stderr,
-                 "dsvm-bench: scan: %s: %.1f MiB of hugetlb pages in use while both nodes held "
-                 "the region: %s\n",
+                 "dsvm-bench: scan: %s: %.1f MiB of hugetlb pages in use on the machine while "
+                 "both nodes held the region: %s\n",
                  Name(v), reader.hugetlb_bytes / (1 << 20),
                  reader.hugetlb_bytes >= 2.0 * static_cast<double>(bytes)
                      ? "both copies were hugetlb-backed"

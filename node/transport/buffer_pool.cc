@@ -49,9 +49,13 @@ void BufferPool::GiveBack(uint8_t* buffer, size_t size) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (kept_bytes_ + size <= max_kept_bytes_) {
-      kept_[size].push_back(buffer);
-      kept_bytes_ += size;
-      return;
+      try {
+        kept_[size].push_back(buffer);
+        kept_bytes_ += size;
+        return;
+      } catch (const std::bad_alloc&) {
+        // No room to keep it (this runs in a deleter): free it instead.
+      }
     }
     ++stats_.freed;
   }

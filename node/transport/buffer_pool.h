@@ -1,13 +1,14 @@
 // BufferPool: large byte buffers kept for reuse.
 //
-// A page too large to batch (2 MiB) leaves the owner from a buffer of its
-// own and arrives at the requester by rendezvous into a buffer of its own,
-// each held until UCX (or the install) is done with it. Fresh from malloc,
-// a buffer that large is fresh memory: glibc maps it anew, and the kernel
-// faults in and zeroes every 4 KiB of it at first touch, which cost more
-// than the copies the buffer is for (docs/PERFORMANCE.md, Scan, stop 20).
-// Buffers given back here keep their pages, so the next page of the same
-// size lands in memory already resident.
+// Page bytes leave a node from a buffer (a batch's, or a page's own when it
+// is too large to batch, 2 MiB) and a large page arrives by rendezvous into
+// one, each held until UCX (or the install) is done with it. Fresh from
+// malloc, a buffer that large is fresh memory: glibc maps it anew, and the
+// kernel faults in and zeroes every 4 KiB of it at first touch, which cost
+// more than the copies the buffer is for (docs/PERFORMANCE.md, Scan, stop
+// 20). Buffers given back here keep their pages, so the next one of the
+// same size lands in memory already resident. The pool never shrinks below
+// what it keeps: up to its bound stays resident for the process's life.
 //
 // Thread safety: Take and the release of its buffers may run on any thread.
 #ifndef DSVM_NODE_TRANSPORT_BUFFER_POOL_H_

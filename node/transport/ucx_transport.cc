@@ -288,9 +288,7 @@ Status UcxTransport::SendPage(proto::NodeId peer, const proto::PageData& header,
                              std::to_string(options_.max_inflight_sends));
   }
   if (length > options_.batch_page_bytes) {
-    Payload data;
-    data.pooled = buffers_->Take(length);
-    data.pooled_size = length;
+    Payload data(buffers_->Take(length), length);
     DSVM_RETURN_IF_ERROR(fill(std::span<uint8_t>(data.pooled.get(), length)));
     return SendFrame(it->second, frame, std::move(data));
   }
@@ -329,10 +327,7 @@ size_t UcxTransport::held_batch_pages() const {
 }
 
 UcxTransport::Payload UcxTransport::BatchBytes(const Batch& batch) {
-  Payload p;
-  p.pooled = batch.buffer;
-  p.pooled_size = batch.size;
-  return p;
+  return Payload(batch.buffer, batch.size);
 }
 
 void UcxTransport::SendBatch(proto::NodeId peer, Batch& batch) {

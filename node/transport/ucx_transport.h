@@ -47,9 +47,10 @@ struct UcxOptions {
   // together as one PageBatch (PROTOCOL.md) at FlushBatches(), or when the
   // batch is full. 0: every page goes alone.
   size_t batch_page_bytes = 64u << 10;
-  // Buffers of pages sent or received alone (over batch_page_bytes) are
-  // kept for reuse up to this many bytes (BufferPool). Enough for a
-  // prefetch's window of 2 MiB pages (16 MiB) in each direction.
+  // The buffers page bytes leave from (a page sent alone, a batch) or
+  // arrive in by rendezvous are kept for reuse, up to this many bytes
+  // (BufferPool; kept for the daemon's life). Enough for a prefetch's window
+  // of 2 MiB pages (16 MiB) in each direction.
   size_t kept_buffer_bytes = 32u << 20;
 };
 
@@ -174,6 +175,8 @@ class UcxTransport {
     size_t pooled_size = 0;
     Payload() = default;
     Payload(Bytes bytes) : owned(std::move(bytes)) {}  // NOLINT: implicit on purpose
+    Payload(std::shared_ptr<uint8_t> buffer, size_t size)
+        : pooled(std::move(buffer)), pooled_size(size) {}
     const uint8_t* data() const { return pooled ? pooled.get() : owned.data(); }
     size_t size() const { return pooled ? pooled_size : owned.size(); }
   };
@@ -237,8 +240,8 @@ class UcxTransport {
   ucp_context_h context_ = nullptr;
   ucp_worker_h worker_ = nullptr;  // handles_'s, for short
   std::shared_ptr<Handles> handles_ = std::make_shared<Handles>();
-  // Buffers of pages that travel alone; shared with the pages received in
-  // them, which may outlive the transport.
+  // Buffers of page bytes sent and received (see kept_buffer_bytes); shared
+  // with the pages received in them, which may outlive the transport.
   std::shared_ptr<BufferPool> buffers_;
   ucp_listener_h listener_ = nullptr;
   int efd_ = -1;
