@@ -288,9 +288,9 @@ Status UcxTransport::SendPage(proto::NodeId peer, const proto::PageData& header,
                              std::to_string(options_.max_inflight_sends));
   }
   if (length > options_.batch_page_bytes) {
-    Payload data(buffers_->Take(length), length);
-    DSVM_RETURN_IF_ERROR(fill(std::span<uint8_t>(data.pooled.get(), length)));
-    return SendFrame(it->second, frame, std::move(data));
+    std::shared_ptr<uint8_t> buffer = buffers_->Take(length);
+    DSVM_RETURN_IF_ERROR(fill(std::span<uint8_t>(buffer.get(), length)));
+    return SendFrame(it->second, frame, Payload{std::move(buffer), length});
   }
   Batch& b = batches_[peer];
   if (!b.frame.pages.empty() &&
@@ -326,10 +326,6 @@ size_t UcxTransport::held_batch_pages() const {
   return n;
 }
 
-UcxTransport::Payload UcxTransport::BatchBytes(const Batch& batch) {
-  return Payload(batch.buffer, batch.size);
-}
-
 void UcxTransport::SendBatch(proto::NodeId peer, Batch& batch) {
   const size_t pages = batch.frame.pages.size();
   auto it = peers_.find(peer);
@@ -355,8 +351,8 @@ void UcxTransport::SendBatch(proto::NodeId peer, Batch& batch) {
                   ? SendFrame(it->second,
                               proto::PageData{batch.frame.pages[0].page, batch.frame.pages[0].txn,
                                               batch.frame.sender, batch.frame.pages[0].version, {}},
-                              BatchBytes(batch))
-                  : SendFrame(it->second, batch.frame, BatchBytes(batch));
+                              Payload{batch.buffer, batch.size})
+                  : SendFrame(it->second, batch.frame, Payload{batch.buffer, batch.size});
   if (st.ok() && pages > 1) {
     ++stats_.batches_sent;
     stats_.batched_pages += pages;
@@ -371,10 +367,12 @@ void UcxTransport::SendBatch(proto::NodeId peer, Batch& batch) {
 }
 
 Status UcxTransport::SendOn(ucp_ep_h ep, proto::Message message) {
-  Bytes data;
-  if (auto* pd = std::get_if<proto::PageData>(&message)) {
-    data.assign(pd->data.begin(), pd->data.end());
+  Payload data;
+  if (auto* pd = std::get_if<proto::PageData>(&message); pd != nullptr && !pd->data.empty()) {
+    // The bytes go as the AM data, in their own vector; the frame goes without them.
+    auto owned = std::make_shared<std::vector<uint8_t>>(std::move(pd->data));
     pd->data.clear();
+    data = Payload{std::shared_ptr<const uint8_t>(owned, owned->data()), owned->size()};
   }
   return SendFrame(ep, message, std::move(data));
 }
@@ -400,8 +398,7 @@ Status UcxTransport::SendFrame(ucp_ep_h ep, const proto::Message& message, Paylo
   p.cb.send = &UcxTransport::OnSendDone;
   p.user_data = req.get();
   ucs_status_ptr_t s = ucp_am_send_nbx(ep, kAmId, req->header.data(), req->header.size(),
-                                       req->data.size() == 0 ? nullptr : req->data.data(),
-                                       req->data.size(), &p);
+                                       req->data.bytes.get(), req->data.size, &p);
   if (s == nullptr) {
     ++stats_.sent;
     return Status::Ok();  // completed at once; the buffers may go

@@ -157,28 +157,11 @@ class UcxTransport {
  private:
   struct SendRequest;
   struct RecvRequest;
-  // Bytes that are written at once after they are made (by a read, a fill
-  // or a receive): resize() leaves them unwritten rather than zeroing them.
-  template <typename T>
-  struct UninitAllocator : std::allocator<T> {
-    template <typename U> struct rebind { using other = UninitAllocator<U>; };
-    template <typename U> void construct(U* p) { ::new (static_cast<void*>(p)) U; }
-    template <typename U, typename... Args> void construct(U* p, Args&&... args) {
-      ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
-    }
-  };
-  using Bytes = std::vector<uint8_t, UninitAllocator<uint8_t>>;
-  // The bytes a send carries: a vector of their own, or a pooled buffer.
+  // The AM data of a send, kept alive until UCX is done with it: a pooled
+  // buffer, or the vector of a PageData sent with its bytes.
   struct Payload {
-    Bytes owned;
-    std::shared_ptr<uint8_t> pooled;
-    size_t pooled_size = 0;
-    Payload() = default;
-    Payload(Bytes bytes) : owned(std::move(bytes)) {}  // NOLINT: implicit on purpose
-    Payload(std::shared_ptr<uint8_t> buffer, size_t size)
-        : pooled(std::move(buffer)), pooled_size(size) {}
-    const uint8_t* data() const { return pooled ? pooled.get() : owned.data(); }
-    size_t size() const { return pooled ? pooled_size : owned.size(); }
+    std::shared_ptr<const uint8_t> bytes;  // null: none
+    size_t size = 0;
   };
   // Pages held for one peer, their bytes side by side in a pooled buffer.
   struct Batch {
@@ -228,7 +211,6 @@ class UcxTransport {
   // `data`: the AM data (PageData's bytes, a batch's); empty for none.
   Status SendFrame(ucp_ep_h ep, const proto::Message& message, Payload data);
   void SendBatch(proto::NodeId peer, Batch& batch);
-  static Payload BatchBytes(const Batch& batch);
   // Hands on a received PageData, or each page of a PageBatch as its
   // PageData, with its bytes: the `length` bytes that `buffer` owns.
   void DeliverPages(ucp_ep_h from, proto::Message message, std::shared_ptr<const uint8_t> buffer,
