@@ -304,7 +304,7 @@ Status UcxTransport::SendPage(proto::NodeId peer, const proto::PageData& header,
     b.buffer = buffers_->Take(b.capacity);
   }
   if (Status st = fill(std::span<uint8_t>(b.buffer.get() + b.size, length)); !st.ok()) {
-    if (b.frame.pages.empty()) b = Batch{};
+    if (b.frame.pages.empty()) b.Clear();
     return st;
   }
   b.size += length;
@@ -342,7 +342,7 @@ void UcxTransport::SendBatch(proto::NodeId peer, Batch& batch) {
         }
         at += p.length;
       }
-      batch = Batch{};
+      batch.Clear();
       return;
     }
   }
@@ -363,7 +363,7 @@ void UcxTransport::SendBatch(proto::NodeId peer, Batch& batch) {
     LogWarning("a batch of " + std::to_string(pages) + " pages for node " + std::to_string(peer) +
                " was dropped: " + st.ToString());
   }
-  batch = Batch{};
+  batch.Clear();
 }
 
 Status UcxTransport::SendOn(ucp_ep_h ep, proto::Message message) {

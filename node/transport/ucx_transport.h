@@ -169,6 +169,12 @@ class UcxTransport {
     std::shared_ptr<uint8_t> buffer;  // null until the first page
     size_t capacity = 0;
     size_t size = 0;
+    // Empties it for the next pages; the page list keeps its room.
+    void Clear() {
+      frame.pages.clear();
+      buffer.reset();
+      capacity = size = 0;
+    }
   };
   // The UCX context and worker, shared with every received page held in one
   // of the worker's buffers: the last of them to go destroys them, so a page
