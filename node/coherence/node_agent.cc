@@ -407,7 +407,8 @@ void NodeAgent::HandleEvictReply(const proto::EvictReply& m, uint64_t now_ms, Ac
   auto it = pages_.find(m.page);
   if (it == pages_.end()) return;
   LocalPage& lp = it->second;
-  if (!IsGiveUp(ActiveOrIdle(lp).pending) || ActiveOrIdle(lp).pending_seq != m.request_seq) return;  // stale
+  const PageTxn& t = ActiveOrIdle(lp);
+  if (!IsGiveUp(t.pending) || t.pending_seq != m.request_seq) return;  // stale
   ClearPending(m.page, lp);
   // Every txn up to m.txn is complete: whatever of them is still on its way
   // here (a Fetch sent while this node was a sharer) is stale now.
@@ -471,7 +472,7 @@ void NodeAgent::Tick(uint64_t now_ms, Actions* out) {
   // lives, or settles the txn if the supplier died (PROTOCOL.md, Crashes).
   for (auto it = awaiting_data_.begin(); it != awaiting_data_.end();) {
     LocalPage& lp = pages_.at(*it);
-    if (!ActiveOrIdle(lp).has_grant || ActiveOrIdle(lp).pending != AccessKind::kInvalid) {
+    if (!lp.active || !lp.active->has_grant || lp.active->pending != AccessKind::kInvalid) {
       it = awaiting_data_.erase(it);
       continue;
     }
