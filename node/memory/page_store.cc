@@ -19,7 +19,10 @@
 #include "proto/log.h"
 #include "proto/text.h"
 
-// Linux 5.14; older C libraries lack the name.
+// Linux 5.14; older C libraries lack the names.
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22
+#endif
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23
 #endif
@@ -132,13 +135,17 @@ PageStore::PageStore(PageAddr base, uint64_t size, uint32_t page_size, PageStore
       options_(std::move(options)),
       fd_(std::move(fd)),
       map_(map),
-      hugetlb_(hugetlb) {
+      hugetlb_(hugetlb),
+      views_(fd_.get(), page_size) {
   if (!hugetlb_ && options_.map_for_copies) {
     mapped_.reset(new std::atomic<uint8_t>[size_ / page_size_]());
   }
 }
 
-PageStore::~PageStore() { munmap(map_, size_); }
+PageStore::~PageStore() {
+  views_.Close();
+  munmap(map_, size_);
+}
 
 Status PageStore::CheckPage(PageAddr page) const {
   if (page < base_ || page - base_ >= size_) {
@@ -186,6 +193,7 @@ Status PageStore::ReadPage(PageAddr page, std::span<uint8_t> out) const {
 }
 
 Status PageStore::Fill(PageAddr page, const uint8_t* data) {
+  views_.Detach(OffsetOf(page), page_size_);
   if (hugetlb_ || IsMapped(page)) {  // hugetlbfs has no write(2)
     if (data != nullptr) {
       std::memcpy(MapOf(page), data, page_size_);
@@ -279,6 +287,7 @@ Status PageStore::WritePages(PageAddr first, std::span<const std::span<const uin
     DSVM_RETURN_IF_ERROR(CheckSpan(first + i * page_size_, pages[i].size()));
   }
   for (size_t i = 0; i < pages.size(); ++i) retained_.erase(first + i * page_size_);
+  views_.Detach(OffsetOf(first), pages.size() * page_size_);
   if (hugetlb_) {
     for (size_t i = 0; i < pages.size(); ++i) {
       DSVM_RETURN_IF_ERROR(Fill(first + i * page_size_, pages[i].data()));
@@ -314,9 +323,39 @@ std::span<uint8_t> PageStore::MappedPage(PageAddr page) {
   return {MapOf(page), page_size_};
 }
 
+Result<std::shared_ptr<const uint8_t>> PageStore::LendForSend(PageAddr page) {
+  DSVM_RETURN_IF_ERROR(CheckPage(page));
+  if (IsRetained(page)) return FailedPrecondition("page " + Hex(page) + " is retained");
+  // A view of a hole would allocate it.
+  DSVM_ASSIGN_OR_RETURN(const bool present, IsPresent(page));
+  if (!present) return FailedPrecondition("page " + Hex(page) + " is not all in the memfd");
+  return views_.MapForSend(OffsetOf(page));
+}
+
+Result<std::shared_ptr<uint8_t>> PageStore::ReceiveInPlace(PageAddr page) {
+  DSVM_RETURN_IF_ERROR(CheckPage(page));
+  if (IsRetained(page)) return FailedPrecondition("page " + Hex(page) + " is retained");
+  DSVM_ASSIGN_OR_RETURN(const std::vector<unsigned char> vec, Residency(page, page_size_));
+  if (std::any_of(vec.begin(), vec.end(), [](unsigned char v) { return (v & 1) != 0; })) {
+    return FailedPrecondition("page " + Hex(page) + " is not a hole");
+  }
+  return views_.MapForReceive(OffsetOf(page));
+}
+
+bool PageStore::Adopt(PageAddr page, const uint8_t* bytes) {
+  if (!CheckPage(page).ok() || !views_.Adopt(OffsetOf(page), bytes)) return false;
+  retained_.erase(page);  // as WritePage (ReceiveInPlace found none)
+  // mincore of a hugetlb mapping reports this process's page table, not the
+  // memfd: map the page here too, as an install through the mapping would,
+  // so that IsPresent (and LendForSend) see it.
+  if (hugetlb_) madvise(MapOf(page), page_size_, MADV_POPULATE_READ);
+  return true;
+}
+
 Status PageStore::PunchBytes(PageAddr first, uint64_t bytes) {
   // Cleared first: after a failed punch part of the range may be holes.
   ClearMapped(first, bytes);
+  views_.Detach(OffsetOf(first), bytes);
   if (fallocate(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                 static_cast<off_t>(OffsetOf(first)), static_cast<off_t>(bytes)) != 0) {
     return IoError(Errno("fallocate(PUNCH_HOLE) of the region memfd"));
@@ -334,6 +373,7 @@ Status PageStore::DiscardAll() {
   retained_.clear();
   stashes_.clear();
   ClearMapped(base_, size_);
+  views_.Detach(0, size_);
   if (fallocate(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0,
                 static_cast<off_t>(size_)) != 0) {
     return IoError(Errno("fallocate(PUNCH_HOLE) of the whole region memfd"));

@@ -40,6 +40,7 @@
 #include <utility>
 #include <vector>
 
+#include "node/memory/page_views.h"
 #include "node/memory/unique_fd.h"
 #include "proto/messages.h"
 #include "proto/status.h"
@@ -142,6 +143,30 @@ class PageStore {
   // receive buffer; it pays with hugetlb (one fault per 2 MiB).
   // REQUIRES: CheckPage(page).ok() and the page is not retained.
   std::span<uint8_t> MappedPage(PageAddr page);
+
+  // Zero-copy transfers (node/memory/page_views.h): pages UCX reads from or
+  // writes into in the memfd itself. Every call here that writes or punches
+  // a page first detaches its views, so a transfer never sees the page
+  // change under it. None of this is for the GPU tier's copy threads.
+  //
+  // A read-only view of the page's bytes for a send; held until UCX is done
+  // with them. Errors: kInvalidArgument; kFailedPrecondition (the page is
+  // retained, not all of it is in the memfd, or it is being received in
+  // place); kIoError.
+  Result<std::shared_ptr<const uint8_t>> LendForSend(PageAddr page);
+  // A view to receive the page's bytes into, in place: the page must be a
+  // hole, and not retained. Install what arrived with Adopt; a view dropped
+  // without that leaves the page a hole again. Errors: kInvalidArgument;
+  // kFailedPrecondition (retained, not a hole, or a view of it exists);
+  // kIoError.
+  Result<std::shared_ptr<uint8_t>> ReceiveInPlace(PageAddr page);
+  // When `bytes` is the start of a view ReceiveInPlace gave for this page,
+  // and nothing wrote or punched the page since: the page's bytes are now
+  // those (as after WritePage) and the answer is true. Otherwise false, and
+  // nothing changed: write the bytes with WritePage.
+  bool Adopt(PageAddr page, const uint8_t* bytes);
+  size_t view_count() const { return views_.count(); }
+  uint64_t views_detached() const { return views_.detached(); }
 
   // Punches the page out of the memfd (FALLOC_FL_PUNCH_HOLE|KEEP_SIZE): the
   // kernel unmaps it from every process that maps the memfd, and the next
@@ -247,6 +272,8 @@ class PageStore {
   // Set when the kernel refused MADV_POPULATE_WRITE as unknown (before
   // 5.14): copies keep to pread and pwrite without asking again.
   std::atomic<bool> populate_refused_{false};
+  // Declared last: closed before fd_ is.
+  PageViews views_;
 };
 
 }  // namespace dsvm::node

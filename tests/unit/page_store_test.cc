@@ -380,5 +380,145 @@ TEST(PageStoreTest, TwoMiBPagesWorkWithOrWithoutHugetlb) {
   EXPECT_TRUE(IsZero(Read(*s, p)));
 }
 
+
+// --- Zero-copy views (page_views.h) -------------------------------------------
+
+std::vector<uint8_t> Copy(const uint8_t* bytes, size_t n = kPage) {
+  return std::vector<uint8_t>(bytes, bytes + n);
+}
+
+TEST(PageStoreViewsTest, ASendViewIsThePageAndKeepsItsBytesWhenThePageChanges) {
+  auto s = MakeStore();
+  const PageAddr p = kBase + kPage;
+  // Only a present page that is not retained can be lent.
+  EXPECT_EQ(s->LendForSend(p).status().code(), StatusCode::kFailedPrecondition);
+  EXPECT_FALSE(Present(*s, p));  // and asking allocated nothing
+  ASSERT_TRUE(s->WritePage(p, Pattern(1)).ok());
+  auto lent = s->LendForSend(p);
+  ASSERT_TRUE(lent.ok()) << lent.status().ToString();
+  EXPECT_EQ(Copy(lent->get()), Pattern(1));
+  EXPECT_EQ(s->view_count(), 1u);
+
+  // A write detaches the view: the send still reads the bytes it was lent.
+  ASSERT_TRUE(s->WritePage(p, Pattern(2)).ok());
+  EXPECT_EQ(s->view_count(), 0u);
+  EXPECT_EQ(s->views_detached(), 1u);
+  EXPECT_EQ(Copy(lent->get()), Pattern(1));
+  EXPECT_EQ(Read(*s, p), Pattern(2));
+
+  // A punch detaches too, and reading the view does not bring the page back.
+  auto again = s->LendForSend(p);
+  ASSERT_TRUE(again.ok());
+  ASSERT_TRUE(s->Discard(p).ok());
+  EXPECT_EQ(Copy(again->get()), Pattern(2));
+  EXPECT_FALSE(Present(*s, p));
+  lent->reset();
+  again->reset();
+  EXPECT_FALSE(Present(*s, p));
+
+  ASSERT_TRUE(s->WritePage(p, Pattern(3)).ok());
+  ASSERT_TRUE(s->Retain(p).ok());
+  EXPECT_EQ(s->LendForSend(p).status().code(), StatusCode::kFailedPrecondition);
+}
+
+TEST(PageStoreViewsTest, StashRetainAndDiscardAllDetachViews) {
+  auto s = MakeStore();
+  for (uint64_t i = 0; i < 3; ++i) {
+    ASSERT_TRUE(s->WritePage(kBase + i * kPage, Pattern(static_cast<uint8_t>(10 + i))).ok());
+  }
+  auto a = s->LendForSend(kBase);
+  auto b = s->LendForSend(kBase + kPage);
+  auto c = s->LendForSend(kBase + 2 * kPage);
+  ASSERT_TRUE(a.ok() && b.ok() && c.ok());
+  ASSERT_TRUE(s->Stash(kBase, 7).ok());
+  ASSERT_TRUE(s->RetainRange(kBase + kPage, 1).ok());
+  EXPECT_EQ(s->view_count(), 1u);
+  ASSERT_TRUE(s->DiscardAll().ok());
+  EXPECT_EQ(s->view_count(), 0u);
+  EXPECT_EQ(Copy(a->get()), Pattern(10));
+  EXPECT_EQ(Copy(b->get()), Pattern(11));
+  EXPECT_EQ(Copy(c->get()), Pattern(12));
+  for (uint64_t i = 0; i < 3; ++i) EXPECT_FALSE(Present(*s, kBase + i * kPage));
+}
+
+TEST(PageStoreViewsTest, APageReceivedInPlaceIsInstalledByAdoptingIt) {
+  auto s = MakeStore();
+  const PageAddr p = kBase + 2 * kPage;
+  auto view = s->ReceiveInPlace(p);
+  ASSERT_TRUE(view.ok()) << view.status().ToString();
+  // One receiver, and no sender meanwhile.
+  EXPECT_EQ(s->ReceiveInPlace(p).status().code(), StatusCode::kFailedPrecondition);
+  const std::vector<uint8_t> bytes = Pattern(4);
+  std::memcpy(view->get(), bytes.data(), kPage);
+  EXPECT_EQ(s->LendForSend(p).status().code(), StatusCode::kFailedPrecondition);
+  EXPECT_FALSE(s->Adopt(p, view->get() + 1));
+  EXPECT_FALSE(s->Adopt(p + kPage, view->get()));
+  EXPECT_TRUE(s->Adopt(p, view->get()));
+  view->reset();
+  EXPECT_TRUE(Present(*s, p));
+  EXPECT_EQ(Read(*s, p), bytes);
+  // A present page is not received in place.
+  EXPECT_EQ(s->ReceiveInPlace(p).status().code(), StatusCode::kFailedPrecondition);
+}
+
+TEST(PageStoreViewsTest, APageReceivedInPlaceButNotAdoptedIsAHoleAgain) {
+  auto s = MakeStore();
+  const PageAddr p = kBase + 3 * kPage;
+  {
+    auto view = s->ReceiveInPlace(p);
+    ASSERT_TRUE(view.ok());
+    std::memcpy(view->get(), Pattern(5).data(), kPage);
+    EXPECT_TRUE(Present(*s, p));  // present while it arrives
+  }
+  EXPECT_FALSE(Present(*s, p));
+  EXPECT_EQ(s->view_count(), 0u);
+}
+
+TEST(PageStoreViewsTest, AnInstallDuringAReceiveInPlaceWinsAndTheReceiveGoesElsewhere) {
+  auto s = MakeStore();
+  const PageAddr p = kBase + 4 * kPage;
+  auto view = s->ReceiveInPlace(p);
+  ASSERT_TRUE(view.ok());
+  ASSERT_TRUE(s->WritePage(p, Pattern(6)).ok());  // detaches the view
+  std::memcpy(view->get(), Pattern(7).data(), kPage);
+  EXPECT_FALSE(s->Adopt(p, view->get()));
+  view->reset();  // detached: no punch
+  EXPECT_TRUE(Present(*s, p));
+  EXPECT_EQ(Read(*s, p), Pattern(6));
+}
+
+TEST(PageStoreViewsTest, ViewsOutliveTheirStore) {
+  auto s = MakeStore();
+  ASSERT_TRUE(s->WritePage(kBase, Pattern(8)).ok());
+  auto lent = s->LendForSend(kBase);
+  auto in = s->ReceiveInPlace(kBase + kPage);
+  ASSERT_TRUE(lent.ok() && in.ok());
+  s.reset();  // the region closed while both transfers are in flight
+  EXPECT_EQ(Copy(lent->get()), Pattern(8));
+  std::memcpy(in->get(), Pattern(9).data(), kPage);
+  lent->reset();
+  in->reset();  // nothing to punch: the memfd is gone with its last view
+}
+
+TEST(PageStoreViewsTest, TwoMiBPagesLendAndReceiveInPlace) {
+  constexpr uint32_t kHuge = 2u << 20;
+  auto r = PageStore::Create(kBase, 2 * kHuge, kHuge);
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  auto& s = *r;
+  std::printf("2 MiB pages backed by %s\n", s->hugetlb() ? "hugetlb" : "a plain memfd");
+  ASSERT_TRUE(s->WritePage(kBase, Pattern(1, kHuge)).ok());
+  auto lent = s->LendForSend(kBase);
+  ASSERT_TRUE(lent.ok()) << lent.status().ToString();
+  auto in = s->ReceiveInPlace(kBase + kHuge);
+  ASSERT_TRUE(in.ok()) << in.status().ToString();
+  std::memcpy(in->get(), lent->get(), kHuge);
+  ASSERT_TRUE(s->Discard(kBase).ok());
+  EXPECT_EQ(Copy(lent->get(), kHuge), Pattern(1, kHuge));
+  EXPECT_TRUE(s->Adopt(kBase + kHuge, in->get()));
+  in->reset();
+  EXPECT_EQ(Read(*s, kBase + kHuge), Pattern(1, kHuge));
+  EXPECT_FALSE(Present(*s, kBase));
+}
+
 }  // namespace
 }  // namespace dsvm::node
