@@ -314,6 +314,25 @@ Status UcxTransport::SendPage(proto::NodeId peer, const proto::PageData& header,
   return Status::Ok();
 }
 
+Status UcxTransport::SendPageFrom(proto::NodeId peer, const proto::PageData& header,
+                                  std::shared_ptr<const uint8_t> bytes, size_t length) {
+  auto it = peers_.find(peer);
+  if (bytes != nullptr && length > options_.batch_page_bytes && length <= proto::kMaxPageSize &&
+      it != peers_.end() && handshakes_.count(it->second) == 0) {
+    DSVM_RETURN_IF_ERROR(SendFrame(it->second,
+                                   proto::PageData{header.page, header.txn, header.sender,
+                                                   header.version, {}},
+                                   Payload{std::move(bytes), length}));
+    ++stats_.sent_from_lent;
+    return Status::Ok();
+  }
+  return SendPage(peer, header, length, [&bytes](std::span<uint8_t> out) {
+    if (bytes == nullptr) return InvalidArgument("SendPageFrom without bytes");
+    std::memcpy(out.data(), bytes.get(), out.size());
+    return Status::Ok();
+  });
+}
+
 void UcxTransport::FlushBatches() {
   for (auto& [peer, batch] : batches_) {
     if (!batch.frame.pages.empty()) SendBatch(peer, batch);
@@ -484,11 +503,15 @@ ucs_status_t UcxTransport::OnActiveMessage(void* arg, const void* header, size_t
   rr->handles = self->handles_.get();
   rr->from = from;
   rr->message = std::move(frame->message);
-  // From the pool: its pages are in already, not faulted in inside the
-  // socket receive, where faults held it up (2 MiB read faults over tcp:
-  // 1.00-1.01 GB/s into unzeroed fresh buffers against 1.09-1.17 zeroed,
-  // three alternated runs each).
-  rr->data = self->buffers_->Take(length);
+  // Where the placer says (in place), or else from the pool: its pages are
+  // in already, not faulted in inside the socket receive, where faults held
+  // it up (2 MiB read faults over tcp: 1.00-1.01 GB/s into unzeroed fresh
+  // buffers against 1.09-1.17 zeroed, three alternated runs each).
+  if (pd != nullptr && self->placer_) {
+    rr->data = self->placer_(self->ep_node_.at(from), *pd, length);
+    if (rr->data != nullptr) ++self->stats_.received_placed;
+  }
+  if (rr->data == nullptr) rr->data = self->buffers_->Take(length);
   rr->length = length;
   ucp_request_param_t p{};
   p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;

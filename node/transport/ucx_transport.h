@@ -88,6 +88,8 @@ struct UcxStats {
   // Eager messages with page bytes whose buffer UCX let us keep: their
   // pages were delivered without a copy.
   uint64_t held_receives = 0;
+  uint64_t sent_from_lent = 0;      // pages sent from the caller's bytes (SendPageFrom)
+  uint64_t received_placed = 0;     // rendezvous pages received where the placer said
 };
 
 class UcxTransport {
@@ -133,11 +135,27 @@ class UcxTransport {
   using PageFill = std::function<Status(std::span<uint8_t>)>;
   Status SendPage(proto::NodeId peer, const proto::PageData& header, size_t length,
                   const PageFill& fill);
+  // As SendPage, for page bytes that stay as they are until UCX is done
+  // with them (a PageStore::LendForSend view; `bytes` is held until then):
+  // a page that goes alone leaves from them, with no copy. One that goes in
+  // a batch, or waits for a handshake, is copied.
+  Status SendPageFrom(proto::NodeId peer, const proto::PageData& header,
+                      std::shared_ptr<const uint8_t> bytes, size_t length);
+  // Where the bytes of a page that arrives alone by rendezvous should go
+  // (`length` of them, for the PageData `header` from node `from`): a
+  // buffer that stays valid while it is held, such as a
+  // PageStore::ReceiveInPlace view; null: a buffer of the transport's. The
+  // page is then delivered in that buffer. Called inside Progress().
+  using ReceivePlacer = std::function<std::shared_ptr<uint8_t>(
+      proto::NodeId from, const proto::PageData& header, size_t length)>;
+  void set_receive_placer(ReceivePlacer placer) { placer_ = std::move(placer); }
   // Sends every batch Send held. Call before the event loop sleeps. A batch
   // that cannot go is dropped and its peer's generation changes (the
   // protocol's retransmissions ask for its pages again).
   void FlushBatches();
   size_t held_batch_pages() const;
+  // Pages of at most this many bytes go in batches (UcxOptions).
+  size_t batch_page_bytes() const { return options_.batch_page_bytes; }
 
   // Progresses the worker until it has nothing more to do right now and
   // appends every message received to `in`. Returns the number of messages.
@@ -231,6 +249,7 @@ class UcxTransport {
   // Buffers of page bytes sent and received (see kept_buffer_bytes); shared
   // with the pages received in them, which may outlive the transport.
   std::shared_ptr<BufferPool> buffers_;
+  ReceivePlacer placer_;
   ucp_listener_h listener_ = nullptr;
   int efd_ = -1;
   uint16_t port_ = 0;

@@ -10,6 +10,8 @@
 
 #include <gtest/gtest.h>
 
+#include "node/memory/page_store.h"
+
 namespace dsvm::node {
 namespace {
 
@@ -229,6 +231,57 @@ TEST_P(UcxTransportTest, LargePagesReuseTheirBuffersAndArriveIntact) {
     EXPECT_EQ(a->buffer_stats().allocated, 1u);
     EXPECT_EQ(a->buffer_stats().reused, a->stats().rendezvous_received - 1);
   }
+}
+
+// Zero copy: a page sent from a view of one store's memfd and received
+// straight into a view of another's arrives intact, and the receiving store
+// takes it without a copy.
+TEST_P(UcxTransportTest, APageGoesFromOneMemfdIntoAnotherWithoutCopies) {
+  std::unique_ptr<UcxTransport> a, b;
+  ASSERT_NO_FATAL_FAILURE(ConnectedPair(&a, &b));
+  constexpr uint32_t kSize = 2u << 20;
+  constexpr PageAddr kBase = 0x200000000000;
+  auto from = PageStore::Create(kBase, 2 * kSize, kSize);
+  auto into = PageStore::Create(kBase, 2 * kSize, kSize);
+  ASSERT_TRUE(from.ok() && into.ok());
+  std::vector<uint8_t> bytes(kSize);
+  for (size_t k = 0; k < kSize; ++k) bytes[k] = static_cast<uint8_t>(k * 5 + 1);
+  ASSERT_TRUE((*from)->WritePage(kBase, bytes).ok());
+  ASSERT_TRUE((*from)->WritePage(kBase + kSize, bytes).ok());
+  int placed = 0;
+  a->set_receive_placer([&](proto::NodeId sender, const proto::PageData& h, size_t length) {
+    EXPECT_EQ(sender, 2u);
+    EXPECT_EQ(length, kSize);
+    ++placed;
+    if (h.page != kBase) return std::shared_ptr<uint8_t>();  // the second: the pool's
+    auto view = (*into)->ReceiveInPlace(h.page);
+    EXPECT_TRUE(view.ok()) << view.status().ToString();
+    return view.ok() ? *view : nullptr;
+  });
+  for (PageAddr page : {kBase, kBase + kSize}) {
+    auto lent = (*from)->LendForSend(page);
+    ASSERT_TRUE(lent.ok()) << lent.status().ToString();
+    ASSERT_TRUE(b->SendPageFrom(1, proto::PageData{page, 1, 2, 0, {}}, *lent, kSize).ok());
+  }
+  ASSERT_TRUE(Pump({a.get(), b.get()}, [&] { return in_[0].size() == 2 && b->inflight_sends() == 0; }));
+  EXPECT_EQ(b->stats().sent_from_lent, 2u);
+  EXPECT_EQ((*from)->view_count(), 0u);  // UCX let go of both
+  if (a->stats().rendezvous_received == 0) GTEST_SKIP() << "UCX sent 2 MiB eagerly";
+  EXPECT_EQ(placed, 2);
+  EXPECT_EQ(a->stats().received_placed, 1u);
+  for (UcxIncoming& m : in_[0]) {
+    const auto& d = std::get<proto::PageData>(m.message);
+    ASSERT_EQ(m.page.size, kSize);
+    EXPECT_TRUE(std::equal(bytes.begin(), bytes.end(), m.page.bytes().begin())) << d.page;
+    EXPECT_EQ((*into)->Adopt(d.page, m.page.data.get()), d.page == kBase);
+  }
+  in_[0].clear();
+  std::vector<uint8_t> got(kSize);
+  ASSERT_TRUE((*into)->ReadPage(kBase, got).ok());
+  EXPECT_EQ(got, bytes);
+  auto present = (*into)->IsPresent(kBase + kSize);
+  ASSERT_TRUE(present.ok());
+  EXPECT_FALSE(*present);  // received in the pool's buffer, never installed
 }
 
 // Pages received in UCX's own buffers stay readable after their transport
