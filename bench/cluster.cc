@@ -162,6 +162,10 @@ Status StartCluster(const ClusterOptions& o, Cluster* c) {
     node_flags.push_back("--fault-poll-us");
     node_flags.push_back(std::to_string(o.fault_poll_us));
   }
+  if (!o.zero_copy.empty()) {
+    node_flags.push_back("--zero-copy");
+    node_flags.push_back(o.zero_copy);
+  }
   {
     // The coordinator makes its data directory under $TMPDIR: under ours,
     // the watcher removes it too.

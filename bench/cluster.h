@@ -56,6 +56,8 @@ struct ClusterOptions {
   uint32_t busy_poll_us = 0;
   // --fault-poll-us for every daemon; negative: the daemon's default.
   int64_t fault_poll_us = -1;
+  // --zero-copy for every daemon; empty: the daemon's default.
+  std::string zero_copy;
 };
 
 // Members are destroyed in reverse order: clients, daemons, coordinator,

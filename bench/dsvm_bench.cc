@@ -10,7 +10,7 @@
 //                            [--busy-poll-us N] [--fault-poll-us N]
 //   dsvm-bench scan [--quick] [--size BYTES] [--fault-size BYTES] [--page-size BYTES]
 //                   [--tls UCX_TLS]... [--node-bin PATH] [--coordinator-bin PATH]
-//                   [--busy-poll-us N] [--fault-poll-us N]
+//                   [--busy-poll-us N] [--fault-poll-us N] [--zero-copy auto|on|off]
 //
 //   dsvm-bench gpu [--quick] [--backend auto|cuda|emulated] [--size BYTES]
 //                  [--page-size BYTES] [--gpu-budget BYTES] [--chunk BYTES]
@@ -106,6 +106,7 @@ int Usage() {
                "                       [--page-size 4096|65536|2097152] [--tls UCX_TLS]...\n"
                "                       [--node-bin PATH] [--coordinator-bin PATH]\n"
                "                       [--busy-poll-us N] [--fault-poll-us N]\n"
+               "                       [--zero-copy auto|on|off]\n"
                "       dsvm-bench gpu [--quick] [--backend auto|cuda|emulated] [--size BYTES]\n"
                "                      [--page-size 4096|65536|2097152] [--gpu-budget BYTES]\n"
                "                      [--chunk BYTES] [--skip-oversub] [--skip-migration]\n"
@@ -284,6 +285,10 @@ int RunScan(int argc, char** argv) {
     } else if ((a == "--size" || a == "--fault-size" || a == "--page-size") && next != nullptr) {
       uint64_t* out = a == "--size" ? &size : a == "--fault-size" ? &fault_size : &page_size;
       if (!ParseBytes(next, out)) return Usage();
+      ++i;
+    } else if (a == "--zero-copy" && next != nullptr) {
+      o.zero_copy = next;
+      if (o.zero_copy != "auto" && o.zero_copy != "on" && o.zero_copy != "off") return Usage();
       ++i;
     } else if (ClusterFlag(argc, argv, &i, &transports, &o.node_binary, &o.coordinator_binary,
                            &o.busy_poll_us, &o.fault_poll_us)) {

@@ -356,7 +356,8 @@ Status RunOneTransport(const ScanOptions& o, const std::string& tls) {
   std::string tls_tag = tls;
   std::replace(tls_tag.begin(), tls_tag.end(), ',', '_');
   const std::string tag = tls_tag + PageTag(o.page_size) + (o.busy_poll_us > 0 ? ".poll" : "") +
-                          (o.fault_poll_us >= 0 ? ".fpoll" + std::to_string(o.fault_poll_us) : "");
+                          (o.fault_poll_us >= 0 ? ".fpoll" + std::to_string(o.fault_poll_us) : "") +
+                          (o.zero_copy.empty() ? "" : ".zc_" + o.zero_copy);
   const uint64_t fault_bytes = o.fault_bytes != 0 ? o.fault_bytes : o.bytes;
   auto bytes_of = [&](Variant v) { return v == Variant::kFault ? fault_bytes : o.bytes; };
   std::fprintf(stderr,
@@ -375,7 +376,8 @@ Status RunOneTransport(const ScanOptions& o, const std::string& tls) {
                                           .coordinator_binary = o.coordinator_binary,
                                           .dir_prefix = "dsvm-scan",
                                           .busy_poll_us = o.busy_poll_us,
-                                          .fault_poll_us = o.fault_poll_us},
+                                          .fault_poll_us = o.fault_poll_us,
+                                          .zero_copy = o.zero_copy},
                            &cluster);
   if (!st.ok()) return fail(st);
 

@@ -49,6 +49,9 @@ struct ScanOptions {
   // idle). dsvm metric names then carry ".poll" after the transport.
   uint32_t busy_poll_us = 0;
   int64_t fault_poll_us = -1;  // --fault-poll-us of the daemons; negative: their default
+  // --zero-copy of the daemons (auto, on, off); empty: their default. dsvm
+  // metric names then carry ".zc_<mode>".
+  std::string zero_copy;
 };
 
 // Runs everything and emits the metrics (names in docs/PERFORMANCE.md).

@@ -450,6 +450,15 @@ void NodeAgent::HandlePageData(const proto::PageData& m, DataHandle handle, uint
   Settle(lp);
 }
 
+bool NodeAgent::MayReceiveInPlace(const proto::PageData& m) const {
+  auto it = pages_.find(m.page);
+  if (it == pages_.end() || !it->second.active) return false;
+  const LocalPage& lp = it->second;
+  const PageTxn& t = *lp.active;
+  return lp.state == PageState::kInvalid && !lp.retained && m.txn > lp.last_txn &&
+         m.txn > t.refused_txn && !t.has_data;
+}
+
 // ---------------------------------------------------------------------------
 // Timers
 

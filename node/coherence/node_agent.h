@@ -117,6 +117,12 @@ class NodeAgent {
   void HandleEvictReply(const proto::EvictReply& m, uint64_t now_ms, Actions* out);
   // `m.data` is ignored: the caller keeps the bytes under `handle`.
   void HandlePageData(const proto::PageData& m, DataHandle handle, uint64_t now_ms, Actions* out);
+  // Whether HandlePageData would keep `m`'s bytes, for a page this node
+  // holds no copy of (Invalid, not retained) and has a request in flight
+  // for, with no data for it yet: such bytes may arrive straight in the
+  // page's place in the store, since nothing else writes the page
+  // meanwhile. Asked before the bytes arrive; changes nothing.
+  bool MayReceiveInPlace(const proto::PageData& m) const;
 
   // Resends requests outstanding for retransmit_after_ms, doubled with each
   // resend of the same request up to 16 times: a request that is slow to be

@@ -2,7 +2,7 @@
 //
 //   dsvm-node --coordinator HOST:PORT[,HOST:PORT...] [--listen HOST:PORT] [--socket PATH]
 //             [--fault-backend kmod|uffd] [--rejoin-as N] [--secret-file FILE]
-//             [--busy-poll-us N] [--fault-poll-us N]
+//             [--busy-poll-us N] [--fault-poll-us N] [--zero-copy auto|on|off]
 //             [--device-backend none|emulated|cuda] [--gpu-budget BYTES]
 //             [--emulated-gpus N] [--host-budget BYTES] [--gpu-copy-threads N]
 //             [--gpu-arena BYTES] [--verbose]
@@ -20,6 +20,9 @@
 // sleeping (0: never; default 100 on hosts with at least 4 online CPUs,
 // else 0). The faulting thread's core is idle then, and the answer usually
 // comes within that time.
+// --zero-copy: pages that move alone between nodes (2 MiB pages) leave from
+// the region's memory and arrive in it without a copy: auto (default) where
+// the region is hugetlb-backed, on for every region, off never.
 // --secret-file (default $DSVM_SECRET_FILE): the cluster secret this node
 // proves to the coordinator and to its peers, and demands of them
 // (proto/auth.h). Without one the node joins only an --insecure cluster.
@@ -57,7 +60,7 @@ int Usage(const std::string& why) {
                "dsvm-node: %s\n"
                "usage: dsvm-node --coordinator HOST:PORT[,HOST:PORT...] [--listen HOST:PORT] [--socket PATH]\n"
                "       [--fault-backend kmod|uffd] [--rejoin-as N] [--secret-file FILE]\n"
-               "       [--busy-poll-us N] [--fault-poll-us N]\n"
+               "       [--busy-poll-us N] [--fault-poll-us N] [--zero-copy auto|on|off]\n"
                "       [--device-backend none|emulated|cuda] [--gpu-budget BYTES]\n"
                "       [--emulated-gpus N] [--host-budget BYTES] [--gpu-copy-threads N]\n"
                "       [--gpu-arena BYTES] [--verbose]\n"
@@ -139,6 +142,14 @@ int main(int argc, char** argv) {
       ok = value(&v) && !v.empty() && v.find_first_not_of("0123456789") == std::string::npos &&
            v.size() <= 7;
       if (ok) o.fault_poll_us = std::stoull(v);
+    }
+    else if (a == "--zero-copy") {
+      ok = value(&v) && (v == "auto" || v == "on" || v == "off");
+      if (ok) {
+        o.zero_copy = v == "on"    ? dsvm::node::NodeDaemonOptions::ZeroCopy::kOn
+                      : v == "off" ? dsvm::node::NodeDaemonOptions::ZeroCopy::kOff
+                                   : dsvm::node::NodeDaemonOptions::ZeroCopy::kAuto;
+      }
     }
     else if (a == "--rejoin-as") {
       ok = value(&v) && !v.empty() && v.find_first_not_of("0123456789") == std::string::npos &&

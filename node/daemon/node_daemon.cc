@@ -234,6 +234,10 @@ Result<std::unique_ptr<NodeDaemon>> NodeDaemon::Create(const NodeDaemonOptions& 
   transport->set_self(jr.node);
   std::unique_ptr<NodeDaemon> d(
       new NodeDaemon(options, jr, std::move(shards), std::move(transport), std::move(secret)));
+  d->transport_->set_receive_placer(
+      [daemon = d.get()](proto::NodeId, const proto::PageData& header, size_t length) {
+        return daemon->PlaceReceived(header, length);
+      });
   if (options.fault_backend == "uffd") {
     DSVM_ASSIGN_OR_RETURN(std::unique_ptr<UffdBackend> backend, UffdBackend::Create());
     d->backend_ = std::move(backend);
@@ -946,6 +950,38 @@ size_t NodeDaemon::HandlePeerMessages() {
   return progressed;
 }
 
+bool NodeDaemon::ZeroCopyFor(const PageStore& store) const {
+  using Z = NodeDaemonOptions::ZeroCopy;
+  if (options_.zero_copy == Z::kOff || tier_ || (backend_ && backend_->name() != "uffd")) {
+    return false;
+  }
+  return options_.zero_copy == Z::kOn || store.hugetlb();
+}
+
+std::shared_ptr<uint8_t> NodeDaemon::PlaceReceived(const proto::PageData& header, size_t length) {
+  PageStore* store = StoreOf(header.page);
+  if (store == nullptr || length != store->page_size() || !store->CheckPage(header.page).ok() ||
+      !ZeroCopyFor(*store) || !agent_.MayReceiveInPlace(header)) {
+    return nullptr;
+  }
+  Result<std::shared_ptr<uint8_t>> view = store->ReceiveInPlace(header.page);
+  return view.ok() ? std::move(view).value() : nullptr;
+}
+
+Status NodeDaemon::InstallReceived(PageStore& store, proto::PageAddr page, DataHandle handle) {
+  auto it = data_.find(handle);
+  if (it == data_.end()) return NotFound("no such data handle");
+  const ReceivedPage& bytes = it->second.bytes;
+  Status st = Status::Ok();
+  if (store.Adopt(page, bytes.data.get())) {
+    ++stats_.pages_received_in_place;
+  } else {
+    st = store.WritePage(page, bytes.bytes());
+  }
+  data_.erase(it);
+  return st;
+}
+
 void NodeDaemon::ForgetSends(proto::PageAddr first, proto::PageAddr end) {
   std::erase_if(recent_sends_, [&](const auto& s) { return s.first.page >= first && s.first.page < end; });
   std::erase_if(recent_sends_order_, [&](const SentPage& s) { return s.page >= first && s.page < end; });
@@ -957,15 +993,18 @@ bool NodeDaemon::SentAlready(proto::NodeId to, proto::PageAddr page, proto::TxnI
 }
 
 void NodeDaemon::SendPage(proto::NodeId to, const proto::PageData& header, size_t length,
-                          const UcxTransport::PageFill& fill) {
+                          const UcxTransport::PageFill& fill, std::shared_ptr<const uint8_t> lent) {
   if (transport_->HasPeer(to)) {
     const SentPage key{to, header.page, header.txn};
     bool read = true;  // false: fill failed, and said so
-    Status st = transport_->SendPage(to, header, length, [&](std::span<uint8_t> out) {
-      Status filled = fill(out);
-      read = filled.ok();
-      return filled;
-    });
+    const uint64_t from_lent = transport_->stats().sent_from_lent;
+    Status st = lent != nullptr ? transport_->SendPageFrom(to, header, std::move(lent), length)
+                                : transport_->SendPage(to, header, length, [&](std::span<uint8_t> out) {
+                                    Status filled = fill(out);
+                                    read = filled.ok();
+                                    return filled;
+                                  });
+    stats_.pages_sent_in_place += transport_->stats().sent_from_lent - from_lent;
     if (!st.ok()) {
       if (read) LogWarning("sending a page to node " + std::to_string(to) + ": " + st.ToString());
       return;

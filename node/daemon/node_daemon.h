@@ -104,6 +104,16 @@ struct NodeDaemonOptions {
   // make a map's copies take as long as a large one's on a real GPU. No
   // flag: 0 outside tests.
   std::chrono::microseconds emulated_copy_delay{0};
+  // Zero-copy page moves between nodes: a page that goes alone (larger
+  // than a batch takes) is sent straight from the region's memfd and
+  // received straight into it (PageStore::LendForSend, ReceiveInPlace).
+  // kAuto: for hugetlb-backed regions only, where it saves a copy on each
+  // side; over a plain memfd it costs the receiver a page fault per 4 KiB
+  // instead (docs/PERFORMANCE.md). kOn: every such page (for tests).
+  // Never with a GPU tier or a fault backend other than uffd, whose
+  // copies of a page the store does not see.
+  enum class ZeroCopy : uint8_t { kOff, kAuto, kOn };
+  ZeroCopy zero_copy = ZeroCopy::kAuto;
   // PageStoreOptions::map_for_copies of the region stores. A test seam: a
   // test that fails the GPU tier's write-backs with RLIMIT_FSIZE, which
   // limits write(2) alone, turns it off. No flag.
@@ -143,6 +153,10 @@ struct NodeDaemonStats {
   // the same endpoint, left out (the directory asked again: a resend).
   uint64_t duplicate_sends_skipped = 0;
   uint64_t pages_received = 0;
+  // Zero copy (NodeDaemonOptions::zero_copy): pages sent straight from a
+  // region's memfd, and pages installed where they were received.
+  uint64_t pages_sent_in_place = 0;
+  uint64_t pages_received_in_place = 0;
   uint64_t bytes_sent = 0;
   // Accesses (client faults and Access calls, not prefetches) that had to
   // wait for the directory.
@@ -530,8 +544,18 @@ class NodeDaemon {
   void FlushRuns();
   // Sends the page `header` names, whose `length` bytes `fill` writes (see
   // UcxTransport::SendPage), or holds it until the peer's address is known.
+  // With `lent` (a PageStore::LendForSend view), the bytes leave from there
+  // when the page goes alone (UcxTransport::SendPageFrom).
   void SendPage(proto::NodeId to, const proto::PageData& header, size_t length,
-                const UcxTransport::PageFill& fill);
+                const UcxTransport::PageFill& fill, std::shared_ptr<const uint8_t> lent = nullptr);
+  // Whether pages of `store` move without copies (NodeDaemonOptions::zero_copy).
+  bool ZeroCopyFor(const PageStore& store) const;
+  // The transport's ReceivePlacer: a view of the page in its store, when
+  // the agent would take these bytes and the page is a hole here.
+  std::shared_ptr<uint8_t> PlaceReceived(const proto::PageData& header, size_t length);
+  // Makes received data the page's bytes: adopted where it arrived in place
+  // (stats_.pages_received_in_place), else written. Drops the data.
+  Status InstallReceived(PageStore& store, proto::PageAddr page, DataHandle handle);
   // Whether the page went to `to` for `txn` on the endpoint in use now.
   bool SentAlready(proto::NodeId to, proto::PageAddr page, proto::TxnId txn) const;
   // Forgets which pages of [first, end) were sent (a region dropped, a shard

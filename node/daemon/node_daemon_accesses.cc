@@ -183,6 +183,7 @@ bool NodeDaemon::Coalesce(Action& a) {
     case ActionKind::kInstallData: {
       PageStore* store = StoreOf(a.page);
       if (store == nullptr || data_.count(a.handle) == 0) return false;
+      if (store->view_count() != 0) return false;  // maybe received in place: InstallReceived
       InstallRun& r = install_run_;
       const bool in_map_run = map_run_.store == store && a.page >= map_run_.first &&
                               a.page < map_run_.first + map_run_.pages * store->page_size();
@@ -392,16 +393,25 @@ void NodeDaemon::ExecuteOne(Action& a) {
       if (a.kind == ActionKind::kSendPage && backend_) {
         check(backend_->WriteBack(a.page), "write back for send");
       }
-      // Read straight into the buffer the page leaves from. A page that
-      // cannot be read is not sent: the requester asks again.
-      SendPage(a.node, proto::PageData{a.page, a.txn, id_, a.version, {}}, store->page_size(),
-               [&](std::span<uint8_t> out) {
-                 const bool current = a.kind == ActionKind::kSendPage;
-                 Status st = current ? store->ReadPage(a.page, out)
-                                     : store->ReadStash(a.page, a.txn, out);
-                 check(st, current ? "read for send" : "read stash for send");
-                 return st;
-               });
+      // Sent from the memfd itself where zero copy applies (the page stays
+      // as it is until UCX is done: PageStore::LendForSend); else read
+      // straight into the buffer the page leaves from. A page that cannot
+      // be read is not sent: the requester asks again.
+      std::shared_ptr<const uint8_t> lent;
+      if (a.kind == ActionKind::kSendPage && store->page_size() > transport_->batch_page_bytes() &&
+          ZeroCopyFor(*store) && transport_->HasPeer(a.node)) {
+        Result<std::shared_ptr<const uint8_t>> view = store->LendForSend(a.page);
+        if (view.ok()) lent = std::move(view).value();
+      }
+      SendPage(
+          a.node, proto::PageData{a.page, a.txn, id_, a.version, {}}, store->page_size(),
+          [&](std::span<uint8_t> out) {
+            const bool current = a.kind == ActionKind::kSendPage;
+            Status st = current ? store->ReadPage(a.page, out) : store->ReadStash(a.page, a.txn, out);
+            check(st, current ? "read for send" : "read stash for send");
+            return st;
+          },
+          std::move(lent));
       return;
     }
     case ActionKind::kMapRead:
@@ -438,10 +448,8 @@ void NodeDaemon::ExecuteOne(Action& a) {
       if (!preferred_gpu_.empty()) to_place_.push_back(a.page);
       return;
     case ActionKind::kInstallData: {
-      auto it = data_.find(a.handle);
-      if (it == data_.end()) return check(NotFound("no such data handle"), "install");
-      check(store->WritePage(a.page, it->second.bytes.bytes()), "install");
-      data_.erase(it);
+      if (data_.count(a.handle) == 0) return check(NotFound("no such data handle"), "install");
+      check(InstallReceived(*store, a.page, a.handle), "install");
       if (tier_) check(tier_->AddHostPage(a.page, NowMs()), "GPU tier admit");
       if (!preferred_gpu_.empty()) to_place_.push_back(a.page);
       return;
