@@ -347,6 +347,9 @@ Status NodeDaemon::SetupClientSocket() {
 }
 
 NodeDaemon::~NodeDaemon() {
+  // The transport outlives every other member, and progresses while it
+  // flushes and closes: nothing received from now on goes to a store.
+  if (transport_) transport_->set_receive_placer(nullptr);
   if (transport_) transport_->Flush(500).IgnoreError();
   for (auto& [fd, client] : clients_) {
     for (auto& [base, mapping] : client.mappings) backend_->RemoveMapping(mapping).IgnoreError();
@@ -938,6 +941,14 @@ size_t NodeDaemon::HandlePeerMessages() {
         m.page.size != store->page_size() || store->CheckPage(d->page).ok() == false) {
       ++stats_.protocol_errors;
       LogWarning("dropping a malformed message from node " + std::to_string(m.from));
+      continue;
+    }
+    if (!store->ReceivedIntact(m.page.data.get())) {
+      // Received in place, and the page was written or punched before the
+      // bytes were all in: they may be incomplete. The agent asks again.
+      ++stats_.receives_torn;
+      LogWarning("dropping page " + Hex(d->page) + " from node " + std::to_string(m.from) +
+                 ": the page changed while it was received in place");
       continue;
     }
     ++stats_.pages_received;

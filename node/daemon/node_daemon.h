@@ -157,6 +157,9 @@ struct NodeDaemonStats {
   // region's memfd, and pages installed where they were received.
   uint64_t pages_sent_in_place = 0;
   uint64_t pages_received_in_place = 0;
+  // Pages received in place whose page was written or punched before they
+  // were all in: dropped, and asked for again.
+  uint64_t receives_torn = 0;
   uint64_t bytes_sent = 0;
   // Accesses (client faults and Access calls, not prefetches) that had to
   // wait for the directory.

@@ -183,7 +183,7 @@ bool NodeDaemon::Coalesce(Action& a) {
     case ActionKind::kInstallData: {
       PageStore* store = StoreOf(a.page);
       if (store == nullptr || data_.count(a.handle) == 0) return false;
-      if (store->view_count() != 0) return false;  // maybe received in place: InstallReceived
+      if (store->HasView(a.page)) return false;  // received in place: InstallReceived adopts it
       InstallRun& r = install_run_;
       const bool in_map_run = map_run_.store == store && a.page >= map_run_.first &&
                               a.page < map_run_.first + map_run_.pages * store->page_size();

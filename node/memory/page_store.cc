@@ -193,7 +193,9 @@ Status PageStore::ReadPage(PageAddr page, std::span<uint8_t> out) const {
 }
 
 Status PageStore::Fill(PageAddr page, const uint8_t* data) {
-  views_.Detach(OffsetOf(page), page_size_);
+  // A page a transfer still holds gets its new bytes in a fresh page: a
+  // NIC may have the old one pinned (page_views.h).
+  if (views_.Detach(OffsetOf(page), page_size_)) DSVM_RETURN_IF_ERROR(Punch(page));
   if (hugetlb_ || IsMapped(page)) {  // hugetlbfs has no write(2)
     if (data != nullptr) {
       std::memcpy(MapOf(page), data, page_size_);
@@ -287,7 +289,9 @@ Status PageStore::WritePages(PageAddr first, std::span<const std::span<const uin
     DSVM_RETURN_IF_ERROR(CheckSpan(first + i * page_size_, pages[i].size()));
   }
   for (size_t i = 0; i < pages.size(); ++i) retained_.erase(first + i * page_size_);
-  views_.Detach(OffsetOf(first), pages.size() * page_size_);
+  if (views_.Detach(OffsetOf(first), pages.size() * page_size_)) {  // as in Fill
+    DSVM_RETURN_IF_ERROR(PunchBytes(first, pages.size() * page_size_));
+  }
   if (hugetlb_) {
     for (size_t i = 0; i < pages.size(); ++i) {
       DSVM_RETURN_IF_ERROR(Fill(first + i * page_size_, pages[i].data()));
@@ -320,6 +324,7 @@ Status PageStore::ZeroPage(PageAddr page) {
 std::span<uint8_t> PageStore::MappedPage(PageAddr page) {
   DSVM_CHECK(CheckPage(page).ok());
   DSVM_CHECK(!IsRetained(page));
+  views_.Detach(OffsetOf(page), page_size_);  // the caller may write
   return {MapOf(page), page_size_};
 }
 
@@ -348,7 +353,9 @@ bool PageStore::Adopt(PageAddr page, const uint8_t* bytes) {
   // mincore of a hugetlb mapping reports this process's page table, not the
   // memfd: map the page here too, as an install through the mapping would,
   // so that IsPresent (and LendForSend) see it.
-  if (hugetlb_) madvise(MapOf(page), page_size_, MADV_POPULATE_READ);
+  if (hugetlb_ && madvise(MapOf(page), page_size_, MADV_POPULATE_READ) != 0) {
+    (void)*reinterpret_cast<volatile const uint8_t*>(MapOf(page));  // before Linux 5.14
+  }
   return true;
 }
 
@@ -389,7 +396,9 @@ Result<bool> PageStore::IsPresent(PageAddr page) const {
 
 Result<std::vector<unsigned char>> PageStore::Residency(PageAddr first, uint64_t bytes) const {
   // For a shared file mapping mincore reports the page cache, whether or not
-  // this process has the pages mapped; it allocates nothing.
+  // this process has the pages mapped; it allocates nothing. (For hugetlb it
+  // reports this process's page table instead: Fill and Adopt map every
+  // page they make present.)
   std::vector<unsigned char> vec(bytes / KernelPageSize());
   if (mincore(MapOf(first), bytes, vec.data()) != 0) return IoError(Errno("mincore"));
   return vec;

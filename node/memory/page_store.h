@@ -12,7 +12,8 @@
 // (a hole punch) is also what invalidates every local mapping at once. Hence
 // the rules below: this class never makes a hole present by accident (reads
 // use pread, which returns zeros for a hole without allocating), and only the
-// Write/Zero/Install calls make a page present.
+// Write/Zero/Install calls make a page present, besides a page being
+// received in place (ReceiveInPlace), present while its bytes arrive.
 //
 // Besides the memfd, a side area keeps bytes that are not in the memfd:
 // stashes (bytes given away in a move, kept until the directory says the
@@ -135,19 +136,19 @@ class PageStore {
     return mapped_ != nullptr && mapped_[IndexOf(page)].load(std::memory_order_relaxed) != 0;
   }
 
-  // The daemon's view of the page in the memfd, for receiving bytes in
-  // place (zero copy). Touching it makes the page present. Measured on the
-  // project's 2-core VMs it does not pay: each 4 KiB of a fresh page costs
-  // the daemon a page fault (about 12 us), so a 2 MiB page received here
-  // takes 6-10 ms against 0.55 ms for WritePage (pwrite) from a reused
-  // receive buffer; it pays with hugetlb (one fault per 2 MiB).
+  // The daemon's own view of the page in the memfd, which the daemon's
+  // Access calls read and write through. Touching a hole makes it present.
+  // Transfers' views of the page are detached first (see below).
   // REQUIRES: CheckPage(page).ok() and the page is not retained.
   std::span<uint8_t> MappedPage(PageAddr page);
 
   // Zero-copy transfers (node/memory/page_views.h): pages UCX reads from or
   // writes into in the memfd itself. Every call here that writes or punches
-  // a page first detaches its views, so a transfer never sees the page
-  // change under it. None of this is for the GPU tier's copy threads.
+  // a page, and MappedPage, first detaches its views, so a transfer never
+  // sees the page change under it; a page written while a transfer held it
+  // gets a fresh page. A page received in place is present (in the memfd)
+  // while it arrives, before it is installed. None of this is for the GPU
+  // tier's copy threads.
   //
   // A read-only view of the page's bytes for a send; held until UCX is done
   // with them. Errors: kInvalidArgument; kFailedPrecondition (the page is
@@ -165,6 +166,11 @@ class PageStore {
   // those (as after WritePage) and the answer is true. Otherwise false, and
   // nothing changed: write the bytes with WritePage.
   bool Adopt(PageAddr page, const uint8_t* bytes);
+  // False when `bytes` is a ReceiveInPlace view detached before its
+  // transfer ended: drop what it holds (PageViews::Intact).
+  bool ReceivedIntact(const uint8_t* bytes) const { return views_.Intact(bytes); }
+  // Whether a transfer holds a view of the page. REQUIRES: CheckPage(page).ok().
+  bool HasView(PageAddr page) const { return views_.Has(OffsetOf(page)); }
   size_t view_count() const { return views_.count(); }
   uint64_t views_detached() const { return views_.detached(); }
 

@@ -10,8 +10,14 @@
 #include <algorithm>
 #include <cstring>
 #include <string>
+#include <unordered_set>
 
 #include "proto/log.h"
+
+// Linux 5.14; older C libraries lack the name.
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
 
 // UCX's memory hooks (libucm), where the process has UCX: weak, so that
 // the memory layer needs no UCX (the GPU tier's tests run without it).
@@ -22,8 +28,11 @@ namespace dsvm::node {
 struct PageViews::Registry {
   int fd = -1;  // -1 once closed
   uint32_t page_size = 0;
-  std::unordered_map<uint64_t, std::vector<View*>> by_offset;
+  std::unordered_map<uint64_t, std::vector<View*>> by_offset;  // views not detached
   size_t count = 0;
+  // Receiving views detached before their transfer ended: what they hold
+  // may lack what a peer or a NIC wrote to the page meanwhile.
+  std::unordered_set<const uint8_t*> torn;
   uint64_t detached = 0;
 };
 
@@ -36,7 +45,11 @@ struct PageViews::View {
   bool adopted = false;
 
   ~View() {
-    if (!detached) Unregister();
+    if (detached) {
+      registry->torn.erase(addr);
+    } else {
+      Unregister();
+    }
     ::munmap(addr, registry->page_size);
     // A page received in place that no one installed goes back to a hole.
     if (writable && !detached && !adopted && registry->fd >= 0 &&
@@ -55,10 +68,13 @@ struct PageViews::View {
     --registry->count;
   }
 
-  // Puts a private copy of the bytes where the view was, in one step (a
-  // transfer reading the view concurrently, as a peer's CMA read does,
-  // sees the page or the copy, never neither): UCX, which holds the
-  // address, goes on with the copy.
+  // Puts a private copy of the bytes where the view was, in one step: the
+  // CPU, reading or writing through this process's page tables (the daemon
+  // for tcp, a peer's CMA read), finds the page or the copy, never neither.
+  // UCX, which holds the address, goes on with the copy. Memory a NIC has
+  // pinned (verbs) keeps the page itself: the store puts new bytes in a
+  // fresh page rather than this one (PageStore::Fill), and a receive
+  // detached before it ended is not trusted (Intact).
   void DetachNow() {
     const size_t len = registry->page_size;
     void* copy = ::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -81,6 +97,7 @@ struct PageViews::View {
     }
     Unregister();
     detached = true;
+    if (writable) registry->torn.insert(addr);
     ++registry->detached;
   }
 };
@@ -98,9 +115,18 @@ Result<uint8_t*> MapPage(int fd, uint64_t offset, size_t len, bool writable) {
   // Populated now: the page's mapping (and, for a receive, its allocation
   // and zeroing) is paid here, not inside the transfer.
   void* p = ::mmap(nullptr, len, writable ? PROT_READ | PROT_WRITE : PROT_READ,
-                   MAP_SHARED | MAP_POPULATE, fd, static_cast<off_t>(offset));
+                   writable ? MAP_SHARED : MAP_SHARED | MAP_POPULATE, fd,
+                   static_cast<off_t>(offset));
   if (p == MAP_FAILED) {
     return IoError(std::string("mmap of a page of the region memfd: ") + std::strerror(errno));
+  }
+  // A hole is allocated here, where a shortage (no hugetlb page left) is
+  // an error, not a SIGBUS inside the receive. MAP_POPULATE would say nothing.
+  if (writable && ::madvise(p, len, MADV_POPULATE_WRITE) != 0) {
+    const int err = errno;
+    ::munmap(p, len);
+    return IoError(std::string("allocating a page of the region memfd to receive into: ") +
+                   std::strerror(err));
   }
   // Children the daemon forks must not share it.
   ::madvise(p, len, MADV_DONTFORK);
@@ -154,9 +180,9 @@ bool PageViews::Adopt(uint64_t offset, const uint8_t* bytes) {
   return false;
 }
 
-void PageViews::Detach(uint64_t offset, uint64_t bytes) {
+bool PageViews::Detach(uint64_t offset, uint64_t bytes) {
   Registry& r = *registry_;
-  if (r.count == 0) return;
+  if (r.count == 0) return false;
   std::vector<View*> hit;
   if (bytes / r.page_size <= r.by_offset.size()) {
     for (uint64_t at = offset; at < offset + bytes; at += r.page_size) {
@@ -170,7 +196,12 @@ void PageViews::Detach(uint64_t offset, uint64_t bytes) {
     }
   }
   for (View* v : hit) v->DetachNow();
+  return !hit.empty();
 }
+
+bool PageViews::Intact(const uint8_t* bytes) const { return registry_->torn.count(bytes) == 0; }
+
+bool PageViews::Has(uint64_t offset) const { return registry_->by_offset.count(offset) != 0; }
 
 void PageViews::Close() { registry_->fd = -1; }
 

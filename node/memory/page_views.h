@@ -20,11 +20,10 @@
 // A view also keeps the memfd alive by itself, so a region closed while a
 // transfer is in flight is no danger to UCX.
 //
-// A page received in place becomes present in the memfd while it arrives,
-// though the coherence agent may never install it (a stale or refused
-// transfer). Unless the store adopted it (Adopt), the page is punched again
-// when its view goes, so the store's rule holds: only installs make a page
-// present.
+// A page received in place is present in the memfd from the moment its
+// view is made, though the coherence agent may never install it (a stale
+// or refused transfer). Unless the store adopted it (Adopt), the page is
+// punched again when its view goes: it is present only while it arrives.
 //
 // At most one view per page receives, and then none reads: views of one
 // page are either readers only or one writer.
@@ -65,10 +64,18 @@ class PageViews {
   // `offset` that was never detached: its bytes are the memfd's page, and
   // from now on the page stays present when the view goes.
   bool Adopt(uint64_t offset, const uint8_t* bytes);
-  // Detaches every view of the pages in [offset, offset + bytes).
-  void Detach(uint64_t offset, uint64_t bytes);
+  // Detaches every view of the pages in [offset, offset + bytes). True
+  // when there was one.
+  bool Detach(uint64_t offset, uint64_t bytes);
+  // False when `bytes` is a receiving view detached before its transfer
+  // ended (and not yet dropped): a peer or a NIC writing into the page
+  // meanwhile may have missed the copy, so its bytes are not to be used.
+  bool Intact(const uint8_t* bytes) const;
+  // Whether the page at `offset` has a view (not detached).
+  bool Has(uint64_t offset) const;
   // The memfd is the caller's no more (it is about to close it): views
-  // dropped later punch nothing. Views still held keep their pages.
+  // dropped later punch nothing. Views still held keep the memfd and their
+  // pages until they go (a receive in flight ends in a memfd no one uses).
   void Close();
 
   bool empty() const;

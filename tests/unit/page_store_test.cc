@@ -479,10 +479,17 @@ TEST(PageStoreViewsTest, AnInstallDuringAReceiveInPlaceWinsAndTheReceiveGoesElse
   const PageAddr p = kBase + 4 * kPage;
   auto view = s->ReceiveInPlace(p);
   ASSERT_TRUE(view.ok());
+  EXPECT_TRUE(s->HasView(p));
+  EXPECT_TRUE(s->ReceivedIntact(view->get()));
   ASSERT_TRUE(s->WritePage(p, Pattern(6)).ok());  // detaches the view
+  EXPECT_FALSE(s->HasView(p));
+  // What it holds is not to be used: it was detached before it was all in.
+  EXPECT_FALSE(s->ReceivedIntact(view->get()));
   std::memcpy(view->get(), Pattern(7).data(), kPage);
   EXPECT_FALSE(s->Adopt(p, view->get()));
+  const uint8_t* was = view->get();
   view->reset();  // detached: no punch
+  EXPECT_TRUE(s->ReceivedIntact(was));  // forgotten with the view
   EXPECT_TRUE(Present(*s, p));
   EXPECT_EQ(Read(*s, p), Pattern(6));
 }
