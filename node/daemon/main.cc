@@ -21,8 +21,9 @@
 // else 0). The faulting thread's core is idle then, and the answer usually
 // comes within that time.
 // --zero-copy: pages that move alone between nodes (2 MiB pages) leave from
-// the region's memory and arrive in it without a copy: auto (default) where
-// the region is hugetlb-backed, on for every region, off never.
+// the region's memory without a copy, and arrive in it without one: auto
+// (default) sends so from every region and receives so into hugetlb-backed
+// ones; on does both for every region; off neither.
 // --secret-file (default $DSVM_SECRET_FILE): the cluster secret this node
 // proves to the coordinator and to its peers, and demands of them
 // (proto/auth.h). Without one the node joins only an --insecure cluster.

@@ -961,18 +961,18 @@ size_t NodeDaemon::HandlePeerMessages() {
   return progressed;
 }
 
-bool NodeDaemon::ZeroCopyFor(const PageStore& store) const {
+bool NodeDaemon::ZeroCopyFor(const PageStore& store, bool receive) const {
   using Z = NodeDaemonOptions::ZeroCopy;
   if (options_.zero_copy == Z::kOff || tier_ || (backend_ && backend_->name() != "uffd")) {
     return false;
   }
-  return options_.zero_copy == Z::kOn || store.hugetlb();
+  return options_.zero_copy == Z::kOn || !receive || store.hugetlb();
 }
 
 std::shared_ptr<uint8_t> NodeDaemon::PlaceReceived(const proto::PageData& header, size_t length) {
   PageStore* store = StoreOf(header.page);
   if (store == nullptr || length != store->page_size() || !store->CheckPage(header.page).ok() ||
-      !ZeroCopyFor(*store) || !agent_.MayReceiveInPlace(header)) {
+      !ZeroCopyFor(*store, /*receive=*/true) || !agent_.MayReceiveInPlace(header)) {
     return nullptr;
   }
   Result<std::shared_ptr<uint8_t>> view = store->ReceiveInPlace(header.page);

@@ -107,11 +107,12 @@ struct NodeDaemonOptions {
   // Zero-copy page moves between nodes: a page that goes alone (larger
   // than a batch takes) is sent straight from the region's memfd and
   // received straight into it (PageStore::LendForSend, ReceiveInPlace).
-  // kAuto: for hugetlb-backed regions only, where it saves a copy on each
-  // side; over a plain memfd it costs the receiver a page fault per 4 KiB
-  // instead (docs/PERFORMANCE.md). kOn: every such page (for tests).
-  // Never with a GPU tier or a fault backend other than uffd, whose
-  // copies of a page the store does not see.
+  // kAuto: sent so from every region, received so into hugetlb-backed ones
+  // only: over a plain memfd a page received in place must be allocated
+  // and zeroed 4 KiB at a time first, where an install's pwrite allocates
+  // without zeroing (docs/PERFORMANCE.md, Scan, stop 21). kOn: both for
+  // every region. Never with a GPU tier or a fault backend other than
+  // uffd, whose copies of a page the store does not see.
   enum class ZeroCopy : uint8_t { kOff, kAuto, kOn };
   ZeroCopy zero_copy = ZeroCopy::kAuto;
   // PageStoreOptions::map_for_copies of the region stores. A test seam: a
@@ -551,8 +552,9 @@ class NodeDaemon {
   // when the page goes alone (UcxTransport::SendPageFrom).
   void SendPage(proto::NodeId to, const proto::PageData& header, size_t length,
                 const UcxTransport::PageFill& fill, std::shared_ptr<const uint8_t> lent = nullptr);
-  // Whether pages of `store` move without copies (NodeDaemonOptions::zero_copy).
-  bool ZeroCopyFor(const PageStore& store) const;
+  // Whether pages of `store` are sent (received) without copies
+  // (NodeDaemonOptions::zero_copy).
+  bool ZeroCopyFor(const PageStore& store, bool receive) const;
   // The transport's ReceivePlacer: a view of the page in its store, when
   // the agent would take these bytes and the page is a hole here.
   std::shared_ptr<uint8_t> PlaceReceived(const proto::PageData& header, size_t length);

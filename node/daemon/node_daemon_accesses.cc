@@ -399,7 +399,7 @@ void NodeDaemon::ExecuteOne(Action& a) {
       // be read is not sent: the requester asks again.
       std::shared_ptr<const uint8_t> lent;
       if (a.kind == ActionKind::kSendPage && store->page_size() > transport_->batch_page_bytes() &&
-          ZeroCopyFor(*store) && transport_->HasPeer(a.node)) {
+          ZeroCopyFor(*store, /*receive=*/false) && transport_->HasPeer(a.node)) {
         Result<std::shared_ptr<const uint8_t>> view = store->LendForSend(a.page);
         if (view.ok()) lent = std::move(view).value();
       }
