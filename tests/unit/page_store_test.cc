@@ -363,12 +363,19 @@ TEST(PageStoreTest, AddressesAreValidated) {
   EXPECT_EQ(s->ReadStash(kBase, 1, small).code(), StatusCode::kInvalidArgument);
 }
 
+constexpr uint32_t kHuge = 2u << 20;
+
+// Two pages of 2 MiB, hugetlb-backed where the machine has them reserved.
+std::unique_ptr<PageStore> MakeTwoMiBStore() {
+  auto s = PageStore::Create(kBase, 2 * kHuge, kHuge);
+  EXPECT_TRUE(s.ok()) << s.status().ToString();
+  if (s.ok()) std::printf("2 MiB pages backed by %s\n", (*s)->hugetlb() ? "hugetlb" : "a plain memfd");
+  return s.ok() ? std::move(s).value() : nullptr;
+}
+
 TEST(PageStoreTest, TwoMiBPagesWorkWithOrWithoutHugetlb) {
-  constexpr uint32_t kHuge = 2u << 20;
-  auto r = PageStore::Create(kBase, 2 * kHuge, kHuge);
-  ASSERT_TRUE(r.ok()) << r.status().ToString();
-  auto& s = *r;
-  std::printf("2 MiB pages backed by %s\n", s->hugetlb() ? "hugetlb" : "a plain memfd");
+  auto s = MakeTwoMiBStore();
+  ASSERT_NE(s, nullptr);
   const PageAddr p = kBase + kHuge;
   ASSERT_TRUE(s->WritePage(p, Pattern(3, kHuge)).ok());
   EXPECT_EQ(Read(*s, p), Pattern(3, kHuge));
@@ -508,11 +515,8 @@ TEST(PageStoreViewsTest, ViewsOutliveTheirStore) {
 }
 
 TEST(PageStoreViewsTest, TwoMiBPagesLendAndReceiveInPlace) {
-  constexpr uint32_t kHuge = 2u << 20;
-  auto r = PageStore::Create(kBase, 2 * kHuge, kHuge);
-  ASSERT_TRUE(r.ok()) << r.status().ToString();
-  auto& s = *r;
-  std::printf("2 MiB pages backed by %s\n", s->hugetlb() ? "hugetlb" : "a plain memfd");
+  auto s = MakeTwoMiBStore();
+  ASSERT_NE(s, nullptr);
   ASSERT_TRUE(s->WritePage(kBase, Pattern(1, kHuge)).ok());
   auto lent = s->LendForSend(kBase);
   ASSERT_TRUE(lent.ok()) << lent.status().ToString();
