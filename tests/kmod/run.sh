@@ -126,6 +126,7 @@ g++ -std=c++20 -static -O2 -g -Wall -Wextra -Werror -Wno-unused-parameter \
   -Wno-missing-field-initializers -pthread -I "$ROOT" -o "$WORK/dsvm_kmod_backend_test" \
   "$ROOT/tests/kmod/kmod_backend_test.cc" "$ROOT/node/fault/kmod_backend.cc" \
   "$ROOT/node/fault/kmod_client.cc" "$ROOT/node/fault/fd_passing.cc" "$ROOT/node/memory/page_store.cc" \
+  "$ROOT/node/memory/page_views.cc" \
   "$ROOT/proto/status.cc" "$ROOT/proto/log.cc" || fail "kmod_backend_test does not build"
 # The local fault bench (bench/kmod_fault.cc): figures only, never a verdict.
 g++ -std=c++20 -static -O2 -Wall -Wextra -Werror -Wno-missing-field-initializers -pthread \
