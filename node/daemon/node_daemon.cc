@@ -963,7 +963,8 @@ size_t NodeDaemon::HandlePeerMessages() {
 
 bool NodeDaemon::ZeroCopyFor(const PageStore& store, bool receive) const {
   using Z = NodeDaemonOptions::ZeroCopy;
-  if (options_.zero_copy == Z::kOff || tier_ || (backend_ && backend_->name() != "uffd")) {
+  if (options_.zero_copy == Z::kOff || tier_ ||
+      (backend_ && backend_->NameFor(store.page_size()) != "uffd")) {
     return false;
   }
   return options_.zero_copy == Z::kOn || !receive || store.hugetlb();

@@ -111,8 +111,9 @@ struct NodeDaemonOptions {
   // only: over a plain memfd a page received in place must be allocated
   // and zeroed 4 KiB at a time first, where an install's pwrite allocates
   // without zeroing (docs/PERFORMANCE.md, Scan, stop 21). kOn: both for
-  // every region. Never with a GPU tier or a fault backend other than
-  // uffd, whose copies of a page the store does not see.
+  // every region. Never with a GPU tier, nor for regions a fault backend
+  // other than uffd serves (kmod's own copies of a page the store does not
+  // see; a kmod node's 2 MiB regions are uffd's).
   enum class ZeroCopy : uint8_t { kOff, kAuto, kOn };
   ZeroCopy zero_copy = ZeroCopy::kAuto;
   // PageStoreOptions::map_for_copies of the region stores. A test seam: a

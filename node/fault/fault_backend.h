@@ -145,6 +145,12 @@ class FaultBackend {
   virtual ~FaultBackend() = default;
 
   virtual std::string_view name() const = 0;
+  // The name of the backend that serves regions of pages of `page_size`
+  // bytes: name(), but for a backend made of several (MixedBackend).
+  virtual std::string_view NameFor(uint64_t page_size) const {
+    (void)page_size;
+    return name();
+  }
 
   // Serves faults on the region whose bytes `store` holds. REQUIRES: `store`
   // outlives the region's registration. Errors: kAlreadyExists,

@@ -38,6 +38,9 @@ class MixedBackend final : public FaultBackend {
 
   // The first backend's name: the one the node was asked for.
   std::string_view name() const override { return inner_[0]->name(); }
+  std::string_view NameFor(uint64_t page_size) const override {
+    return inner_[first_takes_(page_size) ? 0 : 1]->name();
+  }
   Status AddRegion(PageStore* store) override;
   Status RemoveRegion(PageAddr base) override;
   Result<MappingId> AddMapping(MappingRequest request) override;
