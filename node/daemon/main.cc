@@ -186,6 +186,8 @@ int main(int argc, char** argv) {
   pthread_sigmask(SIG_BLOCK, &set, nullptr);
   std::signal(SIGPIPE, SIG_IGN);
 
+  // Before UCX starts: its buffers come from the heap too.
+  LogInfo(node::TuneHeap());
   auto daemon = node::NodeDaemon::Create(o);
   if (!daemon.ok()) {
     LogError("refusing to start: " + daemon.status().ToString());

@@ -774,6 +774,9 @@ void NodeDaemon::OnTimer() {
   Actions acts;
   agent_.Tick(now, &acts);
   Execute(acts);
+  if (idle_trim_.Due(stats_.bytes_sent + stats_.bytes_received, now) && TrimHeap()) {
+    ++stats_.heap_trims;
+  }
 }
 
 // ---------------------------------------------------------------------------

@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "node/coherence/node_agent.h"
+#include "node/daemon/heap_tuning.h"
 #include "node/fault/fault_backend.h"
 #include "node/memory/device_backend.h"
 #include "node/memory/device_page_pool.h"
@@ -199,6 +200,9 @@ struct NodeDaemonStats {
   // last (NoteStall), and the longest such gap.
   uint64_t loop_stalls = 0;
   uint64_t longest_stall_ms = 0;
+  // Times the heap's free memory went back to the kernel after page
+  // traffic stopped (heap_tuning.h).
+  uint64_t heap_trims = 0;
 };
 
 class NodeDaemon {
@@ -712,6 +716,7 @@ class NodeDaemon {
   // Directory messages held for gpu-mapped pages, per page in arrival order
   // (duplicates of one txn kept once; bounded by kMaxDeferredPerPage).
   std::unordered_map<proto::PageAddr, std::vector<proto::Message>> deferred_;
+  IdleTrim idle_trim_;  // gives the heap back once page traffic stops
 };
 
 }  // namespace dsvm::node
