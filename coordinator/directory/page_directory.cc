@@ -68,7 +68,7 @@ void PageDirectory::HandleAcquire(const proto::Acquire& m, uint64_t now_ms, Outb
       if (installed) {
         Finish(p, now_ms, out);
       } else {
-        MarkLost(p, out);
+        MarkLost(p, now_ms, out);
         Drain(p, now_ms, out);
       }
       if (m.request_seq != seq) HandleAcquire(m, now_ms, out);
@@ -137,7 +137,7 @@ void PageDirectory::ServeAcquire(Page& p, const proto::Acquire& m, uint64_t now_
     // (a restarted daemon). A sole copy is gone with it.
     const bool sole = r.state == PageState::kModified || r.sharers.size() == 1;
     if (sole) {
-      MarkLost(p, out);
+      MarkLost(p, now_ms, out);
       ReplyLost(m.node, m.request_seq, r, out);
       return;
     }
@@ -338,6 +338,11 @@ void PageDirectory::Drain(Page& p, uint64_t now_ms, Outbox* out) {
 void PageDirectory::HandleInvalidateAck(const proto::InvalidateAck& m, uint64_t now_ms,
                                         Outbox* out) {
   auto it = pages_.find(m.page);
+  if (it != pages_.end() && it->second.rec.lost && it->second.rec.tx.txn == m.txn &&
+      Contains(it->second.rec.tx.pending_acks, m.node)) {
+    LossNoticeAcked(it->second, m.node);  // the node dropped its copy of the lost page
+    return;
+  }
   if (it == pages_.end() || !it->second.rec.busy || it->second.rec.tx.txn != m.txn ||
       !Contains(it->second.rec.tx.pending_acks, m.node)) {
     ++stats_.stale_ignored;
@@ -355,7 +360,7 @@ void PageDirectory::HandleDone(const proto::Done& m, uint64_t now_ms, Outbox* ou
     // The node installed the txn the page was lost in (its data came after
     // all, after a resend had said it never would): the loss stands, and the
     // node is told again, so that it drops the copy nobody else may have.
-    ReplyLost(m.node, /*request_seq=*/0, it->second.rec, out);
+    if (IsLive(m.node)) TellLost(it->second, m.node, now_ms, out);
     ++stats_.stale_ignored;
     return;
   }
@@ -372,6 +377,12 @@ void PageDirectory::Tick(uint64_t now_ms, Outbox* out) {
     Page& p = pages_.at(page);
     if (p.rec.tx.last_send_ms + options_.retransmit_after_ms <= now_ms) {
       SendTxn(p, now_ms, /*resend=*/true, out);
+    }
+  }
+  for (PageAddr page : telling_) {
+    Page& p = pages_.at(page);
+    if (p.rec.tx.last_send_ms + options_.retransmit_after_ms <= now_ms) {
+      ResendLossNotices(p, now_ms, out);
     }
   }
 }
@@ -392,9 +403,10 @@ void PageDirectory::ReplyLost(NodeId node, uint64_t request_seq, const PageRecor
   out->push_back({node, g});
 }
 
-void PageDirectory::MarkLost(Page& p, Outbox* out) {
+void PageDirectory::MarkLost(Page& p, uint64_t now_ms, Outbox* out) {
   PageRecord& r = p.rec;
   r.lost = 1;
+  std::vector<NodeId> told;
   if (r.busy) {
     const Transaction& tx = r.tx;
     if (IsLive(tx.requester) && tx.request_seq != 0) {
@@ -403,17 +415,43 @@ void PageDirectory::MarkLost(Page& p, Outbox* out) {
     // Sharers the txn had yet to invalidate still hold copies: the page
     // they hold is gone for everyone else, so they drop theirs too.
     for (NodeId n : tx.pending_acks) {
-      if (n != tx.requester && IsLive(n)) ReplyLost(n, /*request_seq=*/0, r, out);
+      if (n != tx.requester && IsLive(n)) told.push_back(n);
     }
     r.busy = 0;
-    r.tx = Transaction{};
     busy_.erase(r.page);
   }
+  r.tx = Transaction{};
   r.state = PageState::kInvalid;
   r.owner = proto::kNoNode;
   r.sharers.clear();
+  for (NodeId n : told) TellLost(p, n, now_ms, out);
   MarkDirty(p);
   ++stats_.pages_lost;
+}
+
+void PageDirectory::TellLost(Page& p, NodeId node, uint64_t now_ms, Outbox* out) {
+  Transaction& tx = p.rec.tx;
+  if (!Contains(tx.pending_acks, node)) {
+    DSVM_CHECK(tx.pending_acks.size() < kMaxNodes);
+    tx.pending_acks.push_back(node);
+    MarkDirty(p);
+  }
+  tx.txn = p.rec.txn;
+  tx.last_send_ms = now_ms;
+  telling_.insert(p.rec.page);
+  ReplyLost(node, /*request_seq=*/0, p.rec, out);
+}
+
+void PageDirectory::ResendLossNotices(Page& p, uint64_t now_ms, Outbox* out) {
+  p.rec.tx.last_send_ms = now_ms;
+  for (NodeId n : p.rec.tx.pending_acks) ReplyLost(n, /*request_seq=*/0, p.rec, out);
+  ++stats_.retransmits;
+}
+
+void PageDirectory::LossNoticeAcked(Page& p, NodeId node) {
+  Erase(p.rec.tx.pending_acks, node);
+  MarkDirty(p);
+  if (p.rec.tx.pending_acks.empty()) telling_.erase(p.rec.page);
 }
 
 void PageDirectory::RemoveSharer(Page& p, NodeId n) {
@@ -492,7 +530,7 @@ void PageDirectory::NodeDown(NodeId node, Outbox* out) {
           MarkDirty(p);
           Drain(p, now_ms, out);
         } else {
-          MarkLost(p, out);
+          MarkLost(p, now_ms, out);
           Drain(p, now_ms, out);
         }
         continue;
@@ -527,7 +565,7 @@ void PageDirectory::NodeDown(NodeId node, Outbox* out) {
             continue;
           }
           if (other == proto::kNoNode) {
-            MarkLost(p, out);
+            MarkLost(p, now_ms, out);
             Drain(p, now_ms, out);
             continue;
           }
@@ -547,7 +585,7 @@ void PageDirectory::NodeDown(NodeId node, Outbox* out) {
           MaybeGrant(p, out);
           continue;
         } else {
-          MarkLost(p, out);
+          MarkLost(p, now_ms, out);
           Drain(p, now_ms, out);
           continue;
         }
@@ -561,10 +599,14 @@ void PageDirectory::NodeDown(NodeId node, Outbox* out) {
       }
       continue;
     }
+    if (r.lost) {
+      if (Contains(r.tx.pending_acks, node)) LossNoticeAcked(p, node);  // its copy died with it
+      continue;
+    }
     if (r.FindSharer(node) == nullptr) continue;
     const bool sole = r.state == PageState::kModified || r.sharers.size() == 1;
     if (sole) {
-      MarkLost(p, out);
+      MarkLost(p, now_ms, out);
     } else {
       RemoveSharer(p, node);
     }
@@ -598,6 +640,9 @@ void PageDirectory::Restore(const PageRecord& record) {
   if (p.rec.busy) {
     p.rec.tx.last_send_ms = 0;  // resend at the first Tick
     busy_.insert(record.page);
+  } else if (p.rec.lost && !p.rec.tx.pending_acks.empty()) {
+    p.rec.tx.last_send_ms = 0;  // loss notices not acknowledged: again at the first Tick
+    telling_.insert(record.page);
   }
 }
 
@@ -605,6 +650,7 @@ void PageDirectory::DropRange(PageAddr begin, PageAddr end) {
   for (auto it = pages_.begin(); it != pages_.end();) {
     if (it->first >= begin && it->first < end) {
       busy_.erase(it->first);  // its dirty_ entry is skipped by TakeDirty
+      telling_.erase(it->first);
       it = pages_.erase(it);
     } else {
       ++it;
@@ -659,6 +705,7 @@ std::set<NodeId> PageDirectory::NodesNamed() const {
     const PageRecord& r = p.rec;
     if (r.owner != proto::kNoNode) named.insert(r.owner);
     for (const Sharer& s : r.sharers) named.insert(s.node);
+    if (r.lost) named.insert(r.tx.pending_acks.begin(), r.tx.pending_acks.end());
     if (!r.busy) continue;
     for (NodeId n : {r.tx.requester, r.tx.fetch_from}) {
       if (n != proto::kNoNode) named.insert(n);
@@ -696,6 +743,15 @@ Status PageDirectory::CheckInvariants() const {
         return fail("reserved state");
     }
     if (r.lost && r.state != PageState::kInvalid) return fail("lost page with holders");
+    if (r.lost != 0 && !r.tx.pending_acks.empty()) {
+      if (telling_.count(addr) == 0) return fail("loss notices outstanding but not resent");
+      for (NodeId n : r.tx.pending_acks) {
+        if (!IsLive(n)) return fail("loss notice owed to a dead node");
+      }
+    } else if (telling_.count(addr) != 0) {
+      return fail("resending loss notices nobody is owed");
+    }
+    if (!r.busy && !r.lost && !r.tx.pending_acks.empty()) return fail("idle page with acks pending");
     if (static_cast<bool>(r.busy) != (busy_.count(addr) != 0)) return fail("busy index out of step");
     if (!r.busy && !p.queue.empty()) return fail("idle page with queued requests");
     if (p.queue.size() > kMaxNodes) return fail("queue over its bound");

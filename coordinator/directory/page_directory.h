@@ -47,7 +47,9 @@ struct Sharer {
 };
 
 // The transaction in flight on a page. The page record already shows the
-// state after it; this holds what must still be delivered.
+// state after it; this holds what must still be delivered. A lost page
+// (never busy) keeps here the txn it was lost in and, in pending_acks, the
+// nodes that have not yet acknowledged being told (PageDirectory::TellLost).
 struct Transaction {
   TxnId txn = 0;
   NodeId requester = proto::kNoNode;  // receives the Grant and answers Done
@@ -188,7 +190,18 @@ class PageDirectory {
   static bool SupplierDied(const Transaction& tx) {
     return tx.fetch_send_data != 0 && tx.fetch_from == proto::kNoNode;
   }
-  void MarkLost(Page& p, Outbox* out);
+  // Marks the page lost (every copy gone for the cluster): the requester of
+  // the txn in flight is answered, and the sharers it had yet to invalidate
+  // are told (TellLost).
+  void MarkLost(Page& p, uint64_t now_ms, Outbox* out);
+  // Tells `node`, which may hold a copy of the lost page, that it is lost
+  // (an unsolicited DATA_LOSS Grant), and again at every retransmit
+  // interval until its InvalidateAck of the txn the page was lost in. The
+  // nodes still to answer are the record's tx.pending_acks (a lost page is
+  // never busy), so a restarted directory tells them again.
+  void TellLost(Page& p, NodeId node, uint64_t now_ms, Outbox* out);
+  void ResendLossNotices(Page& p, uint64_t now_ms, Outbox* out);
+  void LossNoticeAcked(Page& p, NodeId node);
   // Tells `node` the page of `rec` is lost: a DATA_LOSS Grant of the txn it
   // was lost in, answering its request `request_seq` (0: unsolicited).
   void ReplyLost(NodeId node, uint64_t request_seq, const PageRecord& rec, Outbox* out);
@@ -198,6 +211,8 @@ class PageDirectory {
   DirectoryOptions options_;
   std::unordered_map<PageAddr, Page> pages_;
   std::unordered_set<PageAddr> busy_;
+  // Lost pages whose loss notices some node has not acknowledged (TellLost).
+  std::unordered_set<PageAddr> telling_;
   // Pages changed since the last TakeDirty, each once (Page::dirty), in the
   // order they changed; a page dropped meanwhile (DropRange) may remain.
   // A vector, not a set: a set allocates a node per page changed.

@@ -235,6 +235,11 @@ void NodeAgent::HandleGrant(const proto::Grant& m, uint64_t now_ms, Actions* out
       ++stats_.disowned_copies;
       Progress(m.page, lp, now_ms, out);  // accesses that waited on a give-up ask now
     }
+    if (m.request_seq == 0 && m.status == static_cast<uint16_t>(StatusCode::kDataLoss)) {
+      // An unsolicited loss notice, resent until acknowledged: this node
+      // holds no copy the loss disowns now (dropped above, or none).
+      ToDirectory(m.page, proto::InvalidateAck{m.page, m.txn, self_}, out);
+    }
     Settle(lp);
     return;
   }

@@ -856,6 +856,17 @@ void NodeDaemon::HandleDirectoryMessage(proto::Message m) {
                       std::is_same_v<T, proto::Invalidate> || std::is_same_v<T, proto::Release> ||
                       std::is_same_v<T, proto::EvictReply>) {
           if (StoreOf(x.page) == nullptr) {
+            if constexpr (std::is_same_v<T, proto::Grant>) {
+              if (x.request_seq == 0 && x.status == static_cast<uint16_t>(StatusCode::kDataLoss)) {
+                // A loss notice, resent until acknowledged: no copy here.
+                Action ack;
+                ack.kind = ActionKind::kSendToDirectory;
+                ack.page = x.page;
+                ack.message = proto::InvalidateAck{x.page, x.txn, id_};
+                acts.push_back(std::move(ack));
+                return;
+              }
+            }
             ++stats_.protocol_errors;
             LogWarning(std::string(proto::TypeName(T::kType)) + " for a page of no open region");
             return;

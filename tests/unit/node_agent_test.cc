@@ -348,12 +348,15 @@ TEST_F(NodeAgentTest, ALossOfANewerTxnDropsAnOlderCopyButNotTheReverse) {
   Hold(PageState::kShared, 3, 0);
   proto::Grant old_loss = MakeGrant(2, 0, PageState::kInvalid, DataSource::kZero, 0);
   old_loss.status = static_cast<uint16_t>(StatusCode::kDataLoss);
-  EXPECT_EQ(Grant(old_loss), Strings{});
+  // Unsolicited notices (request_seq 0) are acknowledged, or the
+  // directory tells the node again.
+  EXPECT_EQ(Grant(old_loss), Strings({"InvalidateAck txn=2"}));
   EXPECT_EQ(agent_.StateOf(kPage), PageState::kShared);
   proto::Grant loss = MakeGrant(4, 0, PageState::kInvalid, DataSource::kZero, 1);
   loss.status = static_cast<uint16_t>(StatusCode::kDataLoss);
-  EXPECT_EQ(Grant(loss), Strings({"Discard"}));
+  EXPECT_EQ(Grant(loss), Strings({"Discard", "InvalidateAck txn=4"}));
   EXPECT_EQ(agent_.StateOf(kPage), PageState::kInvalid);
+  EXPECT_EQ(Grant(loss), Strings({"InvalidateAck txn=4"})) << "a resent notice: acknowledged again";
 }
 
 // A refusal other than a loss (NOT_FOUND: the region is gone) is no
@@ -376,7 +379,7 @@ TEST_F(NodeAgentTest, AnAccessWaitingOnADisownedGiveUpAsksAgain) {
   EXPECT_EQ(Fault(false, 5, FaultResult::kWait), Strings{});
   proto::Grant loss = MakeGrant(4, 0, PageState::kInvalid, DataSource::kZero, 1);
   loss.status = static_cast<uint16_t>(StatusCode::kDataLoss);
-  EXPECT_EQ(Grant(loss), Strings({"Discard", "Acquire kind=read seq=3 last=3"}));
+  EXPECT_EQ(Grant(loss), Strings({"Discard", "Acquire kind=read seq=3 last=3", "InvalidateAck txn=4"}));
   loss.request_seq = 3;
   EXPECT_EQ(Grant(loss), Strings({"Wake w=5 DATA_LOSS"}));
   EXPECT_FALSE(agent_.HasPending(kPage));

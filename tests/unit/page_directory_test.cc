@@ -717,6 +717,57 @@ TEST_F(PageDirectoryTest, SharersAWriteHadYetToInvalidateAreToldOfItsLoss) {
   ASSERT_TRUE(dir_->CheckInvariants().ok());
 }
 
+// The notice is resent until the sharer acknowledges it (InvalidateAck of
+// the txn the page was lost in), also by a directory restarted from its
+// store meanwhile. Fails without: it was sent once, and a sharer that
+// missed it went on reading a copy the cluster had disowned.
+TEST_F(PageDirectoryTest, ALossNoticeIsResentUntilAcknowledged) {
+  WriteFromSharedWhoseSupplierDies();
+  const std::string notice = "Grant>2 txn=3 seq=0 I src=zero DATA_LOSS v=1 stash=0";
+  ASSERT_EQ(Msgs(Down(3)), Strings({notice}));
+  // A death is handled without a clock (NodeDown): its messages go again at
+  // the next Tick, and from then on at every retransmit interval.
+  EXPECT_EQ(Msgs(TickAt(now_ + 1)), Strings({notice}));
+  EXPECT_EQ(Msgs(TickAt(now_ + kRetransmitMs - 1)), Strings{});
+  EXPECT_EQ(Msgs(TickAt(now_ + 1)), Strings({notice})) << "dropped on the way: again";
+  ASSERT_TRUE(dir_->CheckInvariants().ok());
+  Restart();
+  EXPECT_EQ(Msgs(TickAt(now_ + 1)), Strings({notice})) << "after a restart too";
+  EXPECT_EQ(Msgs(Ack(2, 2)), Strings{}) << "an ack of another txn settles nothing";
+  EXPECT_EQ(Msgs(TickAt(now_ + kRetransmitMs)), Strings({notice}));
+  EXPECT_EQ(Msgs(Ack(2, 3)), Strings{});
+  EXPECT_EQ(Msgs(TickAt(now_ + 10 * kRetransmitMs)), Strings{}) << "acknowledged: told for good";
+  EXPECT_EQ(Rec(), "I owner=0 holders= v=1 txn=3 lost");
+  ASSERT_TRUE(dir_->CheckInvariants().ok());
+  Restart();
+  EXPECT_EQ(Msgs(TickAt(now_ + 1)), Strings{});
+}
+
+// A node owed a loss notice that dies is owed nothing: its copy died with it.
+TEST_F(PageDirectoryTest, ALossNoticeOwedToANodeThatDiesIsDropped) {
+  WriteFromSharedWhoseSupplierDies();
+  ASSERT_EQ(Msgs(Down(3)).size(), 1u);
+  EXPECT_EQ(Msgs(Down(2)), Strings{});
+  EXPECT_EQ(Msgs(TickAt(now_ + 10 * kRetransmitMs)), Strings{});
+  ASSERT_TRUE(dir_->CheckInvariants().ok());
+}
+
+// The writer whose Done of the lost txn came after all is told too, until
+// it acknowledges.
+TEST_F(PageDirectoryTest, ALateDoneOfTheLostTxnIsToldUntilAcknowledged) {
+  Up({1, 2});
+  Write(1);
+  ASSERT_EQ(Acquire(2, AccessKind::kWrite, 3, 0).size(), 2u);
+  ASSERT_EQ(Msgs(Down(1)), Strings{});
+  ASSERT_EQ(Msgs(Acquire(2, AccessKind::kWrite, 3, 0)).size(), 1u);  // lost: the data never came
+  const std::string notice = "Grant>2 txn=2 seq=0 I src=zero DATA_LOSS v=2 stash=0";
+  EXPECT_EQ(Msgs(Done(2, 2)), Strings({notice}));
+  EXPECT_EQ(Msgs(TickAt(now_ + kRetransmitMs)), Strings({notice}));
+  EXPECT_EQ(Msgs(Ack(2, 2)), Strings{});
+  EXPECT_EQ(Msgs(TickAt(now_ + 10 * kRetransmitMs)), Strings{});
+  ASSERT_TRUE(dir_->CheckInvariants().ok());
+}
+
 TEST_F(PageDirectoryTest, DeathOfReadSupplierFallsBackToAnotherSharer) {
   Up({1, 2, 3});
   Read(1);
