@@ -9,16 +9,22 @@ namespace dsvm::node {
 
 std::string TuneHeap() {
   const char* tunables = std::getenv("GLIBC_TUNABLES");
-  if (tunables != nullptr && std::strstr(tunables, "glibc.malloc.") != nullptr) {
-    return "heap left as GLIBC_TUNABLES sets it";
+  if ((tunables != nullptr && (std::strstr(tunables, "glibc.malloc.mmap_threshold") != nullptr ||
+                               std::strstr(tunables, "glibc.malloc.trim_threshold") != nullptr)) ||
+      std::getenv("MALLOC_MMAP_THRESHOLD_") != nullptr ||
+      std::getenv("MALLOC_TRIM_THRESHOLD_") != nullptr) {
+    return "heap thresholds left as the environment sets them";
   }
-  // Setting either threshold turns glibc's dynamic thresholds off. Trim
-  // first: should glibc refuse it, nothing has changed.
-  if (mallopt(M_TRIM_THRESHOLD, static_cast<int>(kTrimThreshold)) != 1 ||
-      mallopt(M_MMAP_THRESHOLD, static_cast<int>(kMmapThreshold)) != 1) {
-    return "glibc refused the heap thresholds; left as they were";
+  // Setting either threshold turns glibc's dynamic thresholds off. The mmap
+  // one first: it is the one glibc may refuse (above half its heap size),
+  // and then nothing has changed.
+  if (mallopt(M_MMAP_THRESHOLD, static_cast<int>(kMmapThreshold)) != 1) {
+    return "the allocator refused the heap thresholds (a sanitizer's?); left as they were";
   }
-  return "heap keeps buffers up to " + std::to_string(kMmapThreshold >> 20) + " MiB and " +
+  if (mallopt(M_TRIM_THRESHOLD, static_cast<int>(kTrimThreshold)) != 1) {
+    return "the allocator refused the trim threshold; buffers stay in the heap, trimmed as before";
+  }
+  return "heap keeps buffers under " + std::to_string(kMmapThreshold >> 20) + " MiB and " +
          std::to_string(kTrimThreshold >> 20) + " MiB free between batches";
 }
 

@@ -5,16 +5,19 @@
 // in a buffer it mallocs, and the daemon frees it once the batch's pages
 // are installed. glibc serves an allocation of that size with a fresh
 // mmap, or, once its dynamic threshold has risen past it, from the top of
-// the heap, which it trims again as soon as more than twice that is free.
-// Either way every batch's buffer was faulted in, zeroed and charged page
-// by page: a third of the receiving daemon's CPU time in a 64 KiB scan
-// (docs/PERFORMANCE.md, Scan, "Stop 22").
+// the heap, which it trims again whenever more than twice that is free
+// there (several batches freed together). So most batches' buffers were
+// faulted in, zeroed and charged page by page: a third of the receiving
+// daemon's CPU time in a 64 KiB scan, and 470 000 page faults in 12 s of
+// it against 6 500 after this (docs/PERFORMANCE.md, Scan, "Stop 22").
 //
-// TuneHeap keeps buffers of up to kMmapThreshold in the heap and lets up to
-// kTrimThreshold of freed memory stay there, so the next batch reuses
-// pages already resident. What that keeps after a burst of traffic goes
-// back to the kernel once the daemon has moved no bytes for a while
-// (IdleTrim).
+// TuneHeap keeps buffers under kMmapThreshold in the heap and lets up to
+// kTrimThreshold of freed memory stay at its top, so the next batch reuses
+// pages already resident. The thresholds hold for every arena (the GPU
+// tier's copy threads have their own), each of which may keep that much.
+// What they keep after a burst of traffic goes back to the kernel once the
+// daemon has moved no page bytes for a second (IdleTrim): malloc_trim, on
+// the daemon's loop, which also releases free memory inside the heaps.
 #ifndef DSVM_NODE_DAEMON_HEAP_TUNING_H_
 #define DSVM_NODE_DAEMON_HEAP_TUNING_H_
 
@@ -24,16 +27,18 @@
 
 namespace dsvm::node {
 
-// Allocations up to this size come from the heap (a batch of 1 MiB, a
+// Allocations under this size come from the heap (a batch of 1 MiB, a
 // 2 MiB page, with room for UCX's headers).
 inline constexpr size_t kMmapThreshold = 4u << 20;
 // Free memory the heap may keep at its top before it gives it back.
 inline constexpr size_t kTrimThreshold = 64u << 20;
 
 // Sets glibc's mmap and trim thresholds to the values above for this
-// process. Changes nothing, and says so in the returned text, when
-// GLIBC_TUNABLES already sets a malloc tunable (the operator's choice
-// wins) or glibc refuses a value. Returns what was done, for the log.
+// process. Changes nothing, and says so in the returned text, when the
+// environment sets either threshold (GLIBC_TUNABLES, or the older
+// MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_: the operator's choice
+// wins) or the allocator refuses (a sanitizer's does). Returns what was
+// done, for the log.
 std::string TuneHeap();
 
 // When to give the heap's free memory back: once no page bytes have moved

@@ -41,9 +41,9 @@
 // UNIX socket libdsvm connects to (default $DSVM_SOCKET, then
 // /run/dsvm/node.sock). Exits 1 with a clear message when it cannot start;
 // SIGINT/SIGTERM stop it cleanly.
-// The daemon keeps buffers of up to 4 MiB, and 64 MiB of freed memory, in
+// The daemon keeps buffers under 4 MiB, and 64 MiB of freed memory, in
 // its heap while pages move (node/daemon/heap_tuning.h), unless
-// GLIBC_TUNABLES sets glibc.malloc tunables.
+// the environment sets glibc's thresholds (GLIBC_TUNABLES, MALLOC_*_THRESHOLD_).
 #include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
