@@ -38,7 +38,7 @@ using TxnId = uint64_t;     // per-page directory transaction number; 0 = none y
 
 inline constexpr NodeId kNoNode = 0;
 inline constexpr uint32_t kMagic = 0x4D565344;  // "DSVM" read as little-endian u32
-inline constexpr uint16_t kWireVersion = 6;  // history: PROTOCOL.md, Versions
+inline constexpr uint16_t kWireVersion = 7;  // history: PROTOCOL.md, Versions
 inline constexpr size_t kHeaderSize = 24;
 // The smallest page size: every region's base and size are multiples of it.
 inline constexpr uint32_t kMinPageSize = 4096;

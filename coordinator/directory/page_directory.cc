@@ -360,7 +360,7 @@ void PageDirectory::HandleDone(const proto::Done& m, uint64_t now_ms, Outbox* ou
     // The node installed the txn the page was lost in (its data came after
     // all, after a resend had said it never would): the loss stands, and the
     // node is told again, so that it drops the copy nobody else may have.
-    if (IsLive(m.node)) TellLost(it->second, m.node, now_ms, out);
+    if (IsLive(m.node)) TellLost(it->second, m.node, /*request_seq=*/0, now_ms, out);
     ++stats_.stale_ignored;
     return;
   }
@@ -406,16 +406,27 @@ void PageDirectory::ReplyLost(NodeId node, uint64_t request_seq, const PageRecor
 void PageDirectory::MarkLost(Page& p, uint64_t now_ms, Outbox* out) {
   PageRecord& r = p.rec;
   r.lost = 1;
-  std::vector<NodeId> told;
+  // Who may hold a copy now, with the request_seq its first notice
+  // answers (0: unsolicited).
+  std::vector<std::pair<NodeId, uint64_t>> told;
   if (r.busy) {
     const Transaction& tx = r.tx;
-    if (IsLive(tx.requester) && tx.request_seq != 0) {
-      ReplyLost(tx.requester, tx.request_seq, r, out);
+    if (IsLive(tx.requester) && (tx.request_seq != 0 || tx.grant_sent)) {
+      if (tx.grant_sent) {
+        // The data may have come: a give-up's target asked for nothing, and
+        // a requester whose request was satisfied waits for no answer. It
+        // is told until it acknowledges, as a sharer is.
+        told.emplace_back(tx.requester, tx.request_seq);
+      } else {
+        // Nothing came: it holds no copy, and resends its request until the
+        // answer reaches it.
+        ReplyLost(tx.requester, tx.request_seq, r, out);
+      }
     }
     // Sharers the txn had yet to invalidate still hold copies: the page
     // they hold is gone for everyone else, so they drop theirs too.
     for (NodeId n : tx.pending_acks) {
-      if (n != tx.requester && IsLive(n)) told.push_back(n);
+      if (n != tx.requester && IsLive(n)) told.emplace_back(n, 0);
     }
     r.busy = 0;
     busy_.erase(r.page);
@@ -424,22 +435,23 @@ void PageDirectory::MarkLost(Page& p, uint64_t now_ms, Outbox* out) {
   r.state = PageState::kInvalid;
   r.owner = proto::kNoNode;
   r.sharers.clear();
-  for (NodeId n : told) TellLost(p, n, now_ms, out);
+  for (const auto& [n, seq] : told) TellLost(p, n, seq, now_ms, out);
   MarkDirty(p);
   ++stats_.pages_lost;
 }
 
-void PageDirectory::TellLost(Page& p, NodeId node, uint64_t now_ms, Outbox* out) {
+void PageDirectory::TellLost(Page& p, NodeId node, uint64_t request_seq, uint64_t now_ms,
+                             Outbox* out) {
   Transaction& tx = p.rec.tx;
+  if (tx.pending_acks.empty()) tx.last_send_ms = now_ms;  // else the others' resend timer runs on
   if (!Contains(tx.pending_acks, node)) {
     DSVM_CHECK(tx.pending_acks.size() < kMaxNodes);
     tx.pending_acks.push_back(node);
     MarkDirty(p);
   }
   tx.txn = p.rec.txn;
-  tx.last_send_ms = now_ms;
   telling_.insert(p.rec.page);
-  ReplyLost(node, /*request_seq=*/0, p.rec, out);
+  ReplyLost(node, request_seq, p.rec, out);
 }
 
 void PageDirectory::ResendLossNotices(Page& p, uint64_t now_ms, Outbox* out) {
@@ -745,6 +757,7 @@ Status PageDirectory::CheckInvariants() const {
     if (r.lost && r.state != PageState::kInvalid) return fail("lost page with holders");
     if (r.lost != 0 && !r.tx.pending_acks.empty()) {
       if (telling_.count(addr) == 0) return fail("loss notices outstanding but not resent");
+      if (r.tx.txn != r.txn) return fail("loss notices of another txn than the lost one");
       for (NodeId n : r.tx.pending_acks) {
         if (!IsLive(n)) return fail("loss notice owed to a dead node");
       }
@@ -756,6 +769,9 @@ Status PageDirectory::CheckInvariants() const {
     if (!r.busy && !p.queue.empty()) return fail("idle page with queued requests");
     if (p.queue.size() > kMaxNodes) return fail("queue over its bound");
     if (r.busy && Contains(r.tx.pending_acks, r.tx.requester)) return fail("requester acks itself");
+  }
+  for (PageAddr page : telling_) {
+    if (pages_.count(page) == 0) return Internal("loss notices resent for a page with no record");
   }
   return Status::Ok();
 }

@@ -61,7 +61,7 @@ struct Transaction {
   PageState fetch_next = PageState::kShared;
   uint8_t fetch_send_data = 0;
   PageState prev_state = PageState::kInvalid;  // to revert an aborted read
-  std::vector<NodeId> pending_acks;   // Invalidate (or no-data Fetch) not yet acked
+  std::vector<NodeId> pending_acks;   // Invalidate (or no-data Fetch; or a loss notice) not yet acked
   uint8_t grant_sent = 0;
   uint64_t last_send_ms = 0;          // not persisted meaningfully: 0 after restart
   template <typename A> void Visit(A& a) {
@@ -83,7 +83,7 @@ struct PageRecord {
   TxnId txn = 0;                          // last txn number issued
   uint8_t lost = 0;                       // the only copy died with its node
   uint8_t busy = 0;
-  Transaction tx;                         // valid when busy
+  Transaction tx;                         // valid when busy, or lost with notices owed
   template <typename A> void Visit(A& a) {
     a.U64(page); a.Enum(state, proto::kMaxPageState); a.U32(owner);
     a.List(sharers, kMaxNodes); a.U64(version); a.U64(txn); a.Flag(lost); a.Flag(busy);
@@ -125,7 +125,8 @@ class PageDirectory {
   void HandleInvalidateAck(const proto::InvalidateAck& m, uint64_t now_ms, Outbox* out);
   void HandleDone(const proto::Done& m, uint64_t now_ms, Outbox* out);
 
-  // Resends the messages of transactions idle for retransmit_after_ms.
+  // Resends the messages of transactions idle for retransmit_after_ms,
+  // and loss notices not yet acknowledged (TellLost).
   void Tick(uint64_t now_ms, Outbox* out);
 
   // Persistence: records changed since the last call, each once.
@@ -144,6 +145,8 @@ class PageDirectory {
   proto::PageQueryReply Query(PageAddr page) const;
   size_t page_count() const { return pages_.size(); }
   size_t busy_count() const { return busy_.size(); }
+  // Lost pages whose loss some node has yet to acknowledge.
+  size_t telling_count() const { return telling_.size(); }
   const DirectoryStats& stats() const { return stats_; }
 
   // Checks the invariants of every record (sim and tests): sharers distinct
@@ -190,16 +193,18 @@ class PageDirectory {
   static bool SupplierDied(const Transaction& tx) {
     return tx.fetch_send_data != 0 && tx.fetch_from == proto::kNoNode;
   }
-  // Marks the page lost (every copy gone for the cluster): the requester of
-  // the txn in flight is answered, and the sharers it had yet to invalidate
-  // are told (TellLost).
+  // Marks the page lost (every copy gone for the cluster). Whoever may hold
+  // a copy is told (TellLost): the sharers the txn in flight had yet to
+  // invalidate, and its requester once its Grant has gone; a requester
+  // still waiting for its Grant is only answered.
   void MarkLost(Page& p, uint64_t now_ms, Outbox* out);
-  // Tells `node`, which may hold a copy of the lost page, that it is lost
-  // (an unsolicited DATA_LOSS Grant), and again at every retransmit
-  // interval until its InvalidateAck of the txn the page was lost in. The
-  // nodes still to answer are the record's tx.pending_acks (a lost page is
-  // never busy), so a restarted directory tells them again.
-  void TellLost(Page& p, NodeId node, uint64_t now_ms, Outbox* out);
+  // Tells `node`, which may hold a copy of the lost page, that it is lost:
+  // a DATA_LOSS Grant answering its request `request_seq` (0: unsolicited),
+  // and again, unsolicited, at every retransmit interval until its
+  // InvalidateAck of the txn the page was lost in. The nodes still to
+  // answer are the record's tx.pending_acks (a lost page is never busy), so
+  // a restarted directory tells them again.
+  void TellLost(Page& p, NodeId node, uint64_t request_seq, uint64_t now_ms, Outbox* out);
   void ResendLossNotices(Page& p, uint64_t now_ms, Outbox* out);
   void LossNoticeAcked(Page& p, NodeId node);
   // Tells `node` the page of `rec` is lost: a DATA_LOSS Grant of the txn it

@@ -235,9 +235,10 @@ void NodeAgent::HandleGrant(const proto::Grant& m, uint64_t now_ms, Actions* out
       ++stats_.disowned_copies;
       Progress(m.page, lp, now_ms, out);  // accesses that waited on a give-up ask now
     }
-    if (m.request_seq == 0 && m.status == static_cast<uint16_t>(StatusCode::kDataLoss)) {
-      // An unsolicited loss notice, resent until acknowledged: this node
-      // holds no copy the loss disowns now (dropped above, or none).
+    if (m.status == static_cast<uint16_t>(StatusCode::kDataLoss)) {
+      // A loss notice (also one that answers a request), resent until
+      // acknowledged: this node holds no copy the loss disowns now
+      // (dropped above, or none).
       ToDirectory(m.page, proto::InvalidateAck{m.page, m.txn, self_}, out);
     }
     Settle(lp);

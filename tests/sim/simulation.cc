@@ -614,7 +614,7 @@ class Simulation {
       }
     }
     for (const auto& s : shards_) {
-      if (s.dir->busy_count() != 0) return false;
+      if (s.dir->busy_count() != 0 || s.dir->telling_count() != 0) return false;
     }
     return true;
   }

@@ -762,8 +762,21 @@ TEST_F(PageDirectoryTest, ALateDoneOfTheLostTxnIsToldUntilAcknowledged) {
   ASSERT_EQ(Msgs(Acquire(2, AccessKind::kWrite, 3, 0)).size(), 1u);  // lost: the data never came
   const std::string notice = "Grant>2 txn=2 seq=0 I src=zero DATA_LOSS v=2 stash=0";
   EXPECT_EQ(Msgs(Done(2, 2)), Strings({notice}));
+  EXPECT_EQ(Msgs(Done(2, 2)), Strings({notice})) << "a duplicate Done: told again, listed once";
+  EXPECT_EQ(dir_->NodesNamed(), std::set<NodeId>({2})) << "a node owed a notice is named";
   EXPECT_EQ(Msgs(TickAt(now_ + kRetransmitMs)), Strings({notice}));
   EXPECT_EQ(Msgs(Ack(2, 2)), Strings{});
+  EXPECT_EQ(Msgs(TickAt(now_ + 10 * kRetransmitMs)), Strings{});
+  ASSERT_TRUE(dir_->CheckInvariants().ok());
+}
+
+// A deleted region's lost pages owe no notices any more.
+TEST_F(PageDirectoryTest, DroppingALostPageEndsItsNotices) {
+  WriteFromSharedWhoseSupplierDies();
+  ASSERT_EQ(Msgs(Down(3)).size(), 1u);
+  ASSERT_EQ(dir_->telling_count(), 1u);
+  dir_->DropRange(kPage, kPage + 4096);
+  EXPECT_EQ(dir_->telling_count(), 0u);
   EXPECT_EQ(Msgs(TickAt(now_ + 10 * kRetransmitMs)), Strings{});
   ASSERT_TRUE(dir_->CheckInvariants().ok());
 }
@@ -833,9 +846,15 @@ TEST_F(PageDirectoryTest, DeathOfAGiverMidMoveLosesThePageAtOnce) {
   Write(1);
   ASSERT_EQ(Unordered(GiveUpTo(1, AccessKind::kWriteback, 9, 1, 3)).size(), 2u);
   EXPECT_EQ(Msgs(Acquire(2, AccessKind::kRead, 4, 0)), Strings{}) << "queued behind the move";
-  EXPECT_EQ(Msgs(Down(1)), Strings({"Grant>2 txn=2 seq=4 I src=zero DATA_LOSS v=1 stash=0"}));
+  // The target is told too, until it acknowledges: the data may have come
+  // before the death. The queued read is answered.
+  EXPECT_EQ(Msgs(Down(1)), Strings({"Grant>3 txn=2 seq=0 I src=zero DATA_LOSS v=1 stash=0",
+                                    "Grant>2 txn=2 seq=4 I src=zero DATA_LOSS v=1 stash=0"}));
   EXPECT_EQ(Rec(), "I owner=0 holders= v=1 txn=2 lost");
   EXPECT_EQ(dir_->busy_count(), 0u);
+  EXPECT_EQ(dir_->telling_count(), 1u);
+  EXPECT_EQ(Msgs(Ack(3, 2)), Strings{});
+  EXPECT_EQ(dir_->telling_count(), 0u);
 }
 
 // PROTOCOL.md, Crashes: only pages a dead node held alone become lost. When

@@ -438,7 +438,7 @@ TEST(ProtoWireTest, LeaveRequestBytesAreLittleEndianAsDocumented) {
   Bytes bytes = Encode(LeaveRequest{.node = 0x01020304}, 0x1122334455667788ull);
   const Bytes expected = {
       0x44, 0x53, 0x56, 0x4D,                          // "DSVM"
-      0x06, 0x00,                                      // version 6
+      0x07, 0x00,                                      // version 7
       0x05, 0x00,                                      // type kLeaveRequest
       0x04, 0x00, 0x00, 0x00,                          // payload_length 4
       0x00, 0x00, 0x00, 0x00,                          // reserved
