@@ -411,17 +411,15 @@ void PageDirectory::MarkLost(Page& p, uint64_t now_ms, Outbox* out) {
   std::vector<std::pair<NodeId, uint64_t>> told;
   if (r.busy) {
     const Transaction& tx = r.tx;
-    if (IsLive(tx.requester) && (tx.request_seq != 0 || tx.grant_sent)) {
-      if (tx.grant_sent) {
-        // The data may have come: a give-up's target asked for nothing, and
-        // a requester whose request was satisfied waits for no answer. It
-        // is told until it acknowledges, as a sharer is.
-        told.emplace_back(tx.requester, tx.request_seq);
-      } else {
-        // Nothing came: it holds no copy, and resends its request until the
-        // answer reaches it.
-        ReplyLost(tx.requester, tx.request_seq, r, out);
-      }
+    if (IsLive(tx.requester) && tx.grant_sent) {
+      // The data may have come: a give-up's target asked for nothing, and
+      // a requester whose request was satisfied waits for no answer. It is
+      // told until it acknowledges, as a sharer is.
+      told.emplace_back(tx.requester, tx.request_seq);
+    } else if (IsLive(tx.requester) && tx.request_seq != 0) {
+      // Nothing came: it holds no copy, and resends its request until the
+      // answer reaches it.
+      ReplyLost(tx.requester, tx.request_seq, r, out);
     }
     // Sharers the txn had yet to invalidate still hold copies: the page
     // they hold is gone for everyone else, so they drop theirs too.

@@ -193,6 +193,12 @@ void NodeAgent::Progress(PageAddr page, LocalPage& lp, uint64_t now_ms, Actions*
 // Directory messages
 
 void NodeAgent::HandleGrant(const proto::Grant& m, uint64_t now_ms, Actions* out) {
+  if (m.status != 0 && pages_.count(m.page) == 0) {
+    // A refusal of a page this node never touched (or forgot with its
+    // region): nothing waits or is held here, and no state is made for it.
+    AckLossNotice(m, out);
+    return;
+  }
   LocalPage& lp = Get(m.page);
   if (m.status != 0) {
     // A refusal (the page is lost): it answers one request and changes no state.
@@ -235,12 +241,7 @@ void NodeAgent::HandleGrant(const proto::Grant& m, uint64_t now_ms, Actions* out
       ++stats_.disowned_copies;
       Progress(m.page, lp, now_ms, out);  // accesses that waited on a give-up ask now
     }
-    if (m.status == static_cast<uint16_t>(StatusCode::kDataLoss)) {
-      // A loss notice (also one that answers a request), resent until
-      // acknowledged: this node holds no copy the loss disowns now
-      // (dropped above, or none).
-      ToDirectory(m.page, proto::InvalidateAck{m.page, m.txn, self_}, out);
-    }
+    AckLossNotice(m, out);  // no copy the loss disowns is left: dropped above, or none
     Settle(lp);
     return;
   }
@@ -263,6 +264,12 @@ void NodeAgent::HandleGrant(const proto::Grant& m, uint64_t now_ms, Actions* out
     awaiting_data_.insert(m.page);
   }
   Settle(lp);
+}
+
+void NodeAgent::AckLossNotice(const proto::Grant& m, Actions* out) {
+  if (m.status == static_cast<uint16_t>(StatusCode::kDataLoss)) {
+    ToDirectory(m.page, proto::InvalidateAck{m.page, m.txn, self_}, out);
+  }
 }
 
 void NodeAgent::TryInstall(PageAddr page, LocalPage& lp, uint64_t now_ms, Actions* out) {

@@ -200,6 +200,10 @@ class NodeAgent {
   void SendRequest(PageAddr page, LocalPage& lp, AccessKind kind, uint64_t now_ms, Actions* out);
   void SendAcquire(PageAddr page, const LocalPage& lp, Actions* out);
   void TryInstall(PageAddr page, LocalPage& lp, uint64_t now_ms, Actions* out);
+  // A loss notice (a DATA_LOSS Grant, also one that answers a request) is
+  // resent until acknowledged: acknowledges `m` if it is one, once the
+  // node holds no copy that loss disowns.
+  void AckLossNotice(const proto::Grant& m, Actions* out);
   // Clears a satisfied request, wakes satisfied waiters, asks for what the
   // remaining waiters need.
   void Progress(PageAddr page, LocalPage& lp, uint64_t now_ms, Actions* out);

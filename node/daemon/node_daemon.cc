@@ -855,18 +855,11 @@ void NodeDaemon::HandleDirectoryMessage(proto::Message m) {
         if constexpr (std::is_same_v<T, proto::Grant> || std::is_same_v<T, proto::Fetch> ||
                       std::is_same_v<T, proto::Invalidate> || std::is_same_v<T, proto::Release> ||
                       std::is_same_v<T, proto::EvictReply>) {
-          if (StoreOf(x.page) == nullptr) {
-            if constexpr (std::is_same_v<T, proto::Grant>) {
-              if (x.request_seq == 0 && x.status == static_cast<uint16_t>(StatusCode::kDataLoss)) {
-                // A loss notice, resent until acknowledged: no copy here.
-                Action ack;
-                ack.kind = ActionKind::kSendToDirectory;
-                ack.page = x.page;
-                ack.message = proto::InvalidateAck{x.page, x.txn, id_};
-                acts.push_back(std::move(ack));
-                return;
-              }
-            }
+          // A refusal needs no store: the agent only answers it (a loss
+          // notice is acknowledged even for a page of no open region).
+          bool refusal = false;
+          if constexpr (std::is_same_v<T, proto::Grant>) refusal = x.status != 0;
+          if (StoreOf(x.page) == nullptr && !refusal) {
             ++stats_.protocol_errors;
             LogWarning(std::string(proto::TypeName(T::kType)) + " for a page of no open region");
             return;

@@ -361,6 +361,20 @@ TEST_F(NodeAgentTest, ALossOfANewerTxnDropsAnOlderCopyButNotTheReverse) {
   EXPECT_EQ(Grant(loss), Strings({"InvalidateAck txn=4"})) << "a resent notice: acknowledged again";
 }
 
+// A refusal of a page this node never touched (the daemon passes it on
+// even for a page of no open region): a loss notice is acknowledged, or
+// the directory would tell the node again and again; nothing else happens.
+TEST_F(NodeAgentTest, ARefusalOfAnUntouchedPageIsOnlyAnswered) {
+  proto::Grant loss = MakeGrant(5, 0, PageState::kInvalid, DataSource::kZero, 1);
+  loss.status = static_cast<uint16_t>(StatusCode::kDataLoss);
+  EXPECT_EQ(Grant(loss), Strings({"InvalidateAck txn=5"}));
+  proto::Grant gone = loss;
+  gone.status = static_cast<uint16_t>(StatusCode::kNotFound);
+  EXPECT_EQ(Grant(gone), Strings{});
+  EXPECT_EQ(agent_.StateOf(kPage), PageState::kInvalid);
+  EXPECT_FALSE(agent_.HasPending(kPage));
+}
+
 // A refusal other than a loss (NOT_FOUND: the region is gone) is no
 // loss: it takes no copy away.
 TEST_F(NodeAgentTest, OnlyALossDisownsACopy) {
