@@ -508,6 +508,10 @@ void PageDirectory::NodeDown(NodeId node, Outbox* out) {
           tx.fetch_from = proto::kNoNode;
           tx.fetch_send_data = 0;
           tx.grant_sent = 0;
+          // The stash holds the bytes of the version before the move's,
+          // and the dead node may have sent its own under the move's to a
+          // direct read: the restored bytes get a version of their own.
+          ++r.version;
           r.state = PageState::kModified;
           r.owner = back;
           r.sharers = {Sharer{back, tx.txn}};
@@ -530,7 +534,10 @@ void PageDirectory::NodeDown(NodeId node, Outbox* out) {
           MarkDirty(p);
           Drain(p, now_ms, out);
         } else if (tx.source == DataSource::kZero && tx.prev_state == PageState::kInvalid) {
-          // A first touch by the dead node: nobody saw its data. Back to zero.
+          // A first touch by the dead node: nobody saw its data. Back to
+          // zero, under a new version: the dead node's writes went under
+          // the old one, maybe to a direct read (PROTOCOL.md, "Direct reads").
+          ++r.version;
           r.state = PageState::kInvalid;
           r.owner = proto::kNoNode;
           r.sharers.clear();

@@ -641,13 +641,26 @@ TEST_F(PageDirectoryTest, DeathOfRequesterMidMoveRestoresFormerOwnerFromStash) {
             AnyOrder({"Fetch>1 txn=2 req=2 next=I data=1",
                       "Grant>2 txn=2 seq=3 M src=owner OK v=2 stash=0"}));
 
-  EXPECT_EQ(Msgs(Down(2)), Strings({"Grant>1 txn=3 seq=0 M src=stash OK v=2 stash=2"}));
-  EXPECT_EQ(Rec(), "M owner=1 holders=1@3 v=2 txn=3 busy");
+  // The stash holds version 1's bytes; node 2 may have sent its own, as
+  // version 2, to a direct read before it died: the restore is version 3.
+  EXPECT_EQ(Msgs(Down(2)), Strings({"Grant>1 txn=3 seq=0 M src=stash OK v=3 stash=2"}));
+  EXPECT_EQ(Rec(), "M owner=1 holders=1@3 v=3 txn=3 busy");
   // The aborted move's requester can no longer finish anything.
   EXPECT_EQ(Msgs(Done(2, 2)), Strings{});
   // The restore moves no stash elsewhere: no Release.
   EXPECT_EQ(Msgs(Done(1, 3)), Strings{});
-  EXPECT_EQ(Rec(), "M owner=1 holders=1@3 v=2 txn=3");
+  EXPECT_EQ(Rec(), "M owner=1 holders=1@3 v=3 txn=3");
+}
+
+TEST_F(PageDirectoryTest, DeathOfAFirstWriterMidTxnBringsThePageBackToZeroUnderANewVersion) {
+  Up({1, 2});
+  ASSERT_EQ(Msgs(Acquire(1, AccessKind::kWrite, 1, 0)),
+            Strings({"Grant>1 txn=1 seq=1 M src=zero OK v=1 stash=0"}));
+  // Node 1 may have written, and sent its bytes as version 1 to a direct
+  // read, before it died: the zeros it never handed on are version 2.
+  EXPECT_EQ(Msgs(Down(1)), Strings{});
+  EXPECT_EQ(Msgs(Acquire(2, AccessKind::kRead, 1, 0)),
+            Strings({"Grant>2 txn=2 seq=1 S src=zero OK v=2 stash=0"}));
 }
 
 TEST_F(PageDirectoryTest, DeathOfSharerOwingAnAckReleasesTheGrant) {
