@@ -61,6 +61,12 @@ Status Acquire::Validate() const {
   return Status::Ok();
 }
 
+Status ReadDirect::Validate() const {
+  if (region == 0) return Corruption("ReadDirect names no region (region 0)");
+  if (page % kMinPageSize != 0) return Corruption("ReadDirect of a page not aligned to " + std::to_string(kMinPageSize));
+  return Status::Ok();
+}
+
 Status RegionCreated::Validate() const {
   if (region == 0) return Corruption("region 0");
   if (name.empty()) return Corruption("empty region name");
@@ -367,6 +373,7 @@ const char* TypeName(MessageType t) {
     case MessageType::kGpuPrefetch: return "GpuPrefetch";
     case MessageType::kPageBatch: return "PageBatch";
     case MessageType::kPageRun: return "PageRun";
+    case MessageType::kReadDirect: return "ReadDirect";
   }
   return "Unknown";
 }

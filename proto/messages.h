@@ -38,7 +38,7 @@ using TxnId = uint64_t;     // per-page directory transaction number; 0 = none y
 
 inline constexpr NodeId kNoNode = 0;
 inline constexpr uint32_t kMagic = 0x4D565344;  // "DSVM" read as little-endian u32
-inline constexpr uint16_t kWireVersion = 7;  // history: PROTOCOL.md, Versions
+inline constexpr uint16_t kWireVersion = 8;  // history: PROTOCOL.md, Versions
 inline constexpr size_t kHeaderSize = 24;
 // The smallest page size: every region's base and size are multiples of it.
 inline constexpr uint32_t kMinPageSize = 4096;
@@ -115,6 +115,8 @@ enum class MessageType : uint16_t {
   kPageBatch = 58,
   // Coherence plane, continued (20..27 are taken).
   kPageRun = 59,
+  // Data plane, continued (30..33 are taken).
+  kReadDirect = 60,
 };
 
 // What a node asks of the directory for one page.
@@ -234,12 +236,15 @@ struct NodeCounters {
   // Leases (wire version 5; PROTOCOL.md, Leases).
   uint64_t fences = 0;           // lapsed leases: the node took its pages from its processes
   uint64_t fenced_accesses = 0;  // accesses held until a lapsed lease came back
+  // Direct reads (wire version 8; PROTOCOL.md, Direct reads).
+  uint64_t direct_reads = 0;         // read faults answered by a holder's direct bytes
+  uint64_t direct_reads_served = 0;  // ReadDirects this node answered with its copy
   template <typename A> void Visit(A& a) {
     a.U64(read_faults); a.U64(write_faults); a.U64(local_hits); a.U64(pages_fetched);
     a.U64(pages_sent); a.U64(bytes_fetched); a.U64(bytes_sent); a.U64(invalidations);
     a.U64(downgrades); a.U64(prefetched_pages); a.U64(gpu_maps); a.U64(gpu_zero_copy_maps);
     a.U64(gpu_maps_lost); a.U64(gpu_placed_pages); a.U64(gpu_pages_in); a.U64(gpu_pages_out);
-    a.U64(fences); a.U64(fenced_accesses);
+    a.U64(fences); a.U64(fenced_accesses); a.U64(direct_reads); a.U64(direct_reads_served);
   }
   bool operator==(const NodeCounters&) const = default;
 };
@@ -594,7 +599,10 @@ struct EvictReply {
   }
 };
 
-// Owner -> requester (over UCX between node daemons): the page's bytes for txn.
+// Owner -> requester (over UCX between node daemons): the page's bytes for
+// txn. Txn 0 (no txn has that number): a direct read's bytes, the sender's
+// copy at `version`, which the requester installs only with a Shared grant
+// of that very version (wire version 8; PROTOCOL.md, "Direct reads").
 struct PageData {
   static constexpr MessageType kType = MessageType::kPageData;
   PageAddr page = 0;
@@ -687,6 +695,23 @@ struct PeerChallenge {
   template <typename A> void Visit(A& a) { a.Blob(nonce, kMaxAuthBytes); a.Blob(proof, kMaxAuthBytes); }
 };
 
+// Requester -> a node it guesses holds the page (over UCX, wire version 8):
+// send me your copy of `page` now, as PageData with txn 0, if you hold it
+// and nothing is under way for it; else ignore this. Sent alongside the
+// Acquire, never instead of it (PROTOCOL.md, "Direct reads"). `region` is
+// the id of the region the requester maps there: a node whose region at
+// the page has another id ignores it.
+struct ReadDirect {
+  static constexpr MessageType kType = MessageType::kReadDirect;
+  bool operator==(const ReadDirect&) const = default;
+  PageAddr page = 0;
+  NodeId node = kNoNode;  // the requester
+  RegionId region = 0;
+  template <typename A> void Visit(A& a) { a.U64(page); a.U32(node); a.U64(region); }
+  // Errors: kCorruption (region 0, a page not a multiple of kMinPageSize).
+  Status Validate() const;
+};
+
 // Connector -> listener: its proof; from here on the listener accepts the
 // endpoint's messages as the node's.
 struct PeerProof {
@@ -696,7 +721,7 @@ struct PeerProof {
 };
 
 // The ABI version libdsvm and dsvm-node speak on the client plane.
-inline constexpr uint32_t kClientAbi = 6;  // 3: GpuMap, GpuMapReply, GpuUnmap; 4: GpuPrefetch; 5: GPU advice, host maps; 6: lease counters
+inline constexpr uint32_t kClientAbi = 7;  // 3: GpuMap, GpuMapReply, GpuUnmap; 4: GpuPrefetch; 5: GPU advice, host maps; 6: lease counters; 7: direct-read counters
 
 // Client -> daemon: the first record on a client connection.
 struct ClientHello {
@@ -866,7 +891,8 @@ using Message = std::variant<StatusReply, JoinRequest, JoinReply, Heartbeat, Lea
                              Prefetch, Advise, AuthHello, AuthChallenge, AuthProof,
                              PeerChallenge, PeerProof, RegionPages, RegionPagesReply,
                              RegionDeleted, RegionWatch, RegionCreated, RegionSnapshotDone,
-                             GpuMap, GpuMapReply, GpuUnmap, GpuPrefetch, PageBatch, PageRun>;
+                             GpuMap, GpuMapReply, GpuUnmap, GpuPrefetch, PageBatch, PageRun,
+                             ReadDirect>;
 
 struct Header {
   uint32_t magic = kMagic;

@@ -864,6 +864,8 @@ int Stats(dsvm_node_stats_t* out) {
   out->gpu_pages_out = c.gpu_pages_out;
   out->fences = c.fences;
   out->fenced_accesses = c.fenced_accesses;
+  out->direct_reads = c.direct_reads;
+  out->direct_reads_served = c.direct_reads_served;
   return Succeed();
 }
 

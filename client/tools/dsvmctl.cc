@@ -154,10 +154,11 @@ int List(proto::FramedSocket& sock, bool nodes) {
         std::printf(
             "  faults read=%llu write=%llu local_hits=%llu  pages fetched=%llu (%llu B) "
             "sent=%llu (%llu B)  invalidations=%llu downgrades=%llu prefetched=%llu  "
-            "fences=%llu (accesses held %llu)\n",
+            "fences=%llu (accesses held %llu)  direct reads=%llu served=%llu\n",
             u(c.read_faults), u(c.write_faults), u(c.local_hits), u(c.pages_fetched),
             u(c.bytes_fetched), u(c.pages_sent), u(c.bytes_sent), u(c.invalidations),
-            u(c.downgrades), u(c.prefetched_pages), u(c.fences), u(c.fenced_accesses));
+            u(c.downgrades), u(c.prefetched_pages), u(c.fences), u(c.fenced_accesses),
+            u(c.direct_reads), u(c.direct_reads_served));
         if (e.gpu_count != 0) {
           std::printf("  gpu maps=%llu (zero-copy %llu, lost %llu) placed=%llu pages in=%llu "
                       "out=%llu\n",

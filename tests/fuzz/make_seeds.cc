@@ -144,6 +144,7 @@ std::vector<Message> PopulatedMessages() {
                           BatchedPage{0x200000001000, 4, 2, 4096}}},
       PageRun{.count = 3, .page_stride = 4096, .seq_stride = 0,
               .first = Done{.page = 0x200000000000, .txn = 4, .node = 2}},
+      ReadDirect{.page = 0x200000000000, .node = 2, .region = 1},
   };
 }
 

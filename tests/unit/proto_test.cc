@@ -184,7 +184,9 @@ NodeCounters SampleCounters(uint64_t seed) {
                       .gpu_pages_in = high + 15,
                       .gpu_pages_out = high + 16,
                       .fences = high + 17,
-                      .fenced_accesses = high + 18};
+                      .fenced_accesses = high + 18,
+                      .direct_reads = high + 19,
+                      .direct_reads_served = high + 20};
 }
 
 std::vector<Message> SampleMessages() {
@@ -269,7 +271,7 @@ std::vector<Message> SampleMessages() {
       AuthChallenge{.nonce = std::vector<uint8_t>(kNonceBytes, 0xD4),
                     .proof = std::vector<uint8_t>(kNonceBytes, 0xD5)},
       AuthProof{.proof = std::vector<uint8_t>(kNonceBytes, 0xD6)},
-      ClientHello{.abi = 7},
+      ClientHello{.abi = 8},
       ClientHelloReply{.node = 3, .window_base = 0x200000000000, .window_size = 1ull << 44},
       MapRegion{.base = 0x200000200000},
       UnmapRegion{.base = 0x200000400000},
@@ -329,6 +331,7 @@ std::vector<Message> SampleMessages() {
                                .last_txn = 0x8000000000000003ull,
                                .target = 0x80000009,
                                .region = 0x800000000000000Aull}},
+      ReadDirect{.page = kPage, .node = 0x8000000B, .region = 0x800000000000000Cull},
   };
 }
 
@@ -438,7 +441,7 @@ TEST(ProtoWireTest, LeaveRequestBytesAreLittleEndianAsDocumented) {
   Bytes bytes = Encode(LeaveRequest{.node = 0x01020304}, 0x1122334455667788ull);
   const Bytes expected = {
       0x44, 0x53, 0x56, 0x4D,                          // "DSVM"
-      0x07, 0x00,                                      // version 7
+      0x08, 0x00,                                      // version 8
       0x05, 0x00,                                      // type kLeaveRequest
       0x04, 0x00, 0x00, 0x00,                          // payload_length 4
       0x00, 0x00, 0x00, 0x00,                          // reserved
@@ -621,7 +624,7 @@ TEST(ProtoHeaderTest, WrongVersionIsInvalidArgument) {
 }
 
 TEST(ProtoHeaderTest, UnknownTypeIsInvalidArgument) {
-  for (uint16_t type : {0, 19, 28, 29, 34, 60, 61, 0x100, 0xFFFF}) {
+  for (uint16_t type : {0, 19, 28, 29, 34, 61, 62, 0x100, 0xFFFF}) {
     Bytes frame = HeaderBytes({.type = type, .payload_length = 0});
     Result<Header> h = DecodeHeader(frame);
     ASSERT_FALSE(h.ok()) << "type " << type;
@@ -1014,6 +1017,18 @@ TEST(ProtoFieldTest, AnAcquireOfNoRegionIsRefused) {
   Result<Frame> ok = Decode(Encode(a, 0));
   ASSERT_TRUE(ok.ok()) << ok.status().ToString();
   EXPECT_EQ(std::get<Acquire>(ok->message).region, 1u);
+}
+
+TEST(ProtoFieldTest, AReadDirectOfNoRegionOrAnUnalignedPageIsRefused) {
+  ReadDirect r{.page = 0x200000000000ull, .node = 2, .region = 0};
+  ExpectRefused(Encode(r, 0), StatusCode::kCorruption, "names no region");
+  r.region = 3;
+  r.page += 512;
+  ExpectRefused(Encode(r, 0), StatusCode::kCorruption, "not aligned");
+  r.page -= 512;
+  Result<Frame> ok = Decode(Encode(r, 0));
+  ASSERT_TRUE(ok.ok()) << ok.status().ToString();
+  EXPECT_EQ(std::get<ReadDirect>(ok->message), r);
 }
 
 // Decode checks a claimed length against the bound and the bytes present

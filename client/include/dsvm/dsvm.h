@@ -454,6 +454,9 @@ typedef struct dsvm_node_stats {
   /* Leases (proto/PROTOCOL.md, "Leases"): the node was cut off from its coordinator */
   uint64_t fences;             /* times it took its pages from its processes */
   uint64_t fenced_accesses;    /* accesses that waited for the coordinator */
+  /* Direct reads (proto/PROTOCOL.md, "Direct reads"): */
+  uint64_t direct_reads;         /* read faults answered by another node's copy sent at once */
+  uint64_t direct_reads_served;  /* such copies this node sent */
 } dsvm_node_stats_t;
 
 /* Fills *stats with the local node's counters.
