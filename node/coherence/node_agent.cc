@@ -34,7 +34,7 @@ void NodeAgent::Settle(LocalPage& lp) {
   const PageTxn* t = lp.active.get();
   // A refusal no newer than the last txn says nothing more than last_txn.
   if (t != nullptr && t->pending == AccessKind::kInvalid && !t->has_grant && !t->has_data &&
-      t->waiters.empty() && t->stash_txn == 0 && t->refused_txn <= lp.last_txn) {
+      !t->has_direct && t->waiters.empty() && t->stash_txn == 0 && t->refused_txn <= lp.last_txn) {
     lp.active.reset();
   }
 }
@@ -76,7 +76,7 @@ size_t NodeAgent::stash_count() const {
 // Local events
 
 FaultResult NodeAgent::Fault(PageAddr page, bool write, WaiterId waiter, uint64_t now_ms,
-                             Actions* out) {
+                             Actions* out, bool ask_holder) {
   LocalPage& lp = Get(page);
   if (Satisfies(lp.state, write)) {
     ++stats_.hits;
@@ -85,7 +85,16 @@ FaultResult NodeAgent::Fault(PageAddr page, bool write, WaiterId waiter, uint64_
   ++stats_.faults;
   PageTxn& t = Active(lp);
   t.waiters.push_back(Waiter{waiter, write});
-  if (t.pending == AccessKind::kInvalid) Progress(page, lp, now_ms, out);
+  if (t.pending == AccessKind::kInvalid) {
+    Progress(page, lp, now_ms, out);
+    // A read just asked for, of a page held nowhere here: a holder may
+    // send its copy at once (PROTOCOL.md, "Direct reads").
+    if (ask_holder && t.pending == AccessKind::kRead && lp.state == PageState::kInvalid &&
+        !lp.retained) {
+      out->push_back(Make(ActionKind::kAskHolder, page));
+      ++stats_.direct_asks;
+    }
+  }
   Settle(lp);
   return FaultResult::kWait;
 }
@@ -214,6 +223,7 @@ void NodeAgent::HandleGrant(const proto::Grant& m, uint64_t now_ms, Actions* out
       t.has_grant = false;
       t.refused_txn = std::max(t.refused_txn, m.txn);
       DropDataUpTo(m.page, lp, answers ? ~TxnId{0} : m.txn, out);
+      if (answers) DropDirect(m.page, lp, out);
     }
     if (answers) {
       ClearPending(m.page, lp);
@@ -279,11 +289,20 @@ void NodeAgent::TryInstall(PageAddr page, LocalPage& lp, uint64_t now_ms, Action
   const bool have_bytes = lp.state != PageState::kInvalid || lp.retained;
   switch (g.source) {
     case proto::DataSource::kOwner: {
-      if (!t.has_data || t.data_txn != g.txn) return;  // the data is still on its way
       Action a = Make(ActionKind::kInstallData, page);
-      a.handle = t.data;
+      if (t.has_data && t.data_txn == g.txn) {
+        a.handle = t.data;
+        t.has_data = false;
+      } else if (t.has_direct && g.state == PageState::kShared && t.direct_version == g.version) {
+        // A holder's copy at the version this read is granted: the very
+        // bytes the grant's PageData would bring (PROTOCOL.md, "Direct reads").
+        a.handle = t.direct;
+        t.has_direct = false;
+        ++stats_.direct_installs;
+      } else {
+        return;  // the data is still on its way
+      }
       out->push_back(std::move(a));
-      t.has_data = false;
       ++stats_.pages_received;
       break;
     }
@@ -320,6 +339,7 @@ void NodeAgent::TryInstall(PageAddr page, LocalPage& lp, uint64_t now_ms, Action
   Map(page, g.state, out);
   DropStashBefore(page, lp, g.txn, out);
   DropDataUpTo(page, lp, g.txn, out);
+  DropDirect(page, lp, out);
   ToDirectory(page, proto::Done{page, g.txn, self_}, out);
   Progress(page, lp, now_ms, out);
 }
@@ -442,6 +462,7 @@ void NodeAgent::HandleEvictReply(const proto::EvictReply& m, uint64_t now_ms, Ac
 
 void NodeAgent::HandlePageData(const proto::PageData& m, DataHandle handle, uint64_t now_ms,
                                Actions* out) {
+  if (m.txn == 0) return HandleDirectData(m, handle, now_ms, out);
   LocalPage& lp = Get(m.page);
   auto drop = [&](DataHandle h) {
     Action a = Make(ActionKind::kDropData, m.page);
@@ -461,6 +482,64 @@ void NodeAgent::HandlePageData(const proto::PageData& m, DataHandle handle, uint
   t.data = handle;
   if (t.has_grant && t.grant.txn == m.txn) TryInstall(m.page, lp, now_ms, out);
   Settle(lp);
+}
+
+void NodeAgent::HandleDirectData(const proto::PageData& m, DataHandle handle, uint64_t now_ms,
+                                 Actions* out) {
+  auto it = pages_.find(m.page);
+  PageTxn* t = it != pages_.end() ? it->second.active.get() : nullptr;
+  // Kept only while this node holds no copy and waits for a read: for a
+  // Shared grant of the bytes' version, whose own data it then need not
+  // wait for. A version below the node's last copy's is one no grant can
+  // name any more; of two, the newer is kept.
+  const bool wanted = t != nullptr && it->second.state == PageState::kInvalid &&
+                      !it->second.retained && m.version >= it->second.version &&
+                      (t->pending == AccessKind::kRead ||
+                       (t->has_grant && t->grant.state == PageState::kShared)) &&
+                      (!t->has_direct || t->direct_version < m.version);
+  if (!wanted) {
+    Action a = Make(ActionKind::kDropData, m.page);
+    a.handle = handle;
+    out->push_back(std::move(a));
+    ++stats_.direct_unused;
+    return;
+  }
+  LocalPage& lp = it->second;
+  DropDirect(m.page, lp, out);
+  t->has_direct = true;
+  t->direct_version = m.version;
+  t->direct = handle;
+  if (t->has_grant) TryInstall(m.page, lp, now_ms, out);
+  Settle(lp);
+}
+
+bool NodeAgent::HandleReadDirect(const proto::ReadDirect& m, Actions* out) {
+  auto it = pages_.find(m.page);
+  // Only a copy at rest: nothing asked, granted, received, stashed or
+  // given up, so its bytes are those of its version and no txn is moving it.
+  if (it == pages_.end() || m.node == self_ || it->second.active || it->second.retained ||
+      it->second.state == PageState::kInvalid) {
+    ++stats_.direct_ignored;
+    return false;
+  }
+  LocalPage& lp = it->second;
+  if (lp.state == PageState::kModified) {
+    // Stop writing before the copy is read: bytes labelled with a version
+    // are final once they leave, and a write from here on is an upgrade,
+    // which the directory grants with a new version. The directory still
+    // records this node as the writer; that is allowed (never the reverse).
+    lp.state = PageState::kShared;
+    Map(m.page, PageState::kShared, out);
+    ++stats_.downgrades;
+  }
+  Action a = Make(ActionKind::kSendPage, m.page);
+  a.node = m.node;
+  a.txn = 0;
+  a.version = lp.version;
+  out->push_back(std::move(a));
+  ++stats_.pages_sent;
+  ++stats_.direct_served;
+  return true;
 }
 
 bool NodeAgent::MayReceiveInPlace(const proto::PageData& m) const {
@@ -546,6 +625,15 @@ void NodeAgent::DropDataUpTo(PageAddr page, LocalPage& lp, TxnId txn, Actions* o
   a.handle = lp.active->data;
   out->push_back(std::move(a));
   lp.active->has_data = false;
+}
+
+void NodeAgent::DropDirect(PageAddr page, LocalPage& lp, Actions* out) {
+  if (!lp.active || !lp.active->has_direct) return;
+  Action a = Make(ActionKind::kDropData, page);
+  a.handle = lp.active->direct;
+  out->push_back(std::move(a));
+  lp.active->has_direct = false;
+  ++stats_.direct_unused;
 }
 
 void NodeAgent::Map(PageAddr page, PageState state, Actions* out) {

@@ -39,6 +39,7 @@ enum class ActionKind : uint8_t {
   kSendToDirectory,  // `message` to the directory shard of `page`
   kSendPage,         // PageData{page, txn, version} of the current bytes to `node`
   kSendStash,        // PageData{page, txn, version} of stash `txn` to `node`
+  kAskHolder,        // ReadDirect for `page` to a node the caller guesses holds it, or nothing
   kMapRead,          // local processes may read `page`
   kMapWrite,         // local processes may read and write `page`
   kUnmap,            // revoke local access, keep the bytes (a pending give-up)
@@ -83,6 +84,11 @@ struct NodeStats {
   uint64_t protocol_errors = 0;
   uint64_t disowned_copies = 0;  // installed copies dropped because the directory lost their txn
   uint64_t grant_probes = 0;     // directory asked about a grant no request waited for
+  uint64_t direct_asks = 0;      // read requests that also asked a holder (kAskHolder)
+  uint64_t direct_served = 0;    // ReadDirects answered with this node's copy
+  uint64_t direct_ignored = 0;   // ReadDirects for a page not held, or with something under way
+  uint64_t direct_installs = 0;  // Shared grants installed from a direct read's bytes
+  uint64_t direct_unused = 0;    // direct bytes dropped: late, or of another version than the grant's
 };
 
 enum class FaultResult : uint8_t { kHit = 1, kWait = 2 };
@@ -92,8 +98,11 @@ class NodeAgent {
   explicit NodeAgent(NodeId self, NodeOptions options = {});
 
   // A local access to `page`. kHit: the node's copy allows it now. kWait:
-  // `waiter` is resumed by a kWake action.
-  FaultResult Fault(PageAddr page, bool write, WaiterId waiter, uint64_t now_ms, Actions* out);
+  // `waiter` is resumed by a kWake action. `ask_holder`: a read that sends
+  // a request for a page this node holds nothing of also asks a node that
+  // may hold it for its copy (kAskHolder; PROTOCOL.md, "Direct reads").
+  FaultResult Fault(PageAddr page, bool write, WaiterId waiter, uint64_t now_ms, Actions* out,
+                    bool ask_holder = false);
 
   // Gives up the node's copy (memory pressure). Local access is revoked at
   // once; the bytes stay until the directory answers. Returns false when the
@@ -115,8 +124,15 @@ class NodeAgent {
   void HandleInvalidate(const proto::Invalidate& m, uint64_t now_ms, Actions* out);
   void HandleRelease(const proto::Release& m, Actions* out);
   void HandleEvictReply(const proto::EvictReply& m, uint64_t now_ms, Actions* out);
-  // `m.data` is ignored: the caller keeps the bytes under `handle`.
+  // `m.data` is ignored: the caller keeps the bytes under `handle`. Txn 0:
+  // a direct read's bytes, kept for a Shared grant of their version.
   void HandlePageData(const proto::PageData& m, DataHandle handle, uint64_t now_ms, Actions* out);
+  // A peer asks for this node's copy (PROTOCOL.md, "Direct reads"). Served
+  // (true) when the node holds the page and nothing is under way for it: a
+  // Modified copy is made Shared first (kMapRead), then kSendPage with txn
+  // 0 goes to m.node. Else nothing happens (false). The caller checks that
+  // m.region is the region mapped at the page.
+  bool HandleReadDirect(const proto::ReadDirect& m, Actions* out);
   // Whether HandlePageData would keep `m`'s bytes, for a page this node
   // holds no copy of (Invalid, not retained) and has a request in flight
   // for, with no data for it yet: such bytes may arrive straight in the
@@ -169,6 +185,9 @@ class NodeAgent {
     proto::Grant grant;
     TxnId data_txn = 0;
     DataHandle data = 0;
+    bool has_direct = false;          // a direct read's bytes, for a grant of their version
+    uint64_t direct_version = 0;
+    DataHandle direct = 0;
     TxnId stash_txn = 0;              // 0: no stash
     TxnId refused_txn = 0;            // data of this txn or older can never be installed
     uint64_t grant_ms = 0;            // a grant no request waits for: when last asked about
@@ -211,6 +230,9 @@ class NodeAgent {
   void DropStashBefore(PageAddr page, LocalPage& lp, TxnId txn, Actions* out);
   // Frees the received data held for the page if it is of `txn` or older.
   void DropDataUpTo(PageAddr page, LocalPage& lp, TxnId txn, Actions* out);
+  // Frees a direct read's bytes held for the page, if any.
+  void DropDirect(PageAddr page, LocalPage& lp, Actions* out);
+  void HandleDirectData(const proto::PageData& m, DataHandle handle, uint64_t now_ms, Actions* out);
   // The kind of a write request from a node holding `held`: an upgrade of
   // a Shared copy, else a write (the directory takes the kind as what the
   // node holds now).

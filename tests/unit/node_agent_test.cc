@@ -93,6 +93,7 @@ std::string Describe(const Action& a, NodeId self) {
       return "SendPage>" + std::to_string(a.node) + at + txn + " v=" + std::to_string(a.version);
     case ActionKind::kSendStash:
       return "SendStash>" + std::to_string(a.node) + at + txn + " v=" + std::to_string(a.version);
+    case ActionKind::kAskHolder: return "AskHolder" + at;
     case ActionKind::kMapRead: return "MapRead" + at;
     case ActionKind::kMapWrite: return "MapWrite" + at;
     case ActionKind::kUnmap: return "Unmap" + at;
@@ -141,6 +142,18 @@ class NodeAgentTest : public ::testing::Test {
   Strings Fault(bool write, WaiterId waiter, FaultResult expect) {
     Actions out;
     EXPECT_EQ(agent_.Fault(kPage, write, waiter, now_, &out), expect) << "waiter " << waiter;
+    return Describe(out);
+  }
+  // A read fault that may ask a holder (direct reads).
+  Strings FaultAsking(bool write, WaiterId waiter, FaultResult expect) {
+    Actions out;
+    EXPECT_EQ(agent_.Fault(kPage, write, waiter, now_, &out, /*ask_holder=*/true), expect)
+        << "waiter " << waiter;
+    return Describe(out);
+  }
+  Strings ReadDirect(NodeId from, bool expect_served) {
+    Actions out;
+    EXPECT_EQ(agent_.HandleReadDirect(proto::ReadDirect{kPage, from, 1}, &out), expect_served);
     return Describe(out);
   }
   Strings Grant(const proto::Grant& g) {
@@ -640,6 +653,110 @@ TEST_F(NodeAgentTest, UpgradeResendAfterInvalidationIsWrite) {
   EXPECT_EQ(Invalidate(2), Strings({"Discard", "InvalidateAck txn=2"}));
   EXPECT_TRUE(agent_.HasPending(kPage));
   EXPECT_EQ(TickAt(kStart + kRetransmitMs), Strings({"Acquire kind=write seq=2 last=2"}));
+}
+
+// ---------------------------------------------------------------------------
+// Direct reads (PROTOCOL.md, "Direct reads"): the requester's side.
+
+TEST_F(NodeAgentTest, OnlyAReadOfAPageHeldNowhereHereAsksAHolder) {
+  EXPECT_EQ(FaultAsking(false, 1, FaultResult::kWait),
+            Strings({"Acquire kind=read seq=1 last=0", "AskHolder"}));
+  EXPECT_EQ(FaultAsking(false, 2, FaultResult::kWait), Strings{});  // the request is out already
+  EXPECT_EQ(agent_.stats().direct_asks, 1u);
+
+  NodeAgent writer{kSelf, NodeOptions{kRetransmitMs}};
+  Actions out;
+  writer.Fault(kPage, /*write=*/true, 3, now_, &out, /*ask_holder=*/true);
+  EXPECT_EQ(Describe(out), Strings({"Acquire kind=write seq=1 last=0"}));
+}
+
+TEST_F(NodeAgentTest, DirectBytesOfTheGrantedVersionAreInstalledWithoutTheGrantsData) {
+  ASSERT_EQ(FaultAsking(false, 1, FaultResult::kWait),
+            Strings({"Acquire kind=read seq=1 last=0", "AskHolder"}));
+  EXPECT_EQ(Data(0, 3, 70), Strings{});  // kept for the grant
+  EXPECT_EQ(Grant(MakeGrant(5, 1, PageState::kShared, DataSource::kOwner, 3)),
+            Strings({"InstallData h=70", "MapRead", "Done txn=5", "Wake w=1"}));
+  EXPECT_EQ(agent_.VersionOf(kPage), 3u);
+  EXPECT_EQ(agent_.stats().direct_installs, 1u);
+  // The grant's own data comes later, and is stale.
+  EXPECT_EQ(Data(5, 3, 71), Strings({"DropData h=71"}));
+}
+
+TEST_F(NodeAgentTest, DirectBytesAfterTheGrantAreInstalledAtOnce) {
+  ASSERT_EQ(FaultAsking(false, 1, FaultResult::kWait).size(), 2u);
+  EXPECT_EQ(Grant(MakeGrant(5, 1, PageState::kShared, DataSource::kOwner, 3)), Strings{});
+  EXPECT_EQ(Data(0, 3, 70), Strings({"InstallData h=70", "MapRead", "Done txn=5", "Wake w=1"}));
+}
+
+TEST_F(NodeAgentTest, DirectBytesOfAnotherVersionWaitForTheGrantsData) {
+  ASSERT_EQ(FaultAsking(false, 1, FaultResult::kWait).size(), 2u);
+  // Version 2's bytes, from a node that had not seen the write of version 3.
+  EXPECT_EQ(Data(0, 2, 70), Strings{});
+  EXPECT_EQ(Grant(MakeGrant(5, 1, PageState::kShared, DataSource::kOwner, 3)), Strings{});
+  EXPECT_EQ(agent_.StateOf(kPage), PageState::kInvalid);
+  EXPECT_EQ(Data(5, 3, 71),
+            Strings({"InstallData h=71", "MapRead", "DropData h=70", "Done txn=5", "Wake w=1"}));
+  EXPECT_EQ(agent_.stats().direct_installs, 0u);
+  EXPECT_EQ(agent_.stats().direct_unused, 1u);
+}
+
+TEST_F(NodeAgentTest, DirectBytesNeverAnswerAWriteGrant) {
+  // A write grant's version is new: no node had bytes of it. Direct bytes
+  // wait only for a read, so those of a write request are dropped.
+  ASSERT_EQ(FaultAsking(true, 1, FaultResult::kWait), Strings({"Acquire kind=write seq=1 last=0"}));
+  EXPECT_EQ(Data(0, 4, 70), Strings({"DropData h=70"}));
+  EXPECT_EQ(Grant(MakeGrant(5, 1, PageState::kModified, DataSource::kOwner, 4)), Strings{});
+  EXPECT_EQ(agent_.StateOf(kPage), PageState::kInvalid);
+}
+
+TEST_F(NodeAgentTest, DirectBytesNoReadWaitsForAreDropped) {
+  EXPECT_EQ(Data(0, 1, 70), Strings({"DropData h=70"}));  // nothing asked
+  Hold(PageState::kShared, 3, 2);
+  EXPECT_EQ(Data(0, 2, 71), Strings({"DropData h=71"}));  // a copy is here already
+  EXPECT_EQ(Invalidate(4), Strings({"Discard", "InvalidateAck txn=4"}));
+  ASSERT_EQ(FaultAsking(false, 1, FaultResult::kWait).size(), 2u);
+  EXPECT_EQ(Data(0, 1, 72), Strings({"DropData h=72"}));  // older than the copy this node had
+  EXPECT_EQ(agent_.stats().direct_unused, 3u);
+}
+
+TEST_F(NodeAgentTest, ARefusedReadDropsItsDirectBytes) {
+  ASSERT_EQ(FaultAsking(false, 1, FaultResult::kWait).size(), 2u);
+  EXPECT_EQ(Data(0, 3, 70), Strings{});
+  proto::Grant g = MakeGrant(4, 1, PageState::kInvalid, DataSource::kZero, 3);
+  g.status = static_cast<uint16_t>(StatusCode::kDataLoss);
+  EXPECT_EQ(Grant(g), Strings({"DropData h=70", "Wake w=1 DATA_LOSS", "InvalidateAck txn=4"}));
+  EXPECT_EQ(agent_.StateOf(kPage), PageState::kInvalid);
+}
+
+// The holder's side.
+
+TEST_F(NodeAgentTest, ASharedHolderServesAReadDirectFromItsCopy) {
+  Hold(PageState::kShared, 3, 2);
+  EXPECT_EQ(ReadDirect(2, true), Strings({"SendPage>2 txn=0 v=2"}));
+  EXPECT_EQ(agent_.StateOf(kPage), PageState::kShared);
+  EXPECT_EQ(agent_.stats().direct_served, 1u);
+}
+
+TEST_F(NodeAgentTest, AWriterStopsWritingBeforeItServesAndWritesAgainOnlyByAnUpgrade) {
+  Hold(PageState::kModified, 3, 1);
+  EXPECT_EQ(ReadDirect(2, true), Strings({"MapRead", "SendPage>2 txn=0 v=1"}));
+  EXPECT_EQ(agent_.StateOf(kPage), PageState::kShared);
+  EXPECT_EQ(agent_.stats().downgrades, 1u);
+  // Version 1's bytes have left as final: the next write is a new version.
+  EXPECT_EQ(Fault(true, 2, FaultResult::kWait), Strings({"Acquire kind=upgrade seq=2 last=3"}));
+}
+
+TEST_F(NodeAgentTest, AReadDirectIsIgnoredWithoutACopyAtRest) {
+  EXPECT_EQ(ReadDirect(2, false), Strings{});  // no copy
+  Hold(PageState::kShared, 3, 2);
+  EXPECT_EQ(ReadDirect(kSelf, false), Strings{});  // from itself
+  ASSERT_EQ(Fault(true, 2, FaultResult::kWait), Strings({"Acquire kind=upgrade seq=2 last=3"}));
+  EXPECT_EQ(ReadDirect(2, false), Strings{});  // a request under way
+  EXPECT_EQ(Grant(MakeGrant(4, 2, PageState::kModified, DataSource::kSelf, 3)),
+            Strings({"MapWrite", "Done txn=4", "Wake w=2"}));
+  EXPECT_EQ(Evict(true), Strings({"Unmap", "Acquire kind=writeback seq=3 last=4"}));
+  EXPECT_EQ(ReadDirect(2, false), Strings{});  // given up
+  EXPECT_EQ(agent_.stats().direct_ignored, 4u);
 }
 
 // ---------------------------------------------------------------------------
