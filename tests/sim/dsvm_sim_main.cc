@@ -81,6 +81,7 @@ int main(int argc, char** argv) {
   if (seeds.empty()) return Usage();
 
   uint64_t passed = 0, failed = 0, messages = 0, runs = 0, transactions = 0, crashes = 0;
+  uint64_t direct_asks = 0, direct_served = 0, direct_installs = 0;
   auto t0 = std::chrono::steady_clock::now();
   for (uint64_t seed : seeds) {
     dsvm::sim::SimConfig c = dsvm::sim::ConfigForSeed(seed, harsh);
@@ -91,6 +92,9 @@ int main(int argc, char** argv) {
     runs += r.runs;
     transactions += r.transactions;
     crashes += r.crashes;
+    direct_asks += r.direct_asks;
+    direct_served += r.direct_served;
+    direct_installs += r.direct_installs;
     if (r.ok) {
       ++passed;
     } else {
@@ -102,21 +106,25 @@ int main(int argc, char** argv) {
     }
     if (seeds.size() == 1) {
       std::printf("seed=%llu nodes=%u shards=%u pages=%u reads=%llu writes=%llu messages=%llu "
-                  "dropped=%llu duplicated=%llu runs=%llu crashes=%llu evictions=%llu transactions=%llu\n",
+                  "dropped=%llu duplicated=%llu runs=%llu crashes=%llu evictions=%llu transactions=%llu "
+                  "direct_asks=%llu direct_installs=%llu\n",
                   static_cast<unsigned long long>(seed), c.nodes, c.shards, c.pages,
                   (unsigned long long)r.reads, (unsigned long long)r.writes,
                   (unsigned long long)r.messages, (unsigned long long)r.dropped,
                   (unsigned long long)r.duplicated, (unsigned long long)r.runs,
                   (unsigned long long)r.crashes,
-                  (unsigned long long)r.evictions, (unsigned long long)r.transactions);
+                  (unsigned long long)r.evictions, (unsigned long long)r.transactions,
+                  (unsigned long long)r.direct_asks, (unsigned long long)r.direct_installs);
     }
   }
   double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::printf("dsvm-sim: %llu runs in %.1f s, %llu messages (%llu PageRuns), %llu transactions, "
-              "%llu directory crashes\n",
+              "%llu directory crashes, direct reads: %llu asked, %llu served, %llu installed\n",
               (unsigned long long)seeds.size(), secs, (unsigned long long)messages,
               (unsigned long long)runs,
-              (unsigned long long)transactions, (unsigned long long)crashes);
+              (unsigned long long)transactions, (unsigned long long)crashes,
+              (unsigned long long)direct_asks, (unsigned long long)direct_served,
+              (unsigned long long)direct_installs);
   std::printf("%llu passed, %llu failed\n", (unsigned long long)passed, (unsigned long long)failed);
   return failed == 0 ? 0 : 1;
 }

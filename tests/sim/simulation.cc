@@ -116,6 +116,7 @@ class Simulation {
     if (r_.ok && !Quiescent()) Fail("no progress: accesses still waiting after the network healed");
     if (r_.ok) CheckHoldersAreKnown();
     for (const auto& s : shards_) r_.transactions += s.dir->stats().transactions;
+    for (const auto& n : nodes_) CountDirect(*n);
     return r_;
   }
 
@@ -170,7 +171,7 @@ class Simulation {
     for (PageAddr page : pages_) {
       if (n.waiters.size() >= kMaxWaitersPerNode) break;
       const uint64_t waiter = ++next_waiter_;
-      node::FaultResult fr = n.agent.Fault(page, write, waiter, now_, &acts);
+      node::FaultResult fr = n.agent.Fault(page, write, waiter, now_, &acts, AskHolder(write));
       if (fr == node::FaultResult::kWait) n.waiters[waiter] = {page, write};
       if (fr == node::FaultResult::kHit) hits.push_back(page);
     }
@@ -188,10 +189,26 @@ class Simulation {
     const bool write = rng_.Chance(0.4);
     const uint64_t waiter = ++next_waiter_;
     Actions acts;
-    node::FaultResult fr = n.agent.Fault(page, write, waiter, now_, &acts);
+    node::FaultResult fr = n.agent.Fault(page, write, waiter, now_, &acts, AskHolder(write));
     if (fr == node::FaultResult::kWait) n.waiters[waiter] = {page, write};
     Apply(n, acts);
     if (fr == node::FaultResult::kHit) Access(n, page, write);
+  }
+
+  bool AskHolder(bool write) { return !write && rng_.Chance(c_.direct_rate); }
+
+  // Whom a direct read asks: as often as not a node that holds the page
+  // now (as a good hint would be), else any other node (a stale one).
+  NodeId HintFor(const SimNode& n, PageAddr page) {
+    std::vector<NodeId> holders;
+    for (const auto& other : nodes_) {
+      if (other->id != n.id && other->agent.StateOf(page) != PageState::kInvalid) {
+        holders.push_back(other->id);
+      }
+    }
+    if (!holders.empty() && rng_.Chance(0.5)) return holders[rng_.Below(holders.size())];
+    NodeId pick = static_cast<NodeId>(1 + rng_.Below(nodes_.size()));
+    return pick == n.id ? static_cast<NodeId>(1 + pick % nodes_.size()) : pick;
   }
 
   void Access(SimNode& n, PageAddr page, bool write) {
@@ -329,6 +346,9 @@ class Simulation {
       n.agent.HandleRelease(*r, &acts);
     } else if (auto* e = std::get_if<proto::EvictReply>(&m)) {
       n.agent.HandleEvictReply(*e, now_, &acts);
+    } else if (auto* rd = std::get_if<proto::ReadDirect>(&m)) {
+      if (rd->region != kRegion) return Fail("ReadDirect of another region");
+      n.agent.HandleReadDirect(*rd, &acts);
     } else if (auto* d = std::get_if<proto::PageData>(&m)) {
       uint64_t v = 0;
       if (d->data.size() != 8) return Fail("page data of the wrong size");
@@ -391,6 +411,11 @@ class Simulation {
           Send(n.id, a.node, d);
           break;
         }
+        case ActionKind::kAskHolder:
+          if (nodes_.size() > 1) {
+            Send(n.id, HintFor(n, a.page), proto::ReadDirect{a.page, n.id, kRegion});
+          }
+          break;
         case ActionKind::kMapRead:
         case ActionKind::kMapWrite:
           if (!n.bytes.count(a.page)) return Fail("map of a page with no bytes" + where);
@@ -539,12 +564,17 @@ class Simulation {
         also_ok_[page].insert(old.installed[page]);
       }
     }
+    // What was sent to it is lost; of the page bytes it sent, some were
+    // on the wire already and still arrive (as from a process that died
+    // after its send left). Its other messages go with it.
     const uint32_t ep = id;
     std::vector<InFlight> keep;
     for (auto& f : in_flight_) {
-      if (f.to != ep && f.from != ep) keep.push_back(std::move(f));
+      const bool on_the_wire = f.from == ep && IsPageData(f) && rng_.Chance(0.5);
+      if ((f.to != ep && f.from != ep) || on_the_wire) keep.push_back(std::move(f));
     }
     in_flight_ = std::move(keep);
+    CountDirect(old);
     nodes_[index] = std::make_unique<SimNode>(id);  // back empty, same id
     // The directory learns of the death (missed heartbeats), then of the rejoin.
     for (uint32_t s = 0; s < shards_.size(); ++s) {
@@ -553,6 +583,17 @@ class Simulation {
       Flush(s, out);
       shards_[s].dir->NodeUp(id);
     }
+  }
+
+  void CountDirect(const SimNode& n) {
+    r_.direct_asks += n.agent.stats().direct_asks;
+    r_.direct_installs += n.agent.stats().direct_installs;
+    r_.direct_served += n.agent.stats().direct_served;
+  }
+
+  static bool IsPageData(const InFlight& f) {
+    auto frame = proto::Decode(f.bytes);
+    return frame.ok() && std::holds_alternative<proto::PageData>(frame->message);
   }
 
   // --- checks --------------------------------------------------------------
@@ -666,6 +707,8 @@ SimConfig ConfigForSeed(uint64_t seed, bool harsh) {
   // Drawn last, so the knobs above stay what they were for each seed.
   constexpr double kSweepRates[] = {0.0, 0.1, 0.5, 0.9};
   c.sweep_rate = kSweepRates[rng.Below(4)];
+  constexpr double kDirectRates[] = {0.0, 0.5, 1.0};
+  c.direct_rate = kDirectRates[rng.Below(3)];
   return c;
 }
 

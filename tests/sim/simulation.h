@@ -14,6 +14,9 @@
 //     (DATA_LOSS) or back at the value it had before the dead node got it,
 //     and nothing else;
 //   - each directory's own invariants (PageDirectory::CheckInvariants).
+// Read faults may also ask a node for its copy (direct reads), right or
+// wrong about who holds the page; a dead node's page bytes already on the
+// wire may still arrive.
 // At the end faults stop, the network heals, and every waiting access must
 // complete: a protocol that stops making progress fails the run.
 #ifndef DSVM_TESTS_SIM_SIMULATION_H_
@@ -37,6 +40,7 @@ struct SimConfig {
   double evict_rate = 0.01;     // per step
   double node_crash_rate = 0.0; // per step: a node daemon dies and restarts empty
   double sweep_rate = 0.1;      // per access: one node touches every page in order (PageRuns)
+  double direct_rate = 0.0;     // per read fault: also ask a node for its copy (ReadDirect)
   bool verbose = false;
 };
 
@@ -55,6 +59,9 @@ struct SimResult {
   uint64_t node_crashes = 0;
   uint64_t lost_reads = 0;      // accesses answered DATA_LOSS after a node crash
   uint64_t transactions = 0;
+  uint64_t direct_asks = 0;     // ReadDirects sent (to a holder or to any node)
+  uint64_t direct_served = 0;   // ReadDirects answered with a copy
+  uint64_t direct_installs = 0; // grants installed from a direct read's bytes
 };
 
 // Picks the knobs of a run from its seed (node count, rates), so fresh
