@@ -3,7 +3,7 @@
 //   dsvm-node --coordinator HOST:PORT[,HOST:PORT...] [--listen HOST:PORT] [--socket PATH]
 //             [--fault-backend kmod|uffd] [--rejoin-as N] [--secret-file FILE]
 //             [--busy-poll-us N] [--fault-poll-us N] [--zero-copy auto|on|off]
-//             [--device-backend none|emulated|cuda] [--gpu-budget BYTES]
+//             [--direct-reads on|off] [--device-backend none|emulated|cuda] [--gpu-budget BYTES]
 //             [--emulated-gpus N] [--host-budget BYTES] [--gpu-copy-threads N]
 //             [--gpu-arena BYTES] [--verbose]
 //
@@ -24,6 +24,10 @@
 // the region's memory without a copy, and arrive in it without one: auto
 // (default) sends so from every region and receives so into hugetlb-backed
 // ones; on does both for every region; off neither.
+// --direct-reads: a read fault on a page of at most 64 KiB also asks the
+// node that last sent this one a page of the region for its copy, which
+// then comes without waiting for the directory's word (on, default; off:
+// the directory alone; proto/PROTOCOL.md, "Direct reads").
 // --secret-file (default $DSVM_SECRET_FILE): the cluster secret this node
 // proves to the coordinator and to its peers, and demands of them
 // (proto/auth.h). Without one the node joins only an --insecure cluster.
@@ -65,6 +69,7 @@ int Usage(const std::string& why) {
                "usage: dsvm-node --coordinator HOST:PORT[,HOST:PORT...] [--listen HOST:PORT] [--socket PATH]\n"
                "       [--fault-backend kmod|uffd] [--rejoin-as N] [--secret-file FILE]\n"
                "       [--busy-poll-us N] [--fault-poll-us N] [--zero-copy auto|on|off]\n"
+               "       [--direct-reads on|off]\n"
                "       [--device-backend none|emulated|cuda] [--gpu-budget BYTES]\n"
                "       [--emulated-gpus N] [--host-budget BYTES] [--gpu-copy-threads N]\n"
                "       [--gpu-arena BYTES] [--verbose]\n"
@@ -154,6 +159,10 @@ int main(int argc, char** argv) {
                       : v == "off" ? dsvm::node::NodeDaemonOptions::ZeroCopy::kOff
                                    : dsvm::node::NodeDaemonOptions::ZeroCopy::kAuto;
       }
+    }
+    else if (a == "--direct-reads") {
+      ok = value(&v) && (v == "on" || v == "off");
+      if (ok) o.direct_reads = v == "on";
     }
     else if (a == "--rejoin-as") {
       ok = value(&v) && !v.empty() && v.find_first_not_of("0123456789") == std::string::npos &&

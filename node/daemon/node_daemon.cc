@@ -695,6 +695,7 @@ Status NodeDaemon::DropRegion(proto::PageAddr base, const std::string& why) {
   accessed_by_.erase(base);
   read_ahead_.erase(base);
   region_ids_.erase(base);
+  holder_hint_.erase(base);
   LogInfo("dropped the region that was at " + Hex(base) + ": " + why);
   return Status::Ok();
 }
@@ -738,6 +739,8 @@ proto::NodeCounters NodeDaemon::Counters() const {
   }
   c.fences = stats_.fences;
   c.fenced_accesses = stats_.fenced_accesses;
+  c.direct_reads = a.direct_installs;
+  c.direct_reads_served = a.direct_served;
   return c;
 }
 
@@ -942,6 +945,10 @@ size_t NodeDaemon::HandlePeerMessages() {
   const size_t progressed = transport_->Progress(&in);
   Actions acts;
   for (UcxIncoming& m : in) {
+    if (auto* rd = std::get_if<proto::ReadDirect>(&m.message)) {
+      HandleReadDirect(m.from, *rd, &acts);
+      continue;
+    }
     auto* d = std::get_if<proto::PageData>(&m.message);
     PageStore* store = d ? StoreOf(d->page) : nullptr;
     if (d == nullptr || store == nullptr || d->sender != m.from ||
@@ -960,12 +967,53 @@ size_t NodeDaemon::HandlePeerMessages() {
     }
     ++stats_.pages_received;
     stats_.bytes_received += m.page.size;
+    holder_hint_[store->base()] = m.from;
     const DataHandle h = ++next_handle_;
     data_[h] = Received{d->page, std::move(m.page)};
     agent_.HandlePageData(*d, h, NowMs(), &acts);
   }
   if (!acts.empty()) Execute(acts);  // the pages of a batch together: Coalesce
   return progressed;
+}
+
+bool NodeDaemon::AsksHolder(proto::PageAddr page, bool write) const {
+  // Not with a GPU tier: its pins and dirty GPU copies are per page, and a
+  // holder with one does not serve (HandleReadDirect). Not for large pages,
+  // whose transfer outweighs the directory's hop, and which would cross
+  // twice (the direct copy, then the Fetch's).
+  const PageStore* store = StoreOf(page);
+  return options_.direct_reads && !write && !tier_ && store != nullptr &&
+         store->page_size() <= transport_->batch_page_bytes();
+}
+
+void NodeDaemon::AskHolder(const PageStore& store, proto::PageAddr page) {
+  auto hint = holder_hint_.find(store.base());
+  if (hint == holder_hint_.end() || hint->second == id_) return;  // the directory alone, then
+  if (!transport_->HasPeer(hint->second)) {
+    LookupPeers();  // for the next fault: this one is on its way through the directory
+    return;
+  }
+  // A lost ask costs nothing but the shortcut: the Acquire is on its way.
+  transport_->Send(hint->second, proto::ReadDirect{page, id_, region_ids_.at(store.base())})
+      .IgnoreError();
+}
+
+void NodeDaemon::HandleReadDirect(proto::NodeId from, const proto::ReadDirect& m, Actions* acts) {
+  PageStore* store = StoreOf(m.page);
+  if (m.node != from || store == nullptr || !store->CheckPage(m.page).ok()) {
+    ++stats_.protocol_errors;
+    LogWarning("dropping a malformed ReadDirect from node " + std::to_string(from));
+    return;
+  }
+  // Ignored (the requester's Acquire serves it): a page of another region
+  // here (one of them was deleted), a fenced page (its lease lapsed), and
+  // pages a GPU tier or gpu map may hold newer bytes of.
+  const auto id = region_ids_.find(store->base());
+  if (id == region_ids_.end() || id->second != m.region || IsOfADeletedRegion(m.page) ||
+      LeaseLapsed(m.page) || tier_ || gpu_pins_.count(m.page) != 0 || !gpu_hidden_.empty()) {
+    return;
+  }
+  agent_.HandleReadDirect(m, acts);
 }
 
 bool NodeDaemon::ZeroCopyFor(const PageStore& store, bool receive) const {
@@ -1028,7 +1076,9 @@ void NodeDaemon::SendPage(proto::NodeId to, const proto::PageData& header, size_
       if (read) LogWarning("sending a page to node " + std::to_string(to) + ": " + st.ToString());
       return;
     }
-    if (recent_sends_.insert_or_assign(key, transport_->PeerGeneration(to)).second) {
+    // A direct read's bytes (txn 0) answer one ask each: never skipped.
+    if (header.txn != 0 &&
+        recent_sends_.insert_or_assign(key, transport_->PeerGeneration(to)).second) {
       recent_sends_order_.push_back(key);
     }
     while (recent_sends_order_.size() > kRecentSends) {

@@ -117,6 +117,12 @@ struct NodeDaemonOptions {
   // see; a kmod node's 2 MiB regions are uffd's).
   enum class ZeroCopy : uint8_t { kOff, kAuto, kOn };
   ZeroCopy zero_copy = ZeroCopy::kAuto;
+  // Direct reads (PROTOCOL.md, "Direct reads"): a client's read fault on a
+  // page of at most 64 KiB that the node holds nothing of also asks the
+  // node that last sent it a page of that region for its copy, which then
+  // comes at once rather than after the directory's Fetch. Off: faults ask
+  // the directory only. A node serves other nodes' direct reads either way.
+  bool direct_reads = true;
   // PageStoreOptions::map_for_copies of the region stores. A test seam: a
   // test that fails the GPU tier's write-backs with RLIMIT_FSIZE, which
   // limits write(2) alone, turns it off. No flag.
@@ -453,6 +459,12 @@ class NodeDaemon {
   void HandleDirectoryMessage(proto::Message m);
   // Returns how much UCX work there was (0: none).
   size_t HandlePeerMessages();
+  // Direct reads (PROTOCOL.md): whether a fault on `page` also asks a
+  // holder; the ask itself (kAskHolder), to the region's holder_hint_; and
+  // a peer's ask, served by the agent when the page is at rest here.
+  bool AsksHolder(proto::PageAddr page, bool write) const;
+  void AskHolder(const PageStore& store, proto::PageAddr page);
+  void HandleReadDirect(proto::NodeId from, const proto::ReadDirect& m, Actions* acts);
   void OnFaultEvents();
   // One client fault (an event of kind kFault).
   void HandleFault(const FaultEvent& e);
@@ -592,6 +604,9 @@ class NodeDaemon {
   NodeAgent agent_;
   std::map<proto::PageAddr, std::unique_ptr<PageStore>> stores_;  // by region base
   std::map<proto::PageAddr, proto::RegionId> region_ids_;        // which region each store is
+  // Per region (by base): the node that last sent this node a page of it,
+  // which a direct read asks first.
+  std::unordered_map<proto::PageAddr, proto::NodeId> holder_hint_;
   // Deleted regions (base -> id) kept because local processes still map them.
   std::map<proto::PageAddr, proto::RegionId> deleted_mapped_;
   struct Received {

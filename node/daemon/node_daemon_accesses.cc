@@ -382,9 +382,12 @@ void NodeDaemon::ExecuteOne(Action& a) {
         link.Queue(a.message, 0);
       }
       return;
+    case ActionKind::kAskHolder:
+      AskHolder(*store, a.page);
+      return;
     case ActionKind::kSendPage:
     case ActionKind::kSendStash: {
-      if (SentAlready(a.node, a.page, a.txn)) {
+      if (a.txn != 0 && SentAlready(a.node, a.page, a.txn)) {
         ++stats_.duplicate_sends_skipped;
         return;
       }

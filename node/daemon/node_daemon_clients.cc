@@ -71,7 +71,8 @@ void NodeDaemon::HandleFault(const FaultEvent& e) {
   }
   const WaiterId w = ++next_waiter_;
   Actions acts;
-  if (agent_.Fault(e.page, e.write, w, NowMs(), &acts) == FaultResult::kHit) {
+  if (agent_.Fault(e.page, e.write, w, NowMs(), &acts, AsksHolder(e.page, e.write)) ==
+      FaultResult::kHit) {
     Execute(acts);
     Status st = backend_->Resolve(e.token, Resolution::kRetry);
     if (!st.ok() && st.code() != StatusCode::kNotFound) {

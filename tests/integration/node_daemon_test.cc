@@ -87,6 +87,7 @@ class NodeDaemonTest : public ::testing::Test {
       if (rate != fence_rate_of_.end()) o.fence_bytes_per_ms = rate->second;
       if (i == 1) o.before_rejoin = before_rejoin_of_1_;
       o.zero_copy = zero_copy_;
+      o.direct_reads = direct_reads_;
       auto d = NodeDaemon::Create(o);
       ASSERT_TRUE(d.ok()) << d.status().ToString();
       nodes_.push_back(std::make_unique<RunningDaemon>(std::move(*d)));
@@ -105,6 +106,7 @@ class NodeDaemonTest : public ::testing::Test {
   std::function<void()> before_rejoin_of_1_;  // NodeDaemonOptions::before_rejoin of node 1
   // NodeDaemonOptions::zero_copy of every node; set before StartNodes.
   node::NodeDaemonOptions::ZeroCopy zero_copy_ = node::NodeDaemonOptions::ZeroCopy::kAuto;
+  bool direct_reads_ = true;  // NodeDaemonOptions::direct_reads of every node; before StartNodes
   TempDir dir_;
   CoordinatorProcess coord_;
   proto::FramedSocket tool_;
@@ -464,6 +466,62 @@ TEST_F(NodeDaemonTest, ClientProcessesFaultPagesAcrossNodes) {
   }
   EXPECT_GE(faults, 4u) << "the accesses must have come in as userfaultfd faults";
   EXPECT_GE(received, 3u) << "pages must have crossed nodes over UCX";
+}
+
+// Direct reads (PROTOCOL.md): node 1's read faults also ask node 0, which
+// sent it pages of the region before, for its copy (when its daemon asks). Node 0 writes every
+// page, node 1 reads them all, three times over: each round node 0 takes
+// its pages back (upgrades: it stopped writing when it served them), and
+// every value node 1 reads is that round's. The daemons' counters say
+// whether the shortcut was taken.
+void WriteAndReadRounds(const std::string& dir, int pages) {
+  const std::string s0 = dir + "/node0.sock", s1 = dir + "/node1.sock";
+  for (uint64_t round = 1; round <= 3; ++round) {
+    ASSERT_EQ(RunClient(s0, "direct", [&](uint8_t* m, size_t) {
+                for (int p = 0; p < pages; ++p) {
+                  reinterpret_cast<volatile uint64_t*>(m + p * 4096)[p % 512] = round * 1000 + p;
+                }
+                return true;
+              }), 0) << "round " << round;
+    ASSERT_EQ(RunClient(s1, "direct", [&](uint8_t* m, size_t) {
+                for (int p = 0; p < pages; ++p) {
+                  if (reinterpret_cast<volatile uint64_t*>(m + p * 4096)[p % 512] != round * 1000 + p) {
+                    return false;
+                  }
+                }
+                return true;
+              }), 0) << "round " << round;
+  }
+}
+
+TEST_F(NodeDaemonTest, ReadFaultsAskTheLastSenderForItsCopyAndSeeEveryWrite) {
+  constexpr int kPages = 32;
+  proto::RegionReply r = Region("direct", kPages * 4096, 4096);
+  StartNodes(2, r);
+  WriteAndReadRounds(dir_.path(), kPages);
+  proto::NodeCounters c0, c1;
+  nodes_[0]->Sync([&](NodeDaemon& d) { c0 = d.Counters(); });
+  nodes_[1]->Sync([&](NodeDaemon& d) { c1 = d.Counters(); });
+  // The first fault has no one to ask (nothing came from node 0 yet); of
+  // the rest, a reply that lost the race with the directory's is dropped.
+  EXPECT_GE(c1.direct_reads, 1u);
+  EXPECT_LE(c1.direct_reads, c0.direct_reads_served);
+  EXPECT_EQ(c1.direct_reads_served, 0u);  // node 0 never asked
+  EXPECT_GE(c0.downgrades, 1u);           // it stopped writing to serve
+}
+
+TEST_F(NodeDaemonTest, WithDirectReadsOffFaultsAskTheDirectoryOnly) {
+  constexpr int kPages = 8;
+  direct_reads_ = false;
+  proto::RegionReply r = Region("direct", kPages * 4096, 4096);
+  StartNodes(2, r);
+  WriteAndReadRounds(dir_.path(), kPages);
+  proto::NodeCounters c0, c1;
+  nodes_[0]->Sync([&](NodeDaemon& d) { c0 = d.Counters(); });
+  nodes_[1]->Sync([&](NodeDaemon& d) { c1 = d.Counters(); });
+  EXPECT_EQ(c1.direct_reads, 0u);
+  EXPECT_EQ(c0.direct_reads_served, 0u);
+  EXPECT_GE(c1.pages_fetched, 3u * kPages);
 }
 
 // Processes on alternating nodes each read a counter through plain loads and
