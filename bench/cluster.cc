@@ -166,6 +166,10 @@ Status StartCluster(const ClusterOptions& o, Cluster* c) {
     node_flags.push_back("--zero-copy");
     node_flags.push_back(o.zero_copy);
   }
+  if (!o.direct_reads.empty()) {
+    node_flags.push_back("--direct-reads");
+    node_flags.push_back(o.direct_reads);
+  }
   {
     // The coordinator makes its data directory under $TMPDIR: under ours,
     // the watcher removes it too.

@@ -58,6 +58,8 @@ struct ClusterOptions {
   int64_t fault_poll_us = -1;
   // --zero-copy for every daemon; empty: the daemon's default.
   std::string zero_copy;
+  // --direct-reads for every daemon ("on", "off"); empty: the daemon's default.
+  std::string direct_reads;
 };
 
 // Members are destroyed in reverse order: clients, daemons, coordinator,

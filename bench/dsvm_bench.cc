@@ -5,6 +5,7 @@
 //   dsvm-bench directory [--quick] [--coordinator-bin PATH | --coordinator HOST:PORT]
 //                        [--skip-loopback]
 //   dsvm-bench fault-latency [--quick] [--pages N] [--tls UCX_TLS]...
+//                            [--direct-reads on|off|both]
 //   dsvm-bench fault-latency --backend=kmod [--quick] [--pages N]
 //                            [--node-bin PATH] [--coordinator-bin PATH] [--clients-exit]
 //                            [--busy-poll-us N] [--fault-poll-us N]
@@ -41,6 +42,10 @@
 // check (for CI). Skipped, exit 0, when userfaultfd cannot be used.
 // --clients-exit: each client process exits when done rather than at the
 // end (shows what closed client connections cost today's dsvm-node).
+// --direct-reads: the daemons' setting (proto/PROTOCOL.md, "Direct reads");
+// both (default) runs a cluster with each, off first, and prints the remote
+// read's median of one against the other.
+
 // `fault-latency --backend=kmod` (issue #4): the node's local fault paths
 // instead, where dsvm.ko is loaded: a fault the module resolves itself
 // against a native anonymous fault and the uffd backend's local minor
@@ -100,7 +105,7 @@ int Usage() {
                "       dsvm-bench fault-latency [--quick] [--pages N] [--tls UCX_TLS]...\n"
                "                                [--node-bin PATH] [--coordinator-bin PATH]\n"
                "                                [--busy-poll-us N] [--fault-poll-us N]\n"
-               "                                [--clients-exit]\n"
+               "                                [--clients-exit] [--direct-reads on|off|both]\n"
                "       dsvm-bench fault-latency --backend=kmod [--quick] [--pages N]\n"
                "       dsvm-bench scan [--quick] [--size BYTES] [--fault-size BYTES]\n"
                "                       [--page-size 4096|65536|2097152] [--tls UCX_TLS]...\n"
@@ -219,6 +224,11 @@ int RunFaultLatency(int argc, char** argv) {
       ++i;
     } else if (a == "--clients-exit") {
       o.clients_exit = true;
+    } else if (a == "--direct-reads" && next != nullptr &&
+               (std::string(next) == "on" || std::string(next) == "off" ||
+                std::string(next) == "both")) {
+      if (std::string(next) != "both") o.direct_reads = {next};
+      ++i;
     } else if (a == "--backend=kmod" || (a == "--backend" && next != nullptr &&
                                          std::string(next) == "kmod")) {
       kmod = true;

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <numeric>
 #include <string>
@@ -117,6 +118,14 @@ Result<ClientSession> OpenSession(const std::string& socket_path) {
   return s;
 }
 
+// The node's count of read faults answered by direct reads (NodeStats).
+Result<uint64_t> DirectReads(const ClientSession& s, uint64_t request_id) {
+  auto reply = ClientCall(s.sock, proto::NodeStats{}, request_id, nullptr);
+  const auto* stats = reply.ok() ? std::get_if<proto::NodeStatsReply>(&*reply) : nullptr;
+  if (stats == nullptr) return Unexpected<proto::NodeStatsReply>(reply, "NodeStats");
+  return stats->counters.direct_reads;
+}
+
 // Checks every word of page `p`: the first writer's pattern, and in word 0
 // the overwrite when `overwritten`.
 Status CheckPage(const ClientSession& s, size_t p, bool overwritten, const char* who) {
@@ -213,13 +222,15 @@ Status CheckPages(const ClientSession& s, size_t from, size_t to, bool overwritt
 
 // --- The cluster of one run ---------------------------------------------------
 
-Status StartCluster(const FaultLatencyOptions& o, Cluster* c, uint64_t region_bytes) {
+Status StartCluster(const FaultLatencyOptions& o, const std::string& direct_reads, Cluster* c,
+                    uint64_t region_bytes) {
   DSVM_RETURN_IF_ERROR(StartCluster(ClusterOptions{.nodes = kNodes,
                                                    .node_binary = o.node_binary,
                                                    .coordinator_binary = o.coordinator_binary,
                                                    .dir_prefix = "dsvm-fault",
                                                    .busy_poll_us = o.busy_poll_us,
-                                                   .fault_poll_us = o.fault_poll_us},
+                                                   .fault_poll_us = o.fault_poll_us,
+                                                   .direct_reads = direct_reads},
                                     c));
   DSVM_ASSIGN_OR_RETURN(proto::FramedSocket tool,
                         proto::ConnectToCoordinator(c->coordinator->address(),
@@ -235,6 +246,7 @@ Status StartCluster(const FaultLatencyOptions& o, Cluster* c, uint64_t region_by
 struct DsvmSeries {
   Pass first_touch_write;
   Pass remote_read;
+  double direct_reads = 0;  // of remote_read's faults, those a direct read answered
   Pass local_reread;
   Pass local_minor;
   Pass local_valid;
@@ -310,7 +322,9 @@ Status RunDsvmPath(const FaultLatencyOptions& o, Cluster& c, DsvmSeries* out) {
       RunClient(o, c, 1, "reader", [&](const ClientSession& s, SampleSeries* series) {
         Pass unused, remote, reread, minor;
         DSVM_RETURN_IF_ERROR(TimedReads(s, warm_from, total, false, "reader warm-up", &unused));
+        DSVM_ASSIGN_OR_RETURN(const uint64_t direct_before, DirectReads(s, 10));
         DSVM_RETURN_IF_ERROR(TimedReads(s, 0, n, false, "reader", &remote));
+        DSVM_ASSIGN_OR_RETURN(const uint64_t direct_after, DirectReads(s, 11));
         DSVM_RETURN_IF_ERROR(CheckPages(s, 0, n, false, "reader"));
         DSVM_RETURN_IF_ERROR(TimedReads(s, 0, n, false, "reader, second read", &reread));
         // Sharers for the write test.
@@ -327,12 +341,14 @@ Status RunDsvmPath(const FaultLatencyOptions& o, Cluster& c, DsvmSeries* out) {
         PushPass(series, std::move(remote));
         PushPass(series, std::move(reread));
         PushPass(series, std::move(minor));
+        series->push_back({static_cast<double>(direct_after - direct_before)});
         return Status::Ok();
       }));
   ids[1] = static_cast<proto::NodeId>(r.back()[0]);
   out->remote_read = TakePass(r, 0);
   out->local_reread = TakePass(r, 1);
   out->local_minor = TakePass(r, 2);
+  out->direct_reads = r.at(6).at(0);
 
   // A second process on node 2: the pages are valid on its node already.
   DSVM_ASSIGN_OR_RETURN(
@@ -419,22 +435,33 @@ void EmitFaultCount(const std::string& prefix, const Pass& pass) {
   EmitMetric(prefix + ".faults_per_access", pass.faults / pages, "faults");
 }
 
-Status RunOneTransport(const FaultLatencyOptions& o, const std::string& tls) {
-  ::setenv("UCX_TLS", tls.c_str(), 1);
-  ::setenv("UCX_NET_DEVICES", "lo", 1);
+// The metric names' tag of a run: the transport, then its settings.
+std::string TagFor(const FaultLatencyOptions& o, const std::string& tls, bool direct) {
   std::string tag = tls;
   for (char& ch : tag) {
     if (ch == ',') ch = '_';
   }
+  if (direct) tag += ".direct";  // the daemons' read faults also ask the holder
   if (o.busy_poll_us > 0) tag += ".poll";  // the daemons and coordinator busy-poll
   if (o.fault_poll_us >= 0) tag += ".fpoll" + std::to_string(o.fault_poll_us);
+  return tag;
+}
+
+// One cluster with its daemons' --direct-reads `direct_reads`; sets
+// *read_median to the remote read's median.
+Status RunOneTransport(const FaultLatencyOptions& o, const std::string& tls,
+                       const std::string& direct_reads, double* read_median_us) {
+  ::setenv("UCX_TLS", tls.c_str(), 1);
+  ::setenv("UCX_NET_DEVICES", "lo", 1);
+  const std::string tag = TagFor(o, tls, direct_reads == "on");
   std::fprintf(stderr,
-               "dsvm-bench: fault-latency: UCX_TLS=%s UCX_NET_DEVICES=lo, %zu pages per series\n",
-               tls.c_str(), o.pages);
+               "dsvm-bench: fault-latency: UCX_TLS=%s UCX_NET_DEVICES=lo, --direct-reads %s, "
+               "%zu pages per series\n",
+               tls.c_str(), direct_reads.c_str(), o.pages);
 
   Cluster cluster;
   const uint64_t region_bytes = (2 * o.pages + o.warmup_pages) * kFaultPageSize;
-  Status st = StartCluster(o, &cluster, region_bytes);
+  Status st = StartCluster(o, direct_reads, &cluster, region_bytes);
   if (!st.ok()) {
     cluster.Stop().IgnoreError();  // the start's error is the one to report
     return st;
@@ -500,10 +527,14 @@ Status RunOneTransport(const FaultLatencyOptions& o, const std::string& tls) {
   Describe("fault.local_minor." + tag, d.local_minor);
   const double floor_median = Median(floor), floor_p99 = P99(floor);
   const double read_median = Median(d.remote_read.micros), read_p99 = P99(d.remote_read.micros);
+  *read_median_us = read_median;
   const double write_median = Median(d.remote_write_invalidate.micros);
   EmitMetric("fault.pages_per_series." + tag, static_cast<double>(o.pages), "pages");
   EmitMetric("fault.remote_read." + tag + ".median_us", read_median, "us");
   EmitMetric("fault.remote_read." + tag + ".p99_us", read_p99, "us");
+  EmitMetric("fault.remote_read." + tag + ".direct_share",
+             d.direct_reads / static_cast<double>(std::max<size_t>(1, d.remote_read.micros.size())),
+             "ratio");
   EmitMetric("fault.remote_write_invalidate." + tag + ".median_us", write_median, "us");
   EmitMetric("fault.remote_write_invalidate." + tag + ".p99_us",
              P99(d.remote_write_invalidate.micros), "us");
@@ -556,7 +587,17 @@ Status RunFaultLatency(const FaultLatencyOptions& options, bool* skipped) {
   }
   EmitMetric("fault.timer_overhead.median_us", Median(overhead), "us");
 
-  for (const std::string& tls : o.transports) DSVM_RETURN_IF_ERROR(RunOneTransport(o, tls));
+  for (const std::string& tls : o.transports) {
+    std::map<std::string, double> read_median;  // per --direct-reads
+    for (const std::string& direct : o.direct_reads) {
+      if (direct != "on" && direct != "off") return InvalidArgument("--direct-reads " + direct);
+      DSVM_RETURN_IF_ERROR(RunOneTransport(o, tls, direct, &read_median[direct]));
+    }
+    if (read_median.count("on") != 0 && read_median.count("off") != 0) {
+      EmitMetric("fault.remote_read." + TagFor(o, tls, false) + ".direct_vs_directory",
+                 read_median["on"] / read_median["off"], "ratio");
+    }
+  }
   return Status::Ok();
 }
 

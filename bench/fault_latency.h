@@ -11,7 +11,9 @@
 //   first_touch_write  node 1 writes pages never written (a directory round
 //                      trip, no data moved), timed first store;
 //   remote_read        node 2 reads pages node 1 holds Modified: the
-//                      fault fetches the page from node 1's daemon;
+//                      fault fetches the page from node 1's daemon
+//                      (through the directory, and with direct reads on
+//                      also straight from node 1);
 //   local_reread       node 2's reader reads them again (valid, mapped);
 //   local_minor        ... again after dropping its page-table entries
 //                      (MADV_DONTNEED): one local minor fault each, served
@@ -55,6 +57,12 @@ struct FaultLatencyOptions {
   // idle). Metric names then carry ".poll" after the transport.
   uint32_t busy_poll_us = 0;
   int64_t fault_poll_us = -1;  // --fault-poll-us of the daemons; negative: their default
+  // One fresh cluster per entry (per transport), its daemons started with
+  // --direct-reads set to it (proto/PROTOCOL.md, "Direct reads"). Metric
+  // names carry ".direct" after the transport for "on"; "off" keeps the
+  // names the directory's path always had. With both, the remote read's
+  // median on/off is fault.remote_read.<tls>.direct_vs_directory.
+  std::vector<std::string> direct_reads = {"off", "on"};
 };
 
 // Runs everything and emits the metrics (names in docs/PERFORMANCE.md).

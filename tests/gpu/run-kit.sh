@@ -146,8 +146,10 @@ step example 150 example
 # 1 GiB each way: a 256 MiB copy takes about 5 ms on PCIe 5, too short to time.
 step bench_gpu_1g 60 "$b/bench/dsvm-bench" gpu --backend cuda --skip-oversub --size 1G
 # #3 on many cores: fault polling on (the default at 4 or more CPUs) with
-# busy polling of the network, and off (the default below 4).
-step fault_fpoll100 90 "$b/bench/dsvm-bench" fault-latency --tls tcp --fault-poll-us 100 \
+# busy polling of the network, and off (the default below 4). The first
+# runs a cluster without direct reads and one with them (--direct-reads
+# both, the default); the second only with them.
+step fault_fpoll100 150 "$b/bench/dsvm-bench" fault-latency --tls tcp --fault-poll-us 100 \
   --busy-poll-us 50
 step scan_4k 150 "$b/bench/dsvm-bench" scan --tls tcp --size 1073741824 --fault-poll-us 100 \
   --busy-poll-us 50
@@ -157,7 +159,8 @@ step bench_gpu_1thread 60 "$b/bench/dsvm-bench" gpu --backend cuda --skip-oversu
   --copy-threads 1
 step bench_gpu_64k 60 "$b/bench/dsvm-bench" gpu --backend cuda --skip-oversub --page-size 65536 \
   --size 1G
-step fault_fpoll0 90 "$b/bench/dsvm-bench" fault-latency --tls tcp --fault-poll-us 0
+step fault_fpoll0 90 "$b/bench/dsvm-bench" fault-latency --tls tcp --fault-poll-us 0 \
+  --direct-reads on
 step scan_64k 120 "$b/bench/dsvm-bench" scan --tls tcp --size 1073741824 --page-size 65536 \
   --fault-poll-us 100 --busy-poll-us 50
 step bench_gpu_4k 90 "$b/bench/dsvm-bench" gpu --backend cuda --skip-oversub --page-size 4096
