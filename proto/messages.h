@@ -603,6 +603,10 @@ struct EvictReply {
 // txn. Txn 0 (no txn has that number): a direct read's bytes, the sender's
 // copy at `version`, which the requester installs only with a Shared grant
 // of that very version (wire version 8; PROTOCOL.md, "Direct reads").
+// `region` (wire version 8): the id of the sender's region at `page`; a
+// receiver whose region there has another id drops the bytes (the region
+// was deleted and another made at its addresses meanwhile, where txns and
+// versions start again).
 struct PageData {
   static constexpr MessageType kType = MessageType::kPageData;
   PageAddr page = 0;
@@ -610,8 +614,10 @@ struct PageData {
   NodeId sender = kNoNode;
   uint64_t version = 0;
   std::vector<uint8_t> data;
+  RegionId region = 0;
   template <typename A> void Visit(A& a) {
-    a.U64(page); a.U64(txn); a.U32(sender); a.U64(version); a.Blob(data, kMaxPageSize);
+    a.U64(page); a.U64(txn); a.U32(sender); a.U64(version); a.U64(region);
+    a.Blob(data, kMaxPageSize);
   }
 };
 
@@ -622,7 +628,10 @@ struct BatchedPage {
   TxnId txn = 0;
   uint64_t version = 0;
   uint32_t length = 0;
-  template <typename A> void Visit(A& a) { a.U64(page); a.U64(txn); a.U64(version); a.U32(length); }
+  RegionId region = 0;
+  template <typename A> void Visit(A& a) {
+    a.U64(page); a.U64(txn); a.U64(version); a.U32(length); a.U64(region);
+  }
 };
 
 // Owner -> requester (over UCX between node daemons): several pages for one

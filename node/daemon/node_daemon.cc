@@ -957,6 +957,12 @@ size_t NodeDaemon::HandlePeerMessages() {
       LogWarning("dropping a malformed message from node " + std::to_string(m.from));
       continue;
     }
+    if (auto id = region_ids_.find(store->base()); id == region_ids_.end() || id->second != d->region) {
+      // Sent for a region deleted since (another was made at its
+      // addresses, where txns and versions start again): not this page's.
+      ++stats_.pages_of_another_region;
+      continue;
+    }
     if (!store->ReceivedIntact(m.page.data.get())) {
       // Received in place, and the page was written or punched before the
       // bytes were all in: they may be incomplete. The agent asks again.
@@ -990,7 +996,10 @@ void NodeDaemon::AskHolder(const PageStore& store, proto::PageAddr page) {
   auto hint = holder_hint_.find(store.base());
   if (hint == holder_hint_.end() || hint->second == id_) return;  // the directory alone, then
   if (!transport_->HasPeer(hint->second)) {
-    LookupPeers();  // for the next fault: this one is on its way through the directory
+    // Not connected (yet, or any more: a node gone). The directory serves
+    // this fault; the guess comes back with the region's next page.
+    holder_hint_.erase(hint);
+    LookupPeers();
     return;
   }
   // A lost ask costs nothing but the shortcut: the Acquire is on its way.
@@ -999,15 +1008,17 @@ void NodeDaemon::AskHolder(const PageStore& store, proto::PageAddr page) {
 }
 
 void NodeDaemon::HandleReadDirect(proto::NodeId from, const proto::ReadDirect& m, Actions* acts) {
-  PageStore* store = StoreOf(m.page);
-  if (m.node != from || store == nullptr || !store->CheckPage(m.page).ok()) {
+  if (m.node != from) {
     ++stats_.protocol_errors;
-    LogWarning("dropping a malformed ReadDirect from node " + std::to_string(from));
+    LogWarning("dropping a ReadDirect from node " + std::to_string(from) + " that names node " +
+               std::to_string(m.node));
     return;
   }
-  // Ignored (the requester's Acquire serves it): a page of another region
-  // here (one of them was deleted), a fenced page (its lease lapsed), and
-  // pages a GPU tier or gpu map may hold newer bytes of.
+  // Ignored (the requester's Acquire serves it): a page of no region here
+  // or of another (one of them was deleted), a fenced page (its lease
+  // lapsed), and pages a GPU tier or gpu map may hold newer bytes of.
+  PageStore* store = StoreOf(m.page);
+  if (store == nullptr || !store->CheckPage(m.page).ok()) return;
   const auto id = region_ids_.find(store->base());
   if (id == region_ids_.end() || id->second != m.region || IsOfADeletedRegion(m.page) ||
       LeaseLapsed(m.page) || tier_ || gpu_pins_.count(m.page) != 0 || !gpu_hidden_.empty()) {
@@ -1028,7 +1039,8 @@ bool NodeDaemon::ZeroCopyFor(const PageStore& store, bool receive) const {
 std::shared_ptr<uint8_t> NodeDaemon::PlaceReceived(const proto::PageData& header, size_t length) {
   PageStore* store = StoreOf(header.page);
   if (store == nullptr || length != store->page_size() || !store->CheckPage(header.page).ok() ||
-      !ZeroCopyFor(*store, /*receive=*/true) || !agent_.MayReceiveInPlace(header)) {
+      !ZeroCopyFor(*store, /*receive=*/true) || region_ids_.at(store->base()) != header.region ||
+      !agent_.MayReceiveInPlace(header)) {
     return nullptr;
   }
   Result<std::shared_ptr<uint8_t>> view = store->ReceiveInPlace(header.page);
@@ -1101,7 +1113,7 @@ void NodeDaemon::SendPage(proto::NodeId to, const proto::PageData& header, size_
     return;
   }
   proto::PageData d{header.page, header.txn, header.sender, header.version,
-                    std::vector<uint8_t>(length)};
+                    std::vector<uint8_t>(length), header.region};
   if (Status st = fill(d.data); !st.ok()) return;  // fill said why
   waiting.push_back(std::move(d));
   ++pending_peer_count_;

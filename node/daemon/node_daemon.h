@@ -169,6 +169,9 @@ struct NodeDaemonStats {
   // Pages received in place whose page was written or punched before they
   // were all in: dropped, and asked for again.
   uint64_t receives_torn = 0;
+  // Pages sent for a region deleted since, whose addresses another holds
+  // here now (PageData.region): dropped.
+  uint64_t pages_of_another_region = 0;
   uint64_t bytes_sent = 0;
   // Accesses (client faults and Access calls, not prefetches) that had to
   // wait for the directory.

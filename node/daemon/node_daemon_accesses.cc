@@ -407,7 +407,9 @@ void NodeDaemon::ExecuteOne(Action& a) {
         if (view.ok()) lent = std::move(view).value();
       }
       SendPage(
-          a.node, proto::PageData{a.page, a.txn, id_, a.version, {}}, store->page_size(),
+          a.node,
+          proto::PageData{a.page, a.txn, id_, a.version, {}, region_ids_.at(store->base())},
+          store->page_size(),
           [&](std::span<uint8_t> out) {
             const bool current = a.kind == ActionKind::kSendPage;
             Status st = current ? store->ReadPage(a.page, out) : store->ReadStash(a.page, a.txn, out);

@@ -277,7 +277,7 @@ Status UcxTransport::SendPage(proto::NodeId peer, const proto::PageData& header,
   if (length > proto::kMaxPageSize) {
     return InvalidArgument("a page of " + std::to_string(length) + " bytes is over the bound");
   }
-  proto::PageData frame{header.page, header.txn, header.sender, header.version, {}};
+  proto::PageData frame{header.page, header.txn, header.sender, header.version, {}, header.region};
   if (auto hs = handshakes_.find(it->second); hs != handshakes_.end()) {
     frame.data.resize(length);
     DSVM_RETURN_IF_ERROR(fill(frame.data));
@@ -310,7 +310,8 @@ Status UcxTransport::SendPage(proto::NodeId peer, const proto::PageData& header,
   b.size += length;
   b.frame.sender = options_.self;
   b.frame.pages.push_back(
-      proto::BatchedPage{header.page, header.txn, header.version, static_cast<uint32_t>(length)});
+      proto::BatchedPage{header.page, header.txn, header.version, static_cast<uint32_t>(length),
+                         header.region});
   return Status::Ok();
 }
 
@@ -321,7 +322,7 @@ Status UcxTransport::SendPageFrom(proto::NodeId peer, const proto::PageData& hea
       it != peers_.end() && handshakes_.count(it->second) == 0) {
     DSVM_RETURN_IF_ERROR(SendFrame(it->second,
                                    proto::PageData{header.page, header.txn, header.sender,
-                                                   header.version, {}},
+                                                   header.version, {}, header.region},
                                    Payload{std::move(bytes), length}));
     ++stats_.sent_from_lent;
     return Status::Ok();
@@ -357,7 +358,8 @@ void UcxTransport::SendBatch(proto::NodeId peer, Batch& batch) {
         if (hs->second.held.size() < options_.max_inflight_sends) {
           hs->second.held.push_back(proto::PageData{
               p.page, p.txn, batch.frame.sender, p.version,
-              std::vector<uint8_t>(batch.buffer.get() + at, batch.buffer.get() + at + p.length)});
+              std::vector<uint8_t>(batch.buffer.get() + at, batch.buffer.get() + at + p.length),
+              p.region});
         }
         at += p.length;
       }
@@ -369,7 +371,8 @@ void UcxTransport::SendBatch(proto::NodeId peer, Batch& batch) {
               : pages == 1
                   ? SendFrame(it->second,
                               proto::PageData{batch.frame.pages[0].page, batch.frame.pages[0].txn,
-                                              batch.frame.sender, batch.frame.pages[0].version, {}},
+                                              batch.frame.sender, batch.frame.pages[0].version, {},
+                                              batch.frame.pages[0].region},
                               Payload{batch.buffer, batch.size})
                   : SendFrame(it->second, batch.frame, Payload{batch.buffer, batch.size});
   if (st.ok() && pages > 1) {
@@ -550,7 +553,7 @@ void UcxTransport::DeliverPages(ucp_ep_h from, proto::Message message,
   size_t at = 0;
   for (const proto::BatchedPage& p : batch->pages) {
     // Each page shares the buffer and points at its own bytes in it.
-    Deliver(from, proto::PageData{p.page, p.txn, batch->sender, p.version, {}},
+    Deliver(from, proto::PageData{p.page, p.txn, batch->sender, p.version, {}, p.region},
             ReceivedPage{std::shared_ptr<const uint8_t>(buffer, buffer.get() + at), p.length});
     at += p.length;
   }

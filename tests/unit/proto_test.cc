@@ -262,7 +262,8 @@ std::vector<Message> SampleMessages() {
                  .request_seq = 555,
                  .status = static_cast<uint16_t>(StatusCode::kFailedPrecondition),
                  .txn = 106},
-      PageData{.page = kPage, .txn = 105, .sender = 8, .version = 19, .data = page_bytes},
+      PageData{.page = kPage, .txn = 105, .sender = 8, .version = 19, .data = page_bytes,
+               .region = 0x800000000000000Dull},
       PeerHello{.node = 9, .nonce = std::vector<uint8_t>(kNonceBytes, 0xC3)},
       PeerChallenge{.nonce = std::vector<uint8_t>(kNonceBytes, 0xC4),
                     .proof = std::vector<uint8_t>(kNonceBytes, 0xC5)},
@@ -319,8 +320,9 @@ std::vector<Message> SampleMessages() {
       GpuPrefetch{.address = 0x8000000000900000ull, .length = 0x7F00000000007000ull,
                   .gpu = 0x80000003, .write = 1},
       PageBatch{.sender = 0x80000004,
-                .pages = {BatchedPage{kPage, 0x8000000000000107ull, 0x8000000000000021ull, 4096},
-                          BatchedPage{kPage + 0x10000, 108, 22, 65536}}},
+                .pages = {BatchedPage{kPage, 0x8000000000000107ull, 0x8000000000000021ull, 4096,
+                                      0x800000000000000Eull},
+                          BatchedPage{kPage + 0x10000, 108, 22, 65536, 5}}},
       PageRun{.count = 0x300,
               .page_stride = 0x10000,
               .seq_stride = 1,
@@ -551,7 +553,7 @@ std::vector<BoundCase> BoundCases() {
                      .name = std::string(kMaxNameLength, 'n')},
        8 + 8 + 8 + 4, kMaxNameLength, 1},
       {"PageQueryReply.sharers", many_sharers, 8 + 1 + 4 + 8 + 8 + 1 + 1, kMaxSharersInReply, 4},
-      {"PageData.data", PageData{.page = 1, .data = Bytes(kMaxPageSize, 0x5A)}, 8 + 8 + 4 + 8,
+      {"PageData.data", PageData{.page = 1, .data = Bytes(kMaxPageSize, 0x5A)}, 8 + 8 + 4 + 8 + 8,
        kMaxPageSize, 1},
   };
 }
@@ -805,7 +807,7 @@ TEST(ProtoFieldTest, LengthOverrunningThePayloadIsRefused) {
       {"RegionCreate.name", EncodeSample<RegionCreate>(), 0, 1},
       {"RegionReply.name", EncodeSample<RegionReply>(), 28, 1},
       {"PageQueryReply.sharers", EncodeSample<PageQueryReply>(), 31, 4},
-      {"PageData.data", EncodeSample<PageData>(), 28, 1},
+      {"PageData.data", EncodeSample<PageData>(), 36, 1},
   };
   const std::vector<size_t> sample_lengths = {19, 13, 4, 8, 8, 3, 4096};
   ASSERT_EQ(lengths.size(), sample_lengths.size());
@@ -1039,12 +1041,13 @@ TEST(ProtoFieldTest, HugeClaimedLengthInASmallFrameIsRefused) {
   AppendLe(&payload, 2, 8);  // txn
   AppendLe(&payload, 3, 4);  // sender
   AppendLe(&payload, 4, 8);  // version
+  AppendLe(&payload, 5, 8);  // region
   AppendLe(&payload, 0xFFFFFFFF, 4);
   payload.insert(payload.end(), {1, 2, 3, 4});
   ExpectRefused(FrameOf(MessageType::kPageData, payload), StatusCode::kCorruption, "over bound");
 
   // Within the blob's bound but far beyond the frame.
-  WriteLe(&payload, 28, kMaxPageSize, 4);
+  WriteLe(&payload, 36, kMaxPageSize, 4);
   ExpectRefused(FrameOf(MessageType::kPageData, payload), StatusCode::kCorruption,
                 "overruns the payload");
 

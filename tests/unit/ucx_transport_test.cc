@@ -136,7 +136,8 @@ TEST_P(UcxTransportTest, SmallPagesTravelInBatchesAndArriveIntact) {
   std::map<uint64_t, std::vector<uint8_t>> expect;  // by txn
   for (uint64_t i = 0; i < kPages; ++i) {
     const size_t size = i % 50 == 49 ? proto::kMaxPageSize : i % 7 == 0 ? 65536 : 4096;
-    proto::PageData d{0x200000000000 + (i << 21), i + 1, 2, i * 3, std::vector<uint8_t>(size)};
+    proto::PageData d{0x200000000000 + (i << 21), i + 1, 2, i * 3, std::vector<uint8_t>(size),
+                      /*region=*/100 + i};
     for (size_t k = 0; k < size; ++k) d.data[k] = static_cast<uint8_t>(k * 7 + i * 13);
     expect[d.txn] = d.data;
     ASSERT_TRUE(b->Send(1, std::move(d)).ok()) << i;
@@ -151,6 +152,7 @@ TEST_P(UcxTransportTest, SmallPagesTravelInBatchesAndArriveIntact) {
     ASSERT_EQ(expect.count(d.txn), 1u) << "txn " << d.txn << " twice or unknown";
     EXPECT_EQ(d.page, 0x200000000000 + ((d.txn - 1) << 21));
     EXPECT_EQ(d.version, (d.txn - 1) * 3);
+    EXPECT_EQ(d.region, 100 + d.txn - 1) << "alone or batched, a page keeps its region";
     EXPECT_EQ(Copy(m.page), expect[d.txn]) << "page of txn " << d.txn << " damaged";
     expect.erase(d.txn);
   }
