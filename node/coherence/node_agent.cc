@@ -111,6 +111,7 @@ std::vector<WaiterId> NodeAgent::ForgetRange(PageAddr begin, PageAddr end) {
     for (const Waiter& w : ActiveOrIdle(it->second).waiters) waiting.push_back(w.id);
     pending_pages_.erase(it->first);
     awaiting_data_.erase(it->first);  // else Tick would look for a page that is gone
+    unclaimed_data_.erase(it->first);
     it = pages_.erase(it);
   }
   return waiting;
@@ -223,7 +224,7 @@ void NodeAgent::HandleGrant(const proto::Grant& m, uint64_t now_ms, Actions* out
       t.has_grant = false;
       t.refused_txn = std::max(t.refused_txn, m.txn);
       DropDataUpTo(m.page, lp, answers ? ~TxnId{0} : m.txn, out);
-      if (answers) DropDirect(m.page, lp, out);
+      DropDirect(m.page, lp, out);  // kept for the read, or the grant, just ended
     }
     if (answers) {
       ClearPending(m.page, lp);
@@ -480,6 +481,8 @@ void NodeAgent::HandlePageData(const proto::PageData& m, DataHandle handle, uint
   t.has_data = true;
   t.data_txn = m.txn;
   t.data = handle;
+  t.data_ms = now_ms;
+  if (!t.has_grant && t.pending == AccessKind::kInvalid) unclaimed_data_.insert(m.page);
   if (t.has_grant && t.grant.txn == m.txn) TryInstall(m.page, lp, now_ms, out);
   Settle(lp);
 }
@@ -590,6 +593,26 @@ void NodeAgent::Tick(uint64_t now_ms, Actions* out) {
       m.request_seq = t.grant.request_seq;
       m.last_txn = lp.last_txn;
       ToDirectory(*it, m, out);
+    }
+    ++it;
+  }
+  DropUnclaimedData(now_ms, out);
+}
+
+void NodeAgent::DropUnclaimedData(uint64_t now_ms, Actions* out) {
+  const uint64_t wait = options_.retransmit_after_ms << kMaxBackoffShift;
+  for (auto it = unclaimed_data_.begin(); it != unclaimed_data_.end();) {
+    auto page = pages_.find(*it);
+    const PageTxn* t = page != pages_.end() ? page->second.active.get() : nullptr;
+    if (t == nullptr || !t->has_data || t->has_grant || t->pending != AccessKind::kInvalid) {
+      it = unclaimed_data_.erase(it);  // claimed, dropped, or a request now waits for it
+      continue;
+    }
+    if (t->data_ms + wait <= now_ms) {
+      DropDataUpTo(*it, page->second, ~TxnId{0}, out);
+      Settle(page->second);
+      it = unclaimed_data_.erase(it);
+      continue;
     }
     ++it;
   }

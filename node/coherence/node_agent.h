@@ -185,6 +185,7 @@ class NodeAgent {
     proto::Grant grant;
     TxnId data_txn = 0;
     DataHandle data = 0;
+    uint64_t data_ms = 0;             // when the data came
     bool has_direct = false;          // a direct read's bytes, for a grant of their version
     uint64_t direct_version = 0;
     DataHandle direct = 0;
@@ -232,6 +233,8 @@ class NodeAgent {
   void DropDataUpTo(PageAddr page, LocalPage& lp, TxnId txn, Actions* out);
   // Frees a direct read's bytes held for the page, if any.
   void DropDirect(PageAddr page, LocalPage& lp, Actions* out);
+  // Tick's part for unclaimed_data_.
+  void DropUnclaimedData(uint64_t now_ms, Actions* out);
   void HandleDirectData(const proto::PageData& m, DataHandle handle, uint64_t now_ms, Actions* out);
   // The kind of a write request from a node holding `held`: an upgrade of
   // a Shared copy, else a write (the directory takes the kind as what the
@@ -250,6 +253,12 @@ class NodeAgent {
   // Pages holding a grant whose data has not come and that no pending
   // request of this node covers (Tick asks about them).
   std::unordered_set<PageAddr> awaiting_data_;
+  // Pages holding data that came with no request pending and no grant
+  // here: a move's target gets its data before its unsolicited grant, or a
+  // restarted node gets what was sent to its former process. Tick drops
+  // data no grant claimed within the longest resend interval (a grant that
+  // comes later asks for its data again: awaiting_data_).
+  std::unordered_set<PageAddr> unclaimed_data_;
   std::unordered_set<PageAddr> pending_pages_;
   NodeStats stats_;
 };

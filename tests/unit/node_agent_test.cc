@@ -293,6 +293,17 @@ TEST_F(NodeAgentTest, GrantFromOwnerWaitsForPageDataGrantFirst) {
   EXPECT_EQ(Grant(MakeGrant(4, 1, PageState::kShared, DataSource::kOwner, 3)), Strings{});
 }
 
+TEST_F(NodeAgentTest, DataNoGrantClaimsIsDroppedAfterTheLongestResendInterval) {
+  // A move's target gets its data before its grant; a restarted node, data
+  // sent to its former process, which no grant will ever claim.
+  EXPECT_EQ(Data(5, 1, 70), Strings{});
+  EXPECT_EQ(TickAt(kStart + 16 * kRetransmitMs - 1), Strings{});
+  EXPECT_EQ(TickAt(kStart + 16 * kRetransmitMs), Strings({"DropData h=70"}));
+  // A grant that comes after all waits for the data the directory resends.
+  EXPECT_EQ(Grant(MakeGrant(5, 0, PageState::kShared, DataSource::kOwner, 1)), Strings{});
+  EXPECT_EQ(Data(5, 1, 71), Strings({"InstallData h=71", "MapRead", "Done txn=5"}));
+}
+
 TEST_F(NodeAgentTest, GrantFromOwnerWaitsForPageDataDataFirst) {
   EXPECT_EQ(Fault(true, 1, FaultResult::kWait), Strings({"Acquire kind=write seq=1 last=0"}));
   EXPECT_EQ(Data(5, 4, 77), Strings{});
@@ -726,6 +737,16 @@ TEST_F(NodeAgentTest, ARefusedReadDropsItsDirectBytes) {
   g.status = static_cast<uint16_t>(StatusCode::kDataLoss);
   EXPECT_EQ(Grant(g), Strings({"DropData h=70", "Wake w=1 DATA_LOSS", "InvalidateAck txn=4"}));
   EXPECT_EQ(agent_.StateOf(kPage), PageState::kInvalid);
+}
+
+TEST_F(NodeAgentTest, ALossEndingAGrantNoReadWaitsForDropsItsDirectBytes) {
+  // A move's target: an unsolicited Shared grant waits for its data, and
+  // direct bytes (of another version here) wait with it.
+  EXPECT_EQ(Grant(MakeGrant(5, 0, PageState::kShared, DataSource::kOwner, 3)), Strings{});
+  EXPECT_EQ(Data(0, 2, 70), Strings{});
+  proto::Grant g = MakeGrant(5, 0, PageState::kInvalid, DataSource::kZero, 3);
+  g.status = static_cast<uint16_t>(StatusCode::kDataLoss);
+  EXPECT_EQ(Grant(g), Strings({"DropData h=70", "InvalidateAck txn=5"}));
 }
 
 // The holder's side.
