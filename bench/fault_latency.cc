@@ -348,7 +348,7 @@ Status RunDsvmPath(const FaultLatencyOptions& o, Cluster& c, DsvmSeries* out) {
   out->remote_read = TakePass(r, 0);
   out->local_reread = TakePass(r, 1);
   out->local_minor = TakePass(r, 2);
-  out->direct_reads = r.at(6).at(0);
+  out->direct_reads = r.at(2 * 3).at(0);  // after the reader's three passes
 
   // A second process on node 2: the pages are valid on its node already.
   DSVM_ASSIGN_OR_RETURN(

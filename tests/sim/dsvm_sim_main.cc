@@ -32,7 +32,7 @@ bool ParseU64(const char* s, uint64_t* out) {
 int Usage() {
   std::fprintf(stderr,
                "usage: dsvm-sim (--seed N | --seeds A-B | --random K) [--steps S] [--verbose] "
-               "[--harsh]\n");
+               "[--harsh] [--expect-direct-reads]\n");
   return 2;
 }
 
@@ -43,6 +43,7 @@ int main(int argc, char** argv) {
   uint64_t steps = 20000;
   bool verbose = false;
   bool harsh = false;
+  bool expect_direct = false;  // fail when no direct read was installed in all the runs
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     const char* next = i + 1 < argc ? argv[i + 1] : nullptr;
@@ -74,6 +75,8 @@ int main(int argc, char** argv) {
       verbose = true;
     } else if (a == "--harsh") {
       harsh = true;
+    } else if (a == "--expect-direct-reads") {
+      expect_direct = true;
     } else {
       return Usage();
     }
@@ -126,5 +129,9 @@ int main(int argc, char** argv) {
               (unsigned long long)direct_asks, (unsigned long long)direct_served,
               (unsigned long long)direct_installs);
   std::printf("%llu passed, %llu failed\n", (unsigned long long)passed, (unsigned long long)failed);
+  if (expect_direct && direct_installs == 0) {
+    std::printf("FAIL: no grant was installed from a direct read's bytes\n");
+    return 1;
+  }
   return failed == 0 ? 0 : 1;
 }
