@@ -494,14 +494,22 @@ void WriteAndReadRounds(const std::string& dir, int pages) {
   }
 }
 
-TEST_F(NodeDaemonTest, ReadFaultsAskTheLastSenderForItsCopyAndSeeEveryWrite) {
-  constexpr int kPages = 32;
-  proto::RegionReply r = Region("direct", kPages * 4096, 4096);
-  StartNodes(2, r);
-  WriteAndReadRounds(dir_.path(), kPages);
+// Two nodes, a region of `pages` 4 KiB pages, WriteAndReadRounds; then
+// each node's counters.
+class DirectReadTest : public NodeDaemonTest {
+ protected:
+  void Rounds(int pages) {
+    proto::RegionReply r = Region("direct", pages * 4096, 4096);
+    StartNodes(2, r);
+    WriteAndReadRounds(dir_.path(), pages);
+    nodes_[0]->Sync([&](NodeDaemon& d) { c0 = d.Counters(); });
+    nodes_[1]->Sync([&](NodeDaemon& d) { c1 = d.Counters(); });
+  }
   proto::NodeCounters c0, c1;
-  nodes_[0]->Sync([&](NodeDaemon& d) { c0 = d.Counters(); });
-  nodes_[1]->Sync([&](NodeDaemon& d) { c1 = d.Counters(); });
+};
+
+TEST_F(DirectReadTest, ReadFaultsAskTheLastSenderForItsCopyAndSeeEveryWrite) {
+  Rounds(32);
   // The first fault has no one to ask (nothing came from node 0 yet); of
   // the rest, a reply that lost the race with the directory's is dropped.
   EXPECT_GE(c1.direct_reads, 1u);
@@ -510,18 +518,12 @@ TEST_F(NodeDaemonTest, ReadFaultsAskTheLastSenderForItsCopyAndSeeEveryWrite) {
   EXPECT_GE(c0.downgrades, 1u);           // it stopped writing to serve
 }
 
-TEST_F(NodeDaemonTest, WithDirectReadsOffFaultsAskTheDirectoryOnly) {
-  constexpr int kPages = 8;
+TEST_F(DirectReadTest, WithDirectReadsOffFaultsAskTheDirectoryOnly) {
   direct_reads_ = false;
-  proto::RegionReply r = Region("direct", kPages * 4096, 4096);
-  StartNodes(2, r);
-  WriteAndReadRounds(dir_.path(), kPages);
-  proto::NodeCounters c0, c1;
-  nodes_[0]->Sync([&](NodeDaemon& d) { c0 = d.Counters(); });
-  nodes_[1]->Sync([&](NodeDaemon& d) { c1 = d.Counters(); });
+  Rounds(8);
   EXPECT_EQ(c1.direct_reads, 0u);
   EXPECT_EQ(c0.direct_reads_served, 0u);
-  EXPECT_GE(c1.pages_fetched, 3u * kPages);
+  EXPECT_GE(c1.pages_fetched, 3u * 8);
 }
 
 // Processes on alternating nodes each read a counter through plain loads and
