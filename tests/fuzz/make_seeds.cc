@@ -202,12 +202,12 @@ int Main(int argc, char** argv) {
       DefaultOfEveryType(std::make_index_sequence<std::variant_size_v<Message>>());
   // A default RegionDeleted or RegionCreated names region 0, a default
   // GpuMap, GpuUnmap, GpuPrefetch or GpuMapReply an empty range, a default
-  // PageBatch no page, a default Acquire no region, a default PageRun no
-  // messages, which Decode refuses
+  // PageBatch no page, a default Acquire or ReadDirect no region, a default
+  // PageRun no messages, which Decode refuses
   // (their Validate()); their populated seeds stand for the types.
   std::erase_if(messages, [](const Message& m) {
     return std::holds_alternative<RegionDeleted>(m) || std::holds_alternative<RegionCreated>(m) ||
-           std::holds_alternative<Acquire>(m) ||
+           std::holds_alternative<Acquire>(m) || std::holds_alternative<ReadDirect>(m) ||
            std::holds_alternative<GpuMap>(m) || std::holds_alternative<GpuUnmap>(m) ||
            std::holds_alternative<GpuPrefetch>(m) ||
            std::holds_alternative<GpuMapReply>(m) || std::holds_alternative<PageBatch>(m) ||
