@@ -22,6 +22,13 @@ Action Make(ActionKind kind, PageAddr page) {
   return a;
 }
 
+// Frees received bytes unused.
+void DropData(PageAddr page, DataHandle handle, Actions* out) {
+  Action a = Make(ActionKind::kDropData, page);
+  a.handle = handle;
+  out->push_back(std::move(a));
+}
+
 }  // namespace
 
 const NodeAgent::PageTxn NodeAgent::kIdleTxn{};
@@ -465,19 +472,14 @@ void NodeAgent::HandlePageData(const proto::PageData& m, DataHandle handle, uint
                                Actions* out) {
   if (m.txn == 0) return HandleDirectData(m, handle, now_ms, out);
   LocalPage& lp = Get(m.page);
-  auto drop = [&](DataHandle h) {
-    Action a = Make(ActionKind::kDropData, m.page);
-    a.handle = h;
-    out->push_back(std::move(a));
-  };
   const PageTxn& held = ActiveOrIdle(lp);
   if (m.txn <= lp.last_txn || m.txn <= held.refused_txn ||
       (held.has_data && held.data_txn >= m.txn)) {
-    drop(handle);  // stale, refused, or a duplicate
+    DropData(m.page, handle, out);  // stale, refused, or a duplicate
     return;
   }
   PageTxn& t = Active(lp);
-  if (t.has_data) drop(t.data);
+  if (t.has_data) DropData(m.page, t.data, out);
   t.has_data = true;
   t.data_txn = m.txn;
   t.data = handle;
@@ -501,9 +503,7 @@ void NodeAgent::HandleDirectData(const proto::PageData& m, DataHandle handle, ui
                        (t->has_grant && t->grant.state == PageState::kShared)) &&
                       (!t->has_direct || t->direct_version < m.version);
   if (!wanted) {
-    Action a = Make(ActionKind::kDropData, m.page);
-    a.handle = handle;
-    out->push_back(std::move(a));
+    DropData(m.page, handle, out);
     ++stats_.direct_unused;
     return;
   }
@@ -644,17 +644,13 @@ void NodeAgent::DropStashBefore(PageAddr page, LocalPage& lp, TxnId txn, Actions
 
 void NodeAgent::DropDataUpTo(PageAddr page, LocalPage& lp, TxnId txn, Actions* out) {
   if (!lp.active || !lp.active->has_data || lp.active->data_txn > txn) return;
-  Action a = Make(ActionKind::kDropData, page);
-  a.handle = lp.active->data;
-  out->push_back(std::move(a));
+  DropData(page, lp.active->data, out);
   lp.active->has_data = false;
 }
 
 void NodeAgent::DropDirect(PageAddr page, LocalPage& lp, Actions* out) {
   if (!lp.active || !lp.active->has_direct) return;
-  Action a = Make(ActionKind::kDropData, page);
-  a.handle = lp.active->direct;
-  out->push_back(std::move(a));
+  DropData(page, lp.active->direct, out);
   lp.active->has_direct = false;
   ++stats_.direct_unused;
 }
