@@ -987,9 +987,9 @@ bool NodeDaemon::AsksHolder(proto::PageAddr page, bool write) const {
   // holder with one does not serve (HandleReadDirect). Not for large pages,
   // whose transfer outweighs the directory's hop, and which would cross
   // twice (the direct copy, then the Fetch's).
+  if (!options_.direct_reads || write || tier_) return false;  // before the lookup: every fault asks
   const PageStore* store = StoreOf(page);
-  return options_.direct_reads && !write && !tier_ && store != nullptr &&
-         store->page_size() <= transport_->batch_page_bytes();
+  return store != nullptr && store->page_size() <= transport_->batch_page_bytes();
 }
 
 void NodeDaemon::AskHolder(const PageStore& store, proto::PageAddr page) {
@@ -1016,12 +1016,13 @@ void NodeDaemon::HandleReadDirect(proto::NodeId from, const proto::ReadDirect& m
   }
   // Ignored (the requester's Acquire serves it): a page of no region here
   // or of another (one of them was deleted), a fenced page (its lease
-  // lapsed), and pages a GPU tier or gpu map may hold newer bytes of.
+  // lapsed), and every page of a node with a GPU tier (gpu maps and dirty
+  // GPU copies are per page, and need one).
   PageStore* store = StoreOf(m.page);
   if (store == nullptr || !store->CheckPage(m.page).ok()) return;
   const auto id = region_ids_.find(store->base());
   if (id == region_ids_.end() || id->second != m.region || IsOfADeletedRegion(m.page) ||
-      LeaseLapsed(m.page) || tier_ || gpu_pins_.count(m.page) != 0 || !gpu_hidden_.empty()) {
+      LeaseLapsed(m.page) || tier_) {
     return;
   }
   agent_.HandleReadDirect(m, acts);
@@ -1067,6 +1068,7 @@ void NodeDaemon::ForgetSends(proto::PageAddr first, proto::PageAddr end) {
 }
 
 bool NodeDaemon::SentAlready(proto::NodeId to, proto::PageAddr page, proto::TxnId txn) const {
+  if (txn == 0) return false;  // a direct read's bytes: each answers one ask, never a resend
   auto it = recent_sends_.find(SentPage{to, page, txn});
   return it != recent_sends_.end() && it->second == transport_->PeerGeneration(to);
 }

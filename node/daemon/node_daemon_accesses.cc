@@ -387,7 +387,7 @@ void NodeDaemon::ExecuteOne(Action& a) {
       return;
     case ActionKind::kSendPage:
     case ActionKind::kSendStash: {
-      if (a.txn != 0 && SentAlready(a.node, a.page, a.txn)) {
+      if (SentAlready(a.node, a.page, a.txn)) {
         ++stats_.duplicate_sends_skipped;
         return;
       }
