@@ -80,13 +80,27 @@ class CudaDeviceBackend final : public DeviceBackend {
   Status DoFreeStaging(uint8_t* data, uint64_t bytes) override {
     // The contract says queued copies finish first; cudaFreeHost alone does
     // not promise that for copies on non-blocking streams.
-    for (auto& [id, s] : streams_) {
-      DSVM_RETURN_IF_ERROR(SetDevice(s.device));
-      const cudaError_t err = cudaStreamSynchronize(s.stream);
-      if (err != cudaSuccess) return CudaError("cudaStreamSynchronize", err);
-    }
+    DSVM_RETURN_IF_ERROR(SynchronizeStreams());
     const cudaError_t err = cudaFreeHost(data);
     if (err != cudaSuccess) return CudaError("cudaFreeHost", err);
+    return Status::Ok();
+  }
+
+  Status DoRegisterHost(void* data, uint64_t bytes) override {
+    // Portable: pinned for every device, as the staging buffers are.
+    const cudaError_t err = cudaHostRegister(data, bytes, cudaHostRegisterPortable);
+    if (err == cudaSuccess) return Status::Ok();
+    (void)cudaGetLastError();  // none of these is sticky
+    if (err == cudaErrorMemoryAllocation) {
+      return OutOfMemory("cannot pin " + std::to_string(bytes) + " bytes of host memory", err);
+    }
+    return FailedPrecondition(CudaText("cudaHostRegister", err));
+  }
+
+  Status DoUnregisterHost(void* data, uint64_t) override {
+    DSVM_RETURN_IF_ERROR(SynchronizeStreams());  // as DoFreeStaging
+    const cudaError_t err = cudaHostUnregister(data);
+    if (err != cudaSuccess) return CudaError("cudaHostUnregister", err);
     return Status::Ok();
   }
 
@@ -195,6 +209,16 @@ class CudaDeviceBackend final : public DeviceBackend {
   static Status SetDevice(uint32_t device) {
     const cudaError_t err = cudaSetDevice(static_cast<int>(device));
     if (err != cudaSuccess) return CudaError("cudaSetDevice", err);
+    return Status::Ok();
+  }
+
+  // Waits for the copies queued on every stream.
+  Status SynchronizeStreams() {
+    for (auto& [id, s] : streams_) {
+      DSVM_RETURN_IF_ERROR(SetDevice(s.device));
+      const cudaError_t err = cudaStreamSynchronize(s.stream);
+      if (err != cudaSuccess) return CudaError("cudaStreamSynchronize", err);
+    }
     return Status::Ok();
   }
 

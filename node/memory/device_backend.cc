@@ -22,7 +22,7 @@ DeviceBackend::DeviceBackend(uint32_t device_count)
 
 DeviceBackend::~DeviceBackend() {
   // An implementation that forgot ReleaseAll() would leak device memory.
-  DSVM_CHECK_MSG(arenas_.empty() && staging_.empty() && streams_.empty(),
+  DSVM_CHECK_MSG(arenas_.empty() && staging_.empty() && streams_.empty() && registered_.empty(),
                  "a DeviceBackend implementation's destructor must call ReleaseAll()");
 }
 
@@ -35,6 +35,9 @@ void DeviceBackend::ReleaseAll() {
   while (!arenas_.empty()) FreeArena(arenas_.begin()->first).IgnoreError();
   while (!staging_.empty()) {
     FreeStaging(reinterpret_cast<const void*>(staging_.begin()->first)).IgnoreError();
+  }
+  while (!registered_.empty()) {
+    UnregisterHost(reinterpret_cast<const void*>(registered_.begin()->first)).IgnoreError();
   }
 }
 
@@ -101,17 +104,62 @@ Status DeviceBackend::CheckHostRange(const void* p, uint64_t bytes) const {
     return InvalidArgument("host range of " + std::to_string(bytes) + " bytes at " + Hex(a) +
                            " wraps around");
   }
-  auto it = staging_.upper_bound(a);
-  if (it != staging_.begin()) {
+  // A copy that starts in pinned memory must end there: the driver treats
+  // the whole copy as one or the other.
+  auto runs_past = [&](const std::map<uintptr_t, uint64_t>& ranges, const char* what) {
+    auto it = ranges.upper_bound(a);
+    if (it == ranges.begin()) return Status::Ok();
     --it;
     const uint64_t offset = a - it->first;
     if (offset < it->second && bytes > it->second - offset) {
-      return InvalidArgument("host range " + Range(a, bytes) +
-                             " runs past the end of staging buffer " +
-                             Range(it->first, it->second));
+      return InvalidArgument("host range " + Range(a, bytes) + " runs past the end of " + what +
+                             " " + Range(it->first, it->second));
     }
+    return Status::Ok();
+  };
+  DSVM_RETURN_IF_ERROR(runs_past(staging_, "staging buffer"));
+  return runs_past(registered_, "registered range");
+}
+
+namespace {
+
+// True when [a, a + bytes) overlaps a range of `ranges` (base -> bytes).
+bool Overlaps(const std::map<uintptr_t, uint64_t>& ranges, uintptr_t a, uint64_t bytes) {
+  auto it = ranges.lower_bound(a + bytes);  // the first range starting at or past the end
+  if (it == ranges.begin()) return false;
+  --it;
+  return it->first + it->second > a;
+}
+
+}  // namespace
+
+Status DeviceBackend::RegisterHost(void* data, uint64_t bytes) {
+  const auto a = reinterpret_cast<uintptr_t>(data);
+  if (data == nullptr) return InvalidArgument("registration of a null host pointer");
+  if (bytes == 0 || a % 4096 != 0 || bytes % 4096 != 0 || bytes > UINTPTR_MAX - a) {
+    return InvalidArgument("host range of " + std::to_string(bytes) + " bytes at " + Hex(a) +
+                           " is not whole 4 KiB pages");
   }
+  if (Overlaps(staging_, a, bytes) || Overlaps(registered_, a, bytes)) {
+    return InvalidArgument("host range " + Range(a, bytes) +
+                           " overlaps a staging buffer or a registered range");
+  }
+  DSVM_RETURN_IF_ERROR(DoRegisterHost(data, bytes));
+  registered_.emplace(a, bytes);
+  registered_bytes_ += bytes;
   return Status::Ok();
+}
+
+Status DeviceBackend::UnregisterHost(const void* data) {
+  auto it = registered_.find(reinterpret_cast<uintptr_t>(data));
+  if (it == registered_.end()) {
+    return InvalidArgument("no registered host range starts at " +
+                           Hex(reinterpret_cast<uintptr_t>(data)));
+  }
+  const uint64_t bytes = it->second;
+  registered_.erase(it);
+  registered_bytes_ -= bytes;
+  return DoUnregisterHost(const_cast<void*>(data), bytes);
 }
 
 Result<DeviceArena> DeviceBackend::AllocateArena(uint32_t device, uint64_t bytes) {

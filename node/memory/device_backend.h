@@ -13,6 +13,12 @@
 // - staging buffer: pinned (page-locked) host memory. Copies from or to it
 //   overlap with other work. Copies may also name ordinary host memory; on
 //   CUDA the driver then stages them itself and they do not overlap.
+// - registered host memory: memory the caller owns and maps (a region's
+//   memfd, through the daemon's mapping), pinned in place by RegisterHost
+//   so copies from and to it run as DMA, with no staging copy. It must stay
+//   mapped, and its pages in place, until UnregisterHost: a page punched out
+//   of a file while registered stays pinned, and the device would go on
+//   copying that old page.
 // - stream: an in-order queue of copies on one device. Copies on one stream
 //   complete in the order they were queued; copies on different streams may
 //   run concurrently and complete in any order. A caller creates as many
@@ -36,7 +42,11 @@
 //                      a zero length; a device range not inside one arena of
 //                      the stream's device; a null host pointer, or a host
 //                      range that starts in a staging buffer and runs past
-//                      its end; a fence not recorded on its stream.
+//                      its end (or a registered range); a fence not
+//                      recorded on its stream; a registration that is
+//                      unaligned or overlaps a staging buffer or another.
+//   kFailedPrecondition the driver will not pin that host memory
+//                      (RegisterHost): copy through staging instead.
 //   kResourceExhausted the device has no room for the arena, or the host
 //                      cannot pin the staging buffer.
 //   kUnavailable       no device: the cuda backend's Create found no GPU or
@@ -167,6 +177,21 @@ class DeviceBackend {
   // Errors: kInvalidArgument (no staging buffer starts there), kInternal.
   Status FreeStaging(const void* data);
 
+  // Pins [data, data + bytes) of this process's memory for copies (see
+  // "registered host memory" above): cuda cudaHostRegister, emulated
+  // records the range. Every page of it must be mapped and present (pinning
+  // faults in what is not). Errors: kInvalidArgument (null, 0 bytes, data or
+  // bytes not a multiple of 4 KiB, the range overlaps a staging buffer or a
+  // registered range), kFailedPrecondition (the driver refuses to pin this
+  // memory), kResourceExhausted (the host cannot pin more), kInternal.
+  Status RegisterHost(void* data, uint64_t bytes);
+  // Unpins the range RegisterHost(data, ...) pinned, after every queued
+  // copy. Errors: kInvalidArgument (no registered range starts at data),
+  // kInternal.
+  Status UnregisterHost(const void* data);
+  size_t registered_count() const { return registered_.size(); }
+  uint64_t registered_bytes() const { return registered_bytes_; }
+
   // A new stream on `device`. Errors: kInvalidArgument (unknown device),
   // kInternal.
   Result<StreamId> CreateStream(uint32_t device);
@@ -217,6 +242,9 @@ class DeviceBackend {
   virtual Result<ArenaExport> DoExportArena(uint32_t device, DevicePtr base, uint64_t bytes) = 0;
   virtual Result<uint8_t*> DoAllocateStaging(uint64_t bytes) = 0;
   virtual Status DoFreeStaging(uint8_t* data, uint64_t bytes) = 0;
+  virtual Status DoRegisterHost(void* data, uint64_t bytes) = 0;
+  // Waits for every queued copy first.
+  virtual Status DoUnregisterHost(void* data, uint64_t bytes) = 0;
   virtual Status DoCreateStream(StreamId stream, uint32_t device) = 0;
   virtual Status DoDestroyStream(StreamId stream) = 0;
   virtual Status DoCopyToDevice(StreamId stream, std::span<const HostToDevice> batch) = 0;
@@ -226,8 +254,8 @@ class DeviceBackend {
   virtual Result<bool> DoIsDone(StreamId stream, uint64_t seq) = 0;
   virtual Status DoWait(StreamId stream, uint64_t seq) = 0;
 
-  // Destroys every stream and frees every arena and staging buffer still
-  // held. Each implementation's destructor calls it first, while its Do*
+  // Destroys every stream, frees every arena and staging buffer and
+  // unregisters every host range still held. Each implementation's destructor calls it first, while its Do*
   // functions can still run.
   void ReleaseAll();
 
@@ -250,6 +278,8 @@ class DeviceBackend {
   const uint32_t device_count_;
   std::map<DevicePtr, ArenaInfo> arenas_;  // by base
   std::map<uintptr_t, uint64_t> staging_;  // base address -> bytes
+  std::map<uintptr_t, uint64_t> registered_;  // base address -> bytes
+  uint64_t registered_bytes_ = 0;
   std::unordered_map<uint64_t, StreamInfo> streams_;
   std::vector<uint64_t> arena_bytes_;  // per device
   uint64_t next_stream_ = 1;

@@ -200,6 +200,15 @@ class EmulatedDeviceBackend final : public DeviceBackend {
     return Status::Ok();
   }
 
+  // Host memory needs no pinning here; the base class keeps the ranges, so
+  // the rules on them are the same as cuda's.
+  Status DoRegisterHost(void*, uint64_t) override { return Status::Ok(); }
+
+  Status DoUnregisterHost(void*, uint64_t) override {
+    for (auto& [id, s] : streams_) s->Drain();  // as DoFreeStaging
+    return Status::Ok();
+  }
+
   Status DoCreateStream(StreamId stream, uint32_t device) override {
     streams_.emplace(stream.value,
                      std::make_unique<EmulatedStream>(device, options_.emulated_queue_depth,

@@ -10,6 +10,7 @@
 #include "node/memory/device_backend.h"
 
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <gtest/gtest.h>
 
@@ -317,6 +318,62 @@ TEST_P(DeviceBackendTest, RefusesBadArguments) {
   EXPECT_EQ(backend_->FreeArena(arena.base).code(), kInvalid);
   ASSERT_TRUE(backend_->FreeStaging(buf.data).ok());
   EXPECT_EQ(backend_->FreeStaging(buf.data).code(), kInvalid);
+}
+
+// Host memory the caller maps (a memfd, as a region's store is) registered
+// for copies: bytes move both ways in place, and the range's rules hold.
+TEST_P(DeviceBackendTest, RegisteredHostMemoryCopiesBothWaysInPlace) {
+  const auto kInvalid = StatusCode::kInvalidArgument;
+  constexpr size_t kBytes = 4 << 20;
+  const int fd = memfd_create("device-backend-test", MFD_CLOEXEC);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(ftruncate(fd, kBytes), 0);
+  auto* map = static_cast<uint8_t*>(mmap(nullptr, kBytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0));
+  ASSERT_NE(map, MAP_FAILED);
+  const std::vector<uint8_t> data = RandomBytes(kBytes, 9);
+  std::memcpy(map, data.data(), kBytes);  // every page present, as registration needs
+
+  ASSERT_TRUE(backend_->RegisterHost(map, kBytes).ok());
+  EXPECT_EQ(backend_->registered_count(), 1u);
+  EXPECT_EQ(backend_->registered_bytes(), kBytes);
+  DeviceArena arena = Arena(kBytes);
+  StreamId s = Stream();
+  ASSERT_TRUE(backend_->CopyToDevice(s, map + 8192, arena.base, kBytes - 8192).ok());
+  Sync(s);
+  EXPECT_EQ(ReadBack(arena.base, 4096), std::vector<uint8_t>(data.begin() + 8192, data.begin() + 12288));
+  const std::vector<uint8_t> back = RandomBytes(kBytes, 10);
+  ASSERT_TRUE(backend_->CopyToDevice(s, back.data(), arena.base, kBytes).ok());
+  ASSERT_TRUE(backend_->CopyToHost(s, arena.base, map, kBytes).ok());
+  Sync(s);
+  EXPECT_EQ(0, std::memcmp(map, back.data(), kBytes));
+
+  // Whole pages only; no overlap with another registration or a staging buffer.
+  EXPECT_EQ(backend_->RegisterHost(nullptr, 4096).code(), kInvalid);
+  EXPECT_EQ(backend_->RegisterHost(map, 0).code(), kInvalid);
+  EXPECT_EQ(backend_->RegisterHost(map + 1, 4096).code(), kInvalid);
+  EXPECT_EQ(backend_->RegisterHost(map, 4097).code(), kInvalid);
+  EXPECT_EQ(backend_->RegisterHost(map + 4096, 4096).code(), kInvalid);
+  StagingBuffer buf = Staging(8192);
+  EXPECT_EQ(backend_->RegisterHost(buf.data, 4096).code(), kInvalid);
+  // A copy that starts in the range must end in it.
+  EXPECT_EQ(backend_->CopyToDevice(s, map + kBytes - 4096, arena.base, 8192).code(), kInvalid);
+  EXPECT_EQ(backend_->UnregisterHost(map + 4096).code(), kInvalid);
+  ASSERT_TRUE(backend_->UnregisterHost(map).ok());
+  EXPECT_EQ(backend_->UnregisterHost(map).code(), kInvalid);
+  EXPECT_EQ(backend_->registered_count(), 0u);
+  EXPECT_EQ(backend_->registered_bytes(), 0u);
+  // Unregistered, the memory is plain pageable memory again.
+  ASSERT_TRUE(backend_->CopyToDevice(s, map, arena.base, 4096).ok());
+  Sync(s);
+  EXPECT_EQ(ReadBack(arena.base, 4096), std::vector<uint8_t>(back.begin(), back.begin() + 4096));
+  // A range left registered is unregistered with the backend (ReleaseAll).
+  ASSERT_TRUE(backend_->RegisterHost(map + 4096, 8192).ok());
+  EXPECT_TRUE(backend_->DestroyStream(s).ok());
+  EXPECT_TRUE(backend_->FreeStaging(buf.data).ok());
+  EXPECT_TRUE(backend_->FreeArena(arena.base).ok());
+  backend_.reset();
+  EXPECT_EQ(munmap(map, kBytes), 0);
+  close(fd);
 }
 
 TEST_P(DeviceBackendTest, ArenaLargerThanTheDeviceIsResourceExhausted) {
