@@ -254,14 +254,34 @@ void PageStore::ClearMapped(PageAddr first, uint64_t bytes) {
   }
 }
 
+std::pair<PageAddr, uint64_t> PageStore::BlockOf(PageAddr page) const {
+  const uint64_t block_bytes = std::max<uint64_t>(page_size_, kHugePageSize);
+  const PageAddr block = base_ + (page - base_) / block_bytes * block_bytes;
+  return {block, std::min<uint64_t>(block_bytes, base_ + size_ - block)};
+}
+
+std::optional<PageStore::Block> PageStore::MapBlock(PageAddr page) {
+  if (mapped_ == nullptr || IsRetained(page) || !MapForCopies(page, /*allocate=*/false)) {
+    return std::nullopt;
+  }
+  // MapForCopies maps the whole block when all of it is in the memfd, and
+  // the page alone when only the page is. A page being received in place is
+  // in the memfd too, but is punched again, not through PunchBytes, when
+  // its transfer is dropped: no block with a view.
+  const auto [first, bytes] = BlockOf(page);
+  for (uint64_t i = 0; i < bytes / page_size_; ++i) {
+    const PageAddr p = first + i * page_size_;
+    if (!IsMapped(p) || (views_.count() != 0 && HasView(p))) return std::nullopt;
+  }
+  return Block{MapOf(first), first, bytes};
+}
+
 bool PageStore::MapForCopies(PageAddr page, bool allocate) {
   if (IsMapped(page)) return true;
   if (populate_refused_.load(std::memory_order_relaxed)) return false;
   // Whole 2 MiB blocks where they are all in the memfd: one call maps 512
   // pages of 4 KiB instead of one each.
-  const uint64_t block_bytes = std::max<uint64_t>(page_size_, kHugePageSize);
-  const PageAddr block = base_ + (page - base_) / block_bytes * block_bytes;
-  const uint64_t block_len = std::min<uint64_t>(block_bytes, base_ + size_ - block);
+  const auto [block, block_len] = BlockOf(page);
   Result<std::vector<unsigned char>> resident = Residency(block, block_len);
   if (!resident.ok()) return false;
   const std::span<const unsigned char> vec(*resident);
@@ -361,6 +381,7 @@ bool PageStore::Adopt(PageAddr page, const uint8_t* bytes) {
 
 Status PageStore::PunchBytes(PageAddr first, uint64_t bytes) {
   // Cleared first: after a failed punch part of the range may be holes.
+  if (on_punch_) on_punch_(first, bytes);
   ClearMapped(first, bytes);
   views_.Detach(OffsetOf(first), bytes);
   if (fallocate(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
@@ -379,6 +400,7 @@ Status PageStore::Discard(PageAddr page) {
 Status PageStore::DiscardAll() {
   retained_.clear();
   stashes_.clear();
+  if (on_punch_) on_punch_(base_, size_);
   ClearMapped(base_, size_);
   views_.Detach(0, size_);
   if (fallocate(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0,

@@ -33,8 +33,10 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <unordered_map>
@@ -135,6 +137,31 @@ class PageStore {
   bool IsMapped(PageAddr page) const {
     return mapped_ != nullptr && mapped_[IndexOf(page)].load(std::memory_order_relaxed) != 0;
   }
+
+  // Direct copies (the GPU tier registers a block with the device and
+  // copies between the device and the block's mapping here, with no staging
+  // copy: DeviceBackend::RegisterHost). A block is 2 MiB of the region
+  // (aligned to its base; the region's end may cut the last one), or one
+  // page where pages are larger.
+  struct Block {
+    uint8_t* data = nullptr;  // this process's mapping of it
+    PageAddr first = 0;
+    uint64_t bytes = 0;
+  };
+  // The block holding `page`. REQUIRES: CheckPage(page).ok().
+  std::pair<PageAddr, uint64_t> BlockOf(PageAddr page) const;
+  // The block holding `page`, mapped here (as ReadForCopy maps it), when
+  // all of it is in the memfd and no transfer holds a view of it; nullopt
+  // when not (a hole in it, a page received in place), when the page is
+  // retained, for a hugetlb store, or without
+  // PageStoreOptions::map_for_copies. Only the
+  // owner's thread calls it. REQUIRES: CheckPage(page).ok().
+  std::optional<Block> MapBlock(PageAddr page);
+  // `fn(first, bytes)` runs before every punch of [first, first + bytes)
+  // (Discard, Stash, Retain, DiscardAll, a write that detaches a transfer's
+  // view): whoever registered a block there must unregister it before the
+  // page under it goes. One listener; an empty fn removes it.
+  void SetPunchListener(std::function<void(PageAddr, uint64_t)> fn) { on_punch_ = std::move(fn); }
 
   // The daemon's own view of the page in the memfd, which the daemon's
   // Access calls read and write through. Touching a hole makes it present.
@@ -278,6 +305,7 @@ class PageStore {
   // Set when the kernel refused MADV_POPULATE_WRITE as unknown (before
   // 5.14): copies keep to pread and pwrite without asking again.
   std::atomic<bool> populate_refused_{false};
+  std::function<void(PageAddr, uint64_t)> on_punch_;
   // Declared last: closed before fd_ is.
   PageViews views_;
 };
