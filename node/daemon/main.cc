@@ -5,7 +5,7 @@
 //             [--busy-poll-us N] [--fault-poll-us N] [--zero-copy auto|on|off]
 //             [--direct-reads on|off] [--device-backend none|emulated|cuda] [--gpu-budget BYTES]
 //             [--emulated-gpus N] [--host-budget BYTES] [--gpu-copy-threads N]
-//             [--gpu-arena BYTES] [--verbose]
+//             [--gpu-arena BYTES] [--gpu-direct-copies on|off] [--verbose]
 //
 // --coordinator: one coordinator per directory shard, in shard order (shard
 // 0 first: it assigns the node id and holds membership and regions); the
@@ -41,6 +41,9 @@
 // the GPU memory a region's pool takes at a time (default 64M; a multiple
 // of 4K): GPU memory is never shared between regions, so smaller arenas
 // share a budget between more regions, larger ones allocate less often.
+// --gpu-direct-copies (default on): pages whose 2 MiB block is in host
+// memory are pinned there once and copied to and from the GPU without a
+// staging copy (docs/GPU.md, "Direct copies"); off: always staged.
 // --listen is the UCX listener peers reach (port 0 picks one); --socket the
 // UNIX socket libdsvm connects to (default $DSVM_SOCKET, then
 // /run/dsvm/node.sock). Exits 1 with a clear message when it cannot start;
@@ -72,7 +75,7 @@ int Usage(const std::string& why) {
                "       [--direct-reads on|off]\n"
                "       [--device-backend none|emulated|cuda] [--gpu-budget BYTES]\n"
                "       [--emulated-gpus N] [--host-budget BYTES] [--gpu-copy-threads N]\n"
-               "       [--gpu-arena BYTES] [--verbose]\n"
+               "       [--gpu-arena BYTES] [--gpu-direct-copies on|off] [--verbose]\n"
                "       (BYTES: a number with an optional K, M or G suffix, powers of 1024)\n",
                why.c_str());
   return 2;
@@ -159,6 +162,10 @@ int main(int argc, char** argv) {
                       : v == "off" ? dsvm::node::NodeDaemonOptions::ZeroCopy::kOff
                                    : dsvm::node::NodeDaemonOptions::ZeroCopy::kAuto;
       }
+    }
+    else if (a == "--gpu-direct-copies") {
+      ok = value(&v) && (v == "on" || v == "off");
+      if (ok) o.gpu_direct_copies = v == "on";
     }
     else if (a == "--direct-reads") {
       ok = value(&v) && (v == "on" || v == "off");

@@ -307,12 +307,14 @@ Status NodeDaemon::SetupDeviceTier() {
   to.host_budget_bytes = options_.host_budget_bytes;
   to.copy_threads =
       options_.gpu_copy_threads != 0 ? options_.gpu_copy_threads : DefaultCopyThreads();
+  to.direct_copies = options_.gpu_direct_copies;
   to.keep_alive = [this] { BeatIfDue(); };
   DSVM_ASSIGN_OR_RETURN(tier_, DeviceTier::Create(device_.get(), std::move(budgets), to));
   LogInfo("GPU tier: " + std::string(device_->name()) + " backend, " +
           std::to_string(device_->device_count()) + " GPU(s), " +
           std::to_string(options_.gpu_budget_bytes) + " bytes of HBM each, " +
           std::to_string(to.copy_threads) + " copy thread(s)" +
+          (to.direct_copies ? ", direct copies" : ", staged copies only") +
           (options_.host_budget_bytes != 0
                ? ", host budget " + std::to_string(options_.host_budget_bytes) + " bytes"
                : std::string()));

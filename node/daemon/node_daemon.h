@@ -90,6 +90,9 @@ struct NodeDaemonOptions {
   // copy_threads, 1 to 64); 0: DefaultCopyThreads(), a quarter of the CPUs
   // between 1 and 4.
   uint32_t gpu_copy_threads = 0;
+  // DeviceTierOptions::direct_copies: pin host pages and copy them to and
+  // from GPUs without staging where they can.
+  bool gpu_direct_copies = true;
   // GPU memory a region's pool takes at a time (DeviceTierOptions::
   // arena_bytes; a multiple of 4 KiB); 0: 64 MiB. An arena holds one
   // region's pages only, so smaller arenas share a budget between more

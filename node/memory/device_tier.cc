@@ -5,6 +5,7 @@
 #include <deque>
 #include <exception>
 #include <latch>
+#include <optional>
 #include <string>
 #include <thread>
 #include <unordered_set>
@@ -98,6 +99,8 @@ Status DeviceTier::Init() {
 }
 
 DeviceTier::~DeviceTier() {
+  for (const auto& [base, store] : stores_) store->SetPunchListener({});
+  Unregister(0, ~uint64_t{0});
   for (std::vector<Lane>& lanes : lanes_) {
     for (Lane& lane : lanes) {
       // Both wait for queued copies first; errors here have no one to go to.
@@ -147,6 +150,152 @@ Status DeviceTier::AddRegion(PageStore* store) {
   }
   region_pools_[base] = std::move(pools);
   stores_[base] = store;
+  // Runs on whichever thread punches. Copy threads may (a write-back that
+  // detaches a transfer's view), but only pages staged, whose blocks are
+  // not registered: Unregister then only reads registered_, which changes
+  // on the calling thread alone, outside ParallelFor.
+  store->SetPunchListener([this](PageAddr first, uint64_t bytes) { Unregister(first, bytes); });
+  return Status::Ok();
+}
+
+void DeviceTier::Unregister(PageAddr first, uint64_t bytes) {
+  if (registered_.empty()) return;
+  const PageAddr end = bytes > ~PageAddr{0} - first ? ~PageAddr{0} : first + bytes;
+  auto it = registered_.upper_bound(first);
+  if (it != registered_.begin() && std::prev(it)->first + std::prev(it)->second.bytes > first) {
+    --it;
+  }
+  while (it != registered_.end() && it->first < end) {
+    // Waits for the copies queued (none: every call returns with its copies
+    // done). A device error here leaves the tier failed, as a copy's would.
+    Status s = backend_->UnregisterHost(it->second.data);
+    if (!s.ok()) {
+      LogError("GPU tier: " + s.ToString());
+      Fail(std::move(s)).IgnoreError();  // kept in failed_
+    }
+    ++stats_.blocks_unregistered;
+    it = registered_.erase(it);
+  }
+}
+
+bool DeviceTier::Follows(const DirectMove& a, const DirectMove& b) {
+  return a.host + a.move.bytes == b.host && b.host < a.block_end &&
+         a.move.ptr + a.move.bytes == b.move.ptr && b.move.ptr + b.move.bytes <= a.move.arena_end;
+}
+
+std::vector<DeviceTier::DirectMove> DeviceTier::TakeDirect(std::vector<Move>* moves) {
+  std::vector<DirectMove> direct;
+  if (!options_.direct_copies || register_refused_) return direct;
+  // Each move's bytes in a registered block (host null: none).
+  std::vector<DirectMove> place(moves->size());
+  std::unordered_set<PageAddr> holes;  // blocks found not all in the memfd
+  for (size_t i = 0; i < moves->size(); ++i) {
+    const Move& m = (*moves)[i];
+    place[i].move = m;
+    // A retained page's bytes are not in the memfd, and its block has a
+    // hole where it was.
+    if (m.store->IsRetained(m.page)) continue;
+    const auto [first, bytes] = m.store->BlockOf(m.page);
+    auto it = registered_.find(first);
+    if (it == registered_.end() && !register_refused_ && !holes.contains(first)) {
+      std::optional<PageStore::Block> block = m.store->MapBlock(m.page);
+      Status s = block ? backend_->RegisterHost(block->data, block->bytes)
+                       : FailedPrecondition("not all in the memfd");
+      if (s.ok()) {
+        it = registered_.emplace(first, Registered{block->data, block->bytes}).first;
+        ++stats_.blocks_registered;
+      } else if (!block) {
+        holes.insert(first);
+      } else {
+        // kFailedPrecondition: this memory cannot be pinned at all;
+        // kResourceExhausted: not now (staged, and asked again later).
+        if (s.code() == StatusCode::kFailedPrecondition) register_refused_ = true;
+        LogError("GPU tier: pinning a region's pages for direct copies: " + s.ToString() +
+                 (register_refused_ ? "; every copy goes through staging" : ""));
+      }
+    }
+    if (it == registered_.end()) continue;
+    place[i].host = it->second.data + (m.page - first);
+    place[i].block_end = it->second.data + it->second.bytes;
+  }
+  // Neighbours copy as one; a run under direct_min_bytes is staged, where
+  // it joins its neighbours in one copy (the moves are in slot order), not
+  // one copy call per small page.
+  std::vector<Move> staged;
+  for (size_t i = 0; i < place.size();) {
+    size_t j = i + 1;
+    uint64_t bytes = place[i].move.bytes;
+    if (place[i].host != nullptr) {
+      for (; j < place.size() && place[j].host != nullptr && Follows(place[j - 1], place[j]); ++j) {
+        bytes += place[j].move.bytes;
+      }
+    }
+    const bool go_direct = place[i].host != nullptr && bytes >= options_.direct_min_bytes;
+    for (; i < j; ++i) {
+      if (go_direct) {
+        direct.push_back(place[i]);
+      } else {
+        staged.push_back(place[i].move);
+      }
+    }
+  }
+  *moves = std::move(staged);
+  return direct;
+}
+
+Status DeviceTier::QueueDirect(uint32_t gpu, const std::vector<DirectMove>& direct,
+                               bool to_device) {
+  std::vector<Lane>& lanes = lanes_[gpu];
+  std::vector<HostToDevice> in;
+  std::vector<DeviceToHost> out;
+  size_t next_lane = 0;
+  for (size_t i = 0; i < direct.size();) {
+    in.clear();
+    out.clear();
+    uint64_t bytes = 0;
+    const size_t begin = i;
+    // Neighbours in host and device memory merge into one copy, inside one
+    // arena and one registered block (a copy may not leave either).
+    const DirectMove* last = nullptr;
+    for (; i < direct.size() && (bytes == 0 || bytes + direct[i].move.bytes <= options_.batch_bytes);
+         ++i) {
+      const DirectMove& d = direct[i];
+      const bool merge = last != nullptr && Follows(*last, d);
+      if (to_device) {
+        if (merge) {
+          in.back().bytes += d.move.bytes;
+        } else {
+          in.push_back(HostToDevice{d.host, d.move.ptr, d.move.bytes});
+        }
+      } else if (merge) {
+        out.back().bytes += d.move.bytes;
+      } else {
+        out.push_back(DeviceToHost{d.move.ptr, d.host, d.move.bytes});
+      }
+      last = &d;
+      bytes += d.move.bytes;
+    }
+    Lane& lane = lanes[next_lane++ % lanes.size()];
+    DSVM_RETURN_IF_ERROR(to_device ? backend_->CopyToDevice(lane.stream, in)
+                                   : backend_->CopyToHost(lane.stream, out));
+    // A later fence on the lane's stream covers its earlier batch too.
+    DSVM_ASSIGN_OR_RETURN(lane.fence, backend_->RecordFence(lane.stream));
+    lane.busy = true;
+    const uint64_t pages = i - begin;
+    if (to_device) {
+      ++stats_.to_device_calls;
+      stats_.to_device_entries += in.size();
+      stats_.pages_to_device += pages;
+      stats_.direct_pages_to_device += pages;
+      stats_.bytes_to_device += bytes;
+    } else {
+      ++stats_.to_host_calls;
+      stats_.to_host_entries += out.size();
+      stats_.pages_to_host += pages;
+      stats_.direct_pages_to_host += pages;
+      stats_.bytes_to_host += bytes;
+    }
+  }
   return Status::Ok();
 }
 
@@ -155,6 +304,9 @@ Status DeviceTier::RemoveRegion(PageAddr base) {
   DSVM_RETURN_IF_ERROR(table_->RemoveRegion(base, &steps));
   Status s = Execute(steps, nullptr);  // frees only: cannot fail
   DSVM_CHECK_MSG(s.ok(), s.ToString());
+  PageStore* store = stores_.at(base);
+  store->SetPunchListener({});
+  Unregister(base, store->size());
   stores_.erase(base);
   auto it = region_pools_.find(base);
   DSVM_CHECK(it != region_pools_.end());  // made by AddRegion
@@ -961,7 +1113,7 @@ Status DeviceTier::ParallelFor(size_t n, const std::function<Status(size_t)>& fn
   return Status::Ok();
 }
 
-Status DeviceTier::CopyMovesToDevice(uint32_t gpu, const std::vector<Move>& moves) {
+Status DeviceTier::CopyMovesToDevice(uint32_t gpu, const std::vector<Move>& all_moves) {
   std::vector<Lane>& lanes = lanes_[gpu];
   const size_t wave = options_.copy_threads;
   DSVM_CHECK(lanes.size() >= 2 * wave);
@@ -973,6 +1125,11 @@ Status DeviceTier::CopyMovesToDevice(uint32_t gpu, const std::vector<Move>& move
     return s.code() == StatusCode::kInternal ? Fail(std::move(s)) : s;
   };
   auto lane_of = [&](size_t batch) -> Lane& { return lanes[batch % lanes.size()]; };
+  // Direct copies first: the device moves them while the rest is staged.
+  std::vector<Move> moves = all_moves;
+  if (Status s = QueueDirect(gpu, TakeDirect(&moves), /*to_device=*/true); !s.ok()) {
+    return drain_all(std::move(s));
+  }
   const std::vector<Batch> batches = SplitBatches(moves);
   std::vector<std::vector<HostToDevice>> entries(wave);
   for (size_t w = 0; w < batches.size(); w += wave) {
@@ -1009,12 +1166,23 @@ Status DeviceTier::CopyMovesToDevice(uint32_t gpu, const std::vector<Move>& move
   return first_error.code() == StatusCode::kInternal ? Fail(std::move(first_error)) : first_error;
 }
 
-Status DeviceTier::WriteBackMoves(uint32_t gpu, const std::vector<Move>& moves) {
+Status DeviceTier::WriteBackMoves(uint32_t gpu, const std::vector<Move>& all_moves) {
   std::vector<Lane>& lanes = lanes_[gpu];
   const size_t wave = options_.copy_threads;
   DSVM_CHECK(lanes.size() >= 2 * wave);
   auto drain_all = [&](Status s) { return DrainAll(lanes, std::move(s)); };
   auto lane_of = [&](size_t batch) -> Lane& { return lanes[batch % lanes.size()]; };
+  // Direct copies first, into the stores' memfds; the staged batches below
+  // start on idle lanes.
+  std::vector<Move> moves = all_moves;
+  if (std::vector<DirectMove> direct = TakeDirect(&moves); !direct.empty()) {
+    Status s = QueueDirect(gpu, direct, /*to_device=*/false);
+    for (Lane& lane : lanes) {
+      if (!s.ok()) break;
+      s = Drain(lane);
+    }
+    if (!s.ok()) return drain_all(std::move(s));
+  }
   const std::vector<Batch> batches = SplitBatches(moves);
   // Queues batch b's copy into its lane's staging.
   std::vector<DeviceToHost> entries;

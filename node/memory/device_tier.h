@@ -19,6 +19,14 @@
 //   3. copies to the device (kCopyToDevice), batched: pages are read from
 //      their stores into a staging buffer and moved with one CopyToDevice
 //      per batch, followed by a fence.
+// Direct copies (options.direct_copies): a page whose 2 MiB block of its
+// store is all in the memfd skips the staging buffer: the block's mapping
+// in this process is registered with the backend once (RegisterHost: pinned,
+// so copies run as DMA) and pages copy between it and their slots in place,
+// both ways. A registration lasts until a punch in its block (the store's
+// punch listener; the pinned page would no longer be the memfd's), the
+// region's removal or the tier's end. Retained pages and blocks with holes
+// are staged as above.
 // The table emits steps so that this phase order is safe (a page written
 // back before its slot is freed; slots freed before they are reused; a page
 // moved between GPUs written back before it is copied again).
@@ -97,6 +105,14 @@ struct DeviceTierOptions {
   // migration that stages on one thread cannot keep a GPU's copy engine
   // busy. Each GPU gets at least 2 * copy_threads lanes.
   uint32_t copy_threads = 1;
+  // Copy pages straight between their stores' mappings and the device where
+  // they can (see "Direct copies" above); false: always through staging.
+  bool direct_copies = true;
+  // Pages that would copy direct but whose run of neighbours (in host and
+  // device memory) is smaller than this are staged: a copy call per small
+  // page costs more than staging them into one (a guess to measure on a
+  // GPU: a cudaMemcpyAsync costs microseconds, 64 KiB at 50 GB/s 1.3 us).
+  uint64_t direct_min_bytes = 64 << 10;
   // Called on the calling thread each time the tier has waited for a copy
   // (one batch each way; milliseconds apart at most): a migration of many
   // gigabytes holds the caller for seconds, and the node daemon keeps its
@@ -144,6 +160,10 @@ struct DeviceTierStats {
   uint64_t run_evictions = 0;  // GPU copies MapRun moved out of the way of a run
   uint64_t arenas_reclaimed = 0;  // arenas emptied for another region (one budget per GPU)
   uint64_t replica_runs = 0;      // MapReplicaRun calls that succeeded
+  uint64_t direct_pages_to_device = 0;  // of pages_to_device, copied without staging
+  uint64_t direct_pages_to_host = 0;    // of pages_to_host, likewise
+  uint64_t blocks_registered = 0;       // RegisterHost calls that succeeded
+  uint64_t blocks_unregistered = 0;     // registrations ended (punch, region removed)
 };
 
 class DeviceTier {
@@ -351,6 +371,26 @@ class DeviceTier {
   static constexpr PageAddr kHeld = ~PageAddr{0} - 1;  // a slot Detach kept
   Status WriteBackMoves(uint32_t gpu, const std::vector<Move>& moves);
   Status CopyMovesToDevice(uint32_t gpu, const std::vector<Move>& moves);
+  // Direct copies: a move with the page's bytes in its store's mapping, in
+  // a registered block that ends at block_end.
+  struct DirectMove {
+    Move move;
+    uint8_t* host = nullptr;
+    const uint8_t* block_end = nullptr;
+  };
+  // True when b's bytes follow a's in host and device memory, in a's block
+  // and arena: the two go in one copy.
+  static bool Follows(const DirectMove& a, const DirectMove& b);
+  // The moves of `moves` that can go direct (their block registered, or
+  // registered now, in runs of direct_min_bytes or more), taken out of it;
+  // the rest stay, in order.
+  std::vector<DirectMove> TakeDirect(std::vector<Move>* moves);
+  // Queues the copies of `direct` on `gpu`'s lanes in turn, up to
+  // batch_bytes each (no staging buffer), and records a fence after each:
+  // host to device with `to_device`, else back.
+  Status QueueDirect(uint32_t gpu, const std::vector<DirectMove>& direct, bool to_device);
+  // Ends the registrations of blocks overlapping [first, first + bytes).
+  void Unregister(PageAddr first, uint64_t bytes);
   // Moves [begin, end) of a copy, staged together in one lane's buffer.
   struct Batch {
     size_t begin;
@@ -398,6 +438,15 @@ class DeviceTier {
   struct Copiers;
   std::unique_ptr<Copiers> copiers_;
   std::map<PageAddr, PageStore*> stores_;  // by region base
+  // Registered blocks (Direct copies), by first address: their mapping.
+  struct Registered {
+    uint8_t* data;
+    uint64_t bytes;
+  };
+  std::map<PageAddr, Registered> registered_;
+  // The backend refused to pin a store's memory (kFailedPrecondition): every
+  // later copy is staged, without asking again.
+  bool register_refused_ = false;
   std::unordered_map<PageAddr, Placed> slots_;
   // Per pool, its live arenas as (base, end) sorted by base; refreshed when
   // the pool's arena generation changed (grown, or arenas released).

@@ -69,13 +69,23 @@ struct TierConfig {
   std::chrono::microseconds copy_delay{0};  // the emulated backend's test seam
   std::function<void()> keep_alive;         // DeviceTierOptions::keep_alive
   bool map_for_copies = true;               // PageStoreOptions::map_for_copies
+  int direct = -1;  // DeviceTierOptions::direct_copies: 0 or 1; -1: the test's parameter
+  uint64_t direct_min_pages = 1;  // DeviceTierOptions::direct_min_bytes, in pages
+};
+
+// A run of the suite: copy threads, and whether pages may copy direct.
+struct TierParam {
+  uint32_t copy_threads;
+  bool direct;
 };
 
 // One region (a PageStore of random bytes), a pool per GPU, a tier over them,
 // and a model of what each page's bytes should be. Every test runs with the
 // caller alone staging copies (1 copy thread) and with 3 copy threads
-// (waves of 3 batches staged at once on 6 lanes).
-class DeviceTierTest : public testing::TestWithParam<uint32_t> {
+// (waves of 3 batches staged at once on 6 lanes), staged, and once more
+// with direct copies (the region's bytes are all in its memfd, so every
+// page copies direct, unless a test makes holes).
+class DeviceTierTest : public testing::TestWithParam<TierParam> {
  protected:
   void Build(TierConfig c = {}) {
     c_ = c;
@@ -95,7 +105,9 @@ class DeviceTierTest : public testing::TestWithParam<uint32_t> {
     DeviceTierOptions to;
     to.batch_bytes = c.batch_pages * c.page_size;
     to.host_budget_bytes = c.host_budget_pages * c.page_size;
-    to.copy_threads = GetParam();
+    to.copy_threads = GetParam().copy_threads;
+    to.direct_copies = c.direct < 0 ? GetParam().direct : c.direct != 0;
+    to.direct_min_bytes = c.direct_min_pages * c.page_size;
     to.keep_alive = c.keep_alive;
     to.arena_bytes = c.arena_pages * c.page_size;
     auto t = DeviceTier::Create(backend_.get(),
@@ -163,9 +175,12 @@ class DeviceTierTest : public testing::TestWithParam<uint32_t> {
   std::vector<std::vector<uint8_t>> model_;
 };
 
-INSTANTIATE_TEST_SUITE_P(CopyThreads, DeviceTierTest, testing::Values(1u, 3u),
-                         [](const testing::TestParamInfo<uint32_t>& info) {
-                           return "Threads" + std::to_string(info.param);
+INSTANTIATE_TEST_SUITE_P(CopyThreads, DeviceTierTest,
+                         testing::Values(TierParam{1, false}, TierParam{3, false},
+                                         TierParam{3, true}),
+                         [](const testing::TestParamInfo<TierParam>& info) {
+                           return "Threads" + std::to_string(info.param.copy_threads) +
+                                  (info.param.direct ? "Direct" : "");
                          });
 
 TEST_P(DeviceTierTest, BytesRoundTripHostToGpuToHost) {
@@ -216,9 +231,13 @@ TEST_P(DeviceTierTest, KeepAliveIsCalledAfterEachBatchWaitedFor) {
 }
 
 // N small pages go in ceil(N / batch) copy calls each way; pages whose slots
-// are adjacent travel as one copy entry.
+// are adjacent travel as one copy entry. (Staged, or direct in runs too
+// short to copy direct: freed slots are reused in another order than the
+// pages', so direct copies would take one entry per page.)
 TEST_P(DeviceTierTest, SmallPagesAreBatchedIntoFewCopies) {
-  Build();
+  TierConfig c;
+  c.direct_min_pages = 16;
+  Build(c);
   for (uint64_t n : {1u, 4u, 5u, 13u}) {
     SCOPED_TRACE(n);
     const DeviceTierStats before = tier_->stats();
@@ -597,6 +616,132 @@ TEST_P(DeviceTierTest, AFailedWriteBackNeverPassesStaleBytesForCurrent) {
   EXPECT_TRUE(tier_->Drop(next).ok());
   EXPECT_TRUE(tier_->Drop(dirty).ok());
   EXPECT_TRUE(tier_->RemoveRegion(kBase).ok());
+}
+
+// Direct copies: a block whose bytes are all in the memfd is registered
+// with the backend once, and its pages move between its mapping and their
+// slots with no staging, both ways; the registration outlives the calls.
+TEST_P(DeviceTierTest, DirectCopiesRegisterEachBlockOnce) {
+  TierConfig c;
+  c.direct = 1;
+  c.devices = 1;
+  Build(c);  // 48 pages of 4 KiB: one block, the region's end cuts it
+  const std::vector<PageAddr> pages = Pages(Range(0, 8));
+  auto ptrs = tier_->MakeResident(kBase, pages, 0, /*for_write=*/true, 1);
+  ASSERT_TRUE(ptrs.ok()) << ptrs.status().ToString();
+  EXPECT_EQ(tier_->stats().direct_pages_to_device, 8u);
+  EXPECT_EQ(tier_->stats().blocks_registered, 1u);
+  EXPECT_EQ(backend_->registered_count(), 1u);
+  EXPECT_EQ(backend_->registered_bytes(), 48u * kPage);
+  for (size_t i = 0; i < 8; ++i) EXPECT_EQ(ReadDevice(0, (*ptrs)[i]), model_[i]) << i;
+  for (size_t i = 0; i < 8; ++i) KernelWrite(0, i, (*ptrs)[i]);
+  ASSERT_TRUE(tier_->WriteBack(pages).ok());
+  EXPECT_EQ(tier_->stats().direct_pages_to_host, 8u);
+  for (size_t i = 0; i < 8; ++i) EXPECT_EQ(ReadStore(i), model_[i]) << i;
+  ASSERT_TRUE(tier_->Unpin(pages).ok());
+  auto more = tier_->MakeResident(kBase, Pages(Range(8, 8)), 0, false, 2);
+  ASSERT_TRUE(more.ok()) << more.status().ToString();
+  EXPECT_EQ(tier_->stats().direct_pages_to_device, 16u);
+  EXPECT_EQ(tier_->stats().blocks_registered, 1u) << "the block stays registered";
+  ASSERT_TRUE(tier_->Unpin(Pages(Range(8, 8))).ok());
+  // Off, nothing is registered and every page is staged.
+  tier_.reset();  // before the backend and store it uses
+  test_streams_.clear();
+  c.direct = 0;
+  Build(c);
+  ASSERT_TRUE(tier_->MakeResident(kBase, pages, 0, false, 1).ok());
+  EXPECT_EQ(tier_->stats().direct_pages_to_device, 0u);
+  EXPECT_EQ(backend_->registered_count(), 0u);
+  ASSERT_TRUE(tier_->Unpin(pages).ok());
+}
+
+// Pages that could copy direct but whose runs of neighbours are shorter
+// than direct_min_bytes are staged, bytes and all; long runs go direct.
+TEST_P(DeviceTierTest, ShortDirectRunsAreStaged) {
+  TierConfig c;
+  c.direct = 1;
+  c.direct_min_pages = 4;
+  c.devices = 1;
+  Build(c);
+  const std::vector<PageAddr> scattered = Pages({0, 2, 4, 6});  // runs of one page
+  auto a = tier_->MakeResident(kBase, scattered, 0, false, 1);
+  ASSERT_TRUE(a.ok()) << a.status().ToString();
+  EXPECT_EQ(tier_->stats().direct_pages_to_device, 0u);
+  EXPECT_EQ(tier_->stats().pages_to_device, 4u);
+  for (size_t i = 0; i < 4; ++i) EXPECT_EQ(ReadDevice(0, (*a)[i]), model_[2 * i]) << i;
+  const std::vector<PageAddr> run = Pages(Range(8, 8));
+  auto b = tier_->MakeResident(kBase, run, 0, false, 2);
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  EXPECT_EQ(tier_->stats().direct_pages_to_device, 8u);
+  for (size_t i = 0; i < 8; ++i) EXPECT_EQ(ReadDevice(0, (*b)[i]), model_[8 + i]) << i;
+  ASSERT_TRUE(tier_->Unpin(scattered).ok());
+  ASSERT_TRUE(tier_->Unpin(run).ok());
+}
+
+// A punch in a registered block (the node gives a page up, retains it,
+// or discards the region) ends the block's registration before the page
+// goes, since the pinned page would no longer be the memfd's. A block with
+// a hole is staged; once whole again it is registered anew and copies the
+// new bytes. Pages on both sides of a block boundary never share a copy
+// (a copy may not leave its registered block).
+TEST_P(DeviceTierTest, APunchEndsTheRegistrationOfItsBlock) {
+  TierConfig c;
+  c.direct = 1;
+  c.devices = 1;
+  c.region_pages = 1024;  // two blocks of 2 MiB
+  c.budget_pages = 64;
+  c.arena_pages = 64;
+  c.batch_pages = 16;
+  Build(c);
+  const std::vector<PageAddr> across = Pages(Range(508, 8));  // 4 pages in each block
+  auto ptrs = tier_->MakeResident(kBase, across, 0, false, 1);
+  ASSERT_TRUE(ptrs.ok()) << ptrs.status().ToString();
+  EXPECT_EQ(tier_->stats().direct_pages_to_device, 8u);
+  EXPECT_EQ(backend_->registered_count(), 2u);
+  EXPECT_EQ(tier_->stats().to_device_entries, 2u) << "one copy per block";
+  for (size_t i = 0; i < 8; ++i) EXPECT_EQ(ReadDevice(0, (*ptrs)[i]), model_[508 + i]) << i;
+  ASSERT_TRUE(tier_->Unpin(across).ok());
+
+  // The node loses page 5: coherence drops it from the tier, the store punches it.
+  ASSERT_TRUE(tier_->Drop(Pages({5})).ok());
+  ASSERT_TRUE(store_->Discard(P(5)).ok());
+  EXPECT_EQ(backend_->registered_count(), 1u);
+  EXPECT_EQ(tier_->stats().blocks_unregistered, 1u);
+  // Its block has a hole: staged, bytes still right.
+  auto staged = tier_->MakeResident(kBase, Pages({6}), 0, false, 2);
+  ASSERT_TRUE(staged.ok()) << staged.status().ToString();
+  EXPECT_EQ(tier_->stats().direct_pages_to_device, 8u);
+  EXPECT_EQ(ReadDevice(0, (*staged)[0]), model_[6]);
+  ASSERT_TRUE(tier_->Unpin(Pages({6})).ok());
+  // Page 5 comes back with new bytes: the block is whole, registered again.
+  model_[5] = RandomBytes(kPage, rng_);
+  ASSERT_TRUE(store_->WritePage(P(5), model_[5]).ok());
+  auto back = tier_->MakeResident(kBase, Pages({5}), 0, false, 3);
+  ASSERT_TRUE(back.ok()) << back.status().ToString();
+  EXPECT_EQ(tier_->stats().direct_pages_to_device, 9u);
+  EXPECT_EQ(tier_->stats().blocks_registered, 3u);
+  EXPECT_EQ(ReadDevice(0, (*back)[0]), model_[5]);
+  ASSERT_TRUE(tier_->Unpin(Pages({5})).ok());
+
+  // A retained page (its local access revoked) leaves a hole too.
+  ASSERT_TRUE(store_->Retain(P(600)).ok());
+  EXPECT_EQ(backend_->registered_count(), 1u);
+  auto kept = tier_->MakeResident(kBase, Pages({600}), 0, false, 4);
+  ASSERT_TRUE(kept.ok()) << kept.status().ToString();
+  EXPECT_EQ(ReadDevice(0, (*kept)[0]), model_[600]) << "the retained bytes, staged";
+  EXPECT_EQ(tier_->stats().direct_pages_to_device, 9u);
+  ASSERT_TRUE(tier_->Unpin(Pages({600})).ok());
+
+  // The region's removal ends the rest; so does the tier's end.
+  ASSERT_TRUE(tier_->RemoveRegion(kBase).ok());
+  EXPECT_EQ(backend_->registered_count(), 0u);
+  ASSERT_TRUE(tier_->AddRegion(store_.get()).ok());
+  ASSERT_TRUE(tier_->MakeResident(kBase, Pages({1}), 0, false, 5).ok());
+  EXPECT_EQ(backend_->registered_count(), 1u);
+  tier_.reset();
+  EXPECT_EQ(backend_->registered_count(), 0u);
+  // A punch after the tier is gone reaches no listener.
+  EXPECT_TRUE(store_->Discard(P(1)).ok());
 }
 
 TEST(DeviceTierCreateTest, RefusesBadOptions) {
