@@ -16,6 +16,7 @@
 //   dsvm-bench gpu [--quick] [--backend auto|cuda|emulated] [--size BYTES]
 //                  [--page-size BYTES] [--gpu-budget BYTES] [--chunk BYTES]
 //                  [--skip-oversub] [--skip-migration] [--bags N] [--copy-threads N]
+//                  [--direct-copies on|off|both]
 //                  [--node-bin PATH] [--coordinator-bin PATH]
 //
 // --busy-poll-us N starts the coordinator and the daemons with that flag
@@ -84,6 +85,7 @@
 #include <cerrno>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -115,7 +117,7 @@ int Usage() {
                "       dsvm-bench gpu [--quick] [--backend auto|cuda|emulated] [--size BYTES]\n"
                "                      [--page-size 4096|65536|2097152] [--gpu-budget BYTES]\n"
                "                      [--chunk BYTES] [--skip-oversub] [--skip-migration]\n"
-               "                      [--bags N] [--copy-threads N]\n"
+               "                      [--bags N] [--copy-threads N] [--direct-copies on|off|both]\n"
                "                      [--node-bin PATH] [--coordinator-bin PATH]\n"
                "       dsvm-bench fence [--quick] [--size BYTES]\n"
                "                        [--page-size 4096|65536|2097152] [--store-only]\n"
@@ -357,6 +359,11 @@ int RunGpuBench(int argc, char** argv) {
     } else if (a == "--copy-threads" && next != nullptr && ParseBytes(next, &v) && v >= 1 &&
                v <= 64) {
       o.copy_threads = static_cast<uint32_t>(v);
+      ++i;
+    } else if (a == "--direct-copies" && next != nullptr &&
+               (std::strcmp(next, "on") == 0 || std::strcmp(next, "off") == 0 ||
+                std::strcmp(next, "both") == 0)) {
+      o.direct_copies = next;
       ++i;
     } else if (a == "--backend" && next != nullptr) {
       o.backend = next;

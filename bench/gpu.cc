@@ -103,6 +103,52 @@ uint32_t CopyThreads(const GpuBenchOptions& o) {
   return o.copy_threads != 0 ? o.copy_threads : node::DefaultCopyThreads();
 }
 
+// One tier over `store`, moving `pages` there and back for o.passes passes
+// (the best pass counts; `cold_h2d` is the first's host-to-device rate).
+struct TierRun {
+  double h2d = 0, d2h = 0, cold_h2d = 0;
+  node::DeviceTierStats stats;
+};
+
+Status MeasureTier(const GpuBenchOptions& o, DeviceBackend* backend, node::PageStore* store,
+                   const std::vector<proto::PageAddr>& pages, bool direct, TierRun* run) {
+  node::DeviceTierOptions to;
+  to.copy_threads = CopyThreads(o);
+  to.direct_copies = direct;
+  DSVM_ASSIGN_OR_RETURN(std::unique_ptr<node::DeviceTier> tier,
+                        node::DeviceTier::Create(backend, std::vector<uint64_t>{o.bytes}, to));
+  DSVM_RETURN_IF_ERROR(tier->AddRegion(store));
+  uint64_t tick = 1;
+  for (int pass = 0; pass < o.passes; ++pass) {
+    auto t0 = Clock::now();
+    auto resident = tier->MakeResident(kBase, pages, 0, /*for_write=*/true, tick++);
+    if (!resident.ok()) return resident.status();
+    const double h2d = Gbps(o.bytes, Clock::now() - t0);
+    if (pass == 0) run->cold_h2d = h2d;
+    run->h2d = std::max(run->h2d, h2d);
+    DSVM_RETURN_IF_ERROR(tier->Unpin(pages));
+    t0 = Clock::now();
+    DSVM_RETURN_IF_ERROR(tier->WriteBack(pages));  // every copy is dirty
+    run->d2h = std::max(run->d2h, Gbps(o.bytes, Clock::now() - t0));
+    DSVM_RETURN_IF_ERROR(tier->Drop(pages));
+  }
+  run->stats = tier->stats();
+  const auto& s = run->stats;
+  std::fprintf(stderr,
+               "dsvm-bench gpu: direct copies %s: %llu copy calls to the device (%llu entries, "
+               "%llu pages direct), %llu back (%llu entries, %llu direct) for %llu pages each way "
+               "per pass; %llu blocks pinned\n",
+               direct ? "on" : "off", static_cast<unsigned long long>(s.to_device_calls),
+               static_cast<unsigned long long>(s.to_device_entries),
+               static_cast<unsigned long long>(s.direct_pages_to_device),
+               static_cast<unsigned long long>(s.to_host_calls),
+               static_cast<unsigned long long>(s.to_host_entries),
+               static_cast<unsigned long long>(s.direct_pages_to_host),
+               static_cast<unsigned long long>(pages.size()),
+               static_cast<unsigned long long>(s.blocks_registered));
+  return Status::Ok();
+}
+
 // Host-to-device and device-to-host migration through the tier against the
 // raw copies. Its backend (and the backend's threads) are gone when it
 // returns: the oversubscribed part forks daemons next.
@@ -129,46 +175,40 @@ Status RunMigration(const GpuBenchOptions& o, std::unique_ptr<DeviceBackend> bac
     DSVM_RETURN_IF_ERROR(store->WritePage(pages.back(), bytes));
   }
   const uint64_t before = Checksum(*store, o.page_size);
-  node::DeviceTierOptions to;
-  to.copy_threads = CopyThreads(o);
-  DSVM_ASSIGN_OR_RETURN(
-      std::unique_ptr<node::DeviceTier> tier,
-      node::DeviceTier::Create(backend.get(), std::vector<uint64_t>{o.bytes}, to));
-  DSVM_RETURN_IF_ERROR(tier->AddRegion(store.get()));
-  double h2d = 0, d2h = 0;
-  uint64_t tick = 1;
-  for (int pass = 0; pass < o.passes; ++pass) {
-    auto t0 = Clock::now();
-    auto resident = tier->MakeResident(kBase, pages, 0, /*for_write=*/true, tick++);
-    if (!resident.ok()) return resident.status();
-    h2d = std::max(h2d, Gbps(o.bytes, Clock::now() - t0));
-    DSVM_RETURN_IF_ERROR(tier->Unpin(pages));
-    t0 = Clock::now();
-    DSVM_RETURN_IF_ERROR(tier->WriteBack(pages));  // every copy is dirty
-    d2h = std::max(d2h, Gbps(o.bytes, Clock::now() - t0));
-    DSVM_RETURN_IF_ERROR(tier->Drop(pages));
-  }
-  if (Checksum(*store, o.page_size) != before) {
-    return Internal("the pages came back from the device with other bytes");
-  }
-  const auto& s = tier->stats();
-  std::fprintf(stderr,
-               "dsvm-bench gpu: %llu copy calls to the device (%llu entries), %llu back "
-               "(%llu entries) for %llu pages each way per pass\n",
-               static_cast<unsigned long long>(s.to_device_calls),
-               static_cast<unsigned long long>(s.to_device_entries),
-               static_cast<unsigned long long>(s.to_host_calls),
-               static_cast<unsigned long long>(s.to_host_entries),
-               static_cast<unsigned long long>(pages.size()));
   const std::string p = PageTag(o.page_size);
   EmitMetric("gpu." + b + ".bytes", static_cast<double>(o.bytes), "bytes");
-  EmitMetric("gpu." + b + ".copy_threads", to.copy_threads, "threads");
+  EmitMetric("gpu." + b + ".copy_threads", CopyThreads(o), "threads");
   EmitMetric("gpu." + b + ".raw_h2d.gbps", raw_h2d, "GB/s");
   EmitMetric("gpu." + b + ".raw_d2h.gbps", raw_d2h, "GB/s");
-  EmitMetric("gpu." + b + ".migrate_h2d" + p + ".gbps", h2d, "GB/s");
-  EmitMetric("gpu." + b + ".migrate_d2h" + p + ".gbps", d2h, "GB/s");
-  EmitMetric("gpu." + b + ".migrate_h2d" + p + ".vs_raw", raw_h2d > 0 ? h2d / raw_h2d : 0, "ratio");
-  EmitMetric("gpu." + b + ".migrate_d2h" + p + ".vs_raw", raw_d2h > 0 ? d2h / raw_d2h : 0, "ratio");
+  auto ratio = [](double a, double b) { return b > 0 ? a / b : 0; };
+  TierRun runs[2];  // [0]: direct copies on, [1]: off
+  for (int k = 0; k < 2; ++k) {
+    const bool direct = k == 0;
+    if (o.direct_copies == (direct ? "off" : "on")) continue;
+    DSVM_RETURN_IF_ERROR(MeasureTier(o, backend.get(), store.get(), pages, direct, &runs[k]));
+    if (Checksum(*store, o.page_size) != before) {
+      return Internal("the pages came back from the device with other bytes");
+    }
+    const TierRun& r = runs[k];
+    const std::string tag = p + (o.direct_copies == "both" && !direct ? ".staged" : "");
+    EmitMetric("gpu." + b + ".migrate_h2d" + tag + ".gbps", r.h2d, "GB/s");
+    EmitMetric("gpu." + b + ".migrate_d2h" + tag + ".gbps", r.d2h, "GB/s");
+    EmitMetric("gpu." + b + ".migrate_h2d" + tag + ".vs_raw", ratio(r.h2d, raw_h2d), "ratio");
+    EmitMetric("gpu." + b + ".migrate_d2h" + tag + ".vs_raw", ratio(r.d2h, raw_d2h), "ratio");
+    EmitMetric("gpu." + b + ".migrate_h2d" + tag + ".cold.gbps", r.cold_h2d, "GB/s");
+    const uint64_t moved = r.stats.pages_to_device + r.stats.pages_to_host;
+    EmitMetric("gpu." + b + ".migrate" + tag + ".direct_share",
+               ratio(static_cast<double>(r.stats.direct_pages_to_device +
+                                         r.stats.direct_pages_to_host),
+                     static_cast<double>(moved)),
+               "ratio");
+  }
+  if (o.direct_copies == "both") {
+    EmitMetric("gpu." + b + ".migrate_h2d" + p + ".direct_vs_staged", ratio(runs[0].h2d, runs[1].h2d),
+               "ratio");
+    EmitMetric("gpu." + b + ".migrate_d2h" + p + ".direct_vs_staged", ratio(runs[0].d2h, runs[1].d2h),
+               "ratio");
+  }
   return Status::Ok();
 }
 
@@ -470,7 +510,8 @@ Result<double> RunDsvm(const Workload& w, const GpuBenchOptions& o, const std::s
                          dir.path() + "/node.log",
                          {"--device-backend", backend, "--gpu-budget",
                           std::to_string(o.gpu_budget), "--gpu-copy-threads",
-                          std::to_string(CopyThreads(o))}));
+                          std::to_string(CopyThreads(o)), "--gpu-direct-copies",
+                          o.direct_copies == "off" ? "off" : "on"}));
   Result<double> best = RunDsvmMaps(w, o, backend == "cuda", socket, maps, pipelined_s, pages_in);
   if (!best.ok()) node->PrintLogTail(20);
   Status st = node->Stop();

@@ -1,6 +1,6 @@
 // dsvm-bench gpu (issue #5): page migration between host memory and a GPU's
 // HBM through the GPU tier (node/memory/device_tier.h: the tier table's
-// steps, batched copies through pinned staging on two streams), against a
+// steps, batched copies, direct or through pinned staging), against a
 // raw copy of the same bytes through the same device backend (one
 // cudaMemcpyAsync of the whole size from pinned memory, on the cuda
 // backend), in the same run.
@@ -10,6 +10,15 @@
 //   gpu.<b>.migrate_h2d<p>.gbps, .migrate_d2h<p>.gbps   through the tier
 //   gpu.<b>.migrate_h2d<p>.vs_raw, .migrate_d2h<p>.vs_raw
 //   gpu.<b>.copy_threads                                the tier's (--copy-threads)
+//   gpu.<b>.migrate_h2d<p>.cold.gbps    the first pass alone (with direct
+//                                       copies it pins the pages: registration)
+//   gpu.<b>.migrate<p>.direct_share     pages that went direct, of all moved
+// With --direct-copies both (the default) the tier runs twice, direct
+// copies on (the names above) and off (the same with `.staged` after the
+// page tag: gpu.<b>.migrate_h2d<p>.staged.gbps, ...), then
+//   gpu.<b>.migrate_h2d<p>.direct_vs_staged, .migrate_d2h<p>.direct_vs_staged
+// (ratios of GB/s). "on" or "off" runs the tier once that way, under the
+// names above.
 // The target (#5): migration >= 85% of the raw copy for batches of 2 MiB
 // and more. On the emulated backend (no GPU) both sides are host memcpy by
 // copy threads: the ratio then measures the tier's own overhead only.
@@ -59,6 +68,10 @@ struct GpuBenchOptions {
   // The tier's copy threads (DeviceTierOptions::copy_threads), here and in
   // the daemon of the oversubscribed part; 0: DefaultCopyThreads().
   uint32_t copy_threads = 0;
+  // DeviceTierOptions::direct_copies for the migration: "on", "off" or
+  // "both" (one run each way); the oversubscribed part's daemon runs with
+  // them unless "off".
+  std::string direct_copies = "both";
 
   bool migration = true;  // the migration part (--skip-migration: false)
   // The oversubscribed workload.

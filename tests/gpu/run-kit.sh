@@ -10,8 +10,10 @@
 #   gpu_tests   the device backend suite on the cuda backend (ctest -L gpu)
 #   bench_gpu*  dsvm-bench gpu --backend cuda: migration against cudaMemcpy
 #               (2 MiB pages, 256 MiB and 1 GiB, the default copy threads
-#               and one; 64 KiB and 4 KiB pages) and the oversubscribed gather against zero-copy
-#               and a staging loop (#5's targets)
+#               and one; 64 KiB and 4 KiB pages; each with direct copies
+#               and staged) and the oversubscribed gather against zero-copy
+#               and a staging loop (#5's targets), with direct copies and
+#               (bench_gpu_staged) without
 #   bench_gpu_6threads, _8threads  the cuda migration with more copy threads
 #   bench_gpu_reuse  the oversubscribed gather with 8x the lookups per batch
 #   emulated_*  the same migration on the emulated backend, 1 and 4 copy
@@ -153,6 +155,10 @@ step fault_fpoll100 150 "$b/bench/dsvm-bench" fault-latency --tls tcp --fault-po
   --busy-poll-us 50
 step scan_4k 150 "$b/bench/dsvm-bench" scan --tls tcp --size 1073741824 --fault-poll-us 100 \
   --busy-poll-us 50
+# The oversubscribed gather with the daemon's copies all staged (before
+# direct copies), against bench_gpu's.
+step bench_gpu_staged 120 "$b/bench/dsvm-bench" gpu --backend cuda --skip-migration \
+  --direct-copies off
 # Migration staged by one thread (the baseline of the copy threads), and
 # with smaller pages.
 step bench_gpu_1thread 60 "$b/bench/dsvm-bench" gpu --backend cuda --skip-oversub --size 1G \
