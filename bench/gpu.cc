@@ -136,14 +136,14 @@ Status MeasureTier(const GpuBenchOptions& o, DeviceBackend* backend, node::PageS
   const auto& s = run->stats;
   std::fprintf(stderr,
                "dsvm-bench gpu: direct copies %s: %llu copy calls to the device (%llu entries, "
-               "%llu pages direct), %llu back (%llu entries, %llu direct) for %llu pages each way "
-               "per pass; %llu blocks pinned\n",
+               "%llu pages direct), %llu back (%llu entries, %llu direct) over %d passes of %llu "
+               "pages each way; %llu blocks pinned\n",
                direct ? "on" : "off", static_cast<unsigned long long>(s.to_device_calls),
                static_cast<unsigned long long>(s.to_device_entries),
                static_cast<unsigned long long>(s.direct_pages_to_device),
                static_cast<unsigned long long>(s.to_host_calls),
                static_cast<unsigned long long>(s.to_host_entries),
-               static_cast<unsigned long long>(s.direct_pages_to_host),
+               static_cast<unsigned long long>(s.direct_pages_to_host), o.passes,
                static_cast<unsigned long long>(pages.size()),
                static_cast<unsigned long long>(s.blocks_registered));
   return Status::Ok();
@@ -159,22 +159,29 @@ Status RunMigration(const GpuBenchOptions& o, std::unique_ptr<DeviceBackend> bac
   double raw_h2d = 0, raw_d2h = 0;
   DSVM_RETURN_IF_ERROR(MeasureRaw(*backend, o, &raw_h2d, &raw_d2h));
 
-  node::PageStoreOptions so;
-  so.name = "dsvm-bench-gpu";
-  DSVM_ASSIGN_OR_RETURN(std::unique_ptr<node::PageStore> store,
-                        node::PageStore::Create(kBase, o.bytes, o.page_size, so));
-  std::mt19937_64 rng(42);
-  std::vector<uint8_t> bytes(o.page_size);
+  // A fresh store of the same random bytes for each run, so that each
+  // run's first pass maps and pins them itself. A plain memfd: direct
+  // copies are not made from hugetlb stores.
   std::vector<proto::PageAddr> pages;
-  for (uint64_t i = 0; i < store->page_count(); ++i) {
-    for (size_t k = 0; k < bytes.size(); k += 8) {
-      const uint64_t w = rng();
-      std::memcpy(bytes.data() + k, &w, 8);
+  for (uint64_t i = 0; i < o.bytes / o.page_size; ++i) pages.push_back(kBase + i * o.page_size);
+  auto make_store = [&]() -> Result<std::unique_ptr<node::PageStore>> {
+    node::PageStoreOptions so;
+    so.name = "dsvm-bench-gpu";
+    so.try_hugetlb = false;
+    DSVM_ASSIGN_OR_RETURN(std::unique_ptr<node::PageStore> store,
+                          node::PageStore::Create(kBase, o.bytes, o.page_size, so));
+    std::mt19937_64 rng(42);
+    std::vector<uint8_t> bytes(o.page_size);
+    for (proto::PageAddr page : pages) {
+      for (size_t k = 0; k < bytes.size(); k += 8) {
+        const uint64_t w = rng();
+        std::memcpy(bytes.data() + k, &w, 8);
+      }
+      DSVM_RETURN_IF_ERROR(store->WritePage(page, bytes));
     }
-    pages.push_back(kBase + i * o.page_size);
-    DSVM_RETURN_IF_ERROR(store->WritePage(pages.back(), bytes));
-  }
-  const uint64_t before = Checksum(*store, o.page_size);
+    return store;
+  };
+  uint64_t before = 0;
   const std::string p = PageTag(o.page_size);
   EmitMetric("gpu." + b + ".bytes", static_cast<double>(o.bytes), "bytes");
   EmitMetric("gpu." + b + ".copy_threads", CopyThreads(o), "threads");
@@ -185,6 +192,8 @@ Status RunMigration(const GpuBenchOptions& o, std::unique_ptr<DeviceBackend> bac
   for (int k = 0; k < 2; ++k) {
     const bool direct = k == 0;
     if (o.direct_copies == (direct ? "off" : "on")) continue;
+    DSVM_ASSIGN_OR_RETURN(std::unique_ptr<node::PageStore> store, make_store());
+    if (before == 0) before = Checksum(*store, o.page_size);
     DSVM_RETURN_IF_ERROR(MeasureTier(o, backend.get(), store.get(), pages, direct, &runs[k]));
     if (Checksum(*store, o.page_size) != before) {
       return Internal("the pages came back from the device with other bytes");

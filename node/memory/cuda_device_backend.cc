@@ -90,18 +90,25 @@ class CudaDeviceBackend final : public DeviceBackend {
     // Portable: pinned for every device, as the staging buffers are.
     const cudaError_t err = cudaHostRegister(data, bytes, cudaHostRegisterPortable);
     if (err == cudaSuccess) return Status::Ok();
-    (void)cudaGetLastError();  // none of these is sticky
     if (err == cudaErrorMemoryAllocation) {
       return OutOfMemory("cannot pin " + std::to_string(bytes) + " bytes of host memory", err);
     }
-    return FailedPrecondition(CudaText("cudaHostRegister", err));
+    // This memory cannot be pinned (the platform, or the kind of mapping).
+    // Neither error is sticky.
+    if (err == cudaErrorNotSupported || err == cudaErrorInvalidValue) {
+      (void)cudaGetLastError();
+      return FailedPrecondition(CudaText("cudaHostRegister", err));
+    }
+    return CudaError("cudaHostRegister", err);
   }
 
   Status DoUnregisterHost(void* data, uint64_t) override {
-    DSVM_RETURN_IF_ERROR(SynchronizeStreams());  // as DoFreeStaging
+    // As DoFreeStaging; unpinned whatever the streams say, or the pin
+    // would outlive the range the base class has forgotten.
+    Status synced = SynchronizeStreams();
     const cudaError_t err = cudaHostUnregister(data);
     if (err != cudaSuccess) return CudaError("cudaHostUnregister", err);
-    return Status::Ok();
+    return synced;
   }
 
   Status DoCreateStream(StreamId stream, uint32_t device) override {

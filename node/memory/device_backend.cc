@@ -150,6 +150,14 @@ Status DeviceBackend::RegisterHost(void* data, uint64_t bytes) {
   return Status::Ok();
 }
 
+bool DeviceBackend::IsRegistered(const void* p, uint64_t bytes) const {
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  auto it = registered_.upper_bound(a);
+  if (it == registered_.begin()) return false;
+  --it;
+  return a - it->first < it->second && bytes <= it->second - (a - it->first);
+}
+
 Status DeviceBackend::UnregisterHost(const void* data) {
   auto it = registered_.find(reinterpret_cast<uintptr_t>(data));
   if (it == registered_.end()) {

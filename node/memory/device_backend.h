@@ -254,6 +254,9 @@ class DeviceBackend {
   virtual Result<bool> DoIsDone(StreamId stream, uint64_t seq) = 0;
   virtual Status DoWait(StreamId stream, uint64_t seq) = 0;
 
+  // True when [p, p + bytes) lies in a registered range.
+  bool IsRegistered(const void* p, uint64_t bytes) const;
+
   // Destroys every stream, frees every arena and staging buffer and
   // unregisters every host range still held. Each implementation's destructor calls it first, while its Do*
   // functions can still run.

@@ -79,7 +79,8 @@ DeviceTier::DeviceTier(DeviceBackend* backend, std::vector<uint64_t> gpu_budget_
       gpu_budget_bytes_(std::move(gpu_budget_bytes)),
       options_(options),
       table_(std::move(table)),
-      lanes_(backend->device_count()) {
+      lanes_(backend->device_count()),
+      direct_lanes_(backend->device_count()) {
   for (uint64_t bytes : gpu_budget_bytes_) budgets_.push_back(std::make_unique<DeviceBudget>(bytes));
 }
 
@@ -94,6 +95,12 @@ Status DeviceTier::Init() {
       lanes.push_back(Lane{stream, {}, false, {}});  // the destructor destroys it on failure below
       DSVM_ASSIGN_OR_RETURN(lanes.back().staging, backend_->AllocateStaging(options_.batch_bytes));
     }
+    // Direct copies get streams of their own, so that they never hold up
+    // the staging of a lane's next batch.
+    while (options_.direct_copies && direct_lanes_[gpu].size() < 2) {
+      DSVM_ASSIGN_OR_RETURN(StreamId stream, backend_->CreateStream(gpu));
+      direct_lanes_[gpu].push_back(Lane{stream, {}, false, {}});
+    }
   }
   return Status::Ok();
 }
@@ -101,11 +108,13 @@ Status DeviceTier::Init() {
 DeviceTier::~DeviceTier() {
   for (const auto& [base, store] : stores_) store->SetPunchListener({});
   Unregister(0, ~uint64_t{0});
-  for (std::vector<Lane>& lanes : lanes_) {
-    for (Lane& lane : lanes) {
-      // Both wait for queued copies first; errors here have no one to go to.
-      backend_->DestroyStream(lane.stream).IgnoreError();
-      if (lane.staging.data != nullptr) backend_->FreeStaging(lane.staging.data).IgnoreError();
+  for (auto* all : {&lanes_, &direct_lanes_}) {
+    for (std::vector<Lane>& lanes : *all) {
+      for (Lane& lane : lanes) {
+        // Both wait for queued copies first; errors here have no one to go to.
+        backend_->DestroyStream(lane.stream).IgnoreError();
+        if (lane.staging.data != nullptr) backend_->FreeStaging(lane.staging.data).IgnoreError();
+      }
     }
   }
   for (const auto& [page, placed] : slots_) placed.pool->Free(placed.slot).IgnoreError();
@@ -151,9 +160,9 @@ Status DeviceTier::AddRegion(PageStore* store) {
   region_pools_[base] = std::move(pools);
   stores_[base] = store;
   // Runs on whichever thread punches. Copy threads may (a write-back that
-  // detaches a transfer's view), but only pages staged, whose blocks are
-  // not registered: Unregister then only reads registered_, which changes
-  // on the calling thread alone, outside ParallelFor.
+  // detaches a transfer's view), but TakeDirect unregisters the block of
+  // every page with a view first: Unregister then only reads registered_,
+  // which changes on the calling thread alone, outside ParallelFor.
   store->SetPunchListener([this](PageAddr first, uint64_t bytes) { Unregister(first, bytes); });
   return Status::Ok();
 }
@@ -166,6 +175,8 @@ void DeviceTier::Unregister(PageAddr first, uint64_t bytes) {
     --it;
   }
   while (it != registered_.end() && it->first < end) {
+    DSVM_CHECK_MSG(!copying_.load(std::memory_order_relaxed),
+                   "a registered block punched by a copy thread");
     // Waits for the copies queued (none: every call returns with its copies
     // done). A device error here leaves the tier failed, as a copy's would.
     Status s = backend_->UnregisterHost(it->second.data);
@@ -186,42 +197,44 @@ bool DeviceTier::Follows(const DirectMove& a, const DirectMove& b) {
 std::vector<DeviceTier::DirectMove> DeviceTier::TakeDirect(std::vector<Move>* moves) {
   std::vector<DirectMove> direct;
   if (!options_.direct_copies || register_refused_) return direct;
-  // Each move's bytes in a registered block (host null: none).
+  // Each move's bytes in its block's mapping here, registered or not yet
+  // (host null: staged). Blocks looked at, per call: their mapping, or
+  // null when they cannot go direct now.
   std::vector<DirectMove> place(moves->size());
-  std::unordered_set<PageAddr> holes;  // blocks found not all in the memfd
+  std::unordered_map<PageAddr, std::optional<PageStore::Block>> blocks;
+  // A page a transfer holds a view of is staged, and so is its block: the
+  // store detaches the view before the page changes, and may punch it (from
+  // a copy thread), so the block must not stay registered meanwhile.
+  for (const Move& m : *moves) {
+    if (m.store->view_count() != 0 && m.store->HasView(m.page)) {
+      const auto [first, bytes] = m.store->BlockOf(m.page);
+      Unregister(first, bytes);
+      blocks[first] = std::nullopt;
+    }
+  }
   for (size_t i = 0; i < moves->size(); ++i) {
     const Move& m = (*moves)[i];
     place[i].move = m;
-    // A retained page's bytes are not in the memfd, and its block has a
-    // hole where it was.
-    if (m.store->IsRetained(m.page)) continue;
     const auto [first, bytes] = m.store->BlockOf(m.page);
-    auto it = registered_.find(first);
-    if (it == registered_.end() && !register_refused_ && !holes.contains(first)) {
-      std::optional<PageStore::Block> block = m.store->MapBlock(m.page);
-      Status s = block ? backend_->RegisterHost(block->data, block->bytes)
-                       : FailedPrecondition("not all in the memfd");
-      if (s.ok()) {
-        it = registered_.emplace(first, Registered{block->data, block->bytes}).first;
-        ++stats_.blocks_registered;
-      } else if (!block) {
-        holes.insert(first);
-      } else {
-        // kFailedPrecondition: this memory cannot be pinned at all;
-        // kResourceExhausted: not now (staged, and asked again later).
-        if (s.code() == StatusCode::kFailedPrecondition) register_refused_ = true;
-        LogError("GPU tier: pinning a region's pages for direct copies: " + s.ToString() +
-                 (register_refused_ ? "; every copy goes through staging" : ""));
-      }
+    // A retained page's bytes are not in the memfd.
+    if (m.store->IsRetained(m.page)) continue;
+    auto b = blocks.find(first);
+    if (b == blocks.end()) {
+      auto r = registered_.find(first);
+      std::optional<PageStore::Block> block =
+          r != registered_.end() ? PageStore::Block{r->second.data, first, r->second.bytes}
+                                 : m.store->MapBlock(m.page);
+      b = blocks.emplace(first, block).first;
     }
-    if (it == registered_.end()) continue;
-    place[i].host = it->second.data + (m.page - first);
-    place[i].block_end = it->second.data + it->second.bytes;
+    if (!b->second) continue;
+    place[i].host = b->second->data + (m.page - first);
+    place[i].block_end = b->second->data + b->second->bytes;
   }
   // Neighbours copy as one; a run under direct_min_bytes is staged, where
   // it joins its neighbours in one copy (the moves are in slot order), not
-  // one copy call per small page.
+  // one copy call per small page. A block is registered only for a run.
   std::vector<Move> staged;
+  bool logged = false;
   for (size_t i = 0; i < place.size();) {
     size_t j = i + 1;
     uint64_t bytes = place[i].move.bytes;
@@ -230,7 +243,29 @@ std::vector<DeviceTier::DirectMove> DeviceTier::TakeDirect(std::vector<Move>* mo
         bytes += place[j].move.bytes;
       }
     }
-    const bool go_direct = place[i].host != nullptr && bytes >= options_.direct_min_bytes;
+    bool go_direct = place[i].host != nullptr && bytes >= options_.direct_min_bytes;
+    for (size_t k = i; go_direct && k < j; ++k) {
+      const auto [first, block_bytes] = place[k].move.store->BlockOf(place[k].move.page);
+      if (registered_.contains(first)) continue;
+      uint8_t* base = place[k].host - (place[k].move.page - first);
+      Status s = register_refused_ ? FailedPrecondition("refused before")
+                                   : backend_->RegisterHost(base, block_bytes);
+      if (s.ok()) {
+        registered_.emplace(first, Registered{base, block_bytes});
+        ++stats_.blocks_registered;
+        continue;
+      }
+      // kFailedPrecondition: this memory cannot be pinned at all, so no
+      // block is asked again; otherwise (kResourceExhausted: not now) the
+      // run is staged this time.
+      if (s.code() == StatusCode::kFailedPrecondition) register_refused_ = true;
+      if (!logged) {
+        LogError("GPU tier: pinning a region's pages for direct copies: " + s.ToString() +
+                 (register_refused_ ? "; every copy goes through staging from now on" : ""));
+        logged = true;
+      }
+      go_direct = false;
+    }
     for (; i < j; ++i) {
       if (go_direct) {
         direct.push_back(place[i]);
@@ -245,7 +280,7 @@ std::vector<DeviceTier::DirectMove> DeviceTier::TakeDirect(std::vector<Move>* mo
 
 Status DeviceTier::QueueDirect(uint32_t gpu, const std::vector<DirectMove>& direct,
                                bool to_device) {
-  std::vector<Lane>& lanes = lanes_[gpu];
+  std::vector<Lane>& lanes = direct_lanes_[gpu];
   std::vector<HostToDevice> in;
   std::vector<DeviceToHost> out;
   size_t next_lane = 0;
@@ -275,7 +310,10 @@ Status DeviceTier::QueueDirect(uint32_t gpu, const std::vector<DirectMove>& dire
       last = &d;
       bytes += d.move.bytes;
     }
+    // One batch in flight per lane: the wait calls keep_alive, as the
+    // staged batches' do, however many gigabytes the call moves.
     Lane& lane = lanes[next_lane++ % lanes.size()];
+    DSVM_RETURN_IF_ERROR(Drain(lane));
     DSVM_RETURN_IF_ERROR(to_device ? backend_->CopyToDevice(lane.stream, in)
                                    : backend_->CopyToHost(lane.stream, out));
     // A later fence on the lane's stream covers its earlier batch too.
@@ -1097,6 +1135,7 @@ Status DeviceTier::ParallelFor(size_t n, const std::function<Status(size_t)>& fn
   if (copiers_ == nullptr || n <= 1) {
     for (size_t k = 0; k < n; ++k) run(k);
   } else {
+    copying_.store(true, std::memory_order_relaxed);
     std::latch done(static_cast<std::ptrdiff_t>(n - 1));
     for (size_t k = 1; k < n; ++k) {
       boost::asio::post(copiers_->pool, [&, k] {
@@ -1106,6 +1145,7 @@ Status DeviceTier::ParallelFor(size_t n, const std::function<Status(size_t)>& fn
     }
     run(0);
     done.wait();
+    copying_.store(false, std::memory_order_relaxed);
   }
   for (Status& s : results) {
     if (!s.ok()) return std::move(s);
@@ -1121,11 +1161,12 @@ Status DeviceTier::CopyMovesToDevice(uint32_t gpu, const std::vector<Move>& all_
   // A device error (kInternal) may leave a copy queued with no fence after
   // it; the backend must not be used further (its contract): the tier fails.
   auto drain_all = [&](Status s) {
-    s = DrainAll(lanes, std::move(s));
+    s = DrainAll(direct_lanes_[gpu], DrainAll(lanes, std::move(s)));
     return s.code() == StatusCode::kInternal ? Fail(std::move(s)) : s;
   };
   auto lane_of = [&](size_t batch) -> Lane& { return lanes[batch % lanes.size()]; };
-  // Direct copies first: the device moves them while the rest is staged.
+  // Direct copies first, on their own streams: the device moves them
+  // while the rest is staged.
   std::vector<Move> moves = all_moves;
   if (Status s = QueueDirect(gpu, TakeDirect(&moves), /*to_device=*/true); !s.ok()) {
     return drain_all(std::move(s));
@@ -1159,9 +1200,11 @@ Status DeviceTier::CopyMovesToDevice(uint32_t gpu, const std::vector<Move>& all_
     }
   }
   Status first_error;
-  for (Lane& lane : lanes) {
-    Status s = Drain(lane);
-    if (first_error.ok() && !s.ok()) first_error = std::move(s);
+  for (auto* all : {&lanes, &direct_lanes_[gpu]}) {
+    for (Lane& lane : *all) {
+      Status s = Drain(lane);
+      if (first_error.ok() && !s.ok()) first_error = std::move(s);
+    }
   }
   return first_error.code() == StatusCode::kInternal ? Fail(std::move(first_error)) : first_error;
 }
@@ -1170,18 +1213,14 @@ Status DeviceTier::WriteBackMoves(uint32_t gpu, const std::vector<Move>& all_mov
   std::vector<Lane>& lanes = lanes_[gpu];
   const size_t wave = options_.copy_threads;
   DSVM_CHECK(lanes.size() >= 2 * wave);
-  auto drain_all = [&](Status s) { return DrainAll(lanes, std::move(s)); };
+  std::vector<Lane>& direct_lanes = direct_lanes_[gpu];
+  auto drain_all = [&](Status s) { return DrainAll(direct_lanes, DrainAll(lanes, std::move(s))); };
   auto lane_of = [&](size_t batch) -> Lane& { return lanes[batch % lanes.size()]; };
-  // Direct copies first, into the stores' memfds; the staged batches below
-  // start on idle lanes.
+  // Direct copies first, into the stores' memfds, on their own streams,
+  // while the rest goes through staging below.
   std::vector<Move> moves = all_moves;
-  if (std::vector<DirectMove> direct = TakeDirect(&moves); !direct.empty()) {
-    Status s = QueueDirect(gpu, direct, /*to_device=*/false);
-    for (Lane& lane : lanes) {
-      if (!s.ok()) break;
-      s = Drain(lane);
-    }
-    if (!s.ok()) return drain_all(std::move(s));
+  if (Status s = QueueDirect(gpu, TakeDirect(&moves), /*to_device=*/false); !s.ok()) {
+    return drain_all(std::move(s));
   }
   const std::vector<Batch> batches = SplitBatches(moves);
   // Queues batch b's copy into its lane's staging.
@@ -1251,6 +1290,10 @@ Status DeviceTier::WriteBackMoves(uint32_t gpu, const std::vector<Move>& all_mov
   if (!batches.empty()) {
     const size_t last = (batches.size() - 1) / wave * wave;
     Status s = complete(last, batches.size() - last);
+    if (!s.ok()) return drain_all(std::move(s));
+  }
+  for (Lane& lane : direct_lanes) {
+    Status s = Drain(lane);
     if (!s.ok()) return drain_all(std::move(s));
   }
   return Status::Ok();

@@ -65,6 +65,7 @@
 #ifndef DSVM_NODE_MEMORY_DEVICE_TIER_H_
 #define DSVM_NODE_MEMORY_DEVICE_TIER_H_
 
+#include <atomic>
 #include <cstdint>
 #include <deque>
 #include <functional>
@@ -385,9 +386,10 @@ class DeviceTier {
   // registered now, in runs of direct_min_bytes or more), taken out of it;
   // the rest stay, in order.
   std::vector<DirectMove> TakeDirect(std::vector<Move>* moves);
-  // Queues the copies of `direct` on `gpu`'s lanes in turn, up to
-  // batch_bytes each (no staging buffer), and records a fence after each:
-  // host to device with `to_device`, else back.
+  // Queues the copies of `direct` on `gpu`'s direct lanes in turn, up to
+  // batch_bytes each, and records a fence after each: host to device with
+  // `to_device`, else back. One batch in flight per lane (a lane is drained
+  // before its next); the caller drains the last ones.
   Status QueueDirect(uint32_t gpu, const std::vector<DirectMove>& direct, bool to_device);
   // Ends the registrations of blocks overlapping [first, first + bytes).
   void Unregister(PageAddr first, uint64_t bytes);
@@ -433,6 +435,11 @@ class DeviceTier {
   std::unordered_map<const DevicePagePool*, int> table_index_;
   std::unique_ptr<TierTable> table_;
   std::vector<std::vector<Lane>> lanes_;   // per GPU (index = device number)
+  // Per GPU, the streams of direct copies (no staging buffers), with
+  // direct_copies.
+  std::vector<std::vector<Lane>> direct_lanes_;
+  // True while copy threads run (ParallelFor): no registration may end then.
+  std::atomic<bool> copying_{false};
   // copy_threads - 1 threads beside the caller's (a Boost.Asio thread pool,
   // in device_tier.cc); null with one.
   struct Copiers;

@@ -13,6 +13,7 @@
 #include <thread>
 #include <unordered_map>
 #include <utility>
+#include <vector>
 
 namespace dsvm::node {
 namespace {
@@ -200,6 +201,30 @@ class EmulatedDeviceBackend final : public DeviceBackend {
     return Status::Ok();
   }
 
+  // What cuda would get wrong without a word: registered host memory whose
+  // pages left it (a punch in a memfd while registered; the GPU would copy
+  // the old, pinned pages). Here the copy goes through the address, which
+  // would hide that, so it is refused (kInternal: a bug of the caller).
+  Status CheckStillThere(const void* p, uint64_t bytes) const {
+    if (!IsRegistered(p, bytes)) return Status::Ok();
+    const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+    const uintptr_t first = reinterpret_cast<uintptr_t>(p) / page * page;
+    const uintptr_t end = reinterpret_cast<uintptr_t>(p) + bytes;
+    std::vector<unsigned char> vec((end - first + page - 1) / page);
+    if (mincore(reinterpret_cast<void*>(first), end - first, vec.data()) != 0) {
+      return Internal(std::string("emulated: mincore of registered host memory: ") +
+                      std::strerror(errno));
+    }
+    for (unsigned char v : vec) {
+      if ((v & 1) == 0) {
+        return Internal("emulated: registered host memory at " +
+                        std::to_string(reinterpret_cast<uintptr_t>(p)) +
+                        " has pages no longer in memory: they left while registered");
+      }
+    }
+    return Status::Ok();
+  }
+
   // Host memory needs no pinning here; the base class keeps the ranges, so
   // the rules on them are the same as cuda's.
   Status DoRegisterHost(void*, uint64_t) override { return Status::Ok(); }
@@ -222,6 +247,7 @@ class EmulatedDeviceBackend final : public DeviceBackend {
   }
 
   Status DoCopyToDevice(StreamId stream, std::span<const HostToDevice> batch) override {
+    for (const HostToDevice& c : batch) DSVM_RETURN_IF_ERROR(CheckStillThere(c.src, c.bytes));
     EmulatedStream& s = *streams_.at(stream.value);
     for (const HostToDevice& c : batch) {
       s.PushCopy(reinterpret_cast<uint8_t*>(c.dst), static_cast<const uint8_t*>(c.src), c.bytes);
@@ -230,6 +256,7 @@ class EmulatedDeviceBackend final : public DeviceBackend {
   }
 
   Status DoCopyToHost(StreamId stream, std::span<const DeviceToHost> batch) override {
+    for (const DeviceToHost& c : batch) DSVM_RETURN_IF_ERROR(CheckStillThere(c.dst, c.bytes));
     EmulatedStream& s = *streams_.at(stream.value);
     for (const DeviceToHost& c : batch) {
       s.PushCopy(static_cast<uint8_t*>(c.dst), reinterpret_cast<const uint8_t*>(c.src), c.bytes);

@@ -261,17 +261,25 @@ std::pair<PageAddr, uint64_t> PageStore::BlockOf(PageAddr page) const {
 }
 
 std::optional<PageStore::Block> PageStore::MapBlock(PageAddr page) {
-  if (mapped_ == nullptr || IsRetained(page) || !MapForCopies(page, /*allocate=*/false)) {
-    return std::nullopt;
-  }
-  // MapForCopies maps the whole block when all of it is in the memfd, and
-  // the page alone when only the page is. A page being received in place is
-  // in the memfd too, but is punched again, not through PunchBytes, when
-  // its transfer is dropped: no block with a view.
+  if (mapped_ == nullptr || IsRetained(page)) return std::nullopt;
+  // A page being received in place is in the memfd too, but is punched
+  // again when its transfer is dropped, and not through PunchBytes (which
+  // the mapped flags and the punch listener hear of): no block with a view.
+  // A view may also have been dropped so since the block was mapped here:
+  // the memfd itself must say every page is there.
   const auto [first, bytes] = BlockOf(page);
+  for (uint64_t i = 0; views_.count() != 0 && i < bytes / page_size_; ++i) {
+    if (HasView(first + i * page_size_)) return std::nullopt;
+  }
+  Result<std::vector<unsigned char>> resident = Residency(first, bytes);
+  if (!resident.ok() || !AllResident(*resident)) return std::nullopt;
+  // All of it is in the memfd: mapping a page not mapped here yet maps the
+  // whole block (MapForCopies).
   for (uint64_t i = 0; i < bytes / page_size_; ++i) {
     const PageAddr p = first + i * page_size_;
-    if (!IsMapped(p) || (views_.count() != 0 && HasView(p))) return std::nullopt;
+    if (!IsMapped(p) && (!MapForCopies(p, /*allocate=*/false) || !IsMapped(p))) {
+      return std::nullopt;
+    }
   }
   return Block{MapOf(first), first, bytes};
 }

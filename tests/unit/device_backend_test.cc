@@ -9,6 +9,8 @@
 //   GPU is present.
 #include "node/memory/device_backend.h"
 
+#include <fcntl.h>
+#include <linux/falloc.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -421,6 +423,38 @@ TEST(DeviceBackendFactoryTest, CudaIsUnavailableWithoutCudaOrGpu) {
     EXPECT_EQ(b.status().code(), StatusCode::kUnavailable) << b.status().ToString();
     EXPECT_NE(b.status().message().find("GPU"), std::string::npos) << b.status().message();
   }
+}
+
+// The emulated backend copies through the address, so a registered range
+// whose pages left it (punched from a memfd) would copy fine here while
+// cuda would copy the old pinned pages: it refuses such a copy instead.
+TEST(EmulatedDeviceBackendTest, ACopyOfRegisteredPagesThatLeftIsRefused) {
+  auto b = MakeDeviceBackend("emulated");
+  ASSERT_TRUE(b.ok());
+  DeviceBackend& backend = **b;
+  constexpr size_t kBytes = 64 << 10;
+  const int fd = memfd_create("device-backend-test", MFD_CLOEXEC);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(ftruncate(fd, kBytes), 0);
+  auto* map = static_cast<uint8_t*>(mmap(nullptr, kBytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0));
+  ASSERT_NE(map, MAP_FAILED);
+  std::memset(map, 7, kBytes);
+  ASSERT_TRUE(backend.RegisterHost(map, kBytes).ok());
+  auto arena = backend.AllocateArena(0, kBytes);
+  auto stream = backend.CreateStream(0);
+  ASSERT_TRUE(arena.ok() && stream.ok());
+  EXPECT_TRUE(backend.CopyToDevice(*stream, map, arena->base, kBytes).ok());
+  ASSERT_EQ(fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 8192, 4096), 0);
+  EXPECT_EQ(backend.CopyToDevice(*stream, map, arena->base, kBytes).code(), StatusCode::kInternal);
+  EXPECT_EQ(backend.CopyToHost(*stream, arena->base, map + 8192, 4096).code(),
+            StatusCode::kInternal);
+  EXPECT_TRUE(backend.CopyToDevice(*stream, map + 12288, arena->base, 4096).ok())
+      << "pages still there copy";
+  ASSERT_TRUE(backend.UnregisterHost(map).ok());
+  EXPECT_TRUE(backend.CopyToDevice(*stream, map, arena->base, kBytes).ok()) << "plain memory again";
+  (*b).reset();
+  EXPECT_EQ(munmap(map, kBytes), 0);
+  close(fd);
 }
 
 TEST(EmulatedDeviceBackendTest, CreateRefusesBadOptions) {

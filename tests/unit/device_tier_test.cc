@@ -82,7 +82,7 @@ struct TierParam {
 // One region (a PageStore of random bytes), a pool per GPU, a tier over them,
 // and a model of what each page's bytes should be. Every test runs with the
 // caller alone staging copies (1 copy thread) and with 3 copy threads
-// (waves of 3 batches staged at once on 6 lanes), staged, and once more
+// (waves of 3 batches staged at once on 6 lanes), staged, and both again
 // with direct copies (the region's bytes are all in its memfd, so every
 // page copies direct, unless a test makes holes).
 class DeviceTierTest : public testing::TestWithParam<TierParam> {
@@ -177,7 +177,7 @@ class DeviceTierTest : public testing::TestWithParam<TierParam> {
 
 INSTANTIATE_TEST_SUITE_P(CopyThreads, DeviceTierTest,
                          testing::Values(TierParam{1, false}, TierParam{3, false},
-                                         TierParam{3, true}),
+                                         TierParam{1, true}, TierParam{3, true}),
                          [](const testing::TestParamInfo<TierParam>& info) {
                            return "Threads" + std::to_string(info.param.copy_threads) +
                                   (info.param.direct ? "Direct" : "");
@@ -678,6 +678,40 @@ TEST_P(DeviceTierTest, ShortDirectRunsAreStaged) {
   ASSERT_TRUE(tier_->Unpin(run).ok());
 }
 
+// A page a transfer holds a view of (a send in flight) is staged, and its
+// block let go first: the write-back detaches the view (which keeps the
+// bytes it lent) before the page changes, and may punch the page, from a
+// copy thread. Once the view is gone the block goes direct again.
+TEST_P(DeviceTierTest, APageWithATransfersViewIsStagedAndItsBlockLetGo) {
+  TierConfig c;
+  c.direct = 1;
+  c.devices = 1;
+  c.batch_pages = 2;  // several batches: the copy threads write back at once
+  Build(c);
+  const std::vector<PageAddr> pages = Pages(Range(0, 8));
+  auto ptrs = tier_->MakeResident(kBase, pages, 0, /*for_write=*/true, 1);
+  ASSERT_TRUE(ptrs.ok()) << ptrs.status().ToString();
+  EXPECT_EQ(backend_->registered_count(), 1u);
+  const std::vector<uint8_t> lent = model_[3];
+  auto view = store_->LendForSend(P(3));
+  ASSERT_TRUE(view.ok()) << view.status().ToString();
+  for (size_t i = 0; i < 8; ++i) KernelWrite(0, i, (*ptrs)[i]);
+  ASSERT_TRUE(tier_->WriteBack(pages).ok());
+  EXPECT_EQ(tier_->stats().direct_pages_to_host, 0u);
+  EXPECT_EQ(backend_->registered_count(), 0u);
+  for (size_t i = 0; i < 8; ++i) EXPECT_EQ(ReadStore(i), model_[i]) << i;
+  EXPECT_EQ(0, std::memcmp(view->get(), lent.data(), kPage)) << "the view keeps what it lent";
+  view->reset();
+  ASSERT_TRUE(tier_->Unpin(pages).ok());
+  ASSERT_TRUE(tier_->Drop(pages).ok());
+  auto again = tier_->MakeResident(kBase, pages, 0, false, 2);
+  ASSERT_TRUE(again.ok()) << again.status().ToString();
+  EXPECT_EQ(tier_->stats().direct_pages_to_device, 16u);
+  EXPECT_EQ(backend_->registered_count(), 1u);
+  for (size_t i = 0; i < 8; ++i) EXPECT_EQ(ReadDevice(0, (*again)[i]), model_[i]) << i;
+  ASSERT_TRUE(tier_->Unpin(pages).ok());
+}
+
 // A punch in a registered block (the node gives a page up, retains it,
 // or discards the region) ends the block's registration before the page
 // goes, since the pinned page would no longer be the memfd's. A block with
@@ -783,12 +817,13 @@ TEST(DeviceTierCreateTest, RefusesBadOptions) {
     EXPECT_EQ((*t)->AddRegion(store->get()).code(), kInvalid);
     EXPECT_EQ((*t)->pool_count(), 0u);
   }
-  // The tier's streams and staging go with it.
+  // The tier's streams and staging go with it: a lane each, and two
+  // streams for direct copies.
   const size_t streams = (*b)->stream_count();
   {
     auto t = DeviceTier::Create(b->get(), budgets);
     ASSERT_TRUE(t.ok());
-    EXPECT_EQ((*b)->stream_count(), streams + 2);
+    EXPECT_EQ((*b)->stream_count(), streams + 2 + 2);
     EXPECT_EQ((*b)->staging_count(), 2u);
   }
   EXPECT_EQ((*b)->stream_count(), streams);
@@ -799,7 +834,7 @@ TEST(DeviceTierCreateTest, RefusesBadOptions) {
   {
     auto t = DeviceTier::Create(b->get(), budgets, o);
     ASSERT_TRUE(t.ok());
-    EXPECT_EQ((*b)->stream_count(), streams + 6);
+    EXPECT_EQ((*b)->stream_count(), streams + 6 + 2);
     EXPECT_EQ((*b)->staging_count(), 6u);
   }
 }
