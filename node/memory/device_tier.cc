@@ -1032,6 +1032,17 @@ Status DeviceTier::Execute(const TierSteps& steps, std::vector<PageAddr>* placed
   for (const TierStep& step : steps) {
     if (step.kind == TierStepKind::kFreeSlot) FreeSlotOf(step.page);
   }
+  auto place = [&](DevicePagePool* pool, PageAddr page, DeviceSlot slot) {
+    slots_[page] = Placed{pool, slot};
+    OccupantOf(pool, slot.index);  // sizes the table
+    occupants_[pool][slot.index] = page;
+    if (placed != nullptr) placed->push_back(page);
+  };
+  // Slots a run must take first; then, per pool, the others in address
+  // order of their pages: a pool hands out freed slots last-freed first,
+  // and pages freed in order would come back in the opposite one, so
+  // neighbouring pages would no longer copy as one.
+  std::map<DevicePagePool*, std::vector<PageAddr>> fresh;
   for (const TierStep& step : steps) {
     if (step.kind != TierStepKind::kAllocateSlot) continue;
     PageStore* store = StoreOf(step.page);
@@ -1039,12 +1050,27 @@ Status DeviceTier::Execute(const TierSteps& steps, std::vector<PageAddr>* placed
     DevicePagePool* pool = MutablePoolOf(step.gpu, store->base());
     DSVM_CHECK(pool != nullptr);
     auto forced = forced_.find(step.page);
-    DSVM_ASSIGN_OR_RETURN(DeviceSlot slot, forced != forced_.end() ? pool->Take(forced->second)
-                                                                    : pool->Allocate());
-    slots_[step.page] = Placed{pool, slot};
-    OccupantOf(pool, slot.index);  // sizes the table
-    occupants_[pool][slot.index] = step.page;
-    if (placed != nullptr) placed->push_back(step.page);
+    if (forced == forced_.end()) {
+      fresh[pool].push_back(step.page);
+      continue;
+    }
+    DSVM_ASSIGN_OR_RETURN(DeviceSlot slot, pool->Take(forced->second));
+    place(pool, step.page, slot);
+  }
+  for (auto& [pool, pages] : fresh) {
+    std::vector<DeviceSlot> got;
+    for (size_t i = 0; i < pages.size(); ++i) {
+      Result<DeviceSlot> slot = pool->Allocate();
+      if (!slot.ok()) {
+        for (const DeviceSlot& g : got) pool->Free(g).IgnoreError();
+        return slot.status();
+      }
+      got.push_back(*slot);
+    }
+    std::sort(pages.begin(), pages.end());
+    std::sort(got.begin(), got.end(),
+              [](const DeviceSlot& a, const DeviceSlot& b) { return a.index < b.index; });
+    for (size_t i = 0; i < pages.size(); ++i) place(pool, pages[i], got[i]);
   }
   // 3. Copies to the device, per GPU.
   by_gpu.clear();

@@ -678,6 +678,30 @@ TEST_P(DeviceTierTest, ShortDirectRunsAreStaged) {
   ASSERT_TRUE(tier_->Unpin(run).ok());
 }
 
+// Pages dropped in order and brought back take their freed slots in the
+// same order (a pool hands out the last freed first): neighbours stay
+// neighbours on the device, and copy as one, direct.
+TEST_P(DeviceTierTest, PagesTakeFreedSlotsInAddressOrder) {
+  TierConfig c;
+  c.direct = 1;
+  c.direct_min_pages = 4;
+  c.devices = 1;
+  Build(c);
+  const std::vector<PageAddr> pages = Pages(Range(0, 8));
+  for (uint64_t round = 1; round <= 2; ++round) {
+    SCOPED_TRACE(round);
+    const DeviceTierStats before = tier_->stats();
+    auto ptrs = tier_->MakeResident(kBase, pages, 0, false, round);
+    ASSERT_TRUE(ptrs.ok()) << ptrs.status().ToString();
+    for (size_t i = 1; i < 8; ++i) EXPECT_EQ((*ptrs)[i], (*ptrs)[i - 1] + kPage) << i;
+    EXPECT_EQ(tier_->stats().direct_pages_to_device - before.direct_pages_to_device, 8u);
+    EXPECT_EQ(tier_->stats().to_device_entries - before.to_device_entries, 2u);  // 2 batches of 4
+    for (size_t i = 0; i < 8; ++i) EXPECT_EQ(ReadDevice(0, (*ptrs)[i]), model_[i]) << i;
+    ASSERT_TRUE(tier_->Unpin(pages).ok());
+    ASSERT_TRUE(tier_->Drop(pages).ok());
+  }
+}
+
 // A page a transfer holds a view of (a send in flight) is staged, and its
 // block let go first: the write-back detaches the view (which keeps the
 // bytes it lent) before the page changes, and may punch the page, from a
