@@ -52,6 +52,27 @@ void PrintTo(const BackendParam& p, std::ostream* os) { *os << p.label; }
 
 std::string ParamName(const testing::TestParamInfo<BackendParam>& info) { return info.param.label; }
 
+// A memfd of `bytes` mapped shared here, as a region's store maps its own;
+// map is null when something failed.
+struct MappedMemfd {
+  explicit MappedMemfd(size_t n) : bytes(n) {
+    fd = memfd_create("device-backend-test", MFD_CLOEXEC);
+    void* p = fd >= 0 && ftruncate(fd, static_cast<off_t>(n)) == 0
+                  ? mmap(nullptr, n, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+                  : MAP_FAILED;
+    map = p == MAP_FAILED ? nullptr : static_cast<uint8_t*>(p);
+  }
+  ~MappedMemfd() {
+    if (map != nullptr) munmap(map, bytes);
+    if (fd >= 0) close(fd);
+  }
+  MappedMemfd(const MappedMemfd&) = delete;
+  MappedMemfd& operator=(const MappedMemfd&) = delete;
+  size_t bytes;
+  int fd = -1;
+  uint8_t* map = nullptr;
+};
+
 class DeviceBackendTest : public testing::TestWithParam<BackendParam> {
  protected:
   void SetUp() override {
@@ -327,11 +348,9 @@ TEST_P(DeviceBackendTest, RefusesBadArguments) {
 TEST_P(DeviceBackendTest, RegisteredHostMemoryCopiesBothWaysInPlace) {
   const auto kInvalid = StatusCode::kInvalidArgument;
   constexpr size_t kBytes = 4 << 20;
-  const int fd = memfd_create("device-backend-test", MFD_CLOEXEC);
-  ASSERT_GE(fd, 0);
-  ASSERT_EQ(ftruncate(fd, kBytes), 0);
-  auto* map = static_cast<uint8_t*>(mmap(nullptr, kBytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0));
-  ASSERT_NE(map, MAP_FAILED);
+  MappedMemfd memfd(kBytes);
+  ASSERT_NE(memfd.map, nullptr);
+  uint8_t* map = memfd.map;
   const std::vector<uint8_t> data = RandomBytes(kBytes, 9);
   std::memcpy(map, data.data(), kBytes);  // every page present, as registration needs
 
@@ -373,9 +392,7 @@ TEST_P(DeviceBackendTest, RegisteredHostMemoryCopiesBothWaysInPlace) {
   EXPECT_TRUE(backend_->DestroyStream(s).ok());
   EXPECT_TRUE(backend_->FreeStaging(buf.data).ok());
   EXPECT_TRUE(backend_->FreeArena(arena.base).ok());
-  backend_.reset();
-  EXPECT_EQ(munmap(map, kBytes), 0);
-  close(fd);
+  backend_.reset();  // before the memory goes
 }
 
 TEST_P(DeviceBackendTest, ArenaLargerThanTheDeviceIsResourceExhausted) {
@@ -433,18 +450,16 @@ TEST(EmulatedDeviceBackendTest, ACopyOfRegisteredPagesThatLeftIsRefused) {
   ASSERT_TRUE(b.ok());
   DeviceBackend& backend = **b;
   constexpr size_t kBytes = 64 << 10;
-  const int fd = memfd_create("device-backend-test", MFD_CLOEXEC);
-  ASSERT_GE(fd, 0);
-  ASSERT_EQ(ftruncate(fd, kBytes), 0);
-  auto* map = static_cast<uint8_t*>(mmap(nullptr, kBytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0));
-  ASSERT_NE(map, MAP_FAILED);
+  MappedMemfd memfd(kBytes);
+  ASSERT_NE(memfd.map, nullptr);
+  uint8_t* map = memfd.map;
   std::memset(map, 7, kBytes);
   ASSERT_TRUE(backend.RegisterHost(map, kBytes).ok());
   auto arena = backend.AllocateArena(0, kBytes);
   auto stream = backend.CreateStream(0);
   ASSERT_TRUE(arena.ok() && stream.ok());
   EXPECT_TRUE(backend.CopyToDevice(*stream, map, arena->base, kBytes).ok());
-  ASSERT_EQ(fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 8192, 4096), 0);
+  ASSERT_EQ(fallocate(memfd.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 8192, 4096), 0);
   EXPECT_EQ(backend.CopyToDevice(*stream, map, arena->base, kBytes).code(), StatusCode::kInternal);
   EXPECT_EQ(backend.CopyToHost(*stream, arena->base, map + 8192, 4096).code(),
             StatusCode::kInternal);
@@ -452,9 +467,7 @@ TEST(EmulatedDeviceBackendTest, ACopyOfRegisteredPagesThatLeftIsRefused) {
       << "pages still there copy";
   ASSERT_TRUE(backend.UnregisterHost(map).ok());
   EXPECT_TRUE(backend.CopyToDevice(*stream, map, arena->base, kBytes).ok()) << "plain memory again";
-  (*b).reset();
-  EXPECT_EQ(munmap(map, kBytes), 0);
-  close(fd);
+  (*b).reset();  // before the memory goes
 }
 
 TEST(EmulatedDeviceBackendTest, CreateRefusesBadOptions) {
