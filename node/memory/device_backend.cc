@@ -15,6 +15,25 @@ std::string Range(uint64_t base, uint64_t bytes) {
   return "[" + Hex(base) + ", " + Hex(base + bytes) + ")";
 }
 
+// Host ranges by base -> bytes (staging buffers, registrations).
+using HostRanges = std::map<uintptr_t, uint64_t>;
+
+// The range of `ranges` that holds address a; end() when none does.
+HostRanges::const_iterator Holding(const HostRanges& ranges, uintptr_t a) {
+  auto it = ranges.upper_bound(a);
+  if (it == ranges.begin()) return ranges.end();
+  --it;
+  return a - it->first < it->second ? it : ranges.end();
+}
+
+// True when [a, a + bytes) overlaps a range of `ranges`.
+bool Overlaps(const HostRanges& ranges, uintptr_t a, uint64_t bytes) {
+  auto it = ranges.lower_bound(a + bytes);  // the first range starting at or past the end
+  if (it == ranges.begin()) return false;
+  --it;
+  return it->first + it->second > a;
+}
+
 }  // namespace
 
 DeviceBackend::DeviceBackend(uint32_t device_count)
@@ -106,12 +125,9 @@ Status DeviceBackend::CheckHostRange(const void* p, uint64_t bytes) const {
   }
   // A copy that starts in pinned memory must end there: the driver treats
   // the whole copy as one or the other.
-  auto runs_past = [&](const std::map<uintptr_t, uint64_t>& ranges, const char* what) {
-    auto it = ranges.upper_bound(a);
-    if (it == ranges.begin()) return Status::Ok();
-    --it;
-    const uint64_t offset = a - it->first;
-    if (offset < it->second && bytes > it->second - offset) {
+  auto runs_past = [&](const HostRanges& ranges, const char* what) {
+    auto it = Holding(ranges, a);
+    if (it != ranges.end() && bytes > it->second - (a - it->first)) {
       return InvalidArgument("host range " + Range(a, bytes) + " runs past the end of " + what +
                              " " + Range(it->first, it->second));
     }
@@ -120,18 +136,6 @@ Status DeviceBackend::CheckHostRange(const void* p, uint64_t bytes) const {
   DSVM_RETURN_IF_ERROR(runs_past(staging_, "staging buffer"));
   return runs_past(registered_, "registered range");
 }
-
-namespace {
-
-// True when [a, a + bytes) overlaps a range of `ranges` (base -> bytes).
-bool Overlaps(const std::map<uintptr_t, uint64_t>& ranges, uintptr_t a, uint64_t bytes) {
-  auto it = ranges.lower_bound(a + bytes);  // the first range starting at or past the end
-  if (it == ranges.begin()) return false;
-  --it;
-  return it->first + it->second > a;
-}
-
-}  // namespace
 
 Status DeviceBackend::RegisterHost(void* data, uint64_t bytes) {
   const auto a = reinterpret_cast<uintptr_t>(data);
@@ -152,10 +156,8 @@ Status DeviceBackend::RegisterHost(void* data, uint64_t bytes) {
 
 bool DeviceBackend::IsRegistered(const void* p, uint64_t bytes) const {
   const auto a = reinterpret_cast<uintptr_t>(p);
-  auto it = registered_.upper_bound(a);
-  if (it == registered_.begin()) return false;
-  --it;
-  return a - it->first < it->second && bytes <= it->second - (a - it->first);
+  auto it = Holding(registered_, a);
+  return it != registered_.end() && bytes <= it->second - (a - it->first);
 }
 
 Status DeviceBackend::UnregisterHost(const void* data) {
