@@ -106,7 +106,7 @@ Status DeviceTier::Init() {
 }
 
 DeviceTier::~DeviceTier() {
-  for (const auto& [base, store] : stores_) store->SetPunchListener({});
+  for (const auto& [base, store] : stores_) store->SetUnpinListener({});
   Unregister(0, ~uint64_t{0});
   for (auto* all : {&lanes_, &direct_lanes_}) {
     for (std::vector<Lane>& lanes : *all) {
@@ -160,10 +160,11 @@ Status DeviceTier::AddRegion(PageStore* store) {
   region_pools_[base] = std::move(pools);
   stores_[base] = store;
   // Runs on whichever thread punches. Copy threads may (a write-back that
-  // detaches a transfer's view), but TakeDirect unregisters the block of
-  // every page with a view first: Unregister then only reads registered_,
-  // which changes on the calling thread alone, outside ParallelFor.
-  store->SetPunchListener([this](PageAddr first, uint64_t bytes) { Unregister(first, bytes); });
+  // detaches a transfer's view), but a block with a view is never
+  // registered (the store calls this before it lends one, and MapBlock
+  // refuses such blocks): Unregister then only reads registered_, which
+  // changes on the calling thread alone, outside ParallelFor.
+  store->SetUnpinListener([this](PageAddr first, uint64_t bytes) { Unregister(first, bytes); });
   return Status::Ok();
 }
 
@@ -197,38 +198,37 @@ bool DeviceTier::Follows(const DirectMove& a, const DirectMove& b) {
 std::vector<DeviceTier::DirectMove> DeviceTier::TakeDirect(std::vector<Move>* moves) {
   std::vector<DirectMove> direct;
   if (!options_.direct_copies || register_refused_) return direct;
-  // Each move's bytes in its block's mapping here, registered or not yet
-  // (host null: staged). Blocks looked at, per call: their mapping, or
-  // null when they cannot go direct now.
-  std::vector<DirectMove> place(moves->size());
-  std::unordered_map<PageAddr, std::optional<PageStore::Block>> blocks;
-  // A page a transfer holds a view of is staged, and so is its block: the
-  // store detaches the view before the page changes, and may punch it (from
-  // a copy thread), so the block must not stay registered meanwhile.
-  for (const Move& m : *moves) {
-    if (m.store->view_count() != 0 && m.store->HasView(m.page)) {
-      const auto [first, bytes] = m.store->BlockOf(m.page);
-      Unregister(first, bytes);
-      blocks[first] = std::nullopt;
+  // The blocks of this call's pages: their mapping here and whether it is
+  // registered yet; none when they cannot go direct now (MapBlock: holes,
+  // a transfer's view).
+  struct BlockState {
+    PageStore::Block block;
+    bool registered;
+  };
+  std::unordered_map<PageAddr, std::optional<BlockState>> blocks;
+  auto state_of = [&](const Move& m) -> std::optional<BlockState>& {
+    const PageAddr first = m.store->BlockOf(m.page).first;
+    auto b = blocks.find(first);
+    if (b != blocks.end()) return b->second;
+    std::optional<BlockState> state;
+    if (auto r = registered_.find(first); r != registered_.end()) {
+      state = BlockState{{r->second.data, first, r->second.bytes}, true};
+    } else if (std::optional<PageStore::Block> block = m.store->MapBlock(m.page)) {
+      state = BlockState{*block, false};
     }
-  }
+    return blocks.emplace(first, state).first->second;
+  };
+  // Each move's bytes in its block's mapping (host null: staged). A
+  // retained page's bytes are not in the memfd.
+  std::vector<DirectMove> place(moves->size());
   for (size_t i = 0; i < moves->size(); ++i) {
     const Move& m = (*moves)[i];
     place[i].move = m;
-    const auto [first, bytes] = m.store->BlockOf(m.page);
-    // A retained page's bytes are not in the memfd.
     if (m.store->IsRetained(m.page)) continue;
-    auto b = blocks.find(first);
-    if (b == blocks.end()) {
-      auto r = registered_.find(first);
-      std::optional<PageStore::Block> block =
-          r != registered_.end() ? PageStore::Block{r->second.data, first, r->second.bytes}
-                                 : m.store->MapBlock(m.page);
-      b = blocks.emplace(first, block).first;
-    }
-    if (!b->second) continue;
-    place[i].host = b->second->data + (m.page - first);
-    place[i].block_end = b->second->data + b->second->bytes;
+    const std::optional<BlockState>& b = state_of(m);
+    if (!b) continue;
+    place[i].host = b->block.data + (m.page - b->block.first);
+    place[i].block_end = b->block.data + b->block.bytes;
   }
   // Neighbours copy as one; a run under direct_min_bytes is staged, where
   // it joins its neighbours in one copy (the moves are in slot order), not
@@ -244,14 +244,21 @@ std::vector<DeviceTier::DirectMove> DeviceTier::TakeDirect(std::vector<Move>* mo
       }
     }
     bool go_direct = place[i].host != nullptr && bytes >= options_.direct_min_bytes;
+    // A run's pages are in one block or in neighbouring ones: the state
+    // changes only where the block does.
+    BlockState* last = nullptr;
     for (size_t k = i; go_direct && k < j; ++k) {
-      const auto [first, block_bytes] = place[k].move.store->BlockOf(place[k].move.page);
-      if (registered_.contains(first)) continue;
-      uint8_t* base = place[k].host - (place[k].move.page - first);
+      BlockState* b = &*state_of(place[k].move);
+      if (b == last || b->registered) {
+        last = b;
+        continue;
+      }
+      last = b;
       Status s = register_refused_ ? FailedPrecondition("refused before")
-                                   : backend_->RegisterHost(base, block_bytes);
+                                   : backend_->RegisterHost(b->block.data, b->block.bytes);
       if (s.ok()) {
-        registered_.emplace(first, Registered{base, block_bytes});
+        registered_.emplace(b->block.first, Registered{b->block.data, b->block.bytes});
+        b->registered = true;
         ++stats_.blocks_registered;
         continue;
       }
@@ -343,7 +350,7 @@ Status DeviceTier::RemoveRegion(PageAddr base) {
   Status s = Execute(steps, nullptr);  // frees only: cannot fail
   DSVM_CHECK_MSG(s.ok(), s.ToString());
   PageStore* store = stores_.at(base);
-  store->SetPunchListener({});
+  store->SetUnpinListener({});
   Unregister(base, store->size());
   stores_.erase(base);
   auto it = region_pools_.find(base);

@@ -23,10 +23,11 @@
 // store is all in the memfd skips the staging buffer: the block's mapping
 // in this process is registered with the backend once (RegisterHost: pinned,
 // so copies run as DMA) and pages copy between it and their slots in place,
-// both ways. A registration lasts until a punch in its block (the store's
-// punch listener; the pinned page would no longer be the memfd's), the
-// region's removal or the tier's end. Retained pages and blocks with holes
-// are staged as above.
+// both ways. A registration lasts until a punch in its block or a
+// transfer's view of one of its pages (the store's unpin listener: the
+// pinned page may no longer be the memfd's), the region's removal or the
+// tier's end. Retained pages, blocks with holes or views, and runs shorter
+// than direct_min_bytes are staged as above.
 // The table emits steps so that this phase order is safe (a page written
 // back before its slot is freed; slots freed before they are reused; a page
 // moved between GPUs written back before it is copied again).

@@ -264,7 +264,7 @@ std::optional<PageStore::Block> PageStore::MapBlock(PageAddr page) {
   if (mapped_ == nullptr || IsRetained(page)) return std::nullopt;
   // A page being received in place is in the memfd too, but is punched
   // again when its transfer is dropped, and not through PunchBytes (which
-  // the mapped flags and the punch listener hear of): no block with a view.
+  // the mapped flags hear of): no block with a view.
   // A view may also have been dropped so since the block was mapped here:
   // the memfd itself must say every page is there.
   const auto [first, bytes] = BlockOf(page);
@@ -362,6 +362,7 @@ Result<std::shared_ptr<const uint8_t>> PageStore::LendForSend(PageAddr page) {
   // A view of a hole would allocate it.
   DSVM_ASSIGN_OR_RETURN(const bool present, IsPresent(page));
   if (!present) return FailedPrecondition("page " + Hex(page) + " is not all in the memfd");
+  if (on_unpin_) on_unpin_(page, page_size_);
   return views_.MapForSend(OffsetOf(page));
 }
 
@@ -372,6 +373,7 @@ Result<std::shared_ptr<uint8_t>> PageStore::ReceiveInPlace(PageAddr page) {
   if (std::any_of(vec.begin(), vec.end(), [](unsigned char v) { return (v & 1) != 0; })) {
     return FailedPrecondition("page " + Hex(page) + " is not a hole");
   }
+  if (on_unpin_) on_unpin_(page, page_size_);
   return views_.MapForReceive(OffsetOf(page));
 }
 
@@ -389,7 +391,7 @@ bool PageStore::Adopt(PageAddr page, const uint8_t* bytes) {
 
 Status PageStore::PunchBytes(PageAddr first, uint64_t bytes) {
   // Cleared first: after a failed punch part of the range may be holes.
-  if (on_punch_) on_punch_(first, bytes);
+  if (on_unpin_) on_unpin_(first, bytes);
   ClearMapped(first, bytes);
   views_.Detach(OffsetOf(first), bytes);
   if (fallocate(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
@@ -408,7 +410,7 @@ Status PageStore::Discard(PageAddr page) {
 Status PageStore::DiscardAll() {
   retained_.clear();
   stashes_.clear();
-  if (on_punch_) on_punch_(base_, size_);
+  if (on_unpin_) on_unpin_(base_, size_);
   ClearMapped(base_, size_);
   views_.Detach(0, size_);
   if (fallocate(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0,

@@ -157,11 +157,13 @@ class PageStore {
   // PageStoreOptions::map_for_copies. Only the
   // owner's thread calls it. REQUIRES: CheckPage(page).ok().
   std::optional<Block> MapBlock(PageAddr page);
-  // `fn(first, bytes)` runs before every punch of [first, first + bytes)
+  // `fn(first, bytes)` runs before the pages of [first, first + bytes) may
+  // stop being the memfd's pages under this mapping: before every punch
   // (Discard, Stash, Retain, DiscardAll, a write that detaches a transfer's
-  // view): whoever registered a block there must unregister it before the
-  // page under it goes. One listener; an empty fn removes it.
-  void SetPunchListener(std::function<void(PageAddr, uint64_t)> fn) { on_punch_ = std::move(fn); }
+  // view) and before a transfer takes a view of a page (which may later
+  // punch or replace it without a word here). Whoever registered a block
+  // there must unregister it first. One listener; an empty fn removes it.
+  void SetUnpinListener(std::function<void(PageAddr, uint64_t)> fn) { on_unpin_ = std::move(fn); }
 
   // The daemon's own view of the page in the memfd, which the daemon's
   // Access calls read and write through. Touching a hole makes it present.
@@ -305,7 +307,7 @@ class PageStore {
   // Set when the kernel refused MADV_POPULATE_WRITE as unknown (before
   // 5.14): copies keep to pread and pwrite without asking again.
   std::atomic<bool> populate_refused_{false};
-  std::function<void(PageAddr, uint64_t)> on_punch_;
+  std::function<void(PageAddr, uint64_t)> on_unpin_;
   // Declared last: closed before fd_ is.
   PageViews views_;
 };
