@@ -117,6 +117,7 @@ std::vector<WaiterId> NodeAgent::ForgetRange(PageAddr begin, PageAddr end) {
     }
     for (const Waiter& w : ActiveOrIdle(it->second).waiters) waiting.push_back(w.id);
     pending_pages_.erase(it->first);
+    recent_copies_.erase(it->first);
     awaiting_data_.erase(it->first);  // else Tick would look for a page that is gone
     unclaimed_data_.erase(it->first);
     it = pages_.erase(it);
@@ -384,15 +385,22 @@ void NodeAgent::HandleFetch(const proto::Fetch& m, uint64_t now_ms, Actions* out
       ++stats_.downgrades;
     }
     DropStashBefore(m.page, lp, m.txn, out);
-    if (m.send_data) {
+    if (m.send_data && TakeRecentCopy(m.page, m.requester, lp.version, /*by_fetch=*/false, now_ms)) {
+      // The requester's ReadDirect took this very copy a moment ago: it
+      // installs those bytes for this grant. Only this first Fetch of the
+      // txn is skipped; a resend (the bytes were lost) is answered above.
+      ++stats_.fetch_sends_skipped;
+    } else if (m.send_data) {
       Action a = Make(ActionKind::kSendPage, m.page);
       a.node = m.requester;
       a.txn = m.txn;
       a.version = lp.version;
       out->push_back(std::move(a));
       ++stats_.pages_sent;
+      recent_copies_[m.page] = RecentCopy{m.requester, lp.version, now_ms, /*by_fetch=*/true};
     }
   } else {
+    recent_copies_.erase(m.page);
     DropStashBefore(m.page, lp, m.txn + 1, out);
     Action a = Make(ActionKind::kStash, m.page);
     a.txn = m.txn;
@@ -425,6 +433,7 @@ void NodeAgent::HandleInvalidate(const proto::Invalidate& m, uint64_t now_ms, Ac
       return ProtocolError(m.page, "invalidate of a Modified page (needs a fetch)", out);
     }
     lp.last_txn = m.txn;
+    recent_copies_.erase(m.page);
     if (lp.state != PageState::kInvalid || lp.retained) out->push_back(Make(ActionKind::kDiscard, m.page));
     lp.state = PageState::kInvalid;
     lp.retained = false;
@@ -516,7 +525,7 @@ void NodeAgent::HandleDirectData(const proto::PageData& m, DataHandle handle, ui
   Settle(lp);
 }
 
-bool NodeAgent::HandleReadDirect(const proto::ReadDirect& m, Actions* out) {
+bool NodeAgent::HandleReadDirect(const proto::ReadDirect& m, uint64_t now_ms, Actions* out) {
   auto it = pages_.find(m.page);
   // Only a copy at rest: nothing asked, granted, received, stashed or
   // given up, so its bytes are those of its version and no txn is moving it.
@@ -526,6 +535,13 @@ bool NodeAgent::HandleReadDirect(const proto::ReadDirect& m, Actions* out) {
     return false;
   }
   LocalPage& lp = it->second;
+  if (TakeRecentCopy(m.page, m.node, lp.version, /*by_fetch=*/true, now_ms)) {
+    // The directory's Fetch came first and sent the asker this copy: its
+    // grant brings the same bytes. Also keeps a late ask from stopping a
+    // writer for nothing.
+    ++stats_.direct_repeats;
+    return false;
+  }
   if (lp.state == PageState::kModified) {
     // Stop writing before the copy is read: bytes labelled with a version
     // are final once they leave, and a write from here on is an upgrade,
@@ -542,7 +558,19 @@ bool NodeAgent::HandleReadDirect(const proto::ReadDirect& m, Actions* out) {
   out->push_back(std::move(a));
   ++stats_.pages_sent;
   ++stats_.direct_served;
+  recent_copies_[m.page] = RecentCopy{m.node, lp.version, now_ms, /*by_fetch=*/false};
   return true;
+}
+
+bool NodeAgent::TakeRecentCopy(PageAddr page, NodeId to, uint64_t version, bool by_fetch,
+                               uint64_t now_ms) {
+  auto it = recent_copies_.find(page);
+  if (it == recent_copies_.end()) return false;
+  const RecentCopy& c = it->second;
+  const bool match = c.to == to && c.version == version && c.by_fetch == by_fetch &&
+                     now_ms < c.sent_ms + options_.retransmit_after_ms;
+  if (match) recent_copies_.erase(it);
+  return match;
 }
 
 bool NodeAgent::MayReceiveInPlace(const proto::PageData& m) const {
@@ -597,6 +625,9 @@ void NodeAgent::Tick(uint64_t now_ms, Actions* out) {
     ++it;
   }
   DropUnclaimedData(now_ms, out);
+  std::erase_if(recent_copies_, [&](const auto& e) {
+    return e.second.sent_ms + options_.retransmit_after_ms <= now_ms;
+  });
 }
 
 void NodeAgent::DropUnclaimedData(uint64_t now_ms, Actions* out) {

@@ -89,6 +89,8 @@ struct NodeStats {
   uint64_t direct_ignored = 0;   // ReadDirects for a page not held, or with something under way
   uint64_t direct_installs = 0;  // Shared grants installed from a direct read's bytes
   uint64_t direct_unused = 0;    // direct bytes dropped: late, or of another version than the grant's
+  uint64_t direct_repeats = 0;   // ReadDirects ignored: this node had just sent that copy there for a Fetch
+  uint64_t fetch_sends_skipped = 0;  // Fetches answered by the copy a ReadDirect had just sent
 };
 
 enum class FaultResult : uint8_t { kHit = 1, kWait = 2 };
@@ -130,9 +132,10 @@ class NodeAgent {
   // A peer asks for this node's copy (PROTOCOL.md, "Direct reads"). Served
   // (true) when the node holds the page and nothing is under way for it: a
   // Modified copy is made Shared first (kMapRead), then kSendPage with txn
-  // 0 goes to m.node. Else nothing happens (false). The caller checks that
-  // m.region is the region mapped at the page.
-  bool HandleReadDirect(const proto::ReadDirect& m, Actions* out);
+  // 0 goes to m.node. Else nothing happens (false): also when a Fetch just
+  // sent m.node this very copy. The caller checks that m.region is the
+  // region mapped at the page.
+  bool HandleReadDirect(const proto::ReadDirect& m, uint64_t now_ms, Actions* out);
   // Whether HandlePageData would keep `m`'s bytes, for a page this node
   // holds no copy of (Invalid, not retained) and has a request in flight
   // for, with no data for it yet: such bytes may arrive straight in the
@@ -143,7 +146,8 @@ class NodeAgent {
   // Resends requests outstanding for retransmit_after_ms, doubled with each
   // resend of the same request up to 16 times: a request that is slow to be
   // answered (a large page on a slow link) is not asked for again and again,
-  // each time moving the page once more.
+  // each time moving the page once more. Forgets recent_copies_ past their
+  // time.
   void Tick(uint64_t now_ms, Actions* out);
   // Resends every outstanding request now (after a directory reconnect).
   void ResendAll(uint64_t now_ms, Actions* out);
@@ -236,6 +240,10 @@ class NodeAgent {
   // Tick's part for unclaimed_data_.
   void DropUnclaimedData(uint64_t now_ms, Actions* out);
   void HandleDirectData(const proto::PageData& m, DataHandle handle, uint64_t now_ms, Actions* out);
+  // Whether `page`'s copy at `version` went to `to` less than
+  // retransmit_after_ms ago, by a ReadDirect (`by_fetch` false) or by a
+  // Fetch (true). Consumes the record when it matches.
+  bool TakeRecentCopy(PageAddr page, NodeId to, uint64_t version, bool by_fetch, uint64_t now_ms);
   // The kind of a write request from a node holding `held`: an upgrade of
   // a Shared copy, else a write (the directory takes the kind as what the
   // node holds now).
@@ -260,6 +268,19 @@ class NodeAgent {
   // comes later asks for its data again: awaiting_data_).
   std::unordered_set<PageAddr> unclaimed_data_;
   std::unordered_set<PageAddr> pending_pages_;
+  // The last copy of a page this node sent a reader, by a ReadDirect or by
+  // a Fetch that kept the page Shared, for retransmit_after_ms: a read that
+  // asked both the holder and the directory gets one copy, not two, in
+  // whichever order its ReadDirect and the directory's Fetch come here
+  // (PROTOCOL.md, "Direct reads"). A copy that is lost after all costs the
+  // reader one resend of the Fetch, which is always answered.
+  struct RecentCopy {
+    NodeId to = proto::kNoNode;
+    uint64_t version = 0;
+    uint64_t sent_ms = 0;
+    bool by_fetch = false;
+  };
+  std::unordered_map<PageAddr, RecentCopy> recent_copies_;
   NodeStats stats_;
 };
 

@@ -985,11 +985,8 @@ size_t NodeDaemon::HandlePeerMessages() {
 }
 
 bool NodeDaemon::AsksHolder(proto::PageAddr page, bool write) const {
-  // Not with a GPU tier: its pins and dirty GPU copies are per page, and a
-  // holder with one does not serve (HandleReadDirect). Not for large pages,
-  // whose transfer outweighs the directory's hop, and which would cross
-  // twice (the direct copy, then the Fetch's).
-  if (!options_.direct_reads || write || tier_) return false;  // before the lookup: every fault asks
+  // Not for large pages, whose transfer outweighs the directory's hop.
+  if (!options_.direct_reads || write) return false;  // before the lookup: every fault asks
   const PageStore* store = StoreOf(page);
   return store != nullptr && store->page_size() <= transport_->batch_page_bytes();
 }
@@ -1018,16 +1015,24 @@ void NodeDaemon::HandleReadDirect(proto::NodeId from, const proto::ReadDirect& m
   }
   // Ignored (the requester's Acquire serves it): a page of no region here
   // or of another (one of them was deleted), a fenced page (its lease
-  // lapsed), and every page of a node with a GPU tier (gpu maps and dirty
-  // GPU copies are per page, and need one).
+  // lapsed), a page a GPU write map holds (it stays Modified for the GPU
+  // until the unmap, its current bytes there), and a page with directory
+  // messages held for its maps (a txn is under way for it). A dirty GPU
+  // copy of any other page is written back before its bytes are sent, as
+  // for a Fetch (ExecuteOne).
   PageStore* store = StoreOf(m.page);
   if (store == nullptr || !store->CheckPage(m.page).ok()) return;
   const auto id = region_ids_.find(store->base());
   if (id == region_ids_.end() || id->second != m.region || IsOfADeletedRegion(m.page) ||
-      LeaseLapsed(m.page) || tier_) {
+      LeaseLapsed(m.page)) {
     return;
   }
-  agent_.HandleReadDirect(m, acts);
+  if (auto pins = gpu_pins_.find(m.page);
+      (pins != gpu_pins_.end() && pins->second.writes != 0) || deferred_.count(m.page) != 0) {
+    ++stats_.direct_reads_held_for_gpu;
+    return;
+  }
+  agent_.HandleReadDirect(m, NowMs(), acts);
 }
 
 bool NodeDaemon::ZeroCopyFor(const PageStore& store, bool receive) const {

@@ -902,6 +902,94 @@ TEST_F(GpuMapTest, AMapHoldsItsPagesUntilUnmap) {
   for (int fd : {ready[0], ready[1], go[0], go[1]}) ::close(fd);
 }
 
+// Direct reads (PROTOCOL.md) with GPU tiers on both nodes: node 1's read
+// faults ask node 0, whose pages are dirty on its GPU after a write map, and
+// node 0 answers with its GPU's bytes, written back first as for a Fetch.
+TEST_F(GpuMapTest, AHolderWithAGpuTierServesReadsFromItsDirtyGpuCopy) {
+  const proto::RegionReply r = Region("gd", 32);
+  StartNodes({"emulated", "emulated"}, r);
+  constexpr uint64_t kPages = 8;
+  ASSERT_EQ(RunClient(0, "gd", [&](uint8_t* base) {
+              void* dev = nullptr;
+              if (dsvm_gpu_map(base, kPages * kPage, 0, DSVM_GPU_WRITE, &dev) != DSVM_OK) return 1;
+              auto* words = static_cast<uint64_t*>(dev);
+              for (uint64_t p = 0; p < kPages; ++p) {
+                for (uint64_t w = 0; w < kPage / 8; ++w) words[p * kPage / 8 + w] = Pattern(p, w, 1);
+              }
+              return dsvm_gpu_unmap(base, kPages * kPage) == DSVM_OK ? 0 : 2;
+            }),
+            0);
+  // Read through plain loads: faults, which ask node 0 once a page of the
+  // region came from it.
+  ASSERT_EQ(RunClient(1, "gd", [&](uint8_t* base) {
+              const auto* words = reinterpret_cast<const volatile uint64_t*>(base);
+              for (uint64_t p = 0; p < kPages; ++p) {
+                for (uint64_t w = 0; w < kPage / 8; ++w) {
+                  if (words[p * kPage / 8 + w] != Pattern(p, w, 1)) return 10 + static_cast<int>(p);
+                }
+              }
+              return 0;
+            }),
+            0);
+  uint64_t served = 0;
+  nodes_[0]->Sync([&](NodeDaemon& d) {
+    served = d.agent().stats().direct_served;
+    EXPECT_EQ(d.tier()->stats().pages_to_host, kPages) << "every page written back once";
+  });
+  nodes_[1]->Sync([&](NodeDaemon& d) {
+    EXPECT_GE(d.agent().stats().direct_installs, 1u);
+    EXPECT_LE(d.agent().stats().direct_installs, served);
+  });
+}
+
+// A page a GPU write map holds is not served to an ask: its current bytes
+// are the GPU's until the unmap. Node 1's read fault asks node 0 (it sent
+// node 1 another page of the region before) while a process of node 0
+// holds a write map of the page; the read waits for the unmap and sees the
+// map's last write. Fails without the daemon's check: node 0 served the
+// bytes of the first write, at the version the grant then named.
+TEST_F(GpuMapTest, APageAGpuWriteMapHoldsIsNotServedToAnAsk) {
+  const proto::RegionReply r = Region("gq", 8);
+  StartNodes({"emulated", "emulated"}, r);
+  nodes_[0]->WriteU64(r.base + kPage, 7);
+  int ready[2], go[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  ASSERT_EQ(::pipe(go), 0);
+  const pid_t mapper = QuietFork();
+  if (mapper == 0) {
+    ::_exit(ClientMain(0, "gq", [&](uint8_t* base) {
+      void* dev = nullptr;
+      if (dsvm_gpu_map(base, kPage, 0, DSVM_GPU_WRITE, &dev) != DSVM_OK) return 1;
+      *static_cast<uint64_t*>(dev) = 0x600DF00D;
+      char c = 1;
+      if (::write(ready[1], &c, 1) != 1 || ::read(go[0], &c, 1) != 1) return 2;
+      *static_cast<uint64_t*>(dev) = 0xFEEDBEEF;
+      return dsvm_gpu_unmap(base, kPage) == DSVM_OK ? 0 : 3;
+    }));
+  }
+  char c;
+  ASSERT_EQ(::read(ready[0], &c, 1), 1);
+  const pid_t reader = QuietFork();
+  if (reader == 0) {
+    ::_exit(ClientMain(1, "gq", [&](uint8_t* base) {
+      const auto* words = reinterpret_cast<const volatile uint64_t*>(base);
+      if (words[kPage / 8] != 7) return 1;  // from node 0: the next fault asks it
+      return words[0] == 0xFEEDBEEF ? 0 : 2;
+    }));
+  }
+  EXPECT_TRUE(WaitFor(0, [](NodeDaemon& d) {
+    return d.stats().direct_reads_held_for_gpu > 0 && d.deferred_count() > 0;
+  })) << "node 1's ask and the directory's Fetch reach node 0";
+  ASSERT_EQ(::write(go[1], &c, 1), 1);
+  int status = 0;
+  ASSERT_EQ(::waitpid(reader, &status, 0), reader);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+  ASSERT_EQ(::waitpid(mapper, &status, 0), mapper);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+  nodes_[0]->Sync([&](NodeDaemon& d) { EXPECT_EQ(d.agent().stats().direct_served, 0u); });
+  for (int fd : {ready[0], ready[1], go[0], go[1]}) ::close(fd);
+}
+
 // A working set four times the GPU budget, streamed through write maps of a
 // quarter of the budget each, three times over, with the data written first
 // on another node: every page ends right, and pages left the GPU (dirty

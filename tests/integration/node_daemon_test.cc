@@ -502,10 +502,14 @@ class DirectReadTest : public NodeDaemonTest {
     proto::RegionReply r = Region("direct", pages * 4096, 4096);
     StartNodes(2, r);
     WriteAndReadRounds(dir_.path(), pages);
-    nodes_[0]->Sync([&](NodeDaemon& d) { c0 = d.Counters(); });
+    nodes_[0]->Sync([&](NodeDaemon& d) {
+      c0 = d.Counters();
+      a0 = d.agent().stats();
+    });
     nodes_[1]->Sync([&](NodeDaemon& d) { c1 = d.Counters(); });
   }
   proto::NodeCounters c0, c1;
+  node::NodeStats a0;  // node 0's agent
 };
 
 TEST_F(DirectReadTest, ReadFaultsAskTheLastSenderForItsCopyAndSeeEveryWrite) {
@@ -516,6 +520,10 @@ TEST_F(DirectReadTest, ReadFaultsAskTheLastSenderForItsCopyAndSeeEveryWrite) {
   EXPECT_LE(c1.direct_reads, c0.direct_reads_served);
   EXPECT_EQ(c1.direct_reads_served, 0u);  // node 0 never asked
   EXPECT_GE(c0.downgrades, 1u);           // it stopped writing to serve
+  // A read whose ask node 0 served gets one copy, not two: the directory's
+  // Fetch that follows sends nothing (or, when the Fetch came first, the
+  // ask is ignored).
+  EXPECT_GE(a0.fetch_sends_skipped + a0.direct_repeats, 1u);
 }
 
 TEST_F(DirectReadTest, WithDirectReadsOffFaultsAskTheDirectoryOnly) {

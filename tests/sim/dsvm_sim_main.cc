@@ -84,7 +84,7 @@ int main(int argc, char** argv) {
   if (seeds.empty()) return Usage();
 
   uint64_t passed = 0, failed = 0, messages = 0, runs = 0, transactions = 0, crashes = 0;
-  uint64_t direct_asks = 0, direct_served = 0, direct_installs = 0;
+  uint64_t direct_asks = 0, direct_served = 0, direct_installs = 0, fetch_sends_skipped = 0;
   auto t0 = std::chrono::steady_clock::now();
   for (uint64_t seed : seeds) {
     dsvm::sim::SimConfig c = dsvm::sim::ConfigForSeed(seed, harsh);
@@ -98,6 +98,7 @@ int main(int argc, char** argv) {
     direct_asks += r.direct_asks;
     direct_served += r.direct_served;
     direct_installs += r.direct_installs;
+    fetch_sends_skipped += r.fetch_sends_skipped;
     if (r.ok) {
       ++passed;
     } else {
@@ -122,15 +123,20 @@ int main(int argc, char** argv) {
   }
   double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::printf("dsvm-sim: %llu runs in %.1f s, %llu messages (%llu PageRuns), %llu transactions, "
-              "%llu directory crashes, direct reads: %llu asked, %llu served, %llu installed\n",
+              "%llu directory crashes, direct reads: %llu asked, %llu served, %llu installed, "
+              "%llu Fetch sends skipped\n",
               (unsigned long long)seeds.size(), secs, (unsigned long long)messages,
               (unsigned long long)runs,
               (unsigned long long)transactions, (unsigned long long)crashes,
               (unsigned long long)direct_asks, (unsigned long long)direct_served,
-              (unsigned long long)direct_installs);
+              (unsigned long long)direct_installs, (unsigned long long)fetch_sends_skipped);
   std::printf("%llu passed, %llu failed\n", (unsigned long long)passed, (unsigned long long)failed);
   if (expect_direct && direct_installs == 0) {
     std::printf("FAIL: no grant was installed from a direct read's bytes\n");
+    return 1;
+  }
+  if (expect_direct && fetch_sends_skipped == 0) {
+    std::printf("FAIL: no Fetch was answered by a direct read's copy\n");
     return 1;
   }
   return failed == 0 ? 0 : 1;

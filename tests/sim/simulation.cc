@@ -356,7 +356,7 @@ class Simulation {
       n.agent.HandleEvictReply(*e, now_, &acts);
     } else if (auto* rd = std::get_if<proto::ReadDirect>(&m)) {
       if (rd->region != kRegion) return Fail("ReadDirect of another region");
-      n.agent.HandleReadDirect(*rd, &acts);
+      n.agent.HandleReadDirect(*rd, now_, &acts);
     } else if (auto* d = std::get_if<proto::PageData>(&m)) {
       uint64_t v = 0;
       if (d->data.size() != 8) return Fail("page data of the wrong size");
@@ -598,6 +598,7 @@ class Simulation {
     r_.direct_asks += n.agent.stats().direct_asks;
     r_.direct_installs += n.agent.stats().direct_installs;
     r_.direct_served += n.agent.stats().direct_served;
+    r_.fetch_sends_skipped += n.agent.stats().fetch_sends_skipped;
   }
 
   static bool IsPageData(const InFlight& f) {

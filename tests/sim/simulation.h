@@ -62,6 +62,7 @@ struct SimResult {
   uint64_t direct_asks = 0;     // ReadDirects sent (to a holder or to any node)
   uint64_t direct_served = 0;   // ReadDirects answered with a copy
   uint64_t direct_installs = 0; // grants installed from a direct read's bytes
+  uint64_t fetch_sends_skipped = 0;  // Fetches answered by a ReadDirect's copy (one send, not two)
 };
 
 // Picks the knobs of a run from its seed (node count, rates), so fresh

@@ -153,7 +153,7 @@ class NodeAgentTest : public ::testing::Test {
   }
   Strings ReadDirect(NodeId from, bool expect_served) {
     Actions out;
-    EXPECT_EQ(agent_.HandleReadDirect(proto::ReadDirect{kPage, from, 1}, &out), expect_served);
+    EXPECT_EQ(agent_.HandleReadDirect(proto::ReadDirect{kPage, from, 1}, now_, &out), expect_served);
     return Describe(out);
   }
   Strings Grant(const proto::Grant& g) {
@@ -778,6 +778,41 @@ TEST_F(NodeAgentTest, AReadDirectIsIgnoredWithoutACopyAtRest) {
   EXPECT_EQ(Evict(true), Strings({"Unmap", "Acquire kind=writeback seq=3 last=4"}));
   EXPECT_EQ(ReadDirect(2, false), Strings{});  // given up
   EXPECT_EQ(agent_.stats().direct_ignored, 4u);
+}
+
+// A read asks the holder and the directory: the holder sends one copy, not
+// two, whichever of the ReadDirect and the directory's Fetch comes first.
+TEST_F(NodeAgentTest, AFetchRightAfterAReadDirectOfTheSameCopySendsNothing) {
+  Hold(PageState::kModified, 3, 2);
+  ASSERT_EQ(ReadDirect(2, true), Strings({"MapRead", "SendPage>2 txn=0 v=2"}));
+  EXPECT_EQ(Fetch(4, 2, PageState::kShared, 1), Strings{});
+  EXPECT_EQ(agent_.stats().fetch_sends_skipped, 1u);
+  EXPECT_EQ(agent_.stats().pages_sent, 1u);
+  EXPECT_EQ(agent_.stats().downgrades, 1u);  // once, by the ReadDirect
+  // The directory resends the Fetch when the requester never got the bytes:
+  // that resend is answered.
+  EXPECT_EQ(Fetch(4, 2, PageState::kShared, 1), Strings({"SendPage>2 txn=4 v=2"}));
+}
+
+TEST_F(NodeAgentTest, AReadDirectRightAfterAFetchOfTheSameCopyIsIgnored) {
+  Hold(PageState::kModified, 3, 2);
+  ASSERT_EQ(Fetch(4, 2, PageState::kShared, 1), Strings({"MapRead", "SendPage>2 txn=4 v=2"}));
+  EXPECT_EQ(ReadDirect(2, false), Strings{});
+  EXPECT_EQ(agent_.stats().direct_repeats, 1u);
+  // Consumed: another ask is served (the asker dropped what it had).
+  EXPECT_EQ(ReadDirect(2, true), Strings({"SendPage>2 txn=0 v=2"}));
+}
+
+TEST_F(NodeAgentTest, OnlyTheSameReaderAndVersionSoonAfterSkipAFetchsCopy) {
+  Hold(PageState::kShared, 3, 2);
+  ASSERT_EQ(ReadDirect(2, true).size(), 1u);
+  EXPECT_EQ(Fetch(4, 5, PageState::kShared, 1), Strings({"SendPage>5 txn=4 v=2"}));  // another reader
+  ASSERT_EQ(ReadDirect(2, true).size(), 1u);
+  EXPECT_EQ(TickAt(now_ + kRetransmitMs), Strings{});  // forgotten: too old to be this read's
+  EXPECT_EQ(Fetch(5, 2, PageState::kShared, 1), Strings({"SendPage>2 txn=5 v=2"}));
+  ASSERT_EQ(ReadDirect(5, true).size(), 1u);
+  EXPECT_EQ(Fetch(6, 5, PageState::kInvalid, 1), Strings({"Stash txn=6", "SendStash>5 txn=6 v=2"}));  // a move
+  EXPECT_EQ(agent_.stats().fetch_sends_skipped, 0u);
 }
 
 // ---------------------------------------------------------------------------
