@@ -118,12 +118,12 @@ Result<ClientSession> OpenSession(const std::string& socket_path) {
   return s;
 }
 
-// The node's count of read faults answered by direct reads (NodeStats).
-Result<uint64_t> DirectReads(const ClientSession& s, uint64_t request_id) {
+// The node's counters now (NodeStats).
+Result<proto::NodeCounters> CountersOf(const ClientSession& s, uint64_t request_id) {
   auto reply = ClientCall(s.sock, proto::NodeStats{}, request_id, nullptr);
   const auto* stats = reply.ok() ? std::get_if<proto::NodeStatsReply>(&*reply) : nullptr;
   if (stats == nullptr) return Unexpected<proto::NodeStatsReply>(reply, "NodeStats");
-  return stats->counters.direct_reads;
+  return stats->counters;
 }
 
 // Checks every word of page `p`: the first writer's pattern, and in word 0
@@ -247,6 +247,7 @@ struct DsvmSeries {
   Pass first_touch_write;
   Pass remote_read;
   double direct_reads = 0;  // of remote_read's faults, those a direct read answered
+  double pages_fetched = 0;  // pages that reached the reader's node during remote_read
   Pass local_reread;
   Pass local_minor;
   Pass local_valid;
@@ -322,9 +323,9 @@ Status RunDsvmPath(const FaultLatencyOptions& o, Cluster& c, DsvmSeries* out) {
       RunClient(o, c, 1, "reader", [&](const ClientSession& s, SampleSeries* series) {
         Pass unused, remote, reread, minor;
         DSVM_RETURN_IF_ERROR(TimedReads(s, warm_from, total, false, "reader warm-up", &unused));
-        DSVM_ASSIGN_OR_RETURN(const uint64_t direct_before, DirectReads(s, 10));
+        DSVM_ASSIGN_OR_RETURN(const proto::NodeCounters before, CountersOf(s, 10));
         DSVM_RETURN_IF_ERROR(TimedReads(s, 0, n, false, "reader", &remote));
-        DSVM_ASSIGN_OR_RETURN(const uint64_t direct_after, DirectReads(s, 11));
+        DSVM_ASSIGN_OR_RETURN(const proto::NodeCounters after, CountersOf(s, 11));
         DSVM_RETURN_IF_ERROR(CheckPages(s, 0, n, false, "reader"));
         DSVM_RETURN_IF_ERROR(TimedReads(s, 0, n, false, "reader, second read", &reread));
         // Sharers for the write test.
@@ -341,7 +342,8 @@ Status RunDsvmPath(const FaultLatencyOptions& o, Cluster& c, DsvmSeries* out) {
         PushPass(series, std::move(remote));
         PushPass(series, std::move(reread));
         PushPass(series, std::move(minor));
-        series->push_back({static_cast<double>(direct_after - direct_before)});
+        series->push_back({static_cast<double>(after.direct_reads - before.direct_reads),
+                           static_cast<double>(after.pages_fetched - before.pages_fetched)});
         return Status::Ok();
       }));
   ids[1] = static_cast<proto::NodeId>(r.back()[0]);
@@ -349,6 +351,7 @@ Status RunDsvmPath(const FaultLatencyOptions& o, Cluster& c, DsvmSeries* out) {
   out->local_reread = TakePass(r, 1);
   out->local_minor = TakePass(r, 2);
   out->direct_reads = r.at(2 * 3).at(0);  // after the reader's three passes
+  out->pages_fetched = r.at(2 * 3).at(1);
 
   // A second process on node 2: the pages are valid on its node already.
   DSVM_ASSIGN_OR_RETURN(
@@ -534,6 +537,11 @@ Status RunOneTransport(const FaultLatencyOptions& o, const std::string& tls,
   EmitMetric("fault.remote_read." + tag + ".p99_us", read_p99, "us");
   EmitMetric("fault.remote_read." + tag + ".direct_share",
              d.direct_reads / static_cast<double>(std::max<size_t>(1, d.remote_read.micros.size())),
+             "ratio");
+  // 1 when each read brings one copy; up to 2 when the holder's and the
+  // directory's both come (direct reads).
+  EmitMetric("fault.remote_read." + tag + ".pages_fetched_per_read",
+             d.pages_fetched / static_cast<double>(std::max<size_t>(1, d.remote_read.micros.size())),
              "ratio");
   EmitMetric("fault.remote_write_invalidate." + tag + ".median_us", write_median, "us");
   EmitMetric("fault.remote_write_invalidate." + tag + ".p99_us",
