@@ -38,7 +38,7 @@ using TxnId = uint64_t;     // per-page directory transaction number; 0 = none y
 
 inline constexpr NodeId kNoNode = 0;
 inline constexpr uint32_t kMagic = 0x4D565344;  // "DSVM" read as little-endian u32
-inline constexpr uint16_t kWireVersion = 8;  // history: PROTOCOL.md, Versions
+inline constexpr uint16_t kWireVersion = 9;  // history: PROTOCOL.md, Versions
 inline constexpr size_t kHeaderSize = 24;
 // The smallest page size: every region's base and size are multiples of it.
 inline constexpr uint32_t kMinPageSize = 4096;
@@ -239,12 +239,18 @@ struct NodeCounters {
   // Direct reads (wire version 8; PROTOCOL.md, Direct reads).
   uint64_t direct_reads = 0;         // read faults answered by a holder's direct bytes
   uint64_t direct_reads_served = 0;  // ReadDirects this node answered with its copy
+  // Direct GPU copies (wire version 9; docs/GPU.md, "Direct copies"): of
+  // gpu_pages_in and gpu_pages_out, those copied straight between the
+  // node's memory and the GPU, with no staging buffer.
+  uint64_t gpu_direct_pages_in = 0;
+  uint64_t gpu_direct_pages_out = 0;
   template <typename A> void Visit(A& a) {
     a.U64(read_faults); a.U64(write_faults); a.U64(local_hits); a.U64(pages_fetched);
     a.U64(pages_sent); a.U64(bytes_fetched); a.U64(bytes_sent); a.U64(invalidations);
     a.U64(downgrades); a.U64(prefetched_pages); a.U64(gpu_maps); a.U64(gpu_zero_copy_maps);
     a.U64(gpu_maps_lost); a.U64(gpu_placed_pages); a.U64(gpu_pages_in); a.U64(gpu_pages_out);
     a.U64(fences); a.U64(fenced_accesses); a.U64(direct_reads); a.U64(direct_reads_served);
+    a.U64(gpu_direct_pages_in); a.U64(gpu_direct_pages_out);
   }
   bool operator==(const NodeCounters&) const = default;
 };
@@ -730,7 +736,7 @@ struct PeerProof {
 };
 
 // The ABI version libdsvm and dsvm-node speak on the client plane.
-inline constexpr uint32_t kClientAbi = 7;  // 3: GpuMap, GpuMapReply, GpuUnmap; 4: GpuPrefetch; 5: GPU advice, host maps; 6: lease counters; 7: direct-read counters
+inline constexpr uint32_t kClientAbi = 8;  // 3: GpuMap, GpuMapReply, GpuUnmap; 4: GpuPrefetch; 5: GPU advice, host maps; 6: lease counters; 7: direct-read counters; 8: direct GPU copy counters
 
 // Client -> daemon: the first record on a client connection.
 struct ClientHello {

@@ -866,6 +866,8 @@ int Stats(dsvm_node_stats_t* out) {
   out->fenced_accesses = c.fenced_accesses;
   out->direct_reads = c.direct_reads;
   out->direct_reads_served = c.direct_reads_served;
+  out->gpu_direct_pages_in = c.gpu_direct_pages_in;
+  out->gpu_direct_pages_out = c.gpu_direct_pages_out;
   return Succeed();
 }
 

@@ -161,9 +161,10 @@ int List(proto::FramedSocket& sock, bool nodes) {
             u(c.direct_reads), u(c.direct_reads_served));
         if (e.gpu_count != 0) {
           std::printf("  gpu maps=%llu (zero-copy %llu, lost %llu) placed=%llu pages in=%llu "
-                      "out=%llu\n",
+                      "(direct %llu) out=%llu (direct %llu)\n",
                       u(c.gpu_maps), u(c.gpu_zero_copy_maps), u(c.gpu_maps_lost),
-                      u(c.gpu_placed_pages), u(c.gpu_pages_in), u(c.gpu_pages_out));
+                      u(c.gpu_placed_pages), u(c.gpu_pages_in), u(c.gpu_direct_pages_in),
+                      u(c.gpu_pages_out), u(c.gpu_direct_pages_out));
         }
         after = e.node;
       }

@@ -738,6 +738,8 @@ proto::NodeCounters NodeDaemon::Counters() const {
   if (tier_) {
     c.gpu_pages_in = tier_->stats().pages_to_device;
     c.gpu_pages_out = tier_->stats().pages_to_host;
+    c.gpu_direct_pages_in = tier_->stats().direct_pages_to_device;
+    c.gpu_direct_pages_out = tier_->stats().direct_pages_to_host;
   }
   c.fences = stats_.fences;
   c.fenced_accesses = stats_.fenced_accesses;

@@ -136,7 +136,7 @@ TEST(CoordinatorInput, MalformedFrameClosesOnlyThatConnection) {
   bad.push_back(std::vector<uint8_t>(24, 0xAB));
   auto frame = proto::Encode(proto::RegionOpen{.name = "keep"}, 1);
   auto wrong_version = frame;
-  wrong_version[4] = 9;
+  wrong_version[4] = static_cast<uint8_t>(proto::kWireVersion + 1);
   bad.push_back(wrong_version);
   auto huge = frame;
   huge[8] = 0xFF, huge[9] = 0xFF, huge[10] = 0xFF, huge[11] = 0x7F;

@@ -439,6 +439,37 @@ TEST_F(GpuMapTest, AWriteMapOfManyPagesHidesEveryOne) {
             0);
 }
 
+// A read map of pages all in the node's memory copies them straight from
+// the memfd (docs/GPU.md, "Direct copies"), and dsvm_stats says so.
+TEST_F(GpuMapTest, DsvmStatsCountsDirectCopies) {
+  constexpr uint64_t kPages = 64;  // 256 KiB: one run, over direct_min_bytes
+  budget_pages_ = 2 * kPages;
+  const proto::RegionReply r = Region("gdirect", kPages);
+  StartNodes({"emulated"}, r);
+  EXPECT_EQ(RunClient(0, "gdirect", [&](uint8_t* base) {
+              auto* cpu = reinterpret_cast<volatile uint64_t*>(base);
+              for (uint64_t p = 0; p < kPages; ++p) cpu[p * kPage / 8] = Pattern(p, 0, 1);
+              dsvm_node_stats_t before, after;
+              if (dsvm_stats(&before) != DSVM_OK) return 1;
+              void* dev = nullptr;
+              if (dsvm_gpu_map(base, kPages * kPage, 0, DSVM_GPU_READ, &dev) != DSVM_OK) return 2;
+              for (uint64_t p = 0; p < kPages; ++p) {
+                uint64_t v;
+                std::memcpy(&v, static_cast<uint8_t*>(dev) + p * kPage, 8);
+                if (v != Pattern(p, 0, 1)) return 3;
+              }
+              if (dsvm_gpu_unmap(base, kPages * kPage) != DSVM_OK) return 4;
+              if (dsvm_stats(&after) != DSVM_OK) return 5;
+              if (after.gpu_pages_in - before.gpu_pages_in != kPages) return 6;
+              return after.gpu_direct_pages_in - before.gpu_direct_pages_in == kPages ? 0 : 7;
+            }),
+            0);
+  nodes_[0]->Sync([&](NodeDaemon& d) {
+    EXPECT_EQ(d.tier()->stats().direct_pages_to_device, kPages);
+    EXPECT_EQ(d.tier()->stats().blocks_registered, 1u);
+  });
+}
+
 // dsvm_gpu_prefetch places pages as a map would, without pinning them: the
 // map that follows copies nothing. A prefetch for writing takes the pages
 // Modified; a local write after it makes the map copy the new bytes.
@@ -1038,6 +1069,12 @@ TEST_F(GpuMapTest, AWorkingSetLargerThanTheBudgetStreamsCorrectly) {
     // make room, or asked for by node 1's reads at the end.
     EXPECT_EQ(s.pages_to_host, s.pages_to_device);
     EXPECT_GE(s.run_evictions, s.pages_to_device - kBudgetPages);
+    // What dsvm_stats and dsvmctl report.
+    const proto::NodeCounters c = d.Counters();
+    EXPECT_EQ(c.gpu_pages_in, s.pages_to_device);
+    EXPECT_EQ(c.gpu_pages_out, s.pages_to_host);
+    EXPECT_EQ(c.gpu_direct_pages_in, s.direct_pages_to_device);
+    EXPECT_EQ(c.gpu_direct_pages_out, s.direct_pages_to_host);
   });
 }
 

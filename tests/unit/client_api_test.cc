@@ -617,7 +617,9 @@ TEST_F(ClientApiTest, StatsCopiesEveryCounterOfTheDaemon) {
                                        .fences = 26,
                                        .fenced_accesses = 1ull << 42,
                                        .direct_reads = 27,
-                                       .direct_reads_served = 1ull << 43};
+                                       .direct_reads_served = 1ull << 43,
+                                       .gpu_direct_pages_in = 28,
+                                       .gpu_direct_pages_out = 1ull << 44};
   daemon_.Override(proto::MessageType::kNodeStats,
                    [&](const proto::Frame&) { return Answer::Reply(reply); });
   dsvm_node_stats_t s;
@@ -645,6 +647,8 @@ TEST_F(ClientApiTest, StatsCopiesEveryCounterOfTheDaemon) {
   EXPECT_EQ(s.fenced_accesses, 1ull << 42);
   EXPECT_EQ(s.direct_reads, 27u);
   EXPECT_EQ(s.direct_reads_served, 1ull << 43);
+  EXPECT_EQ(s.gpu_direct_pages_in, 28u);
+  EXPECT_EQ(s.gpu_direct_pages_out, 1ull << 44);
   EXPECT_EQ(dsvm_stats(nullptr), DSVM_EINVALID_ARGUMENT);
 
   // Another node's counters: the daemon broke the protocol.

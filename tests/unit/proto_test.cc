@@ -186,7 +186,9 @@ NodeCounters SampleCounters(uint64_t seed) {
                       .fences = high + 17,
                       .fenced_accesses = high + 18,
                       .direct_reads = high + 19,
-                      .direct_reads_served = high + 20};
+                      .direct_reads_served = high + 20,
+                      .gpu_direct_pages_in = high + 21,
+                      .gpu_direct_pages_out = high + 22};
 }
 
 std::vector<Message> SampleMessages() {
@@ -272,7 +274,7 @@ std::vector<Message> SampleMessages() {
       AuthChallenge{.nonce = std::vector<uint8_t>(kNonceBytes, 0xD4),
                     .proof = std::vector<uint8_t>(kNonceBytes, 0xD5)},
       AuthProof{.proof = std::vector<uint8_t>(kNonceBytes, 0xD6)},
-      ClientHello{.abi = 8},
+      ClientHello{.abi = 9},
       ClientHelloReply{.node = 3, .window_base = 0x200000000000, .window_size = 1ull << 44},
       MapRegion{.base = 0x200000200000},
       UnmapRegion{.base = 0x200000400000},
@@ -443,7 +445,7 @@ TEST(ProtoWireTest, LeaveRequestBytesAreLittleEndianAsDocumented) {
   Bytes bytes = Encode(LeaveRequest{.node = 0x01020304}, 0x1122334455667788ull);
   const Bytes expected = {
       0x44, 0x53, 0x56, 0x4D,                          // "DSVM"
-      0x08, 0x00,                                      // version 8
+      0x09, 0x00,                                      // version 9
       0x05, 0x00,                                      // type kLeaveRequest
       0x04, 0x00, 0x00, 0x00,                          // payload_length 4
       0x00, 0x00, 0x00, 0x00,                          // reserved

@@ -457,6 +457,10 @@ typedef struct dsvm_node_stats {
   /* Direct reads (proto/PROTOCOL.md, "Direct reads"): */
   uint64_t direct_reads;         /* read faults answered by another node's copy sent at once */
   uint64_t direct_reads_served;  /* such copies this node sent */
+  /* Of gpu_pages_in and gpu_pages_out, the pages copied straight between
+   * the node's memory and a GPU, with no staging buffer (docs/GPU.md): */
+  uint64_t gpu_direct_pages_in;
+  uint64_t gpu_direct_pages_out;
 } dsvm_node_stats_t;
 
 /* Fills *stats with the local node's counters.
