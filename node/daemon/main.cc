@@ -5,7 +5,8 @@
 //             [--busy-poll-us N] [--fault-poll-us N] [--zero-copy auto|on|off]
 //             [--direct-reads on|off] [--device-backend none|emulated|cuda] [--gpu-budget BYTES]
 //             [--emulated-gpus N] [--host-budget BYTES] [--gpu-copy-threads N]
-//             [--gpu-arena BYTES] [--gpu-direct-copies on|off] [--verbose]
+//             [--gpu-arena BYTES] [--gpu-direct-copies on|off]
+//             [--gpu-pinned-limit BYTES] [--verbose]
 //
 // --coordinator: one coordinator per directory shard, in shard order (shard
 // 0 first: it assigns the node id and holds membership and regions); the
@@ -44,6 +45,9 @@
 // --gpu-direct-copies (default on): pages whose 2 MiB block is in host
 // memory are pinned there once and copied to and from the GPU without a
 // staging copy (docs/GPU.md, "Direct copies"); off: always staged.
+// --gpu-pinned-limit BYTES: the most host memory pinned for them at once
+// (default: the sum of the GPUs' budgets, at least 64M); past it, the
+// blocks least recently copied are unpinned first.
 // --listen is the UCX listener peers reach (port 0 picks one); --socket the
 // UNIX socket libdsvm connects to (default $DSVM_SOCKET, then
 // /run/dsvm/node.sock). Exits 1 with a clear message when it cannot start;
@@ -75,7 +79,8 @@ int Usage(const std::string& why) {
                "       [--direct-reads on|off]\n"
                "       [--device-backend none|emulated|cuda] [--gpu-budget BYTES]\n"
                "       [--emulated-gpus N] [--host-budget BYTES] [--gpu-copy-threads N]\n"
-               "       [--gpu-arena BYTES] [--gpu-direct-copies on|off] [--verbose]\n"
+               "       [--gpu-arena BYTES] [--gpu-direct-copies on|off]\n"
+               "       [--gpu-pinned-limit BYTES] [--verbose]\n"
                "       (BYTES: a number with an optional K, M or G suffix, powers of 1024)\n",
                why.c_str());
   return 2;
@@ -134,6 +139,7 @@ int main(int argc, char** argv) {
     else if (a == "--gpu-budget") ok = value(&v) && ParseBytes(v, &o.gpu_budget_bytes);
     else if (a == "--host-budget") ok = value(&v) && ParseBytes(v, &o.host_budget_bytes);
     else if (a == "--gpu-arena") ok = value(&v) && ParseBytes(v, &o.gpu_arena_bytes);
+    else if (a == "--gpu-pinned-limit") ok = value(&v) && ParseBytes(v, &o.gpu_pinned_limit_bytes);
     else if (a == "--emulated-gpus") {
       ok = value(&v) && !v.empty() && v.find_first_not_of("0123456789") == std::string::npos &&
            v.size() <= 3;

@@ -308,6 +308,7 @@ Status NodeDaemon::SetupDeviceTier() {
   to.copy_threads =
       options_.gpu_copy_threads != 0 ? options_.gpu_copy_threads : DefaultCopyThreads();
   to.direct_copies = options_.gpu_direct_copies;
+  to.pinned_limit_bytes = options_.gpu_pinned_limit_bytes;
   to.keep_alive = [this] { BeatIfDue(); };
   DSVM_ASSIGN_OR_RETURN(tier_, DeviceTier::Create(device_.get(), std::move(budgets), to));
   LogInfo("GPU tier: " + std::string(device_->name()) + " backend, " +

@@ -82,6 +82,11 @@ DeviceTier::DeviceTier(DeviceBackend* backend, std::vector<uint64_t> gpu_budget_
       lanes_(backend->device_count()),
       direct_lanes_(backend->device_count()) {
   for (uint64_t bytes : gpu_budget_bytes_) budgets_.push_back(std::make_unique<DeviceBudget>(bytes));
+  pinned_limit_ = options_.pinned_limit_bytes;
+  if (pinned_limit_ == 0) {
+    for (uint64_t bytes : gpu_budget_bytes_) pinned_limit_ += bytes;
+    pinned_limit_ = std::max(pinned_limit_, DeviceTierOptions::kMinPinnedLimit);
+  }
 }
 
 Status DeviceTier::Init() {
@@ -175,19 +180,38 @@ void DeviceTier::Unregister(PageAddr first, uint64_t bytes) {
   if (it != registered_.begin() && std::prev(it)->first + std::prev(it)->second.bytes > first) {
     --it;
   }
-  while (it != registered_.end() && it->first < end) {
-    DSVM_CHECK_MSG(!copying_.load(std::memory_order_relaxed),
-                   "a registered block punched by a copy thread");
-    // Waits for the copies queued (none: every call returns with its copies
-    // done). A device error here leaves the tier failed, as a copy's would.
-    Status s = backend_->UnregisterHost(it->second.data);
-    if (!s.ok()) {
-      LogError("GPU tier: " + s.ToString());
-      Fail(std::move(s)).IgnoreError();  // kept in failed_
-    }
-    ++stats_.blocks_unregistered;
-    it = registered_.erase(it);
+  while (it != registered_.end() && it->first < end) it = EndRegistration(it);
+}
+
+std::map<PageAddr, DeviceTier::Registered>::iterator DeviceTier::EndRegistration(
+    std::map<PageAddr, Registered>::iterator it) {
+  DSVM_CHECK_MSG(!copying_.load(std::memory_order_relaxed),
+                 "a registered block punched by a copy thread");
+  // Waits for the copies queued (none: every call returns with its copies
+  // done). A device error here leaves the tier failed, as a copy's would.
+  Status s = backend_->UnregisterHost(it->second.data);
+  if (!s.ok()) {
+    LogError("GPU tier: " + s.ToString());
+    Fail(std::move(s)).IgnoreError();  // kept in failed_
   }
+  ++stats_.blocks_unregistered;
+  stats_.pinned_bytes -= it->second.bytes;
+  return registered_.erase(it);
+}
+
+bool DeviceTier::MakePinRoom(uint64_t bytes) {
+  while (stats_.pinned_bytes + bytes > pinned_limit_) {
+    auto lru = registered_.end();
+    for (auto it = registered_.begin(); it != registered_.end(); ++it) {
+      if (it->second.last_use != calls_ && (lru == registered_.end() || it->second.last_use < lru->second.last_use)) {
+        lru = it;
+      }
+    }
+    if (lru == registered_.end()) return false;
+    EndRegistration(lru);
+    ++stats_.blocks_unpinned_for_room;
+  }
+  return true;
 }
 
 bool DeviceTier::Follows(const DirectMove& a, const DirectMove& b) {
@@ -198,6 +222,7 @@ bool DeviceTier::Follows(const DirectMove& a, const DirectMove& b) {
 std::vector<DeviceTier::DirectMove> DeviceTier::TakeDirect(std::vector<Move>* moves) {
   std::vector<DirectMove> direct;
   if (!options_.direct_copies || register_refused_) return direct;
+  ++calls_;
   // The blocks of this call's pages: their mapping here and whether it is
   // registered yet; none when they cannot go direct now (MapBlock: holes,
   // a transfer's view).
@@ -212,6 +237,7 @@ std::vector<DeviceTier::DirectMove> DeviceTier::TakeDirect(std::vector<Move>* mo
     if (b != blocks.end()) return b->second;
     std::optional<BlockState> state;
     if (auto r = registered_.find(first); r != registered_.end()) {
+      r->second.last_use = calls_;  // kept registered through this call (MakePinRoom)
       state = BlockState{{r->second.data, first, r->second.bytes}, true};
     } else if (std::optional<PageStore::Block> block = m.store->MapBlock(m.page)) {
       state = BlockState{*block, false};
@@ -254,12 +280,17 @@ std::vector<DeviceTier::DirectMove> DeviceTier::TakeDirect(std::vector<Move>* mo
         continue;
       }
       last = b;
+      if (!MakePinRoom(b->block.bytes)) {
+        go_direct = false;  // the limit is full of this call's blocks: staged
+        break;
+      }
       Status s = register_refused_ ? FailedPrecondition("refused before")
                                    : backend_->RegisterHost(b->block.data, b->block.bytes);
       if (s.ok()) {
-        registered_.emplace(b->block.first, Registered{b->block.data, b->block.bytes});
+        registered_.emplace(b->block.first, Registered{b->block.data, b->block.bytes, calls_});
         b->registered = true;
         ++stats_.blocks_registered;
+        stats_.pinned_bytes += b->block.bytes;
         continue;
       }
       // kFailedPrecondition: this memory cannot be pinned at all, so no

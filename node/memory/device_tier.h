@@ -25,9 +25,11 @@
 // so copies run as DMA) and pages copy between it and their slots in place,
 // both ways. A registration lasts until a punch in its block or a
 // transfer's view of one of its pages (the store's unpin listener: the
-// pinned page may no longer be the memfd's), the region's removal or the
-// tier's end. Retained pages, blocks with holes or views, and runs shorter
-// than direct_min_bytes are staged as above.
+// pinned page may no longer be the memfd's), the region's removal, the
+// tier's end, or until pinning another block would pass pinned_limit_bytes:
+// then the blocks least recently copied from or to go first. Retained
+// pages, blocks with holes or views, runs shorter than direct_min_bytes and
+// runs whose block finds no room under the limit are staged as above.
 // The table emits steps so that this phase order is safe (a page written
 // back before its slot is freed; slots freed before they are reused; a page
 // moved between GPUs written back before it is copied again).
@@ -115,6 +117,12 @@ struct DeviceTierOptions {
   // page costs more than staging them into one (a guess to measure on a
   // GPU: a cudaMemcpyAsync costs microseconds, 64 KiB at 50 GB/s 1.3 us).
   uint64_t direct_min_bytes = 64 << 10;
+  // The most host memory registered for direct copies at once. 0: the sum
+  // of the GPUs' budgets, and at least kMinPinnedLimit: what is pinned
+  // follows what the GPUs can hold, and a small budget does not pin and
+  // unpin the same blocks at every call.
+  uint64_t pinned_limit_bytes = 0;
+  static constexpr uint64_t kMinPinnedLimit = 64ull << 20;
   // Called on the calling thread each time the tier has waited for a copy
   // (one batch each way; milliseconds apart at most): a migration of many
   // gigabytes holds the caller for seconds, and the node daemon keeps its
@@ -165,7 +173,9 @@ struct DeviceTierStats {
   uint64_t direct_pages_to_device = 0;  // of pages_to_device, copied without staging
   uint64_t direct_pages_to_host = 0;    // of pages_to_host, likewise
   uint64_t blocks_registered = 0;       // RegisterHost calls that succeeded
-  uint64_t blocks_unregistered = 0;     // registrations ended (punch, region removed)
+  uint64_t blocks_unregistered = 0;     // registrations ended (punch, region removed, room)
+  uint64_t blocks_unpinned_for_room = 0;  // of blocks_unregistered, to stay under pinned_limit_bytes
+  uint64_t pinned_bytes = 0;            // registered now
 };
 
 class DeviceTier {
@@ -450,8 +460,17 @@ class DeviceTier {
   struct Registered {
     uint8_t* data;
     uint64_t bytes;
+    uint64_t last_use;  // the TakeDirect call that last copied through it (calls_)
   };
   std::map<PageAddr, Registered> registered_;
+  uint64_t calls_ = 0;  // TakeDirect calls
+  uint64_t pinned_limit_ = 0;  // options_.pinned_limit_bytes, or its default
+  // Ends the registration at `it`; returns the next.
+  std::map<PageAddr, Registered>::iterator EndRegistration(std::map<PageAddr, Registered>::iterator it);
+  // Unregisters blocks no move of this TakeDirect call uses, least recently
+  // used first, until `bytes` more fit under the limit. False when they
+  // cannot (the blocks this call uses fill it).
+  bool MakePinRoom(uint64_t bytes);
   // The backend refused to pin a store's memory (kFailedPrecondition): every
   // later copy is staged, without asking again.
   bool register_refused_ = false;

@@ -71,6 +71,7 @@ struct TierConfig {
   bool map_for_copies = true;               // PageStoreOptions::map_for_copies
   int direct = -1;  // DeviceTierOptions::direct_copies: 0 or 1; -1: the test's parameter
   uint64_t direct_min_pages = 1;  // DeviceTierOptions::direct_min_bytes, in pages
+  uint64_t pinned_limit_pages = 0;  // DeviceTierOptions::pinned_limit_bytes, in pages
 };
 
 // A run of the suite: copy threads, and whether pages may copy direct.
@@ -108,6 +109,7 @@ class DeviceTierTest : public testing::TestWithParam<TierParam> {
     to.copy_threads = GetParam().copy_threads;
     to.direct_copies = c.direct < 0 ? GetParam().direct : c.direct != 0;
     to.direct_min_bytes = c.direct_min_pages * c.page_size;
+    to.pinned_limit_bytes = c.pinned_limit_pages * c.page_size;
     to.keep_alive = c.keep_alive;
     to.arena_bytes = c.arena_pages * c.page_size;
     auto t = DeviceTier::Create(backend_.get(),
@@ -653,6 +655,49 @@ TEST_P(DeviceTierTest, DirectCopiesRegisterEachBlockOnce) {
   EXPECT_EQ(tier_->stats().direct_pages_to_device, 0u);
   EXPECT_EQ(backend_->registered_count(), 0u);
   ASSERT_TRUE(tier_->Unpin(pages).ok());
+}
+
+// Past pinned_limit_bytes, the blocks least recently copied through are
+// unpinned first; a call whose own blocks fill the limit stages the rest.
+TEST_P(DeviceTierTest, PinnedMemoryStaysUnderItsLimit) {
+  constexpr uint64_t kBlock = (2 << 20) / kPage;
+  TierConfig c;
+  c.direct = 1;
+  c.devices = 1;
+  c.region_pages = 3 * kBlock;
+  c.pinned_limit_pages = 2 * kBlock;
+  Build(c);
+  const DeviceTierStats& s = tier_->stats();
+  // Maps `pages` (read), checks their bytes on the device, unpins them.
+  auto map = [&](const std::vector<uint64_t>& idx, uint64_t token) {
+    auto ptrs = tier_->MakeResident(kBase, Pages(idx), 0, /*for_write=*/false, token);
+    ASSERT_TRUE(ptrs.ok()) << ptrs.status().ToString();
+    for (size_t i = 0; i < idx.size(); ++i) EXPECT_EQ(ReadDevice(0, (*ptrs)[i]), model_[idx[i]]) << idx[i];
+    ASSERT_TRUE(tier_->Unpin(Pages(idx)).ok());
+  };
+  map(Range(0, 4), 1);
+  map(Range(kBlock, 4), 2);
+  EXPECT_EQ(backend_->registered_count(), 2u);
+  EXPECT_EQ(s.pinned_bytes, 2 * kBlock * kPage);
+  map(Range(2 * kBlock, 4), 3);  // block 0 was used longest ago: it goes
+  EXPECT_EQ(s.blocks_unpinned_for_room, 1u);
+  EXPECT_EQ(backend_->registered_count(), 2u);
+  map(Range(4, 4), 4);  // block 0 again: block 1 goes, block 2 stays
+  EXPECT_EQ(s.blocks_unpinned_for_room, 2u);
+  EXPECT_EQ(s.blocks_registered, 4u);
+  map(Range(2 * kBlock + 4, 4), 5);
+  EXPECT_EQ(s.blocks_registered, 4u) << "block 2 stayed registered";
+  EXPECT_EQ(s.direct_pages_to_device, 20u);
+  // One call through all three blocks: two fit the limit, the third's run
+  // is staged, and no block of the call is unpinned under it.
+  std::vector<uint64_t> all = Range(8, 4);
+  for (uint64_t i : Range(kBlock + 8, 4)) all.push_back(i);
+  for (uint64_t i : Range(2 * kBlock + 8, 4)) all.push_back(i);
+  map(all, 6);
+  EXPECT_EQ(s.direct_pages_to_device, 28u);
+  EXPECT_EQ(s.pages_to_device, 32u);
+  EXPECT_EQ(backend_->registered_count(), 2u);
+  EXPECT_LE(s.pinned_bytes, 2 * kBlock * kPage);
 }
 
 // Pages that could copy direct but whose runs of neighbours are shorter
