@@ -385,7 +385,7 @@ void NodeAgent::HandleFetch(const proto::Fetch& m, uint64_t now_ms, Actions* out
       ++stats_.downgrades;
     }
     DropStashBefore(m.page, lp, m.txn, out);
-    if (m.send_data && TakeRecentCopy(m.page, m.requester, lp.version, /*by_fetch=*/false, now_ms)) {
+    if (m.send_data && TakeRecentCopy(m.page, m.requester, lp.version, CopyFor::kAsk, now_ms)) {
       // The requester's ReadDirect took this very copy a moment ago: it
       // installs those bytes for this grant. Only this first Fetch of the
       // txn is skipped; a resend (the bytes were lost) is answered above.
@@ -397,7 +397,7 @@ void NodeAgent::HandleFetch(const proto::Fetch& m, uint64_t now_ms, Actions* out
       a.version = lp.version;
       out->push_back(std::move(a));
       ++stats_.pages_sent;
-      recent_copies_[m.page] = RecentCopy{m.requester, lp.version, now_ms, /*by_fetch=*/true};
+      recent_copies_[m.page] = RecentCopy{m.requester, lp.version, now_ms, CopyFor::kFetch};
     }
   } else {
     recent_copies_.erase(m.page);
@@ -535,7 +535,7 @@ bool NodeAgent::HandleReadDirect(const proto::ReadDirect& m, uint64_t now_ms, Ac
     return false;
   }
   LocalPage& lp = it->second;
-  if (TakeRecentCopy(m.page, m.node, lp.version, /*by_fetch=*/true, now_ms)) {
+  if (TakeRecentCopy(m.page, m.node, lp.version, CopyFor::kFetch, now_ms)) {
     // The directory's Fetch came first and sent the asker this copy: its
     // grant brings the same bytes. Also keeps a late ask from stopping a
     // writer for nothing.
@@ -558,16 +558,16 @@ bool NodeAgent::HandleReadDirect(const proto::ReadDirect& m, uint64_t now_ms, Ac
   out->push_back(std::move(a));
   ++stats_.pages_sent;
   ++stats_.direct_served;
-  recent_copies_[m.page] = RecentCopy{m.node, lp.version, now_ms, /*by_fetch=*/false};
+  recent_copies_[m.page] = RecentCopy{m.node, lp.version, now_ms, CopyFor::kAsk};
   return true;
 }
 
-bool NodeAgent::TakeRecentCopy(PageAddr page, NodeId to, uint64_t version, bool by_fetch,
+bool NodeAgent::TakeRecentCopy(PageAddr page, NodeId to, uint64_t version, CopyFor why,
                                uint64_t now_ms) {
   auto it = recent_copies_.find(page);
   if (it == recent_copies_.end()) return false;
   const RecentCopy& c = it->second;
-  const bool match = c.to == to && c.version == version && c.by_fetch == by_fetch &&
+  const bool match = c.to == to && c.version == version && c.why == why &&
                      now_ms < c.sent_ms + options_.retransmit_after_ms;
   if (match) recent_copies_.erase(it);
   return match;

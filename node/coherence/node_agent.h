@@ -89,8 +89,8 @@ struct NodeStats {
   uint64_t direct_ignored = 0;   // ReadDirects for a page not held, or with something under way
   uint64_t direct_installs = 0;  // Shared grants installed from a direct read's bytes
   uint64_t direct_unused = 0;    // direct bytes dropped: late, or of another version than the grant's
-  uint64_t direct_repeats = 0;   // ReadDirects ignored: this node had just sent that copy there for a Fetch
-  uint64_t fetch_sends_skipped = 0;  // Fetches answered by the copy a ReadDirect had just sent
+  uint64_t direct_repeats = 0;   // ReadDirects ignored: a Fetch just sent that copy there
+  uint64_t fetch_sends_skipped = 0;  // Fetches answered by the copy a ReadDirect just sent
 };
 
 enum class FaultResult : uint8_t { kHit = 1, kWait = 2 };
@@ -136,6 +136,10 @@ class NodeAgent {
   // sent m.node this very copy. The caller checks that m.region is the
   // region mapped at the page.
   bool HandleReadDirect(const proto::ReadDirect& m, uint64_t now_ms, Actions* out);
+  // The copy of `page` a kSendPage or kSendStash asked for did not leave
+  // (the caller could not read or send it): a Fetch or an ask that comes
+  // next is answered with a copy, not taken as answered by that one.
+  void ForgetRecentCopy(PageAddr page) { recent_copies_.erase(page); }
   // Whether HandlePageData would keep `m`'s bytes, for a page this node
   // holds no copy of (Invalid, not retained) and has a request in flight
   // for, with no data for it yet: such bytes may arrive straight in the
@@ -240,10 +244,11 @@ class NodeAgent {
   // Tick's part for unclaimed_data_.
   void DropUnclaimedData(uint64_t now_ms, Actions* out);
   void HandleDirectData(const proto::PageData& m, DataHandle handle, uint64_t now_ms, Actions* out);
-  // Whether `page`'s copy at `version` went to `to` less than
-  // retransmit_after_ms ago, by a ReadDirect (`by_fetch` false) or by a
-  // Fetch (true). Consumes the record when it matches.
-  bool TakeRecentCopy(PageAddr page, NodeId to, uint64_t version, bool by_fetch, uint64_t now_ms);
+  // How a copy in recent_copies_ left: for a ReadDirect, or for a Fetch.
+  enum class CopyFor : uint8_t { kAsk, kFetch };
+  // Whether `page`'s copy at `version` went to `to` for `why` less than
+  // retransmit_after_ms ago. Consumes the record when it matches.
+  bool TakeRecentCopy(PageAddr page, NodeId to, uint64_t version, CopyFor why, uint64_t now_ms);
   // The kind of a write request from a node holding `held`: an upgrade of
   // a Shared copy, else a write (the directory takes the kind as what the
   // node holds now).
@@ -278,7 +283,7 @@ class NodeAgent {
     NodeId to = proto::kNoNode;
     uint64_t version = 0;
     uint64_t sent_ms = 0;
-    bool by_fetch = false;
+    CopyFor why = CopyFor::kAsk;
   };
   std::unordered_map<PageAddr, RecentCopy> recent_copies_;
   NodeStats stats_;

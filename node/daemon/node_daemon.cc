@@ -1024,15 +1024,12 @@ void NodeDaemon::HandleReadDirect(proto::NodeId from, const proto::ReadDirect& m
   // copy of any other page is written back before its bytes are sent, as
   // for a Fetch (ExecuteOne).
   PageStore* store = StoreOf(m.page);
-  if (store == nullptr || !store->CheckPage(m.page).ok()) return;
-  const auto id = region_ids_.find(store->base());
-  if (id == region_ids_.end() || id->second != m.region || IsOfADeletedRegion(m.page) ||
-      LeaseLapsed(m.page)) {
-    return;
-  }
-  if (auto pins = gpu_pins_.find(m.page);
+  const auto id = store != nullptr ? region_ids_.find(store->base()) : region_ids_.end();
+  const auto pins = gpu_pins_.find(m.page);
+  if (store == nullptr || !store->CheckPage(m.page).ok() || id == region_ids_.end() ||
+      id->second != m.region || IsOfADeletedRegion(m.page) || LeaseLapsed(m.page) ||
       (pins != gpu_pins_.end() && pins->second.writes != 0) || deferred_.count(m.page) != 0) {
-    ++stats_.direct_reads_held_for_gpu;
+    ++stats_.direct_reads_refused;
     return;
   }
   agent_.HandleReadDirect(m, NowMs(), acts);
@@ -1098,6 +1095,7 @@ void NodeDaemon::SendPage(proto::NodeId to, const proto::PageData& header, size_
     stats_.pages_sent_in_place += transport_->stats().sent_from_lent - from_lent;
     if (!st.ok()) {
       if (read) LogWarning("sending a page to node " + std::to_string(to) + ": " + st.ToString());
+      agent_.ForgetRecentCopy(header.page);
       return;
     }
     // A direct read's bytes (txn 0) answer one ask each: never skipped.
@@ -1122,11 +1120,15 @@ void NodeDaemon::SendPage(proto::NodeId to, const proto::PageData& header, size_
   }
   if (pending_peer_count_ >= kMaxPendingPeerPages) {
     LogWarning("too many pages waiting for peer addresses; dropping one (it is resent on demand)");
+    agent_.ForgetRecentCopy(header.page);
     return;
   }
   proto::PageData d{header.page, header.txn, header.sender, header.version,
                     std::vector<uint8_t>(length), header.region};
-  if (Status st = fill(d.data); !st.ok()) return;  // fill said why
+  if (Status st = fill(d.data); !st.ok()) {  // fill said why
+    agent_.ForgetRecentCopy(header.page);
+    return;
+  }
   waiting.push_back(std::move(d));
   ++pending_peer_count_;
   LookupPeers();

@@ -178,9 +178,10 @@ struct NodeDaemonStats {
   // Pages sent for a region deleted since, whose addresses another holds
   // here now (PageData.region): dropped.
   uint64_t pages_of_another_region = 0;
-  // ReadDirects ignored for a page a GPU write map holds, or with directory
-  // messages held for its maps.
-  uint64_t direct_reads_held_for_gpu = 0;
+  // ReadDirects ignored before the agent saw them: a page of another or a
+  // deleted region, a lapsed lease, a page a GPU write map holds or with
+  // directory messages held for its maps.
+  uint64_t direct_reads_refused = 0;
   uint64_t bytes_sent = 0;
   // Accesses (client faults and Access calls, not prefetches) that had to
   // wait for the directory.

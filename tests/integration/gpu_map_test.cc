@@ -1009,7 +1009,7 @@ TEST_F(GpuMapTest, APageAGpuWriteMapHoldsIsNotServedToAnAsk) {
     }));
   }
   EXPECT_TRUE(WaitFor(0, [](NodeDaemon& d) {
-    return d.stats().direct_reads_held_for_gpu > 0 && d.deferred_count() > 0;
+    return d.stats().direct_reads_refused > 0 && d.deferred_count() > 0;
   })) << "node 1's ask and the directory's Fetch reach node 0";
   ASSERT_EQ(::write(go[1], &c, 1), 1);
   int status = 0;

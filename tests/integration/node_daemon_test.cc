@@ -1904,6 +1904,40 @@ TEST_F(NodeLeaseTest, AccessesHeldByAFenceGoOnWhenTheLeaseIsBack) {
   EXPECT_EQ(nodes_[0]->ReadU64(r.base + 4096), 3u);
 }
 
+// A node whose lease lapsed serves no ask (PROTOCOL.md, "Direct reads"):
+// its copy may be one the directory has since given away. Node 0, which
+// node 1 sent a page of the region before, asks node 1 for a page node 1
+// holds Modified, while node 1 is cut off and fenced; node 1 ignores the
+// ask, and the read gets the page through the directory once the cut heals.
+TEST_F(NodeLeaseTest, AFencedNodeServesNoAsk) {
+  const proto::RegionReply r = Region("fencedask", 4 * 4096, 4096);
+  StartNodes(2, r);
+  nodes_[1]->WriteU64(r.base + 4096, 5);
+  ASSERT_EQ(nodes_[0]->ReadU64(r.base + 4096), 5u);  // node 0's guess for the region: node 1
+  nodes_[1]->WriteU64(r.base + 2 * 4096, 6);
+  relay_->Cut();
+  uint64_t fences = 0;
+  for (int i = 0; i < 500 && fences == 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    fences = Stats(1).fences;
+  }
+  ASSERT_EQ(fences, 1u) << "node 1's lease never lapsed";
+  const pid_t reader = ForkRegionClient(
+      0, "fencedask", [](volatile uint64_t* p) { return p[2 * 4096 / 8] == 6 ? 0 : 1; });
+  uint64_t refused = 0;
+  for (int i = 0; i < 500 && refused == 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    refused = Stats(1).direct_reads_refused;
+  }
+  EXPECT_EQ(refused, 1u) << "node 0's ask never reached node 1";
+  relay_->Heal();
+  int status = 0;
+  ASSERT_EQ(::waitpid(reader, &status, 0), reader);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+  nodes_[1]->Sync([&](NodeDaemon& d) { EXPECT_EQ(d.agent().stats().direct_served, 0u); });
+  EXPECT_EQ(Stats(1).fresh_starts, 0u) << "the cut outlasted the deadline";
+}
+
 // Node 1 holds more than it could fence in the margin after its lease
 // lapses (a fence rate of 1 byte per ms makes its one page enough): cut
 // off, it fences before the lapse (an early fence), goes on serving until

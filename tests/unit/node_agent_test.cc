@@ -153,7 +153,8 @@ class NodeAgentTest : public ::testing::Test {
   }
   Strings ReadDirect(NodeId from, bool expect_served) {
     Actions out;
-    EXPECT_EQ(agent_.HandleReadDirect(proto::ReadDirect{kPage, from, 1}, now_, &out), expect_served);
+    EXPECT_EQ(agent_.HandleReadDirect(proto::ReadDirect{kPage, from, 1}, now_, &out),
+              expect_served);
     return Describe(out);
   }
   Strings Grant(const proto::Grant& g) {
@@ -803,15 +804,31 @@ TEST_F(NodeAgentTest, AReadDirectRightAfterAFetchOfTheSameCopyIsIgnored) {
   EXPECT_EQ(ReadDirect(2, true), Strings({"SendPage>2 txn=0 v=2"}));
 }
 
+// The holder wrote again between the ask and the Fetch: the ask's copy is
+// of an older version than the Fetch's grant names, so the Fetch sends.
+// And an ask's record never makes the holder ignore another ask.
+TEST_F(NodeAgentTest, AnAsksCopyOfAnOlderVersionAnswersNoFetch) {
+  Hold(PageState::kModified, 3, 2);
+  ASSERT_EQ(ReadDirect(2, true), Strings({"MapRead", "SendPage>2 txn=0 v=2"}));
+  EXPECT_EQ(ReadDirect(2, true), Strings({"SendPage>2 txn=0 v=2"}));
+  ASSERT_EQ(Fault(true, 2, FaultResult::kWait), Strings({"Acquire kind=upgrade seq=2 last=3"}));
+  ASSERT_EQ(Grant(MakeGrant(4, 2, PageState::kModified, DataSource::kSelf, 3)),
+            Strings({"MapWrite", "Done txn=4", "Wake w=2"}));
+  EXPECT_EQ(Fetch(5, 2, PageState::kShared, 1), Strings({"MapRead", "SendPage>2 txn=5 v=3"}));
+  EXPECT_EQ(agent_.stats().fetch_sends_skipped, 0u);
+}
+
 TEST_F(NodeAgentTest, OnlyTheSameReaderAndVersionSoonAfterSkipAFetchsCopy) {
   Hold(PageState::kShared, 3, 2);
   ASSERT_EQ(ReadDirect(2, true).size(), 1u);
-  EXPECT_EQ(Fetch(4, 5, PageState::kShared, 1), Strings({"SendPage>5 txn=4 v=2"}));  // another reader
+  EXPECT_EQ(Fetch(4, 5, PageState::kShared, 1),
+            Strings({"SendPage>5 txn=4 v=2"}));  // another reader
   ASSERT_EQ(ReadDirect(2, true).size(), 1u);
   EXPECT_EQ(TickAt(now_ + kRetransmitMs), Strings{});  // forgotten: too old to be this read's
   EXPECT_EQ(Fetch(5, 2, PageState::kShared, 1), Strings({"SendPage>2 txn=5 v=2"}));
   ASSERT_EQ(ReadDirect(5, true).size(), 1u);
-  EXPECT_EQ(Fetch(6, 5, PageState::kInvalid, 1), Strings({"Stash txn=6", "SendStash>5 txn=6 v=2"}));  // a move
+  EXPECT_EQ(Fetch(6, 5, PageState::kInvalid, 1),
+            Strings({"Stash txn=6", "SendStash>5 txn=6 v=2"}));  // a move
   EXPECT_EQ(agent_.stats().fetch_sends_skipped, 0u);
 }
 
