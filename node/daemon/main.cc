@@ -46,8 +46,9 @@
 // memory are pinned there once and copied to and from the GPU without a
 // staging copy (docs/GPU.md, "Direct copies"); off: always staged.
 // --gpu-pinned-limit BYTES: the most host memory pinned for them at once
-// (default: the sum of the GPUs' budgets, at least 64M); past it, the
-// blocks least recently copied are unpinned first.
+// (at least 2M; default: the sum of the GPUs' budgets, at least 64M and at
+// most half the host's memory); past it, the blocks least recently used
+// are unpinned first.
 // --listen is the UCX listener peers reach (port 0 picks one); --socket the
 // UNIX socket libdsvm connects to (default $DSVM_SOCKET, then
 // /run/dsvm/node.sock). Exits 1 with a clear message when it cannot start;
@@ -139,7 +140,9 @@ int main(int argc, char** argv) {
     else if (a == "--gpu-budget") ok = value(&v) && ParseBytes(v, &o.gpu_budget_bytes);
     else if (a == "--host-budget") ok = value(&v) && ParseBytes(v, &o.host_budget_bytes);
     else if (a == "--gpu-arena") ok = value(&v) && ParseBytes(v, &o.gpu_arena_bytes);
-    else if (a == "--gpu-pinned-limit") ok = value(&v) && ParseBytes(v, &o.gpu_pinned_limit_bytes);
+    else if (a == "--gpu-pinned-limit") {
+      ok = value(&v) && ParseBytes(v, &o.gpu_pinned_limit_bytes);
+    }
     else if (a == "--emulated-gpus") {
       ok = value(&v) && !v.empty() && v.find_first_not_of("0123456789") == std::string::npos &&
            v.size() <= 3;

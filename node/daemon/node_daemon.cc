@@ -163,6 +163,11 @@ static Status CheckDeviceOptions(const NodeDaemonOptions& o) {
     return InvalidArgument("a GPU arena (--gpu-arena) is a multiple of 4 KiB, not " +
                            std::to_string(o.gpu_arena_bytes) + " bytes");
   }
+  if (o.gpu_pinned_limit_bytes != 0 && o.gpu_pinned_limit_bytes < (2ull << 20)) {
+    return InvalidArgument("the pinned memory limit (--gpu-pinned-limit) is at least one 2 MiB "
+                           "block (or 0: the default), not " +
+                           std::to_string(o.gpu_pinned_limit_bytes) + " bytes");
+  }
   if (o.emulated_gpus == 0 || o.emulated_gpus > kMaxEmulatedGpus) {
     return InvalidArgument("the emulated backend plays 1 to " + std::to_string(kMaxEmulatedGpus) +
                            " GPUs, not " + std::to_string(o.emulated_gpus));

@@ -1,5 +1,7 @@
 #include "node/memory/device_tier.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstdio>
 #include <deque>
@@ -63,6 +65,12 @@ Result<std::unique_ptr<DeviceTier>> DeviceTier::Create(DeviceBackend* backend,
   if (options.batch_bytes == 0 || options.batch_bytes % 4096 != 0) {
     return InvalidArgument("device tier: batch_bytes must be a positive multiple of 4 KiB");
   }
+  if (options.pinned_limit_bytes != 0 && options.pinned_limit_bytes < (2ull << 20)) {
+    return InvalidArgument(
+        "device tier: pinned_limit_bytes must be 0 (the default) or at least "
+        "one 2 MiB block, not " +
+        std::to_string(options.pinned_limit_bytes));
+  }
   TierTableOptions t;
   t.host_budget_bytes = options.host_budget_bytes;
   t.aging_period = options.aging_period;
@@ -86,6 +94,10 @@ DeviceTier::DeviceTier(DeviceBackend* backend, std::vector<uint64_t> gpu_budget_
   if (pinned_limit_ == 0) {
     for (uint64_t bytes : gpu_budget_bytes_) pinned_limit_ += bytes;
     pinned_limit_ = std::max(pinned_limit_, DeviceTierOptions::kMinPinnedLimit);
+    const long pages = ::sysconf(_SC_PHYS_PAGES), page_bytes = ::sysconf(_SC_PAGESIZE);
+    if (pages > 0 && page_bytes > 0) {
+      pinned_limit_ = std::min(pinned_limit_, uint64_t(pages) * uint64_t(page_bytes) / 2);
+    }
   }
 }
 
@@ -183,8 +195,22 @@ void DeviceTier::Unregister(PageAddr first, uint64_t bytes) {
   while (it != registered_.end() && it->first < end) it = EndRegistration(it);
 }
 
-std::map<PageAddr, DeviceTier::Registered>::iterator DeviceTier::EndRegistration(
-    std::map<PageAddr, Registered>::iterator it) {
+void DeviceTier::AddRegistration(const PageStore::Block& block) {
+  registered_.emplace(block.first, Registered{block.data, block.bytes, calls_});
+  by_use_.emplace(calls_, block.first);
+  pinned_bytes_ += block.bytes;
+  stats_.pinned_bytes = pinned_bytes_;
+  ++stats_.blocks_registered;
+}
+
+void DeviceTier::Touch(RegisteredMap::iterator it) {
+  if (it->second.last_use == calls_) return;
+  by_use_.erase({it->second.last_use, it->first});
+  it->second.last_use = calls_;
+  by_use_.emplace(calls_, it->first);
+}
+
+DeviceTier::RegisteredMap::iterator DeviceTier::EndRegistration(RegisteredMap::iterator it) {
   DSVM_CHECK_MSG(!copying_.load(std::memory_order_relaxed),
                  "a registered block punched by a copy thread");
   // Waits for the copies queued (none: every call returns with its copies
@@ -195,20 +221,23 @@ std::map<PageAddr, DeviceTier::Registered>::iterator DeviceTier::EndRegistration
     Fail(std::move(s)).IgnoreError();  // kept in failed_
   }
   ++stats_.blocks_unregistered;
-  stats_.pinned_bytes -= it->second.bytes;
+  pinned_bytes_ -= it->second.bytes;
+  stats_.pinned_bytes = pinned_bytes_;
+  by_use_.erase({it->second.last_use, it->first});
   return registered_.erase(it);
 }
 
 bool DeviceTier::MakePinRoom(uint64_t bytes) {
-  while (stats_.pinned_bytes + bytes > pinned_limit_) {
-    auto lru = registered_.end();
-    for (auto it = registered_.begin(); it != registered_.end(); ++it) {
-      if (it->second.last_use != calls_ && (lru == registered_.end() || it->second.last_use < lru->second.last_use)) {
-        lru = it;
-      }
-    }
-    if (lru == registered_.end()) return false;
-    EndRegistration(lru);
+  if (pinned_bytes_ + bytes <= pinned_limit_) return true;
+  // Enough of what this call has not touched must go, or none of it.
+  uint64_t freeable = 0;
+  for (auto u = by_use_.begin(); u != by_use_.end() && u->first != calls_; ++u) {
+    freeable += registered_.at(u->second).bytes;
+    if (pinned_bytes_ - freeable + bytes <= pinned_limit_) break;
+  }
+  if (pinned_bytes_ - freeable + bytes > pinned_limit_) return false;
+  while (pinned_bytes_ + bytes > pinned_limit_) {
+    EndRegistration(registered_.find(by_use_.begin()->second));
     ++stats_.blocks_unpinned_for_room;
   }
   return true;
@@ -237,7 +266,7 @@ std::vector<DeviceTier::DirectMove> DeviceTier::TakeDirect(std::vector<Move>* mo
     if (b != blocks.end()) return b->second;
     std::optional<BlockState> state;
     if (auto r = registered_.find(first); r != registered_.end()) {
-      r->second.last_use = calls_;  // kept registered through this call (MakePinRoom)
+      Touch(r);  // registered through this call: `blocks` holds its mapping
       state = BlockState{{r->second.data, first, r->second.bytes}, true};
     } else if (std::optional<PageStore::Block> block = m.store->MapBlock(m.page)) {
       state = BlockState{*block, false};
@@ -287,10 +316,8 @@ std::vector<DeviceTier::DirectMove> DeviceTier::TakeDirect(std::vector<Move>* mo
       Status s = register_refused_ ? FailedPrecondition("refused before")
                                    : backend_->RegisterHost(b->block.data, b->block.bytes);
       if (s.ok()) {
-        registered_.emplace(b->block.first, Registered{b->block.data, b->block.bytes, calls_});
+        AddRegistration(b->block);
         b->registered = true;
-        ++stats_.blocks_registered;
-        stats_.pinned_bytes += b->block.bytes;
         continue;
       }
       // kFailedPrecondition: this memory cannot be pinned at all, so no

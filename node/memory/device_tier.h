@@ -27,9 +27,10 @@
 // transfer's view of one of its pages (the store's unpin listener: the
 // pinned page may no longer be the memfd's), the region's removal, the
 // tier's end, or until pinning another block would pass pinned_limit_bytes:
-// then the blocks least recently copied from or to go first. Retained
-// pages, blocks with holes or views, runs shorter than direct_min_bytes and
-// runs whose block finds no room under the limit are staged as above.
+// then the blocks least recently used go first, never one the current call
+// touches. Retained pages, blocks with holes or views, runs shorter than
+// direct_min_bytes and runs whose block finds no room under the limit are
+// staged as above.
 // The table emits steps so that this phase order is safe (a page written
 // back before its slot is freed; slots freed before they are reused; a page
 // moved between GPUs written back before it is copied again).
@@ -74,6 +75,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <set>
 #include <span>
 #include <unordered_map>
 #include <unordered_set>
@@ -117,10 +119,11 @@ struct DeviceTierOptions {
   // page costs more than staging them into one (a guess to measure on a
   // GPU: a cudaMemcpyAsync costs microseconds, 64 KiB at 50 GB/s 1.3 us).
   uint64_t direct_min_bytes = 64 << 10;
-  // The most host memory registered for direct copies at once. 0: the sum
-  // of the GPUs' budgets, and at least kMinPinnedLimit: what is pinned
-  // follows what the GPUs can hold, and a small budget does not pin and
-  // unpin the same blocks at every call.
+  // The most host memory registered for direct copies at once: 0, or at
+  // least one 2 MiB block. 0: the sum of the GPUs' budgets, at least
+  // kMinPinnedLimit (a small budget does not pin and unpin the same blocks
+  // at every call) and at most half the host's memory (pinned memory cannot
+  // be swapped, moved or compacted).
   uint64_t pinned_limit_bytes = 0;
   static constexpr uint64_t kMinPinnedLimit = 64ull << 20;
   // Called on the calling thread each time the tier has waited for a copy
@@ -174,8 +177,8 @@ struct DeviceTierStats {
   uint64_t direct_pages_to_host = 0;    // of pages_to_host, likewise
   uint64_t blocks_registered = 0;       // RegisterHost calls that succeeded
   uint64_t blocks_unregistered = 0;     // registrations ended (punch, region removed, room)
-  uint64_t blocks_unpinned_for_room = 0;  // of blocks_unregistered, to stay under pinned_limit_bytes
-  uint64_t pinned_bytes = 0;            // registered now
+  uint64_t blocks_unpinned_for_room = 0;  // of blocks_unregistered, to stay under the limit
+  uint64_t pinned_bytes = 0;              // registered now (a copy of DeviceTier's count)
 };
 
 class DeviceTier {
@@ -460,16 +463,23 @@ class DeviceTier {
   struct Registered {
     uint8_t* data;
     uint64_t bytes;
-    uint64_t last_use;  // the TakeDirect call that last copied through it (calls_)
+    uint64_t last_use;  // the TakeDirect call that last touched it (calls_)
   };
-  std::map<PageAddr, Registered> registered_;
-  uint64_t calls_ = 0;  // TakeDirect calls
+  using RegisteredMap = std::map<PageAddr, Registered>;
+  RegisteredMap registered_;
+  // registered_ by (last_use, first): least recently used first.
+  std::set<std::pair<uint64_t, PageAddr>> by_use_;
+  uint64_t pinned_bytes_ = 0;  // of registered_
+  uint64_t calls_ = 0;         // TakeDirect calls
   uint64_t pinned_limit_ = 0;  // options_.pinned_limit_bytes, or its default
+  void AddRegistration(const PageStore::Block& block);
+  // Marks the registration at `it` used by this call (calls_).
+  void Touch(RegisteredMap::iterator it);
   // Ends the registration at `it`; returns the next.
-  std::map<PageAddr, Registered>::iterator EndRegistration(std::map<PageAddr, Registered>::iterator it);
-  // Unregisters blocks no move of this TakeDirect call uses, least recently
-  // used first, until `bytes` more fit under the limit. False when they
-  // cannot (the blocks this call uses fill it).
+  RegisteredMap::iterator EndRegistration(RegisteredMap::iterator it);
+  // Unregisters blocks this TakeDirect call has not touched, least
+  // recently used first, so that `bytes` more fit under the limit. False,
+  // unregistering none, when they cannot (this call's blocks fill it).
   bool MakePinRoom(uint64_t bytes);
   // The backend refused to pin a store's memory (kFailedPrecondition): every
   // later copy is staged, without asking again.

@@ -1278,6 +1278,9 @@ TEST_F(GpuMapTest, BadDeviceOptionsAreRefusedAtStartup) {
   o = Options(0);
   o.gpu_arena_bytes = 6000;
   refused(o, "multiple of 4 KiB");
+  o = Options(0);
+  o.gpu_pinned_limit_bytes = 1 << 20;
+  refused(o, "--gpu-pinned-limit");
 }
 
 // A client killed while it holds a write map: its daemon ends the map, the

@@ -672,7 +672,9 @@ TEST_P(DeviceTierTest, PinnedMemoryStaysUnderItsLimit) {
   auto map = [&](const std::vector<uint64_t>& idx, uint64_t token) {
     auto ptrs = tier_->MakeResident(kBase, Pages(idx), 0, /*for_write=*/false, token);
     ASSERT_TRUE(ptrs.ok()) << ptrs.status().ToString();
-    for (size_t i = 0; i < idx.size(); ++i) EXPECT_EQ(ReadDevice(0, (*ptrs)[i]), model_[idx[i]]) << idx[i];
+    for (size_t i = 0; i < idx.size(); ++i) {
+      EXPECT_EQ(ReadDevice(0, (*ptrs)[i]), model_[idx[i]]) << idx[i];
+    }
     ASSERT_TRUE(tier_->Unpin(Pages(idx)).ok());
   };
   map(Range(0, 4), 1);
@@ -838,6 +840,7 @@ TEST_P(DeviceTierTest, APunchEndsTheRegistrationOfItsBlock) {
   // The region's removal ends the rest; so does the tier's end.
   ASSERT_TRUE(tier_->RemoveRegion(kBase).ok());
   EXPECT_EQ(backend_->registered_count(), 0u);
+  EXPECT_EQ(tier_->stats().pinned_bytes, 0u);
   ASSERT_TRUE(tier_->AddRegion(store_.get()).ok());
   ASSERT_TRUE(tier_->MakeResident(kBase, Pages({1}), 0, false, 5).ok());
   EXPECT_EQ(backend_->registered_count(), 1u);
@@ -873,6 +876,11 @@ TEST(DeviceTierCreateTest, RefusesBadOptions) {
   EXPECT_EQ(DeviceTier::Create(b->get(), budgets, o).status().code(), kInvalid);
   o.copy_threads = 65;
   EXPECT_EQ(DeviceTier::Create(b->get(), budgets, o).status().code(), kInvalid);
+  o = {};
+  o.pinned_limit_bytes = (2 << 20) - 4096;  // less than one block: no direct copy could run
+  EXPECT_EQ(DeviceTier::Create(b->get(), budgets, o).status().code(), kInvalid);
+  o.pinned_limit_bytes = 2 << 20;
+  EXPECT_TRUE(DeviceTier::Create(b->get(), budgets, o).ok());
   // A region whose pages do not fit one batch.
   {
     o = {};
