@@ -46,9 +46,8 @@
 // memory are pinned there once and copied to and from the GPU without a
 // staging copy (docs/GPU.md, "Direct copies"); off: always staged.
 // --gpu-pinned-limit BYTES: the most host memory pinned for them at once
-// (at least 2M; default: the sum of the GPUs' budgets, at least 64M and at
-// most half the host's memory); past it, the blocks least recently used
-// are unpinned first.
+// (at least 2M; default half the host's memory); past it, the blocks least
+// recently used are unpinned first.
 // --listen is the UCX listener peers reach (port 0 picks one); --socket the
 // UNIX socket libdsvm connects to (default $DSVM_SOCKET, then
 // /run/dsvm/node.sock). Exits 1 with a clear message when it cannot start;

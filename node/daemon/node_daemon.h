@@ -94,8 +94,8 @@ struct NodeDaemonOptions {
   // from GPUs without staging where they can.
   bool gpu_direct_copies = true;
   // DeviceTierOptions::pinned_limit_bytes: the most host memory pinned for
-  // direct copies at once (0, or at least 2 MiB); 0: the sum of the GPUs'
-  // budgets, at least 64 MiB and at most half the host's memory.
+  // direct copies at once (0, or at least 2 MiB); 0: half the host's memory
+  // (DefaultPinnedLimit).
   uint64_t gpu_pinned_limit_bytes = 0;
   // GPU memory a region's pool takes at a time (DeviceTierOptions::
   // arena_bytes; a multiple of 4 KiB); 0: 64 MiB. An arena holds one

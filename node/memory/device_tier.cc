@@ -91,14 +91,13 @@ DeviceTier::DeviceTier(DeviceBackend* backend, std::vector<uint64_t> gpu_budget_
       direct_lanes_(backend->device_count()) {
   for (uint64_t bytes : gpu_budget_bytes_) budgets_.push_back(std::make_unique<DeviceBudget>(bytes));
   pinned_limit_ = options_.pinned_limit_bytes;
-  if (pinned_limit_ == 0) {
-    for (uint64_t bytes : gpu_budget_bytes_) pinned_limit_ += bytes;
-    pinned_limit_ = std::max(pinned_limit_, DeviceTierOptions::kMinPinnedLimit);
-    const long pages = ::sysconf(_SC_PHYS_PAGES), page_bytes = ::sysconf(_SC_PAGESIZE);
-    if (pages > 0 && page_bytes > 0) {
-      pinned_limit_ = std::min(pinned_limit_, uint64_t(pages) * uint64_t(page_bytes) / 2);
-    }
-  }
+  if (pinned_limit_ == 0) pinned_limit_ = DefaultPinnedLimit();
+}
+
+uint64_t DefaultPinnedLimit() {
+  const long pages = ::sysconf(_SC_PHYS_PAGES), page_bytes = ::sysconf(_SC_PAGESIZE);
+  const uint64_t half = pages > 0 && page_bytes > 0 ? uint64_t(pages) * uint64_t(page_bytes) / 2 : 0;
+  return std::max(half, uint64_t{2} << 20);
 }
 
 Status DeviceTier::Init() {

@@ -120,12 +120,12 @@ struct DeviceTierOptions {
   // GPU: a cudaMemcpyAsync costs microseconds, 64 KiB at 50 GB/s 1.3 us).
   uint64_t direct_min_bytes = 64 << 10;
   // The most host memory registered for direct copies at once: 0, or at
-  // least one 2 MiB block. 0: the sum of the GPUs' budgets, at least
-  // kMinPinnedLimit (a small budget does not pin and unpin the same blocks
-  // at every call) and at most half the host's memory (pinned memory cannot
-  // be swapped, moved or compacted).
+  // least one 2 MiB block. 0: DefaultPinnedLimit(). Pinned memory cannot be
+  // swapped, moved or compacted by the kernel; but a limit near the GPUs'
+  // budgets would unpin and pin again the blocks of a working set larger
+  // than the GPUs at every pass (oversubscription), and each registration
+  // is a driver call that pins its pages one by one.
   uint64_t pinned_limit_bytes = 0;
-  static constexpr uint64_t kMinPinnedLimit = 64ull << 20;
   // Called on the calling thread each time the tier has waited for a copy
   // (one batch each way; milliseconds apart at most): a migration of many
   // gigabytes holds the caller for seconds, and the node daemon keeps its
@@ -139,6 +139,9 @@ struct DeviceTierOptions {
 // its CPUs, between 1 and 4 (the daemon's loop and the network keep the
 // rest).
 uint32_t DefaultCopyThreads();
+// A default for DeviceTierOptions::pinned_limit_bytes on this host: half
+// its memory (at least one 2 MiB block).
+uint64_t DefaultPinnedLimit();
 
 // A contiguous device range holding consecutive pages (DeviceTier::MapRun):
 // page i of the run is at ptr + i * page size, all in one arena.

@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/resource.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -881,6 +882,9 @@ TEST(DeviceTierCreateTest, RefusesBadOptions) {
   EXPECT_EQ(DeviceTier::Create(b->get(), budgets, o).status().code(), kInvalid);
   o.pinned_limit_bytes = 2 << 20;
   EXPECT_TRUE(DeviceTier::Create(b->get(), budgets, o).ok());
+  // The default: half the host's memory.
+  const uint64_t memory = uint64_t(::sysconf(_SC_PHYS_PAGES)) * uint64_t(::sysconf(_SC_PAGESIZE));
+  EXPECT_EQ(DefaultPinnedLimit(), memory / 2);
   // A region whose pages do not fit one batch.
   {
     o = {};
