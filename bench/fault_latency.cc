@@ -540,9 +540,10 @@ Status RunOneTransport(const FaultLatencyOptions& o, const std::string& tls,
              "ratio");
   // 1 when each read brings one copy; up to 2 when the holder's and the
   // directory's both come (direct reads).
-  EmitMetric("fault.remote_read." + tag + ".pages_fetched_per_read",
-             d.pages_fetched / static_cast<double>(std::max<size_t>(1, d.remote_read.micros.size())),
-             "ratio");
+  EmitMetric(
+      "fault.remote_read." + tag + ".pages_fetched_per_read",
+      d.pages_fetched / static_cast<double>(std::max<size_t>(1, d.remote_read.micros.size())),
+      "ratio");
   EmitMetric("fault.remote_write_invalidate." + tag + ".median_us", write_median, "us");
   EmitMetric("fault.remote_write_invalidate." + tag + ".p99_us",
              P99(d.remote_write_invalidate.micros), "us");

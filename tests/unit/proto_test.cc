@@ -274,7 +274,7 @@ std::vector<Message> SampleMessages() {
       AuthChallenge{.nonce = std::vector<uint8_t>(kNonceBytes, 0xD4),
                     .proof = std::vector<uint8_t>(kNonceBytes, 0xD5)},
       AuthProof{.proof = std::vector<uint8_t>(kNonceBytes, 0xD6)},
-      ClientHello{.abi = 9},
+      ClientHello{.abi = kClientAbi + 1},
       ClientHelloReply{.node = 3, .window_base = 0x200000000000, .window_size = 1ull << 44},
       MapRegion{.base = 0x200000200000},
       UnmapRegion{.base = 0x200000400000},
