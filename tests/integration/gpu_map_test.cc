@@ -54,6 +54,9 @@ class GpuMapTest : public ::testing::Test {
     tool_ = std::move(*tool);
   }
   void TearDown() override {
+    for (int fd : {held_ready_[0], held_ready_[1], held_go_[0], held_go_[1]}) {
+      if (fd >= 0) ::close(fd);
+    }
     nodes_.clear();
     SetQuietForkDaemons(nullptr);
   }
@@ -134,6 +137,37 @@ class GpuMapTest : public ::testing::Test {
     }
     return false;
   }
+
+  // A process of node 0 holding a write map of region `name`'s first page:
+  // it writes kHeldFirst through the device pointer, and once
+  // ReleaseWriteMap() says so, kHeldLast (the last write before the unmap)
+  // and unmaps. Returns its pid once the first write is done.
+  static constexpr uint64_t kHeldFirst = 0x600DF00D, kHeldLast = 0xFEEDBEEF;
+  pid_t HoldWriteMap(const std::string& name) {
+    EXPECT_EQ(::pipe(held_ready_), 0);
+    EXPECT_EQ(::pipe(held_go_), 0);
+    const pid_t pid = QuietFork();
+    if (pid == 0) {
+      ::_exit(ClientMain(0, name, [&](uint8_t* base) {
+        void* dev = nullptr;
+        if (dsvm_gpu_map(base, kPage, 0, DSVM_GPU_WRITE, &dev) != DSVM_OK) return 1;
+        *static_cast<uint64_t*>(dev) = kHeldFirst;
+        char c = 1;
+        if (::write(held_ready_[1], &c, 1) != 1 || ::read(held_go_[0], &c, 1) != 1) return 2;
+        *static_cast<uint64_t*>(dev) = kHeldLast;
+        return dsvm_gpu_unmap(base, kPage) == DSVM_OK ? 0 : 3;
+      }));
+    }
+    char c;
+    EXPECT_EQ(::read(held_ready_[0], &c, 1), 1);
+    return pid;
+  }
+  void ReleaseWriteMap() {
+    char c = 1;
+    EXPECT_EQ(::write(held_go_[1], &c, 1), 1);
+  }
+  int held_ready_[2] = {-1, -1};
+  int held_go_[2] = {-1, -1};
 
   std::vector<std::string> coordinator_flags_;  // set before SetUp
   uint64_t budget_pages_ = kBudgetPages;        // each GPU's, for the nodes started next
@@ -900,29 +934,13 @@ TEST_F(GpuMapTest, AReadMapSeesWritesOfAnotherNode) {
 TEST_F(GpuMapTest, AMapHoldsItsPagesUntilUnmap) {
   const proto::RegionReply r = Region("gh", 8);
   StartNodes({"emulated", "emulated"}, r);
-  int ready[2], go[2];
-  ASSERT_EQ(::pipe(ready), 0);
-  ASSERT_EQ(::pipe(go), 0);
-  const pid_t pid = QuietFork();
-  if (pid == 0) {
-    ::_exit(ClientMain(0, "gh", [&](uint8_t* base) {
-      void* dev = nullptr;
-      if (dsvm_gpu_map(base, kPage, 0, DSVM_GPU_WRITE, &dev) != DSVM_OK) return 1;
-      *static_cast<uint64_t*>(dev) = 0x600DF00D;
-      char c = 1;
-      if (::write(ready[1], &c, 1) != 1 || ::read(go[0], &c, 1) != 1) return 2;
-      *static_cast<uint64_t*>(dev) = 0xFEEDBEEF;  // the last write before the unmap wins
-      return dsvm_gpu_unmap(base, kPage) == DSVM_OK ? 0 : 3;
-    }));
-  }
-  char c;
-  ASSERT_EQ(::read(ready[0], &c, 1), 1);
+  const pid_t pid = HoldWriteMap("gh");
   auto reader = std::async(std::launch::async, [&] { return nodes_[1]->ReadU64(r.base); });
   // Node 1's read reaches node 0 as a directory request, which waits.
   EXPECT_TRUE(WaitFor(0, [](NodeDaemon& d) { return d.deferred_count() > 0; }));
   nodes_[0]->Sync([&](NodeDaemon& d) { EXPECT_EQ(d.gpu_mapped_pages(), 1u); });
-  ASSERT_EQ(::write(go[1], &c, 1), 1);
-  EXPECT_EQ(reader.get(), 0xFEEDBEEFu);
+  ReleaseWriteMap();
+  EXPECT_EQ(reader.get(), kHeldLast) << "the last write before the unmap wins";
   int status = 0;
   ASSERT_EQ(::waitpid(pid, &status, 0), pid);
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
@@ -930,7 +948,6 @@ TEST_F(GpuMapTest, AMapHoldsItsPagesUntilUnmap) {
     EXPECT_GE(d.stats().deferred_requests, 1u);
     EXPECT_EQ(d.deferred_count(), 0u);
   });
-  for (int fd : {ready[0], ready[1], go[0], go[1]}) ::close(fd);
 }
 
 // Direct reads (PROTOCOL.md) with GPU tiers on both nodes: node 1's read
@@ -983,42 +1000,25 @@ TEST_F(GpuMapTest, APageAGpuWriteMapHoldsIsNotServedToAnAsk) {
   const proto::RegionReply r = Region("gq", 8);
   StartNodes({"emulated", "emulated"}, r);
   nodes_[0]->WriteU64(r.base + kPage, 7);
-  int ready[2], go[2];
-  ASSERT_EQ(::pipe(ready), 0);
-  ASSERT_EQ(::pipe(go), 0);
-  const pid_t mapper = QuietFork();
-  if (mapper == 0) {
-    ::_exit(ClientMain(0, "gq", [&](uint8_t* base) {
-      void* dev = nullptr;
-      if (dsvm_gpu_map(base, kPage, 0, DSVM_GPU_WRITE, &dev) != DSVM_OK) return 1;
-      *static_cast<uint64_t*>(dev) = 0x600DF00D;
-      char c = 1;
-      if (::write(ready[1], &c, 1) != 1 || ::read(go[0], &c, 1) != 1) return 2;
-      *static_cast<uint64_t*>(dev) = 0xFEEDBEEF;
-      return dsvm_gpu_unmap(base, kPage) == DSVM_OK ? 0 : 3;
-    }));
-  }
-  char c;
-  ASSERT_EQ(::read(ready[0], &c, 1), 1);
+  const pid_t mapper = HoldWriteMap("gq");
   const pid_t reader = QuietFork();
   if (reader == 0) {
     ::_exit(ClientMain(1, "gq", [&](uint8_t* base) {
       const auto* words = reinterpret_cast<const volatile uint64_t*>(base);
       if (words[kPage / 8] != 7) return 1;  // from node 0: the next fault asks it
-      return words[0] == 0xFEEDBEEF ? 0 : 2;
+      return words[0] == kHeldLast ? 0 : 2;
     }));
   }
   EXPECT_TRUE(WaitFor(0, [](NodeDaemon& d) {
     return d.stats().direct_reads_refused > 0 && d.deferred_count() > 0;
   })) << "node 1's ask and the directory's Fetch reach node 0";
-  ASSERT_EQ(::write(go[1], &c, 1), 1);
+  ReleaseWriteMap();
   int status = 0;
   ASSERT_EQ(::waitpid(reader, &status, 0), reader);
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
   ASSERT_EQ(::waitpid(mapper, &status, 0), mapper);
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
   nodes_[0]->Sync([&](NodeDaemon& d) { EXPECT_EQ(d.agent().stats().direct_served, 0u); });
-  for (int fd : {ready[0], ready[1], go[0], go[1]}) ::close(fd);
 }
 
 // A working set four times the GPU budget, streamed through write maps of a

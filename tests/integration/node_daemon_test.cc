@@ -1809,6 +1809,15 @@ class NodeLeaseTest : public NodeDaemonTest {
     nodes_[node]->Sync([&](NodeDaemon& d) { stats = d.stats(); });
     return stats;
   }
+  // Node 1's fences once it has one (5 s at most): its lease lapsed.
+  uint64_t WaitForAFence() {
+    uint64_t fences = 0;
+    for (int i = 0; i < 500 && fences == 0; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      fences = Stats(1).fences;
+    }
+    return fences;
+  }
 
   std::unique_ptr<TcpRelay> relay_;
   int ready_[2] = {-1, -1};
@@ -1859,12 +1868,7 @@ TEST_F(NodeLeaseTest, ACutOffNodeStopsServingItsCopiesBeforeItIsDeclaredDead) {
 TEST_F(NodeLeaseTest, AccessesHeldByAFenceGoOnWhenTheLeaseIsBack) {
   const proto::RegionReply r = StartWithAReader("brief", 1);
   relay_->Cut();
-  uint64_t fences = 0;
-  for (int i = 0; i < 500 && fences == 0; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    fences = Stats(1).fences;
-  }
-  ASSERT_EQ(fences, 1u) << "node 1's lease never lapsed";
+  ASSERT_EQ(WaitForAFence(), 1u) << "node 1's lease never lapsed";
   // The daemon's access first, so that it runs first when the lease is
   // back, on bytes the fence moved aside.
   auto daemon_read = std::async(std::launch::async, [&] { return nodes_[1]->ReadU64(r.base); });
@@ -1916,12 +1920,7 @@ TEST_F(NodeLeaseTest, AFencedNodeServesNoAsk) {
   ASSERT_EQ(nodes_[0]->ReadU64(r.base + 4096), 5u);  // node 0's guess for the region: node 1
   nodes_[1]->WriteU64(r.base + 2 * 4096, 6);
   relay_->Cut();
-  uint64_t fences = 0;
-  for (int i = 0; i < 500 && fences == 0; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    fences = Stats(1).fences;
-  }
-  ASSERT_EQ(fences, 1u) << "node 1's lease never lapsed";
+  ASSERT_EQ(WaitForAFence(), 1u) << "node 1's lease never lapsed";
   const pid_t reader = ForkRegionClient(
       0, "fencedask", [](volatile uint64_t* p) { return p[2 * 4096 / 8] == 6 ? 0 : 1; });
   uint64_t refused = 0;
