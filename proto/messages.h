@@ -736,7 +736,10 @@ struct PeerProof {
 };
 
 // The ABI version libdsvm and dsvm-node speak on the client plane.
-inline constexpr uint32_t kClientAbi = 8;  // 3: GpuMap, GpuMapReply, GpuUnmap; 4: GpuPrefetch; 5: GPU advice, host maps; 6: lease counters; 7: direct-read counters; 8: direct GPU copy counters
+// 3: GpuMap, GpuMapReply, GpuUnmap; 4: GpuPrefetch; 5: GPU advice, host
+// maps; 6: lease counters; 7: direct-read counters; 8: direct GPU copy
+// counters.
+inline constexpr uint32_t kClientAbi = 8;
 
 // Client -> daemon: the first record on a client connection.
 struct ClientHello {

@@ -96,8 +96,8 @@ DeviceTier::DeviceTier(DeviceBackend* backend, std::vector<uint64_t> gpu_budget_
 
 uint64_t DefaultPinnedLimit() {
   const long pages = ::sysconf(_SC_PHYS_PAGES), page_bytes = ::sysconf(_SC_PAGESIZE);
-  const uint64_t half = pages > 0 && page_bytes > 0 ? uint64_t(pages) * uint64_t(page_bytes) / 2 : 0;
-  return std::max(half, uint64_t{2} << 20);
+  if (pages <= 0 || page_bytes <= 0) return uint64_t{2} << 20;
+  return std::max(uint64_t(pages) * uint64_t(page_bytes) / 2, uint64_t{2} << 20);
 }
 
 Status DeviceTier::Init() {
