@@ -704,6 +704,7 @@ Status NodeDaemon::DropRegion(proto::PageAddr base, const std::string& why) {
   read_ahead_.erase(base);
   region_ids_.erase(base);
   holder_hint_.erase(base);
+  std::erase_if(page_hint_, [&](const auto& e) { return e.first >= base && e.first < base + size; });
   LogInfo("dropped the region that was at " + Hex(base) + ": " + why);
   return Status::Ok();
 }
@@ -984,6 +985,8 @@ size_t NodeDaemon::HandlePeerMessages() {
     ++stats_.pages_received;
     stats_.bytes_received += m.page.size;
     holder_hint_[store->base()] = m.from;
+    if (page_hint_.size() >= kMaxPageHints && page_hint_.count(d->page) == 0) page_hint_.clear();
+    page_hint_[d->page] = m.from;
     const DataHandle h = ++next_handle_;
     data_[h] = Received{d->page, std::move(m.page)};
     agent_.HandlePageData(*d, h, NowMs(), &acts);
@@ -1000,6 +1003,13 @@ bool NodeDaemon::AsksHolder(proto::PageAddr page, bool write) const {
 }
 
 void NodeDaemon::AskHolder(const PageStore& store, proto::PageAddr page) {
+  const proto::RegionId region = region_ids_.at(store.base());
+  if (auto p = page_hint_.find(page);
+      p != page_hint_.end() && p->second != id_ && transport_->HasPeer(p->second)) {
+    transport_->Send(p->second, proto::ReadDirect{page, id_, region}).IgnoreError();
+    ++stats_.direct_asks_by_page;
+    return;
+  }
   auto hint = holder_hint_.find(store.base());
   if (hint == holder_hint_.end() || hint->second == id_) return;  // the directory alone, then
   if (!transport_->HasPeer(hint->second)) {
@@ -1010,8 +1020,7 @@ void NodeDaemon::AskHolder(const PageStore& store, proto::PageAddr page) {
     return;
   }
   // A lost ask costs nothing but the shortcut: the Acquire is on its way.
-  transport_->Send(hint->second, proto::ReadDirect{page, id_, region_ids_.at(store.base())})
-      .IgnoreError();
+  transport_->Send(hint->second, proto::ReadDirect{page, id_, region}).IgnoreError();
 }
 
 void NodeDaemon::HandleReadDirect(proto::NodeId from, const proto::ReadDirect& m, Actions* acts) {

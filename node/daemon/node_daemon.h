@@ -183,6 +183,7 @@ struct NodeDaemonStats {
   // deleted region, a lapsed lease, a page a GPU write map holds or with
   // directory messages held for its maps.
   uint64_t direct_reads_refused = 0;
+  uint64_t direct_asks_by_page = 0;  // asks sent to the page's own last sender (page_hint_)
   uint64_t bytes_sent = 0;
   // Accesses (client faults and Access calls, not prefetches) that had to
   // wait for the directory.
@@ -474,7 +475,8 @@ class NodeDaemon {
   // Returns how much UCX work there was (0: none).
   size_t HandlePeerMessages();
   // Direct reads (PROTOCOL.md): whether a fault on `page` also asks a
-  // holder; the ask itself (kAskHolder), to the region's holder_hint_; and
+  // holder; the ask itself (kAskHolder), to the page's page_hint_ or the
+  // region's holder_hint_; and
   // a peer's ask, served by the agent when the page is at rest here.
   bool AsksHolder(proto::PageAddr page, bool write) const;
   void AskHolder(const PageStore& store, proto::PageAddr page);
@@ -619,8 +621,14 @@ class NodeDaemon {
   std::map<proto::PageAddr, std::unique_ptr<PageStore>> stores_;  // by region base
   std::map<proto::PageAddr, proto::RegionId> region_ids_;        // which region each store is
   // Per region (by base): the node that last sent this node a page of it,
-  // which a direct read asks first.
+  // which a direct read asks when page_hint_ has no guess.
   std::unordered_map<proto::PageAddr, proto::NodeId> holder_hint_;
+  // Per page: the node that last sent this node that page, which a direct
+  // read asks first: in a region whose pages different nodes write (a
+  // stencil's boundary rows), a page's own last sender is the better guess.
+  // At most kMaxPageHints; past that the table starts again.
+  std::unordered_map<proto::PageAddr, proto::NodeId> page_hint_;
+  static constexpr size_t kMaxPageHints = size_t{1} << 16;
   // Deleted regions (base -> id) kept because local processes still map them.
   std::map<proto::PageAddr, proto::RegionId> deleted_mapped_;
   struct Received {

@@ -526,6 +526,50 @@ TEST_F(DirectReadTest, ReadFaultsAskTheLastSenderForItsCopyAndSeeEveryWrite) {
   EXPECT_GE(a0.fetch_sends_skipped + a0.direct_repeats, 1u);
 }
 
+// Two writers: node 0 writes the even pages, node 2 the odd ones, and node
+// 1 reads them all, three rounds. The region's last sender is the wrong
+// guess for every next page; each page's own last sender is right from the
+// second round on. Fails with region guesses alone (no read answered
+// directly).
+TEST_F(DirectReadTest, AsksGoToEachPagesOwnLastSender) {
+  constexpr int kPages = 16;
+  proto::RegionReply r = Region("direct2", kPages * 4096, 4096);
+  StartNodes(3, r);
+  const std::string dir = dir_.path();
+  for (uint64_t round = 1; round <= 3; ++round) {
+    for (int writer : {0, 2}) {
+      ASSERT_EQ(RunClient(dir + "/node" + std::to_string(writer) + ".sock", "direct2",
+                          [&](uint8_t* m, size_t) {
+                            for (int p = writer / 2; p < kPages; p += 2) {
+                              reinterpret_cast<volatile uint64_t*>(m + p * 4096)[0] = round * 100 + p;
+                            }
+                            return true;
+                          }),
+                0);
+    }
+    // Scattered (a stride of 7), so that no sequential read-ahead fetches
+    // pages without a fault.
+    ASSERT_EQ(RunClient(dir + "/node1.sock", "direct2", [&](uint8_t* m, size_t) {
+                for (int i = 0; i < kPages; ++i) {
+                  const int p = i * 7 % kPages;
+                  if (reinterpret_cast<volatile uint64_t*>(m + p * 4096)[0] != round * 100 + p) {
+                    return false;
+                  }
+                }
+                return true;
+              }),
+              0)
+        << "round " << round;
+  }
+  node::NodeDaemonStats s1;
+  nodes_[1]->Sync([&](NodeDaemon& d) {
+    c1 = d.Counters();
+    s1 = d.stats();
+  });
+  EXPECT_GE(s1.direct_asks_by_page, uint64_t{kPages});
+  EXPECT_GE(c1.direct_reads, uint64_t{kPages / 2}) << "of " << 3 * kPages << " reads";
+}
+
 TEST_F(DirectReadTest, WithDirectReadsOffFaultsAskTheDirectoryOnly) {
   direct_reads_ = false;
   Rounds(8);
