@@ -968,10 +968,12 @@ TEST_F(GpuMapTest, AHolderWithAGpuTierServesReadsFromItsDirtyGpuCopy) {
             }),
             0);
   // Read through plain loads: faults, which ask node 0 once a page of the
-  // region came from it.
+  // region came from it. In a scattered order (a stride of 3), so that no
+  // sequential read-ahead fetches pages without a fault.
   ASSERT_EQ(RunClient(1, "gd", [&](uint8_t* base) {
               const auto* words = reinterpret_cast<const volatile uint64_t*>(base);
-              for (uint64_t p = 0; p < kPages; ++p) {
+              for (uint64_t i = 0; i < kPages; ++i) {
+                const uint64_t p = i * 3 % kPages;
                 for (uint64_t w = 0; w < kPage / 8; ++w) {
                   if (words[p * kPage / 8 + w] != Pattern(p, w, 1)) return 10 + static_cast<int>(p);
                 }
