@@ -160,8 +160,9 @@ Status RunMigration(const GpuBenchOptions& o, std::unique_ptr<DeviceBackend> bac
   DSVM_RETURN_IF_ERROR(MeasureRaw(*backend, o, &raw_h2d, &raw_d2h));
 
   // A fresh store of the same random bytes for each run, so that each
-  // run's first pass maps and pins them itself. A plain memfd: direct
-  // copies are not made from hugetlb stores.
+  // run's first pass maps and pins them itself. A plain memfd, as on a
+  // machine that reserves no hugetlb pages (the usual case), so that runs
+  // compare alike from machine to machine.
   std::vector<proto::PageAddr> pages;
   for (uint64_t i = 0; i < o.bytes / o.page_size; ++i) pages.push_back(kBase + i * o.page_size);
   auto make_store = [&]() -> Result<std::unique_ptr<node::PageStore>> {

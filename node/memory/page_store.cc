@@ -261,7 +261,7 @@ std::pair<PageAddr, uint64_t> PageStore::BlockOf(PageAddr page) const {
 }
 
 std::optional<PageStore::Block> PageStore::MapBlock(PageAddr page) {
-  if (mapped_ == nullptr || IsRetained(page)) return std::nullopt;
+  if (!options_.map_for_copies || IsRetained(page)) return std::nullopt;
   // A page being received in place is in the memfd too, but is punched
   // again when its transfer is dropped, and not through PunchBytes (which
   // the mapped flags hear of): no block with a view.
@@ -273,6 +273,9 @@ std::optional<PageStore::Block> PageStore::MapBlock(PageAddr page) {
   }
   Result<std::vector<unsigned char>> resident = Residency(first, bytes);
   if (!resident.ok() || !AllResident(*resident)) return std::nullopt;
+  // A hugetlb block is one page, and mincore reports this mapping's page
+  // table for it (Residency): present means in the memfd and mapped here.
+  if (hugetlb_) return Block{MapOf(first), first, bytes};
   // All of it is in the memfd: mapping a page not mapped here yet maps the
   // whole block (MapForCopies).
   for (uint64_t i = 0; i < bytes / page_size_; ++i) {

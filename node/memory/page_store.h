@@ -153,8 +153,8 @@ class PageStore {
   // The block holding `page`, mapped here (as ReadForCopy maps it), when
   // all of it is in the memfd and no transfer holds a view of it; nullopt
   // when not (a hole in it, a page received in place), when the page is
-  // retained, for a hugetlb store, or without
-  // PageStoreOptions::map_for_copies. Only the
+  // retained, or without PageStoreOptions::map_for_copies (a hugetlb
+  // store's block is its page, mapped here since it was filled). Only the
   // owner's thread calls it. REQUIRES: CheckPage(page).ok().
   std::optional<Block> MapBlock(PageAddr page);
   // `fn(first, bytes)` runs before the pages of [first, first + bytes) may

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
@@ -73,6 +74,7 @@ struct TierConfig {
   int direct = -1;  // DeviceTierOptions::direct_copies: 0 or 1; -1: the test's parameter
   uint64_t direct_min_pages = 1;  // DeviceTierOptions::direct_min_bytes, in pages
   uint64_t pinned_limit_pages = 0;  // DeviceTierOptions::pinned_limit_bytes, in pages
+  bool hugetlb = false;             // PageStoreOptions::try_hugetlb (2 MiB pages)
 };
 
 // A run of the suite: copy threads, and whether pages may copy direct.
@@ -99,7 +101,7 @@ class DeviceTierTest : public testing::TestWithParam<TierParam> {
     ASSERT_TRUE(b.ok()) << b.status().ToString();
     backend_ = std::move(b).value();
     PageStoreOptions so;
-    so.try_hugetlb = false;
+    so.try_hugetlb = c.hugetlb;
     so.map_for_copies = c.map_for_copies;
     auto s = PageStore::Create(kBase, c.region_pages * c.page_size, c.page_size, so);
     ASSERT_TRUE(s.ok()) << s.status().ToString();
@@ -849,6 +851,57 @@ TEST_P(DeviceTierTest, APunchEndsTheRegistrationOfItsBlock) {
   EXPECT_EQ(backend_->registered_count(), 0u);
   // A punch after the tier is gone reaches no listener.
   EXPECT_TRUE(store_->Discard(P(1)).ok());
+}
+
+// A hugetlb store's pages copy direct too: each 2 MiB page is its own
+// block, registered once, and a punch ends its registration. Needs hugetlb
+// pages reserved (vm.nr_hugepages); skipped without, unless
+// DSVM_REQUIRE_HUGETLB is set (tests/unit/with-hugetlb.sh reserves them).
+TEST_P(DeviceTierTest, HugetlbPagesCopyDirect) {
+  constexpr uint32_t kHuge = 2 << 20;
+  TierConfig c;
+  c.hugetlb = true;
+  c.page_size = kHuge;
+  c.region_pages = 4;
+  c.budget_pages = 4;
+  c.arena_pages = 4;
+  c.batch_pages = 1;
+  c.devices = 1;
+  c.direct = 1;
+  Build(c);
+  if (!store_->hugetlb()) {
+    ASSERT_EQ(std::getenv("DSVM_REQUIRE_HUGETLB"), nullptr) << "the store got no hugetlb pages";
+    GTEST_SKIP() << "no hugetlb pages reserved (vm.nr_hugepages): the store is a plain memfd";
+  }
+  const std::vector<PageAddr> pages = Pages({0, 1, 2});
+  auto ptrs = tier_->MakeResident(kBase, pages, 0, /*for_write=*/true, 1);
+  ASSERT_TRUE(ptrs.ok()) << ptrs.status().ToString();
+  EXPECT_EQ(tier_->stats().direct_pages_to_device, 3u);
+  EXPECT_EQ(tier_->stats().blocks_registered, 3u) << "one block per huge page";
+  EXPECT_EQ(backend_->registered_bytes(), 3ull * kHuge);
+  for (size_t i = 0; i < 3; ++i) EXPECT_EQ(ReadDevice(0, (*ptrs)[i]), model_[i]) << i;
+  for (size_t i = 0; i < 3; ++i) KernelWrite(0, i, (*ptrs)[i]);
+  ASSERT_TRUE(tier_->WriteBack(pages).ok());
+  EXPECT_EQ(tier_->stats().direct_pages_to_host, 3u);
+  for (size_t i = 0; i < 3; ++i) EXPECT_EQ(ReadStore(i), model_[i]) << i;
+  ASSERT_TRUE(tier_->Unpin(pages).ok());
+  // The node loses page 1: its registration ends before the punch (the
+  // emulated backend would refuse a copy of a registered page that left).
+  ASSERT_TRUE(tier_->Drop(Pages({1})).ok());
+  ASSERT_TRUE(store_->Discard(P(1)).ok());
+  EXPECT_EQ(backend_->registered_count(), 2u);
+  // It comes back with new bytes: the page is registered anew.
+  model_[1] = RandomBytes(kHuge, rng_);
+  ASSERT_TRUE(store_->WritePage(P(1), model_[1]).ok());
+  auto back = tier_->MakeResident(kBase, Pages({1, 3}), 0, false, 2);
+  ASSERT_TRUE(back.ok()) << back.status().ToString();
+  EXPECT_EQ(tier_->stats().direct_pages_to_device, 5u);
+  EXPECT_EQ(tier_->stats().blocks_registered, 5u);
+  EXPECT_EQ(ReadDevice(0, (*back)[0]), model_[1]);
+  EXPECT_EQ(ReadDevice(0, (*back)[1]), model_[3]);
+  ASSERT_TRUE(tier_->Unpin(Pages({1, 3})).ok());
+  ASSERT_TRUE(tier_->RemoveRegion(kBase).ok());
+  EXPECT_EQ(backend_->registered_count(), 0u);
 }
 
 TEST(DeviceTierCreateTest, RefusesBadOptions) {
