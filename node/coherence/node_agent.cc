@@ -397,7 +397,7 @@ void NodeAgent::HandleFetch(const proto::Fetch& m, uint64_t now_ms, Actions* out
       a.version = lp.version;
       out->push_back(std::move(a));
       ++stats_.pages_sent;
-      recent_copies_[m.page] = RecentCopy{m.requester, lp.version, now_ms, CopyFor::kFetch};
+      NoteRecentCopy(m.page, m.requester, lp.version, CopyFor::kFetch, now_ms);
     }
   } else {
     recent_copies_.erase(m.page);
@@ -558,7 +558,7 @@ bool NodeAgent::HandleReadDirect(const proto::ReadDirect& m, uint64_t now_ms, Ac
   out->push_back(std::move(a));
   ++stats_.pages_sent;
   ++stats_.direct_served;
-  recent_copies_[m.page] = RecentCopy{m.node, lp.version, now_ms, CopyFor::kAsk};
+  NoteRecentCopy(m.page, m.node, lp.version, CopyFor::kAsk, now_ms);
   return true;
 }
 
@@ -566,11 +566,37 @@ bool NodeAgent::TakeRecentCopy(PageAddr page, NodeId to, uint64_t version, CopyF
                                uint64_t now_ms) {
   auto it = recent_copies_.find(page);
   if (it == recent_copies_.end()) return false;
-  const RecentCopy& c = it->second;
-  const bool match = c.to == to && c.version == version && c.why == why &&
-                     now_ms < c.sent_ms + options_.retransmit_after_ms;
-  if (match) recent_copies_.erase(it);
+  std::vector<RecentCopy>& copies = it->second;
+  auto c =
+      std::find_if(copies.begin(), copies.end(), [&](const RecentCopy& r) { return r.to == to; });
+  if (c == copies.end()) return false;
+  const bool match =
+      c->version == version && c->why == why && now_ms < c->sent_ms + options_.retransmit_after_ms;
+  if (match) {
+    copies.erase(c);
+    if (copies.empty()) recent_copies_.erase(it);
+  }
   return match;
+}
+
+void NodeAgent::NoteRecentCopy(PageAddr page, NodeId to, uint64_t version, CopyFor why,
+                               uint64_t now_ms) {
+  std::vector<RecentCopy>& copies = recent_copies_[page];
+  const RecentCopy copy{to, version, now_ms, why};
+  auto c =
+      std::find_if(copies.begin(), copies.end(), [&](const RecentCopy& r) { return r.to == to; });
+  if (c != copies.end()) {
+    *c = copy;
+  } else {
+    copies.push_back(copy);
+  }
+}
+
+void NodeAgent::ForgetRecentCopy(PageAddr page, NodeId to) {
+  auto it = recent_copies_.find(page);
+  if (it == recent_copies_.end()) return;
+  std::erase_if(it->second, [&](const RecentCopy& r) { return r.to == to; });
+  if (it->second.empty()) recent_copies_.erase(it);
 }
 
 bool NodeAgent::MayReceiveInPlace(const proto::PageData& m) const {
@@ -625,9 +651,12 @@ void NodeAgent::Tick(uint64_t now_ms, Actions* out) {
     ++it;
   }
   DropUnclaimedData(now_ms, out);
-  std::erase_if(recent_copies_, [&](const auto& e) {
-    return e.second.sent_ms + options_.retransmit_after_ms <= now_ms;
-  });
+  for (auto it = recent_copies_.begin(); it != recent_copies_.end();) {
+    std::erase_if(it->second, [&](const RecentCopy& r) {
+      return r.sent_ms + options_.retransmit_after_ms <= now_ms;
+    });
+    it = it->second.empty() ? recent_copies_.erase(it) : std::next(it);
+  }
 }
 
 void NodeAgent::DropUnclaimedData(uint64_t now_ms, Actions* out) {

@@ -137,9 +137,10 @@ class NodeAgent {
   // region mapped at the page.
   bool HandleReadDirect(const proto::ReadDirect& m, uint64_t now_ms, Actions* out);
   // The copy of `page` a kSendPage or kSendStash asked for did not leave
-  // (the caller could not read or send it): a Fetch or an ask that comes
-  // next is answered with a copy, not taken as answered by that one.
-  void ForgetRecentCopy(PageAddr page) { recent_copies_.erase(page); }
+  // for `to` (the caller could not read or send it): a Fetch or an ask of
+  // `to` that comes next is answered with a copy, not taken as answered by
+  // that one.
+  void ForgetRecentCopy(PageAddr page, NodeId to);
   // Whether HandlePageData would keep `m`'s bytes, for a page this node
   // holds no copy of (Invalid, not retained) and has a request in flight
   // for, with no data for it yet: such bytes may arrive straight in the
@@ -247,8 +248,10 @@ class NodeAgent {
   // How a copy in recent_copies_ left: for a ReadDirect, or for a Fetch.
   enum class CopyFor : uint8_t { kAsk, kFetch };
   // Whether `page`'s copy at `version` went to `to` for `why` less than
-  // retransmit_after_ms ago. Consumes the record when it matches.
+  // retransmit_after_ms ago. Consumes `to`'s record when it matches.
   bool TakeRecentCopy(PageAddr page, NodeId to, uint64_t version, CopyFor why, uint64_t now_ms);
+  // Records that copy, in place of `to`'s record of the page.
+  void NoteRecentCopy(PageAddr page, NodeId to, uint64_t version, CopyFor why, uint64_t now_ms);
   // The kind of a write request from a node holding `held`: an upgrade of
   // a Shared copy, else a write (the directory takes the kind as what the
   // node holds now).
@@ -273,19 +276,21 @@ class NodeAgent {
   // comes later asks for its data again: awaiting_data_).
   std::unordered_set<PageAddr> unclaimed_data_;
   std::unordered_set<PageAddr> pending_pages_;
-  // The last copy of a page this node sent a reader, by a ReadDirect or by
-  // a Fetch that kept the page Shared, for retransmit_after_ms: a read that
-  // asked both the holder and the directory gets one copy, not two, in
-  // whichever order its ReadDirect and the directory's Fetch come here
-  // (PROTOCOL.md, "Direct reads"). A copy that is lost after all costs the
-  // reader one resend of the Fetch, which is always answered.
+  // Per page, the last copy this node sent each reader, by a ReadDirect or
+  // by a Fetch that kept the page Shared, for retransmit_after_ms: a read
+  // that asked both the holder and the directory gets one copy, not two,
+  // in whichever order its ReadDirect and the directory's Fetch come here
+  // (PROTOCOL.md, "Direct reads"), also when several readers ask at once
+  // (a page every node polls). A copy that is lost after all costs the
+  // reader one resend of the Fetch, which is always answered. At most one
+  // record per reader: a page's list is no longer than the cluster.
   struct RecentCopy {
     NodeId to = proto::kNoNode;
     uint64_t version = 0;
     uint64_t sent_ms = 0;
     CopyFor why = CopyFor::kAsk;
   };
-  std::unordered_map<PageAddr, RecentCopy> recent_copies_;
+  std::unordered_map<PageAddr, std::vector<RecentCopy>> recent_copies_;
   NodeStats stats_;
 };
 

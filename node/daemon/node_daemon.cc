@@ -1109,7 +1109,7 @@ void NodeDaemon::SendPage(proto::NodeId to, const proto::PageData& header, size_
     stats_.pages_sent_in_place += transport_->stats().sent_from_lent - from_lent;
     if (!st.ok()) {
       if (read) LogWarning("sending a page to node " + std::to_string(to) + ": " + st.ToString());
-      agent_.ForgetRecentCopy(header.page);
+      agent_.ForgetRecentCopy(header.page, to);
       return;
     }
     // A direct read's bytes (txn 0) answer one ask each: never skipped.
@@ -1134,13 +1134,13 @@ void NodeDaemon::SendPage(proto::NodeId to, const proto::PageData& header, size_
   }
   if (pending_peer_count_ >= kMaxPendingPeerPages) {
     LogWarning("too many pages waiting for peer addresses; dropping one (it is resent on demand)");
-    agent_.ForgetRecentCopy(header.page);
+    agent_.ForgetRecentCopy(header.page, to);
     return;
   }
   proto::PageData d{header.page, header.txn, header.sender, header.version,
                     std::vector<uint8_t>(length), header.region};
   if (Status st = fill(d.data); !st.ok()) {  // fill said why
-    agent_.ForgetRecentCopy(header.page);
+    agent_.ForgetRecentCopy(header.page, to);
     return;
   }
   waiting.push_back(std::move(d));

@@ -795,6 +795,21 @@ TEST_F(NodeAgentTest, AFetchRightAfterAReadDirectOfTheSameCopySendsNothing) {
   EXPECT_EQ(Fetch(4, 2, PageState::kShared, 1), Strings({"SendPage>2 txn=4 v=2"}));
 }
 
+// Two readers ask before either's Fetch comes (a page every node polls):
+// the holder remembers each copy, and neither Fetch sends another. A
+// copy that did not leave answers no Fetch.
+TEST_F(NodeAgentTest, EachReadersAskAnswersItsOwnFetch) {
+  Hold(PageState::kModified, 3, 2);
+  ASSERT_EQ(ReadDirect(2, true), Strings({"MapRead", "SendPage>2 txn=0 v=2"}));
+  ASSERT_EQ(ReadDirect(5, true), Strings({"SendPage>5 txn=0 v=2"}));
+  ASSERT_EQ(ReadDirect(6, true), Strings({"SendPage>6 txn=0 v=2"}));
+  agent_.ForgetRecentCopy(kPage, 6);  // the daemon could not send node 6's
+  EXPECT_EQ(Fetch(4, 2, PageState::kShared, 1), Strings{});
+  EXPECT_EQ(Fetch(5, 5, PageState::kShared, 1), Strings{});
+  EXPECT_EQ(Fetch(6, 6, PageState::kShared, 1), Strings({"SendPage>6 txn=6 v=2"}));
+  EXPECT_EQ(agent_.stats().fetch_sends_skipped, 2u);
+}
+
 TEST_F(NodeAgentTest, AReadDirectRightAfterAFetchOfTheSameCopyIsIgnored) {
   Hold(PageState::kModified, 3, 2);
   ASSERT_EQ(Fetch(4, 2, PageState::kShared, 1), Strings({"MapRead", "SendPage>2 txn=4 v=2"}));
