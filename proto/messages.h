@@ -38,7 +38,7 @@ using TxnId = uint64_t;     // per-page directory transaction number; 0 = none y
 
 inline constexpr NodeId kNoNode = 0;
 inline constexpr uint32_t kMagic = 0x4D565344;  // "DSVM" read as little-endian u32
-inline constexpr uint16_t kWireVersion = 9;  // history: PROTOCOL.md, Versions
+inline constexpr uint16_t kWireVersion = 10;    // history: PROTOCOL.md, Versions
 inline constexpr size_t kHeaderSize = 24;
 // The smallest page size: every region's base and size are multiples of it.
 inline constexpr uint32_t kMinPageSize = 4096;
@@ -551,13 +551,16 @@ struct Fetch {
   }
 };
 
-// Directory -> sharer: drop your Shared copy and acknowledge.
+// Directory -> sharer: drop your Shared copy and acknowledge. `writer` is
+// the node the write goes to (the txn's requester), where a later read of
+// the page may ask first (Direct reads); kNoNode when none.
 struct Invalidate {
   static constexpr MessageType kType = MessageType::kInvalidate;
   bool operator==(const Invalidate&) const = default;
   PageAddr page = 0;
   TxnId txn = 0;
-  template <typename A> void Visit(A& a) { a.U64(page); a.U64(txn); }
+  NodeId writer = kNoNode;
+  template <typename A> void Visit(A& a) { a.U64(page); a.U64(txn); a.U32(writer); }
 };
 
 struct InvalidateAck {

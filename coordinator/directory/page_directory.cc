@@ -286,7 +286,7 @@ void PageDirectory::SendTxn(Page& p, uint64_t now_ms, bool resend, Outbox* out) 
   }
   for (NodeId n : tx.pending_acks) {
     if (n == tx.fetch_from) continue;
-    out->push_back({n, proto::Invalidate{r.page, tx.txn}});
+    out->push_back({n, proto::Invalidate{r.page, tx.txn, tx.requester}});
     ++stats_.invalidations;
   }
   if (resend && tx.grant_sent) tx.grant_sent = 0;  // MaybeGrant sends it again

@@ -879,8 +879,15 @@ void NodeDaemon::HandleDirectoryMessage(proto::Message m) {
             return;
           }
           if constexpr (std::is_same_v<T, proto::Grant>) agent_.HandleGrant(x, now, &acts);
-          if constexpr (std::is_same_v<T, proto::Fetch>) agent_.HandleFetch(x, now, &acts);
-          if constexpr (std::is_same_v<T, proto::Invalidate>) agent_.HandleInvalidate(x, now, &acts);
+          if constexpr (std::is_same_v<T, proto::Fetch>) {
+            // The page leaves for the requester, which a later read here asks.
+            if (x.next_state == proto::PageState::kInvalid) NotePageHolder(x.page, x.requester);
+            agent_.HandleFetch(x, now, &acts);
+          }
+          if constexpr (std::is_same_v<T, proto::Invalidate>) {
+            NotePageHolder(x.page, x.writer);  // the writer will hold the page
+            agent_.HandleInvalidate(x, now, &acts);
+          }
           if constexpr (std::is_same_v<T, proto::Release>) agent_.HandleRelease(x, &acts);
           if constexpr (std::is_same_v<T, proto::EvictReply>) agent_.HandleEvictReply(x, now, &acts);
         } else if constexpr (std::is_same_v<T, proto::RegionDeleted>) {
@@ -985,14 +992,19 @@ size_t NodeDaemon::HandlePeerMessages() {
     ++stats_.pages_received;
     stats_.bytes_received += m.page.size;
     holder_hint_[store->base()] = m.from;
-    if (page_hint_.size() >= kMaxPageHints && page_hint_.count(d->page) == 0) page_hint_.clear();
-    page_hint_[d->page] = m.from;
+    NotePageHolder(d->page, m.from);
     const DataHandle h = ++next_handle_;
     data_[h] = Received{d->page, std::move(m.page)};
     agent_.HandlePageData(*d, h, NowMs(), &acts);
   }
   if (!acts.empty()) Execute(acts);  // the pages of a batch together: Coalesce
   return progressed;
+}
+
+void NodeDaemon::NotePageHolder(proto::PageAddr page, proto::NodeId node) {
+  if (node == proto::kNoNode || node == id_) return;
+  if (page_hint_.size() >= kMaxPageHints && page_hint_.count(page) == 0) page_hint_.clear();
+  page_hint_[page] = node;
 }
 
 bool NodeDaemon::AsksHolder(proto::PageAddr page, bool write) const {

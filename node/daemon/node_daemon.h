@@ -480,6 +480,8 @@ class NodeDaemon {
   // a peer's ask, served by the agent when the page is at rest here.
   bool AsksHolder(proto::PageAddr page, bool write) const;
   void AskHolder(const PageStore& store, proto::PageAddr page);
+  // Records `node` (not this one, not kNoNode) as the guess for `page`.
+  void NotePageHolder(proto::PageAddr page, proto::NodeId node);
   void HandleReadDirect(proto::NodeId from, const proto::ReadDirect& m, Actions* acts);
   void OnFaultEvents();
   // One client fault (an event of kind kFault).
@@ -623,10 +625,12 @@ class NodeDaemon {
   // Per region (by base): the node that last sent this node a page of it,
   // which a direct read asks when page_hint_ has no guess.
   std::unordered_map<proto::PageAddr, proto::NodeId> holder_hint_;
-  // Per page: the node that last sent this node that page, which a direct
-  // read asks first: in a region whose pages different nodes write (a
-  // stencil's boundary rows), a page's own last sender is the better guess.
-  // At most kMaxPageHints; past that the table starts again.
+  // Per page: the node that last sent this node that page, or that the
+  // directory last named as its next holder (the writer an Invalidate names,
+  // the requester a moving Fetch names), which a direct read asks first: in
+  // a region whose pages different nodes write (a stencil's boundary rows),
+  // a page's own holder is the better guess. At most kMaxPageHints; past
+  // that the table starts again (NotePageHolder).
   std::unordered_map<proto::PageAddr, proto::NodeId> page_hint_;
   static constexpr size_t kMaxPageHints = size_t{1} << 16;
   // Deleted regions (base -> id) kept because local processes still map them.

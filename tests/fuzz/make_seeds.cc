@@ -96,7 +96,7 @@ std::vector<Message> PopulatedMessages() {
             .requester = 4,
             .next_state = PageState::kInvalid,
             .send_data = 1},
-      Invalidate{.page = kPage, .txn = 100},
+      Invalidate{.page = kPage, .txn = 100, .writer = 4},
       InvalidateAck{.page = kPage, .txn = 100, .node = 5},
       Done{.page = kPage, .txn = 100, .node = 4},
       Release{.page = kPage, .txn = 100},

@@ -570,6 +570,55 @@ TEST_F(DirectReadTest, AsksGoToEachPagesOwnLastSender) {
   EXPECT_GE(c1.direct_reads, uint64_t{kPages / 2}) << "of " << 3 * kPages << " reads";
 }
 
+// Nodes 0 and 2 take turns writing every page, and node 1 reads them all
+// after each turn. Node 1's copies came from the writer before; the
+// Invalidate of the next write names the new writer, and node 1 asks that
+// one. Fails when the daemon guesses by senders alone: the last sender of
+// each page is the writer before, which holds nothing by then.
+TEST_F(DirectReadTest, AReadAsksTheWriterItsInvalidationNamed) {
+  constexpr int kPages = 16;
+  proto::RegionReply r = Region("direct3", kPages * 4096, 4096);
+  StartNodes(3, r);
+  const std::string dir = dir_.path();
+  uint64_t direct_before = 0;
+  for (uint64_t round = 1; round <= 3; ++round) {
+    const int writer = round % 2 == 1 ? 0 : 2;
+    ASSERT_EQ(RunClient(dir + "/node" + std::to_string(writer) + ".sock", "direct3",
+                        [&](uint8_t* m, size_t) {
+                          for (int p = 0; p < kPages; ++p) {
+                            reinterpret_cast<volatile uint64_t*>(m + p * 4096)[1] = round * 100 + p;
+                          }
+                          return true;
+                        }),
+              0)
+        << "round " << round;
+    // Scattered, as above, so that every read is a fault.
+    ASSERT_EQ(RunClient(dir + "/node1.sock", "direct3", [&](uint8_t* m, size_t) {
+                for (int i = 0; i < kPages; ++i) {
+                  const int p = i * 7 % kPages;
+                  if (reinterpret_cast<volatile uint64_t*>(m + p * 4096)[1] != round * 100 + p) {
+                    return false;
+                  }
+                }
+                return true;
+              }),
+              0)
+        << "round " << round;
+    if (round == 1) {
+      nodes_[1]->Sync([&](NodeDaemon& d) { direct_before = d.Counters().direct_reads; });
+    }
+  }
+  proto::NodeCounters c0, c2;
+  nodes_[0]->Sync([&](NodeDaemon& d) { c0 = d.Counters(); });
+  nodes_[1]->Sync([&](NodeDaemon& d) { c1 = d.Counters(); });
+  nodes_[2]->Sync([&](NodeDaemon& d) { c2 = d.Counters(); });
+  // Rounds 2 and 3: 32 reads of pages whose last sender here no longer
+  // holds them.
+  EXPECT_GE(c1.direct_reads - direct_before, uint64_t{kPages}) << "of " << 2 * kPages << " reads";
+  EXPECT_GE(c2.direct_reads_served, 1u);
+  EXPECT_GE(c0.direct_reads_served, 1u);
+}
+
 TEST_F(DirectReadTest, WithDirectReadsOffFaultsAskTheDirectoryOnly) {
   direct_reads_ = false;
   Rounds(8);

@@ -93,7 +93,8 @@ std::string Describe(const Outgoing& o) {
                  " req=" + std::to_string(m.requester) + " next=" + StateName(m.next_state) +
                  " data=" + std::to_string(m.send_data);
         } else if constexpr (std::is_same_v<T, proto::Invalidate>) {
-          return "Invalidate" + to + At(m.page) + " txn=" + std::to_string(m.txn);
+          return "Invalidate" + to + At(m.page) + " txn=" + std::to_string(m.txn) +
+                 " writer=" + std::to_string(m.writer);
         } else if constexpr (std::is_same_v<T, proto::Release>) {
           return "Release" + to + At(m.page) + " txn=" + std::to_string(m.txn);
         } else if constexpr (std::is_same_v<T, proto::EvictReply>) {
@@ -264,7 +265,7 @@ class PageDirectoryTest : public ::testing::Test {
     Read(2);
     ASSERT_EQ(Rec(), "S owner=1 holders=1@1,2@2 v=0 txn=2");
     ASSERT_EQ(Unordered(Acquire(3, AccessKind::kWrite, 7, 0)),
-              AnyOrder({"Fetch>1 txn=3 req=3 next=I data=1", "Invalidate>2 txn=3"}));
+              AnyOrder({"Fetch>1 txn=3 req=3 next=I data=1", "Invalidate>2 txn=3 writer=3"}));
     ASSERT_EQ(Msgs(Down(1)), Strings{}) << "waits for the writer";
   }
   void ReadWhoseOnlySupplierDies(NodeId supplier, NodeId reader, uint64_t seq,
@@ -386,8 +387,8 @@ TEST_F(PageDirectoryTest, WriteToPageSharedByThreeWaitsForEveryAck) {
   ASSERT_EQ(Rec(), "S owner=1 holders=1@1,2@2,3@3 v=1 txn=3");
 
   EXPECT_EQ(Unordered(Acquire(4, AccessKind::kWrite, 9, 0)),
-            AnyOrder({"Fetch>1 txn=4 req=4 next=I data=1", "Invalidate>2 txn=4",
-                      "Invalidate>3 txn=4"}));
+            AnyOrder({"Fetch>1 txn=4 req=4 next=I data=1", "Invalidate>2 txn=4 writer=4",
+                      "Invalidate>3 txn=4 writer=4"}));
   EXPECT_EQ(Rec(), "M owner=4 holders=4@4 v=2 txn=4 busy");
 
   // Done before the Grant was sent cannot be genuine.
@@ -439,13 +440,13 @@ TEST_F(PageDirectoryTest, DuplicateAcquireFromRequesterResendsWhatIsOutstanding)
   Read(2);
   Read(3);
   ASSERT_EQ(Unordered(Acquire(4, AccessKind::kWrite, 9, 0)),
-            AnyOrder({"Fetch>1 txn=4 req=4 next=I data=1", "Invalidate>2 txn=4",
-                      "Invalidate>3 txn=4"}));
+            AnyOrder({"Fetch>1 txn=4 req=4 next=I data=1", "Invalidate>2 txn=4 writer=4",
+                      "Invalidate>3 txn=4 writer=4"}));
   EXPECT_EQ(Msgs(Ack(2, 4)), Strings{});
 
   // Same request_seq: resend the Fetch and the Invalidate still unacked.
   EXPECT_EQ(Unordered(Acquire(4, AccessKind::kWrite, 9, 0)),
-            AnyOrder({"Fetch>1 txn=4 req=4 next=I data=1", "Invalidate>3 txn=4"}));
+            AnyOrder({"Fetch>1 txn=4 req=4 next=I data=1", "Invalidate>3 txn=4 writer=4"}));
   EXPECT_EQ(dir_->stats().retransmits, 1u);
 
   EXPECT_EQ(Msgs(Ack(3, 4)), Strings({"Grant>4 txn=4 seq=9 M src=owner OK v=2 stash=0"}));
@@ -529,7 +530,7 @@ TEST_F(PageDirectoryTest, UpgradeFromSharerGetsSelfAndSupplierAcksNoDataFetch) {
   ASSERT_EQ(Rec(), "S owner=1 holders=1@1,2@2,3@3 v=1 txn=3");
 
   EXPECT_EQ(Unordered(Acquire(2, AccessKind::kUpgrade, 5, 2)),
-            AnyOrder({"Fetch>1 txn=4 req=2 next=I data=0", "Invalidate>3 txn=4"}));
+            AnyOrder({"Fetch>1 txn=4 req=2 next=I data=0", "Invalidate>3 txn=4 writer=2"}));
   EXPECT_EQ(Rec(), "M owner=2 holders=2@4 v=2 txn=4 busy");
   EXPECT_EQ(Msgs(Ack(3, 4)), Strings{});  // the supplier's ack is still missing
 
@@ -709,7 +710,7 @@ TEST_F(PageDirectoryTest, DeathOfTheOnlyWriteSupplierLosesThePageWhenTheWriterAs
 // (review).
 TEST_F(PageDirectoryTest, AWritersResendBeforeItsGrantLeftDoesNotSettleItsDeadSupplier) {
   WriteFromSharedWhoseSupplierDies();
-  EXPECT_EQ(Msgs(Acquire(3, AccessKind::kWrite, 7, 0)), Strings({"Invalidate>2 txn=3"}));
+  EXPECT_EQ(Msgs(Acquire(3, AccessKind::kWrite, 7, 0)), Strings({"Invalidate>2 txn=3 writer=3"}));
   EXPECT_EQ(dir_->Query(kPage).lost, 0);
   EXPECT_EQ(Msgs(Ack(2, 3)), Strings({"Grant>3 txn=3 seq=7 M src=owner OK v=1 stash=0"}));
   EXPECT_EQ(Msgs(Done(3, 3)), Strings{});
@@ -944,13 +945,13 @@ TEST_F(PageDirectoryTest, RestartFromStoreResendsTransactionInFlight) {
   Write(1);
   Read(2);
   ASSERT_EQ(Unordered(Acquire(3, AccessKind::kWrite, 7, 0)),
-            AnyOrder({"Fetch>1 txn=3 req=3 next=I data=1", "Invalidate>2 txn=3"}));
+            AnyOrder({"Fetch>1 txn=3 req=3 next=I data=1", "Invalidate>2 txn=3 writer=3"}));
   const std::string in_flight = "M owner=3 holders=3@3 v=2 txn=3 busy";
 
   Restart();
   EXPECT_EQ(Rec(), in_flight);
   EXPECT_EQ(Unordered(TickAt(now_ + 1)),
-            AnyOrder({"Fetch>1 txn=3 req=3 next=I data=1", "Invalidate>2 txn=3"}));
+            AnyOrder({"Fetch>1 txn=3 req=3 next=I data=1", "Invalidate>2 txn=3 writer=3"}));
   EXPECT_EQ(Msgs(Ack(2, 3)), Strings({"Grant>3 txn=3 seq=7 M src=owner OK v=2 stash=0"}));
 
   Restart();

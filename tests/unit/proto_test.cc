@@ -256,7 +256,7 @@ std::vector<Message> SampleMessages() {
             .requester = 5,
             .next_state = PageState::kInvalid,
             .send_data = 0},
-      Invalidate{.page = kPage, .txn = 102},
+      Invalidate{.page = kPage, .txn = 102, .writer = 5},
       InvalidateAck{.page = kPage, .txn = 102, .node = 6},
       Done{.page = kPage, .txn = 103, .node = 7},
       Release{.page = kPage, .txn = 104},
@@ -445,7 +445,7 @@ TEST(ProtoWireTest, LeaveRequestBytesAreLittleEndianAsDocumented) {
   Bytes bytes = Encode(LeaveRequest{.node = 0x01020304}, 0x1122334455667788ull);
   const Bytes expected = {
       0x44, 0x53, 0x56, 0x4D,                          // "DSVM"
-      0x09, 0x00,                                      // version 9
+      0x0A, 0x00,                                      // version 10
       0x05, 0x00,                                      // type kLeaveRequest
       0x04, 0x00, 0x00, 0x00,                          // payload_length 4
       0x00, 0x00, 0x00, 0x00,                          // reserved
