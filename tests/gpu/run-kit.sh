@@ -99,7 +99,9 @@ step facts 30 facts
 
 # A skip (no GPU, no driver) is a failure here: this machine has one.
 gpu_tests() {
-  "$b/tests/gpu/dsvm_gpu_tests" > "$kit_tmp/gpu_tests.out" 2>&1
+  # With hugetlb pages reserved where the kit may (root), so that
+  # cudaHostRegister of a hugetlb memfd runs too.
+  bash tests/unit/with-hugetlb.sh "$b/tests/gpu/dsvm_gpu_tests" > "$kit_tmp/gpu_tests.out" 2>&1
   local rc=$?
   cat "$kit_tmp/gpu_tests.out"
   ! grep -q '^SKIP' "$kit_tmp/gpu_tests.out" && return "$rc"

@@ -11,6 +11,7 @@
 
 #include <fcntl.h>
 #include <linux/falloc.h>
+#include <linux/memfd.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -19,6 +20,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <ostream>
@@ -55,8 +57,10 @@ std::string ParamName(const testing::TestParamInfo<BackendParam>& info) { return
 // A memfd of `bytes` mapped shared here, as a region's store maps its own;
 // map is null when something failed.
 struct MappedMemfd {
-  explicit MappedMemfd(size_t n) : bytes(n) {
-    fd = memfd_create("device-backend-test", MFD_CLOEXEC);
+  // `flags`: memfd_create's beyond MFD_CLOEXEC (MFD_HUGETLB: mapping fails,
+  // map null, when the machine has too few hugetlb pages reserved).
+  explicit MappedMemfd(size_t n, unsigned flags = 0) : bytes(n) {
+    fd = memfd_create("device-backend-test", MFD_CLOEXEC | flags);
     void* p = fd >= 0 && ftruncate(fd, static_cast<off_t>(n)) == 0
                   ? mmap(nullptr, n, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
                   : MAP_FAILED;
@@ -393,6 +397,45 @@ TEST_P(DeviceBackendTest, RegisteredHostMemoryCopiesBothWaysInPlace) {
   EXPECT_TRUE(backend_->FreeStaging(buf.data).ok());
   EXPECT_TRUE(backend_->FreeArena(arena.base).ok());
   backend_.reset();  // before the memory goes
+}
+
+// The GPU tier registers a hugetlb store one 2 MiB page at a time
+// (PageStore::MapBlock): each registration copies both ways in place.
+// Needs two hugetlb pages reserved; skipped without, unless
+// DSVM_REQUIRE_HUGETLB is set (tests/unit/with-hugetlb.sh).
+TEST_P(DeviceBackendTest, RegisteredHugetlbPagesCopyBothWaysInPlace) {
+  constexpr size_t kHuge = 2 << 20;
+  MappedMemfd memfd(2 * kHuge, MFD_HUGETLB | MFD_HUGE_2MB);
+  if (memfd.map == nullptr) {
+    ASSERT_EQ(std::getenv("DSVM_REQUIRE_HUGETLB"), nullptr) << "no hugetlb pages to map";
+    GTEST_SKIP() << "no hugetlb pages reserved (vm.nr_hugepages)";
+  }
+  const std::vector<uint8_t> data = RandomBytes(2 * kHuge, 11);
+  std::memcpy(memfd.map, data.data(), data.size());
+  ASSERT_TRUE(backend_->RegisterHost(memfd.map, kHuge).ok());
+  ASSERT_TRUE(backend_->RegisterHost(memfd.map + kHuge, kHuge).ok());
+  DeviceArena arena = Arena(2 * kHuge);
+  StreamId s = Stream();
+  for (size_t i = 0; i < 2; ++i) {
+    ASSERT_TRUE(backend_->CopyToDevice(s, memfd.map + i * kHuge, arena.base + i * kHuge, kHuge).ok());
+  }
+  Sync(s);
+  EXPECT_EQ(ReadBack(arena.base + kHuge - 4096, 8192),
+            std::vector<uint8_t>(data.begin() + kHuge - 4096, data.begin() + kHuge + 4096));
+  const std::vector<uint8_t> back = RandomBytes(2 * kHuge, 12);
+  ASSERT_TRUE(backend_->CopyToDevice(s, back.data(), arena.base, back.size()).ok());
+  for (size_t i = 0; i < 2; ++i) {
+    ASSERT_TRUE(backend_->CopyToHost(s, arena.base + i * kHuge, memfd.map + i * kHuge, kHuge).ok());
+  }
+  Sync(s);
+  EXPECT_EQ(0, std::memcmp(memfd.map, back.data(), back.size()));
+  // A copy may not cross from one registration into the next.
+  EXPECT_EQ(backend_->CopyToDevice(s, memfd.map + kHuge - 4096, arena.base, 8192).code(),
+            StatusCode::kInvalidArgument);
+  ASSERT_TRUE(backend_->UnregisterHost(memfd.map).ok());
+  ASSERT_TRUE(backend_->UnregisterHost(memfd.map + kHuge).ok());
+  EXPECT_TRUE(backend_->DestroyStream(s).ok());
+  EXPECT_TRUE(backend_->FreeArena(arena.base).ok());
 }
 
 TEST_P(DeviceBackendTest, ArenaLargerThanTheDeviceIsResourceExhausted) {
