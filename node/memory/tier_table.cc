@@ -494,6 +494,36 @@ Status TierTable::Unplace(PageAddr page, uint32_t unpins) {
   return Status::Ok();
 }
 
+Status TierTable::KeepDirtyOnGpu(PageAddr page, uint32_t gpu) {
+  DSVM_ASSIGN_OR_RETURN(const Location loc, Locate(page));
+  const int pool = PoolIndex(gpu, loc.base);
+  if (pool < 0) {
+    return InvalidArgument("tier table: no pool on gpu " + std::to_string(gpu) + " for page " +
+                           Hex(page));
+  }
+  auto it = pages_.find(page);
+  if (it == pages_.end()) {
+    return FailedPrecondition("tier table: page " + Hex(page) + " is not held");
+  }
+  Entry& e = it->second;
+  if (e.pool >= 0 && e.pool != pool) {
+    return FailedPrecondition("tier table: page " + Hex(page) + " is on gpu " +
+                              std::to_string(pools_[e.pool].gpu));
+  }
+  Unlink(page, e);
+  if (e.leaving) {
+    e.leaving = false;
+    leaving_bytes_ -= e.page_size;
+  }
+  if (e.pool < 0) {
+    e.pool = pool;
+    ++pools_[pool].used;
+  }
+  e.dirty = true;
+  Link(page, e);
+  return Status::Ok();
+}
+
 std::optional<uint32_t> TierTable::GpuOf(PageAddr page) const {
   auto it = pages_.find(page);
   if (it == pages_.end() || it->second.pool < 0) return std::nullopt;

@@ -226,6 +226,15 @@ class TierTable {
   // to free. Errors: kInvalidArgument, kFailedPrecondition (not on a GPU, or
   // fewer pins).
   Status Unplace(PageAddr page, uint32_t unpins);
+  // Rollback of a kWriteBack from `gpu` whose bytes did not reach the host
+  // (a store refused them): the GPU copy stays, dirty. A page the steps
+  // took off `gpu` (kFreeSlot, not carried out) is on `gpu` again, in the
+  // slot it never left; a page the steps sent away (kLeaveNode) is kept
+  // on the node (its host bytes are not current).
+  // Call after the rollback of the steps' new placements, whose slots the
+  // page may need. Errors: kInvalidArgument (bad page, no pool for `gpu`
+  // and its region), kFailedPrecondition (not held, or on another GPU).
+  Status KeepDirtyOnGpu(PageAddr page, uint32_t gpu);
 
   // Queries. A page not held is on no GPU, clean, unpinned.
   bool Holds(PageAddr page) const { return pages_.count(page) != 0; }

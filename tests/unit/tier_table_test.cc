@@ -361,6 +361,48 @@ TEST_F(TierTableTest, UnplaceRollsBackAPlacement) {
   EXPECT_EQ(Resident({0}), (Steps{Alloc(0), Copy(0)}));
 }
 
+// A write-back a store refused: the evicted page is on its GPU again,
+// dirty, in the slot it never left, and evictable as before.
+TEST_F(TierTableTest, KeepDirtyOnGpuUndoesAnEvictionsWriteBack) {
+  Resident({0}, 0, /*write=*/true);
+  const int pool = table_->PoolIndex(0, kBase);
+  TierSteps out;
+  ASSERT_TRUE(table_->EvictFromGpu(P(0), &out).ok());
+  EXPECT_EQ(out, (Steps{WriteBack(0), Free(0)}));
+  EXPECT_EQ(table_->used_slots(pool), 0u);
+  ASSERT_TRUE(table_->KeepDirtyOnGpu(P(0), 0).ok());
+  EXPECT_EQ(table_->GpuOf(P(0)), 0u);
+  EXPECT_TRUE(table_->IsDirty(P(0)));
+  EXPECT_EQ(table_->used_slots(pool), 1u);
+  EXPECT_EQ(table_->evictable_slots(pool), 1u);
+  // Again (a resend of the same failure) changes nothing more.
+  ASSERT_TRUE(table_->KeepDirtyOnGpu(P(0), 0).ok());
+  EXPECT_EQ(table_->used_slots(pool), 1u);
+  // A write-back for a host read: the copy stays dirty.
+  out.clear();
+  ASSERT_TRUE(table_->PrepareHostRead(P(0), &out).ok());
+  EXPECT_FALSE(table_->IsDirty(P(0)));
+  ASSERT_TRUE(table_->KeepDirtyOnGpu(P(0), 0).ok());
+  EXPECT_TRUE(table_->IsDirty(P(0)));
+  // Refusals: on another GPU, not held, not a page.
+  EXPECT_EQ(table_->KeepDirtyOnGpu(P(0), 1).code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(table_->KeepDirtyOnGpu(P(1), 0).code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(table_->KeepDirtyOnGpu(P(0) + 1, 0).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(table_->KeepDirtyOnGpu(P(0), 7).code(), StatusCode::kInvalidArgument);
+}
+
+// A page the host budget sent away whose write-back failed stays.
+TEST_F(TierTableTest, KeepDirtyOnGpuKeepsALeavingPage) {
+  Make(/*host_budget_pages=*/1, /*aging_period=*/1000);
+  Resident({0}, 0, /*write=*/true);
+  EXPECT_EQ(AddHost(1), (Steps{WriteBack(0), Free(0), Leave(0)}));
+  EXPECT_TRUE(table_->IsLeaving(P(0)));
+  ASSERT_TRUE(table_->KeepDirtyOnGpu(P(0), 0).ok());
+  EXPECT_FALSE(table_->IsLeaving(P(0)));
+  EXPECT_EQ(table_->GpuOf(P(0)), 0u);
+  EXPECT_TRUE(table_->IsDirty(P(0)));
+}
+
 TEST_F(TierTableTest, RemoveRegionFreesItsGpuCopiesWithoutWriteBack) {
   ASSERT_TRUE(table_->AddRegion(0x20000000, 16 * kPage, kPage).ok());
   ASSERT_TRUE(table_->AddPool(0, 0x20000000, 4).ok());
