@@ -607,15 +607,29 @@ void DeviceTier::RollBack(const TierSteps& steps, std::span<const PageAddr> page
   for (const TierStep& step : steps) {
     if (step.kind == TierStepKind::kAllocateSlot) fresh.insert(step.page);
   }
+  // Pages whose write-back failed kept their slots (a page moving to
+  // another GPU too: its slot here is the one it had).
+  std::unordered_set<PageAddr> kept;
+  for (const auto& [page, gpu] : keep_dirty_) kept.insert(page);
   for (PageAddr page : pages) {
     if (fresh.count(page) != 0) {
-      if (slots_.count(page) != 0) FreeSlotOf(page);
+      if (slots_.count(page) != 0 && kept.count(page) == 0) FreeSlotOf(page);
       table_->Unplace(page, 1).IgnoreError();  // placed by this call, pinned once
     } else {
       table_->Unpin(page).IgnoreError();  // pinned by this call
     }
   }
+  KeepDirtyCopies();
   ++stats_.rollbacks;
+}
+
+void DeviceTier::KeepDirtyCopies() {
+  for (const auto& [page, gpu] : keep_dirty_) {
+    const Status s = table_->KeepDirtyOnGpu(page, gpu);
+    DSVM_CHECK_MSG(s.ok(), "device tier: keeping a dirty copy: " + s.ToString());
+    leave_.erase(std::remove(leave_.begin(), leave_.end(), page), leave_.end());
+  }
+  keep_dirty_.clear();
 }
 
 PageAddr DeviceTier::OccupantOf(const DevicePagePool* pool, uint32_t index) {
@@ -1084,13 +1098,37 @@ Status DeviceTier::Execute(const TierSteps& steps, std::vector<PageAddr>* placed
   for (auto& [gpu, moves] : by_gpu) {
     std::sort(moves.begin(), moves.end(), by_address);
     Status s = WriteBackMoves(gpu, moves);
-    if (!s.ok()) {
-      // Which of them reached their stores is not known: none counts.
+    if (s.ok()) continue;
+    if (s.code() == StatusCode::kInternal) {
+      // The device failed: which of them reached their stores is not
+      // known, none counts, and the tier copies no more.
       for (const auto& [g, ms] : by_gpu) {
         for (const Move& m : ms) unsaved_.insert(m.page);
       }
       return Fail(std::move(s));
     }
+    // A store refused the bytes (full, a limit): the GPU copies are
+    // intact. Every one of them stays, dirty, in its slot
+    // (KeepDirtyCopies, after the rollback of the steps' new placements
+    // when there are some), so nothing is lost; a later call writes them
+    // back again. The other pages the steps take off a GPU (clean) go as
+    // planned; nothing is placed.
+    std::unordered_set<PageAddr> kept;
+    for (const auto& [g, ms] : by_gpu) {
+      for (const Move& m : ms) {
+        keep_dirty_.emplace_back(m.page, g);
+        kept.insert(m.page);
+      }
+    }
+    for (const TierStep& step : steps) {
+      if (step.kind == TierStepKind::kFreeSlot && kept.count(step.page) == 0) FreeSlotOf(step.page);
+    }
+    ++stats_.write_backs_failed;
+    const bool places = std::any_of(steps.begin(), steps.end(), [](const TierStep& t) {
+      return t.kind == TierStepKind::kAllocateSlot;
+    });
+    if (!places) KeepDirtyCopies();
+    return s;
   }
   // 2. Slots freed, then taken.
   for (const TierStep& step : steps) {

@@ -56,13 +56,16 @@
 // device (the device full below its budget, a store I/O error, a device
 // error) is rolled back: the call's new GPU copies are undone and its pins
 // removed; evictions already done stay done (they were written back). A
-// failed write-back cannot be undone (the table already counts the page as
-// written back): the tier refuses every later call that would copy with
-// kFailedPrecondition naming the first failure, and WriteBack refuses pages
-// whose current bytes are on a GPU only (dirty, or in the failed
-// write-back), so the caller never takes stale host bytes for current.
-// Drop, Detach, Release, Unpin and RemoveRegion still work.
-// TODO(#5): keep the dirty copy and retry.
+// write-back a store refuses (full, RLIMIT_FSIZE: any error but kInternal)
+// keeps its copies: each page stays on its GPU, dirty, in its slot (an
+// eviction or a move of it is undone, a page leaving the node stays), and
+// the call fails with the store's error; a later call writes them back
+// again. A write-back the device fails (kInternal) cannot be undone (what
+// the device copied is not known): the tier refuses every later call that
+// would copy with kFailedPrecondition naming the first failure, and
+// WriteBack refuses pages whose current bytes are on a GPU only (dirty, or
+// in the failed write-back), so the caller never takes stale host bytes
+// for current. Drop, Detach, Release, Unpin and RemoveRegion still work.
 //
 // Thread safety: none. One owner (the daemon's GPU strand) calls every
 // method, the same owner as the backend's and the pools'.
@@ -172,6 +175,7 @@ struct DeviceTierStats {
   uint64_t bytes_to_host = 0;
   uint64_t slots_freed = 0;  // kFreeSlot steps carried out
   uint64_t rollbacks = 0;    // calls undone after a failure
+  uint64_t write_backs_failed = 0;  // write-backs a store refused (their copies kept)
   uint64_t runs = 0;         // MapRun calls that succeeded
   uint64_t run_evictions = 0;  // GPU copies MapRun moved out of the way of a run
   uint64_t arenas_reclaimed = 0;  // arenas emptied for another region (one budget per GPU)
@@ -381,8 +385,12 @@ class DeviceTier {
   // Carries out `steps` (phase order, see above). `placed` receives the
   // pages given a slot here. A page in forced_ takes that slot index.
   Status Execute(const TierSteps& steps, std::vector<PageAddr>* placed);
-  // Undoes a failed MakeResident's new GPU copies and its pins.
+  // Undoes a failed MakeResident's new GPU copies and its pins, then
+  // KeepDirtyCopies.
   void RollBack(const TierSteps& steps, std::span<const PageAddr> pages);
+  // Puts the pages of a write-back a store refused (keep_dirty_) back in
+  // the table, dirty on their GPUs, and off the list of pages to leave.
+  void KeepDirtyCopies();
   // The page in slot `index` of `pool`; kNoPage when free.
   PageAddr OccupantOf(const DevicePagePool* pool, uint32_t index);
   static constexpr PageAddr kNoPage = ~PageAddr{0};
@@ -511,9 +519,12 @@ class DeviceTier {
   // During MapRun: the slot index each page must take.
   std::unordered_map<PageAddr, uint32_t> forced_;
   Status failed_;
-  // The pages of the write-back that failed: their bytes are on a GPU only
-  // (the table counts them as written back).
+  // The pages of the write-back the device failed: their bytes are on a
+  // GPU only (the table counts them as written back).
   std::unordered_set<PageAddr> unsaved_;
+  // The pages, and their GPUs, of a write-back a store refused, until
+  // KeepDirtyCopies puts them back in the table.
+  std::vector<std::pair<PageAddr, uint32_t>> keep_dirty_;
   DeviceTierStats stats_;
 };
 

@@ -575,12 +575,13 @@ TEST_P(DeviceTierTest, DeviceFullBelowTheBudgetIsRolledBack) {
 }
 
 // A write-back whose store write fails (here: RLIMIT_FSIZE below the
-// victims' offsets, so pwrite gets EFBIG) fails the tier. Nothing is taken
-// for current that is not: WriteBack refuses the pages whose bytes are on
-// the GPU only, passes those whose host bytes are current; the failed call
-// is undone in the table, so dropping its pages and the region later does
-// not trip over slots that were never taken.
-TEST_P(DeviceTierTest, AFailedWriteBackNeverPassesStaleBytesForCurrent) {
+// victims' offsets, so pwrite gets EFBIG) keeps its copies: the call that
+// needed their slots fails with the store's error, the dirty pages stay
+// on the GPU, dirty, in their slots, and nothing is placed; the clean
+// victims go as planned. The tier keeps serving, and once the store takes
+// the bytes again the pages are written back and evicted as usual. Fails
+// without: the tier refused every later copy ("failed earlier").
+TEST_P(DeviceTierTest, AWriteBackAStoreRefusesKeepsTheDirtyCopies) {
   TierConfig c;
   c.devices = 1;
   c.map_for_copies = false;  // RLIMIT_FSIZE below fails write(2) alone
@@ -593,34 +594,89 @@ TEST_P(DeviceTierTest, AFailedWriteBackNeverPassesStaleBytesForCurrent) {
   auto clean = tier_->MakeResident(kBase, Pages(Range(20, 8)), 0, /*for_write=*/false, 2);
   ASSERT_TRUE(clean.ok());
   ASSERT_TRUE(tier_->Unpin(Pages(Range(20, 8))).ok());
-  // 16 more pages evict all 16 resident ones; the dirty ones' write-back fails.
+  // 16 more pages would evict all 16 resident ones; the dirty ones'
+  // write-back fails.
+  rlimit old{};
+  ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &old), 0);
+  ::signal(SIGXFSZ, SIG_IGN);
+  rlimit low = old;
+  low.rlim_cur = 40 * kPage;
+  auto limit = [&](bool on) { ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, on ? &low : &old), 0); };
+  limit(true);
+  const std::vector<PageAddr> next = Pages(Range(0, 16));
+  auto r = tier_->MakeResident(kBase, next, 0, /*for_write=*/false, 3);
+  const Status wb = tier_->WriteBack(Pages({41}));
+  auto evict = tier_->EvictCopies(Pages({42}));
+  limit(false);
+  ::signal(SIGXFSZ, SIG_DFL);
+  EXPECT_EQ(r.status().code(), StatusCode::kIoError) << r.status().ToString();
+  EXPECT_EQ(wb.code(), StatusCode::kIoError) << wb.ToString();
+  EXPECT_EQ(evict.code(), StatusCode::kIoError) << evict.ToString();
+  EXPECT_EQ(tier_->stats().write_backs_failed, 3u);
+  for (PageAddr p : next) {
+    EXPECT_FALSE(tier_->table().GpuOf(p).has_value()) << "nothing placed";
+    EXPECT_EQ(tier_->table().PinsOf(p), 0u);
+  }
+  for (uint64_t i = 0; i < 8; ++i) {
+    EXPECT_EQ(tier_->table().GpuOf(P(40 + i)), 0u) << "kept on the GPU: " << 40 + i;
+    EXPECT_TRUE(tier_->table().IsDirty(P(40 + i)));
+    EXPECT_EQ(tier_->SlotOf(P(40 + i)), (*a)[i]) << "in its slot";
+    EXPECT_EQ(ReadDevice(0, (*a)[i]), model_[40 + i]);
+    EXPECT_FALSE(tier_->table().GpuOf(P(20 + i)).has_value()) << "clean, evicted as planned";
+  }
+  EXPECT_EQ(Pool(0)->used_slots(), 8u);
+  EXPECT_TRUE(tier_->TakePagesToLeave().empty());
+  // The store takes bytes again: the same call goes through, the dirty
+  // pages written back on their eviction.
+  auto again = tier_->MakeResident(kBase, next, 0, /*for_write=*/false, 4);
+  ASSERT_TRUE(again.ok()) << again.status().ToString();
+  for (uint64_t i = 0; i < 8; ++i) {
+    EXPECT_EQ(ReadStore(40 + i), model_[40 + i]) << "page " << 40 + i;
+    EXPECT_FALSE(tier_->table().GpuOf(P(40 + i)).has_value());
+  }
+  for (size_t i = 0; i < next.size(); ++i) EXPECT_EQ(ReadDevice(0, (*again)[i]), model_[i]);
+  EXPECT_TRUE(tier_->Unpin(next).ok());
+  EXPECT_TRUE(tier_->RemoveRegion(kBase).ok());
+}
+
+// A page moving to another GPU whose write-back fails stays where it was,
+// dirty; so does a page the host budget sends away (it does not leave).
+TEST_P(DeviceTierTest, AFailedWriteBackUndoesAMoveAndALeave) {
+  TierConfig c;
+  c.devices = 2;
+  c.map_for_copies = false;
+  c.host_budget_pages = 1;
+  Build(c);
+  auto a = tier_->MakeResident(kBase, Pages({44}), 0, /*for_write=*/true, 1);
+  ASSERT_TRUE(a.ok()) << a.status().ToString();
+  KernelWrite(0, 44, (*a)[0]);
+  ASSERT_TRUE(tier_->Unpin(Pages({44})).ok());
   rlimit old{};
   ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &old), 0);
   ::signal(SIGXFSZ, SIG_IGN);
   rlimit low = old;
   low.rlim_cur = 40 * kPage;
   ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &low), 0);
-  const std::vector<PageAddr> next = Pages(Range(0, 16));
-  auto r = tier_->MakeResident(kBase, next, 0, /*for_write=*/false, 3);
+  auto moved = tier_->MakeResident(kBase, Pages({44}), 1, /*for_write=*/false, 2);
+  // A second host page passes the budget of one: page 44 would leave.
+  const Status leave = tier_->AddHostPage(P(1), 3);
   ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &old), 0);
   ::signal(SIGXFSZ, SIG_DFL);
-  EXPECT_EQ(r.status().code(), StatusCode::kIoError) << r.status().ToString();
-  for (PageAddr p : next) {
-    EXPECT_FALSE(tier_->table().GpuOf(p).has_value()) << "undone in the table";
-    EXPECT_EQ(tier_->table().PinsOf(p), 0u);
-  }
-  // Refused: copies. Passed: pages whose host bytes are current.
-  EXPECT_EQ(tier_->MakeResident(kBase, Pages({30}), 0, false, 4).status().code(),
-            StatusCode::kFailedPrecondition);
-  EXPECT_EQ(tier_->WriteBack(Pages({40})).code(), StatusCode::kFailedPrecondition);
-  EXPECT_TRUE(tier_->WriteBack(Pages({20, 30})).ok());
-  EXPECT_EQ(ReadStore(20), model_[20]);
-  EXPECT_TRUE(tier_->EvictCopies(Pages({20, 30})).ok());
-  EXPECT_EQ(tier_->EvictCopies(Pages({41})).code(), StatusCode::kFailedPrecondition);
-  // Coherence may still take any page, and the region may go.
-  EXPECT_TRUE(tier_->Drop(next).ok());
-  EXPECT_TRUE(tier_->Drop(dirty).ok());
-  EXPECT_TRUE(tier_->RemoveRegion(kBase).ok());
+  EXPECT_EQ(moved.status().code(), StatusCode::kIoError) << moved.status().ToString();
+  EXPECT_EQ(leave.code(), StatusCode::kIoError) << leave.ToString();
+  EXPECT_EQ(tier_->table().GpuOf(P(44)), 0u);
+  EXPECT_TRUE(tier_->table().IsDirty(P(44)));
+  EXPECT_EQ(tier_->table().PinsOf(P(44)), 0u);
+  EXPECT_FALSE(tier_->table().IsLeaving(P(44)));
+  EXPECT_TRUE(tier_->TakePagesToLeave().empty());
+  EXPECT_EQ(ReadDevice(0, (*a)[0]), model_[44]);
+  EXPECT_EQ(Pool(1)->used_slots(), 0u);
+  // Now through: the page moves with its bytes.
+  auto again = tier_->MakeResident(kBase, Pages({44}), 1, /*for_write=*/false, 4);
+  ASSERT_TRUE(again.ok()) << again.status().ToString();
+  EXPECT_EQ(ReadDevice(1, (*again)[0]), model_[44]);
+  EXPECT_EQ(ReadStore(44), model_[44]);
+  ASSERT_TRUE(tier_->Unpin(Pages({44})).ok());
 }
 
 // Direct copies: a block whose bytes are all in the memfd is registered
