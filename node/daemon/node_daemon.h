@@ -208,6 +208,10 @@ struct NodeDaemonStats {
   uint64_t gpu_replica_maps = 0;     // of gpu_maps, read-mostly replicas
   uint64_t deferred_requests = 0;    // directory messages held while a page was gpu-mapped
   uint64_t pages_left = 0;           // pages the host budget sent away (Evict started)
+  // GPU write-backs a store refused before a send or a map: the page stayed
+  // hidden and unsent, dirty on its GPU, until a later try (the directory's
+  // resend, the next local access).
+  uint64_t gpu_write_backs_refused = 0;
   // Leases (docs/PROTOCOL.md, "Leases"): times a shard's lease lapsed and
   // local access to its pages was taken away until it answered again, and
   // accesses that waited meanwhile.

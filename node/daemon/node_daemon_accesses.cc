@@ -325,16 +325,43 @@ void NodeDaemon::ExecuteOne(Action& a) {
         break;
     }
   }
-  // A page whose current bytes are on a GPU the tier can no longer copy
-  // from (a failed write-back): sending or mapping the host bytes would pass
-  // stale data for current. The daemon stops instead; the directory then
-  // declares this node dead and its sole copies lost, which clients are told.
+  // A page whose current bytes are on a GPU and cannot reach the host:
+  // sending or mapping the host bytes would pass stale data for current.
+  // - A store refused them (full, a limit; the tier keeps the GPU copy,
+  //   dirty): a send waits for the directory's resend of its Fetch (an
+  //   ask's is not sent), a map leaves the page hidden from local
+  //   processes, whose next access tries again. Nothing is lost.
+  // - The tier can no longer copy from the GPU (a device error), or a
+  //   stash or unmap needs the bytes now: the daemon stops; the directory
+  //   then declares this node dead and its sole copies lost, which clients
+  //   are told.
   auto write_back = [&]() {
     Status st = tier_->WriteBack(one);
-    if (!st.ok()) {
+    if (st.ok()) return true;
+    // Maps wait only where local processes map pages (a fault backend),
+    // whose next access tries again.
+    const bool map = a.kind == ActionKind::kMapRead || a.kind == ActionKind::kMapWrite;
+    const bool retry = st.code() != StatusCode::kFailedPrecondition &&
+                       (a.kind == ActionKind::kSendPage || (map && backend_));
+    if (!retry) {
       Fatal(FailedPrecondition("GPU write-back of page " + Hex(a.page) + ": " + st.ToString()));
+      return false;
     }
-    return st.ok();
+    if (stats_.gpu_write_backs_refused++ == 0) {
+      LogError("GPU write-back of page " + Hex(a.page) + ": " + st.ToString() +
+               "; its GPU copy is kept and written back later (counted in "
+               "gpu_write_backs_refused)");
+    }
+    if (a.kind == ActionKind::kSendPage) {
+      agent_.ForgetRecentCopy(a.page, a.node);
+    } else {
+      // Taken from local processes (a downgrade must stop their writes
+      // anyway) until a write-back goes through (RevealToCpu).
+      check(store->Restore(a.page), "restore");
+      check(backend_->Unmap(a.page), "unmap");
+      gpu_hidden_.insert(a.page);
+    }
+    return false;
   };
   if (tier_) {
     switch (a.kind) {

@@ -273,7 +273,12 @@ void NodeDaemon::HideFromCpu(std::span<const proto::PageAddr> pages, bool writes
 }
 
 Status NodeDaemon::RevealToCpu(proto::PageAddr page) {
-  if (gpu_hidden_.erase(page) != 0 && tier_) DSVM_RETURN_IF_ERROR(tier_->WriteBack(std::span<const proto::PageAddr>(&page, 1)));
+  // Hidden until the write-back goes through: a refused one is tried
+  // again at the next access.
+  if (gpu_hidden_.count(page) != 0 && tier_) {
+    DSVM_RETURN_IF_ERROR(tier_->WriteBack(std::span<const proto::PageAddr>(&page, 1)));
+  }
+  gpu_hidden_.erase(page);
   if (LeaseLapsed(page)) {  // mapped at its next fault once the lease is back
     fenced_pages_.insert(page);
     return backend_->Unmap(page);
