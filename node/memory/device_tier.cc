@@ -1108,15 +1108,16 @@ Status DeviceTier::Execute(const TierSteps& steps, std::vector<PageAddr>* placed
       return Fail(std::move(s));
     }
     // A store refused the bytes (full, a limit): the GPU copies are
-    // intact. Every one of them stays, dirty, in its slot
-    // (KeepDirtyCopies, after the rollback of the steps' new placements
-    // when there are some), so nothing is lost; a later call writes them
-    // back again. The other pages the steps take off a GPU (clean) go as
-    // planned; nothing is placed.
+    // intact. Those of this GPU and the ones after it stay, dirty, in
+    // their slots (KeepDirtyCopies, after the rollback of the steps' new
+    // placements when there are some), so nothing is lost; a later call
+    // writes them back again. The other pages the steps take off a GPU
+    // (clean, or written back by a GPU before this one) go as planned;
+    // nothing is placed.
     std::unordered_set<PageAddr> kept;
-    for (const auto& [g, ms] : by_gpu) {
-      for (const Move& m : ms) {
-        keep_dirty_.emplace_back(m.page, g);
+    for (auto it = by_gpu.find(gpu); it != by_gpu.end(); ++it) {
+      for (const Move& m : it->second) {
+        keep_dirty_.emplace_back(m.page, it->first);
         kept.insert(m.page);
       }
     }
@@ -1195,7 +1196,15 @@ Status DeviceTier::Drain(Lane& lane) {
 }
 
 Status DeviceTier::DrainAll(std::vector<Lane>& lanes, Status first) {
-  for (Lane& lane : lanes) Drain(lane).IgnoreError();  // the first error is the one reported
+  // The first error is the one reported, unless the device failed after
+  // it: a store's refusal must not hide that (Execute keeps copies only
+  // on a device that works).
+  for (Lane& lane : lanes) {
+    Status s = Drain(lane);
+    if (!s.ok() && s.code() == StatusCode::kInternal && first.code() != StatusCode::kInternal) {
+      first = std::move(s);
+    }
+  }
   return first;
 }
 

@@ -299,6 +299,8 @@ class DeviceTier {
 
   TierTable& table() { return *table_; }
   const TierTable& table() const { return *table_; }
+  // OK, or the device error that failed the tier (see Failure, above).
+  const Status& failure() const { return failed_; }
   const DeviceTierStats& stats() const { return stats_; }
   // The device address of the page's GPU copy; 0 when it has none.
   DevicePtr SlotOf(PageAddr page) const;

@@ -275,7 +275,10 @@ std::optional<PageStore::Block> PageStore::MapBlock(PageAddr page) {
   if (!resident.ok() || !AllResident(*resident)) return std::nullopt;
   // A hugetlb block is one page, and mincore reports this mapping's page
   // table for it (Residency): present means in the memfd and mapped here.
-  if (hugetlb_) return Block{MapOf(first), first, bytes};
+  if (hugetlb_) {
+    DSVM_CHECK(bytes == page_size_);
+    return Block{MapOf(first), first, bytes};
+  }
   // All of it is in the memfd: mapping a page not mapped here yet maps the
   // whole block (MapForCopies).
   for (uint64_t i = 0; i < bytes / page_size_; ++i) {
