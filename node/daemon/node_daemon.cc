@@ -880,6 +880,9 @@ void NodeDaemon::HandleDirectoryMessage(proto::Message m) {
           }
           if constexpr (std::is_same_v<T, proto::Grant>) agent_.HandleGrant(x, now, &acts);
           if constexpr (std::is_same_v<T, proto::Fetch>) {
+            // Its bytes must be on the host before the agent gives them
+            // up; refused, the directory's resend tries again.
+            if (!HostBytesCurrent(x.page)) return;
             // The page leaves for the requester, which a later read here asks.
             if (x.next_state == proto::PageState::kInvalid) NotePageHolder(x.page, x.requester);
             agent_.HandleFetch(x, now, &acts);
@@ -1047,14 +1050,15 @@ void NodeDaemon::HandleReadDirect(proto::NodeId from, const proto::ReadDirect& m
   // lapsed), a page a GPU write map holds (it stays Modified for the GPU
   // until the unmap, its current bytes there), and a page with directory
   // messages held for its maps (a txn is under way for it). A dirty GPU
-  // copy of any other page is written back before its bytes are sent, as
-  // for a Fetch (ExecuteOne).
+  // copy of any other page is written back before the agent serves it, as
+  // for a Fetch; one a store refused is not served either.
   PageStore* store = StoreOf(m.page);
   const auto id = store != nullptr ? region_ids_.find(store->base()) : region_ids_.end();
   const auto pins = gpu_pins_.find(m.page);
   if (store == nullptr || !store->CheckPage(m.page).ok() || id == region_ids_.end() ||
       id->second != m.region || IsOfADeletedRegion(m.page) || LeaseLapsed(m.page) ||
-      (pins != gpu_pins_.end() && pins->second.writes != 0) || deferred_.count(m.page) != 0) {
+      (pins != gpu_pins_.end() && pins->second.writes != 0) || deferred_.count(m.page) != 0 ||
+      !HostBytesCurrent(m.page)) {
     ++stats_.direct_reads_refused;
     return;
   }

@@ -208,8 +208,9 @@ struct NodeDaemonStats {
   uint64_t gpu_replica_maps = 0;     // of gpu_maps, read-mostly replicas
   uint64_t deferred_requests = 0;    // directory messages held while a page was gpu-mapped
   uint64_t pages_left = 0;           // pages the host budget sent away (Evict started)
-  // GPU write-backs a store refused before a send or a map: the page stayed
-  // hidden and unsent, dirty on its GPU, until a later try (the directory's
+  // GPU write-backs a store refused before a Fetch, an ask, a local
+  // eviction, a send or a map: the page stayed dirty on its GPU (unsent,
+  // or hidden from local processes) until a later try (the directory's
   // resend, the next local access).
   uint64_t gpu_write_backs_refused = 0;
   // Leases (docs/PROTOCOL.md, "Leases"): times a shard's lease lapsed and
@@ -484,6 +485,14 @@ class NodeDaemon {
   // a peer's ask, served by the agent when the page is at rest here.
   bool AsksHolder(proto::PageAddr page, bool write) const;
   void AskHolder(const PageStore& store, proto::PageAddr page);
+  // Writes back a dirty GPU copy of `page` before a step that needs its
+  // host bytes and cannot wait once the agent has taken it (a Fetch, an
+  // ask, a local eviction). False when a store refused it (full, a limit):
+  // the tier keeps the copy and the caller leaves the step for a later try
+  // (the directory resends a Fetch). True otherwise, also when the device
+  // failed (the step's own write-back then stops the node).
+  bool HostBytesCurrent(proto::PageAddr page);
+  void NoteWriteBackRefused(proto::PageAddr page, const Status& why);
   // Records `node` (not this one, not kNoNode) as the guess for `page`.
   void NotePageHolder(proto::PageAddr page, proto::NodeId node);
   void HandleReadDirect(proto::NodeId from, const proto::ReadDirect& m, Actions* acts);

@@ -126,8 +126,25 @@ bool NodeDaemon::MayGiveUp(proto::PageAddr page) const {
   return gpu_pins_.count(page) == 0 && !IsOfADeletedRegion(page);
 }
 
+bool NodeDaemon::HostBytesCurrent(proto::PageAddr page) {
+  if (!tier_ || !tier_->failure().ok() || !tier_->table().IsDirty(page)) return true;
+  Status st = tier_->WriteBack(std::span<const proto::PageAddr>(&page, 1));
+  // A device error: the step goes on, and its own write-back stops the node.
+  if (st.ok() || !tier_->failure().ok()) return true;
+  NoteWriteBackRefused(page, st);
+  return false;
+}
+
+void NodeDaemon::NoteWriteBackRefused(proto::PageAddr page, const Status& why) {
+  if (stats_.gpu_write_backs_refused++ == 0) {
+    LogError("GPU write-back of page " + Hex(page) + ": " + why.ToString() +
+             "; the GPU copy is kept and written back later (gpu_write_backs_refused counts "
+             "these; logged once)");
+  }
+}
+
 bool NodeDaemon::Evict(proto::PageAddr page) {
-  if (!MayGiveUp(page)) return false;
+  if (!MayGiveUp(page) || !HostBytesCurrent(page)) return false;
   Actions acts;
   const bool started = agent_.Evict(page, NowMs(), &acts, PreferredNodeOf(page));
   Execute(acts);
@@ -335,31 +352,29 @@ void NodeDaemon::ExecuteOne(Action& a) {
   //   stash or unmap needs the bytes now: the daemon stops; the directory
   //   then declares this node dead and its sole copies lost, which clients
   //   are told.
+  // (Fetches, asks and local evictions try the write-back before the agent
+  // acts, HostBytesCurrent, so these are mostly grants' maps.)
   auto write_back = [&]() {
     Status st = tier_->WriteBack(one);
     if (st.ok()) return true;
-    // Maps wait only where local processes map pages (a fault backend),
-    // whose next access tries again.
+    const bool kept = tier_->failure().ok() && tier_->table().IsDirty(a.page);
     const bool map = a.kind == ActionKind::kMapRead || a.kind == ActionKind::kMapWrite;
-    const bool retry = st.code() != StatusCode::kFailedPrecondition &&
-                       (a.kind == ActionKind::kSendPage || (map && backend_));
-    if (!retry) {
+    if (!kept || !(map || a.kind == ActionKind::kSendPage)) {
       Fatal(FailedPrecondition("GPU write-back of page " + Hex(a.page) + ": " + st.ToString()));
       return false;
     }
-    if (stats_.gpu_write_backs_refused++ == 0) {
-      LogError("GPU write-back of page " + Hex(a.page) + ": " + st.ToString() +
-               "; its GPU copy is kept and written back later (counted in "
-               "gpu_write_backs_refused)");
-    }
+    NoteWriteBackRefused(a.page, st);
     if (a.kind == ActionKind::kSendPage) {
       agent_.ForgetRecentCopy(a.page, a.node);
     } else {
-      // Taken from local processes (a downgrade must stop their writes
-      // anyway) until a write-back goes through (RevealToCpu).
       check(store->Restore(a.page), "restore");
-      check(backend_->Unmap(a.page), "unmap");
-      gpu_hidden_.insert(a.page);
+      if (backend_) {
+        // Taken from local processes (a downgrade must stop their writes
+        // anyway) until a write-back goes through (RevealToCpu). Without
+        // a fault backend the daemon's own accesses write back first.
+        check(backend_->Unmap(a.page), "unmap");
+        gpu_hidden_.insert(a.page);
+      }
     }
     return false;
   };

@@ -56,8 +56,15 @@ void NodeDaemon::HandleFault(const FaultEvent& e) {
   }
   ++stats_.client_faults;
   if (TakenFromCpu(e.page)) {
-    Status st = RevealToCpu(e.page);
-    if (!st.ok()) LogError("revealing page " + Hex(e.page) + ": " + st.ToString());
+    // Not shown again (its GPU bytes did not reach the host, or the map
+    // failed): the access fails (SIGBUS) rather than fault for ever.
+    if (Status st = RevealToCpu(e.page); !st.ok()) {
+      ++stats_.accesses_failed;
+      LogWarning("a client's access to page " + Hex(e.page) + " fails (SIGBUS): " + st.ToString());
+      st = backend_->Resolve(e.token, Resolution::kError);
+      if (!st.ok() && st.code() != StatusCode::kNotFound) LogWarning("resolving a fault: " + st.ToString());
+      return;
+    }
   }
   if (IsOfADeletedRegion(e.page)) {
     // The directory would refuse it (the Acquire names the deleted

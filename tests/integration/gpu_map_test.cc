@@ -1455,12 +1455,15 @@ TEST_F(GpuMapLongCopyTest, ALongMapKeepsTheNodeAlive) {
 
 // Node 0's GPU holds the only current bytes of pages (a write map, then
 // unmapped) when their write-back fails (here: RLIMIT_FSIZE below their
-// offsets in the memfd, so the daemon's pwrite gets EFBIG). Node 1 reads
-// one: node 0 must not send its stale host bytes, and must not lose the
-// GPU's. It keeps the dirty copy and sends nothing until the directory's
-// resend of the Fetch finds the store taking bytes again (the limit is
-// lifted 300 ms in): node 1 then reads the GPU's bytes, and node 0 runs
-// on. Fails without: node 1 read the bytes from before the GPU's writes
+// offsets in the memfd, so the daemon's pwrite gets EFBIG).
+// - A process on node 0 reads one: its access fails (SIGBUS), since the
+//   page cannot be shown with its current bytes.
+// - Node 1 reads another: node 0 must not send its stale host bytes, and
+//   must not lose the GPU's. It keeps the dirty copy and leaves the Fetch
+//   until the directory's resend finds the store taking bytes again (the
+//   limit is lifted once node 0 has refused one): node 1 then reads the
+//   GPU's bytes, and node 0 runs on.
+// Fails without: node 1 read the bytes from before the GPU's writes
 // (before stop 13), or node 0 stopped and the page was lost (stop 13 to
 // 25).
 TEST_F(GpuMapDeathTest, AWriteBackTheStoreRefusesIsTriedAgainAndLosesNothing) {
@@ -1483,8 +1486,18 @@ TEST_F(GpuMapDeathTest, AWriteBackTheStoreRefusesIsTriedAgainAndLosesNothing) {
   rlimit low = old;
   low.rlim_cur = kFirst * kPage;
   ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &low), 0);
+  EXPECT_EQ(RunClient(0, "gstale", [&](uint8_t* base) {
+              ::signal(SIGBUS, SIG_DFL);  // not UCX's handler, inherited: it would print a trace
+              return base[(kFirst + 1) * kPage] == 0x77 ? 0 : 1;
+            }),
+            200)
+      << "the access must fail (SIGBUS)";
   std::thread lift([&] {
-    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    uint64_t refused = 0;
+    for (int i = 0; i < 2000 && refused == 0; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      nodes_[0]->Sync([&](NodeDaemon& d) { refused = d.stats().gpu_write_backs_refused; });
+    }
     ::setrlimit(RLIMIT_FSIZE, &old);
   });
   std::vector<uint8_t> seen;
@@ -1498,9 +1511,14 @@ TEST_F(GpuMapDeathTest, AWriteBackTheStoreRefusesIsTriedAgainAndLosesNothing) {
   nodes_[0]->Sync([&](NodeDaemon& d) {
     EXPECT_TRUE(d.fatal().ok()) << d.fatal().ToString();
     EXPECT_GE(d.stats().gpu_write_backs_refused, 1u);
-    EXPECT_GE(d.tier()->stats().write_backs_failed, 1u);
+    EXPECT_GE(d.stats().accesses_failed, 1u);
+    EXPECT_GE(d.tier()->stats().write_backs_failed, 2u);
   });
-  // The other pages, never sent, are whole on node 0 and readable from node 1.
+  // The other pages are whole: on node 0 for its processes, and from node 1.
+  EXPECT_EQ(RunClient(0, "gstale", [&](uint8_t* base) {
+              return base[(kFirst + 1) * kPage] == 0x77 ? 0 : 1;
+            }),
+            0);
   EXPECT_EQ(nodes_[1]->ReadU64(r.base + (kFirst + kPages - 1) * kPage), 0x7777777777777777ull);
 }
 
