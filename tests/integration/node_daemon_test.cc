@@ -526,6 +526,33 @@ TEST_F(DirectReadTest, ReadFaultsAskTheLastSenderForItsCopyAndSeeEveryWrite) {
   EXPECT_GE(a0.fetch_sends_skipped + a0.direct_repeats, 1u);
 }
 
+// A client on `socket` writes round * 100 + p to the first word of pages
+// p = first, first + step, ... below `pages` of region `name`.
+static int WriteRound(const std::string& socket, const std::string& name, int first, int step,
+                      int pages, uint64_t round) {
+  return RunClient(socket, name, [&](uint8_t* m, size_t) {
+    for (int p = first; p < pages; p += step) {
+      reinterpret_cast<volatile uint64_t*>(m + p * 4096)[0] = round * 100 + p;
+    }
+    return true;
+  });
+}
+
+// A client on `socket` reads the first word of every page below `pages`,
+// scattered (a stride of 7, so that no sequential read-ahead fetches
+// pages without a fault: every read is a fault); exits 0 when each is
+// round * 100 + p.
+static int ReadRoundScattered(const std::string& socket, const std::string& name, int pages,
+                              uint64_t round) {
+  return RunClient(socket, name, [&](uint8_t* m, size_t) {
+    for (int i = 0; i < pages; ++i) {
+      const int p = i * 7 % pages;
+      if (reinterpret_cast<volatile uint64_t*>(m + p * 4096)[0] != round * 100 + p) return false;
+    }
+    return true;
+  });
+}
+
 // Two writers: node 0 writes the even pages, node 2 the odd ones, and node
 // 1 reads them all, three rounds. The region's last sender is the wrong
 // guess for every next page; each page's own last sender is right from the
@@ -538,27 +565,10 @@ TEST_F(DirectReadTest, AsksGoToEachPagesOwnLastSender) {
   const std::string dir = dir_.path();
   for (uint64_t round = 1; round <= 3; ++round) {
     for (int writer : {0, 2}) {
-      ASSERT_EQ(RunClient(dir + "/node" + std::to_string(writer) + ".sock", "direct2",
-                          [&](uint8_t* m, size_t) {
-                            for (int p = writer / 2; p < kPages; p += 2) {
-                              reinterpret_cast<volatile uint64_t*>(m + p * 4096)[0] = round * 100 + p;
-                            }
-                            return true;
-                          }),
-                0);
+      const std::string socket = dir + "/node" + std::to_string(writer) + ".sock";
+      ASSERT_EQ(WriteRound(socket, "direct2", writer / 2, 2, kPages, round), 0);
     }
-    // Scattered (a stride of 7), so that no sequential read-ahead fetches
-    // pages without a fault.
-    ASSERT_EQ(RunClient(dir + "/node1.sock", "direct2", [&](uint8_t* m, size_t) {
-                for (int i = 0; i < kPages; ++i) {
-                  const int p = i * 7 % kPages;
-                  if (reinterpret_cast<volatile uint64_t*>(m + p * 4096)[0] != round * 100 + p) {
-                    return false;
-                  }
-                }
-                return true;
-              }),
-              0)
+    ASSERT_EQ(ReadRoundScattered(dir + "/node1.sock", "direct2", kPages, round), 0)
         << "round " << round;
   }
   node::NodeDaemonStats s1;
@@ -583,26 +593,9 @@ TEST_F(DirectReadTest, AReadAsksTheWriterItsInvalidationNamed) {
   uint64_t direct_before = 0;
   for (uint64_t round = 1; round <= 3; ++round) {
     const int writer = round % 2 == 1 ? 0 : 2;
-    ASSERT_EQ(RunClient(dir + "/node" + std::to_string(writer) + ".sock", "direct3",
-                        [&](uint8_t* m, size_t) {
-                          for (int p = 0; p < kPages; ++p) {
-                            reinterpret_cast<volatile uint64_t*>(m + p * 4096)[1] = round * 100 + p;
-                          }
-                          return true;
-                        }),
-              0)
-        << "round " << round;
-    // Scattered, as above, so that every read is a fault.
-    ASSERT_EQ(RunClient(dir + "/node1.sock", "direct3", [&](uint8_t* m, size_t) {
-                for (int i = 0; i < kPages; ++i) {
-                  const int p = i * 7 % kPages;
-                  if (reinterpret_cast<volatile uint64_t*>(m + p * 4096)[1] != round * 100 + p) {
-                    return false;
-                  }
-                }
-                return true;
-              }),
-              0)
+    const std::string socket = dir + "/node" + std::to_string(writer) + ".sock";
+    ASSERT_EQ(WriteRound(socket, "direct3", 0, 1, kPages, round), 0) << "round " << round;
+    ASSERT_EQ(ReadRoundScattered(dir + "/node1.sock", "direct3", kPages, round), 0)
         << "round " << round;
     if (round == 1) {
       nodes_[1]->Sync([&](NodeDaemon& d) { direct_before = d.Counters().direct_reads; });

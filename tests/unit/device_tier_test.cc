@@ -165,6 +165,21 @@ class DeviceTierTest : public testing::TestWithParam<TierParam> {
         backend_->CopyToDevice(test_streams_[gpu], model_[i].data(), ptr, c_.page_size).ok());
     Sync(gpu);
   }
+  // Pages `idx` made resident on GPU 0 for write (their bytes checked
+  // there), written by a kernel, written back (checked in the store);
+  // left pinned. Returns their slots.
+  std::vector<DevicePtr> WriteOnGpuAndBack(const std::vector<uint64_t>& idx, uint64_t tick) {
+    auto ptrs = tier_->MakeResident(kBase, Pages(idx), 0, /*for_write=*/true, tick);
+    EXPECT_TRUE(ptrs.ok()) << ptrs.status().ToString();
+    if (!ptrs.ok()) return {};
+    for (size_t i = 0; i < idx.size(); ++i) {
+      EXPECT_EQ(ReadDevice(0, (*ptrs)[i]), model_[idx[i]]) << idx[i];
+      KernelWrite(0, idx[i], (*ptrs)[i]);
+    }
+    EXPECT_TRUE(tier_->WriteBack(Pages(idx)).ok());
+    for (uint64_t i : idx) EXPECT_EQ(ReadStore(i), model_[i]) << i;
+    return *ptrs;
+  }
   std::vector<uint8_t> ReadStore(uint64_t i) {
     std::vector<uint8_t> out(c_.page_size);
     EXPECT_TRUE(store_->ReadPage(P(i), out).ok());
@@ -688,17 +703,12 @@ TEST_P(DeviceTierTest, DirectCopiesRegisterEachBlockOnce) {
   c.devices = 1;
   Build(c);  // 48 pages of 4 KiB: one block, the region's end cuts it
   const std::vector<PageAddr> pages = Pages(Range(0, 8));
-  auto ptrs = tier_->MakeResident(kBase, pages, 0, /*for_write=*/true, 1);
-  ASSERT_TRUE(ptrs.ok()) << ptrs.status().ToString();
+  ASSERT_EQ(WriteOnGpuAndBack(Range(0, 8), 1).size(), 8u);
   EXPECT_EQ(tier_->stats().direct_pages_to_device, 8u);
+  EXPECT_EQ(tier_->stats().direct_pages_to_host, 8u);
   EXPECT_EQ(tier_->stats().blocks_registered, 1u);
   EXPECT_EQ(backend_->registered_count(), 1u);
   EXPECT_EQ(backend_->registered_bytes(), 48u * kPage);
-  for (size_t i = 0; i < 8; ++i) EXPECT_EQ(ReadDevice(0, (*ptrs)[i]), model_[i]) << i;
-  for (size_t i = 0; i < 8; ++i) KernelWrite(0, i, (*ptrs)[i]);
-  ASSERT_TRUE(tier_->WriteBack(pages).ok());
-  EXPECT_EQ(tier_->stats().direct_pages_to_host, 8u);
-  for (size_t i = 0; i < 8; ++i) EXPECT_EQ(ReadStore(i), model_[i]) << i;
   ASSERT_TRUE(tier_->Unpin(pages).ok());
   auto more = tier_->MakeResident(kBase, Pages(Range(8, 8)), 0, false, 2);
   ASSERT_TRUE(more.ok()) << more.status().ToString();
@@ -930,16 +940,11 @@ TEST_P(DeviceTierTest, HugetlbPagesCopyDirect) {
     GTEST_SKIP() << "no hugetlb pages reserved (vm.nr_hugepages): the store is a plain memfd";
   }
   const std::vector<PageAddr> pages = Pages({0, 1, 2});
-  auto ptrs = tier_->MakeResident(kBase, pages, 0, /*for_write=*/true, 1);
-  ASSERT_TRUE(ptrs.ok()) << ptrs.status().ToString();
+  ASSERT_EQ(WriteOnGpuAndBack({0, 1, 2}, 1).size(), 3u);
   EXPECT_EQ(tier_->stats().direct_pages_to_device, 3u);
+  EXPECT_EQ(tier_->stats().direct_pages_to_host, 3u);
   EXPECT_EQ(tier_->stats().blocks_registered, 3u) << "one block per huge page";
   EXPECT_EQ(backend_->registered_bytes(), 3ull * kHuge);
-  for (size_t i = 0; i < 3; ++i) EXPECT_EQ(ReadDevice(0, (*ptrs)[i]), model_[i]) << i;
-  for (size_t i = 0; i < 3; ++i) KernelWrite(0, i, (*ptrs)[i]);
-  ASSERT_TRUE(tier_->WriteBack(pages).ok());
-  EXPECT_EQ(tier_->stats().direct_pages_to_host, 3u);
-  for (size_t i = 0; i < 3; ++i) EXPECT_EQ(ReadStore(i), model_[i]) << i;
   ASSERT_TRUE(tier_->Unpin(pages).ok());
   // The node loses page 1: its registration ends before the punch (the
   // emulated backend would refuse a copy of a registered page that left).
