@@ -71,6 +71,11 @@ uint64_t NodeAgent::VersionOf(PageAddr page) const {
   return it == pages_.end() ? 0 : it->second.version;
 }
 
+TxnId NodeAgent::LastTxnOf(PageAddr page) const {
+  auto it = pages_.find(page);
+  return it == pages_.end() ? 0 : it->second.last_txn;
+}
+
 bool NodeAgent::HasPending(PageAddr page) const { return pending_pages_.count(page) != 0; }
 
 size_t NodeAgent::stash_count() const {

@@ -166,6 +166,8 @@ class NodeAgent {
   // particular order.
   std::vector<PageAddr> AccessiblePages() const;
   uint64_t VersionOf(PageAddr page) const;
+  // The newest directory txn this node acted on for the page; 0 if none.
+  TxnId LastTxnOf(PageAddr page) const;
   bool HasPending(PageAddr page) const;
   size_t stash_count() const;
   const NodeStats& stats() const { return stats_; }

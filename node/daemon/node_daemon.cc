@@ -883,12 +883,16 @@ void NodeDaemon::HandleDirectoryMessage(proto::Message m) {
             // Its bytes must be on the host before the agent gives them
             // up; refused, the directory's resend tries again.
             if (!HostBytesCurrent(x.page)) return;
-            // The page leaves for the requester, which a later read here asks.
-            if (x.next_state == proto::PageState::kInvalid) NotePageHolder(x.page, x.requester);
+            // The page leaves for the requester, which a later read here
+            // asks (not for a late or resent Fetch: a newer guess stays).
+            if (x.next_state == proto::PageState::kInvalid && x.txn > agent_.LastTxnOf(x.page)) {
+              NotePageHolder(x.page, x.requester);
+            }
             agent_.HandleFetch(x, now, &acts);
           }
           if constexpr (std::is_same_v<T, proto::Invalidate>) {
-            NotePageHolder(x.page, x.writer);  // the writer will hold the page
+            // The writer will hold the page.
+            if (x.txn > agent_.LastTxnOf(x.page)) NotePageHolder(x.page, x.writer);
             agent_.HandleInvalidate(x, now, &acts);
           }
           if constexpr (std::is_same_v<T, proto::Release>) agent_.HandleRelease(x, &acts);
