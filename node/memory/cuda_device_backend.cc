@@ -160,6 +160,16 @@ class CudaDeviceBackend final : public DeviceBackend {
     return Status::Ok();
   }
 
+  Status DoCopyOnDevice(StreamId stream, DevicePtr src, DevicePtr dst, uint64_t bytes) override {
+    Stream& s = streams_.at(stream.value);
+    DSVM_RETURN_IF_ERROR(SetDevice(s.device));
+    const cudaError_t err = cudaMemcpyAsync(reinterpret_cast<void*>(dst),
+                                            reinterpret_cast<const void*>(src), bytes,
+                                            cudaMemcpyDeviceToDevice, s.stream);
+    if (err != cudaSuccess) return CudaError("cudaMemcpyAsync (device to device)", err);
+    return Status::Ok();
+  }
+
   Status DoRecordFence(StreamId stream, uint64_t seq) override {
     Stream& s = streams_.at(stream.value);
     DSVM_RETURN_IF_ERROR(SetDevice(s.device));

@@ -252,6 +252,16 @@ Status DeviceBackend::CopyToHost(StreamId stream, std::span<const DeviceToHost> 
   return DoCopyToHost(stream, batch);
 }
 
+Status DeviceBackend::CopyOnDevice(StreamId stream, DevicePtr src, DevicePtr dst, uint64_t bytes) {
+  DSVM_ASSIGN_OR_RETURN(StreamInfo * info, FindStream(stream));
+  DSVM_RETURN_IF_ERROR(CheckDeviceRange(info->device, src, bytes));
+  DSVM_RETURN_IF_ERROR(CheckDeviceRange(info->device, dst, bytes));
+  if (src < dst + bytes && dst < src + bytes) {
+    return InvalidArgument("device backend: a copy on the device between overlapping ranges");
+  }
+  return DoCopyOnDevice(stream, src, dst, bytes);
+}
+
 Result<Fence> DeviceBackend::RecordFence(StreamId stream) {
   DSVM_ASSIGN_OR_RETURN(StreamInfo * info, FindStream(stream));
   const uint64_t seq = info->fences_recorded + 1;

@@ -215,6 +215,11 @@ class DeviceBackend {
     const DeviceToHost one{src, dst, bytes};
     return CopyToHost(stream, std::span<const DeviceToHost>(&one, 1));
   }
+  // Queues a copy between two ranges of the stream's device (a page moving
+  // to another slot without crossing the bus). Errors: kInvalidArgument
+  // (unknown stream; 0 bytes; a range not inside one arena of the stream's
+  // device; the ranges overlap), kInternal.
+  Status CopyOnDevice(StreamId stream, DevicePtr src, DevicePtr dst, uint64_t bytes);
 
   // Records a fence after everything queued on `stream` so far. Errors:
   // kInvalidArgument (unknown stream), kInternal.
@@ -249,6 +254,7 @@ class DeviceBackend {
   virtual Status DoDestroyStream(StreamId stream) = 0;
   virtual Status DoCopyToDevice(StreamId stream, std::span<const HostToDevice> batch) = 0;
   virtual Status DoCopyToHost(StreamId stream, std::span<const DeviceToHost> batch) = 0;
+  virtual Status DoCopyOnDevice(StreamId stream, DevicePtr src, DevicePtr dst, uint64_t bytes) = 0;
   // Records fence number `seq` (1, 2, ... per stream) on the stream.
   virtual Status DoRecordFence(StreamId stream, uint64_t seq) = 0;
   virtual Result<bool> DoIsDone(StreamId stream, uint64_t seq) = 0;

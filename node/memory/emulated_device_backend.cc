@@ -264,6 +264,12 @@ class EmulatedDeviceBackend final : public DeviceBackend {
     return Status::Ok();
   }
 
+  Status DoCopyOnDevice(StreamId stream, DevicePtr src, DevicePtr dst, uint64_t bytes) override {
+    streams_.at(stream.value)
+        ->PushCopy(reinterpret_cast<uint8_t*>(dst), reinterpret_cast<const uint8_t*>(src), bytes);
+    return Status::Ok();
+  }
+
   Status DoRecordFence(StreamId stream, uint64_t seq) override {
     streams_.at(stream.value)->PushFence(seq);
     return Status::Ok();

@@ -229,6 +229,38 @@ TEST_P(DeviceBackendTest, FenceCoversWhatWasQueuedBeforeIt) {
   EXPECT_EQ(ReadBack(arena.base + 11 * kBytes, kBytes), data);
 }
 
+// A copy between two ranges of the device, in one arena or across two,
+// in stream order with the copies around it; bad ranges refused.
+TEST_P(DeviceBackendTest, CopiesOnTheDeviceBetweenArenas) {
+  constexpr size_t kBytes = 64 << 10;
+  DeviceArena a = Arena(1 << 20);
+  DeviceArena b = Arena(1 << 20);
+  const std::vector<uint8_t> data = RandomBytes(kBytes, 13);
+  StreamId s = Stream();
+  ASSERT_TRUE(backend_->CopyToDevice(s, data.data(), a.base, kBytes).ok());
+  ASSERT_TRUE(backend_->CopyOnDevice(s, a.base, a.base + 4 * kBytes, kBytes).ok());
+  ASSERT_TRUE(backend_->CopyOnDevice(s, a.base + 4 * kBytes, b.base + kBytes, kBytes).ok());
+  Sync(s);
+  EXPECT_EQ(ReadBack(a.base + 4 * kBytes, kBytes), data);
+  EXPECT_EQ(ReadBack(b.base + kBytes, kBytes), data);
+  const auto kInvalid = StatusCode::kInvalidArgument;
+  EXPECT_EQ(backend_->CopyOnDevice(s, a.base, a.base + kBytes / 2, kBytes).code(), kInvalid)
+      << "overlapping";
+  EXPECT_EQ(backend_->CopyOnDevice(s, a.base, b.base, 0).code(), kInvalid);
+  EXPECT_EQ(backend_->CopyOnDevice(s, a.base + (1 << 20) - 4096, b.base, 8192).code(), kInvalid)
+      << "past the arena's end";
+  EXPECT_EQ(backend_->CopyOnDevice(StreamId{}, a.base, b.base, 4096).code(), kInvalid);
+  if (backend_->device_count() > 1) {
+    DeviceArena other = Arena(1 << 20, 1);
+    EXPECT_EQ(backend_->CopyOnDevice(s, a.base, other.base, 4096).code(), kInvalid)
+        << "another device's arena";
+    EXPECT_TRUE(backend_->FreeArena(other.base).ok());
+  }
+  EXPECT_TRUE(backend_->DestroyStream(s).ok());
+  EXPECT_TRUE(backend_->FreeArena(a.base).ok());
+  EXPECT_TRUE(backend_->FreeArena(b.base).ok());
+}
+
 TEST_P(DeviceBackendTest, FencesOnAnIdleStreamAreDone) {
   StreamId s = Stream();
   auto f = backend_->RecordFence(s);
