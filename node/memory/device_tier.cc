@@ -821,15 +821,19 @@ Result<DeviceRun> DeviceTier::MapRun(PageAddr region, std::span<const PageAddr> 
         ++stats_.run_evictions;
       }
     }
+    // Pages of this call on this GPU outside the window (those in it at
+    // another place went above): moved into their place on the device
+    // once the window is clear, not through the host.
+    std::vector<std::pair<PageAddr, uint32_t>> move;
     for (uint32_t i = 0; i < n; ++i) {
       const PageAddr page = pages[i];
       const std::optional<uint32_t> on = table_->GpuOf(page);
       if (on && *on == gpu && slots_.at(page).slot.index != start + i) {
-        DSVM_RETURN_IF_ERROR(table_->EvictFromGpu(page, &evict));
-        ++stats_.run_evictions;
+        move.emplace_back(page, start + i);
       }
     }
     DSVM_RETURN_IF_ERROR(Execute(evict, nullptr));
+    DSVM_RETURN_IF_ERROR(MoveOnDevice(pool, gpu, ps, move));
     for (uint32_t i = 0; i < n; ++i) forced_[pages[i]] = start + i;
   }
   TierSteps steps;
@@ -849,6 +853,50 @@ Result<DeviceRun> DeviceTier::MapRun(PageAddr region, std::span<const PageAddr> 
   for (uint32_t i = 0; i < n; ++i) DSVM_CHECK(slots_.at(pages[i]).slot.ptr == run.ptr + i * ps);
   ++stats_.runs;
   return run;
+}
+
+Status DeviceTier::MoveOnDevice(DevicePagePool* pool, uint32_t gpu, uint64_t page_bytes,
+                                const std::vector<std::pair<PageAddr, uint32_t>>& moves) {
+  if (moves.empty()) return Status::Ok();
+  std::vector<DeviceSlot> to;
+  for (const auto& [page, index] : moves) {
+    Result<DeviceSlot> slot = pool->Take(index);
+    if (!slot.ok()) {
+      for (const DeviceSlot& t : to) pool->Free(t).IgnoreError();
+      return slot.status();
+    }
+    to.push_back(*slot);
+  }
+  Lane& lane = lanes_[gpu][0];
+  DSVM_CHECK(!lane.busy);
+  Status s = Status::Ok();
+  for (size_t k = 0; k < moves.size() && s.ok(); ++k) {
+    s = backend_->CopyOnDevice(lane.stream, slots_.at(moves[k].first).slot.ptr, to[k].ptr,
+                               page_bytes);
+  }
+  if (s.ok()) {
+    Result<Fence> f = backend_->RecordFence(lane.stream);
+    if (f.ok()) {
+      lane.fence = *f;
+      lane.busy = true;
+      s = Drain(lane);
+    } else {
+      s = f.status();
+    }
+  }
+  if (!s.ok()) {
+    for (const DeviceSlot& t : to) pool->Free(t).IgnoreError();
+    return Fail(std::move(s));
+  }
+  for (size_t k = 0; k < moves.size(); ++k) {
+    const PageAddr page = moves[k].first;
+    FreeSlotOf(page);
+    slots_[page] = Placed{pool, to[k]};
+    OccupantOf(pool, to[k].index);  // sizes the table
+    occupants_[pool][to[k].index] = page;
+  }
+  stats_.pages_moved_on_device += moves.size();
+  return Status::Ok();
 }
 
 DeviceRun DeviceTier::RunAt(DevicePagePool* pool, uint32_t start, uint32_t n) const {

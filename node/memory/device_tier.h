@@ -178,6 +178,7 @@ struct DeviceTierStats {
   uint64_t write_backs_failed = 0;  // write-backs a store refused (their copies kept)
   uint64_t runs = 0;         // MapRun calls that succeeded
   uint64_t run_evictions = 0;  // GPU copies MapRun moved out of the way of a run
+  uint64_t pages_moved_on_device = 0;  // a run's pages moved into it on their GPU (no bus)
   uint64_t arenas_reclaimed = 0;  // arenas emptied for another region (one budget per GPU)
   uint64_t replica_runs = 0;      // MapReplicaRun calls that succeeded
   uint64_t direct_pages_to_device = 0;  // of pages_to_device, copied without staging
@@ -387,6 +388,12 @@ class DeviceTier {
   // Carries out `steps` (phase order, see above). `placed` receives the
   // pages given a slot here. A page in forced_ takes that slot index.
   Status Execute(const TierSteps& steps, std::vector<PageAddr>* placed);
+  // Moves each (page, slot index) of `moves` into that slot of `pool`,
+  // free, with a copy on the device (MapRun: a run's pages on its GPU
+  // outside its window); the GPU copy keeps its dirty bit. Errors:
+  // kInternal (the device; the tier fails), and the pool's.
+  Status MoveOnDevice(DevicePagePool* pool, uint32_t gpu, uint64_t page_bytes,
+                      const std::vector<std::pair<PageAddr, uint32_t>>& moves);
   // Undoes a failed MakeResident's new GPU copies and its pins, then
   // KeepDirtyCopies.
   void RollBack(const TierSteps& steps, std::span<const PageAddr> pages);

@@ -1038,7 +1038,9 @@ TEST(DeviceTierCreateTest, RefusesBadOptions) {
 // --- Runs (dsvm_gpu_map) ---------------------------------------------------
 
 // A run's pages sit in adjacent slots in address order, behind one pointer;
-// pages resident elsewhere on the GPU move into it with their bytes.
+// pages resident elsewhere on the GPU move into it with their bytes, by a
+// copy on the device (no write-back, no copy from the host; their dirty
+// bits go with them).
 TEST_P(DeviceTierTest, ARunHoldsItsPagesInAddressOrder) {
   Build();
   // Pages 9, 5 and 3 resident first, in that order: slots 0, 1, 2.
@@ -1058,9 +1060,15 @@ TEST_P(DeviceTierTest, ARunHoldsItsPagesInAddressOrder) {
     EXPECT_EQ(ReadDevice(0, run->ptr + i * kPage), model_[4 + i]) << "page " << 4 + i;
     EXPECT_EQ(tier_->table().PinsOf(pages[i]), 1u);
   }
-  EXPECT_EQ(ReadStore(5), model_[5]) << "the dirty copy was written back before it moved";
+  EXPECT_EQ(tier_->stats().pages_moved_on_device, 2u) << "pages 9 and 5";
+  EXPECT_EQ(tier_->stats().pages_to_host, 0u);
+  EXPECT_EQ(tier_->stats().pages_to_device, 3u + 6u) << "the run's other 6 pages";
+  EXPECT_TRUE(tier_->table().IsDirty(P(5)));
+  EXPECT_TRUE(tier_->table().IsDirty(P(9)));
   EXPECT_EQ(tier_->table().GpuOf(P(3)), 0u) << "page 3 is not in the range and stays";
   EXPECT_EQ(Pool(0)->used_slots(), 9u);
+  ASSERT_TRUE(tier_->WriteBack(Pages({5})).ok());
+  EXPECT_EQ(ReadStore(5), model_[5]) << "the GPU's bytes, from the run's slot";
   // The same range again is in place: hits, one more pin, no copies.
   const uint64_t copies = tier_->stats().pages_to_device;
   auto again = tier_->MapRun(kBase, pages, 0, false, 3);
