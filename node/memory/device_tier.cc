@@ -858,13 +858,12 @@ Result<DeviceRun> DeviceTier::MapRun(PageAddr region, std::span<const PageAddr> 
 Status DeviceTier::MoveOnDevice(DevicePagePool* pool, uint32_t gpu, uint64_t page_bytes,
                                 const std::vector<std::pair<PageAddr, uint32_t>>& moves) {
   if (moves.empty()) return Status::Ok();
+  // The window is clear: every slot of it is free or in place already.
   std::vector<DeviceSlot> to;
   for (const auto& [page, index] : moves) {
     Result<DeviceSlot> slot = pool->Take(index);
-    if (!slot.ok()) {
-      for (const DeviceSlot& t : to) pool->Free(t).IgnoreError();
-      return slot.status();
-    }
+    DSVM_CHECK_MSG(slot.ok(), "device tier: moving page " + Hex(page) + " into its run: " +
+                                  slot.status().ToString());
     to.push_back(*slot);
   }
   Lane& lane = lanes_[gpu][0];
@@ -890,8 +889,11 @@ Status DeviceTier::MoveOnDevice(DevicePagePool* pool, uint32_t gpu, uint64_t pag
   }
   for (size_t k = 0; k < moves.size(); ++k) {
     const PageAddr page = moves[k].first;
-    FreeSlotOf(page);
-    slots_[page] = Placed{pool, to[k]};
+    Placed& placed = slots_.at(page);
+    const Status freed = pool->Free(placed.slot);
+    DSVM_CHECK_MSG(freed.ok(), freed.ToString());
+    occupants_[pool][placed.slot.index] = kNoPage;
+    placed.slot = to[k];
     OccupantOf(pool, to[k].index);  // sizes the table
     occupants_[pool][to[k].index] = page;
   }
