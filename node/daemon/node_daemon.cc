@@ -788,6 +788,11 @@ void NodeDaemon::OnTimer() {
   Actions acts;
   agent_.Tick(now, &acts);
   Execute(acts);
+  if (!held_for_write_back_.empty()) {
+    std::vector<FaultEvent> held = std::move(held_for_write_back_);
+    held_for_write_back_.clear();
+    for (const FaultEvent& e : held) HandleFault(e);  // one still refused is held again
+  }
   if (idle_trim_.Due(stats_.bytes_sent + stats_.bytes_received, now) && TrimHeap()) {
     ++stats_.heap_trims;
   }

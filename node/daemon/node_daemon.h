@@ -208,11 +208,15 @@ struct NodeDaemonStats {
   uint64_t gpu_replica_maps = 0;     // of gpu_maps, read-mostly replicas
   uint64_t deferred_requests = 0;    // directory messages held while a page was gpu-mapped
   uint64_t pages_left = 0;           // pages the host budget sent away (Evict started)
-  // GPU write-backs a store refused before a Fetch, an ask, a local
-  // eviction, a send or a map: the page stayed dirty on its GPU (unsent,
-  // or hidden from local processes) until a later try (the directory's
-  // resend, the next local access).
+  // Attempts at a GPU write-back a store refused before a Fetch, an ask, a
+  // send or a map: the page stayed dirty on its GPU (unsent, or hidden
+  // from local processes) until a later try (the directory's resend, the
+  // next local access). Each resend's attempt counts.
   uint64_t gpu_write_backs_refused = 0;
+  // Client faults held because the write-back that would show their page
+  // was refused; each is tried again at the daemon's next timer (counted
+  // once per try).
+  uint64_t faults_held_for_write_back = 0;
   // Leases (docs/PROTOCOL.md, "Leases"): times a shard's lease lapsed and
   // local access to its pages was taken away until it answered again, and
   // accesses that waited meanwhile.
@@ -487,7 +491,7 @@ class NodeDaemon {
   void AskHolder(const PageStore& store, proto::PageAddr page);
   // Writes back a dirty GPU copy of `page` before a step that needs its
   // host bytes and cannot wait once the agent has taken it (a Fetch, an
-  // ask, a local eviction). False when a store refused it (full, a limit):
+  // ask, a give-up by Evict). False when a store refused it (full, a limit):
   // the tier keeps the copy and the caller leaves the step for a later try
   // (the directory resends a Fetch). True otherwise, also when the device
   // failed (the step's own write-back then stops the node).
@@ -758,6 +762,9 @@ class NodeDaemon {
   // Accesses (client faults, Access calls, prefetches) that came while
   // their page's lease was lapsed, run again by RunParked.
   std::vector<std::function<void()>> parked_;
+  // Client faults on pages hidden for the GPU whose write-back a store
+  // refused: tried again at each OnTimer, until it goes through.
+  std::vector<FaultEvent> held_for_write_back_;
   bool run_parked_ = false;  // a lease came back: RunParked at the next turn
   bool running_parked_ = false;  // RunParked is running them
   // What a fence would take, as of the last heartbeat: the bytes the

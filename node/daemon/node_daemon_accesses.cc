@@ -352,7 +352,7 @@ void NodeDaemon::ExecuteOne(Action& a) {
   //   stash or unmap needs the bytes now: the daemon stops; the directory
   //   then declares this node dead and its sole copies lost, which clients
   //   are told.
-  // (Fetches, asks and local evictions try the write-back before the agent
+  // (Fetches, asks and Evict try the write-back before the agent
   // acts, HostBytesCurrent, so these are mostly grants' maps.)
   auto write_back = [&]() {
     Status st = tier_->WriteBack(one);

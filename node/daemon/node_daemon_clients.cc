@@ -56,14 +56,31 @@ void NodeDaemon::HandleFault(const FaultEvent& e) {
   }
   ++stats_.client_faults;
   if (TakenFromCpu(e.page)) {
-    // Not shown again (its GPU bytes did not reach the host, or the map
-    // failed): the access fails (SIGBUS) rather than fault for ever.
     if (Status st = RevealToCpu(e.page); !st.ok()) {
-      ++stats_.accesses_failed;
-      LogWarning("a client's access to page " + Hex(e.page) + " fails (SIGBUS): " + st.ToString());
-      st = backend_->Resolve(e.token, Resolution::kError);
-      if (!st.ok() && st.code() != StatusCode::kNotFound) LogWarning("resolving a fault: " + st.ToString());
-      return;
+      if (gpu_hidden_.count(e.page) == 0) {
+        // The map failed: said, and the fault goes on as any other.
+        LogError("revealing page " + Hex(e.page) + ": " + st.ToString());
+      } else if (tier_->failure().ok()) {
+        // A store refused the write-back (the GPU copy is kept): the
+        // access waits, as a remote reader's does, and is tried again.
+        if (stats_.faults_held_for_write_back++ == 0) {
+          LogWarning("a client's access to page " + Hex(e.page) + " waits: " + st.ToString() +
+                     " (faults_held_for_write_back counts these; logged once)");
+        }
+        held_for_write_back_.push_back(e);
+        return;
+      } else {
+        // The device failed: the page's current bytes are lost to this
+        // node, and the access fails (SIGBUS) rather than fault for ever.
+        ++stats_.accesses_failed;
+        LogWarning("a client's access to page " + Hex(e.page) + " fails (SIGBUS): " +
+                   st.ToString());
+        st = backend_->Resolve(e.token, Resolution::kError);
+        if (!st.ok() && st.code() != StatusCode::kNotFound) {
+          LogWarning("resolving a fault: " + st.ToString());
+        }
+        return;
+      }
     }
   }
   if (IsOfADeletedRegion(e.page)) {
