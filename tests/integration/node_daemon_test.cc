@@ -583,35 +583,42 @@ TEST_F(DirectReadTest, AsksGoToEachPagesOwnLastSender) {
 // Nodes 0 and 2 take turns writing every page, and node 1 reads them all
 // after each turn. Node 1's copies came from the writer before; the
 // Invalidate of the next write names the new writer, and node 1 asks that
-// one. Fails when the daemon guesses by senders alone: the last sender of
-// each page is the writer before, which holds nothing by then.
+// one. Checked where the asks of rounds 2 and 3 went, not how many were
+// answered first (a reply may lose its race with the directory's on a
+// busy machine: 28-31 of 32 reads were answered directly idle, 6 under
+// ASan with other tests): to the holder (served, or a repeat of the
+// directory's copy), or to a node that no longer had the page (ignored).
+// Fails when the daemon guesses by senders alone: each page's last sender
+// is the writer before, which holds nothing by then.
 TEST_F(DirectReadTest, AReadAsksTheWriterItsInvalidationNamed) {
   constexpr int kPages = 16;
   proto::RegionReply r = Region("direct3", kPages * 4096, 4096);
   StartNodes(3, r);
   const std::string dir = dir_.path();
-  uint64_t direct_before = 0;
+  // Asks nodes 0 and 2 took as holders (served or repeats) and ignored.
+  auto asks = [&](uint64_t* right, uint64_t* wrong) {
+    *right = *wrong = 0;
+    for (int n : {0, 2}) {
+      nodes_[n]->Sync([&](NodeDaemon& d) {
+        const node::NodeStats& a = d.agent().stats();
+        *right += a.direct_served + a.direct_repeats;
+        *wrong += a.direct_ignored;
+      });
+    }
+  };
+  uint64_t right_before = 0, wrong_before = 0;
   for (uint64_t round = 1; round <= 3; ++round) {
     const int writer = round % 2 == 1 ? 0 : 2;
     const std::string socket = dir + "/node" + std::to_string(writer) + ".sock";
     ASSERT_EQ(WriteRound(socket, "direct3", 0, 1, kPages, round), 0) << "round " << round;
     ASSERT_EQ(ReadRoundScattered(dir + "/node1.sock", "direct3", kPages, round), 0)
         << "round " << round;
-    if (round == 1) {
-      nodes_[1]->Sync([&](NodeDaemon& d) { direct_before = d.Counters().direct_reads; });
-    }
+    if (round == 1) asks(&right_before, &wrong_before);
   }
-  proto::NodeCounters c0, c2;
-  nodes_[0]->Sync([&](NodeDaemon& d) { c0 = d.Counters(); });
-  nodes_[1]->Sync([&](NodeDaemon& d) { c1 = d.Counters(); });
-  nodes_[2]->Sync([&](NodeDaemon& d) { c2 = d.Counters(); });
-  // Rounds 2 and 3: 32 reads of pages whose last sender here no longer
-  // holds them (28-31 answered directly on an idle machine, none without
-  // the writer's name; a direct reply may lose its race with the
-  // directory's on a busy one).
-  EXPECT_GE(c1.direct_reads - direct_before, uint64_t{kPages / 2}) << "of " << 2 * kPages << " reads";
-  EXPECT_GE(c2.direct_reads_served, 1u);
-  EXPECT_GE(c0.direct_reads_served, 1u);
+  uint64_t right = 0, wrong = 0;
+  asks(&right, &wrong);
+  EXPECT_GE(right - right_before, uint64_t{kPages}) << "of " << 2 * kPages << " asks";
+  EXPECT_LE(wrong - wrong_before, uint64_t{kPages / 4});
 }
 
 TEST_F(DirectReadTest, WithDirectReadsOffFaultsAskTheDirectoryOnly) {
