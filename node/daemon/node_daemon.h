@@ -208,10 +208,9 @@ struct NodeDaemonStats {
   uint64_t gpu_replica_maps = 0;     // of gpu_maps, read-mostly replicas
   uint64_t deferred_requests = 0;    // directory messages held while a page was gpu-mapped
   uint64_t pages_left = 0;           // pages the host budget sent away (Evict started)
-  // Attempts at a GPU write-back a store refused before a Fetch, an ask, a
-  // send or a map: the page stayed dirty on its GPU (unsent, or hidden
-  // from local processes) until a later try (the directory's resend, the
-  // next local access). Each resend's attempt counts.
+  // Attempts at a GPU write-back a store refused before a Fetch, an ask or
+  // Evict (HostBytesCurrent): the page stayed dirty on its GPU and the step
+  // was left for a later try (the directory's resend). Each attempt counts.
   uint64_t gpu_write_backs_refused = 0;
   // Client faults held because the write-back that would show their page
   // was refused; each is tried again at the daemon's next timer (counted
@@ -496,7 +495,6 @@ class NodeDaemon {
   // (the directory resends a Fetch). True otherwise, also when the device
   // failed (the step's own write-back then stops the node).
   bool HostBytesCurrent(proto::PageAddr page);
-  void NoteWriteBackRefused(proto::PageAddr page, const Status& why);
   // Records `node` (not this one, not kNoNode) as the guess for `page`.
   void NotePageHolder(proto::PageAddr page, proto::NodeId node);
   void HandleReadDirect(proto::NodeId from, const proto::ReadDirect& m, Actions* acts);

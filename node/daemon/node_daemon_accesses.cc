@@ -131,16 +131,12 @@ bool NodeDaemon::HostBytesCurrent(proto::PageAddr page) {
   Status st = tier_->WriteBack(std::span<const proto::PageAddr>(&page, 1));
   // A device error: the step goes on, and its own write-back stops the node.
   if (st.ok() || !tier_->failure().ok()) return true;
-  NoteWriteBackRefused(page, st);
-  return false;
-}
-
-void NodeDaemon::NoteWriteBackRefused(proto::PageAddr page, const Status& why) {
   if (stats_.gpu_write_backs_refused++ == 0) {
-    LogError("GPU write-back of page " + Hex(page) + ": " + why.ToString() +
+    LogError("GPU write-back of page " + Hex(page) + ": " + st.ToString() +
              "; the GPU copy is kept and written back later (gpu_write_backs_refused counts "
              "these; logged once)");
   }
+  return false;
 }
 
 bool NodeDaemon::Evict(proto::PageAddr page) {
@@ -344,39 +340,18 @@ void NodeDaemon::ExecuteOne(Action& a) {
   }
   // A page whose current bytes are on a GPU and cannot reach the host:
   // sending or mapping the host bytes would pass stale data for current.
-  // - A store refused them (full, a limit; the tier keeps the GPU copy,
-  //   dirty): a send waits for the directory's resend of its Fetch (an
-  //   ask's is not sent), a map leaves the page hidden from local
-  //   processes, whose next access tries again. Nothing is lost.
-  // - The tier can no longer copy from the GPU (a device error), or a
-  //   stash or unmap needs the bytes now: the daemon stops; the directory
-  //   then declares this node dead and its sole copies lost, which clients
-  //   are told.
-  // (Fetches, asks and Evict try the write-back before the agent
-  // acts, HostBytesCurrent, so these are mostly grants' maps.)
+  // The steps that give a dirty GPU copy's bytes away or show them (a
+  // Fetch, an ask, Evict; a local access) write back before the agent acts
+  // (HostBytesCurrent, RevealToCpu) and wait when a store refuses, so a
+  // failure here is the device's (the tier copies from it no more): the
+  // daemon stops; the directory then declares this node dead and its sole
+  // copies lost, which clients are told.
   auto write_back = [&]() {
     Status st = tier_->WriteBack(one);
-    if (st.ok()) return true;
-    const bool kept = tier_->failure().ok() && tier_->table().IsDirty(a.page);
-    const bool map = a.kind == ActionKind::kMapRead || a.kind == ActionKind::kMapWrite;
-    if (!kept || !(map || a.kind == ActionKind::kSendPage)) {
+    if (!st.ok()) {
       Fatal(FailedPrecondition("GPU write-back of page " + Hex(a.page) + ": " + st.ToString()));
-      return false;
     }
-    NoteWriteBackRefused(a.page, st);
-    if (a.kind == ActionKind::kSendPage) {
-      agent_.ForgetRecentCopy(a.page, a.node);
-    } else {
-      check(store->Restore(a.page), "restore");
-      if (backend_) {
-        // Taken from local processes (a downgrade must stop their writes
-        // anyway) until a write-back goes through (RevealToCpu). Without
-        // a fault backend the daemon's own accesses write back first.
-        check(backend_->Unmap(a.page), "unmap");
-        gpu_hidden_.insert(a.page);
-      }
-    }
-    return false;
+    return st.ok();
   };
   if (tier_) {
     switch (a.kind) {
