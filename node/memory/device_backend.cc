@@ -1,6 +1,8 @@
 #include "node/memory/device_backend.h"
 
+#include <chrono>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -278,6 +280,21 @@ Result<bool> DeviceBackend::IsDone(const Fence& fence) {
 Status DeviceBackend::Wait(const Fence& fence) {
   DSVM_RETURN_IF_ERROR(CheckFence(fence));
   return DoWait(fence.stream, fence.seq);
+}
+
+Result<bool> DeviceBackend::WaitFor(const Fence& fence, std::chrono::microseconds timeout) {
+  DSVM_RETURN_IF_ERROR(CheckFence(fence));
+  return DoWaitFor(fence.stream, fence.seq, timeout);
+}
+
+Result<bool> DeviceBackend::DoWaitFor(StreamId stream, uint64_t seq,
+                                      std::chrono::microseconds timeout) {
+  const auto until = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    DSVM_ASSIGN_OR_RETURN(const bool done, DoIsDone(stream, seq));
+    if (done || std::chrono::steady_clock::now() >= until) return done;
+    std::this_thread::sleep_for(std::chrono::microseconds(50));
+  }
 }
 
 bool CudaBackendBuilt() {

@@ -230,6 +230,9 @@ class DeviceBackend {
   Result<bool> IsDone(const Fence& fence);
   // Blocks until the fence is done. Errors: as IsDone.
   Status Wait(const Fence& fence);
+  // Blocks until the fence is done or `timeout` has passed: true when done.
+  // Errors: as IsDone.
+  Result<bool> WaitFor(const Fence& fence, std::chrono::microseconds timeout);
 
   size_t arena_count() const { return arenas_.size(); }
   // Bytes of the device's memory held in arenas. REQUIRES: device < device_count().
@@ -259,6 +262,8 @@ class DeviceBackend {
   virtual Status DoRecordFence(StreamId stream, uint64_t seq) = 0;
   virtual Result<bool> DoIsDone(StreamId stream, uint64_t seq) = 0;
   virtual Status DoWait(StreamId stream, uint64_t seq) = 0;
+  // By default polls DoIsDone, sleeping 50 us between polls.
+  virtual Result<bool> DoWaitFor(StreamId stream, uint64_t seq, std::chrono::microseconds timeout);
 
   // True when [p, p + bytes) lies in a registered range.
   bool IsRegistered(const void* p, uint64_t bytes) const;

@@ -138,6 +138,7 @@ DeviceTier::~DeviceTier() {
 }
 
 Status DeviceTier::AddRegion(PageStore* store) {
+  CallScope scope(this);
   if (store == nullptr) return InvalidArgument("device tier: no store");
   const uint32_t ps = store->page_size();
   if (ps > options_.batch_bytes) {
@@ -180,8 +181,35 @@ Status DeviceTier::AddRegion(PageStore* store) {
   // registered (the store calls this before it lends one, and MapBlock
   // refuses such blocks): Unregister then only reads registered_, which
   // changes on the calling thread alone, outside ParallelFor.
-  store->SetUnpinListener([this](PageAddr first, uint64_t bytes) { Unregister(first, bytes); });
+  store->SetUnpinListener([this](PageAddr first, uint64_t bytes) { OnStorePunched(first, bytes); });
   return Status::Ok();
+}
+
+DeviceTier::CallScope::CallScope(DeviceTier* tier) : tier_(tier) {
+  DSVM_CHECK_MSG(!tier->in_keep_alive_, "device tier: called from its keep_alive");
+  if (tier->call_depth_++ != 0) return;
+  // No copy is in flight between calls: registrations may end.
+  std::vector<std::pair<PageAddr, uint64_t>> punched = std::move(tier->punched_meanwhile_);
+  tier->punched_meanwhile_.clear();
+  for (const auto& [first, bytes] : punched) tier->Unregister(first, bytes);
+}
+
+DeviceTier::CallScope::~CallScope() {
+  if (--tier_->call_depth_ == 0) tier_->touched_.clear();
+}
+
+void DeviceTier::NoteTouched(std::span<const PageAddr> pages) {
+  touched_.insert(pages.begin(), pages.end());
+}
+
+void DeviceTier::OnStorePunched(PageAddr first, uint64_t bytes) {
+  if (in_keep_alive_) {
+    // A page the call leaves alone, in a block whose copies may be in
+    // flight (its other pages): the block stays registered until then.
+    punched_meanwhile_.emplace_back(first, bytes);
+    return;
+  }
+  Unregister(first, bytes);
 }
 
 void DeviceTier::Unregister(PageAddr first, uint64_t bytes) {
@@ -402,6 +430,7 @@ Status DeviceTier::QueueDirect(uint32_t gpu, const std::vector<DirectMove>& dire
 }
 
 Status DeviceTier::RemoveRegion(PageAddr base) {
+  CallScope scope(this);
   TierSteps steps;
   DSVM_RETURN_IF_ERROR(table_->RemoveRegion(base, &steps));
   Status s = Execute(steps, nullptr);  // frees only: cannot fail
@@ -491,6 +520,8 @@ Result<std::vector<DevicePtr>> DeviceTier::MakeResident(PageAddr region,
                                                         std::span<const PageAddr> pages,
                                                         uint32_t gpu, bool for_write,
                                                         uint64_t tick) {
+  CallScope scope(this);
+  NoteTouched(pages);
   if (!failed_.ok())
     return FailedPrecondition("device tier: failed earlier: " + failed_.ToString());
   auto it = stores_.find(region);
@@ -759,6 +790,8 @@ Result<uint32_t> DeviceTier::ChooseRunWindow(DevicePagePool* pool, uint32_t n,
 
 Result<DeviceRun> DeviceTier::MapRun(PageAddr region, std::span<const PageAddr> pages,
                                      uint32_t gpu, bool for_write, uint64_t tick) {
+  CallScope scope(this);
+  NoteTouched(pages);
   DSVM_ASSIGN_OR_RETURN(const RunTarget target, CheckRun(region, pages, gpu));
   PageStore* store = target.store;
   DevicePagePool* pool = target.pool;
@@ -858,6 +891,7 @@ Result<DeviceRun> DeviceTier::MapRun(PageAddr region, std::span<const PageAddr> 
 Status DeviceTier::MoveOnDevice(DevicePagePool* pool, uint32_t gpu, uint64_t page_bytes,
                                 const std::vector<std::pair<PageAddr, uint32_t>>& moves) {
   if (moves.empty()) return Status::Ok();
+  for (const auto& [page, index] : moves) touched_.insert(page);
   // The window is clear: every slot of it is free or in place already.
   std::vector<DeviceSlot> to;
   for (const auto& [page, index] : moves) {
@@ -918,6 +952,8 @@ DeviceRun DeviceTier::RunAt(DevicePagePool* pool, uint32_t start, uint32_t n) co
 
 Result<DeviceRun> DeviceTier::MapReplicaRun(PageAddr region, std::span<const PageAddr> pages,
                                             uint32_t gpu, std::vector<HeldSlot>* held) {
+  CallScope scope(this);
+  NoteTouched(pages);
   DSVM_ASSIGN_OR_RETURN(const RunTarget target, CheckRun(region, pages, gpu));
   PageStore* store = target.store;
   DevicePagePool* pool = target.pool;
@@ -977,11 +1013,14 @@ Status DeviceTier::CheckPages(std::span<const PageAddr> pages) const {
 }
 
 Status DeviceTier::Unpin(std::span<const PageAddr> pages) {
+  CallScope scope(this);
   for (PageAddr page : pages) DSVM_RETURN_IF_ERROR(table_->Unpin(page));
   return Status::Ok();
 }
 
 Status DeviceTier::WriteBack(std::span<const PageAddr> pages) {
+  CallScope scope(this);
+  NoteTouched(pages);
   DSVM_RETURN_IF_ERROR(CheckPages(pages));
   if (!failed_.ok()) {
     // Pages whose host bytes are current need nothing; the others' bytes
@@ -1001,6 +1040,8 @@ Status DeviceTier::WriteBack(std::span<const PageAddr> pages) {
 }
 
 Status DeviceTier::Drop(std::span<const PageAddr> pages) {
+  CallScope scope(this);
+  NoteTouched(pages);
   DSVM_RETURN_IF_ERROR(CheckPages(pages));
   TierSteps steps;
   for (PageAddr page : pages) DSVM_RETURN_IF_ERROR(table_->Drop(page, &steps));
@@ -1008,6 +1049,7 @@ Status DeviceTier::Drop(std::span<const PageAddr> pages) {
 }
 
 Status DeviceTier::AddHostPage(PageAddr page, uint64_t tick) {
+  CallScope scope(this);
   if (!failed_.ok())
     return FailedPrecondition("device tier: failed earlier: " + failed_.ToString());
   DSVM_RETURN_IF_ERROR(CheckPages(std::span<const PageAddr>(&page, 1)));
@@ -1017,6 +1059,8 @@ Status DeviceTier::AddHostPage(PageAddr page, uint64_t tick) {
 }
 
 Status DeviceTier::EvictCopies(std::span<const PageAddr> pages) {
+  CallScope scope(this);
+  NoteTouched(pages);
   DSVM_RETURN_IF_ERROR(CheckPages(pages));
   // Failed: clean copies still go (no copy needed); dirty ones cannot.
   if (!failed_.ok()) DSVM_RETURN_IF_ERROR(WriteBack(pages));
@@ -1029,6 +1073,8 @@ Status DeviceTier::EvictCopies(std::span<const PageAddr> pages) {
 }
 
 Status DeviceTier::Detach(std::span<const PageAddr> pages, std::vector<HeldSlot>* held) {
+  CallScope scope(this);
+  NoteTouched(pages);
   DSVM_RETURN_IF_ERROR(CheckPages(pages));
   TierSteps steps;
   for (PageAddr page : pages) {
@@ -1061,6 +1107,7 @@ Status DeviceTier::Detach(std::span<const PageAddr> pages, std::vector<HeldSlot>
 }
 
 Status DeviceTier::Release(std::span<const HeldSlot> held) {
+  CallScope scope(this);
   for (const HeldSlot& h : held) {
     const SlotKey key{h.pool, h.slot.index};
     auto it = held_.find(key);
@@ -1091,6 +1138,7 @@ Status DeviceTier::Release(std::span<const HeldSlot> held) {
 }
 
 std::vector<PageAddr> DeviceTier::TakePagesToLeave() {
+  CallScope scope(this);
   std::vector<PageAddr> out(leave_.begin(), leave_.end());
   leave_.clear();
   return out;
@@ -1126,6 +1174,7 @@ DevicePtr DeviceTier::ArenaEnd(const DevicePagePool* pool, DevicePtr ptr) {
 }
 
 Status DeviceTier::Execute(const TierSteps& steps, std::vector<PageAddr>* placed) {
+  for (const TierStep& step : steps) touched_.insert(step.page);
   // Pages to leave are the table's decision already, whatever happens below.
   for (const TierStep& step : steps) {
     if (step.kind == TierStepKind::kLeaveNode) leave_.push_back(step.page);
@@ -1240,9 +1289,15 @@ Status DeviceTier::Execute(const TierSteps& steps, std::vector<PageAddr>* placed
 Status DeviceTier::Drain(Lane& lane) {
   if (!lane.busy) return Status::Ok();
   lane.busy = false;
-  Status s = backend_->Wait(lane.fence);
-  if (options_.keep_alive) options_.keep_alive();
-  return s;
+  if (!options_.keep_alive) return backend_->Wait(lane.fence);
+  for (;;) {
+    Result<bool> done = backend_->WaitFor(lane.fence, options_.keep_alive_every);
+    in_keep_alive_ = true;
+    options_.keep_alive();
+    in_keep_alive_ = false;
+    if (!done.ok()) return done.status();
+    if (*done) return Status::Ok();
+  }
 }
 
 Status DeviceTier::DrainAll(std::vector<Lane>& lanes, Status first) {

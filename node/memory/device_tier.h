@@ -73,6 +73,7 @@
 #define DSVM_NODE_MEMORY_DEVICE_TIER_H_
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <deque>
 #include <functional>
@@ -133,9 +134,15 @@ struct DeviceTierOptions {
   // (one batch each way; milliseconds apart at most): a migration of many
   // gigabytes holds the caller for seconds, and the node daemon keeps its
   // heartbeats going from here, or the coordinator would declare a node
-  // that is only busy dead (and its pages lost). It must not call into the
-  // tier. Empty: nothing.
+  // that is only busy dead (and its pages lost). It may serve work that
+  // leaves the tier alone (DeviceTier::Touches says which pages the call
+  // moves) and punch store pages outside the call (their registrations
+  // end at the next outermost call), but must not call into the tier: a
+  // call from there stops the process. Empty: nothing.
   std::function<void()> keep_alive;
+  // While one wait for a copy lasts longer (a batch queued behind others'),
+  // keep_alive is also called this often.
+  std::chrono::microseconds keep_alive_every{1000};
 };
 
 // A default for DeviceTierOptions::copy_threads on this host: a quarter of
@@ -298,6 +305,12 @@ class DeviceTier {
   // calls Drop (or table's KeepOnNode when the agent refuses).
   std::vector<PageAddr> TakePagesToLeave();
 
+  // Whether the call in progress moves or frees the bytes of `page` on the
+  // host or a GPU: its arguments, and the pages of every step it has run
+  // (victims evicted, pages moved on the device). For keep_alive, which
+  // must leave those pages' host bytes alone; false outside a call.
+  bool Touches(PageAddr page) const { return touched_.count(page) != 0; }
+
   TierTable& table() { return *table_; }
   const TierTable& table() const { return *table_; }
   // OK, or the device error that failed the tier (see Failure, above).
@@ -314,6 +327,26 @@ class DeviceTier {
   size_t pool_count() const;
 
  private:
+  // Wraps every public call that may copy or change the table: refuses a
+  // call from keep_alive, and the outermost call (no copy in flight) first
+  // ends the registrations of blocks punched during keep_alive; at its end
+  // touched_ is cleared.
+  class CallScope {
+   public:
+    explicit CallScope(DeviceTier* tier);
+    ~CallScope();
+    CallScope(const CallScope&) = delete;
+    CallScope& operator=(const CallScope&) = delete;
+
+   private:
+    DeviceTier* const tier_;
+  };
+  // Notes pages whose bytes the call in progress moves (Touches).
+  void NoteTouched(std::span<const PageAddr> pages);
+  // The stores' unpin listener: ends registrations at once, or, during
+  // keep_alive (copies may be in flight from registered blocks), at the
+  // next outermost call.
+  void OnStorePunched(PageAddr first, uint64_t bytes);
   struct Lane {
     StreamId stream;
     StagingBuffer staging;
@@ -446,7 +479,8 @@ class DeviceTier {
   // Runs fn(0) .. fn(n - 1) at once on the copy threads and the calling
   // thread; returns the first error by index, once all have returned.
   Status ParallelFor(size_t n, const std::function<Status(size_t)>& fn);
-  // Waits for the lane's pending fence, if any, then calls keep_alive.
+  // Waits for the lane's pending fence, if any, calling keep_alive every
+  // keep_alive_every meanwhile and once after.
   Status Drain(Lane& lane);
   // After a failed copy: waits for what every lane queued (the caller may
   // free its slots), then returns `first`, the error to report.
@@ -535,6 +569,12 @@ class DeviceTier {
   // KeepDirtyCopies puts them back in the table.
   std::vector<std::pair<PageAddr, uint32_t>> keep_dirty_;
   DeviceTierStats stats_;
+  uint32_t call_depth_ = 0;               // CallScopes open
+  bool in_keep_alive_ = false;            // Drain is calling keep_alive
+  std::unordered_set<PageAddr> touched_;  // Touches; cleared by the outermost CallScope
+  // Store ranges punched during keep_alive, unregistered by the next
+  // outermost CallScope.
+  std::vector<std::pair<PageAddr, uint64_t>> punched_meanwhile_;
 };
 
 }  // namespace dsvm::node

@@ -60,6 +60,11 @@ class EmulatedStream {
     progress_.wait(l, [&] { return fences_done_ >= seq; });
   }
 
+  bool WaitFor(uint64_t seq, std::chrono::microseconds timeout) {
+    std::unique_lock<std::mutex> l(mu_);
+    return progress_.wait_for(l, timeout, [&] { return fences_done_ >= seq; });
+  }
+
   // Returns once every queued entry has been executed.
   void Drain() {
     std::unique_lock<std::mutex> l(mu_);
@@ -282,6 +287,11 @@ class EmulatedDeviceBackend final : public DeviceBackend {
   Status DoWait(StreamId stream, uint64_t seq) override {
     streams_.at(stream.value)->WaitFor(seq);
     return Status::Ok();
+  }
+
+  Result<bool> DoWaitFor(StreamId stream, uint64_t seq,
+                         std::chrono::microseconds timeout) override {
+    return streams_.at(stream.value)->WaitFor(seq, timeout);
   }
 
  private:
