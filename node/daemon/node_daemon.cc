@@ -314,7 +314,10 @@ Status NodeDaemon::SetupDeviceTier() {
       options_.gpu_copy_threads != 0 ? options_.gpu_copy_threads : DefaultCopyThreads();
   to.direct_copies = options_.gpu_direct_copies;
   to.pinned_limit_bytes = options_.gpu_pinned_limit_bytes;
-  to.keep_alive = [this] { BeatIfDue(); };
+  to.keep_alive = [this] {
+    BeatIfDue();
+    if (tier_job_ && !serving_) ServeDuringTierJob();
+  };
   DSVM_ASSIGN_OR_RETURN(tier_, DeviceTier::Create(device_.get(), std::move(budgets), to));
   LogInfo("GPU tier: " + std::string(device_->name()) + " backend, " +
           std::to_string(device_->device_count()) + " GPU(s), " +
@@ -493,7 +496,11 @@ void NodeDaemon::OnCoordinatorReadable(size_t shard) {
     if (auto fw = forwarded_.find(rid); shard == 0 && fw != forwarded_.end()) {
       Forwarded to = fw->second;
       forwarded_.erase(fw);
-      ForwardedReply(to, std::move(f.message));
+      if (serving_) {
+        replies_held_for_job_.emplace_back(to, std::move(f.message));  // may open a region
+      } else {
+        ForwardedReply(to, std::move(f.message));
+      }
       continue;
     }
     if (auto* r = std::get_if<proto::StatusReply>(&f.message)) {
@@ -839,7 +846,20 @@ bool NodeDaemon::MustDefer(const proto::Message& m) const {
   return false;
 }
 
+void NodeDaemon::Defer(proto::PageAddr page, proto::Message m) {
+  std::vector<proto::Message>& held = deferred_[page];
+  const auto same = [&](const proto::Message& o) {
+    return proto::Encode(o, 0) == proto::Encode(m, 0);  // a resend of one held already
+  };
+  if (std::none_of(held.begin(), held.end(), same) && held.size() < kMaxDeferredPerPage) {
+    held.push_back(std::move(m));
+    ++stats_.deferred_requests;
+  }
+}
+
 void NodeDaemon::HandleDirectoryMessage(proto::Message m) {
+  if (tier_job_ && HoldForTierJob(m)) return;
+  if (serving_) ++stats_.served_during_gpu_copies;
   if (const auto* g = std::get_if<proto::Grant>(&m);
       g != nullptr && gpu_pins_.count(g->page) != 0 && deferred_.count(g->page) == 0 &&
       agent_.Disowns(*g)) {
@@ -856,14 +876,7 @@ void NodeDaemon::HandleDirectoryMessage(proto::Message m) {
   }
   if (MustDefer(m)) {
     const proto::PageAddr page = DirectoryPageOf(m);
-    std::vector<proto::Message>& held = deferred_[page];
-    const auto same = [&](const proto::Message& o) {
-      return proto::Encode(o, 0) == proto::Encode(m, 0);  // a resend of one held already
-    };
-    if (std::none_of(held.begin(), held.end(), same) && held.size() < kMaxDeferredPerPage) {
-      held.push_back(std::move(m));
-      ++stats_.deferred_requests;
-    }
+    Defer(page, std::move(m));
     return;
   }
   const uint64_t now = NowMs();
@@ -954,6 +967,7 @@ std::vector<WaiterId> NodeDaemon::ForgetPages(proto::PageAddr begin, proto::Page
 }
 
 void NodeDaemon::DropUnmappedDeleted() {
+  if (tier_job_) return;  // the tier is busy: EndTierJob calls again
   for (auto it = deleted_mapped_.begin(); it != deleted_mapped_.end();) {
     auto id = region_ids_.find(it->first);
     if (id == region_ids_.end() || id->second != it->second) {
@@ -1058,7 +1072,8 @@ void NodeDaemon::HandleReadDirect(proto::NodeId from, const proto::ReadDirect& m
   // or of another (one of them was deleted), a fenced page (its lease
   // lapsed), a page a GPU write map holds (it stays Modified for the GPU
   // until the unmap, its current bytes there), and a page with directory
-  // messages held for its maps (a txn is under way for it). A dirty GPU
+  // messages held for its maps (a txn is under way for it), or a page whose
+  // bytes a GPU map's copies may be moving (TierMayTouch). A dirty GPU
   // copy of any other page is written back before the agent serves it, as
   // for a Fetch; one a store refused is not served either.
   PageStore* store = StoreOf(m.page);
@@ -1067,7 +1082,7 @@ void NodeDaemon::HandleReadDirect(proto::NodeId from, const proto::ReadDirect& m
   if (store == nullptr || !store->CheckPage(m.page).ok() || id == region_ids_.end() ||
       id->second != m.region || IsOfADeletedRegion(m.page) || LeaseLapsed(m.page) ||
       (pins != gpu_pins_.end() && pins->second.writes != 0) || deferred_.count(m.page) != 0 ||
-      !HostBytesCurrent(m.page)) {
+      TierMayTouch(m.page) || !HostBytesCurrent(m.page)) {
     ++stats_.direct_reads_refused;
     return;
   }

@@ -216,6 +216,14 @@ struct NodeDaemonStats {
   // was refused; each is tried again at the daemon's next timer (counted
   // once per try).
   uint64_t faults_held_for_write_back = 0;
+  // A GPU map's copies (the GPU tier's calls for dsvm_gpu_map and
+  // dsvm_gpu_prefetch) no longer hold the loop: between their batches it
+  // serves peers, the coordinator links and local faults (TierJob).
+  // Directory messages served meanwhile, and the directory messages, asks
+  // and faults held because the copies may move their page (served when
+  // they end).
+  uint64_t served_during_gpu_copies = 0;
+  uint64_t held_for_gpu_copies = 0;
   // Leases (docs/PROTOCOL.md, "Leases"): times a shard's lease lapsed and
   // local access to its pages was taken away until it answered again, and
   // accesses that waited meanwhile.
@@ -542,6 +550,34 @@ class NodeDaemon {
   // True when a directory message about a gpu-mapped page must wait for the
   // unmap (it would take the page, or downgrade a write-mapped one).
   bool MustDefer(const proto::Message& m) const;
+  // Keeps a directory message for `page` behind those held already
+  // (deferred_; a resend of one held is dropped).
+  void Defer(proto::PageAddr page, proto::Message m);
+  // A GPU map's tier calls, from its TierJob: the tier's keep_alive serves
+  // the loop's peers, coordinator links and local faults between their
+  // batches (ServeDuringTierJob), and what needs the tier, or pages whose
+  // bytes it moves, waits for the job's end (EndTierJob): directory
+  // messages and asks for those pages, faults on them, the tier's own
+  // bookkeeping (TierNote), region deletions and forwarded replies.
+  class TierJob {
+   public:
+    TierJob(NodeDaemon* d, std::span<const proto::PageAddr> pages);
+    ~TierJob();
+    TierJob(const TierJob&) = delete;
+    TierJob& operator=(const TierJob&) = delete;
+
+   private:
+    NodeDaemon* const d_;
+  };
+  void EndTierJob();
+  void ServeDuringTierJob();
+  // During a TierJob: whether the job moves or may move the page's bytes
+  // (a page of the map, a page the tier's call has touched, any page with
+  // a GPU copy); false outside one.
+  bool TierMayTouch(proto::PageAddr page) const;
+  // During a TierJob: holds a directory message the job's end must see
+  // (a page it may touch, a region deletion). False: handle it now.
+  bool HoldForTierJob(proto::Message& m);
   // Gives up the pages the host budget sends away (NodeAgent::Evict).
   void LeavePages();
   // Same-node coherence of a write map: HideFromCpu takes local processes'
@@ -590,6 +626,10 @@ class NodeDaemon {
   Status SetupClientSocket();
   void Execute(Actions& actions);
   void ExecuteOne(Action& a);
+  // ExecuteOne's GPU tier bookkeeping for an installed page, and for a page
+  // the node gives up; noted for EndTierJob while serving during one.
+  void AddHostPageToTier(proto::PageAddr page);
+  void DropFromTier(proto::PageAddr page);
   // Execute's coalescing of neighbouring pages (a batch of pages received):
   // installs held in a run go to the store in one write, maps in one map of
   // the run, and wake-ups after both. False: `a` must run on its own, after
@@ -772,6 +812,25 @@ class NodeDaemon {
   // The fence rate (options' or measured by the last large fence).
   uint64_t fence_bytes_per_ms_ = kDefaultFenceBytesPerMs;
   uint64_t fence_warned_bytes_ = 0;  // held_bytes_ when FenceOutlastsMargin was last logged
+  // The TierJob in progress (tier_job_), its pages, and whether the loop
+  // is serving from the tier's keep_alive now (serving_).
+  bool tier_job_ = false;
+  bool serving_ = false;
+  std::unordered_set<proto::PageAddr> tier_job_pages_;
+  // What serving during a TierJob left for its end: the tier's bookkeeping
+  // for pages the job does not touch, in order; pages whose directory
+  // messages were deferred for it; region deletions; forwarded replies
+  // (they may open a region); client faults.
+  struct TierNote {
+    enum class Kind : uint8_t { kAddHostPage, kDrop, kKeepOnNode } kind;
+    proto::PageAddr page;
+    uint64_t tick;
+  };
+  std::vector<TierNote> tier_notes_;
+  std::unordered_set<proto::PageAddr> deferred_for_job_;
+  std::vector<proto::Message> held_for_job_;
+  std::vector<std::pair<Forwarded, proto::Message>> replies_held_for_job_;
+  std::vector<FaultEvent> faults_held_for_job_;
   // Directory messages held for gpu-mapped pages, per page in arrival order
   // (duplicates of one txn kept once; bounded by kMaxDeferredPerPage).
   std::unordered_map<proto::PageAddr, std::vector<proto::Message>> deferred_;

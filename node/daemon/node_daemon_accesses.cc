@@ -36,7 +36,9 @@ void NodeDaemon::CallAccessFn(proto::PageAddr page, bool write, bool prefetch,
     st = RevealToCpu(page);  // their bytes are retained: map them as the agent holds them
   }
   if (st.ok() && backend_) st = backend_->WriteBack(page);
-  if (st.ok() && tier_) {
+  // Served during a GPU map's copies, a page they leave alone has no GPU
+  // copy (TierMayTouch): nothing to write back or evict.
+  if (st.ok() && tier_ && (!serving_ || TierMayTouch(page))) {
     // The host bytes must be current, and a write makes GPU copies stale.
     st = write ? tier_->EvictCopies(std::span<const proto::PageAddr>(&page, 1))
                : tier_->WriteBack(std::span<const proto::PageAddr>(&page, 1));
@@ -154,7 +156,7 @@ void NodeDaemon::Execute(Actions& actions) {
     ExecuteOne(a);
   }
   FlushRuns();
-  if (!to_place_.empty()) {
+  if (!to_place_.empty() && !tier_job_) {
     // Pages installed Shared under preferred-GPU advice, per region (a
     // local write's Modified install is the CPU's, not placed).
     std::vector<proto::PageAddr> pages = std::move(to_place_);
@@ -172,7 +174,8 @@ void NodeDaemon::Execute(Actions& actions) {
       i = j;
     }
   }
-  if (tier_ && !leaving_) LeavePages();
+  // Both call the tier: after a GPU map's copies (EndTierJob) if during.
+  if (tier_ && !leaving_ && !tier_job_) LeavePages();
 }
 
 // Pages of a batch arrive together and the agent answers each with
@@ -300,6 +303,31 @@ void NodeDaemon::LeavePages() {
   leaving_ = false;
 }
 
+void NodeDaemon::AddHostPageToTier(proto::PageAddr page) {
+  if (!tier_) return;
+  if (serving_) {
+    tier_notes_.push_back({TierNote::Kind::kAddHostPage, page, NowMs()});
+    return;
+  }
+  Status st = tier_->AddHostPage(page, NowMs());
+  if (!st.ok()) {
+    ++stats_.protocol_errors;
+    LogError("GPU tier admit of page " + Hex(page) + ": " + st.ToString());
+  }
+}
+
+void NodeDaemon::DropFromTier(proto::PageAddr page) {
+  if (serving_) {
+    tier_notes_.push_back({TierNote::Kind::kDrop, page, 0});
+    return;
+  }
+  Status st = tier_->Drop(std::span<const proto::PageAddr>(&page, 1));
+  if (!st.ok()) {
+    ++stats_.protocol_errors;
+    LogError("GPU drop of page " + Hex(page) + ": " + st.ToString());
+  }
+}
+
 void NodeDaemon::Fatal(Status why) {
   if (!fatal_.ok()) return;
   LogError("stopping: " + why.ToString());
@@ -347,6 +375,9 @@ void NodeDaemon::ExecuteOne(Action& a) {
   // daemon stops; the directory then declares this node dead and its sole
   // copies lost, which clients are told.
   auto write_back = [&]() {
+    // Served during a GPU map's copies: a page they leave alone has no GPU
+    // copy (TierMayTouch), and the others' steps wait for their end.
+    if (serving_ && !TierMayTouch(a.page)) return true;
     Status st = tier_->WriteBack(one);
     if (!st.ok()) {
       Fatal(FailedPrecondition("GPU write-back of page " + Hex(a.page) + ": " + st.ToString()));
@@ -363,15 +394,19 @@ void NodeDaemon::ExecuteOne(Action& a) {
         if ((a.kind == ActionKind::kMapRead || a.kind == ActionKind::kMapWrite) &&
             tier_->table().IsLeaving(a.page)) {
           // The agent kept the page after all (the directory refused the Evict).
-          check(tier_->table().KeepOnNode(a.page), "GPU tier keep");
+          if (serving_) {
+            tier_notes_.push_back({TierNote::Kind::kKeepOnNode, a.page, 0});
+          } else {
+            check(tier_->table().KeepOnNode(a.page), "GPU tier keep");
+          }
         }
         break;
       case ActionKind::kStash:
         if (!write_back()) return;
-        check(tier_->Drop(one), "GPU drop");
+        DropFromTier(a.page);
         break;
       case ActionKind::kDiscard:
-        check(tier_->Drop(one), "GPU drop");
+        DropFromTier(a.page);
         break;
       default:
         break;
@@ -466,19 +501,19 @@ void NodeDaemon::ExecuteOne(Action& a) {
       return;
     case ActionKind::kInstallZero:
       check(store->ZeroPage(a.page), "zero");
-      if (tier_) check(tier_->AddHostPage(a.page, NowMs()), "GPU tier admit");
+      AddHostPageToTier(a.page);
       if (!preferred_gpu_.empty()) to_place_.push_back(a.page);
       return;
     case ActionKind::kInstallData: {
       if (data_.count(a.handle) == 0) return check(NotFound("no such data handle"), "install");
       check(InstallReceived(*store, a.page, a.handle), "install");
-      if (tier_) check(tier_->AddHostPage(a.page, NowMs()), "GPU tier admit");
+      AddHostPageToTier(a.page);
       if (!preferred_gpu_.empty()) to_place_.push_back(a.page);
       return;
     }
     case ActionKind::kInstallStash:
       check(store->InstallStash(a.page, a.txn), "install stash");
-      if (tier_) check(tier_->AddHostPage(a.page, NowMs()), "GPU tier admit");
+      AddHostPageToTier(a.page);
       if (!preferred_gpu_.empty()) to_place_.push_back(a.page);
       return;
     case ActionKind::kDropStash:

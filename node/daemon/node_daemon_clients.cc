@@ -54,6 +54,13 @@ void NodeDaemon::HandleFault(const FaultEvent& e) {
     Park([this, e] { HandleFault(e); });
     return;
   }
+  if (tier_job_ && (TierMayTouch(e.page) || TakenFromCpu(e.page))) {
+    // A GPU map's copies may be moving its bytes, or showing it needs the
+    // tier: it waits for them (EndTierJob).
+    faults_held_for_job_.push_back(e);
+    ++stats_.held_for_gpu_copies;
+    return;
+  }
   ++stats_.client_faults;
   if (TakenFromCpu(e.page)) {
     if (Status st = RevealToCpu(e.page); !st.ok()) {

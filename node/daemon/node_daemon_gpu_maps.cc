@@ -1,8 +1,11 @@
 #include "node/daemon/node_daemon.h"
 
+#include <poll.h>
+
 #include <algorithm>
 #include <optional>
 #include <string>
+#include <unordered_set>
 
 #include "proto/log.h"
 #include "proto/text.h"
@@ -58,8 +61,11 @@ void NodeDaemon::StartGpuMap(int fd, uint64_t request, const proto::GpuMap& m, u
   p.client_serial = serial;
   p.client_request = request;
   p.write = m.write != 0;
+  // From the top of the loop, not from the action that completed the last
+  // acquisition: the map's copies serve the loop (TierJob), which must not
+  // run inside Execute.
   p.done = [this, fd, serial, request, m, round, prefetch](Status acquired) {
-    FinishGpuMap(fd, serial, request, m, round, prefetch, acquired);
+    Post([=, this] { FinishGpuMap(fd, serial, request, m, round, prefetch, acquired); });
   };
   StartPrefetch(std::move(p));
 }
@@ -153,6 +159,9 @@ void NodeDaemon::FinishGpuMap(int fd, uint64_t serial, uint64_t request, const p
     }
   }
   HideFromCpu(hide, /*writes_only=*/m.write == 0 || prefetch);
+  // From here the copies serve the loop between their batches, and what
+  // touches these pages waits for the job's end: after the pins below.
+  TierJob job(this, pages);
   if (backend_) {
     for (proto::PageAddr p : pages) {
       if (Status st = backend_->WriteBack(p); !st.ok()) return fail(st);
@@ -328,6 +337,121 @@ void NodeDaemon::ReleaseGpuMap(const GpuMapping& g) {
     HideFromCpu(dirty);
   }
   for (proto::Message& m : replay) HandleDirectoryMessage(std::move(m));
+}
+
+}  // namespace dsvm::node
+
+// ---------------------------------------------------------------------------
+// A GPU map's copies do not hold the loop (TierJob)
+
+namespace dsvm::node {
+
+NodeDaemon::TierJob::TierJob(NodeDaemon* d, std::span<const proto::PageAddr> pages) : d_(d) {
+  DSVM_CHECK(!d->tier_job_);
+  d->tier_job_ = true;
+  d->tier_job_pages_.insert(pages.begin(), pages.end());
+}
+
+NodeDaemon::TierJob::~TierJob() { d_->EndTierJob(); }
+
+bool NodeDaemon::TierMayTouch(proto::PageAddr page) const {
+  return tier_job_ && (tier_job_pages_.count(page) != 0 || tier_->Touches(page) ||
+                       tier_->table().GpuOf(page).has_value());
+}
+
+bool NodeDaemon::HoldForTierJob(proto::Message& m) {
+  if (std::holds_alternative<proto::RegionDeleted>(m)) {
+    held_for_job_.push_back(std::move(m));  // the tier holds the region's pools
+    ++stats_.held_for_gpu_copies;
+    return true;
+  }
+  const std::optional<proto::PageAddr> page = std::visit(
+      [](const auto& x) -> std::optional<proto::PageAddr> {
+        if constexpr (requires { x.page; }) {
+          return x.page;
+        } else {
+          return std::nullopt;
+        }
+      },
+      m);
+  // Other pages' messages go on (behind any held for maps: MustDefer).
+  if (!page || !TierMayTouch(*page)) return false;
+  deferred_for_job_.insert(*page);  // the job's end replays the page's messages
+  ++stats_.held_for_gpu_copies;
+  Defer(*page, std::move(m));
+  return true;
+}
+
+void NodeDaemon::ServeDuringTierJob() {
+  // One turn of Run() without its timer, its posted work and its clients
+  // (any of which may call the tier), nor a wait: the tier's copies go on
+  // meanwhile.
+  serving_ = true;
+  transport_->FlushBatches();
+  HandlePeerMessages();
+  for (size_t i = 0; i < shards_.size(); ++i) {
+    if (!shards_[i].link.is_open()) continue;
+    pollfd p{shards_[i].link.fd(), POLLIN, 0};
+    if (::poll(&p, 1, 0) > 0) OnCoordinatorReadable(i);
+  }
+  if (backend_) {
+    pollfd p{backend_->event_fd(), POLLIN, 0};
+    if (::poll(&p, 1, 0) > 0) OnFaultEvents();
+  }
+  transport_->FlushBatches();
+  for (ShardLink& s : shards_) {
+    if (s.link.is_open()) s.link.Flush().IgnoreError();
+  }
+  serving_ = false;
+}
+
+void NodeDaemon::EndTierJob() {
+  tier_job_ = false;
+  tier_job_pages_.clear();
+  std::vector<TierNote> notes = std::move(tier_notes_);
+  tier_notes_.clear();
+  for (const TierNote& n : notes) {
+    const std::span<const proto::PageAddr> one(&n.page, 1);
+    Status st;
+    switch (n.kind) {
+      case TierNote::Kind::kAddHostPage:
+        st = tier_->AddHostPage(n.page, n.tick);
+        break;
+      case TierNote::Kind::kDrop:
+        st = tier_->Drop(one);
+        break;
+      case TierNote::Kind::kKeepOnNode:
+        st = tier_->table().KeepOnNode(n.page);
+        break;
+    }
+    if (!st.ok()) {
+      ++stats_.protocol_errors;
+      LogError("GPU tier, after a map's copies: page " + Hex(n.page) + ": " + st.ToString());
+    }
+  }
+  auto replies = std::move(replies_held_for_job_);
+  replies_held_for_job_.clear();
+  for (auto& [to, m] : replies) ForwardedReply(to, std::move(m));
+  // The pages' messages in the order they came; those a map pins now are
+  // held again (MustDefer) until its unmap.
+  std::unordered_set<proto::PageAddr> pages = std::move(deferred_for_job_);
+  deferred_for_job_.clear();
+  for (proto::PageAddr p : pages) {
+    auto d = deferred_.find(p);
+    if (d == deferred_.end()) continue;
+    std::vector<proto::Message> held = std::move(d->second);
+    deferred_.erase(d);
+    for (proto::Message& m : held) HandleDirectoryMessage(std::move(m));
+  }
+  auto deletions = std::move(held_for_job_);
+  held_for_job_.clear();
+  for (proto::Message& m : deletions) HandleDirectoryMessage(std::move(m));
+  auto faults = std::move(faults_held_for_job_);
+  faults_held_for_job_.clear();
+  for (const FaultEvent& e : faults) HandleFault(e);
+  DropUnmappedDeleted();
+  Actions none;
+  Execute(none);  // placements and pages to leave, noted meanwhile
 }
 
 }  // namespace dsvm::node

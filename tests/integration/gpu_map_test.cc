@@ -1453,6 +1453,69 @@ TEST_F(GpuMapLongCopyTest, ALongMapKeepsTheNodeAlive) {
   EXPECT_EQ(nodes_[0]->ReadU64(r->base + 5 * kBig), Pattern(5, 0, 3));
 }
 
+// A map's copies (64 MiB, slowed to about 1.5 s in all) do not hold node
+// 0's loop: node 1 reads, one after another, pages node 0 holds outside
+// the map, and node 0 serves their Fetches while the copies run. A write
+// of a page inside the map waits for the copies (held), then for the
+// unmap, and loses nothing. Fails without: node 0 served no directory
+// message during the copies, and the first read waited for all of them.
+TEST_F(GpuMapLongCopyTest, TheLoopServesOtherPagesDuringAMapsCopies) {
+  constexpr uint32_t kBig = 64u << 10;
+  constexpr uint64_t kPages = 1024, kOthers = 16;  // 64 MiB mapped, 1 MiB beside it
+  auto reply = tool_.Call(proto::RegionCreate{
+      .name = "gserve", .size = (kPages + kOthers) * kBig, .page_size = kBig, .mode = 0666});
+  ASSERT_TRUE(reply.ok());
+  const auto* r = std::get_if<proto::RegionReply>(&*reply);
+  ASSERT_NE(r, nullptr);
+  node::NodeDaemonOptions o = Options(0);
+  o.gpu_budget_bytes = kPages * kBig;
+  o.gpu_copy_threads = 1;
+  o.emulated_copy_delay = std::chrono::milliseconds(LongCopyDeadAfterMs() * 5 / 12);
+  for (node::NodeDaemonOptions opts : {o, Options(1, "none")}) {
+    auto d = NodeDaemon::Create(opts);
+    ASSERT_TRUE(d.ok()) << d.status().ToString();
+    nodes_.push_back(std::make_unique<RunningDaemon>(std::move(*d)));
+    nodes_.back()->Sync([&](NodeDaemon& d) { ASSERT_TRUE(d.OpenRegion(*r).ok()); });
+  }
+  // Node 0 holds every page: the map's acquisition is local, and its copies
+  // start at once.
+  ASSERT_EQ(RunClient(0, "gserve", [&](uint8_t* base) {
+              for (uint64_t p = 0; p < kPages + kOthers; ++p) {
+                *reinterpret_cast<uint64_t*>(base + p * kBig) = Pattern(p, 0, 1);
+              }
+              return 0;
+            }),
+            0);
+  std::atomic<bool> mapped{false};
+  int map_rc = -1;
+  std::thread mapper([&] {
+    map_rc = RunClient(0, "gserve", [&](uint8_t* base) {
+      void* dev = nullptr;
+      if (dsvm_gpu_map(base, kPages * kBig, 0, DSVM_GPU_READ, &dev) != DSVM_OK) return 1;
+      if (*static_cast<uint64_t*>(dev) != Pattern(0, 0, 1)) return 2;
+      return dsvm_gpu_unmap(base, kPages * kBig) == DSVM_OK ? 0 : 3;
+    });
+    mapped = true;
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));  // copies under way
+  uint64_t before_the_map = 0;
+  for (uint64_t p = kPages; p < kPages + kOthers; ++p) {
+    EXPECT_EQ(nodes_[1]->ReadU64(r->base + p * kBig), Pattern(p, 0, 1)) << "page " << p;
+    before_the_map += !mapped;
+  }
+  nodes_[1]->WriteU64(r->base + 5 * kBig, 4242);  // a page of the map
+  mapper.join();
+  EXPECT_EQ(map_rc, 0);
+  EXPECT_EQ(before_the_map, kOthers) << "reads waited for the map's copies";
+  nodes_[0]->Sync([&](NodeDaemon& d) {
+    EXPECT_GE(d.stats().served_during_gpu_copies, kOthers / 2);
+    EXPECT_GE(d.stats().held_for_gpu_copies, 1u);  // the write's Invalidate
+    EXPECT_EQ(d.stats().fresh_starts, 0u);
+  });
+  EXPECT_EQ(nodes_[0]->ReadU64(r->base + 5 * kBig), 4242u);
+  EXPECT_EQ(nodes_[0]->ReadU64(r->base + 6 * kBig), Pattern(6, 0, 1));
+}
+
 // Node 0's GPU holds the only current bytes of pages (a write map, then
 // unmapped) when their write-back fails (here: RLIMIT_FSIZE below their
 // offsets in the memfd, so the daemon's pwrite gets EFBIG).
