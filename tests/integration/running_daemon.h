@@ -31,14 +31,16 @@ class RunningDaemon {
   node::NodeDaemon* operator->() { return d_.get(); }
 
   // Runs fn on the daemon's loop thread and waits for it (20 s at most).
+  // After a timeout fn may still run later: it and the promise are the
+  // closure's own, not this frame's.
   template <typename F>
   void Sync(F fn) {
-    std::promise<void> done;
-    d_->Post([&] {
+    auto done = std::make_shared<std::promise<void>>();
+    d_->Post([this, fn, done] {
       fn(*d_);
-      done.set_value();
+      done->set_value();
     });
-    ASSERT_EQ(done.get_future().wait_for(std::chrono::seconds(20)), std::future_status::ready);
+    ASSERT_EQ(done->get_future().wait_for(std::chrono::seconds(20)), std::future_status::ready);
   }
 
   // One access through the daemon, waited for (20 s at most): `body` runs
