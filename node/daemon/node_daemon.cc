@@ -823,7 +823,7 @@ void NodeDaemon::RunParked() {
 }
 
 bool NodeDaemon::MustDefer(const proto::Message& m) const {
-  if (gpu_pins_.empty()) return false;
+  if (gpu_pins_.empty() && deferred_.empty()) return false;
   const proto::PageAddr page = std::visit(
       [](const auto& x) -> proto::PageAddr {
         if constexpr (requires { x.page; }) {

@@ -824,13 +824,14 @@ class NodeDaemon {
   struct TierNote {
     enum class Kind : uint8_t { kAddHostPage, kDrop, kKeepOnNode } kind;
     proto::PageAddr page;
-    uint64_t tick;
   };
   std::vector<TierNote> tier_notes_;
   std::unordered_set<proto::PageAddr> deferred_for_job_;
   std::vector<proto::Message> held_for_job_;
   std::vector<std::pair<Forwarded, proto::Message>> replies_held_for_job_;
   std::vector<FaultEvent> faults_held_for_job_;
+  // Accesses whose bytes need the tier, and clients whose close does.
+  std::vector<std::function<void()>> after_tier_job_;
   // Directory messages held for gpu-mapped pages, per page in arrival order
   // (duplicates of one txn kept once; bounded by kMaxDeferredPerPage).
   std::unordered_map<proto::PageAddr, std::vector<proto::Message>> deferred_;

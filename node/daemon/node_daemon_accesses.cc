@@ -31,14 +31,21 @@ void NodeDaemon::CallAccessFn(proto::PageAddr page, bool write, bool prefetch,
     fn(Status::Ok(), {});
     return;
   }
+  if (serving_ && (TakenFromCpu(page) || TierMayTouch(page))) {
+    // Showing the page needs the tier: after a GPU map's copies, before
+    // anything held for them is replayed (EndTierJob).
+    after_tier_job_.push_back(
+        [this, page, write, fn] { CallAccessFn(page, write, /*prefetch=*/false, fn); });
+    return;
+  }
   Status st = Status::Ok();
   if (TakenFromCpu(page)) {
     st = RevealToCpu(page);  // their bytes are retained: map them as the agent holds them
   }
   if (st.ok() && backend_) st = backend_->WriteBack(page);
   // Served during a GPU map's copies, a page they leave alone has no GPU
-  // copy (TierMayTouch): nothing to write back or evict.
-  if (st.ok() && tier_ && (!serving_ || TierMayTouch(page))) {
+  // copy (TierMayTouch, above): nothing to write back or evict.
+  if (st.ok() && tier_ && !serving_) {
     // The host bytes must be current, and a write makes GPU copies stale.
     st = write ? tier_->EvictCopies(std::span<const proto::PageAddr>(&page, 1))
                : tier_->WriteBack(std::span<const proto::PageAddr>(&page, 1));
@@ -306,7 +313,7 @@ void NodeDaemon::LeavePages() {
 void NodeDaemon::AddHostPageToTier(proto::PageAddr page) {
   if (!tier_) return;
   if (serving_) {
-    tier_notes_.push_back({TierNote::Kind::kAddHostPage, page, NowMs()});
+    tier_notes_.push_back({TierNote::Kind::kAddHostPage, page});
     return;
   }
   Status st = tier_->AddHostPage(page, NowMs());
@@ -318,7 +325,7 @@ void NodeDaemon::AddHostPageToTier(proto::PageAddr page) {
 
 void NodeDaemon::DropFromTier(proto::PageAddr page) {
   if (serving_) {
-    tier_notes_.push_back({TierNote::Kind::kDrop, page, 0});
+    tier_notes_.push_back({TierNote::Kind::kDrop, page});
     return;
   }
   Status st = tier_->Drop(std::span<const proto::PageAddr>(&page, 1));
@@ -395,7 +402,7 @@ void NodeDaemon::ExecuteOne(Action& a) {
             tier_->table().IsLeaving(a.page)) {
           // The agent kept the page after all (the directory refused the Evict).
           if (serving_) {
-            tier_notes_.push_back({TierNote::Kind::kKeepOnNode, a.page, 0});
+            tier_notes_.push_back({TierNote::Kind::kKeepOnNode, a.page});
           } else {
             check(tier_->table().KeepOnNode(a.page), "GPU tier keep");
           }

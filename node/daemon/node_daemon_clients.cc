@@ -172,6 +172,14 @@ void NodeDaemon::ReplyToClient(int fd, uint64_t request_id, const proto::Message
   Status st = SendFds(fd, bytes, fds);
   if (!st.ok()) {
     LogWarning("answering client: " + st.ToString());
+    auto it = clients_.find(fd);
+    if (serving_ && it != clients_.end()) {
+      // Its maps' pins go with it, which needs the tier: after the copies.
+      after_tier_job_.push_back([this, fd, serial = it->second.serial] {
+        if (IsClient(fd, serial)) CloseClient(fd);
+      });
+      return;
+    }
     CloseClient(fd);
   }
 }

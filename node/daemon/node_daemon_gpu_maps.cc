@@ -415,7 +415,7 @@ void NodeDaemon::EndTierJob() {
     Status st;
     switch (n.kind) {
       case TierNote::Kind::kAddHostPage:
-        st = tier_->AddHostPage(n.page, n.tick);
+        st = tier_->AddHostPage(n.page, NowMs());  // the table's clock never goes back
         break;
       case TierNote::Kind::kDrop:
         st = tier_->Drop(one);
@@ -429,6 +429,11 @@ void NodeDaemon::EndTierJob() {
       LogError("GPU tier, after a map's copies: page " + Hex(n.page) + ": " + st.ToString());
     }
   }
+  // Accesses whose pages the copies touched and clients to close, before
+  // the directory messages held meanwhile are replayed.
+  auto after = std::move(after_tier_job_);
+  after_tier_job_.clear();
+  for (std::function<void()>& fn : after) fn();
   auto replies = std::move(replies_held_for_job_);
   replies_held_for_job_.clear();
   for (auto& [to, m] : replies) ForwardedReply(to, std::move(m));
