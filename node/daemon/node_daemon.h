@@ -224,6 +224,9 @@ struct NodeDaemonStats {
   // they end).
   uint64_t served_during_gpu_copies = 0;
   uint64_t held_for_gpu_copies = 0;
+  // Clients found gone while serving then (a reply failed), closed when the
+  // copies ended: their maps' pins need the tier.
+  uint64_t clients_closed_after_gpu_copies = 0;
   // Leases (docs/PROTOCOL.md, "Leases"): times a shard's lease lapsed and
   // local access to its pages was taken away until it answered again, and
   // accesses that waited meanwhile.

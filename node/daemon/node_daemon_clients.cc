@@ -176,7 +176,9 @@ void NodeDaemon::ReplyToClient(int fd, uint64_t request_id, const proto::Message
     if (serving_ && it != clients_.end()) {
       // Its maps' pins go with it, which needs the tier: after the copies.
       after_tier_job_.push_back([this, fd, serial = it->second.serial] {
-        if (IsClient(fd, serial)) CloseClient(fd);
+        if (!IsClient(fd, serial)) return;
+        ++stats_.clients_closed_after_gpu_copies;
+        CloseClient(fd);
       });
       return;
     }

@@ -101,6 +101,38 @@ class GpuMapTest : public ::testing::Test {
     }
   }
 
+  // A region `name` of `pages` 64 KiB pages (*r); node 0 with an emulated
+  // GPU of `budget_pages` whose copies each wait `delay` (one copy
+  // thread), node 1 with none; then a client on node 0 writes
+  // Pattern(p, 0, 1) into the first `written` pages, so node 0 holds them.
+  void StartSlowGpuNodeAndPlainNode(const std::string& name, uint64_t pages, uint64_t budget_pages,
+                                    std::chrono::milliseconds delay, uint64_t written,
+                                    proto::RegionReply* r) {
+    constexpr uint32_t kBig = 64u << 10;
+    auto reply = tool_.Call(proto::RegionCreate{
+        .name = name, .size = pages * kBig, .page_size = kBig, .mode = 0666});
+    ASSERT_TRUE(reply.ok());
+    ASSERT_TRUE(std::holds_alternative<proto::RegionReply>(*reply));
+    *r = std::get<proto::RegionReply>(*reply);
+    node::NodeDaemonOptions o = Options(0);
+    o.gpu_budget_bytes = budget_pages * kBig;
+    o.gpu_copy_threads = 1;
+    o.emulated_copy_delay = delay;
+    for (node::NodeDaemonOptions opts : {o, Options(1, "none")}) {
+      auto d = NodeDaemon::Create(opts);
+      ASSERT_TRUE(d.ok()) << d.status().ToString();
+      nodes_.push_back(std::make_unique<RunningDaemon>(std::move(*d)));
+      nodes_.back()->Sync([&](NodeDaemon& d) { ASSERT_TRUE(d.OpenRegion(*r).ok()); });
+    }
+    ASSERT_EQ(RunClient(0, name, [&](uint8_t* base) {
+                for (uint64_t p = 0; p < written; ++p) {
+                  *reinterpret_cast<uint64_t*>(base + p * kBig) = Pattern(p, 0, 1);
+                }
+                return 0;
+              }),
+              0);
+  }
+
   // A client process on node `node`: dsvm_init, dsvm_region_open(name),
   // then `body(region address)`; returns its exit code (body's, or 100+ for
   // setup failures, 200 when it died).
@@ -1463,30 +1495,13 @@ TEST_F(GpuMapLongCopyTest, ALongMapKeepsTheNodeAlive) {
 TEST_F(GpuMapLongCopyTest, TheLoopServesOtherPagesDuringAMapsCopies) {
   constexpr uint32_t kBig = 64u << 10;
   constexpr uint64_t kPages = 1024, kOthers = 16;  // 64 MiB mapped, 1 MiB beside it
-  auto reply = tool_.Call(proto::RegionCreate{
-      .name = "gserve", .size = (kPages + kOthers) * kBig, .page_size = kBig, .mode = 0666});
-  ASSERT_TRUE(reply.ok());
-  const auto* r = std::get_if<proto::RegionReply>(&*reply);
-  ASSERT_NE(r, nullptr);
-  node::NodeDaemonOptions o = Options(0);
-  o.gpu_budget_bytes = kPages * kBig;
-  o.gpu_copy_threads = 1;
-  o.emulated_copy_delay = std::chrono::milliseconds(300);
-  for (node::NodeDaemonOptions opts : {o, Options(1, "none")}) {
-    auto d = NodeDaemon::Create(opts);
-    ASSERT_TRUE(d.ok()) << d.status().ToString();
-    nodes_.push_back(std::make_unique<RunningDaemon>(std::move(*d)));
-    nodes_.back()->Sync([&](NodeDaemon& d) { ASSERT_TRUE(d.OpenRegion(*r).ok()); });
-  }
   // Node 0 holds every page: the map's acquisition is local, and its copies
   // start at once.
-  ASSERT_EQ(RunClient(0, "gserve", [&](uint8_t* base) {
-              for (uint64_t p = 0; p < kPages + kOthers; ++p) {
-                *reinterpret_cast<uint64_t*>(base + p * kBig) = Pattern(p, 0, 1);
-              }
-              return 0;
-            }),
-            0);
+  proto::RegionReply region;
+  StartSlowGpuNodeAndPlainNode("gserve", kPages + kOthers, kPages, std::chrono::milliseconds(300),
+                               kPages + kOthers, &region);
+  if (HasFatalFailure()) return;
+  const proto::RegionReply* r = &region;
   std::atomic<bool> mapped{false};
   int map_rc = -1;
   std::thread mapper([&] {
@@ -1516,6 +1531,82 @@ TEST_F(GpuMapLongCopyTest, TheLoopServesOtherPagesDuringAMapsCopies) {
   });
   EXPECT_EQ(nodes_[0]->ReadU64(r->base + 5 * kBig), 4242u);
   EXPECT_EQ(nodes_[0]->ReadU64(r->base + 6 * kBig), Pattern(6, 0, 1));
+}
+
+// A client that dies while node 0 serves during another's map: client B
+// holds a map and waits on a prefetch of pages node 1 holds (node 1 is
+// stalled), client A's map starts its copies, B is killed, then node 1
+// answers. Node 0 completes B's prefetch while serving during A's copies
+// and finds B gone when it answers: B's close (its map's pins need the
+// tier) waits for the copies' end. Fails without: closing B there called
+// the tier from its keep_alive, which stops the process.
+TEST_F(GpuMapTest, AClientFoundGoneDuringAMapsCopiesIsClosedAfterThem) {
+  // The events must meet: the kmod guest's slowness moves them apart.
+  if (const char* b = std::getenv("DSVM_TEST_FAULT_BACKEND");
+      b != nullptr && std::string(b) == "kmod") {
+    GTEST_SKIP() << "timed for the VM's speed; the path is the daemon's, not the backend's";
+  }
+  constexpr uint32_t kBig = 64u << 10;
+  constexpr uint64_t kPages = 256, kOthers = 16;
+  // Pages [0, kPages + kOthers) on node 0 (A maps the first kPages, B the
+  // next kOthers); the last kOthers on node 1, for B's prefetch. A's
+  // copies take seconds.
+  proto::RegionReply region;
+  StartSlowGpuNodeAndPlainNode("ggone", kPages + 2 * kOthers, kPages + kOthers,
+                               std::chrono::milliseconds(1000), kPages + kOthers, &region);
+  if (HasFatalFailure()) return;
+  const proto::RegionReply* r = &region;
+  const proto::PageAddr remote = r->base + (kPages + kOthers) * kBig;
+  for (uint64_t p = 0; p < kOthers; ++p) nodes_[1]->WriteU64(remote + p * kBig, 70 + p);
+  // Every client is forked before node 1 stalls: a fork waits for every
+  // daemon's loop to be quiet (QuietFork).
+  int ready[2], go[2], go_a[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  ASSERT_EQ(::pipe(go), 0);
+  ASSERT_EQ(::pipe(go_a), 0);
+  int a_rc = -1;
+  std::thread a([&] {
+    a_rc = RunClient(0, "ggone", [&](uint8_t* base) {
+      char c = 0;
+      if (::read(go_a[0], &c, 1) != 1) return 3;
+      void* dev = nullptr;
+      if (dsvm_gpu_map(base, kPages * kBig, 0, DSVM_GPU_READ, &dev) != DSVM_OK) return 1;
+      return dsvm_gpu_unmap(base, kPages * kBig) == DSVM_OK ? 0 : 2;
+    });
+  });
+  int b_rc = -1;
+  std::thread b([&] {
+    b_rc = RunClient(0, "ggone", [&](uint8_t* base) {
+      void* dev = nullptr;
+      if (dsvm_gpu_map(base + kPages * kBig, kOthers * kBig, 0, DSVM_GPU_READ, &dev) != DSVM_OK) {
+        return 1;
+      }
+      char c = 0;
+      if (::write(ready[1], &c, 1) != 1 || ::read(go[0], &c, 1) != 1) return 2;
+      std::thread([] {
+        std::this_thread::sleep_for(std::chrono::milliseconds(700));
+        ::kill(::getpid(), SIGKILL);
+      }).detach();
+      dsvm_prefetch(base + (kPages + kOthers) * kBig, kOthers * kBig, 0);  // waits on node 1
+      return 3;
+    });
+  });
+  char c = 0;
+  ASSERT_EQ(::read(ready[0], &c, 1), 1);  // B holds its map
+  nodes_[1]->Stall(std::chrono::milliseconds(2000));  // below the 3 s deadline
+  ASSERT_EQ(::write(go[1], &c, 1), 1);
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));  // B's prefetch waits on node 1
+  ASSERT_EQ(::write(go_a[1], &c, 1), 1);  // A's map: its copies take seconds
+  a.join();
+  b.join();
+  for (int fd : {ready[0], ready[1], go[0], go[1], go_a[0], go_a[1]}) ::close(fd);
+  EXPECT_EQ(a_rc, 0);
+  EXPECT_EQ(b_rc, 200) << "B was to die of SIGKILL";
+  nodes_[0]->Sync([&](NodeDaemon& d) {
+    EXPECT_EQ(d.stats().clients_closed_after_gpu_copies, 1u);
+    EXPECT_EQ(d.gpu_mapped_pages(), 0u) << "B's map went with it";
+  });
+  EXPECT_EQ(nodes_[0]->ReadU64(remote + 3 * kBig), 73u);
 }
 
 // Node 0's GPU holds the only current bytes of pages (a write map, then
