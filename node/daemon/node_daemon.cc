@@ -316,7 +316,7 @@ Status NodeDaemon::SetupDeviceTier() {
   to.pinned_limit_bytes = options_.gpu_pinned_limit_bytes;
   to.keep_alive = [this] {
     BeatIfDue();
-    if (tier_job_ && !serving_) ServeDuringTierJob();
+    if (tier_job_ && job_serves_ && !serving_) ServeDuringTierJob();
   };
   DSVM_ASSIGN_OR_RETURN(tier_, DeviceTier::Create(device_.get(), std::move(budgets), to));
   LogInfo("GPU tier: " + std::string(device_->name()) + " backend, " +
@@ -1021,6 +1021,13 @@ size_t NodeDaemon::HandlePeerMessages() {
     NotePageHolder(d->page, m.from);
     const DataHandle h = ++next_handle_;
     data_[h] = Received{d->page, std::move(m.page)};
+    if (tier_job_ && TierMayTouch(d->page)) {
+      // Its install would write bytes a GPU map's copies may read, and map
+      // the page through the tier: after them (EndTierJob).
+      pages_held_for_job_.emplace_back(*d, h);
+      ++stats_.held_for_gpu_copies;
+      continue;
+    }
     agent_.HandlePageData(*d, h, NowMs(), &acts);
   }
   if (!acts.empty()) Execute(acts);  // the pages of a batch together: Coalesce

@@ -568,11 +568,16 @@ class NodeDaemon {
     ~TierJob();
     TierJob(const TierJob&) = delete;
     TierJob& operator=(const TierJob&) = delete;
+    // The job's main tier calls are done: later ones (a failure's, the
+    // prefetch's LeavePages) only beat, and the tier's bookkeeping noted
+    // meanwhile is applied now, before any of them.
+    void StopServing();
 
    private:
     NodeDaemon* const d_;
   };
   void EndTierJob();
+  void ApplyTierNotes();
   void ServeDuringTierJob();
   // During a TierJob: whether the job moves or may move the page's bytes
   // (a page of the map, a page the tier's call has touched, any page with
@@ -833,6 +838,11 @@ class NodeDaemon {
   std::vector<proto::Message> held_for_job_;
   std::vector<std::pair<Forwarded, proto::Message>> replies_held_for_job_;
   std::vector<FaultEvent> faults_held_for_job_;
+  // PageData for pages the copies may touch, with their data_ handles.
+  std::vector<std::pair<proto::PageData, DataHandle>> pages_held_for_job_;
+  // The job's copies serve the loop until StopServing (its tier calls are
+  // done; what follows in FinishGpuMap only beats).
+  bool job_serves_ = false;
   // Accesses whose bytes need the tier, and clients whose close does.
   std::vector<std::function<void()>> after_tier_job_;
   // Directory messages held for gpu-mapped pages, per page in arrival order

@@ -31,11 +31,11 @@ void NodeDaemon::CallAccessFn(proto::PageAddr page, bool write, bool prefetch,
     fn(Status::Ok(), {});
     return;
   }
-  if (serving_ && (TakenFromCpu(page) || TierMayTouch(page))) {
+  if (serving_ && (gpu_hidden_.count(page) != 0 || TierMayTouch(page))) {
     // Showing the page needs the tier: after a GPU map's copies, before
-    // anything held for them is replayed (EndTierJob).
-    after_tier_job_.push_back(
-        [this, page, write, fn] { CallAccessFn(page, write, /*prefetch=*/false, fn); });
+    // anything held for them is replayed (EndTierJob), as a new access
+    // (the lease and the page's state are checked again).
+    after_tier_job_.push_back([this, page, write, fn] { AccessPage(page, write, fn, false); });
     return;
   }
   Status st = Status::Ok();

@@ -54,7 +54,7 @@ void NodeDaemon::HandleFault(const FaultEvent& e) {
     Park([this, e] { HandleFault(e); });
     return;
   }
-  if (tier_job_ && (TierMayTouch(e.page) || TakenFromCpu(e.page))) {
+  if (tier_job_ && (TierMayTouch(e.page) || gpu_hidden_.count(e.page) != 0)) {
     // A GPU map's copies may be moving its bytes, or showing it needs the
     // tier: it waits for them (EndTierJob).
     faults_held_for_job_.push_back(e);
@@ -173,7 +173,7 @@ void NodeDaemon::ReplyToClient(int fd, uint64_t request_id, const proto::Message
   if (!st.ok()) {
     LogWarning("answering client: " + st.ToString());
     auto it = clients_.find(fd);
-    if (serving_ && it != clients_.end()) {
+    if (tier_job_ && it != clients_.end()) {
       // Its maps' pins go with it, which needs the tier: after the copies.
       after_tier_job_.push_back([this, fd, serial = it->second.serial] {
         if (!IsClient(fd, serial)) return;

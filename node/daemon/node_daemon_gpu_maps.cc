@@ -174,6 +174,7 @@ void NodeDaemon::FinishGpuMap(int fd, uint64_t serial, uint64_t request, const p
   Result<DeviceRun> run =
       replica ? tier_->MapReplicaRun(store->base(), pages, m.gpu, &own_slots)
               : tier_->MapRun(store->base(), pages, m.gpu, m.write != 0 && !prefetch, NowMs());
+  job.StopServing();
   if (!run.ok()) return fail(run.status());
   if (prefetch) {
     // Placed, clean, not pinned: eviction may take the pages again. Those
@@ -349,7 +350,13 @@ namespace dsvm::node {
 NodeDaemon::TierJob::TierJob(NodeDaemon* d, std::span<const proto::PageAddr> pages) : d_(d) {
   DSVM_CHECK(!d->tier_job_);
   d->tier_job_ = true;
+  d->job_serves_ = true;
   d->tier_job_pages_.insert(pages.begin(), pages.end());
+}
+
+void NodeDaemon::TierJob::StopServing() {
+  d_->job_serves_ = false;
+  d_->ApplyTierNotes();
 }
 
 NodeDaemon::TierJob::~TierJob() { d_->EndTierJob(); }
@@ -407,33 +414,21 @@ void NodeDaemon::ServeDuringTierJob() {
 
 void NodeDaemon::EndTierJob() {
   tier_job_ = false;
+  job_serves_ = false;
   tier_job_pages_.clear();
-  std::vector<TierNote> notes = std::move(tier_notes_);
-  tier_notes_.clear();
-  for (const TierNote& n : notes) {
-    const std::span<const proto::PageAddr> one(&n.page, 1);
-    Status st;
-    switch (n.kind) {
-      case TierNote::Kind::kAddHostPage:
-        st = tier_->AddHostPage(n.page, NowMs());  // the table's clock never goes back
-        break;
-      case TierNote::Kind::kDrop:
-        st = tier_->Drop(one);
-        break;
-      case TierNote::Kind::kKeepOnNode:
-        st = tier_->table().KeepOnNode(n.page);
-        break;
-    }
-    if (!st.ok()) {
-      ++stats_.protocol_errors;
-      LogError("GPU tier, after a map's copies: page " + Hex(n.page) + ": " + st.ToString());
-    }
-  }
+  ApplyTierNotes();
   // Accesses whose pages the copies touched and clients to close, before
   // the directory messages held meanwhile are replayed.
   auto after = std::move(after_tier_job_);
   after_tier_job_.clear();
   for (std::function<void()>& fn : after) fn();
+  auto pages_in = std::move(pages_held_for_job_);
+  pages_held_for_job_.clear();
+  Actions acts;
+  for (const auto& [header, handle] : pages_in) {
+    if (data_.count(handle) != 0) agent_.HandlePageData(header, handle, NowMs(), &acts);
+  }
+  Execute(acts);
   auto replies = std::move(replies_held_for_job_);
   replies_held_for_job_.clear();
   for (auto& [to, m] : replies) ForwardedReply(to, std::move(m));
@@ -457,6 +452,30 @@ void NodeDaemon::EndTierJob() {
   DropUnmappedDeleted();
   Actions none;
   Execute(none);  // placements and pages to leave, noted meanwhile
+}
+
+void NodeDaemon::ApplyTierNotes() {
+  std::vector<TierNote> notes = std::move(tier_notes_);
+  tier_notes_.clear();
+  for (const TierNote& n : notes) {
+    const std::span<const proto::PageAddr> one(&n.page, 1);
+    Status st;
+    switch (n.kind) {
+      case TierNote::Kind::kAddHostPage:
+        st = tier_->AddHostPage(n.page, NowMs());  // the table's clock never goes back
+        break;
+      case TierNote::Kind::kDrop:
+        st = tier_->Drop(one);
+        break;
+      case TierNote::Kind::kKeepOnNode:
+        st = tier_->table().KeepOnNode(n.page);
+        break;
+    }
+    if (!st.ok()) {
+      ++stats_.protocol_errors;
+      LogError("GPU tier, after a map's copies: page " + Hex(n.page) + ": " + st.ToString());
+    }
+  }
 }
 
 }  // namespace dsvm::node

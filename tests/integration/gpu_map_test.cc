@@ -1558,22 +1558,25 @@ TEST_F(GpuMapTest, AClientFoundGoneDuringAMapsCopiesIsClosedAfterThem) {
   const proto::RegionReply* r = &region;
   const proto::PageAddr remote = r->base + (kPages + kOthers) * kBig;
   for (uint64_t p = 0; p < kOthers; ++p) nodes_[1]->WriteU64(remote + p * kBig, 70 + p);
-  // Every client is forked before node 1 stalls: a fork waits for every
-  // daemon's loop to be quiet (QuietFork).
-  int ready[2], go[2], go_a[2];
+  // Every client is forked before node 1 stalls, one at a time: a fork
+  // waits for every daemon's loop to be quiet (QuietFork).
+  int ready[2], go[2], go_a[2], a_up[2];
   ASSERT_EQ(::pipe(ready), 0);
   ASSERT_EQ(::pipe(go), 0);
   ASSERT_EQ(::pipe(go_a), 0);
+  ASSERT_EQ(::pipe(a_up), 0);
   int a_rc = -1;
   std::thread a([&] {
     a_rc = RunClient(0, "ggone", [&](uint8_t* base) {
       char c = 0;
-      if (::read(go_a[0], &c, 1) != 1) return 3;
+      if (::write(a_up[1], &c, 1) != 1 || ::read(go_a[0], &c, 1) != 1) return 3;
       void* dev = nullptr;
       if (dsvm_gpu_map(base, kPages * kBig, 0, DSVM_GPU_READ, &dev) != DSVM_OK) return 1;
       return dsvm_gpu_unmap(base, kPages * kBig) == DSVM_OK ? 0 : 2;
     });
   });
+  char c = 0;
+  ASSERT_EQ(::read(a_up[0], &c, 1), 1);  // A is forked
   int b_rc = -1;
   std::thread b([&] {
     b_rc = RunClient(0, "ggone", [&](uint8_t* base) {
@@ -1591,7 +1594,6 @@ TEST_F(GpuMapTest, AClientFoundGoneDuringAMapsCopiesIsClosedAfterThem) {
       return 3;
     });
   });
-  char c = 0;
   ASSERT_EQ(::read(ready[0], &c, 1), 1);  // B holds its map
   nodes_[1]->Stall(std::chrono::milliseconds(2000));  // below the 3 s deadline
   ASSERT_EQ(::write(go[1], &c, 1), 1);
@@ -1599,7 +1601,9 @@ TEST_F(GpuMapTest, AClientFoundGoneDuringAMapsCopiesIsClosedAfterThem) {
   ASSERT_EQ(::write(go_a[1], &c, 1), 1);  // A's map: its copies take seconds
   a.join();
   b.join();
-  for (int fd : {ready[0], ready[1], go[0], go[1], go_a[0], go_a[1]}) ::close(fd);
+  for (int fd : {ready[0], ready[1], go[0], go[1], go_a[0], go_a[1], a_up[0], a_up[1]}) {
+    ::close(fd);
+  }
   EXPECT_EQ(a_rc, 0);
   EXPECT_EQ(b_rc, 200) << "B was to die of SIGKILL";
   nodes_[0]->Sync([&](NodeDaemon& d) {
