@@ -352,6 +352,7 @@ NodeDaemon::TierJob::TierJob(NodeDaemon* d, std::span<const proto::PageAddr> pag
   d->tier_job_ = true;
   d->job_serves_ = true;
   d->tier_job_pages_.insert(pages.begin(), pages.end());
+  d->tier_->TrackTouches(true);
 }
 
 void NodeDaemon::TierJob::StopServing() {
@@ -416,6 +417,7 @@ void NodeDaemon::EndTierJob() {
   tier_job_ = false;
   job_serves_ = false;
   tier_job_pages_.clear();
+  tier_->TrackTouches(false);
   ApplyTierNotes();
   // Accesses whose pages the copies touched and clients to close, before
   // the directory messages held meanwhile are replayed.

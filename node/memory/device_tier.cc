@@ -199,7 +199,7 @@ DeviceTier::CallScope::~CallScope() {
 }
 
 void DeviceTier::NoteTouched(std::span<const PageAddr> pages) {
-  touched_.insert(pages.begin(), pages.end());
+  if (track_touches_) touched_.insert(pages.begin(), pages.end());
 }
 
 void DeviceTier::OnStorePunched(PageAddr first, uint64_t bytes) {
@@ -891,7 +891,7 @@ Result<DeviceRun> DeviceTier::MapRun(PageAddr region, std::span<const PageAddr> 
 Status DeviceTier::MoveOnDevice(DevicePagePool* pool, uint32_t gpu, uint64_t page_bytes,
                                 const std::vector<std::pair<PageAddr, uint32_t>>& moves) {
   if (moves.empty()) return Status::Ok();
-  for (const auto& [page, index] : moves) touched_.insert(page);
+  for (const auto& [page, index] : moves) NoteTouched(page);
   // The window is clear: every slot of it is free or in place already.
   std::vector<DeviceSlot> to;
   for (const auto& [page, index] : moves) {
@@ -1174,7 +1174,7 @@ DevicePtr DeviceTier::ArenaEnd(const DevicePagePool* pool, DevicePtr ptr) {
 }
 
 Status DeviceTier::Execute(const TierSteps& steps, std::vector<PageAddr>* placed) {
-  for (const TierStep& step : steps) touched_.insert(step.page);
+  for (const TierStep& step : steps) NoteTouched(step.page);
   // Pages to leave are the table's decision already, whatever happens below.
   for (const TierStep& step : steps) {
     if (step.kind == TierStepKind::kLeaveNode) leave_.push_back(step.page);

@@ -305,10 +305,13 @@ class DeviceTier {
   // calls Drop (or table's KeepOnNode when the agent refuses).
   std::vector<PageAddr> TakePagesToLeave();
 
-  // Whether the call in progress moves or frees the bytes of `page` on the
-  // host or a GPU: its arguments, and the pages of every step it has run
-  // (victims evicted, pages moved on the device). For keep_alive, which
-  // must leave those pages' host bytes alone; false outside a call.
+  // With TrackTouches(true): whether the call in progress moves or frees
+  // the bytes of `page` on the host or a GPU: its arguments, and the pages
+  // of every step it has run (victims evicted, pages moved on the device).
+  // For a keep_alive that serves other work, which must leave those pages'
+  // host bytes alone; false outside a call. Off by default: the pages are
+  // not recorded (every install and drop is a call).
+  void TrackTouches(bool on) { track_touches_ = on; }
   bool Touches(PageAddr page) const { return touched_.count(page) != 0; }
 
   TierTable& table() { return *table_; }
@@ -341,8 +344,10 @@ class DeviceTier {
    private:
     DeviceTier* const tier_;
   };
-  // Notes pages whose bytes the call in progress moves (Touches).
+  // Notes pages whose bytes the call in progress moves (Touches), when
+  // tracked.
   void NoteTouched(std::span<const PageAddr> pages);
+  void NoteTouched(PageAddr page) { NoteTouched(std::span<const PageAddr>(&page, 1)); }
   // The stores' unpin listener: ends registrations at once, or, during
   // keep_alive (copies may be in flight from registered blocks), at the
   // next outermost call.
@@ -571,6 +576,7 @@ class DeviceTier {
   DeviceTierStats stats_;
   uint32_t call_depth_ = 0;               // CallScopes open
   bool in_keep_alive_ = false;            // Drain is calling keep_alive
+  bool track_touches_ = false;            // TrackTouches
   std::unordered_set<PageAddr> touched_;  // Touches; cleared by the outermost CallScope
   // Store ranges punched during keep_alive, unregistered by the next
   // outermost CallScope.

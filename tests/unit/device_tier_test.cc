@@ -271,6 +271,32 @@ TEST_P(DeviceTierTest, KeepAliveIsCalledWhileALongWaitLasts) {
   ASSERT_TRUE(tier_->Unpin(pages).ok());
 }
 
+// While tracked, Touches names the pages a call moves, victims included,
+// from keep_alive (the daemon holds their requests meanwhile); untracked,
+// nothing is recorded.
+TEST_P(DeviceTierTest, TouchesNamesTheVictimsOfACallWhileTracked) {
+  bool victim_seen = false, other_seen = false;
+  TierConfig c;
+  c.keep_alive = [&] {
+    victim_seen |= tier_->Touches(Pages(Range(0, 1))[0]);
+    other_seen |= tier_->Touches(Pages(Range(40, 1))[0]);
+  };
+  Build(c);
+  const std::vector<PageAddr> first = Pages(Range(0, 16));  // the whole budget, dirty
+  ASSERT_TRUE(tier_->MakeResident(kBase, first, 0, /*for_write=*/true, 1).ok());
+  ASSERT_TRUE(tier_->Unpin(first).ok());
+  EXPECT_FALSE(victim_seen);  // untracked
+  tier_->TrackTouches(true);
+  const std::vector<PageAddr> next = Pages(Range(16, 16));  // evicts them all
+  auto placed = tier_->MakeResident(kBase, next, 0, /*for_write=*/false, 2);
+  ASSERT_TRUE(placed.ok()) << placed.status().ToString();
+  EXPECT_TRUE(victim_seen);
+  EXPECT_FALSE(other_seen);
+  EXPECT_FALSE(tier_->Touches(first[0])) << "cleared when the call ends";
+  ASSERT_TRUE(tier_->Unpin(next).ok());
+  for (size_t i = 0; i < first.size(); ++i) EXPECT_EQ(ReadStore(i), model_[i]) << "page " << i;
+}
+
 // keep_alive must leave the tier alone (the daemon serves only what does
 // not need it): a call from there stops the process rather than change
 // the table under the call that waits.
