@@ -403,6 +403,13 @@ void NodeDaemon::DrainPosted() {
   for (auto& fn : work) fn();
 }
 
+void NodeDaemon::FlushOutgoing() {
+  transport_->FlushBatches();
+  for (ShardLink& s : shards_) {
+    if (s.link.is_open()) s.link.Flush().IgnoreError();  // a lost link shows on its next read
+  }
+}
+
 void NodeDaemon::Run() {
   epoll_event events[16];
   uint64_t last_work_us = MonotonicUs();
@@ -412,10 +419,7 @@ void NodeDaemon::Run() {
     // one active message (PageBatch), then what the peers sent meanwhile.
     transport_->FlushBatches();
     if (HandlePeerMessages() > 0) last_work_us = MonotonicUs();
-    transport_->FlushBatches();
-    for (ShardLink& s : shards_) {
-      if (s.link.is_open()) s.link.Flush().IgnoreError();  // a lost link shows on its next read
-    }
+    FlushOutgoing();
     // Busy-poll for busy_poll_us after the last work: the next message of
     // a fault in progress usually comes within tens of microseconds, and
     // sleeping in epoll costs a wakeup (~10-25 us on a VM) per hop.

@@ -413,6 +413,8 @@ class NodeDaemon {
                                        uint64_t* sent_ms);
   Status Setup();
   void DrainPosted();
+  // Sends what the turn queued: peers' page batches, coordinator links.
+  void FlushOutgoing();
   void OnCoordinatorReadable(size_t shard);
   void OnTimer();
   // A heartbeat to each connected shard when one is due. Also called by
@@ -634,10 +636,16 @@ class NodeDaemon {
   Status SetupClientSocket();
   void Execute(Actions& actions);
   void ExecuteOne(Action& a);
-  // ExecuteOne's GPU tier bookkeeping for an installed page, and for a page
-  // the node gives up; noted for EndTierJob while serving during one.
-  void AddHostPageToTier(proto::PageAddr page);
-  void DropFromTier(proto::PageAddr page);
+  // ExecuteOne's GPU tier bookkeeping: a page installed (counted against
+  // the host budget), given up (Drop), or kept after all (KeepOnNode).
+  // Applied now, or noted while serving during a GPU map's copies (the
+  // tier is in a call) and applied in order once they are done.
+  struct TierNote {
+    enum class Kind : uint8_t { kAddHostPage, kDrop, kKeepOnNode } kind;
+    proto::PageAddr page;
+  };
+  void TierBookkeeping(TierNote n);
+  void ApplyTierNote(TierNote n);
   // Execute's coalescing of neighbouring pages (a batch of pages received):
   // installs held in a run go to the store in one write, maps in one map of
   // the run, and wake-ups after both. False: `a` must run on its own, after
@@ -829,10 +837,6 @@ class NodeDaemon {
   // for pages the job does not touch, in order; pages whose directory
   // messages were deferred for it; region deletions; forwarded replies
   // (they may open a region); client faults.
-  struct TierNote {
-    enum class Kind : uint8_t { kAddHostPage, kDrop, kKeepOnNode } kind;
-    proto::PageAddr page;
-  };
   std::vector<TierNote> tier_notes_;
   std::unordered_set<proto::PageAddr> deferred_for_job_;
   std::vector<proto::Message> held_for_job_;

@@ -310,28 +310,32 @@ void NodeDaemon::LeavePages() {
   leaving_ = false;
 }
 
-void NodeDaemon::AddHostPageToTier(proto::PageAddr page) {
+void NodeDaemon::TierBookkeeping(TierNote n) {
   if (!tier_) return;
   if (serving_) {
-    tier_notes_.push_back({TierNote::Kind::kAddHostPage, page});
+    tier_notes_.push_back(n);
     return;
   }
-  Status st = tier_->AddHostPage(page, NowMs());
-  if (!st.ok()) {
-    ++stats_.protocol_errors;
-    LogError("GPU tier admit of page " + Hex(page) + ": " + st.ToString());
-  }
+  ApplyTierNote(n);
 }
 
-void NodeDaemon::DropFromTier(proto::PageAddr page) {
-  if (serving_) {
-    tier_notes_.push_back({TierNote::Kind::kDrop, page});
-    return;
+void NodeDaemon::ApplyTierNote(TierNote n) {
+  const std::span<const proto::PageAddr> one(&n.page, 1);
+  Status st;
+  switch (n.kind) {
+    case TierNote::Kind::kAddHostPage:
+      st = tier_->AddHostPage(n.page, NowMs());  // noted or not: the table's clock never goes back
+      break;
+    case TierNote::Kind::kDrop:
+      st = tier_->Drop(one);
+      break;
+    case TierNote::Kind::kKeepOnNode:
+      st = tier_->table().KeepOnNode(n.page);
+      break;
   }
-  Status st = tier_->Drop(std::span<const proto::PageAddr>(&page, 1));
   if (!st.ok()) {
     ++stats_.protocol_errors;
-    LogError("GPU drop of page " + Hex(page) + ": " + st.ToString());
+    LogError("GPU tier bookkeeping of page " + Hex(n.page) + ": " + st.ToString());
   }
 }
 
@@ -401,19 +405,15 @@ void NodeDaemon::ExecuteOne(Action& a) {
         if ((a.kind == ActionKind::kMapRead || a.kind == ActionKind::kMapWrite) &&
             tier_->table().IsLeaving(a.page)) {
           // The agent kept the page after all (the directory refused the Evict).
-          if (serving_) {
-            tier_notes_.push_back({TierNote::Kind::kKeepOnNode, a.page});
-          } else {
-            check(tier_->table().KeepOnNode(a.page), "GPU tier keep");
-          }
+          TierBookkeeping({TierNote::Kind::kKeepOnNode, a.page});
         }
         break;
       case ActionKind::kStash:
         if (!write_back()) return;
-        DropFromTier(a.page);
+        TierBookkeeping({TierNote::Kind::kDrop, a.page});
         break;
       case ActionKind::kDiscard:
-        DropFromTier(a.page);
+        TierBookkeeping({TierNote::Kind::kDrop, a.page});
         break;
       default:
         break;
@@ -508,19 +508,19 @@ void NodeDaemon::ExecuteOne(Action& a) {
       return;
     case ActionKind::kInstallZero:
       check(store->ZeroPage(a.page), "zero");
-      AddHostPageToTier(a.page);
+      TierBookkeeping({TierNote::Kind::kAddHostPage, a.page});
       if (!preferred_gpu_.empty()) to_place_.push_back(a.page);
       return;
     case ActionKind::kInstallData: {
       if (data_.count(a.handle) == 0) return check(NotFound("no such data handle"), "install");
       check(InstallReceived(*store, a.page, a.handle), "install");
-      AddHostPageToTier(a.page);
+      TierBookkeeping({TierNote::Kind::kAddHostPage, a.page});
       if (!preferred_gpu_.empty()) to_place_.push_back(a.page);
       return;
     }
     case ActionKind::kInstallStash:
       check(store->InstallStash(a.page, a.txn), "install stash");
-      AddHostPageToTier(a.page);
+      TierBookkeeping({TierNote::Kind::kAddHostPage, a.page});
       if (!preferred_gpu_.empty()) to_place_.push_back(a.page);
       return;
     case ActionKind::kDropStash:

@@ -406,10 +406,7 @@ void NodeDaemon::ServeDuringTierJob() {
     pollfd p{backend_->event_fd(), POLLIN, 0};
     if (::poll(&p, 1, 0) > 0) OnFaultEvents();
   }
-  transport_->FlushBatches();
-  for (ShardLink& s : shards_) {
-    if (s.link.is_open()) s.link.Flush().IgnoreError();
-  }
+  FlushOutgoing();
   serving_ = false;
 }
 
@@ -459,25 +456,7 @@ void NodeDaemon::EndTierJob() {
 void NodeDaemon::ApplyTierNotes() {
   std::vector<TierNote> notes = std::move(tier_notes_);
   tier_notes_.clear();
-  for (const TierNote& n : notes) {
-    const std::span<const proto::PageAddr> one(&n.page, 1);
-    Status st;
-    switch (n.kind) {
-      case TierNote::Kind::kAddHostPage:
-        st = tier_->AddHostPage(n.page, NowMs());  // the table's clock never goes back
-        break;
-      case TierNote::Kind::kDrop:
-        st = tier_->Drop(one);
-        break;
-      case TierNote::Kind::kKeepOnNode:
-        st = tier_->table().KeepOnNode(n.page);
-        break;
-    }
-    if (!st.ok()) {
-      ++stats_.protocol_errors;
-      LogError("GPU tier, after a map's copies: page " + Hex(n.page) + ": " + st.ToString());
-    }
-  }
+  for (const TierNote& n : notes) ApplyTierNote(n);
 }
 
 }  // namespace dsvm::node
